@@ -1,0 +1,58 @@
+// Package disk defines the interface every disk image format implements, so
+// that raw and qcow2 images plug into the same virtio-blk device.
+//
+// The format of an image always comes from the user's configuration; nothing
+// in this package or below it guesses a format from an image's content.
+package disk
+
+import "errors"
+
+// Disk is a virtual block device backed by an image. Implementations are safe
+// for concurrent use.
+type Disk interface {
+	// ReadAt reads len(p) bytes of virtual content at off.
+	ReadAt(p []byte, off int64) (int, error)
+	// WriteAt writes p at virtual offset off.
+	WriteAt(p []byte, off int64) (int, error)
+	// Size is the virtual size in bytes.
+	Size() int64
+	// Flush returns once everything written before it is on stable storage.
+	Flush() error
+	// Discard deallocates [off, off+n); the range may read back as zeroes.
+	Discard(off, n int64) error
+	// WriteZeroes makes [off, off+n) read as zeroes; with unmap the
+	// implementation may deallocate the range.
+	WriteZeroes(off, n int64, unmap bool) error
+	// ReadOnly reports whether writes are refused.
+	ReadOnly() bool
+	// Close releases the image's resources. It does not flush.
+	Close() error
+}
+
+// Format names an image format. It is only ever set from configuration.
+type Format string
+
+// The formats krun-core serves.
+const (
+	Raw   Format = "raw"
+	QCOW2 Format = "qcow2"
+)
+
+// ParseFormat validates a user-supplied format name.
+func ParseFormat(s string) (Format, error) {
+	switch Format(s) {
+	case Raw, QCOW2:
+		return Format(s), nil
+	case "":
+		return "", errors.New("format= is required (raw or qcow2); krun-core never guesses a format")
+	}
+	return "", errors.New("unknown format " + quote(s) + " (want raw or qcow2)")
+}
+
+func quote(s string) string { return "\"" + s + "\"" }
+
+// ErrReadOnly is returned by writes to a read-only disk.
+var ErrReadOnly = errors.New("disk is read-only")
+
+// ErrOutOfRange is returned for accesses beyond the virtual size.
+var ErrOutOfRange = errors.New("access beyond end of disk")
