@@ -1,0 +1,60 @@
+// Command krun-core is the krun-core microVM monitor: it boots guests on KVM
+// (run), serves a device plugin to any vhost-user front-end (serve), benchmarks
+// vhost-user back-ends (bench), inspects and converts images without trusting
+// them (img) and reports the plugin sandbox (sandbox).
+//
+// Each subcommand lives in its own file; main only dispatches.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+)
+
+// command is one subcommand: it gets its arguments (without its name) and
+// returns the process exit status.
+type command struct {
+	summary string
+	run     func(args []string, stdout, stderr io.Writer) int
+}
+
+func commands() map[string]command {
+	return map[string]command{
+		"run":     {"boot a guest on KVM with every device in a plugin", runCommand},
+		"serve":   {"serve one device plugin as a vhost-user back-end on a unix socket", serveCommand},
+		"bench":   {"benchmark a vhost-user back-end with the Go test guest", benchCommand},
+		"img":     {"inspect, verify, create and convert disk images (parsed in the sandboxed plugin)", imgCommand},
+		"sandbox": {"show the plugin sandbox layers on this host and each plugin kind's policy", sandboxCommand},
+	}
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: krun-core COMMAND [options]")
+	fmt.Fprintln(w, "commands:")
+	for _, name := range []string{"run", "serve", "bench", "img", "sandbox"} {
+		fmt.Fprintf(w, "  %-8s %s\n", name, commands()[name].summary)
+	}
+}
+
+func main() {
+	os.Exit(dispatch(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func dispatch(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		usage(stderr)
+		return 1
+	}
+	switch args[0] {
+	case "-h", "--help", "help":
+		usage(stdout)
+		return 0
+	}
+	cmd, ok := commands()[args[0]]
+	if !ok {
+		fmt.Fprintf(stderr, "krun-core: unknown command %q (try krun-core help)\n", args[0])
+		return 1
+	}
+	return cmd.run(args[1:], stdout, stderr)
+}
