@@ -1,0 +1,344 @@
+// Package virtq implements the device side of a virtio 1.x split virtqueue
+// (OASIS virtio 1.2, section 2.7) over guest memory from package guestmem.
+//
+// The guest writes the descriptor table and the available ring; everything in
+// them is hostile. Pop walks one descriptor chain with bounded work (a chain
+// visits at most Size descriptors, an indirect table at most its own length,
+// and indirect tables do not nest), checks every index and every buffer
+// against guest memory, and rejects a device-readable descriptor after a
+// device-writable one. A malformed chain fails only that request.
+//
+// A Queue is not safe for concurrent use: one goroutine serves a queue.
+package virtq
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/krun-core/krun-core/guestmem"
+)
+
+// Descriptor flags.
+const (
+	DescFNext     = 1
+	DescFWrite    = 2
+	DescFIndirect = 4
+)
+
+// Ring flags.
+const (
+	AvailFNoInterrupt = 1 // VRING_AVAIL_F_NO_INTERRUPT
+	UsedFNoNotify     = 1 // VRING_USED_F_NO_NOTIFY
+)
+
+// Feature bits that concern the ring layer.
+const (
+	FeatureIndirectDesc = 28 // VIRTIO_F_INDIRECT_DESC
+	FeatureEventIdx     = 29 // VIRTIO_F_EVENT_IDX
+	FeatureVersion1     = 32 // VIRTIO_F_VERSION_1
+)
+
+// MaxSize is the largest split queue the spec allows.
+const MaxSize = 32768
+
+const descSize = 16
+
+// ErrMalformedChain is wrapped by every error that concerns one descriptor
+// chain only. Pop has consumed the chain; the caller completes it with
+// Push(c.Head, 0) and carries on.
+var ErrMalformedChain = errors.New("malformed descriptor chain")
+
+// ErrQueueBroken is wrapped by errors after which the queue cannot be used:
+// the available ring itself is inconsistent. The device should stop the
+// queue (and may set DEVICE_NEEDS_RESET).
+var ErrQueueBroken = errors.New("virtqueue broken")
+
+// Errors for malformed chains; each wraps ErrMalformedChain.
+var (
+	ErrChainTooLong     = fmt.Errorf("%w: chain longer than the queue (loop?)", ErrMalformedChain)
+	ErrDescIndex        = fmt.Errorf("%w: descriptor index out of range", ErrMalformedChain)
+	ErrDescOutOfMemory  = fmt.Errorf("%w: buffer outside guest memory", ErrMalformedChain)
+	ErrNestedIndirect   = fmt.Errorf("%w: nested indirect descriptor", ErrMalformedChain)
+	ErrIndirectNotNeg   = fmt.Errorf("%w: indirect descriptor without VIRTIO_F_INDIRECT_DESC", ErrMalformedChain)
+	ErrIndirectWithNext = fmt.Errorf("%w: indirect descriptor with NEXT set", ErrMalformedChain)
+	ErrIndirectLen      = fmt.Errorf("%w: indirect table length not a non-zero multiple of 16", ErrMalformedChain)
+	ErrReadAfterWrite   = fmt.Errorf("%w: device-readable descriptor after a device-writable one", ErrMalformedChain)
+)
+
+// Config locates a queue in guest memory.
+type Config struct {
+	Size      uint16 // power of two, 1..32768 (0 means 32768 is not accepted)
+	DescTable guestmem.Addr
+	AvailRing guestmem.Addr
+	UsedRing  guestmem.Addr
+	EventIdx  bool // VIRTIO_F_EVENT_IDX negotiated
+	Indirect  bool // VIRTIO_F_INDIRECT_DESC negotiated
+}
+
+// Queue is the device side of one split virtqueue.
+type Queue struct {
+	cfg   Config
+	mem   *guestmem.Memory
+	desc  []byte // Size*16
+	avail []byte // 4 + 2*Size (+2 used_event)
+	used  []byte // 4 + 8*Size (+2 avail_event)
+
+	nextAvail uint16
+	nextUsed  uint16
+	usedFlags uint16
+
+	// notification state (device -> driver)
+	signalledUsed  uint16
+	signalledValid bool
+	pushedSince    bool
+
+	barrier uint32
+}
+
+// NewQueue checks cfg against mem and returns a queue positioned at index 0.
+func NewQueue(mem *guestmem.Memory, cfg Config) (*Queue, error) {
+	if cfg.Size == 0 || cfg.Size&(cfg.Size-1) != 0 {
+		return nil, fmt.Errorf("queue size %d is not a power of two", cfg.Size)
+	}
+	q := &Queue{cfg: cfg}
+	if err := q.SetMemory(mem); err != nil {
+		return nil, err
+	}
+	return q, nil
+}
+
+// Size returns the queue size.
+func (q *Queue) Size() uint16 { return q.cfg.Size }
+
+// Config returns the queue's configuration.
+func (q *Queue) Config() Config { return q.cfg }
+
+// SetMemory re-resolves the rings in a new memory map (after a memory-table
+// change). Chains popped before must be pushed before the old map is closed.
+func (q *Queue) SetMemory(mem *guestmem.Memory) error {
+	n := uint64(q.cfg.Size)
+	extra := uint64(0)
+	if q.cfg.EventIdx {
+		extra = 2
+	}
+	if q.cfg.DescTable%16 != 0 {
+		return fmt.Errorf("descriptor table %#x not 16-byte aligned", q.cfg.DescTable)
+	}
+	if q.cfg.AvailRing%2 != 0 {
+		return fmt.Errorf("available ring %#x not 2-byte aligned", q.cfg.AvailRing)
+	}
+	if q.cfg.UsedRing%4 != 0 {
+		return fmt.Errorf("used ring %#x not 4-byte aligned", q.cfg.UsedRing)
+	}
+	desc, err := mem.Slice(q.cfg.DescTable, n*descSize)
+	if err != nil {
+		return fmt.Errorf("descriptor table: %w", err)
+	}
+	avail, err := mem.Slice(q.cfg.AvailRing, 4+2*n+extra)
+	if err != nil {
+		return fmt.Errorf("available ring: %w", err)
+	}
+	used, err := mem.Slice(q.cfg.UsedRing, 4+8*n+extra)
+	if err != nil {
+		return fmt.Errorf("used ring: %w", err)
+	}
+	q.mem, q.desc, q.avail, q.used = mem, desc, avail, used
+	return nil
+}
+
+// NextAvail is the index of the next available-ring entry the device will
+// take (what GET_VRING_BASE reports).
+func (q *Queue) NextAvail() uint16 { return q.nextAvail }
+
+// NextUsed is the index the next used element goes to.
+func (q *Queue) NextUsed() uint16 { return q.nextUsed }
+
+// SetNextAvail positions the queue (SET_VRING_BASE). With no request in
+// flight the used index equals it, so it is set too; SetNextUsed overrides.
+func (q *Queue) SetNextAvail(idx uint16) {
+	q.nextAvail = idx
+	q.nextUsed = idx
+	q.signalledValid = false
+}
+
+// SetNextUsed sets the index of the next used element.
+func (q *Queue) SetNextUsed(idx uint16) {
+	q.nextUsed = idx
+	q.signalledValid = false
+}
+
+// availIdx reads the driver's available index (acquire).
+func (q *Queue) availIdx() uint16 {
+	v := load16(q.avail, 2)
+	q.fence()
+	return v
+}
+
+// Pending reports how many chains the driver has made available and the
+// device has not popped, or an error if the index is inconsistent.
+func (q *Queue) Pending() (uint16, error) {
+	n := q.availIdx() - q.nextAvail
+	if n > q.cfg.Size {
+		return 0, fmt.Errorf("%w: available index moved by %d on a queue of %d", ErrQueueBroken, n, q.cfg.Size)
+	}
+	return n, nil
+}
+
+// Pop fills c with the next available chain. It returns false when none is
+// available. On an error wrapping ErrMalformedChain, c.Head is valid and the
+// caller must complete it with Push(c.Head, 0); on one wrapping
+// ErrQueueBroken the queue must be stopped.
+func (q *Queue) Pop(c *Chain) (bool, error) {
+	n, err := q.Pending()
+	if err != nil || n == 0 {
+		return false, err
+	}
+	slot := uint32(q.nextAvail % q.cfg.Size)
+	head := load16(q.avail, 4+2*slot)
+	if head >= q.cfg.Size {
+		return false, fmt.Errorf("%w: available ring entry %d names descriptor %d of %d", ErrQueueBroken, q.nextAvail, head, q.cfg.Size)
+	}
+	q.nextAvail++
+	c.reset(head)
+	return true, q.walk(c, head)
+}
+
+// walk collects the buffers of the chain starting at head.
+func (q *Queue) walk(c *Chain, head uint16) error {
+	table := q.desc
+	tableLen := uint32(q.cfg.Size)
+	idx := uint32(head)
+	budget := uint32(q.cfg.Size) // descriptors we may still visit in this table
+	indirect := false
+	for {
+		if budget == 0 {
+			return ErrChainTooLong
+		}
+		budget--
+		d := table[idx*descSize : idx*descSize+descSize]
+		addr := binary.LittleEndian.Uint64(d[0:])
+		length := binary.LittleEndian.Uint32(d[8:])
+		flags := binary.LittleEndian.Uint16(d[12:])
+		next := binary.LittleEndian.Uint16(d[14:])
+
+		if flags&DescFIndirect != 0 {
+			switch {
+			case !q.cfg.Indirect:
+				return ErrIndirectNotNeg
+			case indirect:
+				return ErrNestedIndirect
+			case flags&DescFNext != 0:
+				return ErrIndirectWithNext
+			case length == 0 || length%descSize != 0:
+				return ErrIndirectLen
+			}
+			t, err := q.mem.Slice(guestmem.Addr(addr), uint64(length))
+			if err != nil {
+				return fmt.Errorf("%w: indirect table %#x+%#x", ErrDescOutOfMemory, addr, length)
+			}
+			table, tableLen, idx, indirect = t, length/descSize, 0, true
+			budget = tableLen
+			continue
+		}
+
+		buf, err := q.mem.Slice(guestmem.Addr(addr), uint64(length))
+		if err != nil {
+			return fmt.Errorf("%w: descriptor %d buffer %#x+%#x", ErrDescOutOfMemory, idx, addr, length)
+		}
+		if flags&DescFWrite != 0 {
+			c.wr = append(c.wr, buf)
+			c.wrLen += uint64(length)
+		} else {
+			if len(c.wr) > 0 {
+				return ErrReadAfterWrite
+			}
+			c.rd = append(c.rd, buf)
+			c.rdLen += uint64(length)
+		}
+		if flags&DescFNext == 0 {
+			return nil
+		}
+		if uint32(next) >= tableLen {
+			return fmt.Errorf("%w: next %d in a table of %d", ErrDescIndex, next, tableLen)
+		}
+		idx = uint32(next)
+	}
+}
+
+// AddUsed writes a used element without publishing it; PublishUsed makes
+// all added elements visible to the driver at once.
+func (q *Queue) AddUsed(head uint16, written uint32) error {
+	if head >= q.cfg.Size {
+		return fmt.Errorf("used element for descriptor %d on a queue of %d", head, q.cfg.Size)
+	}
+	off := 4 + 8*uint32(q.nextUsed%q.cfg.Size)
+	store32(q.used, off, uint32(head))
+	store32(q.used, off+4, written)
+	q.nextUsed++
+	q.pushedSince = true
+	return nil
+}
+
+// PublishUsed stores the used index after every element added before it
+// (release order).
+func (q *Queue) PublishUsed() {
+	q.fence()
+	store16(q.used, 2, q.nextUsed)
+}
+
+// Push completes one chain: it adds the used element and publishes it.
+func (q *Queue) Push(head uint16, written uint32) error {
+	if err := q.AddUsed(head, written); err != nil {
+		return err
+	}
+	q.PublishUsed()
+	return nil
+}
+
+// NeedsNotify reports whether the driver wants an interrupt for the used
+// elements published since the last call (VRING_AVAIL_F_NO_INTERRUPT, or
+// used_event with VIRTIO_F_EVENT_IDX).
+func (q *Queue) NeedsNotify() bool {
+	q.fence() // the used index store must be visible before we read the driver's wish
+	if !q.pushedSince {
+		return false
+	}
+	q.pushedSince = false
+	if !q.cfg.EventIdx {
+		return load16(q.avail, 0)&AvailFNoInterrupt == 0
+	}
+	usedEvent := load16(q.avail, 4+2*uint32(q.cfg.Size))
+	newIdx, old := q.nextUsed, q.signalledUsed
+	valid := q.signalledValid
+	q.signalledUsed, q.signalledValid = newIdx, true
+	if !valid {
+		return true
+	}
+	// vring_need_event: notify if used_event lies in (old, new].
+	return newIdx-usedEvent-1 < newIdx-old
+}
+
+// EnableNotification asks the driver to kick again when it adds buffers and
+// reports whether buffers were added meanwhile (then the device must keep
+// popping instead of waiting for a kick).
+func (q *Queue) EnableNotification() bool {
+	if q.cfg.EventIdx {
+		store16(q.used, 4+8*uint32(q.cfg.Size), q.nextAvail)
+	} else {
+		q.usedFlags &^= UsedFNoNotify
+		store16(q.used, 0, q.usedFlags)
+	}
+	q.fence()
+	return load16(q.avail, 2) != q.nextAvail
+}
+
+// DisableNotification tells the driver that kicks are not needed while the
+// device is busy popping. With EVENT_IDX the stale avail_event does this.
+func (q *Queue) DisableNotification() {
+	if q.cfg.EventIdx {
+		return
+	}
+	q.usedFlags |= UsedFNoNotify
+	store16(q.used, 0, q.usedFlags)
+}
