@@ -1,0 +1,35 @@
+# krun-core: every binary is static (pure Go, CGO_ENABLED=0).
+GO ?= go
+export CGO_ENABLED := 0
+
+PLUGINS := $(notdir $(wildcard plugins/*))
+BINS := bin/krun-core $(addprefix bin/krun-plugin-,$(PLUGINS))
+
+.PHONY: all test unit deps vet fmt clean FORCE
+
+all: $(BINS)
+
+bin/krun-core: FORCE
+	$(GO) build -trimpath -o $@ ./cmd/krun-core
+
+bin/krun-plugin-%: FORCE
+	$(GO) build -trimpath -o $@ ./plugins/$*
+
+# Debian packages the tests need (qemu, qemu-utils, passt, busybox-static, ...).
+deps:
+	./scripts/install-deps.sh
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+
+# The whole suite, end-to-end tests with QEMU included.
+test: deps all vet
+	$(GO) test -timeout 75m ./...
+
+# Unit tests only (no QEMU guests).
+unit:
+	$(GO) test -short ./...
+
+clean:
+	rm -rf bin
