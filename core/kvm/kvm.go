@@ -305,4 +305,3 @@ func (m *VM) CreateVCPU(id int) (*VCPU, error) {
 	}
 	return &VCPU{id: id, fd: int(fd), run: run}, nil
 }
-
