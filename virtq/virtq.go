@@ -204,6 +204,15 @@ func (q *Queue) Pop(c *Chain) (bool, error) {
 	return true, q.walk(c, head)
 }
 
+// Unpop gives back the last n popped chains that have not been pushed, so
+// that the next Pop returns them again. The driver cannot tell: a device
+// that popped buffers for a frame that turned out not to fit (virtio-net
+// mergeable rx) returns them this way instead of holding them while it waits
+// for more.
+func (q *Queue) Unpop(n uint16) {
+	q.nextAvail -= n
+}
+
 // walk collects the buffers of the chain starting at head.
 func (q *Queue) walk(c *Chain, head uint16) error {
 	table := q.desc

@@ -461,3 +461,24 @@ func TestNoAllocations(t *testing.T) {
 		t.Fatalf("%v allocations per request, want 0", n)
 	}
 }
+
+func TestUnpop(t *testing.T) {
+	d, q := newPair(t, 8, false, false)
+	for i := uint16(0); i < 3; i++ {
+		d.setDesc(tDesc, i, tDataStart, 64, DescFWrite, 0)
+		d.offer(i)
+	}
+	var c Chain
+	for i := 0; i < 2; i++ {
+		if ok, err := q.Pop(&c); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+	}
+	q.Unpop(2)
+	if n, _ := q.Pending(); n != 3 {
+		t.Fatalf("Pending after Unpop = %d, want 3", n)
+	}
+	if ok, _ := q.Pop(&c); !ok || c.Head != 0 {
+		t.Fatalf("Pop after Unpop returned head %d", c.Head)
+	}
+}
