@@ -1,0 +1,259 @@
+package vhostuser
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Conn is one end of a vhost-user connection: a SOCK_STREAM unix socket
+// carrying messages and, in their ancillary data, file descriptors.
+//
+// Send may be called from several goroutines; Recv from one at a time.
+// Close unblocks a pending Recv.
+type Conn struct {
+	uc *net.UnixConn
+
+	sendMu sync.Mutex
+
+	recvMu sync.Mutex
+	hdr    [HeaderSize]byte
+	oob    []byte
+}
+
+// oobSize fits exactly MaxFDs descriptors: a sender attaching more makes
+// the kernel truncate the control data (MSG_CTRUNC) and close the rest.
+var oobSize = unix.CmsgSpace(4 * MaxFDs)
+
+// NewConn makes a Conn from a connected unix socket. The file is
+// duplicated; the caller keeps ownership of f.
+func NewConn(f *os.File) (*Conn, error) {
+	nc, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("vhost-user socket: %w", err)
+	}
+	uc, ok := nc.(*net.UnixConn)
+	if !ok {
+		nc.Close()
+		return nil, fmt.Errorf("vhost-user socket: %T is not a unix socket", nc)
+	}
+	return NewUnixConn(uc), nil
+}
+
+// NewUnixConn wraps a connected unix socket; the Conn owns uc.
+func NewUnixConn(uc *net.UnixConn) *Conn {
+	return &Conn{uc: uc, oob: make([]byte, oobSize)}
+}
+
+// Dial connects to a vhost-user back-end listening at path.
+func Dial(path string) (*Conn, error) {
+	uc, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("dial vhost-user socket: %w", err)
+	}
+	return NewUnixConn(uc), nil
+}
+
+// Pair returns two connected Conns (a socketpair), for tests and in-process
+// wiring.
+func Pair() (*Conn, *Conn, error) {
+	fa, fb, err := SocketPair()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer fa.Close()
+	defer fb.Close()
+	a, err := NewConn(fa)
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := NewConn(fb)
+	if err != nil {
+		a.Close()
+		return nil, nil, err
+	}
+	return a, b, nil
+}
+
+// SocketPair returns a connected pair of close-on-exec unix stream sockets
+// as files (one end for a back-end, the other for a front-end).
+func SocketPair() (*os.File, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "vhost-user-a"), os.NewFile(uintptr(fds[1]), "vhost-user-b"), nil
+}
+
+// Close closes the connection.
+func (c *Conn) Close() error { return c.uc.Close() }
+
+// UnixConn returns the underlying socket.
+func (c *Conn) UnixConn() *net.UnixConn { return c.uc }
+
+// Send writes one message: header, payload and files in one sendmsg. The
+// files stay owned by the caller.
+func (c *Conn) Send(req Request, flags uint32, payload []byte, files []*os.File) error {
+	if len(payload) > MaxPayloadSize {
+		return fmt.Errorf("send %v: %w: %d bytes", req, ErrPayloadTooBig, len(payload))
+	}
+	if len(files) > MaxFDs {
+		return fmt.Errorf("send %v: %w: %d", req, ErrTooManyFDs, len(files))
+	}
+	buf := make([]byte, HeaderSize+len(payload))
+	Header{Request: req, Flags: flags, Size: uint32(len(payload))}.Encode(buf)
+	copy(buf[HeaderSize:], payload)
+
+	var oob []byte
+	if len(files) > 0 {
+		fds := make([]int, 0, len(files))
+		for _, f := range files {
+			if f == nil {
+				return fmt.Errorf("send %v: nil file", req)
+			}
+			fd, err := rawFD(f)
+			if err != nil {
+				return fmt.Errorf("send %v: %w", req, err)
+			}
+			fds = append(fds, fd)
+		}
+		oob = unix.UnixRights(fds...)
+	}
+
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	n, _, err := c.uc.WriteMsgUnix(buf, oob, nil)
+	runtime.KeepAlive(files)
+	if err != nil {
+		return fmt.Errorf("send %v: %w", req, err)
+	}
+	for n < len(buf) { // a stream socket may take a message in pieces
+		k, err := c.uc.Write(buf[n:])
+		if err != nil {
+			return fmt.Errorf("send %v: %w", req, err)
+		}
+		n += k
+	}
+	return nil
+}
+
+// SendMessage sends m (Request, Flags, Payload, Files).
+func (c *Conn) SendMessage(m *Message) error {
+	return c.Send(m.Request, m.Flags, m.Payload, m.Files)
+}
+
+// rawFD returns f's descriptor without switching it to blocking mode (as
+// f.Fd would). f must stay open until the descriptor is no longer used.
+func rawFD(f *os.File) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("file %s: %w", f.Name(), err)
+	}
+	fd := -1
+	if err := rc.Control(func(u uintptr) { fd = int(u) }); err != nil {
+		return -1, fmt.Errorf("file %s: %w", f.Name(), err)
+	}
+	return fd, nil
+}
+
+// Recv reads one message. It returns io.EOF when the peer closed the
+// connection between messages. Any other error leaves the stream in an
+// unknown state: the caller must close the connection. The header is
+// checked (DecodeHeader), at most MaxFDs descriptors are accepted, and
+// received descriptors are close-on-exec. The payload is not validated
+// against the request (see ParseRequest and ParseReply).
+func (c *Conn) Recv() (*Message, error) {
+	c.recvMu.Lock()
+	defer c.recvMu.Unlock()
+
+	var files []*os.File
+	truncated := false
+	fail := func(err error) (*Message, error) {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, err
+	}
+	read := func(b []byte) (int, error) {
+		n, oobn, flags, _, err := c.uc.ReadMsgUnix(b, c.oob)
+		if oobn > 0 {
+			got, perr := parseRights(c.oob[:oobn])
+			files = append(files, got...)
+			if perr != nil && err == nil {
+				err = perr
+			}
+		}
+		if flags&unix.MSG_CTRUNC != 0 {
+			truncated = true
+		}
+		return n, err
+	}
+
+	got := 0
+	for got < HeaderSize {
+		n, err := read(c.hdr[got:])
+		got += n
+		if err != nil || n == 0 {
+			if got == 0 && (err == nil || errors.Is(err, io.EOF)) {
+				return fail(io.EOF)
+			}
+			if err == nil || errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return fail(fmt.Errorf("receive vhost-user header: %w", err))
+		}
+	}
+	h, err := DecodeHeader(c.hdr[:])
+	if err != nil {
+		return fail(fmt.Errorf("receive vhost-user message: %w", err))
+	}
+	payload := make([]byte, h.Size)
+	got = 0
+	for got < len(payload) {
+		n, err := read(payload[got:])
+		got += n
+		if err != nil || n == 0 {
+			if err == nil || errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return fail(fmt.Errorf("receive %v payload: %w", h.Request, err))
+		}
+	}
+	if truncated || len(files) > MaxFDs {
+		return fail(fmt.Errorf("receive %v: %w: more than %d", h.Request, ErrTooManyFDs, MaxFDs))
+	}
+	return &Message{Request: h.Request, Flags: h.Flags, Payload: payload, Files: files}, nil
+}
+
+// parseRights extracts the descriptors of every SCM_RIGHTS message in oob
+// and wraps them as files (so they are closed even if the caller fails).
+func parseRights(oob []byte) ([]*os.File, error) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil, fmt.Errorf("parse control message: %w", err)
+	}
+	var files []*os.File
+	var firstErr error
+	for i := range msgs {
+		if msgs[i].Header.Level != unix.SOL_SOCKET || msgs[i].Header.Type != unix.SCM_RIGHTS {
+			continue
+		}
+		fds, err := unix.ParseUnixRights(&msgs[i])
+		if err != nil {
+			if firstErr == nil {
+				firstErr = fmt.Errorf("parse SCM_RIGHTS: %w", err)
+			}
+			continue
+		}
+		for _, fd := range fds {
+			files = append(files, os.NewFile(uintptr(fd), "vhost-user-fd"))
+		}
+	}
+	return files, firstErr
+}
