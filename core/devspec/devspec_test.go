@@ -1,0 +1,387 @@
+package devspec
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/disk"
+)
+
+func TestParseDisk(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    *DiskSpec
+		kind    string
+		wantErr string // substring; "" means success
+	}{
+		{in: "path=a.img,format=raw", want: &DiskSpec{Path: "a.img", Format: disk.Raw}, kind: KindBlkRaw},
+		{in: "format=qcow2,path=/x/b.qcow2,readonly=on", want: &DiskSpec{Path: "/x/b.qcow2", Format: disk.QCOW2, ReadOnly: true}, kind: KindBlkQCOW2},
+		{in: "path=a,,b.img,format=raw,readonly=off", want: &DiskSpec{Path: "a,b.img", Format: disk.Raw}, kind: KindBlkRaw},
+		{
+			in: "path=top.qcow2,format=qcow2,backing=mid.qcow2,backing-format=qcow2,backing=base.raw,backing-format=raw,max-size=64G,data-file=d.raw",
+			want: &DiskSpec{Path: "top.qcow2", Format: disk.QCOW2,
+				Backing: []Backing{{"mid.qcow2", disk.QCOW2}, {"base.raw", disk.Raw}},
+				MaxSize: 64 << 30, DataFile: "d.raw"},
+			kind: KindBlkQCOW2,
+		},
+		{in: "path=a.img", wantErr: "format= is required"},
+		{in: "format=raw", wantErr: "path= is required"},
+		{in: "path=a.img,format=vmdk", wantErr: `unknown format "vmdk"`},
+		{in: "path=a.img,format=raw,readonly=maybe", wantErr: `readonly="maybe": want on or off`},
+		{in: "path=a.img,format=raw,cache=none", wantErr: `unknown key "cache"`},
+		{in: "path=a.img,format=raw,path=b.img", wantErr: "path= given twice"},
+		{in: "path=a.img,format=raw,", wantErr: "empty option"},
+		{in: "", wantErr: "empty option string"},
+		{in: "path=,format=raw", wantErr: "path= is empty"},
+		{in: "path=a.img,format=raw,readonly", wantErr: `"readonly" is not key=value`},
+		{in: "=x,path=a,format=raw", wantErr: "has no key"},
+		{in: "path=a.img,format=qcow2,backing=b.img", wantErr: "needs backing-format="},
+		{in: "path=a.img,format=qcow2,backing=b.img,backing=c.img", wantErr: "needs backing-format= before the next"},
+		{in: "path=a.img,format=qcow2,backing-format=raw", wantErr: "must follow its backing="},
+		{in: "path=a.img,format=qcow2,backing=b,backing-format=raw,backing-format=raw", wantErr: "must follow its backing="},
+		{in: "path=a.img,format=qcow2,backing=b,backing-format=vhdx", wantErr: `backing-format: unknown format "vhdx"`},
+		{in: "path=a.img,format=qcow2,backing=b,backing-format=raw,backing=c,backing-format=raw", wantErr: "is raw, which has no backing file"},
+		{in: "path=a.img,format=raw,backing=b,backing-format=raw", wantErr: "backing= needs format=qcow2"},
+		{in: "path=a.img,format=raw,data-file=d", wantErr: "data-file= needs format=qcow2"},
+		{in: "path=a.img,format=raw,max-size=1G", wantErr: "max-size= needs format=qcow2"},
+		{in: "path=a.img,format=qcow2,max-size=0", wantErr: "must be positive"},
+		{in: "path=a.img,format=qcow2,max-size=-1", wantErr: "is not a size"},
+		{in: "path=a.img,format=qcow2,max-size=9999999999999P", wantErr: "too large"},
+		{in: "path=a.img,format=qcow2,max-size=1X", wantErr: "is not a size"},
+		{in: "path=a\x00b,format=raw", wantErr: "NUL"},
+		{in: "path=a,format=raw,bad\nkey=1", wantErr: `unknown key "bad\nkey"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.in, func(t *testing.T) {
+			got, err := ParseDisk(tc.in)
+			if tc.wantErr != "" {
+				if err == nil {
+					t.Fatalf("ParseDisk(%q) = %+v, want error containing %q", tc.in, got, tc.wantErr)
+				}
+				if !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("ParseDisk(%q) error %q, want it to contain %q", tc.in, err, tc.wantErr)
+				}
+				if strings.ContainsAny(err.Error(), "\n\r") {
+					t.Fatalf("error is not one line: %q", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ParseDisk(%q): %v", tc.in, err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("ParseDisk(%q) = %+v, want %+v", tc.in, got, tc.want)
+			}
+			if got.Kind() != tc.kind {
+				t.Fatalf("Kind() = %q, want %q", got.Kind(), tc.kind)
+			}
+			again, err := ParseDisk(got.String())
+			if err != nil || !reflect.DeepEqual(again, got) {
+				t.Fatalf("round trip of %q via %q: %+v, %v", tc.in, got.String(), again, err)
+			}
+		})
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"512", 512, true},
+		{"64K", 64 << 10, true},
+		{"10m", 10 << 20, true},
+		{"64G", 64 << 30, true},
+		{"64GiB", 64 << 30, true},
+		{"2T", 2 << 40, true},
+		{"1P", 1 << 50, true},
+		{"8191P", 8191 << 50, true},
+		{"8192P", 0, false},
+		{"9223372036854775807", 9223372036854775807, true},
+		{"9223372036854775808", 0, false},
+		{"", 0, false},
+		{"G", 0, false},
+		{"1.5G", 0, false},
+		{"+1", 0, false},
+		{"0x10", 0, false},
+	}
+	for _, tc := range tests {
+		got, err := ParseSize(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d, ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestParseFS(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    *FSSpec
+		wantErr string
+	}{
+		{in: "path=/srv,tag=share", want: &FSSpec{Path: "/srv", Tag: "share"}},
+		{in: "tag=t,path=/srv,readonly=on", want: &FSSpec{Path: "/srv", Tag: "t", ReadOnly: true}},
+		{in: "path=/srv", wantErr: "tag= is required"},
+		{in: "tag=x", wantErr: "path= is required"},
+		{in: "path=/srv,tag=" + strings.Repeat("t", 37), wantErr: "longer than 36"},
+		{in: "path=/srv,tag=a\tb", wantErr: "control"},
+		{in: "path=/srv,tag=x,cache=always", wantErr: `unknown key "cache"`},
+		{in: "path=/srv,tag=x,tag=y", wantErr: "given twice"},
+		{in: "path=/srv,tag=x,readonly=1", wantErr: "want on or off"},
+	}
+	for _, tc := range tests {
+		got, err := ParseFS(tc.in)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("ParseFS(%q) = %+v, %v; want error containing %q", tc.in, got, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("ParseFS(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+			continue
+		}
+		if again, err := ParseFS(got.String()); err != nil || !reflect.DeepEqual(again, got) {
+			t.Errorf("round trip %q: %+v, %v", got.String(), again, err)
+		}
+	}
+}
+
+func TestParseNet(t *testing.T) {
+	mac, _ := ParseMAC("52:54:00:12:34:56")
+	tests := []struct {
+		in      string
+		want    *NetSpec
+		wantErr string
+	}{
+		{in: "passt", want: &NetSpec{Backend: "passt"}},
+		{in: "passt,mac=52:54:00:12:34:56", want: &NetSpec{Backend: "passt", MAC: mac}},
+		{in: "passt,ports=8080:80,8443:443,22", want: &NetSpec{Backend: "passt",
+			Ports: []PortForward{{8080, 80}, {8443, 443}, {22, 22}}}},
+		{in: "passt,ports=8080:80,mac=52:54:00:12:34:56", want: &NetSpec{Backend: "passt", MAC: mac,
+			Ports: []PortForward{{8080, 80}}}},
+		{in: "tap", wantErr: `unknown network back-end "tap"`},
+		{in: "mac=52:54:00:12:34:56", wantErr: "first item must name the back-end"},
+		{in: "passt,mac=01:00:00:00:00:01", wantErr: "multicast"},
+		{in: "passt,mac=zz", wantErr: "not a 48-bit MAC"},
+		{in: "passt,mac=00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01", wantErr: "not a 48-bit MAC"},
+		{in: "passt,ports=0:80", wantErr: "HOST:GUEST"},
+		{in: "passt,ports=65536:80", wantErr: "HOST:GUEST"},
+		{in: "passt,ports=80:", wantErr: "HOST:GUEST"},
+		{in: "passt,ports=8080:80,8080:81", wantErr: "forwarded twice"},
+		{in: "passt,8080:80", wantErr: "is not key=value"},
+		{in: "passt,mac=52:54:00:12:34:56,80", wantErr: "is not key=value"},
+		{in: "passt,vhost=on", wantErr: `unknown key "vhost"`},
+	}
+	for _, tc := range tests {
+		got, err := ParseNet(tc.in)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("ParseNet(%q) = %+v, %v; want error containing %q", tc.in, got, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("ParseNet(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+			continue
+		}
+		if again, err := ParseNet(got.String()); err != nil || !reflect.DeepEqual(again, got) {
+			t.Errorf("round trip %q: %+v, %v", got.String(), again, err)
+		}
+	}
+}
+
+func TestParseDispatch(t *testing.T) {
+	for flag, kind := range map[string]string{"--disk": KindBlkRaw, "fs": KindFS, "-net": KindNetPasst} {
+		val := map[string]string{"--disk": "path=a,format=raw", "fs": "path=/,tag=t", "-net": "passt"}[flag]
+		s, err := Parse(flag, val)
+		if err != nil || s.Kind() != kind {
+			t.Errorf("Parse(%q, %q) = %v, %v; want kind %q", flag, val, s, err, kind)
+		}
+	}
+	if _, err := Parse("--chardev", "x"); err == nil {
+		t.Error("Parse(--chardev) succeeded")
+	}
+}
+
+// accMode returns the O_ACCMODE bits of f.
+func accMode(t *testing.T, f *os.File) int {
+	t.Helper()
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fl&unix.O_NONBLOCK != 0 {
+		t.Errorf("%s left O_NONBLOCK", f.Name())
+	}
+	return fl & unix.O_ACCMODE
+}
+
+func TestDiskOpen(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"top", "mid", "base", "data"} {
+		if err := os.WriteFile(filepath.Join(dir, n), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := func(n string) string { return filepath.Join(dir, n) }
+	if err := unix.Mkfifo(p("fifo"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	tests := []struct {
+		spec    string
+		files   map[string]int // name -> access mode
+		opts    map[string]string
+		wantErr string
+	}{
+		{
+			spec:  "path=" + p("top") + ",format=raw",
+			files: map[string]int{FileImage: unix.O_RDWR},
+			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "off"},
+		},
+		{
+			spec:  "path=" + p("top") + ",format=raw,readonly=on",
+			files: map[string]int{FileImage: unix.O_RDONLY},
+			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "on"},
+		},
+		{
+			spec: "path=" + p("top") + ",format=qcow2,backing=" + p("mid") + ",backing-format=qcow2,backing=" + p("base") +
+				",backing-format=raw,data-file=" + p("data") + ",max-size=1M",
+			files: map[string]int{FileImage: unix.O_RDWR, "backing.0": unix.O_RDONLY, "backing.1": unix.O_RDONLY, FileDataFile: unix.O_RDWR},
+			opts: map[string]string{OptFormat: "qcow2", OptReadOnly: "off", "backing.0.format": "qcow2",
+				"backing.1.format": "raw", OptMaxSize: "1048576"},
+		},
+		{spec: "path=" + p("missing") + ",format=raw", wantErr: "disk image: open " + p("missing") + ": no such file or directory"},
+		{spec: "path=" + dir + ",format=raw", wantErr: "is not a regular file or block device"},
+		{spec: "path=" + p("fifo") + ",format=raw,readonly=on", wantErr: "is not a regular file or block device"},
+		{spec: "path=" + p("top") + ",format=qcow2,backing=" + p("nope") + ",backing-format=raw", wantErr: "backing file: open"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.spec, func(t *testing.T) {
+			d, err := ParseDisk(tc.spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o, err := d.Open(OpenOptions{})
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("Open = %v, want error containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer o.Close()
+			if o.Kind != d.Kind() {
+				t.Errorf("Kind %q, want %q", o.Kind, d.Kind())
+			}
+			if !reflect.DeepEqual(o.Options, tc.opts) {
+				t.Errorf("Options %v, want %v", o.Options, tc.opts)
+			}
+			got := map[string]int{}
+			for _, f := range o.Files {
+				got[f.Name] = accMode(t, f.File)
+			}
+			if !reflect.DeepEqual(got, tc.files) {
+				t.Errorf("files %v, want %v", got, tc.files)
+			}
+			if o.Files[0].Name != FileImage {
+				t.Errorf("first file %q, want image (fd 4)", o.Files[0].Name)
+			}
+		})
+	}
+}
+
+func TestFSOpen(t *testing.T) {
+	dir := t.TempDir()
+	f, _ := ParseFS("path=" + dir + ",tag=share,readonly=on")
+	o, err := f.Open(OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	if len(o.Files) != 1 || o.Files[0].Name != FileDir || o.Options[OptTag] != "share" || o.Options[OptReadOnly] != "on" {
+		t.Fatalf("opened %+v", o)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(o.Files[0].File.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		t.Fatalf("fd is not a directory: %v", err)
+	}
+
+	file := filepath.Join(dir, "file")
+	os.WriteFile(file, nil, 0o600)
+	f, _ = ParseFS("path=" + file + ",tag=share")
+	if _, err := f.Open(OpenOptions{}); err == nil || !strings.Contains(err.Error(), "is not a directory") {
+		t.Fatalf("opening a file as --fs: %v", err)
+	}
+}
+
+func TestNetOpenPasst(t *testing.T) {
+	passt, err := exec.LookPath("passt")
+	if err != nil {
+		t.Skip("passt is not installed")
+	}
+	n, _ := ParseNet("passt,ports=18080:80")
+	o, err := n.Open(OpenOptions{PasstPath: passt})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(o.Files) != 1 || o.Files[0].Name != FilePasst {
+		t.Fatalf("files %+v", o.Files)
+	}
+	mac, err := ParseMAC(o.Options[OptMAC])
+	if err != nil || mac[0]&2 == 0 {
+		t.Fatalf("generated MAC %q: %v", o.Options[OptMAC], err)
+	}
+	if len(o.helpers) != 1 || o.helpers[0].Process == nil {
+		t.Fatal("passt not started")
+	}
+	if err := o.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if o.helpers != nil {
+		t.Fatal("helpers not cleared")
+	}
+
+	n, _ = ParseNet("passt")
+	if _, err := n.Open(OpenOptions{PasstPath: filepath.Join(t.TempDir(), "no-passt")}); err == nil ||
+		!strings.Contains(err.Error(), "start passt") {
+		t.Fatalf("missing passt: %v", err)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{
+		"path=a.img,format=raw", "path=a,,b,format=qcow2,backing=b,backing-format=raw,max-size=1G",
+		"path=/srv,tag=x", "passt,mac=52:54:00:12:34:56,ports=1:2,3",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		for _, flag := range []string{"disk", "fs", "net"} {
+			spec, err := Parse(flag, s)
+			if err != nil {
+				if strings.ContainsAny(err.Error(), "\n\r") {
+					t.Fatalf("multi-line error %q", err)
+				}
+				continue
+			}
+			again, err := Parse(flag, spec.String())
+			if err != nil {
+				t.Fatalf("%s %q parsed, but its rendering %q does not: %v", flag, s, spec.String(), err)
+			}
+			if !reflect.DeepEqual(again, spec) {
+				t.Fatalf("%s %q: round trip %+v != %+v", flag, s, again, spec)
+			}
+		}
+	})
+}

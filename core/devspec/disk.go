@@ -1,0 +1,226 @@
+package devspec
+
+import (
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+
+	"github.com/krun-core/krun-core/disk"
+)
+
+// Names of the files and options a disk plugin (blk-raw, blk-qcow2) is
+// configured with. Backing files are numbered from the image downwards:
+// backing.0 is the image's backing file, backing.1 that file's backing, ...
+const (
+	FileImage    = "image"     // the image, O_RDWR or O_RDONLY (readonly=on)
+	FileDataFile = "data-file" // qcow2 external data file, same mode as the image
+	// FileBackingPrefix + N names backing file N, always O_RDONLY.
+	FileBackingPrefix = "backing."
+
+	OptFormat   = "format"   // "raw" or "qcow2"
+	OptReadOnly = "readonly" // "on" or "off"
+	OptMaxSize  = "max-size" // decimal bytes; qcow2 only
+	// OptBackingFormat(N) is "backing.N.format": "raw" or "qcow2".
+)
+
+// BackingFile returns the file name of backing file n.
+func BackingFile(n int) string { return FileBackingPrefix + strconv.Itoa(n) }
+
+// OptBackingFormat returns the option key holding backing file n's format.
+func OptBackingFormat(n int) string { return FileBackingPrefix + strconv.Itoa(n) + ".format" }
+
+// MaxBackingChain bounds the declared backing chain.
+const MaxBackingChain = 16
+
+// Backing is one declared backing file.
+type Backing struct {
+	Path   string
+	Format disk.Format
+}
+
+// DiskSpec is a parsed --disk option string:
+//
+//	path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT
+//	[,backing=...]][,max-size=64G][,data-file=FILE]
+type DiskSpec struct {
+	Path     string
+	Format   disk.Format
+	ReadOnly bool
+	// Backing is the declared chain, nearest first. qcow2 only.
+	Backing []Backing
+	// MaxSize caps the image file's growth in bytes; 0 means unset. qcow2 only.
+	MaxSize int64
+	// DataFile is a qcow2 external data file; "" means none.
+	DataFile string
+}
+
+// ParseDisk parses a --disk option string.
+func ParseDisk(s string) (*DiskSpec, error) {
+	opts, err := splitOptions(s)
+	if err != nil {
+		return nil, err
+	}
+	d := &DiskSpec{}
+	seen := map[string]bool{}
+	for _, o := range opts {
+		if !o.hasValue {
+			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
+		}
+		switch o.key {
+		case "path", "format", "readonly", "max-size", "data-file":
+			if seen[o.key] {
+				return nil, fmt.Errorf("%s= given twice", o.key)
+			}
+			seen[o.key] = true
+		}
+		switch o.key {
+		case "path":
+			if err := checkPath("path", o.value); err != nil {
+				return nil, err
+			}
+			d.Path = o.value
+		case "format":
+			f, err := parseFormat(o.value)
+			if err != nil {
+				return nil, err
+			}
+			d.Format = f
+		case "readonly":
+			if d.ReadOnly, err = parseOnOff(o.key, o.value); err != nil {
+				return nil, err
+			}
+		case "backing":
+			if err := checkPath("backing", o.value); err != nil {
+				return nil, err
+			}
+			if n := len(d.Backing); n > 0 && d.Backing[n-1].Format == "" {
+				return nil, fmt.Errorf("backing=%s needs backing-format= before the next backing=", printable(d.Backing[n-1].Path))
+			}
+			if len(d.Backing) == MaxBackingChain {
+				return nil, fmt.Errorf("more than %d backing files", MaxBackingChain)
+			}
+			d.Backing = append(d.Backing, Backing{Path: o.value})
+		case "backing-format":
+			n := len(d.Backing)
+			if n == 0 || d.Backing[n-1].Format != "" {
+				return nil, fmt.Errorf("backing-format=%s must follow its backing=", printable(o.value))
+			}
+			f, err := parseFormat(o.value)
+			if err != nil {
+				return nil, fmt.Errorf("backing-format: %w", err)
+			}
+			d.Backing[n-1].Format = f
+		case "max-size":
+			if d.MaxSize, err = ParseSize(o.value); err != nil {
+				return nil, fmt.Errorf("max-size: %w", err)
+			}
+		case "data-file":
+			if err := checkPath("data-file", o.value); err != nil {
+				return nil, err
+			}
+			d.DataFile = o.value
+		default:
+			return nil, fmt.Errorf("unknown key %s (want path, format, readonly, backing, backing-format, max-size, data-file)", printable(o.key))
+		}
+	}
+	if d.Path == "" {
+		return nil, fmt.Errorf("path= is required")
+	}
+	if d.Format == "" {
+		_, err := disk.ParseFormat("")
+		return nil, err
+	}
+	for i, b := range d.Backing {
+		if b.Format == "" {
+			return nil, fmt.Errorf("backing=%s needs backing-format= (formats are never guessed)", printable(b.Path))
+		}
+		if b.Format == disk.Raw && i != len(d.Backing)-1 {
+			return nil, fmt.Errorf("backing=%s is raw, which has no backing file, but more backing files follow", printable(b.Path))
+		}
+	}
+	if d.Format == disk.Raw {
+		switch {
+		case len(d.Backing) > 0:
+			return nil, fmt.Errorf("backing= needs format=qcow2 (a raw image has no backing file)")
+		case d.DataFile != "":
+			return nil, fmt.Errorf("data-file= needs format=qcow2")
+		case d.MaxSize != 0:
+			return nil, fmt.Errorf("max-size= needs format=qcow2 (a raw image does not grow)")
+		}
+	}
+	return d, nil
+}
+
+// parseFormat is disk.ParseFormat with the value quoted safely for a
+// one-line message.
+func parseFormat(v string) (disk.Format, error) {
+	f, err := disk.ParseFormat(v)
+	if err != nil && v != "" {
+		return "", fmt.Errorf("unknown format %s (want raw or qcow2)", printable(v))
+	}
+	return f, err
+}
+
+// Kind is blk-raw or blk-qcow2.
+func (d *DiskSpec) Kind() string {
+	if d.Format == disk.QCOW2 {
+		return KindBlkQCOW2
+	}
+	return KindBlkRaw
+}
+
+// String renders d in --disk form.
+func (d *DiskSpec) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "path=%s,format=%s", escape(d.Path), d.Format)
+	if d.ReadOnly {
+		b.WriteString(",readonly=on")
+	}
+	for _, bk := range d.Backing {
+		fmt.Fprintf(&b, ",backing=%s,backing-format=%s", escape(bk.Path), bk.Format)
+	}
+	if d.MaxSize != 0 {
+		fmt.Fprintf(&b, ",max-size=%d", d.MaxSize)
+	}
+	if d.DataFile != "" {
+		fmt.Fprintf(&b, ",data-file=%s", escape(d.DataFile))
+	}
+	return b.String()
+}
+
+// ParseSize parses a byte count with an optional binary suffix: 512, 64K,
+// 10M, 64G, 2T, 1P (k/m/g/t/p also accepted, as is a trailing "B" or "iB").
+// The result is positive and fits an int64.
+func ParseSize(s string) (int64, error) {
+	num := strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B")
+	shift := uint(0)
+	if num != "" {
+		switch num[len(num)-1] {
+		case 'k', 'K':
+			shift = 10
+		case 'm', 'M':
+			shift = 20
+		case 'g', 'G':
+			shift = 30
+		case 't', 'T':
+			shift = 40
+		case 'p', 'P':
+			shift = 50
+		}
+		if shift != 0 {
+			num = num[:len(num)-1]
+		}
+	}
+	if num == "" || strings.TrimLeft(num, "0123456789") != "" {
+		return 0, fmt.Errorf("%s is not a size (want e.g. 64G)", printable(s))
+	}
+	n, err := strconv.ParseUint(num, 10, 63)
+	if err != nil || n > math.MaxInt64>>shift {
+		return 0, fmt.Errorf("%s is too large", printable(s))
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("%s must be positive", printable(s))
+	}
+	return int64(n << shift), nil
+}

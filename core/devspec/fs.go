@@ -1,0 +1,95 @@
+package devspec
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Names of the file and options an fs-virtio plugin is configured with.
+const (
+	FileDir = "dir" // the shared directory, O_RDONLY|O_DIRECTORY
+	OptTag  = "tag" // the virtio-fs mount tag
+	// OptReadOnly ("readonly") is shared with disks.
+)
+
+// MaxTagLen is the size of the virtio-fs config space tag field.
+const MaxTagLen = 36
+
+// FSSpec is a parsed --fs option string: path=DIR,tag=TAG[,readonly=on].
+type FSSpec struct {
+	Path     string
+	Tag      string
+	ReadOnly bool
+}
+
+// ParseFS parses an --fs option string.
+func ParseFS(s string) (*FSSpec, error) {
+	opts, err := splitOptions(s)
+	if err != nil {
+		return nil, err
+	}
+	f := &FSSpec{}
+	seen := map[string]bool{}
+	for _, o := range opts {
+		if !o.hasValue {
+			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
+		}
+		if seen[o.key] {
+			return nil, fmt.Errorf("%s= given twice", printable(o.key))
+		}
+		seen[o.key] = true
+		switch o.key {
+		case "path":
+			if err := checkPath("path", o.value); err != nil {
+				return nil, err
+			}
+			f.Path = o.value
+		case "tag":
+			if err := checkTag(o.value); err != nil {
+				return nil, err
+			}
+			f.Tag = o.value
+		case "readonly":
+			if f.ReadOnly, err = parseOnOff(o.key, o.value); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, fmt.Errorf("unknown key %s (want path, tag, readonly)", printable(o.key))
+		}
+	}
+	if f.Path == "" {
+		return nil, fmt.Errorf("path= is required")
+	}
+	if f.Tag == "" {
+		return nil, fmt.Errorf("tag= is required (the guest mounts the share by this tag)")
+	}
+	return f, nil
+}
+
+func checkTag(t string) error {
+	switch {
+	case t == "":
+		return fmt.Errorf("tag= is empty")
+	case len(t) > MaxTagLen:
+		return fmt.Errorf("tag=%s is longer than %d bytes", printable(t), MaxTagLen)
+	}
+	for _, r := range t {
+		if r < 0x20 || r == 0x7f || r == 0xfffd {
+			return fmt.Errorf("tag=%s contains a control or invalid character", printable(t))
+		}
+	}
+	return nil
+}
+
+// Kind is fs-virtio.
+func (f *FSSpec) Kind() string { return KindFS }
+
+// String renders f in --fs form.
+func (f *FSSpec) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "path=%s,tag=%s", escape(f.Path), escape(f.Tag))
+	if f.ReadOnly {
+		b.WriteString(",readonly=on")
+	}
+	return b.String()
+}

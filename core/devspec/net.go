@@ -1,0 +1,163 @@
+package devspec
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+)
+
+// Names of the file and options a net-passt plugin is configured with.
+const (
+	FilePasst = "passt" // connected stream socket to passt (qemu socket framing)
+	OptMAC    = "mac"   // the guest MAC, aa:bb:cc:dd:ee:ff
+)
+
+// MaxPorts bounds the port forwards of one --net.
+const MaxPorts = 32
+
+// PortForward forwards a host TCP port to a guest TCP port.
+type PortForward struct {
+	Host, Guest uint16
+}
+
+func (p PortForward) String() string {
+	return strconv.Itoa(int(p.Host)) + ":" + strconv.Itoa(int(p.Guest))
+}
+
+// NetSpec is a parsed --net option string:
+//
+//	passt[,mac=52:54:00:12:34:56][,ports=8080:80,8443:443,...]
+//
+// After ports=, further items without '=' are more forwards; a bare port N
+// means N:N.
+type NetSpec struct {
+	Backend string // "passt"
+	// MAC is the guest's address; nil means Open picks a random locally
+	// administered one.
+	MAC   net.HardwareAddr
+	Ports []PortForward
+}
+
+// ParseNet parses a --net option string.
+func ParseNet(s string) (*NetSpec, error) {
+	opts, err := splitOptions(s)
+	if err != nil {
+		return nil, err
+	}
+	n := &NetSpec{}
+	if opts[0].hasValue {
+		return nil, fmt.Errorf("the first item must name the back-end (passt), not %s", printable(opts[0].key+"="+opts[0].value))
+	}
+	if opts[0].key != "passt" {
+		return nil, fmt.Errorf("unknown network back-end %s (want passt)", printable(opts[0].key))
+	}
+	n.Backend = opts[0].key
+	seen := map[string]bool{}
+	inPorts := false
+	hostPorts := map[uint16]bool{}
+	addPort := func(v string) error {
+		p, err := parsePortForward(v)
+		if err != nil {
+			return err
+		}
+		if hostPorts[p.Host] {
+			return fmt.Errorf("host port %d forwarded twice", p.Host)
+		}
+		if len(n.Ports) == MaxPorts {
+			return fmt.Errorf("more than %d port forwards", MaxPorts)
+		}
+		hostPorts[p.Host] = true
+		n.Ports = append(n.Ports, p)
+		return nil
+	}
+	for _, o := range opts[1:] {
+		if !o.hasValue {
+			if !inPorts {
+				return nil, fmt.Errorf("%s is not key=value", printable(o.key))
+			}
+			if err := addPort(o.key); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		inPorts = false
+		if seen[o.key] {
+			return nil, fmt.Errorf("%s= given twice", printable(o.key))
+		}
+		seen[o.key] = true
+		switch o.key {
+		case "mac":
+			mac, err := ParseMAC(o.value)
+			if err != nil {
+				return nil, err
+			}
+			n.MAC = mac
+		case "ports":
+			if err := addPort(o.value); err != nil {
+				return nil, err
+			}
+			inPorts = true
+		default:
+			return nil, fmt.Errorf("unknown key %s (want mac, ports)", printable(o.key))
+		}
+	}
+	return n, nil
+}
+
+// ParseMAC parses a unicast 48-bit MAC address.
+func ParseMAC(s string) (net.HardwareAddr, error) {
+	mac, err := net.ParseMAC(s)
+	if err != nil || len(mac) != 6 {
+		return nil, fmt.Errorf("mac=%s is not a 48-bit MAC address (want e.g. 52:54:00:12:34:56)", printable(s))
+	}
+	if mac[0]&1 != 0 {
+		return nil, fmt.Errorf("mac=%s is a multicast address", printable(s))
+	}
+	return mac, nil
+}
+
+func parsePortForward(v string) (PortForward, error) {
+	hs, gs, ok := strings.Cut(v, ":")
+	if !ok {
+		gs = hs
+	}
+	h, err1 := parsePort(hs)
+	g, err2 := parsePort(gs)
+	if err1 != nil || err2 != nil {
+		return PortForward{}, fmt.Errorf("ports: %s is not HOST:GUEST with ports 1-65535", printable(v))
+	}
+	return PortForward{Host: h, Guest: g}, nil
+}
+
+func parsePort(s string) (uint16, error) {
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, fmt.Errorf("not a port")
+	}
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("not a port")
+	}
+	return uint16(n), nil
+}
+
+// Kind is net-passt.
+func (n *NetSpec) Kind() string { return KindNetPasst }
+
+// String renders n in --net form.
+func (n *NetSpec) String() string {
+	var b strings.Builder
+	b.WriteString(n.Backend)
+	if n.MAC != nil {
+		b.WriteString(",mac=" + n.MAC.String())
+	}
+	for i, p := range n.Ports {
+		if i == 0 {
+			b.WriteString(",ports=")
+		} else {
+			b.WriteString(",")
+		}
+		b.WriteString(p.String())
+	}
+	return b.String()
+}

@@ -1,0 +1,230 @@
+package devspec
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// OpenOptions tunes Spec.Open.
+type OpenOptions struct {
+	// PasstPath is the passt executable for --net passt; "" looks up
+	// "passt" in $PATH.
+	PasstPath string
+	// HelperStderr receives helper processes' (passt's) stderr; nil
+	// discards it.
+	HelperStderr io.Writer
+}
+
+// NamedFile is a file handed to a plugin under a name.
+type NamedFile struct {
+	Name string
+	File *os.File
+}
+
+// Opened is what a plugin is configured with: its kind, its options and the
+// files it inherits (fd 4, 5, ... in Files order).
+type Opened struct {
+	Kind    string
+	Options map[string]string
+	Files   []NamedFile
+
+	helpers []*exec.Cmd
+}
+
+// CloseFiles closes the host's copies of the files; call it once the plugin
+// process has inherited them. Helper processes keep running.
+func (o *Opened) CloseFiles() {
+	for _, f := range o.Files {
+		if f.File != nil {
+			_ = f.File.Close()
+		}
+	}
+}
+
+// Close closes the files and stops helper processes (SIGTERM, then SIGKILL
+// after a second).
+func (o *Opened) Close() error {
+	o.CloseFiles()
+	var errs []error
+	for _, c := range o.helpers {
+		if err := stopHelper(c); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	o.helpers = nil
+	return errors.Join(errs...)
+}
+
+func stopHelper(c *exec.Cmd) error {
+	if c.Process == nil {
+		return nil
+	}
+	_ = c.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- c.Wait() }()
+	select {
+	case <-done:
+		return nil
+	case <-time.After(time.Second):
+		_ = c.Process.Kill()
+		<-done
+		return nil
+	}
+}
+
+func (o *Opened) add(name string, f *os.File) { o.Files = append(o.Files, NamedFile{name, f}) }
+
+// openFile opens path for a plugin. It never blocks on a FIFO (O_NONBLOCK
+// while opening, cleared after the type check) and accepts only regular
+// files and block devices (or, with dir, only directories).
+func openFile(what, path string, write, dir bool) (*os.File, error) {
+	flags := unix.O_CLOEXEC | unix.O_NONBLOCK
+	switch {
+	case dir:
+		flags |= unix.O_RDONLY | unix.O_DIRECTORY
+	case write:
+		flags |= unix.O_RDWR
+	default:
+		flags |= unix.O_RDONLY
+	}
+	fd, err := unix.Open(path, flags, 0)
+	if err != nil {
+		if dir && errors.Is(err, unix.ENOTDIR) {
+			return nil, fmt.Errorf("%s %q is not a directory", what, path)
+		}
+		if !dir && errors.Is(err, unix.EISDIR) {
+			return nil, fmt.Errorf("%s %q is not a regular file or block device", what, path)
+		}
+		return nil, fmt.Errorf("%s: %w", what, &os.PathError{Op: "open", Path: path, Err: err})
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: %w", what, &os.PathError{Op: "stat", Path: path, Err: err})
+	}
+	mode := st.Mode & unix.S_IFMT
+	switch {
+	case dir && mode == unix.S_IFDIR, !dir && (mode == unix.S_IFREG || mode == unix.S_IFBLK):
+	default:
+		unix.Close(fd)
+		want := "a regular file or block device"
+		if dir {
+			want = "a directory"
+		}
+		return nil, fmt.Errorf("%s %q is not %s", what, path, want)
+	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: %w", what, &os.PathError{Op: "fcntl", Path: path, Err: err})
+	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// Open opens the image (O_RDWR, or O_RDONLY with readonly=on), the declared
+// backing files (always O_RDONLY) and the data file (the image's mode).
+func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
+	o := &Opened{Kind: d.Kind(), Options: map[string]string{
+		OptFormat:   string(d.Format),
+		OptReadOnly: onOff(d.ReadOnly),
+	}}
+	defer func() {
+		if err != nil {
+			_ = o.Close()
+		}
+	}()
+	f, err := openFile("disk image", d.Path, !d.ReadOnly, false)
+	if err != nil {
+		return nil, err
+	}
+	o.add(FileImage, f)
+	for i, b := range d.Backing {
+		f, err := openFile("backing file", b.Path, false, false)
+		if err != nil {
+			return nil, err
+		}
+		o.add(BackingFile(i), f)
+		o.Options[OptBackingFormat(i)] = string(b.Format)
+	}
+	if d.DataFile != "" {
+		f, err := openFile("data file", d.DataFile, !d.ReadOnly, false)
+		if err != nil {
+			return nil, err
+		}
+		o.add(FileDataFile, f)
+	}
+	if d.MaxSize != 0 {
+		o.Options[OptMaxSize] = strconv.FormatInt(d.MaxSize, 10)
+	}
+	return o, nil
+}
+
+// Open opens the shared directory.
+func (f *FSSpec) Open(OpenOptions) (*Opened, error) {
+	dir, err := openFile("shared directory", f.Path, false, true)
+	if err != nil {
+		return nil, err
+	}
+	return &Opened{
+		Kind:    KindFS,
+		Options: map[string]string{OptTag: f.Tag, OptReadOnly: onOff(f.ReadOnly)},
+		Files:   []NamedFile{{FileDir, dir}},
+	}, nil
+}
+
+// Open starts passt on one end of a socket pair (passt --fd) and hands the
+// other end to the plugin as "passt". passt runs until Opened.Close. With no
+// mac=, a random locally administered unicast MAC is chosen.
+func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
+	mac := n.MAC
+	if mac == nil {
+		mac = make(net.HardwareAddr, 6)
+		if _, err := rand.Read(mac); err != nil {
+			return nil, fmt.Errorf("random MAC: %w", err)
+		}
+		mac[0] = mac[0]&^1 | 2 // unicast, locally administered
+	}
+	passt := oo.PasstPath
+	if passt == "" {
+		if passt, err = exec.LookPath("passt"); err != nil {
+			return nil, fmt.Errorf("--net passt needs the passt program: %w", err)
+		}
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("passt socket pair: %w", err)
+	}
+	ours := os.NewFile(uintptr(fds[0]), "passt")
+	theirs := os.NewFile(uintptr(fds[1]), "passt-peer")
+	defer theirs.Close()
+	o := &Opened{Kind: KindNetPasst, Options: map[string]string{OptMAC: mac.String()}}
+	o.add(FilePasst, ours)
+	defer func() {
+		if err != nil {
+			_ = o.Close()
+		}
+	}()
+	args := []string{"--foreground", "--quiet", "--fd", "3"}
+	for _, p := range n.Ports {
+		args = append(args, "--tcp-ports", p.String())
+	}
+	cmd := exec.Command(passt, args...)
+	cmd.ExtraFiles = []*os.File{theirs}
+	cmd.Stdout = oo.HelperStderr
+	cmd.Stderr = oo.HelperStderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start passt: %w", err)
+	}
+	o.helpers = append(o.helpers, cmd)
+	return o, nil
+}
