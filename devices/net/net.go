@@ -1,0 +1,534 @@
+// Package net is the virtio-net device model (virtio 1.2 section 5.1) whose
+// other end is a stream of Ethernet frames in passt's framing: a 32-bit
+// big-endian length, then the frame. The krun-plugin-net-passt plugin serves
+// it over vhost-user; passt itself runs outside the plugin's sandbox and the
+// plugin only holds its end of a socketpair.
+//
+// Queue 0 is rx (frames from passt to the guest), queue 1 is tx. Every frame
+// carries a virtio-net header; with VIRTIO_NET_F_MRG_RXBUF a received frame
+// may span several rx buffers. Frames longer than the MTU are dropped and
+// counted, in both directions. When the rx ring has no buffers, frames wait
+// in passt's socket (back-pressure) until the guest adds some; nothing waits
+// past the ring's stop. When passt goes away the link goes down; the device
+// keeps answering.
+package net
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	stdnet "net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/virtq"
+)
+
+// virtio-net feature bits.
+const (
+	FeatureMTU      = 3  // VIRTIO_NET_F_MTU
+	FeatureMAC      = 5  // VIRTIO_NET_F_MAC
+	FeatureMrgRxbuf = 15 // VIRTIO_NET_F_MRG_RXBUF
+	FeatureStatus   = 16 // VIRTIO_NET_F_STATUS
+)
+
+// DeviceType is the virtio device ID of a network card.
+const DeviceType = 1
+
+// StatusLinkUp is VIRTIO_NET_S_LINK_UP in the config space's status field.
+const StatusLinkUp = 1
+
+const (
+	rxQueue = 0
+	txQueue = 1
+
+	ethHeaderLen = 14
+	vlanLen      = 4
+	// DefaultMTU is passt's default: the largest 802.3 MTU, rounded.
+	DefaultMTU = 65520
+	// maxRxBuffers bounds how many rx buffers one merged frame may use.
+	maxRxBuffers = 256
+	configLen    = 12
+)
+
+// Config describes one network device.
+type Config struct {
+	MAC    stdnet.HardwareAddr // 6 bytes
+	MTU    uint16              // 0 means DefaultMTU
+	Conn   *os.File            // our end of the socketpair whose other end is passt
+	Logger hclog.Logger
+}
+
+// Ring is what the device needs from a running vring: the queue, a way to
+// wait for the driver's kick and a way to interrupt it. The vhost-user
+// back-end's Vring satisfies it.
+type Ring interface {
+	Queue() *virtq.Queue
+	WaitKick(ctx context.Context) error
+	// Notify interrupts the driver if the queue says it wants it.
+	Notify() error
+}
+
+// Device is a virtio-net device bridging a guest to passt.
+type Device struct {
+	mac  [6]byte
+	mtu  uint16
+	conn stdnet.Conn
+	log  hclog.Logger
+
+	features atomic.Uint64
+	linkUp   atomic.Bool
+
+	rx    frameReader // owned by the rx queue goroutine; survives ring restarts
+	rxBuf []virtq.Chain
+	txBuf []byte
+
+	stats Stats
+	rxMu  sync.Mutex // one rx goroutine at a time, across ring restarts
+	txMu  sync.Mutex
+}
+
+// Stats are the device's counters.
+type Stats struct {
+	TxFrames, TxBytes, TxOversize, TxMalformed, TxErrors atomic.Uint64
+	RxFrames, RxBytes, RxOversize, RxMalformed, RxNoRoom atomic.Uint64
+	LinkDown                                             atomic.Uint64
+}
+
+// New makes a device over cfg.Conn. The device owns the connection.
+func New(cfg Config) (*Device, error) {
+	if len(cfg.MAC) != 6 {
+		return nil, fmt.Errorf("virtio-net: MAC %q is not 6 bytes", cfg.MAC)
+	}
+	if cfg.Conn == nil {
+		return nil, errors.New("virtio-net: no passt connection")
+	}
+	mtu := cfg.MTU
+	if mtu == 0 {
+		mtu = DefaultMTU
+	}
+	if mtu < 68 {
+		return nil, fmt.Errorf("virtio-net: MTU %d below the IPv4 minimum of 68", mtu)
+	}
+	conn, err := stdnet.FileConn(cfg.Conn)
+	if err != nil {
+		return nil, fmt.Errorf("virtio-net: passt socket: %w", err)
+	}
+	cfg.Conn.Close() // FileConn made its own descriptor
+	log := cfg.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	d := &Device{mtu: mtu, conn: conn, log: log}
+	copy(d.mac[:], cfg.MAC)
+	d.linkUp.Store(true)
+	maxFrame := d.maxFrame()
+	d.rx.buf = make([]byte, maxFrame)
+	d.txBuf = make([]byte, 4+maxFrame)
+	d.rxBuf = make([]virtq.Chain, maxRxBuffers)
+	return d, nil
+}
+
+// maxFrame is the longest Ethernet frame accepted: MTU plus the Ethernet
+// header and one VLAN tag.
+func (d *Device) maxFrame() int { return int(d.mtu) + ethHeaderLen + vlanLen }
+
+// DeviceFeatures are the virtio-net feature bits offered.
+func (d *Device) DeviceFeatures() uint64 {
+	return 1<<FeatureMAC | 1<<FeatureStatus | 1<<FeatureMrgRxbuf | 1<<FeatureMTU
+}
+
+// NumQueues is 2: one rx/tx pair.
+func (d *Device) NumQueues() int { return 2 }
+
+// ReadConfig reads the config space: mac, status, max_virtqueue_pairs, mtu.
+func (d *Device) ReadConfig(offset uint32, p []byte) error {
+	var cfg [configLen]byte
+	copy(cfg[0:6], d.mac[:])
+	var status uint16
+	if d.linkUp.Load() {
+		status = StatusLinkUp
+	}
+	binary.LittleEndian.PutUint16(cfg[6:], status)
+	binary.LittleEndian.PutUint16(cfg[8:], 1)
+	binary.LittleEndian.PutUint16(cfg[10:], d.mtu)
+	if uint64(offset)+uint64(len(p)) > configLen {
+		return fmt.Errorf("virtio-net config read %d+%d beyond %d bytes", offset, len(p), configLen)
+	}
+	copy(p, cfg[offset:])
+	return nil
+}
+
+// WriteConfig refuses writes: every field is read-only for a modern driver.
+func (d *Device) WriteConfig(offset uint32, p []byte) error {
+	return fmt.Errorf("virtio-net config is read-only (write %d+%d)", offset, len(p))
+}
+
+// SetFeatures records the negotiated features.
+func (d *Device) SetFeatures(f uint64) error {
+	d.features.Store(f)
+	return nil
+}
+
+// Reset forgets the negotiated features; the passt stream stays.
+func (d *Device) Reset() { d.features.Store(0) }
+
+// LinkUp reports whether passt is still connected.
+func (d *Device) LinkUp() bool { return d.linkUp.Load() }
+
+// Counters returns the device's counters by name.
+func (d *Device) Counters() map[string]uint64 {
+	s := &d.stats
+	return map[string]uint64{
+		"tx_frames": s.TxFrames.Load(), "tx_bytes": s.TxBytes.Load(),
+		"tx_dropped_oversize": s.TxOversize.Load(), "tx_malformed": s.TxMalformed.Load(),
+		"tx_errors": s.TxErrors.Load(),
+		"rx_frames": s.RxFrames.Load(), "rx_bytes": s.RxBytes.Load(),
+		"rx_dropped_oversize": s.RxOversize.Load(), "rx_malformed": s.RxMalformed.Load(),
+		"rx_dropped_no_room": s.RxNoRoom.Load(), "link_down": s.LinkDown.Load(),
+	}
+}
+
+// Close ends the passt connection.
+func (d *Device) Close() error { return d.conn.Close() }
+
+// hdrLen is the virtio-net header length for the negotiated features.
+func (d *Device) hdrLen() int {
+	f := d.features.Load()
+	if f&(1<<virtq.FeatureVersion1|1<<FeatureMrgRxbuf) != 0 {
+		return 12
+	}
+	return 10
+}
+
+func (d *Device) mergeable() bool { return d.features.Load()&(1<<FeatureMrgRxbuf) != 0 }
+
+// Serve runs queue idx until ctx is cancelled.
+func (d *Device) Serve(ctx context.Context, idx int, r Ring) error {
+	switch idx {
+	case rxQueue:
+		d.rxMu.Lock()
+		defer d.rxMu.Unlock()
+		return d.serveRx(ctx, r)
+	case txQueue:
+		d.txMu.Lock()
+		defer d.txMu.Unlock()
+		return d.serveTx(ctx, r)
+	}
+	return fmt.Errorf("virtio-net has no queue %d", idx)
+}
+
+// setLinkDown records that passt is gone.
+func (d *Device) setLinkDown(err error) {
+	if d.linkUp.Swap(false) {
+		d.stats.LinkDown.Add(1)
+		d.log.Warn("passt connection lost, link down", "error", err)
+	}
+}
+
+// interruptOn sets a deadline on the connection when ctx ends, so blocking
+// socket I/O of a stopping ring returns. The returned function undoes it and
+// waits for a concurrently running callback.
+func interruptOn(ctx context.Context, set func(time.Time) error) func() {
+	set(time.Time{})
+	done := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(done)
+		set(time.Now())
+	})
+	return func() {
+		if !stop() {
+			<-done
+		}
+		set(time.Time{})
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne stdnet.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// serveTx moves frames from the tx queue to passt.
+func (d *Device) serveTx(ctx context.Context, r Ring) error {
+	undo := interruptOn(ctx, d.conn.SetWriteDeadline)
+	defer undo()
+	q := r.Queue()
+	var c virtq.Chain
+	for {
+		q.DisableNotification()
+		for {
+			ok, err := q.Pop(&c)
+			if err != nil {
+				if !errors.Is(err, virtq.ErrMalformedChain) {
+					return fmt.Errorf("tx queue: %w", err)
+				}
+				d.stats.TxMalformed.Add(1)
+				if err := q.Push(c.Head, 0); err != nil {
+					return err
+				}
+				continue
+			}
+			if !ok {
+				break
+			}
+			d.transmit(ctx, &c)
+			if err := q.Push(c.Head, 0); err != nil {
+				return err
+			}
+		}
+		if err := r.Notify(); err != nil {
+			return err
+		}
+		if q.EnableNotification() {
+			continue
+		}
+		if err := r.WaitKick(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// transmit sends one tx chain's frame to passt, or drops and counts it.
+func (d *Device) transmit(ctx context.Context, c *virtq.Chain) {
+	hdr := d.hdrLen()
+	if c.RemainingRead() < uint64(hdr) || c.WritableLen() != 0 {
+		d.stats.TxMalformed.Add(1)
+		return
+	}
+	if err := c.SkipRead(uint64(hdr)); err != nil {
+		d.stats.TxMalformed.Add(1)
+		return
+	}
+	n := c.RemainingRead()
+	if n < ethHeaderLen {
+		d.stats.TxMalformed.Add(1)
+		return
+	}
+	if n > uint64(d.maxFrame()) {
+		d.stats.TxOversize.Add(1)
+		return
+	}
+	if !d.linkUp.Load() {
+		d.stats.TxErrors.Add(1)
+		return
+	}
+	buf := d.txBuf[:4+n]
+	binary.BigEndian.PutUint32(buf, uint32(n))
+	if err := c.ReadFull(buf[4:]); err != nil {
+		d.stats.TxMalformed.Add(1)
+		return
+	}
+	if _, err := d.conn.Write(buf); err != nil {
+		if ctx.Err() != nil && isTimeout(err) {
+			// The ring is stopping; the frame is lost like on a cable
+			// pulled mid-send. passt's stream may now be cut mid-frame,
+			// so the connection is no longer usable.
+			d.setLinkDown(fmt.Errorf("write interrupted by ring stop: %w", err))
+		} else {
+			d.setLinkDown(err)
+		}
+		d.stats.TxErrors.Add(1)
+		return
+	}
+	d.stats.TxFrames.Add(1)
+	d.stats.TxBytes.Add(n)
+}
+
+// serveRx moves frames from passt into the rx queue.
+func (d *Device) serveRx(ctx context.Context, r Ring) error {
+	undo := interruptOn(ctx, d.conn.SetReadDeadline)
+	defer undo()
+	q := r.Queue()
+	for {
+		if !d.rx.ready {
+			if !d.linkUp.Load() {
+				<-ctx.Done()
+				return nil
+			}
+			err := d.rx.read(d.conn, d.maxFrame())
+			switch {
+			case err == nil:
+			case errors.Is(err, errFrameTooLong):
+				d.stats.RxOversize.Add(1)
+				continue
+			case isTimeout(err) && ctx.Err() != nil:
+				return nil
+			default:
+				d.setLinkDown(err)
+				continue
+			}
+		}
+		delivered, err := d.deliver(q, d.rx.frame())
+		if err != nil {
+			return fmt.Errorf("rx queue: %w", err)
+		}
+		if delivered {
+			d.rx.consume()
+			if err := r.Notify(); err != nil {
+				return err
+			}
+			continue
+		}
+		// No room: wait for the driver to add buffers, the frame waits.
+		if q.EnableNotification() {
+			continue
+		}
+		if err := r.Notify(); err != nil {
+			return err
+		}
+		if err := r.WaitKick(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// deliver places one frame into rx buffers. It reports false, having taken
+// nothing from the ring, when the available buffers cannot hold the frame
+// yet. A frame that can never fit is dropped and counted (reported as
+// delivered).
+func (d *Device) deliver(q *virtq.Queue, frame []byte) (bool, error) {
+	hdrLen := d.hdrLen()
+	total := uint64(hdrLen + len(frame))
+	mrg := d.mergeable()
+	popped := 0
+	var room uint64
+	for room < total {
+		if popped == len(d.rxBuf) || (!mrg && popped == 1) {
+			// The frame needs more buffers than it may use (without
+			// mergeable buffers: one). Give them back to the ring
+			// untouched, for the next frame, and drop this one.
+			q.Unpop(uint16(popped))
+			d.stats.RxNoRoom.Add(1)
+			return true, nil
+		}
+		c := &d.rxBuf[popped]
+		ok, err := q.Pop(c)
+		if err != nil {
+			if !errors.Is(err, virtq.ErrMalformedChain) {
+				return false, err
+			}
+			// Complete the broken chain and any we took before it with
+			// nothing in them; the frame is dropped.
+			d.stats.RxMalformed.Add(1)
+			for i := 0; i < popped; i++ {
+				if err := q.AddUsed(d.rxBuf[i].Head, 0); err != nil {
+					return false, err
+				}
+			}
+			if err := q.AddUsed(c.Head, 0); err != nil {
+				return false, err
+			}
+			q.PublishUsed()
+			return true, nil
+		}
+		if !ok {
+			q.Unpop(uint16(popped))
+			return false, nil
+		}
+		popped++
+		room += c.WritableLen()
+	}
+	// Header: all offload fields zero; num_buffers with mergeable buffers.
+	var hdr [12]byte
+	if mrg || hdrLen == 12 {
+		binary.LittleEndian.PutUint16(hdr[10:], uint16(popped))
+	}
+	rest := [2][]byte{hdr[:hdrLen], frame}
+	part := 0
+	for i := 0; i < popped; i++ {
+		c := &d.rxBuf[i]
+		for part < len(rest) && c.RemainingWrite() > 0 {
+			n, _ := c.Write(rest[part])
+			rest[part] = rest[part][n:]
+			if len(rest[part]) == 0 {
+				part++
+			}
+		}
+		if err := q.AddUsed(c.Head, c.Written()); err != nil {
+			return false, err
+		}
+	}
+	q.PublishUsed()
+	d.stats.RxFrames.Add(1)
+	d.stats.RxBytes.Add(uint64(len(frame)))
+	return true, nil
+}
+
+// errFrameTooLong reports a frame from passt longer than the MTU allows (or
+// shorter than an Ethernet header).
+var errFrameTooLong = errors.New("frame from passt longer than the MTU")
+
+// frameReader reads passt's length-prefixed frames. Its state survives an
+// interrupted read, so a ring that stops in the middle of a frame resumes
+// the stream where it left off.
+type frameReader struct {
+	hdr     [4]byte
+	hdrHave int
+	length  int // frame length once the prefix is complete
+	have    int // frame bytes read (or skipped) so far
+	skip    bool
+	ready   bool
+	buf     []byte
+}
+
+func (f *frameReader) read(r io.Reader, max int) error {
+	for f.hdrHave < 4 {
+		n, err := r.Read(f.hdr[f.hdrHave:])
+		f.hdrHave += n
+		if err != nil {
+			if errors.Is(err, io.EOF) && f.hdrHave == 0 {
+				return fmt.Errorf("passt closed the connection: %w", err)
+			}
+			if f.hdrHave < 4 {
+				return err
+			}
+		}
+		if f.hdrHave == 4 {
+			f.length = int(binary.BigEndian.Uint32(f.hdr[:]))
+			f.have = 0
+			f.skip = f.length > max || f.length < ethHeaderLen
+		}
+	}
+	for f.have < f.length {
+		var dst []byte
+		if f.skip {
+			dst = f.buf[:min(len(f.buf), f.length-f.have)]
+		} else {
+			dst = f.buf[f.have:f.length]
+		}
+		n, err := r.Read(dst)
+		f.have += n
+		if err != nil && f.have < f.length {
+			if errors.Is(err, io.EOF) {
+				return fmt.Errorf("passt closed the connection mid-frame: %w", io.ErrUnexpectedEOF)
+			}
+			return err
+		}
+	}
+	if f.skip {
+		f.hdrHave = 0
+		return errFrameTooLong
+	}
+	f.ready = true
+	return nil
+}
+
+func (f *frameReader) frame() []byte { return f.buf[:f.length] }
+
+func (f *frameReader) consume() {
+	f.ready = false
+	f.hdrHave = 0
+}

@@ -1,0 +1,420 @@
+package net
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"io"
+	stdnet "net"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/virtq"
+)
+
+// ring layout for one test queue of size 64 at base
+const (
+	qSize    = 64
+	memSize  = 4 << 20
+	rxBase   = 0x1000
+	txBase   = 0x10000
+	dataBase = 0x100000
+)
+
+type testRing struct {
+	t       *testing.T
+	mem     *guestmem.Memory
+	q       *virtq.Queue
+	base    guestmem.Addr
+	avail   uint16
+	kick    chan struct{}
+	notifs  atomic.Int64
+	nextBuf guestmem.Addr
+}
+
+func (r *testRing) Queue() *virtq.Queue { return r.q }
+func (r *testRing) WaitKick(ctx context.Context) error {
+	select {
+	case <-r.kick:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+func (r *testRing) Notify() error {
+	if r.q.NeedsNotify() {
+		r.notifs.Add(1)
+	}
+	return nil
+}
+
+func (r *testRing) desc() guestmem.Addr  { return r.base }
+func (r *testRing) availA() guestmem.Addr { return r.base + 16*qSize }
+func (r *testRing) usedA() guestmem.Addr  { return r.base + 0x1000 }
+
+func (r *testRing) w16(a guestmem.Addr, v uint16) {
+	var b [2]byte
+	binary.LittleEndian.PutUint16(b[:], v)
+	r.mem.Write(a, b[:])
+}
+
+func (r *testRing) r16(a guestmem.Addr) uint16 {
+	var b [2]byte
+	r.mem.Read(a, b[:])
+	return binary.LittleEndian.Uint16(b[:])
+}
+
+func (r *testRing) setDesc(i uint16, addr guestmem.Addr, n uint32, flags, next uint16) {
+	var b [16]byte
+	binary.LittleEndian.PutUint64(b[0:], uint64(addr))
+	binary.LittleEndian.PutUint32(b[8:], n)
+	binary.LittleEndian.PutUint16(b[12:], flags)
+	binary.LittleEndian.PutUint16(b[14:], next)
+	r.mem.Write(r.desc()+16*guestmem.Addr(i), b[:])
+}
+
+// offer publishes head and kicks.
+func (r *testRing) offer(head uint16) {
+	r.w16(r.availA()+4+2*guestmem.Addr(r.avail%qSize), head)
+	r.avail++
+	r.w16(r.availA()+2, r.avail)
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (r *testRing) used() uint16 { return r.r16(r.usedA() + 2) }
+
+func (r *testRing) usedElem(i uint16) (uint32, uint32) {
+	var b [8]byte
+	r.mem.Read(r.usedA()+4+8*guestmem.Addr(i%qSize), b[:])
+	return binary.LittleEndian.Uint32(b[:]), binary.LittleEndian.Uint32(b[4:])
+}
+
+func (r *testRing) waitUsed(n uint16) {
+	r.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for r.used() < n {
+		if time.Now().After(deadline) {
+			r.t.Fatalf("used index %d, waiting for %d", r.used(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (r *testRing) alloc(n uint32) guestmem.Addr {
+	a := r.nextBuf
+	r.nextBuf += guestmem.Addr((n + 15) &^ 15)
+	return a
+}
+
+type rig struct {
+	dev    *Device
+	passt  *os.File // the far end, standing in for passt
+	rx, tx *testRing
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func newRig(t *testing.T, mtu uint16, features uint64) *rig {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "dev"), os.NewFile(uintptr(fds[1]), "passt")
+	t.Cleanup(func() { theirs.Close() })
+	dev, err := New(Config{MAC: stdnet.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}, MTU: mtu, Conn: ours})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	dev.SetFeatures(features)
+	f, err := guestmem.NewMemfd("net-test", memSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: memSize, File: f}})
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mem.Close() })
+	mk := func(base, data guestmem.Addr) *testRing {
+		r := &testRing{t: t, mem: mem, base: base, kick: make(chan struct{}, 1), nextBuf: data}
+		q, err := virtq.NewQueue(mem, virtq.Config{Size: qSize, DescTable: r.desc(), AvailRing: r.availA(), UsedRing: r.usedA(), EventIdx: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.q = q
+		return r
+	}
+	rg := &rig{dev: dev, passt: theirs, rx: mk(rxBase, dataBase), tx: mk(txBase, dataBase+memSize/2), done: make(chan error, 2)}
+	ctx, cancel := context.WithCancel(context.Background())
+	rg.cancel = cancel
+	go func() { rg.done <- dev.Serve(ctx, 0, rg.rx) }()
+	go func() { rg.done <- dev.Serve(ctx, 1, rg.tx) }()
+	t.Cleanup(rg.stop)
+	return rg
+}
+
+// stop cancels both rings and checks that they return promptly.
+func (rg *rig) stop() {
+	if rg.cancel == nil {
+		return
+	}
+	rg.cancel()
+	rg.cancel = nil
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-rg.done:
+			if err != nil {
+				panic("ring returned " + err.Error())
+			}
+		case <-time.After(5 * time.Second):
+			panic("ring did not stop within 5 s of cancellation")
+		}
+	}
+}
+
+func frame(n int, seed byte) []byte {
+	f := make([]byte, n)
+	for i := range f {
+		f[i] = seed + byte(i*7)
+	}
+	return f
+}
+
+// send posts hdr+frame on the tx ring as two descriptors at index slot.
+func (rg *rig) send(slot uint16, hdrLen int, fr []byte) {
+	r := rg.tx
+	h := r.alloc(uint32(hdrLen))
+	d := r.alloc(uint32(len(fr)))
+	r.mem.Write(h, make([]byte, hdrLen))
+	r.mem.Write(d, fr)
+	r.setDesc(2*slot, h, uint32(hdrLen), virtq.DescFNext, 2*slot+1)
+	r.setDesc(2*slot+1, d, uint32(len(fr)), 0, 0)
+	r.offer(2 * slot)
+}
+
+func (rg *rig) readPasst(t *testing.T) []byte {
+	t.Helper()
+	rg.passt.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var l [4]byte
+	if _, err := io.ReadFull(rg.passt, l[:]); err != nil {
+		t.Fatalf("read frame length from device: %v", err)
+	}
+	b := make([]byte, binary.BigEndian.Uint32(l[:]))
+	if _, err := io.ReadFull(rg.passt, b); err != nil {
+		t.Fatalf("read frame from device: %v", err)
+	}
+	return b
+}
+
+func (rg *rig) writePasst(t *testing.T, fr []byte) {
+	t.Helper()
+	b := make([]byte, 4+len(fr))
+	binary.BigEndian.PutUint32(b, uint32(len(fr)))
+	copy(b[4:], fr)
+	if _, err := rg.passt.Write(b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// postRx offers n receive buffers of size each, one descriptor per chain.
+func (rg *rig) postRx(first uint16, n int, size uint32) []guestmem.Addr {
+	var addrs []guestmem.Addr
+	for i := 0; i < n; i++ {
+		a := rg.rx.alloc(size)
+		idx := first + uint16(i)
+		rg.rx.setDesc(idx, a, size, virtq.DescFWrite, 0)
+		rg.rx.offer(idx)
+		addrs = append(addrs, a)
+	}
+	return addrs
+}
+
+const features = 1<<virtq.FeatureVersion1 | 1<<FeatureMrgRxbuf
+
+func TestTransmit(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	fr := frame(1000, 1)
+	rg.send(0, 12, fr)
+	if got := rg.readPasst(t); !bytes.Equal(got, fr) {
+		t.Fatal("passt received a different frame")
+	}
+	rg.tx.waitUsed(1)
+	if rg.dev.stats.TxFrames.Load() != 1 {
+		t.Fatal("tx frame not counted")
+	}
+}
+
+func TestTransmitOversizeAndMalformed(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	rg.send(0, 12, frame(1500+ethHeaderLen+vlanLen+1, 2)) // one byte over
+	// a chain with only 4 bytes: no room for the header
+	h := rg.tx.alloc(4)
+	rg.tx.setDesc(2, h, 4, 0, 0)
+	rg.tx.offer(2)
+	good := frame(60, 3)
+	rg.send(2, 12, good)
+	if got := rg.readPasst(t); !bytes.Equal(got, good) {
+		t.Fatal("the frame after the bad ones did not arrive intact")
+	}
+	rg.tx.waitUsed(3)
+	if rg.dev.stats.TxOversize.Load() != 1 || rg.dev.stats.TxMalformed.Load() != 1 {
+		t.Fatalf("counters: oversize %d malformed %d", rg.dev.stats.TxOversize.Load(), rg.dev.stats.TxMalformed.Load())
+	}
+}
+
+func TestReceive(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	bufs := rg.postRx(0, 4, 2048)
+	fr := frame(1514, 9)
+	rg.writePasst(t, fr)
+	rg.rx.waitUsed(1)
+	id, n := rg.rx.usedElem(0)
+	if id != 0 || n != uint32(12+len(fr)) {
+		t.Fatalf("used elem %d len %d", id, n)
+	}
+	got := make([]byte, n)
+	rg.mem(t).Read(bufs[0], got)
+	if binary.LittleEndian.Uint16(got[10:]) != 1 {
+		t.Fatalf("num_buffers = %d", binary.LittleEndian.Uint16(got[10:]))
+	}
+	if !bytes.Equal(got[12:], fr) {
+		t.Fatal("frame content differs")
+	}
+}
+
+func (rg *rig) mem(t *testing.T) *guestmem.Memory { return rg.rx.mem }
+
+func TestReceiveMergeable(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	bufs := rg.postRx(0, 8, 256)
+	fr := frame(1000, 5) // 12+1000 = 1012 bytes: 4 buffers of 256
+	rg.writePasst(t, fr)
+	rg.rx.waitUsed(4)
+	var all []byte
+	for i := uint16(0); i < 4; i++ {
+		id, n := rg.rx.usedElem(i)
+		b := make([]byte, n)
+		rg.rx.mem.Read(bufs[id], b)
+		all = append(all, b...)
+	}
+	if binary.LittleEndian.Uint16(all[10:]) != 4 {
+		t.Fatalf("num_buffers = %d, want 4", binary.LittleEndian.Uint16(all[10:]))
+	}
+	if !bytes.Equal(all[12:], fr) {
+		t.Fatal("merged frame differs")
+	}
+}
+
+func TestReceiveWaitsForBuffers(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	fr := frame(500, 7)
+	rg.writePasst(t, fr)
+	time.Sleep(50 * time.Millisecond)
+	if rg.rx.used() != 0 {
+		t.Fatal("delivered without buffers")
+	}
+	// Too small a buffer: not enough room yet, nothing consumed.
+	rg.postRx(0, 1, 128)
+	time.Sleep(50 * time.Millisecond)
+	if rg.rx.used() != 0 {
+		t.Fatal("delivered a frame into too little room")
+	}
+	rg.postRx(1, 3, 256)
+	rg.rx.waitUsed(3)
+	if rg.dev.stats.RxFrames.Load() != 1 {
+		t.Fatal("frame not delivered after buffers arrived")
+	}
+}
+
+func TestReceiveNonMergeableTooSmall(t *testing.T) {
+	rg := newRig(t, 1500, 1<<virtq.FeatureVersion1)
+	rg.postRx(0, 1, 100)
+	rg.writePasst(t, frame(500, 1)) // cannot fit one 100-byte buffer: dropped
+	good := frame(60, 2)
+	rg.writePasst(t, good)
+	rg.rx.waitUsed(1)
+	if _, n := rg.rx.usedElem(0); n != uint32(12+len(good)) {
+		t.Fatalf("used len %d", n)
+	}
+	if rg.dev.stats.RxNoRoom.Load() != 1 {
+		t.Fatal("drop not counted")
+	}
+}
+
+func TestReceiveOversizeFromPasst(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	rg.postRx(0, 8, 2048)
+	rg.writePasst(t, frame(4000, 1))
+	rg.writePasst(t, frame(8, 1)) // shorter than an Ethernet header
+	good := frame(100, 4)
+	rg.writePasst(t, good)
+	rg.rx.waitUsed(1)
+	if rg.dev.stats.RxOversize.Load() != 2 || rg.dev.stats.RxFrames.Load() != 1 {
+		t.Fatalf("oversize %d frames %d", rg.dev.stats.RxOversize.Load(), rg.dev.stats.RxFrames.Load())
+	}
+}
+
+func TestPasstExitsMidFrame(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	b := make([]byte, 4+100)
+	binary.BigEndian.PutUint32(b, 1000) // promises 1000 bytes, sends 100
+	rg.passt.Write(b)
+	rg.passt.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for rg.dev.LinkUp() {
+		if time.Now().After(deadline) {
+			t.Fatal("link still up after passt went away")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	var st [2]byte
+	if err := rg.dev.ReadConfig(6, st[:]); err != nil || binary.LittleEndian.Uint16(st[:])&StatusLinkUp != 0 {
+		t.Fatalf("config status %v, %v", st, err)
+	}
+	// tx keeps completing requests (dropping frames) and the rings still stop.
+	rg.send(0, 12, frame(60, 1))
+	rg.tx.waitUsed(1)
+	rg.stop()
+}
+
+func TestConfigSpace(t *testing.T) {
+	rg := newRig(t, 9000, features)
+	var cfg [12]byte
+	if err := rg.dev.ReadConfig(0, cfg[:]); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(cfg[:6], []byte{0x52, 0x54, 0, 0x12, 0x34, 0x56}) {
+		t.Fatalf("mac % x", cfg[:6])
+	}
+	if binary.LittleEndian.Uint16(cfg[6:]) != StatusLinkUp || binary.LittleEndian.Uint16(cfg[8:]) != 1 || binary.LittleEndian.Uint16(cfg[10:]) != 9000 {
+		t.Fatalf("config % x", cfg)
+	}
+	for _, tt := range []struct{ off, n uint32 }{{12, 1}, {10, 4}, {0xffffffff, 2}} {
+		if err := rg.dev.ReadConfig(tt.off, make([]byte, tt.n)); err == nil {
+			t.Errorf("ReadConfig(%d, %d) succeeded", tt.off, tt.n)
+		}
+	}
+	if err := rg.dev.WriteConfig(0, []byte{1}); err == nil {
+		t.Error("WriteConfig succeeded")
+	}
+}
+
+func TestNewRejects(t *testing.T) {
+	if _, err := New(Config{MAC: stdnet.HardwareAddr{1, 2, 3}}); err == nil {
+		t.Error("short MAC accepted")
+	}
+	if _, err := New(Config{MAC: stdnet.HardwareAddr{1, 2, 3, 4, 5, 6}}); err == nil {
+		t.Error("missing connection accepted")
+	}
+}
