@@ -53,7 +53,7 @@ func (r *testRing) Notify() error {
 	return nil
 }
 
-func (r *testRing) desc() guestmem.Addr  { return r.base }
+func (r *testRing) desc() guestmem.Addr   { return r.base }
 func (r *testRing) availA() guestmem.Addr { return r.base + 16*qSize }
 func (r *testRing) usedA() guestmem.Addr  { return r.base + 0x1000 }
 
