@@ -1,0 +1,112 @@
+package vmtest
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// File is a file placed into a guest's initramfs: from the host file Src or,
+// if Src is empty, with content Data.
+type File struct {
+	Dst  string      // absolute guest path
+	Src  string      // host path
+	Data []byte      // content when Src is empty
+	Mode os.FileMode // permission bits (0 means 0644, or 0755 under /bin)
+}
+
+func (f File) add(ib *Initramfs) {
+	mode := f.Mode
+	if mode == 0 {
+		mode = 0o644
+		if filepath.Dir(f.Dst) == "/bin" || filepath.Dir(f.Dst) == "/usr/bin" {
+			mode = 0o755
+		}
+	}
+	if f.Src != "" {
+		ib.AddFile(f.Dst, f.Src, mode)
+	} else {
+		ib.AddBytes(f.Dst, f.Data, mode)
+	}
+}
+
+// NestedModules are loaded in the outer guest of a nested-KVM test (their
+// dependencies irqbypass, kvm and ccp come along).
+var NestedModules = []string{"kvm_amd"}
+
+// NestedOptions configure NestedKVM.
+type NestedOptions struct {
+	Payload []File // files for the outer initramfs (VMM binary, inner kernel and initramfs, images)
+	// Script runs in the outer guest (sh -e) once /dev/kvm exists. It must
+	// start the inner VM and check the inner verdict; see InnerGuest.
+	Script string
+	// Modules are extra modules for the outer guest besides kvm_amd.
+	Modules   []string
+	MemoryMiB int           // outer guest RAM (default 2048: room for an inner guest)
+	CPUs      int           // outer vCPUs (default 1)
+	Timeout   time.Duration // default 300 s
+	Cmdline   string        // extra outer kernel command line
+}
+
+// NewNestedVM prepares an outer VM for a nested-KVM test without starting
+// it, so devices can be added. The outer guest has kvm_amd loaded and checks
+// that /dev/kvm exists before Script runs.
+func NewNestedVM(t testing.TB, a *Assets, opts NestedOptions) *VM {
+	t.Helper()
+	ib := a.NewInitramfs()
+	ib.AddModules(a.Kernel, append(append([]string(nil), NestedModules...), opts.Modules...)...)
+	for _, f := range opts.Payload {
+		f.add(ib)
+	}
+	ib.SetInit(`[ -c /dev/kvm ] || e2e_fail "/dev/kvm missing after loading kvm_amd (CPU flags: $(grep -m1 -o -w -e svm -e npt /proc/cpuinfo | tr '\n' ' '))"
+` + opts.Script)
+	if opts.MemoryMiB <= 0 {
+		opts.MemoryMiB = DefaultNestedMemoryMiB
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = DefaultNestedTimeout
+	}
+	return NewVM(t, Options{
+		Kernel:    a.Kernel,
+		Initramfs: ib,
+		MemoryMiB: opts.MemoryMiB,
+		CPUs:      opts.CPUs,
+		CPU:       "max", // TCG's max CPU offers SVM (AMD-V)
+		Accel:     "tcg",
+		Timeout:   opts.Timeout,
+		Cmdline:   opts.Cmdline,
+	})
+}
+
+// NestedKVM runs a nested-KVM test: an outer TCG guest with /dev/kvm runs
+// opts.Script, which typically starts krun-core on an inner kernel and
+// initramfs from opts.Payload. It fails the test unless the outer script
+// succeeds.
+func NestedKVM(t testing.TB, a *Assets, opts NestedOptions) *Result {
+	t.Helper()
+	return NewNestedVM(t, a, opts).Run()
+}
+
+// InnerGuest writes an inner guest's initramfs to a temp file and returns
+// payload files that place the kernel at dir/vmlinuz and the initramfs at
+// dir/initramfs.cpio in the outer guest (dir e.g. "/nested"). The inner
+// guest's verdict line starts with ib.ResultMarker(); the outer script can
+// grep the inner console for it.
+func InnerGuest(t testing.TB, a *Assets, ib *Initramfs, dir string) []File {
+	t.Helper()
+	if !ib.HasBusybox() {
+		ib.AddBusybox(a.Busybox)
+	}
+	p := filepath.Join(t.TempDir(), "inner-initramfs.cpio")
+	if err := ib.Write(p); err != nil {
+		t.Fatalf("vmtest: inner initramfs: %v", err)
+	}
+	if dir == "" {
+		dir = "/nested"
+	}
+	return []File{
+		{Dst: filepath.Join(dir, "vmlinuz"), Src: a.Kernel.Vmlinuz, Mode: 0o644},
+		{Dst: filepath.Join(dir, "initramfs.cpio"), Src: p, Mode: 0o644},
+	}
+}

@@ -1,0 +1,447 @@
+package vmtest
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// QEMUBinary is the emulator the harness runs.
+const QEMUBinary = "qemu-system-x86_64"
+
+// Defaults chosen for a loaded 2-core CI machine running TCG.
+const (
+	DefaultMemoryMiB       = 512
+	DefaultTimeout         = 120 * time.Second
+	DefaultNestedMemoryMiB = 2048
+	DefaultNestedTimeout   = 300 * time.Second
+)
+
+// Options configure a VM. Only Kernel and Initramfs are required.
+type Options struct {
+	Kernel    *Kernel    // kernel to boot (Vmlinuz)
+	Initramfs *Initramfs // busybox is added automatically if missing
+	// MemoryMiB is the guest RAM, backed by a shared memfd so vhost-user
+	// back-ends can map it (default 512).
+	MemoryMiB int
+	CPUs      int           // -smp (default 1)
+	CPU       string        // -cpu model (default "max")
+	Accel     string        // -accel (default "tcg")
+	Cmdline   string        // appended to the default kernel command line
+	Timeout   time.Duration // hard limit for the whole run; QEMU is killed (default 120 s)
+	// Quiet passes "quiet" to the kernel: only warnings reach the console.
+	Quiet bool
+}
+
+// Result is the outcome of a guest run.
+type Result struct {
+	OK      bool   // the guest printed "<marker> ok"
+	Verdict string // the text after the marker: "ok", "fail <reason>", or "" if none
+	Reason  string // why the run is not OK (guest reason, timeout, crash)
+	Console string // everything the guest printed
+	Stderr  string // QEMU's own stderr
+	// BootTime is the time from starting QEMU until /init printed its first
+	// line; ReadyTime until the modules were loaded and the test script
+	// started; Total until QEMU exited.
+	BootTime, ReadyTime, Total time.Duration
+	// GuestUptime is the guest's /proc/uptime when /init started (kernel
+	// boot time as the guest saw it).
+	GuestUptime time.Duration
+	ExitErr     error // QEMU's exit status, nil when it exited 0
+}
+
+// VM is one QEMU instance. Create it with NewVM, add devices, then Run (or
+// Start, Expect/Send, Wait).
+type VM struct {
+	t    testing.TB
+	opts Options
+	args []string // device arguments, in order
+	nid  int      // id counter for chardevs / drives / netdevs
+	dir  string   // per-VM temp dir
+
+	cmd     *exec.Cmd
+	stdin   io.WriteCloser
+	con     *console
+	stderr  bytes.Buffer
+	start   time.Time
+	done    chan struct{} // closed after QEMU exited and output drained
+	waitErr error
+	timeout *time.Timer
+	killed  string // reason QEMU was killed, if it was
+
+	mu       sync.Mutex
+	result   *Result
+	started  bool
+	finished bool
+}
+
+// NewVM prepares a VM; nothing runs until Start or Run. QEMU is killed at
+// the end of the test at the latest.
+func NewVM(t testing.TB, opts Options) *VM {
+	t.Helper()
+	if opts.Kernel == nil || opts.Initramfs == nil {
+		t.Fatalf("vmtest.NewVM: Options.Kernel and Options.Initramfs are required")
+	}
+	if opts.MemoryMiB <= 0 {
+		opts.MemoryMiB = DefaultMemoryMiB
+	}
+	if opts.CPUs <= 0 {
+		opts.CPUs = 1
+	}
+	if opts.CPU == "" {
+		opts.CPU = "max"
+	}
+	if opts.Accel == "" {
+		opts.Accel = "tcg"
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = DefaultTimeout
+	}
+	return &VM{t: t, opts: opts, dir: t.TempDir()}
+}
+
+func (vm *VM) id(prefix string) string {
+	vm.nid++
+	return prefix + strconv.Itoa(vm.nid)
+}
+
+// qemuOpt escapes a value for QEMU's comma-separated option syntax.
+func qemuOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+func props(p []string) string {
+	if len(p) == 0 {
+		return ""
+	}
+	return "," + strings.Join(p, ",")
+}
+
+// AddDrive attaches a QEMU built-in virtio-blk-pci disk (no vhost-user),
+// e.g. for comparisons. format is "raw" or "qcow2". extra are additional
+// -device properties ("serial=abc", "num-queues=2").
+func (vm *VM) AddDrive(path, format string, readOnly bool, extra ...string) {
+	id := vm.id("drive")
+	ro := "off"
+	if readOnly {
+		ro = "on"
+	}
+	vm.args = append(vm.args,
+		"-drive", fmt.Sprintf("file=%s,format=%s,if=none,id=%s,readonly=%s,cache=writeback", qemuOpt(path), format, id, ro),
+		"-device", "virtio-blk-pci,drive="+id+props(extra))
+}
+
+// AddVhostUserBlk attaches a vhost-user-blk-pci device whose back-end
+// listens on the unix socket at socket. extra are -device properties
+// ("num-queues=2", "config-wce=off").
+func (vm *VM) AddVhostUserBlk(socket string, extra ...string) {
+	id := vm.id("vub")
+	vm.args = append(vm.args,
+		"-chardev", fmt.Sprintf("socket,id=%s,path=%s", id, qemuOpt(socket)),
+		"-device", "vhost-user-blk-pci,chardev="+id+props(extra))
+}
+
+// AddVhostUserFS attaches a vhost-user-fs-pci device (virtio-fs) with mount
+// tag tag; the guest mounts it with `mount -t virtiofs <tag> /mnt`.
+func (vm *VM) AddVhostUserFS(socket, tag string, extra ...string) {
+	id := vm.id("vufs")
+	vm.args = append(vm.args,
+		"-chardev", fmt.Sprintf("socket,id=%s,path=%s", id, qemuOpt(socket)),
+		"-device", "vhost-user-fs-pci,chardev="+id+",tag="+qemuOpt(tag)+props(extra))
+}
+
+// AddVhostUserNet attaches a virtio-net-pci NIC whose back-end is a
+// vhost-user net device at socket. extra are -device properties
+// ("mac=52:54:00:12:34:56").
+func (vm *VM) AddVhostUserNet(socket string, extra ...string) {
+	id := vm.id("vunet")
+	nd := vm.id("net")
+	vm.args = append(vm.args,
+		"-chardev", fmt.Sprintf("socket,id=%s,path=%s", id, qemuOpt(socket)),
+		"-netdev", "vhost-user,chardev="+id+",id="+nd,
+		"-device", "virtio-net-pci,netdev="+nd+props(extra))
+}
+
+// AddArgs appends raw QEMU arguments.
+func (vm *VM) AddArgs(args ...string) { vm.args = append(vm.args, args...) }
+
+// Cmdline returns the kernel command line the VM boots with.
+func (vm *VM) Cmdline() string {
+	c := "console=ttyS0 panic=-1 reboot=t no_timer_check tsc=reliable i8042.noaux"
+	if vm.opts.Quiet {
+		c += " quiet"
+	}
+	if vm.opts.Cmdline != "" {
+		c += " " + vm.opts.Cmdline
+	}
+	return c
+}
+
+// Args returns the full QEMU argument list (after the initramfs path is
+// known). Exposed for debugging and tests.
+func (vm *VM) Args(initrd string) []string {
+	mem := strconv.Itoa(vm.opts.MemoryMiB) + "M"
+	a := []string{
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-machine", "pc", "-accel", vm.opts.Accel, "-cpu", vm.opts.CPU,
+		"-smp", strconv.Itoa(vm.opts.CPUs),
+		"-m", mem,
+		"-object", "memory-backend-memfd,id=mem,size=" + mem + ",share=on",
+		"-numa", "node,memdev=mem",
+		"-chardev", "stdio,id=con0,signal=off",
+		"-serial", "chardev:con0",
+		"-kernel", vm.opts.Kernel.Vmlinuz,
+		"-initrd", initrd,
+		"-append", vm.Cmdline(),
+	}
+	return append(a, vm.args...)
+}
+
+// Start builds the initramfs and starts QEMU.
+func (vm *VM) Start() error {
+	vm.t.Helper()
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.started {
+		return fmt.Errorf("vmtest: VM already started")
+	}
+	vm.started = true
+	ib := vm.opts.Initramfs
+	if !ib.HasBusybox() {
+		bb, err := FetchBusybox(testContext(vm.t))
+		if err != nil {
+			return fmt.Errorf("vmtest: get busybox: %w", err)
+		}
+		ib.AddBusybox(bb)
+	}
+	initrd := filepath.Join(vm.dir, "initramfs.cpio")
+	if err := ib.Write(initrd); err != nil {
+		return fmt.Errorf("vmtest: build initramfs: %w", err)
+	}
+	args := vm.Args(initrd)
+	vm.t.Logf("vmtest: %s %s", QEMUBinary, strings.Join(args, " "))
+
+	cmd := exec.Command(QEMUBinary, args...)
+	cmd.Dir = vm.dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return fmt.Errorf("vmtest: stdin pipe: %w", err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return fmt.Errorf("vmtest: stdout pipe: %w", err)
+	}
+	cmd.Stderr = &lockedWriter{mu: &vm.mu, w: &vm.stderr}
+	vm.start = time.Now()
+	t := vm.t
+	vm.con = newConsole(vm.start, func(s string) { t.Log(s) }, "KRUN-E2E-INIT", "KRUN-E2E-READY")
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("vmtest: start %s: %w", QEMUBinary, err)
+	}
+	vm.cmd, vm.stdin = cmd, stdin
+	vm.done = make(chan struct{})
+	vm.timeout = time.AfterFunc(vm.opts.Timeout, func() {
+		vm.kill(fmt.Sprintf("timed out after %v", vm.opts.Timeout))
+	})
+	go func() {
+		_, _ = io.Copy(vm.con, stdout)
+		vm.con.flush()
+		err := cmd.Wait()
+		vm.timeout.Stop()
+		vm.mu.Lock()
+		vm.waitErr = err
+		vm.mu.Unlock()
+		vm.con.close()
+		close(vm.done)
+	}()
+	vm.t.Cleanup(func() {
+		vm.kill("test ended")
+		<-vm.done
+	})
+	return nil
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// kill stops QEMU (if still running), recording why.
+func (vm *VM) kill(reason string) {
+	vm.mu.Lock()
+	if vm.cmd == nil || vm.cmd.Process == nil {
+		vm.mu.Unlock()
+		return
+	}
+	if vm.killed == "" {
+		vm.killed = reason
+	}
+	p := vm.cmd.Process
+	vm.mu.Unlock()
+	select {
+	case <-vm.done:
+		return
+	default:
+	}
+	_ = p.Kill()
+}
+
+// Kill stops QEMU now.
+func (vm *VM) Kill() { vm.kill("killed by the test") }
+
+// Expect waits up to timeout for the regular expression pattern to match
+// console output that arrived after the previous Expect's match, and returns
+// the match followed by its submatches.
+func (vm *VM) Expect(pattern string, timeout time.Duration) ([]string, error) {
+	re, err := regexp.Compile(pattern)
+	if err != nil {
+		return nil, fmt.Errorf("vmtest: expect: %w", err)
+	}
+	if vm.con == nil {
+		return nil, fmt.Errorf("vmtest: expect before Start")
+	}
+	return vm.con.expect(re, timeout)
+}
+
+// MustExpect is Expect that fails the test (with the console so far).
+func (vm *VM) MustExpect(pattern string, timeout time.Duration) []string {
+	vm.t.Helper()
+	m, err := vm.Expect(pattern, timeout)
+	if err != nil {
+		vm.t.Fatalf("vmtest: %v\n%s", err, vm.failureText())
+	}
+	return m
+}
+
+// Send writes s to the guest's serial console (it is what a user would
+// type; include "\n" to end a line).
+func (vm *VM) Send(s string) error {
+	if vm.stdin == nil {
+		return fmt.Errorf("vmtest: send before Start")
+	}
+	if _, err := io.WriteString(vm.stdin, s); err != nil {
+		return fmt.Errorf("vmtest: send to console: %w", err)
+	}
+	return nil
+}
+
+// Console returns the console output so far.
+func (vm *VM) Console() string {
+	if vm.con == nil {
+		return ""
+	}
+	return vm.con.String()
+}
+
+func (vm *VM) failureText() string {
+	vm.mu.Lock()
+	stderr := vm.stderr.String()
+	vm.mu.Unlock()
+	s := "---- guest console ----\n" + vm.Console() + "\n---- end of console ----"
+	if stderr != "" {
+		s += "\n---- qemu stderr ----\n" + stderr + "---- end of stderr ----"
+	}
+	return s
+}
+
+// Wait waits for QEMU to exit (the guest powers off after its verdict, or the
+// timeout kills it) and returns the result. The error is non-nil unless the
+// guest reported ok; it carries the reason, not the console.
+func (vm *VM) Wait() (*Result, error) {
+	if vm.done == nil {
+		return nil, fmt.Errorf("vmtest: wait before Start")
+	}
+	<-vm.done
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.result != nil {
+		return vm.result, vm.resultErr()
+	}
+	r := &Result{Console: vm.con.String(), Stderr: vm.stderr.String(), Total: time.Since(vm.start), ExitErr: vm.waitErr}
+	r.BootTime, _ = vm.con.mark("KRUN-E2E-INIT")
+	r.ReadyTime, _ = vm.con.mark("KRUN-E2E-READY")
+	if m := regexp.MustCompile(`KRUN-E2E-INIT ([0-9.]+)`).FindStringSubmatch(r.Console); m != nil {
+		if f, err := strconv.ParseFloat(m[1], 64); err == nil {
+			r.GuestUptime = time.Duration(f * float64(time.Second))
+		}
+	}
+	marker := vm.opts.Initramfs.ResultMarker()
+	re := regexp.MustCompile(regexp.QuoteMeta(marker) + ` (ok|fail ?[^\r\n]*)`)
+	if m := re.FindStringSubmatch(r.Console); m != nil {
+		r.Verdict = m[1]
+	}
+	switch {
+	case r.Verdict == "ok":
+		r.OK = true
+	case r.Verdict != "":
+		r.Reason = "guest reported " + r.Verdict
+	case vm.killed != "":
+		r.Reason = "no verdict from the guest: QEMU " + vm.killed
+	case vm.waitErr != nil:
+		r.Reason = fmt.Sprintf("no verdict from the guest: QEMU exited with %v", vm.waitErr)
+	default:
+		r.Reason = "no verdict from the guest: QEMU exited (guest powered off, rebooted or panicked)"
+	}
+	if r.OK && vm.waitErr != nil && vm.killed == "" {
+		r.OK = false
+		r.Reason = fmt.Sprintf("guest reported ok but QEMU exited with %v", vm.waitErr)
+	}
+	vm.result = r
+	vm.finished = true
+	return r, vm.resultErr()
+}
+
+func (vm *VM) resultErr() error {
+	if vm.result.OK {
+		return nil
+	}
+	return errors.New(vm.result.Reason)
+}
+
+// Run starts the VM, waits for the guest's verdict and fails the test with
+// the full console if it is not ok. It logs the boot times.
+func (vm *VM) Run() *Result {
+	vm.t.Helper()
+	if err := vm.Start(); err != nil {
+		vm.t.Fatal(err)
+	}
+	r, err := vm.Wait()
+	vm.t.Logf("vmtest: init after %v (guest uptime %v), ready after %v, exit after %v",
+		r.BootTime.Round(time.Millisecond), r.GuestUptime.Round(time.Millisecond),
+		r.ReadyTime.Round(time.Millisecond), r.Total.Round(time.Millisecond))
+	if err != nil {
+		vm.t.Fatalf("vmtest: %v\n%s", err, vm.failureText())
+	}
+	return r
+}
+
+// Boot is the one-call form: it builds a VM from opts, runs it and returns
+// the result, failing the test unless the guest reported ok.
+func Boot(t testing.TB, opts Options) *Result {
+	t.Helper()
+	return NewVM(t, opts).Run()
+}
+
+// qemuAvailable reports whether the emulator is on PATH.
+func qemuAvailable() (string, error) {
+	p, err := exec.LookPath(QEMUBinary)
+	if err != nil {
+		return "", fmt.Errorf("%s not installed (Debian: apt-get install qemu-system-x86)", QEMUBinary)
+	}
+	return p, nil
+}
