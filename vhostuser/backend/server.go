@@ -1,0 +1,193 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/virtq"
+)
+
+// Server serves one Device to one front-end at a time. Its counters
+// persist across connections.
+type Server struct {
+	dev      Device
+	info     DeviceInfo
+	log      hclog.Logger
+	features uint64 // offered virtio features
+	protocol uint64 // offered protocol features
+	stats    []counters
+
+	serving sync.Mutex
+}
+
+// NewServer checks the device's DeviceInfo and prepares a Server.
+func NewServer(dev Device, log hclog.Logger) (*Server, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	info := dev.Info()
+	if info.NumQueues < 1 || info.NumQueues > vhostuser.MaxQueues {
+		return nil, fmt.Errorf("device: %d queues, want 1..%d", info.NumQueues, vhostuser.MaxQueues)
+	}
+	if info.MaxQueueSize == 0 {
+		info.MaxQueueSize = DefaultMaxQueueSize
+	}
+	if info.MaxQueueSize < 1 || info.MaxQueueSize > virtq.MaxSize || info.MaxQueueSize&(info.MaxQueueSize-1) != 0 {
+		return nil, fmt.Errorf("device: max queue size %d is not a power of two in 1..%d", info.MaxQueueSize, virtq.MaxSize)
+	}
+	if extra := info.ProtocolFeatures &^ DeviceProtocolFeatures; extra != 0 {
+		return nil, fmt.Errorf("device: protocol features %#x are not implemented by the back-end framework", extra)
+	}
+	if info.Features&vhostuser.FeatureRingPacked != 0 {
+		return nil, errors.New("device: packed rings are not implemented")
+	}
+	return &Server{
+		dev:      dev,
+		info:     info,
+		log:      log,
+		features: info.Features | FrameworkFeatures,
+		protocol: FrameworkProtocolFeatures | info.ProtocolFeatures,
+		stats:    make([]counters, info.NumQueues),
+	}, nil
+}
+
+// Features returns the virtio features offered in GET_FEATURES.
+func (s *Server) Features() uint64 { return s.features }
+
+// ProtocolFeatures returns the protocol features offered in
+// GET_PROTOCOL_FEATURES.
+func (s *Server) ProtocolFeatures() uint64 { return s.protocol }
+
+// Stats returns a snapshot of every ring's counters. It is safe to call
+// at any time from any goroutine.
+func (s *Server) Stats() []QueueStats {
+	out := make([]QueueStats, len(s.stats))
+	for i := range s.stats {
+		out[i] = s.stats[i].snapshot(i)
+	}
+	return out
+}
+
+// Serve serves dev on conn (see Server.Serve).
+func Serve(ctx context.Context, conn *os.File, dev Device, log hclog.Logger) error {
+	s, err := NewServer(dev, log)
+	if err != nil {
+		return err
+	}
+	return s.Serve(ctx, conn)
+}
+
+// Serve runs the back-end on f, a unix stream socket. A listening socket is
+// accepted in a loop, one front-end at a time, so a front-end can reconnect;
+// Serve then returns when ctx is cancelled (nil) or accepting fails. A
+// connected socket is served until the front-end disconnects (nil), ctx is
+// cancelled (nil) or the front-end violates the protocol (the error). After
+// each connection the rings are stopped and the device reset; the Device
+// itself is kept. f stays owned by the caller.
+func (s *Server) Serve(ctx context.Context, f *os.File) error {
+	if !s.serving.TryLock() {
+		return errors.New("vhost-user back-end is already serving")
+	}
+	defer s.serving.Unlock()
+
+	listening, err := isListening(f)
+	if err != nil {
+		return err
+	}
+	if !listening {
+		conn, err := vhostuser.NewConn(f)
+		if err != nil {
+			return err
+		}
+		return s.serveConn(ctx, conn)
+	}
+
+	l, err := net.FileListener(f)
+	if err != nil {
+		return fmt.Errorf("vhost-user listening socket: %w", err)
+	}
+	ul, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return fmt.Errorf("vhost-user listening socket: %T is not a unix socket", l)
+	}
+	defer ul.Close()
+	stop := context.AfterFunc(ctx, func() { ul.Close() })
+	defer stop()
+	for {
+		uc, err := ul.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) || errors.Is(err, unix.ECONNABORTED) {
+				s.log.Warn("accept vhost-user front-end", "error", err)
+				continue
+			}
+			return fmt.Errorf("accept vhost-user front-end: %w", err)
+		}
+		s.log.Info("vhost-user front-end connected")
+		if err := s.serveConn(ctx, vhostuser.NewUnixConn(uc)); err != nil {
+			s.log.Warn("vhost-user front-end dropped", "error", err)
+		} else {
+			s.log.Info("vhost-user front-end disconnected")
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+	}
+}
+
+func isListening(f *os.File) (bool, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return false, fmt.Errorf("vhost-user socket: %w", err)
+	}
+	var v int
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+	}); err != nil {
+		return false, fmt.Errorf("vhost-user socket: %w", err)
+	}
+	if serr != nil {
+		return false, fmt.Errorf("vhost-user socket: getsockopt SO_ACCEPTCONN: %w", serr)
+	}
+	return v != 0, nil
+}
+
+// serveConn runs one session until the connection ends.
+func (s *Server) serveConn(ctx context.Context, conn *vhostuser.Conn) error {
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	sess := newSession(ctx, s, conn)
+	defer sess.close()
+	for {
+		m, err := conn.Recv()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, io.EOF) {
+				return nil
+			}
+			s.log.Error("vhost-user receive failed, closing the connection", "error", err)
+			return err
+		}
+		if err := sess.handle(m); err != nil {
+			s.log.Error("closing the vhost-user connection", "error", err)
+			return err
+		}
+	}
+}

@@ -1,0 +1,699 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/virtq"
+)
+
+// Errors for requests that are well-formed but not acceptable now.
+var (
+	ErrNotOwner       = errors.New("SET_OWNER has not been received")
+	ErrNotNegotiated  = errors.New("required feature not negotiated")
+	ErrNotOffered     = errors.New("feature not offered")
+	ErrRingIndex      = errors.New("ring index out of range")
+	ErrRingStarted    = errors.New("ring is started")
+	ErrRingNotReady   = errors.New("ring is not configured")
+	ErrNoMemory       = errors.New("no memory table")
+	ErrBadValue       = errors.New("invalid value")
+	ErrTooManyRegions = errors.New("too many memory regions")
+	ErrNoSuchRegion   = errors.New("no such memory region")
+)
+
+// slot is one memory region with the file it is mapped from (kept so that
+// the table can be rebuilt on ADD_MEM_REG/REM_MEM_REG).
+type slot struct {
+	vhostuser.MemRegion
+	file *os.File
+}
+
+// ring is the back-end state of one ring, owned by the message loop.
+type ring struct {
+	index int
+	stats *counters
+
+	num     uint16 // 0: not set
+	addr    vhostuser.VringAddr
+	addrSet bool
+	// next available and used indexes while no queue exists
+	base, usedBase uint16
+
+	kick    *os.File // as received; nil with polling or before SET_VRING_KICK
+	kickSet bool     // SET_VRING_KICK received (fd or polling)
+	call    fileSlot
+	errFD   fileSlot
+	enabled bool // per SET_VRING_ENABLE
+
+	// started: kick received while configured. q is nil while the memory
+	// table does not cover the ring (it is rebuilt on the next change).
+	started bool
+	q       *virtq.Queue
+
+	cancel context.CancelFunc
+	done   chan struct{}
+	failed atomic.Bool // the worker stopped on its own; not restarted
+}
+
+// session is the state of one front-end connection. Everything but the
+// worker goroutines runs on the message loop.
+type session struct {
+	ctx  context.Context
+	s    *Server
+	conn *vhostuser.Conn
+
+	owner    bool
+	features uint64 // acked virtio features
+	protocol uint64 // acked protocol features
+	mem      *guestmem.Memory
+	slots    []slot
+	rings    []*ring
+}
+
+func newSession(ctx context.Context, s *Server, conn *vhostuser.Conn) *session {
+	sess := &session{ctx: ctx, s: s, conn: conn, rings: make([]*ring, s.info.NumQueues)}
+	for i := range sess.rings {
+		sess.rings[i] = &ring{index: i, stats: &s.stats[i]}
+	}
+	return sess
+}
+
+// close ends the session: rings stopped, descriptors and memory released,
+// device reset.
+func (sess *session) close() {
+	for _, r := range sess.rings {
+		sess.stopRing(r)
+		r.call.swap(nil)
+		r.errFD.swap(nil)
+	}
+	sess.setSlots(nil)
+	sess.s.dev.Reset()
+}
+
+// handle is the single choke point every request goes through: it
+// validates the message, dispatches it, and sends the reply or the
+// REPLY_ACK. A returned error closes the connection: it is returned when
+// the front-end cannot be told about a failure any other way.
+func (sess *session) handle(m *vhostuser.Message) error {
+	defer m.CloseFiles()
+	log := sess.s.log
+	payload, err := vhostuser.ParseRequest(m)
+	var reply []byte
+	if err == nil {
+		err = Protect(func() error {
+			var herr error
+			reply, herr = sess.dispatch(m, payload)
+			return herr
+		})
+		if err != nil {
+			err = fmt.Errorf("%v: %w", m.Request, err)
+		}
+	}
+	hasReply := vhostuser.HasReply(m.Request)
+	ack := m.NeedReply() && !hasReply && sess.protocol&vhostuser.ProtocolReplyAck != 0
+	if err != nil {
+		log.Warn("vhost-user request failed", "request", m.Request.String(), "error", err)
+		switch {
+		case ack:
+			return sess.send(m.Request, vhostuser.EncodeU64(1))
+		case m.Request == vhostuser.GetConfig:
+			return sess.send(m.Request, nil) // an empty reply means failure
+		default:
+			return err
+		}
+	}
+	log.Trace("vhost-user request", "request", m.Request.String())
+	switch {
+	case hasReply:
+		return sess.send(m.Request, reply)
+	case ack:
+		return sess.send(m.Request, vhostuser.EncodeU64(0))
+	}
+	return nil
+}
+
+func (sess *session) send(req vhostuser.Request, payload []byte) error {
+	return sess.conn.Send(req, vhostuser.Version|vhostuser.FlagReply, payload, nil)
+}
+
+// dispatch runs one validated request; payload is ParseRequest's result.
+// It returns the reply body for requests that have one.
+func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error) {
+	switch m.Request {
+	case vhostuser.GetFeatures:
+		return vhostuser.EncodeU64(sess.s.features), nil
+	case vhostuser.SetFeatures:
+		return nil, sess.setFeatures(payload.(uint64))
+	case vhostuser.GetProtocolFeatures:
+		return vhostuser.EncodeU64(sess.s.protocol), nil
+	case vhostuser.SetProtocolFeatures:
+		p := payload.(uint64)
+		if extra := p &^ sess.s.protocol; extra != 0 {
+			return nil, fmt.Errorf("%w: protocol features %#x", ErrNotOffered, extra)
+		}
+		sess.protocol = p
+		return nil, nil
+	case vhostuser.SetOwner:
+		sess.owner = true
+		return nil, nil
+	case vhostuser.ResetOwner:
+		sess.resetOwner()
+		return nil, nil
+	case vhostuser.GetQueueNum:
+		if err := sess.needProtocol(vhostuser.ProtocolMQ); err != nil {
+			return nil, err
+		}
+		return vhostuser.EncodeU64(uint64(sess.s.info.NumQueues)), nil
+	case vhostuser.GetMaxMemSlots:
+		if err := sess.needProtocol(vhostuser.ProtocolConfigureMemSlots); err != nil {
+			return nil, err
+		}
+		return vhostuser.EncodeU64(vhostuser.MaxMemSlots), nil
+	case vhostuser.GetConfig:
+		return sess.getConfig(payload.(vhostuser.ConfigSpace))
+	case vhostuser.SetConfig:
+		if err := sess.needProtocol(vhostuser.ProtocolConfig); err != nil {
+			return nil, err
+		}
+		c := payload.(vhostuser.ConfigSpace)
+		return nil, sess.s.dev.WriteConfig(c.Offset, c.Data)
+	}
+
+	// Everything below changes memory or rings and needs an owner.
+	if !sess.owner {
+		return nil, ErrNotOwner
+	}
+	switch m.Request {
+	case vhostuser.SetMemTable:
+		return nil, sess.setMemTable(m, payload.([]vhostuser.MemRegion))
+	case vhostuser.AddMemReg:
+		return nil, sess.addMemReg(m, payload.(vhostuser.MemRegion))
+	case vhostuser.RemMemReg:
+		return nil, sess.remMemReg(payload.(vhostuser.MemRegion))
+	case vhostuser.SetVringNum:
+		return nil, sess.setVringNum(payload.(vhostuser.VringState))
+	case vhostuser.SetVringAddr:
+		return nil, sess.setVringAddr(payload.(vhostuser.VringAddr))
+	case vhostuser.SetVringBase:
+		return nil, sess.setVringBase(payload.(vhostuser.VringState))
+	case vhostuser.GetVringBase:
+		return sess.getVringBase(payload.(vhostuser.VringState))
+	case vhostuser.SetVringKick:
+		return nil, sess.setVringKick(m, payload.(vhostuser.VringFD))
+	case vhostuser.SetVringCall, vhostuser.SetVringErr:
+		return nil, sess.setVringCallErr(m, payload.(vhostuser.VringFD))
+	case vhostuser.SetVringEnable:
+		return nil, sess.setVringEnable(payload.(vhostuser.VringState))
+	}
+	return nil, vhostuser.ErrUnknownRequest
+}
+
+func (sess *session) needProtocol(bit uint64) error {
+	if sess.protocol&bit == 0 {
+		return fmt.Errorf("%w: protocol feature %#x", ErrNotNegotiated, bit)
+	}
+	return nil
+}
+
+func (sess *session) protocolFeaturesNegotiated() bool {
+	return sess.features&vhostuser.FeatureProtocolFeatures != 0
+}
+
+func (sess *session) ring(idx uint32) (*ring, error) {
+	if idx >= uint32(len(sess.rings)) {
+		return nil, fmt.Errorf("%w: %d, device has %d", ErrRingIndex, idx, len(sess.rings))
+	}
+	return sess.rings[idx], nil
+}
+
+// ---- features and config ----
+
+// ringFeatures are the features a started ring depends on.
+const ringFeatures = vhostuser.FeatureRingEventIdx | vhostuser.FeatureRingIndirectDesc
+
+func (sess *session) setFeatures(f uint64) error {
+	if extra := f &^ sess.s.features; extra != 0 {
+		return fmt.Errorf("%w: features %#x", ErrNotOffered, extra)
+	}
+	if (f^sess.features)&ringFeatures != 0 {
+		for _, r := range sess.rings {
+			if r.started {
+				return fmt.Errorf("%w: ring %d: ring features cannot change while it runs", ErrRingStarted, r.index)
+			}
+		}
+	}
+	if err := sess.s.dev.SetFeatures(f); err != nil {
+		return fmt.Errorf("device refused features %#x: %w", f, err)
+	}
+	sess.features = f
+	sess.reconcileAll()
+	return nil
+}
+
+func (sess *session) getConfig(c vhostuser.ConfigSpace) ([]byte, error) {
+	if err := sess.needProtocol(vhostuser.ProtocolConfig); err != nil {
+		return nil, err
+	}
+	out := vhostuser.ConfigSpace{Offset: c.Offset, Flags: c.Flags, Data: make([]byte, len(c.Data))}
+	if err := sess.s.dev.ReadConfig(c.Offset, out.Data); err != nil {
+		return nil, err
+	}
+	return out.Encode(), nil
+}
+
+func (sess *session) resetOwner() {
+	for _, r := range sess.rings {
+		sess.stopRing(r)
+		r.enabled = false
+	}
+	sess.owner = false
+	sess.s.dev.Reset()
+}
+
+// ---- memory ----
+
+func (sess *session) setMemTable(m *vhostuser.Message, rs []vhostuser.MemRegion) error {
+	slots := make([]slot, len(rs))
+	for i, r := range rs {
+		slots[i] = slot{MemRegion: r, file: m.Files[i]}
+	}
+	if err := sess.setSlots(slots); err != nil {
+		return err
+	}
+	for i := range rs {
+		m.TakeFile(i) // now owned by the slot
+	}
+	return nil
+}
+
+func (sess *session) addMemReg(m *vhostuser.Message, r vhostuser.MemRegion) error {
+	if err := sess.needProtocol(vhostuser.ProtocolConfigureMemSlots); err != nil {
+		return err
+	}
+	if len(sess.slots) >= vhostuser.MaxMemSlots {
+		return fmt.Errorf("%w: all %d slots in use", ErrTooManyRegions, vhostuser.MaxMemSlots)
+	}
+	slots := append(append([]slot(nil), sess.slots...), slot{MemRegion: r, file: m.Files[0]})
+	if err := sess.setSlots(slots); err != nil {
+		return err
+	}
+	m.TakeFile(0)
+	return nil
+}
+
+func (sess *session) remMemReg(r vhostuser.MemRegion) error {
+	if err := sess.needProtocol(vhostuser.ProtocolConfigureMemSlots); err != nil {
+		return err
+	}
+	for i, s := range sess.slots {
+		if s.GuestAddr == r.GuestAddr && s.UserAddr == r.UserAddr && s.Size == r.Size {
+			slots := append(append([]slot(nil), sess.slots[:i]...), sess.slots[i+1:]...)
+			return sess.setSlots(slots)
+		}
+	}
+	return fmt.Errorf("%w: guest %#x size %#x user %#x", ErrNoSuchRegion, r.GuestAddr, r.Size, r.UserAddr)
+}
+
+// setSlots installs a new memory table: map it, stop every ring worker,
+// move the started rings to the new memory, restart the workers, then
+// unmap the old memory and close the files of old slots not in the new
+// table. On error nothing changes (and the caller keeps the new files).
+func (sess *session) setSlots(slots []slot) error {
+	regions := make([]vhostuser.MemRegion, len(slots))
+	for i, s := range slots {
+		regions[i] = s.MemRegion
+	}
+	if err := vhostuser.CheckMemRegions(regions); err != nil {
+		return err
+	}
+	var mem *guestmem.Memory
+	if len(slots) > 0 {
+		gr := make([]guestmem.Region, len(slots))
+		for i, s := range slots {
+			gr[i] = guestmem.Region{
+				GuestAddr: guestmem.Addr(s.GuestAddr),
+				Size:      s.Size,
+				UserAddr:  s.UserAddr,
+				File:      s.file,
+				Offset:    s.MmapOffset,
+			}
+		}
+		var err error
+		if mem, err = guestmem.Map(gr); err != nil {
+			return fmt.Errorf("map memory table: %w", err)
+		}
+	}
+
+	for _, r := range sess.rings {
+		sess.stopWorker(r)
+	}
+	old := sess.mem
+	oldSlots := sess.slots
+	sess.mem, sess.slots = mem, slots
+	for _, r := range sess.rings {
+		if r.started {
+			sess.remap(r)
+		}
+	}
+	sess.reconcileAll()
+	if old != nil {
+		old.Close()
+	}
+	keep := make(map[*os.File]bool, len(slots))
+	for _, s := range slots {
+		keep[s.file] = true
+	}
+	for _, s := range oldSlots {
+		if !keep[s.file] {
+			s.file.Close()
+		}
+	}
+	return nil
+}
+
+// queueConfig translates the ring's user addresses in mem.
+func (sess *session) queueConfig(r *ring, mem *guestmem.Memory) (virtq.Config, error) {
+	if mem == nil {
+		return virtq.Config{}, ErrNoMemory
+	}
+	n := uint64(r.num)
+	extra := uint64(0)
+	if sess.features&vhostuser.FeatureRingEventIdx != 0 {
+		extra = 2
+	}
+	desc, err := mem.TranslateUser(r.addr.Desc, 16*n)
+	if err != nil {
+		return virtq.Config{}, fmt.Errorf("ring %d descriptor table: %w", r.index, err)
+	}
+	avail, err := mem.TranslateUser(r.addr.Avail, 4+2*n+extra)
+	if err != nil {
+		return virtq.Config{}, fmt.Errorf("ring %d available ring: %w", r.index, err)
+	}
+	used, err := mem.TranslateUser(r.addr.Used, 4+8*n+extra)
+	if err != nil {
+		return virtq.Config{}, fmt.Errorf("ring %d used ring: %w", r.index, err)
+	}
+	return virtq.Config{
+		Size:      r.num,
+		DescTable: desc,
+		AvailRing: avail,
+		UsedRing:  used,
+		EventIdx:  sess.features&vhostuser.FeatureRingEventIdx != 0,
+		Indirect:  sess.features&vhostuser.FeatureRingIndirectDesc != 0,
+	}, nil
+}
+
+// buildQueue makes the ring's queue in the current memory, positioned at
+// the saved indexes.
+func (sess *session) buildQueue(r *ring) error {
+	cfg, err := sess.queueConfig(r, sess.mem)
+	if err != nil {
+		return err
+	}
+	q, err := virtq.NewQueue(sess.mem, cfg)
+	if err != nil {
+		return fmt.Errorf("ring %d: %w", r.index, err)
+	}
+	q.SetNextAvail(r.base)
+	q.SetNextUsed(r.usedBase)
+	r.q = q
+	return nil
+}
+
+// saveQueue records the queue's indexes and drops it.
+func (r *ring) saveQueue() {
+	if r.q != nil {
+		r.base, r.usedBase = r.q.NextAvail(), r.q.NextUsed()
+		r.q = nil
+	}
+}
+
+// remap moves a started ring (worker stopped) to the current memory. If
+// the memory no longer covers it, the ring waits without a queue until a
+// later table does.
+func (sess *session) remap(r *ring) {
+	r.saveQueue()
+	if err := sess.buildQueue(r); err != nil {
+		sess.s.log.Warn("ring not covered by the new memory table; paused", "queue", r.index, "error", err)
+	}
+}
+
+// ---- rings ----
+
+func (sess *session) setVringNum(s vhostuser.VringState) error {
+	r, err := sess.ring(s.Index)
+	if err != nil {
+		return err
+	}
+	if r.started {
+		return fmt.Errorf("%w: ring %d", ErrRingStarted, r.index)
+	}
+	if s.Num == 0 || s.Num > uint32(sess.s.info.MaxQueueSize) || s.Num&(s.Num-1) != 0 {
+		return fmt.Errorf("%w: ring %d size %d is not a power of two in 1..%d", ErrBadValue, r.index, s.Num, sess.s.info.MaxQueueSize)
+	}
+	r.num = uint16(s.Num)
+	return nil
+}
+
+func (sess *session) setVringAddr(a vhostuser.VringAddr) error {
+	r, err := sess.ring(a.Index)
+	if err != nil {
+		return err
+	}
+	if r.num == 0 {
+		return fmt.Errorf("%w: ring %d: SET_VRING_NUM first", ErrRingNotReady, r.index)
+	}
+	if r.started {
+		// Only the logging flag may change on the fly.
+		if r.addr.Desc != a.Desc || r.addr.Avail != a.Avail || r.addr.Used != a.Used {
+			return fmt.Errorf("%w: ring %d addresses cannot change", ErrRingStarted, r.index)
+		}
+		r.addr = a
+		return nil
+	}
+	prev, prevSet := r.addr, r.addrSet
+	r.addr, r.addrSet = a, true
+	if _, err := sess.queueConfig(r, sess.mem); err != nil {
+		r.addr, r.addrSet = prev, prevSet
+		return err
+	}
+	return sess.tryStart(r)
+}
+
+func (sess *session) setVringBase(s vhostuser.VringState) error {
+	r, err := sess.ring(s.Index)
+	if err != nil {
+		return err
+	}
+	if r.started {
+		return fmt.Errorf("%w: ring %d", ErrRingStarted, r.index)
+	}
+	if s.Num > 0xffff {
+		return fmt.Errorf("%w: ring %d base %#x (packed rings are not supported)", ErrBadValue, r.index, s.Num)
+	}
+	r.base, r.usedBase = uint16(s.Num), uint16(s.Num)
+	return nil
+}
+
+func (sess *session) getVringBase(s vhostuser.VringState) ([]byte, error) {
+	r, err := sess.ring(s.Index)
+	if err != nil {
+		return nil, err
+	}
+	sess.stopRing(r)
+	r.call.swap(nil)
+	return vhostuser.VringState{Index: s.Index, Num: uint32(r.base)}.Encode(), nil
+}
+
+func (sess *session) setVringKick(m *vhostuser.Message, v vhostuser.VringFD) error {
+	r, err := sess.ring(v.Index)
+	if err != nil {
+		return err
+	}
+	var kick *os.File
+	if !v.NoFD {
+		if kick, err = nonBlockingDup(m.Files[0]); err != nil {
+			return fmt.Errorf("ring %d kick: %w", r.index, err)
+		}
+	}
+	sess.stopWorker(r)
+	if r.kick != nil {
+		r.kick.Close()
+	}
+	r.kick, r.kickSet = kick, true
+	r.failed.Store(false)
+	if r.started {
+		sess.reconcile(r)
+		return nil
+	}
+	return sess.tryStart(r)
+}
+
+// tryStart starts a ring once it has a size, addresses and a kick.
+func (sess *session) tryStart(r *ring) error {
+	if r.started || !r.kickSet || r.num == 0 || !r.addrSet {
+		return nil
+	}
+	if err := sess.buildQueue(r); err != nil {
+		return err
+	}
+	r.started = true
+	r.failed.Store(false)
+	sess.reconcile(r)
+	return nil
+}
+
+func (sess *session) setVringCallErr(m *vhostuser.Message, v vhostuser.VringFD) error {
+	r, err := sess.ring(v.Index)
+	if err != nil {
+		return err
+	}
+	var f *os.File
+	if !v.NoFD {
+		f = m.TakeFile(0)
+	}
+	if m.Request == vhostuser.SetVringCall {
+		r.call.swap(f)
+	} else {
+		r.errFD.swap(f)
+	}
+	return nil
+}
+
+func (sess *session) setVringEnable(s vhostuser.VringState) error {
+	if !sess.protocolFeaturesNegotiated() {
+		return fmt.Errorf("%w: VHOST_USER_F_PROTOCOL_FEATURES", ErrNotNegotiated)
+	}
+	r, err := sess.ring(s.Index)
+	if err != nil {
+		return err
+	}
+	if s.Num > 1 {
+		return fmt.Errorf("%w: ring %d enable %d", ErrBadValue, r.index, s.Num)
+	}
+	r.enabled = s.Num == 1
+	sess.reconcile(r)
+	return nil
+}
+
+// stopRing stops the ring (GET_VRING_BASE semantics): worker stopped,
+// indexes saved, kick closed; it must be started again by SET_VRING_KICK.
+func (sess *session) stopRing(r *ring) {
+	sess.stopWorker(r)
+	r.saveQueue()
+	r.started = false
+	if r.kick != nil {
+		r.kick.Close()
+	}
+	r.kick, r.kickSet = nil, false
+	r.failed.Store(false)
+}
+
+func (sess *session) reconcileAll() {
+	for _, r := range sess.rings {
+		sess.reconcile(r)
+	}
+}
+
+// reconcile starts or stops the ring's worker to match its state.
+func (sess *session) reconcile(r *ring) {
+	run := r.started && r.q != nil && (r.enabled || !sess.protocolFeaturesNegotiated()) && !r.failed.Load()
+	switch {
+	case run && r.done == nil:
+		sess.startWorker(r)
+	case !run && r.done != nil:
+		sess.stopWorker(r)
+	}
+}
+
+func (sess *session) startWorker(r *ring) {
+	ctx, cancel := context.WithCancel(sess.ctx)
+	done := make(chan struct{})
+	r.cancel, r.done = cancel, done
+	var kick *os.File
+	if r.kick != nil {
+		kick = r.kick
+	}
+	vr := &Vring{index: r.index, q: r.q, kick: kick, call: &r.call, stats: r.stats, log: sess.s.log}
+	log := sess.s.log
+	dev := sess.s.dev
+	r.stats.running.Store(true)
+	go func() {
+		defer close(done)
+		defer r.stats.running.Store(false)
+		err := Protect(func() error { return dev.ServeQueue(ctx, r.index, vr) })
+		if ctx.Err() != nil {
+			if err != nil && !errors.Is(err, context.Canceled) {
+				log.Warn("queue worker stopped with an error", "queue", r.index, "error", err)
+			}
+			return
+		}
+		// The worker ended while the ring should run: fail the ring.
+		r.failed.Store(true)
+		r.stats.failures.Add(1)
+		if err == nil {
+			err = errors.New("ServeQueue returned while the ring was running")
+		}
+		log.Error("queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
+		signal(&r.errFD)
+	}()
+}
+
+// stopWorker cancels the ring's worker and waits for it to return.
+func (sess *session) stopWorker(r *ring) {
+	if r.done == nil {
+		return
+	}
+	r.cancel()
+	t := time.NewTimer(5 * time.Second)
+	select {
+	case <-r.done:
+	case <-t.C:
+		sess.s.log.Warn("queue worker is slow to stop", "queue", r.index)
+		<-r.done
+	}
+	t.Stop()
+	r.cancel, r.done = nil, nil
+}
+
+// signal writes 1 to an eventfd in the slot, if any.
+func signal(s *fileSlot) {
+	if f := s.p.Load(); f != nil {
+		one := [8]byte{1}
+		f.Write(one[:])
+	}
+}
+
+// nonBlockingDup duplicates f's descriptor, sets O_NONBLOCK and returns it
+// as a file in Go's poller (so reads can be cancelled with deadlines).
+// O_NONBLOCK is shared with the front-end's copy, as with every vhost-user
+// implementation; eventfd users do not depend on it.
+func nonBlockingDup(f *os.File) (*os.File, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("dup: %w", derr)
+	}
+	if err := unix.SetNonblock(nfd, true); err != nil {
+		unix.Close(nfd)
+		return nil, fmt.Errorf("set O_NONBLOCK: %w", err)
+	}
+	return os.NewFile(uintptr(nfd), "vhost-user-kick"), nil
+}

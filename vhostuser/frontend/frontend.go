@@ -1,0 +1,288 @@
+// Package frontend is the front-end (driver) side of vhost-user: a Client
+// with one typed method per request, REPLY_ACK handling, and Setup, which
+// runs the whole negotiation and queue set-up sequence. The core's
+// virtio-mmio transport and the test guest use it against any back-end.
+package frontend
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/krun-core/krun-core/vhostuser"
+)
+
+// ErrNacked is wrapped by the error of a request the back-end answered with
+// a non-zero REPLY_ACK status.
+var ErrNacked = errors.New("back-end reported failure")
+
+// Client talks to one back-end over a connected socket. Its methods are
+// safe for concurrent use; requests are serialized.
+type Client struct {
+	conn *vhostuser.Conn
+
+	mu       sync.Mutex
+	protocol uint64 // acked protocol features
+}
+
+// New wraps a connected Conn; the Client owns it.
+func New(conn *vhostuser.Conn) *Client {
+	return &Client{conn: conn}
+}
+
+// Dial connects to a back-end listening on a unix socket at path.
+func Dial(path string) (*Client, error) {
+	c, err := vhostuser.Dial(path)
+	if err != nil {
+		return nil, err
+	}
+	return New(c), nil
+}
+
+// NewFromFile wraps a connected unix socket file (duplicated; the caller
+// keeps f).
+func NewFromFile(f *os.File) (*Client, error) {
+	c, err := vhostuser.NewConn(f)
+	if err != nil {
+		return nil, err
+	}
+	return New(c), nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Conn returns the underlying connection.
+func (c *Client) Conn() *vhostuser.Conn { return c.conn }
+
+// ProtocolFeatures returns the protocol features acked with
+// SetProtocolFeatures.
+func (c *Client) ProtocolFeatures() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.protocol
+}
+
+// call sends one request and, if the request has a reply body or REPLY_ACK
+// is negotiated, waits for and validates the reply.
+func (c *Client) call(req vhostuser.Request, payload []byte, files []*os.File) (any, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.callLocked(req, payload, files)
+}
+
+func (c *Client) callLocked(req vhostuser.Request, payload []byte, files []*os.File) (any, error) {
+	flags := vhostuser.Version
+	ack := false
+	if !vhostuser.HasReply(req) && c.protocol&vhostuser.ProtocolReplyAck != 0 {
+		flags |= vhostuser.FlagNeedReply
+		ack = true
+	}
+	if err := c.conn.Send(req, flags, payload, files); err != nil {
+		return nil, err
+	}
+	if !ack && !vhostuser.HasReply(req) {
+		return nil, nil
+	}
+	m, err := c.conn.Recv()
+	if err != nil {
+		return nil, fmt.Errorf("reply to %v: %w", req, err)
+	}
+	defer m.CloseFiles()
+	v, err := vhostuser.ParseReply(req, ack, m)
+	if err != nil {
+		return nil, err
+	}
+	if ack {
+		if status := v.(uint64); status != 0 {
+			return nil, fmt.Errorf("%v: %w (status %d)", req, ErrNacked, status)
+		}
+		return nil, nil
+	}
+	return v, nil
+}
+
+func (c *Client) getU64(req vhostuser.Request) (uint64, error) {
+	v, err := c.call(req, nil, nil)
+	if err != nil {
+		return 0, err
+	}
+	return v.(uint64), nil
+}
+
+// GetFeatures returns the back-end's virtio feature bits.
+func (c *Client) GetFeatures() (uint64, error) { return c.getU64(vhostuser.GetFeatures) }
+
+// SetFeatures acks virtio feature bits.
+func (c *Client) SetFeatures(f uint64) error {
+	_, err := c.call(vhostuser.SetFeatures, vhostuser.EncodeU64(f), nil)
+	return err
+}
+
+// GetProtocolFeatures returns the back-end's protocol feature bits.
+func (c *Client) GetProtocolFeatures() (uint64, error) {
+	return c.getU64(vhostuser.GetProtocolFeatures)
+}
+
+// SetProtocolFeatures acks protocol feature bits. From then on, if
+// REPLY_ACK is among them, every request without a reply body asks for an
+// acknowledgement.
+func (c *Client) SetProtocolFeatures(f uint64) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, err := c.callLocked(vhostuser.SetProtocolFeatures, vhostuser.EncodeU64(f), nil); err != nil {
+		return err
+	}
+	c.protocol = f
+	return nil
+}
+
+// SetOwner claims the session.
+func (c *Client) SetOwner() error {
+	_, err := c.call(vhostuser.SetOwner, nil, nil)
+	return err
+}
+
+// ResetOwner asks the back-end to disable every ring (deprecated message).
+func (c *Client) ResetOwner() error {
+	_, err := c.call(vhostuser.ResetOwner, nil, nil)
+	return err
+}
+
+// MemRegion is a memory region together with the file that backs it.
+type MemRegion struct {
+	vhostuser.MemRegion
+	File *os.File
+}
+
+// SetMemTable replaces the back-end's memory table (at most
+// vhostuser.MaxMemTableRegions regions).
+func (c *Client) SetMemTable(regions []MemRegion) error {
+	if len(regions) == 0 || len(regions) > vhostuser.MaxMemTableRegions {
+		return fmt.Errorf("set mem table: %d regions, want 1..%d", len(regions), vhostuser.MaxMemTableRegions)
+	}
+	rs := make([]vhostuser.MemRegion, len(regions))
+	fs := make([]*os.File, len(regions))
+	for i, r := range regions {
+		rs[i], fs[i] = r.MemRegion, r.File
+	}
+	_, err := c.call(vhostuser.SetMemTable, vhostuser.EncodeMemTable(rs), fs)
+	return err
+}
+
+// GetMaxMemSlots returns how many regions the back-end can hold
+// (CONFIGURE_MEM_SLOTS).
+func (c *Client) GetMaxMemSlots() (uint64, error) { return c.getU64(vhostuser.GetMaxMemSlots) }
+
+// AddMemReg adds one memory region (CONFIGURE_MEM_SLOTS).
+func (c *Client) AddMemReg(r MemRegion) error {
+	_, err := c.call(vhostuser.AddMemReg, vhostuser.EncodeSingleMemRegion(r.MemRegion), []*os.File{r.File})
+	return err
+}
+
+// RemMemReg removes the region with r's guest address, user address and
+// size (CONFIGURE_MEM_SLOTS).
+func (c *Client) RemMemReg(r vhostuser.MemRegion) error {
+	_, err := c.call(vhostuser.RemMemReg, vhostuser.EncodeSingleMemRegion(r), nil)
+	return err
+}
+
+// SetVringNum sets the size of ring idx.
+func (c *Client) SetVringNum(idx, num uint32) error {
+	_, err := c.call(vhostuser.SetVringNum, vhostuser.VringState{Index: idx, Num: num}.Encode(), nil)
+	return err
+}
+
+// SetVringAddr sets the ring addresses (front-end virtual addresses).
+func (c *Client) SetVringAddr(a vhostuser.VringAddr) error {
+	_, err := c.call(vhostuser.SetVringAddr, a.Encode(), nil)
+	return err
+}
+
+// SetVringBase sets the next available index of ring idx.
+func (c *Client) SetVringBase(idx, base uint32) error {
+	_, err := c.call(vhostuser.SetVringBase, vhostuser.VringState{Index: idx, Num: base}.Encode(), nil)
+	return err
+}
+
+// GetVringBase stops ring idx and returns its next available index.
+func (c *Client) GetVringBase(idx uint32) (uint32, error) {
+	v, err := c.call(vhostuser.GetVringBase, vhostuser.VringState{Index: idx}.Encode(), nil)
+	if err != nil {
+		return 0, err
+	}
+	s := v.(vhostuser.VringState)
+	if s.Index != idx {
+		return 0, fmt.Errorf("reply to %v: for ring %d, asked %d", vhostuser.GetVringBase, s.Index, idx)
+	}
+	return s.Num, nil
+}
+
+func (c *Client) setVringFD(req vhostuser.Request, idx uint32, f *os.File) error {
+	if idx > uint32(vhostuser.VringIdxMask) {
+		return fmt.Errorf("%v: ring index %d does not fit in 8 bits", req, idx)
+	}
+	var files []*os.File
+	if f != nil {
+		files = []*os.File{f}
+	}
+	_, err := c.call(req, vhostuser.EncodeVringFD(idx, f == nil), files)
+	return err
+}
+
+// SetVringKick sets the kick eventfd of ring idx; nil selects polling (the
+// no-fd flag). The back-end starts the ring.
+func (c *Client) SetVringKick(idx uint32, f *os.File) error {
+	return c.setVringFD(vhostuser.SetVringKick, idx, f)
+}
+
+// SetVringCall sets the call eventfd of ring idx; nil selects polling.
+func (c *Client) SetVringCall(idx uint32, f *os.File) error {
+	return c.setVringFD(vhostuser.SetVringCall, idx, f)
+}
+
+// SetVringErr sets the error eventfd of ring idx; nil clears it.
+func (c *Client) SetVringErr(idx uint32, f *os.File) error {
+	return c.setVringFD(vhostuser.SetVringErr, idx, f)
+}
+
+// SetVringEnable enables or disables ring idx (needs
+// VHOST_USER_F_PROTOCOL_FEATURES).
+func (c *Client) SetVringEnable(idx uint32, enable bool) error {
+	var n uint32
+	if enable {
+		n = 1
+	}
+	_, err := c.call(vhostuser.SetVringEnable, vhostuser.VringState{Index: idx, Num: n}.Encode(), nil)
+	return err
+}
+
+// GetQueueNum returns the most queues the back-end supports (MQ).
+func (c *Client) GetQueueNum() (uint64, error) { return c.getU64(vhostuser.GetQueueNum) }
+
+// GetConfig reads size bytes of the device config space at offset (CONFIG).
+func (c *Client) GetConfig(offset, size uint32) ([]byte, error) {
+	if size > vhostuser.MaxConfigSize {
+		return nil, fmt.Errorf("get config: %d bytes, at most %d", size, vhostuser.MaxConfigSize)
+	}
+	req := vhostuser.ConfigSpace{Offset: offset, Data: make([]byte, size)}
+	v, err := c.call(vhostuser.GetConfig, req.Encode(), nil)
+	if err != nil {
+		return nil, err
+	}
+	cs := v.(vhostuser.ConfigSpace)
+	if cs.Offset != offset || uint32(len(cs.Data)) != size {
+		return nil, fmt.Errorf("reply to %v: got %d bytes at %#x, asked %d at %#x", vhostuser.GetConfig, len(cs.Data), cs.Offset, size, offset)
+	}
+	return append([]byte(nil), cs.Data...), nil
+}
+
+// SetConfig writes data into the device config space at offset (CONFIG).
+func (c *Client) SetConfig(offset, flags uint32, data []byte) error {
+	if len(data) > vhostuser.MaxConfigSize {
+		return fmt.Errorf("set config: %d bytes, at most %d", len(data), vhostuser.MaxConfigSize)
+	}
+	_, err := c.call(vhostuser.SetConfig, vhostuser.ConfigSpace{Offset: offset, Flags: flags, Data: data}.Encode(), nil)
+	return err
+}

@@ -1,0 +1,171 @@
+package frontend
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/krun-core/krun-core/vhostuser"
+)
+
+// SupportedProtocolFeatures are the protocol features this front-end can
+// use; Setup never acks others.
+const SupportedProtocolFeatures = vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck |
+	vhostuser.ProtocolConfig | vhostuser.ProtocolConfigureMemSlots
+
+// QueueSetup describes one ring for Setup. Addresses are front-end virtual
+// addresses (the user addresses of the memory table).
+type QueueSetup struct {
+	Index uint32
+	Size  uint16
+	Desc  uint64
+	Avail uint64
+	Used  uint64
+	Base  uint16   // first available index (0 for a fresh ring)
+	Kick  *os.File // eventfd the driver writes; nil: back-end polls
+	Call  *os.File // eventfd the back-end writes; nil: driver polls
+	Err   *os.File // optional error eventfd
+	// Disabled leaves the ring disabled (when protocol features are
+	// negotiated; otherwise rings are always enabled).
+	Disabled bool
+}
+
+// SetupConfig is what Setup negotiates and installs.
+type SetupConfig struct {
+	// Features are the virtio features the driver wants; Setup acks the
+	// intersection with the back-end's offer (plus
+	// VHOST_USER_F_PROTOCOL_FEATURES when offered).
+	Features uint64
+	// RequiredFeatures must all be offered, or Setup fails.
+	RequiredFeatures uint64
+	// ProtocolFeatures the driver wants; masked with the offer and with
+	// SupportedProtocolFeatures.
+	ProtocolFeatures uint64
+	// Regions is the guest memory. With more than MaxMemTableRegions
+	// regions CONFIGURE_MEM_SLOTS must be negotiated (ADD_MEM_REG is used).
+	Regions []MemRegion
+	// UseAddMemReg forces ADD_MEM_REG even for few regions (needs
+	// CONFIGURE_MEM_SLOTS).
+	UseAddMemReg bool
+	Queues       []QueueSetup
+}
+
+// Negotiated is the outcome of Setup.
+type Negotiated struct {
+	OfferedFeatures  uint64
+	Features         uint64 // acked with SET_FEATURES
+	OfferedProtocol  uint64
+	ProtocolFeatures uint64 // acked with SET_PROTOCOL_FEATURES
+	MaxQueues        uint64 // GET_QUEUE_NUM, 0 without MQ
+	MaxMemSlots      uint64 // GET_MAX_MEM_SLOTS, 0 without CONFIGURE_MEM_SLOTS
+}
+
+// Setup runs the standard start-up sequence: SET_OWNER, GET_FEATURES,
+// GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_FEATURES, the memory table,
+// then for each queue SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR,
+// SET_VRING_CALL, SET_VRING_ERR, SET_VRING_KICK (which starts the ring) and
+// SET_VRING_ENABLE.
+func (c *Client) Setup(cfg SetupConfig) (Negotiated, error) {
+	var n Negotiated
+	if err := c.SetOwner(); err != nil {
+		return n, err
+	}
+	offered, err := c.GetFeatures()
+	if err != nil {
+		return n, err
+	}
+	n.OfferedFeatures = offered
+	if missing := cfg.RequiredFeatures &^ offered; missing != 0 {
+		return n, fmt.Errorf("back-end lacks required features %#x (offers %#x)", missing, offered)
+	}
+	n.Features = cfg.Features & offered &^ vhostuser.FeatureProtocolFeatures
+	if offered&vhostuser.FeatureProtocolFeatures != 0 {
+		n.Features |= vhostuser.FeatureProtocolFeatures
+		p, err := c.GetProtocolFeatures()
+		if err != nil {
+			return n, err
+		}
+		n.OfferedProtocol = p
+		n.ProtocolFeatures = p & cfg.ProtocolFeatures & SupportedProtocolFeatures
+		if err := c.SetProtocolFeatures(n.ProtocolFeatures); err != nil {
+			return n, err
+		}
+		if n.ProtocolFeatures&vhostuser.ProtocolMQ != 0 {
+			if n.MaxQueues, err = c.GetQueueNum(); err != nil {
+				return n, err
+			}
+			for _, q := range cfg.Queues {
+				if uint64(q.Index) >= n.MaxQueues {
+					return n, fmt.Errorf("queue %d: back-end supports %d queues", q.Index, n.MaxQueues)
+				}
+			}
+		}
+	}
+	if err := c.SetFeatures(n.Features); err != nil {
+		return n, err
+	}
+	if n.ProtocolFeatures&vhostuser.ProtocolConfigureMemSlots != 0 {
+		if n.MaxMemSlots, err = c.GetMaxMemSlots(); err != nil {
+			return n, err
+		}
+	}
+	if err := c.installMemory(cfg, n); err != nil {
+		return n, err
+	}
+	protocolNegotiated := n.Features&vhostuser.FeatureProtocolFeatures != 0
+	for _, q := range cfg.Queues {
+		if err := c.SetupQueue(q, protocolNegotiated); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+func (c *Client) installMemory(cfg SetupConfig, n Negotiated) error {
+	slots := n.ProtocolFeatures&vhostuser.ProtocolConfigureMemSlots != 0
+	if !cfg.UseAddMemReg && len(cfg.Regions) <= vhostuser.MaxMemTableRegions {
+		return c.SetMemTable(cfg.Regions)
+	}
+	if !slots {
+		return fmt.Errorf("%d memory regions need CONFIGURE_MEM_SLOTS, not negotiated", len(cfg.Regions))
+	}
+	if uint64(len(cfg.Regions)) > n.MaxMemSlots {
+		return fmt.Errorf("%d memory regions, back-end holds %d", len(cfg.Regions), n.MaxMemSlots)
+	}
+	for _, r := range cfg.Regions {
+		if err := c.AddMemReg(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// SetupQueue configures and starts one ring. enable sends SET_VRING_ENABLE
+// (only legal once VHOST_USER_F_PROTOCOL_FEATURES is negotiated).
+func (c *Client) SetupQueue(q QueueSetup, protocolNegotiated bool) error {
+	if err := c.SetVringNum(q.Index, uint32(q.Size)); err != nil {
+		return err
+	}
+	if err := c.SetVringBase(q.Index, uint32(q.Base)); err != nil {
+		return err
+	}
+	if err := c.SetVringAddr(vhostuser.VringAddr{Index: q.Index, Desc: q.Desc, Used: q.Used, Avail: q.Avail}); err != nil {
+		return err
+	}
+	if err := c.SetVringCall(q.Index, q.Call); err != nil {
+		return err
+	}
+	if q.Err != nil {
+		if err := c.SetVringErr(q.Index, q.Err); err != nil {
+			return err
+		}
+	}
+	if err := c.SetVringKick(q.Index, q.Kick); err != nil {
+		return err
+	}
+	if protocolNegotiated {
+		if err := c.SetVringEnable(q.Index, !q.Disabled); err != nil {
+			return err
+		}
+	}
+	return nil
+}
