@@ -1,6 +1,11 @@
 package vmtest_test
 
 import (
+	"bytes"
+	"encoding/binary"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -8,27 +13,151 @@ import (
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
-// TestBootScript boots a guest whose script prints the kernel release and
-// checks both the verdict and the captured output.
-func TestBootScript(t *testing.T) {
+// TestBootShell boots to an interactive shell, runs a command through the
+// serial console, checks its output and powers off; it logs the boot time.
+func TestBootShell(t *testing.T) {
 	a := vmtest.Require(t)
 	ib := a.NewInitramfs()
-	ib.SetInit(`echo "release=$(uname -r)"; cat /proc/cmdline`)
+	ib.SetInit(`PS1='krun-shell$ ' sh -i`)
 	vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib})
-	r := vm.Run()
-	if want := "release=" + a.Kernel.Release; !strings.Contains(r.Console, want) {
-		t.Errorf("console lacks %q", want)
+	if err := vm.Start(); err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("boot: QEMU start -> /init %v, total %v", r.BootTime, r.Total)
-	_ = time.Second
+	vm.MustExpect(`krun-shell\$ `, 120*time.Second)
+	if err := vm.Send("echo result=$((6*7)) release=$(uname -r)\n"); err != nil {
+		t.Fatal(err)
+	}
+	m := vm.MustExpect(`result=(\d+) release=(\S+)\r?\n`, 30*time.Second)
+	if m[1] != "42" || m[2] != a.Kernel.Release {
+		t.Errorf("shell printed result=%s release=%s, want 42 and %s", m[1], m[2], a.Kernel.Release)
+	}
+	vm.MustExpect(`krun-shell\$ `, 30*time.Second)
+	if err := vm.Send("exit\n"); err != nil {
+		t.Fatal(err)
+	}
+	r, err := vm.Wait()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, r.Console)
+	}
+	t.Logf("boot time: QEMU start -> /init %v (guest uptime %v); QEMU start -> exit %v",
+		r.BootTime.Round(time.Millisecond), r.GuestUptime, r.Total.Round(time.Millisecond))
+	if r.BootTime <= 0 || r.BootTime > r.Total {
+		t.Errorf("boot time %v not within (0, %v]", r.BootTime, r.Total)
+	}
+}
+
+// TestVerdicts checks that the runner tells ok from the ways a guest fails.
+func TestVerdicts(t *testing.T) {
+	a := vmtest.Require(t)
+	tests := []struct {
+		name       string
+		script     string
+		timeout    time.Duration
+		wantOK     bool
+		wantReason string
+	}{
+		{"ok", `echo fine`, 0, true, ""},
+		{"exit status", `false`, 0, false, "fail test script exited with status 1"},
+		{"e2e_fail", `e2e_fail "disk is empty"; echo not reached`, 0, false, "fail disk is empty"},
+		// A verdict line with a foreign nonce (e.g. from a nested guest) is ignored.
+		{"foreign marker", `echo "KRUN-E2E-RESULT 000000000000: ok"; exit 3`, 0, false, "status 3"},
+		{"timeout", `sleep 600`, 2 * time.Second, false, "timed out after 2s"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ib := a.NewInitramfs()
+			ib.SetInit(tc.script)
+			vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib, Timeout: tc.timeout, Quiet: true})
+			if err := vm.Start(); err != nil {
+				t.Fatal(err)
+			}
+			r, err := vm.Wait()
+			if r.OK != tc.wantOK || (err == nil) != tc.wantOK {
+				t.Fatalf("OK=%v err=%v, want OK=%v\n%s", r.OK, err, tc.wantOK, r.Console)
+			}
+			if !strings.Contains(r.Reason, tc.wantReason) {
+				t.Errorf("reason %q does not contain %q", r.Reason, tc.wantReason)
+			}
+		})
+	}
+}
+
+// TestVirtioBlkExt2 attaches QEMU's own virtio-blk to a raw image. The
+// guest loads virtio_pci/virtio_blk/ext4 (dependencies resolved from
+// .modinfo), reads what the host wrote, writes and reads back a sector,
+// makes an ext2 file system with busybox mke2fs, mounts it (ext4 serves
+// ext2 on Debian's kernel) and writes a file that the host then reads with
+// debugfs.
+func TestVirtioBlkExt2(t *testing.T) {
+	a := vmtest.Require(t)
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(32 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("host-wrote-this\n"), 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	ib := a.NewInitramfs()
+	ib.AddModules(a.Kernel, "virtio_pci", "virtio_blk", "ext4")
+	ib.SetInit(`
+[ -b /dev/vda ] || e2e_fail "no /dev/vda after loading virtio_blk"
+[ "$(cat /sys/block/vda/size)" = 65536 ] || e2e_fail "vda has $(cat /sys/block/vda/size) sectors, want 65536"
+[ "$(head -c 15 /dev/vda)" = host-wrote-this ] || e2e_fail "sector 0 does not hold the host's data"
+echo guest-sector-pattern > /tmp/pat
+dd if=/tmp/pat of=/dev/vda bs=512 seek=100 conv=fsync,sync 2>/dev/null
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 20 | grep -q guest-sector-pattern || e2e_fail "sector 100 read back wrong"
+mke2fs -q /dev/vda
+mount -t ext2 /dev/vda /mnt
+echo written-by-guest > /mnt/hello.txt
+umount /mnt
+mount -t ext2 -o ro /dev/vda /mnt
+[ "$(cat /mnt/hello.txt)" = written-by-guest ] || e2e_fail "file content lost across remount"
+grep -q ' /mnt ext2 ' /proc/mounts || e2e_fail "mount is not ext2: $(grep /mnt /proc/mounts)"
+umount /mnt
+sync
+`)
+	if got := strings.Join(ib.Modules(), " "); !strings.Contains(got, "virtio_blk") || !strings.Contains(got, "jbd2") {
+		t.Fatalf("modules %q lack virtio_blk or ext4's dependency jbd2", got)
+	}
+	vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib})
+	vm.AddDrive(img, "raw", false)
+	vm.Run()
+
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if magic := binary.LittleEndian.Uint16(b[1024+56:]); magic != 0xef53 {
+		t.Errorf("no ext2 superblock magic after the guest's mke2fs: %#x", magic)
+	}
+	if _, err := exec.LookPath("debugfs"); err == nil {
+		out, err := exec.Command("debugfs", "-R", "cat /hello.txt", img).Output()
+		if err != nil {
+			t.Fatalf("debugfs: %v", err)
+		}
+		if !bytes.Contains(out, []byte("written-by-guest")) {
+			t.Errorf("host reads %q from /hello.txt, want written-by-guest", out)
+		}
+	}
 }
 
 // TestNestedKVM boots an outer guest that must get /dev/kvm from kvm_amd
 // under TCG's emulated SVM.
 func TestNestedKVM(t *testing.T) {
 	a := vmtest.Require(t)
-	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{Script: `ls -l /dev/kvm; grep -m1 flags /proc/cpuinfo`})
+	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{Script: `
+ls -l /dev/kvm
+grep -q -w svm /proc/cpuinfo || e2e_fail "no svm flag"
+`})
 	if !strings.Contains(r.Console, "/dev/kvm") {
 		t.Errorf("console lacks the ls output for /dev/kvm")
 	}
+	t.Logf("nested outer boot: /init after %v, total %v", r.BootTime.Round(time.Millisecond), r.Total.Round(time.Millisecond))
 }

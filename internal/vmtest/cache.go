@@ -34,10 +34,15 @@ var ErrNoPackageLists = errors.New("apt package lists are missing or stale: run 
 
 // Kernel is an unpacked Debian kernel image package.
 type Kernel struct {
-	Package    string // e.g. linux-image-6.1.0-56-amd64
-	Version    string // Debian package version, e.g. 6.1.192-2
-	Release    string // kernel release (uname -r), e.g. 6.1.0-56-amd64
-	Vmlinuz    string // path of the bzImage
+	Package string // e.g. linux-image-6.1.0-56-amd64
+	Version string // Debian package version, e.g. 6.1.192-2
+	Release string // kernel release (uname -r), e.g. 6.1.0-56-amd64
+	Vmlinuz string // path of the bzImage
+	// Vmlinux is the uncompressed ELF kernel extracted from Vmlinuz (booted
+	// through QEMU's PVH entry, which is faster under TCG); empty if it
+	// could not be extracted, see VmlinuxErr.
+	Vmlinux    string
+	VmlinuxErr error
 	ModulesDir string // path of lib/modules/<Release>
 	Root       string // root of the unpacked package
 }
@@ -250,14 +255,22 @@ func cachedTrees(prefix string) []string {
 // If apt cannot resolve the package but an earlier download is cached, the
 // cached kernel is used.
 func FetchKernel(ctx context.Context) (*Kernel, error) {
-	pkg, err := resolveKernelPackage(ctx)
-	var version string
-	if err == nil {
-		version, err = candidateVersion(ctx, pkg)
-	}
+	v, err := aptMemo(ctx, "kernel", func() (string, error) {
+		pkg, err := resolveKernelPackage(ctx)
+		if err != nil {
+			return "", err
+		}
+		version, err := candidateVersion(ctx, pkg)
+		if err != nil {
+			return "", err
+		}
+		return pkg + " " + version, nil
+	})
+	pkg, version, _ := strings.Cut(v, " ")
 	if err != nil {
 		for _, root := range cachedTrees("linux-image-") {
 			if k, kerr := kernelFromTree(root); kerr == nil {
+				k.Vmlinux, k.VmlinuxErr = extractVmlinux(ctx, k)
 				return k, nil
 			}
 		}
@@ -272,6 +285,7 @@ func FetchKernel(ctx context.Context) (*Kernel, error) {
 		return nil, err
 	}
 	k.Package, k.Version = pkg, version
+	k.Vmlinux, k.VmlinuxErr = extractVmlinux(ctx, k)
 	return k, nil
 }
 
@@ -299,7 +313,9 @@ func kernelFromTree(root string) (*Kernel, error) {
 // FetchBusybox downloads (once) Debian's busybox-static and returns the path
 // of the static binary inside the cache.
 func FetchBusybox(ctx context.Context) (string, error) {
-	version, err := candidateVersion(ctx, BusyboxPackage)
+	version, err := aptMemo(ctx, "busybox", func() (string, error) {
+		return candidateVersion(ctx, BusyboxPackage)
+	})
 	if err != nil {
 		for _, root := range cachedTrees(BusyboxPackage + "_") {
 			p := filepath.Join(root, "bin", "busybox")
@@ -318,4 +334,57 @@ func FetchBusybox(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("busybox-static package has no bin/busybox: %w", err)
 	}
 	return p, nil
+}
+
+// aptListsDir is where apt keeps its package lists.
+const aptListsDir = "/var/lib/apt/lists"
+
+// aptListsStamp identifies the current state of apt's package lists: the
+// newest modification time and the number of entries in the lists
+// directory. It changes on every `apt-get update` that changes anything.
+func aptListsStamp() (string, bool) {
+	ents, err := os.ReadDir(aptListsDir)
+	if err != nil {
+		return "", false
+	}
+	var newest int64
+	for _, e := range ents {
+		if info, err := e.Info(); err == nil && info.ModTime().UnixNano() > newest {
+			newest = info.ModTime().UnixNano()
+		}
+	}
+	if st, err := os.Stat(aptListsDir); err == nil && st.ModTime().UnixNano() > newest {
+		newest = st.ModTime().UnixNano()
+	}
+	return fmt.Sprintf("%d/%d", newest, len(ents)), true
+}
+
+// aptMemo returns compute()'s result, remembered in the cache for as long as
+// apt's package lists are unchanged: asking apt-cache costs about a second
+// per call on a machine without a persistent pkgcache.bin.
+func aptMemo(ctx context.Context, key string, compute func() (string, error)) (string, error) {
+	stamp, haveStamp := aptListsStamp()
+	cache, err := CacheDir()
+	if err != nil || !haveStamp {
+		return compute()
+	}
+	memo := filepath.Join(cache, "apt-memo-"+key)
+	if b, err := os.ReadFile(memo); err == nil {
+		if st, val, ok := strings.Cut(strings.TrimSpace(string(b)), "\n"); ok && st == stamp && val != "" {
+			return val, nil
+		}
+	}
+	val, err := compute()
+	if err != nil {
+		return "", err
+	}
+	if f, err := os.CreateTemp(cache, ".apt-memo-*"); err == nil {
+		_, werr := f.WriteString(stamp + "\n" + val + "\n")
+		cerr := f.Close()
+		if werr == nil && cerr == nil {
+			_ = os.Rename(f.Name(), memo)
+		}
+		os.Remove(f.Name())
+	}
+	return val, nil
 }
