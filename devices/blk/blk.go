@@ -231,9 +231,11 @@ func (d *Device) NewHandler() Handler { return Handler{d.newWorker()} }
 
 // Handle serves one request given as the chain's device-readable and
 // device-writable buffers, writes its status byte and returns the used
-// length. It is what a queue worker calls for each popped chain; tests and
-// fuzzers call it with hand-made segments.
-func (h Handler) Handle(readable, writable [][]byte) uint32 {
+// length. The error, if any, says why the request was malformed (it has
+// already been completed with an error status and counted). It is what a
+// queue worker calls for each popped chain; tests and fuzzers call it with
+// hand-made segments.
+func (h Handler) Handle(readable, writable [][]byte) (uint32, error) {
 	return h.w.handle(readable, writable)
 }
 

@@ -41,7 +41,7 @@ func FuzzHandle(f *testing.F) {
 		wrBuf := bytes.Repeat([]byte{0xee}, int(wrLen))
 		wr := cuts(wrBuf, wrCuts)
 
-		used := d.NewHandler().Handle(rd, wr)
+		used, _ := d.NewHandler().Handle(rd, wr)
 
 		if md.violation != nil {
 			t.Fatal(md.violation)

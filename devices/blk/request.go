@@ -46,6 +46,7 @@ type worker struct {
 	seg    [SegmentSize]byte
 	ranges []dwzRange // capacity: the larger of the two segment limits
 	iov    [][]byte   // reused view list for vectored I/O
+	bad    error      // why the current request is malformed, if it is
 }
 
 func (d *Device) newWorker() *worker {
@@ -56,33 +57,46 @@ func (d *Device) newWorker() *worker {
 // handle serves one request given as its device-readable segments rd and
 // device-writable segments wr, and returns the used length. It always
 // completes the request: a malformed or failed request gets an error status
-// (if it has room for one) and bumps a counter.
-func (w *worker) handle(rd, wr [][]byte) uint32 {
+// (if it has room for one) and bumps a counter. The error it returns names
+// a malformed request (a guest driver bug or a hostile guest); disk errors,
+// unsupported requests and writes to a read-only disk are not malformed.
+func (w *worker) handle(rd, wr [][]byte) (uint32, error) {
 	rdLen, wrLen := segLen(rd), segLen(wr)
 	if wrLen == 0 {
 		// Nowhere to put a status: the request is completed with nothing
 		// written, and the guest learns nothing.
 		w.d.count(errNoStatus)
-		return 0
+		return 0, errNoStatus
 	}
+	w.bad = nil
 	status := w.serve(rd, wr, rdLen, wrLen)
 	putStatus(wr, status)
 	if wrLen > math.MaxUint32 {
-		return math.MaxUint32
+		return math.MaxUint32, w.bad
 	}
-	return uint32(wrLen)
+	return uint32(wrLen), w.bad
+}
+
+// fail counts a failed request and returns its status. Malformed-request
+// reasons are remembered for handle's error.
+func (w *worker) fail(reason error, status byte) byte {
+	w.d.count(reason)
+	switch reason {
+	case errReadOnly, errUnsupported:
+	default:
+		w.bad = reason
+	}
+	return status
 }
 
 // serve runs the request and returns its status byte.
 func (w *worker) serve(rd, wr [][]byte, rdLen, wrLen uint64) byte {
 	d := w.d
 	if rdLen < HeaderSize {
-		d.count(errShortHeader)
-		return StatusIOErr
+		return w.fail(errShortHeader, StatusIOErr)
 	}
 	if rdLen > math.MaxUint32 || wrLen > math.MaxUint32 {
-		d.count(errTooLarge)
-		return StatusIOErr
+		return w.fail(errTooLarge, StatusIOErr)
 	}
 	gather(w.hdr[:], rd, 0)
 	typ := binary.LittleEndian.Uint32(w.hdr[0:])
@@ -94,8 +108,7 @@ func (w *worker) serve(rd, wr [][]byte, rdLen, wrLen uint64) byte {
 		d.stats.reads.Add(1)
 		off, err := d.dataRange(sector, dataIn)
 		if err != nil {
-			d.count(err)
-			return StatusIOErr
+			return w.fail(err, StatusIOErr)
 		}
 		if dataIn == 0 {
 			return StatusOK
@@ -111,14 +124,12 @@ func (w *worker) serve(rd, wr [][]byte, rdLen, wrLen uint64) byte {
 	case TypeOut:
 		d.stats.writes.Add(1)
 		if d.readOnly {
-			d.count(errReadOnly)
-			return StatusIOErr
+			return w.fail(errReadOnly, StatusIOErr)
 		}
 		dataOut := rdLen - HeaderSize
 		off, err := d.dataRange(sector, dataOut)
 		if err != nil {
-			d.count(err)
-			return StatusIOErr
+			return w.fail(err, StatusIOErr)
 		}
 		if dataOut == 0 {
 			return StatusOK
@@ -142,8 +153,7 @@ func (w *worker) serve(rd, wr [][]byte, rdLen, wrLen uint64) byte {
 	case TypeGetID:
 		d.stats.getIDs.Add(1)
 		if dataIn < IDBytes {
-			d.count(errShortID)
-			return StatusIOErr
+			return w.fail(errShortID, StatusIOErr)
 		}
 		scatter(wr, 0, d.id[:])
 		return StatusOK
@@ -151,8 +161,7 @@ func (w *worker) serve(rd, wr [][]byte, rdLen, wrLen uint64) byte {
 	case TypeDiscard, TypeWriteZeroes:
 		return w.discardOrZero(typ, rd, rdLen)
 	}
-	d.count(errUnsupported)
-	return StatusUnsupp
+	return w.fail(errUnsupported, StatusUnsupp)
 }
 
 // discardOrZero serves DISCARD and WRITE_ZEROES: the readable bytes after
@@ -170,21 +179,17 @@ func (w *worker) discardOrZero(typ uint32, rd [][]byte, rdLen uint64) byte {
 		d.stats.writeZeroes.Add(1)
 	}
 	if d.readOnly {
-		d.count(errReadOnly)
-		return StatusIOErr
+		return w.fail(errReadOnly, StatusIOErr)
 	}
 	if d.negotiated.Load()&feature == 0 {
-		d.count(errUnsupported)
-		return StatusUnsupp
+		return w.fail(errUnsupported, StatusUnsupp)
 	}
 	payload := rdLen - HeaderSize
 	if payload == 0 || payload%SegmentSize != 0 {
-		d.count(errBadLength)
-		return StatusIOErr
+		return w.fail(errBadLength, StatusIOErr)
 	}
 	if payload/SegmentSize > uint64(maxSeg) {
-		d.count(errTooManySegs)
-		return StatusIOErr
+		return w.fail(errTooManySegs, StatusIOErr)
 	}
 	n := int(payload / SegmentSize)
 
@@ -203,16 +208,13 @@ func (w *worker) discardOrZero(typ uint32, rd [][]byte, rdLen uint64) byte {
 		if r.flags&^FlagUnmap != 0 || (discard && r.flags&FlagUnmap != 0) {
 			// Spec 5.2.6.2: unknown flags, and unmap on a discard,
 			// are VIRTIO_BLK_S_UNSUPP.
-			d.count(errBadFlags)
-			return StatusUnsupp
+			return w.fail(errBadFlags, StatusUnsupp)
 		}
 		if r.sectors > maxSectors {
-			d.count(errTooManySectors)
-			return StatusIOErr
+			return w.fail(errTooManySectors, StatusIOErr)
 		}
 		if _, err := d.sectorRange(r.sector, uint64(r.sectors)); err != nil {
-			d.count(err)
-			return StatusIOErr
+			return w.fail(err, StatusIOErr)
 		}
 	}
 	for _, r := range w.ranges {

@@ -225,7 +225,7 @@ func TestReadWriteSegmentations(t *testing.T) {
 				// Write.
 				status := []byte{0xff}
 				rd := split(cat(header(TypeOut, tc.sector), data), tc.rdCut...)
-				if used := h.Handle(rd, [][]byte{status}); used != 1 {
+				if used, _ := h.Handle(rd, [][]byte{status}); used != 1 {
 					t.Fatalf("write used len %d, want 1", used)
 				}
 				if status[0] != StatusOK {
@@ -239,7 +239,7 @@ func TestReadWriteSegmentations(t *testing.T) {
 				// Read back.
 				in := bytes.Repeat([]byte{0xee}, tc.n+1)
 				wr := split(in, tc.wrCut...)
-				used := h.Handle([][]byte{header(TypeIn, tc.sector)}, wr)
+				used, _ := h.Handle([][]byte{header(TypeIn, tc.sector)}, wr)
 				if used != uint32(tc.n+1) {
 					t.Fatalf("read used len %d, want %d", used, tc.n+1)
 				}
@@ -316,7 +316,7 @@ func TestHostileRequests(t *testing.T) {
 			}
 			md.ro = tc.ro
 			d := newTestDevice(t, md, tc.features)
-			used := d.NewHandler().Handle(tc.req.rd, tc.req.wr)
+			used, _ := d.NewHandler().Handle(tc.req.rd, tc.req.wr)
 			if tc.status < 0 {
 				if used != 0 {
 					t.Fatalf("used %d, want 0", used)
@@ -388,7 +388,7 @@ func TestGetID(t *testing.T) {
 	d := newTestDevice(t, newMemDisk(4096), allFeatures)
 	for _, n := range []int{IDBytes, IDBytes + 12} {
 		buf := bytes.Repeat([]byte{0xcc}, n+1)
-		used := d.NewHandler().Handle([][]byte{header(TypeGetID, 0)}, split(buf, 7, 9))
+		used, _ := d.NewHandler().Handle([][]byte{header(TypeGetID, 0)}, split(buf, 7, 9))
 		if buf[n] != StatusOK || used != uint32(n+1) {
 			t.Fatalf("status %d used %d", buf[n], used)
 		}

@@ -82,11 +82,5 @@ const (
 	ConfigSize = 60
 )
 
-// vhost-user protocol feature bits the device asks for.
-const (
-	protocolFeatureMQ     = 0 // VHOST_USER_PROTOCOL_F_MQ
-	protocolFeatureConfig = 9 // VHOST_USER_PROTOCOL_F_CONFIG
-)
-
 // maxConfigRead bounds a config-space access (VHOST_USER_MAX_CONFIG_SIZE).
 const maxConfigRead = 256

@@ -1,0 +1,35 @@
+package blk
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/virtq"
+)
+
+var _ backend.Device = (*Device)(nil)
+
+// Info describes the device to the vhost-user back-end framework.
+func (d *Device) Info() backend.DeviceInfo {
+	return backend.DeviceInfo{
+		Type:             DeviceID,
+		NumQueues:        d.numQueues,
+		MaxQueueSize:     d.queueSize,
+		Features:         d.Features(),
+		ProtocolFeatures: vhostuser.ProtocolConfig | vhostuser.ProtocolMQ,
+	}
+}
+
+// ServeQueue serves request queue idx until ctx is cancelled. Each queue has
+// its own handler (scratch space); the disk is shared by all of them.
+func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
+	if idx < 0 || idx >= d.numQueues {
+		return fmt.Errorf("blk: queue %d of %d", idx, d.numQueues)
+	}
+	w := d.newWorker()
+	return vr.Run(ctx, func(c *virtq.Chain) (uint32, error) {
+		return w.handle(c.ReadableSegments(), c.WritableSegments())
+	})
+}
