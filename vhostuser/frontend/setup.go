@@ -59,12 +59,21 @@ type Negotiated struct {
 	MaxMemSlots      uint64 // GET_MAX_MEM_SLOTS, 0 without CONFIGURE_MEM_SLOTS
 }
 
-// Setup runs the standard start-up sequence: SET_OWNER, GET_FEATURES,
-// GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_FEATURES, the memory table,
-// then for each queue SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR,
-// SET_VRING_CALL, SET_VRING_ERR, SET_VRING_KICK (which starts the ring) and
-// SET_VRING_ENABLE.
+// Setup runs the standard start-up sequence: Negotiate, then Install.
 func (c *Client) Setup(cfg SetupConfig) (Negotiated, error) {
+	n, err := c.Negotiate(cfg)
+	if err != nil {
+		return n, err
+	}
+	return n, c.Install(cfg, n)
+}
+
+// Negotiate runs the first half of the start-up sequence: SET_OWNER,
+// GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM (checked against
+// cfg.Queues), SET_FEATURES and GET_MAX_MEM_SLOTS. cfg.Regions and the
+// queue addresses are not used yet, so a driver can lay out its rings
+// according to the negotiated features before calling Install.
+func (c *Client) Negotiate(cfg SetupConfig) (Negotiated, error) {
 	var n Negotiated
 	if err := c.SetOwner(); err != nil {
 		return n, err
@@ -77,7 +86,7 @@ func (c *Client) Setup(cfg SetupConfig) (Negotiated, error) {
 	if missing := cfg.RequiredFeatures &^ offered; missing != 0 {
 		return n, fmt.Errorf("back-end lacks required features %#x (offers %#x)", missing, offered)
 	}
-	n.Features = cfg.Features & offered &^ vhostuser.FeatureProtocolFeatures
+	n.Features = (cfg.Features | cfg.RequiredFeatures) & offered &^ vhostuser.FeatureProtocolFeatures
 	if offered&vhostuser.FeatureProtocolFeatures != 0 {
 		n.Features |= vhostuser.FeatureProtocolFeatures
 		p, err := c.GetProtocolFeatures()
@@ -108,16 +117,22 @@ func (c *Client) Setup(cfg SetupConfig) (Negotiated, error) {
 			return n, err
 		}
 	}
+	return n, nil
+}
+
+// Install sends the memory table (SET_MEM_TABLE, or ADD_MEM_REG per region)
+// and sets up every queue of cfg (SetupQueue).
+func (c *Client) Install(cfg SetupConfig, n Negotiated) error {
 	if err := c.installMemory(cfg, n); err != nil {
-		return n, err
+		return err
 	}
 	protocolNegotiated := n.Features&vhostuser.FeatureProtocolFeatures != 0
 	for _, q := range cfg.Queues {
 		if err := c.SetupQueue(q, protocolNegotiated); err != nil {
-			return n, err
+			return err
 		}
 	}
-	return n, nil
+	return nil
 }
 
 func (c *Client) installMemory(cfg SetupConfig, n Negotiated) error {
@@ -139,8 +154,10 @@ func (c *Client) installMemory(cfg SetupConfig, n Negotiated) error {
 	return nil
 }
 
-// SetupQueue configures and starts one ring. enable sends SET_VRING_ENABLE
-// (only legal once VHOST_USER_F_PROTOCOL_FEATURES is negotiated).
+// SetupQueue configures and starts one ring: SET_VRING_NUM, SET_VRING_BASE,
+// SET_VRING_ADDR, SET_VRING_CALL, SET_VRING_ERR (if q.Err), SET_VRING_KICK
+// (which starts it) and, when protocolNegotiated (only then is it legal),
+// SET_VRING_ENABLE.
 func (c *Client) SetupQueue(q QueueSetup, protocolNegotiated bool) error {
 	if err := c.SetVringNum(q.Index, uint32(q.Size)); err != nil {
 		return err

@@ -1,0 +1,163 @@
+package testguest
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
+)
+
+// Options configure a Guest. Zero values pick defaults.
+type Options struct {
+	MemBase uint64 // guest physical base (page aligned); default 0
+	MemSize uint64 // default 64 MiB
+	// Regions splits the memory into this many regions of one memfd
+	// (default 1). More than vhostuser.MaxMemTableRegions needs
+	// CONFIGURE_MEM_SLOTS.
+	Regions      int
+	UseAddMemReg bool // send ADD_MEM_REG instead of SET_MEM_TABLE
+
+	NumQueues int    // rings to set up; default 1
+	QueueSize uint16 // default 256
+
+	// Features are device-specific feature bits wanted (acked if offered);
+	// RequiredFeatures must be offered. VIRTIO_F_VERSION_1 is always
+	// required; EVENT_IDX and INDIRECT_DESC are wanted unless dropped.
+	Features         uint64
+	RequiredFeatures uint64
+	NoEventIdx       bool
+	NoIndirect       bool
+	// DropProtocolFeatures removes protocol features from
+	// frontend.SupportedProtocolFeatures before negotiation.
+	DropProtocolFeatures uint64
+
+	PollKick bool // no kick eventfds: the back-end polls
+	PollCall bool // no call eventfds: the guest polls
+	// DisabledQueues are set up but left disabled (SET_VRING_ENABLE 0).
+	DisabledQueues []int
+}
+
+func (o *Options) defaults() {
+	if o.MemSize == 0 {
+		o.MemSize = 64 << 20
+	}
+	if o.Regions == 0 {
+		o.Regions = 1
+	}
+	if o.NumQueues == 0 {
+		o.NumQueues = 1
+	}
+	if o.QueueSize == 0 {
+		o.QueueSize = 256
+	}
+}
+
+// Guest is a driver connected to one vhost-user back-end.
+type Guest struct {
+	Client     *frontend.Client
+	Mem        *Memory
+	Rings      []*Ring
+	Negotiated frontend.Negotiated
+}
+
+// Dial connects to the back-end at path and starts the guest (Start).
+func Dial(path string, opt Options) (*Guest, error) {
+	c, err := frontend.Dial(path)
+	if err != nil {
+		return nil, err
+	}
+	g, err := Start(c, opt)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return g, nil
+}
+
+// Start negotiates features with the back-end behind c, creates guest
+// memory, lays out the rings for the negotiated features and installs
+// memory and rings. The Guest owns c from then on (also on error: c is
+// not closed).
+func Start(c *frontend.Client, opt Options) (*Guest, error) {
+	opt.defaults()
+	cfg := frontend.SetupConfig{
+		Features:         opt.Features,
+		RequiredFeatures: opt.RequiredFeatures | vhostuser.FeatureVersion1,
+		ProtocolFeatures: frontend.SupportedProtocolFeatures &^ opt.DropProtocolFeatures,
+		UseAddMemReg:     opt.UseAddMemReg,
+	}
+	if !opt.NoEventIdx {
+		cfg.Features |= vhostuser.FeatureRingEventIdx
+	}
+	if !opt.NoIndirect {
+		cfg.Features |= vhostuser.FeatureRingIndirectDesc
+	}
+	for i := 0; i < opt.NumQueues; i++ {
+		cfg.Queues = append(cfg.Queues, frontend.QueueSetup{Index: uint32(i)})
+	}
+	n, err := c.Negotiate(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("negotiate: %w", err)
+	}
+	mem, err := NewMemory(opt.MemBase, opt.MemSize)
+	if err != nil {
+		return nil, err
+	}
+	g := &Guest{Client: c, Mem: mem, Negotiated: n}
+	ropt := RingOptions{
+		Size:     opt.QueueSize,
+		EventIdx: n.Features&vhostuser.FeatureRingEventIdx != 0,
+		Indirect: n.Features&vhostuser.FeatureRingIndirectDesc != 0,
+		PollKick: opt.PollKick,
+		PollCall: opt.PollCall,
+	}
+	disabled := map[int]bool{}
+	for _, i := range opt.DisabledQueues {
+		disabled[i] = true
+	}
+	cfg.Queues = cfg.Queues[:0]
+	for i := 0; i < opt.NumQueues; i++ {
+		r, err := NewRing(mem, uint32(i), ropt)
+		if err != nil {
+			g.closeLocal()
+			return nil, err
+		}
+		g.Rings = append(g.Rings, r)
+		qs := r.Setup()
+		qs.Disabled = disabled[i]
+		cfg.Queues = append(cfg.Queues, qs)
+	}
+	cfg.Regions = mem.Regions(opt.Regions)
+	if err := c.Install(cfg, n); err != nil {
+		g.closeLocal()
+		return nil, fmt.Errorf("install memory and queues: %w", err)
+	}
+	return g, nil
+}
+
+// Features are the acked virtio features.
+func (g *Guest) Features() uint64 { return g.Negotiated.Features }
+
+// StopQueue stops ring i (GET_VRING_BASE) and returns the back-end's next
+// available index.
+func (g *Guest) StopQueue(i int) (uint32, error) {
+	if i < 0 || i >= len(g.Rings) {
+		return 0, errors.New("no such ring")
+	}
+	return g.Client.GetVringBase(uint32(i))
+}
+
+func (g *Guest) closeLocal() {
+	for _, r := range g.Rings {
+		r.Close()
+	}
+	g.Mem.Close()
+}
+
+// Close disconnects from the back-end and releases memory and eventfds.
+func (g *Guest) Close() error {
+	err := g.Client.Close()
+	g.closeLocal()
+	return err
+}
