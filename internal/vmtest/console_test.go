@@ -1,0 +1,67 @@
+package vmtest
+
+import (
+	"errors"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestConsoleExpect(t *testing.T) {
+	var mu sync.Mutex
+	var logged []string
+	c := newConsole(time.Now(), func(s string) { mu.Lock(); logged = append(logged, s); mu.Unlock() }, "READY")
+
+	go func() {
+		for _, chunk := range []string{"boot", "ing...\r\nREA", "DY 1.5\nvalue=4", "2\n"} {
+			time.Sleep(5 * time.Millisecond)
+			c.Write([]byte(chunk))
+		}
+	}()
+	m, err := c.expect(regexp.MustCompile(`READY ([0-9.]+)`), 5*time.Second)
+	if err != nil || m[1] != "1.5" {
+		t.Fatalf("expect READY: %v %q", err, m)
+	}
+	m, err = c.expect(regexp.MustCompile(`value=(\d+)\n`), 5*time.Second)
+	if err != nil || m[1] != "42" {
+		t.Fatalf("expect value: %v %q", err, m)
+	}
+	// The cursor moved past READY: it is not found again.
+	if _, err := c.expect(regexp.MustCompile(`READY`), 20*time.Millisecond); err == nil || !strings.Contains(err.Error(), "timed out") {
+		t.Errorf("second READY: err = %v, want timeout", err)
+	}
+	if _, ok := c.mark("READY"); !ok {
+		t.Errorf("READY line not marked")
+	}
+	c.Write([]byte("partial"))
+	c.flush()
+	c.close()
+	if _, err := c.expect(regexp.MustCompile(`never`), time.Second); !errors.Is(err, ErrConsoleClosed) {
+		t.Errorf("after close: err = %v, want ErrConsoleClosed", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(logged) != 4 || !strings.HasSuffix(logged[0], "| booting...") || !strings.HasSuffix(logged[3], "| partial") {
+		t.Errorf("logged lines %q", logged)
+	}
+	if got := c.String(); got != "booting...\r\nREADY 1.5\nvalue=42\npartial" {
+		t.Errorf("String() = %q", got)
+	}
+}
+
+func TestConsoleBounded(t *testing.T) {
+	c := newConsole(time.Now(), nil)
+	chunk := []byte(strings.Repeat("x", 1<<20))
+	for i := 0; i < maxConsole/len(chunk)+3; i++ {
+		c.Write(chunk)
+	}
+	c.Write([]byte("tail-marker"))
+	if n := len(c.String()); n > maxConsole {
+		t.Errorf("buffer grew to %d bytes, limit %d", n, maxConsole)
+	}
+	if _, err := c.expect(regexp.MustCompile(`tail-marker`), time.Second); err != nil {
+		t.Errorf("expect after dropping old output: %v", err)
+	}
+}
