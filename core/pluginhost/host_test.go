@@ -1,0 +1,618 @@
+package pluginhost
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	hclog "github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// testPluginDir holds krun-plugin-test, built once by TestMain from
+// testdata/testplugin.
+var testPluginDir string
+
+func TestMain(m *testing.M) {
+	if os.Getenv(envTestHost) != "" {
+		os.Exit(testHostMain())
+	}
+	dir, err := os.MkdirTemp("", "pluginhost-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	build := exec.Command("go", "build", "-o", filepath.Join(dir, ExecutableName("test")), "./testdata/testplugin")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building test plugin: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	testPluginDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// syncBuffer is a goroutine-safe log sink.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// socketPair returns one end of a connected unix socket pair (the other is
+// closed with the test).
+func socketPair(t testing.TB) *os.File {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := os.NewFile(uintptr(fds[0]), "a"), os.NewFile(uintptr(fds[1]), "b")
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a
+}
+
+func testConfig(t testing.TB, mode string) Config {
+	return Config{
+		Kind:          "test",
+		PluginDir:     testPluginDir,
+		Socket:        socketPair(t),
+		SandboxOff:    true,
+		Env:           []string{"KRUN_TEST_MODE=" + mode},
+		SocketBaseDir: shortTempDir(t),
+	}
+}
+
+// shortTempDir is a temporary directory with a short path: the gRPC socket
+// path inside it must fit a unix socket address.
+func shortTempDir(t testing.TB) string {
+	d, err := os.MkdirTemp("", "ph")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+func TestLaunchConfigureStatsShutdown(t *testing.T) {
+	t.Setenv("KRUN_TEST_SECRET", "must-not-reach-the-plugin")
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, []byte("A"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	imgF, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer imgF.Close()
+	logs := &syncBuffer{}
+	cfg := testConfig(t, "ok")
+	cfg.Files = []NamedFile{{"image", imgF}}
+	cfg.Logger = hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Trace, JSONFormat: true})
+
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+
+	st, err := os.Stat(p.SocketDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o700 || !st.IsDir() {
+		t.Errorf("socket dir mode %v, want drwx------", st.Mode())
+	}
+	if sp := p.socketPath(); !strings.HasPrefix(sp, p.SocketDir()+"/") {
+		t.Errorf("gRPC socket %q is not inside the private dir %q", sp, p.SocketDir())
+	}
+
+	d, err := p.Describe(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Kind != "test" || d.Configured {
+		t.Errorf("Describe = %+v", d)
+	}
+	dev, _, err := p.Configure(context.Background(), map[string]string{"k": "v"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dev.Type != 4 || dev.NumQueues != 1 || dev.MaxQueueSize != 256 {
+		t.Errorf("Configure device = %+v", dev)
+	}
+	stats, err := p.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]uint64{
+		"pdeathsig":      uint64(syscall.SIGKILL),
+		"fd3_socket":     1,
+		"stdin_devnull":  1,
+		"file_image":     'A',
+		"socket_dir_env": 1,
+	}
+	for k, v := range want {
+		if stats[k] != v {
+			t.Errorf("plugin reports %s = %d, want %d (all: %v)", k, stats[k], v, stats)
+		}
+	}
+	if stats["host_env_leak"] != 0 {
+		t.Errorf("the host environment reached the plugin")
+	}
+	if stats["env_count"] > 12 {
+		t.Errorf("plugin environment has %d variables, want only go-plugin's and krun's", stats["env_count"])
+	}
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("plugin still running after Shutdown")
+	}
+	if err := p.Err(); err != nil {
+		t.Errorf("Err after Shutdown = %v", err)
+	}
+	if _, err := os.Stat(p.SocketDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket dir still there after Shutdown: %v", err)
+	}
+	if !logHas(logs.String(), "hello from test plugin", "krun-plugin-test") {
+		t.Errorf("the plugin's hclog line did not reach the host logger; host log:\n%s", logs)
+	}
+	if !logHas(logs.String(), "configured", "krun-plugin-test") {
+		t.Errorf("the plugin's log line from an RPC did not reach the host logger")
+	}
+}
+
+// logHas reports whether a JSON log line with message msg from module mod
+// was written.
+func logHas(logs, msg, mod string) bool {
+	sc := bufio.NewScanner(strings.NewReader(logs))
+	for sc.Scan() {
+		var e map[string]any
+		if json.Unmarshal(sc.Bytes(), &e) != nil {
+			continue
+		}
+		if e["@message"] == msg && strings.Contains(fmt.Sprint(e["@module"]), mod) {
+			return true
+		}
+	}
+	return false
+}
+
+func TestCrashMidRequest(t *testing.T) {
+	p, err := Launch(testConfig(t, "crash"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	if _, err := p.Describe(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	_, err = p.Stats(context.Background())
+	var ee *ExitError
+	if !errors.As(err, &ee) || !errors.Is(err, ErrExited) {
+		t.Fatalf("Stats on a crashing plugin: %v (%T), want *ExitError", err, err)
+	}
+	if ee.Op != "Stats" || ee.Pid != p.Pid() || ee.Status == nil {
+		t.Errorf("ExitError = %+v", ee)
+	}
+	msg := err.Error()
+	for _, s := range []string{"plugin test", "exited during Stats", "exit status 2", "panic: testplugin: crashing in Stats as asked"} {
+		if !strings.Contains(msg, s) {
+			t.Errorf("error %q does not contain %q", msg, s)
+		}
+	}
+	// The host keeps running and every later call reports the same crash.
+	if _, _, err := p.Health(context.Background()); !errors.Is(err, ErrExited) {
+		t.Errorf("Health after crash: %v", err)
+	}
+	if err := p.Err(); !errors.Is(err, ErrExited) {
+		t.Errorf("Err after crash: %v", err)
+	}
+	if err := p.Shutdown(context.Background()); !errors.Is(err, ErrExited) {
+		t.Errorf("Shutdown after crash: %v", err)
+	}
+	if _, err := os.Stat(p.SocketDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket dir still there: %v", err)
+	}
+}
+
+// pluginCopy copies the test plugin under another kind name, so a test can
+// look for its processes by executable path.
+func pluginCopy(t *testing.T, kind string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(testPluginDir, ExecutableName("test")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, ExecutableName(kind)), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// processesOf lists live (non-zombie) pids running exe.
+func processesOf(exe string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err != nil || l != exe {
+			continue
+		}
+		if alive(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i >= 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X'
+}
+
+func TestHandshakeTimeout(t *testing.T) {
+	cfg := testConfig(t, "hang")
+	cfg.Kind = "hang"
+	cfg.PluginDir = pluginCopy(t, "hang")
+	cfg.HandshakeTimeout = 300 * time.Millisecond
+	start := time.Now()
+	p, err := Launch(cfg)
+	if err == nil {
+		p.Kill()
+		t.Fatal("Launch of a plugin that never answers the handshake succeeded")
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("timing out took %v", took)
+	}
+	if !errors.Is(err, ErrHandshakeTimeout) || !strings.Contains(err.Error(), "within 300ms") {
+		t.Errorf("error %q, want a handshake timeout naming 300ms", err)
+	}
+	if pids := processesOf(filepath.Join(cfg.PluginDir, ExecutableName("hang"))); len(pids) != 0 {
+		t.Errorf("hung plugin still running: pids %v", pids)
+	}
+	if ents, _ := os.ReadDir(cfg.SocketBaseDir); len(ents) != 0 {
+		t.Errorf("private socket dir left behind: %v", ents)
+	}
+}
+
+func TestLaunchFailures(t *testing.T) {
+	tests := []struct {
+		name   string
+		mutate func(*Config)
+		want   []string
+		is     error
+	}{
+		{
+			name:   "missing binary",
+			mutate: func(c *Config) { c.Kind = "nonexistent"; c.PluginDir = t.TempDir() },
+			want:   []string{"krun-plugin-nonexistent not found in", "KRUN_PLUGIN_DIR"},
+			is:     ErrNotFound,
+		},
+		{
+			name:   "exits before handshake",
+			mutate: func(c *Config) { c.Env = []string{"KRUN_TEST_MODE=exit"} },
+			want:   []string{"plugin test (pid ", "exited during handshake: exit status 3", "testplugin: refusing to start as asked"},
+			is:     ErrExited,
+		},
+		{
+			name:   "handshake version mismatch",
+			mutate: func(c *Config) { c.Env = []string{"KRUN_TEST_MODE=version"} },
+			want:   []string{"plugin test: handshake:", "99"},
+		},
+		{
+			name:   "no sandbox decision",
+			mutate: func(c *Config) { c.SandboxOff = false },
+			want:   []string{"no launcher-side sandbox configured"},
+		},
+		{
+			name:   "sandbox apply fails",
+			mutate: func(c *Config) { c.SandboxOff = false; c.Sandbox = failingSandbox{} },
+			want:   []string{"plugin test: launcher-side sandbox: no namespaces here"},
+		},
+		{
+			name:   "bad kind",
+			mutate: func(c *Config) { c.Kind = "../../bin/sh" },
+			want:   []string{`invalid plugin kind "../../bin/sh"`},
+		},
+		{
+			name:   "no socket",
+			mutate: func(c *Config) { c.Socket = nil },
+			want:   []string{"no vhost-user socket"},
+		},
+		{
+			name:   "not executable",
+			mutate: func(c *Config) { c.Path = "/dev/null" },
+			want:   []string{"plugin test: start /dev/null"},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(t, "ok")
+			tc.mutate(&cfg)
+			p, err := Launch(cfg)
+			if err == nil {
+				p.Kill()
+				t.Fatal("Launch succeeded")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+			if strings.ContainsAny(err.Error(), "\n") {
+				t.Errorf("error is not one line: %q", err)
+			}
+			if tc.is != nil && !errors.Is(err, tc.is) {
+				t.Errorf("error %v is not %v", err, tc.is)
+			}
+			if ents, _ := os.ReadDir(cfg.SocketBaseDir); len(ents) != 0 {
+				t.Errorf("private socket dir left behind: %v", ents)
+			}
+		})
+	}
+}
+
+type failingSandbox struct{}
+
+func (failingSandbox) Apply(*exec.Cmd) error { return errors.New("no namespaces here") }
+
+// replacingSandbox replaces SysProcAttr wholesale, as a careless launcher
+// might; Pdeathsig must survive it.
+type replacingSandbox struct{ called *bool }
+
+func (s replacingSandbox) Apply(cmd *exec.Cmd) error {
+	*s.called = true
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return nil
+}
+
+func TestSandboxApplyKeepsPdeathsig(t *testing.T) {
+	called := false
+	cfg := testConfig(t, "ok")
+	cfg.SandboxOff = false
+	cfg.Sandbox = replacingSandbox{&called}
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	if !called {
+		t.Fatal("Sandbox.Apply was not called")
+	}
+	stats, err := p.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats["pdeathsig"] != uint64(syscall.SIGKILL) {
+		t.Errorf("pdeathsig = %d after Apply replaced SysProcAttr", stats["pdeathsig"])
+	}
+	if pg, _ := syscall.Getpgid(p.Pid()); pg != p.Pid() {
+		t.Errorf("Apply's SysProcAttr was not used (pgid %d, pid %d)", pg, p.Pid())
+	}
+}
+
+func TestFlushErrorOnShutdown(t *testing.T) {
+	cfg := testConfig(t, "ok")
+	cfg.Env = append(cfg.Env, "KRUN_TEST_FLUSH_ERROR=fdatasync: input/output error")
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Shutdown(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "plugin test: flush on shutdown: fdatasync: input/output error") {
+		t.Fatalf("Shutdown = %v", err)
+	}
+}
+
+func TestFind(t *testing.T) {
+	flagDir, envDir := t.TempDir(), t.TempDir()
+	exe := func(dir, kind string, mode os.FileMode) string {
+		p := filepath.Join(dir, ExecutableName(kind))
+		if err := os.WriteFile(p, []byte("#!/bin/sh\n"), mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	inFlag := exe(flagDir, "both", 0o755)
+	exe(envDir, "both", 0o755)
+	inEnv := exe(envDir, "env-only", 0o755)
+	exe(flagDir, "noexec", 0o644)
+	os.Mkdir(filepath.Join(flagDir, ExecutableName("dir")), 0o755)
+	t.Setenv(EnvPluginDir, envDir)
+	dirs := SearchPath(flagDir)
+	if len(dirs) != 3 || dirs[0] != flagDir || dirs[1] != envDir {
+		t.Fatalf("SearchPath = %v", dirs)
+	}
+	selfDir := func() string { e, _ := os.Executable(); return filepath.Dir(e) }()
+	if dirs[2] != selfDir {
+		t.Errorf("SearchPath[2] = %q, want the executable's dir %q", dirs[2], selfDir)
+	}
+
+	tests := []struct {
+		kind, want, wantErr string
+	}{
+		{kind: "both", want: inFlag},
+		{kind: "env-only", want: inEnv},
+		{kind: "noexec", wantErr: "is not executable"},
+		{kind: "dir", wantErr: "is not a regular file"},
+		{kind: "absent", wantErr: "krun-plugin-absent not found in " + flagDir + ", " + envDir},
+		{kind: "Upper", wantErr: "invalid plugin kind"},
+		{kind: "a/b", wantErr: "invalid plugin kind"},
+		{kind: "-x", wantErr: "invalid plugin kind"},
+		{kind: "", wantErr: "invalid plugin kind"},
+	}
+	for _, tc := range tests {
+		got, err := Find(tc.kind, dirs)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("Find(%q) = %q, %v; want error containing %q", tc.kind, got, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("Find(%q) = %q, %v; want %q", tc.kind, got, err, tc.want)
+		}
+	}
+}
+
+func TestLaunchAll(t *testing.T) {
+	var cfgs []Config
+	for i := 0; i < 4; i++ {
+		cfgs = append(cfgs, testConfig(t, "ok"))
+	}
+	ps, err := LaunchAll(cfgs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	for _, p := range ps {
+		if _, err := p.Describe(context.Background()); err != nil {
+			t.Error(err)
+		}
+		seen[p.Pid()] = true
+	}
+	if len(seen) != 4 {
+		t.Errorf("4 launches gave %d distinct processes", len(seen))
+	}
+	for _, p := range ps {
+		if err := p.Shutdown(context.Background()); err != nil {
+			t.Error(err)
+		}
+	}
+
+	// One bad launch: the error names it and the good ones are killed.
+	cfgs = []Config{testConfig(t, "ok"), testConfig(t, "ok")}
+	cfgs[1].Kind = "nonexistent"
+	cfgs[1].PluginDir = t.TempDir()
+	if _, err := LaunchAll(cfgs); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("LaunchAll with a missing plugin: %v", err)
+	}
+	if ents, _ := os.ReadDir(cfgs[0].SocketBaseDir); len(ents) != 0 {
+		t.Errorf("the good plugin's socket dir is left: %v", ents)
+	}
+}
+
+// envTestHost makes the test binary act as a host process that launches
+// the plugin named by it, prints the plugin's pid and waits to be killed.
+const envTestHost = "KRUN_PLUGINHOST_TEST_HOST"
+
+func testHostMain() int {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		fmt.Println("error", err)
+		return 1
+	}
+	p, err := Launch(Config{
+		Kind:       "test",
+		Path:       os.Getenv(envTestHost),
+		Socket:     os.NewFile(uintptr(fds[0]), "sock"),
+		SandboxOff: true,
+		Env:        []string{"KRUN_TEST_MODE=ok"},
+	})
+	if err != nil {
+		fmt.Println("error", err)
+		return 1
+	}
+	fmt.Println("pid", p.Pid(), p.SocketDir())
+	time.Sleep(time.Minute)
+	return 0
+}
+
+func TestPdeathsigKillsPluginWithHost(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := exec.Command(self, "-test.run=^$")
+	host.Env = append(os.Environ(), envTestHost+"="+filepath.Join(testPluginDir, ExecutableName("test")))
+	out, err := host.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	host.Stderr = io.Discard
+	if err := host.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer host.Process.Kill()
+	var pid int
+	var sockDir string
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if _, serr := fmt.Sscanf(line, "pid %d %s", &pid, &sockDir); err != nil || serr != nil {
+		t.Fatalf("host said %q: %v %v", line, err, serr)
+	}
+	if !alive(pid) {
+		t.Fatalf("plugin %d not running while its host is", pid)
+	}
+	host.Process.Kill()
+	host.Wait()
+	deadline := time.Now().Add(5 * time.Second)
+	for alive(pid) {
+		if time.Now().After(deadline) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("plugin %d survived its host", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// A host killed with SIGKILL cannot remove the private dir; it is
+	// under os.TempDir() with a recognisable name.
+	os.RemoveAll(sockDir)
+}
+
+// BenchmarkLaunchToFirstRPC measures starting a plugin process, the
+// go-plugin handshake and the first RPC (Describe).
+func BenchmarkLaunchToFirstRPC(b *testing.B) {
+	for b.Loop() {
+		b.StopTimer()
+		cfg := testConfig(b, "ok")
+		b.StartTimer()
+		p, err := Launch(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := p.Describe(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		p.Kill()
+		b.StartTimer()
+	}
+}

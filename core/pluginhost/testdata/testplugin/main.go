@@ -1,0 +1,124 @@
+// Command testplugin is a bare go-plugin DevicePlugin server used by the
+// pluginhost tests. It does not use pluginsdk, so the host is tested against
+// the wire contract alone. KRUN_TEST_MODE selects a behaviour:
+//
+//	ok        answer every RPC; Stats reports what the process inherited
+//	crash     panic inside the Stats RPC
+//	hang      never complete the handshake
+//	exit      exit with status 3 before the handshake
+//	version   offer handshake protocol version 99
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+	"unsafe"
+
+	hclog "github.com/hashicorp/go-hclog"
+	plugin "github.com/hashicorp/go-plugin"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+
+	"github.com/krun-core/krun-core/proto/pluginpb"
+)
+
+// pdeathsig is the parent-death signal, read in init: it is a per-thread
+// attribute that only the main thread (which init runs on) inherited.
+var pdeathsig int32
+
+func init() {
+	if err := unix.Prctl(unix.PR_GET_PDEATHSIG, uintptr(unsafe.Pointer(&pdeathsig)), 0, 0, 0); err != nil {
+		pdeathsig = -1
+	}
+}
+
+type server struct {
+	pluginpb.UnimplementedDevicePluginServer
+	log   hclog.Logger
+	files map[string]uint32
+}
+
+func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb.DescribeResponse, error) {
+	return &pluginpb.DescribeResponse{Kind: "test", SdkVersion: "testplugin"}, nil
+}
+
+func (s *server) Configure(_ context.Context, r *pluginpb.ConfigureRequest) (*pluginpb.ConfigureResponse, error) {
+	s.files = r.GetFiles()
+	s.log.Info("configured", "options", fmt.Sprint(r.GetOptions()), "sandbox_off", r.GetSandboxOff())
+	return &pluginpb.ConfigureResponse{Device: &pluginpb.DeviceInfo{DeviceType: 4, NumQueues: 1, MaxQueueSize: 256}}, nil
+}
+
+func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.StatsResponse, error) {
+	if os.Getenv("KRUN_TEST_MODE") == "crash" {
+		s.log.Info("about to crash")
+		panic("testplugin: crashing in Stats as asked")
+	}
+	c := map[string]uint64{}
+	c["pdeathsig"] = uint64(pdeathsig)
+	var st unix.Stat_t
+	if unix.Fstat(pluginpb.SocketFD, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+		c["fd3_socket"] = 1
+	}
+	if unix.Fstat(0, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == unix.Mkdev(1, 3) {
+		c["stdin_devnull"] = 1
+	}
+	for name, fd := range s.files {
+		b := make([]byte, 1)
+		if n, _ := unix.Pread(int(fd), b, 0); n == 1 {
+			c["file_"+name] = uint64(b[0])
+		}
+	}
+	if os.Getenv("KRUN_TEST_SECRET") != "" {
+		c["host_env_leak"] = 1
+	}
+	if os.Getenv(plugin.EnvUnixSocketDir) != "" {
+		c["socket_dir_env"] = 1
+	}
+	c["env_count"] = uint64(len(os.Environ()))
+	return &pluginpb.StatsResponse{Counters: c}, nil
+}
+
+func (s *server) Health(context.Context, *pluginpb.HealthRequest) (*pluginpb.HealthResponse, error) {
+	return &pluginpb.HealthResponse{State: pluginpb.HealthResponse_STATE_CONFIGURED}, nil
+}
+
+func (s *server) Shutdown(context.Context, *pluginpb.ShutdownRequest) (*pluginpb.ShutdownResponse, error) {
+	return &pluginpb.ShutdownResponse{FlushError: os.Getenv("KRUN_TEST_FLUSH_ERROR")}, nil
+}
+
+type devicePlugin struct {
+	plugin.NetRPCUnsupportedPlugin
+	srv *server
+}
+
+func (p devicePlugin) GRPCServer(_ *plugin.GRPCBroker, s *grpc.Server) error {
+	pluginpb.RegisterDevicePluginServer(s, p.srv)
+	return nil
+}
+
+func (devicePlugin) GRPCClient(context.Context, *plugin.GRPCBroker, *grpc.ClientConn) (interface{}, error) {
+	return nil, fmt.Errorf("plugin side only")
+}
+
+func main() {
+	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: os.Stderr, JSONFormat: true})
+	hs := pluginpb.Handshake()
+	switch os.Getenv("KRUN_TEST_MODE") {
+	case "hang":
+		time.Sleep(time.Hour)
+	case "exit":
+		fmt.Fprintln(os.Stderr, "testplugin: refusing to start as asked")
+		os.Exit(3)
+	case "version":
+		hs.ProtocolVersion = 99
+	}
+	log.Info("hello from test plugin", "pid", os.Getpid())
+	plugin.Serve(&plugin.ServeConfig{
+		HandshakeConfig: hs,
+		Plugins:         plugin.PluginSet{pluginpb.PluginName: devicePlugin{srv: &server{log: log}}},
+		GRPCServer:      plugin.DefaultGRPCServer,
+		Logger:          log,
+	})
+}
