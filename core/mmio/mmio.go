@@ -1,0 +1,655 @@
+// Package mmio is the core's virtio-mmio (version 2) transport for one
+// plugin device. The core answers the guest's register reads and writes;
+// features, config space and queue set-up go to the plugin over vhost-user.
+//
+// The data path bypasses the core: once a queue runs, the guest's
+// QueueNotify write is matched by a KVM ioeventfd bound to the plugin's kick
+// eventfd, and the plugin's call eventfd is a KVM irqfd that raises the
+// device's interrupt. Because the core never sees those interrupts,
+// InterruptStatus reports "used buffer" (bit 0) whenever a queue is live;
+// the guest's handler then looks at its used rings, which is what it would
+// do anyway. Config-change interrupts (bit 1) are raised by the core itself,
+// when the plugin fails.
+package mmio
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
+)
+
+// Register offsets (virtio 1.2, 4.2.2).
+const (
+	RegMagic            = 0x000
+	RegVersion          = 0x004
+	RegDeviceID         = 0x008
+	RegVendorID         = 0x00c
+	RegDeviceFeatures   = 0x010
+	RegDeviceFeatSel    = 0x014
+	RegDriverFeatures   = 0x020
+	RegDriverFeatSel    = 0x024
+	RegQueueSel         = 0x030
+	RegQueueNumMax      = 0x034
+	RegQueueNum         = 0x038
+	RegQueueReady       = 0x044
+	RegQueueNotify      = 0x050
+	RegInterruptStatus  = 0x060
+	RegInterruptACK     = 0x064
+	RegStatus           = 0x070
+	RegQueueDescLow     = 0x080
+	RegQueueDescHigh    = 0x084
+	RegQueueDriverLow   = 0x090
+	RegQueueDriverHigh  = 0x094
+	RegQueueDeviceLow   = 0x0a0
+	RegQueueDeviceHigh  = 0x0a4
+	RegSHMSel           = 0x0ac
+	RegSHMLenLow        = 0x0b0
+	RegSHMLenHigh       = 0x0b4
+	RegSHMBaseLow       = 0x0b8
+	RegSHMBaseHigh      = 0x0bc
+	RegConfigGeneration = 0x0fc
+	RegConfig           = 0x100
+
+	// Size is the MMIO window of one device.
+	Size = 0x200
+	// ConfigSpaceMax is how much config space the window leaves.
+	ConfigSpaceMax = Size - RegConfig
+
+	Magic   = 0x74726976 // "virt"
+	Version = 2
+	// VendorID is "KRUN" in little-endian byte order.
+	VendorID = 0x4e55524b
+)
+
+// Device status bits.
+const (
+	StatusAcknowledge    = 1
+	StatusDriver         = 2
+	StatusDriverOK       = 4
+	StatusFeaturesOK     = 8
+	StatusDeviceNeedsRst = 64
+	StatusFailed         = 128
+)
+
+// Interrupt status bits.
+const (
+	IntVring  = 1 << 0
+	IntConfig = 1 << 1
+)
+
+// Feature bits the transport handles itself.
+const (
+	featureVersion1 = 1 << 32
+	// transportRefused are feature bits the core never passes to the
+	// guest: the vhost-user protocol-features bit (not a virtio feature),
+	// an IOMMU, packed rings (the plugins drive split rings), SR-IOV,
+	// notification data and ring reset, none of which this transport
+	// implements.
+	transportRefused = vhostuser.FeatureProtocolFeatures | vhostuser.FeatureAccessPlatform |
+		vhostuser.FeatureRingPacked | 1<<37 | 1<<38 | 1<<40
+)
+
+// Backend is the vhost-user side of the device. *frontend.Client
+// implements it.
+type Backend interface {
+	SetFeatures(f uint64) error
+	GetConfig(offset, size uint32) ([]byte, error)
+	SetConfig(offset, flags uint32, data []byte) error
+	SetupQueue(q frontend.QueueSetup, protocolNegotiated bool) error
+	GetVringBase(idx uint32) (uint32, error)
+	SetVringEnable(idx uint32, enable bool) error
+}
+
+// Wiring connects eventfds to the guest: *kvm.VM implements it.
+type Wiring interface {
+	RegisterIOEventFD(addr uint64, width uint32, datamatch uint64, fd int) error
+	UnregisterIOEventFD(addr uint64, width uint32, datamatch uint64, fd int) error
+	RegisterIRQFD(fd int, gsi uint32) error
+	UnregisterIRQFD(fd int, gsi uint32) error
+	IRQLine(gsi uint32, high bool) error
+}
+
+// Translator maps a guest physical range to the front-end (core) virtual
+// address that the memory table gave the plugin for it.
+type Translator func(gpa, size uint64) (uint64, error)
+
+// Config describes one device.
+type Config struct {
+	DeviceID     uint32 // virtio device type (2: block)
+	Base         uint64 // guest physical address of the register window
+	GSI          uint32
+	NumQueues    int
+	QueueSizeMax uint16 // power of two
+	// Features are the back-end's offer (GET_FEATURES).
+	Features uint64
+	// ProtocolNegotiated: VHOST_USER_F_PROTOCOL_FEATURES was acked, so
+	// SET_FEATURES must keep it and SET_VRING_ENABLE is used.
+	ProtocolNegotiated bool
+	// ConfigSpace: the CONFIG protocol feature was negotiated, so config
+	// space reads and writes are forwarded (otherwise they read as zero).
+	ConfigSpace bool
+	Backend     Backend
+	Wiring      Wiring
+	Translate   Translator
+	Log         hclog.Logger
+}
+
+// Errors.
+var (
+	ErrConfig = errors.New("invalid virtio-mmio device configuration")
+	ErrFailed = errors.New("device failed")
+)
+
+type queue struct {
+	num               uint16
+	ready             bool
+	desc, avail, used uint64
+	kick, call        *os.File
+	live              bool // set up in the back-end, fds wired
+}
+
+// Device is one virtio-mmio transport. Its methods are safe for concurrent
+// use by several vCPU threads.
+type Device struct {
+	cfg Config
+	log hclog.Logger
+
+	mu         sync.Mutex
+	status     uint32
+	devFeatSel uint32
+	drvFeatSel uint32
+	drvFeat    uint64
+	queueSel   uint32
+	intStatus  uint32 // config-change bit; the vring bit is derived
+	configGen  uint32
+	shmSel     uint32
+	queues     []queue
+	failed     error
+}
+
+// New creates the device and its kick and call eventfds.
+func New(cfg Config) (*Device, error) {
+	if cfg.NumQueues < 1 || cfg.NumQueues > 256 {
+		return nil, fmt.Errorf("%w: %d queues", ErrConfig, cfg.NumQueues)
+	}
+	if q := cfg.QueueSizeMax; q == 0 || q&(q-1) != 0 || q > 32768 {
+		return nil, fmt.Errorf("%w: queue size %d", ErrConfig, q)
+	}
+	if cfg.Base&0xfff != 0 {
+		return nil, fmt.Errorf("%w: base %#x not page aligned", ErrConfig, cfg.Base)
+	}
+	if cfg.Backend == nil || cfg.Wiring == nil || cfg.Translate == nil {
+		return nil, fmt.Errorf("%w: backend, wiring and translator are required", ErrConfig)
+	}
+	if cfg.Log == nil {
+		cfg.Log = hclog.NewNullLogger()
+	}
+	d := &Device{cfg: cfg, log: cfg.Log, queues: make([]queue, cfg.NumQueues)}
+	for i := range d.queues {
+		var err error
+		if d.queues[i].kick, err = newEventFD(fmt.Sprintf("kick%d", i)); err == nil {
+			d.queues[i].call, err = newEventFD(fmt.Sprintf("call%d", i))
+		}
+		if err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+func newEventFD(name string) (*os.File, error) {
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("eventfd %s: %w", name, err)
+	}
+	return os.NewFile(uintptr(fd), name), nil
+}
+
+// Close stops live queues and closes the eventfds.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.stopAllLocked()
+	for i := range d.queues {
+		q := &d.queues[i]
+		for _, f := range []*os.File{q.kick, q.call} {
+			if f != nil {
+				f.Close()
+			}
+		}
+		q.kick, q.call = nil, nil
+	}
+	return nil
+}
+
+// Base is the guest address of the register window.
+func (d *Device) Base() uint64 { return d.cfg.Base }
+
+// GSI is the device's interrupt.
+func (d *Device) GSI() uint32 { return d.cfg.GSI }
+
+// offered is what the guest sees in DeviceFeatures.
+func (d *Device) offered() uint64 {
+	return d.cfg.Features&^transportRefused | featureVersion1
+}
+
+// Read handles a guest read of len(data) bytes at offset into the window.
+func (d *Device) Read(offset uint64, data []byte) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := range data {
+		data[i] = 0
+	}
+	if offset >= RegConfig {
+		d.readConfigLocked(offset-RegConfig, data)
+		return
+	}
+	if len(data) != 4 || offset&3 != 0 {
+		d.log.Debug("ignored misaligned register read", "offset", offset, "len", len(data))
+		return
+	}
+	binary.LittleEndian.PutUint32(data, d.readRegLocked(offset))
+}
+
+func (d *Device) readRegLocked(offset uint64) uint32 {
+	switch offset {
+	case RegMagic:
+		return Magic
+	case RegVersion:
+		return Version
+	case RegDeviceID:
+		return d.cfg.DeviceID
+	case RegVendorID:
+		return VendorID
+	case RegDeviceFeatures:
+		if d.devFeatSel > 1 {
+			return 0
+		}
+		return uint32(d.offered() >> (32 * d.devFeatSel))
+	case RegQueueNumMax:
+		if d.selected() != nil {
+			return uint32(d.cfg.QueueSizeMax)
+		}
+	case RegQueueNum:
+		if q := d.selected(); q != nil {
+			return uint32(q.num)
+		}
+	case RegQueueReady:
+		if q := d.selected(); q != nil && q.ready {
+			return 1
+		}
+	case RegQueueDescLow, RegQueueDescHigh, RegQueueDriverLow, RegQueueDriverHigh, RegQueueDeviceLow, RegQueueDeviceHigh:
+		if q := d.selected(); q != nil {
+			v := q.used
+			switch offset &^ 4 {
+			case RegQueueDescLow:
+				v = q.desc
+			case RegQueueDriverLow:
+				v = q.avail
+			}
+			if offset&4 != 0 {
+				return uint32(v >> 32)
+			}
+			return uint32(v)
+		}
+	case RegInterruptStatus:
+		s := d.intStatus
+		if d.anyLiveLocked() {
+			s |= IntVring
+		}
+		return s
+	case RegStatus:
+		return d.status
+	case RegSHMLenLow, RegSHMLenHigh:
+		return 0xffffffff // no shared memory regions
+	case RegSHMBaseLow, RegSHMBaseHigh:
+		return 0xffffffff
+	case RegConfigGeneration:
+		return d.configGen
+	}
+	return 0
+}
+
+func (d *Device) selected() *queue {
+	if d.queueSel >= uint32(len(d.queues)) {
+		return nil
+	}
+	return &d.queues[d.queueSel]
+}
+
+func (d *Device) anyLiveLocked() bool {
+	for i := range d.queues {
+		if d.queues[i].live {
+			return true
+		}
+	}
+	return false
+}
+
+// Write handles a guest write of data at offset into the window.
+func (d *Device) Write(offset uint64, data []byte) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if offset >= RegConfig {
+		d.writeConfigLocked(offset-RegConfig, data)
+		return
+	}
+	if len(data) != 4 || offset&3 != 0 {
+		d.log.Debug("ignored misaligned register write", "offset", offset, "len", len(data))
+		return
+	}
+	v := binary.LittleEndian.Uint32(data)
+	switch offset {
+	case RegDeviceFeatSel:
+		d.devFeatSel = v
+	case RegDriverFeatSel:
+		d.drvFeatSel = v
+	case RegDriverFeatures:
+		if d.status&StatusFeaturesOK != 0 || d.drvFeatSel > 1 {
+			return // features are frozen once FEATURES_OK is set
+		}
+		shift := 32 * d.drvFeatSel
+		d.drvFeat = d.drvFeat&^(0xffffffff<<shift) | uint64(v)<<shift
+	case RegQueueSel:
+		d.queueSel = v
+	case RegQueueNum:
+		if q := d.selected(); q != nil && !q.ready {
+			q.num = 0 // too large: refused when the queue is made ready
+			if v <= 0xffff {
+				q.num = uint16(v)
+			}
+		}
+	case RegQueueDescLow, RegQueueDescHigh, RegQueueDriverLow, RegQueueDriverHigh, RegQueueDeviceLow, RegQueueDeviceHigh:
+		q := d.selected()
+		if q == nil || q.ready {
+			return
+		}
+		var p *uint64
+		switch offset &^ 4 {
+		case RegQueueDescLow:
+			p = &q.desc
+		case RegQueueDriverLow:
+			p = &q.avail
+		default:
+			p = &q.used
+		}
+		if offset&4 != 0 {
+			*p = *p&0xffffffff | uint64(v)<<32
+		} else {
+			*p = *p&^0xffffffff | uint64(v)
+		}
+	case RegQueueReady:
+		q := d.selected()
+		if q == nil {
+			return
+		}
+		switch {
+		case v == 1 && !q.ready:
+			q.ready = true
+			if d.status&StatusDriverOK != 0 {
+				d.startQueueLocked(int(d.queueSel))
+			}
+		case v == 0 && q.ready:
+			d.stopQueueLocked(int(d.queueSel))
+			q.ready = false
+		}
+	case RegQueueNotify:
+		d.notifyLocked(v)
+	case RegInterruptACK:
+		d.intStatus &^= v
+	case RegStatus:
+		d.writeStatusLocked(v)
+	case RegSHMSel:
+		d.shmSel = v
+	}
+}
+
+// notifyLocked handles a QueueNotify that reached the core (no ioeventfd
+// yet, or an index the ioeventfds do not match): it kicks by hand.
+func (d *Device) notifyLocked(v uint32) {
+	idx := v & 0xffff
+	if idx >= uint32(len(d.queues)) {
+		return
+	}
+	q := &d.queues[idx]
+	if !q.ready || q.kick == nil {
+		return
+	}
+	var one [8]byte
+	binary.LittleEndian.PutUint64(one[:], 1)
+	if _, err := q.kick.Write(one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+		d.log.Warn("kick by hand failed", "queue", idx, "error", err)
+	}
+}
+
+func (d *Device) writeStatusLocked(v uint32) {
+	if v == 0 {
+		d.resetLocked()
+		return
+	}
+	v &= 0xff
+	added := v &^ d.status
+	if d.status&^v != 0 {
+		// Clearing bits other than by a reset is not allowed.
+		d.log.Debug("ignored status write that clears bits", "old", d.status, "new", v)
+		return
+	}
+	if added&StatusFeaturesOK != 0 {
+		if err := d.acceptFeaturesLocked(); err != nil {
+			d.log.Warn("refused driver features", "features", fmt.Sprintf("%#x", d.drvFeat), "error", err)
+			v &^= StatusFeaturesOK
+		}
+	}
+	if added&StatusDriverOK != 0 && v&StatusFeaturesOK == 0 {
+		v &^= StatusDriverOK // DRIVER_OK without FEATURES_OK
+	}
+	d.status = v | d.status&StatusDeviceNeedsRst
+	if added&StatusDriverOK != 0 && d.status&StatusDriverOK != 0 {
+		for i := range d.queues {
+			if d.queues[i].ready {
+				d.startQueueLocked(i)
+			}
+		}
+	}
+	if added&StatusFailed != 0 {
+		d.log.Warn("guest driver gave up on the device")
+	}
+}
+
+func (d *Device) acceptFeaturesLocked() error {
+	if d.failed != nil {
+		return d.failed
+	}
+	if extra := d.drvFeat &^ d.offered(); extra != 0 {
+		return fmt.Errorf("features %#x not offered", extra)
+	}
+	if d.drvFeat&featureVersion1 == 0 {
+		return errors.New("legacy driver (VIRTIO_F_VERSION_1 not acked)")
+	}
+	f := d.drvFeat
+	if d.cfg.ProtocolNegotiated {
+		f |= vhostuser.FeatureProtocolFeatures
+	}
+	if err := d.cfg.Backend.SetFeatures(f); err != nil {
+		d.failLocked(fmt.Errorf("SET_FEATURES: %w", err))
+		return err
+	}
+	return nil
+}
+
+// ringLayout checks a queue's size and ring addresses (virtio 1.2, 2.7:
+// alignment 16/2/4) and returns the three ranges' sizes.
+func ringLayout(q *queue, max uint16) (desc, avail, used uint64, err error) {
+	n := uint64(q.num)
+	if n == 0 || n > uint64(max) || n&(n-1) != 0 {
+		return 0, 0, 0, fmt.Errorf("queue size %d (max %d, power of two)", q.num, max)
+	}
+	if q.desc&15 != 0 || q.avail&1 != 0 || q.used&3 != 0 {
+		return 0, 0, 0, fmt.Errorf("misaligned ring addresses desc %#x avail %#x used %#x", q.desc, q.avail, q.used)
+	}
+	return 16 * n, 6 + 2*n, 6 + 8*n, nil
+}
+
+func (d *Device) startQueueLocked(i int) {
+	q := &d.queues[i]
+	if q.live || d.failed != nil {
+		return
+	}
+	dsz, asz, usz, err := ringLayout(q, d.cfg.QueueSizeMax)
+	if err != nil {
+		d.failLocked(fmt.Errorf("queue %d: %w", i, err))
+		return
+	}
+	var ua [3]uint64
+	for j, r := range []struct{ gpa, size uint64 }{{q.desc, dsz}, {q.avail, asz}, {q.used, usz}} {
+		if ua[j], err = d.cfg.Translate(r.gpa, r.size); err != nil {
+			d.failLocked(fmt.Errorf("queue %d: ring at %#x: %w", i, r.gpa, err))
+			return
+		}
+	}
+	notify := d.cfg.Base + RegQueueNotify
+	if err := d.cfg.Wiring.RegisterIRQFD(int(q.call.Fd()), d.cfg.GSI); err != nil {
+		d.failLocked(fmt.Errorf("queue %d: %w", i, err))
+		return
+	}
+	if err := d.cfg.Wiring.RegisterIOEventFD(notify, 4, uint64(i), int(q.kick.Fd())); err != nil {
+		d.cfg.Wiring.UnregisterIRQFD(int(q.call.Fd()), d.cfg.GSI)
+		d.failLocked(fmt.Errorf("queue %d: %w", i, err))
+		return
+	}
+	q.live = true
+	err = d.cfg.Backend.SetupQueue(frontend.QueueSetup{
+		Index: uint32(i), Size: q.num, Desc: ua[0], Avail: ua[1], Used: ua[2],
+		Kick: q.kick, Call: q.call,
+	}, d.cfg.ProtocolNegotiated)
+	if err != nil {
+		d.failLocked(fmt.Errorf("queue %d set-up: %w", i, err))
+		return
+	}
+	d.log.Debug("queue live", "queue", i, "size", q.num)
+}
+
+// stopQueueLocked takes a live queue down: ring stopped in the back-end,
+// eventfds unwired.
+func (d *Device) stopQueueLocked(i int) {
+	q := &d.queues[i]
+	if !q.live {
+		return
+	}
+	q.live = false
+	d.cfg.Wiring.UnregisterIOEventFD(d.cfg.Base+RegQueueNotify, 4, uint64(i), int(q.kick.Fd()))
+	d.cfg.Wiring.UnregisterIRQFD(int(q.call.Fd()), d.cfg.GSI)
+	if d.failed != nil {
+		return
+	}
+	if d.cfg.ProtocolNegotiated {
+		if err := d.cfg.Backend.SetVringEnable(uint32(i), false); err != nil {
+			d.failLocked(fmt.Errorf("disable queue %d: %w", i, err))
+			return
+		}
+	}
+	if _, err := d.cfg.Backend.GetVringBase(uint32(i)); err != nil {
+		d.failLocked(fmt.Errorf("stop queue %d: %w", i, err))
+	}
+}
+
+func (d *Device) stopAllLocked() {
+	for i := range d.queues {
+		d.stopQueueLocked(i)
+	}
+}
+
+func (d *Device) resetLocked() {
+	d.stopAllLocked()
+	for i := range d.queues {
+		q := &d.queues[i]
+		q.ready, q.num, q.desc, q.avail, q.used = false, 0, 0, 0, 0
+		drain(q.kick)
+		drain(q.call)
+	}
+	d.status = 0
+	d.drvFeat, d.devFeatSel, d.drvFeatSel, d.queueSel, d.shmSel = 0, 0, 0, 0, 0
+	d.intStatus = 0
+	if d.failed != nil {
+		d.status = StatusDeviceNeedsRst // a dead plugin stays dead
+	}
+}
+
+func drain(f *os.File) {
+	if f == nil {
+		return
+	}
+	var b [8]byte
+	unix.Read(int(f.Fd()), b[:]) // non-blocking; EAGAIN when empty
+}
+
+// Fail marks the device broken (its plugin died or misbehaved): status
+// gets DEVICE_NEEDS_RESET, the guest gets a config-change interrupt, and
+// the back-end is not called any more. The rest of the VM runs on.
+func (d *Device) Fail(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.failLocked(err)
+}
+
+func (d *Device) failLocked(err error) {
+	if d.failed != nil {
+		return
+	}
+	d.failed = fmt.Errorf("%w: %w", ErrFailed, err)
+	d.log.Error("virtio device failed", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+	for i := range d.queues {
+		d.stopQueueLocked(i)
+	}
+	d.status |= StatusDeviceNeedsRst
+	d.intStatus |= IntConfig
+	d.configGen++
+	if err := d.cfg.Wiring.IRQLine(d.cfg.GSI, true); err == nil {
+		d.cfg.Wiring.IRQLine(d.cfg.GSI, false)
+	}
+}
+
+// Failed returns why the device failed, or nil.
+func (d *Device) Failed() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.failed
+}
+
+func (d *Device) readConfigLocked(off uint64, data []byte) {
+	if !d.cfg.ConfigSpace || d.failed != nil || !configAccessOK(off, len(data)) {
+		return
+	}
+	b, err := d.cfg.Backend.GetConfig(uint32(off), uint32(len(data)))
+	if err != nil {
+		// Outside the device's config space, or the plugin is gone (which
+		// its supervisor reports through Fail): reads as zero.
+		d.log.Debug("config read failed", "offset", off, "len", len(data), "error", err)
+		return
+	}
+	copy(data, b)
+}
+
+func (d *Device) writeConfigLocked(off uint64, data []byte) {
+	if !d.cfg.ConfigSpace || d.failed != nil || !configAccessOK(off, len(data)) {
+		return
+	}
+	if err := d.cfg.Backend.SetConfig(uint32(off), 0, append([]byte(nil), data...)); err != nil {
+		// A refused write (read-only field) is the guest's problem, not a
+		// broken plugin.
+		d.log.Debug("config write refused", "offset", off, "error", err)
+	}
+}
+
+func configAccessOK(off uint64, n int) bool {
+	return n > 0 && n <= 8 && off < ConfigSpaceMax && uint64(n) <= ConfigSpaceMax-off
+}
