@@ -149,15 +149,20 @@ sync
 }
 
 // TestNestedKVM boots an outer guest that must get /dev/kvm from kvm_amd
-// under TCG's emulated SVM.
+// under TCG's emulated SVM, and runs real-mode code through it with the
+// kvmprobe program.
 func TestNestedKVM(t *testing.T) {
 	a := vmtest.Require(t)
-	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{Script: `
+	probe := vmtest.BuildStatic(t, vmtest.KVMProbePackage)
+	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
+		Payload: []vmtest.File{{Dst: "/bin/kvmprobe", Src: probe, Mode: 0o755}},
+		Script: `
 ls -l /dev/kvm
 grep -q -w svm /proc/cpuinfo || e2e_fail "no svm flag"
+kvmprobe
 `})
-	if !strings.Contains(r.Console, "/dev/kvm") {
-		t.Errorf("console lacks the ls output for /dev/kvm")
+	if !strings.Contains(r.Console, "KVMPROBE ok") {
+		t.Errorf("console lacks KVMPROBE ok")
 	}
 	t.Logf("nested outer boot: /init after %v, total %v", r.BootTime.Round(time.Millisecond), r.Total.Round(time.Millisecond))
 }
