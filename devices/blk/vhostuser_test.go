@@ -327,4 +327,3 @@ func BenchmarkVhostUser(b *testing.B) {
 		})
 	}
 }
-
