@@ -628,8 +628,8 @@ func (sess *session) startWorker(r *ring) {
 	r.stats.running.Store(true)
 	go func() {
 		defer close(done)
-		defer r.stats.running.Store(false)
 		err := Protect(func() error { return dev.ServeQueue(ctx, r.index, vr) })
+		r.stats.running.Store(false)
 		if ctx.Err() != nil {
 			if err != nil && !errors.Is(err, context.Canceled) {
 				log.Warn("queue worker stopped with an error", "queue", r.index, "error", err)
