@@ -334,6 +334,11 @@ func (sess *session) setSlots(slots []slot) error {
 	if err := vhostuser.CheckMemRegions(regions); err != nil {
 		return err
 	}
+	for i, s := range slots {
+		if err := checkFileSize(s); err != nil {
+			return fmt.Errorf("region %d: %w", i, err)
+		}
+	}
 	var mem *guestmem.Memory
 	if len(slots) > 0 {
 		gr := make([]guestmem.Region, len(slots))
@@ -375,6 +380,31 @@ func (sess *session) setSlots(slots []slot) error {
 		if !keep[s.file] {
 			s.file.Close()
 		}
+	}
+	return nil
+}
+
+// checkFileSize refuses a region that extends beyond the end of a regular
+// file (a memfd): touching it would fault. A file truncated later still
+// faults; ring workers recover from that (Protect).
+func checkFileSize(s slot) error {
+	var st unix.Stat_t
+	rc, err := s.file.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.Fstat(int(fd), &st) }); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("fstat memory region file: %w", serr)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil
+	}
+	if size := uint64(st.Size); s.Size > size || s.MmapOffset > size-s.Size {
+		return fmt.Errorf("%w: region %#x+%#x lies beyond the end of its file (%d bytes)", vhostuser.ErrBadPayload, s.MmapOffset, s.Size, st.Size)
 	}
 	return nil
 }
