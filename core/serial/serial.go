@@ -272,3 +272,13 @@ func (u *UART) OutputError() error {
 	defer u.mu.Unlock()
 	return u.outErr
 }
+
+// SetOutput replaces the writer transmitted bytes go to.
+func (u *UART) SetOutput(out io.Writer) {
+	if out == nil {
+		out = io.Discard
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.out = out
+}

@@ -1,0 +1,605 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/core/acpi"
+	"github.com/krun-core/krun-core/core/boot"
+	"github.com/krun-core/krun-core/core/kvm"
+	"github.com/krun-core/krun-core/core/mmio"
+	"github.com/krun-core/krun-core/core/serial"
+	"github.com/krun-core/krun-core/guestmem"
+)
+
+// Guest resources of the plugin devices: device i has its register window
+// at MMIOBase + i*MMIOStride and interrupt FirstDeviceGSI + i.
+const (
+	MMIOBase       = 0xd000_0000
+	MMIOStride     = 0x1000
+	FirstDeviceGSI = 16
+)
+
+// event is what ends a run.
+type event struct {
+	reason ExitReason
+	err    error
+}
+
+// machine is one VM being built and run.
+type machine struct {
+	log hclog.Logger
+
+	vm      *kvm.VM
+	memFile *os.File
+	mem     *guestmem.Memory
+	ram     []boot.RAMRange
+	vcpus   []*kvm.VCPU
+	uart    *serial.UART
+	power   power
+	devices []*pluginDevice
+
+	events  chan event
+	stop    atomic.Bool
+	tids    []atomic.Int32
+	running sync.WaitGroup
+}
+
+// Start builds the VM and runs it until the guest powers off or reboots
+// (both are a normal end), ctx is cancelled, or the VM fails. Without
+// /dev/kvm the error wraps kvm.ErrNoKVM.
+func (c *Context) Start(ctx context.Context) (*Result, error) {
+	if c.started {
+		return nil, errors.New("vmm: a Context runs one VM")
+	}
+	c.started = true
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	sys, err := kvm.Open()
+	if err != nil {
+		return nil, err
+	}
+	defer sys.Close()
+
+	m := &machine{log: c.log, events: make(chan event, 1)}
+	defer m.close()
+
+	// Plugins start in the background while the VM is built.
+	type launched struct {
+		devs []*pluginDevice
+		took time.Duration
+		err  error
+	}
+	plugc := make(chan launched, 1)
+	go func() {
+		devs, err := c.launchPlugins(ctx)
+		plugc <- launched{devs, time.Since(t0), err}
+	}()
+	collect := func() launched {
+		l := <-plugc
+		m.devices = l.devs
+		return l
+	}
+
+	loaded, err := c.build(m, sys)
+	if err != nil {
+		if l := collect(); l.err == nil {
+			m.shutdownDevices()
+		}
+		return nil, err
+	}
+	setup := time.Since(t0)
+	l := collect()
+	if l.err != nil {
+		return nil, l.err
+	}
+	t1 := time.Now()
+	if err := m.attachDevices(); err != nil {
+		return nil, err
+	}
+	setup += time.Since(t1)
+	m.log.Debug("kernel loaded", "entry", fmt.Sprintf("%#x", loaded.Entry), "initrd", fmt.Sprintf("%#x", loaded.InitrdAddr))
+
+	res := &Result{Timing: Timing{PluginStart: l.took, VMSetup: setup}}
+	ready := time.Now()
+	res.Timing.Ready = ready.Sub(t0)
+	marker := &markerWriter{w: c.consoleOut, marker: []byte(c.bootMarker)}
+	m.uart.SetOutput(marker)
+
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if c.consoleIn != nil {
+		go m.pumpInput(runCtx, c.consoleIn)
+	}
+	for _, d := range m.devices {
+		go d.monitor(runCtx)
+	}
+	m.tids = make([]atomic.Int32, len(m.vcpus))
+	for i := range m.vcpus {
+		m.running.Add(1)
+		go m.runVCPU(i)
+	}
+	var ev event
+	select {
+	case ev = <-m.events:
+	case <-ctx.Done():
+		ev = event{err: ctx.Err()}
+	}
+	end := time.Now()
+	res.CoreRSS = coreRSS()
+	m.stopVCPUs()
+	cancel()
+	res.Timing.Total = end.Sub(t0)
+	if at := marker.seenAt(); !at.IsZero() {
+		res.Timing.KernelBoot = at.Sub(ready)
+	}
+	for _, d := range m.devices {
+		if err := d.dev.Failed(); err != nil {
+			res.DeviceErrors = append(res.DeviceErrors, err)
+		}
+	}
+	if err := m.uart.OutputError(); err != nil {
+		m.log.Warn("console output failed", "error", err)
+	}
+	if ev.err != nil {
+		return res, ev.err
+	}
+	res.Reason = ev.reason
+	return res, nil
+}
+
+// build creates the VM, its memory and vCPUs, and loads the kernel.
+func (c *Context) build(m *machine, sys *kvm.System) (*boot.Loaded, error) {
+	if c.cpus > sys.MaxVCPUs() {
+		return nil, fmt.Errorf("%w: %d vCPUs, this host's KVM allows %d", ErrConfig, c.cpus, sys.MaxVCPUs())
+	}
+	vm, err := sys.CreateVM()
+	if err != nil {
+		return nil, err
+	}
+	m.vm = vm
+	if err := m.setupMemory(c.memoryMiB << 20); err != nil {
+		return nil, err
+	}
+	m.uart = serial.New(io.Discard, func(level bool) {
+		if err := vm.IRQLine(serial.COM1IRQ, level); err != nil {
+			m.log.Warn("serial interrupt", "error", err)
+		}
+	})
+	m.power.event = m.event
+
+	devs := make([]acpi.MMIODevice, len(c.devices))
+	for i := range devs {
+		devs[i] = acpi.MMIODevice{Base: MMIOBase + uint64(i)*MMIOStride, Size: mmio.Size, GSI: FirstDeviceGSI + uint32(i)}
+	}
+	tables, _, err := acpi.Build(acpi.Config{CPUs: c.cpus, Devices: devs}, boot.ACPIAddr)
+	if err != nil {
+		return nil, err
+	}
+	if len(tables) > boot.ACPISize {
+		return nil, fmt.Errorf("ACPI tables of %d bytes do not fit %d", len(tables), boot.ACPISize)
+	}
+	if err := m.mem.Write(boot.ACPIAddr, tables); err != nil {
+		return nil, fmt.Errorf("write ACPI tables: %w", err)
+	}
+
+	cmdline := c.cmdline
+	if c.mmioCmdline {
+		for _, d := range devs {
+			cmdline += fmt.Sprintf(" virtio_mmio.device=%d@%#x:%d", d.Size, d.Base, d.GSI)
+		}
+	}
+	kf, err := os.Open(c.kernelPath)
+	if err != nil {
+		return nil, fmt.Errorf("kernel: %w", err)
+	}
+	defer kf.Close()
+	kst, err := kf.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("kernel: %w", err)
+	}
+	cfg := boot.Config{Kernel: kf, KernelSize: kst.Size(), Cmdline: cmdline, RAM: m.ram, RSDP: boot.ACPIAddr}
+	if c.initrdPath != "" {
+		inf, err := os.Open(c.initrdPath)
+		if err != nil {
+			return nil, fmt.Errorf("initrd: %w", err)
+		}
+		defer inf.Close()
+		ist, err := inf.Stat()
+		if err != nil {
+			return nil, fmt.Errorf("initrd: %w", err)
+		}
+		cfg.Initrd, cfg.InitrdSize = inf, ist.Size()
+	}
+	loaded, err := boot.Load(m.mem, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("load kernel %s: %w", c.kernelPath, err)
+	}
+	if err := m.setupVCPUs(sys, c.cpus, loaded.Entry); err != nil {
+		return nil, err
+	}
+	return loaded, nil
+}
+
+// setupMemory creates guest RAM as one memfd (so plugins can map it),
+// mapped around the MMIO hole and registered with KVM.
+func (m *machine) setupMemory(size uint64) error {
+	f, err := guestmem.NewMemfd("krun-guest-ram", size)
+	if err != nil {
+		return err
+	}
+	m.memFile = f
+	m.ram = boot.RAMLayout(size)
+	regions := make([]guestmem.Region, len(m.ram))
+	var off uint64
+	for i, r := range m.ram {
+		regions[i] = guestmem.Region{GuestAddr: guestmem.Addr(r.Start), Size: r.Size, File: f, Offset: off}
+		off += r.Size
+	}
+	if m.mem, err = guestmem.Map(regions); err != nil {
+		return err
+	}
+	for i, r := range m.mem.Regions() {
+		b, err := m.mem.Slice(r.GuestAddr, r.Size)
+		if err != nil {
+			return err
+		}
+		if err := m.vm.SetMemory(uint32(i), uint64(r.GuestAddr), r.Size, kvm.HostAddr(b)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// hostAddr translates a guest range to the core's virtual address: the
+// "user address" the plugins' memory tables use.
+func (m *machine) hostAddr(gpa, size uint64) (uint64, error) {
+	b, err := m.mem.Slice(guestmem.Addr(gpa), size)
+	if err != nil {
+		return 0, err
+	}
+	if size == 0 {
+		return 0, fmt.Errorf("empty range at %#x", gpa)
+	}
+	return uint64(kvm.HostAddr(b)), nil
+}
+
+func (m *machine) setupVCPUs(sys *kvm.System, n int, entry uint64) error {
+	supported, err := sys.SupportedCPUID()
+	if err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		v, err := m.vm.CreateVCPU(i)
+		if err != nil {
+			return err
+		}
+		m.vcpus = append(m.vcpus, v)
+		if err := v.SetCPUID(kvm.CPUIDFor(supported, i, n)); err != nil {
+			return err
+		}
+		if err := v.SetMSRs(kvm.BootMSRs()); err != nil {
+			// Not fatal: a nested or older KVM may refuse one of them.
+			m.log.Warn("initial MSRs", "vcpu", i, "error", err)
+		}
+		lapic, err := v.LAPIC()
+		if err != nil {
+			return err
+		}
+		kvm.SetLINT(&lapic)
+		if err := v.SetLAPIC(lapic); err != nil {
+			return err
+		}
+		if err := v.SetFPU(kvm.BootFPU()); err != nil {
+			return err
+		}
+		if i != 0 {
+			continue // application processors wait for INIT/SIPI in KVM
+		}
+		sregs, err := v.Sregs()
+		if err != nil {
+			return err
+		}
+		boot.LongModeSregs(&sregs)
+		if err := v.SetSregs(sregs); err != nil {
+			return err
+		}
+		if err := v.SetRegs(boot.EntryRegs(entry)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// event records the first event that ends the run.
+func (m *machine) event(ev event) {
+	select {
+	case m.events <- ev:
+	default:
+	}
+}
+
+func (m *machine) runVCPU(i int) {
+	defer m.running.Done()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	m.tids[i].Store(int32(unix.Gettid()))
+	v := m.vcpus[i]
+	for !m.stop.Load() {
+		reason, err := v.Run()
+		if errors.Is(err, kvm.ErrInterrupted) {
+			continue
+		}
+		if err != nil {
+			m.event(event{err: err})
+			return
+		}
+		if err := m.handleExit(v, reason); err != nil {
+			m.event(event{err: fmt.Errorf("vCPU %d: %w", i, err)})
+			return
+		}
+	}
+}
+
+func (m *machine) handleExit(v *kvm.VCPU, reason uint32) error {
+	switch reason {
+	case kvm.ExitIO:
+		e, err := v.IO()
+		if err != nil {
+			return err
+		}
+		size := int(e.Size)
+		for off := 0; off+size <= len(e.Data); off += size {
+			m.pio(e.Port, e.Out, e.Data[off:off+size])
+		}
+	case kvm.ExitMMIO:
+		e, err := v.MMIO()
+		if err != nil {
+			return err
+		}
+		m.mmio(e.Addr, e.Write, e.Data)
+	case kvm.ExitHLT, kvm.ExitIntr, kvm.ExitIRQWindowOpen:
+	case kvm.ExitShutdown:
+		// A triple fault. Linux's last reboot method ends up here; so
+		// does a crash before the kernel has an IDT.
+		m.log.Info("guest triple fault: treated as reboot", "vcpu", v.ID())
+		m.event(event{reason: ExitReboot})
+	case kvm.ExitSystemEvent:
+		switch t := v.SystemEvent(); t {
+		case kvm.SystemEventShutdown:
+			m.event(event{reason: ExitPowerOff})
+		case kvm.SystemEventReset:
+			m.event(event{reason: ExitReboot})
+		default:
+			return fmt.Errorf("guest system event %d (crash)", t)
+		}
+	case kvm.ExitFailEntry:
+		return fmt.Errorf("KVM entry failed, hardware reason %#x", v.FailEntryReason())
+	case kvm.ExitInternalError:
+		return fmt.Errorf("KVM internal error, suberror %d", v.InternalError())
+	default:
+		return fmt.Errorf("unexpected KVM exit %d", reason)
+	}
+	return nil
+}
+
+// mmio dispatches an MMIO exit to the virtio-mmio window it hits; elsewhere
+// reads are zero and writes are dropped.
+func (m *machine) mmio(addr uint64, write bool, data []byte) {
+	if addr >= MMIOBase {
+		i := (addr - MMIOBase) / MMIOStride
+		off := (addr - MMIOBase) % MMIOStride
+		if i < uint64(len(m.devices)) && off < mmio.Size {
+			d := m.devices[i].dev
+			if write {
+				d.Write(off, data)
+			} else {
+				d.Read(off, data)
+			}
+			return
+		}
+	}
+	if !write {
+		clear(data)
+	}
+}
+
+// I/O ports the core emulates besides the UART.
+const (
+	portI8042Data    = 0x60
+	portI8042Command = 0x64
+	portCMOSIndex    = 0x70
+	portCMOSData     = 0x71
+	i8042Reset       = 0xfe
+)
+
+func (m *machine) pio(port uint16, out bool, data []byte) {
+	switch {
+	case port >= serial.COM1Base && port < serial.COM1Base+serial.NumPorts:
+		for i := range data {
+			p := uint8(int(port-serial.COM1Base) + i)
+			if out {
+				m.uart.Write(p, data[i])
+			} else {
+				data[i] = m.uart.Read(p)
+			}
+		}
+	case port >= acpi.PM1aEventPort && port < acpi.PM1aControlPort+2:
+		m.power.access(port, out, data)
+	case port == acpi.ResetPort:
+		if out && data[0] == acpi.ResetValue {
+			m.log.Debug("ACPI reset register written")
+			m.event(event{reason: ExitReboot})
+		} else if !out {
+			clear(data)
+		}
+	case port == portI8042Command:
+		if out && data[0] == i8042Reset {
+			m.log.Debug("i8042 reset")
+			m.event(event{reason: ExitReboot})
+		} else if !out {
+			clear(data) // no data, input buffer empty
+		}
+	case port == portI8042Data, port == portCMOSData:
+		if !out {
+			clear(data)
+		}
+	default:
+		if !out {
+			for i := range data {
+				data[i] = 0xff // nothing there
+			}
+		}
+	}
+}
+
+func (m *machine) stopVCPUs() {
+	m.stop.Store(true)
+	pid := unix.Getpid()
+	kickAll := func() {
+		for i, v := range m.vcpus {
+			v.SetImmediateExit(true)
+			if i < len(m.tids) {
+				if tid := m.tids[i].Load(); tid != 0 {
+					unix.Tgkill(pid, int(tid), unix.SIGURG)
+				}
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() { m.running.Wait(); close(done) }()
+	kickAll()
+	for tries := 0; ; tries++ {
+		select {
+		case <-done:
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+		if tries == 10 {
+			// A vCPU is stuck in a device call: cut the plugins off.
+			for _, d := range m.devices {
+				if d.client != nil {
+					d.client.Close()
+				}
+			}
+		}
+		if tries == 50 {
+			m.log.Warn("vCPU threads did not stop; leaving them")
+			return
+		}
+		kickAll()
+	}
+}
+
+func (m *machine) pumpInput(ctx context.Context, r io.Reader) {
+	buf := make([]byte, 256)
+	for {
+		n, err := r.Read(buf)
+		p := buf[:n]
+		for len(p) > 0 {
+			k := m.uart.Receive(p)
+			p = p[k:]
+			if len(p) == 0 {
+				break
+			}
+			select {
+			case <-m.uart.Drained():
+			case <-ctx.Done():
+				return
+			}
+		}
+		if err != nil || ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+func (m *machine) close() {
+	m.stopVCPUs()
+	m.shutdownDevices()
+	for _, v := range m.vcpus {
+		v.Close()
+	}
+	if m.vm != nil {
+		m.vm.Close()
+	}
+	if m.mem != nil {
+		m.mem.Close()
+	}
+	if m.memFile != nil {
+		m.memFile.Close()
+	}
+}
+
+// markerWriter passes console output through and notes when marker first
+// went by.
+type markerWriter struct {
+	w      io.Writer
+	marker []byte
+	mu     sync.Mutex
+	match  int
+	at     time.Time
+}
+
+func (w *markerWriter) Write(p []byte) (int, error) {
+	if len(w.marker) > 0 {
+		w.mu.Lock()
+		if w.at.IsZero() {
+			for _, b := range p {
+				for w.match > 0 && w.marker[w.match] != b {
+					// Fall back: restart the match (the markers used
+					// here have no self-overlap worth tracking).
+					w.match = 0
+				}
+				if w.marker[w.match] == b {
+					w.match++
+				}
+				if w.match == len(w.marker) {
+					w.at = time.Now()
+					break
+				}
+			}
+		}
+		w.mu.Unlock()
+	}
+	return w.w.Write(p)
+}
+
+func (w *markerWriter) seenAt() time.Time {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.at
+}
+
+// coreRSS is the process's resident memory without shared memory (guest
+// RAM is a memfd, counted as RssShmem), from /proc/self/status.
+func coreRSS() uint64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	var total uint64
+	for _, line := range strings.Split(string(b), "\n") {
+		for _, key := range []string{"RssAnon:", "RssFile:"} {
+			if rest, ok := strings.CutPrefix(line, key); ok {
+				var kb uint64
+				fmt.Sscanf(strings.TrimSpace(rest), "%d", &kb)
+				total += kb << 10
+			}
+		}
+	}
+	return total
+}

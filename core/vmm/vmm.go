@@ -1,0 +1,226 @@
+// Package vmm is the core's Go API, in the spirit of libkrun's context
+// calls: create a Context, set the VM configuration, the kernel and the
+// console, add disks (with an explicit format) and other plugin devices,
+// then Start, which boots the guest on KVM and returns when it powers off
+// or reboots.
+//
+// The machine is minimal: vCPUs with an in-kernel irqchip and PIT, guest
+// RAM in a memfd that plugins map, a 16550A at COM1, ACPI tables for
+// poweroff and the vCPU/IOAPIC layout, the i8042 and ACPI reset ports, and
+// one virtio-mmio transport per plugin device. Device data never passes
+// through the core: kicks reach plugins through ioeventfds and their
+// interrupts reach the guest through irqfds.
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/disk"
+)
+
+// Defaults.
+const (
+	DefaultCPUs      = 1
+	DefaultMemoryMiB = 512
+	DefaultCmdline   = "console=ttyS0 panic=-1"
+	// MaxDevices is how many virtio-mmio devices fit the GSIs the core
+	// reserves for them (IOAPIC pins 16..23).
+	MaxDevices = 8
+	// MaxMemoryMiB bounds guest RAM (1 TiB).
+	MaxMemoryMiB = 1 << 20
+)
+
+// Errors for a configuration the core refuses.
+var ErrConfig = errors.New("invalid VM configuration")
+
+// Context collects a VM's configuration; Start runs it. A Context runs one
+// VM once.
+type Context struct {
+	log hclog.Logger
+
+	cpus      int
+	memoryMiB uint64
+
+	kernelPath, initrdPath string
+	cmdline                string
+	cmdlineSet             bool
+	mmioCmdline            bool
+
+	devices []devspec.Spec
+
+	consoleOut io.Writer
+	consoleIn  io.Reader
+
+	pluginDir  string
+	sandboxOff bool
+	bootMarker string
+	started    bool
+}
+
+// NewContext returns a Context with the defaults: one vCPU, 512 MiB, the
+// default command line, console output discarded.
+func NewContext(log hclog.Logger) *Context {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &Context{
+		log: log, cpus: DefaultCPUs, memoryMiB: DefaultMemoryMiB,
+		cmdline: DefaultCmdline, mmioCmdline: true, consoleOut: io.Discard,
+	}
+}
+
+// SetVMConfig sets the number of vCPUs and the guest RAM in MiB.
+func (c *Context) SetVMConfig(cpus int, memoryMiB uint64) error {
+	if cpus < 1 || cpus > 255 {
+		return fmt.Errorf("%w: %d vCPUs (1..255)", ErrConfig, cpus)
+	}
+	if memoryMiB < 64 || memoryMiB > MaxMemoryMiB {
+		return fmt.Errorf("%w: %d MiB of memory (64..%d)", ErrConfig, memoryMiB, MaxMemoryMiB)
+	}
+	c.cpus, c.memoryMiB = cpus, memoryMiB
+	return nil
+}
+
+// SetKernel sets the bzImage, the optional initrd ("" for none) and the
+// kernel command line ("" keeps the default).
+func (c *Context) SetKernel(kernel, initrd, cmdline string) error {
+	if kernel == "" {
+		return fmt.Errorf("%w: no kernel", ErrConfig)
+	}
+	c.kernelPath, c.initrdPath = kernel, initrd
+	if cmdline != "" {
+		c.cmdline, c.cmdlineSet = cmdline, true
+	}
+	return nil
+}
+
+// SetMMIOCmdline chooses whether virtio_mmio.device= entries are added to
+// the command line (default on). The devices are always described in the
+// ACPI DSDT too, which is what kernels without
+// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES (Debian's) use.
+func (c *Context) SetMMIOCmdline(on bool) { c.mmioCmdline = on }
+
+// AddDisk adds a virtio-blk disk served by a plugin. The format is always
+// explicit; the image's content is never used to guess it.
+func (c *Context) AddDisk(path string, format disk.Format, readOnly bool) error {
+	if _, err := disk.ParseFormat(string(format)); err != nil {
+		return fmt.Errorf("%w: disk %s: %w", ErrConfig, path, err)
+	}
+	if path == "" {
+		return fmt.Errorf("%w: disk without a path", ErrConfig)
+	}
+	return c.AddDevice(&devspec.DiskSpec{Path: path, Format: format, ReadOnly: readOnly})
+}
+
+// AddDiskSpec adds a disk from a --disk option string
+// (path=FILE,format=raw|qcow2[,readonly=on]...).
+func (c *Context) AddDiskSpec(spec string) error {
+	d, err := devspec.ParseDisk(spec)
+	if err != nil {
+		return fmt.Errorf("--disk %s: %w", spec, err)
+	}
+	return c.AddDevice(d)
+}
+
+// AddDevice adds any plugin device described by a parsed spec (disk, fs,
+// net).
+func (c *Context) AddDevice(s devspec.Spec) error {
+	if len(c.devices) >= MaxDevices {
+		return fmt.Errorf("%w: more than %d devices", ErrConfig, MaxDevices)
+	}
+	c.devices = append(c.devices, s)
+	return nil
+}
+
+// SetConsoleOutput sets where the guest's serial console goes.
+func (c *Context) SetConsoleOutput(w io.Writer) {
+	if w == nil {
+		w = io.Discard
+	}
+	c.consoleOut = w
+}
+
+// SetConsoleInput sets what the guest's serial console reads (nil: none).
+func (c *Context) SetConsoleInput(r io.Reader) { c.consoleIn = r }
+
+// SetPluginDir sets the directory searched first for krun-plugin-*.
+func (c *Context) SetPluginDir(dir string) { c.pluginDir = dir }
+
+// SetSandboxOff turns the plugin sandbox off (the user's explicit choice).
+func (c *Context) SetSandboxOff(off bool) { c.sandboxOff = off }
+
+// SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
+// guest first prints marker on its console (its init announcing itself).
+func (c *Context) SetBootMarker(marker string) { c.bootMarker = marker }
+
+// ExitReason says how the guest ended.
+type ExitReason int
+
+// Exit reasons.
+const (
+	ExitPowerOff ExitReason = iota + 1
+	ExitReboot
+)
+
+func (r ExitReason) String() string {
+	switch r {
+	case ExitPowerOff:
+		return "poweroff"
+	case ExitReboot:
+		return "reboot"
+	}
+	return "unknown"
+}
+
+// Timing splits the start-up time.
+type Timing struct {
+	// PluginStart: launching the plugins until they serve vhost-user.
+	PluginStart time.Duration
+	// VMSetup: KVM VM, memory, kernel load, tables, vCPUs, devices; it
+	// overlaps with PluginStart (plugins start first, in the background).
+	VMSetup time.Duration
+	// Ready: from Start to the first guest instruction.
+	Ready time.Duration
+	// KernelBoot: from the first guest instruction until the boot marker
+	// appeared on the console (0 without a marker, or if it never did).
+	KernelBoot time.Duration
+	// Total: from Start until the guest ended.
+	Total time.Duration
+}
+
+// Result is what Start reports about a VM that ran.
+type Result struct {
+	Reason ExitReason
+	Timing Timing
+	// CoreRSS is the core's resident memory, excluding guest RAM (shared
+	// memory), sampled just before tear-down, in bytes.
+	CoreRSS uint64
+	// DeviceErrors lists devices that failed while the guest ran.
+	DeviceErrors []error
+}
+
+func (c *Context) validate() error {
+	if c.kernelPath == "" {
+		return fmt.Errorf("%w: no kernel set", ErrConfig)
+	}
+	if runtime.GOARCH != "amd64" {
+		return fmt.Errorf("%w: only x86-64 hosts are supported", ErrConfig)
+	}
+	if _, err := os.Stat(c.kernelPath); err != nil {
+		return fmt.Errorf("kernel: %w", err)
+	}
+	if c.initrdPath != "" {
+		if _, err := os.Stat(c.initrdPath); err != nil {
+			return fmt.Errorf("initrd: %w", err)
+		}
+	}
+	return nil
+}
