@@ -1,0 +1,814 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+)
+
+// RepairMode selects what Check fixes.
+type RepairMode int
+
+const (
+	// RepairNone only reports.
+	RepairNone RepairMode = iota
+	// RepairLeaks lowers refcounts that are higher than the references.
+	RepairLeaks
+	// RepairAll also raises refcounts that are too low (rebuilding the
+	// refcount structure if needed) and fixes copied flags.
+	RepairAll
+)
+
+// CheckResult reports what Check found, in the terms `qemu-img check`
+// uses. After a repair the counts are those of a second pass over the
+// repaired image.
+type CheckResult struct {
+	Corruptions      int
+	Leaks            int
+	CheckErrors      int
+	CorruptionsFixed int
+	LeaksFixed       int
+	// RefcountsRebuilt is set when the refcount structure was rewritten.
+	RefcountsRebuilt bool
+
+	ImageEndOffset     int64
+	TotalClusters      int64 // guest clusters
+	AllocatedClusters  int64
+	FragmentedClusters int64
+	CompressedClusters int64
+
+	// Messages describe each finding, one line each (bounded).
+	Messages []string
+}
+
+// Clean reports whether the image has neither errors nor leaks.
+func (r *CheckResult) Clean() bool {
+	return r.Corruptions == 0 && r.Leaks == 0 && r.CheckErrors == 0
+}
+
+const maxCheckMessages = 1000
+
+// Check verifies the image's refcounts against the references its tables
+// make, and table entries against the format's rules. With a repair mode
+// it fixes what it reports (and nothing else), then checks again.
+func Check(f *os.File, repair RepairMode) (CheckResult, error) {
+	if f == nil {
+		return CheckResult{}, errors.New("qcow2: nil image file")
+	}
+	_, size, err := identify(f)
+	if err != nil {
+		return CheckResult{}, fmt.Errorf("stat: %w", err)
+	}
+	h, err := readHeader(f, size)
+	if err != nil {
+		return CheckResult{}, err
+	}
+	if repair != RepairNone && h.incompat&incompatCorrupt != 0 && repair != RepairAll {
+		return CheckResult{}, fmt.Errorf("%w: image is marked corrupt; only a full repair may write to it", ErrCorrupt)
+	}
+	c, err := newChecker(f, h)
+	if err != nil {
+		return CheckResult{}, err
+	}
+	res, err := c.run(repair)
+	if err != nil || repair == RepairNone {
+		return res, err
+	}
+	fixedL, fixedC, rebuilt := res.LeaksFixed, res.CorruptionsFixed, res.RefcountsRebuilt
+	if fixedL+fixedC > 0 || rebuilt {
+		if err := fdatasync(f); err != nil {
+			return res, err
+		}
+	}
+	// Second pass over the repaired image.
+	_, size, err = identify(f)
+	if err != nil {
+		return res, fmt.Errorf("stat: %w", err)
+	}
+	if h, err = readHeader(f, size); err != nil {
+		return res, err
+	}
+	if c, err = newChecker(f, h); err != nil {
+		return res, err
+	}
+	res2, err := c.run(RepairNone)
+	if err != nil {
+		return res2, err
+	}
+	res2.LeaksFixed, res2.CorruptionsFixed, res2.RefcountsRebuilt = fixedL, fixedC, rebuilt
+	res2.Messages = append(res.Messages, res2.Messages...)
+	if repair == RepairAll && res2.Clean() && h.incompat&(incompatCorrupt|incompatDirty) != 0 {
+		if err := writeIncompat(f, h.incompat&^(incompatCorrupt|incompatDirty)); err != nil {
+			return res2, err
+		}
+	}
+	return res2, nil
+}
+
+func writeIncompat(f *os.File, v uint64) error {
+	var b [8]byte
+	be.PutUint64(b[:], v)
+	if _, err := f.WriteAt(b[:], hdrIncompatOff); err != nil {
+		return fmt.Errorf("write header: %w", err)
+	}
+	return fdatasync(f)
+}
+
+type checker struct {
+	f        *os.File
+	h        *header
+	cs       uint64
+	fileSize uint64
+	nb       uint64 // clusters counted
+	refs     []uint16
+	over     map[uint64]uint64 // references beyond 65535
+	rt       []uint64
+	snaps    []snapshot
+	snapSize uint64
+	extData  bool
+	res      CheckResult
+	nmsg     int
+
+	// skipRefStructs leaves the refcount table and blocks out of refs
+	// (for a rebuild, which replaces them).
+	skipRefStructs bool
+
+	rbCache map[uint64][]byte
+	rbDirty map[uint64]bool
+}
+
+func newChecker(f *os.File, h *header) (*checker, error) {
+	cs := h.clusterSize()
+	c := &checker{
+		f:        f,
+		h:        h,
+		cs:       cs,
+		fileSize: uint64(h.fileSize),
+		extData:  h.incompat&incompatDataFile != 0,
+		over:     map[uint64]uint64{},
+		rbCache:  map[uint64][]byte{},
+		rbDirty:  map[uint64]bool{},
+	}
+	c.nb = divRoundUp(c.fileSize, cs)
+	if c.nb > 1<<31 {
+		return nil, fmt.Errorf("image file too large to check (%d clusters)", c.nb)
+	}
+	var err error
+	if c.snaps, c.snapSize, err = readSnapshots(f, h); err != nil {
+		return nil, err
+	}
+	if c.rt, err = readTableAt(f, h.rtOff, h.refTableBytes()/8); err != nil {
+		return nil, fmt.Errorf("read refcount table: %w", err)
+	}
+	return c, nil
+}
+
+func readTableAt(f *os.File, off, n uint64) ([]uint64, error) {
+	if n == 0 {
+		return nil, nil
+	}
+	buf := make([]byte, n*8)
+	if _, err := readFullAt(f, buf, int64(off)); err != nil {
+		return nil, err
+	}
+	t := make([]uint64, n)
+	for i := range t {
+		t[i] = be.Uint64(buf[i*8:])
+	}
+	return t, nil
+}
+
+func (c *checker) msg(format string, args ...any) {
+	c.nmsg++
+	if c.nmsg <= maxCheckMessages {
+		c.res.Messages = append(c.res.Messages, fmt.Sprintf(format, args...))
+	} else if c.nmsg == maxCheckMessages+1 {
+		c.res.Messages = append(c.res.Messages, "(further messages suppressed)")
+	}
+}
+
+func (c *checker) corrupt(format string, args ...any) {
+	c.res.Corruptions++
+	c.msg("ERROR "+format, args...)
+}
+
+// inc counts one reference to every cluster of [off, off+n).
+func (c *checker) inc(off, n uint64) {
+	if n == 0 {
+		return
+	}
+	if off+n < off || off+n >= c.fileSize+c.cs {
+		c.corrupt("counting reference for region exceeding the end of the file by one cluster or more: offset %#x size %#x", off, n)
+		return
+	}
+	for k := off / c.cs; k <= (off+n-1)/c.cs; k++ {
+		for k >= uint64(len(c.refs)) {
+			grow := make([]uint16, max(uint64(len(c.refs))*2, c.nb+1, 64))
+			copy(grow, c.refs)
+			c.refs = grow
+		}
+		if c.refs[k] == 0xffff {
+			c.over[k]++
+		} else {
+			c.refs[k]++
+		}
+	}
+}
+
+func (c *checker) ref(k uint64) uint64 {
+	if k >= uint64(len(c.refs)) {
+		return 0
+	}
+	return uint64(c.refs[k]) + c.over[k]
+}
+
+// refcount reads the on-disk refcount of cluster k.
+func (c *checker) refcount(k uint64) (uint64, error) {
+	E := c.h.refblockEntries()
+	b := k / E
+	if b >= uint64(len(c.rt)) {
+		return 0, nil
+	}
+	off, err := c.refblockOff(b)
+	if err != nil || off == 0 {
+		return 0, err
+	}
+	buf, err := c.refblock(off)
+	if err != nil {
+		return 0, err
+	}
+	return getRC(buf, c.h.refcountBits(), k%E), nil
+}
+
+func (c *checker) refblockOff(b uint64) (uint64, error) {
+	e := c.rt[b]
+	off := e & rtOffsetMask
+	if off == 0 {
+		return 0, nil
+	}
+	if off%c.cs != 0 || e&rtReservedMask != 0 {
+		return 0, corruptf("refcount block %d at %#x is not cluster aligned", b, off)
+	}
+	if off >= c.fileSize {
+		return 0, corruptf("refcount block %d at %#x is outside the image", b, off)
+	}
+	return off, nil
+}
+
+func (c *checker) refblock(off uint64) ([]byte, error) {
+	if b, ok := c.rbCache[off]; ok {
+		return b, nil
+	}
+	if len(c.rbCache) > 1024 {
+		for k := range c.rbCache {
+			if !c.rbDirty[k] {
+				delete(c.rbCache, k)
+			}
+		}
+	}
+	b := make([]byte, c.cs)
+	if _, err := readFullAt(c.f, b, int64(off)); err != nil {
+		return nil, err
+	}
+	c.rbCache[off] = b
+	return b, nil
+}
+
+// walkL1 counts the references of an L1 table and the L2 tables and data
+// clusters below it.
+func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool) error {
+	c.inc(l1Off, uint64(l1Size)*8)
+	l1, err := readTableAt(c.f, l1Off, uint64(l1Size))
+	if err != nil {
+		return fmt.Errorf("read L1 table at %#x: %w", l1Off, err)
+	}
+	var next uint64
+	buf := make([]byte, c.cs)
+	for i, e := range l1 {
+		if e == 0 {
+			continue
+		}
+		if e&l1ReservedMask != 0 {
+			c.corrupt("found L1 entry with reserved bits set: %x", e)
+		}
+		off := e & l1OffsetMask
+		if off == 0 {
+			continue
+		}
+		c.inc(off, c.cs)
+		if off%c.cs != 0 {
+			c.corrupt("l2_offset=%x: Table is not cluster aligned; L1 entry corrupted", off)
+			continue
+		}
+		if off >= c.fileSize {
+			continue // counted as exceeding the end of the file
+		}
+		if _, err := readFullAt(c.f, buf, int64(off)); err != nil {
+			return fmt.Errorf("read L2 table at %#x: %w", off, err)
+		}
+		c.walkL2(buf, uint64(i), active, &next)
+	}
+	return nil
+}
+
+func (c *checker) walkL2(buf []byte, l1i uint64, active bool, next *uint64) {
+	h := c.h
+	cb := h.clusterBits
+	step := h.l2EntrySize()
+	n := h.l2Entries()
+	for j := uint64(0); j < n; j++ {
+		e := be.Uint64(buf[j*step:])
+		var bm uint64
+		if h.extendedL2() {
+			bm = be.Uint64(buf[j*step+8:])
+		}
+		gc := l1i*n + j
+		if e&flagCompressed != 0 {
+			if e&flagCopied != 0 {
+				c.corrupt("coffset=%#x: copied flag must never be set for compressed clusters", e&^flagCopied)
+			}
+			if c.extData {
+				c.corrupt("compressed cluster %d with data file, entry=%#x", gc, e)
+				continue
+			}
+			if h.extendedL2() && bm != 0 {
+				c.corrupt("compressed cluster %d with non-zero subcluster allocation bitmap, entry=%#x", gc, e)
+			}
+			x := 62 - (cb - 8)
+			coff := e & (1<<x - 1)
+			nsec := (e>>x)&(1<<(cb-8)-1) + 1
+			if active {
+				c.res.AllocatedClusters++
+				c.res.CompressedClusters++
+				*next = 0
+			}
+			c.inc(coff&^511, nsec*512)
+			continue
+		}
+		if e&l2ReservedMask != 0 {
+			c.corrupt("found l2 entry with reserved bits set: %x", e)
+		}
+		off := e & l2OffsetMask
+		zeroFlag := e&flagZero != 0
+		if h.extendedL2() {
+			alloc, zero := uint32(bm), uint32(bm>>32)
+			if alloc&zero != 0 || (off == 0 && !(c.extData && e&flagCopied != 0) && alloc != 0) {
+				c.corrupt("Invalid cluster entry found (L2 index %#x, L2 entry %#x, bitmap %#x)", gc, e, bm)
+			}
+		}
+		hasHost := off != 0 || (c.extData && e&flagCopied != 0)
+		if !hasHost {
+			continue
+		}
+		if active && (!zeroFlag || h.extendedL2()) {
+			c.res.AllocatedClusters++
+			if *next != 0 && off != *next {
+				c.res.FragmentedClusters++
+			}
+			*next = off + c.cs
+		}
+		if off%c.cs != 0 {
+			c.corrupt("offset=%x: Data cluster is not properly aligned; L2 entry corrupted.", off)
+		}
+		if !c.extData {
+			c.inc(off, c.cs)
+		}
+	}
+}
+
+// count computes every reference the image makes.
+func (c *checker) count() error {
+	h := c.h
+	c.refs = make([]uint16, c.nb+1)
+	c.inc(0, c.cs)
+	if err := c.walkL1(h.l1Off, h.l1Size, true); err != nil {
+		return err
+	}
+	for _, s := range c.snaps {
+		if err := c.walkL1(s.l1Off, s.l1Size, false); err != nil {
+			return err
+		}
+	}
+	if h.nbSnapshots > 0 {
+		c.inc(h.snapOff, c.snapSize)
+	}
+	if !c.skipRefStructs {
+		c.inc(h.rtOff, h.refTableBytes())
+	}
+	if h.crypto != nil && h.crypto.len > 0 {
+		c.inc(h.crypto.off, h.crypto.len)
+	}
+	if h.bitmaps != nil {
+		if err := c.countBitmaps(); err != nil {
+			return err
+		}
+	}
+	if !c.skipRefStructs {
+		for b, e := range c.rt {
+			off := e & rtOffsetMask
+			if off == 0 {
+				continue
+			}
+			if off%c.cs != 0 || e&rtReservedMask != 0 {
+				c.corrupt("refcount block %d is not cluster aligned; refcount table entry corrupted", b)
+				continue
+			}
+			if off >= c.fileSize {
+				c.corrupt("refcount block %d is outside image", b)
+				continue
+			}
+			c.inc(off, c.cs)
+		}
+	}
+	return nil
+}
+
+func (c *checker) countBitmaps() error {
+	bm := c.h.bitmaps
+	c.inc(bm.dirOff, bm.dirSize)
+	dir := make([]byte, bm.dirSize)
+	if _, err := readFullAt(c.f, dir, int64(bm.dirOff)); err != nil {
+		return fmt.Errorf("read bitmap directory: %w", err)
+	}
+	ents, err := parseBitmapDir(dir, bm.nbBitmaps)
+	if err != nil {
+		c.corrupt("bitmap directory: %v", err)
+		return nil
+	}
+	for _, be := range ents {
+		if be.tableOff%c.cs != 0 {
+			c.corrupt("bitmap %q: table offset %#x not aligned", be.name, be.tableOff)
+			continue
+		}
+		c.inc(be.tableOff, uint64(be.tableSize)*8)
+		if be.tableOff+uint64(be.tableSize)*8 > c.fileSize {
+			continue
+		}
+		tab, err := readTableAt(c.f, be.tableOff, uint64(be.tableSize))
+		if err != nil {
+			return fmt.Errorf("read bitmap table: %w", err)
+		}
+		for _, e := range tab {
+			if off := e & l1OffsetMask; off != 0 {
+				c.inc(off, c.cs)
+			}
+		}
+	}
+	return nil
+}
+
+func (c *checker) run(repair RepairMode) (CheckResult, error) {
+	h := c.h
+	c.res.TotalClusters = int64(divRoundUp(h.size, c.cs))
+	if err := c.count(); err != nil {
+		return c.res, err
+	}
+	limit := max(c.nb, uint64(len(c.refs)))
+	var highest uint64
+	var haveHighest bool
+	needRebuild := false
+	type fix struct {
+		k, v uint64
+		leak bool
+	}
+	var fixes []fix
+	for k := uint64(0); k < limit; k++ {
+		rc, err := c.refcount(k)
+		if err != nil {
+			c.res.CheckErrors++
+			c.msg("Can't get refcount for cluster %d: %v", k, err)
+			if repair == RepairAll {
+				needRebuild = true
+			}
+			continue
+		}
+		r := c.ref(k)
+		if rc > 0 || r > 0 {
+			highest, haveHighest = k, true
+		}
+		if rc == r {
+			continue
+		}
+		if rc > r {
+			c.res.Leaks++
+			c.msg("Leaked cluster %d refcount=%d reference=%d", k, rc, r)
+			if repair >= RepairLeaks {
+				fixes = append(fixes, fix{k, r, true})
+			}
+		} else {
+			c.res.Corruptions++
+			c.msg("ERROR cluster %d refcount=%d reference=%d", k, rc, r)
+			if repair == RepairAll {
+				fixes = append(fixes, fix{k, r, false})
+			}
+		}
+	}
+	if haveHighest {
+		c.res.ImageEndOffset = int64((highest + 1) * c.cs)
+	}
+	if repair == RepairAll {
+		for _, fx := range fixes {
+			if r := fx.v; r > maxRC(h.refcountBits()) {
+				return c.res, fmt.Errorf("cluster %d has %d references, more than refcount_bits %d can hold", fx.k, r, h.refcountBits())
+			}
+			if off, err := c.refblockOff(fx.k / h.refblockEntries()); err != nil || off == 0 || fx.k/h.refblockEntries() >= uint64(len(c.rt)) {
+				needRebuild = true
+			}
+		}
+	}
+	if needRebuild {
+		if err := c.rebuild(); err != nil {
+			return c.res, fmt.Errorf("rebuild refcounts: %w", err)
+		}
+		for _, fx := range fixes {
+			if fx.leak {
+				c.res.LeaksFixed++
+			} else {
+				c.res.CorruptionsFixed++
+			}
+		}
+		c.res.RefcountsRebuilt = true
+		return c.res, nil
+	}
+	for _, fx := range fixes {
+		if err := c.setRefcount(fx.k, fx.v); err != nil {
+			return c.res, err
+		}
+		if fx.leak {
+			c.res.LeaksFixed++
+		} else {
+			c.res.CorruptionsFixed++
+		}
+	}
+	if err := c.flushRefblocks(); err != nil {
+		return c.res, err
+	}
+	if err := c.checkCopied(repair == RepairAll); err != nil {
+		return c.res, err
+	}
+	return c.res, nil
+}
+
+func (c *checker) setRefcount(k, v uint64) error {
+	E := c.h.refblockEntries()
+	off, err := c.refblockOff(k / E)
+	if err != nil {
+		return err
+	}
+	if off == 0 {
+		return fmt.Errorf("no refcount block for cluster %d", k)
+	}
+	buf, err := c.refblock(off)
+	if err != nil {
+		return err
+	}
+	setRC(buf, c.h.refcountBits(), k%E, v)
+	c.rbDirty[off] = true
+	return nil
+}
+
+func (c *checker) flushRefblocks() error {
+	offs := make([]uint64, 0, len(c.rbDirty))
+	for off := range c.rbDirty {
+		offs = append(offs, off)
+	}
+	sort.Slice(offs, func(i, j int) bool { return offs[i] < offs[j] })
+	for _, off := range offs {
+		if _, err := c.f.WriteAt(c.rbCache[off], int64(off)); err != nil {
+			return fmt.Errorf("write refcount block at %#x: %w", off, err)
+		}
+		delete(c.rbDirty, off)
+	}
+	if len(offs) > 0 {
+		return fdatasync(c.f)
+	}
+	return nil
+}
+
+// checkCopied compares the copied flags of the active tables with the
+// refcounts, fixing them if asked.
+func (c *checker) checkCopied(fix bool) error {
+	h := c.h
+	l1, err := readTableAt(c.f, h.l1Off, uint64(h.l1Size))
+	if err != nil {
+		return fmt.Errorf("read L1 table: %w", err)
+	}
+	l1Changed := false
+	buf := make([]byte, c.cs)
+	step := h.l2EntrySize()
+	for i, e := range l1 {
+		off := e & l1OffsetMask
+		if off == 0 || off%c.cs != 0 || off >= c.fileSize {
+			continue
+		}
+		rc, err := c.refcount(off / c.cs)
+		if err != nil {
+			continue
+		}
+		if (rc == 1) != (e&flagCopied != 0) {
+			c.corrupt("OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, e, rc)
+			if fix {
+				if rc == 1 {
+					l1[i] = e | flagCopied
+				} else {
+					l1[i] = e &^ flagCopied
+				}
+				l1Changed = true
+				c.res.CorruptionsFixed++
+			}
+		}
+		if _, err := readFullAt(c.f, buf, int64(off)); err != nil {
+			return fmt.Errorf("read L2 table at %#x: %w", off, err)
+		}
+		l2Changed := false
+		for j := uint64(0); j < h.l2Entries(); j++ {
+			le := be.Uint64(buf[j*step:])
+			if le&flagCompressed != 0 {
+				continue
+			}
+			doff := le & l2OffsetMask
+			if doff == 0 && !(c.extData && le&flagCopied != 0) {
+				continue
+			}
+			if doff%c.cs != 0 {
+				continue
+			}
+			drc := uint64(1)
+			if !c.extData {
+				if drc, err = c.refcount(doff / c.cs); err != nil {
+					continue
+				}
+			}
+			if (drc == 1) != (le&flagCopied != 0) {
+				c.corrupt("OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", le, drc)
+				if fix {
+					if drc == 1 {
+						le |= flagCopied
+					} else {
+						le &^= flagCopied
+					}
+					be.PutUint64(buf[j*step:], le)
+					l2Changed = true
+					c.res.CorruptionsFixed++
+				}
+			}
+		}
+		if l2Changed {
+			if _, err := c.f.WriteAt(buf, int64(off)); err != nil {
+				return fmt.Errorf("write L2 table at %#x: %w", off, err)
+			}
+		}
+	}
+	if l1Changed {
+		if err := fdatasync(c.f); err != nil {
+			return err
+		}
+		b := make([]byte, len(l1)*8)
+		for i, e := range l1 {
+			be.PutUint64(b[i*8:], e)
+		}
+		if _, err := c.f.WriteAt(b, int64(h.l1Off)); err != nil {
+			return fmt.Errorf("write L1 table: %w", err)
+		}
+	}
+	return nil
+}
+
+// rebuild writes a new refcount structure, computed from the references,
+// past the end of everything in use, and points the header at it.
+func (c *checker) rebuild() error {
+	h := c.h
+	// Recount without the old refcount structure: it becomes garbage.
+	c2 := &checker{f: c.f, h: h, cs: c.cs, fileSize: c.fileSize, nb: c.nb, extData: c.extData,
+		over: map[uint64]uint64{}, snaps: c.snaps, snapSize: c.snapSize, skipRefStructs: true}
+	if err := c2.count(); err != nil {
+		return err
+	}
+	cs := c.cs
+	E := h.refblockEntries()
+	bits := h.refcountBits()
+	end := max(c.nb, 1)
+	for k := uint64(len(c2.refs)); k > 0; k-- {
+		if c2.ref(k-1) > 0 {
+			end = max(end, k)
+			break
+		}
+	}
+	// New structure at [end, end+rtc+nblk): reftable first, then blocks
+	// for every block that has a nonzero refcount.
+	var rtc, nblk uint64
+	var blocks []uint64
+	for {
+		total := end + rtc + nblk
+		nBlocksSpan := divRoundUp(total, E)
+		blocks = blocks[:0]
+		for b := uint64(0); b < nBlocksSpan; b++ {
+			used := b*E < total && b*E+E > end // the new structure lives here
+			for k := b * E; !used && k < min(b*E+E, uint64(len(c2.refs))); k++ {
+				used = c2.ref(k) > 0
+			}
+			if used {
+				blocks = append(blocks, b)
+			}
+		}
+		newRtc := divRoundUp(nBlocksSpan*8, cs)
+		if newRtc == rtc && uint64(len(blocks)) == nblk {
+			break
+		}
+		rtc, nblk = newRtc, uint64(len(blocks))
+	}
+	if rtc*cs > maxRefTableBytes {
+		return fmt.Errorf("refcount table would need %d bytes (limit %d)", rtc*cs, maxRefTableBytes)
+	}
+	for k := end; k < end+rtc+nblk; k++ {
+		c2.inc(k*cs, cs)
+	}
+	rt := make([]byte, rtc*cs)
+	for i, b := range blocks {
+		at := end + rtc + uint64(i)
+		be.PutUint64(rt[b*8:], at*cs)
+		buf := make([]byte, cs)
+		for k := b * E; k < b*E+E; k++ {
+			v := c2.ref(k)
+			if v > maxRC(bits) {
+				return fmt.Errorf("cluster %d has %d references, more than refcount_bits %d can hold", k, v, bits)
+			}
+			if v > 0 {
+				setRC(buf, bits, k-b*E, v)
+			}
+		}
+		if _, err := c.f.WriteAt(buf, int64(at*cs)); err != nil {
+			return fmt.Errorf("write refcount block: %w", err)
+		}
+	}
+	if _, err := c.f.WriteAt(rt, int64(end*cs)); err != nil {
+		return fmt.Errorf("write refcount table: %w", err)
+	}
+	if err := fdatasync(c.f); err != nil {
+		return err
+	}
+	var hdr [12]byte
+	be.PutUint64(hdr[0:], end*cs)
+	be.PutUint32(hdr[8:], uint32(rtc))
+	if _, err := c.f.WriteAt(hdr[:], hdrRefTableOff); err != nil {
+		return fmt.Errorf("write header: %w", err)
+	}
+	if err := fdatasync(c.f); err != nil {
+		return err
+	}
+	c.msg("Refcount structure rebuilt: table at %#x (%d clusters), %d blocks", end*cs, rtc, nblk)
+	// Fix copied flags against the new refcounts.
+	h.rtOff, h.rtClusters = end*cs, uint32(rtc)
+	h.fileSize = int64((end + rtc + nblk) * cs)
+	c.fileSize = uint64(h.fileSize)
+	c.rt, c.rbCache, c.rbDirty = nil, map[uint64][]byte{}, map[uint64]bool{}
+	var err error
+	if c.rt, err = readTableAt(c.f, h.rtOff, rtc*cs/8); err != nil {
+		return err
+	}
+	return c.checkCopied(true)
+}
+
+// bitmapEntry is one parsed bitmap directory entry.
+type bitmapEntry struct {
+	tableOff  uint64
+	tableSize uint32
+	flags     uint32
+	name      string
+	pos       int // offset of the entry inside the directory
+}
+
+func parseBitmapDir(dir []byte, n uint32) ([]bitmapEntry, error) {
+	var out []bitmapEntry
+	pos := 0
+	for i := uint32(0); i < n; i++ {
+		if len(dir)-pos < 24 {
+			return nil, fmt.Errorf("entry %d truncated", i)
+		}
+		d := dir[pos:]
+		e := bitmapEntry{
+			tableOff:  be.Uint64(d[0:]),
+			tableSize: be.Uint32(d[8:]),
+			flags:     be.Uint32(d[12:]),
+			pos:       pos,
+		}
+		nameLen := int(be.Uint16(d[18:]))
+		extra := int(be.Uint32(d[20:]))
+		if extra > 1<<20 || nameLen == 0 {
+			return nil, fmt.Errorf("entry %d: bad sizes", i)
+		}
+		size := 24 + extra + nameLen
+		if size > len(d) {
+			return nil, fmt.Errorf("entry %d truncated", i)
+		}
+		e.name = sanitize(string(d[24+extra : size]))
+		size = (size + 7) &^ 7
+		if size > len(d) {
+			size = len(d)
+		}
+		pos += size
+		out = append(out, e)
+	}
+	return out, nil
+}

@@ -1,0 +1,297 @@
+package qcow2
+
+import (
+	"fmt"
+	"os"
+	"sort"
+
+	"golang.org/x/sys/unix"
+)
+
+// fdatasync flushes f's data (and the metadata needed to read it back).
+func fdatasync(f *os.File) error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err != unix.EINTR {
+			if err != nil {
+				return fmt.Errorf("fdatasync: %w", err)
+			}
+			return nil
+		}
+	}
+}
+
+// Flush returns once every write completed before it is on stable storage,
+// metadata included.
+func (im *Image) Flush() error {
+	if im.ro {
+		return nil
+	}
+	im.mu.Lock()
+	if im.closed {
+		im.mu.Unlock()
+		return errClosed
+	}
+	if !im.metadataDirty() {
+		// Only data was written in place: sync without blocking others.
+		im.mu.Unlock()
+		return im.syncAll()
+	}
+	defer im.mu.Unlock()
+	if im.corruptMarked.Load() {
+		return errMarkedCorrupt
+	}
+	if err := im.writeback(); err != nil {
+		return im.markCorrupt(fmt.Errorf("qcow2 %s: flush: %w", im.name, err))
+	}
+	if err := im.sync(); err != nil {
+		return fmt.Errorf("qcow2 %s: flush: %w", im.name, err)
+	}
+	return nil
+}
+
+func (im *Image) syncAll() error {
+	if im.data != im.f {
+		if err := fdatasync(im.data); err != nil {
+			return fmt.Errorf("qcow2 %s: sync data file: %w", im.name, err)
+		}
+	}
+	if err := fdatasync(im.f); err != nil {
+		return fmt.Errorf("qcow2 %s: sync: %w", im.name, err)
+	}
+	return nil
+}
+
+func (im *Image) metadataDirty() bool {
+	return im.metaChanged || len(im.l1Dirty) > 0 || len(im.rtDirty) > 0 || im.rtMoved ||
+		len(im.pendingFree) > 0 || im.refsUnsynced || im.l2Unsynced
+}
+
+// sync makes everything written so far durable; with an external data
+// file, guest data is synced first.
+func (im *Image) sync() error {
+	if im.data != im.f {
+		if err := fdatasync(im.data); err != nil {
+			return err
+		}
+	}
+	if err := fdatasync(im.f); err != nil {
+		return err
+	}
+	im.refsUnsynced = false
+	im.l2Unsynced = false
+	return nil
+}
+
+func (im *Image) writeRefblock(t *table) error {
+	c := t.off / im.cs
+	if err := im.meta.check(c, 1, metaRefBlock); err != nil {
+		return err
+	}
+	if _, err := im.f.WriteAt(t.buf, int64(t.off)); err != nil {
+		return fmt.Errorf("write refcount block at %#x: %w", t.off, err)
+	}
+	t.dirty = false
+	im.refsUnsynced = true
+	return nil
+}
+
+func (im *Image) writeL2(t *table) error {
+	// Every refcount the table depends on must be on disk first.
+	if err := im.syncRefcounts(); err != nil {
+		return err
+	}
+	if err := im.meta.check(t.off/im.cs, 1, metaL2); err != nil {
+		return err
+	}
+	if _, err := im.f.WriteAt(t.buf, int64(t.off)); err != nil {
+		return fmt.Errorf("write L2 table at %#x: %w", t.off, err)
+	}
+	t.dirty = false
+	im.l2Unsynced = true
+	return nil
+}
+
+// writeChunks writes the dirty 512-byte chunks of a table of uint64
+// entries that lives at off.
+func (im *Image) writeChunks(tab []uint64, off uint64, dirty map[uint64]bool, kind metaKind) error {
+	chunks := make([]uint64, 0, len(dirty))
+	for c := range dirty {
+		chunks = append(chunks, c)
+	}
+	sort.Slice(chunks, func(i, j int) bool { return chunks[i] < chunks[j] })
+	buf := make([]byte, 512)
+	for _, c := range chunks {
+		first := c * 64
+		if first >= uint64(len(tab)) {
+			delete(dirty, c)
+			continue
+		}
+		last := min(first+64, uint64(len(tab)))
+		b := buf[:(last-first)*8]
+		for i := first; i < last; i++ {
+			be.PutUint64(b[(i-first)*8:], tab[i])
+		}
+		at := off + first*8
+		if err := im.meta.check(at/im.cs, 1, kind); err != nil {
+			return err
+		}
+		if _, err := im.f.WriteAt(b, int64(at)); err != nil {
+			return fmt.Errorf("write %s at %#x: %w", kind, at, err)
+		}
+		delete(dirty, c)
+	}
+	return nil
+}
+
+// syncRefcounts writes every dirty refcount block, then the refcount
+// table (moving it if it grew), with the syncs that make each level durable
+// before the level that points to it.
+func (im *Image) syncRefcounts() error {
+	dirty := im.rbc.dirtyTables()
+	if len(dirty) == 0 && !im.refsUnsynced && len(im.rtDirty) == 0 && !im.rtMoved {
+		return nil
+	}
+	sort.Slice(dirty, func(i, j int) bool { return dirty[i].off < dirty[j].off })
+	for _, t := range dirty {
+		if err := im.writeRefblock(t); err != nil {
+			return err
+		}
+	}
+	if im.rtMoved || len(im.rtDirty) > 0 {
+		if err := im.sync(); err != nil {
+			return err
+		}
+	}
+	if im.rtMoved {
+		buf := make([]byte, len(im.rt)*8)
+		for i, e := range im.rt {
+			be.PutUint64(buf[i*8:], e)
+		}
+		if err := im.meta.check(im.rtOff/im.cs, uint64(len(buf))/im.cs, metaRefTable); err != nil {
+			return err
+		}
+		if _, err := im.f.WriteAt(buf, int64(im.rtOff)); err != nil {
+			return fmt.Errorf("write refcount table: %w", err)
+		}
+		if err := im.sync(); err != nil {
+			return err
+		}
+		var hdr [12]byte
+		be.PutUint64(hdr[0:], im.rtOff)
+		be.PutUint32(hdr[8:], uint32(uint64(len(buf))/im.cs))
+		im.hdrMu.Lock()
+		_, err := im.f.WriteAt(hdr[:], hdrRefTableOff)
+		if err == nil {
+			im.h.rtOff = im.rtOff
+			im.h.rtClusters = uint32(uint64(len(buf)) / im.cs)
+		}
+		im.hdrMu.Unlock()
+		if err != nil {
+			return fmt.Errorf("write header: %w", err)
+		}
+		im.rtMoved = false
+		clear(im.rtDirty)
+		// The old table is unreferenced once the header is durable; the
+		// sync below does that, and pendingFree is applied after a later
+		// sync.
+		for c := im.oldRT[0]; c < im.oldRT[0]+im.oldRT[1]; c++ {
+			im.freeCluster(c)
+		}
+		im.oldRT = [2]uint64{}
+	} else if len(im.rtDirty) > 0 {
+		if err := im.writeChunks(im.rt, im.rtOff, im.rtDirty, metaRefTable); err != nil {
+			return err
+		}
+	}
+	return im.sync()
+}
+
+// writeback writes all cached metadata in dependency order: refcounts,
+// then L2 tables, then the L1 table; then releases the clusters whose
+// references are gone. It does not sync at the end.
+func (im *Image) writeback() error {
+	if err := im.syncRefcounts(); err != nil {
+		return err
+	}
+	dirty := im.l2c.dirtyTables()
+	sort.Slice(dirty, func(i, j int) bool { return dirty[i].off < dirty[j].off })
+	for _, t := range dirty {
+		if err := im.writeL2(t); err != nil {
+			return err
+		}
+	}
+	if len(im.l1Dirty) > 0 {
+		if im.l2Unsynced {
+			if err := im.sync(); err != nil {
+				return err
+			}
+		}
+		if err := im.writeChunks(im.l1, im.h.l1Off, im.l1Dirty, metaL1); err != nil {
+			return err
+		}
+		im.l2Unsynced = true
+	}
+	if len(im.pendingFree) > 0 {
+		if im.l2Unsynced {
+			if err := im.sync(); err != nil {
+				return err
+			}
+		}
+		if err := im.applyFrees(); err != nil {
+			return err
+		}
+		// Write the decreased refcounts now; losing them only leaks.
+		for _, t := range im.rbc.dirtyTables() {
+			if err := im.writeRefblock(t); err != nil {
+				return err
+			}
+		}
+	}
+	im.metaChanged = false
+	return nil
+}
+
+// applyFrees releases the clusters in pendingFree. The caller made the
+// change that dropped their references durable.
+func (im *Image) applyFrees() error {
+	frees := im.pendingFree
+	im.pendingFree = nil
+	for _, c := range frees {
+		if err := im.addRefcount(c, -1); err != nil {
+			return err
+		}
+		rc, err := im.refcount(c)
+		if err != nil {
+			return err
+		}
+		if rc == 0 {
+			if k := im.meta.at(c); k&(metaL2|metaSnapL2) != 0 {
+				im.meta.clear(c, metaL2|metaSnapL2)
+				im.l2c.remove(c * im.cs)
+			}
+		}
+	}
+	return nil
+}
+
+// trimCaches writes back dirty tables the caches hold beyond their bound,
+// and releases clusters when many frees are pending.
+func (im *Image) trimCaches() error {
+	for _, t := range im.l2c.over() {
+		if err := im.writeL2(t); err != nil {
+			return err
+		}
+	}
+	im.l2c.trim()
+	for _, t := range im.rbc.over() {
+		if err := im.writeRefblock(t); err != nil {
+			return err
+		}
+	}
+	im.rbc.trim()
+	if len(im.pendingFree) > 4096 {
+		return im.writeback()
+	}
+	return nil
+}

@@ -1,0 +1,553 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/krun-core/krun-core/disk"
+)
+
+// Layer is one image the user declared as part of a backing chain (or as an
+// external data file), opened by the launcher.
+type Layer struct {
+	File   *os.File
+	Format disk.Format
+	// Path is the absolute, cleaned host path the launcher opened. It is
+	// compared with the name the image records.
+	Path string
+}
+
+// Options configures Open.
+type Options struct {
+	ReadOnly bool
+	// Path is the absolute host path of the image; relative backing and
+	// data file names recorded in the image are resolved against its
+	// directory.
+	Path string
+	// Backing is the chain the user declared, the image's backing file
+	// first. nil means none was declared.
+	Backing []Layer
+	// DataFile is the declared external data file, if any.
+	DataFile *Layer
+	// MaxVirtualSize refuses images (and backing layers) with a larger
+	// virtual size; 0 means no limit.
+	MaxVirtualSize int64
+	// CacheBytes bounds the L2 table cache (refcount blocks get a quarter
+	// of it); 0 means 32 MiB.
+	CacheBytes int64
+	Logger     hclog.Logger
+}
+
+// Image is an open qcow2 image. It implements disk.Disk and is safe for
+// concurrent use. It owns the files it was given: Close closes them.
+type Image struct {
+	// mu: readers and in-place writers hold it shared; anything that
+	// changes metadata holds it exclusively.
+	mu sync.RWMutex
+
+	f    *os.File // the qcow2 file
+	data *os.File // where guest data lives: f, or the external data file
+	h    *header
+	name string
+	ro   bool
+	log  hclog.Logger
+
+	cs          uint64
+	cb          uint
+	l2Entries   uint64
+	l2Bits      uint
+	extL2       bool
+	scBits      uint // log2 of the subcluster size (extended L2)
+	size        int64
+	extData     bool // external data file
+	rawData     bool // external data file kept valid as raw
+	compression uint8
+	rcBits      uint64
+	rbEntries   uint64
+
+	backing     layer
+	backingSize int64
+
+	l1       []uint64
+	l1Dirty  map[uint64]bool // 512-byte chunks of the L1 table
+	l2c      *tableCache
+	rbc      *tableCache
+	rt       []uint64 // refcount table (in memory, possibly moved)
+	rtOff    uint64
+	rtDirty  map[uint64]bool // 512-byte chunks of the refcount table
+	rtMoved  bool            // rt lives at rtOff now, the header does not say so yet
+	oldRT    [2]uint64       // clusters of a table to free once the header moved (start, n)
+	snaps    []snapshot
+	snapSize uint64
+
+	meta         *metaMap
+	fileClusters uint64 // clusters the file has or that were allocated
+	freeHint     uint64
+	pendingFree  []uint64 // host clusters to decrement once the L2/L1 change is durable
+	reserved     [][2]uint64
+	metaChanged  bool // cached metadata changed since the last write-back
+	refsUnsynced bool // refcount data written since the last sync
+	l2Unsynced   bool // L2 tables written since the last sync
+
+	corruptMarked atomic.Bool
+	hdrMu         sync.Mutex
+
+	dc      decompressCache
+	zstdMu  sync.Mutex
+	zstdDec []*zstdDecoder
+
+	closed bool
+}
+
+// layer is a read-only backing image.
+type layer interface {
+	ReadAt(p []byte, off int64) (int, error)
+	Close() error
+}
+
+// rawLayer reads a raw backing file; bytes past its end read as zeros.
+type rawLayer struct{ f *os.File }
+
+func (r rawLayer) ReadAt(p []byte, off int64) (int, error) { return readFullAt(r.f, p, off) }
+func (r rawLayer) Close() error                            { return r.f.Close() }
+
+// readFullAt reads len(p) bytes at off, filling what lies past the end of
+// the file with zeros.
+func readFullAt(f io.ReaderAt, p []byte, off int64) (int, error) {
+	n, err := f.ReadAt(p, off)
+	if n < len(p) {
+		if err != nil && !errors.Is(err, io.EOF) {
+			return n, err
+		}
+		clear(p[n:])
+	}
+	return len(p), nil
+}
+
+var _ disk.Disk = (*Image)(nil)
+
+// chainState tracks the layers opened so far to refuse loops.
+type chainState struct {
+	depth int
+	seen  map[fileID]string
+	paths map[string]bool
+}
+
+type fileID struct{ dev, ino uint64 }
+
+func identify(f *os.File) (fileID, int64, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return fileID{}, 0, err
+	}
+	var id fileID
+	if s, ok := st.Sys().(*syscall.Stat_t); ok {
+		id = fileID{uint64(s.Dev), uint64(s.Ino)}
+	}
+	return id, st.Size(), nil
+}
+
+// Open opens the qcow2 image in f. The image's backing file and data file
+// must be the ones declared in opts. On success the Image owns f and every
+// file in opts.
+func Open(f *os.File, opts Options) (*Image, error) {
+	if f == nil {
+		return nil, errors.New("qcow2: nil image file")
+	}
+	cs := &chainState{seen: map[fileID]string{}, paths: map[string]bool{}}
+	return open(f, opts, cs)
+}
+
+func displayName(p string) string {
+	if p == "" {
+		return "(unnamed)"
+	}
+	return p
+}
+
+func open(f *os.File, opts Options, st *chainState) (*Image, error) {
+	name := displayName(opts.Path)
+	log := opts.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	id, fileSize, err := identify(f)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: stat: %w", name, err)
+	}
+	if prev, ok := st.seen[id]; ok && id != (fileID{}) {
+		return nil, fmt.Errorf("%w: backing chain loops: image %s is the same file as %s", ErrBacking, name, prev)
+	}
+	st.seen[id] = name
+	if opts.Path != "" {
+		p := filepath.Clean(opts.Path)
+		if st.paths[p] {
+			return nil, fmt.Errorf("%w: backing chain loops: %s appears twice", ErrBacking, p)
+		}
+		st.paths[p] = true
+	}
+	h, err := readHeader(f, fileSize)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", name, err)
+	}
+	if h.cryptMethod != 0 {
+		return nil, fmt.Errorf("image %s: %w", name, unsupportedf("encrypted images (crypt_method %d)", h.cryptMethod))
+	}
+	if opts.MaxVirtualSize > 0 && h.size > uint64(opts.MaxVirtualSize) {
+		return nil, fmt.Errorf("image %s: virtual size %d exceeds the limit of %d bytes", name, h.size, opts.MaxVirtualSize)
+	}
+	if h.incompat&incompatCorrupt != 0 && !opts.ReadOnly {
+		return nil, fmt.Errorf("image %s: %w: the image is marked corrupt; open it read-only or repair it (qemu-img check -r all)", name, ErrCorrupt)
+	}
+	if h.incompat&incompatDirty != 0 && !opts.ReadOnly {
+		// Refcounts may be stale (lazy refcounts): rebuild them first.
+		log.Info("image was not closed cleanly; repairing refcounts", "image", name)
+		res, err := Check(f, RepairAll)
+		if err != nil {
+			return nil, fmt.Errorf("image %s: repair after unclean shutdown: %w", name, err)
+		}
+		if !res.Clean() {
+			return nil, fmt.Errorf("image %s: %w: %d errors remain after repairing refcounts", name, ErrCorrupt, res.Corruptions+res.CheckErrors)
+		}
+		if _, fileSize, err = identify(f); err != nil {
+			return nil, fmt.Errorf("image %s: stat: %w", name, err)
+		}
+		if h, err = readHeader(f, fileSize); err != nil {
+			return nil, fmt.Errorf("image %s: %w", name, err)
+		}
+		if h.incompat&incompatDirty != 0 {
+			if err := writeIncompat(f, h.incompat&^incompatDirty); err != nil {
+				return nil, fmt.Errorf("image %s: %w", name, err)
+			}
+			h.incompat &^= incompatDirty
+		}
+	}
+	im := &Image{
+		f:           f,
+		data:        f,
+		h:           h,
+		name:        name,
+		ro:          opts.ReadOnly,
+		log:         log.Named("qcow2"),
+		cs:          h.clusterSize(),
+		cb:          uint(h.clusterBits),
+		l2Entries:   h.l2Entries(),
+		extL2:       h.extendedL2(),
+		size:        int64(h.size),
+		extData:     h.incompat&incompatDataFile != 0,
+		rawData:     h.autoclear&autoclearDataFileRaw != 0,
+		compression: h.compressionType,
+		rcBits:      h.refcountBits(),
+		rbEntries:   h.refblockEntries(),
+		l1Dirty:     map[uint64]bool{},
+		rtDirty:     map[uint64]bool{},
+		rtOff:       h.rtOff,
+	}
+	for 1<<im.l2Bits < im.l2Entries {
+		im.l2Bits++
+	}
+	im.scBits = im.cb - 5
+	cacheBytes := opts.CacheBytes
+	if cacheBytes <= 0 {
+		cacheBytes = 32 << 20
+	}
+	im.l2c = newTableCache(int(cacheBytes / int64(im.cs)))
+	im.rbc = newTableCache(int(cacheBytes / 4 / int64(im.cs)))
+	im.fileClusters = divRoundUp(uint64(fileSize), im.cs)
+
+	if im.snaps, im.snapSize, err = readSnapshots(f, h); err != nil {
+		return nil, fmt.Errorf("image %s: %w", name, err)
+	}
+	if im.extData && len(im.snaps) > 0 {
+		return nil, fmt.Errorf("image %s: %w", name, invalidf("internal snapshots with an external data file"))
+	}
+	if err := im.openDataFile(opts, st); err != nil {
+		return nil, err
+	}
+	if err := im.openBacking(opts, st); err != nil {
+		return nil, err
+	}
+	if err := im.loadTables(); err != nil {
+		return nil, fmt.Errorf("image %s: %w", name, err)
+	}
+	if !im.ro {
+		if err := im.prepareWritable(); err != nil {
+			return nil, fmt.Errorf("image %s: %w", name, err)
+		}
+	}
+	return im, nil
+}
+
+// resolveName resolves a file name recorded in an image the way QEMU does:
+// relative names are relative to the image's directory.
+func resolveName(recorded, imagePath string) (string, error) {
+	if filepath.IsAbs(recorded) {
+		return filepath.Clean(recorded), nil
+	}
+	if imagePath == "" || !filepath.IsAbs(imagePath) {
+		return "", fmt.Errorf("cannot resolve relative name %q without the image's absolute path", sanitize(recorded))
+	}
+	return filepath.Clean(filepath.Join(filepath.Dir(imagePath), recorded)), nil
+}
+
+func (im *Image) openDataFile(opts Options, st *chainState) error {
+	if !im.extData {
+		if opts.DataFile != nil {
+			return fmt.Errorf("%w: image %s has no external data file, but data-file=%s was declared", ErrBacking, im.name, opts.DataFile.Path)
+		}
+		return nil
+	}
+	if opts.DataFile == nil || opts.DataFile.File == nil {
+		if im.h.hasDataFileName {
+			return fmt.Errorf("%w: image %s names external data file %q, which was not declared (add data-file=...)", ErrBacking, im.name, sanitize(im.h.dataFileName))
+		}
+		return fmt.Errorf("%w: image %s uses an external data file, which was not declared (add data-file=...)", ErrBacking, im.name)
+	}
+	if opts.DataFile.Format != "" && opts.DataFile.Format != disk.Raw {
+		return fmt.Errorf("%w: external data file %s must be raw, not %s", ErrBacking, opts.DataFile.Path, opts.DataFile.Format)
+	}
+	if im.h.hasDataFileName {
+		want, err := resolveName(im.h.dataFileName, opts.Path)
+		if err != nil {
+			return fmt.Errorf("%w: image %s: data file: %v", ErrBacking, im.name, err)
+		}
+		if want != filepath.Clean(opts.DataFile.Path) {
+			return fmt.Errorf("%w: image %s names external data file %q (%s), but %s was declared", ErrBacking, im.name, sanitize(im.h.dataFileName), want, opts.DataFile.Path)
+		}
+	}
+	id, _, err := identify(opts.DataFile.File)
+	if err != nil {
+		return fmt.Errorf("data file %s: stat: %w", opts.DataFile.Path, err)
+	}
+	if prev, ok := st.seen[id]; ok && id != (fileID{}) {
+		return fmt.Errorf("%w: data file %s is the same file as %s", ErrBacking, opts.DataFile.Path, prev)
+	}
+	st.seen[id] = opts.DataFile.Path
+	im.data = opts.DataFile.File
+	return nil
+}
+
+func (im *Image) openBacking(opts Options, st *chainState) error {
+	h := im.h
+	if h.backingName == "" {
+		if len(opts.Backing) > 0 {
+			return fmt.Errorf("%w: image %s has no backing file, but backing=%s was declared", ErrBacking, im.name, opts.Backing[0].Path)
+		}
+		return nil
+	}
+	if len(opts.Backing) == 0 {
+		return fmt.Errorf("%w: image %s names backing file %q, which was not declared (add backing=...)", ErrBacking, im.name, sanitize(h.backingName))
+	}
+	decl := opts.Backing[0]
+	want, err := resolveName(h.backingName, opts.Path)
+	if err != nil {
+		return fmt.Errorf("%w: image %s: backing file: %v", ErrBacking, im.name, err)
+	}
+	if want != filepath.Clean(decl.Path) {
+		return fmt.Errorf("%w: image %s names backing file %q (%s), but the declared backing is %s", ErrBacking, im.name, sanitize(h.backingName), want, decl.Path)
+	}
+	if h.hasBackingFormat && disk.Format(h.backingFormat) != decl.Format {
+		return fmt.Errorf("%w: image %s records backing format %q, but %s was declared as %q", ErrBacking, im.name, sanitize(h.backingFormat), decl.Path, decl.Format)
+	}
+	if decl.File == nil {
+		return fmt.Errorf("%w: backing %s has no open file", ErrBacking, decl.Path)
+	}
+	st.depth++
+	if st.depth > MaxChainDepth {
+		return fmt.Errorf("%w: backing chain deeper than %d images", ErrBacking, MaxChainDepth)
+	}
+	switch decl.Format {
+	case disk.Raw:
+		if len(opts.Backing) > 1 {
+			return fmt.Errorf("%w: raw backing %s cannot have a backing file, but %s was declared after it", ErrBacking, decl.Path, opts.Backing[1].Path)
+		}
+		id, size, err := identify(decl.File)
+		if err != nil {
+			return fmt.Errorf("backing %s: stat: %w", decl.Path, err)
+		}
+		if prev, ok := st.seen[id]; ok && id != (fileID{}) {
+			return fmt.Errorf("%w: backing chain loops: %s is the same file as %s", ErrBacking, decl.Path, prev)
+		}
+		im.backing = rawLayer{decl.File}
+		im.backingSize = size
+	case disk.QCOW2:
+		sub, err := open(decl.File, Options{
+			ReadOnly:       true,
+			Path:           decl.Path,
+			Backing:        opts.Backing[1:],
+			MaxVirtualSize: opts.MaxVirtualSize,
+			CacheBytes:     opts.CacheBytes,
+			Logger:         opts.Logger,
+		}, st)
+		if err != nil {
+			return err
+		}
+		im.backing = sub
+		im.backingSize = sub.size
+	default:
+		return fmt.Errorf("%w: backing %s: unsupported format %q", ErrBacking, decl.Path, decl.Format)
+	}
+	return nil
+}
+
+// loadTables reads the L1 and refcount tables and records where metadata
+// lives.
+func (im *Image) loadTables() error {
+	h := im.h
+	var err error
+	if im.l1, err = im.readTable(h.l1Off, uint64(h.l1Size)); err != nil {
+		return fmt.Errorf("read L1 table: %w", err)
+	}
+	if im.rt, err = im.readTable(h.rtOff, h.refTableBytes()/8); err != nil {
+		return fmt.Errorf("read refcount table: %w", err)
+	}
+	mm := newMetaMap()
+	cs := im.cs
+	mm.addRange(0, 1, metaHeader)
+	mm.addRange(h.l1Off/cs, divRoundUp(uint64(h.l1Size)*8, cs), metaL1)
+	mm.addRange(h.rtOff/cs, uint64(h.rtClusters), metaRefTable)
+	if h.nbSnapshots > 0 {
+		mm.addRange(h.snapOff/cs, divRoundUp(im.snapSize, cs), metaSnapTable)
+	}
+	if h.bitmaps != nil {
+		mm.addRange(h.bitmaps.dirOff/cs, divRoundUp(h.bitmaps.dirSize, cs), metaBitmapDir)
+	}
+	if h.crypto != nil && h.crypto.len > 0 {
+		mm.addRange(h.crypto.off/cs, divRoundUp(h.crypto.len, cs), metaCrypto)
+	}
+	for _, e := range im.rt {
+		if off := e & rtOffsetMask; off != 0 && e&rtReservedMask == 0 && off%cs == 0 {
+			mm.add(off/cs, metaRefBlock)
+		}
+	}
+	for _, e := range im.l1 {
+		if off := e & l1OffsetMask; off != 0 && off%cs == 0 {
+			mm.add(off/cs, metaL2)
+		}
+	}
+	// Snapshot L1 tables and the L2 tables they reference, within a budget
+	// so that a hostile snapshot table cannot make Open read gigabytes.
+	budget := uint64(64 << 20)
+	for i, s := range im.snaps {
+		n := uint64(s.l1Size) * 8
+		for c := uint64(0); c < divRoundUp(n, cs); c++ {
+			mm.add(s.l1Off/cs+c, metaSnapL1)
+		}
+		if n > budget {
+			im.log.Debug("snapshot L1 tables exceed the overlap-check budget; inactive L2 tables not tracked", "snapshot", i)
+			continue
+		}
+		budget -= n
+		l1, err := im.readTable(s.l1Off, uint64(s.l1Size))
+		if err != nil {
+			return fmt.Errorf("read snapshot %d L1 table: %w", i, err)
+		}
+		for _, e := range l1 {
+			if off := e & l1OffsetMask; off != 0 && off%cs == 0 {
+				mm.add(off/cs, metaSnapL2)
+			}
+		}
+	}
+	im.meta = mm
+	return nil
+}
+
+// readTable reads n big-endian uint64 entries at off.
+func (im *Image) readTable(off, n uint64) ([]uint64, error) {
+	if n == 0 {
+		return nil, nil
+	}
+	buf := make([]byte, n*8)
+	if _, err := readFullAt(im.f, buf, int64(off)); err != nil {
+		return nil, err
+	}
+	t := make([]uint64, n)
+	for i := range t {
+		t[i] = be.Uint64(buf[i*8:])
+	}
+	return t, nil
+}
+
+// Size returns the virtual size in bytes.
+func (im *Image) Size() int64 { return im.size }
+
+// ReadOnly reports whether the image was opened read-only.
+func (im *Image) ReadOnly() bool { return im.ro }
+
+// Close writes back cached metadata (with the syncs its ordering needs, but
+// without a final sync of guest data) and closes the image, its backing
+// chain and its data file.
+func (im *Image) Close() error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return nil
+	}
+	im.closed = true
+	var errs []error
+	if !im.ro && !im.corruptMarked.Load() {
+		if err := im.writeback(); err != nil {
+			errs = append(errs, fmt.Errorf("write back metadata: %w", err))
+		}
+	}
+	if im.backing != nil {
+		if err := im.backing.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if im.data != im.f {
+		if err := im.data.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := im.f.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	im.l2c.clear()
+	im.rbc.clear()
+	im.zstdMu.Lock()
+	for _, d := range im.zstdDec {
+		d.d.Close()
+	}
+	im.zstdDec = nil
+	im.zstdMu.Unlock()
+	return errors.Join(errs...)
+}
+
+var errClosed = errors.New("qcow2: image is closed")
+
+// markCorrupt reports corruption found at run time: it logs it, sets the
+// image's corrupt bit once if the image is writable, and returns err.
+func (im *Image) markCorrupt(err error) error {
+	if !errors.Is(err, ErrCorrupt) {
+		return err
+	}
+	if im.ro {
+		im.log.Warn("corruption found", "image", im.name, "error", err)
+		return err
+	}
+	if im.corruptMarked.Swap(true) {
+		return err
+	}
+	if im.h.version < 3 {
+		im.log.Error("corruption found; further writes are refused (version 2 images have no corrupt bit)", "image", im.name, "error", err)
+		return err
+	}
+	im.log.Error("marking image corrupt; further writes are refused", "image", im.name, "error", err)
+	im.hdrMu.Lock()
+	defer im.hdrMu.Unlock()
+	var b [8]byte
+	be.PutUint64(b[:], im.h.incompat|incompatCorrupt)
+	if _, werr := im.f.WriteAt(b[:], hdrIncompatOff); werr == nil {
+		im.h.incompat |= incompatCorrupt
+		_ = fdatasync(im.f)
+	}
+	return err
+}

@@ -1,0 +1,336 @@
+package qcow2
+
+import (
+	"fmt"
+)
+
+// Refcount entries: refcount_bits wide; for widths below 8 bits entry 0 is
+// the least significant bits of byte 0.
+
+func getRC(buf []byte, bits, i uint64) uint64 {
+	switch bits {
+	case 64:
+		return be.Uint64(buf[i*8:])
+	case 32:
+		return uint64(be.Uint32(buf[i*4:]))
+	case 16:
+		return uint64(be.Uint16(buf[i*2:]))
+	case 8:
+		return uint64(buf[i])
+	}
+	bit := i * bits
+	return uint64(buf[bit/8]>>(bit%8)) & (1<<bits - 1)
+}
+
+func setRC(buf []byte, bits, i, v uint64) {
+	switch bits {
+	case 64:
+		be.PutUint64(buf[i*8:], v)
+	case 32:
+		be.PutUint32(buf[i*4:], uint32(v))
+	case 16:
+		be.PutUint16(buf[i*2:], uint16(v))
+	case 8:
+		buf[i] = byte(v)
+	default:
+		bit := i * bits
+		mask := byte(1<<bits-1) << (bit % 8)
+		buf[bit/8] = buf[bit/8]&^mask | byte(v<<(bit%8))&mask
+	}
+}
+
+func maxRC(bits uint64) uint64 {
+	if bits == 64 {
+		return ^uint64(0)
+	}
+	return 1<<bits - 1
+}
+
+// refblockOffset validates and returns the offset of refcount block b (0 if
+// it is not allocated).
+func (im *Image) refblockOffset(b uint64) (uint64, error) {
+	if b >= uint64(len(im.rt)) {
+		return 0, nil
+	}
+	e := im.rt[b]
+	if e == 0 {
+		return 0, nil
+	}
+	if e&rtReservedMask != 0 {
+		return 0, corruptf("refcount table entry %d (%#x) has reserved bits set", b, e)
+	}
+	off := e & rtOffsetMask
+	if off%im.cs != 0 {
+		return 0, corruptf("refcount block %d at %#x is not aligned to a cluster", b, off)
+	}
+	if off/im.cs >= im.fileClusters || off >= maxHostOffset {
+		return 0, corruptf("refcount block %d at %#x lies past the end of the image", b, off)
+	}
+	if k := im.meta.at(off/im.cs) &^ metaRefBlock; k != 0 {
+		return 0, corruptf("refcount block %d at %#x overlaps the %s", b, off, k)
+	}
+	return off, nil
+}
+
+func (im *Image) loadRefblock(off uint64) (*table, error) {
+	if t := im.rbc.get(off); t != nil {
+		return t, nil
+	}
+	buf := make([]byte, im.cs)
+	if _, err := readFullAt(im.f, buf, int64(off)); err != nil {
+		return nil, fmt.Errorf("read refcount block at %#x: %w", off, err)
+	}
+	return im.rbc.add(&table{off: off, buf: buf}), nil
+}
+
+// refcount returns the refcount of host cluster c.
+func (im *Image) refcount(c uint64) (uint64, error) {
+	off, err := im.refblockOffset(c / im.rbEntries)
+	if err != nil || off == 0 {
+		return 0, err
+	}
+	t, err := im.loadRefblock(off)
+	if err != nil {
+		return 0, err
+	}
+	return getRC(t.buf, im.rcBits, c%im.rbEntries), nil
+}
+
+// addRefcount adds delta to the refcount of host cluster c, creating its
+// refcount block if needed.
+func (im *Image) addRefcount(c uint64, delta int) error {
+	if err := im.ensureRefblock(c / im.rbEntries); err != nil {
+		return err
+	}
+	off, err := im.refblockOffset(c / im.rbEntries)
+	if err != nil {
+		return err
+	}
+	t, err := im.loadRefblock(off)
+	if err != nil {
+		return err
+	}
+	i := c % im.rbEntries
+	v := getRC(t.buf, im.rcBits, i)
+	switch {
+	case delta < 0 && v < uint64(-delta):
+		return corruptf("refcount of host cluster %d would drop below zero", c)
+	case delta > 0 && maxRC(im.rcBits)-v < uint64(delta):
+		return fmt.Errorf("refcount of host cluster %d would exceed %d (refcount_bits %d)", c, maxRC(im.rcBits), im.rcBits)
+	}
+	if delta < 0 {
+		v -= uint64(-delta)
+	} else {
+		v += uint64(delta)
+	}
+	setRC(t.buf, im.rcBits, i, v)
+	t.dirty = true
+	im.metaChanged = true
+	if v == 0 && c < im.freeHint {
+		im.freeHint = c
+	}
+	return nil
+}
+
+func (im *Image) isReserved(c uint64) bool {
+	for _, r := range im.reserved {
+		if c >= r[0] && c < r[0]+r[1] {
+			return true
+		}
+	}
+	return false
+}
+
+// isFree reports whether host cluster c may be allocated.
+func (im *Image) isFree(c uint64) (bool, error) {
+	if im.isReserved(c) || im.meta.at(c) != 0 {
+		return false, nil
+	}
+	rc, err := im.refcount(c)
+	return rc == 0, err
+}
+
+// findFree returns the first run of n free clusters at or after the hint.
+func (im *Image) findFree(n uint64) (uint64, error) {
+	c := im.freeHint
+	if c == 0 {
+		c = 1
+	}
+	for {
+		if (c+n)*im.cs > maxHostOffset || c+n < c {
+			return 0, fmt.Errorf("no free space below the 2^56 byte host offset limit")
+		}
+		ok := true
+		for i := uint64(0); i < n; i++ {
+			free, err := im.isFree(c + i)
+			if err != nil {
+				return 0, err
+			}
+			if !free {
+				c += i + 1
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return c, nil
+		}
+	}
+}
+
+// allocClusters allocates n contiguous host clusters with refcount 1.
+func (im *Image) allocClusters(n uint64) (uint64, error) {
+	if im.extData && n == 0 {
+		return 0, nil
+	}
+	start, err := im.findFree(n)
+	if err != nil {
+		return 0, err
+	}
+	im.reserved = append(im.reserved, [2]uint64{start, n})
+	defer func() { im.reserved = im.reserved[:len(im.reserved)-1] }()
+	for b := start / im.rbEntries; b <= (start+n-1)/im.rbEntries; b++ {
+		if err := im.ensureRefblock(b); err != nil {
+			return 0, err
+		}
+	}
+	for c := start; c < start+n; c++ {
+		if err := im.addRefcount(c, 1); err != nil {
+			return 0, err
+		}
+	}
+	if start+n > im.fileClusters {
+		im.fileClusters = start + n
+	}
+	im.freeHint = start + n
+	return start, nil
+}
+
+// ensureRefblock makes sure refcount block b exists (in memory). A new
+// block is placed inside the range it covers when possible, so that it
+// describes itself.
+func (im *Image) ensureRefblock(b uint64) error {
+	if b >= uint64(len(im.rt)) {
+		if err := im.growReftable(b + 1); err != nil {
+			return err
+		}
+	}
+	if off, err := im.refblockOffset(b); err != nil || off != 0 {
+		return err
+	}
+	E := im.rbEntries
+	var r uint64
+	self := false
+	for c := max(b*E, 1); c < (b+1)*E; c++ {
+		if !im.isReserved(c) && im.meta.at(c) == 0 {
+			r, self = c, true
+			break
+		}
+	}
+	if !self {
+		var err error
+		if r, err = im.allocClusters(1); err != nil {
+			return err
+		}
+	}
+	buf := make([]byte, im.cs)
+	if self {
+		setRC(buf, im.rcBits, r-b*E, 1)
+	}
+	im.rbc.remove(r * im.cs)
+	im.rbc.add(&table{off: r * im.cs, buf: buf, dirty: true})
+	im.meta.add(r, metaRefBlock)
+	if r >= im.fileClusters {
+		im.fileClusters = r + 1
+	}
+	im.rt[b] = r * im.cs
+	im.rtDirty[b*8/512] = true
+	im.metaChanged = true
+	return nil
+}
+
+// growReftable moves the refcount table to a larger place with at least
+// minEntries entries. The new table reaches the disk (and the header points
+// to it) at the next write-back.
+func (im *Image) growReftable(minEntries uint64) error {
+	cs := im.cs
+	per := cs / 8
+	newEntries := max(minEntries, uint64(len(im.rt))*2)
+	var start, nc uint64
+	for {
+		newEntries = divRoundUp(newEntries, per) * per
+		nc = newEntries / per
+		if nc*cs > maxRefTableBytes {
+			return fmt.Errorf("refcount table would exceed %d bytes (%d clusters of %d bytes)", maxRefTableBytes, nc, cs)
+		}
+		var err error
+		if start, err = im.findFree(nc); err != nil {
+			return err
+		}
+		if last := (start + nc - 1) / im.rbEntries; last >= newEntries {
+			newEntries = last + 1
+			continue
+		}
+		break
+	}
+	im.reserved = append(im.reserved, [2]uint64{start, nc})
+	defer func() { im.reserved = im.reserved[:len(im.reserved)-1] }()
+
+	oldOff, oldN := im.rtOff, uint64(len(im.rt))*8/cs
+	wasMoved := im.rtMoved
+	rt := make([]uint64, newEntries)
+	copy(rt, im.rt)
+	im.rt = rt
+	im.rtOff = start * cs
+	im.rtMoved = true
+	im.meta.removeRange(oldOff/cs, oldN, metaRefTable)
+	im.meta.addRange(start, nc, metaRefTable)
+	if start+nc > im.fileClusters {
+		im.fileClusters = start + nc
+	}
+	for b := start / im.rbEntries; b <= (start+nc-1)/im.rbEntries; b++ {
+		if err := im.ensureRefblock(b); err != nil {
+			return err
+		}
+	}
+	for c := start; c < start+nc; c++ {
+		if err := im.addRefcount(c, 1); err != nil {
+			return err
+		}
+	}
+	if wasMoved {
+		// The previous in-memory table never reached the header.
+		for c := oldOff / cs; c < oldOff/cs+oldN; c++ {
+			if err := im.addRefcount(c, -1); err != nil {
+				return err
+			}
+		}
+	} else {
+		im.oldRT = [2]uint64{oldOff / cs, oldN}
+	}
+	im.log.Debug("refcount table grown", "entries", newEntries, "offset", im.rtOff)
+	return nil
+}
+
+// freeCluster schedules host cluster c for release once the table change
+// that dropped the reference is on disk.
+func (im *Image) freeCluster(c uint64) {
+	im.pendingFree = append(im.pendingFree, c)
+}
+
+// freeEntry schedules the release of whatever host clusters ci holds.
+func (im *Image) freeEntry(ci *cinfo) {
+	switch {
+	case im.extData:
+		return
+	case ci.typ == ctCompressed:
+		first := ci.coff / im.cs
+		last := (ci.coff + ci.csize - 1) / im.cs
+		for c := first; c <= last; c++ {
+			im.freeCluster(c)
+		}
+		im.dropDecompressCache()
+	case ci.hasHost:
+		im.freeCluster(ci.host / im.cs)
+	}
+}

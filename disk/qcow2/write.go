@@ -1,0 +1,411 @@
+package qcow2
+
+import (
+	"fmt"
+
+	"github.com/krun-core/krun-core/disk"
+)
+
+var errMarkedCorrupt = corruptf("image was marked corrupt; writes are refused")
+
+// subMask returns the bitmap of subclusters s0..s1.
+func subMask(s0, s1 uint64) uint32 {
+	var m uint64 = (1<<(s1+1) - 1) &^ (1<<s0 - 1)
+	return uint32(m)
+}
+
+// WriteAt writes p at virtual offset off.
+func (im *Image) WriteAt(p []byte, off int64) (int, error) {
+	if im.ro {
+		return 0, disk.ErrReadOnly
+	}
+	if err := im.checkRange(off, len(p)); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	im.mu.RLock()
+	if im.closed {
+		im.mu.RUnlock()
+		return 0, errClosed
+	}
+	if im.corruptMarked.Load() {
+		im.mu.RUnlock()
+		return 0, errMarkedCorrupt
+	}
+	done, err := im.writeInPlace(p, uint64(off))
+	im.mu.RUnlock()
+	if err != nil {
+		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write at %d: %w", im.name, off, err))
+	}
+	if done {
+		return len(p), nil
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return 0, errClosed
+	}
+	if im.corruptMarked.Load() {
+		return 0, errMarkedCorrupt
+	}
+	if err := im.writeLocked(p, uint64(off)); err != nil {
+		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write at %d: %w", im.name, off, err))
+	}
+	if err := im.trimCaches(); err != nil {
+		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
+	}
+	return len(p), nil
+}
+
+// checkData refuses a guest data write to host cluster c of the image file
+// when c holds metadata or lies outside the image.
+func (im *Image) checkData(c uint64) error {
+	if im.extData {
+		return nil
+	}
+	if c == 0 || c >= im.fileClusters {
+		return corruptf("data write to host cluster %d outside the image's clusters", c)
+	}
+	return im.meta.check(c, 1, 0)
+}
+
+// writeInPlace writes p if every cluster it touches is allocated, owned by
+// the active image alone and needs no metadata change. It reports false
+// (having written nothing) otherwise. The caller holds mu shared.
+func (im *Image) writeInPlace(p []byte, pos uint64) (bool, error) {
+	type seg struct {
+		host uint64
+		a, b int
+	}
+	var segs [8]seg
+	list := segs[:0]
+	for i, at := 0, pos; i < len(p); {
+		in := at & (im.cs - 1)
+		n := int(min(im.cs-in, uint64(len(p)-i)))
+		ci, err := im.lookup(at >> im.cb)
+		if err != nil {
+			return false, err
+		}
+		if ci.typ != ctNormal || !ci.copied {
+			return false, nil
+		}
+		if m := subMask(in>>im.scBits, (in+uint64(n)-1)>>im.scBits); ci.alloc&m != m {
+			return false, nil
+		}
+		if err := im.checkData(ci.host / im.cs); err != nil {
+			return false, err
+		}
+		h := ci.host + in
+		if k := len(list); k > 0 && list[k-1].host+uint64(list[k-1].b-list[k-1].a) == h {
+			list[k-1].b += n
+		} else {
+			list = append(list, seg{h, i, i + n})
+		}
+		i += n
+		at += uint64(n)
+	}
+	for _, s := range list {
+		if _, err := im.data.WriteAt(p[s.a:s.b], int64(s.host)); err != nil {
+			return false, fmt.Errorf("write data at %#x: %w", s.host, err)
+		}
+	}
+	return true, nil
+}
+
+// writeLocked writes p at guest offset pos, allocating as needed. The
+// caller holds mu exclusively.
+func (im *Image) writeLocked(p []byte, pos uint64) error {
+	for i := 0; i < len(p); {
+		in := pos & (im.cs - 1)
+		n := int(min(im.cs-in, uint64(len(p)-i)))
+		if err := im.writeCluster(p[i:i+n], pos); err != nil {
+			return err
+		}
+		i += n
+		pos += uint64(n)
+	}
+	return nil
+}
+
+// l2ForWrite returns the L2 table for guest cluster gc, allocating it or
+// copying it (when a snapshot shares it) so that the active image owns it,
+// and the entry index.
+func (im *Image) l2ForWrite(gc uint64) (*table, uint64, error) {
+	l1i := gc >> im.l2Bits
+	idx := gc & (im.l2Entries - 1)
+	off, err := im.l2Offset(l1i)
+	if err != nil {
+		return nil, 0, err
+	}
+	if off == 0 {
+		c, err := im.allocClusters(1)
+		if err != nil {
+			return nil, 0, fmt.Errorf("allocate L2 table: %w", err)
+		}
+		t := &table{off: c * im.cs, buf: make([]byte, im.cs), dirty: true}
+		im.meta.add(c, metaL2)
+		im.l2c.remove(t.off)
+		im.l2c.add(t)
+		im.setL1(l1i, t.off|flagCopied)
+		return t, idx, nil
+	}
+	t, err := im.loadL2(off)
+	if err != nil {
+		return nil, 0, err
+	}
+	if im.l1[l1i]&flagCopied != 0 {
+		return t, idx, nil
+	}
+	rc, err := im.refcount(off / im.cs)
+	if err != nil {
+		return nil, 0, err
+	}
+	switch {
+	case rc == 0:
+		return nil, 0, corruptf("L2 table at %#x is in use but has refcount 0", off)
+	case rc == 1:
+		im.setL1(l1i, off|flagCopied)
+		return t, idx, nil
+	}
+	// Shared with a snapshot: copy it.
+	c, err := im.allocClusters(1)
+	if err != nil {
+		return nil, 0, fmt.Errorf("allocate L2 table copy: %w", err)
+	}
+	nt := &table{off: c * im.cs, buf: make([]byte, im.cs), dirty: true}
+	copy(nt.buf, t.buf)
+	// Entries of a shared table cannot be exclusively owned; make sure no
+	// stale copied flag lets a write bypass the refcount check.
+	step := im.l2EntrySizeBytes()
+	for i := uint64(0); i < uint64(len(nt.buf)); i += step {
+		e := be.Uint64(nt.buf[i:])
+		be.PutUint64(nt.buf[i:], e&^flagCopied)
+	}
+	im.meta.add(c, metaL2)
+	im.meta.clear(off/im.cs, metaL2)
+	im.l2c.remove(nt.off)
+	im.l2c.add(nt)
+	im.setL1(l1i, nt.off|flagCopied)
+	im.freeCluster(off / im.cs)
+	return nt, idx, nil
+}
+
+func (im *Image) l2EntrySizeBytes() uint64 {
+	if im.extL2 {
+		return 16
+	}
+	return 8
+}
+
+func (im *Image) setL1(i, v uint64) {
+	im.l1[i] = v
+	im.l1Dirty[i/64] = true
+}
+
+// owned reports whether the active image alone references ci's host
+// cluster (refcount 1), so it may be written in place.
+func (im *Image) owned(ci *cinfo) (bool, error) {
+	if !ci.hasHost || ci.typ == ctCompressed {
+		return false, nil
+	}
+	if im.extData || ci.copied {
+		return true, nil
+	}
+	rc, err := im.refcount(ci.host / im.cs)
+	if err != nil {
+		return false, err
+	}
+	if rc == 0 {
+		return false, corruptf("host cluster %#x is in use but has refcount 0", ci.host)
+	}
+	return rc == 1, nil
+}
+
+// newHost returns a host cluster for guest cluster gc: a fresh one, or the
+// fixed one in an external data file.
+func (im *Image) newHost(gc uint64) (uint64, error) {
+	if im.extData {
+		return gc << im.cb, nil
+	}
+	c, err := im.allocClusters(1)
+	if err != nil {
+		return 0, fmt.Errorf("allocate data cluster: %w", err)
+	}
+	return c * im.cs, nil
+}
+
+// fillState fills buf, which covers guest range [g, g+len(buf)) of one
+// subcluster (or cluster) in state st of cluster ci.
+func (im *Image) fillState(buf []byte, g uint64, st int, ci *cinfo) error {
+	switch st {
+	case 2:
+		in := g & (im.cs - 1)
+		if _, err := readFullAt(im.data, buf, int64(ci.host+in)); err != nil {
+			return fmt.Errorf("read data cluster at %#x: %w", ci.host, err)
+		}
+		return nil
+	case 1:
+		clear(buf)
+		return nil
+	}
+	return im.readBacking(buf, g)
+}
+
+// writeCluster writes q at guest offset pos; q lies inside one cluster.
+func (im *Image) writeCluster(q []byte, pos uint64) error {
+	gc := pos >> im.cb
+	base := gc << im.cb
+	in := pos - base
+	end := in + uint64(len(q))
+	t, idx, err := im.l2ForWrite(gc)
+	if err != nil {
+		return err
+	}
+	e, bm := im.entry(t, idx)
+	ci, err := im.classify(e, bm, gc)
+	if err != nil {
+		return err
+	}
+	s0, s1 := in>>im.scBits, (end-1)>>im.scBits
+	touched := subMask(s0, s1)
+	own, err := im.owned(&ci)
+	if err != nil {
+		return err
+	}
+
+	if own && ci.typ == ctNormal {
+		if err := im.checkData(ci.host / im.cs); err != nil {
+			return err
+		}
+		if ci.alloc&touched == touched {
+			if _, err := im.data.WriteAt(q, int64(ci.host+in)); err != nil {
+				return fmt.Errorf("write data at %#x: %w", ci.host+in, err)
+			}
+		} else {
+			// Extended L2: fill the partly written subclusters that were
+			// not allocated, then write the touched subclusters.
+			buf, start, err := im.mergeSubclusters(q, base, in, s0, s1, &ci)
+			if err != nil {
+				return err
+			}
+			if _, err := im.data.WriteAt(buf, int64(ci.host+start)); err != nil {
+				return fmt.Errorf("write data at %#x: %w", ci.host+start, err)
+			}
+		}
+		if !ci.copied || ci.alloc&touched != touched {
+			alloc := ci.alloc | touched
+			zero := ci.zero &^ touched
+			im.setEntry(t, idx, ci.host|flagCopied, uint64(zero)<<32|uint64(alloc))
+		}
+		return nil
+	}
+
+	if own && ci.typ == ctZero {
+		// A preallocated zero cluster this image owns: reuse it.
+		if err := im.checkData(ci.host / im.cs); err != nil {
+			return err
+		}
+		buf := make([]byte, im.cs)
+		copy(buf[in:], q)
+		if _, err := im.data.WriteAt(buf, int64(ci.host)); err != nil {
+			return fmt.Errorf("write data at %#x: %w", ci.host, err)
+		}
+		im.setEntry(t, idx, ci.host|flagCopied, 0)
+		return nil
+	}
+
+	// Everything else gets a new host cluster.
+	host, err := im.newHost(gc)
+	if err != nil {
+		return err
+	}
+	if err := im.checkData(host / im.cs); err != nil {
+		return err
+	}
+	var alloc, zero uint32
+	if im.extL2 && ci.typ == ctUnalloc {
+		// Only the touched subclusters are written; the others keep
+		// their state (unallocated or zero).
+		buf, start, err := im.mergeSubclusters(q, base, in, s0, s1, &ci)
+		if err != nil {
+			return err
+		}
+		if _, err := im.data.WriteAt(buf, int64(host+start)); err != nil {
+			return fmt.Errorf("write data at %#x: %w", host+start, err)
+		}
+		alloc, zero = touched, ci.zero&^touched
+	} else {
+		buf := make([]byte, im.cs)
+		switch ci.typ {
+		case ctCompressed:
+			if err := im.decompress(&ci, buf); err != nil {
+				return err
+			}
+			alloc = allSub
+		case ctZero:
+			alloc = allSub
+		case ctUnalloc:
+			if err := im.readBacking(buf, base); err != nil {
+				return err
+			}
+			alloc = allSub
+		case ctNormal:
+			// Shared with a snapshot (or, with extended L2, partly
+			// allocated): copy the cluster, filling the touched
+			// subclusters that were not allocated.
+			if _, err := readFullAt(im.data, buf, int64(ci.host)); err != nil {
+				return fmt.Errorf("read data cluster at %#x: %w", ci.host, err)
+			}
+			sc := uint64(1) << im.scBits
+			for _, s := range edges(s0, s1) {
+				if st := ci.state(uint(s)); st != 2 {
+					if err := im.fillState(buf[s*sc:(s+1)*sc], base+s*sc, st, &ci); err != nil {
+						return err
+					}
+				}
+			}
+			alloc, zero = ci.alloc|touched, ci.zero&^touched
+		}
+		copy(buf[in:], q)
+		if _, err := im.data.WriteAt(buf, int64(host)); err != nil {
+			return fmt.Errorf("write data at %#x: %w", host, err)
+		}
+	}
+	if !im.extL2 {
+		alloc, zero = 0, 0
+	}
+	im.setEntry(t, idx, host|flagCopied, uint64(zero)<<32|uint64(alloc))
+	im.freeEntry(&ci)
+	return nil
+}
+
+// mergeSubclusters builds the bytes of subclusters s0..s1 of the cluster at
+// guest offset base: q at offset in, and for the first and last subcluster,
+// where q does not cover them, their current content.
+func (im *Image) mergeSubclusters(q []byte, base, in, s0, s1 uint64, ci *cinfo) ([]byte, uint64, error) {
+	sc := uint64(1) << im.scBits
+	start, stop := s0*sc, (s1+1)*sc
+	buf := make([]byte, stop-start)
+	end := in + uint64(len(q))
+	for _, s := range edges(s0, s1) {
+		a, b := s*sc, (s+1)*sc
+		if in <= a && end >= b {
+			continue
+		}
+		if err := im.fillState(buf[a-start:b-start], base+a, ci.state(uint(s)), ci); err != nil {
+			return nil, 0, err
+		}
+	}
+	copy(buf[in-start:], q)
+	return buf, start, nil
+}
+
+// edges returns the first and last subcluster of a range, once each.
+func edges(s0, s1 uint64) []uint64 {
+	if s0 == s1 {
+		return []uint64{s0}
+	}
+	return []uint64{s0, s1}
+}
