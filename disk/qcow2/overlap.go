@@ -67,7 +67,7 @@ func (mm *metaMap) removeRange(start, n uint64, k metaKind) {
 	}
 }
 
-func (mm *metaMap) add(c uint64, k metaKind)   { mm.m[c] |= k }
+func (mm *metaMap) add(c uint64, k metaKind) { mm.m[c] |= k }
 func (mm *metaMap) clear(c uint64, k metaKind) {
 	if v := mm.m[c] &^ k; v == 0 {
 		delete(mm.m, c)
@@ -98,4 +98,6 @@ func (mm *metaMap) check(c, n uint64, k metaKind) error {
 	return nil
 }
 
-func (mm *metaMap) String() string { return fmt.Sprintf("%d ranges, %d clusters", len(mm.ranges), len(mm.m)) }
+func (mm *metaMap) String() string {
+	return fmt.Sprintf("%d ranges, %d clusters", len(mm.ranges), len(mm.m))
+}
