@@ -1,0 +1,282 @@
+package fs
+
+import (
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devices/fs/fuse"
+)
+
+// Attribute operations: GETATTR, SETATTR, READLINK, STATFS, ACCESS, and the
+// reopening of a node for I/O.
+
+func (r *request) replyAttr(st *unix.Stat_t) unix.Errno {
+	var b [fuse.AttrOutSize]byte
+	out := fuse.AttrOut{AttrValid: r.s.attrTO.sec, AttrValidNs: r.s.attrTO.nsec, Attr: r.s.attr(st)}
+	out.Encode(b[:])
+	return r.reply(b[:])
+}
+
+func (s *Server) opGetattr(r *request) unix.Errno {
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	var st unix.Stat_t
+	if err := statFd(n.fd, &st); err != nil {
+		return errno(err)
+	}
+	return r.replyAttr(&st)
+}
+
+// openNode opens node n for I/O (flags: access mode and O_APPEND, O_SYNC,
+// ...; never O_CREAT or O_TRUNC). A directory reopens itself through ".";
+// a regular file is reopened by one of its known names below the parent's
+// fd and must turn out to be the same inode. Other file types are never
+// opened: opening a FIFO or a device on the host has side effects.
+func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
+	switch n.typ {
+	case unix.S_IFDIR:
+		fd, err := reopenDir(n.fd)
+		if err != nil {
+			return -1, errno(err)
+		}
+		return fd, 0
+	case unix.S_IFREG:
+	default:
+		return -1, unix.EOPNOTSUPP
+	}
+	as := s.t.aliases(n, r.sc.al[:0])
+	defer func() {
+		s.t.putAliases(as)
+		clear(as)
+		r.sc.al = as[:0]
+	}()
+	var last unix.Errno = unix.ESTALE
+	for _, a := range as {
+		// O_NONBLOCK: if the name is now a FIFO, opening it must not block
+		// (it is refused below); O_NOCTTY for the same reason with ttys.
+		fd, err := openBeneath(a.parent.fd, a.name, flags|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+		if err != nil {
+			e := errno(err)
+			switch e {
+			case unix.ENOENT, unix.ELOOP, unix.ENOTDIR, unix.ENXIO, unix.EISDIR:
+				s.t.dropName(a.parent.id, a.name)
+				continue
+			}
+			// Permission and the like: the file is there but refuses us.
+			return -1, e
+		}
+		var st unix.Stat_t
+		if statFd(fd, &st) == nil && st.Dev == n.key.dev && st.Ino == n.key.ino && st.Mode&unix.S_IFMT == unix.S_IFREG {
+			if flags&unix.O_NONBLOCK == 0 {
+				if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil {
+					unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_NONBLOCK)
+				}
+			}
+			return fd, 0
+		}
+		unix.Close(fd)
+		s.t.dropName(a.parent.id, a.name)
+		last = unix.ESTALE
+	}
+	return -1, last
+}
+
+// openAny opens n read-only, or write-only when read access is refused
+// (metadata calls such as fsetxattr only need some open file).
+func (s *Server) openAny(r *request, n *node) (int, unix.Errno) {
+	fd, e := s.openNode(r, n, unix.O_RDONLY)
+	if e == unix.EACCES && n.typ == unix.S_IFREG {
+		fd, e = s.openNode(r, n, unix.O_WRONLY)
+	}
+	return fd, e
+}
+
+func (s *Server) opSetattr(r *request) unix.Errno {
+	in, err := fuse.DecodeSetattrIn(r.in)
+	if err != nil {
+		return unix.EINVAL
+	}
+	if s.readOnly {
+		return unix.EROFS
+	}
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	var h *handle
+	if in.Valid&fuse.FattrFh != 0 {
+		if h, e = s.t.getHandle(in.Fh); e != 0 {
+			return e
+		}
+		defer s.t.putHandle(h)
+		if h.node != n {
+			return unix.EBADF
+		}
+	}
+
+	if in.Valid&fuse.FattrMode != 0 {
+		if e := s.chmod(r, n, h, in.Mode&07777); e != 0 {
+			return e
+		}
+	}
+	if in.Valid&(fuse.FattrUID|fuse.FattrGID) != 0 {
+		uid, gid := -1, -1
+		if in.Valid&fuse.FattrUID != 0 {
+			u, ok := s.uids.toHost(in.UID)
+			if !ok {
+				return unix.EINVAL
+			}
+			uid = int(u)
+		}
+		if in.Valid&fuse.FattrGID != 0 {
+			g, ok := s.gids.toHost(in.GID)
+			if !ok {
+				return unix.EINVAL
+			}
+			gid = int(g)
+		}
+		if err := unix.Fchownat(n.fd, "", uid, gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return errno(err)
+		}
+	}
+	if in.Valid&fuse.FattrSize != 0 {
+		if in.Size > 1<<63-1 {
+			return unix.EINVAL
+		}
+		if e := s.truncate(r, n, h, int64(in.Size)); e != 0 {
+			return e
+		}
+	}
+	if in.Valid&(fuse.FattrAtime|fuse.FattrMtime|fuse.FattrAtimeNow|fuse.FattrMtimeNow) != 0 {
+		ts := [2]unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
+		set := func(i int, valid, now uint32, sec uint64, nsec uint32) unix.Errno {
+			switch {
+			case in.Valid&now != 0:
+				ts[i] = unix.Timespec{Nsec: unix.UTIME_NOW}
+			case in.Valid&valid != 0:
+				if nsec > 999999999 {
+					return unix.EINVAL
+				}
+				ts[i] = unix.Timespec{Sec: int64(sec), Nsec: int64(nsec)}
+			}
+			return 0
+		}
+		if e := set(0, fuse.FattrAtime, fuse.FattrAtimeNow, in.Atime, in.Atimensec); e != 0 {
+			return e
+		}
+		if e := set(1, fuse.FattrMtime, fuse.FattrMtimeNow, in.Mtime, in.Mtimensec); e != 0 {
+			return e
+		}
+		if err := unix.UtimesNanoAt(n.fd, "", ts[:], unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return errno(err)
+		}
+	}
+	var st unix.Stat_t
+	if err := statFd(n.fd, &st); err != nil {
+		return errno(err)
+	}
+	return r.replyAttr(&st)
+}
+
+// chmod changes n's mode: through an open handle, with fchmodat2 on the
+// O_PATH fd (Linux 6.6+), or by reopening the node.
+func (s *Server) chmod(r *request, n *node, h *handle, mode uint32) unix.Errno {
+	if n.typ == unix.S_IFLNK {
+		return unix.EOPNOTSUPP
+	}
+	if h != nil {
+		return errno(unix.Fchmod(h.fd, mode))
+	}
+	err := unix.Fchmodat(n.fd, "", mode, unix.AT_EMPTY_PATH)
+	if err != unix.EOPNOTSUPP && err != unix.ENOSYS && err != unix.EINVAL {
+		return errno(err)
+	}
+	fd, e := s.openAny(r, n)
+	if e != 0 {
+		return e
+	}
+	defer unix.Close(fd)
+	return errno(unix.Fchmod(fd, mode))
+}
+
+// truncate sets n's size through the handle or a writable reopen.
+func (s *Server) truncate(r *request, n *node, h *handle, size int64) unix.Errno {
+	if n.typ == unix.S_IFDIR {
+		return unix.EISDIR
+	}
+	if n.typ != unix.S_IFREG {
+		return unix.EINVAL
+	}
+	if h != nil {
+		return errno(unix.Ftruncate(h.fd, size))
+	}
+	fd, e := s.openNode(r, n, unix.O_WRONLY)
+	if e != 0 {
+		return e
+	}
+	defer unix.Close(fd)
+	return errno(unix.Ftruncate(fd, size))
+}
+
+func (s *Server) opReadlink(r *request) unix.Errno {
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	if n.typ != unix.S_IFLNK {
+		return unix.EINVAL
+	}
+	buf := r.sc.big[:fuse.MaxSymlinkLen]
+	k, err := unix.Readlinkat(n.fd, "", buf)
+	if err != nil {
+		return errno(err)
+	}
+	return r.reply(buf[:k])
+}
+
+func (s *Server) opStatfs(r *request) unix.Errno {
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(n.fd, &st); err != nil {
+		return errno(err)
+	}
+	k := fuse.Kstatfs{
+		Blocks: st.Blocks, Bfree: st.Bfree, Bavail: st.Bavail, Files: st.Files, Ffree: st.Ffree,
+		Bsize: uint32(st.Bsize), Namelen: uint32(st.Namelen), Frsize: uint32(st.Frsize),
+	}
+	var b [fuse.StatfsOutSize]byte
+	k.Encode(b[:])
+	return r.reply(b[:])
+}
+
+func (s *Server) opAccess(r *request) unix.Errno {
+	mask, ok := fuse.U32(r.in, 0)
+	if !ok {
+		return unix.EINVAL
+	}
+	if mask&^uint32(unix.R_OK|unix.W_OK|unix.X_OK) != 0 {
+		return unix.EINVAL
+	}
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	if mask&unix.W_OK != 0 && s.readOnly {
+		return unix.EROFS
+	}
+	// The host checks with the process's credentials; the guest kernel
+	// (default_permissions) has already checked the guest caller's.
+	if err := unix.Faccessat2(n.fd, "", mask, unix.AT_EMPTY_PATH|unix.AT_EACCESS); err != nil {
+		return errno(err)
+	}
+	return r.reply()
+}

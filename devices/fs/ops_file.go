@@ -1,0 +1,383 @@
+package fs
+
+import (
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devices/fs/fuse"
+)
+
+// File operations: OPEN, CREATE, READ, WRITE, RELEASE(DIR), FLUSH,
+// FSYNC(DIR), FALLOCATE, LSEEK, SYNCFS.
+
+// openFlags filters the guest's open flags down to what the host open may
+// carry. O_CREAT, O_EXCL and O_TRUNC are handled by the callers; O_NOFOLLOW,
+// O_CLOEXEC and O_NONBLOCK are added by openNode/openBeneath. O_DIRECT and
+// O_NOATIME are dropped: the first is not supported by every host file
+// system, the second needs ownership the guest cannot claim.
+func openFlags(f uint32) int {
+	const keep = unix.O_ACCMODE | unix.O_APPEND | unix.O_SYNC | unix.O_DSYNC
+	return int(f) & keep
+}
+
+func writes(f uint32) bool {
+	return int(f)&unix.O_ACCMODE != unix.O_RDONLY || int(f)&unix.O_TRUNC != 0
+}
+
+func (r *request) replyOpen(fh uint64) unix.Errno {
+	var b [fuse.OpenOutSize]byte
+	fuse.PutU64(b[:], 0, fh)
+	return r.reply(b[:])
+}
+
+func (s *Server) opOpen(r *request) unix.Errno {
+	flags, ok := fuse.U32(r.in, 0)
+	if !ok {
+		return unix.EINVAL
+	}
+	if int(flags)&unix.O_ACCMODE == unix.O_ACCMODE {
+		return unix.EINVAL
+	}
+	if s.readOnly && writes(flags) {
+		return unix.EROFS
+	}
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	switch n.typ {
+	case unix.S_IFREG:
+	case unix.S_IFDIR:
+		return unix.EISDIR
+	default:
+		// FIFOs, sockets and devices are opened by the guest's own kernel;
+		// the host must never open them.
+		return unix.ENXIO
+	}
+	fd, e := s.openNode(r, n, openFlags(flags))
+	if e != 0 {
+		return e
+	}
+	if int(flags)&unix.O_TRUNC != 0 {
+		// Truncate only now that the fd is known to be this node.
+		if err := unix.Ftruncate(fd, 0); err != nil {
+			unix.Close(fd)
+			return errno(err)
+		}
+	}
+	fh, e := s.t.addHandle(fd, n, nil)
+	if e != 0 {
+		unix.Close(fd)
+		return e
+	}
+	if e := r.replyOpen(fh); e != 0 {
+		s.t.release(fh)
+		return e
+	}
+	return 0
+}
+
+func (s *Server) opCreate(r *request) unix.Errno {
+	if len(r.in) < fuse.CreateInSize {
+		return unix.EINVAL
+	}
+	flags, _ := fuse.U32(r.in, 0)
+	mode, _ := fuse.U32(r.in, 4)
+	name, _, e := nameArg(r.in[fuse.CreateInSize:])
+	if e != 0 {
+		return e
+	}
+	if int(flags)&unix.O_ACCMODE == unix.O_ACCMODE {
+		return unix.EINVAL
+	}
+	if s.readOnly {
+		return unix.EROFS
+	}
+	parent, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(parent)
+
+	// Create exclusively first so that we know whether this request made
+	// the file (and may give it to the caller); without O_EXCL from the
+	// guest, fall back to opening the existing file.
+	oflags := openFlags(flags) | unix.O_NONBLOCK | unix.O_NOCTTY
+	made := true
+	fd, err := openBeneath(parent.fd, name, oflags|unix.O_CREAT|unix.O_EXCL, mode&07777)
+	if err == unix.EEXIST && int(flags)&unix.O_EXCL == 0 {
+		made = false
+		fd, err = openBeneath(parent.fd, name, oflags, 0)
+	}
+	if err != nil {
+		return errno(err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(fd)
+		}
+	}()
+	var st unix.Stat_t
+	if err := statFd(fd, &st); err != nil {
+		return errno(err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		// Without O_EXCL an existing FIFO or device could have been
+		// opened; refuse it.
+		return unix.EEXIST
+	}
+	if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil {
+		unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_NONBLOCK)
+	}
+	if int(flags)&unix.O_TRUNC != 0 && st.Size != 0 {
+		if err := unix.Ftruncate(fd, 0); err != nil {
+			return errno(err)
+		}
+	}
+	pfd, err := openPath(parent.fd, name)
+	if err != nil {
+		return errno(err)
+	}
+	var pst unix.Stat_t
+	if err := statFd(pfd, &pst); err != nil || pst.Dev != st.Dev || pst.Ino != st.Ino {
+		// The name changed between the two opens.
+		unix.Close(pfd)
+		return unix.ESTALE
+	}
+	if made {
+		s.chownNew(r, parent, pfd)
+		statFd(pfd, &pst)
+	}
+	n, e := s.t.insert(parent, name, pfd, &pst)
+	if e != 0 {
+		return e
+	}
+	fh, e := s.t.addHandle(fd, n, nil)
+	if e != 0 {
+		s.t.forget(n.id, 1)
+		return e
+	}
+	ok = true
+	var b [fuse.EntryOutSize + fuse.OpenOutSize]byte
+	en := s.entry(n, &pst)
+	en.Encode(b[:])
+	fuse.PutU64(b[:], fuse.EntryOutSize, fh)
+	if e := r.reply(b[:]); e != 0 {
+		s.t.release(fh)
+		s.t.forget(n.id, 1)
+		return e
+	}
+	return 0
+}
+
+// fileHandle takes the handle of a READ/WRITE/... request; it must be an
+// open file, not a directory.
+func (s *Server) fileHandle(fh uint64, dir bool) (*handle, unix.Errno) {
+	h, e := s.t.getHandle(fh)
+	if e != 0 {
+		return nil, e
+	}
+	if (h.dir != nil) != dir {
+		s.t.putHandle(h)
+		if dir {
+			return nil, unix.ENOTDIR
+		}
+		return nil, unix.EISDIR
+	}
+	return h, 0
+}
+
+func (s *Server) opRead(r *request) unix.Errno {
+	in, err := fuse.DecodeReadIn(r.in)
+	if err != nil {
+		return unix.EINVAL
+	}
+	if e := checkOffset(in.Offset, uint64(in.Size)); e != 0 {
+		return e
+	}
+	h, e := s.fileHandle(in.Fh, false)
+	if e != 0 {
+		return e
+	}
+	defer s.t.putHandle(h)
+	size := min(uint64(in.Size), r.room())
+	if !r.begin() {
+		return unix.ENOBUFS
+	}
+	if size == 0 {
+		return 0
+	}
+	segs := r.c.PeekWritable(r.sc.segs[:0], size)
+	n, err := r.sc.iov.transfer(h.fd, segs, int64(in.Offset), false)
+	clear(segs)
+	r.sc.segs = segs[:0]
+	if err != nil {
+		return errno(err)
+	}
+	if err := r.c.SkipWrite(uint64(n)); err != nil {
+		return unix.EIO
+	}
+	s.stats.ReadBytes.Add(uint64(n))
+	return 0
+}
+
+func (s *Server) opWrite(r *request) unix.Errno {
+	in, err := fuse.DecodeWriteIn(r.in)
+	if err != nil {
+		return unix.EINVAL
+	}
+	if uint64(in.Size) > r.data {
+		return unix.EINVAL
+	}
+	if e := checkOffset(in.Offset, uint64(in.Size)); e != 0 {
+		return unix.EFBIG
+	}
+	if s.readOnly {
+		return unix.EROFS
+	}
+	h, e := s.fileHandle(in.Fh, false)
+	if e != 0 {
+		return e
+	}
+	defer s.t.putHandle(h)
+	n := 0
+	if in.Size > 0 {
+		segs := r.c.PeekReadable(r.sc.segs[:0], uint64(in.Size))
+		n, err = r.sc.iov.transfer(h.fd, segs, int64(in.Offset), true)
+		clear(segs)
+		r.sc.segs = segs[:0]
+		if err != nil {
+			return errno(err)
+		}
+	}
+	s.stats.WriteBytes.Add(uint64(n))
+	var b [fuse.WriteOutSize]byte
+	fuse.PutU32(b[:], 0, uint32(n))
+	return r.reply(b[:])
+}
+
+func (s *Server) opRelease(r *request) unix.Errno {
+	fh, ok := fuse.U64(r.in, 0)
+	if !ok {
+		return unix.EINVAL
+	}
+	h, e := s.fileHandle(fh, r.h.Opcode == fuse.OpReleasedir)
+	if e != 0 {
+		return e
+	}
+	s.t.putHandle(h)
+	if e := s.t.release(fh); e != 0 {
+		return e
+	}
+	return r.reply()
+}
+
+func (s *Server) opFlush(r *request) unix.Errno {
+	fh, ok := fuse.U64(r.in, 0)
+	if !ok {
+		return unix.EINVAL
+	}
+	h, e := s.fileHandle(fh, false)
+	if e != 0 {
+		return e
+	}
+	s.t.putHandle(h)
+	// No POSIX locks are held on the host (the guest kernel keeps them),
+	// and data is written through, so there is nothing to flush.
+	return r.reply()
+}
+
+func (s *Server) opFsync(r *request) unix.Errno {
+	if len(r.in) < fuse.FsyncInSize {
+		return unix.EINVAL
+	}
+	fh, _ := fuse.U64(r.in, 0)
+	flags, _ := fuse.U32(r.in, 8)
+	h, e := s.fileHandle(fh, r.h.Opcode == fuse.OpFsyncdir)
+	if e != 0 {
+		return e
+	}
+	defer s.t.putHandle(h)
+	var err error
+	if flags&fuse.FsyncFdatasync != 0 {
+		err = unix.Fdatasync(h.fd)
+	} else {
+		err = unix.Fsync(h.fd)
+	}
+	if err != nil {
+		return errno(err)
+	}
+	return r.reply()
+}
+
+const fallocModes = unix.FALLOC_FL_KEEP_SIZE | unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_ZERO_RANGE |
+	unix.FALLOC_FL_COLLAPSE_RANGE | unix.FALLOC_FL_INSERT_RANGE | unix.FALLOC_FL_UNSHARE_RANGE
+
+func (s *Server) opFallocate(r *request) unix.Errno {
+	if len(r.in) < fuse.FallocateInSize {
+		return unix.EINVAL
+	}
+	fh, _ := fuse.U64(r.in, 0)
+	off, _ := fuse.U64(r.in, 8)
+	length, _ := fuse.U64(r.in, 16)
+	mode, _ := fuse.U32(r.in, 24)
+	if mode&^fallocModes != 0 {
+		return unix.EOPNOTSUPP
+	}
+	if length == 0 {
+		return unix.EINVAL
+	}
+	if e := checkOffset(off, length); e != 0 {
+		return unix.EFBIG
+	}
+	if s.readOnly {
+		return unix.EROFS
+	}
+	h, e := s.fileHandle(fh, false)
+	if e != 0 {
+		return e
+	}
+	defer s.t.putHandle(h)
+	if err := unix.Fallocate(h.fd, mode, int64(off), int64(length)); err != nil {
+		return errno(err)
+	}
+	return r.reply()
+}
+
+func (s *Server) opLseek(r *request) unix.Errno {
+	if len(r.in) < fuse.LseekInSize {
+		return unix.EINVAL
+	}
+	fh, _ := fuse.U64(r.in, 0)
+	off, _ := fuse.U64(r.in, 8)
+	whence, _ := fuse.U32(r.in, 16)
+	switch whence {
+	case unix.SEEK_SET, unix.SEEK_CUR, unix.SEEK_END, unix.SEEK_DATA, unix.SEEK_HOLE:
+	default:
+		return unix.EINVAL
+	}
+	h, e := s.fileHandle(fh, false)
+	if e != 0 {
+		return e
+	}
+	defer s.t.putHandle(h)
+	// The fd's own position is never used for I/O (pread/pwrite), so
+	// moving it is harmless.
+	pos, err := unix.Seek(h.fd, int64(off), int(whence))
+	if err != nil {
+		return errno(err)
+	}
+	var b [fuse.LseekOutSize]byte
+	fuse.PutU64(b[:], 0, uint64(pos))
+	return r.reply(b[:])
+}
+
+func (s *Server) opSyncfs(r *request) unix.Errno {
+	if !s.readOnly {
+		if err := unix.Syncfs(s.rootFd); err != nil {
+			return errno(err)
+		}
+	}
+	return r.reply()
+}

@@ -1,0 +1,155 @@
+package fs
+
+import (
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devices/fs/fuse"
+)
+
+// Extended attributes: SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR.
+//
+// The f*xattr calls need an open file, so directories and regular files
+// are reopened (openNode); symlinks and special files, which the server
+// never opens, have no extended attributes as far as the guest can tell.
+
+func xattrName(b []byte) (string, []byte, unix.Errno) {
+	name, rest, err := fuse.CString(b)
+	if err != nil || len(name) == 0 {
+		return "", nil, unix.EINVAL
+	}
+	if len(name) > fuse.MaxXattrNameLen {
+		return "", nil, unix.ERANGE
+	}
+	return string(name), rest, 0
+}
+
+func (s *Server) opSetxattr(r *request) unix.Errno {
+	if s.noXattr {
+		return unix.ENOSYS
+	}
+	if len(r.in) < fuse.SetxattrInSize {
+		return unix.EINVAL
+	}
+	size, _ := fuse.U32(r.in, 0)
+	flags, _ := fuse.U32(r.in, 4)
+	name, rest, e := xattrName(r.in[fuse.SetxattrInSize:])
+	if e != 0 {
+		return e
+	}
+	if size > fuse.MaxXattrSize {
+		return unix.E2BIG
+	}
+	if uint64(size) > uint64(len(rest)) {
+		return unix.EINVAL
+	}
+	if flags&^uint32(unix.XATTR_CREATE|unix.XATTR_REPLACE) != 0 {
+		return unix.EINVAL
+	}
+	if s.readOnly {
+		return unix.EROFS
+	}
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	if n.typ != unix.S_IFREG && n.typ != unix.S_IFDIR {
+		return unix.EPERM
+	}
+	fd, e := s.openAny(r, n)
+	if e != 0 {
+		return e
+	}
+	defer unix.Close(fd)
+	if err := unix.Fsetxattr(fd, name, rest[:size], int(flags)); err != nil {
+		return errno(err)
+	}
+	return r.reply()
+}
+
+// opGetxattr serves GETXATTR and (list) LISTXATTR.
+func (s *Server) opGetxattr(r *request, list bool) unix.Errno {
+	if s.noXattr {
+		return unix.ENOSYS
+	}
+	size, ok := fuse.U32(r.in, 0)
+	if !ok {
+		return unix.EINVAL
+	}
+	var name string
+	if !list {
+		if len(r.in) < fuse.GetxattrInSize {
+			return unix.EINVAL
+		}
+		var e unix.Errno
+		if name, _, e = xattrName(r.in[fuse.GetxattrInSize:]); e != 0 {
+			return e
+		}
+	}
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	buf := r.sc.big[:min(uint64(size), uint64(len(r.sc.big)))]
+	var k int
+	if n.typ != unix.S_IFREG && n.typ != unix.S_IFDIR {
+		if !list {
+			return unix.ENODATA
+		}
+	} else {
+		fd, e := s.openAny(r, n)
+		if e != 0 {
+			return e
+		}
+		var err error
+		if list {
+			k, err = unix.Flistxattr(fd, buf)
+		} else {
+			k, err = unix.Fgetxattr(fd, name, buf)
+		}
+		unix.Close(fd)
+		if err != nil {
+			return errno(err)
+		}
+	}
+	if size == 0 {
+		var b [fuse.GetxattrOutSize]byte
+		fuse.PutU32(b[:], 0, uint32(k))
+		return r.reply(b[:])
+	}
+	if uint64(k) > r.room() {
+		return unix.ERANGE
+	}
+	return r.reply(buf[:k])
+}
+
+func (s *Server) opRemovexattr(r *request) unix.Errno {
+	if s.noXattr {
+		return unix.ENOSYS
+	}
+	name, _, e := xattrName(r.in)
+	if e != 0 {
+		return e
+	}
+	if s.readOnly {
+		return unix.EROFS
+	}
+	n, e := s.t.get(r.h.NodeID)
+	if e != 0 {
+		return e
+	}
+	defer s.t.put(n)
+	if n.typ != unix.S_IFREG && n.typ != unix.S_IFDIR {
+		return unix.EPERM
+	}
+	fd, e := s.openAny(r, n)
+	if e != 0 {
+		return e
+	}
+	defer unix.Close(fd)
+	if err := unix.Fremovexattr(fd, name); err != nil {
+		return errno(err)
+	}
+	return r.reply()
+}
