@@ -477,7 +477,10 @@ func TestReadOnly(t *testing.T) {
 		{"RMDIR", func() error { return c.Rmdir(fuse.RootID, "d") }},
 		{"RENAME", func() error { return c.Rename(fuse.RootID, "f", fuse.RootID, "g", 0) }},
 		{"RENAME2", func() error { return c.Rename(fuse.RootID, "f", fuse.RootID, "g", unix.RENAME_NOREPLACE) }},
-		{"SETATTR mode", func() error { _, err := c.Setattr(f.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o777}); return err }},
+		{"SETATTR mode", func() error {
+			_, err := c.Setattr(f.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o777})
+			return err
+		}},
 		{"SETATTR size", func() error { _, err := c.Setattr(f.NodeID, fuse.SetattrIn{Valid: fuse.FattrSize}); return err }},
 		{"SETXATTR", func() error { return c.Setxattr(f.NodeID, "user.x", []byte("1"), 0) }},
 		{"REMOVEXATTR", func() error { return c.Removexattr(f.NodeID, "user.x") }},
