@@ -588,12 +588,20 @@ func (sess *session) setVringCallErr(m *vhostuser.Message, v vhostuser.VringFD) 
 	}
 	var f *os.File
 	if !v.NoFD {
-		f = m.TakeFile(0)
+		// Non-blocking, so that a full pipe can never block a worker.
+		if f, err = nonBlockingDup(m.Files[0]); err != nil {
+			return fmt.Errorf("ring %d %v: %w", r.index, m.Request, err)
+		}
 	}
-	if m.Request == vhostuser.SetVringCall {
-		r.call.swap(f)
-	} else {
+	if m.Request == vhostuser.SetVringErr {
 		r.errFD.swap(f)
+		return nil
+	}
+	r.call.swap(f)
+	if r.started && f != nil {
+		// Completions signalled while the old (or no) descriptor was in
+		// place would be lost; a spurious interrupt is harmless.
+		signal(&r.call)
 	}
 	return nil
 }
@@ -694,16 +702,38 @@ func (sess *session) stopWorker(r *ring) {
 	r.cancel, r.done = nil, nil
 }
 
-// signal writes 1 to an eventfd in the slot, if any.
-func signal(s *fileSlot) {
-	if f := s.p.Load(); f != nil {
-		one := [8]byte{1}
-		f.Write(one[:])
+// signal writes 1 to the eventfd in the slot, if any.
+func signal(s *fileSlot) error {
+	f := s.p.Load()
+	if f == nil {
+		return nil
 	}
+	return writeEventfd(f)
+}
+
+// writeEventfd adds 1 to an eventfd (or writes 8 bytes to a pipe) without
+// ever blocking: the descriptor is non-blocking and written directly, so a
+// saturated counter or a full pipe (EAGAIN) is ignored — the reader has a
+// wake-up pending anyway — and a descriptor closed concurrently is ignored.
+func writeEventfd(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil // closed meanwhile
+	}
+	one := [8]byte{1}
+	var werr error
+	if err := rc.Control(func(fd uintptr) { _, werr = unix.Write(int(fd), one[:]) }); err != nil {
+		return nil // closed meanwhile
+	}
+	if werr != nil && werr != unix.EAGAIN {
+		return werr
+	}
+	return nil
 }
 
 // nonBlockingDup duplicates f's descriptor, sets O_NONBLOCK and returns it
-// as a file in Go's poller (so reads can be cancelled with deadlines).
+// as a file in Go's poller (so kick reads can be cancelled with deadlines,
+// and call writes never block).
 // O_NONBLOCK is shared with the front-end's copy, as with every vhost-user
 // implementation; eventfd users do not depend on it.
 func nonBlockingDup(f *os.File) (*os.File, error) {
@@ -725,5 +755,5 @@ func nonBlockingDup(f *os.File) (*os.File, error) {
 		unix.Close(nfd)
 		return nil, fmt.Errorf("set O_NONBLOCK: %w", err)
 	}
-	return os.NewFile(uintptr(nfd), "vhost-user-kick"), nil
+	return os.NewFile(uintptr(nfd), "vhost-user-eventfd"), nil
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -156,14 +155,10 @@ func (v *Vring) Signal() error {
 		return nil
 	}
 	v.stats.notifications.Add(1)
-	one := [8]byte{1}
-	_, err := f.Write(one[:])
-	if err == nil || errors.Is(err, os.ErrClosed) || errors.Is(err, syscall.EAGAIN) {
-		// Closed: the front-end replaced the descriptor meanwhile.
-		// EAGAIN: the counter is saturated, the driver will wake anyway.
-		return nil
+	if err := writeEventfd(f); err != nil {
+		return fmt.Errorf("queue %d: write call eventfd: %w", v.index, err)
 	}
-	return fmt.Errorf("queue %d: write call eventfd: %w", v.index, err)
+	return nil
 }
 
 // usedBatch is how many used elements Run adds before publishing them.
