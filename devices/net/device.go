@@ -1,0 +1,30 @@
+package net
+
+import (
+	"context"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+// The device as a vhost-user back-end device.
+var _ backend.Device = (*Device)(nil)
+
+// MaxQueueSize is the largest ring the device accepts.
+const MaxQueueSize = 1024
+
+// Info describes the device to the vhost-user framework.
+func (d *Device) Info() backend.DeviceInfo {
+	return backend.DeviceInfo{
+		Type:             DeviceType,
+		NumQueues:        d.NumQueues(),
+		MaxQueueSize:     MaxQueueSize,
+		Features:         d.DeviceFeatures(),
+		ProtocolFeatures: vhostuser.ProtocolConfig,
+	}
+}
+
+// ServeQueue serves rx (0) or tx (1) while the ring runs.
+func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
+	return d.Serve(ctx, idx, vr)
+}
