@@ -109,7 +109,9 @@ func readSnapshots(f io.ReaderAt, h *header) ([]snapshot, uint64, error) {
 		s.name = string(rest[extraLen+idLen:])
 		entry := 40 + extraLen + idLen + nameLen
 		pad := (8 - entry%8) % 8
-		if pad > 0 {
+		if pad > 0 && i+1 < h.nbSnapshots {
+			// QEMU does not write the padding of the last entry when the
+			// table ends the file.
 			if _, err := r.Discard(int(pad)); err != nil {
 				return nil, 0, tableEnd(i, err)
 			}
