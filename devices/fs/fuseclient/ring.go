@@ -1,0 +1,152 @@
+package fuseclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/krun-core/krun-core/testguest"
+)
+
+// Ring is a Transport over a virtqueue of a testguest.Guest: each request
+// is copied into guest memory and posted as one chain (readable buffers,
+// then the writable ones). Requests from several goroutines are in flight
+// at the same time; a reaper goroutine hands completions back.
+type Ring struct {
+	mem   *testguest.Memory
+	ring  *testguest.Ring
+	split int
+	// Timeout bounds one request; 0 means 30 s.
+	Timeout time.Duration
+
+	once   sync.Once
+	stop   context.CancelFunc
+	reaped chan struct{}
+	err    error // set before reaped is closed
+}
+
+// NewRing returns a transport on ring. split > 0 cuts requests and replies
+// into descriptors of at most split bytes (a guest's scattered pages).
+// Close stops it.
+func NewRing(mem *testguest.Memory, ring *testguest.Ring, split int) *Ring {
+	return &Ring{mem: mem, ring: ring, split: split}
+}
+
+func (r *Ring) start() {
+	r.once.Do(func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		r.stop = cancel
+		r.reaped = make(chan struct{})
+		go func() {
+			defer close(r.reaped)
+			for {
+				done, err := r.ring.Wait(ctx)
+				if err != nil {
+					r.err = err
+					return
+				}
+				for _, c := range done {
+					if ch, ok := c.Token.(chan uint32); ok {
+						ch <- c.Len
+					}
+				}
+			}
+		}()
+	})
+}
+
+// Close stops the reaper.
+func (r *Ring) Close() {
+	r.start()
+	r.stop()
+	<-r.reaped
+}
+
+// RoundTrip implements Transport.
+func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
+	r.start()
+	total := 0
+	for _, b := range req {
+		total += len(b)
+	}
+	in, err := r.mem.Alloc(uint64(max(total, 1)), 64)
+	if err != nil {
+		return nil, err
+	}
+	defer r.mem.Free(in)
+	inb, _ := r.mem.Bytes(in, uint64(total))
+	var segs []testguest.Segment
+	off := 0
+	for _, b := range req {
+		copy(inb[off:], b)
+		segs = appendSegs(segs, in+uint64(off), len(b), r.split, false)
+		off += len(b)
+	}
+	var out uint64
+	if replyCap > 0 {
+		out, err = r.mem.Alloc(uint64(replyCap), 64)
+		if err != nil {
+			return nil, err
+		}
+		defer r.mem.Free(out)
+		segs = appendSegs(segs, out, replyCap, r.split, true)
+	}
+	if len(segs) == 0 {
+		return nil, fmt.Errorf("empty request")
+	}
+	to := r.Timeout
+	if to == 0 {
+		to = 30 * time.Second
+	}
+	deadline := time.NewTimer(to)
+	defer deadline.Stop()
+	ch := make(chan uint32, 1)
+	for {
+		_, err := r.ring.Post(segs, ch)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, testguest.ErrRingFull) {
+			return nil, err
+		}
+		select {
+		case <-deadline.C:
+			return nil, fmt.Errorf("ring stayed full: %w", err)
+		case <-time.After(50 * time.Microsecond):
+		}
+	}
+	if _, err := r.ring.Kick(); err != nil {
+		return nil, err
+	}
+	var n uint32
+	select {
+	case n = <-ch:
+	case <-r.reaped:
+		return nil, fmt.Errorf("wait for the reply: %w", r.err)
+	case <-deadline.C:
+		return nil, fmt.Errorf("no reply within %v", to)
+	}
+	if int(n) > replyCap {
+		return nil, fmt.Errorf("device reports %d bytes written into %d", n, replyCap)
+	}
+	if replyCap == 0 {
+		return nil, nil
+	}
+	b, _ := r.mem.Bytes(out, uint64(n))
+	return append([]byte(nil), b...), nil
+}
+
+func appendSegs(segs []testguest.Segment, addr uint64, n, split int, w bool) []testguest.Segment {
+	for n > 0 {
+		k := n
+		if split > 0 && k > split {
+			k = split
+		}
+		segs = append(segs, testguest.Segment{Addr: addr, Len: uint32(k), Writable: w})
+		addr += uint64(k)
+		n -= k
+	}
+	return segs
+}

@@ -1,0 +1,232 @@
+package fs_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math/rand"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devices/fs"
+	"github.com/krun-core/krun-core/devices/fs/fuse"
+	"github.com/krun-core/krun-core/devices/fs/fuseclient"
+	"github.com/krun-core/krun-core/testguest"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
+)
+
+// rig is a virtio-fs device on a temp directory served in-process over a
+// socketpair and driven by the Go test guest through real rings.
+type rig struct {
+	dir    string
+	dev    *fs.Device
+	guest  *testguest.Guest
+	req    *fuseclient.Client // on the first request queue
+	hiprio *fuseclient.Client
+}
+
+func newRig(t testing.TB, cfg fs.Config, split int) *rig {
+	t.Helper()
+	dir := t.TempDir()
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cfg.Dir = f
+	if cfg.Tag == "" {
+		cfg.Tag = "share"
+	}
+	dev, err := fs.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back := os.NewFile(uintptr(fds[0]), "backend")
+	front := os.NewFile(uintptr(fds[1]), "frontend")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- backend.Serve(ctx, back, dev, nil)
+		back.Close()
+	}()
+	c, err := frontend.NewFromFile(front)
+	front.Close()
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	nq := 2
+	if cfg.NumRequestQueues > 1 {
+		nq = 1 + cfg.NumRequestQueues
+	}
+	g, err := testguest.Start(c, testguest.Options{NumQueues: nq, QueueSize: 256, MemSize: 64 << 20})
+	if err != nil {
+		c.Close()
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		g.Close()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("backend.Serve: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("back-end did not stop after the front-end disconnected")
+		}
+		cancel()
+	})
+	r := &rig{dir: dir, dev: dev, guest: g}
+	rq, hq := fuseclient.NewRing(g.Mem, g.Rings[1], split), fuseclient.NewRing(g.Mem, g.Rings[0], split)
+	t.Cleanup(func() { rq.Close(); hq.Close() })
+	r.req, r.hiprio = fuseclient.New(rq), fuseclient.New(hq)
+	if _, err := r.req.Init(fuseclient.LinuxInitFlags); err != nil {
+		t.Fatalf("INIT: %v", err)
+	}
+	return r
+}
+
+func TestConfigSpace(t *testing.T) {
+	r := newRig(t, fs.Config{Tag: "myfs", NumRequestQueues: 1}, 0)
+	b, err := r.guest.Client.GetConfig(0, fs.ConfigSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(bytes.TrimRight(b[:fs.TagSize], "\x00")) != "myfs" {
+		t.Fatalf("tag %q", b[:fs.TagSize])
+	}
+	if n := binary.LittleEndian.Uint32(b[fs.TagSize:]); n != 1 {
+		t.Fatalf("num_request_queues %d", n)
+	}
+	if got := r.dev.Info(); got.Type != fs.DeviceID || got.NumQueues != 2 {
+		t.Fatalf("info %+v", got)
+	}
+}
+
+func TestNewValidation(t *testing.T) {
+	f, err := os.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	nf, err := os.CreateTemp(t.TempDir(), "file")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nf.Close()
+	bad := []fs.Config{
+		{ServerConfig: fs.ServerConfig{Dir: f}},
+		{ServerConfig: fs.ServerConfig{Dir: f}, Tag: string(make([]byte, 37))},
+		{ServerConfig: fs.ServerConfig{Dir: f}, Tag: "t", NumRequestQueues: 17},
+		{ServerConfig: fs.ServerConfig{Dir: f}, Tag: "t", QueueSize: 1000},
+		{ServerConfig: fs.ServerConfig{Dir: nf}, Tag: "t"},
+		{ServerConfig: fs.ServerConfig{}, Tag: "t"},
+		{ServerConfig: fs.ServerConfig{Dir: f, UIDMap: []fs.IDMap{{0, 1000, 1}, {0, 2000, 1}}}, Tag: "t"},
+	}
+	for i, c := range bad {
+		if d, err := fs.New(c); err == nil {
+			d.Close()
+			t.Errorf("config %d accepted", i)
+		}
+	}
+}
+
+// TestOverVirtqueues runs a file's life through real rings, with requests
+// and replies scattered over 4 KiB descriptors, and forgets on the hiprio
+// queue.
+func TestOverVirtqueues(t *testing.T) {
+	for _, workers := range []int{1, 4} {
+		t.Run(fmt.Sprintf("workers%d", workers), func(t *testing.T) {
+			r := newRig(t, fs.Config{Workers: workers}, 4096)
+			c := r.req
+			en, fh, err := c.Create(fuse.RootID, "big", unix.O_RDWR, 0o644)
+			if err != nil {
+				t.Fatal(err)
+			}
+			data := make([]byte, 1<<20)
+			rand.New(rand.NewSource(2)).Read(data)
+			if n, err := c.Write(en.NodeID, fh, 0, data); err != nil || int(n) != len(data) {
+				t.Fatalf("WRITE: %d %v", n, err)
+			}
+			got, err := c.Read(en.NodeID, fh, 0, 1<<20)
+			if err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("READ: %d bytes, %v", len(got), err)
+			}
+			if err := c.Release(en.NodeID, fh, false); err != nil {
+				t.Fatal(err)
+			}
+			host, _ := os.ReadFile(r.dir + "/big")
+			if !bytes.Equal(host, data) {
+				t.Fatal("host file differs")
+			}
+			if err := r.hiprio.Forget(en.NodeID, 1); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Getattr(en.NodeID); err == nil {
+				t.Fatal("node still known after FORGET on the hiprio queue")
+			}
+			if cnt := r.dev.Counters(); cnt["fs.nodes"] != 1 || cnt["fs.handles"] != 0 {
+				t.Fatalf("counters %v", cnt)
+			}
+		})
+	}
+}
+
+// TestConcurrentRequests drives the request queue from many goroutines at
+// once (each its own file) through a shared ring.
+func TestConcurrentRequests(t *testing.T) {
+	r := newRig(t, fs.Config{Workers: 8}, 0)
+	c := r.req
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for i := 0; i < 16; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			name := fmt.Sprintf("f%d", i)
+			for k := 0; k < 20; k++ {
+				en, fh, err := c.Create(fuse.RootID, name, unix.O_RDWR|unix.O_TRUNC, 0o644)
+				if err != nil {
+					errs <- err
+					return
+				}
+				payload := bytes.Repeat([]byte{byte(i)}, 1000+k)
+				if _, err := c.Write(en.NodeID, fh, 0, payload); err != nil {
+					errs <- err
+					return
+				}
+				got, err := c.Read(en.NodeID, fh, 0, 4096)
+				if err != nil || !bytes.Equal(got, payload) {
+					errs <- fmt.Errorf("%s: read %d bytes: %v", name, len(got), err)
+					return
+				}
+				c.Release(en.NodeID, fh, false)
+				r.hiprio.Forget(en.NodeID, 1)
+				if err := c.Unlink(fuse.RootID, name); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if cnt := r.dev.Counters(); cnt["fs.nodes"] != 1 || cnt["fs.handles"] != 0 {
+		t.Fatalf("counters %v", cnt)
+	}
+}
