@@ -1,0 +1,61 @@
+// Command krun-plugin-net-passt is the virtio-net device plugin whose
+// network is a passt process. The host starts passt outside this plugin's
+// sandbox and hands over one end of a socketpair ("passt"); the plugin opens
+// nothing and has no network access of its own.
+package main
+
+import (
+	"context"
+	"fmt"
+	stdnet "net"
+	"os"
+	"strconv"
+
+	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/devices/net"
+	"github.com/krun-core/krun-core/pluginsdk"
+	"github.com/krun-core/krun-core/sandbox"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+// Names of the file and options the host configures this plugin with (see
+// core/devspec).
+const (
+	filePasst = "passt"
+	optMAC    = "mac"
+	optMTU    = "mtu"
+)
+
+type plugin struct{}
+
+func (plugin) Kind() string { return "net-passt" }
+
+func (plugin) Policy(map[string]int) sandbox.Policy {
+	p, _ := sandbox.DefaultPolicy("net", -1)
+	return p
+}
+
+func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
+	if err := pluginsdk.CheckOptions(opts, optMAC, optMTU); err != nil {
+		return nil, err
+	}
+	conn := files[filePasst]
+	if conn == nil {
+		return nil, fmt.Errorf("no %q socket was passed", filePasst)
+	}
+	mac, err := stdnet.ParseMAC(opts[optMAC])
+	if err != nil || len(mac) != 6 {
+		return nil, fmt.Errorf("option mac=%q is not a 48-bit MAC address", opts[optMAC])
+	}
+	var mtu uint64
+	if s, ok := opts[optMTU]; ok {
+		mtu, err = strconv.ParseUint(s, 10, 16)
+		if err != nil || mtu < 68 {
+			return nil, fmt.Errorf("option mtu=%q is not a number from 68 to 65535", s)
+		}
+	}
+	return net.New(net.Config{MAC: mac, MTU: uint16(mtu), Conn: conn, Logger: log})
+}
+
+func main() { pluginsdk.Serve(plugin{}) }
