@@ -130,7 +130,7 @@ func runModel(t *testing.T, mc modelCase, seed int64) {
 	im := open()
 	r := rand.New(rand.NewSource(seed))
 	cs := mc.cs
-	maxLen := int(min(4*cs, 256<<10))
+	maxLen := int(min(max(4*cs, 32<<10), 256<<10))
 	if cs >= 1<<20 {
 		maxLen = int(3 * cs)
 	}
