@@ -15,6 +15,7 @@ const maxConsole = 64 << 20
 
 // console collects guest serial output and lets callers wait for patterns.
 type console struct {
+	max     int // buffer limit (maxConsole)
 	mu      sync.Mutex
 	buf     []byte
 	dropped int64         // bytes dropped from the front of buf
@@ -29,7 +30,7 @@ type console struct {
 }
 
 func newConsole(start time.Time, logLine func(string), keys ...string) *console {
-	return &console{changed: make(chan struct{}), start: start, marks: map[string]time.Duration{}, keys: keys, logLine: logLine}
+	return &console{max: maxConsole, changed: make(chan struct{}), start: start, marks: map[string]time.Duration{}, keys: keys, logLine: logLine}
 }
 
 // Write appends guest output (io.Writer, fed by the QEMU stdout reader).
@@ -37,7 +38,7 @@ func (c *console) Write(p []byte) (int, error) {
 	now := time.Since(c.start)
 	c.mu.Lock()
 	c.buf = append(c.buf, p...)
-	if over := len(c.buf) - maxConsole; over > 0 {
+	if over := len(c.buf) - c.max; over > 0 {
 		c.buf = append(c.buf[:0:0], c.buf[over:]...)
 		c.dropped += int64(over)
 	}

@@ -53,13 +53,14 @@ func TestConsoleExpect(t *testing.T) {
 
 func TestConsoleBounded(t *testing.T) {
 	c := newConsole(time.Now(), nil)
-	chunk := []byte(strings.Repeat("x", 1<<20))
-	for i := 0; i < maxConsole/len(chunk)+3; i++ {
+	c.max = 64 << 10
+	chunk := []byte(strings.Repeat("x", 1000) + "\n")
+	for i := 0; i < c.max/len(chunk)+3; i++ {
 		c.Write(chunk)
 	}
 	c.Write([]byte("tail-marker"))
-	if n := len(c.String()); n > maxConsole {
-		t.Errorf("buffer grew to %d bytes, limit %d", n, maxConsole)
+	if n := len(c.String()); n > c.max {
+		t.Errorf("buffer grew to %d bytes, limit %d", n, c.max)
 	}
 	if _, err := c.expect(regexp.MustCompile(`tail-marker`), time.Second); err != nil {
 		t.Errorf("expect after dropping old output: %v", err)

@@ -418,3 +418,57 @@ func (ib *Initramfs) Write(dst string) error {
 	}
 	return nil
 }
+
+// AddHostBinary copies a host executable to the same path in the guest
+// together with the shared libraries and dynamic loader `ldd` reports for
+// it, so dynamically linked host tools (qemu-system-x86_64 for a nested
+// inner guest, passt) run in the busybox guest. Static binaries are copied
+// alone.
+func (ib *Initramfs) AddHostBinary(bin string) {
+	if !filepath.IsAbs(bin) {
+		p, err := exec.LookPath(bin)
+		if err != nil {
+			ib.fail(fmt.Errorf("initramfs add host binary %s: %w", bin, err))
+			return
+		}
+		bin = p
+	}
+	ib.AddFile(bin, bin, 0o755)
+	libs, err := sharedLibs(bin)
+	if err != nil {
+		ib.fail(fmt.Errorf("initramfs add host binary %s: %w", bin, err))
+		return
+	}
+	for _, l := range libs {
+		ib.AddFile(l, l, 0o755)
+	}
+}
+
+// sharedLibs lists the absolute library paths ldd resolves for bin; none for
+// a static binary.
+func sharedLibs(bin string) ([]string, error) {
+	out, err := exec.Command("ldd", bin).CombinedOutput()
+	if err != nil {
+		if bytes.Contains(out, []byte("not a dynamic executable")) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("ldd: %w: %s", err, strings.TrimSpace(string(out)))
+	}
+	var libs []string
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if strings.Contains(line, "not found") {
+			return nil, fmt.Errorf("ldd: %s", line)
+		}
+		// "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
+		// "/lib64/ld-linux-x86-64.so.2 (0x...)"; "linux-vdso.so.1 (0x...)" has no file.
+		if _, after, ok := strings.Cut(line, "=> "); ok {
+			line = after
+		}
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "/") {
+			libs = append(libs, f[0])
+		}
+	}
+	return libs, nil
+}
