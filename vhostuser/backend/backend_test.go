@@ -624,3 +624,138 @@ func TestNewServerRejectsBadInfo(t *testing.T) {
 		}
 	}
 }
+
+func TestResetOwner(t *testing.T) {
+	dev := newTestDevice(1)
+	h := newHarness(t, dev)
+	g, err := testguest.Start(h.client, testguest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	echoOnce(t, g, g.Rings[0], "before reset")
+	dev.expect(t, event{0, true})
+	if err := h.client.ResetOwner(); err != nil {
+		t.Fatal(err)
+	}
+	dev.expect(t, event{0, false})
+	if dev.resetCount() != 1 {
+		t.Fatalf("device reset %d times", dev.resetCount())
+	}
+	// Ownership is gone: ring set-up is refused until SET_OWNER.
+	if err := h.client.SetVringNum(0, 16); !errors.Is(err, frontend.ErrNacked) {
+		t.Fatalf("SET_VRING_NUM after RESET_OWNER: %v", err)
+	}
+	if err := h.client.SetOwner(); err != nil {
+		t.Fatal(err)
+	}
+	// The ring restarts where it stopped.
+	qs := g.Rings[0].Setup()
+	qs.Base = 1
+	if err := h.client.SetupQueue(qs, true); err != nil {
+		t.Fatal(err)
+	}
+	dev.expect(t, event{0, true})
+	if _, got := echoOnce(t, g, g.Rings[0], "after reset"); string(got) != "after reset" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+func TestMaxMemSlots(t *testing.T) {
+	dev := newTestDevice(1)
+	h := newHarness(t, dev)
+	c := h.client
+	if err := c.SetProtocolFeatures(vhostuser.ProtocolReplyAck | vhostuser.ProtocolConfigureMemSlots); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetOwner(); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := testguest.NewMemory(0, (vhostuser.MaxMemSlots+1)*4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	regs := mem.Regions(vhostuser.MaxMemSlots + 1)
+	if len(regs) != vhostuser.MaxMemSlots+1 {
+		t.Fatalf("%d regions", len(regs))
+	}
+	for i, r := range regs[:vhostuser.MaxMemSlots] {
+		if err := c.AddMemReg(r); err != nil {
+			t.Fatalf("region %d: %v", i, err)
+		}
+	}
+	if err := c.AddMemReg(regs[vhostuser.MaxMemSlots]); !errors.Is(err, frontend.ErrNacked) {
+		t.Fatalf("region %d: %v, want a nack", vhostuser.MaxMemSlots, err)
+	}
+	logContains(t, h, "too many memory regions")
+	if err := c.RemMemReg(regs[0].MemRegion); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.AddMemReg(regs[vhostuser.MaxMemSlots]); err != nil {
+		t.Fatal(err)
+	}
+	// SET_MEM_TABLE replaces all of them.
+	if err := c.SetMemTable(mem.Regions(1)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// BenchmarkEchoRoundTrip measures one request through the back-end and
+// back (post, kick, ring worker, call, reap) over a socketpair.
+func BenchmarkEchoRoundTrip(b *testing.B) {
+	for _, depth := range []int{1, 32} {
+		b.Run(fmt.Sprintf("depth=%d", depth), func(b *testing.B) {
+			dev := newTestDevice(1)
+			srv, err := backend.NewServer(dev, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			fa, fb, err := vhostuser.SocketPair()
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			go srv.Serve(ctx, fa)
+			client, err := frontend.NewFromFile(fb)
+			if err != nil {
+				b.Fatal(err)
+			}
+			g, err := testguest.Start(client, testguest.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer g.Close()
+			r := g.Rings[0]
+			in, _ := g.Mem.Alloc(512, 64)
+			out, _ := g.Mem.Alloc(512, 64)
+			segs := []testguest.Segment{{Addr: in, Len: 512}, {Addr: out, Len: 512, Writable: true}}
+			b.SetBytes(512)
+			b.ResetTimer()
+			inflight := 0
+			for i := 0; i < b.N; {
+				for inflight < depth && i < b.N {
+					if _, err := r.Post(segs, nil); err != nil {
+						b.Fatal(err)
+					}
+					inflight++
+					i++
+				}
+				r.Kick()
+				done, err := r.Wait(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				inflight -= len(done)
+			}
+			for inflight > 0 {
+				done, err := r.Wait(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				inflight -= len(done)
+			}
+		})
+	}
+}

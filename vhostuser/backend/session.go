@@ -105,6 +105,7 @@ func (sess *session) close() {
 func (sess *session) handle(m *vhostuser.Message) error {
 	defer m.CloseFiles()
 	log := sess.s.log
+	ackBefore := sess.protocol&vhostuser.ProtocolReplyAck != 0
 	payload, err := vhostuser.ParseRequest(m)
 	var reply []byte
 	if err == nil {
@@ -118,7 +119,9 @@ func (sess *session) handle(m *vhostuser.Message) error {
 		}
 	}
 	hasReply := vhostuser.HasReply(m.Request)
-	ack := m.NeedReply() && !hasReply && sess.protocol&vhostuser.ProtocolReplyAck != 0
+	// need_reply counts when REPLY_ACK was negotiated before the request
+	// or by it (SET_PROTOCOL_FEATURES).
+	ack := m.NeedReply() && !hasReply && (ackBefore || sess.protocol&vhostuser.ProtocolReplyAck != 0)
 	if err != nil {
 		log.Warn("vhost-user request failed", "request", m.Request.String(), "error", err)
 		switch {
@@ -470,6 +473,13 @@ func (r *ring) saveQueue() {
 // the memory no longer covers it, the ring waits without a queue until a
 // later table does.
 func (sess *session) remap(r *ring) {
+	if r.q != nil {
+		if cfg, err := sess.queueConfig(r, sess.mem); err == nil && cfg == r.q.Config() {
+			if err := r.q.SetMemory(sess.mem); err == nil {
+				return
+			}
+		}
+	}
 	r.saveQueue()
 	if err := sess.buildQueue(r); err != nil {
 		sess.s.log.Warn("ring not covered by the new memory table; paused", "queue", r.index, "error", err)
