@@ -616,3 +616,25 @@ func BenchmarkLaunchToFirstRPC(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+func TestTailBufferPanicLine(t *testing.T) {
+	tests := []struct {
+		name, in, want string
+	}{
+		{"panic survives a long dump", "{\"@level\":\"info\"}\npanic: boom\n" + strings.Repeat("\tframe\n", 200), "panic: boom"},
+		{"fatal error", "runtime: failed to create new OS thread\nfatal error: newosproc\n" + strings.Repeat("x\n", 100), "fatal error: newosproc"},
+		{"json error line", "{\"@level\":\"info\",\"@message\":\"hi\"}\n{\"@level\":\"error\",\"@message\":\"plugin init error\",\"error\":\"bind: invalid argument\"}\n", "plugin init error: bind: invalid argument"},
+		{"last plain line", "{\"@level\":\"info\"}\nfirst\nsecond\n{\"@level\":\"debug\"}\n", "second"},
+		{"unterminated", "no newline", "no newline"},
+		{"nothing", "", ""},
+	}
+	for _, tc := range tests {
+		var tb tailBuffer
+		for i := 0; i < len(tc.in); i += 7 { // odd write sizes
+			tb.Write([]byte(tc.in[i:min(i+7, len(tc.in))]))
+		}
+		if got := tb.panicLine(); got != tc.want {
+			t.Errorf("%s: panicLine = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

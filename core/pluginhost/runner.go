@@ -116,6 +116,8 @@ type tailBuffer struct {
 	mu    sync.Mutex
 	lines []string
 	part  []byte
+	fatal string // the first Go panic or fatal-error line (sticky: the
+	// goroutine dump that follows it is longer than the tail)
 }
 
 const (
@@ -128,6 +130,9 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 	defer t.mu.Unlock()
 	for _, b := range p {
 		if b == '\n' {
+			if t.fatal == "" && (hasPrefix(string(t.part), "panic: ") || hasPrefix(string(t.part), "fatal error: ")) {
+				t.fatal = string(t.part)
+			}
 			t.lines = append(t.lines, string(t.part))
 			if len(t.lines) > tailLines {
 				t.lines = t.lines[1:]
@@ -148,6 +153,9 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 func (t *tailBuffer) panicLine() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.fatal != "" {
+		return t.fatal
+	}
 	lines := t.lines
 	if len(t.part) > 0 {
 		lines = append(lines[:len(lines):len(lines)], string(t.part))

@@ -99,10 +99,11 @@ type DeviceInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// virtio device ID: 1 net, 2 block, 4 entropy, 26 fs.
 	DeviceType uint32 `protobuf:"varint,1,opt,name=device_type,json=deviceType,proto3" json:"device_type,omitempty"`
-	// Device-specific virtio feature bits offered (the vhost-user framework
-	// adds VERSION_1, INDIRECT_DESC, EVENT_IDX and PROTOCOL_FEATURES).
+	// The virtio feature bits the back-end offers in GET_FEATURES: the
+	// device's own plus the framework's (VERSION_1, INDIRECT_DESC, EVENT_IDX,
+	// PROTOCOL_FEATURES).
 	Features uint64 `protobuf:"varint,2,opt,name=features,proto3" json:"features,omitempty"`
-	// Extra vhost-user protocol features (CONFIG, MQ, ...).
+	// The vhost-user protocol features offered (MQ, REPLY_ACK, CONFIG, ...).
 	ProtocolFeatures uint64 `protobuf:"varint,3,opt,name=protocol_features,json=protocolFeatures,proto3" json:"protocol_features,omitempty"`
 	NumQueues        uint32 `protobuf:"varint,4,opt,name=num_queues,json=numQueues,proto3" json:"num_queues,omitempty"`
 	MaxQueueSize     uint32 `protobuf:"varint,5,opt,name=max_queue_size,json=maxQueueSize,proto3" json:"max_queue_size,omitempty"`
