@@ -13,6 +13,14 @@
 // Faults on guest memory (SIGBUS from a truncated memfd) and panics inside
 // ring processing fail that ring only: the ring is stopped, the error logged
 // and the ring's error eventfd signalled.
+//
+// Every request goes through one choke point (session.handle: validate with
+// vhostuser.ParseRequest, dispatch, reply or REPLY_ACK). A request that fails
+// gets a failure ack when the front-end asked for one (need_reply with
+// REPLY_ACK), an empty reply for GET_CONFIG, and otherwise closes the
+// connection, since the front-end could not learn of the failure. In-flight
+// tracking for crash recovery (GET_INFLIGHT_FD/SET_INFLIGHT_FD) is meant to
+// plug in there and in Vring.Run (mark popped heads, clear pushed ones).
 package backend
 
 import (

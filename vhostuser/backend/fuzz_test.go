@@ -1,0 +1,161 @@
+package backend_test
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+// fuzzFiles are the descriptors the session fuzzer attaches: a memfd for
+// memory messages, an eventfd for ring messages.
+type fuzzFiles struct {
+	mem, ev *os.File
+}
+
+func newFuzzFiles(f *testing.F) fuzzFiles {
+	mfd, err := unix.MemfdCreate("fuzz-ram", unix.MFD_CLOEXEC)
+	if err != nil {
+		f.Fatal(err)
+	}
+	mem := os.NewFile(uintptr(mfd), "fuzz-ram")
+	if err := mem.Truncate(1 << 20); err != nil {
+		f.Fatal(err)
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		f.Fatal(err)
+	}
+	return fuzzFiles{mem: mem, ev: os.NewFile(uintptr(efd), "fuzz-eventfd")}
+}
+
+// filesFor picks the descriptors a request wants, so that the fuzzer gets
+// past the descriptor checks; extra adds a stray one.
+func (ff fuzzFiles) filesFor(req vhostuser.Request, payload []byte, extra bool) []*os.File {
+	var fs []*os.File
+	switch req {
+	case vhostuser.SetMemTable:
+		n := 0
+		if len(payload) >= 4 {
+			n = int(payload[0])
+		}
+		for i := 0; i < n && i < vhostuser.MaxFDs; i++ {
+			fs = append(fs, ff.mem)
+		}
+	case vhostuser.AddMemReg:
+		fs = append(fs, ff.mem)
+	case vhostuser.SetVringKick, vhostuser.SetVringCall, vhostuser.SetVringErr:
+		if len(payload) < 2 || payload[1]&1 == 0 {
+			fs = append(fs, ff.ev)
+		}
+	}
+	if extra && len(fs) < vhostuser.MaxFDs {
+		fs = append(fs, ff.ev)
+	}
+	return fs
+}
+
+// FuzzSession drives a whole back-end session with a fuzzed sequence of
+// requests (each: request byte, flags byte, payload length byte, payload).
+// The back-end must never panic (not even one recovered by Protect), never
+// hang, and end the session when the connection closes.
+func FuzzSession(f *testing.F) {
+	ff := newFuzzFiles(f)
+	seed := func(parts ...[]byte) []byte {
+		var b []byte
+		for _, p := range parts {
+			b = append(b, p...)
+		}
+		return b
+	}
+	m := func(req vhostuser.Request, flags byte, payload []byte) []byte {
+		return append([]byte{byte(req), flags, byte(len(payload))}, payload...)
+	}
+	region := vhostuser.MemRegion{GuestAddr: 0, Size: 1 << 20, UserAddr: 0x7f0000000000}
+	f.Add(seed(
+		m(vhostuser.SetOwner, 0, nil),
+		m(vhostuser.SetProtocolFeatures, 0, vhostuser.EncodeU64(vhostuser.ProtocolReplyAck|vhostuser.ProtocolConfigureMemSlots|vhostuser.ProtocolMQ)),
+		m(vhostuser.SetFeatures, 1, vhostuser.EncodeU64(vhostuser.FeatureVersion1|vhostuser.FeatureProtocolFeatures|vhostuser.FeatureRingEventIdx)),
+		m(vhostuser.SetMemTable, 1, vhostuser.EncodeMemTable([]vhostuser.MemRegion{region})),
+		m(vhostuser.SetVringNum, 1, vhostuser.VringState{Index: 0, Num: 16}.Encode()),
+		m(vhostuser.SetVringAddr, 1, vhostuser.VringAddr{Desc: 0x7f0000000000, Avail: 0x7f0000001000, Used: 0x7f0000002000}.Encode()),
+		m(vhostuser.SetVringKick, 1, vhostuser.EncodeU64(0)),
+		m(vhostuser.SetVringEnable, 1, vhostuser.VringState{Index: 0, Num: 1}.Encode()),
+		m(vhostuser.AddMemReg, 1, vhostuser.EncodeSingleMemRegion(vhostuser.MemRegion{GuestAddr: 1 << 30, Size: 4096, UserAddr: 0x100000})),
+		m(vhostuser.GetVringBase, 0, vhostuser.VringState{}.Encode()),
+		m(vhostuser.RemMemReg, 1, vhostuser.EncodeSingleMemRegion(region)),
+		m(vhostuser.ResetOwner, 1, nil),
+	))
+	f.Add(seed(
+		m(vhostuser.SetOwner, 0, nil),
+		m(vhostuser.SetFeatures, 0, vhostuser.EncodeU64(vhostuser.FeatureVersion1)),
+		m(vhostuser.SetMemTable, 0, vhostuser.EncodeMemTable([]vhostuser.MemRegion{region})),
+		m(vhostuser.SetVringNum, 0, vhostuser.VringState{Index: 0, Num: 4}.Encode()),
+		m(vhostuser.SetVringAddr, 0, vhostuser.VringAddr{Desc: 0x7f0000000000, Avail: 0x7f0000000100, Used: 0x7f0000000200}.Encode()),
+		m(vhostuser.SetVringKick, 0, vhostuser.EncodeU64(vhostuser.VringNoFDFlag)),
+		m(vhostuser.SetMemTable, 0, vhostuser.EncodeMemTable([]vhostuser.MemRegion{region})),
+		m(vhostuser.GetConfig, 0, vhostuser.ConfigSpace{Offset: 60, Data: make([]byte, 8)}.Encode()),
+	))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		dev := newTestDevice(2)
+		logs := &syncBuffer{}
+		srv, err := backend.NewServer(dev, newLogger(logs))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fa, fb, err := vhostuser.SocketPair()
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- srv.Serve(context.Background(), fa) }()
+		conn, err := vhostuser.NewConn(fb)
+		fb.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Drain replies so the back-end never blocks on a full socket.
+		go func() {
+			for {
+				m, err := conn.Recv()
+				if err != nil {
+					return
+				}
+				m.CloseFiles()
+			}
+		}()
+		for len(data) >= 3 {
+			req, flags, n := vhostuser.Request(data[0]), uint32(data[1]), int(data[2])
+			data = data[3:]
+			if n > len(data) {
+				n = len(data)
+			}
+			payload := data[:n]
+			data = data[n:]
+			hdrFlags := vhostuser.Version | (flags&1)*vhostuser.FlagNeedReply
+			if err := conn.Send(req, hdrFlags, payload, ff.filesFor(req, payload, flags&2 != 0)); err != nil {
+				break // the back-end closed the connection
+			}
+		}
+		conn.UnixConn().CloseWrite()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("back-end hung; log:\n%s", logs.String())
+		}
+		conn.Close()
+		fa.Close()
+		if l := logs.String(); strings.Contains(l, "panic") || strings.Contains(l, "memory fault") {
+			t.Fatalf("back-end panicked:\n%s", l)
+		}
+		if st := srv.Stats(); st[0].Running || st[1].Running {
+			t.Fatalf("ring still running after the session: %+v", st)
+		}
+	})
+}
