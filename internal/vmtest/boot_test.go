@@ -43,6 +43,9 @@ func TestBootShell(t *testing.T) {
 	}
 	t.Logf("boot time: QEMU start -> /init %v (guest uptime %v); QEMU start -> exit %v",
 		r.BootTime.Round(time.Millisecond), r.GuestUptime, r.Total.Round(time.Millisecond))
+	if err := vm.Send("echo too late\n"); err == nil {
+		t.Errorf("Send after QEMU exited succeeded")
+	}
 	if r.BootTime <= 0 || r.BootTime > r.Total {
 		t.Errorf("boot time %v not within (0, %v]", r.BootTime, r.Total)
 	}

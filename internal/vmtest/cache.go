@@ -182,6 +182,13 @@ func fetchDeb(ctx context.Context, pkg, version string) (string, error) {
 		if _, err := os.Stat(filepath.Join(final, completeMarker)); err == nil {
 			return nil // another process finished while we waited
 		}
+		// Holding the lock, no one else is unpacking this package: temp
+		// dirs left by a killed process can go.
+		if stale, _ := filepath.Glob(filepath.Join(debDir, ".tmp-"+name+"-*")); len(stale) > 0 {
+			for _, d := range stale {
+				os.RemoveAll(d)
+			}
+		}
 		tmp, err := os.MkdirTemp(debDir, ".tmp-"+name+"-")
 		if err != nil {
 			return fmt.Errorf("create download dir: %w", err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -44,6 +45,9 @@ type Options struct {
 	// BootBzImage boots Kernel.Vmlinuz even when the uncompressed
 	// Kernel.Vmlinux (PVH entry, about 3 s faster under TCG) is available.
 	BootBzImage bool
+	// NoConsoleLog stops copying the console into the test log line by
+	// line; failures then print the whole console instead of its tail.
+	NoConsoleLog bool
 }
 
 // Result is the outcome of a guest run.
@@ -73,7 +77,7 @@ type VM struct {
 	dir  string   // per-VM temp dir
 
 	cmd     *exec.Cmd
-	stdin   io.WriteCloser
+	stdin   *os.File // write end of QEMU's stdin pipe
 	con     *console
 	stderr  bytes.Buffer
 	start   time.Time
@@ -250,10 +254,14 @@ func (vm *VM) Start() error {
 	cmd := exec.Command(QEMUBinary, args...)
 	cmd.Dir = vm.dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stdin, err := cmd.StdinPipe()
+	// An os.Pipe (unlike cmd.StdinPipe) supports write deadlines, so Send
+	// cannot hang when QEMU stops reading.
+	stdinR, stdin, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("vmtest: stdin pipe: %w", err)
 	}
+	defer stdinR.Close() // QEMU holds its own copy after Start
+	cmd.Stdin = stdinR
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		return fmt.Errorf("vmtest: stdout pipe: %w", err)
@@ -261,8 +269,13 @@ func (vm *VM) Start() error {
 	cmd.Stderr = &lockedWriter{mu: &vm.mu, w: &vm.stderr}
 	vm.start = time.Now()
 	t := vm.t
-	vm.con = newConsole(vm.start, func(s string) { t.Log(s) }, "KRUN-E2E-INIT", "KRUN-E2E-READY")
+	logLine := func(s string) { t.Log(s) }
+	if vm.opts.NoConsoleLog {
+		logLine = nil
+	}
+	vm.con = newConsole(vm.start, logLine, "KRUN-E2E-INIT", "KRUN-E2E-READY")
 	if err := cmd.Start(); err != nil {
+		stdin.Close()
 		return fmt.Errorf("vmtest: start %s: %w", QEMUBinary, err)
 	}
 	vm.cmd, vm.stdin = cmd, stdin
@@ -279,6 +292,7 @@ func (vm *VM) Start() error {
 		vm.waitErr = err
 		vm.mu.Unlock()
 		vm.con.close()
+		stdin.Close()
 		close(vm.done)
 	}()
 	vm.t.Cleanup(func() {
@@ -346,11 +360,23 @@ func (vm *VM) MustExpect(pattern string, timeout time.Duration) []string {
 	return m
 }
 
+// sendTimeout bounds how long Send waits for QEMU to take the input.
+const sendTimeout = 30 * time.Second
+
 // Send writes s to the guest's serial console (it is what a user would
-// type; include "\n" to end a line).
+// type; include "\n" to end a line). It fails if QEMU has exited or does
+// not take the input within 30 s.
 func (vm *VM) Send(s string) error {
 	if vm.stdin == nil {
 		return fmt.Errorf("vmtest: send before Start")
+	}
+	select {
+	case <-vm.done:
+		return fmt.Errorf("vmtest: send to console: QEMU has exited")
+	default:
+	}
+	if err := vm.stdin.SetWriteDeadline(time.Now().Add(sendTimeout)); err != nil {
+		return fmt.Errorf("vmtest: send to console: %w", err)
 	}
 	if _, err := io.WriteString(vm.stdin, s); err != nil {
 		return fmt.Errorf("vmtest: send to console: %w", err)
@@ -366,11 +392,24 @@ func (vm *VM) Console() string {
 	return vm.con.String()
 }
 
+// failureTail is how many console lines a failure message repeats when the
+// whole console is already in the test log.
+const failureTail = 40
+
 func (vm *VM) failureText() string {
 	vm.mu.Lock()
 	stderr := vm.stderr.String()
 	vm.mu.Unlock()
-	s := "---- guest console ----\n" + vm.Console() + "\n---- end of console ----"
+	con := vm.Console()
+	head := "---- guest console ----\n"
+	if !vm.opts.NoConsoleLog {
+		lines := strings.Split(strings.TrimRight(con, "\r\n"), "\n")
+		if len(lines) > failureTail {
+			head = fmt.Sprintf("---- last %d lines of the guest console (all of it is logged above) ----\n", failureTail)
+			con = strings.Join(lines[len(lines)-failureTail:], "\n")
+		}
+	}
+	s := head + con + "\n---- end of console ----"
 	if stderr != "" {
 		s += "\n---- qemu stderr ----\n" + stderr + "---- end of stderr ----"
 	}
