@@ -64,6 +64,8 @@ type Config struct {
 	MaxDiscardSegments, MaxWriteZeroesSegments uint32
 	// Log receives warnings about disk errors; nil discards them.
 	Log hclog.Logger
+	// OwnsDisk makes Close close Disk (a plugin hands its disk over).
+	OwnsDisk bool
 }
 
 type limits struct {
@@ -85,6 +87,7 @@ type Device struct {
 	id        [IDBytes]byte
 	limits    limits
 	log       hclog.Logger
+	ownsDisk  bool
 
 	negotiated atomic.Uint64 // virtio features the driver accepted
 	stats      counters
@@ -106,6 +109,7 @@ func New(cfg Config) (*Device, error) {
 		numQueues: cfg.NumQueues,
 		queueSize: cfg.QueueSize,
 		log:       cfg.Log,
+		ownsDisk:  cfg.OwnsDisk,
 	}
 	if v, ok := cfg.Disk.(VectorDisk); ok {
 		d.vec = v
@@ -242,4 +246,22 @@ func (h Handler) Handle(readable, writable [][]byte) (uint32, error) {
 func (d *Device) ioError(op string, off int64, n uint64, err error) {
 	d.stats.ioErrors.Add(1)
 	d.log.Warn("disk "+op+" failed", "offset", off, "length", n, "error", err)
+}
+
+// Counters returns the device's counters by name (for a plugin's Stats RPC).
+func (d *Device) Counters() map[string]uint64 { return d.Stats().Map() }
+
+// ConfigSize is the size of the config space fields the device defines.
+func (d *Device) ConfigSize() int { return ConfigSize }
+
+// Flush makes everything written so far durable (a plugin's Shutdown).
+func (d *Device) Flush() error { return d.disk.Flush() }
+
+// Close closes the disk if the device owns it (Config.OwnsDisk). Queues must
+// have stopped.
+func (d *Device) Close() error {
+	if !d.ownsDisk {
+		return nil
+	}
+	return d.disk.Close()
 }

@@ -1,0 +1,188 @@
+// Command krun-plugin-blk-qcow2 serves a qcow2 image as a virtio-blk device
+// over vhost-user. The host opens the image ("image"), each declared backing
+// file ("backing.0" nearest first, always read-only) and an external data
+// file ("data-file") and hands them over with their declared formats; the
+// plugin opens no paths. Paths, when the host passes them ("path",
+// "backing.N.path", "data-file.path"), are only compared with the names the
+// image records, so a chain the user did not declare is refused.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+
+	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/devices/blk"
+	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/disk/qcow2"
+	"github.com/krun-core/krun-core/pluginsdk"
+	"github.com/krun-core/krun-core/sandbox"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+// Options besides devspec's format, readonly, max-size and backing.N.format.
+const (
+	optPath         = "path"           // the image's absolute host path
+	optDataFilePath = "data-file.path" // the data file's absolute host path
+	optQueues       = "queues"         // request queues offered, 1..64
+	defaultQueues   = 8
+)
+
+// backingPath is the option holding backing file n's absolute host path.
+func backingPath(n int) string { return devspec.FileBackingPrefix + strconv.Itoa(n) + ".path" }
+
+type plugin struct{}
+
+func (plugin) Kind() string { return "blk-qcow2" }
+
+func (plugin) Policy(map[string]int) sandbox.Policy {
+	p, _ := sandbox.DefaultPolicy("blk", -1)
+	return p
+}
+
+func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
+	allowed := []string{devspec.OptFormat, devspec.OptReadOnly, devspec.OptMaxSize, optPath, optDataFilePath, optQueues}
+	known := []string{devspec.FileImage, devspec.FileDataFile}
+	for n := 0; n < devspec.MaxBackingChain; n++ {
+		allowed = append(allowed, devspec.OptBackingFormat(n), backingPath(n))
+		known = append(known, devspec.BackingFile(n))
+	}
+	if err := pluginsdk.CheckOptions(opts, allowed...); err != nil {
+		return nil, err
+	}
+	if f, ok := opts[devspec.OptFormat]; ok && disk.Format(f) != disk.QCOW2 {
+		return nil, fmt.Errorf("option format=%q: this plugin serves qcow2 images only", f)
+	}
+	ro, err := onOff(opts, devspec.OptReadOnly)
+	if err != nil {
+		return nil, err
+	}
+	queues, err := numQueues(opts)
+	if err != nil {
+		return nil, err
+	}
+	var maxSize int64
+	if v, ok := opts[devspec.OptMaxSize]; ok {
+		if maxSize, err = strconv.ParseInt(v, 10, 64); err != nil || maxSize <= 0 {
+			return nil, fmt.Errorf("option %s=%q: want a positive byte count", devspec.OptMaxSize, v)
+		}
+	}
+	img := files[devspec.FileImage]
+	if img == nil {
+		return nil, fmt.Errorf("no %q file was passed", devspec.FileImage)
+	}
+	if extra := otherFiles(files, known...); len(extra) > 0 {
+		return nil, fmt.Errorf("unexpected files %q", extra)
+	}
+	path, err := absPath(opts, optPath)
+	if err != nil {
+		return nil, err
+	}
+
+	o := qcow2.Options{ReadOnly: ro, Path: path, MaxVirtualSize: maxSize, Logger: log}
+	for n := 0; ; n++ {
+		f := files[devspec.BackingFile(n)]
+		if f == nil {
+			if _, ok := opts[devspec.OptBackingFormat(n)]; ok {
+				return nil, fmt.Errorf("option %s without its file", devspec.OptBackingFormat(n))
+			}
+			break
+		}
+		format, err := disk.ParseFormat(opts[devspec.OptBackingFormat(n)])
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", devspec.BackingFile(n), err)
+		}
+		p, err := absPath(opts, backingPath(n))
+		if err != nil {
+			return nil, err
+		}
+		o.Backing = append(o.Backing, qcow2.Layer{File: f, Format: format, Path: p})
+	}
+	if f := files[devspec.FileDataFile]; f != nil {
+		p, err := absPath(opts, optDataFilePath)
+		if err != nil {
+			return nil, err
+		}
+		o.DataFile = &qcow2.Layer{File: f, Format: disk.Raw, Path: p}
+	}
+
+	im, err := qcow2.Open(img, o)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", display(path), err)
+	}
+	info := im.Info()
+	align := uint32(info.ClusterSize / blk.SectorSize)
+	dev, err := blk.New(blk.Config{Disk: im, NumQueues: queues, DiscardAlignment: align, Log: log, OwnsDisk: true})
+	if err != nil {
+		im.Close()
+		return nil, err
+	}
+	log.Info("serving qcow2 image", "image", display(path), "virtual_size", im.Size(), "cluster_size", info.ClusterSize,
+		"backing_layers", len(o.Backing), "readonly", ro, "queues", queues)
+	return dev, nil
+}
+
+// absPath returns an optional path option, which must be absolute.
+func absPath(opts map[string]string, key string) (string, error) {
+	p, ok := opts[key]
+	if !ok {
+		return "", nil
+	}
+	if !filepath.IsAbs(p) {
+		return "", fmt.Errorf("option %s=%q: want an absolute path", key, p)
+	}
+	return filepath.Clean(p), nil
+}
+
+func display(p string) string {
+	if p == "" {
+		return "(fd)"
+	}
+	return strconv.Quote(p)
+}
+
+func onOff(opts map[string]string, key string) (bool, error) {
+	switch v, ok := opts[key]; {
+	case !ok, v == "off":
+		return false, nil
+	case v == "on":
+		return true, nil
+	default:
+		return false, fmt.Errorf("option %s=%q: want on or off", key, v)
+	}
+}
+
+func numQueues(opts map[string]string) (int, error) {
+	v, ok := opts[optQueues]
+	if !ok {
+		return defaultQueues, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > blk.MaxQueues {
+		return 0, fmt.Errorf("option %s=%q: want 1..%d", optQueues, v, blk.MaxQueues)
+	}
+	return n, nil
+}
+
+func otherFiles(files map[string]*os.File, known ...string) []string {
+	var out []string
+	for n := range files {
+		found := false
+		for _, k := range known {
+			found = found || n == k
+		}
+		if !found {
+			out = append(out, n)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func main() { pluginsdk.Serve(plugin{}) }

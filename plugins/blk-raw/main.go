@@ -1,0 +1,125 @@
+// Command krun-plugin-blk-raw serves a raw disk image as a virtio-blk device
+// over vhost-user. The host opens the image (fd "image", read-write or, with
+// readonly=on, read-only) and hands it over; the plugin opens no paths and
+// never looks at the image's content to decide how to serve it: raw is raw.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+
+	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/devices/blk"
+	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/disk/raw"
+	"github.com/krun-core/krun-core/pluginsdk"
+	"github.com/krun-core/krun-core/sandbox"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+// Options besides devspec's format and readonly.
+const (
+	// optPath is the image's host path, for messages only.
+	optPath = "path"
+	// optQueues is the number of request queues offered (1..64). A
+	// front-end uses as many as it wants up to that.
+	optQueues = "queues"
+	// defaultQueues leaves room for a multi-vCPU guest's queue per CPU.
+	defaultQueues = 8
+)
+
+type plugin struct{}
+
+func (plugin) Kind() string { return "blk-raw" }
+
+func (plugin) Policy(map[string]int) sandbox.Policy {
+	p, _ := sandbox.DefaultPolicy("blk", -1)
+	return p
+}
+
+func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
+	if err := pluginsdk.CheckOptions(opts, devspec.OptFormat, devspec.OptReadOnly, optPath, optQueues); err != nil {
+		return nil, err
+	}
+	if f, ok := opts[devspec.OptFormat]; ok && disk.Format(f) != disk.Raw {
+		return nil, fmt.Errorf("option format=%q: this plugin serves raw images only", f)
+	}
+	ro, err := onOff(opts, devspec.OptReadOnly)
+	if err != nil {
+		return nil, err
+	}
+	queues, err := numQueues(opts)
+	if err != nil {
+		return nil, err
+	}
+	img := files[devspec.FileImage]
+	if img == nil {
+		return nil, fmt.Errorf("no %q file was passed", devspec.FileImage)
+	}
+	if extra := otherFiles(files, devspec.FileImage); len(extra) > 0 {
+		return nil, fmt.Errorf("unexpected files %q: a raw image has no backing or data file", extra)
+	}
+	d, err := raw.Open(img, raw.Options{ReadOnly: ro})
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", name(opts), err)
+	}
+	dev, err := blk.New(blk.Config{Disk: d, NumQueues: queues, Log: log, OwnsDisk: true})
+	if err != nil {
+		d.Close()
+		return nil, err
+	}
+	log.Info("serving raw image", "image", name(opts), "bytes", d.Size(), "readonly", ro, "queues", queues)
+	return dev, nil
+}
+
+func name(opts map[string]string) string {
+	if p := opts[optPath]; p != "" {
+		return strconv.Quote(p)
+	}
+	return "(fd)"
+}
+
+func onOff(opts map[string]string, key string) (bool, error) {
+	switch v, ok := opts[key]; {
+	case !ok, v == "off":
+		return false, nil
+	case v == "on":
+		return true, nil
+	default:
+		return false, fmt.Errorf("option %s=%q: want on or off", key, v)
+	}
+}
+
+func numQueues(opts map[string]string) (int, error) {
+	v, ok := opts[optQueues]
+	if !ok {
+		return defaultQueues, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > blk.MaxQueues {
+		return 0, fmt.Errorf("option %s=%q: want 1..%d", optQueues, v, blk.MaxQueues)
+	}
+	return n, nil
+}
+
+func otherFiles(files map[string]*os.File, known ...string) []string {
+	var out []string
+	for n := range files {
+		found := false
+		for _, k := range known {
+			found = found || n == k
+		}
+		if !found {
+			out = append(out, n)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func main() { pluginsdk.Serve(plugin{}) }
