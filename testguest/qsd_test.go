@@ -3,12 +3,14 @@ package testguest
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -63,6 +65,19 @@ func startQSD(t *testing.T, img string, extra ...string) string {
 			t.Fatalf("qemu-storage-daemon did not create %s: %s", sock, stderr.String())
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// retryRefused retries dial while the socket exists but does not listen
+// yet (the daemon binds before it listens).
+func retryRefused[T any](dial func() (T, error)) (T, error) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		v, err := dial()
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || time.Now().After(deadline) {
+			return v, err
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -121,7 +136,7 @@ func TestQemuStorageDaemonBlk(t *testing.T) {
 			sock := startQSD(t, img)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			b, err := DialBlk(sock, tt.opt)
+			b, err := retryRefused(func() (*Blk, error) { return DialBlk(sock, tt.opt) })
 			if err != nil {
 				t.Fatal(err)
 			}

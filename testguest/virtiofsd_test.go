@@ -67,7 +67,7 @@ func startVirtiofsd(t *testing.T) string {
 // request queues, and sends FUSE_INIT on the request queue.
 func TestVirtiofsd(t *testing.T) {
 	sock := startVirtiofsd(t)
-	g, err := Dial(sock, Options{NumQueues: 2, QueueSize: 128})
+	g, err := retryRefused(func() (*Guest, error) { return Dial(sock, Options{NumQueues: 2, QueueSize: 128}) })
 	if err != nil {
 		t.Fatal(err)
 	}
