@@ -120,27 +120,39 @@ func makeImage(t *testing.T, sectors int) string {
 
 func TestQemuStorageDaemonBlk(t *testing.T) {
 	tests := []struct {
-		name string
-		opt  Options
+		name   string
+		opt    Options
+		export []string // extra export options
+		queue  int      // ring to drive
 	}{
-		{"defaults", Options{}},
-		{"no event idx no indirect", Options{NoEventIdx: true, NoIndirect: true}},
-		{"add mem reg, 3 regions", Options{UseAddMemReg: true, Regions: 3}},
-		{"no reply ack", Options{DropProtocolFeatures: vhostuser.ProtocolReplyAck}},
-		{"small ring", Options{QueueSize: 4}},
+		{"defaults", Options{}, nil, 0},
+		{"no event idx no indirect", Options{NoEventIdx: true, NoIndirect: true}, nil, 0},
+		{"add mem reg, 3 regions", Options{UseAddMemReg: true, Regions: 3}, nil, 0},
+		{"no reply ack", Options{DropProtocolFeatures: vhostuser.ProtocolReplyAck}, nil, 0},
+		{"small ring", Options{QueueSize: 4}, nil, 0},
+		{"two queues, second one", Options{NumQueues: 2}, []string{"num-queues=2"}, 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			const sectors = 2048
 			img := makeImage(t, sectors)
-			sock := startQSD(t, img)
+			sock := startQSD(t, img, tt.export...)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			b, err := retryRefused(func() (*Blk, error) { return DialBlk(sock, tt.opt) })
+			opt := tt.opt
+			opt.Features |= BlkFeatures
+			g, err := retryRefused(func() (*Guest, error) { return Dial(sock, opt) })
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer b.Close()
+			defer g.Close()
+			b, err := NewBlk(g, tt.queue)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := uint16(max(1, opt.NumQueues)); g.Features()&BlkFMQ != 0 && b.Config.NumQueues != want {
+				t.Errorf("config num_queues %d, want %d", b.Config.NumQueues, want)
+			}
 			if b.Config.Capacity != sectors {
 				t.Errorf("capacity %d sectors, want %d", b.Config.Capacity, sectors)
 			}
@@ -195,6 +207,14 @@ func TestQemuStorageDaemonBlk(t *testing.T) {
 			}
 			if id, err := b.GetID(ctx); err != nil && !strings.Contains(err.Error(), "status") {
 				t.Fatalf("get id: %q %v", id, err)
+			}
+			// Stopping the ring reports how many requests it took.
+			base, err := g.StopQueue(tt.queue)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := uint32(b.ring.AvailIdx()); base != want {
+				t.Fatalf("GET_VRING_BASE = %d, want %d", base, want)
 			}
 		})
 	}
