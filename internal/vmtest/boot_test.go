@@ -58,20 +58,24 @@ func TestVerdicts(t *testing.T) {
 		name       string
 		script     string
 		timeout    time.Duration
+		gzip       bool // also proves the kernel takes a gzip initramfs
 		wantOK     bool
 		wantReason string
 	}{
 		// (Success is what every other test checks.)
-		{"exit status", `false`, 0, false, "fail test script exited with status 1"},
-		{"e2e_fail", `e2e_fail "disk is empty"; echo not reached`, 0, false, "fail disk is empty"},
+		{"exit status", `false`, 0, true, false, "fail test script exited with status 1"},
+		{"e2e_fail", `e2e_fail "disk is empty"; echo not reached`, 0, false, false, "fail disk is empty"},
 		// A verdict line with a foreign nonce (e.g. from a nested guest) is ignored.
-		{"foreign marker", `echo "KRUN-E2E-RESULT 000000000000: ok"; exit 3`, 0, false, "status 3"},
-		{"timeout", `sleep 600`, 2 * time.Second, false, "timed out after 2s"},
+		{"foreign marker", `echo "KRUN-E2E-RESULT 000000000000: ok"; exit 3`, 0, false, false, "status 3"},
+		{"timeout", `sleep 600`, 2 * time.Second, false, false, "timed out after 2s"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			ib := a.NewInitramfs()
 			ib.SetInit(tc.script)
+			if tc.gzip {
+				ib.SetCompression(vmtest.CompressGzip)
+			}
 			vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib, Timeout: tc.timeout, Quiet: true})
 			if err := vm.Start(); err != nil {
 				t.Fatal(err)

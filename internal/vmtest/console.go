@@ -2,6 +2,7 @@ package vmtest
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"regexp"
@@ -112,7 +113,7 @@ func (c *console) mark(key string) (time.Duration, bool) {
 
 // ErrConsoleClosed is returned by Expect when the guest's console ended
 // (QEMU exited) before the pattern appeared.
-var ErrConsoleClosed = fmt.Errorf("console closed before the pattern appeared")
+var ErrConsoleClosed = errors.New("console closed before the pattern appeared")
 
 // expect waits until re matches output after the cursor, then moves the
 // cursor past the match and returns the submatches.

@@ -2,6 +2,7 @@ package vmtest
 
 import (
 	"bytes"
+	"compress/gzip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -179,6 +180,36 @@ func TestInitramfsLayout(t *testing.T) {
 	}
 	if !strings.Contains(string(seen["etc/krun-e2e/lib.sh"].Data), ib.ResultMarker()) {
 		t.Errorf("guest helpers lack the result marker %q", ib.ResultMarker())
+	}
+}
+
+func TestInitramfsGzip(t *testing.T) {
+	ib := NewInitramfs()
+	ib.AddBytes("/bin/sh", []byte("fake"), 0o755)
+	ib.SetCompression(CompressGzip)
+	out := filepath.Join(t.TempDir(), "initrd.gz")
+	if err := ib.Write(out); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatalf("not gzip: %v", err)
+	}
+	entries, err := readCpio(zr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, e := range entries {
+		found = found || e.Name == "init"
+	}
+	if !found {
+		t.Errorf("no /init in the gzip archive")
 	}
 }
 

@@ -31,9 +31,9 @@ func (f File) add(ib *Initramfs) {
 	}
 }
 
-// NestedModules are loaded in the outer guest of a nested-KVM test (their
+// nestedModules are loaded in the outer guest of a nested-KVM test (their
 // dependencies irqbypass, kvm and ccp come along).
-var NestedModules = []string{"kvm_amd"}
+func nestedModules() []string { return []string{"kvm_amd"} }
 
 // NestedOptions configure NestedKVM.
 type NestedOptions struct {
@@ -55,7 +55,7 @@ type NestedOptions struct {
 func NewNestedVM(t testing.TB, a *Assets, opts NestedOptions) *VM {
 	t.Helper()
 	ib := a.NewInitramfs()
-	ib.AddModules(a.Kernel, append(append([]string(nil), NestedModules...), opts.Modules...)...)
+	ib.AddModules(a.Kernel, append(nestedModules(), opts.Modules...)...)
 	for _, f := range opts.Payload {
 		f.add(ib)
 	}
