@@ -37,8 +37,8 @@ type Spec interface {
 	Open(o OpenOptions) (*Opened, error)
 }
 
-// Parse parses the value of --disk, --fs or --net; flag is "disk", "fs" or
-// "net" (leading dashes are ignored).
+// Parse parses the value of --disk, --fs, --net or --plugin; flag is
+// "disk", "fs", "net" or "plugin" (leading dashes are ignored).
 func Parse(flag, value string) (Spec, error) {
 	switch strings.TrimLeft(flag, "-") {
 	case "disk":
@@ -47,8 +47,10 @@ func Parse(flag, value string) (Spec, error) {
 		return ParseFS(value)
 	case "net":
 		return ParseNet(value)
+	case "plugin":
+		return ParsePlugin(value)
 	}
-	return nil, fmt.Errorf("unknown device flag %q (want --disk, --fs or --net)", flag)
+	return nil, fmt.Errorf("unknown device flag %q (want --disk, --fs, --net or --plugin)", flag)
 }
 
 // maxOptions bounds how many options one string may carry.

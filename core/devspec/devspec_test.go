@@ -198,6 +198,42 @@ func TestParseNet(t *testing.T) {
 	}
 }
 
+func TestParsePlugin(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    *PluginSpec
+		wantErr string
+	}{
+		{in: "null", want: &PluginSpec{PluginKind: "null", Options: map[string]string{}}},
+		{in: "rng-2,fill=zero,x=a,,b", want: &PluginSpec{PluginKind: "rng-2", Options: map[string]string{"fill": "zero", "x": "a,b"}}},
+		{in: "fill=zero", wantErr: "first item must be the plugin kind"},
+		{in: "../x", wantErr: "want 1-64 characters"},
+		{in: "Null", wantErr: "want 1-64 characters"},
+		{in: "null,fill", wantErr: "is not key=value"},
+		{in: "null,a=1,a=2", wantErr: "given twice"},
+	}
+	for _, tc := range tests {
+		got, err := ParsePlugin(tc.in)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("ParsePlugin(%q) = %+v, %v; want error containing %q", tc.in, got, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("ParsePlugin(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+			continue
+		}
+		o, err := got.Open(OpenOptions{})
+		if err != nil || o.Kind != tc.want.PluginKind || !reflect.DeepEqual(o.Options, tc.want.Options) || len(o.Files) != 0 {
+			t.Errorf("Open of %q = %+v, %v", tc.in, o, err)
+		}
+		if again, err := ParsePlugin(got.String()); err != nil || !reflect.DeepEqual(again, got) {
+			t.Errorf("round trip %q: %+v, %v", got.String(), again, err)
+		}
+	}
+}
+
 func TestParseDispatch(t *testing.T) {
 	for flag, kind := range map[string]string{"--disk": KindBlkRaw, "fs": KindFS, "-net": KindNetPasst} {
 		val := map[string]string{"--disk": "path=a,format=raw", "fs": "path=/,tag=t", "-net": "passt"}[flag]
@@ -367,7 +403,7 @@ func FuzzParse(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		for _, flag := range []string{"disk", "fs", "net"} {
+		for _, flag := range []string{"disk", "fs", "net", "plugin"} {
 			spec, err := Parse(flag, s)
 			if err != nil {
 				if strings.ContainsAny(err.Error(), "\n\r") {

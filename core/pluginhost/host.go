@@ -52,6 +52,16 @@ type Sandboxer interface {
 	Apply(cmd *exec.Cmd) error
 }
 
+// Optional methods of a Sandboxer; sandbox.LaunchConfig has both.
+type (
+	// limitApplier lowers the resource limits of the started process from
+	// outside (prlimit), for plugins that never restrict themselves.
+	limitApplier interface{ ApplyLimits(pid int) error }
+	// verifier checks from outside that the plugin is confined; it is
+	// called after Configure, by which time the plugin ran Restrict.
+	verifier interface{ Verify(pid int) error }
+)
+
 // NamedFile is a resource handed to a plugin: fd 4 + its index, named in the
 // Configure RPC.
 type NamedFile struct {
@@ -107,6 +117,7 @@ type Plugin struct {
 	sockDir    string
 	fileNames  []string
 	sandboxOff bool
+	sandbox    Sandboxer
 	rpcTimeout time.Duration
 	stderr     *tailBuffer
 
@@ -198,7 +209,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 	}
 	p := &Plugin{
 		kind: cfg.Kind, path: path, log: log, fileNames: names,
-		sandboxOff: cfg.SandboxOff, rpcTimeout: cfg.RPCTimeout, stderr: &tailBuffer{},
+		sandboxOff: cfg.SandboxOff, sandbox: cfg.Sandbox, rpcTimeout: cfg.RPCTimeout, stderr: &tailBuffer{},
 	}
 	if p.rpcTimeout <= 0 {
 		p.rpcTimeout = DefaultRPCTimeout
@@ -237,7 +248,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if cfg.Sandbox != nil {
 			if err := cfg.Sandbox.Apply(cmd); err != nil {
-				return nil, fmt.Errorf("launcher-side sandbox: %w", err)
+				return nil, fmt.Errorf("%s %w", sandboxErrPrefix, err)
 			}
 		}
 		if cmd.SysProcAttr == nil {
@@ -247,6 +258,9 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		r, err := newProcRunner(cmd)
 		if err != nil {
 			return nil, err
+		}
+		if la, ok := cfg.Sandbox.(limitApplier); ok && !cfg.SandboxOff {
+			r.postStart = la.ApplyLimits
 		}
 		p.run = r
 		return r, nil
@@ -290,6 +304,9 @@ func (p *Plugin) startError(err error, took, timeout time.Duration) error {
 	}
 	if p.run.pid == 0 { // exec failed
 		return fmt.Errorf("plugin %s: start %s: %w", p.kind, p.path, p.run.exitErr())
+	}
+	if strings.HasPrefix(err.Error(), sandboxErrPrefix) {
+		return fmt.Errorf("plugin %s: %s", p.kind, oneLine(err.Error()))
 	}
 	// go-plugin reports an exit before the handshake line either directly
 	// or as an empty "unrecognized" line (stdout hit EOF).
@@ -472,6 +489,12 @@ func (p *Plugin) Configure(ctx context.Context, options map[string]string) (*Dev
 	}
 	if r.GetDevice() == nil {
 		return nil, "", fmt.Errorf("plugin %s: Configure returned no device", p.kind)
+	}
+	if v, ok := p.sandbox.(verifier); ok && !p.sandboxOff {
+		if err := v.Verify(p.Pid()); err != nil {
+			p.Kill()
+			return nil, "", fmt.Errorf("plugin %s (pid %d) is not confined after Configure, killed it: %w", p.kind, p.Pid(), err)
+		}
 	}
 	return deviceInfo(r.GetDevice()), r.GetSandbox(), nil
 }

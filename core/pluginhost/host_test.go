@@ -430,6 +430,59 @@ func TestSandboxApplyKeepsPdeathsig(t *testing.T) {
 	}
 }
 
+// checkingSandbox has the optional ApplyLimits and Verify methods.
+type checkingSandbox struct {
+	limited   *int
+	verifyErr error
+	limitErr  error
+}
+
+func (checkingSandbox) Apply(*exec.Cmd) error { return nil }
+
+func (s checkingSandbox) ApplyLimits(pid int) error {
+	*s.limited = pid
+	return s.limitErr
+}
+
+func (s checkingSandbox) Verify(int) error { return s.verifyErr }
+
+func TestSandboxLimitsAndVerify(t *testing.T) {
+	// ApplyLimits runs on the started process; a Verify failure after
+	// Configure kills the plugin.
+	var limited int
+	cfg := testConfig(t, "ok")
+	cfg.SandboxOff = false
+	cfg.Sandbox = checkingSandbox{limited: &limited, verifyErr: errors.New("Seccomp is 0, want 2")}
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	if limited != p.Pid() || limited == 0 {
+		t.Errorf("ApplyLimits got pid %d, plugin is %d", limited, p.Pid())
+	}
+	_, _, err = p.Configure(context.Background(), nil)
+	if err == nil || !strings.Contains(err.Error(), "is not confined after Configure, killed it: Seccomp is 0, want 2") {
+		t.Fatalf("Configure with a failing Verify: %v", err)
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("unconfined plugin still running")
+	}
+
+	// A failing ApplyLimits fails the launch.
+	cfg = testConfig(t, "ok")
+	cfg.SandboxOff = false
+	cfg.Sandbox = checkingSandbox{limited: &limited, limitErr: errors.New("prlimit: EPERM")}
+	if p, err := Launch(cfg); err == nil || !strings.Contains(err.Error(), "plugin test: launcher-side sandbox: prlimit: EPERM") {
+		if p != nil {
+			p.Kill()
+		}
+		t.Fatalf("Launch with failing ApplyLimits: %v", err)
+	}
+}
+
 func TestFlushErrorOnShutdown(t *testing.T) {
 	cfg := testConfig(t, "ok")
 	cfg.Env = append(cfg.Env, "KRUN_TEST_FLUSH_ERROR=fdatasync: input/output error")

@@ -26,6 +26,9 @@ type procRunner struct {
 
 	pid  int
 	done chan struct{} // closed once the process is reaped (or never started)
+	// postStart runs right after the process started (sandbox limits); an
+	// error kills the process and fails the launch.
+	postStart func(pid int) error
 
 	waitOnce sync.Once
 	waitErr  error
@@ -57,6 +60,13 @@ func (r *procRunner) Start(context.Context) error {
 		return err
 	}
 	r.pid = r.cmd.Process.Pid
+	if r.postStart != nil {
+		if err := r.postStart(r.pid); err != nil {
+			_ = r.cmd.Process.Kill()
+			_ = r.Wait(context.Background()) // go-plugin will not: Start failed
+			return fmt.Errorf("%s %w", sandboxErrPrefix, err)
+		}
+	}
 	return nil
 }
 
@@ -109,6 +119,9 @@ func (r *procRunner) PluginToHost(network, addr string) (string, string, error) 
 func (r *procRunner) HostToPlugin(network, addr string) (string, string, error) {
 	return network, addr, nil
 }
+
+// sandboxErrPrefix starts errors of the launcher-side sandbox.
+const sandboxErrPrefix = "launcher-side sandbox:"
 
 // tailBuffer keeps the last lines a plugin wrote to stderr, so that a crash
 // report can quote its panic message.
