@@ -320,6 +320,12 @@ func (s *Server) Handle(c Chain) uint32 {
 		}
 		return 0
 	}
+	if c.RemainingWrite() < fuse.OutHeaderSize {
+		// The guest left no room for the reply: do not act on a request
+		// whose outcome it cannot learn.
+		s.stats.Malformed.Add(1)
+		return 0
+	}
 	return r.finish(s.dispatch(r))
 }
 
@@ -574,7 +580,7 @@ func (s *Server) opDestroy(r *request) unix.Errno {
 
 func (s *Server) batchForget(in []byte) {
 	count, ok := fuse.U32(in, 0)
-	if !ok {
+	if !ok || len(in) < fuse.BatchForgetInSize {
 		s.stats.Malformed.Add(1)
 		return
 	}
