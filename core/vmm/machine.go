@@ -197,6 +197,11 @@ func (c *Context) build(m *machine, sys *kvm.System) (*boot.Loaded, error) {
 	}
 
 	cmdline := c.cmdline
+	if !hasParam(cmdline, "pci") {
+		// There is no PCI bus: without this Linux spends seconds probing
+		// config space through port I/O (every access is a VM exit).
+		cmdline += " pci=off"
+	}
 	if c.mmioCmdline {
 		for _, d := range devs {
 			cmdline += fmt.Sprintf(" virtio_mmio.device=%d@%#x:%d", d.Size, d.Base, d.GSI)
@@ -256,6 +261,12 @@ func (m *machine) setupMemory(size uint64) error {
 		b, err := m.mem.Slice(r.GuestAddr, r.Size)
 		if err != nil {
 			return err
+		}
+		// Transparent huge pages where the host allows them for shared
+		// memory (shmem_enabled = advise): KVM then maps guest RAM with
+		// 2 MiB pages, far fewer faults and TLB misses.
+		if err := unix.Madvise(b, unix.MADV_HUGEPAGE); err != nil {
+			m.log.Debug("MADV_HUGEPAGE on guest RAM", "error", err)
 		}
 		if err := m.vm.SetMemory(uint32(i), uint64(r.GuestAddr), r.Size, kvm.HostAddr(b)); err != nil {
 			return err
@@ -542,6 +553,16 @@ func (m *machine) close() {
 	if m.memFile != nil {
 		m.memFile.Close()
 	}
+}
+
+// hasParam reports whether the command line sets parameter name.
+func hasParam(cmdline, name string) bool {
+	for _, f := range strings.Fields(cmdline) {
+		if f == name || strings.HasPrefix(f, name+"=") {
+			return true
+		}
+	}
+	return false
 }
 
 // markerWriter passes console output through and notes when marker first
