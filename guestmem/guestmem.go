@@ -85,6 +85,16 @@ func Map(regions []Region) (*Memory, error) {
 			m.Close()
 			return nil, fmt.Errorf("%w: region %d offset %#x too large", ErrBadRegion, i, r.Offset)
 		}
+		var st unix.Stat_t
+		if err := unix.Fstat(int(r.File.Fd()), &st); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("stat guest memory region %d: %w", i, err)
+		}
+		if st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Size) < r.Offset+r.Size {
+			// Touching the part past the end would raise SIGBUS.
+			m.Close()
+			return nil, fmt.Errorf("%w: region %d ends at file offset %#x, past the end of its file (%#x bytes)", ErrBadRegion, i, r.Offset+r.Size, st.Size)
+		}
 		b, err := unix.Mmap(int(r.File.Fd()), int64(base), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 		if err != nil {
 			m.Close()

@@ -126,6 +126,8 @@ func TestMapRejects(t *testing.T) {
 		{"guest overlap", []Region{{GuestAddr: 0, Size: 0x2000, File: f}, {GuestAddr: 0x1fff, Size: 0x1000, File: f}}},
 		{"user overlap", []Region{{GuestAddr: 0, UserAddr: 0x10000, Size: 0x1000, File: f}, {GuestAddr: 0x8000, UserAddr: 0x10800, Size: 0x1000, File: f}}},
 		{"too many", make([]Region, MaxRegions+1)},
+		{"past end of file", []Region{{GuestAddr: 0, Size: 0x5000, File: f}}},
+		{"offset past end of file", []Region{{GuestAddr: 0, Size: 0x1000, File: f, Offset: 0x3800}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
