@@ -69,11 +69,9 @@ func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 		}
 		var st unix.Stat_t
 		if statFd(fd, &st) == nil && st.Dev == n.key.dev && st.Ino == n.key.ino && st.Mode&unix.S_IFMT == unix.S_IFREG {
-			if flags&unix.O_NONBLOCK == 0 {
-				if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil {
-					unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_NONBLOCK)
-				}
-			}
+			// O_NONBLOCK stays set: it does not change I/O on regular
+			// files, and clearing it would take an fcntl the seccomp
+			// profile does not grant.
 			return fd, 0
 		}
 		unix.Close(fd)
@@ -190,16 +188,32 @@ func (s *Server) chmod(r *request, n *node, h *handle, mode uint32) unix.Errno {
 	if h != nil {
 		return errno(unix.Fchmod(h.fd, mode))
 	}
-	err := unix.Fchmodat(n.fd, "", mode, unix.AT_EMPTY_PATH)
-	if err != unix.EOPNOTSUPP && err != unix.ENOSYS && err != unix.EINVAL {
-		return errno(err)
+	var err error = unix.ENOSYS
+	if !s.noFchmodat2.Load() {
+		err = unix.Fchmodat(n.fd, "", mode, unix.AT_EMPTY_PATH)
+		switch err {
+		case unix.EOPNOTSUPP, unix.ENOSYS, unix.EINVAL, unix.EPERM:
+			// No fchmodat2 (before Linux 6.6), or a seccomp profile that
+			// refuses it with EPERM: try the reopen path, which tells a
+			// genuine EPERM apart.
+		default:
+			return errno(err)
+		}
 	}
 	fd, e := s.openAny(r, n)
 	if e != 0 {
+		if err == unix.EPERM && e == unix.EACCES {
+			e = unix.EPERM
+		}
 		return e
 	}
 	defer unix.Close(fd)
-	return errno(unix.Fchmod(fd, mode))
+	e = errno(unix.Fchmod(fd, mode))
+	if e == 0 {
+		// fchmodat2 failed where fchmod works: it is unusable here.
+		s.noFchmodat2.Store(true)
+	}
+	return e
 }
 
 // truncate sets n's size through the handle or a writable reopen.

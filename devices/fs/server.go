@@ -102,6 +102,9 @@ type Server struct {
 
 	canChown   bool
 	euid, egid uint32
+	// noFchmodat2 is set once fchmodat2 turned out unusable (old kernel or
+	// refused by seccomp), so chmod goes straight to the reopen path.
+	noFchmodat2 atomic.Bool
 
 	t *table
 
@@ -140,9 +143,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if err := validateIDMaps("gid", cfg.GIDMap); err != nil {
 		return nil, fmt.Errorf("virtio-fs: %w", err)
 	}
-	fd, err := unix.FcntlInt(cfg.Dir.Fd(), unix.F_DUPFD_CLOEXEC, 3)
+	// A fresh O_PATH fd of the directory itself (openat2 of "." rather than
+	// dup or fcntl, which the plugin's seccomp profile limits).
+	fd, err := openBeneath(int(cfg.Dir.Fd()), ".", unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err != nil {
-		return nil, fmt.Errorf("virtio-fs: duplicate shared directory fd: %w", err)
+		return nil, fmt.Errorf("virtio-fs: shared directory %s: %w", cfg.Dir.Name(), err)
 	}
 	var st unix.Stat_t
 	if err := statFd(fd, &st); err != nil {
