@@ -170,7 +170,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if maxNodes <= 0 {
 		maxNodes = DefaultMaxNodes
 		var rl unix.Rlimit
-		if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur < uint64(maxNodes)+256 {
+		if unix.Prlimit(0, unix.RLIMIT_NOFILE, nil, &rl) == nil && rl.Cur < uint64(maxNodes)+256 {
 			maxNodes = max(int(rl.Cur)-256, 64)
 		}
 	}
