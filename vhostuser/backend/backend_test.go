@@ -759,3 +759,31 @@ func BenchmarkEchoRoundTrip(b *testing.B) {
 		})
 	}
 }
+
+// TestEnableBeforeSetFeatures follows QEMU's vhost-user-net order: protocol
+// features are negotiated, then SET_VRING_ENABLE arrives before SET_FEATURES
+// acks VHOST_USER_F_PROTOCOL_FEATURES. The back-end must accept it.
+func TestEnableBeforeSetFeatures(t *testing.T) {
+	h := newHarness(t, newTestDevice(2))
+	c := h.client
+	if err := c.SetOwner(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.GetFeatures(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
+		t.Fatal(err)
+	}
+	for i := uint32(0); i < 2; i++ {
+		if err := c.SetVringEnable(i, false); err != nil {
+			t.Fatalf("SET_VRING_ENABLE %d before SET_FEATURES: %v", i, err)
+		}
+	}
+	if err := c.SetFeatures(vhostuser.FeatureVersion1 | vhostuser.FeatureProtocolFeatures); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.GetFeatures(); err != nil {
+		t.Fatalf("connection lost: %v", err)
+	}
+}

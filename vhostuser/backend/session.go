@@ -73,6 +73,11 @@ type session struct {
 	owner    bool
 	features uint64 // acked virtio features
 	protocol uint64 // acked protocol features
+	// protocolSet records that SET_PROTOCOL_FEATURES arrived. QEMU sends
+	// SET_VRING_ENABLE (vhost-user-net does, to disable rings at start) as
+	// soon as protocol features are negotiated, before SET_FEATURES acks
+	// VHOST_USER_F_PROTOCOL_FEATURES; the request is valid from then on.
+	protocolSet bool
 	mem      *guestmem.Memory
 	slots    []slot
 	rings    []*ring
@@ -163,6 +168,7 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 			return nil, fmt.Errorf("%w: protocol features %#x", ErrNotOffered, extra)
 		}
 		sess.protocol = p
+		sess.protocolSet = true
 		return nil, nil
 	case vhostuser.SetOwner:
 		sess.owner = true
@@ -617,7 +623,7 @@ func (sess *session) setVringCallErr(m *vhostuser.Message, v vhostuser.VringFD) 
 }
 
 func (sess *session) setVringEnable(s vhostuser.VringState) error {
-	if !sess.protocolFeaturesNegotiated() {
+	if !sess.protocolFeaturesNegotiated() && !sess.protocolSet {
 		return fmt.Errorf("%w: VHOST_USER_F_PROTOCOL_FEATURES", ErrNotNegotiated)
 	}
 	r, err := sess.ring(s.Index)
