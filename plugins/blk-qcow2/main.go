@@ -102,12 +102,20 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 		if err != nil {
 			return nil, err
 		}
+		if p == "" {
+			// Without it the image's recorded backing name cannot be
+			// checked against what the user declared.
+			return nil, fmt.Errorf("the host passed %s without option %s (its absolute path)", devspec.BackingFile(n), backingPath(n))
+		}
 		o.Backing = append(o.Backing, qcow2.Layer{File: f, Format: format, Path: p})
 	}
 	if f := files[devspec.FileDataFile]; f != nil {
 		p, err := absPath(opts, optDataFilePath)
 		if err != nil {
 			return nil, err
+		}
+		if p == "" {
+			return nil, fmt.Errorf("the host passed %s without option %s (its absolute path)", devspec.FileDataFile, optDataFilePath)
 		}
 		o.DataFile = &qcow2.Layer{File: f, Format: disk.Raw, Path: p}
 	}
