@@ -18,6 +18,7 @@ import (
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/kvm"
 	"github.com/krun-core/krun-core/core/vmm"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // multiFlag collects a repeatable string flag.
@@ -40,6 +41,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM (e.g. 512M, 2G; a bare number is MiB)")
 		pluginDir = fs.String("plugin-dir", "", "directory searched first for krun-plugin-* executables")
 		sandboxF  = fs.String("sandbox", "on", "plugin sandbox: on, or off (explicit opt-out)")
+		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox layers: namespaces,root,landlock,seccomp or all")
 		logLevel  = fs.String("log-level", "warn", "log level: trace, debug, info, warn, error")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
 		marker    = fs.String("boot-marker", "", "console text whose first appearance marks the guest's init (for --timing)")
@@ -78,6 +80,13 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	default:
 		return fail("--sandbox must be on or off, not %q", *sandboxF)
 	}
+	disabled, err := sandbox.ParseLayers(*disableF)
+	if err != nil {
+		return fail("--sandbox-disable: %v", err)
+	}
+	if sandboxOff && len(disabled) > 0 {
+		return fail("--sandbox=off already turns every layer off; drop --sandbox-disable")
+	}
 	level := hclog.LevelFromString(*logLevel)
 	if level == hclog.NoLevel {
 		return fail("unknown --log-level %q", *logLevel)
@@ -108,6 +117,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	c.SetConsoleOutput(stdout)
 	c.SetPluginDir(*pluginDir)
 	c.SetSandboxOff(sandboxOff)
+	c.SetSandboxDisable(disabled)
+	if sandboxOff {
+		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
+	}
 	c.SetBootMarker(*marker)
 	if restore, ok := rawTerminal(os.Stdin); ok {
 		defer restore()

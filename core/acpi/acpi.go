@@ -185,7 +185,7 @@ const (
 func buildFADT(facs, dsdt uint64) []byte {
 	t := header("FACP", fadtSize, 6)
 	le := binary.LittleEndian
-	t = le.AppendUint32(t, uint32(facs)) // FIRMWARE_CTRL
+	t = le.AppendUint32(t, 0)            // FIRMWARE_CTRL: X_FIRMWARE_CTRL is used
 	t = le.AppendUint32(t, uint32(dsdt)) // DSDT
 	t = append(t, 0, 0)                  // reserved, preferred PM profile (unspecified)
 	t = le.AppendUint16(t, SCI)

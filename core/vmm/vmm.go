@@ -24,6 +24,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // Defaults.
@@ -59,10 +60,11 @@ type Context struct {
 	consoleOut io.Writer
 	consoleIn  io.Reader
 
-	pluginDir  string
-	sandboxOff bool
-	bootMarker string
-	started    bool
+	pluginDir      string
+	sandboxOff     bool
+	sandboxDisable []sandbox.Layer
+	bootMarker     string
+	started        bool
 }
 
 // NewContext returns a Context with the defaults: one vCPU, 512 MiB, the
@@ -156,6 +158,11 @@ func (c *Context) SetPluginDir(dir string) { c.pluginDir = dir }
 
 // SetSandboxOff turns the plugin sandbox off (the user's explicit choice).
 func (c *Context) SetSandboxOff(off bool) { c.sandboxOff = off }
+
+// SetSandboxDisable turns off some sandbox layers (the user's explicit
+// choice, e.g. the empty root where the host's root is an initramfs, which
+// cannot be pivoted away from).
+func (c *Context) SetSandboxDisable(layers []sandbox.Layer) { c.sandboxDisable = layers }
 
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).
