@@ -271,7 +271,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		RunnerFunc:       runnerFunc,
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		StartTimeout:     hsTimeout,
-		Logger:           log,
+		Logger:           quietLogger{log, p},
 		Stderr:           p.stderr,
 		SkipHostEnv:      true,
 		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir},
@@ -591,6 +591,31 @@ func (p *Plugin) removeSockDir() {
 			p.log.Warn("removing plugin socket directory", "dir", p.sockDir, "error", err)
 		}
 	}
+}
+
+// quietLogger is the logger go-plugin's client gets: the messages it logs
+// about an exit the host asked for (Shutdown, Kill) go to Debug instead of
+// Error and Warn, so that they do not read like failures. Everything else,
+// the plugin's own lines included (through Named), passes unchanged.
+type quietLogger struct {
+	hclog.Logger
+	p *Plugin
+}
+
+func (q quietLogger) Error(msg string, args ...interface{}) {
+	if msg == "plugin process exited" && q.p.stopping.Load() {
+		q.Logger.Debug(msg, args...)
+		return
+	}
+	q.Logger.Error(msg, args...)
+}
+
+func (q quietLogger) Warn(msg string, args ...interface{}) {
+	if msg == "plugin failed to exit gracefully" && q.p.stopping.Load() {
+		q.Logger.Debug(msg, args...)
+		return
+	}
+	q.Logger.Warn(msg, args...)
 }
 
 // LaunchAll launches several plugins concurrently. If any launch fails, the

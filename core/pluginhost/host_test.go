@@ -679,6 +679,8 @@ func TestTailBufferPanicLine(t *testing.T) {
 		{"json error line", "{\"@level\":\"info\",\"@message\":\"hi\"}\n{\"@level\":\"error\",\"@message\":\"plugin init error\",\"error\":\"bind: invalid argument\"}\n", "plugin init error: bind: invalid argument"},
 		{"last plain line", "{\"@level\":\"info\"}\nfirst\nsecond\n{\"@level\":\"debug\"}\n", "second"},
 		{"unterminated", "no newline", "no newline"},
+		{"signal", "SIGSEGV: segmentation violation\nPC=0x0 m=0 sigcode=0\n" + strings.Repeat("y\n", 100), "SIGSEGV: segmentation violation"},
+		{"not a signal", "SIGNAL lost: x\nlast\n", "last"},
 		{"nothing", "", ""},
 	}
 	for _, tc := range tests {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/hashicorp/go-plugin/runner"
@@ -143,7 +144,7 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 	defer t.mu.Unlock()
 	for _, b := range p {
 		if b == '\n' {
-			if t.fatal == "" && (hasPrefix(string(t.part), "panic: ") || hasPrefix(string(t.part), "fatal error: ")) {
+			if t.fatal == "" && isFatalLine(string(t.part)) {
 				t.fatal = string(t.part)
 			}
 			t.lines = append(t.lines, string(t.part))
@@ -174,7 +175,7 @@ func (t *tailBuffer) panicLine() string {
 		lines = append(lines[:len(lines):len(lines)], string(t.part))
 	}
 	for _, l := range lines {
-		if hasPrefix(l, "panic: ") || hasPrefix(l, "fatal error: ") {
+		if isFatalLine(l) {
 			return l
 		}
 	}
@@ -198,6 +199,24 @@ func (t *tailBuffer) panicLine() string {
 		}
 	}
 	return ""
+}
+
+// isFatalLine matches the first line the Go runtime prints when a process
+// dies: "panic: ...", "fatal error: ...", "SIGSEGV: segmentation violation".
+func isFatalLine(l string) bool {
+	if hasPrefix(l, "panic: ") || hasPrefix(l, "fatal error: ") {
+		return true
+	}
+	i := strings.Index(l, ": ")
+	if i < 4 || !hasPrefix(l, "SIG") {
+		return false
+	}
+	for _, c := range []byte(l[3:i]) {
+		if c < 'A' || c > 'Z' {
+			return false
+		}
+	}
+	return true
 }
 
 func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }

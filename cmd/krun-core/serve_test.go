@@ -1,0 +1,310 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/testguest"
+)
+
+func TestServeArgErrors(t *testing.T) {
+	dir := t.TempDir()
+	// Find only needs an executable file; these tests fail before it runs.
+	for _, k := range []string{"blk-raw", "blk-qcow2", "fs-virtio"} {
+		if err := os.WriteFile(filepath.Join(dir, "krun-plugin-"+k), []byte("#!/bin/false\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(img, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	notSock := filepath.Join(dir, "regular")
+	os.WriteFile(notSock, nil, 0o600)
+	busy := filepath.Join(dir, "busy.sock")
+	l, err := net.Listen("unix", busy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	sock := filepath.Join(dir, "s.sock")
+	pd := "--plugin-dir=" + dir
+
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no socket", []string{pd, "--disk", "path=" + img + ",format=raw"}, "--socket PATH is required"},
+		{"no device", []string{pd, "--socket", sock}, "give exactly one of --disk, --fs, --net or --plugin (got 0)"},
+		{"two devices", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw", "--fs", "path=/,tag=t"}, "(got 2)"},
+		{"no format", []string{pd, "--socket", sock, "--disk", "path=" + img}, "--disk: format= is required"},
+		{"unknown format", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=vmdk"}, `--disk: unknown format "vmdk" (want raw or qcow2)`},
+		{"bad option", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw,cache=none"}, `--disk: unknown key "cache"`},
+		{"bad value", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw,readonly=perhaps"}, `readonly="perhaps": want on or off`},
+		{"missing file", []string{pd, "--socket", sock, "--disk", "path=" + dir + "/nope.img,format=raw"}, "disk image: open " + dir + "/nope.img: no such file or directory"},
+		{"missing backing", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=qcow2,backing=/nope,backing-format=raw"}, "backing file: open /nope: no such file or directory"},
+		{"fs on a file", []string{pd, "--socket", sock, "--fs", "path=" + img + ",tag=t"}, "is not a directory"},
+		{"missing plugin", []string{"--plugin-dir", dir, "--socket", sock, "--plugin", "nothere"}, "krun-plugin-nothere not found in " + dir},
+		{"bad sandbox", []string{pd, "--socket", sock, "--sandbox=maybe", "--disk", "path=" + img + ",format=raw"}, `--sandbox="maybe": want on or off`},
+		{"bad layer", []string{pd, "--socket", sock, "--sandbox-disable=rlimits", "--disk", "path=" + img + ",format=raw"}, `--sandbox-disable: sandbox layer "rlimits" cannot be disabled`},
+		{"bad log level", []string{pd, "--socket", sock, "--log-level=loud", "--disk", "path=" + img + ",format=raw"}, `--log-level="loud"`},
+		{"extra argument", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw", "extra"}, `unexpected argument "extra"`},
+		{"unknown flag", []string{pd, "--socket", sock, "--cdrom", "x"}, "flag provided but not defined: -cdrom"},
+		{"socket is a file", []string{pd, "--socket", notSock, "--disk", "path=" + img + ",format=raw"}, "exists and is not a socket"},
+		{"socket in use", []string{pd, "--socket", busy, "--disk", "path=" + img + ",format=raw"}, "is in use by another process"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := serveCommand(tc.args, &stdout, &stderr)
+			if code != 1 {
+				t.Fatalf("exit %d, want 1; stderr %q", code, stderr.String())
+			}
+			lines := strings.Split(strings.TrimSuffix(stderr.String(), "\n"), "\n")
+			if len(lines) != 1 || !strings.HasPrefix(lines[0], "krun-core serve: ") || !strings.Contains(lines[0], tc.want) {
+				t.Fatalf("stderr %q, want one line containing %q", stderr.String(), tc.want)
+			}
+			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("%s exists after a failed serve", sock)
+			}
+		})
+	}
+}
+
+func TestServeHelp(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := serveCommand([]string{"--help"}, &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), "usage: krun-core serve --socket PATH") {
+		t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout.String(), stderr.String())
+	}
+}
+
+// buildServeBinaries builds krun-core and the example null plugin next to
+// it, so that serve finds the plugin the way an installation does.
+func buildServeBinaries(t *testing.T) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds binaries; skipped with -short")
+	}
+	dir := t.TempDir()
+	for pkg, out := range map[string]string{".": "krun-core", "../../examples/plugin-null": "krun-plugin-null"} {
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+		}
+	}
+	return dir
+}
+
+// serveProc is a running `krun-core serve`.
+type serveProc struct {
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	stderr []string
+	done   chan error
+}
+
+func (s *serveProc) log() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return strings.Join(s.stderr, "\n")
+}
+
+func startServe(t *testing.T, bin string, args ...string) *serveProc {
+	t.Helper()
+	s := &serveProc{cmd: exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve"}, args...)...), done: make(chan error, 1)}
+	s.cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
+	pr, err := s.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			s.mu.Lock()
+			s.stderr = append(s.stderr, sc.Text())
+			s.mu.Unlock()
+		}
+		s.done <- s.cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		s.cmd.Process.Kill()
+		if t.Failed() {
+			t.Logf("serve stderr:\n%s", s.log())
+		}
+	})
+	return s
+}
+
+func (s *serveProc) waitExit(t *testing.T) int {
+	t.Helper()
+	select {
+	case err := <-s.done:
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(20 * time.Second):
+		t.Fatal("krun-core serve did not exit")
+		return -1
+	}
+}
+
+// waitSocket waits for serve to listen on path.
+func waitSocket(t *testing.T, s *serveProc, path string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if st, err := os.Lstat(path); err == nil && st.Mode()&os.ModeSocket != 0 {
+			return
+		}
+		select {
+		case err := <-s.done:
+			t.Fatalf("serve exited early: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("serve did not create its socket")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// readEntropy fetches n bytes from an entropy device at path.
+func readEntropy(t *testing.T, path string, n uint32) []byte {
+	t.Helper()
+	g, err := testguest.Dial(path, testguest.Options{QueueSize: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	addr, err := g.Mem.Alloc(uint64(n), 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf, _ := g.Mem.Bytes(addr, uint64(n))
+	for i := range buf {
+		buf[i] = 0xAA
+	}
+	r := g.Rings[0]
+	if _, err := r.Post([]testguest.Segment{{Addr: addr, Len: n, Writable: true}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Kick(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := r.Wait(ctx)
+	if err != nil || len(c) != 1 {
+		t.Fatalf("completion: %v %v", c, err)
+	}
+	return append([]byte(nil), buf[:min(c[0].Len, n)]...)
+}
+
+var pidRE = regexp.MustCompile(`serving: .*pid=([0-9]+)`)
+
+// servingPid waits for the "serving" log line and returns the plugin pid.
+func servingPid(t *testing.T, s *serveProc) int {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if m := pidRE.FindStringSubmatch(s.log()); m != nil {
+			pid, _ := strconv.Atoi(m[1])
+			return pid
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("no serving line")
+	return 0
+}
+
+func TestServePluginReconnectAndSIGTERM(t *testing.T) {
+	bin := buildServeBinaries(t)
+	sock := filepath.Join(t.TempDir(), "rng.sock")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null,fill=zero")
+	waitSocket(t, s, sock)
+	for i := 0; i < 2; i++ { // the front-end reconnects
+		if got := readEntropy(t, sock, 1024); !bytes.Equal(got, make([]byte, 1024)) {
+			t.Fatalf("connection %d: got %d bytes, not all zero", i+1, len(got))
+		}
+	}
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	if code := s.waitExit(t); code != 0 {
+		t.Fatalf("exit %d after SIGTERM, want 0", code)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left after SIGTERM: %v", err)
+	}
+	if !strings.Contains(s.log(), "krun-plugin-null: shut down") {
+		t.Errorf("plugin did not report its shutdown in the log")
+	}
+}
+
+func TestServePluginRejectsOptions(t *testing.T) {
+	bin := buildServeBinaries(t)
+	sock := filepath.Join(t.TempDir(), "rng.sock")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null,fill=ones")
+	if code := s.waitExit(t); code != 1 {
+		t.Fatalf("exit %d, want 1", code)
+	}
+	var ours []string
+	for _, l := range strings.Split(s.log(), "\n") {
+		if strings.HasPrefix(l, "krun-core serve: ") {
+			ours = append(ours, l)
+		}
+		if strings.Contains(l, "[ERROR]") && !strings.Contains(l, "configure failed") {
+			t.Errorf("error-level log line for an exit the host asked for: %q", l)
+		}
+	}
+	if len(ours) != 1 || ours[0] != `krun-core serve: plugin null: Configure: option fill="ones": want random or zero` {
+		t.Errorf("serve's own lines: %q", ours)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket exists for a device that could not be configured")
+	}
+}
+
+func TestServePluginCrash(t *testing.T) {
+	bin := buildServeBinaries(t)
+	sock := filepath.Join(t.TempDir(), "rng.sock")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null")
+	waitSocket(t, s, sock)
+	pid := servingPid(t, s)
+	if err := syscall.Kill(pid, syscall.SIGSEGV); err != nil {
+		t.Fatal(err)
+	}
+	if code := s.waitExit(t); code == 0 {
+		t.Fatal("serve exited 0 after its plugin crashed")
+	}
+	want := fmt.Sprintf("krun-core serve: plugin null (pid %d) exited during running: exit status 2: SIGSEGV: segmentation violation", pid)
+	if !strings.Contains(s.log(), want) {
+		t.Errorf("stderr lacks %q", want)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left after the plugin crashed")
+	}
+}
+

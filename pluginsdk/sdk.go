@@ -1,0 +1,494 @@
+// Package pluginsdk is what a krun-core device plugin is written with: a
+// plugin implements Plugin and its main calls Serve.
+//
+//	type entropy struct{}
+//
+//	func (entropy) Kind() string                        { return "rng-example" }
+//	func (entropy) Policy(map[string]int) sandbox.Policy { return sandbox.Policy{Kind: "rng-example", Syscalls: sandbox.ProfileMinimal} }
+//	func (entropy) Configure(ctx context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
+//		if err := pluginsdk.CheckOptions(opts); err != nil {
+//			return nil, err
+//		}
+//		return newDevice(), nil
+//	}
+//
+//	func main() { pluginsdk.Serve(entropy{}) }
+//
+// Serve runs go-plugin's gRPC server and implements the DevicePlugin service
+// (proto/device_plugin.proto) around the plugin:
+//
+//   - Describe reports Kind, the JSON of Policy and, once configured, the
+//     device (DeviceInfo, offered features, config space).
+//   - Configure wraps the inherited fds (4, 5, ...) in *os.File by name,
+//     calls sandbox.Restrict with Policy (unless the user turned the sandbox
+//     off), and only then calls Plugin.Configure: the plugin reads no image
+//     or guest byte outside the sandbox.
+//   - Start serves vhost-user on fd 3 with backend.Serve; a listening socket
+//     is accepted in a loop so a front-end can reconnect.
+//   - Stats merges the device's counters (Counter) with the back-end's per
+//     queue counters ("q0.requests", ...).
+//   - Shutdown stops serving, calls Flush (Flusher) and Close (io.Closer) on
+//     the device and exits the process.
+//
+// The plugin logs through the hclog.Logger it is given: JSON lines on
+// stderr, which the host's go-plugin client re-logs into krun-core's log.
+// A plugin must not write to stdout (go-plugin's handshake channel).
+package pluginsdk
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	hclog "github.com/hashicorp/go-hclog"
+	plugin "github.com/hashicorp/go-plugin"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/krun-core/krun-core/proto/pluginpb"
+	"github.com/krun-core/krun-core/sandbox"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+// Version identifies the SDK in Describe replies.
+const Version = "krun-core pluginsdk 1"
+
+// Plugin is a device plugin.
+type Plugin interface {
+	// Kind is the plugin kind; the executable must be krun-plugin-<Kind>.
+	Kind() string
+	// Policy declares the sandbox the plugin runs under. fds maps the names
+	// of the inherited files to their fd numbers (for directory rules); it
+	// is nil when Describe is asked before Configure.
+	Policy(fds map[string]int) sandbox.Policy
+	// Configure builds the device from the host's options and the files it
+	// opened (by name). It runs inside the sandbox. Unknown options are an
+	// error (see CheckOptions). The plugin owns the files from now on.
+	Configure(ctx context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error)
+}
+
+// Optional interfaces of the device returned by Configure.
+type (
+	// Counter reports device counters for the Stats RPC.
+	Counter interface{ Counters() map[string]uint64 }
+	// Flusher makes written data durable; Shutdown calls it.
+	Flusher interface{ Flush() error }
+	// ConfigSizer reports the size of the virtio config space, so Describe
+	// returns exactly that many bytes (otherwise 256 bytes are read).
+	ConfigSizer interface{ ConfigSize() int }
+)
+
+// Serve runs the plugin until the host shuts it down, then exits the
+// process. It never returns.
+func Serve(p Plugin) {
+	os.Exit(serve(p, os.Stderr))
+}
+
+// Limits on what Configure accepts.
+const (
+	maxFiles   = 64
+	maxOptions = 256
+	// maxConfigSpace is VHOST_USER_MAX_CONFIG_SIZE.
+	maxConfigSpace = 256
+	// shutdownWait bounds how long Shutdown waits for the back-end to stop.
+	shutdownWait = 10 * time.Second
+)
+
+// server implements the DevicePlugin service around a Plugin.
+type server struct {
+	pluginpb.UnimplementedDevicePluginServer
+	p   Plugin
+	log hclog.Logger
+
+	mu      sync.Mutex
+	state   pluginpb.HealthResponse_State
+	err     error
+	fds     map[string]int
+	dev     backend.Device
+	backend *backend.Server
+	info    *pluginpb.DeviceInfo
+	cancel  context.CancelFunc // stops serving
+	done    chan struct{}      // closed when serving stopped
+
+	stop func() // stops the gRPC server (process exit follows)
+}
+
+func serve(p Plugin, stderr io.Writer) int {
+	level := hclog.LevelFromString(os.Getenv("KRUN_PLUGIN_LOG_LEVEL"))
+	if level == hclog.NoLevel {
+		level = hclog.Info
+	}
+	// The writer is captured now: go-plugin's Serve later replaces
+	// os.Stderr with a pipe that only a SyncStderr client would drain.
+	log := hclog.New(&hclog.LoggerOptions{Output: stderr, Level: level, JSONFormat: true})
+	// Load the local time zone now: log timestamps need it, and after
+	// sandbox.Restrict the plugin cannot open /etc/localtime.
+	_ = time.Local.String()
+	s := &server{p: p, log: log, state: pluginpb.HealthResponse_STATE_WAITING}
+	var once sync.Once
+	s.stop = func() {
+		// The host ends us with go-plugin's controller Shutdown (see the
+		// interceptor); this timer is for a host that does not.
+		once.Do(func() { time.AfterFunc(exitWait, func() { os.Exit(0) }) })
+	}
+	plugin.Serve(&plugin.ServeConfig{
+		HandshakeConfig: pluginpb.Handshake(),
+		Plugins:         plugin.PluginSet{pluginpb.PluginName: &grpcPlugin{srv: s}},
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, grpc.ChainUnaryInterceptor(exitOnControllerShutdown))...)
+		},
+		Logger: log,
+	})
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cancel != nil {
+		s.cancel()
+	}
+	return 0
+}
+
+// controllerShutdown is go-plugin's own "stop the plugin" RPC, sent by the
+// host's plugin.Client.Kill.
+const controllerShutdown = "/plugin.GRPCController/Shutdown"
+
+// exitWait is how long the plugin lingers after Shutdown (or a failed
+// sandbox) for the host's controller Shutdown.
+const exitWait = 2 * time.Second
+
+// exitOnControllerShutdown exits the process when the host asks go-plugin
+// to stop. go-plugin would stop the gRPC server, whose listener then
+// unlinks the socket file: a file system call the sandbox refuses (and
+// logs). The host removes the socket directory itself, and the device was
+// flushed by the Shutdown RPC before (Kill without Shutdown is a kill).
+func exitOnControllerShutdown(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if info.FullMethod == controllerShutdown {
+		os.Exit(0)
+	}
+	return h(ctx, req)
+}
+
+// grpcPlugin is the plugin half of go-plugin's GRPCPlugin.
+type grpcPlugin struct {
+	plugin.NetRPCUnsupportedPlugin
+	srv *server
+}
+
+func (g *grpcPlugin) GRPCServer(_ *plugin.GRPCBroker, s *grpc.Server) error {
+	pluginpb.RegisterDevicePluginServer(s, g.srv)
+	return nil
+}
+
+func (g *grpcPlugin) GRPCClient(context.Context, *plugin.GRPCBroker, *grpc.ClientConn) (interface{}, error) {
+	return nil, errors.New("pluginsdk: a plugin is not a host")
+}
+
+func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb.DescribeResponse, error) {
+	s.mu.Lock()
+	fds, info := s.fds, s.info
+	s.mu.Unlock()
+	pol, err := json.Marshal(s.p.Policy(fds))
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "encode sandbox policy: %v", err)
+	}
+	return &pluginpb.DescribeResponse{
+		Kind: s.p.Kind(), Configured: info != nil, Device: info, PolicyJson: pol, SdkVersion: Version,
+	}, nil
+}
+
+// inheritedFiles checks the fds named in a Configure request and wraps them.
+func inheritedFiles(req map[string]uint32) (map[string]*os.File, map[string]int, error) {
+	if len(req) > maxFiles {
+		return nil, nil, fmt.Errorf("%d files, at most %d", len(req), maxFiles)
+	}
+	files := make(map[string]*os.File, len(req))
+	fds := make(map[string]int, len(req))
+	used := map[uint32]string{}
+	for name, fd := range req {
+		if name == "" {
+			return nil, nil, errors.New("a file has an empty name")
+		}
+		if fd < pluginpb.FirstResourceFD || fd >= pluginpb.FirstResourceFD+maxFiles {
+			return nil, nil, fmt.Errorf("file %q: fd %d outside %d..%d", name, fd, pluginpb.FirstResourceFD, pluginpb.FirstResourceFD+maxFiles-1)
+		}
+		if other, dup := used[fd]; dup {
+			return nil, nil, fmt.Errorf("files %q and %q both claim fd %d", name, other, fd)
+		}
+		used[fd] = name
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+			return nil, nil, fmt.Errorf("file %q: fd %d was not inherited: %w", name, fd, err)
+		}
+		fds[name] = int(fd)
+	}
+	for name, fd := range fds {
+		// Inherited fds are not close-on-exec; a plugin never execs, but
+		// be tidy.
+		unix.CloseOnExec(fd)
+		files[name] = os.NewFile(uintptr(fd), name)
+	}
+	return files, fds, nil
+}
+
+func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) (resp *pluginpb.ConfigureResponse, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state != pluginpb.HealthResponse_STATE_WAITING {
+		return nil, status.Errorf(codes.FailedPrecondition, "Configure in state %s (it is called once)", stateName(s.state))
+	}
+	fail := func(code codes.Code, err error) (*pluginpb.ConfigureResponse, error) {
+		s.state, s.err = pluginpb.HealthResponse_STATE_FAILED, err
+		s.log.Error("configure failed", "error", err)
+		return nil, status.Error(code, err.Error())
+	}
+	if len(req.GetOptions()) > maxOptions {
+		return fail(codes.InvalidArgument, fmt.Errorf("%d options, at most %d", len(req.GetOptions()), maxOptions))
+	}
+	files, fds, err := inheritedFiles(req.GetFiles())
+	if err != nil {
+		return fail(codes.InvalidArgument, err)
+	}
+	s.fds = fds
+	sandboxNote := "off at the user's request"
+	if req.GetSandboxOff() {
+		s.log.Warn("sandbox disabled by the host (--sandbox=off): this plugin parses hostile input unconfined")
+	} else {
+		pol := s.p.Policy(fds)
+		if err := sandbox.Restrict(pol, s.log); err != nil {
+			// Restrict may have applied some layers; the process must not
+			// go on. Stop serving so it exits after this reply.
+			s.stop()
+			return fail(codes.FailedPrecondition, err)
+		}
+		sandboxNote = "restricted, seccomp profile " + string(pol.Syscalls)
+	}
+
+	dev, err := s.configureDevice(ctx, req.GetOptions(), files)
+	if err != nil {
+		for _, f := range files {
+			f.Close()
+		}
+		return fail(codes.InvalidArgument, err)
+	}
+	bs, err := backend.NewServer(dev, s.log)
+	if err != nil {
+		return fail(codes.Internal, fmt.Errorf("device: %w", err))
+	}
+	di := dev.Info()
+	cfg := readConfigSpace(dev)
+	s.dev, s.backend = dev, bs
+	s.info = &pluginpb.DeviceInfo{
+		DeviceType: di.Type, Features: bs.Features(), ProtocolFeatures: bs.ProtocolFeatures(),
+		NumQueues: uint32(di.NumQueues), MaxQueueSize: uint32(maxQueueSize(di)), Config: cfg,
+	}
+	s.state = pluginpb.HealthResponse_STATE_CONFIGURED
+	s.log.Info("configured", "kind", s.p.Kind(), "device_type", di.Type, "queues", di.NumQueues, "sandbox", sandboxNote)
+	return &pluginpb.ConfigureResponse{Device: s.info, Sandbox: sandboxNote}, nil
+}
+
+// configureDevice calls Plugin.Configure, turning a panic into an error:
+// Configure parses host-chosen images, and a one-line error serves the user
+// better than a stack trace.
+func (s *server) configureDevice(ctx context.Context, opts map[string]string, files map[string]*os.File) (dev backend.Device, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("Configure panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			dev, err = nil, fmt.Errorf("internal error (panic): %v", r)
+		}
+	}()
+	if opts == nil {
+		opts = map[string]string{}
+	}
+	dev, err = s.p.Configure(ctx, opts, files, s.log.Named(s.p.Kind()))
+	if err == nil && dev == nil {
+		err = errors.New("plugin returned no device")
+	}
+	return dev, err
+}
+
+func maxQueueSize(di backend.DeviceInfo) int {
+	if di.MaxQueueSize == 0 {
+		return backend.DefaultMaxQueueSize
+	}
+	return di.MaxQueueSize
+}
+
+// readConfigSpace reads the device's config space for Describe.
+func readConfigSpace(dev backend.Device) []byte {
+	n := maxConfigSpace
+	if cs, ok := dev.(ConfigSizer); ok {
+		n = min(max(cs.ConfigSize(), 0), maxConfigSpace)
+	}
+	if n == 0 {
+		return nil
+	}
+	b := make([]byte, n)
+	if err := dev.ReadConfig(0, b); err != nil {
+		return nil
+	}
+	return b
+}
+
+func (s *server) Start(_ context.Context, req *pluginpb.StartRequest) (*pluginpb.StartResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state != pluginpb.HealthResponse_STATE_CONFIGURED {
+		return nil, status.Errorf(codes.FailedPrecondition, "Start in state %s (want configured)", stateName(s.state))
+	}
+	fd := req.GetSocketFd()
+	if fd == 0 {
+		fd = pluginpb.SocketFD
+	}
+	if fd < pluginpb.SocketFD || fd >= pluginpb.FirstResourceFD+maxFiles {
+		return nil, status.Errorf(codes.InvalidArgument, "socket fd %d out of range", fd)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(fd), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, status.Errorf(codes.InvalidArgument, "fd %d is not an inherited socket (err %v)", fd, err)
+	}
+	unix.CloseOnExec(int(fd))
+	f := os.NewFile(uintptr(fd), "vhost-user")
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel, s.done = cancel, make(chan struct{})
+	s.state = pluginpb.HealthResponse_STATE_SERVING
+	go func() {
+		err := s.backend.Serve(ctx, f)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if err != nil {
+			s.state, s.err = pluginpb.HealthResponse_STATE_FAILED, err
+			s.log.Error("vhost-user back-end stopped", "error", err)
+		} else {
+			s.state = pluginpb.HealthResponse_STATE_STOPPED
+			s.log.Info("vhost-user back-end stopped")
+		}
+		close(s.done)
+	}()
+	return &pluginpb.StartResponse{}, nil
+}
+
+func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.StatsResponse, error) {
+	s.mu.Lock()
+	dev, bs := s.dev, s.backend
+	s.mu.Unlock()
+	c := map[string]uint64{}
+	if ctr, ok := dev.(Counter); ok {
+		for k, v := range ctr.Counters() {
+			c[k] = v
+		}
+	}
+	if bs != nil {
+		for _, q := range bs.Stats() {
+			p := fmt.Sprintf("q%d.", q.Index)
+			c[p+"requests"] = q.Requests
+			c[p+"malformed"] = q.Malformed
+			c[p+"notifications"] = q.Notifications
+			c[p+"kicks"] = q.Kicks
+			c[p+"failures"] = q.Failures
+		}
+	}
+	return &pluginpb.StatsResponse{Counters: c}, nil
+}
+
+func (s *server) Health(context.Context, *pluginpb.HealthRequest) (*pluginpb.HealthResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := &pluginpb.HealthResponse{State: s.state}
+	if s.err != nil {
+		r.Error = s.err.Error()
+	}
+	return r, nil
+}
+
+func (s *server) Shutdown(context.Context, *pluginpb.ShutdownRequest) (*pluginpb.ShutdownResponse, error) {
+	s.mu.Lock()
+	cancel, done, dev := s.cancel, s.done, s.dev
+	s.mu.Unlock()
+	defer s.stop()
+	if cancel != nil {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(shutdownWait):
+			s.log.Warn("vhost-user back-end did not stop in time; flushing anyway", "waited", shutdownWait)
+		}
+	}
+	var errs []error
+	if f, ok := dev.(Flusher); ok {
+		if err := f.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush: %w", err))
+		}
+	}
+	if c, ok := dev.(io.Closer); ok {
+		if err := c.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close: %w", err))
+		}
+	}
+	s.mu.Lock()
+	if s.state == pluginpb.HealthResponse_STATE_SERVING || s.state == pluginpb.HealthResponse_STATE_CONFIGURED {
+		s.state = pluginpb.HealthResponse_STATE_STOPPED
+	}
+	s.mu.Unlock()
+	r := &pluginpb.ShutdownResponse{}
+	if err := errors.Join(errs...); err != nil {
+		r.FlushError = strings.ReplaceAll(err.Error(), "\n", "; ")
+		s.log.Error("shutdown", "error", r.FlushError)
+	} else {
+		s.log.Info("shut down")
+	}
+	return r, nil
+}
+
+func stateName(st pluginpb.HealthResponse_State) string {
+	return strings.ToLower(strings.TrimPrefix(st.String(), "STATE_"))
+}
+
+// CheckOptions returns an error naming the first option (in sorted order)
+// whose key is not in allowed, listing the allowed keys.
+func CheckOptions(opts map[string]string, allowed ...string) error {
+	keys := make([]string, 0, len(opts))
+	for k := range opts {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		ok := false
+		for _, a := range allowed {
+			if k == a {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			if len(allowed) == 0 {
+				return fmt.Errorf("unknown option %q (this plugin takes none)", k)
+			}
+			return fmt.Errorf("unknown option %q (want %s)", k, strings.Join(allowed, ", "))
+		}
+	}
+	return nil
+}
+
+// OnOff reads a boolean option written "on" or "off"; a missing key gives
+// def.
+func OnOff(opts map[string]string, key string, def bool) (bool, error) {
+	v, ok := opts[key]
+	if !ok {
+		return def, nil
+	}
+	switch v {
+	case "on":
+		return true, nil
+	case "off":
+		return false, nil
+	}
+	return false, fmt.Errorf("option %s=%q: want on or off", key, v)
+}
