@@ -307,4 +307,3 @@ func TestServePluginCrash(t *testing.T) {
 		t.Errorf("socket left after the plugin crashed")
 	}
 }
-
