@@ -281,19 +281,20 @@ func TestDiskOpen(t *testing.T) {
 		{
 			spec:  "path=" + p("top") + ",format=raw",
 			files: map[string]int{FileImage: unix.O_RDWR},
-			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "off"},
+			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "off", OptPath: p("top")},
 		},
 		{
 			spec:  "path=" + p("top") + ",format=raw,readonly=on",
 			files: map[string]int{FileImage: unix.O_RDONLY},
-			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "on"},
+			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "on", OptPath: p("top")},
 		},
 		{
 			spec: "path=" + p("top") + ",format=qcow2,backing=" + p("mid") + ",backing-format=qcow2,backing=" + p("base") +
 				",backing-format=raw,data-file=" + p("data") + ",max-size=1M",
 			files: map[string]int{FileImage: unix.O_RDWR, "backing.0": unix.O_RDONLY, "backing.1": unix.O_RDONLY, FileDataFile: unix.O_RDWR},
 			opts: map[string]string{OptFormat: "qcow2", OptReadOnly: "off", "backing.0.format": "qcow2",
-				"backing.1.format": "raw", OptMaxSize: "1048576"},
+				"backing.1.format": "raw", OptMaxSize: "1048576", OptPath: p("top"), "backing.0.path": p("mid"),
+				"backing.1.path": p("base"), OptDataFilePath: p("data")},
 		},
 		{spec: "path=" + p("missing") + ",format=raw", wantErr: "disk image: open " + p("missing") + ": no such file or directory"},
 		{spec: "path=" + dir + ",format=raw", wantErr: "is not a regular file or block device"},
@@ -334,6 +335,23 @@ func TestDiskOpen(t *testing.T) {
 				t.Errorf("first file %q, want image (fd 4)", o.Files[0].Name)
 			}
 		})
+	}
+}
+
+func TestDiskOpenRelativePath(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "img"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(dir)
+	d, _ := ParseDisk("path=./img,format=raw")
+	o, err := d.Open(OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	if want := filepath.Join(dir, "img"); o.Options[OptPath] != want {
+		t.Fatalf("path option %q, want %q", o.Options[OptPath], want)
 	}
 }
 

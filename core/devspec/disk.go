@@ -22,6 +22,13 @@ const (
 	OptReadOnly = "readonly" // "on" or "off"
 	OptMaxSize  = "max-size" // decimal bytes; qcow2 only
 	// OptBackingFormat(N) is "backing.N.format": "raw" or "qcow2".
+
+	// The absolute host paths of the files, for messages and for checking
+	// a qcow2 image's recorded backing name against the declared file. The
+	// plugin never opens them.
+	OptPath         = "path"           // the image
+	OptDataFilePath = "data-file.path" // the data file
+	// OptBackingPath(N) is "backing.N.path".
 )
 
 // BackingFile returns the file name of backing file n.
@@ -29,6 +36,10 @@ func BackingFile(n int) string { return FileBackingPrefix + strconv.Itoa(n) }
 
 // OptBackingFormat returns the option key holding backing file n's format.
 func OptBackingFormat(n int) string { return FileBackingPrefix + strconv.Itoa(n) + ".format" }
+
+// OptBackingPath returns the option key holding backing file n's absolute
+// path.
+func OptBackingPath(n int) string { return FileBackingPrefix + strconv.Itoa(n) + ".path" }
 
 // MaxBackingChain bounds the declared backing chain.
 const MaxBackingChain = 16

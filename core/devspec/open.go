@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -147,6 +148,9 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 		return nil, err
 	}
 	o.add(FileImage, f)
+	if o.Options[OptPath], err = absPath("disk image", d.Path); err != nil {
+		return nil, err
+	}
 	for i, b := range d.Backing {
 		f, err := openFile("backing file", b.Path, false, false)
 		if err != nil {
@@ -154,6 +158,9 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 		}
 		o.add(BackingFile(i), f)
 		o.Options[OptBackingFormat(i)] = string(b.Format)
+		if o.Options[OptBackingPath(i)], err = absPath("backing file", b.Path); err != nil {
+			return nil, err
+		}
 	}
 	if d.DataFile != "" {
 		f, err := openFile("data file", d.DataFile, !d.ReadOnly, false)
@@ -161,11 +168,23 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 			return nil, err
 		}
 		o.add(FileDataFile, f)
+		if o.Options[OptDataFilePath], err = absPath("data file", d.DataFile); err != nil {
+			return nil, err
+		}
 	}
 	if d.MaxSize != 0 {
 		o.Options[OptMaxSize] = strconv.FormatInt(d.MaxSize, 10)
 	}
 	return o, nil
+}
+
+// absPath makes path absolute and clean (symlinks are kept as written).
+func absPath(what, path string) (string, error) {
+	p, err := filepath.Abs(path)
+	if err != nil {
+		return "", fmt.Errorf("%s %q: %w", what, path, err)
+	}
+	return p, nil
 }
 
 // Open opens the shared directory.
