@@ -464,7 +464,13 @@ func (c *checker) run(repair RepairMode) (CheckResult, error) {
 	if err := c.count(); err != nil {
 		return c.res, err
 	}
-	limit := max(c.nb, uint64(len(c.refs)))
+	limit := c.nb
+	for k := uint64(len(c.refs)); k > limit; k-- {
+		if c.ref(k-1) > 0 {
+			limit = k
+			break
+		}
+	}
 	var highest uint64
 	var haveHighest bool
 	needRebuild := false
@@ -599,7 +605,7 @@ func (c *checker) checkCopied(fix bool) error {
 	step := h.l2EntrySize()
 	for i, e := range l1 {
 		off := e & l1OffsetMask
-		if off == 0 || off%c.cs != 0 || off >= c.fileSize {
+		if off == 0 || off%c.cs != 0 {
 			continue
 		}
 		rc, err := c.refcount(off / c.cs)
@@ -629,9 +635,6 @@ func (c *checker) checkCopied(fix bool) error {
 			}
 			doff := le & l2OffsetMask
 			if doff == 0 && !(c.extData && le&flagCopied != 0) {
-				continue
-			}
-			if doff%c.cs != 0 {
 				continue
 			}
 			drc := uint64(1)
@@ -721,6 +724,7 @@ func (c *checker) rebuild() error {
 	if rtc*cs > maxRefTableBytes {
 		return fmt.Errorf("refcount table would need %d bytes (limit %d)", rtc*cs, maxRefTableBytes)
 	}
+	c2.fileSize = (end + rtc + nblk) * cs
 	for k := end; k < end+rtc+nblk; k++ {
 		c2.inc(k*cs, cs)
 	}

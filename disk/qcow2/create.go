@@ -122,7 +122,7 @@ func buildImage(o CreateOptions) ([]byte, int64, error) {
 	if l1Entries*8 > maxL1Bytes {
 		return nil, 0, fmt.Errorf("virtual size %d needs an L1 table of %d bytes (limit %d); use larger clusters", size, l1Entries*8, maxL1Bytes)
 	}
-	l1c := max(divRoundUp(l1Entries*8, cs), 1)
+	l1c := divRoundUp(l1Entries*8, cs)
 	E := h.refblockEntries()
 	var rtc, nblk uint64 = 1, 1
 	for {

@@ -1,0 +1,358 @@
+package qcow2
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/krun-core/krun-core/disk"
+)
+
+// setRefcountOnDisk patches the 16-bit refcount of host cluster c (the base
+// image's single refcount block covers it).
+func setRefcountOnDisk(t *testing.T, p string, l layout, c int64, v uint16) {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	patch(t, p, l.rb+2*c, b[:])
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCheckAgreesWithQemu damages images and compares Check's counts with
+// qemu-img check's, then repairs and checks again with qemu-img.
+func TestCheckAgreesWithQemu(t *testing.T) {
+	needQemu(t)
+	cases := []struct {
+		name   string
+		opts   string
+		mutate func(t *testing.T, p string, l layout)
+		// fixable: after RepairAll qemu-img check must be clean.
+		fixable bool
+	}{
+		{"clean", "", func(t *testing.T, p string, l layout) {}, true},
+		{"refcount too high", "", func(t *testing.T, p string, l layout) {
+			setRefcountOnDisk(t, p, l, l.data/l.cs, 2)
+		}, true},
+		{"refcount zero", "", func(t *testing.T, p string, l layout) {
+			setRefcountOnDisk(t, p, l, l.data/l.cs, 0)
+		}, true},
+		{"leaked cluster", "", func(t *testing.T, p string, l layout) {
+			st, _ := os.Stat(p)
+			if err := os.Truncate(p, st.Size()+2*l.cs); err != nil {
+				t.Fatal(err)
+			}
+			setRefcountOnDisk(t, p, l, st.Size()/l.cs+1, 1)
+		}, true},
+		{"refcount beyond eof", "", func(t *testing.T, p string, l layout) {
+			st, _ := os.Stat(p)
+			setRefcountOnDisk(t, p, l, st.Size()/l.cs+3, 1)
+		}, true},
+		{"l2 entry past eof", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.l2, flagCopied|1<<30)
+		}, false},
+		{"l2 entry unaligned", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.l2, flagCopied|uint64(l.data)+512)
+		}, false},
+		{"l2 entry reserved bits", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.l2+8, read64(t, p, l.l2+8)|1<<60)
+		}, false},
+		{"l1 entry past eof", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.l1, flagCopied|1<<30)
+		}, false},
+		{"copied flag missing", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.l2, read64(t, p, l.l2)&^flagCopied)
+		}, true},
+		{"l1 copied flag missing", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.l1, read64(t, p, l.l1)&^flagCopied)
+		}, true},
+		{"refcount block unaligned", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.rt, uint64(l.rb)+512)
+		}, false},
+		{"refcount block missing", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.rt, 0)
+		}, true},
+		{"refcount8 leak", "refcount_bits=8", func(t *testing.T, p string, l layout) {
+			patch(t, p, l.rb+l.data/l.cs, []byte{5})
+		}, true},
+		{"refcount1 zero", "refcount_bits=1", func(t *testing.T, p string, l layout) {
+			// Clear the bit of the first data cluster.
+			c := l.data / l.cs
+			b := make([]byte, 1)
+			f := openFile(t, p, true)
+			f.ReadAt(b, l.rb+c/8)
+			f.Close()
+			b[0] &^= 1 << (c % 8)
+			patch(t, p, l.rb+c/8, b)
+		}, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p, l := baseImage(t, dir, c.opts)
+			if c.opts != "refcount_bits=1" {
+				sh(t, "qemu-img", "snapshot", "-c", "s", p)
+			}
+			qio(t, p, "write -P 0x44 64k 4k")
+			// Refresh the layout: the write copied cluster 1's L2 table.
+			l.l2 = int64(read64(t, p, l.l1) & l1OffsetMask)
+			l.data = int64(read64(t, p, l.l2) & l2OffsetMask)
+			c.mutate(t, p, l)
+			q := qemuCheck(t, p)
+			f := openFile(t, p, true)
+			res, err := Check(f, RepairNone)
+			f.Close()
+			if err != nil {
+				t.Fatalf("Check: %v", err)
+			}
+			if res.Corruptions != q.Corruptions || res.Leaks != q.Leaks || res.CheckErrors != q.CheckErrors {
+				human, _ := exec.Command("qemu-img", "check", p).CombinedOutput()
+				t.Fatalf("Check: corruptions %d leaks %d check-errors %d; qemu-img: %d %d %d\nours:\n%s\nqemu-img:\n%s",
+					res.Corruptions, res.Leaks, res.CheckErrors, q.Corruptions, q.Leaks, q.CheckErrors, joinLines(res.Messages), human)
+			}
+			// Repair leaks only: no leaks remain, corruptions untouched.
+			pl := filepath.Join(dir, "leaks.qcow2")
+			copyFile(t, p, pl)
+			f = openFile(t, pl, false)
+			rl, err := Check(f, RepairLeaks)
+			f.Close()
+			if err != nil {
+				t.Fatalf("Check(RepairLeaks): %v", err)
+			}
+			if rl.LeaksFixed != res.Leaks || rl.Leaks != 0 {
+				t.Fatalf("RepairLeaks fixed %d of %d leaks, %d remain", rl.LeaksFixed, res.Leaks, rl.Leaks)
+			}
+			if q2 := qemuCheck(t, pl); q2.Leaks != 0 || q2.Corruptions != q.Corruptions {
+				t.Fatalf("after RepairLeaks qemu-img reports %d leaks, %d corruptions (was %d)", q2.Leaks, q2.Corruptions, q.Corruptions)
+			}
+			if !c.fixable {
+				return
+			}
+			pa := filepath.Join(dir, "all.qcow2")
+			copyFile(t, p, pa)
+			want := qemuRaw(t, p)
+			f = openFile(t, pa, false)
+			ra, err := Check(f, RepairAll)
+			f.Close()
+			if err != nil {
+				t.Fatalf("Check(RepairAll): %v", err)
+			}
+			if !ra.Clean() {
+				t.Fatalf("RepairAll left %+v", ra)
+			}
+			qemuClean(t, pa)
+			if got := qemuRaw(t, pa); !bytes.Equal(got, want) {
+				t.Fatal("RepairAll changed the content")
+			}
+		})
+	}
+}
+
+func joinLines(s []string) string {
+	var b bytes.Buffer
+	for _, l := range s {
+		b.WriteString(l)
+		b.WriteByte('\n')
+	}
+	return b.String()
+}
+
+// TestDirtyImageRepairedOnOpen kills qemu-io in the middle of writing a
+// lazy-refcounts image, so the image is left dirty with stale refcounts.
+// A read-only open serves it as is; a read-write open rebuilds refcounts.
+func TestDirtyImageRepairedOnOpen(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	p := filepath.Join(dir, "img.qcow2")
+	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", p, "16M")
+	// qemu-io exits with the signal, so ignore its status.
+	out, _ := exec.Command("qemu-io", "-f", "qcow2", "-c", "write -P 0x5c 0 1M", "-c", "write -P 0x5d 8M 300k",
+		"-c", "flush", "-c", "write -P 0x5e 12M 64k", "-c", "sigraise 9", p).CombinedOutput()
+	_ = out
+	f := openFile(t, p, true)
+	info, err := ReadInfo(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !info.Dirty {
+		t.Skip("qemu-io left the image clean; cannot build a dirty image here")
+	}
+	q := qemuCheck(t, p)
+	f = openFile(t, p, true)
+	res, err := Check(f, RepairNone)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Corruptions != q.Corruptions || res.Leaks != q.Leaks {
+		t.Fatalf("Check %d/%d, qemu-img %d/%d", res.Corruptions, res.Leaks, q.Corruptions, q.Leaks)
+	}
+	if res.Clean() {
+		t.Fatal("dirty image has consistent refcounts; the test proves nothing")
+	}
+	want := qemuRaw(t, p, "-U")
+	im := openImage(t, p, true)
+	compareImage(t, im, want, 1)
+	im.Close()
+	im = openImage(t, p, false)
+	compareImage(t, im, want, 2)
+	if im.Info().Dirty {
+		t.Fatal("dirty bit still set after a read-write open")
+	}
+	if _, err := im.WriteAt(bytes.Repeat([]byte{0x77}, 8192), 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[4<<20:], bytes.Repeat([]byte{0x77}, 8192))
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuClean(t, p)
+	if got := qemuRaw(t, p); !bytes.Equal(got, want) {
+		t.Fatalf("content differs at %d", firstDiff(got, want))
+	}
+}
+
+// TestCreate makes images with Create; qemu-img must find them clean, read
+// them, and write to them; Open must serve what qemu-io wrote.
+func TestCreate(t *testing.T) {
+	needQemu(t)
+	cases := []CreateOptions{
+		{Size: 16 << 20},
+		{Size: 1 << 30, ClusterSize: 512},
+		{Size: 64 << 20, ClusterSize: 512, RefcountBits: 64},
+		{Size: 8 << 20, ClusterSize: 2 << 20},
+		{Size: 8 << 20, Version: 2},
+		{Size: 8 << 20, Version: 2, ClusterSize: 4096},
+		{Size: 8 << 20, RefcountBits: 1},
+		{Size: 8 << 20, CompressionType: "zstd"},
+		{Size: 8 << 20, ExtendedL2: true},
+		{Size: 8 << 20, ExtendedL2: true, ClusterSize: 16384},
+		{Size: 8 << 20, LazyRefcounts: true},
+		{Size: 0},
+		{Size: 1000}, // rounded up to 1024
+		{Size: 8 << 20, BackingFile: "base.raw", BackingFormat: disk.Raw},
+		{Size: 1 << 40, ClusterSize: 65536},
+	}
+	for i, o := range cases {
+		t.Run(fmt.Sprintf("%d", i), func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "new.qcow2")
+			var chain []Layer
+			if o.BackingFile != "" {
+				b := filepath.Join(dir, o.BackingFile)
+				rawSource(t, b, 1<<20, 3)
+				chain = append(chain, layerOf(t, b, disk.Raw))
+			}
+			f, err := os.Create(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := Create(f, o); err != nil {
+				t.Fatalf("Create: %v", err)
+			}
+			f.Close()
+			qemuClean(t, p)
+			info := sh(t, "qemu-img", "info", p)
+			size := (o.Size + 511) &^ 511
+			if !bytes.Contains([]byte(info), []byte(fmt.Sprintf("(%d bytes)", size))) {
+				t.Fatalf("qemu-img info: %s", info)
+			}
+			if size >= 4<<20 {
+				qio(t, p, "write -P 0x3c 1M 100k")
+			}
+			im := openImage(t, p, false, chain...)
+			if got := im.Info(); got.VirtualSize != size || got.ExtendedL2 != o.ExtendedL2 || got.LazyRefcounts != o.LazyRefcounts {
+				t.Fatalf("Info %+v", got)
+			}
+			if size >= 4<<20 {
+				buf := make([]byte, 4096)
+				if _, err := im.ReadAt(buf, 1<<20); err != nil || buf[0] != 0x3c {
+					t.Fatalf("read: %v %x", err, buf[0])
+				}
+				if _, err := im.WriteAt(bytes.Repeat([]byte{9}, 70000), 3<<20+5); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			qemuClean(t, p)
+		})
+	}
+	// Invalid options are refused.
+	for _, o := range []CreateOptions{
+		{Size: -1}, {Size: 1 << 20, ClusterSize: 1000}, {Size: 1 << 20, ClusterSize: 4 << 20},
+		{Size: 1 << 20, RefcountBits: 3}, {Size: 1 << 20, RefcountBits: 128}, {Size: 1 << 20, Version: 4},
+		{Size: 1 << 20, Version: 2, ExtendedL2: true}, {Size: 1 << 20, ExtendedL2: true, ClusterSize: 4096},
+		{Size: 1 << 20, CompressionType: "lz4"}, {Size: 1 << 50, ClusterSize: 512},
+		{Size: 1 << 20, BackingFormat: disk.Raw},
+	} {
+		f, err := os.Create(filepath.Join(t.TempDir(), "bad"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := Create(f, o); err == nil {
+			t.Errorf("Create(%+v) succeeded", o)
+		}
+		f.Close()
+	}
+}
+
+// TestInfo compares ReadInfo with what qemu-img created.
+func TestInfo(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.raw")
+	rawSource(t, base, 1<<20, 1)
+	p := filepath.Join(dir, "img.qcow2")
+	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+		"-o", "cluster_size=32768,refcount_bits=32,compression_type=zstd,extended_l2=on,lazy_refcounts=on", p, "3G")
+	sh(t, "qemu-img", "snapshot", "-c", "first", p)
+	sh(t, "qemu-img", "bitmap", "--add", p, "dirty0")
+	f := openFile(t, p, true)
+	in, err := ReadInfo(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.Version != 3 || in.ClusterSize != 32768 || in.RefcountBits != 32 || in.VirtualSize != 3<<30 ||
+		in.BackingFile != "base.raw" || in.BackingFormat != "raw" || in.CompressionType != "zstd" ||
+		!in.ExtendedL2 || !in.LazyRefcounts || in.Dirty || in.Corrupt || in.Bitmaps != 1 ||
+		len(in.Snapshots) != 1 || in.Snapshots[0].Name != "first" || in.Snapshots[0].DiskSize != 3<<30 {
+		t.Fatalf("ReadInfo = %+v", in)
+	}
+	var names []uint32
+	for _, e := range in.Extensions {
+		names = append(names, e.Type)
+	}
+	want := map[uint32]bool{extBackingFormat: true, extFeatureTable: true, extBitmaps: true}
+	for _, n := range names {
+		delete(want, n)
+	}
+	if len(want) != 0 {
+		t.Fatalf("extensions %x, missing %v", names, want)
+	}
+	// Opening read-write marks the bitmap in use and keeps the image clean.
+	im := openImage(t, p, false, layerOf(t, base, disk.Raw))
+	if got := im.Info(); got.Bitmaps != 1 || got.BackingFile != "base.raw" {
+		t.Fatalf("Info = %+v", got)
+	}
+	im.Close()
+	qemuClean(t, p)
+	out := sh(t, "qemu-img", "info", p)
+	if !bytes.Contains([]byte(out), []byte("in-use")) {
+		t.Fatalf("bitmap not marked in use:\n%s", out)
+	}
+}
