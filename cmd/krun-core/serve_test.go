@@ -95,13 +95,17 @@ func TestServeHelp(t *testing.T) {
 
 // buildServeBinaries builds krun-core and the example null plugin next to
 // it, so that serve finds the plugin the way an installation does.
-func buildServeBinaries(t *testing.T) string {
+func buildServeBinaries(t *testing.T, plugins ...string) string {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("builds binaries; skipped with -short")
 	}
 	dir := t.TempDir()
-	for pkg, out := range map[string]string{".": "krun-core", "../../examples/plugin-null": "krun-plugin-null"} {
+	pkgs := map[string]string{".": "krun-core", "../../examples/plugin-null": "krun-plugin-null"}
+	for _, p := range plugins {
+		pkgs["../../plugins/"+p] = "krun-plugin-" + p
+	}
+	for pkg, out := range pkgs {
 		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if b, err := cmd.CombinedOutput(); err != nil {
@@ -305,5 +309,101 @@ func TestServePluginCrash(t *testing.T) {
 	}
 	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("socket left after the plugin crashed")
+	}
+}
+
+// TestServeDisk serves raw and qcow2 images through their plugins to the Go
+// test guest, then checks what SIGTERM left in the image with QEMU's tools.
+func TestServeDisk(t *testing.T) {
+	for _, tool := range []string{"qemu-img", "qemu-io"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (Debian package qemu-utils)", tool)
+		}
+	}
+	bin := buildServeBinaries(t, "blk-raw", "blk-qcow2")
+	for _, format := range []string{"raw", "qcow2"} {
+		t.Run(format, func(t *testing.T) {
+			dir := t.TempDir()
+			img := filepath.Join(dir, "disk."+format)
+			if out, err := exec.Command("qemu-img", "create", "-f", format, img, "16M").CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img create: %v\n%s", err, out)
+			}
+			sock := filepath.Join(dir, "blk.sock")
+			s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format="+format)
+			waitSocket(t, s, sock)
+
+			b, err := testguest.DialBlk(sock, testguest.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			data := bytes.Repeat([]byte{0x5a}, 4096)
+			if err := b.Write(ctx, 8, data); err != nil { // byte offset 4096
+				t.Fatal(err)
+			}
+			got := make([]byte, 4096)
+			if err := b.Read(ctx, 8, got); err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("read back: %v (equal %v)", err, bytes.Equal(got, data))
+			}
+			b.Close()
+
+			s.cmd.Process.Signal(syscall.SIGTERM)
+			if code := s.waitExit(t); code != 0 {
+				t.Fatalf("exit %d after SIGTERM", code)
+			}
+			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("socket left after SIGTERM")
+			}
+			out, err := exec.Command("qemu-io", "-f", format, "-c", "read -P 0x5a 4096 4096", "-c", "read -P 0 0 4096", img).CombinedOutput()
+			if err != nil || strings.Contains(string(out), "Pattern verification failed") {
+				t.Fatalf("qemu-io check of the image: %v\n%s", err, out)
+			}
+			if format == "qcow2" {
+				if out, err := exec.Command("qemu-img", "check", img).CombinedOutput(); err != nil {
+					t.Fatalf("qemu-img check: %v\n%s", err, out)
+				}
+			}
+		})
+	}
+}
+
+// TestServeFSAndNet checks that --fs and --net reach their plugins: a
+// front-end negotiates with the served device and SIGTERM ends it cleanly.
+func TestServeFSAndNet(t *testing.T) {
+	share := t.TempDir()
+	tests := []struct {
+		name, plugin string
+		args         []string
+		queues       int
+		needs        string
+	}{
+		{"fs", "fs-virtio", []string{"--fs", "path=" + share + ",tag=share"}, 2, ""},
+		{"net", "net-passt", []string{"--net", "passt"}, 2, "passt"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.needs != "" {
+				if _, err := exec.LookPath(tc.needs); err != nil {
+					t.Skipf("%s not installed", tc.needs)
+				}
+			}
+			bin := buildServeBinaries(t, tc.plugin)
+			sock := filepath.Join(t.TempDir(), tc.name+".sock")
+			s := startServe(t, bin, append([]string{"--socket", sock}, tc.args...)...)
+			waitSocket(t, s, sock)
+			g, err := testguest.Dial(sock, testguest.Options{NumQueues: tc.queues})
+			if err != nil {
+				t.Fatalf("front-end set-up: %v", err)
+			}
+			g.Close()
+			s.cmd.Process.Signal(syscall.SIGTERM)
+			if code := s.waitExit(t); code != 0 {
+				t.Fatalf("exit %d after SIGTERM", code)
+			}
+			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("socket left after SIGTERM")
+			}
+		})
 	}
 }
