@@ -141,7 +141,6 @@ func TestCheckAgreesWithQemu(t *testing.T) {
 			}
 			pa := filepath.Join(dir, "all.qcow2")
 			copyFile(t, p, pa)
-			want := qemuRaw(t, p)
 			f = openFile(t, pa, false)
 			ra, err := Check(f, RepairAll)
 			f.Close()
@@ -152,9 +151,8 @@ func TestCheckAgreesWithQemu(t *testing.T) {
 				t.Fatalf("RepairAll left %+v", ra)
 			}
 			qemuClean(t, pa)
-			if got := qemuRaw(t, pa); !bytes.Equal(got, want) {
-				t.Fatal("RepairAll changed the content")
-			}
+			// The content did not change.
+			sh(t, "qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", p, pa)
 		})
 	}
 }
