@@ -155,6 +155,7 @@ func (d *Device) Close() error { return d.srv.Close() }
 func (d *Device) Counters() map[string]uint64 {
 	s := d.srv.Stats()
 	nodes, handles := d.srv.counts()
+	fds, evicted := d.srv.t.fdStats()
 	return map[string]uint64{
 		"fs.requests":    s.Requests.Load(),
 		"fs.errors":      s.Errors.Load(),
@@ -164,6 +165,8 @@ func (d *Device) Counters() map[string]uint64 {
 		"fs.write_bytes": s.WriteBytes.Load(),
 		"fs.nodes":       uint64(nodes),
 		"fs.handles":     uint64(handles),
+		"fs.node_fds":    uint64(fds),
+		"fs.fd_closes":   evicted,
 	}
 }
 

@@ -19,7 +19,7 @@ type dirent struct {
 	name   string
 }
 
-// maxAliases bounds the names remembered per non-directory node.
+// maxAliases bounds the names remembered per node.
 const maxAliases = 4
 
 // node is one inode the guest knows (or that something still pins).
@@ -27,23 +27,35 @@ const maxAliases = 4
 // The guest's references are counted in lookups (LOOKUP, CREATE, MKNOD,
 // MKDIR, SYMLINK, LINK and every READDIRPLUS entry add one; FORGET and
 // BATCH_FORGET subtract). pins counts the server's own references: requests
-// in flight, open handles, and aliases of children. The O_PATH fd is closed
-// when both reach zero.
+// in flight, open handles, and the names of children (each alias pins its
+// parent). The node leaves the table when both reach zero.
 //
-// A non-directory also remembers up to maxAliases names it was last seen
-// under (parent node + component). The kernel offers no way to reopen an
-// O_PATH fd for I/O without /proc/self/fd, so OPEN, truncate without a
-// handle and the xattr calls reopen the file by one of these names below
-// its parent's fd and check that the result is the same inode. Directories
-// reopen themselves with openat2(fd, ".").
+// A node remembers up to maxAliases names it was last seen under (parent
+// node + component). The kernel offers no way to reopen an O_PATH fd for I/O
+// without /proc/self/fd, so OPEN, truncate without a handle and the xattr
+// calls reopen a regular file by one of these names below its parent's fd
+// and check that the result is the same inode; directories reopen
+// themselves with openat2(fd, ".").
+//
+// The names also let the table close the O_PATH fd of a node nobody is
+// using when the process runs short of file descriptors (the sandbox gives
+// plugins a small RLIMIT_NOFILE): such a node is reopened by name, below its
+// parent (reopened the same way if need be), and checked to be the same
+// inode before use. A node without a name (unlinked) is never closed.
 type node struct {
 	id      uint64
-	fd      int
+	fd      int // O_PATH, or -1 while closed
 	key     devIno
 	typ     uint32 // S_IFMT bits, fixed for an inode's life
 	lookups uint64
 	pins    int64
+	busy    int32 // requests using fd right now (a subset of pins)
 	aliases []alias
+
+	// LRU of open, idle nodes (most recently used at the front).
+	prev, next *node
+	inLRU      bool
+	gone       bool // freed: out of the table, fd closed
 }
 
 type alias struct {
@@ -78,12 +90,18 @@ type table struct {
 	handles map[uint64]*handle
 	nextFh  uint64
 
-	maxNodes, maxHandles int
+	lru        node // sentinel of the idle-open list
+	open       int  // nodes with an fd (root excluded)
+	evicted    uint64
+	maxNodes   int // nodes in the table
+	maxOpen    int // O_PATH fds held at once (beyond it, idle ones are closed)
+	maxHandles int
 }
 
-func newTable(rootFd int, st *unix.Stat_t, maxNodes, maxHandles int) *table {
+func newTable(rootFd int, st *unix.Stat_t, maxNodes, maxOpen, maxHandles int) *table {
 	root := &node{id: fuse.RootID, fd: rootFd, key: devIno{st.Dev, st.Ino}, typ: st.Mode & unix.S_IFMT, pins: 1}
-	t := &table{root: root, nextID: fuse.RootID + 1, nextFh: 1, maxNodes: maxNodes, maxHandles: maxHandles}
+	t := &table{root: root, nextID: fuse.RootID + 1, nextFh: 1, maxNodes: maxNodes, maxOpen: maxOpen, maxHandles: maxHandles}
+	t.lru.next, t.lru.prev = &t.lru, &t.lru
 	t.clearLocked()
 	return t
 }
@@ -95,26 +113,145 @@ func (t *table) clearLocked() {
 	t.handles = map[uint64]*handle{}
 }
 
-// get pins the node with the given id for the duration of a request.
+func (t *table) lruRemoveLocked(n *node) {
+	if !n.inLRU {
+		return
+	}
+	n.prev.next, n.next.prev = n.next, n.prev
+	n.prev, n.next, n.inLRU = nil, nil, false
+}
+
+// lruIdleLocked puts an open node nobody uses at the front of the LRU.
+func (t *table) lruIdleLocked(n *node) {
+	if n == t.root || n.fd < 0 || n.busy > 0 {
+		return
+	}
+	t.lruRemoveLocked(n)
+	n.next, n.prev = t.lru.next, &t.lru
+	t.lru.next.prev = n
+	t.lru.next = n
+	n.inLRU = true
+}
+
+// evictLocked closes idle nodes' fds, least recently used first, while
+// more than maxOpen are open. Nodes without a name stay open: they could
+// not be found again.
+func (t *table) evictLocked() {
+	for n := t.lru.prev; t.open > t.maxOpen && n != &t.lru; {
+		prev := n.prev
+		if len(n.aliases) == 0 {
+			// Cannot be found again once closed: keep it out of the way.
+			t.lruRemoveLocked(n)
+		} else if n.busy == 0 {
+			t.lruRemoveLocked(n)
+			unix.Close(n.fd)
+			n.fd = -1
+			t.open--
+			t.evicted++
+		}
+		n = prev
+	}
+}
+
+// setFdLocked gives closed node n the fd.
+func (t *table) setFdLocked(n *node, fd int) {
+	n.fd = fd
+	t.open++
+	t.evictLocked()
+}
+
+// get takes node id for the duration of a request: a pin, and its fd open.
 func (t *table) get(id uint64) (*node, unix.Errno) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	n := t.nodes[id]
 	if n == nil {
+		t.mu.Unlock()
 		return nil, unix.ESTALE
 	}
 	n.pins++
+	t.mu.Unlock()
+	if e := t.acquire(n); e != 0 {
+		t.mu.Lock()
+		n.pins--
+		t.maybeFreeLocked(n)
+		t.mu.Unlock()
+		return nil, e
+	}
 	return n, 0
 }
 
-// put releases a pin taken by get.
+// acquire marks pinned node n busy with its fd open, reopening it by one of
+// its names if it was closed. Release with release.
+func (t *table) acquire(n *node) unix.Errno {
+	t.mu.Lock()
+	if n.fd >= 0 {
+		n.busy++
+		t.lruRemoveLocked(n)
+		t.mu.Unlock()
+		return 0
+	}
+	var buf [maxAliases]alias
+	as := buf[:0]
+	for _, a := range n.aliases {
+		a.parent.pins++
+		as = append(as, a)
+	}
+	t.mu.Unlock()
+	defer t.putAliases(as)
+	for _, a := range as {
+		if t.acquire(a.parent) != 0 {
+			continue
+		}
+		fd, err := openPath(a.parent.fd, a.name)
+		t.release(a.parent)
+		if err != nil {
+			t.dropName(a.parent.id, a.name)
+			continue
+		}
+		var st unix.Stat_t
+		if statFd(fd, &st) != nil || st.Dev != n.key.dev || st.Ino != n.key.ino {
+			unix.Close(fd)
+			t.dropName(a.parent.id, a.name)
+			continue
+		}
+		t.mu.Lock()
+		if n.fd >= 0 {
+			unix.Close(fd) // reopened meanwhile by another request
+		} else {
+			t.setFdLocked(n, fd)
+		}
+		n.busy++
+		t.lruRemoveLocked(n)
+		t.mu.Unlock()
+		return 0
+	}
+	return unix.ESTALE
+}
+
+// release ends a request's use of n's fd (acquire).
+func (t *table) release(n *node) {
+	t.mu.Lock()
+	n.busy--
+	if n.busy == 0 {
+		t.lruIdleLocked(n)
+		t.evictLocked()
+	}
+	t.mu.Unlock()
+}
+
+// put ends a request's use of a node taken with get.
 func (t *table) put(n *node) {
 	if n == nil {
 		return
 	}
 	t.mu.Lock()
+	n.busy--
 	n.pins--
+	if n.busy == 0 {
+		t.lruIdleLocked(n)
+	}
 	t.maybeFreeLocked(n)
+	t.evictLocked()
 	t.mu.Unlock()
 }
 
@@ -133,7 +270,12 @@ func (t *table) insert(parent *node, name string, fd int, st *unix.Stat_t) (*nod
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if n := t.byKey[key]; n != nil {
-		unix.Close(fd)
+		if n.fd < 0 {
+			t.setFdLocked(n, fd)
+			t.lruIdleLocked(n)
+		} else {
+			unix.Close(fd)
+		}
 		n.lookups++
 		t.setAliasLocked(n, parent, name)
 		return n, 0
@@ -142,11 +284,13 @@ func (t *table) insert(parent *node, name string, fd int, st *unix.Stat_t) (*nod
 		unix.Close(fd)
 		return nil, unix.ENFILE
 	}
-	n := &node{id: t.nextID, fd: fd, key: key, typ: st.Mode & unix.S_IFMT, lookups: 1}
+	n := &node{id: t.nextID, fd: -1, key: key, typ: st.Mode & unix.S_IFMT, lookups: 1}
 	t.nextID++
 	t.nodes[n.id] = n
 	t.byKey[key] = n
 	t.setAliasLocked(n, parent, name)
+	t.setFdLocked(n, fd)
+	t.lruIdleLocked(n)
 	return n, 0
 }
 
@@ -174,9 +318,10 @@ func (t *table) maybeFreeLocked(n *node) {
 	for len(work) > 0 {
 		n := work[len(work)-1]
 		work = work[:len(work)-1]
-		if n == t.root || n.lookups > 0 || n.pins > 0 || n.fd < 0 {
+		if n == t.root || n.lookups > 0 || n.pins > 0 || n.gone {
 			continue
 		}
+		n.gone = true
 		if t.nodes[n.id] == n {
 			delete(t.nodes, n.id)
 		}
@@ -192,14 +337,18 @@ func (t *table) maybeFreeLocked(n *node) {
 			work = append(work, a.parent)
 		}
 		n.aliases = nil
-		unix.Close(n.fd)
-		n.fd = -1
+		t.lruRemoveLocked(n)
+		if n.fd >= 0 {
+			unix.Close(n.fd)
+			n.fd = -1
+			t.open--
+		}
 	}
 }
 
 // setAliasLocked remembers that non-directory n is called name in parent.
 func (t *table) setAliasLocked(n, parent *node, name string) {
-	if n.isDir() || parent == nil {
+	if parent == nil {
 		return
 	}
 	k := dirent{parent.id, name}
@@ -304,7 +453,32 @@ func (t *table) known(parent *node, name string, ino uint64) *node {
 
 // unpinRef drops the pin known took, keeping the guest reference.
 func (t *table) unpinRef(n *node) {
-	t.put(n)
+	t.mu.Lock()
+	n.pins--
+	t.maybeFreeLocked(n)
+	t.mu.Unlock()
+}
+
+// getName takes the node known as name in parent, if any, like get: kept
+// open while a request unlinks or renames over the name, so that it stays
+// reachable through its fd once the name is gone.
+func (t *table) getName(parent uint64, name string) *node {
+	t.mu.Lock()
+	n := t.names[dirent{parent, name}]
+	if n == nil {
+		t.mu.Unlock()
+		return nil
+	}
+	n.pins++
+	t.mu.Unlock()
+	if t.acquire(n) != 0 {
+		t.mu.Lock()
+		n.pins--
+		t.maybeFreeLocked(n)
+		t.mu.Unlock()
+		return nil
+	}
+	return n
 }
 
 // forgetPinned undoes known.
@@ -362,8 +536,8 @@ func (t *table) putHandleLocked(h *handle) {
 	t.maybeFreeLocked(h.node)
 }
 
-// release removes handle fh (RELEASE, RELEASEDIR).
-func (t *table) release(fh uint64) unix.Errno {
+// releaseHandle removes handle fh (RELEASE, RELEASEDIR).
+func (t *table) releaseHandle(fh uint64) unix.Errno {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	h := t.handles[fh]
@@ -400,4 +574,11 @@ func (t *table) reset() {
 	for _, n := range nodes {
 		t.maybeFreeLocked(n)
 	}
+}
+
+// stats reports open O_PATH fds and how many were closed for lack of fds.
+func (t *table) fdStats() (open int, evicted uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.open, t.evicted
 }

@@ -17,6 +17,20 @@ func (r *request) replyAttr(st *unix.Stat_t) unix.Errno {
 }
 
 func (s *Server) opGetattr(r *request) unix.Errno {
+	flags, _ := fuse.U32(r.in, 0)
+	if fh, ok := fuse.U64(r.in, 8); ok && flags&fuse.GetattrFh != 0 {
+		// fstat of an open file: works even when the file has no name left.
+		if h, e := s.t.getHandle(fh); e == 0 {
+			defer s.t.putHandle(h)
+			if h.node.id == r.h.NodeID {
+				var st unix.Stat_t
+				if err := statFd(h.fd, &st); err != nil {
+					return errno(err)
+				}
+				return r.replyAttr(&st)
+			}
+		}
+	}
 	n, e := s.t.get(r.h.NodeID)
 	if e != 0 {
 		return e
@@ -56,7 +70,11 @@ func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 	for _, a := range as {
 		// O_NONBLOCK: if the name is now a FIFO, opening it must not block
 		// (it is refused below); O_NOCTTY for the same reason with ttys.
+		if s.t.acquire(a.parent) != 0 {
+			continue
+		}
 		fd, err := openBeneath(a.parent.fd, a.name, flags|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+		s.t.release(a.parent)
 		if err != nil {
 			e := errno(err)
 			switch e {

@@ -45,7 +45,7 @@ func (s *Server) opOpendir(r *request) unix.Errno {
 		return e
 	}
 	if e := r.replyOpen(fh); e != 0 {
-		s.t.release(fh)
+		s.t.releaseHandle(fh)
 		return e
 	}
 	return 0
@@ -75,6 +75,13 @@ func (s *Server) opReaddir(r *request, plus bool) unix.Errno {
 			return errno(err)
 		}
 		d.pos, d.end, d.off = 0, 0, in.Offset
+	}
+	if plus {
+		// Lookups below this directory use its O_PATH fd.
+		if e := s.t.acquire(h.node); e != 0 {
+			return e
+		}
+		defer s.t.release(h.node)
 	}
 	limit := min(uint64(in.Size), r.room())
 	written := uint64(0)
@@ -166,9 +173,13 @@ func isDots(name []byte) bool {
 // yield nil: the entry is then listed without attributes.
 func (s *Server) direntNode(parent *node, name []byte, ino uint64, st *unix.Stat_t) *node {
 	if n := s.t.known(parent, string(name), ino); n != nil {
-		if statFd(n.fd, st) == nil && st.Ino == ino {
-			s.t.unpinRef(n)
-			return n
+		if s.t.acquire(n) == 0 {
+			ok := statFd(n.fd, st) == nil && st.Ino == ino
+			s.t.release(n)
+			if ok {
+				s.t.unpinRef(n)
+				return n
+			}
 		}
 		// Changed under us: drop the reference taken and look up afresh.
 		s.t.forgetPinned(n)

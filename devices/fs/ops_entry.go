@@ -267,6 +267,9 @@ func (s *Server) opRemove(r *request, flags int) unix.Errno {
 		return e
 	}
 	defer s.t.put(parent)
+	if victim := s.t.getName(parent.id, name); victim != nil {
+		defer s.t.put(victim)
+	}
 	if err := unix.Unlinkat(parent.fd, name, flags); err != nil {
 		return errno(err)
 	}
@@ -313,6 +316,9 @@ func (s *Server) opRename(r *request, v2 bool) unix.Errno {
 		return e
 	}
 	defer s.t.put(newParent)
+	if victim := s.t.getName(newParent.id, newName); victim != nil {
+		defer s.t.put(victim)
+	}
 	if err := unix.Renameat2(oldParent.fd, oldName, newParent.fd, newName, uint(flags)); err != nil {
 		return errno(err)
 	}
@@ -377,7 +383,12 @@ func (s *Server) linkByAlias(n, dir *node, name string) error {
 	}
 	var lastErr error = unix.ENOENT
 	for _, a := range as {
-		if err := unix.Linkat(a.parent.fd, a.name, dir.fd, name, 0); err != nil {
+		if s.t.acquire(a.parent) != 0 {
+			continue
+		}
+		err := unix.Linkat(a.parent.fd, a.name, dir.fd, name, 0)
+		s.t.release(a.parent)
+		if err != nil {
 			lastErr = err
 			if err == unix.EEXIST {
 				return err

@@ -71,7 +71,7 @@ func (s *Server) opOpen(r *request) unix.Errno {
 		return e
 	}
 	if e := r.replyOpen(fh); e != 0 {
-		s.t.release(fh)
+		s.t.releaseHandle(fh)
 		return e
 	}
 	return 0
@@ -161,7 +161,7 @@ func (s *Server) opCreate(r *request) unix.Errno {
 	en.Encode(b[:])
 	fuse.PutU64(b[:], fuse.EntryOutSize, fh)
 	if e := r.reply(b[:]); e != 0 {
-		s.t.release(fh)
+		s.t.releaseHandle(fh)
 		s.t.forget(n.id, 1)
 		return e
 	}
@@ -264,7 +264,7 @@ func (s *Server) opRelease(r *request) unix.Errno {
 		return e
 	}
 	s.t.putHandle(h)
-	if e := s.t.release(fh); e != 0 {
+	if e := s.t.releaseHandle(fh); e != 0 {
 		return e
 	}
 	return r.reply()

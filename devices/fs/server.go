@@ -46,6 +46,7 @@ const (
 	DefaultMaxNodes   = 1 << 20
 	DefaultMaxHandles = 1 << 16
 	maxMaxWrite       = 1 << 24
+	fdReserve         = 64
 )
 
 // ServerConfig configures a Server.
@@ -64,12 +65,15 @@ type ServerConfig struct {
 	// MaxWrite is the largest WRITE (and READ) the guest is told to send;
 	// 0 means DefaultMaxWrite. Rounded down to 4 KiB, at least 4 KiB.
 	MaxWrite uint32
-	// MaxNodes bounds the inodes the guest can hold at once (each is an
-	// O_PATH fd); 0 means DefaultMaxNodes capped by RLIMIT_NOFILE.
+	// MaxNodes bounds the inodes the guest can hold at once; 0 means
+	// DefaultMaxNodes.
 	MaxNodes int
-	// MaxHandles bounds open files and directories; 0 means
-	// DefaultMaxHandles.
+	// MaxHandles bounds open files and directories; 0 means a quarter of
+	// the file descriptor budget, at most DefaultMaxHandles.
 	MaxHandles int
+	// MaxOpenFiles is the file descriptor budget; 0 means RLIMIT_NOFILE
+	// less a reserve. See nodes.go for how it is shared.
+	MaxOpenFiles int
 	// NoXattr answers the xattr requests with ENOSYS (the guest then stops
 	// sending them).
 	NoXattr bool
@@ -169,14 +173,25 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	maxNodes := cfg.MaxNodes
 	if maxNodes <= 0 {
 		maxNodes = DefaultMaxNodes
-		var rl unix.Rlimit
-		if unix.Prlimit(0, unix.RLIMIT_NOFILE, nil, &rl) == nil && rl.Cur < uint64(maxNodes)+256 {
-			maxNodes = max(int(rl.Cur)-256, 64)
-		}
 	}
+	// File descriptors: a few are the vhost-user socket, eventfds and
+	// logging; of the rest, three quarters hold nodes' O_PATH fds (idle
+	// ones are closed beyond that and reopened by name) and a quarter open
+	// files and directories, which cannot be closed behind the guest's back.
+	fdBudget := cfg.MaxOpenFiles
+	if fdBudget <= 0 {
+		fdBudget = 1 << 20
+		var rl unix.Rlimit
+		if unix.Prlimit(0, unix.RLIMIT_NOFILE, nil, &rl) == nil && rl.Cur < uint64(fdBudget) {
+			fdBudget = int(rl.Cur)
+		}
+		fdBudget -= fdReserve
+	}
+	fdBudget = max(fdBudget, 32)
+	maxOpen := fdBudget * 3 / 4
 	maxHandles := cfg.MaxHandles
 	if maxHandles <= 0 {
-		maxHandles = DefaultMaxHandles
+		maxHandles = min(DefaultMaxHandles, fdBudget-maxOpen)
 	}
 	log := cfg.Log
 	if log == nil {
@@ -196,7 +211,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		egid:     uint32(unix.Getegid()),
 		canChown: haveCapChown(),
 	}
-	s.t = newTable(fd, &st, maxNodes, maxHandles)
+	s.t = newTable(fd, &st, maxNodes, maxOpen, maxHandles)
 	s.pool.New = func() any { return new(scratch) }
 	return s, nil
 }

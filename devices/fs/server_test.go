@@ -413,18 +413,18 @@ func TestForgetAccounting(t *testing.T) {
 		t.Fatalf("%d nodes, want 5", n)
 	}
 	// Forgetting directories first: the file's names keep the directories
-	// it is named in (a and c); b is held by nothing and goes.
+	// it is named in (a and c), and their names their parents (b).
 	must(t, "forget", c.Forget(a.NodeID, 1))
 	must(t, "forget", c.Forget(b.NodeID, 1))
 	must(t, "forget", c.Forget(cc.NodeID, 1))
-	if n, _ := e.live(); n != 4 {
-		t.Fatalf("%d nodes with the file still held, want 4", n)
+	if n, _ := e.live(); n != 5 {
+		t.Fatalf("%d nodes with the file still held, want 5", n)
 	}
 	fh, err := c.Open(f.NodeID, unix.O_RDONLY)
 	must(t, "OPEN", err)
 	must(t, "forget", c.Forget(f.NodeID, 3))
-	if n, _ := e.live(); n != 4 {
-		t.Fatalf("%d nodes with a handle open, want 4", n)
+	if n, _ := e.live(); n != 5 {
+		t.Fatalf("%d nodes with a handle open, want 5", n)
 	}
 	data, err := c.Read(f.NodeID, fh, 0, 10)
 	must(t, "READ", err)
@@ -576,4 +576,77 @@ func TestFallocateLseek(t *testing.T) {
 	}
 	_, err = c.Lseek(f.NodeID, fh, 0, 99)
 	wantErrno(t, "LSEEK bad whence", err, syscall.EINVAL)
+}
+
+// TestFewFileDescriptors runs with a budget of 40 fds (30 for nodes): idle
+// nodes lose their O_PATH fd and are reopened by name, through parents that
+// may have been closed too.
+func TestFewFileDescriptors(t *testing.T) {
+	e := newEnv(t, 0, func(c *ServerConfig) { c.MaxOpenFiles = 40 })
+	c := e.c
+	type file struct {
+		node uint64
+		path string
+	}
+	var files []file
+	for i := 0; i < 10; i++ {
+		d, err := c.Mkdir(fuse.RootID, fmt.Sprintf("d%d", i), 0o755)
+		must(t, "MKDIR", err)
+		sub, err := c.Mkdir(d.NodeID, "sub", 0o755)
+		must(t, "MKDIR sub", err)
+		for k := 0; k < 20; k++ {
+			name := fmt.Sprintf("f%d", k)
+			en, fh, err := c.Create(sub.NodeID, name, unix.O_RDWR, 0o644)
+			must(t, "CREATE", err)
+			_, err = c.Write(en.NodeID, fh, 0, []byte(fmt.Sprintf("%d/%d", i, k)))
+			must(t, "WRITE", err)
+			must(t, "RELEASE", c.Release(en.NodeID, fh, false))
+			files = append(files, file{en.NodeID, fmt.Sprintf("d%d/sub/%s", i, name)})
+		}
+	}
+	open, evicted := e.s.t.fdStats()
+	if open > 30 || evicted == 0 {
+		t.Fatalf("%d node fds open, %d closed for the budget", open, evicted)
+	}
+	// Every node is still usable: GETATTR, OPEN+READ, SETATTR.
+	for i, f := range files {
+		a, err := c.Getattr(f.node)
+		must(t, "GETATTR "+f.path, err)
+		fh, err := c.Open(f.node, unix.O_RDONLY)
+		must(t, "OPEN "+f.path, err)
+		got, err := c.Read(f.node, fh, 0, 100)
+		must(t, "READ", err)
+		if string(got) != fmt.Sprintf("%d/%d", i/20, i%20) || a.Size != uint64(len(got)) {
+			t.Fatalf("%s reads %q", f.path, got)
+		}
+		must(t, "RELEASE", c.Release(f.node, fh, false))
+		_, err = c.Setattr(f.node, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o600})
+		must(t, "chmod "+f.path, err)
+	}
+	// A closed directory renamed by the guest is found under its new name.
+	must(t, "RENAME", c.Rename(fuse.RootID, "d0", fuse.RootID, "moved", 0))
+	_, err := c.Getattr(files[0].node)
+	must(t, "GETATTR below a renamed directory", err)
+	// Unlinked while idle: the node stays reachable through its fd.
+	for i := 0; i < 5; i++ {
+		d, _ := c.Lookup(fuse.RootID, fmt.Sprintf("d%d", i+1))
+		sub, _ := c.Lookup(d.NodeID, "sub")
+		must(t, "UNLINK", c.Unlink(sub.NodeID, "f3"))
+		_, err := c.Getattr(files[(i+1)*20+3].node)
+		must(t, "GETATTR of an unlinked file", err)
+	}
+	// The host renaming a closed node's directory makes it stale, never
+	// something else.
+	must(t, "host rename", os.Rename(e.path("d9"), e.path("d9x")))
+	must(t, "host mkdir", os.MkdirAll(e.path("d9/sub"), 0o755))
+	must(t, "host write", os.WriteFile(e.path("d9/sub/f0"), []byte("impostor"), 0o644))
+	for k := 0; k < 40; k++ { // push the d9 nodes out
+		c.Getattr(files[k].node)
+	}
+	if fh, err := c.Open(files[180].node, unix.O_RDONLY); err == nil {
+		got, _ := c.Read(files[180].node, fh, 0, 100)
+		if string(got) == "impostor" {
+			t.Fatal("a reopened node resolved to another inode")
+		}
+	}
 }
