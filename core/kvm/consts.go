@@ -47,6 +47,7 @@ const (
 	CapIOEventFD      = 0x24
 	CapMaxVCPUs       = 0x42
 	CapImmediateExit  = 0x88
+	CapTSCDeadline    = 72
 	capSetIdentityMap = 0x25
 )
 

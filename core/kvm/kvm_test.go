@@ -120,13 +120,16 @@ func TestCPUIDFor(t *testing.T) {
 		{0, 1, 0}, {0, 2, 1}, {1, 2, 1}, {2, 3, 2}, {4, 5, 3}, {7, 8, 3},
 	}
 	for _, tt := range tests {
-		got := CPUIDFor(supported, tt.id, tt.n)
+		got := CPUIDFor(supported, tt.id, tt.n, tt.id%2 == 1)
 		l1, _ := find(got, 1, 0)
 		if apic := l1.EBX >> 24; apic != uint32(tt.id) {
 			t.Errorf("id %d/%d: leaf 1 APIC ID %d", tt.id, tt.n, apic)
 		}
 		if cnt := l1.EBX >> 16 & 0xff; cnt != uint32(tt.n) {
 			t.Errorf("id %d/%d: leaf 1 logical count %d", tt.id, tt.n, cnt)
+		}
+		if dl := l1.ECX>>24&1 == 1; dl != (tt.id%2 == 1) {
+			t.Errorf("id %d/%d: TSC-deadline bit %v", tt.id, tt.n, dl)
 		}
 		if l1.EBX&0xffff != 0x0800 {
 			t.Errorf("id %d/%d: leaf 1 EBX low bits changed: %#x", tt.id, tt.n, l1.EBX)
@@ -238,7 +241,7 @@ func TestVMSmoke(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer v.Close()
-	if err := v.SetCPUID(CPUIDFor(cpuid, 0, 1)); err != nil {
+	if err := v.SetCPUID(CPUIDFor(cpuid, 0, 1, true)); err != nil {
 		t.Fatal(err)
 	}
 	if err := v.SetMSRs(BootMSRs()); err != nil {

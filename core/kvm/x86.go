@@ -12,7 +12,12 @@ import (
 // leaves KVM supports: APIC IDs, the core count and the x2APIC topology
 // leaves are rewritten so that the guest sees n cores in one package, and
 // the hypervisor bit is set. supported is not modified.
-func CPUIDFor(supported []CPUIDEntry, id, n int) []CPUIDEntry {
+//
+// tscDeadline sets the TSC-deadline timer bit, which KVM_GET_SUPPORTED_CPUID
+// leaves clear although KVM emulates the timer (KVM_CAP_TSC_DEADLINE_TIMER):
+// without it Linux calibrates the local APIC timer against the PIT, which is
+// slow and, on a busy or nested host, can fail.
+func CPUIDFor(supported []CPUIDEntry, id, n int, tscDeadline bool) []CPUIDEntry {
 	if n < 1 {
 		n = 1
 	}
@@ -29,6 +34,9 @@ func CPUIDFor(supported []CPUIDEntry, id, n int) []CPUIDEntry {
 		switch e.Function {
 		case 0x1:
 			e.EBX = e.EBX&0x0000ffff | apic<<24 | uint32(n&0xff)<<16
+			if tscDeadline {
+				e.ECX |= 1 << 24 // TSC-deadline timer (KVM emulates it)
+			}
 			if n > 1 {
 				e.EDX |= 1 << 28 // HTT: the count field above is valid
 			} else {

@@ -293,13 +293,14 @@ func (m *machine) setupVCPUs(sys *kvm.System, n int, entry uint64) error {
 	if err != nil {
 		return err
 	}
+	deadline, _ := sys.CheckExtension(kvm.CapTSCDeadline)
 	for i := 0; i < n; i++ {
 		v, err := m.vm.CreateVCPU(i)
 		if err != nil {
 			return err
 		}
 		m.vcpus = append(m.vcpus, v)
-		if err := v.SetCPUID(kvm.CPUIDFor(supported, i, n)); err != nil {
+		if err := v.SetCPUID(kvm.CPUIDFor(supported, i, n, deadline > 0)); err != nil {
 			return err
 		}
 		if err := v.SetMSRs(kvm.BootMSRs()); err != nil {
