@@ -36,6 +36,8 @@ const (
 	DefaultMaxSectors     = 1<<22 - 8 // per discard / write-zeroes range: just under 2 GiB, 4 KiB aligned
 	DefaultMaxSegments    = 32        // ranges per discard / write-zeroes request
 	DefaultDiscardAlign   = 8         // sectors: 4 KiB
+	DefaultQueueWorkers   = 8
+	maxQueueWorkers       = 256
 	MaxQueues             = 64
 	maxSegmentsLimit      = 256 // Linux never sends more than 256 discard ranges
 	defaultSizeMax        = 1 << 20
@@ -66,6 +68,10 @@ type Config struct {
 	Log hclog.Logger
 	// OwnsDisk makes Close close Disk (a plugin hands its disk over).
 	OwnsDisk bool
+	// QueueWorkers is how many requests of one queue may be in flight on
+	// the disk at once; 0 means DefaultQueueWorkers, 1 serves each queue
+	// synchronously on its ServeQueue goroutine.
+	QueueWorkers int
 }
 
 type limits struct {
@@ -88,6 +94,7 @@ type Device struct {
 	limits    limits
 	log       hclog.Logger
 	ownsDisk  bool
+	qworkers  int
 
 	negotiated atomic.Uint64 // virtio features the driver accepted
 	stats      counters
@@ -110,6 +117,7 @@ func New(cfg Config) (*Device, error) {
 		queueSize: cfg.QueueSize,
 		log:       cfg.Log,
 		ownsDisk:  cfg.OwnsDisk,
+		qworkers:  cfg.QueueWorkers,
 	}
 	if v, ok := cfg.Disk.(VectorDisk); ok {
 		d.vec = v
@@ -119,6 +127,12 @@ func New(cfg Config) (*Device, error) {
 	}
 	if d.numQueues < 1 || d.numQueues > MaxQueues {
 		return nil, fmt.Errorf("blk: %d queues, want 1..%d", cfg.NumQueues, MaxQueues)
+	}
+	if d.qworkers == 0 {
+		d.qworkers = DefaultQueueWorkers
+	}
+	if d.qworkers < 1 || d.qworkers > maxQueueWorkers {
+		return nil, fmt.Errorf("blk: %d workers per queue, want 1..%d", cfg.QueueWorkers, maxQueueWorkers)
 	}
 	if d.queueSize == 0 {
 		d.queueSize = DefaultQueueSize

@@ -22,11 +22,15 @@ func (d *Device) Info() backend.DeviceInfo {
 	}
 }
 
-// ServeQueue serves request queue idx until ctx is cancelled. Each queue has
-// its own handler (scratch space); the disk is shared by all of them.
+// ServeQueue serves request queue idx until ctx is cancelled, with up to
+// Config.QueueWorkers requests in flight. Each request goroutine has its own
+// scratch space; the disk is shared by all of them.
 func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
 	if idx < 0 || idx >= d.numQueues {
 		return fmt.Errorf("blk: queue %d of %d", idx, d.numQueues)
+	}
+	if d.qworkers > 1 {
+		return d.serveConcurrent(ctx, vr, d.qworkers)
 	}
 	w := d.newWorker()
 	return vr.Run(ctx, func(c *virtq.Chain) (uint32, error) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devices/blk"
+	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/disk/raw"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -29,7 +31,28 @@ type rig struct {
 	done  chan error
 }
 
-func newRig(t testing.TB, size int64, ro bool, queues int) *rig {
+func newRig(t testing.TB, size int64, ro bool, queues, workers int) *rig {
+	return newRigWrapped(t, size, ro, queues, workers, nil)
+}
+
+// slowDisk adds a fixed latency to every read, like a disk that is not in
+// the page cache.
+type slowDisk struct {
+	*raw.Disk
+	delay time.Duration
+}
+
+func (s slowDisk) ReadAt(p []byte, off int64) (int, error) {
+	time.Sleep(s.delay)
+	return s.Disk.ReadAt(p, off)
+}
+
+func (s slowDisk) ReadvAt(bufs [][]byte, off int64) (int, error) {
+	time.Sleep(s.delay)
+	return s.Disk.ReadvAt(bufs, off)
+}
+
+func newRigWrapped(t testing.TB, size int64, ro bool, queues, workers int, wrap func(*raw.Disk) disk.Disk) *rig {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
@@ -51,7 +74,11 @@ func newRig(t testing.TB, size int64, ro bool, queues int) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.Close() })
-	dev, err := blk.New(blk.Config{Disk: d, NumQueues: queues, Serial: "rig-serial"})
+	var dd disk.Disk = d
+	if wrap != nil {
+		dd = wrap(d)
+	}
+	dev, err := blk.New(blk.Config{Disk: dd, NumQueues: queues, Serial: "rig-serial", QueueWorkers: workers})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,8 +164,14 @@ func status(err error) int {
 }
 
 func TestVhostUserReadWrite(t *testing.T) {
+	for _, workers := range []int{1, 8} {
+		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) { testReadWrite(t, workers) })
+	}
+}
+
+func testReadWrite(t *testing.T, workers int) {
 	const size = 16 << 20
-	r := newRig(t, size, false, 2)
+	r := newRig(t, size, false, 2, workers)
 	ctx := context.Background()
 	want := uint64(testguest.BlkFFlush | testguest.BlkFDiscard | testguest.BlkFWriteZeroes | testguest.BlkFMQ | testguest.BlkFSegMax)
 	if f := r.guest.Features(); f&want != want || f&testguest.BlkFRO != 0 {
@@ -238,7 +271,7 @@ func TestVhostUserReadWrite(t *testing.T) {
 }
 
 func TestVhostUserReadOnly(t *testing.T) {
-	r := newRig(t, 1<<20, true, 1)
+	r := newRig(t, 1<<20, true, 1, 0)
 	ctx := context.Background()
 	if r.guest.Features()&testguest.BlkFRO == 0 {
 		t.Fatal("VIRTIO_BLK_F_RO not negotiated for a read-only disk")
@@ -290,40 +323,110 @@ func BenchmarkVhostUser(b *testing.B) {
 		{"seqread-1m-qd4", testguest.BlkTIn, 1 << 20, 4},
 		{"seqwrite-1m-qd4", testguest.BlkTOut, 1 << 20, 4},
 	} {
-		b.Run(bc.name, func(b *testing.B) {
-			r := newRig(b, size, false, 1)
-			if err := os.WriteFile(r.path, fill(size, 3), 0o600); err != nil {
-				b.Fatal(err)
-			}
-			bk := r.blk(b, 0)
-			ctx := context.Background()
-			reqs := make([]*testguest.BlkRequest, bc.depth)
-			for i := range reqs {
-				reqs[i] = &testguest.BlkRequest{Type: bc.typ, Data: make([]byte, bc.bs)}
-			}
-			blocks := uint64(size / bc.bs)
-			seq := uint64(0)
-			b.SetBytes(int64(bc.bs * bc.depth))
-			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				for _, rq := range reqs {
-					if bc.bs == 4096 {
-						seq = seq*6364136223846793005 + 1442695040888963407
-						rq.Sector = (seq >> 33) % blocks * 8
-					} else {
-						rq.Sector = (uint64(i*bc.depth) + uint64(len(reqs))) % blocks * uint64(bc.bs/512)
-					}
-				}
-				if err := bk.Do(ctx, reqs); err != nil {
+		for _, workers := range []int{1, blk.DefaultQueueWorkers} {
+			b.Run(fmt.Sprintf("%s/workers=%d", bc.name, workers), func(b *testing.B) {
+				r := newRig(b, size, false, 1, workers)
+				if err := os.WriteFile(r.path, fill(size, 3), 0o600); err != nil {
 					b.Fatal(err)
 				}
-				for _, rq := range reqs {
-					if rq.Err != nil {
-						b.Fatal(rq.Err)
+				bk := r.blk(b, 0)
+				ctx := context.Background()
+				reqs := make([]*testguest.BlkRequest, bc.depth)
+				for i := range reqs {
+					reqs[i] = &testguest.BlkRequest{Type: bc.typ, Data: make([]byte, bc.bs)}
+				}
+				blocks := uint64(size / bc.bs)
+				seq := uint64(0)
+				b.SetBytes(int64(bc.bs * bc.depth))
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					for _, rq := range reqs {
+						if bc.bs == 4096 {
+							seq = seq*6364136223846793005 + 1442695040888963407
+							rq.Sector = (seq >> 33) % blocks * 8
+						} else {
+							rq.Sector = (uint64(i*bc.depth) + uint64(len(reqs))) % blocks * uint64(bc.bs/512)
+						}
+					}
+					if err := bk.Do(ctx, reqs); err != nil {
+						b.Fatal(err)
+					}
+					for _, rq := range reqs {
+						if rq.Err != nil {
+							b.Fatal(rq.Err)
+						}
 					}
 				}
+				b.ReportMetric(float64(b.N*bc.depth)/b.Elapsed().Seconds(), "IOPS")
+			})
+		}
+	}
+}
+
+// TestVhostUserStopWithRequestsInFlight stops the ring (GET_VRING_BASE)
+// while a batch of requests is in flight: every request the back-end took
+// must be completed, so the used ring accounts for exactly the next
+// available index it reports.
+func TestVhostUserStopWithRequestsInFlight(t *testing.T) {
+	for _, workers := range []int{1, 8} {
+		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) {
+			r := newRig(t, 64<<20, false, 1, workers)
+			ring := r.guest.Rings[0]
+			mem := r.guest.Mem
+			const n = 100
+			for i := 0; i < n; i++ {
+				buf, err := mem.Alloc(4096+1<<20, 4096)
+				if err != nil {
+					t.Fatal(err)
+				}
+				b, _ := mem.Bytes(buf, 32)
+				binary.LittleEndian.PutUint32(b, testguest.BlkTIn)
+				binary.LittleEndian.PutUint64(b[8:], uint64(i)*2048)
+				segs := []testguest.Segment{{Addr: buf, Len: 16}, {Addr: buf + 4096, Len: 1 << 20, Writable: true}, {Addr: buf + 16, Len: 1, Writable: true}}
+				if _, err := ring.Post(segs, i); err != nil {
+					t.Fatal(err)
+				}
 			}
-			b.ReportMetric(float64(b.N*bc.depth)/b.Elapsed().Seconds(), "IOPS")
+			if err := ring.KickAlways(); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(2 * time.Millisecond)
+			base, err := r.guest.StopQueue(0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if base > n {
+				t.Fatalf("vring base %d beyond the %d posted", base, n)
+			}
+			if used := ring.UsedIdx(); uint32(used) != base {
+				t.Fatalf("back-end took %d requests but completed %d", base, used)
+			}
+			t.Logf("%d of %d requests taken before the stop", base, n)
+		})
+	}
+}
+
+// BenchmarkVhostUserSlowDisk shows what requests in flight per queue buy
+// when the disk takes its time (200 µs per read): at queue depth 32 one
+// synchronous worker is bound by the latency, eight overlap it.
+func BenchmarkVhostUserSlowDisk(b *testing.B) {
+	for _, workers := range []int{1, blk.DefaultQueueWorkers} {
+		b.Run(fmt.Sprintf("randread-4k-qd32/workers=%d", workers), func(b *testing.B) {
+			r := newRigWrapped(b, 64<<20, false, 1, workers, func(d *raw.Disk) disk.Disk {
+				return slowDisk{Disk: d, delay: 200 * time.Microsecond}
+			})
+			bk := r.blk(b, 0)
+			reqs := make([]*testguest.BlkRequest, 32)
+			for i := range reqs {
+				reqs[i] = &testguest.BlkRequest{Type: testguest.BlkTIn, Sector: uint64(i) * 8, Data: make([]byte, 4096)}
+			}
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if err := bk.Do(context.Background(), reqs); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.N*len(reqs))/b.Elapsed().Seconds(), "IOPS")
 		})
 	}
 }
