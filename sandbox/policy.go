@@ -1,0 +1,335 @@
+package sandbox
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// Profile names a seccomp system-call set built from shared layers.
+type Profile string
+
+// The built-in profiles. Each is a union of layers (see Rules):
+//
+//	minimal: go-runtime + ipc
+//	net:     go-runtime + ipc + vhost-user
+//	block:   go-runtime + ipc + vhost-user + disk-io
+//	fs:      go-runtime + ipc + vhost-user + disk-io + fs-tree
+const (
+	ProfileMinimal Profile = "minimal"
+	ProfileNet     Profile = "net"
+	ProfileBlock   Profile = "block"
+	ProfileFS      Profile = "fs"
+)
+
+// Profiles lists the built-in profiles.
+func Profiles() []Profile {
+	return []Profile{ProfileMinimal, ProfileNet, ProfileBlock, ProfileFS}
+}
+
+// Syscall grants one extra system call to a third-party plugin's policy.
+type Syscall struct {
+	Name   string `json:"name"`   // kernel name, e.g. "memfd_create"
+	Reason string `json:"reason"` // why the plugin needs it (shown by sandbox status)
+}
+
+// Policy is what a plugin declares about itself (in its Describe reply) and
+// what Restrict enforces. It holds only plain fields so it can travel as JSON.
+type Policy struct {
+	// Kind names the plugin for logs: "blk", "net", "fs", or a third-party name.
+	Kind string `json:"kind"`
+	// Syscalls is the seccomp profile the plugin runs under.
+	Syscalls Profile `json:"syscalls"`
+	// ExtraSyscalls are allowed on top of the profile, without argument
+	// filters. Names in ForbiddenSyscalls are refused by Validate.
+	ExtraSyscalls []Syscall `json:"extra_syscalls,omitempty"`
+	// ReadWriteDirFDs are inherited directory fds beneath which the plugin
+	// may read and write (landlock path-beneath rules). Only virtio-fs needs
+	// one: its shared directory. Everything else gets no file system access.
+	ReadWriteDirFDs []int `json:"read_write_dir_fds,omitempty"`
+	// ReadOnlyDirFDs are inherited directory fds beneath which the plugin may
+	// read files and list directories.
+	ReadOnlyDirFDs []int `json:"read_only_dir_fds,omitempty"`
+}
+
+// DefaultPolicy returns the policy of a built-in plugin kind: "blk", "net"
+// or "fs". For "fs", shared is the fd of the shared directory (as numbered
+// in the plugin process); it is ignored for the other kinds.
+func DefaultPolicy(kind string, shared int) (Policy, error) {
+	switch kind {
+	case "blk":
+		return Policy{Kind: kind, Syscalls: ProfileBlock}, nil
+	case "net":
+		return Policy{Kind: kind, Syscalls: ProfileNet}, nil
+	case "fs":
+		return Policy{Kind: kind, Syscalls: ProfileFS, ReadWriteDirFDs: []int{shared}}, nil
+	}
+	return Policy{}, fmt.Errorf("no built-in sandbox policy for plugin kind %q (want blk, net or fs)", kind)
+}
+
+// ParsePolicy decodes a JSON policy (as sent in Describe) and validates it.
+func ParsePolicy(b []byte) (Policy, error) {
+	var p Policy
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&p); err != nil {
+		return Policy{}, fmt.Errorf("decode sandbox policy: %w", err)
+	}
+	if err := p.Validate(); err != nil {
+		return Policy{}, err
+	}
+	return p, nil
+}
+
+// Limits on what Validate accepts; a policy is small.
+const (
+	maxExtraSyscalls = 64
+	maxDirFDs        = 16
+	maxNameLen       = 64
+	maxReasonLen     = 200
+)
+
+// ErrPolicy is wrapped by every Validate error.
+var ErrPolicy = errors.New("invalid sandbox policy")
+
+// Validate checks a policy: a known profile, known and grantable extra
+// system calls each with a reason, and plausible directory fds.
+func (p Policy) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrPolicy, fmt.Sprintf(format, a...))
+	}
+	if p.Kind == "" || len(p.Kind) > maxNameLen {
+		return bad("kind must be 1 to %d bytes", maxNameLen)
+	}
+	for _, r := range p.Kind {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return bad("kind %q: only a-z, 0-9, '-' and '_'", p.Kind)
+		}
+	}
+	if !slices.Contains(Profiles(), p.Syscalls) {
+		return bad("unknown syscall profile %q (want one of %v)", p.Syscalls, Profiles())
+	}
+	if len(p.ExtraSyscalls) > maxExtraSyscalls {
+		return bad("%d extra syscalls, at most %d", len(p.ExtraSyscalls), maxExtraSyscalls)
+	}
+	nums := syscallNumbers()
+	forbidden := ForbiddenSyscalls()
+	base, err := policyRules(Policy{Kind: p.Kind, Syscalls: p.Syscalls})
+	if err != nil {
+		return err
+	}
+	for _, s := range p.ExtraSyscalls {
+		if i := slices.IndexFunc(base, func(r rule) bool { return r.name == s.Name }); i >= 0 && base[i].alts != nil {
+			return bad("extra syscall %q is allowed only with argument limits (%s); it cannot be widened", s.Name, base[i].args)
+		}
+		if _, ok := nums[s.Name]; !ok {
+			return bad("extra syscall %q is not known on this architecture", s.Name)
+		}
+		if slices.Contains(forbidden, s.Name) {
+			return bad("extra syscall %q is never granted to a plugin", s.Name)
+		}
+		if strings.TrimSpace(s.Reason) == "" || len(s.Reason) > maxReasonLen {
+			return bad("extra syscall %q needs a reason of 1 to %d bytes", s.Name, maxReasonLen)
+		}
+	}
+	if len(p.ReadWriteDirFDs)+len(p.ReadOnlyDirFDs) > maxDirFDs {
+		return bad("more than %d directory fds", maxDirFDs)
+	}
+	for _, fd := range slices.Concat(p.ReadWriteDirFDs, p.ReadOnlyDirFDs) {
+		if fd < 3 || fd > 1<<20 {
+			return bad("directory fd %d out of range (3 and up: stdio is never a directory)", fd)
+		}
+	}
+	return nil
+}
+
+// ForbiddenSyscalls are never allowed, whatever a policy asks for: they
+// widen a process's rights (exec, namespaces, credentials, mounts), reach
+// other processes (ptrace, process_vm_*, pidfd_*), bypass seccomp (io_uring)
+// or expose large kernel attack surface (bpf, perf_event_open, userfaultfd,
+// keyrings, modules). Plugins also never create or connect sockets: every
+// socket they use is handed to them.
+func ForbiddenSyscalls() []string {
+	return []string{
+		"execve", "execveat", "fork", "vfork", "clone3",
+		"ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "kcmp",
+		"pidfd_open", "pidfd_getfd", "pidfd_send_signal",
+		"mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
+		"fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr",
+		"setns", "unshare",
+		"setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+		"setgroups", "setfsuid", "setfsgid", "capset", "prctl", "personality",
+		"seccomp", "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+		"bpf", "perf_event_open", "userfaultfd",
+		"io_uring_setup", "io_uring_enter", "io_uring_register",
+		"keyctl", "add_key", "request_key",
+		"kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+		"reboot", "swapon", "swapoff", "quotactl", "syslog", "vhangup", "lookup_dcookie",
+		"iopl", "ioperm", "settimeofday", "clock_settime", "adjtimex", "clock_adjtime",
+		"sethostname", "setdomainname",
+		"open_by_handle_at", "name_to_handle_at",
+		"socket", "socketpair", "connect", "bind", "listen",
+		"migrate_pages", "move_pages", "memfd_secret",
+	}
+}
+
+// Layer names one part of the sandbox.
+type Layer string
+
+// The layers, in the order they are applied.
+const (
+	// LayerNamespaces: new user, mount, pid, net, ipc, uts and cgroup
+	// namespaces (launcher side, at clone).
+	LayerNamespaces Layer = "namespaces"
+	// LayerRlimits: no core dumps, a small RLIMIT_NOFILE, an RLIMIT_DATA cap.
+	LayerRlimits Layer = "rlimits"
+	// LayerRoot: pivot_root into an empty read-only tmpfs (needs namespaces).
+	LayerRoot Layer = "root"
+	// LayerNoNewPrivs: PR_SET_NO_NEW_PRIVS on every thread.
+	LayerNoNewPrivs Layer = "no_new_privs"
+	// LayerCapabilities: empty permitted, effective, inheritable, ambient
+	// and bounding sets on every thread.
+	LayerCapabilities Layer = "capabilities"
+	// LayerLandlock: file system, TCP and scope (signal, abstract socket) rules.
+	LayerLandlock Layer = "landlock"
+	// LayerSeccomp: the per-profile system call allowlist (TSYNC).
+	LayerSeccomp Layer = "seccomp"
+)
+
+// Layers lists every layer in application order.
+func Layers() []Layer {
+	return []Layer{LayerNamespaces, LayerRlimits, LayerRoot, LayerNoNewPrivs,
+		LayerCapabilities, LayerLandlock, LayerSeccomp}
+}
+
+// Disableable lists the layers a user may turn off with an explicit flag.
+// The others cost nothing and work on every supported kernel.
+func Disableable() []Layer {
+	return []Layer{LayerNamespaces, LayerRoot, LayerLandlock, LayerSeccomp}
+}
+
+// ParseLayers parses a comma-separated list of layers to disable, as given
+// to a command-line flag such as --sandbox-disable=landlock,seccomp. "all"
+// stands for every layer that can be disabled.
+func ParseLayers(s string) ([]Layer, error) {
+	var out []Layer
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		switch {
+		case f == "":
+			continue
+		case f == "all":
+			out = append(out, Disableable()...)
+		case slices.Contains(Disableable(), Layer(f)):
+			out = append(out, Layer(f))
+		default:
+			return nil, fmt.Errorf("sandbox layer %q cannot be disabled (want one of %v or all)", f, Disableable())
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// normalizeDisabled validates a disable list and adds what it implies: the
+// empty root needs the user and mount namespaces.
+func normalizeDisabled(in []Layer) ([]Layer, error) {
+	out := slices.Clone(in)
+	for _, l := range out {
+		if !slices.Contains(Disableable(), l) {
+			return nil, fmt.Errorf("sandbox layer %q cannot be disabled (want one of %v)", l, Disableable())
+		}
+	}
+	if slices.Contains(out, LayerNamespaces) && !slices.Contains(out, LayerRoot) {
+		out = append(out, LayerRoot)
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// Limits are the resource limits of a plugin process. Core dumps are always
+// off (RLIMIT_CORE 0) and so is locked memory (RLIMIT_MEMLOCK 0).
+type Limits struct {
+	// OpenFiles is RLIMIT_NOFILE (soft = hard). 0 means DefaultOpenFiles.
+	OpenFiles uint64 `json:"open_files,omitempty"`
+	// DataBytes is RLIMIT_DATA (soft = hard): heap and other private
+	// writable memory. Guest memory is a shared mapping and does not count.
+	// 0 means DefaultDataBytes.
+	DataBytes uint64 `json:"data_bytes,omitempty"`
+}
+
+// Defaults for Limits.
+const (
+	DefaultOpenFiles = 256
+	DefaultDataBytes = 1 << 30
+	minOpenFiles     = 16
+	minDataBytes     = 64 << 20
+)
+
+// withDefaults fills zero fields and checks the values are workable.
+func (l Limits) withDefaults() (Limits, error) {
+	if l.OpenFiles == 0 {
+		l.OpenFiles = DefaultOpenFiles
+	}
+	if l.DataBytes == 0 {
+		l.DataBytes = DefaultDataBytes
+	}
+	if l.OpenFiles < minOpenFiles {
+		return l, fmt.Errorf("open-files limit %d below %d", l.OpenFiles, minOpenFiles)
+	}
+	if l.DataBytes < minDataBytes {
+		return l, fmt.Errorf("data limit %d below %d bytes: a Go plugin cannot start", l.DataBytes, minDataBytes)
+	}
+	return l, nil
+}
+
+// envName is the environment variable through which LaunchConfig.Apply hands
+// its settings to Restrict in the plugin.
+const envName = "KRUN_SANDBOX"
+
+// launchEnv is the launcher's half of the sandbox, as seen by the plugin.
+type launchEnv struct {
+	Version  int     `json:"v"`
+	Root     string  `json:"root,omitempty"`
+	Disabled []Layer `json:"disabled,omitempty"`
+	Limits   Limits  `json:"limits"`
+}
+
+const launchEnvVersion = 1
+
+func (e launchEnv) encode() string {
+	b, err := json.Marshal(e)
+	if err != nil {
+		panic(err) // plain struct of strings and integers: cannot fail
+	}
+	return envName + "=" + string(b)
+}
+
+func decodeLaunchEnv(v string) (launchEnv, error) {
+	var e launchEnv
+	dec := json.NewDecoder(strings.NewReader(v))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&e); err != nil {
+		return e, fmt.Errorf("decode %s: %w", envName, err)
+	}
+	if e.Version != launchEnvVersion {
+		return e, fmt.Errorf("%s version %d, want %d (launcher and plugin from different builds?)", envName, e.Version, launchEnvVersion)
+	}
+	d, err := normalizeDisabled(e.Disabled)
+	if err != nil {
+		return e, fmt.Errorf("%s: %w", envName, err)
+	}
+	e.Disabled = d
+	if e.Limits, err = e.Limits.withDefaults(); err != nil {
+		return e, fmt.Errorf("%s: %w", envName, err)
+	}
+	if !slices.Contains(e.Disabled, LayerRoot) && !validRoot(e.Root) {
+		return e, fmt.Errorf("%s: root %q is not an absolute directory path other than /", envName, e.Root)
+	}
+	return e, nil
+}
+
+func validRoot(p string) bool {
+	return strings.HasPrefix(p, "/") && p != "/" && !strings.ContainsRune(p, 0)
+}

@@ -1,0 +1,298 @@
+package sandbox
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Rule is one allowed system call of a profile, as reported by Status.
+type Rule struct {
+	Syscall string `json:"syscall"`
+	Args    string `json:"args,omitempty"` // constraint on the arguments; empty: any
+	Reason  string `json:"reason"`
+	Layer   string `json:"layer"` // the seccomp layer that grants it
+}
+
+// argCond is one test on a system call argument: (arg & mask) == value, on
+// all 64 bits. When self is set, value is the caller's pid, filled in when
+// the filter is built.
+type argCond struct {
+	arg   int
+	mask  uint64
+	value uint64
+	self  bool
+}
+
+// rule allows one system call, unconditionally (alts == nil) or when the
+// arguments match any of alts (each an AND of conditions).
+type rule struct {
+	name   string
+	args   string // human-readable form of alts
+	reason string
+	layer  string
+	alts   [][]argCond
+}
+
+func allow(name, reason string) rule { return rule{name: name, reason: reason} }
+
+func allowIf(name, args, reason string, alts ...[]argCond) rule {
+	return rule{name: name, args: args, reason: reason, alts: alts}
+}
+
+func eq(arg int, v uint64) argCond { return argCond{arg: arg, mask: ^uint64(0), value: v} }
+
+func masked(arg int, mask, v uint64) argCond { return argCond{arg: arg, mask: mask, value: v} }
+
+func isSelf(arg int) argCond { return argCond{arg: arg, mask: ^uint64(0), self: true} }
+
+func all(c ...argCond) []argCond { return c }
+
+// oneOf allows the call when argument arg equals any of vs.
+func oneOf(arg int, vs ...uint64) [][]argCond {
+	out := make([][]argCond, len(vs))
+	for i, v := range vs {
+		out[i] = all(eq(arg, v))
+	}
+	return out
+}
+
+// goThreadCloneFlags are the flags the Go runtime passes to clone for a new
+// OS thread (runtime/os_linux.go cloneFlags). Anything else (a fork, a new
+// namespace) is refused.
+const goThreadCloneFlags = unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES |
+	unix.CLONE_SIGHAND | unix.CLONE_SYSVSEM | unix.CLONE_THREAD
+
+// Seccomp layer names.
+const (
+	layerGoRuntime = "go-runtime"
+	layerIPC       = "ipc"
+	layerDiskIO    = "disk-io"
+	layerFSTree    = "fs-tree"
+	layerExtra     = "declared"
+)
+
+// goRuntimeLayer is what any Go program needs once running, plus logging
+// through hclog to stderr and the seccomp supervisor.
+func goRuntimeLayer() []rule {
+	noExec := all(masked(2, unix.PROT_EXEC, 0))
+	return []rule{
+		allow("futex", "goroutine parking, runtime locks"),
+		allow("read", "pipes, eventfds, sockets and handed-in files"),
+		allow("write", "log lines to stderr, eventfd signals, sockets, handed-in files"),
+		allow("epoll_pwait", "netpoller wait"),
+		allow("epoll_wait", "netpoller wait (amd64)"),
+		allow("nanosleep", "runtime usleep (spinning, sysmon)"),
+		allow("sched_yield", "runtime osyield"),
+		allow("close", "closing fds the plugin owns"),
+		allowIf("mmap", "prot & PROT_EXEC == 0", "Go heap; mapping guest memory fds (never executable)", noExec),
+		allow("munmap", "Go heap; unmapping guest memory on memory-table change"),
+		allow("madvise", "GC scavenger returns memory to the kernel"),
+		allow("clock_gettime", "time.Now when the vDSO is not used"),
+		allow("rt_sigaction", "runtime signal handlers (signal.Notify)"),
+		allow("rt_sigprocmask", "runtime signal masks on new threads"),
+		allow("rt_sigreturn", "return from signal handlers"),
+		allow("sigaltstack", "signal stack of each new thread"),
+		allow("restart_syscall", "kernel restart of an interrupted call"),
+		allowIf("clone", "flags == CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_SYSVSEM|CLONE_THREAD [|CLONE_SETTLS]",
+			"new OS threads for the Go scheduler (amd64 adds CLONE_SETTLS); no fork, no namespaces",
+			all(eq(0, goThreadCloneFlags)), all(eq(0, goThreadCloneFlags|unix.CLONE_SETTLS))),
+		allow("exit", "OS thread exit"),
+		allow("exit_group", "process exit"),
+		allow("gettid", "runtime thread ids"),
+		allow("getpid", "runtime signal forwarding"),
+		allowIf("tgkill", "tgid == self", "goroutine preemption signals to its own threads", all(isSelf(0))),
+		allowIf("kill", "pid == self", "runtime raise of a fatal signal on itself", all(isSelf(0))),
+		allow("epoll_create1", "netpoller setup"),
+		allow("epoll_ctl", "netpoller registration of fds"),
+		allow("eventfd2", "netpoller wakeups; vhost-user kick and call fds"),
+		allow("pipe2", "os.Pipe (go-plugin stdio forwarding)"),
+		allow("getrandom", "crypto/rand (go-plugin AutoMTLS), map seeds"),
+		allow("sched_getaffinity", "runtime CPU count"),
+		allowIf("fcntl", "cmd in F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC",
+			"os.NewFile and SetNonblock on handed-in fds; dup of kick/call fds",
+			oneOf(1, unix.F_GETFD, unix.F_SETFD, unix.F_GETFL, unix.F_SETFL, unix.F_DUPFD_CLOEXEC)...),
+		allow("fstat", "os.File.Stat of handed-in fds (image size, file type)"),
+		allow("lseek", "size of a block-device image (SEEK_END)"),
+		allowIf("ioctl", "request in TCGETS, SECCOMP_IOCTL_NOTIF_RECV, SECCOMP_IOCTL_NOTIF_SEND",
+			"isatty check of the log output; the in-process seccomp supervisor",
+			oneOf(1, unix.TCGETS, unix.SECCOMP_IOCTL_NOTIF_RECV, unix.SECCOMP_IOCTL_NOTIF_SEND)...),
+		allowIf("prlimit64", "new_limit == NULL", "reading limits (getrlimit); setting any is refused", all(eq(2, 0))),
+		allow("getuid", "os.Getuid (harmless: the namespace's uid 0)"),
+		allow("geteuid", "os.Geteuid"),
+		allow("getgid", "os.Getgid"),
+		allow("getegid", "os.Getegid"),
+		allow("getppid", "os.Getppid (0 in the plugin's pid namespace)"),
+		allow("readv", "vectored reads on sockets and pipes"),
+		allow("writev", "vectored writes on sockets and pipes"),
+	}
+}
+
+// ipcLayer covers gRPC on go-plugin's listener, the vhost-user socket (fd 3)
+// and any other socket the plugin was handed. No socket can be created,
+// bound or connected.
+func ipcLayer() []rule {
+	return []rule{
+		allow("recvmsg", "vhost-user messages with SCM_RIGHTS fds (memory, kick, call)"),
+		allow("sendmsg", "vhost-user replies; gRPC"),
+		allow("accept4", "gRPC connection from the host; vhost-user front-end on a listening socket"),
+		allow("recvfrom", "gRPC and socket reads"),
+		allow("sendto", "gRPC and socket writes"),
+		allow("getsockopt", "SO_ACCEPTCONN on fd 3; SO_ERROR after accept"),
+		allow("setsockopt", "gRPC socket options on accepted connections"),
+		allow("getsockname", "gRPC peer address bookkeeping"),
+		allow("getpeername", "gRPC peer address bookkeeping"),
+		allow("shutdown", "closing a vhost-user or gRPC connection"),
+	}
+}
+
+// diskIOLayer is what a disk image back-end needs on the image fds it was
+// handed: positioned and vectored I/O, flushes, discard and write-zeroes.
+func diskIOLayer() []rule {
+	return []rule{
+		allow("pread64", "image reads (ReadAt)"),
+		allow("pwrite64", "image writes (WriteAt)"),
+		allow("preadv", "vectored image reads into guest buffers"),
+		allow("pwritev", "vectored image writes from guest buffers"),
+		allow("preadv2", "vectored image reads with flags"),
+		allow("pwritev2", "vectored image writes with flags"),
+		allow("fdatasync", "virtio-blk FLUSH"),
+		allow("fsync", "virtio-blk FLUSH (metadata too, qcow2)"),
+		allow("fallocate", "DISCARD (PUNCH_HOLE) and WRITE_ZEROES (ZERO_RANGE)"),
+		allow("ftruncate", "qcow2 image growth and img create/convert output"),
+		allowIf("ioctl", "request in BLKGETSIZE64, BLKSSZGET, BLKDISCARD, BLKZEROOUT",
+			"size, sector size, discard and zeroing of block-device images",
+			oneOf(1, unix.BLKGETSIZE64, unix.BLKSSZGET, unix.BLKDISCARD, blkZeroOut)...),
+	}
+}
+
+// blkZeroOut is BLKZEROOUT, _IO(0x12, 127), absent from x/sys.
+const blkZeroOut = 0x127f
+
+// fsTreeLayer is what virtio-fs needs beneath its shared directory; landlock
+// confines every path to that directory.
+func fsTreeLayer() []rule {
+	return []rule{
+		allow("openat", "FUSE LOOKUP/OPEN/CREATE relative to the shared directory fd"),
+		allow("openat2", "opens with RESOLVE_BENEATH"),
+		allow("newfstatat", "FUSE GETATTR/LOOKUP"),
+		allow("statx", "FUSE GETATTR/LOOKUP"),
+		allow("fstatfs", "FUSE STATFS"),
+		allow("getdents64", "FUSE READDIR"),
+		allow("mkdirat", "FUSE MKDIR"),
+		allowIf("mknodat", "mode & S_IFMT in S_IFREG, S_IFIFO, S_IFSOCK",
+			"FUSE MKNOD of regular files, fifos and sockets (never devices)",
+			all(masked(2, unix.S_IFMT, unix.S_IFREG)), all(masked(2, unix.S_IFMT, unix.S_IFIFO)),
+			all(masked(2, unix.S_IFMT, unix.S_IFSOCK))),
+		allow("unlinkat", "FUSE UNLINK/RMDIR"),
+		allow("renameat", "FUSE RENAME"),
+		allow("renameat2", "FUSE RENAME2"),
+		allow("linkat", "FUSE LINK"),
+		allow("symlinkat", "FUSE SYMLINK"),
+		allow("readlinkat", "FUSE READLINK"),
+		allow("fchmod", "FUSE SETATTR mode"),
+		allow("fchmodat", "FUSE SETATTR mode"),
+		allow("fchown", "FUSE SETATTR owner"),
+		allow("fchownat", "FUSE SETATTR owner"),
+		allow("utimensat", "FUSE SETATTR times"),
+		allow("faccessat", "FUSE ACCESS"),
+		allow("faccessat2", "FUSE ACCESS"),
+		allow("fgetxattr", "FUSE GETXATTR"),
+		allow("fsetxattr", "FUSE SETXATTR"),
+		allow("flistxattr", "FUSE LISTXATTR"),
+		allow("fremovexattr", "FUSE REMOVEXATTR"),
+		allow("flock", "FUSE SETLK with flock semantics"),
+		allowIf("fcntl", "cmd in F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW",
+			"FUSE GETLK/SETLK", oneOf(1, unix.F_GETLK, unix.F_SETLK, unix.F_SETLKW,
+				unix.F_OFD_GETLK, unix.F_OFD_SETLK, unix.F_OFD_SETLKW)...),
+		allow("copy_file_range", "FUSE COPY_FILE_RANGE"),
+		allow("dup", "opendir on a dup of a directory fd"),
+	}
+}
+
+// profileLayers lists the layers of a built-in profile.
+func profileLayers(p Profile) ([]func() []rule, []string, error) {
+	switch p {
+	case ProfileMinimal, ProfileNet:
+		return []func() []rule{goRuntimeLayer, ipcLayer}, []string{layerGoRuntime, layerIPC}, nil
+	case ProfileBlock:
+		return []func() []rule{goRuntimeLayer, ipcLayer, diskIOLayer},
+			[]string{layerGoRuntime, layerIPC, layerDiskIO}, nil
+	case ProfileFS:
+		return []func() []rule{goRuntimeLayer, ipcLayer, diskIOLayer, fsTreeLayer},
+			[]string{layerGoRuntime, layerIPC, layerDiskIO, layerFSTree}, nil
+	}
+	return nil, nil, fmt.Errorf("%w: unknown syscall profile %q", ErrPolicy, p)
+}
+
+// policyRules returns the rules of a policy: its profile's layers plus its
+// extra system calls, merged per system call (conditions are OR'ed; an
+// unconditional rule wins). Names absent on this architecture are dropped.
+func policyRules(p Policy) ([]rule, error) {
+	layers, names, err := profileLayers(p.Syscalls)
+	if err != nil {
+		return nil, err
+	}
+	var rules []rule
+	for i, l := range layers {
+		for _, r := range l() {
+			r.layer = names[i]
+			rules = append(rules, r)
+		}
+	}
+	for _, s := range p.ExtraSyscalls {
+		rules = append(rules, rule{name: s.Name, reason: s.Reason, layer: layerExtra})
+	}
+	// The filter tests numbers in this order: the hot calls go first.
+	hot := []string{"futex", "read", "write", "pread64", "pwrite64", "preadv", "pwritev",
+		"epoll_pwait", "epoll_wait", "recvmsg", "sendmsg", "nanosleep", "sched_yield"}
+	rank := func(r rule) int {
+		if i := slices.Index(hot, r.name); i >= 0 {
+			return i
+		}
+		return len(hot)
+	}
+	slices.SortStableFunc(rules, func(a, b rule) int { return rank(a) - rank(b) })
+	nums := syscallNumbers()
+	var out []rule
+	index := map[string]int{}
+	for _, r := range rules {
+		if _, ok := nums[r.name]; !ok {
+			continue
+		}
+		i, seen := index[r.name]
+		if !seen {
+			index[r.name] = len(out)
+			out = append(out, r)
+			continue
+		}
+		m := &out[i]
+		if m.alts == nil || r.alts == nil {
+			m.alts, m.args = nil, ""
+		} else {
+			m.alts = append(slices.Clone(m.alts), r.alts...)
+			m.args = m.args + "; or " + r.args
+		}
+		m.reason += "; " + r.reason
+		if !strings.Contains(m.layer, r.layer) {
+			m.layer += "+" + r.layer
+		}
+	}
+	return out, nil
+}
+
+// Rules returns the allowed system calls of a policy with their argument
+// constraints and reasons, in filter order.
+func Rules(p Policy) ([]Rule, error) {
+	rs, err := policyRules(p)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Rule, len(rs))
+	for i, r := range rs {
+		out[i] = Rule{Syscall: r.name, Args: r.args, Reason: r.reason, Layer: r.layer}
+	}
+	return out, nil
+}

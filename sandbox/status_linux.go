@@ -1,0 +1,161 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// StatusReport says which sandbox layers this host supports and what each
+// built-in plugin kind is allowed.
+type StatusReport struct {
+	Kernel string        `json:"kernel"`
+	Arch   string        `json:"arch"`
+	Layers []LayerStatus `json:"layers"`
+	Kinds  []KindStatus  `json:"kinds"`
+}
+
+// LayerStatus is one layer on this host.
+type LayerStatus struct {
+	Layer     Layer  `json:"layer"`
+	Available bool   `json:"available"`
+	Detail    string `json:"detail"`
+}
+
+// KindStatus is the sandbox of one built-in plugin kind.
+type KindStatus struct {
+	Kind       string   `json:"kind"`
+	Profile    Profile  `json:"profile"`
+	Namespaces []string `json:"namespaces"`
+	Root       string   `json:"root"`
+	Limits     []string `json:"limits"`
+	Landlock   []string `json:"landlock"`
+	Refused    string   `json:"refused"`
+	Syscalls   []Rule   `json:"syscalls"`
+}
+
+// Status probes this host and describes the built-in policies. Probing
+// user namespaces starts (and reaps) one short-lived child that fails its
+// execve on purpose.
+func Status() StatusReport {
+	var r StatusReport
+	var uts unix.Utsname
+	if unix.Uname(&uts) == nil {
+		r.Kernel = unix.ByteSliceToString(uts.Release[:])
+	}
+	r.Arch = runtime.GOARCH
+
+	nsErr := probeNamespaces()
+	r.Layers = append(r.Layers, layerStatus(LayerNamespaces, nsErr,
+		"user, mount, pid, net, ipc, uts and cgroup namespaces can be created by this user"))
+	r.Layers = append(r.Layers, LayerStatus{LayerRlimits, true,
+		fmt.Sprintf("RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, RLIMIT_NOFILE %d, RLIMIT_DATA %d MiB by default", DefaultOpenFiles, DefaultDataBytes>>20)})
+	r.Layers = append(r.Layers, layerStatus(LayerRoot, nsErr,
+		"pivot_root into an empty read-only tmpfs inside the plugin's mount namespace"))
+	_, nnpErr := unix.PrctlRetInt(unix.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
+	r.Layers = append(r.Layers, layerStatus(LayerNoNewPrivs, nnpErr, "PR_SET_NO_NEW_PRIVS on every thread"))
+	r.Layers = append(r.Layers, LayerStatus{LayerCapabilities, true,
+		"bounding, permitted, effective, inheritable and ambient sets emptied on every thread"})
+	abi, llErr := landlockABI()
+	llDetail := ""
+	if llErr == nil {
+		llDetail = landlockDetail(abi)
+	}
+	r.Layers = append(r.Layers, layerStatus(LayerLandlock, llErr, llDetail))
+	scErr := seccompActionAvail(unix.SECCOMP_RET_ERRNO)
+	scDetail := "allowlist per profile, TSYNC, refusals answered EPERM"
+	if seccompActionAvail(unix.SECCOMP_RET_USER_NOTIF) == nil && checkNotifSizes() == nil {
+		scDetail += " and logged by the plugin's supervisor (SECCOMP_RET_USER_NOTIF)"
+	} else {
+		scDetail += " without a log line (no SECCOMP_RET_USER_NOTIF)"
+	}
+	r.Layers = append(r.Layers, layerStatus(LayerSeccomp, scErr, scDetail))
+
+	for _, kind := range []string{"blk", "net", "fs"} {
+		p, _ := DefaultPolicy(kind, 4)
+		rules, _ := Rules(p)
+		ks := KindStatus{
+			Kind:       kind,
+			Profile:    p.Syscalls,
+			Namespaces: NamespaceNames(),
+			Root:       "empty read-only tmpfs; no host path reachable",
+			Limits: []string{"RLIMIT_CORE 0", "RLIMIT_MEMLOCK 0",
+				fmt.Sprintf("RLIMIT_NOFILE %d", DefaultOpenFiles), fmt.Sprintf("RLIMIT_DATA %d MiB", DefaultDataBytes>>20)},
+			Refused:  "EPERM, logged in the plugin's log",
+			Syscalls: rules,
+		}
+		ks.Landlock = landlockRules(p, abi)
+		r.Kinds = append(r.Kinds, ks)
+	}
+	return r
+}
+
+func layerStatus(l Layer, err error, detail string) LayerStatus {
+	if err != nil {
+		return LayerStatus{Layer: l, Available: false, Detail: err.Error()}
+	}
+	return LayerStatus{Layer: l, Available: true, Detail: detail}
+}
+
+func landlockDetail(abi int) string {
+	var have, miss []string
+	add := func(ok bool, what string) {
+		if ok {
+			have = append(have, what)
+		} else {
+			miss = append(miss, what)
+		}
+	}
+	add(abi >= 1, "file system")
+	add(abi >= 2, "refer")
+	add(abi >= 3, "truncate")
+	add(abi >= 4, "TCP bind/connect")
+	add(abi >= 5, "device ioctl")
+	add(abi >= 6, "signal and abstract-socket scopes")
+	s := fmt.Sprintf("ABI %d: %s", abi, strings.Join(have, ", "))
+	if len(miss) > 0 {
+		s += "; not enforced on this kernel: " + strings.Join(miss, ", ")
+	}
+	return s
+}
+
+func landlockRules(p Policy, abi int) []string {
+	out := []string{"no file access except the rules below (files opened before Restrict keep working)"}
+	if len(p.ReadWriteDirFDs) > 0 {
+		out = append(out, "read, write, create, remove, rename beneath the shared directory fd; never execute, device nodes or device ioctls")
+	}
+	if len(p.ReadOnlyDirFDs) > 0 {
+		out = append(out, "read beneath the read-only directory fds")
+	}
+	if abi >= 4 || abi == 0 {
+		out = append(out, "no TCP bind or connect")
+	}
+	if abi >= 6 || abi == 0 {
+		out = append(out, "no signals to, and no abstract unix sockets of, processes outside the plugin")
+	}
+	return out
+}
+
+// probeNamespaces starts a child in the plugin namespaces whose execve
+// fails on purpose: ENOTDIR from execve means clone and the id maps worked;
+// any other error is why namespaces are unavailable.
+func probeNamespaces() error {
+	attr := &syscall.ProcAttr{Sys: &syscall.SysProcAttr{
+		Cloneflags:  namespaceFlags,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: unix.Geteuid(), Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: unix.Getegid(), Size: 1}},
+	}}
+	const path = "/dev/null/krun-sandbox-probe"
+	_, err := syscall.ForkExec(path, []string{path}, attr)
+	if err == nil {
+		return errors.New("namespace probe: exec of a path under /dev/null succeeded")
+	}
+	if errors.Is(err, syscall.ENOTDIR) {
+		return nil
+	}
+	return fmt.Errorf("cannot create the plugin namespaces: %w", err)
+}
