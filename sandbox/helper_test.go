@@ -608,4 +608,3 @@ func launchMain() int {
 	}
 	return 0
 }
-
