@@ -430,3 +430,97 @@ func BenchmarkVhostUserSlowDisk(b *testing.B) {
 		})
 	}
 }
+
+// TestVhostUserMalformed mixes malformed chains (a buffer outside guest
+// memory) and hostile requests (short header, bad length, past the end)
+// with good ones in one batch: the bad ones fail alone, the ring keeps
+// running, the good ones complete.
+func TestVhostUserMalformed(t *testing.T) {
+	for _, workers := range []int{1, 8} {
+		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) {
+			r := newRig(t, 1<<20, false, 1, workers)
+			ring := r.guest.Rings[0]
+			mem := r.guest.Mem
+			type req struct {
+				name   string
+				segs   func(buf uint64) []testguest.Segment
+				status int // -1: malformed chain, used length 0
+			}
+			hdr := func(buf uint64, typ uint32, sector uint64) {
+				b, _ := mem.Bytes(buf, 16)
+				binary.LittleEndian.PutUint32(b, typ)
+				binary.LittleEndian.PutUint64(b[8:], sector)
+			}
+			reqs := []req{
+				{"good read", func(buf uint64) []testguest.Segment {
+					hdr(buf, testguest.BlkTIn, 8)
+					return []testguest.Segment{{Addr: buf, Len: 16}, {Addr: buf + 4096, Len: 4096, Writable: true}, {Addr: buf + 16, Len: 1, Writable: true}}
+				}, blk.StatusOK},
+				{"buffer outside memory", func(buf uint64) []testguest.Segment {
+					hdr(buf, testguest.BlkTIn, 8)
+					return []testguest.Segment{{Addr: buf, Len: 16}, {Addr: 1 << 40, Len: 4096, Writable: true}, {Addr: buf + 16, Len: 1, Writable: true}}
+				}, -1},
+				{"short header", func(buf uint64) []testguest.Segment {
+					hdr(buf, testguest.BlkTIn, 8)
+					return []testguest.Segment{{Addr: buf, Len: 8}, {Addr: buf + 16, Len: 1, Writable: true}}
+				}, blk.StatusIOErr},
+				{"odd length", func(buf uint64) []testguest.Segment {
+					hdr(buf, testguest.BlkTOut, 8)
+					return []testguest.Segment{{Addr: buf, Len: 16}, {Addr: buf + 4096, Len: 1000}, {Addr: buf + 16, Len: 1, Writable: true}}
+				}, blk.StatusIOErr},
+				{"past the end", func(buf uint64) []testguest.Segment {
+					hdr(buf, testguest.BlkTIn, 2047)
+					return []testguest.Segment{{Addr: buf, Len: 16}, {Addr: buf + 4096, Len: 1024, Writable: true}, {Addr: buf + 16, Len: 1, Writable: true}}
+				}, blk.StatusIOErr},
+				{"good write", func(buf uint64) []testguest.Segment {
+					hdr(buf, testguest.BlkTOut, 16)
+					return []testguest.Segment{{Addr: buf, Len: 16}, {Addr: buf + 4096, Len: 512}, {Addr: buf + 16, Len: 1, Writable: true}}
+				}, blk.StatusOK},
+			}
+			bufs := map[int]uint64{}
+			for round := 0; round < 5; round++ {
+				for i, rq := range reqs {
+					buf, err := mem.Alloc(8192, 4096)
+					if err != nil {
+						t.Fatal(err)
+					}
+					st, _ := mem.Bytes(buf+16, 1)
+					st[0] = 0xff
+					bufs[round*len(reqs)+i] = buf
+					if _, err := ring.Post(rq.segs(buf), round*len(reqs)+i); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			if err := ring.KickAlways(); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			for seen := 0; seen < 5*len(reqs); {
+				cs, err := ring.Wait(ctx)
+				if err != nil {
+					t.Fatalf("after %d completions: %v", seen, err)
+				}
+				for _, c := range cs {
+					seen++
+					k := c.Token.(int)
+					rq := reqs[k%len(reqs)]
+					st, _ := mem.Bytes(bufs[k]+16, 1)
+					if rq.status < 0 {
+						if c.Len != 0 {
+							t.Errorf("%s: used length %d, want 0", rq.name, c.Len)
+						}
+						continue
+					}
+					if int(st[0]) != rq.status {
+						t.Errorf("%s: status %d, want %d", rq.name, st[0], rq.status)
+					}
+				}
+			}
+			if st := r.dev.Stats(); st.ShortHeader != 5 || st.BadLength != 5 || st.OutOfRange != 5 || st.Reads != 10 || st.Writes != 10 {
+				t.Fatalf("stats %+v", st)
+			}
+		})
+	}
+}
