@@ -1,0 +1,242 @@
+package fs_test
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/devices/fs/fuseclient"
+	"github.com/krun-core/krun-core/testguest"
+)
+
+const virtiofsdPath = "/usr/lib/qemu/virtiofsd"
+
+var bins struct {
+	once sync.Once
+	dir  string
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if bins.dir != "" && os.Getenv("KRUN_E2E_BIN_DIR") == "" {
+		os.RemoveAll(bins.dir)
+	}
+	os.Exit(code)
+}
+
+// binDir builds krun-core and krun-plugin-fs-virtio once per test binary
+// (plugins are found next to krun-core).
+func binDir(t testing.TB) string {
+	t.Helper()
+	if d := os.Getenv("KRUN_E2E_BIN_DIR"); d != "" {
+		return d
+	}
+	bins.once.Do(func() {
+		root, err := filepath.Abs("../..")
+		if err != nil {
+			bins.err = err
+			return
+		}
+		dir, err := os.MkdirTemp("", "krun-e2e-fs-bin")
+		if err != nil {
+			bins.err = err
+			return
+		}
+		bins.dir = dir
+		for out, pkg := range map[string]string{
+			"krun-core":             "./cmd/krun-core",
+			"krun-plugin-fs-virtio": "./plugins/fs-virtio",
+		} {
+			cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
+			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+			if b, err := cmd.CombinedOutput(); err != nil {
+				bins.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
+				return
+			}
+		}
+	})
+	if bins.err != nil {
+		t.Fatal(bins.err)
+	}
+	return bins.dir
+}
+
+// lockedBuffer collects a child's output.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// daemon is one vhost-user-fs back-end process: `krun-core serve --fs` or
+// the C virtiofsd.
+type daemon struct {
+	t      testing.TB
+	name   string
+	cmd    *exec.Cmd
+	socket string
+	out    *lockedBuffer
+	done   chan struct{}
+	err    error
+	once   sync.Once
+	// cleanExit is what a clean stop looks like: krun-core exits 0 on
+	// SIGTERM; virtiofsd is killed.
+	kill bool
+}
+
+func sockDir(t testing.TB) string {
+	t.Helper()
+	// Unix socket paths are limited to 108 bytes: keep them short.
+	dir, err := os.MkdirTemp("", "kfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
+	t.Helper()
+	d.t, d.out, d.done = t, &lockedBuffer{}, make(chan struct{})
+	d.cmd = exec.Command(args[0], args[1:]...)
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		d.err = d.cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() { d.stop() })
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if st, err := os.Stat(d.socket); err == nil && st.Mode().Type() == fs.ModeSocket {
+			return d
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("%s exited before listening: %v\n%s", d.name, d.err, d.out)
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no socket after 30 s\n%s", d.name, d.out)
+		}
+	}
+}
+
+// serveFS starts `krun-core serve --socket S --fs spec`.
+func serveFS(t testing.TB, spec string, extra ...string) *daemon {
+	t.Helper()
+	d := &daemon{name: "krun-core serve --fs " + spec, socket: filepath.Join(sockDir(t), "fs.sock")}
+	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--socket", d.socket, "--fs", spec}, extra...)
+	return startDaemon(t, d, args...)
+}
+
+// virtiofsd starts QEMU's C virtiofsd on dir (it needs root for its own
+// sandbox) or skips.
+func virtiofsd(t testing.TB, dir string) *daemon {
+	t.Helper()
+	if _, err := os.Stat(virtiofsdPath); err != nil {
+		t.Skipf("%s is not installed (Debian package qemu-system-common)", virtiofsdPath)
+	}
+	if os.Getuid() != 0 {
+		t.Skip("the C virtiofsd needs root for its sandbox")
+	}
+	d := &daemon{name: "virtiofsd", socket: filepath.Join(sockDir(t), "vfsd.sock"), kill: true}
+	return startDaemon(t, d, virtiofsdPath, "--socket-path="+d.socket, "-o", "source="+dir, "-o", "cache=auto")
+}
+
+// stop ends the daemon and, for krun-core, fails the test unless it exits
+// 0 on SIGTERM within 15 s.
+func (d *daemon) stop() { d.once.Do(d.doStop) }
+
+func (d *daemon) doStop() {
+	select {
+	case <-d.done:
+	default:
+		if d.kill {
+			d.cmd.Process.Kill()
+			<-d.done
+			return
+		}
+		d.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-d.done:
+		case <-time.After(15 * time.Second):
+			d.cmd.Process.Kill()
+			<-d.done
+			d.t.Errorf("%s did not exit within 15 s of SIGTERM\n%s", d.name, d.out)
+			return
+		}
+	}
+	if d.kill {
+		return
+	}
+	var ee *exec.ExitError
+	if d.err != nil && !(errors.As(d.err, &ee) && ee.ExitCode() == 0) {
+		d.t.Errorf("%s: %v\n%s", d.name, d.err, d.out)
+	}
+}
+
+// alive reports whether the daemon is still running.
+func (d *daemon) alive() bool {
+	select {
+	case <-d.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// fuseGuest is the Go test guest on a virtio-fs back-end: a FUSE client on
+// the first request queue and one on the hiprio queue.
+type fuseGuest struct {
+	g      *testguest.Guest
+	req    *fuseclient.Client
+	hiprio *fuseclient.Client
+}
+
+func dialFS(t testing.TB, socket string, split int) *fuseGuest {
+	t.Helper()
+	g, err := testguest.Dial(socket, testguest.Options{NumQueues: 2, QueueSize: 128, MemSize: 64 << 20})
+	if err != nil {
+		t.Fatalf("dial %s: %v", socket, err)
+	}
+	rq := fuseclient.NewRing(g.Mem, g.Rings[1], split)
+	hq := fuseclient.NewRing(g.Mem, g.Rings[0], split)
+	t.Cleanup(func() {
+		rq.Close()
+		hq.Close()
+		g.Close()
+	})
+	fg := &fuseGuest{g: g, req: fuseclient.New(rq), hiprio: fuseclient.New(hq)}
+	if _, err := fg.req.Init(fuseclient.LinuxInitFlags); err != nil {
+		t.Fatalf("FUSE INIT: %v", err)
+	}
+	return fg
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
