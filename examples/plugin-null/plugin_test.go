@@ -307,3 +307,42 @@ func TestHandleWithoutWritable(t *testing.T) {
 		t.Fatalf("declared policy invalid: %v", err)
 	}
 }
+
+// BenchmarkLaunchToFirstRPC measures starting an SDK plugin up to its first
+// answered RPC (Describe), with and without the launcher-side sandbox
+// (namespaces cost a few milliseconds).
+func BenchmarkLaunchToFirstRPC(b *testing.B) {
+	for _, sandboxed := range []bool{false, true} {
+		b.Run(fmt.Sprintf("sandbox=%v", sandboxed), func(b *testing.B) {
+			for b.Loop() {
+				b.StopTimer()
+				pluginEnd, guestEnd := socketPairB(b)
+				cfg := pluginhost.Config{Kind: "null", PluginDir: pluginDir, Socket: pluginEnd, SandboxOff: !sandboxed}
+				if sandboxed {
+					cfg.Sandbox = sandbox.LaunchConfig{Log: hclog.NewNullLogger()}
+				}
+				b.StartTimer()
+				p, err := pluginhost.Launch(cfg)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := p.Describe(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				p.Kill()
+				pluginEnd.Close()
+				guestEnd.Close()
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+func socketPairB(b *testing.B) (*os.File, *os.File) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return os.NewFile(uintptr(fds[0]), "plugin-end"), os.NewFile(uintptr(fds[1]), "guest-end")
+}

@@ -1,0 +1,291 @@
+package pluginsdk
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+
+	hclog "github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/krun-core/krun-core/proto/pluginpb"
+	"github.com/krun-core/krun-core/sandbox"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+// fakeDevice is a minimal backend.Device with the optional extras.
+type fakeDevice struct {
+	flushErr, closeErr error
+	flushed, closed    bool
+	cfg                []byte
+	badInfo            bool
+}
+
+func (d *fakeDevice) Info() backend.DeviceInfo {
+	if d.badInfo {
+		return backend.DeviceInfo{Type: 4, NumQueues: 0}
+	}
+	return backend.DeviceInfo{Type: 4, NumQueues: 2, Features: 1 << 3}
+}
+
+func (d *fakeDevice) ReadConfig(off uint32, p []byte) error {
+	if int(off)+len(p) > len(d.cfg) {
+		return errors.New("beyond config space")
+	}
+	copy(p, d.cfg[off:])
+	return nil
+}
+func (d *fakeDevice) WriteConfig(uint32, []byte) error { return errors.New("read-only") }
+func (d *fakeDevice) SetFeatures(uint64) error         { return nil }
+func (d *fakeDevice) ServeQueue(ctx context.Context, _ int, _ *backend.Vring) error {
+	<-ctx.Done()
+	return nil
+}
+func (d *fakeDevice) Reset()                      {}
+func (d *fakeDevice) ConfigSize() int             { return len(d.cfg) }
+func (d *fakeDevice) Counters() map[string]uint64 { return map[string]uint64{"widgets": 7} }
+func (d *fakeDevice) Flush() error                { d.flushed = true; return d.flushErr }
+func (d *fakeDevice) Close() error                { d.closed = true; return d.closeErr }
+
+// fakePlugin records what Configure got.
+type fakePlugin struct {
+	dev       *fakeDevice
+	err       error
+	panicMsg  string
+	gotOpts   map[string]string
+	gotFiles  map[string]*os.File
+	policyFDs map[string]int
+}
+
+func (p *fakePlugin) Kind() string { return "fake" }
+func (p *fakePlugin) Policy(fds map[string]int) sandbox.Policy {
+	p.policyFDs = fds
+	return sandbox.Policy{Kind: "fake", Syscalls: sandbox.ProfileMinimal}
+}
+func (p *fakePlugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, _ hclog.Logger) (backend.Device, error) {
+	if p.panicMsg != "" {
+		panic(p.panicMsg)
+	}
+	p.gotOpts, p.gotFiles = opts, files
+	if p.err != nil {
+		return nil, p.err
+	}
+	if p.dev == nil {
+		return nil, nil
+	}
+	return p.dev, nil
+}
+
+// newTestServer returns a server whose stop only records the call: the
+// real one exits the process.
+func newTestServer(p Plugin) (*server, *bool) {
+	stopped := false
+	return &server{p: p, log: hclog.NewNullLogger(), state: pluginpb.HealthResponse_STATE_WAITING,
+		stop: func() { stopped = true }}, &stopped
+}
+
+// inheritFD dups a new file onto a free fd >= 4 and returns it, as if the
+// host had passed it.
+func inheritFD(t *testing.T) uint32 {
+	t.Helper()
+	f, err := os.CreateTemp(t.TempDir(), "res")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, pluginpb.FirstResourceFD)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fd >= pluginpb.FirstResourceFD+maxFiles {
+		unix.Close(fd)
+		t.Skipf("no free fd below %d in the test process", pluginpb.FirstResourceFD+maxFiles)
+	}
+	return uint32(fd)
+}
+
+func code(err error) codes.Code { return status.Code(err) }
+
+func TestConfigureStatsShutdown(t *testing.T) {
+	dev := &fakeDevice{cfg: []byte{1, 2, 3, 4}, flushErr: errors.New("fdatasync: EIO")}
+	p := &fakePlugin{dev: dev}
+	s, stopped := newTestServer(p)
+	fd := inheritFD(t)
+
+	d, err := s.Describe(context.Background(), nil)
+	if err != nil || d.Kind != "fake" || d.Configured || d.SdkVersion != Version {
+		t.Fatalf("Describe before Configure = %v, %v", d, err)
+	}
+	if _, err := sandbox.ParsePolicy(d.PolicyJson); err != nil {
+		t.Errorf("policy JSON: %v", err)
+	}
+	if _, err := s.Start(context.Background(), &pluginpb.StartRequest{}); code(err) != codes.FailedPrecondition {
+		t.Errorf("Start before Configure: %v", err)
+	}
+
+	r, err := s.Configure(context.Background(), &pluginpb.ConfigureRequest{
+		Options: map[string]string{"a": "b"}, Files: map[string]uint32{"image": fd}, SandboxOff: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	di := r.GetDevice()
+	if di.GetDeviceType() != 4 || di.GetNumQueues() != 2 || di.GetMaxQueueSize() != backend.DefaultMaxQueueSize ||
+		di.GetFeatures()&(1<<3) == 0 || di.GetFeatures()&backend.FrameworkFeatures != backend.FrameworkFeatures ||
+		string(di.GetConfig()) != "\x01\x02\x03\x04" {
+		t.Errorf("device %v", di)
+	}
+	if r.GetSandbox() != "off at the user's request" {
+		t.Errorf("sandbox note %q", r.GetSandbox())
+	}
+	if p.gotOpts["a"] != "b" || p.gotFiles["image"] == nil || int(p.gotFiles["image"].Fd()) != int(fd) {
+		t.Errorf("plugin got opts %v files %v", p.gotOpts, p.gotFiles)
+	}
+	d, err = s.Describe(context.Background(), nil)
+	if err != nil || !d.Configured || d.Device.GetNumQueues() != 2 {
+		t.Errorf("Describe after Configure = %v, %v", d, err)
+	}
+	if p.policyFDs["image"] != int(fd) {
+		t.Errorf("Policy got fds %v after Configure", p.policyFDs)
+	}
+	if _, err := s.Configure(context.Background(), &pluginpb.ConfigureRequest{SandboxOff: true}); code(err) != codes.FailedPrecondition {
+		t.Errorf("second Configure: %v", err)
+	}
+
+	st, err := s.Stats(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := st.GetCounters()
+	if c["widgets"] != 7 || c["q1.requests"] != 0 {
+		t.Errorf("counters %v", c)
+	}
+	if _, ok := c["q1.failures"]; !ok {
+		t.Errorf("no per-queue back-end counters: %v", c)
+	}
+
+	sr, err := s.Shutdown(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !dev.flushed || !dev.closed || !strings.Contains(sr.GetFlushError(), "flush: fdatasync: EIO") {
+		t.Errorf("shutdown: flushed %v closed %v error %q", dev.flushed, dev.closed, sr.GetFlushError())
+	}
+	if !*stopped {
+		t.Error("Shutdown did not arrange the exit")
+	}
+	h, _ := s.Health(context.Background(), nil)
+	if h.GetState() != pluginpb.HealthResponse_STATE_STOPPED {
+		t.Errorf("health after Shutdown %v", h)
+	}
+}
+
+func TestConfigureRejects(t *testing.T) {
+	tests := []struct {
+		name  string
+		p     *fakePlugin
+		files func(t *testing.T) map[string]uint32
+		opts  int
+		code  codes.Code
+		want  string
+	}{
+		{name: "plugin error", p: &fakePlugin{err: errors.New(`unknown option "x"`)}, code: codes.InvalidArgument, want: `unknown option "x"`},
+		{name: "plugin panics", p: &fakePlugin{panicMsg: "index out of range"}, code: codes.InvalidArgument, want: "internal error (panic): index out of range"},
+		{name: "nil device", p: &fakePlugin{}, code: codes.InvalidArgument, want: "plugin returned no device"},
+		{name: "stdio fd", p: &fakePlugin{dev: &fakeDevice{}}, files: func(*testing.T) map[string]uint32 { return map[string]uint32{"image": 2} },
+			code: codes.InvalidArgument, want: `file "image": fd 2 outside 4..67`},
+		{name: "fd not inherited", p: &fakePlugin{dev: &fakeDevice{}}, files: func(*testing.T) map[string]uint32 { return map[string]uint32{"image": 67} },
+			code: codes.InvalidArgument, want: "was not inherited"},
+		{name: "empty name", p: &fakePlugin{dev: &fakeDevice{}}, files: func(t *testing.T) map[string]uint32 { return map[string]uint32{"": inheritFD(t)} },
+			code: codes.InvalidArgument, want: "empty name"},
+		{name: "same fd twice", p: &fakePlugin{dev: &fakeDevice{}}, files: func(t *testing.T) map[string]uint32 {
+			fd := inheritFD(t)
+			return map[string]uint32{"a": fd, "b": fd}
+		}, code: codes.InvalidArgument, want: "both claim fd"},
+		{name: "too many options", p: &fakePlugin{dev: &fakeDevice{}}, opts: maxOptions + 1, code: codes.InvalidArgument, want: "options, at most"},
+		{name: "bad device info", p: &fakePlugin{dev: &fakeDevice{badInfo: true}}, code: codes.Internal, want: "device: 0 queues"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := newTestServer(tc.p)
+			req := &pluginpb.ConfigureRequest{SandboxOff: true, Options: map[string]string{}}
+			if tc.files != nil {
+				req.Files = tc.files(t)
+			}
+			for i := 0; i < tc.opts; i++ {
+				req.Options[strings.Repeat("k", i+1)] = "v"
+			}
+			_, err := s.Configure(context.Background(), req)
+			if code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), tc.want) {
+				t.Fatalf("Configure = %v, want code %v containing %q", err, tc.code, tc.want)
+			}
+			h, _ := s.Health(context.Background(), nil)
+			if h.GetState() != pluginpb.HealthResponse_STATE_FAILED || h.GetError() == "" {
+				t.Errorf("health after a failed Configure: %v", h)
+			}
+		})
+	}
+}
+
+func TestSandboxRestrictFailureStops(t *testing.T) {
+	// Without KRUN_SANDBOX (no launcher-side sandbox) Restrict refuses to
+	// run; the SDK reports it and arranges the exit. Restrict fails before
+	// it changes anything in this test process.
+	t.Setenv("KRUN_SANDBOX", "")
+	os.Unsetenv("KRUN_SANDBOX")
+	s, stopped := newTestServer(&fakePlugin{dev: &fakeDevice{}})
+	_, err := s.Configure(context.Background(), &pluginpb.ConfigureRequest{})
+	if code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "sandbox") {
+		t.Fatalf("Configure without a launcher sandbox: %v", err)
+	}
+	if !*stopped {
+		t.Error("a failed Restrict did not stop the plugin")
+	}
+}
+
+func TestCheckOptionsAndOnOff(t *testing.T) {
+	if err := CheckOptions(map[string]string{"a": "1", "b": "2"}, "a", "b", "c"); err != nil {
+		t.Error(err)
+	}
+	if err := CheckOptions(map[string]string{"z": "1", "d": "2"}, "a", "b"); err == nil || err.Error() != `unknown option "d" (want a, b)` {
+		t.Errorf("CheckOptions = %v", err)
+	}
+	if err := CheckOptions(map[string]string{"x": ""}); err == nil || !strings.Contains(err.Error(), "takes none") {
+		t.Errorf("CheckOptions with nothing allowed = %v", err)
+	}
+	for _, tc := range []struct {
+		v       string
+		set     bool
+		def     bool
+		want    bool
+		wantErr bool
+	}{
+		{"on", true, false, true, false},
+		{"off", true, true, false, false},
+		{"", false, true, true, false},
+		{"yes", true, false, false, true},
+		{"", true, false, false, true},
+	} {
+		opts := map[string]string{}
+		if tc.set {
+			opts["k"] = tc.v
+		}
+		got, err := OnOff(opts, "k", tc.def)
+		if got != tc.want || (err != nil) != tc.wantErr {
+			t.Errorf("OnOff(%q set=%v def=%v) = %v, %v", tc.v, tc.set, tc.def, got, err)
+		}
+	}
+}
+
+func TestReadConfigSpace(t *testing.T) {
+	if got := readConfigSpace(&fakeDevice{cfg: make([]byte, 300)}); len(got) != maxConfigSpace {
+		t.Errorf("oversized ConfigSize read %d bytes, want the %d cap", len(got), maxConfigSpace)
+	}
+	if got := readConfigSpace(&fakeDevice{}); got != nil {
+		t.Errorf("empty config space read %v", got)
+	}
+}
