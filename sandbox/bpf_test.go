@@ -1,0 +1,363 @@
+package sandbox
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// runBPF interprets a seccomp program over one seccomp_data, checking every
+// instruction the way the kernel's checker would (aligned in-bounds loads,
+// forward jumps inside the program, a RET at the end of every path).
+func runBPF(prog []unix.SockFilter, data []byte) (uint32, error) {
+	var a uint32
+	for pc := 0; pc < len(prog); pc++ {
+		in := prog[pc]
+		jump := func(off int) error {
+			if pc+1+off >= len(prog) {
+				return fmt.Errorf("pc %d: jump past the end", pc)
+			}
+			pc += off
+			return nil
+		}
+		var err error
+		switch in.Code {
+		case unix.BPF_LD | unix.BPF_W | unix.BPF_ABS:
+			if in.K%4 != 0 || int(in.K)+4 > len(data) {
+				return 0, fmt.Errorf("pc %d: load at %d", pc, in.K)
+			}
+			a = binary.LittleEndian.Uint32(data[in.K:])
+		case unix.BPF_ALU | unix.BPF_AND | unix.BPF_K:
+			a &= in.K
+		case unix.BPF_JMP | unix.BPF_JA:
+			err = jump(int(in.K))
+		case unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K:
+			if a == in.K {
+				err = jump(int(in.Jt))
+			} else {
+				err = jump(int(in.Jf))
+			}
+		case unix.BPF_JMP | unix.BPF_JGE | unix.BPF_K:
+			if a >= in.K {
+				err = jump(int(in.Jt))
+			} else {
+				err = jump(int(in.Jf))
+			}
+		case unix.BPF_RET | unix.BPF_K:
+			return in.K, nil
+		default:
+			return 0, fmt.Errorf("pc %d: opcode %#x", pc, in.Code)
+		}
+		if err != nil {
+			return 0, err
+		}
+	}
+	return 0, errors.New("fell off the end of the program")
+}
+
+func seccompData(arch uint32, nr uint32, args ...uint64) []byte {
+	d := make([]byte, 64)
+	binary.LittleEndian.PutUint32(d[0:], nr)
+	binary.LittleEndian.PutUint32(d[4:], arch)
+	binary.LittleEndian.PutUint64(d[8:], 0x401000) // ip
+	for i, v := range args {
+		binary.LittleEndian.PutUint64(d[16+8*i:], v)
+	}
+	return d
+}
+
+const (
+	testSelf  = 1
+	testDeny  = unix.SECCOMP_RET_USER_NOTIF
+	testWrong = unix.SECCOMP_RET_KILL_PROCESS
+)
+
+func compileProfile(t *testing.T, p Policy) []unix.SockFilter {
+	t.Helper()
+	rules, err := policyRules(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog, err := compileFilter(filterSpec{arch: auditArch, x32Bit: x32SyscallBit, self: testSelf, rules: rules,
+		nums: syscallNumbers(), deny: testDeny, wrongArch: testWrong})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return prog
+}
+
+func decide(t *testing.T, prog []unix.SockFilter, name string, args ...uint64) uint32 {
+	t.Helper()
+	nr, ok := syscallNumbers()[name]
+	if !ok {
+		t.Fatalf("no number for %s", name)
+	}
+	r, err := runBPF(prog, seccompData(auditArch, nr, args...))
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return r
+}
+
+func TestFilterDecisions(t *testing.T) {
+	const allowed, refused = unix.SECCOMP_RET_ALLOW, uint32(testDeny)
+	threadFlags := uint64(goThreadCloneFlags)
+	cases := []struct {
+		profile Profile
+		name    string
+		args    []uint64
+		want    uint32
+	}{
+		{ProfileBlock, "read", nil, allowed},
+		{ProfileBlock, "pwrite64", []uint64{3, 0, 4096, 1 << 40}, allowed},
+		{ProfileBlock, "fdatasync", nil, allowed},
+		{ProfileBlock, "fallocate", nil, allowed},
+		{ProfileBlock, "openat", nil, refused},
+		{ProfileBlock, "execve", nil, refused},
+		{ProfileBlock, "socket", []uint64{unix.AF_INET, unix.SOCK_STREAM}, refused},
+		{ProfileBlock, "connect", nil, refused},
+		{ProfileBlock, "mmap", []uint64{0, 4096, unix.PROT_READ | unix.PROT_WRITE, unix.MAP_SHARED, 7, 0}, allowed},
+		{ProfileBlock, "mmap", []uint64{0, 4096, unix.PROT_READ | unix.PROT_EXEC, unix.MAP_SHARED, 7, 0}, refused},
+		{ProfileBlock, "mmap", []uint64{0, 4096, unix.PROT_EXEC | 1<<40, unix.MAP_PRIVATE, 0, 0}, refused},
+		{ProfileBlock, "clone", []uint64{threadFlags}, allowed},
+		{ProfileBlock, "clone", []uint64{threadFlags | unix.CLONE_SETTLS}, allowed},
+		{ProfileBlock, "clone", []uint64{uint64(unix.SIGCHLD)}, refused},
+		{ProfileBlock, "clone", []uint64{threadFlags | unix.CLONE_NEWUSER}, refused},
+		{ProfileBlock, "clone", []uint64{threadFlags | 1<<32}, refused},
+		{ProfileBlock, "tgkill", []uint64{testSelf, 5, 23}, allowed},
+		{ProfileBlock, "tgkill", []uint64{testSelf + 1, 5, 23}, refused},
+		{ProfileBlock, "tgkill", []uint64{testSelf | 1<<32, 5, 23}, refused},
+		{ProfileBlock, "kill", []uint64{testSelf, 9}, allowed},
+		{ProfileBlock, "kill", []uint64{0, 9}, refused},                          // own process group
+		{ProfileBlock, "kill", []uint64{^uint64(0), 9}, refused},                 // everyone
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_GETFL}, allowed},              // os.NewFile
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_DUPFD_CLOEXEC, 0}, allowed},   // kick fd dup
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETLK}, refused},              // locks: fs only
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETOWN}, refused},             // signals to others
+		{ProfileBlock, "ioctl", []uint64{2, unix.TCGETS}, allowed},               // isatty
+		{ProfileBlock, "ioctl", []uint64{3, unix.BLKGETSIZE64}, allowed},         // block-device image
+		{ProfileBlock, "ioctl", []uint64{0, unix.TIOCSTI}, refused},              // terminal injection
+		{ProfileBlock, "ioctl", []uint64{3, unix.BLKGETSIZE64 | 1<<32}, refused}, // high bits
+		{ProfileBlock, "prlimit64", []uint64{0, unix.RLIMIT_NOFILE, 0, 0x1000}, allowed},
+		{ProfileBlock, "prlimit64", []uint64{0, unix.RLIMIT_NOFILE, 0x1000, 0}, refused},
+		{ProfileBlock, "recvmsg", nil, allowed},
+		{ProfileBlock, "accept4", nil, allowed},
+		{ProfileNet, "pread64", nil, refused},
+		{ProfileNet, "fallocate", nil, refused},
+		{ProfileNet, "ioctl", []uint64{3, unix.BLKGETSIZE64}, refused},
+		{ProfileNet, "sendmsg", nil, allowed},
+		{ProfileMinimal, "fdatasync", nil, refused},
+		{ProfileFS, "openat", nil, allowed},
+		{ProfileFS, "getdents64", nil, allowed},
+		{ProfileFS, "fcntl", []uint64{3, unix.F_OFD_SETLK}, allowed},
+		{ProfileFS, "fcntl", []uint64{3, unix.F_GETFL}, allowed},
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFIFO | 0o644, 0}, allowed},
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFREG | 0o644, 0}, allowed},
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFCHR | 0o644, 0x0103}, refused},
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFBLK | 0o644, 0x0801}, refused},
+		{ProfileFS, "execve", nil, refused},
+		{ProfileFS, "socket", nil, refused},
+	}
+	progs := map[Profile][]unix.SockFilter{}
+	for _, c := range cases {
+		prog, ok := progs[c.profile]
+		if !ok {
+			prog = compileProfile(t, Policy{Kind: "t", Syscalls: c.profile})
+			progs[c.profile] = prog
+		}
+		if _, known := syscallNumbers()[c.name]; !known {
+			continue
+		}
+		if got := decide(t, prog, c.name, c.args...); got != c.want {
+			t.Errorf("%s: %s(%#x) = %#x, want %#x", c.profile, c.name, c.args, got, c.want)
+		}
+	}
+}
+
+func TestFilterForeignArchAndX32(t *testing.T) {
+	prog := compileProfile(t, Policy{Kind: "t", Syscalls: ProfileBlock})
+	r, err := runBPF(prog, seccompData(unix.AUDIT_ARCH_I386, 3))
+	if err != nil || r != testWrong {
+		t.Errorf("i386 read: %#x %v, want kill", r, err)
+	}
+	if x32SyscallBit != 0 {
+		r, err := runBPF(prog, seccompData(auditArch, x32SyscallBit|0)) // x32 read
+		if err != nil || r != testDeny {
+			t.Errorf("x32 read: %#x %v, want refused", r, err)
+		}
+	}
+}
+
+func TestFilterForbiddenNeverAllowed(t *testing.T) {
+	nums := syscallNumbers()
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, prof := range Profiles() {
+		prog := compileProfile(t, Policy{Kind: "t", Syscalls: prof})
+		for _, name := range ForbiddenSyscalls() {
+			nr, ok := nums[name]
+			if !ok {
+				continue
+			}
+			for i := 0; i < 20; i++ {
+				args := []uint64{rng.Uint64(), rng.Uint64(), rng.Uint64(), rng.Uint64(), rng.Uint64(), rng.Uint64()}
+				if i == 0 {
+					args = nil
+				}
+				r, err := runBPF(prog, seccompData(auditArch, nr, args...))
+				if err != nil || r != testDeny {
+					t.Fatalf("%s allows forbidden %s: %#x %v", prof, name, r, err)
+				}
+			}
+		}
+	}
+}
+
+// refMatch is the plain-Go meaning of a rule, to compare the program with.
+func refMatch(r rule, self uint64, args []uint64) bool {
+	if r.alts == nil {
+		return true
+	}
+	for _, alt := range r.alts {
+		okAll := true
+		for _, c := range alt {
+			v := c.value
+			if c.self {
+				v = self
+			}
+			okAll = okAll && args[c.arg]&c.mask == v
+		}
+		if okAll {
+			return true
+		}
+	}
+	return false
+}
+
+// Every number, with random and near-miss arguments, gets the decision the
+// rules describe, and every path of the program ends in a RET.
+func TestFilterMatchesRules(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, prof := range Profiles() {
+		p := Policy{Kind: "t", Syscalls: prof, ExtraSyscalls: []Syscall{{Name: "memfd_create", Reason: "test"}}}
+		rules, err := policyRules(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prog := compileProfile(t, p)
+		byNr := map[uint32]rule{}
+		for _, r := range rules {
+			byNr[syscallNumbers()[r.name]] = r
+		}
+		for nr := uint32(0); nr < 600; nr++ {
+			r, known := byNr[nr]
+			for i := 0; i < 40; i++ {
+				args := make([]uint64, 6)
+				for j := range args {
+					args[j] = rng.Uint64()
+				}
+				// Near misses: plant a condition's value, sometimes flipping a bit.
+				if known && r.alts != nil {
+					alt := r.alts[rng.IntN(len(r.alts))]
+					for _, c := range alt {
+						v := c.value
+						if c.self {
+							v = testSelf
+						}
+						args[c.arg] = v | args[c.arg]&^c.mask
+						if rng.IntN(3) == 0 {
+							args[c.arg] ^= 1 << rng.IntN(64)
+						}
+					}
+				}
+				want := uint32(testDeny)
+				if known && refMatch(r, testSelf, args) {
+					want = unix.SECCOMP_RET_ALLOW
+				}
+				got, err := runBPF(prog, seccompData(auditArch, nr, args...))
+				if err != nil {
+					t.Fatalf("%s nr %d: %v", prof, nr, err)
+				}
+				if got != want {
+					t.Fatalf("%s nr %d (%s) args %#x: %#x, want %#x", prof, nr, r.name, args, got, want)
+				}
+			}
+		}
+		if len(prog) > 1000 {
+			t.Errorf("%s: %d instructions; the hot path should stay short", prof, len(prog))
+		}
+	}
+}
+
+func TestCompileErrors(t *testing.T) {
+	nums := map[string]uint32{"a": 1, "b": 1, "c": 2}
+	cases := []struct {
+		name  string
+		rules []rule
+		want  string
+	}{
+		{"unknown", []rule{allow("zzz", "")}, "unknown system call"},
+		{"same number", []rule{allow("a", ""), allow("b", "")}, "share number"},
+		{"impossible", []rule{allowIf("c", "", "", all(argCond{arg: 0, mask: 0xff, value: 1 << 40}))}, "never hold"},
+	}
+	for _, c := range cases {
+		_, err := compileFilter(filterSpec{arch: auditArch, rules: c.rules, nums: nums})
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		}
+	}
+}
+
+func TestAssemblerLongJump(t *testing.T) {
+	var a assembler
+	far := a.newLabel()
+	a.loadAbs(0)
+	a.jeq(1, far, next)
+	for i := 0; i < 300; i++ {
+		a.and(0xffffffff)
+	}
+	a.mark(far)
+	a.ret(0)
+	if _, err := a.assemble(); err == nil || !strings.Contains(err.Error(), "conditional jump") {
+		t.Errorf("conditional jump over 300 instructions: %v, want an error", err)
+	}
+	var b assembler
+	far = b.newLabel()
+	b.jump(far)
+	for i := 0; i < 300; i++ {
+		b.and(1)
+	}
+	b.mark(far)
+	b.ret(7)
+	prog, err := b.assemble()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := runBPF(prog, make([]byte, 64)); err != nil || r != 7 {
+		t.Errorf("long ja: %d %v", r, err)
+	}
+	var c assembler
+	c.jump(c.newLabel())
+	if _, err := c.assemble(); err == nil {
+		t.Error("undefined label assembled")
+	}
+}
+
+// The calls a block plugin makes per request are tested first.
+func TestFilterHotCallsFirst(t *testing.T) {
+	rules, err := policyRules(Policy{Kind: "t", Syscalls: ProfileBlock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var first []string
+	for _, r := range rules[:5] {
+		first = append(first, r.name)
+	}
+	if strings.Join(first, ",") != "futex,read,write,pread64,pwrite64" {
+		t.Errorf("block filter starts with %v", first)
+	}
+}

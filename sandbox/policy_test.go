@@ -1,0 +1,181 @@
+package sandbox
+
+import (
+	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestValidate(t *testing.T) {
+	good := Policy{Kind: "example-null", Syscalls: ProfileMinimal}
+	cases := []struct {
+		name string
+		edit func(*Policy)
+		want string // "" means valid
+	}{
+		{"minimal", func(p *Policy) {}, ""},
+		{"extra with reason", func(p *Policy) {
+			p.ExtraSyscalls = []Syscall{{Name: "memfd_create", Reason: "scratch buffers"}}
+		}, ""},
+		{"extra already allowed", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "read", Reason: "x"}} }, ""},
+		{"fs dir", func(p *Policy) { p.ReadWriteDirFDs = []int{5} }, ""},
+		{"empty kind", func(p *Policy) { p.Kind = "" }, "kind"},
+		{"kind with slash", func(p *Policy) { p.Kind = "../x" }, "only a-z"},
+		{"long kind", func(p *Policy) { p.Kind = strings.Repeat("a", 65) }, "kind"},
+		{"unknown profile", func(p *Policy) { p.Syscalls = "everything" }, "unknown syscall profile"},
+		{"forbidden extra", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "execve", Reason: "plugins"}} }, "never granted"},
+		{"forbidden ptrace", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "ptrace", Reason: "x"}} }, "never granted"},
+		{"socket", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "socket", Reason: "x"}} }, "never granted"},
+		{"widen clone", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "clone", Reason: "x"}} }, "cannot be widened"},
+		{"widen ioctl", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "ioctl", Reason: "x"}} }, "cannot be widened"},
+		{"unknown extra", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "frobnicate", Reason: "x"}} }, "not known"},
+		{"no reason", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "memfd_create", Reason: " "}} }, "reason"},
+		{"stdio as dir", func(p *Policy) { p.ReadOnlyDirFDs = []int{1} }, "out of range"},
+		{"huge fd", func(p *Policy) { p.ReadWriteDirFDs = []int{1 << 30} }, "out of range"},
+		{"too many dirs", func(p *Policy) { p.ReadOnlyDirFDs = make([]int, 17) }, "directory fds"},
+		{"too many extras", func(p *Policy) { p.ExtraSyscalls = make([]Syscall, 65) }, "extra syscalls"},
+	}
+	for _, c := range cases {
+		p := good
+		c.edit(&p)
+		err := p.Validate()
+		if c.want == "" {
+			if err != nil {
+				t.Errorf("%s: %v", c.name, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrPolicy) {
+			t.Errorf("%s: %v, want ErrPolicy containing %q", c.name, err, c.want)
+		}
+	}
+}
+
+func TestParsePolicy(t *testing.T) {
+	p := Policy{Kind: "fs", Syscalls: ProfileFS, ReadWriteDirFDs: []int{5},
+		ExtraSyscalls: []Syscall{{Name: "memfd_create", Reason: "r"}}}
+	b, err := json.Marshal(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := ParsePolicy(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Kind != p.Kind || got.Syscalls != p.Syscalls || !slices.Equal(got.ReadWriteDirFDs, p.ReadWriteDirFDs) ||
+		!slices.Equal(got.ExtraSyscalls, p.ExtraSyscalls) {
+		t.Errorf("round trip: %+v, want %+v", got, p)
+	}
+	for _, bad := range []string{
+		`{"kind":"x","syscalls":"block","caps":["CAP_SYS_ADMIN"]}`, // unknown field
+		`{"kind":"x","syscalls":"block"`,                           // truncated
+		`{"kind":"x","syscalls":"root"}`,                           // unknown profile
+		`[]`,
+	} {
+		if _, err := ParsePolicy([]byte(bad)); err == nil {
+			t.Errorf("ParsePolicy(%s) accepted", bad)
+		}
+	}
+}
+
+func TestDefaultPolicy(t *testing.T) {
+	for _, c := range []struct {
+		kind string
+		prof Profile
+		dirs []int
+	}{{"blk", ProfileBlock, nil}, {"net", ProfileNet, nil}, {"fs", ProfileFS, []int{7}}} {
+		p, err := DefaultPolicy(c.kind, 7)
+		if err != nil || p.Syscalls != c.prof || !slices.Equal(p.ReadWriteDirFDs, c.dirs) || p.Validate() != nil {
+			t.Errorf("%s: %+v %v", c.kind, p, err)
+		}
+	}
+	if _, err := DefaultPolicy("gpu", 0); err == nil {
+		t.Error("unknown kind accepted")
+	}
+}
+
+func TestParseLayers(t *testing.T) {
+	got, err := ParseLayers("seccomp, landlock,seccomp")
+	if err != nil || !slices.Equal(got, []Layer{LayerLandlock, LayerSeccomp}) {
+		t.Errorf("%v %v", got, err)
+	}
+	got, err = ParseLayers("all")
+	if err != nil || len(got) != len(Disableable()) {
+		t.Errorf("all: %v %v", got, err)
+	}
+	if got, err = ParseLayers(""); err != nil || len(got) != 0 {
+		t.Errorf("empty: %v %v", got, err)
+	}
+	for _, bad := range []string{"rlimits", "no_new_privs", "capabilities", "everything"} {
+		if _, err := ParseLayers(bad); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+	d, err := normalizeDisabled([]Layer{LayerNamespaces})
+	if err != nil || !slices.Equal(d, []Layer{LayerNamespaces, LayerRoot}) {
+		t.Errorf("namespaces must imply root: %v %v", d, err)
+	}
+}
+
+func TestLaunchEnvRoundTrip(t *testing.T) {
+	e := launchEnv{Version: launchEnvVersion, Root: "/tmp", Disabled: []Layer{LayerSeccomp}, Limits: Limits{OpenFiles: 64}}
+	kv := e.encode()
+	got, err := decodeLaunchEnv(strings.TrimPrefix(kv, envName+"="))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Root != "/tmp" || !slices.Equal(got.Disabled, e.Disabled) || got.Limits.OpenFiles != 64 ||
+		got.Limits.DataBytes != DefaultDataBytes {
+		t.Errorf("%+v", got)
+	}
+	for _, bad := range []string{
+		`{"v":1,"root":"/"}`,
+		`{"v":1,"root":"relative"}`,
+		`{"v":1,"root":"/tmp","limits":{"open_files":2}}`,
+		`{"v":1,"root":"/tmp","extra":1}`,
+		`{"v":2,"root":"/tmp"}`,
+	} {
+		if _, err := decodeLaunchEnv(bad); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+}
+
+func TestRulesHaveReasons(t *testing.T) {
+	nums := syscallNumbers()
+	for _, prof := range Profiles() {
+		rs, err := Rules(Policy{Kind: "t", Syscalls: prof})
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]bool{}
+		for _, r := range rs {
+			if r.Reason == "" || r.Layer == "" {
+				t.Errorf("%s: %s has no reason or layer", prof, r.Syscall)
+			}
+			if _, ok := nums[r.Syscall]; !ok {
+				t.Errorf("%s: %s unknown on this architecture", prof, r.Syscall)
+			}
+			if seen[r.Syscall] {
+				t.Errorf("%s: %s listed twice", prof, r.Syscall)
+			}
+			seen[r.Syscall] = true
+			if slices.Contains(ForbiddenSyscalls(), r.Syscall) {
+				t.Errorf("%s allows forbidden %s", prof, r.Syscall)
+			}
+		}
+	}
+	// A declared extra merges into a conditional rule only as unconditional
+	// and is refused by Validate; policyRules itself merges by OR.
+	rs, err := policyRules(Policy{Kind: "t", Syscalls: ProfileFS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rs {
+		if r.name == "fcntl" && (len(r.alts) != 11 || !strings.Contains(r.args, "F_OFD_SETLK")) {
+			t.Errorf("fs fcntl should merge both layers' commands: %d alternatives, %q", len(r.alts), r.args)
+		}
+	}
+}
