@@ -1,12 +1,107 @@
 package main
 
 import (
+	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/krun-core/krun-core/sandbox"
 )
 
-// sandboxCommand is not written yet; its owner replaces this file.
+const sandboxUsage = `usage: krun-core sandbox status [--json] [--kind blk|net|fs]
+
+Shows which sandbox layers this host supports and, for each built-in plugin
+kind, what a plugin is allowed: namespaces, root, resource limits, Landlock
+rules and every allowed system call with its argument limits and reason.
+
+A layer that is not available makes plugins fail to start (fail closed)
+unless the user turns it off with --sandbox-disable on run or serve.
+`
+
+// sandboxCommand implements "krun-core sandbox".
 func sandboxCommand(args []string, stdout, stderr io.Writer) int {
-	fmt.Fprintln(stderr, "krun-core sandbox: not implemented yet")
-	return 1
+	if len(args) == 0 {
+		fmt.Fprint(stderr, sandboxUsage)
+		return 1
+	}
+	switch args[0] {
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, sandboxUsage)
+		return 0
+	case "status":
+	default:
+		fmt.Fprintf(stderr, "krun-core sandbox: unknown subcommand %q\n%s", args[0], sandboxUsage)
+		return 1
+	}
+	fs := flag.NewFlagSet("krun-core sandbox status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	kind := fs.String("kind", "", "only this plugin kind (blk, net or fs)")
+	if err := fs.Parse(args[1:]); err != nil {
+		return 1
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "krun-core sandbox status: unexpected argument %q\n", fs.Arg(0))
+		return 1
+	}
+	r := sandbox.Status()
+	if *kind != "" {
+		i := slices.IndexFunc(r.Kinds, func(k sandbox.KindStatus) bool { return k.Kind == *kind })
+		if i < 0 {
+			fmt.Fprintf(stderr, "krun-core sandbox status: no built-in plugin kind %q (want blk, net or fs)\n", *kind)
+			return 1
+		}
+		r.Kinds = r.Kinds[i : i+1]
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(r); err != nil {
+			fmt.Fprintf(stderr, "krun-core sandbox status: %v\n", err)
+			return 1
+		}
+		return 0
+	}
+	writeSandboxStatus(stdout, r)
+	return 0
+}
+
+func writeSandboxStatus(w io.Writer, r sandbox.StatusReport) {
+	fmt.Fprintf(w, "Plugin sandbox on Linux %s (%s)\n\nLayers on this host (applied in this order):\n", r.Kernel, r.Arch)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	var missing []string
+	for _, l := range r.Layers {
+		state := "active"
+		if !l.Available {
+			state = "UNAVAILABLE"
+			missing = append(missing, string(l.Layer))
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", l.Layer, state, l.Detail)
+	}
+	tw.Flush()
+	if len(missing) > 0 {
+		fmt.Fprintf(w, "\nPlugins will not start on this host (fail closed) unless run with\n  --sandbox-disable=%s\nwhich weakens the sandbox and prints a warning.\n", strings.Join(missing, ","))
+	}
+	for _, k := range r.Kinds {
+		fmt.Fprintf(w, "\nPlugin kind %s (seccomp profile %q)\n", k.Kind, k.Profile)
+		fmt.Fprintf(w, "  namespaces: %s (all new)\n", strings.Join(k.Namespaces, ", "))
+		fmt.Fprintf(w, "  root:       %s\n", k.Root)
+		fmt.Fprintf(w, "  limits:     %s\n", strings.Join(k.Limits, ", "))
+		fmt.Fprintf(w, "  landlock:\n")
+		for _, l := range k.Landlock {
+			fmt.Fprintf(w, "    - %s\n", l)
+		}
+		fmt.Fprintf(w, "  any other system call: %s\n", k.Refused)
+		fmt.Fprintf(w, "  allowed system calls (%d):\n", len(k.Syscalls))
+		for _, s := range k.Syscalls {
+			fmt.Fprintf(w, "    %-18s %s  [%s]\n", s.Syscall, s.Reason, s.Layer)
+			if s.Args != "" {
+				fmt.Fprintf(w, "    %-18s only if %s\n", "", s.Args)
+			}
+		}
+	}
 }
