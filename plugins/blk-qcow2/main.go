@@ -26,16 +26,18 @@ import (
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
-// Options besides devspec's format, readonly, max-size and backing.N.format.
+// Options besides devspec's.
 const (
-	optPath         = "path"           // the image's absolute host path
-	optDataFilePath = "data-file.path" // the data file's absolute host path
-	optQueues       = "queues"         // request queues offered, 1..64
-	defaultQueues   = 8
+	optQueues     = "queues" // request queues offered, 1..64
+	defaultQueues = 8
 )
 
-// backingPath is the option holding backing file n's absolute host path.
-func backingPath(n int) string { return devspec.FileBackingPrefix + strconv.Itoa(n) + ".path" }
+const (
+	optPath         = devspec.OptPath
+	optDataFilePath = devspec.OptDataFilePath
+)
+
+var backingPath = devspec.OptBackingPath
 
 type plugin struct{}
 

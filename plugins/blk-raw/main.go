@@ -25,7 +25,7 @@ import (
 // Options besides devspec's format and readonly.
 const (
 	// optPath is the image's host path, for messages only.
-	optPath = "path"
+	optPath = devspec.OptPath
 	// optQueues is the number of request queues offered (1..64). A
 	// front-end uses as many as it wants up to that.
 	optQueues = "queues"
