@@ -37,7 +37,7 @@ const (
 	optDataFilePath = devspec.OptDataFilePath
 )
 
-var backingPath = devspec.OptBackingPath
+func backingPath(n int) string { return devspec.OptBackingPath(n) }
 
 type plugin struct{}
 
