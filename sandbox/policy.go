@@ -259,10 +259,21 @@ type Limits struct {
 	DataBytes uint64 `json:"data_bytes,omitempty"`
 }
 
+// DefaultLimits returns the limits a launcher should use for a plugin kind:
+// virtio-fs holds an O_PATH fd per inode the guest knows, so it gets many
+// more open files than the block and network kinds (DefaultOpenFiles).
+func DefaultLimits(kind string) Limits {
+	if kind == "fs" {
+		return Limits{OpenFiles: FSOpenFiles}
+	}
+	return Limits{}
+}
+
 // Defaults for Limits.
 const (
 	DefaultOpenFiles = 256
 	DefaultDataBytes = 1 << 30
+	FSOpenFiles      = 16384
 	minOpenFiles     = 16
 	minDataBytes     = 64 << 20
 )

@@ -96,6 +96,18 @@ func TestDefaultPolicy(t *testing.T) {
 	}
 }
 
+func TestDefaultLimits(t *testing.T) {
+	for _, c := range []struct {
+		kind  string
+		files uint64
+	}{{"blk", DefaultOpenFiles}, {"net", DefaultOpenFiles}, {"fs", FSOpenFiles}, {"third-party", DefaultOpenFiles}} {
+		l, err := DefaultLimits(c.kind).withDefaults()
+		if err != nil || l.OpenFiles != c.files || l.DataBytes != DefaultDataBytes {
+			t.Errorf("%s: %+v %v", c.kind, l, err)
+		}
+	}
+}
+
 func TestParseLayers(t *testing.T) {
 	got, err := ParseLayers("seccomp, landlock,seccomp")
 	if err != nil || !slices.Equal(got, []Layer{LayerLandlock, LayerSeccomp}) {

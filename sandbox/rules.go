@@ -208,6 +208,7 @@ func fsTreeLayer() []rule {
 			"FUSE GETLK/SETLK", oneOf(1, unix.F_GETLK, unix.F_SETLK, unix.F_SETLKW,
 				unix.F_OFD_GETLK, unix.F_OFD_SETLK, unix.F_OFD_SETLKW)...),
 		allow("copy_file_range", "FUSE COPY_FILE_RANGE"),
+		allow("syncfs", "FUSE SYNCFS of the shared directory's file system"),
 		allow("dup", "opendir on a dup of a directory fd"),
 	}
 }

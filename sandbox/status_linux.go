@@ -78,13 +78,14 @@ func Status() StatusReport {
 	for _, kind := range []string{"blk", "net", "fs"} {
 		p, _ := DefaultPolicy(kind, 4)
 		rules, _ := Rules(p)
+		lim, _ := DefaultLimits(kind).withDefaults()
 		ks := KindStatus{
 			Kind:       kind,
 			Profile:    p.Syscalls,
 			Namespaces: NamespaceNames(),
 			Root:       "empty read-only tmpfs; no host path reachable",
 			Limits: []string{"RLIMIT_CORE 0", "RLIMIT_MEMLOCK 0",
-				fmt.Sprintf("RLIMIT_NOFILE %d", DefaultOpenFiles), fmt.Sprintf("RLIMIT_DATA %d MiB", DefaultDataBytes>>20)},
+				fmt.Sprintf("RLIMIT_NOFILE %d", lim.OpenFiles), fmt.Sprintf("RLIMIT_DATA %d MiB", lim.DataBytes>>20)},
 			Refused:  "EPERM, logged in the plugin's log",
 			Syscalls: rules,
 		}

@@ -188,6 +188,7 @@ func syscallNumbers() map[string]uint32 {
 		"swapon":                  unix.SYS_SWAPON,
 		"symlinkat":               unix.SYS_SYMLINKAT,
 		"syslog":                  unix.SYS_SYSLOG,
+		"syncfs":                  unix.SYS_SYNCFS,
 		"tgkill":                  unix.SYS_TGKILL,
 		"timerfd_create":          unix.SYS_TIMERFD_CREATE,
 		"timerfd_gettime":         unix.SYS_TIMERFD_GETTIME,
