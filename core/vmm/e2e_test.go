@@ -3,11 +3,15 @@ package vmm_test
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,8 +31,9 @@ const (
 
 // innerScript runs in the inner guest, booted by krun-core: it finds the
 // virtio-mmio disk served by krun-plugin-blk-raw, reads what the host
-// wrote, writes and reads back through the device. With krun_e2e_reboot on
-// the command line it reboots instead.
+// wrote, writes and reads back through the device, reads a line typed on
+// the console, and then watches the disk fail when the host kills the
+// plugin. With krun_e2e_reboot on the command line it reboots instead.
 const innerScript = `
 if grep -q krun_e2e_reboot /proc/cmdline; then
 	echo "KRUN-E2E-REBOOTING with $(grep -c ^processor /proc/cpuinfo) CPUs"
@@ -40,12 +45,25 @@ echo "inner cpus: $(grep -c ^processor /proc/cpuinfo)"
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done
 [ -b /dev/vda ] || e2e_fail "no /dev/vda: virtio-mmio disk not found ($(ls /sys/bus/platform/devices | tr '\n' ' '))"
 size=$(cat /sys/block/vda/size)
-[ "$size" = ` + "16384" + ` ] || e2e_fail "vda has $size sectors"
+[ "$size" = 16384 ] || e2e_fail "vda has $size sectors"
 dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | grep -q written-by-host || e2e_fail "host pattern not read from vda"
 echo inner-guest-was-here | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | grep -q inner-guest-was-here || e2e_fail "read-back from vda failed"
 echo "inner disk ok"
+echo KRUN-E2E-WANT-INPUT
+read -t 300 line || e2e_fail "no console input"
+[ "$line" = hello-console ] || e2e_fail "console input: got '$line'"
+echo "inner console input ok"
+echo KRUN-E2E-KILL-PLUGIN
+# The core fails the device: DEVICE_NEEDS_RESET and a config interrupt;
+# virtio_blk rereads the capacity, which now reads as zero.
+i=0
+until [ "$(cat /sys/block/vda/size)" = 0 ]; do
+	i=$((i+1)); [ $i -lt 600 ] || e2e_fail "vda still has $(cat /sys/block/vda/size) sectors after the plugin died"
+	sleep 0.5
+done
+echo "inner saw the disk fail"
 `
 
 func innerInitramfs(a *vmtest.Assets) *vmtest.Initramfs {
@@ -100,22 +118,47 @@ dd if=/dev/zero of=/tmp/disk.raw bs=1M count=8 2>/dev/null
 printf written-by-host | dd of=/tmp/disk.raw bs=512 seek=8 conv=notrunc 2>/dev/null
 # The outer root is the initramfs (rootfs), which pivot_root cannot leave,
 # so the plugin sandbox runs without its empty-root layer here.
-krun() {
-	rc=0
-	krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-		--plugin-dir /bin --sandbox-disable root --timing --boot-marker KRUN-E2E-INIT "$@" </dev/null >/tmp/inner.log 2>&1 || rc=$?
-	echo "krun-exit=$rc" >>/tmp/inner.log
-	sed 's/^/inner| /' /tmp/inner.log
+set -- --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
+	--plugin-dir /bin --sandbox-disable root --timing --boot-marker KRUN-E2E-INIT
+show() { sed 's/^/inner| /' /tmp/inner.log; }
+waitfor() {
+	i=0
+	until grep -q "$1" /tmp/inner.log; do
+		kill -0 $pid 2>/dev/null || { show; e2e_fail "krun-core ended before the inner guest printed $1"; }
+		i=$((i+1)); [ $i -lt 900 ] || { show; e2e_fail "the inner guest never printed $1"; }
+		sleep 1
+	done
 }
-krun --cpus 2 --cmdline "` + innerCmdline + `" --disk path=/tmp/disk.raw,format=raw
+
+# Run 1: two vCPUs, the disk, console input, poweroff -f.
+mkfifo /tmp/console.in
+krun-core run "$@" --cpus 2 --cmdline "` + innerCmdline + `" --disk path=/tmp/disk.raw,format=raw \
+	</tmp/console.in >/tmp/inner.log 2>&1 &
+pid=$!
+exec 4>/tmp/console.in
+waitfor KRUN-E2E-WANT-INPUT
+echo hello-console >&4
+waitfor KRUN-E2E-KILL-PLUGIN
+kill -9 $(pidof krun-plugin-blk-raw)
+rc=0
+wait $pid || rc=$?
+exec 4>&-
+echo "krun-exit=$rc" >>/tmp/inner.log
+show
 grep -q '` + marker + ` ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
 grep -q '^krun-exit=0$' /tmp/inner.log || e2e_fail "krun-core did not exit 0 after poweroff -f"
 dd if=/tmp/disk.raw bs=512 skip=100 count=1 2>/dev/null | grep -q inner-guest-was-here || e2e_fail "the inner guest's write is not in the image"
-krun --cmdline "` + innerCmdline + ` krun_e2e_reboot"
+
+# Run 2: reboot -f.
+rc=0
+krun-core run "$@" --cmdline "` + innerCmdline + ` krun_e2e_reboot" </dev/null >/tmp/inner.log 2>&1 || rc=$?
+echo "krun-exit=$rc" >>/tmp/inner.log
+show
 grep -q KRUN-E2E-REBOOTING /tmp/inner.log || e2e_fail "inner guest did not start rebooting"
 grep -q '^krun-exit=0$' /tmp/inner.log || e2e_fail "krun-core did not exit 0 after reboot -f"
 `})
-	for _, want := range []string{"inner| inner cpus: 2", "inner| inner disk ok", "inner| KRUN-E2E-REBOOTING with 1 CPUs"} {
+	for _, want := range []string{"inner| inner cpus: 2", "inner| inner disk ok", "inner| inner console input ok",
+		"inner| inner saw the disk fail", "inner| KRUN-E2E-REBOOTING with 1 CPUs"} {
 		if !strings.Contains(r.Console, want) {
 			t.Errorf("outer console lacks %q", want)
 		}
@@ -155,23 +198,47 @@ func testDirect(t *testing.T) {
 	if err := os.WriteFile(img, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	run := func(args ...string) string {
-		args = append([]string{"run", "--kernel", k.Vmlinuz, "--initrd", initrd, "--memory", "256M",
-			"--plugin-dir", dir, "--timing", "--boot-marker", "KRUN-E2E-INIT"}, args...)
-		cmd := exec.CommandContext(ctx, krun, args...)
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		err := cmd.Run()
-		if err != nil {
-			t.Fatalf("krun-core %s: %v\n%s", strings.Join(args, " "), err, out.String())
-		}
-		t.Logf("%s", timingRE.FindString(out.String()))
-		return out.String()
+	base := []string{"run", "--kernel", k.Vmlinuz, "--initrd", initrd, "--memory", "256M",
+		"--plugin-dir", dir, "--timing", "--boot-marker", "KRUN-E2E-INIT"}
+
+	// Run 1: two vCPUs, the disk, console input, a killed plugin, poweroff.
+	cmd := exec.CommandContext(ctx, krun, append(base, "--cpus", "2", "--cmdline", innerCmdline,
+		"--disk", "path="+img+",format=raw")...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
 	}
-	out := run("--cpus", "2", "--cmdline", innerCmdline, "--disk", "path="+img+",format=raw")
-	for _, want := range []string{inner.ResultMarker() + " ok", "inner cpus: 2", "inner disk ok"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("guest output lacks %q:\n%s", want, out)
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	waitFor := func(marker string) {
+		t.Helper()
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for !strings.Contains(out.String(), marker) {
+			select {
+			case err := <-done:
+				t.Fatalf("krun-core ended (%v) before the guest printed %s:\n%s", err, marker, out.String())
+			case <-tick.C:
+			}
+		}
+	}
+	waitFor("KRUN-E2E-WANT-INPUT")
+	io.WriteString(stdin, "hello-console\n")
+	waitFor("KRUN-E2E-KILL-PLUGIN")
+	killChildren(t, cmd.Process.Pid, "krun-plugin-blk")
+	if err := <-done; err != nil {
+		t.Fatalf("krun-core: %v\n%s", err, out.String())
+	}
+	t.Logf("%s", timingRE.FindString(out.String()))
+	for _, want := range []string{inner.ResultMarker() + " ok", "inner cpus: 2", "inner disk ok",
+		"inner console input ok", "inner saw the disk fail"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("guest output lacks %q:\n%s", want, out.String())
 		}
 	}
 	b, err := os.ReadFile(img)
@@ -181,7 +248,62 @@ func testDirect(t *testing.T) {
 	if !bytes.HasPrefix(b[100*512:], []byte("inner-guest-was-here")) {
 		t.Error("the guest's write is not in the image")
 	}
-	if out := run("--cmdline", innerCmdline+" krun_e2e_reboot"); !strings.Contains(out, "KRUN-E2E-REBOOTING") {
-		t.Errorf("guest did not reboot:\n%s", out)
+
+	// Run 2: reboot -f.
+	cmd = exec.CommandContext(ctx, krun, append(base, "--cmdline", innerCmdline+" krun_e2e_reboot")...)
+	b, err = cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("krun-core (reboot): %v\n%s", err, b)
+	}
+	if !strings.Contains(string(b), "KRUN-E2E-REBOOTING") {
+		t.Errorf("guest did not reboot:\n%s", b)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// killChildren SIGKILLs the children of ppid whose command name starts with
+// prefix.
+func killChildren(t *testing.T, ppid int, prefix string) {
+	t.Helper()
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	killed := 0
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		open, close := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
+		if open < 0 || close < open {
+			continue
+		}
+		var pid, parent int
+		var state string
+		fmt.Sscanf(string(b[:open]), "%d", &pid)
+		fmt.Sscanf(string(b[close+1:]), " %s %d", &state, &parent)
+		if parent == ppid && strings.HasPrefix(string(b[open+1:close]), prefix) {
+			if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
+				killed++
+			}
+		}
+	}
+	if killed == 0 {
+		t.Fatalf("no %s* child of %d to kill", prefix, ppid)
 	}
 }
