@@ -19,8 +19,12 @@ import (
 	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
-// pluginShutdownTimeout bounds the flush-and-exit of each plugin at the end.
-const pluginShutdownTimeout = 10 * time.Second
+// Plugin time limits. Start-up gets more than pluginhost's default: on a
+// loaded machine (or a nested guest) a plugin's handshake can take seconds.
+const (
+	pluginShutdownTimeout  = 10 * time.Second
+	pluginHandshakeTimeout = 60 * time.Second
+)
 
 // pluginDevice is one plugin process and the transport that exposes it.
 type pluginDevice struct {
@@ -87,7 +91,7 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 	}
 	cfg := pluginhost.Config{
 		Kind: d.opened.Kind, PluginDir: c.pluginDir, Socket: theirs, Files: files,
-		Logger: log, SandboxOff: c.sandboxOff,
+		Logger: log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
 	}
 	if !c.sandboxOff {
 		cfg.Sandbox = sandbox.LaunchConfig{Disable: c.sandboxDisable, Log: log}

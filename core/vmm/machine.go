@@ -349,6 +349,7 @@ func (m *machine) runVCPU(i int) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	m.tids[i].Store(int32(unix.Gettid()))
+	defer m.tids[i].Store(0) // no stray kicks once the thread is back in the pool
 	v := m.vcpus[i]
 	for !m.stop.Load() {
 		reason, err := v.Run()
