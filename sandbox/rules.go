@@ -125,6 +125,7 @@ func goRuntimeLayer() []rule {
 		allow("getgid", "os.Getgid"),
 		allow("getegid", "os.Getegid"),
 		allow("getppid", "os.Getppid (0 in the plugin's pid namespace)"),
+		allow("capget", "reading its own (empty) capability sets, e.g. virtio-fs's CAP_CHOWN check"),
 		allow("readv", "vectored reads on sockets and pipes"),
 		allow("writev", "vectored writes on sockets and pipes"),
 	}

@@ -15,6 +15,7 @@ func syscallNumbers() map[string]uint32 {
 		"bind":                    unix.SYS_BIND,
 		"bpf":                     unix.SYS_BPF,
 		"brk":                     unix.SYS_BRK,
+		"capget":                  unix.SYS_CAPGET,
 		"capset":                  unix.SYS_CAPSET,
 		"chdir":                   unix.SYS_CHDIR,
 		"chroot":                  unix.SYS_CHROOT,
