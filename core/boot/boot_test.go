@@ -58,6 +58,10 @@ func goodImage() fakeImage {
 }
 
 func newMem(t *testing.T, size uint64) (*guestmem.Memory, []RAMRange) {
+	return newMemF(t, size)
+}
+
+func newMemF(t testing.TB, size uint64) (*guestmem.Memory, []RAMRange) {
 	t.Helper()
 	ram := RAMLayout(size)
 	f, err := guestmem.NewMemfd("boot-test", size)

@@ -50,6 +50,9 @@ func (b *fakeBackend) SetConfig(offset, flags uint32, data []byte) error {
 	if b.fail != nil {
 		return b.fail
 	}
+	if uint64(offset)+uint64(len(data)) > uint64(len(b.config)) {
+		return frontend.ErrNacked
+	}
 	copy(b.config[offset:], data)
 	return nil
 }
