@@ -29,7 +29,7 @@ import (
 )
 
 const (
-	envHelper  = "KRUN_SANDBOX_TEST_HELPER" // probe, launch, execed
+	envHelper  = "KRUN_SANDBOX_TEST_HELPER" // probe, launch, execed, idle
 	envKind    = "KRUN_SANDBOX_TEST_KIND"   // blk or fs
 	envParent  = "KRUN_SANDBOX_TEST_PARENT" // host pid of the test process
 	envHostDir = "KRUN_SANDBOX_TEST_DIR"    // a host directory the plugin must not reach
@@ -58,6 +58,10 @@ func TestMain(m *testing.M) {
 		os.Exit(launchMain())
 	case "execed":
 		fmt.Println(`{"phase":"execed"}`)
+		os.Exit(0)
+	case "idle": // launched with Apply but never restricted
+		fmt.Println(`{"phase":"ready"}`)
+		bufio.NewReader(os.Stdin).ReadString('\n')
 		os.Exit(0)
 	default:
 		fmt.Fprintln(os.Stderr, "unknown helper mode")

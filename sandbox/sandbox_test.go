@@ -867,3 +867,54 @@ func TestStatus(t *testing.T) {
 		t.Errorf("fs landlock rules %q should add the shared directory to blk's %q", kinds["fs"].Landlock, kinds["blk"].Landlock)
 	}
 }
+
+// ApplyLimits confines a plugin that never calls Restrict, and Verify tells
+// such a plugin from a restricted one.
+func TestApplyLimitsAndVerifyUnrestricted(t *testing.T) {
+	requireSandboxHost(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := LaunchConfig{Limits: Limits{OpenFiles: 100, DataBytes: 512 << 20}, Log: hclog.NewNullLogger()}
+	cmd := exec.Command(self)
+	cmd.Env = []string{envHelper + "=idle"}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lc.Apply(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); cmd.Wait() }()
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || !strings.Contains(line, "ready") {
+		t.Fatalf("idle helper: %q %v", line, err)
+	}
+	if err := lc.ApplyLimits(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	lim, err := readLimits(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string][2]uint64{"Max core file size": {0, 0}, "Max open files": {100, 100},
+		"Max data size": {512 << 20, 512 << 20}, "Max locked memory": {0, 0}} {
+		if lim[name] != want {
+			t.Errorf("%s = %v, want %v", name, lim[name], want)
+		}
+	}
+	err = lc.Verify(cmd.Process.Pid)
+	if err == nil || !strings.Contains(err.Error(), "verify pid") {
+		t.Errorf("Verify of an unrestricted plugin: %v, want an error", err)
+	}
+	if err := lc.Verify(1 << 30); err == nil {
+		t.Error("Verify of a missing pid succeeded")
+	}
+}
