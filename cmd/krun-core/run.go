@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -133,7 +134,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if *timing && res != nil {
 		t := res.Timing
 		fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, total %.1f ms, core-rss %d KiB\n",
-			ms(t.PluginStart.Seconds()), ms(t.VMSetup.Seconds()), ms(t.Ready.Seconds()), ms(t.KernelBoot.Seconds()), ms(t.Total.Seconds()), res.CoreRSS>>10)
+			msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.Total), res.CoreRSS>>10)
 	}
 	if err != nil {
 		if errors.Is(err, kvm.ErrNoKVM) {
@@ -148,7 +149,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func ms(s float64) float64 { return s * 1000 }
+func msec(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 // parseMemory reads --memory: a size with a suffix, or a bare number of
 // MiB. The result is in MiB.
