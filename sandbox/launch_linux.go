@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -250,8 +251,8 @@ func (c LaunchConfig) Verify(pid int) error {
 		if !slices.Contains(disabled, LayerNamespaces) {
 			want["CapBnd"] = zeroCaps
 		}
-		for k, v := range want {
-			if st[k] != v {
+		for _, k := range slices.Sorted(maps.Keys(want)) {
+			if v := want[k]; st[k] != v {
 				return fmt.Errorf("sandbox: verify pid %d thread %s: %s is %q, want %q", pid, t.Name(), k, st[k], v)
 			}
 		}
