@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"cmp"
 	"fmt"
 	"os"
 	"sort"
@@ -257,13 +258,18 @@ func (im *Image) writeback() error {
 func (im *Image) applyFrees() error {
 	frees := im.pendingFree
 	im.pendingFree = nil
+	var first error
 	for _, c := range frees {
+		// A failed release (the image was corrupt) leaves that cluster
+		// alone and goes on with the others.
 		if err := im.addRefcount(c, -1); err != nil {
-			return err
+			first = cmp.Or(first, err)
+			continue
 		}
 		rc, err := im.refcount(c)
 		if err != nil {
-			return err
+			first = cmp.Or(first, err)
+			continue
 		}
 		if rc == 0 {
 			if k := im.meta.at(c); k&(metaL2|metaSnapL2) != 0 {
@@ -272,7 +278,7 @@ func (im *Image) applyFrees() error {
 			}
 		}
 	}
-	return nil
+	return first
 }
 
 // trimCaches writes back dirty tables the caches hold beyond their bound,

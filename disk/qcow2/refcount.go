@@ -99,12 +99,17 @@ func (im *Image) refcount(c uint64) (uint64, error) {
 // addRefcount adds delta to the refcount of host cluster c, creating its
 // refcount block if needed.
 func (im *Image) addRefcount(c uint64, delta int) error {
-	if err := im.ensureRefblock(c / im.rbEntries); err != nil {
-		return err
+	if delta > 0 {
+		if err := im.ensureRefblock(c / im.rbEntries); err != nil {
+			return err
+		}
 	}
 	off, err := im.refblockOffset(c / im.rbEntries)
 	if err != nil {
 		return err
+	}
+	if off == 0 {
+		return corruptf("refcount of host cluster %d would drop below zero", c)
 	}
 	t, err := im.loadRefblock(off)
 	if err != nil {
