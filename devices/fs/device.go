@@ -185,52 +185,52 @@ func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) err
 }
 
 // serveConcurrent pops chains on this goroutine and serves them on a pool
-// of workers. The queue is not safe for concurrent use, so every ring
-// operation happens under mu; completions may be out of order, which the
-// virtio-fs driver allows. It returns only after every worker has finished
-// with guest memory.
+// of workers. A chain popped when nothing else is pending is served right
+// here, which saves the hand-off on the latency of a lone request; only
+// when the guest has more requests queued do workers take them. The queue
+// is not safe for concurrent use, so every ring operation happens under
+// mu; completions may be out of order, which the virtio-fs driver allows.
+// It returns only after every worker has finished with guest memory.
 func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring) error {
 	q := vr.Queue()
 	var mu sync.Mutex
-	free := make(chan *virtq.Chain, d.workers)
-	for i := 0; i < d.workers; i++ {
+	free := make(chan *virtq.Chain, d.workers+1)
+	for i := 0; i < d.workers+1; i++ {
 		free <- new(virtq.Chain)
+	}
+	var ringErr atomic.Pointer[error]
+	workCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	serve := func(c *virtq.Chain) {
+		var written uint32
+		if err := backend.Protect(func() error { written = d.srv.Handle(c); return nil }); err != nil {
+			vr.CountMalformed(err)
+		}
+		vr.CountRequests(1)
+		mu.Lock()
+		err := q.Push(c.Head, written)
+		if err == nil {
+			err = vr.Notify()
+		}
+		mu.Unlock()
+		free <- c
+		if err != nil {
+			ringErr.CompareAndSwap(nil, &err)
+			stop()
+		}
 	}
 	work := make(chan *virtq.Chain)
 	var wg sync.WaitGroup
-	var ringErr atomic.Pointer[error]
-	fail := func(err error) { ringErr.CompareAndSwap(nil, &err) }
-	workCtx, stop := context.WithCancel(ctx)
-	defer stop()
 	for i := 0; i < d.workers; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for c := range work {
-				var written uint32
-				err := backend.Protect(func() error {
-					written = d.srv.Handle(c)
-					return nil
-				})
-				if err != nil {
-					vr.CountMalformed(err)
-				}
-				vr.CountRequests(1)
-				mu.Lock()
-				err = q.Push(c.Head, written)
-				if err == nil {
-					err = vr.Notify()
-				}
-				mu.Unlock()
-				if err != nil {
-					fail(err)
-					stop()
-				}
-				free <- c
+				serve(c)
 			}
 		}()
 	}
-	err := d.popLoop(workCtx, vr, &mu, free, work)
+	err := d.popLoop(workCtx, vr, &mu, free, work, serve)
 	close(work)
 	wg.Wait()
 	if p := ringErr.Load(); p != nil && ctx.Err() == nil {
@@ -242,7 +242,7 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring) error {
 	return err
 }
 
-func (d *Device) popLoop(ctx context.Context, vr *backend.Vring, mu *sync.Mutex, free chan *virtq.Chain, work chan<- *virtq.Chain) error {
+func (d *Device) popLoop(ctx context.Context, vr *backend.Vring, mu *sync.Mutex, free chan *virtq.Chain, work chan<- *virtq.Chain, serve func(*virtq.Chain)) error {
 	q := vr.Queue()
 	for {
 		mu.Lock()
@@ -257,6 +257,7 @@ func (d *Device) popLoop(ctx context.Context, vr *backend.Vring, mu *sync.Mutex,
 			}
 			mu.Lock()
 			ok, err := q.Pop(c)
+			pending, _ := q.Pending()
 			if err != nil {
 				if !virtqMalformed(err) {
 					mu.Unlock()
@@ -279,19 +280,16 @@ func (d *Device) popLoop(ctx context.Context, vr *backend.Vring, mu *sync.Mutex,
 				free <- c
 				break
 			}
+			if pending == 0 {
+				serve(c)
+				continue
+			}
 			select {
 			case work <- c:
 			case <-ctx.Done():
 				// Popped but not handed out: serve it here, so that the
 				// guest gets its reply before the ring stops.
-				var written uint32
-				if err := backend.Protect(func() error { written = d.srv.Handle(c); return nil }); err != nil {
-					vr.CountMalformed(err)
-				}
-				mu.Lock()
-				q.Push(c.Head, written)
-				vr.Notify()
-				mu.Unlock()
+				serve(c)
 				return nil
 			}
 		}

@@ -230,3 +230,69 @@ func TestConcurrentRequests(t *testing.T) {
 		t.Fatalf("counters %v", cnt)
 	}
 }
+
+// BenchmarkCreateStatUnlink measures the whole in-process path (testguest
+// rings, vhost-user back-end, device, server) for one file's life.
+func BenchmarkCreateStatUnlink(b *testing.B) {
+	for _, workers := range []int{1, 8} {
+		b.Run(fmt.Sprintf("workers%d", workers), func(b *testing.B) {
+			r := newRig(b, fs.Config{Workers: workers}, 4096)
+			c := r.req
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				name := fmt.Sprintf("f%d", i)
+				en, fh, err := c.Create(fuse.RootID, name, unix.O_RDWR, 0o644)
+				if err != nil {
+					b.Fatal(err)
+				}
+				c.Release(en.NodeID, fh, false)
+				if _, err := c.Getattr(en.NodeID); err != nil {
+					b.Fatal(err)
+				}
+				if err := c.Unlink(fuse.RootID, name); err != nil {
+					b.Fatal(err)
+				}
+				r.hiprio.Forget(en.NodeID, 1)
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "files/s")
+		})
+	}
+}
+
+// BenchmarkGetattr is the round trip of the smallest request.
+func BenchmarkGetattr(b *testing.B) {
+	for _, workers := range []int{1, 8} {
+		b.Run(fmt.Sprintf("workers%d", workers), func(b *testing.B) {
+			r := newRig(b, fs.Config{Workers: workers}, 0)
+			for i := 0; i < b.N; i++ {
+				if _, err := r.req.Getattr(fuse.RootID); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkRead1M reads 1 MiB per request into 4 KiB scattered buffers.
+func BenchmarkRead1M(b *testing.B) {
+	r := newRig(b, fs.Config{}, 4096)
+	if err := os.WriteFile(r.dir+"/data", make([]byte, 16<<20), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	en, err := r.req.Lookup(fuse.RootID, "data")
+	if err != nil {
+		b.Fatal(err)
+	}
+	fh, err := r.req.Open(en.NodeID, unix.O_RDONLY)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(1 << 20)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		got, err := r.req.Read(en.NodeID, fh, uint64(i%16)<<20, 1<<20)
+		if err != nil || len(got) != 1<<20 {
+			b.Fatalf("READ: %d %v", len(got), err)
+		}
+	}
+}
