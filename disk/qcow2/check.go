@@ -136,6 +136,24 @@ type checker struct {
 
 	rbCache map[uint64][]byte
 	rbDirty map[uint64]bool
+
+	// mult is how many times the table being walked is referenced;
+	// references and errors found in it count that many times, as if it
+	// had been walked once per reference.
+	mult uint64
+	// readBudget bounds the bytes of snapshot L1 tables and bitmap
+	// tables read, so that a hostile image cannot make a check endless.
+	readBudget uint64
+}
+
+const checkReadBudget = 1 << 30
+
+func (c *checker) spend(n uint64) error {
+	if n > c.readBudget {
+		return fmt.Errorf("image references more than %d bytes of snapshot and bitmap tables; refusing to check it", uint64(checkReadBudget))
+	}
+	c.readBudget -= n
+	return nil
 }
 
 func newChecker(f *os.File, h *header) (*checker, error) {
@@ -149,6 +167,7 @@ func newChecker(f *os.File, h *header) (*checker, error) {
 		over:     map[uint64]uint64{},
 		rbCache:  map[uint64][]byte{},
 		rbDirty:  map[uint64]bool{},
+		mult:     1,
 	}
 	c.nb = divRoundUp(c.fileSize, cs)
 	if c.nb > 1<<31 {
@@ -189,7 +208,10 @@ func (c *checker) msg(format string, args ...any) {
 }
 
 func (c *checker) corrupt(format string, args ...any) {
-	c.res.Corruptions++
+	c.res.Corruptions += int(c.mult)
+	if c.mult > 1 {
+		format += fmt.Sprintf(" (in a table referenced %d times)", c.mult)
+	}
 	c.msg("ERROR "+format, args...)
 }
 
@@ -208,10 +230,11 @@ func (c *checker) inc(off, n uint64) {
 			copy(grow, c.refs)
 			c.refs = grow
 		}
-		if c.refs[k] == 0xffff {
-			c.over[k]++
+		if v := uint64(c.refs[k]) + c.mult; v > 0xffff {
+			c.over[k] += v - 0xffff
+			c.refs[k] = 0xffff
 		} else {
-			c.refs[k]++
+			c.refs[k] = uint16(v)
 		}
 	}
 }
@@ -275,9 +298,17 @@ func (c *checker) refblock(off uint64) ([]byte, error) {
 	return b, nil
 }
 
-// walkL1 counts the references of an L1 table and the L2 tables and data
-// clusters below it.
-func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool) error {
+// l2ref records how often the snapshots reference an L2 table.
+type l2ref struct {
+	mult uint64
+	l1i  uint64
+}
+
+// walkL1 counts the references of an L1 table (walked mult times) and the
+// L2 tables below it. The active table's L2 tables are walked at once;
+// snapshot tables' L2 tables are collected in shared, to be walked once
+// each with their multiplicity.
+func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool, shared map[uint64]*l2ref) error {
 	c.inc(l1Off, uint64(l1Size)*8)
 	l1, err := readTableAt(c.f, l1Off, uint64(l1Size))
 	if err != nil {
@@ -304,10 +335,65 @@ func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool) error {
 		if off >= c.fileSize {
 			continue // counted as exceeding the end of the file
 		}
+		if !active {
+			r := shared[off]
+			if r == nil {
+				r = &l2ref{l1i: uint64(i)}
+				shared[off] = r
+			}
+			r.mult += c.mult
+			continue
+		}
 		if _, err := readFullAt(c.f, buf, int64(off)); err != nil {
 			return fmt.Errorf("read L2 table at %#x: %w", off, err)
 		}
 		c.walkL2(buf, uint64(i), active, &next)
+	}
+	return nil
+}
+
+// walkSnapshots walks every snapshot's L1 table, reading each distinct
+// table once, then each distinct L2 table once.
+func (c *checker) walkSnapshots() error {
+	type key struct {
+		off  uint64
+		size uint32
+	}
+	groups := map[key]uint64{}
+	var keys []key
+	for _, s := range c.snaps {
+		k := key{s.l1Off, s.l1Size}
+		if groups[k] == 0 {
+			keys = append(keys, k)
+		}
+		groups[k]++
+	}
+	shared := map[uint64]*l2ref{}
+	for _, k := range keys {
+		if err := c.spend(uint64(k.size) * 8); err != nil {
+			return err
+		}
+		c.mult = groups[k]
+		err := c.walkL1(k.off, k.size, false, shared)
+		c.mult = 1
+		if err != nil {
+			return err
+		}
+	}
+	offs := make([]uint64, 0, len(shared))
+	for off := range shared {
+		offs = append(offs, off)
+	}
+	sort.Slice(offs, func(i, j int) bool { return offs[i] < offs[j] })
+	buf := make([]byte, c.cs)
+	var next uint64
+	for _, off := range offs {
+		if _, err := readFullAt(c.f, buf, int64(off)); err != nil {
+			return fmt.Errorf("read L2 table at %#x: %w", off, err)
+		}
+		c.mult = shared[off].mult
+		c.walkL2(buf, shared[off].l1i, false, &next)
+		c.mult = 1
 	}
 	return nil
 }
@@ -382,13 +468,12 @@ func (c *checker) count() error {
 	h := c.h
 	c.refs = make([]uint16, c.nb+1)
 	c.inc(0, c.cs)
-	if err := c.walkL1(h.l1Off, h.l1Size, true); err != nil {
+	c.readBudget = checkReadBudget
+	if err := c.walkL1(h.l1Off, h.l1Size, true, nil); err != nil {
 		return err
 	}
-	for _, s := range c.snaps {
-		if err := c.walkL1(s.l1Off, s.l1Size, false); err != nil {
-			return err
-		}
+	if err := c.walkSnapshots(); err != nil {
+		return err
 	}
 	if h.nbSnapshots > 0 {
 		c.inc(h.snapOff, c.snapSize)
@@ -444,6 +529,9 @@ func (c *checker) countBitmaps() error {
 		c.inc(be.tableOff, uint64(be.tableSize)*8)
 		if be.tableOff+uint64(be.tableSize)*8 > c.fileSize {
 			continue
+		}
+		if err := c.spend(uint64(be.tableSize) * 8); err != nil {
+			return err
 		}
 		tab, err := readTableAt(c.f, be.tableOff, uint64(be.tableSize))
 		if err != nil {
@@ -684,7 +772,7 @@ func (c *checker) rebuild() error {
 	h := c.h
 	// Recount without the old refcount structure: it becomes garbage.
 	c2 := &checker{f: c.f, h: h, cs: c.cs, fileSize: c.fileSize, nb: c.nb, extData: c.extData,
-		over: map[uint64]uint64{}, snaps: c.snaps, snapSize: c.snapSize, skipRefStructs: true}
+		over: map[uint64]uint64{}, snaps: c.snaps, snapSize: c.snapSize, skipRefStructs: true, mult: 1}
 	if err := c2.count(); err != nil {
 		return err
 	}

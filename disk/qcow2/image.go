@@ -422,8 +422,13 @@ func (im *Image) loadTables() error {
 	if h.crypto != nil && h.crypto.len > 0 {
 		mm.addRange(h.crypto.off/cs, divRoundUp(h.crypto.len, cs), metaCrypto)
 	}
-	for _, e := range im.rt {
+	seenRB := make(map[uint64]int, len(im.rt))
+	for i, e := range im.rt {
 		if off := e & rtOffsetMask; off != 0 && e&rtReservedMask == 0 && off%cs == 0 {
+			if j, dup := seenRB[off]; dup && !im.ro {
+				return corruptf("refcount table entries %d and %d both point at %#x; repair the image (qemu-img check -r all)", j, i, off)
+			}
+			seenRB[off] = i
 			mm.add(off/cs, metaRefBlock)
 		}
 	}

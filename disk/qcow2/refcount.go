@@ -155,6 +155,76 @@ func (im *Image) isFree(c uint64) (bool, error) {
 	return rc == 0, err
 }
 
+// nextZero returns the first cluster at or after c whose refcount is 0,
+// scanning refcount blocks in memory rather than cluster by cluster.
+func (im *Image) nextZero(c uint64) (uint64, error) {
+	E := im.rbEntries
+	for {
+		b := c / E
+		off, err := im.refblockOffset(b)
+		if err != nil || off == 0 {
+			return c, err
+		}
+		t, err := im.loadRefblock(off)
+		if err != nil {
+			return 0, err
+		}
+		if i, ok := firstZeroRC(t.buf, im.rcBits, c%E); ok {
+			return b*E + i, nil
+		}
+		c = (b + 1) * E
+		if c*im.cs >= maxHostOffset {
+			return c, nil
+		}
+	}
+}
+
+// firstZeroRC returns the index of the first zero entry at or after i in a
+// refcount block.
+func firstZeroRC(buf []byte, bits, i uint64) (uint64, bool) {
+	n := uint64(len(buf)) * 8 / bits
+	if bits < 8 {
+		per := 8 / bits
+		for i < n {
+			if i%per == 0 && buf[i/per] != 0 && allFieldsSet(buf[i/per], bits) {
+				i += per
+				continue
+			}
+			if getRC(buf, bits, i) == 0 {
+				return i, true
+			}
+			i++
+		}
+		return 0, false
+	}
+	w := bits / 8
+	for ; i < n; i++ {
+		p := buf[i*w : i*w+w]
+		zero := true
+		for _, x := range p {
+			if x != 0 {
+				zero = false
+				break
+			}
+		}
+		if zero {
+			return i, true
+		}
+	}
+	return 0, false
+}
+
+// allFieldsSet reports whether every bits-wide field of x is nonzero.
+func allFieldsSet(x byte, bits uint64) bool {
+	m := byte(1<<bits - 1)
+	for s := uint64(0); s < 8; s += bits {
+		if x>>s&m == 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // findFree returns the first run of n free clusters at or after the hint.
 func (im *Image) findFree(n uint64) (uint64, error) {
 	c := im.freeHint
@@ -162,6 +232,10 @@ func (im *Image) findFree(n uint64) (uint64, error) {
 		c = 1
 	}
 	for {
+		var err error
+		if c, err = im.nextZero(c); err != nil {
+			return 0, err
+		}
 		if (c+n)*im.cs > maxHostOffset || c+n < c {
 			return 0, fmt.Errorf("no free space below the 2^56 byte host offset limit")
 		}
