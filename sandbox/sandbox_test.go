@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -422,6 +423,18 @@ func checkIO(t *testing.T, l probeLine, kind string) {
 	for _, r := range l.IO {
 		got[r.Name] = r.Err
 	}
+	if kind == "net" {
+		// The net profile has no disk I/O: those steps must be refused.
+		want = slices.DeleteFunc(want, func(w string) bool {
+			if w == "pwrite_pread" || w == "fdatasync" || w == "fallocate_punch_hole" {
+				if e := got[w]; !strings.Contains(e, "operation not permitted") {
+					t.Errorf("net plugin %s: %q, want EPERM from seccomp", w, e)
+				}
+				return true
+			}
+			return false
+		})
+	}
 	for _, w := range want {
 		e, ran := got[w]
 		if !ran {
@@ -572,6 +585,11 @@ func TestSandboxFSPlugin(t *testing.T) {
 	// openat is allowed for virtio-fs; the paths do not exist in its empty root.
 	want := refusedByFullSandbox().with("open_etc_passwd", unix.ENOENT, "create_file", unix.ENOENT)
 	runFullProbe(t, probeConfig{kind: "fs"}, want)
+}
+
+func TestSandboxNetPlugin(t *testing.T) {
+	requireSandboxHost(t)
+	runFullProbe(t, probeConfig{kind: "net"}, refusedByFullSandbox())
 }
 
 func requireRoot(t *testing.T) {
