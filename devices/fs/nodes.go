@@ -180,9 +180,23 @@ func (t *table) get(id uint64) (*node, unix.Errno) {
 	return n, 0
 }
 
+// maxReopenSteps bounds the nodes one reopen may visit while walking up
+// closed ancestors (a bind-mount loop inside the share could otherwise make
+// the names cyclic).
+const maxReopenSteps = 4096
+
 // acquire marks pinned node n busy with its fd open, reopening it by one of
 // its names if it was closed. Release with release.
 func (t *table) acquire(n *node) unix.Errno {
+	budget := maxReopenSteps
+	return t.acquireBudget(n, &budget)
+}
+
+func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
+	if *budget <= 0 {
+		return unix.ELOOP
+	}
+	*budget--
 	t.mu.Lock()
 	if n.fd >= 0 {
 		n.busy++
@@ -199,7 +213,7 @@ func (t *table) acquire(n *node) unix.Errno {
 	t.mu.Unlock()
 	defer t.putAliases(as)
 	for _, a := range as {
-		if t.acquire(a.parent) != 0 {
+		if t.acquireBudget(a.parent, budget) != 0 {
 			continue
 		}
 		fd, err := openPath(a.parent.fd, a.name)

@@ -29,6 +29,11 @@ type benchTarget struct {
 
 var benchTargets = []benchTarget{
 	{"krun", func(b *testing.B, dir string) *daemon { return serveFS(b, "path="+dir+",tag=bench") }},
+	// The same plugin without its sandbox, to show what seccomp and
+	// landlock cost per request.
+	{"krun-nosandbox", func(b *testing.B, dir string) *daemon {
+		return serveFS(b, "path="+dir+",tag=bench", "--sandbox", "off")
+	}},
 	{"virtiofsd", func(b *testing.B, dir string) *daemon { return virtiofsd(b, dir) }},
 }
 

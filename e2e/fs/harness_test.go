@@ -104,6 +104,8 @@ type daemon struct {
 	// cleanExit is what a clean stop looks like: krun-core exits 0 on
 	// SIGTERM; virtiofsd is killed.
 	kill bool
+	// ready is output that says the daemon is fully up ("" for none).
+	ready string
 }
 
 func sockDir(t testing.TB) string {
@@ -133,7 +135,10 @@ func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
 	t.Cleanup(func() { d.stop() })
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if st, err := os.Stat(d.socket); err == nil && st.Mode().Type() == fs.ModeSocket {
+		// krun-core logs "serving" once it handles SIGTERM; stopping it
+		// earlier would kill it.
+		if st, err := os.Stat(d.socket); err == nil && st.Mode().Type() == fs.ModeSocket &&
+			(d.ready == "" || strings.Contains(d.out.String(), d.ready)) {
 			return d
 		}
 		select {
@@ -150,7 +155,7 @@ func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
 // serveFS starts `krun-core serve --socket S --fs spec`.
 func serveFS(t testing.TB, spec string, extra ...string) *daemon {
 	t.Helper()
-	d := &daemon{name: "krun-core serve --fs " + spec, socket: filepath.Join(sockDir(t), "fs.sock")}
+	d := &daemon{name: "krun-core serve --fs " + spec, socket: filepath.Join(sockDir(t), "fs.sock"), ready: "krun-core: serving"}
 	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--socket", d.socket, "--fs", spec}, extra...)
 	return startDaemon(t, d, args...)
 }
