@@ -1,6 +1,9 @@
 package qcow2
 
-import "sync"
+import (
+	"sync"
+	"sync/atomic"
+)
 
 // table is one cached cluster-sized metadata table (an L2 table or a
 // refcount block). buf is only modified while the image's write lock is
@@ -22,6 +25,10 @@ type tableCache struct {
 	m    map[uint64]*table
 	head table // head.next is the most recently used, head.prev the least
 	max  int
+	// last is the most recently returned table: random I/O within one L2
+	// table's reach finds it without taking mu. It is cleared whenever
+	// that table leaves the cache.
+	last atomic.Pointer[table]
 }
 
 func newTableCache(max int) *tableCache {
@@ -35,6 +42,9 @@ func newTableCache(max int) *tableCache {
 }
 
 func (c *tableCache) unlink(t *table) {
+	if c.last.Load() == t {
+		c.last.Store(nil)
+	}
 	t.prev.next = t.next
 	t.next.prev = t.prev
 	t.prev, t.next = nil, nil
@@ -49,11 +59,17 @@ func (c *tableCache) pushFront(t *table) {
 
 // get returns the cached table at off, or nil.
 func (c *tableCache) get(off uint64) *table {
+	if t := c.last.Load(); t != nil && t.off == off {
+		return t
+	}
 	c.mu.Lock()
 	t := c.m[off]
-	if t != nil && c.head.next != t {
-		c.unlink(t)
-		c.pushFront(t)
+	if t != nil {
+		if c.head.next != t {
+			c.unlink(t)
+			c.pushFront(t)
+		}
+		c.last.Store(t)
 	}
 	c.mu.Unlock()
 	return t
@@ -138,6 +154,7 @@ func (c *tableCache) dirtyTables() []*table {
 // clear drops everything.
 func (c *tableCache) clear() {
 	c.mu.Lock()
+	c.last.Store(nil)
 	c.m = make(map[uint64]*table)
 	c.head.next = &c.head
 	c.head.prev = &c.head

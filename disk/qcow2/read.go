@@ -132,16 +132,17 @@ func (im *Image) l2Offset(i uint64) (uint64, error) {
 	if off/im.cs >= im.fileClusters {
 		return 0, corruptf("L1 entry %d: L2 table at %#x lies past the end of the image", i, off)
 	}
-	if k := im.meta.at(off / im.cs); k&^(metaL2|metaSnapL2) != 0 {
-		return 0, corruptf("L1 entry %d: L2 table at %#x overlaps the %s", i, off, k&^(metaL2|metaSnapL2))
-	}
 	return off, nil
 }
 
-// loadL2 returns the L2 table at off, from the cache or the file.
+// loadL2 returns the L2 table at off, from the cache or the file. A table
+// that overlaps other metadata is refused when it is loaded.
 func (im *Image) loadL2(off uint64) (*table, error) {
 	if t := im.l2c.get(off); t != nil {
 		return t, nil
+	}
+	if k := im.meta.at(off / im.cs); k&^(metaL2|metaSnapL2) != 0 {
+		return nil, corruptf("L2 table at %#x overlaps the %s", off, k&^(metaL2|metaSnapL2))
 	}
 	buf := make([]byte, im.cs)
 	if _, err := readFullAt(im.f, buf, int64(off)); err != nil {

@@ -51,6 +51,12 @@ func (im *Image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 	for pos < end {
 		gc := pos >> im.cb
 		base := gc << im.cb
+		if l1i := gc >> im.l2Bits; im.l1[l1i]&l1OffsetMask == 0 && (im.backing == nil || base >= uint64(im.backingSize)) {
+			// Nothing is allocated under this L1 entry and there is no
+			// backing data to hide: it reads as zeroes already.
+			pos = min((l1i+1)<<(im.l2Bits+im.cb), end)
+			continue
+		}
 		in := pos - base
 		l := min(im.cs-in, end-pos)
 		full := in == 0 && (l == im.cs || base+l == uint64(im.size))
