@@ -144,6 +144,30 @@ type checker struct {
 	// readBudget bounds the bytes of snapshot L1 tables and bitmap
 	// tables read, so that a hostile image cannot make a check endless.
 	readBudget uint64
+	// meta records which clusters hold metadata, so that a repair never
+	// writes one kind of table over another.
+	meta map[uint64]metaKind
+}
+
+// mark records that [off, off+n) holds metadata of kind k.
+func (c *checker) mark(off, n uint64, k metaKind) {
+	if n == 0 || off+n < off {
+		return
+	}
+	for cl := off / c.cs; cl <= (off+n-1)/c.cs && cl <= c.nb; cl++ {
+		c.meta[cl] |= k
+	}
+}
+
+// guard refuses a repair write of kind k to [off, off+n) that would land
+// on other metadata.
+func (c *checker) guard(off, n uint64, allowed metaKind) error {
+	for cl := off / c.cs; cl <= (off+n-1)/c.cs; cl++ {
+		if other := c.meta[cl] &^ allowed; other != 0 {
+			return fmt.Errorf("%w: refusing a repair write at %#x: it would overwrite the %s", ErrCorrupt, off, other)
+		}
+	}
+	return nil
 }
 
 const checkReadBudget = 1 << 30
@@ -310,6 +334,11 @@ type l2ref struct {
 // each with their multiplicity.
 func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool, shared map[uint64]*l2ref) error {
 	c.inc(l1Off, uint64(l1Size)*8)
+	if active {
+		c.mark(l1Off, uint64(l1Size)*8, metaL1)
+	} else {
+		c.mark(l1Off, uint64(l1Size)*8, metaSnapL1)
+	}
 	l1, err := readTableAt(c.f, l1Off, uint64(l1Size))
 	if err != nil {
 		return fmt.Errorf("read L1 table at %#x: %w", l1Off, err)
@@ -334,6 +363,11 @@ func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool, shared map[ui
 		}
 		if off >= c.fileSize {
 			continue // counted as exceeding the end of the file
+		}
+		if active {
+			c.mark(off, c.cs, metaL2)
+		} else {
+			c.mark(off, c.cs, metaSnapL2)
 		}
 		if !active {
 			r := shared[off]
@@ -467,7 +501,19 @@ func (c *checker) walkL2(buf []byte, l1i uint64, active bool, next *uint64) {
 func (c *checker) count() error {
 	h := c.h
 	c.refs = make([]uint16, c.nb+1)
+	c.meta = map[uint64]metaKind{}
 	c.inc(0, c.cs)
+	c.mark(0, c.cs, metaHeader)
+	c.mark(h.rtOff, h.refTableBytes(), metaRefTable)
+	if h.nbSnapshots > 0 {
+		c.mark(h.snapOff, c.snapSize, metaSnapTable)
+	}
+	if h.bitmaps != nil {
+		c.mark(h.bitmaps.dirOff, h.bitmaps.dirSize, metaBitmapDir)
+	}
+	if h.crypto != nil {
+		c.mark(h.crypto.off, h.crypto.len, metaCrypto)
+	}
 	c.readBudget = checkReadBudget
 	if err := c.walkL1(h.l1Off, h.l1Size, true, nil); err != nil {
 		return err
@@ -504,6 +550,7 @@ func (c *checker) count() error {
 				continue
 			}
 			c.inc(off, c.cs)
+			c.mark(off, c.cs, metaRefBlock)
 		}
 	}
 	return nil
@@ -527,6 +574,7 @@ func (c *checker) countBitmaps() error {
 			continue
 		}
 		c.inc(be.tableOff, uint64(be.tableSize)*8)
+		c.mark(be.tableOff, uint64(be.tableSize)*8, metaBitmapDir)
 		if be.tableOff+uint64(be.tableSize)*8 > c.fileSize {
 			continue
 		}
@@ -669,6 +717,9 @@ func (c *checker) flushRefblocks() error {
 	}
 	sort.Slice(offs, func(i, j int) bool { return offs[i] < offs[j] })
 	for _, off := range offs {
+		if err := c.guard(off, c.cs, metaRefBlock); err != nil {
+			return err
+		}
 		if _, err := c.f.WriteAt(c.rbCache[off], int64(off)); err != nil {
 			return fmt.Errorf("write refcount block at %#x: %w", off, err)
 		}
@@ -746,6 +797,9 @@ func (c *checker) checkCopied(fix bool) error {
 			}
 		}
 		if l2Changed {
+			if err := c.guard(off, c.cs, metaL2|metaSnapL2); err != nil {
+				return err
+			}
 			if _, err := c.f.WriteAt(buf, int64(off)); err != nil {
 				return fmt.Errorf("write L2 table at %#x: %w", off, err)
 			}
@@ -758,6 +812,9 @@ func (c *checker) checkCopied(fix bool) error {
 		b := make([]byte, len(l1)*8)
 		for i, e := range l1 {
 			be.PutUint64(b[i*8:], e)
+		}
+		if err := c.guard(h.l1Off, uint64(len(b)), metaL1); err != nil {
+			return err
 		}
 		if _, err := c.f.WriteAt(b, int64(h.l1Off)); err != nil {
 			return fmt.Errorf("write L1 table: %w", err)

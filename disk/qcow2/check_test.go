@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -352,5 +353,23 @@ func TestInfo(t *testing.T) {
 	out := sh(t, "qemu-img", "info", p)
 	if !bytes.Contains([]byte(out), []byte("in-use")) {
 		t.Fatalf("bitmap not marked in use:\n%s", out)
+	}
+}
+
+// TestRepairNeverOverwritesOtherMetadata points the refcount table at the
+// L1 table; a full repair must refuse to write refcounts over it.
+func TestRepairNeverOverwritesOtherMetadata(t *testing.T) {
+	needQemu(t)
+	p, l := baseImage(t, t.TempDir(), "")
+	patch64(t, p, l.rt, uint64(l.l1))
+	before := protected(t, p, l)
+	f := openFile(t, p, false)
+	_, err := Check(f, RepairAll)
+	f.Close()
+	if err == nil || !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Check(RepairAll) = %v, want a refusal", err)
+	}
+	if after := protected(t, p, l); !bytes.Equal(before, after) {
+		t.Fatalf("repair changed metadata at byte %d", firstDiff(before, after))
 	}
 }
