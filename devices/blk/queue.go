@@ -2,6 +2,7 @@ package blk
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -13,9 +14,13 @@ import (
 // A queue is served by one dispatcher goroutine (the ServeQueue goroutine,
 // the only one that touches the ring) and a small pool of request
 // goroutines, so that several requests of one queue can wait on the disk at
-// once — what queue depth means to a real disk. A request that arrives alone
-// on an idle queue is served inline by the dispatcher, so queue depth 1 pays
-// no hand-off. Requests complete out of order, as virtio-blk allows.
+// once — what queue depth means to a real disk. Writes (OUT) go to one
+// writer goroutine of their own instead: buffered writes to one file
+// serialise on the file's inode lock anyway, and several threads contending
+// for it are slower than one (measured: 1 MiB sequential writes lose a third
+// of their throughput on 8 threads). A request that arrives alone on an idle
+// queue is served inline by the dispatcher, so queue depth 1 pays no
+// hand-off. Requests complete out of order, as virtio-blk allows.
 
 // slot is one request in flight: its chain and its outcome.
 type slot struct {
@@ -48,15 +53,20 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring, n int) 
 		free = append(free, i)
 	}
 	work := make(chan int, n)
+	writes := make(chan int, n)
 	done := make(chan int, n)
 	var pool sync.WaitGroup
-	for range n {
+	for k := range n + 1 {
 		p := &poolWorker{w: d.newWorker()}
 		p.run = p.handle
+		in := work
+		if k == n {
+			in = writes
+		}
 		pool.Add(1)
 		go func() {
 			defer pool.Done()
-			for i := range work {
+			for i := range in {
 				p.cur = &slots[i]
 				p.cur.fault = backend.Protect(p.run)
 				done <- i
@@ -90,6 +100,7 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring, n int) 
 	// returns.
 	defer func() {
 		close(work)
+		close(writes)
 		pool.Wait()
 		kcancel()
 		<-kdone
@@ -175,7 +186,11 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring, n int) 
 			}
 			free = free[:len(free)-1]
 			inflight++
-			work <- i
+			if isWrite(s.c.ReadableSegments()) {
+				writes <- i
+			} else {
+				work <- i
+			}
 		}
 		// Collect what finished meanwhile, then publish it all at once.
 	harvest:
@@ -215,4 +230,15 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring, n int) 
 			return drain()
 		}
 	}
+}
+
+// isWrite peeks at a request's type: true for VIRTIO_BLK_T_OUT. A request
+// too short to tell is not a write (the handler fails it).
+func isWrite(rd [][]byte) bool {
+	var t [4]byte
+	if segLen(rd) < HeaderSize {
+		return false
+	}
+	gather(t[:], rd, 0)
+	return binary.LittleEndian.Uint32(t[:]) == TypeOut
 }
