@@ -52,12 +52,12 @@ func (im *Image) Flush() error {
 }
 
 func (im *Image) syncAll() error {
-	if im.data != im.f {
-		if err := fdatasync(im.data); err != nil {
+	if im.dataFile != nil {
+		if err := im.data.Sync(); err != nil {
 			return fmt.Errorf("qcow2 %s: sync data file: %w", im.name, err)
 		}
 	}
-	if err := fdatasync(im.f); err != nil {
+	if err := im.f.Sync(); err != nil {
 		return fmt.Errorf("qcow2 %s: sync: %w", im.name, err)
 	}
 	return nil
@@ -71,12 +71,12 @@ func (im *Image) metadataDirty() bool {
 // sync makes everything written so far durable; with an external data
 // file, guest data is synced first.
 func (im *Image) sync() error {
-	if im.data != im.f {
-		if err := fdatasync(im.data); err != nil {
+	if im.dataFile != nil {
+		if err := im.data.Sync(); err != nil {
 			return err
 		}
 	}
-	if err := fdatasync(im.f); err != nil {
+	if err := im.f.Sync(); err != nil {
 		return err
 	}
 	im.refsUnsynced = false
@@ -196,6 +196,7 @@ func (im *Image) syncRefcounts() error {
 		// The old table is unreferenced once the header is durable; the
 		// sync below does that, and pendingFree is applied after a later
 		// sync.
+		im.meta.removeRange(im.oldRT[0], im.oldRT[1], metaRefTable)
 		for c := im.oldRT[0]; c < im.oldRT[0]+im.oldRT[1]; c++ {
 			im.freeCluster(c)
 		}

@@ -52,9 +52,11 @@ type Image struct {
 	// changes metadata holds it exclusively.
 	mu sync.RWMutex
 
-	f    *os.File // the qcow2 file
-	data *os.File // where guest data lives: f, or the external data file
-	h    *header
+	f        ioFile   // the qcow2 file
+	data     ioFile   // where guest data lives: f, or the external data file
+	file     *os.File // f's file, closed by Close
+	dataFile *os.File // the external data file, if any
+	h        *header
 	name string
 	ro   bool
 	log  hclog.Logger
@@ -105,6 +107,19 @@ type Image struct {
 
 	closed bool
 }
+
+// ioFile is what the image does with its files. Tests substitute it to
+// record writes and syncs.
+type ioFile interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Sync makes everything written so far durable (fdatasync).
+	Sync() error
+}
+
+type osFile struct{ *os.File }
+
+func (o osFile) Sync() error { return fdatasync(o.File) }
 
 // layer is a read-only backing image.
 type layer interface {
@@ -230,8 +245,8 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 		}
 	}
 	im := &Image{
-		f:           f,
-		data:        f,
+		f:           osFile{f},
+		file:        f,
 		h:           h,
 		name:        name,
 		ro:          opts.ReadOnly,
@@ -262,6 +277,7 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	im.rbc = newTableCache(int(cacheBytes / 4 / int64(im.cs)))
 	im.fileClusters = divRoundUp(uint64(fileSize), im.cs)
 
+	im.data = im.f
 	if im.snaps, im.snapSize, err = readSnapshots(f, h); err != nil {
 		return nil, fmt.Errorf("image %s: %w", name, err)
 	}
@@ -330,7 +346,8 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 		return fmt.Errorf("%w: data file %s is the same file as %s", ErrBacking, opts.DataFile.Path, prev)
 	}
 	st.seen[id] = opts.DataFile.Path
-	im.data = opts.DataFile.File
+	im.data = osFile{opts.DataFile.File}
+	im.dataFile = opts.DataFile.File
 	return nil
 }
 
@@ -507,12 +524,12 @@ func (im *Image) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	if im.data != im.f {
-		if err := im.data.Close(); err != nil {
+	if im.dataFile != nil {
+		if err := im.dataFile.Close(); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if err := im.f.Close(); err != nil {
+	if err := im.file.Close(); err != nil {
 		errs = append(errs, err)
 	}
 	im.l2c.clear()
@@ -552,7 +569,7 @@ func (im *Image) markCorrupt(err error) error {
 	be.PutUint64(b[:], im.h.incompat|incompatCorrupt)
 	if _, werr := im.f.WriteAt(b[:], hdrIncompatOff); werr == nil {
 		im.h.incompat |= incompatCorrupt
-		_ = fdatasync(im.f)
+		_ = im.f.Sync()
 	}
 	return err
 }

@@ -141,7 +141,7 @@ func (im *Image) prepareWritable() error {
 		if _, err := im.f.WriteAt(b[:], hdrAutoclearOff); err != nil {
 			return fmt.Errorf("write header: %w", err)
 		}
-		if err := fdatasync(im.f); err != nil {
+		if err := im.f.Sync(); err != nil {
 			return err
 		}
 		h.autoclear = newAuto
@@ -177,5 +177,5 @@ func (im *Image) markBitmapsInUse() error {
 	if _, err := im.f.WriteAt(dir, int64(bm.dirOff)); err != nil {
 		return fmt.Errorf("write bitmap directory: %w", err)
 	}
-	return fdatasync(im.f)
+	return im.f.Sync()
 }

@@ -362,7 +362,6 @@ func (im *Image) growReftable(minEntries uint64) error {
 	im.rt = rt
 	im.rtOff = start * cs
 	im.rtMoved = true
-	im.meta.removeRange(oldOff/cs, oldN, metaRefTable)
 	im.meta.addRange(start, nc, metaRefTable)
 	if start+nc > im.fileClusters {
 		im.fileClusters = start + nc
@@ -379,6 +378,7 @@ func (im *Image) growReftable(minEntries uint64) error {
 	}
 	if wasMoved {
 		// The previous in-memory table never reached the header.
+		im.meta.removeRange(oldOff/cs, oldN, metaRefTable)
 		for c := oldOff / cs; c < oldOff/cs+oldN; c++ {
 			if err := im.addRefcount(c, -1); err != nil {
 				return err

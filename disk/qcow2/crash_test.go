@@ -1,0 +1,214 @@
+package qcow2
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+)
+
+// recorder passes I/O through to the real file and logs every write and
+// sync, so that a test can rebuild what the disk may hold after a crash.
+type recorder struct {
+	ioFile
+	mu  sync.Mutex
+	log []logEntry
+}
+
+type logEntry struct {
+	off  int64
+	data []byte // nil marks a completed sync
+}
+
+func (r *recorder) WriteAt(p []byte, off int64) (int, error) {
+	r.mu.Lock()
+	r.log = append(r.log, logEntry{off, append([]byte(nil), p...)})
+	r.mu.Unlock()
+	return r.ioFile.WriteAt(p, off)
+}
+
+func (r *recorder) Sync() error {
+	err := r.ioFile.Sync()
+	r.mu.Lock()
+	r.log = append(r.log, logEntry{})
+	r.mu.Unlock()
+	return err
+}
+
+func (r *recorder) mark() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.log)
+}
+
+// crashState applies to base every write up to the last sync before end,
+// plus those writes after it (and before end) that keep says survived.
+func crashState(base []byte, log []logEntry, end int, keep func(i int) bool) []byte {
+	img := append([]byte(nil), base...)
+	lastSync := -1
+	for i := 0; i < end; i++ {
+		if log[i].data == nil {
+			lastSync = i
+		}
+	}
+	for i := 0; i < end; i++ {
+		e := log[i]
+		if e.data == nil || (i > lastSync && !keep(i)) {
+			continue
+		}
+		if need := int(e.off) + len(e.data); need > len(img) {
+			img = append(img, make([]byte, need-len(img))...)
+		}
+		copy(img[e.off:], e.data)
+	}
+	return img
+}
+
+// TestCrashLeaksAtWorst records every write and sync of a random workload
+// and rebuilds the image as a crash could leave it: everything before some
+// sync, plus any subset of the writes issued after it. No such image may
+// have a corruption (leaked clusters are fine), and the state right after a
+// Flush must hold exactly the data written before it.
+func TestCrashLeaksAtWorst(t *testing.T) {
+	needQemu(t)
+	for _, tc := range []struct {
+		name, opts string
+		snapshot   bool
+	}{
+		{"cs4k", "cluster_size=4096", false},
+		{"cs512-rc64", "cluster_size=512,refcount_bits=64", false},
+		{"snapshot-extl2", "cluster_size=16384,extended_l2=on", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "img.qcow2")
+			const size = 4 << 20
+			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", tc.opts, p, fmt.Sprint(size))
+			qio(t, p, "write -P 0x42 0 1M")
+			if tc.snapshot {
+				sh(t, "qemu-img", "snapshot", "-c", "s", p)
+			}
+			im, err := Open(openFile(t, p, false), Options{Path: p, CacheBytes: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			base, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rec := &recorder{ioFile: im.f}
+			im.f, im.data = rec, rec
+			model := qemuRaw(t, p)
+			type flushPoint struct {
+				end   int
+				model []byte
+			}
+			var flushes []flushPoint
+			r := rand.New(rand.NewSource(int64(len(tc.name))))
+			for op := 0; op < 150; op++ {
+				off := r.Int63n(size)
+				n := min(1+r.Int63n(48<<10), size-off)
+				switch k := r.Intn(10); {
+				case k < 6:
+					buf := make([]byte, n)
+					r.Read(buf)
+					if _, err := im.WriteAt(buf, off); err != nil {
+						t.Fatal(err)
+					}
+					copy(model[off:], buf)
+				case k < 7:
+					if err := im.WriteZeroes(off, n, r.Intn(2) == 0); err != nil {
+						t.Fatal(err)
+					}
+					clear(model[off : off+n])
+				case k < 8:
+					if err := im.Discard(off, n); err != nil {
+						t.Fatal(err)
+					}
+					if err := im.Flush(); err != nil {
+						t.Fatal(err)
+					}
+					// Discard's effect on partial clusters is the
+					// image's choice: take the model from it.
+					model = readAll(t, im)
+					flushes = append(flushes, flushPoint{rec.mark(), append([]byte(nil), model...)})
+				default:
+					if err := im.Flush(); err != nil {
+						t.Fatal(err)
+					}
+					flushes = append(flushes, flushPoint{rec.mark(), append([]byte(nil), model...)})
+				}
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			log := rec.log
+			// Crash points: just before each sync completes (so the writes
+			// since the previous sync may or may not have landed), and
+			// the end.
+			var syncs []int
+			for i, e := range log {
+				if e.data == nil {
+					syncs = append(syncs, i)
+				}
+			}
+			syncs = append(syncs, len(log))
+			t.Logf("%d writes and syncs, %d syncs, %d flushes", len(log), len(syncs), len(flushes))
+			states := 0
+			cp := filepath.Join(dir, "crash.qcow2")
+			check := func(img []byte, what string, viaQemu bool) {
+				states++
+				if err := os.WriteFile(cp, img, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				f := openFile(t, cp, true)
+				res, err := Check(f, RepairNone)
+				f.Close()
+				if err != nil || res.Corruptions != 0 || res.CheckErrors != 0 {
+					t.Fatalf("%s: Check: %v corruptions %d errors %d\n%s", what, err, res.Corruptions, res.CheckErrors, joinLines(res.Messages))
+				}
+				if viaQemu {
+					if q := qemuCheck(t, cp); q.Corruptions != 0 || q.CheckErrors != 0 {
+						t.Fatalf("%s: qemu-img check: %s", what, q.Output)
+					}
+				}
+			}
+			for si, end := range syncs {
+				// A few subsets of the writes after the last sync.
+				for trial := 0; trial < 3; trial++ {
+					keep := func(i int) bool { return r.Intn(2) == 0 }
+					if trial == 0 {
+						keep = func(int) bool { return false }
+					}
+					img := crashState(base, log, end, keep)
+					check(img, fmt.Sprintf("crash before log entry %d (trial %d)", end, trial), si%15 == 0 && trial == 1)
+				}
+			}
+			// Right after each Flush the data written before it is there.
+			for i, fp := range flushes {
+				img := crashState(base, log, fp.end, func(int) bool { return false })
+				if err := os.WriteFile(cp, img, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				im := openImage(t, cp, true)
+				got := readAll(t, im)
+				im.Close()
+				if !bytes.Equal(got, fp.model) {
+					t.Fatalf("flush %d: content differs at %d", i, firstDiff(got, fp.model))
+				}
+			}
+			t.Logf("checked %d crash states", states)
+		})
+	}
+}
+
+func readAll(t *testing.T, im *Image) []byte {
+	b := make([]byte, im.Size())
+	if _, err := im.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
