@@ -57,9 +57,9 @@ type Image struct {
 	file     *os.File // f's file, closed by Close
 	dataFile *os.File // the external data file, if any
 	h        *header
-	name string
-	ro   bool
-	log  hclog.Logger
+	name     string
+	ro       bool
+	log      hclog.Logger
 
 	cs          uint64
 	cb          uint
