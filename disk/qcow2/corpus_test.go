@@ -95,12 +95,15 @@ func rawSource(t *testing.T, path string, size int64, seed int64) {
 	}
 }
 
-func compressedCase(name string, cs int64, ctype string) corpusCase {
+func compressedCase(name string, cs int64, ctype string, extra ...string) corpusCase {
 	return corpusCase{name, func(t *testing.T, dir string) (string, []chainEntry) {
 		src := filepath.Join(dir, "src.raw")
 		rawSource(t, src, 6<<20+12345&^511, cs)
 		p := filepath.Join(dir, "img.qcow2")
 		o := fmt.Sprintf("cluster_size=%d,compression_type=%s", cs, ctype)
+		for _, e := range extra {
+			o += "," + e
+		}
 		sh(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", o, src, p)
 		// Some uncompressed writes on top of compressed clusters.
 		qio(t, p, fmt.Sprintf("write -P 0x5a %d 4096", cs+512), fmt.Sprintf("write -z %d %d", 2*cs, cs))
@@ -133,6 +136,25 @@ func corpusCases() []corpusCase {
 		cases = append(cases, compressedCase(fmt.Sprintf("zlib-cs%d", cs), cs, "zlib"))
 		cases = append(cases, compressedCase(fmt.Sprintf("zstd-cs%d", cs), cs, "zstd"))
 	}
+	cases = append(cases, compressedCase("zlib-extl2-cs64k", 65536, "zlib", "extended_l2=on"))
+	cases = append(cases, compressedCase("zstd-extl2-cs32k", 32768, "zstd", "extended_l2=on"))
+	cases = append(cases, corpusCase{"data-file-relative-with-backing", func(t *testing.T, dir string) (string, []chainEntry) {
+		base := filepath.Join(dir, "base.qcow2")
+		sh(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+		qio(t, base, "write -P 0x61 0 4M")
+		p := filepath.Join(dir, "img.qcow2")
+		// Run from the image's directory so that the recorded data file
+		// name is relative.
+		shDir(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o", "data_file=img.data", "img.qcow2", "4M")
+		qio(t, p, patternCmds(65536, 4<<20, false)...)
+		f := openFile(t, p, true)
+		info, err := ReadInfo(f)
+		f.Close()
+		if err != nil || info.DataFile != "img.data" {
+			t.Fatalf("data file name %q, %v", info.DataFile, err)
+		}
+		return p, []chainEntry{{base, disk.QCOW2}}
+	}})
 	cases = append(cases, corpusCase{"snapshots", func(t *testing.T, dir string) (string, []chainEntry) {
 		p := filepath.Join(dir, "img.qcow2")
 		sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p, "8M")

@@ -26,7 +26,16 @@ func needQemu(t testing.TB) {
 // sh runs a QEMU tool and fails the test on error.
 func sh(t testing.TB, name string, args ...string) string {
 	t.Helper()
+	return shDir(t, "", name, args...)
+}
+
+// shDir is sh run in dir. QEMU 7.2 resolves a relative external data file
+// name against its working directory, so tools working on such images run
+// in the image's directory.
+func shDir(t testing.TB, dir, name string, args ...string) string {
+	t.Helper()
 	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
@@ -42,7 +51,7 @@ func qio(t testing.TB, path string, cmds ...string) {
 		args = append(args, "-c", c)
 	}
 	args = append(args, path)
-	out := sh(t, "qemu-io", args...)
+	out := shDir(t, filepath.Dir(path), "qemu-io", args...)
 	if strings.Contains(out, "failed") || strings.Contains(out, "error") {
 		t.Fatalf("qemu-io %v: %s", cmds, out)
 	}
@@ -54,7 +63,7 @@ func qemuRaw(t testing.TB, path string, extra ...string) []byte {
 	out := filepath.Join(t.TempDir(), "raw")
 	args := append([]string{"convert"}, extra...)
 	args = append(args, "-O", "raw", path, out)
-	sh(t, "qemu-img", args...)
+	shDir(t, filepath.Dir(path), "qemu-img", args...)
 	b, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)
@@ -71,6 +80,7 @@ type qemuCheckResult struct {
 func qemuCheck(t testing.TB, path string) qemuCheckResult {
 	t.Helper()
 	cmd := exec.Command("qemu-img", "check", "--output=json", path)
+	cmd.Dir = filepath.Dir(path)
 	out, _ := cmd.Output()
 	var r qemuCheckResult
 	r.Output = string(out)
@@ -79,7 +89,9 @@ func qemuCheck(t testing.TB, path string) qemuCheckResult {
 	r.CheckErrors = jsonInt(string(out), "check-errors")
 	if !strings.Contains(string(out), "check-errors") {
 		// qemu-img could not check at all.
-		human, _ := exec.Command("qemu-img", "check", path).CombinedOutput()
+		cmd := exec.Command("qemu-img", "check", path)
+		cmd.Dir = filepath.Dir(path)
+		human, _ := cmd.CombinedOutput()
 		r.CheckErrors = -1
 		r.Output += string(human)
 	}
