@@ -47,6 +47,11 @@ func le64(v ...uint64) []byte {
 // directory (after a proper INIT). Invariants: no panic or hang; a reply,
 // when written, is a well-formed FUSE reply to that request; a file outside
 // the share is never touched.
+//
+// Every input sets up a directory and a server (about a millisecond), and
+// new inputs are frequent, so run it with a bounded minimization:
+//
+//	go test -run XXX -fuzz FuzzHandle -fuzztime 60s -fuzzminimizetime 20x ./devices/fs/
 func FuzzHandle(f *testing.F) {
 	rw := func(fh, off uint64, size uint32) []byte {
 		b := make([]byte, fuse.ReadInSize)

@@ -1,6 +1,9 @@
 package fs
 
 import (
+	"cmp"
+	"maps"
+	"slices"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -569,8 +572,9 @@ func (t *table) releaseHandle(fh uint64) unix.Errno {
 func (t *table) reset() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	handles := t.handles
-	nodes := t.nodes
+	// Work in id order: the same session always tears down the same way.
+	handles := slices.SortedFunc(maps.Values(t.handles), func(a, b *handle) int { return cmp.Compare(a.id, b.id) })
+	nodes := slices.SortedFunc(maps.Values(t.nodes), func(a, b *node) int { return cmp.Compare(a.id, b.id) })
 	t.clearLocked()
 	for _, h := range handles {
 		t.putHandleLocked(h)

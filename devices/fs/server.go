@@ -112,13 +112,16 @@ type Server struct {
 
 	t *table
 
-	initMu   sync.Mutex
-	inited   atomic.Bool
-	minor    atomic.Uint32
-	pool     sync.Pool // *scratch
-	closed   atomic.Bool
-	stats    Stats
-	closeErr error
+	initMu sync.Mutex
+	inited atomic.Bool
+	minor  atomic.Uint32
+	// scratches holds idle per-request scratch space. A channel rather
+	// than a sync.Pool: its behaviour does not depend on garbage
+	// collections (which also keeps fuzzing coverage deterministic).
+	scratches chan *scratch
+	closed    atomic.Bool
+	stats     Stats
+	closeErr  error
 }
 
 type timeout struct {
@@ -212,7 +215,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		canChown: haveCapChown(),
 	}
 	s.t = newTable(fd, &st, maxNodes, maxOpen, maxHandles)
-	s.pool.New = func() any { return new(scratch) }
+	s.scratches = make(chan *scratch, maxIdleScratch)
 	return s, nil
 }
 
@@ -255,6 +258,25 @@ func (s *Server) Close() error {
 // counts reports live nodes and handles (tests).
 func (s *Server) counts() (nodes, handles int) { return s.t.count() }
 
+// maxIdleScratch bounds the idle scratch spaces kept (about 135 KiB each).
+const maxIdleScratch = 16
+
+func (s *Server) getScratch() *scratch {
+	select {
+	case sc := <-s.scratches:
+		return sc
+	default:
+		return new(scratch)
+	}
+}
+
+func (s *Server) putScratch(sc *scratch) {
+	select {
+	case s.scratches <- sc:
+	default:
+	}
+}
+
 // scratch is per-request working memory, pooled so that requests allocate
 // nothing once warm.
 type scratch struct {
@@ -285,8 +307,8 @@ type request struct {
 // chain (0 for FORGET and BATCH_FORGET, which have no reply).
 func (s *Server) Handle(c Chain) uint32 {
 	s.stats.Requests.Add(1)
-	sc := s.pool.Get().(*scratch)
-	defer s.pool.Put(sc)
+	sc := s.getScratch()
+	defer s.putScratch(sc)
 
 	if err := readFull(c, sc.hdr[:]); err != nil {
 		s.stats.Malformed.Add(1)
