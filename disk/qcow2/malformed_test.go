@@ -470,3 +470,57 @@ func TestBackingLoopAndDepth(t *testing.T) {
 	}
 	im.Close()
 }
+
+// TestHeaderOnReadWriteOpen: a read-write open clears unknown autoclear
+// bits (and the bitmaps bit when there is no bitmaps extension), keeps
+// unknown header extensions, and leaves a read-only open's file untouched.
+func TestHeaderOnReadWriteOpen(t *testing.T) {
+	needQemu(t)
+	p, _ := baseImage(t, t.TempDir(), "")
+	f := openFile(t, p, true)
+	info, err := ReadInfo(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var unknown Extension
+	for _, e := range info.Extensions {
+		if e.Type == extFeatureTable {
+			unknown = e
+			patch32(t, p, e.Offset-8, 0x0badcafe) // now an unknown extension
+		}
+	}
+	patch64(t, p, 88, 1<<7|autoclearBitmaps)
+	before, _ := os.ReadFile(p)
+	im := openImage(t, p, true)
+	im.Close()
+	if after, _ := os.ReadFile(p); !bytes.Equal(before, after) {
+		t.Fatal("read-only open changed the file")
+	}
+	im = openImage(t, p, false)
+	if _, err := im.WriteAt(bytes.Repeat([]byte{1}, 5000), 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f = openFile(t, p, true)
+	info, err = ReadInfo(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.AutoclearFeatures != 0 {
+		t.Fatalf("autoclear bits %#x left set", info.AutoclearFeatures)
+	}
+	found := false
+	for _, e := range info.Extensions {
+		if e.Type == 0x0badcafe && e.Length == unknown.Length && e.Offset == unknown.Offset {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("unknown extension lost: %+v", info.Extensions)
+	}
+	qemuClean(t, p)
+}
