@@ -1,12 +1,487 @@
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+
+	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/imgtool"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
-// imgCommand is not written yet; its owner replaces this file.
+const imgUsage = `usage: krun-core img COMMAND [options] FILE...
+
+Inspects, verifies, creates and converts disk images. Every image byte is
+parsed in the sandboxed plugin krun-plugin-img, which is handed the files
+krun-core opened and opens nothing itself. No command guesses a format
+(except probe) and none opens a backing file it was not given.
+
+commands:
+  info     --format FMT [--output json] FILE
+  check    --format FMT [--repair leaks|all] [--output json] FILE
+  verify   --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] FILE
+  create   --format qcow2|raw --size SIZE [--backing FILE --backing-format FMT]
+           [--cluster-size N] [--compression zlib|zstd] FILE
+  convert  --format FMT -O OUTFMT [--backing FILE --backing-format FMT]...
+           [--data-file FILE] [--compress] [--compression zlib|zstd]
+           [--cluster-size N] [--progress] IN OUT
+  import   [--from-format raw] --format qcow2|raw --max-size SIZE [--compress]
+           [--compression zlib|zstd] [--cluster-size N] [--progress] OUT < CONTENT
+  probe    FILE
+
+options of every command:
+  --plugin-dir DIR          look for krun-plugin-img here first (also $KRUN_PLUGIN_DIR;
+                            then the directory of krun-core)
+  --sandbox on|off          the plugin sandbox (default on)
+  --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
+  --log-level LEVEL         trace, debug, info, warn (default), error
+
+Sizes take binary suffixes: 512, 64K, 10M, 64G, 2T. See docs/IMAGES.md.
+`
+
+// imgSubcommands maps each img command to its implementation.
+func imgSubcommands() map[string]func(args []string, stdout, stderr io.Writer) int {
+	return map[string]func([]string, io.Writer, io.Writer) int{
+		"info":    imgInfo,
+		"check":   imgCheck,
+		"verify":  imgVerify,
+		"create":  imgCreate,
+		"convert": imgConvert,
+		"import":  imgImport,
+		"probe":   imgProbe,
+	}
+}
+
+// imgCommand implements `krun-core img`.
 func imgCommand(args []string, stdout, stderr io.Writer) int {
-	fmt.Fprintln(stderr, "krun-core img: not implemented yet")
-	return 1
+	if len(args) == 0 {
+		fmt.Fprint(stderr, imgUsage)
+		return 1
+	}
+	switch args[0] {
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, imgUsage)
+		return 0
+	}
+	sub, ok := imgSubcommands()[args[0]]
+	if !ok {
+		names := make([]string, 0, 8)
+		for n := range imgSubcommands() {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		fmt.Fprintf(stderr, "krun-core img: unknown command %q (want %s)\n", args[0], strings.Join(names, ", "))
+		return 1
+	}
+	return sub(args[1:], stdout, stderr)
+}
+
+// imgFlags is a flag set with the options every img command takes.
+type imgFlags struct {
+	name       string
+	fs         *flag.FlagSet
+	pluginDir  string
+	sandboxOn  string
+	disable    string
+	logLevel   string
+	positional []string
+}
+
+func newImgFlags(name string) *imgFlags {
+	f := &imgFlags{name: name, fs: flag.NewFlagSet("img "+name, flag.ContinueOnError)}
+	f.fs.SetOutput(io.Discard)
+	f.fs.StringVar(&f.pluginDir, "plugin-dir", "", "")
+	f.fs.StringVar(&f.sandboxOn, "sandbox", "on", "")
+	f.fs.StringVar(&f.disable, "sandbox-disable", "", "")
+	f.fs.StringVar(&f.logLevel, "log-level", "warn", "")
+	return f
+}
+
+// parse parses flags and positional arguments in any order ("--" ends the
+// flags) and checks the number of positional arguments.
+func (f *imgFlags) parse(args []string, positional ...string) error {
+	for {
+		if err := f.fs.Parse(args); err != nil {
+			return err
+		}
+		rest := f.fs.Args()
+		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
+			f.positional = append(f.positional, rest...)
+			break
+		}
+		if len(rest) == 0 {
+			break
+		}
+		f.positional = append(f.positional, rest[0])
+		args = rest[1:]
+	}
+	if len(f.positional) != len(positional) {
+		return fmt.Errorf("want %d argument(s) (%s), got %d", len(positional), strings.Join(positional, " "), len(f.positional))
+	}
+	return nil
+}
+
+// launcher builds the plugin launcher from the common options.
+func (f *imgFlags) launcher(stderr io.Writer) (*imgtool.Launcher, error) {
+	level := hclog.LevelFromString(f.logLevel)
+	if level == hclog.NoLevel {
+		return nil, fmt.Errorf("--log-level=%q: want trace, debug, info, warn or error", f.logLevel)
+	}
+	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Output: stderr, Level: level})
+	l := &imgtool.Launcher{PluginDir: f.pluginDir, Logger: log}
+	layers, err := sandbox.ParseLayers(f.disable)
+	if err != nil {
+		return nil, fmt.Errorf("--sandbox-disable: %w", err)
+	}
+	switch f.sandboxOn {
+	case "on":
+		l.Sandbox = sandbox.LaunchConfig{Disable: layers, Log: log}
+	case "off":
+		if len(layers) > 0 {
+			return nil, errors.New("--sandbox=off already turns every layer off; drop --sandbox-disable")
+		}
+		l.SandboxOff = true
+		fmt.Fprintln(stderr, "krun-core img: warning: --sandbox=off: the image plugin parses untrusted images unconfined, with krun-core's privileges")
+	default:
+		return nil, fmt.Errorf("--sandbox=%q: want on or off", f.sandboxOn)
+	}
+	return l, nil
+}
+
+// sizeFlag is a flag holding a byte count with an optional binary suffix.
+type sizeFlag struct{ n int64 }
+
+func (s *sizeFlag) String() string { return fmt.Sprint(s.n) }
+func (s *sizeFlag) Set(v string) error {
+	n, err := devspec.ParseSize(v)
+	if err != nil {
+		return err
+	}
+	s.n = n
+	return nil
+}
+
+// imgRun runs one img command body with a context cancelled by SIGINT and
+// SIGTERM, and turns its error into one line and exit status 1.
+func imgRun(name string, args []string, stdout, stderr io.Writer, f *imgFlags, positional []string,
+	body func(ctx context.Context, l *imgtool.Launcher) (int, error)) int {
+	fail := func(err error) int {
+		fmt.Fprintf(stderr, "krun-core img %s: %s\n", name, oneLineErr(err))
+		return 1
+	}
+	if err := f.parse(args, positional...); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, imgUsage)
+			return 0
+		}
+		return fail(fmt.Errorf("%w (see krun-core img --help)", err))
+	}
+	l, err := f.launcher(stderr)
+	if err != nil {
+		return fail(err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	code, err := body(ctx, l)
+	if err != nil {
+		if ctx.Err() != nil {
+			return fail(errors.New("interrupted"))
+		}
+		return fail(err)
+	}
+	return code
+}
+
+func oneLineErr(err error) string {
+	s := err.Error()
+	if i := strings.IndexAny(s, "\r\n"); i >= 0 {
+		s = s[:i]
+	}
+	return s
+}
+
+// outputFlag is --output human|json.
+func outputFlag(fs *flag.FlagSet) *string {
+	return fs.String("output", "human", "")
+}
+
+func checkOutput(v string) error {
+	if v != "human" && v != "json" {
+		return fmt.Errorf("--output=%q: want human or json", v)
+	}
+	return nil
+}
+
+// formatFlag registers --format and its short form -f.
+func formatFlag(fs *flag.FlagSet) *string {
+	v := new(string)
+	fs.StringVar(v, "format", "", "")
+	fs.StringVar(v, "f", "", "")
+	return v
+}
+
+func requireFormat(v string) error {
+	if v == "" {
+		return errors.New("--format is required: krun-core never guesses a format (run krun-core img probe once on a file you trust, then record the answer)")
+	}
+	return nil
+}
+
+func imgInfo(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("info")
+	format := formatFlag(f.fs)
+	output := outputFlag(f.fs)
+	return imgRun("info", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		if err := requireFormat(*format); err != nil {
+			return 1, err
+		}
+		if err := checkOutput(*output); err != nil {
+			return 1, err
+		}
+		in, err := l.Info(ctx, f.positional[0], *format)
+		if err != nil {
+			return 1, err
+		}
+		if *output == "json" {
+			return 0, in.WriteJSON(stdout)
+		}
+		return 0, in.WriteHuman(stdout)
+	})
+}
+
+func imgCheck(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("check")
+	format := formatFlag(f.fs)
+	output := outputFlag(f.fs)
+	repair := f.fs.String("repair", "", "")
+	f.fs.StringVar(repair, "r", "", "")
+	return imgRun("check", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		if err := requireFormat(*format); err != nil {
+			return 1, err
+		}
+		if err := checkOutput(*output); err != nil {
+			return 1, err
+		}
+		mode := imgtool.RepairNone
+		if *repair != "" {
+			var err error
+			if mode, err = imgtool.ParseRepair(*repair); err != nil {
+				return 1, err
+			}
+		}
+		res, err := l.Check(ctx, f.positional[0], *format, mode)
+		if err != nil {
+			return 1, err
+		}
+		if *output == "json" && res.Supported {
+			err = res.WriteJSON(stdout)
+		} else {
+			err = res.WriteHuman(stdout)
+		}
+		return res.ExitCode(), err
+	})
+}
+
+func imgVerify(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("verify")
+	format := formatFlag(f.fs)
+	noBacking := f.fs.Bool("no-backing", false, "")
+	backingDir := f.fs.String("backing-dir", "", "")
+	var maxSize sizeFlag
+	f.fs.Var(&maxSize, "max-size", "")
+	return imgRun("verify", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		if err := requireFormat(*format); err != nil {
+			return 1, err
+		}
+		path := f.positional[0]
+		v, err := l.Verify(ctx, path, *format, imgtool.Policy{NoBacking: *noBacking, BackingDir: *backingDir, MaxSize: maxSize.n})
+		if err != nil {
+			return 1, err
+		}
+		if v.Violation != "" {
+			return 1, fmt.Errorf("%s: %s", path, v.Violation)
+		}
+		fmt.Fprintf(stdout, "%s: valid %s image, virtual size %d\n", path, v.Info.Format, v.Info.VirtualSize)
+		return 0, nil
+	})
+}
+
+func imgCreate(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("create")
+	format := formatFlag(f.fs)
+	var size, cluster sizeFlag
+	f.fs.Var(&size, "size", "")
+	f.fs.Var(&cluster, "cluster-size", "")
+	backing := f.fs.String("backing", "", "")
+	f.fs.StringVar(backing, "b", "", "")
+	backingFormat := f.fs.String("backing-format", "", "")
+	f.fs.StringVar(backingFormat, "F", "", "")
+	compression := f.fs.String("compression", "", "")
+	return imgRun("create", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		if err := requireFormat(*format); err != nil {
+			return 1, err
+		}
+		if *backing != "" && *backingFormat == "" {
+			return 1, errors.New("--backing needs --backing-format (formats are never guessed)")
+		}
+		path := f.positional[0]
+		vs, err := l.Create(ctx, path, imgtool.CreateOptions{Format: *format, Size: size.n, ClusterSize: cluster.n,
+			CompressionType: *compression, Backing: *backing, BackingFormat: *backingFormat})
+		if err != nil {
+			return 1, err
+		}
+		fmt.Fprintf(stdout, "created %s: %s, virtual size %d\n", path, *format, vs)
+		return 0, nil
+	})
+}
+
+// backingFlags collects repeated --backing/--backing-format pairs in order.
+type backingFlags struct {
+	chain []imgtool.Backing
+	err   error
+}
+
+func (b *backingFlags) register(fs *flag.FlagSet) {
+	fs.Func("backing", "", func(v string) error {
+		if n := len(b.chain); n > 0 && b.chain[n-1].Format == "" {
+			return fmt.Errorf("--backing %s needs --backing-format before the next --backing", b.chain[n-1].Path)
+		}
+		if len(b.chain) == devspec.MaxBackingChain {
+			return fmt.Errorf("more than %d backing files", devspec.MaxBackingChain)
+		}
+		b.chain = append(b.chain, imgtool.Backing{Path: v})
+		return nil
+	})
+	fs.Func("backing-format", "", func(v string) error {
+		n := len(b.chain)
+		if n == 0 || b.chain[n-1].Format != "" {
+			return fmt.Errorf("--backing-format %s must follow its --backing", v)
+		}
+		b.chain[n-1].Format = v
+		return nil
+	})
+}
+
+func (b *backingFlags) check() error {
+	for i, bk := range b.chain {
+		if bk.Format == "" {
+			return fmt.Errorf("--backing %s needs --backing-format (formats are never guessed)", bk.Path)
+		}
+		if bk.Format == "raw" && i != len(b.chain)-1 {
+			return fmt.Errorf("--backing %s is raw, which has no backing file, but more backing files follow", bk.Path)
+		}
+	}
+	return nil
+}
+
+// progressFor returns the progress function of --progress: a bar when
+// stderr is a terminal, nothing otherwise.
+func progressFor(on bool, stderr io.Writer) (imgtool.Progress, func()) {
+	if !on || !imgtool.IsTerminal(stderr) {
+		return nil, func() {}
+	}
+	b := imgtool.NewBar(stderr)
+	return b.Update, b.Done
+}
+
+func imgConvert(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("convert")
+	format := formatFlag(f.fs)
+	outFormat := f.fs.String("O", "", "")
+	var chain backingFlags
+	chain.register(f.fs)
+	dataFile := f.fs.String("data-file", "", "")
+	compress := f.fs.Bool("compress", false, "")
+	f.fs.BoolVar(compress, "c", false, "")
+	compression := f.fs.String("compression", "", "")
+	var cluster sizeFlag
+	f.fs.Var(&cluster, "cluster-size", "")
+	progress := f.fs.Bool("progress", false, "")
+	f.fs.BoolVar(progress, "p", false, "")
+	return imgRun("convert", args, stdout, stderr, f, []string{"IN", "OUT"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		if err := requireFormat(*format); err != nil {
+			return 1, err
+		}
+		if *outFormat == "" {
+			return 1, errors.New("-O OUTFMT is required")
+		}
+		if err := chain.check(); err != nil {
+			return 1, err
+		}
+		pf, done := progressFor(*progress, stderr)
+		defer done()
+		_, err := l.Convert(ctx, imgtool.ConvertOptions{
+			Input: f.positional[0], Format: *format, Backing: chain.chain, DataFile: *dataFile,
+			Output: f.positional[1], OutputFormat: *outFormat,
+			Compress: *compress, ClusterSize: cluster.n, CompressionType: *compression,
+		}, pf)
+		if err != nil {
+			return 1, err
+		}
+		return 0, nil
+	})
+}
+
+func imgImport(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("import")
+	from := f.fs.String("from-format", "raw", "")
+	format := formatFlag(f.fs)
+	var maxSize, cluster sizeFlag
+	f.fs.Var(&maxSize, "max-size", "")
+	f.fs.Var(&cluster, "cluster-size", "")
+	compress := f.fs.Bool("compress", false, "")
+	f.fs.BoolVar(compress, "c", false, "")
+	compression := f.fs.String("compression", "", "")
+	progress := f.fs.Bool("progress", false, "")
+	f.fs.BoolVar(progress, "p", false, "")
+	return imgRun("import", args, stdout, stderr, f, []string{"OUT"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		if err := requireFormat(*format); err != nil {
+			return 1, err
+		}
+		if maxSize.n == 0 {
+			return 1, errors.New("--max-size is required: the size cap holds while the content streams in")
+		}
+		if imgtool.IsTerminal(os.Stdin) {
+			return 1, errors.New("img import reads the image content from stdin, which is a terminal")
+		}
+		pf, done := progressFor(*progress, stderr)
+		defer done()
+		_, err := l.Import(ctx, imgtool.ImportOptions{
+			Input: os.Stdin, InputFormat: *from, Output: f.positional[0], OutputFormat: *format,
+			MaxSize: maxSize.n, Compress: *compress, ClusterSize: cluster.n, CompressionType: *compression,
+		}, pf)
+		if err != nil {
+			return 1, err
+		}
+		return 0, nil
+	})
+}
+
+func imgProbe(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("probe")
+	return imgRun("probe", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		path := f.positional[0]
+		r, err := l.Probe(ctx, path)
+		if err != nil {
+			return 1, err
+		}
+		fmt.Fprintln(stdout, r.Format)
+		if r.Supported {
+			fmt.Fprintf(stderr, "krun-core img probe: warning: %s looks like %s (%s). This is a guess from bytes the file's author controls: "+
+				"record it now and pass --format %s explicitly from then on; no other command guesses.\n", path, r.Format, r.Detail, r.Format)
+		} else {
+			fmt.Fprintf(stderr, "krun-core img probe: warning: %s looks like %s (%s); krun-core serves raw and qcow2 only.\n", path, r.Format, r.Detail)
+		}
+		return 0, nil
+	})
 }
