@@ -339,7 +339,7 @@ func (c *CheckResult) WriteHuman(w io.Writer) error {
 	if c.CheckErrors > 0 {
 		fmt.Fprintf(&b, "\n%d internal errors have occurred during the check.\n", c.CheckErrors)
 	}
-	if c.TotalClusters > 0 {
+	if c.TotalClusters > 0 && c.AllocatedClusters > 0 {
 		pct := func(n, of int64) float64 {
 			if of == 0 {
 				return 0

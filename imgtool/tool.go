@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/proto/imagepb"
@@ -332,6 +333,12 @@ func (l *Launcher) Convert(ctx context.Context, o ConvertOptions, progress Progr
 		return err
 	})
 	if err != nil {
+		var oe *OpError
+		if errors.As(err, &oe) {
+			// disk/qcow2 words its chain errors in --disk terms.
+			oe.Msg = strings.NewReplacer("(add backing=...)", "(declare it with --backing FILE --backing-format FMT)",
+				"(add data-file=...)", "(declare it with --data-file FILE)", "backing=", "--backing ").Replace(oe.Msg)
+		}
 		return nil, err
 	}
 	return &Result{VirtualSize: last.GetVirtualSize(), Written: last.GetWritten()}, nil
