@@ -1,0 +1,279 @@
+package imgtool
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/proto/imagepb"
+)
+
+func TestCheckBacking(t *testing.T) {
+	root := t.TempDir()
+	bdir := filepath.Join(root, "bases")
+	other := filepath.Join(root, "other")
+	for _, d := range []string{bdir, other, filepath.Join(bdir, "sub")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []string{filepath.Join(bdir, "base.raw"), filepath.Join(bdir, "sub", "b.qcow2"), filepath.Join(other, "secret")} {
+		if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink(filepath.Join(other, "secret"), filepath.Join(bdir, "link-out")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("base.raw", filepath.Join(bdir, "link-in")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(other, filepath.Join(bdir, "dir-out")); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(filepath.Join(bdir, "fifo"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The image under test lives in bdir; some also in other.
+	img := filepath.Join(bdir, "top.qcow2")
+	imgOther := filepath.Join(other, "top.qcow2")
+	dirPol := Policy{BackingDir: bdir}
+	cases := []struct {
+		name, path, backing, format string
+		p                           Policy
+		want                        string // substring of the violation, "" for none
+	}{
+		{"no-backing-ok", img, "", "", Policy{NoBacking: true}, ""},
+		{"no-backing", img, "base.raw", "raw", Policy{NoBacking: true}, "--no-backing"},
+		{"no-policy", img, "/etc/passwd", "raw", Policy{}, ""},
+		{"relative-inside", img, "base.raw", "raw", dirPol, ""},
+		{"relative-sub", img, "sub/b.qcow2", "qcow2", dirPol, ""},
+		{"absolute-inside", imgOther, filepath.Join(bdir, "base.raw"), "raw", dirPol, ""},
+		{"relative-from-elsewhere", imgOther, "../bases/base.raw", "raw", dirPol, ""},
+		{"dotdot-out", img, "../other/secret", "raw", dirPol, "outside"},
+		{"absolute-out", img, "/etc/passwd", "raw", dirPol, "outside"},
+		{"relative-from-other-dir", imgOther, "secret", "raw", dirPol, "outside"},
+		{"dir-itself", img, ".", "raw", dirPol, "outside"},
+		{"symlink-out", img, "link-out", "raw", dirPol, "resolves to"},
+		{"symlink-in", img, "link-in", "raw", dirPol, ""},
+		{"dir-symlink-out", img, "dir-out/secret", "raw", dirPol, "resolves to"},
+		{"missing", img, "nope.raw", "raw", dirPol, "does not exist"},
+		{"fifo", img, "fifo", "raw", dirPol, "not a regular file"},
+		{"directory", img, "sub", "raw", dirPol, "not a regular file"},
+		{"no-format", img, "base.raw", "", dirPol, "does not record the format"},
+		{"unprintable", img, "base?.raw", "raw", dirPol, "cannot be checked"},
+		{"replacement-char", img, "base\uFFFD.raw", "raw", dirPol, "cannot be checked"},
+		{"dotdot-in-and-back", img, "../bases/base.raw", "raw", dirPol, ""},
+	}
+	for _, c := range cases {
+		got := CheckBacking(c.path, c.backing, c.format, c.p)
+		if c.want == "" && got != "" || c.want != "" && !strings.Contains(got, c.want) {
+			t.Errorf("%s: violation %q, want %q", c.name, got, c.want)
+		}
+	}
+}
+
+func TestCheckPolicyOrder(t *testing.T) {
+	in := &Info{VirtualSize: 2 << 30, BackingFilename: "b", BackingFilenameFormat: "raw"}
+	if v := CheckPolicy("x", in, Policy{MaxSize: 1 << 30, NoBacking: true}); !strings.Contains(v, "max-size") {
+		t.Errorf("size is checked first: %q", v)
+	}
+	if v := CheckPolicy("x", in, Policy{MaxSize: 2 << 30, NoBacking: true}); !strings.Contains(v, "no-backing") {
+		t.Errorf("size at the limit passes: %q", v)
+	}
+	if v := CheckPolicy("x", nil, Policy{}); v == "" {
+		t.Error("no facts passes")
+	}
+	if err := (Policy{NoBacking: true, BackingDir: "/"}).Validate(); err == nil {
+		t.Error("--no-backing with --backing-dir accepted")
+	}
+	if err := (Policy{BackingDir: "/nonexistent/dir"}).Validate(); err == nil {
+		t.Error("missing --backing-dir accepted")
+	}
+}
+
+func TestNewInfoJSON(t *testing.T) {
+	r := &imagepb.InfoResponse{
+		Format: "qcow2", VirtualSize: 1 << 20, ActualSize: 4096, FileSize: 196608, ClusterSize: 65536, Version: 3,
+		RefcountBits: 16, BackingFile: "base.raw", BackingFormat: "raw", CompressionType: "zlib", Dirty: true,
+		Snapshots: []*imagepb.Snapshot{{Id: "1", Name: "s", DateSec: 100, DateNsec: 5, VmClockNsec: 3_500_000_000, Icount: -1}},
+	}
+	in := newInfo("dir/top.qcow2", r)
+	var buf bytes.Buffer
+	if err := in.WriteJSON(&buf); err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(buf.Bytes(), &m); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{
+		"format": "qcow2", "virtual-size": 1048576.0, "actual-size": 4096.0, "cluster-size": 65536.0,
+		"backing-filename": "base.raw", "backing-filename-format": "raw", "full-backing-filename": "dir/base.raw",
+		"dirty-flag": true, "filename": "dir/top.qcow2",
+	}
+	for k, v := range want {
+		if m[k] != v {
+			t.Errorf("%s = %v, want %v", k, m[k], v)
+		}
+	}
+	data := m["format-specific"].(map[string]any)["data"].(map[string]any)
+	for k, v := range map[string]any{"compat": "1.1", "refcount-bits": 16.0, "compression-type": "zlib", "lazy-refcounts": false, "corrupt": false, "extended-l2": false} {
+		if data[k] != v {
+			t.Errorf("data.%s = %v, want %v", k, data[k], v)
+		}
+	}
+	snap := m["snapshots"].([]any)[0].(map[string]any)
+	if snap["vm-clock-sec"] != 3.0 || snap["vm-clock-nsec"] != 5e8 || snap["icount"] != nil {
+		t.Errorf("snapshot %v", snap)
+	}
+	// Version 2 has no lazy-refcounts, corrupt or extended-l2.
+	r.Version = 2
+	in = newInfo("top.qcow2", r)
+	if d := in.FormatSpecific.Data; d.Compat != "0.10" || d.LazyRefcounts != nil || d.Corrupt != nil || d.ExtendedL2 != nil {
+		t.Errorf("v2 data %+v", d)
+	}
+	if in.FullBackingFilename != "base.raw" {
+		t.Errorf("full backing name %q", in.FullBackingFilename)
+	}
+	raw := newInfo("r", &imagepb.InfoResponse{Format: "raw", VirtualSize: 5})
+	buf.Reset()
+	raw.WriteJSON(&buf)
+	if strings.Contains(buf.String(), "cluster-size") || strings.Contains(buf.String(), "format-specific") {
+		t.Errorf("raw info: %s", buf.String())
+	}
+	buf.Reset()
+	if err := in.WriteHuman(&buf); err != nil || !strings.Contains(buf.String(), "virtual size: 1 MiB (1048576 bytes)") {
+		t.Errorf("human: %s", buf.String())
+	}
+}
+
+func TestCheckResultExit(t *testing.T) {
+	cases := []struct {
+		r    CheckResult
+		code int
+		text string
+	}{
+		{CheckResult{Supported: true}, 0, "No errors were found"},
+		{CheckResult{Supported: true, Leaks: 2}, 3, "2 leaked clusters"},
+		{CheckResult{Supported: true, Leaks: 2, Corruptions: 1}, 2, "1 errors were found"},
+		{CheckResult{Supported: true, CheckErrors: 1, Corruptions: 1}, 1, "internal errors"},
+		{CheckResult{Supported: false}, 63, "does not support checks"},
+		{CheckResult{Supported: true, LeaksFixed: 3}, 0, "3 leaked clusters\n"},
+	}
+	for _, c := range cases {
+		if got := c.r.ExitCode(); got != c.code {
+			t.Errorf("%+v: exit %d, want %d", c.r, got, c.code)
+		}
+		var b bytes.Buffer
+		c.r.WriteHuman(&b)
+		if !strings.Contains(b.String(), c.text) {
+			t.Errorf("%+v: output %q lacks %q", c.r, b.String(), c.text)
+		}
+	}
+}
+
+func TestHumanSize(t *testing.T) {
+	for n, want := range map[int64]string{0: "0 B", 1000: "1000 B", 1024: "1 KiB", 208896: "204 KiB", 1 << 30: "1 GiB", 1536 << 20: "1.5 GiB", 3 << 40: "3 TiB"} {
+		if got := humanSize(n); got != want {
+			t.Errorf("humanSize(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
+
+func TestBarLine(t *testing.T) {
+	if l := barLine(50, 100, time.Second); !strings.Contains(l, " 50.00%") || strings.Count(l, "=") != 20 {
+		t.Errorf("half: %q", l)
+	}
+	if l := barLine(200, 100, 0); !strings.Contains(l, "100.00%") {
+		t.Errorf("over: %q", l)
+	}
+	if l := barLine(5<<20, 0, 2*time.Second); !strings.Contains(l, "5 MiB") || !strings.Contains(l, "2.5 MiB/s") {
+		t.Errorf("unknown total: %q", l)
+	}
+}
+
+func TestFiles(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "out")
+	o, err := createOutput(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := createOutput(out); err == nil || !strings.Contains(err.Error(), "never overwrites") {
+		t.Errorf("second create: %v", err)
+	}
+	// remove deletes only the file this process created.
+	if err := os.Remove(out); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(out, []byte("someone else's"), 0o644)
+	o.remove()
+	if _, err := os.Stat(out); err != nil {
+		t.Errorf("remove deleted a file it did not create: %v", err)
+	}
+	o2, err := createOutput(filepath.Join(dir, "out2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o2.remove()
+	if _, err := os.Stat(filepath.Join(dir, "out2")); !os.IsNotExist(err) {
+		t.Errorf("remove kept its own file: %v", err)
+	}
+
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := openImage("image", fifo, false)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Errorf("FIFO: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("opening a FIFO blocked")
+	}
+	if _, err := openImage("image", dir, false); err == nil {
+		t.Error("directory accepted as an image")
+	}
+}
+
+func TestLaunchFailures(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "img")
+	os.WriteFile(img, make([]byte, 4096), 0o644)
+	ctx := context.Background()
+	if _, err := (&Launcher{PluginPath: "/bin/true"}).Info(ctx, img, "raw"); err == nil || !strings.Contains(err.Error(), "sandbox") {
+		t.Errorf("no sandbox configured: %v", err)
+	}
+	tr, err := exec.LookPath("true")
+	if err != nil {
+		t.Skip("no true(1) to stand in for a broken plugin")
+	}
+	_, err = (&Launcher{PluginPath: tr, SandboxOff: true, HandshakeTimeout: 5 * time.Second}).Info(ctx, img, "raw")
+	if err == nil || !strings.Contains(err.Error(), "exited") {
+		t.Errorf("a plugin that exits at once: %v", err)
+	}
+	_, err = (&Launcher{PluginPath: filepath.Join(t.TempDir(), "missing"), SandboxOff: true}).Info(ctx, img, "raw")
+	if err == nil || !strings.Contains(err.Error(), "start") {
+		t.Errorf("a missing plugin: %v", err)
+	}
+	_, err = (&Launcher{PluginDir: t.TempDir(), SandboxOff: true}).Info(ctx, img, "qcow2")
+	if err == nil {
+		t.Errorf("plugin found where there is none")
+	}
+	if _, err := (&Launcher{SandboxOff: true}).Info(ctx, img, "vmdk"); err == nil || !strings.Contains(err.Error(), "unknown format") {
+		t.Errorf("unknown format: %v", err)
+	}
+}
