@@ -83,6 +83,9 @@ func TestCrashLeaksAtWorst(t *testing.T) {
 		{"snapshot-extl2", "cluster_size=16384,extended_l2=on", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if testing.Short() && tc.name != "snapshot-extl2" {
+				t.Skip("-short runs one crash workload")
+			}
 			dir := t.TempDir()
 			p := filepath.Join(dir, "img.qcow2")
 			const size = 4 << 20
