@@ -38,6 +38,9 @@ func TestMain(m *testing.M) {
 // (plugins are found next to krun-core).
 func binDir(t testing.TB) string {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: the end-to-end tests build and run krun-core serve")
+	}
 	if d := os.Getenv("KRUN_E2E_BIN_DIR"); d != "" {
 		return d
 	}
