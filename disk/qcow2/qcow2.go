@@ -19,7 +19,19 @@
 // it depends on is written and synced; a cluster whose last reference was
 // dropped is only released once the dropping table is on disk. A crash can
 // therefore leak clusters but never leave a reference to a cluster with a
-// refcount that is too small.
+// refcount that is too small. Flush (and Close) write everything back.
+//
+// Concurrency: reads, and writes that land on clusters the active image
+// owns alone, share a read lock; anything that changes metadata (allocation,
+// copy-on-write, zeroing, discard, flush) takes the write lock.
+//
+// Not implemented: encryption (refused), writing compressed clusters,
+// creating, deleting or reverting internal snapshots (the active image of a
+// snapshotted image is served and copy-on-write keeps snapshots intact),
+// updating persistent bitmaps (a read-write open marks them in use), and
+// deferring refcount updates with lazy refcounts (refcounts are always kept
+// exact, which the format allows; a dirty image is repaired when opened
+// read-write).
 package qcow2
 
 import (
