@@ -336,6 +336,12 @@ func (im *Image) writeCluster(q []byte, pos uint64) error {
 			return fmt.Errorf("write data at %#x: %w", host+start, err)
 		}
 		alloc, zero = touched, ci.zero&^touched
+	} else if in == 0 && uint64(len(q)) == im.cs {
+		// The whole cluster is written: nothing to copy.
+		if _, err := im.data.WriteAt(q, int64(host)); err != nil {
+			return fmt.Errorf("write data at %#x: %w", host, err)
+		}
+		alloc = allSub
 	} else {
 		buf := make([]byte, im.cs)
 		switch ci.typ {
