@@ -44,6 +44,7 @@ func TestMain(m *testing.M) {
 // krunCore returns the path of a krun-core with krun-plugin-img next to it.
 func krunCore(t *testing.T) string {
 	t.Helper()
+	skipShort(t)
 	if d := os.Getenv("KRUN_E2E_BIN_DIR"); d != "" {
 		return filepath.Join(d, "krun-core")
 	}
@@ -71,9 +72,16 @@ func krunCore(t *testing.T) string {
 	return filepath.Join(bins.dir, "krun-core")
 }
 
+func skipShort(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: the end-to-end tests build krun-core and krun-plugin-img and run qemu-img")
+	}
+}
+
 // qemuTool finds a qemu-utils program or skips the test.
 func qemuTool(t *testing.T, name string) string {
 	t.Helper()
+	skipShort(t)
 	p, err := exec.LookPath(name)
 	if err != nil {
 		t.Skipf("%s not installed (qemu-utils; needed by this end-to-end test)", name)
