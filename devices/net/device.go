@@ -3,7 +3,6 @@ package net
 import (
 	"context"
 
-	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
@@ -20,7 +19,7 @@ func (d *Device) Info() backend.DeviceInfo {
 		NumQueues:        d.NumQueues(),
 		MaxQueueSize:     MaxQueueSize,
 		Features:         d.DeviceFeatures(),
-		ProtocolFeatures: vhostuser.ProtocolConfig,
+		ProtocolFeatures: 0,
 	}
 }
 

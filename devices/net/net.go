@@ -55,6 +55,9 @@ const (
 	// maxRxBuffers bounds how many rx buffers one merged frame may use.
 	maxRxBuffers = 256
 	configLen    = 12
+	// rxQueueLen bounds the frames held between passt and the rx ring;
+	// further frames are dropped (and counted) until the guest catches up.
+	rxQueueLen = 512
 )
 
 // Config describes one network device.
@@ -85,9 +88,15 @@ type Device struct {
 	features atomic.Uint64
 	linkUp   atomic.Bool
 
-	rx    frameReader // owned by the rx queue goroutine; survives ring restarts
-	rxBuf []virtq.Chain
-	txBuf []byte
+	// rx: a reader goroutine drains passt into a bounded queue at all times,
+	// so passt's writes never stall on a guest that posts no buffers; the rx
+	// ring goroutine delivers from the queue.
+	rxQueue   chan []byte   // frames read from passt, oldest first
+	rxFree    chan []byte   // spare frame buffers
+	rxPending []byte        // a frame taken from rxQueue, not yet delivered
+	rxDone    chan struct{} // closed when the reader goroutine ends
+	rxBuf     []virtq.Chain
+	txBuf     []byte
 
 	stats Stats
 	rxMu  sync.Mutex // one rx goroutine at a time, across ring restarts
@@ -98,7 +107,7 @@ type Device struct {
 type Stats struct {
 	TxFrames, TxBytes, TxOversize, TxMalformed, TxErrors atomic.Uint64
 	RxFrames, RxBytes, RxOversize, RxMalformed, RxNoRoom atomic.Uint64
-	LinkDown                                             atomic.Uint64
+	RxQueueFull, LinkDown                                atomic.Uint64
 }
 
 // New makes a device over cfg.Conn. The device owns the connection.
@@ -129,10 +138,55 @@ func New(cfg Config) (*Device, error) {
 	copy(d.mac[:], cfg.MAC)
 	d.linkUp.Store(true)
 	maxFrame := d.maxFrame()
-	d.rx.buf = make([]byte, maxFrame)
 	d.txBuf = make([]byte, 4+maxFrame)
 	d.rxBuf = make([]virtq.Chain, maxRxBuffers)
+	d.rxQueue = make(chan []byte, rxQueueLen)
+	d.rxFree = make(chan []byte, rxQueueLen+2)
+	d.rxDone = make(chan struct{})
+	go d.readPasst()
 	return d, nil
+}
+
+// readPasst reads frames from passt until the connection ends, queueing
+// them for the rx ring. A frame that finds the queue full is dropped.
+func (d *Device) readPasst() {
+	defer close(d.rxDone)
+	var fr frameReader
+	max := d.maxFrame()
+	for {
+		select {
+		case fr.buf = <-d.rxFree:
+		default:
+			fr.buf = make([]byte, max)
+		}
+		err := fr.read(d.conn, max)
+		switch {
+		case err == nil:
+		case errors.Is(err, errFrameTooLong):
+			d.stats.RxOversize.Add(1)
+			d.rxFree <- fr.buf[:cap(fr.buf)]
+			continue
+		default:
+			d.setLinkDown(err)
+			return
+		}
+		frame := fr.frame()
+		fr.consume()
+		select {
+		case d.rxQueue <- frame:
+		default:
+			d.stats.RxQueueFull.Add(1)
+			d.recycle(frame)
+		}
+	}
+}
+
+// recycle returns a frame buffer for reuse.
+func (d *Device) recycle(b []byte) {
+	select {
+	case d.rxFree <- b[:cap(b)]:
+	default:
+	}
 }
 
 // maxFrame is the longest Ethernet frame accepted: MTU plus the Ethernet
@@ -191,12 +245,17 @@ func (d *Device) Counters() map[string]uint64 {
 		"tx_errors": s.TxErrors.Load(),
 		"rx_frames": s.RxFrames.Load(), "rx_bytes": s.RxBytes.Load(),
 		"rx_dropped_oversize": s.RxOversize.Load(), "rx_malformed": s.RxMalformed.Load(),
-		"rx_dropped_no_room": s.RxNoRoom.Load(), "link_down": s.LinkDown.Load(),
+		"rx_dropped_no_room": s.RxNoRoom.Load(), "rx_dropped_queue_full": s.RxQueueFull.Load(),
+		"link_down": s.LinkDown.Load(),
 	}
 }
 
-// Close ends the passt connection.
-func (d *Device) Close() error { return d.conn.Close() }
+// Close ends the passt connection and waits for the reader to stop.
+func (d *Device) Close() error {
+	err := d.conn.Close()
+	<-d.rxDone
+	return err
+}
 
 // hdrLen is the virtio-net header length for the negotiated features.
 func (d *Device) hdrLen() int {
@@ -344,42 +403,34 @@ func (d *Device) transmit(ctx context.Context, c *virtq.Chain) {
 	d.stats.TxBytes.Add(n)
 }
 
-// serveRx moves frames from passt into the rx queue.
+// serveRx moves queued frames from passt into the rx ring.
 func (d *Device) serveRx(ctx context.Context, r Ring) error {
-	undo := interruptOn(ctx, d.conn.SetReadDeadline)
-	defer undo()
 	q := r.Queue()
 	for {
-		if !d.rx.ready {
-			if !d.linkUp.Load() {
-				<-ctx.Done()
+		if d.rxPending == nil {
+			select {
+			case d.rxPending = <-d.rxQueue:
+			case <-ctx.Done():
 				return nil
-			}
-			err := d.rx.read(d.conn, d.maxFrame())
-			switch {
-			case err == nil:
-			case errors.Is(err, errFrameTooLong):
-				d.stats.RxOversize.Add(1)
-				continue
-			case isTimeout(err) && ctx.Err() != nil:
-				return nil
-			default:
-				d.setLinkDown(err)
-				continue
 			}
 		}
-		delivered, err := d.deliver(q, d.rx.frame())
+		delivered, err := d.deliver(q, d.rxPending)
 		if err != nil {
 			return fmt.Errorf("rx queue: %w", err)
 		}
 		if delivered {
-			d.rx.consume()
-			if err := r.Notify(); err != nil {
-				return err
+			d.recycle(d.rxPending)
+			d.rxPending = nil
+			// Interrupt once the burst of queued frames is delivered.
+			if len(d.rxQueue) == 0 {
+				if err := r.Notify(); err != nil {
+					return err
+				}
 			}
 			continue
 		}
-		// No room: wait for the driver to add buffers, the frame waits.
+		// No room: wait for the driver to add buffers; the frame waits,
+		// and passt's further frames wait in the bounded queue.
 		if q.EnableNotification() {
 			continue
 		}
@@ -471,16 +522,13 @@ func (d *Device) deliver(q *virtq.Queue, frame []byte) (bool, error) {
 // shorter than an Ethernet header).
 var errFrameTooLong = errors.New("frame from passt longer than the MTU")
 
-// frameReader reads passt's length-prefixed frames. Its state survives an
-// interrupted read, so a ring that stops in the middle of a frame resumes
-// the stream where it left off.
+// frameReader reads passt's length-prefixed frames.
 type frameReader struct {
 	hdr     [4]byte
 	hdrHave int
 	length  int // frame length once the prefix is complete
 	have    int // frame bytes read (or skipped) so far
 	skip    bool
-	ready   bool
 	buf     []byte
 }
 
@@ -522,13 +570,11 @@ func (f *frameReader) read(r io.Reader, max int) error {
 		f.hdrHave = 0
 		return errFrameTooLong
 	}
-	f.ready = true
 	return nil
 }
 
 func (f *frameReader) frame() []byte { return f.buf[:f.length] }
 
 func (f *frameReader) consume() {
-	f.ready = false
 	f.hdrHave = 0
 }
