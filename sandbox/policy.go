@@ -259,11 +259,12 @@ type Limits struct {
 	DataBytes uint64 `json:"data_bytes,omitempty"`
 }
 
-// DefaultLimits returns the limits a launcher should use for a plugin kind:
+// DefaultLimits returns the limits a launcher should use for a plugin kind,
+// given as the policy kind ("fs") or the plugin kind ("fs-virtio"):
 // virtio-fs holds an O_PATH fd per inode the guest knows, so it gets many
 // more open files than the block and network kinds (DefaultOpenFiles).
 func DefaultLimits(kind string) Limits {
-	if kind == "fs" {
+	if kind == "fs" || strings.HasPrefix(kind, "fs-") {
 		return Limits{OpenFiles: FSOpenFiles}
 	}
 	return Limits{}

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -54,6 +55,11 @@ func Restrict(p Policy, log hclog.Logger) error {
 	// Two Ps at least, so the seccomp supervisor can run while another
 	// thread waits for its answer.
 	runtime.GOMAXPROCS(max(2, runtime.GOMAXPROCS(0)))
+	// The local time zone is loaded lazily, from /etc/localtime, the first
+	// time a time is formatted (a log line). After Restrict that open is
+	// refused and reported by the seccomp supervisor, whose own log line
+	// would need the zone again: load it now, while files can be opened.
+	_, _ = time.Now().Zone()
 
 	var applied []string
 	var landlockInfo, seccompInfo string

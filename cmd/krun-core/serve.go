@@ -133,6 +133,12 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(fmt.Errorf("%w (see krun-core serve --help)", err))
 	}
+	// Catch SIGTERM/SIGINT from the start: one that arrives while the
+	// plugin starts is handled once serving begins (flush, remove the
+	// socket, exit 0) instead of killing krun-core half-way.
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigc)
 	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Output: stderr, Level: o.logLevel})
 
 	// Everything that can fail on the user's input fails before the socket
@@ -177,7 +183,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		cfg.SandboxOff = true
 		fmt.Fprintln(stderr, "krun-core serve: warning: --sandbox=off: the plugin parses guest- and image-controlled bytes unconfined, with krun-core's privileges")
 	} else {
-		cfg.Sandbox = sandbox.LaunchConfig{Disable: o.sandboxDisable, Log: log}
+		cfg.Sandbox = sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(opened.Kind), Disable: o.sandboxDisable, Log: log}
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {
@@ -202,9 +208,6 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	log.Info("serving", "device", o.device, "plugin", opened.Kind, "pid", p.Pid(), "socket", o.socket,
 		"virtio_type", dev.Type, "queues", dev.NumQueues, "sandbox", note)
 
-	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigc)
 	health := time.NewTicker(2 * time.Second)
 	defer health.Stop()
 	for {

@@ -132,7 +132,10 @@ func TestParseFS(t *testing.T) {
 		{in: "tag=x", wantErr: "path= is required"},
 		{in: "path=/srv,tag=" + strings.Repeat("t", 37), wantErr: "longer than 36"},
 		{in: "path=/srv,tag=a\tb", wantErr: "control"},
-		{in: "path=/srv,tag=x,cache=always", wantErr: `unknown key "cache"`},
+		{in: "path=/srv,tag=x,cache=5,uidmap=0:1000:1", want: &FSSpec{Path: "/srv", Tag: "x",
+			PluginOptions: map[string]string{"cache": "5", "uidmap": "0:1000:1"}}},
+		{in: "path=/srv,tag=x,dax=on", wantErr: `unknown key "dax"`},
+		{in: "path=/srv,tag=x,cache=1,cache=2", wantErr: "given twice"},
 		{in: "path=/srv,tag=x,tag=y", wantErr: "given twice"},
 		{in: "path=/srv,tag=x,readonly=1", wantErr: "want on or off"},
 	}
@@ -179,6 +182,12 @@ func TestParseNet(t *testing.T) {
 		{in: "passt,8080:80", wantErr: "is not key=value"},
 		{in: "passt,mac=52:54:00:12:34:56,80", wantErr: "is not key=value"},
 		{in: "passt,vhost=on", wantErr: `unknown key "vhost"`},
+		{in: "passt,mtu=1500", want: &NetSpec{Backend: "passt", MTU: 1500}},
+		{in: "passt,mtu=67", wantErr: `mtu="67"`},
+		{in: "passt,mtu=70000", wantErr: `mtu="70000"`},
+		{in: "passt,passt-arg=--no-dhcp-dns,passt-arg=-4", want: &NetSpec{Backend: "passt", PasstArgs: []string{"--no-dhcp-dns", "-4"}}},
+		{in: "passt,passt-arg=--fd", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=", wantErr: "non-empty"},
 	}
 	for _, tc := range tests {
 		got, err := ParseNet(tc.in)

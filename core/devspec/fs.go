@@ -2,6 +2,7 @@ package devspec
 
 import (
 	"fmt"
+	"sort"
 	"strings"
 )
 
@@ -20,7 +21,14 @@ type FSSpec struct {
 	Path     string
 	Tag      string
 	ReadOnly bool
+	// PluginOptions are passed to the fs-virtio plugin as they are; it
+	// checks their values (see plugins/fs-virtio): uidmap, gidmap, cache,
+	// xattr, workers.
+	PluginOptions map[string]string
 }
+
+// fsPluginKeys are the --fs keys the fs-virtio plugin interprets itself.
+var fsPluginKeys = map[string]bool{"uidmap": true, "gidmap": true, "cache": true, "xattr": true, "workers": true}
 
 // ParseFS parses an --fs option string.
 func ParseFS(s string) (*FSSpec, error) {
@@ -54,7 +62,13 @@ func ParseFS(s string) (*FSSpec, error) {
 				return nil, err
 			}
 		default:
-			return nil, fmt.Errorf("unknown key %s (want path, tag, readonly)", printable(o.key))
+			if !fsPluginKeys[o.key] {
+				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, uidmap, gidmap, cache, xattr, workers)", printable(o.key))
+			}
+			if f.PluginOptions == nil {
+				f.PluginOptions = map[string]string{}
+			}
+			f.PluginOptions[o.key] = o.value
 		}
 	}
 	if f.Path == "" {
@@ -90,6 +104,14 @@ func (f *FSSpec) String() string {
 	fmt.Fprintf(&b, "path=%s,tag=%s", escape(f.Path), escape(f.Tag))
 	if f.ReadOnly {
 		b.WriteString(",readonly=on")
+	}
+	keys := make([]string, 0, len(f.PluginOptions))
+	for k := range f.PluginOptions {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(&b, ",%s=%s", k, escape(f.PluginOptions[k]))
 	}
 	return b.String()
 }

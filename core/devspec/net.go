@@ -11,6 +11,7 @@ import (
 const (
 	FilePasst = "passt" // connected stream socket to passt (qemu socket framing)
 	OptMAC    = "mac"   // the guest MAC, aa:bb:cc:dd:ee:ff
+	OptMTU    = "mtu"   // the device MTU, when set
 )
 
 // MaxPorts bounds the port forwards of one --net.
@@ -27,7 +28,7 @@ func (p PortForward) String() string {
 
 // NetSpec is a parsed --net option string:
 //
-//	passt[,mac=52:54:00:12:34:56][,ports=8080:80,8443:443,...]
+//	passt[,mac=52:54:00:12:34:56][,ports=8080:80,8443:443,...][,mtu=N][,passt-arg=ARG]...
 //
 // After ports=, further items without '=' are more forwards; a bare port N
 // means N:N.
@@ -37,7 +38,16 @@ type NetSpec struct {
 	// administered one.
 	MAC   net.HardwareAddr
 	Ports []PortForward
+	// MTU is the device's MTU, told to the guest (VIRTIO_NET_F_MTU) and
+	// to passt (--mtu); 0 leaves both at passt's default (65520).
+	MTU uint16
+	// PasstArgs are extra arguments for passt, one per passt-arg= item,
+	// in order (e.g. passt-arg=--no-dhcp-dns).
+	PasstArgs []string
 }
+
+// MaxPasstArgs bounds the passt-arg= items of one --net.
+const MaxPasstArgs = 32
 
 // ParseNet parses a --net option string.
 func ParseNet(s string) (*NetSpec, error) {
@@ -82,6 +92,16 @@ func ParseNet(s string) (*NetSpec, error) {
 			continue
 		}
 		inPorts = false
+		if o.key == "passt-arg" { // the one key that may repeat
+			if o.value == "" || len(n.PasstArgs) == MaxPasstArgs {
+				return nil, fmt.Errorf("passt-arg=%s: want a non-empty argument, at most %d of them", printable(o.value), MaxPasstArgs)
+			}
+			if o.value == "--fd" || o.value == "-F" || strings.HasPrefix(o.value, "--fd=") {
+				return nil, fmt.Errorf("passt-arg=%s: krun-core passes passt its socket itself", printable(o.value))
+			}
+			n.PasstArgs = append(n.PasstArgs, o.value)
+			continue
+		}
 		if seen[o.key] {
 			return nil, fmt.Errorf("%s= given twice", printable(o.key))
 		}
@@ -98,8 +118,14 @@ func ParseNet(s string) (*NetSpec, error) {
 				return nil, err
 			}
 			inPorts = true
+		case "mtu":
+			m, err := strconv.ParseUint(o.value, 10, 16)
+			if err != nil || m < 68 {
+				return nil, fmt.Errorf("mtu=%s is not a number from 68 to 65535", printable(o.value))
+			}
+			n.MTU = uint16(m)
 		default:
-			return nil, fmt.Errorf("unknown key %s (want mac, ports)", printable(o.key))
+			return nil, fmt.Errorf("unknown key %s (want mac, ports, mtu, passt-arg)", printable(o.key))
 		}
 	}
 	return n, nil
@@ -158,6 +184,12 @@ func (n *NetSpec) String() string {
 			b.WriteString(",")
 		}
 		b.WriteString(p.String())
+	}
+	if n.MTU != 0 {
+		fmt.Fprintf(&b, ",mtu=%d", n.MTU)
+	}
+	for _, a := range n.PasstArgs {
+		b.WriteString(",passt-arg=" + escape(a))
 	}
 	return b.String()
 }

@@ -193,11 +193,11 @@ func (f *FSSpec) Open(OpenOptions) (*Opened, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Opened{
-		Kind:    KindFS,
-		Options: map[string]string{OptTag: f.Tag, OptReadOnly: onOff(f.ReadOnly)},
-		Files:   []NamedFile{{FileDir, dir}},
-	}, nil
+	opts := map[string]string{OptTag: f.Tag, OptReadOnly: onOff(f.ReadOnly)}
+	for k, v := range f.PluginOptions {
+		opts[k] = v
+	}
+	return &Opened{Kind: KindFS, Options: opts, Files: []NamedFile{{FileDir, dir}}}, nil
 }
 
 // Open starts passt on one end of a socket pair (passt --fd) and hands the
@@ -226,6 +226,9 @@ func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	theirs := os.NewFile(uintptr(fds[1]), "passt-peer")
 	defer theirs.Close()
 	o := &Opened{Kind: KindNetPasst, Options: map[string]string{OptMAC: mac.String()}}
+	if n.MTU != 0 {
+		o.Options[OptMTU] = strconv.Itoa(int(n.MTU))
+	}
 	o.add(FilePasst, ours)
 	defer func() {
 		if err != nil {
@@ -236,6 +239,10 @@ func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	for _, p := range n.Ports {
 		args = append(args, "--tcp-ports", p.String())
 	}
+	if n.MTU != 0 {
+		args = append(args, "--mtu", strconv.Itoa(int(n.MTU)))
+	}
+	args = append(args, n.PasstArgs...)
 	cmd := exec.Command(passt, args...)
 	cmd.ExtraFiles = []*os.File{theirs}
 	cmd.Stdout = oo.HelperStderr

@@ -94,7 +94,7 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 		Logger: log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
 	}
 	if !c.sandboxOff {
-		cfg.Sandbox = sandbox.LaunchConfig{Disable: c.sandboxDisable, Log: log}
+		cfg.Sandbox = sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(d.opened.Kind), Disable: c.sandboxDisable, Log: log}
 	}
 	if d.plugin, err = pluginhost.Launch(cfg); err != nil {
 		return nil, err

@@ -78,9 +78,9 @@ type session struct {
 	// soon as protocol features are negotiated, before SET_FEATURES acks
 	// VHOST_USER_F_PROTOCOL_FEATURES; the request is valid from then on.
 	protocolSet bool
-	mem      *guestmem.Memory
-	slots    []slot
-	rings    []*ring
+	mem         *guestmem.Memory
+	slots       []slot
+	rings       []*ring
 }
 
 func newSession(ctx context.Context, s *Server, conn *vhostuser.Conn) *session {
