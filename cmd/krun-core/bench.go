@@ -59,6 +59,8 @@ var blkWorkloads = []blkWorkload{
 	{"randwrite-4k-qd32", true, true, 4 << 10, 32},
 	{"seqread-1m-qd4", false, false, 1 << 20, 4},
 	{"seqwrite-1m-qd4", true, false, 1 << 20, 4},
+	// On an empty qcow2 image every write allocates clusters.
+	{"seqwrite-64k-qd1", true, false, 64 << 10, 1},
 }
 
 // blkResult is what one workload measured.
