@@ -136,6 +136,10 @@ func TestParseFS(t *testing.T) {
 			PluginOptions: map[string]string{"cache": "5", "uidmap": "0:1000:1"}}},
 		{in: "path=/srv,tag=x,dax=on", wantErr: `unknown key "dax"`},
 		{in: "path=/srv,tag=x,cache=1,cache=2", wantErr: "given twice"},
+		{in: "path=/srv,tag=x,cache=none", wantErr: "want seconds from 0 to 3600"},
+		{in: "path=/srv,tag=x,uidmap=0:1000", wantErr: "GUEST:HOST:COUNT"},
+		{in: "path=/srv,tag=x,workers=0", wantErr: "want 1..256"},
+		{in: "path=/srv,tag=x,xattr=yes", wantErr: "want on or off"},
 		{in: "path=/srv,tag=x,tag=y", wantErr: "given twice"},
 		{in: "path=/srv,tag=x,readonly=1", wantErr: "want on or off"},
 	}

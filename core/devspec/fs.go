@@ -1,7 +1,10 @@
 package devspec
 
 import (
+	"slices"
+
 	"fmt"
+	"github.com/krun-core/krun-core/devices/fs"
 	"sort"
 	"strings"
 )
@@ -26,9 +29,6 @@ type FSSpec struct {
 	// xattr, workers.
 	PluginOptions map[string]string
 }
-
-// fsPluginKeys are the --fs keys the fs-virtio plugin interprets itself.
-var fsPluginKeys = map[string]bool{"uidmap": true, "gidmap": true, "cache": true, "xattr": true, "workers": true}
 
 // ParseFS parses an --fs option string.
 func ParseFS(s string) (*FSSpec, error) {
@@ -62,7 +62,7 @@ func ParseFS(s string) (*FSSpec, error) {
 				return nil, err
 			}
 		default:
-			if !fsPluginKeys[o.key] {
+			if !slices.Contains(fs.OptionKeys, o.key) {
 				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, uidmap, gidmap, cache, xattr, workers)", printable(o.key))
 			}
 			if f.PluginOptions == nil {
@@ -76,6 +76,11 @@ func ParseFS(s string) (*FSSpec, error) {
 	}
 	if f.Tag == "" {
 		return nil, fmt.Errorf("tag= is required (the guest mounts the share by this tag)")
+	}
+	// The plugin parses these with the same function; a bad value is
+	// refused here, before anything starts.
+	if _, err := fs.ParseOptions(f.PluginOptions); err != nil {
+		return nil, err
 	}
 	return f, nil
 }

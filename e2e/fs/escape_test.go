@@ -234,7 +234,8 @@ func TestServeErrors(t *testing.T) {
 		{"path=" + t.TempDir(), "tag= is required"},
 		{"path=" + t.TempDir() + ",tag=" + strings.Repeat("t", 37), "longer than 36"},
 		{"path=" + t.TempDir() + ",tag=x,readonly=maybe", "readonly"},
-		{"path=" + t.TempDir() + ",tag=x,cache=none", "unknown key"},
+		{"path=" + t.TempDir() + ",tag=x,cache=none", "want seconds from 0 to 3600"},
+		{"path=" + t.TempDir() + ",tag=x,dax=on", "unknown key"},
 	} {
 		sock := filepath.Join(sockDir(t), "s")
 		outb, err := exec.Command(bin, "serve", "--socket", sock, "--fs", tc.spec).CombinedOutput()

@@ -17,8 +17,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"strconv"
-	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -28,15 +26,6 @@ import (
 	"github.com/krun-core/krun-core/pluginsdk"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
-)
-
-// Options besides devspec's tag and readonly.
-const (
-	optUIDMap  = "uidmap"
-	optGIDMap  = "gidmap"
-	optCache   = "cache"
-	optXattr   = "xattr"
-	optWorkers = "workers"
 )
 
 type plugin struct{}
@@ -55,7 +44,7 @@ func (plugin) Policy(fds map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, devspec.OptTag, devspec.OptReadOnly, optUIDMap, optGIDMap, optCache, optXattr, optWorkers); err != nil {
+	if err := pluginsdk.CheckOptions(opts, append([]string{devspec.OptTag, devspec.OptReadOnly}, fs.OptionKeys...)...); err != nil {
 		return nil, err
 	}
 	dir := files[devspec.FileDir]
@@ -75,51 +64,24 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil {
 		return nil, err
 	}
-	xattr, err := pluginsdk.OnOff(opts, optXattr, true)
+	o, err := fs.ParseOptions(opts)
 	if err != nil {
 		return nil, err
 	}
-	uids, err := fs.ParseIDMaps(opts[optUIDMap])
-	if err != nil {
-		return nil, fmt.Errorf("option %s: %w", optUIDMap, err)
-	}
-	gids, err := fs.ParseIDMaps(opts[optGIDMap])
-	if err != nil {
-		return nil, fmt.Errorf("option %s: %w", optGIDMap, err)
-	}
-	timeout := time.Duration(0)
-	if v, ok := opts[optCache]; ok {
-		n, err := strconv.ParseUint(v, 10, 32)
-		if err != nil || n > 3600 {
-			return nil, fmt.Errorf("option %s=%q: want seconds from 0 to 3600", optCache, v)
-		}
-		timeout = time.Duration(n) * time.Second
-		if n == 0 {
-			timeout = -1
-		}
-	}
-	workers := 0
-	if v, ok := opts[optWorkers]; ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > 256 {
-			return nil, fmt.Errorf("option %s=%q: want 1..256", optWorkers, v)
-		}
-		workers = n
-	}
 	dev, err := fs.New(fs.Config{
 		ServerConfig: fs.ServerConfig{
-			Dir: dir, ReadOnly: ro, UIDMap: uids, GIDMap: gids,
-			EntryTimeout: timeout, AttrTimeout: timeout, NoXattr: !xattr, Log: log,
+			Dir: dir, ReadOnly: ro, UIDMap: o.UIDMap, GIDMap: o.GIDMap,
+			EntryTimeout: o.Timeout, AttrTimeout: o.Timeout, NoXattr: o.NoXattr, Log: log,
 		},
 		Tag:     tag,
-		Workers: workers,
+		Workers: o.Workers,
 	})
 	// The server keeps its own fd of the directory.
 	dir.Close()
 	if err != nil {
 		return nil, err
 	}
-	log.Info("serving directory", "tag", tag, "readonly", ro, "xattr", xattr)
+	log.Info("serving directory", "tag", tag, "readonly", ro, "xattr", !o.NoXattr)
 	return dev, nil
 }
 
