@@ -2,16 +2,12 @@ package imgtool
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
-	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -65,9 +61,9 @@ type file struct {
 type session struct {
 	client *plugin.Client
 	rpc    imagepb.ImageToolClient
-	run    *procRunner
+	run    *pluginhost.ProcRunner
 	dir    string
-	tail   *tailBuffer
+	tail   *pluginhost.TailBuffer
 	once   sync.Once
 }
 
@@ -110,7 +106,7 @@ func (l *Launcher) start(ctx context.Context, files []file) (_ *session, err err
 	if timeout <= 0 {
 		timeout = DefaultHandshakeTimeout
 	}
-	s := &session{tail: &tailBuffer{}}
+	s := &session{tail: &pluginhost.TailBuffer{}}
 	s.dir, err = os.MkdirTemp("", "krun-img-")
 	if err != nil {
 		return nil, fmt.Errorf("private socket directory: %w", err)
@@ -133,16 +129,16 @@ func (l *Launcher) start(ctx context.Context, files []file) (_ *session, err err
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if l.Sandbox != nil && !l.SandboxOff {
 			if err := l.Sandbox.Apply(cmd); err != nil {
-				return nil, fmt.Errorf("launcher-side sandbox: %w", err)
+				return nil, fmt.Errorf("%s %w", pluginhost.SandboxErrPrefix, err)
 			}
 		}
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-		r, err := newProcRunner(cmd)
+		r, err := pluginhost.NewProcRunner(cmd, "is "+cmd.Path+" krun-plugin-img built from the same krun-core?")
 		if err != nil {
 			return nil, err
 		}
 		if la, ok := l.Sandbox.(limitApplier); ok && !l.SandboxOff {
-			r.postStart = la.ApplyLimits
+			r.SetPostStart(la.ApplyLimits)
 		}
 		s.run = r
 		return r, nil
@@ -183,8 +179,8 @@ func (l *Launcher) start(ctx context.Context, files []file) (_ *session, err err
 		return nil, err
 	}
 	if v, ok := l.Sandbox.(verifier); ok && !l.SandboxOff {
-		if err := v.Verify(s.run.pid); err != nil {
-			return nil, fmt.Errorf("plugin img (pid %d) is not confined, killed it: %w", s.run.pid, err)
+		if err := v.Verify(s.run.Pid()); err != nil {
+			return nil, fmt.Errorf("plugin img (pid %d) is not confined, killed it: %w", s.run.Pid(), err)
 		}
 	}
 	return s, nil
@@ -203,10 +199,10 @@ func level(l hclog.Logger) hclog.Level {
 // remove its socket file, a system call its sandbox refuses (and logs).
 func (s *session) close() {
 	s.once.Do(func() {
-		if s.run != nil && s.run.pid != 0 {
-			s.run.stopping.Store(true)
+		if s.run != nil && s.run.Pid() != 0 {
+			s.run.MarkStopping()
 			_ = s.run.Kill(context.Background())
-			<-s.run.done
+			<-s.run.Done()
 		}
 		if s.client != nil {
 			s.client.Kill()
@@ -219,11 +215,11 @@ func (s *session) startError(err error) error {
 	if s.run == nil {
 		return fmt.Errorf("plugin img: %s", oneLine(err.Error()))
 	}
-	if s.run.pid == 0 {
-		return fmt.Errorf("plugin img: start %s: %w", s.run.cmd.Path, s.run.exitErr())
+	if s.run.Pid() == 0 {
+		return fmt.Errorf("plugin img: start %s: %w", s.run.Path(), s.run.ExitErr())
 	}
 	select {
-	case <-s.run.done:
+	case <-s.run.Done():
 		return s.exitError("start")
 	case <-time.After(2 * time.Second):
 	}
@@ -232,11 +228,11 @@ func (s *session) startError(err error) error {
 
 func (s *session) exitError(op string) error {
 	st := "exit status 0"
-	if err := s.run.exitErr(); err != nil {
+	if err := s.run.ExitErr(); err != nil {
 		st = err.Error()
 	}
-	msg := fmt.Sprintf("plugin img (pid %d) exited during %s: %s", s.run.pid, op, st)
-	if d := s.tail.panicLine(); d != "" {
+	msg := fmt.Sprintf("plugin img (pid %d) exited during %s: %s", s.run.Pid(), op, st)
+	if d := s.tail.PanicLine(); d != "" {
 		msg += ": " + oneLine(d)
 	}
 	return errors.New(msg)
@@ -256,7 +252,7 @@ func (s *session) call(ctx context.Context, op string, f func(context.Context) e
 	switch st.Code() {
 	case codes.Unavailable, codes.Canceled, codes.Internal, codes.Unknown:
 		select {
-		case <-s.run.done:
+		case <-s.run.Done():
 			return s.exitError(op)
 		case <-time.After(2 * time.Second):
 		}
@@ -277,167 +273,4 @@ func oneLine(s string) string {
 		return s[:i]
 	}
 	return s
-}
-
-// procRunner is go-plugin's runner.Runner for the plugin process: it gives
-// the host the exit status, starts the process from a goroutine not locked
-// to an OS thread (Pdeathsig fires when the forking thread exits) and gives
-// the plugin /dev/null as stdin.
-type procRunner struct {
-	cmd       *exec.Cmd
-	stdout    io.ReadCloser
-	stderr    io.ReadCloser
-	pid       int
-	done      chan struct{}
-	postStart func(pid int) error
-	waitOnce  sync.Once
-	waitErr   error
-	stopping  atomic.Bool // the host killed the process on purpose
-}
-
-func newProcRunner(cmd *exec.Cmd) (*procRunner, error) {
-	cmd.Stdin = nil
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, fmt.Errorf("stdout pipe: %w", err)
-	}
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		return nil, fmt.Errorf("stderr pipe: %w", err)
-	}
-	return &procRunner{cmd: cmd, stdout: stdout, stderr: stderr, done: make(chan struct{})}, nil
-}
-
-func (r *procRunner) Start(context.Context) error {
-	errc := make(chan error, 1)
-	go func() { errc <- r.cmd.Start() }()
-	if err := <-errc; err != nil {
-		r.waitOnce.Do(func() {
-			r.waitErr = err
-			close(r.done)
-		})
-		return err
-	}
-	r.pid = r.cmd.Process.Pid
-	if r.postStart != nil {
-		if err := r.postStart(r.pid); err != nil {
-			_ = r.cmd.Process.Kill()
-			_ = r.Wait(context.Background())
-			return fmt.Errorf("launcher-side sandbox: %w", err)
-		}
-	}
-	return nil
-}
-
-// Wait reaps the process. A kill the host asked for is reported to
-// go-plugin as a clean exit (it would log it as an error).
-func (r *procRunner) Wait(context.Context) error {
-	r.waitOnce.Do(func() {
-		r.waitErr = r.cmd.Wait()
-		close(r.done)
-	})
-	<-r.done
-	if r.stopping.Load() {
-		return nil
-	}
-	return r.waitErr
-}
-
-func (r *procRunner) exitErr() error {
-	<-r.done
-	return r.waitErr
-}
-
-func (r *procRunner) Kill(context.Context) error {
-	if r.cmd.Process == nil {
-		return nil
-	}
-	if err := r.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return err
-	}
-	return nil
-}
-
-func (r *procRunner) Stdout() io.ReadCloser { return r.stdout }
-func (r *procRunner) Stderr() io.ReadCloser { return r.stderr }
-func (r *procRunner) Name() string          { return r.cmd.Path }
-
-func (r *procRunner) ID() string {
-	if r.pid == 0 {
-		return ""
-	}
-	return strconv.Itoa(r.pid)
-}
-
-func (r *procRunner) Diagnose(context.Context) string {
-	return "is " + r.cmd.Path + " krun-plugin-img built from the same krun-core?"
-}
-
-func (r *procRunner) PluginToHost(network, addr string) (string, string, error) {
-	return network, addr, nil
-}
-
-func (r *procRunner) HostToPlugin(network, addr string) (string, string, error) {
-	return network, addr, nil
-}
-
-// tailBuffer keeps the plugin's last stderr lines for a crash report.
-type tailBuffer struct {
-	mu    sync.Mutex
-	lines []string
-	part  []byte
-	fatal string
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, b := range p {
-		if b != '\n' {
-			if len(t.part) < 1024 {
-				t.part = append(t.part, b)
-			}
-			continue
-		}
-		l := string(t.part)
-		if t.fatal == "" && (strings.HasPrefix(l, "panic: ") || strings.HasPrefix(l, "fatal error: ")) {
-			t.fatal = l
-		}
-		t.lines = append(t.lines, l)
-		if len(t.lines) > 64 {
-			t.lines = t.lines[1:]
-		}
-		t.part = t.part[:0]
-	}
-	return len(p), nil
-}
-
-// panicLine is the first panic line, else the last error-level hclog line,
-// else the last plain line.
-func (t *tailBuffer) panicLine() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.fatal != "" {
-		return t.fatal
-	}
-	for i := len(t.lines) - 1; i >= 0; i-- {
-		var e struct {
-			Level   string `json:"@level"`
-			Message string `json:"@message"`
-			Error   string `json:"error"`
-		}
-		if json.Unmarshal([]byte(t.lines[i]), &e) != nil || e.Level != "error" {
-			continue
-		}
-		if e.Error != "" {
-			return e.Message + ": " + e.Error
-		}
-		return e.Message
-	}
-	for i := len(t.lines) - 1; i >= 0; i-- {
-		if l := t.lines[i]; l != "" && l[0] != '{' {
-			return l
-		}
-	}
-	return ""
 }

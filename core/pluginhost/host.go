@@ -113,13 +113,13 @@ type Plugin struct {
 	log        hclog.Logger
 	client     *plugin.Client
 	rpc        pluginpb.DevicePluginClient
-	run        *procRunner
+	run        *ProcRunner
 	sockDir    string
 	fileNames  []string
 	sandboxOff bool
 	sandbox    Sandboxer
 	rpcTimeout time.Duration
-	stderr     *tailBuffer
+	stderr     *TailBuffer
 
 	stopping  atomic.Bool // Shutdown or Kill was called
 	closeOnce sync.Once
@@ -209,7 +209,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 	}
 	p := &Plugin{
 		kind: cfg.Kind, path: path, log: log, fileNames: names,
-		sandboxOff: cfg.SandboxOff, sandbox: cfg.Sandbox, rpcTimeout: cfg.RPCTimeout, stderr: &tailBuffer{},
+		sandboxOff: cfg.SandboxOff, sandbox: cfg.Sandbox, rpcTimeout: cfg.RPCTimeout, stderr: &TailBuffer{},
 	}
 	if p.rpcTimeout <= 0 {
 		p.rpcTimeout = DefaultRPCTimeout
@@ -248,19 +248,19 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if cfg.Sandbox != nil {
 			if err := cfg.Sandbox.Apply(cmd); err != nil {
-				return nil, fmt.Errorf("%s %w", sandboxErrPrefix, err)
+				return nil, fmt.Errorf("%s %w", SandboxErrPrefix, err)
 			}
 		}
 		if cmd.SysProcAttr == nil {
 			cmd.SysProcAttr = &syscall.SysProcAttr{}
 		}
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-		r, err := newProcRunner(cmd)
+		r, err := NewProcRunner(cmd, "")
 		if err != nil {
 			return nil, err
 		}
 		if la, ok := cfg.Sandbox.(limitApplier); ok && !cfg.SandboxOff {
-			r.postStart = la.ApplyLimits
+			r.SetPostStart(la.ApplyLimits)
 		}
 		p.run = r
 		return r, nil
@@ -303,9 +303,9 @@ func (p *Plugin) startError(err error, took, timeout time.Duration) error {
 		return fmt.Errorf("plugin %s: %s", p.kind, oneLine(err.Error()))
 	}
 	if p.run.pid == 0 { // exec failed
-		return fmt.Errorf("plugin %s: start %s: %w", p.kind, p.path, p.run.exitErr())
+		return fmt.Errorf("plugin %s: start %s: %w", p.kind, p.path, p.run.ExitErr())
 	}
-	if strings.HasPrefix(err.Error(), sandboxErrPrefix) {
+	if strings.HasPrefix(err.Error(), SandboxErrPrefix) {
 		return fmt.Errorf("plugin %s: %s", p.kind, oneLine(err.Error()))
 	}
 	// go-plugin reports an exit before the handshake line either directly
@@ -331,7 +331,7 @@ func (p *Plugin) startError(err error, took, timeout time.Duration) error {
 
 // detail is the plugin's panic line, or else the first line of err.
 func (p *Plugin) detail(err error) string {
-	if l := p.stderr.panicLine(); l != "" {
+	if l := p.stderr.PanicLine(); l != "" {
 		return oneLine(l)
 	}
 	if err != nil {
@@ -391,7 +391,7 @@ func (p *Plugin) Err() error {
 }
 
 func (p *Plugin) exitError(op string) error {
-	return &ExitError{Kind: p.kind, Pid: p.run.pid, Op: op, Status: p.run.exitErr(), Detail: p.detail(nil)}
+	return &ExitError{Kind: p.kind, Pid: p.run.pid, Op: op, Status: p.run.ExitErr(), Detail: p.detail(nil)}
 }
 
 // call runs one RPC with the RPC timeout and turns failures into errors
@@ -562,7 +562,7 @@ func (p *Plugin) Shutdown(ctx context.Context) error {
 // crashedBefore reports an exit that happened before the host asked for
 // one; a clean exit (status 0) is not an error.
 func (p *Plugin) crashedBefore(op string) error {
-	if p.run.exitErr() == nil {
+	if p.run.ExitErr() == nil {
 		return nil
 	}
 	return p.exitError(op)

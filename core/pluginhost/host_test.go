@@ -684,12 +684,12 @@ func TestTailBufferPanicLine(t *testing.T) {
 		{"nothing", "", ""},
 	}
 	for _, tc := range tests {
-		var tb tailBuffer
+		var tb TailBuffer
 		for i := 0; i < len(tc.in); i += 7 { // odd write sizes
 			tb.Write([]byte(tc.in[i:min(i+7, len(tc.in))]))
 		}
-		if got := tb.panicLine(); got != tc.want {
-			t.Errorf("%s: panicLine = %q, want %q", tc.name, got, tc.want)
+		if got := tb.PanicLine(); got != tc.want {
+			t.Errorf("%s: PanicLine = %q, want %q", tc.name, got, tc.want)
 		}
 	}
 }

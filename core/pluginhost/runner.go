@@ -11,16 +11,17 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/go-plugin/runner"
 )
 
-// procRunner is go-plugin's runner.Runner for one plugin process. It exists
+// ProcRunner is go-plugin's runner.Runner for one plugin process. It exists
 // (instead of go-plugin's own command runner) so the host learns the exit
 // status, starts the process from a goroutine that is never locked to an OS
 // thread (Pdeathsig fires when the forking thread exits, and only locked
 // threads ever exit), and gives the plugin /dev/null as stdin.
-type procRunner struct {
+type ProcRunner struct {
 	cmd    *exec.Cmd
 	stdout io.ReadCloser
 	stderr io.ReadCloser
@@ -33,11 +34,19 @@ type procRunner struct {
 
 	waitOnce sync.Once
 	waitErr  error
+	hint     string      // Diagnose's question when the handshake fails
+	stopping atomic.Bool // the host killed the process on purpose
 }
 
-var _ runner.Runner = (*procRunner)(nil)
+var _ runner.Runner = (*ProcRunner)(nil)
 
-func newProcRunner(cmd *exec.Cmd) (*procRunner, error) {
+// NewProcRunner prepares cmd (stdin /dev/null, stdout and stderr piped to
+// go-plugin). hint is what Diagnose asks when the handshake fails; "" asks
+// whether the binary is a krun-core plugin with a matching pluginsdk.
+func NewProcRunner(cmd *exec.Cmd, hint string) (*ProcRunner, error) {
+	if hint == "" {
+		hint = "is " + cmd.Path + " a krun-core plugin built for this machine with a matching pluginsdk?"
+	}
 	cmd.Stdin = nil // go-plugin sets os.Stdin; a plugin reads nothing from the terminal
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -47,10 +56,10 @@ func newProcRunner(cmd *exec.Cmd) (*procRunner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
-	return &procRunner{cmd: cmd, stdout: stdout, stderr: stderr, done: make(chan struct{})}, nil
+	return &ProcRunner{cmd: cmd, stdout: stdout, stderr: stderr, done: make(chan struct{}), hint: hint}, nil
 }
 
-func (r *procRunner) Start(context.Context) error {
+func (r *ProcRunner) Start(context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- r.cmd.Start() }()
 	if err := <-errc; err != nil {
@@ -65,30 +74,52 @@ func (r *procRunner) Start(context.Context) error {
 		if err := r.postStart(r.pid); err != nil {
 			_ = r.cmd.Process.Kill()
 			_ = r.Wait(context.Background()) // go-plugin will not: Start failed
-			return fmt.Errorf("%s %w", sandboxErrPrefix, err)
+			return fmt.Errorf("%s %w", SandboxErrPrefix, err)
 		}
 	}
 	return nil
 }
 
 // Wait reaps the process; go-plugin calls it once the stdout and stderr
-// pipes are drained.
-func (r *procRunner) Wait(context.Context) error {
+// pipes are drained. A kill the host asked for (MarkStopping) is reported
+// to go-plugin as a clean exit, which it would otherwise log as an error;
+// ExitErr keeps the real status.
+func (r *ProcRunner) Wait(context.Context) error {
 	r.waitOnce.Do(func() {
 		r.waitErr = r.cmd.Wait()
 		close(r.done)
 	})
 	<-r.done
+	if r.stopping.Load() {
+		return nil
+	}
 	return r.waitErr
 }
 
-// exitErr is the wait status once done is closed.
-func (r *procRunner) exitErr() error {
+// SetPostStart sets a function run right after the process started
+// (launcher-side sandbox limits); its error kills the process and fails
+// the launch.
+func (r *ProcRunner) SetPostStart(f func(pid int) error) { r.postStart = f }
+
+// MarkStopping records that the host is about to kill the process.
+func (r *ProcRunner) MarkStopping() { r.stopping.Store(true) }
+
+// Pid is the process id, 0 before a successful start.
+func (r *ProcRunner) Pid() int { return r.pid }
+
+// Done is closed once the process has been reaped (or failed to start).
+func (r *ProcRunner) Done() <-chan struct{} { return r.done }
+
+// Path is the executable.
+func (r *ProcRunner) Path() string { return r.cmd.Path }
+
+// ExitErr is the wait status; it blocks until Done is closed.
+func (r *ProcRunner) ExitErr() error {
 	<-r.done
 	return r.waitErr
 }
 
-func (r *procRunner) Kill(context.Context) error {
+func (r *ProcRunner) Kill(context.Context) error {
 	if r.cmd.Process == nil {
 		return nil
 	}
@@ -98,35 +129,33 @@ func (r *procRunner) Kill(context.Context) error {
 	return nil
 }
 
-func (r *procRunner) Stdout() io.ReadCloser { return r.stdout }
-func (r *procRunner) Stderr() io.ReadCloser { return r.stderr }
-func (r *procRunner) Name() string          { return r.cmd.Path }
+func (r *ProcRunner) Stdout() io.ReadCloser { return r.stdout }
+func (r *ProcRunner) Stderr() io.ReadCloser { return r.stderr }
+func (r *ProcRunner) Name() string          { return r.cmd.Path }
 
-func (r *procRunner) ID() string {
+func (r *ProcRunner) ID() string {
 	if r.pid == 0 {
 		return ""
 	}
 	return strconv.Itoa(r.pid)
 }
 
-func (r *procRunner) Diagnose(context.Context) string {
-	return "is " + r.cmd.Path + " a krun-core plugin built for this machine with a matching pluginsdk?"
-}
+func (r *ProcRunner) Diagnose(context.Context) string { return r.hint }
 
-func (r *procRunner) PluginToHost(network, addr string) (string, string, error) {
+func (r *ProcRunner) PluginToHost(network, addr string) (string, string, error) {
 	return network, addr, nil
 }
 
-func (r *procRunner) HostToPlugin(network, addr string) (string, string, error) {
+func (r *ProcRunner) HostToPlugin(network, addr string) (string, string, error) {
 	return network, addr, nil
 }
 
-// sandboxErrPrefix starts errors of the launcher-side sandbox.
-const sandboxErrPrefix = "launcher-side sandbox:"
+// SandboxErrPrefix starts errors of the launcher-side sandbox.
+const SandboxErrPrefix = "launcher-side sandbox:"
 
-// tailBuffer keeps the last lines a plugin wrote to stderr, so that a crash
-// report can quote its panic message.
-type tailBuffer struct {
+// TailBuffer keeps the last lines a plugin wrote to stderr, so that a crash
+// report can quote its panic message (PanicLine). The zero value is ready.
+type TailBuffer struct {
 	mu    sync.Mutex
 	lines []string
 	part  []byte
@@ -139,7 +168,7 @@ const (
 	tailLineMax = 1024
 )
 
-func (t *tailBuffer) Write(p []byte) (int, error) {
+func (t *TailBuffer) Write(p []byte) (int, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, b := range p {
@@ -161,10 +190,10 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// panicLine returns the first Go panic or fatal-error line seen in the
+// PanicLine returns the first Go panic or fatal-error line seen in the
 // tail, else the last error-level hclog JSON line ("message: error"), else
 // the last non-JSON line, else "".
-func (t *tailBuffer) panicLine() string {
+func (t *TailBuffer) PanicLine() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.fatal != "" {
