@@ -43,7 +43,9 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -491,4 +493,30 @@ func OnOff(opts map[string]string, key string, def bool) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("option %s=%q: want on or off", key, v)
+}
+
+// IntOption parses opts[key] as an integer from min to max; def when the
+// option is absent.
+func IntOption(opts map[string]string, key string, def, min, max int) (int, error) {
+	v, ok := opts[key]
+	if !ok {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < min || n > max {
+		return 0, fmt.Errorf("option %s=%q: want %d..%d", key, v, min, max)
+	}
+	return n, nil
+}
+
+// UnknownFiles returns, sorted, the names in files that are not in known.
+func UnknownFiles(files map[string]*os.File, known ...string) []string {
+	var out []string
+	for n := range files {
+		if !slices.Contains(known, n) {
+			out = append(out, n)
+		}
+	}
+	sort.Strings(out)
+	return out
 }

@@ -289,3 +289,33 @@ func TestReadConfigSpace(t *testing.T) {
 		t.Errorf("empty config space read %v", got)
 	}
 }
+
+func TestIntOption(t *testing.T) {
+	tests := []struct {
+		opts    map[string]string
+		want    int
+		wantErr bool
+	}{
+		{map[string]string{}, 8, false},
+		{map[string]string{"queues": "1"}, 1, false},
+		{map[string]string{"queues": "64"}, 64, false},
+		{map[string]string{"queues": "0"}, 0, true},
+		{map[string]string{"queues": "65"}, 0, true},
+		{map[string]string{"queues": "x"}, 0, true},
+		{map[string]string{"queues": ""}, 0, true},
+	}
+	for _, tt := range tests {
+		got, err := IntOption(tt.opts, "queues", 8, 1, 64)
+		if (err != nil) != tt.wantErr || got != tt.want {
+			t.Errorf("IntOption(%v) = %d, %v; want %d, error %v", tt.opts, got, err, tt.want, tt.wantErr)
+		}
+	}
+}
+
+func TestUnknownFiles(t *testing.T) {
+	files := map[string]*os.File{"image": nil, "backing.0": nil, "zzz": nil, "aaa": nil}
+	got := UnknownFiles(files, "image", "backing.0")
+	if len(got) != 2 || got[0] != "aaa" || got[1] != "zzz" {
+		t.Fatalf("UnknownFiles = %v, want [aaa zzz]", got)
+	}
+}

@@ -8,7 +8,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"sort"
 	"strconv"
 
 	hclog "github.com/hashicorp/go-hclog"
@@ -49,11 +48,11 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if f, ok := opts[devspec.OptFormat]; ok && disk.Format(f) != disk.Raw {
 		return nil, fmt.Errorf("option format=%q: this plugin serves raw images only", f)
 	}
-	ro, err := onOff(opts, devspec.OptReadOnly)
+	ro, err := pluginsdk.OnOff(opts, devspec.OptReadOnly, false)
 	if err != nil {
 		return nil, err
 	}
-	queues, err := numQueues(opts)
+	queues, err := pluginsdk.IntOption(opts, optQueues, defaultQueues, 1, blk.MaxQueues)
 	if err != nil {
 		return nil, err
 	}
@@ -61,7 +60,7 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if img == nil {
 		return nil, fmt.Errorf("no %q file was passed", devspec.FileImage)
 	}
-	if extra := otherFiles(files, devspec.FileImage); len(extra) > 0 {
+	if extra := pluginsdk.UnknownFiles(files, devspec.FileImage); len(extra) > 0 {
 		return nil, fmt.Errorf("unexpected files %q: a raw image has no backing or data file", extra)
 	}
 	d, err := raw.Open(img, raw.Options{ReadOnly: ro})
@@ -82,44 +81,6 @@ func name(opts map[string]string) string {
 		return strconv.Quote(p)
 	}
 	return "(fd)"
-}
-
-func onOff(opts map[string]string, key string) (bool, error) {
-	switch v, ok := opts[key]; {
-	case !ok, v == "off":
-		return false, nil
-	case v == "on":
-		return true, nil
-	default:
-		return false, fmt.Errorf("option %s=%q: want on or off", key, v)
-	}
-}
-
-func numQueues(opts map[string]string) (int, error) {
-	v, ok := opts[optQueues]
-	if !ok {
-		return defaultQueues, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 1 || n > blk.MaxQueues {
-		return 0, fmt.Errorf("option %s=%q: want 1..%d", optQueues, v, blk.MaxQueues)
-	}
-	return n, nil
-}
-
-func otherFiles(files map[string]*os.File, known ...string) []string {
-	var out []string
-	for n := range files {
-		found := false
-		for _, k := range known {
-			found = found || n == k
-		}
-		if !found {
-			out = append(out, n)
-		}
-	}
-	sort.Strings(out)
-	return out
 }
 
 func main() { pluginsdk.Serve(plugin{}) }

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	stdnet "net"
 	"os"
-	"strconv"
 
 	hclog "github.com/hashicorp/go-hclog"
 
@@ -48,12 +47,9 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil || len(mac) != 6 {
 		return nil, fmt.Errorf("option mac=%q is not a 48-bit MAC address", opts[optMAC])
 	}
-	var mtu uint64
-	if s, ok := opts[optMTU]; ok {
-		mtu, err = strconv.ParseUint(s, 10, 16)
-		if err != nil || mtu < 68 {
-			return nil, fmt.Errorf("option mtu=%q is not a number from 68 to 65535", s)
-		}
+	mtu, err := pluginsdk.IntOption(opts, optMTU, 0, 68, 65535)
+	if err != nil {
+		return nil, err
 	}
 	return net.New(net.Config{MAC: mac, MTU: uint16(mtu), Conn: conn, Logger: log})
 }
