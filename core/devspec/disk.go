@@ -60,7 +60,8 @@ type DiskSpec struct {
 	ReadOnly bool
 	// Backing is the declared chain, nearest first. qcow2 only.
 	Backing []Backing
-	// MaxSize caps the image file's growth in bytes; 0 means unset. qcow2 only.
+	// MaxSize is the largest virtual size (in bytes) the image may have; an
+	// image that declares more is refused at open. 0 means unset. qcow2 only.
 	MaxSize int64
 	// DataFile is a qcow2 external data file; "" means none.
 	DataFile string
