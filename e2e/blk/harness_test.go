@@ -1,10 +1,8 @@
 package blk_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -15,61 +13,25 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/vmtest"
 	"github.com/krun-core/krun-core/testguest"
 )
 
-// binDir builds krun-core and the block plugins once per test binary into a
-// shared temporary directory (plugins are found next to krun-core).
-var bins struct {
-	once sync.Once
-	dir  string
-	err  error
-}
+// bins are krun-core and the block plugins, built side by side once per
+// test binary (plugins are found next to krun-core).
+var bins = vmtest.BinSet{Name: "blk", Pkgs: map[string]string{
+	"krun-core":             "github.com/krun-core/krun-core/cmd/krun-core",
+	"krun-plugin-blk-raw":   "github.com/krun-core/krun-core/plugins/blk-raw",
+	"krun-plugin-blk-qcow2": "github.com/krun-core/krun-core/plugins/blk-qcow2",
+}}
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if bins.dir != "" && os.Getenv("KRUN_E2E_BIN_DIR") == "" {
-		os.RemoveAll(bins.dir)
-	}
+	bins.Remove()
 	os.Exit(code)
 }
 
-func binDir(t *testing.T) string {
-	t.Helper()
-	if d := os.Getenv("KRUN_E2E_BIN_DIR"); d != "" {
-		return d
-	}
-	bins.once.Do(func() {
-		root, err := filepath.Abs("../..")
-		if err != nil {
-			bins.err = err
-			return
-		}
-		dir, err := os.MkdirTemp("", "krun-e2e-blk-bin")
-		if err != nil {
-			bins.err = err
-			return
-		}
-		bins.dir = dir
-		for out, pkg := range map[string]string{
-			"krun-core":             "./cmd/krun-core",
-			"krun-plugin-blk-raw":   "./plugins/blk-raw",
-			"krun-plugin-blk-qcow2": "./plugins/blk-qcow2",
-		} {
-			cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
-			cmd.Dir = root
-			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-			if b, err := cmd.CombinedOutput(); err != nil {
-				bins.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
-				return
-			}
-		}
-	})
-	if bins.err != nil {
-		t.Fatal(bins.err)
-	}
-	return bins.dir
-}
+func binDir(t *testing.T) string { return bins.Dir(t) }
 
 // tool finds a host tool in $PATH or the sbin directories (e2fsprogs lives
 // in /usr/sbin, often not in a test's $PATH) or skips the test.
@@ -97,30 +59,12 @@ func run(t *testing.T, name string, args ...string) []byte {
 	return out
 }
 
-// lockedBuffer collects a child's output.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // server is one `krun-core serve` process.
 type server struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	socket string
-	out    *lockedBuffer
+	out    *vmtest.LockedBuffer
 	done   chan struct{}
 	err    error
 	once   sync.Once
@@ -136,7 +80,7 @@ func serve(t *testing.T, spec string) *server {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	s := &server{t: t, socket: filepath.Join(dir, "blk.sock"), out: &lockedBuffer{}, done: make(chan struct{})}
+	s := &server{t: t, socket: filepath.Join(dir, "blk.sock"), out: &vmtest.LockedBuffer{}, done: make(chan struct{})}
 	s.cmd = exec.Command(filepath.Join(binDir(t), "krun-core"), "serve", "--socket", s.socket, "--disk", spec)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -1,9 +1,7 @@
 package fs_test
 
 import (
-	"bytes"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -15,82 +13,32 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
+	"github.com/krun-core/krun-core/internal/vmtest"
 	"github.com/krun-core/krun-core/testguest"
 )
 
 const virtiofsdPath = "/usr/lib/qemu/virtiofsd"
 
-var bins struct {
-	once sync.Once
-	dir  string
-	err  error
-}
+// bins are krun-core and krun-plugin-fs-virtio, built side by side once per
+// test binary (plugins are found next to krun-core).
+var bins = vmtest.BinSet{Name: "fs", Pkgs: map[string]string{
+	"krun-core":             "github.com/krun-core/krun-core/cmd/krun-core",
+	"krun-plugin-fs-virtio": "github.com/krun-core/krun-core/plugins/fs-virtio",
+}}
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if bins.dir != "" && os.Getenv("KRUN_E2E_BIN_DIR") == "" {
-		os.RemoveAll(bins.dir)
-	}
+	bins.Remove()
 	os.Exit(code)
 }
 
-// binDir builds krun-core and krun-plugin-fs-virtio once per test binary
-// (plugins are found next to krun-core).
+// binDir returns the directory of the built binaries.
 func binDir(t testing.TB) string {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("-short: the end-to-end tests build and run krun-core serve")
 	}
-	if d := os.Getenv("KRUN_E2E_BIN_DIR"); d != "" {
-		return d
-	}
-	bins.once.Do(func() {
-		root, err := filepath.Abs("../..")
-		if err != nil {
-			bins.err = err
-			return
-		}
-		dir, err := os.MkdirTemp("", "krun-e2e-fs-bin")
-		if err != nil {
-			bins.err = err
-			return
-		}
-		bins.dir = dir
-		for out, pkg := range map[string]string{
-			"krun-core":             "./cmd/krun-core",
-			"krun-plugin-fs-virtio": "./plugins/fs-virtio",
-		} {
-			cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
-			cmd.Dir = root
-			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-			if b, err := cmd.CombinedOutput(); err != nil {
-				bins.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
-				return
-			}
-		}
-	})
-	if bins.err != nil {
-		t.Fatal(bins.err)
-	}
-	return bins.dir
-}
-
-// lockedBuffer collects a child's output.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	return bins.Dir(t)
 }
 
 // daemon is one vhost-user-fs back-end process: `krun-core serve --fs` or
@@ -100,7 +48,7 @@ type daemon struct {
 	name   string
 	cmd    *exec.Cmd
 	socket string
-	out    *lockedBuffer
+	out    *vmtest.LockedBuffer
 	done   chan struct{}
 	err    error
 	once   sync.Once
@@ -124,7 +72,7 @@ func sockDir(t testing.TB) string {
 
 func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
 	t.Helper()
-	d.t, d.out, d.done = t, &lockedBuffer{}, make(chan struct{})
+	d.t, d.out, d.done = t, &vmtest.LockedBuffer{}, make(chan struct{})
 	d.cmd = exec.Command(args[0], args[1:]...)
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

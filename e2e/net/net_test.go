@@ -32,21 +32,16 @@ import (
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
-// buildTools builds krun-core and the net plugin side by side, statically.
-func buildTools(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	for out, pkg := range map[string]string{
-		"krun-core":             "github.com/krun-core/krun-core/cmd/krun-core",
-		"krun-plugin-net-passt": "github.com/krun-core/krun-core/plugins/net-passt",
-	} {
-		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if b, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
-		}
-	}
-	return dir
+// bins are krun-core and the net plugin, built side by side.
+var bins = vmtest.BinSet{Name: "net", Pkgs: map[string]string{
+	"krun-core":             "github.com/krun-core/krun-core/cmd/krun-core",
+	"krun-plugin-net-passt": "github.com/krun-core/krun-core/plugins/net-passt",
+}}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	bins.Remove()
+	os.Exit(code)
 }
 
 // serve starts `krun-core serve` and waits for its socket.
@@ -192,7 +187,7 @@ func TestPasstGuest(t *testing.T) {
 		t.Skip("passt is not installed (Debian package passt)")
 	}
 	ns := newTestNetns(t)
-	bin := buildTools(t)
+	bin := bins.Dir(t)
 
 	// The host's HTTP server, inside the test's namespace.
 	mux := http.NewServeMux()
