@@ -54,16 +54,11 @@ type ProbeResult struct {
 
 // Probe guesses the format of path, in the plugin.
 func (l *Launcher) Probe(ctx context.Context, path string) (*ProbeResult, error) {
-	f, err := openImage("image", path, false)
+	s, done, err := l.startOnImage(ctx, path, false)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	s, err := l.start(ctx, []file{{"image", f}})
-	if err != nil {
-		return nil, err
-	}
-	defer s.close()
+	defer done()
 	var r *imagepb.ProbeResponse
 	err = s.call(ctx, "Probe", func(ctx context.Context) (err error) {
 		r, err = s.rpc.Probe(ctx, &imagepb.ProbeRequest{File: "image"})
@@ -81,16 +76,11 @@ func (l *Launcher) Info(ctx context.Context, path, format string) (*Info, error)
 	if _, err := checkFormat("--format", format); err != nil {
 		return nil, err
 	}
-	f, err := openImage("image", path, false)
+	s, done, err := l.startOnImage(ctx, path, false)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	s, err := l.start(ctx, []file{{"image", f}})
-	if err != nil {
-		return nil, err
-	}
-	defer s.close()
+	defer done()
 	var r *imagepb.InfoResponse
 	err = s.call(ctx, "Info", func(ctx context.Context) (err error) {
 		r, err = s.rpc.Info(ctx, &imagepb.InfoRequest{File: "image", Format: format})
@@ -129,16 +119,11 @@ func (l *Launcher) Check(ctx context.Context, path, format string, repair Repair
 	if _, err := checkFormat("--format", format); err != nil {
 		return nil, err
 	}
-	f, err := openImage("image", path, repair != RepairNone)
+	s, done, err := l.startOnImage(ctx, path, repair != RepairNone)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	s, err := l.start(ctx, []file{{"image", f}})
-	if err != nil {
-		return nil, err
-	}
-	defer s.close()
+	defer done()
 	var r *imagepb.CheckResponse
 	err = s.call(ctx, "Check", func(ctx context.Context) (err error) {
 		r, err = s.rpc.Check(ctx, &imagepb.CheckRequest{File: "image", Format: format, Repair: imagepb.Repair(repair)})
@@ -441,4 +426,19 @@ func (l *Launcher) Import(ctx context.Context, o ImportOptions, progress Progres
 		return nil, err
 	}
 	return &Result{VirtualSize: last.GetVirtualSize(), Written: last.GetWritten()}, nil
+}
+
+// startOnImage opens the image at path (read-write when writable) and starts
+// the plugin with it as "image". done closes the session and the file.
+func (l *Launcher) startOnImage(ctx context.Context, path string, writable bool) (s *session, done func(), err error) {
+	f, err := openImage("image", path, writable)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err = l.start(ctx, []file{{"image", f}})
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	return s, func() { s.close(); f.Close() }, nil
 }

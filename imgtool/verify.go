@@ -64,16 +64,11 @@ func (l *Launcher) Verify(ctx context.Context, path, format string, p Policy) (*
 	if err := p.Validate(); err != nil {
 		return nil, err
 	}
-	f, err := openImage("image", path, false)
+	s, done, err := l.startOnImage(ctx, path, false)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	s, err := l.start(ctx, []file{{"image", f}})
-	if err != nil {
-		return nil, err
-	}
-	defer s.close()
+	defer done()
 	var r *imagepb.VerifyResponse
 	err = s.call(ctx, "Verify", func(ctx context.Context) (err error) {
 		r, err = s.rpc.Verify(ctx, &imagepb.VerifyRequest{File: "image", Format: format})
