@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -272,14 +273,29 @@ func checkSocketPath(path string) error {
 	return nil
 }
 
-// bindAndListen binds the host's copy of the plugin's socket to path.
+// bindAndListen binds the host's copy of the plugin's socket to path and
+// listens on it. The socket is bound and listening under a temporary name
+// in the same directory first, then renamed to path (never replacing a file
+// that appeared meanwhile): a front-end that waits for path to exist never
+// finds a socket that still refuses connections.
 func bindAndListen(fd int, path string) error {
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".krun-serve-%d.sock", os.Getpid()))
+	if len(tmp) > 107 { // no room for the temporary name: bind in place
+		tmp = path
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: tmp}); err != nil {
 		return fmt.Errorf("--socket %s: bind: %w", path, err)
 	}
 	if err := unix.Listen(fd, 16); err != nil {
-		os.Remove(path)
+		os.Remove(tmp)
 		return fmt.Errorf("--socket %s: listen: %w", path, err)
+	}
+	if tmp == path {
+		return nil
+	}
+	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, path, unix.RENAME_NOREPLACE); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("--socket %s: bind: %w", path, err)
 	}
 	return nil
 }

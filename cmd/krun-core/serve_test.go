@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/krun-core/krun-core/testguest"
 )
 
@@ -405,5 +407,47 @@ func TestServeFSAndNet(t *testing.T) {
 				t.Errorf("socket left after SIGTERM")
 			}
 		})
+	}
+}
+
+// TestBindAndListen: the path appears only once the socket accepts
+// connections, and an existing file at the path is never replaced.
+func TestBindAndListen(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "s.sock")
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := bindAndListen(fd, path); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("connect right after bindAndListen: %v", err)
+	}
+	c.Close()
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("directory holds %d entries, want only the socket", len(ents))
+	}
+
+	taken := filepath.Join(dir, "taken")
+	if err := os.WriteFile(taken, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fd2, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd2)
+	if err := bindAndListen(fd2, taken); err == nil {
+		t.Fatal("bindAndListen replaced an existing file")
+	}
+	if b, _ := os.ReadFile(taken); string(b) != "keep" {
+		t.Fatal("existing file changed")
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 2 {
+		t.Fatalf("temporary socket left behind: %d entries", len(ents))
 	}
 }
