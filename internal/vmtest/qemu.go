@@ -48,6 +48,9 @@ type Options struct {
 	// NoConsoleLog stops copying the console into the test log line by
 	// line; failures then print the whole console instead of its tail.
 	NoConsoleLog bool
+	// ExtraFiles are passed to QEMU as file descriptors 3, 4, ... (for
+	// -netdev socket,fd=3 and the like). The VM does not close them.
+	ExtraFiles []*os.File
 }
 
 // Result is the outcome of a guest run.
@@ -254,6 +257,7 @@ func (vm *VM) Start() error {
 	cmd := exec.Command(QEMUBinary, args...)
 	cmd.Dir = vm.dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.ExtraFiles = vm.opts.ExtraFiles
 	// An os.Pipe (unlike cmd.StdinPipe) supports write deadlines, so Send
 	// cannot hang when QEMU stops reading.
 	stdinR, stdin, err := os.Pipe()
