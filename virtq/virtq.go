@@ -342,6 +342,23 @@ func (q *Queue) EnableNotification() bool {
 	return load16(q.avail, 2) != q.nextAvail
 }
 
+// EnableNotificationForMore asks the driver to kick when it adds buffers
+// beyond those available now. It is for a device that has looked at what is
+// available and found it too little (a frame that needs more buffers than
+// there are): EnableNotification would report those buffers and never ask
+// for a kick. It reports whether buffers were added meanwhile.
+func (q *Queue) EnableNotificationForMore() bool {
+	seen := load16(q.avail, 2)
+	if q.cfg.EventIdx {
+		store16(q.used, 4+8*uint32(q.cfg.Size), seen)
+	} else {
+		q.usedFlags &^= UsedFNoNotify
+		store16(q.used, 0, q.usedFlags)
+	}
+	q.fence()
+	return load16(q.avail, 2) != seen
+}
+
 // DisableNotification tells the driver that kicks are not needed while the
 // device is busy popping. With EVENT_IDX the stale avail_event does this.
 func (q *Queue) DisableNotification() {

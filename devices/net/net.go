@@ -55,9 +55,20 @@ const (
 	// maxRxBuffers bounds how many rx buffers one merged frame may use.
 	maxRxBuffers = 256
 	configLen    = 12
-	// rxQueueLen bounds the frames held between passt and the rx ring;
-	// further frames are dropped (and counted) until the guest catches up.
-	rxQueueLen = 512
+	// rxQueueFrames and rxQueueBytes bound what is held between passt and
+	// the rx ring: about one large TCP window, so a burst passt sends
+	// within the guest's window is not lost while the guest catches up.
+	// Frames beyond that are dropped (and counted).
+	rxQueueFrames = 8192
+	rxQueueBytes  = 8 << 20
+	// smallFrame is the buffer size for frames up to an Ethernet MTU;
+	// longer frames get a buffer of the device's largest frame.
+	smallFrame = 2048
+	// rxNotifyBatch is how many frames a long burst delivers between
+	// interrupts.
+	rxNotifyBatch = 64
+	// poolSize bounds the spare buffers kept per size.
+	poolSize = 1024
 )
 
 // Config describes one network device.
@@ -92,7 +103,9 @@ type Device struct {
 	// so passt's writes never stall on a guest that posts no buffers; the rx
 	// ring goroutine delivers from the queue.
 	rxQueue   chan []byte   // frames read from passt, oldest first
-	rxFree    chan []byte   // spare frame buffers
+	rxQueued  atomic.Int64  // bytes in rxQueue (and rxPending)
+	rxSmall   chan []byte   // spare buffers of smallFrame bytes
+	rxLarge   chan []byte   // spare buffers of maxFrame bytes
 	rxPending []byte        // a frame taken from rxQueue, not yet delivered
 	rxDone    chan struct{} // closed when the reader goroutine ends
 	rxBuf     []virtq.Chain
@@ -140,8 +153,9 @@ func New(cfg Config) (*Device, error) {
 	maxFrame := d.maxFrame()
 	d.txBuf = make([]byte, 4+maxFrame)
 	d.rxBuf = make([]virtq.Chain, maxRxBuffers)
-	d.rxQueue = make(chan []byte, rxQueueLen)
-	d.rxFree = make(chan []byte, rxQueueLen+2)
+	d.rxQueue = make(chan []byte, rxQueueFrames)
+	d.rxSmall = make(chan []byte, poolSize)
+	d.rxLarge = make(chan []byte, poolSize/16)
 	d.rxDone = make(chan struct{})
 	go d.readPasst()
 	return d, nil
@@ -151,20 +165,14 @@ func New(cfg Config) (*Device, error) {
 // them for the rx ring. A frame that finds the queue full is dropped.
 func (d *Device) readPasst() {
 	defer close(d.rxDone)
-	var fr frameReader
+	fr := frameReader{alloc: d.rxBuffer}
 	max := d.maxFrame()
 	for {
-		select {
-		case fr.buf = <-d.rxFree:
-		default:
-			fr.buf = make([]byte, max)
-		}
 		err := fr.read(d.conn, max)
 		switch {
 		case err == nil:
 		case errors.Is(err, errFrameTooLong):
 			d.stats.RxOversize.Add(1)
-			d.rxFree <- fr.buf[:cap(fr.buf)]
 			continue
 		default:
 			d.setLinkDown(err)
@@ -172,8 +180,14 @@ func (d *Device) readPasst() {
 		}
 		frame := fr.frame()
 		fr.consume()
+		if d.rxQueued.Load()+int64(len(frame)) > rxQueueBytes {
+			d.stats.RxQueueFull.Add(1)
+			d.recycle(frame)
+			continue
+		}
 		select {
 		case d.rxQueue <- frame:
+			d.rxQueued.Add(int64(len(frame)))
 		default:
 			d.stats.RxQueueFull.Add(1)
 			d.recycle(frame)
@@ -181,10 +195,28 @@ func (d *Device) readPasst() {
 	}
 }
 
+// rxBuffer returns a buffer for an n-byte frame, a spare one if there is.
+func (d *Device) rxBuffer(n int) []byte {
+	pool, size := d.rxSmall, smallFrame
+	if n > smallFrame {
+		pool, size = d.rxLarge, d.maxFrame()
+	}
+	select {
+	case b := <-pool:
+		return b[:n]
+	default:
+		return make([]byte, n, size)
+	}
+}
+
 // recycle returns a frame buffer for reuse.
 func (d *Device) recycle(b []byte) {
+	pool := d.rxSmall
+	if cap(b) > smallFrame {
+		pool = d.rxLarge
+	}
 	select {
-	case d.rxFree <- b[:cap(b)]:
+	case pool <- b[:cap(b)]:
 	default:
 	}
 }
@@ -406,6 +438,7 @@ func (d *Device) transmit(ctx context.Context, c *virtq.Chain) {
 // serveRx moves queued frames from passt into the rx ring.
 func (d *Device) serveRx(ctx context.Context, r Ring) error {
 	q := r.Queue()
+	unnotified := 0 // frames delivered since the last interrupt
 	for {
 		if d.rxPending == nil {
 			select {
@@ -419,23 +452,31 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 			return fmt.Errorf("rx queue: %w", err)
 		}
 		if delivered {
+			d.rxQueued.Add(-int64(len(d.rxPending)))
 			d.recycle(d.rxPending)
 			d.rxPending = nil
-			// Interrupt once the burst of queued frames is delivered.
-			if len(d.rxQueue) == 0 {
+			unnotified++
+			// Interrupt once a burst of queued frames is delivered, and
+			// every rxNotifyBatch frames of a long one.
+			if len(d.rxQueue) == 0 || unnotified >= rxNotifyBatch {
+				unnotified = 0
 				if err := r.Notify(); err != nil {
 					return err
 				}
 			}
 			continue
 		}
-		// No room: wait for the driver to add buffers; the frame waits,
-		// and passt's further frames wait in the bounded queue.
-		if q.EnableNotification() {
-			continue
-		}
+		// No room: hand the driver what was delivered (it refills the
+		// ring as it takes frames), then wait for it to add buffers; the
+		// frame waits, and passt's further frames wait in the bounded
+		// queue. The buffers already available may be too few for this
+		// frame, so ask for a kick on the next ones added.
+		unnotified = 0
 		if err := r.Notify(); err != nil {
 			return err
+		}
+		if q.EnableNotificationForMore() {
+			continue
 		}
 		if err := r.WaitKick(ctx); err != nil {
 			if ctx.Err() != nil {
@@ -530,6 +571,9 @@ type frameReader struct {
 	have    int // frame bytes read (or skipped) so far
 	skip    bool
 	buf     []byte
+	scratch []byte // where skipped frames are read
+	// alloc returns a buffer of n bytes for the next frame.
+	alloc func(n int) []byte
 }
 
 func (f *frameReader) read(r io.Reader, max int) error {
@@ -548,12 +592,19 @@ func (f *frameReader) read(r io.Reader, max int) error {
 			f.length = int(binary.BigEndian.Uint32(f.hdr[:]))
 			f.have = 0
 			f.skip = f.length > max || f.length < ethHeaderLen
+			if f.skip {
+				if f.scratch == nil {
+					f.scratch = make([]byte, 4096)
+				}
+			} else {
+				f.buf = f.alloc(f.length)
+			}
 		}
 	}
 	for f.have < f.length {
 		var dst []byte
 		if f.skip {
-			dst = f.buf[:min(len(f.buf), f.length-f.have)]
+			dst = f.scratch[:min(len(f.scratch), f.length-f.have)]
 		} else {
 			dst = f.buf[f.have:f.length]
 		}

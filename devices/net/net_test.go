@@ -78,11 +78,17 @@ func (r *testRing) setDesc(i uint16, addr guestmem.Addr, n uint32, flags, next u
 	r.mem.Write(r.desc()+16*guestmem.Addr(i), b[:])
 }
 
-// offer publishes head and kicks.
+// offer publishes head and kicks, if the device's avail_event asks for it
+// (EVENT_IDX), like a driver does.
 func (r *testRing) offer(head uint16) {
 	r.w16(r.availA()+4+2*guestmem.Addr(r.avail%qSize), head)
+	old := r.avail
 	r.avail++
 	r.w16(r.availA()+2, r.avail)
+	event := r.r16(r.usedA() + 4 + 8*qSize)
+	if uint16(r.avail-event-1) >= uint16(r.avail-old) {
+		return // the device did not ask for a kick
+	}
 	select {
 	case r.kick <- struct{}{}:
 	default:
@@ -416,5 +422,90 @@ func TestNewRejects(t *testing.T) {
 	}
 	if _, err := New(Config{MAC: stdnet.HardwareAddr{1, 2, 3, 4, 5, 6}}); err == nil {
 		t.Error("missing connection accepted")
+	}
+}
+
+// TestReceiveQueueBounded: with no rx buffers, the device keeps draining
+// passt (passt's writes never block) and holds at most rxQueueBytes; the
+// rest is dropped and counted. Once buffers come, the held frames arrive,
+// the oldest first.
+func TestReceiveQueueBounded(t *testing.T) {
+	rg := newRig(t, 65520, features)
+	const size = 65000
+	n := rxQueueBytes/size + 40
+	wrote := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; i++ {
+			b := make([]byte, 4+size)
+			binary.BigEndian.PutUint32(b, size)
+			copy(b[4:], frame(size, byte(i)))
+			if _, err := rg.passt.Write(b); err != nil {
+				wrote <- err
+				return
+			}
+		}
+		wrote <- nil
+	}()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("writing to the device blocked while the rx ring was empty")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for int(rg.dev.stats.RxQueueFull.Load())+len(rg.dev.rxQueue) < n-1 { // one may be in rxPending
+		if time.Now().After(deadline) {
+			t.Fatalf("%d queued + %d dropped of %d frames", len(rg.dev.rxQueue), rg.dev.stats.RxQueueFull.Load(), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if q := rg.dev.rxQueued.Load(); q > rxQueueBytes {
+		t.Fatalf("%d bytes queued, more than %d", q, rxQueueBytes)
+	}
+	if dropped := rg.dev.stats.RxQueueFull.Load(); dropped < 40 {
+		t.Fatalf("%d frames dropped, want at least 40", dropped)
+	}
+	// The first frame is the oldest.
+	addrs := rg.postRx(0, 2, 65536)
+	rg.rx.waitUsed(1)
+	got := make([]byte, size)
+	if err := rg.mem(t).Read(addrs[0]+12, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, frame(size, 0)) {
+		t.Fatal("the first frame delivered is not the first one sent")
+	}
+}
+
+// TestReceiveNeedsMoreBuffers: a frame that needs more buffers than are
+// available must not stop the device from handing over the frames it has
+// delivered (else a driver that refills as it takes frames waits forever),
+// and the device must ask for a kick on the next buffers.
+func TestReceiveNeedsMoreBuffers(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	a, b := frame(400, 1), frame(1400, 2)
+	rg.writePasst(t, a)
+	rg.writePasst(t, b)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(rg.dev.rxQueue) == 0 { // a in rxPending (or queued), b queued
+		if time.Now().After(deadline) {
+			t.Fatal("frames not queued")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	rg.postRx(0, 2, 512) // a fits; b needs three
+	rg.rx.waitUsed(1)
+	for rg.rx.notifs.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the device delivered a frame and never interrupted, waiting for more buffers")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	rg.postRx(2, 2, 512)
+	rg.rx.waitUsed(4)
+	if got := rg.dev.stats.RxFrames.Load(); got != 2 {
+		t.Fatalf("%d frames delivered, want 2", got)
 	}
 }
