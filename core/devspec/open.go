@@ -218,12 +218,10 @@ func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 			return nil, fmt.Errorf("--net passt needs the passt program: %w", err)
 		}
 	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	ours, theirs, err := PasstSocketPair()
 	if err != nil {
-		return nil, fmt.Errorf("passt socket pair: %w", err)
+		return nil, err
 	}
-	ours := os.NewFile(uintptr(fds[0]), "passt")
-	theirs := os.NewFile(uintptr(fds[1]), "passt-peer")
 	defer theirs.Close()
 	o := &Opened{Kind: KindNetPasst, Options: map[string]string{OptMAC: mac.String()}}
 	if n.MTU != 0 {
@@ -253,4 +251,29 @@ func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	}
 	o.helpers = append(o.helpers, cmd)
 	return o, nil
+}
+
+// PasstSocketBuffer is the send buffer asked for on each end of passt's
+// socket pair: about one large TCP window. passt drops the frames of a
+// short send to its socket, so a burst larger than the buffer is lost
+// whenever the device is slow to read, and a TCP connection then waits for
+// passt's retransmission timer.
+const PasstSocketBuffer = 4 << 20
+
+// PasstSocketPair makes the stream socket pair between passt (theirs, for
+// --fd) and the network device (ours), with PasstSocketBuffer of send
+// buffer on each end: forced where the process may (CAP_NET_ADMIN),
+// otherwise up to net.core.wmem_max.
+func PasstSocketPair() (ours, theirs *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("passt socket pair: %w", err)
+	}
+	for _, fd := range fds {
+		if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, PasstSocketBuffer) != nil {
+			// Capped by the kernel at net.core.wmem_max; not an error.
+			_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, PasstSocketBuffer)
+		}
+	}
+	return os.NewFile(uintptr(fds[0]), "passt"), os.NewFile(uintptr(fds[1]), "passt-peer"), nil
 }
