@@ -28,7 +28,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -36,6 +35,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/netnstest"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -104,80 +104,6 @@ func serve(t *testing.T, netns, bin string, args ...string) (socket string, stop
 	return socket, stop
 }
 
-// The test network: a namespace of the test's own with a veth interface
-// holding the default route, from which passt copies the guest's address
-// and gateway. The gateway address is local to the namespace, so whatever
-// passt does with a connection to it (map it to loopback or connect to it),
-// it ends at the test's HTTP server there. No packet leaves the namespace.
-const (
-	nsGuestAddr = "10.200.0.2"
-	nsGateway   = "10.200.0.1"
-)
-
-// newTestNetns creates the namespace and returns its name.
-func newTestNetns(t *testing.T) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("creating the test's network namespace needs root")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("ip (iproute2) is not installed")
-	}
-	name := fmt.Sprintf("krun-nettest-%d", os.Getpid())
-	run := func(args ...string) {
-		if b, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, b)
-		}
-	}
-	run("netns", "add", name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	run("-n", name, "link", "set", "lo", "up")
-	// Both ends of the veth pair stay inside the namespace.
-	run("-n", name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1")
-	run("-n", name, "addr", "add", nsGuestAddr+"/24", "dev", "veth0")
-	run("-n", name, "link", "set", "veth0", "up")
-	run("-n", name, "link", "set", "veth1", "up")
-	run("-n", name, "addr", "add", nsGateway+"/24", "dev", "veth1")
-	run("-n", name, "route", "add", "default", "via", nsGateway, "dev", "veth0")
-	return name
-}
-
-// inNetns runs fn on an OS thread that has entered the namespace; sockets
-// fn creates belong to it. The thread goes back to its own namespace
-// afterwards. It must not simply exit: a child process started from that
-// thread earlier (QEMU, with a parent-death signal) would be killed.
-func inNetns(name string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		home, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer home.Close()
-		f, err := os.Open("/var/run/netns/" + name)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns %s: %w", name, err)
-			return
-		}
-		err = fn()
-		if rerr := unix.Setns(int(home.Fd()), unix.CLONE_NEWNET); rerr == nil {
-			runtime.UnlockOSThread()
-		} // else: stay locked, the runtime retires the thread
-		errc <- err
-	}()
-	return <-errc
-}
-
 const udhcpcScript = `#!/bin/sh
 case "$1" in
 bound|renew)
@@ -193,7 +119,7 @@ func TestPasstGuest(t *testing.T) {
 	if _, err := exec.LookPath("passt"); err != nil {
 		t.Skip("passt is not installed (Debian package passt)")
 	}
-	ns := newTestNetns(t)
+	ns := netnstest.New(t)
 	bin := bins.Dir(t)
 
 	httpPort := hostServer(t, ns)
@@ -258,7 +184,7 @@ read answer
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		var body string
-		err := inNetns(ns, func() error {
+		err := netnstest.Run(ns, func() error {
 			// Dial on this thread, inside the namespace.
 			c, err := stdnet.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", fwd), 10*time.Second)
 			if err != nil {
@@ -323,7 +249,7 @@ func hostServer(t *testing.T, ns string) int {
 		w.Write(big)
 	})
 	var l stdnet.Listener
-	if err := inNetns(ns, func() (err error) {
+	if err := netnstest.Run(ns, func() (err error) {
 		l, err = stdnet.Listen("tcp", "0.0.0.0:0")
 		return err
 	}); err != nil {
@@ -383,7 +309,7 @@ func TestPasstReference(t *testing.T) {
 	if _, err := exec.LookPath("passt"); err != nil {
 		t.Skip("passt is not installed (Debian package passt)")
 	}
-	ns := newTestNetns(t)
+	ns := netnstest.New(t)
 	port := hostServer(t, ns)
 
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -394,7 +320,7 @@ func TestPasstReference(t *testing.T) {
 	passtEnd := os.NewFile(uintptr(fds[1]), "passt-end")
 	defer qemuEnd.Close()
 	var passtLog vmtest.LockedBuffer
-	passt := exec.Command("ip", "netns", "exec", ns, "passt", "--foreground", "--quiet", "--fd", "3")
+	passt := netnstest.Command(ns, "passt", "--foreground", "--quiet", "--fd", "3")
 	passt.ExtraFiles = []*os.File{passtEnd}
 	passt.Stdout, passt.Stderr = &passtLog, &passtLog
 	if err := passt.Start(); err != nil {
