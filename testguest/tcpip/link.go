@@ -1,0 +1,80 @@
+// Package tcpip is the test driver's network endpoint: just enough
+// Ethernet, ARP, IPv4, DHCP and TCP to take an address from passt and run
+// a TCP stream through it, over any frame link. The same load can go
+// through a virtio-net device (testguest.Net, the tx and rx queues of a
+// vhost-user back-end such as krun-plugin-net-passt) or straight to passt
+// over its socket (PasstLink), so the two can be compared.
+//
+// It is a driver for tests and benchmarks, not a general stack: one
+// connection at a time, in-order delivery only (out-of-order segments are
+// dropped and acknowledged again), go-back-N retransmission, and no
+// congestion control beyond a fixed window.
+package tcpip
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+)
+
+// Link carries Ethernet frames. WriteFrame may queue; Flush sends what is
+// queued. ReadFrame blocks for the next frame. One goroutine may read
+// while another writes.
+type Link interface {
+	WriteFrame(frame []byte) error
+	Flush() error
+	ReadFrame(buf []byte) (int, error)
+}
+
+// PasstLink is a Link over a stream connected to passt (passt --fd, or its
+// unix socket), in passt's framing: a 32-bit big-endian length, then the
+// frame.
+type PasstLink struct {
+	c   net.Conn
+	w   *bufio.Writer
+	r   *bufio.Reader
+	hdr [4]byte
+	rh  [4]byte
+}
+
+// NewPasstLink frames over c.
+func NewPasstLink(c net.Conn) *PasstLink {
+	return &PasstLink{c: c, w: bufio.NewWriterSize(c, 256<<10), r: bufio.NewReaderSize(c, 256<<10)}
+}
+
+// WriteFrame buffers one frame.
+func (l *PasstLink) WriteFrame(frame []byte) error {
+	binary.BigEndian.PutUint32(l.hdr[:], uint32(len(frame)))
+	if _, err := l.w.Write(l.hdr[:]); err != nil {
+		return err
+	}
+	_, err := l.w.Write(frame)
+	return err
+}
+
+// Flush writes the buffered frames to passt.
+func (l *PasstLink) Flush() error { return l.w.Flush() }
+
+// ReadFrame reads one frame into buf.
+func (l *PasstLink) ReadFrame(buf []byte) (int, error) {
+	if _, err := io.ReadFull(l.r, l.rh[:]); err != nil {
+		return 0, err
+	}
+	n := int(binary.BigEndian.Uint32(l.rh[:]))
+	if n > len(buf) {
+		// Skip it, keeping the stream in step, and report it.
+		if _, err := l.r.Discard(n); err != nil {
+			return 0, err
+		}
+		return 0, fmt.Errorf("passt sent a %d-byte frame, longer than %d", n, len(buf))
+	}
+	if _, err := io.ReadFull(l.r, buf[:n]); err != nil {
+		return 0, err
+	}
+	return n, nil
+}
+
+// Close closes the connection.
+func (l *PasstLink) Close() error { return l.c.Close() }
