@@ -346,17 +346,16 @@ func (q *Queue) EnableNotification() bool {
 // beyond those available now. It is for a device that has looked at what is
 // available and found it too little (a frame that needs more buffers than
 // there are): EnableNotification would report those buffers and never ask
-// for a kick. It reports whether buffers were added meanwhile.
-func (q *Queue) EnableNotificationForMore() bool {
-	seen := load16(q.avail, 2)
+// for a kick. Buffers added between that look and this request raise no
+// kick, so the device must look at the ring once more before it waits.
+func (q *Queue) EnableNotificationForMore() {
 	if q.cfg.EventIdx {
-		store16(q.used, 4+8*uint32(q.cfg.Size), seen)
+		store16(q.used, 4+8*uint32(q.cfg.Size), load16(q.avail, 2))
 	} else {
 		q.usedFlags &^= UsedFNoNotify
 		store16(q.used, 0, q.usedFlags)
 	}
 	q.fence()
-	return load16(q.avail, 2) != seen
 }
 
 // DisableNotification tells the driver that kicks are not needed while the

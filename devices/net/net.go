@@ -439,6 +439,7 @@ func (d *Device) transmit(ctx context.Context, c *virtq.Chain) {
 func (d *Device) serveRx(ctx context.Context, r Ring) error {
 	q := r.Queue()
 	unnotified := 0 // frames delivered since the last interrupt
+	armed := false  // a kick was asked for since the last delivery
 	for {
 		if d.rxPending == nil {
 			select {
@@ -455,6 +456,7 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 			d.rxQueued.Add(-int64(len(d.rxPending)))
 			d.recycle(d.rxPending)
 			d.rxPending = nil
+			armed = false
 			unnotified++
 			// Interrupt once a burst of queued frames is delivered, and
 			// every rxNotifyBatch frames of a long one.
@@ -470,14 +472,18 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 		// ring as it takes frames), then wait for it to add buffers; the
 		// frame waits, and passt's further frames wait in the bounded
 		// queue. The buffers already available may be too few for this
-		// frame, so ask for a kick on the next ones added.
+		// frame, so ask for a kick on the next ones added, and look once
+		// more for buffers added before the request was visible.
 		unnotified = 0
 		if err := r.Notify(); err != nil {
 			return err
 		}
-		if q.EnableNotificationForMore() {
+		if !armed {
+			q.EnableNotificationForMore()
+			armed = true
 			continue
 		}
+		armed = false
 		if err := r.WaitKick(ctx); err != nil {
 			if ctx.Err() != nil {
 				return nil
