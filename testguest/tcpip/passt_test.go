@@ -162,14 +162,14 @@ func TestEcho(t *testing.T) {
 				if lease.Addr.String() != netnstest.Addr || lease.Gateway.String() != netnstest.Gateway {
 					t.Fatalf("lease %+v, want address %s and gateway %s (copied from the namespace)", lease, netnstest.Addr, netnstest.Gateway)
 				}
-				res, err := e.Echo(ctx, netip.AddrPortFrom(lease.Gateway, r.echoPort), tcpip.EchoOptions{Bytes: 8 << 20, MSS: mss})
+				res, err := e.Echo(ctx, netip.AddrPortFrom(lease.Gateway, r.echoPort), tcpip.EchoOptions{Bytes: 32 << 20, MSS: mss})
 				if err != nil {
 					if r.dev != nil {
 						t.Logf("device counters: %v", r.dev.Counters())
 					}
 					t.Fatalf("%v (%+v)", err, res)
 				}
-				if res.Bytes != 8<<20 || res.TxFrames == 0 || res.RxFrames == 0 {
+				if res.Bytes != 32<<20 || res.TxFrames == 0 || res.RxFrames == 0 {
 					t.Fatalf("result %+v", res)
 				}
 				t.Logf("%.0f frames/s, %.1f MiB/s each way; %+v", res.FramesPerSecond(), res.MiBPerSecond(), res)
