@@ -32,8 +32,10 @@ func benchCommand(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case "blk":
 		return benchBlk(args[1:], stdout, stderr)
+	case "net":
+		return benchNet(args[1:], stdout, stderr)
 	}
-	fmt.Fprintf(stderr, "krun-core bench: unknown device kind %q (want blk)\n", args[0])
+	fmt.Fprintf(stderr, "krun-core bench: unknown device kind %q (want blk or net)\n", args[0])
 	return 1
 }
 
@@ -41,6 +43,8 @@ func benchUsage(w io.Writer) {
 	fmt.Fprintln(w, "usage: krun-core bench blk --socket PATH [--seconds N] [--size SIZE] [--read-only] [--workloads LIST] [--json]")
 	fmt.Fprintln(w, "Drives a vhost-user-blk back-end (krun-core serve, qemu-storage-daemon, ...) with the Go test guest.")
 	fmt.Fprintln(w, "The write workloads overwrite the disk.")
+	fmt.Fprintln(w)
+	benchNetUsage(w)
 }
 
 // blkWorkload is one fio-like job.
