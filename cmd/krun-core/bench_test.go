@@ -6,12 +6,17 @@ import (
 	"encoding/json"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/krun-core/krun-core/devices/blk"
 	"github.com/krun-core/krun-core/disk/raw"
+	"github.com/krun-core/krun-core/internal/netnstest"
+	"github.com/krun-core/krun-core/internal/vmtest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
@@ -22,7 +27,16 @@ func TestBenchUsageErrors(t *testing.T) {
 		msg  string
 	}{
 		{nil, 1, "usage"},
-		{[]string{"net"}, 1, "unknown device kind"},
+		{[]string{"fs"}, 1, "unknown device kind"},
+		{[]string{"net"}, 2, "want exactly one of --socket PATH and --passt"},
+		{[]string{"net", "--passt", "--socket", "/x"}, 2, "want exactly one"},
+		{[]string{"net", "--passt", "--mss", "1460,40"}, 2, "--mss \"40\""},
+		{[]string{"net", "--passt", "--mss", "70000"}, 2, "--mss"},
+		{[]string{"net", "--passt", "--bytes", "0"}, 2, "--bytes"},
+		{[]string{"net", "--passt", "--window", "1G"}, 2, "--window"},
+		{[]string{"net", "--passt", "--mss", "2000", "--window", "1K"}, 2, "at most --window"},
+		{[]string{"net", "--passt", "extra"}, 2, "unexpected argument"},
+		{[]string{"net", "--socket", filepath.Join(os.TempDir(), "krun-no-such-socket")}, 1, "connect"},
 		{[]string{"blk"}, 2, "--socket is required"},
 		{[]string{"blk", "--socket", "/x", "--seconds", "0"}, 2, "--seconds"},
 		{[]string{"blk", "--socket", "/x", "--size", "12Q"}, 2, "--size"},
@@ -127,5 +141,64 @@ func TestBenchBlk(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "randread-4k-qd1") || strings.Contains(out.String(), "randwrite") {
 		t.Fatalf("read-only table:\n%s", out.String())
+	}
+}
+
+// TestBenchNet runs `krun-core bench net` both ways inside a network
+// namespace of the test's own: through `krun-core serve --net passt` (the
+// plugin's virtio-net queues) and straight to passt's socket.
+func TestBenchNet(t *testing.T) {
+	if _, err := exec.LookPath("passt"); err != nil {
+		t.Skip("passt is not installed (Debian package passt)")
+	}
+	ns := netnstest.New(t)
+	bin := buildServeBinaries(t, "net-passt")
+	sock := filepath.Join(t.TempDir(), "net.sock")
+	serve := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "serve", "--socket", sock, "--net", "passt")
+	var serveLog vmtest.LockedBuffer
+	serve.Stdout, serve.Stderr = &serveLog, &serveLog
+	serve.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
+	if err := serve.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		serve.Process.Signal(syscall.SIGTERM)
+		serve.Wait()
+		if t.Failed() {
+			t.Logf("serve output:\n%s", serveLog.String())
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve did not create its socket\n%s", serveLog.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, tc := range []struct{ link, arg string }{{"virtio-net", "--socket=" + sock}, {"passt-socket", "--passt"}} {
+		t.Run(tc.link, func(t *testing.T) {
+			cmd := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "bench", "net", tc.arg, "--bytes", "16M", "--json")
+			var out, errb bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &errb
+			if err := cmd.Run(); err != nil {
+				t.Fatalf("bench net %s: %v\n%s", tc.arg, err, errb.String())
+			}
+			var results []netResult
+			if err := json.Unmarshal(out.Bytes(), &results); err != nil {
+				t.Fatalf("bad JSON %q: %v", out.String(), err)
+			}
+			if len(results) != 2 || results[0].MSS != 1460 || results[1].MSS != 65480 {
+				t.Fatalf("results %+v, want MSS 1460 and 65480", results)
+			}
+			for _, r := range results {
+				if r.Link != tc.link || r.Bytes != 16<<20 || !(r.MiBps > 0) || !(r.FramesPerS > 0) || r.TxFrames == 0 || r.RxFrames == 0 {
+					t.Errorf("implausible result %+v", r)
+				}
+				t.Logf("%s MSS %d: %.1f MiB/s each way, %.0f frames/s, %d retransmits", r.Link, r.MSS, r.MiBps, r.FramesPerS, r.Retransmits)
+			}
+		})
 	}
 }
