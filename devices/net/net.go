@@ -14,6 +14,7 @@
 package net
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -64,6 +65,12 @@ const (
 	// smallFrame is the buffer size for frames up to an Ethernet MTU;
 	// longer frames get a buffer of the device's largest frame.
 	smallFrame = 2048
+	// txBatchSize is how many bytes of frames are gathered before one
+	// write to passt.
+	txBatchSize = 256 << 10
+	// rxReadBuffer is the read buffer on passt's socket: many small
+	// frames per read system call.
+	rxReadBuffer = 256 << 10
 	// rxNotifyBatch is how many frames a long burst delivers between
 	// interrupts.
 	rxNotifyBatch = 64
@@ -109,7 +116,11 @@ type Device struct {
 	rxPending []byte        // a frame taken from rxQueue, not yet delivered
 	rxDone    chan struct{} // closed when the reader goroutine ends
 	rxBuf     []virtq.Chain
-	txBuf     []byte
+	// tx: frames are framed into txBatch and written to passt together,
+	// once the ring is drained or the batch is full.
+	txBatch       []byte
+	txBatchFrames uint64
+	txBatchBytes  uint64
 
 	stats Stats
 	rxMu  sync.Mutex // one rx goroutine at a time, across ring restarts
@@ -151,7 +162,7 @@ func New(cfg Config) (*Device, error) {
 	copy(d.mac[:], cfg.MAC)
 	d.linkUp.Store(true)
 	maxFrame := d.maxFrame()
-	d.txBuf = make([]byte, 4+maxFrame)
+	d.txBatch = make([]byte, 0, txBatchSize+4+maxFrame)
 	d.rxBuf = make([]virtq.Chain, maxRxBuffers)
 	d.rxQueue = make(chan []byte, rxQueueFrames)
 	d.rxSmall = make(chan []byte, poolSize)
@@ -167,8 +178,9 @@ func (d *Device) readPasst() {
 	defer close(d.rxDone)
 	fr := frameReader{alloc: d.rxBuffer}
 	max := d.maxFrame()
+	in := bufio.NewReaderSize(d.conn, rxReadBuffer)
 	for {
-		err := fr.read(d.conn, max)
+		err := fr.read(in, max)
 		switch {
 		case err == nil:
 		case errors.Is(err, errFrameTooLong):
@@ -374,6 +386,7 @@ func (d *Device) serveTx(ctx context.Context, r Ring) error {
 				return err
 			}
 		}
+		d.flushTx(ctx)
 		if err := r.Notify(); err != nil {
 			return err
 		}
@@ -413,26 +426,43 @@ func (d *Device) transmit(ctx context.Context, c *virtq.Chain) {
 		d.stats.TxErrors.Add(1)
 		return
 	}
-	buf := d.txBuf[:4+n]
+	start := len(d.txBatch)
+	buf := d.txBatch[start : start+4+int(n)]
 	binary.BigEndian.PutUint32(buf, uint32(n))
 	if err := c.ReadFull(buf[4:]); err != nil {
 		d.stats.TxMalformed.Add(1)
 		return
 	}
-	if _, err := d.conn.Write(buf); err != nil {
+	d.txBatch = d.txBatch[:start+len(buf)]
+	d.txBatchFrames++
+	d.txBatchBytes += n
+	if len(d.txBatch) >= txBatchSize {
+		d.flushTx(ctx)
+	}
+}
+
+// flushTx writes the gathered frames to passt.
+func (d *Device) flushTx(ctx context.Context) {
+	if len(d.txBatch) == 0 {
+		return
+	}
+	_, err := d.conn.Write(d.txBatch)
+	frames, bytes := d.txBatchFrames, d.txBatchBytes
+	d.txBatch, d.txBatchFrames, d.txBatchBytes = d.txBatch[:0], 0, 0
+	if err != nil {
 		if ctx.Err() != nil && isTimeout(err) {
-			// The ring is stopping; the frame is lost like on a cable
+			// The ring is stopping; the frames are lost like on a cable
 			// pulled mid-send. passt's stream may now be cut mid-frame,
 			// so the connection is no longer usable.
 			d.setLinkDown(fmt.Errorf("write interrupted by ring stop: %w", err))
 		} else {
 			d.setLinkDown(err)
 		}
-		d.stats.TxErrors.Add(1)
+		d.stats.TxErrors.Add(frames)
 		return
 	}
-	d.stats.TxFrames.Add(1)
-	d.stats.TxBytes.Add(n)
+	d.stats.TxFrames.Add(frames)
+	d.stats.TxBytes.Add(bytes)
 }
 
 // serveRx moves queued frames from passt into the rx ring.
