@@ -68,6 +68,10 @@ const (
 	// txBatchSize is how many bytes of frames are gathered before one
 	// write to passt.
 	txBatchSize = 256 << 10
+	// txStopGrace is how long a stopping tx ring lets a write to passt
+	// that is in progress finish (a front-end that disconnects while
+	// passt is busy must not cut a frame in half).
+	txStopGrace = 2 * time.Second
 	// rxReadBuffer is the read buffer on passt's socket: many small
 	// frames per read system call.
 	rxReadBuffer = 256 << 10
@@ -335,15 +339,17 @@ func (d *Device) setLinkDown(err error) {
 	}
 }
 
-// interruptOn sets a deadline on the connection when ctx ends, so blocking
-// socket I/O of a stopping ring returns. The returned function undoes it and
-// waits for a concurrently running callback.
-func interruptOn(ctx context.Context, set func(time.Time) error) func() {
+// interruptOn sets a deadline on the connection grace after ctx ends, so
+// blocking socket I/O of a stopping ring returns, but an I/O in progress
+// that can finish in time does (a write cut mid-frame ends passt's stream
+// for good). The returned function undoes it and waits for a concurrently
+// running callback.
+func interruptOn(ctx context.Context, set func(time.Time) error, grace time.Duration) func() {
 	set(time.Time{})
 	done := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
 		defer close(done)
-		set(time.Now())
+		set(time.Now().Add(grace))
 	})
 	return func() {
 		if !stop() {
@@ -360,7 +366,7 @@ func isTimeout(err error) bool {
 
 // serveTx moves frames from the tx queue to passt.
 func (d *Device) serveTx(ctx context.Context, r Ring) error {
-	undo := interruptOn(ctx, d.conn.SetWriteDeadline)
+	undo := interruptOn(ctx, d.conn.SetWriteDeadline, txStopGrace)
 	defer undo()
 	q := r.Queue()
 	var c virtq.Chain
