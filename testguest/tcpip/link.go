@@ -31,31 +31,45 @@ type Link interface {
 // PasstLink is a Link over a stream connected to passt (passt --fd, or its
 // unix socket), in passt's framing: a 32-bit big-endian length, then the
 // frame.
+//
+// Frames are gathered and written whole, up to 256 KiB per write, as the
+// virtio-net device writes them: a write never ends inside a frame.
 type PasstLink struct {
-	c   net.Conn
-	w   *bufio.Writer
-	r   *bufio.Reader
-	hdr [4]byte
-	rh  [4]byte
+	c  net.Conn
+	w  []byte
+	r  *bufio.Reader
+	rh [4]byte
 }
+
+const passtWriteBatch = 256 << 10
 
 // NewPasstLink frames over c.
 func NewPasstLink(c net.Conn) *PasstLink {
-	return &PasstLink{c: c, w: bufio.NewWriterSize(c, 256<<10), r: bufio.NewReaderSize(c, 256<<10)}
+	return &PasstLink{c: c, w: make([]byte, 0, passtWriteBatch+4+MaxFrame), r: bufio.NewReaderSize(c, 256<<10)}
 }
 
 // WriteFrame buffers one frame.
 func (l *PasstLink) WriteFrame(frame []byte) error {
-	binary.BigEndian.PutUint32(l.hdr[:], uint32(len(frame)))
-	if _, err := l.w.Write(l.hdr[:]); err != nil {
-		return err
+	if len(frame) > MaxFrame {
+		return fmt.Errorf("%d-byte frame, longer than %d", len(frame), MaxFrame)
 	}
-	_, err := l.w.Write(frame)
-	return err
+	l.w = binary.BigEndian.AppendUint32(l.w, uint32(len(frame)))
+	l.w = append(l.w, frame...)
+	if len(l.w) >= passtWriteBatch {
+		return l.Flush()
+	}
+	return nil
 }
 
 // Flush writes the buffered frames to passt.
-func (l *PasstLink) Flush() error { return l.w.Flush() }
+func (l *PasstLink) Flush() error {
+	if len(l.w) == 0 {
+		return nil
+	}
+	_, err := l.c.Write(l.w)
+	l.w = l.w[:0]
+	return err
+}
 
 // ReadFrame reads one frame into buf.
 func (l *PasstLink) ReadFrame(buf []byte) (int, error) {
