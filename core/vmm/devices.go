@@ -73,7 +73,9 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 			err = fmt.Errorf("device %d (%s): %w", i, s, err)
 		}
 	}()
-	if d.opened, err = s.Open(devspec.OpenOptions{}); err != nil {
+	// Helpers (passt) log into the core's log.
+	helperLog := c.log.Named("helper").StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true})
+	if d.opened, err = s.Open(devspec.OpenOptions{HelperStderr: helperLog}); err != nil {
 		return nil, err
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)

@@ -3,6 +3,7 @@ package net
 import (
 	"context"
 
+	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
@@ -19,7 +20,7 @@ func (d *Device) Info() backend.DeviceInfo {
 		NumQueues:        d.NumQueues(),
 		MaxQueueSize:     MaxQueueSize,
 		Features:         d.DeviceFeatures(),
-		ProtocolFeatures: 0,
+		ProtocolFeatures: vhostuser.ProtocolConfig,
 	}
 }
 

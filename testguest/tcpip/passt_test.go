@@ -128,6 +128,10 @@ func (r *rig) virtioLink(t testing.TB) tcpip.Link {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The config space, read over vhost-user: MAC, link up, passt's MTU.
+	if n.Config.MAC != guestMAC || n.Config.Status&1 == 0 || n.Config.MTU != netdev.DefaultMTU {
+		t.Fatalf("config space %+v, want MAC %x, link up, MTU %d", n.Config, guestMAC, netdev.DefaultMTU)
+	}
 	t.Cleanup(func() {
 		n.Close()
 		cancel()
