@@ -126,7 +126,7 @@ func runNetBench(ctx context.Context, cfg netBenchConfig) ([]netResult, error) {
 		return nil, fmt.Errorf("echo server: %w", err)
 	}
 	defer l.Close()
-	go serveEcho(l)
+	go tcpip.ServeEcho(l)
 	port := uint16(l.Addr().(*net.TCPAddr).Port)
 
 	link, name, closeLink, err := openNetLink(cfg.Socket)
@@ -157,20 +157,6 @@ func runNetBench(ctx context.Context, cfg netBenchConfig) ([]netResult, error) {
 		results = append(results, r)
 	}
 	return results, nil
-}
-
-// serveEcho writes back whatever each connection sends.
-func serveEcho(l net.Listener) {
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer c.Close()
-			io.Copy(c, c)
-		}()
-	}
 }
 
 // openNetLink connects to the vhost-user-net back-end at socket, or starts

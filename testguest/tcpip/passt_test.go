@@ -3,7 +3,6 @@ package tcpip_test
 import (
 	"context"
 	"fmt"
-	"io"
 	stdnet "net"
 	"net/netip"
 	"os"
@@ -48,18 +47,7 @@ func newRig(t testing.TB) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	go tcpip.ServeEcho(l)
 	r.echoPort = uint16(l.Addr().(*stdnet.TCPAddr).Port)
 
 	ours, theirs, err := devspec.PasstSocketPair()
@@ -144,14 +132,16 @@ func (r *rig) virtioLink(t testing.TB) tcpip.Link {
 	return n
 }
 
+// links are the two ways to passt the tests and benchmarks compare.
+var links = []struct {
+	name string
+	make func(*rig, testing.TB) tcpip.Link
+}{
+	{"passt-socket", (*rig).directLink},
+	{"virtio-net", (*rig).virtioLink},
+}
+
 func TestEcho(t *testing.T) {
-	links := []struct {
-		name string
-		make func(*rig, testing.TB) tcpip.Link
-	}{
-		{"passt-socket", (*rig).directLink},
-		{"virtio-net", (*rig).virtioLink},
-	}
 	for _, l := range links {
 		for _, mss := range []int{1460, 65480} {
 			t.Run(fmt.Sprintf("%s/mss-%d", l.name, mss), func(t *testing.T) {
@@ -186,13 +176,6 @@ func TestEcho(t *testing.T) {
 // loopback and back, over passt's socket directly and over the
 // virtio-net device's queues.
 func BenchmarkEcho(b *testing.B) {
-	links := []struct {
-		name string
-		make func(*rig, testing.TB) tcpip.Link
-	}{
-		{"passt-socket", (*rig).directLink},
-		{"virtio-net", (*rig).virtioLink},
-	}
 	for _, l := range links {
 		for _, mss := range []int{1460, 65480} {
 			b.Run(fmt.Sprintf("%s/mss-%d", l.name, mss), func(b *testing.B) {

@@ -6,7 +6,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"time"
 )
@@ -101,6 +103,21 @@ func (p pattern) check(off int64, b []byte) bool {
 		b = b[n:]
 	}
 	return true
+}
+
+// ServeEcho is the far end of Echo: it writes back whatever each connection
+// accepted on l sends, until l is closed.
+func ServeEcho(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			io.Copy(c, c)
+		}()
+	}
 }
 
 // conn is the state of Echo's one connection.
