@@ -51,6 +51,10 @@ type Net struct {
 	cancel context.CancelFunc
 
 	// rx: fixed buffers, posted once and re-posted after each frame.
+	// rxMu is held by ReadFrame; Close takes it (and txMu) before it
+	// unmaps guest memory.
+	rxMu      sync.Mutex
+	closed    bool
 	rxBufLen  uint32
 	rxPending []Completion // used rx buffers not yet returned as frames
 
@@ -159,6 +163,9 @@ func (n *Net) WriteFrame(frame []byte) error {
 	}
 	n.txMu.Lock()
 	defer n.txMu.Unlock()
+	if n.closed {
+		return errors.New("virtio-net: closed")
+	}
 	for len(n.txFree) == 0 {
 		n.reapTx()
 		if len(n.txFree) > 0 {
@@ -203,6 +210,9 @@ func (n *Net) reapTx() {
 func (n *Net) Flush() error {
 	n.txMu.Lock()
 	defer n.txMu.Unlock()
+	if n.closed {
+		return errors.New("virtio-net: closed")
+	}
 	n.reapTx()
 	if !n.txQueued {
 		return nil
@@ -216,6 +226,11 @@ func (n *Net) Flush() error {
 // virtio-net header) into buf, returning its length. A frame longer than
 // buf is an error; the frame is consumed.
 func (n *Net) ReadFrame(buf []byte) (int, error) {
+	n.rxMu.Lock()
+	defer n.rxMu.Unlock()
+	if n.closed {
+		return 0, errors.New("virtio-net: closed")
+	}
 	for len(n.rxPending) == 0 {
 		done, err := n.rx.Wait(n.ctx)
 		if err != nil {
@@ -288,8 +303,17 @@ func (n *Net) repost(k int, err error) error {
 	return err
 }
 
-// Close ends waits in ReadFrame and WriteFrame and closes the guest.
+// Close ends waits in ReadFrame and WriteFrame, waits for them to return,
+// and closes the guest (unmapping its memory).
 func (n *Net) Close() error {
 	n.cancel()
+	n.rxMu.Lock()
+	defer n.rxMu.Unlock()
+	n.txMu.Lock()
+	defer n.txMu.Unlock()
+	if n.closed {
+		return nil
+	}
+	n.closed = true
 	return n.g.Close()
 }

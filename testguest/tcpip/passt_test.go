@@ -198,3 +198,26 @@ func BenchmarkEcho(b *testing.B) {
 		}
 	}
 }
+
+// TestCloseWhileReading: closing the virtio-net link while the endpoint's
+// reader waits in ReadFrame ends the read with an error, not a fault on
+// unmapped guest memory.
+func TestCloseWhileReading(t *testing.T) {
+	r := newRig(t)
+	l := r.virtioLink(t)
+	e := tcpip.New(l, guestMAC)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := e.DHCP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		time.Sleep(time.Millisecond)
+		if err := l.(*testguest.Net).Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.DHCP(ctx); err == nil {
+		t.Fatal("DHCP over a closed link succeeded")
+	}
+}
