@@ -32,7 +32,9 @@
 // Restrict applies, in order: a check that the launcher's namespaces are
 // really there; rlimits (RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, RLIMIT_NOFILE and
 // RLIMIT_DATA from LaunchConfig.Limits, soft = hard); pivot_root into an
-// empty read-only tmpfs with the old root detached; no_new_privs; empty
+// empty read-only tmpfs with the old root detached (on an initramfs root,
+// which pivot_root cannot move: the tmpfs moved over / and a chroot into
+// it); no_new_privs; empty
 // capability sets (bounding, permitted, effective, inheritable, ambient);
 // Landlock; the seccomp allowlist of Policy.Syscalls. All of them apply to
 // every thread of the process. Each step fails closed: Restrict returns a

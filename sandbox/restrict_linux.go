@@ -183,16 +183,31 @@ func enterEmptyRoot(dir string) error {
 	if err := unix.Chdir(dir); err != nil {
 		return fmt.Errorf("chdir %s: %w", dir, err)
 	}
-	if err := unix.PivotRoot(".", "."); err != nil {
-		return fmt.Errorf("pivot_root: %w", err)
-	}
-	// The old root is now stacked on the new one; detach it and everything
-	// under it.
-	if err := unix.Fchdir(oldRoot); err != nil {
-		return fmt.Errorf("fchdir old root: %w", err)
-	}
-	if err := unix.Unmount(".", unix.MNT_DETACH); err != nil {
-		return fmt.Errorf("detach old root: %w", err)
+	if perr := unix.PivotRoot(".", "."); perr != nil {
+		if !errors.Is(perr, unix.EINVAL) || !rootIsInitramfs() {
+			return fmt.Errorf("pivot_root: %w", perr)
+		}
+		// The root is the initramfs (rootfs), which pivot_root cannot
+		// move. Do what switch_root does: move the empty tmpfs over /
+		// and chroot into it. rootfs stays in this mount namespace,
+		// covered by the tmpfs and unreachable by any path; the
+		// capabilities and seccomp layers that follow take away
+		// chroot, mount and umount.
+		if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+			return fmt.Errorf("pivot_root: %v; move the empty root over the initramfs: %w", perr, err)
+		}
+		if err := unix.Chroot("."); err != nil {
+			return fmt.Errorf("chroot into the empty root: %w", err)
+		}
+	} else {
+		// The old root is now stacked on the new one; detach it and
+		// everything under it.
+		if err := unix.Fchdir(oldRoot); err != nil {
+			return fmt.Errorf("fchdir old root: %w", err)
+		}
+		if err := unix.Unmount(".", unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("detach old root: %w", err)
+		}
 	}
 	if err := unix.Chdir("/"); err != nil {
 		return fmt.Errorf("chdir /: %w", err)
@@ -208,6 +223,27 @@ func enterEmptyRoot(dir string) error {
 		return fmt.Errorf("new root not empty (%d entries, %v)", len(ents), err)
 	}
 	return nil
+}
+
+// rootIsInitramfs reports whether this mount namespace's root is the
+// kernel's rootfs (an initramfs that was never switched away from).
+func rootIsInitramfs() bool {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	return err == nil && mountinfoRootIsRootfs(b)
+}
+
+// mountinfoRootIsRootfs reports whether a /proc/PID/mountinfo text has the
+// kernel's rootfs mounted at /.
+func mountinfoRootIsRootfs(b []byte) bool {
+	for _, line := range strings.Split(string(b), "\n") {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if ok && len(f) >= 5 && len(g) >= 1 && f[4] == "/" && g[0] == "rootfs" {
+			return true
+		}
+	}
+	return false
 }
 
 func applyNoNewPrivs() error {

@@ -116,10 +116,10 @@ mkdir -p /tmp
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 dd if=/dev/zero of=/tmp/disk.raw bs=1M count=8 2>/dev/null
 printf written-by-host | dd of=/tmp/disk.raw bs=512 seek=8 conv=notrunc 2>/dev/null
-# The outer root is the initramfs (rootfs), which pivot_root cannot leave,
-# so the plugin sandbox runs without its empty-root layer here.
+# The outer root is the initramfs (rootfs): the plugin sandbox's root layer
+# moves its empty root over it instead of pivoting.
 set -- --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --sandbox-disable root --timing --boot-marker KRUN-E2E-INIT
+	--plugin-dir /bin --timing --boot-marker KRUN-E2E-INIT
 show() { sed 's/^/inner| /' /tmp/inner.log; }
 waitfor() {
 	i=0

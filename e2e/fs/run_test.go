@@ -52,10 +52,10 @@ mkdir -p /tmp/share
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 echo "hello from the host" > /tmp/share/from-host
 rc=0
-# The outer root is the initramfs, which pivot_root cannot leave: no
-# empty-root layer for the plugin sandbox here.
+# The outer root is the initramfs (rootfs): the plugin sandbox's root layer
+# moves its empty root over it instead of pivoting.
 krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --sandbox-disable root --cmdline "console=ttyS0 panic=-1 quiet" \
+	--plugin-dir /bin --log-level info --cmdline "console=ttyS0 panic=-1 quiet" \
 	--fs path=/tmp/share,tag=share </dev/null >/tmp/inner.log 2>&1 || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
 [ $rc = 0 ] || e2e_fail "krun-core run exited $rc"

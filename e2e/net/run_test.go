@@ -81,9 +81,9 @@ ip route add default via 10.200.0.1 dev dummy0
 mkdir -p /www
 echo "hello from the host" > /www/page
 httpd -p %d -h /www
-# passt (like the plugin sandbox's root layer) pivots into a new root,
-# which the initramfs root cannot do, and a chroot may not make user
-# namespaces: move a tmpfs over / in a mount namespace of its own (as
+# passt isolates itself with pivot_root, which fails on the initramfs root
+# (the plugin sandbox copes, passt does not), and a chroot may not make
+# user namespaces: move a tmpfs over / in a mount namespace of its own (as
 # switch_root does) and run from there.
 mkdir /newroot
 mount -t tmpfs -o size=1g tmpfs /newroot
