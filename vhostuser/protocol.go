@@ -134,6 +134,17 @@ const (
 	FeatureLogAll           uint64 = 1 << 26 // VHOST_F_LOG_ALL
 )
 
+// BackendRequest is a message a back-end sends on the back-end request
+// channel, the socket the front-end gave it with SET_BACKEND_REQ_FD.
+type BackendRequest uint32
+
+// Back-end requests.
+const (
+	// BackendConfigChangeMsg (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, no
+	// payload): the device's config space changed on its own.
+	BackendConfigChangeMsg BackendRequest = 2
+)
+
 // Protocol feature bits (GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES).
 const (
 	ProtocolMQ                  uint64 = 1 << 0

@@ -17,7 +17,7 @@ func Supported(r Request) bool {
 		SetVringNum, SetVringAddr, SetVringBase, GetVringBase,
 		SetVringKick, SetVringCall, SetVringErr,
 		GetProtocolFeatures, SetProtocolFeatures, GetQueueNum, SetVringEnable,
-		GetConfig, SetConfig, GetMaxMemSlots, AddMemReg, RemMemReg:
+		GetConfig, SetConfig, GetMaxMemSlots, AddMemReg, RemMemReg, SetBackendReqFD:
 		return true
 	}
 	return false
@@ -148,6 +148,11 @@ func parseRequest(m *Message) (any, error) {
 			return nil, err
 		}
 		return c, wantFDs(0)
+	case SetBackendReqFD:
+		if len(m.Payload) != 0 {
+			return nil, fmt.Errorf("%w: %d bytes, want 0", ErrPayloadSize, len(m.Payload))
+		}
+		return nil, wantFDs(1)
 	}
 	return nil, ErrUnknownRequest
 }

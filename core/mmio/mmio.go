@@ -618,6 +618,23 @@ func (d *Device) failLocked(err error) {
 	}
 }
 
+// ConfigChanged tells the driver that the back-end changed the config space
+// on its own (a network link went down): the config generation moves on and
+// a config-change interrupt is raised. It does nothing before the driver
+// is ready (DRIVER_OK) or after the device failed.
+func (d *Device) ConfigChanged() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.failed != nil || d.status&StatusDriverOK == 0 {
+		return
+	}
+	d.configGen++
+	d.intStatus |= IntConfig
+	if err := d.cfg.Wiring.IRQLine(d.cfg.GSI, true); err == nil {
+		d.cfg.Wiring.IRQLine(d.cfg.GSI, false)
+	}
+}
+
 // Failed returns why the device failed, or nil.
 func (d *Device) Failed() error {
 	d.mu.Lock()

@@ -454,6 +454,36 @@ func TestFailStopsDevice(t *testing.T) {
 	}
 }
 
+// TestConfigChanged: a config change from the back-end moves the config
+// generation, sets the config bit of InterruptStatus and pulses the line,
+// once the driver is ready; before that it is ignored.
+func TestConfigChanged(t *testing.T) {
+	r := newRig(t, nil)
+	st := r.negotiate(featureVersion1)
+	gen := r.rd(RegConfigGeneration)
+	r.d.ConfigChanged() // not DRIVER_OK yet
+	if r.rd(RegConfigGeneration) != gen || r.rd(RegInterruptStatus)&IntConfig != 0 || len(r.w.pulses) != 0 {
+		t.Fatal("config change before DRIVER_OK was not ignored")
+	}
+	r.setupQueue(0, 64, 0x1000, 0x2000, 0x3000)
+	r.wr(RegStatus, st|StatusDriverOK)
+	r.w.pulses = nil
+	r.d.ConfigChanged()
+	if r.rd(RegConfigGeneration) == gen {
+		t.Error("config generation unchanged")
+	}
+	if r.rd(RegInterruptStatus)&IntConfig == 0 {
+		t.Error("InterruptStatus lacks the config bit")
+	}
+	if len(r.w.pulses) != 2 || r.w.pulses[0] != "16=true" || r.w.pulses[1] != "16=false" {
+		t.Errorf("interrupt pulses %v", r.w.pulses)
+	}
+	r.wr(RegInterruptACK, IntConfig)
+	if r.rd(RegInterruptStatus)&IntConfig != 0 {
+		t.Error("config bit not cleared by InterruptACK")
+	}
+}
+
 func TestManualNotify(t *testing.T) {
 	r := newRig(t, nil)
 	r.negotiate(featureVersion1)

@@ -36,6 +36,9 @@ type pluginDevice struct {
 	sock   *os.File // the core's end of the vhost-user socket
 	client *frontend.Client
 	dev    *mmio.Device
+	// stopBackendReq closes the back-end request channel (config changes
+	// from the plugin); nil without one.
+	stopBackendReq func()
 
 	closeOnce sync.Once
 }
@@ -171,7 +174,19 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		Translate:          m.hostAddr,
 		Log:                m.log.Named(fmt.Sprintf("virtio-mmio.%d", d.index)),
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	// A plugin whose config space changes on its own (net: link down)
+	// says so on the back-end request channel; the guest gets a
+	// config-change interrupt.
+	if n.ProtocolFeatures&vhostuser.ProtocolBackendReq != 0 {
+		dev := d.dev
+		if d.stopBackendReq, err = client.BackendRequests(dev.ConfigChanged); err != nil {
+			return fmt.Errorf("vhost-user back-end request channel: %w", err)
+		}
+	}
+	return nil
 }
 
 // monitor fails the device when its plugin process dies; the guest sees a
@@ -194,6 +209,9 @@ func (d *pluginDevice) monitor(ctx context.Context) {
 // it if it does not) and releases what the device opened. Idempotent.
 func (d *pluginDevice) shutdown(log hclog.Logger) {
 	d.closeOnce.Do(func() {
+		if d.stopBackendReq != nil {
+			d.stopBackendReq()
+		}
 		if d.dev != nil {
 			d.dev.Close()
 		}

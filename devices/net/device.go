@@ -7,8 +7,11 @@ import (
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
-// The device as a vhost-user back-end device.
-var _ backend.Device = (*Device)(nil)
+// The device as a vhost-user back-end device that reports link changes.
+var (
+	_ backend.Device        = (*Device)(nil)
+	_ backend.ConfigChanger = (*Device)(nil)
+)
 
 // MaxQueueSize is the largest ring the device accepts.
 const MaxQueueSize = 1024

@@ -127,8 +127,11 @@ type Device struct {
 	txBatchBytes  uint64
 
 	stats Stats
-	rxMu  sync.Mutex // one rx goroutine at a time, across ring restarts
-	txMu  sync.Mutex
+	// configChanged has a value when the link status changed and the
+	// front-end has not been told yet (backend.ConfigChanger).
+	configChanged chan struct{}
+	rxMu          sync.Mutex // one rx goroutine at a time, across ring restarts
+	txMu          sync.Mutex
 }
 
 // Stats are the device's counters.
@@ -172,6 +175,7 @@ func New(cfg Config) (*Device, error) {
 	d.rxSmall = make(chan []byte, poolSize)
 	d.rxLarge = make(chan []byte, poolSize/16)
 	d.rxDone = make(chan struct{})
+	d.configChanged = make(chan struct{}, 1)
 	go d.readPasst()
 	return d, nil
 }
@@ -281,6 +285,10 @@ func (d *Device) SetFeatures(f uint64) error {
 // Reset forgets the negotiated features; the passt stream stays.
 func (d *Device) Reset() { d.features.Store(0) }
 
+// ConfigChanges delivers a value when the config space changed (the link
+// went down), for the vhost-user framework to tell the front-end.
+func (d *Device) ConfigChanges() <-chan struct{} { return d.configChanged }
+
 // LinkUp reports whether passt is still connected.
 func (d *Device) LinkUp() bool { return d.linkUp.Load() }
 
@@ -336,6 +344,10 @@ func (d *Device) setLinkDown(err error) {
 	if d.linkUp.Swap(false) {
 		d.stats.LinkDown.Add(1)
 		d.log.Warn("passt connection lost, link down", "error", err)
+		select {
+		case d.configChanged <- struct{}{}:
+		default: // a change is already pending
+		}
 	}
 }
 

@@ -15,7 +15,8 @@ import (
 
 // runInner is the guest `krun-core run --net passt` boots: the device's
 // config space gives it the MAC and link status, passt's DHCP its address,
-// and it fetches a page through the gateway. $1 is the page's port.
+// and it fetches a page through the gateway (PORT). Then the host kills
+// passt, and the link must go down in the guest.
 const runInner = `
 ip link set lo up
 ip link set eth0 up
@@ -32,6 +33,12 @@ for i in $(seq 1 40); do
 done
 grep -qs "hello from the host" /tmp/page || e2e_fail "page not fetched through passt: $(cat /tmp/page)"
 echo "inner network ok"
+# The host kills passt: the plugin reports link down, the core raises a
+# config-change interrupt, and the driver drops the carrier.
+echo KRUN-E2E-KILL-PASST
+for i in $(seq 1 40); do [ "$(cat /sys/class/net/eth0/carrier)" = 0 ] && break; sleep 0.5; done
+[ "$(cat /sys/class/net/eth0/carrier)" = 0 ] || e2e_fail "eth0 still has carrier after passt died"
+echo "inner link down ok"
 `
 
 // TestRun boots a guest with `krun-core run --net passt,mac=...`: the core's
@@ -96,13 +103,26 @@ rc=0
 unshare -m sh -c 'cd /newroot && mount --move /newroot / && exec chroot . krun-core run \
 	--kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
 	--plugin-dir /bin --cmdline "console=ttyS0 panic=-1 quiet" \
-	--log-level info --net passt,mac=52:54:00:12:34:57' </dev/null >/tmp/inner.log 2>&1 || rc=$?
+	--log-level info --net passt,mac=52:54:00:12:34:57' </dev/null >/tmp/inner.log 2>&1 &
+pid=$!
+i=0
+until grep -q KRUN-E2E-KILL-PASST /tmp/inner.log; do
+	kill -0 $pid 2>/dev/null || break
+	i=$((i+1)); [ $i -lt 600 ] || break
+	sleep 0.5
+done
+if grep -q KRUN-E2E-KILL-PASST /tmp/inner.log; then
+	killall passt passt.avx2 2>/dev/null || true
+	echo "outer killed passt"
+fi
+wait $pid || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
 [ $rc = 0 ] || e2e_fail "krun-core run exited $rc"
 grep -q '%s ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
 echo "outer checks ok"
 `, port, marker)})
-	if !strings.Contains(r.Console, "inner| inner network ok") || !strings.Contains(r.Console, "outer checks ok") {
+	if !strings.Contains(r.Console, "inner| inner network ok") || !strings.Contains(r.Console, "inner| inner link down ok") ||
+		!strings.Contains(r.Console, "outer checks ok") {
 		t.Error("the nested run did not report every step")
 	}
 	t.Logf("nested: outer QEMU ran %v", r.Total.Round(time.Millisecond))

@@ -58,6 +58,16 @@ type Device interface {
 	Reset()
 }
 
+// ConfigChanger is implemented by a device whose config space changes on
+// its own (a network link going down). When the device implements it, the
+// framework offers VHOST_USER_PROTOCOL_F_BACKEND_REQ, and for every value
+// ConfigChanges delivers while a front-end that gave a back-end request
+// channel is connected, sends it VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. The
+// channel should be buffered (one pending change is enough).
+type ConfigChanger interface {
+	ConfigChanges() <-chan struct{}
+}
+
 // FrameworkFeatures are the feature bits the framework adds to every
 // device's offer.
 const FrameworkFeatures = vhostuser.FeatureVersion1 | vhostuser.FeatureRingIndirectDesc |

@@ -55,7 +55,7 @@ func NewServer(dev Device, log hclog.Logger) (*Server, error) {
 		info:     info,
 		log:      log,
 		features: info.Features | FrameworkFeatures,
-		protocol: FrameworkProtocolFeatures | info.ProtocolFeatures,
+		protocol: FrameworkProtocolFeatures | info.ProtocolFeatures | backendReqFeature(dev),
 		stats:    make([]counters, info.NumQueues),
 	}, nil
 }
@@ -190,4 +190,13 @@ func (s *Server) serveConn(ctx context.Context, conn *vhostuser.Conn) error {
 			return err
 		}
 	}
+}
+
+// backendReqFeature is ProtocolBackendReq for a device that reports config
+// changes.
+func backendReqFeature(dev Device) uint64 {
+	if _, ok := dev.(ConfigChanger); ok {
+		return vhostuser.ProtocolBackendReq
+	}
+	return 0
 }

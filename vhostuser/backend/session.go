@@ -81,6 +81,12 @@ type session struct {
 	mem         *guestmem.Memory
 	slots       []slot
 	rings       []*ring
+
+	// backendReq is the back-end request channel (SET_BACKEND_REQ_FD);
+	// stopBackendReq ends the goroutine that forwards config changes on it.
+	backendReq     *vhostuser.Conn
+	stopBackendReq context.CancelFunc
+	backendReqDone chan struct{}
 }
 
 func newSession(ctx context.Context, s *Server, conn *vhostuser.Conn) *session {
@@ -94,6 +100,7 @@ func newSession(ctx context.Context, s *Server, conn *vhostuser.Conn) *session {
 // close ends the session: rings stopped, descriptors and memory released,
 // device reset.
 func (sess *session) close() {
+	sess.setBackendReq(nil)
 	for _, r := range sess.rings {
 		sess.stopRing(r)
 		r.call.swap(nil)
@@ -194,6 +201,16 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 		}
 		c := payload.(vhostuser.ConfigSpace)
 		return nil, sess.s.dev.WriteConfig(c.Offset, c.Data)
+	case vhostuser.SetBackendReqFD:
+		if err := sess.needProtocol(vhostuser.ProtocolBackendReq); err != nil {
+			return nil, err
+		}
+		conn, err := vhostuser.NewConn(m.TakeFile(0))
+		if err != nil {
+			return nil, fmt.Errorf("back-end request channel: %w", err)
+		}
+		sess.setBackendReq(conn)
+		return nil, nil
 	}
 
 	// Everything below changes memory or rings and needs an owner.
@@ -223,6 +240,45 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 		return nil, sess.setVringEnable(payload.(vhostuser.VringState))
 	}
 	return nil, vhostuser.ErrUnknownRequest
+}
+
+// setBackendReq replaces the back-end request channel (nil: none) and, for
+// a device that reports config changes, forwards them on the new one.
+func (sess *session) setBackendReq(conn *vhostuser.Conn) {
+	if sess.stopBackendReq != nil {
+		sess.stopBackendReq()
+		<-sess.backendReqDone
+		sess.stopBackendReq = nil
+	}
+	if sess.backendReq != nil {
+		sess.backendReq.Close()
+	}
+	sess.backendReq = conn
+	cc, ok := sess.s.dev.(ConfigChanger)
+	if conn == nil || !ok {
+		return
+	}
+	ctx, cancel := context.WithCancel(sess.ctx)
+	done := make(chan struct{})
+	sess.stopBackendReq, sess.backendReqDone = cancel, done
+	changes := cc.ConfigChanges()
+	log := sess.s.log
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changes:
+				// No NEED_REPLY: the front-end answers nothing, and a
+				// front-end that is gone must not block the device.
+				if err := conn.Send(vhostuser.Request(vhostuser.BackendConfigChangeMsg), vhostuser.Version, nil, nil); err != nil {
+					log.Warn("config change not sent to the front-end", "error", err)
+					return
+				}
+			}
+		}
+	}()
 }
 
 func (sess *session) needProtocol(bit uint64) error {

@@ -10,7 +10,7 @@ import (
 // SupportedProtocolFeatures are the protocol features this front-end can
 // use; Setup never acks others.
 const SupportedProtocolFeatures = vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck |
-	vhostuser.ProtocolConfig | vhostuser.ProtocolConfigureMemSlots
+	vhostuser.ProtocolConfig | vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolBackendReq
 
 // QueueSetup describes one ring for Setup. Addresses are front-end virtual
 // addresses (the user addresses of the memory table).
