@@ -169,6 +169,10 @@ func TestHostileMessagesWithReplyAck(t *testing.T) {
 		{"overlapping add", vhostuser.AddMemReg, vhostuser.EncodeSingleMemRegion(good.MemRegion), []*os.File{mem.File()}},
 		{"zero add", vhostuser.AddMemReg, vhostuser.EncodeSingleMemRegion(vhostuser.MemRegion{GuestAddr: 1 << 30}), []*os.File{mem.File()}},
 		{"overflowing add", vhostuser.AddMemReg, vhostuser.EncodeSingleMemRegion(vhostuser.MemRegion{GuestAddr: 1 << 63, UserAddr: 1 << 63, Size: 1 << 63, MmapOffset: 1 << 63}), []*os.File{mem.File()}},
+		// The test device reports no config changes: BACKEND_REQ is
+		// neither offered nor negotiated.
+		{"backend req not negotiated", vhostuser.SetBackendReqFD, nil, []*os.File{mem.File()}},
+		{"backend req without fd", vhostuser.SetBackendReqFD, nil, nil},
 	}
 	for _, tc := range cases {
 		if err := c.Conn().Send(tc.req, NR, tc.data, tc.files); err != nil {
