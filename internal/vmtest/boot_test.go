@@ -195,11 +195,21 @@ func TestNestedInnerGuest(t *testing.T) {
 	}
 	vm := vmtest.NewNestedVM(t, a, vmtest.NestedOptions{
 		Payload: payload,
+		// Nested KVM under TCG has been seen to hang on a loaded
+		// machine (once in many runs): bound each try and retry once.
 		Script: `
-start=$(cut -d' ' -f1 /proc/uptime)
-qemu-system-x86_64 -accel kvm -cpu host -m 256M -nodefaults -display none -no-reboot -serial stdio \
-	-kernel ` + kernel + ` -initrd /nested/initramfs.cpio -append "console=ttyS0 panic=-1 quiet" </dev/null >/tmp/inner.log 2>&1 || true
-end=$(cut -d' ' -f1 /proc/uptime)
+run_inner() {
+	start=$(cut -d' ' -f1 /proc/uptime)
+	timeout 120 qemu-system-x86_64 -accel kvm -cpu host -m 256M -nodefaults -display none -no-reboot -serial stdio \
+		-kernel ` + kernel + ` -initrd /nested/initramfs.cpio -append "console=ttyS0 panic=-1 quiet" </dev/null >/tmp/inner.log 2>&1 || true
+	end=$(cut -d' ' -f1 /proc/uptime)
+}
+run_inner
+if ! grep -q '` + inner.ResultMarker() + ` ok' /tmp/inner.log; then
+	tail -20 /tmp/inner.log | sed 's/^/first try| /'
+	echo "INNER-RETRY: the first inner run failed or hung"
+	run_inner
+fi
 sed 's/^/inner| /' /tmp/inner.log
 echo "INNER-RUN-SECONDS $start $end"
 grep -q '` + inner.ResultMarker() + ` ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
@@ -215,6 +225,9 @@ grep -q '` + inner.ResultMarker() + ` ok' /tmp/inner.log || e2e_fail "inner gues
 	r := vm.Run()
 	if !strings.Contains(r.Console, "inner| inner kernel "+a.Kernel.Release+" says hello") {
 		t.Errorf("outer console lacks the inner guest's output")
+	}
+	if strings.Contains(r.Console, "INNER-RETRY") {
+		t.Log("the first inner run failed or hung; the retry passed")
 	}
 	if m := regexp.MustCompile(`INNER-RUN-SECONDS ([0-9.]+) ([0-9.]+)`).FindStringSubmatch(r.Console); m != nil {
 		s, _ := strconv.ParseFloat(m[1], 64)
