@@ -451,3 +451,20 @@ func TestBindAndListen(t *testing.T) {
 		t.Fatalf("temporary socket left behind: %d entries", len(ents))
 	}
 }
+
+// TestServeNetWithoutPasst: --net passt with no passt in $PATH exits 1 with
+// one line saying so.
+func TestServeNetWithoutPasst(t *testing.T) {
+	bin := buildServeBinaries(t, "net-passt")
+	cmd := exec.Command(filepath.Join(bin, "krun-core"), "serve", "--socket", filepath.Join(t.TempDir(), "n.sock"), "--net", "passt")
+	cmd.Env = append(os.Environ(), "PATH="+t.TempDir(), "KRUN_PLUGIN_DIR=")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("exit %v, want 1\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 1 || !strings.Contains(lines[0], "needs the passt program") {
+		t.Fatalf("output %q, want one line naming passt", out)
+	}
+}
