@@ -611,11 +611,7 @@ func (d *Device) failLocked(err error) {
 		d.stopQueueLocked(i)
 	}
 	d.status |= StatusDeviceNeedsRst
-	d.intStatus |= IntConfig
-	d.configGen++
-	if err := d.cfg.Wiring.IRQLine(d.cfg.GSI, true); err == nil {
-		d.cfg.Wiring.IRQLine(d.cfg.GSI, false)
-	}
+	d.configChangedLocked()
 }
 
 // ConfigChanged tells the driver that the back-end changed the config space
@@ -628,6 +624,12 @@ func (d *Device) ConfigChanged() {
 	if d.failed != nil || d.status&StatusDriverOK == 0 {
 		return
 	}
+	d.configChangedLocked()
+}
+
+// configChangedLocked moves the config generation on, sets the config bit
+// of InterruptStatus and pulses the device's interrupt line.
+func (d *Device) configChangedLocked() {
 	d.configGen++
 	d.intStatus |= IntConfig
 	if err := d.cfg.Wiring.IRQLine(d.cfg.GSI, true); err == nil {

@@ -181,8 +181,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	// says so on the back-end request channel; the guest gets a
 	// config-change interrupt.
 	if n.ProtocolFeatures&vhostuser.ProtocolBackendReq != 0 {
-		dev := d.dev
-		if d.stopBackendReq, err = client.BackendRequests(dev.ConfigChanged); err != nil {
+		if d.stopBackendReq, err = client.BackendRequests(d.dev.ConfigChanged); err != nil {
 			return fmt.Errorf("vhost-user back-end request channel: %w", err)
 		}
 	}
