@@ -82,11 +82,10 @@ type session struct {
 	slots       []slot
 	rings       []*ring
 
-	// backendReq is the back-end request channel (SET_BACKEND_REQ_FD);
-	// stopBackendReq ends the goroutine that forwards config changes on it.
-	backendReq     *vhostuser.Conn
-	stopBackendReq context.CancelFunc
-	backendReqDone chan struct{}
+	// closeBackendReq closes the back-end request channel
+	// (SET_BACKEND_REQ_FD), after stopping the goroutine that forwards
+	// config changes on it; nil without a channel.
+	closeBackendReq func()
 }
 
 func newSession(ctx context.Context, s *Server, conn *vhostuser.Conn) *session {
@@ -245,22 +244,25 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 // setBackendReq replaces the back-end request channel (nil: none) and, for
 // a device that reports config changes, forwards them on the new one.
 func (sess *session) setBackendReq(conn *vhostuser.Conn) {
-	if sess.stopBackendReq != nil {
-		sess.stopBackendReq()
-		<-sess.backendReqDone
-		sess.stopBackendReq = nil
+	if sess.closeBackendReq != nil {
+		sess.closeBackendReq()
+		sess.closeBackendReq = nil
 	}
-	if sess.backendReq != nil {
-		sess.backendReq.Close()
+	if conn == nil {
+		return
 	}
-	sess.backendReq = conn
 	cc, ok := sess.s.dev.(ConfigChanger)
-	if conn == nil || !ok {
+	if !ok {
+		sess.closeBackendReq = func() { conn.Close() }
 		return
 	}
 	ctx, cancel := context.WithCancel(sess.ctx)
 	done := make(chan struct{})
-	sess.stopBackendReq, sess.backendReqDone = cancel, done
+	sess.closeBackendReq = func() {
+		cancel()
+		<-done
+		conn.Close()
+	}
 	changes := cc.ConfigChanges()
 	log := sess.s.log
 	go func() {
