@@ -181,9 +181,7 @@ func (n *Net) WriteFrame(frame []byte) error {
 		if err != nil {
 			return fmt.Errorf("virtio-net tx: %w", err)
 		}
-		for _, c := range done {
-			n.txFree = append(n.txFree, c.Token.(uint64))
-		}
+		n.freeTx(done)
 	}
 	addr := n.txFree[len(n.txFree)-1]
 	b, err := n.g.Mem.Bytes(addr, uint64(NetHeaderLen+len(frame)))
@@ -200,8 +198,11 @@ func (n *Net) WriteFrame(frame []byte) error {
 	return nil
 }
 
-func (n *Net) reapTx() {
-	for _, c := range n.tx.Reap() {
+func (n *Net) reapTx() { n.freeTx(n.tx.Reap()) }
+
+// freeTx returns the buffers of completed tx frames to the free stack.
+func (n *Net) freeTx(done []Completion) {
+	for _, c := range done {
 		n.txFree = append(n.txFree, c.Token.(uint64))
 	}
 }
