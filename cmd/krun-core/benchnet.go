@@ -169,35 +169,33 @@ func openNetLink(socket string) (tcpip.Link, string, func(), error) {
 		}
 		return n, "virtio-net", func() { n.Close() }, nil
 	}
-	passt, err := exec.LookPath("passt")
-	if err != nil {
+	// The same passt, started the same way, as for --net passt.
+	if _, err := exec.LookPath("passt"); err != nil {
 		return nil, "", nil, errors.New("--passt needs the passt program in $PATH (Debian package passt)")
 	}
-	ours, theirs, err := devspec.PasstSocketPair()
+	spec, err := devspec.ParseNet("passt")
 	if err != nil {
 		return nil, "", nil, err
 	}
-	cmd := exec.Command(passt, "--foreground", "--quiet", "--fd", "3")
-	cmd.ExtraFiles = []*os.File{theirs}
-	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	err = cmd.Start()
-	theirs.Close()
+	opened, err := spec.Open(devspec.OpenOptions{HelperStderr: os.Stderr})
 	if err != nil {
-		ours.Close()
-		return nil, "", nil, fmt.Errorf("start passt: %w", err)
+		return nil, "", nil, err
 	}
-	c, err := net.FileConn(ours)
-	ours.Close()
+	var ours *os.File
+	for _, f := range opened.Files {
+		if f.Name == devspec.FilePasst {
+			ours = f.File
+		}
+	}
+	c, err := net.FileConn(ours) // its own descriptor
+	opened.CloseFiles()
 	if err != nil {
-		cmd.Process.Kill()
-		cmd.Wait()
+		opened.Close()
 		return nil, "", nil, err
 	}
 	l := tcpip.NewPasstLink(c)
 	return l, "passt-socket", func() {
 		l.Close()
-		cmd.Process.Kill()
-		cmd.Wait()
+		opened.Close()
 	}, nil
 }
