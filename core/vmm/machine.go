@@ -50,15 +50,19 @@ type machine struct {
 	power   power
 	devices []*pluginDevice
 
-	events  chan event
-	stop    atomic.Bool
+	events chan event
+	stop   atomic.Bool
+	// alive is set by the first port or MMIO access of the guest: the
+	// boot watchdog's sign of life.
+	alive   atomic.Bool
 	tids    []atomic.Int32
 	running sync.WaitGroup
 }
 
 // Start builds the VM and runs it until the guest powers off or reboots
-// (both are a normal end), ctx is cancelled, or the VM fails. Without
-// /dev/kvm the error wraps kvm.ErrNoKVM.
+// (both are a normal end), ctx is cancelled, or the VM fails. On a host
+// whose KVM cannot boot a stock kernel (kvm.CheckHost) the error wraps
+// kvm.ErrNoKVM and nothing is started.
 func (c *Context) Start(ctx context.Context) (*Result, error) {
 	if c.started {
 		return nil, errors.New("vmm: a Context runs one VM")
@@ -68,6 +72,9 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	t0 := time.Now()
+	if err := kvm.CheckHost(); err != nil {
+		return nil, err
+	}
 	sys, err := kvm.Open()
 	if err != nil {
 		return nil, err
@@ -132,12 +139,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		m.running.Add(1)
 		go m.runVCPU(i)
 	}
-	var ev event
-	select {
-	case ev = <-m.events:
-	case <-ctx.Done():
-		ev = event{err: ctx.Err()}
-	}
+	ev := m.wait(ctx, c.bootTimeout)
 	end := time.Now()
 	res.CoreRSS = coreRSS()
 	m.stopVCPUs()
@@ -159,6 +161,33 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	}
 	res.Reason = ev.reason
 	return res, nil
+}
+
+// wait returns the event that ends the run: the guest's, the context's, or
+// the boot watchdog's when the guest shows no sign of life within
+// bootTimeout (0: no watchdog).
+func (m *machine) wait(ctx context.Context, bootTimeout time.Duration) event {
+	var watchdog <-chan time.Time
+	if bootTimeout > 0 {
+		t := time.NewTimer(bootTimeout)
+		defer t.Stop()
+		watchdog = t.C
+	}
+	for {
+		select {
+		case ev := <-m.events:
+			return ev
+		case <-ctx.Done():
+			return event{err: ctx.Err()}
+		case <-watchdog:
+			if m.alive.Load() {
+				watchdog = nil // the guest is booting: the watchdog's job is done
+				continue
+			}
+			return event{err: fmt.Errorf("%w: the guest showed no sign of life (no console output, no device access) within %v of starting; "+
+				"check that the kernel is an x86-64 bzImage that boots on this host's KVM (--boot-timeout 0 turns this off)", ErrBootTimeout, bootTimeout)}
+		}
+	}
 }
 
 // build creates the VM, its memory and vCPUs, and loads the kernel.
@@ -368,6 +397,9 @@ func (m *machine) runVCPU(i int) {
 }
 
 func (m *machine) handleExit(v *kvm.VCPU, reason uint32) error {
+	if (reason == kvm.ExitIO || reason == kvm.ExitMMIO) && !m.alive.Load() {
+		m.alive.Store(true)
+	}
 	switch reason {
 	case kvm.ExitIO:
 		e, err := v.IO()

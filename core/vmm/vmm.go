@@ -37,10 +37,17 @@ const (
 	MaxDevices = 8
 	// MaxMemoryMiB bounds guest RAM (1 TiB).
 	MaxMemoryMiB = 1 << 20
+	// DefaultBootTimeout is how long a guest may run without any sign of
+	// life before the boot watchdog ends it (SetBootTimeout).
+	DefaultBootTimeout = 2 * time.Minute
 )
 
 // Errors for a configuration the core refuses.
 var ErrConfig = errors.New("invalid VM configuration")
+
+// ErrBootTimeout says the boot watchdog ended a guest that showed no sign
+// of life: no console output and no access to any device.
+var ErrBootTimeout = errors.New("boot watchdog")
 
 // Context collects a VM's configuration; Start runs it. A Context runs one
 // VM once.
@@ -64,6 +71,7 @@ type Context struct {
 	sandboxOff     bool
 	sandboxDisable []sandbox.Layer
 	bootMarker     string
+	bootTimeout    time.Duration
 	started        bool
 }
 
@@ -76,6 +84,7 @@ func NewContext(log hclog.Logger) *Context {
 	return &Context{
 		log: log, cpus: DefaultCPUs, memoryMiB: DefaultMemoryMiB,
 		cmdline: DefaultCmdline, mmioCmdline: true, consoleOut: io.Discard,
+		bootTimeout: DefaultBootTimeout,
 	}
 }
 
@@ -167,6 +176,23 @@ func (c *Context) SetSandboxDisable(layers []sandbox.Layer) { c.sandboxDisable =
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).
 func (c *Context) SetBootMarker(marker string) { c.bootMarker = marker }
+
+// SetBootTimeout sets the boot watchdog: a guest that, for d after its
+// first instruction, has produced no console output and touched no device
+// (no port or MMIO access at all: the serial port, the virtio-mmio
+// windows, the ACPI ports) is ended, and Start returns an error wrapping
+// ErrBootTimeout. Such a guest is not booting: a kernel that hangs before
+// its first message, or a KVM that cannot run it. Once the guest has shown
+// a sign of life the watchdog is off for the rest of the run, so a quiet
+// guest is never ended for being idle. 0 turns the watchdog off; the
+// default is DefaultBootTimeout.
+func (c *Context) SetBootTimeout(d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("%w: negative boot timeout %v", ErrConfig, d)
+	}
+	c.bootTimeout = d
+	return nil
+}
 
 // ExitReason says how the guest ended.
 type ExitReason int
