@@ -46,6 +46,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		logLevel  = fs.String("log-level", "warn", "log level: trace, debug, info, warn, error")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
 		marker    = fs.String("boot-marker", "", "console text whose first appearance marks the guest's init (for --timing)")
+		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag
 		nets      multiFlag
@@ -53,6 +54,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&disks, "disk", "disk: path=FILE,format=raw|qcow2[,readonly=on] (repeatable)")
 	fs.Var(&shares, "fs", "shared directory: tag=TAG,path=DIR (repeatable)")
 	fs.Var(&nets, "net", "network: passt options (repeatable)")
+	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this long after it starts (e.g. 90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -123,6 +125,14 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
 	}
 	c.SetBootMarker(*marker)
+	if err := c.SetBootTimeout(time.Duration(bootTO)); err != nil {
+		return fail("--boot-timeout: %v", err)
+	}
+	// Before anything starts: a host whose KVM cannot boot a stock kernel
+	// (none, or kvm_pvm) gets one line now instead of a silent hang.
+	if err := kvm.CheckHost(); err != nil {
+		return fail("%v", err)
+	}
 	if restore, ok := rawTerminal(os.Stdin); ok {
 		defer restore()
 	}
@@ -137,9 +147,6 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.Total), res.CoreRSS>>10)
 	}
 	if err != nil {
-		if errors.Is(err, kvm.ErrNoKVM) {
-			return fail("%s is not available: this host cannot run KVM guests", kvm.DevicePath)
-		}
 		return fail("%s", oneLine(err.Error()))
 	}
 	for _, derr := range res.DeviceErrors {
@@ -150,6 +157,26 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 }
 
 func msec(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// secondsFlag is a duration flag that also takes a bare number of seconds.
+type secondsFlag time.Duration
+
+func (d *secondsFlag) String() string { return time.Duration(*d).String() }
+func (d *secondsFlag) Set(s string) error {
+	if n, err := strconv.ParseUint(s, 10, 32); err == nil {
+		*d = secondsFlag(time.Duration(n) * time.Second)
+		return nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (90s, 2m, or a number of seconds)", s)
+	}
+	if v < 0 {
+		return fmt.Errorf("%q is negative", s)
+	}
+	*d = secondsFlag(v)
+	return nil
+}
 
 // parseMemory reads --memory: a size with a suffix, or a bare number of
 // MiB. The result is in MiB.

@@ -6,6 +6,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/core/kvm"
 )
 
 func TestRunUsageErrors(t *testing.T) {
@@ -23,6 +26,8 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--sandbox", "maybe"}, "--sandbox"},
 		{[]string{"--kernel", k, "--sandbox", "off", "--sandbox-disable", "root"}, "--sandbox-disable"},
 		{[]string{"--kernel", k, "extra"}, "unexpected argument"},
+		{[]string{"--kernel", k, "--boot-timeout", "soon"}, "not a duration"},
+		{[]string{"--kernel", k, "--boot-timeout", "-5s"}, "negative"},
 	}
 	for _, tt := range tests {
 		var out, errb bytes.Buffer
@@ -35,20 +40,31 @@ func TestRunUsageErrors(t *testing.T) {
 	}
 }
 
-// Without /dev/kvm, run exits 1 with one line saying so.
+// On a host whose KVM cannot boot a stock kernel (no /dev/kvm, or a PVM
+// one), run exits 1 at once with the one line kvm.CheckHost gives, before
+// any plugin starts.
 func TestRunWithoutKVM(t *testing.T) {
-	if _, err := os.Stat("/dev/kvm"); err == nil {
-		t.Skip("this host has /dev/kvm")
+	want := kvm.CheckHost()
+	if want == nil {
+		t.Skip("this host's KVM boots stock kernels; the refusal is not reachable")
 	}
 	k := filepath.Join(t.TempDir(), "bzImage")
 	os.WriteFile(k, []byte("x"), 0o644)
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, make([]byte, 1<<20), 0o644)
 	var out, errb bytes.Buffer
-	if rc := runCommand([]string{"--kernel", k}, &out, &errb); rc != 1 {
+	start := time.Now()
+	// A disk too: its plugin must not be started.
+	rc := runCommand([]string{"--kernel", k, "--plugin-dir", "/nonexistent", "--disk", "path=" + img + ",format=raw"}, &out, &errb)
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("run took %v to refuse, want under 2 s", took)
+	}
+	if rc != 1 {
 		t.Fatalf("exit %d, want 1", rc)
 	}
 	lines := strings.Split(strings.TrimSpace(errb.String()), "\n")
-	if len(lines) != 1 || !strings.Contains(lines[0], "/dev/kvm") {
-		t.Errorf("stderr %q: want one line about /dev/kvm", errb.String())
+	if len(lines) != 1 || !strings.Contains(lines[0], "/dev/kvm") || lines[0] != "krun-core run: "+want.Error() {
+		t.Errorf("stderr %q: want the one line %q", errb.String(), "krun-core run: "+want.Error())
 	}
 }
 
