@@ -27,7 +27,8 @@ echo "inner virtio-fs ok"
 
 // TestRun boots a guest with `krun-core run --fs path=DIR,tag=share`: the
 // core's own virtio-mmio transport with krun-plugin-fs-virtio behind it.
-// Without /dev/kvm it runs inside a QEMU TCG guest with nested SVM.
+// Where this host's KVM cannot boot a stock kernel (vmtest.DirectKVM) it
+// runs inside a QEMU TCG guest with nested SVM.
 func TestRun(t *testing.T) {
 	a := vmtest.Require(t)
 	inner := a.NewInitramfs()
@@ -36,7 +37,7 @@ func TestRun(t *testing.T) {
 	krun := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/cmd/krun-core")
 	plugin := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/plugins/fs-virtio")
 	marker := inner.ResultMarker()
-	if _, err := os.Stat("/dev/kvm"); err == nil {
+	if vmtest.DirectKVM(t) {
 		runDirect(t, a, inner, krun, plugin, marker)
 		return
 	}
@@ -87,8 +88,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, krun, pl
 		must(t, "read "+src, err)
 		must(t, "write "+dst, os.WriteFile(filepath.Join(bin, dst), b, 0o755))
 	}
-	out, err := exec.Command(filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
-		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--fs", "path="+share+",tag=share").CombinedOutput()
+	out, err := vmtest.RunDirect(t, 0, exec.Command(filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
+		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--fs", "path="+share+",tag=share"))
 	if err != nil || !strings.Contains(string(out), marker+" ok") {
 		t.Fatalf("krun-core run: %v\n%s", err, out)
 	}

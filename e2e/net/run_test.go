@@ -43,8 +43,8 @@ echo "inner link down ok"
 
 // TestRun boots a guest with `krun-core run --net passt,mac=...`: the core's
 // own virtio-mmio transport with krun-plugin-net-passt behind it and passt
-// started by krun-core, with the whole plugin sandbox. Without /dev/kvm it
-// runs inside a QEMU TCG guest with nested SVM, whose network is a dummy
+// started by krun-core, with the whole plugin sandbox. Where this host's
+// KVM cannot boot a stock kernel (vmtest.DirectKVM) it runs inside a QEMU TCG guest with nested SVM, whose network is a dummy
 // interface holding the default route (passt copies its address and maps
 // the gateway to the loopback).
 func TestRun(t *testing.T) {
@@ -61,7 +61,7 @@ func TestRun(t *testing.T) {
 	krun := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/cmd/krun-core")
 	plugin := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/plugins/net-passt")
 	marker := inner.ResultMarker()
-	if _, err := os.Stat("/dev/kvm"); err == nil {
+	if vmtest.DirectKVM(t) {
 		runDirect(t, a, inner, krun, plugin, marker, port)
 		return
 	}
@@ -128,7 +128,7 @@ echo "outer checks ok"
 	t.Logf("nested: outer QEMU ran %v", r.Total.Round(time.Millisecond))
 }
 
-// runDirect is TestRun on a machine with /dev/kvm: krun-core runs in a
+// runDirect is TestRun on a machine whose KVM boots stock kernels: krun-core runs in a
 // network namespace of the test's own, next to the page's server.
 func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, krun, plugin, marker string, port int) {
 	ns := netnstest.New(t)
@@ -162,8 +162,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, krun, pl
 		t.Skipf("busybox httpd for the page: %v", err)
 	}
 	t.Cleanup(func() { httpd.Process.Kill(); httpd.Wait() })
-	out, err := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
-		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--net", "passt,mac=52:54:00:12:34:57").CombinedOutput()
+	out, err := vmtest.RunDirect(t, 0, netnstest.Command(ns, filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
+		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--net", "passt,mac=52:54:00:12:34:57"))
 	if err != nil || !strings.Contains(string(out), marker+" ok") {
 		t.Fatalf("krun-core run: %v\n%s", err, out)
 	}
