@@ -52,7 +52,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		nets      multiFlag
 	)
 	fs.Var(&disks, "disk", "disk: path=FILE,format=raw|qcow2[,readonly=on] (repeatable)")
-	fs.Var(&shares, "fs", "shared directory: tag=TAG,path=DIR (repeatable)")
+	fs.Var(&shares, "fs", "shared directory: path=DIR,tag=TAG[,readonly=on][,suid=on] (repeatable)")
 	fs.Var(&nets, "net", "network: passt options (repeatable)")
 	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this long after it starts (e.g. 90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
 	if err := fs.Parse(args); err != nil {
