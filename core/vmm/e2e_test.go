@@ -162,13 +162,19 @@ printf written-by-host | dd of=/tmp/disk.raw bs=512 seek=8 conv=notrunc 2>/dev/n
 # The outer root is the initramfs (rootfs): the plugin sandbox's root layer
 # moves its empty root over it instead of pivoting.
 set -- --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --timing --boot-marker KRUN-E2E-INIT
+	--plugin-dir /bin --timing --boot-marker KRUN-E2E-INIT --boot-timeout 120
 show() { sed 's/^/inner| /' /tmp/inner.log; }
+# waitfor TEXT: until the inner console shows TEXT. An inner guest that
+# stops making progress is a nested hang (vmtest retries the outer VM).
 waitfor() {
 	i=0
 	until grep -q "$1" /tmp/inner.log; do
-		kill -0 $pid 2>/dev/null || { show; e2e_fail "krun-core ended before the inner guest printed $1"; }
-		i=$((i+1)); [ $i -lt 900 ] || { show; e2e_fail "the inner guest never printed $1"; }
+		if ! kill -0 $pid 2>/dev/null; then
+			show
+			grep -q 'boot watchdog' /tmp/inner.log && e2e_nested_hang "the inner guest never started"
+			e2e_fail "krun-core ended before the inner guest printed $1"
+		fi
+		i=$((i+1)); [ $i -lt 300 ] || { show; kill -9 $pid; e2e_nested_hang "the inner guest never printed $1"; }
 		sleep 1
 	done
 }
@@ -183,6 +189,7 @@ waitfor KRUN-E2E-WANT-INPUT
 echo hello-console >&4
 waitfor KRUN-E2E-KILL-PLUGIN
 kill -9 $(pidof krun-plugin-blk-raw)
+waitfor 'reboot: Power down'
 rc=0
 wait $pid || rc=$?
 exec 4>&-
@@ -194,9 +201,7 @@ dd if=/tmp/disk.raw bs=512 skip=100 count=1 2>/dev/null | grep -q inner-guest-wa
 
 # Run 2: reboot -f.
 rc=0
-# Bounded, so a hung inner guest fails with its console instead of at the
-# outer time limit.
-timeout -s KILL 240 krun-core run "$@" --cmdline "` + innerCmdline + ` krun_e2e_reboot" </dev/null >/tmp/inner.log 2>&1 || rc=$?
+e2e_bounded 240 /tmp/inner.log krun-core run "$@" --cmdline "` + innerCmdline + ` krun_e2e_reboot" || rc=$?
 echo "krun-exit=$rc" >>/tmp/inner.log
 show
 grep -q KRUN-E2E-REBOOTING /tmp/inner.log || e2e_fail "inner guest did not start rebooting"

@@ -55,9 +55,9 @@ echo "hello from the host" > /tmp/share/from-host
 rc=0
 # The outer root is the initramfs (rootfs): the plugin sandbox's root layer
 # moves its empty root over it instead of pivoting.
-krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --log-level info --cmdline "console=ttyS0 panic=-1 quiet" \
-	--fs path=/tmp/share,tag=share </dev/null >/tmp/inner.log 2>&1 || rc=$?
+e2e_bounded 300 /tmp/inner.log krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
+	--plugin-dir /bin --log-level info --cmdline "console=ttyS0 panic=-1 quiet" --boot-timeout 120 \
+	--fs path=/tmp/share,tag=share || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
 [ $rc = 0 ] || e2e_fail "krun-core run exited $rc"
 grep -q '` + marker + ` ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
