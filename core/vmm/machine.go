@@ -55,6 +55,7 @@ type machine struct {
 	// alive is set by the first port or MMIO access of the guest: the
 	// boot watchdog's sign of life.
 	alive   atomic.Bool
+	status  statusPorts
 	tids    []atomic.Int32
 	running sync.WaitGroup
 }
@@ -148,6 +149,13 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	if at := marker.seenAt(); !at.IsZero() {
 		res.Timing.KernelBoot = at.Sub(ready)
 	}
+	initAt, execAt, exitAt := at(m.status.initAt.Load()), at(m.status.execAt.Load()), at(m.status.exitAt.Load())
+	if !initAt.IsZero() {
+		res.Timing.KernelBoot = since(ready, initAt)
+	}
+	res.Timing.InitToExec = since(initAt, execAt)
+	res.Timing.Command = since(execAt, exitAt)
+	res.ExitStatus, res.HasExitStatus = m.status.exitStatus()
 	for _, d := range m.devices {
 		if err := d.dev.Failed(); err != nil {
 			res.DeviceErrors = append(res.DeviceErrors, err)
@@ -472,6 +480,9 @@ const (
 )
 
 func (m *machine) pio(port uint16, out bool, data []byte) {
+	if out && m.status.write(port, data) {
+		return
+	}
 	switch {
 	case port >= serial.COM1Base && port < serial.COM1Base+serial.NumPorts:
 		for i := range data {

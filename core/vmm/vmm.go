@@ -222,9 +222,16 @@ type Timing struct {
 	VMSetup time.Duration
 	// Ready: from Start to the first guest instruction.
 	Ready time.Duration
-	// KernelBoot: from the first guest instruction until the boot marker
-	// appeared on the console (0 without a marker, or if it never did).
+	// KernelBoot: from the first guest instruction until krun-init
+	// started (with SetExec), or else until the boot marker appeared on
+	// the console (0 without a marker, or if it never did).
 	KernelBoot time.Duration
+	// InitToExec: from krun-init's start until the program started (with
+	// SetExec).
+	InitToExec time.Duration
+	// Command: the program's run, until its exit status was reported
+	// (with SetExec).
+	Command time.Duration
 	// Total: from Start until the guest ended.
 	Total time.Duration
 }
@@ -238,6 +245,10 @@ type Result struct {
 	CoreRSS uint64
 	// DeviceErrors lists devices that failed while the guest ran.
 	DeviceErrors []error
+	// ExitStatus is the status the guest reported on PortExitStatus (the
+	// program's, with SetExec); HasExitStatus says whether it did.
+	ExitStatus    int
+	HasExitStatus bool
 }
 
 func (c *Context) validate() error {
