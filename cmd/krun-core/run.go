@@ -60,6 +60,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
 		workdir   = fs.String("workdir", "", "working directory of the command inside the root (default /)")
 		hostname  = fs.String("hostname", "", "the guest's host name (default krun)")
+		modules   = fs.String("kernel-modules", "", "the kernel's module tree, for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag
@@ -98,8 +99,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("--root and --initrd are alternatives")
 	case !execMode && *kernel == "" && *initrd == "" && len(disks) == 0:
 		return fail("nothing to run: give --root DIR -- CMD, or --kernel with --initrd or --disk")
-	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *rootRO):
-		return fail("--env, --rlimit, --workdir, --hostname and --root-readonly need --root DIR -- CMD")
+	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *rootRO || *modules != ""):
+		return fail("--env, --rlimit, --workdir, --hostname, --root-readonly and --kernel-modules need --root DIR -- CMD")
 	}
 	mem, err := parseMemory(*memory)
 	if err != nil {
@@ -162,6 +163,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: envs,
 			workdir: *workdir, hostname: *hostname, rlimits: rlimits, stdout: stdout, stderr: stderr}); err != nil {
 			return fail("%v", err)
+		}
+		if *modules != "" {
+			c.SetModulesDir(*modules)
 		}
 	} else {
 		c.SetConsoleOutput(stdout)

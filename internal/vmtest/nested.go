@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/krun-core/krun-core/guest/initramfs/kmod"
 )
 
 // File is a file placed into a guest's initramfs: from the host file Src or,
@@ -134,4 +136,35 @@ func InnerGuest(t testing.TB, a *Assets, ib *Initramfs, dir string) []File {
 		{Dst: filepath.Join(dir, "vmlinuz"), Src: a.Kernel.Vmlinuz, Mode: 0o644},
 		{Dst: filepath.Join(dir, "initramfs.cpio"), Src: p, Mode: 0o644},
 	}
+}
+
+// InnerKernelTree returns payload files that place kernel a.Kernel at
+// dir/boot/vmlinuz-<release> and the named modules, with their
+// dependencies, at dir/lib/modules/<release>/ (uncompressed), with the
+// tree's modules.builtin: what krun-core run --root finds next to a
+// kernel to build its initramfs from, without the whole module tree. It
+// returns the files and the kernel's path in the outer guest.
+func InnerKernelTree(t testing.TB, a *Assets, dir string, modules ...string) ([]File, string) {
+	t.Helper()
+	k := a.Kernel
+	idx, err := kmod.NewIndex(k.ModulesDir)
+	if err != nil {
+		t.Fatalf("vmtest: %v", err)
+	}
+	mods, err := idx.Resolve(modules)
+	if err != nil {
+		t.Fatalf("vmtest: inner kernel modules: %v", err)
+	}
+	kernel := filepath.Join(dir, "boot", "vmlinuz-"+k.Release)
+	modDir := filepath.Join(dir, "lib", "modules", k.Release)
+	files := []File{{Dst: kernel, Src: k.Vmlinuz, Mode: 0o644}}
+	for _, m := range mods {
+		files = append(files, File{Dst: filepath.Join(modDir, m.Rel), Data: m.Image, Mode: 0o644})
+	}
+	for _, meta := range []string{"modules.builtin", "modules.order"} {
+		if _, err := os.Stat(filepath.Join(k.ModulesDir, meta)); err == nil {
+			files = append(files, File{Dst: filepath.Join(modDir, meta), Src: filepath.Join(k.ModulesDir, meta), Mode: 0o644})
+		}
+	}
+	return files, kernel
 }
