@@ -2,6 +2,7 @@ package vmtest
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -45,11 +46,15 @@ type NestedOptions struct {
 	// start the inner VM and check the inner verdict; see InnerGuest.
 	Script string
 	// Modules are extra modules for the outer guest besides kvm_amd.
-	Modules   []string
-	MemoryMiB int           // outer guest RAM (default 2048: room for an inner guest)
-	CPUs      int           // outer vCPUs (default 1)
-	Timeout   time.Duration // default 300 s
-	Cmdline   string        // extra outer kernel command line
+	Modules []string
+	// HostBinaries are host programs placed in the outer initramfs at
+	// their own paths, with the shared libraries ldd names (passt,
+	// qemu-storage-daemon); a program not installed skips the test.
+	HostBinaries []string
+	MemoryMiB    int           // outer guest RAM (default 2048: room for an inner guest)
+	CPUs         int           // outer vCPUs (default 1)
+	Timeout      time.Duration // default 300 s
+	Cmdline      string        // extra outer kernel command line
 }
 
 // NewNestedVM prepares an outer VM for a nested-KVM test without starting
@@ -61,6 +66,12 @@ func NewNestedVM(t testing.TB, a *Assets, opts NestedOptions) *VM {
 	ib.AddModules(a.Kernel, append(nestedModules(), opts.Modules...)...)
 	for _, f := range opts.Payload {
 		f.add(ib)
+	}
+	for _, b := range opts.HostBinaries {
+		if _, err := exec.LookPath(b); err != nil {
+			t.Skipf("%s is not installed: %v", b, err)
+		}
+		ib.AddHostBinary(b)
 	}
 	ib.SetInit(`[ -c /dev/kvm ] || e2e_fail "/dev/kvm missing after loading kvm_amd (CPU flags: $(grep -m1 -o -w -e svm -e npt /proc/cpuinfo | tr '\n' ' '))"
 ` + opts.Script)
