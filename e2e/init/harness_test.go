@@ -235,7 +235,8 @@ type guest struct {
 
 // outcome is what came back.
 type outcome struct {
-	status     int  // from isa-debug-exit
+	qemuExit   int  // QEMU's exit code: (status<<1 | 1) & 0xff
+	status     int  // the status written to isa-debug-exit, modulo 128
 	exitFrame  int  // from the EXIT frame (-1 if none)
 	closeReq   bool // CLOSE_REQ was sent
 	stdout     string
