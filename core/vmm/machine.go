@@ -69,7 +69,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		return nil, errors.New("vmm: a Context runs one VM")
 	}
 	c.started = true
-	if err := c.validate(); err != nil {
+	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
