@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -13,7 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/core/devspec"
@@ -28,43 +25,57 @@ type multiFlag []string
 func (m *multiFlag) String() string     { return strings.Join(*m, " ") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
+const runSynopsis = `usage: krun-core run --kernel FILE [options]
+
+Boots a Linux guest on KVM with krun-core's minimal core (vCPUs, guest RAM,
+a serial console on stdin/stdout, virtio-mmio). Every device is served
+over vhost-user: by a sandboxed plugin that krun-core starts (--disk, --fs,
+--net, --plugin), or by an external back-end that krun-core connects to and
+does not sandbox (--vhost-user). Exits 0 when the guest powers off or
+reboots; bad input is one line and exit status 1 before anything starts.
+
+Device options (repeatable; at most 8 devices):
+  --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
+  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]
+  --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N]
+  --plugin KIND[,key=value...]       any installed krun-plugin-KIND
+  --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]
+                                     an external back-end (qemu-storage-daemon,
+                                     virtiofsd, vhost-device-*, krun-core serve)`
+
 // runCommand boots a guest: krun-core run --kernel FILE [--initrd FILE]
 // [--cmdline STR] [--cpus N] [--memory SIZE] [--disk SPEC]... It exits 0
 // when the guest powers off or reboots.
 func runCommand(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("krun-core run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newCmdFlags("krun-core run", runSynopsis)
 	var (
-		kernel    = fs.String("kernel", "", "Linux bzImage to boot (required)")
-		initrd    = fs.String("initrd", "", "initramfs / initrd image")
-		cmdline   = fs.String("cmdline", vmm.DefaultCmdline, "kernel command line")
-		cpus      = fs.Int("cpus", vmm.DefaultCPUs, "number of vCPUs")
-		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM (e.g. 512M, 2G; a bare number is MiB)")
-		pluginDir = fs.String("plugin-dir", "", "directory searched first for krun-plugin-* executables")
-		sandboxF  = fs.String("sandbox", "on", "plugin sandbox: on, or off (explicit opt-out)")
-		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox layers: namespaces,root,landlock,seccomp or all")
-		logLevel  = fs.String("log-level", "warn", "log level: trace, debug, info, warn, error")
+		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (required)")
+		initrd    = fs.String("initrd", "", "initramfs or initrd `FILE`")
+		cmdline   = fs.String("cmdline", vmm.DefaultCmdline, "kernel command `LINE`")
+		cpus      = fs.Int("cpus", vmm.DefaultCPUs, "`N` vCPUs")
+		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM `SIZE` (512M, 2G; a bare number is MiB)")
+		pluginDir = fs.String("plugin-dir", "", "look for krun-plugin-* in `DIR` first (then in $KRUN_PLUGIN_DIR, then next to krun-core)")
+		sandboxF  = fs.String("sandbox", "on", "the plugin sandbox `MODE`: on, or off (an explicit opt-out, with a warning)")
+		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox `LAYERS`: namespaces,root,landlock,seccomp or all")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
-		marker    = fs.String("boot-marker", "", "console text whose first appearance marks the guest's init (for --timing)")
+		marker    = fs.String("boot-marker", "", "console `TEXT` whose first appearance marks the guest's init (for --timing)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag
 		nets      multiFlag
+		plugins   multiFlag
+		externals multiFlag
 	)
-	fs.Var(&disks, "disk", "disk: path=FILE,format=raw|qcow2[,readonly=on] (repeatable)")
-	fs.Var(&shares, "fs", "shared directory: path=DIR,tag=TAG[,readonly=on][,suid=on] (repeatable)")
-	fs.Var(&nets, "net", "network: passt options (repeatable)")
-	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this long after it starts (e.g. 90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 1
+	fs.Var(&disks, "disk", "a disk `SPEC` (above), served by krun-plugin-blk-raw or krun-plugin-blk-qcow2")
+	fs.Var(&shares, "fs", "a shared directory `SPEC` (above), served by krun-plugin-fs-virtio")
+	fs.Var(&nets, "net", "a network `SPEC` (above): passt, served by krun-plugin-net-passt")
+	fs.Var(&plugins, "plugin", "a third-party plugin `SPEC` (above): any installed krun-plugin-KIND, options passed as given")
+	fs.Var(&externals, "vhost-user", "an external vhost-user back-end `SPEC` (above), not sandboxed by krun-core")
+	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this `DURATION` after it starts (90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
+	if rc, done := fs.parse(args, stdout, stderr); done {
+		return rc
 	}
-	fail := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "krun-core run: "+format+"\n", a...)
-		return 1
-	}
+	fail := func(format string, a ...any) int { return fs.failf(stderr, format, a...) }
 	if fs.NArg() > 0 {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}
@@ -90,11 +101,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if sandboxOff && len(disabled) > 0 {
 		return fail("--sandbox=off already turns every layer off; drop --sandbox-disable")
 	}
-	level := hclog.LevelFromString(*logLevel)
-	if level == hclog.NoLevel {
-		return fail("unknown --log-level %q", *logLevel)
+	log, err := fs.logger(stderr)
+	if err != nil {
+		return fail("%v", err)
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Level: level, Output: stderr})
 
 	c := vmm.NewContext(log)
 	if err := c.SetVMConfig(*cpus, mem); err != nil {
@@ -106,7 +116,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	for _, group := range []struct {
 		flag   string
 		values []string
-	}{{"disk", disks}, {"fs", shares}, {"net", nets}} {
+	}{{"disk", disks}, {"fs", shares}, {"net", nets}, {"plugin", plugins}, {"vhost-user", externals}} {
 		for _, v := range group.values {
 			s, err := devspec.Parse(group.flag, v)
 			if err != nil {
@@ -128,8 +138,12 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if err := c.SetBootTimeout(time.Duration(bootTO)); err != nil {
 		return fail("--boot-timeout: %v", err)
 	}
-	// Before anything starts: a host whose KVM cannot boot a stock kernel
-	// (none, or kvm_pvm) gets one line now instead of a silent hang.
+	// Before anything starts: the files, plugins and back-end sockets
+	// named, then a host whose KVM cannot boot a stock kernel (none, or
+	// kvm_pvm) gets one line now instead of a silent hang.
+	if err := c.Validate(); err != nil {
+		return fail("%s", oneLine(err.Error()))
+	}
 	if err := kvm.CheckHost(); err != nil {
 		return fail("%v", err)
 	}

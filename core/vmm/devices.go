@@ -103,7 +103,7 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 		}
 	}()
 	// Helpers (passt) log into the core's log.
-	helperLog := c.log.Named("helper").StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true})
+	helperLog := devspec.HelperLog(c.log.Named("helper"))
 	if d.opened, err = s.Open(devspec.OpenOptions{HelperStderr: helperLog}); err != nil {
 		return nil, err
 	}
