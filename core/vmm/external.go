@@ -72,6 +72,39 @@ const (
 	fsConfigSize             = 40
 )
 
+// configSize is the size of a known device type's config space, as QEMU
+// computes it for a vhost-user device: up to the last field a feature the
+// back-end offers brings in (virtio 1.2, 5.1.4, 5.2.4; virtio_blk_config's
+// zoned fields from 1.3). 0 for a type the core does not know.
+func configSize(typ uint32, offered uint64) uint32 {
+	type field struct {
+		feature uint64
+		end     uint32
+	}
+	var base uint32
+	var fields []field
+	switch typ {
+	case devspec.VirtioBlk:
+		// Up to num_queues; then discard, write zeroes, secure erase,
+		// zoned.
+		base = 36
+		fields = []field{{1 << 13, 48}, {1 << 14, 60}, {1 << 16, 72}, {1 << 17, 96}}
+	case devspec.VirtioNet:
+		base = 6 // mac
+		fields = []field{{netFStatus, 8}, {netFMQ, 10}, {netFMTU, 12}, {netFSpeedDuplex, 17}, {netFRSS | netFHashReport, 24}}
+	case devspec.VirtioFS:
+		return fsConfigSize
+	default:
+		return 0
+	}
+	for _, f := range fields {
+		if offered&f.feature != 0 {
+			base = max(base, f.end)
+		}
+	}
+	return base
+}
+
 // externalBackend is the mmio.Backend of an external back-end: the
 // vhost-user client, with the config space adjusted by the core.
 type externalBackend struct {
@@ -79,7 +112,13 @@ type externalBackend struct {
 	// forward: the back-end has a config space (CONFIG negotiated);
 	// otherwise local is the whole config space, read-only.
 	forward bool
-	local   []byte
+	// size, for a known type, is how much config space is read from the
+	// back-end, always from offset 0: QEMU reads it that way, and
+	// back-ends written against QEMU (qemu-storage-daemon) ignore
+	// GET_CONFIG's offset and abort on a size beyond their own struct.
+	// 0 forwards each read as it comes.
+	size  uint32
+	local []byte
 	// patch holds config bytes the core sets over the back-end's, by
 	// offset.
 	patch map[uint32]byte
@@ -89,12 +128,22 @@ type externalBackend struct {
 // core's bytes laid over it.
 func (b *externalBackend) GetConfig(offset, size uint32) ([]byte, error) {
 	var p []byte
-	if b.forward {
+	switch {
+	case b.forward && b.size > 0:
+		if uint64(offset)+uint64(size) > uint64(b.size) {
+			return nil, fmt.Errorf("config read of %d bytes at %#x: outside the %d-byte config space", size, offset, b.size)
+		}
+		all, err := b.Client.GetConfig(0, b.size)
+		if err != nil {
+			return nil, err
+		}
+		p = append([]byte(nil), all[offset:offset+size]...)
+	case b.forward:
 		var err error
 		if p, err = b.Client.GetConfig(offset, size); err != nil {
 			return nil, err
 		}
-	} else {
+	default:
 		if uint64(offset)+uint64(size) > uint64(len(b.local)) {
 			return nil, fmt.Errorf("config read of %d bytes at %#x: outside the %d-byte config space", size, offset, len(b.local))
 		}
@@ -186,7 +235,7 @@ func (d *pluginDevice) adjustExternal(v *devspec.VhostUserSpec, n frontend.Negot
 	if n.ProtocolFeatures&vhostuser.ProtocolMQ != 0 && uint64(v.NumQueues()) > n.MaxQueues {
 		return fmt.Errorf("the back-end serves at most %d queue(s), the device needs %d (queues=)", n.MaxQueues, v.NumQueues())
 	}
-	b := &externalBackend{Client: d.client, forward: hasConfig, patch: map[uint32]byte{}}
+	b := &externalBackend{Client: d.client, forward: hasConfig, size: configSize(v.Type, n.OfferedFeatures), patch: map[uint32]byte{}}
 	switch v.Type {
 	case devspec.VirtioBlk:
 		if !hasConfig {

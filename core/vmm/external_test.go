@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -348,5 +349,105 @@ func TestValidate(t *testing.T) {
 	}
 	if err := NewContext(nil).AddVhostUser("scsi", "/x.sock", VhostUserOptions{}); !errors.Is(err, ErrConfig) {
 		t.Errorf("AddVhostUser with an unknown type: %v", err)
+	}
+}
+
+// startDaemon runs a third-party back-end until the test ends and returns
+// once sock exists.
+func startDaemon(t *testing.T, sock string, name string, args ...string) {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Skipf("%s: %v", name, err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			return
+		}
+		select {
+		case <-exited:
+			t.Fatalf("%s exited: %s", name, out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not create %s: %s", name, sock, out.String())
+		}
+	}
+}
+
+// The core negotiates with qemu-storage-daemon and the C virtiofsd as it
+// would for krun-core run: qsd's config space gives the capacity, the
+// virtiofsd has none and the tag comes from the options.
+func TestExternalThirdParty(t *testing.T) {
+	c := NewContext(nil)
+	t.Run("qemu-storage-daemon", func(t *testing.T) {
+		qsd, err := exec.LookPath("qemu-storage-daemon")
+		if err != nil {
+			t.Skip("qemu-storage-daemon is not installed (Debian package qemu-utils)")
+		}
+		dir := shortDir(t)
+		img := filepath.Join(dir, "disk.raw")
+		if err := os.WriteFile(img, make([]byte, 8<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sock := filepath.Join(dir, "blk.sock")
+		startDaemon(t, sock, qsd, "--blockdev", "driver=file,node-name=f,filename="+img,
+			"--export", "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path="+sock+",writable=on,num-queues=2")
+		d := connectRetry(t, c, "type=blk,queues=2,socket="+sock)
+		defer d.shutdown(c.log)
+		if b, err := d.backend.GetConfig(0, 8); err != nil || binary.LittleEndian.Uint64(b) != 8<<20>>9 {
+			t.Errorf("capacity % x, %v: want %d sectors", b, err, 8<<20>>9)
+		}
+		if b, err := d.backend.GetConfig(blkConfigNumQueues, 2); err != nil || binary.LittleEndian.Uint16(b) != 2 {
+			t.Errorf("num_queues % x, %v", b, err)
+		}
+		// qemu-storage-daemon ignores GET_CONFIG's offset: the core
+		// reads from 0 and picks the field itself.
+		if b, err := d.backend.GetConfig(20, 4); err != nil || binary.LittleEndian.Uint32(b) != 512 {
+			t.Errorf("blk_size % x, %v: want 512", b, err)
+		}
+		if _, err := d.backend.GetConfig(200, 4); err == nil {
+			t.Error("a read past virtio_blk_config reached the back-end")
+		}
+	})
+	t.Run("virtiofsd", func(t *testing.T) {
+		const virtiofsd = "/usr/lib/qemu/virtiofsd"
+		if _, err := os.Stat(virtiofsd); err != nil {
+			t.Skipf("%s is not installed (Debian package qemu-system-common)", virtiofsd)
+		}
+		if os.Getuid() != 0 {
+			t.Skip("the C virtiofsd needs root for its sandbox")
+		}
+		dir := shortDir(t)
+		sock := filepath.Join(dir, "fs.sock")
+		startDaemon(t, sock, virtiofsd, "--socket-path="+sock, "-o", "source="+dir)
+		d := connectRetry(t, c, "type=fs,tag=share,socket="+sock)
+		defer d.shutdown(c.log)
+		if d.negotiated.ProtocolFeatures&vhostuser.ProtocolConfig != 0 {
+			t.Skip("this virtiofsd has a config space of its own")
+		}
+		if tag, err := d.backend.GetConfig(0, 36); err != nil || string(bytes.TrimRight(tag, "\x00")) != "share" {
+			t.Errorf("tag %q, %v", tag, err)
+		}
+	})
+}
+
+// connectRetry connects while the daemon's socket exists but does not
+// listen yet.
+func connectRetry(t *testing.T, c *Context, spec string) *pluginDevice {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		d, err := c.connectExternal(context.Background(), 0, externalSpec(t, spec))
+		if err == nil {
+			return d
+		}
+		if !strings.Contains(err.Error(), "connection refused") || time.Now().After(deadline) {
+			t.Fatal(err)
+		}
 	}
 }
