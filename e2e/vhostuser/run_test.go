@@ -50,6 +50,13 @@ for tag in vfsd kfs; do
 	umount /mnt/$tag || e2e_fail "umount $tag"
 done
 echo "inner vhost-user ok"
+# --plugin null,fill=zero: a third-party plugin's virtio-rng.
+[ -c /dev/hwrng ] || e2e_fail "no /dev/hwrng: $(dmesg | grep -i rng | tail -3)"
+grep -q virtio_rng /sys/class/misc/hw_random/rng_current || e2e_fail "hw_random uses $(cat /sys/class/misc/hw_random/rng_current)"
+z=$(head -c 64 /dev/hwrng | od -v -An -tx1 | tr -d ' \n')
+[ ${#z} = 128 ] || e2e_fail "read ${#z} hex digits from /dev/hwrng"
+case "$z" in *[1-9a-f]*) e2e_fail "fill=zero entropy is not zero: $z" ;; esac
+echo "inner plugin ok"
 `
 
 // TestRunExternalBackends boots a guest with krun-core run whose four
@@ -58,7 +65,9 @@ echo "inner vhost-user ok"
 // space: the tag comes from --vhost-user's tag=), and a disk and a share
 // from `krun-core serve` processes started on their own (the share's tag
 // comes from the back-end's config space). The host checks what the guest
-// wrote on each.
+// wrote on each. A fifth device, in the same guest to save a nested boot,
+// is a third-party plugin attached with --plugin (examples/plugin-null, a
+// virtio-rng whose bytes are zero with fill=zero).
 func TestRunExternalBackends(t *testing.T) {
 	a := vmtest.Require(t)
 	qsd, err := exec.LookPath("qemu-storage-daemon")
@@ -69,21 +78,24 @@ func TestRunExternalBackends(t *testing.T) {
 		t.Skipf("%s is not installed (Debian package qemu-system-common)", virtiofsdPath)
 	}
 	inner := a.NewInitramfs()
-	inner.AddModules(a.Kernel, "virtio_mmio", "virtio_blk", "virtiofs")
+	inner.AddModules(a.Kernel, "virtio_mmio", "virtio_blk", "virtiofs", "virtio_rng")
 	inner.SetInit(runInner)
 	marker := inner.ResultMarker()
 	krun := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/cmd/krun-core")
 	blkPlugin := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/plugins/blk-raw")
 	fsPlugin := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/plugins/fs-virtio")
+	nullPlugin := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/examples/plugin-null")
 	if vmtest.DirectKVM(t) {
-		runDirect(t, a, inner, marker, qsd, map[string]string{"krun-core": krun, "krun-plugin-blk-raw": blkPlugin, "krun-plugin-fs-virtio": fsPlugin})
+		runDirect(t, a, inner, marker, qsd, map[string]string{"krun-core": krun, "krun-plugin-blk-raw": blkPlugin,
+			"krun-plugin-fs-virtio": fsPlugin, "krun-plugin-null": nullPlugin})
 		return
 	}
 	payload := vmtest.InnerGuest(t, a, inner, "/nested")
 	payload = append(payload,
 		vmtest.File{Dst: "/bin/krun-core", Src: krun, Mode: 0o755},
 		vmtest.File{Dst: "/bin/krun-plugin-blk-raw", Src: blkPlugin, Mode: 0o755},
-		vmtest.File{Dst: "/bin/krun-plugin-fs-virtio", Src: fsPlugin, Mode: 0o755})
+		vmtest.File{Dst: "/bin/krun-plugin-fs-virtio", Src: fsPlugin, Mode: 0o755},
+		vmtest.File{Dst: "/bin/krun-plugin-null", Src: nullPlugin, Mode: 0o755})
 	payload = append(payload, vmtest.DynamicProgram(t, qsd)...)
 	payload = append(payload, vmtest.DynamicProgram(t, virtiofsdPath)...)
 	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
@@ -120,7 +132,8 @@ e2e_bounded 300 /tmp/inner.log krun-core run --kernel /nested/vmlinuz --initrd /
 	--vhost-user type=blk,socket=/tmp/qsd.sock \
 	--vhost-user type=fs,socket=/tmp/vfsd.sock,tag=vfsd \
 	--vhost-user type=blk,socket=/tmp/kblk.sock \
-	--vhost-user type=fs,socket=/tmp/kfs.sock || rc=$?
+	--vhost-user type=fs,socket=/tmp/kfs.sock \
+	--plugin null,fill=zero || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
 [ $rc = 0 ] || { for s in qsd vfsd kblk kfs; do sed "s/^/$s| /" /tmp/$s.log; done; e2e_fail "krun-core run exited $rc"; }
 grep -q '%[5]s ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
@@ -134,7 +147,8 @@ for tag in vfsd kfs; do
 done
 echo "outer checks ok"
 `, labelQSD, labelServe, qsd, virtiofsdPath, marker)})
-	if !strings.Contains(r.Console, "inner| inner vhost-user ok") || !strings.Contains(r.Console, "outer checks ok") {
+	if !strings.Contains(r.Console, "inner| inner vhost-user ok") || !strings.Contains(r.Console, "inner| inner plugin ok") ||
+		!strings.Contains(r.Console, "outer checks ok") {
 		t.Error("the nested run did not report every step")
 	}
 	t.Logf("nested: outer QEMU ran %v", r.Total.Round(time.Millisecond))
@@ -181,7 +195,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, marker, 
 		"--vhost-user", "type=blk,socket="+sock("qsd"),
 		"--vhost-user", "type=fs,socket="+sock("vfsd")+",tag=vfsd",
 		"--vhost-user", "type=blk,socket="+sock("kblk"),
-		"--vhost-user", "type=fs,socket="+sock("kfs")))
+		"--vhost-user", "type=fs,socket="+sock("kfs"),
+		"--plugin", "null,fill=zero"))
 	if err != nil || !strings.Contains(string(out), marker+" ok") {
 		t.Fatalf("krun-core run: %v\n%s", err, out)
 	}
