@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -13,6 +15,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
 // Every command's page: on stdout, exit 0, flags with two dashes.
@@ -171,5 +175,95 @@ func TestServeQuietByDefault(t *testing.T) {
 	}
 	if _, err := os.Lstat(sock); err == nil {
 		t.Error("socket left behind")
+	}
+}
+
+// docs/PLUGINS.md's sequence: a plugin built into the current directory is
+// served with --plugin-dir . or KRUN_PLUGIN_DIR=.; a copy under another
+// name is refused; a --plugin-dir that does not exist is an error.
+func TestServePluginDiscovery(t *testing.T) {
+	bin := buildServeBinaries(t)
+	krun := filepath.Join(bin, "krun-core")
+	cwd := t.TempDir()
+	b, err := os.ReadFile(filepath.Join(bin, "krun-plugin-null"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"krun-plugin-null", "krun-plugin-other"} {
+		if err := os.WriteFile(filepath.Join(cwd, name), b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// krun-core is somewhere else: the plugin next to it must not be the
+	// one found.
+	elsewhere := t.TempDir()
+	kb, _ := os.ReadFile(krun)
+	os.WriteFile(filepath.Join(elsewhere, "krun-core"), kb, 0o755)
+	krun = filepath.Join(elsewhere, "krun-core")
+	for _, tt := range []struct {
+		name string
+		args []string
+		env  string
+	}{
+		{"--plugin-dir .", []string{"--plugin-dir", "."}, ""},
+		{"KRUN_PLUGIN_DIR=.", nil, "."},
+	} {
+		sock := filepath.Join(t.TempDir(), "rng.sock")
+		cmd := exec.Command(krun, append(append([]string{"serve"}, tt.args...), "--socket", sock, "--plugin", "null")...)
+		cmd.Dir = cwd
+		cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR="+tt.env)
+		var out vmtest.LockedBuffer
+		cmd.Stderr = &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if _, err := os.Stat(sock); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				cmd.Wait()
+				t.Fatalf("%s: no socket: %s", tt.name, out.String())
+			}
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("%s: %v: %s", tt.name, err, out.String())
+		}
+	}
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--plugin-dir", ".", "--plugin", "other"}, `krun-core serve: plugin other: ` + filepath.Join(cwd, "krun-plugin-other") + ` reports kind "null"; a plugin's executable must be named krun-plugin-null, refused`},
+		{[]string{"--plugin-dir", "./nope", "--plugin", "null"}, "krun-core serve: --plugin-dir ./nope: no such directory (see krun-core serve --help)"},
+	} {
+		cmd := exec.Command(krun, append([]string{"serve", "--socket", filepath.Join(t.TempDir(), "s.sock")}, tt.args...)...)
+		cmd.Dir = cwd
+		cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || string(out) != tt.want+"\n" {
+			t.Errorf("serve %q: %v, output %q; want exit 1 and %q", tt.args, err, out, tt.want)
+		}
+	}
+}
+
+// img create -f qcow2 FILE SIZE, as with qemu-img.
+func TestImgCreatePositionalSize(t *testing.T) {
+	bin := buildServeBinaries(t, "img")
+	img := filepath.Join(t.TempDir(), "d.qcow2")
+	var out, errb bytes.Buffer
+	if rc := imgCommand([]string{"create", "-f", "qcow2", "--plugin-dir", bin, img, "10M"}, &out, &errb); rc != 0 {
+		t.Fatalf("exit %d: %s", rc, errb.String())
+	}
+	out.Reset()
+	if rc := imgCommand([]string{"info", "-f", "qcow2", "--plugin-dir", bin, "--output", "json", img}, &out, &errb); rc != 0 {
+		t.Fatalf("info: exit %d: %s", rc, errb.String())
+	}
+	var info map[string]any
+	if err := json.Unmarshal(out.Bytes(), &info); err != nil || info["virtual-size"] != float64(10<<20) || info["format"] != "qcow2" {
+		t.Errorf("info %s: %v", out.String(), err)
 	}
 }

@@ -7,7 +7,9 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
 )
@@ -125,4 +127,46 @@ func TestHelperLog(t *testing.T) {
 	if n := strings.Count(got, "\n"); n != 3 {
 		t.Errorf("%d lines, want 3:\n%s", n, got)
 	}
+}
+
+// A helper's output goes to the log through HelperLog, never to stderr:
+// a stand-in passt that prints passt's start-up chatter and an error.
+func TestNetOpenHelperLog(t *testing.T) {
+	fake := filepath.Join(t.TempDir(), "passt")
+	script := "#!/bin/sh\necho 'Failed to send 47 bytes to syslog' >&2\necho \"Don't run as root. Changing to nobody...\" >&2\necho 'Failed to bind port 80' >&2\nexec sleep 30\n"
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuf
+	n, _ := ParseNet("passt")
+	o, err := n.Open(OpenOptions{PasstPath: fake, HelperStderr: HelperLog(hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Info}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(logs.String(), "Failed to bind port 80") && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	o.Close()
+	got := logs.String()
+	if !strings.Contains(got, "[WARN]  Failed to bind port 80") || strings.Contains(got, "syslog") || strings.Contains(got, "root") {
+		t.Errorf("helper log:\n%s", got)
+	}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
