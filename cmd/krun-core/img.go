@@ -26,17 +26,17 @@ krun-core opened and opens nothing itself. No command guesses a format
 (except probe) and none opens a backing file it was not given.
 
 commands:
-  info     --format FMT [--output json] FILE
-  check    --format FMT [--repair leaks|all] [--output json] FILE
-  verify   --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] FILE
+  info     --format FMT [--output json] [-U] FILE
+  check    --format FMT [--repair leaks|all] [--output json] [-U] FILE
+  verify   --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] [-U] FILE
   create   --format qcow2|raw [--backing FILE --backing-format FMT]
            [--cluster-size N] [--compression zlib|zstd] FILE [SIZE]
   convert  --format FMT -O OUTFMT [--backing FILE --backing-format FMT]...
            [--data-file FILE] [--compress] [--compression zlib|zstd]
-           [--cluster-size N] [--progress] IN OUT
+           [--cluster-size N] [--progress] [-U] IN OUT
   import   [--from-format raw] --format qcow2|raw --max-size SIZE [--compress]
            [--compression zlib|zstd] [--cluster-size N] [--progress] OUT < CONTENT
-  probe    FILE
+  probe    [-U] FILE
 
 options of every command:
   --plugin-dir DIR          look for krun-plugin-img here first (also $KRUN_PLUGIN_DIR;
@@ -45,6 +45,13 @@ options of every command:
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
   --log-level LEVEL         trace, debug, info, warn (default), error
   --log-format FORMAT       text (default), or json for hclog's JSON lines
+
+Images are locked as QEMU locks them: a command that only reads an image is
+refused while another process (krun-core serve, QEMU, qemu-storage-daemon)
+writes it, and check --repair is refused while anyone uses it.
+-U, --force-share (info, check without --repair, verify, convert, probe) reads
+an image even while it is written, as qemu-img -U does; what it reports may
+then be inconsistent.
 
 Each command has its own page: krun-core img COMMAND --help. The short
 forms qemu-img users know work too: -f FMT, -O OUTFMT, -b FILE, -F FMT, -c,
@@ -62,12 +69,19 @@ options of every img command:
   --log-level LEVEL         trace, debug, info, warn (default), error
   --log-format FORMAT       text (default), or json for hclog's JSON lines
 
+Images are locked as QEMU locks them: a command that only reads an image is
+refused while another process (krun-core serve, QEMU, qemu-storage-daemon)
+writes it, and check --repair is refused while anyone uses it.
+-U, --force-share (info, check without --repair, verify, convert, probe) reads
+an image even while it is written, as qemu-img -U does; what it reports may
+then be inconsistent.
+
 Sizes take binary suffixes: 512, 64K, 10M, 64G, 2T. See docs/IMAGES.md.
 `
 
 // imgHelp is each img command's own page (before imgCommonOptions).
 var imgHelp = map[string]string{
-	"info": `usage: krun-core img info --format FMT [--output json] FILE
+	"info": `usage: krun-core img info --format FMT [--output json] [-U] FILE
 
 Reports the format, virtual and actual size, cluster size, the backing file
 as recorded (never opened), the dirty flag, snapshots and format-specific
@@ -76,7 +90,7 @@ facts. --output json uses qemu-img info's keys.
   -f, --format FMT   the image's format, raw or qcow2 (required; never guessed)
   --output FORMAT    human (default), or json
 `,
-	"check": `usage: krun-core img check --format FMT [--repair leaks|all] [--output json] FILE
+	"check": `usage: krun-core img check --format FMT [--repair leaks|all] [--output json] [-U] FILE
 
 Checks a qcow2 image's metadata (refcounts against references, table
 entries). Exit status as qemu-img check: 0 clean, 1 check failed, 2
@@ -86,7 +100,7 @@ corruption, 3 leaks only, 63 no metadata to check (raw).
   -r, --repair leaks|all lower leaked refcounts; all also fixes the rest
   --output FORMAT        human (default), or json (qemu-img check's keys)
 `,
-	"verify": `usage: krun-core img verify --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] FILE
+	"verify": `usage: krun-core img verify --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] [-U] FILE
 
 The upload gate: exit 0 and one line on stdout if FILE is a valid image of
 the claimed format that meets every policy; otherwise exit 1 with one line
@@ -112,7 +126,7 @@ or be given with --size.
   --cluster-size N          512 to 2M, a power of two
   --compression zlib|zstd   the compression type for compressed clusters
 `,
-	"convert": `usage: krun-core img convert --format FMT -O OUTFMT [options] IN OUT
+	"convert": `usage: krun-core img convert --format FMT -O OUTFMT [options] [-U] IN OUT
 
 Copies IN's virtual content into a new image OUT (which must not exist). A
 qcow2 input's backing chain is flattened and must be declared, nearest
@@ -141,7 +155,7 @@ image OUT; the size cap holds while the content streams in.
   --cluster-size N          OUT's cluster size
   -p, --progress            a progress bar on stderr when it is a terminal
 `,
-	"probe": `usage: krun-core img probe FILE
+	"probe": `usage: krun-core img probe [-U] FILE
 
 Guesses FILE's format from its content (the one command that guesses) and
 warns: record the answer and pass --format from then on.
@@ -198,6 +212,7 @@ type imgFlags struct {
 	disable    string
 	logLevel   string
 	logFormat  string
+	forceShare bool
 	positional []string
 }
 
@@ -210,6 +225,13 @@ func newImgFlags(name string) *imgFlags {
 	f.fs.StringVar(&f.logLevel, "log-level", defaultLogLevel, "")
 	f.fs.StringVar(&f.logFormat, "log-format", "text", "")
 	return f
+}
+
+// allowForceShare registers --force-share and its short form -U, for
+// commands that only read images.
+func (f *imgFlags) allowForceShare() {
+	f.fs.BoolVar(&f.forceShare, "force-share", false, "")
+	f.fs.BoolVar(&f.forceShare, "U", false, "")
 }
 
 // parse parses flags and positional arguments in any order ("--" ends the
@@ -259,7 +281,7 @@ func (f *imgFlags) launcher(stderr io.Writer) (*imgtool.Launcher, error) {
 	if err := pluginhost.CheckSearchPath(f.pluginDir); err != nil {
 		return nil, err
 	}
-	l := &imgtool.Launcher{PluginDir: f.pluginDir, Logger: log}
+	l := &imgtool.Launcher{PluginDir: f.pluginDir, Logger: log, ForceShare: f.forceShare}
 	layers, err := sandbox.ParseLayers(f.disable)
 	if err != nil {
 		return nil, fmt.Errorf("--sandbox-disable: %w", err)
@@ -351,6 +373,7 @@ func requireFormat(v string) error {
 
 func imgInfo(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("info")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	output := outputFlag(f.fs)
 	return imgRun("info", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
@@ -373,6 +396,7 @@ func imgInfo(args []string, stdout, stderr io.Writer) int {
 
 func imgCheck(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("check")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	output := outputFlag(f.fs)
 	repair := f.fs.String("repair", "", "")
@@ -406,6 +430,7 @@ func imgCheck(args []string, stdout, stderr io.Writer) int {
 
 func imgVerify(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("verify")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	noBacking := f.fs.Bool("no-backing", false, "")
 	backingDir := f.fs.String("backing-dir", "", "")
@@ -518,6 +543,7 @@ func progressFor(on bool, stderr io.Writer) (imgtool.Progress, func()) {
 
 func imgConvert(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("convert")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	outFormat := f.fs.String("O", "", "")
 	var chain backingFlags
@@ -591,6 +617,7 @@ func imgImport(args []string, stdout, stderr io.Writer) int {
 
 func imgProbe(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("probe")
+	f.allowForceShare()
 	return imgRun("probe", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		path := f.positional[0]
 		r, err := l.Probe(ctx, path)

@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -25,62 +28,114 @@ type multiFlag []string
 func (m *multiFlag) String() string     { return strings.Join(*m, " ") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
-const runSynopsis = `usage: krun-core run --kernel FILE [options]
+// Exit statuses of `krun-core run -- CMD` besides the program's own
+// (documented in the README): krun-core's own failure, and a program that
+// cannot be started (the shell's and podman's conventions).
+const (
+	exitRunFailed     = 125
+	exitNotExecutable = 126
+	exitNotFound      = 127
+)
+
+const runSynopsis = `usage: krun-core run --root DIR [options] -- CMD [ARGS...]
+       krun-core run [--kernel FILE] (--initrd FILE | --disk SPEC) [options]
 
 Boots a Linux guest on KVM with krun-core's minimal core (vCPUs, guest RAM,
-a serial console on stdin/stdout, virtio-mmio). Every device is served
-over vhost-user: by a sandboxed plugin that krun-core starts (--disk, --fs,
---net, --plugin), or by an external back-end that krun-core connects to and
-does not sandbox (--vhost-user). Exits 0 when the guest powers off or
-reboots; bad input is one line and exit status 1 before anything starts.
+virtio-mmio). With --root DIR -- CMD it runs CMD in a microVM whose root file
+system is DIR and exits with CMD's status; otherwise it boots the kernel with
+a serial console on stdin/stdout and exits 0 when the guest powers off or
+reboots. Every device is served over vhost-user: by a sandboxed plugin that
+krun-core starts (--disk, --fs, --net, --plugin), or by an external back-end
+that krun-core connects to and does not sandbox (--vhost-user).
+
+Bad input is one line on stderr and exit status 1 before anything starts;
+with -- CMD, run's own failures exit 125 (126, 127: CMD is not executable,
+not found), because CMD's own status is passed through. The log level is
+warn, and error with -- CMD (krun-core shares its stderr with CMD), unless
+--log-level is given.
 
 Device options (repeatable; at most 8 devices):
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
-  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]
+  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]    (with --root: at /mnt/TAG)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N]
   --plugin KIND[,key=value...]       any installed krun-plugin-KIND
   --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]
                                      an external back-end (qemu-storage-daemon,
                                      virtiofsd, vhost-device-*, krun-core serve)`
 
-// runCommand boots a guest: krun-core run --kernel FILE [--initrd FILE]
-// [--cmdline STR] [--cpus N] [--memory SIZE] [--disk SPEC]... It exits 0
-// when the guest powers off or reboots.
+// runCommand boots a guest. With --root DIR -- CMD it runs CMD in a microVM
+// whose root file system is DIR and exits with CMD's status; otherwise it
+// boots --kernel (with --initrd, --disk ...) and exits 0 when the guest
+// powers off or reboots.
 func runCommand(args []string, stdout, stderr io.Writer) int {
 	fs := newCmdFlags("krun-core run", runSynopsis)
 	var (
-		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (required)")
-		initrd    = fs.String("initrd", "", "initramfs or initrd `FILE`")
-		cmdline   = fs.String("cmdline", vmm.DefaultCmdline, "kernel command `LINE`")
+		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel make kernel fetched)")
+		initrd    = fs.String("initrd", "", "initramfs or initrd `FILE` (not with --root)")
+		cmdline   = fs.String("cmdline", "", "kernel command `LINE` (default \""+vmm.DefaultCmdline+"\", with --root \""+vmm.ExecCmdline+"\")")
 		cpus      = fs.Int("cpus", vmm.DefaultCPUs, "`N` vCPUs")
 		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM `SIZE` (512M, 2G; a bare number is MiB)")
-		pluginDir = fs.String("plugin-dir", "", "look for krun-plugin-* in `DIR` first (then in $KRUN_PLUGIN_DIR, then next to krun-core)")
+		pluginDir = fs.String("plugin-dir", "", "look for krun-plugin-* (and krun-init) in `DIR` first (then in $KRUN_PLUGIN_DIR, then next to krun-core)")
 		sandboxF  = fs.String("sandbox", "on", "the plugin sandbox `MODE`: on, or off (an explicit opt-out, with a warning)")
 		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox `LAYERS`: namespaces,root,landlock,seccomp or all")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
 		marker    = fs.String("boot-marker", "", "console `TEXT` whose first appearance marks the guest's init (for --timing)")
+		root      = fs.String("root", "", "the host `DIR` to use as the guest's root file system; the command after -- runs in it")
+		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
+		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
+		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
+		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag
 		nets      multiFlag
 		plugins   multiFlag
 		externals multiFlag
+		envs      multiFlag
+		rlimits   multiFlag
 	)
 	fs.Var(&disks, "disk", "a disk `SPEC` (above), served by krun-plugin-blk-raw or krun-plugin-blk-qcow2")
-	fs.Var(&shares, "fs", "a shared directory `SPEC` (above), served by krun-plugin-fs-virtio")
+	fs.Var(&shares, "fs", "a shared directory `SPEC` (above), served by krun-plugin-fs-virtio; with --root mounted at /mnt/TAG")
 	fs.Var(&nets, "net", "a network `SPEC` (above): passt, served by krun-plugin-net-passt")
 	fs.Var(&plugins, "plugin", "a third-party plugin `SPEC` (above): any installed krun-plugin-KIND, options passed as given")
 	fs.Var(&externals, "vhost-user", "an external vhost-user back-end `SPEC` (above), not sandboxed by krun-core")
+	fs.Var(&envs, "env", "`KEY=VALUE` in the command's environment (repeatable; with --root)")
+	fs.Var(&rlimits, "rlimit", "`NAME=SOFT:HARD` resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
 	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this `DURATION` after it starts (90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
-	if rc, done := fs.parse(args, stdout, stderr); done {
-		return rc
+	// With a command after "--", run's own failures exit 125; that is
+	// known before the flags are parsed, so a bad flag gets it too.
+	failStatus := 1
+	if slices.Contains(args, "--") {
+		failStatus = exitRunFailed
 	}
-	fail := func(format string, a ...any) int { return fs.failf(stderr, format, a...) }
-	if fs.NArg() > 0 {
-		return fail("unexpected argument %q", fs.Arg(0))
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.help(stdout)
+			return 0
+		}
+		fs.fail(stderr, fs.flagError(err))
+		return failStatus
 	}
-	if *kernel == "" {
-		return fail("--kernel is required")
+	command := fs.Args()
+	execMode := *root != "" || len(command) > 0
+	if execMode {
+		failStatus = exitRunFailed
+	}
+	fail := func(format string, a ...any) int {
+		fs.failf(stderr, format, a...)
+		return failStatus
+	}
+	switch {
+	case execMode && *root == "":
+		return fail("a command needs --root DIR (the guest's root file system); without --root, give no command")
+	case execMode && len(command) == 0:
+		return fail("--root needs a command to run: krun-core run --root DIR [options] -- CMD [ARGS...]")
+	case execMode && *initrd != "":
+		return fail("--root and --initrd are alternatives")
+	case !execMode && *kernel == "" && *initrd == "" && len(disks) == 0:
+		return fail("nothing to run: give --root DIR -- CMD, or --kernel with --initrd or --disk")
+	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *rootRO || *modules != ""):
+		return fail("--env, --rlimit, --workdir, --hostname, --root-readonly and --kernel-modules need --root DIR -- CMD")
 	}
 	mem, err := parseMemory(*memory)
 	if err != nil {
@@ -101,6 +156,11 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if sandboxOff && len(disabled) > 0 {
 		return fail("--sandbox=off already turns every layer off; drop --sandbox-disable")
 	}
+	if execMode && !flagSet(fs.FlagSet, "log-level") {
+		// krun-core's stderr is the command's: only errors of krun-core
+		// itself go there unless asked for.
+		fs.level = "error"
+	}
 	log, err := fs.logger(stderr)
 	if err != nil {
 		return fail("%v", err)
@@ -109,6 +169,16 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	c := vmm.NewContext(log)
 	if err := c.SetVMConfig(*cpus, mem); err != nil {
 		return fail("%v", err)
+	}
+	if *kernel == "" {
+		k, err := vmm.FindKernel()
+		if err != nil {
+			return fail("%v", err)
+		}
+		*kernel = k
+	}
+	if _, err := os.Stat(*kernel); err != nil {
+		return fail("--kernel: %v", err)
 	}
 	if err := c.SetKernel(*kernel, *initrd, *cmdline); err != nil {
 		return fail("%v", err)
@@ -127,7 +197,18 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}
-	c.SetConsoleOutput(stdout)
+	var term *terminal
+	if execMode {
+		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: envs,
+			workdir: *workdir, hostname: *hostname, rlimits: rlimits, stdout: stdout, stderr: stderr}); err != nil {
+			return fail("%v", err)
+		}
+		if *modules != "" {
+			c.SetModulesDir(*modules)
+		}
+	} else {
+		c.SetConsoleOutput(stdout)
+	}
 	c.SetPluginDir(*pluginDir)
 	c.SetSandboxOff(sandboxOff)
 	c.SetSandboxDisable(disabled)
@@ -138,6 +219,13 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if err := c.SetBootTimeout(time.Duration(bootTO)); err != nil {
 		return fail("--boot-timeout: %v", err)
 	}
+	if execMode {
+		// The root and the command are checked first: a wrong --root is
+		// reported as such on any host.
+		if _, err := vmm.LookupInRoot(*root, command[0], c.ExecEnv()); err != nil {
+			return execFailure(stderr, err)
+		}
+	}
 	// Before anything starts: the files, plugins and back-end sockets
 	// named, then a host whose KVM cannot boot a stock kernel (none, or
 	// kvm_pvm) gets one line now instead of a silent hang.
@@ -147,27 +235,76 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if err := kvm.CheckHost(); err != nil {
 		return fail("%v", err)
 	}
-	if restore, ok := rawTerminal(os.Stdin); ok {
-		defer restore()
-	}
-	c.SetConsoleInput(os.Stdin)
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if execMode {
+		stopSignals := forwardSignals(ctx, c, term, cancel, log)
+		defer stopSignals()
+		if term != nil {
+			defer term.restore()
+		}
+	} else {
+		if restore, ok := rawTerminal(os.Stdin, true); ok {
+			defer restore()
+		}
+		c.SetConsoleInput(os.Stdin)
+		sctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		ctx = sctx
+	}
 	res, err := c.Start(ctx)
 	if *timing && res != nil {
 		t := res.Timing
-		fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, total %.1f ms, core-rss %d KiB\n",
-			msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.Total), res.CoreRSS>>10)
+		if execMode {
+			fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, init-to-exec %.1f ms, command %.1f ms, total %.1f ms, core-rss %d KiB\n",
+				msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.InitToExec), msec(t.Command), msec(t.Total), res.CoreRSS>>10)
+		} else {
+			fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, total %.1f ms, core-rss %d KiB\n",
+				msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.Total), res.CoreRSS>>10)
+		}
 	}
 	if err != nil {
+		if execMode {
+			return execFailure(stderr, err)
+		}
 		return fail("%s", oneLine(err.Error()))
 	}
 	for _, derr := range res.DeviceErrors {
 		log.Warn("device failed while the guest ran", "error", derr)
 	}
 	log.Debug("guest ended", "reason", res.Reason.String())
+	if execMode {
+		if !res.HasExitStatus {
+			return fail("the guest ended (%s) without reporting the command's exit status; --log-level debug shows its console", res.Reason)
+		}
+		return res.ExitStatus
+	}
 	return 0
+}
+
+// flagSet reports whether the flag was given on the command line.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == name {
+			set = true
+		}
+	})
+	return set
+}
+
+// execFailure reports why a command could not run, with the status the
+// shell would give.
+func execFailure(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "krun-core run: %s\n", oneLine(err.Error()))
+	switch {
+	case errors.Is(err, vmm.ErrCommandNotFound):
+		return exitNotFound
+	case errors.Is(err, vmm.ErrCommandNotExecutable):
+		return exitNotExecutable
+	}
+	return exitRunFailed
 }
 
 func msec(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
@@ -212,9 +349,10 @@ func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
 }
 
-// rawTerminal puts a terminal on stdin into raw mode (keeping signals, so
-// ^C still stops krun-core) and returns how to restore it.
-func rawTerminal(f *os.File) (func(), bool) {
+// rawTerminal puts a terminal on stdin into raw mode and returns how to
+// restore it. With keepSignals ^C still stops krun-core; without, every key
+// goes to the guest (its own terminal makes ^C a signal there).
+func rawTerminal(f *os.File, keepSignals bool) (func(), bool) {
 	fd := int(f.Fd())
 	old, err := unix.IoctlGetTermios(fd, unix.TCGETS)
 	if err != nil {
@@ -223,6 +361,10 @@ func rawTerminal(f *os.File) (func(), bool) {
 	raw := *old
 	raw.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
 	raw.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.IEXTEN
+	if !keepSignals {
+		raw.Lflag &^= unix.ISIG
+		raw.Oflag &^= unix.OPOST
+	}
 	raw.Cc[unix.VMIN], raw.Cc[unix.VTIME] = 1, 0
 	if err := unix.IoctlSetTermios(fd, unix.TCSETS, &raw); err != nil {
 		return nil, false

@@ -37,6 +37,12 @@ DEVICE is exactly one of:
                                                     vhost-user-net via passt (krun-plugin-net-passt)
   --plugin KIND[,key=value...]                      any krun-plugin-KIND, options passed as given
 
+A disk image is locked as QEMU locks the images it opens, so krun-core, QEMU,
+qemu-img and qemu-storage-daemon see each other: an image another process
+writes is refused (and, without readonly=on, one another process reads);
+backing files are locked read-only, a data file like its image. The locks
+last until serve exits.
+
 options:
   --plugin-dir DIR          look for krun-plugin-* here first (also $KRUN_PLUGIN_DIR;
                             then the directory of krun-core)

@@ -69,6 +69,12 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		return nil, errors.New("vmm: a Context runs one VM")
 	}
 	c.started = true
+	if c.exec != nil {
+		defer c.exec.close()
+		if err := c.prepareExec(); err != nil {
+			return nil, err
+		}
+	}
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
@@ -254,7 +260,9 @@ func (c *Context) build(m *machine, sys *kvm.System) (*boot.Loaded, error) {
 		return nil, fmt.Errorf("kernel: %w", err)
 	}
 	cfg := boot.Config{Kernel: kf, KernelSize: kst.Size(), Cmdline: cmdline, RAM: m.ram, RSDP: boot.ACPIAddr}
-	if c.initrdPath != "" {
+	if c.initrdData != nil {
+		cfg.Initrd, cfg.InitrdSize = c.initrdData, c.initrdSize
+	} else if c.initrdPath != "" {
 		inf, err := os.Open(c.initrdPath)
 		if err != nil {
 			return nil, fmt.Errorf("initrd: %w", err)

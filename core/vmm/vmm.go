@@ -66,6 +66,7 @@ type Context struct {
 	devices []devspec.Spec
 
 	consoleOut io.Writer
+	consoleSet bool
 	consoleIn  io.Reader
 
 	pluginDir      string
@@ -74,6 +75,11 @@ type Context struct {
 	bootMarker     string
 	bootTimeout    time.Duration
 	started        bool
+
+	// SetExec mode (exec.go): the program, and the initramfs built for it.
+	exec       *execConfig
+	initrdData io.ReaderAt
+	initrdSize int64
 }
 
 // NewContext returns a Context with the defaults: one vCPU, 512 MiB, the
@@ -102,16 +108,22 @@ func (c *Context) SetVMConfig(cpus int, memoryMiB uint64) error {
 }
 
 // SetKernel sets the bzImage, the optional initrd ("" for none) and the
-// kernel command line ("" keeps the default).
+// kernel command line ("" keeps the default). Without SetKernel, Start
+// boots the kernel FindKernel finds.
 func (c *Context) SetKernel(kernel, initrd, cmdline string) error {
 	if kernel == "" {
 		return fmt.Errorf("%w: no kernel", ErrConfig)
 	}
 	c.kernelPath, c.initrdPath = kernel, initrd
+	c.SetCmdline(cmdline)
+	return nil
+}
+
+// SetCmdline sets the kernel command line ("" keeps the default).
+func (c *Context) SetCmdline(cmdline string) {
 	if cmdline != "" {
 		c.cmdline, c.cmdlineSet = cmdline, true
 	}
-	return nil
 }
 
 // SetMMIOCmdline chooses whether virtio_mmio.device= entries are added to
@@ -190,7 +202,7 @@ func (c *Context) SetConsoleOutput(w io.Writer) {
 	if w == nil {
 		w = io.Discard
 	}
-	c.consoleOut = w
+	c.consoleOut, c.consoleSet = w, true
 }
 
 // SetConsoleInput sets what the guest's serial console reads (nil: none).
@@ -313,8 +325,11 @@ func (c *Context) Validate() error {
 }
 
 func (c *Context) validate() error {
-	if c.kernelPath == "" {
-		return fmt.Errorf("%w: no kernel set", ErrConfig)
+	if err := c.findKernel(); err != nil {
+		return err
+	}
+	if c.exec != nil && c.exec.root == "" {
+		return fmt.Errorf("%w: SetExec needs SetRoot", ErrConfig)
 	}
 	if runtime.GOARCH != "amd64" {
 		return fmt.Errorf("%w: only x86-64 hosts are supported", ErrConfig)

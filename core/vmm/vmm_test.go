@@ -197,7 +197,8 @@ func TestContextConfig(t *testing.T) {
 	if err := c.SetKernel("", "", ""); !errors.Is(err, ErrConfig) {
 		t.Errorf("SetKernel without a kernel: %v", err)
 	}
-	if _, err := NewContext(nil).Start(context.Background()); !errors.Is(err, ErrConfig) {
+	t.Setenv(KernelEnv, filepath.Join(t.TempDir(), "missing-vmlinuz"))
+	if _, err := NewContext(nil).Start(context.Background()); !errors.Is(err, ErrNoKernel) {
 		t.Errorf("Start without a kernel: %v", err)
 	}
 }

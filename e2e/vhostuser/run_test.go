@@ -96,11 +96,10 @@ func TestRunExternalBackends(t *testing.T) {
 		vmtest.File{Dst: "/bin/krun-plugin-blk-raw", Src: blkPlugin, Mode: 0o755},
 		vmtest.File{Dst: "/bin/krun-plugin-fs-virtio", Src: fsPlugin, Mode: 0o755},
 		vmtest.File{Dst: "/bin/krun-plugin-null", Src: nullPlugin, Mode: 0o755})
-	payload = append(payload, vmtest.DynamicProgram(t, qsd)...)
-	payload = append(payload, vmtest.DynamicProgram(t, virtiofsdPath)...)
 	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
-		Payload: payload,
-		Timeout: 10 * time.Minute,
+		Payload:      payload,
+		HostBinaries: []string{qsd, virtiofsdPath},
+		Timeout:      10 * time.Minute,
 		Script: fmt.Sprintf(`
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 for tag in vfsd kfs; do
