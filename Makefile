@@ -9,8 +9,11 @@ BINS := bin/krun-core bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
 
 all: $(BINS)
 
+# krun-core --version names the commit it was built from.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
+
 bin/krun-core: FORCE
-	$(GO) build -trimpath -o $@ ./cmd/krun-core
+	$(GO) build -trimpath -ldflags "-X main.buildVersion=$(VERSION)" -o $@ ./cmd/krun-core
 
 # The guest's PID 1 for `run --root DIR -- CMD` (static, like everything).
 bin/krun-init: FORCE

@@ -48,8 +48,12 @@ options:
                             then the directory of krun-core)
   --sandbox on|off          the plugin sandbox (default on); off needs saying so and warns
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
-  --log-level LEVEL         trace, debug, info (default), warn, error
+  --log-level LEVEL         trace, debug, info, warn (default), error; at info, a
+                            "serving" line says when the socket is ready
+  --log-format FORMAT       text (default), or json for hclog's JSON lines
   --handshake-timeout DUR   how long a plugin may take to start (default 10s)
+
+Bad input is one line on stderr and exit status 1 before anything starts.
 `
 
 // serveDeviceFlags are the flags naming the device, in devspec.Parse terms.
@@ -63,16 +67,15 @@ type serveOptions struct {
 	pluginDir        string
 	sandboxOff       bool
 	sandboxDisable   []sandbox.Layer
-	logLevel         hclog.Level
+	log              func(stderr io.Writer) (hclog.Logger, error)
 	handshakeTimeout time.Duration
 }
 
 // parseServeArgs parses and validates the command line; every error is one
 // line.
 func parseServeArgs(args []string) (*serveOptions, error) {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	o := &serveOptions{}
+	fs := newCmdFlags("krun-core serve", serveUsage)
+	o := &serveOptions{log: fs.logger}
 	type devArg struct{ flag, value string }
 	var devs []devArg
 	for _, name := range serveDeviceFlags {
@@ -85,10 +88,12 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	fs.StringVar(&o.pluginDir, "plugin-dir", "", "")
 	sandboxMode := fs.String("sandbox", "on", "")
 	disable := fs.String("sandbox-disable", "", "")
-	level := fs.String("log-level", "info", "")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", pluginhost.DefaultHandshakeTimeout, "")
 	if err := fs.Parse(args); err != nil {
-		return nil, err
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, fs.flagError(err)
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -117,8 +122,11 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	if o.sandboxOff && len(o.sandboxDisable) > 0 {
 		return nil, errors.New("--sandbox=off already turns every layer off; drop --sandbox-disable")
 	}
-	if o.logLevel = hclog.LevelFromString(*level); o.logLevel == hclog.NoLevel {
-		return nil, fmt.Errorf("--log-level=%q: want trace, debug, info, warn or error", *level)
+	if _, err := fs.logger(io.Discard); err != nil {
+		return nil, err
+	}
+	if err := pluginhost.CheckSearchPath(o.pluginDir); err != nil {
+		return nil, err
 	}
 	if o.handshakeTimeout <= 0 {
 		return nil, errors.New("--handshake-timeout must be positive")
@@ -138,7 +146,10 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if err != nil {
-		return fail(fmt.Errorf("%w (see krun-core serve --help)", err))
+		if !strings.Contains(err.Error(), "--help)") {
+			err = fmt.Errorf("%w (see krun-core serve --help)", err)
+		}
+		return fail(err)
 	}
 	// Catch SIGTERM/SIGINT from the start: one that arrives while the
 	// plugin starts is handled once serving begins (flush, remove the
@@ -146,7 +157,10 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	sigc := make(chan os.Signal, 1)
 	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigc)
-	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Output: stderr, Level: o.logLevel})
+	log, err := o.log(stderr)
+	if err != nil {
+		return fail(err)
+	}
 
 	// Everything that can fail on the user's input fails before the socket
 	// path exists: the plugin, the socket path, the files.
@@ -158,7 +172,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		return fail(err)
 	}
 	opened, err := o.spec.Open(devspec.OpenOptions{
-		HelperStderr: log.Named("helper").StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true}),
+		HelperStderr: devspec.HelperLog(log.Named("helper")),
 	})
 	if err != nil {
 		return fail(err)
@@ -249,11 +263,20 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// checkSocketPath refuses a path that is in use or is not a socket, and
-// removes a stale socket (one nobody listens on).
+// checkSocketPath refuses a path that is in use or is not a socket, or
+// whose directory does not exist, and removes a stale socket (one nobody
+// listens on).
 func checkSocketPath(path string) error {
 	if len(path) > 107 {
 		return fmt.Errorf("--socket %s: longer than the 107 bytes a unix socket path may have", path)
+	}
+	switch st, err := os.Stat(filepath.Dir(path)); {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("--socket %s: directory %s does not exist", path, filepath.Dir(path))
+	case err != nil:
+		return fmt.Errorf("--socket %s: %w", path, err)
+	case !st.IsDir():
+		return fmt.Errorf("--socket %s: %s is not a directory", path, filepath.Dir(path))
 	}
 	st, err := os.Lstat(path)
 	if errors.Is(err, os.ErrNotExist) {

@@ -66,7 +66,12 @@ func TestServeArgErrors(t *testing.T) {
 		{"bad layer", []string{pd, "--socket", sock, "--sandbox-disable=rlimits", "--disk", "path=" + img + ",format=raw"}, `--sandbox-disable: sandbox layer "rlimits" cannot be disabled`},
 		{"bad log level", []string{pd, "--socket", sock, "--log-level=loud", "--disk", "path=" + img + ",format=raw"}, `--log-level="loud"`},
 		{"extra argument", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw", "extra"}, `unexpected argument "extra"`},
-		{"unknown flag", []string{pd, "--socket", sock, "--cdrom", "x"}, "flag provided but not defined: -cdrom"},
+		{"unknown flag", []string{pd, "--socket", sock, "--cdrom", "x"}, "unknown flag --cdrom (see krun-core serve --help)"},
+		{"flag without value", []string{pd, "--disk", "path=" + img + ",format=raw", "--socket"}, "a value is needed for --socket"},
+		{"socket in a missing directory", []string{pd, "--socket", filepath.Join(dir, "nodir", "s.sock"), "--disk", "path=" + img + ",format=raw"}, "directory " + filepath.Join(dir, "nodir") + " does not exist"},
+		{"socket under a file", []string{pd, "--socket", filepath.Join(img, "s.sock"), "--disk", "path=" + img + ",format=raw"}, img + " is not a directory"},
+		{"missing plugin dir", []string{"--plugin-dir", filepath.Join(dir, "nope"), "--socket", sock, "--disk", "path=" + img + ",format=raw"}, "--plugin-dir " + filepath.Join(dir, "nope") + ": no such directory"},
+		{"bad log format", []string{pd, "--socket", sock, "--log-format=xml", "--disk", "path=" + img + ",format=raw"}, `--log-format="xml": want text or json`},
 		{"socket is a file", []string{pd, "--socket", notSock, "--disk", "path=" + img + ",format=raw"}, "exists and is not a socket"},
 		{"socket in use", []string{pd, "--socket", busy, "--disk", "path=" + img + ",format=raw"}, "is in use by another process"},
 	}
@@ -133,7 +138,7 @@ func (s *serveProc) log() string {
 
 func startServe(t *testing.T, bin string, args ...string) *serveProc {
 	t.Helper()
-	s := &serveProc{cmd: exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve"}, args...)...), done: make(chan error, 1)}
+	s := &serveProc{cmd: exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve", "--log-level", "info"}, args...)...), done: make(chan error, 1)}
 	s.cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
 	pr, err := s.cmd.StderrPipe()
 	if err != nil {

@@ -693,3 +693,70 @@ func TestTailBufferPanicLine(t *testing.T) {
 		}
 	}
 }
+
+// A plugin directory given relative to the working directory works: exec
+// must not get a bare name to look up in $PATH.
+func TestRelativePluginDir(t *testing.T) {
+	t.Chdir(testPluginDir)
+	path, err := Find("test", []string{"."})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := filepath.Join(testPluginDir, ExecutableName("test")); path != want {
+		t.Errorf("Find in . = %q, want %q", path, want)
+	}
+	cfg := testConfig(t, "ok")
+	cfg.PluginDir = "."
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatalf("Launch with --plugin-dir .: %v", err)
+	}
+	p.Kill()
+}
+
+func TestCheckSearchPath(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	os.WriteFile(file, nil, 0o644)
+	for _, tt := range []struct {
+		flag, env string
+		want      string // "" for no error
+	}{
+		{"", "", ""},
+		{dir, "", ""},
+		{".", ".", ""},
+		{filepath.Join(dir, "missing"), "", "--plugin-dir " + filepath.Join(dir, "missing") + ": no such directory"},
+		{file, "", "--plugin-dir " + file + ": not a directory"},
+		{"", "nope-" + filepath.Base(dir), "$KRUN_PLUGIN_DIR=nope-" + filepath.Base(dir) + ": no such directory"},
+	} {
+		t.Setenv(EnvPluginDir, tt.env)
+		err := CheckSearchPath(tt.flag)
+		if got := fmt.Sprint(err); (tt.want == "" && err != nil) || (tt.want != "" && got != tt.want) {
+			t.Errorf("CheckSearchPath(%q) with %s=%q: %v, want %q", tt.flag, EnvPluginDir, tt.env, err, tt.want)
+		}
+	}
+}
+
+// An executable whose name does not match the kind the plugin reports is
+// refused and ended.
+func TestKindMismatchRefused(t *testing.T) {
+	cfg := testConfig(t, "ok")
+	cfg.Kind = "other"
+	cfg.PluginDir = pluginCopy(t, "other")
+	p, err := Launch(cfg)
+	if err == nil {
+		p.Kill()
+		t.Fatal("a plugin reporting kind test launched as krun-plugin-other")
+	}
+	if !strings.Contains(err.Error(), `reports kind "test"`) || strings.Contains(err.Error(), "\n") {
+		t.Errorf("error %q: want one line naming the reported kind", err)
+	}
+	exe := filepath.Join(cfg.PluginDir, ExecutableName("other"))
+	deadline := time.Now().Add(5 * time.Second)
+	for len(processesOf(exe)) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("refused plugin still running: %v", processesOf(exe))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

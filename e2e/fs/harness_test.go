@@ -107,7 +107,7 @@ func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
 func serveFS(t testing.TB, spec string, extra ...string) *daemon {
 	t.Helper()
 	d := &daemon{name: "krun-core serve --fs " + spec, socket: filepath.Join(sockDir(t), "fs.sock"), ready: "krun-core: serving"}
-	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--socket", d.socket, "--fs", spec}, extra...)
+	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--log-level", "info", "--socket", d.socket, "--fs", spec}, extra...)
 	return startDaemon(t, d, args...)
 }
 
