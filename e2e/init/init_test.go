@@ -10,6 +10,7 @@ import (
 
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/stdioframe"
+	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
 // TestOutputEnvLimitsExit: stdout and stderr arrive as their own frames,
@@ -110,7 +111,7 @@ func TestTTY(t *testing.T) {
 	cfg.Winsize = &initconfig.Winsize{Rows: 33, Cols: 97}
 	cfg.Env = append(cfg.Env, "TERM=xterm")
 	o := run(t, guest{cfg: cfg, session: func(t *testing.T, h *host) {
-		h.waitStdout(t, "33 97", 2*time.Minute)
+		h.waitStdout(t, "33 97\r\n", 2*time.Minute)
 		if err := h.w.WriteWinsize(50, 150); err != nil {
 			t.Error(err)
 		}
@@ -127,5 +128,38 @@ func TestTTY(t *testing.T) {
 	}
 	if o.stderr != "" {
 		t.Errorf("stderr %q (a terminal has only one output)", o.stderr)
+	}
+}
+
+// TestBigOutputWithOrphan: a megabyte of binary output arrives byte for
+// byte (split into 64 KiB frames), while a background process the command
+// left behind still holds its stdout: init reaps the command, drains what
+// is there and does not wait for the orphan.
+func TestBigOutputWithOrphan(t *testing.T) {
+	a := vmtest.Require(t)
+	root := makeRoot(t, a.Busybox)
+	big := make([]byte, 1<<20)
+	for i := range big {
+		big[i] = byte(i*7 + i>>11)
+	}
+	if err := os.WriteFile(filepath.Join(root, "big"), big, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	o := run(t, guest{root: root, cfg: initconfig.New("sh", "-c", "sleep 600 & cat /big; exit 3")})
+	o.checkFinished(t, 3)
+	if !bytes.Equal([]byte(o.stdout), big) {
+		t.Errorf("stdout: %d bytes, want the %d bytes of /big", len(o.stdout), len(big))
+	}
+}
+
+// TestInitFailure: a failure of init itself (here a share that is not
+// attached) is status 125 with the reason on stderr.
+func TestInitFailure(t *testing.T) {
+	cfg := initconfig.New("true")
+	cfg.Mounts = []initconfig.Mount{{Type: "virtiofs", Source: "absent", Target: "/data"}}
+	o := run(t, guest{cfg: cfg})
+	o.checkFinished(t, 125)
+	if !strings.HasPrefix(o.stderr, "krun-init: ") || !strings.Contains(o.stderr, `share "absent"`) {
+		t.Errorf("stderr %q", o.stderr)
 	}
 }
