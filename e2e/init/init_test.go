@@ -47,11 +47,14 @@ func TestOutputEnvLimitsExit(t *testing.T) {
 	}
 }
 
-// TestKilledBySignal: a command killed by SIGKILL reports 128+9.
+// TestKilledBySignal: a command killed by SIGKILL reports 128+9; it runs
+// with the configured uid, gid and supplementary groups.
 func TestKilledBySignal(t *testing.T) {
-	o := run(t, guest{cfg: initconfig.New("sh", "-c", "echo before; kill -9 $$; echo after")})
+	cfg := initconfig.New("sh", "-c", `echo "ids=$(id -u):$(id -g):$(id -G)"; kill -9 $$; echo after`)
+	cfg.UID, cfg.GID, cfg.AdditionalGIDs = 1000, 1001, []uint32{10, 20}
+	o := run(t, guest{cfg: cfg})
 	o.checkFinished(t, 137)
-	if o.stdout != "before\n" {
+	if o.stdout != "ids=1000:1001:1001 10 20\n" {
 		t.Errorf("stdout %q", o.stdout)
 	}
 }
