@@ -91,14 +91,14 @@ func makeRoot(t testing.TB, busybox string) string {
 	return root
 }
 
-// serveRoot starts `krun-core serve --fs path=root,tag=krun-root` and
-// returns its socket.
-func serveRoot(t *testing.T, root string) string {
+// serveFS starts `krun-core serve --fs path=dir,tag=tag` and returns its
+// socket.
+func serveFS(t *testing.T, dir, tag string) string {
 	t.Helper()
 	socket := filepath.Join(shortDir(t), "fs.sock")
 	var out vmtest.LockedBuffer
 	cmd := exec.Command(filepath.Join(bins.Dir(t), "krun-core"), "serve", "--socket", socket,
-		"--fs", "path="+root+",tag="+initconfig.DefaultRootTag)
+		"--fs", "path="+dir+",tag="+tag)
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -227,7 +227,8 @@ func (h *host) waitStdout(t *testing.T, s string, timeout time.Duration) {
 type guest struct {
 	cfg     *initconfig.Config
 	root    string                      // root directory (default: a fresh busybox root)
-	net     bool                        // attach virtio-net (QEMU args in qemuArgs)
+	shares  map[string]string           // more virtio-fs devices: tag -> host directory
+	net     bool                        // load virtio_net (the NIC itself goes in args)
 	files   []*os.File                  // QEMU ExtraFiles
 	args    []string                    // extra QEMU arguments
 	session func(t *testing.T, h *host) // drives the stdio port while the guest runs
@@ -252,7 +253,7 @@ func run(t *testing.T, g guest) *outcome {
 	if g.root == "" {
 		g.root = makeRoot(t, a.Busybox)
 	}
-	fsSock := serveRoot(t, g.root)
+	fsSock := serveFS(t, g.root, initconfig.DefaultRootTag)
 	g.cfg.Ports = &initconfig.Ports{Milestone: milestonePort, Exit: exitPort}
 	initBin, err := os.ReadFile(filepath.Join(bins.Dir(t), "krun-init"))
 	if err != nil {
@@ -280,6 +281,9 @@ func run(t *testing.T, g guest) *outcome {
 	msFile := filepath.Join(dir, "milestones")
 	vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initrd: initrd, Quiet: true, Timeout: 3 * time.Minute, ExtraFiles: g.files})
 	vm.AddVhostUserFS(fsSock, initconfig.DefaultRootTag)
+	for tag, dir := range g.shares {
+		vm.AddVhostUserFS(serveFS(t, dir, tag), tag)
+	}
 	vm.AddArgs(
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=stdio0,path="+stdioSock+",server=on,wait=on",

@@ -166,3 +166,33 @@ func TestInitFailure(t *testing.T) {
 		t.Errorf("stderr %q", o.stderr)
 	}
 }
+
+// TestReadOnlyRootAndShare: a read-only root stays unwritten (its /tmp is
+// a tmpfs of the guest's), and an extra share from the config's mounts is
+// mounted inside it, writable (its mount point must exist: a read-only
+// root cannot get a new directory).
+func TestReadOnlyRootAndShare(t *testing.T) {
+	root := makeRoot(t, vmtest.Require(t).Busybox)
+	if err := os.Mkdir(filepath.Join(root, "srv", "data"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	data := t.TempDir()
+	if err := os.WriteFile(filepath.Join(data, "from-host"), []byte("host data\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := initconfig.New("sh", "-c", `touch /x 2>/dev/null && echo root=rw || echo root=ro; `+
+		`echo tmp > /tmp/t && echo tmp=ok; cat /srv/data/from-host; echo guest > /srv/data/from-guest`)
+	cfg.Root.ReadOnly = true
+	cfg.Mounts = []initconfig.Mount{{Type: "virtiofs", Source: "data", Target: "/srv/data"}}
+	o := run(t, guest{cfg: cfg, root: root, shares: map[string]string{"data": data}})
+	o.checkFinished(t, 0)
+	if o.stdout != "root=ro\ntmp=ok\nhost data\n" {
+		t.Errorf("stdout %q", o.stdout)
+	}
+	if b, err := os.ReadFile(filepath.Join(data, "from-guest")); err != nil || string(b) != "guest\n" {
+		t.Errorf("file the guest wrote to the share: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(o.root, "x")); err == nil {
+		t.Error("the guest wrote to its read-only root")
+	}
+}
