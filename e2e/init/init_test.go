@@ -196,3 +196,17 @@ func TestReadOnlyRootAndShare(t *testing.T) {
 		t.Error("the guest wrote to its read-only root")
 	}
 }
+
+// TestPowerOff: with no device on the exit port (the write goes nowhere),
+// init powers the machine off after reporting, and QEMU exits 0.
+func TestPowerOff(t *testing.T) {
+	cfg := initconfig.New("sh", "-c", "echo bye; exit 5")
+	cfg.Ports = &initconfig.Ports{Milestone: milestonePort, Exit: 0x505}
+	o := run(t, guest{cfg: cfg})
+	if o.qemuExit != 0 {
+		t.Errorf("QEMU exit code %d, want 0 (a power-off)", o.qemuExit)
+	}
+	if o.exitFrame != 5 || !o.closeReq || o.stdout != "bye\n" {
+		t.Errorf("EXIT frame %d, CLOSE_REQ %v, stdout %q", o.exitFrame, o.closeReq, o.stdout)
+	}
+}
