@@ -304,7 +304,10 @@ func run(t *testing.T, g guest) *outcome {
 	}
 	r, err := vm.Wait()
 	if err != nil {
-		t.Fatalf("guest: %v\n%s\nstdout %q\nstderr %q", err, lastLines(r.Console, 40), h.stdout.String(), h.stderr.String())
+		h.mu.Lock()
+		stdout, stderr := h.stdout.String(), h.stderr.String()
+		h.mu.Unlock()
+		t.Fatalf("guest: %v\n%s\nstdout %q\nstderr %q", err, lastLines(r.Console, 40), stdout, stderr)
 	}
 	// The guest is gone: whatever it sent is in the socket buffer.
 	select {
@@ -312,10 +315,12 @@ func run(t *testing.T, g guest) *outcome {
 	case <-time.After(10 * time.Second):
 		t.Errorf("stdio socket not closed after QEMU exited")
 	}
+	h.mu.Lock()
 	o := &outcome{exitFrame: h.exit, closeReq: h.closeReq, stdout: h.stdout.String(), stderr: h.stderr.String(), root: g.root, console: r.Console}
 	if h.err != nil {
 		t.Errorf("stdio frames from the guest: %v", h.err)
 	}
+	h.mu.Unlock()
 	o.milestones, _ = os.ReadFile(msFile)
 	o.qemuExit = r.ExitCode
 	if g.cfg.Ports.Exit != exitPort {
