@@ -5,7 +5,7 @@ export CGO_ENABLED := 0
 PLUGINS := $(notdir $(wildcard plugins/*))
 BINS := bin/krun-core bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
 
-.PHONY: all test unit deps vet fmt clean FORCE
+.PHONY: all test unit deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
@@ -22,6 +22,11 @@ bin/krun-plugin-%: FORCE
 # Debian packages the tests need (qemu, qemu-utils, passt, busybox-static, ...).
 deps:
 	./scripts/install-deps.sh
+
+# Debian's stock kernel for krun-core run, into ~/.cache/krun-core/kernel
+# (outside the repository); prints how to use it.
+kernel:
+	./scripts/fetch-kernel.sh
 
 vet:
 	$(GO) vet ./...

@@ -279,6 +279,36 @@ const guestLib = `# krun-e2e guest helpers
 KRUN_E2E_MARKER='%s'
 e2e_ok() { echo "$KRUN_E2E_MARKER ok"; e2e_poweroff; }
 e2e_fail() { echo "$KRUN_E2E_MARKER fail ${*:-no reason given}"; e2e_poweroff; }
+# e2e_nested_hang WHAT: an inner guest made no progress (nested KVM under
+# TCG can leave one idle for good); vmtest.NestedKVM retries the outer VM.
+e2e_nested_hang() { echo "KRUN-E2E-NESTED-HANG $*"; e2e_fail "inner guest hung: $*"; }
+# e2e_bounded SECONDS LOG CMD...: runs CMD (stdin /dev/null, output to LOG)
+# and returns its status; if it still runs after SECONDS, or ends with the
+# boot watchdog's line, it shows the tail of LOG and reports a nested hang.
+e2e_bounded() {
+	_limit=$1 _log=$2
+	shift 2
+	"$@" </dev/null >"$_log" 2>&1 &
+	_pid=$!
+	_i=0
+	while kill -0 $_pid 2>/dev/null; do
+		_i=$((_i+1))
+		if [ $_i -gt $((_limit*2)) ]; then
+			kill -9 $_pid 2>/dev/null
+			wait $_pid 2>/dev/null
+			tail -30 "$_log" | sed 's/^/hung| /'
+			e2e_nested_hang "$* ran over ${_limit}s"
+		fi
+		sleep 0.5
+	done
+	_rc=0
+	wait $_pid || _rc=$?
+	if grep -q 'boot watchdog: the guest showed no sign of life' "$_log"; then
+		tail -30 "$_log" | sed 's/^/hung| /'
+		e2e_nested_hang "$* never started its guest"
+	fi
+	return $_rc
+}
 e2e_poweroff() {
 	sync
 	# Give the UART a moment to drain before the machine goes away.

@@ -118,17 +118,19 @@ func releaseWord(text []byte) (string, error) {
 
 // ModulesDirCandidates returns where the module tree of kernel image
 // kernelPath with release rel may be, in the order FindModulesDir tries
-// them: /lib/modules/R and /usr/lib/modules/R (an installed kernel), then
-// <dir>/../lib/modules/R and <dir>/../usr/lib/modules/R next to the
+// them: <dir>/../lib/modules/R and <dir>/../usr/lib/modules/R next to the
 // kernel's directory (a Debian package unpacked with dpkg -x, kernel in
-// boot/).
+// boot/; for an installed /boot/vmlinuz-R that is /lib/modules/R), then
+// /lib/modules/R and /usr/lib/modules/R. The tree that came with the
+// kernel file wins over the host's tree of the same release, which may be
+// another build.
 func ModulesDirCandidates(kernelPath, rel string) []string {
 	up := filepath.Join(filepath.Dir(kernelPath), "..")
 	return []string{
-		filepath.Join("/lib/modules", rel),
-		filepath.Join("/usr/lib/modules", rel),
 		filepath.Join(up, "lib", "modules", rel),
 		filepath.Join(up, "usr", "lib", "modules", rel),
+		filepath.Join("/lib/modules", rel),
+		filepath.Join("/usr/lib/modules", rel),
 	}
 }
 
