@@ -160,6 +160,13 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFREG | 0o644, 0}, allowed},
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFCHR | 0o644, 0x0103}, refused},
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFBLK | 0o644, 0x0801}, refused},
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFCHR | 0o644, 0}, allowed},       // overlayfs whiteout
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFCHR | 0o644, 1 << 32}, refused}, // high bits of dev
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFBLK | 0o644, 0}, refused},       // 0/0 block device
+		{ProfileFS, "fchmodat2", []uint64{9, 0, 0o640, unix.AT_EMPTY_PATH}, allowed},   // SETATTR mode
+		{ProfileFS, "umask", []uint64{0}, allowed},                                     // fs-virtio main
+		{ProfileBlock, "fchmodat2", nil, refused},
+		{ProfileBlock, "umask", nil, refused},
 		{ProfileFS, "execve", nil, refused},
 		{ProfileFS, "socket", nil, refused},
 	}

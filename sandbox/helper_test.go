@@ -561,6 +561,25 @@ func probeIO(kind string, lfd int) []ioResult {
 			}
 			return nil
 		})
+		step("fs_whiteout", func() error {
+			// MKNOD of the 0/0 character device: an overlayfs whiteout.
+			return unix.Mknodat(fdShared, "whiteout", unix.S_IFCHR|0o600, 0)
+		})
+		step("fs_device_refused", func() error {
+			err := unix.Mknodat(fdShared, "null", unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
+			if !errors.Is(err, unix.EPERM) {
+				return fmt.Errorf("mknod of /dev/null's device: %v, want EPERM", err)
+			}
+			return nil
+		})
+		step("fs_fchmodat2", func() error {
+			fd, err := unix.Openat(fdShared, "made-by-plugin", unix.O_PATH|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			return unix.Fchmodat(fd, "", 0o640, unix.AT_EMPTY_PATH)
+		})
 		step("fs_escape_shared_dir_refused", func() error {
 			fd, err := unix.Openat(fdShared, "../outside", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err == nil {

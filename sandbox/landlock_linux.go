@@ -58,12 +58,15 @@ func landlockAccessFor(abi int) landlockAccess {
 	return a
 }
 
-// Rights granted beneath a policy's directories. Never execute, never
-// device nodes, never device ioctls.
+// Rights granted beneath a policy's directories. Never execute, never block
+// devices, never device ioctls. Character devices may be made (beneath a
+// read-write directory): seccomp allows only the 0/0 one, overlayfs'
+// whiteout, and the kernel wants CAP_MKNOD in the initial namespace for any
+// other.
 const (
 	landlockReadOnly = unix.LANDLOCK_ACCESS_FS_READ_FILE | unix.LANDLOCK_ACCESS_FS_READ_DIR
-	landlockNever    = unix.LANDLOCK_ACCESS_FS_EXECUTE | unix.LANDLOCK_ACCESS_FS_MAKE_CHAR |
-		unix.LANDLOCK_ACCESS_FS_MAKE_BLOCK | unix.LANDLOCK_ACCESS_FS_IOCTL_DEV
+	landlockNever    = unix.LANDLOCK_ACCESS_FS_EXECUTE | unix.LANDLOCK_ACCESS_FS_MAKE_BLOCK |
+		unix.LANDLOCK_ACCESS_FS_IOCTL_DEV
 )
 
 // landlockMinABI is the oldest ABI the layer accepts: file system rules

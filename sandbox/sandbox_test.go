@@ -417,7 +417,8 @@ func checkIO(t *testing.T, l probeLine, kind string) {
 	want := []string{"pwrite_pread", "fdatasync", "fallocate_punch_hole", "fstat", "eventfd_epoll",
 		"vhost_socket_memfd", "accept_pre_restrict_listener", "runtime"}
 	if kind == "fs" {
-		want = append(want, "fs_create_in_shared_dir", "fs_escape_shared_dir_refused")
+		want = append(want, "fs_create_in_shared_dir", "fs_whiteout", "fs_device_refused", "fs_fchmodat2",
+			"fs_escape_shared_dir_refused")
 	}
 	got := map[string]string{}
 	for _, r := range l.IO {
