@@ -12,6 +12,7 @@ func syscallNumbers() map[string]uint32 {
 		"accept4":                 unix.SYS_ACCEPT4,
 		"add_key":                 unix.SYS_ADD_KEY,
 		"adjtimex":                unix.SYS_ADJTIMEX,
+		"arch_prctl":              unix.SYS_ARCH_PRCTL,
 		"bind":                    unix.SYS_BIND,
 		"bpf":                     unix.SYS_BPF,
 		"brk":                     unix.SYS_BRK,

@@ -20,6 +20,8 @@ import (
 
 	hclog "github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // testPluginDir holds krun-plugin-test, built once by TestMain from
@@ -691,5 +693,128 @@ func TestTailBufferPanicLine(t *testing.T) {
 		if got := tb.PanicLine(); got != tc.want {
 			t.Errorf("%s: PanicLine = %q, want %q", tc.name, got, tc.want)
 		}
+	}
+}
+
+// A plugin launched with the real sandbox: its gRPC socket is in its own
+// root (the host reaches it through /proc/PID/root), it runs as an
+// unprivileged host id, and although it never restricts itself (the test
+// plugin does not use pluginsdk) it passes Verify: the trampoline confined
+// it before its first instruction.
+func TestLaunchSandboxed(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, []byte("B"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	imgF, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer imgF.Close()
+	logs := &syncBuffer{}
+	cfg := testConfig(t, "ok")
+	cfg.Files = []NamedFile{{"image", imgF}}
+	cfg.Logger = hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
+	cfg.SandboxOff = false
+	lc := sandbox.LaunchConfig{Kind: "test", Log: cfg.Logger}
+	cfg.Sandbox = lc
+	for _, l := range sandbox.Status().Layers {
+		if !l.Available {
+			t.Skipf("sandbox layer %s unavailable on this host: %s", l.Layer, l.Detail)
+		}
+	}
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		p.Kill()
+		if t.Failed() {
+			t.Logf("host log:\n%s", logs)
+		}
+	}()
+	if p.Path() != filepath.Join(testPluginDir, ExecutableName("test")) {
+		t.Errorf("Path() = %q, want the plugin binary", p.Path())
+	}
+	want := fmt.Sprintf("/proc/%d/root%s/", p.Pid(), p.SocketDir())
+	if sp := p.socketPath(); !strings.HasPrefix(sp, want) {
+		t.Errorf("gRPC socket %q, want it in the plugin's own root under %q", sp, want)
+	}
+	if _, _, err := p.Configure(context.Background(), nil); err != nil {
+		t.Fatalf("Configure (and Verify of a plugin that never called Restrict): %v", err)
+	}
+	stats, err := p.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats["file_image"] != 'B' || stats["fd3_socket"] != 1 {
+		t.Errorf("plugin's view of its fds: %v", stats)
+	}
+	uid, gid, err := lc.PluginIDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(st), "\n") {
+		for k, id := range map[string]int{"Uid:": uid, "Gid:": gid} {
+			if f := strings.Fields(l); len(f) == 5 && f[0] == k && (f[1] != strconv.Itoa(id) || id == 0) {
+				t.Errorf("plugin %s, want %d (never 0)", l, id)
+			}
+		}
+	}
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if !strings.Contains(logs.String(), "seccomp refused a system call: plugin=test syscall=prctl") {
+		t.Errorf("the launcher did not log the test plugin's refused prctl (PR_GET_PDEATHSIG in its init)")
+	}
+}
+
+// The address a plugin announces in its handshake is its choice: only a
+// unix socket directly in its own socket directory is accepted.
+func TestPluginToHostChecksAddress(t *testing.T) {
+	cmd := exec.Command("/bin/true")
+	cmd.Env = []string{"PLUGIN_UNIX_SOCKET_DIR=/tmp/k/plugin-dir1"}
+	r, err := NewProcRunner(cmd, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ network, addr, want string }{
+		{"unix", "/tmp/k/plugin-dir1/plugin2", "/tmp/k/plugin-dir1/plugin2"},
+		{"tcp", "127.0.0.1:22", ""},
+		{"unix", "/var/run/docker.sock", ""},
+		{"unix", "/tmp/k/plugin-dir1/../../../run/x.sock", ""},
+		{"unix", "/tmp/k/plugin-dir1/sub/x.sock", ""},
+	} {
+		_, got, err := r.PluginToHost(c.network, c.addr)
+		if got != c.want || (err == nil) != (c.want != "") {
+			t.Errorf("PluginToHost(%s, %s) = %q, %v; want %q", c.network, c.addr, got, err, c.want)
+		}
+	}
+}
+
+// BenchmarkLaunchToFirstRPCSandboxed is the launch cost with the real
+// launcher-side sandbox (namespaces, and the trampoline that applies the
+// root, Landlock and seccomp before the plugin's first instruction).
+func BenchmarkLaunchToFirstRPCSandboxed(b *testing.B) {
+	for b.Loop() {
+		b.StopTimer()
+		cfg := testConfig(b, "ok")
+		cfg.SandboxOff = false
+		cfg.Sandbox = sandbox.LaunchConfig{Kind: "test", Log: hclog.NewNullLogger()}
+		b.StartTimer()
+		p, err := Launch(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := p.Describe(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		p.Kill()
+		b.StartTimer()
 	}
 }
