@@ -264,6 +264,13 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		}
 		if fi, err := f.Stat(); err == nil && fi.IsDir() {
 			dirFDs = append(dirFDs, 3+i)
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && !writableBy(st, uid, gid) {
+				// The plugin reaches the directory's contents with its own
+				// ids (a shared directory), not with the launcher's.
+				log.Warn("the plugin's ids cannot write to a directory handed to it (fine for a read-only share); choose other ids (--plugin-uid, --plugin-gid) or give it the directory",
+					"plugin", c.Kind, "dir", f.Name(), "owner", fmt.Sprintf("%d:%d", st.Uid, st.Gid),
+					"mode", fmt.Sprintf("%#o", st.Mode&0o7777), "plugin_ids", fmt.Sprintf("%d:%d", uid, gid))
+			}
 		}
 	}
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
@@ -320,6 +327,22 @@ func (c LaunchConfig) limits() (Limits, error) {
 		l.DataBytes = d.DataBytes
 	}
 	return l.withDefaults()
+}
+
+// writableBy reports whether the ids may create entries in a directory
+// (write and search permission), by its mode bits.
+func writableBy(st *syscall.Stat_t, uid, gid int) bool {
+	const w, x = 0o2, 0o1
+	var bits uint32
+	switch {
+	case int(st.Uid) == uid:
+		bits = st.Mode >> 6
+	case int(st.Gid) == gid:
+		bits = st.Mode >> 3
+	default:
+		bits = st.Mode
+	}
+	return bits&(w|x) == w|x
 }
 
 // giveDir hands a directory this launcher made (go-plugin's socket

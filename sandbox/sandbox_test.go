@@ -1002,6 +1002,9 @@ func TestApplySettings(t *testing.T) {
 	if !strings.Contains(logBuf.String(), "reduced") {
 		t.Errorf("no warning for a reduced sandbox: %q", logBuf.String())
 	}
+	if os.Geteuid() == 0 && !strings.Contains(logBuf.String(), "the plugin's ids cannot write to a directory handed to it") {
+		t.Errorf("no warning for a directory (root's, mode 0700) the plugin (nobody) cannot write: %q", logBuf.String())
+	}
 
 	cmd = exec.Command("/bin/true")
 	cmd.Env = []string{envSocketDir + "=/tmp/x/plugin-dir1"}
