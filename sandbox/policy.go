@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -389,4 +390,21 @@ func decodeLaunchEnv(v string) (launchEnv, error) {
 
 func validRoot(p string) bool {
 	return strings.HasPrefix(p, "/") && p != "/" && !strings.ContainsRune(p, 0)
+}
+
+// ParseHostID parses a --plugin-uid or --plugin-gid value: "" is 0, the
+// default (LaunchConfig.PluginIDs); otherwise a host id from 1 to
+// 4294967294. 0 is refused: a plugin never runs as host root.
+func ParseHostID(s string) (int, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseUint(s, 10, 32)
+	switch {
+	case err != nil || n == 1<<32-1:
+		return 0, fmt.Errorf("%q is not a host id (1 to 4294967294)", s)
+	case n == 0:
+		return 0, errors.New("0: plugins never run as host root")
+	}
+	return int(n), nil
 }

@@ -247,3 +247,19 @@ func TestRulesHaveReasons(t *testing.T) {
 		}
 	}
 }
+
+func TestParseHostID(t *testing.T) {
+	for in, want := range map[string]int{"": 0, "1": 1, "65534": 65534, "4294967294": 4294967294} {
+		if got, err := ParseHostID(in); err != nil || got != want {
+			t.Errorf("ParseHostID(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"0", "-1", "4294967295", "4294967296", "nobody", " 1", "0x10"} {
+		if _, err := ParseHostID(bad); err == nil {
+			t.Errorf("ParseHostID(%q) accepted", bad)
+		}
+	}
+	if _, err := ParseHostID("0"); err == nil || !strings.Contains(err.Error(), "never run as host root") {
+		t.Errorf("ParseHostID(0): %v", err)
+	}
+}

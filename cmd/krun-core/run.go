@@ -46,6 +46,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		logLevel  = fs.String("log-level", "warn", "log level: trace, debug, info, warn, error")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
 		marker    = fs.String("boot-marker", "", "console text whose first appearance marks the guest's init (for --timing)")
+		pluginUID = fs.String("plugin-uid", "", "host uid plugins run as (root only; default 65534, never 0)")
+		pluginGID = fs.String("plugin-gid", "", "host gid plugins run as (root only; default 65534, never 0)")
 		disks     multiFlag
 		shares    multiFlag
 		nets      multiFlag
@@ -119,6 +121,18 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	c.SetPluginDir(*pluginDir)
 	c.SetSandboxOff(sandboxOff)
 	c.SetSandboxDisable(disabled)
+	uid, err := sandbox.ParseHostID(*pluginUID)
+	if err != nil {
+		return fail("--plugin-uid: %v", err)
+	}
+	gid, err := sandbox.ParseHostID(*pluginGID)
+	if err != nil {
+		return fail("--plugin-gid: %v", err)
+	}
+	if _, _, err := (sandbox.LaunchConfig{HostUID: uid, HostGID: gid}).PluginIDs(); err != nil {
+		return fail("%v", err)
+	}
+	c.SetPluginIDs(uid, gid)
 	if sandboxOff {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
 	}

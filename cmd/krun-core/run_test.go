@@ -23,6 +23,8 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--sandbox", "maybe"}, "--sandbox"},
 		{[]string{"--kernel", k, "--sandbox", "off", "--sandbox-disable", "root"}, "--sandbox-disable"},
 		{[]string{"--kernel", k, "extra"}, "unexpected argument"},
+		{[]string{"--kernel", k, "--plugin-uid", "0"}, "--plugin-uid: 0: plugins never run as host root"},
+		{[]string{"--kernel", k, "--plugin-gid", "-5"}, "--plugin-gid"},
 	}
 	for _, tt := range tests {
 		var out, errb bytes.Buffer

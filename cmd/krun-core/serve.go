@@ -42,6 +42,10 @@ options:
                             then the directory of krun-core)
   --sandbox on|off          the plugin sandbox (default on); off needs saying so and warns
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
+  --plugin-uid UID, --plugin-gid GID
+                            host ids the plugin runs as (krun-core as root only; default
+                            65534:65534, nobody:nogroup; never 0); a shared directory
+                            must be accessible to them
   --log-level LEVEL         trace, debug, info (default), warn, error
   --handshake-timeout DUR   how long a plugin may take to start (default 10s)
 `
@@ -57,6 +61,8 @@ type serveOptions struct {
 	pluginDir        string
 	sandboxOff       bool
 	sandboxDisable   []sandbox.Layer
+	pluginUID        int // 0: the sandbox's default
+	pluginGID        int
 	logLevel         hclog.Level
 	handshakeTimeout time.Duration
 }
@@ -79,6 +85,8 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	fs.StringVar(&o.pluginDir, "plugin-dir", "", "")
 	sandboxMode := fs.String("sandbox", "on", "")
 	disable := fs.String("sandbox-disable", "", "")
+	pluginUID := fs.String("plugin-uid", "", "")
+	pluginGID := fs.String("plugin-gid", "", "")
 	level := fs.String("log-level", "info", "")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", pluginhost.DefaultHandshakeTimeout, "")
 	if err := fs.Parse(args); err != nil {
@@ -110,6 +118,15 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	}
 	if o.sandboxOff && len(o.sandboxDisable) > 0 {
 		return nil, errors.New("--sandbox=off already turns every layer off; drop --sandbox-disable")
+	}
+	if o.pluginUID, err = sandbox.ParseHostID(*pluginUID); err != nil {
+		return nil, fmt.Errorf("--plugin-uid: %w", err)
+	}
+	if o.pluginGID, err = sandbox.ParseHostID(*pluginGID); err != nil {
+		return nil, fmt.Errorf("--plugin-gid: %w", err)
+	}
+	if _, _, err := (sandbox.LaunchConfig{HostUID: o.pluginUID, HostGID: o.pluginGID}).PluginIDs(); err != nil {
+		return nil, err
 	}
 	if o.logLevel = hclog.LevelFromString(*level); o.logLevel == hclog.NoLevel {
 		return nil, fmt.Errorf("--log-level=%q: want trace, debug, info, warn or error", *level)
@@ -184,7 +201,8 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		cfg.SandboxOff = true
 		fmt.Fprintln(stderr, "krun-core serve: warning: --sandbox=off: the plugin parses guest- and image-controlled bytes unconfined, with krun-core's privileges")
 	} else {
-		cfg.Sandbox = sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(opened.Kind), Disable: o.sandboxDisable, Log: log}
+		cfg.Sandbox = sandbox.LaunchConfig{Kind: opened.Kind, Disable: o.sandboxDisable, Log: log,
+			HostUID: o.pluginUID, HostGID: o.pluginGID}
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {
