@@ -236,12 +236,25 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		// No user namespace: the plugin still never runs as root.
 		sp.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}
 	}
-	if sockDir != "" && privileged && slices.Contains(disabled, LayerRoot) {
-		// The plugin makes its gRPC socket in the launcher's directory
-		// itself (no private root): it must be the plugin's.
-		if err := giveDir(sockDir, uid, gid); err != nil {
+	// Without the empty root the plugin makes its gRPC socket in the
+	// launcher's directory itself: the directory must be the plugin's, and
+	// the plugin reaches it through an fd (/proc/self/fd/N), since its ids
+	// may not be able to walk the path to it.
+	var sockFile *os.File
+	if sockDir != "" && slices.Contains(disabled, LayerRoot) {
+		if privileged {
+			if err := giveDir(sockDir, uid, gid); err != nil {
+				return fmt.Errorf("sandbox: socket directory: %w", err)
+			}
+		}
+		if sockFile, err = os.OpenFile(sockDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
 			return fmt.Errorf("sandbox: socket directory: %w", err)
 		}
+		defer func() {
+			if err != nil {
+				sockFile.Close()
+			}
+		}()
 	}
 	// The plugin binary, opened here (the plugin's ids need no path to
 	// it), executed by the trampoline from the fd.
@@ -278,10 +291,18 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		return fmt.Errorf("sandbox: launcher channel: %w", err)
 	}
 	mine, theirs := os.NewFile(uintptr(pair[0]), "sandbox-channel"), os.NewFile(uintptr(pair[1]), "sandbox-channel-peer")
-	execFD := 3 + len(cmd.ExtraFiles)
+	execFD, sockFD := 3+len(cmd.ExtraFiles), 0
+	if sockFile != nil {
+		sockFD, execFD = execFD, execFD+1
+		for i, kv := range env {
+			if strings.HasPrefix(kv, envSocketDir+"=") {
+				env[i] = fmt.Sprintf("%s=/proc/self/fd/%d", envSocketDir, sockFD)
+			}
+		}
+	}
 	le := launchEnv{Version: launchEnvVersion, Root: root, Disabled: disabled, Limits: limits,
 		Kind: c.Kind, Syscalls: profile, Extra: c.ExtraSyscalls,
-		ExecFD: execFD, ChanFD: execFD + 1, DirFDs: dirFDs, SocketDir: sockDir}
+		ExecFD: execFD, ChanFD: execFD + 1, DirFDs: dirFDs, SocketDir: sockDir, SocketFD: sockFD}
 	sp.Pdeathsig = syscall.SIGKILL
 	if !sp.Setpgid && !sp.Foreground && !sp.Setctty {
 		sp.Setsid = true
@@ -296,6 +317,9 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	}
 	cmd.Args = append([]string{TrampolineName}, args...)
 	cmd.Path = "/proc/self/exe"
+	if sockFile != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, sockFile)
+	}
 	cmd.ExtraFiles = append(cmd.ExtraFiles, exe, theirs)
 	if err := markFDsCloseOnExec(); err != nil {
 		mine.Close()
@@ -313,6 +337,9 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	go func() {
 		receiveListener(mine, theirs, kind, log)
 		exe.Close()
+		if sockFile != nil {
+			sockFile.Close()
+		}
 	}()
 	return nil
 }
@@ -353,7 +380,12 @@ func giveDir(dir string, uid, gid int) error {
 		return err
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !fi.IsDir() || !ok || int(st.Uid) != os.Geteuid() {
+	switch {
+	case !fi.IsDir() || !ok:
+		return fmt.Errorf("%s is not a directory", dir)
+	case int(st.Uid) == uid && int(st.Gid) == gid:
+		return nil // given already
+	case int(st.Uid) != os.Geteuid():
 		return fmt.Errorf("%s is not a directory of this launcher", dir)
 	}
 	return os.Lchown(dir, uid, gid)
@@ -386,7 +418,11 @@ func HostSocketPath(env []string, pid int, addr string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("sandbox: %w", err)
 	}
-	if slices.Contains(e.Disabled, LayerRoot) || pid <= 0 {
+	switch {
+	case e.SocketFD > 0:
+		// The plugin named its directory through its fd of it.
+		return filepath.Join(e.SocketDir, filepath.Base(clean)), nil
+	case slices.Contains(e.Disabled, LayerRoot) || pid <= 0:
 		return clean, nil
 	}
 	return fmt.Sprintf("/proc/%d/root%s", pid, clean), nil

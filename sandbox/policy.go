@@ -342,6 +342,9 @@ type launchEnv struct {
 	// a private tmpfs in the plugin's root, the only place it may create
 	// files.
 	SocketDir string `json:"socket_dir,omitempty"`
+	// SocketFD, without the empty root, is the plugin's fd of SocketDir:
+	// PLUGIN_UNIX_SOCKET_DIR is /proc/self/fd/SocketFD, and it stays open.
+	SocketFD int `json:"socket_fd,omitempty"`
 }
 
 // launchEnvVersion 2: the trampoline applies the sandbox before exec.
@@ -381,6 +384,9 @@ func decodeLaunchEnv(v string) (launchEnv, error) {
 	}
 	if e.ExecFD < 3 || e.ChanFD < 3 || e.ExecFD == e.ChanFD {
 		return e, fmt.Errorf("%s: exec fd %d and channel fd %d must be distinct fds above 2", envName, e.ExecFD, e.ChanFD)
+	}
+	if e.SocketFD != 0 && (e.SocketFD < 3 || e.SocketFD == e.ExecFD || e.SocketFD == e.ChanFD || e.SocketDir == "") {
+		return e, fmt.Errorf("%s: socket fd %d", envName, e.SocketFD)
 	}
 	if err := (Policy{Kind: "launch", Syscalls: e.Syscalls, ExtraSyscalls: e.Extra}).Validate(); err != nil {
 		return e, fmt.Errorf("%s: %w", envName, err)

@@ -378,15 +378,15 @@ func (p *probe) talk() (memfdAfter string) {
 // root when it has one, as HostSocketPath says for a launch made here.
 func (p *probe) socketPath() string {
 	inPlugin := filepath.Join(p.sockDir, probeSocket)
+	if d, _ := normalizeDisabled(p.cfg.lc.Disable); slices.Contains(d, LayerRoot) {
+		return inPlugin // the launcher's own directory (the plugin reached it through an fd)
+	}
 	if !p.cfg.viaLauncher {
 		hp, err := HostSocketPath(p.cmd.Env, p.pid, inPlugin)
 		if err != nil {
 			p.t.Fatal(err)
 		}
 		return hp
-	}
-	if d, _ := normalizeDisabled(p.cfg.lc.Disable); slices.Contains(d, LayerRoot) {
-		return inPlugin
 	}
 	return fmt.Sprintf("/proc/%d/root%s", p.pid, inPlugin)
 }
@@ -960,7 +960,11 @@ func TestApplySettings(t *testing.T) {
 	lc := LaunchConfig{Kind: "blk-raw", Disable: []Layer{LayerNamespaces}, Log: hclog.New(&hclog.LoggerOptions{Output: &logBuf})}
 	dir := t.TempDir()
 	cmd := exec.Command("/bin/true", "-x")
-	cmd.Env = []string{"A=1", envName + "=stale", "GODEBUG=x=1"}
+	sockDir := filepath.Join(t.TempDir(), "plugin-dir1")
+	if err := os.Mkdir(sockDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Env = []string{"A=1", envName + "=stale", "GODEBUG=x=1", envSocketDir + "=" + sockDir}
 	d, err := os.Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -984,20 +988,29 @@ func TestApplySettings(t *testing.T) {
 	if cmd.Path != "/proc/self/exe" || strings.Join(cmd.Args, " ") != TrampolineName+" /bin/true -x" {
 		t.Errorf("command %s %q, want the trampoline", cmd.Path, cmd.Args)
 	}
-	if len(cmd.ExtraFiles) != 4 || cmd.ExtraFiles[0] != f || cmd.ExtraFiles[1] != d {
+	if len(cmd.ExtraFiles) != 5 || cmd.ExtraFiles[0] != f || cmd.ExtraFiles[1] != d {
 		t.Errorf("extra files %v", cmd.ExtraFiles)
 	}
-	if len(cmd.Env) != 3 || cmd.Env[0] != "A=1" || cmd.Env[1] != "GODEBUG=x=1,"+plugGODEBUG ||
-		!strings.HasPrefix(cmd.Env[2], envName+"={") {
+	// Without the empty root the plugin reaches the socket directory
+	// through its fd 5.
+	if len(cmd.Env) != 4 || cmd.Env[0] != "A=1" || cmd.Env[1] != envSocketDir+"=/proc/self/fd/5" ||
+		cmd.Env[2] != "GODEBUG=x=1,"+plugGODEBUG || !strings.HasPrefix(cmd.Env[3], envName+"={") {
 		t.Errorf("env %q", cmd.Env)
 	}
-	e, err := decodeLaunchEnv(strings.TrimPrefix(cmd.Env[2], envName+"="))
+	e, err := decodeLaunchEnv(strings.TrimPrefix(cmd.Env[3], envName+"="))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(e.Disabled) != 2 || e.Limits.OpenFiles != DefaultOpenFiles || e.Root != "" || e.Syscalls != ProfileBlock ||
-		e.Kind != "blk-raw" || e.ExecFD != 5 || e.ChanFD != 6 || !slices.Equal(e.DirFDs, []int{4}) {
-		t.Errorf("launch env %+v: want namespaces and root disabled, default limits, the block profile, fds 5 and 6, dir fd 4", e)
+		e.Kind != "blk-raw" || e.SocketFD != 5 || e.SocketDir != sockDir || e.ExecFD != 6 || e.ChanFD != 7 ||
+		!slices.Equal(e.DirFDs, []int{4}) {
+		t.Errorf("launch env %+v: want namespaces and root disabled, default limits, the block profile, fds 5, 6 and 7, dir fd 4", e)
+	}
+	if hp, err := HostSocketPath(cmd.Env, 77, "/proc/self/fd/5/plugin9"); err != nil || hp != sockDir+"/plugin9" {
+		t.Errorf("HostSocketPath without the empty root: %q %v, want the launcher's directory", hp, err)
+	}
+	if st, err := os.Stat(sockDir); os.Geteuid() == 0 && (err != nil || st.Sys().(*syscall.Stat_t).Uid != DefaultPluginUID) {
+		t.Errorf("the socket directory was not handed to the plugin's ids: %v", err)
 	}
 	if !strings.Contains(logBuf.String(), "reduced") {
 		t.Errorf("no warning for a reduced sandbox: %q", logBuf.String())

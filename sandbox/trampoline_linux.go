@@ -76,7 +76,10 @@ func trampoline(raw string, argv []string) int {
 		for _, d := range e.DirFDs {
 			rules = append(rules, landlockRule{fd: d, rights: ^uint64(0) &^ landlockNever})
 		}
-		if e.SocketDir != "" {
+		switch {
+		case e.SocketFD > 0:
+			rules = append(rules, landlockRule{fd: e.SocketFD, rights: landlockSocketDir})
+		case e.SocketDir != "":
 			sd, err := unix.Open(e.SocketDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 			if err != nil {
 				return fail(LayerLandlock, fmt.Errorf("socket directory %s: %w", e.SocketDir, err))
