@@ -3,7 +3,7 @@ GO ?= go
 export CGO_ENABLED := 0
 
 PLUGINS := $(notdir $(wildcard plugins/*))
-BINS := bin/krun-core $(addprefix bin/krun-plugin-,$(PLUGINS))
+BINS := bin/krun-core bin/krun-sandbox-exec $(addprefix bin/krun-plugin-,$(PLUGINS))
 
 .PHONY: all test unit deps vet fmt clean FORCE
 
@@ -11,6 +11,9 @@ all: $(BINS)
 
 bin/krun-core: FORCE
 	$(GO) build -trimpath -o $@ ./cmd/krun-core
+
+bin/krun-sandbox-exec: FORCE
+	$(GO) build -trimpath -o $@ ./cmd/krun-sandbox-exec
 
 bin/krun-plugin-%: FORCE
 	$(GO) build -trimpath -o $@ ./plugins/$*

@@ -57,6 +57,11 @@ type LaunchConfig struct {
 	// system calls its seccomp filter refused. nil: a logger writing to
 	// stderr.
 	Log hclog.Logger
+	// Trampoline is a krun-sandbox-exec binary (cmd/krun-sandbox-exec) to
+	// start as the trampoline. "": krun-sandbox-exec next to this
+	// process's executable if there is one, else this process's own
+	// executable (/proc/self/exe), which works as well but starts slower.
+	Trampoline string
 }
 
 // The ids a root launcher's plugins run as by default: nobody and nogroup.
@@ -270,6 +275,15 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	if fi, err := exe.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
 		return fmt.Errorf("sandbox: plugin binary %s is not an executable regular file (%v)", cmd.Path, err)
 	}
+	trampFile, err := c.trampoline()
+	if err != nil {
+		return fmt.Errorf("sandbox: trampoline: %w", err)
+	}
+	defer func() {
+		if err != nil && trampFile != nil {
+			trampFile.Close()
+		}
+	}()
 	var dirFDs []int
 	for i, f := range cmd.ExtraFiles {
 		if f == nil {
@@ -291,18 +305,24 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		return fmt.Errorf("sandbox: launcher channel: %w", err)
 	}
 	mine, theirs := os.NewFile(uintptr(pair[0]), "sandbox-channel"), os.NewFile(uintptr(pair[1]), "sandbox-channel-peer")
-	execFD, sockFD := 3+len(cmd.ExtraFiles), 0
+	nextFD := 3 + len(cmd.ExtraFiles)
+	take := func() int { nextFD++; return nextFD - 1 }
+	sockFD, trampFD := 0, 0
 	if sockFile != nil {
-		sockFD, execFD = execFD, execFD+1
+		sockFD = take()
 		for i, kv := range env {
 			if strings.HasPrefix(kv, envSocketDir+"=") {
 				env[i] = fmt.Sprintf("%s=/proc/self/fd/%d", envSocketDir, sockFD)
 			}
 		}
 	}
+	if trampFile != nil {
+		trampFD = take()
+	}
+	execFD := take()
 	le := launchEnv{Version: launchEnvVersion, Root: root, Disabled: disabled, Limits: limits,
 		Kind: c.Kind, Syscalls: profile, Extra: c.ExtraSyscalls,
-		ExecFD: execFD, ChanFD: execFD + 1, DirFDs: dirFDs, SocketDir: sockDir, SocketFD: sockFD}
+		ExecFD: execFD, ChanFD: take(), DirFDs: dirFDs, SocketDir: sockDir, SocketFD: sockFD, TrampolineFD: trampFD}
 	sp.Pdeathsig = syscall.SIGKILL
 	if !sp.Setpgid && !sp.Foreground && !sp.Setctty {
 		sp.Setsid = true
@@ -319,6 +339,12 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	cmd.Path = "/proc/self/exe"
 	if sockFile != nil {
 		cmd.ExtraFiles = append(cmd.ExtraFiles, sockFile)
+	}
+	if trampFile != nil {
+		// Executed through the child's own fd: the plugin's ids need no
+		// path to it.
+		cmd.ExtraFiles = append(cmd.ExtraFiles, trampFile)
+		cmd.Path = fmt.Sprintf("/proc/self/fd/%d", trampFD)
 	}
 	cmd.ExtraFiles = append(cmd.ExtraFiles, exe, theirs)
 	if err := markFDsCloseOnExec(); err != nil {
@@ -340,8 +366,36 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		if sockFile != nil {
 			sockFile.Close()
 		}
+		if trampFile != nil {
+			trampFile.Close()
+		}
 	}()
 	return nil
+}
+
+// trampoline opens the trampoline binary (O_PATH), or returns nil for this
+// process's own executable.
+func (c LaunchConfig) trampoline() (*os.File, error) {
+	path := c.Trampoline
+	if path == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, nil
+		}
+		path = filepath.Join(filepath.Dir(exe), TrampolineName)
+		if fi, err := os.Stat(path); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+			return nil, nil // not installed: re-execute ourselves
+		}
+	}
+	f, err := os.OpenFile(path, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+		f.Close()
+		return nil, fmt.Errorf("%s is not an executable regular file (%v)", path, err)
+	}
+	return f, nil
 }
 
 // limits are the plugin's resource limits: Limits over DefaultLimits(Kind).

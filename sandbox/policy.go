@@ -345,6 +345,9 @@ type launchEnv struct {
 	// SocketFD, without the empty root, is the plugin's fd of SocketDir:
 	// PLUGIN_UNIX_SOCKET_DIR is /proc/self/fd/SocketFD, and it stays open.
 	SocketFD int `json:"socket_fd,omitempty"`
+	// TrampolineFD is the trampoline binary's fd, when it is not the
+	// launcher's own executable; close-on-exec in the plugin.
+	TrampolineFD int `json:"trampoline_fd,omitempty"`
 }
 
 // launchEnvVersion 2: the trampoline applies the sandbox before exec.
@@ -387,6 +390,9 @@ func decodeLaunchEnv(v string) (launchEnv, error) {
 	}
 	if e.SocketFD != 0 && (e.SocketFD < 3 || e.SocketFD == e.ExecFD || e.SocketFD == e.ChanFD || e.SocketDir == "") {
 		return e, fmt.Errorf("%s: socket fd %d", envName, e.SocketFD)
+	}
+	if t := e.TrampolineFD; t != 0 && (t < 3 || t == e.ExecFD || t == e.ChanFD || t == e.SocketFD) {
+		return e, fmt.Errorf("%s: trampoline fd %d", envName, t)
 	}
 	if err := (Policy{Kind: "launch", Syscalls: e.Syscalls, ExtraSyscalls: e.Extra}).Validate(); err != nil {
 		return e, fmt.Errorf("%s: %w", envName, err)

@@ -706,6 +706,42 @@ func TestSandboxHostIDs(t *testing.T) {
 	}
 }
 
+// The trampoline as a binary of its own (cmd/krun-sandbox-exec) instead of
+// the launcher's executable: the same sandbox, and its fd does not reach the
+// plugin (checkOutside lists every fd).
+func TestSandboxTrampolineBinary(t *testing.T) {
+	requireSandboxHost(t)
+	if testing.Short() {
+		t.Skip("builds cmd/krun-sandbox-exec; skipped with -short")
+	}
+	bin := filepath.Join(t.TempDir(), TrampolineName)
+	build := exec.Command("go", "build", "-o", bin, "../cmd/krun-sandbox-exec")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(bin).CombinedOutput(); err == nil || !strings.Contains(string(out), "only krun-core starts it") {
+		t.Errorf("krun-sandbox-exec run by hand: %v %q", err, out)
+	}
+	cfg := probeConfig{kind: "blk", lc: LaunchConfig{Trampoline: bin}}
+	p := startProbe(t, cfg)
+	if !strings.HasPrefix(p.cmd.Path, "/proc/self/fd/") {
+		t.Errorf("command %q: want the trampoline binary through its fd", p.cmd.Path)
+	}
+	checkAttempts(t, p.next("attempts"), refusedByFullSandbox())
+	p.talk()
+	checkIO(t, p.next("io"), "blk")
+	p.next("ready")
+	p.checkOutside(p.cfg.lc)
+	p.checkRefusalsLogged("socket", "execve", "clone")
+	p.finish()
+
+	if err := (LaunchConfig{Trampoline: filepath.Join(t.TempDir(), "missing")}).Apply(exec.Command("/bin/true")); err == nil ||
+		!strings.Contains(err.Error(), "sandbox: trampoline") {
+		t.Errorf("Apply with a missing trampoline: %v", err)
+	}
+}
+
 // An unprivileged launcher (nobody) sandboxing a plugin.
 func TestSandboxUnprivilegedLauncher(t *testing.T) {
 	requireSandboxHost(t)

@@ -51,6 +51,9 @@ func trampoline(raw string, argv []string) int {
 	// The launcher's two fds end at exec; everything else is the plugin's.
 	unix.CloseOnExec(e.ExecFD)
 	unix.CloseOnExec(e.ChanFD)
+	if e.TrampolineFD > 0 {
+		unix.CloseOnExec(e.TrampolineFD)
+	}
 	off := func(l Layer) bool { return slices.Contains(e.Disabled, l) }
 	if !off(LayerNamespaces) {
 		if err := checkNamespaces(); err != nil {

@@ -37,11 +37,14 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	build := exec.Command("go", "build", "-o", filepath.Join(dir, ExecutableName("test")), "./testdata/testplugin")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building test plugin: %v\n%s", err, out)
-		os.Exit(1)
+	for out, pkg := range map[string]string{ExecutableName("test"): "./testdata/testplugin",
+		ExecutableName("null"): "../../examples/plugin-null", sandbox.TrampolineName: "../../cmd/krun-sandbox-exec"} {
+		build := exec.Command("go", "build", "-o", filepath.Join(dir, out), pkg)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, out)
+			os.Exit(1)
+		}
 	}
 	testPluginDir = dir
 	code := m.Run()
@@ -797,24 +800,89 @@ func TestPluginToHostChecksAddress(t *testing.T) {
 }
 
 // BenchmarkLaunchToFirstRPCSandboxed is the launch cost with the real
-// launcher-side sandbox (namespaces, and the trampoline that applies the
-// root, Landlock and seccomp before the plugin's first instruction).
+// sandbox: namespaces, and the trampoline that applies the root, Landlock
+// and seccomp before the plugin's first instruction, once as this (large)
+// test binary re-executed, once as krun-sandbox-exec.
 func BenchmarkLaunchToFirstRPCSandboxed(b *testing.B) {
-	for b.Loop() {
-		b.StopTimer()
-		cfg := testConfig(b, "ok")
-		cfg.SandboxOff = false
-		cfg.Sandbox = sandbox.LaunchConfig{Kind: "test", Log: hclog.NewNullLogger()}
-		b.StartTimer()
-		p, err := Launch(cfg)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if _, err := p.Describe(context.Background()); err != nil {
-			b.Fatal(err)
-		}
-		b.StopTimer()
-		p.Kill()
-		b.StartTimer()
+	for _, c := range []struct{ name, trampoline string }{
+		{"self", "/proc/self/exe"},
+		{"krun-sandbox-exec", filepath.Join(testPluginDir, sandbox.TrampolineName)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				b.StopTimer()
+				cfg := testConfig(b, "ok")
+				cfg.SandboxOff = false
+				cfg.Sandbox = sandbox.LaunchConfig{Kind: "test", Trampoline: c.trampoline, Log: hclog.NewNullLogger()}
+				b.StartTimer()
+				p, err := Launch(cfg)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := p.Describe(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				p.Kill()
+				b.StartTimer()
+			}
+		})
 	}
+}
+
+// BenchmarkLaunchConfigureSandboxed is the cost of a sandboxed plugin up to
+// a configured device: launch, handshake, Describe, and Configure, in which
+// the plugin (examples/plugin-null, built with pluginsdk) narrows its
+// sandbox with Restrict and the host checks it with Verify.
+func BenchmarkLaunchConfigureSandboxed(b *testing.B) {
+	for _, c := range []struct{ name, trampoline string }{
+		{"self", "/proc/self/exe"},
+		{"krun-sandbox-exec", filepath.Join(testPluginDir, sandbox.TrampolineName)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			self0, child0 := cpuClock()
+			defer func() { reportCPU(b, self0, child0) }()
+			for b.Loop() {
+				b.StopTimer()
+				cfg := testConfig(b, "ok")
+				cfg.Kind = "null"
+				cfg.SandboxOff = false
+				cfg.Sandbox = sandbox.LaunchConfig{Kind: "null", Trampoline: c.trampoline, Log: hclog.NewNullLogger()}
+				b.StartTimer()
+				p, err := Launch(cfg)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := p.Describe(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+				if _, _, err := p.Configure(context.Background(), nil); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				p.Kill()
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// cpuClock is the CPU time (user + system) of this process and of its
+// reaped children (the plugins), for benchmarks on a shared machine where
+// wall time mostly measures the other load.
+func cpuClock() (self, children time.Duration) {
+	var a, b syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &a)
+	syscall.Getrusage(syscall.RUSAGE_CHILDREN, &b)
+	d := func(r syscall.Rusage) time.Duration {
+		return time.Duration(syscall.TimevalToNsec(r.Utime) + syscall.TimevalToNsec(r.Stime))
+	}
+	return d(a), d(b)
+}
+
+// reportCPU reports the CPU time per operation since (self0, child0).
+func reportCPU(b *testing.B, self0, child0 time.Duration) {
+	self, child := cpuClock()
+	b.ReportMetric(float64(self-self0)/float64(b.N)/1e6, "host-cpu-ms/op")
+	b.ReportMetric(float64(child-child0)/float64(b.N)/1e6, "plugin-cpu-ms/op")
 }
