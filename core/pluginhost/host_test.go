@@ -658,6 +658,8 @@ func TestPdeathsigKillsPluginWithHost(t *testing.T) {
 // BenchmarkLaunchToFirstRPC measures starting a plugin process, the
 // go-plugin handshake and the first RPC (Describe).
 func BenchmarkLaunchToFirstRPC(b *testing.B) {
+	self0, child0 := cpuClock()
+	defer func() { reportCPU(b, self0, child0) }()
 	for b.Loop() {
 		b.StopTimer()
 		cfg := testConfig(b, "ok")
@@ -809,6 +811,8 @@ func BenchmarkLaunchToFirstRPCSandboxed(b *testing.B) {
 		{"krun-sandbox-exec", filepath.Join(testPluginDir, sandbox.TrampolineName)},
 	} {
 		b.Run(c.name, func(b *testing.B) {
+			self0, child0 := cpuClock()
+			defer func() { reportCPU(b, self0, child0) }()
 			for b.Loop() {
 				b.StopTimer()
 				cfg := testConfig(b, "ok")
