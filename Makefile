@@ -3,9 +3,9 @@ GO ?= go
 export CGO_ENABLED := 0
 
 PLUGINS := $(notdir $(wildcard plugins/*))
-BINS := bin/krun-core bin/krun-sandbox-exec $(addprefix bin/krun-plugin-,$(PLUGINS))
+BINS := bin/krun-core bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
 
-.PHONY: all test unit deps vet fmt clean FORCE
+.PHONY: all test unit deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
@@ -15,12 +15,21 @@ bin/krun-core: FORCE
 bin/krun-sandbox-exec: FORCE
 	$(GO) build -trimpath -o $@ ./cmd/krun-sandbox-exec
 
+# The guest's PID 1 for `run --root DIR -- CMD` (static, like everything).
+bin/krun-init: FORCE
+	$(GO) build -trimpath -o $@ ./guest/init
+
 bin/krun-plugin-%: FORCE
 	$(GO) build -trimpath -o $@ ./plugins/$*
 
 # Debian packages the tests need (qemu, qemu-utils, passt, busybox-static, ...).
 deps:
 	./scripts/install-deps.sh
+
+# Debian's stock kernel for krun-core run, into ~/.cache/krun-core/kernel
+# (outside the repository); prints how to use it.
+kernel:
+	./scripts/fetch-kernel.sh
 
 vet:
 	$(GO) vet ./...

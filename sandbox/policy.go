@@ -273,14 +273,15 @@ func DefaultLimits(kind string) Limits {
 
 // KindProfile returns the seccomp profile the trampoline enforces for a
 // plugin kind from its first instruction: the built-in kinds' own profiles
-// (blk-raw, blk-qcow2 and img: block; net-passt: net; fs-virtio: fs), and
-// for any other kind ProfileFS, the union of the built-in profiles. A
-// plugin's own Restrict narrows it further to the policy it declares.
+// (blk-raw, blk-qcow2 and img: block; net-passt and console: net;
+// fs-virtio: fs), and for any other kind ProfileFS, the union of the
+// built-in profiles. A plugin's own Restrict narrows it further to the
+// policy it declares.
 func KindProfile(kind string) Profile {
 	switch kind {
 	case "blk", "blk-raw", "blk-qcow2", "img":
 		return ProfileBlock
-	case "net", "net-passt":
+	case "net", "net-passt", "console":
 		return ProfileNet
 	}
 	return ProfileFS

@@ -170,7 +170,7 @@ func TestLaunchEnvRoundTrip(t *testing.T) {
 
 func TestKindProfile(t *testing.T) {
 	for kind, want := range map[string]Profile{
-		"blk-raw": ProfileBlock, "blk-qcow2": ProfileBlock, "img": ProfileBlock, "net-passt": ProfileNet,
+		"blk-raw": ProfileBlock, "blk-qcow2": ProfileBlock, "img": ProfileBlock, "net-passt": ProfileNet, "console": ProfileNet,
 		"fs-virtio": ProfileFS, "null": ProfileFS, "": ProfileFS, "blk-custom": ProfileFS,
 	} {
 		if got := KindProfile(kind); got != want {
