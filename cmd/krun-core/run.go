@@ -123,6 +123,11 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if sandboxOff && len(disabled) > 0 {
 		return fail("--sandbox=off already turns every layer off; drop --sandbox-disable")
 	}
+	if execMode && !flagSet(fs, "log-level") {
+		// krun-core's stderr is the command's: only errors of krun-core
+		// itself go there unless asked for.
+		*logLevel = "error"
+	}
 	level := hclog.LevelFromString(*logLevel)
 	if level == hclog.NoLevel {
 		return fail("unknown --log-level %q", *logLevel)
@@ -252,6 +257,17 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return res.ExitStatus
 	}
 	return 0
+}
+
+// flagSet reports whether the flag was given on the command line.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == name {
+			set = true
+		}
+	})
+	return set
 }
 
 // execFailure reports why a command could not run, with the status the
