@@ -361,7 +361,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		kind = filepath.Base(args[0])
 	}
 	go func() {
-		receiveListener(mine, theirs, kind, log)
+		receiveListener(mine, theirs, kind, chanWait, log)
 		exe.Close()
 		if sockFile != nil {
 			sockFile.Close()

@@ -225,10 +225,13 @@ const (
 // (a process that never started, or was killed before it sent anything).
 const chanWait = 2 * time.Minute
 
-// receiveListener waits for the trampoline's one message on the launcher's
-// end of the channel and supervises the listener it carries.
-func receiveListener(ch *os.File, peer *os.File, kind string, log hclog.Logger) {
-	fd, msg, err := recvOne(ch, chanWait)
+// receiveListener waits (at most wait) for the trampoline's one message on
+// the launcher's end of the channel and supervises the listener it carries.
+// peer is the launcher's copy of the trampoline's end: it keeps the channel
+// open until the child has it, so a trampoline that dies without a word
+// costs the wait.
+func receiveListener(ch *os.File, peer *os.File, kind string, wait time.Duration, log hclog.Logger) {
+	fd, msg, err := recvOne(ch, wait)
 	// The trampoline sent its message (or never will): our copy of its end
 	// of the socket pair is no longer needed.
 	peer.Close()
