@@ -288,7 +288,7 @@ func (f *imgFlags) launcher(stderr io.Writer) (*imgtool.Launcher, error) {
 	}
 	switch f.sandboxOn {
 	case "on":
-		l.Sandbox = sandbox.LaunchConfig{Disable: layers, Log: log}
+		l.Sandbox = sandbox.LaunchConfig{Kind: "img", Disable: layers, Log: log}
 	case "off":
 		if len(layers) > 0 {
 			return nil, errors.New("--sandbox=off already turns every layer off; drop --sandbox-disable")

@@ -80,6 +80,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox `LAYERS`: namespaces,root,landlock,seccomp or all")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
 		marker    = fs.String("boot-marker", "", "console `TEXT` whose first appearance marks the guest's init (for --timing)")
+		pluginUID = fs.String("plugin-uid", "", "host `UID` plugins run as (root only; default 65534, never 0)")
+		pluginGID = fs.String("plugin-gid", "", "host `GID` plugins run as (root only; default 65534, never 0)")
 		root      = fs.String("root", "", "the host `DIR` to use as the guest's root file system; the command after -- runs in it")
 		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
 		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
@@ -212,6 +214,18 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	c.SetPluginDir(*pluginDir)
 	c.SetSandboxOff(sandboxOff)
 	c.SetSandboxDisable(disabled)
+	uid, err := sandbox.ParseHostID(*pluginUID)
+	if err != nil {
+		return fail("--plugin-uid: %v", err)
+	}
+	gid, err := sandbox.ParseHostID(*pluginGID)
+	if err != nil {
+		return fail("--plugin-gid: %v", err)
+	}
+	if _, _, err := (sandbox.LaunchConfig{HostUID: uid, HostGID: gid}).PluginIDs(); err != nil {
+		return fail("%v", err)
+	}
+	c.SetPluginIDs(uid, gid)
 	if sandboxOff {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
 	}

@@ -55,6 +55,8 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--disk", "path=/x"}, "--disk"},
 		{[]string{"--kernel", k, "--sandbox", "maybe"}, "--sandbox"},
 		{[]string{"--kernel", k, "--sandbox", "off", "--sandbox-disable", "root"}, "--sandbox-disable"},
+		{[]string{"--kernel", k, "--plugin-uid", "0"}, "--plugin-uid: 0: plugins never run as host root"},
+		{[]string{"--kernel", k, "--plugin-gid", "-5"}, "--plugin-gid"},
 		{[]string{"--kernel", k, "--initrd", k, "--disk", "path=/x"}, "--disk"},
 		{[]string{"--kernel", k, "--boot-timeout", "soon"}, "not a duration"},
 		{[]string{"--kernel", k, "--boot-timeout", "-5s"}, "negative"},

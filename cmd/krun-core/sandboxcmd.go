@@ -86,6 +86,14 @@ func writeSandboxStatus(w io.Writer, r sandbox.StatusReport) {
 	if len(missing) > 0 {
 		fmt.Fprintf(w, "\nPlugins will not start on this host (fail closed) unless run with\n  --sandbox-disable=%s\nwhich weakens the sandbox and prints a warning.\n", strings.Join(missing, ","))
 	}
+	fmt.Fprintf(w, "\nPlugins run as host %s\n", r.PluginIDs)
+	fmt.Fprintf(w, "\nStart-up calls, allowed to every plugin from its first instruction until its own sandbox.Restrict (%d):\n", len(r.Launch))
+	for _, s := range r.Launch {
+		fmt.Fprintf(w, "    %-18s %s\n", s.Syscall, s.Reason)
+		if s.Args != "" {
+			fmt.Fprintf(w, "    %-18s only if %s\n", "", s.Args)
+		}
+	}
 	for _, k := range r.Kinds {
 		fmt.Fprintf(w, "\nPlugin kind %s (seccomp profile %q)\n", k.Kind, k.Profile)
 		fmt.Fprintf(w, "  namespaces: %s (all new)\n", strings.Join(k.Namespaces, ", "))

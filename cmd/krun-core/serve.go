@@ -48,6 +48,10 @@ options:
                             then the directory of krun-core)
   --sandbox on|off          the plugin sandbox (default on); off needs saying so and warns
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
+  --plugin-uid UID, --plugin-gid GID
+                            host ids the plugin runs as (krun-core as root only; default
+                            65534:65534, nobody:nogroup; never 0); a shared directory
+                            must be accessible to them
   --log-level LEVEL         trace, debug, info, warn (default), error; at info, a
                             "serving" line says when the socket is ready
   --log-format FORMAT       text (default), or json for hclog's JSON lines
@@ -68,6 +72,8 @@ type serveOptions struct {
 	sandboxOff       bool
 	sandboxDisable   []sandbox.Layer
 	log              func(stderr io.Writer) (hclog.Logger, error)
+	pluginUID        int // 0: the sandbox's default
+	pluginGID        int
 	handshakeTimeout time.Duration
 }
 
@@ -88,6 +94,8 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	fs.StringVar(&o.pluginDir, "plugin-dir", "", "")
 	sandboxMode := fs.String("sandbox", "on", "")
 	disable := fs.String("sandbox-disable", "", "")
+	pluginUID := fs.String("plugin-uid", "", "")
+	pluginGID := fs.String("plugin-gid", "", "")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", pluginhost.DefaultHandshakeTimeout, "")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -126,6 +134,15 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 		return nil, err
 	}
 	if err := pluginhost.CheckSearchPath(o.pluginDir); err != nil {
+		return nil, err
+	}
+	if o.pluginUID, err = sandbox.ParseHostID(*pluginUID); err != nil {
+		return nil, fmt.Errorf("--plugin-uid: %w", err)
+	}
+	if o.pluginGID, err = sandbox.ParseHostID(*pluginGID); err != nil {
+		return nil, fmt.Errorf("--plugin-gid: %w", err)
+	}
+	if _, _, err := (sandbox.LaunchConfig{HostUID: o.pluginUID, HostGID: o.pluginGID}).PluginIDs(); err != nil {
 		return nil, err
 	}
 	if o.handshakeTimeout <= 0 {
@@ -204,7 +221,8 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		cfg.SandboxOff = true
 		fmt.Fprintln(stderr, "krun-core serve: warning: --sandbox=off: the plugin parses guest- and image-controlled bytes unconfined, with krun-core's privileges")
 	} else {
-		cfg.Sandbox = sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(opened.Kind), Disable: o.sandboxDisable, Log: log}
+		cfg.Sandbox = sandbox.LaunchConfig{Kind: opened.Kind, Disable: o.sandboxDisable, Log: log,
+			HostUID: o.pluginUID, HostGID: o.pluginGID}
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
 )
 
@@ -65,6 +66,8 @@ func TestServeArgErrors(t *testing.T) {
 		{"bad sandbox", []string{pd, "--socket", sock, "--sandbox=maybe", "--disk", "path=" + img + ",format=raw"}, `--sandbox="maybe": want on or off`},
 		{"bad layer", []string{pd, "--socket", sock, "--sandbox-disable=rlimits", "--disk", "path=" + img + ",format=raw"}, `--sandbox-disable: sandbox layer "rlimits" cannot be disabled`},
 		{"bad log level", []string{pd, "--socket", sock, "--log-level=loud", "--disk", "path=" + img + ",format=raw"}, `--log-level="loud"`},
+		{"root plugin", []string{pd, "--socket", sock, "--plugin-uid=0", "--disk", "path=" + img + ",format=raw"}, "--plugin-uid: 0: plugins never run as host root"},
+		{"bad plugin gid", []string{pd, "--socket", sock, "--plugin-gid=staff", "--disk", "path=" + img + ",format=raw"}, `--plugin-gid: "staff" is not a host id`},
 		{"extra argument", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw", "extra"}, `unexpected argument "extra"`},
 		{"unknown flag", []string{pd, "--socket", sock, "--cdrom", "x"}, "unknown flag --cdrom (see krun-core serve --help)"},
 		{"flag without value", []string{pd, "--disk", "path=" + img + ",format=raw", "--socket"}, "a value is needed for --socket"},
@@ -235,6 +238,32 @@ func readEntropy(t *testing.T, path string, n uint32) []byte {
 	return append([]byte(nil), buf[:min(c[0].Len, n)]...)
 }
 
+// checkPluginIDs checks from outside that the plugin runs as uid:gid (and
+// never as host root).
+func checkPluginIDs(t *testing.T, pid, uid, gid int) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) != 5 || (f[0] != "Uid:" && f[0] != "Gid:") {
+			continue
+		}
+		want := strconv.Itoa(uid)
+		if f[0] == "Gid:" {
+			want = strconv.Itoa(gid)
+		}
+		for _, v := range f[1:] {
+			if v != want || (os.Geteuid() == 0 && v == "0") {
+				t.Errorf("plugin %d: %s, want %s everywhere (never 0)", pid, l, want)
+				break
+			}
+		}
+	}
+}
+
 var pidRE = regexp.MustCompile(`serving: .*pid=([0-9]+)`)
 
 // servingPid waits for the "serving" log line and returns the plugin pid.
@@ -336,8 +365,17 @@ func TestServeDisk(t *testing.T) {
 				t.Fatalf("qemu-img create: %v\n%s", err, out)
 			}
 			sock := filepath.Join(dir, "blk.sock")
-			s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format="+format)
+			// As root, the plugin runs as nobody by default, or as chosen.
+			args, uid, gid := []string{"--socket", sock}, sandbox.DefaultPluginUID, sandbox.DefaultPluginGID
+			if format == "qcow2" {
+				args, uid, gid = append(args, "--plugin-uid=4242", "--plugin-gid=4343"), 4242, 4343
+			}
+			if os.Geteuid() != 0 {
+				args, uid, gid = args[:2], os.Geteuid(), os.Getegid()
+			}
+			s := startServe(t, bin, append(args, "--disk", "path="+img+",format="+format)...)
 			waitSocket(t, s, sock)
+			checkPluginIDs(t, servingPid(t, s), uid, gid)
 
 			b, err := testguest.DialBlk(sock, testguest.Options{})
 			if err != nil {

@@ -227,8 +227,10 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
 	}
 	// go-plugin adds "/plugin-dirNNNNNNNNNN/pluginNNNNNNNNNN" (at most 39
-	// bytes) and a unix socket path has room for 107.
-	if len(p.sockDir)+39 > 107 {
+	// bytes), the host reaches a sandboxed plugin's socket through
+	// "/proc/PID/root" (at most 18), and a unix socket path has room for
+	// 107.
+	if len(p.sockDir)+39+18 > 107 {
 		_ = os.RemoveAll(p.sockDir)
 		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
 	}

@@ -125,7 +125,8 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 		Logger: log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
 	}
 	if !c.sandboxOff {
-		cfg.Sandbox = sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(d.opened.Kind), Disable: c.sandboxDisable, Log: log}
+		cfg.Sandbox = sandbox.LaunchConfig{Kind: d.opened.Kind, Disable: c.sandboxDisable, Log: log,
+			HostUID: c.pluginUID, HostGID: c.pluginGID}
 	}
 	if d.plugin, err = pluginhost.Launch(cfg); err != nil {
 		return nil, err

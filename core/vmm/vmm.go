@@ -72,6 +72,8 @@ type Context struct {
 	pluginDir      string
 	sandboxOff     bool
 	sandboxDisable []sandbox.Layer
+	pluginUID      int // 0: the sandbox's default (sandbox.LaunchConfig.PluginIDs)
+	pluginGID      int
 	bootMarker     string
 	bootTimeout    time.Duration
 	started        bool
@@ -218,6 +220,10 @@ func (c *Context) SetSandboxOff(off bool) { c.sandboxOff = off }
 // choice, e.g. the empty root where the host's root is an initramfs, which
 // cannot be pivoted away from).
 func (c *Context) SetSandboxDisable(layers []sandbox.Layer) { c.sandboxDisable = layers }
+
+// SetPluginIDs sets the host uid and gid plugins run as (0: the sandbox's
+// default, nobody:nogroup for a root krun-core).
+func (c *Context) SetPluginIDs(uid, gid int) { c.pluginUID, c.pluginGID = uid, gid }
 
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).

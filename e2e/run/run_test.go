@@ -44,6 +44,9 @@ cp /bin/busybox /r/bin/busybox
 for applet in $(/r/bin/busybox --list); do
 	[ "$applet" = busybox ] || ln -s /bin/busybox /r/bin/$applet
 done
+# krun-core runs as root here, so its plugins run as nobody:nogroup: the
+# root directory is theirs, or the guest could not write to it.
+chown 65534:65534 /r
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 # kr NAME STDIN ARGS...: krun-core run ARGS with stdin from STDIN, stdout in
 # /tmp/NAME.out and stderr in /tmp/NAME.err; its status in $rc. A run that
@@ -241,6 +244,13 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		blob[i] = byte(i*131 + i>>9)
 	}
 	os.WriteFile(filepath.Join(root, "blob"), blob, 0o644)
+	if os.Geteuid() == 0 {
+		// A root krun-core runs its plugins as nobody:nogroup: the root
+		// directory is theirs, or the guest could not write to it.
+		if err := os.Chown(root, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+	}
 	base := []string{"run", "--kernel", a.Kernel.Vmlinuz, "--plugin-dir", dir, "--memory", "256M", "--root", root}
 	for _, tc := range []struct {
 		name   string
