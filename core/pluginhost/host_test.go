@@ -701,7 +701,6 @@ func TestTailBufferPanicLine(t *testing.T) {
 	}
 }
 
-<<<<<<< HEAD
 // A plugin directory given relative to the working directory works: exec
 // must not get a bare name to look up in $PATH.
 func TestRelativePluginDir(t *testing.T) {
@@ -768,7 +767,6 @@ func TestKindMismatchRefused(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
-=======
 // A plugin launched with the real sandbox: its gRPC socket is in its own
 // root (the host reaches it through /proc/PID/root), it runs as an
 // unprivileged host id, and although it never restricts itself (the test
@@ -958,4 +956,3 @@ func reportCPU(b *testing.B, self0, child0 time.Duration) {
 	b.ReportMetric(float64(self-self0)/float64(b.N)/1e6, "host-cpu-ms/op")
 	b.ReportMetric(float64(child-child0)/float64(b.N)/1e6, "plugin-cpu-ms/op")
 }
->>>>>>> sec-sandbox
