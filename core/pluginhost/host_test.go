@@ -767,6 +767,7 @@ func TestKindMismatchRefused(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
 // A plugin launched with the real sandbox: its gRPC socket is in its own
 // root (the host reaches it through /proc/PID/root), it runs as an
 // unprivileged host id, and although it never restricts itself (the test
