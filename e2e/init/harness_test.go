@@ -98,7 +98,7 @@ func serveFS(t *testing.T, dir, tag string) string {
 	socket := filepath.Join(shortDir(t), "fs.sock")
 	var out vmtest.LockedBuffer
 	cmd := exec.Command(filepath.Join(bins.Dir(t), "krun-core"), "serve", "--socket", socket,
-		"--fs", "path="+dir+",tag="+tag)
+		"--fs", "path="+dir+",tag="+tag, "--log-level", "info")
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -106,6 +106,9 @@ for tag in vfsd kfs; do
 	mkdir -p /tmp/share-$tag
 	echo "hello from the host to $tag" > /tmp/share-$tag/from-host
 done
+# A root krun-core serves shares as nobody (the outer root, an initramfs on
+# Debian 6.1, has no idmapped mounts): the share is nobody's.
+chown -R 65534:65534 /tmp/share-kfs
 for label in %[1]s %[2]s; do
 	dd if=/dev/zero of=/tmp/$label.raw bs=1M count=8 2>/dev/null
 	printf $label | dd of=/tmp/$label.raw conv=notrunc 2>/dev/null
