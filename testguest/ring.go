@@ -205,12 +205,14 @@ func (r *Ring) Post(segs []Segment, token any) (uint16, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 
+	if len(segs) > int(r.opt.Size) {
+		// A chain may not be longer than the queue, indirect or not
+		// (virtio 1.2, 2.7.5.3.1).
+		return 0, fmt.Errorf("post: %d segments on a ring of %d", len(segs), r.opt.Size)
+	}
 	useIndirect := r.opt.Indirect && len(segs) > 1
 	need := uint16(1)
 	if !useIndirect {
-		if len(segs) > int(r.opt.Size) {
-			return 0, fmt.Errorf("post: %d segments on a ring of %d", len(segs), r.opt.Size)
-		}
 		need = uint16(len(segs))
 	}
 	if r.numFree < need {

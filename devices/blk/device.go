@@ -34,6 +34,6 @@ func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) err
 	}
 	w := d.newWorker()
 	return vr.Run(ctx, func(c *virtq.Chain) (uint32, error) {
-		return w.handle(c.ReadableSegments(), c.WritableSegments())
+		return w.handleChain(c)
 	})
 }

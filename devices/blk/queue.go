@@ -40,7 +40,7 @@ type poolWorker struct {
 
 func (p *poolWorker) handle() error {
 	s := p.cur
-	s.written, s.bad = p.w.handle(s.c.ReadableSegments(), s.c.WritableSegments())
+	s.written, s.bad = p.w.handleChain(&s.c)
 	return nil
 }
 
@@ -172,7 +172,7 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring, n int) 
 			if inflight == 0 {
 				if more, _ := q.Pending(); more == 0 {
 					// Alone on an idle queue: no hand-off.
-					written, bad := inline.handle(s.c.ReadableSegments(), s.c.WritableSegments())
+					written, bad := inline.handleChain(&s.c)
 					vr.CountRequests(1)
 					if bad != nil {
 						vr.CountMalformed(bad)
@@ -186,7 +186,7 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring, n int) 
 			}
 			free = free[:len(free)-1]
 			inflight++
-			if isWrite(s.c.ReadableSegments()) {
+			if isWrite(&s.c) {
 				writes <- i
 			} else {
 				work <- i
@@ -234,9 +234,14 @@ func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring, n int) 
 
 // isWrite peeks at a request's type: true for VIRTIO_BLK_T_OUT. A request
 // too short to tell is not a write (the handler fails it).
-func isWrite(rd [][]byte) bool {
+func isWrite(c *virtq.Chain) bool {
 	var t [4]byte
-	if segLen(rd) < HeaderSize {
+	var segs [4][]byte
+	if c.ReadableLen() < HeaderSize {
+		return false
+	}
+	rd := c.PeekReadable(segs[:0], 4)
+	if segLen(rd) < 4 {
 		return false
 	}
 	gather(t[:], rd, 0)

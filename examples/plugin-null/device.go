@@ -70,19 +70,19 @@ func (d *entropy) handle(c *virtq.Chain) (uint32, error) {
 		d.empty.Add(1)
 		return 0, errNoWritable
 	}
-	var written uint32
-	for _, seg := range c.WritableSegments() {
-		n := min(len(seg), maxRequest-int(written))
-		if n == 0 {
-			break
-		}
+	var buf [4096]byte
+	for c.RemainingWrite() > 0 && c.Written() < maxRequest {
+		p := buf[:min(uint64(len(buf)), c.RemainingWrite(), uint64(maxRequest-c.Written()))]
 		if d.zero {
-			clear(seg[:n])
-		} else if _, err := rand.Read(seg[:n]); err != nil {
-			return written, fmt.Errorf("random source: %w", err)
+			clear(p)
+		} else if _, err := rand.Read(p); err != nil {
+			return c.Written(), fmt.Errorf("random source: %w", err)
 		}
-		written += uint32(n)
+		if _, err := c.Write(p); err != nil {
+			return c.Written(), err
+		}
 	}
+	written := c.Written()
 	d.bytes.Add(uint64(written))
 	return written, nil
 }
