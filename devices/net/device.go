@@ -1,8 +1,6 @@
 package net
 
 import (
-	"context"
-
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
@@ -25,9 +23,4 @@ func (d *Device) Info() backend.DeviceInfo {
 		Features:         d.DeviceFeatures(),
 		ProtocolFeatures: vhostuser.ProtocolConfig,
 	}
-}
-
-// ServeQueue serves rx (0) or tx (1) while the ring runs.
-func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
-	return d.Serve(ctx, idx, vr)
 }

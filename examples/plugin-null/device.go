@@ -56,11 +56,22 @@ func (d *entropy) Reset() {}
 // errNoWritable marks a request without a device-writable buffer.
 var errNoWritable = errors.New("entropy request has no device-writable buffer")
 
-func (d *entropy) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
+// Queue serves the one queue: each request is filled on the ring's
+// goroutine, in order.
+func (d *entropy) Queue(_ context.Context, idx int) (backend.QueueConfig, error) {
 	if idx != 0 {
-		return fmt.Errorf("entropy device has one queue, not %d", idx+1)
+		return backend.QueueConfig{}, fmt.Errorf("entropy device has one queue, not %d", idx+1)
 	}
-	return vr.Run(ctx, d.handle)
+	return backend.QueueConfig{Handler: d}, nil
+}
+
+// Handle serves one request.
+func (d *entropy) Handle(req *backend.Request) {
+	written, err := d.handle(req.Chain())
+	if err != nil {
+		req.Malformed(err)
+	}
+	req.Complete(written)
 }
 
 // handle fills the chain's writable buffers, up to maxRequest bytes.
