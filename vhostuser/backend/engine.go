@@ -94,7 +94,7 @@ type engine struct {
 	mu          sync.Mutex
 	free        *Request   // free list
 	all         []*Request // every request made
-	inFlight    int        // taken and not completed
+	inFlight    int        // taken and not completed (or given back)
 	batching    bool       // the ring goroutine publishes at the end of its round
 	unpublished int        // used elements added and not published
 	waiting     bool       // the ring goroutine waits on wake
@@ -320,7 +320,7 @@ func (e *engine) protectHandle(req *Request) (err error) {
 }
 
 // get returns a free request, making one while fewer than max exist, or
-// nil when max are in flight.
+// nil when all max are in flight (or held by the ring goroutine).
 func (e *engine) get() *Request {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -332,26 +332,22 @@ func (e *engine) get() *Request {
 	case len(e.all) < e.max:
 		r = &Request{e: e}
 		e.all = append(e.all, r)
-	default:
-		return nil
 	}
-	e.inFlight++
 	return r
 }
 
 // put returns a request that get handed out and that was not taken.
 func (e *engine) put(r *Request) {
 	e.mu.Lock()
-	e.release(r)
+	e.freeLocked(r)
 	e.mu.Unlock()
 }
 
-// release puts r on the free list and wakes the ring goroutine if it
+// freeLocked puts r on the free list and wakes the ring goroutine if it
 // waits for one. Called with mu held.
-func (e *engine) release(r *Request) {
+func (e *engine) freeLocked(r *Request) {
 	r.next = e.free
 	e.free = r
-	e.inFlight--
 	if e.waiting {
 		e.waiting = false
 		select {
@@ -361,9 +357,18 @@ func (e *engine) release(r *Request) {
 	}
 }
 
+// release ends a request in flight. Called with mu held.
+func (e *engine) release(r *Request) {
+	e.inFlight--
+	e.freeLocked(r)
+}
+
 // take is where a chain becomes a request in flight: the one place a
 // chain is taken from the ring.
 func (e *engine) take(r *Request) {
+	e.mu.Lock()
+	e.inFlight++
+	e.mu.Unlock()
 	r.malformed = false
 	r.state.Store(reqTaken)
 	// In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) marks
@@ -393,7 +398,9 @@ func (e *engine) complete(r *Request, written uint32) {
 // it was handled).
 func (e *engine) drop(r *Request) {
 	if r.state.CompareAndSwap(reqTaken, reqFree) {
-		e.put(r)
+		e.mu.Lock()
+		e.release(r)
+		e.mu.Unlock()
 	}
 }
 

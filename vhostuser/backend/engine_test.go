@@ -3,11 +3,13 @@ package backend_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/krun-core/krun-core/testguest"
+	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
 // TestEngineModes runs batches of echo requests deeper than the ring
@@ -179,5 +181,58 @@ func BenchmarkRequest(b *testing.B) {
 				run(b.N)
 			})
 		}
+	}
+}
+
+// TestCompleteAfterTruncation: the front-end truncates guest memory while
+// the device holds requests, and the device completes them afterwards from
+// a goroutine of its own, without Protect: the completion (used element,
+// index, notification) faults inside the engine, which fails the ring
+// with one log line; the back-end keeps serving the connection.
+func TestCompleteAfterTruncation(t *testing.T) {
+	for _, workers := range []int{0, 4} {
+		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) {
+			dev := newTestDevice(1)
+			dev.mode, dev.workers = "hold", workers
+			h := newHarness(t, dev)
+			g, err := testguest.Start(h.client, testguest.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g.Close()
+			errFD := newEventfd(t)
+			if err := h.client.SetVringErr(0, errFD); err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 3; i++ {
+				postEcho(t, g, g.Rings[0], fmt.Sprintf("held %d", i))
+			}
+			var reqs []*backend.Request
+			for len(reqs) < 3 {
+				select {
+				case r := <-dev.held:
+					reqs = append(reqs, r)
+				case <-time.After(5 * time.Second):
+					t.Fatalf("%d requests reached the device", len(reqs))
+				}
+			}
+			if err := g.Mem.File().Truncate(0); err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range reqs {
+				r.Complete(1)
+			}
+			waitEventfd(t, errFD)
+			logContains(t, h, "memory fault")
+			if n := strings.Count(h.logs.String(), "memory fault"); n != 1 {
+				t.Fatalf("%d log lines about the fault:\n%s", n, h.logs.String())
+			}
+			if st := h.srv.Stats()[0]; st.Failures != 1 || st.Running {
+				t.Fatalf("stats %+v", st)
+			}
+			if _, err := h.client.GetFeatures(); err != nil {
+				t.Fatalf("back-end unusable after the fault: %v", err)
+			}
+		})
 	}
 }

@@ -37,6 +37,8 @@ type testDevice struct {
 	mode        string
 	workers     int // QueueConfig.Workers
 	maxInFlight int // QueueConfig.MaxInFlight
+	// held receives the requests of mode "hold", which the test completes.
+	held chan *backend.Request
 
 	mu       sync.Mutex
 	config   [64]byte
@@ -57,6 +59,7 @@ func newTestDevice(queues int) *testDevice {
 			ProtocolFeatures: vhostuser.ProtocolConfig,
 		},
 		events:  make(chan event, 1000),
+		held:    make(chan *backend.Request, 256),
 		stopped: map[int]chan struct{}{},
 	}
 	for i := range d.config {
@@ -126,6 +129,8 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 		return backend.QueueConfig{Producer: blocker{}}, nil
 	case "return":
 		return backend.QueueConfig{}, errors.New("device gave up")
+	case "hold":
+		return backend.QueueConfig{Handler: holdHandler{d.held}, Workers: d.workers}, nil
 	case "status":
 		return backend.QueueConfig{Handler: statusHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
 	case "async":
@@ -135,6 +140,11 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 	}
 	return backend.QueueConfig{Handler: echoHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
 }
+
+// holdHandler hands every request to the test.
+type holdHandler struct{ held chan *backend.Request }
+
+func (h holdHandler) Handle(req *backend.Request) { h.held <- req }
 
 // statusHandler writes one byte (a status) and completes.
 type statusHandler struct{}

@@ -82,6 +82,10 @@ type session struct {
 	slots       []slot
 	rings       []*ring
 
+	// faultLogged is set once a ring failed on a memory fault: further
+	// faults on this connection's memory are logged at debug level.
+	faultLogged atomic.Bool
+
 	// closeBackendReq closes the back-end request channel
 	// (SET_BACKEND_REQ_FD), after stopping the goroutine that forwards
 	// config changes on it; nil without a channel.
@@ -738,13 +742,31 @@ func (sess *session) startWorker(r *ring) {
 		defer close(done)
 		err := serveRing(ctx, dev, rc)
 		r.stats.running.Store(false)
-		if ctx.Err() != nil && err == nil {
+		if ctx.Err() != nil {
+			// Stopped by the message loop. A fault while stopping means
+			// guest memory went away under an idle ring (a front-end
+			// that truncated it); the ring is stopping anyway.
+			var fe *FaultError
+			switch {
+			case err == nil:
+			case errors.As(err, &fe):
+				log.Debug("queue stopped; guest memory was unusable", "queue", r.index, "error", err)
+			default:
+				log.Warn("queue stopped with an error", "queue", r.index, "error", err)
+			}
 			return
 		}
-		// The ring failed on its own (or failed while stopping).
+		// The ring failed on its own.
 		r.failed.Store(true)
 		r.stats.failures.Add(1)
-		log.Error("queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
+		var fe *FaultError
+		if errors.As(err, &fe) && !sess.faultLogged.CompareAndSwap(false, true) {
+			// The front-end's memory is broken for every ring; the
+			// first fault said so.
+			log.Debug("queue failed on a memory fault too", "queue", r.index, "error", err)
+		} else {
+			log.Error("queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
+		}
 		r.errFD.signal()
 	}()
 }
