@@ -587,6 +587,11 @@ func (sess *session) setVringAddr(a vhostuser.VringAddr) error {
 		r.addr = a
 		return nil
 	}
+	// The spec's alignments (virtio 1.2, 2.7): the queue's own checks
+	// apply to guest addresses, these to the front-end's.
+	if a.Desc%16 != 0 || a.Avail%2 != 0 || a.Used%4 != 0 {
+		return fmt.Errorf("%w: ring %d addresses desc %#x avail %#x used %#x not aligned to 16, 2 and 4 bytes", ErrBadValue, r.index, a.Desc, a.Avail, a.Used)
+	}
 	prev, prevSet := r.addr, r.addrSet
 	r.addr, r.addrSet = a, true
 	if _, err := sess.queueConfig(r, sess.mem); err != nil {
