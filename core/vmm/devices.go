@@ -169,6 +169,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		Features:           n.OfferedFeatures,
 		ProtocolNegotiated: n.Features&vhostuser.FeatureProtocolFeatures != 0,
 		ConfigSpace:        n.ProtocolFeatures&vhostuser.ProtocolConfig != 0,
+		ConfigData:         info.Config,
 		Backend:            client,
 		Wiring:             m.vm,
 		Translate:          m.hostAddr,

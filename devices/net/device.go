@@ -24,3 +24,8 @@ func (d *Device) Info() backend.DeviceInfo {
 		ProtocolFeatures: vhostuser.ProtocolConfig,
 	}
 }
+
+// ConfigSize is the size of the config space (mac, status,
+// max_virtqueue_pairs, mtu): what a plugin reports at Configure, and the
+// core serves the guest from.
+func (d *Device) ConfigSize() int { return configLen }
