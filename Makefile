@@ -3,14 +3,18 @@ GO ?= go
 export CGO_ENABLED := 0
 
 PLUGINS := $(notdir $(wildcard plugins/*))
-BINS := bin/krun-core $(addprefix bin/krun-plugin-,$(PLUGINS))
+BINS := bin/krun-core bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
 
-.PHONY: all test unit deps vet fmt clean FORCE
+.PHONY: all test unit deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
 bin/krun-core: FORCE
 	$(GO) build -trimpath -o $@ ./cmd/krun-core
+
+# The guest's PID 1 for `run --root DIR -- CMD` (static, like everything).
+bin/krun-init: FORCE
+	$(GO) build -trimpath -o $@ ./guest/init
 
 bin/krun-plugin-%: FORCE
 	$(GO) build -trimpath -o $@ ./plugins/$*
@@ -18,6 +22,11 @@ bin/krun-plugin-%: FORCE
 # Debian packages the tests need (qemu, qemu-utils, passt, busybox-static, ...).
 deps:
 	./scripts/install-deps.sh
+
+# Debian's stock kernel for krun-core run, into ~/.cache/krun-core/kernel
+# (outside the repository); prints how to use it.
+kernel:
+	./scripts/fetch-kernel.sh
 
 vet:
 	$(GO) vet ./...

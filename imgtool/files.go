@@ -7,15 +7,18 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/disk/imagelock"
 )
 
 // openImage opens an existing image (or declared backing/data file) for the
-// plugin: read-only unless write, never blocking on a FIFO (O_NONBLOCK while
-// opening, cleared after the type check), and only a regular file or a
-// block device.
-func openImage(what, path string, write bool) (*os.File, error) {
+// plugin: read-only unless mode is imagelock.ReadWrite, never blocking on a
+// FIFO (O_NONBLOCK while opening, cleared after the type check), only a
+// regular file or a block device, and locked as QEMU locks an image it
+// opens in that mode.
+func openImage(what, path string, mode imagelock.Mode) (*os.File, error) {
 	flags := unix.O_CLOEXEC | unix.O_NONBLOCK | unix.O_NOCTTY
-	if write {
+	if mode == imagelock.ReadWrite {
 		flags |= unix.O_RDWR
 	} else {
 		flags |= unix.O_RDONLY
@@ -35,7 +38,12 @@ func openImage(what, path string, write bool) (*os.File, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("%s: %w", what, &os.PathError{Op: "fcntl", Path: path, Err: err})
 	}
-	return os.NewFile(uintptr(fd), path), nil
+	f := os.NewFile(uintptr(fd), path)
+	if err := imagelock.Lock(f, what, path, mode); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 func checkType(fd int) error {
@@ -72,7 +80,14 @@ func createOutput(path string) (*output, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("output: %w", &os.PathError{Op: "stat", Path: path, Err: err})
 	}
-	return &output{path: path, f: os.NewFile(uintptr(fd), path), dev: st.Dev, ino: st.Ino}, nil
+	o := &output{path: path, f: os.NewFile(uintptr(fd), path), dev: st.Dev, ino: st.Ino}
+	// Nobody else can have it open yet; the lock keeps a serve or QEMU
+	// off the file while it is being written.
+	if err := imagelock.Lock(o.f, "output", path, imagelock.ReadWrite); err != nil {
+		o.remove()
+		return nil, err
+	}
+	return o, nil
 }
 
 // remove deletes the output after a failure, if path still names the file

@@ -49,6 +49,11 @@ type Launcher struct {
 	// Logger receives the host's and the plugin's log lines.
 	Logger           hclog.Logger
 	HandshakeTimeout time.Duration
+	// ForceShare opens the files a command only reads without excluding
+	// writers (qemu-img -U): such a command works on an image another
+	// process writes, and may see it inconsistent. Without it, files are
+	// locked as QEMU locks them (disk/imagelock).
+	ForceShare bool
 }
 
 // file is one fd handed to the plugin.

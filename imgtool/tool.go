@@ -24,6 +24,7 @@ import (
 	"strings"
 
 	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/disk/imagelock"
 	"github.com/krun-core/krun-core/proto/imagepb"
 )
 
@@ -54,7 +55,7 @@ type ProbeResult struct {
 
 // Probe guesses the format of path, in the plugin.
 func (l *Launcher) Probe(ctx context.Context, path string) (*ProbeResult, error) {
-	s, done, err := l.startOnImage(ctx, path, false)
+	s, done, err := l.startOnImage(ctx, path, l.readMode())
 	if err != nil {
 		return nil, err
 	}
@@ -76,7 +77,7 @@ func (l *Launcher) Info(ctx context.Context, path, format string) (*Info, error)
 	if _, err := checkFormat("--format", format); err != nil {
 		return nil, err
 	}
-	s, done, err := l.startOnImage(ctx, path, false)
+	s, done, err := l.startOnImage(ctx, path, l.readMode())
 	if err != nil {
 		return nil, err
 	}
@@ -119,7 +120,14 @@ func (l *Launcher) Check(ctx context.Context, path, format string, repair Repair
 	if _, err := checkFormat("--format", format); err != nil {
 		return nil, err
 	}
-	s, done, err := l.startOnImage(ctx, path, repair != RepairNone)
+	mode := l.readMode()
+	if repair != RepairNone {
+		if l.ForceShare {
+			return nil, errors.New("--force-share is for read-only opens; --repair writes the image")
+		}
+		mode = imagelock.ReadWrite
+	}
+	s, done, err := l.startOnImage(ctx, path, mode)
 	if err != nil {
 		return nil, err
 	}
@@ -167,7 +175,7 @@ func (l *Launcher) Create(ctx context.Context, path string, o CreateOptions) (_ 
 		if !filepath.IsAbs(bp) {
 			bp = filepath.Join(filepath.Dir(path), bp)
 		}
-		bf, err := openImage("backing file", bp, false)
+		bf, err := openImage("backing file", bp, l.readMode())
 		if err != nil {
 			return 0, err
 		}
@@ -264,7 +272,7 @@ func (l *Launcher) Convert(ctx context.Context, o ConvertOptions, progress Progr
 		if err != nil {
 			return nil, err
 		}
-		f, err := openImage(what, abs, false)
+		f, err := openImage(what, abs, l.readMode())
 		if err != nil {
 			return nil, err
 		}
@@ -428,10 +436,19 @@ func (l *Launcher) Import(ctx context.Context, o ImportOptions, progress Progres
 	return &Result{VirtualSize: last.GetVirtualSize(), Written: last.GetWritten()}, nil
 }
 
-// startOnImage opens the image at path (read-write when writable) and starts
-// the plugin with it as "image". done closes the session and the file.
-func (l *Launcher) startOnImage(ctx context.Context, path string, writable bool) (s *session, done func(), err error) {
-	f, err := openImage("image", path, writable)
+// readMode is how the launcher opens (and locks) a file it only reads.
+func (l *Launcher) readMode() imagelock.Mode {
+	if l.ForceShare {
+		return imagelock.ForceShare
+	}
+	return imagelock.ReadOnly
+}
+
+// startOnImage opens the image at path (read-write for imagelock.ReadWrite)
+// and starts the plugin with it as "image". done closes the session and the
+// file.
+func (l *Launcher) startOnImage(ctx context.Context, path string, mode imagelock.Mode) (s *session, done func(), err error) {
+	f, err := openImage("image", path, mode)
 	if err != nil {
 		return nil, nil, err
 	}

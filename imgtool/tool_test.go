@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/disk/imagelock"
 	"github.com/krun-core/krun-core/proto/imagepb"
 )
 
@@ -234,7 +235,7 @@ func TestFiles(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, err := openImage("image", fifo, false)
+		_, err := openImage("image", fifo, imagelock.ReadOnly)
 		done <- err
 	}()
 	select {
@@ -245,7 +246,7 @@ func TestFiles(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("opening a FIFO blocked")
 	}
-	if _, err := openImage("image", dir, false); err == nil {
+	if _, err := openImage("image", dir, imagelock.ReadOnly); err == nil {
 		t.Error("directory accepted as an image")
 	}
 }
@@ -275,5 +276,67 @@ func TestLaunchFailures(t *testing.T) {
 	}
 	if _, err := (&Launcher{SandboxOff: true}).Info(ctx, img, "vmdk"); err == nil || !strings.Contains(err.Error(), "unknown format") {
 		t.Errorf("unknown format: %v", err)
+	}
+}
+
+// TestLocking: every command locks what it opens before any plugin starts,
+// so an image another process writes is refused at once (the plugin path
+// here would fail if it were reached), and --force-share is for reads only.
+func TestLocking(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "img")
+	os.WriteFile(img, make([]byte, 4096), 0o644)
+	w, err := openImage("image", img, imagelock.ReadWrite)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	ctx := context.Background()
+	l := &Launcher{PluginPath: filepath.Join(dir, "no-plugin"), SandboxOff: true}
+	inUse := func(mode string) string {
+		return "image " + img + " is in use by another process (write lock): refusing to open it " + mode
+	}
+	for name, call := range map[string]func() error{
+		"info":   func() error { _, err := l.Info(ctx, img, "raw"); return err },
+		"probe":  func() error { _, err := l.Probe(ctx, img); return err },
+		"check":  func() error { _, err := l.Check(ctx, img, "qcow2", RepairNone); return err },
+		"verify": func() error { _, err := l.Verify(ctx, img, "raw", Policy{}); return err },
+	} {
+		if err := call(); err == nil || err.Error() != inUse("read-only") {
+			t.Errorf("%s: %v, want %s", name, err, inUse("read-only"))
+		}
+	}
+	if _, err := l.Check(ctx, img, "qcow2", RepairAll); err == nil || err.Error() != inUse("read-write") {
+		t.Errorf("check --repair: %v", err)
+	}
+	out := filepath.Join(dir, "out")
+	_, err = l.Convert(ctx, ConvertOptions{Input: img, Format: "raw", Output: out, OutputFormat: "raw"}, nil)
+	if want := "input " + img + " is in use by another process (write lock): refusing to open it read-only"; err == nil || err.Error() != want {
+		t.Errorf("convert: %v, want %s", err, want)
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("convert left an output behind: %v", err)
+	}
+
+	// With force-share the lock passes and the (missing) plugin is reached.
+	l.ForceShare = true
+	if _, err := l.Info(ctx, img, "raw"); err == nil || strings.Contains(err.Error(), "in use") {
+		t.Errorf("info --force-share: %v, want the missing plugin's error", err)
+	}
+	if _, err := l.Check(ctx, img, "qcow2", RepairLeaks); err == nil || !strings.Contains(err.Error(), "--force-share is for read-only opens") {
+		t.Errorf("check --repair --force-share: %v", err)
+	}
+
+	// An output is locked as a writer while it is written.
+	o, err := createOutput(filepath.Join(dir, "new"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.remove()
+	if _, err := openImage("image", o.path, imagelock.ForceShare); err != nil {
+		t.Errorf("force-share read of an output being written: %v", err)
+	}
+	if _, err := openImage("image", o.path, imagelock.ReadOnly); err == nil {
+		t.Error("an output being written opened read-only without force-share")
 	}
 }

@@ -64,7 +64,7 @@ func (l *Launcher) Verify(ctx context.Context, path, format string, p Policy) (*
 	if err := p.Validate(); err != nil {
 		return nil, err
 	}
-	s, done, err := l.startOnImage(ctx, path, false)
+	s, done, err := l.startOnImage(ctx, path, l.readMode())
 	if err != nil {
 		return nil, err
 	}

@@ -27,17 +27,17 @@ krun-core opened and opens nothing itself. No command guesses a format
 (except probe) and none opens a backing file it was not given.
 
 commands:
-  info     --format FMT [--output json] FILE
-  check    --format FMT [--repair leaks|all] [--output json] FILE
-  verify   --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] FILE
+  info     --format FMT [--output json] [-U] FILE
+  check    --format FMT [--repair leaks|all] [--output json] [-U] FILE
+  verify   --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] [-U] FILE
   create   --format qcow2|raw --size SIZE [--backing FILE --backing-format FMT]
            [--cluster-size N] [--compression zlib|zstd] FILE
   convert  --format FMT -O OUTFMT [--backing FILE --backing-format FMT]...
            [--data-file FILE] [--compress] [--compression zlib|zstd]
-           [--cluster-size N] [--progress] IN OUT
+           [--cluster-size N] [--progress] [-U] IN OUT
   import   [--from-format raw] --format qcow2|raw --max-size SIZE [--compress]
            [--compression zlib|zstd] [--cluster-size N] [--progress] OUT < CONTENT
-  probe    FILE
+  probe    [-U] FILE
 
 options of every command:
   --plugin-dir DIR          look for krun-plugin-img here first (also $KRUN_PLUGIN_DIR;
@@ -45,6 +45,13 @@ options of every command:
   --sandbox on|off          the plugin sandbox (default on)
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
   --log-level LEVEL         trace, debug, info, warn (default), error
+
+Images are locked as QEMU locks them: a command that only reads an image is
+refused while another process (krun-core serve, QEMU, qemu-storage-daemon)
+writes it, and check --repair is refused while anyone uses it.
+-U, --force-share (info, check without --repair, verify, convert, probe) reads
+an image even while it is written, as qemu-img -U does; what it reports may
+then be inconsistent.
 
 Sizes take binary suffixes: 512, 64K, 10M, 64G, 2T. See docs/IMAGES.md.
 `
@@ -94,6 +101,7 @@ type imgFlags struct {
 	sandboxOn  string
 	disable    string
 	logLevel   string
+	forceShare bool
 	positional []string
 }
 
@@ -105,6 +113,13 @@ func newImgFlags(name string) *imgFlags {
 	f.fs.StringVar(&f.disable, "sandbox-disable", "", "")
 	f.fs.StringVar(&f.logLevel, "log-level", "warn", "")
 	return f
+}
+
+// allowForceShare registers --force-share and its short form -U, for
+// commands that only read images.
+func (f *imgFlags) allowForceShare() {
+	f.fs.BoolVar(&f.forceShare, "force-share", false, "")
+	f.fs.BoolVar(&f.forceShare, "U", false, "")
 }
 
 // parse parses flags and positional arguments in any order ("--" ends the
@@ -138,7 +153,7 @@ func (f *imgFlags) launcher(stderr io.Writer) (*imgtool.Launcher, error) {
 		return nil, fmt.Errorf("--log-level=%q: want trace, debug, info, warn or error", f.logLevel)
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Output: stderr, Level: level})
-	l := &imgtool.Launcher{PluginDir: f.pluginDir, Logger: log}
+	l := &imgtool.Launcher{PluginDir: f.pluginDir, Logger: log, ForceShare: f.forceShare}
 	layers, err := sandbox.ParseLayers(f.disable)
 	if err != nil {
 		return nil, fmt.Errorf("--sandbox-disable: %w", err)
@@ -239,6 +254,7 @@ func requireFormat(v string) error {
 
 func imgInfo(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("info")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	output := outputFlag(f.fs)
 	return imgRun("info", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
@@ -261,6 +277,7 @@ func imgInfo(args []string, stdout, stderr io.Writer) int {
 
 func imgCheck(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("check")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	output := outputFlag(f.fs)
 	repair := f.fs.String("repair", "", "")
@@ -294,6 +311,7 @@ func imgCheck(args []string, stdout, stderr io.Writer) int {
 
 func imgVerify(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("verify")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	noBacking := f.fs.Bool("no-backing", false, "")
 	backingDir := f.fs.String("backing-dir", "", "")
@@ -396,6 +414,7 @@ func progressFor(on bool, stderr io.Writer) (imgtool.Progress, func()) {
 
 func imgConvert(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("convert")
+	f.allowForceShare()
 	format := formatFlag(f.fs)
 	outFormat := f.fs.String("O", "", "")
 	var chain backingFlags
@@ -469,6 +488,7 @@ func imgImport(args []string, stdout, stderr io.Writer) int {
 
 func imgProbe(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("probe")
+	f.allowForceShare()
 	return imgRun("probe", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		path := f.positional[0]
 		r, err := l.Probe(ctx, path)

@@ -1,7 +1,8 @@
 // Command krun-core is the krun-core microVM monitor: it boots guests on KVM
 // (run), serves a device plugin to any vhost-user front-end (serve), benchmarks
 // vhost-user back-ends (bench), inspects and converts images without trusting
-// them (img) and reports the plugin sandbox (sandbox).
+// them (img), reports the plugin sandbox (sandbox) and checks the host
+// (doctor).
 //
 // Each subcommand lives in its own file; main only dispatches.
 package main
@@ -26,13 +27,14 @@ func commands() map[string]command {
 		"bench":   {"benchmark a vhost-user back-end with the Go test guest", benchCommand},
 		"img":     {"inspect, verify, create and convert disk images (parsed in the sandboxed plugin)", imgCommand},
 		"sandbox": {"show the plugin sandbox layers on this host and each plugin kind's policy", sandboxCommand},
+		"doctor":  {"check whether this host can run krun-core guests (KVM, sandbox)", doctorCommand},
 	}
 }
 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: krun-core COMMAND [options]")
 	fmt.Fprintln(w, "commands:")
-	for _, name := range []string{"run", "serve", "bench", "img", "sandbox"} {
+	for _, name := range []string{"run", "serve", "bench", "img", "sandbox", "doctor"} {
 		fmt.Fprintf(w, "  %-8s %s\n", name, commands()[name].summary)
 	}
 }

@@ -28,46 +28,79 @@ type multiFlag []string
 func (m *multiFlag) String() string     { return strings.Join(*m, " ") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
-// runCommand boots a guest: krun-core run --kernel FILE [--initrd FILE]
-// [--cmdline STR] [--cpus N] [--memory SIZE] [--disk SPEC]... It exits 0
-// when the guest powers off or reboots.
+// Exit statuses of `krun-core run -- CMD` besides the program's own
+// (documented in the README): krun-core's own failure, and a program that
+// cannot be started (the shell's and podman's conventions).
+const (
+	exitRunFailed     = 125
+	exitNotExecutable = 126
+	exitNotFound      = 127
+)
+
+// runCommand boots a guest. With --root DIR -- CMD it runs CMD in a microVM
+// whose root file system is DIR and exits with CMD's status; otherwise it
+// boots --kernel (with --initrd, --disk ...) and exits 0 when the guest
+// powers off or reboots.
 func runCommand(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("krun-core run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
-		kernel    = fs.String("kernel", "", "Linux bzImage to boot (required)")
-		initrd    = fs.String("initrd", "", "initramfs / initrd image")
-		cmdline   = fs.String("cmdline", vmm.DefaultCmdline, "kernel command line")
+		kernel    = fs.String("kernel", "", "Linux bzImage to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel `make kernel` fetched)")
+		initrd    = fs.String("initrd", "", "initramfs / initrd image (not with --root)")
+		cmdline   = fs.String("cmdline", "", "kernel command line (default \""+vmm.DefaultCmdline+"\", with --root \""+vmm.ExecCmdline+"\")")
 		cpus      = fs.Int("cpus", vmm.DefaultCPUs, "number of vCPUs")
 		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM (e.g. 512M, 2G; a bare number is MiB)")
-		pluginDir = fs.String("plugin-dir", "", "directory searched first for krun-plugin-* executables")
+		pluginDir = fs.String("plugin-dir", "", "directory searched first for krun-plugin-* executables (and krun-init)")
 		sandboxF  = fs.String("sandbox", "on", "plugin sandbox: on, or off (explicit opt-out)")
 		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox layers: namespaces,root,landlock,seccomp or all")
 		logLevel  = fs.String("log-level", "warn", "log level: trace, debug, info, warn, error")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
 		marker    = fs.String("boot-marker", "", "console text whose first appearance marks the guest's init (for --timing)")
+		root      = fs.String("root", "", "host directory to use as the guest's root file system; the command after -- runs in it")
+		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
+		workdir   = fs.String("workdir", "", "working directory of the command inside the root (default /)")
+		hostname  = fs.String("hostname", "", "the guest's host name (default krun)")
+		modules   = fs.String("kernel-modules", "", "the kernel's module tree, for --root (default: next to the kernel, then /lib/modules/RELEASE)")
+		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag
 		nets      multiFlag
+		envs      multiFlag
+		rlimits   multiFlag
 	)
 	fs.Var(&disks, "disk", "disk: path=FILE,format=raw|qcow2[,readonly=on] (repeatable)")
-	fs.Var(&shares, "fs", "shared directory: tag=TAG,path=DIR (repeatable)")
-	fs.Var(&nets, "net", "network: passt options (repeatable)")
+	fs.Var(&shares, "fs", "shared directory: path=DIR,tag=TAG[,readonly=on][,suid=on] (repeatable; with --root mounted at /mnt/TAG)")
+	fs.Var(&nets, "net", "network: passt[,ports=HOST:GUEST,...] (repeatable)")
+	fs.Var(&envs, "env", "KEY=VALUE in the command's environment (repeatable; with --root)")
+	fs.Var(&rlimits, "rlimit", "NAME=SOFT:HARD resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
+	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this long after it starts (e.g. 90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
 		return 1
 	}
+	command := fs.Args()
+	execMode := *root != "" || len(command) > 0
+	failStatus := 1
+	if execMode {
+		failStatus = exitRunFailed
+	}
 	fail := func(format string, a ...any) int {
 		fmt.Fprintf(stderr, "krun-core run: "+format+"\n", a...)
-		return 1
+		return failStatus
 	}
-	if fs.NArg() > 0 {
-		return fail("unexpected argument %q", fs.Arg(0))
-	}
-	if *kernel == "" {
-		return fail("--kernel is required")
+	switch {
+	case execMode && *root == "":
+		return fail("a command needs --root DIR (the guest's root file system); without --root, give no command")
+	case execMode && len(command) == 0:
+		return fail("--root needs a command to run: krun-core run --root DIR [options] -- CMD [ARGS...]")
+	case execMode && *initrd != "":
+		return fail("--root and --initrd are alternatives")
+	case !execMode && *kernel == "" && *initrd == "" && len(disks) == 0:
+		return fail("nothing to run: give --root DIR -- CMD, or --kernel with --initrd or --disk")
+	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *rootRO || *modules != ""):
+		return fail("--env, --rlimit, --workdir, --hostname, --root-readonly and --kernel-modules need --root DIR -- CMD")
 	}
 	mem, err := parseMemory(*memory)
 	if err != nil {
@@ -98,6 +131,16 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if err := c.SetVMConfig(*cpus, mem); err != nil {
 		return fail("%v", err)
 	}
+	if *kernel == "" {
+		k, err := vmm.FindKernel()
+		if err != nil {
+			return fail("%v", err)
+		}
+		*kernel = k
+	}
+	if _, err := os.Stat(*kernel); err != nil {
+		return fail("--kernel: %v", err)
+	}
 	if err := c.SetKernel(*kernel, *initrd, *cmdline); err != nil {
 		return fail("%v", err)
 	}
@@ -115,7 +158,18 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}
-	c.SetConsoleOutput(stdout)
+	var term *terminal
+	if execMode {
+		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: envs,
+			workdir: *workdir, hostname: *hostname, rlimits: rlimits, stdout: stdout, stderr: stderr}); err != nil {
+			return fail("%v", err)
+		}
+		if *modules != "" {
+			c.SetModulesDir(*modules)
+		}
+	} else {
+		c.SetConsoleOutput(stdout)
+	}
 	c.SetPluginDir(*pluginDir)
 	c.SetSandboxOff(sandboxOff)
 	c.SetSandboxDisable(disabled)
@@ -123,22 +177,53 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
 	}
 	c.SetBootMarker(*marker)
-	if restore, ok := rawTerminal(os.Stdin); ok {
-		defer restore()
+	if err := c.SetBootTimeout(time.Duration(bootTO)); err != nil {
+		return fail("--boot-timeout: %v", err)
 	}
-	c.SetConsoleInput(os.Stdin)
+	if execMode {
+		// The root and the command are checked first: a wrong --root is
+		// reported as such on any host.
+		if _, err := vmm.LookupInRoot(*root, command[0], c.ExecEnv()); err != nil {
+			return execFailure(stderr, err)
+		}
+	}
+	// Before anything starts: a host whose KVM cannot boot a stock kernel
+	// (none, or kvm_pvm) gets one line now instead of a silent hang.
+	if err := kvm.CheckHost(); err != nil {
+		return fail("%v", err)
+	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if execMode {
+		stopSignals := forwardSignals(ctx, c, term, cancel, log)
+		defer stopSignals()
+		if term != nil {
+			defer term.restore()
+		}
+	} else {
+		if restore, ok := rawTerminal(os.Stdin, true); ok {
+			defer restore()
+		}
+		c.SetConsoleInput(os.Stdin)
+		sctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		ctx = sctx
+	}
 	res, err := c.Start(ctx)
 	if *timing && res != nil {
 		t := res.Timing
-		fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, total %.1f ms, core-rss %d KiB\n",
-			msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.Total), res.CoreRSS>>10)
+		if execMode {
+			fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, init-to-exec %.1f ms, command %.1f ms, total %.1f ms, core-rss %d KiB\n",
+				msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.InitToExec), msec(t.Command), msec(t.Total), res.CoreRSS>>10)
+		} else {
+			fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, total %.1f ms, core-rss %d KiB\n",
+				msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.Total), res.CoreRSS>>10)
+		}
 	}
 	if err != nil {
-		if errors.Is(err, kvm.ErrNoKVM) {
-			return fail("%s is not available: this host cannot run KVM guests", kvm.DevicePath)
+		if execMode {
+			return execFailure(stderr, err)
 		}
 		return fail("%s", oneLine(err.Error()))
 	}
@@ -146,10 +231,49 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		log.Warn("device failed while the guest ran", "error", derr)
 	}
 	log.Debug("guest ended", "reason", res.Reason.String())
+	if execMode {
+		if !res.HasExitStatus {
+			return fail("the guest ended (%s) without reporting the command's exit status; --log-level debug shows its console", res.Reason)
+		}
+		return res.ExitStatus
+	}
 	return 0
 }
 
+// execFailure reports why a command could not run, with the status the
+// shell would give.
+func execFailure(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "krun-core run: %s\n", oneLine(err.Error()))
+	switch {
+	case errors.Is(err, vmm.ErrCommandNotFound):
+		return exitNotFound
+	case errors.Is(err, vmm.ErrCommandNotExecutable):
+		return exitNotExecutable
+	}
+	return exitRunFailed
+}
+
 func msec(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// secondsFlag is a duration flag that also takes a bare number of seconds.
+type secondsFlag time.Duration
+
+func (d *secondsFlag) String() string { return time.Duration(*d).String() }
+func (d *secondsFlag) Set(s string) error {
+	if n, err := strconv.ParseUint(s, 10, 32); err == nil {
+		*d = secondsFlag(time.Duration(n) * time.Second)
+		return nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (90s, 2m, or a number of seconds)", s)
+	}
+	if v < 0 {
+		return fmt.Errorf("%q is negative", s)
+	}
+	*d = secondsFlag(v)
+	return nil
+}
 
 // parseMemory reads --memory: a size with a suffix, or a bare number of
 // MiB. The result is in MiB.
@@ -171,9 +295,10 @@ func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
 }
 
-// rawTerminal puts a terminal on stdin into raw mode (keeping signals, so
-// ^C still stops krun-core) and returns how to restore it.
-func rawTerminal(f *os.File) (func(), bool) {
+// rawTerminal puts a terminal on stdin into raw mode and returns how to
+// restore it. With keepSignals ^C still stops krun-core; without, every key
+// goes to the guest (its own terminal makes ^C a signal there).
+func rawTerminal(f *os.File, keepSignals bool) (func(), bool) {
 	fd := int(f.Fd())
 	old, err := unix.IoctlGetTermios(fd, unix.TCGETS)
 	if err != nil {
@@ -182,6 +307,10 @@ func rawTerminal(f *os.File) (func(), bool) {
 	raw := *old
 	raw.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
 	raw.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.IEXTEN
+	if !keepSignals {
+		raw.Lflag &^= unix.ISIG
+		raw.Oflag &^= unix.OPOST
+	}
 	raw.Cc[unix.VMIN], raw.Cc[unix.VTIME] = 1, 0
 	if err := unix.IoctlSetTermios(fd, unix.TCSETS, &raw); err != nil {
 		return nil, false

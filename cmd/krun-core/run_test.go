@@ -6,6 +6,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/core/kvm"
+	"github.com/krun-core/krun-core/core/vmm"
 )
 
 func TestRunUsageErrors(t *testing.T) {
@@ -15,14 +19,18 @@ func TestRunUsageErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{}, "--kernel is required"},
+		{[]string{}, "nothing to run"},
+		{[]string{"--kernel", k, "--env", "A=b"}, "need --root"},
+		{[]string{"--kernel", k + ".missing", "--initrd", k}, "--kernel"},
 		{[]string{"--kernel", k, "--memory", "12Q"}, "--memory"},
 		{[]string{"--kernel", k, "--memory", "1536K"}, "whole number of MiB"},
 		{[]string{"--kernel", k, "--cpus", "0"}, "vCPUs"},
 		{[]string{"--kernel", k, "--disk", "path=/x"}, "--disk"},
 		{[]string{"--kernel", k, "--sandbox", "maybe"}, "--sandbox"},
 		{[]string{"--kernel", k, "--sandbox", "off", "--sandbox-disable", "root"}, "--sandbox-disable"},
-		{[]string{"--kernel", k, "extra"}, "unexpected argument"},
+		{[]string{"--kernel", k, "--initrd", k, "--disk", "path=/x"}, "--disk"},
+		{[]string{"--kernel", k, "--boot-timeout", "soon"}, "not a duration"},
+		{[]string{"--kernel", k, "--boot-timeout", "-5s"}, "negative"},
 	}
 	for _, tt := range tests {
 		var out, errb bytes.Buffer
@@ -35,20 +43,31 @@ func TestRunUsageErrors(t *testing.T) {
 	}
 }
 
-// Without /dev/kvm, run exits 1 with one line saying so.
+// On a host whose KVM cannot boot a stock kernel (no /dev/kvm, or a PVM
+// one), run exits 1 at once with the one line kvm.CheckHost gives, before
+// any plugin starts.
 func TestRunWithoutKVM(t *testing.T) {
-	if _, err := os.Stat("/dev/kvm"); err == nil {
-		t.Skip("this host has /dev/kvm")
+	want := kvm.CheckHost()
+	if want == nil {
+		t.Skip("this host's KVM boots stock kernels; the refusal is not reachable")
 	}
 	k := filepath.Join(t.TempDir(), "bzImage")
 	os.WriteFile(k, []byte("x"), 0o644)
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, make([]byte, 1<<20), 0o644)
 	var out, errb bytes.Buffer
-	if rc := runCommand([]string{"--kernel", k}, &out, &errb); rc != 1 {
+	start := time.Now()
+	// A disk too: its plugin must not be started.
+	rc := runCommand([]string{"--kernel", k, "--plugin-dir", "/nonexistent", "--disk", "path=" + img + ",format=raw"}, &out, &errb)
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("run took %v to refuse, want under 2 s", took)
+	}
+	if rc != 1 {
 		t.Fatalf("exit %d, want 1", rc)
 	}
 	lines := strings.Split(strings.TrimSpace(errb.String()), "\n")
-	if len(lines) != 1 || !strings.Contains(lines[0], "/dev/kvm") {
-		t.Errorf("stderr %q: want one line about /dev/kvm", errb.String())
+	if len(lines) != 1 || !strings.Contains(lines[0], "/dev/kvm") || lines[0] != "krun-core run: "+want.Error() {
+		t.Errorf("stderr %q: want the one line %q", errb.String(), "krun-core run: "+want.Error())
 	}
 }
 
@@ -62,5 +81,64 @@ func TestParseMemory(t *testing.T) {
 		if (err == nil) != tt.ok || got != tt.want {
 			t.Errorf("parseMemory(%q) = %d, %v", tt.in, got, err)
 		}
+	}
+}
+
+// run --root DIR -- CMD refuses what it cannot run before any VM starts,
+// with one line and the documented status: 125 for krun-core's own
+// failures, 127 for a command not in the root, 126 for one that is not
+// executable.
+func TestRunRootErrors(t *testing.T) {
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin/data"), []byte("x"), 0o644)
+	file := filepath.Join(root, "bin/sh")
+	k := filepath.Join(t.TempDir(), "bzImage")
+	os.WriteFile(k, []byte("x"), 0o644)
+	tests := []struct {
+		name string
+		args []string
+		rc   int
+		want string
+	}{
+		{"missing root", []string{"--kernel", k, "--root", root + "/nope", "--", "sh"}, 125, "root"},
+		{"root is a file", []string{"--kernel", k, "--root", file, "--", "sh"}, 125, "not a directory"},
+		{"no command", []string{"--kernel", k, "--root", root}, 125, "needs a command"},
+		{"command without root", []string{"--kernel", k, "--", "sh"}, 125, "needs --root"},
+		{"root with initrd", []string{"--kernel", k, "--initrd", k, "--root", root, "--", "sh"}, 125, "alternatives"},
+		{"command not found", []string{"--kernel", k, "--root", root, "--", "nosuch"}, 127, "command not found"},
+		{"command not executable", []string{"--kernel", k, "--root", root, "--", "/bin/data"}, 126, "not executable"},
+		{"bad rlimit", []string{"--kernel", k, "--root", root, "--rlimit", "nofile=x", "--", "sh"}, 125, "--rlimit"},
+		{"relative workdir", []string{"--kernel", k, "--root", root, "--workdir", "tmp", "--", "sh"}, 125, "--workdir"},
+		{"missing kernel", []string{"--kernel", k + ".missing", "--root", root, "--", "sh"}, 125, "--kernel"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out, errb bytes.Buffer
+			start := time.Now()
+			if rc := runCommand(tt.args, &out, &errb); rc != tt.rc {
+				t.Errorf("exit %d, want %d (stderr %q)", rc, tt.rc, errb.String())
+			}
+			if time.Since(start) > 2*time.Second {
+				t.Errorf("took %v", time.Since(start))
+			}
+			lines := strings.Split(strings.TrimSpace(errb.String()), "\n")
+			if len(lines) != 1 || !strings.Contains(lines[0], tt.want) {
+				t.Errorf("stderr %q: want one line with %q", errb.String(), tt.want)
+			}
+		})
+	}
+	// No kernel anywhere: one line naming where krun-core looked.
+	t.Setenv("KRUN_KERNEL", "")
+	os.Unsetenv("KRUN_KERNEL")
+	t.Setenv("KRUN_KERNEL_CACHE", t.TempDir())
+	if _, err := vmm.FindKernel(); err == nil {
+		t.Skip("this host has a kernel of its own in /boot; the missing-kernel case is not reachable")
+	}
+	var out, errb bytes.Buffer
+	if rc := runCommand([]string{"--root", root, "--", "sh"}, &out, &errb); rc != 125 || !strings.Contains(errb.String(), "make kernel") ||
+		strings.Count(errb.String(), "\n") != 1 {
+		t.Errorf("no kernel: exit %d, stderr %q", rc, errb.String())
 	}
 }

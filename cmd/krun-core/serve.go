@@ -32,10 +32,16 @@ again. SIGTERM or SIGINT flushes the device and exits 0.
 DEVICE is exactly one of:
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
          [,max-size=64G][,data-file=FILE]          vhost-user-blk (krun-plugin-blk-raw/-qcow2)
-  --fs   path=DIR,tag=TAG[,readonly=on]             vhost-user-fs (krun-plugin-fs-virtio)
+  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]   vhost-user-fs (krun-plugin-fs-virtio)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...]
                                                     vhost-user-net via passt (krun-plugin-net-passt)
   --plugin KIND[,key=value...]                      any krun-plugin-KIND, options passed as given
+
+A disk image is locked as QEMU locks the images it opens, so krun-core, QEMU,
+qemu-img and qemu-storage-daemon see each other: an image another process
+writes is refused (and, without readonly=on, one another process reads);
+backing files are locked read-only, a data file like its image. The locks
+last until serve exits.
 
 options:
   --plugin-dir DIR          look for krun-plugin-* here first (also $KRUN_PLUGIN_DIR;

@@ -468,3 +468,185 @@ func TestServeNetWithoutPasst(t *testing.T) {
 		t.Fatalf("output %q, want one line naming passt", out)
 	}
 }
+
+// runTool runs a command with a time limit and returns its exit status and
+// combined output.
+func runTool(t *testing.T, name string, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, string(out)
+	case errors.As(err, &ee) && ee.ExitCode() >= 0:
+		return ee.ExitCode(), string(out)
+	}
+	t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	return -1, ""
+}
+
+// startQSDWriter runs qemu-storage-daemon with img open read-write (a
+// writable vhost-user-blk export of a qcow2 node) and returns once it
+// listens, so its locks are in place.
+func startQSDWriter(t *testing.T, img string) func() {
+	t.Helper()
+	qsd, err := exec.LookPath("qemu-storage-daemon")
+	if err != nil {
+		t.Skip("qemu-storage-daemon is not installed (Debian package qemu-utils)")
+	}
+	sock := filepath.Join(t.TempDir(), "qsd.sock")
+	cmd := exec.Command(qsd,
+		"--blockdev", "driver=file,node-name=f,filename="+strings.ReplaceAll(img, ",", ",,"),
+		"--blockdev", "driver=qcow2,node-name=q,file=f",
+		"--export", "type=vhost-user-blk,id=e,node-name=q,writable=on,addr.type=unix,addr.path="+sock)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	stop := func() {
+		cmd.Process.Kill()
+		<-exited
+	}
+	t.Cleanup(stop)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return stop
+		}
+		select {
+		case <-exited:
+			t.Fatalf("qemu-storage-daemon exited: %s", out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("qemu-storage-daemon did not listen: %s", out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestServeImageLocking: serve locks the image as QEMU does, so that two
+// writers of one qcow2 image never both run, whichever tool each is.
+func TestServeImageLocking(t *testing.T) {
+	qemuImg, err := exec.LookPath("qemu-img")
+	if err != nil {
+		t.Skip("qemu-img not installed (Debian package qemu-utils)")
+	}
+	bin := buildServeBinaries(t, "blk-qcow2", "img")
+	krun := filepath.Join(bin, "krun-core")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.qcow2")
+	if code, out := runTool(t, qemuImg, "create", "-q", "-f", "qcow2", img, "16M"); code != 0 {
+		t.Fatalf("qemu-img create: %s", out)
+	}
+	disk := "path=" + img + ",format=qcow2"
+	refused := func(mode string) string {
+		return "krun-core serve: image " + img + " is in use by another process (write lock): refusing to open it " + mode
+	}
+	// expectRefusal runs serve and wants exit 1 with exactly one line of
+	// its own, want, and no socket.
+	expectRefusal := func(spec, want string) {
+		t.Helper()
+		sock := filepath.Join(t.TempDir(), "refused.sock")
+		code, out := runTool(t, krun, "serve", "--socket", sock, "--disk", spec)
+		if code != 1 || strings.TrimSpace(out) != want {
+			t.Errorf("serve --disk %s: exit %d\n%s\nwant exit 1 and exactly: %s", spec, code, out, want)
+		}
+		if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("a refused serve created its socket")
+		}
+	}
+
+	t.Run("serve writes", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "blk.sock")
+		s := startServe(t, bin, "--socket", sock, "--disk", disk)
+		waitSocket(t, s, sock)
+
+		expectRefusal(disk, refused("read-write"))
+		expectRefusal(disk+",readonly=on", refused("read-only"))
+		code, out := runTool(t, qemuImg, "info", img)
+		if code == 0 || !strings.Contains(out, `Failed to get shared "write" lock`) {
+			t.Errorf("qemu-img info on a served image: exit %d\n%s", code, out)
+		}
+		if code, out := runTool(t, qemuImg, "info", "-U", img); code != 0 {
+			t.Errorf("qemu-img info -U on a served image: exit %d\n%s", code, out)
+		}
+		code, out = runTool(t, krun, "img", "check", "--format", "qcow2", "--repair", "all", img)
+		if want := "krun-core img check: image " + img + " is in use by another process (write lock): refusing to open it read-write"; code != 1 || strings.TrimSpace(out) != want {
+			t.Errorf("img check --repair all on a served image: exit %d\n%s\nwant exit 1 and exactly: %s", code, out, want)
+		}
+		if code, out := runTool(t, krun, "img", "info", "--format", "qcow2", img); code != 1 || !strings.Contains(out, "in use by another process") {
+			t.Errorf("img info on a served image: exit %d\n%s", code, out)
+		}
+		if code, out := runTool(t, krun, "img", "info", "-U", "--format", "qcow2", img); code != 0 || !strings.Contains(out, "virtual size: 16 MiB") {
+			t.Errorf("img info -U on a served image: exit %d\n%s", code, out)
+		}
+		s.cmd.Process.Signal(syscall.SIGTERM)
+		if code := s.waitExit(t); code != 0 {
+			t.Fatalf("exit %d after SIGTERM", code)
+		}
+		// The locks went with serve.
+		if code, out := runTool(t, qemuImg, "info", img); code != 0 {
+			t.Errorf("qemu-img info after serve exited: exit %d\n%s", code, out)
+		}
+	})
+
+	t.Run("qemu-storage-daemon writes", func(t *testing.T) {
+		stop := startQSDWriter(t, img)
+		expectRefusal(disk, refused("read-write"))
+		expectRefusal(disk+",readonly=on", refused("read-only"))
+		code, out := runTool(t, krun, "img", "check", "--format", "qcow2", "--repair", "leaks", img)
+		if code != 1 || !strings.Contains(out, "is in use by another process (write lock)") {
+			t.Errorf("img check --repair beside qemu-storage-daemon: exit %d\n%s", code, out)
+		}
+		if code, out := runTool(t, krun, "img", "check", "-U", "--format", "qcow2", img); code != 0 {
+			t.Errorf("img check -U beside qemu-storage-daemon: exit %d\n%s", code, out)
+		}
+		stop()
+	})
+
+	t.Run("readers share", func(t *testing.T) {
+		var socks []string
+		for i := 0; i < 2; i++ {
+			sock := filepath.Join(t.TempDir(), "ro.sock")
+			s := startServe(t, bin, "--socket", sock, "--disk", disk+",readonly=on")
+			waitSocket(t, s, sock)
+			socks = append(socks, sock)
+		}
+		if code, out := runTool(t, qemuImg, "info", img); code != 0 {
+			t.Errorf("qemu-img info beside read-only serves: exit %d\n%s", code, out)
+		}
+		if code, out := runTool(t, krun, "img", "info", "--format", "qcow2", img); code != 0 {
+			t.Errorf("img info beside read-only serves: exit %d\n%s", code, out)
+		}
+		// Both read-only servers serve.
+		for _, sock := range socks {
+			b, err := testguest.DialBlk(sock, testguest.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			buf := make([]byte, 4096)
+			err = b.Read(ctx, 0, buf)
+			cancel()
+			b.Close()
+			if err != nil {
+				t.Errorf("read from a read-only serve: %v", err)
+			}
+		}
+		// A writer is refused while they read.
+		expectRefusal(disk, "krun-core serve: image "+img+" is in use by another process (lock that does not share write): refusing to open it read-write")
+		code, out := runTool(t, qemuImg, "check", "-r", "leaks", img)
+		if code == 0 || !strings.Contains(out, `Failed to get "write" lock`) {
+			t.Errorf("qemu-img check -r beside read-only serves: exit %d\n%s", code, out)
+		}
+	})
+}

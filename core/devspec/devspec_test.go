@@ -351,6 +351,67 @@ func TestDiskOpen(t *testing.T) {
 	}
 }
 
+// TestDiskOpenLocks: the image (and data file) are locked as a writer, or
+// as a reader with readonly=on, backing files as readers; the locks outlive
+// CloseFiles (the plugin's copies and the host's duplicate hold them) and
+// go with Close.
+func TestDiskOpenLocks(t *testing.T) {
+	dir := t.TempDir()
+	p := func(n string) string { return filepath.Join(dir, n) }
+	for _, n := range []string{"top", "base", "data"} {
+		if err := os.WriteFile(p(n), make([]byte, 4096), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open := func(spec string) (*Opened, error) {
+		t.Helper()
+		d, err := ParseDisk(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.Open(OpenOptions{})
+	}
+	full := "path=" + p("top") + ",format=qcow2,backing=" + p("base") + ",backing-format=raw,data-file=" + p("data")
+	w, err := open(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.CloseFiles() // as serve does once the plugin has its copies
+	refusals := []struct{ spec, want string }{
+		{"path=" + p("top") + ",format=qcow2,readonly=on",
+			"image " + p("top") + " is in use by another process (write lock): refusing to open it read-only"},
+		{"path=" + p("data") + ",format=raw",
+			"image " + p("data") + " is in use by another process (write lock): refusing to open it read-write"},
+		{"path=" + p("base") + ",format=raw",
+			"image " + p("base") + " is in use by another process (lock that does not share write): refusing to open it read-write"},
+	}
+	for _, r := range refusals {
+		if _, err := open(r.spec); err == nil || err.Error() != r.want {
+			t.Errorf("%s:\n got %v\nwant %s", r.spec, err, r.want)
+		}
+	}
+	// Readers of the backing file coexist.
+	ro, err := open("path=" + p("base") + ",format=raw,readonly=on")
+	if err != nil {
+		t.Fatalf("a second reader of the backing file: %v", err)
+	}
+	ro.Close()
+	w.Close()
+	// Every lock went with Close.
+	for _, n := range []string{"top", "base", "data"} {
+		o, err := open("path=" + p(n) + ",format=raw")
+		if err != nil {
+			t.Fatalf("%s after Close: %v", n, err)
+		}
+		o.Close()
+	}
+	// The same file twice in one device is named as such.
+	if _, err := open("path=" + p("top") + ",format=qcow2,backing=" + p("top") + ",backing-format=raw"); err == nil ||
+		err.Error() != "backing file "+p("top")+" is the same file as the disk image" {
+		t.Errorf("image as its own backing file: %v", err)
+	}
+}
+
 func TestDiskOpenRelativePath(t *testing.T) {
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, "img"), nil, 0o600); err != nil {

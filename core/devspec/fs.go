@@ -26,7 +26,7 @@ type FSSpec struct {
 	ReadOnly bool
 	// PluginOptions are passed to the fs-virtio plugin as they are; it
 	// checks their values (see plugins/fs-virtio): uidmap, gidmap, cache,
-	// xattr, workers.
+	// xattr, workers, suid.
 	PluginOptions map[string]string
 }
 
@@ -63,7 +63,7 @@ func ParseFS(s string) (*FSSpec, error) {
 			}
 		default:
 			if !slices.Contains(fs.OptionKeys, o.key) {
-				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, uidmap, gidmap, cache, xattr, workers)", printable(o.key))
+				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, %s)", printable(o.key), strings.Join(fs.OptionKeys, ", "))
 			}
 			if f.PluginOptions == nil {
 				f.PluginOptions = map[string]string{}

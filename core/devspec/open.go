@@ -10,10 +10,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/disk/imagelock"
 )
 
 // OpenOptions tunes Spec.Open.
@@ -39,11 +42,16 @@ type Opened struct {
 	Options map[string]string
 	Files   []NamedFile
 
+	// locked holds a duplicate of every locked image fd: the locks belong
+	// to the open file, so the host keeps them for as long as the device
+	// exists, across CloseFiles and a plugin's death or restart.
+	locked  []*os.File
 	helpers []*exec.Cmd
 }
 
 // CloseFiles closes the host's copies of the files; call it once the plugin
-// process has inherited them. Helper processes keep running.
+// process has inherited them. Helper processes keep running, and the image
+// locks stay held until Close.
 func (o *Opened) CloseFiles() {
 	for _, f := range o.Files {
 		if f.File != nil {
@@ -52,10 +60,14 @@ func (o *Opened) CloseFiles() {
 	}
 }
 
-// Close closes the files and stops helper processes (SIGTERM, then SIGKILL
-// after a second).
+// Close closes the files, releases the image locks and stops helper
+// processes (SIGTERM, then SIGKILL after a second).
 func (o *Opened) Close() error {
 	o.CloseFiles()
+	for _, f := range o.locked {
+		_ = f.Close()
+	}
+	o.locked = nil
 	var errs []error
 	for _, c := range o.helpers {
 		if err := stopHelper(c); err != nil {
@@ -84,6 +96,27 @@ func stopHelper(c *exec.Cmd) error {
 }
 
 func (o *Opened) add(name string, f *os.File) { o.Files = append(o.Files, NamedFile{name, f}) }
+
+// lock takes QEMU's image locks of mode on f (see disk/imagelock) and keeps
+// a duplicate of f until Close.
+func (o *Opened) lock(f *os.File, what, path string, mode imagelock.Mode) error {
+	if err := imagelock.Lock(f, what, path, mode); err != nil {
+		return err
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", what, path, err)
+	}
+	dup, derr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return fmt.Errorf("%s %s: %w", what, path, err)
+	}
+	if derr != nil {
+		return fmt.Errorf("%s %s: keep the lock: %w", what, path, derr)
+	}
+	o.locked = append(o.locked, os.NewFile(uintptr(dup), path))
+	return nil
+}
 
 // openFile opens path for a plugin. It never blocks on a FIFO (O_NONBLOCK
 // while opening, cleared after the type check) and accepts only regular
@@ -132,7 +165,11 @@ func openFile(what, path string, write, dir bool) (*os.File, error) {
 }
 
 // Open opens the image (O_RDWR, or O_RDONLY with readonly=on), the declared
-// backing files (always O_RDONLY) and the data file (the image's mode).
+// backing files (always O_RDONLY) and the data file (the image's mode), and
+// locks each as QEMU does (disk/imagelock): the image and data file as a
+// writer, or as a reader with readonly=on, backing files as readers. An
+// image another process writes (or, for a writer, reads) is refused with
+// one line.
 func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 	o := &Opened{Kind: d.Kind(), Options: map[string]string{
 		OptFormat:   string(d.Format),
@@ -143,32 +180,46 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 			_ = o.Close()
 		}
 	}()
-	f, err := openFile("disk image", d.Path, !d.ReadOnly, false)
-	if err != nil {
-		return nil, err
+	mode := imagelock.ReadWrite
+	if d.ReadOnly {
+		mode = imagelock.ReadOnly
 	}
-	o.add(FileImage, f)
-	if o.Options[OptPath], err = absPath("disk image", d.Path); err != nil {
+	seen := map[[2]uint64]string{}
+	// open opens, identifies and locks one file; the same file twice in
+	// one device is named as such rather than as another process's lock.
+	open := func(name, what, path string, write bool, mode imagelock.Mode) (string, error) {
+		abs, err := absPath(what, path)
+		if err != nil {
+			return "", err
+		}
+		f, err := openFile(what, path, write, false)
+		if err != nil {
+			return "", err
+		}
+		o.add(name, f)
+		var st unix.Stat_t
+		if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+			return "", fmt.Errorf("%s: %w", what, &os.PathError{Op: "stat", Path: path, Err: err})
+		}
+		id := [2]uint64{st.Dev, st.Ino}
+		if prev, ok := seen[id]; ok {
+			return "", fmt.Errorf("%s %s is the same file as the %s", what, abs, prev)
+		}
+		seen[id] = what
+		what = strings.TrimPrefix(what, "disk ")
+		return abs, o.lock(f, what, abs, mode)
+	}
+	if o.Options[OptPath], err = open(FileImage, "disk image", d.Path, !d.ReadOnly, mode); err != nil {
 		return nil, err
 	}
 	for i, b := range d.Backing {
-		f, err := openFile("backing file", b.Path, false, false)
-		if err != nil {
-			return nil, err
-		}
-		o.add(BackingFile(i), f)
 		o.Options[OptBackingFormat(i)] = string(b.Format)
-		if o.Options[OptBackingPath(i)], err = absPath("backing file", b.Path); err != nil {
+		if o.Options[OptBackingPath(i)], err = open(BackingFile(i), "backing file", b.Path, false, imagelock.ReadOnly); err != nil {
 			return nil, err
 		}
 	}
 	if d.DataFile != "" {
-		f, err := openFile("data file", d.DataFile, !d.ReadOnly, false)
-		if err != nil {
-			return nil, err
-		}
-		o.add(FileDataFile, f)
-		if o.Options[OptDataFilePath], err = absPath("data file", d.DataFile); err != nil {
+		if o.Options[OptDataFilePath], err = open(FileDataFile, "data file", d.DataFile, !d.ReadOnly, mode); err != nil {
 			return nil, err
 		}
 	}

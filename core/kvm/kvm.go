@@ -18,8 +18,10 @@ import (
 // DevicePath is the KVM device node.
 const DevicePath = "/dev/kvm"
 
-// ErrNoKVM says the host has no usable KVM device node.
-var ErrNoKVM = errors.New("no KVM: " + DevicePath + " is not available")
+// ErrNoKVM says the host has no KVM that can boot a stock kernel: no
+// device node, or one without hardware virtualization behind it (see
+// CheckHost).
+var ErrNoKVM = errors.New("no usable KVM")
 
 // System is an open /dev/kvm.
 type System struct {
@@ -38,7 +40,7 @@ func OpenPath(path string) (*System, error) {
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO) {
-			return nil, fmt.Errorf("%w (%v)", ErrNoKVM, err)
+			return nil, fmt.Errorf("%w: %s: %v", ErrNoKVM, path, err)
 		}
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}

@@ -3,6 +3,8 @@ package vmm_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -15,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/core/boot"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -77,18 +80,57 @@ func innerInitramfs(a *vmtest.Assets) *vmtest.Initramfs {
 
 var timingRE = regexp.MustCompile(`krun-core timing: .*`)
 
+// silentKernel is a bzImage (boot protocol 2.15, 64-bit entry) whose
+// 64-bit entry point is "jmp ." with interrupts off: a guest that never
+// prints, never touches a device and never exits to the VMM, as a stock
+// kernel behaves on a KVM that cannot run it. The boot watchdog must end
+// it.
+func silentKernel() []byte {
+	const setupSects = 1
+	img := make([]byte, (setupSects+1)*512+0x1000)
+	le := binary.LittleEndian
+	img[0x1f1] = setupSects
+	le.PutUint16(img[0x1fe:], 0xaa55)     // boot flag
+	img[0x200], img[0x201] = 0xeb, 0x6a   // jump over the header (ends at 0x26c)
+	copy(img[0x202:], "HdrS")             // header signature
+	le.PutUint16(img[0x206:], 0x020f)     // protocol 2.15
+	img[0x211] = 1                        // LOADED_HIGH
+	le.PutUint32(img[0x22c:], 0x7fffffff) // initrd_addr_max
+	le.PutUint32(img[0x230:], 0x200000)   // kernel_alignment
+	le.PutUint16(img[0x236:], 1)          // XLF_KERNEL_64
+	le.PutUint32(img[0x238:], 255)        // cmdline_size
+	le.PutUint32(img[0x260:], 0x10000)    // init_size
+	payload := img[(setupSects+1)*512:]
+	payload[0x200], payload[0x201] = 0xeb, 0xfe // startup_64: jmp .
+	return img
+}
+
+// watchdogScript is the outer script's check of the boot watchdog: krun-core
+// run on the silent kernel must end by itself within seconds with exit 1
+// and one line.
+const watchdogScript = `
+rc=0
+timeout -s KILL 60 krun-core run --kernel /nested/silent --memory 128M --plugin-dir /bin --boot-timeout 3 </dev/null >/tmp/silent.log 2>&1 || rc=$?
+sed 's/^/silent| /' /tmp/silent.log
+[ $rc = 1 ] || e2e_fail "silent kernel: krun-core exited $rc, want 1"
+[ "$(wc -l </tmp/silent.log)" = 1 ] || e2e_fail "silent kernel: want exactly one line from krun-core"
+grep -q 'boot watchdog: the guest showed no sign of life' /tmp/silent.log || e2e_fail "silent kernel: no watchdog line"
+echo "watchdog ok"
+`
+
 // TestBootDiskPoweroffReboot is the core's end-to-end test. The static
 // krun-core boots Debian's stock kernel with a busybox initramfs and a raw
 // disk served by krun-plugin-blk-raw; the guest writes and reads /dev/vda
 // and powers off (poweroff -f), then a second run reboots (reboot -f); both
-// must end krun-core with status 0. On a host with /dev/kvm it runs there
-// directly; otherwise inside a QEMU TCG guest (-cpu max) whose initramfs
-// loads kvm_amd, so /dev/kvm comes from nested SVM.
+// must end krun-core with status 0. On a host whose KVM boots stock kernels
+// (vmtest.DirectKVM, which asks kvm.CheckHost) it runs there directly;
+// otherwise inside a QEMU TCG guest (-cpu max) whose initramfs loads
+// kvm_amd, so /dev/kvm comes from nested SVM.
 func TestBootDiskPoweroffReboot(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end boot test skipped in -short mode")
 	}
-	if _, err := os.Stat("/dev/kvm"); err == nil {
+	if vmtest.DirectKVM(t) {
 		testDirect(t)
 		return
 	}
@@ -103,7 +145,8 @@ func testNested(t *testing.T) {
 	payload := vmtest.InnerGuest(t, a, inner, "/nested")
 	payload = append(payload,
 		vmtest.File{Dst: "/bin/krun-core", Src: krun, Mode: 0o755},
-		vmtest.File{Dst: "/bin/krun-plugin-blk-raw", Src: plugin, Mode: 0o755})
+		vmtest.File{Dst: "/bin/krun-plugin-blk-raw", Src: plugin, Mode: 0o755},
+		vmtest.File{Dst: "/nested/silent", Data: silentKernel(), Mode: 0o644})
 	marker := inner.ResultMarker()
 	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
 		Payload: payload,
@@ -119,13 +162,19 @@ printf written-by-host | dd of=/tmp/disk.raw bs=512 seek=8 conv=notrunc 2>/dev/n
 # The outer root is the initramfs (rootfs): the plugin sandbox's root layer
 # moves its empty root over it instead of pivoting.
 set -- --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --timing --boot-marker KRUN-E2E-INIT
+	--plugin-dir /bin --timing --boot-marker KRUN-E2E-INIT --boot-timeout 120
 show() { sed 's/^/inner| /' /tmp/inner.log; }
+# waitfor TEXT: until the inner console shows TEXT. An inner guest that
+# stops making progress is a nested hang (vmtest retries the outer VM).
 waitfor() {
 	i=0
 	until grep -q "$1" /tmp/inner.log; do
-		kill -0 $pid 2>/dev/null || { show; e2e_fail "krun-core ended before the inner guest printed $1"; }
-		i=$((i+1)); [ $i -lt 900 ] || { show; e2e_fail "the inner guest never printed $1"; }
+		if ! kill -0 $pid 2>/dev/null; then
+			show
+			grep -q 'boot watchdog' /tmp/inner.log && e2e_nested_hang "the inner guest never started"
+			e2e_fail "krun-core ended before the inner guest printed $1"
+		fi
+		i=$((i+1)); [ $i -lt 300 ] || { show; kill -9 $pid; e2e_nested_hang "the inner guest never printed $1"; }
 		sleep 1
 	done
 }
@@ -140,6 +189,7 @@ waitfor KRUN-E2E-WANT-INPUT
 echo hello-console >&4
 waitfor KRUN-E2E-KILL-PLUGIN
 kill -9 $(pidof krun-plugin-blk-raw)
+waitfor 'reboot: Power down'
 rc=0
 wait $pid || rc=$?
 exec 4>&-
@@ -151,14 +201,14 @@ dd if=/tmp/disk.raw bs=512 skip=100 count=1 2>/dev/null | grep -q inner-guest-wa
 
 # Run 2: reboot -f.
 rc=0
-krun-core run "$@" --cmdline "` + innerCmdline + ` krun_e2e_reboot" </dev/null >/tmp/inner.log 2>&1 || rc=$?
+e2e_bounded 240 /tmp/inner.log krun-core run "$@" --cmdline "` + innerCmdline + ` krun_e2e_reboot" || rc=$?
 echo "krun-exit=$rc" >>/tmp/inner.log
 show
 grep -q KRUN-E2E-REBOOTING /tmp/inner.log || e2e_fail "inner guest did not start rebooting"
 grep -q '^krun-exit=0$' /tmp/inner.log || e2e_fail "krun-core did not exit 0 after reboot -f"
-`})
+` + watchdogScript})
 	for _, want := range []string{"inner| inner cpus: 2", "inner| inner disk ok", "inner| inner console input ok",
-		"inner| inner saw the disk fail", "inner| KRUN-E2E-REBOOTING with 1 CPUs"} {
+		"inner| inner saw the disk fail", "inner| KRUN-E2E-REBOOTING with 1 CPUs", "watchdog ok"} {
 		if !strings.Contains(r.Console, want) {
 			t.Errorf("outer console lacks %q", want)
 		}
@@ -258,6 +308,20 @@ func testDirect(t *testing.T) {
 	if !strings.Contains(string(b), "KRUN-E2E-REBOOTING") {
 		t.Errorf("guest did not reboot:\n%s", b)
 	}
+
+	// Run 3: a guest with no sign of life is ended by the boot watchdog.
+	silent := filepath.Join(dir, "silent")
+	if err := os.WriteFile(silent, silentKernel(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b, err = vmtest.RunDirect(t, time.Minute, exec.Command(krun, "run", "--kernel", silent, "--memory", "128M", "--boot-timeout", "3"))
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("silent kernel: %v, want exit 1\n%s", err, b)
+	}
+	if lines := strings.Split(strings.TrimSpace(string(b)), "\n"); len(lines) != 1 || !strings.Contains(lines[0], "boot watchdog") {
+		t.Errorf("silent kernel: want one watchdog line, got:\n%s", b)
+	}
 }
 
 // syncBuffer is a bytes.Buffer safe for a writer and a reader goroutine.
@@ -305,5 +369,17 @@ func killChildren(t *testing.T, ppid int, prefix string) {
 	}
 	if killed == 0 {
 		t.Fatalf("no %s* child of %d to kill", prefix, ppid)
+	}
+}
+
+// The watchdog's test kernel must get past the loader's checks, or the
+// watchdog tests would pass on a load error.
+func TestSilentKernelParses(t *testing.T) {
+	h, err := boot.ParseSetupHeader(silentKernel()[:1024])
+	if err != nil {
+		t.Fatalf("silent kernel: %v", err)
+	}
+	if h.PayloadOffset() != 1024 {
+		t.Errorf("payload at %d", h.PayloadOffset())
 	}
 }

@@ -50,24 +50,38 @@ type machine struct {
 	power   power
 	devices []*pluginDevice
 
-	events  chan event
-	stop    atomic.Bool
+	events chan event
+	stop   atomic.Bool
+	// alive is set by the first port or MMIO access of the guest: the
+	// boot watchdog's sign of life.
+	alive   atomic.Bool
+	status  statusPorts
 	tids    []atomic.Int32
 	running sync.WaitGroup
 }
 
 // Start builds the VM and runs it until the guest powers off or reboots
-// (both are a normal end), ctx is cancelled, or the VM fails. Without
-// /dev/kvm the error wraps kvm.ErrNoKVM.
+// (both are a normal end), ctx is cancelled, or the VM fails. On a host
+// whose KVM cannot boot a stock kernel (kvm.CheckHost) the error wraps
+// kvm.ErrNoKVM and nothing is started.
 func (c *Context) Start(ctx context.Context) (*Result, error) {
 	if c.started {
 		return nil, errors.New("vmm: a Context runs one VM")
 	}
 	c.started = true
+	if c.exec != nil {
+		defer c.exec.close()
+		if err := c.prepareExec(); err != nil {
+			return nil, err
+		}
+	}
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
+	if err := kvm.CheckHost(); err != nil {
+		return nil, err
+	}
 	sys, err := kvm.Open()
 	if err != nil {
 		return nil, err
@@ -132,12 +146,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		m.running.Add(1)
 		go m.runVCPU(i)
 	}
-	var ev event
-	select {
-	case ev = <-m.events:
-	case <-ctx.Done():
-		ev = event{err: ctx.Err()}
-	}
+	ev := m.wait(ctx, c.bootTimeout)
 	end := time.Now()
 	res.CoreRSS = coreRSS()
 	m.stopVCPUs()
@@ -146,6 +155,13 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	if at := marker.seenAt(); !at.IsZero() {
 		res.Timing.KernelBoot = at.Sub(ready)
 	}
+	initAt, execAt, exitAt := at(m.status.initAt.Load()), at(m.status.execAt.Load()), at(m.status.exitAt.Load())
+	if !initAt.IsZero() {
+		res.Timing.KernelBoot = since(ready, initAt)
+	}
+	res.Timing.InitToExec = since(initAt, execAt)
+	res.Timing.Command = since(execAt, exitAt)
+	res.ExitStatus, res.HasExitStatus = m.status.exitStatus()
 	for _, d := range m.devices {
 		if err := d.dev.Failed(); err != nil {
 			res.DeviceErrors = append(res.DeviceErrors, err)
@@ -159,6 +175,33 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	}
 	res.Reason = ev.reason
 	return res, nil
+}
+
+// wait returns the event that ends the run: the guest's, the context's, or
+// the boot watchdog's when the guest shows no sign of life within
+// bootTimeout (0: no watchdog).
+func (m *machine) wait(ctx context.Context, bootTimeout time.Duration) event {
+	var watchdog <-chan time.Time
+	if bootTimeout > 0 {
+		t := time.NewTimer(bootTimeout)
+		defer t.Stop()
+		watchdog = t.C
+	}
+	for {
+		select {
+		case ev := <-m.events:
+			return ev
+		case <-ctx.Done():
+			return event{err: ctx.Err()}
+		case <-watchdog:
+			if m.alive.Load() {
+				watchdog = nil // the guest is booting: the watchdog's job is done
+				continue
+			}
+			return event{err: fmt.Errorf("%w: the guest showed no sign of life (no console output, no device access) within %v of starting; "+
+				"check that the kernel is an x86-64 bzImage that boots on this host's KVM (--boot-timeout 0 turns this off)", ErrBootTimeout, bootTimeout)}
+		}
+	}
 }
 
 // build creates the VM, its memory and vCPUs, and loads the kernel.
@@ -217,7 +260,9 @@ func (c *Context) build(m *machine, sys *kvm.System) (*boot.Loaded, error) {
 		return nil, fmt.Errorf("kernel: %w", err)
 	}
 	cfg := boot.Config{Kernel: kf, KernelSize: kst.Size(), Cmdline: cmdline, RAM: m.ram, RSDP: boot.ACPIAddr}
-	if c.initrdPath != "" {
+	if c.initrdData != nil {
+		cfg.Initrd, cfg.InitrdSize = c.initrdData, c.initrdSize
+	} else if c.initrdPath != "" {
 		inf, err := os.Open(c.initrdPath)
 		if err != nil {
 			return nil, fmt.Errorf("initrd: %w", err)
@@ -368,6 +413,9 @@ func (m *machine) runVCPU(i int) {
 }
 
 func (m *machine) handleExit(v *kvm.VCPU, reason uint32) error {
+	if (reason == kvm.ExitIO || reason == kvm.ExitMMIO) && !m.alive.Load() {
+		m.alive.Store(true)
+	}
 	switch reason {
 	case kvm.ExitIO:
 		e, err := v.IO()
@@ -440,6 +488,9 @@ const (
 )
 
 func (m *machine) pio(port uint16, out bool, data []byte) {
+	if out && m.status.write(port, data) {
+		return
+	}
 	switch {
 	case port >= serial.COM1Base && port < serial.COM1Base+serial.NumPorts:
 		for i := range data {

@@ -37,10 +37,17 @@ const (
 	MaxDevices = 8
 	// MaxMemoryMiB bounds guest RAM (1 TiB).
 	MaxMemoryMiB = 1 << 20
+	// DefaultBootTimeout is how long a guest may run without any sign of
+	// life before the boot watchdog ends it (SetBootTimeout).
+	DefaultBootTimeout = 2 * time.Minute
 )
 
 // Errors for a configuration the core refuses.
 var ErrConfig = errors.New("invalid VM configuration")
+
+// ErrBootTimeout says the boot watchdog ended a guest that showed no sign
+// of life: no console output and no access to any device.
+var ErrBootTimeout = errors.New("boot watchdog")
 
 // Context collects a VM's configuration; Start runs it. A Context runs one
 // VM once.
@@ -58,13 +65,20 @@ type Context struct {
 	devices []devspec.Spec
 
 	consoleOut io.Writer
+	consoleSet bool
 	consoleIn  io.Reader
 
 	pluginDir      string
 	sandboxOff     bool
 	sandboxDisable []sandbox.Layer
 	bootMarker     string
+	bootTimeout    time.Duration
 	started        bool
+
+	// SetExec mode (exec.go): the program, and the initramfs built for it.
+	exec       *execConfig
+	initrdData io.ReaderAt
+	initrdSize int64
 }
 
 // NewContext returns a Context with the defaults: one vCPU, 512 MiB, the
@@ -76,6 +90,7 @@ func NewContext(log hclog.Logger) *Context {
 	return &Context{
 		log: log, cpus: DefaultCPUs, memoryMiB: DefaultMemoryMiB,
 		cmdline: DefaultCmdline, mmioCmdline: true, consoleOut: io.Discard,
+		bootTimeout: DefaultBootTimeout,
 	}
 }
 
@@ -92,16 +107,22 @@ func (c *Context) SetVMConfig(cpus int, memoryMiB uint64) error {
 }
 
 // SetKernel sets the bzImage, the optional initrd ("" for none) and the
-// kernel command line ("" keeps the default).
+// kernel command line ("" keeps the default). Without SetKernel, Start
+// boots the kernel FindKernel finds.
 func (c *Context) SetKernel(kernel, initrd, cmdline string) error {
 	if kernel == "" {
 		return fmt.Errorf("%w: no kernel", ErrConfig)
 	}
 	c.kernelPath, c.initrdPath = kernel, initrd
+	c.SetCmdline(cmdline)
+	return nil
+}
+
+// SetCmdline sets the kernel command line ("" keeps the default).
+func (c *Context) SetCmdline(cmdline string) {
 	if cmdline != "" {
 		c.cmdline, c.cmdlineSet = cmdline, true
 	}
-	return nil
 }
 
 // SetMMIOCmdline chooses whether virtio_mmio.device= entries are added to
@@ -147,7 +168,7 @@ func (c *Context) SetConsoleOutput(w io.Writer) {
 	if w == nil {
 		w = io.Discard
 	}
-	c.consoleOut = w
+	c.consoleOut, c.consoleSet = w, true
 }
 
 // SetConsoleInput sets what the guest's serial console reads (nil: none).
@@ -167,6 +188,23 @@ func (c *Context) SetSandboxDisable(layers []sandbox.Layer) { c.sandboxDisable =
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).
 func (c *Context) SetBootMarker(marker string) { c.bootMarker = marker }
+
+// SetBootTimeout sets the boot watchdog: a guest that, for d after its
+// first instruction, has produced no console output and touched no device
+// (no port or MMIO access at all: the serial port, the virtio-mmio
+// windows, the ACPI ports) is ended, and Start returns an error wrapping
+// ErrBootTimeout. Such a guest is not booting: a kernel that hangs before
+// its first message, or a KVM that cannot run it. Once the guest has shown
+// a sign of life the watchdog is off for the rest of the run, so a quiet
+// guest is never ended for being idle. 0 turns the watchdog off; the
+// default is DefaultBootTimeout.
+func (c *Context) SetBootTimeout(d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("%w: negative boot timeout %v", ErrConfig, d)
+	}
+	c.bootTimeout = d
+	return nil
+}
 
 // ExitReason says how the guest ended.
 type ExitReason int
@@ -196,9 +234,16 @@ type Timing struct {
 	VMSetup time.Duration
 	// Ready: from Start to the first guest instruction.
 	Ready time.Duration
-	// KernelBoot: from the first guest instruction until the boot marker
-	// appeared on the console (0 without a marker, or if it never did).
+	// KernelBoot: from the first guest instruction until krun-init
+	// started (with SetExec), or else until the boot marker appeared on
+	// the console (0 without a marker, or if it never did).
 	KernelBoot time.Duration
+	// InitToExec: from krun-init's start until the program started (with
+	// SetExec).
+	InitToExec time.Duration
+	// Command: the program's run, until its exit status was reported
+	// (with SetExec).
+	Command time.Duration
 	// Total: from Start until the guest ended.
 	Total time.Duration
 }
@@ -212,11 +257,18 @@ type Result struct {
 	CoreRSS uint64
 	// DeviceErrors lists devices that failed while the guest ran.
 	DeviceErrors []error
+	// ExitStatus is the status the guest reported on PortExitStatus (the
+	// program's, with SetExec); HasExitStatus says whether it did.
+	ExitStatus    int
+	HasExitStatus bool
 }
 
 func (c *Context) validate() error {
-	if c.kernelPath == "" {
-		return fmt.Errorf("%w: no kernel set", ErrConfig)
+	if err := c.findKernel(); err != nil {
+		return err
+	}
+	if c.exec != nil && c.exec.root == "" {
+		return fmt.Errorf("%w: SetExec needs SetRoot", ErrConfig)
 	}
 	if runtime.GOARCH != "amd64" {
 		return fmt.Errorf("%w: only x86-64 hosts are supported", ErrConfig)

@@ -7,7 +7,9 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -195,15 +197,17 @@ func TestContextConfig(t *testing.T) {
 	if err := c.SetKernel("", "", ""); !errors.Is(err, ErrConfig) {
 		t.Errorf("SetKernel without a kernel: %v", err)
 	}
-	if _, err := NewContext(nil).Start(context.Background()); !errors.Is(err, ErrConfig) {
+	t.Setenv(KernelEnv, filepath.Join(t.TempDir(), "missing-vmlinuz"))
+	if _, err := NewContext(nil).Start(context.Background()); !errors.Is(err, ErrNoKernel) {
 		t.Errorf("Start without a kernel: %v", err)
 	}
 }
 
-// TestStartWithoutKVM checks the error a host without /dev/kvm gets.
+// TestStartWithoutKVM checks the error a host without a usable KVM (no
+// /dev/kvm, or a PVM one) gets.
 func TestStartWithoutKVM(t *testing.T) {
-	if _, err := os.Stat(kvm.DevicePath); err == nil {
-		t.Skip("this host has /dev/kvm; the no-KVM path is not reachable")
+	if kvm.CheckHost() == nil {
+		t.Skip("this host's KVM boots stock kernels; the no-KVM path is not reachable")
 	}
 	k := filepath.Join(t.TempDir(), "bzImage")
 	if err := os.WriteFile(k, []byte("not really a kernel"), 0o644); err != nil {
@@ -225,5 +229,60 @@ func TestStartWithoutKVM(t *testing.T) {
 func TestCoreRSS(t *testing.T) {
 	if rss := coreRSS(); rss < 1<<20 || rss > 1<<32 {
 		t.Errorf("coreRSS = %d bytes", rss)
+	}
+}
+
+// TestBootWatchdog checks the watchdog's decision: a guest with no sign of
+// life is ended with ErrBootTimeout; one that has touched a device is
+// left alone until its own event; 0 turns the watchdog off.
+func TestBootWatchdog(t *testing.T) {
+	const short = 20 * time.Millisecond
+	tests := []struct {
+		name    string
+		alive   bool
+		timeout time.Duration
+		want    error // nil: the guest's own event (poweroff) ends the run
+	}{
+		{"silent guest", false, short, ErrBootTimeout},
+		{"guest touched a device", true, short, nil},
+		{"watchdog off", false, 0, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := &machine{events: make(chan event, 1)}
+			m.alive.Store(tt.alive)
+			if tt.want == nil {
+				// The guest's own event comes well after the timeout.
+				time.AfterFunc(5*short, func() { m.event(event{reason: ExitPowerOff}) })
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			ev := m.wait(ctx, tt.timeout)
+			if tt.want != nil {
+				if !errors.Is(ev.err, tt.want) {
+					t.Fatalf("wait = %+v, want %v", ev, tt.want)
+				}
+				if strings.Contains(ev.err.Error(), "\n") || !strings.Contains(ev.err.Error(), "--boot-timeout") {
+					t.Errorf("watchdog error %q: want one line naming --boot-timeout", ev.err)
+				}
+				return
+			}
+			if ev.err != nil || ev.reason != ExitPowerOff {
+				t.Fatalf("wait = %+v, want the guest's poweroff", ev)
+			}
+		})
+	}
+}
+
+func TestSetBootTimeout(t *testing.T) {
+	c := NewContext(nil)
+	if c.bootTimeout != DefaultBootTimeout {
+		t.Errorf("default boot timeout %v", c.bootTimeout)
+	}
+	if err := c.SetBootTimeout(-time.Second); !errors.Is(err, ErrConfig) {
+		t.Errorf("negative timeout: %v", err)
+	}
+	if err := c.SetBootTimeout(0); err != nil || c.bootTimeout != 0 {
+		t.Errorf("SetBootTimeout(0) = %v, %v", err, c.bootTimeout)
 	}
 }

@@ -134,10 +134,11 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 	}
 
 	if in.Valid&fuse.FattrMode != 0 {
-		if e := s.chmod(r, n, h, in.Mode&07777); e != 0 {
+		if e := s.chmod(r, n, h, s.guestMode(n.typ, in.Mode)); e != 0 {
 			return e
 		}
 	}
+	chowned := false
 	if in.Valid&(fuse.FattrUID|fuse.FattrGID) != 0 {
 		uid, gid := -1, -1
 		if in.Valid&fuse.FattrUID != 0 {
@@ -157,12 +158,14 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 		if err := unix.Fchownat(n.fd, "", uid, gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return errno(err)
 		}
+		chowned = true
 	}
 	if in.Valid&fuse.FattrSize != 0 {
 		if in.Size > 1<<63-1 {
 			return unix.EINVAL
 		}
-		if e := s.truncate(r, n, h, int64(in.Size)); e != 0 {
+		kill := s.mustKill(in.Valid&fuse.FattrKillSuidgid != 0)
+		if e := s.truncate(r, n, h, int64(in.Size), kill); e != 0 {
 			return e
 		}
 	}
@@ -193,6 +196,16 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 	var st unix.Stat_t
 	if err := statFd(n.fd, &st); err != nil {
 		return errno(err)
+	}
+	if k := killBits(st.Mode); chowned && k != 0 {
+		// A chown clears the set-id bits (the host kernel does so itself
+		// on local file systems; this covers the others).
+		if e := s.chmod(r, n, h, st.Mode&07777&^k); e != 0 {
+			return e
+		}
+		if err := statFd(n.fd, &st); err != nil {
+			return errno(err)
+		}
 	}
 	return r.replyAttr(&st)
 }
@@ -234,22 +247,30 @@ func (s *Server) chmod(r *request, n *node, h *handle, mode uint32) unix.Errno {
 	return e
 }
 
-// truncate sets n's size through the handle or a writable reopen.
-func (s *Server) truncate(r *request, n *node, h *handle, size int64) unix.Errno {
+// truncate sets n's size through the handle or a writable reopen, first
+// clearing the set-id bits when kill is set (see setid.go).
+func (s *Server) truncate(r *request, n *node, h *handle, size int64, kill bool) unix.Errno {
 	if n.typ == unix.S_IFDIR {
 		return unix.EISDIR
 	}
 	if n.typ != unix.S_IFREG {
 		return unix.EINVAL
 	}
+	fd := -1
 	if h != nil {
-		return errno(unix.Ftruncate(h.fd, size))
+		fd = h.fd
+	} else {
+		var e unix.Errno
+		if fd, e = s.openNode(r, n, unix.O_WRONLY); e != 0 {
+			return e
+		}
+		defer unix.Close(fd)
 	}
-	fd, e := s.openNode(r, n, unix.O_WRONLY)
-	if e != 0 {
-		return e
+	if kill {
+		if e := killFd(fd); e != 0 {
+			return e
+		}
 	}
-	defer unix.Close(fd)
 	return errno(unix.Ftruncate(fd, size))
 }
 

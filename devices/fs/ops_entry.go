@@ -115,13 +115,14 @@ func (s *Server) opLookup(r *request) unix.Errno {
 
 // created finishes MKNOD, MKDIR and SYMLINK: it gives the new inode to the
 // requesting guest user where the process may do so, then looks it up.
-func (s *Server) created(r *request, parent *node, name string) unix.Errno {
+// mode is the permission bits the inode was made with.
+func (s *Server) created(r *request, parent *node, name string, mode uint32) unix.Errno {
 	var st unix.Stat_t
 	fd, err := openPath(parent.fd, name)
 	if err != nil {
 		return errno(err)
 	}
-	s.chownNew(r, parent, fd)
+	chowned := s.chownNew(r, parent, fd)
 	if err := statFd(fd, &st); err != nil {
 		unix.Close(fd)
 		return errno(err)
@@ -129,6 +130,13 @@ func (s *Server) created(r *request, parent *node, name string) unix.Errno {
 	n, e := s.t.insert(parent, name, fd, &st)
 	if e != 0 {
 		return e
+	}
+	if chowned && mode&setIDBits&^st.Mode != 0 {
+		// suid=on: the chown cleared set-id bits the guest asked for.
+		if e := s.chmod(r, n, nil, mode); e != 0 {
+			s.log.Debug("restore set-id bits after chown", "error", e)
+		}
+		statFd(n.fd, &st)
 	}
 	if e := r.replyEntry(n, &st, nil); e != 0 {
 		s.t.forget(n.id, 1)
@@ -141,10 +149,11 @@ func (s *Server) created(r *request, parent *node, name string) unix.Errno {
 // guest caller's mapped ids when they differ from the process's and the
 // process has CAP_CHOWN. Without it the inode stays the process's: see
 // docs/VIRTIOFS.md. The group is left alone under a set-group-id directory,
-// where the host kernel already applied the inherited group.
-func (s *Server) chownNew(r *request, parent *node, fd int) {
+// where the host kernel already applied the inherited group. It reports
+// whether it changed the owner.
+func (s *Server) chownNew(r *request, parent *node, fd int) bool {
 	if !s.canChown {
-		return
+		return false
 	}
 	uid, uok := s.uids.toHost(r.h.UID)
 	gid, gok := s.gids.toHost(r.h.GID)
@@ -159,11 +168,13 @@ func (s *Server) chownNew(r *request, parent *node, fd int) {
 		}
 	}
 	if ouid == -1 && ogid == -1 {
-		return
+		return false
 	}
 	if err := unix.Fchownat(fd, "", ouid, ogid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		s.log.Debug("give new inode to guest caller", "uid", ouid, "gid", ogid, "error", err)
+		return false
 	}
+	return true
 }
 
 func (s *Server) opMknod(r *request) unix.Errno {
@@ -197,10 +208,11 @@ func (s *Server) opMknod(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.put(parent)
-	if err := unix.Mknodat(parent.fd, name, mode&(unix.S_IFMT|07777), int(decodeDev(rdev))); err != nil {
+	perm := s.guestMode(mode&unix.S_IFMT, mode)
+	if err := unix.Mknodat(parent.fd, name, mode&unix.S_IFMT|perm, int(decodeDev(rdev))); err != nil {
 		return errno(err)
 	}
-	return s.created(r, parent, name)
+	return s.created(r, parent, name, perm)
 }
 
 func (s *Server) opMkdir(r *request) unix.Errno {
@@ -220,10 +232,11 @@ func (s *Server) opMkdir(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.put(parent)
-	if err := unix.Mkdirat(parent.fd, name, mode&07777); err != nil {
+	perm := s.guestMode(unix.S_IFDIR, mode)
+	if err := unix.Mkdirat(parent.fd, name, perm); err != nil {
 		return errno(err)
 	}
-	return s.created(r, parent, name)
+	return s.created(r, parent, name, perm)
 }
 
 func (s *Server) opSymlink(r *request) unix.Errno {
@@ -251,7 +264,7 @@ func (s *Server) opSymlink(r *request) unix.Errno {
 	if err := unix.Symlinkat(string(target), parent.fd, name); err != nil {
 		return errno(err)
 	}
-	return s.created(r, parent, name)
+	return s.created(r, parent, name, 0)
 }
 
 func (s *Server) opRemove(r *request, flags int) unix.Errno {

@@ -60,9 +60,10 @@ func (s *Server) opOpen(r *request) unix.Errno {
 	}
 	if int(flags)&unix.O_TRUNC != 0 {
 		// Truncate only now that the fd is known to be this node.
-		if err := unix.Ftruncate(fd, 0); err != nil {
+		openFl, _ := fuse.U32(r.in, 4)
+		if e := s.truncateOpen(fd, openFl); e != 0 {
 			unix.Close(fd)
-			return errno(err)
+			return e
 		}
 	}
 	fh, e := s.t.addHandle(fd, n, nil)
@@ -77,12 +78,26 @@ func (s *Server) opOpen(r *request) unix.Errno {
 	return 0
 }
 
+// truncateOpen applies O_TRUNC to the freshly opened fd, clearing the
+// set-id bits first where setid.go says so (openFl: the request's
+// open_flags).
+func (s *Server) truncateOpen(fd int, openFl uint32) unix.Errno {
+	if s.mustKill(openFl&fuse.OpenKillSuidgid != 0) {
+		if e := killFd(fd); e != 0 {
+			return e
+		}
+	}
+	return errno(unix.Ftruncate(fd, 0))
+}
+
 func (s *Server) opCreate(r *request) unix.Errno {
 	if len(r.in) < fuse.CreateInSize {
 		return unix.EINVAL
 	}
 	flags, _ := fuse.U32(r.in, 0)
 	mode, _ := fuse.U32(r.in, 4)
+	openFl, _ := fuse.U32(r.in, 12)
+	mode = s.guestMode(unix.S_IFREG, mode)
 	name, _, e := nameArg(r.in[fuse.CreateInSize:])
 	if e != 0 {
 		return e
@@ -104,7 +119,7 @@ func (s *Server) opCreate(r *request) unix.Errno {
 	// guest, fall back to opening the existing file.
 	oflags := openFlags(flags) | unix.O_NONBLOCK | unix.O_NOCTTY
 	made := true
-	fd, err := openBeneath(parent.fd, name, oflags|unix.O_CREAT|unix.O_EXCL, mode&07777)
+	fd, err := openBeneath(parent.fd, name, oflags|unix.O_CREAT|unix.O_EXCL, mode)
 	if err == unix.EEXIST && int(flags)&unix.O_EXCL == 0 {
 		made = false
 		fd, err = openBeneath(parent.fd, name, oflags, 0)
@@ -127,9 +142,9 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		// opened; refuse it.
 		return unix.EEXIST
 	}
-	if int(flags)&unix.O_TRUNC != 0 && st.Size != 0 {
-		if err := unix.Ftruncate(fd, 0); err != nil {
-			return errno(err)
+	if int(flags)&unix.O_TRUNC != 0 && !made {
+		if e := s.truncateOpen(fd, openFl); e != 0 {
+			return e
 		}
 	}
 	pfd, err := openPath(parent.fd, name)
@@ -143,7 +158,13 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		return unix.ESTALE
 	}
 	if made {
-		s.chownNew(r, parent, pfd)
+		if s.chownNew(r, parent, pfd) && mode&setIDBits != 0 {
+			// suid=on: the chown cleared the set-id bits the guest asked
+			// for; put them back.
+			if err := unix.Fchmod(fd, mode); err != nil {
+				s.log.Debug("restore set-id bits after chown", "error", err)
+			}
+		}
 		statFd(pfd, &pst)
 	}
 	n, e := s.t.insert(parent, name, pfd, &pst)
@@ -240,6 +261,11 @@ func (s *Server) opWrite(r *request) unix.Errno {
 	defer s.t.putHandle(h)
 	n := 0
 	if in.Size > 0 {
+		if s.mustKill(in.Flags&fuse.WriteKillSuidgid != 0) {
+			if e := killFd(h.fd); e != 0 {
+				return e
+			}
+		}
 		segs := r.c.PeekReadable(r.sc.segs[:0], uint64(in.Size))
 		n, err = r.sc.iov.transfer(h.fd, segs, int64(in.Offset), true)
 		clear(segs)
@@ -336,6 +362,14 @@ func (s *Server) opFallocate(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.putHandle(h)
+	// Not every host file system clears set-id bits on fallocate (WRITE
+	// and truncate always do, for a process without CAP_FSETID), so a
+	// nosuid share does it here whatever the process's capabilities.
+	if !s.allowSetID {
+		if e := killFd(h.fd); e != 0 {
+			return e
+		}
+	}
 	if err := unix.Fallocate(h.fd, mode, int64(off), int64(length)); err != nil {
 		return errno(err)
 	}

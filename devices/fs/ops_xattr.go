@@ -48,6 +48,10 @@ func (s *Server) opSetxattr(r *request) unix.Errno {
 	if s.readOnly {
 		return unix.EROFS
 	}
+	if !s.maySetXattr(name) {
+		// File capabilities, like set-id bits, need suid=on.
+		return unix.EPERM
+	}
 	n, e := s.t.get(r.h.NodeID)
 	if e != 0 {
 		return e

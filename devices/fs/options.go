@@ -15,10 +15,11 @@ const (
 	OptCache   = "cache"   // entry and attribute timeout in seconds, 0..3600
 	OptXattr   = "xattr"   // on|off
 	OptWorkers = "workers" // requests served at once per request queue, 1..256
+	OptSuid    = "suid"    // on|off (default off): let the guest set S_ISUID/S_ISGID
 )
 
 // OptionKeys lists the options ParseOptions understands.
-var OptionKeys = []string{OptUIDMap, OptGIDMap, OptCache, OptXattr, OptWorkers}
+var OptionKeys = []string{OptUIDMap, OptGIDMap, OptCache, OptXattr, OptWorkers, OptSuid}
 
 // Options are the parsed tuning options of a shared directory.
 type Options struct {
@@ -28,6 +29,9 @@ type Options struct {
 	Timeout time.Duration
 	NoXattr bool
 	Workers int // 0: the device's default
+	// AllowSetID (suid=on) lets the guest set the set-user-ID and
+	// set-group-ID bits on host files; see ServerConfig.AllowSetID.
+	AllowSetID bool
 }
 
 // ParseOptions parses the options in OptionKeys; other keys are ignored.
@@ -50,14 +54,13 @@ func ParseOptions(opts map[string]string) (Options, error) {
 			o.Timeout = -1
 		}
 	}
-	if v, ok := opts[OptXattr]; ok {
-		switch v {
-		case "on":
-		case "off":
-			o.NoXattr = true
-		default:
-			return o, fmt.Errorf("option %s=%q: want on or off", OptXattr, v)
-		}
+	xattr, err := onOff(opts, OptXattr, true)
+	if err != nil {
+		return o, err
+	}
+	o.NoXattr = !xattr
+	if o.AllowSetID, err = onOff(opts, OptSuid, false); err != nil {
+		return o, err
 	}
 	if v, ok := opts[OptWorkers]; ok {
 		n, err := strconv.Atoi(v)
@@ -67,4 +70,19 @@ func ParseOptions(opts map[string]string) (Options, error) {
 		o.Workers = n
 	}
 	return o, nil
+}
+
+// onOff parses an on|off option, def when absent.
+func onOff(opts map[string]string, key string, def bool) (bool, error) {
+	v, ok := opts[key]
+	if !ok {
+		return def, nil
+	}
+	switch v {
+	case "on":
+		return true, nil
+	case "off":
+		return false, nil
+	}
+	return def, fmt.Errorf("option %s=%q: want on or off", key, v)
 }

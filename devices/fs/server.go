@@ -77,6 +77,12 @@ type ServerConfig struct {
 	// NoXattr answers the xattr requests with ENOSYS (the guest then stops
 	// sending them).
 	NoXattr bool
+	// AllowSetID lets the guest set S_ISUID and S_ISGID on host files and
+	// security.capability attributes (the suid=on option). Without it the
+	// share is nosuid: the server strips those bits from every mode the
+	// guest asks for and clears them when the guest modifies a file; see
+	// setid.go and docs/VIRTIOFS.md.
+	AllowSetID bool
 	// Log receives debug and warning messages; nil discards them.
 	Log hclog.Logger
 }
@@ -106,6 +112,11 @@ type Server struct {
 
 	canChown   bool
 	euid, egid uint32
+	// allowSetID is ServerConfig.AllowSetID. canFsetid: the process holds
+	// CAP_FSETID, so the host kernel leaves set-id bits alone when the
+	// server writes or truncates a file and the server clears them itself.
+	allowSetID bool
+	canFsetid  bool
 	// noFchmodat2 is set once fchmodat2 turned out unusable (old kernel or
 	// refused by seccomp), so chmod goes straight to the reopen path.
 	noFchmodat2 atomic.Bool
@@ -201,36 +212,43 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		log = hclog.NewNullLogger()
 	}
 	s := &Server{
-		log:      log,
-		rootFd:   fd,
-		readOnly: cfg.ReadOnly,
-		uids:     idMapper(cfg.UIDMap),
-		gids:     idMapper(cfg.GIDMap),
-		entryTO:  mkTimeout(cfg.EntryTimeout),
-		attrTO:   mkTimeout(cfg.AttrTimeout),
-		maxWrite: maxWrite,
-		noXattr:  cfg.NoXattr,
-		euid:     uint32(unix.Geteuid()),
-		egid:     uint32(unix.Getegid()),
-		canChown: haveCapChown(),
+		log:        log,
+		rootFd:     fd,
+		readOnly:   cfg.ReadOnly,
+		uids:       idMapper(cfg.UIDMap),
+		gids:       idMapper(cfg.GIDMap),
+		entryTO:    mkTimeout(cfg.EntryTimeout),
+		attrTO:     mkTimeout(cfg.AttrTimeout),
+		maxWrite:   maxWrite,
+		noXattr:    cfg.NoXattr,
+		euid:       uint32(unix.Geteuid()),
+		egid:       uint32(unix.Getegid()),
+		allowSetID: cfg.AllowSetID,
 	}
+	caps := effectiveCaps()
+	s.canChown = caps&(1<<unix.CAP_CHOWN) != 0
+	s.canFsetid = caps&(1<<unix.CAP_FSETID) != 0
 	s.t = newTable(fd, &st, maxNodes, maxOpen, maxHandles)
 	s.scratches = make(chan *scratch, maxIdleScratch)
 	return s, nil
 }
 
-// haveCapChown reports whether the process may give files away (CAP_CHOWN
-// in its effective set).
-func haveCapChown() bool {
-	if unix.Geteuid() == 0 {
-		return true
-	}
+// effectiveCaps returns the calling thread's effective capability set
+// (CAP_CHOWN: the process may give files away; CAP_FSETID: the kernel
+// keeps set-id bits when it writes). Threads of a Go process share their
+// capabilities unless one is changed on purpose; the sandbox empties them
+// on every thread before the server is made. When capget fails, root is
+// assumed to hold every capability and anyone else none.
+func effectiveCaps() uint64 {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return false
+		if unix.Geteuid() == 0 {
+			return ^uint64(0)
+		}
+		return 0
 	}
-	return data[0].Effective&(1<<unix.CAP_CHOWN) != 0
+	return uint64(data[1].Effective)<<32 | uint64(data[0].Effective)
 }
 
 // Stats returns the server's counters.
@@ -572,7 +590,8 @@ func (s *Server) dispatch(r *request) unix.Errno {
 // supportedInit are the INIT flags this server can honour.
 const supportedInit = fuse.InitAsyncRead | fuse.InitAtomicOTrunc | fuse.InitBigWrites |
 	fuse.InitAutoInvalData | fuse.InitDoReaddirplus | fuse.InitReaddirplusAuto |
-	fuse.InitAsyncDIO | fuse.InitParallelDirops | fuse.InitMaxPages | fuse.InitCacheSymlinks
+	fuse.InitAsyncDIO | fuse.InitParallelDirops | fuse.InitMaxPages | fuse.InitCacheSymlinks |
+	fuse.InitHandleKillprivV2
 
 func (s *Server) opInit(r *request) unix.Errno {
 	in, err := fuse.DecodeInitIn(r.in)

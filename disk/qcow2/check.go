@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"sort"
+
+	"golang.org/x/sys/unix"
 )
 
 // RepairMode selects what Check fixes.
@@ -49,10 +51,43 @@ func (r *CheckResult) Clean() bool {
 
 const maxCheckMessages = 1000
 
+// CheckOptions tunes CheckWith.
+type CheckOptions struct {
+	Repair RepairMode
+	// MemoryLimit bounds the bytes of bookkeeping the check may hold
+	// (reference counts, maps of metadata clusters, pending fixes); an
+	// image that needs more is refused with one line. 0 means a quarter of
+	// the process's data limit (RLIMIT_DATA; 1 GiB for a sandboxed plugin),
+	// or 1 GiB where the data limit is unlimited.
+	MemoryLimit int64
+}
+
 // Check verifies the image's refcounts against the references its tables
 // make, and table entries against the format's rules. With a repair mode
 // it fixes what it reports (and nothing else), then checks again.
 func Check(f *os.File, repair RepairMode) (CheckResult, error) {
+	return CheckWith(f, CheckOptions{Repair: repair})
+}
+
+// DefaultCheckMemory is CheckOptions.MemoryLimit's default: a quarter of
+// the process's data limit, 1 GiB without one.
+func DefaultCheckMemory() int64 {
+	// prlimit64, which the plugins' seccomp profiles allow for reading,
+	// rather than getrlimit, which they refuse.
+	var rl unix.Rlimit
+	if err := unix.Prlimit(0, unix.RLIMIT_DATA, nil, &rl); err != nil || rl.Cur == unix.RLIM_INFINITY || rl.Cur > 4<<30 {
+		return 1 << 30
+	}
+	return max(int64(rl.Cur/4), 16<<20)
+}
+
+// CheckWith is Check with options.
+func CheckWith(f *os.File, o CheckOptions) (CheckResult, error) {
+	repair := o.Repair
+	memLimit := o.MemoryLimit
+	if memLimit <= 0 {
+		memLimit = DefaultCheckMemory()
+	}
 	if f == nil {
 		return CheckResult{}, errors.New("qcow2: nil image file")
 	}
@@ -67,7 +102,7 @@ func Check(f *os.File, repair RepairMode) (CheckResult, error) {
 	if repair != RepairNone && h.incompat&incompatCorrupt != 0 && repair != RepairAll {
 		return CheckResult{}, fmt.Errorf("%w: image is marked corrupt; only a full repair may write to it", ErrCorrupt)
 	}
-	c, err := newChecker(f, h)
+	c, err := newChecker(f, h, uint64(memLimit))
 	if err != nil {
 		return CheckResult{}, err
 	}
@@ -89,7 +124,7 @@ func Check(f *os.File, repair RepairMode) (CheckResult, error) {
 	if h, err = readHeader(f, size); err != nil {
 		return res, err
 	}
-	if c, err = newChecker(f, h); err != nil {
+	if c, err = newChecker(f, h, uint64(memLimit)); err != nil {
 		return res, err
 	}
 	res2, err := c.run(RepairNone)
@@ -121,7 +156,11 @@ type checker struct {
 	cs       uint64
 	fileSize uint64
 	nb       uint64 // clusters counted
-	refs     []uint16
+	// refs counts the references to each host cluster, in chunks of
+	// refChunk clusters allocated when a cluster in them is first
+	// referenced: a sparse 400 GiB file of 512-byte clusters costs what
+	// its used part does.
+	refs     [][]uint16
 	over     map[uint64]uint64 // references beyond 65535
 	rt       []uint64
 	snaps    []snapshot
@@ -147,6 +186,51 @@ type checker struct {
 	// meta records which clusters hold metadata, so that a repair never
 	// writes one kind of table over another.
 	meta map[uint64]metaKind
+
+	// mem is the bookkeeping charged so far, memLimit its bound; memErr
+	// is set (once) when a charge goes past it.
+	mem, memLimit uint64
+	memErr        error
+}
+
+// refChunk is the number of clusters one chunk of refs covers (128 KiB).
+const (
+	refChunkBits = 16
+	refChunk     = 1 << refChunkBits
+)
+
+// Estimated bytes one entry of the checker's maps and slices costs, for
+// charge.
+const (
+	mapEntryBytes  = 48
+	fixEntryBytes  = 24
+	sliceSlotBytes = 24
+)
+
+// charge accounts n bytes of bookkeeping. Past memLimit it records a
+// one-line error, which the walk reports when it returns, and says no.
+func (c *checker) charge(n uint64) bool {
+	if c.memErr != nil {
+		return false
+	}
+	c.mem += n
+	if c.mem > c.memLimit {
+		c.memErr = fmt.Errorf("image too large to check within %d MiB of memory (%d clusters of %d bytes in a %d-byte file)",
+			c.memLimit>>20, c.nb, c.cs, c.fileSize)
+		return false
+	}
+	return true
+}
+
+// setMeta ORs k into cluster cl's kinds.
+func (c *checker) setMeta(cl uint64, k metaKind) {
+	if v, ok := c.meta[cl]; ok {
+		c.meta[cl] = v | k
+		return
+	}
+	if c.charge(mapEntryBytes) {
+		c.meta[cl] = k
+	}
 }
 
 // mark records that [off, off+n) holds metadata of kind k.
@@ -155,7 +239,7 @@ func (c *checker) mark(off, n uint64, k metaKind) {
 		return
 	}
 	for cl := off / c.cs; cl <= (off+n-1)/c.cs && cl <= c.nb; cl++ {
-		c.meta[cl] |= k
+		c.setMeta(cl, k)
 	}
 }
 
@@ -180,7 +264,7 @@ func (c *checker) spend(n uint64) error {
 	return nil
 }
 
-func newChecker(f *os.File, h *header) (*checker, error) {
+func newChecker(f *os.File, h *header, memLimit uint64) (*checker, error) {
 	cs := h.clusterSize()
 	c := &checker{
 		f:        f,
@@ -192,6 +276,7 @@ func newChecker(f *os.File, h *header) (*checker, error) {
 		rbCache:  map[uint64][]byte{},
 		rbDirty:  map[uint64]bool{},
 		mult:     1,
+		memLimit: memLimit,
 	}
 	c.nb = divRoundUp(c.fileSize, cs)
 	if c.nb > 1<<31 {
@@ -249,25 +334,85 @@ func (c *checker) inc(off, n uint64) {
 		return
 	}
 	for k := off / c.cs; k <= (off+n-1)/c.cs; k++ {
-		for k >= uint64(len(c.refs)) {
-			grow := make([]uint16, max(uint64(len(c.refs))*2, c.nb+1, 64))
-			copy(grow, c.refs)
-			c.refs = grow
+		ch := c.chunk(k)
+		if ch == nil {
+			return // over the memory limit: the walk reports it
 		}
-		if v := uint64(c.refs[k]) + c.mult; v > 0xffff {
+		i := k % refChunk
+		if v := uint64(ch[i]) + c.mult; v > 0xffff {
+			if _, ok := c.over[k]; !ok && !c.charge(mapEntryBytes) {
+				return
+			}
 			c.over[k] += v - 0xffff
-			c.refs[k] = 0xffff
+			ch[i] = 0xffff
 		} else {
-			c.refs[k] = uint16(v)
+			ch[i] = uint16(v)
 		}
 	}
 }
 
+// chunk returns the chunk of refs holding cluster k, allocating it (and
+// charging it) if need be; nil past the memory limit.
+func (c *checker) chunk(k uint64) []uint16 {
+	ci := k >> refChunkBits
+	if ci >= uint64(len(c.refs)) {
+		n := max(ci+1, (c.nb>>refChunkBits)+1)
+		if !c.charge((n - uint64(len(c.refs))) * sliceSlotBytes) {
+			return nil
+		}
+		grow := make([][]uint16, n)
+		copy(grow, c.refs)
+		c.refs = grow
+	}
+	if c.refs[ci] == nil {
+		if !c.charge(refChunk * 2) {
+			return nil
+		}
+		c.refs[ci] = make([]uint16, refChunk)
+	}
+	return c.refs[ci]
+}
+
 func (c *checker) ref(k uint64) uint64 {
-	if k >= uint64(len(c.refs)) {
+	ci := k >> refChunkBits
+	if ci >= uint64(len(c.refs)) || c.refs[ci] == nil {
 		return 0
 	}
-	return uint64(c.refs[k]) + c.over[k]
+	return uint64(c.refs[ci][k%refChunk]) + c.over[k]
+}
+
+// noRefs reports whether no cluster of k's chunk is referenced.
+func (c *checker) noRefs(k uint64) bool {
+	ci := k >> refChunkBits
+	return ci >= uint64(len(c.refs)) || c.refs[ci] == nil
+}
+
+// refEnd returns one past the highest referenced cluster (0 if none).
+func (c *checker) refEnd() uint64 {
+	for ci := len(c.refs) - 1; ci >= 0; ci-- {
+		ch := c.refs[ci]
+		for i := len(ch) - 1; i >= 0; i-- {
+			if ch[i] != 0 {
+				return uint64(ci)<<refChunkBits + uint64(i) + 1
+			}
+		}
+	}
+	return 0
+}
+
+// anyRef reports whether a cluster in [lo, hi) is referenced.
+func (c *checker) anyRef(lo, hi uint64) bool {
+	for k := lo; k < hi; {
+		if c.noRefs(k) {
+			k = (k>>refChunkBits + 1) << refChunkBits
+			continue
+		}
+		if c.ref(k) > 0 {
+			return true
+		}
+		k++
+	}
+	return false
 }
 
 // refcount reads the on-disk refcount of cluster k.
@@ -307,7 +452,14 @@ func (c *checker) refblock(off uint64) ([]byte, error) {
 	if b, ok := c.rbCache[off]; ok {
 		return b, nil
 	}
-	if len(c.rbCache) > 1024 {
+	// The cache holds at most 1024 blocks or 32 MiB: clean blocks are
+	// dropped, and dirty ones written early once they hold 16 MiB.
+	if len(c.rbCache) > 1024 || uint64(len(c.rbCache))*c.cs > 32<<20 {
+		if uint64(len(c.rbDirty))*c.cs > 16<<20 || len(c.rbDirty) > 512 {
+			if err := c.flushRefblocks(); err != nil {
+				return nil, err
+			}
+		}
 		for k := range c.rbCache {
 			if !c.rbDirty[k] {
 				delete(c.rbCache, k)
@@ -372,6 +524,9 @@ func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool, shared map[ui
 		if !active {
 			r := shared[off]
 			if r == nil {
+				if !c.charge(mapEntryBytes + 16) {
+					return c.memErr
+				}
 				r = &l2ref{l1i: uint64(i)}
 				shared[off] = r
 			}
@@ -381,6 +536,7 @@ func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool, shared map[ui
 		if _, err := readFullAt(c.f, buf, int64(off)); err != nil {
 			return fmt.Errorf("read L2 table at %#x: %w", off, err)
 		}
+		next = 0 // contiguity is counted within one L2 table, as QEMU does
 		c.walkL2(buf, uint64(i), active, &next)
 	}
 	return nil
@@ -459,9 +615,11 @@ func (c *checker) walkL2(buf []byte, l1i uint64, active bool, next *uint64) {
 			coff := e & (1<<x - 1)
 			nsec := (e>>x)&(1<<(cb-8)-1) + 1
 			if active {
+				// Compressed clusters count as fragmented, and leave the
+				// contiguity of the others alone (QEMU's counts).
 				c.res.AllocatedClusters++
 				c.res.CompressedClusters++
-				*next = 0
+				c.res.FragmentedClusters++
 			}
 			c.inc(coff&^511, nsec*512)
 			continue
@@ -470,7 +628,6 @@ func (c *checker) walkL2(buf []byte, l1i uint64, active bool, next *uint64) {
 			c.corrupt("found l2 entry with reserved bits set: %x", e)
 		}
 		off := e & l2OffsetMask
-		zeroFlag := e&flagZero != 0
 		if h.extendedL2() {
 			alloc, zero := uint32(bm), uint32(bm>>32)
 			if alloc&zero != 0 || (off == 0 && !(c.extData && e&flagCopied != 0) && alloc != 0) {
@@ -481,7 +638,9 @@ func (c *checker) walkL2(buf []byte, l1i uint64, active bool, next *uint64) {
 		if !hasHost {
 			continue
 		}
-		if active && (!zeroFlag || h.extendedL2()) {
+		// Zero clusters that keep their allocation count as allocated,
+		// as in QEMU.
+		if active {
 			c.res.AllocatedClusters++
 			if *next != 0 && off != *next {
 				c.res.FragmentedClusters++
@@ -500,7 +659,7 @@ func (c *checker) walkL2(buf []byte, l1i uint64, active bool, next *uint64) {
 // count computes every reference the image makes.
 func (c *checker) count() error {
 	h := c.h
-	c.refs = make([]uint16, c.nb+1)
+	c.refs = nil
 	c.meta = map[uint64]metaKind{}
 	c.inc(0, c.cs)
 	c.mark(0, c.cs, metaHeader)
@@ -517,6 +676,9 @@ func (c *checker) count() error {
 	c.readBudget = checkReadBudget
 	if err := c.walkL1(h.l1Off, h.l1Size, true, nil); err != nil {
 		return err
+	}
+	if c.memErr != nil {
+		return c.memErr
 	}
 	if err := c.walkSnapshots(); err != nil {
 		return err
@@ -553,7 +715,7 @@ func (c *checker) count() error {
 			c.mark(off, c.cs, metaRefBlock)
 		}
 	}
-	return nil
+	return c.memErr
 }
 
 func (c *checker) countBitmaps() error {
@@ -600,13 +762,8 @@ func (c *checker) run(repair RepairMode) (CheckResult, error) {
 	if err := c.count(); err != nil {
 		return c.res, err
 	}
-	limit := c.nb
-	for k := uint64(len(c.refs)); k > limit; k-- {
-		if c.ref(k-1) > 0 {
-			limit = k
-			break
-		}
-	}
+	limit := max(c.nb, c.refEnd())
+	E := h.refblockEntries()
 	var highest uint64
 	var haveHighest bool
 	needRebuild := false
@@ -615,7 +772,21 @@ func (c *checker) run(repair RepairMode) (CheckResult, error) {
 		leak bool
 	}
 	var fixes []fix
+	addFix := func(fx fix) error {
+		if !c.charge(fixEntryBytes) {
+			return c.memErr
+		}
+		fixes = append(fixes, fx)
+		return nil
+	}
 	for k := uint64(0); k < limit; k++ {
+		// Where no cluster is referenced and no refcount block exists,
+		// every refcount and reference is 0: skip to the next chunk or
+		// block boundary.
+		if b := k / E; c.noRefs(k) && (b >= uint64(len(c.rt)) || c.rt[b]&rtOffsetMask == 0) {
+			k = min((k>>refChunkBits+1)<<refChunkBits, (b+1)*E, limit) - 1
+			continue
+		}
 		rc, err := c.refcount(k)
 		if err != nil {
 			c.res.CheckErrors++
@@ -636,13 +807,17 @@ func (c *checker) run(repair RepairMode) (CheckResult, error) {
 			c.res.Leaks++
 			c.msg("Leaked cluster %d refcount=%d reference=%d", k, rc, r)
 			if repair >= RepairLeaks {
-				fixes = append(fixes, fix{k, r, true})
+				if err := addFix(fix{k, r, true}); err != nil {
+					return c.res, err
+				}
 			}
 		} else {
 			c.res.Corruptions++
 			c.msg("ERROR cluster %d refcount=%d reference=%d", k, rc, r)
 			if repair == RepairAll {
-				fixes = append(fixes, fix{k, r, false})
+				if err := addFix(fix{k, r, false}); err != nil {
+					return c.res, err
+				}
 			}
 		}
 	}
@@ -829,20 +1004,15 @@ func (c *checker) rebuild() error {
 	h := c.h
 	// Recount without the old refcount structure: it becomes garbage.
 	c2 := &checker{f: c.f, h: h, cs: c.cs, fileSize: c.fileSize, nb: c.nb, extData: c.extData,
-		over: map[uint64]uint64{}, snaps: c.snaps, snapSize: c.snapSize, skipRefStructs: true, mult: 1}
+		over: map[uint64]uint64{}, snaps: c.snaps, snapSize: c.snapSize, skipRefStructs: true, mult: 1,
+		memLimit: c.memLimit - min(c.mem, c.memLimit)}
 	if err := c2.count(); err != nil {
 		return err
 	}
 	cs := c.cs
 	E := h.refblockEntries()
 	bits := h.refcountBits()
-	end := max(c.nb, 1)
-	for k := uint64(len(c2.refs)); k > 0; k-- {
-		if c2.ref(k-1) > 0 {
-			end = max(end, k)
-			break
-		}
-	}
+	end := max(c.nb, 1, c2.refEnd())
 	// New structure at [end, end+rtc+nblk): reftable first, then blocks
 	// for every block that has a nonzero refcount.
 	var rtc, nblk uint64
@@ -853,8 +1023,8 @@ func (c *checker) rebuild() error {
 		blocks = blocks[:0]
 		for b := uint64(0); b < nBlocksSpan; b++ {
 			used := b*E < total && b*E+E > end // the new structure lives here
-			for k := b * E; !used && k < min(b*E+E, uint64(len(c2.refs))); k++ {
-				used = c2.ref(k) > 0
+			if !used {
+				used = c2.anyRef(b*E, b*E+E)
 			}
 			if used {
 				blocks = append(blocks, b)
@@ -872,6 +1042,9 @@ func (c *checker) rebuild() error {
 	c2.fileSize = (end + rtc + nblk) * cs
 	for k := end; k < end+rtc+nblk; k++ {
 		c2.inc(k*cs, cs)
+	}
+	if c2.memErr != nil {
+		return c2.memErr
 	}
 	rt := make([]byte, rtc*cs)
 	for i, b := range blocks {

@@ -427,17 +427,17 @@ func (im *Image) loadTables() error {
 	}
 	mm := newMetaMap()
 	cs := im.cs
-	mm.addRange(0, 1, metaHeader)
-	mm.addRange(h.l1Off/cs, divRoundUp(uint64(h.l1Size)*8, cs), metaL1)
-	mm.addRange(h.rtOff/cs, uint64(h.rtClusters), metaRefTable)
+	mm.put(0, 1, metaHeader)
+	mm.put(h.l1Off/cs, divRoundUp(uint64(h.l1Size)*8, cs), metaL1)
+	mm.put(h.rtOff/cs, uint64(h.rtClusters), metaRefTable)
 	if h.nbSnapshots > 0 {
-		mm.addRange(h.snapOff/cs, divRoundUp(im.snapSize, cs), metaSnapTable)
+		mm.put(h.snapOff/cs, divRoundUp(im.snapSize, cs), metaSnapTable)
 	}
 	if h.bitmaps != nil {
-		mm.addRange(h.bitmaps.dirOff/cs, divRoundUp(h.bitmaps.dirSize, cs), metaBitmapDir)
+		mm.put(h.bitmaps.dirOff/cs, divRoundUp(h.bitmaps.dirSize, cs), metaBitmapDir)
 	}
 	if h.crypto != nil && h.crypto.len > 0 {
-		mm.addRange(h.crypto.off/cs, divRoundUp(h.crypto.len, cs), metaCrypto)
+		mm.put(h.crypto.off/cs, divRoundUp(h.crypto.len, cs), metaCrypto)
 	}
 	seenRB := make(map[uint64]int, len(im.rt))
 	for i, e := range im.rt {
@@ -454,20 +454,50 @@ func (im *Image) loadTables() error {
 			mm.add(off/cs, metaL2)
 		}
 	}
-	// Snapshot L1 tables and the L2 tables they reference, within a budget
-	// so that a hostile snapshot table cannot make Open read gigabytes.
-	budget := uint64(64 << 20)
+	if err := im.trackSnapshots(mm); err != nil {
+		return err
+	}
+	mm.build()
+	im.meta = mm
+	return nil
+}
+
+// snapshotL1Budget bounds the snapshot L1 entries Open reads to track the
+// L2 tables they reference: 16 MiB of tables, about half a second of work
+// and 100 MB of map at most. Each distinct table counts once, however many
+// snapshots share it. (QEMU's default overlap check does not track
+// inactive L2 tables at all.)
+const snapshotL1Budget = 2 << 20
+
+// trackSnapshots records the snapshot L1 tables, one range per distinct
+// table, and the L2 tables they reference within snapshotL1Budget. Past
+// the budget a table's L2 tables are not tracked (they keep their nonzero
+// refcounts, which also keep allocations off them): a hostile snapshot
+// table can make Open neither read gigabytes nor spend its time on the map.
+func (im *Image) trackSnapshots(mm *metaMap) error {
+	cs := im.cs
+	type table struct {
+		off  uint64
+		size uint32
+	}
+	seen := make(map[table]bool)
+	budget := uint64(snapshotL1Budget)
+	untracked := 0
 	for i, s := range im.snaps {
-		n := uint64(s.l1Size) * 8
-		for c := uint64(0); c < divRoundUp(n, cs); c++ {
-			mm.add(s.l1Off/cs+c, metaSnapL1)
+		t := table{s.l1Off, s.l1Size}
+		if seen[t] {
+			continue
 		}
+		seen[t] = true
+		n := uint64(s.l1Size)
+		mm.put(s.l1Off/cs, divRoundUp(n*8, cs), metaSnapL1)
 		if n > budget {
-			im.log.Debug("snapshot L1 tables exceed the overlap-check budget; inactive L2 tables not tracked", "snapshot", i)
+			untracked++
 			continue
 		}
 		budget -= n
-		l1, err := im.readTable(s.l1Off, uint64(s.l1Size))
+		mm.work += n
+		l1, err := im.readTable(s.l1Off, n)
 		if err != nil {
 			return fmt.Errorf("read snapshot %d L1 table: %w", i, err)
 		}
@@ -477,7 +507,10 @@ func (im *Image) loadTables() error {
 			}
 		}
 	}
-	im.meta = mm
+	if untracked > 0 {
+		im.log.Debug("snapshot L1 tables exceed the overlap-check budget; their L2 tables are not tracked",
+			"tables", untracked, "budget_entries", snapshotL1Budget)
+	}
 	return nil
 }
 

@@ -1,6 +1,9 @@
 package qcow2
 
-import "fmt"
+import (
+	"fmt"
+	"sort"
+)
 
 // metaKind says what metadata a host cluster holds.
 type metaKind uint16
@@ -42,32 +45,115 @@ type metaRange struct {
 }
 
 // metaMap records where the image's metadata lives so that no write lands
-// on metadata it was not meant for. Contiguous structures are ranges;
-// single-cluster tables are kept per cluster.
+// on metadata it was not meant for. Contiguous structures (the header, L1
+// and refcount tables, snapshot L1 tables, the snapshot table, ...) are
+// ranges, each distinct range kept once however often it is added (65,536
+// snapshots may share one 32 MiB L1 table); single-cluster tables (L2
+// tables, refcount blocks) are kept per cluster.
+//
+// Lookups go through segs, the ranges flattened into sorted, disjoint
+// segments, so that at is a binary search whatever the number of ranges.
+// segs is rebuilt whenever the ranges change: once at open (put, then
+// build), and at each later addRange or removeRange, which are rare
+// (refcount table moves).
 type metaMap struct {
-	ranges []metaRange
+	ranges map[metaRange]int // distinct ranges and how often each was added
+	segs   []metaRange       // ranges flattened: sorted, disjoint, kinds merged
 	m      map[uint64]metaKind
+	// work counts the operations spent building the map: a range or
+	// cluster added, a range visited by build. Tests bound it.
+	work uint64
 }
 
-func newMetaMap() *metaMap { return &metaMap{m: make(map[uint64]metaKind)} }
+func newMetaMap() *metaMap {
+	return &metaMap{ranges: make(map[metaRange]int), m: make(map[uint64]metaKind)}
+}
 
-func (mm *metaMap) addRange(start, n uint64, k metaKind) {
-	if n == 0 {
+// put adds a range without rebuilding the lookup segments; call build
+// once after a batch of puts.
+func (mm *metaMap) put(start, n uint64, k metaKind) {
+	mm.work++
+	if n == 0 || start+n < start {
 		return
 	}
-	mm.ranges = append(mm.ranges, metaRange{start, start + n, k})
+	mm.ranges[metaRange{start, start + n, k}]++
 }
 
+// addRange records that clusters [start, start+n) hold metadata of kind k.
+func (mm *metaMap) addRange(start, n uint64, k metaKind) {
+	mm.put(start, n, k)
+	mm.build()
+}
+
+// removeRange undoes one addRange of exactly that range.
 func (mm *metaMap) removeRange(start, n uint64, k metaKind) {
-	for i, r := range mm.ranges {
-		if r.start == start && r.end == start+n && r.kind == k {
-			mm.ranges = append(mm.ranges[:i], mm.ranges[i+1:]...)
-			return
-		}
+	r := metaRange{start, start + n, k}
+	switch c := mm.ranges[r]; {
+	case c == 0:
+		return
+	case c == 1:
+		delete(mm.ranges, r)
+	default:
+		mm.ranges[r] = c - 1
 	}
+	mm.build()
 }
 
-func (mm *metaMap) add(c uint64, k metaKind) { mm.m[c] |= k }
+// build flattens the ranges into segs.
+func (mm *metaMap) build() {
+	type edge struct {
+		at   uint64
+		kind metaKind
+		open bool
+	}
+	edges := make([]edge, 0, 2*len(mm.ranges))
+	for r := range mm.ranges {
+		edges = append(edges, edge{r.start, r.kind, true}, edge{r.end, r.kind, false})
+	}
+	mm.work += uint64(len(mm.ranges))
+	sort.Slice(edges, func(i, j int) bool { return edges[i].at < edges[j].at })
+	var open [16]int // ranges open per kind bit
+	var cur metaKind
+	segs := mm.segs[:0]
+	for i := 0; i < len(edges); {
+		at := edges[i].at
+		for ; i < len(edges) && edges[i].at == at; i++ {
+			for b := 0; b < len(open); b++ {
+				if edges[i].kind&(1<<b) == 0 {
+					continue
+				}
+				if edges[i].open {
+					open[b]++
+				} else {
+					open[b]--
+				}
+			}
+		}
+		var next metaKind
+		for b := 0; b < len(open); b++ {
+			if open[b] > 0 {
+				next |= 1 << b
+			}
+		}
+		if next == cur {
+			continue
+		}
+		if n := len(segs); n > 0 && segs[n-1].end == 0 {
+			segs[n-1].end = at // close the open segment
+		}
+		if next != 0 {
+			segs = append(segs, metaRange{start: at, kind: next}) // end set when it closes
+		}
+		cur = next
+	}
+	mm.segs = segs
+}
+
+func (mm *metaMap) add(c uint64, k metaKind) {
+	mm.work++
+	mm.m[c] |= k
+}
+
 func (mm *metaMap) clear(c uint64, k metaKind) {
 	if v := mm.m[c] &^ k; v == 0 {
 		delete(mm.m, c)
@@ -79,10 +165,9 @@ func (mm *metaMap) clear(c uint64, k metaKind) {
 // at returns the metadata kinds stored in cluster c.
 func (mm *metaMap) at(c uint64) metaKind {
 	k := mm.m[c]
-	for _, r := range mm.ranges {
-		if c >= r.start && c < r.end {
-			k |= r.kind
-		}
+	i := sort.Search(len(mm.segs), func(i int) bool { return mm.segs[i].end > c })
+	if i < len(mm.segs) && mm.segs[i].start <= c {
+		k |= mm.segs[i].kind
 	}
 	return k
 }
@@ -99,5 +184,5 @@ func (mm *metaMap) check(c, n uint64, k metaKind) error {
 }
 
 func (mm *metaMap) String() string {
-	return fmt.Sprintf("%d ranges, %d clusters", len(mm.ranges), len(mm.m))
+	return fmt.Sprintf("%d ranges (%d segments), %d clusters", len(mm.ranges), len(mm.segs), len(mm.m))
 }

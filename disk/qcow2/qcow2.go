@@ -21,6 +21,15 @@
 // therefore leak clusters but never leave a reference to a cluster with a
 // refcount that is too small. Flush (and Close) write everything back.
 //
+// Overlap check: every metadata write is first checked against a map of
+// where metadata lives (overlap.go). Contiguous structures are ranges, each
+// distinct range once, looked up by binary search; single-cluster tables are
+// per-cluster entries. The L2 tables of internal snapshots are tracked
+// within a budget of snapshot L1 entries read at open, each distinct table
+// counted once, so that the work of Open does not grow with the number of
+// snapshots sharing a table. Check bounds its own bookkeeping by
+// CheckOptions.MemoryLimit and refuses an image that needs more.
+//
 // Concurrency: reads, and writes that land on clusters the active image
 // owns alone, share a read lock; anything that changes metadata (allocation,
 // copy-on-write, zeroing, discard, flush) takes the write lock.

@@ -27,7 +27,8 @@ echo "inner virtio-fs ok"
 
 // TestRun boots a guest with `krun-core run --fs path=DIR,tag=share`: the
 // core's own virtio-mmio transport with krun-plugin-fs-virtio behind it.
-// Without /dev/kvm it runs inside a QEMU TCG guest with nested SVM.
+// Where this host's KVM cannot boot a stock kernel (vmtest.DirectKVM) it
+// runs inside a QEMU TCG guest with nested SVM.
 func TestRun(t *testing.T) {
 	a := vmtest.Require(t)
 	inner := a.NewInitramfs()
@@ -36,7 +37,7 @@ func TestRun(t *testing.T) {
 	krun := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/cmd/krun-core")
 	plugin := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/plugins/fs-virtio")
 	marker := inner.ResultMarker()
-	if _, err := os.Stat("/dev/kvm"); err == nil {
+	if vmtest.DirectKVM(t) {
 		runDirect(t, a, inner, krun, plugin, marker)
 		return
 	}
@@ -54,9 +55,9 @@ echo "hello from the host" > /tmp/share/from-host
 rc=0
 # The outer root is the initramfs (rootfs): the plugin sandbox's root layer
 # moves its empty root over it instead of pivoting.
-krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --log-level info --cmdline "console=ttyS0 panic=-1 quiet" \
-	--fs path=/tmp/share,tag=share </dev/null >/tmp/inner.log 2>&1 || rc=$?
+e2e_bounded 300 /tmp/inner.log krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
+	--plugin-dir /bin --log-level info --cmdline "console=ttyS0 panic=-1 quiet" --boot-timeout 120 \
+	--fs path=/tmp/share,tag=share || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
 [ $rc = 0 ] || e2e_fail "krun-core run exited $rc"
 grep -q '` + marker + ` ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
@@ -87,8 +88,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, krun, pl
 		must(t, "read "+src, err)
 		must(t, "write "+dst, os.WriteFile(filepath.Join(bin, dst), b, 0o755))
 	}
-	out, err := exec.Command(filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
-		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--fs", "path="+share+",tag=share").CombinedOutput()
+	out, err := vmtest.RunDirect(t, 0, exec.Command(filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
+		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--fs", "path="+share+",tag=share"))
 	if err != nil || !strings.Contains(string(out), marker+" ok") {
 		t.Fatalf("krun-core run: %v\n%s", err, out)
 	}

@@ -43,8 +43,8 @@ echo "inner link down ok"
 
 // TestRun boots a guest with `krun-core run --net passt,mac=...`: the core's
 // own virtio-mmio transport with krun-plugin-net-passt behind it and passt
-// started by krun-core, with the whole plugin sandbox. Without /dev/kvm it
-// runs inside a QEMU TCG guest with nested SVM, whose network is a dummy
+// started by krun-core, with the whole plugin sandbox. Where this host's
+// KVM cannot boot a stock kernel (vmtest.DirectKVM) it runs inside a QEMU TCG guest with nested SVM, whose network is a dummy
 // interface holding the default route (passt copies its address and maps
 // the gateway to the loopback).
 func TestRun(t *testing.T) {
@@ -61,7 +61,7 @@ func TestRun(t *testing.T) {
 	krun := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/cmd/krun-core")
 	plugin := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/plugins/net-passt")
 	marker := inner.ResultMarker()
-	if _, err := os.Stat("/dev/kvm"); err == nil {
+	if vmtest.DirectKVM(t) {
 		runDirect(t, a, inner, krun, plugin, marker, port)
 		return
 	}
@@ -102,19 +102,28 @@ mount --rbind /dev /newroot/dev
 rc=0
 unshare -m sh -c 'cd /newroot && mount --move /newroot / && exec chroot . krun-core run \
 	--kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --cmdline "console=ttyS0 panic=-1 quiet" \
+	--plugin-dir /bin --cmdline "console=ttyS0 panic=-1 quiet" --boot-timeout 120 \
 	--log-level info --net passt,mac=52:54:00:12:34:57' </dev/null >/tmp/inner.log 2>&1 &
 pid=$!
+# An inner guest that stops making progress is a nested hang (vmtest
+# retries the outer VM).
+hung() { kill -9 $pid; sed 's/^/hung| /' /tmp/inner.log; e2e_nested_hang "$1"; }
 i=0
 until grep -q KRUN-E2E-KILL-PASST /tmp/inner.log; do
 	kill -0 $pid 2>/dev/null || break
-	i=$((i+1)); [ $i -lt 600 ] || break
+	i=$((i+1)); [ $i -lt 600 ] || hung "the inner guest never asked to kill passt"
 	sleep 0.5
 done
+grep -q 'boot watchdog' /tmp/inner.log && { sed 's/^/hung| /' /tmp/inner.log; e2e_nested_hang "the inner guest never started"; }
 if grep -q KRUN-E2E-KILL-PASST /tmp/inner.log; then
 	killall passt passt.avx2 2>/dev/null || true
 	echo "outer killed passt"
 fi
+i=0
+while kill -0 $pid 2>/dev/null; do
+	i=$((i+1)); [ $i -lt 600 ] || hung "the inner guest did not end after passt died"
+	sleep 0.5
+done
 wait $pid || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
 [ $rc = 0 ] || e2e_fail "krun-core run exited $rc"
@@ -128,7 +137,7 @@ echo "outer checks ok"
 	t.Logf("nested: outer QEMU ran %v", r.Total.Round(time.Millisecond))
 }
 
-// runDirect is TestRun on a machine with /dev/kvm: krun-core runs in a
+// runDirect is TestRun on a machine whose KVM boots stock kernels: krun-core runs in a
 // network namespace of the test's own, next to the page's server.
 func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, krun, plugin, marker string, port int) {
 	ns := netnstest.New(t)
@@ -162,8 +171,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, krun, pl
 		t.Skipf("busybox httpd for the page: %v", err)
 	}
 	t.Cleanup(func() { httpd.Process.Kill(); httpd.Wait() })
-	out, err := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
-		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--net", "passt,mac=52:54:00:12:34:57").CombinedOutput()
+	out, err := vmtest.RunDirect(t, 0, netnstest.Command(ns, filepath.Join(bin, "krun-core"), "run", "--kernel", a.Kernel.Vmlinuz, "--initrd", initrd,
+		"--memory", "256M", "--cmdline", "console=ttyS0 panic=-1 quiet", "--net", "passt,mac=52:54:00:12:34:57"))
 	if err != nil || !strings.Contains(string(out), marker+" ok") {
 		t.Fatalf("krun-core run: %v\n%s", err, out)
 	}

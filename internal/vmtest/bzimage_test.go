@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/krun-core/krun-core/guest/initramfs/kmod/kmodtest"
 )
 
 // fakeBzImage builds a setup header pointing at payload.
@@ -55,7 +57,7 @@ func TestExtractVmlinuxXZ(t *testing.T) {
 	if _, err := exec.LookPath("xz"); err != nil {
 		t.Skip("xz not installed")
 	}
-	elfImg := fakeModule("name=not-a-kernel")
+	elfImg := kmodtest.Module("name=not-a-kernel")
 	cmd := exec.Command("xz", "-c", "--check=crc32")
 	cmd.Stdin = bytes.NewReader(elfImg)
 	xzData, err := cmd.Output()

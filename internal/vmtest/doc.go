@@ -38,7 +38,12 @@
 // exits 0 the guest prints "KRUN-E2E-RESULT <nonce>: ok" and powers off; a
 // non-zero exit reports "fail test script exited with status N". Inside the
 // script, e2e_fail "reason" reports failure with a reason and powers off at
-// once, and e2e_ok ends early with success. The nonce is unique per
+// once, and e2e_ok ends early with success. A nested-KVM script bounds
+// each inner run with e2e_bounded SECONDS LOG CMD... (or calls
+// e2e_nested_hang "what" itself): an inner guest that makes no progress is
+// reported as a nested hang, and NestedKVM runs the outer VM once more
+// (nested SVM under TCG sometimes leaves an inner guest idle for good on a
+// loaded machine). The nonce is unique per
 // initramfs (Initramfs.ResultMarker), so a nested guest's verdict echoed on
 // the outer console never counts as the outer one's.
 //

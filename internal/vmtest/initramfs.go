@@ -3,7 +3,6 @@ package vmtest
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -16,6 +15,9 @@ import (
 	"strings"
 
 	"github.com/klauspost/compress/gzip"
+
+	"github.com/krun-core/krun-core/guest/initramfs/cpio"
+	"github.com/krun-core/krun-core/guest/initramfs/kmod"
 )
 
 // ResultPrefix starts the line a guest prints to report its verdict:
@@ -89,7 +91,7 @@ func NewInitramfs() *Initramfs {
 	for _, d := range []string{"/bin", "/sbin", "/usr/bin", "/usr/sbin", "/dev", "/proc", "/sys", "/tmp", "/run", "/mnt", "/root", "/etc", "/etc/krun-e2e", "/lib", "/lib/modules", "/var"} {
 		ib.AddDir(d, 0o755)
 	}
-	ib.nodes["/tmp"].mode = cpioDir | 0o1777
+	ib.nodes["/tmp"].mode = cpio.Dir | 0o1777
 	// The kernel opens /dev/console for init before anything is mounted.
 	ib.AddDevice("/dev/console", false, 5, 1, 0o600)
 	ib.AddDevice("/dev/null", false, 1, 3, 0o666)
@@ -132,15 +134,15 @@ func (ib *Initramfs) put(dst string, n *ibNode) {
 	// Create parents as directories.
 	for dir := path.Dir(p); dir != "/"; dir = path.Dir(dir) {
 		if old, ok := ib.nodes[dir]; ok {
-			if old.mode&cpioTypeMask != cpioDir {
+			if old.mode&cpio.TypeMask != cpio.Dir {
 				ib.fail(fmt.Errorf("initramfs: %s is needed as a directory for %s", dir, p))
 				return
 			}
 			continue
 		}
-		ib.nodes[dir] = &ibNode{mode: cpioDir | 0o755}
+		ib.nodes[dir] = &ibNode{mode: cpio.Dir | 0o755}
 	}
-	if old, ok := ib.nodes[p]; ok && old.mode&cpioTypeMask == cpioDir && n.mode&cpioTypeMask == cpioDir {
+	if old, ok := ib.nodes[p]; ok && old.mode&cpio.TypeMask == cpio.Dir && n.mode&cpio.TypeMask == cpio.Dir {
 		old.mode = n.mode
 		return
 	}
@@ -149,7 +151,7 @@ func (ib *Initramfs) put(dst string, n *ibNode) {
 
 // AddDir adds a directory (parents are created as needed).
 func (ib *Initramfs) AddDir(dst string, mode os.FileMode) {
-	ib.put(dst, &ibNode{mode: cpioDir | uint32(mode.Perm())})
+	ib.put(dst, &ibNode{mode: cpio.Dir | uint32(mode.Perm())})
 }
 
 // AddFile copies the host file src to dst in the guest with permissions
@@ -164,25 +166,25 @@ func (ib *Initramfs) AddFile(dst, src string, mode os.FileMode) {
 		ib.fail(fmt.Errorf("initramfs add %s: %s is not a regular file", dst, src))
 		return
 	}
-	ib.put(dst, &ibNode{mode: cpioReg | uint32(mode.Perm()), src: src})
+	ib.put(dst, &ibNode{mode: cpio.Reg | uint32(mode.Perm()), src: src})
 }
 
 // AddBytes adds a file with the given content.
 func (ib *Initramfs) AddBytes(dst string, data []byte, mode os.FileMode) {
-	ib.put(dst, &ibNode{mode: cpioReg | uint32(mode.Perm()), data: bytes.Clone(data)})
+	ib.put(dst, &ibNode{mode: cpio.Reg | uint32(mode.Perm()), data: bytes.Clone(data)})
 }
 
 // AddSymlink adds a symbolic link dst -> target.
 func (ib *Initramfs) AddSymlink(dst, target string) {
-	ib.put(dst, &ibNode{mode: cpioSymlink | 0o777, target: target})
+	ib.put(dst, &ibNode{mode: cpio.Symlink | 0o777, target: target})
 }
 
 // AddDevice adds a character (block=false) or block device node. devtmpfs
 // is mounted over /dev at boot; nodes here matter before that or elsewhere.
 func (ib *Initramfs) AddDevice(dst string, block bool, major, minor uint32, mode os.FileMode) {
-	t := uint32(cpioChar)
+	t := uint32(cpio.Char)
 	if block {
-		t = cpioBlock
+		t = cpio.Block
 	}
 	ib.put(dst, &ibNode{mode: t | uint32(mode.Perm()), major: major, minor: minor})
 }
@@ -229,12 +231,12 @@ func (ib *Initramfs) AddModules(k *Kernel, names ...string) {
 		return
 	}
 	ib.release = k.Release
-	idx, err := indexModules(k.ModulesDir)
+	idx, err := kmod.NewIndex(k.ModulesDir)
 	if err != nil {
 		ib.fail(err)
 		return
 	}
-	mods, err := resolveModules(context.Background(), idx, names)
+	mods, err := idx.Resolve(names)
 	if err != nil {
 		ib.fail(fmt.Errorf("initramfs add modules: %w", err))
 		return
@@ -255,7 +257,7 @@ func (ib *Initramfs) AddModules(k *Kernel, names ...string) {
 // does not read the kernel command line, so parameters must be given here.
 // The module must be added with AddModules (before or after this call).
 func (ib *Initramfs) SetModuleParams(module, params string) {
-	ib.params[moduleName(module)] = params
+	ib.params[kmod.Name(module)] = params
 }
 
 // Modules returns the modules /init loads, in load order.
@@ -277,6 +279,36 @@ const guestLib = `# krun-e2e guest helpers
 KRUN_E2E_MARKER='%s'
 e2e_ok() { echo "$KRUN_E2E_MARKER ok"; e2e_poweroff; }
 e2e_fail() { echo "$KRUN_E2E_MARKER fail ${*:-no reason given}"; e2e_poweroff; }
+# e2e_nested_hang WHAT: an inner guest made no progress (nested KVM under
+# TCG can leave one idle for good); vmtest.NestedKVM retries the outer VM.
+e2e_nested_hang() { echo "KRUN-E2E-NESTED-HANG $*"; e2e_fail "inner guest hung: $*"; }
+# e2e_bounded SECONDS LOG CMD...: runs CMD (stdin /dev/null, output to LOG)
+# and returns its status; if it still runs after SECONDS, or ends with the
+# boot watchdog's line, it shows the tail of LOG and reports a nested hang.
+e2e_bounded() {
+	_limit=$1 _log=$2
+	shift 2
+	"$@" </dev/null >"$_log" 2>&1 &
+	_pid=$!
+	_i=0
+	while kill -0 $_pid 2>/dev/null; do
+		_i=$((_i+1))
+		if [ $_i -gt $((_limit*2)) ]; then
+			kill -9 $_pid 2>/dev/null
+			wait $_pid 2>/dev/null
+			tail -30 "$_log" | sed 's/^/hung| /'
+			e2e_nested_hang "$* ran over ${_limit}s"
+		fi
+		sleep 0.5
+	done
+	_rc=0
+	wait $_pid || _rc=$?
+	if grep -q 'boot watchdog: the guest showed no sign of life' "$_log"; then
+		tail -30 "$_log" | sed 's/^/hung| /'
+		e2e_nested_hang "$* never started its guest"
+	fi
+	return $_rc
+}
 e2e_poweroff() {
 	sync
 	# Give the UART a moment to drain before the machine goes away.
@@ -328,7 +360,7 @@ func (ib *Initramfs) modulesDep() []byte {
 		var walk func(deps []string)
 		walk = func(deps []string) {
 			for _, d := range deps {
-				if i, ok := ib.moduleSet[moduleName(d)]; ok && !seen[i] {
+				if i, ok := ib.moduleSet[kmod.Name(d)]; ok && !seen[i] {
 					seen[i] = true
 					walk(ib.modules[i].deps)
 				}
@@ -382,7 +414,7 @@ func (ib *Initramfs) Write(dst string) error {
 		}
 		w = zw
 	}
-	cw := newCpioWriter(w)
+	cw := cpio.NewWriter(w)
 	paths := make([]string, 0, len(ib.nodes))
 	for p := range ib.nodes {
 		paths = append(paths, p)
@@ -391,11 +423,11 @@ func (ib *Initramfs) Write(dst string) error {
 	sort.Strings(paths)
 	for _, p := range paths {
 		n := ib.nodes[p]
-		e := &cpioEntry{Name: p, Mode: n.mode, RdevMajor: n.major, RdevMinor: n.minor}
-		switch n.mode & cpioTypeMask {
-		case cpioReg:
+		e := &cpio.Entry{Name: p, Mode: n.mode, RdevMajor: n.major, RdevMinor: n.minor}
+		switch n.mode & cpio.TypeMask {
+		case cpio.Reg:
 			e.Data, e.Src = n.data, n.src
-		case cpioSymlink:
+		case cpio.Symlink:
 			e.Data = []byte(n.target)
 		}
 		if err := cw.Add(e); err != nil {

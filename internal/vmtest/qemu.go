@@ -32,6 +32,12 @@ const (
 type Options struct {
 	Kernel    *Kernel    // kernel to boot (Vmlinuz)
 	Initramfs *Initramfs // busybox is added automatically if missing
+	// Initrd is a prebuilt initramfs booted as it is, instead of
+	// Initramfs (e.g. guest/initramfs's krun-init archive). Such a guest
+	// prints no verdict: Wait succeeds when QEMU exits by itself (the
+	// guest powered off or wrote to an isa-debug-exit port) and
+	// Result.ExitCode holds QEMU's exit status.
+	Initrd string
 	// MemoryMiB is the guest RAM, backed by a shared memfd so vhost-user
 	// back-ends can map it (default 512).
 	MemoryMiB int
@@ -68,6 +74,7 @@ type Result struct {
 	// boot time as the guest saw it).
 	GuestUptime time.Duration
 	ExitErr     error // QEMU's exit status, nil when it exited 0
+	ExitCode    int   // QEMU's exit code (-1 when killed by a signal)
 }
 
 // VM is one QEMU instance. Create it with NewVM, add devices, then Run (or
@@ -99,8 +106,8 @@ type VM struct {
 // the end of the test at the latest.
 func NewVM(t testing.TB, opts Options) *VM {
 	t.Helper()
-	if opts.Kernel == nil || opts.Initramfs == nil {
-		t.Fatalf("vmtest.NewVM: Options.Kernel and Options.Initramfs are required")
+	if opts.Kernel == nil || (opts.Initramfs == nil) == (opts.Initrd == "") {
+		t.Fatalf("vmtest.NewVM: Options.Kernel and one of Options.Initramfs and Options.Initrd are required")
 	}
 	if opts.MemoryMiB <= 0 {
 		opts.MemoryMiB = DefaultMemoryMiB
@@ -239,17 +246,19 @@ func (vm *VM) Start() error {
 		return fmt.Errorf("vmtest: VM already started")
 	}
 	vm.started = true
-	ib := vm.opts.Initramfs
-	if !ib.HasBusybox() {
-		bb, err := FetchBusybox(testContext(vm.t))
-		if err != nil {
-			return fmt.Errorf("vmtest: get busybox: %w", err)
+	initrd := vm.opts.Initrd
+	if ib := vm.opts.Initramfs; ib != nil {
+		if !ib.HasBusybox() {
+			bb, err := FetchBusybox(testContext(vm.t))
+			if err != nil {
+				return fmt.Errorf("vmtest: get busybox: %w", err)
+			}
+			ib.AddBusybox(bb)
 		}
-		ib.AddBusybox(bb)
-	}
-	initrd := filepath.Join(vm.dir, "initramfs.cpio")
-	if err := ib.Write(initrd); err != nil {
-		return fmt.Errorf("vmtest: build initramfs: %w", err)
+		initrd = filepath.Join(vm.dir, "initramfs.cpio")
+		if err := ib.Write(initrd); err != nil {
+			return fmt.Errorf("vmtest: build initramfs: %w", err)
+		}
 	}
 	args := vm.Args(initrd)
 	vm.t.Logf("vmtest: %s %s", QEMUBinary, strings.Join(args, " "))
@@ -441,12 +450,23 @@ func (vm *VM) Wait() (*Result, error) {
 			r.GuestUptime = time.Duration(f * float64(time.Second))
 		}
 	}
-	marker := vm.opts.Initramfs.ResultMarker()
-	re := regexp.MustCompile(regexp.QuoteMeta(marker) + ` (ok|fail ?[^\r\n]*)`)
-	if m := re.FindStringSubmatch(r.Console); m != nil {
-		r.Verdict = m[1]
+	var ee *exec.ExitError
+	if errors.As(vm.waitErr, &ee) {
+		r.ExitCode = ee.ExitCode()
+	}
+	if vm.opts.Initramfs != nil {
+		marker := vm.opts.Initramfs.ResultMarker()
+		re := regexp.MustCompile(regexp.QuoteMeta(marker) + ` (ok|fail ?[^\r\n]*)`)
+		if m := re.FindStringSubmatch(r.Console); m != nil {
+			r.Verdict = m[1]
+		}
 	}
 	switch {
+	case vm.opts.Initramfs == nil:
+		r.OK = vm.killed == "" && r.ExitCode >= 0
+		if !r.OK {
+			r.Reason = fmt.Sprintf("QEMU %s (%v)", vm.killed, vm.waitErr)
+		}
 	case r.Verdict == "ok":
 		r.OK = true
 	case r.Verdict != "":
@@ -458,7 +478,7 @@ func (vm *VM) Wait() (*Result, error) {
 	default:
 		r.Reason = "no verdict from the guest: QEMU exited (guest powered off, rebooted or panicked)"
 	}
-	if r.OK && vm.waitErr != nil && vm.killed == "" {
+	if r.OK && vm.waitErr != nil && vm.killed == "" && vm.opts.Initramfs != nil {
 		r.OK = false
 		r.Reason = fmt.Sprintf("guest reported ok but QEMU exited with %v", vm.waitErr)
 	}

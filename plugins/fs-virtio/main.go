@@ -11,6 +11,8 @@
 //	cache=SECONDS    entry and attribute timeout, 0 to 3600 (default 1)
 //	xattr=on|off     extended attributes (default on)
 //	workers=N        requests served at once per request queue (default 8)
+//	suid=on|off      let the guest set set-user-ID/set-group-ID bits and file
+//	                 capabilities on host files (default off: the share is nosuid)
 package main
 
 import (
@@ -71,7 +73,8 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	dev, err := fs.New(fs.Config{
 		ServerConfig: fs.ServerConfig{
 			Dir: dir, ReadOnly: ro, UIDMap: o.UIDMap, GIDMap: o.GIDMap,
-			EntryTimeout: o.Timeout, AttrTimeout: o.Timeout, NoXattr: o.NoXattr, Log: log,
+			EntryTimeout: o.Timeout, AttrTimeout: o.Timeout, NoXattr: o.NoXattr,
+			AllowSetID: o.AllowSetID, Log: log,
 		},
 		Tag:     tag,
 		Workers: o.Workers,
@@ -81,7 +84,7 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil {
 		return nil, err
 	}
-	log.Info("serving directory", "tag", tag, "readonly", ro, "xattr", !o.NoXattr)
+	log.Info("serving directory", "tag", tag, "readonly", ro, "xattr", !o.NoXattr, "suid", o.AllowSetID)
 	return dev, nil
 }
 

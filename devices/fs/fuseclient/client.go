@@ -277,7 +277,12 @@ func openOut(out []byte, err error, what string) (uint64, error) {
 
 // Open opens node with open(2) flags and returns the handle.
 func (c *Client) Open(node uint64, flags uint32) (uint64, error) {
-	out, err := c.Call(fuse.OpOpen, node, DefaultReplyCap, u32s(flags, 0))
+	return c.OpenWith(node, flags, 0)
+}
+
+// OpenWith is Open with fuse_open_in.open_flags (fuse.OpenKillSuidgid).
+func (c *Client) OpenWith(node uint64, flags, openFlags uint32) (uint64, error) {
+	out, err := c.Call(fuse.OpOpen, node, DefaultReplyCap, u32s(flags, openFlags))
 	return openOut(out, err, "OPEN")
 }
 
@@ -289,7 +294,12 @@ func (c *Client) Opendir(node uint64) (uint64, error) {
 
 // Create creates and opens name in parent.
 func (c *Client) Create(parent uint64, name string, flags, mode uint32) (fuse.EntryOut, uint64, error) {
-	out, err := c.Call(fuse.OpCreate, parent, DefaultReplyCap, u32s(flags, mode, 0, 0), cstr(name))
+	return c.CreateWith(parent, name, flags, mode, 0)
+}
+
+// CreateWith is Create with fuse_create_in.open_flags (fuse.OpenKillSuidgid).
+func (c *Client) CreateWith(parent uint64, name string, flags, mode, openFlags uint32) (fuse.EntryOut, uint64, error) {
+	out, err := c.Call(fuse.OpCreate, parent, DefaultReplyCap, u32s(flags, mode, 0, openFlags), cstr(name))
 	if err != nil {
 		return fuse.EntryOut{}, 0, err
 	}
@@ -301,21 +311,26 @@ func (c *Client) Create(parent uint64, name string, flags, mode uint32) (fuse.En
 	return e, fh, nil
 }
 
-func rwIn(fh, off uint64, size uint32) []byte {
+func rwIn(fh, off uint64, size, flags uint32) []byte {
 	b := make([]byte, fuse.ReadInSize)
-	r := fuse.ReadIn{Fh: fh, Offset: off, Size: size}
+	r := fuse.ReadIn{Fh: fh, Offset: off, Size: size, Flags: flags}
 	r.Encode(b)
 	return b
 }
 
 // Read reads up to size bytes at off.
 func (c *Client) Read(node, fh, off uint64, size uint32) ([]byte, error) {
-	return c.Call(fuse.OpRead, node, fuse.OutHeaderSize+int(size), rwIn(fh, off, size))
+	return c.Call(fuse.OpRead, node, fuse.OutHeaderSize+int(size), rwIn(fh, off, size, 0))
 }
 
 // Write writes data at off and returns the count the server reports.
 func (c *Client) Write(node, fh, off uint64, data []byte) (uint32, error) {
-	out, err := c.Raw(fuse.InHeader{Opcode: fuse.OpWrite, NodeID: node}, [][]byte{rwIn(fh, off, uint32(len(data))), data}, DefaultReplyCap)
+	return c.WriteWith(node, fh, off, data, 0)
+}
+
+// WriteWith is Write with fuse_write_in.write_flags (fuse.WriteKillSuidgid).
+func (c *Client) WriteWith(node, fh, off uint64, data []byte, writeFlags uint32) (uint32, error) {
+	out, err := c.Raw(fuse.InHeader{Opcode: fuse.OpWrite, NodeID: node}, [][]byte{rwIn(fh, off, uint32(len(data)), writeFlags), data}, DefaultReplyCap)
 	if err != nil {
 		return 0, err
 	}
@@ -358,7 +373,7 @@ func (c *Client) Fsync(node, fh uint64, datasync, dir bool) error {
 
 // Readdir returns one READDIR reply's entries.
 func (c *Client) Readdir(node, fh, off uint64, size uint32) ([]fuse.Dirent, error) {
-	out, err := c.Call(fuse.OpReaddir, node, fuse.OutHeaderSize+int(size), rwIn(fh, off, size))
+	out, err := c.Call(fuse.OpReaddir, node, fuse.OutHeaderSize+int(size), rwIn(fh, off, size, 0))
 	if err != nil {
 		return nil, err
 	}
@@ -367,7 +382,7 @@ func (c *Client) Readdir(node, fh, off uint64, size uint32) ([]fuse.Dirent, erro
 
 // Readdirplus returns one READDIRPLUS reply's entries.
 func (c *Client) Readdirplus(node, fh, off uint64, size uint32) ([]fuse.DirentPlus, error) {
-	out, err := c.Call(fuse.OpReaddirplus, node, fuse.OutHeaderSize+int(size), rwIn(fh, off, size))
+	out, err := c.Call(fuse.OpReaddirplus, node, fuse.OutHeaderSize+int(size), rwIn(fh, off, size, 0))
 	if err != nil {
 		return nil, err
 	}

@@ -1,33 +1,40 @@
-package vmtest
+// Package kmod finds a kernel's modules for an initramfs: it indexes a
+// module tree (lib/modules/<release>), resolves names to files with their
+// dependencies from each module's .modinfo (Debian's packages carry no
+// modules.dep: depmod runs at install time), decompresses .ko.xz, .ko.zst
+// and .ko.gz in pure Go, and finds a kernel's release and module tree from
+// its image.
+package kmod
 
 import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
-	"context"
 	"debug/elf"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
 )
 
-// moduleName normalises a module name the way the kernel does: '-' and '_'
+// Name normalises a module name the way the kernel does: '-' and '_'
 // are the same character.
-func moduleName(s string) string {
+func Name(s string) string {
 	return strings.ReplaceAll(s, "-", "_")
 }
 
-// moduleExts are the file name endings of kernel modules, compressed or not.
-var moduleExts = []string{".ko", ".ko.xz", ".ko.zst", ".ko.gz"}
+// exts are the file name endings of kernel modules, compressed or not.
+var exts = []string{".ko", ".ko.xz", ".ko.zst", ".ko.gz"}
 
-func trimModuleExt(base string) (string, bool) {
-	for _, ext := range moduleExts {
+// TrimExt strips a module file ending (.ko, .ko.xz, .ko.zst, .ko.gz) and
+// reports whether there was one.
+func TrimExt(base string) (string, bool) {
+	for _, ext := range exts {
 		if name, ok := strings.CutSuffix(base, ext); ok {
 			return name, true
 		}
@@ -35,18 +42,18 @@ func trimModuleExt(base string) (string, bool) {
 	return "", false
 }
 
-// moduleIndex maps normalised module names of one kernel to their files.
-type moduleIndex struct {
+// Index maps normalised module names of one kernel to their files.
+type Index struct {
 	dir     string            // lib/modules/<release>
 	files   map[string]string // name -> path relative to dir
 	builtin map[string]bool   // names listed in modules.builtin
 }
 
-// indexModules walks a modules directory. Debian's package carries no
+// NewIndex walks a modules directory. Debian's package carries no
 // modules.dep (depmod runs at install time), so dependencies come from each
 // module's .modinfo section instead.
-func indexModules(dir string) (*moduleIndex, error) {
-	idx := &moduleIndex{dir: dir, files: map[string]string{}, builtin: map[string]bool{}}
+func NewIndex(dir string) (*Index, error) {
+	idx := &Index{dir: dir, files: map[string]string{}, builtin: map[string]bool{}}
 	err := filepath.WalkDir(filepath.Join(dir, "kernel"), func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -54,7 +61,7 @@ func indexModules(dir string) (*moduleIndex, error) {
 		if d.IsDir() {
 			return nil
 		}
-		name, ok := trimModuleExt(d.Name())
+		name, ok := TrimExt(d.Name())
 		if !ok {
 			return nil
 		}
@@ -62,7 +69,7 @@ func indexModules(dir string) (*moduleIndex, error) {
 		if err != nil {
 			return err
 		}
-		idx.files[moduleName(name)] = rel
+		idx.files[Name(name)] = rel
 		return nil
 	})
 	if err != nil {
@@ -71,69 +78,74 @@ func indexModules(dir string) (*moduleIndex, error) {
 	if b, err := os.ReadFile(filepath.Join(dir, "modules.builtin")); err == nil {
 		sc := bufio.NewScanner(bytes.NewReader(b))
 		for sc.Scan() {
-			if name, ok := trimModuleExt(filepath.Base(strings.TrimSpace(sc.Text()))); ok {
-				idx.builtin[moduleName(name)] = true
+			if name, ok := TrimExt(filepath.Base(strings.TrimSpace(sc.Text()))); ok {
+				idx.builtin[Name(name)] = true
 			}
 		}
 	}
 	return idx, nil
 }
 
-// readModule returns the uncompressed ELF image of a module file. busybox
-// insmod cannot decompress, so compressed modules are expanded here.
-func readModule(ctx context.Context, path string) ([]byte, error) {
-	raw, err := os.ReadFile(path)
+// MaxModuleSize bounds a module's uncompressed image.
+const MaxModuleSize = 256 << 20
+
+// ReadModule returns the uncompressed ELF image of a module file. Modules
+// go into the initramfs uncompressed: busybox insmod cannot decompress, and
+// finit_module's MODULE_INIT_COMPRESSED_FILE needs a kernel built with
+// CONFIG_MODULE_DECOMPRESS (6.x with the matching algorithm), while the
+// dependencies have to be read from the uncompressed .modinfo here anyway.
+// xz is decoded in pure Go, so no xz tool is needed at run time.
+func ReadModule(path string) ([]byte, error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("read module: %w", err)
 	}
+	defer f.Close()
+	var r io.Reader
 	switch {
 	case strings.HasSuffix(path, ".ko"):
-		return raw, nil
+		r = f
 	case strings.HasSuffix(path, ".ko.zst"):
-		dec, err := zstd.NewReader(bytes.NewReader(raw), zstd.WithDecoderConcurrency(1))
+		dec, err := zstd.NewReader(f, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxModuleSize))
 		if err != nil {
 			return nil, fmt.Errorf("zstd %s: %w", path, err)
 		}
 		defer dec.Close()
-		out, err := io.ReadAll(dec)
-		if err != nil {
-			return nil, fmt.Errorf("zstd %s: %w", path, err)
-		}
-		return out, nil
+		r = dec
 	case strings.HasSuffix(path, ".ko.gz"):
-		zr, err := gzip.NewReader(bytes.NewReader(raw))
+		zr, err := gzip.NewReader(bufio.NewReader(f))
 		if err != nil {
 			return nil, fmt.Errorf("gunzip %s: %w", path, err)
 		}
-		out, err := io.ReadAll(zr)
-		if err != nil {
-			return nil, fmt.Errorf("gunzip %s: %w", path, err)
-		}
-		return out, nil
+		r = zr
 	case strings.HasSuffix(path, ".ko.xz"):
-		// xz is not in the standard library; the xz tool is part of every
-		// Debian base system.
-		cmd := exec.CommandContext(ctx, "xz", "-dc")
-		cmd.Stdin = bytes.NewReader(raw)
-		var out, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &stderr
-		if err := cmd.Run(); err != nil {
-			return nil, fmt.Errorf("xz -dc %s (is xz-utils installed?): %w: %s", path, err, strings.TrimSpace(stderr.String()))
+		xr, err := xz.NewReader(bufio.NewReader(f))
+		if err != nil {
+			return nil, fmt.Errorf("xz %s: %w", path, err)
 		}
-		return out.Bytes(), nil
+		r = xr
+	default:
+		return nil, fmt.Errorf("%s: not a kernel module file", path)
 	}
-	return nil, fmt.Errorf("%s: not a kernel module file", path)
+	out, err := io.ReadAll(io.LimitReader(r, MaxModuleSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("decompress %s: %w", path, err)
+	}
+	if len(out) > MaxModuleSize {
+		return nil, fmt.Errorf("%s: module larger than %d bytes", path, MaxModuleSize)
+	}
+	return out, nil
 }
 
-// modInfo is the parsed .modinfo section of a module.
-type modInfo struct {
+// ModInfo is the parsed .modinfo section of a module.
+type ModInfo struct {
 	Name    string
 	Depends []string // hard dependencies (depends=)
 	SoftPre []string // softdep pre: names
 }
 
-// parseModinfo extracts name, depends and softdep from a module's ELF image.
-func parseModinfo(image []byte) (*modInfo, error) {
+// ParseModinfo extracts name, depends and softdep from a module's ELF image.
+func ParseModinfo(image []byte) (*ModInfo, error) {
 	f, err := elf.NewFile(bytes.NewReader(image))
 	if err != nil {
 		return nil, fmt.Errorf("parse module ELF: %w", err)
@@ -147,7 +159,7 @@ func parseModinfo(image []byte) (*modInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read .modinfo: %w", err)
 	}
-	mi := &modInfo{}
+	mi := &ModInfo{}
 	for _, kv := range bytes.Split(data, []byte{0}) {
 		k, v, ok := strings.Cut(string(kv), "=")
 		if !ok {
@@ -155,11 +167,11 @@ func parseModinfo(image []byte) (*modInfo, error) {
 		}
 		switch k {
 		case "name":
-			mi.Name = moduleName(v)
+			mi.Name = Name(v)
 		case "depends":
 			for _, d := range strings.Split(v, ",") {
 				if d = strings.TrimSpace(d); d != "" {
-					mi.Depends = append(mi.Depends, moduleName(d))
+					mi.Depends = append(mi.Depends, Name(d))
 				}
 			}
 		case "softdep":
@@ -182,8 +194,8 @@ func parseModinfo(image []byte) (*modInfo, error) {
 	return mi, nil
 }
 
-// resolvedModule is a module file to place into an initramfs.
-type resolvedModule struct {
+// Module is a module file to place into an initramfs.
+type Module struct {
 	Name  string
 	Rel   string // path relative to the modules dir, without compression suffix
 	Image []byte // uncompressed
@@ -194,22 +206,22 @@ type resolvedModule struct {
 // "crypto-crc32c") to module names to try. Without modules.alias, aliases are
 // resolved by convention: crypto-X is provided by X_generic or X.
 func softdepCandidates(name string) []string {
-	name = moduleName(name)
+	name = Name(name)
 	if alg, ok := strings.CutPrefix(name, "crypto_"); ok {
 		return []string{alg + "_generic", alg}
 	}
 	return []string{name}
 }
 
-// resolveModules returns the named modules and their dependencies in load
+// Resolve returns the named modules and their dependencies in load
 // order (every module after its dependencies). Built-in modules are dropped.
 // Soft pre-dependencies are added when they resolve to a module file.
-func resolveModules(ctx context.Context, idx *moduleIndex, names []string) ([]resolvedModule, error) {
-	var order []resolvedModule
+func (idx *Index) Resolve(names []string) ([]Module, error) {
+	var order []Module
 	state := map[string]int{} // 0 new, 1 visiting, 2 done
 	var visit func(name string, chain []string, soft bool) error
 	visit = func(name string, chain []string, soft bool) error {
-		name = moduleName(name)
+		name = Name(name)
 		switch state[name] {
 		case 1:
 			return fmt.Errorf("module dependency cycle: %s -> %s", strings.Join(chain, " -> "), name)
@@ -231,18 +243,18 @@ func resolveModules(ctx context.Context, idx *moduleIndex, names []string) ([]re
 			return fmt.Errorf("module %s not found in %s (neither a module file nor built in)", name, idx.dir)
 		}
 		state[name] = 1
-		image, err := readModule(ctx, filepath.Join(idx.dir, rel))
+		image, err := ReadModule(filepath.Join(idx.dir, rel))
 		if err != nil {
 			return fmt.Errorf("module %s: %w", name, err)
 		}
-		mi, err := parseModinfo(image)
+		mi, err := ParseModinfo(image)
 		if err != nil {
 			return fmt.Errorf("module %s (%s): %w", name, rel, err)
 		}
 		next := append(append([]string(nil), chain...), name)
 		for _, sd := range mi.SoftPre {
 			for _, cand := range softdepCandidates(sd) {
-				if _, ok := idx.files[moduleName(cand)]; ok || idx.builtin[moduleName(cand)] {
+				if _, ok := idx.files[Name(cand)]; ok || idx.builtin[Name(cand)] {
 					if err := visit(cand, next, true); err != nil {
 						return err
 					}
@@ -256,8 +268,8 @@ func resolveModules(ctx context.Context, idx *moduleIndex, names []string) ([]re
 			}
 		}
 		state[name] = 2
-		plain, _ := trimModuleExt(rel)
-		order = append(order, resolvedModule{Name: name, Rel: plain + ".ko", Image: image, Deps: mi.Depends})
+		plain, _ := TrimExt(rel)
+		order = append(order, Module{Name: name, Rel: plain + ".ko", Image: image, Deps: mi.Depends})
 		return nil
 	}
 	for _, n := range names {
@@ -267,3 +279,6 @@ func resolveModules(ctx context.Context, idx *moduleIndex, names []string) ([]re
 	}
 	return order, nil
 }
+
+// Dir returns the module tree the index was built from.
+func (idx *Index) Dir() string { return idx.dir }

@@ -1,4 +1,6 @@
-package vmtest
+// Package cpio writes and reads "newc" (SVR4 without CRC) cpio archives,
+// the format the Linux kernel unpacks as an initramfs.
+package cpio
 
 import (
 	"bufio"
@@ -10,22 +12,22 @@ import (
 
 // File type bits of a cpio mode (the same as Linux's S_IF*).
 const (
-	cpioTypeMask = 0o170000
-	cpioDir      = 0o040000
-	cpioReg      = 0o100000
-	cpioSymlink  = 0o120000
-	cpioChar     = 0o020000
-	cpioBlock    = 0o060000
+	TypeMask = 0o170000
+	Dir      = 0o040000
+	Reg      = 0o100000
+	Symlink  = 0o120000
+	Char     = 0o020000
+	Block    = 0o060000
 )
 
-const cpioNewcMagic = "070701"
+const newcMagic = "070701"
 
-// cpioHeaderLen is the length of a newc header: the magic plus 13 fields of
+// HeaderLen is the length of a newc header: the magic plus 13 fields of
 // eight hex digits.
-const cpioHeaderLen = 6 + 13*8
+const HeaderLen = 6 + 13*8
 
-// cpioEntry is one member of a newc archive.
-type cpioEntry struct {
+// Entry is one member of a newc archive.
+type Entry struct {
 	Name      string // path without a leading slash
 	Mode      uint32 // type bits | permissions
 	UID, GID  uint32
@@ -38,20 +40,21 @@ type cpioEntry struct {
 	Src string
 }
 
-// cpioWriter writes a "newc" (SVR4 without CRC) cpio archive, the format the
+// Writer writes a "newc" (SVR4 without CRC) cpio archive, the format the
 // Linux kernel unpacks as an initramfs.
-type cpioWriter struct {
+type Writer struct {
 	w      *bufio.Writer
 	off    int64
 	ino    uint32
 	closed bool
 }
 
-func newCpioWriter(w io.Writer) *cpioWriter {
-	return &cpioWriter{w: bufio.NewWriterSize(w, 1<<16), ino: 1}
+// NewWriter returns a Writer on w (buffered; Close flushes).
+func NewWriter(w io.Writer) *Writer {
+	return &Writer{w: bufio.NewWriterSize(w, 1<<16), ino: 1}
 }
 
-func (c *cpioWriter) pad() error {
+func (c *Writer) pad() error {
 	if n := (4 - c.off%4) % 4; n > 0 {
 		k, err := c.w.Write(make([]byte, n))
 		c.off += int64(k)
@@ -60,13 +63,13 @@ func (c *cpioWriter) pad() error {
 	return nil
 }
 
-func (c *cpioWriter) write(p []byte) error {
+func (c *Writer) write(p []byte) error {
 	n, err := c.w.Write(p)
 	c.off += int64(n)
 	return err
 }
 
-func (c *cpioWriter) header(name string, e *cpioEntry, size int64, nlink uint32, ino uint32) error {
+func (c *Writer) header(name string, e *Entry, size int64, nlink uint32, ino uint32) error {
 	if size < 0 || size > 0xffffffff {
 		return fmt.Errorf("file of %d bytes exceeds the newc limit of 4 GiB", size)
 	}
@@ -74,7 +77,7 @@ func (c *cpioWriter) header(name string, e *cpioEntry, size int64, nlink uint32,
 		return fmt.Errorf("cpio: bad member name %q", name)
 	}
 	hdr := fmt.Sprintf("%s%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x",
-		cpioNewcMagic, ino, e.Mode, e.UID, e.GID, nlink, e.Mtime, uint32(size),
+		newcMagic, ino, e.Mode, e.UID, e.GID, nlink, e.Mtime, uint32(size),
 		0, 0, e.RdevMajor, e.RdevMinor, uint32(len(name)+1), 0)
 	if err := c.write([]byte(hdr)); err != nil {
 		return err
@@ -87,7 +90,7 @@ func (c *cpioWriter) header(name string, e *cpioEntry, size int64, nlink uint32,
 
 // Add appends one entry. Directories must be added before their contents:
 // the kernel does not create missing parents.
-func (c *cpioWriter) Add(e *cpioEntry) error {
+func (c *Writer) Add(e *Entry) error {
 	if c.closed {
 		return fmt.Errorf("cpio: write after close")
 	}
@@ -95,23 +98,23 @@ func (c *cpioWriter) Add(e *cpioEntry) error {
 	if name == "" {
 		name = "."
 	}
-	switch e.Mode & cpioTypeMask {
-	case cpioDir, cpioChar, cpioBlock:
+	switch e.Mode & TypeMask {
+	case Dir, Char, Block:
 		if len(e.Data) != 0 {
 			return fmt.Errorf("cpio %s: only regular files and symlinks carry data", name)
 		}
-	case cpioReg, cpioSymlink:
+	case Reg, Symlink:
 	default:
-		return fmt.Errorf("cpio %s: unsupported file type %#o", name, e.Mode&cpioTypeMask)
+		return fmt.Errorf("cpio %s: unsupported file type %#o", name, e.Mode&TypeMask)
 	}
 	nlink := uint32(1)
-	if e.Mode&cpioTypeMask == cpioDir {
+	if e.Mode&TypeMask == Dir {
 		nlink = 2
 	}
 	size := int64(len(e.Data))
 	var src *os.File
 	if e.Src != "" {
-		if e.Mode&cpioTypeMask != cpioReg || len(e.Data) != 0 {
+		if e.Mode&TypeMask != Reg || len(e.Data) != 0 {
 			return fmt.Errorf("cpio %s: Src is only for regular files without Data", name)
 		}
 		f, err := os.Open(e.Src)
@@ -149,20 +152,22 @@ func (c *cpioWriter) Add(e *cpioEntry) error {
 
 // Close writes the trailer and flushes. It does not close the underlying
 // writer.
-func (c *cpioWriter) Close() error {
+func (c *Writer) Close() error {
 	if c.closed {
 		return nil
 	}
 	c.closed = true
-	if err := c.header("TRAILER!!!", &cpioEntry{}, 0, 1, 0); err != nil {
+	if err := c.header("TRAILER!!!", &Entry{}, 0, 1, 0); err != nil {
 		return fmt.Errorf("cpio trailer: %w", err)
 	}
 	return c.w.Flush()
 }
 
-// readCpio parses a newc archive (used by tests to check the writer and by
-// callers inspecting a built initramfs). It stops at the trailer.
-func readCpio(r io.Reader) ([]cpioEntry, error) {
+// Read parses a newc archive (used by tests to check the writer and by
+// callers inspecting a built initramfs). It stops at the trailer. It is
+// meant for archives this package wrote: every member is held in memory
+// (at most 1 GiB each).
+func Read(r io.Reader) ([]Entry, error) {
 	br := bufio.NewReader(r)
 	var off int64
 	skip := func(n int64) error {
@@ -171,27 +176,27 @@ func readCpio(r io.Reader) ([]cpioEntry, error) {
 		return err
 	}
 	align := func() error { return skip((4 - off%4) % 4) }
-	var out []cpioEntry
+	var out []Entry
 	for {
-		hdr := make([]byte, cpioHeaderLen)
+		hdr := make([]byte, HeaderLen)
 		if _, err := io.ReadFull(br, hdr); err != nil {
 			return out, fmt.Errorf("cpio header at %d: %w", off, err)
 		}
-		off += cpioHeaderLen
-		if string(hdr[:6]) != cpioNewcMagic {
-			return out, fmt.Errorf("cpio header at %d: bad magic %q", off-cpioHeaderLen, hdr[:6])
+		off += HeaderLen
+		if string(hdr[:6]) != newcMagic {
+			return out, fmt.Errorf("cpio header at %d: bad magic %q", off-HeaderLen, hdr[:6])
 		}
 		var f [13]uint32
 		for i := range f {
 			var v uint32
 			if _, err := fmt.Sscanf(string(hdr[6+8*i:14+8*i]), "%08x", &v); err != nil {
-				return out, fmt.Errorf("cpio header at %d: field %d: %w", off-cpioHeaderLen, i, err)
+				return out, fmt.Errorf("cpio header at %d: field %d: %w", off-HeaderLen, i, err)
 			}
 			f[i] = v
 		}
 		namesize, filesize := f[11], f[6]
 		if namesize == 0 || namesize > 4096 {
-			return out, fmt.Errorf("cpio header at %d: bad name size %d", off-cpioHeaderLen, namesize)
+			return out, fmt.Errorf("cpio header at %d: bad name size %d", off-HeaderLen, namesize)
 		}
 		name := make([]byte, namesize)
 		if _, err := io.ReadFull(br, name); err != nil {
@@ -217,7 +222,7 @@ func readCpio(r io.Reader) ([]cpioEntry, error) {
 		if err := align(); err != nil {
 			return out, fmt.Errorf("cpio padding: %w", err)
 		}
-		out = append(out, cpioEntry{Name: n, Mode: f[1], UID: f[2], GID: f[3], Mtime: f[5],
+		out = append(out, Entry{Name: n, Mode: f[1], UID: f[2], GID: f[3], Mtime: f[5],
 			RdevMajor: f[9], RdevMinor: f[10], Data: data})
 	}
 }

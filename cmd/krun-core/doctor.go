@@ -1,0 +1,88 @@
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+
+	"github.com/krun-core/krun-core/core/kvm"
+	"github.com/krun-core/krun-core/sandbox"
+)
+
+const doctorUsage = `usage: krun-core doctor [--json]
+
+Checks what this host offers krun-core:
+  kvm      whether krun-core run can boot a guest here: /dev/kvm exists, is
+           backed by hardware virtualization (Intel VT-x or AMD-V with
+           kvm_intel or kvm_amd; not kvm_pvm, which runs only PVM guest
+           kernels) and opens with the API the core needs
+  sandbox  which plugin sandbox layers are available (details: krun-core
+           sandbox status)
+
+Exit status 0 when krun-core run can work here, 1 when it cannot (krun-core
+serve and img need no KVM).
+`
+
+// doctorReport is doctor's --json output.
+type doctorReport struct {
+	KVM struct {
+		Usable  bool         `json:"usable"`
+		Problem string       `json:"problem,omitempty"`
+		Host    kvm.HostInfo `json:"host"`
+	} `json:"kvm"`
+	SandboxMissing []string `json:"sandbox_missing"`
+}
+
+// doctorCommand implements "krun-core doctor".
+func doctorCommand(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("krun-core doctor", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, doctorUsage) }
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	if err := fs.Parse(args); err != nil {
+		if err == flag.ErrHelp {
+			fmt.Fprint(stdout, doctorUsage)
+			return 0
+		}
+		return 1
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "krun-core doctor: unexpected argument %q\n", fs.Arg(0))
+		return 1
+	}
+	var r doctorReport
+	r.KVM.Host = kvm.ReadHostInfo("/")
+	err := kvm.CheckHost()
+	r.KVM.Usable = err == nil
+	if err != nil {
+		r.KVM.Problem = err.Error()
+	}
+	r.SandboxMissing = []string{}
+	for _, l := range sandbox.Status().Layers {
+		if !l.Available {
+			r.SandboxMissing = append(r.SandboxMissing, string(l.Layer))
+		}
+	}
+	rc := 0
+	if !r.KVM.Usable {
+		rc = 1
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(r)
+		return rc
+	}
+	if r.KVM.Usable {
+		fmt.Fprintln(stdout, "kvm: usable (krun-core run can boot guests here)")
+	} else {
+		fmt.Fprintf(stdout, "kvm: NOT usable: %s\n", r.KVM.Problem)
+	}
+	if len(r.SandboxMissing) == 0 {
+		fmt.Fprintln(stdout, "sandbox: every layer available (details: krun-core sandbox status)")
+	} else {
+		fmt.Fprintf(stdout, "sandbox: UNAVAILABLE layers %v: plugins refuse to start unless turned off with --sandbox-disable (details: krun-core sandbox status)\n", r.SandboxMissing)
+	}
+	return rc
+}

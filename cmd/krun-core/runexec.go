@@ -1,0 +1,141 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/core/vmm"
+)
+
+// execOptions are run's flags for --root DIR -- CMD.
+type execOptions struct {
+	root              string
+	readOnly          bool
+	command           []string
+	env               []string
+	workdir, hostname string
+	rlimits           []string
+	stdout, stderr    io.Writer
+}
+
+// terminal is krun-core's stdin when it is a terminal: the command gets one
+// in the guest.
+type terminal struct {
+	f       *os.File
+	restore func()
+}
+
+// setupExec configures c to run o.command in o.root. When stdin is a
+// terminal it is put in raw mode (no signals: ^C reaches the guest's
+// terminal) and the command gets a terminal of the same size.
+func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
+	if err := c.SetRoot(o.root, o.readOnly); err != nil {
+		return nil, err
+	}
+	if err := c.SetExec(o.command[0], o.command, o.env); err != nil {
+		return nil, err
+	}
+	if o.workdir != "" {
+		if err := c.SetWorkdir(o.workdir); err != nil {
+			return nil, fmt.Errorf("--workdir: %w", err)
+		}
+	}
+	if o.hostname != "" {
+		if err := c.SetHostname(o.hostname); err != nil {
+			return nil, fmt.Errorf("--hostname: %w", err)
+		}
+	}
+	if len(o.rlimits) > 0 {
+		if err := c.SetRlimits(o.rlimits); err != nil {
+			return nil, fmt.Errorf("--rlimit: %w", err)
+		}
+	}
+	stdout, err := fileOf(o.stdout)
+	if err != nil {
+		return nil, err
+	}
+	stderr, err := fileOf(o.stderr)
+	if err != nil {
+		return nil, err
+	}
+	var term *terminal
+	if _, err := unix.IoctlGetTermios(int(os.Stdin.Fd()), unix.TCGETS); err == nil {
+		if ws, err := unix.IoctlGetWinsize(int(os.Stdin.Fd()), unix.TIOCGWINSZ); err == nil {
+			c.SetWinsize(ws.Row, ws.Col)
+		}
+		restore, ok := rawTerminal(os.Stdin, false)
+		if ok {
+			term = &terminal{f: os.Stdin, restore: restore}
+		}
+	}
+	c.SetStdio(os.Stdin, stdout, stderr, term != nil)
+	return term, nil
+}
+
+// fileOf returns w as a file the console plugin can inherit. krun-core's
+// own stdout and stderr are files; anything else (a test's buffer) gets a
+// pipe copied into it.
+func fileOf(w io.Writer) (*os.File, error) {
+	if f, ok := w.(*os.File); ok {
+		return f, nil
+	}
+	r, pw, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		io.Copy(w, r)
+		r.Close()
+	}()
+	return pw, nil
+}
+
+// forwardSignals passes SIGINT, SIGTERM, SIGHUP and SIGQUIT to the command
+// and window-size changes to its terminal. A third terminating signal
+// stops the VM (cancel). The returned function stops forwarding.
+func forwardSignals(ctx context.Context, c *vmm.Context, term *terminal, cancel func(), log hclog.Logger) func() {
+	ch := make(chan os.Signal, 8)
+	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGWINCH)
+	done := make(chan struct{})
+	go func() {
+		terminating := 0
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case s := <-ch:
+				sig := s.(syscall.Signal)
+				if sig == syscall.SIGWINCH {
+					if term != nil {
+						if ws, err := unix.IoctlGetWinsize(int(term.f.Fd()), unix.TIOCGWINSZ); err == nil {
+							c.Resize(ws.Row, ws.Col)
+						}
+					}
+					continue
+				}
+				terminating++
+				if terminating >= 3 {
+					log.Warn("third signal: stopping the VM", "signal", sig.String())
+					cancel()
+					return
+				}
+				if err := c.Signal(unix.Signal(sig)); err != nil {
+					log.Warn("could not forward a signal to the command", "signal", sig.String(), "error", err)
+				}
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(ch)
+		close(done)
+	}
+}

@@ -1,0 +1,432 @@
+package vmm
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/devices/console/stdio"
+	"github.com/krun-core/krun-core/guest/initconfig"
+	"github.com/krun-core/krun-core/guest/initramfs"
+	"github.com/krun-core/krun-core/guest/initramfs/kmod"
+)
+
+// Errors of a program that cannot be started; the CLI turns them into the
+// shell's statuses (127 and 126).
+var (
+	ErrCommandNotFound      = errors.New("command not found")
+	ErrCommandNotExecutable = errors.New("command not executable")
+)
+
+// InitBinary is the name of the guest init executable krun-core puts in the
+// initramfs it builds for SetExec (built from guest/init).
+const InitBinary = "krun-init"
+
+// RootTag is the virtio-fs tag of the root file system in SetRoot mode.
+const RootTag = initconfig.DefaultRootTag
+
+// execConfig is what SetRoot, SetExec and their siblings collect.
+type execConfig struct {
+	root         string
+	rootReadOnly bool
+	cfg          *initconfig.Config
+	portMap      []devspec.PortForward
+	stdin        *os.File
+	stdout       *os.File
+	stderr       *os.File
+	tty          bool
+	initPath     string
+	modulesDir   string
+
+	controlR, controlW *os.File // the console plugin's control pipe
+}
+
+func (c *Context) execCfg() *execConfig {
+	if c.exec == nil {
+		c.exec = &execConfig{cfg: initconfig.New(), stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
+	}
+	return c.exec
+}
+
+// SetRoot makes the host directory dir the guest's root file system (as
+// libkrun's krun_set_root), served by the fs-virtio plugin under the tag
+// RootTag. krun-core then boots its own init, krun-init, from an initramfs
+// it builds from the kernel's modules, and runs the program set by
+// SetExec. SetRoot and an initrd (SetKernel) are alternatives.
+func (c *Context) SetRoot(dir string, readOnly bool) error {
+	if dir == "" {
+		return fmt.Errorf("%w: empty root directory", ErrConfig)
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("%w: root %s: %v", ErrConfig, dir, unwrapPath(err))
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("%w: root %s is not a directory", ErrConfig, dir)
+	}
+	e := c.execCfg()
+	e.root, e.rootReadOnly = dir, readOnly
+	e.cfg.Root.ReadOnly = readOnly
+	return nil
+}
+
+// SetExec sets the program to run inside the root (as libkrun's
+// krun_set_exec): its path (looked up in env's PATH inside the root when
+// it has no slash), its whole argument vector (argv[0] included; empty
+// means just path) and its environment ("KEY=value"; nil keeps the
+// default PATH and HOME).
+func (c *Context) SetExec(path string, argv, env []string) error {
+	if path == "" {
+		return fmt.Errorf("%w: no program to run", ErrConfig)
+	}
+	e := c.execCfg()
+	if len(argv) == 0 {
+		argv = []string{path}
+	}
+	args := append([]string{path}, argv[1:]...)
+	e.cfg.Args = args
+	if env != nil {
+		// The defaults stay unless env sets them.
+		e.cfg.Env = mergeEnv(e.cfg.Env, env)
+	}
+	return nil
+}
+
+// mergeEnv appends env to base, dropping base entries env overrides.
+func mergeEnv(base, env []string) []string {
+	set := map[string]bool{}
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		set[k] = true
+	}
+	var out []string
+	for _, kv := range base {
+		k, _, _ := strings.Cut(kv, "=")
+		if !set[k] {
+			out = append(out, kv)
+		}
+	}
+	return append(out, env...)
+}
+
+// SetWorkdir sets the program's working directory inside the root.
+func (c *Context) SetWorkdir(dir string) error {
+	if !path.IsAbs(dir) {
+		return fmt.Errorf("%w: working directory %q is not absolute", ErrConfig, dir)
+	}
+	c.execCfg().cfg.Workdir = path.Clean(dir)
+	return nil
+}
+
+// SetRlimits sets the program's resource limits, each "NAME=SOFT:HARD"
+// (NAME as nofile, NOFILE or RLIMIT_NOFILE; a limit may be "unlimited").
+func (c *Context) SetRlimits(limits []string) error {
+	var out []initconfig.Rlimit
+	for _, l := range limits {
+		r, err := initconfig.ParseRlimit(l)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrConfig, err)
+		}
+		out = append(out, r)
+	}
+	c.execCfg().cfg.Rlimits = out
+	return nil
+}
+
+// SetHostname sets the guest's host name.
+func (c *Context) SetHostname(name string) error {
+	if err := initconfig.ValidHostname(name); err != nil {
+		return fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	c.execCfg().cfg.Hostname = name
+	return nil
+}
+
+// SetPortMap forwards host ports to guest ports ("HOST:GUEST", as libkrun's
+// krun_set_port_map) through the passt network: the ports are added to the
+// --net passt device, which is added (with DHCP in the guest) when there is
+// none.
+func (c *Context) SetPortMap(ports []string) error {
+	if len(ports) == 0 {
+		c.execCfg().portMap = nil
+		return nil
+	}
+	n, err := devspec.ParseNet("passt,ports=" + strings.Join(ports, ","))
+	if err != nil {
+		return fmt.Errorf("%w: port map: %v", ErrConfig, err)
+	}
+	c.execCfg().portMap = n.Ports
+	return nil
+}
+
+// SetStdio sets the program's standard input, output and error (default:
+// krun-core's own). With tty the program gets a terminal in the guest and
+// its stderr goes to stdout, as on any terminal; stdin should then be the
+// host terminal, in raw mode (the caller's job).
+func (c *Context) SetStdio(stdin, stdout, stderr *os.File, tty bool) {
+	e := c.execCfg()
+	e.stdin, e.stdout, e.stderr, e.tty = stdin, stdout, stderr, tty
+	e.cfg.TTY = tty
+}
+
+// SetWinsize sets the terminal size the program starts with (tty only).
+func (c *Context) SetWinsize(rows, cols uint16) {
+	c.execCfg().cfg.Winsize = &initconfig.Winsize{Rows: rows, Cols: cols}
+}
+
+// SetInitPath sets the krun-init binary (default: InitBinary next to the
+// running executable, then in the plugin directory).
+func (c *Context) SetInitPath(p string) { c.execCfg().initPath = p }
+
+// SetModulesDir sets the kernel's module tree (default: found from the
+// kernel's release, see kmod.FindModulesDir).
+func (c *Context) SetModulesDir(dir string) { c.execCfg().modulesDir = dir }
+
+// Signal forwards sig to the program (through the console plugin's control
+// pipe) while the VM runs. It never blocks; a signal that does not fit the
+// pipe is dropped.
+func (c *Context) Signal(sig unix.Signal) error {
+	return c.control(stdio.SignalRecord(uint8(sig)))
+}
+
+// Resize tells the program's terminal its new size while the VM runs.
+func (c *Context) Resize(rows, cols uint16) error {
+	return c.control(stdio.WinsizeRecord(rows, cols))
+}
+
+func (c *Context) control(rec []byte) error {
+	if c.exec == nil || c.exec.controlW == nil {
+		return errors.New("vmm: no program is running")
+	}
+	_, err := c.exec.controlW.Write(rec)
+	return err
+}
+
+// findInit returns the krun-init binary.
+func (e *execConfig) findInit(pluginDir string) (string, error) {
+	if e.initPath != "" {
+		return e.initPath, nil
+	}
+	var tried []string
+	if exe, err := os.Executable(); err == nil {
+		tried = append(tried, filepath.Join(filepath.Dir(exe), InitBinary))
+	}
+	if pluginDir != "" {
+		tried = append(tried, filepath.Join(pluginDir, InitBinary))
+	}
+	if d := os.Getenv("KRUN_PLUGIN_DIR"); d != "" {
+		tried = append(tried, filepath.Join(d, InitBinary))
+	}
+	for _, p := range tried {
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s not found (looked in %s)", InitBinary, strings.Join(tried, ", "))
+}
+
+// LookupInRoot resolves the program name inside root the way krun-init
+// will: a name with a slash as it is, otherwise along the PATH of env. The
+// lookup cannot leave root (symbolic links resolve inside it). It returns
+// the path inside root, or an error wrapping ErrCommandNotFound or
+// ErrCommandNotExecutable.
+func LookupInRoot(root, name string, env []string) (string, error) {
+	dirfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("open root %s: %w", root, err)
+	}
+	defer unix.Close(dirfd)
+	check := func(p string) error {
+		how := &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS}
+		fd, err := unix.Openat2(dirfd, p, how)
+		if err != nil {
+			return ErrCommandNotFound
+		}
+		defer unix.Close(fd)
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return ErrCommandNotFound
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o111 == 0 {
+			return ErrCommandNotExecutable
+		}
+		return nil
+	}
+	if strings.Contains(name, "/") {
+		switch err := check(name); err {
+		case nil:
+			return name, nil
+		default:
+			return "", fmt.Errorf("%w: %s in root %s", err, name, root)
+		}
+	}
+	pathEnv := initconfig.DefaultPath
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			pathEnv = v
+		}
+	}
+	notExec := false
+	for _, dir := range strings.Split(pathEnv, ":") {
+		if dir == "" {
+			dir = "."
+		}
+		p := path.Join(dir, name)
+		switch check(p) {
+		case nil:
+			return p, nil
+		case ErrCommandNotExecutable:
+			notExec = true
+		}
+	}
+	if notExec {
+		return "", fmt.Errorf("%w: %s in root %s", ErrCommandNotExecutable, name, root)
+	}
+	return "", fmt.Errorf("%w: %s in the PATH (%s) of root %s", ErrCommandNotFound, name, pathEnv, root)
+}
+
+// prepareExec checks the program, builds the initramfs and adds the root
+// and console devices. It runs in Start, before anything is launched.
+func (c *Context) prepareExec() error {
+	e := c.exec
+	if e.root == "" {
+		return fmt.Errorf("%w: a program to run needs a root directory (SetRoot)", ErrConfig)
+	}
+	if len(e.cfg.Args) == 0 {
+		return fmt.Errorf("%w: no program to run (SetExec)", ErrConfig)
+	}
+	if c.initrdPath != "" {
+		return fmt.Errorf("%w: a root directory and an initrd are alternatives", ErrConfig)
+	}
+	if _, err := LookupInRoot(e.root, e.cfg.Args[0], e.cfg.Env); err != nil {
+		return err
+	}
+	if err := c.findKernel(); err != nil {
+		return err
+	}
+	initPath, err := e.findInit(c.pluginDir)
+	if err != nil {
+		return err
+	}
+	initBin, err := os.ReadFile(initPath)
+	if err != nil {
+		return fmt.Errorf("%s: %w", InitBinary, err)
+	}
+	// Devices: the root share, the console, then the user's.
+	root := &devspec.FSSpec{Path: e.root, Tag: RootTag, ReadOnly: e.rootReadOnly}
+	devs := []devspec.Spec{root}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("control pipe: %w", err)
+	}
+	if err := unix.SetNonblock(int(pw.Fd()), true); err != nil {
+		pr.Close()
+		pw.Close()
+		return fmt.Errorf("control pipe: %w", err)
+	}
+	e.controlR, e.controlW = pr, pw
+	devs = append(devs, &devspec.ConsoleSpec{Name: e.cfg.Stdio, TTY: e.tty,
+		Stdin: e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr})
+	modules := []string{"virtio_mmio", "virtiofs", "virtio_console"}
+	hasNet := false
+	for _, d := range c.devices {
+		switch s := d.(type) {
+		case *devspec.DiskSpec:
+			modules = append(modules, "virtio_blk")
+		case *devspec.NetSpec:
+			modules = append(modules, "virtio_net")
+			hasNet = true
+			if len(e.portMap) > 0 {
+				s.Ports = append(s.Ports, e.portMap...)
+			}
+		case *devspec.FSSpec:
+			e.cfg.Mounts = append(e.cfg.Mounts, initconfig.Mount{Type: "virtiofs", Source: s.Tag, Target: "/mnt/" + s.Tag, ReadOnly: s.ReadOnly})
+		}
+	}
+	if !hasNet && len(e.portMap) > 0 {
+		c.devices = append(c.devices, &devspec.NetSpec{Backend: "passt", Ports: e.portMap})
+		modules = append(modules, "virtio_net")
+		hasNet = true
+	}
+	if hasNet {
+		e.cfg.Network = &initconfig.Network{DHCP: true}
+	}
+	if len(devs)+len(c.devices) > MaxDevices {
+		return fmt.Errorf("%w: %d devices besides the root and the console; at most %d", ErrConfig, len(c.devices), MaxDevices-len(devs))
+	}
+	c.devices = append(devs, c.devices...)
+	if err := e.cfg.Validate(); err != nil {
+		return err
+	}
+	modDir := e.modulesDir
+	if modDir == "" {
+		rel, err := kmod.Release(c.kernelPath)
+		if err != nil {
+			return fmt.Errorf("kernel %s: %w", c.kernelPath, err)
+		}
+		if modDir, err = kmod.FindModulesDir(c.kernelPath, rel); err != nil {
+			return err
+		}
+	}
+	img, _, err := initramfs.BuildBytes(initramfs.Options{Init: initBin, Config: e.cfg, Modules: modules, ModulesDir: modDir})
+	if err != nil {
+		return fmt.Errorf("build the initramfs: %w", err)
+	}
+	c.initrdData = bytes.NewReader(img)
+	c.initrdSize = int64(len(img))
+	if !c.cmdlineSet {
+		c.cmdline = ExecCmdline
+	}
+	if !c.consoleSet {
+		c.consoleOut = c.log.Named("guest-console").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug})
+	}
+	return nil
+}
+
+// findKernel fills in the kernel from FindKernel when none was set.
+func (c *Context) findKernel() error {
+	if c.kernelPath != "" {
+		return nil
+	}
+	k, err := FindKernel()
+	if err != nil {
+		return err
+	}
+	c.kernelPath = k
+	return nil
+}
+
+// ExecCmdline is the kernel command line of SetExec mode: the kernel's
+// messages go to the serial console, which krun-core logs (at debug
+// level) instead of showing them; the program's output travels on its own
+// port.
+const ExecCmdline = "console=ttyS0 quiet panic=-1"
+
+// closeExec closes the control pipe.
+func (e *execConfig) close() {
+	if e.controlW != nil {
+		e.controlW.Close()
+		e.controlW = nil
+	}
+	if e.controlR != nil {
+		e.controlR.Close()
+		e.controlR = nil
+	}
+}
+
+// ExecEnv returns the program's environment as SetExec left it (the
+// defaults merged with what was given).
+func (c *Context) ExecEnv() []string {
+	if c.exec == nil {
+		return nil
+	}
+	return append([]string(nil), c.exec.cfg.Env...)
+}

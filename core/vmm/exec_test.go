@@ -1,0 +1,163 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// fakeRoot makes a root with /bin/prog (executable), /bin/data (not), a
+// link /bin/sh -> /bin/prog (absolute: must resolve inside the root), and
+// /usr/bin/escape -> /../../../../bin/true.
+func fakeRoot(t *testing.T) string {
+	t.Helper()
+	root := t.TempDir()
+	for _, d := range []string{"bin", "usr/bin", "opt"} {
+		os.MkdirAll(filepath.Join(root, d), 0o755)
+	}
+	os.WriteFile(filepath.Join(root, "bin/prog"), []byte("#!/bin/prog\n"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin/data"), []byte("x"), 0o644)
+	os.WriteFile(filepath.Join(root, "opt/tool"), []byte("x"), 0o755)
+	os.Symlink("/bin/prog", filepath.Join(root, "bin/sh"))
+	os.Symlink("/../../../../../bin/true", filepath.Join(root, "usr/bin/escape"))
+	os.Mkdir(filepath.Join(root, "bin/dir"), 0o755)
+	return root
+}
+
+func TestLookupInRoot(t *testing.T) {
+	root := fakeRoot(t)
+	tests := []struct {
+		name string
+		env  []string
+		want string
+		err  error
+	}{
+		{"prog", nil, "/bin/prog", nil},
+		{"sh", nil, "/bin/sh", nil},
+		{"/bin/sh", nil, "/bin/sh", nil},
+		{"tool", nil, "", ErrCommandNotFound},
+		{"tool", []string{"PATH=/opt"}, "/opt/tool", nil},
+		{"/opt/tool", []string{"PATH=/nowhere"}, "/opt/tool", nil},
+		{"data", nil, "", ErrCommandNotExecutable},
+		{"/bin/data", nil, "", ErrCommandNotExecutable},
+		{"dir", nil, "", ErrCommandNotExecutable},
+		{"missing", nil, "", ErrCommandNotFound},
+		{"/bin/missing", nil, "", ErrCommandNotFound},
+		// A link that climbs out resolves inside the root, where there is
+		// no /bin/true.
+		{"escape", nil, "", ErrCommandNotFound},
+		{"../../../../bin/true", nil, "", ErrCommandNotFound},
+	}
+	for _, tt := range tests {
+		got, err := LookupInRoot(root, tt.name, tt.env)
+		if tt.err != nil {
+			if !errors.Is(err, tt.err) {
+				t.Errorf("LookupInRoot(%q, %v) = %q, %v; want %v", tt.name, tt.env, got, err, tt.err)
+			}
+			continue
+		}
+		if err != nil || got != tt.want {
+			t.Errorf("LookupInRoot(%q, %v) = %q, %v; want %q", tt.name, tt.env, got, err, tt.want)
+		}
+	}
+	if _, err := LookupInRoot(filepath.Join(root, "nope"), "prog", nil); err == nil {
+		t.Error("a missing root accepted")
+	}
+}
+
+func TestExecSetters(t *testing.T) {
+	root := fakeRoot(t)
+	c := NewContext(nil)
+	if err := c.SetRoot(filepath.Join(root, "missing"), false); !errors.Is(err, ErrConfig) {
+		t.Errorf("missing root: %v", err)
+	}
+	if err := c.SetRoot(filepath.Join(root, "bin/prog"), false); !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "not a directory") {
+		t.Errorf("file as root: %v", err)
+	}
+	if err := c.SetRoot(root, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetExec("", nil, nil); !errors.Is(err, ErrConfig) {
+		t.Errorf("empty program: %v", err)
+	}
+	if err := c.SetExec("/bin/sh", []string{"sh", "-c", "echo hi"}, []string{"PATH=/opt", "A=b"}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.exec.cfg
+	if !slices.Equal(cfg.Args, []string{"/bin/sh", "-c", "echo hi"}) {
+		t.Errorf("args %q", cfg.Args)
+	}
+	if p, _ := cfg.Getenv("PATH"); p != "/opt" {
+		t.Errorf("PATH %q", p)
+	}
+	if h, ok := cfg.Getenv("HOME"); !ok || h != "/root" {
+		t.Errorf("default HOME lost: %q %v", h, ok)
+	}
+	if n := strings.Count(strings.Join(cfg.Env, "\n"), "PATH="); n != 1 {
+		t.Errorf("PATH set %d times: %q", n, cfg.Env)
+	}
+	if err := c.SetWorkdir("relative"); !errors.Is(err, ErrConfig) {
+		t.Errorf("relative workdir: %v", err)
+	}
+	if err := c.SetWorkdir("/tmp/../srv"); err != nil || cfg.Workdir != "/srv" {
+		t.Errorf("workdir %q, %v", cfg.Workdir, err)
+	}
+	if err := c.SetRlimits([]string{"nofile=10:20", "bogus=1:2"}); !errors.Is(err, ErrConfig) {
+		t.Errorf("bad rlimit: %v", err)
+	}
+	if err := c.SetRlimits([]string{"nofile=10:20", "RLIMIT_CORE=unlimited:unlimited"}); err != nil || len(cfg.Rlimits) != 2 {
+		t.Errorf("rlimits %v, %v", cfg.Rlimits, err)
+	}
+	if err := c.SetPortMap([]string{"8080"}); err != nil {
+		t.Errorf("port map N means N:N: %v", err)
+	}
+	for _, bad := range [][]string{{"x:1"}, {"0:80"}, {"1:70000"}} {
+		if err := c.SetPortMap(bad); !errors.Is(err, ErrConfig) {
+			t.Errorf("port map %q: %v", bad, err)
+		}
+	}
+	if err := c.SetHostname("bad name!"); !errors.Is(err, ErrConfig) {
+		t.Errorf("bad hostname: %v", err)
+	}
+	if err := c.Signal(15); err == nil {
+		t.Error("Signal before Start accepted")
+	}
+}
+
+// Start refuses a program it cannot run before anything starts.
+func TestStartExecErrors(t *testing.T) {
+	root := fakeRoot(t)
+	k := filepath.Join(t.TempDir(), "bzImage")
+	os.WriteFile(k, []byte("x"), 0o644)
+	tests := []struct {
+		name  string
+		setup func(c *Context)
+		want  error
+	}{
+		{"not found", func(c *Context) { c.SetRoot(root, false); c.SetExec("nosuch", nil, nil) }, ErrCommandNotFound},
+		{"not executable", func(c *Context) { c.SetRoot(root, false); c.SetExec("/bin/data", nil, nil) }, ErrCommandNotExecutable},
+		{"no root", func(c *Context) { c.SetExec("/bin/prog", nil, nil) }, ErrConfig},
+		{"root and initrd", func(c *Context) { c.SetKernel(k, k, ""); c.SetRoot(root, false); c.SetExec("/bin/prog", nil, nil) }, ErrConfig},
+	}
+	for _, tt := range tests {
+		c := NewContext(nil)
+		c.SetKernel(k, "", "")
+		tt.setup(c)
+		if _, err := c.Start(context.Background()); !errors.Is(err, tt.want) {
+			t.Errorf("%s: Start = %v, want %v", tt.name, err, tt.want)
+		}
+	}
+	// No krun-init anywhere.
+	c := NewContext(nil)
+	c.SetKernel(k, "", "")
+	c.SetRoot(root, false)
+	c.SetExec("/bin/prog", nil, nil)
+	c.SetInitPath(filepath.Join(root, "no-init"))
+	if _, err := c.Start(context.Background()); err == nil || !strings.Contains(err.Error(), "no-init") {
+		t.Errorf("missing krun-init: %v", err)
+	}
+}

@@ -1,0 +1,84 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNoKernel says no kernel was given and none was found where krun-core
+// looks (KernelSearch).
+var ErrNoKernel = errors.New("no kernel")
+
+// KernelEnv names the environment variable with the default kernel.
+const KernelEnv = "KRUN_KERNEL"
+
+// KernelCacheDir is where `make kernel` (scripts/fetch-kernel.sh) unpacks
+// Debian's kernel and links it as vmlinuz: $KRUN_KERNEL_CACHE, else
+// $XDG_CACHE_HOME/krun-core/kernel, else ~/.cache/krun-core/kernel.
+func KernelCacheDir() string {
+	if d := os.Getenv("KRUN_KERNEL_CACHE"); d != "" {
+		return d
+	}
+	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
+		return filepath.Join(d, "krun-core", "kernel")
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".cache", "krun-core", "kernel")
+	}
+	return ""
+}
+
+// KernelSearch lists where FindKernel looks, in order: $KRUN_KERNEL, the
+// host's own /boot/vmlinuz-$(uname -r) (its modules in /lib/modules), and
+// the kernel `make kernel` fetched.
+func KernelSearch() []string {
+	var out []string
+	if k := os.Getenv(KernelEnv); k != "" {
+		out = append(out, k)
+	}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		out = append(out, "/boot/vmlinuz-"+unix.ByteSliceToString(u.Release[:]))
+	}
+	if d := KernelCacheDir(); d != "" {
+		out = append(out, filepath.Join(d, "vmlinuz"))
+	}
+	return out
+}
+
+// FindKernel returns the first readable kernel of KernelSearch. $KRUN_KERNEL,
+// when set, must be readable: it is not skipped. The error names every
+// place looked at, in one line.
+func FindKernel() (string, error) {
+	var tried []string
+	for i, p := range KernelSearch() {
+		f, err := os.Open(p)
+		if err == nil {
+			f.Close()
+			return p, nil
+		}
+		if i == 0 && os.Getenv(KernelEnv) != "" {
+			return "", fmt.Errorf("%w: %s=%s: %v", ErrNoKernel, KernelEnv, p, unwrapPath(err))
+		}
+		why := "not found"
+		if !errors.Is(err, fs.ErrNotExist) {
+			why = unwrapPath(err).Error()
+		}
+		tried = append(tried, p+" ("+why+")")
+	}
+	return "", fmt.Errorf("%w: no --kernel, %s unset, looked in %s; `make kernel` fetches Debian's", ErrNoKernel, KernelEnv, strings.Join(tried, ", "))
+}
+
+func unwrapPath(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}

@@ -1,0 +1,601 @@
+// Package console is a virtio-console device (virtio 1.2 section 5.3) with
+// VIRTIO_CONSOLE_F_MULTIPORT and exactly one port: a named generic port
+// (not a console), which a Linux guest shows as /dev/vportNp0 with its name
+// in /sys/class/virtio-ports/vportNp0/name. The port is a byte stream in
+// each direction; what the bytes mean is the business of the user of Port
+// (krun-plugin-console speaks the stdio frame protocol of guest/stdioframe
+// over it).
+//
+// Queues: 0 is the port's receiveq (host to guest), 1 its transmitq (guest
+// to host), 2 the control receiveq and 3 the control transmitq. The control
+// protocol: the driver says DEVICE_READY; the device adds port 0
+// (DEVICE_ADD); the driver says PORT_READY; the device names the port
+// (PORT_NAME) and opens its end (PORT_OPEN 1); the driver says PORT_OPEN 1
+// or 0 as a guest program opens or closes the port.
+//
+// Every byte the guest sends is bounded on its way: guest data waits in a
+// bounded buffer until Port.Read takes it (the transmitq is not drained
+// while it is full, so a guest writer blocks), and host data waits in a
+// bounded buffer until the guest posts receive buffers (Port.Write blocks
+// while it is full). Malformed chains and control messages are counted and
+// dropped; the device keeps serving.
+package console
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/virtq"
+)
+
+// DeviceType is the virtio device ID of a console.
+const DeviceType = 3
+
+// Feature bits.
+const (
+	FeatureSize      = 0 // VIRTIO_CONSOLE_F_SIZE
+	FeatureMultiport = 1 // VIRTIO_CONSOLE_F_MULTIPORT
+)
+
+// Queues.
+const (
+	portRx    = 0
+	portTx    = 1
+	controlRx = 2
+	controlTx = 3
+	numQueues = 4
+)
+
+// Control events (struct virtio_console_control.event).
+const (
+	evDeviceReady  = 0
+	evDeviceAdd    = 1
+	evDeviceRemove = 2
+	evPortReady    = 3
+	evConsolePort  = 4
+	evResize       = 5
+	evPortOpen     = 6
+	evPortName     = 7
+)
+
+const (
+	controlLen = 8 // le32 id, le16 event, le16 value
+	configLen  = 12
+	// MaxNameLen bounds the port name.
+	MaxNameLen = 64
+	// chunkSize is the largest piece of guest data kept in one buffer.
+	chunkSize = 64 << 10
+	// txChunks bounds the guest data waiting for Port.Read (in chunks of
+	// up to chunkSize bytes).
+	txChunks = 16
+	// rxChunks bounds the host data waiting for receive buffers.
+	rxChunks = 16
+)
+
+// Config describes the device.
+type Config struct {
+	// Name is the port's name, as the guest sees it (1..MaxNameLen bytes
+	// of printable ASCII).
+	Name   string
+	Logger hclog.Logger
+}
+
+// Ring is what the device needs from a running vring: the queue, a way to
+// wait for the driver's kick and a way to interrupt it. The vhost-user
+// back-end's Vring satisfies it.
+type Ring interface {
+	Queue() *virtq.Queue
+	WaitKick(ctx context.Context) error
+	// Notify interrupts the driver if the queue says it wants it.
+	Notify() error
+}
+
+// Stats are the device's counters.
+type Stats struct {
+	TxBytes, RxBytes        atomic.Uint64
+	Malformed, BadControl   atomic.Uint64
+	GuestOpens, GuestCloses atomic.Uint64
+}
+
+// Device is a virtio-console device with one named port.
+type Device struct {
+	name string
+	log  hclog.Logger
+
+	features atomic.Uint64
+	stats    Stats
+
+	// Control state, under mu.
+	mu        sync.Mutex
+	ready     bool // the driver said DEVICE_READY
+	added     bool // DEVICE_ADD sent for port 0
+	named     bool // PORT_NAME and PORT_OPEN sent
+	guestOpen bool
+	opened    chan struct{} // closed while the guest has the port open; replaced on close
+	ctrlOut   [][]byte      // control messages waiting for control receive buffers
+	ctrlWake  chan struct{} // a message was queued for the control receiveq
+
+	tx       chan []byte // guest data for Port.Read
+	txRest   []byte      // the unread part of the chunk Port.Read took last
+	rx       chan []byte // host data for the guest
+	rxRest   []byte      // the undelivered part of the chunk the rx ring took last
+	closed   chan struct{}
+	closeOne sync.Once
+
+	txMu, rxMu, crxMu, ctxMu sync.Mutex // one goroutine per ring, across restarts
+}
+
+// New returns a device whose port is called cfg.Name.
+func New(cfg Config) (*Device, error) {
+	if l := len(cfg.Name); l == 0 || l > MaxNameLen {
+		return nil, fmt.Errorf("console port name %q: want 1 to %d bytes", cfg.Name, MaxNameLen)
+	}
+	for _, r := range cfg.Name {
+		if r <= ' ' || r > '~' {
+			return nil, fmt.Errorf("console port name %q: printable ASCII without spaces only", cfg.Name)
+		}
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &Device{
+		name: cfg.Name, log: log,
+		opened:   make(chan struct{}),
+		ctrlWake: make(chan struct{}, 1),
+		tx:       make(chan []byte, txChunks),
+		rx:       make(chan []byte, rxChunks),
+		closed:   make(chan struct{}),
+	}, nil
+}
+
+// Stats returns the device's counters.
+func (d *Device) Stats() *Stats { return &d.stats }
+
+// Counters returns the counters by name (for the plugin's Stats RPC).
+func (d *Device) Counters() map[string]uint64 {
+	return map[string]uint64{
+		"tx_bytes": d.stats.TxBytes.Load(), "rx_bytes": d.stats.RxBytes.Load(),
+		"malformed": d.stats.Malformed.Load(), "bad_control": d.stats.BadControl.Load(),
+		"guest_opens": d.stats.GuestOpens.Load(), "guest_closes": d.stats.GuestCloses.Load(),
+	}
+}
+
+// DeviceFeatures are the feature bits offered.
+func (d *Device) DeviceFeatures() uint64 { return 1 << FeatureMultiport }
+
+// NumQueues is the number of virtqueues.
+func (d *Device) NumQueues() int { return numQueues }
+
+// ReadConfig reads the config space: cols, rows (0: no size), max_nr_ports
+// (1), emerg_wr.
+func (d *Device) ReadConfig(offset uint32, p []byte) error {
+	var cfg [configLen]byte
+	binary.LittleEndian.PutUint32(cfg[4:], 1)
+	if uint64(offset)+uint64(len(p)) > configLen {
+		return fmt.Errorf("config read of %d bytes at %d beyond %d", len(p), offset, configLen)
+	}
+	copy(p, cfg[offset:])
+	return nil
+}
+
+// WriteConfig accepts writes to emerg_wr and drops them (no emergency
+// write feature is offered).
+func (d *Device) WriteConfig(offset uint32, p []byte) error {
+	if uint64(offset)+uint64(len(p)) > configLen {
+		return fmt.Errorf("config write of %d bytes at %d beyond %d", len(p), offset, configLen)
+	}
+	return nil
+}
+
+// SetFeatures records the negotiated features.
+func (d *Device) SetFeatures(f uint64) error {
+	if f&(1<<FeatureMultiport) == 0 {
+		// Without MULTIPORT the driver makes port 0 a console (hvc0)
+		// and never learns its name; this device is for named ports.
+		d.log.Warn("the driver did not accept MULTIPORT; the port is a plain console")
+	}
+	d.features.Store(f)
+	return nil
+}
+
+// Reset forgets the driver's state (a new driver starts with
+// DEVICE_READY). Data waiting in either direction stays.
+func (d *Device) Reset() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ready, d.added, d.named = false, false, false
+	d.ctrlOut = nil
+	d.setGuestOpenLocked(false)
+	d.features.Store(0)
+}
+
+// Close ends Port reads and writes in progress (they return io.EOF or
+// io.ErrClosedPipe).
+func (d *Device) Close() error {
+	d.closeOne.Do(func() { close(d.closed) })
+	return nil
+}
+
+func (d *Device) setGuestOpenLocked(open bool) {
+	if open == d.guestOpen {
+		return
+	}
+	d.guestOpen = open
+	if open {
+		d.stats.GuestOpens.Add(1)
+		close(d.opened)
+	} else {
+		d.stats.GuestCloses.Add(1)
+		d.opened = make(chan struct{})
+	}
+}
+
+// GuestOpen returns a channel closed while a guest program has the port
+// open (Linux drops data sent to a port nobody has open).
+func (d *Device) GuestOpen() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.opened
+}
+
+// Read reads bytes the guest wrote to the port. It blocks until there are
+// some, and returns io.EOF after Close.
+func (d *Device) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if len(d.txRest) == 0 {
+		select {
+		case b := <-d.tx:
+			d.txRest = b
+		case <-d.closed:
+			return 0, io.EOF
+		}
+	}
+	n := copy(p, d.txRest)
+	d.txRest = d.txRest[n:]
+	return n, nil
+}
+
+// Write queues p for the guest. It blocks while the queue is full (the
+// guest takes no data) and fails with io.ErrClosedPipe after Close.
+func (d *Device) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		k := min(len(p), chunkSize)
+		b := append([]byte(nil), p[:k]...)
+		select {
+		case d.rx <- b:
+		case <-d.closed:
+			return n, io.ErrClosedPipe
+		}
+		n += k
+		p = p[k:]
+	}
+	return n, nil
+}
+
+// Serve serves ring idx until ctx is cancelled.
+func (d *Device) Serve(ctx context.Context, idx int, r Ring) error {
+	switch idx {
+	case portRx:
+		d.rxMu.Lock()
+		defer d.rxMu.Unlock()
+		return d.serveRx(ctx, r)
+	case portTx:
+		d.txMu.Lock()
+		defer d.txMu.Unlock()
+		return d.serveTx(ctx, r)
+	case controlRx:
+		d.crxMu.Lock()
+		defer d.crxMu.Unlock()
+		return d.serveControlRx(ctx, r)
+	case controlTx:
+		d.ctxMu.Lock()
+		defer d.ctxMu.Unlock()
+		return d.serveControlTx(ctx, r)
+	}
+	return fmt.Errorf("virtio-console has no queue %d", idx)
+}
+
+// drain pops every available chain of a device-readable ring and passes it
+// to handle, completing each with 0 bytes written; it waits for kicks in
+// between. handle returning false stops the ring (ctx cancelled).
+func drain(ctx context.Context, r Ring, handle func(c *virtq.Chain) bool, malformed *atomic.Uint64) error {
+	q := r.Queue()
+	var c virtq.Chain
+	for {
+		q.DisableNotification()
+		for {
+			ok, err := q.Pop(&c)
+			if err != nil {
+				if !errors.Is(err, virtq.ErrMalformedChain) {
+					return err
+				}
+				malformed.Add(1)
+				if err := q.Push(c.Head, 0); err != nil {
+					return err
+				}
+				continue
+			}
+			if !ok {
+				break
+			}
+			if !handle(&c) {
+				q.Unpop(1)
+				return nil
+			}
+			if err := q.Push(c.Head, 0); err != nil {
+				return err
+			}
+			if err := r.Notify(); err != nil {
+				return err
+			}
+		}
+		if err := r.Notify(); err != nil {
+			return err
+		}
+		if q.EnableNotification() {
+			continue
+		}
+		if err := r.WaitKick(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// serveTx moves guest data into the tx buffer.
+func (d *Device) serveTx(ctx context.Context, r Ring) error {
+	return drain(ctx, r, func(c *virtq.Chain) bool {
+		if c.WritableLen() != 0 {
+			d.stats.Malformed.Add(1)
+			return true
+		}
+		for c.RemainingRead() > 0 {
+			b := make([]byte, min(c.RemainingRead(), chunkSize))
+			if err := c.ReadFull(b); err != nil {
+				d.stats.Malformed.Add(1)
+				return true
+			}
+			select {
+			case d.tx <- b:
+				d.stats.TxBytes.Add(uint64(len(b)))
+			case <-ctx.Done():
+				// The ring stops: this chain's data is lost like bytes
+				// on a cable pulled mid-transfer. Complete the chain so
+				// the driver gets its buffer back.
+				return true
+			}
+		}
+		return true
+	}, &d.stats.Malformed)
+}
+
+// serveControlTx handles the driver's control messages.
+func (d *Device) serveControlTx(ctx context.Context, r Ring) error {
+	return drain(ctx, r, func(c *virtq.Chain) bool {
+		var msg [controlLen]byte
+		if c.WritableLen() != 0 || c.RemainingRead() < controlLen {
+			d.stats.BadControl.Add(1)
+			return true
+		}
+		if err := c.ReadFull(msg[:]); err != nil {
+			d.stats.BadControl.Add(1)
+			return true
+		}
+		d.control(binary.LittleEndian.Uint32(msg[0:]), binary.LittleEndian.Uint16(msg[4:]), binary.LittleEndian.Uint16(msg[6:]))
+		return true
+	}, &d.stats.BadControl)
+}
+
+func controlMsg(id uint32, event, value uint16, data []byte) []byte {
+	m := make([]byte, controlLen+len(data))
+	binary.LittleEndian.PutUint32(m[0:], id)
+	binary.LittleEndian.PutUint16(m[4:], event)
+	binary.LittleEndian.PutUint16(m[6:], value)
+	copy(m[controlLen:], data)
+	return m
+}
+
+// control acts on one driver control message.
+func (d *Device) control(id uint32, event, value uint16) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	queue := func(m []byte) {
+		d.ctrlOut = append(d.ctrlOut, m)
+		select {
+		case d.ctrlWake <- struct{}{}:
+		default:
+		}
+	}
+	switch event {
+	case evDeviceReady:
+		if value != 1 {
+			d.log.Warn("the guest's console driver failed to set up", "value", value)
+			return
+		}
+		d.ready = true
+		if !d.added {
+			d.added = true
+			queue(controlMsg(0, evDeviceAdd, 0, nil))
+		}
+	case evPortReady:
+		if id != 0 || !d.added {
+			d.stats.BadControl.Add(1)
+			return
+		}
+		if value != 1 {
+			d.log.Warn("the guest could not set up the console port", "port", id)
+			return
+		}
+		if !d.named {
+			d.named = true
+			queue(controlMsg(0, evPortName, 0, []byte(d.name)))
+			queue(controlMsg(0, evPortOpen, 1, nil))
+		}
+	case evPortOpen:
+		if id != 0 {
+			d.stats.BadControl.Add(1)
+			return
+		}
+		d.setGuestOpenLocked(value == 1)
+	default:
+		// DEVICE_ADD, DEVICE_REMOVE, CONSOLE_PORT, RESIZE and PORT_NAME
+		// go the other way; anything else is unknown.
+		d.stats.BadControl.Add(1)
+	}
+}
+
+// serveControlRx delivers queued control messages into the driver's
+// control receive buffers.
+func (d *Device) serveControlRx(ctx context.Context, r Ring) error {
+	q := r.Queue()
+	var c virtq.Chain
+	for {
+		d.mu.Lock()
+		pending := len(d.ctrlOut)
+		d.mu.Unlock()
+		if pending == 0 {
+			select {
+			case <-d.ctrlWake:
+				continue
+			case <-ctx.Done():
+				return nil
+			}
+		}
+		ok, err := q.Pop(&c)
+		if err != nil {
+			if !errors.Is(err, virtq.ErrMalformedChain) {
+				return err
+			}
+			d.stats.BadControl.Add(1)
+			if err := q.Push(c.Head, 0); err != nil {
+				return err
+			}
+			continue
+		}
+		if !ok {
+			if q.EnableNotification() {
+				continue
+			}
+			if err := r.WaitKick(ctx); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			continue
+		}
+		d.mu.Lock()
+		m := d.ctrlOut[0]
+		d.mu.Unlock()
+		if c.ReadableLen() != 0 || c.WritableLen() < uint64(len(m)) {
+			// Linux posts buffers of a page; a driver whose buffer cannot
+			// take the message gets it back empty.
+			d.stats.BadControl.Add(1)
+			if err := q.Push(c.Head, 0); err != nil {
+				return err
+			}
+			continue
+		}
+		if _, err := c.Write(m); err != nil {
+			d.stats.BadControl.Add(1)
+		}
+		d.mu.Lock()
+		d.ctrlOut = d.ctrlOut[1:]
+		d.mu.Unlock()
+		if err := q.Push(c.Head, c.Written()); err != nil {
+			return err
+		}
+		if err := r.Notify(); err != nil {
+			return err
+		}
+	}
+}
+
+// serveRx moves host data into the guest's receive buffers, once a guest
+// program has the port open.
+func (d *Device) serveRx(ctx context.Context, r Ring) error {
+	q := r.Queue()
+	var c virtq.Chain
+	for {
+		if len(d.rxRest) == 0 {
+			select {
+			case d.rxRest = <-d.rx:
+				continue
+			case <-ctx.Done():
+				return nil
+			}
+		}
+		select {
+		case <-d.GuestOpen():
+		case <-ctx.Done():
+			return nil
+		}
+		ok, err := q.Pop(&c)
+		if err != nil {
+			if !errors.Is(err, virtq.ErrMalformedChain) {
+				return err
+			}
+			d.stats.Malformed.Add(1)
+			if err := q.Push(c.Head, 0); err != nil {
+				return err
+			}
+			continue
+		}
+		if !ok {
+			if q.EnableNotification() {
+				continue
+			}
+			if err := r.WaitKick(ctx); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			continue
+		}
+		if c.ReadableLen() != 0 {
+			d.stats.Malformed.Add(1)
+			if err := q.Push(c.Head, 0); err != nil {
+				return err
+			}
+			continue
+		}
+		// Fill this buffer with as much waiting data as fits.
+		for c.RemainingWrite() > 0 {
+			if len(d.rxRest) == 0 {
+				select {
+				case d.rxRest = <-d.rx:
+				default:
+				}
+				if len(d.rxRest) == 0 {
+					break
+				}
+			}
+			n, err := c.Write(d.rxRest)
+			d.rxRest = d.rxRest[n:]
+			d.stats.RxBytes.Add(uint64(n))
+			if err != nil {
+				break
+			}
+		}
+		if err := q.Push(c.Head, c.Written()); err != nil {
+			return err
+		}
+		if err := r.Notify(); err != nil {
+			return err
+		}
+	}
+}

@@ -1,0 +1,286 @@
+// Package run_test is the end-to-end test of `krun-core run --root DIR --
+// CMD`: a busybox root directory on the host, the command run in a microVM
+// whose root is that directory (served by krun-plugin-fs-virtio), its
+// standard I/O through krun-plugin-console and krun-init, its exit status
+// passed through. Where this host's KVM cannot boot a stock kernel it runs
+// inside a QEMU TCG guest with nested SVM.
+package run_test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/internal/vmtest"
+)
+
+var bins = vmtest.BinSet{Name: "run", Pkgs: map[string]string{
+	"krun-core":             "github.com/krun-core/krun-core/cmd/krun-core",
+	"krun-init":             "github.com/krun-core/krun-core/guest/init",
+	"krun-plugin-fs-virtio": "github.com/krun-core/krun-core/plugins/fs-virtio",
+	"krun-plugin-console":   "github.com/krun-core/krun-core/plugins/console",
+	"krun-plugin-net-passt": "github.com/krun-core/krun-core/plugins/net-passt",
+}}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	bins.Remove()
+	os.Exit(code)
+}
+
+// innerModules are what krun-core run --root needs from the kernel.
+var innerModules = []string{"virtio_mmio", "virtiofs", "virtio_console", "virtio_net"}
+
+// rootSetup makes /r in the outer guest: a root directory of busybox and
+// its applets (absolute links to /bin/busybox, which resolve inside the
+// root).
+const rootSetup = `
+mkdir -p /r/bin /r/tmp /r/etc /r/root /r/proc /r/sys /r/dev /r/run
+cp /bin/busybox /r/bin/busybox
+/r/bin/busybox --install -s /r/bin
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
+# kr NAME STDIN ARGS...: krun-core run ARGS with stdin from STDIN, stdout in
+# /tmp/NAME.out and stderr in /tmp/NAME.err; its status in $rc. A run that
+# makes no progress is a nested hang.
+kr() {
+	name=$1 in=$2
+	shift 2
+	krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 "$@" <"$in" >/tmp/$name.out 2>/tmp/$name.err &
+	p=$!
+	i=0
+	while kill -0 $p 2>/dev/null; do
+		i=$((i+1))
+		if [ $i -gt 480 ]; then
+			kill -9 $p
+			sed "s/^/$name err| /" /tmp/$name.err
+			e2e_nested_hang "$name"
+		fi
+		sleep 0.5
+	done
+	rc=0
+	wait $p || rc=$?
+	sed "s/^/$name out| /" /tmp/$name.out
+	sed "s/^/$name err| /" /tmp/$name.err
+	echo "$name rc=$rc"
+	if grep -q 'boot watchdog' /tmp/$name.err; then e2e_nested_hang "$name never started"; fi
+	return 0
+}
+`
+
+// runScript is the outer guest's part of TestRun.
+const runScript = `
+kr basic /dev/null --root /r -- /bin/sh -c 'echo out; echo err >&2; exit 7'
+[ "$rc" = 7 ] || e2e_fail "basic: exit $rc, want 7"
+[ "$(cat /tmp/basic.out)" = out ] || e2e_fail "basic: stdout is not exactly 'out'"
+[ "$(cat /tmp/basic.err)" = err ] || e2e_fail "basic: stderr is not exactly 'err'"
+
+kr killed /dev/null --root /r -- /bin/sh -c 'kill -9 $$'
+[ "$rc" = 137 ] || e2e_fail "killed: exit $rc, want 137"
+
+kr env /dev/null --root /r --env FOO=bar --workdir /tmp --rlimit nofile=100:200 --hostname box -- \
+	/bin/sh -c 'echo "$FOO"; pwd; ulimit -n; ulimit -Hn; hostname'
+[ "$rc" = 0 ] || e2e_fail "env: exit $rc"
+[ "$(tr '\n' ' ' </tmp/env.out)" = "bar /tmp 100 200 box " ] || e2e_fail "env: got '$(tr '\n' ' ' </tmp/env.out)'"
+
+printf 'a\nb\n' >/tmp/two-lines
+kr stdin /tmp/two-lines --root /r -- /bin/sh -c 'wc -l'
+[ "$rc" = 0 ] || e2e_fail "stdin: exit $rc"
+[ "$(tr -d ' \n' </tmp/stdin.out)" = 2 ] || e2e_fail "stdin: wc -l said '$(cat /tmp/stdin.out)'"
+
+kr write /dev/null --root /r -- /bin/sh -c 'echo written-in-the-guest >/hello; mkdir -p /made/here'
+[ "$rc" = 0 ] || e2e_fail "write: exit $rc"
+[ "$(cat /r/hello)" = written-in-the-guest ] || e2e_fail "write: /hello is not on the host"
+[ -d /r/made/here ] || e2e_fail "write: the guest's directory is not on the host"
+
+dd if=/dev/urandom of=/tmp/blob bs=64k count=32 2>/dev/null
+cp /tmp/blob /r/blob
+kr binary /dev/null --root /r -- /bin/cat /blob
+[ "$rc" = 0 ] || e2e_fail "binary: exit $rc"
+cmp -s /tmp/blob /tmp/binary.out || e2e_fail "binary: 2 MiB of random bytes did not come through stdout unchanged"
+
+kr timing /dev/null --root /r --timing -- /bin/true
+[ "$rc" = 0 ] || e2e_fail "timing: exit $rc"
+grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
+echo "outer checks ok"
+`
+
+// TestRun runs commands with a busybox root directory: stdout and stderr
+// apart and byte for byte, the exit status (and 128+N for a signal),
+// --env, --workdir, --rlimit, --hostname, piped stdin, and a file written
+// under / appearing on the host.
+func TestRun(t *testing.T) {
+	a := vmtest.Require(t)
+	dir := bins.Dir(t)
+	if vmtest.DirectKVM(t) {
+		runDirect(t, a, dir)
+		return
+	}
+	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
+	payload := append(files, binFiles(dir)...)
+	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
+		Payload: payload,
+		Timeout: 12 * time.Minute,
+		Script:  "KERNEL=" + kernel + "\n" + rootSetup + runScript,
+	})
+	for _, want := range []string{"basic rc=7", "killed rc=137", "outer checks ok"} {
+		if !strings.Contains(r.Console, want) {
+			t.Errorf("outer console lacks %q", want)
+		}
+	}
+	for _, line := range strings.Split(r.Console, "\n") {
+		if i := strings.Index(line, "TIMING "); i >= 0 {
+			t.Logf("nested: %s", line[i+len("TIMING "):])
+		}
+	}
+	t.Logf("nested: outer QEMU ran %v", r.Total.Round(time.Millisecond))
+}
+
+// TestRunNet: --net passt,ports=H:G forwards a host port to a server the
+// command runs; the host fetches a page from it, then stops krun-core with
+// SIGTERM, which reaches the command (exit 143).
+func TestRunNet(t *testing.T) {
+	a := vmtest.Require(t)
+	dir := bins.Dir(t)
+	if vmtest.DirectKVM(t) {
+		t.Skip("the direct path of TestRunNet needs a network namespace harness; it runs nested here")
+	}
+	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
+	payload := append(files, binFiles(dir)...)
+	payload = append(payload,
+		vmtest.File{Dst: "/etc/passwd", Data: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")},
+		vmtest.File{Dst: "/etc/group", Data: []byte("root:x:0:\nnogroup:x:65534:\n")})
+	host := []string{"passt"}
+	if _, err := os.Stat("/usr/bin/passt.avx2"); err == nil {
+		host = append(host, "/usr/bin/passt.avx2")
+	}
+	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
+		Payload:      payload,
+		HostBinaries: host,
+		Modules:      []string{"dummy"},
+		Timeout:      10 * time.Minute,
+		Script: "KERNEL=" + kernel + "\n" + rootSetup + fmt.Sprintf(`
+ip link set lo up
+ip link show dummy0 >/dev/null 2>&1 || ip link add dummy0 type dummy
+ip addr add 10.200.0.2/24 dev dummy0
+ip link set dummy0 up
+ip route add default via 10.200.0.1 dev dummy0
+# passt isolates itself with pivot_root, which fails on the initramfs root:
+# run from a tmpfs moved over / in a mount namespace of its own.
+mkdir /newroot
+mount -t tmpfs -o size=1g tmpfs /newroot
+for d in bin sbin usr lib lib64 etc nested r; do [ -e /$d ] && cp -a /$d /newroot/; done
+mkdir -p /newroot/proc /newroot/sys /newroot/dev /newroot/tmp
+mount -t proc proc /newroot/proc
+mount --rbind /sys /newroot/sys
+mount --rbind /dev /newroot/dev
+unshare -m sh -c 'cd /newroot && mount --move /newroot / && exec chroot . krun-core run --kernel %[1]s --plugin-dir /bin \
+	--memory 256M --boot-timeout 120 --net passt,ports=%[2]d:8080 --root /r -- /bin/sh -c \
+	"mkdir -p /www; echo hello-from-the-guest >/www/page; httpd -f -p 8080 -h /www"' </dev/null >/tmp/net.out 2>/tmp/net.err &
+pid=$!
+i=0
+until grep -qs hello-from-the-guest /tmp/page; do
+	kill -0 $pid 2>/dev/null || { sed 's/^/net err| /' /tmp/net.err; e2e_fail "krun-core ended before the page was fetched"; }
+	i=$((i+1))
+	[ $i -lt 240 ] || { kill -9 $pid; sed 's/^/net err| /' /tmp/net.err; e2e_nested_hang "the page never came"; }
+	printf 'GET /page HTTP/1.0\r\n\r\n' | nc 127.0.0.1 %[2]d >/tmp/page 2>/dev/null || true
+	sleep 1
+done
+echo "host fetched the page"
+kill -TERM $pid
+i=0
+while kill -0 $pid 2>/dev/null; do
+	i=$((i+1)); [ $i -lt 120 ] || { kill -9 $pid; e2e_fail "krun-core did not end after SIGTERM"; }
+	sleep 0.5
+done
+rc=0
+wait $pid || rc=$?
+sed 's/^/net err| /' /tmp/net.err
+echo "net rc=$rc"
+[ "$rc" = 143 ] || e2e_fail "SIGTERM: exit $rc, want 143 (the command killed by the forwarded signal)"
+echo "outer checks ok"
+`, kernel, 18080)})
+	for _, want := range []string{"host fetched the page", "net rc=143", "outer checks ok"} {
+		if !strings.Contains(r.Console, want) {
+			t.Errorf("outer console lacks %q", want)
+		}
+	}
+}
+
+// binFiles places the built binaries in /bin of the outer guest.
+func binFiles(dir string) []vmtest.File {
+	var out []vmtest.File
+	for name := range bins.Pkgs {
+		out = append(out, vmtest.File{Dst: "/bin/" + name, Src: filepath.Join(dir, name), Mode: 0o755})
+	}
+	return out
+}
+
+// runDirect is TestRun on a host whose KVM boots stock kernels: the same
+// cases, run from Go.
+func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
+	root := t.TempDir()
+	for _, d := range []string{"bin", "tmp", "etc", "root", "proc", "sys", "dev", "run"} {
+		os.MkdirAll(filepath.Join(root, d), 0o755)
+	}
+	b, err := os.ReadFile(a.Busybox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, applet := range []string{"sh", "echo", "cat", "true", "wc", "pwd", "hostname", "mkdir", "kill"} {
+		os.Symlink("/bin/busybox", filepath.Join(root, "bin", applet))
+	}
+	blob := make([]byte, 2<<20)
+	for i := range blob {
+		blob[i] = byte(i*131 + i>>9)
+	}
+	os.WriteFile(filepath.Join(root, "blob"), blob, 0o644)
+	base := []string{"run", "--kernel", a.Kernel.Vmlinuz, "--plugin-dir", dir, "--memory", "256M", "--root", root}
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		stdin  string
+		rc     int
+		stdout string
+		stderr string
+	}{
+		{"basic", []string{"--", "/bin/sh", "-c", "echo out; echo err >&2; exit 7"}, "", 7, "out\n", "err\n"},
+		{"killed", []string{"--", "/bin/sh", "-c", "kill -9 $$"}, "", 137, "", ""},
+		{"env", []string{"--env", "FOO=bar", "--workdir", "/tmp", "--rlimit", "nofile=100:200", "--hostname", "box", "--",
+			"/bin/sh", "-c", "echo \"$FOO\"; pwd; ulimit -n; ulimit -Hn; hostname"}, "", 0, "bar\n/tmp\n100\n200\nbox\n", ""},
+		{"stdin", []string{"--", "/bin/sh", "-c", "wc -l"}, "a\nb\n", 0, "2\n", ""},
+		{"write", []string{"--", "/bin/sh", "-c", "echo written-in-the-guest >/hello"}, "", 0, "", ""},
+		{"binary", []string{"--", "/bin/cat", "/blob"}, "", 0, string(blob), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd := exec.Command(filepath.Join(dir, "krun-core"), append(base, tc.args...)...)
+			cmd.Stdin = strings.NewReader(tc.stdin)
+			var stdout, stderr vmtest.LockedBuffer
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			timer := time.AfterFunc(vmtest.DefaultDirectTimeout, func() { cmd.Process.Kill() })
+			cmd.Wait()
+			timer.Stop()
+			if rc := cmd.ProcessState.ExitCode(); rc != tc.rc {
+				t.Errorf("exit %d, want %d; stderr:\n%s", rc, tc.rc, vmtest.Tail(stderr.String(), 30))
+			}
+			if strings.TrimSpace(stdout.String()) != strings.TrimSpace(tc.stdout) {
+				t.Errorf("stdout %q, want %q", vmtest.Tail(stdout.String(), 5), vmtest.Tail(tc.stdout, 5))
+			}
+			if stderr.String() != tc.stderr {
+				t.Errorf("stderr %q, want %q", stderr.String(), tc.stderr)
+			}
+		})
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "hello")); string(b) != "written-in-the-guest\n" {
+		t.Errorf("/hello on the host reads %q", b)
+	}
+}

@@ -1,0 +1,416 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guest/initconfig"
+)
+
+// drainTimeout bounds how long output is collected after the command has
+// exited: a background process it left behind may keep the pipes open.
+const drainTimeout = 2 * time.Second
+
+// lookPath resolves the command like a shell inside the (already switched)
+// root: a name with a slash is taken relative to workdir, anything else is
+// searched in pathEnv. errNotFound and errNotExecutable give 127 and 126.
+func lookPath(file, pathEnv, workdir string, uid, gid uint32, groups []uint32) (string, error) {
+	check := func(p string) error {
+		st, err := os.Stat(p)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
+				return errNotFound
+			}
+			return err
+		}
+		if st.IsDir() || !executable(st, uid, gid, groups) {
+			return errNotExecutable
+		}
+		return nil
+	}
+	if strings.Contains(file, "/") {
+		p := file
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(workdir, p)
+		}
+		return p, check(p)
+	}
+	firstErr := errNotFound
+	for _, dir := range filepath.SplitList(pathEnv) {
+		if dir == "" {
+			dir = "."
+		}
+		if !filepath.IsAbs(dir) {
+			dir = filepath.Join(workdir, dir)
+		}
+		p := filepath.Join(dir, file)
+		err := check(p)
+		if err == nil {
+			return p, nil
+		}
+		if firstErr == errNotFound && err != errNotFound {
+			firstErr = err
+		}
+	}
+	return "", firstErr
+}
+
+// executable reports whether st may be executed by uid/gid/groups (root:
+// by anyone with an execute bit set).
+func executable(st os.FileInfo, uid, gid uint32, groups []uint32) bool {
+	mode := st.Mode()
+	if !mode.IsRegular() {
+		return false
+	}
+	perm := uint32(mode.Perm())
+	if uid == 0 {
+		return perm&0o111 != 0
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return perm&0o111 != 0
+	}
+	if sys.Uid == uid {
+		return perm&0o100 != 0
+	}
+	inGroup := sys.Gid == gid
+	for _, g := range groups {
+		inGroup = inGroup || sys.Gid == g
+	}
+	if inGroup {
+		return perm&0o010 != 0
+	}
+	return perm&0o001 != 0
+}
+
+// launchSpec is what PID 1 hands the launcher on fd 3.
+type launchSpec struct {
+	Path    string              `json:"path"`
+	Args    []string            `json:"args"`
+	Env     []string            `json:"env"`
+	Rlimits []initconfig.Rlimit `json:"rlimits"`
+	UID     uint32              `json:"uid"`
+	GID     uint32              `json:"gid"`
+	Groups  []uint32            `json:"groups"`
+}
+
+// launcherArg0 marks the launcher process (argv[0]).
+const launcherArg0 = "krun-init-exec"
+
+// The launcher's extra descriptors.
+const (
+	launchSpecFD   = 3
+	launchStatusFD = 4
+)
+
+// launcherMain runs in the command's process, between fork and exec:
+// limits, identity, exec. A failure is reported on the status pipe (one
+// status byte and a message); a successful exec closes it (close-on-exec).
+func launcherMain() {
+	status := os.NewFile(launchStatusFD, "status")
+	fail := func(code int, format string, a ...any) {
+		msg := fmt.Sprintf(format, a...)
+		status.Write(append([]byte{byte(code)}, msg...))
+		os.Exit(code)
+	}
+	if _, err := unix.FcntlInt(launchStatusFD, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
+		fail(initconfig.StatusInitFailed, "launcher: status pipe: %v", err)
+	}
+	specFile := os.NewFile(launchSpecFD, "spec")
+	b, err := io.ReadAll(io.LimitReader(specFile, initconfig.MaxSize+1))
+	specFile.Close()
+	if err != nil {
+		fail(initconfig.StatusInitFailed, "launcher: read spec: %v", err)
+	}
+	var spec launchSpec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		fail(initconfig.StatusInitFailed, "launcher: decode spec: %v", err)
+	}
+	for _, rl := range spec.Rlimits {
+		num, ok := initconfig.RlimitNumber(rl.Type)
+		if !ok {
+			fail(initconfig.StatusInitFailed, "unknown resource limit %s", rl.Type)
+		}
+		// syscall.Setrlimit, not a raw prlimit: it tells the Go runtime
+		// that RLIMIT_NOFILE was set on purpose, so exec keeps it.
+		if err := syscall.Setrlimit(num, &syscall.Rlimit{Cur: rl.Soft, Max: rl.Hard}); err != nil {
+			fail(initconfig.StatusInitFailed, "set %s to %s: %v", rl.Type, rl.String(), err)
+		}
+	}
+	groups := make([]int, len(spec.Groups))
+	for i, g := range spec.Groups {
+		groups[i] = int(g)
+	}
+	if err := syscall.Setgroups(groups); err != nil {
+		fail(initconfig.StatusInitFailed, "setgroups %v: %v", spec.Groups, err)
+	}
+	if err := syscall.Setresgid(int(spec.GID), int(spec.GID), int(spec.GID)); err != nil {
+		fail(initconfig.StatusInitFailed, "setgid %d: %v", spec.GID, err)
+	}
+	if err := syscall.Setresuid(int(spec.UID), int(spec.UID), int(spec.UID)); err != nil {
+		fail(initconfig.StatusInitFailed, "setuid %d: %v", spec.UID, err)
+	}
+	signal.Reset()
+	err = syscall.Exec(spec.Path, spec.Args, spec.Env)
+	code := initconfig.StatusNotExecutable
+	if errors.Is(err, syscall.ENOENT) {
+		code = initconfig.StatusNotFound
+	}
+	fail(code, "%s: %v", spec.Args[0], err)
+}
+
+// commandIO is the command's standard I/O as PID 1 sees it.
+type commandIO interface {
+	sink
+	childFiles() [3]*os.File // the command's stdin, stdout, stderr
+	started(pid int)         // close the child's ends, start pumping
+	finish(deadline time.Time)
+}
+
+// runCommand starts the command and returns its exit status once it has
+// exited and its output is drained; failures to start it become 125, 126
+// or 127 with a message on the STDERR frame.
+func (in *initProc) runCommand() int {
+	cfg := in.cfg
+	pathEnv, ok := cfg.Getenv("PATH")
+	if !ok {
+		pathEnv = initconfig.DefaultPath
+	}
+	if st, err := os.Stat(cfg.Workdir); err != nil || !st.IsDir() {
+		msg := "not a directory"
+		if err != nil {
+			msg = err.Error()
+		}
+		in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: working directory %s: %s\n", cfg.Workdir, msg)))
+		return initconfig.StatusInitFailed
+	}
+	path, err := lookPath(cfg.Args[0], pathEnv, cfg.Workdir, cfg.UID, cfg.GID, cfg.AdditionalGIDs)
+	if err != nil {
+		code := initconfig.StatusNotExecutable
+		if err == errNotFound {
+			code = initconfig.StatusNotFound
+		}
+		in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: %s: %v\n", cfg.Args[0], err)))
+		return code
+	}
+
+	var cio commandIO
+	if cfg.TTY {
+		p, err := newPtyIO(in, cfg.Winsize)
+		if err != nil {
+			in.fatal(err)
+		}
+		cio = p
+	} else {
+		p, err := newPipeIO(in)
+		if err != nil {
+			in.fatal(err)
+		}
+		cio = p
+	}
+
+	sigch := make(chan os.Signal, 64)
+	signal.Notify(sigch, unix.SIGCHLD)
+
+	specR, specW, err := os.Pipe()
+	if err != nil {
+		in.fatal(fmt.Errorf("launcher pipe: %w", err))
+	}
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		in.fatal(fmt.Errorf("launcher pipe: %w", err))
+	}
+	files := cio.childFiles()
+	proc, err := os.StartProcess("/proc/self/exe", []string{launcherArg0}, &os.ProcAttr{
+		Dir:   cfg.Workdir,
+		Env:   []string{},
+		Files: []*os.File{files[0], files[1], files[2], specR, statusW},
+		Sys:   &syscall.SysProcAttr{Setsid: true, Setctty: cfg.TTY, Ctty: 0},
+	})
+	specR.Close()
+	statusW.Close()
+	if err != nil {
+		in.fatal(fmt.Errorf("start the command's launcher (/proc/self/exe): %w", err))
+	}
+	pid := proc.Pid
+	spec, _ := json.Marshal(launchSpec{Path: path, Args: cfg.Args, Env: cfg.Env, Rlimits: cfg.Rlimits,
+		UID: cfg.UID, GID: cfg.GID, Groups: cfg.AdditionalGIDs})
+	if _, err := specW.Write(spec); err != nil {
+		in.log.Errorf("hand the command's spec to the launcher: %v", err)
+	}
+	specW.Close()
+	cio.started(pid)
+	in.stdio.setSink(cio)
+
+	launchMsg, _ := io.ReadAll(io.LimitReader(statusR, 4096))
+	statusR.Close()
+	if len(launchMsg) == 0 {
+		in.ports.milestone(initconfig.MilestoneExec)
+	} else {
+		in.stdio.writeStderr([]byte("krun-init: " + string(launchMsg[1:]) + "\n"))
+	}
+
+	var ws unix.WaitStatus
+	for exited := false; !exited; {
+		select {
+		case <-sigch:
+		case <-time.After(time.Second):
+		}
+		exited = reap(pid, &ws)
+	}
+	cio.finish(time.Now().Add(drainTimeout))
+	// Orphans go on being reaped until the power-off.
+	safeGo(in.log, "reaper", func() {
+		for range sigch {
+			reap(-1, nil)
+		}
+	})
+	if len(launchMsg) > 0 {
+		return int(launchMsg[0])
+	}
+	switch {
+	case ws.Exited():
+		return ws.ExitStatus()
+	case ws.Signaled():
+		return 128 + int(ws.Signal())
+	}
+	return initconfig.StatusInitFailed
+}
+
+// reap collects every exited child; it reports whether pid was among them
+// and stores its status in ws.
+func reap(pid int, ws *unix.WaitStatus) bool {
+	found := false
+	for {
+		var st unix.WaitStatus
+		p, err := unix.Wait4(-1, &st, unix.WNOHANG, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if p <= 0 || err != nil {
+			return found
+		}
+		if p == pid && (st.Exited() || st.Signaled()) {
+			found = true
+			if ws != nil {
+				*ws = st
+			}
+		}
+	}
+}
+
+// ignoreInitSignals catches the signals the kernel or a user may send to
+// PID 1 (SIGINT on ctrl-alt-del, SIGTERM, SIGHUP, SIGPIPE): Go's default
+// for some of them is to exit, and PID 1 must not. Catching instead of
+// ignoring matters: an ignored signal stays ignored across exec, a caught
+// one does not.
+func ignoreInitSignals() {
+	ch := make(chan os.Signal, 16)
+	signal.Notify(ch, unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGPIPE, unix.SIGUSR1, unix.SIGUSR2, unix.SIGQUIT)
+	go func() {
+		for range ch {
+		}
+	}()
+}
+
+// pipeIO gives the command pipes.
+type pipeIO struct {
+	in                *initProc
+	childIn, childOut *os.File
+	childErr          *os.File
+	stdinW            *os.File
+	stdoutR, stderrR  *os.File
+	pid               int
+	mu                sync.Mutex
+	stdinClosed       bool
+	wg                sync.WaitGroup
+}
+
+func newPipeIO(in *initProc) (*pipeIO, error) {
+	p := &pipeIO{in: in}
+	var err error
+	if p.childIn, p.stdinW, err = os.Pipe(); err != nil {
+		return nil, fmt.Errorf("stdin pipe: %w", err)
+	}
+	if p.stdoutR, p.childOut, err = os.Pipe(); err != nil {
+		return nil, fmt.Errorf("stdout pipe: %w", err)
+	}
+	if p.stderrR, p.childErr, err = os.Pipe(); err != nil {
+		return nil, fmt.Errorf("stderr pipe: %w", err)
+	}
+	return p, nil
+}
+
+func (p *pipeIO) childFiles() [3]*os.File { return [3]*os.File{p.childIn, p.childOut, p.childErr} }
+
+func (p *pipeIO) started(pid int) {
+	p.pid = pid
+	p.childIn.Close()
+	p.childOut.Close()
+	p.childErr.Close()
+	p.wg.Add(2)
+	safeGo(p.in.log, "stdout pump", func() { defer p.wg.Done(); pump(p.stdoutR, p.in.stdio.writeStdout) })
+	safeGo(p.in.log, "stderr pump", func() { defer p.wg.Done(); pump(p.stderrR, p.in.stdio.writeStderr) })
+}
+
+func (p *pipeIO) stdin(b []byte) error {
+	_, err := p.stdinW.Write(b)
+	if errors.Is(err, syscall.EPIPE) || errors.Is(err, os.ErrClosed) {
+		return nil // the command does not read its input (any more)
+	}
+	return err
+}
+
+func (p *pipeIO) stdinEOF() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.stdinClosed {
+		p.stdinClosed = true
+		p.stdinW.Close()
+	}
+}
+
+func (p *pipeIO) winsize(rows, cols uint16) {}
+
+func (p *pipeIO) signal(sig int) { forwardSignal(p.in.log, p.pid, sig) }
+
+func (p *pipeIO) finish(deadline time.Time) {
+	p.stdinEOF() // also unblocks a stdin write stuck on a full pipe
+	p.stdoutR.SetReadDeadline(deadline)
+	p.stderrR.SetReadDeadline(deadline)
+	p.wg.Wait()
+}
+
+// pump copies r to out until EOF, an error or the read deadline.
+func pump(r *os.File, out func([]byte)) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			out(buf[:n])
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func forwardSignal(log *logger, pid, sig int) {
+	if pid <= 0 {
+		return
+	}
+	if err := unix.Kill(pid, unix.Signal(sig)); err != nil && err != unix.ESRCH {
+		log.Printf("forward signal %d to %d: %v", sig, pid, err)
+	}
+}

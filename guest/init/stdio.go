@@ -1,0 +1,204 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/krun-core/krun-core/guest/stdioframe"
+)
+
+// sink receives what the host sends for the command.
+type sink interface {
+	stdin(p []byte) error // may block (flow control)
+	stdinEOF()
+	winsize(rows, cols uint16)
+	signal(sig int)
+}
+
+// stdio is the framed standard I/O on the virtio-console port.
+type stdio struct {
+	log *logger
+	f   *os.File
+	w   *stdioframe.Writer
+
+	startOnce sync.Once
+	started   chan struct{} // closed when the sink is set or stdio closes
+	sink      sink          // read only after started is closed
+
+	ack     chan struct{} // closed on CLOSE_ACK
+	ackOnce sync.Once
+
+	mu       sync.Mutex
+	writeErr error // the first write failure; later output is dropped
+}
+
+// findPort returns the /dev node of the virtio-console port called name,
+// from /sys/class/virtio-ports/<dev>/name.
+func findPort(name string) (string, error) {
+	dirs, err := filepath.Glob("/sys/class/virtio-ports/*")
+	if err != nil {
+		return "", err
+	}
+	sort.Strings(dirs)
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, "name"))
+		if err != nil {
+			continue
+		}
+		if strings.TrimRight(string(b), "\n\x00") == name {
+			return "/dev/" + filepath.Base(d), nil
+		}
+	}
+	return "", os.ErrNotExist
+}
+
+// openStdio waits up to timeout for the port to appear (its name arrives
+// from the host after the driver is loaded) and opens it.
+func openStdio(log *logger, name string, timeout time.Duration) (*stdio, error) {
+	deadline := time.Now().Add(timeout)
+	var dev string
+	for {
+		var err error
+		if dev, err = findPort(name); err == nil {
+			if _, err = os.Stat(dev); err == nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no virtio-console port named %q after %v (is the console device attached?)", name, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	f, err := os.OpenFile(dev, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open stdio port %s: %w", dev, err)
+	}
+	s := &stdio{log: log, f: f, w: stdioframe.NewWriter(f), started: make(chan struct{}), ack: make(chan struct{})}
+	safeGo(log, "stdio reader", s.readLoop)
+	return s, nil
+}
+
+// portReader reads the port, riding over end-of-file: the port reads as
+// EOF while no host end is connected.
+type portReader struct{ f *os.File }
+
+func (r portReader) Read(p []byte) (int, error) {
+	for {
+		n, err := r.f.Read(p)
+		if n > 0 || (err != nil && err != io.EOF) {
+			return n, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// readLoop dispatches frames from the host until the port fails or the
+// host breaks the protocol (then it stops reading, as the design says).
+func (s *stdio) readLoop() {
+	r := stdioframe.NewReader(portReader{s.f}, stdioframe.HostToGuest)
+	for {
+		fr, err := r.Next()
+		if err != nil {
+			if errors.Is(err, stdioframe.ErrProtocol) {
+				s.log.Errorf("stdio port: %v; no longer reading it", err)
+			} else {
+				s.log.Errorf("stdio port: read: %v", err)
+			}
+			return
+		}
+		if fr.Type == stdioframe.CloseAck {
+			s.ackOnce.Do(func() { close(s.ack) })
+			continue
+		}
+		<-s.started
+		k := s.sink
+		if k == nil {
+			continue
+		}
+		switch fr.Type {
+		case stdioframe.Stdin:
+			if err := k.stdin(fr.Payload); err != nil {
+				s.log.Printf("stdin: %v", err)
+			}
+		case stdioframe.StdinEOF:
+			k.stdinEOF()
+		case stdioframe.Winsize:
+			k.winsize(fr.Winsize())
+		case stdioframe.Signal:
+			k.signal(int(fr.Signal()))
+		}
+	}
+}
+
+// setSink starts delivering host frames to k.
+func (s *stdio) setSink(k sink) {
+	s.startOnce.Do(func() {
+		s.sink = k
+		close(s.started)
+	})
+}
+
+func (s *stdio) write(t stdioframe.Type, p []byte) {
+	s.mu.Lock()
+	failed := s.writeErr != nil
+	s.mu.Unlock()
+	if failed {
+		return
+	}
+	var err error
+	if t == stdioframe.Stdout || t == stdioframe.Stderr {
+		err = s.w.WriteData(t, p)
+	} else {
+		err = s.w.WriteFrame(t, p)
+	}
+	if err != nil {
+		s.mu.Lock()
+		if s.writeErr == nil {
+			s.writeErr = err
+			s.log.Errorf("stdio port: %v; dropping further output", err)
+		}
+		s.mu.Unlock()
+	}
+}
+
+func (s *stdio) writeStdout(p []byte) { s.write(stdioframe.Stdout, p) }
+func (s *stdio) writeStderr(p []byte) { s.write(stdioframe.Stderr, p) }
+
+// close sends EXIT and CLOSE_REQ and waits up to timeout for CLOSE_ACK,
+// i.e. until the host has written out everything before it.
+func (s *stdio) close(status uint8, timeout time.Duration) {
+	s.setSink(nil)
+	s.write(stdioframe.Exit, []byte{status})
+	s.write(stdioframe.CloseReq, nil)
+	s.mu.Lock()
+	failed := s.writeErr != nil
+	s.mu.Unlock()
+	if failed {
+		return
+	}
+	select {
+	case <-s.ack:
+	case <-time.After(timeout):
+		s.log.Errorf("stdio port: no CLOSE_ACK from the host within %v", timeout)
+	}
+}
+
+// safeGo runs fn on a goroutine; a panic there is logged instead of taking
+// PID 1 (and with it the kernel) down.
+func safeGo(log *logger, what string, fn func()) {
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				log.Errorf("%s: internal error: %v", what, r)
+			}
+		}()
+		fn()
+	}()
+}

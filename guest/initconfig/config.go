@@ -1,0 +1,350 @@
+// Package initconfig is the configuration krun-core hands to krun-init, the
+// guest's PID 1, as /krun/config.json inside the initramfs it builds for
+// `krun-core run --root DIR -- CMD`. The core writes it (Marshal), krun-init
+// reads it (Parse); both check it with Validate. The schema is documented
+// in notes/RUN-DESIGN.md and must stay in sync with it.
+package initconfig
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"path"
+	"strings"
+)
+
+// Version is the schema version this package writes and accepts.
+const Version = 1
+
+// Path is where the config lives inside the initramfs.
+const Path = "/krun/config.json"
+
+// ModulesPath lists, one file path per line, the kernel modules krun-init
+// loads in order before anything else.
+const ModulesPath = "/krun/modules"
+
+// MaxSize bounds the config file krun-init accepts.
+const MaxSize = 1 << 20
+
+// Defaults of the optional fields.
+const (
+	DefaultRootTag       = "krun-root"
+	DefaultStdioPort     = "krun.stdio"
+	DefaultHostname      = "krun"
+	DefaultWorkdir       = "/"
+	DefaultMilestonePort = 0x510
+	DefaultExitPort      = 0x511
+	DefaultPath          = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+)
+
+// Milestones written to the milestone port.
+const (
+	MilestoneInit = 1 // krun-init started
+	MilestoneExec = 2 // the command was started
+)
+
+// Exit statuses krun-init reports for itself (the rest are the command's).
+const (
+	StatusInitFailed    = 125 // krun-init could not run the command
+	StatusNotExecutable = 126
+	StatusNotFound      = 127
+)
+
+// maxTagLen is the size of virtio-fs's tag field in its config space.
+const maxTagLen = 36
+
+// Config is the content of /krun/config.json.
+type Config struct {
+	Version int  `json:"version"`
+	Root    Root `json:"root"`
+	// Args is the command's argv; Args[0] is looked up in the PATH of Env
+	// inside the root when it has no slash.
+	Args    []string `json:"args"`
+	Env     []string `json:"env"`     // "KEY=value"
+	Workdir string   `json:"workdir"` // absolute, inside the root
+	Rlimits []Rlimit `json:"rlimits,omitempty"`
+	// Hostname of the guest (UTS name).
+	Hostname string `json:"hostname"`
+	// TTY gives the command a pseudo-terminal (krun-core's stdin is a
+	// terminal); otherwise its stdio are pipes.
+	TTY bool `json:"tty"`
+	// Winsize is the terminal size at start (TTY only); WINSIZE frames
+	// change it later.
+	Winsize        *Winsize `json:"winsize,omitempty"`
+	UID            uint32   `json:"uid"`
+	GID            uint32   `json:"gid"`
+	AdditionalGIDs []uint32 `json:"additional_gids"`
+	// Network is set when the VM has a virtio-net device.
+	Network *Network `json:"network"`
+	Mounts  []Mount  `json:"mounts,omitempty"`
+	// Stdio is the name of the virtio-console port carrying the framed
+	// standard I/O (guest/stdioframe).
+	Stdio string `json:"stdio"`
+	// Ports are the status I/O ports; nil means the defaults (0x510,
+	// 0x511). Test harnesses under QEMU, whose fw_cfg sits at 0x510-0x511,
+	// move them.
+	Ports *Ports `json:"ports,omitempty"`
+}
+
+// Root is the root file system: a virtio-fs share.
+type Root struct {
+	Tag      string `json:"tag"`
+	ReadOnly bool   `json:"readonly"`
+}
+
+// Rlimit is one resource limit applied to the command. Unlimited is
+// RlimInfinity.
+type Rlimit struct {
+	Type string `json:"type"` // canonical name, e.g. RLIMIT_NOFILE
+	Soft uint64 `json:"soft"`
+	Hard uint64 `json:"hard"`
+}
+
+// Winsize is a terminal size.
+type Winsize struct {
+	Rows uint16 `json:"rows"`
+	Cols uint16 `json:"cols"`
+}
+
+// Network configures the first virtio-net interface. With DHCP the address,
+// gateway and DNS servers come from the DHCP server (passt); otherwise
+// Address (CIDR) and the optional Gateway and DNS are applied as given.
+type Network struct {
+	DHCP    bool     `json:"dhcp"`
+	Address string   `json:"address,omitempty"` // "10.0.2.15/24"
+	Gateway string   `json:"gateway,omitempty"`
+	DNS     []string `json:"dns,omitempty"`
+	MTU     int      `json:"mtu,omitempty"` // 0: leave the device's
+}
+
+// Mount is an extra file system mounted inside the root.
+type Mount struct {
+	Type     string `json:"type"`   // "virtiofs"
+	Source   string `json:"source"` // virtio-fs tag
+	Target   string `json:"target"` // absolute path inside the root
+	ReadOnly bool   `json:"readonly"`
+}
+
+// Ports are the I/O ports krun-init writes its status bytes to.
+type Ports struct {
+	Milestone uint16 `json:"milestone"`
+	Exit      uint16 `json:"exit"`
+}
+
+// New returns a config with the defaults filled in for argv.
+func New(args ...string) *Config {
+	return &Config{
+		Version:  Version,
+		Root:     Root{Tag: DefaultRootTag},
+		Args:     args,
+		Env:      []string{"PATH=" + DefaultPath, "HOME=/root"},
+		Workdir:  DefaultWorkdir,
+		Hostname: DefaultHostname,
+		Stdio:    DefaultStdioPort,
+	}
+}
+
+// StatusPorts returns the milestone and exit ports in effect.
+func (c *Config) StatusPorts() (milestone, exit uint16) {
+	if c.Ports == nil {
+		return DefaultMilestonePort, DefaultExitPort
+	}
+	return c.Ports.Milestone, c.Ports.Exit
+}
+
+// Getenv returns the value of key in c.Env (the last one wins, as execve's
+// users expect) and whether it is set.
+func (c *Config) Getenv(key string) (string, bool) {
+	val, ok := "", false
+	for _, kv := range c.Env {
+		if k, v, found := strings.Cut(kv, "="); found && k == key {
+			val, ok = v, true
+		}
+	}
+	return val, ok
+}
+
+// ErrInvalid is wrapped by every Validate and Parse error about content.
+var ErrInvalid = errors.New("invalid krun-init config")
+
+func invalid(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
+}
+
+func hasNUL(s string) bool { return strings.IndexByte(s, 0) >= 0 }
+
+func checkTag(what, tag string) error {
+	if tag == "" || len(tag) > maxTagLen || hasNUL(tag) {
+		return invalid("%s tag %q must be 1-%d bytes without NUL", what, tag, maxTagLen)
+	}
+	return nil
+}
+
+func checkAbs(what, p string) error {
+	if !strings.HasPrefix(p, "/") || hasNUL(p) || len(p) > 4095 {
+		return invalid("%s %q must be an absolute path", what, p)
+	}
+	return nil
+}
+
+// Validate checks every field; the error names the first bad one.
+func (c *Config) Validate() error {
+	if c.Version != Version {
+		return invalid("version %d, want %d", c.Version, Version)
+	}
+	if err := checkTag("root", c.Root.Tag); err != nil {
+		return err
+	}
+	if len(c.Args) == 0 || c.Args[0] == "" {
+		return invalid("args: a command is required")
+	}
+	for i, a := range c.Args {
+		if hasNUL(a) {
+			return invalid("args[%d] contains NUL", i)
+		}
+	}
+	for i, kv := range c.Env {
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || k == "" || hasNUL(kv) {
+			return invalid("env[%d] %q is not KEY=value", i, kv)
+		}
+	}
+	if err := checkAbs("workdir", c.Workdir); err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	for i, rl := range c.Rlimits {
+		name, err := CanonicalRlimit(rl.Type)
+		if err != nil {
+			return invalid("rlimits[%d]: %v", i, err)
+		}
+		if name != rl.Type {
+			return invalid("rlimits[%d]: type %q is not canonical (%s)", i, rl.Type, name)
+		}
+		if seen[name] {
+			return invalid("rlimits[%d]: %s given twice", i, name)
+		}
+		seen[name] = true
+		if rl.Soft > rl.Hard {
+			return invalid("rlimits[%d]: %s soft limit %d above hard limit %d", i, name, rl.Soft, rl.Hard)
+		}
+	}
+	if err := ValidHostname(c.Hostname); err != nil {
+		return err
+	}
+	if c.Winsize != nil && !c.TTY {
+		return invalid("winsize without tty")
+	}
+	if n := c.Network; n != nil {
+		if n.DHCP {
+			if n.Address != "" || n.Gateway != "" {
+				return invalid("network: dhcp with a static address or gateway")
+			}
+		} else {
+			pfx, err := netip.ParsePrefix(n.Address)
+			if err != nil || !pfx.Addr().Is4() {
+				return invalid("network: address %q is not an IPv4 CIDR (a.b.c.d/n)", n.Address)
+			}
+			if n.Gateway != "" {
+				gw, err := netip.ParseAddr(n.Gateway)
+				if err != nil || !gw.Is4() {
+					return invalid("network: gateway %q is not an IPv4 address", n.Gateway)
+				}
+			}
+		}
+		for _, d := range n.DNS {
+			if a, err := netip.ParseAddr(d); err != nil || a.Zone() != "" {
+				return invalid("network: dns server %q is not an IP address", d)
+			}
+		}
+		if n.MTU != 0 && (n.MTU < 68 || n.MTU > 65535) {
+			return invalid("network: mtu %d outside 68-65535", n.MTU)
+		}
+	}
+	targets := map[string]bool{}
+	for i, m := range c.Mounts {
+		if m.Type != "virtiofs" {
+			return invalid("mounts[%d]: type %q (only virtiofs)", i, m.Type)
+		}
+		if err := checkTag(fmt.Sprintf("mounts[%d]", i), m.Source); err != nil {
+			return err
+		}
+		if m.Source == c.Root.Tag {
+			return invalid("mounts[%d]: tag %q is the root's", i, m.Source)
+		}
+		if err := checkAbs(fmt.Sprintf("mounts[%d] target", i), m.Target); err != nil {
+			return err
+		}
+		t := path.Clean(m.Target)
+		if t == "/" {
+			return invalid("mounts[%d]: target is the root", i)
+		}
+		if targets[t] {
+			return invalid("mounts[%d]: target %s used twice", i, t)
+		}
+		targets[t] = true
+	}
+	if c.Stdio == "" || len(c.Stdio) > 255 || strings.ContainsAny(c.Stdio, "/\x00\n") {
+		return invalid("stdio port name %q", c.Stdio)
+	}
+	if p := c.Ports; p != nil {
+		if p.Milestone == 0 || p.Exit == 0 || p.Milestone == p.Exit {
+			return invalid("ports: milestone %#x and exit %#x must be distinct and non-zero", p.Milestone, p.Exit)
+		}
+	}
+	return nil
+}
+
+// ValidHostname checks a UTS host name: 1-64 bytes of letters, digits, '-'
+// and '.', not starting with '-' or '.'.
+func ValidHostname(h string) error {
+	if h == "" || len(h) > 64 {
+		return invalid("hostname %q must be 1-64 bytes", h)
+	}
+	for i := 0; i < len(h); i++ {
+		ch := h[i]
+		ok := ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' ||
+			(i > 0 && (ch == '-' || ch == '.'))
+		if !ok {
+			return invalid("hostname %q: character %q not allowed", h, ch)
+		}
+	}
+	return nil
+}
+
+// Marshal validates c and returns its JSON encoding.
+func (c *Config) Marshal() ([]byte, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("encode krun-init config: %w", err)
+	}
+	return append(b, '\n'), nil
+}
+
+// Parse decodes and validates a config. Unknown fields are an error, so a
+// core and an init of different versions fail loudly instead of silently
+// dropping a setting.
+func Parse(b []byte) (*Config, error) {
+	if len(b) > MaxSize {
+		return nil, invalid("config is %d bytes, limit %d", len(b), MaxSize)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("%w: decode: %v", ErrInvalid, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, invalid("trailing data after the JSON object")
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}

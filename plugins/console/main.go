@@ -1,0 +1,77 @@
+// Command krun-plugin-console is the virtio-console plugin of `krun-core
+// run -- CMD`: one named port ("krun.stdio") carrying the framed standard
+// I/O of the guest program (guest/stdioframe) to and from the files the
+// host hands over: krun-core's stdin, stdout and stderr, and a control
+// pipe for window sizes and signals. It opens nothing; every byte from the
+// guest is parsed here, not in the core.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/devices/console"
+	"github.com/krun-core/krun-core/devices/console/stdio"
+	"github.com/krun-core/krun-core/pluginsdk"
+	"github.com/krun-core/krun-core/sandbox"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+type plugin struct{}
+
+func (plugin) Kind() string { return devspec.KindConsole }
+
+// Policy: the console moves bytes between inherited fds and guest memory,
+// what the network plugin does with passt's socket, so it gets the same
+// system calls.
+func (plugin) Policy(map[string]int) sandbox.Policy {
+	p, _ := sandbox.DefaultPolicy("net", -1)
+	p.Kind = "console"
+	return p
+}
+
+func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
+	if err := pluginsdk.CheckOptions(opts, devspec.OptName, devspec.OptTTY); err != nil {
+		return nil, err
+	}
+	if _, err := pluginsdk.OnOff(opts, devspec.OptTTY, false); err != nil {
+		return nil, err
+	}
+	if extra := pluginsdk.UnknownFiles(files, devspec.FileStdin, devspec.FileStdout, devspec.FileStderr, devspec.FileControl); len(extra) > 0 {
+		return nil, fmt.Errorf("unexpected files %v", extra)
+	}
+	name := opts[devspec.OptName]
+	if name == "" {
+		return nil, fmt.Errorf("option %s= is required", devspec.OptName)
+	}
+	dev, err := console.New(console.Config{Name: name, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	cfg := stdio.Config{Port: dev, Logger: log}
+	// Absent files stay nil interfaces (no typed nil *os.File).
+	if f := files[devspec.FileStdin]; f != nil {
+		cfg.Stdin = f
+	}
+	if f := files[devspec.FileStdout]; f != nil {
+		cfg.Stdout = f
+	}
+	if f := files[devspec.FileStderr]; f != nil {
+		cfg.Stderr = f
+	}
+	if f := files[devspec.FileControl]; f != nil {
+		cfg.Control = f
+	}
+	go func() {
+		if err := stdio.New(cfg).Run(context.Background()); err != nil {
+			log.Error("stdio bridge ended", "error", err)
+		}
+	}()
+	return dev, nil
+}
+
+func main() { pluginsdk.Serve(plugin{}) }
