@@ -70,9 +70,7 @@ func newRig(t testing.TB, cfg fs.Config, split int) *rig {
 	if cfg.NumRequestQueues > 1 {
 		nq = 1 + cfg.NumRequestQueues
 	}
-	// 512 entries: a 1 MiB transfer in 4 KiB descriptors is 259 of them, and
-	// a chain may not be longer than its queue.
-	g, err := testguest.Start(c, testguest.Options{NumQueues: nq, QueueSize: 512, MemSize: 64 << 20})
+	g, err := testguest.Start(c, testguest.Options{NumQueues: nq, QueueSize: 256, MemSize: 64 << 20})
 	if err != nil {
 		c.Close()
 		cancel()
