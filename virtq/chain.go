@@ -33,10 +33,7 @@ type Chain struct {
 	// element.
 	Head uint16
 
-	mem      *guestmem.Memory
-	desc     []byte // the queue's descriptor table
-	size     uint32 // queue size: the most buffers a chain may have
-	indirect bool   // VIRTIO_F_INDIRECT_DESC negotiated
+	q *Queue // memory, descriptor table, size (the most buffers a chain has), features
 
 	rdLen, wrLen uint64
 	rd, wr       cursor
@@ -62,12 +59,14 @@ type cursor struct {
 	err  error  // the chain turned out malformed while walking
 }
 
+// reset starts the chain at head; check then sets everything else.
 func (c *Chain) reset(q *Queue, head uint16) {
 	c.Head = head
-	c.mem, c.desc, c.size, c.indirect = q.mem, q.desc, uint32(q.cfg.Size), q.cfg.Indirect
+	if c.q != q {
+		c.q = q
+	}
 	c.rdLen, c.wrLen = 0, 0
 	c.read, c.written = 0, 0
-	c.rd, c.wr = cursor{}, cursor{}
 }
 
 // ErrNoSpace is returned by Write when the device-writable buffers are full.
@@ -104,7 +103,7 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 	d := loadDesc(p.table, p.idx)
 	if d.flags&DescFIndirect != 0 {
 		switch {
-		case !c.indirect:
+		case !c.q.cfg.Indirect:
 			return d, nil, ErrIndirectNotNeg
 		case p.ind:
 			return d, nil, ErrNestedIndirect
@@ -112,10 +111,10 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 			return d, nil, ErrIndirectWithNext
 		case d.length == 0 || d.length%descSize != 0:
 			return d, nil, ErrIndirectLen
-		case d.length/descSize > c.size:
-			return d, nil, fmt.Errorf("%w: %d entries on a queue of %d", ErrIndirectTooLong, d.length/descSize, c.size)
+		case d.length/descSize > uint32(c.q.cfg.Size):
+			return d, nil, fmt.Errorf("%w: %d entries on a queue of %d", ErrIndirectTooLong, d.length/descSize, c.q.cfg.Size)
 		}
-		t, err := c.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
+		t, err := c.q.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
 		if err != nil {
 			return d, nil, fmt.Errorf("%w: indirect table %#x+%#x", ErrDescOutOfMemory, d.addr, d.length)
 		}
@@ -125,10 +124,10 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 			return d, nil, ErrNestedIndirect
 		}
 	}
-	if p.bufs >= c.size {
+	if p.bufs >= uint32(c.q.cfg.Size) {
 		return d, nil, ErrChainTooLong
 	}
-	buf, err := c.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
+	buf, err := c.q.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
 	if err != nil {
 		return d, nil, fmt.Errorf("%w: descriptor %d buffer %#x+%#x", ErrDescOutOfMemory, p.idx, d.addr, d.length)
 	}
@@ -150,31 +149,35 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 // after the first buffer of their direction, which they keep (so the
 // common short chain is not walked twice).
 func (c *Chain) check(head uint16) error {
-	p := pos{table: c.desc, idx: uint32(head)}
+	p := pos{table: c.q.desc, idx: uint32(head)}
+	var rd, wr cursor // each written to the chain once, at the end
 	seenRead, seenWrite := false, false
 	for !p.end {
 		d, buf, err := c.step(&p)
 		if err != nil {
+			c.rd, c.wr = cursor{}, cursor{}
 			return err
 		}
 		if d.flags&DescFWrite != 0 {
 			if !seenWrite {
 				seenWrite = true
-				c.wr.at, c.wr.buf = p, buf
+				wr.at, wr.buf = p, buf
 			}
 			c.wrLen += uint64(d.length)
 		} else {
 			if seenWrite {
+				c.rd, c.wr = cursor{}, cursor{}
 				return ErrReadAfterWrite
 			}
 			if !seenRead {
 				seenRead = true
-				c.rd.at, c.rd.buf = p, buf
+				rd.at, rd.buf = p, buf
 			}
 			c.rdLen += uint64(d.length)
 		}
 	}
-	c.rd.left, c.wr.left = c.rdLen, c.wrLen
+	rd.left, wr.left = c.rdLen, c.wrLen
+	c.rd, c.wr = rd, wr
 	return nil
 }
 

@@ -126,6 +126,9 @@ func readRig(tb testing.TB, workers, depth int) func(n int) {
 // ring engine, worker hand-off, preadv into guest memory, used element,
 // notification — allocates nothing once warm.
 func TestRequestPathNoAlloc(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates: no allocation count under -race")
+	}
 	for _, workers := range []int{1, blk.DefaultQueueWorkers} {
 		for _, depth := range []int{1, 16} {
 			t.Run(fmt.Sprintf("workers=%d/depth=%d", workers, depth), func(t *testing.T) {
@@ -157,3 +160,6 @@ func BenchmarkRequestPath(b *testing.B) {
 		}
 	}
 }
+
+// raceEnabled is set in builds with the race detector (race_test.go).
+var raceEnabled bool

@@ -90,11 +90,12 @@ type engine struct {
 
 	kickBuf         [8]byte
 	loggedMalformed atomic.Bool
+	held            *Request // got and not yet taken (ring goroutine only)
 
 	mu          sync.Mutex
 	free        *Request   // free list
 	all         []*Request // every request made
-	inFlight    int        // taken and not completed (or given back)
+	inFlight    int        // handed out by get and not completed (or given back)
 	batching    bool       // the ring goroutine publishes at the end of its round
 	unpublished int        // used elements added and not published
 	waiting     bool       // the ring goroutine waits on wake
@@ -320,10 +321,12 @@ func (e *engine) protectHandle(req *Request) (err error) {
 }
 
 // get returns a free request, making one while fewer than max exist, or
-// nil when all max are in flight (or held by the ring goroutine).
+// nil when all max are in flight. The request counts as in flight from
+// here; until take or put it is also e.held, so that a fault in between
+// (popping touches guest memory) does not leave the ring waiting for it.
+// Ring goroutine only.
 func (e *engine) get() *Request {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	r := e.free
 	switch {
 	case r != nil:
@@ -332,14 +335,21 @@ func (e *engine) get() *Request {
 	case len(e.all) < e.max:
 		r = &Request{e: e}
 		e.all = append(e.all, r)
+	default:
+		e.mu.Unlock()
+		return nil
 	}
+	e.inFlight++
+	e.mu.Unlock()
+	e.held = r
 	return r
 }
 
 // put returns a request that get handed out and that was not taken.
 func (e *engine) put(r *Request) {
+	e.held = nil
 	e.mu.Lock()
-	e.freeLocked(r)
+	e.release(r)
 	e.mu.Unlock()
 }
 
@@ -366,9 +376,7 @@ func (e *engine) release(r *Request) {
 // take is where a chain becomes a request in flight: the one place a
 // chain is taken from the ring.
 func (e *engine) take(r *Request) {
-	e.mu.Lock()
-	e.inFlight++
-	e.mu.Unlock()
+	e.held = nil
 	r.malformed = false
 	r.state.Store(reqTaken)
 	// In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) marks
@@ -570,6 +578,10 @@ func (e *engine) waitFree() {
 // (the driver gets its answers, and GET_VRING_BASE then accounts for every
 // chain taken), publishes, and stops the workers.
 func (e *engine) finish() {
+	if r := e.held; r != nil {
+		// The ring goroutine failed between get and take.
+		e.put(r)
+	}
 	var warn *time.Timer
 	for {
 		e.mu.Lock()

@@ -112,6 +112,9 @@ func TestStopWaitsForAsync(t *testing.T) {
 // flight. The driver side (testguest with direct descriptors and
 // WaitInto) allocates nothing either, so the count is the back-end's.
 func TestRequestPathNoAlloc(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates: no allocation count under -race")
+	}
 	for _, workers := range []int{0, 4} {
 		for _, depth := range []int{1, 8} {
 			t.Run(fmt.Sprintf("workers=%d/depth=%d", workers, depth), func(t *testing.T) {
@@ -236,3 +239,6 @@ func TestCompleteAfterTruncation(t *testing.T) {
 		})
 	}
 }
+
+// raceEnabled is set in builds with the race detector (race_test.go).
+var raceEnabled bool

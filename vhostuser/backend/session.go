@@ -761,9 +761,9 @@ func (sess *session) startWorker(r *ring) {
 			}
 			return
 		}
-		// The ring failed on its own.
+		// The ring failed on its own: logged before it is counted, so
+		// whoever sees the count finds the line.
 		r.failed.Store(true)
-		r.stats.failures.Add(1)
 		var fe *FaultError
 		if errors.As(err, &fe) && !sess.faultLogged.CompareAndSwap(false, true) {
 			// The front-end's memory is broken for every ring; the
@@ -772,6 +772,7 @@ func (sess *session) startWorker(r *ring) {
 		} else {
 			log.Error("queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
 		}
+		r.stats.failures.Add(1)
 		r.errFD.signal()
 	}()
 }
