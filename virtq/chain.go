@@ -42,13 +42,16 @@ type Chain struct {
 }
 
 // pos is a place in a chain: a descriptor in the queue's table or in an
-// indirect table, and how many buffers came before it.
+// indirect table, and how many buffers came before it. Every field is a
+// word, so copying a pos just after step updated it reads what step wrote
+// at the width it wrote it (narrow stores read back by wide loads stall
+// the CPU: this copy was a sixth of Pop).
 type pos struct {
 	table []byte // descriptor table holding the descriptor
-	idx   uint32 // its index in table
-	bufs  uint32 // buffer descriptors visited before it
-	ind   bool   // table is an indirect table
-	end   bool   // no descriptor here: the chain is over
+	idx   uint   // its index in table
+	bufs  uint   // buffer descriptors visited before it
+	ind   uint   // 1: table is an indirect table
+	end   uint   // 1: no descriptor here, the chain is over
 }
 
 // cursor walks one direction of a chain.
@@ -84,7 +87,7 @@ type descriptor struct {
 	next   uint16
 }
 
-func loadDesc(table []byte, idx uint32) descriptor {
+func loadDesc(table []byte, idx uint) descriptor {
 	d := table[idx*descSize : idx*descSize+descSize]
 	return descriptor{
 		addr:   binary.LittleEndian.Uint64(d[0:]),
@@ -105,7 +108,7 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 		switch {
 		case !c.q.cfg.Indirect:
 			return d, nil, ErrIndirectNotNeg
-		case p.ind:
+		case p.ind != 0:
 			return d, nil, ErrNestedIndirect
 		case d.flags&DescFNext != 0:
 			return d, nil, ErrIndirectWithNext
@@ -118,13 +121,13 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 		if err != nil {
 			return d, nil, fmt.Errorf("%w: indirect table %#x+%#x", ErrDescOutOfMemory, d.addr, d.length)
 		}
-		*p = pos{table: t, idx: 0, bufs: p.bufs, ind: true}
+		*p = pos{table: t, idx: 0, bufs: p.bufs, ind: 1}
 		d = loadDesc(p.table, 0)
 		if d.flags&DescFIndirect != 0 {
 			return d, nil, ErrNestedIndirect
 		}
 	}
-	if p.bufs >= uint32(c.q.cfg.Size) {
+	if p.bufs >= uint(c.q.cfg.Size) {
 		return d, nil, ErrChainTooLong
 	}
 	buf, err := c.q.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
@@ -133,14 +136,14 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 	}
 	p.bufs++
 	if d.flags&DescFNext == 0 {
-		p.end = true
+		p.end = 1
 		return d, buf, nil
 	}
-	tableLen := uint32(len(p.table) / descSize)
-	if uint32(d.next) >= tableLen {
+	tableLen := uint(len(p.table) / descSize)
+	if uint(d.next) >= tableLen {
 		return d, nil, fmt.Errorf("%w: next %d in a table of %d", ErrDescIndex, d.next, tableLen)
 	}
-	p.idx = uint32(d.next)
+	p.idx = uint(d.next)
 	return d, buf, nil
 }
 
@@ -149,35 +152,35 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 // after the first buffer of their direction, which they keep (so the
 // common short chain is not walked twice).
 func (c *Chain) check(head uint16) error {
-	p := pos{table: c.q.desc, idx: uint32(head)}
-	var rd, wr cursor // each written to the chain once, at the end
+	p := pos{table: c.q.desc, idx: uint(head)}
+	c.rd.left, c.wr.left = 0, 0
+	c.rd.buf, c.wr.buf = nil, nil
+	c.rd.err, c.wr.err = nil, nil
+	c.wr.at.end = 1 // no writable part unless one is found
 	seenRead, seenWrite := false, false
-	for !p.end {
+	for p.end == 0 {
 		d, buf, err := c.step(&p)
 		if err != nil {
-			c.rd, c.wr = cursor{}, cursor{}
 			return err
 		}
 		if d.flags&DescFWrite != 0 {
 			if !seenWrite {
 				seenWrite = true
-				wr.at, wr.buf = p, buf
+				c.wr.at, c.wr.buf = p, buf
 			}
 			c.wrLen += uint64(d.length)
 		} else {
 			if seenWrite {
-				c.rd, c.wr = cursor{}, cursor{}
 				return ErrReadAfterWrite
 			}
 			if !seenRead {
 				seenRead = true
-				rd.at, rd.buf = p, buf
+				c.rd.at, c.rd.buf = p, buf
 			}
 			c.rdLen += uint64(d.length)
 		}
 	}
-	rd.left, wr.left = c.rdLen, c.wrLen
-	c.rd, c.wr = rd, wr
+	c.rd.left, c.wr.left = c.rdLen, c.wrLen
 	return nil
 }
 
@@ -189,7 +192,7 @@ func (c *Chain) advance(cur *cursor, write bool) bool {
 		if cur.left == 0 || cur.err != nil {
 			return false
 		}
-		if cur.at.end {
+		if cur.at.end != 0 {
 			cur.err = errChanged
 			return false
 		}
