@@ -42,10 +42,7 @@ type Chain struct {
 }
 
 // pos is a place in a chain: a descriptor in the queue's table or in an
-// indirect table, and how many buffers came before it. Every field is a
-// word, so copying a pos just after step updated it reads what step wrote
-// at the width it wrote it (narrow stores read back by wide loads stall
-// the CPU: this copy was a sixth of Pop).
+// indirect table, and how many buffers came before it.
 type pos struct {
 	table []byte // descriptor table holding the descriptor
 	idx   uint   // its index in table
