@@ -147,8 +147,12 @@ type Config struct {
 	ConfigSpace bool
 	// ConfigData is the device's config space as the plugin reported it
 	// at Configure (at most ConfigSpaceMax bytes; bytes beyond it read as
-	// zero). ConfigChanged refreshes it from the plugin.
+	// zero). ConfigChanged refreshes it from the plugin. Without it, New
+	// reads ConfigSize bytes from the back-end once; without either (a
+	// back-end whose config size is unknown) every guest read is
+	// forwarded, bounded by the Backend's deadline.
 	ConfigData []byte
+	ConfigSize int
 	// Backend is the plugin. Its calls must be bounded in time: they are
 	// made from vCPU threads (*frontend.Client is, by its timeout).
 	Backend   Backend
@@ -188,7 +192,8 @@ type Device struct {
 	shmSel     uint32
 	queues     []queue
 	failed     error
-	config     []byte // the config space copy (ConfigSpace)
+	config     []byte // the config space copy
+	cached     bool   // config holds the config space (else reads are forwarded)
 }
 
 // New creates the device and its kick and call eventfds.
@@ -205,13 +210,26 @@ func New(cfg Config) (*Device, error) {
 	if cfg.Backend == nil || cfg.Wiring == nil || cfg.Translate == nil {
 		return nil, fmt.Errorf("%w: backend, wiring and translator are required", ErrConfig)
 	}
-	if len(cfg.ConfigData) > ConfigSpaceMax {
-		return nil, fmt.Errorf("%w: config space of %d bytes, at most %d", ErrConfig, len(cfg.ConfigData), ConfigSpaceMax)
+	if len(cfg.ConfigData) > ConfigSpaceMax || cfg.ConfigSize < 0 || cfg.ConfigSize > ConfigSpaceMax {
+		return nil, fmt.Errorf("%w: config space of %d/%d bytes, at most %d", ErrConfig, len(cfg.ConfigData), cfg.ConfigSize, ConfigSpaceMax)
 	}
 	if cfg.Log == nil {
 		cfg.Log = hclog.NewNullLogger()
 	}
-	d := &Device{cfg: cfg, log: cfg.Log, queues: make([]queue, cfg.NumQueues), config: append([]byte(nil), cfg.ConfigData...)}
+	d := &Device{cfg: cfg, log: cfg.Log, queues: make([]queue, cfg.NumQueues)}
+	switch {
+	case cfg.ConfigData != nil:
+		d.config, d.cached = append([]byte(nil), cfg.ConfigData...), true
+	case cfg.ConfigSpace && cfg.ConfigSize > 0:
+		b, err := cfg.Backend.GetConfig(0, uint32(cfg.ConfigSize))
+		if err != nil {
+			return nil, fmt.Errorf("read the config space: %w", err)
+		}
+		if len(b) != cfg.ConfigSize {
+			return nil, fmt.Errorf("read the config space: %d bytes, asked %d", len(b), cfg.ConfigSize)
+		}
+		d.config, d.cached = b, true
+	}
 	for i := range d.queues {
 		var err error
 		if d.queues[i].kick, err = newEventFD(fmt.Sprintf("kick%d", i)); err == nil {
@@ -644,7 +662,7 @@ func (d *Device) failLocked(err error) {
 func (d *Device) ConfigChanged() {
 	d.mu.Lock()
 	n := len(d.config)
-	refresh := d.failed == nil && d.cfg.ConfigSpace && n > 0
+	refresh := d.failed == nil && d.cfg.ConfigSpace && d.cached && n > 0
 	d.mu.Unlock()
 	var fresh []byte
 	var err error
@@ -689,13 +707,27 @@ func (d *Device) Failed() error {
 
 // readConfigLocked serves a config-space read from the copy: no call to
 // the plugin, so a vCPU never waits for it. Bytes beyond the device's
-// config space read as zero.
+// config space read as zero. A device without a copy (config size
+// unknown) forwards the read, bounded by the Backend's deadline.
 func (d *Device) readConfigLocked(off uint64, data []byte) {
 	if !d.cfg.ConfigSpace || d.failed != nil || !configAccessOK(off, len(data)) {
 		return
 	}
-	if off < uint64(len(d.config)) {
-		copy(data, d.config[off:])
+	if d.cached {
+		if off < uint64(len(d.config)) {
+			copy(data, d.config[off:])
+		}
+		return
+	}
+	b, err := d.cfg.Backend.GetConfig(uint32(off), uint32(len(data)))
+	switch {
+	case errors.Is(err, frontend.ErrTimeout) || errors.Is(err, frontend.ErrBroken):
+		d.failLocked(fmt.Errorf("config read: %w", err))
+	case err != nil:
+		// Outside the device's config space: reads as zero.
+		d.log.Debug("config read failed", "offset", off, "len", len(data), "error", err)
+	default:
+		copy(data, b)
 	}
 }
 
@@ -711,7 +743,7 @@ func (d *Device) writeConfigLocked(off uint64, data []byte) {
 		// A refused write (read-only field) is the guest's problem, not a
 		// broken plugin.
 		d.log.Debug("config write refused", "offset", off, "error", err)
-	case off < uint64(len(d.config)):
+	case d.cached && off < uint64(len(d.config)):
 		copy(d.config[off:], data)
 	}
 }

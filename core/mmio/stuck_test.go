@@ -139,3 +139,25 @@ func TestStuckPlugin(t *testing.T) {
 		}
 	})
 }
+
+// TestConfigWithoutData: without the config bytes from Configure, New reads
+// ConfigSize bytes once (not on a vCPU thread) and serves from them; with
+// neither, reads are forwarded as they come (a back-end whose config size
+// the core does not know).
+func TestConfigWithoutData(t *testing.T) {
+	r := newRig(t, func(c *Config) { c.ConfigData, c.ConfigSize = nil, 12 })
+	if len(r.b.calls) != 1 || r.b.calls[0] != "GetConfig 0 12" {
+		t.Fatalf("calls at New: %v", r.b.calls)
+	}
+	r.b.calls = nil
+	b := make([]byte, 4)
+	r.d.Read(RegConfig+4, b)
+	if !bytes.Equal(b, []byte{5, 6, 7, 8}) || len(r.b.calls) != 0 {
+		t.Fatalf("read % x, calls %v", b, r.b.calls)
+	}
+	r2 := newRig(t, func(c *Config) { c.ConfigData = nil })
+	r2.d.Read(RegConfig+4, b)
+	if !bytes.Equal(b, []byte{5, 6, 7, 8}) || len(r2.b.calls) != 1 {
+		t.Fatalf("forwarded read % x, calls %v", b, r2.b.calls)
+	}
+}
