@@ -195,8 +195,15 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	}
 	var backend mmio.Backend = client
 	configSpace := n.ProtocolFeatures&vhostuser.ProtocolConfig != 0
+	configSize := 0
 	if d.backend != nil {
 		backend, configSpace = d.backend, true
+		if eb, ok := d.backend.(*externalBackend); ok && eb.size > 0 {
+			// An external back-end has no Configure data: the core reads
+			// its config space once at attach and serves the guest from
+			// that copy, so no vCPU waits on the back-end.
+			configSize = int(eb.size)
+		}
 	}
 	var err error
 	d.dev, err = mmio.New(mmio.Config{
@@ -208,6 +215,8 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		Features:           n.OfferedFeatures &^ d.featureMask,
 		ProtocolNegotiated: n.Features&vhostuser.FeatureProtocolFeatures != 0,
 		ConfigSpace:        configSpace,
+		ConfigData:         info.Config,
+		ConfigSize:         configSize,
 		Backend:            backend,
 		Wiring:             m.vm,
 		Translate:          m.hostAddr,

@@ -46,10 +46,13 @@ func (f *fakeDevice) ReadConfig(off uint32, p []byte) error {
 }
 func (f *fakeDevice) WriteConfig(uint32, []byte) error { return errors.New("read-only") }
 func (f *fakeDevice) SetFeatures(uint64) error         { return nil }
-func (f *fakeDevice) ServeQueue(ctx context.Context, _ int, _ *backend.Vring) error {
-	<-ctx.Done()
-	return nil
+func (f *fakeDevice) Queue(context.Context, int) (backend.QueueConfig, error) {
+	return backend.QueueConfig{Handler: f}, nil
 }
+
+// Handle completes every request with nothing written: the fake device
+// only negotiates and shows its config space.
+func (f *fakeDevice) Handle(req *backend.Request) { req.Complete(0) }
 func (f *fakeDevice) Reset() {}
 
 // serveFake serves dev on a fresh listening socket until the test ends.
