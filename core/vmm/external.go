@@ -203,19 +203,20 @@ func (c *Context) connectExternal(ctx context.Context, i int, v *devspec.VhostUs
 	}
 	d.watch.Store(watch)
 	d.client = frontend.New(vhostuser.NewUnixConn(uc))
+	// The whole negotiation within limit: each request gets what is left.
 	deadline, _ := dctx.Deadline()
-	uc.SetDeadline(deadline)
+	d.client.SetTimeout(time.Until(deadline))
 	n, err := d.client.Negotiate(frontend.SetupConfig{
 		Features:         ^uint64(0), // everything offered; the guest picks later
 		ProtocolFeatures: frontend.SupportedProtocolFeatures,
 	})
+	d.client.SetTimeout(frontend.DefaultTimeout)
 	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) {
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, frontend.ErrTimeout) {
 			return nil, fmt.Errorf("vhost-user back-end %s did not answer the negotiation within %v (is it a vhost-user back-end?)", v.Socket, limit)
 		}
 		return nil, fmt.Errorf("vhost-user back-end %s refused the negotiation: %w", v.Socket, err)
 	}
-	uc.SetDeadline(time.Time{})
 	if err := d.adjustExternal(v, n); err != nil {
 		return nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
 	}
