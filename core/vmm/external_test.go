@@ -53,7 +53,7 @@ func (f *fakeDevice) Queue(context.Context, int) (backend.QueueConfig, error) {
 // Handle completes every request with nothing written: the fake device
 // only negotiates and shows its config space.
 func (f *fakeDevice) Handle(req *backend.Request) { req.Complete(0) }
-func (f *fakeDevice) Reset() {}
+func (f *fakeDevice) Reset()                      {}
 
 // serveFake serves dev on a fresh listening socket until the test ends.
 func serveFake(t *testing.T, dev backend.Device) string {
