@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -44,6 +45,8 @@ backing files are locked read-only, a data file like its image. The locks
 last until serve exits.
 
 options:
+  --socket-mode MODE        permissions of the socket, whatever the umask (default 0600;
+                            0660 lets the socket's group connect)
   --plugin-dir DIR          look for krun-plugin-* here first (also $KRUN_PLUGIN_DIR;
                             then the directory of krun-core)
   --sandbox on|off          the plugin sandbox (default on); off needs saying so and warns
@@ -72,6 +75,7 @@ type serveOptions struct {
 	sandboxOff       bool
 	sandboxDisable   []sandbox.Layer
 	log              func(stderr io.Writer) (hclog.Logger, error)
+	socketMode       os.FileMode
 	pluginUID        int // 0: the sandbox's default
 	pluginGID        int
 	handshakeTimeout time.Duration
@@ -94,6 +98,7 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	fs.StringVar(&o.pluginDir, "plugin-dir", "", "")
 	sandboxMode := fs.String("sandbox", "on", "")
 	disable := fs.String("sandbox-disable", "", "")
+	socketMode := fs.String("socket-mode", "0600", "")
 	pluginUID := fs.String("plugin-uid", "", "")
 	pluginGID := fs.String("plugin-gid", "", "")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", pluginhost.DefaultHandshakeTimeout, "")
@@ -136,6 +141,11 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	if err := pluginhost.CheckSearchPath(o.pluginDir); err != nil {
 		return nil, err
 	}
+	mode, err := strconv.ParseUint(*socketMode, 8, 32)
+	if err != nil || mode > 0o777 {
+		return nil, fmt.Errorf("--socket-mode=%q: want an octal permission such as 0600 or 0660", *socketMode)
+	}
+	o.socketMode = os.FileMode(mode)
 	if o.pluginUID, err = sandbox.ParseHostID(*pluginUID); err != nil {
 		return nil, fmt.Errorf("--plugin-uid: %w", err)
 	}
@@ -236,7 +246,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(err)
 	}
-	if err := bindAndListen(sfd, o.socket); err != nil {
+	if err := bindAndListen(sfd, o.socket, o.socketMode); err != nil {
 		return fail(err)
 	}
 	defer os.Remove(o.socket)
@@ -325,13 +335,18 @@ func checkSocketPath(path string) error {
 // in the same directory first, then renamed to path (never replacing a file
 // that appeared meanwhile): a front-end that waits for path to exist never
 // finds a socket that still refuses connections.
-func bindAndListen(fd int, path string) error {
+// The socket gets mode (whatever the umask) before it listens.
+func bindAndListen(fd int, path string, mode os.FileMode) error {
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".krun-serve-%d.sock", os.Getpid()))
 	if len(tmp) > 107 { // no room for the temporary name: bind in place
 		tmp = path
 	}
 	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: tmp}); err != nil {
 		return fmt.Errorf("--socket %s: bind: %w", path, err)
+	}
+	if err := unix.Fchmodat(unix.AT_FDCWD, tmp, uint32(mode.Perm()), 0); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("--socket %s: chmod: %w", path, err)
 	}
 	if err := unix.Listen(fd, 16); err != nil {
 		os.Remove(tmp)

@@ -67,6 +67,7 @@ func TestServeArgErrors(t *testing.T) {
 		{"bad layer", []string{pd, "--socket", sock, "--sandbox-disable=rlimits", "--disk", "path=" + img + ",format=raw"}, `--sandbox-disable: sandbox layer "rlimits" cannot be disabled`},
 		{"bad log level", []string{pd, "--socket", sock, "--log-level=loud", "--disk", "path=" + img + ",format=raw"}, `--log-level="loud"`},
 		{"root plugin", []string{pd, "--socket", sock, "--plugin-uid=0", "--disk", "path=" + img + ",format=raw"}, "--plugin-uid: 0: plugins never run as host root"},
+		{"bad socket mode", []string{pd, "--socket", sock, "--socket-mode=999", "--disk", "path=" + img + ",format=raw"}, "--socket-mode"},
 		{"bad plugin gid", []string{pd, "--socket", sock, "--plugin-gid=staff", "--disk", "path=" + img + ",format=raw"}, `--plugin-gid: "staff" is not a host id`},
 		{"extra argument", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw", "extra"}, `unexpected argument "extra"`},
 		{"unknown flag", []string{pd, "--socket", sock, "--cdrom", "x"}, "unknown flag --cdrom (see krun-core serve --help)"},
@@ -463,7 +464,7 @@ func TestBindAndListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	if err := bindAndListen(fd, path); err != nil {
+	if err := bindAndListen(fd, path, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c, err := net.Dial("unix", path)
@@ -471,6 +472,9 @@ func TestBindAndListen(t *testing.T) {
 		t.Fatalf("connect right after bindAndListen: %v", err)
 	}
 	c.Close()
+	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v (%v), want 0600 whatever the umask", st.Mode().Perm(), err)
+	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 		t.Fatalf("directory holds %d entries, want only the socket", len(ents))
 	}
@@ -484,7 +488,7 @@ func TestBindAndListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd2)
-	if err := bindAndListen(fd2, taken); err == nil {
+	if err := bindAndListen(fd2, taken, 0o600); err == nil {
 		t.Fatal("bindAndListen replaced an existing file")
 	}
 	if b, _ := os.ReadFile(taken); string(b) != "keep" {
