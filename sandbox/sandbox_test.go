@@ -1158,6 +1158,12 @@ func TestStatus(t *testing.T) {
 	if uid, gid, _ := (LaunchConfig{}).PluginIDs(); r.PluginUID != uid || r.PluginGID != gid || r.PluginIDs == "" {
 		t.Errorf("status plugin ids %d:%d %q, want %d:%d", r.PluginUID, r.PluginGID, r.PluginIDs, uid, gid)
 	}
+	if r.Shares == "" || !strings.Contains(r.Core, "no_new_privs") {
+		t.Errorf("status shares %q, core %q", r.Shares, r.Core)
+	}
+	if os.Geteuid() == 0 && (!strings.Contains(r.Shares, "ID-mapped mount") || !strings.Contains(r.Core, "CAP_KILL,CAP_SETUID,CAP_SETGID")) {
+		t.Errorf("root's status: shares %q, core %q", r.Shares, r.Core)
+	}
 	launch := map[string]Rule{}
 	for _, l := range r.Launch {
 		launch[l.Syscall] = l
