@@ -45,8 +45,10 @@ func (c Capability) String() string {
 //     plugin its socket directory and removing it when the plugin is gone
 //     (the directory is the plugin's then).
 //
-// Not kept: CAP_SYS_ADMIN. A share's ID-mapped mount (IDMapShare) is made at
-// set-up, and a plugin launched again is handed the same mount.
+// Not kept: CAP_SYS_ADMIN and CAP_SETFCAP, which an ID-mapped mount needs
+// (IDMapShare: the mount, and a user namespace that maps host root). A
+// share's mount is made at set-up and kept, and a plugin launched again is
+// handed the same mount.
 func (c LaunchConfig) KeepCapabilities() []Capability {
 	keep := []Capability{unix.CAP_KILL, unix.CAP_SETUID, unix.CAP_SETGID}
 	if d, err := normalizeDisabled(c.Disable); err == nil && slices.Contains(d, LayerRoot) {
