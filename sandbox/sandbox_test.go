@@ -736,6 +736,25 @@ func TestSandboxTrampolineBinary(t *testing.T) {
 	p.checkRefusalsLogged("socket", "execve", "clone")
 	p.finish()
 
+	// The same binary holds the user namespace of an ID-mapped share.
+	if os.Geteuid() == 0 {
+		d, err := os.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		m, err := LaunchConfig{Trampoline: bin}.IDMapShare(d)
+		if err != nil {
+			t.Errorf("IDMapShare with krun-sandbox-exec holding the user namespace: %v", err)
+		} else {
+			var st unix.Stat_t
+			if err := unix.Fstat(int(m.Fd()), &st); err != nil || st.Uid != DefaultPluginUID {
+				t.Errorf("ID-mapped share's root: owner %d (%v), want %d", st.Uid, err, DefaultPluginUID)
+			}
+			m.Close()
+		}
+	}
+
 	if err := (LaunchConfig{Trampoline: filepath.Join(t.TempDir(), "missing")}).Apply(exec.Command("/bin/true")); err == nil ||
 		!strings.Contains(err.Error(), "sandbox: trampoline") {
 		t.Errorf("Apply with a missing trampoline: %v", err)

@@ -315,3 +315,34 @@ func TestShareSwapsUnprivileged(t *testing.T) {
 		t.Errorf("root launcher: swaps %v %v (needed %v)", uid, gid, needed)
 	}
 }
+
+// BenchmarkIDMapShare is the cost of one share's ID-mapped mount: a
+// process started in a new user namespace (this test binary, or
+// krun-sandbox-exec), open_tree and mount_setattr.
+func BenchmarkIDMapShare(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("ID-mapped mounts need root")
+	}
+	d, err := os.Open(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	bin := filepath.Join(b.TempDir(), TrampolineName)
+	build := exec.Command("go", "build", "-o", bin, "../cmd/krun-sandbox-exec")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		b.Fatalf("go build: %v\n%s", err, out)
+	}
+	for _, c := range []struct{ name, trampoline string }{{"self", "/proc/self/exe"}, {"krun-sandbox-exec", bin}} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				m, err := LaunchConfig{Trampoline: c.trampoline}.IDMapShare(d)
+				if err != nil {
+					b.Fatal(err)
+				}
+				m.Close()
+			}
+		})
+	}
+}
