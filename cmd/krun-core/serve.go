@@ -198,8 +198,15 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	if err := checkSocketPath(o.socket); err != nil {
 		return fail(err)
 	}
+	var lc *sandbox.LaunchConfig
+	if !o.sandboxOff {
+		lc = &sandbox.LaunchConfig{Kind: o.spec.Kind(), Disable: o.sandboxDisable, Log: log,
+			HostUID: o.pluginUID, HostGID: o.pluginGID}
+	}
 	opened, err := o.spec.Open(devspec.OpenOptions{
 		HelperStderr: devspec.HelperLog(log.Named("helper")),
+		Sandbox:      lc,
+		Log:          log,
 	})
 	if err != nil {
 		return fail(err)
@@ -231,8 +238,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		cfg.SandboxOff = true
 		fmt.Fprintln(stderr, "krun-core serve: warning: --sandbox=off: the plugin parses guest- and image-controlled bytes unconfined, with krun-core's privileges")
 	} else {
-		cfg.Sandbox = sandbox.LaunchConfig{Kind: opened.Kind, Disable: o.sandboxDisable, Log: log,
-			HostUID: o.pluginUID, HostGID: o.pluginGID}
+		cfg.Sandbox = *lc
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {
@@ -254,6 +260,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	if err := p.Start(ctx); err != nil {
 		return fail(err)
 	}
+	dropServePrivileges(log, o)
 	log.Info("serving", "device", o.device, "plugin", opened.Kind, "pid", p.Pid(), "socket", o.socket,
 		"virtio_type", dev.Type, "queues", dev.NumQueues, "sandbox", note)
 
@@ -289,6 +296,39 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}
+}
+
+// dropServePrivileges ends serve's set-up as core/vmm's Start ends run's
+// (sandbox.DropPrivileges): no_new_privs, and only the capabilities its
+// plugin needs from it (sandbox.LaunchConfig.KeepCapabilities), plus
+// CAP_DAC_OVERRIDE where removing the socket at exit needs it (a directory
+// root's own permissions do not let it write). A failure is a warning.
+func dropServePrivileges(log hclog.Logger, o *serveOptions) {
+	keep := sandbox.LaunchConfig{Disable: o.sandboxDisable}.KeepCapabilities()
+	var st unix.Stat_t
+	if unix.Stat(filepath.Dir(o.socket), &st) == nil && !mayWriteDir(&st) {
+		keep = append(keep, unix.CAP_DAC_OVERRIDE)
+	}
+	if err := sandbox.DropPrivileges(keep); err != nil {
+		log.Warn("krun-core serve keeps its privileges after set-up", "error", err)
+		return
+	}
+	log.Debug("privileges dropped after set-up", "no_new_privs", true,
+		"capabilities", sandbox.CapabilityNames(sandbox.HeldCapabilities(keep)))
+}
+
+// mayWriteDir reports whether this process's ids without capabilities may
+// create and remove entries in a directory (write and search permission by
+// its mode bits; the socket is root's, so a sticky bit does not matter).
+func mayWriteDir(st *unix.Stat_t) bool {
+	bits := st.Mode
+	switch {
+	case st.Uid == uint32(os.Geteuid()):
+		bits >>= 6
+	case st.Gid == uint32(os.Getegid()):
+		bits >>= 3
+	}
+	return bits&0o3 == 0o3
 }
 
 // checkSocketPath refuses a path that is in use or is not a socket, or

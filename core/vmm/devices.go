@@ -104,7 +104,13 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 	}()
 	// Helpers (passt) log into the core's log.
 	helperLog := devspec.HelperLog(c.log.Named("helper"))
-	if d.opened, err = s.Open(devspec.OpenOptions{HelperStderr: helperLog}); err != nil {
+	log := c.log.Named(s.Kind())
+	var lc *sandbox.LaunchConfig
+	if !c.sandboxOff {
+		lc = &sandbox.LaunchConfig{Kind: s.Kind(), Disable: c.sandboxDisable, Log: log,
+			HostUID: c.pluginUID, HostGID: c.pluginGID}
+	}
+	if d.opened, err = s.Open(devspec.OpenOptions{HelperStderr: helperLog, Sandbox: lc, Log: log}); err != nil {
 		return nil, err
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -115,7 +121,6 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 	theirs := os.NewFile(uintptr(fds[1]), "vhost-user-plugin")
 	defer theirs.Close()
 
-	log := c.log.Named(d.opened.Kind)
 	files := make([]pluginhost.NamedFile, len(d.opened.Files))
 	for j, f := range d.opened.Files {
 		files[j] = pluginhost.NamedFile{Name: f.Name, File: f.File}
@@ -124,9 +129,8 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 		Kind: d.opened.Kind, PluginDir: c.pluginDir, Socket: theirs, Files: files,
 		Logger: log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
 	}
-	if !c.sandboxOff {
-		cfg.Sandbox = sandbox.LaunchConfig{Kind: d.opened.Kind, Disable: c.sandboxDisable, Log: log,
-			HostUID: c.pluginUID, HostGID: c.pluginGID}
+	if lc != nil {
+		cfg.Sandbox = *lc
 	}
 	if d.plugin, err = pluginhost.Launch(cfg); err != nil {
 		return nil, err
