@@ -330,7 +330,7 @@ func TestServePluginRejectsOptions(t *testing.T) {
 func TestServePluginCrash(t *testing.T) {
 	bin := buildServeBinaries(t)
 	sock := filepath.Join(t.TempDir(), "rng.sock")
-	s := startServe(t, bin, "--socket", sock, "--plugin", "null")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null", "--plugin-restarts", "off")
 	waitSocket(t, s, sock)
 	pid := servingPid(t, s)
 	if err := syscall.Kill(pid, syscall.SIGSEGV); err != nil {
@@ -345,6 +345,70 @@ func TestServePluginCrash(t *testing.T) {
 	}
 	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("socket left after the plugin crashed")
+	}
+}
+
+var restartedRE = regexp.MustCompile(`plugin restarted; serving again: .*pid=([0-9]+)`)
+
+// restartedPids returns the pids of the "plugin restarted" lines so far.
+func restartedPids(s *serveProc) []int {
+	var pids []int
+	for _, m := range restartedRE.FindAllStringSubmatch(s.log(), -1) {
+		pid, _ := strconv.Atoi(m[1])
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// killPlugin kills pid with SIGKILL and waits until it is gone, then for
+// serve's n-th restart; it returns the new plugin's pid.
+func killPlugin(t *testing.T, s *serveProc, pid, n int) int {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if p := restartedPids(s); len(p) >= n {
+			return p[n-1]
+		}
+		select {
+		case err := <-s.done:
+			t.Fatalf("serve exited after its plugin was killed: %v", err)
+		default:
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("plugin not restarted (%d restarts)", len(restartedPids(s)))
+	return 0
+}
+
+// TestServePluginRestart kills serve's plugin: serve starts it again on
+// the same socket, a front-end that connects again is served, and once
+// the budget (--plugin-restarts) is spent serve exits 1 as before.
+func TestServePluginRestart(t *testing.T) {
+	bin := buildServeBinaries(t)
+	sock := filepath.Join(t.TempDir(), "rng.sock")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null,fill=zero", "--plugin-restarts", "2/60s")
+	waitSocket(t, s, sock)
+	pid := servingPid(t, s)
+	for n := 1; n <= 2; n++ {
+		pid = killPlugin(t, s, pid, n)
+		if got := readEntropy(t, sock, 512); !bytes.Equal(got, make([]byte, 512)) {
+			t.Fatalf("after restart %d: got %d bytes, not all zero", n, len(got))
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if code := s.waitExit(t); code != 1 {
+		t.Fatalf("exit %d once the restarts were spent, want 1", code)
+	}
+	if !strings.Contains(s.log(), "not restarted again (plugin restart limit reached: 2 restarts within 1m0s)") {
+		t.Errorf("no line saying why serve gave up")
+	}
+	if n := strings.Count(s.log(), "plugin died; restarting it"); n != 2 {
+		t.Errorf("%d restart lines, want one per restart", n)
 	}
 }
 

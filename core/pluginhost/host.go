@@ -545,6 +545,13 @@ func (p *Plugin) Stats(ctx context.Context) (map[string]uint64, error) {
 // HealthState is the plugin's serving state.
 type HealthState = pluginpb.HealthResponse_State
 
+// Health states a host acts on.
+const (
+	HealthServing = pluginpb.HealthResponse_STATE_SERVING
+	HealthFailed  = pluginpb.HealthResponse_STATE_FAILED
+	HealthStopped = pluginpb.HealthResponse_STATE_STOPPED
+)
+
 // Health returns the serving state and, for a failed back-end, its error.
 func (p *Plugin) Health(ctx context.Context) (HealthState, string, error) {
 	var r *pluginpb.HealthResponse

@@ -139,7 +139,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		go m.pumpInput(runCtx, c.consoleIn)
 	}
 	for _, d := range m.devices {
-		go d.monitor(runCtx)
+		d.startMonitor(runCtx)
 	}
 	m.tids = make([]atomic.Int32, len(m.vcpus))
 	for i := range m.vcpus {

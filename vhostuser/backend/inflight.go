@@ -303,6 +303,14 @@ func (t *tracker) published(usedIdx uint16) {
 	t.store16(inflightOffUsedIdx, usedIdx)
 }
 
+// forget marks the part uninitialized once the ring stopped with nothing
+// in flight: the next start (maybe of a ring the driver moved, whose used
+// index starts again from 0) initializes it afresh instead of reconciling
+// it with a used ring it never tracked.
+func (t *tracker) forget() {
+	t.store16(inflightOffVersion, 0)
+}
+
 // entry is the offset of head's entry.
 func (t *tracker) entry(head uint16) uint64 {
 	return inflightHeaderSize + uint64(head)*inflightEntrySize

@@ -742,6 +742,11 @@ func (sess *session) stopRing(r *ring) {
 	sess.stopWorker(r)
 	r.saveQueue()
 	r.started = false
+	if r.track != nil && !r.failed.Load() && len(r.resubmit) == 0 {
+		// Every request taken was completed (the ring waits for them):
+		// nothing is in flight.
+		Protect(func() error { r.track.forget(); return nil })
+	}
 	r.track, r.resubmit = nil, nil
 	if r.kick != nil {
 		r.kick.Close()
