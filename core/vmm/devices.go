@@ -222,6 +222,14 @@ func (m *machine) attachDevices() error {
 	return nil
 }
 
+// wiring is what connects eventfds to the guest: KVM, or a test's stand-in.
+func (m *machine) wiring() mmio.Wiring {
+	if m.testWiring != nil {
+		return m.testWiring
+	}
+	return m.vm
+}
+
 // usedIndex reads the index of the used ring at gpa from guest memory.
 func (m *machine) usedIndex(gpa uint64) (uint16, error) {
 	var b [2]byte
@@ -298,7 +306,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		ConfigData:         info.Config,
 		ConfigSize:         configSize,
 		Backend:            backend,
-		Wiring:             m.vm,
+		Wiring:             m.wiring(),
 		Translate:          m.hostAddr,
 		Log:                m.log.Named(fmt.Sprintf("virtio-mmio.%d", d.index)),
 	}

@@ -41,14 +41,16 @@ type event struct {
 type machine struct {
 	log hclog.Logger
 
-	vm      *kvm.VM
-	memFile *os.File
-	mem     *guestmem.Memory
-	ram     []boot.RAMRange
-	vcpus   []*kvm.VCPU
-	uart    *serial.UART
-	power   power
-	devices []*pluginDevice
+	vm *kvm.VM
+	// testWiring replaces vm's ioeventfds and irqfds in tests without KVM.
+	testWiring mmio.Wiring
+	memFile    *os.File
+	mem        *guestmem.Memory
+	ram        []boot.RAMRange
+	vcpus      []*kvm.VCPU
+	uart       *serial.UART
+	power      power
+	devices    []*pluginDevice
 
 	events chan event
 	stop   atomic.Bool
