@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -898,4 +899,139 @@ func TestServeImageLocking(t *testing.T) {
 			t.Errorf("qemu-img check -r beside read-only serves: exit %d\n%s", code, out)
 		}
 	})
+}
+
+// BenchmarkServeRestart measures the pause a plugin's death costs a
+// front-end of `krun-core serve`: from SIGKILL of the disk plugin to the
+// first read served again through the restarted plugin, the Go test guest
+// reconnecting with its inflight region as soon as it can (as QEMU's
+// reconnect=1 does, without its one-second retry). Run it with
+// -benchtime=20x; it reports the median and the worst.
+func BenchmarkServeRestart(b *testing.B) {
+	for _, format := range []string{"raw", "qcow2"} {
+		b.Run(format, func(b *testing.B) { benchServeRestart(b, format) })
+	}
+}
+
+func benchServeRestart(b *testing.B, format string) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		b.Skip("qemu-img not installed")
+	}
+	bin := buildServeBinariesB(b, "blk-raw", "blk-qcow2")
+	dir := b.TempDir()
+	img := filepath.Join(dir, "disk."+format)
+	if out, err := exec.Command("qemu-img", "create", "-f", format, img, "64M").CombinedOutput(); err != nil {
+		b.Fatalf("qemu-img create: %v\n%s", err, out)
+	}
+	sock := filepath.Join(dir, "blk.sock")
+	cmd := exec.Command(filepath.Join(bin, "krun-core"), "serve", "--log-level", "info", "--socket", sock,
+		"--disk", "path="+img+",format="+format, "--plugin-restarts", "100000/10s")
+	cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
+	var logs syncBuf
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}()
+	pidOf := func(n int) int {
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			var ms [][]string
+			if n == 0 {
+				ms = pidRE.FindAllStringSubmatch(logs.String(), -1)
+			} else {
+				ms = restartedRE.FindAllStringSubmatch(logs.String(), -1)
+			}
+			if len(ms) > n-1 && len(ms) > 0 {
+				pid, _ := strconv.Atoi(ms[max(n-1, 0)][1])
+				return pid
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		b.Fatalf("no pid for restart %d\n%s", n, logs.String())
+		return 0
+	}
+	pid := pidOf(0)
+	g, err := testguest.DialBlk(sock, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 16 << 20})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer g.Close()
+	buf := make([]byte, 4096)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	if err := g.Write(ctx, 0, buf); err != nil {
+		b.Fatal(err)
+	}
+	var took []time.Duration
+	b.ResetTimer()
+	for i := 1; i <= b.N; i++ {
+		start := time.Now()
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			// Until the old process is gone its socket may still accept.
+			if syscall.Kill(pid, 0) != nil {
+				break
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		c, err := frontend.Dial(sock)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.SetTimeout(30 * time.Second)
+		if err := g.Guest().Reconnect(c); err != nil {
+			b.Fatalf("reconnect %d: %v", i, err)
+		}
+		if err := g.Read(ctx, 0, buf); err != nil {
+			b.Fatal(err)
+		}
+		took = append(took, time.Since(start))
+		pid = pidOf(i)
+	}
+	b.StopTimer()
+	slices.Sort(took)
+	b.ReportMetric(float64(took[len(took)/2].Microseconds())/1000, "median-ms")
+	b.ReportMetric(float64(took[len(took)-1].Microseconds())/1000, "worst-ms")
+}
+
+// buildServeBinariesB is buildServeBinaries for a benchmark.
+func buildServeBinariesB(b *testing.B, plugins ...string) string {
+	b.Helper()
+	dir := b.TempDir()
+	pkgs := map[string]string{".": "krun-core"}
+	for _, p := range plugins {
+		pkgs["../../plugins/"+p] = "krun-plugin-" + p
+	}
+	for pkg, out := range pkgs {
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if o, err := cmd.CombinedOutput(); err != nil {
+			b.Fatalf("go build %s: %v\n%s", pkg, err, o)
+		}
+	}
+	return dir
+}
+
+// syncBuf is a bytes.Buffer a process writes while the test reads.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

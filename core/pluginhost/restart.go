@@ -10,9 +10,10 @@ import (
 )
 
 // Defaults of RestartPolicy: at most DefaultRestartMax restarts within
-// DefaultRestartWindow; the first one at once, each further one within the
-// window after twice the previous delay, from DefaultRestartBackoff up to
-// DefaultRestartMaxBackoff.
+// DefaultRestartWindow. A restart comes at once, unless the previous one
+// was less than Window/Max ago (the plugin dies faster than the budget
+// allows on average): then after DefaultRestartBackoff, doubling with each
+// such restart in a row, up to DefaultRestartMaxBackoff.
 const (
 	DefaultRestartMax        = 5
 	DefaultRestartWindow     = 60 * time.Second
@@ -94,9 +95,11 @@ var ErrRestartsExhausted = errors.New("plugin restart limit reached")
 type Restarts struct {
 	policy RestartPolicy
 
-	mu    sync.Mutex
-	times []time.Time // restarts within the window, oldest first
-	total int
+	mu     sync.Mutex
+	times  []time.Time // restarts within the window, oldest first
+	last   time.Time   // the latest restart
+	streak int         // restarts in a row, each soon after the previous one
+	total  int
 }
 
 // NewRestarts starts an empty budget.
@@ -108,11 +111,11 @@ func (r *Restarts) Policy() RestartPolicy { return r.policy }
 // Enabled reports whether the policy allows restarts at all.
 func (r *Restarts) Enabled() bool { return r.policy.max() > 0 }
 
-// Next records a restart at now and returns how long to wait before it:
-// 0 for the first restart within the window, then DefaultRestartBackoff,
-// doubling per restart within the window up to DefaultRestartMaxBackoff.
-// It returns an error wrapping ErrRestartsExhausted when the window holds
-// Max restarts already.
+// Next records a restart at now and returns how long to wait before it: 0,
+// unless the previous restart was less than Window/Max ago; then
+// DefaultRestartBackoff, doubling with each such restart in a row, up to
+// DefaultRestartMaxBackoff. It returns an error wrapping
+// ErrRestartsExhausted when the window holds Max restarts already.
 func (r *Restarts) Next(now time.Time) (time.Duration, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -130,13 +133,19 @@ func (r *Restarts) Next(now time.Time) (time.Duration, error) {
 	if len(r.times) >= max {
 		return 0, fmt.Errorf("%w: %d restarts within %v", ErrRestartsExhausted, len(r.times), win)
 	}
+	if r.total > 0 && now.Sub(r.last) < win/time.Duration(max) {
+		r.streak++
+	} else {
+		r.streak = 0
+	}
 	var delay time.Duration
-	if k := len(r.times); k > 0 {
-		delay = DefaultRestartBackoff << (k - 1)
-		if delay > DefaultRestartMaxBackoff || delay <= 0 {
-			delay = DefaultRestartMaxBackoff
+	if r.streak > 0 {
+		delay = DefaultRestartMaxBackoff
+		if r.streak < 8 {
+			delay = min(DefaultRestartBackoff<<(r.streak-1), DefaultRestartMaxBackoff)
 		}
 	}
+	r.last = now
 	r.times = append(r.times, now)
 	r.total++
 	return delay, nil

@@ -20,9 +20,9 @@ func TestRestartsBudgetAndBackoff(t *testing.T) {
 		t.Fatalf("sixth restart within the window: %v", err)
 	}
 	// Once the first restarts leave the window, restarts are allowed
-	// again, with the back-off of those still in it (three).
+	// again; this one comes long after the previous: at once.
 	d, err := r.Next(t0.Add(61500 * time.Millisecond))
-	if err != nil || d != time.Second {
+	if err != nil || d != 0 {
 		t.Fatalf("restart after the window moved: %v, %v", d, err)
 	}
 	if r.Total() != 6 {
@@ -31,6 +31,22 @@ func TestRestartsBudgetAndBackoff(t *testing.T) {
 	d, err = r.Next(t0.Add(10 * time.Minute))
 	if err != nil || d != 0 {
 		t.Fatalf("restart after a quiet window: %v, %v", d, err)
+	}
+}
+
+// A plugin that dies less often than Window/Max is restarted at once every
+// time; the back-off is for one that dies faster.
+func TestRestartsNoBackoffWhenSpaced(t *testing.T) {
+	r := NewRestarts(RestartPolicy{Max: 100, Window: 100 * time.Second}) // one a second on average
+	t0 := time.Unix(0, 0)
+	for i := range 20 {
+		d, err := r.Next(t0.Add(time.Duration(i) * 1500 * time.Millisecond))
+		if err != nil || d != 0 {
+			t.Fatalf("restart %d: %v, %v", i, d, err)
+		}
+	}
+	if d, _ := r.Next(t0.Add(29 * time.Second)); d != DefaultRestartBackoff {
+		t.Fatalf("a restart half a second after the previous: delay %v", d)
 	}
 }
 

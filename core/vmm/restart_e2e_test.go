@@ -126,7 +126,7 @@ waitfor() {
 restarts() { grep -c 'plugin restarted; the device serves again' /tmp/inner.log || true; }
 mkfifo /tmp/console.in
 krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --boot-timeout 120 --cmdline "%[2]s" --plugin-restarts 1000/1h \
+	--plugin-dir /bin --boot-timeout 120 --cmdline "%[2]s" --plugin-restarts 1000/10m \
 	--disk path=/tmp/disk.raw,format=raw --disk path=/tmp/disk.qcow2,format=qcow2 \
 	</tmp/console.in >/tmp/inner.log 2>&1 &
 pid=$!
@@ -239,7 +239,7 @@ func restartDirect(t *testing.T) {
 		t.Fatalf("qemu-img create: %v\n%s", err, out)
 	}
 	cmd := exec.CommandContext(ctx, krun, "run", "--kernel", k.Vmlinuz, "--initrd", initrd, "--memory", "256M",
-		"--plugin-dir", dir, "--cmdline", innerCmdline, "--plugin-restarts", "1000/1h",
+		"--plugin-dir", dir, "--cmdline", innerCmdline, "--plugin-restarts", "1000/10m",
 		"--disk", "path="+rawImg+",format=raw", "--disk", "path="+qImg+",format=qcow2")
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
