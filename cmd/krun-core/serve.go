@@ -388,9 +388,11 @@ func (s *servedPlugin) relaunch(ctx context.Context) error {
 		s.opened.Close()
 		spec := *n
 		spec.MAC = mac
-		if s.opened, err = spec.Open(devspec.OpenOptions{HelperStderr: devspec.HelperLog(s.log.Named("helper"))}); err != nil {
+		opened, err := spec.Open(devspec.OpenOptions{HelperStderr: devspec.HelperLog(s.log.Named("helper"))})
+		if err != nil {
 			return err
 		}
+		s.opened = opened
 	}
 	if _, _, err := s.launch(ctx); err != nil {
 		return err

@@ -22,8 +22,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/netnstest"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
+	"github.com/krun-core/krun-core/testguest/tcpip"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
@@ -144,7 +146,14 @@ func (s *serveProc) log() string {
 
 func startServe(t *testing.T, bin string, args ...string) *serveProc {
 	t.Helper()
-	s := &serveProc{cmd: exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve", "--log-level", "info"}, args...)...), done: make(chan error, 1)}
+	return startServeCmd(t, exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve", "--log-level", "info"}, args...)...))
+}
+
+// startServeCmd starts cmd, a krun-core serve command line (maybe behind
+// ip netns exec).
+func startServeCmd(t *testing.T, cmd *exec.Cmd) *serveProc {
+	t.Helper()
+	s := &serveProc{cmd: cmd, done: make(chan error, 1)}
 	s.cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
 	pr, err := s.cmd.StderrPipe()
 	if err != nil {
@@ -601,6 +610,100 @@ func resubmitted(log string) int {
 		n += k
 	}
 	return n
+}
+
+// TestServeNetRestart serves passt networking and kills first the plugin,
+// then passt itself: each time serve starts a new plugin and a new passt
+// on the same socket, the Go test guest reconnects, and DHCP works again.
+func TestServeNetRestart(t *testing.T) {
+	if _, err := exec.LookPath("passt"); err != nil {
+		t.Skip("passt is not installed (Debian package passt)")
+	}
+	ns := netnstest.New(t)
+	bin := buildServeBinaries(t, "net-passt")
+	sock := filepath.Join(t.TempDir(), "net.sock")
+	s := startServeCmd(t, exec.Command("ip", "netns", "exec", ns, filepath.Join(bin, "krun-core"), "serve", "--log-level", "info",
+		"--socket", sock, "--net", "passt,mac=52:54:00:12:34:56", "--plugin-restarts", "10/60s"))
+	waitSocket(t, s, sock)
+	plugin := servingPid(t, s)
+	passt := func() int {
+		for _, c := range childPids(s.cmd.Process.Pid) {
+			if c != plugin {
+				return c
+			}
+		}
+		t.Fatal("no passt process")
+		return 0
+	}
+	n, err := testguest.DialNet(sock, testguest.Options{Inflight: true, QueueSize: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	e := tcpip.New(n, [6]byte{0x52, 0x54, 0x00, 0x12, 0x34, 0x56})
+	dhcp := func(when string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		lease, err := e.DHCP(ctx)
+		if err != nil {
+			t.Fatalf("DHCP %s: %v", when, err)
+		}
+		if lease.Addr.String() != netnstest.Addr {
+			t.Fatalf("DHCP %s: lease %+v", when, lease)
+		}
+	}
+	dhcp("at the start")
+	reconnect := func() {
+		t.Helper()
+		c, err := frontend.Dial(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := n.Guest().Reconnect(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	oldPasst := passt()
+	plugin = killPlugin(t, s, plugin, 1)
+	reconnect()
+	if p := passt(); p == oldPasst {
+		t.Fatal("passt was not started again with the plugin")
+	}
+	dhcp("after the plugin was killed")
+
+	// passt dies on its own: serve restarts the plugin and passt.
+	if err := syscall.Kill(passt(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for len(restartedPids(s)) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no restart after passt died")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	plugin = restartedPids(s)[1]
+	reconnect()
+	dhcp("after passt was killed")
+	if !strings.Contains(s.log(), `reason="passt exited"`) {
+		t.Error("the restart line does not say passt exited")
+	}
+}
+
+// childPids lists the child processes of pid.
+func childPids(pid int) []int {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	var out []int
+	for _, task := range tasks {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		for _, c := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(c); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }
 
 // randPerm is a permutation of 0..n-1 that depends on seed.

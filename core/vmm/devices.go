@@ -494,9 +494,11 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 		d.opened.Close()
 		spec := *n
 		spec.MAC = mac
-		if d.opened, err = spec.Open(d.openOptions()); err != nil {
+		opened, err := spec.Open(d.openOptions())
+		if err != nil {
 			return err
 		}
+		d.opened = opened
 	}
 	old := d.info
 	if err := d.startPlugin(ctx); err != nil {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -42,7 +43,7 @@ for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
 	sleep 0.5
 done
 [ -b /dev/vdb ] || e2e_fail "no /dev/vda and /dev/vdb ($(ls /sys/block | tr '\n' ' '))"
-blkverify -size %d -stop /tmp/stop /dev/vda /dev/vdb &
+blkverify -size %d -depth 8 -chunk 262144 -stop /tmp/stop /dev/vda /dev/vdb &
 vpid=$!
 read -t 3000 line || e2e_fail "no stop line on the console"
 [ "$line" = stop ] || e2e_fail "console: got '$line'"
@@ -126,7 +127,7 @@ waitfor() {
 restarts() { grep -c 'plugin restarted; the device serves again' /tmp/inner.log || true; }
 mkfifo /tmp/console.in
 krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
-	--plugin-dir /bin --boot-timeout 120 --cmdline "%[2]s" --plugin-restarts 1000/10m \
+	--plugin-dir /bin --boot-timeout 120 --cmdline "%[2]s" --plugin-restarts 1000/10m --log-level info \
 	--disk path=/tmp/disk.raw,format=raw --disk path=/tmp/disk.qcow2,format=qcow2 \
 	</tmp/console.in >/tmp/inner.log 2>&1 &
 pid=$!
@@ -165,6 +166,7 @@ grep -q 'inner verify ok' /tmp/inner.log || e2e_fail "the guest's loop did not v
 grep -q '^krun-exit=0$' /tmp/inner.log || e2e_fail "krun-core did not exit 0"
 [ "$(restarts)" = $n ] || e2e_fail "$(restarts) restarts logged, $n kills"
 grep -q 'the device fails' /tmp/inner.log && e2e_fail "a device failed"
+echo "requests in flight replayed: $(sed -n 's/.*resubmitting requests a previous back-end left in flight.*requests=\([0-9]*\).*/\1/p' /tmp/inner.log | awk '{s+=$1} END {print s+0}')"
 qemu-img check --output=json /tmp/disk.qcow2 >/tmp/check.json || true
 sed 's/^/check| /' /tmp/check.json
 grep -q '"check-errors": 0' /tmp/check.json || e2e_fail "qemu-img check could not check the image"
@@ -239,7 +241,7 @@ func restartDirect(t *testing.T) {
 		t.Fatalf("qemu-img create: %v\n%s", err, out)
 	}
 	cmd := exec.CommandContext(ctx, krun, "run", "--kernel", k.Vmlinuz, "--initrd", initrd, "--memory", "256M",
-		"--plugin-dir", dir, "--cmdline", innerCmdline, "--plugin-restarts", "1000/10m",
+		"--plugin-dir", dir, "--cmdline", innerCmdline, "--plugin-restarts", "1000/10m", "--log-level", "info",
 		"--disk", "path="+rawImg+",format=raw", "--disk", "path="+qImg+",format=qcow2")
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -308,8 +310,16 @@ func restartDirect(t *testing.T) {
 		t.Fatalf("qemu-img check: %v\n%s", err, b)
 	}
 	t.Logf("qemu-img check: no corruption, %d leaked clusters", res.Leaks)
+	replayed := 0
+	for _, m := range replayedLineRE.FindAllStringSubmatch(out.String(), -1) {
+		n, _ := strconv.Atoi(m[1])
+		replayed += n
+	}
+	t.Logf("requests in flight replayed: %d", replayed)
 	logRestartTimes(t, out.String())
 }
+
+var replayedLineRE = regexp.MustCompile(`resubmitting requests a previous back-end left in flight: .*requests=([0-9]+)`)
 
 // killPlugin SIGKILLs the child of ppid whose executable is named name
 // (process names are cut at 15 bytes: krun-plugin-blk-raw and

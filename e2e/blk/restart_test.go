@@ -33,7 +33,7 @@ const (
 var restartGuestScript = fmt.Sprintf(`
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.5; done
 [ -b /dev/vdb ] || e2e_fail "no /dev/vda and /dev/vdb"
-blkverify -size %d -stop /tmp/stop /dev/vda /dev/vdb &
+blkverify -size %d -depth 8 -chunk 262144 -stop /tmp/stop /dev/vda /dev/vdb &
 vpid=$!
 read -t 3000 line || e2e_fail "no stop line on the console"
 touch /tmp/stop
@@ -46,7 +46,10 @@ fi
 echo "guest verify ok"
 `, serveRestartMiB<<20)
 
-var serveRestartedRE = regexp.MustCompile(`plugin restarted; serving again: .*took=([0-9.]+[mµn]?s)`)
+var (
+	serveRestartedRE = regexp.MustCompile(`plugin restarted; serving again: .*took=([0-9.]+[mµn]?s)`)
+	replayedRE       = regexp.MustCompile(`resubmitting requests a previous back-end left in flight: .*requests=([0-9]+)`)
+)
 
 // TestServeRestartUnderIO serves a raw and a qcow2 disk with `krun-core
 // serve` to QEMU (vhost-user-blk-pci, -chardev socket,...,reconnect=1)
@@ -65,8 +68,8 @@ func TestServeRestartUnderIO(t *testing.T) {
 	q := dir + "/restart.qcow2"
 	run(t, qemuImg, "create", "-q", "-f", "qcow2", q, strconv.Itoa(serveRestartMiB<<20))
 	servers := []*server{
-		serve(t, "path="+raw+",format=raw", "--plugin-restarts", "1000/10m"),
-		serve(t, "path="+q+",format=qcow2", "--plugin-restarts", "1000/10m"),
+		serve(t, "path="+raw+",format=raw", "--plugin-restarts", "1000/10m", "--log-level", "info"),
+		serve(t, "path="+q+",format=qcow2", "--plugin-restarts", "1000/10m", "--log-level", "info"),
 	}
 
 	ib := a.NewInitramfs()
@@ -86,7 +89,10 @@ func TestServeRestartUnderIO(t *testing.T) {
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 3))
 	for k := 1; k <= serveRestartKills; k++ {
 		for _, s := range servers {
-			// A random moment: up to a second into the guest's I/O.
+			// QEMU is connected to this plugin (it reconnects within a
+			// second of a restart); then a random moment, up to a
+			// second into the guest's I/O.
+			s.waitConnected(t, k)
 			time.Sleep(time.Duration(rng.IntN(1000)) * time.Millisecond)
 			s.killPlugin(t)
 			s.waitRestarts(t, k)
@@ -108,13 +114,25 @@ func TestServeRestartUnderIO(t *testing.T) {
 		}
 	}
 	var took []time.Duration
+	replayed := 0
 	for _, s := range servers {
 		for _, m := range serveRestartedRE.FindAllStringSubmatch(s.out.String(), -1) {
 			if d, err := time.ParseDuration(m[1]); err == nil {
 				took = append(took, d)
 			}
 		}
+		for _, m := range replayedRE.FindAllStringSubmatch(s.out.String(), -1) {
+			n, _ := strconv.Atoi(m[1])
+			replayed += n
+		}
 		s.stop()
+	}
+	// QEMU gave each new plugin the inflight region: requests the killed
+	// plugins had taken were replayed (with 40 kills under continuous
+	// I/O, some always are).
+	t.Logf("requests in flight replayed after the kills: %d", replayed)
+	if replayed == 0 {
+		t.Error("no request was replayed: did QEMU hand the inflight region over?")
 	}
 	if len(took) != 2*serveRestartKills {
 		t.Errorf("%d restarts logged, want %d", len(took), 2*serveRestartKills)
@@ -153,6 +171,19 @@ func (s *server) waitRestarts(t *testing.T, n int) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("restart %d did not complete\n%s", n, s.out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitConnected waits until the server's plugins have accepted n front-end
+// connections (QEMU's first, and one after each of n-1 restarts).
+func (s *server) waitConnected(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for strings.Count(s.out.String(), "vhost-user front-end connected") < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("QEMU did not connect (%d)\n%s", n, s.out)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

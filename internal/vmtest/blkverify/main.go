@@ -1,8 +1,8 @@
 // Command blkverify is a guest-side tool of the end-to-end tests: a
 // write-then-verify loop on block devices with O_DIRECT. Each pass writes
 // every chunk of each device in a random order, several at a time, with a
-// pattern unique to the pass, the device and the byte offset, then reads
-// every chunk back and checks it. It loops until the stop file exists
+// pattern unique to the pass, the device and the sector (see word), then
+// reads every chunk back and checks it. It loops until the stop file exists
 // (checked after each pass), and exits 0 only if every pass verified; any
 // I/O error or wrong byte ends it with status 1 and one line saying where.
 //
@@ -13,6 +13,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/binary"
 	"flag"
 	"fmt"
@@ -63,9 +64,31 @@ func main() {
 	fmt.Printf("BLKVERIFY done passes=%v\n", results)
 }
 
-// word is the pattern: every 8-byte word names the pass, the device and
-// its own offset.
+// word names the pass, the device and an offset: the pattern starts every
+// 512-byte sector with the word of its offset and fills the rest with
+// bytes of the pass and device (cheap to make and compare even in an
+// emulated guest, so the device's share of the time stays large), so a
+// sector that is stale (another pass), misplaced (another offset or
+// device) or torn reads back wrong.
 func word(pass, dev, off uint64) uint64 { return pass<<48 | dev<<40 | off>>3 }
+
+// fill writes the pattern of [off, off+len(b)) into b; filler is the
+// pass's and device's 504 bytes.
+func fill(b []byte, pass, dev, off uint64, filler []byte) {
+	for i := 0; i < len(b); i += 512 {
+		binary.LittleEndian.PutUint64(b[i:], word(pass, dev, off+uint64(i)))
+		copy(b[i+8:i+512], filler)
+	}
+}
+
+// filler is the 504 bytes after each sector's word in a pass.
+func filler(pass, dev uint64) []byte {
+	f := make([]byte, 504)
+	for i := range f {
+		f[i] = byte(pass*31 + dev*7 + uint64(i)*13)
+	}
+	return f
+}
 
 // loop runs passes on one device until stopped; it returns the passes that
 // verified.
@@ -77,22 +100,23 @@ func loop(dev uint64, path string, size int64, chunk, depth int, stop string, ma
 	defer unix.Close(fd)
 	n := int(size / int64(chunk))
 	bufs := make([][]byte, depth)
+	want := make([][]byte, depth)
 	for i := range bufs {
 		// O_DIRECT wants aligned buffers: a mapping is page aligned.
 		if bufs[i], err = unix.Mmap(-1, 0, chunk, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE); err != nil {
 			return 0, err
 		}
+		want[i] = make([]byte, chunk)
 	}
 	rng := rand.New(rand.NewPCG(dev, uint64(time.Now().UnixNano())))
 	for pass := 1; ; pass++ {
 		start := time.Now()
 		order := rng.Perm(n)
+		fl := filler(uint64(pass), dev)
 		if err := run(order, depth, func(w, c int) error {
 			b := bufs[w]
 			off := uint64(c) * uint64(chunk)
-			for i := 0; i < chunk; i += 8 {
-				binary.LittleEndian.PutUint64(b[i:], word(uint64(pass), dev, off+uint64(i)))
-			}
+			fill(b, uint64(pass), dev, off, fl)
 			return pwriteAll(fd, b, int64(off))
 		}); err != nil {
 			return pass - 1, fmt.Errorf("pass %d: write: %w", pass, err)
@@ -103,10 +127,16 @@ func loop(dev uint64, path string, size int64, chunk, depth int, stop string, ma
 			if err := preadAll(fd, b, int64(off)); err != nil {
 				return err
 			}
-			for i := 0; i < chunk; i += 8 {
-				if got, want := binary.LittleEndian.Uint64(b[i:]), word(uint64(pass), dev, off+uint64(i)); got != want {
-					return fmt.Errorf("byte %d reads %#016x, want %#016x (pass %d, device %d, offset %d)",
-						off+uint64(i), got, want, want>>48, want>>40&0xff, (want&(1<<40-1))<<3)
+			exp := want[w]
+			fill(exp, uint64(pass), dev, off, fl)
+			if bytes.Equal(b, exp) {
+				return nil
+			}
+			for i := 0; i < chunk; i += 512 {
+				if !bytes.Equal(b[i:i+512], exp[i:i+512]) {
+					got := binary.LittleEndian.Uint64(b[i:])
+					return fmt.Errorf("sector at byte %d reads wrong: word %#016x (pass %d, device %d, offset %d), want pass %d",
+						off+uint64(i), got, got>>48, got>>40&0xff, (got&(1<<40-1))<<3, pass)
 				}
 			}
 			return nil
