@@ -1028,7 +1028,7 @@ func benchServeRestart(b *testing.B, format string) {
 	}
 	sock := filepath.Join(dir, "blk.sock")
 	cmd := exec.Command(filepath.Join(bin, "krun-core"), "serve", "--log-level", "info", "--socket", sock,
-		"--disk", "path="+img+",format="+format, "--plugin-restarts", "100000/10s")
+		"--disk", "path="+img+",format="+format, "--plugin-restarts", "10000/10s")
 	cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
 	var logs syncBuf
 	cmd.Stderr = &logs
