@@ -569,7 +569,7 @@ func (d *Device) recoverLocked(err error) bool {
 		return false
 	}
 	d.suspended = true
-	d.log.Warn("virtio device back-end is gone; the device waits for a new one", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+	d.log.Debug("virtio device back-end is gone; the device waits for a new one", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
 	return true
 }
 

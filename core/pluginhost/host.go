@@ -624,9 +624,12 @@ func (p *Plugin) removeSockDir() {
 
 // quietLogger is the logger go-plugin's client gets: the messages it logs
 // about an exit the host asked for (Shutdown, Kill) go to Debug instead of
-// Error and Warn, so that they do not read like failures. Everything else
-// passes unchanged, except the plugin's own log lines: the host re-logs
-// those itself (pluginLog), so go-plugin's copy goes nowhere (Named).
+// Error and Warn, so that they do not read like failures, and so does its
+// line about an exit nobody asked for: the host reports that one itself,
+// once, with the plugin's panic line (Err, ExitError) and what it does
+// about it (a restart, a failed device). Everything else passes unchanged,
+// except the plugin's own log lines: the host re-logs those itself
+// (pluginLog), so go-plugin's copy goes nowhere (Named).
 type quietLogger struct {
 	hclog.Logger
 	p *Plugin
@@ -646,7 +649,7 @@ func (q quietLogger) Named(name string) hclog.Logger {
 }
 
 func (q quietLogger) Error(msg string, args ...interface{}) {
-	if msg == "plugin process exited" && q.p.stopping.Load() {
+	if msg == "plugin process exited" {
 		q.Logger.Debug(msg, args...)
 		return
 	}
