@@ -370,3 +370,78 @@ func crashOnce(t *testing.T, reqs string, ready bool) {
 		t.Fatalf("served %v after a new request with head %d", got, p.head)
 	}
 }
+
+// TestReconnectSameBackend: a front-end that disconnects from a back-end
+// that lives on (a listening socket) and connects again with the same
+// inflight region finds nothing to resubmit (the rings stopped with every
+// request completed), and its rings go on from where they were.
+func TestReconnectSameBackend(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "be.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	f, err := l.(*net.UnixListener).File()
+	l.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	srv, err := backend.NewServer(rec, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, f) }()
+	defer func() {
+		cancel()
+		<-done
+		f.Close()
+	}()
+	g, err := testguest.Dial(path, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	r := g.Rings[0]
+	request := func(i int) {
+		t.Helper()
+		in, _ := g.Mem.Alloc(1, 8)
+		out, _ := g.Mem.Alloc(1, 8)
+		b, _ := g.Mem.Bytes(in, 1)
+		b[0] = 'C'
+		if _, err := r.Post([]testguest.Segment{{Addr: in, Len: 1}, {Addr: out, Len: 1, Writable: true}}, i); err != nil {
+			t.Fatal(err)
+		}
+		r.KickAlways()
+		wctx, wcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer wcancel()
+		c, err := r.Wait(wctx)
+		if err != nil || len(c) != 1 || c[0].Token != i {
+			t.Fatalf("request %d: %v %v", i, c, err)
+		}
+	}
+	for i := range 5 {
+		request(i)
+	}
+	for round := range 3 {
+		c, err := frontend.Dial(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := g.Reconnect(c); err != nil {
+			t.Fatalf("reconnect %d: %v", round, err)
+		}
+		for i := range 5 {
+			request(100*(round+1) + i)
+		}
+	}
+	if st := srv.Stats()[0]; st.Resubmitted != 0 || st.Requests != 20 {
+		t.Fatalf("stats %+v: want 20 requests, none resubmitted", st)
+	}
+	if n := len(rec.heads()); n != 20 {
+		t.Fatalf("device served %d requests, want 20", n)
+	}
+}

@@ -143,10 +143,17 @@ func (b *Buffers) Notify() error {
 }
 
 // Pending reports how many chains the driver has made available and the
-// device has not taken.
+// device has not taken, the ones a previous back-end left in flight
+// (taken first) included.
 func (b *Buffers) Pending() (int, error) {
 	n, err := b.e.q.Pending()
-	return int(n), err
+	if err != nil {
+		return 0, err
+	}
+	if b.e.resubmit != nil {
+		return int(n) + len(*b.e.resubmit), nil
+	}
+	return int(n), nil
 }
 
 // EnableKicks asks the driver to kick when it makes chains available, and
