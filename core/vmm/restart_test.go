@@ -379,3 +379,25 @@ func BenchmarkCoreRestart(b *testing.B) {
 	b.ReportMetric(float64(took[len(took)/2].Microseconds())/1000, "median-ms")
 	b.ReportMetric(float64(took[len(took)-1].Microseconds())/1000, "worst-ms")
 }
+
+// TestRestartHungPlugin: a plugin that stops answering (SIGSTOP: its
+// process lives, Health gets no answer) is killed and restarted like a
+// dead one; a request posted to it completes through its successor.
+func TestRestartHungPlugin(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin and waits for a Health timeout; skipped with -short")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{})
+	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	r.drv.post(0, 16, bytes.Repeat([]byte{0xc3}, 512))
+	r.drv.wait(1, 0, pluginhost.HealthInterval+pluginhost.HealthTimeout+30*time.Second)
+	log := r.logs.String()
+	if !strings.Contains(log, "plugin stopped answering (Health)") || !strings.Contains(log, "plugin restarted; the device serves again") {
+		t.Fatalf("no restart for a hung plugin:\n%s", log)
+	}
+	if err := r.d.dev.Failed(); err != nil {
+		t.Fatal(err)
+	}
+}
