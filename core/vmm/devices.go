@@ -442,6 +442,13 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 		return false
 	}
 	d.dev.Suspend()
+	// A report of the same death the transport made before it was
+	// suspended would restart the next plugin for nothing; while the
+	// device is suspended no report is made.
+	select {
+	case <-d.gone:
+	default:
+	}
 	if d.info.Type == netTypeID {
 		// The link goes down while the plugin (and passt) are away: the
 		// guest's stack learns that its connections are gone, and sees
