@@ -146,6 +146,8 @@ func ipcLayer() []rule {
 		allow("getsockname", "gRPC peer address bookkeeping"),
 		allow("getpeername", "gRPC peer address bookkeeping"),
 		allow("shutdown", "closing a vhost-user or gRPC connection"),
+		allow("memfd_create", "the vhost-user inflight region (GET_INFLIGHT_FD) that lets a restarted plugin resubmit requests"),
+		allow("ftruncate", "sizing the inflight region's memfd"),
 	}
 }
 

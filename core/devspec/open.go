@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -63,8 +64,41 @@ type Opened struct {
 	// it does, and a plugin launched again needs the same mount (making
 	// one takes privileges krun-core drops after set-up).
 	kept    []*os.File
-	helpers []*exec.Cmd
+	helpers []*helper
+	// exited is closed when a helper process exits (nil without one).
+	exited     chan struct{}
+	exitedOnce sync.Once
 }
+
+// helper is a process started for the plugin (passt), reaped by a
+// goroutine of its own.
+type helper struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed once reaped
+}
+
+// startHelper starts cmd and reaps it in the background; HelperExited
+// reports its exit.
+func (o *Opened) startHelper(cmd *exec.Cmd) error {
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	h := &helper{cmd: cmd, done: make(chan struct{})}
+	if o.exited == nil {
+		o.exited = make(chan struct{})
+	}
+	o.helpers = append(o.helpers, h)
+	go func() {
+		cmd.Wait()
+		close(h.done)
+		o.exitedOnce.Do(func() { close(o.exited) })
+	}()
+	return nil
+}
+
+// HelperExited is closed when a helper process (passt) exits, for whatever
+// reason, Close included; nil when the device has none.
+func (o *Opened) HelperExited() <-chan struct{} { return o.exited }
 
 // CloseFiles closes the host's copies of the files; call it once the plugin
 // process has inherited them. Helper processes keep running, and the image
@@ -85,30 +119,20 @@ func (o *Opened) Close() error {
 		_ = f.Close()
 	}
 	o.locked, o.kept = nil, nil
-	var errs []error
-	for _, c := range o.helpers {
-		if err := stopHelper(c); err != nil {
-			errs = append(errs, err)
-		}
+	for _, h := range o.helpers {
+		stopHelper(h)
 	}
 	o.helpers = nil
-	return errors.Join(errs...)
+	return nil
 }
 
-func stopHelper(c *exec.Cmd) error {
-	if c.Process == nil {
-		return nil
-	}
-	_ = c.Process.Signal(syscall.SIGTERM)
-	done := make(chan error, 1)
-	go func() { done <- c.Wait() }()
+func stopHelper(h *helper) {
+	_ = h.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-done:
-		return nil
+	case <-h.done:
 	case <-time.After(time.Second):
-		_ = c.Process.Kill()
-		<-done
-		return nil
+		_ = h.cmd.Process.Kill()
+		<-h.done
 	}
 }
 
@@ -433,10 +457,9 @@ func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	cmd.Stdout = oo.HelperStderr
 	cmd.Stderr = oo.HelperStderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := o.startHelper(cmd); err != nil {
 		return nil, fmt.Errorf("start passt: %w", err)
 	}
-	o.helpers = append(o.helpers, cmd)
 	return o, nil
 }
 

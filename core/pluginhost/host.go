@@ -545,6 +545,13 @@ func (p *Plugin) Stats(ctx context.Context) (map[string]uint64, error) {
 // HealthState is the plugin's serving state.
 type HealthState = pluginpb.HealthResponse_State
 
+// Health states a host acts on.
+const (
+	HealthServing = pluginpb.HealthResponse_STATE_SERVING
+	HealthFailed  = pluginpb.HealthResponse_STATE_FAILED
+	HealthStopped = pluginpb.HealthResponse_STATE_STOPPED
+)
+
 // Health returns the serving state and, for a failed back-end, its error.
 func (p *Plugin) Health(ctx context.Context) (HealthState, string, error) {
 	var r *pluginpb.HealthResponse
@@ -617,9 +624,12 @@ func (p *Plugin) removeSockDir() {
 
 // quietLogger is the logger go-plugin's client gets: the messages it logs
 // about an exit the host asked for (Shutdown, Kill) go to Debug instead of
-// Error and Warn, so that they do not read like failures. Everything else
-// passes unchanged, except the plugin's own log lines: the host re-logs
-// those itself (pluginLog), so go-plugin's copy goes nowhere (Named).
+// Error and Warn, so that they do not read like failures, and so does its
+// line about an exit nobody asked for: the host reports that one itself,
+// once, with the plugin's panic line (Err, ExitError) and what it does
+// about it (a restart, a failed device). Everything else passes unchanged,
+// except the plugin's own log lines: the host re-logs those itself
+// (pluginLog), so go-plugin's copy goes nowhere (Named).
 type quietLogger struct {
 	hclog.Logger
 	p *Plugin
@@ -639,7 +649,7 @@ func (q quietLogger) Named(name string) hclog.Logger {
 }
 
 func (q quietLogger) Error(msg string, args ...interface{}) {
-	if msg == "plugin process exited" && q.p.stopping.Load() {
+	if msg == "plugin process exited" {
 		q.Logger.Debug(msg, args...)
 		return
 	}

@@ -42,14 +42,16 @@ type event struct {
 type machine struct {
 	log hclog.Logger
 
-	vm      *kvm.VM
-	memFile *os.File
-	mem     *guestmem.Memory
-	ram     []boot.RAMRange
-	vcpus   []*kvm.VCPU
-	uart    *serial.UART
-	power   power
-	devices []*pluginDevice
+	vm *kvm.VM
+	// testWiring replaces vm's ioeventfds and irqfds in tests without KVM.
+	testWiring mmio.Wiring
+	memFile    *os.File
+	mem        *guestmem.Memory
+	ram        []boot.RAMRange
+	vcpus      []*kvm.VCPU
+	uart       *serial.UART
+	power      power
+	devices    []*pluginDevice
 
 	events chan event
 	stop   atomic.Bool
@@ -143,7 +145,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		go m.pumpInput(runCtx, c.consoleIn)
 	}
 	for _, d := range m.devices {
-		go d.monitor(runCtx)
+		d.startMonitor(runCtx)
 	}
 	m.tids = make([]atomic.Int32, len(m.vcpus))
 	for i := range m.vcpus {

@@ -76,6 +76,7 @@ type Context struct {
 	pluginGID      int
 	bootMarker     string
 	bootTimeout    time.Duration
+	restartPolicy  pluginhost.RestartPolicy
 	started        bool
 	keepPrivileges bool
 
@@ -234,6 +235,14 @@ func (c *Context) SetPluginIDs(uid, gid int) { c.pluginUID, c.pluginGID = uid, g
 // for the rest of its life. A program that needs its privileges after
 // Start returns (unmounting, say) keeps them.
 func (c *Context) SetKeepPrivileges(keep bool) { c.keepPrivileges = keep }
+
+// SetPluginRestarts sets how often a plugin that dies or stops answering
+// is started again (block and network devices and third-party plugins;
+// virtio-fs and the console are not restarted): the zero policy allows
+// pluginhost.DefaultRestartMax restarts within
+// pluginhost.DefaultRestartWindow; a negative Max turns restarts off. A
+// device whose plugin dies once more fails (DEVICE_NEEDS_RESET).
+func (c *Context) SetPluginRestarts(p pluginhost.RestartPolicy) { c.restartPolicy = p }
 
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).
