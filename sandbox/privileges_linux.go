@@ -3,7 +3,9 @@ package sandbox
 import (
 	"errors"
 	"fmt"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -139,4 +141,60 @@ func HeldCapabilities(keep []Capability) []Capability {
 		}
 	}
 	return out
+}
+
+// SocketGroup is the group a root launcher and its plugin share for the
+// plugin's gRPC socket: go-plugin makes the socket (and its directory)
+// writable by that group (UnixSocketConfig.Group, named as the plugin sees
+// it), and the launcher joins the group (JoinGroup), so it reaches a
+// plugin it starts again after DropPrivileges took CAP_DAC_OVERRIDE,
+// without which root is only "other" to a directory of the plugin's ids.
+// It returns the plugin's gid as the plugin names it ("0" in its own user
+// namespace, the host gid without one) and the host gid to join; "" and
+// -1 when nothing is needed (a launcher that is not root runs plugins as
+// its own ids).
+func (c LaunchConfig) SocketGroup() (pluginName string, hostGID int) {
+	if os.Geteuid() != 0 {
+		return "", -1
+	}
+	_, gid, err := c.PluginIDs()
+	if err != nil {
+		return "", -1
+	}
+	d, err := normalizeDisabled(c.Disable)
+	if err != nil {
+		return "", -1
+	}
+	if slices.Contains(d, LayerNamespaces) {
+		return strconv.Itoa(gid), gid
+	}
+	return "0", gid
+}
+
+// JoinGroup adds gid to this process's supplementary groups (on every
+// thread) unless it is there already. It needs CAP_SETGID, which
+// KeepCapabilities keeps.
+func JoinGroup(gid int) error {
+	groups, err := unix.Getgroups()
+	if err != nil {
+		return fmt.Errorf("sandbox: getgroups: %w", err)
+	}
+	if slices.Contains(groups, gid) || os.Getegid() == gid {
+		return nil
+	}
+	// syscall.Setgroups changes every thread's groups (Go 1.16 and later).
+	if err := syscall.Setgroups(append(groups, gid)); err != nil {
+		return fmt.Errorf("sandbox: join group %d: %w", gid, err)
+	}
+	return nil
+}
+
+// JoinSocketGroup joins SocketGroup's host gid when there is one and
+// returns the name go-plugin is to give the plugin's socket ("" for none).
+func (c LaunchConfig) JoinSocketGroup() (string, error) {
+	name, gid := c.SocketGroup()
+	if gid < 0 {
+		return "", nil
+	}
+	return name, JoinGroup(gid)
 }

@@ -207,3 +207,28 @@ func TestKeepCapabilities(t *testing.T) {
 		t.Error("DropPrivileges accepted capability 64")
 	}
 }
+
+// SocketGroup names the plugin's gid as the plugin sees it: 0 in its own
+// user namespace, the host gid without one; nothing for a launcher that
+// is not root.
+func TestSocketGroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if name, gid := (LaunchConfig{}).SocketGroup(); name != "" || gid != -1 {
+			t.Errorf("not root: SocketGroup = %q, %d", name, gid)
+		}
+		return
+	}
+	for _, tc := range []struct {
+		cfg  LaunchConfig
+		name string
+		gid  int
+	}{
+		{LaunchConfig{}, "0", DefaultPluginGID},
+		{LaunchConfig{HostUID: 4242, HostGID: 4343}, "0", 4343},
+		{LaunchConfig{HostGID: 4343, Disable: []Layer{LayerNamespaces}}, "4343", 4343},
+	} {
+		if name, gid := tc.cfg.SocketGroup(); name != tc.name || gid != tc.gid {
+			t.Errorf("%+v: SocketGroup = %q, %d; want %q, %d", tc.cfg, name, gid, tc.name, tc.gid)
+		}
+	}
+}

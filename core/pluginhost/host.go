@@ -235,6 +235,17 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
 	}
 
+	// A root launcher shares a group with its plugin for the plugin's
+	// socket, so it can reach a plugin it starts again after dropping its
+	// capabilities (sandbox.LaunchConfig.SocketGroup).
+	sockGroup := ""
+	if sg, ok := cfg.Sandbox.(socketGrouper); ok && !cfg.SandboxOff {
+		if sockGroup, err = sg.JoinSocketGroup(); err != nil {
+			_ = os.RemoveAll(p.sockDir)
+			return nil, fmt.Errorf("plugin %s: %w", cfg.Kind, err)
+		}
+	}
+
 	extra := make([]*os.File, 0, 1+len(cfg.Files))
 	extra = append(extra, cfg.Socket)
 	for _, f := range cfg.Files {
@@ -277,7 +288,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		Logger:           quietLogger{log, p},
 		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
 		SkipHostEnv:      true,
-		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir},
+		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir, Group: sockGroup},
 	})
 
 	start := time.Now()
@@ -390,6 +401,12 @@ func (p *Plugin) Pid() int {
 		return 0
 	}
 	return p.run.pid
+}
+
+// socketGrouper is implemented by a Sandboxer whose plugins run as other
+// ids than the launcher's (sandbox.LaunchConfig).
+type socketGrouper interface {
+	JoinSocketGroup() (pluginName string, err error)
 }
 
 // SocketDir is the private directory holding the plugin's gRPC socket.
