@@ -5,7 +5,11 @@
 // in this package or below it guesses a format from an image's content.
 package disk
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/krun-core/krun-core/devopts"
+)
 
 // Disk is a virtual block device backed by an image. Implementations are safe
 // for concurrent use.
@@ -29,27 +33,18 @@ type Disk interface {
 	Close() error
 }
 
-// Format names an image format. It is only ever set from configuration.
-type Format string
+// Format names an image format. It is only ever set from configuration;
+// the names are shared with the host (devopts).
+type Format = devopts.Format
 
 // The formats krun-core serves.
 const (
-	Raw   Format = "raw"
-	QCOW2 Format = "qcow2"
+	Raw   = devopts.Raw
+	QCOW2 = devopts.QCOW2
 )
 
 // ParseFormat validates a user-supplied format name.
-func ParseFormat(s string) (Format, error) {
-	switch Format(s) {
-	case Raw, QCOW2:
-		return Format(s), nil
-	case "":
-		return "", errors.New("format= is required (raw or qcow2); krun-core never guesses a format")
-	}
-	return "", errors.New("unknown format " + quote(s) + " (want raw or qcow2)")
-}
-
-func quote(s string) string { return "\"" + s + "\"" }
+func ParseFormat(s string) (Format, error) { return devopts.ParseFormat(s) }
 
 // ErrReadOnly is returned by writes to a read-only disk.
 var ErrReadOnly = errors.New("disk is read-only")

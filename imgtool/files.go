@@ -8,7 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/disk/imagelock"
+	"github.com/krun-core/krun-core/core/imagelock"
 )
 
 // openImage opens an existing image (or declared backing/data file) for the

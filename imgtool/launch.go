@@ -52,7 +52,7 @@ type Launcher struct {
 	// ForceShare opens the files a command only reads without excluding
 	// writers (qemu-img -U): such a command works on an image another
 	// process writes, and may see it inconsistent. Without it, files are
-	// locked as QEMU locks them (disk/imagelock).
+	// locked as QEMU locks them (core/imagelock).
 	ForceShare bool
 }
 

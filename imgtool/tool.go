@@ -23,8 +23,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/krun-core/krun-core/core/imagelock"
 	"github.com/krun-core/krun-core/disk"
-	"github.com/krun-core/krun-core/disk/imagelock"
 	"github.com/krun-core/krun-core/proto/imagepb"
 )
 

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/krun-core/krun-core/disk/imagelock"
+	"github.com/krun-core/krun-core/core/imagelock"
 	"github.com/krun-core/krun-core/proto/imagepb"
 )
 

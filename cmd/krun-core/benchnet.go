@@ -20,6 +20,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/testguest/tcpip"
 )
@@ -189,7 +190,7 @@ func openNetLink(socket string, log hclog.Logger) (tcpip.Link, string, func(), e
 	}
 	var ours *os.File
 	for _, f := range opened.Files {
-		if f.Name == devspec.FilePasst {
+		if f.Name == devopts.FilePasst {
 			ours = f.File
 		}
 	}

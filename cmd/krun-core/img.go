@@ -14,6 +14,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/imgtool"
 	"github.com/krun-core/krun-core/sandbox"
 )
@@ -503,8 +504,8 @@ func (b *backingFlags) register(fs *flag.FlagSet) {
 		if n := len(b.chain); n > 0 && b.chain[n-1].Format == "" {
 			return fmt.Errorf("--backing %s needs --backing-format before the next --backing", b.chain[n-1].Path)
 		}
-		if len(b.chain) == devspec.MaxBackingChain {
-			return fmt.Errorf("more than %d backing files", devspec.MaxBackingChain)
+		if len(b.chain) == devopts.MaxBackingChain {
+			return fmt.Errorf("more than %d backing files", devopts.MaxBackingChain)
 		}
 		b.chain = append(b.chain, imgtool.Backing{Path: v})
 		return nil

@@ -20,6 +20,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -432,7 +433,7 @@ func (s *servedPlugin) relaunch(ctx context.Context) error {
 	if n, ok := s.o.spec.(*devspec.NetSpec); ok {
 		// A new passt with the same MAC: the old one's stream may have
 		// been cut in the middle of a frame.
-		mac, err := devspec.ParseMAC(s.opened.Options[devspec.OptMAC])
+		mac, err := devspec.ParseMAC(s.opened.Options[devopts.OptMAC])
 		if err != nil {
 			return fmt.Errorf("MAC: %w", err)
 		}

@@ -5,19 +5,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
-)
 
-// KindConsole is the plugin kind of the stdio console (krun-plugin-console).
-const KindConsole = "console"
-
-// Names of the files and option a console plugin is configured with.
-const (
-	FileStdin   = "stdin"
-	FileStdout  = "stdout"
-	FileStderr  = "stderr"
-	FileControl = "control" // read end of the core's control pipe (window size, signals)
-	OptName     = "name"    // the virtio-console port's name
-	OptTTY      = "tty"     // on: the guest program has a terminal (stdout carries stderr too)
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // ConsoleSpec is the stdio console of `krun-core run -- CMD`: a
@@ -31,19 +20,19 @@ type ConsoleSpec struct {
 	Control               *os.File // nil: no control pipe
 }
 
-// Kind is KindConsole.
-func (s *ConsoleSpec) Kind() string { return KindConsole }
+// Kind is devopts.KindConsole.
+func (s *ConsoleSpec) Kind() string { return devopts.KindConsole }
 
 // String describes the console for messages.
 func (s *ConsoleSpec) String() string { return fmt.Sprintf("console name=%s", s.Name) }
 
 // Open duplicates the files for the plugin (the caller keeps its own).
 func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
-	o := &Opened{Kind: KindConsole, Options: map[string]string{OptName: s.Name, OptTTY: onOff(s.TTY)}}
+	o := &Opened{Kind: devopts.KindConsole, Options: map[string]string{devopts.OptName: s.Name, devopts.OptTTY: onOff(s.TTY)}}
 	for _, f := range []struct {
 		name string
 		file *os.File
-	}{{FileStdin, s.Stdin}, {FileStdout, s.Stdout}, {FileStderr, s.Stderr}, {FileControl, s.Control}} {
+	}{{devopts.FileStdin, s.Stdin}, {devopts.FileStdout, s.Stdout}, {devopts.FileStderr, s.Stderr}, {devopts.FileControl, s.Control}} {
 		if f.file == nil {
 			continue
 		}

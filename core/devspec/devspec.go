@@ -17,15 +17,6 @@ import (
 	"strings"
 )
 
-// Plugin kinds a device spec dispatches to; the executable of kind K is
-// krun-plugin-K.
-const (
-	KindBlkRaw   = "blk-raw"
-	KindBlkQCOW2 = "blk-qcow2"
-	KindFS       = "fs-virtio"
-	KindNetPasst = "net-passt"
-)
-
 // Spec is a parsed, validated device option string.
 type Spec interface {
 	// Kind is the plugin kind that serves the device.

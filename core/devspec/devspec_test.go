@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/devopts"
 )
 
 func TestParseDisk(t *testing.T) {
@@ -21,15 +21,15 @@ func TestParseDisk(t *testing.T) {
 		kind    string
 		wantErr string // substring; "" means success
 	}{
-		{in: "path=a.img,format=raw", want: &DiskSpec{Path: "a.img", Format: disk.Raw}, kind: KindBlkRaw},
-		{in: "format=qcow2,path=/x/b.qcow2,readonly=on", want: &DiskSpec{Path: "/x/b.qcow2", Format: disk.QCOW2, ReadOnly: true}, kind: KindBlkQCOW2},
-		{in: "path=a,,b.img,format=raw,readonly=off", want: &DiskSpec{Path: "a,b.img", Format: disk.Raw}, kind: KindBlkRaw},
+		{in: "path=a.img,format=raw", want: &DiskSpec{Path: "a.img", Format: devopts.Raw}, kind: devopts.KindBlkRaw},
+		{in: "format=qcow2,path=/x/b.qcow2,readonly=on", want: &DiskSpec{Path: "/x/b.qcow2", Format: devopts.QCOW2, ReadOnly: true}, kind: devopts.KindBlkQCOW2},
+		{in: "path=a,,b.img,format=raw,readonly=off", want: &DiskSpec{Path: "a,b.img", Format: devopts.Raw}, kind: devopts.KindBlkRaw},
 		{
 			in: "path=top.qcow2,format=qcow2,backing=mid.qcow2,backing-format=qcow2,backing=base.raw,backing-format=raw,max-size=64G,data-file=d.raw",
-			want: &DiskSpec{Path: "top.qcow2", Format: disk.QCOW2,
-				Backing: []Backing{{"mid.qcow2", disk.QCOW2}, {"base.raw", disk.Raw}},
+			want: &DiskSpec{Path: "top.qcow2", Format: devopts.QCOW2,
+				Backing: []Backing{{"mid.qcow2", devopts.QCOW2}, {"base.raw", devopts.Raw}},
 				MaxSize: 64 << 30, DataFile: "d.raw"},
-			kind: KindBlkQCOW2,
+			kind: devopts.KindBlkQCOW2,
 		},
 		{in: "path=a.img", wantErr: "format= is required"},
 		{in: "format=raw", wantErr: "path= is required"},
@@ -249,7 +249,7 @@ func TestParsePlugin(t *testing.T) {
 }
 
 func TestParseDispatch(t *testing.T) {
-	for flag, kind := range map[string]string{"--disk": KindBlkRaw, "fs": KindFS, "-net": KindNetPasst} {
+	for flag, kind := range map[string]string{"--disk": devopts.KindBlkRaw, "fs": devopts.KindFS, "-net": devopts.KindNetPasst} {
 		val := map[string]string{"--disk": "path=a,format=raw", "fs": "path=/,tag=t", "-net": "passt"}[flag]
 		s, err := Parse(flag, val)
 		if err != nil || s.Kind() != kind {
@@ -294,21 +294,21 @@ func TestDiskOpen(t *testing.T) {
 	}{
 		{
 			spec:  "path=" + p("top") + ",format=raw",
-			files: map[string]int{FileImage: unix.O_RDWR},
-			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "off", OptPath: p("top")},
+			files: map[string]int{devopts.FileImage: unix.O_RDWR},
+			opts:  map[string]string{devopts.OptFormat: "raw", devopts.OptReadOnly: "off", devopts.OptPath: p("top")},
 		},
 		{
 			spec:  "path=" + p("top") + ",format=raw,readonly=on",
-			files: map[string]int{FileImage: unix.O_RDONLY},
-			opts:  map[string]string{OptFormat: "raw", OptReadOnly: "on", OptPath: p("top")},
+			files: map[string]int{devopts.FileImage: unix.O_RDONLY},
+			opts:  map[string]string{devopts.OptFormat: "raw", devopts.OptReadOnly: "on", devopts.OptPath: p("top")},
 		},
 		{
 			spec: "path=" + p("top") + ",format=qcow2,backing=" + p("mid") + ",backing-format=qcow2,backing=" + p("base") +
 				",backing-format=raw,data-file=" + p("data") + ",max-size=1M",
-			files: map[string]int{FileImage: unix.O_RDWR, "backing.0": unix.O_RDONLY, "backing.1": unix.O_RDONLY, FileDataFile: unix.O_RDWR},
-			opts: map[string]string{OptFormat: "qcow2", OptReadOnly: "off", "backing.0.format": "qcow2",
-				"backing.1.format": "raw", OptMaxSize: "1048576", OptPath: p("top"), "backing.0.path": p("mid"),
-				"backing.1.path": p("base"), OptDataFilePath: p("data")},
+			files: map[string]int{devopts.FileImage: unix.O_RDWR, "backing.0": unix.O_RDONLY, "backing.1": unix.O_RDONLY, devopts.FileDataFile: unix.O_RDWR},
+			opts: map[string]string{devopts.OptFormat: "qcow2", devopts.OptReadOnly: "off", "backing.0.format": "qcow2",
+				"backing.1.format": "raw", devopts.OptMaxSize: "1048576", devopts.OptPath: p("top"), "backing.0.path": p("mid"),
+				"backing.1.path": p("base"), devopts.OptDataFilePath: p("data")},
 		},
 		{spec: "path=" + p("missing") + ",format=raw", wantErr: "disk image: open " + p("missing") + ": no such file or directory"},
 		{spec: "path=" + dir + ",format=raw", wantErr: "is not a regular file or block device"},
@@ -345,7 +345,7 @@ func TestDiskOpen(t *testing.T) {
 			if !reflect.DeepEqual(got, tc.files) {
 				t.Errorf("files %v, want %v", got, tc.files)
 			}
-			if o.Files[0].Name != FileImage {
+			if o.Files[0].Name != devopts.FileImage {
 				t.Errorf("first file %q, want image (fd 4)", o.Files[0].Name)
 			}
 		})
@@ -425,8 +425,8 @@ func TestDiskOpenRelativePath(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer o.Close()
-	if want := filepath.Join(dir, "img"); o.Options[OptPath] != want {
-		t.Fatalf("path option %q, want %q", o.Options[OptPath], want)
+	if want := filepath.Join(dir, "img"); o.Options[devopts.OptPath] != want {
+		t.Fatalf("path option %q, want %q", o.Options[devopts.OptPath], want)
 	}
 }
 
@@ -438,7 +438,7 @@ func TestFSOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer o.Close()
-	if len(o.Files) != 1 || o.Files[0].Name != FileDir || o.Options[OptTag] != "share" || o.Options[OptReadOnly] != "on" {
+	if len(o.Files) != 1 || o.Files[0].Name != devopts.FileDir || o.Options[devopts.OptTag] != "share" || o.Options[devopts.OptReadOnly] != "on" {
 		t.Fatalf("opened %+v", o)
 	}
 	var st unix.Stat_t
@@ -464,12 +464,12 @@ func TestNetOpenPasst(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(o.Files) != 1 || o.Files[0].Name != FilePasst {
+	if len(o.Files) != 1 || o.Files[0].Name != devopts.FilePasst {
 		t.Fatalf("files %+v", o.Files)
 	}
-	mac, err := ParseMAC(o.Options[OptMAC])
+	mac, err := ParseMAC(o.Options[devopts.OptMAC])
 	if err != nil || mac[0]&2 == 0 {
-		t.Fatalf("generated MAC %q: %v", o.Options[OptMAC], err)
+		t.Fatalf("generated MAC %q: %v", o.Options[devopts.OptMAC], err)
 	}
 	if len(o.helpers) != 1 || o.helpers[0].cmd.Process == nil {
 		t.Fatal("passt not started")

@@ -6,48 +6,13 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/devopts"
 )
-
-// Names of the files and options a disk plugin (blk-raw, blk-qcow2) is
-// configured with. Backing files are numbered from the image downwards:
-// backing.0 is the image's backing file, backing.1 that file's backing, ...
-const (
-	FileImage    = "image"     // the image, O_RDWR or O_RDONLY (readonly=on)
-	FileDataFile = "data-file" // qcow2 external data file, same mode as the image
-	// FileBackingPrefix + N names backing file N, always O_RDONLY.
-	FileBackingPrefix = "backing."
-
-	OptFormat   = "format"   // "raw" or "qcow2"
-	OptReadOnly = "readonly" // "on" or "off"
-	OptMaxSize  = "max-size" // decimal bytes; qcow2 only
-	// OptBackingFormat(N) is "backing.N.format": "raw" or "qcow2".
-
-	// The absolute host paths of the files, for messages and for checking
-	// a qcow2 image's recorded backing name against the declared file. The
-	// plugin never opens them.
-	OptPath         = "path"           // the image
-	OptDataFilePath = "data-file.path" // the data file
-	// OptBackingPath(N) is "backing.N.path".
-)
-
-// BackingFile returns the file name of backing file n.
-func BackingFile(n int) string { return FileBackingPrefix + strconv.Itoa(n) }
-
-// OptBackingFormat returns the option key holding backing file n's format.
-func OptBackingFormat(n int) string { return FileBackingPrefix + strconv.Itoa(n) + ".format" }
-
-// OptBackingPath returns the option key holding backing file n's absolute
-// path.
-func OptBackingPath(n int) string { return FileBackingPrefix + strconv.Itoa(n) + ".path" }
-
-// MaxBackingChain bounds the declared backing chain.
-const MaxBackingChain = 16
 
 // Backing is one declared backing file.
 type Backing struct {
 	Path   string
-	Format disk.Format
+	Format devopts.Format
 }
 
 // DiskSpec is a parsed --disk option string:
@@ -56,7 +21,7 @@ type Backing struct {
 //	[,backing=...]][,max-size=64G][,data-file=FILE]
 type DiskSpec struct {
 	Path     string
-	Format   disk.Format
+	Format   devopts.Format
 	ReadOnly bool
 	// Backing is the declared chain, nearest first. qcow2 only.
 	Backing []Backing
@@ -109,8 +74,8 @@ func ParseDisk(s string) (*DiskSpec, error) {
 			if n := len(d.Backing); n > 0 && d.Backing[n-1].Format == "" {
 				return nil, fmt.Errorf("backing=%s needs backing-format= before the next backing=", printable(d.Backing[n-1].Path))
 			}
-			if len(d.Backing) == MaxBackingChain {
-				return nil, fmt.Errorf("more than %d backing files", MaxBackingChain)
+			if len(d.Backing) == devopts.MaxBackingChain {
+				return nil, fmt.Errorf("more than %d backing files", devopts.MaxBackingChain)
 			}
 			d.Backing = append(d.Backing, Backing{Path: o.value})
 		case "backing-format":
@@ -140,18 +105,18 @@ func ParseDisk(s string) (*DiskSpec, error) {
 		return nil, fmt.Errorf("path= is required")
 	}
 	if d.Format == "" {
-		_, err := disk.ParseFormat("")
+		_, err := devopts.ParseFormat("")
 		return nil, err
 	}
 	for i, b := range d.Backing {
 		if b.Format == "" {
 			return nil, fmt.Errorf("backing=%s needs backing-format= (formats are never guessed)", printable(b.Path))
 		}
-		if b.Format == disk.Raw && i != len(d.Backing)-1 {
+		if b.Format == devopts.Raw && i != len(d.Backing)-1 {
 			return nil, fmt.Errorf("backing=%s is raw, which has no backing file, but more backing files follow", printable(b.Path))
 		}
 	}
-	if d.Format == disk.Raw {
+	if d.Format == devopts.Raw {
 		switch {
 		case len(d.Backing) > 0:
 			return nil, fmt.Errorf("backing= needs format=qcow2 (a raw image has no backing file)")
@@ -164,10 +129,10 @@ func ParseDisk(s string) (*DiskSpec, error) {
 	return d, nil
 }
 
-// parseFormat is disk.ParseFormat with the value quoted safely for a
+// parseFormat is devopts.ParseFormat with the value quoted safely for a
 // one-line message.
-func parseFormat(v string) (disk.Format, error) {
-	f, err := disk.ParseFormat(v)
+func parseFormat(v string) (devopts.Format, error) {
+	f, err := devopts.ParseFormat(v)
 	if err != nil && v != "" {
 		return "", fmt.Errorf("unknown format %s (want raw or qcow2)", printable(v))
 	}
@@ -176,10 +141,10 @@ func parseFormat(v string) (disk.Format, error) {
 
 // Kind is blk-raw or blk-qcow2.
 func (d *DiskSpec) Kind() string {
-	if d.Format == disk.QCOW2 {
-		return KindBlkQCOW2
+	if d.Format == devopts.QCOW2 {
+		return devopts.KindBlkQCOW2
 	}
-	return KindBlkRaw
+	return devopts.KindBlkRaw
 }
 
 // String renders d in --disk form.

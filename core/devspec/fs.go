@@ -4,16 +4,10 @@ import (
 	"slices"
 
 	"fmt"
-	"github.com/krun-core/krun-core/devices/fs"
 	"sort"
 	"strings"
-)
 
-// Names of the file and options an fs-virtio plugin is configured with.
-const (
-	FileDir = "dir" // the shared directory, O_RDONLY|O_DIRECTORY
-	OptTag  = "tag" // the virtio-fs mount tag
-	// OptReadOnly ("readonly") is shared with disks.
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // MaxTagLen is the size of the virtio-fs config space tag field.
@@ -62,8 +56,8 @@ func ParseFS(s string) (*FSSpec, error) {
 				return nil, err
 			}
 		default:
-			if !slices.Contains(fs.OptionKeys, o.key) {
-				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, %s)", printable(o.key), strings.Join(fs.OptionKeys, ", "))
+			if !slices.Contains(devopts.FSOptionKeys, o.key) {
+				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, %s)", printable(o.key), strings.Join(devopts.FSOptionKeys, ", "))
 			}
 			if f.PluginOptions == nil {
 				f.PluginOptions = map[string]string{}
@@ -79,7 +73,7 @@ func ParseFS(s string) (*FSSpec, error) {
 	}
 	// The plugin parses these with the same function; a bad value is
 	// refused here, before anything starts.
-	if _, err := fs.ParseOptions(f.PluginOptions); err != nil {
+	if _, err := devopts.ParseFSOptions(f.PluginOptions); err != nil {
 		return nil, err
 	}
 	return f, nil
@@ -101,7 +95,7 @@ func checkTag(t string) error {
 }
 
 // Kind is fs-virtio.
-func (f *FSSpec) Kind() string { return KindFS }
+func (f *FSSpec) Kind() string { return devopts.KindFS }
 
 // String renders f in --fs form.
 func (f *FSSpec) String() string {

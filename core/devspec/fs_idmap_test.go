@@ -11,12 +11,12 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/devices/fs"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
 // toHost is the fs server's guest-to-host translation (empty: identity).
-func toHost(ms []fs.IDMap, g uint32) (uint32, bool) {
+func toHost(ms []devopts.IDMap, g uint32) (uint32, bool) {
 	if len(ms) == 0 {
 		return g, true
 	}
@@ -43,17 +43,17 @@ func TestComposeSwap(t *testing.T) {
 		{"0:0:10", sandbox.IDSwap{Launcher: 3, Plugin: 3}, "0:0:10"},
 		{"5:4294967294:1", sandbox.IDSwap{Launcher: 0, Plugin: 4294967294}, "5:0:1"},
 	} {
-		ms, err := fs.ParseIDMaps(c.maps)
+		ms, err := devopts.ParseIDMaps(c.maps)
 		if err != nil {
 			t.Fatal(err)
 		}
 		got := ComposeSwap(ms, c.swap)
-		if s := FormatIDMaps(got); s != c.want {
+		if s := devopts.FormatIDMaps(got); s != c.want {
 			t.Errorf("ComposeSwap(%q, %v) = %q, want %q", c.maps, c.swap, s, c.want)
 		}
 		// The plugin's parser accepts it, and every guest id maps to the
 		// swap of what it mapped to.
-		if _, err := fs.ParseIDMaps(FormatIDMaps(got)); err != nil {
+		if _, err := devopts.ParseIDMaps(devopts.FormatIDMaps(got)); err != nil {
 			t.Errorf("%q: composed maps refused: %v", c.maps, err)
 		}
 		rng := rand.New(rand.NewPCG(1, 2))
@@ -109,15 +109,15 @@ func TestFSOpenIDMapped(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer o.Close()
-			if len(o.Files) != 1 || o.Files[0].Name != FileDir {
+			if len(o.Files) != 1 || o.Files[0].Name != devopts.FileDir {
 				t.Fatalf("files %+v", o.Files)
 			}
 			var st unix.Stat_t
 			if err := unix.Fstat(int(o.Files[0].File.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Uid != c.uid {
 				t.Errorf("handed-over directory: owner %d mode %o (%v), want a directory of %d", st.Uid, st.Mode, err, c.uid)
 			}
-			if o.Options[fs.OptUIDMap] != c.uidmap {
-				t.Errorf("uidmap option %q, want %q", o.Options[fs.OptUIDMap], c.uidmap)
+			if o.Options[devopts.OptUIDMap] != c.uidmap {
+				t.Errorf("uidmap option %q, want %q", o.Options[devopts.OptUIDMap], c.uidmap)
 			}
 			idmapped := c.lc != nil && !c.warning
 			if (len(o.kept) == 1) != idmapped {

@@ -5,13 +5,8 @@ import (
 	"net"
 	"strconv"
 	"strings"
-)
 
-// Names of the file and options a net-passt plugin is configured with.
-const (
-	FilePasst = "passt" // connected stream socket to passt (qemu socket framing)
-	OptMAC    = "mac"   // the guest MAC, aa:bb:cc:dd:ee:ff
-	OptMTU    = "mtu"   // the device MTU, when set
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // MaxPorts bounds the port forwards of one --net.
@@ -168,7 +163,7 @@ func parsePort(s string) (uint16, error) {
 }
 
 // Kind is net-passt.
-func (n *NetSpec) Kind() string { return KindNetPasst }
+func (n *NetSpec) Kind() string { return devopts.KindNetPasst }
 
 // String renders n in --net form.
 func (n *NetSpec) String() string {

@@ -19,8 +19,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/devices/fs"
-	"github.com/krun-core/krun-core/disk/imagelock"
+	"github.com/krun-core/krun-core/core/imagelock"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -138,7 +138,7 @@ func stopHelper(h *helper) {
 
 func (o *Opened) add(name string, f *os.File) { o.Files = append(o.Files, NamedFile{name, f}) }
 
-// lock takes QEMU's image locks of mode on f (see disk/imagelock) and keeps
+// lock takes QEMU's image locks of mode on f (see core/imagelock) and keeps
 // a duplicate of f until Close.
 func (o *Opened) lock(f *os.File, what, path string, mode imagelock.Mode) error {
 	if err := imagelock.Lock(f, what, path, mode); err != nil {
@@ -216,14 +216,14 @@ func openFile(what, path string, write, dir bool) (*os.File, error) {
 
 // Open opens the image (O_RDWR, or O_RDONLY with readonly=on), the declared
 // backing files (always O_RDONLY) and the data file (the image's mode), and
-// locks each as QEMU does (disk/imagelock): the image and data file as a
+// locks each as QEMU does (core/imagelock): the image and data file as a
 // writer, or as a reader with readonly=on, backing files as readers. An
 // image another process writes (or, for a writer, reads) is refused with
 // one line.
 func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 	o := &Opened{Kind: d.Kind(), Options: map[string]string{
-		OptFormat:   string(d.Format),
-		OptReadOnly: onOff(d.ReadOnly),
+		devopts.OptFormat:   string(d.Format),
+		devopts.OptReadOnly: onOff(d.ReadOnly),
 	}}
 	defer func() {
 		if err != nil {
@@ -259,22 +259,22 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 		what = strings.TrimPrefix(what, "disk ")
 		return abs, o.lock(f, what, abs, mode)
 	}
-	if o.Options[OptPath], err = open(FileImage, "disk image", d.Path, !d.ReadOnly, mode); err != nil {
+	if o.Options[devopts.OptPath], err = open(devopts.FileImage, "disk image", d.Path, !d.ReadOnly, mode); err != nil {
 		return nil, err
 	}
 	for i, b := range d.Backing {
-		o.Options[OptBackingFormat(i)] = string(b.Format)
-		if o.Options[OptBackingPath(i)], err = open(BackingFile(i), "backing file", b.Path, false, imagelock.ReadOnly); err != nil {
+		o.Options[devopts.OptBackingFormat(i)] = string(b.Format)
+		if o.Options[devopts.OptBackingPath(i)], err = open(devopts.BackingFile(i), "backing file", b.Path, false, imagelock.ReadOnly); err != nil {
 			return nil, err
 		}
 	}
 	if d.DataFile != "" {
-		if o.Options[OptDataFilePath], err = open(FileDataFile, "data file", d.DataFile, !d.ReadOnly, mode); err != nil {
+		if o.Options[devopts.OptDataFilePath], err = open(devopts.FileDataFile, "data file", d.DataFile, !d.ReadOnly, mode); err != nil {
 			return nil, err
 		}
 	}
 	if d.MaxSize != 0 {
-		o.Options[OptMaxSize] = strconv.FormatInt(d.MaxSize, 10)
+		o.Options[devopts.OptMaxSize] = strconv.FormatInt(d.MaxSize, 10)
 	}
 	return o, nil
 }
@@ -302,11 +302,11 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := map[string]string{OptTag: f.Tag, OptReadOnly: onOff(f.ReadOnly)}
+	opts := map[string]string{devopts.OptTag: f.Tag, devopts.OptReadOnly: onOff(f.ReadOnly)}
 	for k, v := range f.PluginOptions {
 		opts[k] = v
 	}
-	o := &Opened{Kind: KindFS, Options: opts}
+	o := &Opened{Kind: devopts.KindFS, Options: opts}
 	defer func() {
 		if err != nil {
 			dir.Close()
@@ -314,7 +314,7 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 		}
 	}()
 	if oo.Sandbox == nil {
-		o.add(FileDir, dir)
+		o.add(devopts.FileDir, dir)
 		return o, nil
 	}
 	mnt, err := oo.Sandbox.IDMapShare(dir)
@@ -325,10 +325,10 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 			oo.Log.Warn("no ID-mapped mount of a shared directory on this host: the plugin works in it with its own ids, so the guest can change only what they may and its new files are theirs",
 				"dir", f.Path, "plugin_ids", fmt.Sprintf("%d:%d", uid, gid), "error", err)
 		}
-		o.add(FileDir, dir)
+		o.add(devopts.FileDir, dir)
 		return o, nil
 	case mnt == nil: // the plugin runs with krun-core's ids
-		o.add(FileDir, dir)
+		o.add(devopts.FileDir, dir)
 		return o, nil
 	}
 	dir.Close()
@@ -338,7 +338,7 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 		return nil, fmt.Errorf("shared directory %s: keep its ID-mapped mount: %w", f.Path, err)
 	}
 	o.kept = append(o.kept, kept)
-	o.add(FileDir, mnt)
+	o.add(devopts.FileDir, mnt)
 	if oo.Sandbox.PluginSeesShareIDs() {
 		// Without a user namespace of its own the plugin sees the mount's
 		// ids (krun-core's and its own swapped): the guest's id maps go
@@ -350,12 +350,12 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 		for _, m := range []struct {
 			key  string
 			swap sandbox.IDSwap
-		}{{fs.OptUIDMap, uid}, {fs.OptGIDMap, gid}} {
-			ms, err := fs.ParseIDMaps(opts[m.key])
+		}{{devopts.OptUIDMap, uid}, {devopts.OptGIDMap, gid}} {
+			ms, err := devopts.ParseIDMaps(opts[m.key])
 			if err != nil {
 				return nil, fmt.Errorf("%s=%s: %w", m.key, opts[m.key], err)
 			}
-			opts[m.key] = FormatIDMaps(ComposeSwap(ms, m.swap))
+			opts[m.key] = devopts.FormatIDMaps(ComposeSwap(ms, m.swap))
 		}
 	}
 	return o, nil
@@ -365,11 +365,11 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 // empty ms is the identity) and then swap s.Launcher and s.Plugin on the
 // host side: what a plugin that sees a share through its ID-mapped mount
 // needs to show the guest the ids on disk.
-func ComposeSwap(ms []fs.IDMap, s sandbox.IDSwap) []fs.IDMap {
+func ComposeSwap(ms []devopts.IDMap, s sandbox.IDSwap) []devopts.IDMap {
 	if len(ms) == 0 {
-		ms = []fs.IDMap{{Guest: 0, Host: 0, Count: 1<<32 - 1}}
+		ms = []devopts.IDMap{{Guest: 0, Host: 0, Count: 1<<32 - 1}}
 	}
-	var out []fs.IDMap
+	var out []devopts.IDMap
 	for _, r := range ms {
 		start, end := uint64(r.Host), uint64(r.Host)+uint64(r.Count) // host ids [start, end)
 		cuts := []uint64{start, end}
@@ -396,19 +396,10 @@ func ComposeSwap(ms []fs.IDMap, s sandbox.IDSwap) []fs.IDMap {
 					continue
 				}
 			}
-			out = append(out, fs.IDMap{Guest: uint32(g), Host: uint32(h), Count: uint32(b - a)})
+			out = append(out, devopts.IDMap{Guest: uint32(g), Host: uint32(h), Count: uint32(b - a)})
 		}
 	}
 	return out
-}
-
-// FormatIDMaps renders id maps as the uidmap/gidmap options take them.
-func FormatIDMaps(ms []fs.IDMap) string {
-	s := make([]string, len(ms))
-	for i, m := range ms {
-		s[i] = fmt.Sprintf("%d:%d:%d", m.Guest, m.Host, m.Count)
-	}
-	return strings.Join(s, "/")
 }
 
 // Open starts passt on one end of a socket pair (passt --fd) and hands the
@@ -434,11 +425,11 @@ func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 		return nil, err
 	}
 	defer theirs.Close()
-	o := &Opened{Kind: KindNetPasst, Options: map[string]string{OptMAC: mac.String()}}
+	o := &Opened{Kind: devopts.KindNetPasst, Options: map[string]string{devopts.OptMAC: mac.String()}}
 	if n.MTU != 0 {
-		o.Options[OptMTU] = strconv.Itoa(int(n.MTU))
+		o.Options[devopts.OptMTU] = strconv.Itoa(int(n.MTU))
 	}
-	o.add(FilePasst, ours)
+	o.add(devopts.FilePasst, ours)
 	defer func() {
 		if err != nil {
 			_ = o.Close()

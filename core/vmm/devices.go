@@ -17,6 +17,7 @@ import (
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/mmio"
 	"github.com/krun-core/krun-core/core/pluginhost"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guestmem"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser"
@@ -506,7 +507,7 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 		// passt's stream may have been cut in the middle of a frame, and
 		// its connections belong to the guest stack that just lost its
 		// link: a new passt, with the same MAC.
-		mac, err := devspec.ParseMAC(d.opened.Options[devspec.OptMAC])
+		mac, err := devspec.ParseMAC(d.opened.Options[devopts.OptMAC])
 		if err != nil {
 			return fmt.Errorf("MAC: %w", err)
 		}

@@ -13,7 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/core/devspec"
-	"github.com/krun-core/krun-core/devices/console/stdio"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/initramfs"
 	"github.com/krun-core/krun-core/guest/initramfs/kmod"
@@ -194,12 +194,12 @@ func (c *Context) SetModulesDir(dir string) { c.execCfg().modulesDir = dir }
 // pipe) while the VM runs. It never blocks; a signal that does not fit the
 // pipe is dropped.
 func (c *Context) Signal(sig unix.Signal) error {
-	return c.control(stdio.SignalRecord(uint8(sig)))
+	return c.control(devopts.SignalRecord(uint8(sig)))
 }
 
 // Resize tells the program's terminal its new size while the VM runs.
 func (c *Context) Resize(rows, cols uint16) error {
-	return c.control(stdio.WinsizeRecord(rows, cols))
+	return c.control(devopts.WinsizeRecord(rows, cols))
 }
 
 func (c *Context) control(rec []byte) error {

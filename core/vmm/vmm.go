@@ -24,7 +24,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
-	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -138,8 +138,8 @@ func (c *Context) SetMMIOCmdline(on bool) { c.mmioCmdline = on }
 
 // AddDisk adds a virtio-blk disk served by a plugin. The format is always
 // explicit; the image's content is never used to guess it.
-func (c *Context) AddDisk(path string, format disk.Format, readOnly bool) error {
-	if _, err := disk.ParseFormat(string(format)); err != nil {
+func (c *Context) AddDisk(path string, format devopts.Format, readOnly bool) error {
+	if _, err := devopts.ParseFormat(string(format)); err != nil {
 		return fmt.Errorf("%w: disk %s: %w", ErrConfig, path, err)
 	}
 	if path == "" {

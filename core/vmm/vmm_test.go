@@ -16,7 +16,7 @@ import (
 	"github.com/krun-core/krun-core/core/acpi"
 	"github.com/krun-core/krun-core/core/kvm"
 	"github.com/krun-core/krun-core/core/serial"
-	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/devopts"
 )
 
 func newTestMachine(out *bytes.Buffer) *machine {
@@ -177,21 +177,21 @@ func TestContextConfig(t *testing.T) {
 			t.Errorf("SetVMConfig(%d, %d) = %v", tt.cpus, tt.mem, err)
 		}
 	}
-	if err := c.AddDisk("/x.img", disk.Format("vmdk"), false); !errors.Is(err, ErrConfig) {
+	if err := c.AddDisk("/x.img", devopts.Format("vmdk"), false); !errors.Is(err, ErrConfig) {
 		t.Errorf("AddDisk with an unknown format: %v", err)
 	}
-	if err := c.AddDisk("", disk.Raw, false); !errors.Is(err, ErrConfig) {
+	if err := c.AddDisk("", devopts.Raw, false); !errors.Is(err, ErrConfig) {
 		t.Errorf("AddDisk without a path: %v", err)
 	}
 	if err := c.AddDiskSpec("path=/x.img"); err == nil {
 		t.Error("AddDiskSpec without format accepted")
 	}
 	for i := 0; i < MaxDevices; i++ {
-		if err := c.AddDisk("/x.img", disk.Raw, true); err != nil {
+		if err := c.AddDisk("/x.img", devopts.Raw, true); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := c.AddDisk("/x.img", disk.Raw, true); !errors.Is(err, ErrConfig) {
+	if err := c.AddDisk("/x.img", devopts.Raw, true); !errors.Is(err, ErrConfig) {
 		t.Errorf("device %d accepted", MaxDevices+1)
 	}
 	if err := c.SetKernel("", "", ""); !errors.Is(err, ErrConfig) {

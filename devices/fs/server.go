@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devices/fs/fuse"
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // Chain is what the server needs from one descriptor chain: a cursor over
@@ -155,10 +156,10 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Dir == nil {
 		return nil, fmt.Errorf("virtio-fs: no shared directory")
 	}
-	if err := validateIDMaps("uid", cfg.UIDMap); err != nil {
+	if err := devopts.ValidateIDMaps("uid", cfg.UIDMap); err != nil {
 		return nil, fmt.Errorf("virtio-fs: %w", err)
 	}
-	if err := validateIDMaps("gid", cfg.GIDMap); err != nil {
+	if err := devopts.ValidateIDMaps("gid", cfg.GIDMap); err != nil {
 		return nil, fmt.Errorf("virtio-fs: %w", err)
 	}
 	// A fresh O_PATH fd of the directory itself (openat2 of "." rather than

@@ -456,25 +456,6 @@ func TestSetIDInit(t *testing.T) {
 	}
 }
 
-func TestParseOptionsSuid(t *testing.T) {
-	for _, tc := range []struct {
-		opts    map[string]string
-		want    bool
-		wantErr bool
-	}{
-		{nil, false, false},
-		{map[string]string{OptSuid: "on"}, true, false},
-		{map[string]string{OptSuid: "off"}, false, false},
-		{map[string]string{OptSuid: "yes"}, false, true},
-		{map[string]string{OptSuid: ""}, false, true},
-	} {
-		o, err := ParseOptions(tc.opts)
-		if (err != nil) != tc.wantErr || o.AllowSetID != tc.want {
-			t.Errorf("%v: AllowSetID %v, err %v", tc.opts, o.AllowSetID, err)
-		}
-	}
-}
-
 // BenchmarkWrite4K is a 4 KiB WRITE through the server alone (in-process
 // chain, no rings). Run as root it shows what clearing set-id bits costs a
 // process holding CAP_FSETID: one fstat per WRITE on a nosuid share, none

@@ -133,7 +133,7 @@ func TestNewValidation(t *testing.T) {
 		{ServerConfig: fs.ServerConfig{Dir: f}, Tag: "t", QueueSize: 1000},
 		{ServerConfig: fs.ServerConfig{Dir: nf}, Tag: "t"},
 		{ServerConfig: fs.ServerConfig{}, Tag: "t"},
-		{ServerConfig: fs.ServerConfig{Dir: f, UIDMap: []fs.IDMap{{0, 1000, 1}, {0, 2000, 1}}}, Tag: "t"},
+		{ServerConfig: fs.ServerConfig{Dir: f, UIDMap: []fs.IDMap{{Guest: 0, Host: 1000, Count: 1}, {Guest: 0, Host: 2000, Count: 1}}}, Tag: "t"},
 	}
 	for i, c := range bad {
 		if d, err := fs.New(c); err == nil {

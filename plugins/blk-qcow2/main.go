@@ -16,8 +16,8 @@ import (
 
 	hclog "github.com/hashicorp/go-hclog"
 
-	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/devices/blk"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/disk/qcow2"
 	"github.com/krun-core/krun-core/pluginsdk"
@@ -32,11 +32,11 @@ const (
 )
 
 const (
-	optPath         = devspec.OptPath
-	optDataFilePath = devspec.OptDataFilePath
+	optPath         = devopts.OptPath
+	optDataFilePath = devopts.OptDataFilePath
 )
 
-func backingPath(n int) string { return devspec.OptBackingPath(n) }
+func backingPath(n int) string { return devopts.OptBackingPath(n) }
 
 type plugin struct{}
 
@@ -48,19 +48,19 @@ func (plugin) Policy(map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	allowed := []string{devspec.OptFormat, devspec.OptReadOnly, devspec.OptMaxSize, optPath, optDataFilePath, optQueues}
-	known := []string{devspec.FileImage, devspec.FileDataFile}
-	for n := 0; n < devspec.MaxBackingChain; n++ {
-		allowed = append(allowed, devspec.OptBackingFormat(n), backingPath(n))
-		known = append(known, devspec.BackingFile(n))
+	allowed := []string{devopts.OptFormat, devopts.OptReadOnly, devopts.OptMaxSize, optPath, optDataFilePath, optQueues}
+	known := []string{devopts.FileImage, devopts.FileDataFile}
+	for n := 0; n < devopts.MaxBackingChain; n++ {
+		allowed = append(allowed, devopts.OptBackingFormat(n), backingPath(n))
+		known = append(known, devopts.BackingFile(n))
 	}
 	if err := pluginsdk.CheckOptions(opts, allowed...); err != nil {
 		return nil, err
 	}
-	if f, ok := opts[devspec.OptFormat]; ok && disk.Format(f) != disk.QCOW2 {
+	if f, ok := opts[devopts.OptFormat]; ok && disk.Format(f) != disk.QCOW2 {
 		return nil, fmt.Errorf("option format=%q: this plugin serves qcow2 images only", f)
 	}
-	ro, err := pluginsdk.OnOff(opts, devspec.OptReadOnly, false)
+	ro, err := pluginsdk.OnOff(opts, devopts.OptReadOnly, false)
 	if err != nil {
 		return nil, err
 	}
@@ -69,14 +69,14 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 		return nil, err
 	}
 	var maxSize int64
-	if v, ok := opts[devspec.OptMaxSize]; ok {
+	if v, ok := opts[devopts.OptMaxSize]; ok {
 		if maxSize, err = strconv.ParseInt(v, 10, 64); err != nil || maxSize <= 0 {
-			return nil, fmt.Errorf("option %s=%q: want a positive byte count", devspec.OptMaxSize, v)
+			return nil, fmt.Errorf("option %s=%q: want a positive byte count", devopts.OptMaxSize, v)
 		}
 	}
-	img := files[devspec.FileImage]
+	img := files[devopts.FileImage]
 	if img == nil {
-		return nil, fmt.Errorf("no %q file was passed", devspec.FileImage)
+		return nil, fmt.Errorf("no %q file was passed", devopts.FileImage)
 	}
 	if extra := pluginsdk.UnknownFiles(files, known...); len(extra) > 0 {
 		return nil, fmt.Errorf("unexpected files %q", extra)
@@ -88,16 +88,16 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 
 	o := qcow2.Options{ReadOnly: ro, Path: path, MaxVirtualSize: maxSize, Logger: log}
 	for n := 0; ; n++ {
-		f := files[devspec.BackingFile(n)]
+		f := files[devopts.BackingFile(n)]
 		if f == nil {
-			if _, ok := opts[devspec.OptBackingFormat(n)]; ok {
-				return nil, fmt.Errorf("option %s without its file", devspec.OptBackingFormat(n))
+			if _, ok := opts[devopts.OptBackingFormat(n)]; ok {
+				return nil, fmt.Errorf("option %s without its file", devopts.OptBackingFormat(n))
 			}
 			break
 		}
-		format, err := disk.ParseFormat(opts[devspec.OptBackingFormat(n)])
+		format, err := disk.ParseFormat(opts[devopts.OptBackingFormat(n)])
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", devspec.BackingFile(n), err)
+			return nil, fmt.Errorf("%s: %w", devopts.BackingFile(n), err)
 		}
 		p, err := absPath(opts, backingPath(n))
 		if err != nil {
@@ -106,17 +106,17 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 		if p == "" {
 			// Without it the image's recorded backing name cannot be
 			// checked against what the user declared.
-			return nil, fmt.Errorf("the host passed %s without option %s (its absolute path)", devspec.BackingFile(n), backingPath(n))
+			return nil, fmt.Errorf("the host passed %s without option %s (its absolute path)", devopts.BackingFile(n), backingPath(n))
 		}
 		o.Backing = append(o.Backing, qcow2.Layer{File: f, Format: format, Path: p})
 	}
-	if f := files[devspec.FileDataFile]; f != nil {
+	if f := files[devopts.FileDataFile]; f != nil {
 		p, err := absPath(opts, optDataFilePath)
 		if err != nil {
 			return nil, err
 		}
 		if p == "" {
-			return nil, fmt.Errorf("the host passed %s without option %s (its absolute path)", devspec.FileDataFile, optDataFilePath)
+			return nil, fmt.Errorf("the host passed %s without option %s (its absolute path)", devopts.FileDataFile, optDataFilePath)
 		}
 		o.DataFile = &qcow2.Layer{File: f, Format: disk.Raw, Path: p}
 	}

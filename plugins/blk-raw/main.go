@@ -12,8 +12,8 @@ import (
 
 	hclog "github.com/hashicorp/go-hclog"
 
-	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/devices/blk"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/disk/raw"
 	"github.com/krun-core/krun-core/pluginsdk"
@@ -24,7 +24,7 @@ import (
 // Options besides devspec's format and readonly.
 const (
 	// optPath is the image's host path, for messages only.
-	optPath = devspec.OptPath
+	optPath = devopts.OptPath
 	// optQueues is the number of request queues offered (1..64). A
 	// front-end uses as many as it wants up to that.
 	optQueues = "queues"
@@ -42,13 +42,13 @@ func (plugin) Policy(map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, devspec.OptFormat, devspec.OptReadOnly, optPath, optQueues); err != nil {
+	if err := pluginsdk.CheckOptions(opts, devopts.OptFormat, devopts.OptReadOnly, optPath, optQueues); err != nil {
 		return nil, err
 	}
-	if f, ok := opts[devspec.OptFormat]; ok && disk.Format(f) != disk.Raw {
+	if f, ok := opts[devopts.OptFormat]; ok && disk.Format(f) != disk.Raw {
 		return nil, fmt.Errorf("option format=%q: this plugin serves raw images only", f)
 	}
-	ro, err := pluginsdk.OnOff(opts, devspec.OptReadOnly, false)
+	ro, err := pluginsdk.OnOff(opts, devopts.OptReadOnly, false)
 	if err != nil {
 		return nil, err
 	}
@@ -56,11 +56,11 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil {
 		return nil, err
 	}
-	img := files[devspec.FileImage]
+	img := files[devopts.FileImage]
 	if img == nil {
-		return nil, fmt.Errorf("no %q file was passed", devspec.FileImage)
+		return nil, fmt.Errorf("no %q file was passed", devopts.FileImage)
 	}
-	if extra := pluginsdk.UnknownFiles(files, devspec.FileImage); len(extra) > 0 {
+	if extra := pluginsdk.UnknownFiles(files, devopts.FileImage); len(extra) > 0 {
 		return nil, fmt.Errorf("unexpected files %q: a raw image has no backing or data file", extra)
 	}
 	d, err := raw.Open(img, raw.Options{ReadOnly: ro})

@@ -13,9 +13,9 @@ import (
 
 	hclog "github.com/hashicorp/go-hclog"
 
-	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/devices/console"
 	"github.com/krun-core/krun-core/devices/console/stdio"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/pluginsdk"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -23,7 +23,7 @@ import (
 
 type plugin struct{}
 
-func (plugin) Kind() string { return devspec.KindConsole }
+func (plugin) Kind() string { return devopts.KindConsole }
 
 // Policy: the console moves bytes between inherited fds and guest memory,
 // what the network plugin does with passt's socket, so it gets the same
@@ -35,18 +35,18 @@ func (plugin) Policy(map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, devspec.OptName, devspec.OptTTY); err != nil {
+	if err := pluginsdk.CheckOptions(opts, devopts.OptName, devopts.OptTTY); err != nil {
 		return nil, err
 	}
-	if _, err := pluginsdk.OnOff(opts, devspec.OptTTY, false); err != nil {
+	if _, err := pluginsdk.OnOff(opts, devopts.OptTTY, false); err != nil {
 		return nil, err
 	}
-	if extra := pluginsdk.UnknownFiles(files, devspec.FileStdin, devspec.FileStdout, devspec.FileStderr, devspec.FileControl); len(extra) > 0 {
+	if extra := pluginsdk.UnknownFiles(files, devopts.FileStdin, devopts.FileStdout, devopts.FileStderr, devopts.FileControl); len(extra) > 0 {
 		return nil, fmt.Errorf("unexpected files %v", extra)
 	}
-	name := opts[devspec.OptName]
+	name := opts[devopts.OptName]
 	if name == "" {
-		return nil, fmt.Errorf("option %s= is required", devspec.OptName)
+		return nil, fmt.Errorf("option %s= is required", devopts.OptName)
 	}
 	dev, err := console.New(console.Config{Name: name, Logger: log})
 	if err != nil {
@@ -54,16 +54,16 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	}
 	cfg := stdio.Config{Port: dev, Logger: log}
 	// Absent files stay nil interfaces (no typed nil *os.File).
-	if f := files[devspec.FileStdin]; f != nil {
+	if f := files[devopts.FileStdin]; f != nil {
 		cfg.Stdin = f
 	}
-	if f := files[devspec.FileStdout]; f != nil {
+	if f := files[devopts.FileStdout]; f != nil {
 		cfg.Stdout = f
 	}
-	if f := files[devspec.FileStderr]; f != nil {
+	if f := files[devopts.FileStderr]; f != nil {
 		cfg.Stderr = f
 	}
-	if f := files[devspec.FileControl]; f != nil {
+	if f := files[devopts.FileControl]; f != nil {
 		cfg.Control = f
 	}
 	go func() {

@@ -23,8 +23,8 @@ import (
 	hclog "github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/devices/fs"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/pluginsdk"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -37,7 +37,7 @@ func (plugin) Kind() string { return "fs-virtio" }
 // Policy is the "fs" profile with read-write landlock access beneath the
 // shared directory only.
 func (plugin) Policy(fds map[string]int) sandbox.Policy {
-	fd, ok := fds[devspec.FileDir]
+	fd, ok := fds[devopts.FileDir]
 	if !ok {
 		return sandbox.Policy{Kind: "fs", Syscalls: sandbox.ProfileFS}
 	}
@@ -46,27 +46,27 @@ func (plugin) Policy(fds map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, append([]string{devspec.OptTag, devspec.OptReadOnly}, fs.OptionKeys...)...); err != nil {
+	if err := pluginsdk.CheckOptions(opts, append([]string{devopts.OptTag, devopts.OptReadOnly}, devopts.FSOptionKeys...)...); err != nil {
 		return nil, err
 	}
-	dir := files[devspec.FileDir]
+	dir := files[devopts.FileDir]
 	if dir == nil {
-		return nil, fmt.Errorf("no %q directory was passed", devspec.FileDir)
+		return nil, fmt.Errorf("no %q directory was passed", devopts.FileDir)
 	}
 	for name := range files {
-		if name != devspec.FileDir {
+		if name != devopts.FileDir {
 			return nil, fmt.Errorf("unexpected file %q: the plugin takes only the shared directory", name)
 		}
 	}
-	tag := opts[devspec.OptTag]
+	tag := opts[devopts.OptTag]
 	if tag == "" {
 		return nil, fmt.Errorf("option tag= is required")
 	}
-	ro, err := pluginsdk.OnOff(opts, devspec.OptReadOnly, false)
+	ro, err := pluginsdk.OnOff(opts, devopts.OptReadOnly, false)
 	if err != nil {
 		return nil, err
 	}
-	o, err := fs.ParseOptions(opts)
+	o, err := devopts.ParseFSOptions(opts)
 	if err != nil {
 		return nil, err
 	}

@@ -2,7 +2,7 @@
 // run -- CMD` (guest/stdioframe): it runs inside krun-plugin-console,
 // between the virtio-console port that krun-init talks to and the files
 // krun-core handed over (its own stdin, stdout and stderr, and a control
-// pipe for window sizes and signals).
+// pipe for window sizes and signals, in the records devopts defines).
 //
 // Guest to host: STDOUT and STDERR frames are written to the files as they
 // come, byte for byte; CLOSE_REQ is answered with CLOSE_ACK once every
@@ -24,34 +24,9 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/stdioframe"
 )
-
-// Control records, core to plugin, on the control pipe: ControlLen bytes,
-// little-endian: type u8, a pad byte, then for ControlWinsize rows u16 and
-// cols u16, for ControlSignal the signal number u8.
-const (
-	ControlLen     = 8
-	ControlWinsize = 1
-	ControlSignal  = 2
-)
-
-// WinsizeRecord encodes a window-size record for the control pipe.
-func WinsizeRecord(rows, cols uint16) []byte {
-	b := make([]byte, ControlLen)
-	b[0] = ControlWinsize
-	binary.LittleEndian.PutUint16(b[2:], rows)
-	binary.LittleEndian.PutUint16(b[4:], cols)
-	return b
-}
-
-// SignalRecord encodes a signal record for the control pipe.
-func SignalRecord(sig uint8) []byte {
-	b := make([]byte, ControlLen)
-	b[0] = ControlSignal
-	b[2] = sig
-	return b
-}
 
 // Port is the virtio-console port: a byte stream each way, and whether a
 // guest program has it open (devices/console.Device).
@@ -186,7 +161,7 @@ func (b *Bridge) pumpStdin() {
 
 // pumpControl turns control records into frames.
 func (b *Bridge) pumpControl() {
-	var rec [ControlLen]byte
+	var rec [devopts.ControlLen]byte
 	var once sync.Once
 	for {
 		if _, err := io.ReadFull(b.cfg.Control, rec[:]); err != nil {
@@ -194,9 +169,9 @@ func (b *Bridge) pumpControl() {
 		}
 		var err error
 		switch rec[0] {
-		case ControlWinsize:
+		case devopts.ControlWinsize:
 			err = b.w.WriteWinsize(binary.LittleEndian.Uint16(rec[2:]), binary.LittleEndian.Uint16(rec[4:]))
-		case ControlSignal:
+		case devopts.ControlSignal:
 			err = b.w.WriteSignal(rec[2])
 		default:
 			once.Do(func() { b.log.Warn("unknown control record from the core", "type", rec[0]) })

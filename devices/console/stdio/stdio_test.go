@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/stdioframe"
 )
 
@@ -119,17 +120,17 @@ func TestStdinAndControl(t *testing.T) {
 	if f := r.next(t); f.Type != stdioframe.Stdin || string(f.Payload) != "a\nb\n" {
 		t.Fatalf("stdin frame %v %q", f.Type, f.Payload)
 	}
-	ctlW.Write(WinsizeRecord(40, 120))
+	ctlW.Write(devopts.WinsizeRecord(40, 120))
 	if f := r.next(t); f.Type != stdioframe.Winsize {
 		t.Fatalf("frame %v, want WINSIZE", f.Type)
 	} else if rows, cols := f.Winsize(); rows != 40 || cols != 120 {
 		t.Errorf("winsize %dx%d", rows, cols)
 	}
-	ctlW.Write(SignalRecord(15))
+	ctlW.Write(devopts.SignalRecord(15))
 	if f := r.next(t); f.Type != stdioframe.Signal || f.Signal() != 15 {
 		t.Fatalf("frame %v, want SIGNAL 15", f.Type)
 	}
-	ctlW.Write(SignalRecord(0)) // refused by the encoder: logged, no frame
+	ctlW.Write(devopts.SignalRecord(0)) // refused by the encoder: logged, no frame
 	ctlW.Write([]byte{9, 0, 0, 0, 0, 0, 0, 0})
 	stdinW.Close()
 	if f := r.next(t); f.Type != stdioframe.StdinEOF {

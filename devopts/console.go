@@ -1,0 +1,40 @@
+package devopts
+
+import "encoding/binary"
+
+// Names of the files and options a console plugin is configured with.
+const (
+	FileStdin   = "stdin"
+	FileStdout  = "stdout"
+	FileStderr  = "stderr"
+	FileControl = "control" // read end of the core's control pipe (window size, signals)
+	OptName     = "name"    // the virtio-console port's name
+	OptTTY      = "tty"     // on: the guest program has a terminal (stdout carries stderr too)
+)
+
+// Control records, core to console plugin, on the control pipe
+// (FileControl): ControlLen bytes, little-endian: type u8, a pad byte, then
+// for ControlWinsize rows u16 and cols u16, for ControlSignal the signal
+// number u8.
+const (
+	ControlLen     = 8
+	ControlWinsize = 1
+	ControlSignal  = 2
+)
+
+// WinsizeRecord encodes a window-size record for the control pipe.
+func WinsizeRecord(rows, cols uint16) []byte {
+	b := make([]byte, ControlLen)
+	b[0] = ControlWinsize
+	binary.LittleEndian.PutUint16(b[2:], rows)
+	binary.LittleEndian.PutUint16(b[4:], cols)
+	return b
+}
+
+// SignalRecord encodes a signal record for the control pipe.
+func SignalRecord(sig uint8) []byte {
+	b := make([]byte, ControlLen)
+	b[0] = ControlSignal
+	b[2] = sig
+	return b
+}
