@@ -3,7 +3,7 @@ GO ?= go
 export CGO_ENABLED := 0
 
 PLUGINS := $(notdir $(wildcard plugins/*))
-BINS := bin/krun-core bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
+BINS := bin/krun-core bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS)) bin/krun-bench
 
 .PHONY: all test unit deps kernel vet fmt clean FORCE
 
@@ -14,6 +14,10 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
 
 bin/krun-core: FORCE
 	$(GO) build -trimpath -ldflags "-X main.buildVersion=$(VERSION)" -o $@ ./cmd/krun-core
+
+# The benchmark driver (the Go test guest), apart from the production binary.
+bin/krun-bench: FORCE
+	$(GO) build -trimpath -o $@ ./cmd/krun-bench
 
 bin/krun-sandbox-exec: FORCE
 	$(GO) build -trimpath -o $@ ./cmd/krun-sandbox-exec

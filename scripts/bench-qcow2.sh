@@ -9,7 +9,7 @@ dir=${1:-$(mktemp -d)}
 cd "$dir"
 wait_sock() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
 serve() { "$bin/krun-core" serve --socket "$1" --disk "$2" >"$1.log" 2>&1 & echo $!; }
-bench() { "$bin/krun-core" bench blk --socket "$1" --seconds 5 --workloads "$2" | head -n -"$3"; }
+bench() { "$bin/krun-bench" blk --socket "$1" --seconds 5 --workloads "$2" | head -n -"$3"; }
 
 head -c 1G /dev/urandom >data.raw
 qemu-img convert -f raw -O qcow2 data.raw data.qcow2

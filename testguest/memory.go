@@ -3,7 +3,7 @@
 // descriptor chains and waits for their completion, speaking vhost-user
 // through package frontend to any back-end over a unix socket — krun-core's
 // own plugins or third-party ones (qemu-storage-daemon, virtiofsd). On top
-// of it, Blk is a small virtio-blk driver. Tests and the bench command use
+// of it, Blk is a small virtio-blk driver. Tests and krun-bench (cmd/krun-bench) use
 // it.
 package testguest
 

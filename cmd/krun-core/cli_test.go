@@ -14,8 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -24,8 +23,8 @@ func TestHelpPages(t *testing.T) {
 	singleDash := regexp.MustCompile(`(^|[\s\[(|,])-[a-z][a-z-]+`)
 	for _, args := range [][]string{
 		{"--help"}, {"help"}, {"-h"}, {"help", "run"},
-		{"run", "--help"}, {"run", "-h"}, {"serve", "--help"}, {"bench", "--help"}, {"bench", "blk", "--help"},
-		{"bench", "net", "--help"}, {"img", "--help"}, {"img", "info", "--help"}, {"img", "check", "--help"},
+		{"run", "--help"}, {"run", "-h"}, {"serve", "--help"},
+		{"img", "--help"}, {"img", "info", "--help"}, {"img", "check", "--help"},
 		{"img", "verify", "--help"}, {"img", "create", "--help"}, {"img", "convert", "--help"},
 		{"img", "import", "--help"}, {"img", "probe", "--help"}, {"sandbox", "--help"}, {"sandbox", "status", "--help"},
 		{"doctor", "--help"},
@@ -44,7 +43,7 @@ func TestHelpPages(t *testing.T) {
 		}
 	}
 	// Pages listing options generated from the flags show the log flags.
-	for _, args := range [][]string{{"run", "--help"}, {"bench", "blk", "--help"}, {"doctor", "--help"}, {"sandbox", "status", "--help"}} {
+	for _, args := range [][]string{{"run", "--help"}, {"doctor", "--help"}, {"sandbox", "status", "--help"}} {
 		var out bytes.Buffer
 		dispatch(args, &out, &out)
 		page := strings.Join(strings.Fields(out.String()), " ")
@@ -68,10 +67,7 @@ func TestBadInputIsOneLine(t *testing.T) {
 		{[]string{"--frob"}, `krun-core: unknown option "--frob" (see krun-core --help)`},
 		{[]string{"run", "--bogus"}, "krun-core run: unknown flag --bogus (see krun-core run --help)"},
 		{[]string{"serve", "--bogus"}, "krun-core serve: unknown flag --bogus (see krun-core serve --help)"},
-		{[]string{"bench"}, "krun-core bench: no device kind given (see krun-core bench --help)"},
-		{[]string{"bench", "blk", "--bogus"}, "krun-core bench blk: unknown flag --bogus (see krun-core bench blk --help)"},
-		{[]string{"bench", "net", "--bogus"}, "krun-core bench net: unknown flag --bogus (see krun-core bench net --help)"},
-		{[]string{"bench", "blk", "--socket", "/x", "--output", "xml"}, `krun-core bench blk: --output="xml": want human or json`},
+		{[]string{"bench", "blk"}, "krun-core: bench is a program of its own: krun-bench (see krun-bench --help)"},
 		{[]string{"img"}, "krun-core img: no command given (see krun-core img --help)"},
 		{[]string{"img", "create", "--bogus"}, "krun-core img create: unknown flag --bogus (see krun-core img create --help)"},
 		{[]string{"sandbox"}, "krun-core sandbox: no command given (see krun-core sandbox --help)"},
@@ -94,27 +90,6 @@ func TestVersion(t *testing.T) {
 		if rc := dispatch([]string{arg}, &out, &errb); rc != 0 || !strings.HasPrefix(out.String(), "krun-core ") ||
 			!strings.Contains(out.String(), "plugin protocol 1") || strings.Count(out.String(), "\n") != 1 {
 			t.Errorf("%s: exit %d, stdout %q, stderr %q", arg, rc, out.String(), errb.String())
-		}
-	}
-}
-
-func TestNewLogger(t *testing.T) {
-	var b bytes.Buffer
-	l, err := newLogger("info", "json", &b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.Info("hello", "n", 3)
-	var e map[string]any
-	if err := json.Unmarshal(b.Bytes(), &e); err != nil || e["@message"] != "hello" || e["n"] != 3.0 || e["@module"] != "krun-core" {
-		t.Errorf("JSON log line %q: %v", b.String(), err)
-	}
-	if l, err := newLogger(defaultLogLevel, "text", &b); err != nil || l.GetLevel() != hclog.Warn {
-		t.Errorf("default level: %v, %v", l, err)
-	}
-	for _, bad := range [][2]string{{"loud", "text"}, {"off", "text"}, {"info", "xml"}} {
-		if _, err := newLogger(bad[0], bad[1], &b); err == nil {
-			t.Errorf("newLogger(%q, %q) accepted", bad[0], bad[1])
 		}
 	}
 }
@@ -164,7 +139,7 @@ func TestServeLogFormatJSON(t *testing.T) {
 func TestServeQuietByDefault(t *testing.T) {
 	bin := buildServeBinaries(t)
 	sock := filepath.Join(t.TempDir(), "rng.sock")
-	s := startServe(t, bin, "--log-level", defaultLogLevel, "--socket", sock, "--plugin", "null")
+	s := startServe(t, bin, "--log-level", cli.DefaultLogLevel, "--socket", sock, "--plugin", "null")
 	waitSocket(t, s, sock)
 	s.cmd.Process.Signal(syscall.SIGTERM)
 	if code := s.waitExit(t); code != 0 {

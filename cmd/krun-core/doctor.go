@@ -6,6 +6,7 @@ import (
 	"io"
 
 	"github.com/krun-core/krun-core/core/kvm"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -34,19 +35,19 @@ type doctorReport struct {
 
 // doctorCommand implements "krun-core doctor".
 func doctorCommand(args []string, stdout, stderr io.Writer) int {
-	fs := newCmdFlags("krun-core doctor", doctorUsage)
-	output := outputFlag(fs.FlagSet)
-	if rc, done := fs.parse(args, stdout, stderr); done {
+	fs := cli.NewFlags("krun-core doctor", doctorUsage)
+	output := cli.OutputFlag(fs.FlagSet)
+	if rc, done := fs.ParseArgs(args, stdout, stderr); done {
 		return rc
 	}
 	if fs.NArg() > 0 {
-		return fs.failf(stderr, "unexpected argument %q", fs.Arg(0))
+		return fs.Failf(stderr, "unexpected argument %q", fs.Arg(0))
 	}
-	if err := checkOutput(*output); err != nil {
-		return fs.fail(stderr, err)
+	if err := cli.CheckOutput(*output); err != nil {
+		return fs.Fail(stderr, err)
 	}
-	if _, err := fs.logger(stderr); err != nil {
-		return fs.fail(stderr, err)
+	if _, err := fs.Logger(stderr); err != nil {
+		return fs.Fail(stderr, err)
 	}
 	var r doctorReport
 	r.KVM.Host = kvm.ReadHostInfo("/")

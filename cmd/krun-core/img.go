@@ -16,6 +16,7 @@ import (
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/imgtool"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -223,7 +224,7 @@ func newImgFlags(name string) *imgFlags {
 	f.fs.StringVar(&f.pluginDir, "plugin-dir", "", "")
 	f.fs.StringVar(&f.sandboxOn, "sandbox", "on", "")
 	f.fs.StringVar(&f.disable, "sandbox-disable", "", "")
-	f.fs.StringVar(&f.logLevel, "log-level", defaultLogLevel, "")
+	f.fs.StringVar(&f.logLevel, "log-level", cli.DefaultLogLevel, "")
 	f.fs.StringVar(&f.logFormat, "log-format", "text", "")
 	return f
 }
@@ -244,7 +245,7 @@ func (f *imgFlags) parse(args []string, positional ...string) error {
 			if errors.Is(err, flag.ErrHelp) {
 				return err
 			}
-			return flagError("krun-core img "+f.name, err)
+			return cli.FlagError("krun-core img "+f.name, err)
 		}
 		rest := f.fs.Args()
 		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
@@ -275,7 +276,7 @@ func (f *imgFlags) parse(args []string, positional ...string) error {
 
 // launcher builds the plugin launcher from the common options.
 func (f *imgFlags) launcher(stderr io.Writer) (*imgtool.Launcher, error) {
-	log, err := newLogger(f.logLevel, f.logFormat, stderr)
+	log, err := cli.NewLogger("krun-core", f.logLevel, f.logFormat, stderr)
 	if err != nil {
 		return nil, err
 	}
@@ -376,12 +377,12 @@ func imgInfo(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("info")
 	f.allowForceShare()
 	format := formatFlag(f.fs)
-	output := outputFlag(f.fs)
+	output := cli.OutputFlag(f.fs)
 	return imgRun("info", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		if err := requireFormat(*format); err != nil {
 			return 1, err
 		}
-		if err := checkOutput(*output); err != nil {
+		if err := cli.CheckOutput(*output); err != nil {
 			return 1, err
 		}
 		in, err := l.Info(ctx, f.positional[0], *format)
@@ -399,14 +400,14 @@ func imgCheck(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("check")
 	f.allowForceShare()
 	format := formatFlag(f.fs)
-	output := outputFlag(f.fs)
+	output := cli.OutputFlag(f.fs)
 	repair := f.fs.String("repair", "", "")
 	f.fs.StringVar(repair, "r", "", "")
 	return imgRun("check", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		if err := requireFormat(*format); err != nil {
 			return 1, err
 		}
-		if err := checkOutput(*output); err != nil {
+		if err := cli.CheckOutput(*output); err != nil {
 			return 1, err
 		}
 		mode := imgtool.RepairNone

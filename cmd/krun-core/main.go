@@ -1,8 +1,8 @@
 // Command krun-core is the krun-core microVM monitor: it boots guests on KVM
-// (run), serves a device plugin to any vhost-user front-end (serve), benchmarks
-// vhost-user back-ends (bench), inspects and converts images without trusting
-// them (img), reports the plugin sandbox (sandbox) and checks the host
-// (doctor).
+// (run), serves a device plugin to any vhost-user front-end (serve), inspects
+// and converts images without trusting them (img), reports the plugin sandbox
+// (sandbox) and checks the host (doctor). Benchmarks with the Go test guest
+// are a separate program, krun-bench (cmd/krun-bench).
 //
 // Each subcommand lives in its own file; main only dispatches.
 package main
@@ -25,7 +25,6 @@ func commands() map[string]command {
 	return map[string]command{
 		"run":     {"boot a guest on KVM with every device in a plugin", runCommand},
 		"serve":   {"serve one device plugin as a vhost-user back-end on a unix socket", serveCommand},
-		"bench":   {"benchmark a vhost-user back-end with the Go test guest", benchCommand},
 		"img":     {"inspect, verify, create and convert disk images (parsed in the sandboxed plugin)", imgCommand},
 		"sandbox": {"show the plugin sandbox layers on this host and each plugin kind's policy", sandboxCommand},
 		"doctor":  {"check whether this host can run krun-core guests (KVM, sandbox)", doctorCommand},
@@ -38,7 +37,7 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "       krun-core --version")
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "commands:")
-	for _, name := range []string{"run", "serve", "bench", "img", "sandbox", "doctor"} {
+	for _, name := range []string{"run", "serve", "img", "sandbox", "doctor"} {
 		fmt.Fprintf(w, "  %-8s %s\n", name, commands()[name].summary)
 	}
 	fmt.Fprintln(w)
@@ -70,6 +69,10 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	cmd, ok := commands()[args[0]]
+	if !ok && args[0] == "bench" {
+		fmt.Fprintln(stderr, "krun-core: bench is a program of its own: krun-bench (see krun-bench --help)")
+		return 1
+	}
 	if !ok {
 		what := "command"
 		if strings.HasPrefix(args[0], "-") {

@@ -20,6 +20,7 @@ import (
 	"github.com/krun-core/krun-core/core/kvm"
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/core/vmm"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -69,7 +70,7 @@ Device options (repeatable; at most 8 devices):
 // boots --kernel (with --initrd, --disk ...) and exits 0 when the guest
 // powers off or reboots.
 func runCommand(args []string, stdout, stderr io.Writer) int {
-	fs := newCmdFlags("krun-core run", runSynopsis)
+	fs := cli.NewFlags("krun-core run", runSynopsis)
 	var (
 		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel make kernel fetched)")
 		initrd    = fs.String("initrd", "", "initramfs or initrd `FILE` (not with --root)")
@@ -114,10 +115,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fs.help(stdout)
+			fs.Help(stdout)
 			return 0
 		}
-		fs.fail(stderr, fs.flagError(err))
+		fs.Fail(stderr, fs.FlagError(err))
 		return failStatus
 	}
 	command := fs.Args()
@@ -126,7 +127,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		failStatus = exitRunFailed
 	}
 	fail := func(format string, a ...any) int {
-		fs.failf(stderr, format, a...)
+		fs.Failf(stderr, format, a...)
 		return failStatus
 	}
 	switch {
@@ -163,9 +164,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if execMode && !flagSet(fs.FlagSet, "log-level") {
 		// krun-core's stderr is the command's: only errors of krun-core
 		// itself go there unless asked for.
-		fs.level = "error"
+		_ = fs.Set("log-level", "error")
 	}
-	log, err := fs.logger(stderr)
+	log, err := fs.Logger(stderr)
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -251,7 +252,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	// named, then a host whose KVM cannot boot a stock kernel (none, or
 	// kvm_pvm) gets one line now instead of a silent hang.
 	if err := c.Validate(); err != nil {
-		return fail("%s", oneLine(err.Error()))
+		return fail("%s", cli.OneLine(err.Error()))
 	}
 	if err := kvm.CheckHost(); err != nil {
 		return fail("%v", err)
@@ -289,7 +290,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		if execMode {
 			return execFailure(stderr, err)
 		}
-		return fail("%s", oneLine(err.Error()))
+		return fail("%s", cli.OneLine(err.Error()))
 	}
 	for _, derr := range res.DeviceErrors {
 		log.Warn("device failed while the guest ran", "error", derr)
@@ -318,7 +319,7 @@ func flagSet(fs *flag.FlagSet, name string) bool {
 // execFailure reports why a command could not run, with the status the
 // shell would give.
 func execFailure(stderr io.Writer, err error) int {
-	fmt.Fprintf(stderr, "krun-core run: %s\n", oneLine(err.Error()))
+	fmt.Fprintf(stderr, "krun-core run: %s\n", cli.OneLine(err.Error()))
 	switch {
 	case errors.Is(err, vmm.ErrCommandNotFound):
 		return exitNotFound
@@ -364,10 +365,6 @@ func parseMemory(s string) (uint64, error) {
 		return 0, fmt.Errorf("%s is not a whole number of MiB", s)
 	}
 	return uint64(b >> 20), nil
-}
-
-func oneLine(s string) string {
-	return strings.Join(strings.Fields(s), " ")
 }
 
 // rawTerminal puts a terminal on stdin into raw mode and returns how to

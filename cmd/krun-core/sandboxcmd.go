@@ -8,6 +8,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -35,26 +36,26 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "krun-core sandbox: unknown command %q (want status; see krun-core sandbox --help)\n", args[0])
 		return 1
 	}
-	fs := newCmdFlags("krun-core sandbox status", sandboxUsage)
-	output := outputFlag(fs.FlagSet)
+	fs := cli.NewFlags("krun-core sandbox status", sandboxUsage)
+	output := cli.OutputFlag(fs.FlagSet)
 	kind := fs.String("kind", "", "only this plugin `KIND` (blk, net or fs)")
-	if rc, done := fs.parse(args[1:], stdout, stderr); done {
+	if rc, done := fs.ParseArgs(args[1:], stdout, stderr); done {
 		return rc
 	}
 	if fs.NArg() > 0 {
-		return fs.failf(stderr, "unexpected argument %q", fs.Arg(0))
+		return fs.Failf(stderr, "unexpected argument %q", fs.Arg(0))
 	}
-	if err := checkOutput(*output); err != nil {
-		return fs.fail(stderr, err)
+	if err := cli.CheckOutput(*output); err != nil {
+		return fs.Fail(stderr, err)
 	}
-	if _, err := fs.logger(stderr); err != nil {
-		return fs.fail(stderr, err)
+	if _, err := fs.Logger(stderr); err != nil {
+		return fs.Fail(stderr, err)
 	}
 	r := sandbox.Status()
 	if *kind != "" {
 		i := slices.IndexFunc(r.Kinds, func(k sandbox.KindStatus) bool { return k.Kind == *kind })
 		if i < 0 {
-			return fs.failf(stderr, "no built-in plugin kind %q (want blk, net or fs)", *kind)
+			return fs.Failf(stderr, "no built-in plugin kind %q (want blk, net or fs)", *kind)
 		}
 		r.Kinds = r.Kinds[i : i+1]
 	}
@@ -62,7 +63,7 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(r); err != nil {
-			return fs.fail(stderr, err)
+			return fs.Fail(stderr, err)
 		}
 		return 0
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -92,8 +93,8 @@ type serveOptions struct {
 // parseServeArgs parses and validates the command line; every error is one
 // line.
 func parseServeArgs(args []string) (*serveOptions, error) {
-	fs := newCmdFlags("krun-core serve", serveUsage)
-	o := &serveOptions{log: fs.logger}
+	fs := cli.NewFlags("krun-core serve", serveUsage)
+	o := &serveOptions{log: fs.Logger}
 	type devArg struct{ flag, value string }
 	var devs []devArg
 	for _, name := range serveDeviceFlags {
@@ -115,7 +116,7 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
 		}
-		return nil, fs.flagError(err)
+		return nil, fs.FlagError(err)
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -144,7 +145,7 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	if o.sandboxOff && len(o.sandboxDisable) > 0 {
 		return nil, errors.New("--sandbox=off already turns every layer off; drop --sandbox-disable")
 	}
-	if _, err := fs.logger(io.Discard); err != nil {
+	if _, err := fs.Logger(io.Discard); err != nil {
 		return nil, err
 	}
 	if err := pluginhost.CheckSearchPath(o.pluginDir); err != nil {

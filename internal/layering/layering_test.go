@@ -37,6 +37,11 @@ var rules = []rule{
 		banned: []string{"..."},
 		why:    "devopts is a leaf: host and plugins import it, it imports nothing of this module",
 	},
+	{
+		from:   []string{"cmd/krun-core"},
+		banned: []string{"testguest/...", "internal/vmtest/...", "internal/netnstest/..."},
+		why:    "the test driver stays out of the production binary (cmd/krun-bench has it)",
+	},
 }
 
 // match reports whether the module-relative package path p matches pat.

@@ -16,11 +16,12 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/testguest"
 )
 
-const benchUsage = `usage: krun-core bench blk --socket PATH [options]
-       krun-core bench net (--socket PATH | --passt) [options]
+const benchUsage = `usage: krun-bench blk --socket PATH [options]
+       krun-bench net (--socket PATH | --passt) [options]
 
 Benchmarks a vhost-user back-end with the Go test guest:
   blk  fio-like workloads against a vhost-user-blk back-end (krun-core
@@ -28,13 +29,14 @@ Benchmarks a vhost-user back-end with the Go test guest:
        the disk
   net  a checked TCP echo stream through passt
 
-See krun-core bench blk --help and krun-core bench net --help.
+See krun-bench blk --help and krun-bench net --help.
 `
 
-// benchCommand benchmarks a vhost-user back-end with the Go test guest.
+// benchCommand is krun-bench: it benchmarks a vhost-user back-end with the
+// Go test guest.
 func benchCommand(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "krun-core bench: no device kind given (see krun-core bench --help)")
+		fmt.Fprintln(stderr, "krun-bench: no device kind given (see krun-bench --help)")
 		return 1
 	}
 	switch args[0] {
@@ -46,7 +48,7 @@ func benchCommand(args []string, stdout, stderr io.Writer) int {
 	case "net":
 		return benchNet(args[1:], stdout, stderr)
 	}
-	fmt.Fprintf(stderr, "krun-core bench: unknown device kind %q (want blk or net; see krun-core bench --help)\n", args[0])
+	fmt.Fprintf(stderr, "krun-bench: unknown device kind %q (want blk or net; see krun-bench --help)\n", args[0])
 	return 1
 }
 
@@ -81,7 +83,7 @@ type blkResult struct {
 	P99us    float64 `json:"p99_us"`
 }
 
-const benchBlkUsage = `usage: krun-core bench blk --socket PATH [options]
+const benchBlkUsage = `usage: krun-bench blk --socket PATH [options]
 
 Drives a vhost-user-blk back-end (krun-core serve, qemu-storage-daemon, ...)
 with the Go test guest: each workload runs for --seconds on request queue 0
@@ -89,17 +91,17 @@ and reports IOPS, throughput and latency percentiles. The write workloads
 overwrite the disk.`
 
 func benchBlk(args []string, stdout, stderr io.Writer) int {
-	fs := newCmdFlags("krun-core bench blk", benchBlkUsage)
+	fs := cli.NewFlags("krun-bench blk", benchBlkUsage)
 	socket := fs.String("socket", "", "unix socket `PATH` of the vhost-user-blk back-end (required)")
 	seconds := fs.Float64("seconds", 5, "run time of each workload in seconds (`N`)")
 	size := fs.String("size", "", "span of the disk the workloads use, from offset 0 (`SIZE`, e.g. 1G; default: the whole disk)")
 	readOnly := fs.Bool("read-only", false, "run only the read workloads (also implied by a read-only device)")
 	only := fs.String("workloads", "", "comma-separated workloads to run (`LIST`; default: all): "+workloadNames())
-	output := outputFlag(fs.FlagSet)
-	if rc, done := fs.parse(args, stdout, stderr); done {
+	output := cli.OutputFlag(fs.FlagSet)
+	if rc, done := fs.ParseArgs(args, stdout, stderr); done {
 		return rc
 	}
-	fail := func(format string, a ...any) int { return fs.failf(stderr, format, a...) }
+	fail := func(format string, a ...any) int { return fs.Failf(stderr, format, a...) }
 	if fs.NArg() != 0 {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}
@@ -109,10 +111,10 @@ func benchBlk(args []string, stdout, stderr io.Writer) int {
 	if !(*seconds > 0 && *seconds <= 3600) {
 		return fail("--seconds must be in (0, 3600]")
 	}
-	if err := checkOutput(*output); err != nil {
+	if err := cli.CheckOutput(*output); err != nil {
 		return fail("%v", err)
 	}
-	if _, err := fs.logger(stderr); err != nil {
+	if _, err := fs.Logger(stderr); err != nil {
 		return fail("%v", err)
 	}
 	var span uint64

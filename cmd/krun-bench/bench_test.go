@@ -55,6 +55,36 @@ func TestBenchUsageErrors(t *testing.T) {
 	}
 }
 
+// Every page: on stdout, exit 0, its own; bad flags: one line, exit 1.
+func TestBenchPages(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"blk", "--help"}, {"net", "--help"}} {
+		var out, errb bytes.Buffer
+		want := "usage: krun-bench " + strings.Join(args[:len(args)-1], " ")
+		if rc := benchCommand(args, &out, &errb); rc != 0 || errb.Len() != 0 || !strings.HasPrefix(out.String(), want) {
+			t.Errorf("%q: exit %d, stdout %.60q, stderr %q: want the page %q on stdout", args, rc, out.String(), errb.String(), want)
+		}
+	}
+	var out bytes.Buffer
+	benchCommand([]string{"blk", "--help"}, &out, &out)
+	if page := strings.Join(strings.Fields(out.String()), " "); !strings.Contains(page, "--log-level LEVEL") || !strings.Contains(page, "(default warn)") {
+		t.Errorf("blk page lacks the log flags:\n%s", out.String())
+	}
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "krun-bench: no device kind given (see krun-bench --help)"},
+		{[]string{"blk", "--bogus"}, "krun-bench blk: unknown flag --bogus (see krun-bench blk --help)"},
+		{[]string{"net", "--bogus"}, "krun-bench net: unknown flag --bogus (see krun-bench net --help)"},
+		{[]string{"blk", "--socket", "/x", "--output", "xml"}, `krun-bench blk: --output="xml": want human or json`},
+	} {
+		var out, errb bytes.Buffer
+		if rc := benchCommand(tt.args, &out, &errb); rc != 1 || out.Len() != 0 || errb.String() != tt.want+"\n" {
+			t.Errorf("%q: exit %d, stdout %q, stderr %q; want exit 1 and %q", tt.args, rc, out.String(), errb.String(), tt.want)
+		}
+	}
+}
+
 // TestBenchBlk runs every workload briefly against an in-process virtio-blk
 // back-end on a listening socket, the way `krun-core serve` offers one.
 func TestBenchBlk(t *testing.T) {
@@ -144,7 +174,7 @@ func TestBenchBlk(t *testing.T) {
 	}
 }
 
-// TestBenchNet runs `krun-core bench net` both ways inside a network
+// TestBenchNet runs `krun-bench net` both ways inside a network
 // namespace of the test's own: through `krun-core serve --net passt` (the
 // plugin's virtio-net queues) and straight to passt's socket.
 func TestBenchNet(t *testing.T) {
@@ -152,7 +182,7 @@ func TestBenchNet(t *testing.T) {
 		t.Skip("passt is not installed (Debian package passt)")
 	}
 	ns := netnstest.New(t)
-	bin := buildServeBinaries(t, "net-passt")
+	bin := buildBinaries(t)
 	sock := filepath.Join(t.TempDir(), "net.sock")
 	serve := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "serve", "--socket", sock, "--net", "passt")
 	var serveLog vmtest.LockedBuffer
@@ -180,7 +210,7 @@ func TestBenchNet(t *testing.T) {
 	}
 	for _, tc := range []struct{ link, arg string }{{"virtio-net", "--socket=" + sock}, {"passt-socket", "--passt"}} {
 		t.Run(tc.link, func(t *testing.T) {
-			cmd := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "bench", "net", tc.arg, "--bytes", "16M", "--output", "json")
+			cmd := netnstest.Command(ns, filepath.Join(bin, "krun-bench"), "net", tc.arg, "--bytes", "16M", "--output", "json")
 			var out, errb bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &out, &errb
 			if err := cmd.Run(); err != nil {
@@ -201,4 +231,22 @@ func TestBenchNet(t *testing.T) {
 			}
 		})
 	}
+}
+
+// buildBinaries builds krun-bench, krun-core and the net-passt plugin into
+// a temporary directory.
+func buildBinaries(t *testing.T) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds binaries; skipped with -short")
+	}
+	dir := t.TempDir()
+	for pkg, out := range map[string]string{".": "krun-bench", "../krun-core": "krun-core", "../../plugins/net-passt": "krun-plugin-net-passt"} {
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+		}
+	}
+	return dir
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/testguest/tcpip"
 )
@@ -38,7 +39,7 @@ type netResult struct {
 	Retransmits uint64  `json:"retransmits"`
 }
 
-const benchNetUsage = `usage: krun-core bench net (--socket PATH | --passt) [options]
+const benchNetUsage = `usage: krun-bench net (--socket PATH | --passt) [options]
 
 Sends a TCP stream from the Go test guest through passt to an echo server on
 this host's loopback and back, checking every byte. The guest connects to the
@@ -48,27 +49,27 @@ in the same network namespace); --passt starts passt and sends the same
 frames straight to its socket.`
 
 func benchNet(args []string, stdout, stderr io.Writer) int {
-	fs := newCmdFlags("krun-core bench net", benchNetUsage)
+	fs := cli.NewFlags("krun-bench net", benchNetUsage)
 	socket := fs.String("socket", "", "unix socket `PATH` of a vhost-user-net back-end whose other end is passt")
 	direct := fs.Bool("passt", false, "start passt (from $PATH) and drive its socket directly")
 	size := fs.String("bytes", "64M", "length of the stream sent and echoed back, per run (`SIZE`)")
 	mssList := fs.String("mss", "1460,65480", "comma-separated TCP segment sizes, one run each, 64 to 65480 (`LIST`)")
 	window := fs.String("window", "1M", "receive window and cap on bytes in flight (`SIZE`)")
-	output := outputFlag(fs.FlagSet)
-	if rc, done := fs.parse(args, stdout, stderr); done {
+	output := cli.OutputFlag(fs.FlagSet)
+	if rc, done := fs.ParseArgs(args, stdout, stderr); done {
 		return rc
 	}
-	fail := func(format string, a ...any) int { return fs.failf(stderr, format, a...) }
+	fail := func(format string, a ...any) int { return fs.Failf(stderr, format, a...) }
 	if fs.NArg() != 0 {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}
 	if (*socket == "") == !*direct {
 		return fail("want exactly one of --socket PATH and --passt")
 	}
-	if err := checkOutput(*output); err != nil {
+	if err := cli.CheckOutput(*output); err != nil {
 		return fail("%v", err)
 	}
-	log, err := fs.logger(stderr)
+	log, err := fs.Logger(stderr)
 	if err != nil {
 		return fail("%v", err)
 	}

@@ -1,4 +1,7 @@
-package main
+// Package cli holds the command-line conventions krun-core's commands
+// share (cmd/krun-core, cmd/krun-bench): flag sets with --help pages,
+// --log-level and --log-format, one-line errors, --output.
+package cli
 
 import (
 	"errors"
@@ -6,16 +9,12 @@ import (
 	"fmt"
 	"io"
 	"regexp"
-	"runtime"
-	"runtime/debug"
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
-
-	"github.com/krun-core/krun-core/proto/pluginpb"
 )
 
-// The rules every sub-command follows (README, "Command line"):
+// The rules every command follows (README, "Command line"):
 //
 //   - --help (or -h) prints the command's own page on stdout and exits 0;
 //     flags are spelled with two dashes.
@@ -28,11 +27,11 @@ import (
 //     sub-command; the log goes to stderr.
 //   - --output human|json where a command prints a report.
 
-// defaultLogLevel is every sub-command's --log-level default.
-const defaultLogLevel = "warn"
+// DefaultLogLevel is every command's --log-level default.
+const DefaultLogLevel = "warn"
 
-// cmdFlags is a sub-command's flag set, with the rules above.
-type cmdFlags struct {
+// Flags is a command's flag set, with the rules above.
+type Flags struct {
 	*flag.FlagSet
 	name     string // "krun-core run", for messages
 	synopsis string // the help page before the option list
@@ -40,64 +39,65 @@ type cmdFlags struct {
 	format   string
 }
 
-// newCmdFlags makes the flag set of the command name ("krun-core run")
-// with --log-level and --log-format; synopsis starts its help page.
-func newCmdFlags(name, synopsis string) *cmdFlags {
-	f := &cmdFlags{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), name: name, synopsis: synopsis}
+// NewFlags makes the flag set of the command name ("krun-core run") with
+// --log-level and --log-format; synopsis starts its help page.
+func NewFlags(name, synopsis string) *Flags {
+	f := &Flags{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), name: name, synopsis: synopsis}
 	f.SetOutput(io.Discard)
 	f.Usage = func() {}
-	f.StringVar(&f.level, "log-level", defaultLogLevel, "log `LEVEL`: trace, debug, info, warn or error")
+	f.StringVar(&f.level, "log-level", DefaultLogLevel, "log `LEVEL`: trace, debug, info, warn or error")
 	f.StringVar(&f.format, "log-format", "text", "log `FORMAT`: text, or json for hclog's JSON lines")
 	return f
 }
 
-// parse parses args. done is true when the command ends here: its help page
+// ParseArgs parses args. done is true when the command ends here: its help page
 // was asked for (status 0) or the flags are bad (status 1, one line).
-func (f *cmdFlags) parse(args []string, stdout, stderr io.Writer) (status int, done bool) {
+func (f *Flags) ParseArgs(args []string, stdout, stderr io.Writer) (status int, done bool) {
 	err := f.Parse(args)
 	if errors.Is(err, flag.ErrHelp) {
-		f.help(stdout)
+		f.Help(stdout)
 		return 0, true
 	}
 	if err != nil {
-		return f.fail(stderr, f.flagError(err)), true
+		return f.Fail(stderr, f.FlagError(err)), true
 	}
 	return 0, false
 }
 
-// fail prints err as the command's one line and returns status 1.
-func (f *cmdFlags) fail(stderr io.Writer, err error) int {
-	fmt.Fprintf(stderr, "%s: %s\n", f.name, oneLine(err.Error()))
+// Fail prints err as the command's one line and returns status 1.
+func (f *Flags) Fail(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "%s: %s\n", f.name, OneLine(err.Error()))
 	return 1
 }
 
-// failf is fail with a format.
-func (f *cmdFlags) failf(stderr io.Writer, format string, a ...any) int {
-	return f.fail(stderr, fmt.Errorf(format, a...))
+// Failf is Fail with a format.
+func (f *Flags) Failf(stderr io.Writer, format string, a ...any) int {
+	return f.Fail(stderr, fmt.Errorf(format, a...))
 }
 
-// logger builds the command's logger from --log-level and --log-format.
-func (f *cmdFlags) logger(stderr io.Writer) (hclog.Logger, error) {
-	return newLogger(f.level, f.format, stderr)
+// Logger builds the command's logger from --log-level and --log-format,
+// named after the program ("krun-core").
+func (f *Flags) Logger(stderr io.Writer) (hclog.Logger, error) {
+	return NewLogger(strings.Fields(f.name)[0], f.level, f.format, stderr)
 }
 
-// help prints the command's page: the synopsis, then every option.
-func (f *cmdFlags) help(w io.Writer) {
+// Help prints the command's page: the synopsis, then every option.
+func (f *Flags) Help(w io.Writer) {
 	fmt.Fprint(w, strings.TrimRight(f.synopsis, "\n")+"\n\noptions:\n")
-	printOptions(w, f.FlagSet)
+	PrintOptions(w, f.FlagSet)
 }
 
 // flagNameRE finds the flag name in the flag package's messages, which
 // spell it with one dash.
 var flagNameRE = regexp.MustCompile(`(not defined: |needs an argument: |for flag )-([^\s:]+)`)
 
-// flagError rewrites a flag package error in this command line's spelling
+// FlagError rewrites a flag package error in this command line's spelling
 // (two dashes) and points at the help page.
-func (f *cmdFlags) flagError(err error) error { return flagError(f.name, err) }
+func (f *Flags) FlagError(err error) error { return FlagError(f.name, err) }
 
-// flagError rewrites a flag package error of the command cmd ("krun-core
+// FlagError rewrites a flag package error of the command cmd ("krun-core
 // run") in the command line's spelling and points at its help page.
-func flagError(cmd string, err error) error {
+func FlagError(cmd string, err error) error {
 	s := flagNameRE.ReplaceAllStringFunc(err.Error(), func(m string) string {
 		sub := flagNameRE.FindStringSubmatch(m)
 		return sub[1] + dashed(sub[2])
@@ -116,8 +116,9 @@ func dashed(name string) string {
 	return "--" + name
 }
 
-// newLogger builds a logger for --log-level and --log-format.
-func newLogger(level, format string, w io.Writer) (hclog.Logger, error) {
+// NewLogger builds the logger of program name ("krun-core") for
+// --log-level and --log-format.
+func NewLogger(name, level, format string, w io.Writer) (hclog.Logger, error) {
 	lv := hclog.LevelFromString(level)
 	if lv == hclog.NoLevel || lv == hclog.Off {
 		return nil, fmt.Errorf("--log-level=%q: want trace, debug, info, warn or error", level)
@@ -130,25 +131,26 @@ func newLogger(level, format string, w io.Writer) (hclog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("--log-format=%q: want text or json", format)
 	}
-	return hclog.New(&hclog.LoggerOptions{Name: "krun-core", Level: lv, Output: w, JSONFormat: asJSON}), nil
+	return hclog.New(&hclog.LoggerOptions{Name: name, Level: lv, Output: w, JSONFormat: asJSON}), nil
 }
 
-// outputFlag registers --output human|json.
-func outputFlag(fs *flag.FlagSet) *string {
+// OutputFlag registers --output human|json.
+func OutputFlag(fs *flag.FlagSet) *string {
 	return fs.String("output", "human", "output `FORMAT`: human, or json")
 }
 
-func checkOutput(v string) error {
+// CheckOutput checks the value of --output.
+func CheckOutput(v string) error {
 	if v != "human" && v != "json" {
 		return fmt.Errorf("--output=%q: want human or json", v)
 	}
 	return nil
 }
 
-// printOptions lists the flags of fs with two dashes, their value names
+// PrintOptions lists the flags of fs with two dashes, their value names
 // and defaults. A flag with an empty usage is an alias (-f for --format)
 // and is not listed.
-func printOptions(w io.Writer, fs *flag.FlagSet) {
+func PrintOptions(w io.Writer, fs *flag.FlagSet) {
 	type row struct{ left, usage string }
 	var rows []row
 	width := 0
@@ -214,37 +216,7 @@ func wrap(s string, n int) []string {
 	return lines
 }
 
-// buildVersion may be set at link time (-ldflags "-X main.buildVersion=v1.2.3").
-var buildVersion string
-
-// versionText is what --version prints: the version, the commit it was
-// built from, the Go release and the plugin protocol version.
-func versionText() string {
-	v, rev, dirty := "(devel)", "", false
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		if bi.Main.Version != "" {
-			v = bi.Main.Version
-		}
-		for _, s := range bi.Settings {
-			switch s.Key {
-			case "vcs.revision":
-				rev = s.Value
-			case "vcs.modified":
-				dirty = s.Value == "true"
-			}
-		}
-	}
-	if buildVersion != "" {
-		v = buildVersion
-	}
-	var b strings.Builder
-	fmt.Fprintf(&b, "krun-core %s", v)
-	if rev != "" {
-		fmt.Fprintf(&b, " commit %.12s", rev)
-		if dirty {
-			b.WriteString(" (modified)")
-		}
-	}
-	fmt.Fprintf(&b, ", %s, plugin protocol %d\n", runtime.Version(), pluginpb.ProtocolVersion)
-	return b.String()
+// OneLine folds s (an error message that may span lines) into one line.
+func OneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
 }
