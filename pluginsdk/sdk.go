@@ -51,7 +51,6 @@ import (
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
-	plugin "github.com/hashicorp/go-plugin"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -126,31 +125,19 @@ type server struct {
 }
 
 func serve(p Plugin, stderr io.Writer) int {
-	level := hclog.LevelFromString(os.Getenv("KRUN_PLUGIN_LOG_LEVEL"))
-	if level == hclog.NoLevel {
-		level = hclog.Info
-	}
-	// The writer is captured now: go-plugin's Serve later replaces
-	// os.Stderr with a pipe that only a SyncStderr client would drain.
-	log := hclog.New(&hclog.LoggerOptions{Output: stderr, Level: level, JSONFormat: true})
-	// Load the local time zone now: log timestamps need it, and after
-	// sandbox.Restrict the plugin cannot open /etc/localtime.
-	_ = time.Local.String()
+	log := NewLogger(stderr)
 	s := &server{p: p, log: log, state: pluginpb.HealthResponse_STATE_WAITING}
 	var once sync.Once
 	s.stop = func() {
-		// The host ends us with go-plugin's controller Shutdown (see the
-		// interceptor); this timer is for a host that does not.
+		// The host ends us with go-plugin's controller Shutdown (see
+		// exitOnControllerShutdown); this timer is for a host that does not.
 		once.Do(func() { time.AfterFunc(exitWait, func() { os.Exit(0) }) })
 	}
-	plugin.Serve(&plugin.ServeConfig{
-		HandshakeConfig: pluginpb.Handshake(),
-		Plugins:         plugin.PluginSet{pluginpb.PluginName: &grpcPlugin{srv: s}},
-		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
-			return grpc.NewServer(append(opts, grpc.ChainUnaryInterceptor(exitOnControllerShutdown))...)
-		},
-		Logger: log,
-	})
+	ServeService(Service{
+		Handshake: pluginpb.Handshake(),
+		Name:      pluginpb.PluginName,
+		Register:  func(g *grpc.Server) { pluginpb.RegisterDevicePluginServer(g, s) },
+	}, log)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cancel != nil {
@@ -159,40 +146,9 @@ func serve(p Plugin, stderr io.Writer) int {
 	return 0
 }
 
-// controllerShutdown is go-plugin's own "stop the plugin" RPC, sent by the
-// host's plugin.Client.Kill.
-const controllerShutdown = "/plugin.GRPCController/Shutdown"
-
 // exitWait is how long the plugin lingers after Shutdown (or a failed
 // sandbox) for the host's controller Shutdown.
 const exitWait = 2 * time.Second
-
-// exitOnControllerShutdown exits the process when the host asks go-plugin
-// to stop. go-plugin would stop the gRPC server, whose listener then
-// unlinks the socket file: a file system call the sandbox refuses (and
-// logs). The host removes the socket directory itself, and the device was
-// flushed by the Shutdown RPC before (Kill without Shutdown is a kill).
-func exitOnControllerShutdown(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	if info.FullMethod == controllerShutdown {
-		os.Exit(0)
-	}
-	return h(ctx, req)
-}
-
-// grpcPlugin is the plugin half of go-plugin's GRPCPlugin.
-type grpcPlugin struct {
-	plugin.NetRPCUnsupportedPlugin
-	srv *server
-}
-
-func (g *grpcPlugin) GRPCServer(_ *plugin.GRPCBroker, s *grpc.Server) error {
-	pluginpb.RegisterDevicePluginServer(s, g.srv)
-	return nil
-}
-
-func (g *grpcPlugin) GRPCClient(context.Context, *plugin.GRPCBroker, *grpc.ClientConn) (interface{}, error) {
-	return nil, errors.New("pluginsdk: a plugin is not a host")
-}
 
 func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb.DescribeResponse, error) {
 	s.mu.Lock()
@@ -205,39 +161,6 @@ func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb
 	return &pluginpb.DescribeResponse{
 		Kind: s.p.Kind(), Configured: info != nil, Device: info, PolicyJson: pol, SdkVersion: Version,
 	}, nil
-}
-
-// inheritedFiles checks the fds named in a Configure request and wraps them.
-func inheritedFiles(req map[string]uint32) (map[string]*os.File, map[string]int, error) {
-	if len(req) > maxFiles {
-		return nil, nil, fmt.Errorf("%d files, at most %d", len(req), maxFiles)
-	}
-	files := make(map[string]*os.File, len(req))
-	fds := make(map[string]int, len(req))
-	used := map[uint32]string{}
-	for name, fd := range req {
-		if name == "" {
-			return nil, nil, errors.New("a file has an empty name")
-		}
-		if fd < pluginpb.FirstResourceFD || fd >= pluginpb.FirstResourceFD+maxFiles {
-			return nil, nil, fmt.Errorf("file %q: fd %d outside %d..%d", name, fd, pluginpb.FirstResourceFD, pluginpb.FirstResourceFD+maxFiles-1)
-		}
-		if other, dup := used[fd]; dup {
-			return nil, nil, fmt.Errorf("files %q and %q both claim fd %d", name, other, fd)
-		}
-		used[fd] = name
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
-			return nil, nil, fmt.Errorf("file %q: fd %d was not inherited: %w", name, fd, err)
-		}
-		fds[name] = int(fd)
-	}
-	for name, fd := range fds {
-		// Inherited fds are not close-on-exec; a plugin never execs, but
-		// be tidy.
-		unix.CloseOnExec(fd)
-		files[name] = os.NewFile(uintptr(fd), name)
-	}
-	return files, fds, nil
 }
 
 func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) (resp *pluginpb.ConfigureResponse, err error) {
@@ -254,7 +177,7 @@ func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) 
 	if len(req.GetOptions()) > maxOptions {
 		return fail(codes.InvalidArgument, fmt.Errorf("%d options, at most %d", len(req.GetOptions()), maxOptions))
 	}
-	files, fds, err := inheritedFiles(req.GetFiles())
+	files, fds, err := InheritedFiles(req.GetFiles(), pluginpb.FirstResourceFD, maxFiles)
 	if err != nil {
 		return fail(codes.InvalidArgument, err)
 	}

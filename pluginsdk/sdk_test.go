@@ -208,7 +208,9 @@ func TestConfigureRejects(t *testing.T) {
 		{name: "fd not inherited", p: &fakePlugin{dev: &fakeDevice{}}, files: func(*testing.T) map[string]uint32 { return map[string]uint32{"image": 67} },
 			code: codes.InvalidArgument, want: "was not inherited"},
 		{name: "empty name", p: &fakePlugin{dev: &fakeDevice{}}, files: func(t *testing.T) map[string]uint32 { return map[string]uint32{"": inheritFD(t)} },
-			code: codes.InvalidArgument, want: "empty name"},
+			code: codes.InvalidArgument, want: `file name "": want 1 to 64 bytes`},
+		{name: "long name", p: &fakePlugin{dev: &fakeDevice{}}, files: func(t *testing.T) map[string]uint32 { return map[string]uint32{strings.Repeat("n", 65): inheritFD(t)} },
+			code: codes.InvalidArgument, want: "want 1 to 64 bytes"},
 		{name: "same fd twice", p: &fakePlugin{dev: &fakeDevice{}}, files: func(t *testing.T) map[string]uint32 {
 			fd := inheritFD(t)
 			return map[string]uint32{"a": fd, "b": fd}

@@ -1,5 +1,7 @@
-// Package pluginhost launches krun-plugin-* executables with go-plugin and
-// drives them over the DevicePlugin gRPC service.
+// Package pluginhost launches krun-plugin-* executables with go-plugin
+// (StartProcess, for any service: the device plugins' DevicePlugin and the
+// image tool's ImageTool) and drives device plugins over the DevicePlugin
+// gRPC service (Launch, Plugin).
 //
 // go-plugin passes no file descriptors, so the host passes them itself with
 // exec.Cmd.ExtraFiles: the vhost-user socket is fd 3 and the named resources
@@ -15,19 +17,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
-	"sync/atomic"
-	"syscall"
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
-	plugin "github.com/hashicorp/go-plugin"
-	"github.com/hashicorp/go-plugin/runner"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -107,23 +103,15 @@ type Config struct {
 	Env []string
 }
 
-// Plugin is a running plugin process.
+// Plugin is a running device plugin process: a Process serving the
+// DevicePlugin service.
 type Plugin struct {
-	kind       string
-	path       string
-	log        hclog.Logger
-	client     *plugin.Client
+	*Process
 	rpc        pluginpb.DevicePluginClient
-	run        *ProcRunner
-	sockDir    string
 	fileNames  []string
 	sandboxOff bool
 	sandbox    Sandboxer
 	rpcTimeout time.Duration
-	stderr     *TailBuffer
-
-	stopping  atomic.Bool // Shutdown or Kill was called
-	closeOnce sync.Once
 }
 
 // ErrExited is matched (errors.Is) by every *ExitError.
@@ -160,17 +148,6 @@ func (e *ExitError) Is(target error) bool { return target == ErrExited }
 // Unwrap returns the wait status.
 func (e *ExitError) Unwrap() error { return e.Status }
 
-// deviceClient is the host half of go-plugin's GRPCPlugin.
-type deviceClient struct{ plugin.NetRPCUnsupportedPlugin }
-
-func (deviceClient) GRPCServer(*plugin.GRPCBroker, *grpc.Server) error {
-	return errors.New("pluginhost: the host does not serve plugins")
-}
-
-func (deviceClient) GRPCClient(_ context.Context, _ *plugin.GRPCBroker, c *grpc.ClientConn) (interface{}, error) {
-	return pluginpb.NewDevicePluginClient(c), nil
-}
-
 // Launch starts the plugin process, completes the go-plugin handshake and
 // connects the gRPC client. The caller keeps ownership of cfg.Socket and
 // cfg.Files (the plugin has its own copies once Launch returns) and must
@@ -182,10 +159,9 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 	if cfg.Socket == nil {
 		return nil, fmt.Errorf("plugin %s: no vhost-user socket (fd 3)", cfg.Kind)
 	}
-	if cfg.Sandbox == nil && !cfg.SandboxOff {
-		return nil, fmt.Errorf("plugin %s: no launcher-side sandbox configured (set Sandbox, or SandboxOff for an explicit opt-out)", cfg.Kind)
-	}
 	names := make([]string, len(cfg.Files))
+	files := make([]*os.File, 0, 1+len(cfg.Files))
+	files = append(files, cfg.Socket)
 	seen := map[string]bool{}
 	for i, f := range cfg.Files {
 		if f.Name == "" || f.File == nil || seen[f.Name] {
@@ -193,126 +169,30 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		}
 		seen[f.Name] = true
 		names[i] = f.Name
+		files = append(files, f.File)
 	}
-	path := cfg.Path
-	if path == "" {
-		if path, err = Find(cfg.Kind, SearchPath(cfg.PluginDir)); err != nil {
-			return nil, err
-		}
-	}
-	log := cfg.Logger
-	if log == nil {
-		log = hclog.NewNullLogger()
-	}
-	hsTimeout := cfg.HandshakeTimeout
-	if hsTimeout <= 0 {
-		hsTimeout = DefaultHandshakeTimeout
+	proc, err := StartProcess(ProcessConfig{
+		Kind: cfg.Kind, Path: cfg.Path, PluginDir: cfg.PluginDir, Files: files,
+		Sandbox: cfg.Sandbox, SandboxOff: cfg.SandboxOff, Logger: cfg.Logger,
+		HandshakeTimeout: cfg.HandshakeTimeout, SocketBaseDir: cfg.SocketBaseDir, Env: cfg.Env,
+		Handshake: pluginpb.Handshake(), Service: pluginpb.PluginName,
+		NewClient: func(c *grpc.ClientConn) any { return pluginpb.NewDevicePluginClient(c) },
+	})
+	if err != nil {
+		return nil, err
 	}
 	p := &Plugin{
-		kind: cfg.Kind, path: path, log: log, fileNames: names,
-		sandboxOff: cfg.SandboxOff, sandbox: cfg.Sandbox, rpcTimeout: cfg.RPCTimeout, stderr: &TailBuffer{},
+		Process: proc, rpc: proc.Stub().(pluginpb.DevicePluginClient), fileNames: names,
+		sandboxOff: cfg.SandboxOff, sandbox: cfg.Sandbox, rpcTimeout: cfg.RPCTimeout,
 	}
 	if p.rpcTimeout <= 0 {
 		p.rpcTimeout = DefaultRPCTimeout
-	}
-
-	// The private directory: go-plugin puts its own socket directory (and
-	// the plugin its gRPC socket) inside it; removed in Kill/Shutdown.
-	p.sockDir, err = os.MkdirTemp(cfg.SocketBaseDir, "krun-"+cfg.Kind+"-")
-	if err != nil {
-		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
-	}
-	if err := os.Chmod(p.sockDir, 0o700); err != nil {
-		_ = os.RemoveAll(p.sockDir)
-		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
-	}
-	// go-plugin adds "/plugin-dirNNNNNNNNNN/pluginNNNNNNNNNN" (at most 39
-	// bytes), the host reaches a sandboxed plugin's socket through
-	// "/proc/PID/root" (at most 18), and a unix socket path has room for
-	// 107.
-	if len(p.sockDir)+39+18 > 107 {
-		_ = os.RemoveAll(p.sockDir)
-		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
-	}
-
-	// A root launcher shares a group with its plugin for the plugin's
-	// socket, so it can reach a plugin it starts again after dropping its
-	// capabilities (sandbox.LaunchConfig.SocketGroup).
-	sockGroup := ""
-	if sg, ok := cfg.Sandbox.(socketGrouper); ok && !cfg.SandboxOff {
-		if sockGroup, err = sg.JoinSocketGroup(); err != nil {
-			_ = os.RemoveAll(p.sockDir)
-			return nil, fmt.Errorf("plugin %s: %w", cfg.Kind, err)
-		}
-	}
-
-	extra := make([]*os.File, 0, 1+len(cfg.Files))
-	extra = append(extra, cfg.Socket)
-	for _, f := range cfg.Files {
-		extra = append(extra, f.File)
-	}
-	runnerFunc := func(_ hclog.Logger, spec *exec.Cmd, _ string) (runner.Runner, error) {
-		cmd := exec.Command(path)
-		// spec.Env holds go-plugin's variables only (SkipHostEnv), the
-		// socket directory last.
-		cmd.Env = append(append([]string(nil), spec.Env...),
-			EnvKind+"="+cfg.Kind, EnvLogLevel+"="+logLevel(log).String())
-		cmd.Env = append(cmd.Env, cfg.Env...)
-		cmd.ExtraFiles = extra
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		if cfg.Sandbox != nil {
-			if err := cfg.Sandbox.Apply(cmd); err != nil {
-				return nil, fmt.Errorf("%s %w", SandboxErrPrefix, err)
-			}
-		}
-		if cmd.SysProcAttr == nil {
-			cmd.SysProcAttr = &syscall.SysProcAttr{}
-		}
-		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-		r, err := NewProcRunner(cmd, "")
-		if err != nil {
-			return nil, err
-		}
-		if la, ok := cfg.Sandbox.(limitApplier); ok && !cfg.SandboxOff {
-			r.SetPostStart(la.ApplyLimits)
-		}
-		p.run = r
-		return r, nil
-	}
-	p.client = plugin.NewClient(&plugin.ClientConfig{
-		HandshakeConfig:  pluginpb.Handshake(),
-		Plugins:          plugin.PluginSet{pluginpb.PluginName: deviceClient{}},
-		RunnerFunc:       runnerFunc,
-		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
-		StartTimeout:     hsTimeout,
-		Logger:           quietLogger{log, p},
-		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
-		SkipHostEnv:      true,
-		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir, Group: sockGroup},
-	})
-
-	start := time.Now()
-	if _, err := p.client.Start(); err != nil {
-		p.client.Kill()
-		p.removeSockDir()
-		return nil, p.startError(err, time.Since(start), hsTimeout)
-	}
-	raw, err := p.client.Client()
-	if err == nil {
-		var d interface{}
-		if d, err = raw.Dispense(pluginpb.PluginName); err == nil {
-			p.rpc = d.(pluginpb.DevicePluginClient)
-		}
-	}
-	if err != nil {
-		p.Kill()
-		return nil, fmt.Errorf("plugin %s: connect: %w", cfg.Kind, err)
 	}
 	if err := p.checkKind(); err != nil {
 		p.Kill()
 		return nil, err
 	}
-	log.Debug("plugin started", "kind", cfg.Kind, "path", path, "pid", p.Pid())
+	p.log.Debug("plugin started", "kind", cfg.Kind, "path", p.path, "pid", p.Pid())
 	return p, nil
 }
 
@@ -331,48 +211,6 @@ func (p *Plugin) checkKind() error {
 	return nil
 }
 
-func (p *Plugin) startError(err error, took, timeout time.Duration) error {
-	if p.run == nil { // the runner was never built (sandbox, pipes)
-		return fmt.Errorf("plugin %s: %s", p.kind, oneLine(err.Error()))
-	}
-	if p.run.pid == 0 { // exec failed
-		return fmt.Errorf("plugin %s: start %s: %w", p.kind, p.path, p.run.ExitErr())
-	}
-	if strings.HasPrefix(err.Error(), SandboxErrPrefix) {
-		return fmt.Errorf("plugin %s: %s", p.kind, oneLine(err.Error()))
-	}
-	// go-plugin reports an exit before the handshake line either directly
-	// or as an empty "unrecognized" line (stdout hit EOF).
-	msg := err.Error()
-	const unrecognized = "Unrecognized remote plugin message: "
-	exited := strings.Contains(msg, "plugin exited before we could connect") ||
-		msg == unrecognized || strings.HasPrefix(msg, unrecognized+"\n")
-	if exited {
-		t := time.NewTimer(2 * time.Second)
-		defer t.Stop()
-		select {
-		case <-p.run.done:
-			return &ExitError{Kind: p.kind, Pid: p.run.pid, Op: "handshake", Status: p.run.waitErr, Detail: p.detail(nil)}
-		case <-t.C:
-		}
-	}
-	if took >= timeout {
-		return fmt.Errorf("plugin %s: %w: %s did not complete the handshake within %v", p.kind, ErrHandshakeTimeout, p.path, timeout)
-	}
-	return fmt.Errorf("plugin %s: handshake: %s", p.kind, oneLine(msg))
-}
-
-// detail is the plugin's panic line, or else the first line of err.
-func (p *Plugin) detail(err error) string {
-	if l := p.stderr.PanicLine(); l != "" {
-		return oneLine(l)
-	}
-	if err != nil {
-		return oneLine(err.Error())
-	}
-	return ""
-}
-
 func oneLine(s string) string {
 	for i := 0; i < len(s); i++ {
 		if s[i] == '\n' || s[i] == '\r' {
@@ -389,48 +227,10 @@ func logLevel(l hclog.Logger) hclog.Level {
 	return hclog.Info
 }
 
-// Kind is the plugin kind.
-func (p *Plugin) Kind() string { return p.kind }
-
-// Path is the plugin executable.
-func (p *Plugin) Path() string { return p.path }
-
-// Pid is the plugin's process id.
-func (p *Plugin) Pid() int {
-	if p.run == nil {
-		return 0
-	}
-	return p.run.pid
-}
-
 // socketGrouper is implemented by a Sandboxer whose plugins run as other
 // ids than the launcher's (sandbox.LaunchConfig).
 type socketGrouper interface {
 	JoinSocketGroup() (pluginName string, err error)
-}
-
-// SocketDir is the private directory holding the plugin's gRPC socket.
-func (p *Plugin) SocketDir() string { return p.sockDir }
-
-// Done is closed when the plugin process has exited.
-func (p *Plugin) Done() <-chan struct{} { return p.run.done }
-
-// Err is nil while the plugin runs and after an exit the host asked for
-// (Shutdown, Kill); otherwise it is the *ExitError of the unexpected exit.
-func (p *Plugin) Err() error {
-	select {
-	case <-p.run.done:
-	default:
-		return nil
-	}
-	if p.stopping.Load() {
-		return nil
-	}
-	return p.exitError("running")
-}
-
-func (p *Plugin) exitError(op string) error {
-	return &ExitError{Kind: p.kind, Pid: p.run.pid, Op: op, Status: p.run.ExitErr(), Detail: p.detail(nil)}
 }
 
 // call runs one RPC with the RPC timeout and turns failures into errors
@@ -442,26 +242,12 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 	if err == nil {
 		return nil
 	}
-	select {
-	case <-p.run.done:
-		return p.exitError(op)
-	default:
+	if e := p.Exited(op, err); e != nil {
+		return e
 	}
 	st := status.Convert(err)
-	switch st.Code() {
-	case codes.Unavailable, codes.Canceled, codes.Internal:
-		// The connection broke; the process is most likely on its way out.
-		t := time.NewTimer(2 * time.Second)
-		defer t.Stop()
-		select {
-		case <-p.run.done:
-			return p.exitError(op)
-		case <-t.C:
-		}
-	case codes.DeadlineExceeded:
-		if ctx.Err() != nil {
-			return fmt.Errorf("plugin %s (pid %d): %s: no answer in time: %w", p.kind, p.Pid(), op, context.DeadlineExceeded)
-		}
+	if st.Code() == codes.DeadlineExceeded && ctx.Err() != nil {
+		return fmt.Errorf("plugin %s (pid %d): %s: no answer in time: %w", p.kind, p.Pid(), op, context.DeadlineExceeded)
 	}
 	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(st.Message()))
 }
@@ -612,73 +398,6 @@ func (p *Plugin) crashedBefore(op string) error {
 		return nil
 	}
 	return p.exitError(op)
-}
-
-// Kill ends the plugin without a flush and removes its socket directory.
-func (p *Plugin) Kill() {
-	p.stopping.Store(true)
-	if p.run != nil {
-		_ = p.run.Kill(context.Background())
-	}
-	p.close()
-}
-
-func (p *Plugin) close() {
-	p.closeOnce.Do(func() {
-		p.client.Kill() // graceful go-plugin stop, SIGKILL after 2 s
-		p.removeSockDir()
-		p.log.Debug("plugin stopped", "kind", p.kind, "pid", p.Pid())
-	})
-}
-
-func (p *Plugin) removeSockDir() {
-	if p.sockDir != "" {
-		if err := os.RemoveAll(p.sockDir); err != nil {
-			p.log.Warn("removing plugin socket directory", "dir", p.sockDir, "error", err)
-		}
-	}
-}
-
-// quietLogger is the logger go-plugin's client gets: the messages it logs
-// about an exit the host asked for (Shutdown, Kill) go to Debug instead of
-// Error and Warn, so that they do not read like failures, and so does its
-// line about an exit nobody asked for: the host reports that one itself,
-// once, with the plugin's panic line (Err, ExitError) and what it does
-// about it (a restart, a failed device). Everything else passes unchanged,
-// except the plugin's own log lines: the host re-logs those itself
-// (pluginLog), so go-plugin's copy goes nowhere (Named).
-type quietLogger struct {
-	hclog.Logger
-	p *Plugin
-}
-
-// offLogger is switched off: go-plugin does not even parse the lines it
-// would log there.
-var offLogger = hclog.New(&hclog.LoggerOptions{Level: hclog.Off, Output: io.Discard})
-
-// Named is how go-plugin gets the logger it re-logs the plugin's stderr
-// into (named after the executable); "stdio" is its gRPC stdio channel.
-func (q quietLogger) Named(name string) hclog.Logger {
-	if name == "stdio" {
-		return q.Logger.Named(name)
-	}
-	return offLogger
-}
-
-func (q quietLogger) Error(msg string, args ...interface{}) {
-	if msg == "plugin process exited" {
-		q.Logger.Debug(msg, args...)
-		return
-	}
-	q.Logger.Error(msg, args...)
-}
-
-func (q quietLogger) Warn(msg string, args ...interface{}) {
-	if msg == "plugin failed to exit gracefully" && q.p.stopping.Load() {
-		q.Logger.Debug(msg, args...)
-		return
-	}
-	q.Logger.Warn(msg, args...)
 }
 
 // LaunchAll launches several plugins concurrently. If any launch fails, the

@@ -23,12 +23,11 @@ import (
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
-	plugin "github.com/hashicorp/go-plugin"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/krun-core/krun-core/pluginsdk"
 	"github.com/krun-core/krun-core/proto/imagepb"
 	"github.com/krun-core/krun-core/sandbox"
 )
@@ -45,35 +44,14 @@ func Main() {
 }
 
 func serve(stderr io.Writer) int {
-	level := hclog.LevelFromString(os.Getenv("KRUN_PLUGIN_LOG_LEVEL"))
-	if level == hclog.NoLevel {
-		level = hclog.Info
-	}
-	// Captured now: go-plugin's Serve later replaces os.Stderr.
-	log := hclog.New(&hclog.LoggerOptions{Output: stderr, Level: level, JSONFormat: true})
+	log := pluginsdk.NewLogger(stderr)
 	s := NewServer(log, sandbox.Restrict)
-	plugin.Serve(&plugin.ServeConfig{
-		HandshakeConfig: imagepb.Handshake(),
-		Plugins:         plugin.PluginSet{imagepb.PluginName: &grpcPlugin{srv: s}},
-		GRPCServer:      plugin.DefaultGRPCServer,
-		Logger:          log,
-	})
+	pluginsdk.ServeService(pluginsdk.Service{
+		Handshake: imagepb.Handshake(),
+		Name:      imagepb.PluginName,
+		Register:  func(g *grpc.Server) { imagepb.RegisterImageToolServer(g, s) },
+	}, log)
 	return 0
-}
-
-// grpcPlugin is the plugin half of go-plugin's GRPCPlugin.
-type grpcPlugin struct {
-	plugin.NetRPCUnsupportedPlugin
-	srv *Server
-}
-
-func (g *grpcPlugin) GRPCServer(_ *plugin.GRPCBroker, s *grpc.Server) error {
-	imagepb.RegisterImageToolServer(s, g.srv)
-	return nil
-}
-
-func (g *grpcPlugin) GRPCClient(context.Context, *plugin.GRPCBroker, *grpc.ClientConn) (interface{}, error) {
-	return nil, errors.New("imgserver: a plugin is not a host")
 }
 
 // RestrictFunc applies the sandbox (sandbox.Restrict; tests substitute it).
@@ -107,7 +85,7 @@ func (s *Server) Open(_ context.Context, req *imagepb.OpenRequest) (*imagepb.Ope
 	if s.opened || s.failed != nil {
 		return nil, status.Error(codes.FailedPrecondition, "Open is called once")
 	}
-	files, err := inheritedFiles(req.GetFiles())
+	files, _, err := pluginsdk.InheritedFiles(req.GetFiles(), imagepb.FirstFD, imagepb.MaxFiles)
 	if err != nil {
 		s.failed = err
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -120,10 +98,6 @@ func (s *Server) Open(_ context.Context, req *imagepb.OpenRequest) (*imagepb.Ope
 			s.failed = errors.New("no sandbox available")
 			return nil, status.Error(codes.FailedPrecondition, s.failed.Error())
 		}
-		// The time zone is loaded lazily, from /etc/localtime, by the first
-		// log line; load it (in the empty root: find none, UTC) now, while
-		// the launcher's filter still allows the open.
-		_ = time.Now().Local().String()
 		if err := s.restrict(Policy(), s.log); err != nil {
 			s.failed = err
 			for _, f := range files {
@@ -135,35 +109,6 @@ func (s *Server) Open(_ context.Context, req *imagepb.OpenRequest) (*imagepb.Ope
 	}
 	s.files, s.opened = files, true
 	return &imagepb.OpenResponse{Sandbox: note}, nil
-}
-
-// inheritedFiles checks the fds named in Open and wraps them.
-func inheritedFiles(req map[string]uint32) (map[string]*os.File, error) {
-	if len(req) > imagepb.MaxFiles {
-		return nil, fmt.Errorf("%d files, at most %d", len(req), imagepb.MaxFiles)
-	}
-	used := map[uint32]string{}
-	for name, fd := range req {
-		if name == "" || len(name) > 64 {
-			return nil, fmt.Errorf("file name %q: want 1 to 64 bytes", name)
-		}
-		if fd < imagepb.FirstFD || fd >= imagepb.FirstFD+imagepb.MaxFiles {
-			return nil, fmt.Errorf("file %q: fd %d outside %d..%d", name, fd, imagepb.FirstFD, imagepb.FirstFD+imagepb.MaxFiles-1)
-		}
-		if other, dup := used[fd]; dup {
-			return nil, fmt.Errorf("files %q and %q both claim fd %d", name, other, fd)
-		}
-		used[fd] = name
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
-			return nil, fmt.Errorf("file %q: fd %d was not inherited: %w", name, fd, err)
-		}
-	}
-	files := make(map[string]*os.File, len(req))
-	for name, fd := range req {
-		unix.CloseOnExec(int(fd))
-		files[name] = os.NewFile(uintptr(fd), name)
-	}
-	return files, nil
 }
 
 // begin returns the named files for one operation; operations run one at

@@ -1,0 +1,396 @@
+package pluginhost
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"context"
+
+	hclog "github.com/hashicorp/go-hclog"
+	plugin "github.com/hashicorp/go-plugin"
+	"github.com/hashicorp/go-plugin/runner"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// ProcessConfig describes the start of one plugin process, whatever gRPC
+// service it serves: device plugins (Launch, the DevicePlugin service) and
+// the image tool's krun-plugin-img (imgtool, the ImageTool service) both
+// start through StartProcess, with the same environment, sandbox, socket
+// directory, logging and error reports.
+type ProcessConfig struct {
+	// Kind is the plugin kind: the executable is krun-plugin-<Kind>, and
+	// messages name the process "plugin <Kind>".
+	Kind string
+	// Path is the executable; "" finds it with Find(Kind, SearchPath(PluginDir)).
+	Path      string
+	PluginDir string
+	// Files are fd 3, 4, ... in the plugin, in order. The caller keeps its
+	// copies.
+	Files []*os.File
+
+	// Sandbox applies the launcher-side sandbox. It must be set unless
+	// SandboxOff is the user's explicit opt-out.
+	Sandbox    Sandboxer
+	SandboxOff bool
+
+	// Logger receives the host's messages about the plugin and the
+	// plugin's own log lines (JSON on its stderr), re-logged under the
+	// name krun-plugin-<Kind>.
+	Logger hclog.Logger
+	// HandshakeTimeout bounds process start + go-plugin handshake
+	// (DefaultHandshakeTimeout if 0).
+	HandshakeTimeout time.Duration
+	// SocketBaseDir is where the private gRPC socket directory is made;
+	// "" means os.TempDir().
+	SocketBaseDir string
+	// Env is extra environment for the plugin. The host's own environment
+	// is never passed on.
+	Env []string
+
+	// Handshake is the service's go-plugin handshake, Service the name it
+	// is dispensed under and NewClient its gRPC client stub.
+	Handshake plugin.HandshakeConfig
+	Service   string
+	NewClient func(*grpc.ClientConn) any
+	// DialOptions are extra gRPC dial options (message size limits).
+	DialOptions []grpc.DialOption
+	// ExecHint is the question a failed handshake asks (ProcRunner's
+	// Diagnose); "" asks whether the binary is a plugin with a matching
+	// pluginsdk.
+	ExecHint string
+}
+
+// Process is a running plugin process and its gRPC connection.
+type Process struct {
+	kind    string
+	path    string
+	log     hclog.Logger
+	client  *plugin.Client
+	stub    any
+	run     *ProcRunner
+	sockDir string
+	stderr  *TailBuffer
+
+	stopping  atomic.Bool // Kill (or a Shutdown) was asked for
+	closeOnce sync.Once
+}
+
+// clientPlugin is the host half of go-plugin's GRPCPlugin for any service.
+type clientPlugin struct {
+	plugin.NetRPCUnsupportedPlugin
+	newClient func(*grpc.ClientConn) any
+}
+
+func (clientPlugin) GRPCServer(*plugin.GRPCBroker, *grpc.Server) error {
+	return errors.New("pluginhost: the host does not serve plugins")
+}
+
+func (c clientPlugin) GRPCClient(_ context.Context, _ *plugin.GRPCBroker, conn *grpc.ClientConn) (interface{}, error) {
+	return c.newClient(conn), nil
+}
+
+// StartProcess starts the plugin process with cfg.Files as fd 3, 4, ...,
+// completes the go-plugin handshake and connects the gRPC client (Stub).
+// The caller must end the process with Kill.
+func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
+	if err := CheckKind(cfg.Kind); err != nil {
+		return nil, err
+	}
+	if cfg.Sandbox == nil && !cfg.SandboxOff {
+		return nil, fmt.Errorf("plugin %s: no launcher-side sandbox configured (set Sandbox, or SandboxOff for an explicit opt-out)", cfg.Kind)
+	}
+	if cfg.NewClient == nil || cfg.Service == "" {
+		return nil, fmt.Errorf("plugin %s: no gRPC service to connect to", cfg.Kind)
+	}
+	path := cfg.Path
+	if path == "" {
+		if path, err = Find(cfg.Kind, SearchPath(cfg.PluginDir)); err != nil {
+			return nil, err
+		}
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	hsTimeout := cfg.HandshakeTimeout
+	if hsTimeout <= 0 {
+		hsTimeout = DefaultHandshakeTimeout
+	}
+	p := &Process{kind: cfg.Kind, path: path, log: log, stderr: &TailBuffer{}}
+
+	// The private directory: go-plugin puts its own socket directory (and
+	// the plugin its gRPC socket) inside it; removed when the process ends.
+	p.sockDir, err = os.MkdirTemp(cfg.SocketBaseDir, "krun-"+cfg.Kind+"-")
+	if err != nil {
+		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
+	}
+	if err := os.Chmod(p.sockDir, 0o700); err != nil {
+		_ = os.RemoveAll(p.sockDir)
+		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
+	}
+	// go-plugin adds "/plugin-dirNNNNNNNNNN/pluginNNNNNNNNNN" (at most 39
+	// bytes), the host reaches a sandboxed plugin's socket through
+	// "/proc/PID/root" (at most 18), and a unix socket path has room for
+	// 107.
+	if len(p.sockDir)+39+18 > 107 {
+		_ = os.RemoveAll(p.sockDir)
+		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
+	}
+
+	// A root launcher shares a group with its plugin for the plugin's
+	// socket, so it can reach a plugin it starts again after dropping its
+	// capabilities (sandbox.LaunchConfig.SocketGroup).
+	sockGroup := ""
+	if sg, ok := cfg.Sandbox.(socketGrouper); ok && !cfg.SandboxOff {
+		if sockGroup, err = sg.JoinSocketGroup(); err != nil {
+			_ = os.RemoveAll(p.sockDir)
+			return nil, fmt.Errorf("plugin %s: %w", cfg.Kind, err)
+		}
+	}
+
+	extra := append([]*os.File(nil), cfg.Files...)
+	runnerFunc := func(_ hclog.Logger, spec *exec.Cmd, _ string) (runner.Runner, error) {
+		cmd := exec.Command(path)
+		// spec.Env holds go-plugin's variables only (SkipHostEnv), the
+		// socket directory last.
+		cmd.Env = append(append([]string(nil), spec.Env...),
+			EnvKind+"="+cfg.Kind, EnvLogLevel+"="+logLevel(log).String())
+		cmd.Env = append(cmd.Env, cfg.Env...)
+		cmd.ExtraFiles = extra
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if cfg.Sandbox != nil && !cfg.SandboxOff {
+			if err := cfg.Sandbox.Apply(cmd); err != nil {
+				return nil, fmt.Errorf("%s %w", SandboxErrPrefix, err)
+			}
+		}
+		if cmd.SysProcAttr == nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{}
+		}
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+		r, err := NewProcRunner(cmd, cfg.ExecHint)
+		if err != nil {
+			return nil, err
+		}
+		if la, ok := cfg.Sandbox.(limitApplier); ok && !cfg.SandboxOff {
+			r.SetPostStart(la.ApplyLimits)
+		}
+		p.run = r
+		return r, nil
+	}
+	p.client = plugin.NewClient(&plugin.ClientConfig{
+		HandshakeConfig:  cfg.Handshake,
+		Plugins:          plugin.PluginSet{cfg.Service: clientPlugin{newClient: cfg.NewClient}},
+		RunnerFunc:       runnerFunc,
+		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
+		StartTimeout:     hsTimeout,
+		Logger:           quietLogger{log, p},
+		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
+		SkipHostEnv:      true,
+		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir, Group: sockGroup},
+		GRPCDialOptions:  cfg.DialOptions,
+	})
+
+	start := time.Now()
+	if _, err := p.client.Start(); err != nil {
+		p.client.Kill()
+		p.removeSockDir()
+		return nil, p.startError(err, time.Since(start), hsTimeout)
+	}
+	raw, err := p.client.Client()
+	if err == nil {
+		p.stub, err = raw.Dispense(cfg.Service)
+	}
+	if err != nil {
+		p.Kill()
+		return nil, fmt.Errorf("plugin %s: connect: %w", cfg.Kind, err)
+	}
+	return p, nil
+}
+
+func (p *Process) startError(err error, took, timeout time.Duration) error {
+	if p.run == nil { // the runner was never built (sandbox, pipes)
+		return fmt.Errorf("plugin %s: %s", p.kind, oneLine(err.Error()))
+	}
+	if p.run.pid == 0 { // exec failed
+		return fmt.Errorf("plugin %s: start %s: %w", p.kind, p.path, p.run.ExitErr())
+	}
+	if strings.HasPrefix(err.Error(), SandboxErrPrefix) {
+		return fmt.Errorf("plugin %s: %s", p.kind, oneLine(err.Error()))
+	}
+	// go-plugin reports an exit before the handshake line either directly
+	// or as an empty "unrecognized" line (stdout hit EOF).
+	msg := err.Error()
+	const unrecognized = "Unrecognized remote plugin message: "
+	exited := strings.Contains(msg, "plugin exited before we could connect") ||
+		msg == unrecognized || strings.HasPrefix(msg, unrecognized+"\n")
+	if exited {
+		t := time.NewTimer(2 * time.Second)
+		defer t.Stop()
+		select {
+		case <-p.run.done:
+			return &ExitError{Kind: p.kind, Pid: p.run.pid, Op: "handshake", Status: p.run.waitErr, Detail: p.detail(nil)}
+		case <-t.C:
+		}
+	}
+	if took >= timeout {
+		return fmt.Errorf("plugin %s: %w: %s did not complete the handshake within %v", p.kind, ErrHandshakeTimeout, p.path, timeout)
+	}
+	return fmt.Errorf("plugin %s: handshake: %s", p.kind, oneLine(msg))
+}
+
+// detail is the plugin's panic line, or else the first line of err.
+func (p *Process) detail(err error) string {
+	if l := p.stderr.PanicLine(); l != "" {
+		return oneLine(l)
+	}
+	if err != nil {
+		return oneLine(err.Error())
+	}
+	return ""
+}
+
+// Stub is the gRPC client (ProcessConfig.NewClient's value).
+func (p *Process) Stub() any { return p.stub }
+
+// Kind is the plugin kind.
+func (p *Process) Kind() string { return p.kind }
+
+// Path is the plugin executable.
+func (p *Process) Path() string { return p.path }
+
+// Pid is the plugin's process id.
+func (p *Process) Pid() int {
+	if p.run == nil {
+		return 0
+	}
+	return p.run.pid
+}
+
+// SocketDir is the private directory holding the plugin's gRPC socket.
+func (p *Process) SocketDir() string { return p.sockDir }
+
+// Done is closed when the plugin process has exited.
+func (p *Process) Done() <-chan struct{} { return p.run.done }
+
+// Err is nil while the plugin runs and after an exit the host asked for
+// (Kill, a device plugin's Shutdown); otherwise it is the *ExitError of
+// the unexpected exit.
+func (p *Process) Err() error {
+	select {
+	case <-p.run.done:
+	default:
+		return nil
+	}
+	if p.stopping.Load() {
+		return nil
+	}
+	return p.exitError("running")
+}
+
+func (p *Process) exitError(op string) error {
+	return &ExitError{Kind: p.kind, Pid: p.run.pid, Op: op, Status: p.run.ExitErr(), Detail: p.detail(nil)}
+}
+
+// Exited tells whether an RPC failed (with err) because the process died:
+// it returns the *ExitError naming op when the process has exited, or
+// exits within 2 s of an error that says the connection broke; nil when the
+// process lives on, and the caller words err itself.
+func (p *Process) Exited(op string, err error) error {
+	select {
+	case <-p.run.done:
+		return p.exitError(op)
+	default:
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.Canceled, codes.Internal, codes.Unknown:
+		// The connection broke; the process is most likely on its way out.
+		t := time.NewTimer(2 * time.Second)
+		defer t.Stop()
+		select {
+		case <-p.run.done:
+			return p.exitError(op)
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// Kill ends the plugin at once (SIGKILL) and removes its socket directory.
+func (p *Process) Kill() {
+	p.stopping.Store(true)
+	if p.run != nil {
+		p.run.MarkStopping()
+		_ = p.run.Kill(context.Background())
+	}
+	p.close()
+}
+
+// close stops go-plugin's client (which waits for the process) and removes
+// the socket directory, once.
+func (p *Process) close() {
+	p.closeOnce.Do(func() {
+		p.client.Kill() // graceful go-plugin stop, SIGKILL after 2 s
+		p.removeSockDir()
+		p.log.Debug("plugin stopped", "kind", p.kind, "pid", p.Pid())
+	})
+}
+
+func (p *Process) removeSockDir() {
+	if p.sockDir != "" {
+		if err := os.RemoveAll(p.sockDir); err != nil {
+			p.log.Warn("removing plugin socket directory", "dir", p.sockDir, "error", err)
+		}
+	}
+}
+
+// quietLogger is the logger go-plugin's client gets: the messages it logs
+// about an exit the host asked for (Shutdown, Kill) go to Debug instead of
+// Error and Warn, so that they do not read like failures, and so does its
+// line about an exit nobody asked for: the host reports that one itself,
+// once, with the plugin's panic line (Err, ExitError) and what it does
+// about it (a restart, a failed device). Everything else passes unchanged,
+// except the plugin's own log lines: the host re-logs those itself
+// (pluginLog), so go-plugin's copy goes nowhere (Named).
+type quietLogger struct {
+	hclog.Logger
+	p *Process
+}
+
+// offLogger is switched off: go-plugin does not even parse the lines it
+// would log there.
+var offLogger = hclog.New(&hclog.LoggerOptions{Level: hclog.Off, Output: io.Discard})
+
+// Named is how go-plugin gets the logger it re-logs the plugin's stderr
+// into (named after the executable); "stdio" is its gRPC stdio channel.
+func (q quietLogger) Named(name string) hclog.Logger {
+	if name == "stdio" {
+		return q.Logger.Named(name)
+	}
+	return offLogger
+}
+
+func (q quietLogger) Error(msg string, args ...interface{}) {
+	if msg == "plugin process exited" {
+		q.Logger.Debug(msg, args...)
+		return
+	}
+	q.Logger.Error(msg, args...)
+}
+
+func (q quietLogger) Warn(msg string, args ...interface{}) {
+	if msg == "plugin failed to exit gracefully" && q.p.stopping.Load() {
+		q.Logger.Debug(msg, args...)
+		return
+	}
+	q.Logger.Warn(msg, args...)
+}
