@@ -29,6 +29,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/krun-core/krun-core/proto/pluginpb"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // Environment variables the host sets for a plugin (besides go-plugin's).
@@ -112,6 +113,7 @@ type Plugin struct {
 	sandboxOff bool
 	sandbox    Sandboxer
 	rpcTimeout time.Duration
+	policy     sandbox.Policy // declared in Describe, validated at launch
 }
 
 // ErrExited is matched (errors.Is) by every *ExitError.
@@ -188,18 +190,23 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 	if p.rpcTimeout <= 0 {
 		p.rpcTimeout = DefaultRPCTimeout
 	}
-	if err := p.checkKind(); err != nil {
+	if err := p.checkDescription(); err != nil {
 		p.Kill()
 		return nil, err
 	}
-	p.log.Debug("plugin started", "kind", cfg.Kind, "path", p.path, "pid", p.Pid())
+	p.log.Debug("plugin started", "kind", cfg.Kind, "path", p.path, "pid", p.Pid(),
+		"seccomp_profile", p.policy.Syscalls, "extra_syscalls", len(p.policy.ExtraSyscalls))
 	return p, nil
 }
 
-// checkKind asks the plugin which kind it is: an executable named
-// krun-plugin-K that serves another kind (a copy under a wrong name, a
-// plugin installed over another) is refused before it is configured.
-func (p *Plugin) checkKind() error {
+// checkDescription asks the plugin which kind it is and which sandbox
+// policy it declares. An executable named krun-plugin-K that serves another
+// kind (a copy under a wrong name, a plugin installed over another) is
+// refused before it is configured, and so is one whose policy
+// sandbox.ParsePolicy rejects (an unknown profile, a forbidden extra system
+// call, one without a reason): its own Restrict would fail on it later,
+// after it had been handed its files. The policy is kept (Policy).
+func (p *Plugin) checkDescription() error {
 	d, err := p.Describe(context.Background())
 	if err != nil {
 		return err
@@ -208,8 +215,17 @@ func (p *Plugin) checkKind() error {
 		return fmt.Errorf("plugin %s: %s reports kind %q; a plugin's executable must be named %s, refused",
 			p.kind, p.path, oneLine(d.Kind), ExecutableName(oneLine(d.Kind)))
 	}
+	if p.policy, err = sandbox.ParsePolicy(d.PolicyJSON); err != nil {
+		return fmt.Errorf("plugin %s: %s declares a sandbox policy krun-core refuses: %s", p.kind, p.path, oneLine(err.Error()))
+	}
 	return nil
 }
+
+// Policy is the sandbox policy the plugin declared in Describe (decoded
+// and validated by sandbox.ParsePolicy at launch). It is what the plugin's
+// own sandbox.Restrict applies at Configure, within what the launcher-side
+// sandbox allows; with the sandbox off it is not applied at all.
+func (p *Plugin) Policy() sandbox.Policy { return p.policy }
 
 func oneLine(s string) string {
 	for i := 0; i < len(s); i++ {

@@ -145,6 +145,9 @@ func TestLaunchConfigureStatsShutdown(t *testing.T) {
 	if d.Kind != "test" || d.Configured {
 		t.Errorf("Describe = %+v", d)
 	}
+	if pol := p.Policy(); pol.Kind != "test" || pol.Syscalls != sandbox.ProfileMinimal {
+		t.Errorf("Policy = %+v, want the one the plugin declared", pol)
+	}
 	dev, _, err := p.Configure(context.Background(), map[string]string{"k": "v"})
 	if err != nil {
 		t.Fatal(err)
@@ -342,6 +345,11 @@ func TestLaunchFailures(t *testing.T) {
 			name:   "handshake version mismatch",
 			mutate: func(c *Config) { c.Env = []string{"KRUN_TEST_MODE=version"} },
 			want:   []string{"plugin test: handshake:", "99"},
+		},
+		{
+			name:   "invalid sandbox policy",
+			mutate: func(c *Config) { c.Env = []string{"KRUN_TEST_MODE=policy"} },
+			want:   []string{"plugin test: ", "declares a sandbox policy krun-core refuses", `extra syscall "ptrace" is never granted`},
 		},
 		{
 			name:   "no sandbox decision",

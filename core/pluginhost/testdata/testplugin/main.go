@@ -7,6 +7,7 @@
 //	hang      never complete the handshake
 //	exit      exit with status 3 before the handshake
 //	version   offer handshake protocol version 99
+//	policy    declare a sandbox policy with a forbidden extra system call
 package main
 
 import (
@@ -41,7 +42,13 @@ type server struct {
 }
 
 func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb.DescribeResponse, error) {
-	return &pluginpb.DescribeResponse{Kind: "test", SdkVersion: "testplugin"}, nil
+	// The JSON of a sandbox.Policy, written out: this plugin uses nothing
+	// of the SDK.
+	pol := `{"kind":"test","syscalls":"minimal"}`
+	if os.Getenv("KRUN_TEST_MODE") == "policy" {
+		pol = `{"kind":"test","syscalls":"minimal","extra_syscalls":[{"name":"ptrace","reason":"to see"}]}`
+	}
+	return &pluginpb.DescribeResponse{Kind: "test", SdkVersion: "testplugin", PolicyJson: []byte(pol)}, nil
 }
 
 func (s *server) Configure(_ context.Context, r *pluginpb.ConfigureRequest) (*pluginpb.ConfigureResponse, error) {
