@@ -40,7 +40,7 @@ func backingPath(n int) string { return devopts.OptBackingPath(n) }
 
 type plugin struct{}
 
-func (plugin) Kind() string { return "blk-qcow2" }
+func (plugin) Kind() string { return devopts.KindBlkQCOW2 }
 
 func (plugin) Policy(map[string]int) sandbox.Policy {
 	p, _ := sandbox.DefaultPolicy("blk", -1)

@@ -34,7 +34,7 @@ const (
 
 type plugin struct{}
 
-func (plugin) Kind() string { return "blk-raw" }
+func (plugin) Kind() string { return devopts.KindBlkRaw }
 
 func (plugin) Policy(map[string]int) sandbox.Policy {
 	p, _ := sandbox.DefaultPolicy("blk", -1)

@@ -32,7 +32,7 @@ import (
 
 type plugin struct{}
 
-func (plugin) Kind() string { return "fs-virtio" }
+func (plugin) Kind() string { return devopts.KindFS }
 
 // Policy is the "fs" profile with read-write landlock access beneath the
 // shared directory only.

@@ -13,22 +13,15 @@ import (
 	hclog "github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/devices/net"
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/pluginsdk"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
-// Names of the file and options the host configures this plugin with (see
-// core/devspec).
-const (
-	filePasst = "passt"
-	optMAC    = "mac"
-	optMTU    = "mtu"
-)
-
 type plugin struct{}
 
-func (plugin) Kind() string { return "net-passt" }
+func (plugin) Kind() string { return devopts.KindNetPasst }
 
 func (plugin) Policy(map[string]int) sandbox.Policy {
 	p, _ := sandbox.DefaultPolicy("net", -1)
@@ -36,18 +29,18 @@ func (plugin) Policy(map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, optMAC, optMTU); err != nil {
+	if err := pluginsdk.CheckOptions(opts, devopts.OptMAC, devopts.OptMTU); err != nil {
 		return nil, err
 	}
-	conn := files[filePasst]
+	conn := files[devopts.FilePasst]
 	if conn == nil {
-		return nil, fmt.Errorf("no %q socket was passed", filePasst)
+		return nil, fmt.Errorf("no %q socket was passed", devopts.FilePasst)
 	}
-	mac, err := stdnet.ParseMAC(opts[optMAC])
+	mac, err := stdnet.ParseMAC(opts[devopts.OptMAC])
 	if err != nil || len(mac) != 6 {
-		return nil, fmt.Errorf("option mac=%q is not a 48-bit MAC address", opts[optMAC])
+		return nil, fmt.Errorf("option mac=%q is not a 48-bit MAC address", opts[devopts.OptMAC])
 	}
-	mtu, err := pluginsdk.IntOption(opts, optMTU, 0, 68, 65535)
+	mtu, err := pluginsdk.IntOption(opts, devopts.OptMTU, 0, 68, 65535)
 	if err != nil {
 		return nil, err
 	}

@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devopts"
 )
 
 func socketEnd(t *testing.T) *os.File {
@@ -40,7 +42,7 @@ func TestConfigure(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			files := map[string]*os.File{}
 			if !tt.noFile {
-				files[filePasst] = socketEnd(t)
+				files[devopts.FilePasst] = socketEnd(t)
 			}
 			dev, err := plugin{}.Configure(context.Background(), tt.opts, files, nil)
 			if tt.wantErr != "" {
