@@ -9,6 +9,9 @@
 //
 // Disk formats always come from the user (format= is required; backing files
 // need backing-format=): nothing here looks at an image's content.
+//
+// The plugin kinds and the names of the files and options a plugin is
+// configured with are in devopts, which the plugins use too.
 package devspec
 
 import (
