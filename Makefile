@@ -3,14 +3,20 @@ GO ?= go
 export CGO_ENABLED := 0
 
 PLUGINS := $(notdir $(wildcard plugins/*))
-BINS := bin/krun-core bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
+BINS := bin/krun-core bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
 
 .PHONY: all test unit deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
+# krun-core --version names the commit it was built from.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
+
 bin/krun-core: FORCE
-	$(GO) build -trimpath -o $@ ./cmd/krun-core
+	$(GO) build -trimpath -ldflags "-X main.buildVersion=$(VERSION)" -o $@ ./cmd/krun-core
+
+bin/krun-sandbox-exec: FORCE
+	$(GO) build -trimpath -o $@ ./cmd/krun-sandbox-exec
 
 # The guest's PID 1 for `run --root DIR -- CMD` (static, like everything).
 bin/krun-init: FORCE

@@ -116,7 +116,10 @@ func (l *Launcher) start(ctx context.Context, files []file) (_ *session, err err
 	if err != nil {
 		return nil, fmt.Errorf("private socket directory: %w", err)
 	}
-	if len(s.dir)+39 > 107 {
+	// go-plugin adds at most 39 bytes, the host reaches a sandboxed
+	// plugin's socket through "/proc/PID/root" (at most 18 more), and a
+	// unix socket path has room for 107.
+	if len(s.dir)+39+18 > 107 {
 		os.RemoveAll(s.dir)
 		return nil, fmt.Errorf("socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", s.dir)
 	}
@@ -138,7 +141,7 @@ func (l *Launcher) start(ctx context.Context, files []file) (_ *session, err err
 			}
 		}
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-		r, err := pluginhost.NewProcRunner(cmd, "is "+cmd.Path+" krun-plugin-img built from the same krun-core?")
+		r, err := pluginhost.NewProcRunner(cmd, "is "+path+" krun-plugin-img built from the same krun-core?")
 		if err != nil {
 			return nil, err
 		}

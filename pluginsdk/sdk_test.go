@@ -41,15 +41,22 @@ func (d *fakeDevice) ReadConfig(off uint32, p []byte) error {
 }
 func (d *fakeDevice) WriteConfig(uint32, []byte) error { return errors.New("read-only") }
 func (d *fakeDevice) SetFeatures(uint64) error         { return nil }
-func (d *fakeDevice) ServeQueue(ctx context.Context, _ int, _ *backend.Vring) error {
-	<-ctx.Done()
-	return nil
+func (d *fakeDevice) Queue(context.Context, int) (backend.QueueConfig, error) {
+	return backend.QueueConfig{Producer: idle{}}, nil
 }
 func (d *fakeDevice) Reset()                      {}
 func (d *fakeDevice) ConfigSize() int             { return len(d.cfg) }
 func (d *fakeDevice) Counters() map[string]uint64 { return map[string]uint64{"widgets": 7} }
 func (d *fakeDevice) Flush() error                { d.flushed = true; return d.flushErr }
 func (d *fakeDevice) Close() error                { d.closed = true; return d.closeErr }
+
+// idle serves nothing until its ring stops.
+type idle struct{}
+
+func (idle) Produce(ctx context.Context, _ *backend.Buffers) error {
+	<-ctx.Done()
+	return nil
+}
 
 // fakePlugin records what Configure got.
 type fakePlugin struct {

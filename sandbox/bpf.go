@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"fmt"
+	"slices"
 
 	"golang.org/x/sys/unix"
 )
@@ -199,34 +200,154 @@ func compileFilter(s filterSpec) ([]unix.SockFilter, error) {
 	for _, b := range blocks {
 		a.mark(b.l)
 		for _, alt := range b.r.alts {
-			fail := a.newLabel()
-			for _, c := range alt {
-				v := c.value
-				if c.self {
-					v = s.self
-				}
-				for half := 0; half < 2; half++ {
-					off, m, want := argLo(c.arg), uint32(c.mask), uint32(v)
-					if half == 1 {
-						off, m, want = argHi(c.arg), uint32(c.mask>>32), uint32(v>>32)
-					}
-					if m == 0 {
-						if want != 0 {
-							return nil, fmt.Errorf("seccomp: %s: condition can never hold", b.r.name)
-						}
-						continue
-					}
-					a.loadAbs(off)
-					if m != ^uint32(0) {
-						a.and(m)
-					}
-					a.jeq(want, next, fail)
-				}
+			if err := emitAlt(&a, b.r.name, alt, s.self, unix.SECCOMP_RET_ALLOW); err != nil {
+				return nil, err
 			}
-			a.ret(unix.SECCOMP_RET_ALLOW)
-			a.mark(fail)
 		}
 		a.ret(s.deny)
 	}
 	return a.assemble()
+}
+
+// emitAlt emits one alternative of a rule: its conditions, tested on both
+// 32-bit halves of each argument, and RET action when all hold; a failed
+// condition falls through to the code that follows.
+func emitAlt(a *assembler, name string, alt []argCond, self uint64, action uint32) error {
+	fail := a.newLabel()
+	for _, c := range alt {
+		v := c.value
+		if c.self {
+			v = self
+		}
+		for half := 0; half < 2; half++ {
+			off, m, want := argLo(c.arg), uint32(c.mask), uint32(v)
+			if half == 1 {
+				off, m, want = argHi(c.arg), uint32(c.mask>>32), uint32(v>>32)
+			}
+			if m == 0 {
+				if want != 0 {
+					return fmt.Errorf("seccomp: %s: condition can never hold", name)
+				}
+				continue
+			}
+			a.loadAbs(off)
+			if m != ^uint32(0) {
+				a.and(m)
+			}
+			a.jeq(want, next, fail)
+		}
+	}
+	a.ret(action)
+	a.mark(fail)
+	return nil
+}
+
+// narrowSpec describes the filter a plugin's own Restrict stacks on the
+// trampoline's (outer) filter to narrow it to the plugin's policy (inner).
+type narrowSpec struct {
+	arch   uint32
+	x32Bit uint32
+	self   uint64
+	outer  []rule // the trampoline's rules
+	inner  []rule // the plugin's policy
+	nums   map[string]uint32
+	deny   uint32 // for what the outer filter allows and the inner does not (ERRNO|EPERM)
+}
+
+// compileNarrowing builds the plugin's own filter. The kernel runs every
+// filter and takes the strictest action, so this one need not repeat the
+// outer filter's refusals: it allows every call the outer filter refuses
+// (the outer filter then refuses it, and the launcher, which holds the
+// outer filter's notification listener, logs it), allows what the inner
+// policy allows, and returns deny for the rest, the calls the outer filter
+// would allow but the plugin's policy does not:
+//
+//	check arch (foreign: KILL_PROCESS, as the outer filter), load nr,
+//	x32 numbers: ALLOW (the outer filter refuses them),
+//	for each outer rule whose inner rule differs: nr == N ? jump to its block,
+//	default: ALLOW,
+//	block: inner alternatives -> ALLOW; outer alternatives (or none: any
+//	arguments) -> deny; else ALLOW (the outer filter refuses them).
+func compileNarrowing(s narrowSpec) ([]unix.SockFilter, error) {
+	var a assembler
+	archOK := a.newLabel()
+	allowAll := a.newLabel()
+	a.loadAbs(offArch)
+	a.jeq(s.arch, archOK, next)
+	a.ret(unix.SECCOMP_RET_KILL_PROCESS)
+	a.mark(archOK)
+	a.loadAbs(offNr)
+	if s.x32Bit != 0 {
+		ok := a.newLabel()
+		a.jge(s.x32Bit, next, ok)
+		a.jump(allowAll)
+		a.mark(ok)
+	}
+	inner := map[string]rule{}
+	for _, r := range s.inner {
+		inner[r.name] = r
+	}
+	type block struct {
+		l            label
+		outer, inner rule
+		hasInner     bool
+	}
+	var blocks []block
+	seen := map[uint32]string{}
+	for _, o := range s.outer {
+		nr, ok := s.nums[o.name]
+		if !ok {
+			return nil, fmt.Errorf("seccomp: unknown system call %q", o.name)
+		}
+		if prev, dup := seen[nr]; dup {
+			return nil, fmt.Errorf("seccomp: %q and %q share number %d", prev, o.name, nr)
+		}
+		seen[nr] = o.name
+		in, has := inner[o.name]
+		if has && (in.alts == nil || sameAlts(in.alts, o.alts)) {
+			continue // the inner policy allows at least what the outer does
+		}
+		b := block{l: a.newLabel(), outer: o, inner: in, hasInner: has}
+		blocks = append(blocks, b)
+		skip := a.newLabel()
+		a.jeq(nr, next, skip)
+		a.jump(b.l)
+		a.mark(skip)
+	}
+	a.mark(allowAll)
+	a.ret(unix.SECCOMP_RET_ALLOW)
+	for _, b := range blocks {
+		a.mark(b.l)
+		if b.hasInner {
+			for _, alt := range b.inner.alts {
+				if err := emitAlt(&a, b.inner.name, alt, s.self, unix.SECCOMP_RET_ALLOW); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if b.outer.alts == nil {
+			a.ret(s.deny)
+			continue
+		}
+		for _, alt := range b.outer.alts {
+			if err := emitAlt(&a, b.outer.name, alt, s.self, s.deny); err != nil {
+				return nil, err
+			}
+		}
+		a.ret(unix.SECCOMP_RET_ALLOW)
+	}
+	return a.assemble()
+}
+
+// sameAlts reports whether two rules' argument conditions are identical.
+func sameAlts(x, y [][]argCond) bool {
+	if len(x) != len(y) {
+		return false
+	}
+	for i := range x {
+		if !slices.Equal(x[i], y[i]) {
+			return false
+		}
+	}
+	return true
 }

@@ -160,6 +160,16 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFREG | 0o644, 0}, allowed},
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFCHR | 0o644, 0x0103}, refused},
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFBLK | 0o644, 0x0801}, refused},
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFCHR | 0o644, 0}, allowed},       // overlayfs whiteout
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFCHR | 0o644, 1 << 32}, refused}, // high bits of dev
+		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFBLK | 0o644, 0}, refused},       // 0/0 block device
+		{ProfileFS, "fchmodat2", []uint64{9, 0, 0o640, unix.AT_EMPTY_PATH}, allowed},   // SETATTR mode
+		{ProfileFS, "umask", []uint64{0}, allowed},                                     // fs-virtio main
+		{ProfileBlock, "fchmodat2", nil, refused},
+		{ProfileBlock, "umask", nil, refused},
+		{ProfileBlock, "ioctl", []uint64{7, unix.SECCOMP_IOCTL_NOTIF_RECV, 0}, refused}, // the listener is the launcher's
+		{ProfileFS, "ioctl", []uint64{7, unix.SECCOMP_IOCTL_NOTIF_SEND, 0}, refused},
+		{ProfileNet, "ioctl", []uint64{7, unix.SECCOMP_IOCTL_NOTIF_ID_VALID, 0}, refused},
 		{ProfileFS, "execve", nil, refused},
 		{ProfileFS, "socket", nil, refused},
 	}
@@ -359,5 +369,181 @@ func TestFilterHotCallsFirst(t *testing.T) {
 	}
 	if strings.Join(first, ",") != "futex,read,write,pread64,pwrite64" {
 		t.Errorf("block filter starts with %v", first)
+	}
+}
+
+// compileLaunch compiles the trampoline's filter for a profile, with the
+// plugin binary at fd 9.
+func compileLaunch(t *testing.T, prof Profile) ([]unix.SockFilter, []rule) {
+	t.Helper()
+	rules, err := launchRules(launchEnv{Syscalls: prof, ExecFD: 9})
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog, err := compileFilter(filterSpec{arch: auditArch, x32Bit: x32SyscallBit, self: testSelf, rules: rules,
+		nums: syscallNumbers(), deny: testDeny, wrongArch: testWrong})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return prog, rules
+}
+
+// The trampoline's filter: the launch profile plus exactly the start-up
+// calls, each within its argument limits.
+func TestLaunchFilterDecisions(t *testing.T) {
+	const allowed, refused = unix.SECCOMP_RET_ALLOW, uint32(testDeny)
+	cases := []struct {
+		profile Profile
+		name    string
+		args    []uint64
+		want    uint32
+	}{
+		{ProfileBlock, "execveat", []uint64{9, 0, 0, 0, unix.AT_EMPTY_PATH}, allowed},
+		{ProfileBlock, "execveat", []uint64{8, 0, 0, 0, unix.AT_EMPTY_PATH}, refused}, // another fd
+		{ProfileBlock, "execveat", []uint64{9, 0, 0, 0, 0}, refused},                  // a path
+		{ProfileBlock, "execveat", []uint64{9 | 1<<32, 0, 0, 0, unix.AT_EMPTY_PATH}, refused},
+		{ProfileBlock, "execve", nil, refused},
+		{ProfileBlock, "socket", []uint64{unix.AF_UNIX, unix.SOCK_STREAM | unix.SOCK_CLOEXEC | unix.SOCK_NONBLOCK}, allowed},
+		{ProfileBlock, "socket", []uint64{unix.AF_UNIX, unix.SOCK_DGRAM}, refused},
+		{ProfileBlock, "socket", []uint64{unix.AF_INET, unix.SOCK_STREAM}, refused},
+		{ProfileBlock, "socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW}, refused},
+		{ProfileBlock, "socketpair", []uint64{unix.AF_UNIX, unix.SOCK_STREAM}, refused},
+		{ProfileBlock, "connect", nil, refused},
+		{ProfileBlock, "bind", nil, allowed},
+		{ProfileBlock, "listen", nil, allowed},
+		{ProfileBlock, "openat", nil, allowed},
+		{ProfileBlock, "seccomp", []uint64{unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_TSYNC, 0}, allowed},
+		{ProfileBlock, "seccomp", []uint64{unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_NEW_LISTENER, 0}, refused},
+		{ProfileBlock, "seccomp", []uint64{unix.SECCOMP_SET_MODE_FILTER,
+			unix.SECCOMP_FILTER_FLAG_NEW_LISTENER | unix.SECCOMP_FILTER_FLAG_TSYNC | unix.SECCOMP_FILTER_FLAG_TSYNC_ESRCH, 0}, refused},
+		{ProfileBlock, "seccomp", []uint64{unix.SECCOMP_GET_NOTIF_SIZES, 0, 0}, refused},
+		{ProfileBlock, "prctl", []uint64{unix.PR_GET_SECCOMP}, allowed},
+		{ProfileBlock, "prctl", []uint64{unix.PR_SET_SECCOMP, 2}, refused},
+		{ProfileBlock, "prctl", []uint64{unix.PR_SET_VMA}, refused},
+		{ProfileBlock, "prctl", []uint64{unix.PR_SET_NO_NEW_PRIVS, 0}, refused},
+		{ProfileBlock, "landlock_restrict_self", nil, allowed},
+		{ProfileBlock, "arch_prctl", []uint64{archSetFS, 0x1000}, allowed},
+		{ProfileBlock, "arch_prctl", []uint64{0x1001 /* ARCH_SET_GS */, 0x1000}, refused},
+		{ProfileBlock, "ioctl", []uint64{7, unix.SECCOMP_IOCTL_NOTIF_RECV, 0}, refused},
+		{ProfileBlock, "ioctl", []uint64{7, unix.SECCOMP_IOCTL_NOTIF_SEND, 0}, refused},
+		{ProfileBlock, "keyctl", nil, refused},
+		{ProfileBlock, "userfaultfd", nil, refused},
+		{ProfileBlock, "io_uring_setup", nil, refused},
+		{ProfileBlock, "clone", []uint64{uint64(unix.SIGCHLD)}, refused},
+		{ProfileBlock, "pread64", nil, allowed},
+		{ProfileNet, "pread64", nil, refused},
+		{ProfileFS, "mkdirat", nil, allowed},
+		{ProfileNet, "mkdirat", nil, refused},
+	}
+	progs := map[Profile][]unix.SockFilter{}
+	for _, c := range cases {
+		prog, ok := progs[c.profile]
+		if !ok {
+			prog, _ = compileLaunch(t, c.profile)
+			progs[c.profile] = prog
+		}
+		if _, known := syscallNumbers()[c.name]; !known {
+			continue // arch_prctl is amd64 only
+		}
+		if got := decide(t, prog, c.name, c.args...); got != c.want {
+			t.Errorf("launch %s: %s(%#x) = %#x, want %#x", c.profile, c.name, c.args, got, c.want)
+		}
+	}
+}
+
+// precedence orders seccomp actions as the kernel does when several
+// filters answer: the lowest signed action value wins (KILL_PROCESS, then
+// KILL_THREAD, TRAP, ERRNO, USER_NOTIF, TRACE, LOG, ALLOW).
+func strictest(a, b uint32) uint32 {
+	if int32(a&unix.SECCOMP_RET_ACTION_FULL) < int32(b&unix.SECCOMP_RET_ACTION_FULL) {
+		return a
+	}
+	return b
+}
+
+// The plugin's own filter stacked on the trampoline's allows exactly what
+// both the launch rules and the plugin's policy allow; what the launch
+// rules refuse still goes to the launcher's listener (logged), and what
+// only the plugin's policy refuses gets EPERM.
+func TestNarrowingMatchesRules(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	const errno = unix.SECCOMP_RET_ERRNO | uint32(unix.EPERM)
+	for _, c := range []struct{ launch, own Profile }{
+		{ProfileFS, ProfileBlock}, {ProfileFS, ProfileNet}, {ProfileBlock, ProfileBlock},
+		{ProfileNet, ProfileNet}, {ProfileFS, ProfileFS}, {ProfileBlock, ProfileMinimal},
+	} {
+		outerProg, outer := compileLaunch(t, c.launch)
+		p := Policy{Kind: "t", Syscalls: c.own, ExtraSyscalls: []Syscall{{Name: "memfd_create", Reason: "test"}}}
+		inner, err := policyRules(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prog, err := compileNarrowing(narrowSpec{arch: auditArch, x32Bit: x32SyscallBit, self: testSelf,
+			outer: outer, inner: inner, nums: syscallNumbers(), deny: errno})
+		if err != nil {
+			t.Fatal(err)
+		}
+		byNr := func(rs []rule) map[uint32]rule {
+			m := map[uint32]rule{}
+			for _, r := range rs {
+				m[syscallNumbers()[r.name]] = r
+			}
+			return m
+		}
+		outerBy, innerBy := byNr(outer), byNr(inner)
+		for nr := uint32(0); nr < 600; nr++ {
+			o, oKnown := outerBy[nr]
+			in, iKnown := innerBy[nr]
+			for i := 0; i < 40; i++ {
+				args := make([]uint64, 6)
+				for j := range args {
+					args[j] = rng.Uint64()
+				}
+				// Near misses of either rule's conditions.
+				for _, r := range []struct {
+					r  rule
+					ok bool
+				}{{o, oKnown}, {in, iKnown}} {
+					if !r.ok || r.r.alts == nil || rng.IntN(2) == 0 {
+						continue
+					}
+					alt := r.r.alts[rng.IntN(len(r.r.alts))]
+					for _, c := range alt {
+						v := c.value
+						if c.self {
+							v = testSelf
+						}
+						args[c.arg] = v | args[c.arg]&^c.mask
+						if rng.IntN(3) == 0 {
+							args[c.arg] ^= 1 << rng.IntN(64)
+						}
+					}
+				}
+				outerOK := oKnown && refMatch(o, testSelf, args)
+				innerOK := iKnown && refMatch(in, testSelf, args)
+				var want uint32
+				switch {
+				case !outerOK:
+					want = testDeny // the trampoline's filter refuses it; the launcher logs it
+				case !innerOK:
+					want = errno
+				default:
+					want = unix.SECCOMP_RET_ALLOW
+				}
+				d := seccompData(auditArch, nr, args...)
+				a, err1 := runBPF(outerProg, d)
+				b, err2 := runBPF(prog, d)
+				if err1 != nil || err2 != nil {
+					t.Fatalf("nr %d: %v %v", nr, err1, err2)
+				}
+				if got := strictest(a, b); got != want {
+					t.Fatalf("launch %s, own %s: nr %d (%s/%s) args %#x: outer %#x own %#x, want %#x",
+						c.launch, c.own, nr, o.name, in.name, args, a, b, want)
+				}
+			}
+		}
+		if r, err := runBPF(prog, seccompData(unix.AUDIT_ARCH_I386, 3)); err != nil || r != unix.SECCOMP_RET_KILL_PROCESS {
+			t.Errorf("i386 read through the narrowing filter: %#x %v", r, err)
+		}
 	}
 }

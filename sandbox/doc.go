@@ -6,40 +6,46 @@
 //
 // # Two halves
 //
-// The launcher (core/pluginhost) prepares the plugin's exec.Cmd:
+// The launcher (core/pluginhost, imgtool) prepares the plugin's exec.Cmd:
 //
-//	lc := sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(kind), Disable: userDisabled, Log: log}
-//	if err := lc.Apply(cmd); err != nil { ... }   // before cmd.Start (or go-plugin's ClientConfig.Cmd)
+//	lc := sandbox.LaunchConfig{Kind: kind, Disable: userDisabled, HostUID: uid, HostGID: gid, Log: log}
+//	if err := lc.Apply(cmd); err != nil { ... }   // last change before cmd.Start (or go-plugin's RunnerFunc)
 //	... start ...
 //	lc.ApplyLimits(pid)                            // optional, right after start (prlimit from outside)
 //	... Describe, Configure ...
-//	if err := lc.Verify(pid); err != nil { ... }   // after the plugin reported it restricted itself
+//	if err := lc.Verify(pid); err != nil { ... }   // checks from outside that the plugin is confined
 //
-// Apply gives the child new user, mount, pid, net, ipc, uts and cgroup
-// namespaces (id 0 inside mapped to LaunchConfig.HostUID/HostGID, default the
-// launcher's ids), Pdeathsig SIGKILL, a new session, only cmd.Env as its
-// environment (plus KRUN_SANDBOX, the settings Restrict reads, and a GODEBUG
-// that keeps the runtime from holding cgroup files open), and marks every
-// launcher fd above 2 close-on-exec so the plugin gets only stdio and
-// cmd.ExtraFiles. Go runs no code between fork and exec, so everything else
-// happens in the plugin.
+// Apply turns the command into the trampoline: the launcher's own binary
+// (/proc/self/exe, argv[0] TrampolineName; this package's init recognizes
+// it) in new user, mount, pid, net, ipc, uts and cgroup namespaces (id 0
+// inside mapped to the plugin's host ids: PluginIDs, never root), with
+// Pdeathsig SIGKILL, a new session, only cmd.Env as its environment (plus
+// KRUN_SANDBOX, the settings, and GODEBUG settings the sandbox needs), and
+// every launcher fd above 2 marked close-on-exec. It also hands the
+// trampoline the plugin binary (an O_PATH fd) and one end of a socket pair.
+// The trampoline applies, to itself: rlimits; the empty read-only root (with
+// go-plugin's socket directory as a small tmpfs of its own); no_new_privs;
+// empty capability sets; a Landlock domain (read-write beneath the
+// directories among cmd.ExtraFiles, creating the gRPC socket in the socket
+// directory, executing the plugin binary, nothing else); and the seccomp
+// filter of the launch profile (KindProfile(Kind)) plus the start-up calls.
+// It hands the filter's notification listener to the launcher over the
+// socket pair, closes it, and execs the plugin from its fd. The plugin's
+// first instruction runs inside every layer, and it never holds the
+// listener: the launcher answers each refused call with EPERM and logs it.
 //
-// The plugin (pluginsdk) calls, once, after its gRPC listener exists and
-// before it reads any guest or image byte:
+// A plugin built with pluginsdk then narrows its sandbox to its own policy,
+// once, before it reads any guest or image byte:
 //
 //	if err := sandbox.Restrict(policy, log); err != nil { log.Error(...); exit }
 //
-// Restrict applies, in order: a check that the launcher's namespaces are
-// really there; rlimits (RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, RLIMIT_NOFILE and
-// RLIMIT_DATA from LaunchConfig.Limits, soft = hard); pivot_root into an
-// empty read-only tmpfs with the old root detached (on an initramfs root,
-// which pivot_root cannot move: the tmpfs moved over / and a chroot into
-// it); no_new_privs; empty
-// capability sets (bounding, permitted, effective, inheritable, ambient);
-// Landlock; the seccomp allowlist of Policy.Syscalls. All of them apply to
-// every thread of the process. Each step fails closed: Restrict returns a
-// one-line error naming the layer ("sandbox: landlock: ...") and the plugin
-// must exit. Only the layers the user turned off on the launcher side
+// Restrict checks the trampoline's layers are there and stacks, on every
+// thread, a Landlock domain with only the policy's directory rules and a
+// seccomp filter that refuses (EPERM) what the trampoline's filter allows
+// but the policy does not: the start-up calls and the part of the launch
+// profile the policy lacks. Each step fails closed with a one-line error
+// naming the layer ("sandbox: landlock: ..."); the trampoline fails the
+// same way before the plugin runs. Only the layers the user turned off
 // (LaunchConfig.Disable, from an explicit flag) are skipped, with a warning
 // from both Apply and Restrict.
 //
@@ -58,42 +64,51 @@
 //
 // DefaultPolicy(kind, sharedFD) returns the built-in kinds' policies. The
 // seccomp profiles are unions of layers with a reason per system call
-// (Rules lists them): go-runtime (what any Go program, hclog and the
-// seccomp supervisor need), ipc (gRPC and vhost-user on sockets the plugin
-// holds; no socket, connect, bind or listen), disk-io (positioned I/O,
-// fdatasync, fallocate, block-device ioctls) and fs-tree (the *at calls
-// of virtio-fs, confined by Landlock to the shared directory). Arguments are
-// checked where it matters: clone only with the Go runtime's thread flags,
-// mmap and never PROT_EXEC, kill/tgkill only of itself, fcntl and ioctl only
-// with listed commands, prlimit64 only to read.
+// (Rules lists them): go-runtime (what any Go program and hclog need), ipc
+// (gRPC and vhost-user on sockets the plugin holds; no socket, connect,
+// bind or listen), disk-io (positioned I/O, fdatasync, fallocate,
+// block-device ioctls) and fs-tree (the *at calls of virtio-fs, confined by
+// Landlock to the shared directory). Arguments are checked where it
+// matters: clone only with the Go runtime's thread flags, mmap and never
+// PROT_EXEC, kill/tgkill only of itself, fcntl and ioctl only with listed
+// commands, prlimit64 only to read. The trampoline's filter adds the launch
+// layer (the start-up calls: exec of the plugin binary's fd, go-plugin's
+// unix listener, Restrict's own calls), which a plugin's policy never has.
+// A plugin's policy can only narrow what its launcher allows: extra system
+// calls it declares work only when the launcher grants them too
+// (LaunchConfig.ExtraSyscalls).
 //
 // # Refused system calls
 //
-// A refused call returns EPERM and is logged in the plugin's log ("seccomp
-// refused a system call", with its name and arguments). The filter returns
-// SECCOMP_RET_USER_NOTIF and a goroutine in the plugin answers each
-// notification with EPERM and logs it (SECCOMP_RET_TRAP is unusable in Go:
-// the runtime treats SIGSYS as fatal). The call itself never runs, so the
-// supervisor has no time-of-check race. Caveat: a refused call made with
-// syscall.RawSyscall holds its P while it waits for the answer; if a
-// stop-the-world begins meanwhile the process deadlocks. Allowed calls never
-// wait, so only code already doing something forbidden is exposed.
+// A refused call returns EPERM and is logged in the launcher's log
+// ("seccomp refused a system call", with the plugin's kind, the call's name
+// and arguments). The trampoline's filter returns SECCOMP_RET_USER_NOTIF and
+// the launcher, which holds the listener, answers each notification with
+// EPERM (SECCOMP_RET_TRAP is unusable in Go: the runtime treats SIGSYS as
+// fatal). It never answers SECCOMP_USER_NOTIF_FLAG_CONTINUE and never reads
+// the caller's memory, so there is no time-of-check race. No plugin can
+// make a listener of its own (seccomp with SECCOMP_FILTER_FLAG_NEW_LISTENER
+// is refused). The calls that only a plugin's own Restrict refuses get EPERM
+// without a log line.
 //
 // # Threads
 //
-// no_new_privs, capabilities and Landlock are per-thread kernel state, and
-// landlock_restrict_self restricts only the calling thread (the TSYNC flag
-// exists only in kernels newer than Landlock ABI 7). Restrict uses
-// syscall.AllThreadsSyscall, which stops the world and runs the call on
-// every OS thread; threads created later are cloned from restricted ones.
-// seccomp uses SECCOMP_FILTER_FLAG_TSYNC. AllThreadsSyscall refuses to run
+// no_new_privs, capabilities, Landlock domains and seccomp filters belong
+// to threads. The trampoline applies them to the thread that execs the
+// plugin (execve keeps that thread's and ends the others), so the plugin
+// starts with all of them on its only thread. Restrict stacks its domain
+// with syscall.AllThreadsSyscall (landlock_restrict_self restricts only the
+// calling thread; the TSYNC flag exists only after Landlock ABI 7) and its
+// filter with SECCOMP_FILTER_FLAG_TSYNC. AllThreadsSyscall refuses to run
 // in binaries linked with cgo, so plugins must be built with CGO_ENABLED=0
-// (Restrict fails closed otherwise, saying so).
+// (Restrict fails closed otherwise, saying so). The trampoline works in any
+// binary.
 //
 // # Visibility
 //
 // Status reports which layers this host supports (probing user namespaces
-// with a short-lived child) and, per built-in kind, the namespaces, root,
-// limits, Landlock rules and allowed system calls with reasons; `krun-core
-// sandbox status` prints it.
+// with a short-lived child), the host ids plugins run as, the start-up
+// calls and, per built-in kind, the namespaces, root, limits, Landlock
+// rules and allowed system calls with reasons; `krun-core sandbox status`
+// prints it.
 package sandbox

@@ -2,6 +2,8 @@ package sandbox
 
 import (
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // The host decodes the policy a plugin declares in Describe: bytes from a
@@ -38,6 +40,19 @@ func FuzzParsePolicy(f *testing.F) {
 			t.Fatalf("accepted policy does not compile: %v", err)
 		}
 		if _, err := runBPF(prog, seccompData(auditArch, syscallNumbers()["execve"])); err != nil {
+			t.Fatal(err)
+		}
+		// The same policy, stacked on the trampoline's filter by Restrict.
+		outer, err := launchRules(launchEnv{Syscalls: ProfileFS, ExecFD: 9})
+		if err != nil {
+			t.Fatal(err)
+		}
+		narrow, err := compileNarrowing(narrowSpec{arch: auditArch, x32Bit: x32SyscallBit, self: 1, outer: outer,
+			inner: rules, nums: syscallNumbers(), deny: unix.SECCOMP_RET_ERRNO | 1})
+		if err != nil {
+			t.Fatalf("accepted policy does not compile as a narrowing filter: %v", err)
+		}
+		if _, err := runBPF(narrow, seccompData(auditArch, syscallNumbers()["socket"], unix.AF_UNIX, unix.SOCK_STREAM)); err != nil {
 			t.Fatal(err)
 		}
 	})

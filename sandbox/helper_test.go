@@ -1,13 +1,15 @@
 package sandbox
 
-// The test binary doubles as the sandboxed plugin: TestMain runs a helper
-// mode when KRUN_SANDBOX_TEST_HELPER is set. The helper must not import net
-// (with cgo enabled that links runtime/cgo, and AllThreadsSyscall refuses
-// to run in cgo binaries), so sockets are raw.
+// The test binary doubles as the sandboxed plugin, and as the launcher's
+// trampoline (it imports this package): TestMain runs a helper mode when
+// KRUN_SANDBOX_TEST_HELPER is set. The helper must not import net (with
+// cgo enabled that links runtime/cgo, and AllThreadsSyscall refuses to run
+// in cgo binaries), so sockets are raw.
 //
-// Every forbidden action goes through unix.Syscall (never RawSyscall): a
-// refused call waits for the seccomp supervisor goroutine, and a thread
-// waiting in a raw system call would keep its P from a stop-the-world.
+// Every forbidden action goes through unix.Syscall where it can: a refused
+// call waits for the launcher's answer, and a thread waiting in a raw
+// system call keeps its P meanwhile (harmless now that the answer comes
+// from another process, but slower for the rest of the probe).
 
 import (
 	"bufio"
@@ -16,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -29,17 +32,20 @@ import (
 )
 
 const (
-	envHelper  = "KRUN_SANDBOX_TEST_HELPER" // probe, launch, execed, idle
-	envKind    = "KRUN_SANDBOX_TEST_KIND"   // blk or fs
+	envHelper  = "KRUN_SANDBOX_TEST_HELPER" // probe, launch, execed, idle, hostile
+	envKind    = "KRUN_SANDBOX_TEST_KIND"   // blk, net or fs
 	envParent  = "KRUN_SANDBOX_TEST_PARENT" // host pid of the test process
 	envHostDir = "KRUN_SANDBOX_TEST_DIR"    // a host directory the plugin must not reach
 	envSock    = "KRUN_SANDBOX_TEST_SOCK"   // a listening unix socket on the host
 	envTCP     = "KRUN_SANDBOX_TEST_TCP"    // a listening TCP port on 127.0.0.1
 	envSelf    = "KRUN_SANDBOX_TEST_SELF"   // path of this binary
-	envListen  = "KRUN_SANDBOX_TEST_LISTEN" // where the probe listens before Restrict
 	envLaunch  = "KRUN_SANDBOX_TEST_LAUNCH" // launch mode: LaunchConfig as JSON
 	envNFiles  = "KRUN_SANDBOX_TEST_NFILES" // launch mode: number of fds from 3 to pass on
 )
+
+// probeSocket is the probe's listener, in its socket directory
+// (PLUGIN_UNIX_SOCKET_DIR), as go-plugin's gRPC listener would be.
+const probeSocket = "probe.sock"
 
 // Fds of the probe.
 const (
@@ -54,12 +60,14 @@ func TestMain(m *testing.M) {
 		os.Exit(m.Run())
 	case "probe":
 		os.Exit(probeMain())
+	case "hostile":
+		os.Exit(hostileMain())
 	case "launch":
 		os.Exit(launchMain())
 	case "execed":
 		fmt.Println(`{"phase":"execed"}`)
 		os.Exit(0)
-	case "idle": // launched with Apply but never restricted
+	case "idle": // launched with Apply but never restricted by itself
 		fmt.Println(`{"phase":"ready"}`)
 		bufio.NewReader(os.Stdin).ReadString('\n')
 		os.Exit(0)
@@ -84,7 +92,8 @@ type ioResult struct {
 }
 
 type probeLine struct {
-	Phase    string     `json:"phase"` // restrict-error, attempts, io, ready, execed
+	Raw      []byte     `json:"-"`     // the line as sent
+	Phase    string     `json:"phase"` // restrict-error, attempts, io, ready, execed, hostile
 	Error    string     `json:"error,omitempty"`
 	Attempts []attempt  `json:"attempts,omitempty"`
 	IO       []ioResult `json:"io,omitempty"`
@@ -266,7 +275,51 @@ func forbiddenActions() []struct {
 			}
 			return err
 		}},
+		{"keyctl", func() error {
+			_, err := sys(unix.SYS_KEYCTL, unix.KEYCTL_GET_KEYRING_ID, uintptr(0xfffffffe) /* user keyring */, 0)
+			return err
+		}},
+		{"userfaultfd", func() error {
+			fd, err := sys(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK)
+			if err == nil {
+				closeFD(fd)
+			}
+			return err
+		}},
+		{"netlink_socket", func() error {
+			fd, err := sys(unix.SYS_SOCKET, unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+			if err == nil {
+				closeFD(fd)
+			}
+			return err
+		}},
+		{"seccomp_new_listener", func() error {
+			// A listener of its own would catch, and could let through,
+			// the calls the launcher's filter refuses.
+			fd, err := installListeningFilter()
+			if err == nil {
+				closeFD(uintptr(fd))
+			}
+			return err
+		}},
 	}
+}
+
+// installListeningFilter tries to install a filter that hands every call
+// to a new listener, as a compromised plugin would.
+// Its filter catches one unused number only, so that where no seccomp layer
+// stops it (the layers-alone tests) nothing else waits on its listener.
+func installListeningFilter() (int, error) {
+	prog := []unix.SockFilter{
+		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: offNr},
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 4095, Jt: 0, Jf: 1},
+		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_USER_NOTIF},
+		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW},
+	}
+	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+	r, err := sys(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_NEW_LISTENER,
+		uintptr(unsafe.Pointer(&fprog)))
+	return int(r), err
 }
 
 // lockedThread runs functions on one locked OS thread.
@@ -335,10 +388,11 @@ func probeMain() int {
 		old = append(old, startLockedThread())
 	}
 	before := threadIDs()
-	// Like go-plugin's gRPC listener: created before Restrict.
+	// Like go-plugin's gRPC listener: created before Restrict, in the
+	// socket directory (the plugin's private tmpfs).
 	lfd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err == nil {
-		err = unix.Bind(lfd, &unix.SockaddrUnix{Name: os.Getenv(envListen)})
+		err = unix.Bind(lfd, &unix.SockaddrUnix{Name: filepath.Join(os.Getenv(envSocketDir), probeSocket)})
 	}
 	if err == nil {
 		err = unix.Listen(lfd, 4)
@@ -561,6 +615,25 @@ func probeIO(kind string, lfd int) []ioResult {
 			}
 			return nil
 		})
+		step("fs_whiteout", func() error {
+			// MKNOD of the 0/0 character device: an overlayfs whiteout.
+			return unix.Mknodat(fdShared, "whiteout", unix.S_IFCHR|0o600, 0)
+		})
+		step("fs_device_refused", func() error {
+			err := unix.Mknodat(fdShared, "null", unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
+			if !errors.Is(err, unix.EPERM) {
+				return fmt.Errorf("mknod of /dev/null's device: %v, want EPERM", err)
+			}
+			return nil
+		})
+		step("fs_fchmodat2", func() error {
+			fd, err := unix.Openat(fdShared, "made-by-plugin", unix.O_PATH|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			return unix.Fchmodat(fd, "", 0o640, unix.AT_EMPTY_PATH)
+		})
 		step("fs_escape_shared_dir_refused", func() error {
 			fd, err := unix.Openat(fdShared, "../outside", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err == nil {
@@ -585,6 +658,7 @@ func launchMain() int {
 		fmt.Fprintln(os.Stderr, "launch config:", err)
 		return 2
 	}
+	lc.Log = hclog.New(&hclog.LoggerOptions{Name: "launcher", Output: os.Stderr})
 	n, _ := strconv.Atoi(os.Getenv(envNFiles))
 	cmd := exec.Command(os.Getenv(envSelf))
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
@@ -592,12 +666,16 @@ func launchMain() int {
 		cmd.ExtraFiles = append(cmd.ExtraFiles, os.NewFile(uintptr(3+i), "passed"))
 	}
 	for _, kv := range os.Environ() {
-		if (strings.HasPrefix(kv, "KRUN_SANDBOX_TEST_") || strings.HasPrefix(kv, "GOGC=")) &&
+		if (strings.HasPrefix(kv, "KRUN_SANDBOX_TEST_") || strings.HasPrefix(kv, envSocketDir+"=")) &&
 			!strings.HasPrefix(kv, envLaunch) && !strings.HasPrefix(kv, envHelper) {
 			cmd.Env = append(cmd.Env, kv)
 		}
 	}
-	cmd.Env = append(cmd.Env, envHelper+"=probe")
+	helper := os.Getenv(envKind + "_HELPER")
+	if helper == "" {
+		helper = "probe"
+	}
+	cmd.Env = append(cmd.Env, envHelper+"="+helper)
 	if err := lc.Apply(cmd); err != nil {
 		fmt.Fprintln(os.Stderr, "apply:", err)
 		return 2
@@ -610,5 +688,101 @@ func launchMain() int {
 	if err := cmd.Wait(); err != nil {
 		return 1
 	}
+	// The launcher's seccomp supervisor logs from a goroutine; give the
+	// last lines time to be written.
+	time.Sleep(100 * time.Millisecond)
+	return 0
+}
+
+// hostileLine is what the hostile plugin reports.
+type hostileLine struct {
+	Phase string `json:"phase"` // hostile
+	// ProcFD is the error listing /proc/self/fd ("" when it could).
+	ProcFD string `json:"proc_fd"`
+	// ProcListeners are fds /proc/self/fd names as seccomp listeners.
+	ProcListeners []int `json:"proc_listeners,omitempty"`
+	// OpenFDs are the fds 0..1023 that are open.
+	OpenFDs []int `json:"open_fds"`
+	// Ioctls are the listener ioctls tried on every open fd, with their
+	// errnos.
+	Ioctls   []attempt `json:"ioctls"`
+	Attempts []attempt `json:"attempts"`
+}
+
+// hostileMain is a hostile third-party plugin: it never restricts itself,
+// it looks for the seccomp listener of its filter among its fds (through
+// /proc/self/fd where there is one, and by trying every fd number), tries
+// the listener ioctls on every fd it holds (among them an answer with
+// SECCOMP_USER_NOTIF_FLAG_CONTINUE, which would let a refused call run),
+// tries to make a listener of its own, and then makes the calls that ran
+// when a plugin held its listener (issue #21). The test checks that none of
+// it works.
+func hostileMain() int {
+	var rep hostileLine
+	rep.Phase = "hostile"
+	if ents, err := os.ReadDir("/proc/self/fd"); err != nil {
+		rep.ProcFD = err.Error()
+	} else {
+		for _, e := range ents {
+			fd, _ := strconv.Atoi(e.Name())
+			if t, _ := os.Readlink("/proc/self/fd/" + e.Name()); t == "anon_inode:seccomp notify" {
+				rep.ProcListeners = append(rep.ProcListeners, fd)
+			}
+		}
+	}
+	for fd := 0; fd < 1024; fd++ {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil {
+			rep.OpenFDs = append(rep.OpenFDs, fd)
+		}
+	}
+	try := func(fd int, name string, f func() error) {
+		err := f()
+		a := attempt{Action: name, Thread: strconv.Itoa(fd), Errno: errnoOf(err)}
+		if err != nil {
+			a.Err = err.Error()
+		}
+		rep.Ioctls = append(rep.Ioctls, a)
+	}
+	for _, fd := range rep.OpenFDs {
+		fd := fd
+		try(fd, "NOTIF_SEND_CONTINUE", func() error {
+			resp := seccompNotifResp{id: 1, flags: 1 /* SECCOMP_USER_NOTIF_FLAG_CONTINUE */}
+			_, err := sys(unix.SYS_IOCTL, uintptr(fd), unix.SECCOMP_IOCTL_NOTIF_SEND, uintptr(unsafe.Pointer(&resp)))
+			return err
+		})
+		try(fd, "NOTIF_ID_VALID", func() error {
+			id := uint64(1)
+			_, err := sys(unix.SYS_IOCTL, uintptr(fd), unix.SECCOMP_IOCTL_NOTIF_ID_VALID, uintptr(unsafe.Pointer(&id)))
+			return err
+		})
+		try(fd, "NOTIF_RECV", func() error {
+			// On a real listener that the filter let through, RECV would
+			// wait for a notification: report that as success.
+			done := make(chan error, 1)
+			go func() {
+				var n seccompNotif
+				_, err := sys(unix.SYS_IOCTL, uintptr(fd), unix.SECCOMP_IOCTL_NOTIF_RECV, uintptr(unsafe.Pointer(&n)))
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				return err
+			case <-time.After(2 * time.Second):
+				return nil
+			}
+		})
+	}
+	for _, a := range forbiddenActions() {
+		err := a.run()
+		at := attempt{Action: a.name, Thread: "main", TID: unix.Gettid(), Errno: errnoOf(err)}
+		if err != nil {
+			at.Err = err.Error()
+		}
+		rep.Attempts = append(rep.Attempts, at)
+	}
+	b, _ := json.Marshal(rep)
+	os.Stdout.Write(append(b, '\n'))
+	emit(probeLine{Phase: "ready"})
+	bufio.NewReader(os.Stdin).ReadString('\n')
 	return 0
 }

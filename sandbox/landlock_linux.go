@@ -58,12 +58,23 @@ func landlockAccessFor(abi int) landlockAccess {
 	return a
 }
 
-// Rights granted beneath a policy's directories. Never execute, never
-// device nodes, never device ioctls.
+// Rights granted beneath a policy's directories. Never execute, never block
+// devices, never device ioctls. Character devices may be made (beneath a
+// read-write directory): seccomp allows only the 0/0 one, overlayfs'
+// whiteout, and the kernel wants CAP_MKNOD in the initial namespace for any
+// other.
 const (
 	landlockReadOnly = unix.LANDLOCK_ACCESS_FS_READ_FILE | unix.LANDLOCK_ACCESS_FS_READ_DIR
-	landlockNever    = unix.LANDLOCK_ACCESS_FS_EXECUTE | unix.LANDLOCK_ACCESS_FS_MAKE_CHAR |
-		unix.LANDLOCK_ACCESS_FS_MAKE_BLOCK | unix.LANDLOCK_ACCESS_FS_IOCTL_DEV
+	landlockNever    = unix.LANDLOCK_ACCESS_FS_EXECUTE | unix.LANDLOCK_ACCESS_FS_MAKE_BLOCK |
+		unix.LANDLOCK_ACCESS_FS_IOCTL_DEV
+	// landlockSocketDir is what go-plugin does in the private socket
+	// directory: a temporary file (created, removed) names the socket.
+	landlockSocketDir = unix.LANDLOCK_ACCESS_FS_MAKE_REG | unix.LANDLOCK_ACCESS_FS_READ_FILE |
+		unix.LANDLOCK_ACCESS_FS_WRITE_FILE | unix.LANDLOCK_ACCESS_FS_REMOVE_FILE |
+		unix.LANDLOCK_ACCESS_FS_MAKE_SOCK
+	// landlockExec is what the trampoline's execveat of the plugin binary
+	// needs (the kernel opens it for reading and executing).
+	landlockExec = unix.LANDLOCK_ACCESS_FS_EXECUTE | unix.LANDLOCK_ACCESS_FS_READ_FILE
 )
 
 // landlockMinABI is the oldest ABI the layer accepts: file system rules
@@ -71,50 +82,90 @@ const (
 // reports which ones the running kernel lacks.
 const landlockMinABI = 1
 
-// applyLandlock builds and enforces the ruleset of a policy on every thread.
-func applyLandlock(p Policy) (landlockAccess, error) {
+// landlockRule allows rights beneath a directory fd, or on a file fd.
+type landlockRule struct {
+	fd     int
+	rights uint64
+	file   bool // fd is a regular file (the plugin binary)
+}
+
+// policyLandlockRules are the directory rules of a policy.
+func policyLandlockRules(p Policy) []landlockRule {
+	var out []landlockRule
+	for _, d := range p.ReadWriteDirFDs {
+		out = append(out, landlockRule{fd: d, rights: ^uint64(0) &^ landlockNever})
+	}
+	for _, d := range p.ReadOnlyDirFDs {
+		out = append(out, landlockRule{fd: d, rights: landlockReadOnly})
+	}
+	return out
+}
+
+// landlockRuleset creates a ruleset that handles every right of the
+// running ABI and allows rules; the caller enforces and closes it.
+func landlockRuleset(rules []landlockRule) (int, landlockAccess, error) {
 	abi, err := landlockABI()
 	if err != nil {
-		return landlockAccess{}, err
+		return -1, landlockAccess{}, err
 	}
 	if abi < landlockMinABI {
-		return landlockAccess{}, fmt.Errorf("landlock ABI %d below %d", abi, landlockMinABI)
+		return -1, landlockAccess{}, fmt.Errorf("landlock ABI %d below %d", abi, landlockMinABI)
 	}
 	acc := landlockAccessFor(abi)
 	attr := rulesetAttr{handledFS: acc.fs, handledNet: acc.net, scoped: acc.scoped}
 	fd, err := landlockCreateRuleset(&attr, acc.attrSize, 0)
 	if err != nil {
-		return acc, fmt.Errorf("create ruleset (ABI %d): %w", abi, err)
+		return -1, acc, fmt.Errorf("create ruleset (ABI %d): %w", abi, err)
+	}
+	for _, r := range rules {
+		var st unix.Stat_t
+		if err := unix.Fstat(r.fd, &st); err != nil {
+			unix.Close(fd)
+			return -1, acc, fmt.Errorf("fd %d: %w", r.fd, err)
+		}
+		switch typ := st.Mode & unix.S_IFMT; {
+		case r.file && typ != unix.S_IFREG:
+			unix.Close(fd)
+			return -1, acc, fmt.Errorf("fd %d is not a regular file", r.fd)
+		case !r.file && typ != unix.S_IFDIR:
+			unix.Close(fd)
+			return -1, acc, fmt.Errorf("fd %d is not a directory", r.fd)
+		}
+		if err := landlockAddPathBeneath(fd, r.rights&acc.fs, r.fd); err != nil {
+			unix.Close(fd)
+			return -1, acc, fmt.Errorf("rule for fd %d: %w", r.fd, err)
+		}
+	}
+	return fd, acc, nil
+}
+
+// applyLandlock stacks the ruleset of a policy on every thread: the
+// plugin's own domain, inside the trampoline's.
+func applyLandlock(p Policy) (landlockAccess, error) {
+	fd, acc, err := landlockRuleset(policyLandlockRules(p))
+	if err != nil {
+		return acc, err
 	}
 	defer unix.Close(fd)
-	add := func(dir int, rights uint64) error {
-		var st unix.Stat_t
-		if err := unix.Fstat(dir, &st); err != nil {
-			return fmt.Errorf("directory fd %d: %w", dir, err)
-		}
-		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-			return fmt.Errorf("fd %d is not a directory", dir)
-		}
-		if err := landlockAddPathBeneath(fd, rights&acc.fs, dir); err != nil {
-			return fmt.Errorf("rule for directory fd %d: %w", dir, err)
-		}
-		return nil
-	}
-	for _, d := range p.ReadWriteDirFDs {
-		if err := add(d, acc.fs&^landlockNever); err != nil {
-			return acc, err
-		}
-	}
-	for _, d := range p.ReadOnlyDirFDs {
-		if err := add(d, landlockReadOnly); err != nil {
-			return acc, err
-		}
-	}
 	if err := landlockRestrictAllThreads(fd); err != nil {
 		if errors.Is(err, unix.ENOTSUP) {
 			return acc, fmt.Errorf("restrict all threads: %w (binary built with cgo? build plugins with CGO_ENABLED=0)", err)
 		}
 		return acc, fmt.Errorf("restrict all threads: %w", err)
+	}
+	return acc, nil
+}
+
+// applyLaunchLandlock enforces the trampoline's ruleset on the calling
+// thread, whose domain the plugin inherits at exec.
+func applyLaunchLandlock(rules []landlockRule) (landlockAccess, error) {
+	fd, acc, err := landlockRuleset(rules)
+	if err != nil {
+		return acc, err
+	}
+	defer unix.Close(fd)
+	if err := landlockRestrictSelf(fd); err != nil {
+		return acc, fmt.Errorf("restrict: %w", err)
 	}
 	return acc, nil
 }

@@ -19,65 +19,154 @@ import (
 )
 
 // LaunchConfig is the launcher's half of the sandbox. The zero value is the
-// full sandbox with default limits.
+// full sandbox with default limits, ids and profile.
 type LaunchConfig struct {
+	// Kind is the plugin kind being launched (blk-raw, fs-virtio, a
+	// third-party name): it chooses the seccomp profile enforced from the
+	// plugin's first instruction (KindProfile; Syscalls overrides it), the
+	// default limits (DefaultLimits; Limits overrides them) and names the
+	// plugin in the launcher's log of refused system calls.
+	Kind string
+	// Syscalls is the seccomp profile the trampoline enforces, with the
+	// start-up calls on top. Default: KindProfile(Kind).
+	Syscalls Profile
+	// ExtraSyscalls are granted on top of Syscalls from the first
+	// instruction: the host's consent to a third-party plugin whose policy
+	// declares them (a plugin cannot grant itself anything its launcher
+	// refuses). Each needs a reason; ForbiddenSyscalls are never granted.
+	ExtraSyscalls []Syscall
 	// RootDir is an existing directory the plugin mounts its empty,
 	// read-only root over (inside its own mount namespace; the directory
-	// itself is never written or changed). Default: os.TempDir().
+	// itself is never written or changed). The plugin's id must be able to
+	// reach it. Default: os.TempDir().
 	RootDir string
-	// HostUID and HostGID are the host ids that id 0 in the plugin's user
-	// namespace maps to. 0 means the launcher's effective ids. Mapping to
-	// another id needs CAP_SETUID/CAP_SETGID (a root launcher); a root
-	// launcher should map to an unprivileged id so that a compromised
-	// plugin does not own root's files even in theory.
+	// HostUID and HostGID are the host ids the plugin runs as: id 0 of its
+	// user namespace maps to them. 0 means the default: DefaultPluginUID
+	// and DefaultPluginGID (nobody:nogroup) for a root launcher, the
+	// launcher's own ids otherwise. A plugin never runs as host root, and
+	// only a root launcher (CAP_SETUID, CAP_SETGID) can choose ids other
+	// than its own.
 	HostUID, HostGID int
-	// Limits are the plugin's resource limits (zero fields: defaults).
+	// Limits are the plugin's resource limits (zero fields: DefaultLimits(Kind)).
 	Limits Limits
 	// Disable lists layers the user explicitly turned off (a flag such as
 	// --sandbox-disable). Apply logs a warning for each; disabling
 	// namespaces also disables the empty root.
 	Disable []Layer
-	// Log receives the warnings. nil: a logger writing to stderr.
+	// Log receives the warnings and, for the life of the plugin, the
+	// system calls its seccomp filter refused. nil: a logger writing to
+	// stderr.
 	Log hclog.Logger
+	// Trampoline is a krun-sandbox-exec binary (cmd/krun-sandbox-exec) to
+	// start as the trampoline. "": krun-sandbox-exec next to this
+	// process's executable if there is one, else this process's own
+	// executable (/proc/self/exe), which works as well but starts slower.
+	Trampoline string
+}
+
+// The ids a root launcher's plugins run as by default: nobody and nogroup.
+// Choose others (a uid of their own per deployment) with
+// LaunchConfig.HostUID/HostGID (krun-core: --plugin-uid, --plugin-gid).
+const (
+	DefaultPluginUID = 65534
+	DefaultPluginGID = 65534
+)
+
+// PluginIDs returns the host uid and gid a plugin runs as with these
+// settings, or an error when they cannot be used by this launcher.
+func (c LaunchConfig) PluginIDs() (uid, gid int, err error) {
+	euid, egid := os.Geteuid(), os.Getegid()
+	uid, gid = c.HostUID, c.HostGID
+	if uid < 0 || gid < 0 || uid > 1<<32-2 || gid > 1<<32-2 {
+		return 0, 0, fmt.Errorf("host ids %d:%d out of range", uid, gid)
+	}
+	if euid == 0 {
+		if uid == 0 {
+			uid = DefaultPluginUID
+		}
+		if gid == 0 {
+			gid = DefaultPluginGID
+		}
+		return uid, gid, nil
+	}
+	if uid == 0 {
+		uid = euid
+	}
+	if gid == 0 {
+		gid = egid
+	}
+	if uid != euid || gid != egid {
+		return 0, 0, fmt.Errorf("plugin ids %d:%d: a launcher that is not root can only run plugins as its own ids %d:%d", uid, gid, euid, egid)
+	}
+	return uid, gid, nil
 }
 
 // plugGODEBUG turns off the Go runtime's cgroup-based GOMAXPROCS, which
-// keeps cgroup files open for the life of the process.
-const plugGODEBUG = "containermaxprocs=0,updatemaxprocs=0"
+// keeps cgroup files open for the life of the process, and its naming of
+// anonymous mappings (prctl PR_SET_VMA, which the sandbox refuses).
+const plugGODEBUG = "containermaxprocs=0,updatemaxprocs=0,decoratemappings=0"
+
+// envSocketDir is go-plugin's variable for its socket directory.
+const envSocketDir = "PLUGIN_UNIX_SOCKET_DIR"
 
 // namespaceFlags are the namespaces every plugin gets.
 const namespaceFlags = unix.CLONE_NEWUSER | unix.CLONE_NEWNS | unix.CLONE_NEWPID |
 	unix.CLONE_NEWNET | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP
 
-// Apply prepares cmd (not yet started) to run a plugin in the sandbox:
+// Apply prepares cmd (not yet started; Apply must be the last change to
+// it) to run a plugin in the sandbox. The command becomes the trampoline:
+// this very binary (/proc/self/exe, argv[0] TrampolineName), which applies
+// every layer to itself and then execs the plugin binary from an fd, so the
+// plugin's first instruction already runs inside the sandbox:
 //   - new user, mount, pid, net, ipc, uts and cgroup namespaces, with id 0
-//     inside mapped to HostUID/HostGID and setgroups denied;
+//     inside mapped to the plugin's host ids (PluginIDs);
 //   - Pdeathsig SIGKILL (sent when the launching OS thread exits; see
 //     go.dev/issue/27505) and a new session;
 //   - an environment of cmd.Env only: a nil cmd.Env becomes empty instead of
 //     inheriting the launcher's (which may hold secrets), plus the sandbox
-//     settings for Restrict in KRUN_SANDBOX and GODEBUG settings that keep
-//     the Go runtime from holding cgroup files open;
+//     settings in KRUN_SANDBOX and GODEBUG settings the sandbox needs;
 //   - every fd of the launcher other than stdio is marked close-on-exec, so
-//     the plugin gets only cmd.Stdin/Stdout/Stderr and cmd.ExtraFiles.
+//     the plugin gets only cmd.Stdin/Stdout/Stderr and cmd.ExtraFiles;
+//   - in the trampoline, before exec: rlimits, the empty root (with
+//     go-plugin's socket directory, from cmd.Env, as a private tmpfs),
+//     no_new_privs, no capabilities, a Landlock domain (read-write beneath
+//     the directories among cmd.ExtraFiles, socket creation in the socket
+//     directory, execution of the plugin binary only) and the seccomp
+//     filter of Syscalls plus the start-up calls, whose refusals are
+//     reported to this process and logged in Log.
 //
-// Go cannot run code in the child between fork and exec, so resource limits,
-// the empty root, no_new_privs, capabilities, Landlock and seccomp are
-// applied by the plugin itself in Restrict, before it reads hostile bytes.
-// The launcher can lower the limits from outside with ApplyLimits and check
-// the result with Verify.
-func (c LaunchConfig) Apply(cmd *exec.Cmd) error {
+// A plugin that uses pluginsdk narrows this further to its own policy
+// with Restrict before it reads any guest or image byte. The launcher can
+// check from outside with Verify.
+func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	log := c.logger()
 	disabled, err := normalizeDisabled(c.Disable)
 	if err != nil {
 		return fmt.Errorf("sandbox: %w", err)
 	}
-	limits, err := c.Limits.withDefaults()
+	limits, err := c.limits()
 	if err != nil {
 		return fmt.Errorf("sandbox: limits: %w", err)
 	}
+	profile := c.Syscalls
+	if profile == "" {
+		profile = KindProfile(c.Kind)
+	}
+	if err := (Policy{Kind: "launch", Syscalls: profile, ExtraSyscalls: c.ExtraSyscalls}).Validate(); err != nil {
+		return fmt.Errorf("sandbox: launch profile: %w", err)
+	}
+	uid, gid, err := c.PluginIDs()
+	if err != nil {
+		return fmt.Errorf("sandbox: %w", err)
+	}
 	if _, set := os.LookupEnv(envName); set {
 		return fmt.Errorf("sandbox: the launcher's environment has %s set; a plugin client that forwards the host environment (go-plugin without SkipHostEnv) would override the sandbox settings", envName)
+	}
+	if cmd.Err != nil {
+		return fmt.Errorf("sandbox: %w", cmd.Err)
+	}
+	if cmd.Process != nil {
+		return errors.New("sandbox: the command was already started")
 	}
 	root := ""
 	if !slices.Contains(disabled, LayerRoot) {
@@ -111,59 +200,286 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) error {
 	case len(sp.AmbientCaps) > 0:
 		return errors.New("sandbox: cmd.SysProcAttr.AmbientCaps is set; plugins run without capabilities")
 	}
-	if !slices.Contains(disabled, LayerNamespaces) {
-		uid, gid := c.HostUID, c.HostGID
-		if uid == 0 {
-			uid = os.Geteuid()
-		}
-		if gid == 0 {
-			gid = os.Getegid()
-		}
-		if uid < 0 || gid < 0 {
-			return fmt.Errorf("sandbox: host ids %d:%d out of range", uid, gid)
-		}
-		sp.Cloneflags |= namespaceFlags
-		sp.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: uid, Size: 1}}
-		sp.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: gid, Size: 1}}
-		// Become id 0 of the namespace before execve, so the plugin holds
-		// the namespace's capabilities it needs to pivot into its empty
-		// root (a root launcher mapping to another id would otherwise exec
-		// as an unmapped uid, without them). A root launcher may also drop
-		// its supplementary groups (setgroups stays allowed in the
-		// namespace, then Restrict removes CAP_SETGID and seccomp the call);
-		// an unprivileged one must deny setgroups to write the gid map, and
-		// its plugin keeps the user's own groups.
-		privileged := os.Geteuid() == 0
-		sp.GidMappingsEnableSetgroups = privileged
-		sp.Credential = &syscall.Credential{Uid: 0, Gid: 0, Groups: []uint32{}, NoSetGroups: !privileged}
-	}
-	sp.Pdeathsig = syscall.SIGKILL
-	if !sp.Setpgid && !sp.Foreground && !sp.Setctty {
-		sp.Setsid = true
-	}
 	env := []string{}
 	godebug := ""
+	sockDir := ""
 	for _, kv := range cmd.Env {
 		switch {
 		case strings.HasPrefix(kv, envName+"="):
 		case strings.HasPrefix(kv, "GODEBUG="):
 			godebug = strings.TrimPrefix(kv, "GODEBUG=") + ","
 		default:
+			if v, ok := strings.CutPrefix(kv, envSocketDir+"="); ok {
+				sockDir = v
+			}
 			env = append(env, kv)
 		}
+	}
+	if sockDir != "" {
+		sockDir = filepath.Clean(sockDir)
+		if !validRoot(sockDir) {
+			return fmt.Errorf("sandbox: %s=%q is not an absolute path other than /", envSocketDir, sockDir)
+		}
+	}
+	privileged := os.Geteuid() == 0
+	if !slices.Contains(disabled, LayerNamespaces) {
+		sp.Cloneflags |= namespaceFlags
+		sp.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: uid, Size: 1}}
+		sp.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: gid, Size: 1}}
+		// Become id 0 of the namespace before execve, so the trampoline
+		// holds the namespace's capabilities it needs to pivot into its
+		// empty root (a root launcher mapping to another id would
+		// otherwise exec as an unmapped uid, without them). A root
+		// launcher also drops its supplementary groups (setgroups stays
+		// allowed in the namespace, then the trampoline drops
+		// CAP_SETGID and seccomp the call); an unprivileged one must deny
+		// setgroups to write the gid map, and its plugin keeps the user's
+		// own groups.
+		sp.GidMappingsEnableSetgroups = privileged
+		sp.Credential = &syscall.Credential{Uid: 0, Gid: 0, Groups: []uint32{}, NoSetGroups: !privileged}
+	} else if privileged {
+		// No user namespace: the plugin still never runs as root.
+		sp.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}
+	}
+	// Without the empty root the plugin makes its gRPC socket in the
+	// launcher's directory itself: the directory must be the plugin's, and
+	// the plugin reaches it through an fd (/proc/self/fd/N), since its ids
+	// may not be able to walk the path to it.
+	var sockFile *os.File
+	if sockDir != "" && slices.Contains(disabled, LayerRoot) {
+		if privileged {
+			if err := giveDir(sockDir, uid, gid); err != nil {
+				return fmt.Errorf("sandbox: socket directory: %w", err)
+			}
+		}
+		if sockFile, err = os.OpenFile(sockDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+			return fmt.Errorf("sandbox: socket directory: %w", err)
+		}
+		defer func() {
+			if err != nil {
+				sockFile.Close()
+			}
+		}()
+	}
+	// The plugin binary, opened here (the plugin's ids need no path to
+	// it), executed by the trampoline from the fd.
+	exe, err := os.OpenFile(cmd.Path, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("sandbox: plugin binary: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			exe.Close()
+		}
+	}()
+	if fi, err := exe.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+		return fmt.Errorf("sandbox: plugin binary %s is not an executable regular file (%v)", cmd.Path, err)
+	}
+	trampFile, err := c.trampoline()
+	if err != nil {
+		return fmt.Errorf("sandbox: trampoline: %w", err)
+	}
+	defer func() {
+		if err != nil && trampFile != nil {
+			trampFile.Close()
+		}
+	}()
+	var dirFDs []int
+	for i, f := range cmd.ExtraFiles {
+		if f == nil {
+			continue
+		}
+		if fi, err := f.Stat(); err == nil && fi.IsDir() {
+			dirFDs = append(dirFDs, 3+i)
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && !writableBy(st, uid, gid) {
+				// The plugin reaches the directory's contents with its own
+				// ids (a shared directory), not with the launcher's.
+				log.Warn("the plugin's ids cannot write to a directory handed to it (fine for a read-only share); choose other ids (--plugin-uid, --plugin-gid) or give it the directory",
+					"plugin", c.Kind, "dir", f.Name(), "owner", fmt.Sprintf("%d:%d", st.Uid, st.Gid),
+					"mode", fmt.Sprintf("%#o", st.Mode&0o7777), "plugin_ids", fmt.Sprintf("%d:%d", uid, gid))
+			}
+		}
+	}
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return fmt.Errorf("sandbox: launcher channel: %w", err)
+	}
+	mine, theirs := os.NewFile(uintptr(pair[0]), "sandbox-channel"), os.NewFile(uintptr(pair[1]), "sandbox-channel-peer")
+	nextFD := 3 + len(cmd.ExtraFiles)
+	take := func() int { nextFD++; return nextFD - 1 }
+	sockFD, trampFD := 0, 0
+	if sockFile != nil {
+		sockFD = take()
+		for i, kv := range env {
+			if strings.HasPrefix(kv, envSocketDir+"=") {
+				env[i] = fmt.Sprintf("%s=/proc/self/fd/%d", envSocketDir, sockFD)
+			}
+		}
+	}
+	if trampFile != nil {
+		trampFD = take()
+	}
+	execFD := take()
+	le := launchEnv{Version: launchEnvVersion, Root: root, Disabled: disabled, Limits: limits,
+		Kind: c.Kind, Syscalls: profile, Extra: c.ExtraSyscalls,
+		ExecFD: execFD, ChanFD: take(), DirFDs: dirFDs, SocketDir: sockDir, SocketFD: sockFD, TrampolineFD: trampFD}
+	sp.Pdeathsig = syscall.SIGKILL
+	if !sp.Setpgid && !sp.Foreground && !sp.Setctty {
+		sp.Setsid = true
 	}
 	// Go 1.25+ keeps /sys/fs/cgroup files open for its GOMAXPROCS updates;
 	// a plugin holds no fds but the ones it was handed.
 	env = append(env, "GODEBUG="+godebug+plugGODEBUG)
-	cmd.Env = append(env, launchEnv{Version: launchEnvVersion, Root: root, Disabled: disabled, Limits: limits}.encode())
+	cmd.Env = append(env, le.encode())
+	args := cmd.Args
+	if len(args) == 0 {
+		args = []string{cmd.Path}
+	}
+	cmd.Args = append([]string{TrampolineName}, args...)
+	cmd.Path = "/proc/self/exe"
+	if sockFile != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, sockFile)
+	}
+	if trampFile != nil {
+		// Executed through the child's own fd: the plugin's ids need no
+		// path to it.
+		cmd.ExtraFiles = append(cmd.ExtraFiles, trampFile)
+		cmd.Path = fmt.Sprintf("/proc/self/fd/%d", trampFD)
+	}
+	cmd.ExtraFiles = append(cmd.ExtraFiles, exe, theirs)
 	if err := markFDsCloseOnExec(); err != nil {
+		mine.Close()
+		theirs.Close()
 		return fmt.Errorf("sandbox: fds: %w", err)
 	}
 	if len(disabled) > 0 {
 		log.Warn("plugin sandbox reduced at the user's request: a compromised plugin has more reach than the default sandbox allows",
-			"disabled", disabled, "plugin", cmd.Path)
+			"disabled", disabled, "plugin", args[0])
 	}
+	kind := c.Kind
+	if kind == "" {
+		kind = filepath.Base(args[0])
+	}
+	go func() {
+		receiveListener(mine, theirs, kind, chanWait, log)
+		exe.Close()
+		if sockFile != nil {
+			sockFile.Close()
+		}
+		if trampFile != nil {
+			trampFile.Close()
+		}
+	}()
 	return nil
+}
+
+// trampoline opens the trampoline binary (O_PATH), or returns nil for this
+// process's own executable.
+func (c LaunchConfig) trampoline() (*os.File, error) {
+	path := c.Trampoline
+	if path == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, nil
+		}
+		path = filepath.Join(filepath.Dir(exe), TrampolineName)
+		if fi, err := os.Stat(path); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+			return nil, nil // not installed: re-execute ourselves
+		}
+	}
+	f, err := os.OpenFile(path, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+		f.Close()
+		return nil, fmt.Errorf("%s is not an executable regular file (%v)", path, err)
+	}
+	return f, nil
+}
+
+// limits are the plugin's resource limits: Limits over DefaultLimits(Kind).
+func (c LaunchConfig) limits() (Limits, error) {
+	l, d := c.Limits, DefaultLimits(c.Kind)
+	if l.OpenFiles == 0 {
+		l.OpenFiles = d.OpenFiles
+	}
+	if l.DataBytes == 0 {
+		l.DataBytes = d.DataBytes
+	}
+	return l.withDefaults()
+}
+
+// writableBy reports whether the ids may create entries in a directory
+// (write and search permission), by its mode bits.
+func writableBy(st *syscall.Stat_t, uid, gid int) bool {
+	const w, x = 0o2, 0o1
+	var bits uint32
+	switch {
+	case int(st.Uid) == uid:
+		bits = st.Mode >> 6
+	case int(st.Gid) == gid:
+		bits = st.Mode >> 3
+	default:
+		bits = st.Mode
+	}
+	return bits&(w|x) == w|x
+}
+
+// giveDir hands a directory this launcher made (go-plugin's socket
+// directory) to the plugin's ids.
+func giveDir(dir string, uid, gid int) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.IsDir() || !ok:
+		return fmt.Errorf("%s is not a directory", dir)
+	case int(st.Uid) == uid && int(st.Gid) == gid:
+		return nil // given already
+	case int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%s is not a directory of this launcher", dir)
+	}
+	return os.Lchown(dir, uid, gid)
+}
+
+// HostSocketPath is the path at which the launcher reaches the unix socket
+// a plugin started with env (the cmd.Env Apply produced) and running as
+// pid announced at addr (go-plugin's handshake). The address must name a
+// socket directly inside the plugin's socket directory (a plugin chooses
+// its address; it gets no other). With a private root the socket is in the
+// plugin's own tmpfs, reached through /proc/PID/root.
+func HostSocketPath(env []string, pid int, addr string) (string, error) {
+	var dir, raw string
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, envSocketDir+"="); ok {
+			dir = v
+		}
+		if v, ok := strings.CutPrefix(kv, envName+"="); ok {
+			raw = v
+		}
+	}
+	clean := filepath.Clean(addr)
+	if dir == "" || !filepath.IsAbs(clean) || filepath.Dir(clean) != filepath.Clean(dir) {
+		return "", fmt.Errorf("plugin socket %q is not inside its socket directory %q", addr, dir)
+	}
+	if raw == "" {
+		return clean, nil
+	}
+	e, err := decodeLaunchEnv(raw)
+	if err != nil {
+		return "", fmt.Errorf("sandbox: %w", err)
+	}
+	switch {
+	case e.SocketFD > 0:
+		// The plugin named its directory through its fd of it.
+		return filepath.Join(e.SocketDir, filepath.Base(clean)), nil
+	case slices.Contains(e.Disabled, LayerRoot) || pid <= 0:
+		return clean, nil
+	}
+	return fmt.Sprintf("/proc/%d/root%s", pid, clean), nil
 }
 
 func (c LaunchConfig) logger() hclog.Logger {
@@ -204,7 +520,7 @@ func markFDsCloseOnExec() error {
 // inside; this covers a third-party plugin that never calls Restrict.
 // Limits are only ever lowered.
 func (c LaunchConfig) ApplyLimits(pid int) error {
-	l, err := c.Limits.withDefaults()
+	l, err := c.limits()
 	if err != nil {
 		return fmt.Errorf("sandbox: limits: %w", err)
 	}
@@ -269,7 +585,7 @@ func (c LaunchConfig) Verify(pid int) error {
 			}
 		}
 	}
-	l, err := c.Limits.withDefaults()
+	l, err := c.limits()
 	if err != nil {
 		return fmt.Errorf("sandbox: limits: %w", err)
 	}

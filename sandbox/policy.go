@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -270,6 +271,22 @@ func DefaultLimits(kind string) Limits {
 	return Limits{}
 }
 
+// KindProfile returns the seccomp profile the trampoline enforces for a
+// plugin kind from its first instruction: the built-in kinds' own profiles
+// (blk-raw, blk-qcow2 and img: block; net-passt and console: net;
+// fs-virtio: fs), and for any other kind ProfileFS, the union of the
+// built-in profiles. A plugin's own Restrict narrows it further to the
+// policy it declares.
+func KindProfile(kind string) Profile {
+	switch kind {
+	case "blk", "blk-raw", "blk-qcow2", "img":
+		return ProfileBlock
+	case "net", "net-passt", "console":
+		return ProfileNet
+	}
+	return ProfileFS
+}
+
 // Defaults for Limits.
 const (
 	DefaultOpenFiles = 256
@@ -300,15 +317,42 @@ func (l Limits) withDefaults() (Limits, error) {
 // its settings to Restrict in the plugin.
 const envName = "KRUN_SANDBOX"
 
-// launchEnv is the launcher's half of the sandbox, as seen by the plugin.
+// launchEnv is the launcher's half of the sandbox, as the trampoline and
+// the plugin's Restrict see it.
 type launchEnv struct {
 	Version  int     `json:"v"`
 	Root     string  `json:"root,omitempty"`
 	Disabled []Layer `json:"disabled,omitempty"`
 	Limits   Limits  `json:"limits"`
+	// Kind names the plugin in the launcher's logs.
+	Kind string `json:"kind,omitempty"`
+	// Syscalls and Extra are the seccomp profile the trampoline enforces
+	// (with the launch layer on top).
+	Syscalls Profile   `json:"syscalls"`
+	Extra    []Syscall `json:"extra,omitempty"`
+	// ExecFD is the plugin binary (O_PATH), ChanFD the socket on which the
+	// trampoline hands the seccomp listener to the launcher. Both are
+	// close-on-exec in the plugin.
+	ExecFD int `json:"exec_fd"`
+	ChanFD int `json:"chan_fd"`
+	// DirFDs are the directories among the handed-in fds: the trampoline's
+	// Landlock domain allows reading and writing beneath them (never
+	// executing); the plugin's own policy may narrow that.
+	DirFDs []int `json:"dir_fds,omitempty"`
+	// SocketDir is go-plugin's socket directory (PLUGIN_UNIX_SOCKET_DIR):
+	// a private tmpfs in the plugin's root, the only place it may create
+	// files.
+	SocketDir string `json:"socket_dir,omitempty"`
+	// SocketFD, without the empty root, is the plugin's fd of SocketDir:
+	// PLUGIN_UNIX_SOCKET_DIR is /proc/self/fd/SocketFD, and it stays open.
+	SocketFD int `json:"socket_fd,omitempty"`
+	// TrampolineFD is the trampoline binary's fd, when it is not the
+	// launcher's own executable; close-on-exec in the plugin.
+	TrampolineFD int `json:"trampoline_fd,omitempty"`
 }
 
-const launchEnvVersion = 1
+// launchEnvVersion 2: the trampoline applies the sandbox before exec.
+const launchEnvVersion = 2
 
 func (e launchEnv) encode() string {
 	b, err := json.Marshal(e)
@@ -339,9 +383,41 @@ func decodeLaunchEnv(v string) (launchEnv, error) {
 	if !slices.Contains(e.Disabled, LayerRoot) && !validRoot(e.Root) {
 		return e, fmt.Errorf("%s: root %q is not an absolute directory path other than /", envName, e.Root)
 	}
+	if e.SocketDir != "" && !validRoot(e.SocketDir) {
+		return e, fmt.Errorf("%s: socket directory %q is not an absolute path other than /", envName, e.SocketDir)
+	}
+	if e.ExecFD < 3 || e.ChanFD < 3 || e.ExecFD == e.ChanFD {
+		return e, fmt.Errorf("%s: exec fd %d and channel fd %d must be distinct fds above 2", envName, e.ExecFD, e.ChanFD)
+	}
+	if e.SocketFD != 0 && (e.SocketFD < 3 || e.SocketFD == e.ExecFD || e.SocketFD == e.ChanFD || e.SocketDir == "") {
+		return e, fmt.Errorf("%s: socket fd %d", envName, e.SocketFD)
+	}
+	if t := e.TrampolineFD; t != 0 && (t < 3 || t == e.ExecFD || t == e.ChanFD || t == e.SocketFD) {
+		return e, fmt.Errorf("%s: trampoline fd %d", envName, t)
+	}
+	if err := (Policy{Kind: "launch", Syscalls: e.Syscalls, ExtraSyscalls: e.Extra}).Validate(); err != nil {
+		return e, fmt.Errorf("%s: %w", envName, err)
+	}
 	return e, nil
 }
 
 func validRoot(p string) bool {
 	return strings.HasPrefix(p, "/") && p != "/" && !strings.ContainsRune(p, 0)
+}
+
+// ParseHostID parses a --plugin-uid or --plugin-gid value: "" is 0, the
+// default (LaunchConfig.PluginIDs); otherwise a host id from 1 to
+// 4294967294. 0 is refused: a plugin never runs as host root.
+func ParseHostID(s string) (int, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseUint(s, 10, 32)
+	switch {
+	case err != nil || n == 1<<32-1:
+		return 0, fmt.Errorf("%q is not a host id (1 to 4294967294)", s)
+	case n == 0:
+		return 0, errors.New("0: plugins never run as host root")
+	}
+	return int(n), nil
 }

@@ -132,25 +132,81 @@ func TestParseLayers(t *testing.T) {
 }
 
 func TestLaunchEnvRoundTrip(t *testing.T) {
-	e := launchEnv{Version: launchEnvVersion, Root: "/tmp", Disabled: []Layer{LayerSeccomp}, Limits: Limits{OpenFiles: 64}}
+	e := launchEnv{Version: launchEnvVersion, Root: "/tmp", Disabled: []Layer{LayerSeccomp}, Limits: Limits{OpenFiles: 64},
+		Kind: "blk-raw", Syscalls: ProfileBlock, Extra: []Syscall{{Name: "memfd_create", Reason: "r"}},
+		ExecFD: 5, ChanFD: 6, DirFDs: []int{4}, SocketDir: "/tmp/krun-x/plugin-dir1"}
 	kv := e.encode()
 	got, err := decodeLaunchEnv(strings.TrimPrefix(kv, envName+"="))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got.Root != "/tmp" || !slices.Equal(got.Disabled, e.Disabled) || got.Limits.OpenFiles != 64 ||
-		got.Limits.DataBytes != DefaultDataBytes {
+		got.Limits.DataBytes != DefaultDataBytes || got.Kind != "blk-raw" || got.Syscalls != ProfileBlock ||
+		len(got.Extra) != 1 || got.ExecFD != 5 || got.ChanFD != 6 || !slices.Equal(got.DirFDs, []int{4}) ||
+		got.SocketDir != e.SocketDir {
 		t.Errorf("%+v", got)
 	}
+	const ok = `"syscalls":"block","exec_fd":5,"chan_fd":6`
+	if _, err := decodeLaunchEnv(`{"v":2,"root":"/tmp",` + ok + `}`); err != nil {
+		t.Errorf("minimal settings refused: %v", err)
+	}
 	for _, bad := range []string{
-		`{"v":1,"root":"/"}`,
-		`{"v":1,"root":"relative"}`,
-		`{"v":1,"root":"/tmp","limits":{"open_files":2}}`,
-		`{"v":1,"root":"/tmp","extra":1}`,
-		`{"v":2,"root":"/tmp"}`,
+		`{"v":2,"root":"/",` + ok + `}`,
+		`{"v":2,"root":"relative",` + ok + `}`,
+		`{"v":2,"root":"/tmp","limits":{"open_files":2},` + ok + `}`,
+		`{"v":2,"root":"/tmp","bogus":1,` + ok + `}`,
+		`{"v":1,"root":"/tmp",` + ok + `}`,
+		`{"v":2,"root":"/tmp","syscalls":"block","exec_fd":5,"chan_fd":5}`,
+		`{"v":2,"root":"/tmp","syscalls":"block","exec_fd":2,"chan_fd":6}`,
+		`{"v":2,"root":"/tmp","syscalls":"everything","exec_fd":5,"chan_fd":6}`,
+		`{"v":2,"root":"/tmp","extra":[{"name":"execve","reason":"r"}],` + ok + `}`,
+		`{"v":2,"root":"/tmp","socket_dir":"/",` + ok + `}`,
 	} {
 		if _, err := decodeLaunchEnv(bad); err == nil {
 			t.Errorf("%s accepted", bad)
+		}
+	}
+}
+
+func TestKindProfile(t *testing.T) {
+	for kind, want := range map[string]Profile{
+		"blk-raw": ProfileBlock, "blk-qcow2": ProfileBlock, "img": ProfileBlock, "net-passt": ProfileNet, "console": ProfileNet,
+		"fs-virtio": ProfileFS, "null": ProfileFS, "": ProfileFS, "blk-custom": ProfileFS,
+	} {
+		if got := KindProfile(kind); got != want {
+			t.Errorf("KindProfile(%q) = %s, want %s", kind, got, want)
+		}
+	}
+}
+
+// The start-up calls are only ever granted by the launch layer, and the
+// launch layer grants nothing forbidden without an argument limit except
+// what creating the gRPC listener and stacking Restrict's domain need.
+func TestLaunchLayer(t *testing.T) {
+	unconditional := map[string]bool{}
+	for _, r := range launchLayer(9) {
+		if r.reason == "" {
+			t.Errorf("launch rule %s has no reason", r.name)
+		}
+		if r.alts == nil {
+			unconditional[r.name] = true
+		}
+	}
+	for _, f := range ForbiddenSyscalls() {
+		if unconditional[f] && !slices.Contains([]string{"bind", "listen", "landlock_create_ruleset",
+			"landlock_add_rule", "landlock_restrict_self"}, f) {
+			t.Errorf("the launch layer grants forbidden %s without argument limits", f)
+		}
+	}
+	for _, prof := range Profiles() {
+		rs, err := policyRules(Policy{Kind: "t", Syscalls: prof})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rs {
+			if r.layer == layerLaunch {
+				t.Errorf("profile %s has the launch rule %s", prof, r.name)
+			}
 		}
 	}
 }
@@ -189,5 +245,21 @@ func TestRulesHaveReasons(t *testing.T) {
 		if r.name == "fcntl" && (len(r.alts) != 11 || !strings.Contains(r.args, "F_OFD_SETLK")) {
 			t.Errorf("fs fcntl should merge both layers' commands: %d alternatives, %q", len(r.alts), r.args)
 		}
+	}
+}
+
+func TestParseHostID(t *testing.T) {
+	for in, want := range map[string]int{"": 0, "1": 1, "65534": 65534, "4294967294": 4294967294} {
+		if got, err := ParseHostID(in); err != nil || got != want {
+			t.Errorf("ParseHostID(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"0", "-1", "4294967295", "4294967296", "nobody", " 1", "0x10"} {
+		if _, err := ParseHostID(bad); err == nil {
+			t.Errorf("ParseHostID(%q) accepted", bad)
+		}
+	}
+	if _, err := ParseHostID("0"); err == nil || !strings.Contains(err.Error(), "never run as host root") {
+		t.Errorf("ParseHostID(0): %v", err)
 	}
 }

@@ -6,7 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -15,20 +15,29 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Restrict confines the calling plugin process; call it once, after the
-// plugin's gRPC listener exists and before it reads any guest or image byte.
-// It applies, in order: a check that the launcher's namespaces are in place,
-// resource limits, the empty read-only root, no_new_privs, an empty
-// capability set, Landlock and the seccomp allowlist of p. Every step is
-// fail-closed: the first that cannot be applied is returned as a one-line
-// error naming its layer, and the caller must exit. Only layers the user
-// disabled on the launcher side (LaunchConfig.Disable) are skipped, each
-// with a warning in log.
+// Restrict narrows the sandbox of the calling plugin process to its own
+// policy p; call it once, before it reads any guest or image byte.
 //
-// Landlock and no_new_privs are per-thread in the kernel; Restrict applies
-// them on every OS thread of the process (syscall.AllThreadsSyscall) and
-// installs seccomp with SECCOMP_FILTER_FLAG_TSYNC, so the binary must be
-// built without cgo.
+// By the time the plugin runs, the launcher's trampoline (see Apply) has
+// already applied every layer: namespaces, rlimits, the empty root,
+// no_new_privs, no capabilities, a Landlock domain and a seccomp filter
+// (the launch profile plus the start-up calls). Restrict checks that this
+// is so and stacks on it, on every thread, a Landlock domain with only the
+// policy's directory rules and a seccomp filter that refuses (EPERM) what
+// the trampoline's filter allows but p does not: the start-up calls (gRPC
+// listener, file creation in the socket directory, exec, Landlock and
+// seccomp themselves) and whatever the launch profile has beyond p. Calls
+// that the trampoline's filter refuses are still refused by it and logged
+// by the launcher.
+//
+// Every step fails closed: Restrict returns a one-line error naming the
+// layer ("sandbox: landlock: ...") and the caller must exit. Layers the
+// user disabled on the launcher side (LaunchConfig.Disable) are skipped,
+// each with a warning in log.
+//
+// The Landlock domain is applied with syscall.AllThreadsSyscall and the
+// filter with SECCOMP_FILTER_FLAG_TSYNC, so the binary must be built
+// without cgo.
 func Restrict(p Policy, log hclog.Logger) error {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -44,58 +53,66 @@ func Restrict(p Policy, log hclog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("sandbox: launcher: %w", err)
 	}
-	if mode, err := unix.PrctlRetInt(unix.PR_GET_SECCOMP, 0, 0, 0, 0); err != nil || mode != 0 {
-		return fmt.Errorf("sandbox: seccomp: process already has a filter (Restrict called twice?)")
-	}
 	for _, l := range env.Disabled {
 		log.Warn("sandbox layer disabled at the user's request", "layer", l, "plugin", p.Kind)
 	}
-	// Go 1.25+ re-reads cgroup files to adjust GOMAXPROCS; setting it
-	// explicitly turns that off (there are no such files after Restrict).
-	// Two Ps at least, so the seccomp supervisor can run while another
-	// thread waits for its answer.
-	runtime.GOMAXPROCS(max(2, runtime.GOMAXPROCS(0)))
-	// The local time zone is loaded lazily, from /etc/localtime, the first
-	// time a time is formatted (a log line). After Restrict that open is
-	// refused and reported by the seccomp supervisor, whose own log line
-	// would need the zone again: load it now, while files can be opened.
+	// The local time zone is loaded lazily, the first time a time is
+	// formatted. There is no /etc/localtime in the empty root: load (and
+	// miss) it now, while the trampoline's filter still allows the open.
 	_, _ = time.Now().Zone()
-
+	off := func(l Layer) bool { return slices.Contains(env.Disabled, l) }
+	if !off(LayerNamespaces) {
+		if pid := os.Getpid(); pid != 1 {
+			return fmt.Errorf("sandbox: namespaces: pid %d: not the init of a new pid namespace (not started by the trampoline?)", pid)
+		}
+	}
+	if !off(LayerSeccomp) {
+		if mode, err := unix.PrctlRetInt(unix.PR_GET_SECCOMP, 0, 0, 0, 0); err != nil || mode != 2 {
+			return fmt.Errorf("sandbox: seccomp: the launcher's filter is not in place (mode %d, %v); not started by the trampoline?", mode, err)
+		}
+	}
+	if missing := beyondLaunch(p, env); len(missing) > 0 {
+		log.Warn("sandbox: the policy allows system calls the launcher's filter refuses; they stay refused",
+			"plugin", p.Kind, "syscalls", strings.Join(missing, ","))
+	}
 	var applied []string
 	var landlockInfo, seccompInfo string
-	steps := []struct {
-		layer Layer
-		apply func() error
-	}{
-		{LayerNamespaces, checkNamespaces},
-		{LayerRlimits, func() error { return applyRlimits(env.Limits) }},
-		{LayerRoot, func() error { return enterEmptyRoot(env.Root) }},
-		{LayerNoNewPrivs, applyNoNewPrivs},
-		{LayerCapabilities, dropCapabilities},
-		{LayerLandlock, func() error {
-			acc, err := applyLandlock(p)
-			landlockInfo = fmt.Sprintf("fs=%#x net=%#x scoped=%#x", acc.fs, acc.net, acc.scoped)
-			return err
-		}},
-		{LayerSeccomp, func() error {
-			res, err := applySeccomp(p, log)
-			seccompInfo = fmt.Sprintf("%s, %d instructions, refusals logged: %v", p.Syscalls, res.instructions, res.notify)
-			return err
-		}},
-	}
-	for _, s := range steps {
-		if slices.Contains(env.Disabled, s.layer) {
-			continue
+	if !off(LayerLandlock) {
+		acc, err := applyLandlock(p)
+		if err != nil {
+			return fmt.Errorf("sandbox: %s: %w", LayerLandlock, err)
 		}
-		log.Debug("sandbox: applying layer", "layer", s.layer)
-		if err := s.apply(); err != nil {
-			return fmt.Errorf("sandbox: %s: %w", s.layer, err)
-		}
-		applied = append(applied, string(s.layer))
+		landlockInfo = fmt.Sprintf("fs=%#x net=%#x scoped=%#x", acc.fs, acc.net, acc.scoped)
+		applied = append(applied, string(LayerLandlock))
 	}
-	log.Info("sandbox applied", "plugin", p.Kind, "layers", strings.Join(applied, ","),
+	if !off(LayerSeccomp) {
+		n, err := applyNarrowing(p, env)
+		if err != nil {
+			return fmt.Errorf("sandbox: %s: %w", LayerSeccomp, err)
+		}
+		seccompInfo = fmt.Sprintf("%s within the launcher's %s, %d instructions", p.Syscalls, env.Syscalls, n)
+		applied = append(applied, string(LayerSeccomp))
+	}
+	log.Info("sandbox applied", "plugin", p.Kind, "narrowed", strings.Join(applied, ","),
 		"landlock", landlockInfo, "seccomp", seccompInfo)
 	return nil
+}
+
+// beyondLaunch lists the system calls p allows that the trampoline's
+// filter does not allow at all.
+func beyondLaunch(p Policy, e launchEnv) []string {
+	outer, err1 := launchRules(e)
+	inner, err2 := policyRules(p)
+	if err1 != nil || err2 != nil {
+		return nil
+	}
+	var out []string
+	for _, r := range inner {
+		if !slices.ContainsFunc(outer, func(o rule) bool { return o.name == r.name }) {
+			out = append(out, r.name)
+		}
+	}
+	return out
 }
 
 // initUserNSInode is PROC_USER_INIT_INO, the inode of the initial user
@@ -162,11 +179,18 @@ func applyRlimits(l Limits) error {
 // enterEmptyRoot replaces the file system view of the plugin with an empty,
 // read-only tmpfs: it mounts one over dir (any existing directory: the
 // mount is private to our mount namespace and hides what is underneath),
-// pivots into it and detaches the old root. Needs CAP_SYS_ADMIN in our own
-// user namespace, which the launcher's namespaces give us.
-func enterEmptyRoot(dir string) error {
+// pivots into it and detaches the old root. When sockDir is set, the new
+// root holds that path (and nothing else), with a small writable tmpfs of
+// its own mounted there: go-plugin's socket directory, where the plugin
+// creates its gRPC socket and the launcher reaches it through
+// /proc/PID/root. Needs CAP_SYS_ADMIN in our own user namespace, which the
+// launcher's namespaces give us.
+func enterEmptyRoot(dir, sockDir string) error {
 	if !validRoot(dir) {
 		return fmt.Errorf("mount point %q is not an absolute path other than /", dir)
+	}
+	if sockDir != "" && !validRoot(sockDir) {
+		return fmt.Errorf("socket directory %q is not an absolute path other than /", sockDir)
 	}
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make mounts private: %w", err)
@@ -176,9 +200,24 @@ func enterEmptyRoot(dir string) error {
 		return fmt.Errorf("open old root: %w", err)
 	}
 	defer unix.Close(oldRoot)
-	const flags = unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
-	if err := unix.Mount("krun-sandbox", dir, "tmpfs", flags, "size=4k,nr_inodes=2,mode=0555"); err != nil {
+	const flags = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
+	if err := unix.Mount("krun-sandbox", dir, "tmpfs", flags, "size=4k,nr_inodes=16,mode=0555"); err != nil {
 		return fmt.Errorf("mount empty tmpfs on %s: %w", dir, err)
+	}
+	top := ""
+	if sockDir != "" {
+		rel := strings.TrimPrefix(filepath.Clean(sockDir), "/")
+		top, _, _ = strings.Cut(rel, "/")
+		at := filepath.Join(dir, rel)
+		if err := os.MkdirAll(at, 0o755); err != nil {
+			return fmt.Errorf("socket directory in the new root: %w", err)
+		}
+		if err := unix.Mount("krun-sandbox-sock", at, "tmpfs", flags, "size=64k,nr_inodes=16,mode=0700"); err != nil {
+			return fmt.Errorf("mount the socket directory's tmpfs: %w", err)
+		}
+	}
+	if err := unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_RDONLY|flags, ""); err != nil {
+		return fmt.Errorf("make the new root read-only: %w", err)
 	}
 	if err := unix.Chdir(dir); err != nil {
 		return fmt.Errorf("chdir %s: %w", dir, err)
@@ -219,8 +258,9 @@ func enterEmptyRoot(dir string) error {
 	if sfs.Type != unix.TMPFS_MAGIC || sfs.Flags&unix.ST_RDONLY == 0 {
 		return fmt.Errorf("new root is not a read-only tmpfs (type %#x flags %#x)", sfs.Type, sfs.Flags)
 	}
-	if ents, err := os.ReadDir("/"); err != nil || len(ents) != 0 {
-		return fmt.Errorf("new root not empty (%d entries, %v)", len(ents), err)
+	ents, err := os.ReadDir("/")
+	if err != nil || len(ents) > 1 || len(ents) == 1 && ents[0].Name() != top || len(ents) == 0 && top != "" {
+		return fmt.Errorf("new root holds %d entries (%v), want only %q", len(ents), err, top)
 	}
 	return nil
 }
@@ -244,55 +284,4 @@ func mountinfoRootIsRootfs(b []byte) bool {
 		}
 	}
 	return false
-}
-
-func applyNoNewPrivs() error {
-	if err := prctlAllThreads(unix.PR_SET_NO_NEW_PRIVS, 1); err != nil {
-		if errors.Is(err, unix.ENOTSUP) {
-			return fmt.Errorf("%w (binary built with cgo? build plugins with CGO_ENABLED=0)", err)
-		}
-		return err
-	}
-	v, err := unix.PrctlRetInt(unix.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
-	if err != nil || v != 1 {
-		return fmt.Errorf("PR_GET_NO_NEW_PRIVS = %d after setting it (%v)", v, err)
-	}
-	return nil
-}
-
-// dropCapabilities empties every capability set of every thread. The
-// bounding set can only be cut with CAP_SETPCAP (we have it as root of our
-// user namespace); without it (namespaces disabled, unprivileged launcher)
-// the permitted set is already empty and the bounding set only matters at
-// execve, which no_new_privs and seccomp rule out.
-func dropCapabilities() error {
-	eff, _, _, err := capget()
-	if err != nil {
-		return fmt.Errorf("capget: %w", err)
-	}
-	if eff&(1<<unix.CAP_SETPCAP) != 0 {
-		for c := 0; c <= 63; c++ {
-			in, err := unix.PrctlRetInt(unix.PR_CAPBSET_READ, uintptr(c), 0, 0, 0)
-			if err != nil {
-				break // EINVAL: past the last capability of this kernel
-			}
-			if in == 0 {
-				continue
-			}
-			if err := prctlAllThreads(unix.PR_CAPBSET_DROP, uintptr(c)); err != nil {
-				return fmt.Errorf("drop capability %d from the bounding set: %w", c, err)
-			}
-		}
-	}
-	if err := prctlAllThreads(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL); err != nil {
-		return fmt.Errorf("clear ambient set: %w", err)
-	}
-	if err := capsetZeroAllThreads(); err != nil {
-		return fmt.Errorf("capset: %w", err)
-	}
-	eff, perm, inh, err := capget()
-	if err != nil || eff|perm|inh != 0 {
-		return fmt.Errorf("capabilities left after dropping: eff %#x perm %#x inh %#x (%v)", eff, perm, inh, err)
-	}
-	return nil
 }

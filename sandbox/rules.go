@@ -72,10 +72,12 @@ const (
 	layerDiskIO    = "disk-io"
 	layerFSTree    = "fs-tree"
 	layerExtra     = "declared"
+	layerLaunch    = "launch"
 )
 
 // goRuntimeLayer is what any Go program needs once running, plus logging
-// through hclog to stderr and the seccomp supervisor.
+// through hclog to stderr. The seccomp listener is not the plugin's: the
+// launcher holds it (see supervise), so no SECCOMP_IOCTL_NOTIF_* here.
 func goRuntimeLayer() []rule {
 	noExec := all(masked(2, unix.PROT_EXEC, 0))
 	return []rule{
@@ -116,9 +118,7 @@ func goRuntimeLayer() []rule {
 			oneOf(1, unix.F_GETFD, unix.F_SETFD, unix.F_GETFL, unix.F_SETFL, unix.F_DUPFD_CLOEXEC)...),
 		allow("fstat", "os.File.Stat of handed-in fds (image size, file type)"),
 		allow("lseek", "size of a block-device image (SEEK_END)"),
-		allowIf("ioctl", "request in TCGETS, SECCOMP_IOCTL_NOTIF_RECV, SECCOMP_IOCTL_NOTIF_SEND",
-			"isatty check of the log output; the in-process seccomp supervisor",
-			oneOf(1, unix.TCGETS, unix.SECCOMP_IOCTL_NOTIF_RECV, unix.SECCOMP_IOCTL_NOTIF_SEND)...),
+		allowIf("ioctl", "request == TCGETS", "isatty check of the log output", oneOf(1, unix.TCGETS)...),
 		allowIf("prlimit64", "new_limit == NULL", "reading limits (getrlimit); setting any is refused", all(eq(2, 0))),
 		allow("getuid", "os.Getuid (harmless: the namespace's uid 0)"),
 		allow("geteuid", "os.Geteuid"),
@@ -183,10 +183,11 @@ func fsTreeLayer() []rule {
 		allow("fstatfs", "FUSE STATFS"),
 		allow("getdents64", "FUSE READDIR"),
 		allow("mkdirat", "FUSE MKDIR"),
-		allowIf("mknodat", "mode & S_IFMT in S_IFREG, S_IFIFO, S_IFSOCK",
-			"FUSE MKNOD of regular files, fifos and sockets (never devices)",
+		allowIf("mknodat", "mode & S_IFMT in S_IFREG, S_IFIFO, S_IFSOCK; or S_IFCHR with dev == 0",
+			"FUSE MKNOD of regular files, fifos and sockets, and of the 0/0 character device "+
+				"(an overlayfs whiteout; docs/VIRTIOFS.md); never a real device",
 			all(masked(2, unix.S_IFMT, unix.S_IFREG)), all(masked(2, unix.S_IFMT, unix.S_IFIFO)),
-			all(masked(2, unix.S_IFMT, unix.S_IFSOCK))),
+			all(masked(2, unix.S_IFMT, unix.S_IFSOCK)), all(masked(2, unix.S_IFMT, unix.S_IFCHR), eq(3, 0))),
 		allow("unlinkat", "FUSE UNLINK/RMDIR"),
 		allow("renameat", "FUSE RENAME"),
 		allow("renameat2", "FUSE RENAME2"),
@@ -195,6 +196,8 @@ func fsTreeLayer() []rule {
 		allow("readlinkat", "FUSE READLINK"),
 		allow("fchmod", "FUSE SETATTR mode"),
 		allow("fchmodat", "FUSE SETATTR mode"),
+		allow("fchmodat2", "FUSE SETATTR mode of a node's O_PATH fd (AT_EMPTY_PATH; Linux 6.6+)"),
+		allow("umask", "fs-virtio clears its umask at start: the guest kernel already applied the guest's"),
 		allow("fchown", "FUSE SETATTR owner"),
 		allow("fchownat", "FUSE SETATTR owner"),
 		allow("utimensat", "FUSE SETATTR times"),
@@ -211,6 +214,46 @@ func fsTreeLayer() []rule {
 		allow("copy_file_range", "FUSE COPY_FILE_RANGE"),
 		allow("syncfs", "FUSE SYNCFS of the shared directory's file system"),
 		allow("dup", "opendir on a dup of a directory fd"),
+	}
+}
+
+// archSetFS is ARCH_SET_FS, the arch_prctl code that sets the FS base.
+const archSetFS = 0x1002
+
+// launchLayer is what a plugin needs from its first instruction until its
+// own Restrict narrows the sandbox: the trampoline's exec, the start-up of
+// the Go runtime and of go-plugin's server, and the calls Restrict itself
+// makes. The trampoline's filter has it on top of the launch profile; it is
+// never part of a plugin's own profile, so a plugin that calls Restrict
+// refuses all of it again for the rest of its life. Landlock and the empty
+// root bound the file calls: the only writable place is the plugin's
+// private socket directory (a small tmpfs of its own).
+func launchLayer(execFD int) []rule {
+	return []rule{
+		allowIf("execveat", "dirfd == the plugin binary's fd && flags == AT_EMPTY_PATH",
+			"the trampoline execs the plugin binary from the fd the launcher opened (Landlock allows executing that one file)",
+			all(eq(0, uint64(execFD)), eq(4, unix.AT_EMPTY_PATH))),
+		allowIf("arch_prctl", "code == ARCH_SET_FS", "Go runtime start-up: the first thread's TLS (amd64)",
+			all(eq(0, archSetFS))),
+		allow("openat", "go-plugin names its gRPC socket with a temporary file in the private socket directory; "+
+			"the Go runtime's start-up probes of /sys and /proc and the time zone find nothing in the empty root"),
+		allow("readlinkat", "protobuf reads /proc/self/exe at start-up (there is no /proc)"),
+		allow("unlinkat", "go-plugin removes that temporary file"),
+		allowIf("socket", "domain == AF_UNIX && type & 0xf == SOCK_STREAM",
+			"go-plugin's gRPC listener; never a network or netlink socket",
+			all(eq(0, unix.AF_UNIX), masked(1, 0xf, unix.SOCK_STREAM))),
+		allow("bind", "names the gRPC listener in the private socket directory (Landlock: nowhere else)"),
+		allow("listen", "the gRPC listener"),
+		allow("fsync", "go-plugin syncs stdout after its handshake line"),
+		allowIf("prctl", "option == PR_GET_SECCOMP", "Restrict checks that the launcher's filter is in place",
+			all(eq(0, unix.PR_GET_SECCOMP))),
+		allow("landlock_create_ruleset", "Restrict stacks the plugin's own Landlock domain (a domain only takes rights away)"),
+		allow("landlock_add_rule", "Restrict stacks the plugin's own Landlock domain"),
+		allow("landlock_restrict_self", "Restrict stacks the plugin's own Landlock domain"),
+		allowIf("seccomp", "op == SECCOMP_SET_MODE_FILTER && flags & SECCOMP_FILTER_FLAG_NEW_LISTENER == 0",
+			"Restrict adds the plugin's own, narrower filter; never with a notification listener, "+
+				"through which a plugin could let its own refused calls continue",
+			all(eq(0, unix.SECCOMP_SET_MODE_FILTER), masked(1, unix.SECCOMP_FILTER_FLAG_NEW_LISTENER, 0))),
 	}
 }
 
@@ -247,6 +290,28 @@ func policyRules(p Policy) ([]rule, error) {
 	for _, s := range p.ExtraSyscalls {
 		rules = append(rules, rule{name: s.Name, reason: s.Reason, layer: layerExtra})
 	}
+	return mergeRules(rules), nil
+}
+
+// launchRules are the rules of the filter the trampoline installs before
+// the plugin's first instruction: the launch profile with the host's extra
+// grants, plus the launch layer.
+func launchRules(e launchEnv) ([]rule, error) {
+	rules, err := policyRules(Policy{Syscalls: e.Syscalls, ExtraSyscalls: e.Extra})
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range launchLayer(e.ExecFD) {
+		r.layer = layerLaunch
+		rules = append(rules, r)
+	}
+	return mergeRules(rules), nil
+}
+
+// mergeRules orders rules for the filter and merges them per system call:
+// conditions are OR'ed, an unconditional rule wins. Names absent on this
+// architecture are dropped.
+func mergeRules(rules []rule) []rule {
 	// The filter tests numbers in this order: the hot calls go first.
 	hot := []string{"futex", "read", "write", "pread64", "pwrite64", "preadv", "pwritev",
 		"epoll_pwait", "epoll_wait", "recvmsg", "sendmsg", "nanosleep", "sched_yield"}
@@ -282,7 +347,7 @@ func policyRules(p Policy) ([]rule, error) {
 			m.layer += "+" + r.layer
 		}
 	}
-	return out, nil
+	return out
 }
 
 // Rules returns the allowed system calls of a policy with their argument

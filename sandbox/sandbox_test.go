@@ -79,6 +79,7 @@ func (s *syncBuffer) String() string {
 
 type probeConfig struct {
 	kind        string
+	helper      string // probe (default) or hostile
 	lc          LaunchConfig
 	viaLauncher bool                // start an intermediate launcher process
 	launcherAs  *syscall.Credential // run the intermediate as this user
@@ -98,6 +99,7 @@ type probe struct {
 	vhost     int // the test's end of the vhost-user socketpair
 	leakPath  string
 	sharedDir string
+	sockDir   string // the plugin's socket directory (PLUGIN_UNIX_SOCKET_DIR)
 }
 
 func requireSandboxHost(t *testing.T) {
@@ -200,6 +202,11 @@ func startProbe(t *testing.T, cfg probeConfig) *probe {
 		if err := os.Mkdir(p.sharedDir, 0o777); err != nil {
 			t.Fatal(err)
 		}
+		// The plugin runs as nobody under a root launcher: its share must
+		// be writable by it, as a real share must be by the plugin's ids.
+		if err := os.Chmod(p.sharedDir, 0o777); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(filepath.Join(dir, "outside"), []byte("secret"), 0o666); err != nil {
 			t.Fatal(err)
 		}
@@ -222,6 +229,17 @@ func startProbe(t *testing.T, cfg probeConfig) *probe {
 	}
 	t.Cleanup(func() { syscall.Close(leak) })
 
+	// The socket directory, as go-plugin's client makes it: private to the
+	// launcher. With the empty root the plugin gets a tmpfs of its own at
+	// this path; without, Apply hands the directory to the plugin's ids.
+	p.sockDir = filepath.Join(dir, "sock")
+	if err := os.Mkdir(p.sockDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	helper := cfg.helper
+	if helper == "" {
+		helper = "probe"
+	}
 	env := []string{
 		envKind + "=" + cfg.kind,
 		envParent + "=" + strconv.Itoa(os.Getpid()),
@@ -229,10 +247,11 @@ func startProbe(t *testing.T, cfg probeConfig) *probe {
 		envSock + "=" + filepath.Join(dir, "host.sock"),
 		envTCP + "=" + strconv.Itoa(port),
 		envSelf + "=" + self,
-		envListen + "=" + filepath.Join(dir, "probe.sock"),
-		// No collection while a refused raw system call (fork) waits for
-		// the seccomp supervisor; see "Known limits" in docs/SECURITY.md.
-		"GOGC=off",
+		envSocketDir + "=" + p.sockDir,
+	}
+	if cfg.lc.Kind == "" && helper == "probe" {
+		cfg.lc.Kind = cfg.kind
+		p.cfg.lc.Kind = cfg.kind
 	}
 	p.cmd = exec.Command(self)
 	p.cmd.Stderr = p.stderr
@@ -250,10 +269,11 @@ func startProbe(t *testing.T, cfg probeConfig) *probe {
 		if err != nil {
 			t.Fatal(err)
 		}
-		p.cmd.Env = append(env, envHelper+"=launch", envLaunch+"="+string(lcJSON), envNFiles+"="+strconv.Itoa(len(files)))
+		p.cmd.Env = append(env, envHelper+"=launch", envLaunch+"="+string(lcJSON), envNFiles+"="+strconv.Itoa(len(files)),
+			envKind+"_HELPER="+helper)
 		p.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cfg.launcherAs}
 	} else {
-		p.cmd.Env = append(env, envHelper+"=probe")
+		p.cmd.Env = append(env, envHelper+"="+helper)
 		lc := cfg.lc
 		lc.Log = hclog.New(&hclog.LoggerOptions{Output: p.stderr})
 		if err := lc.Apply(p.cmd); err != nil {
@@ -280,6 +300,7 @@ func startProbe(t *testing.T, cfg probeConfig) *probe {
 			if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
 				l = probeLine{Phase: "garbage", Error: sc.Text()}
 			}
+			l.Raw = append([]byte(nil), sc.Bytes()...)
 			p.lines <- l
 		}
 	}()
@@ -343,14 +364,31 @@ func (p *probe) talk() (memfdAfter string) {
 	}
 	defer unix.Close(c)
 	unix.SetsockoptTimeval(c, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 30})
-	if err := unix.Connect(c, &unix.SockaddrUnix{Name: filepath.Join(p.dir, "probe.sock")}); err != nil {
-		t.Fatalf("connect to the listener the plugin made before Restrict: %v", err)
+	if err := unix.Connect(c, &unix.SockaddrUnix{Name: p.socketPath()}); err != nil {
+		t.Fatalf("connect to the listener the plugin made before Restrict (%s): %v", p.socketPath(), err)
 	}
 	unix.Write(c, []byte("ping"))
 	if n, err = unix.Read(c, buf); err != nil || string(buf[:n]) != "pong" {
 		t.Fatalf("plugin listener: read %q, %v", buf[:n], err)
 	}
 	return string(got)
+}
+
+// socketPath is where the host reaches the probe's listener: in its own
+// root when it has one, as HostSocketPath says for a launch made here.
+func (p *probe) socketPath() string {
+	inPlugin := filepath.Join(p.sockDir, probeSocket)
+	if d, _ := normalizeDisabled(p.cfg.lc.Disable); slices.Contains(d, LayerRoot) {
+		return inPlugin // the launcher's own directory (the plugin reached it through an fd)
+	}
+	if !p.cfg.viaLauncher {
+		hp, err := HostSocketPath(p.cmd.Env, p.pid, inPlugin)
+		if err != nil {
+			p.t.Fatal(err)
+		}
+		return hp
+	}
+	return fmt.Sprintf("/proc/%d/root%s", p.pid, inPlugin)
 }
 
 func (p *probe) finish() {
@@ -417,7 +455,8 @@ func checkIO(t *testing.T, l probeLine, kind string) {
 	want := []string{"pwrite_pread", "fdatasync", "fallocate_punch_hole", "fstat", "eventfd_epoll",
 		"vhost_socket_memfd", "accept_pre_restrict_listener", "runtime"}
 	if kind == "fs" {
-		want = append(want, "fs_create_in_shared_dir", "fs_escape_shared_dir_refused")
+		want = append(want, "fs_create_in_shared_dir", "fs_whiteout", "fs_device_refused", "fs_fchmodat2",
+			"fs_escape_shared_dir_refused")
 	}
 	got := map[string]string{}
 	for _, r := range l.IO {
@@ -476,9 +515,28 @@ func (p *probe) checkOutside(lc LaunchConfig) {
 			t.Errorf("namespace %s: plugin %q, host %q, %v", ns, theirs, mine, err)
 		}
 	}
-	// The plugin's root, seen from outside: empty.
-	if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/root", p.pid)); err != nil || len(ents) != 0 {
-		t.Errorf("plugin root has %d entries (%v), want an empty directory", len(ents), err)
+	// The plugin's root, seen from outside: empty but for the path to its
+	// socket directory, a tmpfs of its own.
+	top, _, _ := strings.Cut(strings.TrimPrefix(p.sockDir, "/"), "/")
+	if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/root", p.pid)); err != nil || len(ents) != 1 || ents[0].Name() != top {
+		t.Errorf("plugin root has %d entries (%v), want only %q", len(ents), err, top)
+	}
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(fmt.Sprintf("/proc/%d/root%s", p.pid, p.sockDir), &sfs); err != nil || sfs.Type != unix.TMPFS_MAGIC {
+		t.Errorf("the plugin's socket directory is not a tmpfs of its own (type %#x, %v)", sfs.Type, err)
+	}
+	if ents, _ := os.ReadDir(p.sockDir); len(ents) != 0 {
+		t.Errorf("the plugin wrote %d entries into the launcher's socket directory", len(ents))
+	}
+	// Its ids: never host root.
+	wantUID, wantGID, err := p.cfg.lc.PluginIDs()
+	if p.cfg.launcherAs != nil {
+		wantUID, wantGID, err = int(p.cfg.launcherAs.Uid), int(p.cfg.launcherAs.Gid), nil
+	}
+	st, serr := readStatus(fmt.Sprintf("/proc/%d/status", p.pid))
+	if err != nil || serr != nil || !strings.HasPrefix(st["Uid"], strconv.Itoa(wantUID)+"\t") ||
+		!strings.HasPrefix(st["Gid"], strconv.Itoa(wantGID)+"\t") || strings.HasPrefix(st["Uid"], "0\t") {
+		t.Errorf("plugin Uid %q Gid %q (%v %v), want %d and %d", st["Uid"], st["Gid"], err, serr, wantUID, wantGID)
 	}
 	// The fds: stdio pipes, the handed-in files, and only the runtime's and
 	// the sandbox's own anonymous inodes besides.
@@ -510,7 +568,9 @@ func (p *probe) checkOutside(lc LaunchConfig) {
 			if !strings.HasSuffix(target, "/shared") {
 				t.Errorf("fd 5 is %q, want the shared directory", target)
 			}
-		case target == "anon_inode:[eventpoll]" || target == "anon_inode:[eventfd]" || target == "anon_inode:seccomp notify":
+		case target == "anon_inode:seccomp notify":
+			t.Errorf("fd %d: the plugin holds a seccomp listener", fd)
+		case target == "anon_inode:[eventpoll]" || target == "anon_inode:[eventfd]":
 			anon[target]++
 		default:
 			t.Errorf("unexpected fd %d in the plugin: %q", fd, target)
@@ -519,9 +579,6 @@ func (p *probe) checkOutside(lc LaunchConfig) {
 			t.Errorf("fd %d: the launcher's inherited fd leaked into the plugin", fd)
 		}
 	}
-	if anon["anon_inode:seccomp notify"] != 1 {
-		t.Errorf("plugin holds %d seccomp listeners, want 1", anon["anon_inode:seccomp notify"])
-	}
 	for k, n := range anon {
 		if n > 1 {
 			t.Errorf("plugin holds %d fds of %s", n, k)
@@ -529,15 +586,30 @@ func (p *probe) checkOutside(lc LaunchConfig) {
 	}
 }
 
-// checkRefusalsLogged checks the plugin's log names the refused calls.
+// checkRefusalsLogged checks the launcher's log names the refused calls:
+// the launcher holds the plugin's seccomp listener and logs each refusal.
 func (p *probe) checkRefusalsLogged(syscalls ...string) {
 	p.t.Helper()
-	log := p.stderr.String()
+	deadline := time.Now().Add(10 * time.Second)
 	for _, s := range syscalls {
-		if !strings.Contains(log, `"syscall":"`+s+`"`) {
-			p.t.Errorf("plugin log has no seccomp refusal of %s", s)
+		for !strings.Contains(p.stderr.String(), "seccomp refused a system call: plugin="+p.cfg.lc.Kind+" syscall="+s+" ") &&
+			!strings.Contains(p.stderr.String(), "seccomp refused a system call: plugin="+p.logName()+" syscall="+s+" ") {
+			if time.Now().After(deadline) {
+				p.t.Errorf("launcher log has no seccomp refusal of %s", s)
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
 	}
+}
+
+// logName is how the launcher names a plugin without a kind: its binary.
+func (p *probe) logName() string {
+	self, _ := os.Executable()
+	if p.cfg.copyBinary {
+		return "plugin.test"
+	}
+	return filepath.Base(self)
 }
 
 func (p *probe) checkNothingCreated() {
@@ -563,8 +635,9 @@ func runFullProbe(t *testing.T, cfg probeConfig, want expect) {
 	}
 	checkIO(t, p.next("io"), cfg.kind)
 	p.next("ready")
-	p.checkOutside(cfg.lc)
-	p.checkRefusalsLogged("socket", "execve", "clone", "ptrace", "mount", "kill", "prlimit64", "io_uring_setup", "mmap")
+	p.checkOutside(p.cfg.lc)
+	p.checkRefusalsLogged("socket", "execve", "clone", "ptrace", "mount", "kill", "prlimit64", "io_uring_setup", "mmap",
+		"keyctl", "userfaultfd", "seccomp")
 	p.checkNothingCreated()
 	p.finish()
 	if cfg.kind == "fs" {
@@ -583,7 +656,7 @@ func TestSandboxBlockPlugin(t *testing.T) {
 func TestSandboxFSPlugin(t *testing.T) {
 	requireSandboxHost(t)
 	// openat is allowed for virtio-fs; the paths do not exist in its empty root.
-	want := refusedByFullSandbox().with("open_etc_passwd", unix.ENOENT, "create_file", unix.ENOENT)
+	want := refusedByFullSandbox().with("open_etc_passwd", unix.ENOENT, "create_file", []int{int(unix.ENOENT), int(unix.EROFS)})
 	runFullProbe(t, probeConfig{kind: "fs"}, want)
 }
 
@@ -599,25 +672,74 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-// A root launcher mapping the plugin to nobody.
-func TestSandboxHostUIDNobody(t *testing.T) {
+// A root launcher runs its plugins as nobody by default (checkOutside
+// checks the ids), and as the ids it is told otherwise.
+func TestSandboxHostIDs(t *testing.T) {
 	requireSandboxHost(t)
 	requireRoot(t)
-	cfg := probeConfig{kind: "blk", copyBinary: true, lc: LaunchConfig{HostUID: 65534, HostGID: 65534}}
+	for _, c := range []struct {
+		name     string
+		lc       LaunchConfig
+		uid, gid int
+	}{
+		{"default", LaunchConfig{}, DefaultPluginUID, DefaultPluginGID},
+		{"chosen", LaunchConfig{HostUID: 4242, HostGID: 4343}, 4242, 4343},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := probeConfig{kind: "blk", copyBinary: true, lc: c.lc}
+			p := startProbe(t, cfg)
+			checkAttempts(t, p.next("attempts"), refusedByFullSandbox())
+			p.talk()
+			checkIO(t, p.next("io"), "blk")
+			p.next("ready")
+			p.checkOutside(p.cfg.lc)
+			st, err := readStatus(fmt.Sprintf("/proc/%d/status", p.pid))
+			uid, gid := strconv.Itoa(c.uid), strconv.Itoa(c.gid)
+			if err != nil || st["Uid"] != strings.Repeat(uid+"\t", 3)+uid || st["Gid"] != strings.Repeat(gid+"\t", 3)+gid {
+				t.Errorf("plugin Uid %q Gid %q (%v), want %s and %s everywhere", st["Uid"], st["Gid"], err, uid, gid)
+			}
+			if st["Groups"] != "" {
+				t.Errorf("plugin keeps the root launcher's supplementary groups %q", st["Groups"])
+			}
+			p.finish()
+		})
+	}
+}
+
+// The trampoline as a binary of its own (cmd/krun-sandbox-exec) instead of
+// the launcher's executable: the same sandbox, and its fd does not reach the
+// plugin (checkOutside lists every fd).
+func TestSandboxTrampolineBinary(t *testing.T) {
+	requireSandboxHost(t)
+	if testing.Short() {
+		t.Skip("builds cmd/krun-sandbox-exec; skipped with -short")
+	}
+	bin := filepath.Join(t.TempDir(), TrampolineName)
+	build := exec.Command("go", "build", "-o", bin, "../cmd/krun-sandbox-exec")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(bin).CombinedOutput(); err == nil || !strings.Contains(string(out), "only krun-core starts it") {
+		t.Errorf("krun-sandbox-exec run by hand: %v %q", err, out)
+	}
+	cfg := probeConfig{kind: "blk", lc: LaunchConfig{Trampoline: bin}}
 	p := startProbe(t, cfg)
+	if !strings.HasPrefix(p.cmd.Path, "/proc/self/fd/") {
+		t.Errorf("command %q: want the trampoline binary through its fd", p.cmd.Path)
+	}
 	checkAttempts(t, p.next("attempts"), refusedByFullSandbox())
 	p.talk()
 	checkIO(t, p.next("io"), "blk")
 	p.next("ready")
-	p.checkOutside(cfg.lc)
-	st, err := readStatus(fmt.Sprintf("/proc/%d/status", p.pid))
-	if err != nil || !strings.HasPrefix(st["Uid"], "65534\t") || !strings.HasPrefix(st["Gid"], "65534\t") {
-		t.Errorf("plugin Uid %q Gid %q (%v), want 65534", st["Uid"], st["Gid"], err)
-	}
-	if st["Groups"] != "" {
-		t.Errorf("plugin keeps the root launcher's supplementary groups %q", st["Groups"])
-	}
+	p.checkOutside(p.cfg.lc)
+	p.checkRefusalsLogged("socket", "execve", "clone")
 	p.finish()
+
+	if err := (LaunchConfig{Trampoline: filepath.Join(t.TempDir(), "missing")}).Apply(exec.Command("/bin/true")); err == nil ||
+		!strings.Contains(err.Error(), "sandbox: trampoline") {
+		t.Errorf("Apply with a missing trampoline: %v", err)
+	}
 }
 
 // An unprivileged launcher (nobody) sandboxing a plugin.
@@ -631,7 +753,8 @@ func TestSandboxUnprivilegedLauncher(t *testing.T) {
 	p.talk()
 	checkIO(t, p.next("io"), "blk")
 	p.next("ready")
-	p.checkOutside(cfg.lc)
+	p.checkOutside(p.cfg.lc)
+	p.checkRefusalsLogged("socket", "execve", "clone", "kill")
 	p.finish()
 }
 
@@ -672,33 +795,45 @@ func TestSandboxLayersAlone(t *testing.T) {
 	}{
 		{"namespaces+root", []Layer{LayerLandlock, LayerSeccomp}, expect{
 			"open_etc_passwd": {int(unix.ENOENT)},
-			"create_file":     {int(unix.ENOENT)},
-			"connect_unix":    {int(unix.ENOENT)},
-			"tcp_socket":      {succeeds}, // a socket in an empty network namespace
-			"tcp_connect":     {int(unix.ENETUNREACH), int(unix.ECONNREFUSED)},
-			"execve":          {int(unix.ENOENT)},
-			"fork":            {succeeds}, // without seccomp a process can be forked
-			"ptrace_parent":   {int(unix.ESRCH)},
-			"mount":           {int(unix.ENOENT), int(unix.EPERM)},
-			"kill_parent":     {int(unix.ESRCH)},
-			"raise_limit":     {int(unix.EPERM)},
-			"io_uring_setup":  {dontCare},
-			"mmap_exec":       {dontCare},
+			// The path to the socket directory is in the empty root, read-only.
+			"create_file":          {int(unix.ENOENT), int(unix.EROFS)},
+			"connect_unix":         {int(unix.ENOENT)},
+			"tcp_socket":           {succeeds}, // a socket in an empty network namespace
+			"tcp_connect":          {int(unix.ENETUNREACH), int(unix.ECONNREFUSED)},
+			"execve":               {int(unix.ENOENT)},
+			"fork":                 {succeeds}, // without seccomp a process can be forked
+			"ptrace_parent":        {int(unix.ESRCH)},
+			"mount":                {int(unix.ENOENT), int(unix.EPERM)},
+			"kill_parent":          {int(unix.ESRCH)},
+			"raise_limit":          {int(unix.EPERM)},
+			"io_uring_setup":       {dontCare},
+			"mmap_exec":            {dontCare},
+			"keyctl":               {dontCare},
+			"userfaultfd":          {dontCare},
+			"netlink_socket":       {succeeds}, // in its own network namespace
+			"seccomp_new_listener": {succeeds}, // harmless without the seccomp layer: see installListeningFilter
 		}, false},
 		{"landlock", []Layer{LayerNamespaces, LayerSeccomp}, expect{
 			"open_etc_passwd": {int(unix.EACCES)},
 			"create_file":     {int(unix.EACCES)},
-			"connect_unix":    {succeeds}, // landlock ABI <= 7 does not cover connect by path
-			"tcp_socket":      {succeeds},
-			"tcp_connect":     {int(unix.EACCES)},
-			"execve":          {int(unix.EACCES)},
-			"fork":            {succeeds},
-			"ptrace_parent":   {int(unix.EPERM)},
-			"mount":           {int(unix.EPERM)},
-			"kill_parent":     {int(unix.EPERM)},
-			"raise_limit":     {int(unix.EPERM)},
-			"io_uring_setup":  {dontCare},
-			"mmap_exec":       {dontCare},
+			// Landlock ABI <= 7 does not cover connect by path; the
+			// socket's owner (root) lets only itself write to it, and the
+			// plugin runs as nobody.
+			"connect_unix":         {succeeds, int(unix.EACCES)},
+			"tcp_socket":           {succeeds},
+			"tcp_connect":          {int(unix.EACCES)},
+			"execve":               {int(unix.EACCES)},
+			"fork":                 {succeeds},
+			"ptrace_parent":        {int(unix.EPERM)},
+			"mount":                {int(unix.EPERM)},
+			"kill_parent":          {int(unix.EPERM)},
+			"raise_limit":          {int(unix.EPERM)},
+			"io_uring_setup":       {dontCare},
+			"mmap_exec":            {dontCare},
+			"keyctl":               {dontCare},
+			"userfaultfd":          {dontCare},
+			"netlink_socket":       {succeeds},
+			"seccomp_new_listener": {succeeds},
 		}, false},
 		{"seccomp", []Layer{LayerNamespaces, LayerLandlock}, refusedByFullSandbox(), true},
 	}
@@ -711,7 +846,7 @@ func TestSandboxLayersAlone(t *testing.T) {
 			checkIO(t, p.next("io"), "blk")
 			p.next("ready")
 			if c.seccomp {
-				p.checkRefusalsLogged("socket", "execve", "clone", "kill")
+				p.checkRefusalsLogged("socket", "execve", "clone", "kill", "keyctl")
 			}
 			if !strings.Contains(p.stderr.String(), "sandbox layer disabled at the user's request") ||
 				!strings.Contains(p.stderr.String(), "plugin sandbox reduced at the user's request") {
@@ -730,24 +865,29 @@ func TestRestrictFailsClosed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	valid := func(disabled ...Layer) string {
+		return launchEnv{Version: launchEnvVersion, Root: os.TempDir(), Disabled: disabled, Syscalls: ProfileBlock,
+			ExecFD: 8, ChanFD: 9}.encode()
+	}
 	cases := []struct {
 		name    string
 		env     []string
 		wantErr string
 	}{
 		{"no launcher", nil, "sandbox: launcher: KRUN_SANDBOX is not set"},
-		{"launcher claims namespaces it did not make",
-			[]string{launchEnv{Version: launchEnvVersion, Root: os.TempDir()}.encode()},
-			"sandbox: namespaces: running in the initial user namespace"},
+		{"launcher claims namespaces it did not make", []string{valid()},
+			"sandbox: namespaces: pid"},
+		{"launcher claims a filter it did not install", []string{valid(LayerNamespaces, LayerLandlock)},
+			"sandbox: seccomp: the launcher's filter is not in place"},
 		{"garbled settings", []string{envName + "={"}, "sandbox: launcher: decode KRUN_SANDBOX"},
-		{"unknown layer disabled", []string{envName + `={"v":1,"disabled":["rlimits"]}`}, "cannot be disabled"},
-		{"wrong version", []string{envName + `={"v":9}`}, "version 9"},
+		{"unknown layer disabled", []string{envName + `={"v":2,"disabled":["rlimits"]}`}, "cannot be disabled"},
+		{"wrong version", []string{envName + `={"v":1}`}, "version 1"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
 			cmd := exec.Command(self)
-			cmd.Env = append(c.env, envHelper+"=probe", envKind+"=blk", envListen+"="+filepath.Join(dir, "l.sock"))
+			cmd.Env = append(c.env, envHelper+"=probe", envKind+"=blk", envSocketDir+"="+dir)
 			out, _ := cmd.Output()
 			var l probeLine
 			json.Unmarshal(bytes.SplitN(out, []byte("\n"), 2)[0], &l)
@@ -756,6 +896,46 @@ func TestRestrictFailsClosed(t *testing.T) {
 			}
 			if strings.Contains(l.Error, "\n") {
 				t.Errorf("error is not one line: %q", l.Error)
+			}
+		})
+	}
+}
+
+// The trampoline fails closed too: a layer it cannot apply stops the
+// launch with one line naming it, before the plugin runs.
+func TestTrampolineFailsClosed(t *testing.T) {
+	requireSandboxHost(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		lc   LaunchConfig
+		env  []string
+		want string
+	}{
+		// A root directory the plugin's ids cannot reach.
+		{"unreachable root", LaunchConfig{RootDir: t.TempDir() + "/0700"}, nil, "sandbox: root: mount empty tmpfs"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if os.Geteuid() != 0 {
+				t.Skip("needs root: the plugin must run as another user than the directory's owner")
+			}
+			if err := os.Mkdir(c.lc.RootDir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(self)
+			cmd.Env = append(c.env, envHelper+"=execed")
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			c.lc.Log = hclog.NewNullLogger()
+			if err := c.lc.Apply(cmd); err != nil {
+				t.Fatal(err)
+			}
+			out, err := cmd.Output()
+			if err == nil || len(out) != 0 || !strings.Contains(stderr.String(), c.want) {
+				t.Errorf("exit %v, stdout %q, stderr %q; want a failure before the plugin ran, saying %q", err, out, stderr.String(), c.want)
 			}
 		})
 	}
@@ -780,6 +960,10 @@ func TestApplyRejects(t *testing.T) {
 		{"tiny data", LaunchConfig{Limits: Limits{DataBytes: 1 << 20}}, nil, false, "data limit"},
 		{"rlimits not disableable", LaunchConfig{Disable: []Layer{LayerRlimits}}, nil, false, "cannot be disabled"},
 		{"host env has KRUN_SANDBOX", LaunchConfig{}, nil, true, "environment has KRUN_SANDBOX"},
+		{"negative uid", LaunchConfig{HostUID: -1}, nil, false, "out of range"},
+		{"unknown profile", LaunchConfig{Syscalls: "everything"}, nil, false, "unknown syscall profile"},
+		{"forbidden extra", LaunchConfig{ExtraSyscalls: []Syscall{{Name: "execve", Reason: "r"}}}, nil, false, "never granted"},
+		{"extra without reason", LaunchConfig{ExtraSyscalls: []Syscall{{Name: "memfd_create"}}}, nil, false, "reason"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -788,52 +972,142 @@ func TestApplyRejects(t *testing.T) {
 			}
 			cmd := exec.Command("/bin/true")
 			cmd.SysProcAttr = c.sp
+			c.lc.Log = hclog.NewNullLogger()
 			err := c.lc.Apply(cmd)
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Errorf("Apply: %v, want error containing %q", err, c.want)
 			}
 		})
 	}
+	cmd := exec.Command(filepath.Join(t.TempDir(), "no-such-plugin"))
+	if err := (LaunchConfig{Log: hclog.NewNullLogger()}).Apply(cmd); err == nil || !strings.Contains(err.Error(), "plugin binary") {
+		t.Errorf("Apply of a missing binary: %v", err)
+	}
+	if os.Geteuid() != 0 {
+		err := (LaunchConfig{HostUID: os.Geteuid() + 1}).Apply(exec.Command("/bin/true"))
+		if err == nil || !strings.Contains(err.Error(), "only run plugins as its own ids") {
+			t.Errorf("unprivileged launcher choosing other ids: %v", err)
+		}
+	}
 }
 
 func TestApplySettings(t *testing.T) {
 	var logBuf bytes.Buffer
-	lc := LaunchConfig{Disable: []Layer{LayerNamespaces}, Log: hclog.New(&hclog.LoggerOptions{Output: &logBuf})}
-	cmd := exec.Command("/bin/true")
-	cmd.Env = []string{"A=1", envName + "=stale", "GODEBUG=x=1"}
+	lc := LaunchConfig{Kind: "blk-raw", Disable: []Layer{LayerNamespaces}, Log: hclog.New(&hclog.LoggerOptions{Output: &logBuf})}
+	dir := t.TempDir()
+	cmd := exec.Command("/bin/true", "-x")
+	sockDir := filepath.Join(t.TempDir(), "plugin-dir1")
+	if err := os.Mkdir(sockDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Env = []string{"A=1", envName + "=stale", "GODEBUG=x=1", envSocketDir + "=" + sockDir}
+	d, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	f, err := os.Create(filepath.Join(dir, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd.ExtraFiles = []*os.File{f, d}
 	if err := lc.Apply(cmd); err != nil {
 		t.Fatal(err)
 	}
 	if cmd.SysProcAttr.Cloneflags != 0 || cmd.SysProcAttr.Pdeathsig != syscall.SIGKILL || !cmd.SysProcAttr.Setsid {
 		t.Errorf("SysProcAttr %+v", cmd.SysProcAttr)
 	}
-	if len(cmd.Env) != 3 || cmd.Env[0] != "A=1" || cmd.Env[1] != "GODEBUG=x=1,"+plugGODEBUG ||
-		!strings.HasPrefix(cmd.Env[2], envName+"={") {
+	if c := cmd.SysProcAttr.Credential; os.Geteuid() == 0 && (c == nil || c.Uid != DefaultPluginUID || c.Gid != DefaultPluginGID) {
+		t.Errorf("a root launcher without namespaces must still drop to the plugin ids: %+v", c)
+	}
+	if cmd.Path != "/proc/self/exe" || strings.Join(cmd.Args, " ") != TrampolineName+" /bin/true -x" {
+		t.Errorf("command %s %q, want the trampoline", cmd.Path, cmd.Args)
+	}
+	if len(cmd.ExtraFiles) != 5 || cmd.ExtraFiles[0] != f || cmd.ExtraFiles[1] != d {
+		t.Errorf("extra files %v", cmd.ExtraFiles)
+	}
+	// Without the empty root the plugin reaches the socket directory
+	// through its fd 5.
+	if len(cmd.Env) != 4 || cmd.Env[0] != "A=1" || cmd.Env[1] != envSocketDir+"=/proc/self/fd/5" ||
+		cmd.Env[2] != "GODEBUG=x=1,"+plugGODEBUG || !strings.HasPrefix(cmd.Env[3], envName+"={") {
 		t.Errorf("env %q", cmd.Env)
 	}
-	e, err := decodeLaunchEnv(strings.TrimPrefix(cmd.Env[2], envName+"="))
+	e, err := decodeLaunchEnv(strings.TrimPrefix(cmd.Env[3], envName+"="))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(e.Disabled) != 2 || e.Limits.OpenFiles != DefaultOpenFiles || e.Root != "" {
-		t.Errorf("launch env %+v: want namespaces and root disabled, default limits", e)
+	if len(e.Disabled) != 2 || e.Limits.OpenFiles != DefaultOpenFiles || e.Root != "" || e.Syscalls != ProfileBlock ||
+		e.Kind != "blk-raw" || e.SocketFD != 5 || e.SocketDir != sockDir || e.ExecFD != 6 || e.ChanFD != 7 ||
+		!slices.Equal(e.DirFDs, []int{4}) {
+		t.Errorf("launch env %+v: want namespaces and root disabled, default limits, the block profile, fds 5, 6 and 7, dir fd 4", e)
+	}
+	if hp, err := HostSocketPath(cmd.Env, 77, "/proc/self/fd/5/plugin9"); err != nil || hp != sockDir+"/plugin9" {
+		t.Errorf("HostSocketPath without the empty root: %q %v, want the launcher's directory", hp, err)
+	}
+	if st, err := os.Stat(sockDir); os.Geteuid() == 0 && (err != nil || st.Sys().(*syscall.Stat_t).Uid != DefaultPluginUID) {
+		t.Errorf("the socket directory was not handed to the plugin's ids: %v", err)
 	}
 	if !strings.Contains(logBuf.String(), "reduced") {
 		t.Errorf("no warning for a reduced sandbox: %q", logBuf.String())
 	}
+	if os.Geteuid() == 0 && !strings.Contains(logBuf.String(), "the plugin's ids cannot write to a directory handed to it") {
+		t.Errorf("no warning for a directory (root's, mode 0700) the plugin (nobody) cannot write: %q", logBuf.String())
+	}
 
 	cmd = exec.Command("/bin/true")
-	if err := (LaunchConfig{RootDir: t.TempDir()}).Apply(cmd); err != nil {
+	cmd.Env = []string{envSocketDir + "=/tmp/x/plugin-dir1"}
+	if err := (LaunchConfig{Kind: "fs-virtio", RootDir: t.TempDir(), Log: hclog.NewNullLogger()}).Apply(cmd); err != nil {
 		t.Fatal(err)
 	}
 	sp := cmd.SysProcAttr
-	if sp.Cloneflags != namespaceFlags || len(sp.UidMappings) != 1 || sp.UidMappings[0].HostID != os.Geteuid() ||
-		sp.GidMappingsEnableSetgroups != (os.Geteuid() == 0) || sp.Credential == nil || sp.Credential.Uid != 0 ||
-		sp.Credential.NoSetGroups != (os.Geteuid() != 0) {
+	uid, gid, _ := LaunchConfig{}.PluginIDs()
+	if sp.Cloneflags != namespaceFlags || len(sp.UidMappings) != 1 || sp.UidMappings[0].HostID != uid ||
+		sp.GidMappings[0].HostID != gid || sp.GidMappingsEnableSetgroups != (os.Geteuid() == 0) ||
+		sp.Credential == nil || sp.Credential.Uid != 0 || sp.Credential.NoSetGroups != (os.Geteuid() != 0) {
 		t.Errorf("SysProcAttr %+v", sp)
 	}
-	if len(cmd.Env) != 2 {
-		t.Errorf("nil cmd.Env must become the sandbox settings only, got %q", cmd.Env)
+	if uid == 0 || gid == 0 {
+		t.Errorf("plugin ids %d:%d: never root", uid, gid)
+	}
+	if len(cmd.Env) != 3 {
+		t.Errorf("env %q, want the socket directory and the sandbox settings only", cmd.Env)
+	}
+	e, err = decodeLaunchEnv(strings.TrimPrefix(cmd.Env[2], envName+"="))
+	if err != nil || e.Syscalls != ProfileFS || e.Limits.OpenFiles != FSOpenFiles || e.SocketDir != "/tmp/x/plugin-dir1" {
+		t.Errorf("launch env %+v %v", e, err)
+	}
+	for _, c := range []struct {
+		addr string
+		want string
+	}{
+		{"/tmp/x/plugin-dir1/plugin42", "/proc/77/root/tmp/x/plugin-dir1/plugin42"},
+		{"/tmp/x/plugin-dir1/../../../var/run/docker.sock", ""},
+		{"/tmp/x/plugin-dir1/a/b", ""},
+		{"/tmp/x/plugin-dir1", ""},
+		{"relative", ""},
+	} {
+		got, err := HostSocketPath(cmd.Env, 77, c.addr)
+		if got != c.want || (err == nil) != (c.want != "") {
+			t.Errorf("HostSocketPath(%q) = %q, %v; want %q", c.addr, got, err, c.want)
+		}
+	}
+}
+
+func TestPluginIDs(t *testing.T) {
+	uid, gid, err := LaunchConfig{}.PluginIDs()
+	switch {
+	case err != nil:
+		t.Fatal(err)
+	case os.Geteuid() == 0 && (uid != DefaultPluginUID || gid != DefaultPluginGID):
+		t.Errorf("root launcher default %d:%d, want nobody:nogroup", uid, gid)
+	case os.Geteuid() != 0 && (uid != os.Geteuid() || gid != os.Getegid()):
+		t.Errorf("unprivileged launcher default %d:%d, want its own ids", uid, gid)
+	}
+	if os.Geteuid() == 0 {
+		if uid, gid, err := (LaunchConfig{HostUID: 1000, HostGID: 1001}).PluginIDs(); err != nil || uid != 1000 || gid != 1001 {
+			t.Errorf("chosen ids: %d:%d %v", uid, gid, err)
+		}
 	}
 }
 
@@ -881,40 +1155,65 @@ func TestStatus(t *testing.T) {
 			t.Errorf("%s allows %s: %v, want %v", c.kind, c.sc, !c.want, c.want)
 		}
 	}
+	if uid, gid, _ := (LaunchConfig{}).PluginIDs(); r.PluginUID != uid || r.PluginGID != gid || r.PluginIDs == "" {
+		t.Errorf("status plugin ids %d:%d %q, want %d:%d", r.PluginUID, r.PluginGID, r.PluginIDs, uid, gid)
+	}
+	launch := map[string]Rule{}
+	for _, l := range r.Launch {
+		launch[l.Syscall] = l
+		if l.Reason == "" {
+			t.Errorf("launch rule without reason: %+v", l)
+		}
+	}
+	if launch["execveat"].Args == "" || launch["socket"].Args == "" || launch["seccomp"].Args == "" || launch["bind"].Syscall == "" {
+		t.Errorf("launch rules %+v", r.Launch)
+	}
+	for _, sc := range []string{"fchmodat2", "umask"} {
+		if !has("fs", sc) || has("blk", sc) {
+			t.Errorf("%s: fs %v blk %v, want only fs", sc, has("fs", sc), has("blk", sc))
+		}
+	}
 	if len(kinds["fs"].Landlock) <= len(kinds["blk"].Landlock) {
 		t.Errorf("fs landlock rules %q should add the shared directory to blk's %q", kinds["fs"].Landlock, kinds["blk"].Landlock)
 	}
 }
 
-// ApplyLimits confines a plugin that never calls Restrict, and Verify tells
-// such a plugin from a restricted one.
-func TestApplyLimitsAndVerifyUnrestricted(t *testing.T) {
+// A plugin that never calls Restrict is confined anyway, by the
+// trampoline, from its first instruction; Verify tells it from a process
+// started without the sandbox.
+func TestUnrestrictedPluginIsConfined(t *testing.T) {
 	requireSandboxHost(t)
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	lc := LaunchConfig{Limits: Limits{OpenFiles: 100, DataBytes: 512 << 20}, Log: hclog.NewNullLogger()}
-	cmd := exec.Command(self)
-	cmd.Env = []string{envHelper + "=idle"}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
+	start := func(apply bool) (*exec.Cmd, func()) {
+		cmd := exec.Command(self)
+		cmd.Env = []string{envHelper + "=idle"}
+		stdin, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if apply {
+			if err := lc.Apply(cmd); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || !strings.Contains(line, "ready") {
+			t.Fatalf("idle helper: %q %v", line, err)
+		}
+		return cmd, func() { stdin.Close(); cmd.Wait() }
 	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lc.Apply(cmd); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { stdin.Close(); cmd.Wait() }()
-	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || !strings.Contains(line, "ready") {
-		t.Fatalf("idle helper: %q %v", line, err)
-	}
+	cmd, stop := start(true)
+	defer stop()
 	if err := lc.ApplyLimits(cmd.Process.Pid); err != nil {
 		t.Fatal(err)
 	}
@@ -928,11 +1227,89 @@ func TestApplyLimitsAndVerifyUnrestricted(t *testing.T) {
 			t.Errorf("%s = %v, want %v", name, lim[name], want)
 		}
 	}
-	err = lc.Verify(cmd.Process.Pid)
+	if err := lc.Verify(cmd.Process.Pid); err != nil {
+		t.Errorf("Verify of a plugin that never called Restrict: %v; the trampoline confines it", err)
+	}
+	plain, stopPlain := start(false)
+	defer stopPlain()
+	err = lc.Verify(plain.Process.Pid)
 	if err == nil || !strings.Contains(err.Error(), "verify pid") {
-		t.Errorf("Verify of an unrestricted plugin: %v, want an error", err)
+		t.Errorf("Verify of a process started without the sandbox: %v, want an error", err)
 	}
 	if err := lc.Verify(1 << 30); err == nil {
 		t.Error("Verify of a missing pid succeeded")
+	}
+}
+
+// The hostile plugin of issue #21: it looks for a seccomp listener among its
+// fds and finds none; the listener ioctls, a listener of its own and the
+// calls a held listener let through are all refused, and the launcher logs
+// the refusals. Once in the full sandbox (no /proc: it tries every fd
+// number), once with seccomp alone (it can list /proc/self/fd).
+func TestHostilePluginFindsNoListener(t *testing.T) {
+	requireSandboxHost(t)
+	if !notifyAvailable() {
+		t.Skip("no SECCOMP_RET_USER_NOTIF on this kernel: there is no listener to hide")
+	}
+	for _, c := range []struct {
+		name    string
+		disable []Layer
+		proc    bool // /proc/self/fd is readable
+	}{
+		{"full sandbox", nil, false},
+		{"seccomp alone", []Layer{LayerNamespaces, LayerLandlock}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := probeConfig{kind: "blk", helper: "hostile", lc: LaunchConfig{Disable: c.disable}}
+			p := startProbe(t, cfg)
+			l := p.next("hostile")
+			var rep hostileLine
+			if err := json.Unmarshal(l.Raw, &rep); err != nil {
+				t.Fatal(err)
+			}
+			if c.proc != (rep.ProcFD == "") {
+				t.Errorf("listing /proc/self/fd: %q (want it readable: %v)", rep.ProcFD, c.proc)
+			}
+			if len(rep.ProcListeners) != 0 {
+				t.Errorf("the plugin found seccomp listeners at fds %v", rep.ProcListeners)
+			}
+			if len(rep.OpenFDs) < 5 {
+				t.Errorf("open fds %v: the scan saw too little", rep.OpenFDs)
+			}
+			if len(rep.Ioctls) != 3*len(rep.OpenFDs) {
+				t.Errorf("%d listener ioctls tried on %d fds", len(rep.Ioctls), len(rep.OpenFDs))
+			}
+			for _, a := range rep.Ioctls {
+				if a.Errno != int(unix.EPERM) {
+					t.Errorf("ioctl %s on fd %s: errno %d (%s), want EPERM from the filter", a.Action, a.Thread, a.Errno, a.Err)
+				}
+			}
+			refused := []string{"keyctl", "userfaultfd", "fork", "tcp_socket", "netlink_socket", "io_uring_setup",
+				"seccomp_new_listener", "execve", "ptrace_parent", "mount", "connect_unix"}
+			for _, a := range rep.Attempts {
+				switch {
+				case a.Errno == 0 && c.disable == nil:
+					t.Errorf("the hostile plugin's %s succeeded", a.Action)
+				case slices.Contains(refused, a.Action) && a.Errno != int(unix.EPERM):
+					t.Errorf("%s: errno %d (%s), want EPERM from the filter", a.Action, a.Errno, a.Err)
+				}
+			}
+			p.next("ready")
+			// From outside: no listener among its fds.
+			fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.pid))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range fds {
+				if target, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", p.pid, e.Name())); target == "anon_inode:seccomp notify" {
+					t.Errorf("fd %s of the plugin is a seccomp listener", e.Name())
+				}
+			}
+			if err := (LaunchConfig{Disable: c.disable}).Verify(p.pid); err != nil {
+				t.Errorf("Verify: %v", err)
+			}
+			p.checkRefusalsLogged("keyctl", "userfaultfd", "clone", "socket", "io_uring_setup", "ioctl", "seccomp")
+			p.finish()
+		})
 	}
 }

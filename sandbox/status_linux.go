@@ -3,6 +3,7 @@ package sandbox
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"strings"
 	"syscall"
@@ -16,7 +17,16 @@ type StatusReport struct {
 	Kernel string        `json:"kernel"`
 	Arch   string        `json:"arch"`
 	Layers []LayerStatus `json:"layers"`
-	Kinds  []KindStatus  `json:"kinds"`
+	// PluginUID and PluginGID are the host ids plugins run as by default
+	// when launched by this user (LaunchConfig.PluginIDs); PluginIDs says
+	// why.
+	PluginUID int    `json:"plugin_uid"`
+	PluginGID int    `json:"plugin_gid"`
+	PluginIDs string `json:"plugin_ids"`
+	// Launch are the system calls every plugin may make from its first
+	// instruction until its own Restrict, on top of its kind's profile.
+	Launch []Rule       `json:"launch_syscalls"`
+	Kinds  []KindStatus `json:"kinds"`
 }
 
 // LayerStatus is one layer on this host.
@@ -67,13 +77,27 @@ func Status() StatusReport {
 	}
 	r.Layers = append(r.Layers, layerStatus(LayerLandlock, llErr, llDetail))
 	scErr := seccompActionAvail(unix.SECCOMP_RET_ERRNO)
-	scDetail := "allowlist per profile, TSYNC, refusals answered EPERM"
-	if seccompActionAvail(unix.SECCOMP_RET_USER_NOTIF) == nil && checkNotifSizes() == nil {
-		scDetail += " and logged by the plugin's supervisor (SECCOMP_RET_USER_NOTIF)"
+	scDetail := "allowlist per profile, from the plugin's first instruction, refusals answered EPERM"
+	if notifyAvailable() {
+		scDetail += " and logged by krun-core, which holds the listener (SECCOMP_RET_USER_NOTIF)"
 	} else {
 		scDetail += " without a log line (no SECCOMP_RET_USER_NOTIF)"
 	}
 	r.Layers = append(r.Layers, layerStatus(LayerSeccomp, scErr, scDetail))
+
+	uid, gid, idErr := LaunchConfig{}.PluginIDs()
+	switch {
+	case idErr != nil:
+		r.PluginIDs = idErr.Error()
+	case os.Geteuid() == 0:
+		r.PluginIDs = fmt.Sprintf("uid %d, gid %d: a root launcher's default (nobody:nogroup); --plugin-uid and --plugin-gid choose others, never 0", uid, gid)
+	default:
+		r.PluginIDs = fmt.Sprintf("uid %d, gid %d: this user's own ids (only root can choose others)", uid, gid)
+	}
+	r.PluginUID, r.PluginGID = uid, gid
+	for _, lr := range mergeRules(launchLayerRules()) {
+		r.Launch = append(r.Launch, Rule{Syscall: lr.name, Args: lr.args, Reason: lr.reason, Layer: layerLaunch})
+	}
 
 	for _, kind := range []string{"blk", "net", "fs"} {
 		p, _ := DefaultPolicy(kind, 4)
@@ -86,7 +110,7 @@ func Status() StatusReport {
 			Root:       "empty read-only tmpfs; no host path reachable",
 			Limits: []string{"RLIMIT_CORE 0", "RLIMIT_MEMLOCK 0",
 				fmt.Sprintf("RLIMIT_NOFILE %d", lim.OpenFiles), fmt.Sprintf("RLIMIT_DATA %d MiB", lim.DataBytes>>20)},
-			Refused:  "EPERM, logged in the plugin's log",
+			Refused:  "EPERM, logged by krun-core under the plugin's name",
 			Syscalls: rules,
 		}
 		ks.Landlock = landlockRules(p, abi)
@@ -125,9 +149,10 @@ func landlockDetail(abi int) string {
 }
 
 func landlockRules(p Policy, abi int) []string {
-	out := []string{"no file access except the rules below (files opened before Restrict keep working)"}
+	out := []string{"no file access except the rules below (files the launcher opened and handed over as fds keep working)",
+		"until the plugin's own Restrict: create and remove its gRPC socket in its private socket directory (a tmpfs of its own), and execute its own binary (the trampoline's exec)"}
 	if len(p.ReadWriteDirFDs) > 0 {
-		out = append(out, "read, write, create, remove, rename beneath the shared directory fd; never execute, device nodes or device ioctls")
+		out = append(out, "read, write, create, remove, rename beneath the shared directory fd; never execute, block devices or device ioctls (character devices: only the 0/0 whiteout, by seccomp)")
 	}
 	if len(p.ReadOnlyDirFDs) > 0 {
 		out = append(out, "read beneath the read-only directory fds")
@@ -159,4 +184,17 @@ func probeNamespaces() error {
 		return nil
 	}
 	return fmt.Errorf("cannot create the plugin namespaces: %w", err)
+}
+
+// launchLayerRules are the launch layer's rules for Status (the exec fd is
+// a placeholder: the launcher numbers it per plugin).
+func launchLayerRules() []rule {
+	rs := launchLayer(-1)
+	for i := range rs {
+		rs[i].layer = layerLaunch
+		if rs[i].name == "execveat" {
+			rs[i].args = "dirfd == the plugin binary's fd (opened by the launcher) && flags == AT_EMPTY_PATH"
+		}
+	}
+	return rs
 }

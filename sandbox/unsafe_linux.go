@@ -62,26 +62,43 @@ func landlockRestrictAllThreads(ruleset int) error {
 	return nil
 }
 
-// prctlAllThreads runs prctl(option, arg2, 0, 0, 0) on every thread.
-func prctlAllThreads(option, arg2 uintptr) error {
-	_, _, e := syscall.AllThreadsSyscall6(unix.SYS_PRCTL, option, arg2, 0, 0, 0, 0)
+// landlockRestrictSelf enforces a ruleset on the calling thread only: the
+// trampoline's thread, whose credentials the plugin inherits at exec.
+func landlockRestrictSelf(ruleset int) error {
+	_, _, e := unix.Syscall(unix.SYS_LANDLOCK_RESTRICT_SELF, uintptr(ruleset), 0, 0)
 	if e != 0 {
 		return e
 	}
 	return nil
 }
 
-// capsetZeroAllThreads empties the permitted, effective and inheritable
-// capability sets of every thread (capabilities are per thread).
-func capsetZeroAllThreads() error {
+// capsetZero empties the calling thread's permitted, effective and
+// inheritable capability sets.
+func capsetZero() error {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
-	_, _, e := syscall.AllThreadsSyscall(unix.SYS_CAPSET,
-		uintptr(unsafe.Pointer(&hdr)), uintptr(unsafe.Pointer(&data[0])), 0)
-	if e != 0 {
-		return e
+	return unix.Capset(&hdr, &data[0])
+}
+
+// execveatEmpty executes the file open at fd (execveat with AT_EMPTY_PATH):
+// no path is looked up, so it works from the empty root. It returns only on
+// failure.
+func execveatEmpty(fd int, argv, envv []string) error {
+	empty, err := unix.BytePtrFromString("")
+	if err != nil {
+		return err
 	}
-	return nil
+	av, err := syscall.SlicePtrFromStrings(argv)
+	if err != nil {
+		return err
+	}
+	ev, err := syscall.SlicePtrFromStrings(envv)
+	if err != nil {
+		return err
+	}
+	_, _, e := unix.Syscall6(unix.SYS_EXECVEAT, uintptr(fd), uintptr(unsafe.Pointer(empty)),
+		uintptr(unsafe.Pointer(&av[0])), uintptr(unsafe.Pointer(&ev[0])), unix.AT_EMPTY_PATH, 0)
+	return e
 }
 
 // capget returns the calling thread's effective, permitted and inheritable
@@ -155,8 +172,8 @@ func checkNotifSizes() error {
 	return nil
 }
 
-// notifRecv blocks until a refused call arrives on the listener. It goes
-// through unix.Syscall so the runtime hands the P to other goroutines.
+// notifRecv receives a refused call from a plugin's listener (the launcher
+// calls it once poll says one is waiting).
 func notifRecv(fd int, n *seccompNotif) error {
 	*n = seccompNotif{} // the kernel requires a zeroed buffer
 	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SECCOMP_IOCTL_NOTIF_RECV, uintptr(unsafe.Pointer(n)))

@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,10 +23,26 @@ type Conn struct {
 
 	sendMu sync.Mutex
 
-	recvMu sync.Mutex
-	hdr    [HeaderSize]byte
-	oob    []byte
+	recvMu     sync.Mutex
+	hdr        [HeaderSize]byte
+	oob        []byte
+	msgTimeout time.Duration
 }
+
+// SetMessageTimeout makes Recv fail when a message whose first bytes have
+// arrived is not complete within d (0: no limit, the default). Recv then
+// manages the read deadline itself: the wait for a message's first byte
+// has none, so an idle peer is fine, but one that stops halfway through a
+// message is not.
+func (c *Conn) SetMessageTimeout(d time.Duration) {
+	c.recvMu.Lock()
+	defer c.recvMu.Unlock()
+	c.msgTimeout = d
+}
+
+// SetReadDeadline sets the deadline for Recv (see net.Conn); with a
+// message timeout it is overridden per message.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.uc.SetReadDeadline(t) }
 
 // oobSize fits exactly MaxFDs descriptors: a sender attaching more makes
 // the kernel truncate the control data (MSG_CTRUNC) and close the rest.
@@ -180,8 +197,19 @@ func (c *Conn) Recv() (*Message, error) {
 		}
 		return nil, err
 	}
+	started := false
+	if c.msgTimeout > 0 {
+		c.uc.SetReadDeadline(time.Time{})
+		defer c.uc.SetReadDeadline(time.Time{})
+	}
 	read := func(b []byte) (int, error) {
 		n, oobn, flags, _, err := c.uc.ReadMsgUnix(b, c.oob)
+		if n > 0 && !started {
+			started = true
+			if c.msgTimeout > 0 {
+				c.uc.SetReadDeadline(time.Now().Add(c.msgTimeout))
+			}
+		}
 		if oobn > 0 {
 			got, perr := parseRights(c.oob[:oobn])
 			files = append(files, got...)

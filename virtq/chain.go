@@ -1,41 +1,226 @@
 package virtq
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math"
+
+	"github.com/krun-core/krun-core/guestmem"
 )
 
-// Chain is one descriptor chain taken from a queue: the device-readable
-// buffers followed by the device-writable ones, as slices into guest memory.
-// A Chain is reused across Pop calls without allocating once its slices have
-// grown. Its buffers are valid until the chain is pushed and at most until
-// the queue's memory changes.
+// Chain is one descriptor chain taken from a queue: device-readable buffers
+// followed by device-writable ones, read and written through two cursors.
+//
+// Pop checks the whole chain once (every index, every buffer against guest
+// memory, the order of readable and writable descriptors, at most the queue
+// size of buffers, one level of indirection) and records only its totals and
+// where its writable part starts; it stores no buffer. The cursors then walk
+// the descriptors lazily, as the device reads and writes, and check each
+// descriptor again when they reach it: the guest may rewrite a chain it has
+// made available, and what the device uses is always what it checked at
+// that moment. A chain the guest changed under the device ends early (its
+// cursor reports a malformed chain); it never reaches outside guest memory
+// or beyond the totals Pop reported. So a Chain holds a fixed amount of
+// memory whatever the guest writes, and is reused across Pop calls without
+// allocating.
+//
+// Its buffers are valid until the chain is pushed and at most until the
+// queue's memory changes.
 type Chain struct {
 	// Head is the index of the chain's first descriptor, the id of its used
 	// element.
 	Head uint16
 
-	rd, wr       [][]byte
-	rdLen, wrLen uint64
+	q *Queue // memory, descriptor table, size (the most buffers a chain has), features
 
-	rdSeg, rdOff int // read cursor
-	wrSeg, wrOff int // write cursor
-	read         uint64
-	written      uint64
+	rdLen, wrLen uint64
+	rd, wr       cursor
+	read         uint64 // bytes consumed by the read cursor
+	written      uint64 // bytes produced by the write cursor
 }
 
-func (c *Chain) reset(head uint16) {
+// pos is a place in a chain: a descriptor in the queue's table or in an
+// indirect table, and how many buffers came before it.
+type pos struct {
+	table []byte // descriptor table holding the descriptor
+	idx   uint   // its index in table
+	bufs  uint   // buffer descriptors visited before it
+	ind   uint   // 1: table is an indirect table
+	end   uint   // 1: no descriptor here, the chain is over
+}
+
+// cursor walks one direction of a chain.
+type cursor struct {
+	at   pos    // the descriptor after buf
+	buf  []byte // what is left of the current buffer
+	left uint64 // bytes the cursor may still yield (Pop's total less those consumed)
+	err  error  // the chain turned out malformed while walking
+}
+
+// reset starts the chain at head; check then sets everything else.
+func (c *Chain) reset(q *Queue, head uint16) {
 	c.Head = head
-	c.rd = c.rd[:0]
-	c.wr = c.wr[:0]
+	if c.q != q {
+		c.q = q
+	}
 	c.rdLen, c.wrLen = 0, 0
-	c.rdSeg, c.rdOff, c.wrSeg, c.wrOff = 0, 0, 0, 0
 	c.read, c.written = 0, 0
 }
 
 // ErrNoSpace is returned by Write when the device-writable buffers are full.
 var ErrNoSpace = errors.New("descriptor chain has no more device-writable space")
+
+// errChanged is reported by a cursor that found the chain different from
+// what Pop checked (the guest rewrote descriptors it had made available).
+var errChanged = fmt.Errorf("%w: chain changed after it was made available", ErrMalformedChain)
+
+// descriptor is one decoded descriptor.
+type descriptor struct {
+	addr   uint64
+	length uint32
+	flags  uint16
+	next   uint16
+}
+
+func loadDesc(table []byte, idx uint) descriptor {
+	d := table[idx*descSize : idx*descSize+descSize]
+	return descriptor{
+		addr:   binary.LittleEndian.Uint64(d[0:]),
+		length: binary.LittleEndian.Uint32(d[8:]),
+		flags:  binary.LittleEndian.Uint16(d[12:]),
+		next:   binary.LittleEndian.Uint16(d[14:]),
+	}
+}
+
+// step reads the descriptor at p. An indirect descriptor is followed into
+// its table (whose first entry is then read). It returns the buffer
+// descriptor found, its memory, and moves p to the descriptor after it (or
+// marks the end). Every check of the chain's shape happens here, so Pop and
+// the cursors apply the same rules.
+func (c *Chain) step(p *pos) (descriptor, []byte, error) {
+	d := loadDesc(p.table, p.idx)
+	if d.flags&DescFIndirect != 0 {
+		switch {
+		case !c.q.cfg.Indirect:
+			return d, nil, ErrIndirectNotNeg
+		case p.ind != 0:
+			return d, nil, ErrNestedIndirect
+		case d.flags&DescFNext != 0:
+			return d, nil, ErrIndirectWithNext
+		case d.length == 0 || d.length%descSize != 0:
+			return d, nil, ErrIndirectLen
+		case d.length/descSize > uint32(c.q.cfg.Size):
+			return d, nil, fmt.Errorf("%w: %d entries on a queue of %d", ErrIndirectTooLong, d.length/descSize, c.q.cfg.Size)
+		}
+		t, err := c.q.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
+		if err != nil {
+			return d, nil, fmt.Errorf("%w: indirect table %#x+%#x", ErrDescOutOfMemory, d.addr, d.length)
+		}
+		*p = pos{table: t, idx: 0, bufs: p.bufs, ind: 1}
+		d = loadDesc(p.table, 0)
+		if d.flags&DescFIndirect != 0 {
+			return d, nil, ErrNestedIndirect
+		}
+	}
+	if p.bufs >= uint(c.q.cfg.Size) {
+		return d, nil, ErrChainTooLong
+	}
+	buf, err := c.q.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
+	if err != nil {
+		return d, nil, fmt.Errorf("%w: descriptor %d buffer %#x+%#x", ErrDescOutOfMemory, p.idx, d.addr, d.length)
+	}
+	p.bufs++
+	if d.flags&DescFNext == 0 {
+		p.end = 1
+		return d, buf, nil
+	}
+	tableLen := uint(len(p.table) / descSize)
+	if uint(d.next) >= tableLen {
+		return d, nil, fmt.Errorf("%w: next %d in a table of %d", ErrDescIndex, d.next, tableLen)
+	}
+	p.idx = uint(d.next)
+	return d, buf, nil
+}
+
+// check walks the whole chain starting at head once: it validates it,
+// records the readable and writable totals, and positions both cursors
+// after the first buffer of their direction, which they keep (so the
+// common short chain is not walked twice).
+func (c *Chain) check(head uint16) error {
+	p := pos{table: c.q.desc, idx: uint(head)}
+	c.rd.left, c.wr.left = 0, 0
+	c.rd.buf, c.wr.buf = nil, nil
+	c.rd.err, c.wr.err = nil, nil
+	c.wr.at.end = 1 // no writable part unless one is found
+	seenRead, seenWrite := false, false
+	for p.end == 0 {
+		d, buf, err := c.step(&p)
+		if err != nil {
+			return err
+		}
+		if d.flags&DescFWrite != 0 {
+			if !seenWrite {
+				seenWrite = true
+				c.wr.at, c.wr.buf = p, buf
+			}
+			c.wrLen += uint64(d.length)
+		} else {
+			if seenWrite {
+				return ErrReadAfterWrite
+			}
+			if !seenRead {
+				seenRead = true
+				c.rd.at, c.rd.buf = p, buf
+			}
+			c.rdLen += uint64(d.length)
+		}
+	}
+	c.rd.left, c.wr.left = c.rdLen, c.wrLen
+	return nil
+}
+
+// advance makes cur.buf non-empty (loading the next buffer of the cursor's
+// direction) unless the cursor is exhausted; it reports whether bytes are
+// available. write selects the direction.
+func (c *Chain) advance(cur *cursor, write bool) bool {
+	for len(cur.buf) == 0 {
+		if cur.left == 0 || cur.err != nil {
+			return false
+		}
+		if cur.at.end != 0 {
+			cur.err = errChanged
+			return false
+		}
+		d, buf, err := c.step(&cur.at)
+		if err != nil {
+			cur.err = err
+			return false
+		}
+		isWrite := d.flags&DescFWrite != 0
+		if isWrite != write {
+			if !write {
+				// The readable part ended before the total Pop saw.
+				cur.err = errChanged
+			} else {
+				cur.err = ErrReadAfterWrite
+			}
+			return false
+		}
+		if uint64(len(buf)) > cur.left {
+			buf = buf[:cur.left]
+		}
+		cur.buf = buf
+	}
+	return true
+}
+
+// consume moves the cursor n bytes into its current buffer.
+func (cur *cursor) consume(n int) {
+	cur.buf = cur.buf[n:]
+	cur.left -= uint64(n)
+}
 
 // ReadableLen is the total length of the device-readable buffers.
 func (c *Chain) ReadableLen() uint64 { return c.rdLen }
@@ -58,28 +243,30 @@ func (c *Chain) Written() uint32 {
 	return uint32(c.written)
 }
 
-// ReadableSegments returns the device-readable buffers, for zero-copy I/O.
-// The returned slice is owned by the chain.
-func (c *Chain) ReadableSegments() [][]byte { return c.rd }
+// Err reports why a cursor stopped early: the chain turned out malformed
+// (an error wrapping ErrMalformedChain) while the device walked it. It is
+// nil while the chain is as Pop checked it.
+func (c *Chain) Err() error {
+	if c.rd.err != nil {
+		return c.rd.err
+	}
+	return c.wr.err
+}
 
-// WritableSegments returns the device-writable buffers, for zero-copy I/O.
-// The returned slice is owned by the chain.
-func (c *Chain) WritableSegments() [][]byte { return c.wr }
-
-// Read copies readable bytes at the read cursor into p (io.Reader).
+// Read copies readable bytes at the read cursor into p (io.Reader). At the
+// end of the readable bytes it returns io.EOF; if the chain turned out
+// malformed, the error says so.
 func (c *Chain) Read(p []byte) (int, error) {
 	n := 0
-	for n < len(p) && c.rdSeg < len(c.rd) {
-		seg := c.rd[c.rdSeg][c.rdOff:]
-		k := copy(p[n:], seg)
+	for n < len(p) && c.advance(&c.rd, false) {
+		k := copy(p[n:], c.rd.buf)
+		c.rd.consume(k)
 		n += k
-		c.rdOff += k
-		if c.rdOff == len(c.rd[c.rdSeg]) {
-			c.rdSeg++
-			c.rdOff = 0
-		}
 	}
 	c.read += uint64(n)
+	if n < len(p) && c.rd.err != nil {
+		return n, c.rd.err
+	}
 	if n == 0 && len(p) > 0 {
 		return 0, io.EOF
 	}
@@ -87,31 +274,41 @@ func (c *Chain) Read(p []byte) (int, error) {
 }
 
 // ReadFull fills p from the readable bytes or fails with io.ErrUnexpectedEOF
-// (io.EOF when nothing was left).
+// (io.EOF when nothing was left, or the malformed-chain error).
 func (c *Chain) ReadFull(p []byte) error {
 	_, err := io.ReadFull(c, p)
 	return err
 }
 
 // Write copies p into the writable buffers at the write cursor (io.Writer).
-// When the buffers fill up it returns the count written and ErrNoSpace.
+// When the buffers fill up it returns the count written and ErrNoSpace (or
+// the malformed-chain error, if that is why).
 func (c *Chain) Write(p []byte) (int, error) {
 	n := 0
-	for n < len(p) && c.wrSeg < len(c.wr) {
-		seg := c.wr[c.wrSeg][c.wrOff:]
-		k := copy(seg, p[n:])
+	for n < len(p) && c.advance(&c.wr, true) {
+		k := copy(c.wr.buf, p[n:])
+		c.wr.consume(k)
 		n += k
-		c.wrOff += k
-		if c.wrOff == len(c.wr[c.wrSeg]) {
-			c.wrSeg++
-			c.wrOff = 0
-		}
 	}
 	c.written += uint64(n)
 	if n < len(p) {
+		if c.wr.err != nil {
+			return n, c.wr.err
+		}
 		return n, ErrNoSpace
 	}
 	return n, nil
+}
+
+// skip moves cur n bytes on; it reports how many it could.
+func (c *Chain) skip(cur *cursor, write bool, n uint64) uint64 {
+	done := uint64(0)
+	for done < n && c.advance(cur, write) {
+		k := min(uint64(len(cur.buf)), n-done)
+		cur.consume(int(k))
+		done += k
+	}
+	return done
 }
 
 // SkipRead advances the read cursor by n bytes.
@@ -119,94 +316,55 @@ func (c *Chain) SkipRead(n uint64) error {
 	if n > c.RemainingRead() {
 		return io.ErrUnexpectedEOF
 	}
-	c.read += n
-	for n > 0 {
-		left := uint64(len(c.rd[c.rdSeg]) - c.rdOff)
-		if n < left {
-			c.rdOff += int(n)
-			return nil
-		}
-		n -= left
-		c.rdSeg++
-		c.rdOff = 0
+	done := c.skip(&c.rd, false, n)
+	c.read += done
+	if done < n {
+		return c.rd.err
 	}
-	c.normalizeRead()
 	return nil
 }
 
 // SkipWrite advances the write cursor by n bytes, counting them as written
-// (for data the device placed directly into WritableSegments).
+// (for data the device placed directly into buffers from PeekWritable).
 func (c *Chain) SkipWrite(n uint64) error {
 	if n > c.RemainingWrite() {
 		return ErrNoSpace
 	}
-	c.written += n
-	for n > 0 {
-		left := uint64(len(c.wr[c.wrSeg]) - c.wrOff)
-		if n < left {
-			c.wrOff += int(n)
-			return nil
-		}
-		n -= left
-		c.wrSeg++
-		c.wrOff = 0
+	done := c.skip(&c.wr, true, n)
+	c.written += done
+	if done < n {
+		return c.wr.err
 	}
-	c.normalizeWrite()
 	return nil
 }
 
-// normalize* move the cursor past empty segments so that the segment views
-// below never start on an exhausted buffer.
-func (c *Chain) normalizeRead() {
-	for c.rdSeg < len(c.rd) && c.rdOff == len(c.rd[c.rdSeg]) {
-		c.rdSeg++
-		c.rdOff = 0
+// peek appends views of up to max bytes at cur to dst without moving cur.
+func (c *Chain) peek(cur *cursor, write bool, dst [][]byte, max uint64) [][]byte {
+	look := *cur
+	for max > 0 && c.advance(&look, write) {
+		b := look.buf
+		if uint64(len(b)) > max {
+			b = b[:max]
+		}
+		dst = append(dst, b)
+		look.consume(len(b))
+		max -= uint64(len(b))
 	}
-}
-
-func (c *Chain) normalizeWrite() {
-	for c.wrSeg < len(c.wr) && c.wrOff == len(c.wr[c.wrSeg]) {
-		c.wrSeg++
-		c.wrOff = 0
-	}
+	return dst
 }
 
 // PeekWritable returns up to max bytes of writable space at the write cursor
 // as segments appended to dst, without moving the cursor (commit with
-// SkipWrite). Used for zero-copy reads from a file into guest memory.
+// SkipWrite). Used for zero-copy reads from a file into guest memory. It
+// returns fewer bytes than asked when the chain has fewer (or turned out
+// malformed: see Err); it never returns empty segments.
 func (c *Chain) PeekWritable(dst [][]byte, max uint64) [][]byte {
-	seg, off := c.wrSeg, c.wrOff
-	for max > 0 && seg < len(c.wr) {
-		b := c.wr[seg][off:]
-		if uint64(len(b)) > max {
-			b = b[:max]
-		}
-		if len(b) > 0 {
-			dst = append(dst, b)
-		}
-		max -= uint64(len(b))
-		seg++
-		off = 0
-	}
-	return dst
+	return c.peek(&c.wr, true, dst, max)
 }
 
 // PeekReadable returns up to max readable bytes at the read cursor as
 // segments appended to dst, without moving the cursor (commit with
 // SkipRead). Used for zero-copy writes from guest memory to a file.
 func (c *Chain) PeekReadable(dst [][]byte, max uint64) [][]byte {
-	seg, off := c.rdSeg, c.rdOff
-	for max > 0 && seg < len(c.rd) {
-		b := c.rd[seg][off:]
-		if uint64(len(b)) > max {
-			b = b[:max]
-		}
-		if len(b) > 0 {
-			dst = append(dst, b)
-		}
-		max -= uint64(len(b))
-		seg++
-		off = 0
-	}
-	return dst
+	return c.peek(&c.rd, false, dst, max)
 }

@@ -31,6 +31,13 @@ func FuzzChainWalk(f *testing.F) {
 	f.Add(seed(4, 2, [4]uint64{tIndirect, 32, DescFIndirect, 0}))
 	f.Add(seed(16, 1, [4]uint64{0xffffffffffffff00, 0x200, 0, 0}))
 	f.Add(seed(2, 0, [4]uint64{tDataStart, 1, DescFWrite | DescFNext, 1}, [4]uint64{tDataStart, 1, 0, 0}))
+	// Indirect tables that loop on themselves, and ones longer than the
+	// queue (the body is also laid over the indirect table area).
+	f.Add(seed(8, 2, [4]uint64{tIndirect, 8 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 1, DescFNext, 0}))
+	f.Add(seed(8, 2, [4]uint64{tIndirect, 1 << 24, DescFIndirect, 0}, [4]uint64{tDataStart, 1, DescFNext, 1}))
+	f.Add(seed(4, 2, [4]uint64{tIndirect, 5 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 1, DescFNext, 1}, [4]uint64{tDataStart, 1, DescFNext, 2},
+		[4]uint64{tDataStart, 1, DescFNext, 3}, [4]uint64{tDataStart, 1, DescFNext, 4}, [4]uint64{tDataStart, 1, DescFWrite, 0}))
+	f.Add(seed(16, 3, [4]uint64{tIndirect, 16 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 4096, DescFNext | DescFWrite, 0}))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) < 4 {
@@ -84,20 +91,52 @@ func FuzzChainWalk(f *testing.F) {
 			if !ok {
 				return
 			}
-			if uint64(len(c.ReadableSegments())+len(c.WritableSegments())) > uint64(size)*2 {
-				t.Fatalf("chain with %d segments on a queue of %d", len(c.ReadableSegments())+len(c.WritableSegments()), size)
+			rd := c.PeekReadable(nil, c.ReadableLen())
+			wr := c.PeekWritable(nil, c.WritableLen())
+			if len(rd)+len(wr) > int(size) {
+				t.Fatalf("chain with %d segments on a queue of %d", len(rd)+len(wr), size)
+			}
+			if segLen(rd) != c.ReadableLen() || segLen(wr) != c.WritableLen() {
+				t.Fatalf("segments hold %d/%d bytes, chain %d/%d", segLen(rd), segLen(wr), c.ReadableLen(), c.WritableLen())
+			}
+			if c.ReadableLen()+c.WritableLen() > uint64(size)*0xffffffff {
+				t.Fatalf("chain of %d bytes", c.ReadableLen()+c.WritableLen())
+			}
+			// The guest rewrites the chain under the device: the cursors
+			// must stay within what Pop checked.
+			if len(body) > 16 {
+				mut := make([]byte, 16*int(size))
+				copy(mut, body[16:])
+				d.mem.Write(tDesc, mut)
 			}
 			buf := make([]byte, 64)
+			var read uint64
 			for {
-				if _, err := c.Read(buf); err != nil {
+				n, err := c.Read(buf)
+				read += uint64(n)
+				if err != nil {
 					break
 				}
 			}
+			if read > c.ReadableLen() {
+				t.Fatalf("read %d of %d readable bytes", read, c.ReadableLen())
+			}
 			c.Write(buf)
+			if err := c.Err(); err != nil && !errors.Is(err, ErrMalformedChain) {
+				t.Fatalf("unclassified cursor error: %v", err)
+			}
 			if err := q.Push(c.Head, c.Written()); err != nil {
 				t.Fatal(err)
 			}
 			q.NeedsNotify()
 		}
 	})
+}
+
+func segLen(segs [][]byte) uint64 {
+	var n uint64
+	for _, s := range segs {
+		n += uint64(len(s))
+	}
+	return n
 }

@@ -31,3 +31,8 @@ func store32(b []byte, off uint32, v uint32) {
 func (q *Queue) fence() {
 	atomic.AddUint32(&q.barrier, 1)
 }
+
+// aligned reports whether b starts at a multiple of n in the address space.
+func aligned(b []byte, n uintptr) bool {
+	return uintptr(unsafe.Pointer(unsafe.SliceData(b)))%n == 0
+}

@@ -2,17 +2,24 @@
 // (OASIS virtio 1.2, section 2.7) over guest memory from package guestmem.
 //
 // The guest writes the descriptor table and the available ring; everything in
-// them is hostile. Pop walks one descriptor chain with bounded work (a chain
-// visits at most Size descriptors, an indirect table at most its own length,
-// and indirect tables do not nest), checks every index and every buffer
-// against guest memory, and rejects a device-readable descriptor after a
-// device-writable one. A malformed chain fails only that request.
+// them is hostile. Pop checks one descriptor chain with bounded work and no
+// allocation: a chain has at most Size buffers in total, direct and indirect
+// together; an indirect table has at most Size entries (the spec's limit) and
+// tables do not nest; every index and every buffer is checked against guest
+// memory, and a device-readable descriptor after a device-writable one is
+// refused. A Chain stores no buffers: its cursors walk the descriptors
+// lazily and check each again when they reach it (see Chain). A malformed
+// chain fails only that request.
 //
-// A Queue is not safe for concurrent use: one goroutine serves a queue.
+// A Queue has two sides that may run on two goroutines at once, each on
+// one goroutine at a time: the pop side (Pop, Unpop, Pending, NextAvail,
+// EnableNotification, EnableNotificationForMore, DisableNotification) and
+// the push side (AddUsed, PublishUsed, Push, NeedsNotify, NextUsed). They
+// share no state but guest memory, where each writes its own fields. Set-up
+// (SetMemory, SetNextAvail, SetNextUsed) needs both sides idle.
 package virtq
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 
@@ -63,6 +70,7 @@ var (
 	ErrIndirectNotNeg   = fmt.Errorf("%w: indirect descriptor without VIRTIO_F_INDIRECT_DESC", ErrMalformedChain)
 	ErrIndirectWithNext = fmt.Errorf("%w: indirect descriptor with NEXT set", ErrMalformedChain)
 	ErrIndirectLen      = fmt.Errorf("%w: indirect table length not a non-zero multiple of 16", ErrMalformedChain)
+	ErrIndirectTooLong  = fmt.Errorf("%w: indirect table longer than the queue", ErrMalformedChain)
 	ErrReadAfterWrite   = fmt.Errorf("%w: device-readable descriptor after a device-writable one", ErrMalformedChain)
 )
 
@@ -143,6 +151,12 @@ func (q *Queue) SetMemory(mem *guestmem.Memory) error {
 	if err != nil {
 		return fmt.Errorf("used ring: %w", err)
 	}
+	// Ring fields are accessed with single aligned loads and stores: the
+	// mapping must keep the alignment the guest addresses have (a region
+	// whose file offset is skewed against its guest address would not).
+	if !aligned(desc, 16) || !aligned(avail, 2) || !aligned(used, 4) {
+		return fmt.Errorf("rings at desc %#x avail %#x used %#x are misaligned in the mapping of guest memory", q.cfg.DescTable, q.cfg.AvailRing, q.cfg.UsedRing)
+	}
 	q.mem, q.desc, q.avail, q.used = mem, desc, avail, used
 	return nil
 }
@@ -188,7 +202,9 @@ func (q *Queue) Pending() (uint16, error) {
 // Pop fills c with the next available chain. It returns false when none is
 // available. On an error wrapping ErrMalformedChain, c.Head is valid and the
 // caller must complete it with Push(c.Head, 0); on one wrapping
-// ErrQueueBroken the queue must be stopped.
+// ErrQueueBroken the queue must be stopped. Pop checks the whole chain (see
+// Chain) but keeps none of its buffers: its work is bounded by the queue
+// size and it allocates nothing, whatever the guest wrote.
 func (q *Queue) Pop(c *Chain) (bool, error) {
 	n, err := q.Pending()
 	if err != nil || n == 0 {
@@ -200,8 +216,8 @@ func (q *Queue) Pop(c *Chain) (bool, error) {
 		return false, fmt.Errorf("%w: available ring entry %d names descriptor %d of %d", ErrQueueBroken, q.nextAvail, head, q.cfg.Size)
 	}
 	q.nextAvail++
-	c.reset(head)
-	return true, q.walk(c, head)
+	c.reset(q, head)
+	return true, c.check(head)
 }
 
 // Unpop gives back the last n popped chains that have not been pushed, so
@@ -211,68 +227,6 @@ func (q *Queue) Pop(c *Chain) (bool, error) {
 // for more.
 func (q *Queue) Unpop(n uint16) {
 	q.nextAvail -= n
-}
-
-// walk collects the buffers of the chain starting at head.
-func (q *Queue) walk(c *Chain, head uint16) error {
-	table := q.desc
-	tableLen := uint32(q.cfg.Size)
-	idx := uint32(head)
-	budget := uint32(q.cfg.Size) // descriptors we may still visit in this table
-	indirect := false
-	for {
-		if budget == 0 {
-			return ErrChainTooLong
-		}
-		budget--
-		d := table[idx*descSize : idx*descSize+descSize]
-		addr := binary.LittleEndian.Uint64(d[0:])
-		length := binary.LittleEndian.Uint32(d[8:])
-		flags := binary.LittleEndian.Uint16(d[12:])
-		next := binary.LittleEndian.Uint16(d[14:])
-
-		if flags&DescFIndirect != 0 {
-			switch {
-			case !q.cfg.Indirect:
-				return ErrIndirectNotNeg
-			case indirect:
-				return ErrNestedIndirect
-			case flags&DescFNext != 0:
-				return ErrIndirectWithNext
-			case length == 0 || length%descSize != 0:
-				return ErrIndirectLen
-			}
-			t, err := q.mem.Slice(guestmem.Addr(addr), uint64(length))
-			if err != nil {
-				return fmt.Errorf("%w: indirect table %#x+%#x", ErrDescOutOfMemory, addr, length)
-			}
-			table, tableLen, idx, indirect = t, length/descSize, 0, true
-			budget = tableLen
-			continue
-		}
-
-		buf, err := q.mem.Slice(guestmem.Addr(addr), uint64(length))
-		if err != nil {
-			return fmt.Errorf("%w: descriptor %d buffer %#x+%#x", ErrDescOutOfMemory, idx, addr, length)
-		}
-		if flags&DescFWrite != 0 {
-			c.wr = append(c.wr, buf)
-			c.wrLen += uint64(length)
-		} else {
-			if len(c.wr) > 0 {
-				return ErrReadAfterWrite
-			}
-			c.rd = append(c.rd, buf)
-			c.rdLen += uint64(length)
-		}
-		if flags&DescFNext == 0 {
-			return nil
-		}
-		if uint32(next) >= tableLen {
-			return fmt.Errorf("%w: next %d in a table of %d", ErrDescIndex, next, tableLen)
-		}
-		idx = uint32(next)
-	}
 }
 
 // AddUsed writes a used element without publishing it; PublishUsed makes

@@ -105,7 +105,7 @@ func TestIndirectChain(t *testing.T) {
 	if !ok || err != nil {
 		t.Fatalf("Pop = %v, %v", ok, err)
 	}
-	if c.Head != 2 || c.ReadableLen() != 16 || c.WritableLen() != 4097 || len(c.WritableSegments()) != 2 {
+	if c.Head != 2 || c.ReadableLen() != 16 || c.WritableLen() != 4097 || len(c.PeekWritable(nil, 1<<20)) != 2 {
 		t.Fatalf("indirect chain: head %d r %d w %d", c.Head, c.ReadableLen(), c.WritableLen())
 	}
 }
@@ -165,12 +165,40 @@ func TestHostileChains(t *testing.T) {
 			d.setDesc(tIndirect, 0, tDataStart, 1, DescFNext, 2)
 			d.setDesc(tDesc, 0, tIndirect, 32, DescFIndirect, 0)
 		}, ErrDescIndex},
-		{"huge indirect table loops bounded", true, func(d *driver) {
-			// 4096-entry indirect table whose entries all point at entry 0
+		{"indirect table longer than the queue", true, func(d *driver) {
+			// 4096-entry indirect table whose entries all point at entry 0:
+			// refused for its length before a single entry is read.
 			for i := uint16(0); i < 4096; i++ {
 				d.setDesc(tIndirect, i, tDataStart, 1, DescFNext, 0)
 			}
 			d.setDesc(tDesc, 0, tIndirect, 4096*16, DescFIndirect, 0)
+		}, ErrIndirectTooLong},
+		{"indirect table of 9 on a queue of 8", true, func(d *driver) {
+			for i := uint16(0); i < 9; i++ {
+				d.setDesc(tIndirect, i, tDataStart, 1, DescFNext, i+1)
+			}
+			d.setDesc(tIndirect, 8, tDataStart, 1, 0, 0)
+			d.setDesc(tDesc, 0, tIndirect, 9*16, DescFIndirect, 0)
+		}, ErrIndirectTooLong},
+		{"16 MiB indirect table", true, func(d *driver) {
+			d.setDesc(tDesc, 0, tIndirect, 16<<20, DescFIndirect, 0)
+		}, ErrIndirectTooLong},
+		{"looping indirect table of queue size", true, func(d *driver) {
+			for i := uint16(0); i < 8; i++ {
+				d.setDesc(tIndirect, i, tDataStart, 1, DescFNext, (i+1)%8)
+			}
+			d.setDesc(tDesc, 0, tIndirect, 8*16, DescFIndirect, 0)
+		}, ErrChainTooLong},
+		{"direct and indirect together longer than the queue", true, func(d *driver) {
+			// 3 direct buffers, then an indirect table of 6: 9 buffers.
+			d.setDesc(tDesc, 0, tDataStart, 1, DescFNext, 1)
+			d.setDesc(tDesc, 1, tDataStart, 1, DescFNext, 2)
+			d.setDesc(tDesc, 2, tDataStart, 1, DescFNext, 3)
+			d.setDesc(tDesc, 3, tIndirect, 6*16, DescFIndirect, 0)
+			for i := uint16(0); i < 6; i++ {
+				d.setDesc(tIndirect, i, tDataStart, 1, DescFNext, i+1)
+			}
+			d.setDesc(tIndirect, 5, tDataStart, 1, 0, 0)
 		}, ErrChainTooLong},
 	}
 	for _, tt := range tests {
@@ -192,6 +220,92 @@ func TestHostileChains(t *testing.T) {
 			ok, err = q.Pop(&c)
 			if !ok || err != nil || c.Head != 1 || c.ReadableLen() != 8 {
 				t.Fatalf("next Pop after malformed chain = %v, %v, head %d", ok, err, c.Head)
+			}
+		})
+	}
+}
+
+// TestChainBounds checks the limits from the accepting side: a chain of
+// exactly the queue size, direct or through a full indirect table, is
+// served whole.
+func TestChainBounds(t *testing.T) {
+	t.Run("direct", func(t *testing.T) {
+		d, q := newPair(t, 8, false, false)
+		for i := uint16(0); i < 8; i++ {
+			d.setDesc(tDesc, i, tDataStart+uint64(i)*0x10, 0x10, DescFNext, i+1)
+		}
+		d.setDesc(tDesc, 7, tDataStart+0x70, 0x10, DescFWrite, 0)
+		d.offer(0)
+		var c Chain
+		if ok, err := q.Pop(&c); !ok || err != nil || c.ReadableLen() != 7*0x10 || c.WritableLen() != 0x10 {
+			t.Fatalf("Pop = %v, %v; lengths %d/%d", ok, err, c.ReadableLen(), c.WritableLen())
+		}
+		if n, err := io.Copy(io.Discard, &c); n != 0x70 || err != nil {
+			t.Fatalf("read %d, %v", n, err)
+		}
+	})
+	t.Run("indirect", func(t *testing.T) {
+		d, q := newPair(t, 8, false, true)
+		for i := uint16(0); i < 8; i++ {
+			d.setDesc(tIndirect, i, tDataStart+uint64(i)*0x10, 0x10, DescFNext|DescFWrite, i+1)
+		}
+		d.setDesc(tIndirect, 7, tDataStart+0x70, 0x10, DescFWrite, 0)
+		d.setDesc(tDesc, 3, tIndirect, 8*16, DescFIndirect, 0)
+		d.offer(3)
+		var c Chain
+		if ok, err := q.Pop(&c); !ok || err != nil || c.WritableLen() != 0x80 {
+			t.Fatalf("Pop = %v, %v; writable %d", ok, err, c.WritableLen())
+		}
+		if n, err := c.Write(bytes.Repeat([]byte{1}, 0x80)); n != 0x80 || err != nil {
+			t.Fatalf("wrote %d, %v", n, err)
+		}
+	})
+}
+
+// TestChainChangedAfterPop rewrites a chain between Pop and the device's
+// walk: the cursors stop at what they can check (never past Pop's totals,
+// never outside guest memory) and report a malformed chain.
+func TestChainChangedAfterPop(t *testing.T) {
+	tests := []struct {
+		name   string
+		change func(d *driver)
+	}{
+		{"buffer moved outside memory", func(d *driver) { d.setDesc(tDesc, 1, tMemSize-4, 64, DescFNext, 2) }},
+		{"loop added", func(d *driver) { d.setDesc(tDesc, 1, tDataStart, 1, DescFNext, 1) }},
+		{"chain cut short", func(d *driver) { d.setDesc(tDesc, 1, tDataStart+0x100, 32, 0, 0) }},
+		{"writable became readable", func(d *driver) { d.setDesc(tDesc, 3, tDataStart+0x300, 64, 0, 0) }},
+		{"next out of range", func(d *driver) { d.setDesc(tDesc, 1, tDataStart+0x100, 64, DescFNext, 99) }},
+		{"grown buffers", func(d *driver) {
+			d.setDesc(tDesc, 1, tDataStart+0x100, 4096, DescFNext, 2)
+			d.setDesc(tDesc, 3, tDataStart+0x300, 4096, DescFWrite, 0)
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d, q := newPair(t, 8, false, false)
+			d.setDesc(tDesc, 0, tDataStart, 64, DescFNext, 1)
+			d.setDesc(tDesc, 1, tDataStart+0x100, 64, DescFNext, 2)
+			d.setDesc(tDesc, 2, tDataStart+0x200, 64, DescFNext|DescFWrite, 3)
+			d.setDesc(tDesc, 3, tDataStart+0x300, 64, DescFWrite, 0)
+			d.offer(0)
+			var c Chain
+			if ok, err := q.Pop(&c); !ok || err != nil {
+				t.Fatal(ok, err)
+			}
+			tt.change(d)
+			got, _ := io.ReadAll(&c)
+			n, _ := c.Write(make([]byte, 4096))
+			if uint64(len(got)) > c.ReadableLen() || uint64(n) > c.WritableLen() {
+				t.Fatalf("read %d of %d, wrote %d of %d", len(got), c.ReadableLen(), n, c.WritableLen())
+			}
+			if tt.name == "grown buffers" {
+				if len(got) != 128 || n != 128 || c.Err() != nil {
+					t.Fatalf("read %d, wrote %d, err %v", len(got), n, c.Err())
+				}
+				return
+			}
+			if !errors.Is(c.Err(), ErrMalformedChain) {
+				t.Fatalf("read %d, wrote %d, Err() = %v", len(got), n, c.Err())
 			}
 		})
 	}

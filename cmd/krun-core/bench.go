@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -20,31 +19,35 @@ import (
 	"github.com/krun-core/krun-core/testguest"
 )
 
+const benchUsage = `usage: krun-core bench blk --socket PATH [options]
+       krun-core bench net (--socket PATH | --passt) [options]
+
+Benchmarks a vhost-user back-end with the Go test guest:
+  blk  fio-like workloads against a vhost-user-blk back-end (krun-core
+       serve, qemu-storage-daemon, ...); the write workloads overwrite
+       the disk
+  net  a checked TCP echo stream through passt
+
+See krun-core bench blk --help and krun-core bench net --help.
+`
+
 // benchCommand benchmarks a vhost-user back-end with the Go test guest.
 func benchCommand(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		benchUsage(stderr)
+		fmt.Fprintln(stderr, "krun-core bench: no device kind given (see krun-core bench --help)")
 		return 1
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
-		benchUsage(stdout)
+		fmt.Fprint(stdout, benchUsage)
 		return 0
 	case "blk":
 		return benchBlk(args[1:], stdout, stderr)
 	case "net":
 		return benchNet(args[1:], stdout, stderr)
 	}
-	fmt.Fprintf(stderr, "krun-core bench: unknown device kind %q (want blk or net)\n", args[0])
+	fmt.Fprintf(stderr, "krun-core bench: unknown device kind %q (want blk or net; see krun-core bench --help)\n", args[0])
 	return 1
-}
-
-func benchUsage(w io.Writer) {
-	fmt.Fprintln(w, "usage: krun-core bench blk --socket PATH [--seconds N] [--size SIZE] [--read-only] [--workloads LIST] [--json]")
-	fmt.Fprintln(w, "Drives a vhost-user-blk back-end (krun-core serve, qemu-storage-daemon, ...) with the Go test guest.")
-	fmt.Fprintln(w, "The write workloads overwrite the disk.")
-	fmt.Fprintln(w)
-	benchNetUsage(w)
 }
 
 // blkWorkload is one fio-like job.
@@ -78,43 +81,51 @@ type blkResult struct {
 	P99us    float64 `json:"p99_us"`
 }
 
+const benchBlkUsage = `usage: krun-core bench blk --socket PATH [options]
+
+Drives a vhost-user-blk back-end (krun-core serve, qemu-storage-daemon, ...)
+with the Go test guest: each workload runs for --seconds on request queue 0
+and reports IOPS, throughput and latency percentiles. The write workloads
+overwrite the disk.`
+
 func benchBlk(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("krun-core bench blk", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	socket := fs.String("socket", "", "unix socket of the vhost-user-blk back-end (required)")
-	seconds := fs.Float64("seconds", 5, "run time of each workload in seconds")
-	size := fs.String("size", "", "span of the disk the workloads use, from offset 0 (e.g. 1G; default: the whole disk)")
+	fs := newCmdFlags("krun-core bench blk", benchBlkUsage)
+	socket := fs.String("socket", "", "unix socket `PATH` of the vhost-user-blk back-end (required)")
+	seconds := fs.Float64("seconds", 5, "run time of each workload in seconds (`N`)")
+	size := fs.String("size", "", "span of the disk the workloads use, from offset 0 (`SIZE`, e.g. 1G; default: the whole disk)")
 	readOnly := fs.Bool("read-only", false, "run only the read workloads (also implied by a read-only device)")
-	only := fs.String("workloads", "", "comma-separated workloads to run (default: all): "+workloadNames())
-	jsonOut := fs.Bool("json", false, "print the results as JSON")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	only := fs.String("workloads", "", "comma-separated workloads to run (`LIST`; default: all): "+workloadNames())
+	output := outputFlag(fs.FlagSet)
+	if rc, done := fs.parse(args, stdout, stderr); done {
+		return rc
 	}
+	fail := func(format string, a ...any) int { return fs.failf(stderr, format, a...) }
 	if fs.NArg() != 0 {
-		fmt.Fprintf(stderr, "krun-core bench blk: unexpected argument %q\n", fs.Arg(0))
-		return 2
+		return fail("unexpected argument %q", fs.Arg(0))
 	}
 	if *socket == "" {
-		fmt.Fprintln(stderr, "krun-core bench blk: --socket is required")
-		return 2
+		return fail("--socket is required")
 	}
 	if !(*seconds > 0 && *seconds <= 3600) {
-		fmt.Fprintln(stderr, "krun-core bench blk: --seconds must be in (0, 3600]")
-		return 2
+		return fail("--seconds must be in (0, 3600]")
+	}
+	if err := checkOutput(*output); err != nil {
+		return fail("%v", err)
+	}
+	if _, err := fs.logger(stderr); err != nil {
+		return fail("%v", err)
 	}
 	var span uint64
 	if *size != "" {
 		n, err := devspec.ParseSize(*size)
 		if err != nil {
-			fmt.Fprintf(stderr, "krun-core bench blk: --size: %v\n", err)
-			return 2
+			return fail("--size: %v", err)
 		}
 		span = uint64(n)
 	}
 	work, err := selectWorkloads(*only)
 	if err != nil {
-		fmt.Fprintf(stderr, "krun-core bench blk: %v\n", err)
-		return 2
+		return fail("%v", err)
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
@@ -128,15 +139,13 @@ func benchBlk(args []string, stdout, stderr io.Writer) int {
 		Progress:  stderr,
 	})
 	if err != nil {
-		fmt.Fprintf(stderr, "krun-core bench blk: %v\n", err)
-		return 1
+		return fail("%v", err)
 	}
-	if *jsonOut {
+	if *output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(results); err != nil {
-			fmt.Fprintf(stderr, "krun-core bench blk: %v\n", err)
-			return 1
+			return fail("%v", err)
 		}
 		return 0
 	}

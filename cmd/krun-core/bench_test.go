@@ -26,22 +26,22 @@ func TestBenchUsageErrors(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{nil, 1, "usage"},
+		{nil, 1, "no device kind given"},
 		{[]string{"fs"}, 1, "unknown device kind"},
-		{[]string{"net"}, 2, "want exactly one of --socket PATH and --passt"},
-		{[]string{"net", "--passt", "--socket", "/x"}, 2, "want exactly one"},
-		{[]string{"net", "--passt", "--mss", "1460,40"}, 2, "--mss \"40\""},
-		{[]string{"net", "--passt", "--mss", "70000"}, 2, "--mss"},
-		{[]string{"net", "--passt", "--bytes", "0"}, 2, "--bytes"},
-		{[]string{"net", "--passt", "--window", "1G"}, 2, "--window"},
-		{[]string{"net", "--passt", "--mss", "2000", "--window", "1K"}, 2, "at most --window"},
-		{[]string{"net", "--passt", "extra"}, 2, "unexpected argument"},
+		{[]string{"net"}, 1, "want exactly one of --socket PATH and --passt"},
+		{[]string{"net", "--passt", "--socket", "/x"}, 1, "want exactly one"},
+		{[]string{"net", "--passt", "--mss", "1460,40"}, 1, "--mss \"40\""},
+		{[]string{"net", "--passt", "--mss", "70000"}, 1, "--mss"},
+		{[]string{"net", "--passt", "--bytes", "0"}, 1, "--bytes"},
+		{[]string{"net", "--passt", "--window", "1G"}, 1, "--window"},
+		{[]string{"net", "--passt", "--mss", "2000", "--window", "1K"}, 1, "at most --window"},
+		{[]string{"net", "--passt", "extra"}, 1, "unexpected argument"},
 		{[]string{"net", "--socket", filepath.Join(os.TempDir(), "krun-no-such-socket")}, 1, "connect"},
-		{[]string{"blk"}, 2, "--socket is required"},
-		{[]string{"blk", "--socket", "/x", "--seconds", "0"}, 2, "--seconds"},
-		{[]string{"blk", "--socket", "/x", "--size", "12Q"}, 2, "--size"},
-		{[]string{"blk", "--socket", "/x", "--workloads", "randread-4k-qd1,bogus"}, 2, "unknown workload"},
-		{[]string{"blk", "--socket", "/x", "extra"}, 2, "unexpected argument"},
+		{[]string{"blk"}, 1, "--socket is required"},
+		{[]string{"blk", "--socket", "/x", "--seconds", "0"}, 1, "--seconds"},
+		{[]string{"blk", "--socket", "/x", "--size", "12Q"}, 1, "--size"},
+		{[]string{"blk", "--socket", "/x", "--workloads", "randread-4k-qd1,bogus"}, 1, "unknown workload"},
+		{[]string{"blk", "--socket", "/x", "extra"}, 1, "unexpected argument"},
 		{[]string{"blk", "--socket", filepath.Join(os.TempDir(), "krun-no-such-socket"), "--seconds", "0.1"}, 1, "connect"},
 	}
 	for _, tc := range tests {
@@ -102,7 +102,7 @@ func TestBenchBlk(t *testing.T) {
 	}()
 
 	var out, errb bytes.Buffer
-	if code := benchCommand([]string{"blk", "--socket", sock, "--seconds", "0.2", "--size", "16M", "--json"}, &out, &errb); code != 0 {
+	if code := benchCommand([]string{"blk", "--socket", sock, "--seconds", "0.2", "--size", "16M", "--output", "json"}, &out, &errb); code != 0 {
 		t.Fatalf("bench exit %d: %s", code, errb.String())
 	}
 	var results []blkResult
@@ -180,7 +180,7 @@ func TestBenchNet(t *testing.T) {
 	}
 	for _, tc := range []struct{ link, arg string }{{"virtio-net", "--socket=" + sock}, {"passt-socket", "--passt"}} {
 		t.Run(tc.link, func(t *testing.T) {
-			cmd := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "bench", "net", tc.arg, "--bytes", "16M", "--json")
+			cmd := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "bench", "net", tc.arg, "--bytes", "16M", "--output", "json")
 			var out, errb bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &out, &errb
 			if err := cmd.Run(); err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +16,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/testguest"
@@ -36,37 +37,39 @@ type netResult struct {
 	Retransmits uint64  `json:"retransmits"`
 }
 
-func benchNetUsage(w io.Writer) {
-	fmt.Fprintln(w, "usage: krun-core bench net (--socket PATH | --passt) [--bytes SIZE] [--mss LIST] [--window SIZE] [--json]")
-	fmt.Fprintln(w, "Sends a TCP stream from the Go test guest through passt to an echo server on this host's")
-	fmt.Fprintln(w, "loopback and back, checking every byte. The guest connects to the gateway address, which")
-	fmt.Fprintln(w, "passt maps to the host. --socket drives a vhost-user-net back-end's tx and rx queues (krun-core")
-	fmt.Fprintln(w, "serve --net passt, run in the same network namespace); --passt starts passt and sends the")
-	fmt.Fprintln(w, "same frames straight to its socket.")
-}
+const benchNetUsage = `usage: krun-core bench net (--socket PATH | --passt) [options]
+
+Sends a TCP stream from the Go test guest through passt to an echo server on
+this host's loopback and back, checking every byte. The guest connects to the
+gateway address, which passt maps to the host. --socket drives a
+vhost-user-net back-end's tx and rx queues (krun-core serve --net passt, run
+in the same network namespace); --passt starts passt and sends the same
+frames straight to its socket.`
 
 func benchNet(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("krun-core bench net", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { benchNetUsage(stderr); fs.PrintDefaults() }
-	socket := fs.String("socket", "", "unix socket of a vhost-user-net back-end whose other end is passt")
+	fs := newCmdFlags("krun-core bench net", benchNetUsage)
+	socket := fs.String("socket", "", "unix socket `PATH` of a vhost-user-net back-end whose other end is passt")
 	direct := fs.Bool("passt", false, "start passt (from $PATH) and drive its socket directly")
-	size := fs.String("bytes", "64M", "length of the stream sent and echoed back, per run")
-	mssList := fs.String("mss", "1460,65480", "comma-separated TCP segment sizes, one run each (64 to 65480)")
-	window := fs.String("window", "1M", "receive window and cap on bytes in flight")
-	jsonOut := fs.Bool("json", false, "print the results as JSON")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	size := fs.String("bytes", "64M", "length of the stream sent and echoed back, per run (`SIZE`)")
+	mssList := fs.String("mss", "1460,65480", "comma-separated TCP segment sizes, one run each, 64 to 65480 (`LIST`)")
+	window := fs.String("window", "1M", "receive window and cap on bytes in flight (`SIZE`)")
+	output := outputFlag(fs.FlagSet)
+	if rc, done := fs.parse(args, stdout, stderr); done {
+		return rc
 	}
-	fail := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "krun-core bench net: "+format+"\n", a...)
-		return 2
-	}
+	fail := func(format string, a ...any) int { return fs.failf(stderr, format, a...) }
 	if fs.NArg() != 0 {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}
 	if (*socket == "") == !*direct {
 		return fail("want exactly one of --socket PATH and --passt")
+	}
+	if err := checkOutput(*output); err != nil {
+		return fail("%v", err)
+	}
+	log, err := fs.logger(stderr)
+	if err != nil {
+		return fail("%v", err)
 	}
 	n, err := devspec.ParseSize(*size)
 	if err != nil || n <= 0 {
@@ -87,17 +90,15 @@ func benchNet(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	results, err := runNetBench(ctx, netBenchConfig{Socket: *socket, Bytes: n, MSS: mss, Window: int(w), Progress: stderr})
+	results, err := runNetBench(ctx, netBenchConfig{Socket: *socket, Bytes: n, MSS: mss, Window: int(w), Progress: stderr, Log: log})
 	if err != nil {
-		fmt.Fprintf(stderr, "krun-core bench net: %v\n", err)
-		return 1
+		return fail("%v", err)
 	}
-	if *jsonOut {
+	if *output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(results); err != nil {
-			fmt.Fprintf(stderr, "krun-core bench net: %v\n", err)
-			return 1
+			return fail("%v", err)
 		}
 		return 0
 	}
@@ -116,6 +117,7 @@ type netBenchConfig struct {
 	MSS      []int
 	Window   int
 	Progress io.Writer
+	Log      hclog.Logger // passt's own lines go here (nil: discarded)
 }
 
 // runNetBench starts the echo server, connects the link, takes a DHCP
@@ -129,7 +131,11 @@ func runNetBench(ctx context.Context, cfg netBenchConfig) ([]netResult, error) {
 	go tcpip.ServeEcho(l)
 	port := uint16(l.Addr().(*net.TCPAddr).Port)
 
-	link, name, closeLink, err := openNetLink(cfg.Socket)
+	log := cfg.Log
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	link, name, closeLink, err := openNetLink(cfg.Socket, log)
 	if err != nil {
 		return nil, err
 	}
@@ -161,7 +167,7 @@ func runNetBench(ctx context.Context, cfg netBenchConfig) ([]netResult, error) {
 
 // openNetLink connects to the vhost-user-net back-end at socket, or starts
 // passt on a socket pair when socket is "".
-func openNetLink(socket string) (tcpip.Link, string, func(), error) {
+func openNetLink(socket string, log hclog.Logger) (tcpip.Link, string, func(), error) {
 	if socket != "" {
 		n, err := testguest.DialNet(socket, testguest.Options{QueueSize: 256})
 		if err != nil {
@@ -177,7 +183,7 @@ func openNetLink(socket string) (tcpip.Link, string, func(), error) {
 	if err != nil {
 		return nil, "", nil, err
 	}
-	opened, err := spec.Open(devspec.OpenOptions{HelperStderr: os.Stderr})
+	opened, err := spec.Open(devspec.OpenOptions{HelperStderr: devspec.HelperLog(log.Named("passt"))})
 	if err != nil {
 		return nil, "", nil, err
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 
@@ -10,7 +9,7 @@ import (
 	"github.com/krun-core/krun-core/sandbox"
 )
 
-const doctorUsage = `usage: krun-core doctor [--json]
+const doctorUsage = `usage: krun-core doctor [--output json]
 
 Checks what this host offers krun-core:
   kvm      whether krun-core run can boot a guest here: /dev/kvm exists, is
@@ -21,10 +20,9 @@ Checks what this host offers krun-core:
            sandbox status)
 
 Exit status 0 when krun-core run can work here, 1 when it cannot (krun-core
-serve and img need no KVM).
-`
+serve and img need no KVM).`
 
-// doctorReport is doctor's --json output.
+// doctorReport is doctor's --output json report.
 type doctorReport struct {
 	KVM struct {
 		Usable  bool         `json:"usable"`
@@ -36,20 +34,19 @@ type doctorReport struct {
 
 // doctorCommand implements "krun-core doctor".
 func doctorCommand(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("krun-core doctor", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, doctorUsage) }
-	asJSON := fs.Bool("json", false, "print the report as JSON")
-	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			fmt.Fprint(stdout, doctorUsage)
-			return 0
-		}
-		return 1
+	fs := newCmdFlags("krun-core doctor", doctorUsage)
+	output := outputFlag(fs.FlagSet)
+	if rc, done := fs.parse(args, stdout, stderr); done {
+		return rc
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "krun-core doctor: unexpected argument %q\n", fs.Arg(0))
-		return 1
+		return fs.failf(stderr, "unexpected argument %q", fs.Arg(0))
+	}
+	if err := checkOutput(*output); err != nil {
+		return fs.fail(stderr, err)
+	}
+	if _, err := fs.logger(stderr); err != nil {
+		return fs.fail(stderr, err)
 	}
 	var r doctorReport
 	r.KVM.Host = kvm.ReadHostInfo("/")
@@ -68,7 +65,7 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 	if !r.KVM.Usable {
 		rc = 1
 	}
-	if *asJSON {
+	if *output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		enc.Encode(r)

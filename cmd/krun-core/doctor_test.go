@@ -29,13 +29,13 @@ func TestDoctor(t *testing.T) {
 		t.Errorf("doctor says %q on a usable host", first)
 	}
 	out.Reset()
-	doctorCommand([]string{"--json"}, &out, &errb)
+	doctorCommand([]string{"--output", "json"}, &out, &errb)
 	var r doctorReport
 	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
-		t.Fatalf("doctor --json: %v\n%s", err, out.String())
+		t.Fatalf("doctor --output json: %v\n%s", err, out.String())
 	}
 	if r.KVM.Usable != (want == nil) || (want != nil && r.KVM.Problem != want.Error()) {
-		t.Errorf("doctor --json kvm = %+v, CheckHost %v", r.KVM, want)
+		t.Errorf("doctor --output json kvm = %+v, CheckHost %v", r.KVM, want)
 	}
 	if rc := doctorCommand([]string{"extra"}, &out, &errb); rc != 1 {
 		t.Errorf("doctor extra: exit %d", rc)

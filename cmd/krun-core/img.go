@@ -12,9 +12,8 @@ import (
 	"strings"
 	"syscall"
 
-	hclog "github.com/hashicorp/go-hclog"
-
 	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/imgtool"
 	"github.com/krun-core/krun-core/sandbox"
 )
@@ -30,8 +29,8 @@ commands:
   info     --format FMT [--output json] [-U] FILE
   check    --format FMT [--repair leaks|all] [--output json] [-U] FILE
   verify   --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] [-U] FILE
-  create   --format qcow2|raw --size SIZE [--backing FILE --backing-format FMT]
-           [--cluster-size N] [--compression zlib|zstd] FILE
+  create   --format qcow2|raw [--backing FILE --backing-format FMT]
+           [--cluster-size N] [--compression zlib|zstd] FILE [SIZE]
   convert  --format FMT -O OUTFMT [--backing FILE --backing-format FMT]...
            [--data-file FILE] [--compress] [--compression zlib|zstd]
            [--cluster-size N] [--progress] [-U] IN OUT
@@ -45,6 +44,30 @@ options of every command:
   --sandbox on|off          the plugin sandbox (default on)
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
   --log-level LEVEL         trace, debug, info, warn (default), error
+  --log-format FORMAT       text (default), or json for hclog's JSON lines
+
+Images are locked as QEMU locks them: a command that only reads an image is
+refused while another process (krun-core serve, QEMU, qemu-storage-daemon)
+writes it, and check --repair is refused while anyone uses it.
+-U, --force-share (info, check without --repair, verify, convert, probe) reads
+an image even while it is written, as qemu-img -U does; what it reports may
+then be inconsistent.
+
+Each command has its own page: krun-core img COMMAND --help. The short
+forms qemu-img users know work too: -f FMT, -O OUTFMT, -b FILE, -F FMT, -c,
+-p, -r. Sizes take binary suffixes: 512, 64K, 10M, 64G, 2T. See
+docs/IMAGES.md.
+`
+
+// imgCommonOptions ends every img command's page.
+const imgCommonOptions = `
+options of every img command:
+  --plugin-dir DIR          look for krun-plugin-img here first (also $KRUN_PLUGIN_DIR;
+                            then the directory of krun-core)
+  --sandbox on|off          the plugin sandbox (default on)
+  --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
+  --log-level LEVEL         trace, debug, info, warn (default), error
+  --log-format FORMAT       text (default), or json for hclog's JSON lines
 
 Images are locked as QEMU locks them: a command that only reads an image is
 refused while another process (krun-core serve, QEMU, qemu-storage-daemon)
@@ -55,6 +78,89 @@ then be inconsistent.
 
 Sizes take binary suffixes: 512, 64K, 10M, 64G, 2T. See docs/IMAGES.md.
 `
+
+// imgHelp is each img command's own page (before imgCommonOptions).
+var imgHelp = map[string]string{
+	"info": `usage: krun-core img info --format FMT [--output json] [-U] FILE
+
+Reports the format, virtual and actual size, cluster size, the backing file
+as recorded (never opened), the dirty flag, snapshots and format-specific
+facts. --output json uses qemu-img info's keys.
+
+  -f, --format FMT   the image's format, raw or qcow2 (required; never guessed)
+  --output FORMAT    human (default), or json
+`,
+	"check": `usage: krun-core img check --format FMT [--repair leaks|all] [--output json] [-U] FILE
+
+Checks a qcow2 image's metadata (refcounts against references, table
+entries). Exit status as qemu-img check: 0 clean, 1 check failed, 2
+corruption, 3 leaks only, 63 no metadata to check (raw).
+
+  -f, --format FMT       the image's format (required; never guessed)
+  -r, --repair leaks|all lower leaked refcounts; all also fixes the rest
+  --output FORMAT        human (default), or json (qemu-img check's keys)
+`,
+	"verify": `usage: krun-core img verify --format FMT [--no-backing | --backing-dir DIR] [--max-size SIZE] [-U] FILE
+
+The upload gate: exit 0 and one line on stdout if FILE is a valid image of
+the claimed format that meets every policy; otherwise exit 1 with one line
+naming the first violation.
+
+  -f, --format FMT     the claimed format (required; never guessed)
+  --max-size SIZE      the virtual size must not exceed SIZE
+  --no-backing         the image must not record a backing file
+  --backing-dir DIR    a recorded backing file must lie inside DIR
+`,
+	"create": `usage: krun-core img create --format qcow2|raw [options] FILE [SIZE]
+
+Creates a new image FILE, which must not exist (img never overwrites):
+qcow2 version 3 with 64 KiB clusters unless --cluster-size says otherwise.
+SIZE may follow FILE as with qemu-img (img create -f qcow2 disk.qcow2 10G),
+or be given with --size.
+
+  -f, --format FMT          qcow2 or raw (required)
+  --size SIZE               the virtual size (or SIZE after FILE; taken from
+                            the backing file when neither is given)
+  -b, --backing FILE        record FILE as the backing file (needs --backing-format)
+  -F, --backing-format FMT  the backing file's format
+  --cluster-size N          512 to 2M, a power of two
+  --compression zlib|zstd   the compression type for compressed clusters
+`,
+	"convert": `usage: krun-core img convert --format FMT -O OUTFMT [options] [-U] IN OUT
+
+Copies IN's virtual content into a new image OUT (which must not exist). A
+qcow2 input's backing chain is flattened and must be declared, nearest
+first; nothing is opened by the name an image records.
+
+  -f, --format FMT          IN's format (required; never guessed)
+  -O OUTFMT                 OUT's format, raw or qcow2 (required)
+  -b, --backing FILE        a backing file of IN (repeatable, nearest first)
+  --backing-format FMT      the format of the --backing before it
+  --data-file FILE          IN's external data file
+  -c, --compress            compress OUT's clusters (-O qcow2)
+  --compression zlib|zstd   the compression type (default zlib)
+  --cluster-size N          OUT's cluster size
+  -p, --progress            a progress bar on stderr when it is a terminal
+`,
+	"import": `usage: krun-core img import [--from-format raw] --format qcow2|raw --max-size SIZE [options] OUT < CONTENT
+
+Streams raw guest-visible content from stdin (not a terminal) into a new
+image OUT; the size cap holds while the content streams in.
+
+  --from-format raw         the content's format (only raw)
+  -f, --format FMT          OUT's format, qcow2 or raw (required)
+  --max-size SIZE           refuse content larger than SIZE (required)
+  -c, --compress            compress OUT's clusters (qcow2)
+  --compression zlib|zstd   the compression type (default zlib)
+  --cluster-size N          OUT's cluster size
+  -p, --progress            a progress bar on stderr when it is a terminal
+`,
+	"probe": `usage: krun-core img probe [-U] FILE
+
+Guesses FILE's format from its content (the one command that guesses) and
+warns: record the answer and pass --format from then on.
+`,
+}
 
 // imgSubcommands maps each img command to its implementation.
 func imgSubcommands() map[string]func(args []string, stdout, stderr io.Writer) int {
@@ -72,11 +178,15 @@ func imgSubcommands() map[string]func(args []string, stdout, stderr io.Writer) i
 // imgCommand implements `krun-core img`.
 func imgCommand(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, imgUsage)
+		fmt.Fprintln(stderr, "krun-core img: no command given (see krun-core img --help)")
 		return 1
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
+		if len(args) > 1 && imgHelp[args[1]] != "" { // img help COMMAND
+			fmt.Fprint(stdout, imgHelp[args[1]]+imgCommonOptions)
+			return 0
+		}
 		fmt.Fprint(stdout, imgUsage)
 		return 0
 	}
@@ -87,7 +197,7 @@ func imgCommand(args []string, stdout, stderr io.Writer) int {
 			names = append(names, n)
 		}
 		sort.Strings(names)
-		fmt.Fprintf(stderr, "krun-core img: unknown command %q (want %s)\n", args[0], strings.Join(names, ", "))
+		fmt.Fprintf(stderr, "krun-core img: unknown command %q (want %s; see krun-core img --help)\n", args[0], strings.Join(names, ", "))
 		return 1
 	}
 	return sub(args[1:], stdout, stderr)
@@ -101,6 +211,7 @@ type imgFlags struct {
 	sandboxOn  string
 	disable    string
 	logLevel   string
+	logFormat  string
 	forceShare bool
 	positional []string
 }
@@ -111,7 +222,8 @@ func newImgFlags(name string) *imgFlags {
 	f.fs.StringVar(&f.pluginDir, "plugin-dir", "", "")
 	f.fs.StringVar(&f.sandboxOn, "sandbox", "on", "")
 	f.fs.StringVar(&f.disable, "sandbox-disable", "", "")
-	f.fs.StringVar(&f.logLevel, "log-level", "warn", "")
+	f.fs.StringVar(&f.logLevel, "log-level", defaultLogLevel, "")
+	f.fs.StringVar(&f.logFormat, "log-format", "text", "")
 	return f
 }
 
@@ -123,11 +235,15 @@ func (f *imgFlags) allowForceShare() {
 }
 
 // parse parses flags and positional arguments in any order ("--" ends the
-// flags) and checks the number of positional arguments.
+// flags) and checks the number of positional arguments; a name in brackets
+// ("[SIZE]") is optional.
 func (f *imgFlags) parse(args []string, positional ...string) error {
 	for {
 		if err := f.fs.Parse(args); err != nil {
-			return err
+			if errors.Is(err, flag.ErrHelp) {
+				return err
+			}
+			return flagError("krun-core img "+f.name, err)
 		}
 		rest := f.fs.Args()
 		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
@@ -140,19 +256,31 @@ func (f *imgFlags) parse(args []string, positional ...string) error {
 		f.positional = append(f.positional, rest[0])
 		args = rest[1:]
 	}
-	if len(f.positional) != len(positional) {
-		return fmt.Errorf("want %d argument(s) (%s), got %d", len(positional), strings.Join(positional, " "), len(f.positional))
+	required := 0
+	for _, p := range positional {
+		if !strings.HasPrefix(p, "[") {
+			required++
+		}
+	}
+	if n := len(f.positional); n < required || n > len(positional) {
+		want := fmt.Sprint(required)
+		if required != len(positional) {
+			want = fmt.Sprintf("%d or %d", required, len(positional))
+		}
+		return fmt.Errorf("want %s argument(s) (%s), got %d", want, strings.Join(positional, " "), len(f.positional))
 	}
 	return nil
 }
 
 // launcher builds the plugin launcher from the common options.
 func (f *imgFlags) launcher(stderr io.Writer) (*imgtool.Launcher, error) {
-	level := hclog.LevelFromString(f.logLevel)
-	if level == hclog.NoLevel {
-		return nil, fmt.Errorf("--log-level=%q: want trace, debug, info, warn or error", f.logLevel)
+	log, err := newLogger(f.logLevel, f.logFormat, stderr)
+	if err != nil {
+		return nil, err
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Output: stderr, Level: level})
+	if err := pluginhost.CheckSearchPath(f.pluginDir); err != nil {
+		return nil, err
+	}
 	l := &imgtool.Launcher{PluginDir: f.pluginDir, Logger: log, ForceShare: f.forceShare}
 	layers, err := sandbox.ParseLayers(f.disable)
 	if err != nil {
@@ -160,7 +288,7 @@ func (f *imgFlags) launcher(stderr io.Writer) (*imgtool.Launcher, error) {
 	}
 	switch f.sandboxOn {
 	case "on":
-		l.Sandbox = sandbox.LaunchConfig{Disable: layers, Log: log}
+		l.Sandbox = sandbox.LaunchConfig{Kind: "img", Disable: layers, Log: log}
 	case "off":
 		if len(layers) > 0 {
 			return nil, errors.New("--sandbox=off already turns every layer off; drop --sandbox-disable")
@@ -196,10 +324,13 @@ func imgRun(name string, args []string, stdout, stderr io.Writer, f *imgFlags, p
 	}
 	if err := f.parse(args, positional...); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprint(stdout, imgUsage)
+			fmt.Fprint(stdout, imgHelp[name]+imgCommonOptions)
 			return 0
 		}
-		return fail(fmt.Errorf("%w (see krun-core img --help)", err))
+		if strings.Contains(err.Error(), "--help)") {
+			return fail(err)
+		}
+		return fail(fmt.Errorf("%w (see krun-core img %s --help)", err, name))
 	}
 	l, err := f.launcher(stderr)
 	if err != nil {
@@ -223,18 +354,6 @@ func oneLineErr(err error) string {
 		s = s[:i]
 	}
 	return s
-}
-
-// outputFlag is --output human|json.
-func outputFlag(fs *flag.FlagSet) *string {
-	return fs.String("output", "human", "")
-}
-
-func checkOutput(v string) error {
-	if v != "human" && v != "json" {
-		return fmt.Errorf("--output=%q: want human or json", v)
-	}
-	return nil
 }
 
 // formatFlag registers --format and its short form -f.
@@ -345,9 +464,19 @@ func imgCreate(args []string, stdout, stderr io.Writer) int {
 	backingFormat := f.fs.String("backing-format", "", "")
 	f.fs.StringVar(backingFormat, "F", "", "")
 	compression := f.fs.String("compression", "", "")
-	return imgRun("create", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+	return imgRun("create", args, stdout, stderr, f, []string{"FILE", "[SIZE]"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		if err := requireFormat(*format); err != nil {
 			return 1, err
+		}
+		if len(f.positional) == 2 { // qemu-img create FILE SIZE
+			if size.n != 0 {
+				return 1, errors.New("the size is given twice (--size and SIZE after FILE)")
+			}
+			n, err := devspec.ParseSize(f.positional[1])
+			if err != nil {
+				return 1, fmt.Errorf("SIZE %q: %w", f.positional[1], err)
+			}
+			size.n = n
 		}
 		if *backing != "" && *backingFormat == "" {
 			return 1, errors.New("--backing needs --backing-format (formats are never guessed)")

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 )
 
 // command is one subcommand: it gets its arguments (without its name) and
@@ -33,10 +34,17 @@ func commands() map[string]command {
 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: krun-core COMMAND [options]")
+	fmt.Fprintln(w, "       krun-core COMMAND --help")
+	fmt.Fprintln(w, "       krun-core --version")
+	fmt.Fprintln(w)
 	fmt.Fprintln(w, "commands:")
 	for _, name := range []string{"run", "serve", "bench", "img", "sandbox", "doctor"} {
 		fmt.Fprintf(w, "  %-8s %s\n", name, commands()[name].summary)
 	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "Every command takes --log-level (default warn) and --log-format text|json, and")
+	fmt.Fprintln(w, "prints its own page with --help. Bad input is one line on stderr and exit")
+	fmt.Fprintln(w, "status 1, before anything starts.")
 }
 
 func main() {
@@ -45,17 +53,29 @@ func main() {
 
 func dispatch(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		usage(stderr)
+		fmt.Fprintln(stderr, "krun-core: no command given (see krun-core --help)")
 		return 1
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
+		if len(args) > 1 && args[0] == "help" { // krun-core help CMD
+			if _, ok := commands()[args[1]]; ok {
+				return dispatch([]string{args[1], "--help"}, stdout, stderr)
+			}
+		}
 		usage(stdout)
+		return 0
+	case "--version", "-version", "version":
+		fmt.Fprint(stdout, versionText())
 		return 0
 	}
 	cmd, ok := commands()[args[0]]
 	if !ok {
-		fmt.Fprintf(stderr, "krun-core: unknown command %q (try krun-core help)\n", args[0])
+		what := "command"
+		if strings.HasPrefix(args[0], "-") {
+			what = "option"
+		}
+		fmt.Fprintf(stderr, "krun-core: unknown %s %q (see krun-core --help)\n", what, args[0])
 		return 1
 	}
 	return cmd.run(args[1:], stdout, stderr)

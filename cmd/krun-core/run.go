@@ -8,12 +8,12 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/core/devspec"
@@ -37,57 +37,94 @@ const (
 	exitNotFound      = 127
 )
 
+const runSynopsis = `usage: krun-core run --root DIR [options] -- CMD [ARGS...]
+       krun-core run [--kernel FILE] (--initrd FILE | --disk SPEC) [options]
+
+Boots a Linux guest on KVM with krun-core's minimal core (vCPUs, guest RAM,
+virtio-mmio). With --root DIR -- CMD it runs CMD in a microVM whose root file
+system is DIR and exits with CMD's status; otherwise it boots the kernel with
+a serial console on stdin/stdout and exits 0 when the guest powers off or
+reboots. Every device is served over vhost-user: by a sandboxed plugin that
+krun-core starts (--disk, --fs, --net, --plugin), or by an external back-end
+that krun-core connects to and does not sandbox (--vhost-user).
+
+Bad input is one line on stderr and exit status 1 before anything starts;
+with -- CMD, run's own failures exit 125 (126, 127: CMD is not executable,
+not found), because CMD's own status is passed through. The log level is
+warn, and error with -- CMD (krun-core shares its stderr with CMD), unless
+--log-level is given.
+
+Device options (repeatable; at most 8 devices):
+  --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
+  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]    (with --root: at /mnt/TAG)
+  --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N]
+  --plugin KIND[,key=value...]       any installed krun-plugin-KIND
+  --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]
+                                     an external back-end (qemu-storage-daemon,
+                                     virtiofsd, vhost-device-*, krun-core serve)`
+
 // runCommand boots a guest. With --root DIR -- CMD it runs CMD in a microVM
 // whose root file system is DIR and exits with CMD's status; otherwise it
 // boots --kernel (with --initrd, --disk ...) and exits 0 when the guest
 // powers off or reboots.
 func runCommand(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("krun-core run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newCmdFlags("krun-core run", runSynopsis)
 	var (
-		kernel    = fs.String("kernel", "", "Linux bzImage to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel `make kernel` fetched)")
-		initrd    = fs.String("initrd", "", "initramfs / initrd image (not with --root)")
-		cmdline   = fs.String("cmdline", "", "kernel command line (default \""+vmm.DefaultCmdline+"\", with --root \""+vmm.ExecCmdline+"\")")
-		cpus      = fs.Int("cpus", vmm.DefaultCPUs, "number of vCPUs")
-		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM (e.g. 512M, 2G; a bare number is MiB)")
-		pluginDir = fs.String("plugin-dir", "", "directory searched first for krun-plugin-* executables (and krun-init)")
-		sandboxF  = fs.String("sandbox", "on", "plugin sandbox: on, or off (explicit opt-out)")
-		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox layers: namespaces,root,landlock,seccomp or all")
-		logLevel  = fs.String("log-level", "warn", "log level: trace, debug, info, warn, error")
+		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel make kernel fetched)")
+		initrd    = fs.String("initrd", "", "initramfs or initrd `FILE` (not with --root)")
+		cmdline   = fs.String("cmdline", "", "kernel command `LINE` (default \""+vmm.DefaultCmdline+"\", with --root \""+vmm.ExecCmdline+"\")")
+		cpus      = fs.Int("cpus", vmm.DefaultCPUs, "`N` vCPUs")
+		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM `SIZE` (512M, 2G; a bare number is MiB)")
+		pluginDir = fs.String("plugin-dir", "", "look for krun-plugin-* (and krun-init) in `DIR` first (then in $KRUN_PLUGIN_DIR, then next to krun-core)")
+		sandboxF  = fs.String("sandbox", "on", "the plugin sandbox `MODE`: on, or off (an explicit opt-out, with a warning)")
+		disableF  = fs.String("sandbox-disable", "", "turn off some sandbox `LAYERS`: namespaces,root,landlock,seccomp or all")
 		timing    = fs.Bool("timing", false, "print start-up timing and the core's memory use to stderr at exit")
-		marker    = fs.String("boot-marker", "", "console text whose first appearance marks the guest's init (for --timing)")
-		root      = fs.String("root", "", "host directory to use as the guest's root file system; the command after -- runs in it")
+		marker    = fs.String("boot-marker", "", "console `TEXT` whose first appearance marks the guest's init (for --timing)")
+		pluginUID = fs.String("plugin-uid", "", "host `UID` plugins run as (root only; default 65534, never 0)")
+		pluginGID = fs.String("plugin-gid", "", "host `GID` plugins run as (root only; default 65534, never 0)")
+		root      = fs.String("root", "", "the host `DIR` to use as the guest's root file system; the command after -- runs in it")
 		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
-		workdir   = fs.String("workdir", "", "working directory of the command inside the root (default /)")
-		hostname  = fs.String("hostname", "", "the guest's host name (default krun)")
-		modules   = fs.String("kernel-modules", "", "the kernel's module tree, for --root (default: next to the kernel, then /lib/modules/RELEASE)")
+		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
+		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
+		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag
 		nets      multiFlag
+		plugins   multiFlag
+		externals multiFlag
 		envs      multiFlag
 		rlimits   multiFlag
 	)
-	fs.Var(&disks, "disk", "disk: path=FILE,format=raw|qcow2[,readonly=on] (repeatable)")
-	fs.Var(&shares, "fs", "shared directory: path=DIR,tag=TAG[,readonly=on][,suid=on] (repeatable; with --root mounted at /mnt/TAG)")
-	fs.Var(&nets, "net", "network: passt[,ports=HOST:GUEST,...] (repeatable)")
-	fs.Var(&envs, "env", "KEY=VALUE in the command's environment (repeatable; with --root)")
-	fs.Var(&rlimits, "rlimit", "NAME=SOFT:HARD resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
-	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this long after it starts (e.g. 90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
+	fs.Var(&disks, "disk", "a disk `SPEC` (above), served by krun-plugin-blk-raw or krun-plugin-blk-qcow2")
+	fs.Var(&shares, "fs", "a shared directory `SPEC` (above), served by krun-plugin-fs-virtio; with --root mounted at /mnt/TAG")
+	fs.Var(&nets, "net", "a network `SPEC` (above): passt, served by krun-plugin-net-passt")
+	fs.Var(&plugins, "plugin", "a third-party plugin `SPEC` (above): any installed krun-plugin-KIND, options passed as given")
+	fs.Var(&externals, "vhost-user", "an external vhost-user back-end `SPEC` (above), not sandboxed by krun-core")
+	fs.Var(&envs, "env", "`KEY=VALUE` in the command's environment (repeatable; with --root)")
+	fs.Var(&rlimits, "rlimit", "`NAME=SOFT:HARD` resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
+	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this `DURATION` after it starts (90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
+	// With a command after "--", run's own failures exit 125; that is
+	// known before the flags are parsed, so a bad flag gets it too.
+	failStatus := 1
+	if slices.Contains(args, "--") {
+		failStatus = exitRunFailed
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fs.help(stdout)
 			return 0
 		}
-		return 1
+		fs.fail(stderr, fs.flagError(err))
+		return failStatus
 	}
 	command := fs.Args()
 	execMode := *root != "" || len(command) > 0
-	failStatus := 1
 	if execMode {
 		failStatus = exitRunFailed
 	}
 	fail := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "krun-core run: "+format+"\n", a...)
+		fs.failf(stderr, format, a...)
 		return failStatus
 	}
 	switch {
@@ -121,16 +158,15 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if sandboxOff && len(disabled) > 0 {
 		return fail("--sandbox=off already turns every layer off; drop --sandbox-disable")
 	}
-	if execMode && !flagSet(fs, "log-level") {
+	if execMode && !flagSet(fs.FlagSet, "log-level") {
 		// krun-core's stderr is the command's: only errors of krun-core
 		// itself go there unless asked for.
-		*logLevel = "error"
+		fs.level = "error"
 	}
-	level := hclog.LevelFromString(*logLevel)
-	if level == hclog.NoLevel {
-		return fail("unknown --log-level %q", *logLevel)
+	log, err := fs.logger(stderr)
+	if err != nil {
+		return fail("%v", err)
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Level: level, Output: stderr})
 
 	c := vmm.NewContext(log)
 	if err := c.SetVMConfig(*cpus, mem); err != nil {
@@ -152,7 +188,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	for _, group := range []struct {
 		flag   string
 		values []string
-	}{{"disk", disks}, {"fs", shares}, {"net", nets}} {
+	}{{"disk", disks}, {"fs", shares}, {"net", nets}, {"plugin", plugins}, {"vhost-user", externals}} {
 		for _, v := range group.values {
 			s, err := devspec.Parse(group.flag, v)
 			if err != nil {
@@ -178,6 +214,18 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	c.SetPluginDir(*pluginDir)
 	c.SetSandboxOff(sandboxOff)
 	c.SetSandboxDisable(disabled)
+	uid, err := sandbox.ParseHostID(*pluginUID)
+	if err != nil {
+		return fail("--plugin-uid: %v", err)
+	}
+	gid, err := sandbox.ParseHostID(*pluginGID)
+	if err != nil {
+		return fail("--plugin-gid: %v", err)
+	}
+	if _, _, err := (sandbox.LaunchConfig{HostUID: uid, HostGID: gid}).PluginIDs(); err != nil {
+		return fail("%v", err)
+	}
+	c.SetPluginIDs(uid, gid)
 	if sandboxOff {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
 	}
@@ -192,8 +240,12 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			return execFailure(stderr, err)
 		}
 	}
-	// Before anything starts: a host whose KVM cannot boot a stock kernel
-	// (none, or kvm_pvm) gets one line now instead of a silent hang.
+	// Before anything starts: the files, plugins and back-end sockets
+	// named, then a host whose KVM cannot boot a stock kernel (none, or
+	// kvm_pvm) gets one line now instead of a silent hang.
+	if err := c.Validate(); err != nil {
+		return fail("%s", oneLine(err.Error()))
+	}
 	if err := kvm.CheckHost(); err != nil {
 		return fail("%v", err)
 	}

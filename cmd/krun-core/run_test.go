@@ -13,12 +13,39 @@ import (
 )
 
 func TestRunUsageErrors(t *testing.T) {
-	k := filepath.Join(t.TempDir(), "bzImage")
+	t.Setenv("KRUN_PLUGIN_DIR", "")
+	dir := t.TempDir()
+	k := filepath.Join(dir, "bzImage")
 	os.WriteFile(k, []byte("x"), 0o644)
+	pd := filepath.Join(dir, "plugins") // krun-plugin-blk-raw only
+	os.Mkdir(pd, 0o755)
+	os.WriteFile(filepath.Join(pd, "krun-plugin-blk-raw"), []byte("#!/bin/false\n"), 0o755)
+	img := filepath.Join(dir, "disk.raw")
+	os.WriteFile(img, make([]byte, 4096), 0o644)
+	sock := filepath.Join(dir, "absent.sock")
+	nineDisks := []string{"--kernel", k}
+	for i := 0; i < 9; i++ {
+		nineDisks = append(nineDisks, "--disk", "path="+img+",format=raw")
+	}
 	tests := []struct {
 		args []string
 		want string
 	}{
+		{[]string{"--kernel", k, "--bogus"}, "unknown flag --bogus (see krun-core run --help)"},
+		{[]string{"--kernel"}, "a value is needed for --kernel"},
+		{[]string{"--kernel", k, "--cpus", "two"}, `invalid value "two" for flag --cpus`},
+		{[]string{"--kernel", k, "--log-level", "loud"}, `--log-level="loud"`},
+		{[]string{"--kernel", k, "--log-format", "xml"}, `--log-format="xml": want text or json`},
+		{[]string{"--kernel", k, "--vhost-user", "type=scsi,socket=" + sock}, `--vhost-user type=scsi,socket=` + sock + `: type="scsi": want blk, fs, net or a virtio device ID`},
+		{[]string{"--kernel", k, "--vhost-user", "type=blk"}, "socket= is required"},
+		{[]string{"--kernel", k, "--vhost-user", "type=blk,socket=" + sock + ",tag=x"}, "tag= is for type=fs only"},
+		{[]string{"--kernel", k, "--vhost-user", "type=blk,socket=" + sock}, "vhost-user back-end socket " + sock + ": no such file or directory"},
+		{[]string{"--kernel", k, "--vhost-user", "type=fs,tag=t,socket=" + img}, "vhost-user back-end socket " + img + " is not a socket"},
+		{[]string{"--kernel", k, "--plugin", "Bad_Kind"}, `--plugin Bad_Kind: plugin kind "Bad_Kind"`},
+		{[]string{"--kernel", k, "--plugin-dir", pd, "--plugin", "nothere,x=1"}, "krun-plugin-nothere not found in " + pd},
+		{[]string{"--kernel", k, "--plugin-dir", filepath.Join(dir, "nope"), "--disk", "path=" + img + ",format=raw"}, "--plugin-dir " + filepath.Join(dir, "nope") + ": no such directory"},
+		{[]string{"--kernel", filepath.Join(dir, "nokernel"), "--plugin-dir", pd}, "--kernel: stat " + filepath.Join(dir, "nokernel") + ": no such file or directory"},
+		{nineDisks, "more than 8 devices"},
 		{[]string{}, "nothing to run"},
 		{[]string{"--kernel", k, "--env", "A=b"}, "need --root"},
 		{[]string{"--kernel", k + ".missing", "--initrd", k}, "--kernel"},
@@ -28,6 +55,8 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--disk", "path=/x"}, "--disk"},
 		{[]string{"--kernel", k, "--sandbox", "maybe"}, "--sandbox"},
 		{[]string{"--kernel", k, "--sandbox", "off", "--sandbox-disable", "root"}, "--sandbox-disable"},
+		{[]string{"--kernel", k, "--plugin-uid", "0"}, "--plugin-uid: 0: plugins never run as host root"},
+		{[]string{"--kernel", k, "--plugin-gid", "-5"}, "--plugin-gid"},
 		{[]string{"--kernel", k, "--initrd", k, "--disk", "path=/x"}, "--disk"},
 		{[]string{"--kernel", k, "--boot-timeout", "soon"}, "not a duration"},
 		{[]string{"--kernel", k, "--boot-timeout", "-5s"}, "negative"},
@@ -37,8 +66,8 @@ func TestRunUsageErrors(t *testing.T) {
 		if rc := runCommand(tt.args, &out, &errb); rc != 1 {
 			t.Errorf("%v: exit %d, want 1", tt.args, rc)
 		}
-		if !strings.Contains(errb.String(), tt.want) {
-			t.Errorf("%v: stderr %q lacks %q", tt.args, errb.String(), tt.want)
+		if !strings.Contains(errb.String(), tt.want) || strings.Count(errb.String(), "\n") != 1 || !strings.HasPrefix(errb.String(), "krun-core run: ") {
+			t.Errorf("%v: stderr %q: want one line containing %q", tt.args, errb.String(), tt.want)
 		}
 	}
 }
@@ -55,10 +84,13 @@ func TestRunWithoutKVM(t *testing.T) {
 	os.WriteFile(k, []byte("x"), 0o644)
 	img := filepath.Join(t.TempDir(), "disk.raw")
 	os.WriteFile(img, make([]byte, 1<<20), 0o644)
+	// A disk too: its plugin must not be started (it would fail: it is
+	// not a plugin at all).
+	pd := t.TempDir()
+	os.WriteFile(filepath.Join(pd, "krun-plugin-blk-raw"), []byte("#!/bin/false\n"), 0o755)
 	var out, errb bytes.Buffer
 	start := time.Now()
-	// A disk too: its plugin must not be started.
-	rc := runCommand([]string{"--kernel", k, "--plugin-dir", "/nonexistent", "--disk", "path=" + img + ",format=raw"}, &out, &errb)
+	rc := runCommand([]string{"--kernel", k, "--plugin-dir", pd, "--disk", "path=" + img + ",format=raw"}, &out, &errb)
 	if took := time.Since(start); took > 2*time.Second {
 		t.Errorf("run took %v to refuse, want under 2 s", took)
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"slices"
@@ -12,57 +11,58 @@ import (
 	"github.com/krun-core/krun-core/sandbox"
 )
 
-const sandboxUsage = `usage: krun-core sandbox status [--json] [--kind blk|net|fs]
+const sandboxUsage = `usage: krun-core sandbox status [--output json] [--kind blk|net|fs]
 
 Shows which sandbox layers this host supports and, for each built-in plugin
 kind, what a plugin is allowed: namespaces, root, resource limits, Landlock
 rules and every allowed system call with its argument limits and reason.
 
 A layer that is not available makes plugins fail to start (fail closed)
-unless the user turns it off with --sandbox-disable on run or serve.
-`
+unless the user turns it off with --sandbox-disable on run or serve.`
 
 // sandboxCommand implements "krun-core sandbox".
 func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, sandboxUsage)
+		fmt.Fprintln(stderr, "krun-core sandbox: no command given (see krun-core sandbox --help)")
 		return 1
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
-		fmt.Fprint(stdout, sandboxUsage)
+		fmt.Fprint(stdout, sandboxUsage+"\n")
 		return 0
 	case "status":
 	default:
-		fmt.Fprintf(stderr, "krun-core sandbox: unknown subcommand %q\n%s", args[0], sandboxUsage)
+		fmt.Fprintf(stderr, "krun-core sandbox: unknown command %q (want status; see krun-core sandbox --help)\n", args[0])
 		return 1
 	}
-	fs := flag.NewFlagSet("krun-core sandbox status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	asJSON := fs.Bool("json", false, "print the report as JSON")
-	kind := fs.String("kind", "", "only this plugin kind (blk, net or fs)")
-	if err := fs.Parse(args[1:]); err != nil {
-		return 1
+	fs := newCmdFlags("krun-core sandbox status", sandboxUsage)
+	output := outputFlag(fs.FlagSet)
+	kind := fs.String("kind", "", "only this plugin `KIND` (blk, net or fs)")
+	if rc, done := fs.parse(args[1:], stdout, stderr); done {
+		return rc
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "krun-core sandbox status: unexpected argument %q\n", fs.Arg(0))
-		return 1
+		return fs.failf(stderr, "unexpected argument %q", fs.Arg(0))
+	}
+	if err := checkOutput(*output); err != nil {
+		return fs.fail(stderr, err)
+	}
+	if _, err := fs.logger(stderr); err != nil {
+		return fs.fail(stderr, err)
 	}
 	r := sandbox.Status()
 	if *kind != "" {
 		i := slices.IndexFunc(r.Kinds, func(k sandbox.KindStatus) bool { return k.Kind == *kind })
 		if i < 0 {
-			fmt.Fprintf(stderr, "krun-core sandbox status: no built-in plugin kind %q (want blk, net or fs)\n", *kind)
-			return 1
+			return fs.failf(stderr, "no built-in plugin kind %q (want blk, net or fs)", *kind)
 		}
 		r.Kinds = r.Kinds[i : i+1]
 	}
-	if *asJSON {
+	if *output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(r); err != nil {
-			fmt.Fprintf(stderr, "krun-core sandbox status: %v\n", err)
-			return 1
+			return fs.fail(stderr, err)
 		}
 		return 0
 	}
@@ -85,6 +85,14 @@ func writeSandboxStatus(w io.Writer, r sandbox.StatusReport) {
 	tw.Flush()
 	if len(missing) > 0 {
 		fmt.Fprintf(w, "\nPlugins will not start on this host (fail closed) unless run with\n  --sandbox-disable=%s\nwhich weakens the sandbox and prints a warning.\n", strings.Join(missing, ","))
+	}
+	fmt.Fprintf(w, "\nPlugins run as host %s\n", r.PluginIDs)
+	fmt.Fprintf(w, "\nStart-up calls, allowed to every plugin from its first instruction until its own sandbox.Restrict (%d):\n", len(r.Launch))
+	for _, s := range r.Launch {
+		fmt.Fprintf(w, "    %-18s %s\n", s.Syscall, s.Reason)
+		if s.Args != "" {
+			fmt.Fprintf(w, "    %-18s only if %s\n", "", s.Args)
+		}
 	}
 	for _, k := range r.Kinds {
 		fmt.Fprintf(w, "\nPlugin kind %s (seccomp profile %q)\n", k.Kind, k.Profile)

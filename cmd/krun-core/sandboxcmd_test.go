@@ -19,11 +19,13 @@ func TestSandboxStatusCommand(t *testing.T) {
 			"Plugin kind fs", "pread64", "only if prot & PROT_EXEC == 0"}, nil},
 		{[]string{"status", "--kind", "net"}, 0, []string{"Plugin kind net", "recvmsg"}, nil},
 		{[]string{"help"}, 0, []string{"usage: krun-core sandbox status"}, nil},
-		{nil, 1, nil, []string{"usage"}},
-		{[]string{"frob"}, 1, nil, []string{`unknown subcommand "frob"`}},
+		{nil, 1, nil, []string{"no command given"}},
+		{[]string{"frob"}, 1, nil, []string{`unknown command "frob"`}},
 		{[]string{"status", "--kind", "gpu"}, 1, nil, []string{`no built-in plugin kind "gpu"`}},
 		{[]string{"status", "extra"}, 1, nil, []string{"unexpected argument"}},
-		{[]string{"status", "--bogus"}, 1, nil, []string{"flag provided but not defined"}},
+		{[]string{"status", "--bogus"}, 1, nil, []string{"unknown flag --bogus"}},
+		{[]string{"status", "--output", "xml"}, 1, nil, []string{`--output="xml"`}},
+		{[]string{"status", "--help"}, 0, []string{"usage: krun-core sandbox status", "--kind KIND", "--output FORMAT"}, nil},
 	}
 	for _, c := range cases {
 		var out, errb bytes.Buffer
@@ -51,7 +53,7 @@ func TestSandboxStatusCommand(t *testing.T) {
 
 func TestSandboxStatusJSON(t *testing.T) {
 	var out, errb bytes.Buffer
-	if code := sandboxCommand([]string{"status", "--json"}, &out, &errb); code != 0 {
+	if code := sandboxCommand([]string{"status", "--output", "json"}, &out, &errb); code != 0 {
 		t.Fatalf("exit %d: %s", code, errb.String())
 	}
 	var r sandbox.StatusReport

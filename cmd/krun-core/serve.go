@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -44,12 +45,22 @@ backing files are locked read-only, a data file like its image. The locks
 last until serve exits.
 
 options:
+  --socket-mode MODE        permissions of the socket, whatever the umask (default 0600;
+                            0660 lets the socket's group connect)
   --plugin-dir DIR          look for krun-plugin-* here first (also $KRUN_PLUGIN_DIR;
                             then the directory of krun-core)
   --sandbox on|off          the plugin sandbox (default on); off needs saying so and warns
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
-  --log-level LEVEL         trace, debug, info (default), warn, error
+  --plugin-uid UID, --plugin-gid GID
+                            host ids the plugin runs as (krun-core as root only; default
+                            65534:65534, nobody:nogroup; never 0); a shared directory
+                            must be accessible to them
+  --log-level LEVEL         trace, debug, info, warn (default), error; at info, a
+                            "serving" line says when the socket is ready
+  --log-format FORMAT       text (default), or json for hclog's JSON lines
   --handshake-timeout DUR   how long a plugin may take to start (default 10s)
+
+Bad input is one line on stderr and exit status 1 before anything starts.
 `
 
 // serveDeviceFlags are the flags naming the device, in devspec.Parse terms.
@@ -63,16 +74,18 @@ type serveOptions struct {
 	pluginDir        string
 	sandboxOff       bool
 	sandboxDisable   []sandbox.Layer
-	logLevel         hclog.Level
+	log              func(stderr io.Writer) (hclog.Logger, error)
+	socketMode       os.FileMode
+	pluginUID        int // 0: the sandbox's default
+	pluginGID        int
 	handshakeTimeout time.Duration
 }
 
 // parseServeArgs parses and validates the command line; every error is one
 // line.
 func parseServeArgs(args []string) (*serveOptions, error) {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	o := &serveOptions{}
+	fs := newCmdFlags("krun-core serve", serveUsage)
+	o := &serveOptions{log: fs.logger}
 	type devArg struct{ flag, value string }
 	var devs []devArg
 	for _, name := range serveDeviceFlags {
@@ -85,10 +98,15 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	fs.StringVar(&o.pluginDir, "plugin-dir", "", "")
 	sandboxMode := fs.String("sandbox", "on", "")
 	disable := fs.String("sandbox-disable", "", "")
-	level := fs.String("log-level", "info", "")
+	socketMode := fs.String("socket-mode", "0600", "")
+	pluginUID := fs.String("plugin-uid", "", "")
+	pluginGID := fs.String("plugin-gid", "", "")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", pluginhost.DefaultHandshakeTimeout, "")
 	if err := fs.Parse(args); err != nil {
-		return nil, err
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, fs.flagError(err)
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -117,8 +135,25 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	if o.sandboxOff && len(o.sandboxDisable) > 0 {
 		return nil, errors.New("--sandbox=off already turns every layer off; drop --sandbox-disable")
 	}
-	if o.logLevel = hclog.LevelFromString(*level); o.logLevel == hclog.NoLevel {
-		return nil, fmt.Errorf("--log-level=%q: want trace, debug, info, warn or error", *level)
+	if _, err := fs.logger(io.Discard); err != nil {
+		return nil, err
+	}
+	if err := pluginhost.CheckSearchPath(o.pluginDir); err != nil {
+		return nil, err
+	}
+	mode, err := strconv.ParseUint(*socketMode, 8, 32)
+	if err != nil || mode > 0o777 {
+		return nil, fmt.Errorf("--socket-mode=%q: want an octal permission such as 0600 or 0660", *socketMode)
+	}
+	o.socketMode = os.FileMode(mode)
+	if o.pluginUID, err = sandbox.ParseHostID(*pluginUID); err != nil {
+		return nil, fmt.Errorf("--plugin-uid: %w", err)
+	}
+	if o.pluginGID, err = sandbox.ParseHostID(*pluginGID); err != nil {
+		return nil, fmt.Errorf("--plugin-gid: %w", err)
+	}
+	if _, _, err := (sandbox.LaunchConfig{HostUID: o.pluginUID, HostGID: o.pluginGID}).PluginIDs(); err != nil {
+		return nil, err
 	}
 	if o.handshakeTimeout <= 0 {
 		return nil, errors.New("--handshake-timeout must be positive")
@@ -138,7 +173,10 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if err != nil {
-		return fail(fmt.Errorf("%w (see krun-core serve --help)", err))
+		if !strings.Contains(err.Error(), "--help)") {
+			err = fmt.Errorf("%w (see krun-core serve --help)", err)
+		}
+		return fail(err)
 	}
 	// Catch SIGTERM/SIGINT from the start: one that arrives while the
 	// plugin starts is handled once serving begins (flush, remove the
@@ -146,7 +184,10 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	sigc := make(chan os.Signal, 1)
 	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigc)
-	log := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Output: stderr, Level: o.logLevel})
+	log, err := o.log(stderr)
+	if err != nil {
+		return fail(err)
+	}
 
 	// Everything that can fail on the user's input fails before the socket
 	// path exists: the plugin, the socket path, the files.
@@ -158,7 +199,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		return fail(err)
 	}
 	opened, err := o.spec.Open(devspec.OpenOptions{
-		HelperStderr: log.Named("helper").StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true}),
+		HelperStderr: devspec.HelperLog(log.Named("helper")),
 	})
 	if err != nil {
 		return fail(err)
@@ -190,7 +231,8 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		cfg.SandboxOff = true
 		fmt.Fprintln(stderr, "krun-core serve: warning: --sandbox=off: the plugin parses guest- and image-controlled bytes unconfined, with krun-core's privileges")
 	} else {
-		cfg.Sandbox = sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(opened.Kind), Disable: o.sandboxDisable, Log: log}
+		cfg.Sandbox = sandbox.LaunchConfig{Kind: opened.Kind, Disable: o.sandboxDisable, Log: log,
+			HostUID: o.pluginUID, HostGID: o.pluginGID}
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {
@@ -204,7 +246,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(err)
 	}
-	if err := bindAndListen(sfd, o.socket); err != nil {
+	if err := bindAndListen(sfd, o.socket, o.socketMode); err != nil {
 		return fail(err)
 	}
 	defer os.Remove(o.socket)
@@ -249,11 +291,20 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// checkSocketPath refuses a path that is in use or is not a socket, and
-// removes a stale socket (one nobody listens on).
+// checkSocketPath refuses a path that is in use or is not a socket, or
+// whose directory does not exist, and removes a stale socket (one nobody
+// listens on).
 func checkSocketPath(path string) error {
 	if len(path) > 107 {
 		return fmt.Errorf("--socket %s: longer than the 107 bytes a unix socket path may have", path)
+	}
+	switch st, err := os.Stat(filepath.Dir(path)); {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("--socket %s: directory %s does not exist", path, filepath.Dir(path))
+	case err != nil:
+		return fmt.Errorf("--socket %s: %w", path, err)
+	case !st.IsDir():
+		return fmt.Errorf("--socket %s: %s is not a directory", path, filepath.Dir(path))
 	}
 	st, err := os.Lstat(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -284,13 +335,18 @@ func checkSocketPath(path string) error {
 // in the same directory first, then renamed to path (never replacing a file
 // that appeared meanwhile): a front-end that waits for path to exist never
 // finds a socket that still refuses connections.
-func bindAndListen(fd int, path string) error {
+// The socket gets mode (whatever the umask) before it listens.
+func bindAndListen(fd int, path string, mode os.FileMode) error {
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".krun-serve-%d.sock", os.Getpid()))
 	if len(tmp) > 107 { // no room for the temporary name: bind in place
 		tmp = path
 	}
 	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: tmp}); err != nil {
 		return fmt.Errorf("--socket %s: bind: %w", path, err)
+	}
+	if err := unix.Fchmodat(unix.AT_FDCWD, tmp, uint32(mode.Perm()), 0); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("--socket %s: chmod: %w", path, err)
 	}
 	if err := unix.Listen(fd, 16); err != nil {
 		os.Remove(tmp)

@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
 )
 
@@ -65,8 +66,16 @@ func TestServeArgErrors(t *testing.T) {
 		{"bad sandbox", []string{pd, "--socket", sock, "--sandbox=maybe", "--disk", "path=" + img + ",format=raw"}, `--sandbox="maybe": want on or off`},
 		{"bad layer", []string{pd, "--socket", sock, "--sandbox-disable=rlimits", "--disk", "path=" + img + ",format=raw"}, `--sandbox-disable: sandbox layer "rlimits" cannot be disabled`},
 		{"bad log level", []string{pd, "--socket", sock, "--log-level=loud", "--disk", "path=" + img + ",format=raw"}, `--log-level="loud"`},
+		{"root plugin", []string{pd, "--socket", sock, "--plugin-uid=0", "--disk", "path=" + img + ",format=raw"}, "--plugin-uid: 0: plugins never run as host root"},
+		{"bad socket mode", []string{pd, "--socket", sock, "--socket-mode=999", "--disk", "path=" + img + ",format=raw"}, "--socket-mode"},
+		{"bad plugin gid", []string{pd, "--socket", sock, "--plugin-gid=staff", "--disk", "path=" + img + ",format=raw"}, `--plugin-gid: "staff" is not a host id`},
 		{"extra argument", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw", "extra"}, `unexpected argument "extra"`},
-		{"unknown flag", []string{pd, "--socket", sock, "--cdrom", "x"}, "flag provided but not defined: -cdrom"},
+		{"unknown flag", []string{pd, "--socket", sock, "--cdrom", "x"}, "unknown flag --cdrom (see krun-core serve --help)"},
+		{"flag without value", []string{pd, "--disk", "path=" + img + ",format=raw", "--socket"}, "a value is needed for --socket"},
+		{"socket in a missing directory", []string{pd, "--socket", filepath.Join(dir, "nodir", "s.sock"), "--disk", "path=" + img + ",format=raw"}, "directory " + filepath.Join(dir, "nodir") + " does not exist"},
+		{"socket under a file", []string{pd, "--socket", filepath.Join(img, "s.sock"), "--disk", "path=" + img + ",format=raw"}, img + " is not a directory"},
+		{"missing plugin dir", []string{"--plugin-dir", filepath.Join(dir, "nope"), "--socket", sock, "--disk", "path=" + img + ",format=raw"}, "--plugin-dir " + filepath.Join(dir, "nope") + ": no such directory"},
+		{"bad log format", []string{pd, "--socket", sock, "--log-format=xml", "--disk", "path=" + img + ",format=raw"}, `--log-format="xml": want text or json`},
 		{"socket is a file", []string{pd, "--socket", notSock, "--disk", "path=" + img + ",format=raw"}, "exists and is not a socket"},
 		{"socket in use", []string{pd, "--socket", busy, "--disk", "path=" + img + ",format=raw"}, "is in use by another process"},
 	}
@@ -133,7 +142,7 @@ func (s *serveProc) log() string {
 
 func startServe(t *testing.T, bin string, args ...string) *serveProc {
 	t.Helper()
-	s := &serveProc{cmd: exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve"}, args...)...), done: make(chan error, 1)}
+	s := &serveProc{cmd: exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve", "--log-level", "info"}, args...)...), done: make(chan error, 1)}
 	s.cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
 	pr, err := s.cmd.StderrPipe()
 	if err != nil {
@@ -228,6 +237,32 @@ func readEntropy(t *testing.T, path string, n uint32) []byte {
 		t.Fatalf("completion: %v %v", c, err)
 	}
 	return append([]byte(nil), buf[:min(c[0].Len, n)]...)
+}
+
+// checkPluginIDs checks from outside that the plugin runs as uid:gid (and
+// never as host root).
+func checkPluginIDs(t *testing.T, pid, uid, gid int) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) != 5 || (f[0] != "Uid:" && f[0] != "Gid:") {
+			continue
+		}
+		want := strconv.Itoa(uid)
+		if f[0] == "Gid:" {
+			want = strconv.Itoa(gid)
+		}
+		for _, v := range f[1:] {
+			if v != want || (os.Geteuid() == 0 && v == "0") {
+				t.Errorf("plugin %d: %s, want %s everywhere (never 0)", pid, l, want)
+				break
+			}
+		}
+	}
 }
 
 var pidRE = regexp.MustCompile(`serving: .*pid=([0-9]+)`)
@@ -331,8 +366,17 @@ func TestServeDisk(t *testing.T) {
 				t.Fatalf("qemu-img create: %v\n%s", err, out)
 			}
 			sock := filepath.Join(dir, "blk.sock")
-			s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format="+format)
+			// As root, the plugin runs as nobody by default, or as chosen.
+			args, uid, gid := []string{"--socket", sock}, sandbox.DefaultPluginUID, sandbox.DefaultPluginGID
+			if format == "qcow2" {
+				args, uid, gid = append(args, "--plugin-uid=4242", "--plugin-gid=4343"), 4242, 4343
+			}
+			if os.Geteuid() != 0 {
+				args, uid, gid = args[:2], os.Geteuid(), os.Getegid()
+			}
+			s := startServe(t, bin, append(args, "--disk", "path="+img+",format="+format)...)
 			waitSocket(t, s, sock)
+			checkPluginIDs(t, servingPid(t, s), uid, gid)
 
 			b, err := testguest.DialBlk(sock, testguest.Options{})
 			if err != nil {
@@ -420,7 +464,7 @@ func TestBindAndListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	if err := bindAndListen(fd, path); err != nil {
+	if err := bindAndListen(fd, path, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c, err := net.Dial("unix", path)
@@ -428,6 +472,9 @@ func TestBindAndListen(t *testing.T) {
 		t.Fatalf("connect right after bindAndListen: %v", err)
 	}
 	c.Close()
+	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v (%v), want 0600 whatever the umask", st.Mode().Perm(), err)
+	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 		t.Fatalf("directory holds %d entries, want only the socket", len(ents))
 	}
@@ -441,7 +488,7 @@ func TestBindAndListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd2)
-	if err := bindAndListen(fd2, taken); err == nil {
+	if err := bindAndListen(fd2, taken, 0o600); err == nil {
 		t.Fatal("bindAndListen replaced an existing file")
 	}
 	if b, _ := os.ReadFile(taken); string(b) != "keep" {

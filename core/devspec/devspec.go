@@ -37,8 +37,9 @@ type Spec interface {
 	Open(o OpenOptions) (*Opened, error)
 }
 
-// Parse parses the value of --disk, --fs, --net or --plugin; flag is
-// "disk", "fs", "net" or "plugin" (leading dashes are ignored).
+// Parse parses the value of --disk, --fs, --net, --plugin or --vhost-user;
+// flag is "disk", "fs", "net", "plugin" or "vhost-user" (leading dashes are
+// ignored).
 func Parse(flag, value string) (Spec, error) {
 	switch strings.TrimLeft(flag, "-") {
 	case "disk":
@@ -49,8 +50,10 @@ func Parse(flag, value string) (Spec, error) {
 		return ParseNet(value)
 	case "plugin":
 		return ParsePlugin(value)
+	case "vhost-user":
+		return ParseVhostUser(value)
 	}
-	return nil, fmt.Errorf("unknown device flag %q (want --disk, --fs, --net or --plugin)", flag)
+	return nil, fmt.Errorf("unknown device flag %q (want --disk, --fs, --net, --plugin or --vhost-user)", flag)
 }
 
 // maxOptions bounds how many options one string may carry.

@@ -9,7 +9,15 @@
 // InterruptStatus reports "used buffer" (bit 0) whenever a queue is live;
 // the guest's handler then looks at its used rings, which is what it would
 // do anyway. Config-change interrupts (bit 1) are raised by the core itself,
-// when the plugin fails.
+// when the plugin fails or reports a config change.
+//
+// A guest's config-space reads never reach the plugin: the core keeps a
+// copy of the config space, filled from what the plugin reported at
+// Configure and refreshed (off the vCPU threads) when the plugin reports a
+// change. The calls a vCPU thread does make to the plugin (features, queue
+// set-up and stop, config writes) are bounded by the Backend's deadline
+// (frontend.Client's timeout): a plugin that hangs fails its device after
+// that, the vCPU goes on.
 package mmio
 
 import (
@@ -134,12 +142,23 @@ type Config struct {
 	// SET_FEATURES must keep it and SET_VRING_ENABLE is used.
 	ProtocolNegotiated bool
 	// ConfigSpace: the CONFIG protocol feature was negotiated, so config
-	// space reads and writes are forwarded (otherwise they read as zero).
+	// space reads are served from ConfigData and writes are forwarded
+	// (otherwise it reads as zero).
 	ConfigSpace bool
-	Backend     Backend
-	Wiring      Wiring
-	Translate   Translator
-	Log         hclog.Logger
+	// ConfigData is the device's config space as the plugin reported it
+	// at Configure (at most ConfigSpaceMax bytes; bytes beyond it read as
+	// zero). ConfigChanged refreshes it from the plugin. Without it, New
+	// reads ConfigSize bytes from the back-end once; without either (a
+	// back-end whose config size is unknown) every guest read is
+	// forwarded, bounded by the Backend's deadline.
+	ConfigData []byte
+	ConfigSize int
+	// Backend is the plugin. Its calls must be bounded in time: they are
+	// made from vCPU threads (*frontend.Client is, by its timeout).
+	Backend   Backend
+	Wiring    Wiring
+	Translate Translator
+	Log       hclog.Logger
 }
 
 // Errors.
@@ -173,6 +192,8 @@ type Device struct {
 	shmSel     uint32
 	queues     []queue
 	failed     error
+	config     []byte // the config space copy
+	cached     bool   // config holds the config space (else reads are forwarded)
 }
 
 // New creates the device and its kick and call eventfds.
@@ -189,10 +210,26 @@ func New(cfg Config) (*Device, error) {
 	if cfg.Backend == nil || cfg.Wiring == nil || cfg.Translate == nil {
 		return nil, fmt.Errorf("%w: backend, wiring and translator are required", ErrConfig)
 	}
+	if len(cfg.ConfigData) > ConfigSpaceMax || cfg.ConfigSize < 0 || cfg.ConfigSize > ConfigSpaceMax {
+		return nil, fmt.Errorf("%w: config space of %d/%d bytes, at most %d", ErrConfig, len(cfg.ConfigData), cfg.ConfigSize, ConfigSpaceMax)
+	}
 	if cfg.Log == nil {
 		cfg.Log = hclog.NewNullLogger()
 	}
 	d := &Device{cfg: cfg, log: cfg.Log, queues: make([]queue, cfg.NumQueues)}
+	switch {
+	case cfg.ConfigData != nil:
+		d.config, d.cached = append([]byte(nil), cfg.ConfigData...), true
+	case cfg.ConfigSpace && cfg.ConfigSize > 0:
+		b, err := cfg.Backend.GetConfig(0, uint32(cfg.ConfigSize))
+		if err != nil {
+			return nil, fmt.Errorf("read the config space: %w", err)
+		}
+		if len(b) != cfg.ConfigSize {
+			return nil, fmt.Errorf("read the config space: %d bytes, asked %d", len(b), cfg.ConfigSize)
+		}
+		d.config, d.cached = b, true
+	}
 	for i := range d.queues {
 		var err error
 		if d.queues[i].kick, err = newEventFD(fmt.Sprintf("kick%d", i)); err == nil {
@@ -614,14 +651,38 @@ func (d *Device) failLocked(err error) {
 	d.configChangedLocked()
 }
 
-// ConfigChanged tells the driver that the back-end changed the config space
-// on its own (a network link went down): the config generation moves on and
-// a config-change interrupt is raised. It does nothing before the driver
-// is ready (DRIVER_OK) or after the device failed.
+// ConfigChanged handles a config change the back-end reports on its own (a
+// network link went down): the config space copy is read again from the
+// back-end, then, once the driver is ready (DRIVER_OK), the config
+// generation moves on and a config-change interrupt is raised. It runs on
+// the back-end request goroutine, never on a vCPU thread, and does not
+// hold the device's lock while it waits for the back-end; a back-end that
+// does not answer fails the device. It does nothing after the device
+// failed.
 func (d *Device) ConfigChanged() {
 	d.mu.Lock()
+	n := len(d.config)
+	refresh := d.failed == nil && d.cfg.ConfigSpace && d.cached && n > 0
+	d.mu.Unlock()
+	var fresh []byte
+	var err error
+	if refresh {
+		fresh, err = d.cfg.Backend.GetConfig(0, uint32(n))
+		if err == nil && len(fresh) != n {
+			err = fmt.Errorf("%d bytes, asked %d", len(fresh), n)
+		}
+	}
+	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.failed != nil || d.status&StatusDriverOK == 0 {
+	if d.failed != nil {
+		return
+	}
+	if err != nil {
+		d.failLocked(fmt.Errorf("re-read config space after a change: %w", err))
+		return
+	}
+	copy(d.config, fresh)
+	if d.status&StatusDriverOK == 0 {
 		return
 	}
 	d.configChangedLocked()
@@ -644,28 +705,46 @@ func (d *Device) Failed() error {
 	return d.failed
 }
 
+// readConfigLocked serves a config-space read from the copy: no call to
+// the plugin, so a vCPU never waits for it. Bytes beyond the device's
+// config space read as zero. A device without a copy (config size
+// unknown) forwards the read, bounded by the Backend's deadline.
 func (d *Device) readConfigLocked(off uint64, data []byte) {
 	if !d.cfg.ConfigSpace || d.failed != nil || !configAccessOK(off, len(data)) {
 		return
 	}
-	b, err := d.cfg.Backend.GetConfig(uint32(off), uint32(len(data)))
-	if err != nil {
-		// Outside the device's config space, or the plugin is gone (which
-		// its supervisor reports through Fail): reads as zero.
-		d.log.Debug("config read failed", "offset", off, "len", len(data), "error", err)
+	if d.cached {
+		if off < uint64(len(d.config)) {
+			copy(data, d.config[off:])
+		}
 		return
 	}
-	copy(data, b)
+	b, err := d.cfg.Backend.GetConfig(uint32(off), uint32(len(data)))
+	switch {
+	case errors.Is(err, frontend.ErrTimeout) || errors.Is(err, frontend.ErrBroken):
+		d.failLocked(fmt.Errorf("config read: %w", err))
+	case err != nil:
+		// Outside the device's config space: reads as zero.
+		d.log.Debug("config read failed", "offset", off, "len", len(data), "error", err)
+	default:
+		copy(data, b)
+	}
 }
 
 func (d *Device) writeConfigLocked(off uint64, data []byte) {
 	if !d.cfg.ConfigSpace || d.failed != nil || !configAccessOK(off, len(data)) {
 		return
 	}
-	if err := d.cfg.Backend.SetConfig(uint32(off), 0, append([]byte(nil), data...)); err != nil {
+	err := d.cfg.Backend.SetConfig(uint32(off), 0, append([]byte(nil), data...))
+	switch {
+	case errors.Is(err, frontend.ErrTimeout) || errors.Is(err, frontend.ErrBroken):
+		d.failLocked(fmt.Errorf("config write: %w", err))
+	case err != nil:
 		// A refused write (read-only field) is the guest's problem, not a
 		// broken plugin.
 		d.log.Debug("config write refused", "offset", off, "error", err)
+	case d.cached && off < uint64(len(d.config)):
+		copy(d.config[off:], data)
 	}
 }
 

@@ -139,7 +139,7 @@ func newRig(t *testing.T, mod func(*Config)) *rig {
 	cfg := Config{
 		DeviceID: 2, Base: testBase, GSI: testGSI, NumQueues: 2, QueueSizeMax: 256,
 		Features:           1<<1 | 1<<9 | vhostuser.FeatureRingEventIdx | vhostuser.FeatureProtocolFeatures | featureVersion1 | vhostuser.FeatureRingPacked,
-		ProtocolNegotiated: true, ConfigSpace: true,
+		ProtocolNegotiated: true, ConfigSpace: true, ConfigData: append([]byte(nil), b.config...),
 		Backend: b, Wiring: w, Translate: translate,
 	}
 	if mod != nil {
@@ -510,8 +510,8 @@ func TestConfigSpace(t *testing.T) {
 		{RegConfig, 4, []byte{1, 2, 3, 4}},
 		{RegConfig + 4, 8, []byte{5, 6, 7, 8, 9, 10, 11, 12}},
 		{RegConfig + 3, 1, []byte{4}},
-		{RegConfig + 10, 4, []byte{0, 0, 0, 0}}, // beyond the plugin's config: nacked, zero
-		{Size - 2, 4, []byte{0, 0, 0, 0}},       // crosses the window
+		{RegConfig + 10, 4, []byte{11, 12, 0, 0}}, // beyond the plugin's config: zero
+		{Size - 2, 4, []byte{0, 0, 0, 0}},         // crosses the window
 	}
 	for _, tt := range tests {
 		b := make([]byte, tt.n)
@@ -520,9 +520,21 @@ func TestConfigSpace(t *testing.T) {
 			t.Errorf("config read at %#x/%d = % x, want % x", tt.off, tt.n, b, tt.want)
 		}
 	}
+	r.b.calls = nil
+	for _, tt := range tests {
+		r.d.Read(tt.off, make([]byte, tt.n))
+	}
+	if len(r.b.calls) != 0 {
+		t.Errorf("config reads reached the back-end: %v", r.b.calls)
+	}
 	r.d.Write(RegConfig+2, []byte{0xaa, 0xbb})
 	if r.b.config[2] != 0xaa || r.b.config[3] != 0xbb {
 		t.Error("config write not forwarded")
+	}
+	b2 := make([]byte, 2)
+	r.d.Read(RegConfig+2, b2)
+	if b2[0] != 0xaa || b2[1] != 0xbb {
+		t.Errorf("config read after a write: % x", b2)
 	}
 	r.b.calls = nil
 	r.d.Write(Size-1, []byte{1, 2})

@@ -51,6 +51,41 @@ func SearchPath(flagDir string) []string {
 	return dirs
 }
 
+// CheckSearchPath checks the plugin directories the user named: the
+// --plugin-dir flag (flagDir) and $KRUN_PLUGIN_DIR must each be an existing
+// directory when set. A directory that is missing is an error, not a
+// directory silently skipped.
+func CheckSearchPath(flagDir string) error {
+	if flagDir != "" {
+		if err := checkDir(flagDir); err != nil {
+			return fmt.Errorf("--plugin-dir %s: %w", flagDir, err)
+		}
+	}
+	if d := os.Getenv(EnvPluginDir); d != "" {
+		if err := checkDir(d); err != nil {
+			return fmt.Errorf("$%s=%s: %w", EnvPluginDir, d, err)
+		}
+	}
+	return nil
+}
+
+func checkDir(d string) error {
+	st, err := os.Stat(d)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return errors.New("no such directory")
+	case err != nil:
+		var pe *os.PathError
+		if errors.As(err, &pe) {
+			return pe.Err
+		}
+		return err
+	case !st.IsDir():
+		return errors.New("not a directory")
+	}
+	return nil
+}
+
 // Find returns the path of krun-plugin-<kind> in the first of dirs that has
 // it as an executable regular file.
 func Find(kind string, dirs []string) (string, error) {
@@ -61,6 +96,16 @@ func Find(kind string, dirs []string) (string, error) {
 	var notes []string
 	for _, d := range dirs {
 		p := filepath.Join(d, name)
+		// A relative directory ("." or "bin") must not reach exec as a
+		// bare name, which exec would look up in $PATH instead.
+		if !filepath.IsAbs(p) {
+			abs, err := filepath.Abs(p)
+			if err != nil {
+				notes = append(notes, fmt.Sprintf("%s: %v", p, err))
+				continue
+			}
+			p = abs
+		}
 		st, err := os.Stat(p)
 		switch {
 		case err != nil:

@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -226,8 +227,10 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
 	}
 	// go-plugin adds "/plugin-dirNNNNNNNNNN/pluginNNNNNNNNNN" (at most 39
-	// bytes) and a unix socket path has room for 107.
-	if len(p.sockDir)+39 > 107 {
+	// bytes), the host reaches a sandboxed plugin's socket through
+	// "/proc/PID/root" (at most 18), and a unix socket path has room for
+	// 107.
+	if len(p.sockDir)+39+18 > 107 {
 		_ = os.RemoveAll(p.sockDir)
 		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
 	}
@@ -272,7 +275,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		StartTimeout:     hsTimeout,
 		Logger:           quietLogger{log, p},
-		Stderr:           p.stderr,
+		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
 		SkipHostEnv:      true,
 		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir},
 	})
@@ -294,8 +297,27 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		p.Kill()
 		return nil, fmt.Errorf("plugin %s: connect: %w", cfg.Kind, err)
 	}
+	if err := p.checkKind(); err != nil {
+		p.Kill()
+		return nil, err
+	}
 	log.Debug("plugin started", "kind", cfg.Kind, "path", path, "pid", p.Pid())
 	return p, nil
+}
+
+// checkKind asks the plugin which kind it is: an executable named
+// krun-plugin-K that serves another kind (a copy under a wrong name, a
+// plugin installed over another) is refused before it is configured.
+func (p *Plugin) checkKind() error {
+	d, err := p.Describe(context.Background())
+	if err != nil {
+		return err
+	}
+	if d.Kind != p.kind {
+		return fmt.Errorf("plugin %s: %s reports kind %q; a plugin's executable must be named %s, refused",
+			p.kind, p.path, oneLine(d.Kind), ExecutableName(oneLine(d.Kind)))
+	}
+	return nil
 }
 
 func (p *Plugin) startError(err error, took, timeout time.Duration) error {
@@ -595,11 +617,25 @@ func (p *Plugin) removeSockDir() {
 
 // quietLogger is the logger go-plugin's client gets: the messages it logs
 // about an exit the host asked for (Shutdown, Kill) go to Debug instead of
-// Error and Warn, so that they do not read like failures. Everything else,
-// the plugin's own lines included (through Named), passes unchanged.
+// Error and Warn, so that they do not read like failures. Everything else
+// passes unchanged, except the plugin's own log lines: the host re-logs
+// those itself (pluginLog), so go-plugin's copy goes nowhere (Named).
 type quietLogger struct {
 	hclog.Logger
 	p *Plugin
+}
+
+// offLogger is switched off: go-plugin does not even parse the lines it
+// would log there.
+var offLogger = hclog.New(&hclog.LoggerOptions{Level: hclog.Off, Output: io.Discard})
+
+// Named is how go-plugin gets the logger it re-logs the plugin's stderr
+// into (named after the executable); "stdio" is its gRPC stdio channel.
+func (q quietLogger) Named(name string) hclog.Logger {
+	if name == "stdio" {
+		return q.Logger.Named(name)
+	}
+	return offLogger
 }
 
 func (q quietLogger) Error(msg string, args ...interface{}) {

@@ -20,6 +20,8 @@ import (
 
 	hclog "github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // testPluginDir holds krun-plugin-test, built once by TestMain from
@@ -35,11 +37,14 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	build := exec.Command("go", "build", "-o", filepath.Join(dir, ExecutableName("test")), "./testdata/testplugin")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building test plugin: %v\n%s", err, out)
-		os.Exit(1)
+	for out, pkg := range map[string]string{ExecutableName("test"): "./testdata/testplugin",
+		ExecutableName("null"): "../../examples/plugin-null", sandbox.TrampolineName: "../../cmd/krun-sandbox-exec"} {
+		build := exec.Command("go", "build", "-o", filepath.Join(dir, out), pkg)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, out)
+			os.Exit(1)
+		}
 	}
 	testPluginDir = dir
 	code := m.Run()
@@ -653,6 +658,8 @@ func TestPdeathsigKillsPluginWithHost(t *testing.T) {
 // BenchmarkLaunchToFirstRPC measures starting a plugin process, the
 // go-plugin handshake and the first RPC (Describe).
 func BenchmarkLaunchToFirstRPC(b *testing.B) {
+	self0, child0 := cpuClock()
+	defer func() { reportCPU(b, self0, child0) }()
 	for b.Loop() {
 		b.StopTimer()
 		cfg := testConfig(b, "ok")
@@ -692,4 +699,261 @@ func TestTailBufferPanicLine(t *testing.T) {
 			t.Errorf("%s: PanicLine = %q, want %q", tc.name, got, tc.want)
 		}
 	}
+}
+
+// A plugin directory given relative to the working directory works: exec
+// must not get a bare name to look up in $PATH.
+func TestRelativePluginDir(t *testing.T) {
+	t.Chdir(testPluginDir)
+	path, err := Find("test", []string{"."})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := filepath.Join(testPluginDir, ExecutableName("test")); path != want {
+		t.Errorf("Find in . = %q, want %q", path, want)
+	}
+	cfg := testConfig(t, "ok")
+	cfg.PluginDir = "."
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatalf("Launch with --plugin-dir .: %v", err)
+	}
+	p.Kill()
+}
+
+func TestCheckSearchPath(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	os.WriteFile(file, nil, 0o644)
+	for _, tt := range []struct {
+		flag, env string
+		want      string // "" for no error
+	}{
+		{"", "", ""},
+		{dir, "", ""},
+		{".", ".", ""},
+		{filepath.Join(dir, "missing"), "", "--plugin-dir " + filepath.Join(dir, "missing") + ": no such directory"},
+		{file, "", "--plugin-dir " + file + ": not a directory"},
+		{"", "nope-" + filepath.Base(dir), "$KRUN_PLUGIN_DIR=nope-" + filepath.Base(dir) + ": no such directory"},
+	} {
+		t.Setenv(EnvPluginDir, tt.env)
+		err := CheckSearchPath(tt.flag)
+		if got := fmt.Sprint(err); (tt.want == "" && err != nil) || (tt.want != "" && got != tt.want) {
+			t.Errorf("CheckSearchPath(%q) with %s=%q: %v, want %q", tt.flag, EnvPluginDir, tt.env, err, tt.want)
+		}
+	}
+}
+
+// An executable whose name does not match the kind the plugin reports is
+// refused and ended.
+func TestKindMismatchRefused(t *testing.T) {
+	cfg := testConfig(t, "ok")
+	cfg.Kind = "other"
+	cfg.PluginDir = pluginCopy(t, "other")
+	p, err := Launch(cfg)
+	if err == nil {
+		p.Kill()
+		t.Fatal("a plugin reporting kind test launched as krun-plugin-other")
+	}
+	if !strings.Contains(err.Error(), `reports kind "test"`) || strings.Contains(err.Error(), "\n") {
+		t.Errorf("error %q: want one line naming the reported kind", err)
+	}
+	exe := filepath.Join(cfg.PluginDir, ExecutableName("other"))
+	deadline := time.Now().Add(5 * time.Second)
+	for len(processesOf(exe)) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("refused plugin still running: %v", processesOf(exe))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A plugin launched with the real sandbox: its gRPC socket is in its own
+// root (the host reaches it through /proc/PID/root), it runs as an
+// unprivileged host id, and although it never restricts itself (the test
+// plugin does not use pluginsdk) it passes Verify: the trampoline confined
+// it before its first instruction.
+func TestLaunchSandboxed(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, []byte("B"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	imgF, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer imgF.Close()
+	logs := &syncBuffer{}
+	cfg := testConfig(t, "ok")
+	cfg.Files = []NamedFile{{"image", imgF}}
+	cfg.Logger = hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
+	cfg.SandboxOff = false
+	lc := sandbox.LaunchConfig{Kind: "test", Log: cfg.Logger}
+	cfg.Sandbox = lc
+	for _, l := range sandbox.Status().Layers {
+		if !l.Available {
+			t.Skipf("sandbox layer %s unavailable on this host: %s", l.Layer, l.Detail)
+		}
+	}
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		p.Kill()
+		if t.Failed() {
+			t.Logf("host log:\n%s", logs)
+		}
+	}()
+	if p.Path() != filepath.Join(testPluginDir, ExecutableName("test")) {
+		t.Errorf("Path() = %q, want the plugin binary", p.Path())
+	}
+	want := fmt.Sprintf("/proc/%d/root%s/", p.Pid(), p.SocketDir())
+	if sp := p.socketPath(); !strings.HasPrefix(sp, want) {
+		t.Errorf("gRPC socket %q, want it in the plugin's own root under %q", sp, want)
+	}
+	if _, _, err := p.Configure(context.Background(), nil); err != nil {
+		t.Fatalf("Configure (and Verify of a plugin that never called Restrict): %v", err)
+	}
+	stats, err := p.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats["file_image"] != 'B' || stats["fd3_socket"] != 1 {
+		t.Errorf("plugin's view of its fds: %v", stats)
+	}
+	uid, gid, err := lc.PluginIDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(st), "\n") {
+		for k, id := range map[string]int{"Uid:": uid, "Gid:": gid} {
+			if f := strings.Fields(l); len(f) == 5 && f[0] == k && (f[1] != strconv.Itoa(id) || id == 0) {
+				t.Errorf("plugin %s, want %d (never 0)", l, id)
+			}
+		}
+	}
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if !strings.Contains(logs.String(), "seccomp refused a system call: plugin=test syscall=prctl") {
+		t.Errorf("the launcher did not log the test plugin's refused prctl (PR_GET_PDEATHSIG in its init)")
+	}
+}
+
+// The address a plugin announces in its handshake is its choice: only a
+// unix socket directly in its own socket directory is accepted.
+func TestPluginToHostChecksAddress(t *testing.T) {
+	cmd := exec.Command("/bin/true")
+	cmd.Env = []string{"PLUGIN_UNIX_SOCKET_DIR=/tmp/k/plugin-dir1"}
+	r, err := NewProcRunner(cmd, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ network, addr, want string }{
+		{"unix", "/tmp/k/plugin-dir1/plugin2", "/tmp/k/plugin-dir1/plugin2"},
+		{"tcp", "127.0.0.1:22", ""},
+		{"unix", "/var/run/docker.sock", ""},
+		{"unix", "/tmp/k/plugin-dir1/../../../run/x.sock", ""},
+		{"unix", "/tmp/k/plugin-dir1/sub/x.sock", ""},
+	} {
+		_, got, err := r.PluginToHost(c.network, c.addr)
+		if got != c.want || (err == nil) != (c.want != "") {
+			t.Errorf("PluginToHost(%s, %s) = %q, %v; want %q", c.network, c.addr, got, err, c.want)
+		}
+	}
+}
+
+// BenchmarkLaunchToFirstRPCSandboxed is the launch cost with the real
+// sandbox: namespaces, and the trampoline that applies the root, Landlock
+// and seccomp before the plugin's first instruction, once as this (large)
+// test binary re-executed, once as krun-sandbox-exec.
+func BenchmarkLaunchToFirstRPCSandboxed(b *testing.B) {
+	for _, c := range []struct{ name, trampoline string }{
+		{"self", "/proc/self/exe"},
+		{"krun-sandbox-exec", filepath.Join(testPluginDir, sandbox.TrampolineName)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			self0, child0 := cpuClock()
+			defer func() { reportCPU(b, self0, child0) }()
+			for b.Loop() {
+				b.StopTimer()
+				cfg := testConfig(b, "ok")
+				cfg.SandboxOff = false
+				cfg.Sandbox = sandbox.LaunchConfig{Kind: "test", Trampoline: c.trampoline, Log: hclog.NewNullLogger()}
+				b.StartTimer()
+				p, err := Launch(cfg)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := p.Describe(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				p.Kill()
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// BenchmarkLaunchConfigureSandboxed is the cost of a sandboxed plugin up to
+// a configured device: launch, handshake, Describe, and Configure, in which
+// the plugin (examples/plugin-null, built with pluginsdk) narrows its
+// sandbox with Restrict and the host checks it with Verify.
+func BenchmarkLaunchConfigureSandboxed(b *testing.B) {
+	for _, c := range []struct{ name, trampoline string }{
+		{"self", "/proc/self/exe"},
+		{"krun-sandbox-exec", filepath.Join(testPluginDir, sandbox.TrampolineName)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			self0, child0 := cpuClock()
+			defer func() { reportCPU(b, self0, child0) }()
+			for b.Loop() {
+				b.StopTimer()
+				cfg := testConfig(b, "ok")
+				cfg.Kind = "null"
+				cfg.SandboxOff = false
+				cfg.Sandbox = sandbox.LaunchConfig{Kind: "null", Trampoline: c.trampoline, Log: hclog.NewNullLogger()}
+				b.StartTimer()
+				p, err := Launch(cfg)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := p.Describe(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+				if _, _, err := p.Configure(context.Background(), nil); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				p.Kill()
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// cpuClock is the CPU time (user + system) of this process and of its
+// reaped children (the plugins), for benchmarks on a shared machine where
+// wall time mostly measures the other load.
+func cpuClock() (self, children time.Duration) {
+	var a, b syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &a)
+	syscall.Getrusage(syscall.RUSAGE_CHILDREN, &b)
+	d := func(r syscall.Rusage) time.Duration {
+		return time.Duration(syscall.TimevalToNsec(r.Utime) + syscall.TimevalToNsec(r.Stime))
+	}
+	return d(a), d(b)
+}
+
+// reportCPU reports the CPU time per operation since (self0, child0).
+func reportCPU(b *testing.B, self0, child0 time.Duration) {
+	self, child := cpuClock()
+	b.ReportMetric(float64(self-self0)/float64(b.N)/1e6, "host-cpu-ms/op")
+	b.ReportMetric(float64(child-child0)/float64(b.N)/1e6, "plugin-cpu-ms/op")
 }

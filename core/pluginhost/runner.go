@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 
 	"github.com/hashicorp/go-plugin/runner"
+
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // ProcRunner is go-plugin's runner.Runner for one plugin process. It exists
@@ -23,6 +25,7 @@ import (
 // threads ever exit), and gives the plugin /dev/null as stdin.
 type ProcRunner struct {
 	cmd    *exec.Cmd
+	path   string // the plugin executable
 	stdout io.ReadCloser
 	stderr io.ReadCloser
 
@@ -44,8 +47,12 @@ var _ runner.Runner = (*ProcRunner)(nil)
 // go-plugin). hint is what Diagnose asks when the handshake fails; "" asks
 // whether the binary is a krun-core plugin with a matching pluginsdk.
 func NewProcRunner(cmd *exec.Cmd, hint string) (*ProcRunner, error) {
+	path := cmd.Path
+	if len(cmd.Args) > 1 && cmd.Args[0] == sandbox.TrampolineName {
+		path = cmd.Args[1] // the sandbox's trampoline execs the plugin
+	}
 	if hint == "" {
-		hint = "is " + cmd.Path + " a krun-core plugin built for this machine with a matching pluginsdk?"
+		hint = "is " + path + " a krun-core plugin built for this machine with a matching pluginsdk?"
 	}
 	cmd.Stdin = nil // go-plugin sets os.Stdin; a plugin reads nothing from the terminal
 	stdout, err := cmd.StdoutPipe()
@@ -56,7 +63,7 @@ func NewProcRunner(cmd *exec.Cmd, hint string) (*ProcRunner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
-	return &ProcRunner{cmd: cmd, stdout: stdout, stderr: stderr, done: make(chan struct{}), hint: hint}, nil
+	return &ProcRunner{cmd: cmd, path: path, stdout: stdout, stderr: stderr, done: make(chan struct{}), hint: hint}, nil
 }
 
 func (r *ProcRunner) Start(context.Context) error {
@@ -110,8 +117,8 @@ func (r *ProcRunner) Pid() int { return r.pid }
 // Done is closed once the process has been reaped (or failed to start).
 func (r *ProcRunner) Done() <-chan struct{} { return r.done }
 
-// Path is the executable.
-func (r *ProcRunner) Path() string { return r.cmd.Path }
+// Path is the plugin executable.
+func (r *ProcRunner) Path() string { return r.path }
 
 // ExitErr is the wait status; it blocks until Done is closed.
 func (r *ProcRunner) ExitErr() error {
@@ -131,7 +138,7 @@ func (r *ProcRunner) Kill(context.Context) error {
 
 func (r *ProcRunner) Stdout() io.ReadCloser { return r.stdout }
 func (r *ProcRunner) Stderr() io.ReadCloser { return r.stderr }
-func (r *ProcRunner) Name() string          { return r.cmd.Path }
+func (r *ProcRunner) Name() string          { return r.path }
 
 func (r *ProcRunner) ID() string {
 	if r.pid == 0 {
@@ -142,8 +149,20 @@ func (r *ProcRunner) ID() string {
 
 func (r *ProcRunner) Diagnose(context.Context) string { return r.hint }
 
+// PluginToHost checks the address the plugin announced in its handshake:
+// a plugin chooses it, so it must be a unix socket directly inside the
+// plugin's own socket directory (never a TCP address or another path). A
+// plugin in the sandbox's private root made it there, and the host reaches
+// it through /proc/PID/root (sandbox.HostSocketPath).
 func (r *ProcRunner) PluginToHost(network, addr string) (string, string, error) {
-	return network, addr, nil
+	if network != "unix" {
+		return "", "", fmt.Errorf("plugin announced a %s address; only a unix socket in its socket directory is accepted", network)
+	}
+	p, err := sandbox.HostSocketPath(r.cmd.Env, r.pid, addr)
+	if err != nil {
+		return "", "", err
+	}
+	return network, p, nil
 }
 
 func (r *ProcRunner) HostToPlugin(network, addr string) (string, string, error) {

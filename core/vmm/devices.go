@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -40,12 +42,33 @@ type pluginDevice struct {
 	// from the plugin); nil without one.
 	stopBackendReq func()
 
+	// An external back-end (external.go) has no plugin and no opened
+	// files: it was connected to and negotiated with already
+	// (negotiated), backend adjusts its config space, featureMask are
+	// features never offered to the guest, and watch is a copy of its
+	// socket that monitor polls for a hang-up.
+	external    *devspec.VhostUserSpec
+	negotiated  *frontend.Negotiated
+	backend     mmio.Backend
+	featureMask uint64
+	watch       atomic.Pointer[os.File]
+
 	closeOnce sync.Once
 }
 
 // launchPlugins starts one plugin per device, concurrently, and returns
 // them configured and serving vhost-user. On error none is left running.
 func (c *Context) launchPlugins(ctx context.Context) ([]*pluginDevice, error) {
+	var sockets []string
+	for _, s := range c.devices {
+		if v, ok := s.(*devspec.VhostUserSpec); ok {
+			sockets = append(sockets, v.Socket)
+		}
+	}
+	if len(sockets) > 0 {
+		c.log.Warn("external vhost-user back-ends are not sandboxed by krun-core: they run with whatever confinement their owner gave them",
+			"sockets", strings.Join(sockets, ","))
+	}
 	devs := make([]*pluginDevice, len(c.devices))
 	errs := make([]error, len(c.devices))
 	var wg sync.WaitGroup
@@ -69,6 +92,9 @@ func (c *Context) launchPlugins(ctx context.Context) ([]*pluginDevice, error) {
 }
 
 func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *pluginDevice, err error) {
+	if v, ok := s.(*devspec.VhostUserSpec); ok {
+		return c.connectExternal(ctx, i, v)
+	}
 	d := &pluginDevice{index: i, spec: s}
 	defer func() {
 		if err != nil {
@@ -77,7 +103,7 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 		}
 	}()
 	// Helpers (passt) log into the core's log.
-	helperLog := c.log.Named("helper").StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true})
+	helperLog := devspec.HelperLog(c.log.Named("helper"))
 	if d.opened, err = s.Open(devspec.OpenOptions{HelperStderr: helperLog}); err != nil {
 		return nil, err
 	}
@@ -99,7 +125,8 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 		Logger: log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
 	}
 	if !c.sandboxOff {
-		cfg.Sandbox = sandbox.LaunchConfig{Limits: sandbox.DefaultLimits(d.opened.Kind), Disable: c.sandboxDisable, Log: log}
+		cfg.Sandbox = sandbox.LaunchConfig{Kind: d.opened.Kind, Disable: c.sandboxDisable, Log: log,
+			HostUID: c.pluginUID, HostGID: c.pluginGID}
 	}
 	if d.plugin, err = pluginhost.Launch(cfg); err != nil {
 		return nil, err
@@ -145,31 +172,52 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	if qmax < 1 || qmax > 32768 || qmax&(qmax-1) != 0 {
 		return fmt.Errorf("plugin reports maximum queue size %d", qmax)
 	}
-	client, err := frontend.NewFromFile(d.sock)
-	if err != nil {
-		return err
-	}
-	d.client = client
-	n, err := client.Negotiate(frontend.SetupConfig{
-		Features:         ^uint64(0), // everything offered; the guest picks later
-		ProtocolFeatures: frontend.SupportedProtocolFeatures,
-	})
-	if err != nil {
-		return fmt.Errorf("vhost-user negotiation: %w", err)
+	client := d.client
+	var n frontend.Negotiated
+	if d.negotiated != nil { // an external back-end, negotiated with already
+		n = *d.negotiated
+	} else {
+		var err error
+		if client, err = frontend.NewFromFile(d.sock); err != nil {
+			return err
+		}
+		d.client = client
+		n, err = client.Negotiate(frontend.SetupConfig{
+			Features:         ^uint64(0), // everything offered; the guest picks later
+			ProtocolFeatures: frontend.SupportedProtocolFeatures,
+		})
+		if err != nil {
+			return fmt.Errorf("vhost-user negotiation: %w", err)
+		}
 	}
 	if err := client.SetMemTable(regions); err != nil {
 		return fmt.Errorf("vhost-user memory table: %w", err)
 	}
+	var backend mmio.Backend = client
+	configSpace := n.ProtocolFeatures&vhostuser.ProtocolConfig != 0
+	configSize := 0
+	if d.backend != nil {
+		backend, configSpace = d.backend, true
+		if eb, ok := d.backend.(*externalBackend); ok && eb.size > 0 {
+			// An external back-end has no Configure data: the core reads
+			// its config space once at attach and serves the guest from
+			// that copy, so no vCPU waits on the back-end.
+			configSize = int(eb.size)
+		}
+	}
+	var err error
 	d.dev, err = mmio.New(mmio.Config{
 		DeviceID:           info.Type,
 		Base:               MMIOBase + uint64(d.index)*MMIOStride,
 		GSI:                FirstDeviceGSI + uint32(d.index),
 		NumQueues:          info.NumQueues,
 		QueueSizeMax:       uint16(min(qmax, 32768)),
-		Features:           n.OfferedFeatures,
+		Features:           n.OfferedFeatures &^ d.featureMask,
 		ProtocolNegotiated: n.Features&vhostuser.FeatureProtocolFeatures != 0,
-		ConfigSpace:        n.ProtocolFeatures&vhostuser.ProtocolConfig != 0,
-		Backend:            client,
+		ConfigSpace:        configSpace,
+		ConfigData:         info.Config,
+		ConfigSize:         configSize,
+		Backend:            backend,
 		Wiring:             m.vm,
 		Translate:          m.hostAddr,
 		Log:                m.log.Named(fmt.Sprintf("virtio-mmio.%d", d.index)),
@@ -191,6 +239,10 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 // monitor fails the device when its plugin process dies; the guest sees a
 // broken device, the VM runs on.
 func (d *pluginDevice) monitor(ctx context.Context) {
+	if d.external != nil {
+		d.watchHangup(ctx)
+		return
+	}
 	select {
 	case <-ctx.Done():
 	case <-d.plugin.Done():
@@ -219,6 +271,9 @@ func (d *pluginDevice) shutdown(log hclog.Logger) {
 		}
 		if d.sock != nil {
 			d.sock.Close()
+		}
+		if f := d.watch.Swap(nil); f != nil { // monitor never ran
+			f.Close()
 		}
 		if d.plugin != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), pluginShutdownTimeout)

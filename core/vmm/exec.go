@@ -366,6 +366,17 @@ func (c *Context) prepareExec() error {
 				continue // mounted where the container setup says
 			}
 			e.cfg.Mounts = append(e.cfg.Mounts, initconfig.Mount{Type: "virtiofs", Source: s.Tag, Target: "/mnt/" + s.Tag, ReadOnly: s.ReadOnly})
+		case *devspec.VhostUserSpec: // an external back-end: its driver; a share with a known tag is mounted
+			switch s.Type {
+			case devspec.VirtioBlk:
+				modules = append(modules, "virtio_blk")
+			case devspec.VirtioNet:
+				modules = append(modules, "virtio_net")
+			case devspec.VirtioFS:
+				if s.Tag != "" {
+					e.cfg.Mounts = append(e.cfg.Mounts, initconfig.Mount{Type: "virtiofs", Source: s.Tag, Target: "/mnt/" + s.Tag})
+				}
+			}
 		}
 	}
 	if !hasNet && len(e.portMap) > 0 {

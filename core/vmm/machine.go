@@ -75,7 +75,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 			return nil, err
 		}
 	}
-	if err := c.validate(); err != nil {
+	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	t0 := time.Now()

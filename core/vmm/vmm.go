@@ -23,6 +23,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/sandbox"
 )
@@ -71,6 +72,8 @@ type Context struct {
 	pluginDir      string
 	sandboxOff     bool
 	sandboxDisable []sandbox.Layer
+	pluginUID      int // 0: the sandbox's default (sandbox.LaunchConfig.PluginIDs)
+	pluginGID      int
 	bootMarker     string
 	bootTimeout    time.Duration
 	started        bool
@@ -155,14 +158,47 @@ func (c *Context) AddDiskSpec(spec string) error {
 	return c.AddDevice(d)
 }
 
-// AddDevice adds any plugin device described by a parsed spec (disk, fs,
-// net).
+// AddDevice adds any device described by a parsed spec: a built-in plugin's
+// (disk, fs, net), a third-party plugin's (*devspec.PluginSpec: any
+// installed krun-plugin-KIND, whose options it checks itself), or an
+// external vhost-user back-end (*devspec.VhostUserSpec, as AddVhostUser).
 func (c *Context) AddDevice(s devspec.Spec) error {
 	if len(c.devices) >= MaxDevices {
 		return fmt.Errorf("%w: more than %d devices", ErrConfig, MaxDevices)
 	}
 	c.devices = append(c.devices, s)
 	return nil
+}
+
+// VhostUserOptions are the optional settings of AddVhostUser; zero values
+// take the defaults (see devspec.VhostUserSpec).
+type VhostUserOptions struct {
+	// Queues is the number of request queues: virtio-blk queues,
+	// virtio-fs request queues (besides the high-priority queue), or the
+	// queues of a numeric type. Default 1; net has one queue pair.
+	Queues int
+	// QueueSize is the largest ring the guest may set up (a power of
+	// two; default 128 for blk and fs, 256 otherwise).
+	QueueSize int
+	// Tag is the virtio-fs mount tag, used when the back-end has no
+	// config space of its own (the C virtiofsd).
+	Tag string
+}
+
+// AddVhostUser attaches an external vhost-user back-end that krun-core did
+// not start and does not sandbox (qemu-storage-daemon, virtiofsd, a
+// vhost-device-* daemon, another krun-core serve) listening on the unix
+// socket socket. typ is "blk", "fs", "net" or a virtio device ID ("4").
+// Start connects to it and negotiates before the guest starts; a back-end
+// that is missing or refuses the protocol makes Start fail, and one that
+// disconnects while the guest runs fails its device (as a plugin that
+// dies does).
+func (c *Context) AddVhostUser(typ, socket string, opts VhostUserOptions) error {
+	v, err := devspec.NewVhostUser(typ, socket, opts.Queues, opts.QueueSize, opts.Tag)
+	if err != nil {
+		return fmt.Errorf("%w: vhost-user back-end: %w", ErrConfig, err)
+	}
+	return c.AddDevice(v)
 }
 
 // SetConsoleOutput sets where the guest's serial console goes.
@@ -186,6 +222,10 @@ func (c *Context) SetSandboxOff(off bool) { c.sandboxOff = off }
 // choice, e.g. the empty root where the host's root is an initramfs, which
 // cannot be pivoted away from).
 func (c *Context) SetSandboxDisable(layers []sandbox.Layer) { c.sandboxDisable = layers }
+
+// SetPluginIDs sets the host uid and gid plugins run as (0: the sandbox's
+// default, nobody:nogroup for a root krun-core).
+func (c *Context) SetPluginIDs(uid, gid int) { c.pluginUID, c.pluginGID = uid, gid }
 
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).
@@ -263,6 +303,33 @@ type Result struct {
 	// program's, with SetExec); HasExitStatus says whether it did.
 	ExitStatus    int
 	HasExitStatus bool
+}
+
+// Validate checks the configuration without starting anything: the
+// kernel and initrd exist, the plugin directories named exist, every
+// plugin is installed, and every external back-end's socket exists. Start
+// runs it first; a caller may run it earlier to refuse bad input before
+// doing anything else.
+func (c *Context) Validate() error {
+	if err := c.validate(); err != nil {
+		return err
+	}
+	if err := pluginhost.CheckSearchPath(c.pluginDir); err != nil {
+		return err
+	}
+	dirs := pluginhost.SearchPath(c.pluginDir)
+	for i, s := range c.devices {
+		if v, ok := s.(*devspec.VhostUserSpec); ok {
+			if err := v.CheckSocket(); err != nil {
+				return fmt.Errorf("device %d (%s): %w", i, s, err)
+			}
+			continue
+		}
+		if _, err := pluginhost.Find(s.Kind(), dirs); err != nil {
+			return fmt.Errorf("device %d (%s): %w", i, s, err)
+		}
+	}
+	return nil
 }
 
 func (c *Context) validate() error {

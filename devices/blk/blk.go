@@ -2,7 +2,8 @@
 // disk.Disk, served as a vhost-user back-end.
 //
 // It offers IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES, multiqueue
-// (one goroutine per queue; the disk is shared and safe for concurrent use)
+// (each queue served by the back-end's ring engine with a pool of request
+// goroutines; the disk is shared and safe for concurrent use)
 // and VIRTIO_BLK_F_RO for read-only disks. Every request is untrusted: a
 // malformed one fails with VIRTIO_BLK_S_IOERR or VIRTIO_BLK_S_UNSUPP and a
 // counter in Stats, never a panic. Data moves between guest memory and the
@@ -68,9 +69,9 @@ type Config struct {
 	Log hclog.Logger
 	// OwnsDisk makes Close close Disk (a plugin hands its disk over).
 	OwnsDisk bool
-	// QueueWorkers is how many requests of one queue may be in flight on
-	// the disk at once; 0 means DefaultQueueWorkers, 1 serves each queue
-	// synchronously on its ServeQueue goroutine.
+	// QueueWorkers is how many requests of one queue may be on the disk at
+	// once; 0 means DefaultQueueWorkers, 1 serves each queue synchronously
+	// on its ring goroutine.
 	QueueWorkers int
 }
 

@@ -6,7 +6,6 @@ import (
 
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
-	"github.com/krun-core/krun-core/virtq"
 )
 
 var _ backend.Device = (*Device)(nil)
@@ -22,18 +21,34 @@ func (d *Device) Info() backend.DeviceInfo {
 	}
 }
 
-// ServeQueue serves request queue idx until ctx is cancelled, with up to
-// Config.QueueWorkers requests in flight. Each request goroutine has its own
-// scratch space; the disk is shared by all of them.
-func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
+// Queue serves request queue idx through the back-end's ring engine with up
+// to Config.QueueWorkers requests on the disk at once (reads and writes
+// alike), completing them out of order as virtio-blk allows. Each of the
+// ring's goroutines has its own scratch space; the disk is shared.
+func (d *Device) Queue(_ context.Context, idx int) (backend.QueueConfig, error) {
 	if idx < 0 || idx >= d.numQueues {
-		return fmt.Errorf("blk: queue %d of %d", idx, d.numQueues)
+		return backend.QueueConfig{}, fmt.Errorf("blk: queue %d of %d", idx, d.numQueues)
 	}
-	if d.qworkers > 1 {
-		return d.serveConcurrent(ctx, vr, d.qworkers)
+	workers := d.qworkers
+	if workers == 1 {
+		workers = 0 // synchronous, on the ring's goroutine
 	}
-	w := d.newWorker()
-	return vr.Run(ctx, func(c *virtq.Chain) (uint32, error) {
-		return w.handle(c.ReadableSegments(), c.WritableSegments())
-	})
+	h := &queueHandler{ws: make([]*worker, workers+1)}
+	for i := range h.ws {
+		h.ws[i] = d.newWorker()
+	}
+	return backend.QueueConfig{Handler: h, Workers: workers}, nil
+}
+
+// queueHandler serves one queue's requests.
+type queueHandler struct {
+	ws []*worker // scratch space per ring goroutine (Request.Worker)
+}
+
+func (h *queueHandler) Handle(req *backend.Request) {
+	written, bad := h.ws[req.Worker()].handleChain(req.Chain())
+	if bad != nil {
+		req.Malformed(bad)
+	}
+	req.Complete(written)
 }

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"math"
+
+	"github.com/krun-core/krun-core/virtq"
 )
 
 // A request is a descriptor chain: device-readable bytes (the 16-byte header,
@@ -46,6 +48,7 @@ type worker struct {
 	seg    [SegmentSize]byte
 	ranges []dwzRange // capacity: the larger of the two segment limits
 	iov    [][]byte   // reused view list for vectored I/O
+	rd, wr [][]byte   // the current chain's buffers (views into guest memory)
 	bad    error      // why the current request is malformed, if it is
 }
 
@@ -75,6 +78,20 @@ func (w *worker) handle(rd, wr [][]byte) (uint32, error) {
 		return math.MaxUint32, w.bad
 	}
 	return uint32(wrLen), w.bad
+}
+
+// handleChain serves one descriptor chain: it collects views of the chain's
+// buffers into the worker's scratch lists (at most the queue size of them)
+// and hands them to handle. A chain that turns out malformed while it is
+// walked (the guest rewrote it after making it available) is completed with
+// nothing written.
+func (w *worker) handleChain(c *virtq.Chain) (uint32, error) {
+	w.rd = c.PeekReadable(w.rd[:0], c.ReadableLen())
+	w.wr = c.PeekWritable(w.wr[:0], c.WritableLen())
+	if err := c.Err(); err != nil {
+		return 0, err
+	}
+	return w.handle(w.rd, w.wr)
 }
 
 // fail counts a failed request and returns its status. Malformed-request

@@ -24,7 +24,6 @@ package console
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -32,6 +31,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/virtq"
 )
 
@@ -87,16 +87,6 @@ type Config struct {
 	Logger hclog.Logger
 }
 
-// Ring is what the device needs from a running vring: the queue, a way to
-// wait for the driver's kick and a way to interrupt it. The vhost-user
-// back-end's Vring satisfies it.
-type Ring interface {
-	Queue() *virtq.Queue
-	WaitKick(ctx context.Context) error
-	// Notify interrupts the driver if the queue says it wants it.
-	Notify() error
-}
-
 // Stats are the device's counters.
 type Stats struct {
 	TxBytes, RxBytes        atomic.Uint64
@@ -129,7 +119,7 @@ type Device struct {
 	closed   chan struct{}
 	closeOne sync.Once
 
-	txMu, rxMu, crxMu, ctxMu sync.Mutex // one goroutine per ring, across restarts
+	rxMu, crxMu *sync.Mutex // one producer per receive ring, across restarts
 }
 
 // New returns a device whose port is called cfg.Name.
@@ -153,6 +143,8 @@ func New(cfg Config) (*Device, error) {
 		tx:       make(chan []byte, txChunks),
 		rx:       make(chan []byte, rxChunks),
 		closed:   make(chan struct{}),
+		rxMu:     new(sync.Mutex),
+		crxMu:    new(sync.Mutex),
 	}, nil
 }
 
@@ -283,120 +275,83 @@ func (d *Device) Write(p []byte) (int, error) {
 	return n, nil
 }
 
-// Serve serves ring idx until ctx is cancelled.
-func (d *Device) Serve(ctx context.Context, idx int, r Ring) error {
-	switch idx {
-	case portRx:
-		d.rxMu.Lock()
-		defer d.rxMu.Unlock()
-		return d.serveRx(ctx, r)
-	case portTx:
-		d.txMu.Lock()
-		defer d.txMu.Unlock()
-		return d.serveTx(ctx, r)
-	case controlRx:
-		d.crxMu.Lock()
-		defer d.crxMu.Unlock()
-		return d.serveControlRx(ctx, r)
-	case controlTx:
-		d.ctxMu.Lock()
-		defer d.ctxMu.Unlock()
-		return d.serveControlTx(ctx, r)
+// handleTx moves one chain of guest data into the tx buffer; it blocks
+// while the buffer is full (the guest writer waits), until the ring stops.
+func (d *Device) handleTx(ctx context.Context, c *virtq.Chain) {
+	if c.WritableLen() != 0 {
+		d.stats.Malformed.Add(1)
+		return
 	}
-	return fmt.Errorf("virtio-console has no queue %d", idx)
+	for c.RemainingRead() > 0 {
+		b := make([]byte, min(c.RemainingRead(), chunkSize))
+		if err := c.ReadFull(b); err != nil {
+			d.stats.Malformed.Add(1)
+			return
+		}
+		select {
+		case d.tx <- b:
+			d.stats.TxBytes.Add(uint64(len(b)))
+		case <-ctx.Done():
+			// The ring stops: this chain's data is lost like bytes on a
+			// cable pulled mid-transfer. The chain is completed so the
+			// driver gets its buffer back.
+			return
+		}
+	}
 }
 
-// drain pops every available chain of a device-readable ring and passes it
-// to handle, completing each with 0 bytes written; it waits for kicks in
-// between. handle returning false stops the ring (ctx cancelled).
-func drain(ctx context.Context, r Ring, handle func(c *virtq.Chain) bool, malformed *atomic.Uint64) error {
-	q := r.Queue()
-	var c virtq.Chain
+// handleControlTx handles one of the driver's control messages.
+func (d *Device) handleControlTx(_ context.Context, c *virtq.Chain) {
+	var msg [controlLen]byte
+	if c.WritableLen() != 0 || c.RemainingRead() < controlLen {
+		d.stats.BadControl.Add(1)
+		return
+	}
+	if err := c.ReadFull(msg[:]); err != nil {
+		d.stats.BadControl.Add(1)
+		return
+	}
+	d.control(binary.LittleEndian.Uint32(msg[0:]), binary.LittleEndian.Uint16(msg[4:]), binary.LittleEndian.Uint16(msg[6:]))
+}
+
+// takeBuffer waits for a receive buffer the guest posted: it returns nil
+// when the ring stops. Malformed chains are completed empty and counted
+// in bad.
+func takeBuffer(ctx context.Context, b *backend.Buffers, bad *atomic.Uint64) (*backend.Request, error) {
 	for {
-		q.DisableNotification()
-		for {
-			ok, err := q.Pop(&c)
-			if err != nil {
-				if !errors.Is(err, virtq.ErrMalformedChain) {
-					return err
-				}
-				malformed.Add(1)
-				if err := q.Push(c.Head, 0); err != nil {
-					return err
-				}
-				continue
+		req, err := b.Take()
+		switch {
+		case err != nil && req == nil:
+			return nil, err
+		case err != nil:
+			bad.Add(1)
+			req.Complete(0)
+			if err := b.Publish(); err != nil {
+				return nil, err
 			}
-			if !ok {
-				break
-			}
-			if !handle(&c) {
-				q.Unpop(1)
-				return nil
-			}
-			if err := q.Push(c.Head, 0); err != nil {
-				return err
-			}
-			if err := r.Notify(); err != nil {
-				return err
-			}
+			continue
+		case req != nil:
+			return req, nil
 		}
-		if err := r.Notify(); err != nil {
-			return err
-		}
-		if q.EnableNotification() {
+		if b.EnableKicks() {
 			continue
 		}
-		if err := r.WaitKick(ctx); err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
+		if err := b.WaitKick(); err != nil {
+			return nil, err
+		}
+		if ctx.Err() != nil {
+			return nil, nil
 		}
 	}
 }
 
-// serveTx moves guest data into the tx buffer.
-func (d *Device) serveTx(ctx context.Context, r Ring) error {
-	return drain(ctx, r, func(c *virtq.Chain) bool {
-		if c.WritableLen() != 0 {
-			d.stats.Malformed.Add(1)
-			return true
-		}
-		for c.RemainingRead() > 0 {
-			b := make([]byte, min(c.RemainingRead(), chunkSize))
-			if err := c.ReadFull(b); err != nil {
-				d.stats.Malformed.Add(1)
-				return true
-			}
-			select {
-			case d.tx <- b:
-				d.stats.TxBytes.Add(uint64(len(b)))
-			case <-ctx.Done():
-				// The ring stops: this chain's data is lost like bytes
-				// on a cable pulled mid-transfer. Complete the chain so
-				// the driver gets its buffer back.
-				return true
-			}
-		}
-		return true
-	}, &d.stats.Malformed)
-}
-
-// serveControlTx handles the driver's control messages.
-func (d *Device) serveControlTx(ctx context.Context, r Ring) error {
-	return drain(ctx, r, func(c *virtq.Chain) bool {
-		var msg [controlLen]byte
-		if c.WritableLen() != 0 || c.RemainingRead() < controlLen {
-			d.stats.BadControl.Add(1)
-			return true
-		}
-		if err := c.ReadFull(msg[:]); err != nil {
-			d.stats.BadControl.Add(1)
-			return true
-		}
-		d.control(binary.LittleEndian.Uint32(msg[0:]), binary.LittleEndian.Uint16(msg[4:]), binary.LittleEndian.Uint16(msg[6:]))
-		return true
-	}, &d.stats.BadControl)
+// complete hands a filled receive buffer to the driver.
+func complete(b *backend.Buffers, req *backend.Request) error {
+	req.Complete(req.Chain().Written())
+	if err := b.Publish(); err != nil {
+		return err
+	}
+	return b.Notify()
 }
 
 func controlMsg(id uint32, event, value uint16, data []byte) []byte {
@@ -459,9 +414,7 @@ func (d *Device) control(id uint32, event, value uint16) {
 
 // serveControlRx delivers queued control messages into the driver's
 // control receive buffers.
-func (d *Device) serveControlRx(ctx context.Context, r Ring) error {
-	q := r.Queue()
-	var c virtq.Chain
+func (d *Device) serveControlRx(ctx context.Context, b *backend.Buffers) error {
 	for {
 		d.mu.Lock()
 		pending := len(d.ctrlOut)
@@ -474,29 +427,11 @@ func (d *Device) serveControlRx(ctx context.Context, r Ring) error {
 				return nil
 			}
 		}
-		ok, err := q.Pop(&c)
-		if err != nil {
-			if !errors.Is(err, virtq.ErrMalformedChain) {
-				return err
-			}
-			d.stats.BadControl.Add(1)
-			if err := q.Push(c.Head, 0); err != nil {
-				return err
-			}
-			continue
+		req, err := takeBuffer(ctx, b, &d.stats.BadControl)
+		if req == nil {
+			return err
 		}
-		if !ok {
-			if q.EnableNotification() {
-				continue
-			}
-			if err := r.WaitKick(ctx); err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return err
-			}
-			continue
-		}
+		c := req.Chain()
 		d.mu.Lock()
 		m := d.ctrlOut[0]
 		d.mu.Unlock()
@@ -504,7 +439,7 @@ func (d *Device) serveControlRx(ctx context.Context, r Ring) error {
 			// Linux posts buffers of a page; a driver whose buffer cannot
 			// take the message gets it back empty.
 			d.stats.BadControl.Add(1)
-			if err := q.Push(c.Head, 0); err != nil {
+			if err := complete(b, req); err != nil {
 				return err
 			}
 			continue
@@ -515,10 +450,7 @@ func (d *Device) serveControlRx(ctx context.Context, r Ring) error {
 		d.mu.Lock()
 		d.ctrlOut = d.ctrlOut[1:]
 		d.mu.Unlock()
-		if err := q.Push(c.Head, c.Written()); err != nil {
-			return err
-		}
-		if err := r.Notify(); err != nil {
+		if err := complete(b, req); err != nil {
 			return err
 		}
 	}
@@ -526,9 +458,7 @@ func (d *Device) serveControlRx(ctx context.Context, r Ring) error {
 
 // serveRx moves host data into the guest's receive buffers, once a guest
 // program has the port open.
-func (d *Device) serveRx(ctx context.Context, r Ring) error {
-	q := r.Queue()
-	var c virtq.Chain
+func (d *Device) serveRx(ctx context.Context, b *backend.Buffers) error {
 	for {
 		if len(d.rxRest) == 0 {
 			select {
@@ -543,32 +473,14 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 		case <-ctx.Done():
 			return nil
 		}
-		ok, err := q.Pop(&c)
-		if err != nil {
-			if !errors.Is(err, virtq.ErrMalformedChain) {
-				return err
-			}
-			d.stats.Malformed.Add(1)
-			if err := q.Push(c.Head, 0); err != nil {
-				return err
-			}
-			continue
+		req, err := takeBuffer(ctx, b, &d.stats.Malformed)
+		if req == nil {
+			return err
 		}
-		if !ok {
-			if q.EnableNotification() {
-				continue
-			}
-			if err := r.WaitKick(ctx); err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return err
-			}
-			continue
-		}
+		c := req.Chain()
 		if c.ReadableLen() != 0 {
 			d.stats.Malformed.Add(1)
-			if err := q.Push(c.Head, 0); err != nil {
+			if err := complete(b, req); err != nil {
 				return err
 			}
 			continue
@@ -591,10 +503,7 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 				break
 			}
 		}
-		if err := q.Push(c.Head, c.Written()); err != nil {
-			return err
-		}
-		if err := r.Notify(); err != nil {
+		if err := complete(b, req); err != nil {
 			return err
 		}
 	}

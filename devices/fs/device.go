@@ -3,9 +3,7 @@ package fs
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"sync"
 	"sync/atomic"
 
 	"github.com/krun-core/krun-core/vhostuser"
@@ -170,142 +168,25 @@ func (d *Device) Counters() map[string]uint64 {
 	}
 }
 
-// ServeQueue serves the hiprio queue in order and each request queue with
-// up to Workers requests at a time.
-func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
+// Queue serves the hiprio queue in order and each request queue with up to
+// Workers requests at a time, through the back-end's ring engine (a lone
+// request on an idle queue is served on the ring's goroutine, without a
+// hand-off); completions may be out of order, which the virtio-fs driver
+// allows.
+func (d *Device) Queue(_ context.Context, idx int) (backend.QueueConfig, error) {
 	if idx < 0 || idx > d.numReq {
-		return fmt.Errorf("virtio-fs: queue %d of %d", idx, 1+d.numReq)
+		return backend.QueueConfig{}, fmt.Errorf("virtio-fs: queue %d of %d", idx, 1+d.numReq)
 	}
-	if idx == HiprioQueue || d.workers == 1 {
-		return vr.Run(ctx, func(c *virtq.Chain) (uint32, error) {
-			return d.srv.Handle(c), nil
-		})
+	workers := d.workers
+	if idx == HiprioQueue || workers == 1 {
+		workers = 0
 	}
-	return d.serveConcurrent(ctx, vr)
+	return backend.QueueConfig{Handler: queueHandler{d.srv}, Workers: workers}, nil
 }
 
-// serveConcurrent pops chains on this goroutine and serves them on a pool
-// of workers. A chain popped when nothing else is pending is served right
-// here, which saves the hand-off on the latency of a lone request; only
-// when the guest has more requests queued do workers take them. The queue
-// is not safe for concurrent use, so every ring operation happens under
-// mu; completions may be out of order, which the virtio-fs driver allows.
-// It returns only after every worker has finished with guest memory.
-func (d *Device) serveConcurrent(ctx context.Context, vr *backend.Vring) error {
-	q := vr.Queue()
-	var mu sync.Mutex
-	free := make(chan *virtq.Chain, d.workers+1)
-	for i := 0; i < d.workers+1; i++ {
-		free <- new(virtq.Chain)
-	}
-	var ringErr atomic.Pointer[error]
-	workCtx, stop := context.WithCancel(ctx)
-	defer stop()
-	serve := func(c *virtq.Chain) {
-		var written uint32
-		if err := backend.Protect(func() error { written = d.srv.Handle(c); return nil }); err != nil {
-			vr.CountMalformed(err)
-		}
-		vr.CountRequests(1)
-		mu.Lock()
-		err := q.Push(c.Head, written)
-		if err == nil {
-			err = vr.Notify()
-		}
-		mu.Unlock()
-		free <- c
-		if err != nil {
-			ringErr.CompareAndSwap(nil, &err)
-			stop()
-		}
-	}
-	work := make(chan *virtq.Chain)
-	var wg sync.WaitGroup
-	for i := 0; i < d.workers; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for c := range work {
-				serve(c)
-			}
-		}()
-	}
-	err := d.popLoop(workCtx, vr, &mu, free, work, serve)
-	close(work)
-	wg.Wait()
-	if p := ringErr.Load(); p != nil && ctx.Err() == nil {
-		return *p
-	}
-	if ctx.Err() != nil {
-		return nil
-	}
-	return err
-}
+// queueHandler hands each request to the FUSE server.
+type queueHandler struct{ srv *Server }
 
-func (d *Device) popLoop(ctx context.Context, vr *backend.Vring, mu *sync.Mutex, free chan *virtq.Chain, work chan<- *virtq.Chain, serve func(*virtq.Chain)) error {
-	q := vr.Queue()
-	for {
-		mu.Lock()
-		q.DisableNotification()
-		mu.Unlock()
-		for {
-			var c *virtq.Chain
-			select {
-			case c = <-free:
-			case <-ctx.Done():
-				return nil
-			}
-			mu.Lock()
-			ok, err := q.Pop(c)
-			pending, _ := q.Pending()
-			if err != nil {
-				if !virtqMalformed(err) {
-					mu.Unlock()
-					return fmt.Errorf("queue %d: %w", vr.Index(), err)
-				}
-				vr.CountMalformed(err)
-				err = q.Push(c.Head, 0)
-				if err == nil {
-					err = vr.Notify()
-				}
-				mu.Unlock()
-				free <- c
-				if err != nil {
-					return err
-				}
-				continue
-			}
-			mu.Unlock()
-			if !ok {
-				free <- c
-				break
-			}
-			if pending == 0 {
-				serve(c)
-				continue
-			}
-			select {
-			case work <- c:
-			case <-ctx.Done():
-				// Popped but not handed out: serve it here, so that the
-				// guest gets its reply before the ring stops.
-				serve(c)
-				return nil
-			}
-		}
-		mu.Lock()
-		more := q.EnableNotification()
-		mu.Unlock()
-		if more {
-			continue
-		}
-		if err := vr.WaitKick(ctx); err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
-	}
+func (h queueHandler) Handle(req *backend.Request) {
+	req.Complete(h.srv.Handle(req.Chain()))
 }
-
-func virtqMalformed(err error) bool { return errors.Is(err, virtq.ErrMalformedChain) }

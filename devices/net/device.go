@@ -1,8 +1,6 @@
 package net
 
 import (
-	"context"
-
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
@@ -27,7 +25,7 @@ func (d *Device) Info() backend.DeviceInfo {
 	}
 }
 
-// ServeQueue serves rx (0) or tx (1) while the ring runs.
-func (d *Device) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
-	return d.Serve(ctx, idx, vr)
-}
+// ConfigSize is the size of the config space (mac, status,
+// max_virtqueue_pairs, mtu): what a plugin reports at Configure, and the
+// core serves the guest from.
+func (d *Device) ConfigSize() int { return configLen }

@@ -28,6 +28,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/virtq"
 )
 
@@ -90,16 +91,6 @@ type Config struct {
 	Logger hclog.Logger
 }
 
-// Ring is what the device needs from a running vring: the queue, a way to
-// wait for the driver's kick and a way to interrupt it. The vhost-user
-// back-end's Vring satisfies it.
-type Ring interface {
-	Queue() *virtq.Queue
-	WaitKick(ctx context.Context) error
-	// Notify interrupts the driver if the queue says it wants it.
-	Notify() error
-}
-
 // Device is a virtio-net device bridging a guest to passt.
 type Device struct {
 	mac  [6]byte
@@ -113,18 +104,20 @@ type Device struct {
 	// rx: a reader goroutine drains passt into a bounded queue at all times,
 	// so passt's writes never stall on a guest that posts no buffers; the rx
 	// ring goroutine delivers from the queue.
-	rxQueue   chan []byte   // frames read from passt, oldest first
-	rxQueued  atomic.Int64  // bytes in rxQueue (and rxPending)
-	rxSmall   chan []byte   // spare buffers of smallFrame bytes
-	rxLarge   chan []byte   // spare buffers of maxFrame bytes
-	rxPending []byte        // a frame taken from rxQueue, not yet delivered
-	rxDone    chan struct{} // closed when the reader goroutine ends
-	rxBuf     []virtq.Chain
+	rxQueue   chan []byte        // frames read from passt, oldest first
+	rxQueued  atomic.Int64       // bytes in rxQueue (and rxPending)
+	rxSmall   chan []byte        // spare buffers of smallFrame bytes
+	rxLarge   chan []byte        // spare buffers of maxFrame bytes
+	rxPending []byte             // a frame taken from rxQueue, not yet delivered
+	rxDone    chan struct{}      // closed when the reader goroutine ends
+	rxReqs    []*backend.Request // buffers taken for the frame being delivered
 	// tx: frames are framed into txBatch and written to passt together,
 	// once the ring is drained or the batch is full.
 	txBatch       []byte
 	txBatchFrames uint64
 	txBatchBytes  uint64
+	// txUndo ends the previous tx ring's stop interruption (interruptOn).
+	txUndo func()
 
 	stats Stats
 	// configChanged has a value when the link status changed and the
@@ -170,7 +163,7 @@ func New(cfg Config) (*Device, error) {
 	d.linkUp.Store(true)
 	maxFrame := d.maxFrame()
 	d.txBatch = make([]byte, 0, txBatchSize+4+maxFrame)
-	d.rxBuf = make([]virtq.Chain, maxRxBuffers)
+	d.rxReqs = make([]*backend.Request, maxRxBuffers)
 	d.rxQueue = make(chan []byte, rxQueueFrames)
 	d.rxSmall = make(chan []byte, poolSize)
 	d.rxLarge = make(chan []byte, poolSize/16)
@@ -324,20 +317,49 @@ func (d *Device) hdrLen() int {
 
 func (d *Device) mergeable() bool { return d.features.Load()&(1<<FeatureMrgRxbuf) != 0 }
 
-// Serve runs queue idx until ctx is cancelled.
-func (d *Device) Serve(ctx context.Context, idx int, r Ring) error {
+// Queue serves rx (0) and tx (1) through the back-end's ring engine: rx as
+// a producer that takes the guest's buffers when passt has a frame for
+// them, tx as a handler that gathers frames and writes them to passt each
+// time the ring is drained.
+func (d *Device) Queue(ctx context.Context, idx int) (backend.QueueConfig, error) {
 	switch idx {
 	case rxQueue:
-		d.rxMu.Lock()
-		defer d.rxMu.Unlock()
-		return d.serveRx(ctx, r)
+		return backend.QueueConfig{Producer: rxProducer{d}}, nil
 	case txQueue:
 		d.txMu.Lock()
 		defer d.txMu.Unlock()
-		return d.serveTx(ctx, r)
+		if d.txUndo != nil {
+			d.txUndo() // the previous ring's deadline callback is done
+		}
+		d.txUndo = interruptOn(ctx, d.conn.SetWriteDeadline, txStopGrace)
+		return backend.QueueConfig{Handler: &txHandler{d: d, ctx: ctx}}, nil
 	}
-	return fmt.Errorf("virtio-net has no queue %d", idx)
+	return backend.QueueConfig{}, fmt.Errorf("virtio-net has no queue %d", idx)
 }
+
+// rxProducer runs the rx ring.
+type rxProducer struct{ d *Device }
+
+func (p rxProducer) Produce(ctx context.Context, b *backend.Buffers) error {
+	p.d.rxMu.Lock() // one rx ring at a time, across ring restarts
+	defer p.d.rxMu.Unlock()
+	return p.d.serveRx(ctx, b)
+}
+
+// txHandler serves the tx ring: its requests and drains run on the ring's
+// goroutine, one after the other.
+type txHandler struct {
+	d   *Device
+	ctx context.Context // the ring's
+}
+
+func (h *txHandler) Handle(req *backend.Request) {
+	h.d.transmit(h.ctx, req.Chain())
+	req.Complete(0)
+}
+
+// Drained writes the frames gathered from the ring to passt.
+func (h *txHandler) Drained() { h.d.flushTx(h.ctx) }
 
 // setLinkDown records that passt is gone.
 func (d *Device) setLinkDown(err error) {
@@ -374,50 +396,6 @@ func interruptOn(ctx context.Context, set func(time.Time) error, grace time.Dura
 func isTimeout(err error) bool {
 	var ne stdnet.Error
 	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// serveTx moves frames from the tx queue to passt.
-func (d *Device) serveTx(ctx context.Context, r Ring) error {
-	undo := interruptOn(ctx, d.conn.SetWriteDeadline, txStopGrace)
-	defer undo()
-	q := r.Queue()
-	var c virtq.Chain
-	for {
-		q.DisableNotification()
-		for {
-			ok, err := q.Pop(&c)
-			if err != nil {
-				if !errors.Is(err, virtq.ErrMalformedChain) {
-					return fmt.Errorf("tx queue: %w", err)
-				}
-				d.stats.TxMalformed.Add(1)
-				if err := q.Push(c.Head, 0); err != nil {
-					return err
-				}
-				continue
-			}
-			if !ok {
-				break
-			}
-			d.transmit(ctx, &c)
-			if err := q.Push(c.Head, 0); err != nil {
-				return err
-			}
-		}
-		d.flushTx(ctx)
-		if err := r.Notify(); err != nil {
-			return err
-		}
-		if q.EnableNotification() {
-			continue
-		}
-		if err := r.WaitKick(ctx); err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
-	}
 }
 
 // transmit sends one tx chain's frame to passt, or drops and counts it.
@@ -484,8 +462,7 @@ func (d *Device) flushTx(ctx context.Context) {
 }
 
 // serveRx moves queued frames from passt into the rx ring.
-func (d *Device) serveRx(ctx context.Context, r Ring) error {
-	q := r.Queue()
+func (d *Device) serveRx(ctx context.Context, b *backend.Buffers) error {
 	unnotified := 0 // frames delivered since the last interrupt
 	armed := false  // a kick was asked for since the last delivery
 	for {
@@ -496,7 +473,7 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 				return nil
 			}
 		}
-		delivered, err := d.deliver(q, d.rxPending)
+		delivered, err := d.deliver(b, d.rxPending)
 		if err != nil {
 			return fmt.Errorf("rx queue: %w", err)
 		}
@@ -510,7 +487,7 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 			// every rxNotifyBatch frames of a long one.
 			if len(d.rxQueue) == 0 || unnotified >= rxNotifyBatch {
 				unnotified = 0
-				if err := r.Notify(); err != nil {
+				if err := b.Notify(); err != nil {
 					return err
 				}
 			}
@@ -523,20 +500,20 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 		// frame, so ask for a kick on the next ones added, and look once
 		// more for buffers added before the request was visible.
 		unnotified = 0
-		if err := r.Notify(); err != nil {
+		if err := b.Notify(); err != nil {
 			return err
 		}
 		if !armed {
-			q.EnableNotificationForMore()
+			b.EnableKicksForMore()
 			armed = true
 			continue
 		}
 		armed = false
-		if err := r.WaitKick(ctx); err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
+		if err := b.WaitKick(); err != nil {
 			return err
+		}
+		if ctx.Err() != nil {
+			return nil
 		}
 	}
 }
@@ -545,69 +522,67 @@ func (d *Device) serveRx(ctx context.Context, r Ring) error {
 // nothing from the ring, when the available buffers cannot hold the frame
 // yet. A frame that can never fit is dropped and counted (reported as
 // delivered).
-func (d *Device) deliver(q *virtq.Queue, frame []byte) (bool, error) {
+func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 	hdrLen := d.hdrLen()
 	total := uint64(hdrLen + len(frame))
 	mrg := d.mergeable()
-	popped := 0
+	taken := 0
 	var room uint64
 	for room < total {
-		if popped == len(d.rxBuf) || (!mrg && popped == 1) {
+		if taken == len(d.rxReqs) || (!mrg && taken == 1) {
 			// The frame needs more buffers than it may use (without
 			// mergeable buffers: one). Give them back to the ring
 			// untouched, for the next frame, and drop this one.
-			q.Unpop(uint16(popped))
+			b.Untake(d.rxReqs[:taken])
 			d.stats.RxNoRoom.Add(1)
 			return true, nil
 		}
-		c := &d.rxBuf[popped]
-		ok, err := q.Pop(c)
-		if err != nil {
-			if !errors.Is(err, virtq.ErrMalformedChain) {
-				return false, err
-			}
-			// Complete the broken chain and any we took before it with
-			// nothing in them; the frame is dropped.
-			d.stats.RxMalformed.Add(1)
-			for i := 0; i < popped; i++ {
-				if err := q.AddUsed(d.rxBuf[i].Head, 0); err != nil {
-					return false, err
-				}
-			}
-			if err := q.AddUsed(c.Head, 0); err != nil {
-				return false, err
-			}
-			q.PublishUsed()
-			return true, nil
+		req, err := b.Take()
+		if err != nil && req == nil {
+			return false, err
 		}
-		if !ok {
-			q.Unpop(uint16(popped))
+		if err != nil {
+			// Malformed: complete the broken chain and any we took
+			// before it with nothing in them; the frame is dropped.
+			d.stats.RxMalformed.Add(1)
+			for _, r := range d.rxReqs[:taken] {
+				r.Complete(0)
+			}
+			req.Complete(0)
+			return true, b.Publish()
+		}
+		if req == nil {
+			b.Untake(d.rxReqs[:taken])
 			return false, nil
 		}
-		popped++
-		room += c.WritableLen()
+		d.rxReqs[taken] = req
+		taken++
+		room += req.Chain().WritableLen()
 	}
 	// Header: all offload fields zero; num_buffers with mergeable buffers.
 	var hdr [12]byte
 	if mrg || hdrLen == 12 {
-		binary.LittleEndian.PutUint16(hdr[10:], uint16(popped))
+		binary.LittleEndian.PutUint16(hdr[10:], uint16(taken))
 	}
 	rest := [2][]byte{hdr[:hdrLen], frame}
 	part := 0
-	for i := 0; i < popped; i++ {
-		c := &d.rxBuf[i]
+	for _, req := range d.rxReqs[:taken] {
+		c := req.Chain()
 		for part < len(rest) && c.RemainingWrite() > 0 {
-			n, _ := c.Write(rest[part])
+			n, err := c.Write(rest[part])
 			rest[part] = rest[part][n:]
 			if len(rest[part]) == 0 {
 				part++
 			}
+			if err != nil && !errors.Is(err, virtq.ErrNoSpace) {
+				break // the guest rewrote the chain: what fits is written
+			}
 		}
-		if err := q.AddUsed(c.Head, c.Written()); err != nil {
-			return false, err
-		}
+		req.Complete(c.Written())
 	}
-	q.PublishUsed()
+	if err := b.Publish(); err != nil {
+		return false, err
+	}
 	d.stats.RxFrames.Add(1)
 	d.stats.RxBytes.Add(uint64(len(frame)))
 	return true, nil

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/virtq"
 )
 
@@ -27,30 +28,36 @@ const (
 )
 
 type testRing struct {
-	t       *testing.T
-	mem     *guestmem.Memory
-	q       *virtq.Queue
-	base    guestmem.Addr
-	avail   uint16
-	kick    chan struct{}
-	notifs  atomic.Int64
-	nextBuf guestmem.Addr
+	t          *testing.T
+	mem        *guestmem.Memory
+	q          *virtq.Queue
+	base       guestmem.Addr
+	avail      uint16
+	kick, call *os.File // eventfds: the device waits on kick and signals call
+	notifs     atomic.Int64
+	nextBuf    guestmem.Addr
 }
 
-func (r *testRing) Queue() *virtq.Queue { return r.q }
-func (r *testRing) WaitKick(ctx context.Context) error {
-	select {
-	case <-r.kick:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+func newEventfd(t *testing.T) *os.File {
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
 	}
+	f := os.NewFile(uintptr(fd), "eventfd")
+	t.Cleanup(func() { f.Close() })
+	return f
 }
-func (r *testRing) Notify() error {
-	if r.q.NeedsNotify() {
-		r.notifs.Add(1)
+
+// countCalls adds the device's interrupts to notifs until the call
+// eventfd is closed.
+func (r *testRing) countCalls() {
+	var b [8]byte
+	for {
+		if _, err := r.call.Read(b[:]); err != nil {
+			return
+		}
+		r.notifs.Add(int64(binary.LittleEndian.Uint64(b[:])))
 	}
-	return nil
 }
 
 func (r *testRing) desc() guestmem.Addr   { return r.base }
@@ -89,10 +96,7 @@ func (r *testRing) offer(head uint16) {
 	if uint16(r.avail-event-1) >= uint16(r.avail-old) {
 		return // the device did not ask for a kick
 	}
-	select {
-	case r.kick <- struct{}{}:
-	default:
-	}
+	r.kick.Write([]byte{1, 0, 0, 0, 0, 0, 0, 0})
 }
 
 func (r *testRing) used() uint16 { return r.r16(r.usedA() + 2) }
@@ -157,7 +161,8 @@ func newRig(t *testing.T, mtu uint16, features uint64) *rig {
 	}
 	t.Cleanup(func() { mem.Close() })
 	mk := func(base, data guestmem.Addr) *testRing {
-		r := &testRing{t: t, mem: mem, base: base, kick: make(chan struct{}, 1), nextBuf: data}
+		r := &testRing{t: t, mem: mem, base: base, kick: newEventfd(t), call: newEventfd(t), nextBuf: data}
+		go r.countCalls()
 		q, err := virtq.NewQueue(mem, virtq.Config{Size: qSize, DescTable: r.desc(), AvailRing: r.availA(), UsedRing: r.usedA(), EventIdx: true})
 		if err != nil {
 			t.Fatal(err)
@@ -168,8 +173,15 @@ func newRig(t *testing.T, mtu uint16, features uint64) *rig {
 	rg := &rig{dev: dev, passt: theirs, rx: mk(rxBase, dataBase), tx: mk(txBase, dataBase+memSize/2), done: make(chan error, 2)}
 	ctx, cancel := context.WithCancel(context.Background())
 	rg.cancel = cancel
-	go func() { rg.done <- dev.Serve(ctx, 0, rg.rx) }()
-	go func() { rg.done <- dev.Serve(ctx, 1, rg.tx) }()
+	serve := func(idx int, r *testRing) error {
+		qc, err := dev.Queue(ctx, idx)
+		if err != nil {
+			return err
+		}
+		return backend.RunQueue(ctx, r.q, r.kick, r.call, qc, nil)
+	}
+	go func() { rg.done <- serve(0, rg.rx) }()
+	go func() { rg.done <- serve(1, rg.tx) }()
 	t.Cleanup(rg.stop)
 	return rg
 }

@@ -3,6 +3,7 @@ package blk_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -95,6 +96,7 @@ func serve(t *testing.T, spec string) *server {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if st, err := os.Stat(s.socket); err == nil && st.Mode().Type() == fs.ModeSocket {
+			checkPluginsNotRoot(t, s.cmd.Process.Pid)
 			return s
 		}
 		select {
@@ -105,6 +107,40 @@ func serve(t *testing.T, spec string) *server {
 		if time.Now().After(deadline) {
 			t.Fatalf("krun-core serve --disk %s: no socket after 30 s\n%s", spec, s.out)
 		}
+	}
+}
+
+// checkPluginsNotRoot checks from outside that every plugin process of the
+// krun-core process pid runs with non-zero host uids and gids when the
+// test runs as root (a non-root krun-core cannot run anything as root).
+func checkPluginsNotRoot(t *testing.T, pid int) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return
+	}
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, task := range tasks {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		for _, child := range strings.Fields(string(b)) {
+			st, err := os.ReadFile("/proc/" + child + "/status")
+			if err != nil {
+				continue // gone (a short-lived helper)
+			}
+			n++
+			for _, l := range strings.Split(string(st), "\n") {
+				f := strings.Fields(l)
+				if len(f) == 5 && (f[0] == "Uid:" || f[0] == "Gid:") && strings.Contains(" "+strings.Join(f[1:], " ")+" ", " 0 ") {
+					t.Errorf("plugin %s runs with host %s", child, l)
+				}
+			}
+		}
+	}
+	if n == 0 {
+		t.Errorf("krun-core serve (pid %d) has no plugin process", pid)
 	}
 }
 

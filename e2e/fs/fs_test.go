@@ -120,6 +120,7 @@ func (f *fsFixtures) prepare(t *testing.T) string {
 	if err := os.WriteFile(filepath.Join(dir, "host16"), f.host16, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	giveToPlugin(t, dir)
 	return dir
 }
 
@@ -137,8 +138,9 @@ func (f *fsFixtures) runGuest(t *testing.T, a *vmtest.Assets, socket string) *vm
 	return vm.Run()
 }
 
-// check verifies from the host what the guest did to the share.
-func (f *fsFixtures) check(t *testing.T, dir string) {
+// check verifies from the host what the guest did to the share; the guest's
+// new files belong to owner (the server's ids).
+func (f *fsFixtures) check(t *testing.T, dir string, owner int) {
 	t.Helper()
 	p := func(name string) string { return filepath.Join(dir, name) }
 	ents, err := os.ReadDir(p("many"))
@@ -177,8 +179,8 @@ func (f *fsFixtures) check(t *testing.T, dir string) {
 	if st.Mode&0o7777 != 0o640 {
 		t.Errorf("big.renamed mode %o, want 640", st.Mode&0o7777)
 	}
-	if st.Uid != uint32(os.Geteuid()) {
-		t.Errorf("big.renamed belongs to uid %d, want %d (the user running the server)", st.Uid, os.Geteuid())
+	if st.Uid != uint32(owner) {
+		t.Errorf("big.renamed belongs to uid %d, want %d (the ids the server runs as)", st.Uid, owner)
 	}
 	if target, err := os.Readlink(p("sym")); err != nil || target != "big.renamed" {
 		t.Errorf("sym: %q %v", target, err)
@@ -203,7 +205,8 @@ func TestGuest(t *testing.T) {
 	r := f.runGuest(t, a, d.socket)
 	t.Logf("guest run: boot %v, total %v", r.BootTime, r.Total)
 	d.stop()
-	f.check(t, dir)
+	uid, _ := pluginIDs()
+	f.check(t, dir, uid)
 }
 
 // TestGuestVirtiofsd runs the same guest script and host checks against
@@ -216,5 +219,5 @@ func TestGuestVirtiofsd(t *testing.T) {
 	r := f.runGuest(t, a, d.socket)
 	t.Logf("guest run: boot %v, total %v", r.BootTime, r.Total)
 	d.stop()
-	f.check(t, dir)
+	f.check(t, dir, os.Geteuid())
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
 	"github.com/krun-core/krun-core/internal/vmtest"
+	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
 )
 
@@ -30,6 +31,35 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	bins.Remove()
 	os.Exit(code)
+}
+
+// pluginIDs are the host ids krun-plugin-fs-virtio runs as under krun-core
+// serve's defaults: nobody:nogroup when the test runs as root, else the
+// test's own.
+func pluginIDs() (uid, gid int) {
+	if os.Geteuid() == 0 {
+		return sandbox.DefaultPluginUID, sandbox.DefaultPluginGID
+	}
+	return os.Geteuid(), os.Getegid()
+}
+
+// giveToPlugin hands a share to the plugin's ids, as a root user must: the
+// plugin never runs as root and works in the share with its own rights.
+func giveToPlugin(t testing.TB, dir string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return
+	}
+	uid, gid := pluginIDs()
+	err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, uid, gid)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // binDir returns the directory of the built binaries.
@@ -107,7 +137,7 @@ func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
 func serveFS(t testing.TB, spec string, extra ...string) *daemon {
 	t.Helper()
 	d := &daemon{name: "krun-core serve --fs " + spec, socket: filepath.Join(sockDir(t), "fs.sock"), ready: "krun-core: serving"}
-	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--socket", d.socket, "--fs", spec}, extra...)
+	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--log-level", "info", "--socket", d.socket, "--fs", spec}, extra...)
 	return startDaemon(t, d, args...)
 }
 

@@ -64,14 +64,21 @@ func TestGuestSetID(t *testing.T) {
 	for _, sh := range shares {
 		dir := filepath.Join(t.TempDir(), sh.tag)
 		must(t, "mkdir", os.Mkdir(dir, 0o755))
-		for name, mode := range map[string]uint32{"hostsuid": 0o4755, "hostroot": 0o755, "hostsgid": 0o6755, "hostread": 0o4755, "usersuid": 0o4766} {
-			p := filepath.Join(dir, name)
-			must(t, "host file", os.WriteFile(p, []byte("host\n"), 0o600))
-			must(t, "host chmod", unix.Chmod(p, mode))
+		modes := map[string]uint32{"hostsuid": 0o4755, "hostroot": 0o755, "hostsgid": 0o6755, "hostread": 0o4755, "usersuid": 0o4766}
+		for name := range modes {
+			must(t, "host file", os.WriteFile(filepath.Join(dir, name), []byte("host\n"), 0o600))
+		}
+		if sh.extra == nil {
+			// The sandboxed plugin runs as nobody (never host root):
+			// the share and the host's files ("hostroot" included) are
+			// its ids', as a root user must give them.
+			giveToPlugin(t, dir)
 		}
 		must(t, "host chown", os.Chown(filepath.Join(dir, "usersuid"), 1000, 1000))
-		// chown cleared the bit.
-		must(t, "host chmod", unix.Chmod(filepath.Join(dir, "usersuid"), 0o4766))
+		// chown clears the set-id bits: set the modes last.
+		for name, mode := range modes {
+			must(t, "host chmod", unix.Chmod(filepath.Join(dir, name), mode))
+		}
 		dirs[sh.tag] = dir
 		d := serveFS(t, "path="+dir+",tag="+sh.tag+sh.opts, sh.extra...)
 		daemons = append(daemons, d)

@@ -91,14 +91,14 @@ func makeRoot(t testing.TB, busybox string) string {
 	return root
 }
 
-// serveRoot starts `krun-core serve --fs path=root,tag=krun-root` and
-// returns its socket.
-func serveRoot(t *testing.T, root string) string {
+// serveFS starts `krun-core serve --fs path=dir,tag=tag` and returns its
+// socket.
+func serveFS(t *testing.T, dir, tag string) string {
 	t.Helper()
 	socket := filepath.Join(shortDir(t), "fs.sock")
 	var out vmtest.LockedBuffer
 	cmd := exec.Command(filepath.Join(bins.Dir(t), "krun-core"), "serve", "--socket", socket,
-		"--fs", "path="+root+",tag="+initconfig.DefaultRootTag)
+		"--fs", "path="+dir+",tag="+tag, "--log-level", "info")
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -227,7 +227,8 @@ func (h *host) waitStdout(t *testing.T, s string, timeout time.Duration) {
 type guest struct {
 	cfg     *initconfig.Config
 	root    string                      // root directory (default: a fresh busybox root)
-	net     bool                        // attach virtio-net (QEMU args in qemuArgs)
+	shares  map[string]string           // more virtio-fs devices: tag -> host directory
+	net     bool                        // load virtio_net (the NIC itself goes in args)
 	files   []*os.File                  // QEMU ExtraFiles
 	args    []string                    // extra QEMU arguments
 	session func(t *testing.T, h *host) // drives the stdio port while the guest runs
@@ -252,8 +253,10 @@ func run(t *testing.T, g guest) *outcome {
 	if g.root == "" {
 		g.root = makeRoot(t, a.Busybox)
 	}
-	fsSock := serveRoot(t, g.root)
-	g.cfg.Ports = &initconfig.Ports{Milestone: milestonePort, Exit: exitPort}
+	fsSock := serveFS(t, g.root, initconfig.DefaultRootTag)
+	if g.cfg.Ports == nil {
+		g.cfg.Ports = &initconfig.Ports{Milestone: milestonePort, Exit: exitPort}
+	}
 	initBin, err := os.ReadFile(filepath.Join(bins.Dir(t), "krun-init"))
 	if err != nil {
 		t.Fatal(err)
@@ -280,6 +283,9 @@ func run(t *testing.T, g guest) *outcome {
 	msFile := filepath.Join(dir, "milestones")
 	vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initrd: initrd, Quiet: true, Timeout: 3 * time.Minute, ExtraFiles: g.files})
 	vm.AddVhostUserFS(fsSock, initconfig.DefaultRootTag)
+	for tag, dir := range g.shares {
+		vm.AddVhostUserFS(serveFS(t, dir, tag), tag)
+	}
 	vm.AddArgs(
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=stdio0,path="+stdioSock+",server=on,wait=on",
@@ -298,7 +304,10 @@ func run(t *testing.T, g guest) *outcome {
 	}
 	r, err := vm.Wait()
 	if err != nil {
-		t.Fatalf("guest: %v\n%s\nstdout %q\nstderr %q", err, lastLines(r.Console, 40), h.stdout.String(), h.stderr.String())
+		h.mu.Lock()
+		stdout, stderr := h.stdout.String(), h.stderr.String()
+		h.mu.Unlock()
+		t.Fatalf("guest: %v\n%s\nstdout %q\nstderr %q", err, lastLines(r.Console, 40), stdout, stderr)
 	}
 	// The guest is gone: whatever it sent is in the socket buffer.
 	select {
@@ -306,15 +315,20 @@ func run(t *testing.T, g guest) *outcome {
 	case <-time.After(10 * time.Second):
 		t.Errorf("stdio socket not closed after QEMU exited")
 	}
+	h.mu.Lock()
 	o := &outcome{exitFrame: h.exit, closeReq: h.closeReq, stdout: h.stdout.String(), stderr: h.stderr.String(), root: g.root, console: r.Console}
 	if h.err != nil {
 		t.Errorf("stdio frames from the guest: %v", h.err)
 	}
+	h.mu.Unlock()
 	o.milestones, _ = os.ReadFile(msFile)
+	o.qemuExit = r.ExitCode
+	if g.cfg.Ports.Exit != exitPort {
+		return o // the caller checks how QEMU ended
+	}
 	if r.ExitCode%2 != 1 {
 		t.Fatalf("QEMU exited with %d: the guest did not write its status to port %#x\n%s", r.ExitCode, exitPort, lastLines(r.Console, 40))
 	}
-	o.qemuExit = r.ExitCode
 	o.status = (r.ExitCode - 1) / 2
 	t.Logf("status %d, milestones %v, stdout %q, stderr %q, QEMU ran %v", o.status, o.milestones, o.stdout, o.stderr, r.Total.Round(time.Millisecond))
 	return o

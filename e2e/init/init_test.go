@@ -10,6 +10,7 @@ import (
 
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/stdioframe"
+	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
 // TestOutputEnvLimitsExit: stdout and stderr arrive as their own frames,
@@ -46,11 +47,14 @@ func TestOutputEnvLimitsExit(t *testing.T) {
 	}
 }
 
-// TestKilledBySignal: a command killed by SIGKILL reports 128+9.
+// TestKilledBySignal: a command killed by SIGKILL reports 128+9; it runs
+// with the configured uid, gid and supplementary groups.
 func TestKilledBySignal(t *testing.T) {
-	o := run(t, guest{cfg: initconfig.New("sh", "-c", "echo before; kill -9 $$; echo after")})
+	cfg := initconfig.New("sh", "-c", `echo "ids=$(id -u):$(id -g):$(id -G)"; kill -9 $$; echo after`)
+	cfg.UID, cfg.GID, cfg.AdditionalGIDs = 1000, 1001, []uint32{10, 20}
+	o := run(t, guest{cfg: cfg})
 	o.checkFinished(t, 137)
-	if o.stdout != "before\n" {
+	if o.stdout != "ids=1000:1001:1001 10 20\n" {
 		t.Errorf("stdout %q", o.stdout)
 	}
 }
@@ -110,7 +114,7 @@ func TestTTY(t *testing.T) {
 	cfg.Winsize = &initconfig.Winsize{Rows: 33, Cols: 97}
 	cfg.Env = append(cfg.Env, "TERM=xterm")
 	o := run(t, guest{cfg: cfg, session: func(t *testing.T, h *host) {
-		h.waitStdout(t, "33 97", 2*time.Minute)
+		h.waitStdout(t, "33 97\r\n", 2*time.Minute)
 		if err := h.w.WriteWinsize(50, 150); err != nil {
 			t.Error(err)
 		}
@@ -127,5 +131,82 @@ func TestTTY(t *testing.T) {
 	}
 	if o.stderr != "" {
 		t.Errorf("stderr %q (a terminal has only one output)", o.stderr)
+	}
+}
+
+// TestBigOutputWithOrphan: a megabyte of binary output arrives byte for
+// byte (split into 64 KiB frames), while a background process the command
+// left behind still holds its stdout: init reaps the command, drains what
+// is there and does not wait for the orphan.
+func TestBigOutputWithOrphan(t *testing.T) {
+	a := vmtest.Require(t)
+	root := makeRoot(t, a.Busybox)
+	big := make([]byte, 1<<20)
+	for i := range big {
+		big[i] = byte(i*7 + i>>11)
+	}
+	if err := os.WriteFile(filepath.Join(root, "big"), big, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	o := run(t, guest{root: root, cfg: initconfig.New("sh", "-c", "sleep 600 & cat /big; exit 3")})
+	o.checkFinished(t, 3)
+	if !bytes.Equal([]byte(o.stdout), big) {
+		t.Errorf("stdout: %d bytes, want the %d bytes of /big", len(o.stdout), len(big))
+	}
+}
+
+// TestInitFailure: a failure of init itself (here a share that is not
+// attached) is status 125 with the reason on stderr.
+func TestInitFailure(t *testing.T) {
+	cfg := initconfig.New("true")
+	cfg.Mounts = []initconfig.Mount{{Type: "virtiofs", Source: "absent", Target: "/data"}}
+	o := run(t, guest{cfg: cfg})
+	o.checkFinished(t, 125)
+	if !strings.HasPrefix(o.stderr, "krun-init: ") || !strings.Contains(o.stderr, `share "absent"`) {
+		t.Errorf("stderr %q", o.stderr)
+	}
+}
+
+// TestReadOnlyRootAndShare: a read-only root stays unwritten (its /tmp is
+// a tmpfs of the guest's), and an extra share from the config's mounts is
+// mounted inside it, writable (its mount point must exist: a read-only
+// root cannot get a new directory).
+func TestReadOnlyRootAndShare(t *testing.T) {
+	root := makeRoot(t, vmtest.Require(t).Busybox)
+	if err := os.Mkdir(filepath.Join(root, "srv", "data"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	data := t.TempDir()
+	if err := os.WriteFile(filepath.Join(data, "from-host"), []byte("host data\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := initconfig.New("sh", "-c", `touch /x 2>/dev/null && echo root=rw || echo root=ro; `+
+		`echo tmp > /tmp/t && echo tmp=ok; cat /srv/data/from-host; echo guest > /srv/data/from-guest`)
+	cfg.Root.ReadOnly = true
+	cfg.Mounts = []initconfig.Mount{{Type: "virtiofs", Source: "data", Target: "/srv/data"}}
+	o := run(t, guest{cfg: cfg, root: root, shares: map[string]string{"data": data}})
+	o.checkFinished(t, 0)
+	if o.stdout != "root=ro\ntmp=ok\nhost data\n" {
+		t.Errorf("stdout %q", o.stdout)
+	}
+	if b, err := os.ReadFile(filepath.Join(data, "from-guest")); err != nil || string(b) != "guest\n" {
+		t.Errorf("file the guest wrote to the share: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(o.root, "x")); err == nil {
+		t.Error("the guest wrote to its read-only root")
+	}
+}
+
+// TestPowerOff: with no device on the exit port (the write goes nowhere),
+// init powers the machine off after reporting, and QEMU exits 0.
+func TestPowerOff(t *testing.T) {
+	cfg := initconfig.New("sh", "-c", "echo bye; exit 5")
+	cfg.Ports = &initconfig.Ports{Milestone: milestonePort, Exit: 0x505}
+	o := run(t, guest{cfg: cfg})
+	if o.qemuExit != 0 {
+		t.Errorf("QEMU exit code %d, want 0 (a power-off)", o.qemuExit)
+	}
+	if o.exitFrame != 5 || !o.closeReq || o.stdout != "bye\n" {
+		t.Errorf("EXIT frame %d, CLOSE_REQ %v, stdout %q", o.exitFrame, o.closeReq, o.stdout)
 	}
 }

@@ -17,10 +17,23 @@ import (
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
-// TestDHCP: krun-init takes its address, route and DNS server from passt's
-// DHCP, and the command reaches an HTTP server on the host side through
-// the gateway address.
-func TestDHCP(t *testing.T) {
+// TestNetwork: krun-init takes its address, route and DNS server from
+// passt's DHCP, or from the config, and the command reaches an HTTP server
+// on the host side through the gateway address.
+func TestNetwork(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		net  *initconfig.Network
+	}{
+		{"dhcp", &initconfig.Network{DHCP: true}},
+		// passt's view of the guest is the namespace's own address.
+		{"static", &initconfig.Network{Address: netnstest.Addr + "/24", Gateway: netnstest.Gateway, DNS: []string{netnstest.Gateway}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testNetwork(t, tc.net) })
+	}
+}
+
+func testNetwork(t *testing.T, network *initconfig.Network) {
 	vmtest.Require(t)
 	if _, err := exec.LookPath("passt"); err != nil {
 		t.Skip("passt is not installed (Debian package passt)")
@@ -71,7 +84,7 @@ echo "gw=$gw"
 grep -q '^nameserver ' /etc/resolv.conf && echo resolv=ok
 ip link show lo | grep -q 'state UNKNOWN\|UP' && echo lo=up
 wget -q -O - "http://$gw:`+port+`/page"`)
-	cfg.Network = &initconfig.Network{DHCP: true}
+	cfg.Network = network
 	o := run(t, guest{cfg: cfg, net: true, files: []*os.File{qemuEnd},
 		args: []string{"-netdev", "socket,id=n0,fd=3", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:57"}})
 	o.checkFinished(t, 0)

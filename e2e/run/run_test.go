@@ -24,6 +24,7 @@ var bins = vmtest.BinSet{Name: "run", Pkgs: map[string]string{
 	"krun-plugin-fs-virtio": "github.com/krun-core/krun-core/plugins/fs-virtio",
 	"krun-plugin-console":   "github.com/krun-core/krun-core/plugins/console",
 	"krun-plugin-net-passt": "github.com/krun-core/krun-core/plugins/net-passt",
+	"ptyrun":                "github.com/krun-core/krun-core/e2e/run/internal/ptyrun",
 }}
 
 func TestMain(m *testing.M) {
@@ -44,14 +45,18 @@ cp /bin/busybox /r/bin/busybox
 for applet in $(/r/bin/busybox --list); do
 	[ "$applet" = busybox ] || ln -s /bin/busybox /r/bin/$applet
 done
+# krun-core runs as root here, so its plugins run as nobody:nogroup: the
+# root directory is theirs, or the guest could not write to it.
+chown 65534:65534 /r
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 # kr NAME STDIN ARGS...: krun-core run ARGS with stdin from STDIN, stdout in
 # /tmp/NAME.out and stderr in /tmp/NAME.err; its status in $rc. A run that
-# makes no progress is a nested hang.
+# makes no progress is a nested hang. $KR_WRAP (ptyrun ROWS COLS) runs it
+# on a terminal.
 kr() {
 	name=$1 in=$2
 	shift 2
-	krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 "$@" <"$in" >/tmp/$name.out 2>/tmp/$name.err &
+	$KR_WRAP krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 "$@" <"$in" >/tmp/$name.out 2>/tmp/$name.err &
 	p=$!
 	i=0
 	while kill -0 $p 2>/dev/null; do
@@ -97,6 +102,13 @@ kr combo /tmp/two-lines --root /r --env FOO=bar --workdir /tmp --rlimit nofile=1
 [ -d /r/made/here ] || e2e_fail "combo: the guest's directory is not on the host"
 cmp -s /tmp/blob /tmp/combo.err || e2e_fail "combo: 2 MiB of random bytes did not come through stderr unchanged"
 
+# On a terminal: the command gets one, of the same size, and what is typed.
+printf 'tty; stty size; exit 3\n' >/tmp/typed
+KR_WRAP="ptyrun 40 100" kr tty /tmp/typed --root /r -- /bin/sh
+[ "$rc" = 3 ] || e2e_fail "tty: exit $rc, want 3"
+grep -q '^/dev/pts/[0-9]' /tmp/tty.out || e2e_fail "tty: the command has no terminal"
+grep -q '^40 100' /tmp/tty.out || e2e_fail "tty: the terminal is not 40x100"
+
 kr timing /dev/null --root /r --timing -- /bin/true
 [ "$rc" = 0 ] || e2e_fail "timing: exit $rc"
 grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
@@ -105,8 +117,8 @@ echo "outer checks ok"
 
 // TestRun runs commands with a busybox root directory: stdout and stderr
 // apart and byte for byte, the exit status (and 128+N for a signal),
-// --env, --workdir, --rlimit, --hostname, piped stdin, and a file written
-// under / appearing on the host.
+// --env, --workdir, --rlimit, --hostname, piped stdin, a file written
+// under / appearing on the host, and a terminal when krun-core has one.
 func TestRun(t *testing.T) {
 	a := vmtest.Require(t)
 	dir := bins.Dir(t)
@@ -241,6 +253,13 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		blob[i] = byte(i*131 + i>>9)
 	}
 	os.WriteFile(filepath.Join(root, "blob"), blob, 0o644)
+	if os.Geteuid() == 0 {
+		// A root krun-core runs its plugins as nobody:nogroup: the root
+		// directory is theirs, or the guest could not write to it.
+		if err := os.Chown(root, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+	}
 	base := []string{"run", "--kernel", a.Kernel.Vmlinuz, "--plugin-dir", dir, "--memory", "256M", "--root", root}
 	for _, tc := range []struct {
 		name   string

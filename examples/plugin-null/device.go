@@ -56,11 +56,22 @@ func (d *entropy) Reset() {}
 // errNoWritable marks a request without a device-writable buffer.
 var errNoWritable = errors.New("entropy request has no device-writable buffer")
 
-func (d *entropy) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
+// Queue serves the one queue: each request is filled on the ring's
+// goroutine, in order.
+func (d *entropy) Queue(_ context.Context, idx int) (backend.QueueConfig, error) {
 	if idx != 0 {
-		return fmt.Errorf("entropy device has one queue, not %d", idx+1)
+		return backend.QueueConfig{}, fmt.Errorf("entropy device has one queue, not %d", idx+1)
 	}
-	return vr.Run(ctx, d.handle)
+	return backend.QueueConfig{Handler: d}, nil
+}
+
+// Handle serves one request.
+func (d *entropy) Handle(req *backend.Request) {
+	written, err := d.handle(req.Chain())
+	if err != nil {
+		req.Malformed(err)
+	}
+	req.Complete(written)
 }
 
 // handle fills the chain's writable buffers, up to maxRequest bytes.
@@ -70,19 +81,19 @@ func (d *entropy) handle(c *virtq.Chain) (uint32, error) {
 		d.empty.Add(1)
 		return 0, errNoWritable
 	}
-	var written uint32
-	for _, seg := range c.WritableSegments() {
-		n := min(len(seg), maxRequest-int(written))
-		if n == 0 {
-			break
-		}
+	var buf [4096]byte
+	for c.RemainingWrite() > 0 && c.Written() < maxRequest {
+		p := buf[:min(uint64(len(buf)), c.RemainingWrite(), uint64(maxRequest-c.Written()))]
 		if d.zero {
-			clear(seg[:n])
-		} else if _, err := rand.Read(seg[:n]); err != nil {
-			return written, fmt.Errorf("random source: %w", err)
+			clear(p)
+		} else if _, err := rand.Read(p); err != nil {
+			return c.Written(), fmt.Errorf("random source: %w", err)
 		}
-		written += uint32(n)
+		if _, err := c.Write(p); err != nil {
+			return c.Written(), err
+		}
 	}
+	written := c.Written()
 	d.bytes.Add(uint64(written))
 	return written, nil
 }

@@ -18,9 +18,59 @@ import (
 	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
-// drainTimeout bounds how long output is collected after the command has
-// exited: a background process it left behind may keep the pipes open.
-const drainTimeout = 2 * time.Second
+// After the command has exited, its output is collected until end of file,
+// but a background process it left behind may keep the pipes open: then
+// reading stops after drainIdle without data, or drainMax in all. What the
+// command itself wrote is never cut: it sits in the pipe (at most its
+// capacity) and a read of buffered data does not wait.
+const (
+	drainIdle = 500 * time.Millisecond
+	drainMax  = 5 * time.Second
+)
+
+// drainer arms read deadlines on an output once the command has exited.
+type drainer struct {
+	mu    sync.Mutex
+	until time.Time // zero while the command runs
+}
+
+// start begins draining f.
+func (d *drainer) start(f *os.File, now time.Time) {
+	d.mu.Lock()
+	d.until = now.Add(drainMax)
+	d.mu.Unlock()
+	d.rearm(f)
+}
+
+// rearm gives f another idle period, within the overall limit.
+func (d *drainer) rearm(f *os.File) {
+	d.mu.Lock()
+	until := d.until
+	d.mu.Unlock()
+	if until.IsZero() {
+		return
+	}
+	dl := time.Now().Add(drainIdle)
+	if dl.After(until) {
+		dl = until
+	}
+	f.SetReadDeadline(dl)
+}
+
+// pump copies r to out until EOF, an error or the drain deadline.
+func pump(r *os.File, d *drainer, out func([]byte)) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			out(buf[:n])
+			d.rearm(r)
+		}
+		if err != nil {
+			return
+		}
+	}
+}
 
 // lookPath resolves the command like a shell inside the (already switched)
 // root: a name with a slash is taken relative to workdir, anything else is
@@ -127,6 +177,9 @@ func launcherMain() {
 	if _, err := unix.FcntlInt(launchStatusFD, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
 		fail(initconfig.StatusInitFailed, "launcher: status pipe: %v", err)
 	}
+	if len(os.Args) != 1 {
+		fail(initconfig.StatusInitFailed, "launcher: unexpected arguments %q", os.Args[1:])
+	}
 	specFile := os.NewFile(launchSpecFD, "spec")
 	b, err := io.ReadAll(io.LimitReader(specFile, initconfig.MaxSize+1))
 	specFile.Close()
@@ -134,8 +187,8 @@ func launcherMain() {
 		fail(initconfig.StatusInitFailed, "launcher: read spec: %v", err)
 	}
 	var spec launchSpec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		fail(initconfig.StatusInitFailed, "launcher: decode spec: %v", err)
+	if err := json.Unmarshal(b, &spec); err != nil || len(spec.Args) == 0 {
+		fail(initconfig.StatusInitFailed, "launcher: bad spec (%d bytes): %v", len(b), err)
 	}
 	for _, rl := range spec.Rlimits {
 		num, ok := initconfig.RlimitNumber(rl.Type)
@@ -175,7 +228,7 @@ type commandIO interface {
 	sink
 	childFiles() [3]*os.File // the command's stdin, stdout, stderr
 	started(pid int)         // close the child's ends, start pumping
-	finish(deadline time.Time)
+	finish()                 // drain the output (see drainIdle)
 }
 
 // runCommand starts the command and returns its exit status once it has
@@ -269,7 +322,7 @@ func (in *initProc) runCommand() int {
 		}
 		exited = reap(pid, &ws)
 	}
-	cio.finish(time.Now().Add(drainTimeout))
+	cio.finish()
 	// Orphans go on being reaped until the power-off.
 	safeGo(in.log, "reaper", func() {
 		for range sigch {
@@ -326,15 +379,16 @@ func ignoreInitSignals() {
 
 // pipeIO gives the command pipes.
 type pipeIO struct {
-	in                *initProc
-	childIn, childOut *os.File
-	childErr          *os.File
-	stdinW            *os.File
-	stdoutR, stderrR  *os.File
-	pid               int
-	mu                sync.Mutex
-	stdinClosed       bool
-	wg                sync.WaitGroup
+	in                 *initProc
+	childIn, childOut  *os.File
+	childErr           *os.File
+	stdinW             *os.File
+	stdoutR, stderrR   *os.File
+	pid                int
+	mu                 sync.Mutex
+	stdinClosed        bool
+	wg                 sync.WaitGroup
+	outDrain, errDrain drainer
 }
 
 func newPipeIO(in *initProc) (*pipeIO, error) {
@@ -360,8 +414,8 @@ func (p *pipeIO) started(pid int) {
 	p.childOut.Close()
 	p.childErr.Close()
 	p.wg.Add(2)
-	safeGo(p.in.log, "stdout pump", func() { defer p.wg.Done(); pump(p.stdoutR, p.in.stdio.writeStdout) })
-	safeGo(p.in.log, "stderr pump", func() { defer p.wg.Done(); pump(p.stderrR, p.in.stdio.writeStderr) })
+	safeGo(p.in.log, "stdout pump", func() { defer p.wg.Done(); pump(p.stdoutR, &p.outDrain, p.in.stdio.writeStdout) })
+	safeGo(p.in.log, "stderr pump", func() { defer p.wg.Done(); pump(p.stderrR, &p.errDrain, p.in.stdio.writeStderr) })
 }
 
 func (p *pipeIO) stdin(b []byte) error {
@@ -385,25 +439,12 @@ func (p *pipeIO) winsize(rows, cols uint16) {}
 
 func (p *pipeIO) signal(sig int) { forwardSignal(p.in.log, p.pid, sig) }
 
-func (p *pipeIO) finish(deadline time.Time) {
+func (p *pipeIO) finish() {
 	p.stdinEOF() // also unblocks a stdin write stuck on a full pipe
-	p.stdoutR.SetReadDeadline(deadline)
-	p.stderrR.SetReadDeadline(deadline)
+	now := time.Now()
+	p.outDrain.start(p.stdoutR, now)
+	p.errDrain.start(p.stderrR, now)
 	p.wg.Wait()
-}
-
-// pump copies r to out until EOF, an error or the read deadline.
-func pump(r *os.File, out func([]byte)) {
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := r.Read(buf)
-		if n > 0 {
-			out(buf[:n])
-		}
-		if err != nil {
-			return
-		}
-	}
 }
 
 func forwardSignal(log *logger, pid, sig int) {

@@ -53,6 +53,10 @@ func mountVirtiofs(tag, target string, readOnly bool, timeout time.Duration) err
 	}
 }
 
+// errMountPoint marks a mount point that cannot be opened (or made): no
+// point in retrying.
+var errMountPoint = errors.New("open mount point in the root")
+
 // rootFS is the new root while it is being prepared.
 type rootFS struct {
 	fd int // O_PATH descriptor of newRoot
@@ -100,7 +104,7 @@ func (r *rootFS) openBeneath(rel string, create bool) (int, error) {
 func (r *rootFS) mount(rel, fstype, source string, flags uintptr, data string, create bool) error {
 	fd, err := r.openBeneath(rel, create)
 	if err != nil {
-		return fmt.Errorf("mount %s on %s: open mount point in the root: %w", fstype, rel, err)
+		return fmt.Errorf("mount %s on %s: %w: %w", fstype, rel, errMountPoint, err)
 	}
 	defer unix.Close(fd)
 	if err := unix.Mount(source, "/proc/self/fd/"+strconv.Itoa(fd), fstype, flags, data); err != nil {
@@ -163,7 +167,7 @@ func (in *initProc) setupRoot() error {
 		deadline := time.Now().Add(5 * time.Second)
 		for {
 			err = r.mount(m.Target, "virtiofs", m.Source, flags, "", create)
-			if err == nil || time.Now().After(deadline) {
+			if err == nil || errors.Is(err, errMountPoint) || time.Now().After(deadline) {
 				break
 			}
 			time.Sleep(20 * time.Millisecond)

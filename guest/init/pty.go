@@ -20,6 +20,7 @@ type ptyIO struct {
 	slave  *os.File
 	pid    int
 	wg     sync.WaitGroup
+	drain  drainer
 }
 
 func newPtyIO(in *initProc, ws *initconfig.Winsize) (*ptyIO, error) {
@@ -59,7 +60,7 @@ func (p *ptyIO) started(pid int) {
 	p.pid = pid
 	p.slave.Close()
 	p.wg.Add(1)
-	safeGo(p.in.log, "pty pump", func() { defer p.wg.Done(); pump(p.master, p.in.stdio.writeStdout) })
+	safeGo(p.in.log, "pty pump", func() { defer p.wg.Done(); pump(p.master, &p.drain, p.in.stdio.writeStdout) })
 }
 
 func (p *ptyIO) stdin(b []byte) error {
@@ -92,8 +93,8 @@ func ioctlWinsize(f *os.File, ws *unix.Winsize) error {
 
 func (p *ptyIO) signal(sig int) { forwardSignal(p.in.log, p.pid, sig) }
 
-// finish drains the master until every slave is closed (EIO) or deadline.
-func (p *ptyIO) finish(deadline time.Time) {
-	p.master.SetReadDeadline(deadline)
+// finish drains the master until every slave is closed (EIO).
+func (p *ptyIO) finish() {
+	p.drain.start(p.master, time.Now())
 	p.wg.Wait()
 }

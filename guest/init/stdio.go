@@ -175,6 +175,8 @@ func (s *stdio) writeStderr(p []byte) { s.write(stdioframe.Stderr, p) }
 // i.e. until the host has written out everything before it.
 func (s *stdio) close(status uint8, timeout time.Duration) {
 	s.setSink(nil)
+	// A host that stopped reading must not keep the VM from powering off.
+	s.f.SetWriteDeadline(time.Now().Add(timeout))
 	s.write(stdioframe.Exit, []byte{status})
 	s.write(stdioframe.CloseReq, nil)
 	s.mu.Lock()

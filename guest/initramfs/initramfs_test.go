@@ -2,6 +2,8 @@ package initramfs
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -102,6 +104,29 @@ func TestBuildRejects(t *testing.T) {
 	for name, o := range tests {
 		if _, _, err := BuildBytes(o); err == nil {
 			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+// BenchmarkBuildDebian measures what `run --root` pays at every start:
+// resolving and reading the virtio modules of the Debian kernel the
+// end-to-end tests cache, and writing the archive in memory.
+func BenchmarkBuildDebian(b *testing.B) {
+	home, _ := os.UserHomeDir()
+	cache := os.Getenv("KRUN_TEST_CACHE")
+	if cache == "" {
+		cache = filepath.Join(home, ".cache", "krun-core-test")
+	}
+	trees, _ := filepath.Glob(filepath.Join(cache, "deb", "linux-image-*", "lib", "modules", "*"))
+	if len(trees) == 0 {
+		b.Skip("no Debian kernel package in the test cache (an end-to-end test run fetches it)")
+	}
+	init := append([]byte("\x7fELF"), make([]byte, 4<<20)...) // krun-init's size
+	o := Options{Init: init, Config: initconfig.New("true"), ModulesDir: trees[0],
+		Modules: []string{"virtio_mmio", "virtiofs", "virtio_console", "virtio_net"}}
+	for b.Loop() {
+		if _, _, err := BuildBytes(o); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

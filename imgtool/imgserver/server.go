@@ -121,9 +121,8 @@ func (s *Server) Open(_ context.Context, req *imagepb.OpenRequest) (*imagepb.Ope
 			return nil, status.Error(codes.FailedPrecondition, s.failed.Error())
 		}
 		// The time zone is loaded lazily, from /etc/localtime, by the first
-		// log line; after Restrict that open is refused, and if the first
-		// line is the seccomp supervisor's own report of a refusal, it
-		// waits for itself. Load it now.
+		// log line; load it (in the empty root: find none, UTC) now, while
+		// the launcher's filter still allows the open.
 		_ = time.Now().Local().String()
 		if err := s.restrict(Policy(), s.log); err != nil {
 			s.failed = err

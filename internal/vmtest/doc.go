@@ -80,8 +80,18 @@
 // skips the decompression that takes about 3 s under TCG. Options.BootBzImage
 // boots Kernel.Vmlinuz instead. Both files can be given to an inner VMM.
 //
+// # Prebuilt archives
+//
+// Options.Initrd boots an initramfs built elsewhere (guest/initramfs's
+// krun-init archive, in e2e/init) instead of Options.Initramfs. Such a
+// guest prints no verdict: Wait succeeds when QEMU exits by itself, and
+// Result.ExitCode is QEMU's exit status (with isa-debug-exit:
+// (value<<1 | 1) & 0xff).
+//
 // # Modules
 //
+// The module resolver and the cpio writer live in guest/initramfs/kmod and
+// guest/initramfs/cpio, shared with the production initramfs builder.
 // Debian 12's kernel ships uncompressed .ko files and no modules.dep
 // (depmod runs at install time), so AddModules reads each module's
 // .modinfo "depends=" and "softdep=pre:" fields and orders insmod lines with

@@ -1,10 +1,12 @@
 package vmtest
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -74,6 +76,8 @@ func NewNestedVM(t testing.TB, a *Assets, opts NestedOptions) *VM {
 		ib.AddHostBinary(b)
 	}
 	ib.SetInit(`[ -c /dev/kvm ] || e2e_fail "/dev/kvm missing after loading kvm_amd (CPU flags: $(grep -m1 -o -w -e svm -e npt /proc/cpuinfo | tr '\n' ' '))"
+# A heartbeat: the test kills an outer guest that stops printing it.
+( while :; do sleep ` + fmt.Sprint(int(heartbeatEvery/time.Second)) + `; echo ` + heartbeatMarker + `; done ) &
 ` + opts.Script)
 	if opts.MemoryMiB <= 0 {
 		opts.MemoryMiB = DefaultNestedMemoryMiB
@@ -97,6 +101,40 @@ func NewNestedVM(t testing.TB, a *Assets, opts NestedOptions) *VM {
 // inner guest make no progress.
 const NestedHangMarker = "KRUN-E2E-NESTED-HANG"
 
+// The outer guest prints heartbeatMarker every heartbeatEvery; an outer
+// guest silent for wedgeAfter is wedged as a whole (seen under TCG's
+// nested SVM: QEMU busy, the outer kernel no longer scheduling) and is
+// killed and retried like a nested hang.
+const (
+	heartbeatMarker = "KRUN-E2E-HEARTBEAT"
+	heartbeatEvery  = 15 * time.Second
+	wedgeAfter      = 150 * time.Second
+)
+
+// watchWedge kills vm when its console stays silent for wedgeAfter; it
+// reports through wedged and ends when the VM does.
+func watchWedge(vm *VM, wedged *atomic.Bool) {
+	last, lastLen := time.Now(), -1
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-vm.done:
+			return
+		case <-tick.C:
+		}
+		if n := len(vm.Console()); n != lastLen {
+			last, lastLen = time.Now(), n
+			continue
+		}
+		if time.Since(last) > wedgeAfter {
+			wedged.Store(true)
+			vm.kill(fmt.Sprintf("killed: the outer guest printed nothing (not even its heartbeat) for %v", wedgeAfter))
+			return
+		}
+	}
+}
+
 // NestedKVM runs a nested-KVM test: an outer TCG guest with /dev/kvm runs
 // opts.Script, which typically starts krun-core on an inner kernel and
 // initramfs from opts.Payload. It fails the test unless the outer script
@@ -111,19 +149,23 @@ const NestedHangMarker = "KRUN-E2E-NESTED-HANG"
 // and every other failure, fails the test.
 func NestedKVM(t testing.TB, a *Assets, opts NestedOptions) *Result {
 	t.Helper()
-	vm := NewNestedVM(t, a, opts)
-	if err := vm.Start(); err != nil {
-		t.Fatal(err)
+	for try := 1; ; try++ {
+		vm := NewNestedVM(t, a, opts)
+		if err := vm.Start(); err != nil {
+			t.Fatal(err)
+		}
+		var wedged atomic.Bool
+		go watchWedge(vm, &wedged)
+		r, err := vm.Wait()
+		if err == nil {
+			return r
+		}
+		hung := strings.Contains(r.Console, NestedHangMarker) || wedged.Load()
+		if !hung || try == 2 {
+			t.Fatalf("vmtest: %v\n%s", err, vm.failureText())
+		}
+		t.Logf("vmtest: nested KVM under TCG hung (%v); running the outer VM once more", err)
 	}
-	r, err := vm.Wait()
-	if err == nil {
-		return r
-	}
-	if !strings.Contains(r.Console, NestedHangMarker) {
-		t.Fatalf("vmtest: %v\n%s", err, vm.failureText())
-	}
-	t.Logf("vmtest: an inner guest hung in nested KVM under TCG (%v); running the outer VM once more", err)
-	return NewNestedVM(t, a, opts).Run()
 }
 
 // InnerGuest writes an inner guest's initramfs to a temp file and returns

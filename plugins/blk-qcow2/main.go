@@ -132,7 +132,7 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 		im.Close()
 		return nil, err
 	}
-	log.Info("serving qcow2 image", "image", display(path), "virtual_size", im.Size(), "cluster_size", info.ClusterSize,
+	log.Info("serving qcow2 image", "image", logName(path), "virtual_size", im.Size(), "cluster_size", info.ClusterSize,
 		"backing_layers", len(o.Backing), "readonly", ro, "queues", queues)
 	return dev, nil
 }
@@ -147,6 +147,15 @@ func absPath(opts map[string]string, key string) (string, error) {
 		return "", fmt.Errorf("option %s=%q: want an absolute path", key, p)
 	}
 	return filepath.Clean(p), nil
+}
+
+// logName is the image's path for a log field, which hclog quotes
+// itself where needed.
+func logName(p string) string {
+	if p == "" {
+		return "(fd)"
+	}
+	return p
 }
 
 func display(p string) string {

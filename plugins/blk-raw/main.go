@@ -72,8 +72,17 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 		d.Close()
 		return nil, err
 	}
-	log.Info("serving raw image", "image", name(opts), "bytes", d.Size(), "readonly", ro, "queues", queues)
+	log.Info("serving raw image", "image", logName(opts[optPath]), "bytes", d.Size(), "readonly", ro, "queues", queues)
 	return dev, nil
+}
+
+// logName is the image's path for a log field, which hclog quotes
+// itself where needed.
+func logName(p string) string {
+	if p == "" {
+		return "(fd)"
+	}
+	return p
 }
 
 func name(opts map[string]string) string {

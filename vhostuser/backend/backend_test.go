@@ -32,7 +32,7 @@ func TestEcho(t *testing.T) {
 		{"no protocol features at all", 1, testguest.Options{DropProtocolFeatures: ^uint64(0)}},
 		{"polling kick", 1, testguest.Options{PollKick: true}},
 		{"polling call", 1, testguest.Options{PollCall: true}},
-		{"ring of 2", 1, testguest.Options{QueueSize: 2}},
+		{"ring of 4, indirect chains", 1, testguest.Options{QueueSize: 4}},
 		{"ring of 4, direct chains", 1, testguest.Options{QueueSize: 4, NoIndirect: true}},
 		{"guest memory at 4 GiB", 1, testguest.Options{MemBase: 4 << 30}},
 	}

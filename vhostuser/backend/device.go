@@ -7,20 +7,27 @@
 // (size, addresses and a memory table that covers them); it is stopped again
 // by GET_VRING_BASE, RESET_OWNER or a disconnect. A started ring is enabled
 // by SET_VRING_ENABLE, or from the start when VHOST_USER_F_PROTOCOL_FEATURES
-// was not negotiated. While a ring is started and enabled, one goroutine runs
-// Device.ServeQueue for it.
+// was not negotiated. While a ring is started and enabled, the ring engine
+// serves it as Device.Queue says.
 //
 // Faults on guest memory (SIGBUS from a truncated memfd) and panics inside
 // ring processing fail that ring only: the ring is stopped, the error logged
 // and the ring's error eventfd signalled.
 //
-// Every request goes through one choke point (session.handle: validate with
-// vhostuser.ParseRequest, dispatch, reply or REPLY_ACK). A request that fails
-// gets a failure ack when the front-end asked for one (need_reply with
-// REPLY_ACK), an empty reply for GET_CONFIG, and otherwise closes the
-// connection, since the front-end could not learn of the failure. In-flight
-// tracking for crash recovery (GET_INFLIGHT_FD/SET_INFLIGHT_FD) is meant to
-// plug in there and in Vring.Run (mark popped heads, clear pushed ones).
+// Every control message goes through one choke point (session.handle:
+// validate with vhostuser.ParseRequest, dispatch, reply or REPLY_ACK). A
+// message that fails gets a failure ack when the front-end asked for one
+// (need_reply with REPLY_ACK), an empty reply for GET_CONFIG, and otherwise
+// closes the connection, since the front-end could not learn of the failure.
+//
+// Every virtqueue request goes through one ring engine (engine.go): one
+// goroutine per running ring waits for kicks, takes chains, hands them to
+// the device's Handler (inline or on a worker pool) and publishes their
+// completions with batched notifications. A chain is taken in one place
+// (engine.take) and completed in one place (engine.complete), where
+// in-flight tracking for crash recovery (GET_INFLIGHT_FD/SET_INFLIGHT_FD)
+// is meant to plug in. Every access to guest memory of every ring runs with
+// faults caught (Protect).
 package backend
 
 import (
@@ -47,15 +54,64 @@ type Device interface {
 	WriteConfig(offset uint32, p []byte) error
 	// SetFeatures is called after SET_FEATURES with the acked features.
 	SetFeatures(negotiated uint64) error
-	// ServeQueue runs on its own goroutine while ring idx is started and
-	// enabled; it must return once ctx is cancelled (ring stopped, reset,
-	// memory change, disconnect), and must not touch vr or guest memory
-	// after returning. Goroutines it starts that touch guest memory should
-	// run their work under Protect.
-	ServeQueue(ctx context.Context, idx int, vr *Vring) error
+	// Queue says how ring idx is served. The framework calls it each time
+	// the ring starts (after SET_FEATURES); ctx is done when the ring
+	// stops (stopped, disabled, reset, memory change, disconnect), and
+	// nothing the device does for the ring may block beyond it. An error
+	// fails the ring.
+	Queue(ctx context.Context, idx int) (QueueConfig, error)
 	// Reset returns the device to its initial state (disconnect,
 	// RESET_OWNER). Rings are stopped before it is called.
 	Reset()
+}
+
+// QueueConfig is how one ring is served: either Handler (requests the
+// driver makes, answered by the device: virtio-blk, virtio-fs, virtio-net
+// transmit) or Producer (buffers the driver posts and the device fills when
+// it has data: virtio-net receive).
+type QueueConfig struct {
+	// Handler serves each chain the driver makes available.
+	Handler Handler
+	// Workers is how many requests Handler serves at once, each on a
+	// goroutine of a pool the ring owns; 0 or 1 serve them one after the
+	// other on the ring's own goroutine, in order. With workers, a
+	// request that arrives alone on an idle ring is still served on the
+	// ring's goroutine (no hand-off at queue depth 1), and requests
+	// complete out of order.
+	Workers int
+	// MaxInFlight bounds the requests taken from the ring and not yet
+	// completed; 0 means the queue size. When it is reached the ring
+	// takes no more chains until one completes.
+	MaxInFlight int
+	// Producer, instead of Handler, runs on the ring's goroutine and
+	// takes buffers when it has something to put in them.
+	Producer Producer
+}
+
+// Handler serves the requests of a ring.
+type Handler interface {
+	// Handle serves req. It runs on the ring's goroutine or on one of the
+	// ring's workers, with faults on guest memory caught (see Protect).
+	// It must complete req exactly once with req.Complete, before it
+	// returns or later from any goroutine (a goroutine of the device
+	// that touches guest memory must run under Protect), and must not
+	// use req after that.
+	Handle(req *Request)
+}
+
+// Drainer may be implemented by a Handler: Drained is called on the ring's
+// goroutine each time the ring has no more available chains, after every
+// chain taken so far was given to Handle and before the used elements are
+// published (a device that batches its output flushes it here).
+type Drainer interface{ Drained() }
+
+// Producer fills a ring's buffers on the device's own schedule.
+type Producer interface {
+	// Produce runs on the ring's goroutine, with faults on guest memory
+	// caught, while the ring runs. It returns nil once ctx is done, or an
+	// error that fails the ring. Every request it took must be completed
+	// or given back (Buffers.Untake) before it returns.
+	Produce(ctx context.Context, b *Buffers) error
 }
 
 // ConfigChanger is implemented by a device whose config space changes on

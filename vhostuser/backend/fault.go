@@ -26,22 +26,26 @@ func (e *FaultError) Unwrap() error { return e.Err }
 // Protect runs fn with faults on bad addresses turned into panics
 // (debug.SetPanicOnFault) and recovers them as a *FaultError; any other
 // panic is recovered as an error wrapping ErrPanic, with its stack. The
-// back-end runs every ring worker and every request under Protect; devices
-// use it for their own goroutines that touch guest memory.
+// setting is per goroutine: every goroutine that touches guest memory needs
+// it. The ring engine runs every ring goroutine, every worker, every
+// request and every completion this way; devices use Protect for goroutines
+// of their own that touch guest memory.
 func Protect(fn func() error) (err error) {
 	old := debug.SetPanicOnFault(true)
-	defer debug.SetPanicOnFault(old)
 	defer func() {
-		p := recover()
-		if p == nil {
-			return
+		debug.SetPanicOnFault(old)
+		if p := recover(); p != nil {
+			err = recovered(p)
 		}
-		if f, ok := p.(interface{ Addr() uintptr }); ok {
-			perr, _ := p.(error)
-			err = &FaultError{Addr: f.Addr(), Err: perr}
-			return
-		}
-		err = fmt.Errorf("%w: %v\n%s", ErrPanic, p, debug.Stack())
 	}()
 	return fn()
+}
+
+// recovered turns a recovered panic value into an error.
+func recovered(p any) error {
+	if f, ok := p.(interface{ Addr() uintptr }); ok {
+		perr, _ := p.(error)
+		return &FaultError{Addr: f.Addr(), Err: perr}
+	}
+	return fmt.Errorf("%w: %v\n%s", ErrPanic, p, debug.Stack())
 }

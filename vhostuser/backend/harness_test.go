@@ -19,7 +19,7 @@ import (
 	"github.com/krun-core/krun-core/virtq"
 )
 
-// event records a ServeQueue start or return.
+// event records a ring start (Device.Queue) or stop (its context done).
 type event struct {
 	idx   int
 	start bool
@@ -30,14 +30,23 @@ type event struct {
 // "fail" makes the handler return an error; "panic" panics.
 type testDevice struct {
 	info backend.DeviceInfo
-	mode string // "echo" (default), "block" (wait for ctx), "return" (return at once)
+	// mode: "echo" (default), "block" (serve nothing until the ring
+	// stops), "return" (refuse to serve), "status" (write one byte,
+	// allocating nothing), "async" (echo, completed later from another
+	// goroutine)
+	mode        string
+	workers     int // QueueConfig.Workers
+	maxInFlight int // QueueConfig.MaxInFlight
+	// held receives the requests of mode "hold", which the test completes.
+	held chan *backend.Request
 
 	mu       sync.Mutex
 	config   [64]byte
 	features []uint64
 	resets   int
 
-	events chan event
+	events  chan event
+	stopped map[int]chan struct{} // per ring: closed once its stop event is sent
 }
 
 func newTestDevice(queues int) *testDevice {
@@ -49,7 +58,9 @@ func newTestDevice(queues int) *testDevice {
 			Features:         1 << 3,
 			ProtocolFeatures: vhostuser.ProtocolConfig,
 		},
-		events: make(chan event, 1000),
+		events:  make(chan event, 1000),
+		held:    make(chan *backend.Request, 256),
+		stopped: map[int]chan struct{}{},
 	}
 	for i := range d.config {
 		d.config[i] = byte(i)
@@ -98,17 +109,101 @@ func (d *testDevice) resetCount() int {
 	return d.resets
 }
 
-func (d *testDevice) ServeQueue(ctx context.Context, idx int, vr *backend.Vring) error {
+func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, error) {
+	// Events in order: the previous stop of this ring before this start.
+	d.mu.Lock()
+	prev := d.stopped[idx]
+	stopped := make(chan struct{})
+	d.stopped[idx] = stopped
+	d.mu.Unlock()
+	if prev != nil {
+		<-prev
+	}
 	d.events <- event{idx, true}
-	defer func() { d.events <- event{idx, false} }()
+	context.AfterFunc(ctx, func() {
+		d.events <- event{idx, false}
+		close(stopped)
+	})
 	switch d.mode {
 	case "block":
-		<-ctx.Done()
-		return nil
+		return backend.QueueConfig{Producer: blocker{}}, nil
 	case "return":
-		return errors.New("device gave up")
+		return backend.QueueConfig{}, errors.New("device gave up")
+	case "hold":
+		return backend.QueueConfig{Handler: holdHandler{d.held}, Workers: d.workers}, nil
+	case "status":
+		return backend.QueueConfig{Handler: statusHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
+	case "async":
+		h := asyncHandler{reqs: make(chan *backend.Request, 16)}
+		go h.run(ctx)
+		return backend.QueueConfig{Handler: h, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
 	}
-	return vr.Run(ctx, echo)
+	return backend.QueueConfig{Handler: echoHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
+}
+
+// holdHandler hands every request to the test.
+type holdHandler struct{ held chan *backend.Request }
+
+func (h holdHandler) Handle(req *backend.Request) { h.held <- req }
+
+// statusHandler writes one byte (a status) and completes.
+type statusHandler struct{}
+
+func (statusHandler) Handle(req *backend.Request) {
+	var st [1]byte
+	n, _ := req.Chain().Write(st[:])
+	req.Complete(uint32(n))
+}
+
+// asyncHandler completes each request later, on a goroutine of its own
+// (under Protect, as a device must).
+type asyncHandler struct{ reqs chan *backend.Request }
+
+func (h asyncHandler) Handle(req *backend.Request) { h.reqs <- req }
+
+func (h asyncHandler) run(ctx context.Context) {
+	backend.Protect(func() error {
+		for {
+			select {
+			case req := <-h.reqs:
+				n, err := echo(req.Chain())
+				if err != nil {
+					req.Malformed(err)
+				}
+				req.Complete(n)
+			case <-ctx.Done():
+				// The ring waits for requests in flight: drain.
+				for {
+					select {
+					case req := <-h.reqs:
+						n, _ := echo(req.Chain())
+						req.Complete(n)
+					case <-time.After(time.Second):
+						return nil
+					}
+				}
+			}
+		}
+	})
+}
+
+// blocker serves nothing until the ring stops.
+type blocker struct{}
+
+func (blocker) Produce(ctx context.Context, _ *backend.Buffers) error {
+	<-ctx.Done()
+	return nil
+}
+
+// echoHandler answers every request with echo.
+type echoHandler struct{}
+
+func (echoHandler) Handle(req *backend.Request) {
+	n, err := echo(req.Chain())
+	if err != nil {
+		req.Malformed(err)
+	}
+	req.Complete(n)
 }
 
 func echo(c *virtq.Chain) (uint32, error) {
@@ -126,25 +221,25 @@ func echo(c *virtq.Chain) (uint32, error) {
 	return uint32(n), err
 }
 
-// expect waits for the next ServeQueue event and checks it.
+// expect waits for the next ring start or stop event and checks it.
 func (d *testDevice) expect(t *testing.T, want event) {
 	t.Helper()
 	select {
 	case got := <-d.events:
 		if got != want {
-			t.Fatalf("ServeQueue event %+v, want %+v", got, want)
+			t.Fatalf("ring event %+v, want %+v", got, want)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatalf("no ServeQueue event, want %+v", want)
+		t.Fatalf("no ring event, want %+v", want)
 	}
 }
 
-// expectNone checks that no ServeQueue event arrives for a while.
+// expectNone checks that no ring event arrives for a while.
 func (d *testDevice) expectNone(t *testing.T) {
 	t.Helper()
 	select {
 	case got := <-d.events:
-		t.Fatalf("unexpected ServeQueue event %+v", got)
+		t.Fatalf("unexpected ring event %+v", got)
 	case <-time.After(50 * time.Millisecond):
 	}
 }
@@ -170,7 +265,7 @@ func (s *syncBuffer) String() string {
 // harness runs a Server on one end of a socketpair; client is the other
 // end.
 type harness struct {
-	t      *testing.T
+	t      testing.TB
 	dev    *testDevice
 	srv    *backend.Server
 	client *frontend.Client
@@ -183,7 +278,9 @@ func newLogger(buf *syncBuffer) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Name: "backend", Output: buf, Level: hclog.Debug})
 }
 
-func newHarness(t *testing.T, dev *testDevice) *harness {
+func newHarness(t *testing.T, dev *testDevice) *harness { return newHarnessTB(t, dev) }
+
+func newHarnessTB(t testing.TB, dev *testDevice) *harness {
 	t.Helper()
 	logs := &syncBuffer{}
 	srv, err := backend.NewServer(dev, newLogger(logs))

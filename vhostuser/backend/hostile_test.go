@@ -341,3 +341,150 @@ func TestWaitKickCancel(t *testing.T) {
 		dev.expect(t, event{0, true})
 	}
 }
+
+// TestHandshakeDeadline: on a listening socket, a front-end that connects
+// and sends nothing, or stops halfway through a message, is dropped after
+// the deadline and the next front-end is served; one that claimed the
+// back-end may stay idle.
+func TestHandshakeDeadline(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	tests := []struct {
+		name  string
+		stall func(t *testing.T, c *vhostuser.Conn) // what the first front-end does
+	}{
+		{"silent", func(*testing.T, *vhostuser.Conn) {}},
+		{"half a header", func(t *testing.T, c *vhostuser.Conn) {
+			if _, err := c.UnixConn().Write(hdr(vhostuser.GetFeatures, vhostuser.Version, 0)[:5]); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"chatty without SET_OWNER", func(t *testing.T, c *vhostuser.Conn) {
+			go func() {
+				for i := 0; i < 100; i++ {
+					if c.Send(vhostuser.GetFeatures, vhostuser.Version, nil, nil) != nil {
+						return
+					}
+					if _, err := c.Recv(); err != nil {
+						return
+					}
+					time.Sleep(timeout / 10)
+				}
+			}()
+		}},
+		{"half a message after SET_OWNER", func(t *testing.T, c *vhostuser.Conn) {
+			if err := c.Send(vhostuser.SetOwner, vhostuser.Version, nil, nil); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(2 * timeout) // idle after the handshake is fine
+			if _, err := c.UnixConn().Write(hdr(vhostuser.SetFeatures, vhostuser.Version, 8)); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dev := newTestDevice(1)
+			logs := &syncBuffer{}
+			srv, err := backend.NewServer(dev, newLogger(logs))
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv.HandshakeTimeout, srv.MessageTimeout = timeout, timeout
+			sock := filepath.Join(t.TempDir(), "be.sock")
+			ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln.SetUnlinkOnClose(false)
+			lf, err := ln.File()
+			ln.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer lf.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- srv.Serve(ctx, lf) }()
+			defer func() {
+				cancel()
+				<-done
+				if t.Failed() {
+					t.Logf("back-end log:\n%s", logs.String())
+				}
+			}()
+
+			first, err := vhostuser.Dial(sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer first.Close()
+			tt.stall(t, first)
+			start := time.Now()
+			second, err := frontend.Dial(sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer second.Close()
+			got := make(chan error, 1)
+			go func() {
+				_, err := second.GetFeatures()
+				got <- err
+			}()
+			select {
+			case err := <-got:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * timeout):
+				t.Fatal("the second front-end was not served")
+			}
+			t.Logf("second front-end served after %v", time.Since(start))
+			// The first one was dropped.
+			first.UnixConn().SetReadDeadline(time.Now().Add(5 * time.Second))
+			for {
+				if _, err := first.Recv(); err != nil {
+					break
+				}
+			}
+		})
+	}
+}
+
+func TestMisalignedRingAddresses(t *testing.T) {
+	dev := newTestDevice(1)
+	h := newHarness(t, dev)
+	c := h.client
+	if err := c.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetOwner(); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := testguest.NewMemory(0, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	if err := c.SetMemTable(mem.Regions(1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetVringNum(0, 16); err != nil {
+		t.Fatal(err)
+	}
+	base := mem.UserAddr(0x10000)
+	good := vhostuser.VringAddr{Desc: base, Avail: base + 0x1000, Used: base + 0x2000}
+	for name, a := range map[string]vhostuser.VringAddr{
+		"used +2":  {Desc: good.Desc, Avail: good.Avail, Used: good.Used + 2},
+		"used +1":  {Desc: good.Desc, Avail: good.Avail, Used: good.Used + 1},
+		"avail +1": {Desc: good.Desc, Avail: good.Avail + 1, Used: good.Used},
+		"desc +8":  {Desc: good.Desc + 8, Avail: good.Avail, Used: good.Used},
+	} {
+		if err := c.SetVringAddr(a); !errors.Is(err, frontend.ErrNacked) {
+			t.Errorf("%s: %v, want a nack", name, err)
+		}
+	}
+	logContains(t, h, "not aligned")
+	if err := c.SetVringAddr(good); err != nil {
+		t.Fatal(err)
+	}
+}

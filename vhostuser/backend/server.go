@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -26,8 +27,23 @@ type Server struct {
 	protocol uint64 // offered protocol features
 	stats    []counters
 
+	// HandshakeTimeout bounds, on a listening socket, how long an accepted
+	// front-end may take to claim the back-end with SET_OWNER, and
+	// MessageTimeout how long it may take to finish a message it started,
+	// so that one that connects and sends nothing, or half a message,
+	// does not keep the others waiting forever. Zero means
+	// DefaultHandshakeTimeout and DefaultMessageTimeout; set them before
+	// Serve.
+	HandshakeTimeout, MessageTimeout time.Duration
+
 	serving sync.Mutex
 }
+
+// Defaults for Server.HandshakeTimeout and Server.MessageTimeout.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultMessageTimeout   = 10 * time.Second
+)
 
 // NewServer checks the device's DeviceInfo and prepares a Server.
 func NewServer(dev Device, log hclog.Logger) (*Server, error) {
@@ -108,7 +124,7 @@ func (s *Server) Serve(ctx context.Context, f *os.File) error {
 		if err != nil {
 			return err
 		}
-		return s.serveConn(ctx, conn)
+		return s.serveConn(ctx, conn, false)
 	}
 
 	l, err := net.FileListener(f)
@@ -140,7 +156,7 @@ func (s *Server) Serve(ctx context.Context, f *os.File) error {
 			return fmt.Errorf("accept vhost-user front-end: %w", err)
 		}
 		s.log.Info("vhost-user front-end connected")
-		if err := s.serveConn(ctx, vhostuser.NewUnixConn(uc)); err != nil {
+		if err := s.serveConn(ctx, vhostuser.NewUnixConn(uc), true); err != nil {
 			s.log.Warn("vhost-user front-end dropped", "error", err)
 		} else {
 			s.log.Info("vhost-user front-end disconnected")
@@ -169,18 +185,28 @@ func isListening(f *os.File) (bool, error) {
 	return v != 0, nil
 }
 
-// serveConn runs one session until the connection ends.
-func (s *Server) serveConn(ctx context.Context, conn *vhostuser.Conn) error {
+// serveConn runs one session until the connection ends. A front-end
+// accepted on a listening socket (accepted) must complete the handshake
+// (SET_OWNER) within HandshakeTimeout and each message within
+// MessageTimeout: others wait behind it.
+func (s *Server) serveConn(ctx context.Context, conn *vhostuser.Conn, accepted bool) error {
 	defer conn.Close()
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	sess := newSession(ctx, s, conn)
 	defer sess.close()
+	handshake := accepted
+	if handshake {
+		conn.SetReadDeadline(time.Now().Add(orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout)))
+	}
 	for {
 		m, err := conn.Recv()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, io.EOF) {
 				return nil
+			}
+			if handshake && errors.Is(err, os.ErrDeadlineExceeded) {
+				err = fmt.Errorf("front-end did not claim the back-end (SET_OWNER) within %v: %w", orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout), err)
 			}
 			s.log.Error("vhost-user receive failed, closing the connection", "error", err)
 			return err
@@ -189,7 +215,19 @@ func (s *Server) serveConn(ctx context.Context, conn *vhostuser.Conn) error {
 			s.log.Error("closing the vhost-user connection", "error", err)
 			return err
 		}
+		if handshake && sess.owner {
+			handshake = false
+			conn.SetReadDeadline(time.Time{})
+			conn.SetMessageTimeout(orDefault(s.MessageTimeout, DefaultMessageTimeout))
+		}
 	}
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
 }
 
 // backendReqFeature is ProtocolBackendReq for a device that reports config

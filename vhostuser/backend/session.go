@@ -82,6 +82,10 @@ type session struct {
 	slots       []slot
 	rings       []*ring
 
+	// faultLogged is set once a ring failed on a memory fault: further
+	// faults on this connection's memory are logged at debug level.
+	faultLogged atomic.Bool
+
 	// closeBackendReq closes the back-end request channel
 	// (SET_BACKEND_REQ_FD), after stopping the goroutine that forwards
 	// config changes on it; nil without a channel.
@@ -583,6 +587,11 @@ func (sess *session) setVringAddr(a vhostuser.VringAddr) error {
 		r.addr = a
 		return nil
 	}
+	// The spec's alignments (virtio 1.2, 2.7): the queue's own checks
+	// apply to guest addresses, these to the front-end's.
+	if a.Desc%16 != 0 || a.Avail%2 != 0 || a.Used%4 != 0 {
+		return fmt.Errorf("%w: ring %d addresses desc %#x avail %#x used %#x not aligned to 16, 2 and 4 bytes", ErrBadValue, r.index, a.Desc, a.Avail, a.Used)
+	}
 	prev, prevSet := r.addr, r.addrSet
 	r.addr, r.addrSet = a, true
 	if _, err := sess.queueConfig(r, sess.mem); err != nil {
@@ -675,7 +684,7 @@ func (sess *session) setVringCallErr(m *vhostuser.Message, v vhostuser.VringFD) 
 	if r.started && f != nil {
 		// Completions signalled while the old (or no) descriptor was in
 		// place would be lost; a spurious interrupt is harmless.
-		signal(&r.call)
+		r.call.signal()
 	}
 	return nil
 }
@@ -730,33 +739,64 @@ func (sess *session) startWorker(r *ring) {
 	ctx, cancel := context.WithCancel(sess.ctx)
 	done := make(chan struct{})
 	r.cancel, r.done = cancel, done
-	var kick *os.File
-	if r.kick != nil {
-		kick = r.kick
-	}
-	vr := &Vring{index: r.index, q: r.q, kick: kick, call: &r.call, stats: r.stats, log: sess.s.log}
+	rc := ringConfig{index: r.index, q: r.q, kick: r.kick, call: &r.call, stats: r.stats, log: sess.s.log}
 	log := sess.s.log
 	dev := sess.s.dev
 	r.stats.running.Store(true)
 	go func() {
 		defer close(done)
-		err := Protect(func() error { return dev.ServeQueue(ctx, r.index, vr) })
+		err := serveRing(ctx, dev, rc)
 		r.stats.running.Store(false)
 		if ctx.Err() != nil {
-			if err != nil && !errors.Is(err, context.Canceled) {
-				log.Warn("queue worker stopped with an error", "queue", r.index, "error", err)
+			// Stopped by the message loop. A fault while stopping means
+			// guest memory went away under an idle ring (a front-end
+			// that truncated it); the ring is stopping anyway.
+			var fe *FaultError
+			switch {
+			case err == nil:
+			case errors.As(err, &fe):
+				log.Debug("queue stopped; guest memory was unusable", "queue", r.index, "error", err)
+			default:
+				log.Warn("queue stopped with an error", "queue", r.index, "error", err)
 			}
 			return
 		}
-		// The worker ended while the ring should run: fail the ring.
+		// The ring failed on its own: logged before it is counted, so
+		// whoever sees the count finds the line.
 		r.failed.Store(true)
-		r.stats.failures.Add(1)
-		if err == nil {
-			err = errors.New("ServeQueue returned while the ring was running")
+		var fe *FaultError
+		if errors.As(err, &fe) && !sess.faultLogged.CompareAndSwap(false, true) {
+			// The front-end's memory is broken for every ring; the
+			// first fault said so.
+			log.Debug("queue failed on a memory fault too", "queue", r.index, "error", err)
+		} else {
+			log.Error("queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
 		}
-		log.Error("queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
-		signal(&r.errFD)
+		r.stats.failures.Add(1)
+		r.errFD.signal()
 	}()
+}
+
+// serveRing asks the device how to serve the ring and runs the ring engine
+// until ctx is done (nil) or the ring fails (the error). The context the
+// device gets ends in both cases.
+func serveRing(parent context.Context, dev Device, rc ringConfig) error {
+	ctx, cancel := context.WithCancel(parent)
+	defer cancel()
+	var qc QueueConfig
+	err := Protect(func() error {
+		var err error
+		qc, err = dev.Queue(ctx, rc.index)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("queue %d: device: %w", rc.index, err)
+	}
+	e, err := newEngine(rc, qc)
+	if err != nil {
+		return fmt.Errorf("queue %d: %w", rc.index, err)
+	}
+	return e.run(ctx, cancel)
 }
 
 // stopWorker cancels the ring's worker and waits for it to return.
@@ -774,60 +814,4 @@ func (sess *session) stopWorker(r *ring) {
 	}
 	t.Stop()
 	r.cancel, r.done = nil, nil
-}
-
-// signal writes 1 to the eventfd in the slot, if any.
-func signal(s *fileSlot) error {
-	f := s.p.Load()
-	if f == nil {
-		return nil
-	}
-	return writeEventfd(f)
-}
-
-// writeEventfd adds 1 to an eventfd (or writes 8 bytes to a pipe) without
-// ever blocking: the descriptor is non-blocking and written directly, so a
-// saturated counter or a full pipe (EAGAIN) is ignored — the reader has a
-// wake-up pending anyway — and a descriptor closed concurrently is ignored.
-func writeEventfd(f *os.File) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return nil // closed meanwhile
-	}
-	one := [8]byte{1}
-	var werr error
-	if err := rc.Control(func(fd uintptr) { _, werr = unix.Write(int(fd), one[:]) }); err != nil {
-		return nil // closed meanwhile
-	}
-	if werr != nil && werr != unix.EAGAIN {
-		return werr
-	}
-	return nil
-}
-
-// nonBlockingDup duplicates f's descriptor, sets O_NONBLOCK and returns it
-// as a file in Go's poller (so kick reads can be cancelled with deadlines,
-// and call writes never block).
-// O_NONBLOCK is shared with the front-end's copy, as with every vhost-user
-// implementation; eventfd users do not depend on it.
-func nonBlockingDup(f *os.File) (*os.File, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
-	nfd := -1
-	var derr error
-	if err := rc.Control(func(fd uintptr) {
-		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, err
-	}
-	if derr != nil {
-		return nil, fmt.Errorf("dup: %w", derr)
-	}
-	if err := unix.SetNonblock(nfd, true); err != nil {
-		unix.Close(nfd)
-		return nil, fmt.Errorf("set O_NONBLOCK: %w", err)
-	}
-	return os.NewFile(uintptr(nfd), "vhost-user-eventfd"), nil
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/krun-core/krun-core/vhostuser"
 )
@@ -17,18 +18,43 @@ import (
 // a non-zero REPLY_ACK status.
 var ErrNacked = errors.New("back-end reported failure")
 
+// ErrTimeout is wrapped by the error of a request the back-end did not
+// take or answer within the client's timeout. The connection is closed
+// then (the stream cannot be resynchronised), and every later request
+// fails with ErrBroken.
+var ErrTimeout = errors.New("back-end did not answer in time")
+
+// ErrBroken is wrapped by the error of a request made after one timed out.
+var ErrBroken = errors.New("vhost-user connection broken by an earlier timeout")
+
+// DefaultTimeout bounds each request and its reply unless SetTimeout says
+// otherwise. A back-end answers in microseconds; the bound is for one that
+// hangs, since the core calls it from vCPU threads.
+const DefaultTimeout = 5 * time.Second
+
 // Client talks to one back-end over a connected socket. Its methods are
-// safe for concurrent use; requests are serialized.
+// safe for concurrent use; requests are serialized, and each one, with its
+// reply, must complete within the client's timeout.
 type Client struct {
 	conn *vhostuser.Conn
 
 	mu       sync.Mutex
 	protocol uint64 // acked protocol features
+	timeout  time.Duration
+	broken   error
 }
 
 // New wraps a connected Conn; the Client owns it.
 func New(conn *vhostuser.Conn) *Client {
-	return &Client{conn: conn}
+	return &Client{conn: conn, timeout: DefaultTimeout}
+}
+
+// SetTimeout sets how long a request and its reply may take (0: no
+// limit).
+func (c *Client) SetTimeout(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.timeout = d
 }
 
 // Dial connects to a back-end listening on a unix socket at path.
@@ -73,6 +99,24 @@ func (c *Client) call(req vhostuser.Request, payload []byte, files []*os.File) (
 }
 
 func (c *Client) callLocked(req vhostuser.Request, payload []byte, files []*os.File) (any, error) {
+	if c.broken != nil {
+		return nil, fmt.Errorf("%v: %w (%v)", req, ErrBroken, c.broken)
+	}
+	if c.timeout > 0 {
+		uc := c.conn.UnixConn()
+		uc.SetDeadline(time.Now().Add(c.timeout))
+		defer uc.SetDeadline(time.Time{})
+	}
+	v, err := c.exchangeLocked(req, payload, files)
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		c.broken = err
+		c.conn.Close()
+		return nil, fmt.Errorf("%v: %w (%v): %w", req, ErrTimeout, c.timeout, err)
+	}
+	return v, err
+}
+
+func (c *Client) exchangeLocked(req vhostuser.Request, payload []byte, files []*os.File) (any, error) {
 	flags := vhostuser.Version
 	ack := false
 	if !vhostuser.HasReply(req) && c.protocol&vhostuser.ProtocolReplyAck != 0 {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/krun-core/krun-core/vhostuser"
 )
@@ -337,5 +338,42 @@ func TestSetupErrors(t *testing.T) {
 	c.Conn().UnixConn().CloseRead()
 	if _, err := c.Setup(SetupConfig{}); err == nil {
 		t.Fatal("setup against a silent back-end succeeded")
+	}
+}
+
+// TestTimeout: a back-end that never answers makes a request fail with
+// ErrTimeout after the client's timeout, and every later one at once with
+// ErrBroken.
+func TestTimeout(t *testing.T) {
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			m.CloseFiles()
+		}
+	}()
+	c := New(a)
+	defer c.Close()
+	c.SetTimeout(100 * time.Millisecond)
+	start := time.Now()
+	if _, err := c.GetConfig(0, 8); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("GetConfig from a silent back-end: %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("GetConfig took %v", d)
+	}
+	start = time.Now()
+	if _, err := c.GetFeatures(); !errors.Is(err, ErrBroken) {
+		t.Fatalf("request after a timeout: %v", err)
+	}
+	if d := time.Since(start); d > 50*time.Millisecond {
+		t.Fatalf("request after a timeout took %v", d)
 	}
 }

@@ -77,11 +77,17 @@ func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
 	}
 	defer r.mem.Free(in)
 	inb, _ := r.mem.Bytes(in, uint64(total))
+	// Scatter as finely as asked, but a chain may not be longer than its
+	// ring (virtio 1.2, 2.7.5.3.1; devices refuse one that is).
+	split := r.split
+	for split > 0 && countSegs(req, replyCap, split) > int(r.ring.Size()) {
+		split *= 2
+	}
 	var segs []testguest.Segment
 	off := 0
 	for _, b := range req {
 		copy(inb[off:], b)
-		segs = appendSegs(segs, in+uint64(off), len(b), r.split, false)
+		segs = appendSegs(segs, in+uint64(off), len(b), split, false)
 		off += len(b)
 	}
 	var out uint64
@@ -91,7 +97,7 @@ func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
 			return nil, err
 		}
 		defer r.mem.Free(out)
-		segs = appendSegs(segs, out, replyCap, r.split, true)
+		segs = appendSegs(segs, out, replyCap, split, true)
 	}
 	if len(segs) == 0 {
 		return nil, fmt.Errorf("empty request")
@@ -136,6 +142,15 @@ func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
 	}
 	b, _ := r.mem.Bytes(out, uint64(n))
 	return append([]byte(nil), b...), nil
+}
+
+// countSegs is how many descriptors appendSegs makes for a request.
+func countSegs(req [][]byte, replyCap, split int) int {
+	n := (replyCap + split - 1) / split
+	for _, b := range req {
+		n += (len(b) + split - 1) / split
+	}
+	return n
 }
 
 func appendSegs(segs []testguest.Segment, addr uint64, n, split int, w bool) []testguest.Segment {

@@ -129,6 +129,11 @@ func TestDebianKernel(t *testing.T) {
 	if err != nil || r != want {
 		t.Fatalf("Release(%s) = %q, %v; want %q", k, r, err, want)
 	}
+	if elfs, _ := filepath.Glob(filepath.Join(filepath.Dir(k), "vmlinux-pvh-*")); len(elfs) > 0 {
+		if r, err := Release(elfs[0]); err != nil || r != want {
+			t.Errorf("Release(%s) = %q, %v; want %q", elfs[0], r, err, want)
+		}
+	}
 	dir, err := FindModulesDir(k, r)
 	if err != nil {
 		t.Fatal(err)

@@ -72,3 +72,47 @@ func TestReadModuleRejects(t *testing.T) {
 		t.Error("missing file accepted")
 	}
 }
+
+// TestModulesOrder: with a modules.order the index takes names from it
+// (the file's real ending is found on lookup: .ko.zst for virtio_pci), a
+// stale entry does not hide the real file, and a module the list lacks is
+// still found by walking the tree.
+func TestModulesOrder(t *testing.T) {
+	dir := kmodtest.WriteTree(t)
+	order := "kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n" +
+		"kernel/drivers/virtio/virtio_pci.ko\nkernel/moved/away/virtio_blk.ko\n/abs/evil.ko\n../evil2.ko\n"
+	if err := os.WriteFile(dir+"/modules.order", []byte(order), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	idx, err := NewIndex(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if idx.walked {
+		t.Fatal("walked the tree although modules.order is there")
+	}
+	mods, err := idx.Resolve([]string{"virtio_pci"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mods) != 3 || mods[2].Rel != "kernel/drivers/virtio/virtio_pci.ko" || idx.files["virtio_pci"] != "kernel/drivers/virtio/virtio_pci.ko.zst" {
+		t.Fatalf("resolved %+v, files %v", mods, idx.files)
+	}
+	if idx.walked {
+		t.Error("walked the tree for modules modules.order lists")
+	}
+	for _, name := range []string{"virtio_blk", "virtio_console"} { // stale entry; not listed
+		if _, err := idx.Resolve([]string{name}); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if _, ok := idx.ordered["evil"]; ok {
+		t.Error("absolute path taken from modules.order")
+	}
+	if _, ok := idx.ordered["evil2"]; ok {
+		t.Error("path outside the tree taken from modules.order")
+	}
+	if _, err := NewIndex(t.TempDir()); err == nil {
+		t.Error("a directory without kernel/ was indexed")
+	}
+}

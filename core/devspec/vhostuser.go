@@ -1,0 +1,225 @@
+package devspec
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Virtio device IDs of the named --vhost-user types.
+const (
+	VirtioNet = 1
+	VirtioBlk = 2
+	VirtioFS  = 26
+)
+
+// vhostUserTypes are the device types --vhost-user names.
+var vhostUserTypes = map[string]uint32{"net": VirtioNet, "blk": VirtioBlk, "fs": VirtioFS}
+
+// Limits of a --vhost-user device.
+const (
+	// MaxVhostUserQueues bounds queues= (a virtio-mmio device has at most
+	// 256 queues; fs adds its high-priority queue).
+	MaxVhostUserQueues = 64
+	// MaxVhostUserQueueSize bounds queue-size= (split virtqueues).
+	MaxVhostUserQueueSize = 32768
+	// maxVirtioID bounds a numeric type= (virtio device IDs are small).
+	maxVirtioID = 255
+)
+
+// VhostUserSpec is a parsed --vhost-user option string: an external
+// vhost-user back-end that krun-core did not start and does not sandbox
+// (qemu-storage-daemon, virtiofsd, a vhost-device-* daemon, another
+// krun-core serve):
+//
+//	type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]
+//
+// queues= is the number of request queues: virtio-blk queues (default 1),
+// virtio-fs request queues besides the high-priority queue (default 1), or
+// the queues of a numeric type (default 1); net has one receive and one
+// transmit queue. 0 means the default. queue-size= is the largest ring the
+// driver may set up (default 128 for blk and fs, as QEMU's vhost-user
+// devices, 256 otherwise). tag= (fs only) is the mount tag when the
+// back-end has no config space of its own (the C virtiofsd).
+type VhostUserSpec struct {
+	TypeName  string // "blk", "fs", "net" or the decimal device ID
+	Type      uint32 // virtio device ID
+	Socket    string
+	Queues    int
+	QueueSize int
+	Tag       string
+}
+
+// ParseVhostUser parses a --vhost-user option string.
+func ParseVhostUser(s string) (*VhostUserSpec, error) {
+	opts, err := splitOptions(s)
+	if err != nil {
+		return nil, err
+	}
+	var typ, socket, tag string
+	var queues, qsize int
+	seen := map[string]bool{}
+	for _, o := range opts {
+		if !o.hasValue {
+			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
+		}
+		if seen[o.key] {
+			return nil, fmt.Errorf("%s= given twice", printable(o.key))
+		}
+		seen[o.key] = true
+		switch o.key {
+		case "type":
+			typ = o.value
+		case "socket":
+			socket = o.value
+		case "tag":
+			tag = o.value
+		case "queues":
+			if queues, err = parseCount(o.key, o.value, 1, MaxVhostUserQueues); err != nil {
+				return nil, err
+			}
+		case "queue-size":
+			if qsize, err = parseCount(o.key, o.value, 1, MaxVhostUserQueueSize); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, fmt.Errorf("unknown key %s (want type, socket, queues, queue-size, tag)", printable(o.key))
+		}
+	}
+	if !seen["type"] {
+		return nil, errors.New("type= is required (blk, fs, net or a virtio device ID)")
+	}
+	if !seen["socket"] {
+		return nil, errors.New("socket= is required (the back-end's unix socket)")
+	}
+	return NewVhostUser(typ, socket, queues, qsize, tag)
+}
+
+// NewVhostUser checks and builds a VhostUserSpec; queues and queueSize 0
+// take the type's defaults, and tag is for fs only.
+func NewVhostUser(typ, socket string, queues, queueSize int, tag string) (*VhostUserSpec, error) {
+	v := &VhostUserSpec{TypeName: typ, Socket: socket, Queues: queues, QueueSize: queueSize, Tag: tag}
+	if id, ok := vhostUserTypes[typ]; ok {
+		v.Type = id
+	} else {
+		n, err := strconv.ParseUint(typ, 10, 32)
+		if err != nil || n == 0 || n > maxVirtioID {
+			return nil, fmt.Errorf("type=%s: want blk, fs, net or a virtio device ID from 1 to %d", printable(typ), maxVirtioID)
+		}
+		v.Type, v.TypeName = uint32(n), strconv.FormatUint(n, 10)
+		for name, id := range vhostUserTypes {
+			if id == v.Type {
+				v.TypeName = name // type=2 is blk
+			}
+		}
+	}
+	if err := checkPath("socket", socket); err != nil {
+		return nil, err
+	}
+	if len(socket) > 107 {
+		return nil, fmt.Errorf("socket=%s is longer than the 107 bytes a unix socket path may have", printable(socket))
+	}
+	switch {
+	case queues < 0 || queues > MaxVhostUserQueues:
+		return nil, fmt.Errorf("queues=%d: want 1 to %d", queues, MaxVhostUserQueues)
+	case queueSize < 0 || queueSize > MaxVhostUserQueueSize || queueSize&(queueSize-1) != 0:
+		return nil, fmt.Errorf("queue-size=%d: want a power of two up to %d", queueSize, MaxVhostUserQueueSize)
+	case v.Type == VirtioNet && queues > 1:
+		return nil, errors.New("queues= for net: one receive and one transmit queue only (several queue pairs need a control queue, which the core does not emulate)")
+	}
+	if tag != "" {
+		if v.Type != VirtioFS {
+			return nil, errors.New("tag= is for type=fs only")
+		}
+		if err := checkTag(tag); err != nil {
+			return nil, err
+		}
+	}
+	return v, nil
+}
+
+// parseCount parses a decimal count in [min, max].
+func parseCount(key, s string, min, max int) (int, error) {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < min || n > max {
+		return 0, fmt.Errorf("%s=%s: want a number from %d to %d", key, printable(s), min, max)
+	}
+	return n, nil
+}
+
+// RequestQueues is queues= or the default, 1.
+func (v *VhostUserSpec) RequestQueues() int {
+	if v.Queues == 0 {
+		return 1
+	}
+	return v.Queues
+}
+
+// NumQueues is how many virtqueues the device has: fs adds its
+// high-priority queue, net has a receive and a transmit queue.
+func (v *VhostUserSpec) NumQueues() int {
+	switch v.Type {
+	case VirtioFS:
+		return 1 + v.RequestQueues()
+	case VirtioNet:
+		return 2
+	}
+	return v.RequestQueues()
+}
+
+// MaxQueueSize is queue-size= or the type's default.
+func (v *VhostUserSpec) MaxQueueSize() int {
+	switch {
+	case v.QueueSize != 0:
+		return v.QueueSize
+	case v.Type == VirtioBlk || v.Type == VirtioFS:
+		return 128
+	}
+	return 256
+}
+
+// Kind names the device in messages ("vhost-user-blk"); it is not a plugin
+// kind: nothing is launched for it.
+func (v *VhostUserSpec) Kind() string { return "vhost-user-" + v.TypeName }
+
+// String renders v in --vhost-user form.
+func (v *VhostUserSpec) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "type=%s,socket=%s", v.TypeName, escape(v.Socket))
+	if v.Queues != 0 {
+		fmt.Fprintf(&b, ",queues=%d", v.Queues)
+	}
+	if v.QueueSize != 0 {
+		fmt.Fprintf(&b, ",queue-size=%d", v.QueueSize)
+	}
+	if v.Tag != "" {
+		fmt.Fprintf(&b, ",tag=%s", escape(v.Tag))
+	}
+	return b.String()
+}
+
+// ErrExternal is returned by VhostUserSpec.Open: an external back-end is
+// connected to, not opened for a plugin.
+var ErrExternal = errors.New("an external vhost-user back-end has no plugin to open files for")
+
+// Open is not used for an external back-end (see ErrExternal).
+func (v *VhostUserSpec) Open(OpenOptions) (*Opened, error) { return nil, ErrExternal }
+
+// CheckSocket checks, before anything starts, that the back-end's socket
+// exists and is a socket.
+func (v *VhostUserSpec) CheckSocket() error {
+	st, err := os.Stat(v.Socket)
+	if err != nil {
+		var pe *os.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return fmt.Errorf("vhost-user back-end socket %s: %w", v.Socket, err)
+	}
+	if st.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("vhost-user back-end socket %s is not a socket", v.Socket)
+	}
+	return nil
+}

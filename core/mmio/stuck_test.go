@@ -1,0 +1,163 @@
+package mmio
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
+)
+
+// TestConfigChangedRefreshes: a config change re-reads the config space
+// from the back-end; the guest then reads the new bytes.
+func TestConfigChangedRefreshes(t *testing.T) {
+	r := newRig(t, nil)
+	st := r.negotiate(featureVersion1)
+	r.setupQueue(0, 64, 0x1000, 0x2000, 0x3000)
+	r.wr(RegStatus, st|StatusDriverOK)
+	r.b.config[6] = 0 // link down, say
+	r.d.ConfigChanged()
+	b := make([]byte, 2)
+	r.d.Read(RegConfig+6, b)
+	if b[0] != 0 || b[1] != 8 {
+		t.Fatalf("config after the change % x", b)
+	}
+	// A back-end that cannot answer the refresh fails the device.
+	r.b.fail = errors.New("plugin gone")
+	r.d.ConfigChanged()
+	if !errors.Is(r.d.Failed(), ErrFailed) {
+		t.Fatalf("Failed() = %v", r.d.Failed())
+	}
+}
+
+// stuckPlugin is a vhost-user back-end that reads requests and never
+// answers: a plugin hung in a loop, or stopped.
+func stuckPlugin(t *testing.T, timeout time.Duration) *frontend.Client {
+	t.Helper()
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			m.CloseFiles()
+		}
+	}()
+	c := frontend.New(a)
+	c.SetTimeout(timeout)
+	t.Cleanup(func() { c.Close() })
+	// As the core does: requests without a reply body are acknowledged
+	// (this one itself is not).
+	if err := c.SetProtocolFeatures(vhostuser.ProtocolReplyAck | vhostuser.ProtocolConfig); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestStuckPlugin: a plugin that never answers (GET_CONFIG or anything
+// else) does not stall the guest's vCPU beyond the deadline. Config reads
+// never wait for it; a config change refresh waits off the vCPU and
+// without the device lock; the vCPU's own calls (features, config writes)
+// fail after the deadline and the device fails.
+func TestStuckPlugin(t *testing.T) {
+	const deadline = 200 * time.Millisecond
+	cfgData := []byte{0x52, 0x54, 0, 1, 2, 3, 1, 0}
+	newStuck := func(t *testing.T) *rig {
+		c := stuckPlugin(t, deadline)
+		return newRig(t, func(cfg *Config) {
+			cfg.Backend = c
+			cfg.ConfigData = cfgData
+		})
+	}
+	// vcpu runs one guest access the way a vCPU thread does and returns
+	// how long it took.
+	vcpu := func(f func()) time.Duration {
+		start := time.Now()
+		f()
+		return time.Since(start)
+	}
+
+	t.Run("config reads", func(t *testing.T) {
+		r := newStuck(t)
+		b := make([]byte, len(cfgData))
+		if d := vcpu(func() { r.d.Read(RegConfig, b) }); d > deadline/2 {
+			t.Fatalf("config read took %v", d)
+		}
+		if !bytes.Equal(b, cfgData) {
+			t.Fatalf("config read % x, want % x", b, cfgData)
+		}
+	})
+	t.Run("config change refresh", func(t *testing.T) {
+		r := newStuck(t)
+		done := make(chan struct{})
+		go func() { r.d.ConfigChanged(); close(done) }()
+		time.Sleep(deadline / 4) // the refresh is waiting for the plugin
+		b := make([]byte, 4)
+		if d := vcpu(func() { r.d.Read(RegConfig, b); r.rd(RegStatus) }); d > deadline/2 {
+			t.Fatalf("guest access during the refresh took %v", d)
+		}
+		select {
+		case <-done:
+		case <-time.After(10 * deadline):
+			t.Fatal("the refresh did not give up after the deadline")
+		}
+		if !errors.Is(r.d.Failed(), ErrFailed) {
+			t.Fatalf("device not failed: %v", r.d.Failed())
+		}
+	})
+	t.Run("features", func(t *testing.T) {
+		r := newStuck(t)
+		var st uint32
+		if d := vcpu(func() { st = r.negotiate(featureVersion1) }); d > 3*deadline {
+			t.Fatalf("FEATURES_OK write took %v", d)
+		}
+		if st&StatusFeaturesOK != 0 {
+			t.Fatal("features accepted by a plugin that never answered")
+		}
+		if r.rd(RegStatus)&StatusDeviceNeedsRst == 0 || !errors.Is(r.d.Failed(), ErrFailed) {
+			t.Fatal("device not failed")
+		}
+		// Later accesses do not wait for the plugin again.
+		if d := vcpu(func() { r.negotiate(featureVersion1) }); d > deadline/2 {
+			t.Fatalf("access after the failure took %v", d)
+		}
+	})
+	t.Run("config write", func(t *testing.T) {
+		r := newStuck(t)
+		if d := vcpu(func() { r.d.Write(RegConfig, []byte{1}) }); d > 3*deadline {
+			t.Fatalf("config write took %v", d)
+		}
+		if !errors.Is(r.d.Failed(), ErrFailed) {
+			t.Fatal("device not failed")
+		}
+	})
+}
+
+// TestConfigWithoutData: without the config bytes from Configure, New reads
+// ConfigSize bytes once (not on a vCPU thread) and serves from them; with
+// neither, reads are forwarded as they come (a back-end whose config size
+// the core does not know).
+func TestConfigWithoutData(t *testing.T) {
+	r := newRig(t, func(c *Config) { c.ConfigData, c.ConfigSize = nil, 12 })
+	if len(r.b.calls) != 1 || r.b.calls[0] != "GetConfig 0 12" {
+		t.Fatalf("calls at New: %v", r.b.calls)
+	}
+	r.b.calls = nil
+	b := make([]byte, 4)
+	r.d.Read(RegConfig+4, b)
+	if !bytes.Equal(b, []byte{5, 6, 7, 8}) || len(r.b.calls) != 0 {
+		t.Fatalf("read % x, calls %v", b, r.b.calls)
+	}
+	r2 := newRig(t, func(c *Config) { c.ConfigData = nil })
+	r2.d.Read(RegConfig+4, b)
+	if !bytes.Equal(b, []byte{5, 6, 7, 8}) || len(r2.b.calls) != 1 {
+		t.Fatalf("forwarded read % x, calls %v", b, r2.b.calls)
+	}
+}

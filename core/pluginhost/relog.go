@@ -1,0 +1,160 @@
+package pluginhost
+
+import (
+	"bytes"
+	"encoding/json"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	hclog "github.com/hashicorp/go-hclog"
+)
+
+// maxLogLine bounds one line of a plugin's stderr; a longer one is logged
+// in pieces of this size.
+const maxLogLine = 64 << 10
+
+// pluginLog re-logs a plugin's stderr into the host's logger. A plugin
+// logs hclog JSON lines; each becomes one host log line at the line's
+// level, with its message and its fields keeping their JSON types: a
+// number stays a number (1073741824, not "1.073741824e+09"), a string is
+// passed as the string it is, and the plugin's @timestamp is dropped (the
+// host stamps the line itself). go-plugin's own re-logging, which turns
+// every number into a float64 and adds a second timestamp, is switched off
+// (quietLogger.Named).
+//
+// A line that is not JSON (a Go panic, a runtime error) is logged at the
+// level its "[LEVEL]" prefix names, at ERROR from a "panic: " or "fatal
+// error: " line on, and otherwise at DEBUG.
+type pluginLog struct {
+	log  hclog.Logger
+	kind string
+
+	mu      sync.Mutex
+	buf     []byte
+	inPanic bool
+}
+
+func newPluginLog(log hclog.Logger, kind string) *pluginLog {
+	return &pluginLog{log: log, kind: kind}
+}
+
+// Write takes any piece of the stream; complete lines are logged.
+func (w *pluginLog) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf = append(w.buf, p...)
+	for {
+		i := bytes.IndexByte(w.buf, '\n')
+		if i < 0 {
+			break
+		}
+		w.line(w.buf[:i])
+		w.buf = w.buf[i+1:]
+	}
+	for len(w.buf) >= maxLogLine {
+		w.line(w.buf[:maxLogLine])
+		w.buf = w.buf[maxLogLine:]
+	}
+	// Keep the (short) rest at the start of a fresh buffer so the
+	// backing array does not grow with the stream.
+	w.buf = append([]byte(nil), w.buf...)
+	return len(p), nil
+}
+
+func (w *pluginLog) line(b []byte) {
+	b = bytes.TrimRight(b, "\r")
+	if len(bytes.TrimSpace(b)) == 0 {
+		return
+	}
+	if b[0] == '{' {
+		if level, msg, args, ok := w.parseJSON(b); ok {
+			if cur := w.log.GetLevel(); cur != hclog.NoLevel && level < cur {
+				return
+			}
+			w.log.Log(level, msg, args...)
+			return
+		}
+	}
+	s := string(b)
+	level := hclog.Debug
+	for _, l := range []hclog.Level{hclog.Trace, hclog.Debug, hclog.Info, hclog.Warn, hclog.Error} {
+		if strings.HasPrefix(s, "["+strings.ToUpper(l.String())+"]") {
+			level = l
+		}
+	}
+	if strings.HasPrefix(s, "panic: ") || strings.HasPrefix(s, "fatal error: ") {
+		w.inPanic = true
+	}
+	if w.inPanic {
+		level = hclog.Error
+	}
+	w.log.Log(level, s)
+}
+
+// parseJSON reads one hclog JSON line: its level, message and the other
+// fields in key order, with typed values.
+func (w *pluginLog) parseJSON(b []byte) (hclog.Level, string, []any, bool) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
+		return 0, "", nil, false
+	}
+	msg, ok := m["@message"].(string)
+	if !ok {
+		return 0, "", nil, false
+	}
+	lv, _ := m["@level"].(string)
+	level := hclog.LevelFromString(lv)
+	if level == hclog.NoLevel {
+		return 0, "", nil, false
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		switch k {
+		case "@message", "@level", "@timestamp":
+			continue
+		case "@module":
+			// The SDK names the logger it gives Configure after the
+			// kind, which the host's logger name already says.
+			if m[k] == w.kind {
+				continue
+			}
+		}
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	args := make([]any, 0, 2*len(keys))
+	for _, k := range keys {
+		args = append(args, k, logValue(m[k]))
+	}
+	return level, msg, args, true
+}
+
+// logValue turns a decoded JSON value back into what the plugin logged: an
+// integer for an integral number, a float64 otherwise; strings, booleans
+// and null as they are; an object or array as its compact JSON text.
+func logValue(v any) any {
+	switch v := v.(type) {
+	case json.Number:
+		if i, err := v.Int64(); err == nil {
+			return i
+		}
+		if u, err := strconv.ParseUint(v.String(), 10, 64); err == nil {
+			return u
+		}
+		if f, err := v.Float64(); err == nil {
+			return f
+		}
+		return v.String()
+	case map[string]any, []any:
+		b, err := json.Marshal(v)
+		if err != nil {
+			return ""
+		}
+		return string(b)
+	}
+	return v
+}

@@ -1,0 +1,327 @@
+package vmm
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/core/pluginhost"
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
+)
+
+// An external back-end (AddVhostUser, --vhost-user) is a vhost-user
+// back-end that krun-core did not start: qemu-storage-daemon, virtiofsd, a
+// vhost-device-* daemon, another krun-core serve. It is attached exactly
+// as a plugin's back-end is (pluginDevice, attach): the same negotiation,
+// memory table, rings, ioeventfds and irqfds. What differs: there is no
+// plugin process, so the device's type and queues come from the user's
+// options; the core connects to the back-end's socket instead of handing
+// a socket pair to a plugin; a hang-up on that socket, not a process exit,
+// fails the device; and where the back-end has no config space of its own
+// the core serves one (an fs mount tag), as QEMU's vhost-user devices do.
+
+// externalNegotiateTimeout bounds connecting to an external back-end and
+// the negotiation: a socket whose owner never answers is an error, not a
+// hang before the guest starts.
+const externalNegotiateTimeout = 10 * time.Second
+
+// Feature bits of the device types the core adjusts (virtio 1.2, 5.1.3,
+// 5.2.3, 5.11.3).
+const (
+	netFCtrlGuestOffloads = 1 << 2
+	netFMTU               = 1 << 3
+	netFMAC               = 1 << 5
+	netFStatus            = 1 << 16
+	netFCtrlVQ            = 1 << 17
+	netFCtrlRx            = 1 << 18
+	netFCtrlVLAN          = 1 << 19
+	netFGuestAnnounce     = 1 << 21
+	netFMQ                = 1 << 22
+	netFCtrlMACAddr       = 1 << 23
+	netFHashReport        = 1 << 57
+	netFRSS               = 1 << 60
+	netFSpeedDuplex       = 1 << 63
+	blkFMQ                = 1 << 12
+	fsFNotification       = 1 << 0
+
+	// netNeedsCtrlVQ are the net features that work through the control
+	// queue, which QEMU emulates for a vhost-user-net back-end and the
+	// core does not: never offered to the guest.
+	netNeedsCtrlVQ = netFCtrlGuestOffloads | netFCtrlVQ | netFCtrlRx | netFCtrlVLAN | netFGuestAnnounce |
+		netFMQ | netFCtrlMACAddr | netFHashReport | netFRSS
+	// netNeedsConfig are the net features whose values live in the config
+	// space: not offered when the back-end has none.
+	netNeedsConfig = netFMTU | netFMAC | netFStatus | netFSpeedDuplex
+)
+
+// Config space offsets the core sets itself in a back-end's config space:
+// the queue counts, which are the core's choice (the options), not the
+// back-end's maximum.
+const (
+	blkConfigNumQueues       = 34 // le16 num_queues (virtio_blk_config)
+	fsConfigNumRequestQueues = 36 // le32 num_request_queues (virtio_fs_config)
+	fsConfigSize             = 40
+)
+
+// configSize is the size of a known device type's config space, as QEMU
+// computes it for a vhost-user device: up to the last field a feature the
+// back-end offers brings in (virtio 1.2, 5.1.4, 5.2.4; virtio_blk_config's
+// zoned fields from 1.3). 0 for a type the core does not know.
+func configSize(typ uint32, offered uint64) uint32 {
+	type field struct {
+		feature uint64
+		end     uint32
+	}
+	var base uint32
+	var fields []field
+	switch typ {
+	case devspec.VirtioBlk:
+		// Up to num_queues; then discard, write zeroes, secure erase,
+		// zoned.
+		base = 36
+		fields = []field{{1 << 13, 48}, {1 << 14, 60}, {1 << 16, 72}, {1 << 17, 96}}
+	case devspec.VirtioNet:
+		base = 6 // mac
+		fields = []field{{netFStatus, 8}, {netFMQ, 10}, {netFMTU, 12}, {netFSpeedDuplex, 17}, {netFRSS | netFHashReport, 24}}
+	case devspec.VirtioFS:
+		return fsConfigSize
+	default:
+		return 0
+	}
+	for _, f := range fields {
+		if offered&f.feature != 0 {
+			base = max(base, f.end)
+		}
+	}
+	return base
+}
+
+// externalBackend is the mmio.Backend of an external back-end: the
+// vhost-user client, with the config space adjusted by the core.
+type externalBackend struct {
+	*frontend.Client
+	// forward: the back-end has a config space (CONFIG negotiated);
+	// otherwise local is the whole config space, read-only.
+	forward bool
+	// size, for a known type, is how much config space is read from the
+	// back-end, always from offset 0: QEMU reads it that way, and
+	// back-ends written against QEMU (qemu-storage-daemon) ignore
+	// GET_CONFIG's offset and abort on a size beyond their own struct.
+	// 0 forwards each read as it comes.
+	size  uint32
+	local []byte
+	// patch holds config bytes the core sets over the back-end's, by
+	// offset.
+	patch map[uint32]byte
+}
+
+// GetConfig reads the back-end's config space (or the core's own) with the
+// core's bytes laid over it.
+func (b *externalBackend) GetConfig(offset, size uint32) ([]byte, error) {
+	var p []byte
+	switch {
+	case b.forward && b.size > 0:
+		if uint64(offset)+uint64(size) > uint64(b.size) {
+			return nil, fmt.Errorf("config read of %d bytes at %#x: outside the %d-byte config space", size, offset, b.size)
+		}
+		all, err := b.Client.GetConfig(0, b.size)
+		if err != nil {
+			return nil, err
+		}
+		p = append([]byte(nil), all[offset:offset+size]...)
+	case b.forward:
+		var err error
+		if p, err = b.Client.GetConfig(offset, size); err != nil {
+			return nil, err
+		}
+	default:
+		if uint64(offset)+uint64(size) > uint64(len(b.local)) {
+			return nil, fmt.Errorf("config read of %d bytes at %#x: outside the %d-byte config space", size, offset, len(b.local))
+		}
+		p = append([]byte(nil), b.local[offset:offset+size]...)
+	}
+	for i := range p {
+		if v, ok := b.patch[offset+uint32(i)]; ok {
+			p[i] = v
+		}
+	}
+	return p, nil
+}
+
+// SetConfig writes the back-end's config space; the core's own is
+// read-only.
+func (b *externalBackend) SetConfig(offset, flags uint32, data []byte) error {
+	if !b.forward {
+		return errors.New("the config space is read-only")
+	}
+	return b.Client.SetConfig(offset, flags, data)
+}
+
+// connectExternal connects to an external back-end and negotiates
+// features and protocol features with it; attach does the rest, as for a
+// plugin.
+func (c *Context) connectExternal(ctx context.Context, i int, v *devspec.VhostUserSpec) (_ *pluginDevice, err error) {
+	d := &pluginDevice{index: i, spec: v, external: v}
+	defer func() {
+		if err != nil {
+			d.shutdown(c.log)
+			err = fmt.Errorf("device %d (%s): %w", i, v, err)
+		}
+	}()
+	limit := externalNegotiateTimeout
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < limit {
+		limit = time.Until(dl).Round(time.Millisecond)
+	}
+	dctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	nc, err := (&net.Dialer{}).DialContext(dctx, "unix", v.Socket)
+	if err != nil {
+		var oe *net.OpError
+		if errors.As(err, &oe) {
+			err = oe.Err
+		}
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = se.Err
+		}
+		return nil, fmt.Errorf("connect to vhost-user back-end %s: %w", v.Socket, err)
+	}
+	uc := nc.(*net.UnixConn)
+	watch, err := uc.File() // a copy for the hang-up watch (monitor)
+	if err != nil {
+		uc.Close()
+		return nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
+	}
+	d.watch.Store(watch)
+	d.client = frontend.New(vhostuser.NewUnixConn(uc))
+	// The whole negotiation within limit: each request gets what is left.
+	deadline, _ := dctx.Deadline()
+	d.client.SetTimeout(time.Until(deadline))
+	n, err := d.client.Negotiate(frontend.SetupConfig{
+		Features:         ^uint64(0), // everything offered; the guest picks later
+		ProtocolFeatures: frontend.SupportedProtocolFeatures,
+	})
+	d.client.SetTimeout(frontend.DefaultTimeout)
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, frontend.ErrTimeout) {
+			return nil, fmt.Errorf("vhost-user back-end %s did not answer the negotiation within %v (is it a vhost-user back-end?)", v.Socket, limit)
+		}
+		return nil, fmt.Errorf("vhost-user back-end %s refused the negotiation: %w", v.Socket, err)
+	}
+	if err := d.adjustExternal(v, n); err != nil {
+		return nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
+	}
+	d.negotiated = &n
+	d.info = &pluginhost.DeviceInfo{Type: v.Type, NumQueues: v.NumQueues(), MaxQueueSize: v.MaxQueueSize()}
+	c.log.Debug("external vhost-user back-end connected", "device", i, "socket", v.Socket,
+		"features", fmt.Sprintf("%#x", n.OfferedFeatures), "protocol_features", fmt.Sprintf("%#x", n.ProtocolFeatures),
+		"max_queues", n.MaxQueues)
+	return d, nil
+}
+
+// adjustExternal checks what the back-end negotiated against the options
+// and sets up the device's config space and the features the guest is
+// offered.
+func (d *pluginDevice) adjustExternal(v *devspec.VhostUserSpec, n frontend.Negotiated) error {
+	hasConfig := n.ProtocolFeatures&vhostuser.ProtocolConfig != 0
+	if n.ProtocolFeatures&vhostuser.ProtocolMQ != 0 && uint64(v.NumQueues()) > n.MaxQueues {
+		return fmt.Errorf("the back-end serves at most %d queue(s), the device needs %d (queues=)", n.MaxQueues, v.NumQueues())
+	}
+	b := &externalBackend{Client: d.client, forward: hasConfig, size: configSize(v.Type, n.OfferedFeatures), patch: map[uint32]byte{}}
+	switch v.Type {
+	case devspec.VirtioBlk:
+		if !hasConfig {
+			return errors.New("it does not offer a config space (VHOST_USER_PROTOCOL_F_CONFIG), which a vhost-user-blk device needs for the disk's capacity")
+		}
+		if v.RequestQueues() > 1 && n.OfferedFeatures&blkFMQ == 0 {
+			return fmt.Errorf("queues=%d: the back-end does not offer VIRTIO_BLK_F_MQ", v.RequestQueues())
+		}
+		var q [2]byte
+		binary.LittleEndian.PutUint16(q[:], uint16(v.RequestQueues()))
+		b.patch[blkConfigNumQueues], b.patch[blkConfigNumQueues+1] = q[0], q[1]
+	case devspec.VirtioFS:
+		d.featureMask = fsFNotification // no notification queue
+		var q [4]byte
+		binary.LittleEndian.PutUint32(q[:], uint32(v.RequestQueues()))
+		for j := range q {
+			b.patch[fsConfigNumRequestQueues+uint32(j)] = q[j]
+		}
+		if !hasConfig {
+			if v.Tag == "" {
+				return errors.New("it has no config space (VHOST_USER_PROTOCOL_F_CONFIG) to give the mount tag: set it with tag=")
+			}
+			b.local = make([]byte, fsConfigSize)
+			copy(b.local, v.Tag)
+		}
+	case devspec.VirtioNet:
+		d.featureMask = netNeedsCtrlVQ
+		if !hasConfig {
+			d.featureMask |= netNeedsConfig // the guest picks its own MAC
+			b.local = make([]byte, 0)
+		}
+	default:
+		if !hasConfig {
+			b.local = make([]byte, 0)
+		}
+	}
+	d.backend = b
+	return nil
+}
+
+// watchHangup fails the device when the external back-end closes its end
+// of the socket (it exited, or dropped the connection): the guest sees a
+// broken device, as when a plugin dies, and the VM runs on.
+func (d *pluginDevice) watchHangup(ctx context.Context) {
+	f := d.watch.Swap(nil)
+	if f == nil {
+		return // shut down already
+	}
+	defer f.Close()
+	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		return
+	}
+	defer unix.Close(stop)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		select {
+		case <-ctx.Done():
+			var one [8]byte
+			one[0] = 1
+			unix.Write(stop, one[:])
+		case <-done:
+		}
+	}()
+	defer wg.Wait() // before stop is closed: no write to a reused fd number
+	defer close(done)
+	fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLRDHUP}, {Fd: int32(stop), Events: unix.POLLIN}}
+	for {
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return
+		}
+		if fds[1].Revents != 0 {
+			return
+		}
+		if fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0 {
+			if d.dev != nil {
+				d.dev.Fail(fmt.Errorf("vhost-user back-end %s disconnected", d.external.Socket))
+			}
+			return
+		}
+	}
+}

@@ -1,0 +1,149 @@
+package fs_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/devices/fs"
+	"github.com/krun-core/krun-core/devices/fs/fuse"
+	"github.com/krun-core/krun-core/devices/fs/fuseclient"
+	"github.com/krun-core/krun-core/testguest"
+	"github.com/krun-core/krun-core/vhostuser/backend"
+)
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestTruncatedGuestMemory: a front-end posts requests on the request
+// queue, truncates the guest-memory memfd under the rings and kicks. The
+// queue fails with one log line; the plugin serves the next front-end.
+func TestTruncatedGuestMemory(t *testing.T) {
+	for _, workers := range []int{1, fs.DefaultWorkers} {
+		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) {
+			dir, err := os.Open(t.TempDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dir.Close()
+			dev, err := fs.New(fs.Config{ServerConfig: fs.ServerConfig{Dir: dir}, Tag: "share", Workers: workers})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dev.Close()
+			logs := &lockedBuffer{}
+			srv, err := backend.NewServer(dev, hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sock := serveListening(t, srv)
+			defer func() {
+				if t.Failed() {
+					t.Logf("plugin log:\n%s", logs.String())
+				}
+			}()
+			opt := testguest.Options{NumQueues: 2, QueueSize: 512}
+
+			g, err := testguest.Dial(sock, opt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ring := g.Rings[1]
+			buf, _ := g.Mem.Alloc(8192, 4096)
+			for i := 0; i < 16; i++ {
+				segs := []testguest.Segment{{Addr: buf, Len: 64}, {Addr: buf + 4096, Len: 4096, Writable: true}}
+				if _, err := ring.Post(segs, i); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// From here the test must not touch guest memory.
+			if err := g.Mem.File().Truncate(0); err != nil {
+				t.Fatal(err)
+			}
+			ring.KickAlways()
+			deadline := time.Now().Add(10 * time.Second)
+			for srv.Stats()[1].Failures == 0 {
+				if time.Now().After(deadline) {
+					t.Fatal("the request queue did not fail")
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			g.Close()
+			if n := strings.Count(logs.String(), "memory fault"); n != 1 {
+				t.Fatalf("%d log lines about the fault, want 1", n)
+			}
+
+			// The next front-end is served.
+			g2, err := testguest.Dial(sock, opt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g2.Close()
+			rq := fuseclient.NewRing(g2.Mem, g2.Rings[1], 0)
+			defer rq.Close()
+			c := fuseclient.New(rq)
+			if _, err := c.Init(fuseclient.LinuxInitFlags); err != nil {
+				t.Fatalf("INIT from the next front-end: %v", err)
+			}
+			if _, err := c.Getattr(fuse.RootID); err != nil {
+				t.Fatalf("GETATTR from the next front-end: %v", err)
+			}
+		})
+	}
+}
+
+// serveListening serves srv on a listening unix socket until the test
+// ends and returns the socket's path.
+func serveListening(t *testing.T, srv *backend.Server) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "fs.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	lf, err := ln.File()
+	ln.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, lf) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Serve: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("Serve did not return")
+		}
+		lf.Close()
+	})
+	return sock
+}
