@@ -103,8 +103,8 @@ var propagationOptions = map[string]uintptr{
 // refusedOptions are generic options a guest cannot honour; naming them
 // is an error rather than a silent difference.
 var refusedOptions = map[string]string{
-	"idmap":  "ID-mapped mounts are not supported in the guest",
-	"ridmap": "ID-mapped mounts are not supported in the guest",
+	"idmap":   "ID-mapped mounts are not supported in the guest",
+	"ridmap":  "ID-mapped mounts are not supported in the guest",
 	"remount": "a remount of a mount the guest has not made",
 }
 
