@@ -18,6 +18,9 @@ const (
 	FileControl = "control" // read end of the core's control pipe (window size, signals)
 	OptName     = "name"    // the virtio-console port's name
 	OptTTY      = "tty"     // on: the guest program has a terminal (stdout carries stderr too)
+	// OptHoldStdin ("hold-stdin=on"): stdin is read only after the core
+	// releases a command waiting for START (a container's).
+	OptHoldStdin = "hold-stdin"
 )
 
 // ConsoleSpec is the stdio console of `krun-core run -- CMD`: a
@@ -27,6 +30,7 @@ const (
 type ConsoleSpec struct {
 	Name                  string // port name the guest looks for
 	TTY                   bool
+	HoldStdin             bool // read stdin only after START
 	Stdin, Stdout, Stderr *os.File
 	Control               *os.File // nil: no control pipe
 }
@@ -40,6 +44,9 @@ func (s *ConsoleSpec) String() string { return fmt.Sprintf("console name=%s", s.
 // Open duplicates the files for the plugin (the caller keeps its own).
 func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 	o := &Opened{Kind: KindConsole, Options: map[string]string{OptName: s.Name, OptTTY: onOff(s.TTY)}}
+	if s.HoldStdin {
+		o.Options[OptHoldStdin] = "on"
+	}
 	for _, f := range []struct {
 		name string
 		file *os.File

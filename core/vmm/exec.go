@@ -348,7 +348,8 @@ func (c *Context) prepareExec() error {
 	}
 	e.controlR, e.controlW = pr, pw
 	devs = append(devs, &devspec.ConsoleSpec{Name: e.cfg.Stdio, TTY: e.tty,
-		Stdin: e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr})
+		HoldStdin: e.container != nil && e.container.WaitForStart,
+		Stdin:     e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr})
 	modules := []string{"virtio_mmio", "virtiofs", "virtio_console"}
 	hasNet := false
 	for _, d := range c.devices {

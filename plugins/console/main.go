@@ -35,7 +35,11 @@ func (plugin) Policy(map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, devspec.OptName, devspec.OptTTY); err != nil {
+	if err := pluginsdk.CheckOptions(opts, devspec.OptName, devspec.OptTTY, devspec.OptHoldStdin); err != nil {
+		return nil, err
+	}
+	hold, err := pluginsdk.OnOff(opts, devspec.OptHoldStdin, false)
+	if err != nil {
 		return nil, err
 	}
 	if _, err := pluginsdk.OnOff(opts, devspec.OptTTY, false); err != nil {
@@ -52,7 +56,7 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil {
 		return nil, err
 	}
-	cfg := stdio.Config{Port: dev, Logger: log}
+	cfg := stdio.Config{Port: dev, Logger: log, HoldStdin: hold}
 	// Absent files stay nil interfaces (no typed nil *os.File).
 	if f := files[devspec.FileStdin]; f != nil {
 		cfg.Stdin = f

@@ -211,3 +211,41 @@ func TestExecLimit(t *testing.T) {
 		t.Errorf("stderr %q", b)
 	}
 }
+
+// TestHoldStdin: a container's input reaches the guest only after START.
+func TestHoldStdin(t *testing.T) {
+	plugin, core := controlPair(t)
+	g2hR, g2hW := io.Pipe()
+	h2gR, h2gW := io.Pipe()
+	t.Cleanup(func() { g2hW.Close(); h2gR.Close() })
+	b := New(Config{Port: port{g2hR, h2gW}, Stdin: bytes.NewReader([]byte("early")), Stdout: io.Discard, Stderr: io.Discard,
+		Control: plugin, HoldStdin: true})
+	go b.Run(t.Context())
+	frames := make(chan stdioframe.Type, 8)
+	go func() {
+		r := stdioframe.NewReader(h2gR, stdioframe.HostToGuest)
+		for {
+			f, err := r.Next()
+			if err != nil {
+				return
+			}
+			frames <- f.Type
+		}
+	}()
+	select {
+	case ft := <-frames:
+		t.Fatalf("%v before START", ft)
+	case <-time.After(200 * time.Millisecond):
+	}
+	sendRecord(t, core, StartRecord(), nil)
+	for _, want := range []stdioframe.Type{stdioframe.Start, stdioframe.Stdin, stdioframe.StdinEOF} {
+		select {
+		case got := <-frames:
+			if got != want {
+				t.Fatalf("frame %v, want %v", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no %v", want)
+		}
+	}
+}

@@ -68,6 +68,10 @@ type Config struct {
 	Stdout, Stderr io.Writer
 	Control        io.Reader // nil: none
 	Logger         hclog.Logger
+	// HoldStdin: stdin is read only after a START control record (a
+	// container's command waits for it; its input must not reach the
+	// guest before it runs).
+	HoldStdin bool
 }
 
 // Bridge moves frames between the port and the files.
@@ -82,6 +86,9 @@ type Bridge struct {
 
 	execMu sync.Mutex
 	execs  map[uint32]*execSession // exec.go
+
+	startOnce sync.Once
+	started   chan struct{} // closed on START (HoldStdin)
 }
 
 // New returns a bridge; Run starts it.
@@ -90,7 +97,7 @@ func New(cfg Config) *Bridge {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port)}
+	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port), started: make(chan struct{})}
 	b.stdoutOK.Store(true)
 	b.stderrOK.Store(true)
 	return b
@@ -175,6 +182,9 @@ func (b *Bridge) write(w io.Writer, ok *atomic.Bool, name string, p []byte) {
 
 // pumpStdin turns stdin into STDIN frames, then STDIN_EOF.
 func (b *Bridge) pumpStdin() {
+	if b.cfg.HoldStdin {
+		<-b.started
+	}
 	if b.cfg.Stdin != nil {
 		buf := make([]byte, 32<<10)
 		for {
@@ -226,6 +236,7 @@ func (b *Bridge) pumpControl() {
 			err = b.w.WriteSignal(rec[2])
 		case ControlStart:
 			err = b.w.WriteFrame(stdioframe.Start, nil)
+			b.startOnce.Do(func() { close(b.started) })
 		case ControlExec:
 			b.controlExec(rec, files)
 		case ControlExecSignal:
