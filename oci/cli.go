@@ -44,13 +44,15 @@ type globals struct {
 	kernel        string
 	pluginDir     string
 	cgroupRoot    string
+	pluginUID     int
+	pluginGID     int
 
 	log   *runtimeLog
 	store *Store
 }
 
 func (g *globals) runtimeConfig() RuntimeConfig {
-	return RuntimeConfig{Kernel: g.kernel, PluginDir: g.pluginDir}
+	return RuntimeConfig{Kernel: g.kernel, PluginDir: g.pluginDir, PluginUID: g.pluginUID, PluginGID: g.pluginGID}
 }
 
 // globalArgs renders the options a detached helper needs.
@@ -73,6 +75,12 @@ func (g *globals) args() []string {
 	}
 	if g.cgroupRoot != "" {
 		a = append(a, "--cgroup-root", g.cgroupRoot)
+	}
+	if g.pluginUID != 0 {
+		a = append(a, "--plugin-uid", strconv.Itoa(g.pluginUID))
+	}
+	if g.pluginGID != 0 {
+		a = append(a, "--plugin-gid", strconv.Itoa(g.pluginGID))
 	}
 	return a
 }
@@ -152,6 +160,8 @@ func Main(args []string, env *Env) int {
 	fs.StringVar(&g.kernel, "kernel", "", "guest kernel (default: $KRUN_KERNEL, then as krun-core run finds one)")
 	fs.StringVar(&g.pluginDir, "plugin-dir", "", "directory of krun-plugin-* and krun-init (default: next to krun-oci)")
 	fs.StringVar(&g.cgroupRoot, "cgroup-root", "", "cgroup v2 mount (default /sys/fs/cgroup)")
+	fs.IntVar(&g.pluginUID, "plugin-uid", 0, "host uid the device plugins run as (default: the sandbox's, nobody for root; never 0)")
+	fs.IntVar(&g.pluginGID, "plugin-gid", 0, "host gid the device plugins run as (default: the sandbox's, nogroup for root; never 0)")
 	fs.Bool("rootless", false, "accepted for compatibility")
 	fs.String("criu", "", "accepted for compatibility")
 	version := fs.Bool("version", false, "print the version")
@@ -177,6 +187,10 @@ func Main(args []string, env *Env) int {
 	rest := fs.Args()
 	if len(rest) == 0 {
 		usage(env.Stderr)
+		return 1
+	}
+	if g.pluginUID < 0 || g.pluginGID < 0 {
+		log.fail(errors.New("--plugin-uid and --plugin-gid: plugins never run as host root (ids above 0)"))
 		return 1
 	}
 	if !filepath.IsAbs(g.root) {

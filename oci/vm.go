@@ -61,6 +61,10 @@ type RuntimeConfig struct {
 	PluginDir string // "" looks next to the executable
 	// BootTimeout is the boot watchdog (0: vmm's default).
 	BootTimeout time.Duration
+	// PluginUID, PluginGID are the host ids the plugins run as (0: the
+	// sandbox's default). The root file system and the shares are used
+	// with their rights.
+	PluginUID, PluginGID int
 }
 
 // NewVM makes a krun-core VM for the plan: the root and each share a
@@ -81,6 +85,7 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 	} else if exe, err := os.Executable(); err == nil {
 		c.SetPluginDir(filepath.Dir(exe))
 	}
+	c.SetPluginIDs(cfg.PluginUID, cfg.PluginGID)
 	if cfg.BootTimeout > 0 {
 		if err := c.SetBootTimeout(cfg.BootTimeout); err != nil {
 			return nil, err
