@@ -55,7 +55,7 @@ func TestTranslate(t *testing.T) {
 		Sysctl:      map[string]string{"net.ipv4.ip_forward": "1"},
 		Devices:     []specs.LinuxDevice{{Path: "/dev/fuse", Type: "c", Major: 10, Minor: 229, FileMode: ptrOf(os.FileMode(0o666))}},
 		MaskedPaths: []string{"/proc/kcore"}, ReadonlyPaths: []string{"/proc/sys"},
-		Seccomp:     &specs.LinuxSeccomp{DefaultAction: "SCMP_ACT_ERRNO"},
+		Seccomp: &specs.LinuxSeccomp{DefaultAction: "SCMP_ACT_ERRNO"},
 	}
 	p, err := Translate("c1", b, s, translateOptions{CgroupRoot: "/sys/fs/cgroup"})
 	if err != nil {

@@ -54,7 +54,7 @@ func busyboxSpec(args ...string) *specs.Spec {
 		Hostname: "box",
 		Process: &specs.Process{
 			Args: args, Cwd: "/",
-			Env:  []string{"PATH=/bin", "TERM=xterm"},
+			Env:     []string{"PATH=/bin", "TERM=xterm"},
 			Rlimits: []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Soft: 1024, Hard: 1024}},
 		},
 		Mounts: []specs.Mount{
