@@ -302,6 +302,11 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if err != nil {
 		return nil, err
 	}
+	// Missing mount points are made here, with the runtime's rights: the
+	// guest's file server may not be allowed to.
+	for _, err := range container.MakeMountPoints(plan.Root, &plan.Setup) {
+		g.log.warn("%v", err)
+	}
 	var monitor *os.Process
 	ok := false
 	defer func() {
@@ -650,6 +655,7 @@ func deleteContainer(g *globals, id string, force bool) error {
 	}
 	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
 		state := c.ociState(specs.StateStopped)
+		state.Pid = c.Rec.Pid // hooks learn which process the container was
 		if err := runHooks("poststop", plan.Hooks.Poststop, &state.State); err != nil {
 			g.log.warn("%v", err)
 		}

@@ -310,7 +310,7 @@ func translateMounts(p *Plan, mounts []specs.Mount) error {
 		if !guestTypes[m.Type] {
 			return specError(field, "mount type %q: a VM mounts only tmpfs, proc, sysfs, devpts, mqueue and cgroup itself; host file systems reach it as bind mounts of directories", m.Type)
 		}
-		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: m.Type, Options: m.Options})
+		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: m.Type, Source: m.Source, Options: m.Options})
 	}
 	return nil
 }

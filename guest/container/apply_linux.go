@@ -206,7 +206,11 @@ func (r *rootDir) mount(i int, m *Mount, s *Setup, shares map[string]string) err
 	if o.TmpCopyUp && fstype == TypeTmpfs {
 		return r.tmpCopyUp(target, m.Destination, o)
 	}
-	if err := unix.Mount(fstype, target, fstype, o.Flags, o.Data); err != nil {
+	source := m.Source
+	if source == "" {
+		source = fstype
+	}
+	if err := unix.Mount(source, target, fstype, o.Flags, o.Data); err != nil {
 		return err
 	}
 	return r.propagate(m.Destination, o)
@@ -500,4 +504,39 @@ func (r *rootDir) readOnly(p string) error {
 		unix.Close(fd2)
 	}
 	return remountAt(r, p, flags)
+}
+
+// MakeMountPoints creates, in the root at rootPath, the mount points of
+// s's mounts that are missing (directories, or empty files for file
+// mounts), as runc does before it mounts. The OCI runtime calls it on the
+// host, where it runs with the rights to do so (the guest's file server
+// may not have them); the guest does the same for what is still missing.
+// It returns what it could not make.
+func MakeMountPoints(rootPath string, s *Setup) []error {
+	fd, err := unix.Open(rootPath, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return []error{err}
+	}
+	defer unix.Close(fd)
+	r := &rootDir{fd: fd, path: rootPath}
+	var errs []error
+	for _, m := range s.Mounts {
+		file := m.Type == TypeFile
+		if m.Type == TypeBind {
+			if sfd, err := r.open(m.Source, unix.O_PATH); err == nil {
+				var st unix.Stat_t
+				if unix.Fstat(sfd, &st) == nil {
+					file = st.Mode&unix.S_IFMT != unix.S_IFDIR
+				}
+				unix.Close(sfd)
+			}
+		}
+		mfd, err := r.mountPoint(m.Destination, file)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("mount point %s: %w", m.Destination, err))
+			continue
+		}
+		unix.Close(mfd)
+	}
+	return errs
 }

@@ -90,10 +90,13 @@ type Setup struct {
 
 // Mount is one mount inside the root.
 type Mount struct {
-	Destination string   `json:"destination"`
-	Type        string   `json:"type"`
-	Source      string   `json:"source,omitempty"`
-	Options     []string `json:"options,omitempty"`
+	Destination string `json:"destination"`
+	Type        string `json:"type"`
+	// Source is the virtio-fs tag, the file's index, the bound path
+	// inside the root, or for a file system the guest makes the name the
+	// mount table shows (default: the type).
+	Source  string   `json:"source,omitempty"`
+	Options []string `json:"options,omitempty"`
 }
 
 // File is a copied host file.
@@ -198,6 +201,12 @@ func (s *Setup) Validate() error {
 		case TypeBind:
 			if _, err := CleanPath(fmt.Sprintf("mounts[%d] source", i), m.Source); err != nil {
 				return err
+			}
+		default:
+			// A file system the guest makes: the source is only a name
+			// shown in the mount table.
+			if len(m.Source) > 255 || strings.IndexByte(m.Source, 0) >= 0 {
+				return invalid("mounts[%d] (%s): source %q", i, m.Destination, m.Source)
 			}
 		}
 	}

@@ -11,7 +11,8 @@ import (
 
 // The launcher (krun-init's process between fork and exec) calls these in
 // order: EnterRoot, ApplyPrivileged, its own limits and identity change,
-// ApplyUnprivileged, exec.
+// ApplyUnprivileged, exec, all on one locked OS thread (capabilities,
+// the bounding set and no_new_privs belong to a thread).
 
 // EnterRoot makes root the process's root directory and cwd (inside it)
 // its working directory, creating cwd when missing (as runc does).

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -176,6 +177,9 @@ const (
 // limits, identity, exec. A failure is reported on the status pipe (one
 // status byte and a message); a successful exec closes it (close-on-exec).
 func launcherMain() {
+	// Capabilities, no_new_privs and the bounding set are per thread:
+	// everything up to exec happens on this one.
+	runtime.LockOSThread()
 	status := os.NewFile(launchStatusFD, "status")
 	fail := func(code int, format string, a ...any) {
 		msg := fmt.Sprintf(format, a...)
