@@ -3,7 +3,7 @@ GO ?= go
 export CGO_ENABLED := 0
 
 PLUGINS := $(notdir $(wildcard plugins/*))
-BINS := bin/krun-core bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
+BINS := bin/krun-core bin/krun-oci bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS))
 
 .PHONY: all test unit deps kernel vet fmt clean FORCE
 
@@ -14,6 +14,10 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
 
 bin/krun-core: FORCE
 	$(GO) build -trimpath -ldflags "-X main.buildVersion=$(VERSION)" -o $@ ./cmd/krun-core
+
+# The OCI runtime (docs/OCI.md).
+bin/krun-oci: FORCE
+	$(GO) build -trimpath -o $@ ./cmd/krun-oci
 
 bin/krun-sandbox-exec: FORCE
 	$(GO) build -trimpath -o $@ ./cmd/krun-sandbox-exec

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -129,7 +130,12 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		}
 	}
 	c.SetRootOptions(map[string]string{"suid": "on"})
-	if p.Net.Mode != NetNone {
+	if p.Net.Mode != NetNone && !hasRoutableInterface() {
+		// A namespace with only its loopback (podman --network none):
+		// passt would have nothing to serve, and the guest gets no
+		// network device.
+		log.Debug("no interface with an address in the network namespace: the guest gets no network")
+	} else if p.Net.Mode != NetNone {
 		if err := c.AddDevice(&devspec.NetSpec{Backend: "passt", PasstArgs: p.Net.PasstArgs}); err != nil {
 			return nil, err
 		}
@@ -140,6 +146,24 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		return nil, err
 	}
 	return &krunVM{c: c, done: make(chan struct{})}, nil
+}
+
+// hasRoutableInterface reports whether the current network namespace has
+// an interface that is up, not the loopback, with an address.
+func hasRoutableInterface() bool {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return false
+	}
+	for _, ifc := range ifs {
+		if ifc.Flags&net.FlagUp == 0 || ifc.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		if addrs, err := ifc.Addrs(); err == nil && len(addrs) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // krunVM drives a vmm.Context.

@@ -8,7 +8,7 @@
 # (`make deps`).
 set -euo pipefail
 cache=${KRUN_TEST_CACHE:-$HOME/.cache/krun-core-test}
-pkgs=podman,conmon,crun,containerd,runc,ca-certificates
+pkgs=podman,conmon,crun,netavark,containerd,runc,ca-certificates
 tag=$(printf '%s' "bookworm $pkgs v1" | sha256sum | cut -c1-12)
 img=$cache/oci-userland-$tag.ext4
 if [ -s "$img" ]; then

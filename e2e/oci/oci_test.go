@@ -21,6 +21,7 @@ import (
 
 var bins = vmtest.BinSet{Name: "oci", Pkgs: map[string]string{
 	"krun-oci":              "github.com/krun-core/krun-core/cmd/krun-oci",
+	"krun-sandbox-exec":     "github.com/krun-core/krun-core/cmd/krun-sandbox-exec",
 	"krun-init":             "github.com/krun-core/krun-core/guest/init",
 	"krun-plugin-fs-virtio": "github.com/krun-core/krun-core/plugins/fs-virtio",
 	"krun-plugin-console":   "github.com/krun-core/krun-core/plugins/console",
