@@ -372,7 +372,10 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		if err := runHooks("createRuntime", h.CreateRuntime, &st.State); err != nil {
 			return nil, err
 		}
-		if err := runHooks("prestart", h.Prestart, &st.State); err != nil {
+		// prestart hooks see the container as created: they run when
+		// the start operation used to call them.
+		pst := c.ociState(specs.StateCreated)
+		if err := runHooks("prestart", h.Prestart, &pst.State); err != nil {
 			return nil, err
 		}
 	}
@@ -640,8 +643,6 @@ func deleteContainer(g *globals, id string, force bool) error {
 	st := c.Status()
 	switch st {
 	case specs.StateStopped:
-	case specs.StateCreated:
-		// Never started: deleting it ends it, as runc does.
 	default:
 		if !force {
 			return fmt.Errorf("cannot delete container %s that is not stopped: %s", id, st)

@@ -26,16 +26,22 @@ const MilestoneReady = container.MilestoneReady
 
 // guestNotify turns status-port writes into channels.
 type guestNotify struct {
-	once                  sync.Once
-	ready, exited         chan struct{}
-	readyOnce, exitedOnce sync.Once
+	once                              sync.Once
+	ready, execed, exited             chan struct{}
+	readyOnce, execedOnce, exitedOnce sync.Once
 }
 
 func (n *guestNotify) init() {
 	n.once.Do(func() {
 		n.ready = make(chan struct{})
+		n.execed = make(chan struct{})
 		n.exited = make(chan struct{})
 	})
+}
+
+func (n *guestNotify) markExeced() {
+	n.init()
+	n.execedOnce.Do(func() { close(n.execed) })
 }
 
 func (n *guestNotify) markReady() {
@@ -88,6 +94,13 @@ func (c *Context) SetLookup(on bool) { c.execCfg().noLookup = !on }
 func (c *Context) Ready() <-chan struct{} {
 	c.notify.init()
 	return c.notify.ready
+}
+
+// CommandStarted returns a channel closed once the guest has reported that
+// the command was started (MilestoneExec).
+func (c *Context) CommandStarted() <-chan struct{} {
+	c.notify.init()
+	return c.notify.execed
 }
 
 // Exited returns a channel closed once the guest has reported the

@@ -40,6 +40,9 @@ func (s *statusPorts) write(port uint16, data []byte) bool {
 				s.initAt.CompareAndSwap(0, now)
 			case MilestoneExec:
 				s.execAt.CompareAndSwap(0, now)
+				if s.notify != nil {
+					s.notify.markExeced()
+				}
 			case MilestoneReady:
 				if s.notify != nil {
 					s.notify.markReady()

@@ -28,7 +28,7 @@ const runtimeToolsModule = "github.com/opencontainers/runtime-tools@v0.9.1-0.202
 // gives, by program and a substring of the check's description.
 var claimedTests = []string{
 	"create", "start", "state", "kill", "kill_no_effect", "killsig", "delete", "pidfile", "misc_props",
-	"config_updates_without_affect", "hooks", "hooks_stdin", "prestart", "prestart_fail", "poststart",
+	"config_updates_without_affect", "hooks_stdin", "prestart", "prestart_fail", "poststart",
 	"poststart_fail", "poststop", "poststop_fail", "default", "hostname", "mounts", "process",
 	"process_capabilities", "process_capabilities_fail", "process_rlimits", "process_rlimits_fail",
 	"process_user", "process_oom_score_adj", "root_readonly_true", "linux_sysctl", "linux_masked_paths",
@@ -108,7 +108,9 @@ for t in $RT_TESTS; do
 	i=0
 	while kill -0 $p 2>/dev/null; do
 		i=$((i+1))
-		[ $i -lt 600 ] || { kill -9 $p; echo "RT $t| runner: killed after 300s" >>/tmp/$t.err; }
+		# A program that runs over is a wedged nested guest (each takes
+		# well under a minute): the outer VM is run once more.
+		[ $i -lt 600 ] || { kill -9 $p; sed "s/^/RT $t| /" /tmp/$t.tap | tail -20; e2e_nested_hang "$t ran over 300s"; }
 		sleep 0.5
 	done
 	rc=0; wait $p || rc=$?
@@ -187,20 +189,29 @@ func TestRuntimeTools(t *testing.T) {
 	}
 	rtDir, tarball := buildRuntimeTools(t, names)
 	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
-	payload := append(files, binFiles(dir)...)
-	payload = append(payload, vmtest.File{Dst: "/rt/rootfs-amd64.tar.gz", Src: tarball, Mode: 0o644},
+	base := append(files, binFiles(dir)...)
+	base = append(base, vmtest.File{Dst: "/rt/rootfs-amd64.tar.gz", Src: tarball, Mode: 0o644},
 		vmtest.File{Dst: "/rt/runtimetest", Src: filepath.Join(rtDir, "runtimetest"), Mode: 0o755})
-	for _, n := range names {
-		payload = append(payload, vmtest.File{Dst: "/rt/" + n, Src: filepath.Join(rtDir, n), Mode: 0o755})
+	// Groups of programs, each in an outer VM of its own: a nested
+	// guest that wedges (nested SVM under TCG, rarely) costs one group
+	// a second run, not the whole suite.
+	const perGroup = 9
+	var console strings.Builder
+	for i := 0; i < len(names); i += perGroup {
+		group := names[i:min(i+perGroup, len(names))]
+		payload := append([]vmtest.File(nil), base...)
+		for _, n := range group {
+			payload = append(payload, vmtest.File{Dst: "/rt/" + n, Src: filepath.Join(rtDir, n), Mode: 0o755})
+		}
+		r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
+			Payload: payload,
+			CPUs:    2,
+			Timeout: time.Duration(len(group))*3*time.Minute + 2*time.Minute,
+			Script:  "KERNEL=" + kernel + "\nRT_TESTS='" + strings.Join(group, " ") + "'\n" + bundleSetup + runtimeToolsScript,
+		})
+		console.WriteString(r.Console)
 	}
-	vm := vmtest.NewNestedVM(t, a, vmtest.NestedOptions{
-		Payload: payload,
-		CPUs:    2,
-		Timeout: time.Duration(len(names)) * 90 * time.Second,
-		Script:  "KERNEL=" + kernel + "\nRT_TESTS='" + strings.Join(names, " ") + "'\n" + bundleSetup + runtimeToolsScript,
-	})
-	r := vm.Run()
-	results := parseRT(r.Console)
+	results := parseRT(console.String())
 	claimed := map[string]bool{}
 	for _, n := range claimedTests {
 		claimed[n] = true
