@@ -43,10 +43,11 @@ func userland(t *testing.T) string {
 	return overlay
 }
 
-// enterUserland mounts the userland at /u of the outer guest, puts the
-// krun binaries and the inner kernel in it, and defines `in` (a command
-// in the userland, chroot) and $KO (krun-oci with the kernel and plugin
-// flags, as a wrapper script the engines take as their runtime).
+// enterUserland mounts the userland at /u of the outer guest and puts
+// the krun binaries and the inner kernel in it, with /usr/local/bin/krun,
+// krun-oci with the kernel and plugin flags (the engines' runtime), and
+// /tmp/lib.sh, the helpers of the test's script. runInUserland then runs
+// the script, /tmp/t.sh, in the userland.
 const enterUserland = `
 mkdir -p /u
 mount -t ext4 /dev/vda /u
@@ -65,7 +66,6 @@ mount -t tmpfs tmpfs /u/run
 mount -t tmpfs tmpfs /u/tmp
 mkdir -p /u/etc/containers
 printf '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n' >/u/etc/containers/storage.conf
-in() { chroot /u /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root "$@"; }
 # A busybox root file system as a tarball, for podman import.
 mkdir -p /u/tmp/bb/bin /u/tmp/bb/etc /u/tmp/bb/tmp /u/tmp/bb/proc /u/tmp/bb/sys /u/tmp/bb/dev /u/tmp/bb/run
 cp /bin/busybox /u/tmp/bb/bin/busybox
@@ -75,12 +75,16 @@ done
 chmod 1777 /u/tmp/bb/tmp
 (cd /u/tmp/bb && tar -cf ../bb.tar .)
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
-# bounded SECONDS NAME CMD...: CMD in the userland, output in /tmp/NAME.log,
-# status in $rc; a command that runs over is a nested hang.
+cat >/u/tmp/lib.sh <<'LIBEOF'
+# Helpers of the scripts that run in the userland (dash).
+fail() { echo "INNER-FAIL $*"; exit 1; }
+hang() { echo "KRUN-E2E-NESTED-HANG $*"; exit 99; }
+# bounded SECONDS NAME CMD...: output in /tmp/NAME.log, status in $rc; a
+# command that runs over is a nested hang.
 bounded() {
 	_limit=$1 _name=$2
 	shift 2
-	in "$@" >/tmp/$_name.log 2>&1 &
+	"$@" >/tmp/$_name.log 2>&1 &
 	_pid=$!
 	_i=0
 	while kill -0 $_pid 2>/dev/null; do
@@ -88,7 +92,7 @@ bounded() {
 		if [ $_i -gt $((_limit*2)) ]; then
 			kill -9 $_pid 2>/dev/null
 			sed "s/^/$_name| /" /tmp/$_name.log | tail -40
-			e2e_nested_hang "$_name ran over ${_limit}s"
+			hang "$_name ran over ${_limit}s"
 		fi
 		sleep 0.5
 	done
@@ -97,6 +101,22 @@ bounded() {
 	sed "s/^/$_name| /" /tmp/$_name.log | tail -60
 	echo "$_name rc=$rc"
 }
+# leftovers lists the krun processes still running.
+leftovers() {
+	for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' <$f 2>/dev/null; echo; done | grep -E '[k]run-plugin|[_]_monitor|[_]_exec|[p]asst' || true
+}
+LIBEOF
+`
+
+// runInUserland runs /tmp/t.sh of the userland as the root of a mount
+// namespace of its own (the userland's mount moved over /, as
+// switch_root does: in a chroot the plugins could not create their user
+// namespaces) and reports its verdict.
+const runInUserland = `
+rc=0
+unshare -m sh -c 'cd /u && mount --move /u / && exec chroot . /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root /bin/sh /tmp/t.sh' || rc=$?
+[ "$rc" = 99 ] && e2e_nested_hang "in the userland"
+[ "$rc" = 0 ] || e2e_fail "userland script: exit $rc"
 `
 
 // engineOptions are the outer VM's for the engine tests.
@@ -116,7 +136,7 @@ func engineVM(t *testing.T, script string) *vmtest.Result {
 		CPUs:      2,
 		MemoryMiB: 3072,
 		Timeout:   25 * time.Minute,
-		Script:    "KERNEL=" + kernel + "\n" + enterUserland + script,
+		Script:    "KERNEL=" + kernel + "\n" + enterUserland + "cat >/u/tmp/t.sh <<'KRUNEOF'\n. /tmp/lib.sh\n" + script + "KRUNEOF\n" + runInUserland,
 	})
 	vm.AddDrive(img, "qcow2", false)
 	return vm.Run()
@@ -126,23 +146,23 @@ func engineVM(t *testing.T, script string) *vmtest.Result {
 const podmanScript = `
 P="podman --runtime /usr/local/bin/krun"
 bounded 600 import $P import /tmp/bb.tar localhost/busybox
-[ "$rc" = 0 ] || e2e_fail "podman import: exit $rc"
+[ "$rc" = 0 ] || fail "podman import: exit $rc"
 bounded 600 run $P run --rm --network none localhost/busybox sh -c 'echo hi; exit 3'
-[ "$rc" = 3 ] || e2e_fail "podman run: exit $rc, want 3"
-grep -q '^hi' /tmp/run.log || e2e_fail "podman run: no hi"
+[ "$rc" = 3 ] || fail "podman run: exit $rc, want 3"
+grep -q '^hi' /tmp/run.log || fail "podman run: no hi"
 bounded 600 rund $P run -d --name c1 --network none localhost/busybox sleep 600
-[ "$rc" = 0 ] || e2e_fail "podman run -d: exit $rc"
+[ "$rc" = 0 ] || fail "podman run -d: exit $rc"
 bounded 600 exec $P exec c1 sh -c 'echo from-exec $(hostname); exit 4'
-[ "$rc" = 4 ] || e2e_fail "podman exec: exit $rc, want 4"
-grep -q '^from-exec' /tmp/exec.log || e2e_fail "podman exec: no output"
+[ "$rc" = 4 ] || fail "podman exec: exit $rc, want 4"
+grep -q '^from-exec' /tmp/exec.log || fail "podman exec: no output"
 bounded 600 stop $P stop -t 10 c1
-[ "$rc" = 0 ] || e2e_fail "podman stop: exit $rc"
+[ "$rc" = 0 ] || fail "podman stop: exit $rc"
 bounded 300 inspect $P inspect --format '{{.State.Status}} {{.State.ExitCode}}' c1
-grep -q '^exited' /tmp/inspect.log || e2e_fail "podman inspect: not exited"
+grep -q '^exited' /tmp/inspect.log || fail "podman inspect: not exited"
 bounded 300 rm $P rm c1
-[ "$rc" = 0 ] || e2e_fail "podman rm: exit $rc"
+[ "$rc" = 0 ] || fail "podman rm: exit $rc"
 sleep 1
-if ps | grep -v grep | grep -q 'krun-plugin\|__monitor\|__exec\|passt'; then ps; e2e_fail "processes left behind"; fi
+[ -z "$(leftovers)" ] || { leftovers; fail "processes left behind"; }
 echo "podman checks ok"
 `
 
@@ -161,39 +181,39 @@ func TestPodman(t *testing.T) {
 const containerdScript = `
 bounded 600 import podman import /tmp/bb.tar localhost/busybox
 bounded 600 save podman save --format oci-archive -o /tmp/bb-oci.tar localhost/busybox
-[ "$rc" = 0 ] || e2e_fail "podman save: exit $rc"
-mkdir -p /u/run/containerd /u/var/lib/containerd
-in containerd >/tmp/containerd.log 2>&1 &
+[ "$rc" = 0 ] || fail "podman save: exit $rc"
+mkdir -p /run/containerd /var/lib/containerd
+containerd >/tmp/containerd.log 2>&1 &
 i=0
-until in ctr version >/dev/null 2>&1; do
-	i=$((i+1)); [ $i -lt 240 ] || { tail -20 /tmp/containerd.log; e2e_fail "containerd did not start"; }
+until ctr version >/dev/null 2>&1; do
+	i=$((i+1)); [ $i -lt 240 ] || { tail -20 /tmp/containerd.log; fail "containerd did not start"; }
 	sleep 0.5
 done
 C="ctr --timeout 10m"
 R="--runtime io.containerd.runc.v2 --runc-binary /usr/local/bin/krun --snapshotter native"
 bounded 600 cimport $C image import --snapshotter native --base-name localhost/busybox --digests /tmp/bb-oci.tar
-[ "$rc" = 0 ] || e2e_fail "ctr image import: exit $rc"
-img=$(in ctr image ls -q | grep busybox | head -1)
-[ -n "$img" ] || e2e_fail "no imported image"
+[ "$rc" = 0 ] || fail "ctr image import: exit $rc"
+img=$(ctr image ls -q | grep busybox | head -1)
+[ -n "$img" ] || fail "no imported image"
 bounded 600 crun $C run $R --rm $img c1 sh -c 'echo hi; exit 3'
-[ "$rc" = 3 ] || e2e_fail "ctr run: exit $rc, want 3"
-grep -q '^hi' /tmp/crun.log || e2e_fail "ctr run: no hi"
+[ "$rc" = 3 ] || fail "ctr run: exit $rc, want 3"
+grep -q '^hi' /tmp/crun.log || fail "ctr run: no hi"
 bounded 600 crund $C run $R -d $img c2 sleep 600
-[ "$rc" = 0 ] || e2e_fail "ctr run -d: exit $rc"
+[ "$rc" = 0 ] || fail "ctr run -d: exit $rc"
 bounded 600 cexec $C task exec --exec-id e1 c2 sh -c 'echo from-exec; exit 4'
-[ "$rc" = 4 ] || e2e_fail "ctr task exec: exit $rc, want 4"
-grep -q '^from-exec' /tmp/cexec.log || e2e_fail "ctr task exec: no output"
+[ "$rc" = 4 ] || fail "ctr task exec: exit $rc, want 4"
+grep -q '^from-exec' /tmp/cexec.log || fail "ctr task exec: no output"
 bounded 300 ckill $C task kill c2
 i=0
-until in ctr task ls | grep c2 | grep -q STOPPED; do
-	i=$((i+1)); [ $i -lt 240 ] || { in ctr task ls; e2e_fail "c2 did not stop"; }
+until ctr task ls | grep c2 | grep -q STOPPED; do
+	i=$((i+1)); [ $i -lt 240 ] || { ctr task ls; fail "c2 did not stop"; }
 	sleep 0.5
 done
 bounded 300 cdel $C task delete c2
-[ "$rc" = 0 ] || e2e_fail "ctr task delete: exit $rc"
+[ "$rc" = 0 ] || fail "ctr task delete: exit $rc"
 bounded 300 ccdel $C container delete c2
 sleep 1
-if ps | grep -v grep | grep -q 'krun-plugin\|__monitor\|__exec'; then ps; e2e_fail "processes left behind"; fi
+[ -z "$(leftovers)" ] || { leftovers; fail "processes left behind"; }
 echo "containerd checks ok"
 `
 
