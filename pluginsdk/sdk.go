@@ -395,6 +395,7 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 			c[p+"notifications"] = q.Notifications
 			c[p+"kicks"] = q.Kicks
 			c[p+"failures"] = q.Failures
+			c[p+"resubmitted"] = q.Resubmitted
 		}
 	}
 	return &pluginpb.StatsResponse{Counters: c}, nil

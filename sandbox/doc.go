@@ -104,6 +104,22 @@
 // (Restrict fails closed otherwise, saying so). The trampoline works in any
 // binary.
 //
+// # Shares and the launcher's own privileges
+//
+// A plugin reaches the files of a shared directory (virtio-fs) by name,
+// with its own ids. LaunchConfig.IDMapShare turns the directory into an
+// ID-mapped detached mount on which the launcher's ids and the plugin's are
+// swapped (every other id maps to itself), to hand over instead: the
+// plugin, running as nobody, acts in the share as the launcher's ids. It
+// returns nil where no mapping is needed (the plugin has the launcher's
+// ids) and an error where the host cannot make the mount; the caller then
+// hands over the plain directory. PluginSeesShareIDs and ShareSwaps say how
+// a plugin without a user namespace sees the swapped ids.
+//
+// Once set-up is done, a launcher calls DropPrivileges(lc.KeepCapabilities()):
+// no_new_privs on every thread, and only the capabilities it still needs
+// to signal what it started and to launch plugins again.
+//
 // # Visibility
 //
 // Status reports which layers this host supports (probing user namespaces

@@ -62,6 +62,10 @@ func TestMain(m *testing.M) {
 		os.Exit(probeMain())
 	case "hostile":
 		os.Exit(hostileMain())
+	case "share": // share_test.go
+		os.Exit(shareMain())
+	case "drop": // privileges_test.go
+		os.Exit(dropMain())
 	case "launch":
 		os.Exit(launchMain())
 	case "execed":

@@ -212,7 +212,10 @@ func enterEmptyRoot(dir, sockDir string) error {
 		if err := os.MkdirAll(at, 0o755); err != nil {
 			return fmt.Errorf("socket directory in the new root: %w", err)
 		}
-		if err := unix.Mount("krun-sandbox-sock", at, "tmpfs", flags, "size=64k,nr_inodes=16,mode=0700"); err != nil {
+		// 0750: the launcher reaches the socket as a member of the
+		// plugin's group (LaunchConfig.SocketGroup), also once it has
+		// dropped its capabilities.
+		if err := unix.Mount("krun-sandbox-sock", at, "tmpfs", flags, "size=64k,nr_inodes=16,mode=0750"); err != nil {
 			return fmt.Errorf("mount the socket directory's tmpfs: %w", err)
 		}
 	}

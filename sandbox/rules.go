@@ -146,6 +146,8 @@ func ipcLayer() []rule {
 		allow("getsockname", "gRPC peer address bookkeeping"),
 		allow("getpeername", "gRPC peer address bookkeeping"),
 		allow("shutdown", "closing a vhost-user or gRPC connection"),
+		allow("memfd_create", "the vhost-user inflight region (GET_INFLIGHT_FD) that lets a restarted plugin resubmit requests"),
+		allow("ftruncate", "sizing the inflight region's memfd"),
 	}
 }
 
@@ -245,6 +247,11 @@ func launchLayer(execFD int) []rule {
 		allow("bind", "names the gRPC listener in the private socket directory (Landlock: nowhere else)"),
 		allow("listen", "the gRPC listener"),
 		allow("fsync", "go-plugin syncs stdout after its handshake line"),
+		allowIf("fchownat", "owner == -1 && flags == 0",
+			"go-plugin gives its socket to the group it shares with a root launcher (PLUGIN_UNIX_SOCKET_GROUP, LaunchConfig.SocketGroup); never changes an owner",
+			all(eq(2, ^uint64(0)), eq(4, 0))),
+		allowIf("fchmodat", "mode == 0660", "go-plugin makes its socket writable by that group",
+			all(eq(2, 0o660))),
 		allowIf("prctl", "option == PR_GET_SECCOMP", "Restrict checks that the launcher's filter is in place",
 			all(eq(0, unix.PR_GET_SECCOMP))),
 		allow("landlock_create_ruleset", "Restrict stacks the plugin's own Landlock domain (a domain only takes rights away)"),

@@ -736,6 +736,25 @@ func TestSandboxTrampolineBinary(t *testing.T) {
 	p.checkRefusalsLogged("socket", "execve", "clone")
 	p.finish()
 
+	// The same binary holds the user namespace of an ID-mapped share.
+	if os.Geteuid() == 0 {
+		d, err := os.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		m, err := LaunchConfig{Trampoline: bin}.IDMapShare(d)
+		if err != nil {
+			t.Errorf("IDMapShare with krun-sandbox-exec holding the user namespace: %v", err)
+		} else {
+			var st unix.Stat_t
+			if err := unix.Fstat(int(m.Fd()), &st); err != nil || st.Uid != DefaultPluginUID {
+				t.Errorf("ID-mapped share's root: owner %d (%v), want %d", st.Uid, err, DefaultPluginUID)
+			}
+			m.Close()
+		}
+	}
+
 	if err := (LaunchConfig{Trampoline: filepath.Join(t.TempDir(), "missing")}).Apply(exec.Command("/bin/true")); err == nil ||
 		!strings.Contains(err.Error(), "sandbox: trampoline") {
 		t.Errorf("Apply with a missing trampoline: %v", err)
@@ -1157,6 +1176,12 @@ func TestStatus(t *testing.T) {
 	}
 	if uid, gid, _ := (LaunchConfig{}).PluginIDs(); r.PluginUID != uid || r.PluginGID != gid || r.PluginIDs == "" {
 		t.Errorf("status plugin ids %d:%d %q, want %d:%d", r.PluginUID, r.PluginGID, r.PluginIDs, uid, gid)
+	}
+	if r.Shares == "" || !strings.Contains(r.Core, "no_new_privs") {
+		t.Errorf("status shares %q, core %q", r.Shares, r.Core)
+	}
+	if os.Geteuid() == 0 && (!strings.Contains(r.Shares, "ID-mapped mount") || !strings.Contains(r.Core, "CAP_KILL,CAP_SETUID,CAP_SETGID")) {
+		t.Errorf("root's status: shares %q, core %q", r.Shares, r.Core)
 	}
 	launch := map[string]Rule{}
 	for _, l := range r.Launch {

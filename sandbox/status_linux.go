@@ -23,6 +23,11 @@ type StatusReport struct {
 	PluginUID int    `json:"plugin_uid"`
 	PluginGID int    `json:"plugin_gid"`
 	PluginIDs string `json:"plugin_ids"`
+	// Shares says how plugins reach shared directories (IDMapShare),
+	// checked on os.TempDir(); Core what a launcher keeps after set-up
+	// (DropPrivileges, KeepCapabilities).
+	Shares string `json:"shares"`
+	Core   string `json:"core"`
 	// Launch are the system calls every plugin may make from its first
 	// instruction until its own Restrict, on top of its kind's profile.
 	Launch []Rule       `json:"launch_syscalls"`
@@ -95,6 +100,13 @@ func Status() StatusReport {
 		r.PluginIDs = fmt.Sprintf("uid %d, gid %d: this user's own ids (only root can choose others)", uid, gid)
 	}
 	r.PluginUID, r.PluginGID = uid, gid
+	r.Shares = shareStatus()
+	r.Core = "after set-up: no_new_privs, and of its capabilities only " +
+		CapabilityNames(LaunchConfig{}.KeepCapabilities()) +
+		" (CAP_CHOWN and CAP_DAC_OVERRIDE too without the plugins' empty root), for signalling passt and launching plugins"
+	if os.Geteuid() != 0 {
+		r.Core = "after set-up: no_new_privs (this user holds no capabilities to drop)"
+	}
 	for _, lr := range mergeRules(launchLayerRules()) {
 		r.Launch = append(r.Launch, Rule{Syscall: lr.name, Args: lr.args, Reason: lr.reason, Layer: layerLaunch})
 	}
@@ -117,6 +129,32 @@ func Status() StatusReport {
 		r.Kinds = append(r.Kinds, ks)
 	}
 	return r
+}
+
+// shareStatus says how a plugin reaches a shared directory, trying an
+// ID-mapped mount of os.TempDir().
+func shareStatus() string {
+	uid, gid, needed, err := LaunchConfig{}.ShareSwaps()
+	switch {
+	case err != nil:
+		return err.Error()
+	case !needed:
+		return "as handed over: plugins run with this user's ids"
+	}
+	what := fmt.Sprintf("through an ID-mapped mount (nosuid, nodev) on which this user's uid %d and gid %d and the plugin's %d:%d are swapped: "+
+		"the plugin acts in the share as this user", uid.Launcher, gid.Launcher, uid.Plugin, gid.Plugin)
+	d, err := os.Open(os.TempDir())
+	if err != nil {
+		return what + "; " + err.Error()
+	}
+	defer d.Close()
+	m, err := LaunchConfig{}.IDMapShare(d)
+	if err != nil {
+		return what + ", where the host supports it; on " + os.TempDir() + " it does not (" + err.Error() +
+			"): there the plugin works with its own ids"
+	}
+	m.Close()
+	return what + " (supported on " + os.TempDir() + "; where a share's file system has no ID-mapped mounts the plugin works with its own ids)"
 }
 
 func layerStatus(l Layer, err error, detail string) LayerStatus {

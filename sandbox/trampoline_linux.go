@@ -20,6 +20,9 @@ func init() {
 	if len(os.Args) < 2 || os.Args[0] != TrampolineName {
 		return
 	}
+	if len(os.Args) == 2 && os.Args[1] == userNSArg && os.Getenv(envUserNS) == "1" {
+		os.Exit(holdUserNamespace()) // for LaunchConfig.IDMapShare
+	}
 	raw, ok := os.LookupEnv(envName)
 	if !ok {
 		return

@@ -4,6 +4,7 @@ package sandbox
 // package unsafe lives in this file.
 
 import (
+	"runtime"
 	"syscall"
 	"unsafe"
 
@@ -185,6 +186,25 @@ func notifRecv(fd int, n *seccompNotif) error {
 
 func notifSend(fd int, r *seccompNotifResp) error {
 	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SECCOMP_IOCTL_NOTIF_SEND, uintptr(unsafe.Pointer(r)))
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// capsetAllThreads sets the permitted and effective capability sets of
+// every OS thread of the process to keep and empties the inheritable set
+// (syscall.AllThreadsSyscall, as for Landlock: capabilities belong to
+// threads).
+func capsetAllThreads(keep uint64) error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	data := [2]unix.CapUserData{
+		{Effective: uint32(keep), Permitted: uint32(keep)},
+		{Effective: uint32(keep >> 32), Permitted: uint32(keep >> 32)},
+	}
+	_, _, e := syscall.AllThreadsSyscall(unix.SYS_CAPSET, uintptr(unsafe.Pointer(&hdr)), uintptr(unsafe.Pointer(&data[0])), 0)
+	runtime.KeepAlive(&hdr)
+	runtime.KeepAlive(&data)
 	if e != 0 {
 		return e
 	}

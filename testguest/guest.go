@@ -36,6 +36,10 @@ type Options struct {
 	PollCall bool // no call eventfds: the guest polls
 	// DisabledQueues are set up but left disabled (SET_VRING_ENABLE 0).
 	DisabledQueues []int
+	// Inflight asks the back-end for an inflight region (GET_INFLIGHT_FD)
+	// and gives it back (SET_INFLIGHT_FD) before the rings start, so that
+	// Reconnect can carry requests in flight over to a new back-end.
+	Inflight bool
 }
 
 func (o *Options) defaults() {
@@ -59,6 +63,12 @@ type Guest struct {
 	Mem        *Memory
 	Rings      []*Ring
 	Negotiated frontend.Negotiated
+	// Inflight is the back-end's inflight region (Options.Inflight).
+	Inflight *frontend.Inflight
+
+	setup     frontend.SetupConfig // what Start installed
+	disabled  map[int]bool
+	protocolN bool
 }
 
 // Dial connects to the back-end at path and starts the guest (Start).
@@ -129,11 +139,54 @@ func Start(c *frontend.Client, opt Options) (*Guest, error) {
 		cfg.Queues = append(cfg.Queues, qs)
 	}
 	cfg.Regions = mem.Regions(opt.Regions)
+	if opt.Inflight {
+		if g.Inflight, err = c.GetInflightFD(uint16(opt.NumQueues), opt.QueueSize); err != nil {
+			g.closeLocal()
+			return nil, fmt.Errorf("inflight region: %w", err)
+		}
+		if err := c.SetInflightFD(g.Inflight); err != nil {
+			g.closeLocal()
+			return nil, fmt.Errorf("inflight region: %w", err)
+		}
+	}
 	if err := c.Install(cfg, n); err != nil {
 		g.closeLocal()
 		return nil, fmt.Errorf("install memory and queues: %w", err)
 	}
+	g.setup, g.disabled = cfg, disabled
+	g.protocolN = n.Features&vhostuser.FeatureProtocolFeatures != 0
 	return g, nil
+}
+
+// Reconnect carries the guest over to a new back-end behind c after the
+// previous one died or disconnected: memory, features, the inflight
+// region and every ring, each resumed at its used index in guest memory
+// (the new back-end resubmits what the region says was in flight). The
+// old client is closed; the Guest owns c from then on (also on error).
+// Requests posted before keep their tokens: their completions come from
+// the new back-end.
+func (g *Guest) Reconnect(c *frontend.Client) error {
+	g.Client.Close()
+	g.Client = c
+	cfg := g.setup
+	cfg.Features = g.Negotiated.Features &^ vhostuser.FeatureProtocolFeatures
+	cfg.RequiredFeatures = cfg.Features
+	n, err := c.Reattach(cfg, g.Negotiated, g.Inflight)
+	if err != nil {
+		return fmt.Errorf("reattach: %w", err)
+	}
+	if n.Features != g.Negotiated.Features {
+		return fmt.Errorf("reattach: features %#x, had %#x", n.Features, g.Negotiated.Features)
+	}
+	for i, r := range g.Rings {
+		qs := r.Setup()
+		qs.Base = r.UsedIdx()
+		qs.Disabled = g.disabled[i]
+		if err := c.SetupQueue(qs, g.protocolN); err != nil {
+			return fmt.Errorf("ring %d: %w", i, err)
+		}
+	}
+	return nil
 }
 
 // Features are the acked virtio features.
@@ -152,6 +205,7 @@ func (g *Guest) closeLocal() {
 	for _, r := range g.Rings {
 		r.Close()
 	}
+	g.Inflight.Close()
 	g.Mem.Close()
 }
 

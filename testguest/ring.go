@@ -166,6 +166,8 @@ func (r *Ring) Addrs() (desc, avail, used uint64) { return r.descAddr, r.availAd
 // Setup describes the ring for frontend.Client.SetupQueue, with user
 // addresses.
 func (r *Ring) Setup() frontend.QueueSetup {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	return frontend.QueueSetup{
 		Index: r.index,
 		Size:  r.opt.Size,

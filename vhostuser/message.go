@@ -382,3 +382,43 @@ func EncodeVringFD(index uint32, noFD bool) []byte {
 	}
 	return EncodeU64(v)
 }
+
+// Inflight is the inflight description of GET_INFLIGHT_FD and
+// SET_INFLIGHT_FD (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): where in the
+// accompanying file the shared inflight region lies, and the queue count
+// and queue size it was laid out for.
+type Inflight struct {
+	MmapSize   uint64
+	MmapOffset uint64
+	NumQueues  uint16
+	QueueSize  uint16
+}
+
+// InflightSize is the encoded size of an Inflight: the spec's four fields
+// (20 bytes) padded to the 8-byte alignment of the C structure, which is
+// what QEMU, libvhost-user and DPDK send and expect.
+const InflightSize = 24
+
+// Encode returns the wire form (padding zero).
+func (i Inflight) Encode() []byte {
+	b := make([]byte, InflightSize)
+	le.PutUint64(b[0:], i.MmapSize)
+	le.PutUint64(b[8:], i.MmapOffset)
+	le.PutUint16(b[16:], i.NumQueues)
+	le.PutUint16(b[18:], i.QueueSize)
+	return b
+}
+
+// DecodeInflight decodes an exactly-sized inflight description. The
+// padding is ignored; the values are checked by whoever uses them.
+func DecodeInflight(p []byte) (Inflight, error) {
+	if len(p) != InflightSize {
+		return Inflight{}, fmt.Errorf("%w: inflight description is %d bytes, want %d", ErrPayloadSize, len(p), InflightSize)
+	}
+	return Inflight{
+		MmapSize:   le.Uint64(p[0:]),
+		MmapOffset: le.Uint64(p[8:]),
+		NumQueues:  le.Uint16(p[16:]),
+		QueueSize:  le.Uint16(p[18:]),
+	}, nil
+}

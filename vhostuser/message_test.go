@@ -192,7 +192,12 @@ func TestParseRequest(t *testing.T) {
 		{"get config", Message{Request: GetConfig, Flags: Version, Payload: ConfigSpace{Data: make([]byte, 8)}.Encode()}, nil, nil},
 		{"unknown", Message{Request: 200, Flags: Version}, nil, ErrUnknownRequest},
 		{"unsupported", Message{Request: SetLogBase, Flags: Version, Payload: EncodeU64(0)}, nil, ErrUnknownRequest},
-		{"inflight unsupported", Message{Request: GetInflightFD, Flags: Version}, nil, ErrUnknownRequest},
+		{"get inflight", Message{Request: GetInflightFD, Flags: Version, Payload: Inflight{NumQueues: 1, QueueSize: 128}.Encode()}, Inflight{NumQueues: 1, QueueSize: 128}, nil},
+		{"get inflight empty", Message{Request: GetInflightFD, Flags: Version}, nil, ErrPayloadSize},
+		{"get inflight fd", Message{Request: GetInflightFD, Flags: Version, Payload: Inflight{}.Encode(), Files: files(1)}, nil, ErrUnexpectedFD},
+		{"get inflight packed size", Message{Request: GetInflightFD, Flags: Version, Payload: make([]byte, 20)}, nil, ErrPayloadSize},
+		{"set inflight", Message{Request: SetInflightFD, Flags: Version, Payload: Inflight{MmapSize: 4096, NumQueues: 1, QueueSize: 128}.Encode(), Files: files(1)}, Inflight{MmapSize: 4096, NumQueues: 1, QueueSize: 128}, nil},
+		{"set inflight no fd", Message{Request: SetInflightFD, Flags: Version, Payload: Inflight{MmapSize: 4096}.Encode()}, nil, ErrMissingFD},
 		{"max slots", Message{Request: GetMaxMemSlots, Flags: Version}, nil, nil},
 	}
 	for _, tt := range tests {
@@ -229,6 +234,10 @@ func TestParseReply(t *testing.T) {
 		{"vring base", GetVringBase, false, Message{Request: GetVringBase, Flags: Version | FlagReply, Payload: VringState{0, 4}.Encode()}, nil},
 		{"config refused", GetConfig, false, Message{Request: GetConfig, Flags: Version | FlagReply}, ErrBadPayload},
 		{"config", GetConfig, false, Message{Request: GetConfig, Flags: Version | FlagReply, Payload: ConfigSpace{Data: []byte{1}}.Encode()}, nil},
+		{"inflight", GetInflightFD, false, Message{Request: GetInflightFD, Flags: Version | FlagReply, Payload: Inflight{MmapSize: 4096}.Encode(), Files: make([]*os.File, 1)}, nil},
+		{"inflight no fd", GetInflightFD, false, Message{Request: GetInflightFD, Flags: Version | FlagReply, Payload: Inflight{MmapSize: 4096}.Encode()}, ErrMissingFD},
+		{"inflight none", GetInflightFD, false, Message{Request: GetInflightFD, Flags: Version | FlagReply, Payload: Inflight{}.Encode()}, ErrBadPayload},
+		{"inflight two fds", GetInflightFD, false, Message{Request: GetInflightFD, Flags: Version | FlagReply, Payload: Inflight{MmapSize: 4096}.Encode(), Files: make([]*os.File, 2)}, ErrUnexpectedFD},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

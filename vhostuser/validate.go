@@ -17,7 +17,8 @@ func Supported(r Request) bool {
 		SetVringNum, SetVringAddr, SetVringBase, GetVringBase,
 		SetVringKick, SetVringCall, SetVringErr,
 		GetProtocolFeatures, SetProtocolFeatures, GetQueueNum, SetVringEnable,
-		GetConfig, SetConfig, GetMaxMemSlots, AddMemReg, RemMemReg, SetBackendReqFD:
+		GetConfig, SetConfig, GetMaxMemSlots, AddMemReg, RemMemReg, SetBackendReqFD,
+		GetInflightFD, SetInflightFD:
 		return true
 	}
 	return false
@@ -27,7 +28,8 @@ func Supported(r Request) bool {
 // any REPLY_ACK).
 func HasReply(r Request) bool {
 	switch r {
-	case GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots:
+	case GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots,
+		GetInflightFD:
 		return true
 	}
 	return false
@@ -47,6 +49,7 @@ func HasReply(r Request) bool {
 //	[]MemRegion          SET_MEM_TABLE (one file per region, in order)
 //	MemRegion            ADD_MEM_REG (one file), REM_MEM_REG (zero or one file)
 //	ConfigSpace          GET_CONFIG, SET_CONFIG (Data aliases the payload)
+//	Inflight             GET_INFLIGHT_FD (no file), SET_INFLIGHT_FD (one file)
 //
 // Values inside the payload (ring indexes, sizes, addresses) are checked
 // only as far as the wire format defines them; the back-end checks them
@@ -153,17 +156,29 @@ func parseRequest(m *Message) (any, error) {
 			return nil, fmt.Errorf("%w: %d bytes, want 0", ErrPayloadSize, len(m.Payload))
 		}
 		return nil, wantFDs(1)
+	case GetInflightFD, SetInflightFD:
+		in, err := DecodeInflight(m.Payload)
+		if err != nil {
+			return nil, err
+		}
+		n := 0
+		if m.Request == SetInflightFD {
+			n = 1
+		}
+		return in, wantFDs(n)
 	}
 	return nil, ErrUnknownRequest
 }
 
 // ParseReply validates a back-end's reply to req as received by a
-// front-end: reply flag and request code match, no file descriptors, and the
-// payload has the reply's exact size. ack selects a REPLY_ACK (u64 status)
-// for requests without a reply body. It returns the decoded payload: uint64
-// (features, counts, ack status), VringState (GET_VRING_BASE) or ConfigSpace
-// (GET_CONFIG; an empty payload means the back-end refused, reported as an
-// error).
+// front-end: reply flag and request code match, no file descriptors (one
+// for GET_INFLIGHT_FD), and the payload has the reply's exact size. ack
+// selects a REPLY_ACK (u64 status) for requests without a reply body. It
+// returns the decoded payload: uint64 (features, counts, ack status),
+// VringState (GET_VRING_BASE), ConfigSpace (GET_CONFIG; an empty payload
+// means the back-end refused, reported as an error) or Inflight
+// (GET_INFLIGHT_FD; a region of size 0 means the back-end has none, an
+// error, and the caller owns m.Files[0] otherwise).
 func ParseReply(req Request, ack bool, m *Message) (any, error) {
 	v, err := parseReply(req, ack, m)
 	if err != nil {
@@ -178,6 +193,21 @@ func parseReply(req Request, ack bool, m *Message) (any, error) {
 	}
 	if m.Request != req {
 		return nil, fmt.Errorf("%w: reply is for %v", ErrBadHeader, m.Request)
+	}
+	if req == GetInflightFD {
+		in, err := DecodeInflight(m.Payload)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case in.MmapSize == 0:
+			return nil, fmt.Errorf("%w: back-end has no inflight region", ErrBadPayload)
+		case len(m.Files) == 0:
+			return nil, fmt.Errorf("%w: none with the inflight region", ErrMissingFD)
+		case len(m.Files) > 1:
+			return nil, fmt.Errorf("%w: %d with the inflight region, want 1", ErrUnexpectedFD, len(m.Files))
+		}
+		return in, nil
 	}
 	if len(m.Files) != 0 {
 		return nil, fmt.Errorf("%w: %d in reply", ErrUnexpectedFD, len(m.Files))

@@ -220,6 +220,29 @@ func (q *Queue) Pop(c *Chain) (bool, error) {
 	return true, c.check(head)
 }
 
+// PopHead fills c with the chain that starts at descriptor head without
+// looking at the available ring: a chain the device took before (a
+// previous back-end process, recorded in the inflight region) and must
+// serve again. The chain is checked as Pop checks it; an error wrapping
+// ErrMalformedChain means c.Head is valid and the caller completes it as
+// for Pop; a head outside the queue is an error of its own (c is then
+// unchanged). The available index does not move.
+func (q *Queue) PopHead(head uint16, c *Chain) error {
+	if head >= q.cfg.Size {
+		return fmt.Errorf("chain head %d on a queue of %d", head, q.cfg.Size)
+	}
+	c.reset(q, head)
+	return c.check(head)
+}
+
+// UsedIndex reads the used index as published in guest memory (after a
+// back-end crash, the only record of how many chains were completed).
+func (q *Queue) UsedIndex() uint16 {
+	v := load16(q.used, 2)
+	q.fence()
+	return v
+}
+
 // Unpop gives back the last n popped chains that have not been pushed, so
 // that the next Pop returns them again. The driver cannot tell: a device
 // that popped buffers for a frame that turned out not to fit (virtio-net

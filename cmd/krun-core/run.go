@@ -18,6 +18,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/kvm"
+	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/core/vmm"
 	"github.com/krun-core/krun-core/sandbox"
 )
@@ -87,6 +88,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
 		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
+		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag
@@ -230,6 +232,11 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
 	}
 	c.SetBootMarker(*marker)
+	rp, err := pluginhost.ParseRestartPolicy(*restarts)
+	if err != nil {
+		return fail("--plugin-restarts: %v", err)
+	}
+	c.SetPluginRestarts(rp)
 	if err := c.SetBootTimeout(time.Duration(bootTO)); err != nil {
 		return fail("--boot-timeout: %v", err)
 	}

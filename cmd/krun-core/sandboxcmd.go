@@ -87,6 +87,8 @@ func writeSandboxStatus(w io.Writer, r sandbox.StatusReport) {
 		fmt.Fprintf(w, "\nPlugins will not start on this host (fail closed) unless run with\n  --sandbox-disable=%s\nwhich weakens the sandbox and prints a warning.\n", strings.Join(missing, ","))
 	}
 	fmt.Fprintf(w, "\nPlugins run as host %s\n", r.PluginIDs)
+	fmt.Fprintf(w, "Shared directories reach them %s\n", r.Shares)
+	fmt.Fprintf(w, "krun-core itself, %s\n", r.Core)
 	fmt.Fprintf(w, "\nStart-up calls, allowed to every plugin from its first instruction until its own sandbox.Restrict (%d):\n", len(r.Launch))
 	for _, s := range r.Launch {
 		fmt.Fprintf(w, "    %-18s %s\n", s.Syscall, s.Reason)

@@ -20,7 +20,6 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
-	"github.com/krun-core/krun-core/proto/pluginpb"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -28,7 +27,12 @@ const serveUsage = `usage: krun-core serve --socket PATH DEVICE [options]
 
 Serves one device plugin as a standard vhost-user back-end on the unix socket
 PATH (created, and removed on exit). Front-ends may disconnect and connect
-again. SIGTERM or SIGINT flushes the device and exits 0.
+again. A disk's, network device's or --plugin's plugin that dies or stops
+answering is started again on the same socket (--plugin-restarts): a
+front-end that reconnects (QEMU's chardev option reconnect=1) carries on,
+and a vhost-user-blk front-end's requests in flight are replayed
+(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). SIGTERM or SIGINT flushes the
+device and exits 0.
 
 DEVICE is exactly one of:
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
@@ -59,6 +63,8 @@ options:
                             "serving" line says when the socket is ready
   --log-format FORMAT       text (default), or json for hclog's JSON lines
   --handshake-timeout DUR   how long a plugin may take to start (default 10s)
+  --plugin-restarts N/DUR   restart a plugin that dies or hangs at most N times within DUR
+                            (default 5/60s; off: exit 1 at the first death)
 
 Bad input is one line on stderr and exit status 1 before anything starts.
 `
@@ -79,6 +85,7 @@ type serveOptions struct {
 	pluginUID        int // 0: the sandbox's default
 	pluginGID        int
 	handshakeTimeout time.Duration
+	restarts         pluginhost.RestartPolicy
 }
 
 // parseServeArgs parses and validates the command line; every error is one
@@ -102,6 +109,7 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	pluginUID := fs.String("plugin-uid", "", "")
 	pluginGID := fs.String("plugin-gid", "", "")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", pluginhost.DefaultHandshakeTimeout, "")
+	restarts := fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -158,6 +166,9 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	if o.handshakeTimeout <= 0 {
 		return nil, errors.New("--handshake-timeout must be positive")
 	}
+	if o.restarts, err = pluginhost.ParseRestartPolicy(*restarts); err != nil {
+		return nil, fmt.Errorf("--plugin-restarts: %w", err)
+	}
 	return o, nil
 }
 
@@ -198,18 +209,26 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	if err := checkSocketPath(o.socket); err != nil {
 		return fail(err)
 	}
+	var lc *sandbox.LaunchConfig
+	if !o.sandboxOff {
+		lc = &sandbox.LaunchConfig{Kind: o.spec.Kind(), Disable: o.sandboxDisable, Log: log,
+			HostUID: o.pluginUID, HostGID: o.pluginGID}
+	}
 	opened, err := o.spec.Open(devspec.OpenOptions{
 		HelperStderr: devspec.HelperLog(log.Named("helper")),
+		Sandbox:      lc,
+		Log:          log,
 	})
 	if err != nil {
 		return fail(err)
 	}
-	defer opened.Close()
 
 	// The vhost-user socket is created unbound and handed to the plugin as
 	// fd 3; the host binds and listens on its own copy (the same socket)
 	// once the device is configured, so nothing listens on PATH for a
-	// device that cannot be served.
+	// device that cannot be served. The host keeps its copy: a plugin
+	// that is restarted gets the same listening socket, and a front-end
+	// that reconnects meanwhile waits in its backlog.
 	sfd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return fail(fmt.Errorf("vhost-user socket: %w", err))
@@ -217,78 +236,219 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	sock := os.NewFile(uintptr(sfd), "vhost-user")
 	defer sock.Close()
 
-	cfg := pluginhost.Config{
-		Kind:             opened.Kind,
-		Path:             path,
-		Socket:           sock,
-		Logger:           log,
-		HandshakeTimeout: o.handshakeTimeout,
-	}
-	for _, f := range opened.Files {
-		cfg.Files = append(cfg.Files, pluginhost.NamedFile{Name: f.Name, File: f.File})
-	}
 	if o.sandboxOff {
-		cfg.SandboxOff = true
 		fmt.Fprintln(stderr, "krun-core serve: warning: --sandbox=off: the plugin parses guest- and image-controlled bytes unconfined, with krun-core's privileges")
-	} else {
-		cfg.Sandbox = sandbox.LaunchConfig{Kind: opened.Kind, Disable: o.sandboxDisable, Log: log,
-			HostUID: o.pluginUID, HostGID: o.pluginGID}
 	}
-	p, err := pluginhost.Launch(cfg)
-	if err != nil {
-		return fail(err)
+	s := &servedPlugin{o: o, path: path, sock: sock, log: log, opened: opened}
+	defer func() { s.opened.Close() }()
+	restarts := pluginhost.NewRestarts(o.restarts)
+	if !restartableSpec(o.spec) {
+		restarts = pluginhost.NewRestarts(pluginhost.RestartPolicy{Max: -1})
 	}
-	defer p.Kill()
-	opened.CloseFiles() // the plugin has its own copies
-
 	ctx := context.Background()
-	dev, note, err := p.Configure(ctx, opened.Options)
+	dev, note, err := s.launch(ctx)
+	if s.plugin != nil {
+		defer func() { s.plugin.Kill() }()
+	}
 	if err != nil {
 		return fail(err)
+	}
+	if !restarts.Enabled() {
+		opened.CloseFiles() // the plugin has its own copies
 	}
 	if err := bindAndListen(sfd, o.socket, o.socketMode); err != nil {
 		return fail(err)
 	}
 	defer os.Remove(o.socket)
-	sock.Close() // the plugin holds the listening socket
-	if err := p.Start(ctx); err != nil {
+	if err := s.plugin.Start(ctx); err != nil {
 		return fail(err)
 	}
-	log.Info("serving", "device", o.device, "plugin", opened.Kind, "pid", p.Pid(), "socket", o.socket,
+	dropServePrivileges(log, o)
+	log.Info("serving", "device", o.device, "plugin", s.opened.Kind, "pid", s.plugin.Pid(), "socket", o.socket,
 		"virtio_type", dev.Type, "queues", dev.NumQueues, "sandbox", note)
 
-	health := time.NewTicker(2 * time.Second)
+	health := time.NewTicker(pluginhost.HealthInterval)
 	defer health.Stop()
 	for {
+		var why error
 		select {
-		case s := <-sigc:
-			log.Info("shutting down", "signal", s.String())
+		case sig := <-sigc:
+			log.Info("shutting down", "signal", sig.String())
 			sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			err := p.Shutdown(sctx)
+			err := s.plugin.Shutdown(sctx)
 			cancel()
 			if err != nil {
 				return fail(err)
 			}
 			return 0
-		case <-p.Done():
-			err := p.Err()
-			if err == nil {
-				err = fmt.Errorf("plugin %s (pid %d) exited unexpectedly", opened.Kind, p.Pid())
+		case <-s.plugin.Done():
+			if why = s.plugin.Err(); why == nil {
+				why = fmt.Errorf("plugin %s (pid %d) exited unexpectedly", s.opened.Kind, s.plugin.Pid())
 			}
-			return fail(err)
+		case <-s.opened.HelperExited():
+			why = errors.New("passt exited")
 		case <-health.C:
-			st, msg, err := p.Health(ctx)
-			if err != nil {
-				return fail(err)
-			}
-			if st == pluginpb.HealthResponse_STATE_FAILED || st == pluginpb.HealthResponse_STATE_STOPPED {
-				if msg == "" {
-					msg = "back-end stopped"
-				}
-				return fail(fmt.Errorf("plugin %s stopped serving: %s", opened.Kind, msg))
-			}
+			why = s.checkHealth(ctx)
+		}
+		if why == nil {
+			continue
+		}
+		if err := s.recover(ctx, restarts, why); err != nil {
+			return fail(err)
 		}
 	}
+}
+
+// dropServePrivileges ends serve's set-up as core/vmm's Start ends run's
+// (sandbox.DropPrivileges): no_new_privs, and only the capabilities its
+// plugin needs from it (sandbox.LaunchConfig.KeepCapabilities), plus
+// CAP_DAC_OVERRIDE where removing the socket at exit needs it (a directory
+// root's own permissions do not let it write). A failure is a warning.
+func dropServePrivileges(log hclog.Logger, o *serveOptions) {
+	keep := sandbox.LaunchConfig{Disable: o.sandboxDisable}.KeepCapabilities()
+	var st unix.Stat_t
+	if unix.Stat(filepath.Dir(o.socket), &st) == nil && !mayWriteDir(&st) {
+		keep = append(keep, unix.CAP_DAC_OVERRIDE)
+	}
+	if err := sandbox.DropPrivileges(keep); err != nil {
+		log.Warn("krun-core serve keeps its privileges after set-up", "error", err)
+		return
+	}
+	log.Debug("privileges dropped after set-up", "no_new_privs", true,
+		"capabilities", sandbox.CapabilityNames(sandbox.HeldCapabilities(keep)))
+}
+
+// mayWriteDir reports whether this process's ids without capabilities may
+// create and remove entries in a directory (write and search permission by
+// its mode bits; the socket is root's, so a sticky bit does not matter).
+func mayWriteDir(st *unix.Stat_t) bool {
+	bits := st.Mode
+	switch {
+	case st.Uid == uint32(os.Geteuid()):
+		bits >>= 6
+	case st.Gid == uint32(os.Getegid()):
+		bits >>= 3
+	}
+	return bits&0o3 == 0o3
+}
+
+// servedPlugin is the plugin serve runs, and what it needs to run it
+// again.
+type servedPlugin struct {
+	o      *serveOptions
+	path   string   // the plugin executable
+	sock   *os.File // the listening socket (unbound until the first Start)
+	log    hclog.Logger
+	opened *devspec.Opened
+	plugin *pluginhost.Plugin
+}
+
+// restartableSpec reports whether serve restarts the plugin of spec s: a
+// disk's, a network device's and a third-party plugin's, not a virtio-fs
+// plugin's (its FUSE node ids and handles die with it; see
+// docs/ARCHITECTURE.md).
+func restartableSpec(s devspec.Spec) bool {
+	switch s.(type) {
+	case *devspec.DiskSpec, *devspec.NetSpec, *devspec.PluginSpec:
+		return true
+	}
+	return false
+}
+
+// launch starts the plugin on the listening socket with the opened files
+// and configures it.
+func (s *servedPlugin) launch(ctx context.Context) (*pluginhost.DeviceInfo, string, error) {
+	o := s.o
+	cfg := pluginhost.Config{
+		Kind:             s.opened.Kind,
+		Path:             s.path,
+		Socket:           s.sock,
+		Logger:           s.log,
+		HandshakeTimeout: o.handshakeTimeout,
+	}
+	for _, f := range s.opened.Files {
+		cfg.Files = append(cfg.Files, pluginhost.NamedFile{Name: f.Name, File: f.File})
+	}
+	if o.sandboxOff {
+		cfg.SandboxOff = true
+	} else {
+		cfg.Sandbox = sandbox.LaunchConfig{Kind: s.opened.Kind, Disable: o.sandboxDisable, Log: s.log,
+			HostUID: o.pluginUID, HostGID: o.pluginGID}
+	}
+	p, err := pluginhost.Launch(cfg)
+	if err != nil {
+		return nil, "", err
+	}
+	s.plugin = p
+	return p.Configure(ctx, s.opened.Options)
+}
+
+// checkHealth asks the plugin for its state: nil while it serves.
+func (s *servedPlugin) checkHealth(ctx context.Context) error {
+	hctx, cancel := context.WithTimeout(ctx, pluginhost.HealthTimeout)
+	defer cancel()
+	st, msg, err := s.plugin.Health(hctx)
+	switch {
+	case errors.Is(err, pluginhost.ErrExited):
+		return nil // Done reports it
+	case err != nil:
+		return fmt.Errorf("plugin %s stopped answering (Health): %w", s.opened.Kind, err)
+	case st == pluginhost.HealthFailed || st == pluginhost.HealthStopped:
+		if msg == "" {
+			msg = "back-end stopped"
+		}
+		return fmt.Errorf("plugin %s stopped serving: %s", s.opened.Kind, msg)
+	}
+	return nil
+}
+
+// recover restarts the plugin after why on the same listening socket,
+// with the same files and options (a network device gets a new passt),
+// retrying within the budget; the error says why serve must end.
+func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restarts, why error) error {
+	for {
+		delay, err := restarts.Next(time.Now())
+		if err != nil {
+			if !restarts.Enabled() {
+				return why
+			}
+			return fmt.Errorf("%w; not restarted again (%v)", why, err)
+		}
+		s.log.Warn("plugin died; restarting it", "reason", why, "restart", restarts.Total(), "delay", delay)
+		s.plugin.Kill()
+		time.Sleep(delay)
+		start := time.Now()
+		if err = s.relaunch(ctx); err == nil {
+			s.log.Warn("plugin restarted; serving again", "plugin", s.opened.Kind, "pid", s.plugin.Pid(),
+				"took", time.Since(start).Round(time.Millisecond))
+			return nil
+		}
+		s.plugin.Kill()
+		why = fmt.Errorf("restart failed: %w", err)
+	}
+}
+
+func (s *servedPlugin) relaunch(ctx context.Context) error {
+	if n, ok := s.o.spec.(*devspec.NetSpec); ok {
+		// A new passt with the same MAC: the old one's stream may have
+		// been cut in the middle of a frame.
+		mac, err := devspec.ParseMAC(s.opened.Options[devspec.OptMAC])
+		if err != nil {
+			return fmt.Errorf("MAC: %w", err)
+		}
+		s.opened.Close()
+		spec := *n
+		spec.MAC = mac
+		opened, err := spec.Open(devspec.OpenOptions{HelperStderr: devspec.HelperLog(s.log.Named("helper"))})
+		if err != nil {
+			return err
+		}
+		s.opened = opened
+	}
+	if _, _, err := s.launch(ctx); err != nil {
+		return err
+	}
+	return s.plugin.Start(ctx)
 }
 
 // checkSocketPath refuses a path that is in use or is not a socket, or

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,8 +22,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/netnstest"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
+	"github.com/krun-core/krun-core/testguest/tcpip"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
 func TestServeArgErrors(t *testing.T) {
@@ -142,7 +147,14 @@ func (s *serveProc) log() string {
 
 func startServe(t *testing.T, bin string, args ...string) *serveProc {
 	t.Helper()
-	s := &serveProc{cmd: exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve", "--log-level", "info"}, args...)...), done: make(chan error, 1)}
+	return startServeCmd(t, exec.Command(filepath.Join(bin, "krun-core"), append([]string{"serve", "--log-level", "info"}, args...)...))
+}
+
+// startServeCmd starts cmd, a krun-core serve command line (maybe behind
+// ip netns exec).
+func startServeCmd(t *testing.T, cmd *exec.Cmd) *serveProc {
+	t.Helper()
+	s := &serveProc{cmd: cmd, done: make(chan error, 1)}
 	s.cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
 	pr, err := s.cmd.StderrPipe()
 	if err != nil {
@@ -331,7 +343,7 @@ func TestServePluginRejectsOptions(t *testing.T) {
 func TestServePluginCrash(t *testing.T) {
 	bin := buildServeBinaries(t)
 	sock := filepath.Join(t.TempDir(), "rng.sock")
-	s := startServe(t, bin, "--socket", sock, "--plugin", "null")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null", "--plugin-restarts", "off")
 	waitSocket(t, s, sock)
 	pid := servingPid(t, s)
 	if err := syscall.Kill(pid, syscall.SIGSEGV); err != nil {
@@ -346,6 +358,70 @@ func TestServePluginCrash(t *testing.T) {
 	}
 	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("socket left after the plugin crashed")
+	}
+}
+
+var restartedRE = regexp.MustCompile(`plugin restarted; serving again: .*pid=([0-9]+)`)
+
+// restartedPids returns the pids of the "plugin restarted" lines so far.
+func restartedPids(s *serveProc) []int {
+	var pids []int
+	for _, m := range restartedRE.FindAllStringSubmatch(s.log(), -1) {
+		pid, _ := strconv.Atoi(m[1])
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// killPlugin kills pid with SIGKILL and waits until it is gone, then for
+// serve's n-th restart; it returns the new plugin's pid.
+func killPlugin(t *testing.T, s *serveProc, pid, n int) int {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if p := restartedPids(s); len(p) >= n {
+			return p[n-1]
+		}
+		select {
+		case err := <-s.done:
+			t.Fatalf("serve exited after its plugin was killed: %v", err)
+		default:
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("plugin not restarted (%d restarts)", len(restartedPids(s)))
+	return 0
+}
+
+// TestServePluginRestart kills serve's plugin: serve starts it again on
+// the same socket, a front-end that connects again is served, and once
+// the budget (--plugin-restarts) is spent serve exits 1 as before.
+func TestServePluginRestart(t *testing.T) {
+	bin := buildServeBinaries(t)
+	sock := filepath.Join(t.TempDir(), "rng.sock")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null,fill=zero", "--plugin-restarts", "2/60s")
+	waitSocket(t, s, sock)
+	pid := servingPid(t, s)
+	for n := 1; n <= 2; n++ {
+		pid = killPlugin(t, s, pid, n)
+		if got := readEntropy(t, sock, 512); !bytes.Equal(got, make([]byte, 512)) {
+			t.Fatalf("after restart %d: got %d bytes, not all zero", n, len(got))
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if code := s.waitExit(t); code != 1 {
+		t.Fatalf("exit %d once the restarts were spent, want 1", code)
+	}
+	if !strings.Contains(s.log(), "not restarted again (plugin restart limit reached: 2 restarts within 1m0s)") {
+		t.Errorf("no line saying why serve gave up")
+	}
+	if n := strings.Count(s.log(), "plugin died; restarting it"); n != 2 {
+		t.Errorf("%d restart lines, want one per restart", n)
 	}
 }
 
@@ -412,6 +488,240 @@ func TestServeDisk(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestServeDiskRestartInFlight kills serve's disk plugin (SIGKILL) while a
+// batch of writes is in flight, several times: the Go test guest
+// reconnects with the inflight region it got at the start (as QEMU does
+// with reconnect=1), every request completes exactly once with success,
+// and the disk then holds exactly what was written. qemu-img check finds
+// no corruption in the qcow2 image afterwards.
+func TestServeDiskRestartInFlight(t *testing.T) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img not installed (Debian package qemu-utils)")
+	}
+	bin := buildServeBinaries(t, "blk-raw", "blk-qcow2")
+	const (
+		size   = 16 << 20
+		reqLen = 64 << 10
+		kills  = 6
+	)
+	for _, format := range []string{"raw", "qcow2"} {
+		t.Run(format, func(t *testing.T) {
+			dir := t.TempDir()
+			img := filepath.Join(dir, "disk."+format)
+			if out, err := exec.Command("qemu-img", "create", "-f", format, img, strconv.Itoa(size)).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img create: %v\n%s", err, out)
+			}
+			sock := filepath.Join(dir, "blk.sock")
+			s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format="+format, "--plugin-restarts", "20/60s")
+			waitSocket(t, s, sock)
+			pid := servingPid(t, s)
+			b, err := testguest.DialBlk(sock, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 32 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			want := make([]byte, size)
+			for round := 1; round <= kills; round++ {
+				// A batch of writes over the whole disk, each with its
+				// round in every byte, in a random order.
+				var reqs []*testguest.BlkRequest
+				for _, i := range randPerm(size/reqLen, round) {
+					data := bytes.Repeat([]byte{byte(round*16 + i%16)}, reqLen)
+					copy(want[i*reqLen:], data)
+					reqs = append(reqs, &testguest.BlkRequest{Type: testguest.BlkTOut, Sector: uint64(i * reqLen / 512), Data: data})
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+				done := make(chan error, 1)
+				go func() { done <- b.Do(ctx, reqs) }()
+				time.Sleep(time.Duration(round) * 2 * time.Millisecond)
+				pid = killPlugin(t, s, pid, round)
+				c, err := frontend.Dial(sock)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := b.Guest().Reconnect(c); err != nil {
+					t.Fatalf("round %d: reconnect: %v", round, err)
+				}
+				if err := <-done; err != nil {
+					t.Fatalf("round %d: %v", round, err)
+				}
+				cancel()
+				for _, r := range reqs {
+					if r.Err != nil {
+						t.Fatalf("round %d: write at sector %d: %v", round, r.Sector, r.Err)
+					}
+				}
+				// Every write was acknowledged: the disk holds them all,
+				// whichever plugin served them.
+				ctx, cancel = context.WithTimeout(context.Background(), 60*time.Second)
+				got := make([]byte, reqLen)
+				for off := 0; off < size; off += reqLen {
+					if err := b.Read(ctx, uint64(off/512), got); err != nil {
+						t.Fatal(err)
+					}
+					if !bytes.Equal(got, want[off:off+reqLen]) {
+						t.Fatalf("round %d: bytes at %d: %#x..., want %#x...", round, off, got[:4], want[off:off+4])
+					}
+				}
+				cancel()
+			}
+			b.Close()
+			t.Logf("%d requests resubmitted after %d kills", resubmitted(s.log()), kills)
+			s.cmd.Process.Signal(syscall.SIGTERM)
+			if code := s.waitExit(t); code != 0 {
+				t.Fatalf("exit %d after SIGTERM", code)
+			}
+			if format == "qcow2" {
+				checkNoCorruption(t, img)
+			}
+		})
+	}
+}
+
+// checkNoCorruption runs qemu-img check on a qcow2 image: leaked clusters
+// (exit status 3) are fine after a plugin was killed, corruptions are not.
+func checkNoCorruption(t *testing.T, img string) {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "check", "--output=json", img).Output()
+	var res struct {
+		Corruptions  int `json:"corruptions"`
+		Leaks        int `json:"leaks"`
+		CheckErrors  int `json:"check-errors"`
+		ImageEndOff  int `json:"image-end-offset"`
+		TotalCluster int `json:"total-clusters"`
+	}
+	if jerr := json.Unmarshal(out, &res); jerr != nil {
+		t.Fatalf("qemu-img check: %v, %v\n%s", err, jerr, out)
+	}
+	if res.Corruptions != 0 || res.CheckErrors != 0 {
+		t.Fatalf("qemu-img check: %d corruptions, %d errors\n%s", res.Corruptions, res.CheckErrors, out)
+	}
+	t.Logf("qemu-img check: no corruption, %d leaked clusters", res.Leaks)
+}
+
+var resubmittedRE = regexp.MustCompile(`resubmitting requests a previous back-end left in flight: .*requests=([0-9]+)`)
+
+// resubmitted adds up the requests the log says plugins resubmitted.
+func resubmitted(log string) int {
+	n := 0
+	for _, m := range resubmittedRE.FindAllStringSubmatch(log, -1) {
+		k, _ := strconv.Atoi(m[1])
+		n += k
+	}
+	return n
+}
+
+// TestServeNetRestart serves passt networking and kills first the plugin,
+// then passt itself: each time serve starts a new plugin and a new passt
+// on the same socket, the Go test guest reconnects, and DHCP works again.
+func TestServeNetRestart(t *testing.T) {
+	if _, err := exec.LookPath("passt"); err != nil {
+		t.Skip("passt is not installed (Debian package passt)")
+	}
+	ns := netnstest.New(t)
+	bin := buildServeBinaries(t, "net-passt")
+	sock := filepath.Join(t.TempDir(), "net.sock")
+	s := startServeCmd(t, exec.Command("ip", "netns", "exec", ns, filepath.Join(bin, "krun-core"), "serve", "--log-level", "info",
+		"--socket", sock, "--net", "passt,mac=52:54:00:12:34:56", "--plugin-restarts", "10/60s"))
+	waitSocket(t, s, sock)
+	plugin := servingPid(t, s)
+	passt := func() int {
+		for _, c := range childPids(s.cmd.Process.Pid) {
+			if c != plugin {
+				return c
+			}
+		}
+		t.Fatal("no passt process")
+		return 0
+	}
+	n, err := testguest.DialNet(sock, testguest.Options{Inflight: true, QueueSize: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	e := tcpip.New(n, [6]byte{0x52, 0x54, 0x00, 0x12, 0x34, 0x56})
+	dhcp := func(when string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		lease, err := e.DHCP(ctx)
+		if err != nil {
+			t.Fatalf("DHCP %s: %v", when, err)
+		}
+		if lease.Addr.String() != netnstest.Addr {
+			t.Fatalf("DHCP %s: lease %+v", when, lease)
+		}
+	}
+	dhcp("at the start")
+	reconnect := func() {
+		t.Helper()
+		c, err := frontend.Dial(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := n.Guest().Reconnect(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	oldPasst := passt()
+	plugin = killPlugin(t, s, plugin, 1)
+	reconnect()
+	if p := passt(); p == oldPasst {
+		t.Fatal("passt was not started again with the plugin")
+	}
+	dhcp("after the plugin was killed")
+
+	// passt dies on its own: serve restarts the plugin and passt.
+	if err := syscall.Kill(passt(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for len(restartedPids(s)) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no restart after passt died")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	plugin = restartedPids(s)[1]
+	reconnect()
+	dhcp("after passt was killed")
+	if !strings.Contains(s.log(), `reason="passt exited"`) {
+		t.Error("the restart line does not say passt exited")
+	}
+}
+
+// childPids lists the child processes of pid.
+func childPids(pid int) []int {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	var out []int
+	for _, task := range tasks {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		for _, c := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(c); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
+// randPerm is a permutation of 0..n-1 that depends on seed.
+func randPerm(n, seed int) []int {
+	p := make([]int, n)
+	for i := range p {
+		p[i] = i
+	}
+	x := uint64(seed)*0x9e3779b97f4a7c15 + 1
+	for i := n - 1; i > 0; i-- {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		j := int(x % uint64(i+1))
+		p[i], p[j] = p[j], p[i]
+	}
+	return p
 }
 
 // TestServeFSAndNet checks that --fs and --net reach their plugins: a
@@ -696,4 +1006,139 @@ func TestServeImageLocking(t *testing.T) {
 			t.Errorf("qemu-img check -r beside read-only serves: exit %d\n%s", code, out)
 		}
 	})
+}
+
+// BenchmarkServeRestart measures the pause a plugin's death costs a
+// front-end of `krun-core serve`: from SIGKILL of the disk plugin to the
+// first read served again through the restarted plugin, the Go test guest
+// reconnecting with its inflight region as soon as it can (as QEMU's
+// reconnect=1 does, without its one-second retry). Run it with
+// -benchtime=20x; it reports the median and the worst.
+func BenchmarkServeRestart(b *testing.B) {
+	for _, format := range []string{"raw", "qcow2"} {
+		b.Run(format, func(b *testing.B) { benchServeRestart(b, format) })
+	}
+}
+
+func benchServeRestart(b *testing.B, format string) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		b.Skip("qemu-img not installed")
+	}
+	bin := buildServeBinariesB(b, "blk-raw", "blk-qcow2")
+	dir := b.TempDir()
+	img := filepath.Join(dir, "disk."+format)
+	if out, err := exec.Command("qemu-img", "create", "-f", format, img, "64M").CombinedOutput(); err != nil {
+		b.Fatalf("qemu-img create: %v\n%s", err, out)
+	}
+	sock := filepath.Join(dir, "blk.sock")
+	cmd := exec.Command(filepath.Join(bin, "krun-core"), "serve", "--log-level", "info", "--socket", sock,
+		"--disk", "path="+img+",format="+format, "--plugin-restarts", "10000/10s")
+	cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
+	var logs syncBuf
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}()
+	pidOf := func(n int) int {
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			var ms [][]string
+			if n == 0 {
+				ms = pidRE.FindAllStringSubmatch(logs.String(), -1)
+			} else {
+				ms = restartedRE.FindAllStringSubmatch(logs.String(), -1)
+			}
+			if len(ms) > n-1 && len(ms) > 0 {
+				pid, _ := strconv.Atoi(ms[max(n-1, 0)][1])
+				return pid
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		b.Fatalf("no pid for restart %d\n%s", n, logs.String())
+		return 0
+	}
+	pid := pidOf(0)
+	g, err := testguest.DialBlk(sock, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 16 << 20})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer g.Close()
+	buf := make([]byte, 4096)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	if err := g.Write(ctx, 0, buf); err != nil {
+		b.Fatal(err)
+	}
+	var took []time.Duration
+	b.ResetTimer()
+	for i := 1; i <= b.N; i++ {
+		start := time.Now()
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			// Until the old process is gone its socket may still accept.
+			if syscall.Kill(pid, 0) != nil {
+				break
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		c, err := frontend.Dial(sock)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.SetTimeout(30 * time.Second)
+		if err := g.Guest().Reconnect(c); err != nil {
+			b.Fatalf("reconnect %d: %v", i, err)
+		}
+		if err := g.Read(ctx, 0, buf); err != nil {
+			b.Fatal(err)
+		}
+		took = append(took, time.Since(start))
+		pid = pidOf(i)
+	}
+	b.StopTimer()
+	slices.Sort(took)
+	b.ReportMetric(float64(took[len(took)/2].Microseconds())/1000, "median-ms")
+	b.ReportMetric(float64(took[len(took)-1].Microseconds())/1000, "worst-ms")
+}
+
+// buildServeBinariesB is buildServeBinaries for a benchmark.
+func buildServeBinariesB(b *testing.B, plugins ...string) string {
+	b.Helper()
+	dir := b.TempDir()
+	pkgs := map[string]string{".": "krun-core"}
+	for _, p := range plugins {
+		pkgs["../../plugins/"+p] = "krun-plugin-" + p
+	}
+	for pkg, out := range pkgs {
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, out), pkg)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if o, err := cmd.CombinedOutput(); err != nil {
+			b.Fatalf("go build %s: %v\n%s", pkg, err, o)
+		}
+	}
+	return dir
+}
+
+// syncBuf is a bytes.Buffer a process writes while the test reads.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

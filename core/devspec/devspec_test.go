@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -470,14 +471,24 @@ func TestNetOpenPasst(t *testing.T) {
 	if err != nil || mac[0]&2 == 0 {
 		t.Fatalf("generated MAC %q: %v", o.Options[OptMAC], err)
 	}
-	if len(o.helpers) != 1 || o.helpers[0].Process == nil {
+	if len(o.helpers) != 1 || o.helpers[0].cmd.Process == nil {
 		t.Fatal("passt not started")
+	}
+	select {
+	case <-o.HelperExited():
+		t.Fatal("passt exited at once")
+	case <-time.After(100 * time.Millisecond):
 	}
 	if err := o.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if o.helpers != nil {
 		t.Fatal("helpers not cleared")
+	}
+	select {
+	case <-o.HelperExited():
+	case <-time.After(5 * time.Second):
+		t.Fatal("HelperExited not closed once passt was stopped")
 	}
 
 	n, _ = ParseNet("passt")

@@ -1,11 +1,11 @@
 package devspec
 
 import (
-	"bytes"
 	"strings"
-	"sync"
 
 	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/internal/lines"
 )
 
 // maxHelperLine bounds one line of a helper's output; a longer one is
@@ -27,7 +27,7 @@ var helperChatter = []string{
 // chatter goes to DEBUG and every other line (passt prints warnings and
 // errors only, with --quiet) to WARN.
 func HelperLog(log hclog.Logger) *LineLogger {
-	return &LineLogger{log: log, level: func(line string) hclog.Level {
+	l := &LineLogger{log: log, level: func(line string) hclog.Level {
 		for _, c := range helperChatter {
 			if strings.HasPrefix(line, c) {
 				return hclog.Debug
@@ -35,37 +35,19 @@ func HelperLog(log hclog.Logger) *LineLogger {
 		}
 		return hclog.Warn
 	}}
+	l.w = &lines.Writer{Max: maxHelperLine, Line: l.line}
+	return l
 }
 
 // LineLogger logs what is written to it, a line at a time.
 type LineLogger struct {
 	log   hclog.Logger
 	level func(line string) hclog.Level
-
-	mu  sync.Mutex
-	buf []byte
+	w     *lines.Writer
 }
 
 // Write logs every complete line of p; a partial line waits for the rest.
-func (w *LineLogger) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf = append(w.buf, p...)
-	for {
-		i := bytes.IndexByte(w.buf, '\n')
-		if i < 0 {
-			break
-		}
-		w.line(w.buf[:i])
-		w.buf = w.buf[i+1:]
-	}
-	for len(w.buf) >= maxHelperLine {
-		w.line(w.buf[:maxHelperLine])
-		w.buf = w.buf[maxHelperLine:]
-	}
-	w.buf = append([]byte(nil), w.buf...)
-	return len(p), nil
-}
+func (w *LineLogger) Write(p []byte) (int, error) { return w.w.Write(p) }
 
 func (w *LineLogger) line(b []byte) {
 	s := strings.TrimSpace(string(b))
@@ -77,9 +59,6 @@ func (w *LineLogger) line(b []byte) {
 
 // Close logs a last line that had no newline.
 func (w *LineLogger) Close() error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.line(w.buf)
-	w.buf = nil
+	w.w.Flush()
 	return nil
 }

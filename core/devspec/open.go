@@ -9,14 +9,19 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/devices/fs"
 	"github.com/krun-core/krun-core/disk/imagelock"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // OpenOptions tunes Spec.Open.
@@ -27,6 +32,14 @@ type OpenOptions struct {
 	// HelperStderr receives helper processes' (passt's) stderr; nil
 	// discards it.
 	HelperStderr io.Writer
+	// Sandbox is the sandbox the device's plugin will be launched in; nil
+	// when it runs unsandboxed (with krun-core's own ids). A shared
+	// directory is then handed over as an ID-mapped mount where the
+	// plugin's ids are not krun-core's (see FSSpec.Open).
+	Sandbox *sandbox.LaunchConfig
+	// Log receives warnings (a share that could not be ID-mapped); nil
+	// discards them.
+	Log hclog.Logger
 }
 
 // NamedFile is a file handed to a plugin under a name.
@@ -45,9 +58,47 @@ type Opened struct {
 	// locked holds a duplicate of every locked image fd: the locks belong
 	// to the open file, so the host keeps them for as long as the device
 	// exists, across CloseFiles and a plugin's death or restart.
-	locked  []*os.File
-	helpers []*exec.Cmd
+	locked []*os.File
+	// kept holds a duplicate of each share's ID-mapped mount for as long
+	// as the device exists: a detached mount lives while a descriptor of
+	// it does, and a plugin launched again needs the same mount (making
+	// one takes privileges krun-core drops after set-up).
+	kept    []*os.File
+	helpers []*helper
+	// exited is closed when a helper process exits (nil without one).
+	exited     chan struct{}
+	exitedOnce sync.Once
 }
+
+// helper is a process started for the plugin (passt), reaped by a
+// goroutine of its own.
+type helper struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed once reaped
+}
+
+// startHelper starts cmd and reaps it in the background; HelperExited
+// reports its exit.
+func (o *Opened) startHelper(cmd *exec.Cmd) error {
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	h := &helper{cmd: cmd, done: make(chan struct{})}
+	if o.exited == nil {
+		o.exited = make(chan struct{})
+	}
+	o.helpers = append(o.helpers, h)
+	go func() {
+		cmd.Wait()
+		close(h.done)
+		o.exitedOnce.Do(func() { close(o.exited) })
+	}()
+	return nil
+}
+
+// HelperExited is closed when a helper process (passt) exits, for whatever
+// reason, Close included; nil when the device has none.
+func (o *Opened) HelperExited() <-chan struct{} { return o.exited }
 
 // CloseFiles closes the host's copies of the files; call it once the plugin
 // process has inherited them. Helper processes keep running, and the image
@@ -64,34 +115,24 @@ func (o *Opened) CloseFiles() {
 // processes (SIGTERM, then SIGKILL after a second).
 func (o *Opened) Close() error {
 	o.CloseFiles()
-	for _, f := range o.locked {
+	for _, f := range append(o.locked, o.kept...) {
 		_ = f.Close()
 	}
-	o.locked = nil
-	var errs []error
-	for _, c := range o.helpers {
-		if err := stopHelper(c); err != nil {
-			errs = append(errs, err)
-		}
+	o.locked, o.kept = nil, nil
+	for _, h := range o.helpers {
+		stopHelper(h)
 	}
 	o.helpers = nil
-	return errors.Join(errs...)
+	return nil
 }
 
-func stopHelper(c *exec.Cmd) error {
-	if c.Process == nil {
-		return nil
-	}
-	_ = c.Process.Signal(syscall.SIGTERM)
-	done := make(chan error, 1)
-	go func() { done <- c.Wait() }()
+func stopHelper(h *helper) {
+	_ = h.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-done:
-		return nil
+	case <-h.done:
 	case <-time.After(time.Second):
-		_ = c.Process.Kill()
-		<-done
-		return nil
+		_ = h.cmd.Process.Kill()
+		<-h.done
 	}
 }
 
@@ -103,19 +144,28 @@ func (o *Opened) lock(f *os.File, what, path string, mode imagelock.Mode) error 
 	if err := imagelock.Lock(f, what, path, mode); err != nil {
 		return err
 	}
+	dup, err := dupFile(f)
+	if err != nil {
+		return fmt.Errorf("%s %s: keep the lock: %w", what, path, err)
+	}
+	o.locked = append(o.locked, dup)
+	return nil
+}
+
+// dupFile returns a close-on-exec duplicate of f (the same open file).
+func dupFile(f *os.File) (*os.File, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
-		return fmt.Errorf("%s %s: %w", what, path, err)
+		return nil, err
 	}
 	dup, derr := -1, error(nil)
 	if err := rc.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return fmt.Errorf("%s %s: %w", what, path, err)
+		return nil, err
 	}
 	if derr != nil {
-		return fmt.Errorf("%s %s: keep the lock: %w", what, path, derr)
+		return nil, derr
 	}
-	o.locked = append(o.locked, os.NewFile(uintptr(dup), path))
-	return nil
+	return os.NewFile(uintptr(dup), f.Name()), nil
 }
 
 // openFile opens path for a plugin. It never blocks on a FIFO (O_NONBLOCK
@@ -238,8 +288,16 @@ func absPath(what, path string) (string, error) {
 	return p, nil
 }
 
-// Open opens the shared directory.
-func (f *FSSpec) Open(OpenOptions) (*Opened, error) {
+// Open opens the shared directory. When the plugin will run with other
+// ids than krun-core's (oo.Sandbox under a root krun-core), the directory
+// is handed over as an ID-mapped mount of it instead
+// (sandbox.LaunchConfig.IDMapShare): krun-core's ids and the plugin's are
+// swapped on it, so the plugin works in the share as krun-core's ids, as
+// it did when plugins ran with them. Where the host cannot make the mount
+// (a file system or kernel without ID-mapped mounts) the plain directory
+// is handed over, the plugin works in it with its own ids, and oo.Log says
+// so once for this share.
+func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	dir, err := openFile("shared directory", f.Path, false, true)
 	if err != nil {
 		return nil, err
@@ -248,7 +306,109 @@ func (f *FSSpec) Open(OpenOptions) (*Opened, error) {
 	for k, v := range f.PluginOptions {
 		opts[k] = v
 	}
-	return &Opened{Kind: KindFS, Options: opts, Files: []NamedFile{{FileDir, dir}}}, nil
+	o := &Opened{Kind: KindFS, Options: opts}
+	defer func() {
+		if err != nil {
+			dir.Close()
+			_ = o.Close()
+		}
+	}()
+	if oo.Sandbox == nil {
+		o.add(FileDir, dir)
+		return o, nil
+	}
+	mnt, err := oo.Sandbox.IDMapShare(dir)
+	switch {
+	case err != nil:
+		if oo.Log != nil {
+			uid, gid, _ := oo.Sandbox.PluginIDs()
+			oo.Log.Warn("no ID-mapped mount of a shared directory on this host: the plugin works in it with its own ids, so the guest can change only what they may and its new files are theirs",
+				"dir", f.Path, "plugin_ids", fmt.Sprintf("%d:%d", uid, gid), "error", err)
+		}
+		o.add(FileDir, dir)
+		return o, nil
+	case mnt == nil: // the plugin runs with krun-core's ids
+		o.add(FileDir, dir)
+		return o, nil
+	}
+	dir.Close()
+	dir = mnt
+	kept, err := dupFile(mnt)
+	if err != nil {
+		return nil, fmt.Errorf("shared directory %s: keep its ID-mapped mount: %w", f.Path, err)
+	}
+	o.kept = append(o.kept, kept)
+	o.add(FileDir, mnt)
+	if oo.Sandbox.PluginSeesShareIDs() {
+		// Without a user namespace of its own the plugin sees the mount's
+		// ids (krun-core's and its own swapped): the guest's id maps go
+		// through the swap, so the guest sees on-disk ids as before.
+		uid, gid, _, err := oo.Sandbox.ShareSwaps()
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range []struct {
+			key  string
+			swap sandbox.IDSwap
+		}{{fs.OptUIDMap, uid}, {fs.OptGIDMap, gid}} {
+			ms, err := fs.ParseIDMaps(opts[m.key])
+			if err != nil {
+				return nil, fmt.Errorf("%s=%s: %w", m.key, opts[m.key], err)
+			}
+			opts[m.key] = FormatIDMaps(ComposeSwap(ms, m.swap))
+		}
+	}
+	return o, nil
+}
+
+// ComposeSwap returns id maps that translate a guest id as ms does (an
+// empty ms is the identity) and then swap s.Launcher and s.Plugin on the
+// host side: what a plugin that sees a share through its ID-mapped mount
+// needs to show the guest the ids on disk.
+func ComposeSwap(ms []fs.IDMap, s sandbox.IDSwap) []fs.IDMap {
+	if len(ms) == 0 {
+		ms = []fs.IDMap{{Guest: 0, Host: 0, Count: 1<<32 - 1}}
+	}
+	var out []fs.IDMap
+	for _, r := range ms {
+		start, end := uint64(r.Host), uint64(r.Host)+uint64(r.Count) // host ids [start, end)
+		cuts := []uint64{start, end}
+		for _, p := range []uint32{s.Launcher, s.Plugin} {
+			if uint64(p) > start && uint64(p) < end {
+				cuts = append(cuts, uint64(p))
+			}
+			if uint64(p)+1 > start && uint64(p)+1 < end {
+				cuts = append(cuts, uint64(p)+1)
+			}
+		}
+		slices.Sort(cuts)
+		cuts = slices.Compact(cuts)
+		for i := 0; i+1 < len(cuts); i++ {
+			a, b := cuts[i], cuts[i+1]
+			g := uint64(r.Guest) + (a - start)
+			// A piece longer than one id holds no swapped id (both ends of
+			// each are cuts), so the swap leaves it alone.
+			h := uint64(s.Swap(uint32(a)))
+			if n := len(out); n > 0 {
+				// Join to the previous piece where both sides continue it.
+				if p := out[n-1]; uint64(p.Guest)+uint64(p.Count) == g && uint64(p.Host)+uint64(p.Count) == h {
+					out[n-1].Count += uint32(b - a)
+					continue
+				}
+			}
+			out = append(out, fs.IDMap{Guest: uint32(g), Host: uint32(h), Count: uint32(b - a)})
+		}
+	}
+	return out
+}
+
+// FormatIDMaps renders id maps as the uidmap/gidmap options take them.
+func FormatIDMaps(ms []fs.IDMap) string {
+	s := make([]string, len(ms))
+	for i, m := range ms {
+		s[i] = fmt.Sprintf("%d:%d:%d", m.Guest, m.Host, m.Count)
+	}
+	return strings.Join(s, "/")
 }
 
 // Open starts passt on one end of a socket pair (passt --fd) and hands the
@@ -297,10 +457,9 @@ func (n *NetSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	cmd.Stdout = oo.HelperStderr
 	cmd.Stderr = oo.HelperStderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := o.startHelper(cmd); err != nil {
 		return nil, fmt.Errorf("start passt: %w", err)
 	}
-	o.helpers = append(o.helpers, cmd)
 	return o, nil
 }
 

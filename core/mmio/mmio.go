@@ -18,9 +18,22 @@
 // set-up and stop, config writes) are bounded by the Backend's deadline
 // (frontend.Client's timeout): a plugin that hangs fails its device after
 // that, the vCPU goes on.
+//
+// A device whose back-end can be replaced (a plugin the core restarts)
+// has a Recover function: a back-end that is gone (it timed out,
+// disconnected, died) then suspends the device instead of failing it.
+// While suspended the device keeps every guest-visible state and records
+// what the guest does (features, queues made ready or stopped, a reset)
+// without calling any back-end; Resume installs that state into the new
+// back-end: its features, then every live queue at the used index in guest
+// memory (the back-end resubmits what its inflight region says was in
+// flight), then it re-reads the config space and interrupts the guest, so
+// that completions the dead back-end published without an interrupt are
+// seen. The guest sees a pause, no reset.
 package mmio
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -159,6 +172,14 @@ type Config struct {
 	Wiring    Wiring
 	Translate Translator
 	Log       hclog.Logger
+	// Recover, when set, is called (with the device's lock held; it must
+	// not block or call the device) when a back-end call fails because
+	// the back-end is gone (frontend.Gone). If it returns true the
+	// device is suspended until Resume instead of failed.
+	Recover func(err error) bool
+	// OnReset, when set, runs at each device reset (status 0), after the
+	// queues are stopped: the core zeroes the inflight region there.
+	OnReset func()
 }
 
 // Errors.
@@ -194,6 +215,9 @@ type Device struct {
 	failed     error
 	config     []byte // the config space copy
 	cached     bool   // config holds the config space (else reads are forwarded)
+	// suspended: the back-end is gone and a new one is coming (Resume);
+	// no back-end is called meanwhile.
+	suspended bool
 }
 
 // New creates the device and its kick and call eventfds.
@@ -512,15 +536,41 @@ func (d *Device) acceptFeaturesLocked() error {
 	if d.drvFeat&featureVersion1 == 0 {
 		return errors.New("legacy driver (VIRTIO_F_VERSION_1 not acked)")
 	}
-	f := d.drvFeat
-	if d.cfg.ProtocolNegotiated {
-		f |= vhostuser.FeatureProtocolFeatures
+	if d.suspended {
+		return nil // Resume sends them
 	}
-	if err := d.cfg.Backend.SetFeatures(f); err != nil {
+	if err := d.cfg.Backend.SetFeatures(d.backendFeatures()); err != nil {
+		if d.recoverLocked(err) {
+			return nil
+		}
 		d.failLocked(fmt.Errorf("SET_FEATURES: %w", err))
 		return err
 	}
 	return nil
+}
+
+// backendFeatures is what SET_FEATURES sends: the driver's features, and
+// the vhost-user protocol-features bit when it was negotiated.
+func (d *Device) backendFeatures() uint64 {
+	f := d.drvFeat
+	if d.cfg.ProtocolNegotiated {
+		f |= vhostuser.FeatureProtocolFeatures
+	}
+	return f
+}
+
+// recoverLocked suspends the device when err says the back-end is gone and
+// a new one can take over (Config.Recover); it reports whether it did.
+func (d *Device) recoverLocked(err error) bool {
+	if d.suspended {
+		return true
+	}
+	if d.cfg.Recover == nil || !frontend.Gone(err) || !d.cfg.Recover(err) {
+		return false
+	}
+	d.suspended = true
+	d.log.Debug("virtio device back-end is gone; the device waits for a new one", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+	return true
 }
 
 // ringLayout checks a queue's size and ring addresses (virtio 1.2, 2.7:
@@ -536,22 +586,35 @@ func ringLayout(q *queue, max uint16) (desc, avail, used uint64, err error) {
 	return 16 * n, 6 + 2*n, 6 + 8*n, nil
 }
 
+// queueSetup checks queue i's layout and translates its rings to the
+// back-end's addresses.
+func (d *Device) queueSetup(i int) (frontend.QueueSetup, error) {
+	q := &d.queues[i]
+	dsz, asz, usz, err := ringLayout(q, d.cfg.QueueSizeMax)
+	if err != nil {
+		return frontend.QueueSetup{}, fmt.Errorf("queue %d: %w", i, err)
+	}
+	var ua [3]uint64
+	for j, r := range []struct{ gpa, size uint64 }{{q.desc, dsz}, {q.avail, asz}, {q.used, usz}} {
+		if ua[j], err = d.cfg.Translate(r.gpa, r.size); err != nil {
+			return frontend.QueueSetup{}, fmt.Errorf("queue %d: ring at %#x: %w", i, r.gpa, err)
+		}
+	}
+	return frontend.QueueSetup{
+		Index: uint32(i), Size: q.num, Desc: ua[0], Avail: ua[1], Used: ua[2],
+		Kick: q.kick, Call: q.call,
+	}, nil
+}
+
 func (d *Device) startQueueLocked(i int) {
 	q := &d.queues[i]
 	if q.live || d.failed != nil {
 		return
 	}
-	dsz, asz, usz, err := ringLayout(q, d.cfg.QueueSizeMax)
+	qs, err := d.queueSetup(i)
 	if err != nil {
-		d.failLocked(fmt.Errorf("queue %d: %w", i, err))
+		d.failLocked(err)
 		return
-	}
-	var ua [3]uint64
-	for j, r := range []struct{ gpa, size uint64 }{{q.desc, dsz}, {q.avail, asz}, {q.used, usz}} {
-		if ua[j], err = d.cfg.Translate(r.gpa, r.size); err != nil {
-			d.failLocked(fmt.Errorf("queue %d: ring at %#x: %w", i, r.gpa, err))
-			return
-		}
 	}
 	notify := d.cfg.Base + RegQueueNotify
 	if err := d.cfg.Wiring.RegisterIRQFD(int(q.call.Fd()), d.cfg.GSI); err != nil {
@@ -564,11 +627,13 @@ func (d *Device) startQueueLocked(i int) {
 		return
 	}
 	q.live = true
-	err = d.cfg.Backend.SetupQueue(frontend.QueueSetup{
-		Index: uint32(i), Size: q.num, Desc: ua[0], Avail: ua[1], Used: ua[2],
-		Kick: q.kick, Call: q.call,
-	}, d.cfg.ProtocolNegotiated)
-	if err != nil {
+	if d.suspended {
+		return // Resume sets it up in the new back-end
+	}
+	if err := d.cfg.Backend.SetupQueue(qs, d.cfg.ProtocolNegotiated); err != nil {
+		if d.recoverLocked(err) {
+			return
+		}
 		d.failLocked(fmt.Errorf("queue %d set-up: %w", i, err))
 		return
 	}
@@ -585,16 +650,18 @@ func (d *Device) stopQueueLocked(i int) {
 	q.live = false
 	d.cfg.Wiring.UnregisterIOEventFD(d.cfg.Base+RegQueueNotify, 4, uint64(i), int(q.kick.Fd()))
 	d.cfg.Wiring.UnregisterIRQFD(int(q.call.Fd()), d.cfg.GSI)
-	if d.failed != nil {
+	if d.failed != nil || d.suspended {
 		return
 	}
 	if d.cfg.ProtocolNegotiated {
 		if err := d.cfg.Backend.SetVringEnable(uint32(i), false); err != nil {
-			d.failLocked(fmt.Errorf("disable queue %d: %w", i, err))
+			if !d.recoverLocked(err) {
+				d.failLocked(fmt.Errorf("disable queue %d: %w", i, err))
+			}
 			return
 		}
 	}
-	if _, err := d.cfg.Backend.GetVringBase(uint32(i)); err != nil {
+	if _, err := d.cfg.Backend.GetVringBase(uint32(i)); err != nil && !d.recoverLocked(err) {
 		d.failLocked(fmt.Errorf("stop queue %d: %w", i, err))
 	}
 }
@@ -616,6 +683,9 @@ func (d *Device) resetLocked() {
 	d.status = 0
 	d.drvFeat, d.devFeatSel, d.drvFeatSel, d.queueSel, d.shmSel = 0, 0, 0, 0, 0
 	d.intStatus = 0
+	if d.cfg.OnReset != nil {
+		d.cfg.OnReset()
+	}
 	if d.failed != nil {
 		d.status = StatusDeviceNeedsRst // a dead plugin stays dead
 	}
@@ -662,23 +732,26 @@ func (d *Device) failLocked(err error) {
 func (d *Device) ConfigChanged() {
 	d.mu.Lock()
 	n := len(d.config)
-	refresh := d.failed == nil && d.cfg.ConfigSpace && d.cached && n > 0
+	refresh := d.failed == nil && !d.suspended && d.cfg.ConfigSpace && d.cached && n > 0
+	b := d.cfg.Backend
 	d.mu.Unlock()
 	var fresh []byte
 	var err error
 	if refresh {
-		fresh, err = d.cfg.Backend.GetConfig(0, uint32(n))
+		fresh, err = b.GetConfig(0, uint32(n))
 		if err == nil && len(fresh) != n {
 			err = fmt.Errorf("%d bytes, asked %d", len(fresh), n)
 		}
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.failed != nil {
+	if d.failed != nil || d.suspended || b != d.cfg.Backend {
 		return
 	}
 	if err != nil {
-		d.failLocked(fmt.Errorf("re-read config space after a change: %w", err))
+		if !d.recoverLocked(err) {
+			d.failLocked(fmt.Errorf("re-read config space after a change: %w", err))
+		}
 		return
 	}
 	copy(d.config, fresh)
@@ -719,10 +792,15 @@ func (d *Device) readConfigLocked(off uint64, data []byte) {
 		}
 		return
 	}
+	if d.suspended {
+		return // reads as zero until the back-end is back
+	}
 	b, err := d.cfg.Backend.GetConfig(uint32(off), uint32(len(data)))
 	switch {
-	case errors.Is(err, frontend.ErrTimeout) || errors.Is(err, frontend.ErrBroken):
-		d.failLocked(fmt.Errorf("config read: %w", err))
+	case frontend.Gone(err):
+		if !d.recoverLocked(err) {
+			d.failLocked(fmt.Errorf("config read: %w", err))
+		}
 	case err != nil:
 		// Outside the device's config space: reads as zero.
 		d.log.Debug("config read failed", "offset", off, "len", len(data), "error", err)
@@ -735,10 +813,16 @@ func (d *Device) writeConfigLocked(off uint64, data []byte) {
 	if !d.cfg.ConfigSpace || d.failed != nil || !configAccessOK(off, len(data)) {
 		return
 	}
+	if d.suspended {
+		d.log.Warn("config write while the back-end is being replaced; dropped", "offset", off)
+		return
+	}
 	err := d.cfg.Backend.SetConfig(uint32(off), 0, append([]byte(nil), data...))
 	switch {
-	case errors.Is(err, frontend.ErrTimeout) || errors.Is(err, frontend.ErrBroken):
-		d.failLocked(fmt.Errorf("config write: %w", err))
+	case frontend.Gone(err):
+		if !d.recoverLocked(err) {
+			d.failLocked(fmt.Errorf("config write: %w", err))
+		}
 	case err != nil:
 		// A refused write (read-only field) is the guest's problem, not a
 		// broken plugin.
@@ -750,4 +834,110 @@ func (d *Device) writeConfigLocked(off uint64, data []byte) {
 
 func configAccessOK(off uint64, n int) bool {
 	return n > 0 && n <= 8 && off < ConfigSpaceMax && uint64(n) <= ConfigSpaceMax-off
+}
+
+// Suspend marks the back-end gone (its process died or stopped answering):
+// until Resume, no back-end is called and what the guest does is only
+// recorded. It does nothing to a failed device.
+func (d *Device) Suspend() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.failed == nil && !d.suspended {
+		d.suspended = true
+		d.log.Debug("virtio device suspended while its back-end is replaced", "base", fmt.Sprintf("%#x", d.cfg.Base))
+	}
+}
+
+// Suspended reports whether the device waits for a new back-end.
+func (d *Device) Suspended() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.suspended
+}
+
+// OverrideConfig changes bytes of the config space copy the guest reads
+// while the back-end is away (the core shows a network link as down) and,
+// once the driver is ready, raises a config-change interrupt. Resume
+// re-reads the whole config space from the new back-end.
+func (d *Device) OverrideConfig(off int, data []byte) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.failed != nil || !d.cached || off < 0 || off > len(d.config) || len(data) > len(d.config)-off {
+		return
+	}
+	copy(d.config[off:], data)
+	if d.status&StatusDriverOK != 0 {
+		d.configChangedLocked()
+	}
+}
+
+// Resume installs the device's state into b, the back-end that replaces
+// the one that was lost: the driver's features (once FEATURES_OK was
+// set), then every live queue positioned at its used index in guest
+// memory, read with usedIndex from the used ring's guest address; then the
+// config space is read again (a change raises a config-change interrupt)
+// and every live queue's call eventfd is signalled, so the guest looks at
+// completions the lost back-end published without an interrupt. b must
+// already have the memory table and the inflight region. On error the
+// device stays suspended (the caller retries with another back-end, or
+// fails it).
+func (d *Device) Resume(b Backend, usedIndex func(usedGPA uint64) (uint16, error)) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.failed != nil {
+		return d.failed
+	}
+	if !d.suspended {
+		return errors.New("resume of a device that is not suspended")
+	}
+	if d.status&StatusFeaturesOK != 0 {
+		if err := b.SetFeatures(d.backendFeatures()); err != nil {
+			return fmt.Errorf("SET_FEATURES: %w", err)
+		}
+	}
+	for i := range d.queues {
+		q := &d.queues[i]
+		if !q.live {
+			continue
+		}
+		qs, err := d.queueSetup(i)
+		if err != nil {
+			return err
+		}
+		if qs.Base, err = usedIndex(q.used); err != nil {
+			return fmt.Errorf("queue %d: used index: %w", i, err)
+		}
+		if err := b.SetupQueue(qs, d.cfg.ProtocolNegotiated); err != nil {
+			return fmt.Errorf("queue %d set-up: %w", i, err)
+		}
+	}
+	var fresh []byte
+	if d.cfg.ConfigSpace && d.cached && len(d.config) > 0 {
+		var err error
+		if fresh, err = b.GetConfig(0, uint32(len(d.config))); err != nil {
+			return fmt.Errorf("read the config space: %w", err)
+		}
+		if len(fresh) != len(d.config) {
+			return fmt.Errorf("read the config space: %d bytes, asked %d", len(fresh), len(d.config))
+		}
+	}
+	d.cfg.Backend = b
+	d.suspended = false
+	if fresh != nil && !bytes.Equal(fresh, d.config) {
+		copy(d.config, fresh)
+		if d.status&StatusDriverOK != 0 {
+			d.configChangedLocked()
+		}
+	}
+	var one [8]byte
+	binary.LittleEndian.PutUint64(one[:], 1)
+	for i := range d.queues {
+		if q := &d.queues[i]; q.live {
+			if _, err := q.call.Write(one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+				d.log.Debug("interrupt after resume", "queue", i, "error", err)
+			}
+		}
+	}
+	d.log.Debug("virtio device resumed with a new back-end", "base", fmt.Sprintf("%#x", d.cfg.Base))
+	return nil
 }

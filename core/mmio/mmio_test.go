@@ -574,3 +574,133 @@ func TestNewValidates(t *testing.T) {
 		}
 	}
 }
+
+// TestBackendGoneSuspendsAndResumes: a back-end that disconnects suspends a
+// device that can recover; what the guest does meanwhile is recorded, and
+// Resume installs it into the new back-end with the queues at their used
+// indexes, a re-read config space and an interrupt per live queue.
+func TestBackendGoneSuspendsAndResumes(t *testing.T) {
+	var recovered []error
+	resets := 0
+	r := newRig(t, func(c *Config) {
+		c.Recover = func(err error) bool { recovered = append(recovered, err); return true }
+		c.OnReset = func() { resets++ }
+	})
+	st := r.negotiate(featureVersion1 | vhostuser.FeatureRingEventIdx)
+	r.wr(RegStatus, st|StatusDriverOK)
+	r.setupQueue(0, 128, 0x10000, 0x11000, 0x12000)
+	gone := fmt.Errorf("SET_VRING_NUM: %w: broken pipe", frontend.ErrDisconnected)
+	r.b.fail = gone
+	r.setupQueue(1, 64, 0x20000, 0x21000, 0x22000)
+	if err := r.d.Failed(); err != nil {
+		t.Fatalf("device failed: %v", err)
+	}
+	if !r.d.Suspended() || len(recovered) != 1 {
+		t.Fatalf("suspended %v after %d recoveries", r.d.Suspended(), len(recovered))
+	}
+	// While suspended: nothing reaches a back-end; config reads are
+	// served from the copy.
+	r.b.calls = nil
+	r.wr(RegConfig, 0xffffffff)
+	if got := r.rd(RegConfig); got != 0x04030201 {
+		t.Errorf("config read while suspended %#x", got)
+	}
+	r.d.OverrideConfig(2, []byte{0})
+	if len(r.b.calls) != 0 {
+		t.Fatalf("back-end called while suspended: %v", r.b.calls)
+	}
+	gen := r.rd(RegConfigGeneration)
+
+	nb := &fakeBackend{config: []byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 99}}
+	used := map[uint64]uint16{0x12000: 7, 0x22000: 3}
+	err := r.d.Resume(nb, func(gpa uint64) (uint16, error) {
+		v, ok := used[gpa]
+		if !ok {
+			return 0, fmt.Errorf("no used ring at %#x", gpa)
+		}
+		return v, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.d.Suspended() || r.d.Failed() != nil {
+		t.Fatalf("after resume: suspended %v, failed %v", r.d.Suspended(), r.d.Failed())
+	}
+	wantF := featureVersion1 | vhostuser.FeatureRingEventIdx | vhostuser.FeatureProtocolFeatures
+	if nb.features != wantF {
+		t.Errorf("new back-end features %#x, want %#x", nb.features, uint64(wantF))
+	}
+	if q := nb.queues[0]; q.Base != 7 || q.Size != 128 || q.Used != testUser+0x12000 {
+		t.Errorf("queue 0 resumed as %+v", q)
+	}
+	if q := nb.queues[1]; q.Base != 3 || q.Size != 64 {
+		t.Errorf("queue 1 resumed as %+v", q)
+	}
+	if r.rd(RegConfigGeneration) == gen || r.rd(RegConfig+8) != 0x630b0a09 {
+		t.Errorf("config space not re-read: generation %d (was %d), bytes %#x", r.rd(RegConfigGeneration), gen, r.rd(RegConfig+8))
+	}
+	for i := range 2 {
+		var b [8]byte
+		if _, err := unix.Read(int(r.d.queues[i].call.Fd()), b[:]); err != nil {
+			t.Errorf("queue %d: no interrupt after resume: %v", i, err)
+		}
+	}
+	// The new back-end is used from now on.
+	r.b.calls, nb.calls = nil, nil
+	resets = 0
+	r.wr(RegStatus, 0)
+	if len(r.b.calls) != 0 || len(nb.calls) != 4 || resets != 1 {
+		t.Errorf("reset after resume: old %v, new %v, resets %d", r.b.calls, nb.calls, resets)
+	}
+}
+
+// TestBackendGoneWhileSuspendedReset: a reset while the back-end is away
+// reaches no back-end, and Resume then sets up nothing.
+func TestBackendGoneWhileSuspendedReset(t *testing.T) {
+	resets := 0
+	r := newRig(t, func(c *Config) {
+		c.Recover = func(error) bool { return true }
+		c.OnReset = func() { resets++ }
+	})
+	st := r.negotiate(featureVersion1)
+	r.wr(RegStatus, st|StatusDriverOK)
+	r.setupQueue(0, 128, 0x10000, 0x11000, 0x12000)
+	r.d.Suspend()
+	r.b.calls = nil
+	resets = 0
+	r.wr(RegStatus, 0)
+	if len(r.b.calls) != 0 || resets != 1 {
+		t.Fatalf("reset while suspended: calls %v, resets %d", r.b.calls, resets)
+	}
+	nb := &fakeBackend{config: append([]byte(nil), r.b.config...)}
+	if err := r.d.Resume(nb, func(uint64) (uint16, error) { return 0, errors.New("not called") }); err != nil {
+		t.Fatal(err)
+	}
+	if len(nb.queues) != 0 || nb.features != 0 {
+		t.Fatalf("resume after a reset set up %v, features %#x", nb.queues, nb.features)
+	}
+}
+
+// TestBackendRefusalStillFails: only a back-end that is gone suspends the
+// device; a refusal, or a Recover that declines, fails it as before.
+func TestBackendRefusalStillFails(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		err     error
+		recover bool
+	}{
+		{"refused", fmt.Errorf("SET_VRING_NUM: %w", frontend.ErrNacked), true},
+		{"no restart left", fmt.Errorf("x: %w", frontend.ErrTimeout), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, func(c *Config) { c.Recover = func(error) bool { return tc.recover } })
+			st := r.negotiate(featureVersion1)
+			r.wr(RegStatus, st|StatusDriverOK)
+			r.b.fail = tc.err
+			r.setupQueue(0, 128, 0x10000, 0x11000, 0x12000)
+			if r.d.Failed() == nil || r.d.Suspended() {
+				t.Fatalf("failed %v, suspended %v", r.d.Failed(), r.d.Suspended())
+			}
+		})
+	}
+}

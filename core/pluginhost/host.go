@@ -235,6 +235,17 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
 	}
 
+	// A root launcher shares a group with its plugin for the plugin's
+	// socket, so it can reach a plugin it starts again after dropping its
+	// capabilities (sandbox.LaunchConfig.SocketGroup).
+	sockGroup := ""
+	if sg, ok := cfg.Sandbox.(socketGrouper); ok && !cfg.SandboxOff {
+		if sockGroup, err = sg.JoinSocketGroup(); err != nil {
+			_ = os.RemoveAll(p.sockDir)
+			return nil, fmt.Errorf("plugin %s: %w", cfg.Kind, err)
+		}
+	}
+
 	extra := make([]*os.File, 0, 1+len(cfg.Files))
 	extra = append(extra, cfg.Socket)
 	for _, f := range cfg.Files {
@@ -277,7 +288,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		Logger:           quietLogger{log, p},
 		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
 		SkipHostEnv:      true,
-		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir},
+		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir, Group: sockGroup},
 	})
 
 	start := time.Now()
@@ -390,6 +401,12 @@ func (p *Plugin) Pid() int {
 		return 0
 	}
 	return p.run.pid
+}
+
+// socketGrouper is implemented by a Sandboxer whose plugins run as other
+// ids than the launcher's (sandbox.LaunchConfig).
+type socketGrouper interface {
+	JoinSocketGroup() (pluginName string, err error)
 }
 
 // SocketDir is the private directory holding the plugin's gRPC socket.
@@ -545,6 +562,13 @@ func (p *Plugin) Stats(ctx context.Context) (map[string]uint64, error) {
 // HealthState is the plugin's serving state.
 type HealthState = pluginpb.HealthResponse_State
 
+// Health states a host acts on.
+const (
+	HealthServing = pluginpb.HealthResponse_STATE_SERVING
+	HealthFailed  = pluginpb.HealthResponse_STATE_FAILED
+	HealthStopped = pluginpb.HealthResponse_STATE_STOPPED
+)
+
 // Health returns the serving state and, for a failed back-end, its error.
 func (p *Plugin) Health(ctx context.Context) (HealthState, string, error) {
 	var r *pluginpb.HealthResponse
@@ -617,9 +641,12 @@ func (p *Plugin) removeSockDir() {
 
 // quietLogger is the logger go-plugin's client gets: the messages it logs
 // about an exit the host asked for (Shutdown, Kill) go to Debug instead of
-// Error and Warn, so that they do not read like failures. Everything else
-// passes unchanged, except the plugin's own log lines: the host re-logs
-// those itself (pluginLog), so go-plugin's copy goes nowhere (Named).
+// Error and Warn, so that they do not read like failures, and so does its
+// line about an exit nobody asked for: the host reports that one itself,
+// once, with the plugin's panic line (Err, ExitError) and what it does
+// about it (a restart, a failed device). Everything else passes unchanged,
+// except the plugin's own log lines: the host re-logs those itself
+// (pluginLog), so go-plugin's copy goes nowhere (Named).
 type quietLogger struct {
 	hclog.Logger
 	p *Plugin
@@ -639,7 +666,7 @@ func (q quietLogger) Named(name string) hclog.Logger {
 }
 
 func (q quietLogger) Error(msg string, args ...interface{}) {
-	if msg == "plugin process exited" && q.p.stopping.Load() {
+	if msg == "plugin process exited" {
 		q.Logger.Debug(msg, args...)
 		return
 	}

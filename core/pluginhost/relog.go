@@ -6,9 +6,10 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 
 	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/internal/lines"
 )
 
 // maxLogLine bounds one line of a plugin's stderr; a longer one is logged
@@ -31,37 +32,18 @@ type pluginLog struct {
 	log  hclog.Logger
 	kind string
 
-	mu      sync.Mutex
-	buf     []byte
-	inPanic bool
+	w       *lines.Writer
+	inPanic bool // under w's lock
 }
 
 func newPluginLog(log hclog.Logger, kind string) *pluginLog {
-	return &pluginLog{log: log, kind: kind}
+	l := &pluginLog{log: log, kind: kind}
+	l.w = &lines.Writer{Max: maxLogLine, Line: l.line}
+	return l
 }
 
 // Write takes any piece of the stream; complete lines are logged.
-func (w *pluginLog) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf = append(w.buf, p...)
-	for {
-		i := bytes.IndexByte(w.buf, '\n')
-		if i < 0 {
-			break
-		}
-		w.line(w.buf[:i])
-		w.buf = w.buf[i+1:]
-	}
-	for len(w.buf) >= maxLogLine {
-		w.line(w.buf[:maxLogLine])
-		w.buf = w.buf[maxLogLine:]
-	}
-	// Keep the (short) rest at the start of a fresh buffer so the
-	// backing array does not grow with the stream.
-	w.buf = append([]byte(nil), w.buf...)
-	return len(p), nil
-}
+func (w *pluginLog) Write(p []byte) (int, error) { return w.w.Write(p) }
 
 func (w *pluginLog) line(b []byte) {
 	b = bytes.TrimRight(b, "\r")

@@ -94,7 +94,7 @@ func TestPluginLogLongLine(t *testing.T) {
 	if n := strings.Count(out.String(), "\n"); n != 3 {
 		t.Errorf("%d lines logged for a line of 3 pieces and a rest, want 3", n)
 	}
-	if len(w.buf) != 10 {
-		t.Errorf("%d bytes kept, want 10", len(w.buf))
+	if n := w.w.Pending(); n != 10 {
+		t.Errorf("%d bytes kept, want 10", n)
 	}
 }

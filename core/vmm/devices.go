@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/mmio"
 	"github.com/krun-core/krun-core/core/pluginhost"
+	"github.com/krun-core/krun-core/guestmem"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
@@ -26,6 +28,12 @@ import (
 const (
 	pluginShutdownTimeout  = 10 * time.Second
 	pluginHandshakeTimeout = 60 * time.Second
+)
+
+// virtio-net's config space: the status field and its link bit.
+const (
+	netConfigStatus = 6
+	netTypeID       = 1
 )
 
 // pluginDevice is one plugin process and the transport that exposes it.
@@ -53,7 +61,39 @@ type pluginDevice struct {
 	featureMask uint64
 	watch       atomic.Pointer[os.File]
 
+	// Restarts (see restart): the Context that launched the plugin, the
+	// restart budget (nil: the device is never restarted), what the first
+	// attach negotiated and sent, the inflight region the plugin's
+	// successors get, and usedIndex, which reads a used ring's index in
+	// guest memory. gone carries a back-end failure the transport saw;
+	// monitorDone is closed when monitor returns.
+	c           *Context
+	log         hclog.Logger
+	restarts    *pluginhost.Restarts
+	attached    frontend.Negotiated
+	regions     []frontend.MemRegion
+	inflight    *frontend.Inflight
+	usedIndex   func(usedGPA uint64) (uint16, error)
+	gone        chan error
+	monitorDone chan struct{}
+
 	closeOnce sync.Once
+}
+
+// restartable reports whether the core restarts the plugin of a device of
+// spec s when it dies. A disk's plugin holds no state the image does not
+// (and its requests in flight are resubmitted), a network plugin's
+// connections are lost with it anyway, and a third-party plugin gets its
+// requests resubmitted like the others. A virtio-fs plugin holds the
+// guest's FUSE node ids and open handles, which a new process cannot
+// honour without risking a wrong file, and the console plugin holds the
+// stdio stream: those devices fail as before (docs/ARCHITECTURE.md).
+func restartable(s devspec.Spec) bool {
+	switch s.(type) {
+	case *devspec.DiskSpec, *devspec.NetSpec, *devspec.PluginSpec:
+		return true
+	}
+	return false
 }
 
 // launchPlugins starts one plugin per device, concurrently, and returns
@@ -95,50 +135,81 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 	if v, ok := s.(*devspec.VhostUserSpec); ok {
 		return c.connectExternal(ctx, i, v)
 	}
-	d := &pluginDevice{index: i, spec: s}
+	d := &pluginDevice{index: i, spec: s, c: c, gone: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			d.shutdown(c.log)
 			err = fmt.Errorf("device %d (%s): %w", i, s, err)
 		}
 	}()
-	// Helpers (passt) log into the core's log.
-	helperLog := devspec.HelperLog(c.log.Named("helper"))
-	if d.opened, err = s.Open(devspec.OpenOptions{HelperStderr: helperLog}); err != nil {
+	if d.opened, err = s.Open(d.openOptions()); err != nil {
 		return nil, err
 	}
+	d.log = c.log.Named(d.opened.Kind)
+	if restartable(s) {
+		if r := pluginhost.NewRestarts(c.restartPolicy); r.Enabled() {
+			d.restarts = r
+		}
+	}
+	if err := d.startPlugin(ctx); err != nil {
+		return nil, err
+	}
+	if d.restarts == nil {
+		// The plugin has its own copies; nobody needs ours. A plugin that
+		// is restarted gets them again.
+		d.opened.CloseFiles()
+	}
+	return d, nil
+}
+
+func (d *pluginDevice) openOptions() devspec.OpenOptions {
+	// Helpers (passt) log into the core's log.
+	return devspec.OpenOptions{HelperStderr: devspec.HelperLog(d.c.log.Named("helper")),
+		Sandbox: d.launchConfig(), Log: d.c.log.Named(d.spec.Kind())}
+}
+
+// launchConfig is the sandbox the device's plugin is launched in (nil: the
+// sandbox is off). Opening the device's files needs it too (a share
+// becomes an ID-mapped mount for the plugin's ids).
+func (d *pluginDevice) launchConfig() *sandbox.LaunchConfig {
+	c := d.c
+	if c.sandboxOff {
+		return nil
+	}
+	return &sandbox.LaunchConfig{Kind: d.spec.Kind(), Disable: c.sandboxDisable, Log: c.log.Named(d.spec.Kind()),
+		HostUID: c.pluginUID, HostGID: c.pluginGID}
+}
+
+// startPlugin launches the plugin of d.opened on a new socket pair,
+// configures and starts it.
+func (d *pluginDevice) startPlugin(ctx context.Context) error {
+	c := d.c
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("vhost-user socketpair: %w", err)
+		return fmt.Errorf("vhost-user socketpair: %w", err)
 	}
 	d.sock = os.NewFile(uintptr(fds[0]), "vhost-user")
 	theirs := os.NewFile(uintptr(fds[1]), "vhost-user-plugin")
 	defer theirs.Close()
 
-	log := c.log.Named(d.opened.Kind)
 	files := make([]pluginhost.NamedFile, len(d.opened.Files))
 	for j, f := range d.opened.Files {
 		files[j] = pluginhost.NamedFile{Name: f.Name, File: f.File}
 	}
 	cfg := pluginhost.Config{
 		Kind: d.opened.Kind, PluginDir: c.pluginDir, Socket: theirs, Files: files,
-		Logger: log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
+		Logger: d.log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
 	}
-	if !c.sandboxOff {
-		cfg.Sandbox = sandbox.LaunchConfig{Kind: d.opened.Kind, Disable: c.sandboxDisable, Log: log,
-			HostUID: c.pluginUID, HostGID: c.pluginGID}
+	if lc := d.launchConfig(); lc != nil {
+		cfg.Sandbox = *lc
 	}
 	if d.plugin, err = pluginhost.Launch(cfg); err != nil {
-		return nil, err
+		return err
 	}
 	if d.info, _, err = d.plugin.Configure(ctx, d.opened.Options); err != nil {
-		return nil, err
+		return err
 	}
-	d.opened.CloseFiles() // the plugin has its own copies now
-	if err := d.plugin.Start(ctx); err != nil {
-		return nil, err
-	}
-	return d, nil
+	return d.plugin.Start(ctx)
 }
 
 // attachDevices connects to every plugin over vhost-user, gives it the
@@ -161,6 +232,26 @@ func (m *machine) attachDevices() error {
 		}
 	}
 	return nil
+}
+
+// wiring is what connects eventfds to the guest: KVM, or a test's stand-in.
+func (m *machine) wiring() mmio.Wiring {
+	if m.testWiring != nil {
+		return m.testWiring
+	}
+	return m.vm
+}
+
+// usedIndex reads the index of the used ring at gpa from guest memory.
+func (m *machine) usedIndex(gpa uint64) (uint16, error) {
+	var b [2]byte
+	if gpa > ^uint64(0)-2 {
+		return 0, fmt.Errorf("used ring at %#x", gpa)
+	}
+	if err := m.mem.Read(guestmem.Addr(gpa+2), b[:]); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint16(b[:]), nil
 }
 
 func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
@@ -193,6 +284,16 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	if err := client.SetMemTable(regions); err != nil {
 		return fmt.Errorf("vhost-user memory table: %w", err)
 	}
+	if d.restarts != nil {
+		// A plugin the core restarts tracks its requests in an inflight
+		// region the core keeps for its successors; one that cannot is
+		// not restarted.
+		if err := d.setupInflight(client, n, info.NumQueues, qmax); err != nil {
+			d.log.Warn("plugin keeps no inflight region; it will not be restarted", "error", err)
+			d.restarts = nil
+		}
+	}
+	d.attached, d.regions, d.usedIndex = n, regions, m.usedIndex
 	var backend mmio.Backend = client
 	configSpace := n.ProtocolFeatures&vhostuser.ProtocolConfig != 0
 	configSize := 0
@@ -205,8 +306,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 			configSize = int(eb.size)
 		}
 	}
-	var err error
-	d.dev, err = mmio.New(mmio.Config{
+	cfg := mmio.Config{
 		DeviceID:           info.Type,
 		Base:               MMIOBase + uint64(d.index)*MMIOStride,
 		GSI:                FirstDeviceGSI + uint32(d.index),
@@ -218,11 +318,21 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		ConfigData:         info.Config,
 		ConfigSize:         configSize,
 		Backend:            backend,
-		Wiring:             m.vm,
+		Wiring:             m.wiring(),
 		Translate:          m.hostAddr,
 		Log:                m.log.Named(fmt.Sprintf("virtio-mmio.%d", d.index)),
-	})
-	if err != nil {
+	}
+	if d.restarts != nil {
+		cfg.Recover = d.backendGone
+		inflight := d.inflight
+		cfg.OnReset = func() {
+			if err := inflight.Reset(); err != nil {
+				d.log.Warn("device reset: inflight region", "error", err)
+			}
+		}
+	}
+	var err error
+	if d.dev, err = mmio.New(cfg); err != nil {
 		return err
 	}
 	// A plugin whose config space changes on its own (net: link down)
@@ -236,30 +346,240 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	return nil
 }
 
-// monitor fails the device when its plugin process dies; the guest sees a
-// broken device, the VM runs on.
+// setupInflight gets the plugin's inflight region (GET_INFLIGHT_FD) for
+// queues of up to qmax and gives it back (SET_INFLIGHT_FD).
+func (d *pluginDevice) setupInflight(client *frontend.Client, n frontend.Negotiated, queues, qmax int) error {
+	if n.ProtocolFeatures&vhostuser.ProtocolInflightSHMFD == 0 {
+		return errors.New("INFLIGHT_SHMFD not offered")
+	}
+	in, err := client.GetInflightFD(uint16(queues), uint16(qmax))
+	if err != nil {
+		return err
+	}
+	if err := client.SetInflightFD(in); err != nil {
+		in.Close()
+		return err
+	}
+	d.inflight = in
+	return nil
+}
+
+// backendGone is the transport's Recover: a back-end call found the plugin
+// gone. It wakes monitor, which restarts the plugin (or fails the device
+// when the budget is spent), and suspends the device meanwhile. It runs
+// with the device's lock held and must not block.
+func (d *pluginDevice) backendGone(err error) bool {
+	select {
+	case d.gone <- err:
+	default:
+	}
+	return true
+}
+
+// startMonitor runs monitor on a goroutine of its own.
+func (d *pluginDevice) startMonitor(ctx context.Context) {
+	if d.external == nil {
+		d.monitorDone = make(chan struct{})
+	}
+	go d.monitor(ctx)
+}
+
+// monitor watches the plugin: when it exits, stops answering Health,
+// reports a failed back-end, is found gone by the transport, or its helper
+// (passt) exits, the plugin is restarted (restart) within its budget; a
+// device that cannot be restarted fails (the guest sees a broken device,
+// the VM runs on).
 func (d *pluginDevice) monitor(ctx context.Context) {
 	if d.external != nil {
 		d.watchHangup(ctx)
 		return
 	}
-	select {
-	case <-ctx.Done():
-	case <-d.plugin.Done():
-		err := d.plugin.Err()
-		if err == nil {
-			err = errors.New("plugin exited")
+	defer close(d.monitorDone)
+	health := time.NewTicker(pluginhost.HealthInterval)
+	defer health.Stop()
+	for {
+		var why error
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.plugin.Done():
+			why = d.plugin.Err()
+			if why == nil {
+				why = errors.New("plugin exited")
+			}
+		case err := <-d.gone:
+			why = fmt.Errorf("plugin stopped serving vhost-user: %w", err)
+		case <-d.opened.HelperExited():
+			why = errors.New("passt exited")
+		case <-health.C:
+			if why = d.checkHealth(ctx); why == nil {
+				continue
+			}
 		}
-		if d.dev != nil {
-			d.dev.Fail(err)
+		if ctx.Err() != nil {
+			return
+		}
+		if !d.recover(ctx, why) {
+			return
 		}
 	}
 }
 
+// checkHealth asks the plugin for its state: nil while it serves.
+func (d *pluginDevice) checkHealth(ctx context.Context) error {
+	hctx, cancel := context.WithTimeout(ctx, pluginhost.HealthTimeout)
+	defer cancel()
+	st, msg, err := d.plugin.Health(hctx)
+	switch {
+	case ctx.Err() != nil:
+		return nil
+	case errors.Is(err, pluginhost.ErrExited):
+		return nil // Done reports it
+	case err != nil:
+		return fmt.Errorf("plugin stopped answering (Health): %w", err)
+	case st == pluginhost.HealthFailed || st == pluginhost.HealthStopped:
+		if msg == "" {
+			msg = "back-end stopped"
+		}
+		return fmt.Errorf("plugin stopped serving: %s", msg)
+	}
+	return nil
+}
+
+// recover restarts the plugin after why, retrying within the budget. It
+// returns false when the device failed instead (no budget, or none left).
+func (d *pluginDevice) recover(ctx context.Context, why error) bool {
+	if d.restarts == nil {
+		d.dev.Fail(why)
+		return false
+	}
+	d.dev.Suspend()
+	// A report of the same death the transport made before it was
+	// suspended would restart the next plugin for nothing; while the
+	// device is suspended no report is made.
+	select {
+	case <-d.gone:
+	default:
+	}
+	if d.info.Type == netTypeID {
+		// The link goes down while the plugin (and passt) are away: the
+		// guest's stack learns that its connections are gone, and sees
+		// the link come back when the new plugin's config space is read.
+		d.dev.OverrideConfig(netConfigStatus, []byte{0, 0})
+	}
+	for {
+		delay, err := d.restarts.Next(time.Now())
+		if err != nil {
+			d.log.Error("plugin died and will not be restarted again; the device fails", "device", d.index, "reason", why, "limit", err)
+			d.dev.Fail(fmt.Errorf("%w (%v)", why, err))
+			return false
+		}
+		d.log.Warn("plugin died; restarting it", "device", d.index, "reason", why,
+			"restart", d.restarts.Total(), "delay", delay)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(delay):
+		}
+		start := time.Now()
+		if why = d.restart(ctx); why == nil {
+			d.log.Warn("plugin restarted; the device serves again", "device", d.index, "pid", d.plugin.Pid(),
+				"took", time.Since(start).Round(time.Millisecond))
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		why = fmt.Errorf("restart failed: %w", why)
+	}
+}
+
+// restart replaces the plugin: the old process (if it still runs) is
+// killed, a network device's passt is started afresh, the same plugin is
+// launched with the same sandbox, files and options, and the device's
+// state is installed into it: memory table, inflight region, the driver's
+// features, every live queue at its used index in guest memory (the
+// plugin resubmits the requests that were in flight), config space.
+func (d *pluginDevice) restart(ctx context.Context) error {
+	d.dropPlugin()
+	if n, ok := d.spec.(*devspec.NetSpec); ok {
+		// passt's stream may have been cut in the middle of a frame, and
+		// its connections belong to the guest stack that just lost its
+		// link: a new passt, with the same MAC.
+		mac, err := devspec.ParseMAC(d.opened.Options[devspec.OptMAC])
+		if err != nil {
+			return fmt.Errorf("MAC: %w", err)
+		}
+		d.opened.Close()
+		spec := *n
+		spec.MAC = mac
+		opened, err := spec.Open(d.openOptions())
+		if err != nil {
+			return err
+		}
+		d.opened = opened
+	}
+	old := d.info
+	if err := d.startPlugin(ctx); err != nil {
+		d.dropPlugin()
+		return err
+	}
+	if d.info.Type != old.Type || d.info.NumQueues != old.NumQueues || d.info.MaxQueueSize != old.MaxQueueSize {
+		d.dropPlugin()
+		return fmt.Errorf("the new plugin serves device type %d with %d queues of %d, the old one type %d with %d of %d",
+			d.info.Type, d.info.NumQueues, d.info.MaxQueueSize, old.Type, old.NumQueues, old.MaxQueueSize)
+	}
+	client, err := frontend.NewFromFile(d.sock)
+	if err != nil {
+		d.dropPlugin()
+		return err
+	}
+	d.client = client
+	n, err := client.Reattach(frontend.SetupConfig{
+		Features:         ^uint64(0),
+		ProtocolFeatures: frontend.SupportedProtocolFeatures,
+		Regions:          d.regions,
+	}, d.attached, d.inflight)
+	if err == nil && n.ProtocolFeatures&vhostuser.ProtocolBackendReq != 0 {
+		d.stopBackendReq, err = client.BackendRequests(d.dev.ConfigChanged)
+	}
+	if err == nil {
+		err = d.dev.Resume(client, d.usedIndex)
+	}
+	if err != nil {
+		d.dropPlugin()
+		return err
+	}
+	return nil
+}
+
+// dropPlugin ends the plugin process and its connection, if any.
+func (d *pluginDevice) dropPlugin() {
+	if d.stopBackendReq != nil {
+		d.stopBackendReq()
+		d.stopBackendReq = nil
+	}
+	if d.client != nil {
+		d.client.Close()
+		d.client = nil
+	}
+	if d.sock != nil {
+		d.sock.Close()
+		d.sock = nil
+	}
+	if d.plugin != nil {
+		d.plugin.Kill()
+	}
+}
+
 // shutdown stops the transport, asks the plugin to flush and exit (killing
-// it if it does not) and releases what the device opened. Idempotent.
+// it if it does not) and releases what the device opened. Idempotent. The
+// monitor must have been stopped (its context done).
 func (d *pluginDevice) shutdown(log hclog.Logger) {
 	d.closeOnce.Do(func() {
+		if d.monitorDone != nil {
+			<-d.monitorDone // a restart under way finishes first
+		}
 		if d.stopBackendReq != nil {
 			d.stopBackendReq()
 		}
@@ -286,6 +606,7 @@ func (d *pluginDevice) shutdown(log hclog.Logger) {
 		if d.opened != nil {
 			d.opened.Close()
 		}
+		d.inflight.Close()
 	})
 }
 

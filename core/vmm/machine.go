@@ -21,6 +21,7 @@ import (
 	"github.com/krun-core/krun-core/core/mmio"
 	"github.com/krun-core/krun-core/core/serial"
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // Guest resources of the plugin devices: device i has its register window
@@ -41,14 +42,16 @@ type event struct {
 type machine struct {
 	log hclog.Logger
 
-	vm      *kvm.VM
-	memFile *os.File
-	mem     *guestmem.Memory
-	ram     []boot.RAMRange
-	vcpus   []*kvm.VCPU
-	uart    *serial.UART
-	power   power
-	devices []*pluginDevice
+	vm *kvm.VM
+	// testWiring replaces vm's ioeventfds and irqfds in tests without KVM.
+	testWiring mmio.Wiring
+	memFile    *os.File
+	mem        *guestmem.Memory
+	ram        []boot.RAMRange
+	vcpus      []*kvm.VCPU
+	uart       *serial.UART
+	power      power
+	devices    []*pluginDevice
 
 	events chan event
 	stop   atomic.Bool
@@ -126,6 +129,9 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	setup += time.Since(t1)
+	if !c.keepPrivileges {
+		c.dropPrivileges()
+	}
 	m.log.Debug("kernel loaded", "entry", fmt.Sprintf("%#x", loaded.Entry), "initrd", fmt.Sprintf("%#x", loaded.InitrdAddr))
 
 	res := &Result{Timing: Timing{PluginStart: l.took, VMSetup: setup}}
@@ -140,7 +146,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		go m.pumpInput(runCtx, c.consoleIn)
 	}
 	for _, d := range m.devices {
-		go d.monitor(runCtx)
+		d.startMonitor(runCtx)
 	}
 	m.tids = make([]atomic.Int32, len(m.vcpus))
 	for i := range m.vcpus {
@@ -176,6 +182,23 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	}
 	res.Reason = ev.reason
 	return res, nil
+}
+
+// dropPrivileges ends the set-up: from here on the core needs no
+// privilege for KVM_RUN, eventfds, guest memory, vhost-user or gRPC (all on
+// descriptors it holds), nor to signal or stop its plugins (it created their
+// user namespaces, which gives it every capability in them); it keeps what
+// passt and launching plugins again need (sandbox.LaunchConfig.KeepCapabilities).
+// A failure (a binary linked with cgo) is a warning: the VM runs as it
+// would have.
+func (c *Context) dropPrivileges() {
+	keep := sandbox.LaunchConfig{Disable: c.sandboxDisable}.KeepCapabilities()
+	if err := sandbox.DropPrivileges(keep); err != nil {
+		c.log.Warn("the core keeps its privileges after set-up", "error", err)
+		return
+	}
+	c.log.Debug("privileges dropped after set-up", "no_new_privs", true,
+		"capabilities", sandbox.CapabilityNames(sandbox.HeldCapabilities(keep)))
 }
 
 // wait returns the event that ends the run: the guest's, the context's, or

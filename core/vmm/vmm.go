@@ -76,7 +76,9 @@ type Context struct {
 	pluginGID      int
 	bootMarker     string
 	bootTimeout    time.Duration
+	restartPolicy  pluginhost.RestartPolicy
 	started        bool
+	keepPrivileges bool
 
 	// SetExec mode (exec.go): the program, and the initramfs built for it.
 	exec       *execConfig
@@ -226,6 +228,23 @@ func (c *Context) SetSandboxDisable(layers []sandbox.Layer) { c.sandboxDisable =
 // SetPluginIDs sets the host uid and gid plugins run as (0: the sandbox's
 // default, nobody:nogroup for a root krun-core).
 func (c *Context) SetPluginIDs(uid, gid int) { c.pluginUID, c.pluginGID = uid, gid }
+
+// SetKeepPrivileges(true) keeps this process's privileges after set-up.
+// By default Start ends the set-up (VM built, plugins launched and
+// attached, before the first vCPU runs) with sandbox.DropPrivileges: the
+// process gets no_new_privs and keeps only the capabilities that plugins
+// need from it (sandbox.LaunchConfig.KeepCapabilities), on every thread and
+// for the rest of its life. A program that needs its privileges after
+// Start returns (unmounting, say) keeps them.
+func (c *Context) SetKeepPrivileges(keep bool) { c.keepPrivileges = keep }
+
+// SetPluginRestarts sets how often a plugin that dies or stops answering
+// is started again (block and network devices and third-party plugins;
+// virtio-fs and the console are not restarted): the zero policy allows
+// pluginhost.DefaultRestartMax restarts within
+// pluginhost.DefaultRestartWindow; a negative Max turns restarts off. A
+// device whose plugin dies once more fails (DEVICE_NEEDS_RESET).
+func (c *Context) SetPluginRestarts(p pluginhost.RestartPolicy) { c.restartPolicy = p }
 
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).

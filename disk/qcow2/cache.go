@@ -12,6 +12,11 @@ type table struct {
 	off   uint64
 	buf   []byte
 	dirty bool
+	// lo, hi bound the bytes changed since the table was last written
+	// (lo >= hi: none recorded, the whole table if dirty); fresh marks
+	// a table that was never written at its place (a new L2 table).
+	lo, hi uint64
+	fresh  bool
 
 	prev, next *table
 }
@@ -159,4 +164,20 @@ func (c *tableCache) clear() {
 	c.head.next = &c.head
 	c.head.prev = &c.head
 	c.mu.Unlock()
+}
+
+// touch records that bytes [lo, hi) of t changed.
+func (t *table) touch(lo, hi uint64) {
+	if !t.dirty || t.lo >= t.hi {
+		t.lo, t.hi = lo, hi
+	} else {
+		t.lo, t.hi = min(t.lo, lo), max(t.hi, hi)
+	}
+	t.dirty = true
+}
+
+// written records that t is on the file as it is in memory.
+func (t *table) written() {
+	t.dirty, t.fresh = false, false
+	t.lo, t.hi = 0, 0
 }

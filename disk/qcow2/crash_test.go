@@ -215,3 +215,158 @@ func readAll(t *testing.T, im *Image) []byte {
 	}
 	return b
 }
+
+// killState is the image a process killed right after log entry end-1
+// leaves: every write before end, then, of log entry end, the bytes up to
+// the first pages page boundaries of the file (a write cut short by
+// SIGKILL stops at a page boundary). Syncs play no part: the page cache
+// survives the process.
+func killState(base []byte, log []logEntry, end, pages int) []byte {
+	img := append([]byte(nil), base...)
+	apply := func(off int64, data []byte) {
+		if need := int(off) + len(data); need > len(img) {
+			img = append(img, make([]byte, need-len(img))...)
+		}
+		copy(img[off:], data)
+	}
+	for i := 0; i < end; i++ {
+		if e := log[i]; e.data != nil {
+			apply(e.off, e.data)
+		}
+	}
+	if end < len(log) && pages > 0 && log[end].data != nil {
+		e := log[end]
+		cut := (e.off/4096+int64(pages))*4096 - e.off
+		if cut < int64(len(e.data)) {
+			apply(e.off, e.data[:cut])
+		}
+	}
+	return img
+}
+
+// TestKillKeepsAcknowledgedWrites kills the image's process (in the model:
+// keeps a prefix of its writes, the last one maybe cut on a page boundary)
+// at every point of a random workload that never flushes, the way a
+// restarted plugin finds the image: no such image has a corruption (leaks
+// are fine), and every write, write-zeroes and discard that completed
+// before the kill reads back, whatever was under way.
+func TestKillKeepsAcknowledgedWrites(t *testing.T) {
+	needQemu(t)
+	for _, tc := range []struct{ name, opts string }{
+		{"cs64k", "cluster_size=65536"},
+		{"cs4k", "cluster_size=4096"},
+		{"extl2", "cluster_size=32768,extended_l2=on"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if testing.Short() && tc.name != "cs4k" {
+				t.Skip("-short runs one workload")
+			}
+			dir := t.TempDir()
+			p := filepath.Join(dir, "img.qcow2")
+			const size = 4 << 20
+			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", tc.opts, p, fmt.Sprint(size))
+			qio(t, p, "write -P 0x42 0 512k")
+			base, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			im, err := Open(openFile(t, p, false), Options{Path: p, CacheBytes: 1 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rec := &recorder{ioFile: im.f}
+			im.f, im.data = rec, rec
+			model := qemuRaw(t, p)
+			type done struct {
+				end      int    // log entries once the operation completed
+				model    []byte // the disk as the guest knows it then
+				off, n   int64  // the operation that follows
+				nextFull bool
+			}
+			points := []done{{end: 0, model: append([]byte(nil), model...)}}
+			r := rand.New(rand.NewSource(int64(len(tc.name)) + 7))
+			for op := 0; op < 60; op++ {
+				off := r.Int63n(size)
+				n := min(1+r.Int63n(96<<10), size-off)
+				points[len(points)-1].off, points[len(points)-1].n = off, n
+				switch k := r.Intn(10); {
+				case k < 7:
+					buf := make([]byte, n)
+					r.Read(buf)
+					if _, err := im.WriteAt(buf, off); err != nil {
+						t.Fatal(err)
+					}
+					copy(model[off:], buf)
+				case k < 9:
+					if err := im.WriteZeroes(off, n, r.Intn(2) == 0); err != nil {
+						t.Fatal(err)
+					}
+					clear(model[off : off+n])
+				default:
+					if err := im.Discard(off, n); err != nil {
+						t.Fatal(err)
+					}
+					model = readAll(t, im)
+				}
+				points = append(points, done{end: rec.mark(), model: append([]byte(nil), model...)})
+			}
+			log := rec.log
+			cp := filepath.Join(dir, "killed.qcow2")
+			states := 0
+			check := func(img []byte, what string, want []byte, off, n int64, viaQemu bool) {
+				states++
+				if err := os.WriteFile(cp, img, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				f := openFile(t, cp, true)
+				res, err := Check(f, RepairNone)
+				f.Close()
+				if err != nil || res.Corruptions != 0 || res.CheckErrors != 0 {
+					t.Fatalf("%s: Check: %v corruptions %d errors %d\n%s", what, err, res.Corruptions, res.CheckErrors, joinLines(res.Messages))
+				}
+				if viaQemu {
+					if q := qemuCheck(t, cp); q.Corruptions != 0 || q.CheckErrors != 0 {
+						t.Fatalf("%s: qemu-img check: %s", what, q.Output)
+					}
+				}
+				im := openImage(t, cp, true)
+				got := readAll(t, im)
+				im.Close()
+				// The operation under way may have landed in part; the
+				// rest of the disk is what the completed ones made it.
+				copy(got[off:off+n], want[off:off+n])
+				if i := firstDiff(got, want); i < len(want) || len(got) != len(want) {
+					t.Fatalf("%s: acknowledged data differs at %d", what, i)
+				}
+			}
+			for i, pt := range points {
+				next := len(log)
+				if i+1 < len(points) {
+					next = points[i+1].end
+				}
+				// At the point the operation completed, and at a few
+				// points (some inside a write) before the next one did.
+				ends := []int{pt.end}
+				for k := 0; k < 3 && next > pt.end; k++ {
+					ends = append(ends, pt.end+r.Intn(next-pt.end))
+				}
+				for j, end := range ends {
+					pages := 0
+					if j > 0 {
+						pages = r.Intn(4)
+					}
+					img := killState(base, log, end, pages)
+					check(img, fmt.Sprintf("killed at log entry %d (+%d pages), after operation %d", end, pages, i), pt.model,
+						pt.off, pt.n, i%20 == 0 && j == 1)
+				}
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if q := qemuCheck(t, p); q.Corruptions != 0 || q.CheckErrors != 0 || q.Leaks != 0 {
+				t.Fatalf("after Close: qemu-img check: %s", q.Output)
+			}
+			t.Logf("%d log entries, %d states checked", len(log), states)
+		})
+	}
+}

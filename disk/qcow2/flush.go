@@ -92,7 +92,7 @@ func (im *Image) writeRefblock(t *table) error {
 	if _, err := im.f.WriteAt(t.buf, int64(t.off)); err != nil {
 		return fmt.Errorf("write refcount block at %#x: %w", t.off, err)
 	}
-	t.dirty = false
+	t.written()
 	im.refsUnsynced = true
 	return nil
 }
@@ -108,7 +108,7 @@ func (im *Image) writeL2(t *table) error {
 	if _, err := im.f.WriteAt(t.buf, int64(t.off)); err != nil {
 		return fmt.Errorf("write L2 table at %#x: %w", t.off, err)
 	}
-	t.dirty = false
+	t.written()
 	im.l2Unsynced = true
 	return nil
 }

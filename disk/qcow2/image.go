@@ -94,6 +94,10 @@ type Image struct {
 	freeHint     uint64
 	pendingFree  []uint64 // host clusters to decrement once the L2/L1 change is durable
 	reserved     [][2]uint64
+	// pool is a run of clusters (start, n) whose refcount 1 is on the
+	// file already and that nothing references yet: data clusters and L2
+	// tables come from it (see persist).
+	pool         [2]uint64
 	metaChanged  bool // cached metadata changed since the last write-back
 	refsUnsynced bool // refcount data written since the last sync
 	l2Unsynced   bool // L2 tables written since the last sync
@@ -548,6 +552,9 @@ func (im *Image) Close() error {
 	im.closed = true
 	var errs []error
 	if !im.ro && !im.corruptMarked.Load() {
+		if err := im.releasePool(); err != nil {
+			errs = append(errs, fmt.Errorf("release reserved clusters: %w", err))
+		}
 		if err := im.writeback(); err != nil {
 			errs = append(errs, fmt.Errorf("write back metadata: %w", err))
 		}

@@ -177,10 +177,11 @@ func (im *Image) setEntry(t *table, i, e, bm uint64) {
 	if im.extL2 {
 		be.PutUint64(t.buf[i*16:], e)
 		be.PutUint64(t.buf[i*16+8:], bm)
+		t.touch(i*16, i*16+16)
 	} else {
 		be.PutUint64(t.buf[i*8:], e)
+		t.touch(i*8, i*8+8)
 	}
-	t.dirty = true
 	im.metaChanged = true
 }
 

@@ -56,6 +56,9 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := im.trimCaches(); err != nil {
 		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
 	}
+	if err := im.persist(); err != nil {
+		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write metadata: %w", im.name, err))
+	}
 	return len(p), nil
 }
 
@@ -140,11 +143,11 @@ func (im *Image) l2ForWrite(gc uint64) (*table, uint64, error) {
 		return nil, 0, err
 	}
 	if off == 0 {
-		c, err := im.allocClusters(1)
+		c, err := im.allocPooled()
 		if err != nil {
 			return nil, 0, fmt.Errorf("allocate L2 table: %w", err)
 		}
-		t := &table{off: c * im.cs, buf: make([]byte, im.cs), dirty: true}
+		t := &table{off: c * im.cs, buf: make([]byte, im.cs), dirty: true, fresh: true}
 		im.meta.add(c, metaL2)
 		im.l2c.remove(t.off)
 		im.l2c.add(t)
@@ -170,11 +173,11 @@ func (im *Image) l2ForWrite(gc uint64) (*table, uint64, error) {
 		return t, idx, nil
 	}
 	// Shared with a snapshot: copy it.
-	c, err := im.allocClusters(1)
+	c, err := im.allocPooled()
 	if err != nil {
 		return nil, 0, fmt.Errorf("allocate L2 table copy: %w", err)
 	}
-	nt := &table{off: c * im.cs, buf: make([]byte, im.cs), dirty: true}
+	nt := &table{off: c * im.cs, buf: make([]byte, im.cs), dirty: true, fresh: true}
 	copy(nt.buf, t.buf)
 	// Entries of a shared table cannot be exclusively owned; make sure no
 	// stale copied flag lets a write bypass the refcount check.
@@ -229,7 +232,7 @@ func (im *Image) newHost(gc uint64) (uint64, error) {
 	if im.extData {
 		return gc << im.cb, nil
 	}
-	c, err := im.allocClusters(1)
+	c, err := im.allocPooled()
 	if err != nil {
 		return 0, fmt.Errorf("allocate data cluster: %w", err)
 	}

@@ -74,6 +74,9 @@ func (im *Image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 	if err := im.trimCaches(); err != nil {
 		return im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
 	}
+	if err := im.persist(); err != nil {
+		return im.markCorrupt(fmt.Errorf("qcow2 %s: write metadata: %w", im.name, err))
+	}
 	return nil
 }
 

@@ -71,9 +71,9 @@ type server struct {
 	once   sync.Once
 }
 
-// serve starts `krun-core serve --socket S --disk spec` and waits for its
+// serve starts `krun-core serve --socket S --disk spec [extra...]` and waits for its
 // socket. The process is stopped at the end of the test at the latest.
-func serve(t *testing.T, spec string) *server {
+func serve(t *testing.T, spec string, extra ...string) *server {
 	t.Helper()
 	// Unix socket paths are limited to 108 bytes: keep them short.
 	dir, err := os.MkdirTemp("", "kblk")
@@ -82,7 +82,7 @@ func serve(t *testing.T, spec string) *server {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	s := &server{t: t, socket: filepath.Join(dir, "blk.sock"), out: &vmtest.LockedBuffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(filepath.Join(binDir(t), "krun-core"), "serve", "--socket", s.socket, "--disk", spec)
+	s.cmd = exec.Command(filepath.Join(binDir(t), "krun-core"), append([]string{"serve", "--socket", s.socket, "--disk", spec}, extra...)...)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {

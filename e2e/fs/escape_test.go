@@ -55,7 +55,6 @@ func TestHostileGuest(t *testing.T) {
 	must(t, "symlink", os.Symlink(out, filepath.Join(share, "outdir")))
 	must(t, "symlink", os.Symlink(filepath.Join(out, "secret"), filepath.Join(share, "outfile")))
 	must(t, "symlink", os.Symlink("/", filepath.Join(share, "root")))
-	giveToPlugin(t, share)
 	d := serveFS(t, "path="+share+",tag=share")
 	g := dialFS(t, d.socket, 3)
 	c := g.req

@@ -14,7 +14,6 @@ import (
 
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
 	"github.com/krun-core/krun-core/internal/vmtest"
-	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
 )
 
@@ -31,35 +30,6 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	bins.Remove()
 	os.Exit(code)
-}
-
-// pluginIDs are the host ids krun-plugin-fs-virtio runs as under krun-core
-// serve's defaults: nobody:nogroup when the test runs as root, else the
-// test's own.
-func pluginIDs() (uid, gid int) {
-	if os.Geteuid() == 0 {
-		return sandbox.DefaultPluginUID, sandbox.DefaultPluginGID
-	}
-	return os.Geteuid(), os.Getegid()
-}
-
-// giveToPlugin hands a share to the plugin's ids, as a root user must: the
-// plugin never runs as root and works in the share with its own rights.
-func giveToPlugin(t testing.TB, dir string) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		return
-	}
-	uid, gid := pluginIDs()
-	err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(p, uid, gid)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 }
 
 // binDir returns the directory of the built binaries.

@@ -112,7 +112,8 @@ func TestFeaturesAndConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantP := vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck | vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolConfig
+	wantP := vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck | vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolConfig |
+		vhostuser.ProtocolInflightSHMFD
 	if p != wantP {
 		t.Fatalf("protocol features %#x, want %#x", p, wantP)
 	}

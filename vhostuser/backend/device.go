@@ -131,7 +131,7 @@ const FrameworkFeatures = vhostuser.FeatureVersion1 | vhostuser.FeatureRingIndir
 
 // FrameworkProtocolFeatures are the protocol features always offered.
 const FrameworkProtocolFeatures = vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck |
-	vhostuser.ProtocolConfigureMemSlots
+	vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolInflightSHMFD
 
 // DeviceProtocolFeatures are the protocol features a device may add in
 // DeviceInfo.ProtocolFeatures; others are not implemented by the framework.

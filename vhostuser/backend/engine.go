@@ -60,6 +60,15 @@ type ringConfig struct {
 	call  *fileSlot
 	stats *counters
 	log   hclog.Logger
+	// track is the ring's part of the inflight region (nil: no
+	// tracking), resubmit the heads a previous back-end took and did
+	// not complete, in order: served before any new chain and consumed
+	// as they are taken.
+	track    *tracker
+	resubmit *[]uint16
+	// hook, for tests of crash recovery only, runs at named points of
+	// the tracking sequence (Server.testHook).
+	hook func(point string)
 }
 
 // request states
@@ -199,8 +208,7 @@ func (e *engine) serve() error {
 		starved := false
 		for n := 1; ; n++ {
 			if e.stopLeft < 0 && e.ctx.Err() != nil {
-				p, _ := q.Pending()
-				e.stopLeft = int(p)
+				e.stopLeft = e.pending()
 			}
 			if e.stopLeft == 0 {
 				break
@@ -216,7 +224,7 @@ func (e *engine) serve() error {
 				starved = true
 				break
 			}
-			ok, err := q.Pop(&req.chain)
+			ok, err := e.pop(req)
 			if err != nil && !errors.Is(err, virtq.ErrMalformedChain) {
 				e.put(req)
 				e.endRound()
@@ -250,8 +258,7 @@ func (e *engine) serve() error {
 			return err
 		}
 		if e.stopLeft < 0 && e.ctx.Err() != nil {
-			p, _ := q.Pending()
-			e.stopLeft = int(p)
+			e.stopLeft = e.pending()
 		}
 		switch {
 		case e.stopLeft == 0:
@@ -270,6 +277,31 @@ func (e *engine) serve() error {
 	}
 }
 
+// pending is how many chains the ring can take now: those the driver made
+// available and the heads left to resubmit.
+func (e *engine) pending() int {
+	p, _ := e.q.Pending()
+	n := int(p)
+	if e.resubmit != nil {
+		n += len(*e.resubmit)
+	}
+	return n
+}
+
+// pop fills req with the next chain: the next head to resubmit, else the
+// next available chain (as virtq.Queue.Pop reports it).
+func (e *engine) pop(req *Request) (bool, error) {
+	if e.resubmit != nil && len(*e.resubmit) > 0 {
+		head := (*e.resubmit)[0]
+		*e.resubmit = (*e.resubmit)[1:]
+		req.resubmitted = true
+		e.stats.resubmitted.Add(1)
+		return true, e.q.PopHead(head, &req.chain)
+	}
+	req.resubmitted = false
+	return e.q.Pop(&req.chain)
+}
+
 // dispatch hands a taken request to the handler: on this goroutine when
 // there are no workers, or when it is alone on an idle ring (no hand-off
 // at queue depth 1); otherwise to a worker.
@@ -280,7 +312,7 @@ func (e *engine) dispatch(req *Request) {
 		return
 	}
 	if e.busy.Load() == 0 {
-		if n, _ := e.q.Pending(); n == 0 {
+		if e.pending() == 0 {
 			req.worker = 0
 			e.handle(req)
 			return
@@ -374,13 +406,20 @@ func (e *engine) release(r *Request) {
 }
 
 // take is where a chain becomes a request in flight: the one place a
-// chain is taken from the ring.
+// chain is taken from the ring. With inflight tracking its head is marked
+// in the region before the device sees it (a resubmitted head keeps the
+// mark, and the counter, of the back-end that took it first). The mark is
+// made under mu: a head whose old mark a completion is still clearing
+// (the driver reused it as soon as the used index moved) is marked after.
 func (e *engine) take(r *Request) {
 	e.held = nil
 	r.malformed = false
 	r.state.Store(reqTaken)
-	// In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) marks
-	// r.chain.Head here.
+	if e.track != nil && !r.resubmitted {
+		e.mu.Lock()
+		e.track.mark(r.chain.Head)
+		e.mu.Unlock()
+	}
 }
 
 // complete is where a request in flight is done: the one place a used
@@ -389,8 +428,8 @@ func (e *engine) take(r *Request) {
 // the ring (it publishes with Buffers.Publish).
 func (e *engine) complete(r *Request, written uint32) {
 	e.mu.Lock()
-	// In-flight tracking clears r.chain.Head once its used element is
-	// published.
+	// With inflight tracking, pushLocked links the head into the last
+	// batch and the publication clears it.
 	notify, err := e.pushLocked(r.chain.Head, written, !e.batching)
 	e.release(r)
 	e.mu.Unlock()
@@ -426,6 +465,12 @@ func (e *engine) pushLocked(head uint16, written uint32, publish bool) (notify b
 	if err := e.q.AddUsed(head, written); err != nil {
 		return false, err
 	}
+	if e.track != nil {
+		e.track.used(head)
+		if e.hook != nil {
+			e.hook("added")
+		}
+	}
 	e.unpublished++
 	if publish {
 		return e.publishLocked(), nil
@@ -441,6 +486,12 @@ func (e *engine) publishLocked() bool {
 	}
 	e.unpublished = 0
 	e.q.PublishUsed()
+	if e.track != nil {
+		if e.hook != nil {
+			e.hook("published")
+		}
+		e.track.published(e.q.NextUsed())
+	}
 	return e.q.NeedsNotify()
 }
 
@@ -463,6 +514,12 @@ func (e *engine) publishOnly() error {
 		if e.unpublished > 0 {
 			e.unpublished = 0
 			e.q.PublishUsed()
+			if e.track != nil {
+				if e.hook != nil {
+					e.hook("published")
+				}
+				e.track.published(e.q.NextUsed())
+			}
 		}
 		return false
 	})

@@ -17,7 +17,10 @@ type Request struct {
 	next      *Request // free list
 	state     atomic.Uint32
 	malformed bool // a malformed chain: not counted as a request
-	worker    int  // the goroutine that runs Handle: 0 the ring's, 1.. a worker's
+	// resubmitted: taken again from the inflight region (a previous
+	// back-end took it), not from the available ring
+	resubmitted bool
+	worker      int // the goroutine that runs Handle: 0 the ring's, 1.. a worker's
 }
 
 // Chain is the request's descriptor chain: its device-readable and
@@ -67,7 +70,7 @@ func (b *Buffers) Take() (*Request, error) {
 	if r == nil {
 		return nil, nil
 	}
-	ok, err := e.q.Pop(&r.chain)
+	ok, err := e.pop(r)
 	if err != nil && !errors.Is(err, virtq.ErrMalformedChain) {
 		e.put(r)
 		return nil, fmt.Errorf("queue %d: %w", e.index, err)
@@ -92,14 +95,30 @@ func (b *Buffers) Take() (*Request, error) {
 // it waits for more.)
 func (b *Buffers) Untake(reqs []*Request) {
 	e := b.e
-	e.q.Unpop(uint16(len(reqs)))
+	var popped uint16
+	var again []uint16
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, r := range reqs {
-		if r.state.CompareAndSwap(reqTaken, reqFree) {
-			// In-flight tracking unmarks r.chain.Head here.
-			e.release(r)
+		if !r.state.CompareAndSwap(reqTaken, reqFree) {
+			continue
 		}
+		if r.resubmitted {
+			// Still marked: it goes back to the heads to resubmit,
+			// which are taken before anything new.
+			again = append(again, r.chain.Head)
+			e.stats.resubmitted.Add(^uint64(0))
+		} else {
+			popped++
+			if e.track != nil {
+				e.track.unmark(r.chain.Head)
+			}
+		}
+		e.release(r)
+	}
+	e.q.Unpop(popped)
+	if len(again) > 0 {
+		*e.resubmit = append(again, *e.resubmit...)
 	}
 }
 
@@ -124,10 +143,17 @@ func (b *Buffers) Notify() error {
 }
 
 // Pending reports how many chains the driver has made available and the
-// device has not taken.
+// device has not taken, the ones a previous back-end left in flight
+// (taken first) included.
 func (b *Buffers) Pending() (int, error) {
 	n, err := b.e.q.Pending()
-	return int(n), err
+	if err != nil {
+		return 0, err
+	}
+	if b.e.resubmit != nil {
+		return int(n) + len(*b.e.resubmit), nil
+	}
+	return int(n), nil
 }
 
 // EnableKicks asks the driver to kick when it makes chains available, and

@@ -37,6 +37,11 @@ type Server struct {
 	HandshakeTimeout, MessageTimeout time.Duration
 
 	serving sync.Mutex
+
+	// testHook, set by tests only, runs at points of the inflight
+	// tracking sequence ("added": a used element was added and linked,
+	// "published": the used index was published, not yet cleared).
+	testHook func(point string)
 }
 
 // Defaults for Server.HandshakeTimeout and Server.MessageTimeout.

@@ -61,6 +61,12 @@ type ring struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	failed atomic.Bool // the worker stopped on its own; not restarted
+
+	// track is the ring's part of the inflight region while the ring is
+	// started (nil without SET_INFLIGHT_FD), resubmit the heads a previous
+	// back-end left in flight and not yet taken again.
+	track    *tracker
+	resubmit []uint16
 }
 
 // session is the state of one front-end connection. Everything but the
@@ -90,6 +96,12 @@ type session struct {
 	// (SET_BACKEND_REQ_FD), after stopping the goroutine that forwards
 	// config changes on it; nil without a channel.
 	closeBackendReq func()
+
+	// inflight is the region of SET_INFLIGHT_FD (nil: no tracking).
+	inflight *inflightRegion
+	// replyFiles go with the reply being built (GET_INFLIGHT_FD); handle
+	// sends and closes them.
+	replyFiles []*os.File
 }
 
 func newSession(ctx context.Context, s *Server, conn *vhostuser.Conn) *session {
@@ -110,6 +122,8 @@ func (sess *session) close() {
 		r.errFD.swap(nil)
 	}
 	sess.setSlots(nil)
+	sess.inflight.close()
+	sess.inflight = nil
 	sess.s.dev.Reset()
 }
 
@@ -123,6 +137,12 @@ func (sess *session) handle(m *vhostuser.Message) error {
 	ackBefore := sess.protocol&vhostuser.ProtocolReplyAck != 0
 	payload, err := vhostuser.ParseRequest(m)
 	var reply []byte
+	defer func() {
+		for _, f := range sess.replyFiles {
+			f.Close()
+		}
+		sess.replyFiles = nil
+	}()
 	if err == nil {
 		err = Protect(func() error {
 			var herr error
@@ -144,6 +164,9 @@ func (sess *session) handle(m *vhostuser.Message) error {
 			return sess.send(m.Request, vhostuser.EncodeU64(1))
 		case m.Request == vhostuser.GetConfig:
 			return sess.send(m.Request, nil) // an empty reply means failure
+		case m.Request == vhostuser.GetInflightFD:
+			// A region of size 0 tells the front-end there is none.
+			return sess.send(m.Request, vhostuser.Inflight{}.Encode())
 		default:
 			return err
 		}
@@ -151,7 +174,7 @@ func (sess *session) handle(m *vhostuser.Message) error {
 	log.Trace("vhost-user request", "request", m.Request.String())
 	switch {
 	case hasReply:
-		return sess.send(m.Request, reply)
+		return sess.conn.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, reply, sess.replyFiles)
 	case ack:
 		return sess.send(m.Request, vhostuser.EncodeU64(0))
 	}
@@ -241,6 +264,10 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 		return nil, sess.setVringCallErr(m, payload.(vhostuser.VringFD))
 	case vhostuser.SetVringEnable:
 		return nil, sess.setVringEnable(payload.(vhostuser.VringState))
+	case vhostuser.GetInflightFD:
+		return sess.getInflightFD(payload.(vhostuser.Inflight))
+	case vhostuser.SetInflightFD:
+		return nil, sess.setInflightFD(m, payload.(vhostuser.Inflight))
 	}
 	return nil, vhostuser.ErrUnknownRequest
 }
@@ -658,6 +685,10 @@ func (sess *session) tryStart(r *ring) error {
 	if err := sess.buildQueue(r); err != nil {
 		return err
 	}
+	if err := sess.attachInflight(r); err != nil {
+		r.q = nil
+		return err
+	}
 	r.started = true
 	r.failed.Store(false)
 	sess.reconcile(r)
@@ -711,6 +742,12 @@ func (sess *session) stopRing(r *ring) {
 	sess.stopWorker(r)
 	r.saveQueue()
 	r.started = false
+	if r.track != nil && !r.failed.Load() && len(r.resubmit) == 0 {
+		// Every request taken was completed (the ring waits for them):
+		// nothing is in flight.
+		Protect(func() error { r.track.forget(); return nil })
+	}
+	r.track, r.resubmit = nil, nil
 	if r.kick != nil {
 		r.kick.Close()
 	}
@@ -739,7 +776,8 @@ func (sess *session) startWorker(r *ring) {
 	ctx, cancel := context.WithCancel(sess.ctx)
 	done := make(chan struct{})
 	r.cancel, r.done = cancel, done
-	rc := ringConfig{index: r.index, q: r.q, kick: r.kick, call: &r.call, stats: r.stats, log: sess.s.log}
+	rc := ringConfig{index: r.index, q: r.q, kick: r.kick, call: &r.call, stats: r.stats, log: sess.s.log,
+		track: r.track, resubmit: &r.resubmit, hook: sess.s.testHook}
 	log := sess.s.log
 	dev := sess.s.dev
 	r.stats.running.Store(true)
@@ -814,4 +852,70 @@ func (sess *session) stopWorker(r *ring) {
 	}
 	t.Stop()
 	r.cancel, r.done = nil, nil
+}
+
+// ---- inflight I/O tracking ----
+
+// getInflightFD allocates a zeroed inflight region laid out for the queue
+// count and size the front-end asks for, and hands it over. It is not used
+// until the front-end gives it back with SET_INFLIGHT_FD.
+func (sess *session) getInflightFD(in vhostuser.Inflight) ([]byte, error) {
+	if err := sess.needProtocol(vhostuser.ProtocolInflightSHMFD); err != nil {
+		return nil, err
+	}
+	f, size, err := newInflightFile(in)
+	if err != nil {
+		return nil, err
+	}
+	sess.replyFiles = append(sess.replyFiles, f)
+	out := vhostuser.Inflight{MmapSize: size, NumQueues: in.NumQueues, QueueSize: in.QueueSize}
+	return out.Encode(), nil
+}
+
+// setInflightFD maps the region rings track their requests in; a ring
+// that starts afterwards recovers what a previous back-end left in it.
+// Rings must be stopped.
+func (sess *session) setInflightFD(m *vhostuser.Message, in vhostuser.Inflight) error {
+	if err := sess.needProtocol(vhostuser.ProtocolInflightSHMFD); err != nil {
+		return err
+	}
+	for _, r := range sess.rings {
+		if r.started {
+			return fmt.Errorf("%w: ring %d: the inflight region cannot change while it runs", ErrRingStarted, r.index)
+		}
+	}
+	reg, err := mapInflight(m.Files[0], in)
+	if err != nil {
+		return err
+	}
+	sess.inflight.close()
+	sess.inflight = reg
+	return nil
+}
+
+// attachInflight gives a starting ring its part of the inflight region:
+// a fresh part is initialized; one a previous back-end used is recovered,
+// and the ring then resumes after the heads it resubmits (the used index
+// in guest memory plus their number), whatever base the front-end set (a
+// front-end whose back-end died cannot know it). Guest memory and the
+// region are read with faults caught (the message loop runs under
+// Protect).
+func (sess *session) attachInflight(r *ring) error {
+	r.track, r.resubmit = nil, nil
+	b := sess.inflight.queue(r.index)
+	if b == nil {
+		return nil
+	}
+	used := r.q.UsedIndex()
+	t, heads, err := newTracker(b, sess.inflight.queueSize, r.num, used)
+	if err != nil {
+		return fmt.Errorf("ring %d: %w", r.index, err)
+	}
+	r.q.SetNextAvail(used + uint16(len(heads)))
+	r.q.SetNextUsed(used)
+	r.track, r.resubmit = t, heads
+	if len(heads) > 0 {
+		sess.s.log.Info("resubmitting requests a previous back-end left in flight", "queue", r.index, "requests", len(heads))
+	}
+	return nil
 }

@@ -18,6 +18,9 @@ type QueueStats struct {
 	Kicks uint64
 	// Failures counts rings that failed (fault, panic, broken ring).
 	Failures uint64
+	// Resubmitted counts chains taken again from the inflight region:
+	// taken by a back-end that died before completing them.
+	Resubmitted uint64
 	// Running reports whether the ring is being served now.
 	Running bool
 }
@@ -28,6 +31,7 @@ type counters struct {
 	notifications atomic.Uint64
 	kicks         atomic.Uint64
 	failures      atomic.Uint64
+	resubmitted   atomic.Uint64
 	running       atomic.Bool
 }
 
@@ -39,6 +43,7 @@ func (c *counters) snapshot(idx int) QueueStats {
 		Notifications: c.notifications.Load(),
 		Kicks:         c.kicks.Load(),
 		Failures:      c.failures.Load(),
+		Resubmitted:   c.resubmitted.Load(),
 		Running:       c.running.Load(),
 	}
 }

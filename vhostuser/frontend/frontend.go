@@ -27,6 +27,18 @@ var ErrTimeout = errors.New("back-end did not answer in time")
 // ErrBroken is wrapped by the error of a request made after one timed out.
 var ErrBroken = errors.New("vhost-user connection broken by an earlier timeout")
 
+// ErrDisconnected is wrapped by the error of a request whose message could
+// not be sent or whose reply could not be received: the back-end closed the
+// connection (it died) or the socket failed. Like ErrTimeout and ErrBroken,
+// it says that the back-end is gone rather than that it refused.
+var ErrDisconnected = errors.New("vhost-user back-end disconnected")
+
+// Gone reports whether err says that the back-end is gone (it timed out,
+// disconnected or died) rather than that it refused a request.
+func Gone(err error) bool {
+	return errors.Is(err, ErrTimeout) || errors.Is(err, ErrBroken) || errors.Is(err, ErrDisconnected)
+}
+
 // DefaultTimeout bounds each request and its reply unless SetTimeout says
 // otherwise. A back-end answers in microseconds; the bound is for one that
 // hangs, since the core calls it from vCPU threads.
@@ -124,19 +136,28 @@ func (c *Client) exchangeLocked(req vhostuser.Request, payload []byte, files []*
 		ack = true
 	}
 	if err := c.conn.Send(req, flags, payload, files); err != nil {
-		return nil, err
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%v: %w: %w", req, ErrDisconnected, err)
 	}
 	if !ack && !vhostuser.HasReply(req) {
 		return nil, nil
 	}
 	m, err := c.conn.Recv()
 	if err != nil {
-		return nil, fmt.Errorf("reply to %v: %w", req, err)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, fmt.Errorf("reply to %v: %w", req, err)
+		}
+		return nil, fmt.Errorf("reply to %v: %w: %w", req, ErrDisconnected, err)
 	}
 	defer m.CloseFiles()
 	v, err := vhostuser.ParseReply(req, ack, m)
 	if err != nil {
 		return nil, err
+	}
+	if in, ok := v.(vhostuser.Inflight); ok {
+		return inflightReply{in, m.TakeFile(0)}, nil
 	}
 	if ack {
 		if status := v.(uint64); status != 0 {

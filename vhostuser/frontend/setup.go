@@ -1,6 +1,7 @@
 package frontend
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -10,7 +11,8 @@ import (
 // SupportedProtocolFeatures are the protocol features this front-end can
 // use; Setup never acks others.
 const SupportedProtocolFeatures = vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck |
-	vhostuser.ProtocolConfig | vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolBackendReq
+	vhostuser.ProtocolConfig | vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolBackendReq |
+	vhostuser.ProtocolInflightSHMFD
 
 // QueueSetup describes one ring for Setup. Addresses are front-end virtual
 // addresses (the user addresses of the memory table).
@@ -185,4 +187,39 @@ func (c *Client) SetupQueue(q QueueSetup, protocolNegotiated bool) error {
 		}
 	}
 	return nil
+}
+
+// Reattach brings a new back-end to where the previous one was, after the
+// previous one died: it negotiates as Negotiate does (cfg), checks that
+// the new back-end offers every virtio feature and protocol feature the
+// previous one had acked (prev), sends the memory table and the inflight
+// region the previous back-end used (nil: none). The caller then sets up
+// each ring that was running (SetupQueue) with Base at the used index in
+// guest memory: the back-end resubmits the requests the region says were
+// in flight and resumes after them. Features the driver acked later (the
+// core's SET_FEATURES at FEATURES_OK) are the caller's to send again,
+// before the rings.
+func (c *Client) Reattach(cfg SetupConfig, prev Negotiated, inflight *Inflight) (Negotiated, error) {
+	n, err := c.Negotiate(cfg)
+	if err != nil {
+		return n, err
+	}
+	if missing := prev.Features &^ n.OfferedFeatures; missing != 0 {
+		return n, fmt.Errorf("new back-end lacks features %#x the previous one had", missing)
+	}
+	if missing := prev.ProtocolFeatures &^ n.ProtocolFeatures; missing != 0 {
+		return n, fmt.Errorf("new back-end lacks protocol features %#x the previous one had", missing)
+	}
+	if err := c.installMemory(cfg, n); err != nil {
+		return n, err
+	}
+	if inflight != nil {
+		if n.ProtocolFeatures&vhostuser.ProtocolInflightSHMFD == 0 {
+			return n, errors.New("new back-end does not track requests in flight (INFLIGHT_SHMFD)")
+		}
+		if err := c.SetInflightFD(inflight); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
 }

@@ -1,0 +1,153 @@
+package qcow2
+
+import (
+	"fmt"
+	"sort"
+)
+
+// Metadata and a plugin that dies.
+//
+// A guest's write is acknowledged once its data and the metadata that
+// reaches it are in the image file: in the host's page cache, not
+// necessarily on stable storage (that is what FLUSH is for). A plugin
+// killed at any instant (SIGKILL) leaves exactly the writes (pwrite) it had
+// issued, in order, with at most the last one cut short on a page
+// boundary; the host and the guest live on, and a new plugin opens the
+// image and must find every acknowledged write. So the metadata of a
+// request is written before the request completes (persist), and in an
+// order that keeps the image free of corruption after any prefix of those
+// writes (qemu-img check may report leaked clusters, never a reference to
+// a cluster whose refcount does not count it):
+//
+//  1. Refcounts first. Data clusters and new L2 tables come from a pool of
+//     clusters whose refcount (1) was written, and synced, before any of
+//     them is handed out, with the file extended over the whole pool
+//     (refillPool); a refcount block or refcount table that the
+//     reservation needs is written before the table that points to it
+//     (syncRefcounts). So an L2 entry or L1 entry on the file only ever
+//     names a cluster inside the file and counted there, whatever
+//     follows.
+//  2. Guest data, into its cluster.
+//  3. The L2 entries that changed (only the 512-byte sectors that hold
+//     them; a new L2 table whole). An L2 entry is 8 or 16 bytes inside one
+//     sector: it is either old or new, never torn.
+//  4. For a new L2 table, a sync (its content is durable before anything
+//     points to it, also across a power failure), then the L1 entry.
+//  5. Refcount decreases (a cluster overwritten by copy-on-write, a
+//     discard) wait for the next flush, after the change that dropped the
+//     reference is durable (writeback); a plugin that dies first leaks
+//     them.
+//
+// Pool clusters not used when the plugin dies are leaked as well (at most
+// one pool: poolClusters). Close returns the pool. The same order holds
+// across a power failure: step 1 is synced; steps 2 and 3 name only
+// counted clusters; step 4 syncs before the L1 write; only a FLUSH promises
+// the guest's data.
+
+// poolBytes bounds how much a pool reserves at once.
+const (
+	poolBytes    = 4 << 20
+	poolClusters = 64
+)
+
+// allocPooled returns one cluster from the pool, refilling it first when
+// it is empty. Its refcount is 1 on the file already.
+func (im *Image) allocPooled() (uint64, error) {
+	if im.pool[1] == 0 {
+		if err := im.refillPool(); err != nil {
+			return 0, err
+		}
+	}
+	c := im.pool[0]
+	im.pool[0]++
+	im.pool[1]--
+	return c, nil
+}
+
+// refillPool reserves a run of clusters with refcount 1 and makes those
+// refcounts durable before any of them is used.
+func (im *Image) refillPool() error {
+	n := min(max(poolBytes/im.cs, 1), poolClusters)
+	start, err := im.allocClusters(n)
+	if err != nil {
+		return err
+	}
+	im.pool = [2]uint64{start, n}
+	// The file reaches the end of the pool before the refcounts are
+	// synced: after a power failure, an L2 entry whose data write was lost
+	// still names a cluster inside the file (it reads back stale, never
+	// beyond the end).
+	end := (start + n) * im.cs
+	if _, err := im.f.WriteAt([]byte{0}, int64(end-1)); err != nil {
+		return fmt.Errorf("reserve clusters: extend the file: %w", err)
+	}
+	im.refsUnsynced = true
+	if err := im.syncRefcounts(); err != nil {
+		return fmt.Errorf("reserve clusters: %w", err)
+	}
+	return nil
+}
+
+// releasePool gives back the clusters the pool still holds (Close).
+func (im *Image) releasePool() error {
+	start, n := im.pool[0], im.pool[1]
+	im.pool = [2]uint64{}
+	for c := start; c < start+n; c++ {
+		if err := im.addRefcount(c, -1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// persist writes the metadata that the request just served changed, in
+// the order described above, without a sync unless a new L2 table needs
+// one. It runs with mu held exclusively, before the request completes.
+func (im *Image) persist() error {
+	if len(im.rbc.dirtyTables()) > 0 || len(im.rtDirty) > 0 || im.rtMoved {
+		if err := im.syncRefcounts(); err != nil {
+			return err
+		}
+	}
+	dirty := im.l2c.dirtyTables()
+	sort.Slice(dirty, func(i, j int) bool { return dirty[i].off < dirty[j].off })
+	fresh := false
+	for _, t := range dirty {
+		if t.fresh || t.lo >= t.hi {
+			fresh = fresh || t.fresh
+			if err := im.writeL2(t); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := im.writeL2Range(t); err != nil {
+			return err
+		}
+	}
+	if len(im.l1Dirty) > 0 {
+		if fresh {
+			if err := im.sync(); err != nil {
+				return err
+			}
+		}
+		if err := im.writeChunks(im.l1, im.h.l1Off, im.l1Dirty, metaL1); err != nil {
+			return err
+		}
+		im.l2Unsynced = true
+	}
+	return nil
+}
+
+// writeL2Range writes the 512-byte sectors of t that changed.
+func (im *Image) writeL2Range(t *table) error {
+	if err := im.meta.check(t.off/im.cs, 1, metaL2); err != nil {
+		return err
+	}
+	lo, hi := t.lo&^511, min((t.hi+511)&^511, uint64(len(t.buf)))
+	if _, err := im.f.WriteAt(t.buf[lo:hi], int64(t.off+lo)); err != nil {
+		return fmt.Errorf("write L2 table at %#x: %w", t.off+lo, err)
+	}
+	t.written()
+	im.l2Unsynced = true
+	return nil
+}

@@ -1,0 +1,103 @@
+package frontend
+
+import (
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/vhostuser"
+)
+
+// Inflight is a back-end's inflight region (VHOST_USER_PROTOCOL_F_
+// INFLIGHT_SHMFD): the front-end keeps it for the life of the device and
+// gives it to every back-end that serves the device after the one that
+// allocated it, so that a back-end that starts after a crash knows which
+// requests were in flight. The front-end never interprets its content; it
+// only zeroes it when the device is reset (Reset).
+type Inflight struct {
+	vhostuser.Inflight
+	File *os.File
+}
+
+type inflightReply struct {
+	in vhostuser.Inflight
+	f  *os.File
+}
+
+// GetInflightFD asks the back-end for a region that tracks requests of
+// numQueues queues of up to queueSize descriptors. The caller owns the
+// returned region's file.
+func (c *Client) GetInflightFD(numQueues, queueSize uint16) (*Inflight, error) {
+	req := vhostuser.Inflight{NumQueues: numQueues, QueueSize: queueSize}
+	v, err := c.call(vhostuser.GetInflightFD, req.Encode(), nil)
+	if err != nil {
+		return nil, err
+	}
+	r := v.(inflightReply)
+	in := &Inflight{Inflight: r.in, File: r.f}
+	if err := in.check(); err != nil {
+		in.Close()
+		return nil, fmt.Errorf("reply to %v: %w", vhostuser.GetInflightFD, err)
+	}
+	if r.in.NumQueues != numQueues || r.in.QueueSize != queueSize {
+		// The layout depends on both: a back-end that answers for other
+		// values would read the region differently from its successor.
+		in.Close()
+		return nil, fmt.Errorf("reply to %v: region for %d queues of %d, asked %d of %d", vhostuser.GetInflightFD,
+			r.in.NumQueues, r.in.QueueSize, numQueues, queueSize)
+	}
+	return in, nil
+}
+
+// SetInflightFD gives the back-end the region to track its requests in.
+func (c *Client) SetInflightFD(in *Inflight) error {
+	if in == nil || in.File == nil {
+		return fmt.Errorf("%v: no region", vhostuser.SetInflightFD)
+	}
+	_, err := c.call(vhostuser.SetInflightFD, in.Inflight.Encode(), []*os.File{in.File})
+	return err
+}
+
+// check refuses a region that is not a regular file (a memfd) at least as
+// large as the description says: the front-end writes it (Reset), and a
+// back-end could otherwise hand it a pipe, a socket or a FIFO.
+func (in *Inflight) check() error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(in.File.Fd()), &st); err != nil {
+		return fmt.Errorf("inflight region: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fmt.Errorf("inflight region is not a regular file (mode %#o)", st.Mode)
+	}
+	if in.MmapOffset > 1<<62 || in.MmapSize > 1<<40 || uint64(st.Size) < in.MmapOffset+in.MmapSize {
+		return fmt.Errorf("inflight region %#x+%#x lies beyond the end of its file (%d bytes)", in.MmapOffset, in.MmapSize, st.Size)
+	}
+	return nil
+}
+
+// Reset zeroes the region, as after a device reset: nothing is in flight,
+// and the next back-end initializes it afresh. It writes through the file
+// (never a mapping a back-end could truncate under the front-end).
+func (in *Inflight) Reset() error {
+	if in == nil || in.File == nil {
+		return nil
+	}
+	zero := make([]byte, min(in.MmapSize, 64<<10))
+	for off := uint64(0); off < in.MmapSize; {
+		n := min(uint64(len(zero)), in.MmapSize-off)
+		if _, err := in.File.WriteAt(zero[:n], int64(in.MmapOffset+off)); err != nil {
+			return fmt.Errorf("reset inflight region: %w", err)
+		}
+		off += n
+	}
+	return nil
+}
+
+// Close closes the region's file.
+func (in *Inflight) Close() error {
+	if in == nil || in.File == nil {
+		return nil
+	}
+	return in.File.Close()
+}
