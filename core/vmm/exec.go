@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/core/devspec"
@@ -19,6 +18,7 @@ import (
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/initramfs"
 	"github.com/krun-core/krun-core/guest/initramfs/kmod"
+	"github.com/krun-core/krun-core/internal/lines"
 )
 
 // Errors of a program that cannot be started; the CLI turns them into the
@@ -423,7 +423,12 @@ func (c *Context) prepareExec() error {
 		c.cmdline = ExecCmdline
 	}
 	if !c.consoleSet {
-		c.consoleOut = c.log.Named("guest-console").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug})
+		// The serial port writes a byte at a time: one log line per
+		// console line.
+		cl := c.log.Named("guest-console")
+		c.consoleOut = &lines.Writer{Max: 4096, Line: func(b []byte) {
+			cl.Debug(string(bytes.TrimRight(b, "\r")))
+		}}
 	}
 	return nil
 }
