@@ -148,6 +148,12 @@ func Translate(id, bundle string, spec *specs.Spec, opt translateOptions) (*Plan
 	if err := applyAnnotations(p, spec.Annotations); err != nil {
 		return nil, err
 	}
+	if isPodSandbox(spec.Annotations) {
+		// A pod's sandbox ("pause") container only holds the pod's
+		// namespaces: its VM gets no network, so the pod's ports stay
+		// free for the passt of the container that serves them.
+		p.Net = NetPlan{Mode: NetNone}
+	}
 	devs := reservedDevices + len(p.Shares)
 	if p.Net.Mode != NetNone {
 		devs++
@@ -479,11 +485,15 @@ func translateLinux(p *Plan, id string, l *specs.Linux, opt translateOptions) er
 				return specError("linux.namespaces", "network namespace %s: %v", ns.Path, unwrapPath(err))
 			}
 			p.Net = NetPlan{Mode: NetNS, Path: ns.Path, PasstArgs: []string{"--tcp-ports", "all", "--udp-ports", "all"}}
-		case specs.PIDNamespace, specs.MountNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.CgroupNamespace:
-			// The VM has all of these of its own; joining a path is not
-			// possible.
+		case specs.PIDNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.CgroupNamespace:
+			// The VM has all of these of its own. A path to join is
+			// what Kubernetes gives every container of a pod (the
+			// sandbox's ipc and uts, its pid with
+			// shareProcessNamespace): the container keeps its VM's
+			// own, as docs/OCI.md says.
+		case specs.MountNamespace:
 			if ns.Path != "" {
-				return specError("linux.namespaces", "joining the %s namespace %s: a VM has its own", ns.Type, ns.Path)
+				return specError("linux.namespaces", "joining the mount namespace %s: a VM has its own root", ns.Path)
 			}
 		case specs.TimeNamespace:
 			if ns.Path != "" {
@@ -585,6 +595,19 @@ func countCPUs(s string) (int, error) {
 		return 0, fmt.Errorf("%q names no CPU", s)
 	}
 	return n, nil
+}
+
+// Annotations by which containerd's CRI plugin and CRI-O mark a pod's
+// sandbox container.
+var podSandboxAnnotations = []string{"io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType"}
+
+func isPodSandbox(a map[string]string) bool {
+	for _, k := range podSandboxAnnotations {
+		if a[k] == "sandbox" {
+			return true
+		}
+	}
+	return false
 }
 
 // applyAnnotations applies krun.cpus and krun.ram_mib.

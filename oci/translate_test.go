@@ -121,8 +121,8 @@ func TestTranslateRefuses(t *testing.T) {
 		{"uid mappings", "uidMappings", func(s *specs.Spec) {
 			s.Linux = &specs.Linux{UIDMappings: []specs.LinuxIDMapping{{ContainerID: 0, HostID: 1000, Size: 1}}}
 		}},
-		{"pid namespace path", "joining", func(s *specs.Spec) {
-			s.Linux = &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: "pid", Path: "/proc/1/ns/pid"}}}
+		{"mount namespace path", "joining the mount namespace", func(s *specs.Spec) {
+			s.Linux = &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: "mount", Path: "/proc/1/ns/mnt"}}}
 		}},
 		{"host fs type", "mount type", func(s *specs.Spec) { s.Mounts = []specs.Mount{{Destination: "/x", Type: "ext4", Source: "/dev/sda1"}} }},
 		{"bind of /proc", "kernel's own state", func(s *specs.Spec) {
@@ -200,6 +200,39 @@ func TestCgroupDir(t *testing.T) {
 	for _, bad := range []string{"/", "noslice:x", "a.slice:b"} {
 		if _, err := cgroupDir(bad, "id", translateOptions{SystemdCgroup: bad != "/", CgroupRoot: "/cg", OwnCgroup: "/own"}); err == nil {
 			t.Errorf("cgroupDir(%q) accepted", bad)
+		}
+	}
+}
+
+// TestPodContainers: what containerd's CRI plugin gives the containers of
+// a pod. An application container joins the sandbox's ipc, uts and pid
+// namespaces by path (kept as the VM's own) and its network namespace
+// (passt there); the sandbox container itself gets no network.
+func TestPodContainers(t *testing.T) {
+	s, b := baseSpec(t)
+	netns := filepath.Join(t.TempDir(), "netns")
+	if err := os.WriteFile(netns, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.Linux = &specs.Linux{Namespaces: []specs.LinuxNamespace{
+		{Type: "pid", Path: "/proc/1/ns/pid"}, {Type: "ipc", Path: "/proc/1/ns/ipc"},
+		{Type: "uts", Path: "/proc/1/ns/uts"}, {Type: "mount"}, {Type: "network", Path: netns},
+	}}
+	for _, tc := range []struct {
+		annotations map[string]string
+		want        string
+	}{
+		{map[string]string{"io.kubernetes.cri.container-type": "container"}, NetNS},
+		{map[string]string{"io.kubernetes.cri.container-type": "sandbox"}, NetNone},
+		{map[string]string{"io.kubernetes.cri-o.ContainerType": "sandbox"}, NetNone},
+	} {
+		s.Annotations = tc.annotations
+		p, err := Translate("x", b, s, translateOptions{})
+		if err != nil {
+			t.Fatalf("%v: %v", tc.annotations, err)
+		}
+		if p.Net.Mode != tc.want {
+			t.Errorf("%v: network %q, want %q", tc.annotations, p.Net.Mode, tc.want)
 		}
 	}
 }
