@@ -517,9 +517,7 @@ func start(g *globals, id string) error {
 	}
 	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
 		st := c.ociState(specs.StateRunning)
-		if err := runHooks("poststart", plan.Hooks.Poststart, &st.State); err != nil {
-			g.log.warn("%v", err)
-		}
+		runHooksWarn("poststart", plan.Hooks.Poststart, &st.State, func(err error) { g.log.warn("%v", err) })
 	}
 	return nil
 }
@@ -657,9 +655,7 @@ func deleteContainer(g *globals, id string, force bool) error {
 	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
 		state := c.ociState(specs.StateStopped)
 		state.Pid = c.Rec.Pid // hooks learn which process the container was
-		if err := runHooks("poststop", plan.Hooks.Poststop, &state.State); err != nil {
-			g.log.warn("%v", err)
-		}
+		runHooksWarn("poststop", plan.Hooks.Poststop, &state.State, func(err error) { g.log.warn("%v", err) })
 	}
 	if err := removeCgroup(c.Rec.Cgroup); err != nil {
 		g.log.warn("%v", err)

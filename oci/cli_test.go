@@ -491,6 +491,25 @@ func TestHooks(t *testing.T) {
 	if _, e, code := r.run(nil, nil, "create", "--bundle", bad, "h2"); code != 1 || !strings.Contains(e, "createRuntime hook") {
 		t.Errorf("failing hook: exit %d, %q", code, e)
 	}
+	// A failed poststart or poststop hook is a warning: the hooks after
+	// it run and start and delete succeed.
+	out2 := t.TempDir()
+	after := func(name string) specs.Hook {
+		return specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", "cat > " + filepath.Join(out2, name)}}
+	}
+	warn := bundle(t, []string{"true"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{Poststart: []specs.Hook{{Path: "/bin/false"}, after("poststart")},
+			Poststop: []specs.Hook{{Path: "/bin/false"}, after("poststop")}}
+	})
+	r.mustRun("create", "--bundle", warn, "h3")
+	r.mustRun("start", "h3")
+	r.waitStatus("h3", specs.StateStopped)
+	r.mustRun("delete", "h3")
+	for _, name := range []string{"poststart", "poststop"} {
+		if _, err := os.Stat(filepath.Join(out2, name)); err != nil {
+			t.Errorf("the %s hook after a failed one did not run: %v", name, err)
+		}
+	}
 }
 
 func TestListPsFeaturesVersion(t *testing.T) {

@@ -102,6 +102,24 @@ func runHooks(kind string, hooks []specs.Hook, st *specs.State) error {
 	return nil
 }
 
+// runHooksWarn runs every hook in order, as poststart and poststop hooks
+// are run: a failed one is passed to warn and the rest still run.
+func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, warn func(error)) {
+	if len(hooks) == 0 {
+		return
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		warn(err)
+		return
+	}
+	for _, h := range hooks {
+		if err := runHook(h, b); err != nil {
+			warn(fmt.Errorf("%s hook %s: %w", kind, h.Path, err))
+		}
+	}
+}
+
 func runHook(h specs.Hook, state []byte) error {
 	ctx := context.Background()
 	if h.Timeout != nil {
