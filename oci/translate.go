@@ -30,6 +30,14 @@ const (
 	AnnotationRAMMiB = "krun.ram_mib"
 )
 
+// Annotations that choose the ports of a network namespace passt forwards
+// to the guest (passt's -t and -u: "all", the default, "none", or ports
+// and ranges such as "80,443,8000-8100").
+const (
+	AnnotationTCPPorts = "krun.tcp_ports"
+	AnnotationUDPPorts = "krun.udp_ports"
+)
+
 // MinMemoryMiB is the smallest VM krun-oci boots.
 const MinMemoryMiB = 64
 
@@ -147,6 +155,21 @@ func Translate(id, bundle string, spec *specs.Spec, opt translateOptions) (*Plan
 	}
 	if err := applyAnnotations(p, spec.Annotations); err != nil {
 		return nil, err
+	}
+	if p.Net.Mode == NetNS {
+		tcp, udp := "all", "all"
+		for _, a := range []struct {
+			key string
+			val *string
+		}{{AnnotationTCPPorts, &tcp}, {AnnotationUDPPorts, &udp}} {
+			if v, ok := spec.Annotations[a.key]; ok {
+				if err := checkPortSpec(v); err != nil {
+					return nil, specError("annotations."+a.key, "%v", err)
+				}
+				*a.val = v
+			}
+		}
+		p.Net.PasstArgs = []string{"--tcp-ports", tcp, "--udp-ports", udp}
 	}
 	if isPodSandbox(spec.Annotations) {
 		// A pod's sandbox ("pause") container only holds the pod's
@@ -484,7 +507,7 @@ func translateLinux(p *Plan, id string, l *specs.Linux, opt translateOptions) er
 			if _, err := os.Stat(ns.Path); err != nil {
 				return specError("linux.namespaces", "network namespace %s: %v", ns.Path, unwrapPath(err))
 			}
-			p.Net = NetPlan{Mode: NetNS, Path: ns.Path, PasstArgs: []string{"--tcp-ports", "all", "--udp-ports", "all"}}
+			p.Net = NetPlan{Mode: NetNS, Path: ns.Path}
 		case specs.PIDNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.CgroupNamespace:
 			// The VM has all of these of its own. A path to join is
 			// what Kubernetes gives every container of a pod (the
@@ -608,6 +631,31 @@ func isPodSandbox(a map[string]string) bool {
 		}
 	}
 	return false
+}
+
+// checkPortSpec accepts "all", "none", or a comma-separated list of ports
+// and ranges (1-65535) for passt's -t and -u.
+func checkPortSpec(v string) error {
+	if v == "all" || v == "none" {
+		return nil
+	}
+	bad := fmt.Errorf("%q is not all, none or a list of ports and ranges (80,443,8000-8100)", v)
+	items := strings.Split(v, ",")
+	if len(items) > 64 {
+		return bad
+	}
+	for _, item := range items {
+		lo, hi, isRange := strings.Cut(item, "-")
+		a, err1 := strconv.ParseUint(lo, 10, 16)
+		b, err2 := a, error(nil)
+		if isRange {
+			b, err2 = strconv.ParseUint(hi, 10, 16)
+		}
+		if err1 != nil || err2 != nil || a == 0 || b < a {
+			return bad
+		}
+	}
+	return nil
 }
 
 // applyAnnotations applies krun.cpus and krun.ram_mib.

@@ -236,3 +236,44 @@ func TestPodContainers(t *testing.T) {
 		}
 	}
 }
+
+// TestPortAnnotations: krun.tcp_ports and krun.udp_ports choose what passt
+// forwards from a network namespace; every port by default.
+func TestPortAnnotations(t *testing.T) {
+	s, b := baseSpec(t)
+	netns := filepath.Join(t.TempDir(), "netns")
+	if err := os.WriteFile(netns, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.Linux = &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: "network", Path: netns}}}
+	for _, tc := range []struct {
+		tcp, udp string // "" leaves the annotation out
+		want     string // passt's arguments, or the error's words
+	}{
+		{"", "", "--tcp-ports all --udp-ports all"},
+		{"8080", "none", "--tcp-ports 8080 --udp-ports none"},
+		{"80,443,8000-8100", "", "--tcp-ports 80,443,8000-8100 --udp-ports all"},
+		{"80;rm", "", "krun.tcp_ports"},
+		{"", "0", "krun.udp_ports"},
+		{"", "90-80", "krun.udp_ports"},
+		{"70000", "", "krun.tcp_ports"},
+		{"", "", "--tcp-ports all --udp-ports all"},
+	} {
+		s.Annotations = map[string]string{}
+		if tc.tcp != "" {
+			s.Annotations[AnnotationTCPPorts] = tc.tcp
+		}
+		if tc.udp != "" {
+			s.Annotations[AnnotationUDPPorts] = tc.udp
+		}
+		p, err := Translate("x", b, s, translateOptions{})
+		switch {
+		case err != nil:
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%q/%q: %v, want an error naming %s", tc.tcp, tc.udp, err, tc.want)
+			}
+		case strings.Join(p.Net.PasstArgs, " ") != tc.want:
+			t.Errorf("%q/%q: passt %q, want %q", tc.tcp, tc.udp, p.Net.PasstArgs, tc.want)
+		}
+	}
+}

@@ -7,7 +7,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -136,6 +139,12 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		// network device.
 		log.Debug("no interface with an address in the network namespace: the guest gets no network")
 	} else if p.Net.Mode != NetNone {
+		if p.Net.Mode == NetNS {
+			// passt listens on every port of the namespace: two
+			// sockets per port and protocol, far beyond a default
+			// open-file limit of 1024 or 4096.
+			raiseNofile(log)
+		}
 		if err := c.AddDevice(&devspec.NetSpec{Backend: "passt", PasstArgs: p.Net.PasstArgs}); err != nil {
 			return nil, err
 		}
@@ -146,6 +155,40 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		return nil, err
 	}
 	return &krunVM{c: c, done: make(chan struct{})}, nil
+}
+
+// passtNofile is the open-file limit passt is given when it forwards every
+// port of a namespace (TCP and UDP, IPv4 and IPv6, plus its own files).
+const passtNofile = 1 << 18
+
+// raiseNofile raises this process's open-file limit, which passt
+// inherits, to passtNofile where it is lower: the hard limit too where the
+// process may (root), up to fs.nr_open. It always sets the limit through
+// package syscall, which keeps Go from giving the processes it starts the
+// soft limit this process was born with.
+func raiseNofile(log hclog.Logger) {
+	var r syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r); err != nil {
+		return
+	}
+	want := uint64(passtNofile)
+	if b, err := os.ReadFile("/proc/sys/fs/nr_open"); err == nil {
+		if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil && n < want {
+			want = n
+		}
+	}
+	if r.Max < want {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: want, Max: want}); err == nil {
+			return
+		}
+		want = r.Max // not allowed to raise the hard limit
+	}
+	if r.Cur < want {
+		r.Cur = want
+	}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &r); err != nil {
+		log.Warn("cannot raise the open-file limit for passt", "error", err)
+	}
 }
 
 // hasRoutableInterface reports whether the current network namespace has
