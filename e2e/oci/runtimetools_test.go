@@ -27,15 +27,31 @@ const runtimeToolsModule = "github.com/opencontainers/runtime-tools@v0.9.1-0.202
 // TAP checks of a claimed program that fail for a reason docs/OCI.md
 // gives, by program and a substring of the check's description.
 var claimedTests = []string{
-	"create", "start", "state", "kill", "kill_no_effect", "killsig", "delete", "pidfile", "misc_props",
-	"config_updates_without_affect", "hooks_stdin", "prestart", "prestart_fail", "poststart",
-	"poststart_fail", "poststop", "poststop_fail", "default", "hostname", "mounts", "process",
-	"process_capabilities", "process_capabilities_fail", "process_rlimits", "process_rlimits_fail",
-	"process_user", "process_oom_score_adj", "root_readonly_true", "linux_sysctl", "linux_masked_paths",
+	"create", "start", "state", "kill", "kill_no_effect", "delete", "pidfile", "misc_props",
+	"config_updates_without_affect", "hooks_stdin", "prestart_fail", "poststart_fail", "poststop",
+	"poststop_fail", "default", "hostname", "mounts", "process", "process_capabilities",
+	"process_capabilities_fail", "process_rlimits", "process_rlimits_fail", "process_user",
+	"process_oom_score_adj", "root_readonly_true", "linux_sysctl", "linux_masked_paths",
 	"linux_readonly_paths", "linux_devices", "linux_rootfs_propagation",
 }
 
-var knownNotOK = map[string][]string{}
+var knownNotOK = map[string][]string{
+	// The last case creates a container whose config has no process
+	// (the spec lets create accept it and start refuse it): krun-oci's
+	// create refuses it, as runc's does, and the program's t.Fail line
+	// carries only create's exit status.
+	"start": {"not ok 7 - exit status 1"},
+	// The first case runs /runtimetest, which the program never puts in
+	// that bundle: krun-oci's create looks the command up and fails, as
+	// runc's does.
+	"misc_props": {"unknown annotation key"},
+	// Binds of the host's /etc: a host directory is a virtio-fs share in
+	// the guest, whose mountinfo root is "/", not the host path's name.
+	"mounts": {"(/mnt/etc-"},
+	// runtimetest is a Go program, and Go raises its own soft
+	// RLIMIT_NOFILE to the hard limit at start: it reads the hard one.
+	"process_rlimits": {"has expected soft RLIMIT_NOFILE"},
+}
 
 // buildRuntimeTools builds the validation programs and runtimetest
 // (static) and returns their directory and the rootfs tarball they use.
@@ -127,6 +143,7 @@ type rtResult struct {
 	rc          string
 	ok, notOK   []string
 	stderr, all []string
+	diagErr     bool // an "error" diagnostic outside any check
 }
 
 func parseRT(console string) map[string]*rtResult {
@@ -166,26 +183,40 @@ func parseRT(console string) map[string]*rtResult {
 			r.notOK = append(r.notOK, text)
 		case strings.HasPrefix(text, "ok"):
 			r.ok = append(r.ok, text)
+		case len(r.ok)+len(r.notOK) == 0 && strings.Contains(text, `"error":`):
+			r.diagErr = true
 		}
 	}
 	return res
 }
 
+// smokeTests are the programs a plain `go test` runs: the lifecycle
+// commands and the default config, in one outer VM (about 2.5 minutes
+// nested). The whole claimed set takes about 12 (make conformance).
+var smokeTests = []string{"create", "start", "state", "kill", "delete", "default"}
+
 // TestRuntimeTools runs the runtime-spec conformance programs of
 // opencontainers/runtime-tools against krun-oci, in the nested harness:
 // every claimed program must exit 0 with no failed check (besides the
-// documented ones). KRUN_OCI_RUNTIME_TOOLS=all runs every program and
-// only logs the unclaimed ones' results (how docs/OCI.md's table was
-// made).
+// documented ones). By default it runs smokeTests;
+// KRUN_OCI_RUNTIME_TOOLS=claimed runs every claimed program, =all every
+// program, logging the unclaimed ones' results (how docs/OCI.md's table
+// was made), and a comma-separated list of program names runs those.
 func TestRuntimeTools(t *testing.T) {
 	a := vmtest.Require(t)
 	dir := bins.Dir(t)
 	if vmtest.DirectKVM(t) {
 		t.Skip("the direct path of the OCI tests is not written yet; they run nested here")
 	}
-	names := append([]string(nil), claimedTests...)
-	if os.Getenv("KRUN_OCI_RUNTIME_TOOLS") == "all" {
+	names := append([]string(nil), smokeTests...)
+	switch sel := os.Getenv("KRUN_OCI_RUNTIME_TOOLS"); sel {
+	case "":
+	case "claimed":
+		names = append([]string(nil), claimedTests...)
+	case "all":
 		names = allValidationPrograms(t)
+	default:
+		names = strings.Split(sel, ",")
 	}
 	rtDir, tarball := buildRuntimeTools(t, names)
 	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
@@ -229,8 +260,11 @@ func TestRuntimeTools(t *testing.T) {
 				failed = append(failed, line)
 			}
 		}
+		// Programs of one lifecycle (the hook programs) print no check
+		// when they pass and one error diagnostic when they do not;
+		// the *_fail programs print nothing and exit 0 when they pass.
 		verdict := "pass"
-		if res.rc != "0" || len(failed) > 0 || len(res.ok)+len(res.notOK) == 0 {
+		if res.rc != "0" || len(failed) > 0 || len(res.ok)+len(res.notOK) == 0 && res.diagErr {
 			verdict = "FAIL"
 		}
 		summary = append(summary, fmt.Sprintf("%-34s %s (rc %s, %d ok, %d not ok)", n, verdict, res.rc, len(res.ok), len(res.notOK)))
