@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -139,10 +140,10 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		// network device.
 		log.Debug("no interface with an address in the network namespace: the guest gets no network")
 	} else if p.Net.Mode != NetNone {
-		if p.Net.Mode == NetNS {
-			// passt listens on every port of the namespace: two
-			// sockets per port and protocol, far beyond a default
-			// open-file limit of 1024 or 4096.
+		if p.Net.Mode == NetNS && slices.Contains(p.Net.PasstArgs, "all") {
+			// passt listens on every port of the namespace: a
+			// socket per port, protocol and address family, far
+			// beyond a default open-file limit of 1024 or 4096.
 			raiseNofile(log)
 		}
 		if err := c.AddDevice(&devspec.NetSpec{Backend: "passt", PasstArgs: p.Net.PasstArgs}); err != nil {
