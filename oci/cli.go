@@ -52,7 +52,7 @@ type globals struct {
 }
 
 func (g *globals) runtimeConfig() RuntimeConfig {
-	return RuntimeConfig{Kernel: g.kernel, PluginDir: g.pluginDir, PluginUID: g.pluginUID, PluginGID: g.pluginGID}
+	return RuntimeConfig{Kernel: g.kernel, PluginDir: g.pluginDir, PluginUID: g.pluginUID, PluginGID: g.pluginGID, Verbose: g.debug}
 }
 
 // globalArgs renders the options a detached helper needs.

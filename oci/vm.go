@@ -70,6 +70,9 @@ type RuntimeConfig struct {
 	// sandbox's default). The root file system and the shares are used
 	// with their rights.
 	PluginUID, PluginGID int
+	// Verbose boots the guest kernel without "quiet" (--debug): its
+	// messages and krun-init's go to the debug log.
+	Verbose bool
 }
 
 // NewVM makes a krun-core VM for the plan: the root and each share a
@@ -91,6 +94,9 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		c.SetPluginDir(filepath.Dir(exe))
 	}
 	c.SetPluginIDs(cfg.PluginUID, cfg.PluginGID)
+	if cfg.Verbose {
+		c.SetCmdline(strings.Replace(vmm.ExecCmdline, " quiet", "", 1))
+	}
 	if cfg.BootTimeout > 0 {
 		if err := c.SetBootTimeout(cfg.BootTimeout); err != nil {
 			return nil, err
