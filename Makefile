@@ -3,9 +3,9 @@ GO ?= go
 export CGO_ENABLED := 0
 
 PLUGINS := $(notdir $(wildcard plugins/*))
-BINS := bin/krun-core bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS)) bin/krun-bench
+BINS := bin/krun-core bin/krun-oci bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS)) bin/krun-bench
 
-.PHONY: all test unit deps kernel vet fmt clean FORCE
+.PHONY: all test unit conformance deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
@@ -18,6 +18,10 @@ bin/krun-core: FORCE
 # The benchmark driver (the Go test guest), apart from the production binary.
 bin/krun-bench: FORCE
 	$(GO) build -trimpath -o $@ ./cmd/krun-bench
+
+# The OCI runtime (docs/OCI.md).
+bin/krun-oci: FORCE
+	$(GO) build -trimpath -o $@ ./cmd/krun-oci
 
 bin/krun-sandbox-exec: FORCE
 	$(GO) build -trimpath -o $@ ./cmd/krun-sandbox-exec
@@ -45,6 +49,12 @@ vet:
 # The whole suite, end-to-end tests with QEMU included.
 test: deps all vet
 	$(GO) test -timeout 75m ./...
+
+# The runtime-spec conformance programs (opencontainers/runtime-tools)
+# krun-oci claims, nested: about 12 minutes (docs/OCI.md). `make test`
+# runs a smoke subset of them.
+conformance: all
+	KRUN_OCI_RUNTIME_TOOLS=claimed $(GO) test -count=1 -run 'TestRuntimeTools$$' -timeout 60m ./e2e/oci/
 
 # Unit tests only (no QEMU guests).
 unit:

@@ -10,6 +10,9 @@ const (
 	FileControl = "control" // read end of the core's control pipe (window size, signals)
 	OptName     = "name"    // the virtio-console port's name
 	OptTTY      = "tty"     // on: the guest program has a terminal (stdout carries stderr too)
+	// OptHoldStdin ("hold-stdin=on"): stdin is read only after the core
+	// releases a command waiting for START (a container's).
+	OptHoldStdin = "hold-stdin"
 )
 
 // Control records, core to console plugin, on the control pipe

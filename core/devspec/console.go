@@ -16,6 +16,7 @@ import (
 type ConsoleSpec struct {
 	Name                  string // port name the guest looks for
 	TTY                   bool
+	HoldStdin             bool // read stdin only after START
 	Stdin, Stdout, Stderr *os.File
 	Control               *os.File // nil: no control pipe
 }
@@ -29,6 +30,9 @@ func (s *ConsoleSpec) String() string { return fmt.Sprintf("console name=%s", s.
 // Open duplicates the files for the plugin (the caller keeps its own).
 func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 	o := &Opened{Kind: devopts.KindConsole, Options: map[string]string{devopts.OptName: s.Name, devopts.OptTTY: onOff(s.TTY)}}
+	if s.HoldStdin {
+		o.Options[devopts.OptHoldStdin] = "on"
+	}
 	for _, f := range []struct {
 		name string
 		file *os.File

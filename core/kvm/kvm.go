@@ -176,11 +176,23 @@ func encodeMSRs(msrs []MSR) []byte {
 	return buf
 }
 
+// createVMTries bounds the retries of KVM_CREATE_VM after EINTR.
+const createVMTries = 100
+
 // CreateVM creates a VM with an in-kernel irqchip (PIC + IOAPIC + local
 // APICs) and PIT. The TSS and identity-map pages are placed just below the
 // IOAPIC, inside the MMIO hole.
 func (s *System) CreateVM() (*VM, error) {
-	fd, err := ioctl(s.fd, kvmCreateVM, 0)
+	// KVM_CREATE_VM fails with EINTR when a signal is pending (the Go
+	// runtime's preemption signal, a caller's SIGCHLD): a retry is what
+	// the kernel asks for.
+	var fd uintptr
+	var err error
+	for range createVMTries {
+		if fd, err = ioctl(s.fd, kvmCreateVM, 0); !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("KVM_CREATE_VM: %w", err)
 	}

@@ -8,15 +8,17 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"sync"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/initramfs"
 	"github.com/krun-core/krun-core/guest/initramfs/kmod"
+	"github.com/krun-core/krun-core/internal/lines"
 )
 
 // Errors of a program that cannot be started; the CLI turns them into the
@@ -46,7 +48,12 @@ type execConfig struct {
 	initPath     string
 	modulesDir   string
 
-	controlR, controlW *os.File // the console plugin's control pipe
+	controlR, controlW *os.File // the console plugin's control channel (SOCK_SEQPACKET pair)
+	controlMu          sync.Mutex
+
+	container   *container.Setup  // SetContainer: the OCI runtime's guest setup
+	noLookup    bool              // SetLookup(false)
+	rootOptions map[string]string // SetRootOptions
 }
 
 func (c *Context) execCfg() *execConfig {
@@ -191,8 +198,8 @@ func (c *Context) SetInitPath(p string) { c.execCfg().initPath = p }
 func (c *Context) SetModulesDir(dir string) { c.execCfg().modulesDir = dir }
 
 // Signal forwards sig to the program (through the console plugin's control
-// pipe) while the VM runs. It never blocks; a signal that does not fit the
-// pipe is dropped.
+// channel) while the VM runs. It never blocks; a signal that does not fit
+// the channel is dropped.
 func (c *Context) Signal(sig unix.Signal) error {
 	return c.control(devopts.SignalRecord(uint8(sig)))
 }
@@ -206,6 +213,8 @@ func (c *Context) control(rec []byte) error {
 	if c.exec == nil || c.exec.controlW == nil {
 		return errors.New("vmm: no program is running")
 	}
+	c.exec.controlMu.Lock()
+	defer c.exec.controlMu.Unlock()
 	_, err := c.exec.controlW.Write(rec)
 	return err
 }
@@ -306,8 +315,10 @@ func (c *Context) prepareExec() error {
 	if c.initrdPath != "" {
 		return fmt.Errorf("%w: a root directory and an initrd are alternatives", ErrConfig)
 	}
-	if _, err := LookupInRoot(e.root, e.cfg.Args[0], e.cfg.Env); err != nil {
-		return err
+	if !e.noLookup {
+		if _, err := LookupInRoot(e.root, e.cfg.Args[0], e.cfg.Env); err != nil {
+			return err
+		}
 	}
 	if err := c.findKernel(); err != nil {
 		return err
@@ -321,20 +332,24 @@ func (c *Context) prepareExec() error {
 		return fmt.Errorf("%s: %w", InitBinary, err)
 	}
 	// Devices: the root share, the console, then the user's.
-	root := &devspec.FSSpec{Path: e.root, Tag: RootTag, ReadOnly: e.rootReadOnly}
+	root := &devspec.FSSpec{Path: e.root, Tag: RootTag, ReadOnly: e.rootReadOnly, PluginOptions: e.rootOptions}
 	devs := []devspec.Spec{root}
-	pr, pw, err := os.Pipe()
+	// The control channel keeps record boundaries and carries the files
+	// of an exec (SCM_RIGHTS); the core's end never blocks.
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("control pipe: %w", err)
+		return fmt.Errorf("control channel: %w", err)
 	}
-	if err := unix.SetNonblock(int(pw.Fd()), true); err != nil {
+	pr, pw := os.NewFile(uintptr(fds[0]), "control"), os.NewFile(uintptr(fds[1]), "control-core")
+	if err := unix.SetNonblock(fds[1], true); err != nil {
 		pr.Close()
 		pw.Close()
-		return fmt.Errorf("control pipe: %w", err)
+		return fmt.Errorf("control channel: %w", err)
 	}
 	e.controlR, e.controlW = pr, pw
 	devs = append(devs, &devspec.ConsoleSpec{Name: e.cfg.Stdio, TTY: e.tty,
-		Stdin: e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr})
+		HoldStdin: e.container != nil && e.container.WaitForStart,
+		Stdin:     e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr})
 	modules := []string{"virtio_mmio", "virtiofs", "virtio_console"}
 	hasNet := false
 	for _, d := range c.devices {
@@ -348,6 +363,9 @@ func (c *Context) prepareExec() error {
 				s.Ports = append(s.Ports, e.portMap...)
 			}
 		case *devspec.FSSpec:
+			if e.container != nil {
+				continue // mounted where the container setup says
+			}
 			e.cfg.Mounts = append(e.cfg.Mounts, initconfig.Mount{Type: "virtiofs", Source: s.Tag, Target: "/mnt/" + s.Tag, ReadOnly: s.ReadOnly})
 		case *devspec.VhostUserSpec: // an external back-end: its driver; a share with a known tag is mounted
 			switch s.Type {
@@ -391,13 +409,26 @@ func (c *Context) prepareExec() error {
 	if err != nil {
 		return fmt.Errorf("build the initramfs: %w", err)
 	}
+	if e.container != nil {
+		// A second archive, which the kernel unpacks after the first.
+		extra, err := containerArchive(e.container)
+		if err != nil {
+			return err
+		}
+		img = append(img, extra...)
+	}
 	c.initrdData = bytes.NewReader(img)
 	c.initrdSize = int64(len(img))
 	if !c.cmdlineSet {
 		c.cmdline = ExecCmdline
 	}
 	if !c.consoleSet {
-		c.consoleOut = c.log.Named("guest-console").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug})
+		// The serial port writes a byte at a time: one log line per
+		// console line.
+		cl := c.log.Named("guest-console")
+		c.consoleOut = &lines.Writer{Max: 4096, Line: func(b []byte) {
+			cl.Debug(string(bytes.TrimRight(b, "\r")))
+		}}
 	}
 	return nil
 }

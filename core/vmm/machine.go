@@ -92,6 +92,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	defer sys.Close()
 
 	m := &machine{log: c.log, events: make(chan event, 1)}
+	m.status.notify = &c.notify
 	defer m.close()
 
 	// Plugins start in the background while the VM is built.

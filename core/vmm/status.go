@@ -25,6 +25,7 @@ const (
 type statusPorts struct {
 	initAt, execAt, exitAt atomic.Int64 // unix nanoseconds, 0: not yet
 	exit                   atomic.Int32 // exit status + 1, 0: none
+	notify                 *guestNotify // nil: nobody listens
 }
 
 // write handles an out to one of the status ports; it reports whether the
@@ -39,6 +40,13 @@ func (s *statusPorts) write(port uint16, data []byte) bool {
 				s.initAt.CompareAndSwap(0, now)
 			case MilestoneExec:
 				s.execAt.CompareAndSwap(0, now)
+				if s.notify != nil {
+					s.notify.markExeced()
+				}
+			case MilestoneReady:
+				if s.notify != nil {
+					s.notify.markReady()
+				}
 			}
 		}
 		return true
@@ -46,6 +54,9 @@ func (s *statusPorts) write(port uint16, data []byte) bool {
 		if len(data) > 0 {
 			s.exit.Store(int32(data[0]) + 1)
 			s.exitAt.CompareAndSwap(0, time.Now().UnixNano())
+			if s.notify != nil {
+				s.notify.markExited()
+			}
 		}
 		return true
 	}

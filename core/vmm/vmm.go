@@ -84,6 +84,8 @@ type Context struct {
 	exec       *execConfig
 	initrdData io.ReaderAt
 	initrdSize int64
+	// notify turns the guest's milestones into channels (container.go).
+	notify guestNotify
 }
 
 // NewContext returns a Context with the defaults: one vCPU, 512 MiB, the

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -15,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
@@ -146,6 +148,8 @@ func executable(st os.FileInfo, uid, gid uint32, groups []uint32) bool {
 
 // launchSpec is what PID 1 hands the launcher on fd 3.
 type launchSpec struct {
+	// Path is the program; "" makes the launcher look Args[0] up (after
+	// entering Root).
 	Path    string              `json:"path"`
 	Args    []string            `json:"args"`
 	Env     []string            `json:"env"`
@@ -153,6 +157,11 @@ type launchSpec struct {
 	UID     uint32              `json:"uid"`
 	GID     uint32              `json:"gid"`
 	Groups  []uint32            `json:"groups"`
+	// Root, when set, is entered (chroot) and Cwd made and entered in
+	// it; otherwise the launcher starts in Cwd.
+	Root   string            `json:"root,omitempty"`
+	Cwd    string            `json:"cwd,omitempty"`
+	Extras *container.Extras `json:"extras,omitempty"`
 }
 
 // launcherArg0 marks the launcher process (argv[0]).
@@ -168,6 +177,9 @@ const (
 // limits, identity, exec. A failure is reported on the status pipe (one
 // status byte and a message); a successful exec closes it (close-on-exec).
 func launcherMain() {
+	// Capabilities, no_new_privs and the bounding set are per thread:
+	// everything up to exec happens on this one.
+	runtime.LockOSThread()
 	status := os.NewFile(launchStatusFD, "status")
 	fail := func(code int, format string, a ...any) {
 		msg := fmt.Sprintf(format, a...)
@@ -190,6 +202,28 @@ func launcherMain() {
 	if err := json.Unmarshal(b, &spec); err != nil || len(spec.Args) == 0 {
 		fail(initconfig.StatusInitFailed, "launcher: bad spec (%d bytes): %v", len(b), err)
 	}
+	if spec.Root != "" {
+		if err := container.EnterRoot(spec.Root, spec.Cwd); err != nil {
+			fail(initconfig.StatusInitFailed, "%v", err)
+		}
+	}
+	if spec.Path == "" {
+		pathEnv := initconfig.DefaultPath
+		for _, kv := range spec.Env {
+			if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+				pathEnv = v
+			}
+		}
+		p, err := lookPath(spec.Args[0], pathEnv, spec.Cwd, spec.UID, spec.GID, spec.Groups)
+		if err != nil {
+			code := initconfig.StatusNotExecutable
+			if err == errNotFound {
+				code = initconfig.StatusNotFound
+			}
+			fail(code, "%s: %v", spec.Args[0], err)
+		}
+		spec.Path = p
+	}
 	for _, rl := range spec.Rlimits {
 		num, ok := initconfig.RlimitNumber(rl.Type)
 		if !ok {
@@ -199,6 +233,11 @@ func launcherMain() {
 		// that RLIMIT_NOFILE was set on purpose, so exec keeps it.
 		if err := syscall.Setrlimit(num, &syscall.Rlimit{Cur: rl.Soft, Max: rl.Hard}); err != nil {
 			fail(initconfig.StatusInitFailed, "set %s to %s: %v", rl.Type, rl.String(), err)
+		}
+	}
+	if spec.Extras != nil {
+		if err := spec.Extras.ApplyPrivileged(); err != nil {
+			fail(initconfig.StatusInitFailed, "%v", err)
 		}
 	}
 	groups := make([]int, len(spec.Groups))
@@ -213,6 +252,11 @@ func launcherMain() {
 	}
 	if err := syscall.Setresuid(int(spec.UID), int(spec.UID), int(spec.UID)); err != nil {
 		fail(initconfig.StatusInitFailed, "setuid %d: %v", spec.UID, err)
+	}
+	if spec.Extras != nil {
+		if err := spec.Extras.ApplyUnprivileged(); err != nil {
+			fail(initconfig.StatusInitFailed, "%v", err)
+		}
 	}
 	signal.Reset()
 	err = syscall.Exec(spec.Path, spec.Args, spec.Env)
@@ -236,131 +280,64 @@ type commandIO interface {
 // or 127 with a message on the STDERR frame.
 func (in *initProc) runCommand() int {
 	cfg := in.cfg
-	pathEnv, ok := cfg.Getenv("PATH")
-	if !ok {
-		pathEnv = initconfig.DefaultPath
-	}
-	if st, err := os.Stat(cfg.Workdir); err != nil || !st.IsDir() {
-		msg := "not a directory"
+	spec := launchSpec{Args: cfg.Args, Env: cfg.Env, Rlimits: cfg.Rlimits, UID: cfg.UID, GID: cfg.GID, Groups: cfg.AdditionalGIDs}
+	if in.rootDir != "" {
+		// Container mode: the launcher enters the root, makes the
+		// working directory and looks the command up there.
+		spec.Root, spec.Cwd = in.rootDir, cfg.Workdir
+		extras := in.ctr.Process
+		spec.Extras = &extras
+	} else {
+		pathEnv, ok := cfg.Getenv("PATH")
+		if !ok {
+			pathEnv = initconfig.DefaultPath
+		}
+		if st, err := os.Stat(cfg.Workdir); err != nil || !st.IsDir() {
+			msg := "not a directory"
+			if err != nil {
+				msg = err.Error()
+			}
+			in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: working directory %s: %s\n", cfg.Workdir, msg)))
+			return initconfig.StatusInitFailed
+		}
+		path, err := lookPath(cfg.Args[0], pathEnv, cfg.Workdir, cfg.UID, cfg.GID, cfg.AdditionalGIDs)
 		if err != nil {
-			msg = err.Error()
+			code := initconfig.StatusNotExecutable
+			if err == errNotFound {
+				code = initconfig.StatusNotFound
+			}
+			in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: %s: %v\n", cfg.Args[0], err)))
+			return code
 		}
-		in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: working directory %s: %s\n", cfg.Workdir, msg)))
-		return initconfig.StatusInitFailed
-	}
-	path, err := lookPath(cfg.Args[0], pathEnv, cfg.Workdir, cfg.UID, cfg.GID, cfg.AdditionalGIDs)
-	if err != nil {
-		code := initconfig.StatusNotExecutable
-		if err == errNotFound {
-			code = initconfig.StatusNotFound
-		}
-		in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: %s: %v\n", cfg.Args[0], err)))
-		return code
+		spec.Path, spec.Cwd = path, cfg.Workdir
 	}
 
 	var cio commandIO
 	if cfg.TTY {
-		p, err := newPtyIO(in, cfg.Winsize)
+		p, err := newPtyIO(in, cfg.Winsize, in.stdio.writeStdout)
 		if err != nil {
 			in.fatal(err)
 		}
 		cio = p
 	} else {
-		p, err := newPipeIO(in)
+		p, err := newPipeIO(in, in.stdio.writeStdout, in.stdio.writeStderr)
 		if err != nil {
 			in.fatal(err)
 		}
 		cio = p
 	}
-
-	sigch := make(chan os.Signal, 64)
-	signal.Notify(sigch, unix.SIGCHLD)
-
-	specR, specW, err := os.Pipe()
+	res, err := in.launch(&spec, cio, cfg.TTY, func() { in.stdio.setSink(cio) })
 	if err != nil {
-		in.fatal(fmt.Errorf("launcher pipe: %w", err))
+		in.fatal(err)
 	}
-	statusR, statusW, err := os.Pipe()
-	if err != nil {
-		in.fatal(fmt.Errorf("launcher pipe: %w", err))
-	}
-	files := cio.childFiles()
-	proc, err := os.StartProcess("/proc/self/exe", []string{launcherArg0}, &os.ProcAttr{
-		Dir:   cfg.Workdir,
-		Env:   []string{},
-		Files: []*os.File{files[0], files[1], files[2], specR, statusW},
-		Sys:   &syscall.SysProcAttr{Setsid: true, Setctty: cfg.TTY, Ctty: 0},
-	})
-	specR.Close()
-	statusW.Close()
-	if err != nil {
-		in.fatal(fmt.Errorf("start the command's launcher (/proc/self/exe): %w", err))
-	}
-	pid := proc.Pid
-	spec, _ := json.Marshal(launchSpec{Path: path, Args: cfg.Args, Env: cfg.Env, Rlimits: cfg.Rlimits,
-		UID: cfg.UID, GID: cfg.GID, Groups: cfg.AdditionalGIDs})
-	if _, err := specW.Write(spec); err != nil {
-		in.log.Errorf("hand the command's spec to the launcher: %v", err)
-	}
-	specW.Close()
-	cio.started(pid)
-	in.stdio.setSink(cio)
-
-	launchMsg, _ := io.ReadAll(io.LimitReader(statusR, 4096))
-	statusR.Close()
-	if len(launchMsg) == 0 {
+	if len(res.launchMsg) == 0 {
 		in.ports.milestone(initconfig.MilestoneExec)
 	} else {
-		in.stdio.writeStderr([]byte("krun-init: " + string(launchMsg[1:]) + "\n"))
+		in.stdio.writeStderr([]byte("krun-init: " + string(res.launchMsg[1:]) + "\n"))
 	}
-
-	var ws unix.WaitStatus
-	for exited := false; !exited; {
-		select {
-		case <-sigch:
-		case <-time.After(time.Second):
-		}
-		exited = reap(pid, &ws)
-	}
+	ws := <-res.exited
 	cio.finish()
-	// Orphans go on being reaped until the power-off.
-	safeGo(in.log, "reaper", func() {
-		for range sigch {
-			reap(-1, nil)
-		}
-	})
-	if len(launchMsg) > 0 {
-		return int(launchMsg[0])
-	}
-	switch {
-	case ws.Exited():
-		return ws.ExitStatus()
-	case ws.Signaled():
-		return 128 + int(ws.Signal())
-	}
-	return initconfig.StatusInitFailed
-}
-
-// reap collects every exited child; it reports whether pid was among them
-// and stores its status in ws.
-func reap(pid int, ws *unix.WaitStatus) bool {
-	found := false
-	for {
-		var st unix.WaitStatus
-		p, err := unix.Wait4(-1, &st, unix.WNOHANG, nil)
-		if err == unix.EINTR {
-			continue
-		}
-		if p <= 0 || err != nil {
-			return found
-		}
-		if p == pid && (st.Exited() || st.Signaled()) {
-			found = true
-			if ws != nil {
-				*ws = st
-			}
-		}
-	}
+	return res.status(ws)
 }
 
 // ignoreInitSignals catches the signals the kernel or a user may send to
@@ -380,6 +357,7 @@ func ignoreInitSignals() {
 // pipeIO gives the command pipes.
 type pipeIO struct {
 	in                 *initProc
+	out, errOut        func([]byte)
 	childIn, childOut  *os.File
 	childErr           *os.File
 	stdinW             *os.File
@@ -391,8 +369,8 @@ type pipeIO struct {
 	outDrain, errDrain drainer
 }
 
-func newPipeIO(in *initProc) (*pipeIO, error) {
-	p := &pipeIO{in: in}
+func newPipeIO(in *initProc, out, errOut func([]byte)) (*pipeIO, error) {
+	p := &pipeIO{in: in, out: out, errOut: errOut}
 	var err error
 	if p.childIn, p.stdinW, err = os.Pipe(); err != nil {
 		return nil, fmt.Errorf("stdin pipe: %w", err)
@@ -414,8 +392,8 @@ func (p *pipeIO) started(pid int) {
 	p.childOut.Close()
 	p.childErr.Close()
 	p.wg.Add(2)
-	safeGo(p.in.log, "stdout pump", func() { defer p.wg.Done(); pump(p.stdoutR, &p.outDrain, p.in.stdio.writeStdout) })
-	safeGo(p.in.log, "stderr pump", func() { defer p.wg.Done(); pump(p.stderrR, &p.errDrain, p.in.stdio.writeStderr) })
+	safeGo(p.in.log, "stdout pump", func() { defer p.wg.Done(); pump(p.stdoutR, &p.outDrain, p.out) })
+	safeGo(p.in.log, "stderr pump", func() { defer p.wg.Done(); pump(p.stderrR, &p.errDrain, p.errOut) })
 }
 
 func (p *pipeIO) stdin(b []byte) error {

@@ -17,6 +17,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -25,6 +27,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
@@ -52,6 +55,13 @@ type initProc struct {
 	ports *statusPorts
 	cfg   *initconfig.Config
 	stdio *stdio // nil until the port is open
+	// ctr is the container setup (krun-oci), nil for run --root. In
+	// container mode PID 1 stays in the initramfs and the launcher
+	// enters rootDir.
+	ctr     *container.Setup
+	rootDir string
+	reaper  *reaper
+	execs   *execManager
 }
 
 // run does the whole job and never returns.
@@ -66,6 +76,10 @@ func (in *initProc) run() {
 	in.ports = openStatusPorts(cfg.StatusPorts())
 	in.ports.milestone(initconfig.MilestoneInit)
 	ignoreInitSignals()
+	in.reaper = newReaper(in.log)
+	if in.ctr, err = readContainer(); err != nil {
+		in.fatal(err)
+	}
 
 	if err := mountEarly(); err != nil {
 		in.fatal(err)
@@ -85,6 +99,10 @@ func (in *initProc) run() {
 		in.fatal(err)
 	}
 	in.stdio = st
+	if in.ctr != nil {
+		in.execs = &execManager{in: in, procs: map[uint32]*execProc{}}
+		st.setExecHandler(in.execs.frame)
+	}
 	if err := in.setupRoot(); err != nil {
 		in.fatal(err)
 	}
@@ -96,8 +114,35 @@ func (in *initProc) run() {
 			in.fatal(fmt.Errorf("network: %w", err))
 		}
 	}
+	if in.ctr != nil && in.ctr.WaitForStart {
+		// The container is created: programs may be exec'd, the
+		// command waits for START (krun-oci start).
+		in.ports.milestone(container.MilestoneReady)
+		<-st.startRequested()
+	}
 	status := in.runCommand()
 	in.finish(status)
+}
+
+// readContainer reads the container setup when the initramfs has one.
+func readContainer() (*container.Setup, error) {
+	b, err := os.ReadFile(container.Path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read container setup: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var s container.Setup
+	if err := dec.Decode(&s); err != nil {
+		return nil, fmt.Errorf("container setup: %w", err)
+	}
+	if err := s.Validate(); err != nil {
+		return nil, err
+	}
+	return &s, nil
 }
 
 // readConfig reads /krun/config.json from the initramfs.

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guest/container"
 )
 
 const newRoot = "/newroot"
@@ -123,6 +125,16 @@ func (in *initProc) setupRoot() error {
 	}
 	if err := mountVirtiofs(cfg.Root.Tag, newRoot, cfg.Root.ReadOnly, 10*time.Second); err != nil {
 		return fmt.Errorf("root file system: %w", err)
+	}
+	if in.ctr != nil {
+		// Container mode: the mounts are the config's, and PID 1 stays
+		// where it is (the launcher enters the root): it keeps its own
+		// /proc for /proc/self/exe whatever the config mounts.
+		if err := container.Apply(newRoot, in.ctr, container.ApplyOptions{WorkDir: "/krun", Logf: in.log.Printf}); err != nil {
+			return fmt.Errorf("container: %w", err)
+		}
+		in.rootDir = newRoot
+		return nil
 	}
 	fd, err := unix.Open(newRoot, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {

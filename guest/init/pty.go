@@ -16,6 +16,7 @@ import (
 // controlling terminal; krun-init holds the master side.
 type ptyIO struct {
 	in     *initProc
+	out    func([]byte)
 	master *os.File
 	slave  *os.File
 	pid    int
@@ -23,7 +24,7 @@ type ptyIO struct {
 	drain  drainer
 }
 
-func newPtyIO(in *initProc, ws *initconfig.Winsize) (*ptyIO, error) {
+func newPtyIO(in *initProc, ws *initconfig.Winsize, out func([]byte)) (*ptyIO, error) {
 	mfd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open /dev/ptmx: %w", err)
@@ -51,7 +52,7 @@ func newPtyIO(in *initProc, ws *initconfig.Winsize) (*ptyIO, error) {
 		master.Close()
 		return nil, fmt.Errorf("open %s: %w", name, err)
 	}
-	return &ptyIO{in: in, master: master, slave: slave}, nil
+	return &ptyIO{in: in, out: out, master: master, slave: slave}, nil
 }
 
 func (p *ptyIO) childFiles() [3]*os.File { return [3]*os.File{p.slave, p.slave, p.slave} }
@@ -60,7 +61,7 @@ func (p *ptyIO) started(pid int) {
 	p.pid = pid
 	p.slave.Close()
 	p.wg.Add(1)
-	safeGo(p.in.log, "pty pump", func() { defer p.wg.Done(); pump(p.master, &p.drain, p.in.stdio.writeStdout) })
+	safeGo(p.in.log, "pty pump", func() { defer p.wg.Done(); pump(p.master, &p.drain, p.out) })
 }
 
 func (p *ptyIO) stdin(b []byte) error {

@@ -35,6 +35,14 @@ type stdio struct {
 	ack     chan struct{} // closed on CLOSE_ACK
 	ackOnce sync.Once
 
+	// Containers: START and the exec frames are handled whether or not
+	// the command runs yet.
+	startReq     chan struct{} // closed on START
+	startReqOnce sync.Once
+	execHandler  func(stdioframe.Frame) // set before the root is set up
+	// A window size that came before the command started.
+	pendingWinsize *[2]uint16
+
 	mu       sync.Mutex
 	writeErr error // the first write failure; later output is dropped
 }
@@ -80,7 +88,8 @@ func openStdio(log *logger, name string, timeout time.Duration) (*stdio, error) 
 	if err != nil {
 		return nil, fmt.Errorf("open stdio port %s: %w", dev, err)
 	}
-	s := &stdio{log: log, f: f, w: stdioframe.NewWriter(f), started: make(chan struct{}), ack: make(chan struct{})}
+	s := &stdio{log: log, f: f, w: stdioframe.NewWriter(f), started: make(chan struct{}), ack: make(chan struct{}),
+		startReq: make(chan struct{})}
 	safeGo(log, "stdio reader", s.readLoop)
 	return s, nil
 }
@@ -117,6 +126,37 @@ func (s *stdio) readLoop() {
 			s.ackOnce.Do(func() { close(s.ack) })
 			continue
 		}
+		if fr.Type == stdioframe.Start {
+			s.startReqOnce.Do(func() { close(s.startReq) })
+			continue
+		}
+		if fr.Type.IsExec() {
+			s.mu.Lock()
+			h := s.execHandler
+			s.mu.Unlock()
+			if h != nil {
+				h(fr)
+			}
+			continue
+		}
+		select {
+		case <-s.started:
+		default:
+			// Before the command: a window size is kept for it, a
+			// signal has nobody to go to; input waits (the host holds
+			// a container's input until START).
+			switch fr.Type {
+			case stdioframe.Winsize:
+				rows, cols := fr.Winsize()
+				s.mu.Lock()
+				s.pendingWinsize = &[2]uint16{rows, cols}
+				s.mu.Unlock()
+				continue
+			case stdioframe.Signal:
+				s.log.Printf("signal %d before the command started: dropped", fr.Signal())
+				continue
+			}
+		}
 		<-s.started
 		k := s.sink
 		if k == nil {
@@ -140,9 +180,36 @@ func (s *stdio) readLoop() {
 // setSink starts delivering host frames to k.
 func (s *stdio) setSink(k sink) {
 	s.startOnce.Do(func() {
+		s.mu.Lock()
+		ws := s.pendingWinsize
+		s.mu.Unlock()
+		if k != nil && ws != nil {
+			k.winsize(ws[0], ws[1])
+		}
 		s.sink = k
 		close(s.started)
 	})
+}
+
+// startRequested is closed when the host sends START.
+func (s *stdio) startRequested() <-chan struct{} { return s.startReq }
+
+// setExecHandler routes the exec frames to h.
+func (s *stdio) setExecHandler(h func(stdioframe.Frame)) {
+	s.mu.Lock()
+	s.execHandler = h
+	s.mu.Unlock()
+}
+
+// writeExec sends an exec frame (nothing after a write failure).
+func (s *stdio) writeExec(t stdioframe.Type, id uint32, p []byte) error {
+	s.mu.Lock()
+	failed := s.writeErr
+	s.mu.Unlock()
+	if failed != nil {
+		return failed
+	}
+	return s.w.WriteExec(t, id, p)
 }
 
 func (s *stdio) write(t stdioframe.Type, p []byte) {

@@ -9,6 +9,17 @@
 // 18 WINSIZE (rows u16, cols u16, little-endian), 19 CLOSE_ACK (empty),
 // 20 SIGNAL (u8 signal number, 1-64).
 //
+// Containers (krun-oci, exec.go): host -> guest 21 START (empty) releases a
+// command that waits for it; the exec frames carry a process id (u32, not
+// 0) first: host -> guest 22 EXEC (id, JSON request), 23 EXEC_STDIN (id,
+// data), 24 EXEC_STDIN_EOF (id), 25 EXEC_WINSIZE (id, rows, cols), 26
+// EXEC_SIGNAL (id, u8), 27 EXEC_OUTPUT_ACK (id, u32 bytes written out);
+// guest -> host 5 EXEC_STDOUT (id, data), 6 EXEC_STDERR (id, data), 7
+// EXEC_EXIT (id, u8 status), 8 EXEC_STDIN_ACK (id, u32 bytes consumed).
+// The acks are credits: each end sends at most ExecWindow bytes of an
+// exec's data the other has not acknowledged, so a slow reader of one
+// stream never stalls the port.
+//
 // Each end treats the other as hostile: a Reader checks the type against
 // the direction, the length against MaxPayload before reading, and the
 // payload size of the fixed-size frames, and returns a typed error.
@@ -32,12 +43,31 @@ const (
 	Exit     Type = 3
 	CloseReq Type = 4
 
-	Stdin    Type = 16
-	StdinEOF Type = 17
-	Winsize  Type = 18
-	CloseAck Type = 19
-	Signal   Type = 20
+	ExecStdout   Type = 5
+	ExecStderr   Type = 6
+	ExecExit     Type = 7
+	ExecStdinAck Type = 8
+
+	Stdin         Type = 16
+	StdinEOF      Type = 17
+	Winsize       Type = 18
+	CloseAck      Type = 19
+	Signal        Type = 20
+	Start         Type = 21
+	Exec          Type = 22
+	ExecStdin     Type = 23
+	ExecStdinEOF  Type = 24
+	ExecWinsize   Type = 25
+	ExecSignal    Type = 26
+	ExecOutputAck Type = 27
 )
+
+// ExecWindow is how many bytes of one exec stream may be in flight
+// (sent and not acknowledged) in each direction.
+const ExecWindow = 256 << 10
+
+// MaxExecData is the largest data chunk of one exec data frame.
+const MaxExecData = MaxPayload - 4
 
 // HeaderLen is the size of a frame header; MaxPayload the largest payload.
 const (
@@ -51,6 +81,9 @@ const MaxSignal = 64
 var typeNames = map[Type]string{
 	Stdout: "STDOUT", Stderr: "STDERR", Exit: "EXIT", CloseReq: "CLOSE_REQ",
 	Stdin: "STDIN", StdinEOF: "STDIN_EOF", Winsize: "WINSIZE", CloseAck: "CLOSE_ACK", Signal: "SIGNAL",
+	ExecStdout: "EXEC_STDOUT", ExecStderr: "EXEC_STDERR", ExecExit: "EXEC_EXIT", ExecStdinAck: "EXEC_STDIN_ACK",
+	Start: "START", Exec: "EXEC", ExecStdin: "EXEC_STDIN", ExecStdinEOF: "EXEC_STDIN_EOF",
+	ExecWinsize: "EXEC_WINSIZE", ExecSignal: "EXEC_SIGNAL", ExecOutputAck: "EXEC_OUTPUT_ACK",
 }
 
 func (t Type) String() string {
@@ -79,9 +112,9 @@ func (d Direction) String() string {
 // type.
 func (t Type) Direction() (Direction, bool) {
 	switch t {
-	case Stdout, Stderr, Exit, CloseReq:
+	case Stdout, Stderr, Exit, CloseReq, ExecStdout, ExecStderr, ExecExit, ExecStdinAck:
 		return GuestToHost, true
-	case Stdin, StdinEOF, Winsize, CloseAck, Signal:
+	case Stdin, StdinEOF, Winsize, CloseAck, Signal, Start, Exec, ExecStdin, ExecStdinEOF, ExecWinsize, ExecSignal, ExecOutputAck:
 		return HostToGuest, true
 	}
 	return 0, false
@@ -93,12 +126,25 @@ func payloadLen(t Type) int {
 	switch t {
 	case Exit, Signal:
 		return 1
-	case CloseReq, StdinEOF, CloseAck:
+	case CloseReq, StdinEOF, CloseAck, Start:
 		return 0
-	case Winsize:
+	case Winsize, ExecStdinEOF:
 		return 4
+	case ExecExit, ExecSignal:
+		return 5
+	case ExecWinsize, ExecStdinAck, ExecOutputAck:
+		return 8
 	}
 	return -1
+}
+
+// IsExec reports whether frames of type t carry an exec id first.
+func (t Type) IsExec() bool {
+	switch t {
+	case ExecStdout, ExecStderr, ExecExit, ExecStdinAck, Exec, ExecStdin, ExecStdinEOF, ExecWinsize, ExecSignal, ExecOutputAck:
+		return true
+	}
+	return false
 }
 
 // ErrProtocol is wrapped by every error about a malformed frame; after it
@@ -168,6 +214,47 @@ func (f Frame) Winsize() (rows, cols uint16) {
 	return binary.LittleEndian.Uint16(f.Payload), binary.LittleEndian.Uint16(f.Payload[2:])
 }
 
+// ExecID returns an exec frame's process id.
+func (f Frame) ExecID() uint32 {
+	if len(f.Payload) < 4 {
+		return 0
+	}
+	return binary.LittleEndian.Uint32(f.Payload)
+}
+
+// ExecData returns what follows an exec frame's id: the data, the
+// request, or the fixed fields.
+func (f Frame) ExecData() []byte {
+	if len(f.Payload) < 4 {
+		return nil
+	}
+	return f.Payload[4:]
+}
+
+// ExecByte returns EXEC_EXIT's status or EXEC_SIGNAL's signal.
+func (f Frame) ExecByte() uint8 {
+	if len(f.Payload) < 5 {
+		return 0
+	}
+	return f.Payload[4]
+}
+
+// ExecWinsize returns EXEC_WINSIZE's rows and columns.
+func (f Frame) ExecWinsize() (rows, cols uint16) {
+	if len(f.Payload) < 8 {
+		return 0, 0
+	}
+	return binary.LittleEndian.Uint16(f.Payload[4:]), binary.LittleEndian.Uint16(f.Payload[6:])
+}
+
+// Ack returns an acknowledgement frame's byte count.
+func (f Frame) Ack() uint32 {
+	if len(f.Payload) < 8 {
+		return 0
+	}
+	return binary.LittleEndian.Uint32(f.Payload[4:])
+}
+
 // Reader decodes frames sent in one direction from a byte stream.
 type Reader struct {
 	r   io.Reader
@@ -220,6 +307,20 @@ func (r *Reader) Next() (Frame, error) {
 	if t == Signal && (p[0] == 0 || p[0] > MaxSignal) {
 		r.err = &BadPayloadError{Type: t, Len: n, Reason: fmt.Sprintf("signal %d outside 1-%d", p[0], MaxSignal)}
 		return Frame{}, r.err
+	}
+	if t.IsExec() {
+		if n < 4 || binary.LittleEndian.Uint32(p) == 0 {
+			r.err = &BadPayloadError{Type: t, Len: n, Reason: "no exec id"}
+			return Frame{}, r.err
+		}
+		if t == ExecSignal && (p[4] == 0 || p[4] > MaxSignal) {
+			r.err = &BadPayloadError{Type: t, Len: n, Reason: fmt.Sprintf("signal %d outside 1-%d", p[4], MaxSignal)}
+			return Frame{}, r.err
+		}
+		if (t == ExecStdinAck || t == ExecOutputAck) && binary.LittleEndian.Uint32(p[4:]) > ExecWindow {
+			r.err = &BadPayloadError{Type: t, Len: n, Reason: "acknowledges more than the window"}
+			return Frame{}, r.err
+		}
 	}
 	return Frame{Type: t, Payload: p}, nil
 }
@@ -281,6 +382,27 @@ func (w *Writer) WriteData(t Type, p []byte) error {
 		p = p[n:]
 	}
 	return nil
+}
+
+// WriteExec writes an exec frame: the id, then rest.
+func (w *Writer) WriteExec(t Type, id uint32, rest []byte) error {
+	if !t.IsExec() {
+		return fmt.Errorf("stdio frame: %v is not an exec frame", t)
+	}
+	if len(rest) > MaxExecData {
+		return fmt.Errorf("stdio frame: encode %v: %d bytes exceed the %d-byte limit", t, len(rest), MaxExecData)
+	}
+	p := make([]byte, 4+len(rest))
+	binary.LittleEndian.PutUint32(p, id)
+	copy(p[4:], rest)
+	return w.WriteFrame(t, p)
+}
+
+// WriteExecAck writes an acknowledgement of n bytes for exec id.
+func (w *Writer) WriteExecAck(t Type, id, n uint32) error {
+	var p [4]byte
+	binary.LittleEndian.PutUint32(p[:], n)
+	return w.WriteExec(t, id, p[:])
 }
 
 // WriteExit writes an EXIT frame.

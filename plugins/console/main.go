@@ -35,7 +35,11 @@ func (plugin) Policy(map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, devopts.OptName, devopts.OptTTY); err != nil {
+	if err := pluginsdk.CheckOptions(opts, devopts.OptName, devopts.OptTTY, devopts.OptHoldStdin); err != nil {
+		return nil, err
+	}
+	hold, err := pluginsdk.OnOff(opts, devopts.OptHoldStdin, false)
+	if err != nil {
 		return nil, err
 	}
 	if _, err := pluginsdk.OnOff(opts, devopts.OptTTY, false); err != nil {
@@ -52,7 +56,7 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil {
 		return nil, err
 	}
-	cfg := stdio.Config{Port: dev, Logger: log}
+	cfg := stdio.Config{Port: dev, Logger: log, HoldStdin: hold}
 	// Absent files stay nil interfaces (no typed nil *os.File).
 	if f := files[devopts.FileStdin]; f != nil {
 		cfg.Stdin = f

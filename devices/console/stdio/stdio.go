@@ -19,10 +19,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"sync/atomic"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/stdioframe"
@@ -41,6 +43,10 @@ type Config struct {
 	Stdout, Stderr io.Writer
 	Control        io.Reader // nil: none
 	Logger         hclog.Logger
+	// HoldStdin: stdin is read only after a START control record (a
+	// container's command waits for it; its input must not reach the
+	// guest before it runs).
+	HoldStdin bool
 }
 
 // Bridge moves frames between the port and the files.
@@ -52,6 +58,12 @@ type Bridge struct {
 	exit     atomic.Int32 // EXIT status + 1, 0: none yet
 	stdoutOK atomic.Bool
 	stderrOK atomic.Bool
+
+	execMu sync.Mutex
+	execs  map[uint32]*execSession // exec.go
+
+	startOnce sync.Once
+	started   chan struct{} // closed on START (HoldStdin)
 }
 
 // New returns a bridge; Run starts it.
@@ -60,7 +72,7 @@ func New(cfg Config) *Bridge {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port)}
+	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port), started: make(chan struct{})}
 	b.stdoutOK.Store(true)
 	b.stderrOK.Store(true)
 	return b
@@ -81,7 +93,11 @@ func (b *Bridge) Run(ctx context.Context) error {
 		go b.pumpControl()
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- b.fromGuest() }()
+	go func() {
+		err := b.fromGuest()
+		b.endAllExecs()
+		errc <- err
+	}()
 	select {
 	case err := <-errc:
 		return err
@@ -114,6 +130,8 @@ func (b *Bridge) fromGuest() error {
 		case stdioframe.Exit:
 			b.exit.Store(int32(f.Status()) + 1)
 			b.log.Debug("the guest program exited", "status", f.Status())
+		case stdioframe.ExecStdout, stdioframe.ExecStderr, stdioframe.ExecExit, stdioframe.ExecStdinAck:
+			b.fromGuestExec(f)
 		case stdioframe.CloseReq:
 			// Every earlier frame is written (writes are synchronous):
 			// the guest may power off now.
@@ -139,6 +157,9 @@ func (b *Bridge) write(w io.Writer, ok *atomic.Bool, name string, p []byte) {
 
 // pumpStdin turns stdin into STDIN frames, then STDIN_EOF.
 func (b *Bridge) pumpStdin() {
+	if b.cfg.HoldStdin {
+		<-b.started
+	}
 	if b.cfg.Stdin != nil {
 		buf := make([]byte, 32<<10)
 		for {
@@ -159,25 +180,108 @@ func (b *Bridge) pumpStdin() {
 	b.w.WriteFrame(stdioframe.StdinEOF, nil)
 }
 
-// pumpControl turns control records into frames.
+// maxRecord is the largest control record.
+const maxRecord = devopts.ControlLen + devopts.MaxExecRequest
+
+// pumpControl turns control records into frames. On a SOCK_SEQPACKET
+// socket (what the core uses) each message is one record and may carry
+// files; on a plain stream each record is ControlLen bytes.
 func (b *Bridge) pumpControl() {
-	var rec [devopts.ControlLen]byte
+	next := b.streamRecords()
+	if f, ok := b.cfg.Control.(*os.File); ok {
+		if t, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_TYPE); err == nil && t == unix.SOCK_SEQPACKET {
+			next = packetRecords(f)
+		}
+	}
 	var once sync.Once
 	for {
-		if _, err := io.ReadFull(b.cfg.Control, rec[:]); err != nil {
+		rec, files, err := next()
+		if err != nil {
 			return
 		}
-		var err error
+		if len(rec) < devopts.ControlLen {
+			closeAll(files)
+			continue
+		}
+		if rec[0] != devopts.ControlExec && len(files) > 0 {
+			closeAll(files)
+			files = nil
+		}
 		switch rec[0] {
 		case devopts.ControlWinsize:
 			err = b.w.WriteWinsize(binary.LittleEndian.Uint16(rec[2:]), binary.LittleEndian.Uint16(rec[4:]))
 		case devopts.ControlSignal:
 			err = b.w.WriteSignal(rec[2])
+		case devopts.ControlStart:
+			err = b.w.WriteFrame(stdioframe.Start, nil)
+			b.startOnce.Do(func() { close(b.started) })
+		case devopts.ControlExec:
+			b.controlExec(rec, files)
+		case devopts.ControlExecSignal:
+			if id := binary.LittleEndian.Uint32(rec[4:]); b.lookupExec(id) != nil && rec[1] >= 1 && rec[1] <= stdioframe.MaxSignal {
+				err = b.w.WriteExec(stdioframe.ExecSignal, id, []byte{rec[1]})
+			}
+		case devopts.ControlExecWinsize:
+			if len(rec) == devopts.ControlLen+4 {
+				if id := binary.LittleEndian.Uint32(rec[8:]); b.lookupExec(id) != nil {
+					err = b.w.WriteExec(stdioframe.ExecWinsize, id, rec[2:6])
+				}
+			}
 		default:
 			once.Do(func() { b.log.Warn("unknown control record from the core", "type", rec[0]) })
 		}
 		if err != nil {
 			b.log.Warn("control record", "error", err)
 		}
+	}
+}
+
+// streamRecords reads fixed-size records from a byte stream.
+func (b *Bridge) streamRecords() func() ([]byte, []*os.File, error) {
+	var rec [devopts.ControlLen]byte
+	return func() ([]byte, []*os.File, error) {
+		_, err := io.ReadFull(b.cfg.Control, rec[:])
+		return rec[:], nil, err
+	}
+}
+
+// packetRecords reads one record, with its files, per message.
+func packetRecords(f *os.File) func() ([]byte, []*os.File, error) {
+	buf := make([]byte, maxRecord+1)
+	oob := make([]byte, unix.CmsgSpace(devopts.ExecFiles*4))
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return func() ([]byte, []*os.File, error) { return nil, nil, err }
+	}
+	return func() ([]byte, []*os.File, error) {
+		var n, oobn, flags int
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
+			return rerr != unix.EAGAIN
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		if n == 0 && oobn == 0 {
+			return nil, nil, io.EOF
+		}
+		var files []*os.File
+		if msgs, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
+			for _, m := range msgs {
+				fds, _ := unix.ParseUnixRights(&m)
+				for _, fd := range fds {
+					files = append(files, os.NewFile(uintptr(fd), "exec"))
+				}
+			}
+		}
+		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || len(files) > devopts.ExecFiles {
+			closeAll(files)
+			return []byte{}, nil, nil // dropped: the caller skips short records
+		}
+		return buf[:n], files, nil
 	}
 }

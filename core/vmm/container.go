@@ -1,0 +1,195 @@
+package vmm
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/guest/container"
+	"github.com/krun-core/krun-core/guest/initramfs/cpio"
+)
+
+// The container calls (the OCI runtime, krun-oci, uses them): a container
+// environment inside the root, a command that waits for StartCommand, and
+// more programs started in the running guest (Exec).
+
+// MilestoneReady is the milestone krun-init reports when the container is
+// set up and the command waits for StartCommand.
+const MilestoneReady = container.MilestoneReady
+
+// guestNotify turns status-port writes into channels.
+type guestNotify struct {
+	once                              sync.Once
+	ready, execed, exited             chan struct{}
+	readyOnce, execedOnce, exitedOnce sync.Once
+}
+
+func (n *guestNotify) init() {
+	n.once.Do(func() {
+		n.ready = make(chan struct{})
+		n.execed = make(chan struct{})
+		n.exited = make(chan struct{})
+	})
+}
+
+func (n *guestNotify) markExeced() {
+	n.init()
+	n.execedOnce.Do(func() { close(n.execed) })
+}
+
+func (n *guestNotify) markReady() {
+	n.init()
+	n.readyOnce.Do(func() { close(n.ready) })
+}
+
+func (n *guestNotify) markExited() {
+	n.init()
+	n.exitedOnce.Do(func() { close(n.exited) })
+}
+
+// SetContainer makes krun-init build the container environment s inside
+// the root before the command runs (mounts, devices, masked and read-only
+// paths, sysctls), and start the command with s.Process's capabilities,
+// no_new_privs, OOM score and umask. The shares s mounts are added with
+// AddDevice (devspec.FSSpec); in container mode they are mounted where s
+// says, not under /mnt. With s.WaitForStart the command waits for
+// StartCommand.
+func (c *Context) SetContainer(s *container.Setup) error {
+	if err := s.Validate(); err != nil {
+		return fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	c.execCfg().container = s
+	return nil
+}
+
+// SetEnv sets the command's environment exactly as given (SetExec's env
+// keeps krun-core's default PATH and HOME unless overridden).
+func (c *Context) SetEnv(env []string) { c.execCfg().cfg.Env = append([]string{}, env...) }
+
+// SetRootOptions passes options to the root's fs-virtio plugin (e.g.
+// suid=on), as --fs does for a share.
+func (c *Context) SetRootOptions(opts map[string]string) { c.execCfg().rootOptions = opts }
+
+// SetUser sets the command's uid, gid and supplementary groups.
+func (c *Context) SetUser(uid, gid uint32, groups []uint32) {
+	cfg := c.execCfg().cfg
+	cfg.UID, cfg.GID, cfg.AdditionalGIDs = uid, gid, groups
+}
+
+// SetLookup chooses whether Start looks the command up in the root before
+// anything starts (default on). A command that comes from a mount the
+// guest makes cannot be found on the host; krun-init then reports it.
+func (c *Context) SetLookup(on bool) { c.execCfg().noLookup = !on }
+
+// Ready returns a channel closed once the guest has reported
+// MilestoneReady: the container is set up and the command waits for
+// StartCommand.
+func (c *Context) Ready() <-chan struct{} {
+	c.notify.init()
+	return c.notify.ready
+}
+
+// CommandStarted returns a channel closed once the guest has reported that
+// the command was started (MilestoneExec).
+func (c *Context) CommandStarted() <-chan struct{} {
+	c.notify.init()
+	return c.notify.execed
+}
+
+// Exited returns a channel closed once the guest has reported the
+// command's exit status (the VM then powers off).
+func (c *Context) Exited() <-chan struct{} {
+	c.notify.init()
+	return c.notify.exited
+}
+
+// StartCommand releases a command that waits for it (SetContainer with
+// WaitForStart).
+func (c *Context) StartCommand() error {
+	return c.control(devopts.StartRecord())
+}
+
+// execIDs numbers exec'd programs; 0 is never used.
+var execIDs atomic.Uint32
+
+// Exec starts program p in the running guest with its standard input,
+// output and error on the given files (for a terminal, one pty end for
+// all three) and returns its id. When it ends its exit status (one byte,
+// 128+N for signal N) is written to status, which is then closed by the
+// console plugin; status closed without a byte means the VM ended first.
+// The files are passed to the console plugin; the caller may close its
+// own copies when Exec returns.
+func (c *Context) Exec(p *container.Process, stdin, stdout, stderr, status *os.File) (uint32, error) {
+	if err := p.Validate(); err != nil {
+		return 0, err
+	}
+	if stdin == nil || stdout == nil || stderr == nil || status == nil {
+		return 0, errors.New("vmm: exec needs stdin, stdout, stderr and a status file")
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return 0, fmt.Errorf("encode exec request: %w", err)
+	}
+	id := execIDs.Add(1)
+	if id == 0 {
+		id = execIDs.Add(1)
+	}
+	rec, err := devopts.ExecRecord(id, b)
+	if err != nil {
+		return 0, err
+	}
+	if err := c.controlFiles(rec, stdin, stdout, stderr, status); err != nil {
+		return 0, err
+	}
+	return id, nil
+}
+
+// ExecSignal sends sig to exec'd program id.
+func (c *Context) ExecSignal(id uint32, sig unix.Signal) error {
+	return c.control(devopts.ExecSignalRecord(id, uint8(sig)))
+}
+
+// ExecResize tells exec'd program id's terminal its new size.
+func (c *Context) ExecResize(id uint32, rows, cols uint16) error {
+	return c.control(devopts.ExecWinsizeRecord(id, rows, cols))
+}
+
+// controlFiles sends a control record with files attached.
+func (c *Context) controlFiles(rec []byte, files ...*os.File) error {
+	if c.exec == nil || c.exec.controlW == nil {
+		return errors.New("vmm: no program is running")
+	}
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = int(f.Fd())
+	}
+	c.exec.controlMu.Lock()
+	defer c.exec.controlMu.Unlock()
+	return unix.Sendmsg(int(c.exec.controlW.Fd()), rec, unix.UnixRights(fds...), nil, 0)
+}
+
+// containerArchive is a second newc archive the kernel unpacks over the
+// initramfs: container.Path with the setup.
+func containerArchive(s *container.Setup) ([]byte, error) {
+	b, err := json.Marshal(s)
+	if err != nil {
+		return nil, fmt.Errorf("encode container setup: %w", err)
+	}
+	var buf bytes.Buffer
+	w := cpio.NewWriter(&buf)
+	// krun/ exists: the first archive has krun-init's config in it.
+	if err := w.Add(&cpio.Entry{Name: container.Path[1:], Mode: cpio.Reg | 0o600, Data: b}); err != nil {
+		return nil, err
+	}
+	if err := w.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}

@@ -1,0 +1,279 @@
+package stdio
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/guest/stdioframe"
+)
+
+// MaxExecs bounds the exec'd programs served at once.
+const MaxExecs = 16
+
+// Status bytes the bridge writes for an exec that never ran.
+const (
+	execStatusRefused = 125
+)
+
+// execSession is one exec'd program's host end: its stdio files, the
+// guest's output waiting to be written (at most ExecWindow bytes: the
+// guest sends no more before acknowledgements), and the credit for
+// sending its stdin.
+type execSession struct {
+	b      *Bridge
+	id     uint32
+	stdin  *os.File
+	stdout *os.File
+	stderr *os.File
+	status *os.File
+
+	mu       sync.Mutex
+	cond     *sync.Cond
+	queue    []execChunk
+	queued   int
+	exit     int // -1 until EXEC_EXIT
+	credit   int // stdin bytes the guest will take
+	finished bool
+	aborted  bool
+	closeOne sync.Once
+}
+
+type execChunk struct {
+	stderr bool
+	data   []byte
+}
+
+// startExec registers an exec request from the core and forwards it to
+// the guest.
+func (b *Bridge) startExec(id uint32, req []byte, files []*os.File) {
+	s := &execSession{b: b, id: id, stdin: files[0], stdout: files[1], stderr: files[2], status: files[3],
+		exit: -1, credit: stdioframe.ExecWindow}
+	s.cond = sync.NewCond(&s.mu)
+	b.execMu.Lock()
+	if b.execs == nil {
+		b.execs = map[uint32]*execSession{}
+	}
+	_, dup := b.execs[id]
+	full := len(b.execs) >= MaxExecs
+	if !dup && !full {
+		b.execs[id] = s
+	}
+	b.execMu.Unlock()
+	switch {
+	case dup:
+		s.refuse("krun: exec id in use")
+		return
+	case full:
+		s.refuse("krun: too many programs exec'd at once in this container")
+		return
+	}
+	if err := b.w.WriteExec(stdioframe.Exec, id, req); err != nil {
+		b.removeExec(id)
+		s.refuse("krun: exec: " + err.Error())
+		return
+	}
+	go s.writeOutput()
+	go s.pumpStdin()
+}
+
+// refuse ends a session that never reached the guest.
+func (s *execSession) refuse(msg string) {
+	s.stderr.Write([]byte(msg + "\n"))
+	s.status.Write([]byte{execStatusRefused})
+	s.closeFiles()
+}
+
+func (s *execSession) closeFiles() {
+	s.closeOne.Do(func() {
+		for _, f := range []*os.File{s.stdin, s.stdout, s.stderr, s.status} {
+			f.Close()
+		}
+	})
+}
+
+// abort ends a session at once, without a status: its output is
+// dropped and its files are closed (a blocked write fails).
+func (s *execSession) abort() {
+	s.mu.Lock()
+	s.finished, s.aborted = true, true
+	s.queue, s.queued = nil, 0
+	s.cond.Broadcast()
+	s.mu.Unlock()
+	s.b.removeExec(s.id)
+	s.closeFiles()
+}
+
+func (b *Bridge) lookupExec(id uint32) *execSession {
+	b.execMu.Lock()
+	defer b.execMu.Unlock()
+	return b.execs[id]
+}
+
+func (b *Bridge) removeExec(id uint32) {
+	b.execMu.Lock()
+	delete(b.execs, id)
+	b.execMu.Unlock()
+}
+
+// fromGuestExec handles an exec frame from the guest. A frame for an
+// unknown id (the session ended) is dropped; one that overruns the
+// window ends its session, the others go on.
+func (b *Bridge) fromGuestExec(f stdioframe.Frame) {
+	s := b.lookupExec(f.ExecID())
+	if s == nil {
+		return
+	}
+	switch f.Type {
+	case stdioframe.ExecStdout, stdioframe.ExecStderr:
+		data := append([]byte(nil), f.ExecData()...)
+		s.mu.Lock()
+		if s.queued+len(data) > stdioframe.ExecWindow {
+			s.mu.Unlock()
+			b.log.Warn("the guest overran an exec's output window; ending that exec", "exec", s.id)
+			s.abort()
+			return
+		}
+		s.queue = append(s.queue, execChunk{stderr: f.Type == stdioframe.ExecStderr, data: data})
+		s.queued += len(data)
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	case stdioframe.ExecExit:
+		s.end(int(f.ExecByte()))
+	case stdioframe.ExecStdinAck:
+		s.mu.Lock()
+		s.credit = min(s.credit+int(f.Ack()), stdioframe.ExecWindow)
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	}
+}
+
+// end records the exit status (-1: none) and lets the writer finish.
+func (s *execSession) end(status int) {
+	s.mu.Lock()
+	if s.exit < 0 {
+		s.exit = status
+	}
+	s.finished = true
+	s.cond.Broadcast()
+	s.mu.Unlock()
+}
+
+// writeOutput writes the guest's output to the files, acknowledging each
+// chunk, and at the end writes the status and closes everything.
+func (s *execSession) writeOutput() {
+	outOK, errOK := true, true
+	for {
+		s.mu.Lock()
+		for len(s.queue) == 0 && !s.finished {
+			s.cond.Wait()
+		}
+		if s.aborted {
+			s.mu.Unlock()
+			return
+		}
+		if len(s.queue) == 0 {
+			exit := s.exit
+			s.mu.Unlock()
+			s.b.removeExec(s.id)
+			if exit >= 0 {
+				s.status.Write([]byte{byte(exit)})
+			}
+			// Wakes the stdin pump if it waits for credit, and its
+			// read of stdin.
+			s.closeFiles()
+			return
+		}
+		c := s.queue[0]
+		s.queue = s.queue[1:]
+		s.mu.Unlock()
+		w, ok := s.stdout, &outOK
+		if c.stderr {
+			w, ok = s.stderr, &errOK
+		}
+		if *ok {
+			if _, err := w.Write(c.data); err != nil {
+				*ok = false // the reader went away: drop the rest of this stream
+			}
+		}
+		s.mu.Lock()
+		aborted := s.aborted
+		if !aborted {
+			s.queued -= len(c.data)
+		}
+		s.mu.Unlock()
+		if aborted {
+			return
+		}
+		if err := s.b.w.WriteExecAck(stdioframe.ExecOutputAck, s.id, uint32(len(c.data))); err != nil {
+			s.abort()
+			return
+		}
+	}
+}
+
+// pumpStdin sends the exec's stdin within the guest's credit.
+func (s *execSession) pumpStdin() {
+	buf := make([]byte, stdioframe.MaxExecData)
+	for {
+		s.mu.Lock()
+		for s.credit == 0 && !s.finished {
+			s.cond.Wait()
+		}
+		n, done := min(s.credit, len(buf)), s.finished
+		s.mu.Unlock()
+		if done {
+			return
+		}
+		k, err := s.stdin.Read(buf[:n])
+		if k > 0 {
+			s.mu.Lock()
+			s.credit -= k
+			s.mu.Unlock()
+			if werr := s.b.w.WriteExec(stdioframe.ExecStdin, s.id, buf[:k]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, unix.EIO) {
+				s.b.w.WriteExec(stdioframe.ExecStdinEOF, s.id, nil)
+			}
+			return
+		}
+	}
+}
+
+// endAllExecs ends every session (the port is gone): their callers see
+// the status pipe close without a status.
+func (b *Bridge) endAllExecs() {
+	b.execMu.Lock()
+	sessions := make([]*execSession, 0, len(b.execs))
+	for _, s := range b.execs {
+		sessions = append(sessions, s)
+	}
+	b.execMu.Unlock()
+	for _, s := range sessions {
+		s.abort()
+	}
+}
+
+// controlExec handles an exec control record from the core.
+func (b *Bridge) controlExec(rec []byte, files []*os.File) {
+	if len(rec) < devopts.ControlLen || len(files) != devopts.ExecFiles {
+		b.log.Warn("malformed exec record from the core", "len", len(rec), "files", len(files))
+		closeAll(files)
+		return
+	}
+	b.startExec(binary.LittleEndian.Uint32(rec[4:]), rec[devopts.ControlLen:], files)
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}

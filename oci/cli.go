@@ -1,0 +1,811 @@
+package oci
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guest/container"
+)
+
+// Version is krun-oci's version.
+const Version = "0.1.0"
+
+// Env is what Main runs with: the VM implementation and the standard
+// files (tests substitute both).
+type Env struct {
+	NewVM          VMFactory
+	Stdin          *os.File
+	Stdout, Stderr *os.File
+}
+
+// globals are the options before the command, as runc has them.
+type globals struct {
+	root          string
+	logPath       string
+	logFormat     string
+	debug         bool
+	systemdCgroup bool
+	kernel        string
+	pluginDir     string
+	cgroupRoot    string
+	pluginUID     int
+	pluginGID     int
+
+	log   *runtimeLog
+	store *Store
+}
+
+func (g *globals) runtimeConfig() RuntimeConfig {
+	return RuntimeConfig{Kernel: g.kernel, PluginDir: g.pluginDir, PluginUID: g.pluginUID, PluginGID: g.pluginGID, Verbose: g.debug}
+}
+
+// globalArgs renders the options a detached helper needs.
+func (g *globals) args() []string {
+	a := []string{"--root", g.root, "--log-format", g.logFormatOr()}
+	if g.logPath != "" {
+		a = append(a, "--log", g.logPath)
+	}
+	if g.debug {
+		a = append(a, "--debug")
+	}
+	if g.systemdCgroup {
+		a = append(a, "--systemd-cgroup")
+	}
+	if g.kernel != "" {
+		a = append(a, "--kernel", g.kernel)
+	}
+	if g.pluginDir != "" {
+		a = append(a, "--plugin-dir", g.pluginDir)
+	}
+	if g.cgroupRoot != "" {
+		a = append(a, "--cgroup-root", g.cgroupRoot)
+	}
+	if g.pluginUID != 0 {
+		a = append(a, "--plugin-uid", strconv.Itoa(g.pluginUID))
+	}
+	if g.pluginGID != 0 {
+		a = append(a, "--plugin-gid", strconv.Itoa(g.pluginGID))
+	}
+	return a
+}
+
+func (g *globals) logFormatOr() string {
+	if g.logFormat == "" {
+		return "text"
+	}
+	return g.logFormat
+}
+
+// defaultRoot is /run/krun-oci, or $XDG_RUNTIME_DIR/krun-oci for a user.
+func defaultRoot() string {
+	if os.Geteuid() != 0 {
+		if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+			return filepath.Join(d, "krun-oci")
+		}
+	}
+	return "/run/krun-oci"
+}
+
+type commandFunc func(g *globals, args []string, env *Env) error
+
+var commands = map[string]struct {
+	summary string
+	run     commandFunc
+}{
+	"create":   {"create a container from a bundle: boot its VM, the command waits for start", cmdCreate},
+	"start":    {"start the command of a created container", cmdStart},
+	"state":    {"print a container's state (JSON)", cmdState},
+	"kill":     {"send a signal to a container's command (SIGKILL ends its VM)", cmdKill},
+	"delete":   {"delete a stopped container (--force: any)", cmdDelete},
+	"run":      {"create and start a container; without --detach wait for it and delete it", cmdRun},
+	"exec":     {"run another process in a running container", cmdExec},
+	"list":     {"list containers", cmdList},
+	"ps":       {"list a container's host processes", cmdPs},
+	"features": {"print the features of this runtime (JSON)", cmdFeatures},
+	"pause":    {"not supported", unsupported("pause")},
+	"resume":   {"not supported", unsupported("resume")},
+	"update":   {"not supported", unsupported("update")},
+	"events":   {"not supported", unsupported("events")},
+}
+
+func unsupported(name string) commandFunc {
+	return func(*globals, []string, *Env) error {
+		return fmt.Errorf("%s is not supported by krun-oci", name)
+	}
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: krun-oci [global options] COMMAND [options] ID")
+	fmt.Fprintln(w, "An OCI runtime whose containers are krun-core microVMs (docs/OCI.md).")
+	fmt.Fprintln(w, "global options: --root DIR --log FILE --log-format text|json --debug --systemd-cgroup --kernel FILE --plugin-dir DIR")
+	fmt.Fprintln(w, "commands:")
+	var names []string
+	for n := range commands {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(w, "  %-9s %s\n", n, commands[n].summary)
+	}
+}
+
+// Main runs krun-oci with args (without argv[0]) and returns the exit
+// status: 0, 1 for a failure (one line on stderr, one in --log), or for
+// run and exec the process's own status.
+func Main(args []string, env *Env) int {
+	g := &globals{}
+	fs := flag.NewFlagSet("krun-oci", flag.ContinueOnError)
+	fs.SetOutput(env.Stderr)
+	fs.StringVar(&g.root, "root", defaultRoot(), "directory for the containers' state")
+	fs.StringVar(&g.logPath, "log", "", "log file (appended)")
+	fs.StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
+	fs.BoolVar(&g.debug, "debug", false, "log the VM's machinery at debug level")
+	fs.BoolVar(&g.systemdCgroup, "systemd-cgroup", false, "cgroupsPath is slice:prefix:name")
+	fs.StringVar(&g.kernel, "kernel", "", "guest kernel (default: $KRUN_KERNEL, then as krun-core run finds one)")
+	fs.StringVar(&g.pluginDir, "plugin-dir", "", "directory of krun-plugin-* and krun-init (default: next to krun-oci)")
+	fs.StringVar(&g.cgroupRoot, "cgroup-root", "", "cgroup v2 mount (default /sys/fs/cgroup)")
+	fs.IntVar(&g.pluginUID, "plugin-uid", 0, "host uid the device plugins run as (default: the sandbox's, nobody for root; never 0)")
+	fs.IntVar(&g.pluginGID, "plugin-gid", 0, "host gid the device plugins run as (default: the sandbox's, nogroup for root; never 0)")
+	fs.Bool("rootless", false, "accepted for compatibility")
+	fs.String("criu", "", "accepted for compatibility")
+	version := fs.Bool("version", false, "print the version")
+	fs.BoolVar(version, "v", false, "print the version")
+	fs.Usage = func() { usage(env.Stderr) }
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 1
+	}
+	log, err := openRuntimeLog(g.logPath, g.logFormat, g.debug, env.Stderr)
+	g.log = log
+	defer log.close()
+	if err != nil {
+		log.fail(err)
+		return 1
+	}
+	if *version {
+		fmt.Fprintf(env.Stdout, "krun-oci version %s\nspec: %s\ngo: %s\n", Version, specs.Version, runtime.Version())
+		return 0
+	}
+	rest := fs.Args()
+	if len(rest) == 0 {
+		usage(env.Stderr)
+		return 1
+	}
+	if g.pluginUID < 0 || g.pluginGID < 0 {
+		log.fail(errors.New("--plugin-uid and --plugin-gid: plugins never run as host root (ids above 0)"))
+		return 1
+	}
+	if !filepath.IsAbs(g.root) {
+		if g.root, err = filepath.Abs(g.root); err != nil {
+			log.fail(err)
+			return 1
+		}
+	}
+	g.store = &Store{Root: g.root}
+	name, cargs := rest[0], rest[1:]
+	switch name {
+	case monitorCmd:
+		return runMonitor(g, cargs, env)
+	case proxyCmd:
+		return runProxy(g, cargs, env)
+	case "help":
+		usage(env.Stdout)
+		return 0
+	}
+	c, ok := commands[name]
+	if !ok {
+		log.fail(fmt.Errorf("unknown command %q (krun-oci help lists them)", name))
+		return 1
+	}
+	err = c.run(g, cargs, env)
+	var st exitStatus
+	if errors.As(err, &st) {
+		return int(st)
+	}
+	if err != nil {
+		log.fail(err)
+		return 1
+	}
+	return 0
+}
+
+// exitStatus is a command's result that is not an error: the status of
+// run's or exec's process.
+type exitStatus int
+
+func (e exitStatus) Error() string { return "exit status " + strconv.Itoa(int(e)) }
+
+// parseFlags parses a command's flags and returns the container ID.
+func parseFlags(fs *flag.FlagSet, args []string, needID bool) (string, []string, error) {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return "", nil, fmt.Errorf("%s: %w", fs.Name(), err)
+	}
+	rest := fs.Args()
+	if !needID {
+		return "", rest, nil
+	}
+	if len(rest) == 0 || rest[0] == "" {
+		return "", nil, fmt.Errorf("%s: a container ID is required", fs.Name())
+	}
+	return rest[0], rest[1:], ValidID(rest[0])
+}
+
+// createOptions are the flags of create and run.
+type createOptions struct {
+	bundle, consoleSocket, pidFile string
+	preserveFDs                    int
+}
+
+func createFlags(name string, o *createOptions) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.StringVar(&o.bundle, "bundle", ".", "")
+	fs.StringVar(&o.bundle, "b", ".", "")
+	fs.StringVar(&o.consoleSocket, "console-socket", "", "")
+	fs.StringVar(&o.pidFile, "pid-file", "", "")
+	fs.IntVar(&o.preserveFDs, "preserve-fds", 0, "")
+	fs.Bool("no-pivot", false, "")
+	fs.Bool("no-new-keyring", false, "")
+	return fs
+}
+
+func cmdCreate(g *globals, args []string, env *Env) error {
+	var o createOptions
+	fs := createFlags("create", &o)
+	id, rest, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("create: unexpected arguments %q", rest)
+	}
+	_, err = create(g, id, &o, env)
+	return err
+}
+
+// create makes a container and returns its monitor (the caller of run
+// waits for it).
+func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, error) {
+	if o.preserveFDs > 0 {
+		return nil, errors.New("--preserve-fds: open files cannot be passed into a VM")
+	}
+	spec, err := LoadSpec(o.bundle)
+	if err != nil {
+		return nil, err
+	}
+	plan, err := Translate(id, o.bundle, spec, translateOptions{SystemdCgroup: g.systemdCgroup, CgroupRoot: g.cgroupRoot})
+	if err != nil {
+		return nil, err
+	}
+	if plan.Process.Terminal && o.consoleSocket == "" {
+		return nil, errors.New("process.terminal needs --console-socket (the terminal's master is handed there)")
+	}
+	c, err := g.store.Create(id)
+	if err != nil {
+		return nil, err
+	}
+	// Missing mount points are made here, with the runtime's rights: the
+	// guest's file server may not be allowed to.
+	for _, err := range container.MakeMountPoints(plan.Root, &plan.Setup) {
+		g.log.warn("%v", err)
+	}
+	var monitor *os.Process
+	ok := false
+	defer func() {
+		if ok {
+			c.Unlock()
+			return
+		}
+		if monitor != nil {
+			monitor.Kill()
+			waitDead(monitor.Pid, 0, 5*time.Second)
+		}
+		removeCgroup(c.Rec.Cgroup)
+		c.Remove()
+	}()
+	c.Rec = Record{ID: id, Bundle: plan.Bundle, Rootfs: plan.Root, Created: time.Now().UTC(),
+		Annotations: spec.Annotations, Phase: phaseCreating, Cgroup: plan.Cgroup.Path}
+	if err := c.Save(); err != nil {
+		return nil, err
+	}
+	if err := writePlan(c.Dir, plan); err != nil {
+		return nil, err
+	}
+	stdio := [3]*os.File{env.Stdin, env.Stdout, env.Stderr}
+	if plan.Process.Terminal {
+		slave, err := newConsole(o.consoleSocket, plan.Process.Rows, plan.Process.Cols)
+		if err != nil {
+			return nil, err
+		}
+		defer slave.Close()
+		stdio = [3]*os.File{slave, slave, slave}
+	}
+	goR, goW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	defer goW.Close()
+	repR, repW, err := os.Pipe()
+	if err != nil {
+		goR.Close()
+		return nil, err
+	}
+	defer repR.Close()
+	netns := ""
+	if plan.Net.Mode == NetNS {
+		netns = plan.Net.Path
+	}
+	monitor, err = spawn(spawnOptions{
+		Args:  append(g.args(), monitorCmd, "--id", id),
+		Stdio: stdio, Extra: []*os.File{goR, repW}, NetNS: netns, Ctty: plan.Process.Terminal,
+	})
+	goR.Close()
+	repW.Close()
+	if err != nil {
+		return nil, fmt.Errorf("start the container's monitor: %w", err)
+	}
+	c.Rec.Pid = monitor.Pid
+	c.Rec.PidStart, _, _ = procStat(monitor.Pid)
+	if err := c.Save(); err != nil {
+		return nil, err
+	}
+	if h := plan.Hooks; h != nil {
+		st := c.ociState(specs.StateCreating)
+		if err := runHooks("createRuntime", h.CreateRuntime, &st.State); err != nil {
+			return nil, err
+		}
+		// prestart hooks see the container as created: they run when
+		// the start operation used to call them.
+		pst := c.ociState(specs.StateCreated)
+		if err := runHooks("prestart", h.Prestart, &pst.State); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := goW.Write([]byte{1}); err != nil {
+		return nil, fmt.Errorf("the container's monitor ended early")
+	}
+	if err := readReport(repR); err != nil {
+		return nil, err
+	}
+	c.Rec.Phase = phaseCreated
+	if err := c.Save(); err != nil {
+		return nil, err
+	}
+	if o.pidFile != "" {
+		if err := writePidFile(o.pidFile, monitor.Pid); err != nil {
+			return nil, err
+		}
+	}
+	ok = true
+	return monitor, nil
+}
+
+// readReport waits for the monitor's ready byte or its error.
+func readReport(r *os.File) error {
+	b, err := io.ReadAll(io.LimitReader(r, 64<<10))
+	if err != nil {
+		return fmt.Errorf("the container's monitor: %w", err)
+	}
+	switch {
+	case len(b) == 0:
+		return errors.New("the container's monitor ended before the guest was ready (--debug --log FILE shows why)")
+	case b[0] == reportReady:
+		return nil
+	case b[0] == reportError:
+		return errors.New(string(b[1:]))
+	}
+	return errors.New("the container's monitor sent a malformed report")
+}
+
+// writePidFile writes pid atomically (the reader never sees a partial
+// file).
+func writePidFile(path string, pid int) error {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(abs, []byte(strconv.Itoa(pid)), 0o644); err != nil {
+		return fmt.Errorf("--pid-file %s: %w", path, unwrapPath(err))
+	}
+	return nil
+}
+
+// waitDead waits until pid no longer runs (or is a zombie).
+func waitDead(pid int, start uint64, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for processAlive(pid, start) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
+}
+
+// Status is a container's status now: stopped once its monitor is gone
+// or reports the command ended.
+func (c *Container) Status() specs.ContainerState {
+	if c.Rec.Pid == 0 {
+		// A create in progress holds the lock; one that died left its
+		// directory behind, stopped.
+		if c.busy() {
+			return specs.StateCreating
+		}
+		return specs.StateStopped
+	}
+	if !c.MonitorAlive() {
+		return specs.StateStopped
+	}
+	if rep, err := callMonitor(c.Dir, &request{Op: opState}, nil, 5*time.Second); err == nil {
+		switch rep.Status {
+		case "creating":
+			return specs.StateCreating
+		case "created":
+			return specs.StateCreated
+		case "running":
+			return specs.StateRunning
+		case "stopped":
+			return specs.StateStopped
+		}
+	}
+	switch c.Rec.Phase {
+	case phaseCreated:
+		return specs.StateCreated
+	case phaseStarted:
+		return specs.StateRunning
+	}
+	return specs.StateCreating
+}
+
+func (c *Container) ociState(status specs.ContainerState) ociState {
+	st := ociState{
+		State: specs.State{Version: specs.Version, ID: c.ID, Status: status, Bundle: c.Rec.Bundle,
+			Annotations: c.Rec.Annotations},
+		Rootfs: c.Rec.Rootfs, Created: c.Rec.Created, Owner: c.Rec.Owner,
+	}
+	if status != specs.StateStopped {
+		st.Pid = c.Rec.Pid
+	}
+	return st
+}
+
+func cmdStart(g *globals, args []string, env *Env) error {
+	fs := flag.NewFlagSet("start", flag.ContinueOnError)
+	id, rest, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("start: unexpected arguments %q", rest)
+	}
+	return start(g, id)
+}
+
+func start(g *globals, id string) error {
+	c, err := g.store.Open(id)
+	if err != nil {
+		return err
+	}
+	defer c.Unlock()
+	if st := c.Status(); st != specs.StateCreated {
+		return fmt.Errorf("cannot start a container that is %s", st)
+	}
+	if _, err := callMonitor(c.Dir, &request{Op: opStart}, nil, 30*time.Second); err != nil {
+		return err
+	}
+	c.Rec.Phase = phaseStarted
+	if err := c.Save(); err != nil {
+		return err
+	}
+	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
+		st := c.ociState(specs.StateRunning)
+		runHooksWarn("poststart", plan.Hooks.Poststart, &st.State, func(err error) { g.log.warn("%v", err) })
+	}
+	return nil
+}
+
+func cmdState(g *globals, args []string, env *Env) error {
+	fs := flag.NewFlagSet("state", flag.ContinueOnError)
+	id, _, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	c, err := g.store.Read(id)
+	if err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(c.ociState(c.Status()), "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(env.Stdout, "%s\n", b)
+	return err
+}
+
+// ParseSignal reads a signal as a number, a name (TERM, SIGTERM, any
+// case) or RTMIN+N.
+func ParseSignal(s string) (unix.Signal, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		if n < 1 || n > 64 {
+			return 0, fmt.Errorf("invalid signal %q", s)
+		}
+		return unix.Signal(n), nil
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	if rest, ok := strings.CutPrefix(name, "SIGRTMIN+"); ok {
+		if n, err := strconv.Atoi(rest); err == nil && n >= 0 && 34+n <= 64 {
+			return unix.Signal(34 + n), nil
+		}
+	}
+	if rest, ok := strings.CutPrefix(name, "SIGRTMAX-"); ok {
+		if n, err := strconv.Atoi(rest); err == nil && n >= 0 && 64-n >= 34 {
+			return unix.Signal(64 - n), nil
+		}
+	}
+	switch name {
+	case "SIGRTMIN":
+		return 34, nil
+	case "SIGRTMAX":
+		return 64, nil
+	}
+	if sig := unix.SignalNum(name); sig != 0 {
+		return sig, nil
+	}
+	return 0, fmt.Errorf("unknown signal %q", s)
+}
+
+func cmdKill(g *globals, args []string, env *Env) error {
+	fs := flag.NewFlagSet("kill", flag.ContinueOnError)
+	fs.Bool("all", false, "")
+	fs.Bool("a", false, "")
+	sigFlag := fs.String("signal", "", "")
+	id, rest, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	sigName := "SIGTERM"
+	switch {
+	case len(rest) > 1:
+		return fmt.Errorf("kill: unexpected arguments %q", rest[1:])
+	case len(rest) == 1:
+		sigName = rest[0]
+	case *sigFlag != "":
+		sigName = *sigFlag
+	}
+	sig, err := ParseSignal(sigName)
+	if err != nil {
+		return err
+	}
+	c, err := g.store.Open(id)
+	if err != nil {
+		return err
+	}
+	defer c.Unlock()
+	st := c.Status()
+	if st != specs.StateCreated && st != specs.StateRunning {
+		return fmt.Errorf("container %s is not running (%s)", id, st)
+	}
+	if sig == unix.SIGKILL {
+		// The VM goes with its monitor; plugins and passt follow it
+		// (parent-death signal).
+		if err := unix.Kill(c.Rec.Pid, unix.SIGKILL); err != nil && err != unix.ESRCH {
+			return fmt.Errorf("kill: %w", err)
+		}
+		return nil
+	}
+	_, err = callMonitor(c.Dir, &request{Op: opSignal, Signal: int(sig)}, nil, 10*time.Second)
+	return err
+}
+
+func cmdDelete(g *globals, args []string, env *Env) error {
+	fs := flag.NewFlagSet("delete", flag.ContinueOnError)
+	force := fs.Bool("force", false, "")
+	fs.BoolVar(force, "f", false, "")
+	id, rest, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("delete: unexpected arguments %q", rest)
+	}
+	return deleteContainer(g, id, *force)
+}
+
+func deleteContainer(g *globals, id string, force bool) error {
+	c, err := g.store.Open(id)
+	if err != nil {
+		return err
+	}
+	defer c.Unlock()
+	st := c.Status()
+	switch st {
+	case specs.StateStopped:
+	default:
+		if !force {
+			return fmt.Errorf("cannot delete container %s that is not stopped: %s", id, st)
+		}
+	}
+	if c.MonitorAlive() {
+		unix.Kill(c.Rec.Pid, unix.SIGKILL)
+		if !waitDead(c.Rec.Pid, c.Rec.PidStart, 10*time.Second) {
+			return fmt.Errorf("the monitor of %s (pid %d) did not end", id, c.Rec.Pid)
+		}
+	}
+	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
+		state := c.ociState(specs.StateStopped)
+		state.Pid = c.Rec.Pid // hooks learn which process the container was
+		runHooksWarn("poststop", plan.Hooks.Poststop, &state.State, func(err error) { g.log.warn("%v", err) })
+	}
+	if err := removeCgroup(c.Rec.Cgroup); err != nil {
+		g.log.warn("%v", err)
+	}
+	return c.Remove()
+}
+
+func cmdRun(g *globals, args []string, env *Env) error {
+	var o createOptions
+	fs := createFlags("run", &o)
+	detach := fs.Bool("detach", false, "")
+	fs.BoolVar(detach, "d", false, "")
+	keep := fs.Bool("keep", false, "")
+	fs.Bool("no-subreaper", false, "")
+	id, rest, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("run: unexpected arguments %q", rest)
+	}
+	monitor, err := create(g, id, &o, env)
+	if err != nil {
+		return err
+	}
+	if err := start(g, id); err != nil {
+		deleteContainer(g, id, true)
+		return err
+	}
+	if *detach {
+		return nil
+	}
+	// The monitor is our child: its exit status is the command's.
+	ps, err := monitor.Wait()
+	if !*keep {
+		if derr := deleteContainer(g, id, true); derr != nil {
+			g.log.warn("%v", derr)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return exitStatus(128 + int(ws.Signal()))
+	}
+	return exitStatus(ps.ExitCode())
+}
+
+func cmdList(g *globals, args []string, env *Env) error {
+	fs := flag.NewFlagSet("list", flag.ContinueOnError)
+	format := fs.String("format", "table", "")
+	fs.StringVar(format, "f", "table", "")
+	quiet := fs.Bool("quiet", false, "")
+	fs.BoolVar(quiet, "q", false, "")
+	if _, _, err := parseFlags(fs, args, false); err != nil {
+		return err
+	}
+	ids, err := g.store.List()
+	if err != nil {
+		return err
+	}
+	var states []ociState
+	for _, id := range ids {
+		c, err := g.store.Read(id)
+		if err != nil {
+			continue
+		}
+		states = append(states, c.ociState(c.Status()))
+	}
+	switch {
+	case *quiet:
+		for _, s := range states {
+			fmt.Fprintln(env.Stdout, s.ID)
+		}
+	case *format == "json":
+		if states == nil {
+			states = []ociState{}
+		}
+		b, _ := json.Marshal(states)
+		fmt.Fprintf(env.Stdout, "%s\n", b)
+	case *format == "table":
+		w := tabwriter.NewWriter(env.Stdout, 12, 1, 3, ' ', 0)
+		fmt.Fprintln(w, "ID\tPID\tSTATUS\tBUNDLE\tCREATED\tOWNER")
+		for _, s := range states {
+			fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%s\t%s\n", s.ID, s.Pid, s.Status, s.Bundle, s.Created.Format(time.RFC3339Nano), s.Owner)
+		}
+		return w.Flush()
+	default:
+		return fmt.Errorf("list: --format %q (table or json)", *format)
+	}
+	return nil
+}
+
+func cmdPs(g *globals, args []string, env *Env) error {
+	fs := flag.NewFlagSet("ps", flag.ContinueOnError)
+	format := fs.String("format", "table", "")
+	fs.StringVar(format, "f", "table", "")
+	id, _, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	c, err := g.store.Read(id)
+	if err != nil {
+		return err
+	}
+	pids := []int{}
+	if st := c.Status(); st != specs.StateStopped {
+		pids = append(pids, c.Rec.Pid)
+	}
+	switch *format {
+	case "json":
+		b, _ := json.Marshal(pids)
+		fmt.Fprintf(env.Stdout, "%s\n", b)
+	case "table":
+		fmt.Fprintln(env.Stdout, "PID")
+		for _, p := range pids {
+			fmt.Fprintln(env.Stdout, p)
+		}
+	default:
+		return fmt.Errorf("ps: --format %q (table or json)", *format)
+	}
+	return nil
+}
+
+func cmdFeatures(g *globals, args []string, env *Env) error {
+	yes, no := true, false
+	f := features.Features{
+		OCIVersionMin: "1.0.0",
+		OCIVersionMax: specs.Version,
+		Hooks:         []string{"prestart", "createRuntime", "poststart", "poststop"},
+		MountOptions:  container.KnownOptions(),
+		Linux: &features.Linux{
+			Namespaces:   []string{"network"},
+			Capabilities: container.CapabilityNames(),
+			Cgroup:       &features.Cgroup{V1: &no, V2: &yes, Systemd: &no, SystemdUser: &no},
+			Seccomp:      &features.Seccomp{Enabled: &no},
+			Apparmor:     &features.Apparmor{Enabled: &no},
+			Selinux:      &features.Selinux{Enabled: &no},
+		},
+		Annotations: map[string]string{
+			"io.github.krun-core.oci.version": Version,
+			AnnotationCPUs:                    "vCPUs of the container's VM",
+			AnnotationRAMMiB:                  "guest RAM of the container's VM in MiB",
+		},
+	}
+	sort.Strings(f.MountOptions)
+	b, err := json.MarshalIndent(f, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(env.Stdout, "%s\n", b)
+	return err
+}

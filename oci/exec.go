@@ -1,0 +1,370 @@
+package oci
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guest/container"
+)
+
+// Descriptors of the exec proxy besides stdio: the process (JSON) and the
+// report pipe.
+const (
+	proxyProcessFD = 3
+	proxyReportFD  = 4
+)
+
+// statusVMEnded is an exec's status when the VM ended before the process
+// reported one (it was killed with the VM).
+const statusVMEnded = 137
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+func cmdExec(g *globals, args []string, env *Env) error {
+	fs := flag.NewFlagSet("exec", flag.ContinueOnError)
+	var (
+		consoleSocket, cwd, user, processPath, pidFile string
+		tty, detach, noNewPrivs                        bool
+		envs, gids, caps                               listFlag
+		preserveFDs                                    int
+	)
+	fs.StringVar(&consoleSocket, "console-socket", "", "")
+	fs.StringVar(&cwd, "cwd", "", "")
+	fs.StringVar(&user, "user", "", "")
+	fs.StringVar(&user, "u", "", "")
+	fs.StringVar(&processPath, "process", "", "")
+	fs.StringVar(&processPath, "p", "", "")
+	fs.StringVar(&pidFile, "pid-file", "", "")
+	fs.BoolVar(&tty, "tty", false, "")
+	fs.BoolVar(&tty, "t", false, "")
+	fs.BoolVar(&detach, "detach", false, "")
+	fs.BoolVar(&detach, "d", false, "")
+	fs.BoolVar(&noNewPrivs, "no-new-privs", false, "")
+	fs.Var(&envs, "env", "")
+	fs.Var(&envs, "e", "")
+	fs.Var(&gids, "additional-gids", "")
+	fs.Var(&gids, "g", "")
+	fs.Var(&caps, "cap", "")
+	fs.Var(&caps, "c", "")
+	fs.IntVar(&preserveFDs, "preserve-fds", 0, "")
+	fs.String("process-label", "", "")
+	fs.String("apparmor", "", "")
+	fs.String("cgroup", "", "")
+	fs.Bool("ignore-paused", false, "")
+	id, rest, err := parseFlags(fs, args, true)
+	if err != nil {
+		return err
+	}
+	if preserveFDs > 0 {
+		return errors.New("--preserve-fds: open files cannot be passed into a VM")
+	}
+	c, err := g.store.Read(id)
+	if err != nil {
+		return err
+	}
+	if st := c.Status(); st != specs.StateCreated && st != specs.StateRunning {
+		return fmt.Errorf("cannot exec in a container that is %s", st)
+	}
+	plan, err := readPlan(c.Dir)
+	if err != nil {
+		return err
+	}
+	var proc *Process
+	if processPath != "" {
+		if proc, err = loadProcess(processPath); err != nil {
+			return err
+		}
+	} else {
+		if len(rest) == 0 {
+			return errors.New("exec: a command is required (or --process FILE)")
+		}
+		p := plan.Process
+		p.Args = rest
+		p.Terminal = tty
+		p.Rows, p.Cols = 0, 0
+		p.Env = mergeEnv(p.Env, envs)
+		if cwd != "" {
+			p.Cwd = cwd
+		}
+		if user != "" {
+			uidS, gidS, hasGID := strings.Cut(user, ":")
+			uid, err := strconv.ParseUint(uidS, 10, 32)
+			if err != nil {
+				return fmt.Errorf("exec: --user %q: want UID[:GID], numeric", user)
+			}
+			p.UID = uint32(uid)
+			if hasGID {
+				gid, err := strconv.ParseUint(gidS, 10, 32)
+				if err != nil {
+					return fmt.Errorf("exec: --user %q: want UID[:GID], numeric", user)
+				}
+				p.GID = uint32(gid)
+			}
+		}
+		for _, gs := range gids {
+			gid, err := strconv.ParseUint(gs, 10, 32)
+			if err != nil {
+				return fmt.Errorf("exec: --additional-gids %q is not a number", gs)
+			}
+			p.AdditionalGIDs = append(p.AdditionalGIDs, uint32(gid))
+		}
+		if noNewPrivs {
+			p.Extras.NoNewPrivileges = true
+		}
+		if len(caps) > 0 {
+			cp := container.Capabilities{}
+			if p.Extras.Capabilities != nil {
+				cp = *p.Extras.Capabilities
+			}
+			cp.Bounding = append(append([]string{}, cp.Bounding...), caps...)
+			cp.Effective = append(append([]string{}, cp.Effective...), caps...)
+			cp.Permitted = append(append([]string{}, cp.Permitted...), caps...)
+			p.Extras.Capabilities = &cp
+		}
+		proc = &p
+	}
+	gp := proc.GuestProcess()
+	if err := gp.Validate(); err != nil {
+		return fmt.Errorf("exec: %w", err)
+	}
+	stdio := [3]*os.File{env.Stdin, env.Stdout, env.Stderr}
+	ctty := false
+	if gp.Terminal {
+		switch {
+		case consoleSocket != "":
+			slave, err := newConsole(consoleSocket, gp.Rows, gp.Cols)
+			if err != nil {
+				return err
+			}
+			defer slave.Close()
+			stdio = [3]*os.File{slave, slave, slave}
+			ctty = true
+		case !detach && isTerminal(env.Stdin):
+			restore, err := rawMode(env.Stdin)
+			if err != nil {
+				return err
+			}
+			defer restore()
+			if gp.Rows == 0 {
+				gp.Rows, gp.Cols, _ = getWinsize(env.Stdin)
+			}
+		default:
+			return errors.New("exec: a terminal needs --console-socket")
+		}
+	}
+	if !detach {
+		if pidFile != "" {
+			if err := writePidFile(pidFile, os.Getpid()); err != nil {
+				return err
+			}
+		}
+		status, err := execProcess(c.Dir, gp, stdio, stdio[0], nil)
+		if err != nil {
+			return err
+		}
+		return exitStatus(status)
+	}
+	procR, procW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer procW.Close()
+	repR, repW, err := os.Pipe()
+	if err != nil {
+		procR.Close()
+		return err
+	}
+	defer repR.Close()
+	proxy, err := spawn(spawnOptions{Args: append(g.args(), proxyCmd, "--id", id), Stdio: stdio,
+		Extra: []*os.File{procR, repW}, Ctty: ctty})
+	procR.Close()
+	repW.Close()
+	if err != nil {
+		return fmt.Errorf("start the exec proxy: %w", err)
+	}
+	b, _ := json.Marshal(gp)
+	procW.Write(b)
+	procW.Close()
+	if err := readReport(repR); err != nil {
+		proxy.Kill()
+		return err
+	}
+	if pidFile != "" {
+		if err := writePidFile(pidFile, proxy.Pid); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// loadProcess reads an exec --process file (an OCI process object).
+func loadProcess(path string) (*Process, error) {
+	b, err := readSmallFile(path, maxConfigSize)
+	if err != nil {
+		return nil, fmt.Errorf("--process %s: %w", path, err)
+	}
+	var sp specs.Process
+	if err := json.Unmarshal(b, &sp); err != nil {
+		return nil, fmt.Errorf("--process %s: %w", path, err)
+	}
+	p, err := translateProcess(&sp)
+	if err != nil {
+		return nil, fmt.Errorf("--process %s: %w", path, err)
+	}
+	return p, nil
+}
+
+// mergeEnv appends env to base, replacing base's entries of the same
+// names.
+func mergeEnv(base, env []string) []string {
+	out := append([]string{}, base...)
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		replaced := false
+		for i, b := range out {
+			if bk, _, _ := strings.Cut(b, "="); bk == k {
+				out[i], replaced = kv, true
+			}
+		}
+		if !replaced {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
+// runProxy is a detached exec: it holds the process's stdio on the host,
+// forwards signals and resizes, and exits with the process's status (a
+// subreaper collects it as runc's exec'd process).
+func runProxy(g *globals, args []string, env *Env) int {
+	fs := flag.NewFlagSet(proxyCmd, flag.ContinueOnError)
+	fs.SetOutput(devNull{})
+	id := fs.String("id", "", "")
+	if err := fs.Parse(args); err != nil || *id == "" {
+		return 1
+	}
+	reportPipe := os.NewFile(proxyReportFD, "report")
+	report := func(err error) {
+		if err == nil {
+			reportPipe.Write([]byte{reportReady})
+		} else {
+			reportPipe.Write(append([]byte{reportError}, oneLine(err.Error())...))
+		}
+		reportPipe.Close()
+	}
+	procFile := os.NewFile(proxyProcessFD, "process")
+	b, err := io.ReadAll(io.LimitReader(procFile, maxConfigSize))
+	procFile.Close()
+	var gp container.Process
+	if err == nil {
+		err = json.Unmarshal(b, &gp)
+	}
+	if err != nil {
+		report(fmt.Errorf("exec proxy: read the process: %w", err))
+		return 1
+	}
+	c, err := g.store.Read(*id)
+	if err != nil {
+		report(err)
+		return 1
+	}
+	var tty *os.File
+	if gp.Terminal {
+		tty = env.Stdin
+	}
+	status, err := execProcess(c.Dir, &gp, [3]*os.File{env.Stdin, env.Stdout, env.Stderr}, tty, report)
+	if err != nil {
+		return 1
+	}
+	return status
+}
+
+// execProcess starts gp through the container's monitor and waits for its
+// status, forwarding signals (and, with a terminal, its size changes).
+// ready, when not nil, learns whether the process started.
+func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.File, ready func(error)) (int, error) {
+	if ready == nil {
+		ready = func(error) {}
+	}
+	sigc := make(chan os.Signal, 16)
+	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
+	defer signal.Stop(sigc)
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		ready(err)
+		return 0, err
+	}
+	defer statusR.Close()
+	rep, err := callMonitor(dir, &request{Op: opExec, Exec: gp}, []*os.File{stdio[0], stdio[1], stdio[2], statusW}, 30*time.Second)
+	statusW.Close()
+	if err != nil {
+		ready(err)
+		return 0, err
+	}
+	ready(nil)
+	id := rep.ExecID
+	go func() {
+		for s := range sigc {
+			sig := s.(syscall.Signal)
+			req := &request{Op: opExecSignal, ExecID: id, Signal: int(sig)}
+			if sig == unix.SIGWINCH {
+				if tty == nil {
+					continue
+				}
+				rows, cols, err := getWinsize(tty)
+				if err != nil {
+					continue
+				}
+				req = &request{Op: opExecResize, ExecID: id, Rows: rows, Cols: cols}
+			}
+			callMonitor(dir, req, nil, 5*time.Second)
+		}
+	}()
+	if tty != nil {
+		if rows, cols, err := getWinsize(tty); err == nil && rows > 0 && (gp.Rows != rows || gp.Cols != cols) {
+			callMonitor(dir, &request{Op: opExecResize, ExecID: id, Rows: rows, Cols: cols}, nil, 5*time.Second)
+		}
+	}
+	var b [1]byte
+	for {
+		n, err := statusR.Read(b[:])
+		if n == 1 {
+			return int(b[0]), nil
+		}
+		if err != nil {
+			return statusVMEnded, nil
+		}
+	}
+}
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// rawMode puts a terminal in raw mode and returns how to restore it.
+func rawMode(f *os.File) (func(), error) {
+	old, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	if err != nil {
+		return nil, err
+	}
+	if err := makeRaw(f); err != nil {
+		return nil, err
+	}
+	return func() { unix.IoctlSetTermios(int(f.Fd()), unix.TCSETS, old) }, nil
+}

@@ -1,0 +1,168 @@
+package oci
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"runtime"
+	"sync"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guest/container"
+)
+
+// fakeVM runs the container's command as a host process: it lets the
+// runtime's process model (monitor, state, exec proxies, signals, exit
+// statuses) be tested without KVM. The real VM is tested end to end in
+// e2e/oci.
+type fakeVM struct {
+	plan *Plan
+	sio  Stdio
+
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+	stopped bool
+	status  int
+	ok      bool
+	exited  chan struct{}
+	once    sync.Once
+}
+
+// launcher starts processes from one locked thread that lives as long as
+// the process, so their parent-death signal fires only when the monitor
+// dies (as a VM dies with it).
+var launcher = func() chan func() {
+	ch := make(chan func())
+	go func() {
+		runtime.LockOSThread()
+		for f := range ch {
+			f()
+		}
+	}()
+	return ch
+}()
+
+// startDying starts cmd with SIGKILL as its parent-death signal.
+func startDying(cmd *exec.Cmd) error {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	errc := make(chan error, 1)
+	launcher <- func() { errc <- cmd.Start() }
+	return <-errc
+}
+
+func newFakeVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) {
+	return &fakeVM{plan: p, sio: sio, exited: make(chan struct{})}, nil
+}
+
+func (v *fakeVM) Boot(ctx context.Context) error {
+	if v.plan.Process.Args[0] == "fail-boot" {
+		return errors.New("the guest could not boot (fake)")
+	}
+	return nil
+}
+
+func (v *fakeVM) env() []string { return v.plan.Process.Env }
+
+func (v *fakeVM) Start() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.stopped {
+		return errors.New("stopped")
+	}
+	cmd := exec.Command(v.plan.Process.Args[0], v.plan.Process.Args[1:]...)
+	cmd.Env = v.env()
+	cmd.Dir = v.plan.Root
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = v.sio.Stdin, v.sio.Stdout, v.sio.Stderr
+	if err := startDying(cmd); err != nil {
+		return err
+	}
+	v.cmd = cmd
+	go func() {
+		cmd.Wait()
+		v.finish(exitCode(cmd.ProcessState), true)
+	}()
+	return nil
+}
+
+func exitCode(ps *os.ProcessState) int {
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	return ps.ExitCode()
+}
+
+func (v *fakeVM) finish(status int, ok bool) {
+	v.once.Do(func() {
+		v.mu.Lock()
+		v.status, v.ok = status, ok
+		v.mu.Unlock()
+		close(v.exited)
+	})
+}
+
+func (v *fakeVM) Signal(sig unix.Signal) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.cmd == nil {
+		return errors.New("not started")
+	}
+	return v.cmd.Process.Signal(sig)
+}
+
+func (v *fakeVM) Resize(rows, cols uint16) error { return nil }
+
+func (v *fakeVM) Exec(p *container.Process, stdin, stdout, stderr, status *os.File) (uint32, error) {
+	cmd := exec.Command(p.Args[0], p.Args[1:]...)
+	cmd.Env = p.Env
+	cmd.Dir = v.plan.Root
+	// Own copies: the monitor closes the received files after Exec.
+	files := []*os.File{}
+	for _, f := range []*os.File{stdin, stdout, stderr, status} {
+		fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return 0, err
+		}
+		files = append(files, os.NewFile(uintptr(fd), f.Name()))
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = files[0], files[1], files[2]
+	if err := startDying(cmd); err != nil {
+		closeFiles(files)
+		return 0, err
+	}
+	files[0].Close()
+	files[1].Close()
+	files[2].Close()
+	go func() {
+		cmd.Wait()
+		files[3].Write([]byte{byte(exitCode(cmd.ProcessState))})
+		files[3].Close()
+	}()
+	return uint32(cmd.Process.Pid), nil
+}
+
+func (v *fakeVM) ExecSignal(id uint32, sig unix.Signal) error { return unix.Kill(int(id), sig) }
+
+func (v *fakeVM) ExecResize(id uint32, rows, cols uint16) error { return nil }
+
+func (v *fakeVM) Exited() <-chan struct{} { return v.exited }
+
+func (v *fakeVM) Wait() (int, bool, error) {
+	<-v.exited
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.status, v.ok, nil
+}
+
+func (v *fakeVM) Stop() {
+	v.mu.Lock()
+	v.stopped = true
+	if v.cmd != nil {
+		v.cmd.Process.Kill()
+	}
+	v.mu.Unlock()
+	v.finish(0, false)
+}

@@ -1,0 +1,297 @@
+package oci
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Hidden sub-commands: the detached processes create and exec start.
+const (
+	monitorCmd = "__monitor"
+	proxyCmd   = "__exec"
+)
+
+// The monitor's descriptors besides stdio: create's go signal (it runs
+// the createRuntime hooks between the monitor's start and the boot) and
+// the monitor's report.
+const (
+	monitorGoFD     = 3
+	monitorReportFD = 4
+)
+
+// Report bytes on the report pipe: ready, or an error message follows.
+const (
+	reportReady = 'k'
+	reportError = 'e'
+)
+
+// ReadyTimeout bounds how long create waits for the guest to be set up.
+const ReadyTimeout = 5 * time.Minute
+
+// monitor owns one container's VM.
+type monitor struct {
+	dir  string
+	plan *Plan
+	vm   VM
+	log  *runtimeLog
+
+	mu        sync.Mutex
+	phase     string // phaseCreating, phaseCreated, phaseStarted, or "stopped"
+	endSignal unix.Signal
+}
+
+const phaseStopped = "stopped"
+
+// runMonitor is the monitor process: it joins the cgroup, listens on the
+// control socket, waits for create's go, boots the VM, reports readiness
+// and then serves start, kill and exec until the command ends. It exits
+// with the command's status (128+N for a signal), so that a subreaper
+// collecting it sees what runc's container process would give.
+func runMonitor(g *globals, args []string, env *Env) int {
+	fs := flag.NewFlagSet(monitorCmd, flag.ContinueOnError)
+	fs.SetOutput(devNull{})
+	id := fs.String("id", "", "")
+	if err := fs.Parse(args); err != nil || *id == "" {
+		return 1
+	}
+	goPipe := os.NewFile(monitorGoFD, "go")
+	reportPipe := os.NewFile(monitorReportFD, "report")
+	report := func(err error) {
+		if err == nil {
+			reportPipe.Write([]byte{reportReady})
+		} else {
+			reportPipe.Write(append([]byte{reportError}, oneLine(err.Error())...))
+		}
+		reportPipe.Close()
+	}
+	sigc := make(chan os.Signal, 16)
+	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH, unix.SIGPIPE)
+
+	dir := filepath.Join(g.root, *id)
+	plan, err := readPlan(dir)
+	if err != nil {
+		report(err)
+		return 1
+	}
+	m := &monitor{dir: dir, plan: plan, log: g.log, phase: phaseCreating}
+	if plan.Cgroup.Path != "" {
+		if err := joinCgroup(plan.Cgroup, g.cgroupRoot); err != nil {
+			report(err)
+			return 1
+		}
+	}
+	l, closeListener, err := listenMonitor(dir)
+	if err != nil {
+		report(err)
+		return 1
+	}
+	defer closeListener()
+	go m.serve(l)
+
+	var b [1]byte
+	if n, _ := goPipe.Read(b[:]); n != 1 {
+		return 1 // create gave up
+	}
+	goPipe.Close()
+
+	sio := Stdio{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, TTY: plan.Process.Terminal}
+	vm, err := env.NewVM(plan, sio, g.runtimeConfig(), g.log.hclog("krun-oci"))
+	if err != nil {
+		report(err)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), ReadyTimeout)
+	err = vm.Boot(ctx)
+	cancel()
+	if err != nil {
+		vm.Stop()
+		vm.Wait()
+		report(err)
+		return 1
+	}
+	m.mu.Lock()
+	m.vm = vm
+	m.phase = phaseCreated
+	m.mu.Unlock()
+	report(nil)
+
+	exited := vm.Exited()
+	for done := false; !done; {
+		select {
+		case <-exited:
+			done = true
+		case s := <-sigc:
+			m.hostSignal(s.(syscall.Signal))
+		}
+	}
+	m.mu.Lock()
+	m.phase = phaseStopped
+	m.mu.Unlock()
+	status, ok, err := vm.Wait()
+	m.mu.Lock()
+	endSignal := m.endSignal
+	m.mu.Unlock()
+	switch {
+	case endSignal != 0:
+		return 128 + int(endSignal)
+	case ok:
+		return status
+	}
+	if err == nil {
+		err = errors.New("the guest ended without reporting the command's exit status")
+	}
+	g.log.warn("container %s: %v", *id, err)
+	return 125
+}
+
+// hostSignal handles a signal sent to the monitor itself: a terminal
+// resize, or a signal for the command.
+func (m *monitor) hostSignal(sig syscall.Signal) {
+	switch sig {
+	case unix.SIGWINCH:
+		if m.plan.Process.Terminal {
+			if rows, cols, err := getWinsize(os.Stdin); err == nil {
+				m.vm.Resize(rows, cols)
+			}
+		}
+	case unix.SIGPIPE:
+	default:
+		m.signal(unix.Signal(sig))
+	}
+}
+
+// signal sends sig to the command; before start there is no command yet,
+// and the container ends as if it had been killed by sig.
+func (m *monitor) signal(sig unix.Signal) error {
+	m.mu.Lock()
+	phase, vm := m.phase, m.vm
+	if phase == phaseCreated {
+		m.endSignal = sig
+	}
+	m.mu.Unlock()
+	switch phase {
+	case phaseCreated:
+		vm.Stop()
+		return nil
+	case phaseStarted:
+		return vm.Signal(sig)
+	}
+	return fmt.Errorf("container is %s", statusOfPhase(phase))
+}
+
+func statusOfPhase(p string) string {
+	switch p {
+	case phaseStarted:
+		return "running"
+	case phaseStopped:
+		return "stopped"
+	}
+	return p
+}
+
+// serve answers requests on the control socket until it is closed.
+func (m *monitor) serve(l *net.UnixListener) {
+	for {
+		conn, err := l.AcceptUnix()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(30 * time.Second))
+			var req request
+			files, err := recvMsg(conn, &req)
+			if err != nil {
+				return
+			}
+			rep := m.handle(&req, files)
+			closeFiles(files)
+			sendMsg(conn, rep, nil)
+		}()
+	}
+}
+
+func (m *monitor) handle(req *request, files []*os.File) *reply {
+	m.mu.Lock()
+	phase, vm := m.phase, m.vm
+	m.mu.Unlock()
+	fail := func(err error) *reply { return &reply{Error: oneLine(err.Error())} }
+	switch req.Op {
+	case opState:
+		return &reply{Status: statusOfPhase(phase)}
+	case opStart:
+		if phase != phaseCreated {
+			return fail(fmt.Errorf("cannot start a container that is %s", statusOfPhase(phase)))
+		}
+		m.mu.Lock()
+		m.phase = phaseStarted
+		m.mu.Unlock()
+		if err := vm.Start(); err != nil {
+			return fail(fmt.Errorf("start the command: %w", err))
+		}
+		return &reply{Status: "running"}
+	case opSignal:
+		if req.Signal <= 0 || req.Signal > 64 {
+			return fail(fmt.Errorf("invalid signal %d", req.Signal))
+		}
+		if err := m.signal(unix.Signal(req.Signal)); err != nil {
+			return fail(err)
+		}
+		return &reply{}
+	case opResize:
+		if phase != phaseCreated && phase != phaseStarted {
+			return fail(fmt.Errorf("container is %s", statusOfPhase(phase)))
+		}
+		if err := vm.Resize(req.Rows, req.Cols); err != nil {
+			return fail(err)
+		}
+		return &reply{}
+	case opExec:
+		if phase != phaseCreated && phase != phaseStarted {
+			return fail(fmt.Errorf("cannot exec in a container that is %s", statusOfPhase(phase)))
+		}
+		if req.Exec == nil || len(files) != 4 {
+			return fail(errors.New("exec needs a process and four files"))
+		}
+		if err := req.Exec.Validate(); err != nil {
+			return fail(err)
+		}
+		id, err := vm.Exec(req.Exec, files[0], files[1], files[2], files[3])
+		if err != nil {
+			return fail(fmt.Errorf("exec: %w", err))
+		}
+		return &reply{ExecID: id}
+	case opExecSignal:
+		if vm == nil || req.Signal <= 0 || req.Signal > 64 {
+			return fail(errors.New("invalid exec signal"))
+		}
+		if err := vm.ExecSignal(req.ExecID, unix.Signal(req.Signal)); err != nil {
+			return fail(err)
+		}
+		return &reply{}
+	case opExecResize:
+		if vm == nil {
+			return fail(errors.New("no VM"))
+		}
+		if err := vm.ExecResize(req.ExecID, req.Rows, req.Cols); err != nil {
+			return fail(err)
+		}
+		return &reply{}
+	}
+	return fail(fmt.Errorf("unknown request %q", req.Op))
+}
+
+type devNull struct{}
+
+func (devNull) Write(p []byte) (int, error) { return len(p), nil }

@@ -1,0 +1,131 @@
+package oci
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/krun-core/krun-core/guest/container"
+	"github.com/krun-core/krun-core/guest/initconfig"
+)
+
+// Plan is what a bundle's config.json becomes: the VM to boot, the
+// command and its environment in the guest, and what happens on the host
+// around it (network namespace, cgroup, hooks). create writes it into the
+// state directory; the monitor reads it back.
+type Plan struct {
+	ID     string `json:"id"`
+	Bundle string `json:"bundle"`
+	// Root is the host directory served as the guest's root (virtio-fs).
+	Root         string  `json:"root"`
+	RootReadOnly bool    `json:"root_readonly"`
+	CPUs         int     `json:"cpus"`
+	MemoryMiB    uint64  `json:"memory_mib"`
+	Hostname     string  `json:"hostname,omitempty"`
+	Process      Process `json:"process"`
+	// Shares are the host directories bind-mounted into the container,
+	// each a virtio-fs device of its own.
+	Shares []Share `json:"shares,omitempty"`
+	// Setup is what krun-init builds inside the root.
+	Setup container.Setup `json:"setup"`
+	Net   NetPlan         `json:"net"`
+	// Cgroup is the cgroup the monitor joins ("" none).
+	Cgroup CgroupPlan   `json:"cgroup"`
+	Hooks  *specs.Hooks `json:"hooks,omitempty"`
+	// Annotations are the config's, reported by state.
+	Annotations map[string]string `json:"annotations,omitempty"`
+	// LookupOnHost says the command can be checked in Root before the
+	// VM boots (it is not under a mount the guest makes).
+	LookupOnHost bool `json:"lookup_on_host"`
+}
+
+// Process is a program to run in the guest: the container's command or
+// an exec'd one.
+type Process struct {
+	Args           []string            `json:"args"`
+	Env            []string            `json:"env"`
+	Cwd            string              `json:"cwd"`
+	UID            uint32              `json:"uid"`
+	GID            uint32              `json:"gid"`
+	AdditionalGIDs []uint32            `json:"additional_gids,omitempty"`
+	Terminal       bool                `json:"terminal"`
+	Rows           uint16              `json:"rows,omitempty"`
+	Cols           uint16              `json:"cols,omitempty"`
+	Rlimits        []initconfig.Rlimit `json:"rlimits,omitempty"`
+	Extras         container.Extras    `json:"extras"`
+}
+
+// Share is a host directory served to the guest under a virtio-fs tag.
+type Share struct {
+	Path     string `json:"path"`
+	Tag      string `json:"tag"`
+	ReadOnly bool   `json:"readonly"`
+}
+
+// Network modes.
+const (
+	// NetNone: no network device (a new, empty network namespace).
+	NetNone = "none"
+	// NetHost: passt in the runtime's own network namespace (the config
+	// has no network namespace: the host's network, outbound only).
+	NetHost = "host"
+	// NetNS: passt in the network namespace config.json names, forwarding
+	// every TCP and UDP port of that namespace to the guest (pod
+	// networking set up by CNI).
+	NetNS = "netns"
+)
+
+// NetPlan is the guest's network.
+type NetPlan struct {
+	Mode string `json:"mode"`
+	// Path is the network namespace to run passt in (NetNS).
+	Path string `json:"path,omitempty"`
+	// PasstArgs are extra passt arguments (port forwarding).
+	PasstArgs []string `json:"passt_args,omitempty"`
+}
+
+// CgroupPlan is the cgroup v2 directory the monitor joins, and the
+// limits written there.
+type CgroupPlan struct {
+	Path string `json:"path,omitempty"` // absolute, under the cgroup2 mount
+	// CPUMax is cpu.max ("QUOTA PERIOD"), "" to leave it.
+	CPUMax string `json:"cpu_max,omitempty"`
+}
+
+// writePlan stores the plan in a state directory.
+func writePlan(dir string, p *Plan) error {
+	b, err := json.Marshal(p)
+	if err != nil {
+		return fmt.Errorf("encode plan: %w", err)
+	}
+	return writeFileAtomic(filepath.Join(dir, planFile), b, 0o600)
+}
+
+// readPlan loads the plan of a state directory.
+func readPlan(dir string) (*Plan, error) {
+	b, err := os.ReadFile(filepath.Join(dir, planFile))
+	if err != nil {
+		return nil, fmt.Errorf("read plan: %w", err)
+	}
+	var p Plan
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("decode plan: %w", err)
+	}
+	return &p, nil
+}
+
+// GuestProcess turns p into the exec request krun-init reads.
+func (p *Process) GuestProcess() *container.Process {
+	gp := &container.Process{
+		Args: p.Args, Env: p.Env, Cwd: p.Cwd, UID: p.UID, GID: p.GID,
+		AdditionalGIDs: p.AdditionalGIDs, Terminal: p.Terminal, Extras: p.Extras,
+	}
+	if p.Terminal && p.Rows > 0 && p.Cols > 0 {
+		gp.Rows, gp.Cols = p.Rows, p.Cols
+	}
+	gp.Rlimits = p.Rlimits
+	return gp
+}

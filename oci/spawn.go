@@ -1,0 +1,153 @@
+package oci
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"syscall"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// spawnOptions describe a detached helper process (the monitor or an
+// exec proxy): krun-oci itself with a hidden sub-command.
+type spawnOptions struct {
+	Args  []string // after argv[0]
+	Stdio [3]*os.File
+	Extra []*os.File // fds 3, 4, ...
+	// NetNS is a network namespace the process is born in ("" keeps
+	// ours).
+	NetNS string
+	// Ctty makes Stdio[0], a terminal, the new session's controlling
+	// terminal.
+	Ctty bool
+}
+
+// spawn starts a detached helper in a session of its own. It is not
+// waited for: it outlives this process, and its parent becomes the
+// caller's subreaper (conmon, containerd's shim), which collects its exit
+// status.
+func spawn(o spawnOptions) (*os.Process, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find krun-oci's executable: %w", err)
+	}
+	cmd := exec.Command(exe, o.Args...)
+	cmd.Args[0] = "krun-oci"
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdio[0], o.Stdio[1], o.Stdio[2]
+	cmd.ExtraFiles = o.Extra
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if o.Ctty {
+		cmd.SysProcAttr.Setctty = true
+		cmd.SysProcAttr.Ctty = 0
+	}
+	if o.NetNS == "" {
+		if err := cmd.Start(); err != nil {
+			return nil, err
+		}
+		return cmd.Process, nil
+	}
+	// The child inherits the network namespace of the thread that forks
+	// it: join the namespace on a locked thread that is thrown away
+	// afterwards (returning from a locked goroutine ends its thread).
+	type result struct {
+		p   *os.Process
+		err error
+	}
+	rc := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		fd, err := unix.Open(o.NetNS, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			rc <- result{err: fmt.Errorf("network namespace %s: %w", o.NetNS, err)}
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			rc <- result{err: fmt.Errorf("join network namespace %s: %w", o.NetNS, err)}
+			return
+		}
+		if err := cmd.Start(); err != nil {
+			rc <- result{err: err}
+			return
+		}
+		rc <- result{p: cmd.Process}
+	}()
+	r := <-rc
+	return r.p, r.err
+}
+
+// runHooks runs hooks in order with the container's state on their
+// stdin; the first failure is returned.
+func runHooks(kind string, hooks []specs.Hook, st *specs.State) error {
+	if len(hooks) == 0 {
+		return nil
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	for _, h := range hooks {
+		if err := runHook(h, b); err != nil {
+			return fmt.Errorf("%s hook %s: %w", kind, h.Path, err)
+		}
+	}
+	return nil
+}
+
+// runHooksWarn runs every hook in order, as poststart and poststop hooks
+// are run: a failed one is passed to warn and the rest still run.
+func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, warn func(error)) {
+	if len(hooks) == 0 {
+		return
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		warn(err)
+		return
+	}
+	for _, h := range hooks {
+		if err := runHook(h, b); err != nil {
+			warn(fmt.Errorf("%s hook %s: %w", kind, h.Path, err))
+		}
+	}
+}
+
+func runHook(h specs.Hook, state []byte) error {
+	ctx := context.Background()
+	if h.Timeout != nil {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(*h.Timeout)*time.Second)
+		defer cancel()
+	}
+	args := h.Args
+	if len(args) == 0 {
+		args = []string{h.Path}
+	}
+	cmd := exec.CommandContext(ctx, h.Path)
+	cmd.Args = args
+	cmd.Env = h.Env
+	if cmd.Env == nil {
+		cmd.Env = []string{}
+	}
+	cmd.Stdin = bytes.NewReader(state)
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		return fmt.Errorf("timed out after %ds", *h.Timeout)
+	}
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && len(out) > 0 {
+			return fmt.Errorf("%v: %s", err, oneLine(string(out)))
+		}
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,331 @@
+package oci
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// Files in a container's state directory (<root>/<id>/).
+const (
+	recordFile  = "state.json" // Record
+	planFile    = "plan.json"  // Plan, written by create, read by the monitor
+	monitorSock = "m"          // the monitor's control socket
+)
+
+// maxIDLen bounds a container ID (it becomes a directory name).
+const maxIDLen = 255
+
+// ErrNotExist says there is no container with that ID.
+var ErrNotExist = errors.New("container does not exist")
+
+// ErrExist says a container with that ID exists already.
+var ErrExist = errors.New("container already exists")
+
+// Phases recorded in the state file; the status reported is derived from
+// the phase and whether the monitor is alive (Container.Status).
+const (
+	phaseCreating = "creating" // create runs; the monitor may not exist yet
+	phaseCreated  = "created"  // the guest is booted and waits for start
+	phaseStarted  = "started"  // start released the command
+)
+
+// Record is a container's state file: what survives the runtime process.
+type Record struct {
+	ID          string            `json:"id"`
+	Bundle      string            `json:"bundle"`
+	Rootfs      string            `json:"rootfs"`
+	Created     time.Time         `json:"created"`
+	Owner       string            `json:"owner"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+	Phase       string            `json:"phase"`
+	// Pid is the monitor, the process that owns the VM: the container's
+	// pid. PidStart is its start time in clock ticks since boot
+	// (/proc/PID/stat field 22), so a reused pid is never taken for it.
+	Pid      int    `json:"pid"`
+	PidStart uint64 `json:"pid_start"`
+	// Cgroup is the cgroup directory the monitor was placed in ("" for
+	// none); delete removes it.
+	Cgroup string `json:"cgroup,omitempty"`
+}
+
+// Store is the state root (--root): one directory per container.
+type Store struct {
+	Root string
+}
+
+// ValidID checks a container ID: 1-255 bytes of letters, digits and
+// "_+-.", not "." or "..".
+func ValidID(id string) error {
+	if id == "" {
+		return errors.New("container ID cannot be empty")
+	}
+	if len(id) > maxIDLen || id == "." || id == ".." {
+		return fmt.Errorf("invalid container ID %q", id)
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '+' || c == '-' || c == '.') {
+			return fmt.Errorf("invalid container ID %q: only letters, digits and _+-. are allowed", id)
+		}
+	}
+	return nil
+}
+
+// Container is one container's state directory, locked while held.
+type Container struct {
+	ID  string
+	Dir string
+	Rec Record
+
+	lock *os.File // the directory itself, flocked
+}
+
+// init makes the state root (mode 0700: it holds control sockets).
+func (s *Store) init() error {
+	if err := os.MkdirAll(s.Root, 0o700); err != nil {
+		return fmt.Errorf("state root %s: %w", s.Root, err)
+	}
+	return nil
+}
+
+// Create makes the state directory of a new container and returns it
+// locked. It fails with ErrExist when the ID is taken.
+func (s *Store) Create(id string) (*Container, error) {
+	if err := ValidID(id); err != nil {
+		return nil, err
+	}
+	if err := s.init(); err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(s.Root, id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("container with id %s: %w", id, ErrExist)
+		}
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	c, err := lockDir(id, dir)
+	if err != nil {
+		os.Remove(dir)
+		return nil, err
+	}
+	return c, nil
+}
+
+// Open locks an existing container's state directory and reads its
+// record. Commands on one ID are serialized by this lock.
+func (s *Store) Open(id string) (*Container, error) {
+	if err := ValidID(id); err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(s.Root, id)
+	c, err := lockDir(id, dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.load(); err != nil {
+		c.Unlock()
+		return nil, err
+	}
+	return c, nil
+}
+
+// Read reads a container's record without taking its lock (state and
+// list must answer while a create holds it).
+func (s *Store) Read(id string) (*Container, error) {
+	if err := ValidID(id); err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(s.Root, id)
+	if st, err := os.Lstat(dir); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("container %s: %w", id, ErrNotExist)
+	}
+	c := &Container{ID: id, Dir: dir}
+	if err := c.load(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// busy reports whether another command holds the container's lock.
+func (c *Container) busy() bool {
+	if c.lock != nil {
+		return false
+	}
+	fd, err := unix.Open(c.Dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	return unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) == unix.EWOULDBLOCK
+}
+
+// List returns the IDs of the containers under the root.
+func (s *Store) List() ([]string, error) {
+	ents, err := os.ReadDir(s.Root)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state root %s: %w", s.Root, err)
+	}
+	var ids []string
+	for _, e := range ents {
+		if e.IsDir() && ValidID(e.Name()) == nil {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids, nil
+}
+
+func lockDir(id, dir string) (*Container, error) {
+	f, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+			return nil, fmt.Errorf("container %s: %w", id, ErrNotExist)
+		}
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if err := flockRetry(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock state directory: %w", err)
+	}
+	// A delete that held the lock before us has removed the directory:
+	// its inode has no links left.
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Nlink == 0 {
+		f.Close()
+		return nil, fmt.Errorf("container %s: %w", id, ErrNotExist)
+	}
+	return &Container{ID: id, Dir: dir, lock: f}, nil
+}
+
+func flockRetry(fd, how int) error {
+	for {
+		err := unix.Flock(fd, how)
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// Unlock releases the lock (the state stays).
+func (c *Container) Unlock() {
+	if c.lock != nil {
+		c.lock.Close()
+		c.lock = nil
+	}
+}
+
+func (c *Container) load() error {
+	b, err := os.ReadFile(filepath.Join(c.Dir, recordFile))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			// A create that died before writing its record: the
+			// container exists (its ID is taken) and has stopped.
+			c.Rec = Record{ID: c.ID, Phase: phaseCreating}
+			return nil
+		}
+		return fmt.Errorf("read state: %w", err)
+	}
+	if err := json.Unmarshal(b, &c.Rec); err != nil {
+		return fmt.Errorf("state file of %s is corrupt: %w", c.ID, err)
+	}
+	if c.Rec.ID != c.ID {
+		return fmt.Errorf("state file of %s names container %q", c.ID, c.Rec.ID)
+	}
+	return nil
+}
+
+// Save writes the record atomically.
+func (c *Container) Save() error {
+	b, err := json.MarshalIndent(&c.Rec, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	return writeFileAtomic(filepath.Join(c.Dir, recordFile), b, 0o600)
+}
+
+// Remove deletes the state directory; the lock is released.
+func (c *Container) Remove() error {
+	err := os.RemoveAll(c.Dir)
+	c.Unlock()
+	if err != nil {
+		return fmt.Errorf("remove state: %w", err)
+	}
+	return nil
+}
+
+func writeFileAtomic(path string, b []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, mode); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+// MonitorAlive reports whether the recorded monitor process still runs
+// (a zombie has ended: it only waits for its parent to collect it).
+func (c *Container) MonitorAlive() bool {
+	return c.Rec.Pid > 0 && processAlive(c.Rec.Pid, c.Rec.PidStart)
+}
+
+// processAlive reports whether pid runs and started at start (clock
+// ticks since boot; 0 skips that check).
+func processAlive(pid int, start uint64) bool {
+	st, state, err := procStat(pid)
+	if err != nil {
+		return false
+	}
+	if state == 'Z' || state == 'X' {
+		return false
+	}
+	return start == 0 || st == start
+}
+
+// procStat returns a process's start time and state letter from
+// /proc/PID/stat.
+func procStat(pid int) (start uint64, state byte, err error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	// The command name is in parentheses and may contain anything: the
+	// fields follow the last ')'.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, 0, errors.New("malformed /proc stat")
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// f[0] is field 3 (state); field 22 (starttime) is f[19].
+	if len(f) < 20 || len(f[0]) != 1 {
+		return 0, 0, errors.New("malformed /proc stat")
+	}
+	start, err = strconv.ParseUint(f[19], 10, 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("malformed /proc stat: %w", err)
+	}
+	return start, f[0][0], nil
+}
+
+// ociState is the state JSON the spec defines, with the fields runc adds
+// that podman and containerd read (rootfs, created, owner).
+type ociState struct {
+	specs.State
+	Rootfs  string    `json:"rootfs"`
+	Created time.Time `json:"created"`
+	Owner   string    `json:"owner"`
+}

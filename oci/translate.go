@@ -1,0 +1,740 @@
+package oci
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/core/vmm"
+	"github.com/krun-core/krun-core/guest/container"
+	"github.com/krun-core/krun-core/guest/initconfig"
+)
+
+// maxConfigSize bounds config.json.
+const maxConfigSize = 4 << 20
+
+// Annotations that size the VM, as crun's krun handler names them; they
+// override linux.resources.
+const (
+	AnnotationCPUs   = "krun.cpus"
+	AnnotationRAMMiB = "krun.ram_mib"
+)
+
+// Annotations that choose the ports of a network namespace passt forwards
+// to the guest (passt's -t and -u: "all", the default, "none", or ports
+// and ranges such as "80,443,8000-8100").
+const (
+	AnnotationTCPPorts = "krun.tcp_ports"
+	AnnotationUDPPorts = "krun.udp_ports"
+)
+
+// MinMemoryMiB is the smallest VM krun-oci boots.
+const MinMemoryMiB = 64
+
+// shareTagPrefix names the virtio-fs tags of bind-mounted directories.
+const shareTagPrefix = "krun-vol-"
+
+// reservedDevices are the virtio-mmio slots the root and the console
+// take; a network takes one more.
+const reservedDevices = 2
+
+// LoadSpec reads a bundle's config.json. Unknown fields are ignored, as
+// the spec requires.
+func LoadSpec(bundle string) (*specs.Spec, error) {
+	f, err := os.Open(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("bundle %s: %w", bundle, unwrapPath(err))
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read config.json: %w", err)
+	}
+	if len(b) > maxConfigSize {
+		return nil, fmt.Errorf("config.json is larger than %d bytes", maxConfigSize)
+	}
+	var s specs.Spec
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(&s); err != nil {
+		return nil, fmt.Errorf("config.json: %w", err)
+	}
+	return &s, nil
+}
+
+// unwrapPath drops the *PathError wrapper (its message repeats the path).
+func unwrapPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// translateOptions are the runtime's own settings that shape a plan.
+type translateOptions struct {
+	// SystemdCgroup: cgroupsPath is "slice:prefix:name" (--systemd-cgroup).
+	SystemdCgroup bool
+	// CgroupRoot is the cgroup2 mount ("" for /sys/fs/cgroup).
+	CgroupRoot string
+	// OwnCgroup is the runtime's own cgroup (for relative paths); ""
+	// reads /proc/self/cgroup.
+	OwnCgroup string
+}
+
+// specError is a config.json field the runtime refuses.
+func specError(field, format string, a ...any) error {
+	return fmt.Errorf("config.json: %s: %s", field, fmt.Sprintf(format, a...))
+}
+
+// Translate checks spec and turns it into a plan. Everything a VM cannot
+// honour is refused here, with one line naming the field; what it ignores
+// is listed in docs/OCI.md.
+func Translate(id, bundle string, spec *specs.Spec, opt translateOptions) (*Plan, error) {
+	if err := checkVersion(spec.Version); err != nil {
+		return nil, err
+	}
+	bundle, err := filepath.Abs(bundle)
+	if err != nil {
+		return nil, err
+	}
+	p := &Plan{ID: id, Bundle: bundle, CPUs: vmm.DefaultCPUs, MemoryMiB: vmm.DefaultMemoryMiB,
+		Annotations: spec.Annotations, Net: NetPlan{Mode: NetHost}}
+	if spec.Root == nil || spec.Root.Path == "" {
+		return nil, specError("root.path", "required")
+	}
+	root := spec.Root.Path
+	if !filepath.IsAbs(root) {
+		root = filepath.Join(bundle, root)
+	}
+	st, err := os.Stat(root)
+	if err != nil {
+		return nil, specError("root.path", "%s: %v", root, unwrapPath(err))
+	}
+	if !st.IsDir() {
+		return nil, specError("root.path", "%s is not a directory", root)
+	}
+	p.Root, p.RootReadOnly = filepath.Clean(root), spec.Root.Readonly
+
+	if spec.Process == nil {
+		return nil, specError("process", "required to create a container")
+	}
+	proc, err := translateProcess(spec.Process)
+	if err != nil {
+		return nil, err
+	}
+	p.Process = *proc
+	p.Setup.Process = proc.Extras
+
+	if spec.Hostname != "" {
+		if err := initconfig.ValidHostname(spec.Hostname); err != nil {
+			return nil, specError("hostname", "%v", err)
+		}
+		p.Hostname = spec.Hostname
+	}
+	if spec.Domainname != "" {
+		return nil, specError("domainname", "not supported")
+	}
+	if err := translateMounts(p, spec.Mounts); err != nil {
+		return nil, err
+	}
+	if err := translateLinux(p, id, spec.Linux, opt); err != nil {
+		return nil, err
+	}
+	if err := translateHooks(p, spec.Hooks); err != nil {
+		return nil, err
+	}
+	if err := applyAnnotations(p, spec.Annotations); err != nil {
+		return nil, err
+	}
+	if p.Net.Mode == NetNS {
+		tcp, udp := "all", "all"
+		for _, a := range []struct {
+			key string
+			val *string
+		}{{AnnotationTCPPorts, &tcp}, {AnnotationUDPPorts, &udp}} {
+			if v, ok := spec.Annotations[a.key]; ok {
+				if err := checkPortSpec(v); err != nil {
+					return nil, specError("annotations."+a.key, "%v", err)
+				}
+				*a.val = v
+			}
+		}
+		p.Net.PasstArgs = []string{"--tcp-ports", tcp, "--udp-ports", udp}
+	}
+	if isPodSandbox(spec.Annotations) {
+		// A pod's sandbox ("pause") container only holds the pod's
+		// namespaces: its VM gets no network, so the pod's ports stay
+		// free for the passt of the container that serves them.
+		p.Net = NetPlan{Mode: NetNone}
+	}
+	devs := reservedDevices + len(p.Shares)
+	if p.Net.Mode != NetNone {
+		devs++
+	}
+	if devs > vmm.MaxDevices {
+		return nil, specError("mounts", "%d directory bind mounts from outside the root; a VM has room for %d with this network", len(p.Shares), len(p.Shares)-(devs-vmm.MaxDevices))
+	}
+	p.Setup.DefaultDevices = true
+	if err := p.Setup.Validate(); err != nil {
+		return nil, fmt.Errorf("config.json: %w", err)
+	}
+	p.LookupOnHost = lookupOnHost(p)
+	return p, nil
+}
+
+// checkVersion accepts 1.x.y versions (with a pre-release suffix).
+func checkVersion(v string) error {
+	major, rest, ok := strings.Cut(v, ".")
+	if !ok || major != "1" {
+		return specError("ociVersion", "%q is not a 1.x version this runtime reads", v)
+	}
+	minor, patch, ok := strings.Cut(rest, ".")
+	if !ok {
+		return specError("ociVersion", "%q is not MAJOR.MINOR.PATCH", v)
+	}
+	patch, _, _ = strings.Cut(patch, "-")
+	patch, _, _ = strings.Cut(patch, "+")
+	for _, n := range []string{minor, patch} {
+		if _, err := strconv.ParseUint(n, 10, 16); err != nil {
+			return specError("ociVersion", "%q is not MAJOR.MINOR.PATCH", v)
+		}
+	}
+	return nil
+}
+
+// translateProcess checks process and turns it into what the guest runs.
+func translateProcess(sp *specs.Process) (*Process, error) {
+	if len(sp.Args) == 0 || sp.Args[0] == "" {
+		return nil, specError("process.args", "required")
+	}
+	cwd := sp.Cwd
+	if cwd == "" {
+		cwd = "/"
+	}
+	if !path.IsAbs(cwd) {
+		return nil, specError("process.cwd", "%q is not an absolute path", cwd)
+	}
+	for i, kv := range sp.Env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			return nil, specError("process.env", "entry %d %q is not KEY=value", i, kv)
+		}
+	}
+	p := &Process{
+		Args: sp.Args, Env: sp.Env, Cwd: path.Clean(cwd),
+		UID: sp.User.UID, GID: sp.User.GID, AdditionalGIDs: sp.User.AdditionalGids,
+		Terminal: sp.Terminal,
+	}
+	if p.Env == nil {
+		p.Env = []string{}
+	}
+	if sp.User.Username != "" {
+		return nil, specError("process.user.username", "only numeric uid and gid are supported on Linux")
+	}
+	if sp.Terminal && sp.ConsoleSize != nil {
+		p.Rows, p.Cols = clampBox(sp.ConsoleSize.Height), clampBox(sp.ConsoleSize.Width)
+	}
+	seen := map[string]bool{}
+	for _, r := range sp.Rlimits {
+		canon, err := initconfig.CanonicalRlimit(r.Type)
+		if err != nil || canon != r.Type {
+			return nil, specError("process.rlimits", "unknown type %q", r.Type)
+		}
+		if seen[canon] {
+			return nil, specError("process.rlimits", "%s given twice", canon)
+		}
+		seen[canon] = true
+		if r.Soft > r.Hard {
+			return nil, specError("process.rlimits", "%s: soft limit %d above hard limit %d", canon, r.Soft, r.Hard)
+		}
+		p.Rlimits = append(p.Rlimits, initconfig.Rlimit{Type: canon, Soft: r.Soft, Hard: r.Hard})
+	}
+	p.Extras = container.Extras{NoNewPrivileges: sp.NoNewPrivileges, OOMScoreAdj: sp.OOMScoreAdj, Umask: sp.User.Umask}
+	if c := sp.Capabilities; c != nil {
+		p.Extras.Capabilities = &container.Capabilities{Bounding: c.Bounding, Effective: c.Effective,
+			Inheritable: c.Inheritable, Permitted: c.Permitted, Ambient: c.Ambient}
+	}
+	if err := p.Extras.Validate(); err != nil {
+		return nil, fmt.Errorf("config.json: process: %w", err)
+	}
+	switch {
+	case sp.Scheduler != nil:
+		return nil, specError("process.scheduler", "not supported")
+	case sp.IOPriority != nil:
+		return nil, specError("process.ioPriority", "not supported")
+	case sp.ExecCPUAffinity != nil:
+		return nil, specError("process.execCPUAffinity", "not supported")
+	}
+	return p, nil
+}
+
+func clampBox(v uint) uint16 {
+	if v > 0xffff {
+		return 0xffff
+	}
+	return uint16(v)
+}
+
+// pseudoFS are file systems whose bind mount would show the host's own
+// kernel state, not files: refused as bind sources.
+var pseudoFS = map[int64]string{
+	unix.PROC_SUPER_MAGIC:    "proc",
+	unix.SYSFS_MAGIC:         "sysfs",
+	unix.DEVPTS_SUPER_MAGIC:  "devpts",
+	unix.CGROUP_SUPER_MAGIC:  "cgroup",
+	unix.CGROUP2_SUPER_MAGIC: "cgroup2",
+	unix.DEBUGFS_MAGIC:       "debugfs",
+	unix.SECURITYFS_MAGIC:    "securityfs",
+	unix.BPF_FS_MAGIC:        "bpf",
+	unix.TRACEFS_MAGIC:       "tracefs",
+	unix.NSFS_MAGIC:          "nsfs",
+}
+
+// guestTypes are the mount types the guest makes itself.
+var guestTypes = map[string]bool{
+	"tmpfs": true, "proc": true, "sysfs": true, "devpts": true, "mqueue": true, "cgroup": true, "cgroup2": true,
+}
+
+// translateMounts turns config.json's mounts into guest mounts, shares
+// and copied files.
+func translateMounts(p *Plan, mounts []specs.Mount) error {
+	rootReal, err := filepath.EvalSymlinks(p.Root)
+	if err != nil {
+		return specError("root.path", "%v", err)
+	}
+	shareOf := map[string]int{} // host path -> index in p.Shares
+	filesSize := 0
+	for i, m := range mounts {
+		field := fmt.Sprintf("mounts[%d] (%s)", i, m.Destination)
+		if m.Destination == "" {
+			return specError(field, "destination is required")
+		}
+		dest := m.Destination
+		if !path.IsAbs(dest) {
+			dest = "/" + dest
+		}
+		dest = path.Clean(dest)
+		if len(m.UIDMappings) > 0 || len(m.GIDMappings) > 0 {
+			return specError(field, "ID-mapped mounts are not supported")
+		}
+		opts, err := container.ParseOptions(m.Options)
+		if err != nil {
+			return specError(field, "%v", err)
+		}
+		if m.Type == "bind" || opts.Bind {
+			if err := translateBind(p, field, dest, m, rootReal, shareOf, &filesSize); err != nil {
+				return err
+			}
+			continue
+		}
+		if !guestTypes[m.Type] {
+			return specError(field, "mount type %q: a VM mounts only tmpfs, proc, sysfs, devpts, mqueue and cgroup itself; host file systems reach it as bind mounts of directories", m.Type)
+		}
+		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: m.Type, Source: m.Source, Options: m.Options})
+	}
+	return nil
+}
+
+func translateBind(p *Plan, field, dest string, m specs.Mount, rootReal string, shareOf map[string]int, filesSize *int) error {
+	// /dev/shm is always the guest's own tmpfs: shared memory cannot
+	// cross a VM boundary.
+	if dest == "/dev/shm" {
+		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: container.TypeTmpfs,
+			Options: []string{"nosuid", "nodev", "noexec", "mode=1777"}})
+		return nil
+	}
+	src := m.Source
+	if src == "" {
+		return specError(field, "a bind mount needs a source")
+	}
+	if !filepath.IsAbs(src) {
+		src = filepath.Join(p.Bundle, src)
+	}
+	real, err := filepath.EvalSymlinks(src)
+	if err != nil {
+		return specError(field, "source %s: %v", src, unwrapPath(err))
+	}
+	st, err := os.Stat(real)
+	if err != nil {
+		return specError(field, "source %s: %v", src, unwrapPath(err))
+	}
+	opts := guestBindOptions(m.Options)
+	if rel, ok := strings.CutPrefix(real, rootReal+"/"); ok || real == rootReal {
+		// Inside the root: the guest binds it itself.
+		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: container.TypeBind,
+			Source: "/" + rel, Options: opts})
+		return nil
+	}
+	switch {
+	case st.IsDir():
+		var sfs unix.Statfs_t
+		if err := unix.Statfs(real, &sfs); err == nil {
+			if name, bad := pseudoFS[int64(sfs.Type)]; bad {
+				return specError(field, "source %s is on %s, the host kernel's own state, which a VM cannot share", src, name)
+			}
+			if real == "/dev" || strings.HasPrefix(real, "/dev/") {
+				return specError(field, "source %s: host devices cannot reach a VM", src)
+			}
+		}
+		ro := hasOption(m.Options, "ro")
+		n, ok := shareOf[real]
+		if !ok {
+			n = len(p.Shares)
+			shareOf[real] = n
+			p.Shares = append(p.Shares, Share{Path: real, Tag: shareTagPrefix + strconv.Itoa(n), ReadOnly: ro})
+		} else if !ro {
+			p.Shares[n].ReadOnly = false
+		}
+		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: container.TypeVirtiofs,
+			Source: p.Shares[n].Tag, Options: opts})
+		return nil
+	case st.Mode().IsRegular():
+		if st.Size() > container.MaxFileSize {
+			return specError(field, "source %s is a file of %d bytes; files bind-mounted into a VM are copied, at most %d bytes each", src, st.Size(), container.MaxFileSize)
+		}
+		b, err := readSmallFile(real, container.MaxFileSize)
+		if err != nil {
+			return specError(field, "source %s: %v", src, err)
+		}
+		*filesSize += len(b)
+		if *filesSize > container.MaxFilesSize {
+			return specError(field, "files bind-mounted into a VM are copied, at most %d bytes in all", container.MaxFilesSize)
+		}
+		uid, gid := ownerOf(st)
+		p.Setup.Files = append(p.Setup.Files, container.File{Content: b, Mode: uint32(st.Mode().Perm()), UID: uid, GID: gid})
+		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: container.TypeFile,
+			Source: strconv.Itoa(len(p.Setup.Files) - 1), Options: opts})
+		return nil
+	}
+	return specError(field, "source %s is a %s; only directories and regular files can be bind-mounted into a VM", src, fileKind(st.Mode()))
+}
+
+// guestBindOptions keeps the options of a bind mount the guest applies
+// (everything but bind and rbind, which the mount type says).
+func guestBindOptions(opts []string) []string {
+	var out []string
+	for _, o := range opts {
+		if o != "bind" && o != "rbind" {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+func hasOption(opts []string, name string) bool {
+	ro := false
+	for _, o := range opts {
+		switch o {
+		case name:
+			ro = true
+		case "rw":
+			if name == "ro" {
+				ro = false
+			}
+		}
+	}
+	return ro
+}
+
+func readSmallFile(p string, max int64) ([]byte, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, unwrapPath(err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > max {
+		return nil, fmt.Errorf("larger than %d bytes", max)
+	}
+	return b, nil
+}
+
+func fileKind(m os.FileMode) string {
+	switch {
+	case m&os.ModeSocket != 0:
+		return "unix socket"
+	case m&os.ModeNamedPipe != 0:
+		return "named pipe"
+	case m&os.ModeCharDevice != 0:
+		return "character device"
+	case m&os.ModeDevice != 0:
+		return "block device"
+	}
+	return "special file"
+}
+
+// translateLinux handles the linux section.
+func translateLinux(p *Plan, id string, l *specs.Linux, opt translateOptions) error {
+	if l == nil {
+		return nil
+	}
+	if len(l.UIDMappings) > 0 || len(l.GIDMappings) > 0 {
+		return specError("linux.uidMappings", "user namespaces are not supported: the VM is the isolation boundary, and its root file system is served with the host's ids")
+	}
+	switch {
+	case l.IntelRdt != nil:
+		return specError("linux.intelRdt", "not supported")
+	case l.MemoryPolicy != nil:
+		return specError("linux.memoryPolicy", "not supported")
+	case l.Personality != nil:
+		return specError("linux.personality", "not supported")
+	case len(l.NetDevices) > 0:
+		return specError("linux.netDevices", "host network devices cannot be moved into a VM")
+	case len(l.TimeOffsets) > 0:
+		return specError("linux.timeOffsets", "not supported")
+	}
+	for _, ns := range l.Namespaces {
+		switch ns.Type {
+		case specs.UserNamespace:
+			return specError("linux.namespaces", "user namespaces are not supported: the VM is the isolation boundary")
+		case specs.NetworkNamespace:
+			if ns.Path == "" {
+				p.Net = NetPlan{Mode: NetNone}
+				continue
+			}
+			if _, err := os.Stat(ns.Path); err != nil {
+				return specError("linux.namespaces", "network namespace %s: %v", ns.Path, unwrapPath(err))
+			}
+			p.Net = NetPlan{Mode: NetNS, Path: ns.Path}
+		case specs.PIDNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.CgroupNamespace:
+			// The VM has all of these of its own. A path to join is
+			// what Kubernetes gives every container of a pod (the
+			// sandbox's ipc and uts, its pid with
+			// shareProcessNamespace): the container keeps its VM's
+			// own, as docs/OCI.md says.
+		case specs.MountNamespace:
+			if ns.Path != "" {
+				return specError("linux.namespaces", "joining the mount namespace %s: a VM has its own root", ns.Path)
+			}
+		case specs.TimeNamespace:
+			if ns.Path != "" {
+				return specError("linux.namespaces", "joining the time namespace %s: a VM has its own clock", ns.Path)
+			}
+		default:
+			return specError("linux.namespaces", "unknown namespace type %q", ns.Type)
+		}
+	}
+	if len(l.Sysctl) > 0 {
+		p.Setup.Sysctl = l.Sysctl
+	}
+	for i, d := range l.Devices {
+		mode := uint32(0o666)
+		if d.FileMode != nil {
+			mode = uint32(d.FileMode.Perm())
+		}
+		dev := container.Device{Path: d.Path, Type: d.Type, Major: d.Major, Minor: d.Minor, Mode: mode}
+		if d.UID != nil {
+			dev.UID = *d.UID
+		}
+		if d.GID != nil {
+			dev.GID = *d.GID
+		}
+		if d.Type == "p" {
+			dev.Major, dev.Minor = 0, 0
+		}
+		if _, err := container.CleanPath("path", d.Path); err != nil {
+			return specError(fmt.Sprintf("linux.devices[%d]", i), "%v", err)
+		}
+		p.Setup.Devices = append(p.Setup.Devices, dev)
+	}
+	p.Setup.MaskedPaths = l.MaskedPaths
+	p.Setup.ReadonlyPaths = l.ReadonlyPaths
+	p.Setup.RootPropagation = l.RootfsPropagation
+	if r := l.Resources; r != nil {
+		if err := translateResources(p, r); err != nil {
+			return err
+		}
+	}
+	if l.CgroupsPath != "" {
+		dir, err := cgroupDir(l.CgroupsPath, id, opt)
+		if err != nil {
+			return specError("linux.cgroupsPath", "%v", err)
+		}
+		p.Cgroup.Path = dir
+	}
+	return nil
+}
+
+// translateResources sizes the VM from the memory limit and the CPU
+// quota or cpuset; the other controllers are ignored (docs/OCI.md).
+func translateResources(p *Plan, r *specs.LinuxResources) error {
+	if m := r.Memory; m != nil && m.Limit != nil && *m.Limit > 0 {
+		mib := uint64(*m.Limit) >> 20
+		if mib < MinMemoryMiB {
+			return specError("linux.resources.memory.limit", "%d bytes; a VM needs at least %d MiB", *m.Limit, MinMemoryMiB)
+		}
+		p.MemoryMiB = min(mib, vmm.MaxMemoryMiB)
+	}
+	if c := r.CPU; c != nil {
+		if c.Quota != nil && *c.Quota > 0 {
+			period := uint64(100000)
+			if c.Period != nil && *c.Period > 0 {
+				period = *c.Period
+			}
+			n := (uint64(*c.Quota) + period - 1) / period
+			p.CPUs = int(min(max(n, 1), 255))
+			p.Cgroup.CPUMax = fmt.Sprintf("%d %d", *c.Quota, period)
+		} else if c.Cpus != "" {
+			n, err := countCPUs(c.Cpus)
+			if err != nil {
+				return specError("linux.resources.cpu.cpus", "%v", err)
+			}
+			p.CPUs = min(n, 255)
+		}
+	}
+	return nil
+}
+
+// countCPUs counts the CPUs of a cpuset list ("0-3,6").
+func countCPUs(s string) (int, error) {
+	n := 0
+	for _, part := range strings.Split(s, ",") {
+		lo, hi, isRange := strings.Cut(strings.TrimSpace(part), "-")
+		a, err := strconv.ParseUint(lo, 10, 16)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a CPU list", s)
+		}
+		b := a
+		if isRange {
+			if b, err = strconv.ParseUint(hi, 10, 16); err != nil || b < a {
+				return 0, fmt.Errorf("%q is not a CPU list", s)
+			}
+		}
+		n += int(b-a) + 1
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("%q names no CPU", s)
+	}
+	return n, nil
+}
+
+// Annotations by which containerd's CRI plugin and CRI-O mark a pod's
+// sandbox container.
+var podSandboxAnnotations = []string{"io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType"}
+
+func isPodSandbox(a map[string]string) bool {
+	for _, k := range podSandboxAnnotations {
+		if a[k] == "sandbox" {
+			return true
+		}
+	}
+	return false
+}
+
+// checkPortSpec accepts "all", "none", or a comma-separated list of ports
+// and ranges (1-65535) for passt's -t and -u.
+func checkPortSpec(v string) error {
+	if v == "all" || v == "none" {
+		return nil
+	}
+	bad := fmt.Errorf("%q is not all, none or a list of ports and ranges (80,443,8000-8100)", v)
+	items := strings.Split(v, ",")
+	if len(items) > 64 {
+		return bad
+	}
+	for _, item := range items {
+		lo, hi, isRange := strings.Cut(item, "-")
+		a, err1 := strconv.ParseUint(lo, 10, 16)
+		b, err2 := a, error(nil)
+		if isRange {
+			b, err2 = strconv.ParseUint(hi, 10, 16)
+		}
+		if err1 != nil || err2 != nil || a == 0 || b < a {
+			return bad
+		}
+	}
+	return nil
+}
+
+// applyAnnotations applies krun.cpus and krun.ram_mib.
+func applyAnnotations(p *Plan, a map[string]string) error {
+	if v, ok := a[AnnotationCPUs]; ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 255 {
+			return specError("annotations."+AnnotationCPUs, "%q is not a vCPU count (1-255)", v)
+		}
+		p.CPUs = n
+	}
+	if v, ok := a[AnnotationRAMMiB]; ok {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || n < MinMemoryMiB || n > vmm.MaxMemoryMiB {
+			return specError("annotations."+AnnotationRAMMiB, "%q is not a memory size in MiB (%d-%d)", v, MinMemoryMiB, vmm.MaxMemoryMiB)
+		}
+		p.MemoryMiB = n
+	}
+	return nil
+}
+
+// translateHooks keeps the hooks that run on the host; createContainer
+// and startContainer would have to run inside the guest and are refused.
+func translateHooks(p *Plan, h *specs.Hooks) error {
+	if h == nil {
+		return nil
+	}
+	if len(h.CreateContainer) > 0 {
+		return specError("hooks.createContainer", "not supported: it would have to run inside the VM")
+	}
+	if len(h.StartContainer) > 0 {
+		return specError("hooks.startContainer", "not supported: it would have to run inside the VM")
+	}
+	all := [][]specs.Hook{h.Prestart, h.CreateRuntime, h.Poststart, h.Poststop}
+	for _, list := range all {
+		for _, hk := range list {
+			if !filepath.IsAbs(hk.Path) {
+				return specError("hooks", "hook path %q is not absolute", hk.Path)
+			}
+			if hk.Timeout != nil && *hk.Timeout <= 0 {
+				return specError("hooks", "hook %s: timeout %d is not positive", hk.Path, *hk.Timeout)
+			}
+		}
+	}
+	p.Hooks = h
+	return nil
+}
+
+// lookupOnHost reports whether the command can be looked up in the root
+// on the host before boot: not when it may come from a mount the guest
+// makes, or is relative to the working directory.
+func lookupOnHost(p *Plan) bool {
+	name := p.Process.Args[0]
+	var dirs []string
+	if strings.Contains(name, "/") {
+		if !path.IsAbs(name) {
+			return false
+		}
+		dirs = []string{path.Dir(name)}
+	} else {
+		pathEnv := initconfig.DefaultPath
+		for _, kv := range p.Process.Env {
+			if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+				pathEnv = v
+			}
+		}
+		for _, d := range strings.Split(pathEnv, ":") {
+			if !path.IsAbs(d) {
+				return false
+			}
+			dirs = append(dirs, path.Clean(d))
+		}
+	}
+	for _, m := range p.Setup.Mounts {
+		for _, d := range dirs {
+			if d == m.Destination || strings.HasPrefix(d, m.Destination+"/") || m.Destination == "/" {
+				return false
+			}
+		}
+	}
+	return true
+}
