@@ -91,6 +91,9 @@ type blkResult struct {
 	// processes spent per request, when the caller could sample it
 	// (krun-bench all); 0 otherwise.
 	ServerCPUus float64 `json:"server_cpu_us_per_request,omitempty"`
+	// PerWakeup is how many completions the test guest found per wake-up
+	// (interrupt): how well the back-end batches its notifications.
+	PerWakeup float64 `json:"completions_per_wakeup"`
 }
 
 const benchBlkUsage = `usage: krun-bench blk --socket PATH [options]
@@ -359,6 +362,7 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 	begin := time.Now()
 	deadline := begin.Add(d)
 	inflight := len(slots)
+	wakeups := 0
 	var end time.Time
 	for inflight > 0 {
 		var err error
@@ -366,6 +370,7 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 		if err != nil {
 			return blkResult{}, err
 		}
+		wakeups++
 		now := time.Now()
 		posted := false
 		for _, c := range done {
@@ -405,12 +410,13 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 	}
 	iops := float64(len(lat)) / elapsed
 	return blkResult{
-		Workload: w.Name,
-		Requests: len(lat),
-		Seconds:  elapsed,
-		IOPS:     iops,
-		MiBps:    iops * float64(w.BlockSize) / (1 << 20),
-		P50us:    pct(0.50),
-		P99us:    pct(0.99),
+		Workload:  w.Name,
+		Requests:  len(lat),
+		Seconds:   elapsed,
+		IOPS:      iops,
+		MiBps:     iops * float64(w.BlockSize) / (1 << 20),
+		P50us:     pct(0.50),
+		P99us:     pct(0.99),
+		PerWakeup: float64(len(lat)) / float64(max(wakeups, 1)),
 	}, nil
 }
