@@ -13,7 +13,6 @@ import (
 
 	"github.com/krun-core/krun-core/devices/fs/fuse"
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
-	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
 )
 
@@ -44,7 +43,8 @@ func (e *benchEnv) fsSuite(ctx context.Context) ([]*benchFigure, error) {
 }
 
 // fsShare makes a fresh shared directory with a 64 MiB file in it, owned
-// by the ids a root krun-core runs its plugins as.
+// by the caller: a root krun-core hands it to its plugin as an ID-mapped
+// mount, so the plugin's user owns what the caller owns.
 func (e *benchEnv) fsShare(side string) (string, error) {
 	dir := filepath.Join(e.cfg.Dir, "share-"+side)
 	if err := os.RemoveAll(dir); err != nil {
@@ -60,13 +60,6 @@ func (e *benchEnv) fsShare(side string) (string, error) {
 	data := filepath.Join(dir, "data")
 	if err := os.WriteFile(data, buf, 0o644); err != nil {
 		return "", err
-	}
-	if os.Geteuid() == 0 {
-		for _, p := range []string{dir, data} {
-			if err := os.Lchown(p, sandbox.DefaultPluginUID, sandbox.DefaultPluginGID); err != nil {
-				return "", err
-			}
-		}
 	}
 	return dir, nil
 }
