@@ -5,7 +5,7 @@ export CGO_ENABLED := 0
 PLUGINS := $(notdir $(wildcard plugins/*))
 BINS := bin/krun-core bin/krun-oci bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS)) bin/krun-bench
 
-.PHONY: all test unit conformance deps kernel vet fmt clean FORCE
+.PHONY: all test unit conformance bench deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
@@ -59,6 +59,16 @@ conformance: all
 # Unit tests only (no QEMU guests).
 unit:
 	$(GO) test -short ./...
+
+# The whole comparison in one run (krun-bench all): blk-raw and blk-qcow2
+# against qemu-storage-daemon and fio, virtio-fs against virtiofsd, serve's
+# start-up against qemu-storage-daemon's, in alternating rounds; prints a
+# table of medians and ratios. Run it alone on the machine (on a shared
+# one: flock /tmp/krun-heavy.lock make bench).
+# BENCH_FLAGS passes options, e.g. BENCH_FLAGS="--rounds 3 --seconds 1".
+BENCH_FLAGS ?=
+bench: all
+	./bin/krun-bench all $(BENCH_FLAGS)
 
 clean:
 	rm -rf bin

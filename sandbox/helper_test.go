@@ -68,6 +68,8 @@ func TestMain(m *testing.M) {
 		os.Exit(dropMain())
 	case "launch":
 		os.Exit(launchMain())
+	case "filtercost": // filtercost_test.go
+		os.Exit(filterCostMain())
 	case "execed":
 		fmt.Println(`{"phase":"execed"}`)
 		os.Exit(0)

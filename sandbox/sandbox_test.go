@@ -507,6 +507,7 @@ func (p *probe) checkOutside(lc LaunchConfig) {
 			t.Errorf("thread %s: NoNewPrivs %q Seccomp %q CapEff %q, want 1, 2, 0", task.Name(),
 				st["NoNewPrivs"], st["Seccomp"], st["CapEff"])
 		}
+		checkSpeculation(t, task.Name(), st)
 	}
 	for _, ns := range NamespaceNames() {
 		mine, _ := os.Readlink("/proc/self/ns/" + ns)
@@ -1336,5 +1337,28 @@ func TestHostilePluginFindsNoListener(t *testing.T) {
 			p.checkRefusalsLogged("keyctl", "userfaultfd", "clone", "socket", "io_uring_setup", "ioctl", "seccomp")
 			p.finish()
 		})
+	}
+}
+
+// checkSpeculation checks a sandboxed thread's speculation controls: the
+// filters' SPEC_ALLOW leaves Speculative Store Bypass to the host's policy
+// (never force-mitigated because of seccomp), and the trampoline asks for
+// indirect-branch isolation wherever the kernel can give it per task (the
+// host's own value, read from this process, is "conditional enabled").
+func checkSpeculation(t *testing.T, thread string, st map[string]string) {
+	t.Helper()
+	self, err := readStatus("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ssb := st["Speculation_Store_Bypass"]; ssb == "thread force mitigated" {
+		t.Errorf("thread %s: Speculation_Store_Bypass %q: the filter was installed without SPEC_ALLOW", thread, ssb)
+	}
+	wantIB := self["SpeculationIndirectBranch"]
+	if wantIB == "conditional enabled" {
+		wantIB = "conditional force disabled"
+	}
+	if ib := st["SpeculationIndirectBranch"]; ib != wantIB {
+		t.Errorf("thread %s: SpeculationIndirectBranch %q, want %q (host: %q)", thread, ib, wantIB, self["SpeculationIndirectBranch"])
 	}
 }

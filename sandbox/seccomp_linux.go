@@ -35,6 +35,47 @@ import (
 // the filter itself, unlogged.
 const refusedErrno = unix.EPERM
 
+// Speculation mitigations and seccomp.
+//
+// Unless a filter is installed with SECCOMP_FILTER_FLAG_SPEC_ALLOW, the
+// kernel force-disables speculation for the filtered task where its
+// policy is "seccomp" (spec_store_bypass_disable= and spectre_v2_user=;
+// the default on x86 before Linux 5.16): Speculative Store Bypass Disable
+// (SSBD, on every load of the task) and indirect-branch speculation
+// (STIBP while it runs, IBPB when the CPU switches to or from it). Both
+// filters are installed with SPEC_ALLOW, and the trampoline asks for the
+// one that isolates processes from each other itself
+// (speculationIsolate), so:
+//
+//   - SSBD is dropped. It protects a process from code that runs inside
+//     it (a JIT, an interpreter): a plugin runs no guest-supplied code, so
+//     it guards nothing here, and it slows every load of the plugin on the
+//     hosts that apply it.
+//   - Indirect-branch isolation stays, on every kernel that can give it
+//     (spectre_v2_user= prctl or seccomp): IBPB on a switch to or from the
+//     plugin keeps a compromised plugin from steering the core's or another
+//     process's indirect branches and the reverse. With the kernel's
+//     policy "off" or "on" the request changes nothing.
+//
+// The filters' allow-lists are unchanged: SPEC_ALLOW is no part of what a
+// filter allows.
+const specAllow = unix.SECCOMP_FILTER_FLAG_SPEC_ALLOW
+
+// speculationIsolate asks the kernel to isolate the calling thread's
+// indirect-branch prediction from other processes (inherited by the
+// threads it creates and kept across exec). Kernels that cannot
+// (spectre_v2_user=off, no IBPB/STIBP, not affected) answer EPERM, ENXIO
+// or EINVAL: there is nothing to apply, which is no failure.
+func speculationIsolate() error {
+	err := unix.Prctl(unix.PR_SET_SPECULATION_CTRL, unix.PR_SPEC_INDIRECT_BRANCH, unix.PR_SPEC_FORCE_DISABLE, 0, 0)
+	switch {
+	case err == nil, errors.Is(err, unix.EPERM), errors.Is(err, unix.ENXIO), errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENODEV):
+		return nil
+	default:
+		return fmt.Errorf("indirect-branch speculation control: %w", err)
+	}
+}
+
 // notifyAvailable reports whether refused calls can be handed to the
 // launcher (SECCOMP_RET_USER_NOTIF with the structure sizes this package
 // knows).
@@ -53,10 +94,10 @@ func installLaunchFilter(e launchEnv) (listener int, instructions int, err error
 	}
 	notify := notifyAvailable()
 	deny := uint32(unix.SECCOMP_RET_ERRNO | uint32(refusedErrno))
-	var flags uintptr
+	flags := uintptr(specAllow)
 	if notify {
 		deny = unix.SECCOMP_RET_USER_NOTIF
-		flags = unix.SECCOMP_FILTER_FLAG_NEW_LISTENER
+		flags |= unix.SECCOMP_FILTER_FLAG_NEW_LISTENER
 	}
 	prog, err := compileFilter(filterSpec{
 		arch:      auditArch,
@@ -105,7 +146,7 @@ func applyNarrowing(p Policy, e launchEnv) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	r, err := seccompInstall(prog, unix.SECCOMP_FILTER_FLAG_TSYNC)
+	r, err := seccompInstall(prog, unix.SECCOMP_FILTER_FLAG_TSYNC|specAllow)
 	if err != nil {
 		return 0, fmt.Errorf("install filter of %d instructions: %w", len(prog), err)
 	}

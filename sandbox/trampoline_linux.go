@@ -98,6 +98,12 @@ func trampoline(raw string, argv []string) int {
 	}
 	listener := -1
 	if !off(LayerSeccomp) {
+		// The filter goes in with SPEC_ALLOW; this keeps what of the
+		// kernel's seccomp speculation policy isolates processes (see
+		// specAllow).
+		if err := speculationIsolate(); err != nil {
+			return fail(LayerSeccomp, err)
+		}
 		if listener, _, err = installLaunchFilter(e); err != nil {
 			return fail(LayerSeccomp, err)
 		}

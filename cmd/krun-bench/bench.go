@@ -22,14 +22,18 @@ import (
 
 const benchUsage = `usage: krun-bench blk --socket PATH [options]
        krun-bench net (--socket PATH | --passt) [options]
+       krun-bench all [options]
 
 Benchmarks a vhost-user back-end with the Go test guest:
   blk  fio-like workloads against a vhost-user-blk back-end (krun-core
        serve, qemu-storage-daemon, ...); the write workloads overwrite
        the disk
   net  a checked TCP echo stream through passt
+  all  krun-core against qemu-storage-daemon, fio and the C virtiofsd
+       (block, virtio-fs, start-up), in alternating rounds, one table
 
-See krun-bench blk --help and krun-bench net --help.
+See krun-bench blk --help, krun-bench net --help and
+krun-bench all --help.
 `
 
 // benchCommand is krun-bench: it benchmarks a vhost-user back-end with the
@@ -47,8 +51,10 @@ func benchCommand(args []string, stdout, stderr io.Writer) int {
 		return benchBlk(args[1:], stdout, stderr)
 	case "net":
 		return benchNet(args[1:], stdout, stderr)
+	case "all":
+		return benchAll(args[1:], stdout, stderr)
 	}
-	fmt.Fprintf(stderr, "krun-bench: unknown device kind %q (want blk or net; see krun-bench --help)\n", args[0])
+	fmt.Fprintf(stderr, "krun-bench: unknown device kind %q (want blk, net or all; see krun-bench --help)\n", args[0])
 	return 1
 }
 
@@ -81,6 +87,13 @@ type blkResult struct {
 	MiBps    float64 `json:"mib_per_s"`
 	P50us    float64 `json:"p50_us"`
 	P99us    float64 `json:"p99_us"`
+	// ServerCPUus is the CPU time (user + system) the back-end's
+	// processes spent per request, when the caller could sample it
+	// (krun-bench all); 0 otherwise.
+	ServerCPUus float64 `json:"server_cpu_us_per_request,omitempty"`
+	// PerWakeup is how many completions the test guest found per wake-up
+	// (interrupt): how well the back-end batches its notifications.
+	PerWakeup float64 `json:"completions_per_wakeup"`
 }
 
 const benchBlkUsage = `usage: krun-bench blk --socket PATH [options]
@@ -194,6 +207,9 @@ type blkBenchConfig struct {
 	ReadOnly  bool
 	Workloads []blkWorkload
 	Progress  io.Writer // one line per workload; nil for none
+	// ServerCPU, if set, returns the CPU time the back-end has used so
+	// far; it is sampled around each workload.
+	ServerCPU func() (time.Duration, error)
 }
 
 // runBlkBench connects once and runs the workloads one after the other on
@@ -235,9 +251,24 @@ func runBlkBench(ctx context.Context, cfg blkBenchConfig) ([]blkResult, error) {
 		if span < uint64(w.BlockSize) {
 			return nil, fmt.Errorf("%s: disk span %d bytes is smaller than one %d-byte block", w.Name, span, w.BlockSize)
 		}
+		var cpu0 time.Duration
+		if cfg.ServerCPU != nil {
+			if cpu0, err = cfg.ServerCPU(); err != nil {
+				return results, fmt.Errorf("%s: back-end CPU time: %w", w.Name, err)
+			}
+		}
 		r, err := runBlkWorkload(ctx, b, w, span, cfg.Duration)
 		if err != nil {
 			return results, fmt.Errorf("%s: %w", w.Name, err)
+		}
+		if cfg.ServerCPU != nil {
+			cpu1, err := cfg.ServerCPU()
+			if err != nil {
+				return results, fmt.Errorf("%s: back-end CPU time: %w", w.Name, err)
+			}
+			if r.Requests > 0 {
+				r.ServerCPUus = float64(cpu1-cpu0) / float64(time.Microsecond) / float64(r.Requests)
+			}
 		}
 		if cfg.Progress != nil {
 			fmt.Fprintf(cfg.Progress, "%-18s %9.0f IOPS %8.1f MiB/s  p50 %7.1f µs  p99 %7.1f µs\n", r.Workload, r.IOPS, r.MiBps, r.P50us, r.P99us)
@@ -324,18 +355,22 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 			return blkResult{}, err
 		}
 	}
+	done := make([]testguest.Completion, 0, w.Depth) // reused: no allocation per wait
 	if _, err := ring.Kick(); err != nil {
 		return blkResult{}, err
 	}
 	begin := time.Now()
 	deadline := begin.Add(d)
 	inflight := len(slots)
+	wakeups := 0
 	var end time.Time
 	for inflight > 0 {
-		done, err := ring.Wait(ctx)
+		var err error
+		done, err = ring.WaitInto(ctx, done)
 		if err != nil {
 			return blkResult{}, err
 		}
+		wakeups++
 		now := time.Now()
 		posted := false
 		for _, c := range done {
@@ -375,12 +410,13 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 	}
 	iops := float64(len(lat)) / elapsed
 	return blkResult{
-		Workload: w.Name,
-		Requests: len(lat),
-		Seconds:  elapsed,
-		IOPS:     iops,
-		MiBps:    iops * float64(w.BlockSize) / (1 << 20),
-		P50us:    pct(0.50),
-		P99us:    pct(0.99),
+		Workload:  w.Name,
+		Requests:  len(lat),
+		Seconds:   elapsed,
+		IOPS:      iops,
+		MiBps:     iops * float64(w.BlockSize) / (1 << 20),
+		P50us:     pct(0.50),
+		P99us:     pct(0.99),
+		PerWakeup: float64(len(lat)) / float64(max(wakeups, 1)),
 	}, nil
 }

@@ -16,6 +16,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 
 	"github.com/hashicorp/go-hclog"
@@ -73,6 +74,12 @@ type Config struct {
 	// once; 0 means DefaultQueueWorkers, 1 serves each queue synchronously
 	// on its ring goroutine.
 	QueueWorkers int
+	// SerialWrites makes writes reach the disk one at a time (reads stay
+	// parallel): for a regular file, whose buffered writes the kernel
+	// serializes on the inode's lock anyway, so that request goroutines
+	// writing at once only contend for it (docs/BENCHMARKS.md, "Block
+	// writes: where the time goes").
+	SerialWrites bool
 }
 
 type limits struct {
@@ -96,6 +103,8 @@ type Device struct {
 	log       hclog.Logger
 	ownsDisk  bool
 	qworkers  int
+	serialW   bool
+	wmu       sync.Mutex // held around a write when serialW
 
 	negotiated atomic.Uint64 // virtio features the driver accepted
 	stats      counters
@@ -119,6 +128,7 @@ func New(cfg Config) (*Device, error) {
 		log:       cfg.Log,
 		ownsDisk:  cfg.OwnsDisk,
 		qworkers:  cfg.QueueWorkers,
+		serialW:   cfg.SerialWrites,
 	}
 	if v, ok := cfg.Disk.(VectorDisk); ok {
 		d.vec = v

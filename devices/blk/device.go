@@ -23,7 +23,8 @@ func (d *Device) Info() backend.DeviceInfo {
 
 // Queue serves request queue idx through the back-end's ring engine with up
 // to Config.QueueWorkers requests on the disk at once (reads and writes
-// alike), completing them out of order as virtio-blk allows. Each of the
+// alike, but one write at a time with Config.SerialWrites), completing them
+// out of order as virtio-blk allows. Each of the
 // ring's goroutines has its own scratch space; the disk is shared.
 func (d *Device) Queue(_ context.Context, idx int) (backend.QueueConfig, error) {
 	if idx < 0 || idx >= d.numQueues {

@@ -303,6 +303,10 @@ func (d *Device) readv(bufs [][]byte, off int64) error {
 }
 
 func (d *Device) writev(bufs [][]byte, off int64) error {
+	if d.serialW {
+		d.wmu.Lock()
+		defer d.wmu.Unlock()
+	}
 	if d.vec != nil {
 		_, err := d.vec.WritevAt(bufs, off)
 		return err

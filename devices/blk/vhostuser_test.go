@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -54,6 +55,14 @@ func (s slowDisk) ReadvAt(bufs [][]byte, off int64) (int, error) {
 
 func newRigWrapped(t testing.TB, size int64, ro bool, queues, workers int, wrap func(*raw.Disk) disk.Disk) *rig {
 	t.Helper()
+	return newRigConfig(t, size, ro, blk.Config{NumQueues: queues, QueueWorkers: workers}, wrap)
+}
+
+// newRigConfig is newRigWrapped with the device's configuration (Disk and
+// Serial are filled in).
+func newRigConfig(t testing.TB, size int64, ro bool, cfg blk.Config, wrap func(*raw.Disk) disk.Disk) *rig {
+	t.Helper()
+	queues := max(cfg.NumQueues, 1)
 	path := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -78,7 +87,8 @@ func newRigWrapped(t testing.TB, size int64, ro bool, queues, workers int, wrap 
 	if wrap != nil {
 		dd = wrap(d)
 	}
-	dev, err := blk.New(blk.Config{Disk: dd, NumQueues: queues, Serial: "rig-serial", QueueWorkers: workers})
+	cfg.Disk, cfg.Serial = dd, "rig-serial"
+	dev, err := blk.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -520,6 +530,86 @@ func TestVhostUserMalformed(t *testing.T) {
 			}
 			if st := r.dev.Stats(); st.ShortHeader != 5 || st.BadLength != 5 || st.OutOfRange != 5 || st.Reads != 10 || st.Writes != 10 {
 				t.Fatalf("stats %+v", st)
+			}
+		})
+	}
+}
+
+// overlapDisk records how many writes, and how many reads, are on the disk
+// at once; each one lasts a while so that workers overlap.
+type overlapDisk struct {
+	*raw.Disk
+	writes, reads       atomic.Int32
+	maxWrites, maxReads atomic.Int32
+}
+
+func (o *overlapDisk) enter(n, peak *atomic.Int32) func() {
+	v := n.Add(1)
+	for {
+		p := peak.Load()
+		if v <= p || peak.CompareAndSwap(p, v) {
+			break
+		}
+	}
+	time.Sleep(2 * time.Millisecond)
+	return func() { n.Add(-1) }
+}
+
+func (o *overlapDisk) WritevAt(bufs [][]byte, off int64) (int, error) {
+	defer o.enter(&o.writes, &o.maxWrites)()
+	return o.Disk.WritevAt(bufs, off)
+}
+
+func (o *overlapDisk) ReadvAt(bufs [][]byte, off int64) (int, error) {
+	defer o.enter(&o.reads, &o.maxReads)()
+	return o.Disk.ReadvAt(bufs, off)
+}
+
+// TestSerialWrites: with SerialWrites one write at a time reaches the disk
+// and reads still overlap; without it, writes overlap too. Every write
+// lands.
+func TestSerialWrites(t *testing.T) {
+	for _, serial := range []bool{false, true} {
+		t.Run(fmt.Sprintf("serial=%v", serial), func(t *testing.T) {
+			var od *overlapDisk
+			r := newRigConfig(t, 8<<20, false, blk.Config{QueueWorkers: 8, SerialWrites: serial}, func(d *raw.Disk) disk.Disk {
+				od = &overlapDisk{Disk: d}
+				return od
+			})
+			bk := r.blk(t, 0)
+			var reqs []*testguest.BlkRequest
+			for i := range 32 {
+				reqs = append(reqs, &testguest.BlkRequest{Type: testguest.BlkTOut, Sector: uint64(i) * 8, Data: fill(4096, byte(i+1))})
+			}
+			if err := bk.Do(context.Background(), reqs); err != nil {
+				t.Fatal(err)
+			}
+			for i, q := range reqs {
+				if q.Err != nil {
+					t.Fatalf("write %d: %v", i, q.Err)
+				}
+			}
+			reqs = reqs[:0]
+			for i := range 32 {
+				reqs = append(reqs, &testguest.BlkRequest{Type: testguest.BlkTIn, Sector: uint64(i) * 8, Data: make([]byte, 4096)})
+			}
+			if err := bk.Do(context.Background(), reqs); err != nil {
+				t.Fatal(err)
+			}
+			for i, q := range reqs {
+				if q.Err != nil || !bytes.Equal(q.Data, fill(4096, byte(i+1))) {
+					t.Fatalf("read back %d: %v, data differs: %v", i, q.Err, !bytes.Equal(q.Data, fill(4096, byte(i+1))))
+				}
+			}
+			mw, mr := od.maxWrites.Load(), od.maxReads.Load()
+			if serial && mw != 1 {
+				t.Errorf("SerialWrites: %d writes on the disk at once, want 1", mw)
+			}
+			if !serial && mw < 2 {
+				t.Errorf("without SerialWrites: at most %d write on the disk at once, want overlap", mw)
+			}
+			if mr < 2 {
+				t.Errorf("at most %d read on the disk at once, want overlap", mr)
 			}
 		})
 	}

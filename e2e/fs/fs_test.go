@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/devices/fs/fuse"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -220,4 +221,20 @@ func TestGuestVirtiofsd(t *testing.T) {
 	t.Logf("guest run: boot %v, total %v", r.BootTime, r.Total)
 	d.stop()
 	f.check(t, dir, os.Geteuid())
+}
+
+// TestServeNoRefusedCalls: the fs plugin serves a request without
+// krun-core logging a seccomp refusal (the plugin once read its open-file
+// limit with getrlimit, which the filter refuses, at every start).
+func TestServeNoRefusedCalls(t *testing.T) {
+	dir := t.TempDir()
+	d := serveFS(t, "path="+dir+",tag=share")
+	g := dialFS(t, d.socket, 0)
+	if _, err := g.req.Getattr(fuse.RootID); err != nil {
+		t.Fatalf("GETATTR of the root: %v", err)
+	}
+	d.stop()
+	if out := d.out.String(); strings.Contains(out, "seccomp refused") {
+		t.Errorf("krun-core logged a refused system call:\n%s", out)
+	}
 }

@@ -97,10 +97,14 @@ func main() {
 }
 
 // raiseNoFile lifts the soft open-file limit to the hard one: every inode
-// the guest holds is an O_PATH fd.
+// the guest holds is an O_PATH fd. It reads the limit with prlimit64 (a
+// NULL new limit is what the sandbox's filter allows; x/sys's Getrlimit is
+// the getrlimit system call, which the filter refuses and krun-core logs),
+// and sets nothing when soft already equals hard, as the sandbox's
+// rlimits layer makes it.
 func raiseNoFile() {
 	var rl unix.Rlimit
-	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur < rl.Max {
+	if unix.Prlimit(0, unix.RLIMIT_NOFILE, nil, &rl) == nil && rl.Cur < rl.Max {
 		rl.Cur = rl.Max
 		unix.Setrlimit(unix.RLIMIT_NOFILE, &rl)
 	}
