@@ -65,6 +65,12 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	if err := fs.Parse(args); err != nil || *id == "" {
 		return 1
 	}
+	// The pipes came without close-on-exec, and Go passes such fds on
+	// to every process it starts: passt, which lives as long as the VM,
+	// would hold the report pipe open and create would never see its
+	// end.
+	unix.CloseOnExec(monitorGoFD)
+	unix.CloseOnExec(monitorReportFD)
 	goPipe := os.NewFile(monitorGoFD, "go")
 	reportPipe := os.NewFile(monitorReportFD, "report")
 	report := func(err error) {

@@ -111,8 +111,14 @@ const (
 	wedgeAfter      = 150 * time.Second
 )
 
-// watchWedge kills vm when its console stays silent for wedgeAfter; it
-// reports through wedged and ends when the VM does.
+// softLockupMarker is the outer kernel's watchdog line for a CPU stuck in
+// the kernel (seen waiting for a TLB flush IPI that the CPU running the
+// nested guest never answers).
+const softLockupMarker = "BUG: soft lockup - CPU#"
+
+// watchWedge kills vm when its console stays silent for wedgeAfter or
+// shows a soft lockup; it reports through wedged and ends when the VM
+// does.
 func watchWedge(vm *VM, wedged *atomic.Bool) {
 	last, lastLen := time.Now(), -1
 	tick := time.NewTicker(5 * time.Second)
@@ -123,7 +129,16 @@ func watchWedge(vm *VM, wedged *atomic.Bool) {
 			return
 		case <-tick.C:
 		}
-		if n := len(vm.Console()); n != lastLen {
+		con := vm.Console()
+		if strings.Contains(con, softLockupMarker) {
+			// The outer kernel's watchdog keeps the console busy
+			// while a CPU spins waiting for the one in the nested
+			// guest: wedged all the same.
+			wedged.Store(true)
+			vm.kill("killed: the outer guest reported a soft lockup (a CPU stuck behind the nested guest)")
+			return
+		}
+		if n := len(con); n != lastLen {
 			last, lastLen = time.Now(), n
 			continue
 		}
