@@ -63,12 +63,12 @@ func ParseFSOptions(opts map[string]string) (FSOptions, error) {
 			o.Timeout = -1
 		}
 	}
-	xattr, err := onOff(opts, OptXattr, true)
+	xattr, err := OnOff(opts, OptXattr, true)
 	if err != nil {
 		return o, err
 	}
 	o.NoXattr = !xattr
-	if o.AllowSetID, err = onOff(opts, OptSuid, false); err != nil {
+	if o.AllowSetID, err = OnOff(opts, OptSuid, false); err != nil {
 		return o, err
 	}
 	if v, ok := opts[OptWorkers]; ok {
@@ -81,8 +81,8 @@ func ParseFSOptions(opts map[string]string) (FSOptions, error) {
 	return o, nil
 }
 
-// onOff parses an on|off option, def when absent.
-func onOff(opts map[string]string, key string, def bool) (bool, error) {
+// OnOff parses an on|off option, def when absent.
+func OnOff(opts map[string]string, key string, def bool) (bool, error) {
 	v, ok := opts[key]
 	if !ok {
 		return def, nil
@@ -93,7 +93,7 @@ func onOff(opts map[string]string, key string, def bool) (bool, error) {
 	case "off":
 		return false, nil
 	}
-	return def, fmt.Errorf("option %s=%q: want on or off", key, v)
+	return false, fmt.Errorf("option %s=%q: want on or off", key, v)
 }
 
 // IDMap maps a range of guest ids onto host ids, like one line of

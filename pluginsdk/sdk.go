@@ -56,6 +56,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/proto/pluginpb"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -406,17 +407,7 @@ func CheckOptions(opts map[string]string, allowed ...string) error {
 // OnOff reads a boolean option written "on" or "off"; a missing key gives
 // def.
 func OnOff(opts map[string]string, key string, def bool) (bool, error) {
-	v, ok := opts[key]
-	if !ok {
-		return def, nil
-	}
-	switch v {
-	case "on":
-		return true, nil
-	case "off":
-		return false, nil
-	}
-	return false, fmt.Errorf("option %s=%q: want on or off", key, v)
+	return devopts.OnOff(opts, key, def)
 }
 
 // IntOption parses opts[key] as an integer from min to max; def when the

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -157,9 +156,7 @@ func benchBlk(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(results); err != nil {
+		if err := cli.WriteJSON(stdout, results); err != nil {
 			return fail("%v", err)
 		}
 		return 0

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -195,9 +194,7 @@ func benchAll(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
+		if err := cli.WriteJSON(stdout, rep); err != nil {
 			return fail("%v", err)
 		}
 		return 0

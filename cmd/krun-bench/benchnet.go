@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -97,9 +96,7 @@ func benchNet(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(results); err != nil {
+		if err := cli.WriteJSON(stdout, results); err != nil {
 			return fail("%v", err)
 		}
 		return 0

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 
@@ -67,9 +66,9 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 		rc = 1
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(r)
+		if err := cli.WriteJSON(stdout, r); err != nil {
+			return fs.Fail(stderr, err)
+		}
 		return rc
 	}
 	if r.KVM.Usable {

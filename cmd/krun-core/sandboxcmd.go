@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"slices"
@@ -60,9 +59,7 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 		r.Kinds = r.Kinds[i : i+1]
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(r); err != nil {
+		if err := cli.WriteJSON(stdout, r); err != nil {
 			return fs.Fail(stderr, err)
 		}
 		return 0

@@ -4,6 +4,7 @@
 package cli
 
 import (
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -145,6 +146,13 @@ func CheckOutput(v string) error {
 		return fmt.Errorf("--output=%q: want human or json", v)
 	}
 	return nil
+}
+
+// WriteJSON writes v to w as indented JSON (what --output json prints).
+func WriteJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 // PrintOptions lists the flags of fs with two dashes, their value names
