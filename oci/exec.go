@@ -138,7 +138,7 @@ func cmdExec(g *globals, args []string, env *Env) error {
 		}
 		proc = &p
 	}
-	gp := proc.GuestProcess()
+	gp := guestProcess(proc)
 	if err := gp.Validate(); err != nil {
 		return fmt.Errorf("exec: %w", err)
 	}
@@ -259,14 +259,7 @@ func runProxy(g *globals, args []string, env *Env) int {
 		return 1
 	}
 	reportPipe := os.NewFile(proxyReportFD, "report")
-	report := func(err error) {
-		if err == nil {
-			reportPipe.Write([]byte{reportReady})
-		} else {
-			reportPipe.Write(append([]byte{reportError}, oneLine(err.Error())...))
-		}
-		reportPipe.Close()
-	}
+	report := reporter(reportPipe)
 	procFile := os.NewFile(proxyProcessFD, "process")
 	b, err := io.ReadAll(io.LimitReader(procFile, maxConfigSize))
 	procFile.Close()

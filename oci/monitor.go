@@ -36,6 +36,19 @@ const (
 	reportError = 'e'
 )
 
+// reporter returns the function that writes a child's one report (ready,
+// or an error in one line) on the pipe its parent waits on, then closes it.
+func reporter(pipe *os.File) func(error) {
+	return func(err error) {
+		if err == nil {
+			pipe.Write([]byte{reportReady})
+		} else {
+			pipe.Write(append([]byte{reportError}, oneLine(err.Error())...))
+		}
+		pipe.Close()
+	}
+}
+
 // ReadyTimeout bounds how long create waits for the guest to be set up.
 const ReadyTimeout = 5 * time.Minute
 
@@ -73,14 +86,7 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	unix.CloseOnExec(monitorReportFD)
 	goPipe := os.NewFile(monitorGoFD, "go")
 	reportPipe := os.NewFile(monitorReportFD, "report")
-	report := func(err error) {
-		if err == nil {
-			reportPipe.Write([]byte{reportReady})
-		} else {
-			reportPipe.Write(append([]byte{reportError}, oneLine(err.Error())...))
-		}
-		reportPipe.Close()
-	}
+	report := reporter(reportPipe)
 	sigc := make(chan os.Signal, 16)
 	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH, unix.SIGPIPE)
 

@@ -9,7 +9,6 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/krun-core/krun-core/guest/container"
-	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
 // Plan is what a bundle's config.json becomes: the VM to boot, the
@@ -43,20 +42,8 @@ type Plan struct {
 }
 
 // Process is a program to run in the guest: the container's command or
-// an exec'd one.
-type Process struct {
-	Args           []string            `json:"args"`
-	Env            []string            `json:"env"`
-	Cwd            string              `json:"cwd"`
-	UID            uint32              `json:"uid"`
-	GID            uint32              `json:"gid"`
-	AdditionalGIDs []uint32            `json:"additional_gids,omitempty"`
-	Terminal       bool                `json:"terminal"`
-	Rows           uint16              `json:"rows,omitempty"`
-	Cols           uint16              `json:"cols,omitempty"`
-	Rlimits        []initconfig.Rlimit `json:"rlimits,omitempty"`
-	Extras         container.Extras    `json:"extras"`
-}
+// an exec'd one, in the form krun-init reads.
+type Process = container.Process
 
 // Share is a host directory served to the guest under a virtio-fs tag.
 type Share struct {
@@ -117,15 +104,12 @@ func readPlan(dir string) (*Plan, error) {
 	return &p, nil
 }
 
-// GuestProcess turns p into the exec request krun-init reads.
-func (p *Process) GuestProcess() *container.Process {
-	gp := &container.Process{
-		Args: p.Args, Env: p.Env, Cwd: p.Cwd, UID: p.UID, GID: p.GID,
-		AdditionalGIDs: p.AdditionalGIDs, Terminal: p.Terminal, Extras: p.Extras,
+// guestProcess is the exec request krun-init reads for p: a terminal's
+// size only with a terminal.
+func guestProcess(p *Process) *container.Process {
+	gp := *p
+	if !p.Terminal || p.Rows == 0 || p.Cols == 0 {
+		gp.Rows, gp.Cols = 0, 0
 	}
-	if p.Terminal && p.Rows > 0 && p.Cols > 0 {
-		gp.Rows, gp.Cols = p.Rows, p.Cols
-	}
-	gp.Rlimits = p.Rlimits
-	return gp
+	return &gp
 }
