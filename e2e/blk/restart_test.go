@@ -48,6 +48,7 @@ echo "guest verify ok"
 
 var (
 	serveRestartedRE = regexp.MustCompile(`plugin restarted; serving again: .*took=([0-9.]+[mµn]?s)`)
+	regionRE         = regexp.MustCompile(`in-flight region from the front-end`)
 	replayedRE       = regexp.MustCompile(`resubmitting requests a previous back-end left in flight: .*requests=([0-9]+)`)
 )
 
@@ -68,8 +69,8 @@ func TestServeRestartUnderIO(t *testing.T) {
 	q := dir + "/restart.qcow2"
 	run(t, qemuImg, "create", "-q", "-f", "qcow2", q, strconv.Itoa(serveRestartMiB<<20))
 	servers := []*server{
-		serve(t, "path="+raw+",format=raw", "--plugin-restarts", "1000/10m", "--log-level", "info"),
-		serve(t, "path="+q+",format=qcow2", "--plugin-restarts", "1000/10m", "--log-level", "info"),
+		serve(t, "path="+raw+",format=raw", "--plugin-restarts", "1000/10m", "--log-level", "debug"),
+		serve(t, "path="+q+",format=qcow2", "--plugin-restarts", "1000/10m", "--log-level", "debug"),
 	}
 
 	ib := a.NewInitramfs()
@@ -121,19 +122,24 @@ func TestServeRestartUnderIO(t *testing.T) {
 				took = append(took, d)
 			}
 		}
+		// QEMU hands the in-flight region to every new plugin (the
+		// first one and one per kill), so the plugins the kills started
+		// can replay what their predecessors had taken.
+		if n := len(regionRE.FindAllString(s.out.String(), -1)); n < serveRestartKills+1 {
+			t.Errorf("serve %s: %d plugins got an in-flight region from QEMU, want %d (one per connection)", s.socket, n, serveRestartKills+1)
+		}
 		for _, m := range replayedRE.FindAllStringSubmatch(s.out.String(), -1) {
 			n, _ := strconv.Atoi(m[1])
 			replayed += n
 		}
 		s.stop()
 	}
-	// QEMU gave each new plugin the inflight region: requests the killed
-	// plugins had taken were replayed (with 40 kills under continuous
-	// I/O, some always are).
+	// How many requests a kill caught in flight is up to timing (an
+	// emulated guest leaves its rings idle most of the time; 0 or 1 in 40
+	// kills here): replay itself is tested deterministically in
+	// vhostuser/backend and core/vmm; here the guest's verify pass shows
+	// that none was lost or done twice.
 	t.Logf("requests in flight replayed after the kills: %d", replayed)
-	if replayed == 0 {
-		t.Error("no request was replayed: did QEMU hand the inflight region over?")
-	}
 	if len(took) != 2*serveRestartKills {
 		t.Errorf("%d restarts logged, want %d", len(took), 2*serveRestartKills)
 	}

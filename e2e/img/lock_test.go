@@ -3,6 +3,7 @@ package img_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // holdImage keeps path open in qemu-io (read-write, or read-only with
@@ -31,8 +34,25 @@ func holdImage(t *testing.T, path string, args ...string) {
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); close(exited) }()
 	t.Cleanup(func() { cancel(); <-exited })
-	// Once qemu-io holds its locks, a qemu-img writer is refused.
+	// Probe only once qemu-io holds its locks: a probe running while
+	// qemu-io opens the image would make qemu-io's own open fail.
 	deadline := time.Now().Add(20 * time.Second)
+	for prev := -1; ; time.Sleep(50 * time.Millisecond) {
+		n := locksOn(t, path)
+		if n > 0 && n == prev {
+			break
+		}
+		prev = n
+		select {
+		case <-exited:
+			t.Fatalf("qemu-io exited: %s", out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("qemu-io %v took no lock on %s (/proc/locks)", args, path)
+		}
+	}
+	// Once qemu-io holds its locks, a qemu-img writer is refused.
 	for {
 		r := run(t, nil, qemuTool(t, "qemu-img"), "check", "-r", "leaks", path)
 		if r.code != 0 && strings.Contains(r.stderr, "lock") {
@@ -48,6 +68,29 @@ func holdImage(t *testing.T, path string, args ...string) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// locksOn counts the file locks /proc/locks lists on path's inode.
+func locksOn(t *testing.T, path string) int {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		for _, f := range strings.Fields(line) {
+			if f == id {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 // TestImageLocking: img commands respect QEMU's image locks; -U reads an

@@ -890,6 +890,7 @@ func (sess *session) setInflightFD(m *vhostuser.Message, in vhostuser.Inflight) 
 	}
 	sess.inflight.close()
 	sess.inflight = reg
+	sess.s.log.Debug("in-flight region from the front-end", "queues", in.NumQueues, "queue_size", in.QueueSize)
 	return nil
 }
 
