@@ -34,8 +34,13 @@ func userland(t *testing.T) string {
 		t.Fatalf("build the Debian userland: %v\n%s", err, stderr.String())
 	}
 	img := strings.TrimSpace(string(out))
-	// The test writes into an overlay; the image in the cache stays as
-	// it was built.
+	return img
+}
+
+// userlandOverlay is a fresh qcow2 overlay on the userland image: the test
+// writes into it, and the image in the cache stays as it was built.
+func userlandOverlay(t *testing.T, img string) string {
+	t.Helper()
 	overlay := filepath.Join(t.TempDir(), "userland.qcow2")
 	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-b", img, "-F", "raw", overlay).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img create: %v\n%s", err, out)
@@ -130,16 +135,17 @@ func engineVM(t *testing.T, script string) *vmtest.Result {
 	img := userland(t)
 	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
 	payload := append(files, binFiles(dir)...)
-	vm := vmtest.NewNestedVM(t, a, vmtest.NestedOptions{
+	// NestedKVM: an outer guest that wedges as a whole under TCG is killed
+	// after its heartbeat stops and run once more, on a fresh overlay.
+	return vmtest.NestedKVM(t, a, vmtest.NestedOptions{
 		Payload:   payload,
 		Modules:   []string{"virtio_pci", "virtio_blk", "ext4"},
 		CPUs:      2,
 		MemoryMiB: 3072,
 		Timeout:   25 * time.Minute,
 		Script:    "KERNEL=" + kernel + "\n" + enterUserland + "cat >/u/tmp/t.sh <<'KRUNEOF'\n. /tmp/lib.sh\n" + script + "KRUNEOF\n" + runInUserland,
+		Prepare:   func(vm *vmtest.VM) { vm.AddDrive(userlandOverlay(t, img), "qcow2", false) },
 	})
-	vm.AddDrive(img, "qcow2", false)
-	return vm.Run()
 }
 
 // podmanScript: podman with krun-oci as its runtime.

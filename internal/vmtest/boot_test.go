@@ -193,8 +193,18 @@ func TestNestedInnerGuest(t *testing.T) {
 		payload = append(payload, vmtest.File{Dst: "/nested/vmlinux", Src: a.Kernel.Vmlinux})
 		kernel = "/nested/vmlinux"
 	}
-	vm := vmtest.NewNestedVM(t, a, vmtest.NestedOptions{
-		Payload: payload,
+	// QEMU's firmware for the inner VM.
+	for _, pattern := range []string{"/usr/share/qemu/*.bin", "/usr/share/seabios/*.bin"} {
+		files, _ := filepath.Glob(pattern)
+		for _, f := range files {
+			payload = append(payload, vmtest.File{Dst: f, Src: f, Mode: 0o644})
+		}
+	}
+	// NestedKVM: an outer guest that wedges as a whole (silent, not even
+	// its heartbeat) is killed and run once more.
+	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
+		Payload:      payload,
+		HostBinaries: []string{"qemu-system-x86_64"},
 		// Nested KVM under TCG has been seen to hang on a loaded
 		// machine (once in many runs): bound each try and retry once.
 		Script: `
@@ -214,15 +224,6 @@ sed 's/^/inner| /' /tmp/inner.log
 echo "INNER-RUN-SECONDS $start $end"
 grep -q '` + inner.ResultMarker() + ` ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
 `})
-	ib := vm.Initramfs()
-	ib.AddHostBinary("qemu-system-x86_64")
-	for _, pattern := range []string{"/usr/share/qemu/*.bin", "/usr/share/seabios/*.bin"} {
-		files, _ := filepath.Glob(pattern)
-		for _, f := range files {
-			ib.AddFile(f, f, 0o644)
-		}
-	}
-	r := vm.Run()
 	if !strings.Contains(r.Console, "inner| inner kernel "+a.Kernel.Release+" says hello") {
 		t.Errorf("outer console lacks the inner guest's output")
 	}

@@ -53,10 +53,15 @@ type NestedOptions struct {
 	// their own paths, with the shared libraries ldd names (passt,
 	// qemu-storage-daemon); a program not installed skips the test.
 	HostBinaries []string
-	MemoryMiB    int           // outer guest RAM (default 2048: room for an inner guest)
-	CPUs         int           // outer vCPUs (default 1)
-	Timeout      time.Duration // default 300 s
-	Cmdline      string        // extra outer kernel command line
+	// Prepare, when set, is called with each outer VM NestedKVM builds
+	// (one per try) before it starts: to add drives or devices. A try
+	// that is run again gets a fresh VM, so Prepare should give it fresh
+	// writable files too.
+	Prepare   func(vm *VM)
+	MemoryMiB int           // outer guest RAM (default 2048: room for an inner guest)
+	CPUs      int           // outer vCPUs (default 1)
+	Timeout   time.Duration // default 300 s
+	Cmdline   string        // extra outer kernel command line
 }
 
 // NewNestedVM prepares an outer VM for a nested-KVM test without starting
@@ -166,6 +171,9 @@ func NestedKVM(t testing.TB, a *Assets, opts NestedOptions) *Result {
 	t.Helper()
 	for try := 1; ; try++ {
 		vm := NewNestedVM(t, a, opts)
+		if opts.Prepare != nil {
+			opts.Prepare(vm)
+		}
 		if err := vm.Start(); err != nil {
 			t.Fatal(err)
 		}
