@@ -103,18 +103,20 @@ rc=0
 unshare -m sh -c 'cd /newroot && mount --move /newroot / && exec chroot . krun-core run \
 	--kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
 	--plugin-dir /bin --cmdline "console=ttyS0 panic=-1 quiet" --boot-timeout 120 \
-	--log-level info --net passt,mac=52:54:00:12:34:57' </dev/null >/tmp/inner.log 2>&1 &
+	--log-level info --net passt,mac=52:54:00:12:34:57' </dev/null >/tmp/inner.log 2>/tmp/inner.err &
 pid=$!
 # An inner guest that stops making progress is a nested hang (vmtest
 # retries the outer VM).
-hung() { kill -9 $pid; sed 's/^/hung| /' /tmp/inner.log; e2e_nested_hang "$1"; }
+# krun-core's log goes to its own file: written into the guest's console
+# stream, its lines would split the guest's.
+hung() { kill -9 $pid; sed 's/^/hung| /' /tmp/inner.log /tmp/inner.err; e2e_nested_hang "$1"; }
 i=0
 until grep -q KRUN-E2E-KILL-PASST /tmp/inner.log; do
 	kill -0 $pid 2>/dev/null || break
 	i=$((i+1)); [ $i -lt 600 ] || hung "the inner guest never asked to kill passt"
 	sleep 0.5
 done
-grep -q 'boot watchdog' /tmp/inner.log && { sed 's/^/hung| /' /tmp/inner.log; e2e_nested_hang "the inner guest never started"; }
+grep -q 'boot watchdog' /tmp/inner.err && { sed 's/^/hung| /' /tmp/inner.log /tmp/inner.err; e2e_nested_hang "the inner guest never started"; }
 if grep -q KRUN-E2E-KILL-PASST /tmp/inner.log; then
 	killall passt passt.avx2 2>/dev/null || true
 	echo "outer killed passt"
@@ -126,6 +128,7 @@ while kill -0 $pid 2>/dev/null; do
 done
 wait $pid || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
+sed 's/^/inner-log| /' /tmp/inner.err
 [ $rc = 0 ] || e2e_fail "krun-core run exited $rc"
 grep -q '%s ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
 echo "outer checks ok"
