@@ -108,11 +108,13 @@ mkdir -p /tmp
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 dd if=/dev/zero of=/tmp/disk.raw bs=1M count=%[1]d 2>/dev/null
 qemu-img create -q -f qcow2 /tmp/disk.qcow2 %[1]dM
-show() { sed 's/^/inner| /' /tmp/inner.log; }
+# krun-core's log has a file of its own: in the console stream its lines
+# (one per kill and restart) would split the guest's.
+show() { sed 's/^/inner| /' /tmp/inner.log; sed 's/^/inner-log| /' /tmp/inner.err; }
 alive() {
 	kill -0 $pid 2>/dev/null && return 0
 	show
-	grep -q 'boot watchdog' /tmp/inner.log && e2e_nested_hang "the inner guest never started"
+	grep -q 'boot watchdog' /tmp/inner.err && e2e_nested_hang "the inner guest never started"
 	e2e_fail "krun-core ended early"
 }
 # waitfor TEXT SECONDS: until the inner console shows TEXT.
@@ -124,12 +126,12 @@ waitfor() {
 		sleep 0.5
 	done
 }
-restarts() { grep -c 'plugin restarted; the device serves again' /tmp/inner.log || true; }
+restarts() { grep -c 'plugin restarted; the device serves again' /tmp/inner.err || true; }
 mkfifo /tmp/console.in
 krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
 	--plugin-dir /bin --boot-timeout 120 --cmdline "%[2]s" --plugin-restarts 1000/10m --log-level info \
 	--disk path=/tmp/disk.raw,format=raw --disk path=/tmp/disk.qcow2,format=qcow2 \
-	</tmp/console.in >/tmp/inner.log 2>&1 &
+	</tmp/console.in >/tmp/inner.log 2>/tmp/inner.err &
 pid=$!
 exec 4>/tmp/console.in
 waitfor 'BLKVERIFY start' 600
@@ -165,8 +167,8 @@ grep -q '%[4]s ok' /tmp/inner.log || e2e_fail "inner guest did not report ok"
 grep -q 'inner verify ok' /tmp/inner.log || e2e_fail "the guest's loop did not verify"
 grep -q '^krun-exit=0$' /tmp/inner.log || e2e_fail "krun-core did not exit 0"
 [ "$(restarts)" = $n ] || e2e_fail "$(restarts) restarts logged, $n kills"
-grep -q 'the device fails' /tmp/inner.log && e2e_fail "a device failed"
-echo "requests in flight replayed: $(sed -n 's/.*resubmitting requests a previous back-end left in flight.*requests=\([0-9]*\).*/\1/p' /tmp/inner.log | awk '{s+=$1} END {print s+0}')"
+grep -q 'the device fails' /tmp/inner.err && e2e_fail "a device failed"
+echo "requests in flight replayed: $(sed -n 's/.*resubmitting requests a previous back-end left in flight.*requests=\([0-9]*\).*/\1/p' /tmp/inner.err | awk '{s+=$1} END {print s+0}')"
 qemu-img check --output=json /tmp/disk.qcow2 >/tmp/check.json || true
 sed 's/^/check| /' /tmp/check.json
 grep -q '"check-errors": 0' /tmp/check.json || e2e_fail "qemu-img check could not check the image"
