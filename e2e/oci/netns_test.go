@@ -1,7 +1,6 @@
 package oci_test
 
 import (
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -97,17 +96,11 @@ func TestNetworkNamespace(t *testing.T) {
 	// and some 10 s of passt's start-up under TCG.
 	s.Annotations["krun.tcp_ports"] = "8080"
 	s.Annotations["krun.udp_ports"] = "none"
-	payload = append(payload, specFile(t, "/b/config.json", s),
-		// passt, started as root, changes to nobody.
-		vmtest.File{Dst: "/etc/passwd", Data: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), Mode: 0o644},
-		vmtest.File{Dst: "/etc/group", Data: []byte("root:x:0:\nnogroup:x:65534:\n"), Mode: 0o644})
-	host := []string{"passt"}
-	if _, err := os.Stat("/usr/bin/passt.avx2"); err == nil {
-		host = append(host, "/usr/bin/passt.avx2")
-	}
+	payload = append(payload, specFile(t, "/b/config.json", s))
+	payload = append(payload, vmtest.PasstUsers()...)
 	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
 		Payload:      payload,
-		HostBinaries: host,
+		HostBinaries: vmtest.PasstBinaries(),
 		Modules:      []string{"dummy"},
 		CPUs:         2,
 		Timeout:      6 * time.Minute,

@@ -191,16 +191,10 @@ func TestRunNet(t *testing.T) {
 	}
 	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
 	payload := append(files, binFiles(dir)...)
-	payload = append(payload,
-		vmtest.File{Dst: "/etc/passwd", Data: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")},
-		vmtest.File{Dst: "/etc/group", Data: []byte("root:x:0:\nnogroup:x:65534:\n")})
-	host := []string{"passt"}
-	if _, err := os.Stat("/usr/bin/passt.avx2"); err == nil {
-		host = append(host, "/usr/bin/passt.avx2")
-	}
+	payload = append(payload, vmtest.PasstUsers()...)
 	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{
 		Payload:      payload,
-		HostBinaries: host,
+		HostBinaries: vmtest.PasstBinaries(),
 		Modules:      []string{"dummy"},
 		CPUs:         2,
 		Timeout:      10 * time.Minute,

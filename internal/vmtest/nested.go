@@ -244,3 +244,23 @@ func InnerKernelTree(t testing.TB, a *Assets, dir string, modules ...string) ([]
 	}
 	return files, kernel
 }
+
+// PasstUsers are the /etc/passwd and /etc/group an outer guest that runs
+// passt needs: passt, started as root, changes to nobody.
+func PasstUsers() []File {
+	return []File{
+		{Dst: "/etc/passwd", Data: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), Mode: 0o644},
+		{Dst: "/etc/group", Data: []byte("root:x:0:\nnogroup:x:65534:\n"), Mode: 0o644},
+	}
+}
+
+// PasstBinaries are the host programs (NestedOptions.HostBinaries) that
+// run passt in an outer guest: passt, and Debian's passt.avx2 where the
+// host has it (passt execs it on CPUs with AVX2).
+func PasstBinaries() []string {
+	host := []string{"passt"}
+	if _, err := os.Stat("/usr/bin/passt.avx2"); err == nil {
+		host = append(host, "/usr/bin/passt.avx2")
+	}
+	return host
+}
