@@ -52,7 +52,9 @@ type Options struct {
 	// Kernel.Vmlinux (PVH entry, about 3 s faster under TCG) is available.
 	BootBzImage bool
 	// NoConsoleLog stops copying the console into the test log line by
-	// line; failures then print the whole console instead of its tail.
+	// line even under go test -v or KRUN_E2E_CONSOLE=1 (StreamConsole).
+	// Without streaming, a failure prints the console's last lines and
+	// saves all of it to a file it names.
 	NoConsoleLog bool
 	// ExtraFiles are passed to QEMU as file descriptors 3, 4, ... (for
 	// -netdev socket,fd=3 and the like). The VM does not close them.
@@ -282,9 +284,9 @@ func (vm *VM) Start() error {
 	cmd.Stderr = &lockedWriter{mu: &vm.mu, w: &vm.stderr}
 	vm.start = time.Now()
 	t := vm.t
-	logLine := func(s string) { t.Log(s) }
-	if vm.opts.NoConsoleLog {
-		logLine = nil
+	var logLine func(string)
+	if vm.streams() {
+		logLine = func(s string) { t.Log(s) }
 	}
 	vm.con = newConsole(vm.start, logLine, "KRUN-E2E-INIT", "KRUN-E2E-READY")
 	if err := cmd.Start(); err != nil {
@@ -405,9 +407,20 @@ func (vm *VM) Console() string {
 	return vm.con.String()
 }
 
-// failureTail is how many console lines a failure message repeats when the
-// whole console is already in the test log.
-const failureTail = 40
+// failureTail is how many console lines a failure message shows. A
+// failing test's log stays short enough that CI's excerpt of it (its
+// first lines) holds the reason and the end of the console; the whole
+// console goes to a file (saveConsole).
+const failureTail = 80
+
+// StreamConsole reports whether guests' consoles are copied into the
+// test log line by line as they print: under go test -v, or with
+// KRUN_E2E_CONSOLE=1. Otherwise only a failure shows the console's tail.
+func StreamConsole() bool {
+	return testing.Verbose() || os.Getenv("KRUN_E2E_CONSOLE") == "1"
+}
+
+func (vm *VM) streams() bool { return !vm.opts.NoConsoleLog && StreamConsole() }
 
 func (vm *VM) failureText() string {
 	vm.mu.Lock()
@@ -415,18 +428,49 @@ func (vm *VM) failureText() string {
 	vm.mu.Unlock()
 	con := vm.Console()
 	head := "---- guest console ----\n"
-	if !vm.opts.NoConsoleLog {
-		lines := strings.Split(strings.TrimRight(con, "\r\n"), "\n")
-		if len(lines) > failureTail {
-			head = fmt.Sprintf("---- last %d lines of the guest console (all of it is logged above) ----\n", failureTail)
-			con = strings.Join(lines[len(lines)-failureTail:], "\n")
+	lines := strings.Split(strings.TrimRight(con, "\r\n"), "\n")
+	if len(lines) > failureTail {
+		where := "all of it is logged above"
+		if !vm.streams() {
+			where = saveConsole(vm.t.Name(), con)
 		}
+		head = fmt.Sprintf("---- last %d lines of the guest console (%s) ----\n", failureTail, where)
+		con = strings.Join(lines[len(lines)-failureTail:], "\n")
 	}
 	s := head + con + "\n---- end of console ----"
 	if stderr != "" {
-		s += "\n---- qemu stderr ----\n" + stderr + "---- end of stderr ----"
+		s += "\n---- qemu stderr ----\n" + lastLines(stderr, 20) + "\n---- end of stderr ----"
 	}
 	return s
+}
+
+// saveConsole writes a failed guest's whole console to a file outside the
+// test's temporary directory (which is removed) and says where.
+func saveConsole(test, con string) string {
+	name := strings.Map(func(r rune) rune {
+		if r == '/' || r == ' ' {
+			return '_'
+		}
+		return r
+	}, test)
+	f, err := os.CreateTemp("", "krun-e2e-"+name+"-*.console")
+	if err != nil {
+		return fmt.Sprintf("whole console not saved: %v", err)
+	}
+	defer f.Close()
+	if _, err := f.WriteString(con); err != nil {
+		return fmt.Sprintf("whole console not saved: %v", err)
+	}
+	return "all of it in " + f.Name()
+}
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\r\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
 
 // Wait waits for QEMU to exit (the guest powers off after its verdict, or the
