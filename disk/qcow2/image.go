@@ -98,6 +98,10 @@ type Image struct {
 	// file already and that nothing references yet: data clusters and L2
 	// tables come from it (see persist).
 	pool         [2]uint64
+	// poolZeroFrom: pool clusters at or above it lay beyond the file's
+	// end when the pool was reserved, so they read as zeros until a
+	// write lands in them (each is handed out once).
+	poolZeroFrom uint64
 	metaChanged  bool // cached metadata changed since the last write-back
 	refsUnsynced bool // refcount data written since the last sync
 	l2Unsynced   bool // L2 tables written since the last sync

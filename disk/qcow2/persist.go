@@ -51,28 +51,32 @@ const (
 )
 
 // allocPooled returns one cluster from the pool, refilling it first when
-// it is empty. Its refcount is 1 on the file already.
-func (im *Image) allocPooled() (uint64, error) {
+// it is empty. Its refcount is 1 on the file already. zero reports that
+// the cluster reads as zeros: it lay beyond the file's end when the pool
+// was reserved, and nothing has written to it since.
+func (im *Image) allocPooled() (c uint64, zero bool, err error) {
 	if im.pool[1] == 0 {
 		if err := im.refillPool(); err != nil {
-			return 0, err
+			return 0, false, err
 		}
 	}
-	c := im.pool[0]
+	c = im.pool[0]
 	im.pool[0]++
 	im.pool[1]--
-	return c, nil
+	return c, c >= im.poolZeroFrom, nil
 }
 
 // refillPool reserves a run of clusters with refcount 1 and makes those
 // refcounts durable before any of them is used.
 func (im *Image) refillPool() error {
 	n := min(max(poolBytes/im.cs, 1), poolClusters)
+	end0 := im.fileClusters
 	start, err := im.allocClusters(n)
 	if err != nil {
 		return err
 	}
 	im.pool = [2]uint64{start, n}
+	im.poolZeroFrom = max(start, end0)
 	// The file reaches the end of the pool before the refcounts are
 	// synced: after a power failure, an L2 entry whose data write was lost
 	// still names a cluster inside the file (it reads back stale, never

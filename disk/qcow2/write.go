@@ -143,7 +143,7 @@ func (im *Image) l2ForWrite(gc uint64) (*table, uint64, error) {
 		return nil, 0, err
 	}
 	if off == 0 {
-		c, err := im.allocPooled()
+		c, _, err := im.allocPooled()
 		if err != nil {
 			return nil, 0, fmt.Errorf("allocate L2 table: %w", err)
 		}
@@ -173,7 +173,7 @@ func (im *Image) l2ForWrite(gc uint64) (*table, uint64, error) {
 		return t, idx, nil
 	}
 	// Shared with a snapshot: copy it.
-	c, err := im.allocPooled()
+	c, _, err := im.allocPooled()
 	if err != nil {
 		return nil, 0, fmt.Errorf("allocate L2 table copy: %w", err)
 	}
@@ -227,16 +227,30 @@ func (im *Image) owned(ci *cinfo) (bool, error) {
 }
 
 // newHost returns a host cluster for guest cluster gc: a fresh one, or the
-// fixed one in an external data file.
-func (im *Image) newHost(gc uint64) (uint64, error) {
+// fixed one in an external data file. zero reports that the cluster reads
+// as zeros (a fresh one beyond the file's former end).
+func (im *Image) newHost(gc uint64) (host uint64, zero bool, err error) {
 	if im.extData {
-		return gc << im.cb, nil
+		return gc << im.cb, false, nil
 	}
-	c, err := im.allocPooled()
+	c, zero, err := im.allocPooled()
 	if err != nil {
-		return 0, fmt.Errorf("allocate data cluster: %w", err)
+		return 0, false, fmt.Errorf("allocate data cluster: %w", err)
 	}
-	return c * im.cs, nil
+	return c * im.cs, zero, nil
+}
+
+// zeroFill reports whether the part of guest cluster ci (at guest offset
+// base) that a partial write leaves untouched reads as zeros: a zero
+// cluster, or an unallocated one with no backing data under it.
+func (im *Image) zeroFill(ci *cinfo, base uint64) bool {
+	switch ci.typ {
+	case ctZero:
+		return true
+	case ctUnalloc:
+		return im.backing == nil || base >= uint64(im.backingSize)
+	}
+	return false
 }
 
 // fillState fills buf, which covers guest range [g, g+len(buf)) of one
@@ -320,7 +334,7 @@ func (im *Image) writeCluster(q []byte, pos uint64) error {
 	}
 
 	// Everything else gets a new host cluster.
-	host, err := im.newHost(gc)
+	host, fresh, err := im.newHost(gc)
 	if err != nil {
 		return err
 	}
@@ -343,6 +357,13 @@ func (im *Image) writeCluster(q []byte, pos uint64) error {
 		// The whole cluster is written: nothing to copy.
 		if _, err := im.data.WriteAt(q, int64(host)); err != nil {
 			return fmt.Errorf("write data at %#x: %w", host, err)
+		}
+		alloc = allSub
+	} else if fresh && im.zeroFill(&ci, base) {
+		// The new cluster reads as zeros and so must the rest of it:
+		// only q is written (a 4 KiB write costs 4 KiB, not a cluster).
+		if _, err := im.data.WriteAt(q, int64(host+in)); err != nil {
+			return fmt.Errorf("write data at %#x: %w", host+in, err)
 		}
 		alloc = allSub
 	} else {
