@@ -120,15 +120,55 @@ func (im *Image) writeInPlace(p []byte, pos uint64) (bool, error) {
 // writeLocked writes p at guest offset pos, allocating as needed. The
 // caller holds mu exclusively.
 func (im *Image) writeLocked(p []byte, pos uint64) error {
+	b := dataBatch{p: p}
 	for i := 0; i < len(p); {
 		in := pos & (im.cs - 1)
 		n := int(min(im.cs-in, uint64(len(p)-i)))
-		if err := im.writeCluster(p[i:i+n], pos); err != nil {
+		b.i = i
+		if err := im.writeCluster(p[i:i+n], pos, &b); err != nil {
 			return err
 		}
 		i += n
 		pos += uint64(n)
 	}
+	return b.flush(im.data)
+}
+
+// dataBatch gathers the data writes of one request into fresh clusters
+// and issues them as few writes as the host clusters allow: the pool hands
+// out consecutive clusters, so a 1 MiB write into new 64 KiB clusters is
+// one write, not sixteen. writeLocked flushes it before it returns, so the
+// data is in the file before any metadata that points to it.
+type dataBatch struct {
+	p    []byte // the request's data
+	i    int    // where in p the cluster being written starts
+	segs []dataSeg
+}
+
+type dataSeg struct {
+	host uint64
+	a, b int // p[a:b]
+}
+
+// add queues q, which is p[i:i+len(q)], for host offset host.
+func (d *dataBatch) add(host uint64, q []byte) {
+	a, b := d.i, d.i+len(q)
+	if k := len(d.segs); k > 0 {
+		if s := &d.segs[k-1]; s.b == a && s.host+uint64(s.b-s.a) == host {
+			s.b = b
+			return
+		}
+	}
+	d.segs = append(d.segs, dataSeg{host, a, b})
+}
+
+func (d *dataBatch) flush(f ioFile) error {
+	for _, s := range d.segs {
+		if _, err := f.WriteAt(d.p[s.a:s.b], int64(s.host)); err != nil {
+			return fmt.Errorf("write data at %#x: %w", s.host, err)
+		}
+	}
+	d.segs = nil
 	return nil
 }
 
@@ -271,7 +311,8 @@ func (im *Image) fillState(buf []byte, g uint64, st int, ci *cinfo) error {
 }
 
 // writeCluster writes q at guest offset pos; q lies inside one cluster.
-func (im *Image) writeCluster(q []byte, pos uint64) error {
+// Writes of q itself into a fresh cluster go through batch.
+func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 	gc := pos >> im.cb
 	base := gc << im.cb
 	in := pos - base
@@ -355,16 +396,12 @@ func (im *Image) writeCluster(q []byte, pos uint64) error {
 		alloc, zero = touched, ci.zero&^touched
 	} else if in == 0 && uint64(len(q)) == im.cs {
 		// The whole cluster is written: nothing to copy.
-		if _, err := im.data.WriteAt(q, int64(host)); err != nil {
-			return fmt.Errorf("write data at %#x: %w", host, err)
-		}
+		batch.add(host, q)
 		alloc = allSub
 	} else if fresh && im.zeroFill(&ci, base) {
 		// The new cluster reads as zeros and so must the rest of it:
 		// only q is written (a 4 KiB write costs 4 KiB, not a cluster).
-		if _, err := im.data.WriteAt(q, int64(host+in)); err != nil {
-			return fmt.Errorf("write data at %#x: %w", host+in, err)
-		}
+		batch.add(host+in, q)
 		alloc = allSub
 	} else {
 		buf := make([]byte, im.cs)

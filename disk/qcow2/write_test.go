@@ -12,18 +12,23 @@ import (
 // TestPartialWriteToFreshCluster: a write smaller than a cluster that
 // allocates a new cluster writes only its own bytes when the rest of the
 // cluster reads as zeros anyway (no backing data under it), and the whole
-// cluster when the rest must come from the backing file. Either way the
-// image reads back the write surrounded by what was there before, also
-// after it is closed and opened again.
+// cluster when the rest must come from the backing file; a write over
+// several fresh clusters, which the pool hands out consecutively, is one
+// write. Either way the image reads back the write surrounded by what was
+// there before, also after it is closed and opened again.
 func TestPartialWriteToFreshCluster(t *testing.T) {
 	const cs = 64 << 10
 	for _, tc := range []struct {
 		name      string
 		backing   byte // 0: no backing file
-		wantWrite int  // length of the data write that carries the payload
+		off, n    int64
+		wantWrite int // length of the data write that carries the payload
 	}{
-		{"no backing", 0, 4096},
-		{"backing under it", 0xAA, cs},
+		{"no backing", 0, 3*cs + 8192, 4096, 4096},
+		{"backing under it", 0xAA, 3*cs + 8192, 4096, cs},
+		// Consecutive fresh clusters take one write.
+		{"1 MiB, fresh clusters", 0, cs, 1 << 20, 1 << 20},
+		{"1 MiB from mid-cluster", 0, cs + 4096, 1 << 20, 1 << 20},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -50,8 +55,8 @@ func TestPartialWriteToFreshCluster(t *testing.T) {
 			im := openImage(t, p, false, chain...)
 			rec := &recorder{ioFile: im.f}
 			im.f, im.data = rec, rec
-			payload := bytes.Repeat([]byte{0x5C}, 4096)
-			const off = 3*cs + 8192
+			payload := bytes.Repeat([]byte{0x5C}, int(tc.n))
+			off := tc.off
 			if _, err := im.WriteAt(payload, off); err != nil {
 				t.Fatal(err)
 			}
