@@ -97,7 +97,7 @@ type Image struct {
 	// pool is a run of clusters (start, n) whose refcount 1 is on the
 	// file already and that nothing references yet: data clusters and L2
 	// tables come from it (see persist).
-	pool         [2]uint64
+	pool [2]uint64
 	// poolZeroFrom: pool clusters at or above it lay beyond the file's
 	// end when the pool was reserved, so they read as zeros until a
 	// write lands in them (each is handed out once).
