@@ -43,15 +43,19 @@
 // e2e_nested_hang "what" itself): an inner guest that makes no progress is
 // reported as a nested hang, and NestedKVM runs the outer VM once more
 // (nested SVM under TCG sometimes leaves an inner guest idle for good on a
-// loaded machine). The nonce is unique per
+// loaded machine); so does an outer guest silent for 100 s, heartbeat
+// included (NestedOptions.Tries). The outer kernel runs with a periodic
+// tick (nohz=off highres=off): with a one-shot tick it lost its timer for
+// good under nested SVM now and then. The nonce is unique per
 // initramfs (Initramfs.ResultMarker), so a nested guest's verdict echoed on
 // the outer console never counts as the outer one's.
 //
-// Run fails the test (printing the whole console and QEMU's stderr) when the
-// guest reports fail, prints no verdict, panics, or exceeds Options.Timeout
-// (default 120 s; QEMU is then killed). QEMU is also killed when the test
-// ends. The console is written to the test log line by line, stamped with
-// the seconds since QEMU started.
+// Run fails the test (printing the console's last 80 lines, the path of a
+// file holding all of it, and QEMU's stderr) when the guest reports fail,
+// prints no verdict, panics, or exceeds Options.Timeout (default 120 s;
+// QEMU is then killed). QEMU is also killed when the test ends. Under go
+// test -v or with KRUN_E2E_CONSOLE=1 the console is written to the test log
+// line by line as it prints, stamped with the seconds since QEMU started.
 //
 // Interactive tests use Start, Expect, Send and Wait instead of Run:
 //

@@ -103,9 +103,19 @@ func NewNestedVM(t testing.TB, a *Assets, opts NestedOptions) *VM {
 		CPU:       "max", // TCG's max CPU offers SVM (AMD-V)
 		Accel:     "tcg",
 		Timeout:   opts.Timeout,
-		Cmdline:   opts.Cmdline,
+		Cmdline:   strings.TrimSpace(nestedCmdline + " " + opts.Cmdline),
 	})
 }
+
+// nestedCmdline keeps the outer kernel's tick periodic. With the tick
+// one-shot (NOHZ, high-resolution timers), an outer guest running a nested
+// guest under TCG's emulated SVM loses its timer for good now and then:
+// from then on nothing in it that sleeps wakes up (its heartbeat and a
+// /dev/kmsg heartbeat both stopped), which looked like the whole VM
+// wedging. The restart e2e test wedged in 10 of 10 tries that way on
+// 2026-12-04 and passed first time with a periodic tick; a periodic
+// LAPIC timer keeps firing after an interrupt goes missing.
+const nestedCmdline = "nohz=off highres=off"
 
 // NestedHangMarker is what e2e_nested_hang prints: the outer script saw an
 // inner guest make no progress.
