@@ -622,3 +622,29 @@ func BenchmarkHandle(b *testing.B) {
 		})
 	}
 }
+
+// TestShortWrite: the chain shapes served on the ring's goroutine with
+// SerialWrites (queueHandler.Inline): writes and discards of at most
+// inlineWriteMax bytes; never a read, a flush, GET_ID or a long write.
+func TestShortWrite(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		rd, wr uint64
+		want   bool
+	}{
+		{"4 KiB write", HeaderSize + 4096, 1, true},
+		{"64 KiB write", HeaderSize + inlineWriteMax, 1, true},
+		{"64 KiB + 512 write", HeaderSize + inlineWriteMax + 512, 1, false},
+		{"1 MiB write", HeaderSize + 1<<20, 1, false},
+		{"discard, one segment", HeaderSize + SegmentSize, 1, true},
+		{"flush", HeaderSize, 1, false},
+		{"4 KiB read", HeaderSize, 4096 + 1, false},
+		{"GET_ID", HeaderSize, 20 + 1, false},
+		{"no status byte", HeaderSize + 4096, 0, false},
+		{"header cut short", HeaderSize - 1, 1, false},
+	} {
+		if got := shortWrite(tc.rd, tc.wr); got != tc.want {
+			t.Errorf("%s (read %d, write %d): %v, want %v", tc.name, tc.rd, tc.wr, got, tc.want)
+		}
+	}
+}

@@ -99,6 +99,15 @@ type Handler interface {
 	Handle(req *Request)
 }
 
+// Inliner may be implemented by a Handler: Inline is called on the ring's
+// goroutine for a request that would go to a worker; true serves it on the
+// ring's goroutine instead, in the ring's order. For requests that would
+// only wait on a worker (a short write the device serializes anyway): no
+// hand-off, no wake-up, and their completions are published with the
+// ring's batch. Inline may look at the chain's shape (Chain().ReadableLen,
+// WritableLen) only, never at guest memory.
+type Inliner interface{ Inline(req *Request) bool }
+
 // Drainer may be implemented by a Handler: Drained is called on the ring's
 // goroutine each time the ring has no more available chains, after every
 // chain taken so far was given to Handle and before the used elements are

@@ -80,6 +80,7 @@ const (
 type engine struct {
 	ringConfig
 	handler  Handler
+	inliner  Inliner // handler's, if it implements it
 	drainer  Drainer
 	producer Producer
 	workers  int
@@ -125,6 +126,7 @@ func newEngine(rc ringConfig, qc QueueConfig) (*engine, error) {
 		rc.log = hclog.NewNullLogger()
 	}
 	e := &engine{ringConfig: rc, handler: qc.Handler, producer: qc.Producer, workers: qc.Workers, stopLeft: -1}
+	e.inliner, _ = qc.Handler.(Inliner)
 	e.max = int(rc.q.Size())
 	if qc.MaxInFlight > 0 && qc.MaxInFlight < e.max {
 		e.max = qc.MaxInFlight
@@ -303,8 +305,9 @@ func (e *engine) pop(req *Request) (bool, error) {
 }
 
 // dispatch hands a taken request to the handler: on this goroutine when
-// there are no workers, or when it is alone on an idle ring (no hand-off
-// at queue depth 1); otherwise to a worker.
+// there are no workers, when it is alone on an idle ring (no hand-off at
+// queue depth 1), or when the handler's Inline asks for it; otherwise to a
+// worker.
 func (e *engine) dispatch(req *Request) {
 	if e.work == nil {
 		req.worker = 0
@@ -317,6 +320,11 @@ func (e *engine) dispatch(req *Request) {
 			e.handle(req)
 			return
 		}
+	}
+	if e.inliner != nil && e.inliner.Inline(req) {
+		req.worker = 0
+		e.handle(req)
+		return
 	}
 	e.busy.Add(1)
 	e.work <- req

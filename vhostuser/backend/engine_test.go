@@ -81,6 +81,66 @@ func TestEngineModes(t *testing.T) {
 	}
 }
 
+// TestInliner: requests the handler's Inline picks are served on the ring's
+// goroutine (worker 0) even while workers are busy and chains wait in the
+// ring; the others go to workers.
+func TestInliner(t *testing.T) {
+	dev := newTestDevice(1)
+	dev.mode, dev.workers = "inline", 4
+	h := newHarness(t, dev)
+	g, err := testguest.Start(h.client, testguest.Options{QueueSize: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	r := g.Rings[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	const n = 400
+	inFlight := 0
+	for i := 0; i < n; i++ {
+		msg := fmt.Sprintf("s%03d", i%1000) // 4 bytes: inline
+		if i%2 == 1 {
+			msg = fmt.Sprintf("long request %03d", i) // to a worker
+		}
+		for r.Free() < 3 {
+			done, err := r.Wait(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			inFlight -= len(done)
+		}
+		postEcho(t, g, r, msg)
+		inFlight++
+	}
+	for inFlight > 0 {
+		done, err := r.Wait(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inFlight -= len(done)
+	}
+	onWorkers := 0
+	for i := 0; i < n; i++ {
+		msg := fmt.Sprintf("s%03d", i%1000)
+		if i%2 == 1 {
+			msg = fmt.Sprintf("long request %03d", i)
+		}
+		w, ok := dev.workerOf.Load(msg)
+		switch {
+		case !ok:
+			t.Fatalf("%q was not served", msg)
+		case i%2 == 0 && w.(int) != 0:
+			t.Fatalf("%q (Inline: true) was served by worker %d, not the ring's goroutine", msg, w)
+		case i%2 == 1 && w.(int) != 0:
+			onWorkers++
+		}
+	}
+	if onWorkers == 0 {
+		t.Fatal("no request went to a worker: the ring was never busy, the test proves nothing")
+	}
+}
+
 // TestStopWaitsForAsync stops a ring whose requests are completed later by
 // the device: the stop (GET_VRING_BASE) returns only once they are, and
 // the base accounts for all of them.

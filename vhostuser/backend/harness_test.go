@@ -39,6 +39,9 @@ type testDevice struct {
 	maxInFlight int // QueueConfig.MaxInFlight
 	// held receives the requests of mode "hold", which the test completes.
 	held chan *backend.Request
+	// workerOf records, in mode "inline", the worker that served each
+	// message.
+	workerOf sync.Map
 
 	mu       sync.Mutex
 	config   [64]byte
@@ -131,6 +134,8 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 		return backend.QueueConfig{}, errors.New("device gave up")
 	case "hold":
 		return backend.QueueConfig{Handler: holdHandler{d.held}, Workers: d.workers}, nil
+	case "inline":
+		return backend.QueueConfig{Handler: inlineHandler{&d.workerOf}, Workers: d.workers}, nil
 	case "status":
 		return backend.QueueConfig{Handler: statusHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
 	case "async":
@@ -139,6 +144,30 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 		return backend.QueueConfig{Handler: h, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
 	}
 	return backend.QueueConfig{Handler: echoHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
+}
+
+// inlineHandler echoes; it asks for requests of at most 8 bytes to be
+// served on the ring's goroutine (backend.Inliner), serves longer ones
+// slowly (so that workers are busy and chains wait in the ring), and
+// records which worker served each message.
+type inlineHandler struct{ workerOf *sync.Map }
+
+func (h inlineHandler) Inline(req *backend.Request) bool { return req.Chain().ReadableLen() <= 8 }
+
+func (h inlineHandler) Handle(req *backend.Request) {
+	c := req.Chain()
+	if c.ReadableLen() > 8 {
+		time.Sleep(200 * time.Microsecond)
+	}
+	msg := make([]byte, c.ReadableLen())
+	if err := c.ReadFull(msg); err != nil {
+		req.Malformed(err)
+		req.Complete(0)
+		return
+	}
+	h.workerOf.Store(string(msg), req.Worker())
+	n, _ := c.Write(msg)
+	req.Complete(uint32(n))
 }
 
 // holdHandler hands every request to the test.
