@@ -127,7 +127,16 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	}
 	info := im.Info()
 	align := uint32(info.ClusterSize / blk.SectorSize)
-	dev, err := blk.New(blk.Config{Disk: im, NumQueues: queues, DiscardAlignment: align, Log: log, OwnsDisk: true})
+	// As for a raw image (blk-raw): the kernel serializes a regular
+	// file's buffered writes on its inode's lock, and allocating writes
+	// take the image's lock anyway; one write at a time saves the
+	// contention. Reads stay parallel.
+	serial := false
+	if st, err := img.Stat(); err == nil && st.Mode().IsRegular() {
+		serial = true
+	}
+	dev, err := blk.New(blk.Config{Disk: im, NumQueues: queues, DiscardAlignment: align, Log: log, OwnsDisk: true,
+		SerialWrites: serial})
 	if err != nil {
 		im.Close()
 		return nil, err
