@@ -421,13 +421,7 @@ func TestReplyAck(t *testing.T) {
 
 func TestMemoryTableChangeWhileRunning(t *testing.T) {
 	dev := newTestDevice(1)
-	h := newHarness(t, dev)
-	g, err := testguest.Start(h.client, testguest.Options{Regions: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	r := g.Rings[0]
+	h, g, r := startGuest(t, dev, testguest.Options{Regions: 2})
 	echoOnce(t, g, r, "first")
 	dev.expect(t, event{0, true})
 	// A new table (same memory, 4 regions, new descriptors): the worker

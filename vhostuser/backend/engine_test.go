@@ -87,22 +87,19 @@ func TestEngineModes(t *testing.T) {
 func TestInliner(t *testing.T) {
 	dev := newTestDevice(1)
 	dev.mode, dev.workers = "inline", 4
-	h := newHarness(t, dev)
-	g, err := testguest.Start(h.client, testguest.Options{QueueSize: 64})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	r := g.Rings[0]
+	_, g, r := startGuest(t, dev, testguest.Options{QueueSize: 64})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	const n = 400
+	msgOf := func(i int) string {
+		if i%2 == 1 {
+			return fmt.Sprintf("long request %03d", i) // to a worker
+		}
+		return fmt.Sprintf("s%03d", i) // 4 bytes: inline
+	}
 	inFlight := 0
 	for i := 0; i < n; i++ {
-		msg := fmt.Sprintf("s%03d", i%1000) // 4 bytes: inline
-		if i%2 == 1 {
-			msg = fmt.Sprintf("long request %03d", i) // to a worker
-		}
+		msg := msgOf(i)
 		for r.Free() < 3 {
 			done, err := r.Wait(ctx)
 			if err != nil {
@@ -122,10 +119,7 @@ func TestInliner(t *testing.T) {
 	}
 	onWorkers := 0
 	for i := 0; i < n; i++ {
-		msg := fmt.Sprintf("s%03d", i%1000)
-		if i%2 == 1 {
-			msg = fmt.Sprintf("long request %03d", i)
-		}
+		msg := msgOf(i)
 		w, ok := dev.workerOf.Load(msg)
 		switch {
 		case !ok:
@@ -147,13 +141,7 @@ func TestInliner(t *testing.T) {
 func TestStopWaitsForAsync(t *testing.T) {
 	dev := newTestDevice(1)
 	dev.mode, dev.workers = "async", 2
-	h := newHarness(t, dev)
-	g, err := testguest.Start(h.client, testguest.Options{QueueSize: 64})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	r := g.Rings[0]
+	_, g, r := startGuest(t, dev, testguest.Options{QueueSize: 64})
 	for i := 0; i < 20; i++ {
 		postEcho(t, g, r, fmt.Sprintf("message %d", i))
 	}

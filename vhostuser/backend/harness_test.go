@@ -309,6 +309,20 @@ func newLogger(buf *syncBuffer) hclog.Logger {
 
 func newHarness(t *testing.T, dev *testDevice) *harness { return newHarnessTB(t, dev) }
 
+// startGuest serves dev through a harness and starts a test guest on it
+// with opts; the guest is closed when the test ends. It returns the
+// guest's first ring too.
+func startGuest(t *testing.T, dev *testDevice, opts testguest.Options) (*harness, *testguest.Guest, *testguest.Ring) {
+	t.Helper()
+	h := newHarness(t, dev)
+	g, err := testguest.Start(h.client, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	return h, g, g.Rings[0]
+}
+
 func newHarnessTB(t testing.TB, dev *testDevice) *harness {
 	t.Helper()
 	logs := &syncBuffer{}
