@@ -307,7 +307,7 @@ func run(t *testing.T, g guest) *outcome {
 		h.mu.Lock()
 		stdout, stderr := h.stdout.String(), h.stderr.String()
 		h.mu.Unlock()
-		t.Fatalf("guest: %v\n%s\nstdout %q\nstderr %q", err, lastLines(r.Console, 40), stdout, stderr)
+		t.Fatalf("guest: %v\n%s\nstdout %q\nstderr %q", err, vmtest.LastLines(r.Console, 40), stdout, stderr)
 	}
 	// The guest is gone: whatever it sent is in the socket buffer.
 	select {
@@ -327,19 +327,11 @@ func run(t *testing.T, g guest) *outcome {
 		return o // the caller checks how QEMU ended
 	}
 	if r.ExitCode%2 != 1 {
-		t.Fatalf("QEMU exited with %d: the guest did not write its status to port %#x\n%s", r.ExitCode, exitPort, lastLines(r.Console, 40))
+		t.Fatalf("QEMU exited with %d: the guest did not write its status to port %#x\n%s", r.ExitCode, exitPort, vmtest.LastLines(r.Console, 40))
 	}
 	o.status = (r.ExitCode - 1) / 2
 	t.Logf("status %d, milestones %v, stdout %q, stderr %q, QEMU ran %v", o.status, o.milestones, o.stdout, o.stderr, r.Total.Round(time.Millisecond))
 	return o
-}
-
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // checkFinished checks the end of a normal run: EXIT frame equal to the

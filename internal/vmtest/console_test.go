@@ -66,3 +66,20 @@ func TestConsoleBounded(t *testing.T) {
 		t.Errorf("expect after dropping old output: %v", err)
 	}
 }
+
+func TestLastLines(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		n    int
+		want string
+	}{
+		{"a\nb\nc\n", 2, "b\nc"},
+		{"a\nb\r\n", 5, "a\nb"},
+		{"a\nb\nc", 3, "a\nb\nc"},
+		{"", 3, ""},
+	} {
+		if got := LastLines(tc.in, tc.n); got != tc.want {
+			t.Errorf("LastLines(%q, %d) = %q, want %q", tc.in, tc.n, got, tc.want)
+		}
+	}
+}

@@ -428,18 +428,17 @@ func (vm *VM) failureText() string {
 	vm.mu.Unlock()
 	con := vm.Console()
 	head := "---- guest console ----\n"
-	lines := strings.Split(strings.TrimRight(con, "\r\n"), "\n")
-	if len(lines) > failureTail {
+	tail := LastLines(con, failureTail)
+	if tail != strings.TrimRight(con, "\r\n") {
 		where := "all of it is logged above"
 		if !vm.streams() {
 			where = saveConsole(vm.t.Name(), con)
 		}
 		head = fmt.Sprintf("---- last %d lines of the guest console (%s) ----\n", failureTail, where)
-		con = strings.Join(lines[len(lines)-failureTail:], "\n")
 	}
-	s := head + con + "\n---- end of console ----"
+	s := head + tail + "\n---- end of console ----"
 	if stderr != "" {
-		s += "\n---- qemu stderr ----\n" + lastLines(stderr, 20) + "\n---- end of stderr ----"
+		s += "\n---- qemu stderr ----\n" + LastLines(stderr, 20) + "\n---- end of stderr ----"
 	}
 	return s
 }
@@ -464,8 +463,9 @@ func saveConsole(test, con string) string {
 	return "all of it in " + f.Name()
 }
 
-// lastLines returns the last n lines of s.
-func lastLines(s string, n int) string {
+// LastLines returns the last n lines of s (a console), without its
+// trailing line end.
+func LastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\r\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
