@@ -155,13 +155,9 @@ func benchBlk(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("%v", err)
 	}
-	if *output == "json" {
-		if err := cli.WriteJSON(stdout, results); err != nil {
-			return fail("%v", err)
-		}
-		return 0
+	if err := cli.Report(stdout, *output, results, func(w io.Writer) { printBlkResults(w, results) }); err != nil {
+		return fail("%v", err)
 	}
-	printBlkResults(stdout, results)
 	return 0
 }
 

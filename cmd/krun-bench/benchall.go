@@ -193,13 +193,9 @@ func benchAll(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("%v", err)
 	}
-	if *output == "json" {
-		if err := cli.WriteJSON(stdout, rep); err != nil {
-			return fail("%v", err)
-		}
-		return 0
+	if err := cli.Report(stdout, *output, rep, func(w io.Writer) { printBenchAll(w, rep) }); err != nil {
+		return fail("%v", err)
 	}
-	printBenchAll(stdout, rep)
 	return 0
 }
 

@@ -95,19 +95,19 @@ func benchNet(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("%v", err)
 	}
-	if *output == "json" {
-		if err := cli.WriteJSON(stdout, results); err != nil {
-			return fail("%v", err)
-		}
-		return 0
+	if err := cli.Report(stdout, *output, results, func(w io.Writer) { printNetResults(w, results) }); err != nil {
+		return fail("%v", err)
 	}
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	return 0
+}
+
+func printNetResults(w io.Writer, results []netResult) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "link\tMSS\tMiB/s each way\tframes/s\tretransmits\t")
 	for _, r := range results {
 		fmt.Fprintf(tw, "%s\t%d\t%.1f\t%.0f\t%d\t\n", r.Link, r.MSS, r.MiBps, r.FramesPerS, r.Retransmits)
 	}
 	tw.Flush()
-	return 0
 }
 
 type netBenchConfig struct {

@@ -65,21 +65,21 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 	if !r.KVM.Usable {
 		rc = 1
 	}
-	if *output == "json" {
-		if err := cli.WriteJSON(stdout, r); err != nil {
-			return fs.Fail(stderr, err)
-		}
-		return rc
-	}
-	if r.KVM.Usable {
-		fmt.Fprintln(stdout, "kvm: usable (krun-core run can boot guests here)")
-	} else {
-		fmt.Fprintf(stdout, "kvm: NOT usable: %s\n", r.KVM.Problem)
-	}
-	if len(r.SandboxMissing) == 0 {
-		fmt.Fprintln(stdout, "sandbox: every layer available (details: krun-core sandbox status)")
-	} else {
-		fmt.Fprintf(stdout, "sandbox: UNAVAILABLE layers %v: plugins refuse to start unless turned off with --sandbox-disable (details: krun-core sandbox status)\n", r.SandboxMissing)
+	if err := cli.Report(stdout, *output, r, func(w io.Writer) { writeDoctor(w, r) }); err != nil {
+		return fs.Fail(stderr, err)
 	}
 	return rc
+}
+
+func writeDoctor(w io.Writer, r doctorReport) {
+	if r.KVM.Usable {
+		fmt.Fprintln(w, "kvm: usable (krun-core run can boot guests here)")
+	} else {
+		fmt.Fprintf(w, "kvm: NOT usable: %s\n", r.KVM.Problem)
+	}
+	if len(r.SandboxMissing) == 0 {
+		fmt.Fprintln(w, "sandbox: every layer available (details: krun-core sandbox status)")
+	} else {
+		fmt.Fprintf(w, "sandbox: UNAVAILABLE layers %v: plugins refuse to start unless turned off with --sandbox-disable (details: krun-core sandbox status)\n", r.SandboxMissing)
+	}
 }

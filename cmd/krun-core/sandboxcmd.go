@@ -58,13 +58,9 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 		}
 		r.Kinds = r.Kinds[i : i+1]
 	}
-	if *output == "json" {
-		if err := cli.WriteJSON(stdout, r); err != nil {
-			return fs.Fail(stderr, err)
-		}
-		return 0
+	if err := cli.Report(stdout, *output, r, func(w io.Writer) { writeSandboxStatus(w, r) }); err != nil {
+		return fs.Fail(stderr, err)
 	}
-	writeSandboxStatus(stdout, r)
 	return 0
 }
 

@@ -155,6 +155,15 @@ func WriteJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
+// Report prints v as --output asks: indented JSON, or human for "human".
+func Report(w io.Writer, output string, v any, human func(io.Writer)) error {
+	if output == "json" {
+		return WriteJSON(w, v)
+	}
+	human(w)
+	return nil
+}
+
 // PrintOptions lists the flags of fs with two dashes, their value names
 // and defaults. A flag with an empty usage is an alias (-f for --format)
 // and is not listed.

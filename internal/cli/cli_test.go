@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
+	"io"
 	"strings"
 	"testing"
 
@@ -62,4 +64,20 @@ func TestFlags(t *testing.T) {
 		t.Errorf("FlagError: %v", err)
 	}
 	_ = flag.ErrHelp
+}
+
+// TestReport: --output json prints v as JSON and never calls human;
+// human prints through human alone.
+func TestReport(t *testing.T) {
+	v := map[string]int{"iops": 7}
+	for _, tc := range []struct{ output, want string }{
+		{"json", "{\n  \"iops\": 7\n}\n"},
+		{"human", "iops 7\n"},
+	} {
+		var b strings.Builder
+		err := Report(&b, tc.output, v, func(w io.Writer) { fmt.Fprintf(w, "iops %d\n", v["iops"]) })
+		if err != nil || b.String() != tc.want {
+			t.Errorf("Report(%s) = %q, %v; want %q", tc.output, b.String(), err, tc.want)
+		}
+	}
 }
