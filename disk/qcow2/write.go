@@ -78,11 +78,7 @@ func (im *Image) checkData(c uint64) error {
 // the active image alone and needs no metadata change. It reports false
 // (having written nothing) otherwise. The caller holds mu shared.
 func (im *Image) writeInPlace(p []byte, pos uint64) (bool, error) {
-	type seg struct {
-		host uint64
-		a, b int
-	}
-	var segs [8]seg
+	var segs [8]dataSeg
 	list := segs[:0]
 	for i, at := 0, pos; i < len(p); {
 		in := at & (im.cs - 1)
@@ -100,19 +96,12 @@ func (im *Image) writeInPlace(p []byte, pos uint64) (bool, error) {
 		if err := im.checkData(ci.host / im.cs); err != nil {
 			return false, err
 		}
-		h := ci.host + in
-		if k := len(list); k > 0 && list[k-1].host+uint64(list[k-1].b-list[k-1].a) == h {
-			list[k-1].b += n
-		} else {
-			list = append(list, seg{h, i, i + n})
-		}
+		list = appendSeg(list, ci.host+in, i, i+n)
 		i += n
 		at += uint64(n)
 	}
-	for _, s := range list {
-		if _, err := im.data.WriteAt(p[s.a:s.b], int64(s.host)); err != nil {
-			return false, fmt.Errorf("write data at %#x: %w", s.host, err)
-		}
+	if err := writeSegs(im.data, p, list); err != nil {
+		return false, err
 	}
 	return true, nil
 }
@@ -134,11 +123,13 @@ func (im *Image) writeLocked(p []byte, pos uint64) error {
 	return b.flush(im.data)
 }
 
-// dataBatch gathers the data writes of one request into fresh clusters
-// and issues them as few writes as the host clusters allow: the pool hands
-// out consecutive clusters, so a 1 MiB write into new 64 KiB clusters is
-// one write, not sixteen. writeLocked flushes it before it returns, so the
-// data is in the file before any metadata that points to it.
+// dataBatch gathers the data writes of one request and issues them as few
+// writes as the host clusters allow: clusters allocated together are
+// consecutive (the pool hands them out in order), so a 1 MiB write into
+// new 64 KiB clusters is one write, not sixteen. writeLocked flushes it
+// before it returns, so the data is in the file before any metadata that
+// points to it. writeInPlace merges its segments the same way (appendSeg,
+// writeSegs) in an array on its stack.
 type dataBatch struct {
 	p    []byte // the request's data
 	i    int    // where in p the cluster being written starts
@@ -152,23 +143,34 @@ type dataSeg struct {
 
 // add queues q, which is p[i:i+len(q)], for host offset host.
 func (d *dataBatch) add(host uint64, q []byte) {
-	a, b := d.i, d.i+len(q)
-	if k := len(d.segs); k > 0 {
-		if s := &d.segs[k-1]; s.b == a && s.host+uint64(s.b-s.a) == host {
+	d.segs = appendSeg(d.segs, host, d.i, d.i+len(q))
+}
+
+// appendSeg adds p[a:b] at host offset host to segs, extending the last
+// segment when both are contiguous.
+func appendSeg(segs []dataSeg, host uint64, a, b int) []dataSeg {
+	if k := len(segs); k > 0 {
+		if s := &segs[k-1]; s.b == a && s.host+uint64(s.b-s.a) == host {
 			s.b = b
-			return
+			return segs
 		}
 	}
-	d.segs = append(d.segs, dataSeg{host, a, b})
+	return append(segs, dataSeg{host, a, b})
 }
 
 func (d *dataBatch) flush(f ioFile) error {
-	for _, s := range d.segs {
-		if _, err := f.WriteAt(d.p[s.a:s.b], int64(s.host)); err != nil {
+	err := writeSegs(f, d.p, d.segs)
+	d.segs = d.segs[:0]
+	return err
+}
+
+// writeSegs writes the segments segs of p.
+func writeSegs(f ioFile, p []byte, segs []dataSeg) error {
+	for _, s := range segs {
+		if _, err := f.WriteAt(p[s.a:s.b], int64(s.host)); err != nil {
 			return fmt.Errorf("write data at %#x: %w", s.host, err)
 		}
 	}
-	d.segs = nil
 	return nil
 }
 
