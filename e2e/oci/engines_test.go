@@ -127,14 +127,8 @@ unshare -m sh -c 'cd /u && mount --move /u / && exec chroot . /usr/bin/env -i PA
 // engineOptions are the outer VM's for the engine tests.
 func engineVM(t *testing.T, script string) *vmtest.Result {
 	t.Helper()
-	a := vmtest.Require(t)
-	dir := bins.Dir(t)
-	if vmtest.DirectKVM(t) {
-		t.Skip("the direct path of the OCI tests is not written yet; they run nested here")
-	}
+	a, payload, kernel := nestedSetup(t)
 	img := userland(t)
-	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
-	payload := append(files, binFiles(dir)...)
 	// NestedKVM: an outer guest that wedges as a whole under TCG is killed
 	// after its heartbeat stops and run once more, on a fresh overlay.
 	return vmtest.NestedKVM(t, a, vmtest.NestedOptions{

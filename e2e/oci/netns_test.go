@@ -80,13 +80,7 @@ echo "outer checks ok"
 // DHCP, and a server in the guest answers at that address inside the
 // namespace (pod networking as CNI sets it up).
 func TestNetworkNamespace(t *testing.T) {
-	a := vmtest.Require(t)
-	dir := bins.Dir(t)
-	if vmtest.DirectKVM(t) {
-		t.Skip("the direct path of the OCI tests is not written yet; they run nested here")
-	}
-	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
-	payload := append(files, binFiles(dir)...)
+	a, payload, kernel := nestedSetup(t)
 	s := busyboxSpec("sh", "-c", "echo guest-ip $(ip -4 addr show eth0 | sed -n 's/.*inet \\([0-9.]*\\).*/\\1/p'); "+
 		"mkdir -p /tmp/www; echo from-the-pod >/tmp/www/page; exec httpd -f -p 8080 -h /tmp/www")
 	s.Linux.Namespaces = []specs.LinuxNamespace{{Type: "pid"}, {Type: "network", Path: "/run/netns/pod"}, {Type: "mount"}}

@@ -38,6 +38,21 @@ func TestMain(m *testing.M) {
 var innerModules = []string{"virtio_mmio", "virtiofs", "virtio_console", "virtio_net"}
 
 // binFiles places the built binaries in /bin of the outer guest.
+// nestedSetup is what every test here starts with: the assets, and the
+// outer guest's payload (an inner kernel tree with the modules the OCI
+// guests need, and the project's binaries); the kernel's path in it. The
+// tests run nested only.
+func nestedSetup(t *testing.T) (a *vmtest.Assets, payload []vmtest.File, kernel string) {
+	t.Helper()
+	a = vmtest.Require(t)
+	dir := bins.Dir(t)
+	if vmtest.DirectKVM(t) {
+		t.Skip("the direct path of the OCI tests is not written yet; they run nested here")
+	}
+	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
+	return a, append(files, binFiles(dir)...), kernel
+}
+
 func binFiles(dir string) []vmtest.File {
 	var out []vmtest.File
 	for name := range bins.Pkgs {
@@ -176,13 +191,7 @@ echo "outer checks ok"
 // waiting), start, state, exec (status, stdio, detached), kill, delete,
 // and run.
 func TestLifecycle(t *testing.T) {
-	a := vmtest.Require(t)
-	dir := bins.Dir(t)
-	if vmtest.DirectKVM(t) {
-		t.Skip("the direct path of the OCI tests is not written yet; they run nested here")
-	}
-	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
-	payload := append(files, binFiles(dir)...)
+	a, payload, kernel := nestedSetup(t)
 	c1 := busyboxSpec("sh", "-c", "touch /started; echo err >&2; "+
 		"echo $(ulimit -n) $(ulimit -Hn); grep -e ' /dev ' -e ' /sys ' /proc/mounts; echo ready $(hostname); exec sleep 600")
 	payload = append(payload, specFile(t, "/b/config.json", c1), specFile(t, "/b2/config.json", busyboxSpec("sh", "-c", "echo run-hi; exit 3")))

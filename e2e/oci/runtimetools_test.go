@@ -203,11 +203,7 @@ var smokeTests = []string{"create", "start", "state", "kill", "delete", "default
 // program, logging the unclaimed ones' results (how docs/OCI.md's table
 // was made), and a comma-separated list of program names runs those.
 func TestRuntimeTools(t *testing.T) {
-	a := vmtest.Require(t)
-	dir := bins.Dir(t)
-	if vmtest.DirectKVM(t) {
-		t.Skip("the direct path of the OCI tests is not written yet; they run nested here")
-	}
+	a, base, kernel := nestedSetup(t)
 	names := append([]string(nil), smokeTests...)
 	switch sel := os.Getenv("KRUN_OCI_RUNTIME_TOOLS"); sel {
 	case "":
@@ -219,8 +215,6 @@ func TestRuntimeTools(t *testing.T) {
 		names = strings.Split(sel, ",")
 	}
 	rtDir, tarball := buildRuntimeTools(t, names)
-	files, kernel := vmtest.InnerKernelTree(t, a, "/nested", innerModules...)
-	base := append(files, binFiles(dir)...)
 	base = append(base, vmtest.File{Dst: "/rt/rootfs-amd64.tar.gz", Src: tarball, Mode: 0o644},
 		vmtest.File{Dst: "/rt/runtimetest", Src: filepath.Join(rtDir, "runtimetest"), Mode: 0o755})
 	// Groups of programs, each in an outer VM of its own: a nested
