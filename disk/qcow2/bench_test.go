@@ -215,6 +215,7 @@ func (m memIO) ReadAt(p []byte, off int64) (int, error) {
 }
 func (m memIO) WriteAt(p []byte, off int64) (int, error) { return 0, errors.New("read-only") }
 func (m memIO) Sync() error                              { return nil }
+func (m memIO) WriteDurable(p []byte, off int64) error   { return errors.New("read-only") }
 
 // BenchmarkReadPathOverhead reads 4 KiB at random offsets of a fully
 // allocated image held in memory: the difference between "qcow2" and

@@ -19,15 +19,23 @@ type recorder struct {
 }
 
 type logEntry struct {
-	off  int64
-	data []byte // nil marks a completed sync
+	off     int64
+	data    []byte // nil marks a completed sync
+	durable bool   // a write that was durable when it returned (WriteDurable)
 }
 
 func (r *recorder) WriteAt(p []byte, off int64) (int, error) {
 	r.mu.Lock()
-	r.log = append(r.log, logEntry{off, append([]byte(nil), p...)})
+	r.log = append(r.log, logEntry{off: off, data: append([]byte(nil), p...)})
 	r.mu.Unlock()
 	return r.ioFile.WriteAt(p, off)
+}
+
+func (r *recorder) WriteDurable(p []byte, off int64) error {
+	r.mu.Lock()
+	r.log = append(r.log, logEntry{off: off, data: append([]byte(nil), p...), durable: true})
+	r.mu.Unlock()
+	return r.ioFile.WriteDurable(p, off)
 }
 
 func (r *recorder) Sync() error {
@@ -44,8 +52,9 @@ func (r *recorder) mark() int {
 	return len(r.log)
 }
 
-// crashState applies to base every write up to the last sync before end,
-// plus those writes after it (and before end) that keep says survived.
+// crashState applies to base every write up to the last sync before end
+// and every durable write before end, plus those other writes after that
+// sync (and before end) that keep says survived.
 func crashState(base []byte, log []logEntry, end int, keep func(i int) bool) []byte {
 	img := append([]byte(nil), base...)
 	lastSync := -1
@@ -56,7 +65,7 @@ func crashState(base []byte, log []logEntry, end int, keep func(i int) bool) []b
 	}
 	for i := 0; i < end; i++ {
 		e := log[i]
-		if e.data == nil || (i > lastSync && !keep(i)) {
+		if e.data == nil || (i > lastSync && !e.durable && !keep(i)) {
 			continue
 		}
 		if need := int(e.off) + len(e.data); need > len(img) {
@@ -149,12 +158,12 @@ func TestCrashLeaksAtWorst(t *testing.T) {
 				t.Fatal(err)
 			}
 			log := rec.log
-			// Crash points: just before each sync completes (so the writes
-			// since the previous sync may or may not have landed), and
-			// the end.
+			// Crash points: just before each sync or durable write
+			// completes (so the writes since the previous sync may or
+			// may not have landed), and the end.
 			var syncs []int
 			for i, e := range log {
-				if e.data == nil {
+				if e.data == nil || e.durable {
 					syncs = append(syncs, i)
 				}
 			}

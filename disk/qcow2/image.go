@@ -123,11 +123,17 @@ type ioFile interface {
 	WriteAt(p []byte, off int64) (int, error)
 	// Sync makes everything written so far durable (fdatasync).
 	Sync() error
+	// WriteDurable writes p at off and makes that write durable before
+	// it returns, and nothing else: earlier writes elsewhere in the
+	// file are as durable as they were.
+	WriteDurable(p []byte, off int64) error
 }
 
 type osFile struct{ *os.File }
 
 func (o osFile) Sync() error { return fdatasync(o.File) }
+
+func (o osFile) WriteDurable(p []byte, off int64) error { return writeDurable(o.File, p, off) }
 
 // layer is a read-only backing image.
 type layer interface {

@@ -20,9 +20,11 @@ import (
 // a cluster whose refcount does not count it):
 //
 //  1. Refcounts first. Data clusters and new L2 tables come from a pool of
-//     clusters whose refcount (1) was written, and synced, before any of
+//     clusters whose refcount (1) was written durably before any of
 //     them is handed out, with the file extended over the whole pool
-//     (refillPool); a refcount block or refcount table that the
+//     (refillPool; each of those writes is durable on its own, RWF_DSYNC,
+//     so a refill does not write out the guest's data as a sync of the
+//     whole file would); a refcount block or refcount table that the
 //     reservation needs is written before the table that points to it
 //     (syncRefcounts). So an L2 entry or L1 entry on the file only ever
 //     names a cluster inside the file and counted there, whatever
@@ -40,7 +42,7 @@ import (
 //
 // Pool clusters not used when the plugin dies are leaked as well (at most
 // one pool: poolClusters). Close returns the pool. The same order holds
-// across a power failure: step 1 is synced; steps 2 and 3 name only
+// across a power failure: step 1 is durable; steps 2 and 3 name only
 // counted clusters; step 4 syncs before the L1 write; only a FLUSH promises
 // the guest's data.
 
@@ -82,10 +84,9 @@ func (im *Image) refillPool() error {
 	// still names a cluster inside the file (it reads back stale, never
 	// beyond the end).
 	end := (start + n) * im.cs
-	if _, err := im.f.WriteAt([]byte{0}, int64(end-1)); err != nil {
+	if err := im.f.WriteDurable([]byte{0}, int64(end-1)); err != nil {
 		return fmt.Errorf("reserve clusters: extend the file: %w", err)
 	}
-	im.refsUnsynced = true
 	if err := im.syncRefcounts(); err != nil {
 		return fmt.Errorf("reserve clusters: %w", err)
 	}
