@@ -98,6 +98,9 @@ type Image struct {
 	// file already and that nothing references yet: data clusters and L2
 	// tables come from it (see persist).
 	pool [2]uint64
+	// poolNext is how many clusters the next refill reserves (0: the
+	// first pool's size; poolClusters).
+	poolNext uint64
 	// poolZeroFrom: pool clusters at or above it lay beyond the file's
 	// end when the pool was reserved, so they read as zeros until a
 	// write lands in them (each is handed out once).

@@ -102,7 +102,7 @@ func TestAllocatingWritesDoNotSync(t *testing.T) {
 	rec := &recorder{ioFile: im.f}
 	im.f, im.data = rec, rec
 	buf := bytes.Repeat([]byte{0xA5}, 1<<20)
-	const n = 3 * poolBytes >> 20 // MiB: three pools
+	const n = 3 * poolFirstBytes >> 20 // MiB: three pools (a 64 MiB image keeps its pools at 4 MiB)
 	for i := range n {
 		if _, err := im.WriteAt(buf, int64(1+i)<<20); err != nil {
 			t.Fatal(err)
@@ -118,7 +118,7 @@ func TestAllocatingWritesDoNotSync(t *testing.T) {
 		}
 	}
 	if syncs != 0 || durable < 3 {
-		t.Errorf("%d MiB of allocating writes: %d syncs and %d durable writes, want none and at least 3 (one pool refill each)", n, syncs, durable)
+		t.Errorf("%d MiB of allocating writes: %d syncs and %d durable writes, want none and at least 3 (a pool refill makes two)", n, syncs, durable)
 	}
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
@@ -161,5 +161,42 @@ func TestWriteDurable(t *testing.T) {
 	}
 	if len(b) != 1<<20+3 || string(b[:12]) != "helLO, world" || string(b[1<<20:]) != "far" {
 		t.Errorf("file of %d bytes starting %q, ending %q", len(b), b[:min(12, len(b))], b[max(0, len(b)-3):])
+	}
+}
+
+// TestPoolGrows: each refill doubles the next pool, from 64 clusters (or
+// 4 MiB) up to 32 MiB, 4096 clusters and a sixteenth of the virtual size.
+func TestPoolGrows(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		cs, size    uint64
+		wantFirst   uint64
+		wantLargest uint64
+	}{
+		{"64k clusters, 100 GiB", 64 << 10, 100 << 30, 64, 512},
+		{"64k clusters, 256 MiB", 64 << 10, 256 << 20, 64, 256},
+		{"64k clusters, 16 MiB", 64 << 10, 16 << 20, 64, 64},
+		{"4k clusters, 100 GiB", 4 << 10, 100 << 30, 64, 4096},
+		{"2M clusters, 100 GiB", 2 << 20, 100 << 30, 2, 16},
+		{"512 B clusters, 1 GiB", 512, 1 << 30, 64, 4096},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			im := &Image{cs: tc.cs, size: int64(tc.size)}
+			n := im.poolClusters()
+			if n != tc.wantFirst {
+				t.Fatalf("first pool %d clusters, want %d", n, tc.wantFirst)
+			}
+			for range 20 {
+				im.growPool(n)
+				next := im.poolClusters()
+				if next < n || next > 2*n {
+					t.Fatalf("pool of %d clusters followed by %d", n, next)
+				}
+				n = next
+			}
+			if n != tc.wantLargest {
+				t.Errorf("pools grow to %d clusters, want %d", n, tc.wantLargest)
+			}
+		})
 	}
 }
