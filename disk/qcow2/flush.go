@@ -156,6 +156,22 @@ func (im *Image) writeL2(t *table) error {
 	return nil
 }
 
+// writeL2Durable writes the whole of L2 table t durably (a new table,
+// before the L1 entry that points to it).
+func (im *Image) writeL2Durable(t *table) error {
+	if err := im.syncRefcounts(); err != nil {
+		return err
+	}
+	if err := im.meta.check(t.off/im.cs, 1, metaL2); err != nil {
+		return err
+	}
+	if err := im.f.WriteDurable(t.buf, int64(t.off)); err != nil {
+		return fmt.Errorf("write L2 table at %#x: %w", t.off, err)
+	}
+	t.written()
+	return nil
+}
+
 // writeChunks writes the dirty 512-byte chunks of a table of uint64
 // entries that lives at off.
 func (im *Image) writeChunks(tab []uint64, off uint64, dirty map[uint64]bool, kind metaKind) error {

@@ -33,8 +33,9 @@ import (
 //  3. The L2 entries that changed (only the 512-byte sectors that hold
 //     them; a new L2 table whole). An L2 entry is 8 or 16 bytes inside one
 //     sector: it is either old or new, never torn.
-//  4. For a new L2 table, a sync (its content is durable before anything
-//     points to it, also across a power failure), then the L1 entry.
+//  4. A new L2 table is written durably (its content is on stable
+//     storage before anything points to it, also across a power
+//     failure), then the L1 entry.
 //  5. Refcount decreases (a cluster overwritten by copy-on-write, a
 //     discard) wait for the next flush, after the change that dropped the
 //     reference is durable (writeback); a plugin that dies first leaks
@@ -44,8 +45,8 @@ import (
 // one pool: 32 MiB, and a sixteenth of the virtual size beyond the first
 // 4 MiB; see poolMaxBytes). Close returns the pool. The same order holds
 // across a power failure: step 1 is durable; steps 2 and 3 name only
-// counted clusters; step 4 syncs before the L1 write; only a FLUSH promises
-// the guest's data.
+// counted clusters; step 4 is durable before the L1 write; only a FLUSH
+// promises the guest's data.
 
 // The pool's size. An image's first pool is small (poolFirstBytes, at
 // most poolFirstClusters); each refill doubles it, up to poolMaxBytes (at
@@ -132,8 +133,9 @@ func (im *Image) releasePool() error {
 }
 
 // persist writes the metadata that the request just served changed, in
-// the order described above, without a sync unless a new L2 table needs
-// one. It runs with mu held exclusively, before the request completes.
+// the order described above, without a sync (a new refcount block or a
+// grown refcount table aside: syncRefcounts). It runs with mu held
+// exclusively, before the request completes.
 func (im *Image) persist() error {
 	if len(im.rbc.dirtyTables()) > 0 || len(im.rtDirty) > 0 || im.rtMoved {
 		if err := im.syncRefcounts(); err != nil {
@@ -142,25 +144,25 @@ func (im *Image) persist() error {
 	}
 	dirty := im.l2c.dirtyTables()
 	sort.Slice(dirty, func(i, j int) bool { return dirty[i].off < dirty[j].off })
-	fresh := false
 	for _, t := range dirty {
-		if t.fresh || t.lo >= t.hi {
-			fresh = fresh || t.fresh
+		switch {
+		case t.fresh:
+			// Durable before the L1 entry that will point to it: a
+			// table's cluster held something else before.
+			if err := im.writeL2Durable(t); err != nil {
+				return err
+			}
+		case t.lo >= t.hi:
 			if err := im.writeL2(t); err != nil {
 				return err
 			}
-			continue
-		}
-		if err := im.writeL2Range(t); err != nil {
-			return err
-		}
-	}
-	if len(im.l1Dirty) > 0 {
-		if fresh {
-			if err := im.sync(); err != nil {
+		default:
+			if err := im.writeL2Range(t); err != nil {
 				return err
 			}
 		}
+	}
+	if len(im.l1Dirty) > 0 {
 		if err := im.writeChunks(im.l1, im.h.l1Off, im.l1Dirty, metaL1); err != nil {
 			return err
 		}
