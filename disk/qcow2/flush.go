@@ -115,61 +115,48 @@ func (im *Image) sync() error {
 	return nil
 }
 
-func (im *Image) writeRefblock(t *table) error {
-	c := t.off / im.cs
-	if err := im.meta.check(c, 1, metaRefBlock); err != nil {
-		return err
-	}
-	if _, err := im.f.WriteAt(t.buf, int64(t.off)); err != nil {
-		return fmt.Errorf("write refcount block at %#x: %w", t.off, err)
-	}
-	t.written()
-	im.refsUnsynced = true
-	return nil
-}
-
-// writeRefblockDurable writes refcount block t and makes it durable.
-func (im *Image) writeRefblockDurable(t *table) error {
+// writeRefblock writes refcount block t, durably if asked (otherwise a
+// later sync makes it durable: refsUnsynced).
+func (im *Image) writeRefblock(t *table, durable bool) error {
 	if err := im.meta.check(t.off/im.cs, 1, metaRefBlock); err != nil {
 		return err
 	}
-	if err := im.f.WriteDurable(t.buf, int64(t.off)); err != nil {
+	if err := im.writeTable(t, durable); err != nil {
 		return fmt.Errorf("write refcount block at %#x: %w", t.off, err)
 	}
-	t.written()
+	im.refsUnsynced = im.refsUnsynced || !durable
 	return nil
 }
 
-func (im *Image) writeL2(t *table) error {
-	// Every refcount the table depends on must be on disk first.
+// writeL2 writes the whole of L2 table t, after every refcount it depends
+// on is durable; durably if asked (a new table, before the L1 entry that
+// points to it), otherwise a later sync makes it durable (l2Unsynced).
+func (im *Image) writeL2(t *table, durable bool) error {
 	if err := im.syncRefcounts(); err != nil {
 		return err
 	}
 	if err := im.meta.check(t.off/im.cs, 1, metaL2); err != nil {
 		return err
 	}
-	if _, err := im.f.WriteAt(t.buf, int64(t.off)); err != nil {
+	if err := im.writeTable(t, durable); err != nil {
 		return fmt.Errorf("write L2 table at %#x: %w", t.off, err)
 	}
-	t.written()
-	im.l2Unsynced = true
+	im.l2Unsynced = im.l2Unsynced || !durable
 	return nil
 }
 
-// writeL2Durable writes the whole of L2 table t durably (a new table,
-// before the L1 entry that points to it).
-func (im *Image) writeL2Durable(t *table) error {
-	if err := im.syncRefcounts(); err != nil {
-		return err
+// writeTable writes the whole of t to its place in the file.
+func (im *Image) writeTable(t *table, durable bool) error {
+	var err error
+	if durable {
+		err = im.f.WriteDurable(t.buf, int64(t.off))
+	} else {
+		_, err = im.f.WriteAt(t.buf, int64(t.off))
 	}
-	if err := im.meta.check(t.off/im.cs, 1, metaL2); err != nil {
-		return err
+	if err == nil {
+		t.written()
 	}
-	if err := im.f.WriteDurable(t.buf, int64(t.off)); err != nil {
-		return fmt.Errorf("write L2 table at %#x: %w", t.off, err)
-	}
-	t.written()
-	return nil
+	return err
 }
 
 // writeChunks writes the dirty 512-byte chunks of a table of uint64
@@ -219,14 +206,14 @@ func (im *Image) syncRefcounts() error {
 		// and the guest's writes since the last sync stay in the page
 		// cache (a sync would write them all out).
 		for _, t := range dirty {
-			if err := im.writeRefblockDurable(t); err != nil {
+			if err := im.writeRefblock(t, true); err != nil {
 				return err
 			}
 		}
 		return nil
 	}
 	for _, t := range dirty {
-		if err := im.writeRefblock(t); err != nil {
+		if err := im.writeRefblock(t, false); err != nil {
 			return err
 		}
 	}
@@ -290,7 +277,7 @@ func (im *Image) writeback() error {
 	dirty := im.l2c.dirtyTables()
 	sort.Slice(dirty, func(i, j int) bool { return dirty[i].off < dirty[j].off })
 	for _, t := range dirty {
-		if err := im.writeL2(t); err != nil {
+		if err := im.writeL2(t, false); err != nil {
 			return err
 		}
 	}
@@ -316,7 +303,7 @@ func (im *Image) writeback() error {
 		}
 		// Write the decreased refcounts now; losing them only leaks.
 		for _, t := range im.rbc.dirtyTables() {
-			if err := im.writeRefblock(t); err != nil {
+			if err := im.writeRefblock(t, false); err != nil {
 				return err
 			}
 		}
@@ -357,13 +344,13 @@ func (im *Image) applyFrees() error {
 // and releases clusters when many frees are pending.
 func (im *Image) trimCaches() error {
 	for _, t := range im.l2c.over() {
-		if err := im.writeL2(t); err != nil {
+		if err := im.writeL2(t, false); err != nil {
 			return err
 		}
 	}
 	im.l2c.trim()
 	for _, t := range im.rbc.over() {
-		if err := im.writeRefblock(t); err != nil {
+		if err := im.writeRefblock(t, false); err != nil {
 			return err
 		}
 	}

@@ -149,11 +149,11 @@ func (im *Image) persist() error {
 		case t.fresh:
 			// Durable before the L1 entry that will point to it: a
 			// table's cluster held something else before.
-			if err := im.writeL2Durable(t); err != nil {
+			if err := im.writeL2(t, true); err != nil {
 				return err
 			}
 		case t.lo >= t.hi:
-			if err := im.writeL2(t); err != nil {
+			if err := im.writeL2(t, false); err != nil {
 				return err
 			}
 		default:
