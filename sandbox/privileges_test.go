@@ -14,6 +14,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // dropLine is what the drop helper reports.
@@ -124,7 +126,7 @@ func TestDropPrivileges(t *testing.T) {
 	cmd := exec.Command(self)
 	cmd.Env = []string{envHelper + "=drop"}
 	cmd.WaitDelay = 10 * time.Second
-	errBuf := &syncBuffer{}
+	errBuf := &syncbuf.Buffer{}
 	cmd.Stderr = errBuf
 	done := make(chan error, 1)
 	var out []byte

@@ -12,13 +12,14 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // These tests run the test binary itself as a plugin under the real sandbox
@@ -60,23 +61,6 @@ func (e expect) with(kv ...any) expect {
 	return out
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type probeConfig struct {
 	kind        string
 	helper      string // probe (default) or hostile
@@ -93,7 +77,7 @@ type probe struct {
 	pid       int
 	lines     chan probeLine
 	stdin     io.WriteCloser
-	stderr    *syncBuffer
+	stderr    *syncbuf.Buffer
 	dir       string
 	diskPath  string
 	vhost     int // the test's end of the vhost-user socketpair
@@ -151,7 +135,7 @@ func listenTCP(t *testing.T) int {
 
 func startProbe(t *testing.T, cfg probeConfig) *probe {
 	t.Helper()
-	p := &probe{t: t, cfg: cfg, lines: make(chan probeLine, 16), stderr: &syncBuffer{}}
+	p := &probe{t: t, cfg: cfg, lines: make(chan probeLine, 16), stderr: &syncbuf.Buffer{}}
 	dir, err := os.MkdirTemp("", "krun-sandbox-test-")
 	if err != nil {
 		t.Fatal(err)

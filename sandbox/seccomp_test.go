@@ -1,15 +1,15 @@
 package sandbox
 
 import (
-	"bytes"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // The launcher's only answer: EPERM, the call not run, and never
@@ -21,23 +21,6 @@ func TestRefusalNeverContinues(t *testing.T) {
 			t.Errorf("refusal(%d) = %+v, want EPERM without flags", id, r)
 		}
 	}
-}
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // What arrives on the launcher's channel is checked: an fd that is not a
@@ -73,7 +56,7 @@ func TestReceiveListenerChecksWhatArrives(t *testing.T) {
 				t.Fatal(err)
 			}
 			peer := os.NewFile(uintptr(pair[1]), "peer") // the launcher's copy
-			logs := &lockedBuf{}
+			logs := &syncbuf.Buffer{}
 			log := hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
 			done := make(chan struct{})
 			go func() { receiveListener(mine, peer, "k", time.Second, log); close(done) }()

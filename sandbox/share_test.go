@@ -17,6 +17,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 func TestSwapMappings(t *testing.T) {
@@ -149,7 +151,7 @@ func runShareHelper(t *testing.T, lc LaunchConfig, share *os.File) shareLine {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	lc.Kind = "fs"
 	lc.Log = hclog.New(&hclog.LoggerOptions{Output: logs})
 	cmd := exec.Command(self)

@@ -9,11 +9,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/vhostuser"
 )
 
@@ -36,7 +36,7 @@ func startQSD(t *testing.T, img string, extra ...string) string {
 	cmd := exec.Command(qsd,
 		"--blockdev", "driver=file,node-name=f,filename="+esc(img),
 		"--export", export)
-	var stderr syncBuffer
+	var stderr syncbuf.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -79,24 +79,6 @@ func retryRefused[T any](dial func() (T, error)) (T, error) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// syncBuffer collects a child's output; it may be read while written.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // pattern returns a recognizable sector for index i.

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/vhostuser"
 )
 
@@ -32,7 +33,7 @@ func startVirtiofsd(t *testing.T) string {
 		t.Skip("virtiofsd needs root for its sandbox")
 	}
 	cmd := exec.Command(virtiofsdPath, args...)
-	var out syncBuffer
+	var out syncbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start virtiofsd: %v", err)

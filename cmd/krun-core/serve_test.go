@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/internal/netnstest"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/testguest/tcpip"
@@ -1034,7 +1035,7 @@ func benchServeRestart(b *testing.B, format string) {
 	cmd := exec.Command(filepath.Join(bin, "krun-core"), "serve", "--log-level", "info", "--socket", sock,
 		"--disk", "path="+img+",format="+format, "--plugin-restarts", "10000/10s")
 	cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
-	var logs syncBuf
+	var logs syncbuf.Buffer
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
@@ -1123,22 +1124,4 @@ func buildServeBinariesB(b *testing.B, plugins ...string) string {
 		}
 	}
 	return dir
-}
-
-// syncBuf is a bytes.Buffer a process writes while the test reads.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -7,11 +7,12 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 func TestParseVhostUser(t *testing.T) {
@@ -137,7 +138,7 @@ func TestNetOpenHelperLog(t *testing.T) {
 	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuf
+	var logs syncbuf.Buffer
 	n, _ := ParseNet("passt")
 	o, err := n.Open(OpenOptions{PasstPath: fake, HelperStderr: HelperLog(hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Info}))})
 	if err != nil {
@@ -152,21 +153,4 @@ func TestNetOpenHelperLog(t *testing.T) {
 	if !strings.Contains(got, "[WARN]  Failed to bind port 80") || strings.Contains(got, "syslog") || strings.Contains(got, "root") {
 		t.Errorf("helper log:\n%s", got)
 	}
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 
 	"github.com/krun-core/krun-core/devices/blk"
 	"github.com/krun-core/krun-core/disk/raw"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
@@ -111,24 +111,6 @@ func TestHugeIndirectTables(t *testing.T) {
 	}
 }
 
-// lockedBuffer is a log sink tests read while the server writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestTruncatedGuestMemory truncates the guest-memory memfd under a running
 // queue (a hostile front-end) and kicks: the queue fails with one log line,
 // the plugin stays up and serves the next front-end.
@@ -152,7 +134,7 @@ func TestTruncatedGuestMemory(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			logs := &lockedBuffer{}
+			logs := &syncbuf.Buffer{}
 			srv, err := backend.NewServer(dev, hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info}))
 			if err != nil {
 				t.Fatal(err)

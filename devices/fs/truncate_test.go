@@ -1,14 +1,12 @@
 package fs_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,26 +15,10 @@ import (
 	"github.com/krun-core/krun-core/devices/fs"
 	"github.com/krun-core/krun-core/devices/fs/fuse"
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestTruncatedGuestMemory: a front-end posts requests on the request
 // queue, truncates the guest-memory memfd under the rings and kicks. The
@@ -54,7 +36,7 @@ func TestTruncatedGuestMemory(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer dev.Close()
-			logs := &lockedBuffer{}
+			logs := &syncbuf.Buffer{}
 			srv, err := backend.NewServer(dev, hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info}))
 			if err != nil {
 				t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
@@ -104,7 +105,7 @@ func FuzzSession(f *testing.F) {
 	))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		dev := newTestDevice(2)
-		logs := &syncBuffer{}
+		logs := &syncbuf.Buffer{}
 		srv, err := backend.NewServer(dev, newLogger(logs))
 		if err != nil {
 			t.Fatal(err)

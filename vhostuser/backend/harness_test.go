@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -273,24 +274,6 @@ func (d *testDevice) expectNone(t *testing.T) {
 	}
 }
 
-// syncBuffer is a log sink tests can read while the server writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // harness runs a Server on one end of a socketpair; client is the other
 // end.
 type harness struct {
@@ -298,12 +281,12 @@ type harness struct {
 	dev    *testDevice
 	srv    *backend.Server
 	client *frontend.Client
-	logs   *syncBuffer
+	logs   *syncbuf.Buffer
 	done   chan error
 	cancel context.CancelFunc
 }
 
-func newLogger(buf *syncBuffer) hclog.Logger {
+func newLogger(buf *syncbuf.Buffer) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Name: "backend", Output: buf, Level: hclog.Debug})
 }
 
@@ -325,7 +308,7 @@ func startGuest(t *testing.T, dev *testDevice, opts testguest.Options) (*harness
 
 func newHarnessTB(t testing.TB, dev *testDevice) *harness {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	srv, err := backend.NewServer(dev, newLogger(logs))
 	if err != nil {
 		t.Fatal(err)

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -204,7 +205,7 @@ func openFDs(t *testing.T) int {
 
 func TestReconnect(t *testing.T) {
 	dev := newTestDevice(1)
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	srv, err := backend.NewServer(dev, newLogger(logs))
 	if err != nil {
 		t.Fatal(err)
@@ -384,7 +385,7 @@ func TestHandshakeDeadline(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			dev := newTestDevice(1)
-			logs := &syncBuffer{}
+			logs := &syncbuf.Buffer{}
 			srv, err := backend.NewServer(dev, newLogger(logs))
 			if err != nil {
 				t.Fatal(err)

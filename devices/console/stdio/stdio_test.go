@@ -5,12 +5,12 @@ import (
 	"context"
 	"io"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/stdioframe"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // port joins two pipes: what the guest writes, the bridge reads; what the
@@ -20,29 +20,12 @@ type port struct {
 	io.Writer
 }
 
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type rig struct {
 	guestW         *stdioframe.Writer // the guest's frames to the host
 	guestR         *stdioframe.Reader // frames the host sent to the guest
 	toHost         *io.PipeWriter
 	bridge         *Bridge
-	stdout, stderr lockedBuf
+	stdout, stderr syncbuf.Buffer
 	done           chan error
 }
 
