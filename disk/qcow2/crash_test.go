@@ -427,3 +427,48 @@ func checkCrashImage(t *testing.T, path string, img []byte, what string, viaQemu
 		}
 	}
 }
+
+// TestFreshL2EvictedBeforeL1: a request that makes more new L2 tables than
+// the cache holds (512-byte clusters, a 1-byte cache) has the oldest
+// written out early by trimCaches; the L1 entries that point to them are
+// still written only after those tables are durable. The tables land on
+// clusters that held discarded data, so a table that did not land would
+// be garbage.
+func TestFreshL2EvictedBeforeL1(t *testing.T) {
+	needQemu(t)
+	p := filepath.Join(t.TempDir(), "img.qcow2")
+	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "4M")
+	im := openImage(t, p, false)
+	if _, err := im.WriteAt(bytes.Repeat([]byte{0xC3}, 256<<10), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Discard(0, 256<<10); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	base, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err = Open(openFile(t, p, false), Options{Path: p, CacheBytes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1 := [2]int64{int64(im.h.l1Off), int64(im.h.l1Off) + int64(im.h.l1Size)*8}
+	rec := &recorder{ioFile: im.f}
+	im.f, im.data = rec, rec
+	if _, err := im.WriteAt(bytes.Repeat([]byte{0x5A}, 256<<10), 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	log := rec.log
+	im.f, im.data = rec.ioFile, rec.ioFile
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	img := crashState(base, log, len(log), func(i int) bool {
+		return log[i].off >= l1[0] && log[i].off < l1[1]
+	})
+	checkCrashImage(t, filepath.Join(t.TempDir(), "crash.qcow2"), img, "the L1 entries landed, nothing else that was not durable", true)
+}

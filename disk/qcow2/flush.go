@@ -9,7 +9,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// fdatasync flushes f's data (and the metadata needed to read it back).
 // writeDurable writes p at off with RWF_DSYNC: the kernel writes that
 // range's pages and the metadata needed to read them back (the file's
 // size, its block map) and flushes the device's cache before the call
@@ -20,9 +19,15 @@ import (
 // A kernel older than 4.7 or a file system without RWF_DSYNC gets WriteAt
 // and fdatasync instead.
 func writeDurable(f *os.File, p []byte, off int64) error {
+	return writeDurableWith(unix.Pwritev2, f, p, off)
+}
+
+// writeDurableWith is writeDurable with its pwritev2 given (tests give
+// one that fails as an old kernel does).
+func writeDurableWith(pwritev2 func(int, [][]byte, int64, int) (int, error), f *os.File, p []byte, off int64) error {
 	fd := int(f.Fd())
 	for len(p) > 0 {
-		n, err := unix.Pwritev2(fd, [][]byte{p}, off, unix.RWF_DSYNC)
+		n, err := pwritev2(fd, [][]byte{p}, off, unix.RWF_DSYNC)
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -41,6 +46,7 @@ func writeDurable(f *os.File, p []byte, off int64) error {
 	return nil
 }
 
+// fdatasync flushes f's data (and the metadata needed to read it back).
 func fdatasync(f *os.File) error {
 	for {
 		err := unix.Fdatasync(int(f.Fd()))
@@ -112,6 +118,7 @@ func (im *Image) sync() error {
 	}
 	im.refsUnsynced = false
 	im.l2Unsynced = false
+	im.freshUnsynced = false
 	return nil
 }
 
@@ -130,7 +137,8 @@ func (im *Image) writeRefblock(t *table, durable bool) error {
 
 // writeL2 writes the whole of L2 table t, after every refcount it depends
 // on is durable; durably if asked (a new table, before the L1 entry that
-// points to it), otherwise a later sync makes it durable (l2Unsynced).
+// points to it), otherwise a later sync makes it durable (l2Unsynced, and
+// freshUnsynced for a new table: its L1 entry waits for that sync).
 func (im *Image) writeL2(t *table, durable bool) error {
 	if err := im.syncRefcounts(); err != nil {
 		return err
@@ -138,10 +146,12 @@ func (im *Image) writeL2(t *table, durable bool) error {
 	if err := im.meta.check(t.off/im.cs, 1, metaL2); err != nil {
 		return err
 	}
+	fresh := t.fresh
 	if err := im.writeTable(t, durable); err != nil {
 		return fmt.Errorf("write L2 table at %#x: %w", t.off, err)
 	}
 	im.l2Unsynced = im.l2Unsynced || !durable
+	im.freshUnsynced = im.freshUnsynced || (fresh && !durable)
 	return nil
 }
 

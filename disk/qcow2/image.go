@@ -108,6 +108,11 @@ type Image struct {
 	metaChanged  bool // cached metadata changed since the last write-back
 	refsUnsynced bool // refcount data written since the last sync
 	l2Unsynced   bool // L2 tables written since the last sync
+	// freshUnsynced: a new L2 table was written without being made
+	// durable (evicted from the cache, or one of several new tables of
+	// a request) since the last sync; no L1 entry is written before
+	// that sync.
+	freshUnsynced bool
 
 	corruptMarked atomic.Bool
 	hdrMu         sync.Mutex

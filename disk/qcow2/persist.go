@@ -35,7 +35,8 @@ import (
 //     sector: it is either old or new, never torn.
 //  4. A new L2 table is written durably (its content is on stable
 //     storage before anything points to it, also across a power
-//     failure), then the L1 entry.
+//     failure; a request that made several, or whose new table the
+//     cache evicted early, syncs instead), then the L1 entry.
 //  5. Refcount decreases (a cluster overwritten by copy-on-write, a
 //     discard) wait for the next flush, after the change that dropped the
 //     reference is durable (writeback); a plugin that dies first leaks
@@ -62,11 +63,18 @@ const (
 	poolMaxClusters   = 4096
 )
 
-// poolClusters is how many clusters the next refill reserves.
+// poolClusters is how many clusters the next refill reserves at most.
 func (im *Image) poolClusters() uint64 {
 	if im.poolNext != 0 {
 		return im.poolNext
 	}
+	return im.firstPoolClusters()
+}
+
+// firstPoolClusters is the size of an image's first pool, and the
+// shortest run of free clusters inside the file that a refill takes (a
+// shorter gap is left, as it was before pools grew).
+func (im *Image) firstPoolClusters() uint64 {
 	return min(max(poolFirstBytes/im.cs, 1), poolFirstClusters)
 }
 
@@ -95,16 +103,18 @@ func (im *Image) allocPooled() (c uint64, zero bool, err error) {
 }
 
 // refillPool reserves a run of clusters with refcount 1 and makes those
-// refcounts durable before any of them is used.
+// refcounts durable before any of them is used. The run is the first free
+// one at or after the free hint that holds a first pool at least: of the
+// pool's size, or shorter where a cluster in use ends it, so space that
+// discards and copy-on-write freed inside the file is used again before
+// the file grows however large pools have become.
 func (im *Image) refillPool() error {
-	n := im.poolClusters()
+	want := im.poolClusters()
 	end0 := im.fileClusters
-	start, err := im.allocClusters(n)
+	start, n, err := im.allocRun(want, im.firstPoolClusters())
 	if err != nil {
 		return err
 	}
-	im.pool = [2]uint64{start, n}
-	im.poolZeroFrom = max(start, end0)
 	// The file reaches the end of the pool before the refcounts are
 	// synced: after a power failure, an L2 entry whose data write was lost
 	// still names a cluster inside the file (it reads back stale, never
@@ -116,7 +126,11 @@ func (im *Image) refillPool() error {
 	if err := im.syncRefcounts(); err != nil {
 		return fmt.Errorf("reserve clusters: %w", err)
 	}
-	im.growPool(n)
+	// Handed out only now: after a failure above the clusters stay
+	// counted (a leak), never used.
+	im.pool = [2]uint64{start, n}
+	im.poolZeroFrom = max(start, end0)
+	im.growPool(want)
 	return nil
 }
 
@@ -144,12 +158,20 @@ func (im *Image) persist() error {
 	}
 	dirty := im.l2c.dirtyTables()
 	sort.Slice(dirty, func(i, j int) bool { return dirty[i].off < dirty[j].off })
+	fresh := 0
+	for _, t := range dirty {
+		if t.fresh {
+			fresh++
+		}
+	}
 	for _, t := range dirty {
 		switch {
 		case t.fresh:
 			// Durable before the L1 entry that will point to it: a
-			// table's cluster held something else before.
-			if err := im.writeL2(t, true); err != nil {
+			// table's cluster held something else before. Several new
+			// tables share one sync instead (below): a durable write
+			// each would flush the device's cache each time.
+			if err := im.writeL2(t, fresh == 1); err != nil {
 				return err
 			}
 		case t.lo >= t.hi:
@@ -163,6 +185,11 @@ func (im *Image) persist() error {
 		}
 	}
 	if len(im.l1Dirty) > 0 {
+		if im.freshUnsynced {
+			if err := im.sync(); err != nil {
+				return err
+			}
+		}
 		if err := im.writeChunks(im.l1, im.h.l1Off, im.l1Dirty, metaL1); err != nil {
 			return err
 		}

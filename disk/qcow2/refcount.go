@@ -257,6 +257,43 @@ func (im *Image) findFree(n uint64) (uint64, error) {
 	}
 }
 
+// findFreeRun returns the first run of free clusters at or after the free
+// hint that is at least least clusters long (or reaches want), and its
+// length, want at most.
+func (im *Image) findFreeRun(want, least uint64) (start, n uint64, err error) {
+	least = min(max(least, 1), want)
+	c := max(im.freeHint, 1)
+	for {
+		if c, err = im.nextZero(c); err != nil {
+			return 0, 0, err
+		}
+		for n = 0; n < want; n++ {
+			free, err := im.isFree(c + n)
+			if err != nil {
+				return 0, 0, err
+			}
+			if !free {
+				break
+			}
+		}
+		if (c+n)*im.cs > maxHostOffset || c+n < c {
+			return 0, 0, fmt.Errorf("no free space below the 2^56 byte host offset limit")
+		}
+		if n >= least {
+			return c, n, nil
+		}
+		c += n + 1
+	}
+}
+
+// allocRun allocates findFreeRun's run with refcount 1.
+func (im *Image) allocRun(want, least uint64) (start, n uint64, err error) {
+	if start, n, err = im.findFreeRun(max(want, 1), least); err != nil {
+		return 0, 0, err
+	}
+	return start, n, im.reserveRun(start, n)
+}
+
 // allocClusters allocates n contiguous host clusters with refcount 1.
 func (im *Image) allocClusters(n uint64) (uint64, error) {
 	if im.extData && n == 0 {
@@ -266,23 +303,28 @@ func (im *Image) allocClusters(n uint64) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
+	return start, im.reserveRun(start, n)
+}
+
+// reserveRun gives the free clusters start..start+n-1 refcount 1.
+func (im *Image) reserveRun(start, n uint64) error {
 	im.reserved = append(im.reserved, [2]uint64{start, n})
 	defer func() { im.reserved = im.reserved[:len(im.reserved)-1] }()
 	for b := start / im.rbEntries; b <= (start+n-1)/im.rbEntries; b++ {
 		if err := im.ensureRefblock(b); err != nil {
-			return 0, err
+			return err
 		}
 	}
 	for c := start; c < start+n; c++ {
 		if err := im.addRefcount(c, 1); err != nil {
-			return 0, err
+			return err
 		}
 	}
 	if start+n > im.fileClusters {
 		im.fileClusters = start + n
 	}
 	im.freeHint = start + n
-	return start, nil
+	return nil
 }
 
 // ensureRefblock makes sure refcount block b exists (in memory). A new
