@@ -16,7 +16,7 @@ import (
 	"github.com/krun-core/krun-core/devices/blk"
 	"github.com/krun-core/krun-core/disk/raw"
 	"github.com/krun-core/krun-core/internal/netnstest"
-	"github.com/krun-core/krun-core/internal/vmtest"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
@@ -185,7 +185,7 @@ func TestBenchNet(t *testing.T) {
 	bin := buildBinaries(t)
 	sock := filepath.Join(t.TempDir(), "net.sock")
 	serve := netnstest.Command(ns, filepath.Join(bin, "krun-core"), "serve", "--socket", sock, "--net", "passt")
-	var serveLog vmtest.LockedBuffer
+	var serveLog syncbuf.Buffer
 	serve.Stdout, serve.Stderr = &serveLog, &serveLog
 	serve.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
 	if err := serve.Start(); err != nil {

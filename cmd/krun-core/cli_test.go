@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/internal/cli"
-	"github.com/krun-core/krun-core/internal/vmtest"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // Every command's page: on stdout, exit 0, flags with two dashes.
@@ -187,7 +187,7 @@ func TestServePluginDiscovery(t *testing.T) {
 		cmd := exec.Command(krun, append(append([]string{"serve"}, tt.args...), "--socket", sock, "--plugin", "null")...)
 		cmd.Dir = cwd
 		cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR="+tt.env)
-		var out vmtest.LockedBuffer
+		var out syncbuf.Buffer
 		cmd.Stderr = &out
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)

@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,6 +21,7 @@ import (
 	"github.com/krun-core/krun-core/core/mmio"
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // ringDriver is a minimal virtio-mmio driver of one virtio-blk queue in
@@ -152,7 +152,7 @@ type restartRig struct {
 	d    *pluginDevice
 	drv  *ringDriver
 	img  string
-	logs *syncLog
+	logs *syncbuf.Buffer
 	pid  int // the first plugin's
 }
 
@@ -168,7 +168,7 @@ func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy) *restartRig {
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var logs syncLog
+	var logs syncbuf.Buffer
 	log := hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Debug})
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -318,24 +318,6 @@ func TestRestartResumesDevice(t *testing.T) {
 }
 
 var restartedPidRE = regexp.MustCompile(`plugin restarted; the device serves again: .*pid=([0-9]+)`)
-
-// syncLog is a log sink read while the core writes.
-type syncLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *syncLog) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *syncLog) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
-}
 
 // BenchmarkCoreRestart measures the pause a plugin's death costs the guest
 // of `krun-core run`: from SIGKILL of the disk plugin to the completion of

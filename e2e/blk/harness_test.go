@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 	"github.com/krun-core/krun-core/testguest"
 )
@@ -65,7 +66,7 @@ type server struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	socket string
-	out    *vmtest.LockedBuffer
+	out    *syncbuf.Buffer
 	done   chan struct{}
 	err    error
 	once   sync.Once
@@ -81,7 +82,7 @@ func serve(t *testing.T, spec string, extra ...string) *server {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	s := &server{t: t, socket: filepath.Join(dir, "blk.sock"), out: &vmtest.LockedBuffer{}, done: make(chan struct{})}
+	s := &server{t: t, socket: filepath.Join(dir, "blk.sock"), out: &syncbuf.Buffer{}, done: make(chan struct{})}
 	s.cmd = exec.Command(filepath.Join(binDir(t), "krun-core"), append([]string{"serve", "--socket", s.socket, "--disk", spec}, extra...)...)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 	"github.com/krun-core/krun-core/testguest"
 )
@@ -48,7 +49,7 @@ type daemon struct {
 	name   string
 	cmd    *exec.Cmd
 	socket string
-	out    *vmtest.LockedBuffer
+	out    *syncbuf.Buffer
 	done   chan struct{}
 	err    error
 	once   sync.Once
@@ -72,7 +73,7 @@ func sockDir(t testing.TB) string {
 
 func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
 	t.Helper()
-	d.t, d.out, d.done = t, &vmtest.LockedBuffer{}, make(chan struct{})
+	d.t, d.out, d.done = t, &syncbuf.Buffer{}, make(chan struct{})
 	d.cmd = exec.Command(args[0], args[1:]...)
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -20,6 +20,7 @@ import (
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/initramfs"
 	"github.com/krun-core/krun-core/guest/stdioframe"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -96,7 +97,7 @@ func makeRoot(t testing.TB, busybox string) string {
 func serveFS(t *testing.T, dir, tag string) string {
 	t.Helper()
 	socket := filepath.Join(shortDir(t), "fs.sock")
-	var out vmtest.LockedBuffer
+	var out syncbuf.Buffer
 	cmd := exec.Command(filepath.Join(bins.Dir(t), "krun-core"), "serve", "--socket", socket,
 		"--fs", "path="+dir+",tag="+tag, "--log-level", "info")
 	cmd.Stdout, cmd.Stderr = &out, &out

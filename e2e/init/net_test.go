@@ -14,6 +14,7 @@ import (
 
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/internal/netnstest"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -61,7 +62,7 @@ func testNetwork(t *testing.T, network *initconfig.Network) {
 	qemuEnd := os.NewFile(uintptr(fds[0]), "qemu-end")
 	passtEnd := os.NewFile(uintptr(fds[1]), "passt-end")
 	defer qemuEnd.Close()
-	var passtLog vmtest.LockedBuffer
+	var passtLog syncbuf.Buffer
 	passt := netnstest.Command(ns, "passt", "--foreground", "--quiet", "--fd", "3")
 	passt.ExtraFiles = []*os.File{passtEnd}
 	passt.Stdout, passt.Stderr = &passtLog, &passtLog

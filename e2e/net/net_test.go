@@ -36,6 +36,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/internal/netnstest"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -319,7 +320,7 @@ func TestPasstReference(t *testing.T) {
 	qemuEnd := os.NewFile(uintptr(fds[0]), "qemu-end")
 	passtEnd := os.NewFile(uintptr(fds[1]), "passt-end")
 	defer qemuEnd.Close()
-	var passtLog vmtest.LockedBuffer
+	var passtLog syncbuf.Buffer
 	passt := netnstest.Command(ns, "passt", "--foreground", "--quiet", "--fd", "3")
 	passt.ExtraFiles = []*os.File{passtEnd}
 	passt.Stdout, passt.Stderr = &passtLog, &passtLog

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -295,7 +296,7 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		t.Run(tc.name, func(t *testing.T) {
 			cmd := exec.Command(filepath.Join(dir, "krun-core"), append(base, tc.args...)...)
 			cmd.Stdin = strings.NewReader(tc.stdin)
-			var stdout, stderr vmtest.LockedBuffer
+			var stdout, stderr syncbuf.Buffer
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)

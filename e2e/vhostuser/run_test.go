@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -227,7 +228,7 @@ func runDirect(t *testing.T, a *vmtest.Assets, inner *vmtest.Initramfs, marker, 
 func daemon(t *testing.T, sock string, probe bool, name string, args ...string) {
 	t.Helper()
 	cmd := exec.Command(name, args...)
-	var out vmtest.LockedBuffer
+	var out syncbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	must(t, cmd.Start())

@@ -1,7 +1,6 @@
 package vmtest
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -69,22 +68,4 @@ func (b *BinSet) Remove() {
 	if b.dir != "" && os.Getenv("KRUN_E2E_BIN_DIR") == "" {
 		os.RemoveAll(b.dir)
 	}
-}
-
-// LockedBuffer collects a child process's output safely across goroutines.
-type LockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *LockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *LockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

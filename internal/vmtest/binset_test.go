@@ -30,21 +30,3 @@ func TestBinSetBuildError(t *testing.T) {
 		t.Fatalf("build error = %v, want one naming the package", err)
 	}
 }
-
-func TestLockedBuffer(t *testing.T) {
-	var l LockedBuffer
-	done := make(chan struct{})
-	go func() {
-		for i := 0; i < 100; i++ {
-			l.Write([]byte("a"))
-		}
-		close(done)
-	}()
-	for i := 0; i < 100; i++ {
-		l.Write([]byte("b"))
-	}
-	<-done
-	if s := l.String(); len(s) != 200 || strings.Count(s, "a") != 100 {
-		t.Fatalf("LockedBuffer holds %d bytes", len(s))
-	}
-}

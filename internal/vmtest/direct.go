@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/core/kvm"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // DirectKVM says whether a test boots its krun-core guest on this host's
@@ -38,7 +39,7 @@ func RunDirect(t testing.TB, timeout time.Duration, cmd *exec.Cmd) ([]byte, erro
 	if timeout <= 0 {
 		timeout = DefaultDirectTimeout
 	}
-	var out LockedBuffer
+	var out syncbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {

@@ -15,7 +15,7 @@ import (
 	"github.com/krun-core/krun-core/core/devspec"
 	netdev "github.com/krun-core/krun-core/devices/net"
 	"github.com/krun-core/krun-core/internal/netnstest"
-	"github.com/krun-core/krun-core/internal/vmtest"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/testguest/tcpip"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -57,7 +57,7 @@ func newRig(t testing.TB) *rig {
 	r.passt = ours
 	cmd := netnstest.Command(r.ns, "passt", "--foreground", "--quiet", "--fd", "3")
 	cmd.ExtraFiles = []*os.File{theirs}
-	out := &vmtest.LockedBuffer{}
+	out := &syncbuf.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
