@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 )
@@ -354,58 +355,68 @@ func TestKillKeepsAcknowledgedWrites(t *testing.T) {
 	}
 }
 
-// TestNewL2TableDurableBeforeL1: a new L2 table may land on a cluster that
-// held other data (here, guest data discarded earlier), so its content
-// must be on stable storage before the L1 entry that points to it. The
-// crash this checks keeps the L1 write and loses every other write not
-// made durable: the image must still be free of corruption.
-func TestNewL2TableDurableBeforeL1(t *testing.T) {
+// TestNewL2TablesDurableBeforeL1: a new L2 table may land on a cluster
+// that held other data (here, guest data discarded earlier), so its
+// content must be on stable storage before the L1 entry that points to
+// it. The crash this checks keeps the L1 writes and loses every other
+// write not made durable: the image must still be free of corruption.
+// Cases: one new table (written durably); more new tables in one request
+// than the cache holds (512-byte clusters, a 1-byte cache), so that
+// trimCaches writes the oldest out early and the L1 entries wait for a
+// sync.
+func TestNewL2TablesDurableBeforeL1(t *testing.T) {
 	needQemu(t)
-	p := filepath.Join(t.TempDir(), "img.qcow2")
-	// 4 KiB clusters: an L2 table covers 2 MiB.
-	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p, "8M")
-	im := openImage(t, p, false)
-	garbage := bytes.Repeat([]byte{0xC3}, 1<<20)
-	if _, err := im.WriteAt(garbage, 0); err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name, opts, size string
+		freed            int64 // bytes written and discarded first, from 0
+		cacheBytes       int64 // 0: the default
+		off, n           int64 // the write that makes the new tables
+	}{
+		// 4 KiB clusters: an L2 table covers 2 MiB; 4 MiB is under an
+		// L1 entry of its own.
+		{"one table", "cluster_size=4096", "8M", 1 << 20, 0, 4 << 20, 4096},
+		{"tables evicted early", "cluster_size=512", "4M", 256 << 10, 1, 2 << 20, 256 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "img.qcow2")
+			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", tc.opts, p, tc.size)
+			im := openImage(t, p, false)
+			if _, err := im.WriteAt(bytes.Repeat([]byte{0xC3}, int(tc.freed)), 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Discard(0, tc.freed); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Close(); err != nil { // frees the discarded clusters
+				t.Fatal(err)
+			}
+			base, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			im, err = Open(openFile(t, p, false), Options{Path: p, CacheBytes: tc.cacheBytes})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l1 := [2]int64{int64(im.h.l1Off), int64(im.h.l1Off) + int64(im.h.l1Size)*8}
+			rec := &recorder{ioFile: im.f}
+			im.f, im.data = rec, rec
+			if _, err := im.WriteAt(bytes.Repeat([]byte{0x5A}, int(tc.n)), tc.off); err != nil {
+				t.Fatal(err)
+			}
+			log := rec.log
+			im.f, im.data = rec.ioFile, rec.ioFile
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			inL1 := func(i int) bool { return log[i].data != nil && log[i].off >= l1[0] && log[i].off < l1[1] }
+			if !slices.ContainsFunc(log, func(e logEntry) bool { return e.data != nil && e.off >= l1[0] && e.off < l1[1] }) {
+				t.Fatal("the write allocated no L2 table (no L1 write); the test's set-up is wrong")
+			}
+			img := crashState(base, log, len(log), inL1)
+			checkCrashImage(t, filepath.Join(t.TempDir(), "crash.qcow2"), img, "the L1 entries landed, nothing else that was not durable", true)
+		})
 	}
-	if err := im.Discard(0, 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := im.Close(); err != nil { // frees the discarded clusters
-		t.Fatal(err)
-	}
-	base, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im = openImage(t, p, false)
-	l1 := [2]int64{int64(im.h.l1Off), int64(im.h.l1Off) + int64(im.h.l1Size)*8}
-	rec := &recorder{ioFile: im.f}
-	im.f, im.data = rec, rec
-	// 4 MiB is under an L1 entry of its own: a new L2 table, from a pool
-	// that reuses the freed clusters.
-	if _, err := im.WriteAt(bytes.Repeat([]byte{0x5A}, 4096), 4<<20); err != nil {
-		t.Fatal(err)
-	}
-	log := rec.log
-	im.f, im.data = rec.ioFile, rec.ioFile
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	l1Written := false
-	for _, e := range log {
-		if e.data != nil && e.off >= l1[0] && e.off < l1[1] {
-			l1Written = true
-		}
-	}
-	if !l1Written {
-		t.Fatal("the write allocated no L2 table (no L1 write); the test's set-up is wrong")
-	}
-	img := crashState(base, log, len(log), func(i int) bool {
-		return log[i].off >= l1[0] && log[i].off < l1[1]
-	})
-	checkCrashImage(t, filepath.Join(t.TempDir(), "crash.qcow2"), img, "the L1 entry landed, the rest did not", true)
 }
 
 // checkCrashImage writes img to path and fails the test if Check (and,
@@ -426,49 +437,4 @@ func checkCrashImage(t *testing.T, path string, img []byte, what string, viaQemu
 			t.Fatalf("%s: qemu-img check: %s", what, q.Output)
 		}
 	}
-}
-
-// TestFreshL2EvictedBeforeL1: a request that makes more new L2 tables than
-// the cache holds (512-byte clusters, a 1-byte cache) has the oldest
-// written out early by trimCaches; the L1 entries that point to them are
-// still written only after those tables are durable. The tables land on
-// clusters that held discarded data, so a table that did not land would
-// be garbage.
-func TestFreshL2EvictedBeforeL1(t *testing.T) {
-	needQemu(t)
-	p := filepath.Join(t.TempDir(), "img.qcow2")
-	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "4M")
-	im := openImage(t, p, false)
-	if _, err := im.WriteAt(bytes.Repeat([]byte{0xC3}, 256<<10), 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := im.Discard(0, 256<<10); err != nil {
-		t.Fatal(err)
-	}
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	base, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err = Open(openFile(t, p, false), Options{Path: p, CacheBytes: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l1 := [2]int64{int64(im.h.l1Off), int64(im.h.l1Off) + int64(im.h.l1Size)*8}
-	rec := &recorder{ioFile: im.f}
-	im.f, im.data = rec, rec
-	if _, err := im.WriteAt(bytes.Repeat([]byte{0x5A}, 256<<10), 2<<20); err != nil {
-		t.Fatal(err)
-	}
-	log := rec.log
-	im.f, im.data = rec.ioFile, rec.ioFile
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	img := crashState(base, log, len(log), func(i int) bool {
-		return log[i].off >= l1[0] && log[i].off < l1[1]
-	})
-	checkCrashImage(t, filepath.Join(t.TempDir(), "crash.qcow2"), img, "the L1 entries landed, nothing else that was not durable", true)
 }
