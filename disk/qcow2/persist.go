@@ -79,11 +79,12 @@ func (im *Image) firstPoolClusters() uint64 {
 }
 
 // growPool doubles the next pool after a refill of n clusters, within the
-// bounds above.
+// bounds above (never below the first pool: the bounds are at least its
+// size).
 func (im *Image) growPool(n uint64) {
 	limit := min(poolMaxBytes, max(uint64(im.size)/16, poolFirstBytes))
 	most := min(max(limit/im.cs, 1), poolMaxClusters)
-	im.poolNext = max(min(2*n, most), n)
+	im.poolNext = min(2*n, most)
 }
 
 // allocPooled returns one cluster from the pool, refilling it first when

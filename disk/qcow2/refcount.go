@@ -227,34 +227,8 @@ func allFieldsSet(x byte, bits uint64) bool {
 
 // findFree returns the first run of n free clusters at or after the hint.
 func (im *Image) findFree(n uint64) (uint64, error) {
-	c := im.freeHint
-	if c == 0 {
-		c = 1
-	}
-	for {
-		var err error
-		if c, err = im.nextZero(c); err != nil {
-			return 0, err
-		}
-		if (c+n)*im.cs > maxHostOffset || c+n < c {
-			return 0, fmt.Errorf("no free space below the 2^56 byte host offset limit")
-		}
-		ok := true
-		for i := uint64(0); i < n; i++ {
-			free, err := im.isFree(c + i)
-			if err != nil {
-				return 0, err
-			}
-			if !free {
-				c += i + 1
-				ok = false
-				break
-			}
-		}
-		if ok {
-			return c, nil
-		}
-	}
+	start, _, err := im.findFreeRun(n, n)
+	return start, err
 }
 
 // findFreeRun returns the first run of free clusters at or after the free
