@@ -2,9 +2,7 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +16,7 @@ import (
 	"github.com/krun-core/krun-core/internal/netnstest"
 	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
 )
 
 func TestBenchUsageErrors(t *testing.T) {
@@ -104,32 +103,17 @@ func TestBenchBlk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	t.Cleanup(func() { d.Close() }) // after the server's stop
 	dev, err := blk.New(blk.Config{Disk: d})
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv, err := backend.NewServer(dev, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	sock := filepath.Join(dir, "blk.sock")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.SetUnlinkOnClose(false)
-	lf, err := l.File()
-	l.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lf.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- backend.Serve(ctx, lf, dev, nil) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	}()
+	backendtest.Serve(t, srv, sock)
 
 	var out, errb bytes.Buffer
 	if code := benchCommand([]string{"blk", "--socket", sock, "--seconds", "0.2", "--size", "16M", "--output", "json"}, &out, &errb); code != 0 {

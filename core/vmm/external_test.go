@@ -19,6 +19,7 @@ import (
 	"github.com/krun-core/krun-core/core/mmio"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
 )
 
 // fakeDevice is a back-end device with a config space of its own or none.
@@ -58,24 +59,12 @@ func (f *fakeDevice) Reset()                      {}
 // serveFake serves dev on a fresh listening socket until the test ends.
 func serveFake(t *testing.T, dev backend.Device) string {
 	t.Helper()
+	srv, err := backend.NewServer(dev, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	sock := filepath.Join(shortDir(t), "be.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.(*net.UnixListener).SetUnlinkOnClose(false)
-	f, err := l.(*net.UnixListener).File()
-	l.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		backend.Serve(ctx, f, dev, nil)
-	}()
-	t.Cleanup(func() { cancel(); f.Close(); <-done })
+	backendtest.Serve(t, srv, sock)
 	return sock
 }
 
@@ -264,13 +253,7 @@ func TestExternalHangup(t *testing.T) {
 	for _, hangup := range []bool{true, false} {
 		c := NewContext(hclog.NewNullLogger())
 		sock := filepath.Join(shortDir(t), "be.sock")
-		l, err := net.Listen("unix", sock)
-		if err != nil {
-			t.Fatal(err)
-		}
-		l.(*net.UnixListener).SetUnlinkOnClose(false)
-		f, _ := l.(*net.UnixListener).File()
-		l.Close()
+		f := backendtest.Listen(t, sock)
 		sctx, stopServer := context.WithCancel(context.Background())
 		served := make(chan struct{})
 		go func() {

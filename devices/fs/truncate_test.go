@@ -1,9 +1,7 @@
 package fs_test
 
 import (
-	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +16,7 @@ import (
 	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
 )
 
 // TestTruncatedGuestMemory: a front-end posts requests on the request
@@ -41,7 +40,8 @@ func TestTruncatedGuestMemory(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sock := serveListening(t, srv)
+			sock := filepath.Join(t.TempDir(), "fs.sock")
+			backendtest.Serve(t, srv, sock)
 			defer func() {
 				if t.Failed() {
 					t.Logf("plugin log:\n%s", logs.String())
@@ -95,37 +95,4 @@ func TestTruncatedGuestMemory(t *testing.T) {
 			}
 		})
 	}
-}
-
-// serveListening serves srv on a listening unix socket until the test
-// ends and returns the socket's path.
-func serveListening(t *testing.T, srv *backend.Server) string {
-	t.Helper()
-	sock := filepath.Join(t.TempDir(), "fs.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	lf, err := ln.File()
-	ln.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lf) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("Serve did not return")
-		}
-		lf.Close()
-	})
-	return sock
 }

@@ -2,7 +2,6 @@ package net
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"io"
 	stdnet "net"
@@ -18,6 +17,7 @@ import (
 	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
 )
 
 // TestTruncatedGuestMemory: a front-end posts receive buffers and a frame
@@ -34,41 +34,24 @@ func TestTruncatedGuestMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	passt := os.NewFile(uintptr(pfds[1]), "passt")
-	defer passt.Close()
+	t.Cleanup(func() { passt.Close() })
 	dev, err := New(Config{MAC: stdnet.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, MTU: 1500, Conn: os.NewFile(uintptr(pfds[0]), "dev")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer dev.Close()
+	t.Cleanup(func() { dev.Close() })
 	logs := &syncbuf.Buffer{}
 	srv, err := backend.NewServer(dev, hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(t.TempDir(), "net.sock")
-	ln, err := stdnet.ListenUnix("unix", &stdnet.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	lf, err := ln.File()
-	ln.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lf.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lf) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
+	t.Cleanup(func() { // after the server's stop
 		if t.Failed() {
 			t.Logf("plugin log:\n%s", logs.String())
 		}
-	}()
+	})
+	sock := filepath.Join(t.TempDir(), "net.sock")
+	backendtest.Serve(t, srv, sock)
 
 	opt := testguest.Options{NumQueues: 2, Features: testguest.NetFeatures, NoIndirect: true}
 	g, err := testguest.Dial(sock, opt)

@@ -23,6 +23,7 @@ import (
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
@@ -378,29 +379,12 @@ func crashOnce(t *testing.T, reqs string, ready bool) {
 // request completed), and its rings go on from where they were.
 func TestReconnectSameBackend(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "be.sock")
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.(*net.UnixListener).SetUnlinkOnClose(false)
-	f, err := l.(*net.UnixListener).File()
-	l.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
 	rec := &recorder{}
 	srv, err := backend.NewServer(rec, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, f) }()
-	defer func() {
-		cancel()
-		<-done
-		f.Close()
-	}()
+	backendtest.Serve(t, srv, path)
 	g, err := testguest.Dial(path, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +16,7 @@ import (
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
@@ -211,17 +211,7 @@ func TestReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "be.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	lf, err := ln.File()
-	ln.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lf.Close()
+	lf := backendtest.Listen(t, sock)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, lf) }()
@@ -391,28 +381,13 @@ func TestHandshakeDeadline(t *testing.T) {
 				t.Fatal(err)
 			}
 			srv.HandshakeTimeout, srv.MessageTimeout = timeout, timeout
-			sock := filepath.Join(t.TempDir(), "be.sock")
-			ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ln.SetUnlinkOnClose(false)
-			lf, err := ln.File()
-			ln.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer lf.Close()
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- srv.Serve(ctx, lf) }()
-			defer func() {
-				cancel()
-				<-done
+			t.Cleanup(func() { // after the server's stop
 				if t.Failed() {
 					t.Logf("back-end log:\n%s", logs.String())
 				}
-			}()
+			})
+			sock := filepath.Join(t.TempDir(), "be.sock")
+			backendtest.Serve(t, srv, sock)
 
 			first, err := vhostuser.Dial(sock)
 			if err != nil {
