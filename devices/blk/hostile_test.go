@@ -164,13 +164,7 @@ func TestTruncatedGuestMemory(t *testing.T) {
 				t.Fatal(err)
 			}
 			ring.KickAlways()
-			deadline := time.Now().Add(10 * time.Second)
-			for srv.Stats()[0].Failures == 0 {
-				if time.Now().After(deadline) {
-					t.Fatal("the queue did not fail")
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
+			backendtest.WaitFailed(t, srv, 0)
 			g.Close()
 			if n := strings.Count(logs.String(), "memory fault"); n != 1 {
 				t.Fatalf("%d log lines about the fault, want 1", n)

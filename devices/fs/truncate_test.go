@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -66,13 +65,7 @@ func TestTruncatedGuestMemory(t *testing.T) {
 				t.Fatal(err)
 			}
 			ring.KickAlways()
-			deadline := time.Now().Add(10 * time.Second)
-			for srv.Stats()[1].Failures == 0 {
-				if time.Now().After(deadline) {
-					t.Fatal("the request queue did not fail")
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
+			backendtest.WaitFailed(t, srv, 1)
 			g.Close()
 			if n := strings.Count(logs.String(), "memory fault"); n != 1 {
 				t.Fatalf("%d log lines about the fault, want 1", n)

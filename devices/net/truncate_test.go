@@ -81,13 +81,7 @@ func TestTruncatedGuestMemory(t *testing.T) {
 	}
 	rx.KickAlways()
 	tx.KickAlways()
-	deadline := time.Now().Add(10 * time.Second)
-	for st := srv.Stats(); st[0].Failures == 0 || st[1].Failures == 0; st = srv.Stats() {
-		if time.Now().After(deadline) {
-			t.Fatalf("rings did not fail: %+v", st)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	backendtest.WaitFailed(t, srv, 0, 1)
 	g.Close()
 	if n := strings.Count(logs.String(), "memory fault"); n != 1 {
 		t.Fatalf("%d log lines about the fault, want 1", n)

@@ -58,3 +58,28 @@ func Serve(t testing.TB, srv *backend.Server, path string) {
 		}
 	})
 }
+
+// WaitFailed waits up to 10 s until each of queues has failed at least
+// once in srv's stats (a hostile front-end's doing), and fails the test
+// with the stats otherwise.
+func WaitFailed(t testing.TB, srv *backend.Server, queues ...int) {
+	t.Helper()
+	deadline := time.Now().Add(stopTimeout)
+	for {
+		st := srv.Stats()
+		failed := true
+		for _, q := range queues {
+			if q < 0 || q >= len(st) {
+				t.Fatalf("queue %d of %d", q, len(st))
+			}
+			failed = failed && st[q].Failures > 0
+		}
+		if failed {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("queues %v did not fail within %v: %+v", queues, stopTimeout, st)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
