@@ -12,8 +12,9 @@ import (
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
-// stopTimeout is how long a stopped server may take to return.
-const stopTimeout = 10 * time.Second
+// limit is how long a helper waits: for a stopped server to return, for
+// queues to fail.
+const limit = 10 * time.Second
 
 // Listen makes a listening unix socket at path and returns it as a file,
 // the form backend.Server.Serve takes. The socket file stays when the
@@ -53,8 +54,8 @@ func Serve(t testing.TB, srv *backend.Server, path string) {
 			if err != nil {
 				t.Errorf("Serve: %v", err)
 			}
-		case <-time.After(stopTimeout):
-			t.Errorf("Serve did not return within %v of its stop", stopTimeout)
+		case <-time.After(limit):
+			t.Errorf("Serve did not return within %v of its stop", limit)
 		}
 	})
 }
@@ -64,7 +65,7 @@ func Serve(t testing.TB, srv *backend.Server, path string) {
 // with the stats otherwise.
 func WaitFailed(t testing.TB, srv *backend.Server, queues ...int) {
 	t.Helper()
-	deadline := time.Now().Add(stopTimeout)
+	deadline := time.Now().Add(limit)
 	for {
 		st := srv.Stats()
 		failed := true
@@ -78,7 +79,7 @@ func WaitFailed(t testing.TB, srv *backend.Server, queues ...int) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("queues %v did not fail within %v: %+v", queues, stopTimeout, st)
+			t.Fatalf("queues %v did not fail within %v: %+v", queues, limit, st)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
