@@ -36,11 +36,21 @@ func startQSD(t *testing.T, img string, extra ...string) string {
 	cmd := exec.Command(qsd,
 		"--blockdev", "driver=file,node-name=f,filename="+esc(img),
 		"--export", export)
-	var stderr syncbuf.Buffer
-	cmd.Stdout = &stderr
-	cmd.Stderr = &stderr
+	return startPeer(t, "qemu-storage-daemon", cmd, sock)
+}
+
+// retryRefused retries dial while the socket exists but does not listen
+// yet (the daemon binds before it listens).
+// startPeer starts cmd, a reference back-end that creates its vhost-user
+// socket at sock, and returns sock once it exists (at most 10 s). The
+// process is killed when the test ends, and its output logged if the test
+// failed.
+func startPeer(t *testing.T, name string, cmd *exec.Cmd, sock string) string {
+	t.Helper()
+	var out syncbuf.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("start qemu-storage-daemon: %v", err)
+		t.Fatalf("start %s: %v", name, err)
 	}
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); close(exited) }()
@@ -48,7 +58,7 @@ func startQSD(t *testing.T, img string, extra ...string) string {
 		cmd.Process.Kill()
 		<-exited
 		if t.Failed() {
-			t.Logf("qemu-storage-daemon output:\n%s", stderr.String())
+			t.Logf("%s output:\n%s", name, out.String())
 		}
 	})
 	deadline := time.Now().Add(10 * time.Second)
@@ -58,18 +68,16 @@ func startQSD(t *testing.T, img string, extra ...string) string {
 		}
 		select {
 		case <-exited:
-			t.Fatalf("qemu-storage-daemon exited: %s", stderr.String())
+			t.Fatalf("%s exited: %s", name, out.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("qemu-storage-daemon did not create %s: %s", sock, stderr.String())
+			t.Fatalf("%s did not create %s: %s", name, sock, out.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-// retryRefused retries dial while the socket exists but does not listen
-// yet (the daemon binds before it listens).
 func retryRefused[T any](dial func() (T, error)) (T, error) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/vhostuser"
 )
 
@@ -33,35 +32,7 @@ func startVirtiofsd(t *testing.T) string {
 		t.Skip("virtiofsd needs root for its sandbox")
 	}
 	cmd := exec.Command(virtiofsdPath, args...)
-	var out syncbuf.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start virtiofsd: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("virtiofsd output:\n%s", out.String())
-		}
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			return sock
-		}
-		select {
-		case <-exited:
-			t.Fatalf("virtiofsd exited: %s", out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("virtiofsd did not create %s: %s", sock, out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return startPeer(t, "virtiofsd", cmd, sock)
 }
 
 // TestVirtiofsd negotiates with the C virtiofsd, sets up its hiprio and
