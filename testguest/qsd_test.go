@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/krun-core/krun-core/internal/syncbuf"
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/vhostuser"
 )
 
@@ -33,51 +33,12 @@ func startQSD(t *testing.T, img string, extra ...string) string {
 	for _, e := range extra {
 		export += "," + e
 	}
-	cmd := exec.Command(qsd,
-		"--blockdev", "driver=file,node-name=f,filename="+esc(img),
-		"--export", export)
-	return startPeer(t, "qemu-storage-daemon", cmd, sock)
+	opt := daemontest.Options{Name: "qemu-storage-daemon", Socket: sock, Kill: true, Timeout: 10 * time.Second}
+	return daemontest.Start(t, opt, qsd, "--blockdev", "driver=file,node-name=f,filename="+esc(img), "--export", export).Socket
 }
 
 // retryRefused retries dial while the socket exists but does not listen
 // yet (the daemon binds before it listens).
-// startPeer starts cmd, a reference back-end that creates its vhost-user
-// socket at sock, and returns sock once it exists (at most 10 s). The
-// process is killed when the test ends, and its output logged if the test
-// failed.
-func startPeer(t *testing.T, name string, cmd *exec.Cmd, sock string) string {
-	t.Helper()
-	var out syncbuf.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("%s output:\n%s", name, out.String())
-		}
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			return sock
-		}
-		select {
-		case <-exited:
-			t.Fatalf("%s exited: %s", name, out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not create %s: %s", name, sock, out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func retryRefused[T any](dial func() (T, error)) (T, error) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {

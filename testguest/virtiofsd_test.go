@@ -4,11 +4,11 @@ import (
 	"context"
 	"encoding/binary"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/vhostuser"
 )
 
@@ -31,8 +31,8 @@ func startVirtiofsd(t *testing.T) string {
 	if os.Getuid() != 0 {
 		t.Skip("virtiofsd needs root for its sandbox")
 	}
-	cmd := exec.Command(virtiofsdPath, args...)
-	return startPeer(t, "virtiofsd", cmd, sock)
+	opt := daemontest.Options{Name: "virtiofsd", Socket: sock, Kill: true, Timeout: 10 * time.Second}
+	return daemontest.Start(t, opt, append([]string{virtiofsdPath}, args...)...).Socket
 }
 
 // TestVirtiofsd negotiates with the C virtiofsd, sets up its hiprio and

@@ -292,9 +292,9 @@ done
 disk_test vda %d raw
 ro_test vdb %d
 `, rw.sectors, 8<<20/512))
-	bootGuest(t, a, ib, 2, []string{s1.socket, s2.socket})
-	s1.stop()
-	s2.stop()
+	bootGuest(t, a, ib, 2, []string{s1.Socket, s2.Socket})
+	s1.Stop()
+	s2.Stop()
 
 	checkRaw(t, rw, f, rw.image)
 	if roAfter, _ := os.ReadFile(roImg); !bytes.Equal(roAfter, roBefore) {
@@ -310,8 +310,8 @@ ro_test vdb %d
 	ib2 := a.NewInitramfs()
 	f.add(ib2)
 	ib2.SetInit(guestFunctions + fmt.Sprintf("raw_is_raw vda %d\n", rw.sectors))
-	bootGuest(t, a, ib2, 1, []string{s3.socket})
-	s3.stop()
+	bootGuest(t, a, ib2, 1, []string{s3.Socket})
+	s3.Stop()
 	if hdr, _ := os.ReadFile(rw.image); !bytes.Equal(hdr[:512], f.first) {
 		t.Error("raw image's sector 0 lost the bytes the guest wrote")
 	}
@@ -394,13 +394,13 @@ func TestQCOW2(t *testing.T) {
 		d.addExpected(ib, f)
 		s := serve(t, d.spec)
 		servers = append(servers, s)
-		sockets = append(sockets, s.socket)
+		sockets = append(sockets, s.Socket)
 		fmt.Fprintf(&script, "disk_test vd%c %d %s\n", 'a'+i, d.sectors, d.label)
 	}
 	ib.SetInit(script.String())
 	bootGuest(t, a, ib, 1, sockets)
 	for _, s := range servers {
-		s.stop()
+		s.Stop()
 	}
 
 	for _, d := range disks {
@@ -412,8 +412,8 @@ func TestQCOW2(t *testing.T) {
 			// What krun-core serves equals what QEMU reads.
 			s := serve(t, d.spec+",readonly=on")
 			served := filepath.Join(t.TempDir(), "served.raw")
-			dump(t, s.socket, served)
-			s.stop()
+			dump(t, s.Socket, served)
+			s.Stop()
 			out, err = runErr(qemuImg, "compare", "-f", "qcow2", "-F", "raw", d.image, served)
 			if err != nil {
 				t.Errorf("qemu-img compare with the served content: %v\n%s", err, out)

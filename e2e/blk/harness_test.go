@@ -2,19 +2,15 @@ package blk_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/krun-core/krun-core/internal/syncbuf"
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/internal/vmtest"
 	"github.com/krun-core/krun-core/testguest"
 )
@@ -62,15 +58,7 @@ func run(t *testing.T, name string, args ...string) []byte {
 }
 
 // server is one `krun-core serve` process.
-type server struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	socket string
-	out    *syncbuf.Buffer
-	done   chan struct{}
-	err    error
-	once   sync.Once
-}
+type server struct{ *daemontest.Daemon }
 
 // serve starts `krun-core serve --socket S --disk spec [extra...]` and waits for its
 // socket. The process is stopped at the end of the test at the latest.
@@ -82,33 +70,10 @@ func serve(t *testing.T, spec string, extra ...string) *server {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	s := &server{t: t, socket: filepath.Join(dir, "blk.sock"), out: &syncbuf.Buffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(filepath.Join(binDir(t), "krun-core"), append([]string{"serve", "--socket", s.socket, "--disk", spec}, extra...)...)
-	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		s.err = s.cmd.Wait()
-		close(s.done)
-	}()
-	t.Cleanup(func() { s.stop() })
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if st, err := os.Stat(s.socket); err == nil && st.Mode().Type() == fs.ModeSocket {
-			checkPluginsNotRoot(t, s.cmd.Process.Pid)
-			return s
-		}
-		select {
-		case <-s.done:
-			t.Fatalf("krun-core serve --disk %s exited before listening: %v\n%s", spec, s.err, s.out)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("krun-core serve --disk %s: no socket after 30 s\n%s", spec, s.out)
-		}
-	}
+	opt := daemontest.Options{Name: "krun-core serve --disk " + spec, Socket: filepath.Join(dir, "blk.sock")}
+	s := daemontest.Start(t, opt, append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--socket", opt.Socket, "--disk", spec}, extra...)...)
+	checkPluginsNotRoot(t, s.Cmd.Process.Pid)
+	return &server{s}
 }
 
 // checkPluginsNotRoot checks from outside that every plugin process of the
@@ -142,32 +107,6 @@ func checkPluginsNotRoot(t *testing.T, pid int) {
 	}
 	if n == 0 {
 		t.Errorf("krun-core serve (pid %d) has no plugin process", pid)
-	}
-}
-
-// stop ends the server with SIGTERM (SIGKILL after 15 s) and fails the test
-// if it did not exit cleanly.
-func (s *server) stop() { s.once.Do(s.doStop) }
-
-func (s *server) doStop() {
-	select {
-	case <-s.done:
-	default:
-		s.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-s.done:
-		case <-time.After(15 * time.Second):
-			s.cmd.Process.Kill()
-			<-s.done
-			s.t.Errorf("krun-core serve did not exit within 15 s of SIGTERM\n%s", s.out)
-			return
-		}
-	}
-	var ee *exec.ExitError
-	if s.err != nil && !(errors.As(s.err, &ee) && ee.ExitCode() == 0) {
-		s.t.Errorf("krun-core serve: %v\n%s", s.err, s.out)
-	} else {
-		s.t.Logf("krun-core serve output:\n%s", s.out)
 	}
 }
 

@@ -80,7 +80,7 @@ func TestServeRestartUnderIO(t *testing.T) {
 	vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib, Timeout: 30 * time.Minute})
 	for i, s := range servers {
 		id := fmt.Sprintf("vubr%d", i)
-		vm.AddArgs("-chardev", fmt.Sprintf("socket,id=%s,path=%s,reconnect=1", id, s.socket),
+		vm.AddArgs("-chardev", fmt.Sprintf("socket,id=%s,path=%s,reconnect=1", id, s.Socket),
 			"-device", "vhost-user-blk-pci,chardev="+id+",num-queues=1")
 	}
 	if err := vm.Start(); err != nil {
@@ -117,7 +117,7 @@ func TestServeRestartUnderIO(t *testing.T) {
 	var took []time.Duration
 	replayed := 0
 	for _, s := range servers {
-		for _, m := range serveRestartedRE.FindAllStringSubmatch(s.out.String(), -1) {
+		for _, m := range serveRestartedRE.FindAllStringSubmatch(s.Out.String(), -1) {
 			if d, err := time.ParseDuration(m[1]); err == nil {
 				took = append(took, d)
 			}
@@ -125,14 +125,14 @@ func TestServeRestartUnderIO(t *testing.T) {
 		// QEMU hands the in-flight region to every new plugin (the
 		// first one and one per kill), so the plugins the kills started
 		// can replay what their predecessors had taken.
-		if n := len(regionRE.FindAllString(s.out.String(), -1)); n < serveRestartKills+1 {
-			t.Errorf("serve %s: %d plugins got an in-flight region from QEMU, want %d (one per connection)", s.socket, n, serveRestartKills+1)
+		if n := len(regionRE.FindAllString(s.Out.String(), -1)); n < serveRestartKills+1 {
+			t.Errorf("serve %s: %d plugins got an in-flight region from QEMU, want %d (one per connection)", s.Socket, n, serveRestartKills+1)
 		}
-		for _, m := range replayedRE.FindAllStringSubmatch(s.out.String(), -1) {
+		for _, m := range replayedRE.FindAllStringSubmatch(s.Out.String(), -1) {
 			n, _ := strconv.Atoi(m[1])
 			replayed += n
 		}
-		s.stop()
+		s.Stop()
 	}
 	// How many requests a kill caught in flight is up to timing (an
 	// emulated guest leaves its rings idle most of the time; 0 or 1 in 40
@@ -157,26 +157,26 @@ func TestServeRestartUnderIO(t *testing.T) {
 // killPlugin SIGKILLs the server's plugin process.
 func (s *server) killPlugin(t *testing.T) {
 	t.Helper()
-	for _, pid := range children(s.cmd.Process.Pid) {
+	for _, pid := range children(s.Cmd.Process.Pid) {
 		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
 			return
 		}
 	}
-	t.Fatalf("krun-core serve (pid %d) has no plugin to kill\n%s", s.cmd.Process.Pid, s.out)
+	t.Fatalf("krun-core serve (pid %d) has no plugin to kill\n%s", s.Cmd.Process.Pid, s.Out)
 }
 
 // waitRestarts waits until serve has restarted its plugin n times.
 func (s *server) waitRestarts(t *testing.T, n int) {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Minute)
-	for strings.Count(s.out.String(), "plugin restarted; serving again") < n {
+	for strings.Count(s.Out.String(), "plugin restarted; serving again") < n {
 		select {
-		case <-s.done:
-			t.Fatalf("krun-core serve exited: %v\n%s", s.err, s.out)
+		case <-s.Done():
+			t.Fatalf("krun-core serve exited: %v\n%s", s.Err(), s.Out)
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("restart %d did not complete\n%s", n, s.out)
+			t.Fatalf("restart %d did not complete\n%s", n, s.Out)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -187,9 +187,9 @@ func (s *server) waitRestarts(t *testing.T, n int) {
 func (s *server) waitConnected(t *testing.T, n int) {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Minute)
-	for strings.Count(s.out.String(), "vhost-user front-end connected") < n {
+	for strings.Count(s.Out.String(), "vhost-user front-end connected") < n {
 		if time.Now().After(deadline) {
-			t.Fatalf("QEMU did not connect (%d)\n%s", n, s.out)
+			t.Fatalf("QEMU did not connect (%d)\n%s", n, s.Out)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -51,7 +51,7 @@ func BenchmarkCreateStatUnlink(b *testing.B) {
 		b.Run(tg.name, func(b *testing.B) {
 			dir := benchShare(b)
 			d := tg.start(b, dir)
-			g := dialFS(b, d.socket, 4096)
+			g := dialFS(b, d.Socket, 4096)
 			c := g.req
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -94,7 +94,7 @@ func benchSeq(b *testing.B, write bool) {
 				}
 			}
 			d := tg.start(b, dir)
-			g := dialFS(b, d.socket, 4096)
+			g := dialFS(b, d.Socket, 4096)
 			c := g.req
 			// Renegotiate to learn this server's limits (INIT is idempotent
 			// on a fresh session).
@@ -161,7 +161,7 @@ func BenchmarkGetattr(b *testing.B) {
 	for _, tg := range benchTargets {
 		b.Run(tg.name, func(b *testing.B) {
 			d := tg.start(b, benchShare(b))
-			g := dialFS(b, d.socket, 0)
+			g := dialFS(b, d.Socket, 0)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				if _, err := g.req.Getattr(fuse.RootID); err != nil {

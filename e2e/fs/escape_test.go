@@ -56,7 +56,7 @@ func TestHostileGuest(t *testing.T) {
 	must(t, "symlink", os.Symlink(filepath.Join(out, "secret"), filepath.Join(share, "outfile")))
 	must(t, "symlink", os.Symlink("/", filepath.Join(share, "root")))
 	d := serveFS(t, "path="+share+",tag=share")
-	g := dialFS(t, d.socket, 3)
+	g := dialFS(t, d.Socket, 3)
 	c := g.req
 
 	// Names.
@@ -168,8 +168,8 @@ func TestHostileGuest(t *testing.T) {
 	}
 
 	// Still serving, still confined.
-	if !d.alive() {
-		t.Fatalf("the plugin died\n%s", d.out)
+	if !d.Alive() {
+		t.Fatalf("the plugin died\n%s", d.Out)
 	}
 	if _, err := c.Getattr(fuse.RootID); err != nil {
 		t.Fatalf("GETATTR after the attack: %v", err)
@@ -191,7 +191,7 @@ func TestReadOnlyServe(t *testing.T) {
 	share := t.TempDir()
 	must(t, "write", os.WriteFile(filepath.Join(share, "f"), []byte("data"), 0o644))
 	d := serveFS(t, "path="+share+",tag=ro,readonly=on")
-	g := dialFS(t, d.socket, 0)
+	g := dialFS(t, d.Socket, 0)
 	c := g.req
 	f, err := c.Lookup(fuse.RootID, "f")
 	must(t, "LOOKUP", err)

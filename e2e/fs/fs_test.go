@@ -202,9 +202,9 @@ func TestGuest(t *testing.T) {
 	f := newFsFixtures()
 	dir := f.prepare(t)
 	d := serveFS(t, "path="+dir+",tag=share")
-	r := f.runGuest(t, a, d.socket)
+	r := f.runGuest(t, a, d.Socket)
 	t.Logf("guest run: boot %v, total %v", r.BootTime, r.Total)
-	d.stop()
+	d.Stop()
 	// The plugin runs as nobody under a root krun-core, but its share is
 	// an ID-mapped mount: the guest's files are krun-core's on the host.
 	f.check(t, dir, os.Geteuid())
@@ -217,9 +217,9 @@ func TestGuestVirtiofsd(t *testing.T) {
 	f := newFsFixtures()
 	dir := f.prepare(t)
 	d := virtiofsd(t, dir)
-	r := f.runGuest(t, a, d.socket)
+	r := f.runGuest(t, a, d.Socket)
 	t.Logf("guest run: boot %v, total %v", r.BootTime, r.Total)
-	d.stop()
+	d.Stop()
 	f.check(t, dir, os.Geteuid())
 }
 
@@ -229,12 +229,12 @@ func TestGuestVirtiofsd(t *testing.T) {
 func TestServeNoRefusedCalls(t *testing.T) {
 	dir := t.TempDir()
 	d := serveFS(t, "path="+dir+",tag=share")
-	g := dialFS(t, d.socket, 0)
+	g := dialFS(t, d.Socket, 0)
 	if _, err := g.req.Getattr(fuse.RootID); err != nil {
 		t.Fatalf("GETATTR of the root: %v", err)
 	}
-	d.stop()
-	if out := d.out.String(); strings.Contains(out, "seccomp refused") {
+	d.Stop()
+	if out := d.Out.String(); strings.Contains(out, "seccomp refused") {
 		t.Errorf("krun-core logged a refused system call:\n%s", out)
 	}
 }

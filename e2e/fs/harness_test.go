@@ -1,19 +1,13 @@
 package fs_test
 
 import (
-	"errors"
-	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
-	"github.com/krun-core/krun-core/internal/syncbuf"
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/internal/vmtest"
 	"github.com/krun-core/krun-core/testguest"
 )
@@ -42,24 +36,6 @@ func binDir(t testing.TB) string {
 	return bins.Dir(t)
 }
 
-// daemon is one vhost-user-fs back-end process: `krun-core serve --fs` or
-// the C virtiofsd.
-type daemon struct {
-	t      testing.TB
-	name   string
-	cmd    *exec.Cmd
-	socket string
-	out    *syncbuf.Buffer
-	done   chan struct{}
-	err    error
-	once   sync.Once
-	// cleanExit is what a clean stop looks like: krun-core exits 0 on
-	// SIGTERM; virtiofsd is killed.
-	kill bool
-	// ready is output that says the daemon is fully up ("" for none).
-	ready string
-}
-
 func sockDir(t testing.TB) string {
 	t.Helper()
 	// Unix socket paths are limited to 108 bytes: keep them short.
@@ -71,45 +47,18 @@ func sockDir(t testing.TB) string {
 	return dir
 }
 
-func startDaemon(t testing.TB, d *daemon, args ...string) *daemon {
-	t.Helper()
-	d.t, d.out, d.done = t, &syncbuf.Buffer{}, make(chan struct{})
-	d.cmd = exec.Command(args[0], args[1:]...)
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		d.err = d.cmd.Wait()
-		close(d.done)
-	}()
-	t.Cleanup(func() { d.stop() })
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		// krun-core logs "serving" once it handles SIGTERM; stopping it
-		// earlier would kill it.
-		if st, err := os.Stat(d.socket); err == nil && st.Mode().Type() == fs.ModeSocket &&
-			(d.ready == "" || strings.Contains(d.out.String(), d.ready)) {
-			return d
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("%s exited before listening: %v\n%s", d.name, d.err, d.out)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: no socket after 30 s\n%s", d.name, d.out)
-		}
-	}
-}
+// daemon is one vhost-user-fs back-end process: `krun-core serve --fs` or
+// the C virtiofsd.
+type daemon = daemontest.Daemon
 
 // serveFS starts `krun-core serve --socket S --fs spec`.
 func serveFS(t testing.TB, spec string, extra ...string) *daemon {
 	t.Helper()
-	d := &daemon{name: "krun-core serve --fs " + spec, socket: filepath.Join(sockDir(t), "fs.sock"), ready: "krun-core: serving"}
-	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--log-level", "info", "--socket", d.socket, "--fs", spec}, extra...)
-	return startDaemon(t, d, args...)
+	// krun-core logs "serving" once it handles SIGTERM; stopping it
+	// earlier would kill it.
+	opt := daemontest.Options{Name: "krun-core serve --fs " + spec, Socket: filepath.Join(sockDir(t), "fs.sock"), Ready: "krun-core: serving"}
+	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--log-level", "info", "--socket", opt.Socket, "--fs", spec}, extra...)
+	return daemontest.Start(t, opt, args...)
 }
 
 // virtiofsd starts QEMU's C virtiofsd on dir (it needs root for its own
@@ -122,50 +71,8 @@ func virtiofsd(t testing.TB, dir string) *daemon {
 	if os.Getuid() != 0 {
 		t.Skip("the C virtiofsd needs root for its sandbox")
 	}
-	d := &daemon{name: "virtiofsd", socket: filepath.Join(sockDir(t), "vfsd.sock"), kill: true}
-	return startDaemon(t, d, virtiofsdPath, "--socket-path="+d.socket, "-o", "source="+dir, "-o", "cache=auto")
-}
-
-// stop ends the daemon and, for krun-core, fails the test unless it exits
-// 0 on SIGTERM within 15 s.
-func (d *daemon) stop() { d.once.Do(d.doStop) }
-
-func (d *daemon) doStop() {
-	select {
-	case <-d.done:
-	default:
-		if d.kill {
-			d.cmd.Process.Kill()
-			<-d.done
-			return
-		}
-		d.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-d.done:
-		case <-time.After(15 * time.Second):
-			d.cmd.Process.Kill()
-			<-d.done
-			d.t.Errorf("%s did not exit within 15 s of SIGTERM\n%s", d.name, d.out)
-			return
-		}
-	}
-	if d.kill {
-		return
-	}
-	var ee *exec.ExitError
-	if d.err != nil && !(errors.As(d.err, &ee) && ee.ExitCode() == 0) {
-		d.t.Errorf("%s: %v\n%s", d.name, d.err, d.out)
-	}
-}
-
-// alive reports whether the daemon is still running.
-func (d *daemon) alive() bool {
-	select {
-	case <-d.done:
-		return false
-	default:
-		return true
-	}
+	opt := daemontest.Options{Name: "virtiofsd", Socket: filepath.Join(sockDir(t), "vfsd.sock"), Kill: true}
+	return daemontest.Start(t, opt, virtiofsdPath, "--socket-path="+opt.Socket, "-o", "source="+dir, "-o", "cache=auto")
 }
 
 // fuseGuest is the Go test guest on a virtio-fs back-end: a FUSE client on

@@ -55,9 +55,9 @@ func TestRootOwnedShare(t *testing.T) {
 
 	// The plugin runs as nobody; krun-core serve keeps no_new_privs and
 	// only what its plugin needs from it.
-	m := servingPidRE.FindStringSubmatch(d.out.String())
+	m := servingPidRE.FindStringSubmatch(d.Out.String())
 	if m == nil {
-		t.Fatalf("no plugin pid in the serving line:\n%s", d.out)
+		t.Fatalf("no plugin pid in the serving line:\n%s", d.Out)
 	}
 	pid, _ := strconv.Atoi(m[1])
 	st := procStatus(t, pid)
@@ -65,9 +65,9 @@ func TestRootOwnedShare(t *testing.T) {
 	if st["Uid"] != nobody || st["Gid"] != strings.ReplaceAll(nobody, strconv.Itoa(sandbox.DefaultPluginUID), strconv.Itoa(sandbox.DefaultPluginGID)) {
 		t.Errorf("plugin Uid %q Gid %q, want nobody's everywhere", st["Uid"], st["Gid"])
 	}
-	checkDropped(t, d.cmd.Process.Pid, 1<<unix.CAP_KILL|1<<unix.CAP_SETUID|1<<unix.CAP_SETGID)
+	checkDropped(t, d.Cmd.Process.Pid, 1<<unix.CAP_KILL|1<<unix.CAP_SETUID|1<<unix.CAP_SETGID)
 
-	c := dialFS(t, d.socket, 4096).req
+	c := dialFS(t, d.Socket, 4096).req
 	root, err := c.Getattr(fuse.RootID)
 	must(t, "GETATTR /", err)
 	if root.UID != 0 || root.GID != 0 {
@@ -112,7 +112,7 @@ func TestRootOwnedShare(t *testing.T) {
 	}
 	_, err = c.Setattr(nf.NodeID, fuse.SetattrIn{Valid: fuse.FattrUID, UID: 1000})
 	wantErrno(t, "chown etc/new to 1000", err, syscall.EINVAL)
-	d.stop()
+	d.Stop()
 
 	for _, p := range []string{".", "etc", "etc/hostname", "etc/new", "var", "var/log"} {
 		var st unix.Stat_t

@@ -76,12 +76,12 @@ func TestGuestSetID(t *testing.T) {
 		dirs[sh.tag] = dir
 		d := serveFS(t, "path="+dir+",tag="+sh.tag+sh.opts, sh.extra...)
 		daemons = append(daemons, d)
-		vm.AddVhostUserFS(d.socket, sh.tag)
+		vm.AddVhostUserFS(d.Socket, sh.tag)
 	}
 	r := vm.Run()
 	t.Logf("guest run: boot %v, total %v", r.BootTime, r.Total)
 	for _, d := range daemons {
-		d.stop()
+		d.Stop()
 	}
 
 	want := map[string]map[string]uint32{

@@ -13,14 +13,13 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/initramfs"
 	"github.com/krun-core/krun-core/guest/stdioframe"
-	"github.com/krun-core/krun-core/internal/syncbuf"
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -96,43 +95,10 @@ func makeRoot(t testing.TB, busybox string) string {
 // socket.
 func serveFS(t *testing.T, dir, tag string) string {
 	t.Helper()
-	socket := filepath.Join(shortDir(t), "fs.sock")
-	var out syncbuf.Buffer
-	cmd := exec.Command(filepath.Join(bins.Dir(t), "krun-core"), "serve", "--socket", socket,
+	opt := daemontest.Options{Name: "krun-core serve --fs", Socket: filepath.Join(shortDir(t), "fs.sock"), Ready: "krun-core: serving"}
+	d := daemontest.Start(t, opt, filepath.Join(bins.Dir(t), "krun-core"), "serve", "--socket", opt.Socket,
 		"--fs", "path="+dir+",tag="+tag, "--log-level", "info")
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			t.Logf("krun-core serve output:\n%s", out.String())
-		}
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if st, err := os.Stat(socket); err == nil && st.Mode().Type() == fs.ModeSocket && strings.Contains(out.String(), "krun-core: serving") {
-			return socket
-		}
-		select {
-		case <-done:
-			t.Fatalf("krun-core serve exited before listening:\n%s", out.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("krun-core serve: no socket after 30 s\n%s", out.String())
-		}
-	}
+	return d.Socket
 }
 
 // host is the test's end of the krun.stdio port: it collects STDOUT,
