@@ -14,7 +14,6 @@ import (
 
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/internal/netnstest"
-	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -60,23 +59,8 @@ func testNetwork(t *testing.T, network *initconfig.Network) {
 		t.Fatal(err)
 	}
 	qemuEnd := os.NewFile(uintptr(fds[0]), "qemu-end")
-	passtEnd := os.NewFile(uintptr(fds[1]), "passt-end")
 	defer qemuEnd.Close()
-	var passtLog syncbuf.Buffer
-	passt := netnstest.Command(ns, "passt", "--foreground", "--quiet", "--fd", "3")
-	passt.ExtraFiles = []*os.File{passtEnd}
-	passt.Stdout, passt.Stderr = &passtLog, &passtLog
-	if err := passt.Start(); err != nil {
-		t.Fatal(err)
-	}
-	passtEnd.Close()
-	t.Cleanup(func() {
-		passt.Process.Kill()
-		passt.Wait()
-		if t.Failed() {
-			t.Logf("passt output:\n%s", passtLog.String())
-		}
-	})
+	netnstest.StartPasst(t, ns, os.NewFile(uintptr(fds[1]), "passt-end"))
 
 	cfg := initconfig.New("sh", "-c", `
 ip -4 -o addr show dev eth0 | awk '{print "addr=" $4}'

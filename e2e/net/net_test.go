@@ -36,7 +36,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/internal/netnstest"
-	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -318,23 +317,8 @@ func TestPasstReference(t *testing.T) {
 		t.Fatal(err)
 	}
 	qemuEnd := os.NewFile(uintptr(fds[0]), "qemu-end")
-	passtEnd := os.NewFile(uintptr(fds[1]), "passt-end")
 	defer qemuEnd.Close()
-	var passtLog syncbuf.Buffer
-	passt := netnstest.Command(ns, "passt", "--foreground", "--quiet", "--fd", "3")
-	passt.ExtraFiles = []*os.File{passtEnd}
-	passt.Stdout, passt.Stderr = &passtLog, &passtLog
-	if err := passt.Start(); err != nil {
-		t.Fatal(err)
-	}
-	passtEnd.Close()
-	t.Cleanup(func() {
-		passt.Process.Kill()
-		passt.Wait()
-		if t.Failed() {
-			t.Logf("passt output:\n%s", passtLog.String())
-		}
-	})
+	netnstest.StartPasst(t, ns, os.NewFile(uintptr(fds[1]), "passt-end"))
 
 	ib := a.NewInitramfs()
 	ib.AddModules(a.Kernel, "virtio_pci", "virtio_net")

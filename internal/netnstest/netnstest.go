@@ -15,6 +15,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // The namespace's addresses.
@@ -92,4 +94,27 @@ func Run(name string, fn func() error) error {
 // Command is exec.Command for a program run inside namespace name.
 func Command(name, prog string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", name, prog}, args...)...)
+}
+
+// StartPasst starts passt in namespace name on peer, its end of a stream
+// socket pair (passt's --fd), which it closes once passt holds it. passt is
+// killed when the test ends, and its output logged if the test failed.
+func StartPasst(t testing.TB, name string, peer *os.File) {
+	t.Helper()
+	cmd := Command(name, "passt", "--foreground", "--quiet", "--fd", "3")
+	cmd.ExtraFiles = []*os.File{peer}
+	out := &syncbuf.Buffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	err := cmd.Start()
+	peer.Close()
+	if err != nil {
+		t.Fatalf("start passt: %v", err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("passt output:\n%s", out.String())
+		}
+	})
 }

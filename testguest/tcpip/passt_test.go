@@ -15,7 +15,6 @@ import (
 	"github.com/krun-core/krun-core/core/devspec"
 	netdev "github.com/krun-core/krun-core/devices/net"
 	"github.com/krun-core/krun-core/internal/netnstest"
-	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/testguest/tcpip"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -55,21 +54,7 @@ func newRig(t testing.TB) *rig {
 		t.Fatal(err)
 	}
 	r.passt = ours
-	cmd := netnstest.Command(r.ns, "passt", "--foreground", "--quiet", "--fd", "3")
-	cmd.ExtraFiles = []*os.File{theirs}
-	out := &syncbuf.Buffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	theirs.Close()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("passt output:\n%s", out.String())
-		}
-	})
+	netnstest.StartPasst(t, r.ns, theirs)
 	return r
 }
 
