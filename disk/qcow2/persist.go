@@ -29,7 +29,11 @@ import (
 //     (syncRefcounts). So an L2 entry or L1 entry on the file only ever
 //     names a cluster inside the file and counted there, whatever
 //     follows.
-//  2. Guest data, into its cluster.
+//  2. Guest data, into its cluster. A partial write whose cluster is
+//     filled in with what the guest read there before, over a host
+//     cluster that does not hold those bytes durably, is written durably
+//     (writeData), so that no L2 entry names a cluster whose fill a power
+//     failure lost.
 //  3. The L2 entries that changed (only the 512-byte sectors that hold
 //     them; a new L2 table whole). An L2 entry is 8 or 16 bytes inside one
 //     sector: it is either old or new, never torn.

@@ -350,8 +350,8 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 			if err != nil {
 				return err
 			}
-			if _, err := im.data.WriteAt(buf, int64(ci.host+start)); err != nil {
-				return fmt.Errorf("write data at %#x: %w", ci.host+start, err)
+			if err := im.writeData(buf, ci.host+start, im.partSubclusters(in, end)); err != nil {
+				return err
 			}
 		}
 		if !ci.copied || ci.alloc&touched != touched {
@@ -369,8 +369,9 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 		}
 		buf := make([]byte, im.cs)
 		copy(buf[in:], q)
-		if _, err := im.data.WriteAt(buf, int64(ci.host)); err != nil {
-			return fmt.Errorf("write data at %#x: %w", ci.host, err)
+		// The cluster's old bytes are not zeros: the fill must be durable.
+		if err := im.writeData(buf, ci.host, uint64(len(q)) != im.cs); err != nil {
+			return err
 		}
 		im.setEntry(t, idx, ci.host|flagCopied, 0)
 		return nil
@@ -392,8 +393,9 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 		if err != nil {
 			return err
 		}
-		if _, err := im.data.WriteAt(buf, int64(host+start)); err != nil {
-			return fmt.Errorf("write data at %#x: %w", host+start, err)
+		filled := im.partSubclusters(in, end) && !(fresh && im.zeroFill(&ci, base))
+		if err := im.writeData(buf, host+start, filled); err != nil {
+			return err
 		}
 		alloc, zero = touched, ci.zero&^touched
 	} else if in == 0 && uint64(len(q)) == im.cs {
@@ -438,8 +440,8 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 			alloc, zero = ci.alloc|touched, ci.zero&^touched
 		}
 		copy(buf[in:], q)
-		if _, err := im.data.WriteAt(buf, int64(host)); err != nil {
-			return fmt.Errorf("write data at %#x: %w", host, err)
+		if err := im.writeData(buf, host, true); err != nil {
+			return err
 		}
 	}
 	if !im.extL2 {
@@ -448,6 +450,36 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 	im.setEntry(t, idx, host|flagCopied, uint64(zero)<<32|uint64(alloc))
 	im.freeEntry(&ci)
 	return nil
+}
+
+// writeData writes buf at host offset off. filled says that buf holds bytes
+// the request did not write (zeros, backing data, a compressed or shared
+// cluster's copy) over a host cluster whose durable content differs (it
+// was used before, or those bytes are not zeros): that write is made
+// durable before it returns, because the L2 entry written after it makes
+// the guest read them from there. Were the entry to survive a power
+// failure that lost them, the guest would read stale bytes where it had
+// durable ones (QEMU orders the same way: its L2 table depends on a flush
+// after copy-on-write). A write of only the request's own bytes may be
+// lost like any write not flushed yet.
+func (im *Image) writeData(buf []byte, off uint64, filled bool) error {
+	var err error
+	if filled {
+		err = im.data.WriteDurable(buf, int64(off))
+	} else {
+		_, err = im.data.WriteAt(buf, int64(off))
+	}
+	if err != nil {
+		return fmt.Errorf("write data at %#x: %w", off, err)
+	}
+	return nil
+}
+
+// partSubclusters reports whether the write [in, end) of a cluster covers
+// its first or last subcluster only in part (so merging fills the rest).
+func (im *Image) partSubclusters(in, end uint64) bool {
+	sc := uint64(1)<<im.scBits - 1
+	return in&sc != 0 || end&sc != 0
 }
 
 // mergeSubclusters builds the bytes of subclusters s0..s1 of the cluster at
