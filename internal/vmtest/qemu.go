@@ -351,6 +351,14 @@ func (vm *VM) kill(reason string) {
 // Kill stops QEMU now.
 func (vm *VM) Kill() { vm.kill("killed by the test") }
 
+// wasKilled says whether the harness (a timeout, a watchdog or the test)
+// killed QEMU, as against QEMU exiting by itself.
+func (vm *VM) wasKilled() bool {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	return vm.killed != ""
+}
+
 // Expect waits up to timeout for the regular expression pattern to match
 // console output that arrived after the previous Expect's match, and returns
 // the match followed by its submatches.
