@@ -3,7 +3,9 @@ package qcow2
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"sort"
 
 	"golang.org/x/sys/unix"
@@ -261,6 +263,7 @@ func (im *Image) syncRefcounts() error {
 		}
 		im.rtMoved = false
 		clear(im.rtDirty)
+		im.rtNew = im.rtNew[:0]
 		// The old table is unreferenced once the header is durable; the
 		// sync below does that, and pendingFree is applied after a later
 		// sync.
@@ -270,11 +273,64 @@ func (im *Image) syncRefcounts() error {
 		}
 		im.oldRT = [2]uint64{}
 	} else if len(im.rtDirty) > 0 {
-		if err := im.writeChunks(im.rt, im.rtOff, im.rtDirty, metaRefTable); err != nil {
+		if err := im.writeRefTable(); err != nil {
 			return err
 		}
 	}
 	return im.sync()
+}
+
+// writeRefTable writes the refcount table's dirty 512-byte chunks in
+// place, after the refcount blocks are durable. A new block placed outside
+// the range it covers is counted by another block, which may be new as
+// well; a chunk that names such a counted block is written only once the
+// chunk naming the block that counts it is durable. A plugin killed
+// between two chunk writes then leaves at most a leak (a counted block the
+// table does not name yet), never a named block whose refcount is in a
+// block the table does not name. Chunks without such a dependency go out
+// together, with one sync at the end (syncRefcounts').
+func (im *Image) writeRefTable() error {
+	isNew := make(map[uint64]bool, len(im.rtNew))
+	for _, b := range im.rtNew {
+		isNew[b] = true
+	}
+	after := map[uint64][]uint64{} // chunk -> chunks that must be durable first
+	for _, b := range im.rtNew {
+		counter := im.rt[b] / im.cs / im.rbEntries
+		if ch, dep := b*8/512, counter*8/512; isNew[counter] && dep != ch {
+			after[ch] = append(after[ch], dep)
+		}
+	}
+	for len(im.rtDirty) > 0 {
+		round := map[uint64]bool{}
+		for ch := range im.rtDirty {
+			if !slices.ContainsFunc(after[ch], func(dep uint64) bool { return im.rtDirty[dep] }) {
+				round[ch] = true
+			}
+		}
+		if len(round) == 0 {
+			// New blocks that count each other: allocation never
+			// places them so (each falls back to a cluster outside
+			// every reservation), but should it, the table is still
+			// written, in chunk order.
+			im.log.Warn("refcount table: new refcount blocks count each other; writing their entries in file order")
+			maps.Copy(round, im.rtDirty)
+		}
+		chunks := slices.Collect(maps.Keys(round))
+		if err := im.writeChunks(im.rt, im.rtOff, round, metaRefTable); err != nil {
+			return err
+		}
+		for _, ch := range chunks {
+			delete(im.rtDirty, ch)
+		}
+		if len(im.rtDirty) > 0 {
+			if err := im.sync(); err != nil {
+				return err
+			}
+		}
+	}
+	im.rtNew = im.rtNew[:0]
+	return nil
 }
 
 // writeback writes all cached metadata in dependency order: refcounts,

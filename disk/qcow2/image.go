@@ -84,6 +84,7 @@ type Image struct {
 	rt       []uint64 // refcount table (in memory, possibly moved)
 	rtOff    uint64
 	rtDirty  map[uint64]bool // 512-byte chunks of the refcount table
+	rtNew    []uint64        // refcount blocks named since the table was last written
 	rtMoved  bool            // rt lives at rtOff now, the header does not say so yet
 	oldRT    [2]uint64       // clusters of a table to free once the header moved (start, n)
 	snaps    []snapshot

@@ -303,7 +303,9 @@ func (im *Image) reserveRun(start, n uint64) error {
 
 // ensureRefblock makes sure refcount block b exists (in memory). A new
 // block is placed inside the range it covers when possible, so that it
-// describes itself.
+// describes itself; when a reservation holds that whole range (a large
+// pool with small clusters), it is placed elsewhere and counted by another
+// block, possibly a new one too (writeRefTable orders their table entries).
 func (im *Image) ensureRefblock(b uint64) error {
 	if b >= uint64(len(im.rt)) {
 		if err := im.growReftable(b + 1); err != nil {
@@ -340,6 +342,7 @@ func (im *Image) ensureRefblock(b uint64) error {
 	}
 	im.rt[b] = r * im.cs
 	im.rtDirty[b*8/512] = true
+	im.rtNew = append(im.rtNew, b)
 	im.metaChanged = true
 	return nil
 }
