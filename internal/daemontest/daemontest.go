@@ -110,14 +110,14 @@ func (d *Daemon) stop() {
 			d.t.Logf("%s output:\n%s", d.Name, d.Out)
 		}
 	}()
+	if d.Kill {
+		d.Cmd.Process.Kill() // an error only says it has exited already
+		<-d.done
+		return
+	}
 	select {
 	case <-d.done:
 	default:
-		if d.Kill {
-			d.Cmd.Process.Kill()
-			<-d.done
-			return
-		}
 		d.Cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-d.done:
@@ -127,9 +127,6 @@ func (d *Daemon) stop() {
 			d.t.Errorf("%s did not exit within 15 s of SIGTERM", d.Name)
 			return
 		}
-	}
-	if d.Kill {
-		return
 	}
 	if d.err != nil {
 		d.t.Errorf("%s: %v", d.Name, d.err)
