@@ -2,6 +2,7 @@ package fs
 
 import (
 	"bytes"
+	"errors"
 
 	"golang.org/x/sys/unix"
 
@@ -68,6 +69,48 @@ func openBeneath(dirfd int, name string, flags int, mode uint32) (int, error) {
 // for the link itself).
 func openPath(dirfd int, name string) (int, error) {
 	return openBeneath(dirfd, name, unix.O_PATH, 0)
+}
+
+// errNotRegular: openRegular found something other than a regular file
+// under the name (a directory, symlink, FIFO, socket or device), or the
+// name changed to another inode between its two opens.
+var errNotRegular = errors.New("not a regular file")
+
+// openRegular opens name below dirfd for I/O (flags: access mode and
+// status flags) only if it is a regular file, and fills st with what it
+// opened. It looks through an O_PATH fd first, so that an existing FIFO,
+// socket or device is never opened: opening one has effects on the host
+// (a FIFO's waiting writer released, a device's open handler run). The
+// name is then opened, O_NONBLOCK and O_NOCTTY added, and must still be
+// the inode it looked at; a name swapped to a special file in between
+// could be opened in that window, and is refused all the same.
+func openRegular(dirfd int, name string, flags int, st *unix.Stat_t) (int, error) {
+	pfd, err := openPath(dirfd, name)
+	if err != nil {
+		return -1, err
+	}
+	var pst unix.Stat_t
+	err = statFd(pfd, &pst)
+	unix.Close(pfd)
+	if err != nil {
+		return -1, err
+	}
+	if pst.Mode&unix.S_IFMT != unix.S_IFREG {
+		return -1, errNotRegular
+	}
+	fd, err := openBeneath(dirfd, name, flags|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+	if err != nil {
+		return -1, err
+	}
+	if err := statFd(fd, st); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	if st.Dev != pst.Dev || st.Ino != pst.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		unix.Close(fd)
+		return -1, errNotRegular
+	}
+	return fd, nil
 }
 
 // statFd stats an fd (O_PATH included) without following symlinks.

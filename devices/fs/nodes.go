@@ -215,14 +215,28 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 	}
 	t.mu.Unlock()
 	defer t.putAliases(as)
+	last := unix.ESTALE
 	for _, a := range as {
-		if t.acquireBudget(a.parent, budget) != 0 {
+		if e := t.acquireBudget(a.parent, budget); e != 0 {
+			if e != unix.ESTALE {
+				last = e
+			}
 			continue
 		}
 		fd, err := openPath(a.parent.fd, a.name)
 		t.release(a.parent)
 		if err != nil {
-			t.dropName(a.parent.id, a.name)
+			// Only an answer that says the name no longer leads to a
+			// file forgets it. A refusal that may pass (a parent made
+			// unsearchable for a moment, the process out of fds) keeps
+			// the name: forgetting it would lose the node for good,
+			// and leave its inode unprotected.
+			switch e := errno(err); e {
+			case unix.ENOENT, unix.ELOOP, unix.ENOTDIR:
+				t.dropName(a.parent.id, a.name)
+			default:
+				last = e
+			}
 			continue
 		}
 		var st unix.Stat_t
@@ -242,7 +256,7 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 		t.mu.Unlock()
 		return 0
 	}
-	return unix.ESTALE
+	return last
 }
 
 // release ends a request's use of n's fd (acquire).
@@ -283,10 +297,32 @@ func (t *table) count() (nodes, handles int) {
 // behind fd, found as name in parent. fd is consumed: it becomes the node's
 // fd or is closed when the inode already has a node.
 func (t *table) insert(parent *node, name string, fd int, st *unix.Stat_t) (*node, unix.Errno) {
+	return t.insertNode(parent, name, fd, st, false)
+}
+
+// insertHeld is insert, with the node also taken for the request as get
+// takes it (pinned, its fd open and busy) in the same critical section: a
+// FORGET or the fd budget cannot free it or close its fd before the
+// request is done with it. Release with put.
+func (t *table) insertHeld(parent *node, name string, fd int, st *unix.Stat_t) (*node, unix.Errno) {
+	return t.insertNode(parent, name, fd, st, true)
+}
+
+func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, hold bool) (*node, unix.Errno) {
 	key := devIno{st.Dev, st.Ino}
+	typ := st.Mode & unix.S_IFMT
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if n := t.byKey[key]; n != nil {
+	if n := t.byKey[key]; n != nil && n.fd < 0 && (len(n.aliases) == 0 || n.typ != typ) {
+		// A closed node holds nothing that keeps its inode alive: with
+		// no name left, or another file type, the inode number was
+		// freed and given to a new file. That file gets a node of its
+		// own; the old node id stays, stale (ESTALE), until forgotten.
+		delete(t.byKey, key)
+	}
+	n := t.byKey[key]
+	switch {
+	case n != nil:
 		if n.fd < 0 {
 			t.setFdLocked(n, fd)
 			t.lruIdleLocked(n)
@@ -295,19 +331,23 @@ func (t *table) insert(parent *node, name string, fd int, st *unix.Stat_t) (*nod
 		}
 		n.lookups++
 		t.setAliasLocked(n, parent, name)
-		return n, 0
-	}
-	if len(t.nodes) >= t.maxNodes {
+	case len(t.nodes) >= t.maxNodes:
 		unix.Close(fd)
 		return nil, unix.ENFILE
+	default:
+		n = &node{id: t.nextID, fd: -1, key: key, typ: typ, lookups: 1}
+		t.nextID++
+		t.nodes[n.id] = n
+		t.byKey[key] = n
+		t.setAliasLocked(n, parent, name)
+		t.setFdLocked(n, fd)
+		t.lruIdleLocked(n)
 	}
-	n := &node{id: t.nextID, fd: -1, key: key, typ: st.Mode & unix.S_IFMT, lookups: 1}
-	t.nextID++
-	t.nodes[n.id] = n
-	t.byKey[key] = n
-	t.setAliasLocked(n, parent, name)
-	t.setFdLocked(n, fd)
-	t.lruIdleLocked(n)
+	if hold {
+		n.pins++
+		n.busy++
+		t.lruRemoveLocked(n)
+	}
 	return n, 0
 }
 

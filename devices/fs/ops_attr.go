@@ -68,13 +68,19 @@ func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 	}()
 	var last unix.Errno = unix.ESTALE
 	for _, a := range as {
-		// O_NONBLOCK: if the name is now a FIFO, opening it must not block
-		// (it is refused below); O_NOCTTY for the same reason with ttys.
 		if s.t.acquire(a.parent) != 0 {
 			continue
 		}
-		fd, err := openBeneath(a.parent.fd, a.name, flags|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+		// Only a regular file is opened: if the name is now a FIFO or a
+		// device, it is refused before it is opened (openRegular).
+		var st unix.Stat_t
+		fd, err := openRegular(a.parent.fd, a.name, flags, &st)
 		s.t.release(a.parent)
+		if err == errNotRegular {
+			s.t.dropName(a.parent.id, a.name)
+			last = unix.ESTALE
+			continue
+		}
 		if err != nil {
 			e := errno(err)
 			switch e {
@@ -85,8 +91,7 @@ func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 			// Permission and the like: the file is there but refuses us.
 			return -1, e
 		}
-		var st unix.Stat_t
-		if statFd(fd, &st) == nil && st.Dev == n.key.dev && st.Ino == n.key.ino && st.Mode&unix.S_IFMT == unix.S_IFREG {
+		if st.Dev == n.key.dev && st.Ino == n.key.ino {
 			// O_NONBLOCK stays set: it does not change I/O on regular
 			// files, and clearing it would take an fcntl the seccomp
 			// profile does not grant.

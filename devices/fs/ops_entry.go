@@ -127,10 +127,11 @@ func (s *Server) created(r *request, parent *node, name string, mode uint32) uni
 		unix.Close(fd)
 		return errno(err)
 	}
-	n, e := s.t.insert(parent, name, fd, &st)
+	n, e := s.t.insertHeld(parent, name, fd, &st)
 	if e != 0 {
 		return e
 	}
+	defer s.t.put(n)
 	if chowned && mode&setIDBits&^st.Mode != 0 {
 		// suid=on: the chown cleared set-id bits the guest asked for.
 		if e := s.chmod(r, n, nil, mode); e != 0 {

@@ -120,9 +120,20 @@ func (s *Server) opCreate(r *request) unix.Errno {
 	oflags := openFlags(flags) | unix.O_NONBLOCK | unix.O_NOCTTY
 	made := true
 	fd, err := openBeneath(parent.fd, name, oflags|unix.O_CREAT|unix.O_EXCL, mode)
+	var st unix.Stat_t
 	if err == unix.EEXIST && int(flags)&unix.O_EXCL == 0 {
+		// Without O_EXCL the existing file is opened, if it is a
+		// regular one: a FIFO or a device is refused before it is
+		// opened (openRegular).
 		made = false
-		fd, err = openBeneath(parent.fd, name, oflags, 0)
+		fd, err = openRegular(parent.fd, name, oflags, &st)
+		if err == errNotRegular {
+			return unix.EEXIST
+		}
+	} else if err == nil {
+		if err = statFd(fd, &st); err != nil {
+			unix.Close(fd)
+		}
 	}
 	if err != nil {
 		return errno(err)
@@ -133,14 +144,8 @@ func (s *Server) opCreate(r *request) unix.Errno {
 			unix.Close(fd)
 		}
 	}()
-	var st unix.Stat_t
-	if err := statFd(fd, &st); err != nil {
-		return errno(err)
-	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		// Without O_EXCL an existing FIFO or device could have been
-		// opened; refuse it.
-		return unix.EEXIST
+		return unix.EEXIST // made with O_EXCL: cannot happen
 	}
 	if int(flags)&unix.O_TRUNC != 0 && !made {
 		if e := s.truncateOpen(fd, openFl); e != 0 {
@@ -167,10 +172,11 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		}
 		statFd(pfd, &pst)
 	}
-	n, e := s.t.insert(parent, name, pfd, &pst)
+	n, e := s.t.insertHeld(parent, name, pfd, &pst)
 	if e != 0 {
 		return e
 	}
+	defer s.t.put(n)
 	fh, e := s.t.addHandle(fd, n, nil)
 	if e != 0 {
 		s.t.forget(n.id, 1)

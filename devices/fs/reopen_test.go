@@ -1,0 +1,226 @@
+package fs
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devices/fs/fuse"
+)
+
+// dropDAC removes CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the
+// calling thread, which the test keeps for good (the sandboxed plugin holds
+// no capabilities at all): permission bits then refuse the server as they
+// refuse the plugin. The server's threads are started from it.
+func dropDAC(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the test drops capabilities a root server holds")
+	}
+	runtime.LockOSThread()
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	must(t, "capget", unix.Capget(&hdr, &data[0]))
+	data[0].Effective &^= 1<<unix.CAP_DAC_OVERRIDE | 1<<unix.CAP_DAC_READ_SEARCH
+	must(t, "capset", unix.Capset(&hdr, &data[0]))
+}
+
+// nodeFd returns node id's O_PATH fd (-1: closed for the fd budget, -2:
+// no such node).
+func nodeFd(e *env, id uint64) int {
+	e.s.t.mu.Lock()
+	defer e.s.t.mu.Unlock()
+	if n := e.s.t.nodes[id]; n != nil {
+		return n.fd
+	}
+	return -2
+}
+
+// pushOut makes the server close idle nodes' fds (a budget of 40 fds).
+func pushOut(t *testing.T, e *env, dir uint64, prefix string) {
+	t.Helper()
+	for i := range 40 {
+		_, err := e.c.Mknod(dir, fmt.Sprintf("%s%d", prefix, i), unix.S_IFREG|0o644, 0)
+		must(t, "MKNOD filler", err)
+	}
+}
+
+// TestReopenRefusalKeepsName: a node whose fd was closed for the fd budget
+// is reopened by name; a refusal that passes (the guest made the parent
+// unsearchable for a moment) fails that request with the refusal and keeps
+// the name, so the node works again once the parent is searchable. (From
+// review: the name was dropped on any error, the node lost for good and
+// its inode left unprotected.)
+func TestReopenRefusalKeepsName(t *testing.T) {
+	dropDAC(t)
+	e := newEnv(t, 0, func(c *ServerConfig) { c.MaxOpenFiles = 40 })
+	c := e.c
+	p, err := c.Mkdir(fuse.RootID, "p", 0o755)
+	must(t, "MKDIR p", err)
+	f, err := c.Mknod(p.NodeID, "f", unix.S_IFREG|0o644, 0)
+	must(t, "MKNOD p/f", err)
+	pushOut(t, e, fuse.RootID, "x")
+	if fd := nodeFd(e, f.NodeID); fd != -1 {
+		t.Fatalf("node fd %d, want it closed for the budget", fd)
+	}
+	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0})
+	must(t, "chmod p 0", err)
+	_, err = c.Getattr(f.NodeID)
+	wantErrno(t, "GETATTR of p/f while p is 0000", err, unix.EACCES)
+	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o755})
+	must(t, "chmod p 0755", err)
+	if _, err := c.Getattr(f.NodeID); err != nil {
+		t.Fatalf("GETATTR of p/f once p is searchable again: %v (the node lost its name)", err)
+	}
+}
+
+// TestFreedInodeGetsNewNode: the guest removes a directory whose node the
+// server had closed, and new regular files may then get its inode number.
+// None may get the directory's node id, and none may keep S_ISGID, which
+// only directories keep on a nosuid share. (From review: a closed node
+// that had lost its name stayed indexed by (dev, ino), and a new regular
+// file got the old directory node, type included.)
+func TestFreedInodeGetsNewNode(t *testing.T) {
+	dropDAC(t)
+	e := newEnv(t, 0, func(c *ServerConfig) { c.MaxOpenFiles = 40 })
+	c := e.c
+	p, err := c.Mkdir(fuse.RootID, "p", 0o755)
+	must(t, "MKDIR p", err)
+	d, err := c.Mkdir(p.NodeID, "d", 0o755)
+	must(t, "MKDIR p/d", err)
+	q, err := c.Mkdir(p.NodeID, "q", 0o755)
+	must(t, "MKDIR p/q", err)
+	pushOut(t, e, fuse.RootID, "x")
+	if fd := nodeFd(e, d.NodeID); fd != -1 {
+		t.Fatalf("node fd %d, want it closed for the budget", fd)
+	}
+	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0})
+	must(t, "chmod p 0", err)
+	c.Getattr(d.NodeID) // the reopen is refused (EACCES)
+	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o755})
+	must(t, "chmod p 0755", err)
+	// The guest still holds p/d's node: the server must keep the inode
+	// (open, or at least never hand its node to another inode).
+	must(t, "RMDIR p/d", c.Rmdir(p.NodeID, "d"))
+
+	reused := false
+	for i := 0; i < 4000 && !reused; i++ {
+		name := fmt.Sprintf("f%d", i)
+		en, err := c.Mknod(q.NodeID, name, unix.S_IFREG|0o775, 0)
+		must(t, "MKNOD", err)
+		if en.Attr.Ino != d.Attr.Ino {
+			c.Forget(en.NodeID, 1)
+			continue
+		}
+		reused = true
+		if en.NodeID == d.NodeID {
+			t.Errorf("new regular file p/q/%s was given the node id %d of the removed directory p/d", name, en.NodeID)
+		}
+		if _, err := c.Setattr(en.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o2775}); err != nil {
+			t.Logf("SETATTR 02775: %v", err)
+		}
+		var st unix.Stat_t
+		must(t, "stat", unix.Lstat(e.path("p/q/"+name), &st))
+		if st.Mode&unix.S_ISGID != 0 {
+			t.Errorf("nosuid share: regular file p/q/%s has mode %o on the host (S_ISGID kept)", name, st.Mode&0o7777)
+		}
+	}
+	t.Logf("the freed inode number was given to a new file: %v", reused)
+}
+
+// TestStaleClosedNodeNotReused drives the table directly: a closed node
+// with no name left, or of another file type than the inode now found
+// under its (dev, ino), is not handed out again; a new node is made and
+// the old id stays stale.
+func TestStaleClosedNodeNotReused(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name      string
+		dropNames bool   // the closed node lost its names
+		oldType   uint32 // the closed node's type
+		want      string // "same" or "new" node
+	}{
+		{"named, same type", false, unix.S_IFREG, "same"},
+		{"named, was a directory", false, unix.S_IFDIR, "new"},
+		{"no name left", true, unix.S_IFREG, "new"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+			must(t, "open root", err)
+			var rst unix.Stat_t
+			must(t, "stat root", unix.Fstat(root, &rst))
+			tab := newTable(root, &rst, 100, 100, 100)
+			defer unix.Close(root)
+			open := func() (int, *unix.Stat_t) {
+				fd, err := unix.Open(dir, unix.O_PATH|unix.O_CLOEXEC, 0)
+				must(t, "open", err)
+				st := rst
+				st.Ino = 4242
+				st.Mode = unix.S_IFREG | 0o644
+				return fd, &st
+			}
+			fd, st := open()
+			old, e := tab.insert(tab.root, "a", fd, st)
+			if e != 0 {
+				t.Fatal(e)
+			}
+			tab.mu.Lock()
+			old.typ = tc.oldType
+			tab.lruRemoveLocked(old)
+			unix.Close(old.fd)
+			old.fd = -1
+			tab.open--
+			tab.mu.Unlock()
+			if tc.dropNames {
+				tab.dropName(tab.root.id, "a")
+			}
+			fd, st = open()
+			n, e := tab.insert(tab.root, "b", fd, st)
+			if e != 0 {
+				t.Fatal(e)
+			}
+			if got := map[bool]string{true: "same", false: "new"}[n == old]; got != tc.want {
+				t.Fatalf("insert gave the %s node, want the %s one", got, tc.want)
+			}
+			if tc.want == "new" && n.typ != unix.S_IFREG {
+				t.Errorf("new node has type %o", n.typ)
+			}
+		})
+	}
+}
+
+// TestCreateNeverOpensFifo: CREATE without O_EXCL of a name that is a FIFO
+// on the host fails with EEXIST without opening the FIFO: a host writer
+// blocked opening it stays blocked. (From review: the FIFO was opened,
+// O_NONBLOCK, before its type was checked.)
+func TestCreateNeverOpensFifo(t *testing.T) {
+	e := newEnv(t, 0, nil)
+	must(t, "mkfifo", unix.Mkfifo(e.path("fifo"), 0o666))
+	opened := make(chan struct{})
+	go func() {
+		fd, err := unix.Open(e.path("fifo"), unix.O_WRONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			unix.Close(fd)
+		}
+		close(opened)
+	}()
+	defer func() {
+		// Release the writer, whatever happened.
+		if fd, err := unix.Open(e.path("fifo"), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0); err == nil {
+			<-opened
+			unix.Close(fd)
+		}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	_, _, err := e.c.Create(fuse.RootID, "fifo", unix.O_RDONLY, 0o644)
+	wantErrno(t, "CREATE of a FIFO without O_EXCL", err, unix.EEXIST)
+	select {
+	case <-opened:
+		t.Errorf("the server opened the FIFO: a host writer waiting on it was released")
+	case <-time.After(300 * time.Millisecond):
+	}
+}
