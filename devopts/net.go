@@ -6,3 +6,11 @@ const (
 	OptMAC    = "mac"   // the guest MAC, aa:bb:cc:dd:ee:ff
 	OptMTU    = "mtu"   // the device MTU, when set
 )
+
+// MTU bounds. passt takes frames of at most 65535 bytes (ETH_MAX_MTU) from
+// the guest and resets the whole connection for a longer one, so the
+// largest MTU leaves room for the 14-byte Ethernet header.
+const (
+	MinMTU = 68
+	MaxMTU = 65535 - 14
+)

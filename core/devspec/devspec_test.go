@@ -190,6 +190,8 @@ func TestParseNet(t *testing.T) {
 		{in: "passt,mtu=1500", want: &NetSpec{Backend: "passt", MTU: 1500}},
 		{in: "passt,mtu=67", wantErr: `mtu="67"`},
 		{in: "passt,mtu=70000", wantErr: `mtu="70000"`},
+		{in: "passt,mtu=65521", want: &NetSpec{Backend: "passt", MTU: 65521}},
+		{in: "passt,mtu=65522", wantErr: `mtu="65522" is not a number from 68 to 65521`},
 		{in: "passt,passt-arg=--no-dhcp-dns,passt-arg=-4", want: &NetSpec{Backend: "passt", PasstArgs: []string{"--no-dhcp-dns", "-4"}}},
 		{in: "passt,passt-arg=--fd", wantErr: "passes passt its socket"},
 		{in: "passt,passt-arg=", wantErr: "non-empty"},

@@ -115,8 +115,8 @@ func ParseNet(s string) (*NetSpec, error) {
 			inPorts = true
 		case "mtu":
 			m, err := strconv.ParseUint(o.value, 10, 16)
-			if err != nil || m < 68 {
-				return nil, fmt.Errorf("mtu=%s is not a number from 68 to 65535", printable(o.value))
+			if err != nil || m < devopts.MinMTU || m > devopts.MaxMTU {
+				return nil, fmt.Errorf("mtu=%s is not a number from %d to %d (passt takes frames of up to 65535 bytes)", printable(o.value), devopts.MinMTU, devopts.MaxMTU)
 			}
 			n.MTU = uint16(m)
 		default:

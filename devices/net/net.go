@@ -149,6 +149,9 @@ func New(cfg Config) (*Device, error) {
 	if mtu < 68 {
 		return nil, fmt.Errorf("virtio-net: MTU %d below the IPv4 minimum of 68", mtu)
 	}
+	if int(mtu)+ethHeaderLen > maxPasstFrame {
+		return nil, fmt.Errorf("virtio-net: MTU %d: passt takes frames of at most %d bytes (MTU %d)", mtu, maxPasstFrame, maxPasstFrame-ethHeaderLen)
+	}
 	conn, err := stdnet.FileConn(cfg.Conn)
 	if err != nil {
 		return nil, fmt.Errorf("virtio-net: passt socket: %w", err)
@@ -234,9 +237,16 @@ func (d *Device) recycle(b []byte) {
 	}
 }
 
+// maxPasstFrame is the longest frame passt takes from the guest
+// (ETH_MAX_MTU): it resets the whole connection for a longer one.
+const maxPasstFrame = 65535
+
 // maxFrame is the longest Ethernet frame accepted: MTU plus the Ethernet
-// header and one VLAN tag.
-func (d *Device) maxFrame() int { return int(d.mtu) + ethHeaderLen + vlanLen }
+// header and one VLAN tag, and never more than passt takes (a full-size
+// VLAN-tagged frame at the default MTU of 65520 is dropped, not sent).
+func (d *Device) maxFrame() int {
+	return min(int(d.mtu)+ethHeaderLen+vlanLen, maxPasstFrame)
+}
 
 // DeviceFeatures are the virtio-net feature bits offered.
 func (d *Device) DeviceFeatures() uint64 {

@@ -40,7 +40,7 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil || len(mac) != 6 {
 		return nil, fmt.Errorf("option mac=%q is not a 48-bit MAC address", opts[devopts.OptMAC])
 	}
-	mtu, err := pluginsdk.IntOption(opts, devopts.OptMTU, 0, 68, 65535)
+	mtu, err := pluginsdk.IntOption(opts, devopts.OptMTU, 0, devopts.MinMTU, devopts.MaxMTU)
 	if err != nil {
 		return nil, err
 	}

@@ -33,8 +33,9 @@ func TestConfigure(t *testing.T) {
 		{name: "ok with mtu", opts: map[string]string{"mac": "52:54:00:12:34:56", "mtu": "1500"}},
 		{name: "bad mac", opts: map[string]string{"mac": "zz"}, wantErr: "48-bit MAC"},
 		{name: "no mac", opts: map[string]string{}, wantErr: "48-bit MAC"},
-		{name: "mtu too small", opts: map[string]string{"mac": "52:54:00:12:34:56", "mtu": "67"}, wantErr: "68..65535"},
-		{name: "mtu not a number", opts: map[string]string{"mac": "52:54:00:12:34:56", "mtu": "big"}, wantErr: "68..65535"},
+		{name: "mtu too small", opts: map[string]string{"mac": "52:54:00:12:34:56", "mtu": "67"}, wantErr: "68..65521"},
+		{name: "mtu over passt's frame limit", opts: map[string]string{"mac": "52:54:00:12:34:56", "mtu": "65522"}, wantErr: "68..65521"},
+		{name: "mtu not a number", opts: map[string]string{"mac": "52:54:00:12:34:56", "mtu": "big"}, wantErr: "68..65521"},
 		{name: "unknown option", opts: map[string]string{"mac": "52:54:00:12:34:56", "vhost": "on"}, wantErr: "vhost"},
 		{name: "no passt socket", opts: map[string]string{"mac": "52:54:00:12:34:56"}, noFile: true, wantErr: "socket was passed"},
 	}
