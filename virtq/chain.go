@@ -339,6 +339,8 @@ func (c *Chain) SkipWrite(n uint64) error {
 }
 
 // peek appends views of up to max bytes at cur to dst without moving cur.
+// A chain found malformed on the way stays so: the error is kept on cur,
+// for Err and for every later use of the cursor.
 func (c *Chain) peek(cur *cursor, write bool, dst [][]byte, max uint64) [][]byte {
 	look := *cur
 	for max > 0 && c.advance(&look, write) {
@@ -349,6 +351,9 @@ func (c *Chain) peek(cur *cursor, write bool, dst [][]byte, max uint64) [][]byte
 		dst = append(dst, b)
 		look.consume(len(b))
 		max -= uint64(len(b))
+	}
+	if look.err != nil && cur.err == nil {
+		cur.err = look.err
 	}
 	return dst
 }
