@@ -103,14 +103,15 @@ type Device struct {
 	stats    Stats
 
 	// Control state, under mu.
-	mu        sync.Mutex
-	ready     bool // the driver said DEVICE_READY
-	added     bool // DEVICE_ADD sent for port 0
-	named     bool // PORT_NAME and PORT_OPEN sent
-	guestOpen bool
-	opened    chan struct{} // closed while the guest has the port open; replaced on close
-	ctrlOut   [][]byte      // control messages waiting for control receive buffers
-	ctrlWake  chan struct{} // a message was queued for the control receiveq
+	mu         sync.Mutex
+	ready      bool // the driver said DEVICE_READY
+	added      bool // DEVICE_ADD sent for port 0
+	named      bool // PORT_NAME and PORT_OPEN sent
+	failWarned bool // a driver set-up failure was logged (later ones are only counted)
+	guestOpen  bool
+	opened     chan struct{} // closed while the guest has the port open; replaced on close
+	ctrlOut    [][]byte      // control messages waiting for control receive buffers
+	ctrlWake   chan struct{} // a message was queued for the control receiveq
 
 	tx       chan []byte // guest data for Port.Read
 	txRest   []byte      // the unread part of the chunk Port.Read took last
@@ -363,6 +364,18 @@ func controlMsg(id uint32, event, value uint16, data []byte) []byte {
 	return m
 }
 
+// setupFailed counts a failure the driver reported (bad_control) and logs
+// the first one only: the guest sends these at whatever rate it likes, and
+// must not flood the host's log. Called with mu held.
+func (d *Device) setupFailed(msg string, args ...any) {
+	d.stats.BadControl.Add(1)
+	if d.failWarned {
+		return
+	}
+	d.failWarned = true
+	d.log.Warn(msg+" (further failures are only counted: bad_control)", args...)
+}
+
 // control acts on one driver control message.
 func (d *Device) control(id uint32, event, value uint16) {
 	d.mu.Lock()
@@ -377,7 +390,7 @@ func (d *Device) control(id uint32, event, value uint16) {
 	switch event {
 	case evDeviceReady:
 		if value != 1 {
-			d.log.Warn("the guest's console driver failed to set up", "value", value)
+			d.setupFailed("the guest's console driver failed to set up", "value", value)
 			return
 		}
 		d.ready = true
@@ -391,7 +404,7 @@ func (d *Device) control(id uint32, event, value uint16) {
 			return
 		}
 		if value != 1 {
-			d.log.Warn("the guest could not set up the console port", "port", id)
+			d.setupFailed("the guest could not set up the console port", "port", id)
 			return
 		}
 		if !d.named {
