@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -108,6 +109,9 @@ type Device struct {
 
 	negotiated atomic.Uint64 // virtio features the driver accepted
 	stats      counters
+
+	ioWarnAt    atomic.Int64  // when a failed I/O was last logged (Unix ns)
+	ioWarnQuiet atomic.Uint64 // failures not logged since
 }
 
 // New builds a device for cfg.Disk.
@@ -268,9 +272,21 @@ func (h Handler) Handle(readable, writable [][]byte) (uint32, error) {
 	return h.w.handle(readable, writable)
 }
 
+// ioWarnEvery spaces the log lines for failed disk I/O: a guest that keeps
+// writing to a full or failing disk must not flood the host's log. Every
+// failure is counted (io_errors); a line says how many went unlogged
+// before it.
+const ioWarnEvery = 10 * time.Second
+
 func (d *Device) ioError(op string, off int64, n uint64, err error) {
 	d.stats.ioErrors.Add(1)
-	d.log.Warn("disk "+op+" failed", "offset", off, "length", n, "error", err)
+	now := time.Now().UnixNano()
+	last := d.ioWarnAt.Load()
+	if (last != 0 && now-last < int64(ioWarnEvery)) || !d.ioWarnAt.CompareAndSwap(last, now) {
+		d.ioWarnQuiet.Add(1)
+		return
+	}
+	d.log.Warn("disk "+op+" failed", "offset", off, "length", n, "error", err, "unlogged_before", d.ioWarnQuiet.Swap(0))
 }
 
 // Counters returns the device's counters by name (for a plugin's Stats RPC).

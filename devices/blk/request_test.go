@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 
+	"github.com/hashicorp/go-hclog"
+
 	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // memDisk is an in-memory disk.Disk that records what the device asked of it
@@ -646,5 +650,36 @@ func TestShortWrite(t *testing.T) {
 		if got := shortWrite(tc.rd, tc.wr); got != tc.want {
 			t.Errorf("%s (read %d, write %d): %v, want %v", tc.name, tc.rd, tc.wr, got, tc.want)
 		}
+	}
+}
+
+// TestIOErrorLogBounded: a guest that keeps writing to a failing disk
+// (full, say) gets IOERR each time, every failure is counted, and the
+// host's log gets one line, not one per request.
+func TestIOErrorLogBounded(t *testing.T) {
+	md := newMemDisk(64 << 10)
+	logs := &syncbuf.Buffer{}
+	d, err := New(Config{Disk: md, Serial: "krun-test-serial", Log: hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetFeatures(allFeatures); err != nil {
+		t.Fatal(err)
+	}
+	h := d.NewHandler()
+	md.failIO = true
+	const n = 1000
+	st := []byte{0xff}
+	for i := range n {
+		h.Handle([][]byte{header(TypeOut, uint64(i%64)), make([]byte, 512)}, [][]byte{st})
+		if st[0] != StatusIOErr {
+			t.Fatalf("write %d to a failing disk: status %d, want IOERR", i, st[0])
+		}
+	}
+	if got := d.Stats().IOErrors; got != n {
+		t.Errorf("io errors = %d, want %d", got, n)
+	}
+	if lines := strings.Count(logs.String(), "\n"); lines != 1 {
+		t.Errorf("%d failed writes wrote %d log lines, want 1:\n%s", n, lines, logs)
 	}
 }
