@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/guestmem/guestmemtest"
 )
 
 // Test layout in a 1 MiB guest memory: rings at fixed places, data above.
@@ -29,17 +30,7 @@ type driver struct {
 
 func newTestMemory(t testing.TB) *guestmem.Memory {
 	t.Helper()
-	f, err := guestmem.NewMemfd("virtq-test", tMemSize)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: tMemSize, File: f}})
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
+	return guestmemtest.Memory(t, "virtq-test", tMemSize)
 }
 
 func newPair(t testing.TB, size uint16, eventIdx, indirect bool) (*driver, *Queue) {

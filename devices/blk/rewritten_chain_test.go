@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/guestmem/guestmemtest"
 	"github.com/krun-core/krun-core/virtq"
 )
 
@@ -16,16 +17,7 @@ import (
 // got VIRTIO_BLK_S_OK for data that never reached the disk.)
 func TestRewrittenChainRefused(t *testing.T) {
 	const memSize = 1 << 20
-	f, err := guestmem.NewMemfd("blk-review", memSize)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: memSize, File: f}})
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
+	mem := guestmemtest.Memory(t, "blk-test", memSize)
 	const desc, avail, used, data = 0x0, 0x1000, 0x2000, 0x10000
 	q, err := virtq.NewQueue(mem, virtq.Config{Size: 8, DescTable: desc, AvailRing: avail, UsedRing: used})
 	if err != nil {

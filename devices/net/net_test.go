@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/guestmem/guestmemtest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/virtq"
 )
@@ -150,16 +151,7 @@ func newRig(t *testing.T, mtu uint16, features uint64) *rig {
 	}
 	t.Cleanup(func() { dev.Close() })
 	dev.SetFeatures(features)
-	f, err := guestmem.NewMemfd("net-test", memSize)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: memSize, File: f}})
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { mem.Close() })
+	mem := guestmemtest.Memory(t, "net-test", memSize)
 	mk := func(base, data guestmem.Addr) *testRing {
 		r := &testRing{t: t, mem: mem, base: base, kick: newEventfd(t), call: newEventfd(t), nextBuf: data}
 		go r.countCalls()
