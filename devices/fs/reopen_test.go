@@ -49,6 +49,33 @@ func pushOut(t *testing.T, e *env, dir uint64, prefix string) {
 	}
 }
 
+// budgetEnv is a server with a budget of 40 fds and directory p below
+// the root.
+func budgetEnv(t *testing.T) (e *env, p uint64) {
+	t.Helper()
+	e = newEnv(t, 0, func(c *ServerConfig) { c.MaxOpenFiles = 40 })
+	en, err := e.c.Mkdir(fuse.RootID, "p", 0o755)
+	must(t, "MKDIR p", err)
+	return e, en.NodeID
+}
+
+// closeForBudget makes the server close idle node fds, and checks that
+// node id's is closed.
+func closeForBudget(t *testing.T, e *env, id uint64) {
+	t.Helper()
+	pushOut(t, e, fuse.RootID, "x")
+	if fd := nodeFd(e, id); fd != -1 {
+		t.Fatalf("node fd %d, want it closed for the budget", fd)
+	}
+}
+
+// chmodNode sets node id's permission bits.
+func chmodNode(t *testing.T, e *env, id uint64, mode uint32) {
+	t.Helper()
+	_, err := e.c.Setattr(id, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: mode})
+	must(t, fmt.Sprintf("chmod %o", mode), err)
+}
+
 // TestReopenRefusalKeepsName: a node whose fd was closed for the fd budget
 // is reopened by name; a refusal that passes (the guest made the parent
 // unsearchable for a moment) fails that request with the refusal and keeps
@@ -57,22 +84,15 @@ func pushOut(t *testing.T, e *env, dir uint64, prefix string) {
 // its inode left unprotected.)
 func TestReopenRefusalKeepsName(t *testing.T) {
 	dropDAC(t)
-	e := newEnv(t, 0, func(c *ServerConfig) { c.MaxOpenFiles = 40 })
+	e, p := budgetEnv(t)
 	c := e.c
-	p, err := c.Mkdir(fuse.RootID, "p", 0o755)
-	must(t, "MKDIR p", err)
-	f, err := c.Mknod(p.NodeID, "f", unix.S_IFREG|0o644, 0)
+	f, err := c.Mknod(p, "f", unix.S_IFREG|0o644, 0)
 	must(t, "MKNOD p/f", err)
-	pushOut(t, e, fuse.RootID, "x")
-	if fd := nodeFd(e, f.NodeID); fd != -1 {
-		t.Fatalf("node fd %d, want it closed for the budget", fd)
-	}
-	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0})
-	must(t, "chmod p 0", err)
+	closeForBudget(t, e, f.NodeID)
+	chmodNode(t, e, p, 0)
 	_, err = c.Getattr(f.NodeID)
 	wantErrno(t, "GETATTR of p/f while p is 0000", err, unix.EACCES)
-	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o755})
-	must(t, "chmod p 0755", err)
+	chmodNode(t, e, p, 0o755)
 	if _, err := c.Getattr(f.NodeID); err != nil {
 		t.Fatalf("GETATTR of p/f once p is searchable again: %v (the node lost its name)", err)
 	}
@@ -86,26 +106,19 @@ func TestReopenRefusalKeepsName(t *testing.T) {
 // file got the old directory node, type included.)
 func TestFreedInodeGetsNewNode(t *testing.T) {
 	dropDAC(t)
-	e := newEnv(t, 0, func(c *ServerConfig) { c.MaxOpenFiles = 40 })
+	e, p := budgetEnv(t)
 	c := e.c
-	p, err := c.Mkdir(fuse.RootID, "p", 0o755)
-	must(t, "MKDIR p", err)
-	d, err := c.Mkdir(p.NodeID, "d", 0o755)
+	d, err := c.Mkdir(p, "d", 0o755)
 	must(t, "MKDIR p/d", err)
-	q, err := c.Mkdir(p.NodeID, "q", 0o755)
+	q, err := c.Mkdir(p, "q", 0o755)
 	must(t, "MKDIR p/q", err)
-	pushOut(t, e, fuse.RootID, "x")
-	if fd := nodeFd(e, d.NodeID); fd != -1 {
-		t.Fatalf("node fd %d, want it closed for the budget", fd)
-	}
-	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0})
-	must(t, "chmod p 0", err)
+	closeForBudget(t, e, d.NodeID)
+	chmodNode(t, e, p, 0)
 	c.Getattr(d.NodeID) // the reopen is refused (EACCES)
-	_, err = c.Setattr(p.NodeID, fuse.SetattrIn{Valid: fuse.FattrMode, Mode: 0o755})
-	must(t, "chmod p 0755", err)
+	chmodNode(t, e, p, 0o755)
 	// The guest still holds p/d's node: the server must keep the inode
 	// (open, or at least never hand its node to another inode).
-	must(t, "RMDIR p/d", c.Rmdir(p.NodeID, "d"))
+	must(t, "RMDIR p/d", c.Rmdir(p, "d"))
 
 	reused := false
 	for i := 0; i < 4000 && !reused; i++ {
