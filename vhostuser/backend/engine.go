@@ -242,7 +242,10 @@ func (e *engine) serve() error {
 			if e.stopLeft > 0 {
 				e.stopLeft--
 			}
-			e.take(req)
+			if err := e.take(req); err != nil {
+				e.endRound()
+				return err
+			}
 			if err != nil {
 				// Malformed: completed with nothing written, counted,
 				// never shown to the device.
@@ -419,15 +422,26 @@ func (e *engine) release(r *Request) {
 // mark, and the counter, of the back-end that took it first). The mark is
 // made under mu: a head whose old mark a completion is still clearing
 // (the driver reused it as soon as the used index moved) is marked after.
-func (e *engine) take(r *Request) {
+// The mark runs with faults caught: if the region faults (a front-end
+// truncated the memfd it holds), the request goes back unused and the
+// error fails the ring.
+func (e *engine) take(r *Request) error {
+	if e.track != nil && !r.resubmitted {
+		e.mu.Lock()
+		_, err := e.protected(func() bool {
+			e.track.mark(r.chain.Head)
+			return false
+		})
+		e.mu.Unlock()
+		if err != nil {
+			e.put(r)
+			return fmt.Errorf("queue %d: mark a request in the inflight region: %w", e.index, err)
+		}
+	}
 	e.held = nil
 	r.malformed = false
 	r.state.Store(reqTaken)
-	if e.track != nil && !r.resubmitted {
-		e.mu.Lock()
-		e.track.mark(r.chain.Head)
-		e.mu.Unlock()
-	}
+	return nil
 }
 
 // complete is where a request in flight is done: the one place a used

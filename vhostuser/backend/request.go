@@ -79,7 +79,9 @@ func (b *Buffers) Take() (*Request, error) {
 		e.put(r)
 		return nil, nil
 	}
-	e.take(r)
+	if err := e.take(r); err != nil {
+		return nil, err
+	}
 	if err != nil {
 		e.countMalformed(err)
 		r.malformed = true
