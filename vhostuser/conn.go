@@ -220,6 +220,13 @@ func (c *Conn) Recv() (*Message, error) {
 		if flags&unix.MSG_CTRUNC != 0 {
 			truncated = true
 		}
+		if len(files) > MaxFDs && err == nil {
+			// A message sent in pieces carries descriptors with each;
+			// refuse as soon as there are too many, not once the
+			// payload is complete (a peer could make us hold 8 per
+			// byte until then).
+			err = fmt.Errorf("%w: more than %d", ErrTooManyFDs, MaxFDs)
+		}
 		return n, err
 	}
 
