@@ -231,7 +231,9 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 		if err := sess.needProtocol(vhostuser.ProtocolBackendReq); err != nil {
 			return nil, err
 		}
-		conn, err := vhostuser.NewConn(m.TakeFile(0))
+		f := m.TakeFile(0)
+		conn, err := vhostuser.NewConn(f) // a duplicate: f is ours to close
+		f.Close()
 		if err != nil {
 			return nil, fmt.Errorf("back-end request channel: %w", err)
 		}
