@@ -59,9 +59,22 @@ func (c *Client) SetInflightFD(in *Inflight) error {
 	return err
 }
 
+// maxInflightBytes bounds the region a back-end may describe for
+// numQueues queues of queueSize descriptors: the split-ring layout needs a
+// 16-byte header and 16 bytes a descriptor per queue, 64-byte aligned;
+// twice that (a packed-ring layout's larger entries) rounded up to a page
+// leaves room for any layout a back-end may use. The front-end zeroes the
+// whole region at every device reset, so a larger one (a sparse 1 TiB
+// memfd) would have it allocate and write that much.
+func maxInflightBytes(numQueues, queueSize uint16) uint64 {
+	perQueue := (64 + 32*uint64(queueSize) + 63) &^ 63
+	return (uint64(numQueues)*perQueue + 4095) &^ 4095
+}
+
 // check refuses a region that is not a regular file (a memfd) at least as
-// large as the description says: the front-end writes it (Reset), and a
-// back-end could otherwise hand it a pipe, a socket or a FIFO.
+// large as the description says, or larger than its queues can need
+// (maxInflightBytes): the front-end writes it (Reset), and a back-end
+// could otherwise hand it a pipe, a socket, a FIFO or a huge file.
 func (in *Inflight) check() error {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(in.File.Fd()), &st); err != nil {
@@ -69,6 +82,9 @@ func (in *Inflight) check() error {
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return fmt.Errorf("inflight region is not a regular file (mode %#o)", st.Mode)
+	}
+	if most := maxInflightBytes(in.NumQueues, in.QueueSize); in.MmapSize > most {
+		return fmt.Errorf("inflight region of %d bytes for %d queues of %d descriptors: at most %d", in.MmapSize, in.NumQueues, in.QueueSize, most)
 	}
 	if in.MmapOffset > 1<<62 || in.MmapSize > 1<<40 || uint64(st.Size) < in.MmapOffset+in.MmapSize {
 		return fmt.Errorf("inflight region %#x+%#x lies beyond the end of its file (%d bytes)", in.MmapOffset, in.MmapSize, st.Size)
