@@ -121,10 +121,7 @@ func (u *UART) Read(offset uint8) uint8 {
 			v = u.rx[0]
 			u.rx = u.rx[1:]
 			if len(u.rx) < RXCapacity {
-				select {
-				case u.drained <- struct{}{}:
-				default:
-				}
+				u.signalDrained()
 			}
 		}
 	case regIER:
@@ -212,7 +209,10 @@ func (u *UART) Write(offset uint8, v uint8) {
 	case regIIR: // FCR
 		u.fcr = v & fcrEnable
 		if v&fcrClearRX != 0 {
+			// Linux's 8250 driver clears the FIFOs at every open:
+			// there is room again for input waiting on Drained.
 			u.rx = u.rx[:0]
+			u.signalDrained()
 		}
 	case regLCR:
 		u.lcr = v
@@ -263,7 +263,16 @@ func (u *UART) Receive(p []byte) int {
 	return n
 }
 
-// Drained is signalled when the guest has read from a full receive buffer.
+// signalDrained tells a waiting input pump there is room (Drained).
+func (u *UART) signalDrained() {
+	select {
+	case u.drained <- struct{}{}:
+	default:
+	}
+}
+
+// Drained is signalled when the guest has read from a full receive buffer
+// or cleared it.
 func (u *UART) Drained() <-chan struct{} { return u.drained }
 
 // OutputError returns the first error writing guest output, if any.
