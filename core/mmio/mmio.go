@@ -43,6 +43,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/ratelog"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
@@ -199,8 +200,9 @@ type queue struct {
 // Device is one virtio-mmio transport. Its methods are safe for concurrent
 // use by several vCPU threads.
 type Device struct {
-	cfg Config
-	log hclog.Logger
+	cfg       Config
+	log       hclog.Logger
+	guestWarn ratelog.Limiter // warnGuest
 
 	mu         sync.Mutex
 	status     uint32
@@ -488,8 +490,24 @@ func (d *Device) notifyLocked(v uint32) {
 	var one [8]byte
 	binary.LittleEndian.PutUint64(one[:], 1)
 	if _, err := q.kick.Write(one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
-		d.log.Warn("kick by hand failed", "queue", idx, "error", err)
+		d.warnGuest("kick by hand failed", "queue", idx, "error", err)
 	}
+}
+
+// warnGuest logs a warning the guest can cause at will (a refused
+// feature, a driver giving up, over and over): spaced out by one limiter
+// per device (ratelog), each line saying how many went unlogged, so a
+// guest cannot flood the host's log. The rest go to the debug level.
+func (d *Device) warnGuest(msg string, args ...any) {
+	ok, unlogged := d.guestWarn.Allow()
+	if !ok {
+		d.log.Debug(msg, args...)
+		return
+	}
+	if unlogged > 0 {
+		args = append(args, "unlogged_before", unlogged)
+	}
+	d.log.Warn(msg, args...)
 }
 
 func (d *Device) writeStatusLocked(v uint32) {
@@ -506,7 +524,7 @@ func (d *Device) writeStatusLocked(v uint32) {
 	}
 	if added&StatusFeaturesOK != 0 {
 		if err := d.acceptFeaturesLocked(); err != nil {
-			d.log.Warn("refused driver features", "features", fmt.Sprintf("%#x", d.drvFeat), "error", err)
+			d.warnGuest("refused driver features", "features", fmt.Sprintf("%#x", d.drvFeat), "error", err)
 			v &^= StatusFeaturesOK
 		}
 	}
@@ -522,7 +540,7 @@ func (d *Device) writeStatusLocked(v uint32) {
 		}
 	}
 	if added&StatusFailed != 0 {
-		d.log.Warn("guest driver gave up on the device")
+		d.warnGuest("guest driver gave up on the device")
 	}
 }
 
@@ -814,7 +832,7 @@ func (d *Device) writeConfigLocked(off uint64, data []byte) {
 		return
 	}
 	if d.suspended {
-		d.log.Warn("config write while the back-end is being replaced; dropped", "offset", off)
+		d.warnGuest("config write while the back-end is being replaced; dropped", "offset", off)
 		return
 	}
 	err := d.cfg.Backend.SetConfig(uint32(off), 0, append([]byte(nil), data...))

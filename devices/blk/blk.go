@@ -18,11 +18,11 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/disk"
+	"github.com/krun-core/krun-core/internal/ratelog"
 )
 
 // VectorDisk is implemented by disks that can transfer a scattered buffer in
@@ -110,8 +110,7 @@ type Device struct {
 	negotiated atomic.Uint64 // virtio features the driver accepted
 	stats      counters
 
-	ioWarnAt    atomic.Int64  // when a failed I/O was last logged (Unix ns)
-	ioWarnQuiet atomic.Uint64 // failures not logged since
+	ioWarn ratelog.Limiter // failed I/O: logged at most every 10 s
 }
 
 // New builds a device for cfg.Disk.
@@ -272,21 +271,14 @@ func (h Handler) Handle(readable, writable [][]byte) (uint32, error) {
 	return h.w.handle(readable, writable)
 }
 
-// ioWarnEvery spaces the log lines for failed disk I/O: a guest that keeps
-// writing to a full or failing disk must not flood the host's log. Every
-// failure is counted (io_errors); a line says how many went unlogged
-// before it.
-const ioWarnEvery = 10 * time.Second
-
+// ioError counts a failed disk I/O (io_errors) and logs it, spaced out
+// (ratelog): a guest that keeps writing to a full or failing disk must not
+// flood the host's log.
 func (d *Device) ioError(op string, off int64, n uint64, err error) {
 	d.stats.ioErrors.Add(1)
-	now := time.Now().UnixNano()
-	last := d.ioWarnAt.Load()
-	if (last != 0 && now-last < int64(ioWarnEvery)) || !d.ioWarnAt.CompareAndSwap(last, now) {
-		d.ioWarnQuiet.Add(1)
-		return
+	if ok, unlogged := d.ioWarn.Allow(); ok {
+		d.log.Warn("disk "+op+" failed", "offset", off, "length", n, "error", err, "unlogged_before", unlogged)
 	}
-	d.log.Warn("disk "+op+" failed", "offset", off, "length", n, "error", err, "unlogged_before", d.ioWarnQuiet.Swap(0))
 }
 
 // Counters returns the device's counters by name (for a plugin's Stats RPC).
