@@ -298,13 +298,28 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	var backend mmio.Backend = client
 	configSpace := n.ProtocolFeatures&vhostuser.ProtocolConfig != 0
 	configSize := 0
+	configData := info.Config
 	if d.backend != nil {
 		backend, configSpace = d.backend, true
-		if eb, ok := d.backend.(*externalBackend); ok && eb.size > 0 {
-			// An external back-end has no Configure data: the core reads
-			// its config space once at attach and serves the guest from
-			// that copy, so no vCPU waits on the back-end.
-			configSize = int(eb.size)
+		if eb, ok := d.backend.(*externalBackend); ok {
+			switch {
+			case !eb.forward:
+				// The back-end has no config space: the core's own
+				// (a virtio-fs tag, or none at all for a net device
+				// whose config features are masked) is served as it
+				// is; bytes beyond it read as zero.
+				b, err := eb.GetConfig(0, uint32(len(eb.local)))
+				if err != nil {
+					return fmt.Errorf("config space: %w", err)
+				}
+				configData = append([]byte{}, b...)
+			case eb.size > 0:
+				// An external back-end has no Configure data: the
+				// core reads its config space once at attach and
+				// serves the guest from that copy, so no vCPU waits
+				// on the back-end.
+				configSize = int(eb.size)
+			}
 		}
 	}
 	cfg := mmio.Config{
@@ -316,7 +331,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		Features:           n.OfferedFeatures &^ d.featureMask,
 		ProtocolNegotiated: n.Features&vhostuser.FeatureProtocolFeatures != 0,
 		ConfigSpace:        configSpace,
-		ConfigData:         info.Config,
+		ConfigData:         configData,
 		ConfigSize:         configSize,
 		Backend:            backend,
 		Wiring:             m.wiring(),
