@@ -1,6 +1,7 @@
 package backend_test
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"strings"
@@ -18,7 +19,15 @@ import (
 // memory messages, an eventfd for ring messages.
 type fuzzFiles struct {
 	mem, ev *os.File
+	// inflight is an inflight region whose contents the fuzzer writes
+	// (a region left by a compromised earlier back-end); cleared before
+	// each input.
+	inflight *os.File
 }
+
+// fuzzInflightSize is the inflight file's size: room for two queues of
+// 256 descriptors.
+const fuzzInflightSize = 16 << 10
 
 func newFuzzFiles(f *testing.F) fuzzFiles {
 	mfd, err := unix.MemfdCreate("fuzz-ram", unix.MFD_CLOEXEC)
@@ -33,8 +42,28 @@ func newFuzzFiles(f *testing.F) fuzzFiles {
 	if err != nil {
 		f.Fatal(err)
 	}
-	return fuzzFiles{mem: mem, ev: os.NewFile(uintptr(efd), "fuzz-eventfd")}
+	ifd, err := unix.MemfdCreate("fuzz-inflight", unix.MFD_CLOEXEC)
+	if err != nil {
+		f.Fatal(err)
+	}
+	return fuzzFiles{mem: mem, ev: os.NewFile(uintptr(efd), "fuzz-eventfd"), inflight: os.NewFile(uintptr(ifd), "fuzz-inflight")}
 }
+
+// resetInflight empties the inflight file.
+func (ff fuzzFiles) resetInflight(t *testing.T) {
+	if err := ff.inflight.Truncate(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := ff.inflight.Truncate(fuzzInflightSize); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fuzzWriteInflight is the request number (not a vhost-user one) of an
+// input's record that writes its payload into the inflight file at
+// 64 × flags instead of sending a message: the region's contents, written
+// before or while the back-end uses it.
+const fuzzWriteInflight = 0xff
 
 // filesFor picks the descriptors a request wants, so that the fuzzer gets
 // past the descriptor checks; extra adds a stray one.
@@ -51,6 +80,8 @@ func (ff fuzzFiles) filesFor(req vhostuser.Request, payload []byte, extra bool) 
 		}
 	case vhostuser.AddMemReg:
 		fs = append(fs, ff.mem)
+	case vhostuser.SetInflightFD:
+		fs = append(fs, ff.inflight)
 	case vhostuser.SetVringKick, vhostuser.SetVringCall, vhostuser.SetVringErr:
 		if len(payload) < 2 || payload[1]&1 == 0 {
 			fs = append(fs, ff.ev)
@@ -103,7 +134,30 @@ func FuzzSession(f *testing.F) {
 		m(vhostuser.SetMemTable, 0, vhostuser.EncodeMemTable([]vhostuser.MemRegion{region})),
 		m(vhostuser.GetConfig, 0, vhostuser.ConfigSpace{Offset: 60, Data: make([]byte, 8)}.Encode()),
 	))
+	// A restarted back-end handed an inflight region: a valid description,
+	// and contents that claim requests in flight.
+	infl := vhostuser.Inflight{MmapSize: fuzzInflightSize, NumQueues: 2, QueueSize: 16}.Encode()
+	f.Add(seed(
+		// The region's contents first: the first queue's header, then
+		// entries marked in flight with a counter.
+		m(fuzzWriteInflight, 0, []byte{0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 16, 0, 0, 0, 0, 0}),
+		m(fuzzWriteInflight, 1, bytes.Repeat([]byte{1, 0, 0, 0, 0, 0, 2, 0, 7, 0, 0, 0, 0, 0, 0, 0}, 8)),
+		m(vhostuser.SetOwner, 0, nil),
+		m(vhostuser.SetProtocolFeatures, 0, vhostuser.EncodeU64(vhostuser.ProtocolReplyAck|vhostuser.ProtocolInflightSHMFD)),
+		m(vhostuser.SetFeatures, 1, vhostuser.EncodeU64(vhostuser.FeatureVersion1|vhostuser.FeatureProtocolFeatures)),
+		m(vhostuser.SetMemTable, 1, vhostuser.EncodeMemTable([]vhostuser.MemRegion{region})),
+		m(vhostuser.SetInflightFD, 1, infl),
+		m(vhostuser.SetVringNum, 1, vhostuser.VringState{Index: 0, Num: 16}.Encode()),
+		m(vhostuser.SetVringBase, 1, vhostuser.VringState{Index: 0, Num: 3}.Encode()),
+		m(vhostuser.SetVringAddr, 1, vhostuser.VringAddr{Desc: 0x7f0000000000, Avail: 0x7f0000001000, Used: 0x7f0000002000}.Encode()),
+		m(vhostuser.SetVringKick, 1, vhostuser.EncodeU64(0)),
+		m(vhostuser.SetVringEnable, 1, vhostuser.VringState{Index: 0, Num: 1}.Encode()),
+		// Rewritten while the ring runs.
+		m(fuzzWriteInflight, 0, bytes.Repeat([]byte{0xff}, 64)),
+		m(vhostuser.GetVringBase, 0, vhostuser.VringState{}.Encode()),
+	))
 	f.Fuzz(func(t *testing.T, data []byte) {
+		ff.resetInflight(t)
 		dev := newTestDevice(2)
 		logs := &syncbuf.Buffer{}
 		srv, err := backend.NewServer(dev, newLogger(logs))
@@ -139,6 +193,10 @@ func FuzzSession(f *testing.F) {
 			}
 			payload := data[:n]
 			data = data[n:]
+			if req == fuzzWriteInflight {
+				ff.inflight.WriteAt(payload, int64(flags)*64%fuzzInflightSize)
+				continue
+			}
 			hdrFlags := vhostuser.Version | (flags&1)*vhostuser.FlagNeedReply
 			if err := conn.Send(req, hdrFlags, payload, ff.filesFor(req, payload, flags&2 != 0)); err != nil {
 				break // the back-end closed the connection
