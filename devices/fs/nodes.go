@@ -240,7 +240,9 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 			continue
 		}
 		var st unix.Stat_t
-		if statFd(fd, &st) != nil || st.Dev != n.key.dev || st.Ino != n.key.ino {
+		if statFd(fd, &st) != nil || st.Dev != n.key.dev || st.Ino != n.key.ino || st.Mode&unix.S_IFMT != n.typ {
+			// Another file under the name, or the inode number given
+			// to a file of another type after the host removed ours.
 			unix.Close(fd)
 			t.dropName(a.parent.id, a.name)
 			continue

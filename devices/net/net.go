@@ -543,7 +543,9 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 			// The frame needs more buffers than it may use (without
 			// mergeable buffers: one). Give them back to the ring
 			// untouched, for the next frame, and drop this one.
-			b.Untake(d.rxReqs[:taken])
+			if err := b.Untake(d.rxReqs[:taken]); err != nil {
+				return false, err
+			}
 			d.stats.RxNoRoom.Add(1)
 			return true, nil
 		}
@@ -562,8 +564,7 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 			return true, b.Publish()
 		}
 		if req == nil {
-			b.Untake(d.rxReqs[:taken])
-			return false, nil
+			return false, b.Untake(d.rxReqs[:taken])
 		}
 		d.rxReqs[taken] = req
 		taken++

@@ -43,6 +43,8 @@ type testDevice struct {
 	// workerOf records, in mode "inline", the worker that served each
 	// message.
 	workerOf sync.Map
+	// producer serves the rings in mode "produce".
+	producer backend.Producer
 
 	mu       sync.Mutex
 	config   [64]byte
@@ -131,6 +133,8 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 	switch d.mode {
 	case "block":
 		return backend.QueueConfig{Producer: blocker{}}, nil
+	case "produce":
+		return backend.QueueConfig{Producer: d.producer}, nil
 	case "return":
 		return backend.QueueConfig{}, errors.New("device gave up")
 	case "hold":

@@ -94,11 +94,14 @@ func (b *Buffers) Take() (*Request, error) {
 // last ones taken: the driver sees nothing, and the next Take returns the
 // same chains again. (A virtio-net device that took buffers for a frame
 // that turns out not to fit gives them back rather than hold them while
-// it waits for more.)
-func (b *Buffers) Untake(reqs []*Request) {
+// it waits for more.) The error, from an inflight region that faults (a
+// front-end truncated it), means the ring is unusable; the producer
+// returns it.
+func (b *Buffers) Untake(reqs []*Request) error {
 	e := b.e
 	var popped uint16
 	var again []uint16
+	var fault error
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, r := range reqs {
@@ -112,8 +115,11 @@ func (b *Buffers) Untake(reqs []*Request) {
 			e.stats.resubmitted.Add(^uint64(0))
 		} else {
 			popped++
-			if e.track != nil {
-				e.track.unmark(r.chain.Head)
+			if e.track != nil && fault == nil {
+				_, fault = e.protected(func() bool {
+					e.track.unmark(r.chain.Head)
+					return false
+				})
 			}
 		}
 		e.release(r)
@@ -122,6 +128,10 @@ func (b *Buffers) Untake(reqs []*Request) {
 	if len(again) > 0 {
 		*e.resubmit = append(again, *e.resubmit...)
 	}
+	if fault != nil {
+		return fmt.Errorf("queue %d: unmark a request in the inflight region: %w", e.index, fault)
+	}
+	return nil
 }
 
 // Publish makes the requests completed so far visible to the driver, at
