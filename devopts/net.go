@@ -11,6 +11,7 @@ const (
 // the guest and resets the whole connection for a longer one, so the
 // largest MTU leaves room for the 14-byte Ethernet header.
 const (
-	MinMTU = 68
-	MaxMTU = 65535 - 14
+	PasstMaxFrame = 65535 // the longest frame passt takes from the guest
+	MinMTU        = 68
+	MaxMTU        = PasstMaxFrame - 14
 )

@@ -28,6 +28,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/virtq"
 )
@@ -146,11 +147,11 @@ func New(cfg Config) (*Device, error) {
 	if mtu == 0 {
 		mtu = DefaultMTU
 	}
-	if mtu < 68 {
-		return nil, fmt.Errorf("virtio-net: MTU %d below the IPv4 minimum of 68", mtu)
+	if mtu < devopts.MinMTU {
+		return nil, fmt.Errorf("virtio-net: MTU %d below the IPv4 minimum of %d", mtu, devopts.MinMTU)
 	}
-	if int(mtu)+ethHeaderLen > maxPasstFrame {
-		return nil, fmt.Errorf("virtio-net: MTU %d: passt takes frames of at most %d bytes (MTU %d)", mtu, maxPasstFrame, maxPasstFrame-ethHeaderLen)
+	if mtu > devopts.MaxMTU {
+		return nil, fmt.Errorf("virtio-net: MTU %d: passt takes frames of at most %d bytes (MTU %d)", mtu, devopts.PasstMaxFrame, devopts.MaxMTU)
 	}
 	conn, err := stdnet.FileConn(cfg.Conn)
 	if err != nil {
@@ -237,15 +238,11 @@ func (d *Device) recycle(b []byte) {
 	}
 }
 
-// maxPasstFrame is the longest frame passt takes from the guest
-// (ETH_MAX_MTU): it resets the whole connection for a longer one.
-const maxPasstFrame = 65535
-
 // maxFrame is the longest Ethernet frame accepted: MTU plus the Ethernet
 // header and one VLAN tag, and never more than passt takes (a full-size
 // VLAN-tagged frame at the default MTU of 65520 is dropped, not sent).
 func (d *Device) maxFrame() int {
-	return min(int(d.mtu)+ethHeaderLen+vlanLen, maxPasstFrame)
+	return min(int(d.mtu)+ethHeaderLen+vlanLen, devopts.PasstMaxFrame)
 }
 
 // DeviceFeatures are the virtio-net feature bits offered.
