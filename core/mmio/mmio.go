@@ -496,18 +496,9 @@ func (d *Device) notifyLocked(v uint32) {
 
 // warnGuest logs a warning the guest can cause at will (a refused
 // feature, a driver giving up, over and over): spaced out by one limiter
-// per device (ratelog), each line saying how many went unlogged, so a
-// guest cannot flood the host's log. The rest go to the debug level.
+// per device (ratelog), so a guest cannot flood the host's log.
 func (d *Device) warnGuest(msg string, args ...any) {
-	ok, unlogged := d.guestWarn.Allow()
-	if !ok {
-		d.log.Debug(msg, args...)
-		return
-	}
-	if unlogged > 0 {
-		args = append(args, "unlogged_before", unlogged)
-	}
-	d.log.Warn(msg, args...)
+	d.guestWarn.Warn(d.log, msg, args...)
 }
 
 func (d *Device) writeStatusLocked(v uint32) {

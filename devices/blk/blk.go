@@ -276,9 +276,7 @@ func (h Handler) Handle(readable, writable [][]byte) (uint32, error) {
 // flood the host's log.
 func (d *Device) ioError(op string, off int64, n uint64, err error) {
 	d.stats.ioErrors.Add(1)
-	if ok, unlogged := d.ioWarn.Allow(); ok {
-		d.log.Warn("disk "+op+" failed", "offset", off, "length", n, "error", err, "unlogged_before", unlogged)
-	}
+	d.ioWarn.Warn(d.log, "disk "+op+" failed", "offset", off, "length", n, "error", err)
 }
 
 // Counters returns the device's counters by name (for a plugin's Stats RPC).

@@ -7,6 +7,8 @@ package ratelog
 import (
 	"sync/atomic"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
 )
 
 // DefaultEvery is the interval of a zero Limiter.
@@ -40,4 +42,19 @@ func (l *Limiter) allowAt(now time.Time) (bool, uint64) {
 		return false, 0
 	}
 	return true, l.quiet.Swap(0)
+}
+
+// Warn logs msg at the warning level when Allow lets it through, adding
+// how many events went unlogged before it (when any); the others go to
+// the debug level.
+func (l *Limiter) Warn(log hclog.Logger, msg string, args ...any) {
+	ok, unlogged := l.Allow()
+	if !ok {
+		log.Debug(msg, args...)
+		return
+	}
+	if unlogged > 0 {
+		args = append(args, "unlogged_before", unlogged)
+	}
+	log.Warn(msg, args...)
 }

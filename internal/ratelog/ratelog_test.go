@@ -1,9 +1,13 @@
 package ratelog
 
 import (
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 func TestLimiter(t *testing.T) {
@@ -49,5 +53,25 @@ func TestLimiterConcurrent(t *testing.T) {
 	wg.Wait()
 	if allowed != 1 {
 		t.Errorf("%d of 64 concurrent events logged, want 1", allowed)
+	}
+}
+
+// TestWarn: the first event is a warning, the next ones within the
+// interval debug lines, and the next warning counts them.
+func TestWarn(t *testing.T) {
+	buf := &syncbuf.Buffer{}
+	log := hclog.New(&hclog.LoggerOptions{Output: buf, Level: hclog.Debug})
+	l := Limiter{Every: time.Hour}
+	for range 3 {
+		l.Warn(log, "refused", "k", 1)
+	}
+	l.last.Store(1) // the interval has passed
+	l.Warn(log, "refused", "k", 2)
+	out := buf.String()
+	if w, d := strings.Count(out, "[WARN]"), strings.Count(out, "[DEBUG]"); w != 2 || d != 2 {
+		t.Fatalf("%d warnings and %d debug lines, want 2 and 2:\n%s", w, d, out)
+	}
+	if !strings.Contains(out, "k=2 unlogged_before=2") || strings.Count(out, "unlogged_before") != 1 {
+		t.Errorf("the second warning does not say the 2 events left unlogged (and only it):\n%s", out)
 	}
 }
