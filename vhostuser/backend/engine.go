@@ -428,10 +428,7 @@ func (e *engine) release(r *Request) {
 func (e *engine) take(r *Request) error {
 	if e.track != nil && !r.resubmitted {
 		e.mu.Lock()
-		_, err := e.protected(func() bool {
-			e.track.mark(r.chain.Head)
-			return false
-		})
+		err := e.protect(func() { e.track.mark(r.chain.Head) })
 		e.mu.Unlock()
 		if err != nil {
 			e.put(r)
@@ -503,6 +500,12 @@ func (e *engine) pushLocked(head uint16, written uint32, publish bool) (notify b
 // publishLocked publishes the added used elements and reports whether the
 // driver wants an interrupt. Called with mu held and faults caught.
 func (e *engine) publishLocked() bool {
+	return e.publishAddedLocked() && e.q.NeedsNotify()
+}
+
+// publishAddedLocked publishes the added used elements, if any, and says
+// whether there were. Called with mu held and faults caught.
+func (e *engine) publishAddedLocked() bool {
 	if e.unpublished == 0 {
 		return false
 	}
@@ -514,7 +517,7 @@ func (e *engine) publishLocked() bool {
 		}
 		e.track.published(e.q.NextUsed())
 	}
-	return e.q.NeedsNotify()
+	return true
 }
 
 // publish publishes what was added, with faults caught, and interrupts
@@ -532,19 +535,7 @@ func (e *engine) publish() error {
 // publishOnly publishes what was added without looking at interrupts.
 func (e *engine) publishOnly() error {
 	e.mu.Lock()
-	_, err := e.protected(func() bool {
-		if e.unpublished > 0 {
-			e.unpublished = 0
-			e.q.PublishUsed()
-			if e.track != nil {
-				if e.hook != nil {
-					e.hook("published")
-				}
-				e.track.published(e.q.NextUsed())
-			}
-		}
-		return false
-	})
+	err := e.protect(func() { e.publishAddedLocked() })
 	e.mu.Unlock()
 	return err
 }
@@ -558,6 +549,13 @@ func (e *engine) notify() error {
 	if err == nil && notify {
 		err = e.signal()
 	}
+	return err
+}
+
+// protect runs fn (which touches guest memory or the inflight region)
+// with faults caught.
+func (e *engine) protect(fn func()) error {
+	_, err := e.protected(func() bool { fn(); return false })
 	return err
 }
 

@@ -116,10 +116,7 @@ func (b *Buffers) Untake(reqs []*Request) error {
 		} else {
 			popped++
 			if e.track != nil && fault == nil {
-				_, fault = e.protected(func() bool {
-					e.track.unmark(r.chain.Head)
-					return false
-				})
+				fault = e.protect(func() { e.track.unmark(r.chain.Head) })
 			}
 		}
 		e.release(r)
