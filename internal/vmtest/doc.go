@@ -45,7 +45,8 @@
 // (nested SVM under TCG sometimes leaves an inner guest idle for good on a
 // loaded machine); so does an outer guest silent for 100 s, heartbeat
 // included, and an outer kernel that panics before the verdict (a
-// recursive fault of TCG's nested SVM seen in CI) (NestedOptions.Tries). The outer kernel runs with a periodic
+// recursive fault of TCG's nested SVM seen in CI) (NestedOptions.Tries).
+// The outer kernel runs with a periodic
 // tick (nohz=off highres=off): with a one-shot tick it lost its timer for
 // good under nested SVM now and then. The nonce is unique per
 // initramfs (Initramfs.ResultMarker), so a nested guest's verdict echoed on

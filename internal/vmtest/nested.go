@@ -147,7 +147,7 @@ const outerPanicMarker = "Kernel panic - not syncing"
 
 // outerKernelCrashed says whether r is an outer guest that ended in its
 // own kernel's panic before any verdict: QEMU exited by itself (not
-// killed by the harness) and the console's last kernel line is a panic.
+// killed by the harness) with a panic among the console's last 40 lines.
 func outerKernelCrashed(r *Result, killed bool) bool {
 	return r.Verdict == "" && !killed && strings.Contains(LastLines(r.Console, 40), outerPanicMarker)
 }
