@@ -77,6 +77,9 @@ type pluginDevice struct {
 	usedIndex   func(usedGPA uint64) (uint16, error)
 	gone        chan error
 	monitorDone chan struct{}
+	// backoff waits out a restart's back-off delay: false when ctx ended
+	// first. Tests replace it to look at the device during the wait.
+	backoff func(ctx context.Context, delay time.Duration) bool
 
 	closeOnce sync.Once
 }
@@ -492,10 +495,16 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 		}
 		d.log.Warn("plugin died; restarting it", "device", d.index, "reason", why,
 			"restart", d.restarts.Total(), "delay", delay)
-		select {
-		case <-ctx.Done():
+		// The old plugin goes now, not after the delay: one that only
+		// stopped answering (a call or Health timed out) still maps guest
+		// memory and could go on writing it while the device waits.
+		d.dropPlugin()
+		wait := d.backoff
+		if wait == nil {
+			wait = sleepCtx
+		}
+		if !wait(ctx, delay) {
 			return false
-		case <-time.After(delay):
 		}
 		start := time.Now()
 		if why = d.restart(ctx); why == nil {
@@ -507,6 +516,18 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 			return false
 		}
 		why = fmt.Errorf("restart failed: %w", why)
+	}
+}
+
+// sleepCtx waits for delay: false when ctx ended first.
+func sleepCtx(ctx context.Context, delay time.Duration) bool {
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -379,6 +380,45 @@ func TestRestartHungPlugin(t *testing.T) {
 	if !strings.Contains(log, "plugin stopped answering (Health)") || !strings.Contains(log, "plugin restarted; the device serves again") {
 		t.Fatalf("no restart for a hung plugin:\n%s", log)
 	}
+	if err := r.d.dev.Failed(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRestartKillsBeforeBackoff: a plugin the core gives up on (here a
+// back-end call found it gone while its process, stopped, still lives and
+// maps guest memory) is killed before the restart's back-off delay, not
+// after it: during the wait no old plugin may still write guest memory.
+func TestRestartKillsBeforeBackoff(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin; skipped with -short")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{})
+	old := r.d.plugin
+	waited := make(chan error, 1)
+	r.d.backoff = func(ctx context.Context, delay time.Duration) bool {
+		select {
+		case <-old.Done():
+			waited <- nil
+		case <-time.After(5 * time.Second):
+			waited <- errors.New("the old plugin still runs while the restart waits")
+		}
+		return sleepCtx(ctx, delay)
+	}
+	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	r.d.backendGone(errors.New("vhost-user call timed out"))
+	select {
+	case err := <-waited:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("no restart within a minute:\n%s", r.logs.String())
+	}
+	r.drv.post(0, 16, bytes.Repeat([]byte{0x5a}, 512))
+	r.drv.wait(1, 0, 30*time.Second)
 	if err := r.d.dev.Failed(); err != nil {
 		t.Fatal(err)
 	}
