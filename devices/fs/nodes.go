@@ -50,6 +50,12 @@ type node struct {
 	fd      int // O_PATH, or -1 while closed
 	key     devIno
 	typ     uint32 // S_IFMT bits, fixed for an inode's life
+	// born is the inode's birth time, taken when its fd is closed (the
+	// budget) where the file system reports one (bornOK): an inode
+	// number freed and given to a new file of the same type comes back
+	// with another birth time.
+	born   unix.StatxTimestamp
+	bornOK bool
 	lookups uint64
 	pins    int64
 	busy    int32 // requests using fd right now (a subset of pins)
@@ -147,6 +153,7 @@ func (t *table) evictLocked() {
 			t.lruRemoveLocked(n)
 		} else if n.busy == 0 {
 			t.lruRemoveLocked(n)
+			n.born, n.bornOK = birth(n.fd)
 			unix.Close(n.fd)
 			n.fd = -1
 			t.open--
@@ -240,9 +247,9 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 			continue
 		}
 		var st unix.Stat_t
-		if statFd(fd, &st) != nil || st.Dev != n.key.dev || st.Ino != n.key.ino || st.Mode&unix.S_IFMT != n.typ {
+		if statFd(fd, &st) != nil || st.Dev != n.key.dev || st.Ino != n.key.ino || st.Mode&unix.S_IFMT != n.typ || !n.sameBirth(fd) {
 			// Another file under the name, or the inode number given
-			// to a file of another type after the host removed ours.
+			// to a new file after the host removed ours.
 			unix.Close(fd)
 			t.dropName(a.parent.id, a.name)
 			continue
@@ -259,6 +266,29 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 		return 0
 	}
 	return last
+}
+
+// birth returns the birth time of the inode behind fd, and false where
+// the file system keeps none (or statx fails).
+func birth(fd int) (unix.StatxTimestamp, bool) {
+	var stx unix.Statx_t
+	err := unix.Statx(fd, "", unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW|unix.AT_STATX_DONT_SYNC, unix.STATX_BTIME, &stx)
+	if err != nil || stx.Mask&unix.STATX_BTIME == 0 {
+		return unix.StatxTimestamp{}, false
+	}
+	return stx.Btime, true
+}
+
+// sameBirth reports whether fd, found under closed node n's (dev, ino)
+// and type, can be n's inode: true unless n's birth time is known and
+// fd's differs. Without birth times (a file system that keeps none) an
+// inode number reused for a file of the same type cannot be told apart.
+func (n *node) sameBirth(fd int) bool {
+	if !n.bornOK {
+		return true
+	}
+	b, ok := birth(fd)
+	return ok && b == n.born
 }
 
 // release ends a request's use of n's fd (acquire).
@@ -315,11 +345,12 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 	typ := st.Mode & unix.S_IFMT
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if n := t.byKey[key]; n != nil && n.fd < 0 && (len(n.aliases) == 0 || n.typ != typ) {
+	if n := t.byKey[key]; n != nil && n.fd < 0 && (len(n.aliases) == 0 || n.typ != typ || !n.sameBirth(fd)) {
 		// A closed node holds nothing that keeps its inode alive: with
-		// no name left, or another file type, the inode number was
-		// freed and given to a new file. That file gets a node of its
-		// own; the old node id stays, stale (ESTALE), until forgotten.
+		// no name left, another file type or another birth time, the
+		// inode number was freed and given to a new file. That file
+		// gets a node of its own; the old node id stays, stale
+		// (ESTALE), until forgotten.
 		delete(t.byKey, key)
 	}
 	n := t.byKey[key]

@@ -150,8 +150,8 @@ func TestFreedInodeGetsNewNode(t *testing.T) {
 }
 
 // TestStaleClosedNodeNotReused drives the table directly: a closed node
-// with no name left, or of another file type than the inode now found
-// under its (dev, ino), is not handed out again; a new node is made and
+// with no name left, or of another file type or birth time than the inode
+// now found under its (dev, ino), is not handed out again; a new node is made and
 // the old id stays stale.
 func TestStaleClosedNodeNotReused(t *testing.T) {
 	dir := t.TempDir()
@@ -159,11 +159,13 @@ func TestStaleClosedNodeNotReused(t *testing.T) {
 		name      string
 		dropNames bool   // the closed node lost its names
 		oldType   uint32 // the closed node's type
+		otherBorn bool   // the closed node's inode was born at another time
 		want      string // "same" or "new" node
 	}{
-		{"named, same type", false, unix.S_IFREG, "same"},
-		{"named, was a directory", false, unix.S_IFDIR, "new"},
-		{"no name left", true, unix.S_IFREG, "new"},
+		{"named, same type", false, unix.S_IFREG, false, "same"},
+		{"named, was a directory", false, unix.S_IFDIR, false, "new"},
+		{"no name left", true, unix.S_IFREG, false, "new"},
+		{"named, same type, born at another time", false, unix.S_IFREG, true, "new"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -188,6 +190,11 @@ func TestStaleClosedNodeNotReused(t *testing.T) {
 			tab.mu.Lock()
 			old.typ = tc.oldType
 			tab.lruRemoveLocked(old)
+			old.born, old.bornOK = birth(old.fd)
+			if tc.otherBorn {
+				old.born.Sec--
+				old.bornOK = true
+			}
 			unix.Close(old.fd)
 			old.fd = -1
 			tab.open--
@@ -279,5 +286,102 @@ func TestReopenChecksFileType(t *testing.T) {
 	}
 	if len(n.aliases) != 0 {
 		t.Errorf("the name still leads to the node: %v", n.aliases)
+	}
+}
+
+// TestReopenChecksBirth: a closed node is reopened by name only onto the
+// inode it was closed on. A regular file node whose inode number the host
+// gave to a new regular file under the same name (it removed the file and
+// made another) must not come back as the new file: the inode's birth
+// time, taken when the fd was closed, tells them apart. (The gap the type
+// check above left: a node of the same type over a reused inode number.)
+func TestReopenChecksBirth(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		otherBorn bool
+		want      unix.Errno
+	}{
+		{"same inode", false, 0},
+		{"inode number reused by a new file", true, unix.ESTALE},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			must(t, "create", os.WriteFile(dir+"/a", nil, 0o644))
+			root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+			must(t, "open root", err)
+			defer unix.Close(root)
+			var rst unix.Stat_t
+			must(t, "stat root", unix.Fstat(root, &rst))
+			// A budget of one fd: inserting b closes a's (evictLocked),
+			// which records a's birth time.
+			tab := newTable(root, &rst, 100, 1, 100)
+			insert := func(name string) *node {
+				t.Helper()
+				fd, err := openPath(root, name)
+				must(t, "open "+name, err)
+				var st unix.Stat_t
+				must(t, "stat "+name, statFd(fd, &st))
+				n, e := tab.insert(tab.root, name, fd, &st)
+				if e != 0 {
+					t.Fatal(e)
+				}
+				return n
+			}
+			n := insert("a")
+			must(t, "create b", os.WriteFile(dir+"/b", nil, 0o644))
+			insert("b")
+			tab.mu.Lock()
+			closed := n.fd < 0
+			if tc.otherBorn {
+				// What a new inode under the old number looks like: the
+				// same (dev, ino) and type, born at another time.
+				n.born.Sec--
+				n.bornOK = true
+			}
+			tab.mu.Unlock()
+			if !closed {
+				t.Fatal("a's fd was not closed for the budget")
+			}
+			e := tab.acquire(n)
+			if e == 0 {
+				tab.release(n)
+			}
+			if e != tc.want {
+				t.Fatalf("acquire: %v, want %v", e, tc.want)
+			}
+			if tc.want != 0 && len(n.aliases) != 0 {
+				t.Errorf("the name still leads to the node: %v", n.aliases)
+			}
+		})
+	}
+}
+
+// TestReplacedFileNodeStale: the host replaces a regular file the guest
+// knows, whose node the server had closed for the fd budget, by a new
+// file of the same name. The old node id must not reach the new file
+// (GETATTR answers ESTALE), whether or not ext4 gave the new file the old
+// inode number; a new LOOKUP finds the new file under a node of its own.
+func TestReplacedFileNodeStale(t *testing.T) {
+	e, p := budgetEnv(t)
+	c := e.c
+	a, err := c.Mknod(p, "a", unix.S_IFREG|0o644, 0)
+	must(t, "MKNOD p/a", err)
+	closeForBudget(t, e, a.NodeID)
+	must(t, "host remove p/a", os.Remove(e.path("p/a")))
+	// A few frees and allocations in between give ext4 the chance to
+	// hand the number out again, as it usually does at once.
+	must(t, "host create p/a", os.WriteFile(e.path("p/a"), []byte("new"), 0o644))
+	var st unix.Stat_t
+	must(t, "stat", unix.Lstat(e.path("p/a"), &st))
+	t.Logf("the new p/a reuses the old inode number: %v", st.Ino == a.Attr.Ino)
+	if attr, err := c.Getattr(a.NodeID); err == nil {
+		t.Fatalf("GETATTR of the replaced file's old node: ino %d size %d, want ESTALE", attr.Ino, attr.Size)
+	} else {
+		wantErrno(t, "GETATTR of the old node", err, unix.ESTALE)
+	}
+	en, err := c.Lookup(p, "a")
+	must(t, "LOOKUP p/a", err)
+	if en.NodeID == a.NodeID || en.Attr.Size != 3 {
+		t.Errorf("LOOKUP p/a: node %d size %d, want a new node (old %d) of size 3", en.NodeID, en.Attr.Size, a.NodeID)
 	}
 }

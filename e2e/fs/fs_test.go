@@ -16,6 +16,7 @@ import (
 
 	"github.com/krun-core/krun-core/devices/fs/fuse"
 	"github.com/krun-core/krun-core/internal/vmtest"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // guestScript is what the guest does on the share. EXPECTED16 is replaced
@@ -232,6 +233,46 @@ func TestServeNoRefusedCalls(t *testing.T) {
 	g := dialFS(t, d.Socket, 0)
 	if _, err := g.req.Getattr(fuse.RootID); err != nil {
 		t.Fatalf("GETATTR of the root: %v", err)
+	}
+	d.Stop()
+	if out := d.Out.String(); strings.Contains(out, "seccomp refused") {
+		t.Errorf("krun-core logged a refused system call:\n%s", out)
+	}
+}
+
+// TestServeReplacedFileOverBudget: the sandboxed plugin, with more nodes
+// than its file descriptor budget (three quarters of the virtio-fs
+// plugin's RLIMIT_NOFILE, sandbox.FSOpenFiles) holds open, closes
+// idle ones and reopens them by name. A file the host replaced meanwhile
+// must not be reached through its old node id (ESTALE), also when the new
+// file has the old inode number: the birth time the plugin takes with
+// statx when it closes a node tells them apart, so statx must pass the
+// plugin's seccomp filter and Landlock.
+func TestServeReplacedFileOverBudget(t *testing.T) {
+	dir := t.TempDir()
+	d := serveFS(t, "path="+dir+",tag=share")
+	g := dialFS(t, d.Socket, 0)
+	c := g.req
+	first, err := c.Mknod(fuse.RootID, "a", unix.S_IFREG|0o644, 0)
+	must(t, "MKNOD a", err)
+	for i := range sandbox.FSOpenFiles {
+		_, err := c.Mknod(fuse.RootID, fmt.Sprintf("f%d", i), unix.S_IFREG|0o644, 0)
+		must(t, "MKNOD filler", err)
+	}
+	must(t, "host remove a", os.Remove(filepath.Join(dir, "a")))
+	must(t, "host create a", os.WriteFile(filepath.Join(dir, "a"), []byte("new"), 0o644))
+	var st unix.Stat_t
+	must(t, "stat", unix.Lstat(filepath.Join(dir, "a"), &st))
+	t.Logf("the new a reuses the old inode number: %v", st.Ino == first.Attr.Ino)
+	if attr, err := c.Getattr(first.NodeID); err == nil {
+		t.Errorf("GETATTR of the replaced file's old node: ino %d size %d, want ESTALE", attr.Ino, attr.Size)
+	} else {
+		wantErrno(t, "GETATTR of the old node", err, unix.ESTALE)
+	}
+	en, err := c.Lookup(fuse.RootID, "a")
+	must(t, "LOOKUP a", err)
+	if en.NodeID == first.NodeID || en.Attr.Size != 3 {
+		t.Errorf("LOOKUP a: node %d size %d, want a new node (old %d) of size 3", en.NodeID, en.Attr.Size, first.NodeID)
 	}
 	d.Stop()
 	if out := d.Out.String(); strings.Contains(out, "seccomp refused") {
