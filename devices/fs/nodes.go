@@ -46,16 +46,16 @@ const maxAliases = 4
 // parent (reopened the same way if need be), and checked to be the same
 // inode before use. A node without a name (unlinked) is never closed.
 type node struct {
-	id      uint64
-	fd      int // O_PATH, or -1 while closed
-	key     devIno
-	typ     uint32 // S_IFMT bits, fixed for an inode's life
+	id  uint64
+	fd  int // O_PATH, or -1 while closed
+	key devIno
+	typ uint32 // S_IFMT bits, fixed for an inode's life
 	// born is the inode's birth time, taken when its fd is closed (the
 	// budget) where the file system reports one (bornOK): an inode
 	// number freed and given to a new file of the same type comes back
 	// with another birth time.
-	born   unix.StatxTimestamp
-	bornOK bool
+	born    unix.StatxTimestamp
+	bornOK  bool
 	lookups uint64
 	pins    int64
 	busy    int32 // requests using fd right now (a subset of pins)
