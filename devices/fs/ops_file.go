@@ -162,15 +162,15 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		unix.Close(pfd)
 		return unix.ESTALE
 	}
-	if made {
-		if s.chownNew(r, parent, pfd) && mode&setIDBits != 0 {
+	if made && s.chownNew(r, parent, pfd) {
+		if mode&setIDBits != 0 {
 			// suid=on: the chown cleared the set-id bits the guest asked
 			// for; put them back.
 			if err := unix.Fchmod(fd, mode); err != nil {
 				s.log.Debug("restore set-id bits after chown", "error", err)
 			}
 		}
-		statFd(pfd, &pst)
+		statFd(pfd, &pst) // owner, mode and ctime changed
 	}
 	n, e := s.t.insertHeld(parent, name, pfd, &pst)
 	if e != 0 {
