@@ -359,20 +359,23 @@ func translateBind(p *Plan, field, dest string, m specs.Mount, rootReal string, 
 	if !filepath.IsAbs(src) {
 		src = filepath.Join(p.Bundle, src)
 	}
-	real, err := filepath.EvalSymlinks(src)
+	src = filepath.Clean(src)
+	opts := guestBindOptions(m.Options)
+	if rel, ok := underRoot(src, p.Root, rootReal); ok {
+		// Inside the root: the guest binds it itself, resolving it in
+		// the root. The host never follows it: its symbolic links are
+		// the image's, and could name any host file.
+		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: container.TypeBind,
+			Source: "/" + rel, Options: opts})
+		return nil
+	}
+	real, err := resolveOutsideRoot(src, rootReal)
 	if err != nil {
-		return specError(field, "source %s: %v", src, unwrapPath(err))
+		return specError(field, "source %s: %v", src, err)
 	}
 	st, err := os.Stat(real)
 	if err != nil {
 		return specError(field, "source %s: %v", src, unwrapPath(err))
-	}
-	opts := guestBindOptions(m.Options)
-	if rel, ok := strings.CutPrefix(real, rootReal+"/"); ok || real == rootReal {
-		// Inside the root: the guest binds it itself.
-		p.Setup.Mounts = append(p.Setup.Mounts, container.Mount{Destination: dest, Type: container.TypeBind,
-			Source: "/" + rel, Options: opts})
-		return nil
 	}
 	switch {
 	case st.IsDir():
@@ -401,7 +404,7 @@ func translateBind(p *Plan, field, dest string, m specs.Mount, rootReal string, 
 		if st.Size() > container.MaxFileSize {
 			return specError(field, "source %s is a file of %d bytes; files bind-mounted into a VM are copied, at most %d bytes each", src, st.Size(), container.MaxFileSize)
 		}
-		b, err := readSmallFile(real, container.MaxFileSize)
+		b, err := readHostFile(real, container.MaxFileSize)
 		if err != nil {
 			return specError(field, "source %s: %v", src, err)
 		}
@@ -445,12 +448,101 @@ func hasOption(opts []string, name string) bool {
 	return ro
 }
 
+// checkNetNS checks, without opening it, that path is a namespace file
+// (nsfs: /proc/PID/ns/net, or a bind mount of one such as
+// /run/netns/NAME); a FIFO or a device there would block create or act
+// on the device when spawn opens it.
+func checkNetNS(path string) error {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(path, &sfs); err != nil {
+		return unwrapPath(err)
+	}
+	if sfs.Type != unix.NSFS_MAGIC {
+		return errors.New("not a namespace file (nsfs)")
+	}
+	return nil
+}
+
+// underRoot reports whether the clean absolute path src names something
+// in the container's root, as written: below the root's path from
+// config.json (root) or its resolved form (rootReal). It returns the path
+// inside the root. No symbolic link is followed.
+func underRoot(src, root, rootReal string) (string, bool) {
+	for _, r := range []string{root, rootReal} {
+		if src == r {
+			return "", true
+		}
+		if rel, ok := strings.CutPrefix(src, r+"/"); ok {
+			return rel, true
+		}
+	}
+	return "", false
+}
+
+// resolveOutsideRoot resolves the symbolic links of src, a clean absolute
+// path outside the container's root, on the host. A path whose walk
+// enters the root (a host symbolic link into it) is refused: from there
+// on the image's links would be followed on the host. Each prefix of src
+// is resolved in turn, so the walk stops at the first that reaches the
+// root, before any link inside it is read.
+func resolveOutsideRoot(src, rootReal string) (string, error) {
+	prefix := "/"
+	for _, c := range strings.Split(strings.TrimPrefix(src, "/"), "/") {
+		prefix = filepath.Join(prefix, c)
+		real, err := filepath.EvalSymlinks(prefix)
+		if err != nil {
+			return "", unwrapPath(err)
+		}
+		if _, in := underRoot(real, rootReal, rootReal); in {
+			return "", fmt.Errorf("%s leads into the container's root through a host symbolic link; name a path inside the root as it is written (below root.path)", prefix)
+		}
+	}
+	return filepath.EvalSymlinks(src)
+}
+
+// readHostFile reads a host file that a bind mount copies into the guest,
+// of at most max bytes: it must be a regular file, and not one of the
+// kernel's own state (procfs, sysfs and the like, whose files can leak the
+// host's secrets or never end). It is opened without blocking and without
+// following a final symbolic link, and checked on the open file.
+func readHostFile(p string, max int64) ([]byte, error) {
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), p)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, errors.New("not a regular file")
+	}
+	var sfs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &sfs); err != nil {
+		return nil, err
+	}
+	if name, bad := pseudoFS[int64(sfs.Type)]; bad {
+		return nil, fmt.Errorf("a file on %s, the host kernel's own state, which a VM cannot share", name)
+	}
+	if p == "/dev" || strings.HasPrefix(p, "/dev/") {
+		return nil, errors.New("host devices cannot reach a VM")
+	}
+	return readAtMost(f, max)
+}
+
 func readSmallFile(p string, max int64) ([]byte, error) {
 	f, err := os.Open(p)
 	if err != nil {
 		return nil, unwrapPath(err)
 	}
 	defer f.Close()
+	return readAtMost(f, max)
+}
+
+// readAtMost reads f to its end, refusing more than max bytes.
+func readAtMost(f *os.File, max int64) ([]byte, error) {
 	b, err := io.ReadAll(io.LimitReader(f, max+1))
 	if err != nil {
 		return nil, err
@@ -504,8 +596,8 @@ func translateLinux(p *Plan, id string, l *specs.Linux, opt translateOptions) er
 				p.Net = NetPlan{Mode: NetNone}
 				continue
 			}
-			if _, err := os.Stat(ns.Path); err != nil {
-				return specError("linux.namespaces", "network namespace %s: %v", ns.Path, unwrapPath(err))
+			if err := checkNetNS(ns.Path); err != nil {
+				return specError("linux.namespaces", "network namespace %s: %v", ns.Path, err)
 			}
 			p.Net = NetPlan{Mode: NetNS, Path: ns.Path}
 		case specs.PIDNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.CgroupNamespace:

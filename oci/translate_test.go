@@ -30,8 +30,7 @@ func TestTranslate(t *testing.T) {
 	vol := t.TempDir()
 	hostsFile := filepath.Join(t.TempDir(), "hosts")
 	os.WriteFile(hostsFile, []byte("127.0.0.1 localhost\n"), 0o644)
-	netns := filepath.Join(t.TempDir(), "netns")
-	os.WriteFile(netns, nil, 0o644)
+	netns := "/proc/self/ns/net" // a namespace file, as /run/netns/NAME is
 	s.Hostname = "box"
 	s.Process.Terminal = true
 	s.Process.ConsoleSize = &specs.Box{Height: 30, Width: 100}
@@ -210,10 +209,7 @@ func TestCgroupDir(t *testing.T) {
 // (passt there); the sandbox container itself gets no network.
 func TestPodContainers(t *testing.T) {
 	s, b := baseSpec(t)
-	netns := filepath.Join(t.TempDir(), "netns")
-	if err := os.WriteFile(netns, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	netns := "/proc/self/ns/net"
 	s.Linux = &specs.Linux{Namespaces: []specs.LinuxNamespace{
 		{Type: "pid", Path: "/proc/1/ns/pid"}, {Type: "ipc", Path: "/proc/1/ns/ipc"},
 		{Type: "uts", Path: "/proc/1/ns/uts"}, {Type: "mount"}, {Type: "network", Path: netns},
@@ -241,10 +237,7 @@ func TestPodContainers(t *testing.T) {
 // forwards from a network namespace; every port by default.
 func TestPortAnnotations(t *testing.T) {
 	s, b := baseSpec(t)
-	netns := filepath.Join(t.TempDir(), "netns")
-	if err := os.WriteFile(netns, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	netns := "/proc/self/ns/net"
 	s.Linux = &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: "network", Path: netns}}}
 	for _, tc := range []struct {
 		tcp, udp string // "" leaves the annotation out
