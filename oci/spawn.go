@@ -64,12 +64,19 @@ func spawn(o spawnOptions) (*os.Process, error) {
 	rc := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
-		fd, err := unix.Open(o.NetNS, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		// Translate checked the path; the open neither blocks nor takes
+		// a terminal, and the file is checked again once open.
+		fd, err := unix.Open(o.NetNS, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			rc <- result{err: fmt.Errorf("network namespace %s: %w", o.NetNS, err)}
 			return
 		}
 		defer unix.Close(fd)
+		var sfs unix.Statfs_t
+		if err := unix.Fstatfs(fd, &sfs); err != nil || sfs.Type != unix.NSFS_MAGIC {
+			rc <- result{err: fmt.Errorf("network namespace %s: not a namespace file (nsfs)", o.NetNS)}
+			return
+		}
 		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
 			rc <- result{err: fmt.Errorf("join network namespace %s: %w", o.NetNS, err)}
 			return
