@@ -174,8 +174,46 @@ func enableControllers(dir string) {
 	}
 }
 
+// cgroupInUse refuses a cgroup that exists and is not empty: one that
+// holds processes or has child cgroups belongs to someone else (or to
+// another container), and delete would end whatever is in it. As runc, a
+// container's cgroup is new or empty.
+func cgroupInUse(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // made at create
+	}
+	if err != nil {
+		return fmt.Errorf("cgroup %s: %w", dir, unwrapPath(err))
+	}
+	if len(strings.TrimSpace(string(b))) != 0 {
+		return fmt.Errorf("cgroup %s already holds processes; a container needs a cgroup of its own", dir)
+	}
+	if hasChildCgroups(dir) {
+		return fmt.Errorf("cgroup %s has child cgroups; a container needs a cgroup of its own", dir)
+	}
+	return nil
+}
+
+// hasChildCgroups reports whether the cgroup dir has child cgroups (or
+// cannot be listed).
+func hasChildCgroups(dir string) bool {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return true
+	}
+	for _, e := range ents {
+		if e.IsDir() {
+			return true
+		}
+	}
+	return false
+}
+
 // removeCgroup ends every process left in the cgroup (plugins and passt
-// whose parent died) and removes the directory.
+// whose parent died) and removes the directory. A cgroup with child
+// cgroups is never ended as a whole (cgroup.kill ends the subtree, and
+// krun-oci makes none): only the processes in it are.
 func removeCgroup(dir string) error {
 	if dir == "" {
 		return nil
@@ -194,7 +232,7 @@ func removeCgroup(dir string) error {
 		}
 		// cgroup.kill (Linux 5.14) ends the whole subtree at once;
 		// otherwise each process listed is killed.
-		if os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0) != nil {
+		if hasChildCgroups(dir) || os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0) != nil {
 			killProcs(filepath.Join(dir, "cgroup.procs"))
 		}
 		time.Sleep(20 * time.Millisecond)

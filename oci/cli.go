@@ -298,6 +298,11 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if plan.Process.Terminal && o.consoleSocket == "" {
 		return nil, errors.New("process.terminal needs --console-socket (the terminal's master is handed there)")
 	}
+	if plan.Cgroup.Path != "" {
+		if err := cgroupInUse(plan.Cgroup.Path); err != nil {
+			return nil, err
+		}
+	}
 	c, err := g.store.Create(id)
 	if err != nil {
 		return nil, err
