@@ -551,3 +551,21 @@ func TestParseSignal(t *testing.T) {
 		}
 	}
 }
+
+// TestGuestLingersAfterExit: a guest that reports its command's exit
+// status but goes on running (its root wrote the status port itself;
+// krun-init powers off right after) has its VM stopped within ExitGrace:
+// a container reported stopped keeps no VM, and no monitor. Before the
+// fix the monitor waited for the VM for good (from review).
+func TestGuestLingersAfterExit(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"linger-after-exit", "sh", "-c", "exit 3"}, nil)
+	r.mustRun("create", "--bundle", b, "l1")
+	pid := r.state("l1").Pid
+	r.mustRun("start", "l1")
+	r.waitStatus("l1", specs.StateStopped)
+	if !waitDead(pid, 0, ExitGrace+10*time.Second) {
+		t.Fatalf("the monitor (pid %d) still runs %v after the guest reported its exit status", pid, ExitGrace+10*time.Second)
+	}
+	r.mustRun("delete", "l1")
+}

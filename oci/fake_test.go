@@ -30,6 +30,12 @@ type fakeVM struct {
 	ok      bool
 	exited  chan struct{}
 	once    sync.Once
+	// ended is closed when the VM is gone: with the command's end, or,
+	// for a command run under "linger-after-exit" (a guest that reports
+	// its exit status and goes on running), only at Stop.
+	ended     chan struct{}
+	endOnce   sync.Once
+	lingering bool
 }
 
 // launcher starts processes from one locked thread that lives as long as
@@ -55,7 +61,7 @@ func startDying(cmd *exec.Cmd) error {
 }
 
 func newFakeVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) {
-	return &fakeVM{plan: p, sio: sio, exited: make(chan struct{})}, nil
+	return &fakeVM{plan: p, sio: sio, exited: make(chan struct{}), ended: make(chan struct{})}, nil
 }
 
 func (v *fakeVM) Boot(ctx context.Context) error {
@@ -73,7 +79,12 @@ func (v *fakeVM) Start() error {
 	if v.stopped {
 		return errors.New("stopped")
 	}
-	cmd := exec.Command(v.plan.Process.Args[0], v.plan.Process.Args[1:]...)
+	args := v.plan.Process.Args
+	if args[0] == "linger-after-exit" {
+		v.lingering = true
+		args = args[1:]
+	}
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = v.env()
 	cmd.Dir = v.plan.Root
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = v.sio.Stdin, v.sio.Stdout, v.sio.Stderr
@@ -99,10 +110,16 @@ func (v *fakeVM) finish(status int, ok bool) {
 	v.once.Do(func() {
 		v.mu.Lock()
 		v.status, v.ok = status, ok
+		linger := v.lingering && ok
 		v.mu.Unlock()
 		close(v.exited)
+		if !linger {
+			v.end()
+		}
 	})
 }
+
+func (v *fakeVM) end() { v.endOnce.Do(func() { close(v.ended) }) }
 
 func (v *fakeVM) Signal(sig unix.Signal) error {
 	v.mu.Lock()
@@ -151,7 +168,7 @@ func (v *fakeVM) ExecResize(id uint32, rows, cols uint16) error { return nil }
 func (v *fakeVM) Exited() <-chan struct{} { return v.exited }
 
 func (v *fakeVM) Wait() (int, bool, error) {
-	<-v.exited
+	<-v.ended
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	return v.status, v.ok, nil
@@ -165,4 +182,5 @@ func (v *fakeVM) Stop() {
 	}
 	v.mu.Unlock()
 	v.finish(0, false)
+	v.end()
 }

@@ -52,6 +52,10 @@ func reporter(pipe *os.File) func(error) {
 // ReadyTimeout bounds how long create waits for the guest to be set up.
 const ReadyTimeout = 5 * time.Minute
 
+// ExitGrace is how long a guest that reported its command's exit status
+// has to power off before its VM is stopped.
+const ExitGrace = 5 * time.Second
+
 // monitor owns one container's VM.
 type monitor struct {
 	dir  string
@@ -150,7 +154,12 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	m.mu.Lock()
 	m.phase = phaseStopped
 	m.mu.Unlock()
+	// krun-init reports the exit status after syncing and then powers
+	// off. A guest that goes on running (its root wrote the status port
+	// itself) is stopped: a container reported stopped keeps no VM.
+	stop := time.AfterFunc(ExitGrace, vm.Stop)
 	status, ok, err := vm.Wait()
+	stop.Stop()
 	m.mu.Lock()
 	endSignal := m.endSignal
 	m.mu.Unlock()
