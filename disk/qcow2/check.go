@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 
 	"golang.org/x/sys/unix"
@@ -151,11 +152,14 @@ func writeIncompat(f *os.File, v uint64) error {
 }
 
 type checker struct {
-	f        *os.File
-	h        *header
-	cs       uint64
-	fileSize uint64
-	nb       uint64 // clusters counted
+	f  *os.File
+	h  *header
+	cs uint64
+	// activeDups counts the L2 tables that several entries of the
+	// active L1 table name (the walks read each such table once).
+	activeDups map[uint64]uint64
+	fileSize   uint64
+	nb         uint64 // clusters counted
 	// refs counts the references to each host cluster, in chunks of
 	// refChunk clusters allocated when a cluster in them is first
 	// referenced: a sparse 400 GiB file of 512-byte clusters costs what
@@ -495,6 +499,12 @@ func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool, shared map[ui
 	if err != nil {
 		return fmt.Errorf("read L1 table at %#x: %w", l1Off, err)
 	}
+	if active {
+		if c.activeDups, err = c.duplicateL2(l1); err != nil {
+			return err
+		}
+	}
+	walked := map[uint64]bool{} // duplicated L2 tables walked already
 	var next uint64
 	buf := make([]byte, c.cs)
 	for i, e := range l1 {
@@ -533,13 +543,60 @@ func (c *checker) walkL1(l1Off uint64, l1Size uint32, active bool, shared map[ui
 			r.mult += c.mult
 			continue
 		}
+		n := c.activeDups[off]
+		if n > 0 {
+			// Named by n entries: walked once, its references counted
+			// n times (as the snapshots' shared tables are), so that
+			// an image whose L1 names one table millions of times
+			// costs one walk, not millions.
+			if walked[off] {
+				continue
+			}
+			walked[off] = true
+			c.mult = n
+		}
 		if _, err := readFullAt(c.f, buf, int64(off)); err != nil {
+			c.mult = 1
 			return fmt.Errorf("read L2 table at %#x: %w", off, err)
 		}
 		next = 0 // contiguity is counted within one L2 table, as QEMU does
 		c.walkL2(buf, uint64(i), active, &next)
+		c.mult = 1
 	}
 	return nil
+}
+
+// duplicateL2 returns the L2 table offsets that more than one entry of
+// the L1 table l1 names, with how many name each (nil when none do).
+func (c *checker) duplicateL2(l1 []uint64) (map[uint64]uint64, error) {
+	if !c.charge(uint64(len(l1)) * 8) {
+		return nil, c.memErr
+	}
+	offs := make([]uint64, 0, len(l1))
+	for _, e := range l1 {
+		if off := e & l1OffsetMask; off != 0 && off%c.cs == 0 && off < c.fileSize {
+			offs = append(offs, off)
+		}
+	}
+	slices.Sort(offs)
+	var dups map[uint64]uint64
+	for i := 0; i < len(offs); {
+		j := i + 1
+		for j < len(offs) && offs[j] == offs[i] {
+			j++
+		}
+		if j-i > 1 {
+			if !c.charge(mapEntryBytes) {
+				return nil, c.memErr
+			}
+			if dups == nil {
+				dups = map[uint64]uint64{}
+			}
+			dups[offs[i]] = uint64(j - i)
+		}
+		i = j
+	}
+	return dups, nil
 }
 
 // walkSnapshots walks every snapshot's L1 table, reading each distinct
@@ -735,14 +792,18 @@ func (c *checker) countBitmaps() error {
 			c.corrupt("bitmap %q: table offset %#x not aligned", be.name, be.tableOff)
 			continue
 		}
-		c.inc(be.tableOff, uint64(be.tableSize)*8)
-		c.mark(be.tableOff, uint64(be.tableSize)*8, metaBitmapDir)
-		if be.tableOff+uint64(be.tableSize)*8 > c.fileSize {
+		size := uint64(be.tableSize) * 8
+		if be.tableOff+size < be.tableOff || be.tableOff+size > c.fileSize {
+			// Neither counted nor marked: a table past the end
+			// could make every bitmap mark the whole file.
+			c.corrupt("bitmap %q: table at %#x of %d bytes exceeds the end of the file", be.name, be.tableOff, size)
 			continue
 		}
-		if err := c.spend(uint64(be.tableSize) * 8); err != nil {
+		if err := c.spend(size); err != nil {
 			return err
 		}
+		c.inc(be.tableOff, size)
+		c.mark(be.tableOff, size, metaBitmapDir)
 		tab, err := readTableAt(c.f, be.tableOff, uint64(be.tableSize))
 		if err != nil {
 			return fmt.Errorf("read bitmap table: %w", err)
@@ -917,6 +978,7 @@ func (c *checker) checkCopied(fix bool) error {
 	l1Changed := false
 	buf := make([]byte, c.cs)
 	step := h.l2EntrySize()
+	walked := map[uint64]bool{} // duplicated L2 tables walked already
 	for i, e := range l1 {
 		off := e & l1OffsetMask
 		if off == 0 || off%c.cs != 0 {
@@ -937,6 +999,12 @@ func (c *checker) checkCopied(fix bool) error {
 				l1Changed = true
 				c.res.CorruptionsFixed++
 			}
+		}
+		if c.activeDups[off] > 0 {
+			if walked[off] {
+				continue // its entries were compared once already
+			}
+			walked[off] = true
 		}
 		if _, err := readFullAt(c.f, buf, int64(off)); err != nil {
 			return fmt.Errorf("read L2 table at %#x: %w", off, err)
