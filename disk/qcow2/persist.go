@@ -107,6 +107,31 @@ func (im *Image) allocPooled() (c uint64, zero bool, err error) {
 	return c, c >= im.poolZeroFrom, nil
 }
 
+// worstAlloc is how many clusters a write of n bytes at guest offset pos
+// can take from the pool at most: one per data cluster, one per L2 table.
+func (im *Image) worstAlloc(pos, n uint64) uint64 {
+	if n == 0 {
+		return 0
+	}
+	first, last := pos>>im.cb, (pos+n-1)>>im.cb
+	return last - first + 1 + (last>>im.l2Bits - first>>im.l2Bits + 1)
+}
+
+// reclaimFrees applies the pending frees (writeback) before a request
+// that may need more clusters than the pool holds. Otherwise the refill
+// grows the file while clusters the guest freed (by discard, or by
+// rewriting a shared cluster) wait for its next flush: a guest that writes
+// and discards without ever flushing grew the file by up to 4096 clusters
+// beyond the disk's size. With the frees applied first, the refill finds
+// them. It runs between requests only (mu held exclusively, no data write
+// of the request pending), where writeback's order holds.
+func (im *Image) reclaimFrees(need uint64) error {
+	if len(im.pendingFree) == 0 || im.pool[1] >= need {
+		return nil
+	}
+	return im.writeback()
+}
+
 // refillPool reserves a run of clusters with refcount 1 and makes those
 // refcounts durable before any of them is used. The run is the first free
 // one at or after the free hint that holds a first pool at least: of the

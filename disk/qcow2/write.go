@@ -50,6 +50,9 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if im.corruptMarked.Load() {
 		return 0, errMarkedCorrupt
 	}
+	if err := im.reclaimFrees(im.worstAlloc(uint64(off), uint64(len(p)))); err != nil {
+		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: release freed clusters: %w", im.name, err))
+	}
 	if err := im.writeLocked(p, uint64(off)); err != nil {
 		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write at %d: %w", im.name, off, err))
 	}
