@@ -39,6 +39,17 @@ func TestCheckBacking(t *testing.T) {
 	if err := os.Symlink(other, filepath.Join(bdir, "dir-out")); err != nil {
 		t.Fatal(err)
 	}
+	// A link inside the directory to a directory outside it: "s/../x"
+	// is x beside that directory for the kernel (and QEMU), not bdir/x.
+	if err := os.MkdirAll(filepath.Join(other, "a"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(other, "a"), filepath.Join(bdir, "s")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(other, "base.raw"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if err := syscall.Mkfifo(filepath.Join(bdir, "fifo"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -72,6 +83,14 @@ func TestCheckBacking(t *testing.T) {
 		{"unprintable", img, "base?.raw", "raw", dirPol, "cannot be checked"},
 		{"replacement-char", img, "base\uFFFD.raw", "raw", dirPol, "cannot be checked"},
 		{"dotdot-in-and-back", img, "../bases/base.raw", "raw", dirPol, ""},
+		// From review: cleaned lexically, "s/../secret" was bdir/secret
+		// (and "s/../base.raw" bdir/base.raw); the kernel opens
+		// other/secret and other/base.raw.
+		{"dotdot-after-link-out", img, "s/../secret", "raw", dirPol, "resolves to"},
+		{"dotdot-after-link-lexically-inside", img, "s/../base.raw", "raw", dirPol, "resolves to"},
+		{"protocol", img, "file:base.raw", "raw", dirPol, "protocol"},
+		{"json", img, `json:{"file":{"driver":"file","filename":"/etc/passwd"}}`, "raw", dirPol, "protocol"},
+		{"colon-after-slash", img, "sub/b:c", "raw", dirPol, "does not exist"},
 	}
 	for _, c := range cases {
 		got := CheckBacking(c.path, c.backing, c.format, c.p)

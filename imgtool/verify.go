@@ -133,13 +133,24 @@ func CheckBacking(path, backing, backingFormat string, p Policy) string {
 	if backingFormat == "" {
 		return fmt.Sprintf("the image does not record the format of its backing file %q", backing)
 	}
+	// QEMU reads a colon before the first slash as a protocol ("file:",
+	// "nbd:", "json:{...}"), not as a file name.
+	if colon, slash := strings.IndexByte(backing, ':'), strings.IndexByte(backing, '/'); colon >= 0 && (slash < 0 || colon < slash) {
+		return fmt.Sprintf("backing file name %q has a colon before its first slash, which QEMU reads as a protocol", backing)
+	}
 	img, err := filepath.Abs(path)
 	if err != nil {
 		return fmt.Sprintf("resolve %s: %v", path, err)
 	}
 	resolved := filepath.Clean(backing)
+	// asOpened is the name as QEMU opens it: joined to the image's
+	// directory as written, not cleaned. The kernel applies a ".." after
+	// following the link before it, so "link/../x" can lead out of a
+	// directory that "x" is in; EvalSymlinks resolves it the same way.
+	asOpened := backing
 	if !filepath.IsAbs(resolved) {
 		resolved = filepath.Join(filepath.Dir(img), backing)
+		asOpened = filepath.Dir(img) + "/" + backing
 	}
 	dir, err := filepath.Abs(p.BackingDir)
 	if err != nil {
@@ -148,7 +159,7 @@ func CheckBacking(path, backing, backingFormat string, p Policy) string {
 	if !inside(resolved, dir) {
 		return fmt.Sprintf("backing file %q (%s) is outside --backing-dir %s", backing, resolved, dir)
 	}
-	real, err := filepath.EvalSymlinks(resolved)
+	real, err := filepath.EvalSymlinks(asOpened)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Sprintf("backing file %q (%s) does not exist", backing, resolved)
 	}
