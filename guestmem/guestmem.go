@@ -265,9 +265,9 @@ func (m *Memory) Close() error {
 
 // NewMemfd creates an anonymous shareable file of the given size, suitable as
 // guest memory that other processes can map (the core and the test guest use
-// it).
+// it). Its size can be sealed (SealSize).
 func NewMemfd(name string, size uint64) (*os.File, error) {
-	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return nil, fmt.Errorf("memfd_create %s: %w", name, err)
 	}
@@ -281,4 +281,25 @@ func NewMemfd(name string, size uint64) (*os.File, error) {
 		return nil, fmt.Errorf("size memfd %s: %w", name, err)
 	}
 	return f, nil
+}
+
+// SealSize fixes the size of a memfd from NewMemfd for good
+// (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL). Guest RAM goes to every
+// plugin, and a plugin (which may be compromised) that could shrink it
+// would make the core's own accesses to its mapping fault.
+func SealSize(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("seal memfd %s: %w", f.Name(), err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		_, serr = unix.FcntlInt(fd, unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL)
+	}); err != nil {
+		return fmt.Errorf("seal memfd %s: %w", f.Name(), err)
+	}
+	if serr != nil {
+		return fmt.Errorf("seal memfd %s: %w", f.Name(), serr)
+	}
+	return nil
 }

@@ -68,6 +68,8 @@ func TestMain(m *testing.M) {
 		os.Exit(dropMain())
 	case "launch":
 		os.Exit(launchMain())
+	case "attack": // attack_test.go
+		os.Exit(attackMain())
 	case "filtercost": // filtercost_test.go
 		os.Exit(filterCostMain())
 	case "execed":

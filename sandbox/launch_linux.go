@@ -57,6 +57,12 @@ type LaunchConfig struct {
 	// system calls its seccomp filter refused. nil: a logger writing to
 	// stderr.
 	Log hclog.Logger
+	// ReadOnlyDirs makes the directories handed to the plugin readable
+	// only: the trampoline's Landlock rule beneath them grants no write
+	// right (a read-only share), so a plugin cannot write there even if it
+	// is compromised and whatever its own policy declares; IDMapShare makes
+	// the mount itself read-only too.
+	ReadOnlyDirs bool
 	// Trampoline is a krun-sandbox-exec binary (cmd/krun-sandbox-exec) to
 	// start as the trampoline. "": krun-sandbox-exec next to this
 	// process's executable if there is one, else this process's own
@@ -322,7 +328,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	execFD := take()
 	le := launchEnv{Version: launchEnvVersion, Root: root, Disabled: disabled, Limits: limits,
 		Kind: c.Kind, Syscalls: profile, Extra: c.ExtraSyscalls,
-		ExecFD: execFD, ChanFD: take(), DirFDs: dirFDs, SocketDir: sockDir, SocketFD: sockFD, TrampolineFD: trampFD}
+		ExecFD: execFD, ChanFD: take(), DirFDs: dirFDs, DirsReadOnly: c.ReadOnlyDirs, SocketDir: sockDir, SocketFD: sockFD, TrampolineFD: trampFD}
 	sp.Pdeathsig = syscall.SIGKILL
 	if !sp.Setpgid && !sp.Foreground && !sp.Setctty {
 		sp.Setsid = true
@@ -605,6 +611,11 @@ func (c LaunchConfig) Verify(pid int) error {
 		}
 		if cur[0] > s.max || cur[1] > s.max {
 			return fmt.Errorf("sandbox: verify pid %d: %s is %d/%d, want at most %d", pid, s.name, cur[0], cur[1], s.max)
+		}
+	}
+	if !slices.Contains(disabled, LayerNamespaces) {
+		if cur := lim["Max processes"]; cur[0] > l.Tasks || cur[1] > l.Tasks {
+			return fmt.Errorf("sandbox: verify pid %d: Max processes is %d/%d, want at most %d", pid, cur[0], cur[1], l.Tasks)
 		}
 	}
 	return nil

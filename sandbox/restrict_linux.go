@@ -150,6 +150,20 @@ func checkNamespaces() error {
 	return nil
 }
 
+// setRlimit lowers limit res (called name) to v, soft and hard together;
+// a limit already lower stays.
+func setRlimit(name string, res int, v uint64) error {
+	var old unix.Rlimit
+	if err := unix.Prlimit(0, res, nil, &old); err != nil {
+		return fmt.Errorf("get %s: %w", name, err)
+	}
+	v = min(v, old.Max) // never try to raise
+	if err := unix.Prlimit(0, res, &unix.Rlimit{Cur: v, Max: v}, nil); err != nil {
+		return fmt.Errorf("set %s to %d: %w", name, v, err)
+	}
+	return nil
+}
+
 // applyRlimits lowers soft and hard limits together so they cannot be
 // raised again (that needs CAP_SYS_RESOURCE in the initial namespace).
 func applyRlimits(l Limits) error {
@@ -164,13 +178,8 @@ func applyRlimits(l Limits) error {
 		{"RLIMIT_DATA", unix.RLIMIT_DATA, l.DataBytes},
 	}
 	for _, s := range set {
-		var old unix.Rlimit
-		if err := unix.Prlimit(0, s.res, nil, &old); err != nil {
-			return fmt.Errorf("get %s: %w", s.name, err)
-		}
-		v := min(s.v, old.Max) // never try to raise
-		if err := unix.Prlimit(0, s.res, &unix.Rlimit{Cur: v, Max: v}, nil); err != nil {
-			return fmt.Errorf("set %s to %d: %w", s.name, v, err)
+		if err := setRlimit(s.name, s.res, s.v); err != nil {
+			return err
 		}
 	}
 	return nil

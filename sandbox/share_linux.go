@@ -79,7 +79,8 @@ func (c LaunchConfig) PluginSeesShareIDs() bool {
 // so mounts below it come along), on which mount_setattr sets
 // MOUNT_ATTR_IDMAP with the swaps of ShareSwaps (every other id maps to
 // itself, so no file has an owner the kernel cannot map, which would make it
-// read-only), MOUNT_ATTR_NOSUID and MOUNT_ATTR_NODEV. The result is an
+// read-only), MOUNT_ATTR_NOSUID and MOUNT_ATTR_NODEV, and with
+// ReadOnlyDirs MOUNT_ATTR_RDONLY. The result is an
 // O_PATH fd of the copy's root, to hand to the plugin instead of dir; the
 // copy lives as long as a descriptor of it (or of a file opened through it)
 // does. Mounts made below the directory later are not in the copy.
@@ -119,6 +120,9 @@ func (c LaunchConfig) IDMapShare(dir *os.File) (*os.File, error) {
 	attr := unix.MountAttr{
 		Attr_set:  unix.MOUNT_ATTR_IDMAP | unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV,
 		Userns_fd: uint64(ns.Fd()),
+	}
+	if c.ReadOnlyDirs {
+		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY // the kernel refuses every write through it
 	}
 	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &attr); err != nil {
 		mnt.Close()

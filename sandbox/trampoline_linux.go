@@ -66,6 +66,12 @@ func trampoline(raw string, argv []string) int {
 	if err := applyRlimits(e.Limits); err != nil {
 		return fail(LayerRlimits, err)
 	}
+	if !off(LayerNamespaces) {
+		// Counted in the plugin's own user namespace: its threads only.
+		if err := setRlimit("RLIMIT_NPROC", unix.RLIMIT_NPROC, e.Limits.Tasks); err != nil {
+			return fail(LayerRlimits, err)
+		}
+	}
 	if !off(LayerRoot) {
 		if err := enterEmptyRoot(e.Root, e.SocketDir); err != nil {
 			return fail(LayerRoot, err)
@@ -80,7 +86,11 @@ func trampoline(raw string, argv []string) int {
 	if !off(LayerLandlock) {
 		rules := []landlockRule{{fd: e.ExecFD, rights: landlockExec, file: true}}
 		for _, d := range e.DirFDs {
-			rules = append(rules, landlockRule{fd: d, rights: ^uint64(0) &^ landlockNever})
+			rights := ^uint64(0) &^ landlockNever
+			if e.DirsReadOnly {
+				rights = landlockReadOnly
+			}
+			rules = append(rules, landlockRule{fd: d, rights: rights})
 		}
 		switch {
 		case e.SocketFD > 0:

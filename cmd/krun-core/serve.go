@@ -214,7 +214,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	var lc *sandbox.LaunchConfig
 	if !o.sandboxOff {
 		lc = &sandbox.LaunchConfig{Kind: o.spec.Kind(), Disable: o.sandboxDisable, Log: log,
-			HostUID: o.pluginUID, HostGID: o.pluginGID}
+			HostUID: o.pluginUID, HostGID: o.pluginGID, ReadOnlyDirs: devspec.ReadOnlyDirs(o.spec)}
 	}
 	opened, err := o.spec.Open(devspec.OpenOptions{
 		HelperStderr: devspec.HelperLog(log.Named("helper")),
@@ -375,7 +375,7 @@ func (s *servedPlugin) launch(ctx context.Context) (*pluginhost.DeviceInfo, stri
 		cfg.SandboxOff = true
 	} else {
 		cfg.Sandbox = sandbox.LaunchConfig{Kind: s.opened.Kind, Disable: o.sandboxDisable, Log: s.log,
-			HostUID: o.pluginUID, HostGID: o.pluginGID}
+			HostUID: o.pluginUID, HostGID: o.pluginGID, ReadOnlyDirs: devspec.ReadOnlyDirs(o.spec)}
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {

@@ -97,6 +97,15 @@ func checkTag(t string) error {
 // Kind is fs-virtio.
 func (f *FSSpec) Kind() string { return devopts.KindFS }
 
+// ReadOnlyDirs reports whether the directories spec s hands its plugin
+// are to be read-only (a read-only share): the launcher's sandbox then
+// enforces it below the plugin (sandbox.LaunchConfig.ReadOnlyDirs), so a
+// compromised plugin cannot write there either.
+func ReadOnlyDirs(s Spec) bool {
+	f, ok := s.(*FSSpec)
+	return ok && f.ReadOnly
+}
+
 // String renders f in --fs form.
 func (f *FSSpec) String() string {
 	var b strings.Builder

@@ -181,7 +181,7 @@ func (d *pluginDevice) launchConfig() *sandbox.LaunchConfig {
 		return nil
 	}
 	return &sandbox.LaunchConfig{Kind: d.spec.Kind(), Disable: c.sandboxDisable, Log: c.log.Named(d.spec.Kind()),
-		HostUID: c.pluginUID, HostGID: c.pluginGID}
+		HostUID: c.pluginUID, HostGID: c.pluginGID, ReadOnlyDirs: devspec.ReadOnlyDirs(d.spec)}
 }
 
 // startPlugin launches the plugin of d.opened on a new socket pair,

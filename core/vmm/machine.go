@@ -316,6 +316,9 @@ func (m *machine) setupMemory(size uint64) error {
 		return err
 	}
 	m.memFile = f
+	if err := guestmem.SealSize(f); err != nil {
+		return err
+	}
 	m.ram = boot.RAMLayout(size)
 	regions := make([]guestmem.Region, len(m.ram))
 	var off uint64

@@ -1,0 +1,515 @@
+package sandbox
+
+// Security attack probes: a sandboxed plugin (this test binary, helper mode
+// "attack") tries what a compromised plugin would, in a real sandboxed
+// launch (LaunchConfig.Apply + trampoline). Each Test* test FAILS
+// when the plugin gets further than docs/SECURITY.md says it can.
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/internal/syncbuf"
+)
+
+const envAttackMode = "KRUN_ATTACK_MODE"
+const envAttackArg = "KRUN_ATTACK_ARG"
+
+// Fds of the attack probe: 3 disk, 4 vhost-user end, 5 an extra file
+// (guest RAM memfd) when the test hands one.
+const (
+	revDisk  = 3
+	revVhost = 4
+	revExtra = 5
+)
+
+type attackResult struct {
+	Mode    string            `json:"mode"`
+	Err     string            `json:"err,omitempty"`
+	Errnos  map[string]int    `json:"errnos,omitempty"`
+	Values  map[string]uint64 `json:"values,omitempty"`
+	Details map[string]string `json:"details,omitempty"`
+}
+
+func attackEmit(r attackResult) {
+	b, _ := json.Marshal(r)
+	os.Stdout.Write(append(b, '\n'))
+}
+
+func attackMain() int {
+	mode := os.Getenv(envAttackMode)
+	arg, _ := strconv.ParseUint(os.Getenv(envAttackArg), 10, 64)
+	res := attackResult{Mode: mode, Errnos: map[string]int{}, Values: map[string]uint64{}, Details: map[string]string{}}
+	restrict := func(kind string) bool {
+		p, _ := DefaultPolicy(kind, -1)
+		if err := Restrict(p, hclog.NewNullLogger()); err != nil {
+			res.Err = "restrict: " + err.Error()
+			attackEmit(res)
+			return false
+		}
+		return true
+	}
+	switch mode {
+	case "memfd":
+		// A compromised block plugin (after Restrict) fills a memfd of its
+		// own: shmem pages, not counted by RLIMIT_DATA.
+		if !restrict("blk") {
+			return 3
+		}
+		var lim unix.Rlimit
+		unix.Prlimit(0, unix.RLIMIT_DATA, nil, &lim)
+		res.Values["rlimit_data"] = lim.Cur
+		fd, err := unix.MemfdCreate("hog", unix.MFD_CLOEXEC)
+		if err != nil {
+			res.Errnos["memfd_create"] = errnoOf(err)
+			break
+		}
+		chunk := make([]byte, 1<<20)
+		for i := range chunk {
+			chunk[i] = 1
+		}
+		var written uint64
+		for written < arg {
+			n, err := unix.Pwrite(fd, chunk, int64(written))
+			if err != nil {
+				res.Errnos["pwrite"] = errnoOf(err)
+				break
+			}
+			written += uint64(n)
+		}
+		res.Values["memfd_bytes"] = written
+		attackEmit(res)
+		bufio.NewReader(os.Stdin).ReadString('\n') // hold it while the test looks
+		return 0
+	case "threads":
+		// A compromised plugin makes OS threads (clone with the Go
+		// runtime's own thread flags is allowed) until told to stop.
+		if !restrict("blk") {
+			return 3
+		}
+		debug.SetMaxThreads(1 << 20)
+		ready := make(chan struct{})
+		block := make(chan struct{})
+		for i := uint64(0); i < arg; i++ {
+			go func() {
+				runtime.LockOSThread()
+				ready <- struct{}{}
+				<-block
+			}()
+			<-ready
+		}
+		res.Values["threads_made"] = arg
+		var lim unix.Rlimit
+		unix.Prlimit(0, unix.RLIMIT_NPROC, nil, &lim)
+		res.Values["rlimit_nproc"] = lim.Cur
+		attackEmit(res)
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		return 0
+	case "rowrite":
+		// fd 5 is a share the user declared readonly=on. fs-virtio's
+		// policy for it is the same as for a writable share
+		// (plugins/fs-virtio/main.go Policy: DefaultPolicy("fs", fd)).
+		p, _ := DefaultPolicy("fs", revExtra)
+		if err := Restrict(p, hclog.NewNullLogger()); err != nil {
+			res.Err = "restrict: " + err.Error()
+			break
+		}
+		fd, err := unix.Openat(revExtra, "planted", unix.O_CREAT|unix.O_WRONLY|unix.O_CLOEXEC, 0o755)
+		res.Errnos["create"] = errnoOf(err)
+		if err == nil {
+			unix.Write(fd, []byte("#!/bin/sh\n"))
+			unix.Close(fd)
+		}
+		res.Errnos["unlink"] = errnoOf(unix.Unlinkat(revExtra, "victim", 0))
+	case "guestmem":
+		// fd 5 is guest RAM as the core shares it (SET_MEM_TABLE). A
+		// compromised block plugin shrinks it.
+		if !restrict("blk") {
+			return 3
+		}
+		var st unix.Stat_t
+		unix.Fstat(revExtra, &st)
+		res.Values["size_before"] = uint64(st.Size)
+		res.Errnos["ftruncate_0"] = errnoOf(unix.Ftruncate(revExtra, 0))
+		unix.Fstat(revExtra, &st)
+		res.Values["size_after"] = uint64(st.Size)
+		attackEmit(res)
+		return 0
+	case "memexec":
+		// A hostile third-party plugin (no Restrict) executes code it
+		// wrote into a memfd, through the execveat the start-up calls
+		// allow for the plugin binary's fd number.
+		e, err := decodeLaunchEnv(os.Getenv(envName))
+		if err != nil {
+			res.Err = err.Error()
+			break
+		}
+		res.Values["exec_fd"] = uint64(e.ExecFD)
+		if os.Getenv(envAttackArg) == "restrict" && !restrict("blk") {
+			return 3
+		}
+		fd, err := unix.MemfdCreate("payload", 0)
+		if err != nil {
+			res.Errnos["memfd_create"] = errnoOf(err)
+			break
+		}
+		if _, err := unix.Pwrite(fd, tinyELF(42), 0); err != nil {
+			res.Errnos["pwrite"] = errnoOf(err)
+			break
+		}
+		nfd := fd // memfd_create may already have taken the freed number
+		if fd != e.ExecFD {
+			unix.Close(e.ExecFD) // in case the runtime reused the number
+			nfd, err = unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, e.ExecFD)
+		}
+		res.Values["payload_fd"] = uint64(nfd)
+		if err != nil || nfd != e.ExecFD {
+			res.Errnos["dup"] = errnoOf(err)
+			res.Details["dup"] = fmt.Sprintf("got fd %d want %d", nfd, e.ExecFD)
+			break
+		}
+		empty := cstr("")
+		argv := []*byte{cstr("payload"), nil}
+		envv := []*byte{nil}
+		_, err = sys(unix.SYS_EXECVEAT, uintptr(nfd), uintptr(unsafe.Pointer(empty)),
+			uintptr(unsafe.Pointer(&argv[0])), uintptr(unsafe.Pointer(&envv[0])), unix.AT_EMPTY_PATH)
+		res.Errnos["execveat_memfd"] = errnoOf(err)
+	case "misc":
+		// Things that should be refused after Restrict (block).
+		e, _ := decodeLaunchEnv(os.Getenv(envName))
+		if !restrict("blk") {
+			return 3
+		}
+		try := func(name string, f func() error) { res.Errnos[name] = errnoOf(f()) }
+		try("execveat_binary_fd", func() error {
+			argv := []*byte{cstr("x"), nil}
+			_, err := sys(unix.SYS_EXECVEAT, uintptr(e.ExecFD), uintptr(unsafe.Pointer(cstr(""))),
+				uintptr(unsafe.Pointer(&argv[0])), uintptr(unsafe.Pointer(&argv[1])), unix.AT_EMPTY_PATH)
+			return err
+		})
+		try("clone_newuser_thread_flags", func() error {
+			r, _, en := unix.RawSyscall6(unix.SYS_CLONE, uintptr(goThreadCloneFlags|unix.CLONE_NEWUSER), 0, 0, 0, 0, 0)
+			if en == 0 && r == 0 {
+				unix.RawSyscall(unix.SYS_EXIT, 0, 0, 0)
+			}
+			if en != 0 {
+				return en
+			}
+			return nil
+		})
+		try("clone3", func() error { _, err := sys(435, 0, 0); return err })
+		try("x32_getpid", func() error { _, err := sys(uintptr(x32SyscallBit | 39)); return err })
+		try("kill_minus1", func() error { _, err := sys(unix.SYS_KILL, ^uintptr(0), 0); return err })
+		try("tiocsti_stderr", func() error {
+			c := byte('x')
+			_, err := sys(unix.SYS_IOCTL, 2, unix.TIOCSTI, uintptr(unsafe.Pointer(&c)))
+			return err
+		})
+		try("socket_unix", func() error {
+			fd, err := sys(unix.SYS_SOCKET, unix.AF_UNIX, unix.SOCK_STREAM, 0)
+			if err == nil {
+				closeFD(fd)
+			}
+			return err
+		})
+		try("mprotect_exec", func() error {
+			b, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANON)
+			if err != nil {
+				return err
+			}
+			_, err = sys(unix.SYS_MPROTECT, uintptr(unsafe.Pointer(&b[0])), 4096, unix.PROT_READ|unix.PROT_EXEC)
+			return err
+		})
+		try("setrlimit_nofile", func() error {
+			l := unix.Rlimit{Cur: 1 << 20, Max: 1 << 20}
+			_, err := sys(unix.SYS_SETRLIMIT, unix.RLIMIT_NOFILE, uintptr(unsafe.Pointer(&l)))
+			return err
+		})
+		try("fcntl_add_seals", func() error { _, err := unix.FcntlInt(revDisk, unix.F_ADD_SEALS, 0); return err })
+		try("fcntl_setown", func() error { _, err := unix.FcntlInt(revVhost, unix.F_SETOWN, 1); return err })
+		try("prctl_set_pdeathsig", func() error { return unix.Prctl(unix.PR_SET_PDEATHSIG, 0, 0, 0, 0) })
+		try("openat_after_restrict", func() error {
+			fd, err := sys(unix.SYS_OPENAT, atFDCWD(), uintptr(unsafe.Pointer(cstr("/"))), unix.O_RDONLY)
+			if err == nil {
+				closeFD(fd)
+			}
+			return err
+		})
+	default:
+		res.Err = "unknown attack mode " + mode
+	}
+	attackEmit(res)
+	return 0
+}
+
+// tinyELF is a minimal static x86-64 executable: exit_group(code).
+func tinyELF(code byte) []byte {
+	const base = 0x400000
+	text := []byte{0xbf, code, 0, 0, 0, 0xb8, 231, 0, 0, 0, 0x0f, 0x05} // mov edi,code; mov eax,231; syscall
+	b := make([]byte, 64+56)
+	copy(b, []byte{0x7f, 'E', 'L', 'F', 2, 1, 1, 0})
+	le := binary.LittleEndian
+	le.PutUint16(b[16:], 2)    // ET_EXEC
+	le.PutUint16(b[18:], 0x3e) // x86-64
+	le.PutUint32(b[20:], 1)
+	le.PutUint64(b[24:], base+120) // entry
+	le.PutUint64(b[32:], 64)       // phoff
+	le.PutUint16(b[52:], 64)       // ehsize
+	le.PutUint16(b[54:], 56)       // phentsize
+	le.PutUint16(b[56:], 1)        // phnum
+	ph := b[64:]
+	le.PutUint32(ph[0:], 1)     // PT_LOAD
+	le.PutUint32(ph[4:], 5)     // R+X
+	le.PutUint64(ph[16:], base) // vaddr
+	le.PutUint64(ph[24:], base)
+	le.PutUint64(ph[32:], uint64(120+len(text)))
+	le.PutUint64(ph[40:], uint64(120+len(text)))
+	le.PutUint64(ph[48:], 0x1000)
+	return append(b, text...)
+}
+
+type attackProc struct {
+	cmd    *exec.Cmd
+	out    *bufio.Scanner
+	stdin  interface{ Close() error }
+	stderr *syncbuf.Buffer
+}
+
+// startAttack launches this binary in helper mode "attack" in the full
+// sandbox, with a disk, a vhost-user socket end and extra as fds 3, 4, 5.
+func startAttack(t *testing.T, kind, mode, arg string, lc LaunchConfig, extra *os.File) *attackProc {
+	t.Helper()
+	requireSandboxHost(t)
+	dir, err := os.MkdirTemp("", "krun-attack-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o777)
+	disk, err := os.OpenFile(filepath.Join(dir, "disk.img"), os.O_RDWR|os.O_CREATE, 0o666)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { disk.Close() })
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := os.NewFile(uintptr(pair[0]), "a"), os.NewFile(uintptr(pair[1]), "b")
+	t.Cleanup(func() { a.Close(); b.Close() })
+	sockDir := filepath.Join(dir, "sock")
+	os.Mkdir(sockDir, 0o700)
+	self, _ := os.Executable()
+	cmd := exec.Command(self)
+	cmd.Env = []string{envHelper + "=attack", envAttackMode + "=" + mode, envAttackArg + "=" + arg,
+		envSocketDir + "=" + sockDir}
+	cmd.ExtraFiles = []*os.File{disk, b}
+	if extra != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, extra)
+	}
+	p := &attackProc{cmd: cmd, stderr: &syncbuf.Buffer{}}
+	cmd.Stderr = p.stderr
+	cmd.WaitDelay = 10 * time.Second
+	stdin, _ := cmd.StdinPipe()
+	p.stdin = stdin
+	stdout, _ := cmd.StdoutPipe()
+	if lc.Kind == "" {
+		lc.Kind = kind
+	}
+	lc.Log = hclog.New(&hclog.LoggerOptions{Output: p.stderr})
+	if err := lc.Apply(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		stdin.Close()
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("attack probe stderr:\n%s", p.stderr.String())
+		}
+	})
+	p.out = bufio.NewScanner(stdout)
+	p.out.Buffer(make([]byte, 1<<20), 1<<20)
+	return p
+}
+
+func (p *attackProc) result(t *testing.T) (attackResult, bool) {
+	t.Helper()
+	done := make(chan bool, 1)
+	var r attackResult
+	go func() {
+		if !p.out.Scan() {
+			done <- false
+			return
+		}
+		if err := json.Unmarshal(p.out.Bytes(), &r); err != nil {
+			r.Err = "garbage: " + p.out.Text()
+		}
+		done <- true
+	}()
+	select {
+	case ok := <-done:
+		if ok && r.Err != "" {
+			t.Fatalf("probe: %s\nstderr:\n%s", r.Err, p.stderr.String())
+		}
+		return r, ok
+	case <-time.After(120 * time.Second):
+		t.Fatalf("no result from the attack probe in 120s; stderr:\n%s", p.stderr.String())
+	}
+	return r, false
+}
+
+// A compromised plugin cannot make as many threads (host tasks, host
+// pids) as it likes: the trampoline sets RLIMIT_NPROC (Limits.Tasks,
+// counted in the plugin's own user namespace), so a thread bomb ends the
+// plugin, not the host's pids (the core must create threads to run, or
+// its Go runtime aborts). Before the fix a plugin ran 3000 threads, with
+// the host's RLIMIT_NPROC (from review).
+func TestThreadCountBounded(t *testing.T) {
+	const n = 3000
+	p := startAttack(t, "blk", "threads", strconv.Itoa(n), LaunchConfig{}, nil)
+	r, ok := p.result(t)
+	if !ok {
+		if err := p.cmd.Wait(); !strings.Contains(p.stderr.String(), "failed to create new OS thread") {
+			t.Fatalf("probe died (%v), not for want of threads; stderr:\n%s", err, p.stderr.String())
+		}
+		return // the bomb ended the plugin at its limit
+	}
+	st, _ := readStatus(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	threads, _ := strconv.Atoi(st["Threads"])
+	if threads >= n || r.Values["rlimit_nproc"] > DefaultTasks {
+		t.Errorf("sandboxed block plugin (after Restrict) runs %d threads (RLIMIT_NPROC %d): no bound on tasks",
+			threads, int64(r.Values["rlimit_nproc"]))
+	}
+}
+
+// Guest RAM is a memfd the core maps and hands to every plugin; ftruncate
+// is allowed after Restrict (for the inflight region). The core seals its
+// size (guestmem.SealSize), so a compromised plugin cannot shrink it and
+// make the core's own accesses fault (SIGBUS, fatal to krun-core where it
+// reads guest RAM outside a fault-catching path, e.g. resuming a restarted
+// plugin's queues). Before the fix the plugin truncated it to 0 (from
+// review).
+func TestGuestRAMCannotBeShrunk(t *testing.T) {
+	ram, err := guestmem.NewMemfd("krun-guest-ram", 1<<20) // as the core makes it
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ram.Close()
+	if err := guestmem.SealSize(ram); err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(int(ram.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	m[4096] = 1
+	p := startAttack(t, "blk", "guestmem", "", LaunchConfig{}, ram)
+	r, ok := p.result(t)
+	if !ok {
+		t.Fatalf("probe died; stderr:\n%s", p.stderr.String())
+	}
+	fi, _ := ram.Stat()
+	faulted := func() (f bool) {
+		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+		defer func() { f = recover() != nil }()
+		attackSink = m[4096] // the core reading guest RAM (usedIndex)
+		return false
+	}()
+	if r.Errnos["ftruncate_0"] == 0 || fi.Size() != 1<<20 || faulted {
+		t.Errorf("sandboxed block plugin (after Restrict) truncated guest RAM from %d to %d bytes (ftruncate errno %d); "+
+			"the core's read of its own mapping faults: %v",
+			r.Values["size_before"], fi.Size(), r.Errnos["ftruncate_0"], faulted)
+	}
+}
+
+// `--fs ...,readonly=on` and `run --root-readonly`: the launcher makes the
+// share read-only below the plugin (LaunchConfig.ReadOnlyDirs: the
+// trampoline's Landlock rule beneath it grants reading only; a root
+// launcher's ID-mapped mount is MOUNT_ATTR_RDONLY too), so a compromised
+// fs-virtio plugin cannot write there whatever its own policy declares
+// (fs-virtio's is read-write: DefaultPolicy("fs", fd)). Before the fix
+// only the FUSE server's own EROFS checks stood in the way, and such a
+// plugin planted and deleted files in a share exported read-only (from
+// review).
+func TestReadOnlyShareNotWritable(t *testing.T) {
+	dir := t.TempDir()
+	os.Chmod(dir, 0o777)
+	if err := os.WriteFile(filepath.Join(dir, "victim"), []byte("host data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	share, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer share.Close()
+	p := startAttack(t, "fs-virtio", "rowrite", "", LaunchConfig{ReadOnlyDirs: true}, share)
+	r, ok := p.result(t)
+	if !ok {
+		t.Fatalf("probe died; stderr:\n%s", p.stderr.String())
+	}
+	_, errPlanted := os.Stat(filepath.Join(dir, "planted"))
+	_, errVictim := os.Stat(filepath.Join(dir, "victim"))
+	if errPlanted == nil || errVictim != nil {
+		t.Errorf("a sandboxed fs-virtio plugin (after Restrict with its policy) serving a readonly=on share: "+
+			"create errno %d, unlink errno %d; planted file exists: %v, victim removed: %v",
+			r.Errnos["create"], r.Errnos["unlink"], errPlanted == nil, errVictim != nil)
+	}
+}
+
+// After Restrict the same is refused (narrowing filter): recorded as sound.
+func TestMemfdExecAfterRestrictRefused(t *testing.T) {
+	p := startAttack(t, "blk", "memexec", "restrict", LaunchConfig{}, nil)
+	r, ok := p.result(t)
+	if !ok {
+		err := p.cmd.Wait()
+		t.Fatalf("probe gone without a result (%v): exec after Restrict worked?", err)
+	}
+	if r.Errnos["execveat_memfd"] != int(unix.EPERM) {
+		t.Errorf("execveat after Restrict: %v", r.Errnos)
+	}
+}
+
+// Everything here must be refused after Restrict; recorded as sound.
+func TestMiscRefusedAfterRestrict(t *testing.T) {
+	p := startAttack(t, "blk", "misc", "", LaunchConfig{}, nil)
+	r, ok := p.result(t)
+	if !ok {
+		t.Fatalf("probe died: %s", p.stderr.String())
+	}
+	var bad []string
+	for k, v := range r.Errnos {
+		if v == 0 {
+			bad = append(bad, k)
+		}
+	}
+	t.Logf("errnos: %v", r.Errnos)
+	if len(bad) > 0 {
+		t.Errorf("allowed after Restrict: %s", strings.Join(bad, ", "))
+	}
+}
+
+var _ = syscall.Getpid
+
+var attackSink byte
