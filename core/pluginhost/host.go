@@ -179,6 +179,9 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		HandshakeTimeout: cfg.HandshakeTimeout, SocketBaseDir: cfg.SocketBaseDir, Env: cfg.Env,
 		Handshake: pluginpb.Handshake(), Service: pluginpb.PluginName,
 		NewClient: func(c *grpc.ClientConn) any { return pluginpb.NewDevicePluginClient(c) },
+		// A plugin's replies are hostile input: go-plugin would take up
+		// to 2 GiB each.
+		DialOptions: []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxReplyBytes))},
 	})
 	if err != nil {
 		return nil, err
@@ -415,6 +418,10 @@ func (p *Plugin) crashedBefore(op string) error {
 	}
 	return p.exitError(op)
 }
+
+// MaxReplyBytes bounds a device plugin's gRPC reply (Describe, Health,
+// Stats...): all are small (a config space, a policy, counters).
+const MaxReplyBytes = 1 << 20
 
 // LaunchAll launches several plugins concurrently. If any launch fails, the
 // others are killed and the first error (in cfgs order) is returned.

@@ -335,11 +335,33 @@ func (p *Process) Kill() {
 	p.close()
 }
 
+// closeGrace bounds how long close waits for go-plugin's graceful stop
+// (the plugin lingers up to 2 s after its Shutdown for it, and go-plugin
+// waits 2 s more before it kills).
+const closeGrace = 5 * time.Second
+
 // close stops go-plugin's client (which waits for the process) and removes
 // the socket directory, once.
 func (p *Process) close() {
 	p.closeOnce.Do(func() {
-		p.client.Kill() // graceful go-plugin stop, SIGKILL after 2 s
+		// go-plugin's Kill asks the plugin to stop (its controller's
+		// Shutdown) and kills it 2 s after an answer; but that request
+		// has no deadline, and a plugin that never answers (it may be
+		// compromised) would hold it, and the core, for good.
+		done := make(chan struct{})
+		go func() {
+			p.client.Kill()
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(closeGrace):
+			p.log.Warn("plugin did not stop; killing it", "kind", p.kind, "pid", p.Pid())
+			if p.run != nil {
+				_ = p.run.Kill(context.Background())
+			}
+			<-done // the request ends with the process
+		}
 		p.removeSockDir()
 		p.log.Debug("plugin stopped", "kind", p.kind, "pid", p.Pid())
 	})

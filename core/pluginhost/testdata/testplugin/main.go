@@ -8,12 +8,16 @@
 //	exit      exit with status 3 before the handshake
 //	version   offer handshake protocol version 99
 //	policy    declare a sandbox policy with a forbidden extra system call
+//	huge      answer Stats with a 64 MiB counter name
+//	stall     answer everything but Shutdown (its own and go-plugin's
+//	          controller Shutdown), which never return: a compromised plugin
 package main
 
 import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -63,6 +67,10 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 		panic("testplugin: crashing in Stats as asked")
 	}
 	c := map[string]uint64{}
+	if os.Getenv("KRUN_TEST_MODE") == "huge" {
+		c[strings.Repeat("k", 64<<20)] = 1
+		return &pluginpb.StatsResponse{Counters: c}, nil
+	}
 	c["pdeathsig"] = uint64(pdeathsig)
 	var st unix.Stat_t
 	if unix.Fstat(pluginpb.SocketFD, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
@@ -122,10 +130,22 @@ func main() {
 		hs.ProtocolVersion = 99
 	}
 	log.Info("hello from test plugin", "pid", os.Getpid())
+	grpcServer := plugin.DefaultGRPCServer
+	if os.Getenv("KRUN_TEST_MODE") == "stall" {
+		grpcServer = func(opts []grpc.ServerOption) *grpc.Server {
+			stall := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+				if strings.HasSuffix(info.FullMethod, "/Shutdown") {
+					select {} // never answer, never exit
+				}
+				return h(ctx, req)
+			}
+			return grpc.NewServer(append(opts, grpc.UnaryInterceptor(stall))...)
+		}
+	}
 	plugin.Serve(&plugin.ServeConfig{
 		HandshakeConfig: hs,
 		Plugins:         plugin.PluginSet{pluginpb.PluginName: devicePlugin{srv: &server{log: log}}},
-		GRPCServer:      plugin.DefaultGRPCServer,
+		GRPCServer:      grpcServer,
 		Logger:          log,
 	})
 }
