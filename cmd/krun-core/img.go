@@ -189,6 +189,10 @@ func imgCommand(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprint(stdout, imgHelp[args[1]]+imgCommonOptions)
 			return 0
 		}
+		if len(args) > 1 && args[0] == "help" {
+			fmt.Fprintf(stderr, "krun-core img help: unknown command %q (see krun-core img --help)\n", args[1])
+			return 1
+		}
 		fmt.Fprint(stdout, imgUsage)
 		return 0
 	}
@@ -338,7 +342,7 @@ func imgRun(name string, args []string, stdout, stderr io.Writer, f *imgFlags, p
 	if err != nil {
 		return fail(err)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer stop()
 	code, err := body(ctx, l)
 	if err != nil {
@@ -351,11 +355,7 @@ func imgRun(name string, args []string, stdout, stderr io.Writer, f *imgFlags, p
 }
 
 func oneLineErr(err error) string {
-	s := err.Error()
-	if i := strings.IndexAny(s, "\r\n"); i >= 0 {
-		s = s[:i]
-	}
-	return s
+	return cli.OneLine(err.Error()) // a line break in a file name must not cut off the reason
 }
 
 // formatFlag registers --format and its short form -f.

@@ -61,6 +61,8 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 			if _, ok := commands()[args[1]]; ok {
 				return dispatch([]string{args[1], "--help"}, stdout, stderr)
 			}
+			fmt.Fprintf(stderr, "krun-core help: unknown command %q (see krun-core --help)\n", args[1])
+			return 1
 		}
 		usage(stdout)
 		return 0

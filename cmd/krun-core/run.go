@@ -271,7 +271,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			defer restore()
 		}
 		c.SetConsoleInput(os.Stdin)
-		sctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+		sctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 		defer stop()
 		ctx = sctx
 	}

@@ -195,7 +195,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	// plugin starts is handled once serving begins (flush, remove the
 	// socket, exit 0) instead of killing krun-core half-way.
 	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigc)
 	log, err := o.log(stderr)
 	if err != nil {
@@ -525,9 +525,5 @@ func bindAndListen(fd int, path string, mode os.FileMode) error {
 }
 
 func serveOneLine(err error) string {
-	s := err.Error()
-	if i := strings.IndexAny(s, "\r\n"); i >= 0 {
-		s = s[:i]
-	}
-	return s
+	return cli.OneLine(err.Error()) // a line break in a file name must not cut off the reason
 }

@@ -232,6 +232,11 @@ func newSink(out *os.File, format string, o OutputOptions, size int64) (sink, er
 		}
 		return &rawSink{f: out}, nil
 	}
+	if cs := o.ClusterSize; cs != 0 && (cs < 512 || cs > 2<<20 || cs&(cs-1) != 0) {
+		// Named before the size check, which cannot judge a size
+		// against an invalid cluster size.
+		return nil, fmt.Errorf("cluster size %d must be a power of two from 512 to 2 MiB", cs)
+	}
 	if size > 0 && size > qcow2out.MaxVirtualSize(o.ClusterSize) {
 		return nil, fmt.Errorf("virtual size %d is too large for qcow2 with this cluster size (at most %d; use a larger --cluster-size)",
 			size, qcow2out.MaxVirtualSize(o.ClusterSize))
