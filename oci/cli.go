@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/guest/container"
+	"github.com/krun-core/krun-core/internal/cli"
 )
 
 // Version is krun-oci's version.
@@ -151,7 +154,6 @@ func usage(w io.Writer) {
 func Main(args []string, env *Env) int {
 	g := &globals{}
 	fs := flag.NewFlagSet("krun-oci", flag.ContinueOnError)
-	fs.SetOutput(env.Stderr)
 	fs.StringVar(&g.root, "root", defaultRoot(), "directory for the containers' state")
 	fs.StringVar(&g.logPath, "log", "", "log file (appended)")
 	fs.StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
@@ -166,11 +168,16 @@ func Main(args []string, env *Env) int {
 	fs.String("criu", "", "accepted for compatibility")
 	version := fs.Bool("version", false, "print the version")
 	fs.BoolVar(version, "v", false, "print the version")
-	fs.Usage = func() { usage(env.Stderr) }
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			usage(env.Stdout)
 			return 0
 		}
+		// One line, as every other error (not the flag package's line
+		// and the whole usage).
+		fmt.Fprintf(env.Stderr, "krun-oci: %v\n", cli.FlagError("krun-oci", err))
 		return 1
 	}
 	log, err := openRuntimeLog(g.logPath, g.logFormat, g.debug, env.Stderr)
@@ -186,7 +193,7 @@ func Main(args []string, env *Env) int {
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
-		usage(env.Stderr)
+		log.fail(errors.New("no command given (see krun-oci --help)"))
 		return 1
 	}
 	if g.pluginUID < 0 || g.pluginGID < 0 {
@@ -312,22 +319,50 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	for _, err := range container.MakeMountPoints(plan.Root, &plan.Setup) {
 		g.log.warn("%v", err)
 	}
-	var monitor *os.Process
-	ok := false
+	var (
+		monitor  *os.Process
+		monMu    sync.Mutex // monitor, and the record's cgroup, for undo
+		ok       = false
+		undoOnce sync.Once
+	)
+	// undo removes what create made: the monitor, the cgroup, the state.
+	undo := func() {
+		monMu.Lock()
+		mon, cg := monitor, c.Rec.Cgroup
+		monMu.Unlock()
+		if mon != nil {
+			mon.Kill()
+			waitDead(mon.Pid, 0, 5*time.Second)
+		}
+		removeCgroup(cg)
+		c.Remove()
+	}
+	// A create ended by a signal (a shim's timeout, a closed terminal)
+	// undoes itself too: its state would otherwise stay, "creating", and
+	// list would show a container nobody made.
+	sigc, created := make(chan os.Signal, 1), make(chan struct{})
+	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
+	go func() {
+		select {
+		case s := <-sigc:
+			undoOnce.Do(undo)
+			os.Exit(128 + int(s.(unix.Signal)))
+		case <-created:
+		}
+	}()
 	defer func() {
+		signal.Stop(sigc)
+		close(created)
 		if ok {
 			c.Unlock()
 			return
 		}
-		if monitor != nil {
-			monitor.Kill()
-			waitDead(monitor.Pid, 0, 5*time.Second)
-		}
-		removeCgroup(c.Rec.Cgroup)
-		c.Remove()
+		undoOnce.Do(undo)
 	}()
+	monMu.Lock()
 	c.Rec = Record{ID: id, Bundle: plan.Bundle, Rootfs: plan.Root, Created: time.Now().UTC(),
 		Annotations: spec.Annotations, Phase: phaseCreating, Cgroup: plan.Cgroup.Path}
+	monMu.Unlock()
 	if err := c.Save(); err != nil {
 		return nil, err
 	}
@@ -358,7 +393,7 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if plan.Net.Mode == NetNS {
 		netns = plan.Net.Path
 	}
-	monitor, err = spawn(spawnOptions{
+	mon, err := spawn(spawnOptions{
 		Args:  append(g.args(), monitorCmd, "--id", id),
 		Stdio: stdio, Extra: []*os.File{goR, repW}, NetNS: netns, Ctty: plan.Process.Terminal,
 	})
@@ -367,6 +402,9 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if err != nil {
 		return nil, fmt.Errorf("start the container's monitor: %w", err)
 	}
+	monMu.Lock()
+	monitor = mon
+	monMu.Unlock()
 	c.Rec.Pid = monitor.Pid
 	c.Rec.PidStart, _, _ = procStat(monitor.Pid)
 	if err := c.Save(); err != nil {

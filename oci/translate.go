@@ -53,7 +53,7 @@ const reservedDevices = 2
 func LoadSpec(bundle string) (*specs.Spec, error) {
 	f, err := os.Open(filepath.Join(bundle, "config.json"))
 	if err != nil {
-		return nil, fmt.Errorf("bundle %s: %w", bundle, unwrapPath(err))
+		return nil, fmt.Errorf("bundle %s: config.json: %w", bundle, unwrapPath(err))
 	}
 	defer f.Close()
 	b, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))

@@ -1,0 +1,94 @@
+package oci
+
+// Bad input to krun-oci: one line, and nothing left behind (from review).
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// TestBadGlobalFlagIsOneLine: a bad global flag (`krun-oci --frob state
+// x`, an id out of range, a bad boolean) is one line naming the flag with
+// two dashes. Before the fix the flag package's line ("-frob") came with
+// the 18-line usage (from review).
+func TestBadGlobalFlagIsOneLine(t *testing.T) {
+	r := newRT(t)
+	for _, args := range [][]string{
+		{"--frob", "state", "x"},
+		{"--plugin-uid", "99999999999999999999", "state", "x"},
+		{"--debug=maybe", "state", "x"},
+	} {
+		_, stderr, code := r.run(nil, nil, args...)
+		lines := strings.Count(strings.TrimRight(stderr, "\n"), "\n") + 1
+		if code == 0 || lines != 1 {
+			t.Errorf("krun-oci %q: exit %d, %d lines on stderr, want exit 1 and one line:\n%s", args, code, lines, stderr)
+		}
+	}
+}
+
+// TestMissingConfigJSONNamed: `krun-oci create -b BUNDLE ID` where BUNDLE
+// has no config.json names config.json. It said "bundle BUNDLE: no such
+// file or directory", as if the bundle were missing (from review).
+func TestMissingConfigJSONNamed(t *testing.T) {
+	r := newRT(t)
+	b := t.TempDir()
+	if err := os.Mkdir(filepath.Join(b, "rootfs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, stderr, code := r.run(nil, nil, "create", "--bundle", b, "c1")
+	if code == 0 || !strings.Contains(stderr, "config.json") {
+		t.Errorf("create with a bundle without config.json: exit %d, %q: want config.json named", code, stderr)
+	}
+}
+
+// TestSignalDuringCreateLeavesNoState: a `krun-oci create` ended by
+// SIGTERM or SIGHUP while it sets the container up (here in a
+// createRuntime hook; on a real host also while the guest boots) removes
+// what it made. Before the fix nothing caught those signals in create,
+// and its state stayed, "creating", shown by list as a stopped container
+// nobody made (from review).
+func TestSignalDuringCreateLeavesNoState(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGHUP} {
+		t.Run(sig.String(), func(t *testing.T) {
+			r := newRT(t)
+			marker := filepath.Join(t.TempDir(), "hook-started")
+			b := bundle(t, []string{"true"}, func(s *specs.Spec) {
+				s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/sh",
+					Args: []string{"sh", "-c", "touch " + marker + "; sleep 3"}}}}
+			})
+			exe, err := os.Executable()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(exe, "--root", r.root, "create", "--bundle", b, "sig1")
+			cmd.Env = append(os.Environ(), asRuntime+"=1")
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if _, err := os.Stat(marker); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					cmd.Process.Kill()
+					t.Fatal("the hook did not start")
+				}
+			}
+			cmd.Process.Signal(sig)
+			cmd.Wait()
+			time.Sleep(4 * time.Second) // the hook and the monitor end
+			ids, _ := (&Store{Root: r.root}).List()
+			if len(ids) != 0 {
+				out, _, _ := r.run(nil, nil, "list")
+				t.Errorf("create ended by %v (%v) left containers %q behind:\n%s", sig, cmd.ProcessState, ids, out)
+			}
+		})
+	}
+}
