@@ -172,7 +172,9 @@ func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) 
 	}
 	fail := func(code codes.Code, err error) (*pluginpb.ConfigureResponse, error) {
 		s.state, s.err = pluginpb.HealthResponse_STATE_FAILED, err
-		s.log.Error("configure failed", "error", err)
+		// The host gets the error as Configure's answer and reports it;
+		// logging it here too made the user read it twice.
+		s.log.Debug("configure failed", "error", err)
 		return nil, status.Error(code, err.Error())
 	}
 	if len(req.GetOptions()) > maxOptions {

@@ -144,3 +144,26 @@ func TestHelpUnknownCommand(t *testing.T) {
 		}
 	}
 }
+
+// TestServeWrongFormatIsOneLine: `krun-core serve --disk
+// path=RAWFILE,format=qcow2` (the wrong format) is refused in one line that
+// names the image once. Before the fix the plugin's own "configure
+// failed" ERROR line repeated the reason, and the line named the image
+// twice ("image "X": image X: invalid qcow2 image"; from review).
+func TestServeWrongFormatIsOneLine(t *testing.T) {
+	bin := buildServeBinaries(t, "blk-qcow2")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "raw.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "s.sock")
+	_, stderr, code := runKrunCore(t, bin, "serve", "--socket", sock, "--disk", "path="+img+",format=qcow2")
+	checkOneLine(t, "serve --disk format=qcow2 on a raw file", stderr, code)
+	if n := strings.Count(stderr, img); n != 1 {
+		t.Errorf("the image is named %d times: %q", n, stderr)
+	}
+	if _, err := os.Lstat(sock); err == nil {
+		t.Errorf("socket %s left behind", sock)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	hclog "github.com/hashicorp/go-hclog"
 
@@ -123,6 +124,9 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 
 	im, err := qcow2.Open(img, o)
 	if err != nil {
+		if path != "" && strings.Contains(err.Error(), path) {
+			return nil, err // it names the image already
+		}
 		return nil, fmt.Errorf("image %s: %w", display(path), err)
 	}
 	info := im.Info()
