@@ -257,20 +257,8 @@ func TestCreateNeverOpensFifo(t *testing.T) {
 func TestReopenChecksFileType(t *testing.T) {
 	dir := t.TempDir()
 	must(t, "create", os.WriteFile(dir+"/a", nil, 0o644))
-	root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	must(t, "open root", err)
-	defer unix.Close(root)
-	var rst unix.Stat_t
-	must(t, "stat root", unix.Fstat(root, &rst))
-	tab := newTable(root, &rst, 100, 100, 100)
-	fd, err := openPath(root, "a")
-	must(t, "open a", err)
-	var st unix.Stat_t
-	must(t, "stat a", statFd(fd, &st))
-	n, e := tab.insert(tab.root, "a", fd, &st)
-	if e != 0 {
-		t.Fatal(e)
-	}
+	tab, insert := tableOn(t, dir, 100)
+	n := insert("a")
 	tab.mu.Lock()
 	n.typ = unix.S_IFDIR // the node was a directory with this inode number
 	tab.lruRemoveLocked(n)
@@ -307,26 +295,9 @@ func TestReopenChecksBirth(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			must(t, "create", os.WriteFile(dir+"/a", nil, 0o644))
-			root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-			must(t, "open root", err)
-			defer unix.Close(root)
-			var rst unix.Stat_t
-			must(t, "stat root", unix.Fstat(root, &rst))
 			// A budget of one fd: inserting b closes a's (evictLocked),
 			// which records a's birth time.
-			tab := newTable(root, &rst, 100, 1, 100)
-			insert := func(name string) *node {
-				t.Helper()
-				fd, err := openPath(root, name)
-				must(t, "open "+name, err)
-				var st unix.Stat_t
-				must(t, "stat "+name, statFd(fd, &st))
-				n, e := tab.insert(tab.root, name, fd, &st)
-				if e != 0 {
-					t.Fatal(e)
-				}
-				return n
-			}
+			tab, insert := tableOn(t, dir, 1)
 			n := insert("a")
 			must(t, "create b", os.WriteFile(dir+"/b", nil, 0o644))
 			insert("b")
@@ -383,5 +354,29 @@ func TestReplacedFileNodeStale(t *testing.T) {
 	must(t, "LOOKUP p/a", err)
 	if en.NodeID == a.NodeID || en.Attr.Size != 3 {
 		t.Errorf("LOOKUP p/a: node %d size %d, want a new node (old %d) of size 3", en.NodeID, en.Attr.Size, a.NodeID)
+	}
+}
+
+// tableOn makes a node table rooted at dir that holds at most maxOpen node
+// fds, and a function that inserts the node of a file in dir by name.
+func tableOn(t *testing.T, dir string, maxOpen int) (*table, func(name string) *node) {
+	t.Helper()
+	root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	must(t, "open root", err)
+	t.Cleanup(func() { unix.Close(root) })
+	var rst unix.Stat_t
+	must(t, "stat root", unix.Fstat(root, &rst))
+	tab := newTable(root, &rst, 100, maxOpen, 100)
+	return tab, func(name string) *node {
+		t.Helper()
+		fd, err := openPath(root, name)
+		must(t, "open "+name, err)
+		var st unix.Stat_t
+		must(t, "stat "+name, statFd(fd, &st))
+		n, e := tab.insert(tab.root, name, fd, &st)
+		if e != 0 {
+			t.Fatal(e)
+		}
+		return n
 	}
 }
