@@ -303,8 +303,26 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 		return 0, err
 	}
 	defer statusR.Close()
-	rep, err := callMonitor(dir, &request{Op: opExec, Exec: gp}, []*os.File{stdio[0], stdio[1], stdio[2], statusW}, 30*time.Second)
+	// The console plugin gets a pipe of ours for stdin, never the
+	// caller's own: reading it may block in the plugin past the exec's
+	// end, and the next line the user types into the shell this process
+	// returns to must not go to the guest (found in review). This
+	// process reads the caller's stdin until it ends, right after the
+	// status.
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		statusW.Close()
+		ready(err)
+		return 0, err
+	}
+	defer stdinR.Close()
+	go func() {
+		io.Copy(stdinW, stdio[0])
+		stdinW.Close()
+	}()
+	rep, err := callMonitor(dir, &request{Op: opExec, Exec: gp}, []*os.File{stdinR, stdio[1], stdio[2], statusW}, 30*time.Second)
 	statusW.Close()
+	stdinR.Close()
 	if err != nil {
 		ready(err)
 		return 0, err

@@ -98,7 +98,9 @@ func (s *execSession) closeFiles() {
 }
 
 // abort ends a session at once, without a status: its output is
-// dropped and its files are closed (a blocked write fails).
+// dropped and its files are closed (a blocked write to a pipe or socket
+// fails; a read blocked in the kernel on a blocking fd goes on until it
+// returns, and what it read is dropped).
 func (s *execSession) abort() {
 	s.mu.Lock()
 	s.finished, s.aborted = true, true
@@ -131,7 +133,13 @@ func (b *Bridge) fromGuestExec(f stdioframe.Frame) {
 	}
 	switch f.Type {
 	case stdioframe.ExecStdout, stdioframe.ExecStderr:
-		data := append([]byte(nil), f.ExecData()...)
+		data := f.ExecData()
+		if len(data) == 0 {
+			// Nothing to write; queued, it would cost memory that the
+			// window (bytes) does not count (found in review).
+			return
+		}
+		stderr := f.Type == stdioframe.ExecStderr
 		s.mu.Lock()
 		if s.queued+len(data) > stdioframe.ExecWindow {
 			s.mu.Unlock()
@@ -139,7 +147,14 @@ func (b *Bridge) fromGuestExec(f stdioframe.Frame) {
 			s.abort()
 			return
 		}
-		s.queue = append(s.queue, execChunk{stderr: f.Type == stdioframe.ExecStderr, data: data})
+		// Small frames of one stream join the last chunk still queued
+		// (the writer takes a chunk off the queue before it writes it),
+		// so the chunks are bounded by the window's bytes.
+		if n := len(s.queue); n > 0 && s.queue[n-1].stderr == stderr {
+			s.queue[n-1].data = append(s.queue[n-1].data, data...)
+		} else {
+			s.queue = append(s.queue, execChunk{stderr: stderr, data: append([]byte(nil), data...)})
+		}
 		s.queued += len(data)
 		s.cond.Broadcast()
 		s.mu.Unlock()
@@ -234,7 +249,13 @@ func (s *execSession) pumpStdin() {
 		if k > 0 {
 			s.mu.Lock()
 			s.credit -= k
+			done = s.finished
 			s.mu.Unlock()
+			if done {
+				// Read after the exec ended (a blocking read a close
+				// does not interrupt): nothing more goes to the guest.
+				return
+			}
 			if werr := s.b.w.WriteExec(stdioframe.ExecStdin, s.id, buf[:k]); werr != nil {
 				return
 			}
