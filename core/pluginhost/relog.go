@@ -9,6 +9,7 @@ import (
 
 	hclog "github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/internal/lines"
 )
 
@@ -55,11 +56,11 @@ func (w *pluginLog) line(b []byte) {
 			if cur := w.log.GetLevel(); cur != hclog.NoLevel && level < cur {
 				return
 			}
-			w.log.Log(level, plainText(msg), args...)
+			w.log.Log(level, cli.Printable(msg), args...)
 			return
 		}
 	}
-	s := plainText(string(b))
+	s := cli.Printable(string(b))
 	level := hclog.Debug
 	for _, l := range []hclog.Level{hclog.Trace, hclog.Debug, hclog.Info, hclog.Warn, hclog.Error} {
 		if strings.HasPrefix(s, "["+strings.ToUpper(l.String())+"]") {
@@ -110,20 +111,9 @@ func (w *pluginLog) parseJSON(b []byte) (hclog.Level, string, []any, bool) {
 	sort.Strings(keys)
 	args := make([]any, 0, 2*len(keys))
 	for _, k := range keys {
-		args = append(args, plainText(k), logValue(m[k]))
+		args = append(args, cli.Printable(k), logValue(m[k]))
 	}
 	return level, msg, args, true
-}
-
-// plainText returns s as it may appear in the host's log: a plugin's text
-// with a line break, a carriage return or another control character (an
-// escape sequence) is quoted, so that it cannot start what looks like a
-// line of another component's or rewrite the terminal.
-func plainText(s string) string {
-	if strings.ContainsFunc(s, func(r rune) bool { return r != '\t' && (r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0)) }) {
-		return strconv.Quote(s)
-	}
-	return s
 }
 
 // logValue turns a decoded JSON value back into what the plugin logged: an

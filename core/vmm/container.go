@@ -163,7 +163,7 @@ func (c *Context) ExecResize(id uint32, rows, cols uint16) error {
 
 // controlFiles sends a control record with files attached.
 func (c *Context) controlFiles(rec []byte, files ...*os.File) error {
-	if c.exec == nil || c.exec.controlW == nil {
+	if c.exec == nil {
 		return errors.New("vmm: no program is running")
 	}
 	fds := make([]int, len(files))
@@ -172,6 +172,9 @@ func (c *Context) controlFiles(rec []byte, files ...*os.File) error {
 	}
 	c.exec.controlMu.Lock()
 	defer c.exec.controlMu.Unlock()
+	if c.exec.controlW == nil {
+		return errors.New("vmm: no program is running")
+	}
 	return unix.Sendmsg(int(c.exec.controlW.Fd()), rec, unix.UnixRights(fds...), nil, 0)
 }
 

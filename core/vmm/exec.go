@@ -18,6 +18,7 @@ import (
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/initramfs"
 	"github.com/krun-core/krun-core/guest/initramfs/kmod"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/internal/lines"
 )
 
@@ -210,11 +211,14 @@ func (c *Context) Resize(rows, cols uint16) error {
 }
 
 func (c *Context) control(rec []byte) error {
-	if c.exec == nil || c.exec.controlW == nil {
+	if c.exec == nil {
 		return errors.New("vmm: no program is running")
 	}
 	c.exec.controlMu.Lock()
 	defer c.exec.controlMu.Unlock()
+	if c.exec.controlW == nil {
+		return errors.New("vmm: no program is running")
+	}
 	_, err := c.exec.controlW.Write(rec)
 	return err
 }
@@ -427,7 +431,10 @@ func (c *Context) prepareExec() error {
 		// console line.
 		cl := c.log.Named("guest-console")
 		c.consoleOut = &lines.Writer{Max: 4096, Line: func(b []byte) {
-			cl.Debug(string(bytes.TrimRight(b, "\r")))
+			// The guest's bytes: an escape sequence or a carriage
+			// return must not reach the user's terminal, nor make a
+			// line that passes for another component's.
+			cl.Debug(cli.Printable(string(bytes.TrimRight(b, "\r"))))
 		}}
 	}
 	return nil
@@ -452,8 +459,11 @@ func (c *Context) findKernel() error {
 // port.
 const ExecCmdline = "console=ttyS0 quiet panic=-1"
 
-// closeExec closes the control pipe.
+// closeExec closes the control pipe. The VM's end (which the guest
+// chooses) may come while a request uses it: under controlMu.
 func (e *execConfig) close() {
+	e.controlMu.Lock()
+	defer e.controlMu.Unlock()
 	if e.controlW != nil {
 		e.controlW.Close()
 		e.controlW = nil

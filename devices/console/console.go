@@ -103,15 +103,16 @@ type Device struct {
 	stats    Stats
 
 	// Control state, under mu.
-	mu         sync.Mutex
-	ready      bool // the driver said DEVICE_READY
-	added      bool // DEVICE_ADD sent for port 0
-	named      bool // PORT_NAME and PORT_OPEN sent
-	failWarned bool // a driver set-up failure was logged (later ones are only counted)
-	guestOpen  bool
-	opened     chan struct{} // closed while the guest has the port open; replaced on close
-	ctrlOut    [][]byte      // control messages waiting for control receive buffers
-	ctrlWake   chan struct{} // a message was queued for the control receiveq
+	mu            sync.Mutex
+	ready         bool // the driver said DEVICE_READY
+	added         bool // DEVICE_ADD sent for port 0
+	named         bool // PORT_NAME and PORT_OPEN sent
+	failWarned    bool // a driver set-up failure was logged (later ones are only counted)
+	noMultiWarned bool // a driver without MULTIPORT was logged
+	guestOpen     bool
+	opened        chan struct{} // closed while the guest has the port open; replaced on close
+	ctrlOut       [][]byte      // control messages waiting for control receive buffers
+	ctrlWake      chan struct{} // a message was queued for the control receiveq
 
 	tx       chan []byte // guest data for Port.Read
 	txRest   []byte      // the unread part of the chunk Port.Read took last
@@ -193,7 +194,14 @@ func (d *Device) SetFeatures(f uint64) error {
 	if f&(1<<FeatureMultiport) == 0 {
 		// Without MULTIPORT the driver makes port 0 a console (hvc0)
 		// and never learns its name; this device is for named ports.
-		d.log.Warn("the driver did not accept MULTIPORT; the port is a plain console")
+		// Once per device: a guest renegotiates as often as it likes.
+		d.mu.Lock()
+		warn := !d.noMultiWarned
+		d.noMultiWarned = true
+		d.mu.Unlock()
+		if warn {
+			d.log.Warn("the driver did not accept MULTIPORT; the port is a plain console (logged once)")
+		}
 	}
 	d.features.Store(f)
 	return nil

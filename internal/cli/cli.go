@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"regexp"
+	"strconv"
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
@@ -231,6 +232,17 @@ func wrap(s string, n int) []string {
 		lines = append(lines, cur.String())
 	}
 	return lines
+}
+
+// Printable returns text from a plugin or a guest as it may appear in a
+// log: with a line break, a carriage return or another control character
+// (an escape sequence) it is quoted, so that it cannot rewrite the user's
+// terminal or start what looks like another component's line.
+func Printable(s string) string {
+	if strings.ContainsFunc(s, func(r rune) bool { return r != '\t' && (r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0)) }) {
+		return strconv.Quote(s)
+	}
+	return s
 }
 
 // OneLine folds s (an error message that may span lines) into one line.

@@ -1,0 +1,133 @@
+package vmm
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// TestGuestConsoleLogCannotDriveTheTerminal: in `run --root DIR -- CMD`
+// the guest's serial console (which guest root writes freely) is logged a
+// line at a time by the core. Like a plugin's log lines, a guest line with
+// an escape sequence or a carriage return is quoted (cli.Printable), so
+// that it can neither rewrite the user's terminal (krun-core's stderr) nor
+// pass for another component's line; it went out raw before (from
+// review).
+func TestGuestConsoleLogCannotDriveTheTerminal(t *testing.T) {
+	dir := t.TempDir()
+	root := filepath.Join(dir, "root")
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin", "sh"), []byte("#!"), 0o755)
+	mods := filepath.Join(dir, "modules")
+	os.MkdirAll(filepath.Join(mods, "kernel"), 0o755)
+	os.WriteFile(filepath.Join(mods, "modules.order"), nil, 0o644)
+	os.WriteFile(filepath.Join(mods, "modules.builtin"), []byte(
+		"kernel/drivers/virtio/virtio_mmio.ko\nkernel/fs/fuse/virtiofs.ko\nkernel/drivers/char/virtio_console.ko\n"), 0o644)
+	initBin, err := os.Executable() // any ELF executable will do
+	if err != nil {
+		t.Fatal(err)
+	}
+	kernel := filepath.Join(dir, "vmlinuz")
+	os.WriteFile(kernel, []byte("k"), 0o644)
+
+	var logBuf bytes.Buffer
+	c := NewContext(hclog.New(&hclog.LoggerOptions{Output: &logBuf, Level: hclog.Debug}))
+	if err := c.SetKernel(kernel, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetRoot(root, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetExec("/bin/sh", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.SetInitPath(initBin)
+	c.SetModulesDir(mods)
+	if err := c.prepareExec(); err != nil {
+		t.Fatal(err)
+	}
+	defer c.exec.close()
+	// What guest root writes to /dev/ttyS0.
+	c.consoleOut.Write([]byte("\x1b]0;pwned\x07\x1b[2J\r[ERROR] krun-core: forged line\n"))
+	out := logBuf.String()
+	t.Logf("log: %q", out)
+	if strings.ContainsAny(out, "\x1b\x07\r") {
+		t.Fatalf("a guest console line reached the log with raw control characters: %q", out)
+	}
+}
+
+// TestControlNeverBlocksWhenPluginStalls: a console plugin that stops reading its control channel (its
+// frame writer blocked on a guest that posts no receive buffers) makes
+// Signal, Resize and Exec fail, never block the core.
+func TestControlNeverBlocksWhenPluginStalls(t *testing.T) {
+	c := prepTestExec(t)
+	defer c.exec.close()
+	done := make(chan error, 1)
+	go func() {
+		var err error
+		for i := 0; i < 100000 && err == nil; i++ {
+			err = c.Resize(24, 80)
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("100000 records fit an unread channel?")
+		}
+		t.Logf("control on a stalled plugin: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Resize blocked on a plugin that does not read its control channel")
+	}
+}
+
+func prepTestExec(t *testing.T) *Context {
+	dir := t.TempDir()
+	root := filepath.Join(dir, "root")
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin", "sh"), []byte("#!"), 0o755)
+	mods := filepath.Join(dir, "modules")
+	os.MkdirAll(filepath.Join(mods, "kernel"), 0o755)
+	os.WriteFile(filepath.Join(mods, "modules.order"), nil, 0o644)
+	os.WriteFile(filepath.Join(mods, "modules.builtin"), []byte(
+		"kernel/drivers/virtio/virtio_mmio.ko\nkernel/fs/fuse/virtiofs.ko\nkernel/drivers/char/virtio_console.ko\n"), 0o644)
+	initBin, _ := os.Executable()
+	kernel := filepath.Join(dir, "vmlinuz")
+	os.WriteFile(kernel, []byte("k"), 0o644)
+	c := NewContext(nil)
+	c.SetKernel(kernel, "", "")
+	c.SetRoot(root, false)
+	c.SetExec("/bin/sh", nil, nil)
+	c.SetInitPath(initBin)
+	c.SetModulesDir(mods)
+	if err := c.prepareExec(); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestControlRacesVMEnd: the guest decides when the VM ends (it powers
+// off); Start then closes the control channel (exec.close) while the OCI
+// monitor may be in Signal/Exec/Resize on another goroutine. close() takes
+// controlMu, under which control() and controlFiles() use controlW, so an
+// exec's record and files never go to whatever reused a closed fd number.
+// Before the fix close() cleared controlW without the lock (the race
+// detector saw it; from review).
+func TestControlRacesVMEnd(t *testing.T) {
+	c := prepTestExec(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 1000; i++ {
+			c.Signal(15)
+		}
+	}()
+	time.Sleep(time.Millisecond)
+	c.exec.close() // what Start's deferred close does when the guest powers off
+	<-done
+}
