@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -62,6 +63,11 @@ type monitor struct {
 	plan *Plan
 	vm   VM
 	log  *runtimeLog
+
+	// active counts the requests being answered: the monitor waits for
+	// them before it exits (a kill of a created container ends the VM
+	// while its request is still to be answered).
+	active atomic.Int32
 
 	mu        sync.Mutex
 	phase     string // phaseCreating, phaseCreated, phaseStarted, or "stopped"
@@ -160,6 +166,11 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	stop := time.AfterFunc(ExitGrace, vm.Stop)
 	status, ok, err := vm.Wait()
 	stop.Stop()
+	// Answer the requests under way (the kill that ended a created
+	// container among them) before exiting.
+	for deadline := time.Now().Add(2 * time.Second); m.active.Load() > 0 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
 	m.mu.Lock()
 	endSignal := m.endSignal
 	m.mu.Unlock()
@@ -228,7 +239,9 @@ func (m *monitor) serve(l *net.UnixListener) {
 		if err != nil {
 			return
 		}
+		m.active.Add(1)
 		go func() {
+			defer m.active.Add(-1)
 			defer conn.Close()
 			conn.SetDeadline(time.Now().Add(30 * time.Second))
 			var req request
