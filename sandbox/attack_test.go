@@ -513,3 +513,17 @@ func TestMiscRefusedAfterRestrict(t *testing.T) {
 var _ = syscall.Getpid
 
 var attackSink byte
+
+func TestKernelAtLeast(t *testing.T) {
+	for _, tc := range []struct {
+		release string
+		want    bool
+	}{
+		{"5.14.0", true}, {"5.13.19-generic", false}, {"6.1.0-57-amd64", true}, {"4.18.0-553.el8", false},
+		{"5.14", true}, {"6.18.44-fc-v1147", true}, {"garbage", false}, {"10.0", true},
+	} {
+		if got := kernelAtLeast(tc.release, 5, 14); got != tc.want {
+			t.Errorf("kernelAtLeast(%q, 5, 14) = %v, want %v", tc.release, got, tc.want)
+		}
+	}
+}

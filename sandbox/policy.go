@@ -260,8 +260,9 @@ type Limits struct {
 	DataBytes uint64 `json:"data_bytes,omitempty"`
 	// Tasks is RLIMIT_NPROC (soft = hard): the plugin's threads and
 	// processes, counted in its own user namespace, so per plugin. Set
-	// only with the namespaces layer (without it the count would be every
-	// process of the plugin's user). 0 means DefaultTasks.
+	// only with the namespaces layer and on Linux 5.14 or later (without
+	// either the count would be every process of the plugin's user on the
+	// host). 0 means DefaultTasks.
 	Tasks uint64 `json:"tasks,omitempty"`
 }
 

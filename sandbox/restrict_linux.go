@@ -150,6 +150,27 @@ func checkNamespaces() error {
 	return nil
 }
 
+// nprocPerUserNamespace reports whether this kernel counts RLIMIT_NPROC
+// per user namespace (Linux 5.14 and later). Before, the count was every
+// process of the uid on the host: all the plugins running as nobody, and
+// the host's own, would share one plugin's limit.
+func nprocPerUserNamespace() bool {
+	var uts unix.Utsname
+	if unix.Uname(&uts) != nil {
+		return false
+	}
+	return kernelAtLeast(unix.ByteSliceToString(uts.Release[:]), 5, 14)
+}
+
+// kernelAtLeast reports whether release (uname -r) is major.minor or later.
+func kernelAtLeast(release string, major, minor int) bool {
+	var ma, mi int
+	if _, err := fmt.Sscanf(release, "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
+}
+
 // setRlimit lowers limit res (called name) to v, soft and hard together;
 // a limit already lower stays.
 func setRlimit(name string, res int, v uint64) error {

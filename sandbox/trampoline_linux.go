@@ -66,7 +66,7 @@ func trampoline(raw string, argv []string) int {
 	if err := applyRlimits(e.Limits); err != nil {
 		return fail(LayerRlimits, err)
 	}
-	if !off(LayerNamespaces) {
+	if !off(LayerNamespaces) && nprocPerUserNamespace() {
 		// Counted in the plugin's own user namespace: its threads only.
 		if err := setRlimit("RLIMIT_NPROC", unix.RLIMIT_NPROC, e.Limits.Tasks); err != nil {
 			return fail(LayerRlimits, err)
