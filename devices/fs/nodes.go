@@ -51,9 +51,9 @@ type node struct {
 	key devIno
 	typ uint32 // S_IFMT bits, fixed for an inode's life
 	// born is the inode's birth time, taken when its fd is closed (the
-	// budget) where the file system reports one (bornOK): an inode
-	// number freed and given to a new file of the same type comes back
-	// with another birth time.
+	// budget) where the file system reports a stable one (bornOK;
+	// stableBirth): an inode number freed and given to a new file of the
+	// same type comes back with another birth time.
 	born    unix.StatxTimestamp
 	bornOK  bool
 	lookups uint64
@@ -153,7 +153,7 @@ func (t *table) evictLocked() {
 			t.lruRemoveLocked(n)
 		} else if n.busy == 0 {
 			t.lruRemoveLocked(n)
-			n.born, n.bornOK = birth(n.fd)
+			n.born, n.bornOK = stableBirth(n.fd)
 			unix.Close(n.fd)
 			n.fd = -1
 			t.open--
@@ -277,6 +277,20 @@ func birth(fd int) (unix.StatxTimestamp, bool) {
 		return unix.StatxTimestamp{}, false
 	}
 	return stx.Btime, true
+}
+
+// stableBirth is birth, for a node whose fd is being closed: false too
+// where the birth time is not the inode's for life. Overlayfs keeps a
+// file's device and inode number when it copies the file up (a write
+// below a directory copies the directory), but then reports the upper
+// inode's birth time: an unchanged directory would no longer match (found
+// in review).
+func stableBirth(fd int) (unix.StatxTimestamp, bool) {
+	var sfs unix.Statfs_t
+	if unix.Fstatfs(fd, &sfs) != nil || sfs.Type == unix.OVERLAYFS_SUPER_MAGIC {
+		return unix.StatxTimestamp{}, false
+	}
+	return birth(fd)
 }
 
 // sameBirth reports whether fd, found under closed node n's (dev, ino)
