@@ -114,11 +114,22 @@ func (im *Image) worstAlloc(pos, n uint64) uint64 {
 		return 0
 	}
 	first, last := pos>>im.cb, (pos+n-1)>>im.cb
-	return last - first + 1 + (last>>im.l2Bits - first>>im.l2Bits + 1)
+	return last - first + 1 + im.l2Tables(pos, n)
 }
 
-// reclaimFrees applies the pending frees (writeback) before a request
-// that may need more clusters than the pool holds. Otherwise the refill
+// l2Tables is how many L2 tables the n bytes at guest offset pos span.
+func (im *Image) l2Tables(pos, n uint64) uint64 {
+	if n == 0 {
+		return 0
+	}
+	first, last := pos>>im.cb, (pos+n-1)>>im.cb
+	return last>>im.l2Bits - first>>im.l2Bits + 1
+}
+
+// reclaimFrees applies the pending frees (writeback) before a write
+// that may need more clusters than the pool holds (WriteAt; discards and
+// write-zeroes, which seldom allocate and often free, do not call it: with
+// a nearly empty pool each of them would pay a sync). Otherwise the refill
 // grows the file while clusters the guest freed (by discard, or by
 // rewriting a shared cluster) wait for its next flush: a guest that writes
 // and discards without ever flushing grew the file by up to 4096 clusters

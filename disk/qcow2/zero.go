@@ -48,11 +48,6 @@ func (im *Image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 		what = "discard"
 	}
 	pos, end := uint64(off), uint64(off+n)
-	// At most the two partial clusters at the ends are written, each
-	// with its L2 table.
-	if err := im.reclaimFrees(4); err != nil {
-		return im.markCorrupt(fmt.Errorf("qcow2 %s: release freed clusters: %w", im.name, err))
-	}
 	for pos < end {
 		gc := pos >> im.cb
 		base := gc << im.cb
