@@ -320,21 +320,22 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		g.log.warn("%v", err)
 	}
 	var (
-		monitor  *os.Process
-		monMu    sync.Mutex // monitor, and the record's cgroup, for undo
+		monitor *os.Process
+		// stateMu is held while create makes what undo removes (the
+		// record and plan, the monitor's start), and by undo: a signal
+		// never undoes half of a step, nor races a step still to come.
+		stateMu  sync.Mutex
 		ok       = false
 		undoOnce sync.Once
 	)
 	// undo removes what create made: the monitor, the cgroup, the state.
+	// Called with stateMu held.
 	undo := func() {
-		monMu.Lock()
-		mon, cg := monitor, c.Rec.Cgroup
-		monMu.Unlock()
-		if mon != nil {
-			mon.Kill()
-			waitDead(mon.Pid, 0, 5*time.Second)
+		if monitor != nil {
+			monitor.Kill()
+			waitDead(monitor.Pid, 0, 5*time.Second)
 		}
-		removeCgroup(cg)
+		removeCgroup(c.Rec.Cgroup)
 		c.Remove()
 	}
 	// A create ended by a signal (a shim's timeout, a closed terminal)
@@ -345,6 +346,7 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	go func() {
 		select {
 		case s := <-sigc:
+			stateMu.Lock() // kept: create makes nothing more
 			undoOnce.Do(undo)
 			os.Exit(128 + int(s.(unix.Signal)))
 		case <-created:
@@ -357,16 +359,19 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 			c.Unlock()
 			return
 		}
+		stateMu.Lock()
 		undoOnce.Do(undo)
+		stateMu.Unlock()
 	}()
-	monMu.Lock()
+	stateMu.Lock()
 	c.Rec = Record{ID: id, Bundle: plan.Bundle, Rootfs: plan.Root, Created: time.Now().UTC(),
 		Annotations: spec.Annotations, Phase: phaseCreating, Cgroup: plan.Cgroup.Path}
-	monMu.Unlock()
-	if err := c.Save(); err != nil {
-		return nil, err
+	err = c.Save()
+	if err == nil {
+		err = writePlan(c.Dir, plan)
 	}
-	if err := writePlan(c.Dir, plan); err != nil {
+	stateMu.Unlock()
+	if err != nil {
 		return nil, err
 	}
 	stdio := [3]*os.File{env.Stdin, env.Stdout, env.Stderr}
@@ -393,21 +398,22 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if plan.Net.Mode == NetNS {
 		netns = plan.Net.Path
 	}
-	mon, err := spawn(spawnOptions{
+	stateMu.Lock()
+	monitor, err = spawn(spawnOptions{
 		Args:  append(g.args(), monitorCmd, "--id", id),
 		Stdio: stdio, Extra: []*os.File{goR, repW}, NetNS: netns, Ctty: plan.Process.Terminal,
 	})
 	goR.Close()
 	repW.Close()
 	if err != nil {
+		stateMu.Unlock()
 		return nil, fmt.Errorf("start the container's monitor: %w", err)
 	}
-	monMu.Lock()
-	monitor = mon
-	monMu.Unlock()
 	c.Rec.Pid = monitor.Pid
 	c.Rec.PidStart, _, _ = procStat(monitor.Pid)
-	if err := c.Save(); err != nil {
+	err = c.Save()
+	stateMu.Unlock()
+	if err != nil {
 		return nil, err
 	}
 	if h := plan.Hooks; h != nil {
@@ -428,8 +434,11 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if err := readReport(repR); err != nil {
 		return nil, err
 	}
+	stateMu.Lock()
 	c.Rec.Phase = phaseCreated
-	if err := c.Save(); err != nil {
+	err = c.Save()
+	stateMu.Unlock()
+	if err != nil {
 		return nil, err
 	}
 	if o.pidFile != "" {
