@@ -182,8 +182,17 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		}
 		*kernel = k
 	}
-	if _, err := os.Stat(*kernel); err != nil {
-		return fail("--kernel: %v", err)
+	for _, f := range []struct{ flag, path string }{{"--kernel", *kernel}, {"--initrd", *initrd}} {
+		if f.path == "" {
+			continue
+		}
+		st, err := os.Stat(f.path)
+		if err != nil {
+			return fail("%s: %v", f.flag, err)
+		}
+		if !st.Mode().IsRegular() {
+			return fail("%s %s: not a regular file", f.flag, f.path)
+		}
 	}
 	if err := c.SetKernel(*kernel, *initrd, *cmdline); err != nil {
 		return fail("%v", err)

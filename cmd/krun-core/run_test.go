@@ -60,6 +60,10 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--initrd", k, "--disk", "path=/x"}, "--disk"},
 		{[]string{"--kernel", k, "--boot-timeout", "soon"}, "not a duration"},
 		{[]string{"--kernel", k, "--boot-timeout", "-5s"}, "negative"},
+		// Checked before the KVM check, as the other flags are (from
+		// review: a directory or /dev/null got that far).
+		{[]string{"--kernel", dir}, "--kernel " + dir + ": not a regular file"},
+		{[]string{"--kernel", k, "--initrd", "/dev/null"}, "--initrd /dev/null: not a regular file"},
 	}
 	for _, tt := range tests {
 		var out, errb bytes.Buffer
