@@ -526,3 +526,27 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestKernelStateRefused: a file of procfs or sysfs is no disk image (it
+// was served as a 0-byte disk, and its flush failed at shutdown), and
+// /proc or /sys is no share (from review).
+func TestKernelStateRefused(t *testing.T) {
+	for _, tc := range []struct{ flag, spec string }{
+		{"disk", "path=/proc/self/status,format=raw,readonly=on"},
+		{"disk", "path=/sys/kernel/uevent_seqnum,format=raw,readonly=on"},
+		{"fs", "path=/proc,tag=p,readonly=on"},
+		{"fs", "path=/sys,tag=s,readonly=on"},
+	} {
+		s, err := Parse(tc.flag, tc.spec)
+		if err != nil {
+			t.Fatalf("%s %s: %v", tc.flag, tc.spec, err)
+		}
+		o, err := s.Open(OpenOptions{})
+		if err == nil {
+			o.Close()
+			t.Errorf("--%s %s: opened, want it refused", tc.flag, tc.spec)
+		} else if !strings.Contains(err.Error(), "host kernel's own state") {
+			t.Errorf("--%s %s: %v", tc.flag, tc.spec, err)
+		}
+	}
+}

@@ -96,7 +96,7 @@ func TestFSOpenIDMapped(t *testing.T) {
 		{"chosen ids", "path=" + dir + ",tag=t,uidmap=0:0:1", &sandbox.LaunchConfig{HostUID: 4242, HostGID: 4343}, 4242, "0:0:1", false},
 		{"no namespaces", "path=" + dir + ",tag=t,uidmap=0:0:1", &sandbox.LaunchConfig{Disable: []sandbox.Layer{sandbox.LayerNamespaces}},
 			sandbox.DefaultPluginUID, "0:65534:1", false},
-		{"procfs", "path=/proc,tag=t", &sandbox.LaunchConfig{}, 0, "", true},
+		{"devpts (no ID-mapped mounts)", "path=/dev/pts,tag=t", &sandbox.LaunchConfig{}, 0, "", true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f, err := ParseFS(c.spec)

@@ -171,6 +171,21 @@ func dupFile(f *os.File) (*os.File, error) {
 // openFile opens path for a plugin. It never blocks on a FIFO (O_NONBLOCK
 // while opening, cleared after the type check) and accepts only regular
 // files and block devices (or, with dir, only directories).
+// kernelStateFS are the file systems of the host kernel's own state: a
+// file there is no disk image (a /proc file reads as a 0-byte disk) and a
+// directory there is no share.
+var kernelStateFS = map[int64]string{
+	unix.PROC_SUPER_MAGIC:    "procfs",
+	unix.SYSFS_MAGIC:         "sysfs",
+	unix.DEBUGFS_MAGIC:       "debugfs",
+	unix.TRACEFS_MAGIC:       "tracefs",
+	unix.SECURITYFS_MAGIC:    "securityfs",
+	unix.CGROUP_SUPER_MAGIC:  "cgroupfs",
+	unix.CGROUP2_SUPER_MAGIC: "cgroup2",
+	unix.BPF_FS_MAGIC:        "bpffs",
+	unix.NSFS_MAGIC:          "nsfs",
+}
+
 func openFile(what, path string, write, dir bool) (*os.File, error) {
 	flags := unix.O_CLOEXEC | unix.O_NONBLOCK
 	switch {
@@ -206,6 +221,13 @@ func openFile(what, path string, write, dir bool) (*os.File, error) {
 			want = "a directory"
 		}
 		return nil, fmt.Errorf("%s %q is not %s", what, path, want)
+	}
+	var sfs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &sfs); err == nil {
+		if name, bad := kernelStateFS[int64(sfs.Type)]; bad {
+			unix.Close(fd)
+			return nil, fmt.Errorf("%s %q is on %s, the host kernel's own state, not something to hand a guest", what, path, name)
+		}
 	}
 	if err := unix.SetNonblock(fd, false); err != nil {
 		unix.Close(fd)
