@@ -3,6 +3,7 @@ package sandbox
 import (
 	"bufio"
 	"bytes"
+	"debug/elf"
 	"errors"
 	"fmt"
 	"maps"
@@ -280,6 +281,13 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	}()
 	if fi, err := exe.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
 		return fmt.Errorf("sandbox: plugin binary %s is not an executable regular file (%v)", cmd.Path, err)
+	}
+	if !slices.Contains(disabled, LayerRoot) {
+		// In the empty root an interpreter is nowhere to be found: say so
+		// instead of the trampoline's "no such file or directory".
+		if why := needsInterpreter(cmd.Path); why != "" {
+			return fmt.Errorf("sandbox: plugin binary %s %s, which the plugin's empty root does not hold; a sandboxed plugin must be a static executable (Go: CGO_ENABLED=0)", cmd.Path, why)
+		}
 	}
 	trampFile, err := c.trampoline()
 	if err != nil {
@@ -684,4 +692,33 @@ func readStatus(path string) (map[string]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// needsInterpreter says why the executable at path needs another file to
+// run ("is a script (#!...)", "is dynamically linked (...)"), or "" for a
+// static executable or anything it cannot tell (exec then decides).
+func needsInterpreter(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	var head [2]byte
+	if _, err := f.ReadAt(head[:], 0); err == nil && string(head[:]) == "#!" {
+		return "is a script (#!)"
+	}
+	ef, err := elf.NewFile(f)
+	if err != nil {
+		return ""
+	}
+	for _, p := range ef.Progs {
+		if p.Type == elf.PT_INTERP {
+			interp := make([]byte, min(p.Filesz, 256))
+			if _, err := p.ReadAt(interp, 0); err == nil {
+				return fmt.Sprintf("is dynamically linked (it needs %s)", strings.TrimRight(string(interp), "\x00"))
+			}
+			return "is dynamically linked"
+		}
+	}
+	return ""
 }

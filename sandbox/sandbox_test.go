@@ -740,7 +740,7 @@ func TestSandboxTrampolineBinary(t *testing.T) {
 		}
 	}
 
-	if err := (LaunchConfig{Trampoline: filepath.Join(t.TempDir(), "missing")}).Apply(exec.Command("/bin/true")); err == nil ||
+	if err := (LaunchConfig{Trampoline: filepath.Join(t.TempDir(), "missing")}).Apply(exec.Command(staticExe(t))); err == nil ||
 		!strings.Contains(err.Error(), "sandbox: trampoline") {
 		t.Errorf("Apply with a missing trampoline: %v", err)
 	}
@@ -974,7 +974,7 @@ func TestApplyRejects(t *testing.T) {
 			if c.env {
 				t.Setenv(envName, "{}")
 			}
-			cmd := exec.Command("/bin/true")
+			cmd := exec.Command(staticExe(t))
 			cmd.SysProcAttr = c.sp
 			c.lc.Log = hclog.NewNullLogger()
 			err := c.lc.Apply(cmd)
@@ -988,7 +988,7 @@ func TestApplyRejects(t *testing.T) {
 		t.Errorf("Apply of a missing binary: %v", err)
 	}
 	if os.Geteuid() != 0 {
-		err := (LaunchConfig{HostUID: os.Geteuid() + 1}).Apply(exec.Command("/bin/true"))
+		err := (LaunchConfig{HostUID: os.Geteuid() + 1}).Apply(exec.Command(staticExe(t)))
 		if err == nil || !strings.Contains(err.Error(), "only run plugins as its own ids") {
 			t.Errorf("unprivileged launcher choosing other ids: %v", err)
 		}
@@ -999,7 +999,7 @@ func TestApplySettings(t *testing.T) {
 	var logBuf bytes.Buffer
 	lc := LaunchConfig{Kind: "blk-raw", Disable: []Layer{LayerNamespaces}, Log: hclog.New(&hclog.LoggerOptions{Output: &logBuf})}
 	dir := t.TempDir()
-	cmd := exec.Command("/bin/true", "-x")
+	cmd := exec.Command(staticExe(t), "-x")
 	sockDir := filepath.Join(t.TempDir(), "plugin-dir1")
 	if err := os.Mkdir(sockDir, 0o700); err != nil {
 		t.Fatal(err)
@@ -1025,7 +1025,7 @@ func TestApplySettings(t *testing.T) {
 	if c := cmd.SysProcAttr.Credential; os.Geteuid() == 0 && (c == nil || c.Uid != DefaultPluginUID || c.Gid != DefaultPluginGID) {
 		t.Errorf("a root launcher without namespaces must still drop to the plugin ids: %+v", c)
 	}
-	if cmd.Path != "/proc/self/exe" || strings.Join(cmd.Args, " ") != TrampolineName+" /bin/true -x" {
+	if cmd.Path != "/proc/self/exe" || strings.Join(cmd.Args, " ") != TrampolineName+" "+staticExe(t)+" -x" {
 		t.Errorf("command %s %q, want the trampoline", cmd.Path, cmd.Args)
 	}
 	if len(cmd.ExtraFiles) != 5 || cmd.ExtraFiles[0] != f || cmd.ExtraFiles[1] != d {
@@ -1059,7 +1059,7 @@ func TestApplySettings(t *testing.T) {
 		t.Errorf("no warning for a directory (root's, mode 0700) the plugin (nobody) cannot write: %q", logBuf.String())
 	}
 
-	cmd = exec.Command("/bin/true")
+	cmd = exec.Command(staticExe(t))
 	cmd.Env = []string{envSocketDir + "=/tmp/x/plugin-dir1"}
 	if err := (LaunchConfig{Kind: "fs-virtio", RootDir: t.TempDir(), Log: hclog.NewNullLogger()}).Apply(cmd); err != nil {
 		t.Fatal(err)
@@ -1344,5 +1344,41 @@ func checkSpeculation(t *testing.T, thread string, st map[string]string) {
 	}
 	if ib := st["SpeculationIndirectBranch"]; ib != wantIB {
 		t.Errorf("thread %s: SpeculationIndirectBranch %q, want %q (host: %q)", thread, ib, wantIB, self["SpeculationIndirectBranch"])
+	}
+}
+
+// staticExe is a static executable to hand Apply: this test binary (the
+// sandbox launches it as a plugin, so it is one). Apply refuses a
+// dynamically linked one such as /bin/true.
+func staticExe(t *testing.T) string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return self
+}
+
+// TestApplyRefusesInterpretedPlugin: a script or a dynamically linked
+// plugin cannot run in the empty root (no interpreter, no libraries):
+// Apply says so instead of the trampoline's "no such file or directory"
+// (from review).
+func TestApplyRefusesInterpretedPlugin(t *testing.T) {
+	script := filepath.Join(t.TempDir(), "krun-plugin-x")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ path, want string }{
+		{script, "is a script"},
+		{"/bin/true", "is dynamically linked"},
+	} {
+		err := (LaunchConfig{RootDir: t.TempDir(), Log: hclog.NewNullLogger()}).Apply(exec.Command(tc.path))
+		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "static executable") {
+			t.Errorf("Apply(%s): %v, want %q", tc.path, err, tc.want)
+		}
+	}
+	if err := (LaunchConfig{RootDir: t.TempDir(), Log: hclog.NewNullLogger(), Disable: []Layer{LayerRoot}}).Apply(exec.Command(script)); err != nil &&
+		strings.Contains(err.Error(), "is a script") {
+		t.Errorf("without the empty root a script is not refused for it: %v", err)
 	}
 }
