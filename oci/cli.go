@@ -506,6 +506,9 @@ func (c *Container) Status() specs.ContainerState {
 	if !c.MonitorAlive() {
 		return specs.StateStopped
 	}
+	if _, err := os.Lstat(filepath.Join(c.Dir, exitedFile)); err == nil {
+		return specs.StateStopped
+	}
 	if rep, err := callMonitor(c.Dir, &request{Op: opState}, nil, 5*time.Second); err == nil {
 		switch rep.Status {
 		case "creating":

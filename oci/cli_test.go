@@ -569,3 +569,24 @@ func TestGuestLingersAfterExit(t *testing.T) {
 	}
 	r.mustRun("delete", "l1")
 }
+
+// TestKillAfterExitWhileMonitorSilent: once the command has exited the
+// container is stopped, even while its monitor, still tearing the VM down,
+// does not answer (here: its socket is gone). kill must refuse it. Before
+// the fix the status fell back to the record's phase (running) and the
+// kill succeeded; e2e/oci's TestLifecycle saw it under nested TCG.
+func TestKillAfterExitWhileMonitorSilent(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"linger-after-exit", "sh", "-c", "exit 0"}, nil)
+	r.mustRun("create", "--bundle", b, "s1")
+	r.mustRun("start", "s1")
+	r.waitStatus("s1", specs.StateStopped)
+	// The VM lingers for ExitGrace; the monitor lives meanwhile.
+	if err := os.Remove(filepath.Join(r.root, "s1", monitorSock)); err != nil {
+		t.Fatal(err)
+	}
+	if _, e, code := r.run(nil, nil, "kill", "s1", "KILL"); code != 1 || !strings.Contains(e, "not running") {
+		t.Errorf("kill of a stopped container whose monitor is silent: exit %d, %q", code, e)
+	}
+	r.mustRun("delete", "--force", "s1")
+}

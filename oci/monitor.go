@@ -160,6 +160,9 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	m.mu.Lock()
 	m.phase = phaseStopped
 	m.mu.Unlock()
+	if f, err := os.OpenFile(filepath.Join(dir, exitedFile), os.O_CREATE|os.O_WRONLY|unix.O_NOFOLLOW, 0o600); err == nil {
+		f.Close()
+	}
 	// krun-init reports the exit status after syncing and then powers
 	// off. A guest that goes on running (its root wrote the status port
 	// itself) is stopped: a container reported stopped keeps no VM.

@@ -19,6 +19,11 @@ const (
 	recordFile  = "state.json" // Record
 	planFile    = "plan.json"  // Plan, written by create, read by the monitor
 	monitorSock = "m"          // the monitor's control socket
+	// exitedFile is made by the monitor once the command has exited: the
+	// container is stopped from then on, even while the monitor tears the
+	// VM down too busy to answer (a status that fell back to the record
+	// said running, and a kill of the stopped container succeeded).
+	exitedFile = "exited"
 )
 
 // maxIDLen bounds a container ID (it becomes a directory name).
