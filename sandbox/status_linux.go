@@ -68,7 +68,7 @@ func Status() StatusReport {
 	r.Layers = append(r.Layers, layerStatus(LayerNamespaces, nsErr,
 		"user, mount, pid, net, ipc, uts and cgroup namespaces can be created by this user"))
 	r.Layers = append(r.Layers, LayerStatus{LayerRlimits, true,
-		fmt.Sprintf("RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, RLIMIT_NOFILE %d, RLIMIT_DATA %d MiB by default", DefaultOpenFiles, DefaultDataBytes>>20)})
+		fmt.Sprintf("RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, RLIMIT_NOFILE %d, RLIMIT_DATA %d MiB by default%s", DefaultOpenFiles, DefaultDataBytes>>20, nprocStatus(DefaultTasks))})
 	r.Layers = append(r.Layers, layerStatus(LayerRoot, nsErr,
 		"pivot_root into an empty read-only tmpfs inside the plugin's mount namespace"))
 	_, nnpErr := unix.PrctlRetInt(unix.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
@@ -124,6 +124,9 @@ func Status() StatusReport {
 				fmt.Sprintf("RLIMIT_NOFILE %d", lim.OpenFiles), fmt.Sprintf("RLIMIT_DATA %d MiB", lim.DataBytes>>20)},
 			Refused:  "EPERM, logged by krun-core under the plugin's name",
 			Syscalls: rules,
+		}
+		if nprocPerUserNamespace() {
+			ks.Limits = append(ks.Limits, fmt.Sprintf("RLIMIT_NPROC %d", lim.Tasks))
 		}
 		ks.Landlock = landlockRules(p, abi)
 		r.Kinds = append(r.Kinds, ks)
@@ -235,4 +238,13 @@ func launchLayerRules() []rule {
 		}
 	}
 	return rs
+}
+
+// nprocStatus is the thread limit's part of the rlimits line: set on
+// kernels that count it per user namespace, not set on older ones.
+func nprocStatus(tasks uint64) string {
+	if nprocPerUserNamespace() {
+		return fmt.Sprintf(", RLIMIT_NPROC %d (counted per plugin)", tasks)
+	}
+	return "; no RLIMIT_NPROC (this kernel counts it per uid on the whole host, before Linux 5.14)"
 }
