@@ -19,38 +19,8 @@ import (
 // pass for another component's line; it went out raw before (from
 // review).
 func TestGuestConsoleLogCannotDriveTheTerminal(t *testing.T) {
-	dir := t.TempDir()
-	root := filepath.Join(dir, "root")
-	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
-	os.WriteFile(filepath.Join(root, "bin", "sh"), []byte("#!"), 0o755)
-	mods := filepath.Join(dir, "modules")
-	os.MkdirAll(filepath.Join(mods, "kernel"), 0o755)
-	os.WriteFile(filepath.Join(mods, "modules.order"), nil, 0o644)
-	os.WriteFile(filepath.Join(mods, "modules.builtin"), []byte(
-		"kernel/drivers/virtio/virtio_mmio.ko\nkernel/fs/fuse/virtiofs.ko\nkernel/drivers/char/virtio_console.ko\n"), 0o644)
-	initBin, err := os.Executable() // any ELF executable will do
-	if err != nil {
-		t.Fatal(err)
-	}
-	kernel := filepath.Join(dir, "vmlinuz")
-	os.WriteFile(kernel, []byte("k"), 0o644)
-
 	var logBuf bytes.Buffer
-	c := NewContext(hclog.New(&hclog.LoggerOptions{Output: &logBuf, Level: hclog.Debug}))
-	if err := c.SetKernel(kernel, "", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.SetRoot(root, false); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.SetExec("/bin/sh", nil, nil); err != nil {
-		t.Fatal(err)
-	}
-	c.SetInitPath(initBin)
-	c.SetModulesDir(mods)
-	if err := c.prepareExec(); err != nil {
-		t.Fatal(err)
-	}
+	c := prepTestExec(t, hclog.New(&hclog.LoggerOptions{Output: &logBuf, Level: hclog.Debug}))
 	defer c.exec.close()
 	// What guest root writes to /dev/ttyS0.
 	c.consoleOut.Write([]byte("\x1b]0;pwned\x07\x1b[2J\r[ERROR] krun-core: forged line\n"))
@@ -65,7 +35,7 @@ func TestGuestConsoleLogCannotDriveTheTerminal(t *testing.T) {
 // frame writer blocked on a guest that posts no receive buffers) makes
 // Signal, Resize and Exec fail, never block the core.
 func TestControlNeverBlocksWhenPluginStalls(t *testing.T) {
-	c := prepTestExec(t)
+	c := prepTestExec(t, nil)
 	defer c.exec.close()
 	done := make(chan error, 1)
 	go func() {
@@ -86,7 +56,11 @@ func TestControlNeverBlocksWhenPluginStalls(t *testing.T) {
 	}
 }
 
-func prepTestExec(t *testing.T) *Context {
+// prepTestExec prepares an exec-mode Context (run --root DIR -- /bin/sh)
+// without booting anything: a fake root, kernel and module tree, this
+// test binary as krun-init.
+func prepTestExec(t *testing.T, log hclog.Logger) *Context {
+	t.Helper()
 	dir := t.TempDir()
 	root := filepath.Join(dir, "root")
 	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
@@ -96,13 +70,22 @@ func prepTestExec(t *testing.T) *Context {
 	os.WriteFile(filepath.Join(mods, "modules.order"), nil, 0o644)
 	os.WriteFile(filepath.Join(mods, "modules.builtin"), []byte(
 		"kernel/drivers/virtio/virtio_mmio.ko\nkernel/fs/fuse/virtiofs.ko\nkernel/drivers/char/virtio_console.ko\n"), 0o644)
-	initBin, _ := os.Executable()
+	initBin, err := os.Executable() // any ELF executable will do
+	if err != nil {
+		t.Fatal(err)
+	}
 	kernel := filepath.Join(dir, "vmlinuz")
 	os.WriteFile(kernel, []byte("k"), 0o644)
-	c := NewContext(nil)
-	c.SetKernel(kernel, "", "")
-	c.SetRoot(root, false)
-	c.SetExec("/bin/sh", nil, nil)
+	c := NewContext(log)
+	if err := c.SetKernel(kernel, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetRoot(root, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetExec("/bin/sh", nil, nil); err != nil {
+		t.Fatal(err)
+	}
 	c.SetInitPath(initBin)
 	c.SetModulesDir(mods)
 	if err := c.prepareExec(); err != nil {
@@ -119,7 +102,7 @@ func prepTestExec(t *testing.T) *Context {
 // Before the fix close() cleared controlW without the lock (the race
 // detector saw it; from review).
 func TestControlRacesVMEnd(t *testing.T) {
-	c := prepTestExec(t)
+	c := prepTestExec(t, nil)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
