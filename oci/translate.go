@@ -15,6 +15,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/vmm"
 	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/guest/initconfig"
@@ -284,19 +285,14 @@ func clampBox(v uint) uint16 {
 	return uint16(v)
 }
 
-// pseudoFS are file systems whose bind mount would show the host's own
-// kernel state, not files: refused as bind sources.
-var pseudoFS = map[int64]string{
-	unix.PROC_SUPER_MAGIC:    "proc",
-	unix.SYSFS_MAGIC:         "sysfs",
-	unix.DEVPTS_SUPER_MAGIC:  "devpts",
-	unix.CGROUP_SUPER_MAGIC:  "cgroup",
-	unix.CGROUP2_SUPER_MAGIC: "cgroup2",
-	unix.DEBUGFS_MAGIC:       "debugfs",
-	unix.SECURITYFS_MAGIC:    "securityfs",
-	unix.BPF_FS_MAGIC:        "bpf",
-	unix.TRACEFS_MAGIC:       "tracefs",
-	unix.NSFS_MAGIC:          "nsfs",
+// pseudoFS names file systems whose bind mount would show the host's own
+// state, not files: refused as bind sources. They are krun-core's
+// (devspec.KernelStateFS), and the host's terminals (devpts).
+func pseudoFS(fsType int64) (string, bool) {
+	if fsType == unix.DEVPTS_SUPER_MAGIC {
+		return "devpts", true
+	}
+	return devspec.KernelStateFS(fsType)
 }
 
 // guestTypes are the mount types the guest makes itself.
@@ -381,7 +377,7 @@ func translateBind(p *Plan, field, dest string, m specs.Mount, rootReal string, 
 	case st.IsDir():
 		var sfs unix.Statfs_t
 		if err := unix.Statfs(real, &sfs); err == nil {
-			if name, bad := pseudoFS[int64(sfs.Type)]; bad {
+			if name, bad := pseudoFS(int64(sfs.Type)); bad {
 				return specError(field, "source %s is on %s, the host kernel's own state, which a VM cannot share", src, name)
 			}
 			if real == "/dev" || strings.HasPrefix(real, "/dev/") {
@@ -523,7 +519,7 @@ func readHostFile(p string, max int64) ([]byte, error) {
 	if err := unix.Fstatfs(fd, &sfs); err != nil {
 		return nil, err
 	}
-	if name, bad := pseudoFS[int64(sfs.Type)]; bad {
+	if name, bad := pseudoFS(int64(sfs.Type)); bad {
 		return nil, fmt.Errorf("a file on %s, the host kernel's own state, which a VM cannot share", name)
 	}
 	if p == "/dev" || strings.HasPrefix(p, "/dev/") {

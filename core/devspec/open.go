@@ -168,9 +168,6 @@ func dupFile(f *os.File) (*os.File, error) {
 	return os.NewFile(uintptr(dup), f.Name()), nil
 }
 
-// openFile opens path for a plugin. It never blocks on a FIFO (O_NONBLOCK
-// while opening, cleared after the type check) and accepts only regular
-// files and block devices (or, with dir, only directories).
 // kernelStateFS are the file systems of the host kernel's own state: a
 // file there is no disk image (a /proc file reads as a 0-byte disk) and a
 // directory there is no share.
@@ -186,6 +183,17 @@ var kernelStateFS = map[int64]string{
 	unix.NSFS_MAGIC:          "nsfs",
 }
 
+// KernelStateFS names fsType (statfs f_type) when it is a file system of
+// the host kernel's own state, which no guest is handed: the OCI runtime
+// refuses binds from it too.
+func KernelStateFS(fsType int64) (string, bool) {
+	name, ok := kernelStateFS[fsType]
+	return name, ok
+}
+
+// openFile opens path for a plugin. It never blocks on a FIFO (O_NONBLOCK
+// while opening, cleared after the type check) and accepts only regular
+// files and block devices (or, with dir, only directories).
 func openFile(what, path string, write, dir bool) (*os.File, error) {
 	flags := unix.O_CLOEXEC | unix.O_NONBLOCK
 	switch {
@@ -224,7 +232,7 @@ func openFile(what, path string, write, dir bool) (*os.File, error) {
 	}
 	var sfs unix.Statfs_t
 	if err := unix.Fstatfs(fd, &sfs); err == nil {
-		if name, bad := kernelStateFS[int64(sfs.Type)]; bad {
+		if name, bad := KernelStateFS(int64(sfs.Type)); bad {
 			unix.Close(fd)
 			return nil, fmt.Errorf("%s %q is on %s, the host kernel's own state, not something to hand a guest", what, path, name)
 		}
