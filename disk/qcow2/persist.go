@@ -114,16 +114,7 @@ func (im *Image) worstAlloc(pos, n uint64) uint64 {
 		return 0
 	}
 	first, last := pos>>im.cb, (pos+n-1)>>im.cb
-	return last - first + 1 + im.l2Tables(pos, n)
-}
-
-// l2Tables is how many L2 tables the n bytes at guest offset pos span.
-func (im *Image) l2Tables(pos, n uint64) uint64 {
-	if n == 0 {
-		return 0
-	}
-	first, last := pos>>im.cb, (pos+n-1)>>im.cb
-	return last>>im.l2Bits - first>>im.l2Bits + 1
+	return last - first + 1 + (last>>im.l2Bits - first>>im.l2Bits + 1)
 }
 
 // reclaimFrees applies the pending frees (writeback) before a write
