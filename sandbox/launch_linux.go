@@ -621,7 +621,7 @@ func (c LaunchConfig) Verify(pid int) error {
 			return fmt.Errorf("sandbox: verify pid %d: %s is %d/%d, want at most %d", pid, s.name, cur[0], cur[1], s.max)
 		}
 	}
-	if !slices.Contains(disabled, LayerNamespaces) && nprocPerUserNamespace() {
+	if limitsTasks(disabled) {
 		if cur := lim["Max processes"]; cur[0] > l.Tasks || cur[1] > l.Tasks {
 			return fmt.Errorf("sandbox: verify pid %d: Max processes is %d/%d, want at most %d", pid, cur[0], cur[1], l.Tasks)
 		}

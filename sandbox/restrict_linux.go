@@ -171,36 +171,38 @@ func kernelAtLeast(release string, major, minor int) bool {
 	return ma > major || ma == major && mi >= minor
 }
 
-// setRlimit lowers limit res (called name) to v, soft and hard together;
-// a limit already lower stays.
-func setRlimit(name string, res int, v uint64) error {
-	var old unix.Rlimit
-	if err := unix.Prlimit(0, res, nil, &old); err != nil {
-		return fmt.Errorf("get %s: %w", name, err)
-	}
-	v = min(v, old.Max) // never try to raise
-	if err := unix.Prlimit(0, res, &unix.Rlimit{Cur: v, Max: v}, nil); err != nil {
-		return fmt.Errorf("set %s to %d: %w", name, v, err)
-	}
-	return nil
+// limitsTasks reports whether RLIMIT_NPROC (Limits.Tasks) is set: only
+// where it counts the plugin's own threads, in its own user namespace.
+func limitsTasks(disabled []Layer) bool {
+	return !slices.Contains(disabled, LayerNamespaces) && nprocPerUserNamespace()
 }
 
 // applyRlimits lowers soft and hard limits together so they cannot be
-// raised again (that needs CAP_SYS_RESOURCE in the initial namespace).
-func applyRlimits(l Limits) error {
-	set := []struct {
+// raised again (that needs CAP_SYS_RESOURCE in the initial namespace);
+// RLIMIT_NPROC too when tasks is set (limitsTasks).
+func applyRlimits(l Limits, tasks bool) error {
+	type rlimit struct {
 		name string
 		res  int
 		v    uint64
-	}{
+	}
+	set := []rlimit{
 		{"RLIMIT_CORE", unix.RLIMIT_CORE, 0},
 		{"RLIMIT_MEMLOCK", unix.RLIMIT_MEMLOCK, 0},
 		{"RLIMIT_NOFILE", unix.RLIMIT_NOFILE, l.OpenFiles},
 		{"RLIMIT_DATA", unix.RLIMIT_DATA, l.DataBytes},
 	}
+	if tasks {
+		set = append(set, rlimit{"RLIMIT_NPROC", unix.RLIMIT_NPROC, l.Tasks})
+	}
 	for _, s := range set {
-		if err := setRlimit(s.name, s.res, s.v); err != nil {
-			return err
+		var old unix.Rlimit
+		if err := unix.Prlimit(0, s.res, nil, &old); err != nil {
+			return fmt.Errorf("get %s: %w", s.name, err)
+		}
+		v := min(s.v, old.Max) // never try to raise
+		if err := unix.Prlimit(0, s.res, &unix.Rlimit{Cur: v, Max: v}, nil); err != nil {
+			return fmt.Errorf("set %s to %d: %w", s.name, v, err)
 		}
 	}
 	return nil

@@ -63,14 +63,8 @@ func trampoline(raw string, argv []string) int {
 			return fail(LayerNamespaces, err)
 		}
 	}
-	if err := applyRlimits(e.Limits); err != nil {
+	if err := applyRlimits(e.Limits, limitsTasks(e.Disabled)); err != nil {
 		return fail(LayerRlimits, err)
-	}
-	if !off(LayerNamespaces) && nprocPerUserNamespace() {
-		// Counted in the plugin's own user namespace: its threads only.
-		if err := setRlimit("RLIMIT_NPROC", unix.RLIMIT_NPROC, e.Limits.Tasks); err != nil {
-			return fail(LayerRlimits, err)
-		}
 	}
 	if !off(LayerRoot) {
 		if err := enterEmptyRoot(e.Root, e.SocketDir); err != nil {
