@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,11 +25,15 @@ func TestBadGlobalFlagIsOneLine(t *testing.T) {
 		{"--frob", "state", "x"},
 		{"--plugin-uid", "99999999999999999999", "state", "x"},
 		{"--debug=maybe", "state", "x"},
+		{"exec", "--frob", "x", "true"},
 	} {
 		_, stderr, code := r.run(nil, nil, args...)
 		lines := strings.Count(strings.TrimRight(stderr, "\n"), "\n") + 1
 		if code == 0 || lines != 1 {
 			t.Errorf("krun-oci %q: exit %d, %d lines on stderr, want exit 1 and one line:\n%s", args, code, lines, stderr)
+		}
+		if slices.Contains(args, "--frob") && !strings.Contains(stderr, "unknown flag --frob") {
+			t.Errorf("krun-oci %q: %q, want the flag named with two dashes", args, stderr)
 		}
 	}
 }

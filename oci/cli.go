@@ -244,7 +244,7 @@ func (e exitStatus) Error() string { return "exit status " + strconv.Itoa(int(e)
 func parseFlags(fs *flag.FlagSet, args []string, needID bool) (string, []string, error) {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
-		return "", nil, fmt.Errorf("%s: %w", fs.Name(), err)
+		return "", nil, fmt.Errorf("%s: %w", fs.Name(), cli.FlagError("krun-oci", err))
 	}
 	rest := fs.Args()
 	if !needID {
