@@ -3,9 +3,11 @@ package testguest
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
+	"golang.org/x/sys/unix"
 )
 
 // Options configure a Guest. Zero values pick defaults.
@@ -40,6 +42,10 @@ type Options struct {
 	// and gives it back (SET_INFLIGHT_FD) before the rings start, so that
 	// Reconnect can carry requests in flight over to a new back-end.
 	Inflight bool
+	// UnsealedInflight makes the region an unsealed memfd the test may
+	// truncate, as a hostile front-end's (frontend.GetInflightFD's own
+	// is sealed).
+	UnsealedInflight bool
 }
 
 func (o *Options) defaults() {
@@ -144,6 +150,12 @@ func Start(c *frontend.Client, opt Options) (*Guest, error) {
 			g.closeLocal()
 			return nil, fmt.Errorf("inflight region: %w", err)
 		}
+		if opt.UnsealedInflight {
+			if err := unsealInflight(g.Inflight); err != nil {
+				g.closeLocal()
+				return nil, err
+			}
+		}
 		if err := c.SetInflightFD(g.Inflight); err != nil {
 			g.closeLocal()
 			return nil, fmt.Errorf("inflight region: %w", err)
@@ -214,4 +226,20 @@ func (g *Guest) Close() error {
 	err := g.Client.Close()
 	g.closeLocal()
 	return err
+}
+
+// unsealInflight replaces in's file with an unsealed memfd of its size.
+func unsealInflight(in *frontend.Inflight) error {
+	fd, err := unix.MemfdCreate("testguest-inflight", unix.MFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("inflight region: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "inflight")
+	if err := f.Truncate(int64(in.MmapOffset + in.MmapSize)); err != nil {
+		f.Close()
+		return fmt.Errorf("inflight region: %w", err)
+	}
+	in.File.Close()
+	in.File = f
+	return nil
 }

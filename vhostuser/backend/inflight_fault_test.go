@@ -17,7 +17,7 @@ import (
 // eventfd signalled) and GET_VRING_BASE must answer.
 func TestInflightTruncatedFailsRing(t *testing.T) {
 	dev := newTestDevice(1)
-	h, g, r := startGuest(t, dev, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
+	h, g, r := startGuest(t, dev, testguest.Options{Inflight: true, UnsealedInflight: true, QueueSize: 64, MemSize: 4 << 20})
 	errFD := newEventfd(t)
 	if err := h.client.SetVringErr(0, errFD); err != nil {
 		t.Fatal(err)
@@ -71,7 +71,7 @@ func TestInflightTruncatedUntake(t *testing.T) {
 	dev := newTestDevice(1)
 	u := untaker{taken: make(chan struct{}), truncated: make(chan struct{})}
 	dev.mode, dev.producer = "produce", u
-	h, g, r := startGuest(t, dev, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
+	h, g, r := startGuest(t, dev, testguest.Options{Inflight: true, UnsealedInflight: true, QueueSize: 64, MemSize: 4 << 20})
 	errFD := newEventfd(t)
 	if err := h.client.SetVringErr(0, errFD); err != nil {
 		t.Fatal(err)

@@ -28,6 +28,15 @@ type inflightReply struct {
 // GetInflightFD asks the back-end for a region that tracks requests of
 // numQueues queues of up to queueSize descriptors. The caller owns the
 // returned region's file.
+//
+// The region is the front-end's own: a sealed memfd, all zero (what a
+// back-end hands out at GET_INFLIGHT_FD), of the size the back-end asked
+// for (bounded by maxInflightBytes). The back-end's file is closed
+// unread. The front-end zeroes the region at every device reset and gives
+// it to every later back-end, so it must never be a file the back-end
+// chose: a compromised plugin could hand back the disk image or the guest
+// RAM memfd it holds, which would then be overwritten long after that
+// plugin was replaced.
 func (c *Client) GetInflightFD(numQueues, queueSize uint16) (*Inflight, error) {
 	req := vhostuser.Inflight{NumQueues: numQueues, QueueSize: queueSize}
 	v, err := c.call(vhostuser.GetInflightFD, req.Encode(), nil)
@@ -35,19 +44,46 @@ func (c *Client) GetInflightFD(numQueues, queueSize uint16) (*Inflight, error) {
 		return nil, err
 	}
 	r := v.(inflightReply)
-	in := &Inflight{Inflight: r.in, File: r.f}
-	if err := in.check(); err != nil {
-		in.Close()
+	theirs := &Inflight{Inflight: r.in, File: r.f}
+	defer theirs.Close()
+	if err := theirs.check(); err != nil {
 		return nil, fmt.Errorf("reply to %v: %w", vhostuser.GetInflightFD, err)
 	}
 	if r.in.NumQueues != numQueues || r.in.QueueSize != queueSize {
 		// The layout depends on both: a back-end that answers for other
 		// values would read the region differently from its successor.
-		in.Close()
 		return nil, fmt.Errorf("reply to %v: region for %d queues of %d, asked %d of %d", vhostuser.GetInflightFD,
 			r.in.NumQueues, r.in.QueueSize, numQueues, queueSize)
 	}
-	return in, nil
+	if r.in.MmapSize == 0 {
+		return nil, fmt.Errorf("reply to %v: empty region", vhostuser.GetInflightFD)
+	}
+	f, err := newRegionFile(r.in.MmapSize)
+	if err != nil {
+		return nil, err
+	}
+	return &Inflight{Inflight: vhostuser.Inflight{MmapSize: r.in.MmapSize, NumQueues: numQueues, QueueSize: queueSize}, File: f}, nil
+}
+
+// newRegionFile makes the front-end's inflight region: a memfd of size
+// zero bytes whose size is sealed (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL),
+// so no back-end that maps it can truncate it under the front-end's
+// Reset.
+func newRegionFile(size uint64) (*os.File, error) {
+	fd, err := unix.MemfdCreate("krun-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return nil, fmt.Errorf("inflight region: memfd_create: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "inflight")
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("inflight region: ftruncate %d: %w", size, err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("inflight region: seal: %w", err)
+	}
+	return f, nil
 }
 
 // SetInflightFD gives the back-end the region to track its requests in.
@@ -71,10 +107,10 @@ func maxInflightBytes(numQueues, queueSize uint16) uint64 {
 	return (uint64(numQueues)*perQueue + 4095) &^ 4095
 }
 
-// check refuses a region that is not a regular file (a memfd) at least as
-// large as the description says, or larger than its queues can need
-// (maxInflightBytes): the front-end writes it (Reset), and a back-end
-// could otherwise hand it a pipe, a socket, a FIFO or a huge file.
+// check refuses a back-end's region that is not a regular file (a memfd)
+// at least as large as the description says, or larger than its queues
+// can need (maxInflightBytes): the front-end makes a region of that size
+// of its own, and a back-end could otherwise have it allocate a huge one.
 func (in *Inflight) check() error {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(in.File.Fd()), &st); err != nil {
