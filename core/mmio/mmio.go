@@ -215,6 +215,9 @@ type Device struct {
 	shmSel     uint32
 	queues     []queue
 	failed     error
+	// guestErr: the driver set a queue up badly; DEVICE_NEEDS_RESET until
+	// its next reset, which clears it (the back-end is fine).
+	guestErr error
 	config     []byte // the config space copy
 	cached     bool   // config holds the config space (else reads are forwarded)
 	// suspended: the back-end is gone and a new one is coming (Resume);
@@ -617,12 +620,12 @@ func (d *Device) queueSetup(i int) (frontend.QueueSetup, error) {
 
 func (d *Device) startQueueLocked(i int) {
 	q := &d.queues[i]
-	if q.live || d.failed != nil {
+	if q.live || d.failed != nil || d.guestErr != nil {
 		return
 	}
 	qs, err := d.queueSetup(i)
 	if err != nil {
-		d.failLocked(err)
+		d.guestErrorLocked(err)
 		return
 	}
 	notify := d.cfg.Base + RegQueueNotify
@@ -692,6 +695,7 @@ func (d *Device) resetLocked() {
 	d.status = 0
 	d.drvFeat, d.devFeatSel, d.drvFeatSel, d.queueSel, d.shmSel = 0, 0, 0, 0, 0
 	d.intStatus = 0
+	d.guestErr = nil
 	if d.cfg.OnReset != nil {
 		d.cfg.OnReset()
 	}
@@ -785,6 +789,30 @@ func (d *Device) Failed() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.failed
+}
+
+// guestErrorLocked handles a driver's mistake (a queue it laid out so
+// that the device cannot use it): the device needs a reset (DEVICE_NEEDS_
+// RESET and a config-change interrupt) and its queues stop, as when it
+// failed; but the back-end is fine, and the driver's next reset clears
+// it, so a driver that resets and sets the device up again gets it back.
+func (d *Device) guestErrorLocked(err error) {
+	if d.guestErr != nil || d.failed != nil {
+		return
+	}
+	d.guestErr = err
+	d.warnGuest("driver set up a queue the device cannot use; the device needs a reset", "error", err)
+	d.stopAllLocked()
+	d.status |= StatusDeviceNeedsRst
+	d.configChangedLocked()
+}
+
+// NeedsReset returns the driver's mistake that made the device need a
+// reset (guestErrorLocked), or nil.
+func (d *Device) NeedsReset() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.guestErr
 }
 
 // readConfigLocked serves a config-space read from the copy: no call to

@@ -399,8 +399,11 @@ func TestBadQueues(t *testing.T) {
 			st := r.negotiate(featureVersion1)
 			r.setupQueue(0, tt.num, tt.desc, tt.avail, tt.used)
 			r.wr(RegStatus, st|StatusDriverOK)
-			if r.d.Failed() == nil {
+			if r.d.NeedsReset() == nil {
 				t.Fatal("device accepted a bad queue")
+			}
+			if r.d.Failed() != nil {
+				t.Errorf("a driver's mistake failed the device: %v", r.d.Failed())
 			}
 			if len(r.b.queues) != 0 || len(r.w.ioevents) != 0 || len(r.w.irqfds) != 0 {
 				t.Error("bad queue was set up or wired")
@@ -702,5 +705,29 @@ func TestBackendRefusalStillFails(t *testing.T) {
 				t.Fatalf("failed %v, suspended %v", r.d.Failed(), r.d.Suspended())
 			}
 		})
+	}
+}
+
+// TestBadQueueThenResetRecovers: a queue the driver laid out badly (size
+// 0) is the driver's mistake, not a dead plugin: the device needs a reset,
+// and after one a correct set-up works again (a kdump or kexec kernel
+// re-probing, a driver reloaded after a bug). Before, the device was
+// failed for the VM's life. (From review.)
+func TestBadQueueThenResetRecovers(t *testing.T) {
+	r := newRig(t, nil)
+	st := r.negotiate(featureVersion1)
+	r.setupQueue(0, 0, 0x1000, 0x2000, 0x3000) // QueueNum 0
+	r.wr(RegStatus, st|StatusDriverOK)
+	if r.d.NeedsReset() == nil {
+		t.Fatal("bad queue accepted")
+	}
+	st = r.negotiate(featureVersion1) // resets first
+	r.setupQueue(0, 64, 0x1000, 0x2000, 0x3000)
+	r.wr(RegStatus, st|StatusDriverOK)
+	if got := r.rd(RegStatus); got&StatusDriverOK == 0 || got&StatusDeviceNeedsRst != 0 {
+		t.Errorf("status %#x after a reset and a correct set-up; device error: %v", got, r.d.Failed())
+	}
+	if _, ok := r.b.queues[0]; !ok {
+		t.Error("queue 0 never set up in the back-end after the reset")
 	}
 }
