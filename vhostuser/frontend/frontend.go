@@ -44,6 +44,14 @@ func Gone(err error) bool {
 // hangs, since the core calls it from vCPU threads.
 const DefaultTimeout = 5 * time.Second
 
+// DefaultStopTimeout bounds the requests that stop a ring (GET_VRING_BASE,
+// SET_VRING_ENABLE 0) unless SetStopTimeout says otherwise: a back-end
+// answers them once the ring's requests in flight are done, and a slow
+// disk's flush or a network share's read is not a dead back-end. It stays
+// under the 21 s after which a Linux guest reports an RCU stall for the
+// vCPU held meanwhile.
+const DefaultStopTimeout = 20 * time.Second
+
 // Client talks to one back-end over a connected socket. Its methods are
 // safe for concurrent use; requests are serialized, and each one, with its
 // reply, must complete within the client's timeout.
@@ -53,20 +61,29 @@ type Client struct {
 	mu       sync.Mutex
 	protocol uint64 // acked protocol features
 	timeout  time.Duration
+	stop     time.Duration // the timeout of the requests that stop a ring
 	broken   error
 }
 
 // New wraps a connected Conn; the Client owns it.
 func New(conn *vhostuser.Conn) *Client {
-	return &Client{conn: conn, timeout: DefaultTimeout}
+	return &Client{conn: conn, timeout: DefaultTimeout, stop: DefaultStopTimeout}
 }
 
 // SetTimeout sets how long a request and its reply may take (0: no
-// limit).
+// limit), the requests that stop a ring excepted (SetStopTimeout).
 func (c *Client) SetTimeout(d time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.timeout = d
+}
+
+// SetStopTimeout sets how long GET_VRING_BASE and SET_VRING_ENABLE 0 may
+// take (0: no limit).
+func (c *Client) SetStopTimeout(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stop = d
 }
 
 // Dial connects to a back-end listening on a unix socket at path.
@@ -110,20 +127,32 @@ func (c *Client) call(req vhostuser.Request, payload []byte, files []*os.File) (
 	return c.callLocked(req, payload, files)
 }
 
+// stopCall is call for a request that stops a ring: bounded by the stop
+// timeout.
+func (c *Client) stopCall(req vhostuser.Request, payload []byte) (any, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.callWithin(req, payload, nil, c.stop)
+}
+
 func (c *Client) callLocked(req vhostuser.Request, payload []byte, files []*os.File) (any, error) {
+	return c.callWithin(req, payload, files, c.timeout)
+}
+
+func (c *Client) callWithin(req vhostuser.Request, payload []byte, files []*os.File, timeout time.Duration) (any, error) {
 	if c.broken != nil {
 		return nil, fmt.Errorf("%v: %w (%v)", req, ErrBroken, c.broken)
 	}
-	if c.timeout > 0 {
+	if timeout > 0 {
 		uc := c.conn.UnixConn()
-		uc.SetDeadline(time.Now().Add(c.timeout))
+		uc.SetDeadline(time.Now().Add(timeout))
 		defer uc.SetDeadline(time.Time{})
 	}
 	v, err := c.exchangeLocked(req, payload, files)
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 		c.broken = err
 		c.conn.Close()
-		return nil, fmt.Errorf("%v: %w (%v): %w", req, ErrTimeout, c.timeout, err)
+		return nil, fmt.Errorf("%v: %w (%v): %w", req, ErrTimeout, timeout, err)
 	}
 	return v, err
 }
@@ -273,7 +302,7 @@ func (c *Client) SetVringBase(idx, base uint32) error {
 
 // GetVringBase stops ring idx and returns its next available index.
 func (c *Client) GetVringBase(idx uint32) (uint32, error) {
-	v, err := c.call(vhostuser.GetVringBase, vhostuser.VringState{Index: idx}.Encode(), nil)
+	v, err := c.stopCall(vhostuser.GetVringBase, vhostuser.VringState{Index: idx}.Encode())
 	if err != nil {
 		return 0, err
 	}
@@ -315,11 +344,11 @@ func (c *Client) SetVringErr(idx uint32, f *os.File) error {
 // SetVringEnable enables or disables ring idx (needs
 // VHOST_USER_F_PROTOCOL_FEATURES).
 func (c *Client) SetVringEnable(idx uint32, enable bool) error {
-	var n uint32
-	if enable {
-		n = 1
+	if !enable {
+		_, err := c.stopCall(vhostuser.SetVringEnable, vhostuser.VringState{Index: idx}.Encode())
+		return err
 	}
-	_, err := c.call(vhostuser.SetVringEnable, vhostuser.VringState{Index: idx, Num: n}.Encode(), nil)
+	_, err := c.call(vhostuser.SetVringEnable, vhostuser.VringState{Index: idx, Num: 1}.Encode(), nil)
 	return err
 }
 

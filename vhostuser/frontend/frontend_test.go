@@ -377,3 +377,49 @@ func TestTimeout(t *testing.T) {
 		t.Fatalf("request after a timeout took %v", d)
 	}
 }
+
+// TestStopWaitsLongerThanOtherRequests: GET_VRING_BASE and SET_VRING_ENABLE
+// 0 are answered once the ring's requests in flight are done, so a slow
+// back-end (a flush on a loaded disk) answers them later than the
+// ordinary timeout: they get the stop timeout, and an answer within it is
+// not a dead back-end. Before, a reset during a flush of more than 5 s
+// failed a virtio-fs device for the VM's life. (From review.)
+func TestStopWaitsLongerThanOtherRequests(t *testing.T) {
+	const slow = 300 * time.Millisecond
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			m.CloseFiles()
+			time.Sleep(slow)
+			switch m.Request {
+			case vhostuser.GetVringBase:
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: 0, Num: 7}.Encode(), nil)
+			case vhostuser.GetFeatures:
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, make([]byte, 8), nil)
+			}
+		}
+	}()
+	c := New(a)
+	defer c.Close()
+	c.SetTimeout(slow / 3)
+	c.SetStopTimeout(10 * slow)
+	n, err := c.GetVringBase(0)
+	if err != nil || n != 7 {
+		t.Fatalf("GET_VRING_BASE answered after %v: %d, %v", slow, n, err)
+	}
+	if err := c.SetVringEnable(0, false); err != nil {
+		t.Fatalf("SET_VRING_ENABLE 0: %v", err)
+	}
+	// Any other request still gets the ordinary timeout.
+	if _, err := c.GetFeatures(); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("GET_FEATURES answered after %v with a timeout of %v: %v", slow, slow/3, err)
+	}
+}
