@@ -181,12 +181,28 @@ type Config struct {
 	// OnReset, when set, runs at each device reset (status 0), after the
 	// queues are stopped: the core zeroes the inflight region there.
 	OnReset func()
+	// Abandon, when set, is called (with the device's lock held) when a
+	// back-end did not confirm that a ring it served stopped (the stop
+	// timed out, the back-end refused it or is gone): it must end the
+	// back-end's access to guest memory (kill its process and wait for
+	// it) before it returns, since the driver reuses the ring's memory
+	// as soon as its queue stop or reset returns.
+	Abandon func()
+	// OnQueueLost, when set, is called (with the device's lock held) when
+	// a live queue is stopped without its back-end's GET_VRING_BASE (the
+	// device is suspended, or the back-end was abandoned): what the lost
+	// back-end tracked for the ring no longer applies, as a clean stop
+	// would have told it. The core forgets the queue's part of the
+	// inflight region there.
+	OnQueueLost func(queue int)
 }
 
 // Errors.
 var (
 	ErrConfig = errors.New("invalid virtio-mmio device configuration")
 	ErrFailed = errors.New("device failed")
+
+	errAbandoned = errors.New("back-end abandoned")
 )
 
 type queue struct {
@@ -218,8 +234,8 @@ type Device struct {
 	// guestErr: the driver set a queue up badly; DEVICE_NEEDS_RESET until
 	// its next reset, which clears it (the back-end is fine).
 	guestErr error
-	config     []byte // the config space copy
-	cached     bool   // config holds the config space (else reads are forwarded)
+	config   []byte // the config space copy
+	cached   bool   // config holds the config space (else reads are forwarded)
 	// suspended: the back-end is gone and a new one is coming (Resume);
 	// no back-end is called meanwhile.
 	suspended bool
@@ -577,7 +593,8 @@ func (d *Device) recoverLocked(err error) bool {
 	if d.suspended {
 		return true
 	}
-	if d.cfg.Recover == nil || !frontend.Gone(err) || !d.cfg.Recover(err) {
+	gone := frontend.Gone(err) || errors.Is(err, errAbandoned)
+	if d.cfg.Recover == nil || !gone || !d.cfg.Recover(err) {
 		return false
 	}
 	d.suspended = true
@@ -662,19 +679,44 @@ func (d *Device) stopQueueLocked(i int) {
 	q.live = false
 	d.cfg.Wiring.UnregisterIOEventFD(d.cfg.Base+RegQueueNotify, 4, uint64(i), int(q.kick.Fd()))
 	d.cfg.Wiring.UnregisterIRQFD(int(q.call.Fd()), d.cfg.GSI)
-	if d.failed != nil || d.suspended {
+	if d.failed != nil {
+		return
+	}
+	if d.suspended {
+		d.queueLostLocked(i)
 		return
 	}
 	if d.cfg.ProtocolNegotiated {
 		if err := d.cfg.Backend.SetVringEnable(uint32(i), false); err != nil {
-			if !d.recoverLocked(err) {
-				d.failLocked(fmt.Errorf("disable queue %d: %w", i, err))
-			}
+			d.stopFailedLocked(i, fmt.Errorf("disable queue %d: %w", i, err))
 			return
 		}
 	}
-	if _, err := d.cfg.Backend.GetVringBase(uint32(i)); err != nil && !d.recoverLocked(err) {
-		d.failLocked(fmt.Errorf("stop queue %d: %w", i, err))
+	if _, err := d.cfg.Backend.GetVringBase(uint32(i)); err != nil {
+		d.stopFailedLocked(i, fmt.Errorf("stop queue %d: %w", i, err))
+	}
+}
+
+// stopFailedLocked handles a back-end that did not confirm that queue i's
+// ring stopped: it may still be serving the ring, whose memory the driver
+// reuses once this returns, so it is abandoned first (Config.Abandon);
+// then the device waits for a new back-end (the queue's inflight part
+// forgotten) or fails.
+func (d *Device) stopFailedLocked(i int, err error) {
+	if d.cfg.Abandon != nil {
+		d.cfg.Abandon()
+		err = fmt.Errorf("%w: %w", errAbandoned, err) // gone, whatever it answered
+	}
+	if d.recoverLocked(err) {
+		d.queueLostLocked(i)
+		return
+	}
+	d.failLocked(err)
+}
+
+func (d *Device) queueLostLocked(i int) {
+	if d.cfg.OnQueueLost != nil {
+		d.cfg.OnQueueLost(i)
 	}
 }
 

@@ -52,6 +52,7 @@ func stuckPlugin(t *testing.T, timeout time.Duration) *frontend.Client {
 	}()
 	c := frontend.New(a)
 	c.SetTimeout(timeout)
+	c.SetStopTimeout(timeout)
 	t.Cleanup(func() { c.Close() })
 	// As the core does: requests without a reply body are acknowledged
 	// (this one itself is not).

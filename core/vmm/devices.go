@@ -81,7 +81,58 @@ type pluginDevice struct {
 	// first. Tests replace it to look at the device during the wait.
 	backoff func(ctx context.Context, delay time.Duration) bool
 
+	// liveMu guards plugin and client against the goroutines other than
+	// the monitor's, which replaces them: stopVCPUs (cutOff) and a vCPU
+	// thread that abandons the plugin (abandon). It is never held across
+	// a call to the plugin or to the transport.
+	liveMu sync.Mutex
+
 	closeOnce sync.Once
+}
+
+// setPlugin and setClient replace the plugin and the client (monitor's
+// goroutine, or before the device runs).
+func (d *pluginDevice) setPlugin(p *pluginhost.Plugin) {
+	d.liveMu.Lock()
+	d.plugin = p
+	d.liveMu.Unlock()
+}
+
+func (d *pluginDevice) setClient(c *frontend.Client) {
+	d.liveMu.Lock()
+	d.client = c
+	d.liveMu.Unlock()
+}
+
+// cutOff closes the connection to the back-end, so that a vCPU waiting on
+// it gets an error (stopVCPUs). Any goroutine.
+func (d *pluginDevice) cutOff() {
+	d.liveMu.Lock()
+	c := d.client
+	d.liveMu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+}
+
+// abandon is the transport's Abandon: the plugin did not confirm that a
+// ring stopped, and the driver is about to reuse the ring's memory, so the
+// plugin is killed now and this returns once its process is gone (Kill
+// waits for it); nothing of it writes guest memory after that. An
+// external back-end has no process: its connection is closed, which is
+// all the core can do. Runs on a vCPU thread with the device's lock held.
+func (d *pluginDevice) abandon() {
+	d.liveMu.Lock()
+	p, c := d.plugin, d.client
+	d.liveMu.Unlock()
+	if p != nil {
+		d.log.Warn("plugin did not stop a ring when the guest stopped it; killing it", "device", d.index, "pid", p.Pid())
+		p.Kill()
+		return
+	}
+	if c != nil {
+		c.Close()
+	}
 }
 
 // restartable reports whether the core restarts the plugin of a device of
@@ -207,9 +258,11 @@ func (d *pluginDevice) startPlugin(ctx context.Context) error {
 	if lc := d.launchConfig(); lc != nil {
 		cfg.Sandbox = *lc
 	}
-	if d.plugin, err = pluginhost.Launch(cfg); err != nil {
+	p, err := pluginhost.Launch(cfg)
+	if err != nil {
 		return err
 	}
+	d.setPlugin(p)
 	if d.info, _, err = d.plugin.Configure(ctx, d.opened.Options); err != nil {
 		return err
 	}
@@ -276,7 +329,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		if client, err = frontend.NewFromFile(d.sock); err != nil {
 			return err
 		}
-		d.client = client
+		d.setClient(client)
 		n, err = client.Negotiate(frontend.SetupConfig{
 			Features:         ^uint64(0), // everything offered; the guest picks later
 			ProtocolFeatures: frontend.SupportedProtocolFeatures,
@@ -341,12 +394,18 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		Translate:          m.hostAddr,
 		Log:                m.log.Named(fmt.Sprintf("virtio-mmio.%d", d.index)),
 	}
+	cfg.Abandon = d.abandon
 	if d.restarts != nil {
 		cfg.Recover = d.backendGone
 		inflight := d.inflight
 		cfg.OnReset = func() {
 			if err := inflight.Reset(); err != nil {
 				d.log.Warn("device reset: inflight region", "error", err)
+			}
+		}
+		cfg.OnQueueLost = func(i int) {
+			if err := inflight.ResetQueue(i); err != nil {
+				d.log.Warn("queue stopped while the plugin was away: inflight region", "queue", i, "error", err)
 			}
 		}
 	}
@@ -571,7 +630,7 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 		d.dropPlugin()
 		return err
 	}
-	d.client = client
+	d.setClient(client)
 	n, err := client.Reattach(frontend.SetupConfig{
 		Features:         ^uint64(0),
 		ProtocolFeatures: frontend.SupportedProtocolFeatures,
@@ -596,9 +655,12 @@ func (d *pluginDevice) dropPlugin() {
 		d.stopBackendReq()
 		d.stopBackendReq = nil
 	}
-	if d.client != nil {
-		d.client.Close()
-		d.client = nil
+	d.liveMu.Lock()
+	c := d.client
+	d.client = nil
+	d.liveMu.Unlock()
+	if c != nil {
+		c.Close()
 	}
 	if d.sock != nil {
 		d.sock.Close()

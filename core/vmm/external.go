@@ -202,7 +202,7 @@ func (c *Context) connectExternal(ctx context.Context, i int, v *devspec.VhostUs
 		return nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
 	}
 	d.watch.Store(watch)
-	d.client = frontend.New(vhostuser.NewUnixConn(uc))
+	d.setClient(frontend.New(vhostuser.NewUnixConn(uc)))
 	// The whole negotiation within limit: each request gets what is left.
 	deadline, _ := dctx.Deadline()
 	d.client.SetTimeout(time.Until(deadline))

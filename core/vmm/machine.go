@@ -582,9 +582,7 @@ func (m *machine) stopVCPUs() {
 		if tries == 10 {
 			// A vCPU is stuck in a device call: cut the plugins off.
 			for _, d := range m.devices {
-				if d.client != nil {
-					d.client.Close()
-				}
+				d.cutOff()
 			}
 		}
 		if tries == 50 {

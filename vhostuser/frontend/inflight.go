@@ -129,19 +129,47 @@ func (in *Inflight) check() error {
 }
 
 // Reset zeroes the region, as after a device reset: nothing is in flight,
-// and the next back-end initializes it afresh. It writes through the file
-// (never a mapping a back-end could truncate under the front-end).
+// and the next back-end initializes it afresh.
 func (in *Inflight) Reset() error {
 	if in == nil || in.File == nil {
 		return nil
 	}
-	zero := make([]byte, min(in.MmapSize, 64<<10))
-	for off := uint64(0); off < in.MmapSize; {
-		n := min(uint64(len(zero)), in.MmapSize-off)
-		if _, err := in.File.WriteAt(zero[:n], int64(in.MmapOffset+off)); err != nil {
-			return fmt.Errorf("reset inflight region: %w", err)
+	if err := in.zero(0, in.MmapSize); err != nil {
+		return fmt.Errorf("reset inflight region: %w", err)
+	}
+	return nil
+}
+
+// ResetQueue zeroes queue i's part of the region only: the ring it
+// tracked is gone (the driver stopped the queue while no back-end could
+// be told), and the next back-end initializes the part afresh, while the
+// other queues' requests in flight stay tracked. A queue's part is the
+// i-th of NumQueues equal parts, the layout of this module's back-end
+// framework and of QEMU's libvhost-user.
+func (in *Inflight) ResetQueue(i int) error {
+	if in == nil || in.File == nil {
+		return nil
+	}
+	if i < 0 || i >= int(in.NumQueues) {
+		return fmt.Errorf("reset inflight region of queue %d: the region has %d queues", i, in.NumQueues)
+	}
+	part := in.MmapSize / uint64(in.NumQueues)
+	if err := in.zero(uint64(i)*part, part); err != nil {
+		return fmt.Errorf("reset inflight region of queue %d: %w", i, err)
+	}
+	return nil
+}
+
+// zero writes n zero bytes at off in the region, through the file (never
+// a mapping a back-end could truncate under the front-end).
+func (in *Inflight) zero(off, n uint64) error {
+	buf := make([]byte, min(n, 64<<10))
+	for end := off + n; off < end; {
+		k := min(uint64(len(buf)), end-off)
+		if _, err := in.File.WriteAt(buf[:k], int64(in.MmapOffset+off)); err != nil {
+			return err
 		}
-		off += n
+		off += k
 	}
 	return nil
 }

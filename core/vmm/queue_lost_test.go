@@ -1,0 +1,138 @@
+package vmm
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/core/mmio"
+	"github.com/krun-core/krun-core/core/pluginhost"
+)
+
+// TestQueueRemadeWhileSuspended: queue 0 has served a request
+// (its part of the inflight region says used_idx 1). The plugin hangs;
+// while the core waits to restart it (the device is suspended) the guest
+// takes queue 0 down (QueueReady 0), lays out a fresh ring and makes the
+// queue ready again: to the guest a new, empty queue. A clean stop
+// (GET_VRING_BASE) would have left the queue's part of the region
+// uninitialized; while suspended the core only recorded the stop and handed
+// the old part to the new plugin, which refused the ring ("inflight region
+// inconsistent: used index 0 in guest memory, 1 in the region") at every
+// restart until the budget is spent: the device failed for good. The
+// core now forgets the queue's part of the region when the queue stops
+// without its plugin; the guest's first request on its new ring must
+// complete. (From review.)
+func TestQueueRemadeWhileSuspended(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	d, drv := r.d, r.drv
+	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
+	drv.wait(1, 0, 10*time.Second)
+
+	// The plugin hangs (the transport then finds it gone, below).
+	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+
+	toggle := func() {
+		// The guest, while the device is suspended: queue 0 down, a
+		// fresh ring, queue 0 up.
+		drv.reg(mmio.RegQueueSel, 0)
+		drv.reg(mmio.RegQueueReady, 0)
+		drv.put(rdDesc, make([]byte, 16*rdQueueSize))
+		drv.put(rdAvail, make([]byte, 6+2*rdQueueSize))
+		drv.put(rdUsed, make([]byte, 6+8*rdQueueSize))
+		drv.reg(mmio.RegQueueReady, 1)
+		drv.avail, drv.used = 0, 0
+	}
+	toggled := make(chan struct{})
+	var once sync.Once
+	d.backoff = func(ctx context.Context, delay time.Duration) bool {
+		once.Do(func() { toggle(); close(toggled) })
+		return sleepCtx(ctx, delay)
+	}
+	d.backendGone(errors.New("vhost-user call timed out")) // as the transport reports a hung plugin
+	select {
+	case <-toggled:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no restart")
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for d.dev.Suspended() && d.dev.Failed() == nil && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := d.dev.Failed(); err != nil {
+		t.Fatalf("device failed after the guest re-made its queue during a restart: %v", err)
+	}
+	if u := binary.LittleEndian.Uint16(drv.get(rdUsed+2, 2)); u != 0 {
+		t.Errorf("the new, empty ring has used index %d: the new plugin completed head(s) the guest never offered on it (used[0].id=%d)",
+			u, binary.LittleEndian.Uint32(drv.get(rdUsed+4, 4)))
+	}
+	// The guest's first request on its new ring.
+	drv.post(0, 16, bytes.Repeat([]byte{0x33}, 512))
+	deadline = time.Now().Add(5 * time.Second)
+	for binary.LittleEndian.Uint16(drv.get(rdUsed+2, 2)) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	u := binary.LittleEndian.Uint16(drv.get(rdUsed+2, 2))
+	id := binary.LittleEndian.Uint32(drv.get(rdUsed+4, 4))
+	if u == 0 {
+		t.Fatal("the guest's first request on its new ring never completed (the plugin's next available index skipped it)")
+	}
+	if id != 0 {
+		t.Errorf("first completion on the new ring is head %d; the guest offered head 0", id)
+	}
+}
+
+// TestStopOfHungPluginKillsItFirst: the guest resets a device whose plugin
+// hangs (SIGSTOP: it never answers GET_VRING_BASE). When the stop gives
+// up, the plugin must already be dead when the reset returns to the guest:
+// the driver reuses the rings' memory at once, and a plugin that was only
+// slow would otherwise go on writing it. Before, the monitor killed it
+// later, on its own goroutine. (From review.)
+func TestStopOfHungPluginKillsItFirst(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	d, drv := r.d, r.drv
+	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
+	drv.wait(1, 0, 10*time.Second)
+	// Hold the restart in its back-off, so that only the reset can have
+	// killed the plugin by the time it returns.
+	hold := make(chan struct{})
+	defer close(hold)
+	d.backoff = func(ctx context.Context, delay time.Duration) bool {
+		select {
+		case <-hold:
+		case <-ctx.Done():
+		}
+		return false
+	}
+	d.liveMu.Lock()
+	p := d.plugin
+	d.liveMu.Unlock()
+	d.client.SetStopTimeout(300 * time.Millisecond) // frontend.DefaultStopTimeout in production
+	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	drv.reg(mmio.RegStatus, 0) // the guest resets the device
+	took := time.Since(start)
+	select {
+	case <-p.Done():
+	default:
+		t.Fatalf("the reset returned after %v with the hung plugin (pid %d) still running", took, r.pid)
+	}
+	if took > 10*time.Second {
+		t.Errorf("the reset held the vCPU %v", took)
+	}
+}
