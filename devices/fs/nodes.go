@@ -220,6 +220,7 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 		a.parent.pins++
 		as = append(as, a)
 	}
+	born, bornOK := n.born, n.bornOK // evictLocked sets them under t.mu
 	t.mu.Unlock()
 	defer t.putAliases(as)
 	last := unix.ESTALE
@@ -247,7 +248,7 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 			continue
 		}
 		var st unix.Stat_t
-		if statFd(fd, &st) != nil || st.Dev != n.key.dev || st.Ino != n.key.ino || st.Mode&unix.S_IFMT != n.typ || !n.sameBirth(fd) {
+		if statFd(fd, &st) != nil || st.Dev != n.key.dev || st.Ino != n.key.ino || st.Mode&unix.S_IFMT != n.typ || !sameBirth(born, bornOK, fd) {
 			// Another file under the name, or the inode number given
 			// to a new file after the host removed ours.
 			unix.Close(fd)
@@ -294,15 +295,19 @@ func stableBirth(fd int) (unix.StatxTimestamp, bool) {
 }
 
 // sameBirth reports whether fd, found under closed node n's (dev, ino)
-// and type, can be n's inode: true unless n's birth time is known and
+// and type, can be n's inode (t.mu held): true unless n's birth time is known and
 // fd's differs. Without birth times (a file system that keeps none) an
 // inode number reused for a file of the same type cannot be told apart.
-func (n *node) sameBirth(fd int) bool {
-	if !n.bornOK {
+func (n *node) sameBirth(fd int) bool { return sameBirth(n.born, n.bornOK, fd) }
+
+// sameBirth is node.sameBirth for a birth time born (known: bornOK) read
+// under the table's lock.
+func sameBirth(born unix.StatxTimestamp, bornOK bool, fd int) bool {
+	if !bornOK {
 		return true
 	}
 	b, ok := birth(fd)
-	return ok && b == n.born
+	return ok && b == born
 }
 
 // release ends a request's use of n's fd (acquire).
@@ -666,18 +671,27 @@ func (t *table) reset() {
 	for _, h := range handles {
 		t.putHandleLocked(h)
 	}
+	var parents []*node
 	for _, n := range nodes {
 		if n == t.root {
 			continue
 		}
 		for _, a := range n.aliases {
 			a.parent.pins--
+			parents = append(parents, a.parent)
 		}
 		n.aliases = nil
 		n.lookups = 0
 	}
 	for _, n := range nodes {
 		t.maybeFreeLocked(n)
+	}
+	// A parent may have left the table at an earlier reset while a request
+	// held it, then been pinned by a name that request added: its last pin
+	// was just dropped here, and nothing else would ever free it (found in
+	// review: one directory fd leaked per INIT during a LOOKUP).
+	for _, p := range parents {
+		t.maybeFreeLocked(p)
 	}
 }
 
