@@ -163,6 +163,18 @@ func (t *table) evictLocked() {
 	}
 }
 
+// roomLocked makes room for one more node fd: idle nodes are closed
+// beyond maxOpen (evictLocked). What cannot be closed (nodes a request is
+// using, and nodes without a name: unlinked files the guest still holds)
+// may go past maxOpen by an eighth, no further; a guest that unlinked
+// files without forgetting them made the server hold one fd each, without
+// bound, up to RLIMIT_NOFILE (found in review). Beyond it a new node is
+// refused (ENFILE).
+func (t *table) roomLocked() bool {
+	t.evictLocked()
+	return t.open < t.maxOpen+max(t.maxOpen/8, 1)
+}
+
 // setFdLocked gives closed node n the fd.
 func (t *table) setFdLocked(n *node, fd int) {
 	n.fd = fd
@@ -373,6 +385,10 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 		delete(t.byKey, key)
 	}
 	n := t.byKey[key]
+	if (n == nil || n.fd < 0) && !t.roomLocked() {
+		unix.Close(fd)
+		return nil, unix.ENFILE
+	}
 	switch {
 	case n != nil:
 		if n.fd < 0 {
