@@ -3,6 +3,9 @@ package fs
 import (
 	"errors"
 	"fmt"
+	"os"
+	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -55,3 +58,55 @@ func TestUnnamedNodesWithinFdBudget(t *testing.T) {
 	}
 }
 
+// TestNodeMemoryWithinNodeBytes: the node limit under the sandbox's
+// RLIMIT_DATA (1 GiB) must keep the node table within it at worst. With
+// 2^20 nodes it did not: a guest that makes files with long names and
+// maxAliases hard links each, and LOOKUPs them all without FORGET, made the
+// Go heap outgrow the limit, the runtime died with "out of memory" and the
+// share was gone (from review). Measured on a sample of such nodes (live
+// heap per node, twice that before a collection) against nodeBytes, and
+// extrapolated to maxNodesFor's limit (the real thing needs a quarter of a
+// million host inodes).
+func TestNodeMemoryWithinNodeBytes(t *testing.T) {
+	const dataLimit = 1 << 30 // sandbox.DefaultDataBytes
+	dir := t.TempDir()
+	const sample = 4000
+	long := func(i, k int) string { return fmt.Sprintf("%06d-%d-", i, k) + strings.Repeat("n", 255-9) }
+	for i := 0; i < sample; i++ {
+		p := dir + "/" + long(i, 0)
+		f, err := os.Create(p)
+		must(t, "create", err)
+		f.Close()
+		for k := 1; k < maxAliases; k++ {
+			must(t, "link", os.Link(p, dir+"/"+long(i, k)))
+		}
+	}
+	e := newEnvDir(t, dir, 0, func(c *ServerConfig) { c.MaxOpenFiles = 1000 })
+	runtime.GC()
+	var m0, m1 runtime.MemStats
+	runtime.ReadMemStats(&m0)
+	for i := 0; i < sample; i++ {
+		for k := 0; k < maxAliases; k++ {
+			e.lookup(fuse.RootID, long(i, k))
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	n, _ := e.live()
+	per := float64(m1.HeapAlloc-m0.HeapAlloc) / float64(n-1)
+	// With GOGC=100 the heap grows to twice the live data before a
+	// collection.
+	if 2*per > nodeBytes {
+		t.Errorf("a node costs %.0f bytes of live heap, ~%.0f before a collection: more than nodeBytes (%d)", per, 2*per, nodeBytes)
+	}
+	limit := maxNodesFor(dataLimit)
+	live := per * float64(limit)
+	t.Logf("%.0f bytes of live heap per node; %d nodes: %.0f MiB live, ~%.0f MiB heap, RLIMIT_DATA %d MiB",
+		per, limit, live/(1<<20), 2*live/(1<<20), dataLimit>>20)
+	if 2*live > dataLimit {
+		t.Fatalf("the node table alone can need ~%.0f MiB of heap, beyond the plugin's %d MiB RLIMIT_DATA", 2*live/(1<<20), dataLimit>>20)
+	}
+	if got := maxNodesFor(unix.RLIM_INFINITY); got != DefaultMaxNodes {
+		t.Errorf("no data limit: %d nodes, want DefaultMaxNodes", got)
+	}
+}

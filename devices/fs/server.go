@@ -50,6 +50,25 @@ const (
 	fdReserve         = 64
 )
 
+// nodeBytes is what one node may cost in memory at worst, the garbage
+// collector's headroom included: about 1.7 KiB live for a node with
+// maxAliases names of 255 bytes, twice that before a collection
+// (TestNodeMemoryWithinNodeBytes measures it).
+const nodeBytes = 4 << 10
+
+// maxNodesFor is the default node limit under a data limit (RLIMIT_DATA,
+// which the sandbox sets; RLIM_INFINITY for none): DefaultMaxNodes, or as
+// many nodes of nodeBytes as seven eighths of the limit hold, the rest
+// left for buffers. A guest that LOOKUPs without FORGET then gets ENFILE;
+// with 2^20 nodes under the sandbox's 1 GiB it made the Go runtime run
+// out of memory, and the share died with the plugin (found in review).
+func maxNodesFor(dataLimit uint64) int {
+	if dataLimit == unix.RLIM_INFINITY {
+		return DefaultMaxNodes
+	}
+	return int(max(min(dataLimit/8*7/nodeBytes, DefaultMaxNodes), 1024))
+}
+
 // ServerConfig configures a Server.
 type ServerConfig struct {
 	// Dir is the shared directory. The server duplicates the fd; the caller
@@ -67,7 +86,7 @@ type ServerConfig struct {
 	// 0 means DefaultMaxWrite. Rounded down to 4 KiB, at least 4 KiB.
 	MaxWrite uint32
 	// MaxNodes bounds the inodes the guest can hold at once; 0 means
-	// DefaultMaxNodes.
+	// DefaultMaxNodes, or fewer under RLIMIT_DATA (maxNodesFor).
 	MaxNodes int
 	// MaxHandles bounds open files and directories; 0 means a quarter of
 	// the file descriptor budget, at most DefaultMaxHandles.
@@ -187,7 +206,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	maxNodes := cfg.MaxNodes
 	if maxNodes <= 0 {
-		maxNodes = DefaultMaxNodes
+		var rl unix.Rlimit
+		if unix.Prlimit(0, unix.RLIMIT_DATA, nil, &rl) != nil {
+			rl.Cur = unix.RLIM_INFINITY
+		}
+		maxNodes = maxNodesFor(rl.Cur)
 	}
 	// File descriptors: a few are the vhost-user socket, eventfds and
 	// logging; of the rest, three quarters hold nodes' O_PATH fds (idle
