@@ -138,6 +138,44 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 		}
 	}
 
+	// Every field is checked before anything changes: a request refused
+	// (EINVAL) changes nothing (before, the mode or the size was already
+	// set when a later field was found bad; found in review).
+	uid, gid := -1, -1
+	if in.Valid&fuse.FattrUID != 0 {
+		u, ok := s.uids.toHost(in.UID)
+		if !ok {
+			return unix.EINVAL
+		}
+		uid = int(u)
+	}
+	if in.Valid&fuse.FattrGID != 0 {
+		g, ok := s.gids.toHost(in.GID)
+		if !ok {
+			return unix.EINVAL
+		}
+		gid = int(g)
+	}
+	if in.Valid&fuse.FattrSize != 0 && in.Size > 1<<63-1 {
+		return unix.EINVAL
+	}
+	ts := [2]unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
+	for i, f := range []struct {
+		valid, now uint32
+		sec        uint64
+		nsec       uint32
+	}{{fuse.FattrAtime, fuse.FattrAtimeNow, in.Atime, in.Atimensec}, {fuse.FattrMtime, fuse.FattrMtimeNow, in.Mtime, in.Mtimensec}} {
+		switch {
+		case in.Valid&f.now != 0:
+			ts[i] = unix.Timespec{Nsec: unix.UTIME_NOW}
+		case in.Valid&f.valid != 0:
+			if f.nsec > 999999999 {
+				return unix.EINVAL
+			}
+			ts[i] = unix.Timespec{Sec: int64(f.sec), Nsec: int64(f.nsec)}
+		}
+	}
+
 	if in.Valid&fuse.FattrMode != 0 {
 		if e := s.chmod(r, n, h, s.guestMode(n.typ, in.Mode)); e != 0 {
 			return e
@@ -145,55 +183,18 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 	}
 	chowned := false
 	if in.Valid&(fuse.FattrUID|fuse.FattrGID) != 0 {
-		uid, gid := -1, -1
-		if in.Valid&fuse.FattrUID != 0 {
-			u, ok := s.uids.toHost(in.UID)
-			if !ok {
-				return unix.EINVAL
-			}
-			uid = int(u)
-		}
-		if in.Valid&fuse.FattrGID != 0 {
-			g, ok := s.gids.toHost(in.GID)
-			if !ok {
-				return unix.EINVAL
-			}
-			gid = int(g)
-		}
 		if err := unix.Fchownat(n.fd, "", uid, gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return errno(err)
 		}
 		chowned = true
 	}
 	if in.Valid&fuse.FattrSize != 0 {
-		if in.Size > 1<<63-1 {
-			return unix.EINVAL
-		}
 		kill := s.mustKill(in.Valid&fuse.FattrKillSuidgid != 0)
 		if e := s.truncate(r, n, h, int64(in.Size), kill); e != 0 {
 			return e
 		}
 	}
-	if in.Valid&(fuse.FattrAtime|fuse.FattrMtime|fuse.FattrAtimeNow|fuse.FattrMtimeNow) != 0 {
-		ts := [2]unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
-		set := func(i int, valid, now uint32, sec uint64, nsec uint32) unix.Errno {
-			switch {
-			case in.Valid&now != 0:
-				ts[i] = unix.Timespec{Nsec: unix.UTIME_NOW}
-			case in.Valid&valid != 0:
-				if nsec > 999999999 {
-					return unix.EINVAL
-				}
-				ts[i] = unix.Timespec{Sec: int64(sec), Nsec: int64(nsec)}
-			}
-			return 0
-		}
-		if e := set(0, fuse.FattrAtime, fuse.FattrAtimeNow, in.Atime, in.Atimensec); e != 0 {
-			return e
-		}
-		if e := set(1, fuse.FattrMtime, fuse.FattrMtimeNow, in.Mtime, in.Mtimensec); e != 0 {
-			return e
-		}
+	if ts[0].Nsec != unix.UTIME_OMIT || ts[1].Nsec != unix.UTIME_OMIT {
 		if err := unix.UtimesNanoAt(n.fd, "", ts[:], unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return errno(err)
 		}
