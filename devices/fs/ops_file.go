@@ -61,7 +61,8 @@ func (s *Server) opOpen(r *request) unix.Errno {
 	if int(flags)&unix.O_TRUNC != 0 {
 		// Truncate only now that the fd is known to be this node.
 		openFl, _ := fuse.U32(r.in, 4)
-		if e := s.truncateOpen(fd, openFl); e != 0 {
+		reopen := func() (int, unix.Errno) { return s.openNode(r, n, unix.O_WRONLY) }
+		if e := s.truncateOpen(fd, flags, openFl, reopen); e != 0 {
 			unix.Close(fd)
 			return e
 		}
@@ -79,9 +80,21 @@ func (s *Server) opOpen(r *request) unix.Errno {
 }
 
 // truncateOpen applies O_TRUNC to the freshly opened fd, clearing the
-// set-id bits first where setid.go says so (openFl: the request's
-// open_flags).
-func (s *Server) truncateOpen(fd int, openFl uint32) unix.Errno {
+// set-id bits first where setid.go says so (flags: the guest's open flags,
+// openFl: the request's open_flags). A read-only fd cannot be truncated:
+// for O_RDONLY|O_TRUNC (which Linux honours when the caller may write,
+// and the server is sent as such, ATOMIC_O_TRUNC) reopen opens the same
+// inode write-only, which the host's own permission check then decides;
+// that answered EINVAL before (found in review).
+func (s *Server) truncateOpen(fd int, flags, openFl uint32, reopen func() (int, unix.Errno)) unix.Errno {
+	if int(flags)&unix.O_ACCMODE == unix.O_RDONLY {
+		wfd, e := reopen()
+		if e != 0 {
+			return e
+		}
+		defer unix.Close(wfd)
+		fd = wfd
+	}
 	if s.mustKill(openFl&fuse.OpenKillSuidgid != 0) {
 		if e := killFd(fd); e != 0 {
 			return e
@@ -148,7 +161,22 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		return unix.EEXIST // made with O_EXCL: cannot happen
 	}
 	if int(flags)&unix.O_TRUNC != 0 && !made {
-		if e := s.truncateOpen(fd, openFl); e != 0 {
+		reopen := func() (int, unix.Errno) {
+			var wst unix.Stat_t
+			wfd, err := openRegular(parent.fd, name, unix.O_WRONLY, &wst)
+			if err == errNotRegular {
+				return -1, unix.ESTALE
+			}
+			if err != nil {
+				return -1, errno(err)
+			}
+			if wst.Dev != st.Dev || wst.Ino != st.Ino {
+				unix.Close(wfd) // the name changed between the two opens
+				return -1, unix.ESTALE
+			}
+			return wfd, 0
+		}
+		if e := s.truncateOpen(fd, flags, openFl, reopen); e != 0 {
 			return e
 		}
 	}
