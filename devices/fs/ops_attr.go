@@ -51,7 +51,7 @@ func (s *Server) opGetattr(r *request) unix.Errno {
 func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 	switch n.typ {
 	case unix.S_IFDIR:
-		fd, err := reopenDir(n.fd)
+		fd, err := s.reopenDir(n.fd)
 		if err != nil {
 			return -1, errno(err)
 		}
@@ -74,7 +74,10 @@ func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 		// Only a regular file is opened: if the name is now a FIFO or a
 		// device, it is refused before it is opened (openRegular).
 		var st unix.Stat_t
-		fd, err := openRegular(a.parent.fd, a.name, flags, &st)
+		fd, err := openRegular(a.parent.fd, a.name, flags|s.noatime(), &st)
+		if err == unix.EPERM && s.noatime() != 0 {
+			fd, err = openRegular(a.parent.fd, a.name, flags, &st) // not the file's owner
+		}
 		s.t.release(a.parent)
 		if err == errNotRegular {
 			s.t.dropName(a.parent.id, a.name)
@@ -105,13 +108,37 @@ func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 }
 
 // openAny opens n read-only, or write-only when read access is refused
-// (metadata calls such as fsetxattr only need some open file).
+// (metadata calls such as fsetxattr only need some open file) and the
+// share is not read-only: there an open for writing is a change host
+// watchers see (IN_CLOSE_WRITE; found in review).
 func (s *Server) openAny(r *request, n *node) (int, unix.Errno) {
 	fd, e := s.openNode(r, n, unix.O_RDONLY)
-	if e == unix.EACCES && n.typ == unix.S_IFREG {
+	if e == unix.EACCES && n.typ == unix.S_IFREG && !s.readOnly {
 		fd, e = s.openNode(r, n, unix.O_WRONLY)
 	}
 	return fd, e
+}
+
+// noatime is O_NOATIME on a read-only share, whose files serving reads
+// must not change (a read or a directory listing moved their access time
+// on the host; found in review), else 0. The kernel allows it to the
+// file's owner only; the opens fall back without it (EPERM).
+func (s *Server) noatime() int {
+	if s.readOnly {
+		return unix.O_NOATIME
+	}
+	return 0
+}
+
+// reopenDir is reopenDir with noatime.
+func (s *Server) reopenDir(fd int) (int, error) {
+	if s.noatime() != 0 {
+		dfd, err := openBeneath(fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|s.noatime(), 0)
+		if err != unix.EPERM {
+			return dfd, err
+		}
+	}
+	return reopenDir(fd)
 }
 
 func (s *Server) opSetattr(r *request) unix.Errno {

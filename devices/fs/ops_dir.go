@@ -35,7 +35,7 @@ func (s *Server) opOpendir(r *request) unix.Errno {
 	if !n.isDir() {
 		return unix.ENOTDIR
 	}
-	fd, err := reopenDir(n.fd)
+	fd, err := s.reopenDir(n.fd)
 	if err != nil {
 		return errno(err)
 	}
