@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/ratelog"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/virtq"
 )
@@ -37,6 +38,14 @@ type Server struct {
 	HandshakeTimeout, MessageTimeout time.Duration
 
 	serving sync.Mutex
+
+	// refused spaces the warnings about refused requests, one limiter per
+	// request code (unknown codes share slot 0), so that a front-end that
+	// repeats a refused request (a guest writing a read-only config field,
+	// one SET_CONFIG per MMIO write) cannot flood the log, and a flood of
+	// one kind does not hide the first refusal of another. It lives in the
+	// Server, not the session: a reconnecting front-end does not reset it.
+	refused [vhostuser.GetStatus + 1]ratelog.Limiter
 
 	// testHook, set by tests only, runs at points of the inflight
 	// tracking sequence ("added": a used element was added and linked,
@@ -79,6 +88,15 @@ func NewServer(dev Device, log hclog.Logger) (*Server, error) {
 		protocol: FrameworkProtocolFeatures | info.ProtocolFeatures | backendReqFeature(dev),
 		stats:    make([]counters, info.NumQueues),
 	}, nil
+}
+
+// refusedLimiter is the limiter for warnings about refused requests of
+// code req.
+func (s *Server) refusedLimiter(req vhostuser.Request) *ratelog.Limiter {
+	if int(req) >= len(s.refused) {
+		req = 0
+	}
+	return &s.refused[req]
 }
 
 // Features returns the virtio features offered in GET_FEATURES.

@@ -158,7 +158,11 @@ func (sess *session) handle(m *vhostuser.Message) error {
 	// or by it (SET_PROTOCOL_FEATURES).
 	ack := m.NeedReply() && !hasReply && (ackBefore || sess.protocol&vhostuser.ProtocolReplyAck != 0)
 	if err != nil {
-		log.Warn("vhost-user request failed", "request", m.Request.String(), "error", err)
+		// Spaced: with REPLY_ACK the connection goes on, and a front-end
+		// (a guest, through the core) can repeat a refused request at
+		// will. The first of each request code is a warning, then one per
+		// interval with the count left unlogged; the rest go to debug.
+		sess.s.refusedLimiter(m.Request).Warn(log, "vhost-user request failed", "request", m.Request.String(), "error", err)
 		switch {
 		case ack:
 			return sess.send(m.Request, vhostuser.EncodeU64(1))
