@@ -109,12 +109,9 @@ func TestLaunchConfigureStatsShutdown(t *testing.T) {
 	}
 	defer p.Kill()
 
-	st, err := os.Stat(p.SocketDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.Mode().Perm() != 0o700 || !st.IsDir() {
-		t.Errorf("socket dir mode %v, want drwx------", st.Mode())
+	// Needed for the connection only: gone once Launch has connected.
+	if _, err := os.Stat(p.SocketDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket dir still there after the connection: %v", err)
 	}
 	if sp := p.socketPath(); !strings.HasPrefix(sp, p.SocketDir()+"/") {
 		t.Errorf("gRPC socket %q is not inside the private dir %q", sp, p.SocketDir())

@@ -214,6 +214,13 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		p.Kill()
 		return nil, fmt.Errorf("plugin %s: connect: %w", cfg.Kind, err)
 	}
+	// The directory was needed for the connection only, which is made: a
+	// sandboxed plugin's socket lives in its own root anyway, and nothing
+	// dials it again (go-plugin's long-lived streams keep gRPC's channel
+	// from going idle). Removed now, it is not left in $TMPDIR by a host
+	// that is killed (SIGKILL, the OOM killer), one per plugin (found in
+	// review).
+	p.removeSockDir()
 	return p, nil
 }
 
@@ -276,7 +283,8 @@ func (p *Process) Pid() int {
 	return p.run.pid
 }
 
-// SocketDir is the private directory holding the plugin's gRPC socket.
+// SocketDir is the private directory that held the plugin's gRPC socket
+// until the host connected to it (it is removed then).
 func (p *Process) SocketDir() string { return p.sockDir }
 
 // Done is closed when the plugin process has exited.
