@@ -39,6 +39,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -183,11 +184,23 @@ type Config struct {
 	OnReset func()
 	// Abandon, when set, is called (with the device's lock held) when a
 	// back-end did not confirm that a ring it served stopped (the stop
-	// timed out, the back-end refused it or is gone): it must end the
-	// back-end's access to guest memory (kill its process and wait for
-	// it) before it returns, since the driver reuses the ring's memory
-	// as soon as its queue stop or reset returns.
-	Abandon func()
+	// timed out, the back-end refused it or is gone), and when the
+	// device is suspended (Suspend, or a back-end found gone): it must
+	// end the back-end's access to guest memory (kill its process and
+	// wait for it) before it returns, since the driver reuses a ring's
+	// memory as soon as its queue stop or reset returns, and a suspended
+	// device stops queues without asking the back-end. why says what
+	// happened. A non-nil error says the access could not be ended (the
+	// process did not go away in time): the device fails. It is not
+	// called once Close has begun: the guest no longer runs.
+	Abandon func(why error) error
+	// StopBudget, when positive, bounds how long one guest access (a
+	// reset, a driver failure) spends stopping queues in the back-end:
+	// once it is spent, the back-end is abandoned instead of being asked
+	// to stop the queues left, so a back-end that answers each stop
+	// slowly holds the vCPU for about StopBudget plus one stop, not one
+	// stop per queue.
+	StopBudget time.Duration
 	// OnQueueLost, when set, is called (with the device's lock held) when
 	// a live queue is stopped without its back-end's GET_VRING_BASE (the
 	// device is suspended, or the back-end was abandoned): what the lost
@@ -201,6 +214,9 @@ type Config struct {
 var (
 	ErrConfig = errors.New("invalid virtio-mmio device configuration")
 	ErrFailed = errors.New("device failed")
+
+	// ErrReplaced is the reason Suspend gives Config.Abandon.
+	ErrReplaced = errors.New("the back-end is being replaced")
 
 	errAbandoned = errors.New("back-end abandoned")
 )
@@ -239,6 +255,10 @@ type Device struct {
 	// suspended: the back-end is gone and a new one is coming (Resume);
 	// no back-end is called meanwhile.
 	suspended bool
+	// closing: Close has begun; the guest no longer runs, so a back-end
+	// that does not confirm a stop is not abandoned (its owner shuts it
+	// down, letting it flush).
+	closing bool
 }
 
 // New creates the device and its kick and call eventfds.
@@ -300,6 +320,7 @@ func newEventFD(name string) (*os.File, error) {
 func (d *Device) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.closing = true
 	d.stopAllLocked()
 	for i := range d.queues {
 		q := &d.queues[i]
@@ -593,12 +614,30 @@ func (d *Device) recoverLocked(err error) bool {
 	if d.suspended {
 		return true
 	}
-	gone := frontend.Gone(err) || errors.Is(err, errAbandoned)
+	abandoned := errors.Is(err, errAbandoned)
+	gone := frontend.Gone(err) || abandoned
 	if d.cfg.Recover == nil || !gone || !d.cfg.Recover(err) {
 		return false
 	}
+	if !abandoned && !d.abandonLocked(err) {
+		return true // failed instead
+	}
 	d.suspended = true
 	d.log.Debug("virtio device back-end is gone; the device waits for a new one", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+	return true
+}
+
+// abandonLocked ends the back-end's access to guest memory before the
+// device stops a queue without it (Config.Abandon). It reports false when
+// that could not be confirmed: the device has failed then.
+func (d *Device) abandonLocked(why error) bool {
+	if d.cfg.Abandon == nil || d.closing {
+		return true
+	}
+	if err := d.cfg.Abandon(why); err != nil {
+		d.failLocked(fmt.Errorf("%w; abandoning the back-end: %w", why, err))
+		return false
+	}
 	return true
 }
 
@@ -671,7 +710,11 @@ func (d *Device) startQueueLocked(i int) {
 
 // stopQueueLocked takes a live queue down: ring stopped in the back-end,
 // eventfds unwired.
-func (d *Device) stopQueueLocked(i int) {
+func (d *Device) stopQueueLocked(i int) { d.stopQueueOverLocked(i, nil) }
+
+// stopQueueOverLocked is stopQueueLocked; a non-nil over says the stop
+// budget is spent: the back-end is abandoned instead of asked.
+func (d *Device) stopQueueOverLocked(i int, over error) {
 	q := &d.queues[i]
 	if !q.live {
 		return
@@ -684,6 +727,10 @@ func (d *Device) stopQueueLocked(i int) {
 	}
 	if d.suspended {
 		d.queueLostLocked(i)
+		return
+	}
+	if over != nil && !d.closing {
+		d.stopFailedLocked(i, over)
 		return
 	}
 	if d.cfg.ProtocolNegotiated {
@@ -703,8 +750,14 @@ func (d *Device) stopQueueLocked(i int) {
 // then the device waits for a new back-end (the queue's inflight part
 // forgotten) or fails.
 func (d *Device) stopFailedLocked(i int, err error) {
+	if d.closing {
+		d.log.Debug("queue stop at close", "queue", i, "error", err)
+		return
+	}
 	if d.cfg.Abandon != nil {
-		d.cfg.Abandon()
+		if !d.abandonLocked(err) {
+			return
+		}
 		err = fmt.Errorf("%w: %w", errAbandoned, err) // gone, whatever it answered
 	}
 	if d.recoverLocked(err) {
@@ -720,9 +773,19 @@ func (d *Device) queueLostLocked(i int) {
 	}
 }
 
+// stopAllLocked stops every live queue, within the stop budget
+// (Config.StopBudget): the queues left once it is spent are stopped by
+// abandoning the back-end.
 func (d *Device) stopAllLocked() {
+	start := time.Now()
 	for i := range d.queues {
-		d.stopQueueLocked(i)
+		var over error
+		if b := d.cfg.StopBudget; b > 0 {
+			if spent := time.Since(start); spent > b {
+				over = fmt.Errorf("stop queue %d: %w (stopping the queues before it took %v)", i, frontend.ErrTimeout, spent.Round(time.Millisecond))
+			}
+		}
+		d.stopQueueOverLocked(i, over)
 	}
 }
 
@@ -916,12 +979,17 @@ func configAccessOK(off uint64, n int) bool {
 }
 
 // Suspend marks the back-end gone (its process died or stopped answering):
-// until Resume, no back-end is called and what the guest does is only
-// recorded. It does nothing to a failed device.
+// it is abandoned first (Config.Abandon: a queue stopped while suspended
+// does not ask it), then until Resume no back-end is called and what the
+// guest does is only recorded. It does nothing to a failed device, and
+// fails the device when the back-end could not be abandoned.
 func (d *Device) Suspend() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.failed == nil && !d.suspended {
+		if !d.abandonLocked(ErrReplaced) {
+			return
+		}
 		d.suspended = true
 		d.log.Debug("virtio device suspended while its back-end is replaced", "base", fmt.Sprintf("%#x", d.cfg.Base))
 	}

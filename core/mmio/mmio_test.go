@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -19,6 +20,9 @@ type fakeBackend struct {
 	queues   map[uint32]frontend.QueueSetup
 	config   []byte
 	fail     error // returned by every call when set
+	// stopFail is returned by ring stops only; stopDelay delays them.
+	stopFail  error
+	stopDelay time.Duration
 }
 
 func (b *fakeBackend) log(format string, args ...any) {
@@ -71,12 +75,19 @@ func (b *fakeBackend) SetupQueue(q frontend.QueueSetup, protocol bool) error {
 
 func (b *fakeBackend) GetVringBase(idx uint32) (uint32, error) {
 	b.log("GetVringBase %d", idx)
+	time.Sleep(b.stopDelay)
 	delete(b.queues, idx)
+	if b.stopFail != nil {
+		return 0, b.stopFail
+	}
 	return 0, b.fail
 }
 
 func (b *fakeBackend) SetVringEnable(idx uint32, enable bool) error {
 	b.log("SetVringEnable %d %v", idx, enable)
+	if !enable && b.stopFail != nil {
+		return b.stopFail
+	}
 	return b.fail
 }
 

@@ -3,6 +3,8 @@ package mmio
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -160,5 +162,87 @@ func TestConfigWithoutData(t *testing.T) {
 	r2.d.Read(RegConfig+4, b)
 	if !bytes.Equal(b, []byte{5, 6, 7, 8}) || len(r2.b.calls) != 1 {
 		t.Fatalf("forwarded read % x, calls %v", b, r2.b.calls)
+	}
+}
+
+// TestAbandonRules: when the back-end is abandoned (killed before the
+// driver reuses rings it may still serve) and when it is not.
+func TestAbandonRules(t *testing.T) {
+	gone := fmt.Errorf("GET_VRING_BASE: %w", frontend.ErrTimeout)
+	for _, tc := range []struct {
+		name       string
+		abandonErr error         // what Abandon returns
+		budget     time.Duration // Config.StopBudget
+		stopDelay  time.Duration
+		stopFail   error
+		act        func(r *rig)
+		// want: Abandon's reasons in order (errors.Is), GetVringBase calls,
+		// and the device's state after.
+		abandons  []error
+		ringStops int
+		suspended bool
+		failed    bool
+	}{
+		{name: "failed stop abandons, then the device waits", stopFail: gone,
+			act:      func(r *rig) { r.wr(RegStatus, 0) },
+			abandons: []error{frontend.ErrTimeout}, ringStops: 0, suspended: true},
+		{name: "back-end that outlives the kill fails the device", stopFail: gone, abandonErr: errors.New("still runs"),
+			act:      func(r *rig) { r.wr(RegStatus, 0) },
+			abandons: []error{frontend.ErrTimeout}, failed: true},
+		{name: "suspend abandons", act: func(r *rig) { r.d.Suspend(); r.wr(RegStatus, 0) },
+			abandons: []error{ErrReplaced}, suspended: true},
+		{name: "suspend of a back-end that outlives the kill fails", abandonErr: errors.New("still runs"),
+			act:      func(r *rig) { r.d.Suspend() },
+			abandons: []error{ErrReplaced}, failed: true},
+		{name: "close does not abandon", stopFail: gone,
+			act: func(r *rig) { r.d.Close() }},
+		{name: "clean reset does not abandon", act: func(r *rig) { r.wr(RegStatus, 0) }, ringStops: 2},
+		{name: "stop budget spent abandons the queues left", budget: 30 * time.Millisecond, stopDelay: 60 * time.Millisecond,
+			act:      func(r *rig) { r.wr(RegStatus, 0) },
+			abandons: []error{frontend.ErrTimeout}, ringStops: 1, suspended: true},
+		{name: "stop budget not spent", budget: time.Second, stopDelay: 10 * time.Millisecond,
+			act: func(r *rig) { r.wr(RegStatus, 0) }, ringStops: 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var reasons []error
+			r := newRig(t, func(c *Config) {
+				c.Recover = func(error) bool { return true }
+				c.StopBudget = tc.budget
+				c.Abandon = func(why error) error {
+					reasons = append(reasons, why)
+					return tc.abandonErr
+				}
+			})
+			st := r.negotiate(featureVersion1)
+			r.wr(RegStatus, st|StatusDriverOK)
+			r.setupQueue(0, 128, 0x10000, 0x11000, 0x12000)
+			r.setupQueue(1, 128, 0x20000, 0x21000, 0x22000)
+			r.b.calls = nil
+			r.b.stopFail, r.b.stopDelay = tc.stopFail, tc.stopDelay
+			tc.act(r)
+			if len(reasons) != len(tc.abandons) {
+				t.Fatalf("Abandon called with %v, want %d calls (back-end calls %v)", reasons, len(tc.abandons), r.b.calls)
+			}
+			for i, want := range tc.abandons {
+				if !errors.Is(reasons[i], want) {
+					t.Errorf("Abandon #%d: %v, want %v", i, reasons[i], want)
+				}
+			}
+			stops := 0
+			for _, c := range r.b.calls {
+				if strings.HasPrefix(c, "GetVringBase") {
+					stops++
+				}
+			}
+			if tc.stopFail == nil && stops != tc.ringStops {
+				t.Errorf("%d ring stops asked of the back-end, want %d: %v", stops, tc.ringStops, r.b.calls)
+			}
+			if got := r.d.Suspended(); got != tc.suspended {
+				t.Errorf("suspended %v, want %v", got, tc.suspended)
+			}
+			if got := r.d.Failed() != nil; got != tc.failed {
+				t.Errorf("failed %v (%v), want %v", got, r.d.Failed(), tc.failed)
+			}
+		})
 	}
 }

@@ -86,6 +86,8 @@ type pluginDevice struct {
 	// thread that abandons the plugin (abandon). It is never held across
 	// a call to the plugin or to the transport.
 	liveMu sync.Mutex
+	// exiting is set by cutOff: the VM is going away.
+	exiting atomic.Bool
 
 	closeOnce sync.Once
 }
@@ -105,8 +107,11 @@ func (d *pluginDevice) setClient(c *frontend.Client) {
 }
 
 // cutOff closes the connection to the back-end, so that a vCPU waiting on
-// it gets an error (stopVCPUs). Any goroutine.
+// it gets an error (stopVCPUs, at VM exit). Any goroutine. The guest does
+// not run again, so from then on the plugin is not abandoned (killed)
+// when a stop fails: shutdown lets it flush and exit.
 func (d *pluginDevice) cutOff() {
+	d.exiting.Store(true)
 	d.liveMu.Lock()
 	c := d.client
 	d.liveMu.Unlock()
@@ -115,23 +120,57 @@ func (d *pluginDevice) cutOff() {
 	}
 }
 
+// stopBudget bounds the time one guest access spends stopping queues in a
+// plugin (mmio.Config.StopBudget): with one more stop (the stop timeout)
+// and abandonWait, a vCPU is held under 21 s.
+const stopBudget = 5 * time.Second
+
+// abandonWait bounds how long abandon waits for a killed plugin to be
+// reaped: a process in uninterruptible sleep (a hung NFS read into guest
+// memory) outlives SIGKILL, and the wait holds a vCPU and the device lock.
+// Added to a ring's stop timeout, it stays under a Linux guest's RCU stall
+// warning (21 s).
+const abandonWait = 5 * time.Second
+
 // abandon is the transport's Abandon: the plugin did not confirm that a
-// ring stopped, and the driver is about to reuse the ring's memory, so the
-// plugin is killed now and this returns once its process is gone (Kill
-// waits for it); nothing of it writes guest memory after that. An
-// external back-end has no process: its connection is closed, which is
-// all the core can do. Runs on a vCPU thread with the device's lock held.
-func (d *pluginDevice) abandon() {
+// ring stopped, or the device is suspended while it is replaced, and the
+// driver is about to reuse the ring's memory, so the plugin is killed now
+// and this returns once its process is gone; nothing of it writes guest
+// memory after that. A process that is not reaped within abandonWait is
+// an error (the transport fails the device). An external back-end has no
+// process: its connection is closed, which is all the core can do. Runs
+// on a vCPU thread (or the monitor's) with the device's lock held.
+func (d *pluginDevice) abandon(why error) error {
+	if d.exiting.Load() {
+		return nil
+	}
 	d.liveMu.Lock()
 	p, c := d.plugin, d.client
 	d.liveMu.Unlock()
-	if p != nil {
-		d.log.Warn("plugin did not stop a ring when the guest stopped it; killing it", "device", d.index, "pid", p.Pid())
-		p.Kill()
-		return
+	if p == nil {
+		if c != nil {
+			c.Close()
+		}
+		return nil
 	}
-	if c != nil {
-		c.Close()
+	select {
+	case <-p.Done():
+		return nil // already gone
+	default:
+	}
+	if errors.Is(why, mmio.ErrReplaced) { // monitor's recover logs why
+		d.log.Debug("killing the plugin before it is replaced", "device", d.index, "pid", p.Pid())
+	} else {
+		d.log.Warn("killing the plugin before the guest reuses its rings", "device", d.index, "pid", p.Pid(), "reason", why)
+	}
+	go p.Kill()
+	t := time.NewTimer(abandonWait)
+	defer t.Stop()
+	select {
+	case <-p.Done():
+		return nil
+	case <-t.C:
+		return fmt.Errorf("plugin (pid %d) still runs %v after SIGKILL", p.Pid(), abandonWait)
 	}
 }
 
@@ -395,6 +434,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 		Log:                m.log.Named(fmt.Sprintf("virtio-mmio.%d", d.index)),
 	}
 	cfg.Abandon = d.abandon
+	cfg.StopBudget = stopBudget
 	if d.restarts != nil {
 		cfg.Recover = d.backendGone
 		inflight := d.inflight

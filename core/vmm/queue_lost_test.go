@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -134,5 +135,56 @@ func TestStopOfHungPluginKillsItFirst(t *testing.T) {
 	}
 	if took > 10*time.Second {
 		t.Errorf("the reset held the vCPU %v", took)
+	}
+}
+
+// TestCutOffThenShutdownLetsPluginFlush: at VM exit stopVCPUs cuts every
+// device's connection off when a vCPU does not stop (cutOff); shutdown
+// then closes the transport, whose queue stops fail on the closed
+// connection. The guest no longer runs, so nothing is abandoned: the
+// plugin gets its graceful Shutdown (a flush). Before, every plugin was
+// killed first. (From review.)
+func TestCutOffThenShutdownLetsPluginFlush(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	d, drv := r.d, r.drv
+	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
+	drv.wait(1, 0, 10*time.Second)
+	d.cutOff()    // what stopVCPUs does after 1 s
+	d.dev.Close() // shutdown's first step
+	if out := r.logs.String(); strings.Contains(out, "killing the plugin") {
+		t.Errorf("shutdown after the cut-off killed the plugin instead of shutting it down:\n%s", out)
+	}
+	select {
+	case <-d.plugin.Done():
+		t.Error("the plugin was gone before its Shutdown")
+	default:
+	}
+}
+
+// TestSuspendKillsTheOldPlugin: once the device is suspended (monitor's
+// recover, or a vCPU call that found the plugin gone) a queue stop or a
+// reset no longer asks the plugin, so the old plugin must be dead by then:
+// a reset returning in the window before the monitor's dropPlugin left it
+// running with the rings the driver reuses. (From review.)
+func TestSuspendKillsTheOldPlugin(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	d, drv := r.d, r.drv
+	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
+	drv.wait(1, 0, 10*time.Second)
+	d.liveMu.Lock()
+	p := d.plugin
+	d.liveMu.Unlock()
+	d.dev.Suspend()            // monitor.recover's first step
+	drv.reg(mmio.RegStatus, 0) // the guest resets before dropPlugin ran
+	select {
+	case <-p.Done():
+	default:
+		t.Errorf("guest reset returned while the old plugin (pid %d) still runs and maps the rings", p.Pid())
 	}
 }

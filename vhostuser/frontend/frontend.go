@@ -47,10 +47,11 @@ const DefaultTimeout = 5 * time.Second
 // DefaultStopTimeout bounds the requests that stop a ring (GET_VRING_BASE,
 // SET_VRING_ENABLE 0) unless SetStopTimeout says otherwise: a back-end
 // answers them once the ring's requests in flight are done, and a slow
-// disk's flush or a network share's read is not a dead back-end. It stays
-// under the 21 s after which a Linux guest reports an RCU stall for the
-// vCPU held meanwhile.
-const DefaultStopTimeout = 20 * time.Second
+// disk's flush or a network share's read is not a dead back-end. With the
+// time the core may then take to kill the back-end and to stop the other
+// queues of one reset (core/mmio's StopBudget), it keeps the vCPU held
+// meanwhile under the 21 s after which a Linux guest reports an RCU stall.
+const DefaultStopTimeout = 10 * time.Second
 
 // Client talks to one back-end over a connected socket. Its methods are
 // safe for concurrent use; requests are serialized, and each one, with its
