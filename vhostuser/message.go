@@ -394,6 +394,15 @@ type Inflight struct {
 	QueueSize  uint16
 }
 
+// QueueBytes is the size of one queue's part of a split-ring inflight
+// region laid out for i.QueueSize descriptors, in the layout of QEMU's
+// libvhost-user and of this module's back-end framework: a 16-byte header
+// and 16 bytes a descriptor, rounded up to 64 bytes. Queue n's part starts
+// n*QueueBytes into the region.
+func (i Inflight) QueueBytes() uint64 {
+	return (16 + 16*uint64(i.QueueSize) + 63) &^ 63
+}
+
 // InflightSize is the encoded size of an Inflight: the spec's four fields
 // (20 bytes) padded to the 8-byte alignment of the C structure, which is
 // what QEMU, libvhost-user and DPDK send and expect.

@@ -62,8 +62,7 @@ const (
 // InflightQueueBytes is the size of one queue's part of the inflight
 // region for queues of up to queueSize descriptors.
 func InflightQueueBytes(queueSize uint16) uint64 {
-	n := uint64(inflightHeaderSize) + uint64(inflightEntrySize)*uint64(queueSize)
-	return (n + inflightAlign - 1) &^ (inflightAlign - 1)
+	return vhostuser.Inflight{QueueSize: queueSize}.QueueBytes()
 }
 
 // checkInflight checks an inflight description's queue count and size.

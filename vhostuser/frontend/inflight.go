@@ -143,9 +143,12 @@ func (in *Inflight) Reset() error {
 // ResetQueue zeroes queue i's part of the region only: the ring it
 // tracked is gone (the driver stopped the queue while no back-end could
 // be told), and the next back-end initializes the part afresh, while the
-// other queues' requests in flight stay tracked. A queue's part is the
-// i-th of NumQueues equal parts, the layout of this module's back-end
-// framework and of QEMU's libvhost-user.
+// other queues' requests in flight stay tracked. A queue's part is where
+// the layout of this module's back-end framework and of QEMU's
+// libvhost-user puts it (vhostuser.Inflight.QueueBytes); a region too
+// small for that layout is some other back-end's, and is zeroed whole
+// (Reset): its other queues' requests in flight are forgotten, which is
+// better than handing the next back-end a queue state it refuses.
 func (in *Inflight) ResetQueue(i int) error {
 	if in == nil || in.File == nil {
 		return nil
@@ -153,7 +156,10 @@ func (in *Inflight) ResetQueue(i int) error {
 	if i < 0 || i >= int(in.NumQueues) {
 		return fmt.Errorf("reset inflight region of queue %d: the region has %d queues", i, in.NumQueues)
 	}
-	part := in.MmapSize / uint64(in.NumQueues)
+	part := in.Inflight.QueueBytes()
+	if uint64(in.NumQueues)*part > in.MmapSize {
+		return in.Reset()
+	}
 	if err := in.zero(uint64(i)*part, part); err != nil {
 		return fmt.Errorf("reset inflight region of queue %d: %w", i, err)
 	}
