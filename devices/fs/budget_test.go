@@ -3,7 +3,9 @@ package fs
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"syscall"
@@ -58,55 +60,137 @@ func TestUnnamedNodesWithinFdBudget(t *testing.T) {
 	}
 }
 
-// TestNodeMemoryWithinNodeBytes: the node limit under the sandbox's
-// RLIMIT_DATA (1 GiB) must keep the node table within it at worst. With
-// 2^20 nodes it did not: a guest that makes files with long names and
-// maxAliases hard links each, and LOOKUPs them all without FORGET, made the
-// Go heap outgrow the limit, the runtime died with "out of memory" and the
-// share was gone (from review). Measured on a sample of such nodes (live
-// heap per node, twice that before a collection) against nodeBytes, and
-// extrapolated to maxNodesFor's limit (the real thing needs a quarter of a
-// million host inodes).
-func TestNodeMemoryWithinNodeBytes(t *testing.T) {
+// TestNodeCharges: what the table charges a node and its names against
+// its memory budget must cover the live heap they hold, for a typical
+// node (one short name) and the worst (maxAliases names of 255 bytes); and
+// the budget under the sandbox's RLIMIT_DATA, doubled for the garbage
+// collector's headroom, must stay within the limit. With 2^20 nodes and no
+// budget a guest that LOOKUPs without FORGET made the Go heap outgrow the
+// limit and the share died (from review); with every node counted at its
+// worst (4 KiB) a typical share held only 229 000 inodes, ENFILE beyond
+// (from review).
+func TestNodeCharges(t *testing.T) {
 	const dataLimit = 1 << 30 // sandbox.DefaultDataBytes
-	dir := t.TempDir()
-	const sample = 4000
-	long := func(i, k int) string { return fmt.Sprintf("%06d-%d-", i, k) + strings.Repeat("n", 255-9) }
-	for i := 0; i < sample; i++ {
-		p := dir + "/" + long(i, 0)
-		f, err := os.Create(p)
-		must(t, "create", err)
-		f.Close()
-		for k := 1; k < maxAliases; k++ {
-			must(t, "link", os.Link(p, dir+"/"+long(i, k)))
+	for _, tc := range []struct {
+		name    string
+		aliases int
+		long    bool
+	}{
+		{"typical: one short name", 1, false},
+		{"worst: maxAliases names of 255 bytes", maxAliases, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			const sample = 4000
+			name := func(i, k int) string {
+				if tc.long {
+					return fmt.Sprintf("%06d-%d-", i, k) + strings.Repeat("n", 255-9)
+				}
+				return fmt.Sprintf("file%06d-%d.c", i, k)
+			}
+			for i := 0; i < sample; i++ {
+				p := dir + "/" + name(i, 0)
+				f, err := os.Create(p)
+				must(t, "create", err)
+				f.Close()
+				for k := 1; k < tc.aliases; k++ {
+					must(t, "link", os.Link(p, dir+"/"+name(i, k)))
+				}
+			}
+			e := newEnvDir(t, dir, 0, func(c *ServerConfig) { c.MaxOpenFiles = 1000 })
+			runtime.GC()
+			var m0, m1 runtime.MemStats
+			runtime.ReadMemStats(&m0)
+			for i := 0; i < sample; i++ {
+				for k := 0; k < tc.aliases; k++ {
+					e.lookup(fuse.RootID, name(i, k))
+				}
+			}
+			runtime.GC()
+			runtime.ReadMemStats(&m1)
+			n, _ := e.live()
+			per := float64(m1.HeapAlloc-m0.HeapAlloc) / float64(n-1)
+			e.s.t.mu.Lock()
+			charged := float64(e.s.t.mem) / float64(n-1)
+			e.s.t.mu.Unlock()
+			budget := memBudgetFor(dataLimit)
+			t.Logf("%.0f bytes of live heap per node, charged %.0f; under %d MiB RLIMIT_DATA: %.0f nodes", per, charged, dataLimit>>20, float64(budget)/charged)
+			if want := float64(nodeCharge + tc.aliases*aliasCharge); charged != want {
+				t.Errorf("charged %.0f bytes per node, want %.0f", charged, want)
+			}
+			if per > charged {
+				t.Errorf("a node holds %.0f bytes of live heap, more than its charge (%.0f)", per, charged)
+			}
+			if 2*budget > dataLimit {
+				t.Errorf("budget %d MiB: twice that is beyond the plugin's %d MiB RLIMIT_DATA", budget>>20, dataLimit>>20)
+			}
+		})
+	}
+	if got := memBudgetFor(unix.RLIM_INFINITY); got != math.MaxInt64 {
+		t.Errorf("no data limit: budget %d", got)
+	}
+}
+
+// TestMemoryBudgetRefusesNewNodes: once the budget is spent a new node is
+// refused (ENFILE), a request that would make a host file for one makes
+// nothing, and a known node's extra names replace its older ones instead
+// of adding to the charge; forgetting makes room again. Before, MKDIR,
+// MKNOD, SYMLINK and CREATE refused for lack of room had already made
+// their file on the host (from review).
+func TestMemoryBudgetRefusesNewNodes(t *testing.T) {
+	e := newEnv(t, 0, nil)
+	const fits = 10
+	e.s.t.mu.Lock()
+	e.s.t.maxMem = fits * (nodeCharge + aliasCharge)
+	e.s.t.mu.Unlock()
+	for i := 0; i < 2*fits; i++ {
+		must(t, "create", os.WriteFile(filepath.Join(e.dir, fmt.Sprintf("f%d", i)), nil, 0o644))
+	}
+	var ids []uint64
+	refused := 0
+	for i := 0; i < 2*fits; i++ {
+		en, err := e.c.Lookup(fuse.RootID, fmt.Sprintf("f%d", i))
+		if errors.Is(err, syscall.ENFILE) {
+			refused++
+			continue
+		}
+		must(t, "LOOKUP", err)
+		ids = append(ids, en.NodeID)
+	}
+	if len(ids) != fits || refused != fits {
+		t.Fatalf("%d nodes made, %d refused; the budget holds %d", len(ids), refused, fits)
+	}
+	for _, tc := range []struct {
+		op   string
+		make func(name string) error
+	}{
+		{"MKDIR", func(n string) error { _, err := e.c.Mkdir(fuse.RootID, n, 0o755); return err }},
+		{"MKNOD", func(n string) error { _, err := e.c.Mknod(fuse.RootID, n, unix.S_IFIFO|0o644, 0); return err }},
+		{"SYMLINK", func(n string) error { _, err := e.c.Symlink(fuse.RootID, n, "target"); return err }},
+		{"CREATE", func(n string) error { _, _, err := e.c.Create(fuse.RootID, n, unix.O_RDWR, 0o644); return err }},
+	} {
+		name := "new-" + tc.op
+		if err := tc.make(name); !errors.Is(err, syscall.ENFILE) {
+			t.Errorf("%s with the budget spent: %v, want ENFILE", tc.op, err)
+		}
+		if _, err := os.Lstat(filepath.Join(e.dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s refused with ENFILE left %s on the host (%v)", tc.op, name, err)
 		}
 	}
-	e := newEnvDir(t, dir, 0, func(c *ServerConfig) { c.MaxOpenFiles = 1000 })
-	runtime.GC()
-	var m0, m1 runtime.MemStats
-	runtime.ReadMemStats(&m0)
-	for i := 0; i < sample; i++ {
-		for k := 0; k < maxAliases; k++ {
-			e.lookup(fuse.RootID, long(i, k))
-		}
+	// Another name for a known node: no new charge.
+	e.s.t.mu.Lock()
+	before := e.s.t.mem
+	e.s.t.mu.Unlock()
+	must(t, "link", os.Link(filepath.Join(e.dir, "f0"), filepath.Join(e.dir, "f0-link")))
+	e.lookup(fuse.RootID, "f0-link")
+	e.s.t.mu.Lock()
+	after := e.s.t.mem
+	e.s.t.mu.Unlock()
+	if after > before {
+		t.Errorf("a second name with the budget spent raised the charge from %d to %d", before, after)
 	}
-	runtime.GC()
-	runtime.ReadMemStats(&m1)
-	n, _ := e.live()
-	per := float64(m1.HeapAlloc-m0.HeapAlloc) / float64(n-1)
-	// With GOGC=100 the heap grows to twice the live data before a
-	// collection.
-	if 2*per > nodeBytes {
-		t.Errorf("a node costs %.0f bytes of live heap, ~%.0f before a collection: more than nodeBytes (%d)", per, 2*per, nodeBytes)
-	}
-	limit := maxNodesFor(dataLimit)
-	live := per * float64(limit)
-	t.Logf("%.0f bytes of live heap per node; %d nodes: %.0f MiB live, ~%.0f MiB heap, RLIMIT_DATA %d MiB",
-		per, limit, live/(1<<20), 2*live/(1<<20), dataLimit>>20)
-	if 2*live > dataLimit {
-		t.Fatalf("the node table alone can need ~%.0f MiB of heap, beyond the plugin's %d MiB RLIMIT_DATA", 2*live/(1<<20), dataLimit>>20)
-	}
-	if got := maxNodesFor(unix.RLIM_INFINITY); got != DefaultMaxNodes {
-		t.Errorf("no data limit: %d nodes, want DefaultMaxNodes", got)
+	must(t, "FORGET", e.c.Forget(ids[1], 1))
+	if _, err := e.c.Mkdir(fuse.RootID, "after-forget", 0o755); err != nil {
+		t.Errorf("MKDIR after a FORGET made room: %v", err)
 	}
 }

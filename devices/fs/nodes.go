@@ -3,6 +3,7 @@ package fs
 import (
 	"cmp"
 	"maps"
+	"math"
 	"slices"
 	"sync"
 
@@ -24,6 +25,18 @@ type dirent struct {
 
 // maxAliases bounds the names remembered per node.
 const maxAliases = 4
+
+// What the table charges a node and each name it remembers against its
+// memory budget (table.maxMem): at least the live heap they hold, the
+// maps' entries included, a name counted at its longest (255 bytes) so
+// that a charge never changes while it is held (TestNodeCharges measures
+// both). A node with one short name costs about 320 bytes live; charged
+// 671, it is still a sixth of the 4 KiB per node the limit assumed when
+// every node was counted at its worst (four names of 255 bytes).
+const (
+	nodeCharge  = 256
+	aliasCharge = 160 + 255
+)
 
 // node is one inode the guest knows (or that something still pins).
 //
@@ -99,17 +112,20 @@ type table struct {
 	handles map[uint64]*handle
 	nextFh  uint64
 
-	lru        node // sentinel of the idle-open list
-	open       int  // nodes with an fd (root excluded)
-	evicted    uint64
-	maxNodes   int // nodes in the table
-	maxOpen    int // O_PATH fds held at once (beyond it, idle ones are closed)
-	maxHandles int
+	lru      node // sentinel of the idle-open list
+	open     int  // nodes with an fd (root excluded)
+	evicted  uint64
+	maxNodes int // nodes in the table
+	// mem is what the nodes and their names are charged (nodeCharge,
+	// aliasCharge); maxMem bounds it (memBudgetFor).
+	mem, maxMem int64
+	maxOpen     int // O_PATH fds held at once (beyond it, idle ones are closed)
+	maxHandles  int
 }
 
 func newTable(rootFd int, st *unix.Stat_t, maxNodes, maxOpen, maxHandles int) *table {
 	root := &node{id: fuse.RootID, fd: rootFd, key: devIno{st.Dev, st.Ino}, typ: st.Mode & unix.S_IFMT, pins: 1}
-	t := &table{root: root, nextID: fuse.RootID + 1, nextFh: 1, maxNodes: maxNodes, maxOpen: maxOpen, maxHandles: maxHandles}
+	t := &table{root: root, nextID: fuse.RootID + 1, nextFh: 1, maxNodes: maxNodes, maxOpen: maxOpen, maxHandles: maxHandles, maxMem: math.MaxInt64}
 	t.lru.next, t.lru.prev = &t.lru, &t.lru
 	t.clearLocked()
 	return t
@@ -161,6 +177,33 @@ func (t *table) evictLocked() {
 		}
 		n = prev
 	}
+}
+
+// newNodeFitsLocked reports whether one more node, with a name, fits the
+// node limit and the memory budget.
+func (t *table) newNodeFitsLocked() bool {
+	return len(t.nodes) < t.maxNodes && t.mem+nodeCharge+aliasCharge <= t.maxMem
+}
+
+// roomForNew reports ENFILE when a request that makes name in parent on
+// the host (MKNOD, MKDIR, SYMLINK, CREATE; with a handle for CREATE)
+// could not be given its node now: checked before the file is made, so
+// that a refusal leaves nothing on the host. A name the table knows needs
+// no new node (CREATE of an existing file). A concurrent request may
+// still take the room first; the file is then made and refused, as before.
+func (t *table) roomForNew(parent *node, name string, handle bool) unix.Errno {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if handle && len(t.handles) >= t.maxHandles {
+		return unix.ENFILE
+	}
+	if t.names[dirent{parent.id, name}] != nil {
+		return 0
+	}
+	if !t.newNodeFitsLocked() || !t.roomLocked() {
+		return unix.ENFILE
+	}
+	return 0
 }
 
 // roomLocked makes room for one more node fd: idle nodes are closed
@@ -399,11 +442,12 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 		}
 		n.lookups++
 		t.setAliasLocked(n, parent, name)
-	case len(t.nodes) >= t.maxNodes:
+	case !t.newNodeFitsLocked():
 		unix.Close(fd)
 		return nil, unix.ENFILE
 	default:
 		n = &node{id: t.nextID, fd: -1, key: key, typ: typ, lookups: 1}
+		t.mem += nodeCharge
 		t.nextID++
 		t.nodes[n.id] = n
 		t.byKey[key] = n
@@ -447,6 +491,7 @@ func (t *table) maybeFreeLocked(n *node) {
 			continue
 		}
 		n.gone = true
+		t.mem -= nodeCharge
 		if t.nodes[n.id] == n {
 			delete(t.nodes, n.id)
 		}
@@ -461,6 +506,7 @@ func (t *table) maybeFreeLocked(n *node) {
 			a.parent.pins--
 			work = append(work, a.parent)
 		}
+		t.mem -= aliasCharge * int64(len(n.aliases))
 		n.aliases = nil
 		t.lruRemoveLocked(n)
 		if n.fd >= 0 {
@@ -483,13 +529,16 @@ func (t *table) setAliasLocked(n, parent *node, name string) {
 		}
 		t.removeAliasLocked(old, k)
 	}
-	if len(n.aliases) == maxAliases {
+	if len(n.aliases) == maxAliases || len(n.aliases) > 0 && t.mem+aliasCharge > t.maxMem {
+		// At most maxAliases names, and no more names at all while the
+		// budget is spent: the oldest makes way.
 		last := n.aliases[len(n.aliases)-1]
 		t.removeAliasLocked(n, dirent{last.parent.id, last.name})
 	}
 	n.aliases = append(n.aliases, alias{})
 	copy(n.aliases[1:], n.aliases)
 	n.aliases[0] = alias{parent: parent, name: name}
+	t.mem += aliasCharge
 	parent.pins++
 	t.names[k] = n
 }
@@ -502,6 +551,7 @@ func (t *table) removeAliasLocked(n *node, k dirent) {
 	for i, a := range n.aliases {
 		if a.parent.id == k.parent && a.name == k.name {
 			n.aliases = append(n.aliases[:i], n.aliases[i+1:]...)
+			t.mem -= aliasCharge
 			a.parent.pins--
 			t.maybeFreeLocked(a.parent)
 			return
@@ -696,6 +746,7 @@ func (t *table) reset() {
 			a.parent.pins--
 			parents = append(parents, a.parent)
 		}
+		t.mem -= aliasCharge * int64(len(n.aliases))
 		n.aliases = nil
 		n.lookups = 0
 	}

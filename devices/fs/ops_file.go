@@ -130,6 +130,9 @@ func (s *Server) opCreate(r *request) unix.Errno {
 	// Create exclusively first so that we know whether this request made
 	// the file (and may give it to the caller); without O_EXCL from the
 	// guest, fall back to opening the existing file.
+	if e := s.t.roomForNew(parent, name, true); e != 0 {
+		return e
+	}
 	oflags := openFlags(flags) | unix.O_NONBLOCK | unix.O_NOCTTY
 	made := true
 	fd, err := openBeneath(parent.fd, name, oflags|unix.O_CREAT|unix.O_EXCL, mode)

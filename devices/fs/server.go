@@ -50,23 +50,20 @@ const (
 	fdReserve         = 64
 )
 
-// nodeBytes is what one node may cost in memory at worst, the garbage
-// collector's headroom included: about 1.7 KiB live for a node with
-// maxAliases names of 255 bytes, twice that before a collection
-// (TestNodeMemoryWithinNodeBytes measures it).
-const nodeBytes = 4 << 10
-
-// maxNodesFor is the default node limit under a data limit (RLIMIT_DATA,
-// which the sandbox sets; RLIM_INFINITY for none): DefaultMaxNodes, or as
-// many nodes of nodeBytes as seven eighths of the limit hold, the rest
-// left for buffers. A guest that LOOKUPs without FORGET then gets ENFILE;
-// with 2^20 nodes under the sandbox's 1 GiB it made the Go runtime run
-// out of memory, and the share died with the plugin (found in review).
-func maxNodesFor(dataLimit uint64) int {
-	if dataLimit == unix.RLIM_INFINITY {
-		return DefaultMaxNodes
+// memBudgetFor is the node table's memory budget (table.maxMem: what its
+// nodes and names are charged, nodeCharge and aliasCharge) under a data
+// limit (RLIMIT_DATA, which the sandbox sets; RLIM_INFINITY for none):
+// half of seven eighths of the limit, since with GOGC=100 the heap grows
+// to twice the live data before a collection, and an eighth is left for
+// buffers. A guest that LOOKUPs without FORGET then gets ENFILE; with 2^20
+// nodes under the sandbox's 1 GiB it made the Go runtime run out of
+// memory, and the share died with the plugin (found in review). Under
+// 1 GiB that is about 700 000 nodes of one name each, 229 000 at worst.
+func memBudgetFor(dataLimit uint64) int64 {
+	if dataLimit == unix.RLIM_INFINITY || dataLimit >= 1<<62 {
+		return math.MaxInt64
 	}
-	return int(max(min(dataLimit/8*7/nodeBytes, DefaultMaxNodes), 1024))
+	return max(int64(dataLimit/8*7/2), 1024*(nodeCharge+maxAliases*aliasCharge))
 }
 
 // ServerConfig configures a Server.
@@ -86,7 +83,8 @@ type ServerConfig struct {
 	// 0 means DefaultMaxWrite. Rounded down to 4 KiB, at least 4 KiB.
 	MaxWrite uint32
 	// MaxNodes bounds the inodes the guest can hold at once; 0 means
-	// DefaultMaxNodes, or fewer under RLIMIT_DATA (maxNodesFor).
+	// DefaultMaxNodes. Under RLIMIT_DATA the nodes' memory is bounded
+	// too (memBudgetFor).
 	MaxNodes int
 	// MaxHandles bounds open files and directories; 0 means a quarter of
 	// the file descriptor budget, at most DefaultMaxHandles.
@@ -206,11 +204,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	maxNodes := cfg.MaxNodes
 	if maxNodes <= 0 {
-		var rl unix.Rlimit
-		if unix.Prlimit(0, unix.RLIMIT_DATA, nil, &rl) != nil {
-			rl.Cur = unix.RLIM_INFINITY
-		}
-		maxNodes = maxNodesFor(rl.Cur)
+		maxNodes = DefaultMaxNodes
+	}
+	var dataLimit unix.Rlimit
+	if unix.Prlimit(0, unix.RLIMIT_DATA, nil, &dataLimit) != nil {
+		dataLimit.Cur = unix.RLIM_INFINITY
 	}
 	// File descriptors: a few are the vhost-user socket, eventfds and
 	// logging; of the rest, three quarters hold nodes' O_PATH fds (idle
@@ -253,6 +251,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	s.canChown = caps&(1<<unix.CAP_CHOWN) != 0
 	s.canFsetid = caps&(1<<unix.CAP_FSETID) != 0
 	s.t = newTable(fd, &st, maxNodes, maxOpen, maxHandles)
+	s.t.maxMem = memBudgetFor(dataLimit.Cur)
 	s.scratches = make(chan *scratch, maxIdleScratch)
 	return s, nil
 }
