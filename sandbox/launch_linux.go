@@ -145,35 +145,62 @@ const namespaceFlags = unix.CLONE_NEWUSER | unix.CLONE_NEWNS | unix.CLONE_NEWPID
 // A plugin that uses pluginsdk narrows this further to its own policy
 // with Restrict before it reads any guest or image byte. The launcher can
 // check from outside with Verify.
-func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
+func (c LaunchConfig) Apply(cmd *exec.Cmd) error {
+	watch, err := c.prepare(cmd)
+	if err != nil {
+		return err
+	}
+	go watch()
+	return nil
+}
+
+// ApplyUntilStarted is Apply for a launcher that can say when cmd.Start
+// has returned: afterStart must be called then, once, whether Start
+// succeeded or not. The files Apply added to cmd.ExtraFiles are closed
+// once the plugin has them; Apply's own supervision begins at once and
+// cannot tell the race detector that they are only closed after Start
+// read them (the trampoline's word comes from the child), which
+// afterStart does.
+func (c LaunchConfig) ApplyUntilStarted(cmd *exec.Cmd) (afterStart func(), err error) {
+	watch, err := c.prepare(cmd)
+	if err != nil {
+		return nil, err
+	}
+	return func() { go watch() }, nil
+}
+
+// prepare is Apply without starting the supervision of the launcher's
+// channel: watch runs it (it returns when the channel is done with and
+// closes the files Apply added to cmd).
+func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(), err error) {
 	log := c.logger()
 	disabled, err := normalizeDisabled(c.Disable)
 	if err != nil {
-		return fmt.Errorf("sandbox: %w", err)
+		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	limits, err := c.limits()
 	if err != nil {
-		return fmt.Errorf("sandbox: limits: %w", err)
+		return nil, fmt.Errorf("sandbox: limits: %w", err)
 	}
 	profile := c.Syscalls
 	if profile == "" {
 		profile = KindProfile(c.Kind)
 	}
 	if err := (Policy{Kind: "launch", Syscalls: profile, ExtraSyscalls: c.ExtraSyscalls}).Validate(); err != nil {
-		return fmt.Errorf("sandbox: launch profile: %w", err)
+		return nil, fmt.Errorf("sandbox: launch profile: %w", err)
 	}
 	uid, gid, err := c.PluginIDs()
 	if err != nil {
-		return fmt.Errorf("sandbox: %w", err)
+		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	if _, set := os.LookupEnv(envName); set {
-		return fmt.Errorf("sandbox: the launcher's environment has %s set; a plugin client that forwards the host environment (go-plugin without SkipHostEnv) would override the sandbox settings", envName)
+		return nil, fmt.Errorf("sandbox: the launcher's environment has %s set; a plugin client that forwards the host environment (go-plugin without SkipHostEnv) would override the sandbox settings", envName)
 	}
 	if cmd.Err != nil {
-		return fmt.Errorf("sandbox: %w", cmd.Err)
+		return nil, fmt.Errorf("sandbox: %w", cmd.Err)
 	}
 	if cmd.Process != nil {
-		return errors.New("sandbox: the command was already started")
+		return nil, errors.New("sandbox: the command was already started")
 	}
 	root := ""
 	if !slices.Contains(disabled, LayerRoot) {
@@ -183,14 +210,14 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		}
 		root = filepath.Clean(root)
 		if !validRoot(root) {
-			return fmt.Errorf("sandbox: root directory %q must be an absolute path other than /", root)
+			return nil, fmt.Errorf("sandbox: root directory %q must be an absolute path other than /", root)
 		}
 		fi, err := os.Stat(root)
 		if err != nil {
-			return fmt.Errorf("sandbox: root directory: %w", err)
+			return nil, fmt.Errorf("sandbox: root directory: %w", err)
 		}
 		if !fi.IsDir() {
-			return fmt.Errorf("sandbox: root directory %s is not a directory", root)
+			return nil, fmt.Errorf("sandbox: root directory %s is not a directory", root)
 		}
 	}
 	if cmd.SysProcAttr == nil {
@@ -199,13 +226,13 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	sp := cmd.SysProcAttr
 	switch {
 	case sp.Chroot != "":
-		return errors.New("sandbox: cmd.SysProcAttr.Chroot is set; the sandbox makes its own root")
+		return nil, errors.New("sandbox: cmd.SysProcAttr.Chroot is set; the sandbox makes its own root")
 	case sp.Credential != nil:
-		return errors.New("sandbox: cmd.SysProcAttr.Credential is set; use LaunchConfig.HostUID/HostGID")
+		return nil, errors.New("sandbox: cmd.SysProcAttr.Credential is set; use LaunchConfig.HostUID/HostGID")
 	case len(sp.UidMappings) > 0 || len(sp.GidMappings) > 0 || sp.Unshareflags != 0:
-		return errors.New("sandbox: cmd.SysProcAttr already has namespace settings")
+		return nil, errors.New("sandbox: cmd.SysProcAttr already has namespace settings")
 	case len(sp.AmbientCaps) > 0:
-		return errors.New("sandbox: cmd.SysProcAttr.AmbientCaps is set; plugins run without capabilities")
+		return nil, errors.New("sandbox: cmd.SysProcAttr.AmbientCaps is set; plugins run without capabilities")
 	}
 	env := []string{}
 	godebug := ""
@@ -225,7 +252,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	if sockDir != "" {
 		sockDir = filepath.Clean(sockDir)
 		if !validRoot(sockDir) {
-			return fmt.Errorf("sandbox: %s=%q is not an absolute path other than /", envSocketDir, sockDir)
+			return nil, fmt.Errorf("sandbox: %s=%q is not an absolute path other than /", envSocketDir, sockDir)
 		}
 	}
 	privileged := os.Geteuid() == 0
@@ -256,11 +283,11 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	if sockDir != "" && slices.Contains(disabled, LayerRoot) {
 		if privileged {
 			if err := giveDir(sockDir, uid, gid); err != nil {
-				return fmt.Errorf("sandbox: socket directory: %w", err)
+				return nil, fmt.Errorf("sandbox: socket directory: %w", err)
 			}
 		}
 		if sockFile, err = os.OpenFile(sockDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
-			return fmt.Errorf("sandbox: socket directory: %w", err)
+			return nil, fmt.Errorf("sandbox: socket directory: %w", err)
 		}
 		defer func() {
 			if err != nil {
@@ -272,7 +299,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	// it), executed by the trampoline from the fd.
 	exe, err := os.OpenFile(cmd.Path, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("sandbox: plugin binary: %w", err)
+		return nil, fmt.Errorf("sandbox: plugin binary: %w", err)
 	}
 	defer func() {
 		if err != nil {
@@ -280,18 +307,18 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		}
 	}()
 	if fi, err := exe.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
-		return fmt.Errorf("sandbox: plugin binary %s is not an executable regular file (%v)", cmd.Path, err)
+		return nil, fmt.Errorf("sandbox: plugin binary %s is not an executable regular file (%v)", cmd.Path, err)
 	}
 	if !slices.Contains(disabled, LayerRoot) {
 		// In the empty root an interpreter is nowhere to be found: say so
 		// instead of the trampoline's "no such file or directory".
 		if why := needsInterpreter(cmd.Path); why != "" {
-			return fmt.Errorf("sandbox: plugin binary %s %s, which the plugin's empty root does not hold; a sandboxed plugin must be a static executable (Go: CGO_ENABLED=0)", cmd.Path, why)
+			return nil, fmt.Errorf("sandbox: plugin binary %s %s, which the plugin's empty root does not hold; a sandboxed plugin must be a static executable (Go: CGO_ENABLED=0)", cmd.Path, why)
 		}
 	}
 	trampFile, err := c.trampoline()
 	if err != nil {
-		return fmt.Errorf("sandbox: trampoline: %w", err)
+		return nil, fmt.Errorf("sandbox: trampoline: %w", err)
 	}
 	defer func() {
 		if err != nil && trampFile != nil {
@@ -316,7 +343,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	}
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
-		return fmt.Errorf("sandbox: launcher channel: %w", err)
+		return nil, fmt.Errorf("sandbox: launcher channel: %w", err)
 	}
 	mine, theirs := os.NewFile(uintptr(pair[0]), "sandbox-channel"), os.NewFile(uintptr(pair[1]), "sandbox-channel-peer")
 	nextFD := 3 + len(cmd.ExtraFiles)
@@ -364,7 +391,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	if err := markFDsCloseOnExec(); err != nil {
 		mine.Close()
 		theirs.Close()
-		return fmt.Errorf("sandbox: fds: %w", err)
+		return nil, fmt.Errorf("sandbox: fds: %w", err)
 	}
 	if len(disabled) > 0 {
 		log.Warn("plugin sandbox reduced at the user's request: a compromised plugin has more reach than the default sandbox allows",
@@ -374,7 +401,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 	if kind == "" {
 		kind = filepath.Base(args[0])
 	}
-	go func() {
+	return func() {
 		receiveListener(mine, theirs, kind, chanWait, log)
 		exe.Close()
 		if sockFile != nil {
@@ -383,8 +410,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) (err error) {
 		if trampFile != nil {
 			trampFile.Close()
 		}
-	}()
-	return nil
+	}, nil
 }
 
 // trampoline opens the trampoline binary (O_PATH), or returns nil for this

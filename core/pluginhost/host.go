@@ -58,6 +58,11 @@ type (
 	// verifier checks from outside that the plugin is confined; it is
 	// called after Configure, by which time the plugin ran Restrict.
 	verifier interface{ Verify(pid int) error }
+	// startAware is Apply with a call once the process was started (or
+	// failed to start): what it must not touch before, it touches after.
+	startAware interface {
+		ApplyUntilStarted(cmd *exec.Cmd) (afterStart func(), err error)
+	}
 )
 
 // NamedFile is a resource handed to a plugin: fd 4 + its index, named in the

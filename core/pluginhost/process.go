@@ -168,8 +168,15 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		cmd.Env = append(cmd.Env, cfg.Env...)
 		cmd.ExtraFiles = extra
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		var afterStart func()
 		if cfg.Sandbox != nil && !cfg.SandboxOff {
-			if err := cfg.Sandbox.Apply(cmd); err != nil {
+			var err error
+			if sa, ok := cfg.Sandbox.(startAware); ok {
+				afterStart, err = sa.ApplyUntilStarted(cmd)
+			} else {
+				err = cfg.Sandbox.Apply(cmd)
+			}
+			if err != nil {
 				return nil, fmt.Errorf("%s %w", SandboxErrPrefix, err)
 			}
 		}
@@ -179,8 +186,12 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 		r, err := NewProcRunner(cmd, cfg.ExecHint)
 		if err != nil {
+			if afterStart != nil {
+				afterStart() // never started: the sandbox's files are closed
+			}
 			return nil, err
 		}
+		r.afterStart = afterStart
 		if la, ok := cfg.Sandbox.(limitApplier); ok && !cfg.SandboxOff {
 			r.SetPostStart(la.ApplyLimits)
 		}

@@ -34,6 +34,9 @@ type ProcRunner struct {
 	// postStart runs right after the process started (sandbox limits); an
 	// error kills the process and fails the launch.
 	postStart func(pid int) error
+	// afterStart runs once cmd.Start has returned, started or not (the
+	// sandbox's supervision of its launcher channel).
+	afterStart func()
 
 	waitOnce sync.Once
 	waitErr  error
@@ -69,7 +72,11 @@ func NewProcRunner(cmd *exec.Cmd, hint string) (*ProcRunner, error) {
 func (r *ProcRunner) Start(context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- r.cmd.Start() }()
-	if err := <-errc; err != nil {
+	err := <-errc
+	if r.afterStart != nil {
+		r.afterStart()
+	}
+	if err != nil {
 		r.waitOnce.Do(func() {
 			r.waitErr = err
 			close(r.done)
