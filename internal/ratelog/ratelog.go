@@ -48,6 +48,15 @@ func (l *Limiter) allowAt(now time.Time) (bool, uint64) {
 // how many events went unlogged before it (when any); the others go to
 // the debug level.
 func (l *Limiter) Warn(log hclog.Logger, msg string, args ...any) {
+	l.logAt(log, hclog.Warn, msg, args)
+}
+
+// Error is Warn at the error level.
+func (l *Limiter) Error(log hclog.Logger, msg string, args ...any) {
+	l.logAt(log, hclog.Error, msg, args)
+}
+
+func (l *Limiter) logAt(log hclog.Logger, level hclog.Level, msg string, args []any) {
 	ok, unlogged := l.Allow()
 	if !ok {
 		log.Debug(msg, args...)
@@ -56,5 +65,5 @@ func (l *Limiter) Warn(log hclog.Logger, msg string, args ...any) {
 	if unlogged > 0 {
 		args = append(args, "unlogged_before", unlogged)
 	}
-	log.Warn(msg, args...)
+	log.Log(level, msg, args...)
 }

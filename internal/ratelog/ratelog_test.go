@@ -56,22 +56,31 @@ func TestLimiterConcurrent(t *testing.T) {
 	}
 }
 
-// TestWarn: the first event is a warning, the next ones within the
-// interval debug lines, and the next warning counts them.
-func TestWarn(t *testing.T) {
-	buf := &syncbuf.Buffer{}
-	log := hclog.New(&hclog.LoggerOptions{Output: buf, Level: hclog.Debug})
-	l := Limiter{Every: time.Hour}
-	for range 3 {
-		l.Warn(log, "refused", "k", 1)
-	}
-	l.last.Store(1) // the interval has passed
-	l.Warn(log, "refused", "k", 2)
-	out := buf.String()
-	if w, d := strings.Count(out, "[WARN]"), strings.Count(out, "[DEBUG]"); w != 2 || d != 2 {
-		t.Fatalf("%d warnings and %d debug lines, want 2 and 2:\n%s", w, d, out)
-	}
-	if !strings.Contains(out, "k=2 unlogged_before=2") || strings.Count(out, "unlogged_before") != 1 {
-		t.Errorf("the second warning does not say the 2 events left unlogged (and only it):\n%s", out)
+// TestWarnAndError: the first event is logged at the limiter's level
+// (a warning, an error), the next ones within the interval as debug lines,
+// and the next one logged counts them.
+func TestWarnAndError(t *testing.T) {
+	for _, tc := range []struct {
+		level string
+		log   func(l *Limiter, log hclog.Logger, msg string, args ...any)
+	}{
+		{"[WARN]", (*Limiter).Warn},
+		{"[ERROR]", (*Limiter).Error},
+	} {
+		buf := &syncbuf.Buffer{}
+		log := hclog.New(&hclog.LoggerOptions{Output: buf, Level: hclog.Debug})
+		l := Limiter{Every: time.Hour}
+		for range 3 {
+			tc.log(&l, log, "refused", "k", 1)
+		}
+		l.last.Store(1) // the interval has passed
+		tc.log(&l, log, "refused", "k", 2)
+		out := buf.String()
+		if w, d := strings.Count(out, tc.level), strings.Count(out, "[DEBUG]"); w != 2 || d != 2 {
+			t.Fatalf("%d %s lines and %d debug lines, want 2 and 2:\n%s", w, tc.level, d, out)
+		}
+		if !strings.Contains(out, "k=2 unlogged_before=2") || strings.Count(out, "unlogged_before") != 1 {
+			t.Errorf("the second %s line does not say the 2 events left unlogged (and only it):\n%s", tc.level, out)
+		}
 	}
 }

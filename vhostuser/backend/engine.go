@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/internal/ratelog"
 	"github.com/krun-core/krun-core/virtq"
 )
 
@@ -69,6 +70,9 @@ type ringConfig struct {
 	// hook, for tests of crash recovery only, runs at named points of
 	// the tracking sequence (Server.testHook).
 	hook func(point string)
+	// malformedLog spaces the warnings about a ring's first malformed
+	// request across rings and resets (nil: one per ring).
+	malformedLog *ratelog.Limiter
 }
 
 // request states
@@ -595,7 +599,12 @@ func (e *engine) signal() error {
 func (e *engine) countMalformed(err error) {
 	e.stats.malformed.Add(1)
 	if e.loggedMalformed.CompareAndSwap(false, true) {
-		e.log.Warn("malformed request (further ones on this ring are only counted)", "queue", e.index, "error", err)
+		const msg = "malformed request (further ones on this ring are only counted)"
+		if e.malformedLog != nil {
+			e.malformedLog.Warn(e.log, msg, "queue", e.index, "error", err)
+		} else {
+			e.log.Warn(msg, "queue", e.index, "error", err)
+		}
 	}
 }
 

@@ -1,6 +1,7 @@
 package backend_test
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -42,5 +43,49 @@ func TestRefusedRequestsDoNotFloodTheLog(t *testing.T) {
 	}
 	if warn > 10 {
 		t.Fatalf("%d refused SET_CONFIG requests made %d WARN lines; a front-end (a guest through the core) grows the host log without bound", writes, warn)
+	}
+}
+
+// TestMalformedRequestsAcrossRestartsDoNotFloodTheLog: a ring logs its
+// first malformed request only, but a guest restarts its rings at will (a
+// driver reset) and sends one more each time: one WARN line per restart,
+// without bound. The warnings are spaced across rings and restarts too.
+func TestMalformedRequestsAcrossRestartsDoNotFloodTheLog(t *testing.T) {
+	deadline := time.Now().Add(30 * time.Second)
+	dev := newTestDevice(1)
+	h, g, r := startGuest(t, dev, testguest.Options{})
+	const restarts = 100
+	for i := 0; i < restarts; i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("time limit after %d restarts", i)
+		}
+		if _, err := r.Post([]testguest.Segment{{Addr: 1 << 40, Len: 64}, {Addr: 0x1000, Len: 16, Writable: true}}, "bad"); err != nil {
+			t.Fatal(err)
+		}
+		r.Kick()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := r.Wait(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("restart %d: %v", i, err)
+		}
+		base, err := g.StopQueue(0)
+		if err != nil {
+			t.Fatalf("restart %d: stop: %v", i, err)
+		}
+		qs := r.Setup()
+		qs.Base = uint16(base)
+		if err := h.client.SetupQueue(qs, true); err != nil {
+			t.Fatalf("restart %d: set-up: %v", i, err)
+		}
+	}
+	warn := 0
+	for _, l := range strings.Split(h.logs.String(), "\n") {
+		if strings.Contains(l, "[WARN]") && strings.Contains(l, "malformed request") {
+			warn++
+		}
+	}
+	if warn == 0 || warn > 10 {
+		t.Fatalf("%d rings with a malformed request made %d WARN lines, want 1 to 10", restarts, warn)
 	}
 }

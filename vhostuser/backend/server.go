@@ -46,6 +46,10 @@ type Server struct {
 	// one kind does not hide the first refusal of another. It lives in the
 	// Server, not the session: a reconnecting front-end does not reset it.
 	refused [vhostuser.GetStatus + 1]ratelog.Limiter
+	// The same for what a guest causes on its rings, at will by resetting
+	// the device and doing it again: a ring's first malformed request, a
+	// ring that failed, a ring stopped with an error.
+	malformedLog, ringFailedLog, ringStopLog ratelog.Limiter
 
 	// testHook, set by tests only, runs at points of the inflight
 	// tracking sequence ("added": a used element was added and linked,

@@ -783,7 +783,7 @@ func (sess *session) startWorker(r *ring) {
 	done := make(chan struct{})
 	r.cancel, r.done = cancel, done
 	rc := ringConfig{index: r.index, q: r.q, kick: r.kick, call: &r.call, stats: r.stats, log: sess.s.log,
-		track: r.track, resubmit: &r.resubmit, hook: sess.s.testHook}
+		track: r.track, resubmit: &r.resubmit, hook: sess.s.testHook, malformedLog: &sess.s.malformedLog}
 	log := sess.s.log
 	dev := sess.s.dev
 	r.stats.running.Store(true)
@@ -801,7 +801,7 @@ func (sess *session) startWorker(r *ring) {
 			case errors.As(err, &fe):
 				log.Debug("queue stopped; guest memory was unusable", "queue", r.index, "error", err)
 			default:
-				log.Warn("queue stopped with an error", "queue", r.index, "error", err)
+				sess.s.ringStopLog.Warn(log, "queue stopped with an error", "queue", r.index, "error", err)
 			}
 			return
 		}
@@ -814,7 +814,7 @@ func (sess *session) startWorker(r *ring) {
 			// first fault said so.
 			log.Debug("queue failed on a memory fault too", "queue", r.index, "error", err)
 		} else {
-			log.Error("queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
+			sess.s.ringFailedLog.Error(log, "queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
 		}
 		r.stats.failures.Add(1)
 		r.errFD.signal()
