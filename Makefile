@@ -11,7 +11,7 @@ BUILD := build -trimpath -tags '$(GOTAGS)'
 PLUGINS := $(notdir $(wildcard plugins/*))
 BINS := bin/krun-core bin/krun-oci bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS)) bin/krun-bench
 
-.PHONY: all test unit conformance bench deps kernel vet fmt clean FORCE
+.PHONY: all test unit race conformance bench deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
@@ -52,9 +52,19 @@ vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
-# The whole suite, end-to-end tests with QEMU included.
+# The whole suite, end-to-end tests with QEMU included, then the packages
+# whose goroutines share state with the race detector on.
 test: deps all vet
 	$(GO) test -timeout 75m ./...
+	$(MAKE) race
+
+# The race detector over the packages where goroutines meet: the vCPU
+# transport, the plugin host, the vhost-user framework and ring engine,
+# the virtio-fs server. It needs cgo (gcc), so the sandbox's own tests,
+# which launch the test binary as a static plugin, are not among them.
+RACE_PKGS := ./core/mmio ./core/pluginhost ./vhostuser/... ./devices/fs/... ./internal/ratelog ./internal/syncbuf
+race:
+	CGO_ENABLED=1 $(GO) test -race -short -timeout 20m $(RACE_PKGS)
 
 # The runtime-spec conformance programs (opencontainers/runtime-tools)
 # krun-oci claims, nested: about 12 minutes (docs/OCI.md). `make test`
