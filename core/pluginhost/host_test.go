@@ -806,6 +806,9 @@ func TestLaunchSandboxed(t *testing.T) {
 	if sp := p.socketPath(); !strings.HasPrefix(sp, want) {
 		t.Errorf("gRPC socket %q, want it in the plugin's own root under %q", sp, want)
 	}
+	if _, err := os.Stat(p.SocketDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the host's socket dir still there once connected: %v", err)
+	}
 	if _, _, err := p.Configure(context.Background(), nil); err != nil {
 		t.Fatalf("Configure (and Verify of a plugin that never called Restrict): %v", err)
 	}
@@ -950,4 +953,47 @@ func reportCPU(b *testing.B, self0, child0 time.Duration) {
 	self, child := cpuClock()
 	b.ReportMetric(float64(self-self0)/float64(b.N)/1e6, "host-cpu-ms/op")
 	b.ReportMetric(float64(child-child0)/float64(b.N)/1e6, "plugin-cpu-ms/op")
+}
+
+// TestSocketDirGoneSandboxedWithoutRoot: with the sandbox but not its
+// empty root, the plugin makes its socket in the host's directory (through
+// its fd of it), as without the sandbox; the directory goes once the host
+// is connected (waited for: go-plugin dials without blocking), and the
+// connection, which has no idle mode, outlives it. (From review.)
+func TestSocketDirGoneSandboxedWithoutRoot(t *testing.T) {
+	for _, l := range sandbox.Status().Layers {
+		if !l.Available && l.Layer != sandbox.LayerRoot {
+			t.Skipf("sandbox layer %s unavailable on this host: %s", l.Layer, l.Detail)
+		}
+	}
+	logs := &syncbuf.Buffer{}
+	cfg := testConfig(t, "ok")
+	cfg.Logger = hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
+	cfg.SandboxOff = false
+	cfg.Sandbox = sandbox.LaunchConfig{Kind: "test", Log: cfg.Logger, Disable: []sandbox.Layer{sandbox.LayerRoot}}
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		p.Kill()
+		if t.Failed() {
+			t.Logf("host log:\n%s", logs)
+		}
+	}()
+	if sp := p.socketPath(); !strings.HasPrefix(sp, p.SocketDir()+"/") {
+		t.Errorf("gRPC socket %q, want it in the host's directory %q", sp, p.SocketDir())
+	}
+	if _, err := os.Stat(p.SocketDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket dir still there once connected: %v", err)
+	}
+	if _, _, err := p.Configure(context.Background(), nil); err != nil {
+		t.Fatalf("Configure: %v", err)
+	}
+	if _, err := p.Stats(context.Background()); err != nil {
+		t.Fatalf("Stats: %v", err)
+	}
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/hashicorp/go-plugin/runner"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
 )
 
@@ -79,7 +80,9 @@ type Process struct {
 	stub    any
 	run     *ProcRunner
 	sockDir string
-	stderr  *TailBuffer
+	// sockGone: sockDir was removed (once connected, or by close).
+	sockGone bool
+	stderr   *TailBuffer
 
 	stopping  atomic.Bool // Kill (or a Shutdown) was asked for
 	closeOnce sync.Once
@@ -208,7 +211,12 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
 		SkipHostEnv:      true,
 		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir, Group: sockGroup},
-		GRPCDialOptions:  cfg.DialOptions,
+		// No idle mode: an idle channel closes its connection and dials
+		// the socket again at the next RPC, and the socket's path is
+		// gone once the host is connected (go-plugin's stdio and broker
+		// streams keep the channel busy anyway, but a plugin can end
+		// them).
+		GRPCDialOptions: append([]grpc.DialOption{grpc.WithIdleTimeout(0)}, cfg.DialOptions...),
 	})
 
 	start := time.Now()
@@ -221,18 +229,44 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	if err == nil {
 		p.stub, err = raw.Dispense(cfg.Service)
 	}
+	if gc, ok := raw.(*plugin.GRPCClient); ok && err == nil {
+		// go-plugin dials without blocking, and takes a failure to open
+		// its first stream (stdio) as a plugin without one: the
+		// connection may still be on its way, and needs the socket.
+		err = waitReady(gc.Conn, start.Add(hsTimeout))
+	}
 	if err != nil {
 		p.Kill()
 		return nil, fmt.Errorf("plugin %s: connect: %w", cfg.Kind, err)
 	}
 	// The directory was needed for the connection only, which is made: a
 	// sandboxed plugin's socket lives in its own root anyway, and nothing
-	// dials it again (go-plugin's long-lived streams keep gRPC's channel
-	// from going idle). Removed now, it is not left in $TMPDIR by a host
+	// dials it again (the channel has no idle mode, the host uses no
+	// go-plugin broker, a restart is a new StartProcess). Removed now, it is not left in $TMPDIR by a host
 	// that is killed (SIGKILL, the OOM killer), one per plugin (found in
 	// review).
 	p.removeSockDir()
 	return p, nil
+}
+
+// waitReady waits until conn is connected, at most until deadline.
+func waitReady(conn *grpc.ClientConn, deadline time.Time) error {
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	for {
+		st := conn.GetState()
+		switch st {
+		case connectivity.Ready:
+			return nil
+		case connectivity.Idle:
+			conn.Connect()
+		case connectivity.Shutdown:
+			return errors.New("gRPC connection closed")
+		}
+		if !conn.WaitForStateChange(ctx, st) {
+			return fmt.Errorf("gRPC connection not made (%v): %w", st, ctx.Err())
+		}
+	}
 }
 
 func (p *Process) startError(err error, took, timeout time.Duration) error {
@@ -386,8 +420,11 @@ func (p *Process) close() {
 	})
 }
 
+// removeSockDir removes the socket directory, once: after that the name is
+// free in a shared $TMPDIR, and what another user makes there is not ours.
 func (p *Process) removeSockDir() {
-	if p.sockDir != "" {
+	if p.sockDir != "" && !p.sockGone {
+		p.sockGone = true
 		if err := os.RemoveAll(p.sockDir); err != nil {
 			p.log.Warn("removing plugin socket directory", "dir", p.sockDir, "error", err)
 		}
