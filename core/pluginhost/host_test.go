@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -777,28 +778,7 @@ func TestLaunchSandboxed(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer imgF.Close()
-	logs := &syncbuf.Buffer{}
-	cfg := testConfig(t, "ok")
-	cfg.Files = []NamedFile{{"image", imgF}}
-	cfg.Logger = hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
-	cfg.SandboxOff = false
-	lc := sandbox.LaunchConfig{Kind: "test", Log: cfg.Logger}
-	cfg.Sandbox = lc
-	for _, l := range sandbox.Status().Layers {
-		if !l.Available {
-			t.Skipf("sandbox layer %s unavailable on this host: %s", l.Layer, l.Detail)
-		}
-	}
-	p, err := Launch(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		p.Kill()
-		if t.Failed() {
-			t.Logf("host log:\n%s", logs)
-		}
-	}()
+	p, lc, logs := launchSandboxed(t, []NamedFile{{"image", imgF}})
 	if p.Path() != filepath.Join(testPluginDir, ExecutableName("test")) {
 		t.Errorf("Path() = %q, want the plugin binary", p.Path())
 	}
@@ -961,26 +941,7 @@ func reportCPU(b *testing.B, self0, child0 time.Duration) {
 // is connected (waited for: go-plugin dials without blocking), and the
 // connection, which has no idle mode, outlives it. (From review.)
 func TestSocketDirGoneSandboxedWithoutRoot(t *testing.T) {
-	for _, l := range sandbox.Status().Layers {
-		if !l.Available && l.Layer != sandbox.LayerRoot {
-			t.Skipf("sandbox layer %s unavailable on this host: %s", l.Layer, l.Detail)
-		}
-	}
-	logs := &syncbuf.Buffer{}
-	cfg := testConfig(t, "ok")
-	cfg.Logger = hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
-	cfg.SandboxOff = false
-	cfg.Sandbox = sandbox.LaunchConfig{Kind: "test", Log: cfg.Logger, Disable: []sandbox.Layer{sandbox.LayerRoot}}
-	p, err := Launch(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		p.Kill()
-		if t.Failed() {
-			t.Logf("host log:\n%s", logs)
-		}
-	}()
+	p, _, _ := launchSandboxed(t, nil, sandbox.LayerRoot)
 	if sp := p.socketPath(); !strings.HasPrefix(sp, p.SocketDir()+"/") {
 		t.Errorf("gRPC socket %q, want it in the host's directory %q", sp, p.SocketDir())
 	}
@@ -996,4 +957,35 @@ func TestSocketDirGoneSandboxedWithoutRoot(t *testing.T) {
 	if err := p.Shutdown(context.Background()); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
+}
+
+// launchSandboxed launches the test plugin ("ok") with files in the real
+// sandbox, less the layers disable names; it is killed when the test ends,
+// and the host's log shown if the test failed. It skips where a layer it
+// needs is unavailable.
+func launchSandboxed(t *testing.T, files []NamedFile, disable ...sandbox.Layer) (*Plugin, sandbox.LaunchConfig, *syncbuf.Buffer) {
+	t.Helper()
+	for _, l := range sandbox.Status().Layers {
+		if !l.Available && !slices.Contains(disable, l.Layer) {
+			t.Skipf("sandbox layer %s unavailable on this host: %s", l.Layer, l.Detail)
+		}
+	}
+	logs := &syncbuf.Buffer{}
+	cfg := testConfig(t, "ok")
+	cfg.Files = files
+	cfg.Logger = hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
+	cfg.SandboxOff = false
+	lc := sandbox.LaunchConfig{Kind: "test", Log: cfg.Logger, Disable: disable}
+	cfg.Sandbox = lc
+	p, err := Launch(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		p.Kill()
+		if t.Failed() {
+			t.Logf("host log:\n%s", logs)
+		}
+	})
+	return p, lc, logs
 }

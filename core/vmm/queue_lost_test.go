@@ -29,13 +29,8 @@ import (
 // without its plugin; the guest's first request on its new ring must
 // complete. (From review.)
 func TestQueueRemadeWhileSuspended(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds a plugin")
-	}
-	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	r := servedRig(t)
 	d, drv := r.d, r.drv
-	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
-	drv.wait(1, 0, 10*time.Second)
 
 	// The plugin hangs (the transport then finds it gone, below).
 	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
@@ -100,13 +95,8 @@ func TestQueueRemadeWhileSuspended(t *testing.T) {
 // slow would otherwise go on writing it. Before, the monitor killed it
 // later, on its own goroutine. (From review.)
 func TestStopOfHungPluginKillsItFirst(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds a plugin")
-	}
-	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	r := servedRig(t)
 	d, drv := r.d, r.drv
-	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
-	drv.wait(1, 0, 10*time.Second)
 	// Hold the restart in its back-off, so that only the reset can have
 	// killed the plugin by the time it returns.
 	hold := make(chan struct{})
@@ -145,13 +135,8 @@ func TestStopOfHungPluginKillsItFirst(t *testing.T) {
 // plugin gets its graceful Shutdown (a flush). Before, every plugin was
 // killed first. (From review.)
 func TestCutOffThenShutdownLetsPluginFlush(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds a plugin")
-	}
-	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
-	d, drv := r.d, r.drv
-	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
-	drv.wait(1, 0, 10*time.Second)
+	r := servedRig(t)
+	d := r.d
 	d.cutOff()    // what stopVCPUs does after 1 s
 	d.dev.Close() // shutdown's first step
 	if out := r.logs.String(); strings.Contains(out, "killing the plugin") {
@@ -170,13 +155,8 @@ func TestCutOffThenShutdownLetsPluginFlush(t *testing.T) {
 // a reset returning in the window before the monitor's dropPlugin left it
 // running with the rings the driver reuses. (From review.)
 func TestSuspendKillsTheOldPlugin(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds a plugin")
-	}
-	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	r := servedRig(t)
 	d, drv := r.d, r.drv
-	drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
-	drv.wait(1, 0, 10*time.Second)
 	d.liveMu.Lock()
 	p := d.plugin
 	d.liveMu.Unlock()
@@ -187,4 +167,17 @@ func TestSuspendKillsTheOldPlugin(t *testing.T) {
 	default:
 		t.Errorf("guest reset returned while the old plugin (pid %d) still runs and maps the rings", p.Pid())
 	}
+}
+
+// servedRig is a restart rig (3 restarts an hour) whose queue 0 has served
+// one request.
+func servedRig(t *testing.T) *restartRig {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds a plugin")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 3, Window: time.Hour})
+	r.drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
+	r.drv.wait(1, 0, 10*time.Second)
+	return r
 }

@@ -35,13 +35,7 @@ func TestRefusedRequestsDoNotFloodTheLog(t *testing.T) {
 			t.Fatalf("write %d: %v, want a refusal", i, err)
 		}
 	}
-	warn := 0
-	for _, l := range strings.Split(h.logs.String(), "\n") {
-		if strings.Contains(l, "[WARN]") && strings.Contains(l, "vhost-user request failed") {
-			warn++
-		}
-	}
-	if warn > 10 {
+	if warn := warnLines(h, "vhost-user request failed"); warn > 10 {
 		t.Fatalf("%d refused SET_CONFIG requests made %d WARN lines; a front-end (a guest through the core) grows the host log without bound", writes, warn)
 	}
 }
@@ -79,13 +73,18 @@ func TestMalformedRequestsAcrossRestartsDoNotFloodTheLog(t *testing.T) {
 			t.Fatalf("restart %d: set-up: %v", i, err)
 		}
 	}
-	warn := 0
-	for _, l := range strings.Split(h.logs.String(), "\n") {
-		if strings.Contains(l, "[WARN]") && strings.Contains(l, "malformed request") {
-			warn++
-		}
-	}
-	if warn == 0 || warn > 10 {
+	if warn := warnLines(h, "malformed request"); warn == 0 || warn > 10 {
 		t.Fatalf("%d rings with a malformed request made %d WARN lines, want 1 to 10", restarts, warn)
 	}
+}
+
+// warnLines counts the back-end's WARN lines that contain msg.
+func warnLines(h *harness, msg string) int {
+	n := 0
+	for _, l := range strings.Split(h.logs.String(), "\n") {
+		if strings.Contains(l, "[WARN]") && strings.Contains(l, msg) {
+			n++
+		}
+	}
+	return n
 }
