@@ -48,6 +48,8 @@ events_logger = "file"
 krun = ["/usr/local/bin/krun-oci"]
 EOF
 size=$(( $(du -sm "$root" | cut -f1) + 2048 ))
-mkfs.ext4 -q -F -L krunroot -d "$root" "$work/img" "${size}M"
+# stdout is the image's path only: mke2fs says "Creating regular file"
+# there even with -q.
+mkfs.ext4 -q -F -L krunroot -d "$root" "$work/img" "${size}M" >&2
 mv "$work/img" "$img"
 echo "$img"

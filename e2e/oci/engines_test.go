@@ -33,7 +33,13 @@ func userland(t *testing.T) string {
 	if err != nil {
 		t.Fatalf("build the Debian userland: %v\n%s", err, stderr.String())
 	}
-	img := strings.TrimSpace(string(out))
+	// The path is the last line (anything a tool printed before it is
+	// not).
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	img := strings.TrimSpace(lines[len(lines)-1])
+	if fi, err := os.Stat(img); err != nil || !fi.Mode().IsRegular() {
+		t.Fatalf("build the Debian userland: %q is not an image (%v); the script said:\n%s\n%s", img, err, out, stderr.String())
+	}
 	return img
 }
 
