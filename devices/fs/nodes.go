@@ -441,7 +441,12 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 			unix.Close(fd)
 		}
 		n.lookups++
-		t.setAliasLocked(n, parent, name)
+		if len(n.aliases) > 0 || t.mem+aliasCharge <= t.maxMem {
+			// A node without a name (its names were unlinked) gets
+			// one back only within the budget; without one it stays
+			// open and reachable by its id, within the fd budget.
+			t.setAliasLocked(n, parent, name)
+		}
 	case !t.newNodeFitsLocked():
 		unix.Close(fd)
 		return nil, unix.ENFILE
