@@ -150,7 +150,7 @@ func (c LaunchConfig) Apply(cmd *exec.Cmd) error {
 	if err != nil {
 		return err
 	}
-	go watch()
+	go watch(false)
 	return nil
 }
 
@@ -166,13 +166,14 @@ func (c LaunchConfig) ApplyUntilStarted(cmd *exec.Cmd) (afterStart func(), err e
 	if err != nil {
 		return nil, err
 	}
-	return func() { go watch() }, nil
+	return func() { go watch(true) }, nil
 }
 
 // prepare is Apply without starting the supervision of the launcher's
 // channel: watch runs it (it returns when the channel is done with and
-// closes the files Apply added to cmd).
-func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(), err error) {
+// closes the files Apply added to cmd); started says that cmd.Start has
+// returned.
+func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err error) {
 	log := c.logger()
 	disabled, err := normalizeDisabled(c.Disable)
 	if err != nil {
@@ -401,7 +402,14 @@ func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(), err error) {
 	if kind == "" {
 		kind = filepath.Base(args[0])
 	}
-	return func() {
+	return func(started bool) {
+		if started {
+			// cmd.Start has returned: the child holds its own copy of
+			// the channel's other end, or there is no child, whose
+			// end would then never close (a wait of chanWait).
+			theirs.Close()
+			theirs = nil
+		}
 		receiveListener(mine, theirs, kind, chanWait, log)
 		exe.Close()
 		if sockFile != nil {

@@ -274,8 +274,10 @@ const chanWait = 2 * time.Minute
 func receiveListener(ch *os.File, peer *os.File, kind string, wait time.Duration, log hclog.Logger) {
 	fd, msg, err := recvOne(ch, wait)
 	// The trampoline sent its message (or never will): our copy of its end
-	// of the socket pair is no longer needed.
-	peer.Close()
+	// of the socket pair is no longer needed (nil: closed already).
+	if peer != nil {
+		peer.Close()
+	}
 	ch.Close()
 	switch {
 	case err != nil:
