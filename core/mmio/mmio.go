@@ -195,11 +195,12 @@ type Config struct {
 	// called once Close has begun: the guest no longer runs.
 	Abandon func(why error) error
 	// StopBudget, when positive, bounds how long one guest access (a
-	// reset, a driver failure) spends stopping queues in the back-end:
-	// once it is spent, the back-end is abandoned instead of being asked
-	// to stop the queues left, so a back-end that answers each stop
-	// slowly holds the vCPU for about StopBudget plus one stop, not one
-	// stop per queue.
+	// queue stop, a reset) spends asking the back-end to stop rings: each
+	// request gets at most what is left of it (a Backend that implements
+	// BoundedStopper; others are only not asked once it is spent), and
+	// once it is spent the back-end is abandoned instead of asked, so
+	// the access holds the vCPU for about StopBudget plus Abandon's wait,
+	// however many queues it stops.
 	StopBudget time.Duration
 	// OnQueueLost, when set, is called (with the device's lock held) when
 	// a live queue is stopped without its back-end's GET_VRING_BASE (the
@@ -259,6 +260,12 @@ type Device struct {
 	// that does not confirm a stop is not abandoned (its owner shuts it
 	// down, letting it flush).
 	closing bool
+	// stopBy: when the current guest access's stop budget ends (zero:
+	// no ring stopped yet in this access).
+	stopBy time.Time
+	// abandoning: Config.Abandon is running (a failure it causes does
+	// not call it again).
+	abandoning bool
 }
 
 // New creates the device and its kick and call eventfds.
@@ -321,6 +328,7 @@ func (d *Device) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.closing = true
+	d.stopBy = time.Time{}
 	d.stopAllLocked()
 	for i := range d.queues {
 		q := &d.queues[i]
@@ -442,6 +450,7 @@ func (d *Device) anyLiveLocked() bool {
 func (d *Device) Write(offset uint64, data []byte) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.stopBy = time.Time{} // each access has its own stop budget
 	if offset >= RegConfig {
 		d.writeConfigLocked(offset-RegConfig, data)
 		return
@@ -634,6 +643,8 @@ func (d *Device) abandonLocked(why error) bool {
 	if d.cfg.Abandon == nil || d.closing {
 		return true
 	}
+	d.abandoning = true
+	defer func() { d.abandoning = false }()
 	if err := d.cfg.Abandon(why); err != nil {
 		d.failLocked(fmt.Errorf("%w; abandoning the back-end: %w", why, err))
 		return false
@@ -710,11 +721,7 @@ func (d *Device) startQueueLocked(i int) {
 
 // stopQueueLocked takes a live queue down: ring stopped in the back-end,
 // eventfds unwired.
-func (d *Device) stopQueueLocked(i int) { d.stopQueueOverLocked(i, nil) }
-
-// stopQueueOverLocked is stopQueueLocked; a non-nil over says the stop
-// budget is spent: the back-end is abandoned instead of asked.
-func (d *Device) stopQueueOverLocked(i int, over error) {
+func (d *Device) stopQueueLocked(i int) {
 	q := &d.queues[i]
 	if !q.live {
 		return
@@ -729,19 +736,66 @@ func (d *Device) stopQueueOverLocked(i int, over error) {
 		d.queueLostLocked(i)
 		return
 	}
-	if over != nil && !d.closing {
-		d.stopFailedLocked(i, over)
-		return
-	}
 	if d.cfg.ProtocolNegotiated {
-		if err := d.cfg.Backend.SetVringEnable(uint32(i), false); err != nil {
+		limit, err := d.stopLimitLocked()
+		if err == nil {
+			err = d.disableRing(uint32(i), limit)
+		}
+		if err != nil {
 			d.stopFailedLocked(i, fmt.Errorf("disable queue %d: %w", i, err))
 			return
 		}
 	}
-	if _, err := d.cfg.Backend.GetVringBase(uint32(i)); err != nil {
+	limit, err := d.stopLimitLocked()
+	if err == nil {
+		_, err = d.getVringBase(uint32(i), limit)
+	}
+	if err != nil {
 		d.stopFailedLocked(i, fmt.Errorf("stop queue %d: %w", i, err))
 	}
+}
+
+// BoundedStopper is implemented by a Backend whose ring-stop requests can
+// be given a shorter time limit than its own (*frontend.Client): the
+// device passes what is left of the access's stop budget.
+type BoundedStopper interface {
+	DisableVringWithin(idx uint32, limit time.Duration) error
+	GetVringBaseWithin(idx uint32, limit time.Duration) (uint32, error)
+}
+
+var _ BoundedStopper = (*frontend.Client)(nil)
+
+func (d *Device) disableRing(idx uint32, limit time.Duration) error {
+	if b, ok := d.cfg.Backend.(BoundedStopper); ok {
+		return b.DisableVringWithin(idx, limit)
+	}
+	return d.cfg.Backend.SetVringEnable(idx, false)
+}
+
+func (d *Device) getVringBase(idx uint32, limit time.Duration) (uint32, error) {
+	if b, ok := d.cfg.Backend.(BoundedStopper); ok {
+		return b.GetVringBaseWithin(idx, limit)
+	}
+	return d.cfg.Backend.GetVringBase(idx)
+}
+
+// stopLimitLocked returns how long the next ring-stop request may take
+// within the stop budget of the current guest access (Config.StopBudget;
+// 0: no limit of the device's), or an error once it is spent.
+func (d *Device) stopLimitLocked() (time.Duration, error) {
+	b := d.cfg.StopBudget
+	if b <= 0 || d.closing {
+		return 0, nil
+	}
+	now := time.Now()
+	if d.stopBy.IsZero() {
+		d.stopBy = now.Add(b)
+	}
+	left := d.stopBy.Sub(now)
+	if left <= 0 {
+		return 0, fmt.Errorf("%w (the %v this guest access may spend stopping rings is spent)", frontend.ErrTimeout, b)
+	}
+	return left, nil
 }
 
 // stopFailedLocked handles a back-end that did not confirm that queue i's
@@ -773,19 +827,9 @@ func (d *Device) queueLostLocked(i int) {
 	}
 }
 
-// stopAllLocked stops every live queue, within the stop budget
-// (Config.StopBudget): the queues left once it is spent are stopped by
-// abandoning the back-end.
 func (d *Device) stopAllLocked() {
-	start := time.Now()
 	for i := range d.queues {
-		var over error
-		if b := d.cfg.StopBudget; b > 0 {
-			if spent := time.Since(start); spent > b {
-				over = fmt.Errorf("stop queue %d: %w (stopping the queues before it took %v)", i, frontend.ErrTimeout, spent.Round(time.Millisecond))
-			}
-		}
-		d.stopQueueOverLocked(i, over)
+		d.stopQueueLocked(i)
 	}
 }
 
@@ -832,6 +876,13 @@ func (d *Device) failLocked(err error) {
 	}
 	d.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 	d.log.Error("virtio device failed", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+	if d.anyLiveLocked() && d.cfg.Abandon != nil && !d.closing && !d.abandoning {
+		// The live queues stop without the back-end, which may only
+		// have been slow and still serve them: it goes first.
+		if aerr := d.cfg.Abandon(err); aerr != nil {
+			d.log.Error("failed device's back-end could not be abandoned", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", aerr)
+		}
+	}
 	for i := range d.queues {
 		d.stopQueueLocked(i)
 	}

@@ -120,10 +120,11 @@ func (d *pluginDevice) cutOff() {
 	}
 }
 
-// stopBudget bounds the time one guest access spends stopping queues in a
-// plugin (mmio.Config.StopBudget): with one more stop (the stop timeout)
-// and abandonWait, a vCPU is held under 21 s.
-const stopBudget = 5 * time.Second
+// stopBudget bounds the time one guest access spends asking a plugin to
+// stop rings (mmio.Config.StopBudget: each request gets at most what is
+// left of it): with abandonWait, a vCPU is held under the 21 s after which
+// a Linux guest reports an RCU stall.
+const stopBudget = 15 * time.Second
 
 // abandonWait bounds how long abandon waits for a killed plugin to be
 // reaped: a process in uninterruptible sleep (a hung NFS read into guest
@@ -487,6 +488,9 @@ func (d *pluginDevice) setupInflight(client *frontend.Client, n frontend.Negotia
 // when the budget is spent), and suspends the device meanwhile. It runs
 // with the device's lock held and must not block.
 func (d *pluginDevice) backendGone(err error) bool {
+	if d.exiting.Load() {
+		return true // the VM is going away: nothing to restart
+	}
 	select {
 	case d.gone <- err:
 	default:
@@ -534,7 +538,7 @@ func (d *pluginDevice) monitor(ctx context.Context) {
 				continue
 			}
 		}
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || d.exiting.Load() {
 			return
 		}
 		if !d.recover(ctx, why) {
@@ -572,6 +576,13 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 		return false
 	}
 	d.dev.Suspend()
+	if d.dev.Failed() != nil {
+		// The old plugin could not be killed (Suspend failed the
+		// device), or the device failed on its own meanwhile: no new
+		// plugin would be let in.
+		d.log.Error("plugin died and the device failed; it is not restarted", "device", d.index, "reason", why, "error", d.dev.Failed())
+		return false
+	}
 	// A report of the same death the transport made before it was
 	// suspended would restart the next plugin for nothing; while the
 	// device is suspended no report is made.
@@ -689,6 +700,21 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 	return nil
 }
 
+// killWait kills the plugin and waits for its process to be reaped, at
+// most abandonWait: one in uninterruptible sleep outlives SIGKILL, and the
+// VM's exit does not wait for it.
+func (d *pluginDevice) killWait(log hclog.Logger) {
+	p := d.plugin
+	go p.Kill()
+	t := time.NewTimer(abandonWait)
+	defer t.Stop()
+	select {
+	case <-p.Done():
+	case <-t.C:
+		log.Error("plugin still runs after SIGKILL; leaving it", "device", d.index, "pid", p.Pid(), "waited", abandonWait)
+	}
+}
+
 // dropPlugin ends the plugin process and its connection, if any.
 func (d *pluginDevice) dropPlugin() {
 	if d.stopBackendReq != nil {
@@ -738,7 +764,7 @@ func (d *pluginDevice) shutdown(log hclog.Logger) {
 			ctx, cancel := context.WithTimeout(context.Background(), pluginShutdownTimeout)
 			if err := d.plugin.Shutdown(ctx); err != nil {
 				log.Warn("plugin shutdown", "device", d.index, "error", err)
-				d.plugin.Kill()
+				d.killWait(log)
 			}
 			cancel()
 		}

@@ -47,10 +47,9 @@ const DefaultTimeout = 5 * time.Second
 // DefaultStopTimeout bounds the requests that stop a ring (GET_VRING_BASE,
 // SET_VRING_ENABLE 0) unless SetStopTimeout says otherwise: a back-end
 // answers them once the ring's requests in flight are done, and a slow
-// disk's flush or a network share's read is not a dead back-end. With the
-// time the core may then take to kill the back-end and to stop the other
-// queues of one reset (core/mmio's StopBudget), it keeps the vCPU held
-// meanwhile under the 21 s after which a Linux guest reports an RCU stall.
+// disk's flush or a network share's read is not a dead back-end. The core
+// bounds all the stop requests of one guest access further (core/mmio's
+// StopBudget, through GetVringBaseWithin and DisableVringWithin).
 const DefaultStopTimeout = 10 * time.Second
 
 // Client talks to one back-end over a connected socket. Its methods are
@@ -130,10 +129,14 @@ func (c *Client) call(req vhostuser.Request, payload []byte, files []*os.File) (
 
 // stopCall is call for a request that stops a ring: bounded by the stop
 // timeout.
-func (c *Client) stopCall(req vhostuser.Request, payload []byte) (any, error) {
+func (c *Client) stopCall(req vhostuser.Request, payload []byte, limit time.Duration) (any, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.callWithin(req, payload, nil, c.stop)
+	timeout := c.stop
+	if limit > 0 && (timeout <= 0 || limit < timeout) {
+		timeout = limit
+	}
+	return c.callWithin(req, payload, nil, timeout)
 }
 
 func (c *Client) callLocked(req vhostuser.Request, payload []byte, files []*os.File) (any, error) {
@@ -302,8 +305,12 @@ func (c *Client) SetVringBase(idx, base uint32) error {
 }
 
 // GetVringBase stops ring idx and returns its next available index.
-func (c *Client) GetVringBase(idx uint32) (uint32, error) {
-	v, err := c.stopCall(vhostuser.GetVringBase, vhostuser.VringState{Index: idx}.Encode())
+func (c *Client) GetVringBase(idx uint32) (uint32, error) { return c.GetVringBaseWithin(idx, 0) }
+
+// GetVringBaseWithin is GetVringBase within limit, when it is shorter
+// than the stop timeout (0: the stop timeout).
+func (c *Client) GetVringBaseWithin(idx uint32, limit time.Duration) (uint32, error) {
+	v, err := c.stopCall(vhostuser.GetVringBase, vhostuser.VringState{Index: idx}.Encode(), limit)
 	if err != nil {
 		return 0, err
 	}
@@ -346,10 +353,16 @@ func (c *Client) SetVringErr(idx uint32, f *os.File) error {
 // VHOST_USER_F_PROTOCOL_FEATURES).
 func (c *Client) SetVringEnable(idx uint32, enable bool) error {
 	if !enable {
-		_, err := c.stopCall(vhostuser.SetVringEnable, vhostuser.VringState{Index: idx}.Encode())
-		return err
+		return c.DisableVringWithin(idx, 0)
 	}
 	_, err := c.call(vhostuser.SetVringEnable, vhostuser.VringState{Index: idx, Num: 1}.Encode(), nil)
+	return err
+}
+
+// DisableVringWithin is SetVringEnable(idx, false) within limit, when it
+// is shorter than the stop timeout (0: the stop timeout).
+func (c *Client) DisableVringWithin(idx uint32, limit time.Duration) error {
+	_, err := c.stopCall(vhostuser.SetVringEnable, vhostuser.VringState{Index: idx}.Encode(), limit)
 	return err
 }
 

@@ -423,3 +423,52 @@ func TestStopWaitsLongerThanOtherRequests(t *testing.T) {
 		t.Fatalf("GET_FEATURES answered after %v with a timeout of %v: %v", slow, slow/3, err)
 	}
 }
+
+// TestStopWithinALimit: a caller's shorter limit for a ring stop (what is
+// left of core/mmio's stop budget) wins over the stop timeout; a longer
+// one does not extend it.
+func TestStopWithinALimit(t *testing.T) {
+	const slow = 300 * time.Millisecond
+	for _, tc := range []struct {
+		name    string
+		stop    time.Duration // the client's stop timeout
+		limit   time.Duration
+		timeout bool
+	}{
+		{"limit longer than the stop timeout", 10 * slow, 20 * slow, false},
+		{"no limit", 10 * slow, 0, false},
+		{"limit shorter than the answer", 10 * slow, slow / 3, true},
+		{"stop timeout shorter than the limit", slow / 3, 10 * slow, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b, err := vhostuser.Pair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			go func() {
+				for {
+					m, err := b.Recv()
+					if err != nil {
+						return
+					}
+					m.CloseFiles()
+					time.Sleep(slow)
+					b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: 0, Num: 7}.Encode(), nil)
+				}
+			}()
+			c := New(a)
+			defer c.Close()
+			c.SetStopTimeout(tc.stop)
+			start := time.Now()
+			_, err = c.GetVringBaseWithin(0, tc.limit)
+			took := time.Since(start)
+			if got := errors.Is(err, ErrTimeout); got != tc.timeout {
+				t.Fatalf("GET_VRING_BASE answered after %v, stop timeout %v, limit %v: %v after %v", slow, tc.stop, tc.limit, err, took)
+			}
+			if tc.timeout && took > slow {
+				t.Fatalf("timed out only after %v", took)
+			}
+		})
+	}
+}
