@@ -386,28 +386,7 @@ func TestTimeout(t *testing.T) {
 // failed a virtio-fs device for the VM's life. (From review.)
 func TestStopWaitsLongerThanOtherRequests(t *testing.T) {
 	const slow = 300 * time.Millisecond
-	a, b, err := vhostuser.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	go func() {
-		for {
-			m, err := b.Recv()
-			if err != nil {
-				return
-			}
-			m.CloseFiles()
-			time.Sleep(slow)
-			switch m.Request {
-			case vhostuser.GetVringBase:
-				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: 0, Num: 7}.Encode(), nil)
-			case vhostuser.GetFeatures:
-				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, make([]byte, 8), nil)
-			}
-		}
-	}()
-	c := New(a)
+	c := New(slowBackend(t, slow))
 	defer c.Close()
 	c.SetTimeout(slow / 3)
 	c.SetStopTimeout(10 * slow)
@@ -441,27 +420,11 @@ func TestStopWithinALimit(t *testing.T) {
 		{"stop timeout shorter than the limit", slow / 3, 10 * slow, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, b, err := vhostuser.Pair()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
-			go func() {
-				for {
-					m, err := b.Recv()
-					if err != nil {
-						return
-					}
-					m.CloseFiles()
-					time.Sleep(slow)
-					b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: 0, Num: 7}.Encode(), nil)
-				}
-			}()
-			c := New(a)
+			c := New(slowBackend(t, slow))
 			defer c.Close()
 			c.SetStopTimeout(tc.stop)
 			start := time.Now()
-			_, err = c.GetVringBaseWithin(0, tc.limit)
+			_, err := c.GetVringBaseWithin(0, tc.limit)
 			took := time.Since(start)
 			if got := errors.Is(err, ErrTimeout); got != tc.timeout {
 				t.Fatalf("GET_VRING_BASE answered after %v, stop timeout %v, limit %v: %v after %v", slow, tc.stop, tc.limit, err, took)
@@ -471,4 +434,33 @@ func TestStopWithinALimit(t *testing.T) {
 			}
 		})
 	}
+}
+
+// slowBackend is a back-end that answers GET_VRING_BASE (ring 0 at 7) and
+// GET_FEATURES after slow, and nothing else; the returned end is the
+// front-end's.
+func slowBackend(t *testing.T, slow time.Duration) *vhostuser.Conn {
+	t.Helper()
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			m.CloseFiles()
+			time.Sleep(slow)
+			switch m.Request {
+			case vhostuser.GetVringBase:
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: 0, Num: 7}.Encode(), nil)
+			case vhostuser.GetFeatures:
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, make([]byte, 8), nil)
+			}
+		}
+	}()
+	return a
 }
