@@ -638,15 +638,21 @@ func (d *Device) recoverLocked(err error) bool {
 
 // abandonLocked ends the back-end's access to guest memory before the
 // device stops a queue without it (Config.Abandon). It reports false when
-// that could not be confirmed: the device has failed then.
+// that could not be confirmed: the device has failed then. It does
+// nothing while Abandon runs already (the failure it causes stops the
+// queues).
 func (d *Device) abandonLocked(why error) bool {
-	if d.cfg.Abandon == nil || d.closing {
+	if d.cfg.Abandon == nil || d.closing || d.abandoning {
 		return true
 	}
 	d.abandoning = true
 	defer func() { d.abandoning = false }()
 	if err := d.cfg.Abandon(why); err != nil {
-		d.failLocked(fmt.Errorf("%w; abandoning the back-end: %w", why, err))
+		err = fmt.Errorf("%w; abandoning the back-end: %w", why, err)
+		if d.failed != nil {
+			d.log.Error("failed device's back-end could not be abandoned", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+		}
+		d.failLocked(err)
 		return false
 	}
 	return true
@@ -876,12 +882,10 @@ func (d *Device) failLocked(err error) {
 	}
 	d.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 	d.log.Error("virtio device failed", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
-	if d.anyLiveLocked() && d.cfg.Abandon != nil && !d.closing && !d.abandoning {
+	if d.anyLiveLocked() {
 		// The live queues stop without the back-end, which may only
 		// have been slow and still serve them: it goes first.
-		if aerr := d.cfg.Abandon(err); aerr != nil {
-			d.log.Error("failed device's back-end could not be abandoned", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", aerr)
-		}
+		d.abandonLocked(err)
 	}
 	for i := range d.queues {
 		d.stopQueueLocked(i)

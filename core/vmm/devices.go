@@ -129,8 +129,8 @@ const stopBudget = 15 * time.Second
 // abandonWait bounds how long abandon waits for a killed plugin to be
 // reaped: a process in uninterruptible sleep (a hung NFS read into guest
 // memory) outlives SIGKILL, and the wait holds a vCPU and the device lock.
-// Added to a ring's stop timeout, it stays under a Linux guest's RCU stall
-// warning (21 s).
+// Added to stopBudget, it stays under a Linux guest's RCU stall warning
+// (21 s).
 const abandonWait = 5 * time.Second
 
 // abandon is the transport's Abandon: the plugin did not confirm that a
@@ -164,14 +164,23 @@ func (d *pluginDevice) abandon(why error) error {
 	} else {
 		d.log.Warn("killing the plugin before the guest reuses its rings", "device", d.index, "pid", p.Pid(), "reason", why)
 	}
+	if !killReaped(p) {
+		return fmt.Errorf("plugin (pid %d) still runs %v after SIGKILL", p.Pid(), abandonWait)
+	}
+	return nil
+}
+
+// killReaped kills p and reports whether its process was reaped within
+// abandonWait (the kill goes on in the background if not).
+func killReaped(p *pluginhost.Plugin) bool {
 	go p.Kill()
 	t := time.NewTimer(abandonWait)
 	defer t.Stop()
 	select {
 	case <-p.Done():
-		return nil
+		return true
 	case <-t.C:
-		return fmt.Errorf("plugin (pid %d) still runs %v after SIGKILL", p.Pid(), abandonWait)
+		return false
 	}
 }
 
@@ -704,14 +713,8 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 // most abandonWait: one in uninterruptible sleep outlives SIGKILL, and the
 // VM's exit does not wait for it.
 func (d *pluginDevice) killWait(log hclog.Logger) {
-	p := d.plugin
-	go p.Kill()
-	t := time.NewTimer(abandonWait)
-	defer t.Stop()
-	select {
-	case <-p.Done():
-	case <-t.C:
-		log.Error("plugin still runs after SIGKILL; leaving it", "device", d.index, "pid", p.Pid(), "waited", abandonWait)
+	if !killReaped(d.plugin) {
+		log.Error("plugin still runs after SIGKILL; leaving it", "device", d.index, "pid", d.plugin.Pid(), "waited", abandonWait)
 	}
 }
 

@@ -185,6 +185,10 @@ func (t *table) newNodeFitsLocked() bool {
 	return len(t.nodes) < t.maxNodes && t.mem+nodeCharge+aliasCharge <= t.maxMem
 }
 
+// aliasFitsLocked reports whether one more remembered name fits the
+// memory budget.
+func (t *table) aliasFitsLocked() bool { return t.mem+aliasCharge <= t.maxMem }
+
 // roomForNew reports ENFILE when a request that makes name in parent on
 // the host (MKNOD, MKDIR, SYMLINK, CREATE; with a handle for CREATE)
 // could not be given its node now: checked before the file is made, so
@@ -441,7 +445,7 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 			unix.Close(fd)
 		}
 		n.lookups++
-		if len(n.aliases) > 0 || t.mem+aliasCharge <= t.maxMem {
+		if len(n.aliases) > 0 || t.aliasFitsLocked() {
 			// A node without a name (its names were unlinked) gets
 			// one back only within the budget; without one it stays
 			// open and reachable by its id, within the fd budget.
@@ -534,7 +538,7 @@ func (t *table) setAliasLocked(n, parent *node, name string) {
 		}
 		t.removeAliasLocked(old, k)
 	}
-	if len(n.aliases) == maxAliases || len(n.aliases) > 0 && t.mem+aliasCharge > t.maxMem {
+	if len(n.aliases) == maxAliases || len(n.aliases) > 0 && !t.aliasFitsLocked() {
 		// At most maxAliases names, and no more names at all while the
 		// budget is spent: the oldest makes way.
 		last := n.aliases[len(n.aliases)-1]

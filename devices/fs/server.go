@@ -58,7 +58,8 @@ const (
 // buffers. A guest that LOOKUPs without FORGET then gets ENFILE; with 2^20
 // nodes under the sandbox's 1 GiB it made the Go runtime run out of
 // memory, and the share died with the plugin (found in review). Under
-// 1 GiB that is about 700 000 nodes of one name each, 229 000 at worst.
+// 1 GiB that is about 700 000 nodes of one name each, 245 000 of four
+// names (TestNodeCharges).
 func memBudgetFor(dataLimit uint64) int64 {
 	if dataLimit == unix.RLIM_INFINITY || dataLimit >= 1<<62 {
 		return math.MaxInt64
