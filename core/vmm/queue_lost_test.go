@@ -5,6 +5,9 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -33,9 +36,7 @@ func TestQueueRemadeWhileSuspended(t *testing.T) {
 	d, drv := r.d, r.drv
 
 	// The plugin hangs (the transport then finds it gone, below).
-	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	stopProcess(t, r.pid)
 
 	toggle := func() {
 		// The guest, while the device is suspended: queue 0 down, a
@@ -112,9 +113,7 @@ func TestStopOfHungPluginKillsItFirst(t *testing.T) {
 	p := d.plugin
 	d.liveMu.Unlock()
 	d.client.SetStopTimeout(300 * time.Millisecond) // frontend.DefaultStopTimeout in production
-	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	stopProcess(t, r.pid)
 	start := time.Now()
 	drv.reg(mmio.RegStatus, 0) // the guest resets the device
 	took := time.Since(start)
@@ -180,4 +179,56 @@ func servedRig(t *testing.T) *restartRig {
 	r.drv.post(0, 0, bytes.Repeat([]byte{0x11}, 512))
 	r.drv.wait(1, 0, 10*time.Second)
 	return r
+}
+
+// stopProcess sends SIGSTOP to pid and waits until every thread of it is
+// stopped: kill returns before the signal takes effect, and a plugin
+// thread already running on another CPU can answer one more request in
+// that window (seen on a loaded CI machine: a "hung" plugin answered the
+// reset's GET_VRING_BASE).
+func stopProcess(t *testing.T, pid int) {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		running, err := runningThreads(pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if running == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d: %d thread(s) still not stopped 10 s after SIGSTOP", pid, running)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// runningThreads counts pid's threads whose state is not "T (stopped)".
+func runningThreads(pid int) (int, error) {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, task := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, task.Name(), "stat"))
+		if err != nil {
+			continue // the thread exited
+		}
+		// pid (comm) state ...: comm may hold spaces and parentheses.
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 || i+2 >= len(s) {
+			return 0, fmt.Errorf("%s/%s/stat: unexpected %q", dir, task.Name(), s)
+		}
+		if s[i+2] != 'T' {
+			n++
+		}
+	}
+	return n, nil
 }

@@ -371,9 +371,7 @@ func TestRestartHungPlugin(t *testing.T) {
 		t.Skip("builds a plugin and waits for a Health timeout; skipped with -short")
 	}
 	r := newRestartRig(t, pluginhost.RestartPolicy{})
-	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	stopProcess(t, r.pid)
 	r.drv.post(0, 16, bytes.Repeat([]byte{0xc3}, 512))
 	r.drv.wait(1, 0, pluginhost.HealthInterval+pluginhost.HealthTimeout+30*time.Second)
 	log := r.logs.String()
@@ -405,9 +403,7 @@ func TestRestartKillsBeforeBackoff(t *testing.T) {
 		}
 		return sleepCtx(ctx, delay)
 	}
-	if err := syscall.Kill(r.pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	stopProcess(t, r.pid)
 	r.d.backendGone(errors.New("vhost-user call timed out"))
 	select {
 	case err := <-waited:
