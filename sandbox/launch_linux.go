@@ -3,7 +3,6 @@ package sandbox
 import (
 	"bufio"
 	"bytes"
-	"debug/elf"
 	"errors"
 	"fmt"
 	"maps"
@@ -15,7 +14,6 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -57,7 +55,7 @@ type LaunchConfig struct {
 	// Log receives the warnings and, for the life of the plugin, the
 	// system calls its seccomp filter refused. nil: a logger writing to
 	// stderr.
-	Log hclog.Logger
+	Log Logger
 	// ReadOnlyDirs makes the directories handed to the plugin readable
 	// only: the trampoline's Landlock rule beneath them grants no write
 	// right (a read-only share), so a plugin cannot write there even if it
@@ -530,11 +528,11 @@ func HostSocketPath(env []string, pid int, addr string) (string, error) {
 	return fmt.Sprintf("/proc/%d/root%s", pid, clean), nil
 }
 
-func (c LaunchConfig) logger() hclog.Logger {
+func (c LaunchConfig) logger() Logger {
 	if c.Log != nil {
 		return c.Log
 	}
-	return hclog.New(&hclog.LoggerOptions{Name: "sandbox", Output: os.Stderr})
+	return &lineLogger{name: "sandbox", w: os.Stderr}
 }
 
 // markFDsCloseOnExec sets FD_CLOEXEC on every fd above 2 of this process.
@@ -741,18 +739,13 @@ func needsInterpreter(path string) string {
 	if _, err := f.ReadAt(head[:], 0); err == nil && string(head[:]) == "#!" {
 		return "is a script (#!)"
 	}
-	ef, err := elf.NewFile(f)
-	if err != nil {
-		return ""
-	}
-	for _, p := range ef.Progs {
-		if p.Type == elf.PT_INTERP {
-			interp := make([]byte, min(p.Filesz, 256))
-			if _, err := p.ReadAt(interp, 0); err == nil {
-				return fmt.Sprintf("is dynamically linked (it needs %s)", strings.TrimRight(string(interp), "\x00"))
-			}
-			return "is dynamically linked"
-		}
+	interp, ok := elfInterpreter(f)
+	switch {
+	case !ok:
+	case interp != "":
+		return fmt.Sprintf("is dynamically linked (it needs %s)", interp)
+	default:
+		return "is dynamically linked"
 	}
 	return ""
 }

@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,9 +37,9 @@ import (
 // The Landlock domain is applied with syscall.AllThreadsSyscall and the
 // filter with SECCOMP_FILTER_FLAG_TSYNC, so the binary must be built
 // without cgo.
-func Restrict(p Policy, log hclog.Logger) error {
+func Restrict(p Policy, log Logger) error {
 	if log == nil {
-		log = hclog.NewNullLogger()
+		log = nopLogger{}
 	}
 	if err := p.Validate(); err != nil {
 		return fmt.Errorf("sandbox: %w", err)

@@ -6,7 +6,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -175,7 +174,7 @@ func refusal(id uint64) seccompNotifResp {
 // supervise answers every notification on a plugin's listener with EPERM
 // and logs it. It returns when the plugin is gone (the listener hangs up)
 // or the listener breaks, and closes it.
-func supervise(l *os.File, kind string, log hclog.Logger) {
+func supervise(l *os.File, kind string, log Logger) {
 	defer l.Close()
 	rc, err := l.SyscallConn()
 	if err != nil {
@@ -271,7 +270,7 @@ const chanWait = 2 * time.Minute
 // peer is the launcher's copy of the trampoline's end: it keeps the channel
 // open until the child has it, so a trampoline that dies without a word
 // costs the wait.
-func receiveListener(ch *os.File, peer *os.File, kind string, wait time.Duration, log hclog.Logger) {
+func receiveListener(ch *os.File, peer *os.File, kind string, wait time.Duration, log Logger) {
 	fd, msg, err := recvOne(ch, wait)
 	// The trampoline sent its message (or never will): our copy of its end
 	// of the socket pair is no longer needed (nil: closed already).

@@ -55,7 +55,7 @@ func serve(stderr io.Writer) int {
 }
 
 // RestrictFunc applies the sandbox (sandbox.Restrict; tests substitute it).
-type RestrictFunc func(sandbox.Policy, hclog.Logger) error
+type RestrictFunc func(sandbox.Policy, sandbox.Logger) error
 
 // Server implements imagepb.ImageToolServer.
 type Server struct {

@@ -60,7 +60,7 @@ func TestServerOpenRestrictsFirst(t *testing.T) {
 	placeAt(t, p, fd)
 
 	var got []sandbox.Policy
-	s := NewServer(hclog.NewNullLogger(), func(pol sandbox.Policy, _ hclog.Logger) error {
+	s := NewServer(hclog.NewNullLogger(), func(pol sandbox.Policy, _ sandbox.Logger) error {
 		got = append(got, pol)
 		return nil
 	})
@@ -102,7 +102,7 @@ func TestServerOpenRefusals(t *testing.T) {
 	fd := freeFD(t)
 	placeAt(t, p, fd)
 	closed := freeFD(t, fd)
-	noRestrict := func(sandbox.Policy, hclog.Logger) error { return nil }
+	noRestrict := func(sandbox.Policy, sandbox.Logger) error { return nil }
 	cases := []struct {
 		name  string
 		files map[string]uint32
@@ -122,7 +122,7 @@ func TestServerOpenRefusals(t *testing.T) {
 		}
 	}
 	// A sandbox that cannot be applied fails Open and every later call.
-	s := NewServer(nil, func(sandbox.Policy, hclog.Logger) error { return errors.New("sandbox: seccomp: no") })
+	s := NewServer(nil, func(sandbox.Policy, sandbox.Logger) error { return errors.New("sandbox: seccomp: no") })
 	if _, err := s.Open(context.Background(), &imagepb.OpenRequest{Files: map[string]uint32{"image": uint32(fd)}}); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("Open with a failing sandbox: %v", err)
 	}
