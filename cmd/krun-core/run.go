@@ -273,7 +273,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		stopSignals := forwardSignals(ctx, c, term, cancel, log)
 		defer stopSignals()
 		if term != nil {
-			defer term.restore()
+			defer term.makeRaw()()
 		}
 	} else {
 		if restore, ok := rawTerminal(os.Stdin, true); ok {

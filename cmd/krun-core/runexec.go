@@ -26,15 +26,24 @@ type execOptions struct {
 }
 
 // terminal is krun-core's stdin when it is a terminal: the command gets one
-// in the guest.
+// in the guest. It is put in raw mode only when the VM starts (makeRaw),
+// so that every earlier failure leaves the user's terminal as it was.
 type terminal struct {
-	f       *os.File
-	restore func()
+	f *os.File
+}
+
+// makeRaw puts the terminal in raw mode without signals (^C reaches the
+// guest's terminal) and returns what restores it.
+func (t *terminal) makeRaw() func() {
+	if restore, ok := rawTerminal(t.f, false); ok {
+		return restore
+	}
+	return func() {}
 }
 
 // setupExec configures c to run o.command in o.root. When stdin is a
-// terminal it is put in raw mode (no signals: ^C reaches the guest's
-// terminal) and the command gets a terminal of the same size.
+// terminal the command gets a terminal of the same size, and setupExec
+// returns it for the caller to put in raw mode once the VM starts.
 func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 	if err := c.SetRoot(o.root, o.readOnly); err != nil {
 		return nil, err
@@ -70,10 +79,7 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 		if ws, err := unix.IoctlGetWinsize(int(os.Stdin.Fd()), unix.TIOCGWINSZ); err == nil {
 			c.SetWinsize(ws.Row, ws.Col)
 		}
-		restore, ok := rawTerminal(os.Stdin, false)
-		if ok {
-			term = &terminal{f: os.Stdin, restore: restore}
-		}
+		term = &terminal{f: os.Stdin}
 	}
 	c.SetStdio(os.Stdin, stdout, stderr, term != nil)
 	return term, nil
