@@ -508,3 +508,41 @@ func PasstSocketPair() (ours, theirs *os.File, err error) {
 	}
 	return os.NewFile(uintptr(fds[0]), "passt"), os.NewFile(uintptr(fds[1]), "passt-peer"), nil
 }
+
+// Checker is a Spec that can check the files it names before anything
+// starts (vmm.Context.Validate): a missing or wrong file is then named on
+// its own, before the KVM check and before any plugin starts.
+type Checker interface {
+	Check() error
+}
+
+// Check opens the image, the declared backing files and the data file
+// read-only, with the checks Open makes (a regular file or block device,
+// not on a file system of the kernel's state), and closes them. Nothing is
+// locked: Open still decides, since the files may change in between.
+func (d *DiskSpec) Check() error {
+	files := []struct{ what, path string }{{"disk image", d.Path}}
+	for _, b := range d.Backing {
+		files = append(files, struct{ what, path string }{"backing file", b.Path})
+	}
+	if d.DataFile != "" {
+		files = append(files, struct{ what, path string }{"data file", d.DataFile})
+	}
+	for _, f := range files {
+		fh, err := openFile(f.what, f.path, false, false)
+		if err != nil {
+			return err
+		}
+		fh.Close()
+	}
+	return nil
+}
+
+// Check opens the shared directory with Open's checks and closes it.
+func (f *FSSpec) Check() error {
+	dir, err := openFile("shared directory", f.Path, false, true)
+	if err != nil {
+		return err
+	}
+	return dir.Close()
+}

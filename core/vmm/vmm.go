@@ -347,6 +347,19 @@ func (c *Context) Validate() error {
 		if _, err := pluginhost.Find(s.Kind(), dirs); err != nil {
 			return fmt.Errorf("device %d (%s): %w", i, s, err)
 		}
+		if ch, ok := s.(devspec.Checker); ok {
+			if err := ch.Check(); err != nil {
+				return fmt.Errorf("device %d (%s): %w", i, s, err)
+			}
+		}
+	}
+	if c.exec != nil {
+		// The root share and the console, which Start adds.
+		for _, kind := range []string{devopts.KindFS, devopts.KindConsole} {
+			if _, err := pluginhost.Find(kind, dirs); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
