@@ -227,6 +227,11 @@ func Main(args []string, env *Env) int {
 	if errors.As(err, &st) {
 		return int(st)
 	}
+	var help *helpRequested
+	if errors.As(err, &help) {
+		commandHelp(env.Stdout, help)
+		return 0
+	}
 	if err != nil {
 		log.fail(err)
 		return 1
@@ -240,10 +245,57 @@ type exitStatus int
 
 func (e exitStatus) Error() string { return "exit status " + strconv.Itoa(int(e)) }
 
+// helpRequested is what parseFlags returns for COMMAND --help (or -h):
+// Main prints the command's help on stdout and exits 0, as runc does.
+type helpRequested struct {
+	fs     *flag.FlagSet
+	needID bool
+}
+
+func (h *helpRequested) Error() string { return h.fs.Name() + ": help requested" }
+
+// commandHelp prints the usage of one command: its summary and its flags.
+func commandHelp(w io.Writer, h *helpRequested) {
+	name := h.fs.Name()
+	line := "usage: krun-oci [global options] " + name + " [options]"
+	if h.needID {
+		line += " ID"
+	}
+	fmt.Fprintln(w, line)
+	if c, ok := commands[name]; ok {
+		fmt.Fprintln(w, c.summary)
+	}
+	var flags []string
+	h.fs.VisitAll(func(f *flag.Flag) {
+		dash := "--"
+		if len(f.Name) == 1 {
+			dash = "-"
+		}
+		arg := dash + f.Name
+		if bf, ok := f.Value.(interface{ IsBoolFlag() bool }); !ok || !bf.IsBoolFlag() {
+			arg += " VALUE"
+		}
+		if f.Usage != "" {
+			arg += "  " + f.Usage
+		}
+		flags = append(flags, arg)
+	})
+	if len(flags) > 0 {
+		fmt.Fprintln(w, "options:")
+		for _, f := range flags {
+			fmt.Fprintln(w, "  "+f)
+		}
+	}
+	fmt.Fprintln(w, "docs/OCI.md describes each command and flag.")
+}
+
 // parseFlags parses a command's flags and returns the container ID.
 func parseFlags(fs *flag.FlagSet, args []string, needID bool) (string, []string, error) {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return "", nil, &helpRequested{fs: fs, needID: needID}
+		}
 		return "", nil, fmt.Errorf("%s: %w", fs.Name(), cli.FlagError("krun-oci", err))
 	}
 	rest := fs.Args()
@@ -689,6 +741,9 @@ func cmdDelete(g *globals, args []string, env *Env) error {
 
 func deleteContainer(g *globals, id string, force bool) error {
 	c, err := g.store.Open(id)
+	if force && errors.Is(err, ErrNotExist) {
+		return nil // as runc: engines clean up with it after a create that failed half-way
+	}
 	if err != nil {
 		return err
 	}
@@ -732,6 +787,17 @@ func cmdRun(g *globals, args []string, env *Env) error {
 	if len(rest) > 0 {
 		return fmt.Errorf("run: unexpected arguments %q", rest)
 	}
+	// In the foreground the signals run gets go to the command, as with
+	// runc run: the monitor is in a session of its own, so ^C at a
+	// terminal or a caller's SIGTERM reaches only this process. Caught
+	// from before create, so that none arriving meanwhile kills run and
+	// leaves the container behind.
+	var sigc chan os.Signal
+	if !*detach {
+		sigc = make(chan os.Signal, 16)
+		signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2)
+		defer signal.Stop(sigc)
+	}
 	monitor, err := create(g, id, &o, env)
 	if err != nil {
 		return err
@@ -743,6 +809,9 @@ func cmdRun(g *globals, args []string, env *Env) error {
 	if *detach {
 		return nil
 	}
+	done := make(chan struct{})
+	defer close(done)
+	go forwardSignals(g, id, sigc, done)
 	// The monitor is our child: its exit status is the command's.
 	ps, err := monitor.Wait()
 	if !*keep {
@@ -757,6 +826,26 @@ func cmdRun(g *globals, args []string, env *Env) error {
 		return exitStatus(128 + int(ws.Signal()))
 	}
 	return exitStatus(ps.ExitCode())
+}
+
+// forwardSignals sends each signal from sigc to container id's command
+// through its monitor until done is closed.
+func forwardSignals(g *globals, id string, sigc <-chan os.Signal, done <-chan struct{}) {
+	dir := filepath.Join(g.store.Root, id)
+	for {
+		select {
+		case <-done:
+			return
+		case sig := <-sigc:
+			s, ok := sig.(unix.Signal)
+			if !ok {
+				continue
+			}
+			if _, err := callMonitor(dir, &request{Op: opSignal, Signal: int(s)}, nil, 10*time.Second); err != nil {
+				g.log.warn("forward %v to container %s: %v", s, id, err)
+			}
+		}
+	}
 }
 
 func cmdList(g *globals, args []string, env *Env) error {

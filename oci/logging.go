@@ -83,11 +83,12 @@ func (l *runtimeLog) fail(err error) {
 }
 
 // warn logs a warning (to the log file only: stderr belongs to the
-// caller's protocol).
+// caller's protocol). With --log-format json only under --debug: podman
+// reads the file as a single object, the error that ends a command.
 func (l *runtimeLog) warn(format string, a ...any) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.file != nil {
+	if l.file != nil && (!l.json || l.debug) {
 		l.file.Write(l.line("warning", fmt.Sprintf(format, a...)))
 	}
 }
