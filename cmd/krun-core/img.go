@@ -501,7 +501,7 @@ type backingFlags struct {
 }
 
 func (b *backingFlags) register(fs *flag.FlagSet) {
-	fs.Func("backing", "", func(v string) error {
+	addBacking := func(v string) error {
 		if n := len(b.chain); n > 0 && b.chain[n-1].Format == "" {
 			return fmt.Errorf("--backing %s needs --backing-format before the next --backing", b.chain[n-1].Path)
 		}
@@ -510,7 +510,9 @@ func (b *backingFlags) register(fs *flag.FlagSet) {
 		}
 		b.chain = append(b.chain, imgtool.Backing{Path: v})
 		return nil
-	})
+	}
+	fs.Func("backing", "", addBacking)
+	fs.Func("b", "", addBacking)
 	fs.Func("backing-format", "", func(v string) error {
 		n := len(b.chain)
 		if n == 0 || b.chain[n-1].Format != "" {
