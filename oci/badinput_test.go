@@ -38,6 +38,22 @@ func TestBadGlobalFlagIsOneLine(t *testing.T) {
 	}
 }
 
+// TestPluginIDZeroRefused: --plugin-uid 0 or --plugin-gid 0 asks for
+// plugins running as host root, which krun-core run refuses; krun-oci took
+// it silently as "the default" (from review).
+func TestPluginIDZeroRefused(t *testing.T) {
+	r := newRT(t)
+	for _, flag := range []string{"--plugin-uid", "--plugin-gid"} {
+		_, stderr, code := r.run(nil, nil, flag, "0", "list")
+		if code != 1 || !strings.Contains(stderr, "never run as host root") {
+			t.Errorf("krun-oci %s 0 list: exit %d, %q; want exit 1 and the refusal", flag, code, stderr)
+		}
+	}
+	if _, stderr, code := r.run(nil, nil, "list"); code != 0 {
+		t.Errorf("krun-oci list without the flags: exit %d, %q", code, stderr)
+	}
+}
+
 // TestMissingConfigJSONNamed: `krun-oci create -b BUNDLE ID` where BUNDLE
 // has no config.json names config.json. It said "bundle BUNDLE: no such
 // file or directory", as if the bundle were missing (from review).

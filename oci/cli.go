@@ -196,7 +196,13 @@ func Main(args []string, env *Env) int {
 		log.fail(errors.New("no command given (see krun-oci --help)"))
 		return 1
 	}
-	if g.pluginUID < 0 || g.pluginGID < 0 {
+	zeroGiven := false // 0 is the flags' "not given"; said explicitly it asks for host root
+	fs.Visit(func(f *flag.Flag) {
+		if (f.Name == "plugin-uid" || f.Name == "plugin-gid") && f.Value.String() == "0" {
+			zeroGiven = true
+		}
+	})
+	if g.pluginUID < 0 || g.pluginGID < 0 || zeroGiven {
 		log.fail(errors.New("--plugin-uid and --plugin-gid: plugins never run as host root (ids above 0)"))
 		return 1
 	}

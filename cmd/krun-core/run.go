@@ -59,7 +59,7 @@ warn, and error with -- CMD (krun-core shares its stderr with CMD), unless
 Device options (repeatable; at most 8 devices):
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]    (with --root: at /mnt/TAG)
-  --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N]
+  --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
   --plugin KIND[,key=value...]       any installed krun-plugin-KIND
   --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]
                                      an external back-end (qemu-storage-daemon,
@@ -348,6 +348,9 @@ func (d *secondsFlag) Set(s string) error {
 	if n, err := strconv.ParseUint(s, 10, 32); err == nil {
 		*d = secondsFlag(time.Duration(n) * time.Second)
 		return nil
+	}
+	if _, err := strconv.ParseInt(s, 10, 64); err == nil {
+		return fmt.Errorf("%q is negative", s) // a bare number below 0
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {

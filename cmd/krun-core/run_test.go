@@ -60,6 +60,7 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--initrd", k, "--disk", "path=/x"}, "--disk"},
 		{[]string{"--kernel", k, "--boot-timeout", "soon"}, "not a duration"},
 		{[]string{"--kernel", k, "--boot-timeout", "-5s"}, "negative"},
+		{[]string{"--kernel", k, "--boot-timeout", "-5"}, `"-5" is negative`},
 		// Checked before the KVM check, as the other flags are (from
 		// review: a directory or /dev/null got that far).
 		{[]string{"--kernel", dir}, "--kernel " + dir + ": not a regular file"},

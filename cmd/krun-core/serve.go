@@ -40,7 +40,7 @@ DEVICE is exactly one of:
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
          [,max-size=64G][,data-file=FILE]          vhost-user-blk (krun-plugin-blk-raw/-qcow2)
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]   vhost-user-fs (krun-plugin-fs-virtio)
-  --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...]
+  --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
                                                     vhost-user-net via passt (krun-plugin-net-passt)
   --plugin KIND[,key=value...]                      any krun-plugin-KIND, options passed as given
 

@@ -72,7 +72,7 @@ func FindKernel() (string, error) {
 		}
 		tried = append(tried, p+" ("+why+")")
 	}
-	return "", fmt.Errorf("%w: no --kernel, %s unset, looked in %s; `make kernel` fetches Debian's", ErrNoKernel, KernelEnv, strings.Join(tried, ", "))
+	return "", fmt.Errorf("%w: no --kernel, %s unset, looked in %s; give --kernel a bzImage (in a source tree, `make kernel` fetches Debian's)", ErrNoKernel, KernelEnv, strings.Join(tried, ", "))
 }
 
 func unwrapPath(err error) error {
