@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -269,6 +270,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	stoppedBy := func() syscall.Signal { return 0 }
 	if execMode {
 		stopSignals := forwardSignals(ctx, c, term, cancel, log)
 		defer stopSignals()
@@ -280,9 +282,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			defer restore()
 		}
 		c.SetConsoleInput(os.Stdin)
-		sctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+		sctx, stop, caught := stopOnSignal(ctx)
 		defer stop()
 		ctx = sctx
+		stoppedBy = caught
 	}
 	res, err := c.Start(ctx)
 	if *timing && res != nil {
@@ -294,6 +297,14 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "krun-core timing: plugins %.1f ms, vm-setup %.1f ms, ready %.1f ms, kernel-boot %.1f ms, total %.1f ms, core-rss %d KiB\n",
 				msec(t.PluginStart), msec(t.VMSetup), msec(t.Ready), msec(t.KernelBoot), msec(t.Total), res.CoreRSS>>10)
 		}
+	}
+	if sig := stoppedBy(); sig != 0 {
+		// The user stopped the VM: the shell's status for a signal, and
+		// no error line for the cancellation itself.
+		if err != nil && !errors.Is(err, context.Canceled) {
+			fmt.Fprintf(stderr, "krun-core run: %s\n", cli.OneLine(err.Error()))
+		}
+		return 128 + int(sig)
 	}
 	if err != nil {
 		if execMode {
@@ -312,6 +323,30 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return res.ExitStatus
 	}
 	return 0
+}
+
+// stopOnSignal returns a context cancelled by SIGINT, SIGTERM or SIGHUP,
+// what stops watching, and which of them arrived (0 while none has).
+func stopOnSignal(parent context.Context) (context.Context, func(), func() syscall.Signal) {
+	ctx, cancel := context.WithCancel(parent)
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	var got atomic.Int32
+	go func() {
+		select {
+		case s := <-sigc:
+			if n, ok := s.(syscall.Signal); ok {
+				got.Store(int32(n))
+			}
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	stop := func() {
+		signal.Stop(sigc)
+		cancel()
+	}
+	return ctx, stop, func() syscall.Signal { return syscall.Signal(got.Load()) }
 }
 
 // flagSet reports whether the flag was given on the command line.
