@@ -36,6 +36,7 @@ type Chain struct {
 	q *Queue // memory, descriptor table, size (the most buffers a chain has), features
 
 	rdLen, wrLen uint64
+	slots        uint16 // entries of the queue's descriptor table it occupies
 	rd, wr       cursor
 	read         uint64 // bytes consumed by the read cursor
 	written      uint64 // bytes produced by the write cursor
@@ -155,7 +156,11 @@ func (c *Chain) check(head uint16) error {
 	c.rd.err, c.wr.err = nil, nil
 	c.wr.at.end = 1 // no writable part unless one is found
 	seenRead, seenWrite := false, false
+	c.slots = 0
 	for p.end == 0 {
+		if p.ind == 0 {
+			c.slots++ // an indirect chain holds only its head in the table
+		}
 		d, buf, err := c.step(&p)
 		if err != nil {
 			return err
@@ -221,6 +226,11 @@ func (cur *cursor) consume(n int) {
 	cur.buf = cur.buf[n:]
 	cur.left -= uint64(n)
 }
+
+// Slots is how many entries of the queue's descriptor table the chain
+// occupies (1 for an indirect chain): the driver cannot make more buffers
+// available while chains the device holds occupy all of them.
+func (c *Chain) Slots() int { return int(c.slots) }
 
 // ReadableLen is the total length of the device-readable buffers.
 func (c *Chain) ReadableLen() uint64 { return c.rdLen }

@@ -8,9 +8,10 @@
 // carries a virtio-net header; with VIRTIO_NET_F_MRG_RXBUF a received frame
 // may span several rx buffers. Frames longer than the MTU are dropped and
 // counted, in both directions. When the rx ring has no buffers, frames wait
-// in passt's socket (back-pressure) until the guest adds some; nothing waits
-// past the ring's stop. When passt goes away the link goes down; the device
-// keeps answering.
+// in a queue bounded in frames and in the bytes of their buffers, and
+// frames beyond it are dropped and counted (docs/NETWORK.md); the queue and
+// the frame being delivered outlive a ring's stop and go to the next ring.
+// When passt goes away the link goes down; the device keeps answering.
 package net
 
 import (
@@ -197,14 +198,16 @@ func (d *Device) readPasst() {
 		}
 		frame := fr.frame()
 		fr.consume()
-		if d.rxQueued.Load()+int64(len(frame)) > rxQueueBytes {
+		// The bound counts the memory held: a frame just over smallFrame
+		// holds a buffer of the largest frame.
+		if d.rxQueued.Load()+int64(cap(frame)) > rxQueueBytes {
 			d.stats.RxQueueFull.Add(1)
 			d.recycle(frame)
 			continue
 		}
 		select {
 		case d.rxQueue <- frame:
-			d.rxQueued.Add(int64(len(frame)))
+			d.rxQueued.Add(int64(cap(frame)))
 		default:
 			d.stats.RxQueueFull.Add(1)
 			d.recycle(frame)
@@ -477,6 +480,11 @@ func (d *Device) serveRx(ctx context.Context, b *backend.Buffers) error {
 			select {
 			case d.rxPending = <-d.rxQueue:
 			case <-ctx.Done():
+				// Frames delivered in the burst so far still get their
+				// interrupt: the next ring's queue does not owe it.
+				if unnotified > 0 {
+					return b.Notify()
+				}
 				return nil
 			}
 		}
@@ -485,7 +493,7 @@ func (d *Device) serveRx(ctx context.Context, b *backend.Buffers) error {
 			return fmt.Errorf("rx queue: %w", err)
 		}
 		if delivered {
-			d.rxQueued.Add(-int64(len(d.rxPending)))
+			d.rxQueued.Add(-int64(cap(d.rxPending)))
 			d.recycle(d.rxPending)
 			d.rxPending = nil
 			armed = false
@@ -533,7 +541,7 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 	hdrLen := d.hdrLen()
 	total := uint64(hdrLen + len(frame))
 	mrg := d.mergeable()
-	taken := 0
+	taken, slots := 0, 0
 	var room uint64
 	for room < total {
 		if taken == len(d.rxReqs) || (!mrg && taken == 1) {
@@ -548,6 +556,11 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 		}
 		req, err := b.Take()
 		if err != nil && req == nil {
+			// The ring is unusable; what was taken goes back first (the
+			// Producer contract), then the error ends the ring.
+			if uerr := b.Untake(d.rxReqs[:taken]); uerr != nil {
+				return false, errors.Join(err, uerr)
+			}
 			return false, err
 		}
 		if err != nil {
@@ -561,10 +574,21 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 			return true, b.Publish()
 		}
 		if req == nil {
-			return false, b.Untake(d.rxReqs[:taken])
+			if err := b.Untake(d.rxReqs[:taken]); err != nil {
+				return false, err
+			}
+			if slots >= b.QueueSize() {
+				// Every descriptor of the ring was available and they
+				// do not hold the frame: no more can come (the driver
+				// has none left), so it can never fit.
+				d.stats.RxNoRoom.Add(1)
+				return true, nil
+			}
+			return false, nil
 		}
 		d.rxReqs[taken] = req
 		taken++
+		slots += req.Chain().Slots()
 		room += req.Chain().WritableLen()
 	}
 	// Header: all offload fields zero; num_buffers with mergeable buffers.

@@ -90,6 +90,9 @@ func (b *Buffers) Take() (*Request, error) {
 	return r, nil
 }
 
+// QueueSize is the ring's size: the entries of its descriptor table.
+func (b *Buffers) QueueSize() int { return int(b.e.q.Size()) }
+
 // Untake gives back requests taken and not completed, which must be the
 // last ones taken: the driver sees nothing, and the next Take returns the
 // same chains again. (A virtio-net device that took buffers for a frame
