@@ -447,34 +447,7 @@ func TestReceiveQueueBounded(t *testing.T) {
 	rg := newRig(t, 65520, features)
 	const size = 65000
 	n := rxQueueBytes/size + 40
-	wrote := make(chan error, 1)
-	go func() {
-		for i := 0; i < n; i++ {
-			b := make([]byte, 4+size)
-			binary.BigEndian.PutUint32(b, size)
-			copy(b[4:], frame(size, byte(i)))
-			if _, err := rg.passt.Write(b); err != nil {
-				wrote <- err
-				return
-			}
-		}
-		wrote <- nil
-	}()
-	select {
-	case err := <-wrote:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("writing to the device blocked while the rx ring was empty")
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for int(rg.dev.stats.RxQueueFull.Load())+len(rg.dev.rxQueue) < n-1 { // one may be in rxPending
-		if time.Now().After(deadline) {
-			t.Fatalf("%d queued + %d dropped of %d frames", len(rg.dev.rxQueue), rg.dev.stats.RxQueueFull.Load(), n)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	fillRxQueue(t, rg, n, size)
 	if q := rg.dev.rxQueued.Load(); q > rxQueueBytes {
 		t.Fatalf("%d bytes queued, more than %d", q, rxQueueBytes)
 	}
@@ -490,6 +463,41 @@ func TestReceiveQueueBounded(t *testing.T) {
 	}
 	if !bytes.Equal(got, frame(size, 0)) {
 		t.Fatal("the first frame delivered is not the first one sent")
+	}
+}
+
+// fillRxQueue has passt send n frames of size bytes (frame i holds
+// frame(size, i)) while the rx ring has no buffers, and returns once each
+// is queued or dropped (one may wait in rxPending).
+func fillRxQueue(t *testing.T, rg *rig, n, size int) {
+	t.Helper()
+	wrote := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; i++ {
+			b := make([]byte, 4+size)
+			binary.BigEndian.PutUint32(b, uint32(size))
+			copy(b[4:], frame(size, byte(i)))
+			if _, err := rg.passt.Write(b); err != nil {
+				wrote <- err
+				return
+			}
+		}
+		wrote <- nil
+	}()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("writing to the device blocked while the rx ring was empty")
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for int(rg.dev.stats.RxQueueFull.Load())+len(rg.dev.rxQueue) < n-1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d queued + %d dropped of %d frames", len(rg.dev.rxQueue), rg.dev.stats.RxQueueFull.Load(), n)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

@@ -37,34 +37,7 @@ func TestReviewRxQueueMemoryBound(t *testing.T) {
 		t.Run(fmt.Sprintf("frame=%d", size), func(t *testing.T) {
 			rg := newRig(t, DefaultMTU, features)
 			n := min(rxQueueBytes/size, rxQueueFrames) + 50 // enough to fill the queue
-			wrote := make(chan error, 1)
-			go func() {
-				b := make([]byte, 4+size)
-				binary.BigEndian.PutUint32(b, uint32(size))
-				copy(b[4:], frame(size, 1))
-				for i := 0; i < n; i++ {
-					if _, err := rg.passt.Write(b); err != nil {
-						wrote <- err
-						return
-					}
-				}
-				wrote <- nil
-			}()
-			select {
-			case err := <-wrote:
-				if err != nil {
-					t.Fatal(err)
-				}
-			case <-time.After(30 * time.Second):
-				t.Fatal("writing to the device blocked")
-			}
-			deadline := time.Now().Add(20 * time.Second)
-			for int(rg.dev.stats.RxQueueFull.Load())+len(rg.dev.rxQueue) < n-1 { // one may be in rxPending
-				if time.Now().After(deadline) {
-					t.Fatalf("%d queued + %d dropped of %d frames", len(rg.dev.rxQueue), rg.dev.stats.RxQueueFull.Load(), n)
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			fillRxQueue(t, rg, n, size)
 			// The rx ring has no buffers: its goroutine holds at most one
 			// frame (rxPending) and waits for a kick, so the queue can be
 			// walked here (each frame taken and put back, order kept).
@@ -130,25 +103,7 @@ func TestReviewFrameLargerThanWholeRing(t *testing.T) {
 // net completes them empty and logs, unthrottled, that the device "left
 // requests in flight" — once per ring a guest breaks this way.
 func TestReviewRxGivesBackBuffersOnBrokenRing(t *testing.T) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	passt := os.NewFile(uintptr(fds[1]), "passt")
-	t.Cleanup(func() { passt.Close() })
-	dev, err := New(Config{MAC: stdnet.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, MTU: 1500, Conn: os.NewFile(uintptr(fds[0]), "dev")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	dev.SetFeatures(features)
-	mem := guestmemtest.Memory(t, "net-review", memSize)
-	r := &testRing{t: t, mem: mem, base: rxBase, kick: newEventfd(t), call: newEventfd(t), nextBuf: dataBase}
-	q, err := virtq.NewQueue(mem, virtq.Config{Size: qSize, DescTable: r.desc(), AvailRing: r.availA(), UsedRing: r.usedA(), EventIdx: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.q = q
+	dev, passt, r, q := bareRxRing(t)
 	// Slot 0: a 256-byte buffer (too small alone for the frame); slot 1: a
 	// head past the queue (the available ring is broken).
 	a := r.alloc(256)
@@ -204,25 +159,7 @@ func TestReviewRxStopMidBurstInterrupts(t *testing.T) {
 	lost := 0
 	for try := 0; try < 30 && lost == 0; try++ {
 		func() {
-			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			passt := os.NewFile(uintptr(fds[1]), "passt")
-			defer passt.Close()
-			dev, err := New(Config{MAC: stdnet.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, MTU: 1500, Conn: os.NewFile(uintptr(fds[0]), "dev")})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer dev.Close()
-			dev.SetFeatures(features)
-			mem := guestmemtest.Memory(t, "net-review", memSize)
-			r := &testRing{t: t, mem: mem, base: rxBase, kick: newEventfd(t), call: newEventfd(t), nextBuf: dataBase}
-			q, err := virtq.NewQueue(mem, virtq.Config{Size: qSize, DescTable: r.desc(), AvailRing: r.availA(), UsedRing: r.usedA(), EventIdx: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			r.q = q
+			dev, passt, r, q := bareRxRing(t)
 			for i := uint16(0); i < 32; i++ {
 				a := r.alloc(2048)
 				r.setDesc(i, a, 2048, virtq.DescFWrite, 0)
@@ -268,4 +205,31 @@ func TestReviewRxStopMidBurstInterrupts(t *testing.T) {
 			}
 		}()
 	}
+}
+
+// bareRxRing is a device on a socket pair (passt: the other end) and a
+// fresh rx ring of qSize entries that the test drives by hand, without
+// newRig's running queues.
+func bareRxRing(t *testing.T) (*Device, *os.File, *testRing, *virtq.Queue) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	passt := os.NewFile(uintptr(fds[1]), "passt")
+	t.Cleanup(func() { passt.Close() })
+	dev, err := New(Config{MAC: stdnet.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, MTU: 1500, Conn: os.NewFile(uintptr(fds[0]), "dev")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	dev.SetFeatures(features)
+	mem := guestmemtest.Memory(t, "net-review", memSize)
+	r := &testRing{t: t, mem: mem, base: rxBase, kick: newEventfd(t), call: newEventfd(t), nextBuf: dataBase}
+	q, err := virtq.NewQueue(mem, virtq.Config{Size: qSize, DescTable: r.desc(), AvailRing: r.availA(), UsedRing: r.usedA(), EventIdx: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.q = q
+	return dev, passt, r, q
 }
