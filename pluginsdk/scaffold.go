@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
@@ -51,12 +52,24 @@ func NewLogger(stderr io.Writer) hclog.Logger {
 // the host's go-plugin controller Shutdown (its plugin.Client.Kill) exits
 // at once (exitOnControllerShutdown). It returns when go-plugin's server
 // stops otherwise.
+//
+// go-plugin points os.Stderr at a pipe into its stdio stream before it
+// serves; the first RPC points it back at fd 2, so that what a plugin
+// writes there (a last line before it exits) reaches the host's log and
+// its exit report, as docs/PLUGINS.md says, instead of a stream the host
+// does not wait for.
 func ServeService(svc Service, log hclog.Logger) {
+	stderr := os.Stderr
+	var restore sync.Once
+	restoreStderr := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		restore.Do(func() { os.Stderr = stderr })
+		return h(ctx, req)
+	}
 	plugin.Serve(&plugin.ServeConfig{
 		HandshakeConfig: svc.Handshake,
 		Plugins:         plugin.PluginSet{svc.Name: &servicePlugin{register: svc.Register}},
 		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
-			return grpc.NewServer(append(opts, grpc.ChainUnaryInterceptor(exitOnControllerShutdown))...)
+			return grpc.NewServer(append(opts, grpc.ChainUnaryInterceptor(restoreStderr, exitOnControllerShutdown))...)
 		},
 		Logger: log,
 	})

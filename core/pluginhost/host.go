@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/proto/pluginpb"
 	"github.com/krun-core/krun-core/sandbox"
 )
@@ -235,13 +236,18 @@ func (p *Plugin) checkDescription() error {
 // sandbox allows; with the sandbox off it is not applied at all.
 func (p *Plugin) Policy() sandbox.Policy { return p.policy }
 
+// oneLine is the first line of s, a text the plugin controls (an error it
+// returned, a line it printed): a control character left in it (ESC, BEL,
+// NUL...) makes the whole line come back quoted, so that no plugin reaches
+// the user's terminal through krun-core's error line.
 func oneLine(s string) string {
 	for i := 0; i < len(s); i++ {
 		if s[i] == '\n' || s[i] == '\r' {
-			return s[:i]
+			s = s[:i]
+			break
 		}
 	}
-	return s
+	return cli.Printable(s)
 }
 
 func logLevel(l hclog.Logger) hclog.Level {

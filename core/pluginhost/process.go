@@ -209,6 +209,9 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		StartTimeout:     hsTimeout,
 		Logger:           quietLogger{log, p},
 		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
+		// Once go-plugin's server runs, the plugin's os.Stderr is a pipe
+		// into its stdio stream: its lines are the plugin's log too.
+		SyncStderr:       io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
 		SkipHostEnv:      true,
 		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir, Group: sockGroup},
 		// No idle mode: an idle channel closes its connection and dials
@@ -221,6 +224,9 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 
 	start := time.Now()
 	if _, err := p.client.Start(); err != nil {
+		// The host ends it: go-plugin's "failed to exit gracefully" would
+		// be a second, misleading line beside the error.
+		p.stopping.Store(true)
 		p.client.Kill()
 		p.removeSockDir()
 		return nil, p.startError(err, time.Since(start), hsTimeout)
