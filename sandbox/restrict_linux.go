@@ -9,10 +9,16 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// restricted is set once Restrict starts applying layers: a process-wide
+// fact (Landlock domains and seccomp filters are never lifted), so kept
+// per process.
+var restricted atomic.Bool
 
 // Restrict narrows the sandbox of the calling plugin process to its own
 // policy p; call it once, before it reads any guest or image byte.
@@ -44,6 +50,9 @@ func Restrict(p Policy, log Logger) error {
 	if err := p.Validate(); err != nil {
 		return fmt.Errorf("sandbox: %w", err)
 	}
+	if restricted.Load() {
+		return errors.New("sandbox: Restrict already ran in this process (pluginsdk's Serve applies the plugin's policy; a plugin does not call Restrict itself)")
+	}
 	raw, ok := os.LookupEnv(envName)
 	if !ok {
 		return fmt.Errorf("sandbox: launcher: %s is not set: the plugin was not started through sandbox.LaunchConfig.Apply; refusing to run unsandboxed", envName)
@@ -74,6 +83,9 @@ func Restrict(p Policy, log Logger) error {
 		log.Warn("sandbox: the policy allows system calls the launcher's filter refuses; they stay refused",
 			"plugin", p.Kind, "syscalls", strings.Join(missing, ","))
 	}
+	// From here on layers go in; a second call would find the first's
+	// narrowing (it refuses PR_GET_SECCOMP) and misreport it.
+	restricted.Store(true)
 	var applied []string
 	var landlockInfo, seccompInfo string
 	if !off(LayerLandlock) {

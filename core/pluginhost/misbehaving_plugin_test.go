@@ -3,10 +3,9 @@ package pluginhost
 // A third-party plugin built with pluginsdk that misbehaves
 // (testdata/reviewplugin, its BAD_MODE selects how), launched as `krun-core
 // serve --plugin` and `run --plugin` launch it. (From review; tests and
-// plugin by a helper. Its modes stdout-huge and restrict-again show two
-// smaller findings not fixed yet: a stdout line over 64 KiB before the
-// handshake is reported as an exit, and a second sandbox.Restrict gets a
-// misleading diagnosis.)
+// plugin by a helper. Its mode stdout-huge shows a smaller finding not
+// fixed yet: a stdout line over 64 KiB before the handshake is reported as
+// an exit.)
 
 import (
 	"context"
@@ -166,5 +165,20 @@ func TestReviewStderrAfterServeReachesHost(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "giving up") && !strings.Contains(logs.String(), "giving up") {
 		t.Errorf("the plugin's stderr line \"giving up\" is neither in the error %q nor in the host log", err)
+	}
+}
+
+// TestReviewRestrictCalledTwice: an author who calls sandbox.Restrict in
+// Configure (Serve already did) is told so. Before, the second call found
+// PR_GET_SECCOMP refused by the first one's narrowing and reported "the
+// launcher's filter is not in place (mode 0...); not started by the
+// trampoline?", pointing the author the wrong way.
+func TestReviewRestrictCalledTwice(t *testing.T) {
+	err := launchAndConfigure(t, reviewConfig(t, "restrict-again", true, &syncbuf.Buffer{}, hclog.Warn))
+	if err == nil {
+		t.Fatal("Configure succeeded")
+	}
+	if !strings.Contains(err.Error(), "Restrict already ran") {
+		t.Errorf("a second Restrict is misreported: %q", err)
 	}
 }
