@@ -3,9 +3,7 @@ package pluginhost
 // A third-party plugin built with pluginsdk that misbehaves
 // (testdata/reviewplugin, its BAD_MODE selects how), launched as `krun-core
 // serve --plugin` and `run --plugin` launch it. (From review; tests and
-// plugin by a helper. Its mode stdout-huge shows a smaller finding not
-// fixed yet: a stdout line over 64 KiB before the handshake is reported as
-// an exit.)
+// plugin by a helper.)
 
 import (
 	"context"
@@ -180,5 +178,20 @@ func TestReviewRestrictCalledTwice(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "Restrict already ran") {
 		t.Errorf("a second Restrict is misreported: %q", err)
+	}
+}
+
+// TestReviewLongHandshakeLine: a plugin that prints a line longer than
+// 64 KiB on stdout (a library's banner, a debug dump) stops go-plugin's
+// reader. The host killed the plugin before it looked why, and reported
+// that it "exited during handshake: signal: killed", which named neither
+// the cause nor who killed it.
+func TestReviewLongHandshakeLine(t *testing.T) {
+	err := launchAndConfigure(t, reviewConfig(t, "stdout-huge", false, &syncbuf.Buffer{}, hclog.Warn))
+	if err == nil {
+		t.Fatal("launch succeeded")
+	}
+	if strings.Contains(err.Error(), "signal: killed") || errors.Is(err, ErrExited) || !strings.Contains(err.Error(), "64 KiB") {
+		t.Errorf("a plugin the host killed over its stdout is reported as %q", err)
 	}
 }

@@ -86,6 +86,9 @@ type Process struct {
 
 	stopping  atomic.Bool // Kill (or a Shutdown) was asked for
 	closeOnce sync.Once
+	// stdoutErr is why go-plugin stopped reading the plugin's stdout
+	// before the handshake line (a line over 64 KiB), if it did.
+	stdoutErr atomic.Pointer[string]
 }
 
 // clientPlugin is the host half of go-plugin's GRPCPlugin for any service.
@@ -226,10 +229,13 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	if _, err := p.client.Start(); err != nil {
 		// The host ends it: go-plugin's "failed to exit gracefully" would
 		// be a second, misleading line beside the error.
+		// Why first, while the plugin has not been killed: a kill would
+		// read as the plugin's own exit.
+		err = p.startError(err, time.Since(start), hsTimeout)
 		p.stopping.Store(true)
 		p.client.Kill()
 		p.removeSockDir()
-		return nil, p.startError(err, time.Since(start), hsTimeout)
+		return nil, err
 	}
 	raw, err := p.client.Client()
 	if err == nil {
@@ -289,6 +295,10 @@ func (p *Process) startError(err error, took, timeout time.Duration) error {
 	// or as an empty "unrecognized" line (stdout hit EOF).
 	msg := err.Error()
 	const unrecognized = "Unrecognized remote plugin message: "
+	if why := p.stdoutErr.Load(); why != nil && strings.HasPrefix(msg, unrecognized) {
+		// go-plugin stopped reading stdout, then killed the plugin.
+		return fmt.Errorf("plugin %s: handshake: its stdout could not be read before the handshake line (%s: a line over 64 KiB?); the host stopped it", p.kind, oneLine(*why))
+	}
 	exited := strings.Contains(msg, "plugin exited before we could connect") ||
 		msg == unrecognized || strings.HasPrefix(msg, unrecognized+"\n")
 	if exited {
@@ -465,6 +475,16 @@ func (q quietLogger) Named(name string) hclog.Logger {
 
 func (q quietLogger) Error(msg string, args ...interface{}) {
 	if msg == "plugin process exited" {
+		q.Logger.Debug(msg, args...)
+		return
+	}
+	if msg == "error encountered while scanning stdout" {
+		// The launch's error says it, once.
+		why := fmt.Sprint(args...)
+		if len(args) == 2 {
+			why = fmt.Sprint(args[1])
+		}
+		q.p.stdoutErr.Store(&why)
 		q.Logger.Debug(msg, args...)
 		return
 	}
