@@ -75,7 +75,9 @@ type Plugin interface {
 	Policy(fds map[string]int) sandbox.Policy
 	// Configure builds the device from the host's options and the files it
 	// opened (by name). It runs inside the sandbox. Unknown options are an
-	// error (see CheckOptions). The plugin owns the files from now on.
+	// error (see CheckOptions). The plugin owns the files from now on. ctx
+	// is the Configure call's: it ends when Configure returns, so the
+	// device must not keep it for its lifetime.
 	Configure(ctx context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error)
 }
 
@@ -208,7 +210,11 @@ func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) 
 	}
 	bs, err := backend.NewServer(dev, s.log)
 	if err != nil {
-		return fail(codes.Internal, fmt.Errorf("device: %w", err))
+		// The device holds the files now; one that can be closed is.
+		if c, ok := dev.(io.Closer); ok {
+			c.Close()
+		}
+		return fail(codes.Internal, err) // NewServer's errors name the device
 	}
 	di := dev.Info()
 	cfg := readConfigSpace(dev)

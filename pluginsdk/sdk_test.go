@@ -221,6 +221,13 @@ func TestConfigureRejects(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			s, _ := newTestServer(tc.p)
+			defer func() {
+				// A device the SDK could not serve is closed (it holds the
+				// files), and its error says "device:" once (from review).
+				if d := tc.p.dev; d != nil && d.badInfo && !d.closed {
+					t.Error("the device the SDK refused was not closed")
+				}
+			}()
 			req := &pluginpb.ConfigureRequest{SandboxOff: true, Options: map[string]string{}}
 			if tc.files != nil {
 				req.Files = tc.files(t)
@@ -229,6 +236,9 @@ func TestConfigureRejects(t *testing.T) {
 				req.Options[strings.Repeat("k", i+1)] = "v"
 			}
 			_, err := s.Configure(context.Background(), req)
+			if msg := status.Convert(err).Message(); strings.Contains(msg, "device: device:") {
+				t.Errorf("Configure's error repeats its prefix: %q", msg)
+			}
 			if code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), tc.want) {
 				t.Fatalf("Configure = %v, want code %v containing %q", err, tc.code, tc.want)
 			}
