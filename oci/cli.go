@@ -801,7 +801,7 @@ func cmdRun(g *globals, args []string, env *Env) error {
 	var sigc chan os.Signal
 	if !*detach {
 		sigc = make(chan os.Signal, 16)
-		signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2)
+		signal.Notify(sigc, forwardedSignals...)
 		defer signal.Stop(sigc)
 	}
 	monitor, err := create(g, id, &o, env)
@@ -833,6 +833,10 @@ func cmdRun(g *globals, args []string, env *Env) error {
 	}
 	return exitStatus(ps.ExitCode())
 }
+
+// forwardedSignals are the signals run (in the foreground) and exec pass
+// on to the container's process, as runc does.
+var forwardedSignals = []os.Signal{unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2}
 
 // forwardSignals sends each signal from sigc to container id's command
 // through its monitor until done is closed.

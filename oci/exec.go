@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -295,7 +296,7 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 		ready = func(error) {}
 	}
 	sigc := make(chan os.Signal, 16)
-	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
+	signal.Notify(sigc, slices.Concat(forwardedSignals, []os.Signal{unix.SIGWINCH})...)
 	defer signal.Stop(sigc)
 	statusR, statusW, err := os.Pipe()
 	if err != nil {

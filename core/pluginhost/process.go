@@ -204,6 +204,9 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		p.run = r
 		return r, nil
 	}
+	stderrOf := func() io.Writer {
+		return io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind))
+	}
 	p.client = plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  cfg.Handshake,
 		Plugins:          plugin.PluginSet{cfg.Service: clientPlugin{newClient: cfg.NewClient}},
@@ -211,10 +214,11 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		StartTimeout:     hsTimeout,
 		Logger:           quietLogger{log, p},
-		Stderr:           io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
+		Stderr:           stderrOf(),
 		// Once go-plugin's server runs, the plugin's os.Stderr is a pipe
-		// into its stdio stream: its lines are the plugin's log too.
-		SyncStderr:       io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind)),
+		// into its stdio stream: its lines are the plugin's log too (a
+		// writer of their own: each splits its stream into lines).
+		SyncStderr:       stderrOf(),
 		SkipHostEnv:      true,
 		UnixSocketConfig: &plugin.UnixSocketConfig{TempDir: p.sockDir, Group: sockGroup},
 		// No idle mode: an idle channel closes its connection and dials
@@ -227,11 +231,11 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 
 	start := time.Now()
 	if _, err := p.client.Start(); err != nil {
-		// The host ends it: go-plugin's "failed to exit gracefully" would
-		// be a second, misleading line beside the error.
 		// Why first, while the plugin has not been killed: a kill would
 		// read as the plugin's own exit.
 		err = p.startError(err, time.Since(start), hsTimeout)
+		// The host ends it: go-plugin's "failed to exit gracefully" would
+		// be a second, misleading line beside the error.
 		p.stopping.Store(true)
 		p.client.Kill()
 		p.removeSockDir()
@@ -479,10 +483,10 @@ func (q quietLogger) Error(msg string, args ...interface{}) {
 		return
 	}
 	if msg == "error encountered while scanning stdout" {
-		// The launch's error says it, once.
-		why := fmt.Sprint(args...)
-		if len(args) == 2 {
-			why = fmt.Sprint(args[1])
+		// The launch's error says it, once. args is "error", the error.
+		why := msg
+		if len(args) > 0 {
+			why = fmt.Sprint(args[len(args)-1])
 		}
 		q.p.stdoutErr.Store(&why)
 		q.Logger.Debug(msg, args...)
