@@ -44,6 +44,10 @@ func (c *Conn) SetMessageTimeout(d time.Duration) {
 // message timeout it is overridden per message.
 func (c *Conn) SetReadDeadline(t time.Time) error { return c.uc.SetReadDeadline(t) }
 
+// SetWriteDeadline sets the deadline for Send (see net.Conn): a peer that
+// does not read its replies makes Send fail then instead of blocking.
+func (c *Conn) SetWriteDeadline(t time.Time) error { return c.uc.SetWriteDeadline(t) }
+
 // oobSize fits exactly MaxFDs descriptors: a sender attaching more makes
 // the kernel truncate the control data (MSG_CTRUNC) and close the rest.
 var oobSize = unix.CmsgSpace(4 * MaxFDs)
@@ -260,7 +264,12 @@ func (c *Conn) Recv() (*Message, error) {
 			return fail(fmt.Errorf("receive %v payload: %w", h.Request, err))
 		}
 	}
-	if truncated || len(files) > MaxFDs {
+	if truncated {
+		// The kernel drops descriptors it cannot install: more than the
+		// buffer holds, or more than this process may have open.
+		return fail(fmt.Errorf("receive %v: %w: descriptors dropped (more than %d, or this process's open-file limit reached)", h.Request, ErrTooManyFDs, MaxFDs))
+	}
+	if len(files) > MaxFDs {
 		return fail(fmt.Errorf("receive %v: %w: more than %d", h.Request, ErrTooManyFDs, MaxFDs))
 	}
 	return &Message{Request: h.Request, Flags: h.Flags, Payload: payload, Files: files}, nil

@@ -31,8 +31,9 @@ type Server struct {
 	// HandshakeTimeout bounds, on a listening socket, how long an accepted
 	// front-end may take to claim the back-end with SET_OWNER, and
 	// MessageTimeout how long it may take to finish a message it started,
-	// so that one that connects and sends nothing, or half a message,
-	// does not keep the others waiting forever. Zero means
+	// so that one that connects and sends nothing, or half a message, or
+	// asks and never reads the replies (the handshake deadline covers
+	// writes), does not keep the others waiting forever. Zero means
 	// DefaultHandshakeTimeout and DefaultMessageTimeout; set them before
 	// Serve.
 	HandshakeTimeout, MessageTimeout time.Duration
@@ -224,7 +225,11 @@ func (s *Server) serveConn(ctx context.Context, conn *vhostuser.Conn, accepted b
 	defer sess.close()
 	handshake := accepted
 	if handshake {
-		conn.SetReadDeadline(time.Now().Add(orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout)))
+		// Both directions: a front-end that sends requests with replies
+		// and never reads them must not hold the back-end in Send.
+		deadline := time.Now().Add(orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout))
+		conn.SetReadDeadline(deadline)
+		conn.SetWriteDeadline(deadline)
 	}
 	for {
 		m, err := conn.Recv()
@@ -233,21 +238,30 @@ func (s *Server) serveConn(ctx context.Context, conn *vhostuser.Conn, accepted b
 				return nil
 			}
 			if handshake && errors.Is(err, os.ErrDeadlineExceeded) {
-				err = fmt.Errorf("front-end did not claim the back-end (SET_OWNER) within %v: %w", orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout), err)
+				err = s.handshakeExpired(err)
 			}
 			s.log.Error("vhost-user receive failed, closing the connection", "error", err)
 			return err
 		}
 		if err := sess.handle(m); err != nil {
+			if handshake && errors.Is(err, os.ErrDeadlineExceeded) {
+				err = s.handshakeExpired(err)
+			}
 			s.log.Error("closing the vhost-user connection", "error", err)
 			return err
 		}
 		if handshake && sess.owner {
 			handshake = false
 			conn.SetReadDeadline(time.Time{})
+			conn.SetWriteDeadline(time.Time{})
 			conn.SetMessageTimeout(orDefault(s.MessageTimeout, DefaultMessageTimeout))
 		}
 	}
+}
+
+// handshakeExpired explains a deadline hit before SET_OWNER.
+func (s *Server) handshakeExpired(err error) error {
+	return fmt.Errorf("front-end did not claim the back-end (SET_OWNER) within %v: %w", orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout), err)
 }
 
 func orDefault(d, def time.Duration) time.Duration {

@@ -222,7 +222,7 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 		if err := sess.needProtocol(vhostuser.ProtocolConfigureMemSlots); err != nil {
 			return nil, err
 		}
-		return vhostuser.EncodeU64(vhostuser.MaxMemSlots), nil
+		return vhostuser.EncodeU64(uint64(sess.memSlots())), nil
 	case vhostuser.GetConfig:
 		return sess.getConfig(payload.(vhostuser.ConfigSpace))
 	case vhostuser.SetConfig:
@@ -297,8 +297,10 @@ func (sess *session) setBackendReq(conn *vhostuser.Conn) {
 	done := make(chan struct{})
 	sess.closeBackendReq = func() {
 		cancel()
-		<-done
+		// Closed before the wait: it ends a Send blocked on a front-end
+		// that does not read the channel.
 		conn.Close()
+		<-done
 	}
 	changes := cc.ConfigChanges()
 	log := sess.s.log
@@ -312,6 +314,9 @@ func (sess *session) setBackendReq(conn *vhostuser.Conn) {
 				// No NEED_REPLY: the front-end answers nothing, and a
 				// front-end that is gone must not block the device.
 				if err := conn.Send(vhostuser.Request(vhostuser.BackendConfigChangeMsg), vhostuser.Version, nil, nil); err != nil {
+					if ctx.Err() != nil {
+						return // closed under it by closeBackendReq
+					}
 					log.Warn("config change not sent to the front-end", "error", err)
 					return
 				}
@@ -402,8 +407,8 @@ func (sess *session) addMemReg(m *vhostuser.Message, r vhostuser.MemRegion) erro
 	if err := sess.needProtocol(vhostuser.ProtocolConfigureMemSlots); err != nil {
 		return err
 	}
-	if len(sess.slots) >= vhostuser.MaxMemSlots {
-		return fmt.Errorf("%w: all %d slots in use", ErrTooManyRegions, vhostuser.MaxMemSlots)
+	if n := sess.memSlots(); len(sess.slots) >= n {
+		return fmt.Errorf("%w: all %d slots in use", ErrTooManyRegions, n)
 	}
 	slots := append(append([]slot(nil), sess.slots...), slot{MemRegion: r, file: m.Files[0]})
 	if err := sess.setSlots(slots); err != nil {
@@ -411,6 +416,40 @@ func (sess *session) addMemReg(m *vhostuser.Message, r vhostuser.MemRegion) erro
 	}
 	m.TakeFile(0)
 	return nil
+}
+
+// memSlots is how many regions the back-end offers (GET_MAX_MEM_SLOTS)
+// and holds: each keeps its descriptor open, so a process with a small
+// open-file limit (a sandboxed plugin's RLIMIT_NOFILE) offers fewer than
+// vhostuser.MaxMemSlots rather than lose the connection when the kernel
+// cannot pass it one more.
+func (sess *session) memSlots() int {
+	var lim unix.Rlimit
+	// prlimit64 with no new limit: what the sandbox's filter allows.
+	if err := unix.Prlimit(0, unix.RLIMIT_NOFILE, nil, &lim); err != nil {
+		return vhostuser.MaxMemSlots
+	}
+	return memSlotsFor(lim.Cur, sess.s.info.NumQueues)
+}
+
+// Descriptors set aside from the open-file limit before memory slots:
+// the process's own (standard streams, the plugin's sockets, the device's
+// files, inflight region, back-end request channel, a message's MaxFDs in
+// flight) plus kick, call and error eventfds per queue.
+const (
+	fdReserve     = 64
+	fdReservePerQ = 3
+	minMemSlots   = vhostuser.MaxMemTableRegions
+)
+
+// memSlotsFor gives memSlots' answer for an open-file limit and a queue
+// count; never fewer than SET_MEM_TABLE's regions.
+func memSlotsFor(nofile uint64, queues int) int {
+	reserve := uint64(fdReserve + fdReservePerQ*queues)
+	if nofile < reserve+minMemSlots {
+		return minMemSlots
+	}
+	return int(min(nofile-reserve, vhostuser.MaxMemSlots))
 }
 
 func (sess *session) remMemReg(r vhostuser.MemRegion) error {
