@@ -171,6 +171,33 @@ func (c LaunchConfig) ApplyUntilStarted(cmd *exec.Cmd) (afterStart func(), err e
 // channel: watch runs it (it returns when the channel is done with and
 // closes the files Apply added to cmd); started says that cmd.Start has
 // returned.
+// Ungranted lists the extra system calls of a plugin's declared policy
+// that the filter this configuration installs at launch refuses: neither
+// in its profile nor among ExtraSyscalls. The plugin's own Restrict can
+// only narrow that filter, so those calls fail with EPERM (and are logged
+// as refused). Nil when the seccomp layer is off.
+func (c LaunchConfig) Ungranted(p Policy) []string {
+	disabled, err := normalizeDisabled(c.Disable)
+	if err != nil || slices.Contains(disabled, LayerSeccomp) {
+		return nil
+	}
+	profile := c.Syscalls
+	if profile == "" {
+		profile = KindProfile(c.Kind)
+	}
+	rules, err := policyRules(Policy{Kind: "launch", Syscalls: profile, ExtraSyscalls: c.ExtraSyscalls})
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, s := range p.ExtraSyscalls {
+		if !slices.ContainsFunc(rules, func(r rule) bool { return r.name == s.Name }) && !slices.Contains(out, s.Name) {
+			out = append(out, s.Name)
+		}
+	}
+	return out
+}
+
 func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err error) {
 	log := c.logger()
 	disabled, err := normalizeDisabled(c.Disable)

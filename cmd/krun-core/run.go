@@ -99,11 +99,13 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		externals multiFlag
 		envs      multiFlag
 		rlimits   multiFlag
+		grants    = devspec.SyscallGrants{}
 	)
 	fs.Var(&disks, "disk", "a disk `SPEC` (above), served by krun-plugin-blk-raw or krun-plugin-blk-qcow2")
 	fs.Var(&shares, "fs", "a shared directory `SPEC` (above), served by krun-plugin-fs-virtio; with --root mounted at /mnt/TAG")
 	fs.Var(&nets, "net", "a network `SPEC` (above): passt, served by krun-plugin-net-passt")
 	fs.Var(&plugins, "plugin", "a third-party plugin `SPEC` (above): any installed krun-plugin-KIND, options passed as given")
+	fs.Func("plugin-syscalls", "grant a --plugin device's plugin system calls beyond its launch profile: `KIND=NAME[,NAME...]`, those its declared policy asks for (never exec, mount, ptrace and the others docs/SECURITY.md lists)", grants.Add)
 	fs.Var(&externals, "vhost-user", "an external vhost-user back-end `SPEC` (above), not sandboxed by krun-core")
 	fs.Var(&envs, "env", "`KEY=VALUE` in the command's environment (repeatable; with --root)")
 	fs.Var(&rlimits, "rlimit", "`NAME=SOFT:HARD` resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
@@ -239,6 +241,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	c.SetPluginIDs(uid, gid)
+	c.SetPluginSyscalls(grants)
 	if sandboxOff {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
 	}

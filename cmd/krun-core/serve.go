@@ -57,6 +57,10 @@ options:
                             then the directory of krun-core)
   --sandbox on|off          the plugin sandbox (default on); off needs saying so and warns
   --sandbox-disable LAYERS  turn off some layers: namespaces,root,landlock,seccomp or all
+  --plugin-syscalls KIND=NAME[,NAME...]
+                            with --plugin KIND: grant its plugin these system calls beyond
+                            its launch profile (those its declared policy asks for; never
+                            exec, mount, ptrace and the others docs/SECURITY.md lists)
   --plugin-uid UID, --plugin-gid GID
                             host ids the plugin runs as (krun-core as root only; default
                             65534:65534, nobody:nogroup; never 0); a shared directory
@@ -88,6 +92,7 @@ type serveOptions struct {
 	pluginGID        int
 	handshakeTimeout time.Duration
 	restarts         pluginhost.RestartPolicy
+	grants           devspec.SyscallGrants // --plugin-syscalls
 }
 
 // parseServeArgs parses and validates the command line; every error is one
@@ -103,6 +108,8 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 			return nil
 		})
 	}
+	o.grants = devspec.SyscallGrants{}
+	fs.Func("plugin-syscalls", "", func(v string) error { return o.grants.Add(v) })
 	fs.StringVar(&o.socket, "socket", "", "")
 	fs.StringVar(&o.pluginDir, "plugin-dir", "", "")
 	sandboxMode := fs.String("sandbox", "on", "")
@@ -132,6 +139,9 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 		return nil, fmt.Errorf("--%s: %w", devs[0].flag, err)
 	}
 	o.device, o.spec = devs[0].flag, spec
+	if err := o.grants.Check([]devspec.Spec{spec}); err != nil {
+		return nil, fmt.Errorf("--plugin-syscalls %w", err)
+	}
 	switch *sandboxMode {
 	case "on":
 	case "off":
@@ -174,6 +184,14 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	return o, nil
 }
 
+// launchConfig is the sandbox the device's plugin is launched in, at its
+// first start and at every restart.
+func (o *serveOptions) launchConfig(log hclog.Logger) *sandbox.LaunchConfig {
+	return &sandbox.LaunchConfig{Kind: o.spec.Kind(), Disable: o.sandboxDisable, Log: log,
+		HostUID: o.pluginUID, HostGID: o.pluginGID, ReadOnlyDirs: devspec.ReadOnlyDirs(o.spec),
+		ExtraSyscalls: o.grants[o.spec.Kind()]}
+}
+
 // serveCommand implements `krun-core serve`.
 func serveCommand(args []string, stdout, stderr io.Writer) int {
 	fail := func(err error) int {
@@ -213,8 +231,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	var lc *sandbox.LaunchConfig
 	if !o.sandboxOff {
-		lc = &sandbox.LaunchConfig{Kind: o.spec.Kind(), Disable: o.sandboxDisable, Log: log,
-			HostUID: o.pluginUID, HostGID: o.pluginGID, ReadOnlyDirs: devspec.ReadOnlyDirs(o.spec)}
+		lc = o.launchConfig(log)
 	}
 	opened, err := o.spec.Open(devspec.OpenOptions{
 		HelperStderr: devspec.HelperLog(log.Named("helper")),
@@ -374,8 +391,7 @@ func (s *servedPlugin) launch(ctx context.Context) (*pluginhost.DeviceInfo, stri
 	if o.sandboxOff {
 		cfg.SandboxOff = true
 	} else {
-		cfg.Sandbox = sandbox.LaunchConfig{Kind: s.opened.Kind, Disable: o.sandboxDisable, Log: s.log,
-			HostUID: o.pluginUID, HostGID: o.pluginGID, ReadOnlyDirs: devspec.ReadOnlyDirs(o.spec)}
+		cfg.Sandbox = *o.launchConfig(s.log)
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {

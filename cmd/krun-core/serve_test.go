@@ -84,6 +84,10 @@ func TestServeArgErrors(t *testing.T) {
 		{"bad log format", []string{pd, "--socket", sock, "--log-format=xml", "--disk", "path=" + img + ",format=raw"}, `--log-format="xml": want text or json`},
 		{"socket is a file", []string{pd, "--socket", notSock, "--disk", "path=" + img + ",format=raw"}, "exists and is not a socket"},
 		{"socket in use", []string{pd, "--socket", busy, "--disk", "path=" + img + ",format=raw"}, "is in use by another process"},
+		{"grant to a built-in device", []string{pd, "--socket", sock, "--disk", "path=" + img + ",format=raw", "--plugin-syscalls", "blk-raw=sysinfo"}, "--plugin-syscalls blk-raw: no --plugin blk-raw to grant them to"},
+		{"grant to another kind", []string{pd, "--socket", sock, "--plugin", "hello", "--plugin-syscalls", "other=sysinfo"}, "--plugin-syscalls other: no --plugin other"},
+		{"grant of a forbidden call", []string{pd, "--socket", sock, "--plugin", "hello", "--plugin-syscalls", "hello=ptrace"}, `extra syscall "ptrace" is never granted to a plugin`},
+		{"grant without a kind", []string{pd, "--socket", sock, "--plugin", "hello", "--plugin-syscalls", "sysinfo"}, "want KIND=NAME[,NAME...]"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

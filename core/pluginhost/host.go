@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -64,6 +65,9 @@ type (
 	startAware interface {
 		ApplyUntilStarted(cmd *exec.Cmd) (afterStart func(), err error)
 	}
+	// granter tells which extra system calls of a declared policy the
+	// launch filter refuses.
+	granter interface{ Ungranted(sandbox.Policy) []string }
 )
 
 // NamedFile is a resource handed to a plugin: fd 4 + its index, named in the
@@ -226,6 +230,14 @@ func (p *Plugin) checkDescription() error {
 	}
 	if p.policy, err = sandbox.ParsePolicy(d.PolicyJSON); err != nil {
 		return fmt.Errorf("plugin %s: %s declares a sandbox policy krun-core refuses: %s", p.kind, p.path, oneLine(err.Error()))
+	}
+	if g, ok := p.sandbox.(granter); ok && !p.sandboxOff {
+		if names := g.Ungranted(p.policy); len(names) > 0 {
+			// Its own Restrict cannot widen the launch filter: say why
+			// those calls will fail, and how the user grants them.
+			p.log.Warn("the plugin declares system calls its launch filter does not grant; they fail with EPERM (krun-core grants them with --plugin-syscalls "+p.kind+"=NAME,...)",
+				"kind", p.kind, "syscalls", strings.Join(names, ","))
+		}
 	}
 	return nil
 }

@@ -195,3 +195,34 @@ func TestReviewLongHandshakeLine(t *testing.T) {
 		t.Errorf("a plugin the host killed over its stdout is reported as %q", err)
 	}
 }
+
+// TestGrantedExtraSyscall: a third-party plugin whose declared policy asks
+// for a system call beyond its launch profile (sysinfo) gets it only when
+// the launcher grants it (LaunchConfig.ExtraSyscalls, krun-core's
+// --plugin-syscalls); without the grant the host says so at launch, naming
+// the call and the flag, and the call fails with EPERM.
+func TestGrantedExtraSyscall(t *testing.T) {
+	t.Run("granted", func(t *testing.T) {
+		logs := &syncbuf.Buffer{}
+		cfg := reviewConfig(t, "extra", true, logs, hclog.Warn)
+		lc := cfg.Sandbox.(sandbox.LaunchConfig)
+		lc.ExtraSyscalls = []sandbox.Syscall{{Name: "sysinfo", Reason: "granted by the test"}}
+		cfg.Sandbox = lc
+		if err := launchAndConfigure(t, cfg); err != nil {
+			t.Fatalf("a granted call failed: %v\n%s", err, logs)
+		}
+		if strings.Contains(logs.String(), "does not grant") {
+			t.Errorf("warned about a granted call:\n%s", logs)
+		}
+	})
+	t.Run("not granted", func(t *testing.T) {
+		logs := &syncbuf.Buffer{}
+		err := launchAndConfigure(t, reviewConfig(t, "extra", true, logs, hclog.Warn))
+		if err == nil || !strings.Contains(err.Error(), "operation not permitted") {
+			t.Fatalf("an ungranted call: %v, want EPERM", err)
+		}
+		if l := logs.String(); !strings.Contains(l, "does not grant") || !strings.Contains(l, "syscalls=sysinfo") || !strings.Contains(l, "--plugin-syscalls bad=") {
+			t.Errorf("the launch did not say which call is not granted, and how to grant it:\n%s", l)
+		}
+	})
+}

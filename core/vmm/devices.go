@@ -280,8 +280,12 @@ func (d *pluginDevice) launchConfig() *sandbox.LaunchConfig {
 	if c.sandboxOff {
 		return nil
 	}
-	return &sandbox.LaunchConfig{Kind: d.spec.Kind(), Disable: c.sandboxDisable, Log: c.log.Named(d.spec.Kind()),
+	lc := &sandbox.LaunchConfig{Kind: d.spec.Kind(), Disable: c.sandboxDisable, Log: c.log.Named(d.spec.Kind()),
 		HostUID: c.pluginUID, HostGID: c.pluginGID, ReadOnlyDirs: devspec.ReadOnlyDirs(d.spec)}
+	if _, ok := d.spec.(*devspec.PluginSpec); ok {
+		lc.ExtraSyscalls = c.syscallGrants[d.spec.Kind()]
+	}
+	return lc
 }
 
 // startPlugin launches the plugin of d.opened on a new socket pair,

@@ -320,6 +320,11 @@ func TestValidate(t *testing.T) {
 			return c.AddVhostUser("blk", filepath.Join(dir, "absent.sock"), VhostUserOptions{})
 		}, "absent.sock: no such file or directory"},
 		{"socket is a file", func(c *Context) error { return c.AddVhostUser("fs", k, VhostUserOptions{Tag: "t"}) }, "is not a socket"},
+		{"grant without its plugin", func(c *Context) error {
+			g := devspec.SyscallGrants{}
+			c.SetPluginSyscalls(g)
+			return g.Add("hello=sysinfo")
+		}, "--plugin-syscalls hello: no --plugin hello to grant them to"},
 	} {
 		c := NewContext(nil)
 		if err := c.SetKernel(k, "", ""); err != nil {

@@ -73,6 +73,7 @@ type Context struct {
 	sandboxOff     bool
 	sandboxDisable []sandbox.Layer
 	pluginUID      int // 0: the sandbox's default (sandbox.LaunchConfig.PluginIDs)
+	syscallGrants  devspec.SyscallGrants
 	pluginGID      int
 	bootMarker     string
 	bootTimeout    time.Duration
@@ -225,6 +226,11 @@ func (c *Context) SetSandboxOff(off bool) { c.sandboxOff = off }
 // cannot be pivoted away from).
 func (c *Context) SetSandboxDisable(layers []sandbox.Layer) { c.sandboxDisable = layers }
 
+// SetPluginSyscalls grants --plugin devices' plugins system calls beyond
+// their launch profile, by kind (what their declared policy asks for).
+// Validate refuses a grant to a kind no --plugin device has.
+func (c *Context) SetPluginSyscalls(g devspec.SyscallGrants) { c.syscallGrants = g }
+
 // SetPluginIDs sets the host uid and gid plugins run as (0: the sandbox's
 // default, nobody:nogroup for a root krun-core).
 func (c *Context) SetPluginIDs(uid, gid int) { c.pluginUID, c.pluginGID = uid, gid }
@@ -365,6 +371,9 @@ func (c *Context) Validate() error {
 }
 
 func (c *Context) validate() error {
+	if err := c.syscallGrants.Check(c.devices); err != nil {
+		return fmt.Errorf("%w: --plugin-syscalls %w", ErrConfig, err)
+	}
 	if err := c.findKernel(); err != nil {
 		return err
 	}

@@ -107,6 +107,12 @@ func (bad) Configure(ctx context.Context, opts map[string]string, files map[stri
 		return nil, errors.New("bad image \x1b]0;owned\x07\x1b[31mRED\x1b[0m \x00nul")
 	case "multiline-error":
 		return nil, errors.New("bad image\nsecond line\nthird")
+	case "extra":
+		// The call its policy declares: EPERM unless the launcher granted it.
+		var si unix.Sysinfo_t
+		if err := unix.Sysinfo(&si); err != nil {
+			return nil, fmt.Errorf("sysinfo: %w", err)
+		}
 	case "sysinfo":
 		var si unix.Sysinfo_t
 		err := unix.Sysinfo(&si)
