@@ -243,9 +243,11 @@ func (p *Plugin) checkDescription() error {
 }
 
 // Policy is the sandbox policy the plugin declared in Describe (decoded
-// and validated by sandbox.ParsePolicy at launch). It is what the plugin's
-// own sandbox.Restrict applies at Configure, within what the launcher-side
-// sandbox allows; with the sandbox off it is not applied at all.
+// and validated by sandbox.ParsePolicy at launch). What its own
+// sandbox.Restrict applies at Configure is the policy the plugin gives
+// then, once it holds its files (pluginsdk asks again, with their fds),
+// and never more than the launcher-side sandbox allows; with the sandbox
+// off nothing is applied. Informational: Verify checks the result.
 func (p *Plugin) Policy() sandbox.Policy { return p.policy }
 
 // oneLine is the first line of s, a text the plugin controls (an error it
