@@ -60,20 +60,22 @@ func (w *pluginLog) line(b []byte) {
 			return
 		}
 	}
-	s := cli.Printable(string(b))
+	// The level comes from the line as written; what is logged is quoted
+	// if it must be (a quoted line starts with '"').
+	raw := string(b)
 	level := hclog.Debug
 	for _, l := range []hclog.Level{hclog.Trace, hclog.Debug, hclog.Info, hclog.Warn, hclog.Error} {
-		if strings.HasPrefix(s, "["+strings.ToUpper(l.String())+"]") {
+		if strings.HasPrefix(raw, "["+strings.ToUpper(l.String())+"]") {
 			level = l
 		}
 	}
-	if strings.HasPrefix(s, "panic: ") || strings.HasPrefix(s, "fatal error: ") {
+	if strings.HasPrefix(raw, "panic: ") || strings.HasPrefix(raw, "fatal error: ") {
 		w.inPanic = true
 	}
 	if w.inPanic {
 		level = hclog.Error
 	}
-	w.log.Log(level, s)
+	w.log.Log(level, cli.Printable(raw))
 }
 
 // parseJSON reads one hclog JSON line: its level, message and the other

@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/hashicorp/go-hclog"
 )
@@ -237,9 +238,11 @@ func wrap(s string, n int) []string {
 // Printable returns text from a plugin or a guest as it may appear in a
 // log: with a line break, a carriage return or another control character
 // (an escape sequence) it is quoted, so that it cannot rewrite the user's
-// terminal or start what looks like another component's line.
+// terminal or start what looks like another component's line. Text that
+// is not valid UTF-8 is quoted too: a lone byte 0x80-0x9f is a C1 control
+// (0x9b CSI, 0x9d OSC) to a terminal in an 8-bit mode.
 func Printable(s string) string {
-	if strings.ContainsFunc(s, func(r rune) bool { return r != '\t' && (r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0)) }) {
+	if !utf8.ValidString(s) || strings.ContainsFunc(s, func(r rune) bool { return r != '\t' && (r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0)) }) {
 		return strconv.Quote(s)
 	}
 	return s
