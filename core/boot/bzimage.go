@@ -185,13 +185,26 @@ func Load(mem Memory, cfg Config) (*Loaded, error) {
 	}
 	psize := uint64(cfg.KernelSize - payload)
 	// The kernel decompresses itself to max(load address, pref_address)
-	// (LOAD_PHYSICAL_ADDR) and needs init_size bytes from there.
+	// (LOAD_PHYSICAL_ADDR), aligned up to kernel_alignment if it is
+	// relocatable, and needs init_size bytes from there.
 	if psize > lowEnd-KernelAddr {
 		return nil, fmt.Errorf("kernel: %w (%d bytes at %#x, low RAM ends at %#x)", ErrDoesNotFit, psize, KernelAddr, lowEnd)
 	}
 	base := uint64(KernelAddr)
 	if hdr.PrefAddress > base {
 		base = hdr.PrefAddress
+	}
+	if hdr.Relocatable {
+		// A relocatable kernel runs from align_up(max(load address,
+		// pref_address), kernel_alignment) (boot.rst, init_size).
+		a := uint64(hdr.KernelAlign)
+		if a == 0 || a&(a-1) != 0 {
+			return nil, fmt.Errorf("%w: kernel_alignment %#x is not a power of two", ErrNotBzImage, a)
+		}
+		if base > lowEnd {
+			return nil, fmt.Errorf("kernel: %w (pref_address %#x, low RAM ends at %#x)", ErrDoesNotFit, base, lowEnd)
+		}
+		base = (base + a - 1) &^ (a - 1)
 	}
 	if base > lowEnd || uint64(hdr.InitSize) > lowEnd-base {
 		return nil, fmt.Errorf("kernel: %w (needs %#x bytes from %#x, low RAM ends at %#x)", ErrDoesNotFit, hdr.InitSize, base, lowEnd)
