@@ -18,7 +18,7 @@ func Supported(r Request) bool {
 		SetVringKick, SetVringCall, SetVringErr,
 		GetProtocolFeatures, SetProtocolFeatures, GetQueueNum, SetVringEnable,
 		GetConfig, SetConfig, GetMaxMemSlots, AddMemReg, RemMemReg, SetBackendReqFD,
-		GetInflightFD, SetInflightFD:
+		GetInflightFD, SetInflightFD, ResetDevice:
 		return true
 	}
 	return false
@@ -93,7 +93,7 @@ func parseRequest(m *Message) (any, error) {
 	}
 
 	switch m.Request {
-	case GetFeatures, SetOwner, ResetOwner, GetProtocolFeatures, GetQueueNum, GetMaxMemSlots:
+	case GetFeatures, SetOwner, ResetOwner, GetProtocolFeatures, GetQueueNum, GetMaxMemSlots, ResetDevice:
 		return nil, noPayload()
 	case SetFeatures, SetProtocolFeatures:
 		v, err := DecodeU64(m.Payload)

@@ -113,7 +113,7 @@ func TestFeaturesAndConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantP := vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck | vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolConfig |
-		vhostuser.ProtocolInflightSHMFD
+		vhostuser.ProtocolInflightSHMFD | vhostuser.ProtocolResetDevice
 	if p != wantP {
 		t.Fatalf("protocol features %#x, want %#x", p, wantP)
 	}
@@ -653,6 +653,57 @@ func TestResetOwner(t *testing.T) {
 	dev.expect(t, event{0, true})
 	if _, got := echoOnce(t, g, g.Rings[0], "after reset"); string(got) != "after reset" {
 		t.Fatalf("got %q", got)
+	}
+}
+
+// TestResetDevice: RESET_DEVICE (the guest reset the device) stops every
+// ring and resets the device, and the front-end keeps ownership and its
+// memory table: the ring is set up again without SET_OWNER.
+func TestResetDevice(t *testing.T) {
+	dev := newTestDevice(1)
+	h := newHarness(t, dev)
+	g, err := testguest.Start(h.client, testguest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	echoOnce(t, g, g.Rings[0], "before reset")
+	dev.expect(t, event{0, true})
+	if err := h.client.ResetDevice(); err != nil {
+		t.Fatal(err)
+	}
+	dev.expect(t, event{0, false})
+	if dev.resetCount() != 1 {
+		t.Fatalf("device reset %d times", dev.resetCount())
+	}
+	qs := g.Rings[0].Setup()
+	qs.Base = 1
+	if err := h.client.SetupQueue(qs, true); err != nil {
+		t.Fatalf("ring set-up after RESET_DEVICE: %v", err)
+	}
+	dev.expect(t, event{0, true})
+	if _, got := echoOnce(t, g, g.Rings[0], "after reset"); string(got) != "after reset" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+// TestResetDeviceNeedsProtocolFeature: without
+// VHOST_USER_PROTOCOL_F_RESET_DEVICE the request is refused (NACK), and
+// nothing is reset.
+func TestResetDeviceNeedsProtocolFeature(t *testing.T) {
+	dev := newTestDevice(1)
+	h := newHarness(t, dev)
+	if err := h.client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.client.SetOwner(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.client.ResetDevice(); !errors.Is(err, frontend.ErrNacked) {
+		t.Fatalf("RESET_DEVICE without the protocol feature: %v, want a NACK", err)
+	}
+	if dev.resetCount() != 0 {
+		t.Fatalf("device reset %d times", dev.resetCount())
 	}
 }
 

@@ -140,7 +140,7 @@ const FrameworkFeatures = vhostuser.FeatureVersion1 | vhostuser.FeatureRingIndir
 
 // FrameworkProtocolFeatures are the protocol features always offered.
 const FrameworkProtocolFeatures = vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck |
-	vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolInflightSHMFD
+	vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolInflightSHMFD | vhostuser.ProtocolResetDevice
 
 // DeviceProtocolFeatures are the protocol features a device may add in
 // DeviceInfo.ProtocolFeatures; others are not implemented by the framework.

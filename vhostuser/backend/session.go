@@ -270,6 +270,12 @@ func (sess *session) dispatch(m *vhostuser.Message, payload any) ([]byte, error)
 		return nil, sess.setVringCallErr(m, payload.(vhostuser.VringFD))
 	case vhostuser.SetVringEnable:
 		return nil, sess.setVringEnable(payload.(vhostuser.VringState))
+	case vhostuser.ResetDevice:
+		if err := sess.needProtocol(vhostuser.ProtocolResetDevice); err != nil {
+			return nil, err
+		}
+		sess.resetDevice()
+		return nil, nil
 	case vhostuser.GetInflightFD:
 		return sess.getInflightFD(payload.(vhostuser.Inflight))
 	case vhostuser.SetInflightFD:
@@ -384,6 +390,18 @@ func (sess *session) resetOwner() {
 		r.enabled = false
 	}
 	sess.owner = false
+	sess.s.dev.Reset()
+}
+
+// resetDevice (RESET_DEVICE, the guest reset the device): every ring stops
+// and is disabled, and the device returns to its initial state
+// (Device.Reset). The front-end keeps ownership, the memory table and the
+// protocol features; it sets the rings and the features up again.
+func (sess *session) resetDevice() {
+	for _, r := range sess.rings {
+		sess.stopRing(r)
+		r.enabled = false
+	}
 	sess.s.dev.Reset()
 }
 

@@ -242,6 +242,15 @@ func (c *Client) SetOwner() error {
 	return err
 }
 
+// ResetDevice asks the back-end to disable every ring and return the
+// device to its initial state (the guest reset it); it needs
+// ProtocolResetDevice. Like a ring's stop, it is bounded by the stop
+// timeout: a vCPU waits for it.
+func (c *Client) ResetDevice() error {
+	_, err := c.stopCall(vhostuser.ResetDevice, nil, 0)
+	return err
+}
+
 // ResetOwner asks the back-end to disable every ring (deprecated message).
 func (c *Client) ResetOwner() error {
 	_, err := c.call(vhostuser.ResetOwner, nil, nil)

@@ -12,7 +12,7 @@ import (
 // use; Setup never acks others.
 const SupportedProtocolFeatures = vhostuser.ProtocolMQ | vhostuser.ProtocolReplyAck |
 	vhostuser.ProtocolConfig | vhostuser.ProtocolConfigureMemSlots | vhostuser.ProtocolBackendReq |
-	vhostuser.ProtocolInflightSHMFD
+	vhostuser.ProtocolInflightSHMFD | vhostuser.ProtocolResetDevice
 
 // QueueSetup describes one ring for Setup. Addresses are front-end virtual
 // addresses (the user addresses of the memory table).
