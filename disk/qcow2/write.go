@@ -118,12 +118,34 @@ func (im *Image) writeLocked(p []byte, pos uint64) error {
 		n := int(min(im.cs-in, uint64(len(p)-i)))
 		b.i = i
 		if err := im.writeCluster(p[i:i+n], pos, &b); err != nil {
+			// The batch's clusters keep their old content: their
+			// data was not written, so their entries are not set
+			// (the new host clusters leak).
 			return err
 		}
 		i += n
 		pos += uint64(n)
 	}
-	return b.flush(im.data)
+	if err := b.flush(im.data); err != nil {
+		return err
+	}
+	return im.link(&b)
+}
+
+// link sets the L2 entries of the batch's clusters, now that their data is
+// in the file, and releases what they replace.
+func (im *Image) link(b *dataBatch) error {
+	for i := range b.links {
+		l := &b.links[i]
+		t, idx, err := im.l2ForWrite(l.gc)
+		if err != nil {
+			return err
+		}
+		im.setEntry(t, idx, l.entry, l.bitmap)
+		im.freeEntry(&l.old)
+	}
+	b.links = b.links[:0]
+	return nil
 }
 
 // dataBatch gathers the data writes of one request and issues them as few
@@ -137,6 +159,18 @@ type dataBatch struct {
 	p    []byte // the request's data
 	i    int    // where in p the cluster being written starts
 	segs []dataSeg
+	// links are the L2 entries of the batched clusters, set (link) only
+	// once their data is written: an entry must never name a host
+	// cluster that did not get its data (a failed request would leave
+	// the guest reading neither old nor new bytes).
+	links []pendingLink
+}
+
+// pendingLink is one batched cluster's new L2 entry and what it replaces.
+type pendingLink struct {
+	gc            uint64
+	entry, bitmap uint64
+	old           cinfo
 }
 
 type dataSeg struct {
@@ -389,6 +423,7 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 		return err
 	}
 	var alloc, zero uint32
+	batched := false // the data waits in batch; so does the entry
 	if im.extL2 && ci.typ == ctUnalloc {
 		// Only the touched subclusters are written; the others keep
 		// their state (unallocated or zero).
@@ -404,12 +439,12 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 	} else if in == 0 && uint64(len(q)) == im.cs {
 		// The whole cluster is written: nothing to copy.
 		batch.add(host, q)
-		alloc = allSub
+		alloc, batched = allSub, true
 	} else if fresh && im.zeroFill(&ci, base) {
 		// The new cluster reads as zeros and so must the rest of it:
 		// only q is written (a 4 KiB write costs 4 KiB, not a cluster).
 		batch.add(host+in, q)
-		alloc = allSub
+		alloc, batched = allSub, true
 	} else {
 		buf := make([]byte, im.cs)
 		switch ci.typ {
@@ -449,6 +484,10 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 	}
 	if !im.extL2 {
 		alloc, zero = 0, 0
+	}
+	if batched {
+		batch.links = append(batch.links, pendingLink{gc: gc, entry: host | flagCopied, bitmap: uint64(zero)<<32 | uint64(alloc), old: ci})
+		return nil
 	}
 	im.setEntry(t, idx, host|flagCopied, uint64(zero)<<32|uint64(alloc))
 	im.freeEntry(&ci)
