@@ -605,9 +605,17 @@ func (im *Image) Close() error {
 var errClosed = errors.New("qcow2: image is closed")
 
 // markCorrupt reports corruption found at run time: it logs it, sets the
-// image's corrupt bit once if the image is writable, and returns err.
+// image's corrupt bit once if the image is writable, and returns err. A
+// backing layer's corruption (backingError) is logged, never marked here.
 func (im *Image) markCorrupt(err error) error {
 	if !errors.Is(err, ErrCorrupt) {
+		return err
+	}
+	if be := (*backingError)(nil); errors.As(err, &be) {
+		// A backing layer's corruption is not this image's: the
+		// request fails, the image stays writable (a shared base
+		// image must not take every overlay with it).
+		im.log.Warn("corruption found in a backing file", "image", im.name, "error", err)
 		return err
 	}
 	if im.ro {
