@@ -385,6 +385,11 @@ func (z *zstdDecoder) decode(src, dst []byte) error {
 	return err
 }
 
+// maxZstdWindow is the largest zstd window a compressed cluster may
+// declare when its cluster is smaller (with 64 workers of a plugin
+// decoding at once, 64 MiB of its data limit at most).
+const maxZstdWindow = 1 << 20
+
 func (im *Image) getZstd() (*zstdDecoder, error) {
 	im.zstdMu.Lock()
 	if n := len(im.zstdDec); n > 0 {
@@ -397,7 +402,10 @@ func (im *Image) getZstd() (*zstdDecoder, error) {
 	d, err := zstd.NewReader(nil,
 		zstd.WithDecoderConcurrency(1),
 		zstd.WithDecoderLowmem(true),
-		zstd.WithDecoderMaxWindow(8<<20),
+		// A cluster's frame needs no window beyond the cluster (qemu-img
+		// and krun-core write single-segment frames of one cluster); an
+		// image declaring more makes every decoder in use hold it.
+		zstd.WithDecoderMaxWindow(max(im.cs, maxZstdWindow)),
 		zstd.WithDecoderMaxMemory(64<<20))
 	if err != nil {
 		return nil, fmt.Errorf("zstd decoder: %w", err)
