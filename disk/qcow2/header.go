@@ -400,7 +400,7 @@ func knownFeatureName(typ uint8, bit int) string {
 func sanitize(s string) string {
 	var b strings.Builder
 	for _, r := range s {
-		if r < 0x20 || r == 0x7f {
+		if r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0 {
 			b.WriteByte('?')
 		} else {
 			b.WriteRune(r)

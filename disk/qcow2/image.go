@@ -358,7 +358,7 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 			return fmt.Errorf("%w: image %s: data file: %v", ErrBacking, im.name, err)
 		}
 		if want != filepath.Clean(opts.DataFile.Path) {
-			return fmt.Errorf("%w: image %s names external data file %q (%s), but %s was declared", ErrBacking, im.name, sanitize(im.h.dataFileName), want, opts.DataFile.Path)
+			return fmt.Errorf("%w: image %s names external data file %q (%s), but %s was declared", ErrBacking, im.name, sanitize(im.h.dataFileName), sanitize(want), opts.DataFile.Path)
 		}
 	}
 	id, _, err := identify(opts.DataFile.File)
@@ -391,7 +391,7 @@ func (im *Image) openBacking(opts Options, st *chainState) error {
 		return fmt.Errorf("%w: image %s: backing file: %v", ErrBacking, im.name, err)
 	}
 	if want != filepath.Clean(decl.Path) {
-		return fmt.Errorf("%w: image %s names backing file %q (%s), but the declared backing is %s", ErrBacking, im.name, sanitize(h.backingName), want, decl.Path)
+		return fmt.Errorf("%w: image %s names backing file %q (%s), but the declared backing is %s", ErrBacking, im.name, sanitize(h.backingName), sanitize(want), decl.Path)
 	}
 	if h.hasBackingFormat && disk.Format(h.backingFormat) != decl.Format {
 		return fmt.Errorf("%w: image %s records backing format %q, but %s was declared as %q", ErrBacking, im.name, sanitize(h.backingFormat), decl.Path, decl.Format)
