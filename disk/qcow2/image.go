@@ -189,7 +189,15 @@ func identify(f *os.File) (fileID, int64, error) {
 	if s, ok := st.Sys().(*syscall.Stat_t); ok {
 		id = fileID{uint64(s.Dev), uint64(s.Ino)}
 	}
-	return id, st.Size(), nil
+	size := st.Size()
+	if st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0 {
+		// A block device's size is where its end is (Stat says 0).
+		// Its offset is unused: every access is pread or pwrite.
+		if size, err = f.Seek(0, io.SeekEnd); err != nil {
+			return fileID{}, 0, fmt.Errorf("size of block device: %w", err)
+		}
+	}
+	return id, size, nil
 }
 
 // Open opens the qcow2 image in f. The image's backing file and data file
