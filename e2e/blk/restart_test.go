@@ -105,10 +105,7 @@ func TestServeRestartUnderIO(t *testing.T) {
 	if err := vm.Send("stop\n"); err != nil {
 		t.Fatal(err)
 	}
-	r, err := vm.Wait()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := vm.MustWait()
 	for _, want := range []string{"BLKVERIFY done", "guest verify ok"} {
 		if !strings.Contains(r.Console, want) {
 			t.Fatalf("guest console lacks %q", want)

@@ -216,9 +216,7 @@ read answer
 	if err := vm.Send("done\n"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := vm.Wait(); err != nil {
-		t.Fatal(err)
-	}
+	vm.MustWait()
 	logs := stop()
 	if strings.Contains(logs, "panic") {
 		t.Fatalf("serve logged a panic:\n%s", logs)

@@ -481,6 +481,17 @@ func LastLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
+// MustWait is Wait for a test: a guest that did not report ok fails the
+// test with the reason and the console's last lines.
+func (vm *VM) MustWait() *Result {
+	vm.t.Helper()
+	r, err := vm.Wait()
+	if err != nil {
+		vm.t.Fatalf("%v\n%s", err, vm.failureText())
+	}
+	return r
+}
+
 // Wait waits for QEMU to exit (the guest powers off after its verdict, or the
 // timeout kills it) and returns the result. The error is non-nil unless the
 // guest reported ok; it carries the reason, not the console.
