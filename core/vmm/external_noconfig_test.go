@@ -8,7 +8,6 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/core/mmio"
-	"github.com/krun-core/krun-core/guestmem"
 )
 
 // TestExternalNetWithoutConfigAttaches: an external vhost-user-net
@@ -25,17 +24,7 @@ func TestExternalNetWithoutConfigAttaches(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.shutdown(c.log)
-	f, err := guestmem.NewMemfd("test-ram", 16<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	mem, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: 16 << 20, File: f}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
-	m := &machine{log: c.log, mem: mem, memFile: f, testWiring: nopWiring{}, devices: []*pluginDevice{d}, events: make(chan event, 1)}
+	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
 	if err := m.attachDevices(); err != nil {
 		t.Fatalf("attach: %v", err)
 	}

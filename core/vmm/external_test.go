@@ -17,6 +17,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/mmio"
+	"github.com/krun-core/krun-core/guestmem"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
@@ -236,6 +237,23 @@ func TestExternalErrors(t *testing.T) {
 			t.Errorf("%s: took %v", tt.spec, took)
 		}
 	}
+}
+
+// newDeviceMachine is a machine without KVM for devs: 16 MiB of guest
+// memory in a memfd, test wiring; the memory goes when the test ends.
+func newDeviceMachine(t testing.TB, log hclog.Logger, devs []*pluginDevice) *machine {
+	t.Helper()
+	f, err := guestmem.NewMemfd("test-ram", 16<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	mem, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: 16 << 20, File: f}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mem.Close() })
+	return &machine{log: log, mem: mem, memFile: f, testWiring: nopWiring{}, devices: devs, events: make(chan event, 1)}
 }
 
 // nopWiring stands in for KVM's ioeventfds and irqfds.

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/core/mmio"
-	"github.com/krun-core/krun-core/guestmem"
 )
 
 // resetCounter is a fake back-end device that counts its resets.
@@ -30,22 +29,12 @@ func TestGuestResetResetsBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, err := guestmem.NewMemfd("test-ram", 16<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	mem, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: 16 << 20, File: f}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
-	m := &machine{log: c.log, mem: mem, memFile: f, testWiring: nopWiring{}, devices: []*pluginDevice{d}, events: make(chan event, 1)}
+	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
 	if err := m.attachDevices(); err != nil {
 		t.Fatal(err)
 	}
 	defer m.shutdownDevices()
-	drv := &ringDriver{t: t, mem: mem, dev: d.dev}
+	drv := &ringDriver{t: t, mem: m.mem, dev: d.dev}
 	drv.start() // its first write is a reset
 	before := dev.resets.Load()
 	if before < 1 {

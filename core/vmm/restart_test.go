@@ -193,17 +193,8 @@ func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy) *restartRig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, err := guestmem.NewMemfd("test-ram", 16<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	mem, err := guestmem.Map([]guestmem.Region{{GuestAddr: 0, Size: 16 << 20, File: f}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { mem.Close() })
-	m := &machine{log: log, mem: mem, memFile: f, testWiring: nopWiring{}, devices: devs, events: make(chan event, 1)}
+	m := newDeviceMachine(t, log, devs)
+	mem := m.mem
 	if err := m.attachDevices(); err != nil {
 		t.Fatal(err)
 	}

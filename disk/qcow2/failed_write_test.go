@@ -27,6 +27,30 @@ func (f *failDurable) WriteDurable(p []byte, off int64) error {
 	return f.ioFile.WriteDurable(p, off)
 }
 
+// overlayOnRawBase creates a 4 MiB qcow2 image with clusters of cs bytes
+// over a raw backing file of 0xb5 bytes: the image's and the backing
+// file's paths, and the backing file's content.
+func overlayOnRawBase(t *testing.T, cs int64) (img, base string, old []byte) {
+	t.Helper()
+	const size = 4 << 20
+	dir := t.TempDir()
+	base = filepath.Join(dir, "base.raw")
+	old = bytes.Repeat([]byte{0xb5}, size)
+	if err := os.WriteFile(base, old, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img = filepath.Join(dir, "img.qcow2")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := Create(f, CreateOptions{Size: size, ClusterSize: cs, BackingFile: base, BackingFormat: disk.Raw}); err != nil {
+		t.Fatal(err)
+	}
+	return img, base, old
+}
+
 // failWrite is the image's data file with one WriteAt failing while armed.
 type failWrite struct {
 	ioFile
@@ -45,23 +69,8 @@ func (f *failWrite) WriteAt(p []byte, off int64) (int, error) {
 // whole clusters fails, none of their entries is set: each reads its old
 // content (the backing file's), now and after a reopen.
 func TestFailedBatchWriteLinksNothing(t *testing.T) {
-	dir := t.TempDir()
 	const cs = 64 << 10
-	const size = 4 << 20
-	base := filepath.Join(dir, "base.raw")
-	old := bytes.Repeat([]byte{0xb5}, size)
-	if err := os.WriteFile(base, old, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, "img.qcow2")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Create(f, CreateOptions{Size: size, ClusterSize: cs, BackingFile: base, BackingFormat: disk.Raw}); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	p, base, old := overlayOnRawBase(t, cs)
 	im := openImage(t, p, false, layerOf(t, base, disk.Raw))
 	fw := &failWrite{ioFile: im.data}
 	im.data = fw
@@ -102,23 +111,8 @@ func TestFailedBatchWriteLinksNothing(t *testing.T) {
 // cluster a discard freed), and the next request's persist writes that
 // entry to the file.
 func TestFailedWriteLinksNoUnwrittenCluster(t *testing.T) {
-	dir := t.TempDir()
 	const cs = 64 << 10
-	const size = 4 << 20
-	base := filepath.Join(dir, "base.raw")
-	old := bytes.Repeat([]byte{0xb5}, size)
-	if err := os.WriteFile(base, old, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, "img.qcow2")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Create(f, CreateOptions{Size: size, ClusterSize: cs, BackingFile: base, BackingFormat: disk.Raw}); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	p, base, old := overlayOnRawBase(t, cs)
 
 	im := openImage(t, p, false, layerOf(t, base, disk.Raw))
 	fd := &failDurable{ioFile: im.data}
