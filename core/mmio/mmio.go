@@ -182,6 +182,12 @@ type Config struct {
 	// OnReset, when set, runs at each device reset (status 0), after the
 	// queues are stopped: the core zeroes the inflight region there.
 	OnReset func()
+	// ResetBackend: the back-end negotiated RESET_DEVICE and implements
+	// DeviceResetter. At each device reset, after the queues are stopped,
+	// it is asked to reset its device state, within what is left of the
+	// access's stop budget; not while the device is suspended (its
+	// successor starts afresh) or failed.
+	ResetBackend bool
 	// Abandon, when set, is called (with the device's lock held) when a
 	// back-end did not confirm that a ring it served stopped (the stop
 	// timed out, the back-end refused it or is gone), and when the
@@ -761,6 +767,33 @@ func (d *Device) stopQueueLocked(i int) {
 	}
 }
 
+// DeviceResetter is implemented by a Backend that can reset its device
+// state (VHOST_USER_RESET_DEVICE) within a time limit (*frontend.Client).
+type DeviceResetter interface {
+	ResetDeviceWithin(limit time.Duration) error
+}
+
+var _ DeviceResetter = (*frontend.Client)(nil)
+
+// resetBackendLocked asks the back-end to reset its device state
+// (Config.ResetBackend), after the queues stopped. The rings are stopped
+// already, so a back-end that does not answer holds no guest memory it
+// could still write: a gone one is replaced (Recover), others are logged.
+func (d *Device) resetBackendLocked() {
+	r, ok := d.cfg.Backend.(DeviceResetter)
+	if !d.cfg.ResetBackend || !ok || d.suspended || d.failed != nil || d.closing {
+		return
+	}
+	limit, err := d.stopLimitLocked()
+	if err == nil {
+		err = r.ResetDeviceWithin(limit)
+	}
+	if err == nil || d.recoverLocked(err) {
+		return
+	}
+	d.log.Warn("device reset: the back-end did not reset its device state", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+}
+
 // BoundedStopper is implemented by a Backend whose ring-stop requests can
 // be given a shorter time limit than its own (*frontend.Client): the
 // device passes what is left of the access's stop budget.
@@ -851,6 +884,7 @@ func (d *Device) resetLocked() {
 	d.drvFeat, d.devFeatSel, d.drvFeatSel, d.queueSel, d.shmSel = 0, 0, 0, 0, 0
 	d.intStatus = 0
 	d.guestErr = nil
+	d.resetBackendLocked()
 	if d.cfg.OnReset != nil {
 		d.cfg.OnReset()
 	}

@@ -449,33 +449,20 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	}
 	cfg.Abandon = d.abandon
 	cfg.StopBudget = stopBudget
-	if d.log == nil { // an external back-end
-		d.log = m.log.Named("vhost-user")
-	}
-	var onReset []func()
-	if n.ProtocolFeatures&vhostuser.ProtocolResetDevice != 0 {
-		// The back-end's device state (a virtio-fs session, a console's
-		// ports) goes with the guest's reset, as QEMU does it.
-		onReset = append(onReset, d.resetBackend)
-	}
+	// The back-end's device state (a virtio-fs session, a console's
+	// ports) goes with the guest's reset, as QEMU does it.
+	cfg.ResetBackend = n.ProtocolFeatures&vhostuser.ProtocolResetDevice != 0
 	if d.restarts != nil {
 		cfg.Recover = d.backendGone
 		inflight := d.inflight
-		onReset = append(onReset, func() {
+		cfg.OnReset = func() {
 			if err := inflight.Reset(); err != nil {
 				d.log.Warn("device reset: inflight region", "error", err)
 			}
-		})
+		}
 		cfg.OnQueueLost = func(i int) {
 			if err := inflight.ResetQueue(i); err != nil {
 				d.log.Warn("queue stopped while the plugin was away: inflight region", "queue", i, "error", err)
-			}
-		}
-	}
-	if len(onReset) > 0 {
-		cfg.OnReset = func() {
-			for _, f := range onReset {
-				f()
 			}
 		}
 	}
@@ -735,25 +722,6 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 func (d *pluginDevice) killWait(log hclog.Logger) {
 	if !killReaped(d.plugin) {
 		log.Error("plugin still runs after SIGKILL; leaving it", "device", d.index, "pid", d.plugin.Pid(), "waited", abandonWait)
-	}
-}
-
-// resetBackend sends RESET_DEVICE at the guest's reset of the device (on
-// the vCPU thread, the rings stopped already). A back-end that is away
-// (being restarted: its successor starts afresh) or fails it leaves its
-// old state; that is logged, the device goes on.
-func (d *pluginDevice) resetBackend() {
-	if d.exiting.Load() {
-		return
-	}
-	d.liveMu.Lock()
-	c := d.client
-	d.liveMu.Unlock()
-	if c == nil {
-		return
-	}
-	if err := c.ResetDevice(); err != nil {
-		d.log.Warn("device reset: the back-end did not reset its state", "device", d.index, "error", err)
 	}
 }
 

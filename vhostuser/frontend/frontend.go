@@ -246,8 +246,12 @@ func (c *Client) SetOwner() error {
 // device to its initial state (the guest reset it); it needs
 // ProtocolResetDevice. Like a ring's stop, it is bounded by the stop
 // timeout: a vCPU waits for it.
-func (c *Client) ResetDevice() error {
-	_, err := c.stopCall(vhostuser.ResetDevice, nil, 0)
+func (c *Client) ResetDevice() error { return c.ResetDeviceWithin(0) }
+
+// ResetDeviceWithin is ResetDevice within limit, when shorter than the stop
+// timeout (0: the stop timeout).
+func (c *Client) ResetDeviceWithin(limit time.Duration) error {
+	_, err := c.stopCall(vhostuser.ResetDevice, nil, limit)
 	return err
 }
 
