@@ -47,19 +47,7 @@ func TestGuestResetWithinStopBudget(t *testing.T) {
 		t.Skip("about 25 s")
 	}
 	dev := &slowDevice{fakeDevice: fakeDevice{typ: 4, queues: 2}, handleFor: [2]time.Duration{7 * time.Second, 14 * time.Second}, resetFor: 11 * time.Second}
-	sock := serveFake(t, dev)
-	c := NewContext(nil)
-	d, err := c.connectExternal(context.Background(), 0, externalSpec(t, "type=4,queues=2,socket="+sock))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
-	mem := m.mem
-	if err := m.attachDevices(); err != nil {
-		t.Fatal(err)
-	}
-	defer m.shutdownDevices()
-	drv := &ringDriver{t: t, mem: mem, dev: d.dev}
+	d, drv := attachExternal(t, dev, "type=4,queues=2")
 	drv.reg(mmio.RegStatus, 0)
 	drv.reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver)
 	drv.reg(mmio.RegDriverFeatSel, 1)

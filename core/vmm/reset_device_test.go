@@ -7,7 +7,27 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/core/mmio"
+	"github.com/krun-core/krun-core/vhostuser/backend"
 )
+
+// attachExternal serves dev as an external back-end (spec: its
+// --vhost-user options but the socket) and attaches it to a machine
+// without KVM, for the test's duration; the driver is not started.
+func attachExternal(t *testing.T, dev backend.Device, spec string) (*pluginDevice, *ringDriver) {
+	t.Helper()
+	sock := serveFake(t, dev)
+	c := NewContext(nil)
+	d, err := c.connectExternal(context.Background(), 0, externalSpec(t, spec+",socket="+sock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
+	if err := m.attachDevices(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.shutdownDevices)
+	return d, &ringDriver{t: t, mem: m.mem, dev: d.dev}
+}
 
 // resetCounter is a fake back-end device that counts its resets.
 type resetCounter struct {
@@ -23,18 +43,7 @@ func (r *resetCounter) Reset() { r.resets.Add(1) }
 // over as the guest's driver does. Before, only the rings were stopped.
 func TestGuestResetResetsBackend(t *testing.T) {
 	dev := &resetCounter{fakeDevice: fakeDevice{typ: 4, queues: 1}}
-	sock := serveFake(t, dev)
-	c := NewContext(nil)
-	d, err := c.connectExternal(context.Background(), 0, externalSpec(t, "type=4,socket="+sock))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
-	if err := m.attachDevices(); err != nil {
-		t.Fatal(err)
-	}
-	defer m.shutdownDevices()
-	drv := &ringDriver{t: t, mem: m.mem, dev: d.dev}
+	d, drv := attachExternal(t, dev, "type=4")
 	drv.start() // its first write is a reset
 	before := dev.resets.Load()
 	if before < 1 {

@@ -1,7 +1,6 @@
 package vmm
 
 import (
-	"context"
 	"testing"
 
 	"github.com/krun-core/krun-core/core/mmio"
@@ -18,19 +17,7 @@ import (
 // published, the guest's reset, then the new client's negotiation.
 func TestResetWhileReplacingBackend(t *testing.T) {
 	dev := &resetCounter{fakeDevice: fakeDevice{typ: 4, queues: 1}}
-	sock := serveFake(t, dev)
-	c := NewContext(nil)
-	d, err := c.connectExternal(context.Background(), 0, externalSpec(t, "type=4,socket="+sock))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
-	mem := m.mem
-	if err := m.attachDevices(); err != nil {
-		t.Fatal(err)
-	}
-	defer m.shutdownDevices()
-	drv := &ringDriver{t: t, mem: mem, dev: d.dev}
+	d, drv := attachExternal(t, dev, "type=4")
 	drv.start()
 
 	// The back-end is lost: the device is suspended (recover), and
