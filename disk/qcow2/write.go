@@ -485,11 +485,12 @@ func (im *Image) writeCluster(q []byte, pos uint64, batch *dataBatch) error {
 	if !im.extL2 {
 		alloc, zero = 0, 0
 	}
+	bits := uint64(zero)<<32 | uint64(alloc)
 	if batched {
-		batch.links = append(batch.links, pendingLink{gc: gc, entry: host | flagCopied, bitmap: uint64(zero)<<32 | uint64(alloc), old: ci})
+		batch.links = append(batch.links, pendingLink{gc: gc, entry: host | flagCopied, bitmap: bits, old: ci})
 		return nil
 	}
-	im.setEntry(t, idx, host|flagCopied, uint64(zero)<<32|uint64(alloc))
+	im.setEntry(t, idx, host|flagCopied, bits)
 	im.freeEntry(&ci)
 	return nil
 }

@@ -385,12 +385,8 @@ func (sess *session) getConfig(c vhostuser.ConfigSpace) ([]byte, error) {
 }
 
 func (sess *session) resetOwner() {
-	for _, r := range sess.rings {
-		sess.stopRing(r)
-		r.enabled = false
-	}
+	sess.resetDevice()
 	sess.owner = false
-	sess.s.dev.Reset()
 }
 
 // resetDevice (RESET_DEVICE, the guest reset the device): every ring stops
