@@ -252,29 +252,6 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	if h.incompat&incompatCorrupt != 0 && !opts.ReadOnly {
 		return nil, fmt.Errorf("image %s: %w: the image is marked corrupt; open it read-only or repair it (qemu-img check -r all)", name, ErrCorrupt)
 	}
-	if h.incompat&incompatDirty != 0 && !opts.ReadOnly {
-		// Refcounts may be stale (lazy refcounts): rebuild them first.
-		log.Info("image was not closed cleanly; repairing refcounts", "image", name)
-		res, err := Check(f, RepairAll)
-		if err != nil {
-			return nil, fmt.Errorf("image %s: repair after unclean shutdown: %w", name, err)
-		}
-		if !res.Clean() {
-			return nil, fmt.Errorf("image %s: %w: %d errors remain after repairing refcounts", name, ErrCorrupt, res.Corruptions+res.CheckErrors)
-		}
-		if _, fileSize, err = identify(f); err != nil {
-			return nil, fmt.Errorf("image %s: stat: %w", name, err)
-		}
-		if h, err = readHeader(f, fileSize); err != nil {
-			return nil, fmt.Errorf("image %s: %w", name, err)
-		}
-		if h.incompat&incompatDirty != 0 {
-			if err := writeIncompat(f, h.incompat&^incompatDirty); err != nil {
-				return nil, fmt.Errorf("image %s: %w", name, err)
-			}
-			h.incompat &^= incompatDirty
-		}
-	}
 	im := &Image{
 		f:           osFile{f},
 		file:        f,
@@ -321,6 +298,14 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	if err := im.openBacking(opts, st); err != nil {
 		return nil, err
 	}
+	if h.incompat&incompatDirty != 0 && !opts.ReadOnly {
+		// Only now, with the files the image names checked against the
+		// declared ones: an open refused for them must not have written
+		// the image.
+		if err := im.repairDirty(); err != nil {
+			return nil, err
+		}
+	}
 	if err := im.loadTables(); err != nil {
 		return nil, fmt.Errorf("image %s: %w", name, err)
 	}
@@ -330,6 +315,46 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 		}
 	}
 	return im, nil
+}
+
+// repairDirty rebuilds the refcounts of an image that was not closed
+// cleanly (lazy refcounts leave them stale), clears its dirty bit and
+// reloads what the repair may have moved: the header's refcount table, the
+// snapshot table's place, the file's size.
+func (im *Image) repairDirty() error {
+	f := im.file
+	im.log.Info("image was not closed cleanly; repairing refcounts", "image", im.name)
+	res, err := Check(f, RepairAll)
+	if err != nil {
+		return fmt.Errorf("image %s: repair after unclean shutdown: %w", im.name, err)
+	}
+	if !res.Clean() {
+		return fmt.Errorf("image %s: %w: %d errors remain after repairing refcounts", im.name, ErrCorrupt, res.Corruptions+res.CheckErrors)
+	}
+	_, fileSize, err := identify(f)
+	if err != nil {
+		return fmt.Errorf("image %s: stat: %w", im.name, err)
+	}
+	h, err := readHeader(f, fileSize)
+	if err != nil {
+		return fmt.Errorf("image %s: %w", im.name, err)
+	}
+	if h.incompat&incompatDirty != 0 {
+		if err := writeIncompat(f, h.incompat&^incompatDirty); err != nil {
+			return fmt.Errorf("image %s: %w", im.name, err)
+		}
+		h.incompat &^= incompatDirty
+	}
+	if h.clusterBits != im.h.clusterBits || h.size != im.h.size || h.incompat != im.h.incompat&^incompatDirty {
+		return fmt.Errorf("image %s: %w: the header changed its layout during the refcount repair", im.name, ErrCorrupt)
+	}
+	im.h = h
+	im.rtOff = h.rtOff
+	im.fileClusters = divRoundUp(uint64(fileSize), im.cs)
+	if im.snaps, im.snapSize, err = readSnapshots(f, h); err != nil {
+		return fmt.Errorf("image %s: %w", im.name, err)
+	}
+	return nil
 }
 
 // resolveName resolves a file name recorded in an image the way QEMU does:
