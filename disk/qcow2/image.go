@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -510,11 +511,46 @@ func (im *Image) loadTables() error {
 			mm.add(off/cs, metaL2)
 		}
 	}
+	if !im.ro {
+		if err := sharedL2(im.l1, cs); err != nil {
+			return err
+		}
+	}
 	if err := im.trackSnapshots(mm); err != nil {
 		return err
 	}
 	mm.build()
 	im.meta = mm
+	return nil
+}
+
+// sharedL2 refuses an active L1 table in which two entries name the same
+// L2 table. QEMU never writes one; in a hostile image it aliases two
+// virtual ranges, and writes to them, serialized by virtual cluster, would
+// race on the entries they share (two replacements of one old cluster
+// free it twice). Sorting keeps the check at 16 bytes per allocated entry.
+func sharedL2(l1 []uint64, cs uint64) error {
+	type ref struct {
+		off uint64
+		i   int
+	}
+	refs := make([]ref, 0, len(l1))
+	for i, e := range l1 {
+		if off := e & l1OffsetMask; off != 0 && off%cs == 0 {
+			refs = append(refs, ref{off, i})
+		}
+	}
+	sort.Slice(refs, func(a, b int) bool {
+		if refs[a].off != refs[b].off {
+			return refs[a].off < refs[b].off
+		}
+		return refs[a].i < refs[b].i
+	})
+	for k := 1; k < len(refs); k++ {
+		if refs[k].off == refs[k-1].off {
+			return corruptf("L1 table entries %d and %d both point at L2 table %#x; repair the image (qemu-img check -r all)", refs[k-1].i, refs[k].i, refs[k].off)
+		}
+	}
 	return nil
 }
 

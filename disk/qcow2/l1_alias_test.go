@@ -1,0 +1,83 @@
+package qcow2
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestSharedL2TableRefusedWritable: a hostile image whose two active L1
+// entries name the same L2 table makes two virtual ranges share their
+// mappings. Reads of it are harmless, but two writes to the aliased
+// clusters were serialized by their virtual cluster, not by the L2 entry
+// they share, so both could replace one old cluster and free it twice. A
+// read-write open now refuses such an image, as it refuses two refcount
+// table entries naming one block; a read-only open serves it.
+func TestSharedL2TableRefusedWritable(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "img.qcow2")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 4 KiB clusters: one L2 table maps 2 MiB.
+	if err := Create(f, CreateOptions{Size: 8 << 20, ClusterSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	im := openImage(t, p, false)
+	if _, err := im.WriteAt(bytes.Repeat([]byte{0xa5}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Copy L1[0] into L1[2].
+	f = openFile(t, p, false)
+	var hb [48]byte
+	if _, err := f.ReadAt(hb[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	l1Off := int64(binary.BigEndian.Uint64(hb[40:]))
+	var e [8]byte
+	if _, err := f.ReadAt(e[:], l1Off); err != nil {
+		t.Fatal(err)
+	}
+	if binary.BigEndian.Uint64(e[:])&l1OffsetMask == 0 {
+		t.Fatal("L1[0] is empty after a write; the test proves nothing")
+	}
+	if _, err := f.WriteAt(e[:], l1Off+16); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	before, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	im, err = Open(openFile(t, p, false), Options{Path: p})
+	if err == nil {
+		im.Close()
+		t.Fatal("a read-write open accepted two L1 entries naming one L2 table")
+	}
+	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "L1 table entries 0 and 2") {
+		t.Fatalf("Open: %v", err)
+	}
+	if after, _ := os.ReadFile(p); !bytes.Equal(before, after) {
+		t.Fatalf("the refused open changed the image at byte %d", firstDiff(before, after))
+	}
+
+	im = openImage(t, p, true)
+	defer im.Close()
+	got := make([]byte, 4096)
+	if _, err := im.ReadAt(got, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, bytes.Repeat([]byte{0xa5}, 4096)) {
+		t.Fatal("read-only open: the aliased range does not read the shared table's data")
+	}
+}
