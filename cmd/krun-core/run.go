@@ -62,9 +62,10 @@ Device options (repeatable; at most 8 devices):
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]    (with --root: at /mnt/TAG)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
   --plugin KIND[,key=value...]       any installed krun-plugin-KIND
-  --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]
+  --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG][,reconnect=SECONDS]
                                      an external back-end (qemu-storage-daemon,
-                                     virtiofsd, vhost-device-*, krun-core serve)`
+                                     virtiofsd, vhost-device-*, krun-core serve);
+                                     reconnect= connects again when it goes`
 
 // runCommand boots a guest. With --root DIR -- CMD it runs CMD in a microVM
 // whose root file system is DIR and exits with CMD's status; otherwise it

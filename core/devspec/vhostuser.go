@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Virtio device IDs of the named --vhost-user types.
@@ -27,6 +28,8 @@ const (
 	MaxVhostUserQueueSize = 32768
 	// maxVirtioID bounds a numeric type= (virtio device IDs are small).
 	maxVirtioID = 255
+	// MaxReconnect bounds reconnect= (seconds between attempts).
+	MaxReconnect = 3600
 )
 
 // VhostUserSpec is a parsed --vhost-user option string: an external
@@ -34,7 +37,7 @@ const (
 // (qemu-storage-daemon, virtiofsd, a vhost-device-* daemon, another
 // krun-core serve):
 //
-//	type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]
+//	type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG][,reconnect=SECONDS]
 //
 // queues= is the number of request queues: virtio-blk queues (default 1),
 // virtio-fs request queues besides the high-priority queue (default 1), or
@@ -42,7 +45,11 @@ const (
 // transmit queue. 0 means the default. queue-size= is the largest ring the
 // driver may set up (default 128 for blk and fs, as QEMU's vhost-user
 // devices, 256 otherwise). tag= (fs only) is the mount tag when the
-// back-end has no config space of its own (the C virtiofsd).
+// back-end has no config space of its own (the C virtiofsd). reconnect=
+// (as QEMU's chardev option) makes the core connect again, every SECONDS,
+// to a back-end that disconnected while the guest ran, and replay the
+// requests it had in flight; not for fs, whose back-end holds the guest's
+// open files.
 type VhostUserSpec struct {
 	TypeName  string // "blk", "fs", "net" or the decimal device ID
 	Type      uint32 // virtio device ID
@@ -50,6 +57,9 @@ type VhostUserSpec struct {
 	Queues    int
 	QueueSize int
 	Tag       string
+	// Reconnect is the interval between attempts to connect again after
+	// the back-end disconnected; 0: the device fails instead.
+	Reconnect time.Duration
 }
 
 // ParseVhostUser parses a --vhost-user option string.
@@ -60,6 +70,7 @@ func ParseVhostUser(s string) (*VhostUserSpec, error) {
 	}
 	var typ, socket, tag string
 	var queues, qsize int
+	var reconnect time.Duration
 	seen := map[string]bool{}
 	for _, o := range opts {
 		if !o.hasValue {
@@ -84,8 +95,14 @@ func ParseVhostUser(s string) (*VhostUserSpec, error) {
 			if qsize, err = parseCount(o.key, o.value, 1, MaxVhostUserQueueSize); err != nil {
 				return nil, err
 			}
+		case "reconnect":
+			sec, perr := strconv.ParseFloat(o.value, 64)
+			if perr != nil || !(sec >= 0.001 && sec <= MaxReconnect) {
+				return nil, fmt.Errorf("reconnect=%s: want seconds from 0.001 to %d", printable(o.value), MaxReconnect)
+			}
+			reconnect = time.Duration(sec * float64(time.Second)).Round(time.Millisecond)
 		default:
-			return nil, fmt.Errorf("unknown key %s (want type, socket, queues, queue-size, tag)", printable(o.key))
+			return nil, fmt.Errorf("unknown key %s (want type, socket, queues, queue-size, tag, reconnect)", printable(o.key))
 		}
 	}
 	if !seen["type"] {
@@ -94,7 +111,29 @@ func ParseVhostUser(s string) (*VhostUserSpec, error) {
 	if !seen["socket"] {
 		return nil, errors.New("socket= is required (the back-end's unix socket)")
 	}
-	return NewVhostUser(typ, socket, queues, qsize, tag)
+	v, err := NewVhostUser(typ, socket, queues, qsize, tag)
+	if err != nil {
+		return nil, err
+	}
+	if err := v.SetReconnect(reconnect); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// SetReconnect sets the interval between attempts to connect again to a
+// back-end that disconnected (0: none). A virtio-fs back-end is never
+// reconnected: the guest's FUSE node IDs and open files were its own.
+func (v *VhostUserSpec) SetReconnect(every time.Duration) error {
+	switch {
+	case every == 0:
+	case every < time.Millisecond || every > MaxReconnect*time.Second:
+		return fmt.Errorf("reconnect=%v: want 1 ms to %d seconds", every, MaxReconnect)
+	case v.Type == VirtioFS:
+		return errors.New("reconnect= is not for type=fs: a new virtio-fs back-end cannot honour the guest's open files and FUSE node IDs")
+	}
+	v.Reconnect = every
+	return nil
 }
 
 // NewVhostUser checks and builds a VhostUserSpec; queues and queueSize 0
@@ -196,6 +235,9 @@ func (v *VhostUserSpec) String() string {
 	}
 	if v.Tag != "" {
 		fmt.Fprintf(&b, ",tag=%s", escape(v.Tag))
+	}
+	if v.Reconnect != 0 {
+		fmt.Fprintf(&b, ",reconnect=%s", strconv.FormatFloat(v.Reconnect.Round(time.Millisecond).Seconds(), 'f', -1, 64))
 	}
 	return b.String()
 }

@@ -1107,6 +1107,37 @@ func (d *Device) OverrideConfig(off int, data []byte) {
 	}
 }
 
+// Outstanding reports the first live queue on which the driver has made
+// chains available that the device has not used yet (the avail ring's
+// index differs from the used ring's, both read from guest memory with
+// ringIndex, which reads the index field of the ring at a guest address),
+// or -1 when there is none. The core asks it of a suspended device whose
+// lost back-end kept no inflight region: only with nothing outstanding
+// can a new back-end start at the used index without losing or repeating
+// a request.
+func (d *Device) Outstanding(ringIndex func(gpa uint64) (uint16, error)) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := range d.queues {
+		q := &d.queues[i]
+		if !q.live {
+			continue
+		}
+		avail, err := ringIndex(q.avail)
+		if err != nil {
+			return i, fmt.Errorf("queue %d: avail index: %w", i, err)
+		}
+		used, err := ringIndex(q.used)
+		if err != nil {
+			return i, fmt.Errorf("queue %d: used index: %w", i, err)
+		}
+		if avail != used {
+			return i, nil
+		}
+	}
+	return -1, nil
+}
+
 // Resume installs the device's state into b, the back-end that replaces
 // the one that was lost: the driver's features (once FEATURES_OK was
 // set), then every live queue positioned at its used index in guest

@@ -55,8 +55,11 @@ type pluginDevice struct {
 	// files: it was connected to and negotiated with already
 	// (negotiated), backend adjusts its config space, featureMask are
 	// features never offered to the guest, and watch is a copy of its
-	// socket that monitor polls for a hang-up.
+	// socket that monitor polls for a hang-up. reconnect is the
+	// interval between attempts to connect again once it is lost (0:
+	// the device fails instead; see monitorExternal).
 	external    *devspec.VhostUserSpec
+	reconnect   time.Duration
 	negotiated  *frontend.Negotiated
 	backend     mmio.Backend
 	featureMask uint64
@@ -403,6 +406,14 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 			d.restarts = nil
 		}
 	}
+	if d.reconnect != 0 && n.ProtocolFeatures&vhostuser.ProtocolInflightSHMFD != 0 {
+		// The same for an external back-end the core reconnects to. One
+		// without (qemu-storage-daemon 7.2) is reconnected only when it
+		// is lost with no request outstanding (monitorExternal).
+		if err := d.setupInflight(client, n, info.NumQueues, qmax); err != nil {
+			return fmt.Errorf("vhost-user inflight region: %w", err)
+		}
+	}
 	d.attached, d.regions, d.usedIndex = n, regions, m.usedIndex
 	var backend mmio.Backend = client
 	configSpace := n.ProtocolFeatures&vhostuser.ProtocolConfig != 0
@@ -452,7 +463,10 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	// The back-end's device state (a virtio-fs session, a console's
 	// ports) goes with the guest's reset, as QEMU does it.
 	cfg.ResetBackend = n.ProtocolFeatures&vhostuser.ProtocolResetDevice != 0
-	if d.restarts != nil {
+	if d.reconnect != 0 {
+		cfg.Recover = d.backendGone
+	}
+	if d.restarts != nil || d.inflight != nil {
 		cfg.Recover = d.backendGone
 		inflight := d.inflight
 		cfg.OnReset = func() {
@@ -516,9 +530,7 @@ func (d *pluginDevice) backendGone(err error) bool {
 
 // startMonitor runs monitor on a goroutine of its own.
 func (d *pluginDevice) startMonitor(ctx context.Context) {
-	if d.external == nil {
-		d.monitorDone = make(chan struct{})
-	}
+	d.monitorDone = make(chan struct{})
 	go d.monitor(ctx)
 }
 
@@ -529,7 +541,7 @@ func (d *pluginDevice) startMonitor(ctx context.Context) {
 // the VM runs on).
 func (d *pluginDevice) monitor(ctx context.Context) {
 	if d.external != nil {
-		d.watchHangup(ctx)
+		d.monitorExternal(ctx)
 		return
 	}
 	defer close(d.monitorDone)
@@ -753,7 +765,7 @@ func (d *pluginDevice) dropPlugin() {
 func (d *pluginDevice) shutdown(log hclog.Logger) {
 	d.closeOnce.Do(func() {
 		if d.monitorDone != nil {
-			<-d.monitorDone // a restart under way finishes first
+			<-d.monitorDone // a restart or reconnection under way finishes first
 		}
 		if d.stopBackendReq != nil {
 			d.stopBackendReq()

@@ -170,39 +170,21 @@ func (b *externalBackend) SetConfig(offset, flags uint32, data []byte) error {
 // features and protocol features with it; attach does the rest, as for a
 // plugin.
 func (c *Context) connectExternal(ctx context.Context, i int, v *devspec.VhostUserSpec) (_ *pluginDevice, err error) {
-	d := &pluginDevice{index: i, spec: v, external: v}
+	d := &pluginDevice{index: i, spec: v, external: v, reconnect: v.Reconnect, log: c.log.Named(v.Kind()), gone: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			d.shutdown(c.log)
 			err = fmt.Errorf("device %d (%s): %w", i, v, err)
 		}
 	}()
-	limit := externalNegotiateTimeout
-	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < limit {
-		limit = time.Until(dl).Round(time.Millisecond)
-	}
-	dctx, cancel := context.WithTimeout(ctx, limit)
+	limit, dctx, cancel := externalLimit(ctx)
 	defer cancel()
-	nc, err := (&net.Dialer{}).DialContext(dctx, "unix", v.Socket)
+	client, watch, err := dialExternal(dctx, v)
 	if err != nil {
-		var oe *net.OpError
-		if errors.As(err, &oe) {
-			err = oe.Err
-		}
-		var se *os.SyscallError
-		if errors.As(err, &se) {
-			err = se.Err
-		}
-		return nil, fmt.Errorf("connect to vhost-user back-end %s: %w", v.Socket, err)
-	}
-	uc := nc.(*net.UnixConn)
-	watch, err := uc.File() // a copy for the hang-up watch (monitor)
-	if err != nil {
-		uc.Close()
-		return nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
+		return nil, err
 	}
 	d.watch.Store(watch)
-	d.setClient(frontend.New(vhostuser.NewUnixConn(uc)))
+	d.setClient(client)
 	// The whole negotiation within limit: each request gets what is left.
 	deadline, _ := dctx.Deadline()
 	d.client.SetTimeout(time.Until(deadline))
@@ -212,10 +194,7 @@ func (c *Context) connectExternal(ctx context.Context, i int, v *devspec.VhostUs
 	})
 	d.client.SetTimeout(frontend.DefaultTimeout)
 	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, frontend.ErrTimeout) {
-			return nil, fmt.Errorf("vhost-user back-end %s did not answer the negotiation within %v (is it a vhost-user back-end?)", v.Socket, limit)
-		}
-		return nil, fmt.Errorf("vhost-user back-end %s refused the negotiation: %w", v.Socket, err)
+		return nil, negotiationError(v, limit, err)
 	}
 	if err := d.adjustExternal(v, n); err != nil {
 		return nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
@@ -226,6 +205,50 @@ func (c *Context) connectExternal(ctx context.Context, i int, v *devspec.VhostUs
 		"features", fmt.Sprintf("%#x", n.OfferedFeatures), "protocol_features", fmt.Sprintf("%#x", n.ProtocolFeatures),
 		"max_queues", n.MaxQueues)
 	return d, nil
+}
+
+// externalLimit bounds connecting and negotiating with an external
+// back-end: externalNegotiateTimeout, or less where ctx ends sooner.
+func externalLimit(ctx context.Context) (time.Duration, context.Context, context.CancelFunc) {
+	limit := externalNegotiateTimeout
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < limit {
+		limit = time.Until(dl).Round(time.Millisecond)
+	}
+	dctx, cancel := context.WithTimeout(ctx, limit)
+	return limit, dctx, cancel
+}
+
+// dialExternal connects to v's socket. It returns the vhost-user client
+// and a copy of the socket for the hang-up watch (watchHangup).
+func dialExternal(ctx context.Context, v *devspec.VhostUserSpec) (*frontend.Client, *os.File, error) {
+	nc, err := (&net.Dialer{}).DialContext(ctx, "unix", v.Socket)
+	if err != nil {
+		var oe *net.OpError
+		if errors.As(err, &oe) {
+			err = oe.Err
+		}
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = se.Err
+		}
+		return nil, nil, fmt.Errorf("connect to vhost-user back-end %s: %w", v.Socket, err)
+	}
+	uc := nc.(*net.UnixConn)
+	watch, err := uc.File()
+	if err != nil {
+		uc.Close()
+		return nil, nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
+	}
+	return frontend.New(vhostuser.NewUnixConn(uc)), watch, nil
+}
+
+// negotiationError says why the negotiation with an external back-end
+// failed, in one line.
+func negotiationError(v *devspec.VhostUserSpec, limit time.Duration, err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, frontend.ErrTimeout) {
+		return fmt.Errorf("vhost-user back-end %s did not answer the negotiation within %v (is it a vhost-user back-end?)", v.Socket, limit)
+	}
+	return fmt.Errorf("vhost-user back-end %s refused the negotiation: %w", v.Socket, err)
 }
 
 // adjustExternal checks what the back-end negotiated against the options
@@ -277,51 +300,184 @@ func (d *pluginDevice) adjustExternal(v *devspec.VhostUserSpec, n frontend.Negot
 	return nil
 }
 
-// watchHangup fails the device when the external back-end closes its end
-// of the socket (it exited, or dropped the connection): the guest sees a
-// broken device, as when a plugin dies, and the VM runs on.
-func (d *pluginDevice) watchHangup(ctx context.Context) {
+// monitorExternal watches an external back-end's connection. When the
+// back-end closes it (it exited, or dropped the connection) or stops
+// answering, the device fails (the guest sees a broken device, as when a
+// plugin dies, and the VM runs on), unless reconnect= was given: then the
+// device is suspended and the core connects again every reconnect=
+// interval until a back-end takes over, with the requests in flight
+// replayed from the inflight region (as QEMU's reconnect= does).
+func (d *pluginDevice) monitorExternal(ctx context.Context) {
+	if d.monitorDone != nil {
+		defer close(d.monitorDone)
+	}
+	for {
+		why := d.watchHangup(ctx)
+		if why == nil || ctx.Err() != nil || d.exiting.Load() {
+			return
+		}
+		if d.reconnect == 0 {
+			if d.dev != nil {
+				d.dev.Fail(why)
+			}
+			return
+		}
+		if !d.reconnectExternal(ctx, why) {
+			return
+		}
+	}
+}
+
+// watchHangup waits until the external back-end closes its end of the
+// socket, or the transport finds it gone (Recover: a call timed out),
+// and says which; nil when ctx ended first or there is nothing to watch.
+func (d *pluginDevice) watchHangup(ctx context.Context) error {
 	f := d.watch.Swap(nil)
 	if f == nil {
-		return // shut down already
+		return nil // shut down already
 	}
 	defer f.Close()
 	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
-		return
+		return nil
 	}
 	defer unix.Close(stop)
 	done := make(chan struct{})
+	var gone error
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		select {
 		case <-ctx.Done():
-			var one [8]byte
-			one[0] = 1
-			unix.Write(stop, one[:])
+		case gone = <-d.gone:
 		case <-done:
+			return
 		}
+		var one [8]byte
+		one[0] = 1
+		unix.Write(stop, one[:])
 	}()
-	defer wg.Wait() // before stop is closed: no write to a reused fd number
-	defer close(done)
+	var once sync.Once
+	finish := func() { once.Do(func() { close(done); wg.Wait() }) }
+	defer finish() // before stop is closed: no write to a reused fd number
 	fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLRDHUP}, {Fd: int32(stop), Events: unix.POLLIN}}
 	for {
 		if _, err := unix.Poll(fds, -1); err != nil {
 			if errors.Is(err, unix.EINTR) {
 				continue
 			}
-			return
+			return nil
 		}
 		if fds[1].Revents != 0 {
-			return
+			finish()
+			if gone != nil && ctx.Err() == nil {
+				return fmt.Errorf("vhost-user back-end %s stopped answering: %w", d.external.Socket, gone)
+			}
+			return nil
 		}
 		if fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0 {
-			if d.dev != nil {
-				d.dev.Fail(fmt.Errorf("vhost-user back-end %s disconnected", d.external.Socket))
-			}
-			return
+			return fmt.Errorf("vhost-user back-end %s disconnected", d.external.Socket)
 		}
 	}
+}
+
+// reconnectExternal suspends the device and connects to the back-end's
+// socket again every reconnect= interval until a back-end takes over
+// (true), or the VM is going away or the device failed (false).
+func (d *pluginDevice) reconnectExternal(ctx context.Context, why error) bool {
+	d.dev.Suspend()
+	if err := d.dev.Failed(); err != nil {
+		d.log.Error("vhost-user back-end lost and the device failed; not reconnecting", "device", d.index, "reason", why, "error", err)
+		return false
+	}
+	select { // a report of the same loss
+	case <-d.gone:
+	default:
+	}
+	if d.inflight == nil {
+		// Without an inflight region a new back-end starts at the used
+		// index: exact only when nothing was outstanding.
+		q, err := d.dev.Outstanding(d.usedIndex)
+		if err == nil && q >= 0 {
+			err = fmt.Errorf("queue %d had requests in flight, and the back-end keeps no inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) from which a new one could replay them", q)
+		}
+		if err != nil {
+			d.log.Error("vhost-user back-end lost; not reconnecting", "device", d.index, "reason", why, "error", err)
+			d.dev.Fail(fmt.Errorf("%w; not reconnected: %w", why, err))
+			return false
+		}
+	}
+	if d.info.Type == netTypeID {
+		// The link is down while no back-end serves it (as for a plugin).
+		d.dev.OverrideConfig(netConfigStatus, []byte{0, 0})
+	}
+	d.log.Warn("vhost-user back-end lost; reconnecting", "device", d.index, "reason", why, "every", d.reconnect)
+	start := time.Now()
+	var last string
+	for attempt := 1; ; attempt++ {
+		err := d.reattachExternal(ctx)
+		if err == nil {
+			d.log.Warn("reconnected to the vhost-user back-end; the device serves again", "device", d.index,
+				"socket", d.external.Socket, "attempts", attempt, "took", time.Since(start).Round(time.Millisecond))
+			return true
+		}
+		if ctx.Err() != nil || d.exiting.Load() {
+			return false
+		}
+		if msg := err.Error(); msg != last {
+			d.log.Warn("reconnect failed; trying again", "device", d.index, "error", err, "in", d.reconnect)
+			last = msg
+		} else {
+			d.log.Debug("reconnect failed; trying again", "device", d.index, "error", err, "attempt", attempt)
+		}
+		if !sleepCtx(ctx, d.reconnect) {
+			return false
+		}
+	}
+}
+
+// reattachExternal connects to the back-end's socket, negotiates, checks
+// the new back-end as the first one was checked (and that it offers what
+// the first one had), gives it the memory table and the inflight region,
+// and resumes the device on it.
+func (d *pluginDevice) reattachExternal(ctx context.Context) (err error) {
+	d.dropPlugin() // the lost connection: there is no process
+	limit, dctx, cancel := externalLimit(ctx)
+	defer cancel()
+	client, watch, err := dialExternal(dctx, d.external)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			watch.Close()
+			d.dropPlugin()
+		}
+	}()
+	d.setClient(client)
+	deadline, _ := dctx.Deadline()
+	client.SetTimeout(time.Until(deadline))
+	n, err := client.Reattach(frontend.SetupConfig{
+		Features:         ^uint64(0),
+		ProtocolFeatures: frontend.SupportedProtocolFeatures,
+		Regions:          d.regions,
+	}, d.attached, d.inflight)
+	client.SetTimeout(frontend.DefaultTimeout)
+	if err != nil {
+		return negotiationError(d.external, limit, err)
+	}
+	if err := d.adjustExternal(d.external, n); err != nil {
+		return fmt.Errorf("vhost-user back-end %s: %w", d.external.Socket, err)
+	}
+	if n.ProtocolFeatures&vhostuser.ProtocolBackendReq != 0 {
+		if d.stopBackendReq, err = client.BackendRequests(d.dev.ConfigChanged); err != nil {
+			return fmt.Errorf("vhost-user back-end request channel: %w", err)
+		}
+	}
+	if err := d.dev.Resume(d.backend, d.usedIndex); err != nil {
+		return err
+	}
+	d.watch.Store(watch)
+	return nil
 }

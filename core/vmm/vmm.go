@@ -186,6 +186,10 @@ type VhostUserOptions struct {
 	// Tag is the virtio-fs mount tag, used when the back-end has no
 	// config space of its own (the C virtiofsd).
 	Tag string
+	// Reconnect, when not 0, is the interval between attempts to connect
+	// again to a back-end that disconnected while the guest ran; the
+	// requests it had in flight are replayed (not for fs).
+	Reconnect time.Duration
 }
 
 // AddVhostUser attaches an external vhost-user back-end that krun-core did
@@ -195,9 +199,12 @@ type VhostUserOptions struct {
 // Start connects to it and negotiates before the guest starts; a back-end
 // that is missing or refuses the protocol makes Start fail, and one that
 // disconnects while the guest runs fails its device (as a plugin that
-// dies does).
+// dies does), or, with opts.Reconnect, is connected to again.
 func (c *Context) AddVhostUser(typ, socket string, opts VhostUserOptions) error {
 	v, err := devspec.NewVhostUser(typ, socket, opts.Queues, opts.QueueSize, opts.Tag)
+	if err == nil {
+		err = v.SetReconnect(opts.Reconnect)
+	}
 	if err != nil {
 		return fmt.Errorf("%w: vhost-user back-end: %w", ErrConfig, err)
 	}
