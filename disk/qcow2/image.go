@@ -301,8 +301,16 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	}
 	if h.incompat&incompatDirty != 0 && !opts.ReadOnly {
 		// Only now, with the files the image names checked against the
-		// declared ones: an open refused for them must not have written
-		// the image.
+		// declared ones, and the L1 table against aliased L2 tables
+		// (which the repair accepts): an open refused for them must not
+		// have written the image.
+		l1, err := im.readTable(h.l1Off, uint64(h.l1Size))
+		if err != nil {
+			return nil, fmt.Errorf("image %s: read L1 table: %w", name, err)
+		}
+		if err := sharedL2(l1, im.cs); err != nil {
+			return nil, fmt.Errorf("image %s: %w", name, err)
+		}
 		if err := im.repairDirty(); err != nil {
 			return nil, err
 		}

@@ -81,3 +81,63 @@ func TestSharedL2TableRefusedWritable(t *testing.T) {
 		t.Fatal("read-only open: the aliased range does not read the shared table's data")
 	}
 }
+
+// TestDirtyAliasedL1RefusedUnchanged (from review): the refcount repair of
+// a dirty image accepts two L1 entries naming one L2 table, so a dirty
+// image with that alias was repaired (refcounts, COPIED flags, the dirty
+// bit written) before the read-write open refused it.
+func TestDirtyAliasedL1RefusedUnchanged(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "img.qcow2")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(f, CreateOptions{Size: 8 << 20, ClusterSize: 4096, LazyRefcounts: true}); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	im := openImage(t, p, false)
+	if _, err := im.WriteAt(bytes.Repeat([]byte{0xa5}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f = openFile(t, p, false)
+	var hb [80]byte
+	if _, err := f.ReadAt(hb[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	l1Off := int64(binary.BigEndian.Uint64(hb[40:]))
+	var e [8]byte
+	if _, err := f.ReadAt(e[:], l1Off); err != nil {
+		t.Fatal(err)
+	}
+	if binary.BigEndian.Uint64(e[:])&l1OffsetMask == 0 {
+		t.Fatal("L1[0] is empty after a write")
+	}
+	if _, err := f.WriteAt(e[:], l1Off+16); err != nil { // L1[2] = L1[0]
+		t.Fatal(err)
+	}
+	binary.BigEndian.PutUint64(hb[72:], binary.BigEndian.Uint64(hb[72:])|incompatDirty)
+	if _, err := f.WriteAt(hb[72:80], 72); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	before, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err = Open(openFile(t, p, false), Options{Path: p})
+	if err == nil {
+		im.Close()
+		t.Fatal("a read-write open accepted two L1 entries naming one L2 table")
+	}
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Open: %v", err)
+	}
+	if after, _ := os.ReadFile(p); !bytes.Equal(before, after) {
+		t.Fatalf("the refused open changed the image (first difference at byte %d)", firstDiff(before, after))
+	}
+}
