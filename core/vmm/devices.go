@@ -19,6 +19,7 @@ import (
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/internal/ratelog"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
@@ -58,12 +59,17 @@ type pluginDevice struct {
 	// socket that monitor polls for a hang-up. reconnect is the
 	// interval between attempts to connect again once it is lost (0:
 	// the device fails instead; see monitorExternal).
-	external    *devspec.VhostUserSpec
-	reconnect   time.Duration
-	negotiated  *frontend.Negotiated
-	backend     mmio.Backend
-	featureMask uint64
-	watch       atomic.Pointer[os.File]
+	external  *devspec.VhostUserSpec
+	reconnect time.Duration
+	// lossLog, failLog and backLog space the reconnection's lines (a
+	// back-end that drops each new connection); lastReconnect is when one
+	// last succeeded (monitor's goroutine only).
+	lossLog, failLog, backLog ratelog.Limiter
+	lastReconnect             time.Time
+	negotiated                *frontend.Negotiated
+	backend                   mmio.Backend
+	featureMask               uint64
+	watch                     atomic.Pointer[os.File]
 
 	// Restarts (see restart): the Context that launched the plugin, the
 	// restart budget (nil: the device is never restarted), what the first

@@ -300,13 +300,19 @@ func (d *pluginDevice) adjustExternal(v *devspec.VhostUserSpec, n frontend.Negot
 	return nil
 }
 
+// errUnresponsive marks a back-end that stopped answering but did not
+// close its connection: it may still be serving the rings, and since the
+// core cannot kill a process it did not start, it is not replaced.
+var errUnresponsive = errors.New("it still holds the connection, so it may still be using the rings; not reconnected")
+
 // monitorExternal watches an external back-end's connection. When the
 // back-end closes it (it exited, or dropped the connection) or stops
 // answering, the device fails (the guest sees a broken device, as when a
-// plugin dies, and the VM runs on), unless reconnect= was given: then the
-// device is suspended and the core connects again every reconnect=
-// interval until a back-end takes over, with the requests in flight
-// replayed from the inflight region (as QEMU's reconnect= does).
+// plugin dies, and the VM runs on), unless reconnect= was given and the
+// back-end closed its connection: then the device is suspended and the
+// core connects again every reconnect= interval until a back-end takes
+// over, with the requests in flight replayed from the inflight region (as
+// QEMU's reconnect= does).
 func (d *pluginDevice) monitorExternal(ctx context.Context) {
 	if d.monitorDone != nil {
 		defer close(d.monitorDone)
@@ -316,7 +322,7 @@ func (d *pluginDevice) monitorExternal(ctx context.Context) {
 		if why == nil || ctx.Err() != nil || d.exiting.Load() {
 			return
 		}
-		if d.reconnect == 0 {
+		if d.reconnect == 0 || errors.Is(why, errUnresponsive) {
 			if d.dev != nil {
 				d.dev.Fail(why)
 			}
@@ -329,8 +335,11 @@ func (d *pluginDevice) monitorExternal(ctx context.Context) {
 }
 
 // watchHangup waits until the external back-end closes its end of the
-// socket, or the transport finds it gone (Recover: a call timed out),
-// and says which; nil when ctx ended first or there is nothing to watch.
+// socket, or the transport finds it gone (Recover: a call failed), and
+// says which (errUnresponsive: it failed a call but holds the connection);
+// nil when ctx ended first or there is nothing to watch. The watched copy
+// of the socket is closed on return, so a back-end that stopped answering
+// sees the connection end.
 func (d *pluginDevice) watchHangup(ctx context.Context) error {
 	f := d.watch.Swap(nil)
 	if f == nil {
@@ -361,6 +370,7 @@ func (d *pluginDevice) watchHangup(ctx context.Context) error {
 	var once sync.Once
 	finish := func() { once.Do(func() { close(done); wg.Wait() }) }
 	defer finish() // before stop is closed: no write to a reused fd number
+	const hungUp = unix.POLLRDHUP | unix.POLLHUP | unix.POLLERR
 	fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLRDHUP}, {Fd: int32(stop), Events: unix.POLLIN}}
 	for {
 		if _, err := unix.Poll(fds, -1); err != nil {
@@ -369,22 +379,30 @@ func (d *pluginDevice) watchHangup(ctx context.Context) error {
 			}
 			return nil
 		}
+		if fds[0].Revents&hungUp != 0 {
+			return fmt.Errorf("vhost-user back-end %s disconnected", d.external.Socket)
+		}
 		if fds[1].Revents != 0 {
 			finish()
-			if gone != nil && ctx.Err() == nil {
-				return fmt.Errorf("vhost-user back-end %s stopped answering: %w", d.external.Socket, gone)
+			if gone == nil || ctx.Err() != nil {
+				return nil
 			}
-			return nil
-		}
-		if fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0 {
-			return fmt.Errorf("vhost-user back-end %s disconnected", d.external.Socket)
+			// A call failed: a closed connection is a disconnection
+			// (the peer's close is seen at once), anything else a
+			// back-end that stopped answering.
+			p := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLRDHUP}}
+			if n, err := unix.Poll(p, 0); err == nil && n > 0 && p[0].Revents&hungUp != 0 {
+				return fmt.Errorf("vhost-user back-end %s disconnected", d.external.Socket)
+			}
+			return fmt.Errorf("vhost-user back-end %s stopped answering (%v): %w", d.external.Socket, gone, errUnresponsive)
 		}
 	}
 }
 
 // reconnectExternal suspends the device and connects to the back-end's
-// socket again every reconnect= interval until a back-end takes over
-// (true), or the VM is going away or the device failed (false).
+// socket again, at once and then every reconnect= interval, until a
+// back-end takes over (true), or the VM is going away or the device
+// failed (false).
 func (d *pluginDevice) reconnectExternal(ctx context.Context, why error) bool {
 	d.dev.Suspend()
 	if err := d.dev.Failed(); err != nil {
@@ -395,42 +413,53 @@ func (d *pluginDevice) reconnectExternal(ctx context.Context, why error) bool {
 	case <-d.gone:
 	default:
 	}
-	if d.inflight == nil {
-		// Without an inflight region a new back-end starts at the used
-		// index: exact only when nothing was outstanding.
-		q, err := d.dev.Outstanding(d.usedIndex)
-		if err == nil && q >= 0 {
-			err = fmt.Errorf("queue %d had requests in flight, and the back-end keeps no inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) from which a new one could replay them", q)
-		}
-		if err != nil {
-			d.log.Error("vhost-user back-end lost; not reconnecting", "device", d.index, "reason", why, "error", err)
-			d.dev.Fail(fmt.Errorf("%w; not reconnected: %w", why, err))
-			return false
-		}
-	}
+	// Without an inflight region a new back-end starts at the used index:
+	// exact only when nothing is outstanding. Checked at the loss and
+	// again after any attempt that handed the rings to a back-end.
+	checkIdle := d.inflight == nil
 	if d.info.Type == netTypeID {
 		// The link is down while no back-end serves it (as for a plugin).
 		d.dev.OverrideConfig(netConfigStatus, []byte{0, 0})
 	}
-	d.log.Warn("vhost-user back-end lost; reconnecting", "device", d.index, "reason", why, "every", d.reconnect)
+	d.lossLog.Warn(d.log, "vhost-user back-end lost; reconnecting", "device", d.index, "reason", why, "every", d.reconnect)
 	start := time.Now()
-	var last string
+	// A back-end that drops each new connection gets one attempt per
+	// interval, not a busy loop.
+	if time.Since(d.lastReconnect) < d.reconnect && !sleepCtx(ctx, d.reconnect) {
+		return false
+	}
 	for attempt := 1; ; attempt++ {
-		err := d.reattachExternal(ctx)
-		if err == nil {
-			d.log.Warn("reconnected to the vhost-user back-end; the device serves again", "device", d.index,
-				"socket", d.external.Socket, "attempts", attempt, "took", time.Since(start).Round(time.Millisecond))
-			return true
-		}
 		if ctx.Err() != nil || d.exiting.Load() {
 			return false
 		}
-		if msg := err.Error(); msg != last {
-			d.log.Warn("reconnect failed; trying again", "device", d.index, "error", err, "in", d.reconnect)
-			last = msg
-		} else {
-			d.log.Debug("reconnect failed; trying again", "device", d.index, "error", err, "attempt", attempt)
+		if err := d.dev.Failed(); err != nil {
+			d.log.Error("the device failed while its back-end was away; not reconnecting", "device", d.index, "error", err)
+			return false
 		}
+		if checkIdle {
+			q, err := d.dev.Outstanding(d.usedIndex)
+			if err == nil && q >= 0 {
+				err = fmt.Errorf("queue %d had requests in flight, and the back-end keeps no inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) from which a new one could replay them", q)
+			}
+			if err != nil {
+				d.log.Error("vhost-user back-end lost; not reconnecting", "device", d.index, "reason", why, "error", err)
+				d.dev.Fail(fmt.Errorf("%w; not reconnected: %w", why, err))
+				return false
+			}
+			checkIdle = false
+		}
+		handed, err := d.reattachExternal(ctx)
+		if err == nil {
+			d.lastReconnect = time.Now()
+			d.backLog.Warn(d.log, "reconnected to the vhost-user back-end; the device serves again", "device", d.index,
+				"socket", d.external.Socket, "attempts", attempt, "took", time.Since(start).Round(time.Millisecond))
+			return true
+		}
+		checkIdle = d.inflight == nil && handed
+		if ctx.Err() != nil || d.exiting.Load() {
+			return false
+		}
+		d.failLog.Warn(d.log, "reconnect failed; trying again", "device", d.index, "error", err, "in", d.reconnect)
 		if !sleepCtx(ctx, d.reconnect) {
 			return false
 		}
@@ -440,15 +469,20 @@ func (d *pluginDevice) reconnectExternal(ctx context.Context, why error) bool {
 // reattachExternal connects to the back-end's socket, negotiates, checks
 // the new back-end as the first one was checked (and that it offers what
 // the first one had), gives it the memory table and the inflight region,
-// and resumes the device on it.
-func (d *pluginDevice) reattachExternal(ctx context.Context) (err error) {
+// and resumes the device on it. handed reports whether the rings were
+// handed to the new back-end (Resume was reached), even if it failed
+// after that. The attempt ends when ctx does.
+func (d *pluginDevice) reattachExternal(ctx context.Context) (handed bool, err error) {
 	d.dropPlugin() // the lost connection: there is no process
 	limit, dctx, cancel := externalLimit(ctx)
 	defer cancel()
 	client, watch, err := dialExternal(dctx, d.external)
 	if err != nil {
-		return err
+		return false, err
 	}
+	// A back-end that accepts and then does not answer holds the attempt
+	// for at most limit, and never the VM's exit.
+	defer context.AfterFunc(ctx, func() { client.Close() })()
 	defer func() {
 		if err != nil {
 			watch.Close()
@@ -465,19 +499,19 @@ func (d *pluginDevice) reattachExternal(ctx context.Context) (err error) {
 	}, d.attached, d.inflight)
 	client.SetTimeout(frontend.DefaultTimeout)
 	if err != nil {
-		return negotiationError(d.external, limit, err)
+		return false, negotiationError(d.external, limit, err)
 	}
 	if err := d.adjustExternal(d.external, n); err != nil {
-		return fmt.Errorf("vhost-user back-end %s: %w", d.external.Socket, err)
+		return false, fmt.Errorf("vhost-user back-end %s: %w", d.external.Socket, err)
 	}
 	if n.ProtocolFeatures&vhostuser.ProtocolBackendReq != 0 {
 		if d.stopBackendReq, err = client.BackendRequests(d.dev.ConfigChanged); err != nil {
-			return fmt.Errorf("vhost-user back-end request channel: %w", err)
+			return false, fmt.Errorf("vhost-user back-end request channel: %w", err)
 		}
 	}
 	if err := d.dev.Resume(d.backend, d.usedIndex); err != nil {
-		return err
+		return true, err
 	}
 	d.watch.Store(watch)
-	return nil
+	return true, nil
 }

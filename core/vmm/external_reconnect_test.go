@@ -3,6 +3,8 @@ package vmm
 import (
 	"bytes"
 	"context"
+	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,30 +60,8 @@ func (s *testServer) stop() {
 // core's log.
 func reconnectRig(t *testing.T, spec string) (*pluginDevice, *ringDriver, *syncbuf.Buffer) {
 	t.Helper()
-	var logs syncbuf.Buffer
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("core log:\n%s", logs.String())
-		}
-	})
-	c := NewContext(hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Debug}))
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	t.Cleanup(cancel)
-	d, err := c.connectExternal(ctx, 0, externalSpec(t, spec))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
-	if err := m.attachDevices(); err != nil {
-		t.Fatal(err)
-	}
-	runCtx, stop := context.WithCancel(ctx)
-	d.startMonitor(runCtx)
-	t.Cleanup(func() {
-		stop()
-		m.shutdownDevices()
-	})
-	return d, &ringDriver{t: t, mem: m.mem, dev: d.dev}, &logs
+	d, drv, logs, _, _ := reconnectMachine(t, spec)
+	return d, drv, logs
 }
 
 // waitLog waits until the log holds want n times (the device must not fail
@@ -291,5 +271,120 @@ func TestExternalReconnectQemuStorageDaemon(t *testing.T) {
 	}
 	if strings.Count(logs.String(), reconnected) != 1 {
 		t.Fatal("reconnected after a loss with a request outstanding")
+	}
+}
+
+// reconnectMachine attaches spec (its socket given) to a machine without
+// KVM, with the monitor running, and returns the device, a driver, the
+// core's log, the machine and the monitor's cancel.
+func reconnectMachine(t *testing.T, spec string) (*pluginDevice, *ringDriver, *syncbuf.Buffer, *machine, context.CancelFunc) {
+	t.Helper()
+	var logs syncbuf.Buffer
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("core log:\n%s", logs.String())
+		}
+	})
+	c := NewContext(hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Debug}))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	d, err := c.connectExternal(ctx, 0, externalSpec(t, spec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
+	if err := m.attachDevices(); err != nil {
+		t.Fatal(err)
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	d.startMonitor(runCtx)
+	t.Cleanup(func() {
+		stop()
+		m.shutdownDevices()
+	})
+	return d, &ringDriver{t: t, mem: m.mem, dev: d.dev}, &logs, m, stop
+}
+
+// TestExternalReconnectShutdownDuringHungReattach (from review): a back-end
+// that accepted the reconnection and never answered held the VM's exit
+// for the whole 10 s negotiation limit: the attempt's client was not
+// closed when the run ended.
+func TestExternalReconnectShutdownDuringHungReattach(t *testing.T) {
+	sock := filepath.Join(shortDir(t), "be.sock")
+	srv := startTestServer(t, sock, &fakeDevice{typ: 4, queues: 1})
+	d, drv, logs, m, stop := reconnectMachine(t, "type=4,reconnect=0.02,socket="+sock)
+	drv.start()
+	srv.stop()
+	waitLog(t, d, logs, "vhost-user back-end lost; reconnecting", 1)
+
+	os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	conn, err := ln.Accept() // the core's next attempt; never answered
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	time.Sleep(100 * time.Millisecond) // the core waits in Reattach now
+
+	// The VM exits (machine.run: stopVCPUs, cancel, then close).
+	m.stopVCPUs()
+	stop()
+	start := time.Now()
+	done := make(chan struct{})
+	go func() { m.shutdownDevices(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		<-done
+		t.Fatalf("shutdown took %v with a hung back-end in Reattach", time.Since(start).Round(time.Millisecond))
+	}
+}
+
+// TestExternalReconnectStopsOnceFailed (from review): a device that failed
+// while its back-end was away kept being reconnected for the VM's life
+// (each attempt negotiating, then refused by Resume).
+func TestExternalReconnectStopsOnceFailed(t *testing.T) {
+	sock := filepath.Join(shortDir(t), "be.sock")
+	srv := startTestServer(t, sock, &fakeDevice{typ: 4, queues: 1})
+	d, drv, logs := reconnectRig(t, "type=4,reconnect=0.02,socket="+sock)
+	drv.start()
+	srv.stop()
+	waitLog(t, d, logs, "vhost-user back-end lost; reconnecting", 1)
+	d.dev.Fail(errors.New("failed while suspended"))
+	startTestServer(t, sock, &fakeDevice{typ: 4, queues: 1})
+	select {
+	case <-d.monitorDone:
+	case <-time.After(2 * time.Second):
+		n := strings.Count(logs.String(), "reconnect failed; trying again")
+		t.Fatalf("monitor still reconnecting 2 s after the device failed (%d failed attempts logged)", n)
+	}
+}
+
+// TestExternalUnresponsiveNotReplaced (from review): a back-end that failed
+// a call but keeps its connection may still be using the rings, and the
+// core cannot kill a process it did not start: reconnecting would let a
+// second back-end serve the same rings. The device fails instead, and the
+// back-end sees its connection end.
+func TestExternalUnresponsiveNotReplaced(t *testing.T) {
+	sock := filepath.Join(shortDir(t), "be.sock")
+	startTestServer(t, sock, &fakeDevice{typ: 4, queues: 1})
+	d, drv, logs := reconnectRig(t, "type=4,reconnect=0.02,socket="+sock)
+	drv.start()
+	d.backendGone(errors.New("request timed out")) // as the transport reports a timeout
+	select {
+	case <-d.monitorDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the monitor did not end")
+	}
+	err := d.dev.Failed()
+	if err == nil || !strings.Contains(err.Error(), "stopped answering") {
+		t.Fatalf("device error %v", err)
+	}
+	if strings.Contains(logs.String(), "reconnecting") {
+		t.Fatal("a back-end that still holds its connection was replaced")
 	}
 }
