@@ -412,13 +412,18 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 			d.restarts = nil
 		}
 	}
-	if d.reconnect != 0 && n.ProtocolFeatures&vhostuser.ProtocolInflightSHMFD != 0 {
-		// The same for an external back-end the core reconnects to. One
-		// without (qemu-storage-daemon 7.2) is reconnected only when it
-		// is lost with no request outstanding (monitorExternal).
+	switch {
+	case d.reconnect == 0:
+	case n.ProtocolFeatures&vhostuser.ProtocolInflightSHMFD != 0:
+		// The same for an external back-end the core reconnects to.
 		if err := d.setupInflight(client, n, info.NumQueues, qmax); err != nil {
 			return fmt.Errorf("vhost-user inflight region: %w", err)
 		}
+	default:
+		// One without (qemu-storage-daemon 7.2) is reconnected only when
+		// it is lost with no request outstanding (reconnectExternal).
+		d.log.Warn("vhost-user back-end keeps no inflight region (INFLIGHT_SHMFD): it is reconnected only if lost with no request outstanding",
+			"device", d.index, "socket", d.external.Socket)
 	}
 	d.attached, d.regions, d.usedIndex = n, regions, m.usedIndex
 	var backend mmio.Backend = client

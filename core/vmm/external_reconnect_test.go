@@ -228,6 +228,9 @@ func TestExternalReconnectQemuStorageDaemon(t *testing.T) {
 	}
 	cmd := start()
 	d, drv, logs := reconnectRig(t, "type=blk,reconnect=0.05,socket="+sock)
+	if !strings.Contains(logs.String(), "keeps no inflight region (INFLIGHT_SHMFD): it is reconnected only if lost with no request outstanding") {
+		t.Error("no warning at attach that the back-end is reconnected only when idle")
+	}
 	drv.start()
 	want := make([][]byte, 5)
 	for i := range want {
