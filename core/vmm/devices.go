@@ -614,26 +614,12 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 		d.dev.Fail(why)
 		return false
 	}
-	d.dev.Suspend()
-	if d.dev.Failed() != nil {
+	if err := d.suspendForReplacement(); err != nil {
 		// The old plugin could not be killed (Suspend failed the
 		// device), or the device failed on its own meanwhile: no new
 		// plugin would be let in.
-		d.log.Error("plugin died and the device failed; it is not restarted", "device", d.index, "reason", why, "error", d.dev.Failed())
+		d.log.Error("plugin died and the device failed; it is not restarted", "device", d.index, "reason", why, "error", err)
 		return false
-	}
-	// A report of the same death the transport made before it was
-	// suspended would restart the next plugin for nothing; while the
-	// device is suspended no report is made.
-	select {
-	case <-d.gone:
-	default:
-	}
-	if d.info.Type == netTypeID {
-		// The link goes down while the plugin (and passt) are away: the
-		// guest's stack learns that its connections are gone, and sees
-		// the link come back when the new plugin's config space is read.
-		d.dev.OverrideConfig(netConfigStatus, []byte{0, 0})
 	}
 	for {
 		delay, err := d.restarts.Next(time.Now())
@@ -666,6 +652,29 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 		}
 		why = fmt.Errorf("restart failed: %w", why)
 	}
+}
+
+// suspendForReplacement suspends the device while its back-end is
+// replaced (a plugin restarted, an external back-end reconnected); the
+// device's error when it failed instead. A report of the same loss the
+// transport made before the suspension is dropped (it would replace the
+// next back-end for nothing; while suspended no report is made), and a
+// network device's link goes down: the guest's stack learns that its
+// connections are gone, and sees the link come back when the new
+// back-end's config space is read.
+func (d *pluginDevice) suspendForReplacement() error {
+	d.dev.Suspend()
+	if err := d.dev.Failed(); err != nil {
+		return err
+	}
+	select {
+	case <-d.gone:
+	default:
+	}
+	if d.info.Type == netTypeID {
+		d.dev.OverrideConfig(netConfigStatus, []byte{0, 0})
+	}
+	return nil
 }
 
 // sleepCtx waits for delay: false when ctx ended first.

@@ -404,23 +404,14 @@ func (d *pluginDevice) watchHangup(ctx context.Context) error {
 // back-end takes over (true), or the VM is going away or the device
 // failed (false).
 func (d *pluginDevice) reconnectExternal(ctx context.Context, why error) bool {
-	d.dev.Suspend()
-	if err := d.dev.Failed(); err != nil {
+	if err := d.suspendForReplacement(); err != nil {
 		d.log.Error("vhost-user back-end lost and the device failed; not reconnecting", "device", d.index, "reason", why, "error", err)
 		return false
-	}
-	select { // a report of the same loss
-	case <-d.gone:
-	default:
 	}
 	// Without an inflight region a new back-end starts at the used index:
 	// exact only when nothing is outstanding. Checked at the loss and
 	// again after any attempt that handed the rings to a back-end.
 	checkIdle := d.inflight == nil
-	if d.info.Type == netTypeID {
-		// The link is down while no back-end serves it (as for a plugin).
-		d.dev.OverrideConfig(netConfigStatus, []byte{0, 0})
-	}
 	d.lossLog.Warn(d.log, "vhost-user back-end lost; reconnecting", "device", d.index, "reason", why, "every", d.reconnect)
 	start := time.Now()
 	// A back-end that drops each new connection gets one attempt per
