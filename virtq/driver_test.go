@@ -25,7 +25,6 @@ type driver struct {
 	mem      *guestmem.Memory
 	size     uint16
 	availIdx uint16
-	usedSeen uint16
 }
 
 func newTestMemory(t testing.TB) *guestmem.Memory {

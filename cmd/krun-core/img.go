@@ -497,7 +497,6 @@ func imgCreate(args []string, stdout, stderr io.Writer) int {
 // backingFlags collects repeated --backing/--backing-format pairs in order.
 type backingFlags struct {
 	chain []imgtool.Backing
-	err   error
 }
 
 func (b *backingFlags) register(fs *flag.FlagSet) {

@@ -36,7 +36,7 @@ func TestIoctlSizes(t *testing.T) {
 		{"kvm_msr_entry", 16, unsafe.Sizeof(MSR{})},
 	}
 	for _, tt := range tests {
-		got := tt.want
+		var got uintptr
 		if tt.req > 0x1000 {
 			got = size(tt.req)
 		} else {

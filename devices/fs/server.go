@@ -151,7 +151,6 @@ type Server struct {
 	scratches chan *scratch
 	closed    atomic.Bool
 	stats     Stats
-	closeErr  error
 }
 
 type timeout struct {

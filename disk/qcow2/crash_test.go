@@ -275,10 +275,9 @@ func TestKillKeepsAcknowledgedWrites(t *testing.T) {
 			im.f, im.data = rec, rec
 			model := qemuRaw(t, p)
 			type done struct {
-				end      int    // log entries once the operation completed
-				model    []byte // the disk as the guest knows it then
-				off, n   int64  // the operation that follows
-				nextFull bool
+				end    int    // log entries once the operation completed
+				model  []byte // the disk as the guest knows it then
+				off, n int64  // the operation that follows
 			}
 			points := []done{{end: 0, model: append([]byte(nil), model...)}}
 			r := rand.New(rand.NewSource(int64(len(tc.name)) + 7))

@@ -3,7 +3,6 @@ package fs_test
 import (
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/krun-core/krun-core/devices/fs/fuseclient"
@@ -102,5 +101,3 @@ func dialFS(t testing.TB, socket string, split int) *fuseGuest {
 	}
 	return fg
 }
-
-func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }

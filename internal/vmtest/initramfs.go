@@ -72,7 +72,6 @@ type Initramfs struct {
 	nonce       string
 	busybox     string
 	compression Compression
-	cmdlineLog  bool
 	err         error
 }
 
