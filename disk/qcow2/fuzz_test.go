@@ -164,6 +164,15 @@ func fuzzBody(t *testing.T, b []byte) {
 	cf := memFile(t, after)
 	Check(cf, RepairNone)
 	cf.Close()
+
+	// Growing the image is refused, or leaves it without errors.
+	rf := memFile(t, b)
+	if err := Resize(rf, (size+1<<20)&^511); err == nil {
+		if res, err := Check(rf, RepairNone); err != nil || res.Corruptions+res.CheckErrors > 0 {
+			t.Fatalf("resized image: %v, %d corruptions, %d check errors: %v", err, res.Corruptions, res.CheckErrors, res.Messages)
+		}
+	}
+	rf.Close()
 }
 
 // TestWriteFuzzSeeds regenerates the committed seed corpora from images
