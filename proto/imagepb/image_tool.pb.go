@@ -1533,6 +1533,137 @@ func (x *Progress) GetWritten() int64 {
 	return 0
 }
 
+type ResizeRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	File   string                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`     // the name given in Open
+	Format string                 `protobuf:"bytes,2,opt,name=format,proto3" json:"format,omitempty"` // "raw" or "qcow2", as the user declared it
+	// The new virtual size; with relative set, the change to the current
+	// virtual size (negative to shrink).
+	Size     int64 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	Relative bool  `protobuf:"varint,4,opt,name=relative,proto3" json:"relative,omitempty"`
+	// Allow a smaller size (raw; qcow2 refuses shrinking).
+	Shrink        bool `protobuf:"varint,5,opt,name=shrink,proto3" json:"shrink,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizeRequest) Reset() {
+	*x = ResizeRequest{}
+	mi := &file_image_tool_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizeRequest) ProtoMessage() {}
+
+func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_image_tool_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
+func (*ResizeRequest) Descriptor() ([]byte, []int) {
+	return file_image_tool_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ResizeRequest) GetFile() string {
+	if x != nil {
+		return x.File
+	}
+	return ""
+}
+
+func (x *ResizeRequest) GetFormat() string {
+	if x != nil {
+		return x.Format
+	}
+	return ""
+}
+
+func (x *ResizeRequest) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *ResizeRequest) GetRelative() bool {
+	if x != nil {
+		return x.Relative
+	}
+	return false
+}
+
+func (x *ResizeRequest) GetShrink() bool {
+	if x != nil {
+		return x.Shrink
+	}
+	return false
+}
+
+type ResizeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OldSize       int64                  `protobuf:"varint,1,opt,name=old_size,json=oldSize,proto3" json:"old_size,omitempty"`             // the virtual size before
+	VirtualSize   int64                  `protobuf:"varint,2,opt,name=virtual_size,json=virtualSize,proto3" json:"virtual_size,omitempty"` // the virtual size after
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizeResponse) Reset() {
+	*x = ResizeResponse{}
+	mi := &file_image_tool_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizeResponse) ProtoMessage() {}
+
+func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_image_tool_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
+func (*ResizeResponse) Descriptor() ([]byte, []int) {
+	return file_image_tool_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ResizeResponse) GetOldSize() int64 {
+	if x != nil {
+		return x.OldSize
+	}
+	return 0
+}
+
+func (x *ResizeResponse) GetVirtualSize() int64 {
+	if x != nil {
+		return x.VirtualSize
+	}
+	return 0
+}
+
 var File_image_tool_proto protoreflect.FileDescriptor
 
 const file_image_tool_proto_rawDesc = "" +
@@ -1662,12 +1793,21 @@ const file_image_tool_proto_rawDesc = "" +
 	"\x05total\x18\x02 \x01(\x03R\x05total\x12\x1a\n" +
 	"\bfinished\x18\x03 \x01(\bR\bfinished\x12!\n" +
 	"\fvirtual_size\x18\x04 \x01(\x03R\vvirtualSize\x12\x18\n" +
-	"\awritten\x18\x05 \x01(\x03R\awritten*;\n" +
+	"\awritten\x18\x05 \x01(\x03R\awritten\"\x83\x01\n" +
+	"\rResizeRequest\x12\x12\n" +
+	"\x04file\x18\x01 \x01(\tR\x04file\x12\x16\n" +
+	"\x06format\x18\x02 \x01(\tR\x06format\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\x03R\x04size\x12\x1a\n" +
+	"\brelative\x18\x04 \x01(\bR\brelative\x12\x16\n" +
+	"\x06shrink\x18\x05 \x01(\bR\x06shrink\"N\n" +
+	"\x0eResizeResponse\x12\x19\n" +
+	"\bold_size\x18\x01 \x01(\x03R\aoldSize\x12!\n" +
+	"\fvirtual_size\x18\x02 \x01(\x03R\vvirtualSize*;\n" +
 	"\x06Repair\x12\x0f\n" +
 	"\vREPAIR_NONE\x10\x00\x12\x10\n" +
 	"\fREPAIR_LEAKS\x10\x01\x12\x0e\n" +
 	"\n" +
-	"REPAIR_ALL\x10\x022\xab\x04\n" +
+	"REPAIR_ALL\x10\x022\xf2\x04\n" +
 	"\tImageTool\x12?\n" +
 	"\x04Open\x12\x1a.krun.image.v1.OpenRequest\x1a\x1b.krun.image.v1.OpenResponse\x12B\n" +
 	"\x05Probe\x12\x1b.krun.image.v1.ProbeRequest\x1a\x1c.krun.image.v1.ProbeResponse\x12?\n" +
@@ -1676,7 +1816,8 @@ const file_image_tool_proto_rawDesc = "" +
 	"\x06Verify\x12\x1c.krun.image.v1.VerifyRequest\x1a\x1d.krun.image.v1.VerifyResponse\x12E\n" +
 	"\x06Create\x12\x1c.krun.image.v1.CreateRequest\x1a\x1d.krun.image.v1.CreateResponse\x12C\n" +
 	"\aConvert\x12\x1d.krun.image.v1.ConvertRequest\x1a\x17.krun.image.v1.Progress0\x01\x12A\n" +
-	"\x06Import\x12\x1c.krun.image.v1.ImportRequest\x1a\x17.krun.image.v1.Progress0\x01B.Z,github.com/krun-core/krun-core/proto/imagepbb\x06proto3"
+	"\x06Import\x12\x1c.krun.image.v1.ImportRequest\x1a\x17.krun.image.v1.Progress0\x01\x12E\n" +
+	"\x06Resize\x12\x1c.krun.image.v1.ResizeRequest\x1a\x1d.krun.image.v1.ResizeResponseB.Z,github.com/krun-core/krun-core/proto/imagepbb\x06proto3"
 
 var (
 	file_image_tool_proto_rawDescOnce sync.Once
@@ -1691,7 +1832,7 @@ func file_image_tool_proto_rawDescGZIP() []byte {
 }
 
 var file_image_tool_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_image_tool_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_image_tool_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_image_tool_proto_goTypes = []any{
 	(Repair)(0),            // 0: krun.image.v1.Repair
 	(*OpenRequest)(nil),    // 1: krun.image.v1.OpenRequest
@@ -1712,10 +1853,12 @@ var file_image_tool_proto_goTypes = []any{
 	(*ConvertRequest)(nil), // 16: krun.image.v1.ConvertRequest
 	(*ImportRequest)(nil),  // 17: krun.image.v1.ImportRequest
 	(*Progress)(nil),       // 18: krun.image.v1.Progress
-	nil,                    // 19: krun.image.v1.OpenRequest.FilesEntry
+	(*ResizeRequest)(nil),  // 19: krun.image.v1.ResizeRequest
+	(*ResizeResponse)(nil), // 20: krun.image.v1.ResizeResponse
+	nil,                    // 21: krun.image.v1.OpenRequest.FilesEntry
 }
 var file_image_tool_proto_depIdxs = []int32{
-	19, // 0: krun.image.v1.OpenRequest.files:type_name -> krun.image.v1.OpenRequest.FilesEntry
+	21, // 0: krun.image.v1.OpenRequest.files:type_name -> krun.image.v1.OpenRequest.FilesEntry
 	7,  // 1: krun.image.v1.InfoResponse.feature_names:type_name -> krun.image.v1.FeatureName
 	6,  // 2: krun.image.v1.InfoResponse.snapshots:type_name -> krun.image.v1.Snapshot
 	0,  // 3: krun.image.v1.CheckRequest.repair:type_name -> krun.image.v1.Repair
@@ -1731,16 +1874,18 @@ var file_image_tool_proto_depIdxs = []int32{
 	13, // 13: krun.image.v1.ImageTool.Create:input_type -> krun.image.v1.CreateRequest
 	16, // 14: krun.image.v1.ImageTool.Convert:input_type -> krun.image.v1.ConvertRequest
 	17, // 15: krun.image.v1.ImageTool.Import:input_type -> krun.image.v1.ImportRequest
-	2,  // 16: krun.image.v1.ImageTool.Open:output_type -> krun.image.v1.OpenResponse
-	4,  // 17: krun.image.v1.ImageTool.Probe:output_type -> krun.image.v1.ProbeResponse
-	8,  // 18: krun.image.v1.ImageTool.Info:output_type -> krun.image.v1.InfoResponse
-	10, // 19: krun.image.v1.ImageTool.Check:output_type -> krun.image.v1.CheckResponse
-	12, // 20: krun.image.v1.ImageTool.Verify:output_type -> krun.image.v1.VerifyResponse
-	14, // 21: krun.image.v1.ImageTool.Create:output_type -> krun.image.v1.CreateResponse
-	18, // 22: krun.image.v1.ImageTool.Convert:output_type -> krun.image.v1.Progress
-	18, // 23: krun.image.v1.ImageTool.Import:output_type -> krun.image.v1.Progress
-	16, // [16:24] is the sub-list for method output_type
-	8,  // [8:16] is the sub-list for method input_type
+	19, // 16: krun.image.v1.ImageTool.Resize:input_type -> krun.image.v1.ResizeRequest
+	2,  // 17: krun.image.v1.ImageTool.Open:output_type -> krun.image.v1.OpenResponse
+	4,  // 18: krun.image.v1.ImageTool.Probe:output_type -> krun.image.v1.ProbeResponse
+	8,  // 19: krun.image.v1.ImageTool.Info:output_type -> krun.image.v1.InfoResponse
+	10, // 20: krun.image.v1.ImageTool.Check:output_type -> krun.image.v1.CheckResponse
+	12, // 21: krun.image.v1.ImageTool.Verify:output_type -> krun.image.v1.VerifyResponse
+	14, // 22: krun.image.v1.ImageTool.Create:output_type -> krun.image.v1.CreateResponse
+	18, // 23: krun.image.v1.ImageTool.Convert:output_type -> krun.image.v1.Progress
+	18, // 24: krun.image.v1.ImageTool.Import:output_type -> krun.image.v1.Progress
+	20, // 25: krun.image.v1.ImageTool.Resize:output_type -> krun.image.v1.ResizeResponse
+	17, // [17:26] is the sub-list for method output_type
+	8,  // [8:17] is the sub-list for method input_type
 	8,  // [8:8] is the sub-list for extension type_name
 	8,  // [8:8] is the sub-list for extension extendee
 	0,  // [0:8] is the sub-list for field type_name
@@ -1757,7 +1902,7 @@ func file_image_tool_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_image_tool_proto_rawDesc), len(file_image_tool_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -41,6 +41,7 @@ const (
 	ImageTool_Create_FullMethodName  = "/krun.image.v1.ImageTool/Create"
 	ImageTool_Convert_FullMethodName = "/krun.image.v1.ImageTool/Convert"
 	ImageTool_Import_FullMethodName  = "/krun.image.v1.ImageTool/Import"
+	ImageTool_Resize_FullMethodName  = "/krun.image.v1.ImageTool/Resize"
 )
 
 // ImageToolClient is the client API for ImageTool service.
@@ -70,6 +71,9 @@ type ImageToolClient interface {
 	// Import streams virtual content from a pipe into a new image, stopping
 	// at max_size.
 	Import(ctx context.Context, in *ImportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Progress], error)
+	// Resize changes an image's virtual size in place (the image is handed
+	// over read-write, under the host's exclusive lock).
+	Resize(ctx context.Context, in *ResizeRequest, opts ...grpc.CallOption) (*ResizeResponse, error)
 }
 
 type imageToolClient struct {
@@ -178,6 +182,16 @@ func (c *imageToolClient) Import(ctx context.Context, in *ImportRequest, opts ..
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ImageTool_ImportClient = grpc.ServerStreamingClient[Progress]
 
+func (c *imageToolClient) Resize(ctx context.Context, in *ResizeRequest, opts ...grpc.CallOption) (*ResizeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ResizeResponse)
+	err := c.cc.Invoke(ctx, ImageTool_Resize_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ImageToolServer is the server API for ImageTool service.
 // All implementations must embed UnimplementedImageToolServer
 // for forward compatibility.
@@ -205,6 +219,9 @@ type ImageToolServer interface {
 	// Import streams virtual content from a pipe into a new image, stopping
 	// at max_size.
 	Import(*ImportRequest, grpc.ServerStreamingServer[Progress]) error
+	// Resize changes an image's virtual size in place (the image is handed
+	// over read-write, under the host's exclusive lock).
+	Resize(context.Context, *ResizeRequest) (*ResizeResponse, error)
 	mustEmbedUnimplementedImageToolServer()
 }
 
@@ -238,6 +255,9 @@ func (UnimplementedImageToolServer) Convert(*ConvertRequest, grpc.ServerStreamin
 }
 func (UnimplementedImageToolServer) Import(*ImportRequest, grpc.ServerStreamingServer[Progress]) error {
 	return status.Errorf(codes.Unimplemented, "method Import not implemented")
+}
+func (UnimplementedImageToolServer) Resize(context.Context, *ResizeRequest) (*ResizeResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Resize not implemented")
 }
 func (UnimplementedImageToolServer) mustEmbedUnimplementedImageToolServer() {}
 func (UnimplementedImageToolServer) testEmbeddedByValue()                   {}
@@ -390,6 +410,24 @@ func _ImageTool_Import_Handler(srv interface{}, stream grpc.ServerStream) error 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ImageTool_ImportServer = grpc.ServerStreamingServer[Progress]
 
+func _ImageTool_Resize_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResizeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ImageToolServer).Resize(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ImageTool_Resize_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ImageToolServer).Resize(ctx, req.(*ResizeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ImageTool_ServiceDesc is the grpc.ServiceDesc for ImageTool service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -420,6 +458,10 @@ var ImageTool_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Create",
 			Handler:    _ImageTool_Create_Handler,
+		},
+		{
+			MethodName: "Resize",
+			Handler:    _ImageTool_Resize_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
