@@ -143,6 +143,58 @@ func (l *Launcher) Check(ctx context.Context, path, format string, repair Repair
 	return newCheckResult(path, format, r), nil
 }
 
+// ResizeOptions describe a change of an image's virtual size.
+type ResizeOptions struct {
+	Format string // raw or qcow2; never guessed
+	// Size is the new virtual size or, with Relative, the change to the
+	// current one (negative to shrink).
+	Size     int64
+	Relative bool
+	// Shrink allows a smaller size (raw; a qcow2 image only grows).
+	Shrink bool
+}
+
+// ResizeResult is an image's virtual size before and after a resize.
+type ResizeResult struct {
+	OldSize, VirtualSize int64
+}
+
+// Resize changes the virtual size of the image at path in place, as
+// qemu-img resize does. The image is opened read-write under the exclusive
+// lock (as check --repair), so an image anyone uses is refused; the
+// current size is read and the image changed in the plugin.
+func (l *Launcher) Resize(ctx context.Context, path string, o ResizeOptions) (*ResizeResult, error) {
+	if _, err := checkFormat("--format", o.Format); err != nil {
+		return nil, err
+	}
+	if l.ForceShare {
+		return nil, errors.New("--force-share is for read-only opens; resize writes the image")
+	}
+	if !o.Relative { // a relative size is checked once added, in the plugin
+		if o.Size <= 0 {
+			return nil, fmt.Errorf("the new size (%d bytes) must be positive", o.Size)
+		}
+		if o.Size%512 != 0 {
+			return nil, fmt.Errorf("the new size (%d bytes) is not a multiple of 512", o.Size)
+		}
+	}
+	s, done, err := l.startOnImage(ctx, path, imagelock.ReadWrite)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	var r *imagepb.ResizeResponse
+	err = s.call(ctx, "Resize", func(ctx context.Context) (err error) {
+		r, err = s.rpc.Resize(ctx, &imagepb.ResizeRequest{File: "image", Format: o.Format,
+			Size: o.Size, Relative: o.Relative, Shrink: o.Shrink})
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &ResizeResult{OldSize: r.GetOldSize(), VirtualSize: r.GetVirtualSize()}, nil
+}
+
 // CreateOptions describe a new image.
 type CreateOptions struct {
 	Format          string // raw or qcow2

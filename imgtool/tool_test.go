@@ -328,6 +328,9 @@ func TestLocking(t *testing.T) {
 	if _, err := l.Check(ctx, img, "qcow2", RepairAll); err == nil || err.Error() != inUse("read-write") {
 		t.Errorf("check --repair: %v", err)
 	}
+	if _, err := l.Resize(ctx, img, ResizeOptions{Format: "raw", Size: 8192}); err == nil || err.Error() != inUse("read-write") {
+		t.Errorf("resize: %v", err)
+	}
 	out := filepath.Join(dir, "out")
 	_, err = l.Convert(ctx, ConvertOptions{Input: img, Format: "raw", Output: out, OutputFormat: "raw"}, nil)
 	if want := "input " + img + " is in use by another process (write lock): refusing to open it read-only"; err == nil || err.Error() != want {
@@ -345,6 +348,9 @@ func TestLocking(t *testing.T) {
 	if _, err := l.Check(ctx, img, "qcow2", RepairLeaks); err == nil || !strings.Contains(err.Error(), "--force-share is for read-only opens") {
 		t.Errorf("check --repair --force-share: %v", err)
 	}
+	if _, err := l.Resize(ctx, img, ResizeOptions{Format: "raw", Size: 8192}); err == nil || !strings.Contains(err.Error(), "--force-share is for read-only opens") {
+		t.Errorf("resize --force-share: %v", err)
+	}
 
 	// An output is locked as a writer while it is written.
 	o, err := createOutput(filepath.Join(dir, "new"))
@@ -357,5 +363,52 @@ func TestLocking(t *testing.T) {
 	}
 	if _, err := openImage("image", o.path, imagelock.ReadOnly); err == nil {
 		t.Error("an output being written opened read-only without force-share")
+	}
+}
+
+// TestResizeRefusals: what Resize refuses before it opens the image or
+// starts the plugin (neither exists here), and that a reader of the image
+// is enough to refuse it.
+func TestResizeRefusals(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "img")
+	os.WriteFile(img, make([]byte, 4096), 0o644)
+	ctx := context.Background()
+	l := &Launcher{PluginPath: filepath.Join(dir, "no-plugin"), SandboxOff: true}
+	cases := []struct {
+		path string
+		o    ResizeOptions
+		want string
+	}{
+		{img, ResizeOptions{Format: "", Size: 8192}, "--format"},
+		{img, ResizeOptions{Format: "vmdk", Size: 8192}, "unknown format"},
+		{img, ResizeOptions{Format: "raw", Size: 0}, "must be positive"},
+		{img, ResizeOptions{Format: "raw", Size: -512}, "must be positive"},
+		{img, ResizeOptions{Format: "raw", Size: 1000}, "not a multiple of 512"},
+		{filepath.Join(dir, "missing"), ResizeOptions{Format: "raw", Size: 8192}, "no such file"},
+		{dir, ResizeOptions{Format: "raw", Size: 8192}, "not a regular file"},
+	}
+	for _, c := range cases {
+		if _, err := l.Resize(ctx, c.path, c.o); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s %+v: %v, want %q", c.path, c.o, err, c.want)
+		}
+	}
+	// A relative size is checked in the plugin, once added: here the
+	// (missing) plugin is reached.
+	if _, err := l.Resize(ctx, img, ResizeOptions{Format: "raw", Size: -8192, Relative: true}); err == nil || !strings.Contains(err.Error(), "no-plugin") {
+		t.Errorf("relative: %v, want the missing plugin's error", err)
+	}
+	// Resize takes the exclusive lock: a reader is enough to refuse it.
+	r, err := openImage("image", img, imagelock.ReadOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	want := "image " + img + " is in use by another process (lock that does not share write): refusing to open it read-write"
+	if _, err := l.Resize(ctx, img, ResizeOptions{Format: "raw", Size: 8192}); err == nil || err.Error() != want {
+		t.Errorf("resize of an image being read: %v, want %s", err, want)
+	}
+	if fi, _ := os.Stat(img); fi.Size() != 4096 {
+		t.Errorf("a refused resize changed the size to %d", fi.Size())
 	}
 }

@@ -38,6 +38,7 @@ commands:
            [--cluster-size N] [--progress] [-U] IN OUT
   import   [--from-format raw] --format qcow2|raw --max-size SIZE [--compress]
            [--compression zlib|zstd] [--cluster-size N] [--progress] OUT < CONTENT
+  resize   --format raw|qcow2 [--shrink] FILE [+|-]SIZE
   probe    [-U] FILE
 
 options of every command:
@@ -50,7 +51,7 @@ options of every command:
 
 Images are locked as QEMU locks them: a command that only reads an image is
 refused while another process (krun-core serve, QEMU, qemu-storage-daemon)
-writes it, and check --repair is refused while anyone uses it.
+writes it, and check --repair and resize are refused while anyone uses it.
 -U, --force-share (info, check without --repair, verify, convert, probe) reads
 an image even while it is written, as qemu-img -U does; what it reports may
 then be inconsistent.
@@ -73,7 +74,7 @@ options of every img command:
 
 Images are locked as QEMU locks them: a command that only reads an image is
 refused while another process (krun-core serve, QEMU, qemu-storage-daemon)
-writes it, and check --repair is refused while anyone uses it.
+writes it, and check --repair and resize are refused while anyone uses it.
 -U, --force-share (info, check without --repair, verify, convert, probe) reads
 an image even while it is written, as qemu-img -U does; what it reports may
 then be inconsistent.
@@ -157,6 +158,20 @@ image OUT; the size cap holds while the content streams in.
   --cluster-size N          OUT's cluster size
   -p, --progress            a progress bar on stderr when it is a terminal
 `,
+	"resize": `usage: krun-core img resize --format raw|qcow2 [--shrink] FILE [+|-]SIZE
+
+Changes FILE's virtual size in place, as qemu-img resize does: to SIZE, or
+by +SIZE or -SIZE from the current size. The new size must be a multiple of
+512. FILE is opened read-write under its exclusive lock, so an image in use
+(served, open in QEMU) is refused. A raw file grows sparsely; shrinking it
+cuts off its end and needs --shrink. A qcow2 image only grows, and not one
+with internal snapshots, bitmaps, a backing file or an external data file.
+Partitions and file systems inside the image are not touched: grow them
+from the guest.
+
+  -f, --format FMT   the image's format, raw or qcow2 (required; never guessed)
+  --shrink           allow a smaller size (raw); the data beyond it is lost
+`,
 	"probe": `usage: krun-core img probe [-U] FILE
 
 Guesses FILE's format from its content (the one command that guesses) and
@@ -173,6 +188,7 @@ func imgSubcommands() map[string]func(args []string, stdout, stderr io.Writer) i
 		"create":  imgCreate,
 		"convert": imgConvert,
 		"import":  imgImport,
+		"resize":  imgResize,
 		"probe":   imgProbe,
 	}
 }
@@ -636,4 +652,51 @@ func imgProbe(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0, nil
 	})
+}
+
+func imgResize(args []string, stdout, stderr io.Writer) int {
+	f := newImgFlags("resize")
+	format := formatFlag(f.fs)
+	shrink := f.fs.Bool("shrink", false, "")
+	return imgRun("resize", sizeLast(args), stdout, stderr, f, []string{"FILE", "SIZE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
+		if err := requireFormat(*format); err != nil {
+			return 1, err
+		}
+		o := imgtool.ResizeOptions{Format: *format, Shrink: *shrink}
+		arg := f.positional[1]
+		num, sign := arg, int64(1)
+		switch {
+		case strings.HasPrefix(arg, "+"):
+			num, o.Relative = arg[1:], true
+		case strings.HasPrefix(arg, "-"):
+			num, o.Relative, sign = arg[1:], true, -1
+		}
+		n, err := devspec.ParseSize(num)
+		if err != nil {
+			return 1, fmt.Errorf("SIZE %q: %w", arg, err)
+		}
+		o.Size = sign * n
+		if _, err := l.Resize(ctx, f.positional[0], o); err != nil {
+			return 1, err
+		}
+		fmt.Fprintln(stdout, "Image resized.")
+		return 0, nil
+	})
+}
+
+// sizeLast lets a negative size end resize's arguments, as qemu-img
+// resize takes its last argument as the size before it parses options:
+// "-1G" would otherwise be an unknown flag. It is put after a "--" unless
+// the arguments already have one.
+func sizeLast(args []string) []string {
+	n := len(args)
+	if n < 2 || len(args[n-1]) < 2 || args[n-1][0] != '-' || args[n-1][1] < '0' || args[n-1][1] > '9' {
+		return args
+	}
+	for _, a := range args[:n-1] {
+		if a == "--" {
+			return args
+		}
+	}
+	return append(append(args[:n-1:n-1], "--"), args[n-1])
 }

@@ -240,6 +240,19 @@ func (s *Server) Create(_ context.Context, req *imagepb.CreateRequest) (resp *im
 	return resp, err
 }
 
+func (s *Server) Resize(_ context.Context, req *imagepb.ResizeRequest) (resp *imagepb.ResizeResponse, err error) {
+	fs, end, err := s.begin(req.GetFile())
+	if err != nil {
+		return nil, err
+	}
+	defer end()
+	err = s.guard("Resize", func() (err error) {
+		resp, err = Resize(fs[0], req)
+		return err
+	})
+	return resp, err
+}
+
 func (s *Server) Convert(req *imagepb.ConvertRequest, stream imagepb.ImageTool_ConvertServer) error {
 	names := []string{req.GetInput().GetFile(), req.GetOutput(), req.GetDataFile().GetFile()}
 	for _, b := range req.GetBacking() {

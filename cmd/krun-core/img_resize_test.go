@@ -1,0 +1,89 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// TestImgResizeArgs covers what img resize refuses before any plugin is
+// started (the plugin directory here has none), its pages, and that a
+// refused resize changes nothing.
+func TestImgResizeArgs(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "disk.raw")
+	if err := os.WriteFile(file, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("KRUN_PLUGIN_DIR", "")
+	empty := t.TempDir() // no krun-plugin-img here
+	cases := []struct {
+		args []string
+		code int
+		out  string // substring of stdout+stderr
+	}{
+		{[]string{"resize", "--help"}, 0, "usage: krun-core img resize --format raw|qcow2 [--shrink] FILE [+|-]SIZE"},
+		{[]string{"help", "resize"}, 0, "--shrink"},
+		{[]string{"--help"}, 0, "  resize   --format raw|qcow2 [--shrink] FILE [+|-]SIZE"},
+		{[]string{"resize", file, "8K"}, 1, "krun-core img resize: --format is required"},
+		{[]string{"resize", "-f", "raw", file}, 1, "want 2 argument(s) (FILE SIZE), got 1"},
+		{[]string{"resize", "-f", "raw", file, "8K", "16K"}, 1, "want 2 argument(s) (FILE SIZE), got 3"},
+		{[]string{"resize", "-f", "raw", file, "12Q"}, 1, `krun-core img resize: SIZE "12Q"`},
+		{[]string{"resize", "-f", "raw", file, "+12Q"}, 1, `SIZE "+12Q"`},
+		{[]string{"resize", "-f", "raw", file, "-x"}, 1, "unknown flag -x"},
+		{[]string{"resize", "-f", "raw", file, "0"}, 1, "must be positive"},
+		{[]string{"resize", "-f", "raw", file, "+0"}, 1, "must be positive"},
+		{[]string{"resize", "-f", "raw", file, "1000"}, 1, "krun-core img resize: the new size (1000 bytes) is not a multiple of 512"},
+		{[]string{"resize", "-f", "vmdk", file, "8K"}, 1, "unknown format"},
+		{[]string{"resize", "-U", "-f", "raw", file, "8K"}, 1, "unknown flag -U"},
+		{[]string{"resize", "--force-share", "-f", "raw", file, "8K"}, 1, "unknown flag --force-share"},
+		{[]string{"resize", "-f", "raw", filepath.Join(dir, "missing"), "8K"}, 1, "no such file or directory"},
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "8K"}, 1, "krun-plugin-img not found"},
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "-1K"}, 1, "krun-plugin-img not found"},
+		{[]string{"resize", file, "--shrink", "--plugin-dir", empty, "--format", "raw", "-1K"}, 1, "krun-plugin-img not found"},
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "--", "-1K"}, 1, "krun-plugin-img not found"},
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, "--", file, "-1K"}, 1, "krun-plugin-img not found"},
+	}
+	for _, c := range cases {
+		var stdout, stderr bytes.Buffer
+		code := imgCommand(c.args, &stdout, &stderr)
+		out := stdout.String() + stderr.String()
+		if code != c.code || !strings.Contains(out, c.out) {
+			t.Errorf("img %q: exit %d, output %q; want exit %d with %q", c.args, code, out, c.code, c.out)
+		}
+		if code != 0 && strings.Count(strings.TrimSpace(stderr.String()), "\n") > 0 {
+			t.Errorf("img %q: error is not one line: %q", c.args, stderr.String())
+		}
+		if code == 0 && stderr.Len() > 0 {
+			t.Errorf("img %q: a help page wrote to stderr: %q", c.args, stderr.String())
+		}
+	}
+	if b, err := os.ReadFile(file); err != nil || len(b) != 4096 {
+		t.Errorf("refused resizes changed the file: %d bytes, %v", len(b), err)
+	}
+}
+
+func TestSizeLast(t *testing.T) {
+	cases := []struct{ in, want []string }{
+		{[]string{"-f", "raw", "f", "-1G"}, []string{"-f", "raw", "f", "--", "-1G"}},
+		{[]string{"-f", "raw", "f", "+1G"}, []string{"-f", "raw", "f", "+1G"}},
+		{[]string{"-f", "raw", "f", "1G"}, []string{"-f", "raw", "f", "1G"}},
+		{[]string{"-f", "raw", "f", "--shrink"}, []string{"-f", "raw", "f", "--shrink"}},
+		{[]string{"-f", "raw", "--", "f", "-1G"}, []string{"-f", "raw", "--", "f", "-1G"}},
+		{[]string{"-1G"}, []string{"-1G"}},
+		{[]string{"--help"}, []string{"--help"}},
+		{nil, nil},
+	}
+	for _, c := range cases {
+		in := append([]string(nil), c.in...)
+		if got := sizeLast(in); !reflect.DeepEqual(got, c.want) {
+			t.Errorf("sizeLast(%q) = %q, want %q", c.in, got, c.want)
+		}
+		if !reflect.DeepEqual(in, c.in) {
+			t.Errorf("sizeLast(%q) changed its argument to %q", c.in, in)
+		}
+	}
+}

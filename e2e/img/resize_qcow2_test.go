@@ -1,0 +1,75 @@
+package img_test
+
+import (
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// TestResizeQcow2 grows qcow2 images made by qemu-img through the
+// sandboxed plugin: what qemu-io wrote before reads back after, the new
+// area reads as zeros and takes writes, qemu-img info shows the new size
+// and qemu-img check finds nothing. A smaller size is refused with one
+// line, with or without --shrink.
+func TestResizeQcow2(t *testing.T) {
+	krunCore(t)
+	qemuTool(t, "qemu-img")
+	qemuTool(t, "qemu-io")
+	dir := t.TempDir()
+	for _, c := range []struct {
+		name, cluster string
+		to            string // the SIZE argument
+		want          int64
+	}{
+		{"64k-absolute", "65536", "64G", 64 << 30},
+		{"64k-relative", "65536", "+10G", 10<<30 + 4<<20},
+		// 512-byte clusters: 1 GiB needs a larger L1 table, written
+		// after the end of the file, and the refcounts rebuilt.
+		{"512-new-l1", "512", "1G", 1 << 30},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := filepath.Join(dir, c.name+".qcow2")
+			qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "cluster_size="+c.cluster, p, "4M")
+			qemuIO(t, p, "write -P 0x11 0 64k", "write -P 0x22 3M 1M")
+			if out := mustImg(t, "resize", "-f", "qcow2", p, c.to); out != "Image resized.\n" {
+				t.Errorf("stdout %q", out)
+			}
+			m := decodeJSON(t, qemuImg(t, "info", "-f", "qcow2", "--output", "json", p))
+			if m["virtual-size"] != float64(c.want) || m["dirty-flag"] != false {
+				t.Errorf("qemu-img info: virtual-size %v dirty %v, want %d, clean", m["virtual-size"], m["dirty-flag"], c.want)
+			}
+			// Exit 0: no errors, no leaks.
+			qemuImg(t, "check", "-f", "qcow2", p)
+			end := strconv.FormatInt(c.want-64<<10, 10) // the last 64 KiB
+			qemuIO(t, p, "read -P 0x11 0 64k", "read -P 0x22 3M 1M", "read -P 0 4M 1M",
+				"read -P 0 "+end+" 64k", "write -P 0x33 "+end+" 64k", "read -P 0x33 "+end+" 64k")
+			qemuImg(t, "check", "-f", "qcow2", p)
+			if out := mustImg(t, "info", "-f", "qcow2", p); !strings.Contains(out, "("+strconv.FormatInt(c.want, 10)+" bytes)") {
+				t.Errorf("img info after: %s", out)
+			}
+		})
+	}
+
+	p := filepath.Join(dir, "shrink.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", p, "4M")
+	for _, args := range [][]string{{"-f", "qcow2", p, "-1M"}, {"-f", "qcow2", "--shrink", p, "-1M"}, {"-f", "qcow2", "--shrink", p, "1M"}} {
+		r := img(t, append([]string{"resize"}, args...)...)
+		want := "krun-core img resize: shrinking a qcow2 image is not supported (the image has 4194304 bytes, asked for "
+		if r.code != 1 || !strings.HasPrefix(r.stderr, want) || strings.Count(r.stderr, "\n") != 1 {
+			t.Errorf("img resize %s: exit %d, stderr %q; want exit 1 and one line %q...", strings.Join(args, " "), r.code, r.stderr, want)
+		}
+	}
+	if m := decodeJSON(t, qemuImg(t, "info", "-f", "qcow2", "--output", "json", p)); m["virtual-size"] != float64(4<<20) {
+		t.Errorf("a refused shrink changed the size to %v", m["virtual-size"])
+	}
+
+	// Internal snapshots are refused (as by disk/qcow2), in one line.
+	s := filepath.Join(dir, "snap.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", s, "4M")
+	qemuImg(t, "snapshot", "-c", "s1", s)
+	r := img(t, "resize", "-f", "qcow2", s, "8M")
+	if r.code != 1 || !strings.Contains(r.stderr, "snapshot") || strings.Count(r.stderr, "\n") != 1 {
+		t.Errorf("resize with a snapshot: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
