@@ -25,7 +25,7 @@ func commands() map[string]command {
 	return map[string]command{
 		"run":     {"boot a guest on KVM with every device in a plugin", runCommand},
 		"serve":   {"serve one device plugin as a vhost-user back-end on a unix socket", serveCommand},
-		"img":     {"inspect, verify, create and convert disk images (parsed in the sandboxed plugin)", imgCommand},
+		"img":     {"inspect, verify, create, convert and resize disk images (parsed in the sandboxed plugin)", imgCommand},
 		"sandbox": {"show the plugin sandbox layers on this host and each plugin kind's policy", sandboxCommand},
 		"doctor":  {"check whether this host can run krun-core guests (KVM, sandbox)", doctorCommand},
 	}
