@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/krun-core/krun-core/core/mmio"
 	"github.com/krun-core/krun-core/devices/blk"
 	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/disk/raw"
@@ -182,44 +181,6 @@ func (c *replayChild) kill(t *testing.T) {
 	}
 }
 
-// stage lays out a virtio-blk write in slot i and puts it in the avail
-// ring as ringDriver.post does, but leaves the avail index and the kick
-// to publishAvail: several requests become available at once.
-func stage(r *ringDriver, i int, sector uint64, data []byte) {
-	base := uint64(rdBufs + i*0x1000)
-	r.put(base+0x200, data)
-	hdr := make([]byte, 16)
-	binary.LittleEndian.PutUint32(hdr, 1) // VIRTIO_BLK_T_OUT
-	binary.LittleEndian.PutUint64(hdr[8:], sector)
-	r.put(base, hdr)
-	r.put(base+0x100, []byte{0xff})
-	desc := func(j uint16, addr uint64, n uint32, flags, next uint16) {
-		d := make([]byte, 16)
-		binary.LittleEndian.PutUint64(d, addr)
-		binary.LittleEndian.PutUint32(d[8:], n)
-		binary.LittleEndian.PutUint16(d[12:], flags)
-		binary.LittleEndian.PutUint16(d[14:], next)
-		r.put(rdDesc+uint64(j)*16, d)
-	}
-	h := uint16(i * 3)
-	desc(h, base, 16, 1, h+1)          // NEXT
-	desc(h+1, base+0x200, 512, 1, h+2) // NEXT
-	desc(h+2, base+0x100, 1, 2, 0)     // WRITE
-	var e [2]byte
-	binary.LittleEndian.PutUint16(e[:], h)
-	r.put(rdAvail+4+2*uint64(r.avail%rdQueueSize), e[:])
-	r.avail++
-}
-
-// publishAvail publishes the avail index (every staged request at once)
-// and kicks.
-func publishAvail(r *ringDriver) {
-	var e [2]byte
-	binary.LittleEndian.PutUint16(e[:], r.avail)
-	r.put(rdAvail+2, e[:])
-	r.reg(mmio.RegQueueNotify, 0)
-}
-
 // usedRing returns the used index and the ids of the used elements
 // below it.
 func usedRing(r *ringDriver) (uint16, []uint32) {
@@ -267,9 +228,9 @@ func TestExternalReplay(t *testing.T) {
 	// disk.
 	a := bytes.Repeat([]byte{0xa5}, 512)
 	b := bytes.Repeat([]byte{0xb6}, 512)
-	stage(drv, slotA, sectorA, a)
-	stage(drv, slotB, sectorB, b)
-	publishAvail(drv)
+	drv.stage(slotA, sectorA, a)
+	drv.stage(slotB, sectorB, b)
+	drv.publish()
 	child.expect(t, "taken")
 	for deadline := time.Now().Add(replayLimit); ; time.Sleep(5 * time.Millisecond) {
 		if idx, ids := usedRing(drv); idx == 1 && ids[0] == headB {

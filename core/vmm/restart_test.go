@@ -95,6 +95,16 @@ func (r *ringDriver) get(gpa uint64, n int) []byte {
 // of one sector) available in slot i and kicks; it returns the data
 // buffer's address.
 func (r *ringDriver) post(i int, sector uint64, data []byte) uint64 {
+	base := r.stage(i, sector, data)
+	r.publish()
+	return base
+}
+
+// stage lays out a virtio-blk request as post does and puts it in the
+// avail ring, but leaves the avail index and the kick to publish, so that
+// several requests can become available at once. It returns the data
+// buffer's address.
+func (r *ringDriver) stage(i int, sector uint64, data []byte) uint64 {
 	base := uint64(rdBufs + i*0x1000)
 	typ := uint32(0)
 	if data != nil {
@@ -126,10 +136,16 @@ func (r *ringDriver) post(i int, sector uint64, data []byte) uint64 {
 	binary.LittleEndian.PutUint16(e[:], h)
 	r.put(rdAvail+4+2*uint64(r.avail%rdQueueSize), e[:])
 	r.avail++
+	return base
+}
+
+// publish publishes the avail index (every staged request at once) and
+// kicks.
+func (r *ringDriver) publish() {
+	var e [2]byte
 	binary.LittleEndian.PutUint16(e[:], r.avail)
 	r.put(rdAvail+2, e[:])
 	r.reg(mmio.RegQueueNotify, 0)
-	return base
 }
 
 // wait waits until the device has used n chains in all and checks the
