@@ -26,11 +26,13 @@ var ErrShrink = errors.New("shrinking a qcow2 image is not supported")
 //
 // When the new size fits the clusters of the L1 table, only the header
 // changes, in one write. Otherwise a larger L1 table is written after the
-// end of the file under the dirty bit, the header is switched to it, and
-// the refcounts are rebuilt; a crash at any point leaves a dirty image
-// of the old or the new size, which the next read-write open (here or in
-// QEMU) repairs. A version 2 image has no dirty bit, so it can only grow
-// within its L1 table's clusters.
+// end of the file, the dirty bit is set, the header is switched to the new
+// table, and the refcounts are rebuilt; a crash at any point leaves the
+// image as it was (with unreferenced bytes after its end) or dirty, of
+// the old or the new size, which the next read-write open (here or in
+// QEMU) repairs. A version 2 image has no dirty bit, and an image on a
+// block device no room after its end, so these can only grow within
+// their L1 table's clusters.
 func Resize(f *os.File, size int64) error {
 	return resizeWith(f, size, nil)
 }
@@ -99,6 +101,19 @@ func resizeWith(f *os.File, size int64, hook func(step string) error) error {
 	room := divRoundUp(l1Bytes, cs) * cs
 	if need <= uint64(h.l1Size) || (need*8 <= room && zeroAt(f, h.l1Off+l1Bytes, need*8-l1Bytes)) {
 		l1 := max(need, uint64(h.l1Size))
+		// qemu-img create ends the file after the table's entries, not
+		// at the end of its cluster: the grown table must be in the
+		// file (this package refuses one that is not), so its room is
+		// written out first. That room is the table's own cluster, so a
+		// crash after it leaves only a longer file.
+		if end := h.l1Off + l1*8; end > uint64(fileSize) {
+			if err := step("extend"); err != nil {
+				return err
+			}
+			if err := writeSynced(f, make([]byte, end-uint64(fileSize)), fileSize); err != nil {
+				return fmt.Errorf("extend the L1 table's cluster: %w", err)
+			}
+		}
 		var b [hdrL1SizeOff + 4 - hdrSizeOff]byte
 		be.PutUint64(b[0:], uint64(size))
 		be.PutUint32(b[hdrL1SizeOff-4-hdrSizeOff:], h.cryptMethod)
@@ -112,8 +127,13 @@ func resizeWith(f *os.File, size int64, hook func(step string) error) error {
 		return fmt.Errorf("%w: a version 2 image can grow only within its L1 table (%d bytes at most here); convert it to version 3 first", ErrUnsupported, room/8*cs*h.l2Entries())
 	}
 
-	// A new, larger L1 table after the end of the file, under the dirty
-	// bit: until the refcounts are rebuilt, they do not know it.
+	if st, err := f.Stat(); err == nil && st.Mode()&os.ModeDevice != 0 {
+		return fmt.Errorf("%w: on a block device the L1 table cannot move past the device's end, so the image can grow only within its L1 table (%d bytes at most here)", ErrUnsupported, room/8*cs*h.l2Entries())
+	}
+
+	// A new, larger L1 table after the end of the file, then the dirty
+	// bit, then the header: until the refcounts are rebuilt, they do not
+	// know the new table. A table that cannot be written changes nothing.
 	l1, err := readTableAt(f, h.l1Off, uint64(h.l1Size))
 	if err != nil {
 		return fmt.Errorf("read L1 table: %w", err)
@@ -126,17 +146,18 @@ func resizeWith(f *os.File, size int64, hook func(step string) error) error {
 	if newOff+uint64(len(table)) > maxHostOffset {
 		return fmt.Errorf("%w: no room for a new L1 table after the end of the file", ErrUnsupported)
 	}
+	if err := step("table"); err != nil {
+		return err
+	}
+	if err := writeSynced(f, table, int64(newOff)); err != nil {
+		f.Truncate(fileSize) // what was written is unreferenced
+		return fmt.Errorf("write new L1 table: %w", err)
+	}
 	if err := step("dirty"); err != nil {
 		return err
 	}
 	if err := writeIncompat(f, h.incompat|incompatDirty); err != nil {
 		return err
-	}
-	if err := step("table"); err != nil {
-		return err
-	}
-	if err := writeSynced(f, table, int64(newOff)); err != nil {
-		return fmt.Errorf("write new L1 table: %w", err)
 	}
 	var b [hdrL1OffsetOff + 8 - hdrSizeOff]byte
 	be.PutUint64(b[0:], uint64(size))

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -140,6 +141,109 @@ func TestResizeGrows(t *testing.T) {
 	}
 }
 
+// TestResizeFreshImage grows images straight from qemu-img create, whose
+// file ends after the L1 table's entries rather than at the end of its
+// cluster (from review: the grown table ran past the end of the file,
+// and Open and Check refused the image).
+func TestResizeFreshImage(t *testing.T) {
+	needQemu(t)
+	tests := []struct {
+		name, opts string
+		size       int64
+	}{
+		{"64K clusters", "", 10 << 30},
+		{"version 2", "compat=0.10", 10 << 30},
+		{"512-byte clusters, in place", "cluster_size=512", 2 << 20},
+		{"512-byte clusters, L1 moves", "cluster_size=512", 64 << 20},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "img.qcow2")
+			args := []string{"create", "-q", "-f", "qcow2"}
+			if tt.opts != "" {
+				args = append(args, "-o", tt.opts)
+			}
+			sh(t, "qemu-img", append(args, p, "1M")...)
+			f := openFile(t, p, false)
+			err := Resize(f, tt.size)
+			f.Close()
+			if err != nil {
+				t.Fatalf("Resize: %v", err)
+			}
+			f = openFile(t, p, true)
+			res, err := Check(f, RepairNone)
+			f.Close()
+			if err != nil || !res.Clean() || res.Leaks != 0 {
+				t.Fatalf("Check after growing a fresh image: %+v, %v", res, err)
+			}
+			qemuClean(t, p)
+			if got := qemuSize(t, p); got != tt.size {
+				t.Fatalf("qemu-img info: virtual size %d, want %d", got, tt.size)
+			}
+			im := openImage(t, p, false)
+			if got := im.Size(); got != tt.size {
+				t.Fatalf("size %d, want %d", got, tt.size)
+			}
+			b := bytes.Repeat([]byte{0x77}, 4096)
+			if _, err := im.WriteAt(b, tt.size-4096); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			qemuClean(t, p)
+			qio(t, p, "read -P 0x77 "+strconv.FormatInt(tt.size-4096, 10)+" 4k", "read -P 0 0 64k")
+		})
+	}
+}
+
+// TestResizeBlockDevice: on a block device there is no room after the
+// end for a new L1 table, so a resize that needs one is refused before
+// anything is written (from review: the dirty bit was set, then the
+// table's write failed with ENOSPC).
+func TestResizeBlockDevice(t *testing.T) {
+	needQemu(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a loop device")
+	}
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("losetup not installed (Debian package mount)")
+	}
+	p := filepath.Join(t.TempDir(), "img.qcow2")
+	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "1M")
+	qio(t, p, "write -P 0x5a 0 64k")
+	if err := os.Truncate(p, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "-f", "--show", p).CombinedOutput()
+	if err != nil {
+		t.Skipf("no loop device here: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	before, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := openFile(t, dev, false)
+	err = Resize(f, 64<<20)
+	f.Close()
+	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "block device") {
+		t.Fatalf("Resize on a block device: %v, want a refusal naming the block device", err)
+	}
+	if after, _ := os.ReadFile(p); !bytes.Equal(before, after) {
+		t.Fatalf("the refused resize changed the image (first difference at %d)", firstDiff(before, after))
+	}
+	// Growing within the L1 table's cluster works there too.
+	f = openFile(t, dev, false)
+	err = Resize(f, 2<<20)
+	f.Close()
+	if err != nil {
+		t.Fatalf("Resize within the L1 table on a block device: %v", err)
+	}
+	qemuClean(t, dev)
+}
+
 func TestResizeSameSizeIsNoOp(t *testing.T) {
 	needQemu(t)
 	p, _ := resizeImage(t, "", 1<<20)
@@ -273,14 +377,15 @@ func setIncompat(t *testing.T, p string, bit uint64) {
 }
 
 // TestResizeCrash stops a resize that moves the L1 table before each of
-// its durable steps: the image left behind is dirty or untouched, and a
+// its durable steps: the image left behind is untouched (but for bytes
+// after its end) or dirty, and a
 // read-write open (this package's, or QEMU's) repairs it to a clean image
 // of the old or the new size with the old content.
 func TestResizeCrash(t *testing.T) {
 	needQemu(t)
 	const old, size = 1 << 20, 64 << 20
 	errCrash := errors.New("crash")
-	for _, step := range []string{"dirty", "table", "header", "repair"} {
+	for _, step := range []string{"table", "dirty", "header", "repair"} {
 		for _, opener := range []string{"krun", "qemu"} {
 			t.Run(step+"/"+opener, func(t *testing.T) {
 				p, before := resizeImage(t, "cluster_size=512", old)
