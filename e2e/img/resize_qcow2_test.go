@@ -64,6 +64,16 @@ func TestResizeQcow2(t *testing.T) {
 		t.Errorf("a refused shrink changed the size to %v", m["virtual-size"])
 	}
 
+	// Straight from qemu-img create, the file ends after the L1 table's
+	// entries: the grown table must still be in the file (from review).
+	fresh := filepath.Join(dir, "fresh.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", fresh, "1M")
+	mustImg(t, "resize", "-f", "qcow2", fresh, "10G")
+	qemuImg(t, "check", "-f", "qcow2", fresh)
+	if out := mustImg(t, "check", "-f", "qcow2", fresh); !strings.Contains(out, "No errors") {
+		t.Errorf("img check after growing a fresh image: %s", out)
+	}
+
 	// Internal snapshots are refused (as by disk/qcow2), in one line.
 	s := filepath.Join(dir, "snap.qcow2")
 	qemuImg(t, "create", "-q", "-f", "qcow2", s, "4M")
