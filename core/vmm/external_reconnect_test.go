@@ -147,16 +147,9 @@ func TestExternalReconnect(t *testing.T) {
 	startTestServer(t, sock, blkTestDevice(t, img))
 	waitLog(t, d, logs, reconnected, 2)
 	for i, want := range [][]byte{a, b} {
-		buf := drv.post(2+i, uint64(i*8), nil)
-		drv.wait(uint16(3+i), 2+i, 10*time.Second)
-		if got := drv.get(buf+0x200, 512); !bytes.Equal(got, want) {
-			t.Fatalf("sector %d reads %#x..., want %#x...", i*8, got[:4], want[:4])
-		}
+		drv.readBack(2+i, uint64(i*8), uint16(3+i), want, 10*time.Second)
 	}
-	disk, _ := os.ReadFile(img)
-	if !bytes.Equal(disk[:512], a) || !bytes.Equal(disk[4096:4096+512], b) {
-		t.Fatal("the image does not hold both writes")
-	}
+	imageHolds(t, img, map[uint64][]byte{0: a, 8: b})
 }
 
 // TestExternalReconnectChecksNewBackend: a back-end that takes over must
@@ -252,11 +245,7 @@ func TestExternalReconnectQemuStorageDaemon(t *testing.T) {
 			t.Fatalf("write %d: status %d", i, st)
 		}
 		slot := []int{3, 4, 0}[i] // at most 5 slots of 3 descriptors in 16
-		buf := drv.post(slot, uint64(i*8), nil)
-		drv.wait(uint16(4+i), slot, 10*time.Second)
-		if got := drv.get(buf+0x200, 512); !bytes.Equal(got, want[i]) {
-			t.Fatalf("sector %d reads %#x..., want %#x...", i*8, got[:4], want[i][:4])
-		}
+		drv.readBack(slot, uint64(i*8), uint16(4+i), want[i], 10*time.Second)
 	}
 
 	// Lost with a write outstanding: the device fails, one line says why.

@@ -280,22 +280,7 @@ func TestExternalReplay(t *testing.T) {
 	}
 
 	// Both writes read back through the new back-end, and are on the image.
-	for i, w := range []struct {
-		sector uint64
-		data   []byte
-	}{{sectorA, a}, {sectorB, b}} {
-		slot := 2 + i
-		buf := drv.post(slot, w.sector, nil)
-		drv.wait(uint16(3+i), slot, replayLimit)
-		if got := drv.get(buf+0x200, 512); !bytes.Equal(got, w.data) {
-			t.Fatalf("sector %d reads %#x..., want %#x...", w.sector, got[:4], w.data[:4])
-		}
-	}
-	image, err := os.ReadFile(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(image[sectorA*512:sectorA*512+512], a) || !bytes.Equal(image[sectorB*512:sectorB*512+512], b) {
-		t.Fatal("the image does not hold both writes")
-	}
+	drv.readBack(2, sectorA, 3, a, replayLimit)
+	drv.readBack(3, sectorB, 4, b, replayLimit)
+	imageHolds(t, img, map[uint64][]byte{sectorA: a, sectorB: b})
 }

@@ -148,6 +148,32 @@ func (r *ringDriver) publish() {
 	r.reg(mmio.RegQueueNotify, 0)
 }
 
+// readBack reads sector through request slot i, waits until the device
+// has used n chains in all, and fails unless the sector holds want.
+func (r *ringDriver) readBack(i int, sector uint64, n uint16, want []byte, within time.Duration) {
+	r.t.Helper()
+	buf := r.post(i, sector, nil)
+	r.wait(n, i, within)
+	if got := r.get(buf+0x200, 512); !bytes.Equal(got, want) {
+		r.t.Fatalf("sector %d reads %#x..., want %#x...", sector, got[:4], want[:4])
+	}
+}
+
+// imageHolds fails unless the image file holds each write at its sector.
+func imageHolds(t *testing.T, img string, writes map[uint64][]byte) {
+	t.Helper()
+	image, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for sector, want := range writes {
+		off := sector * 512
+		if off+512 > uint64(len(image)) || !bytes.Equal(image[off:off+512], want) {
+			t.Fatalf("the image does not hold the write to sector %d", sector)
+		}
+	}
+}
+
 // wait waits until the device has used n chains in all and checks the
 // status byte of request slot i.
 func (r *ringDriver) wait(n uint16, i int, within time.Duration) {
@@ -290,16 +316,9 @@ func TestRestartResumesDevice(t *testing.T) {
 
 	// Both writes are on the disk, read through the new plugin.
 	for i, want := range [][]byte{a, b} {
-		buf := drv.post(2+i, uint64(i*8), nil)
-		drv.wait(uint16(3+i), 2+i, 10*time.Second)
-		if got := drv.get(buf+0x200, 512); !bytes.Equal(got, want) {
-			t.Fatalf("sector %d reads %#x..., want %#x...", i*8, got[:4], want[:4])
-		}
+		drv.readBack(2+i, uint64(i*8), uint16(3+i), want, 10*time.Second)
 	}
-	disk, _ := os.ReadFile(img)
-	if !bytes.Equal(disk[:512], a) || !bytes.Equal(disk[4096:4096+512], b) {
-		t.Fatal("the image does not hold both writes")
-	}
+	imageHolds(t, img, map[uint64][]byte{0: a, 8: b})
 
 	// Two more restarts are allowed; the fourth death fails the device.
 	for range 2 {
