@@ -55,12 +55,10 @@ func Resize(f *os.File, req *imagepb.ResizeRequest) (*imagepb.ResizeResponse, er
 		if err != nil {
 			return nil, err
 		}
-		// A smaller size is refused there, with --shrink or without.
+		// A smaller size is refused there, with --shrink or without;
+		// each of its writes is durable when it returns.
 		if err := qcow2.Resize(f, size); err != nil {
 			return nil, err
-		}
-		if err := f.Sync(); err != nil {
-			return nil, fmt.Errorf("sync: %w", err)
 		}
 		return &imagepb.ResizeResponse{OldSize: in.VirtualSize, VirtualSize: size}, nil
 	}
