@@ -280,10 +280,8 @@ func reconnectMachine(t *testing.T, spec string) (*pluginDevice, *ringDriver, *s
 	c := NewContext(hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Debug}))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
-	d, err := c.connectExternal(ctx, 0, externalSpec(t, spec))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// qemu-storage-daemon creates its socket a moment before it listens.
+	d := connectRetryCtx(t, ctx, c, spec)
 	m := newDeviceMachine(t, c.log, []*pluginDevice{d})
 	if err := m.attachDevices(); err != nil {
 		t.Fatal(err)

@@ -450,8 +450,14 @@ func TestExternalThirdParty(t *testing.T) {
 // listen yet.
 func connectRetry(t *testing.T, c *Context, spec string) *pluginDevice {
 	t.Helper()
+	return connectRetryCtx(t, context.Background(), c, spec)
+}
+
+// connectRetryCtx is connectRetry under ctx.
+func connectRetryCtx(t *testing.T, ctx context.Context, c *Context, spec string) *pluginDevice {
+	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		d, err := c.connectExternal(context.Background(), 0, externalSpec(t, spec))
+		d, err := c.connectExternal(ctx, 0, externalSpec(t, spec))
 		if err == nil {
 			return d
 		}
