@@ -167,7 +167,7 @@ func fuzzBody(t *testing.T, b []byte) {
 
 	// Growing the image is refused, or leaves it without errors.
 	rf := memFile(t, b)
-	if err := Resize(rf, (size+1<<20)&^511); err == nil {
+	if err := Resize(rf, (size+1<<20)&^511, Options{}); err == nil {
 		if res, err := Check(rf, RepairNone); err != nil || res.Corruptions+res.CheckErrors > 0 {
 			t.Fatalf("resized image: %v, %d corruptions, %d check errors: %v", err, res.Corruptions, res.CheckErrors, res.Messages)
 		}

@@ -33,13 +33,17 @@ var ErrShrink = errors.New("shrinking a qcow2 image is not supported")
 // QEMU) repairs. A version 2 image has no dirty bit, and an image on a
 // block device no room after its end, so these can only grow within
 // their L1 table's clusters.
-func Resize(f *os.File, size int64) error {
-	return resizeWith(f, size, nil)
+//
+// opts declares the image's absolute path and its backing chain, as for
+// Open (ReadOnly is ignored). Resize opens only the files in opts, on
+// copies of their descriptors: the caller keeps f and every file in opts.
+func Resize(f *os.File, size int64, opts Options) error {
+	return resizeWith(f, size, opts, nil)
 }
 
 // resizeWith is Resize with a hook called before each durable step (the
 // crash tests stop there).
-func resizeWith(f *os.File, size int64, hook func(step string) error) error {
+func resizeWith(f *os.File, size int64, opts Options, hook func(step string) error) error {
 	if f == nil {
 		return errors.New("qcow2: nil image file")
 	}

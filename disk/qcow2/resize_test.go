@@ -128,7 +128,7 @@ func TestResizeGrows(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if err := Resize(f, tt.size); err != nil {
+			if err := Resize(f, tt.size, Options{}); err != nil {
 				t.Fatalf("Resize: %v", err)
 			}
 			f.Close()
@@ -165,7 +165,7 @@ func TestResizeFreshImage(t *testing.T) {
 			}
 			sh(t, "qemu-img", append(args, p, "1M")...)
 			f := openFile(t, p, false)
-			err := Resize(f, tt.size)
+			err := Resize(f, tt.size, Options{})
 			f.Close()
 			if err != nil {
 				t.Fatalf("Resize: %v", err)
@@ -226,7 +226,7 @@ func TestResizeBlockDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	f := openFile(t, dev, false)
-	err = Resize(f, 64<<20)
+	err = Resize(f, 64<<20, Options{})
 	f.Close()
 	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "block device") {
 		t.Fatalf("Resize on a block device: %v, want a refusal naming the block device", err)
@@ -236,7 +236,7 @@ func TestResizeBlockDevice(t *testing.T) {
 	}
 	// Growing within the L1 table's cluster works there too.
 	f = openFile(t, dev, false)
-	err = Resize(f, 2<<20)
+	err = Resize(f, 2<<20, Options{})
 	f.Close()
 	if err != nil {
 		t.Fatalf("Resize within the L1 table on a block device: %v", err)
@@ -250,7 +250,7 @@ func TestResizeSameSizeIsNoOp(t *testing.T) {
 	before, _ := os.ReadFile(p)
 	f := openFile(t, p, false)
 	defer f.Close()
-	if err := Resize(f, 1<<20); err != nil {
+	if err := Resize(f, 1<<20, Options{}); err != nil {
 		t.Fatal(err)
 	}
 	if after, _ := os.ReadFile(p); !bytes.Equal(before, after) {
@@ -337,7 +337,7 @@ func TestResizeRefused(t *testing.T) {
 				t.Fatal(err)
 			}
 			f := openFile(t, p, false)
-			err = Resize(f, tt.size)
+			err = Resize(f, tt.size, Options{})
 			f.Close()
 			if err == nil {
 				t.Fatal("Resize succeeded")
@@ -390,7 +390,7 @@ func TestResizeCrash(t *testing.T) {
 			t.Run(step+"/"+opener, func(t *testing.T) {
 				p, before := resizeImage(t, "cluster_size=512", old)
 				f := openFile(t, p, false)
-				err := resizeWith(f, size, func(s string) error {
+				err := resizeWith(f, size, Options{}, func(s string) error {
 					if s == step {
 						return errCrash
 					}
@@ -426,7 +426,7 @@ func TestResizeCrash(t *testing.T) {
 				}
 				// The interrupted resize can be done again.
 				f = openFile(t, p, false)
-				err = Resize(f, size)
+				err = Resize(f, size, Options{})
 				f.Close()
 				if err != nil {
 					t.Fatalf("Resize after the crash: %v", err)

@@ -57,7 +57,7 @@ func Resize(f *os.File, req *imagepb.ResizeRequest) (*imagepb.ResizeResponse, er
 		}
 		// A smaller size is refused there, with --shrink or without;
 		// each of its writes is durable when it returns.
-		if err := qcow2.Resize(f, size); err != nil {
+		if err := qcow2.Resize(f, size, qcow2.Options{}); err != nil {
 			return nil, err
 		}
 		return &imagepb.ResizeResponse{OldSize: in.VirtualSize, VirtualSize: size}, nil
