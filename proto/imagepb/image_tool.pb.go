@@ -1542,7 +1542,12 @@ type ResizeRequest struct {
 	Size     int64 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
 	Relative bool  `protobuf:"varint,4,opt,name=relative,proto3" json:"relative,omitempty"`
 	// Allow a smaller size (raw; qcow2 refuses shrinking).
-	Shrink        bool `protobuf:"varint,5,opt,name=shrink,proto3" json:"shrink,omitempty"`
+	Shrink bool `protobuf:"varint,5,opt,name=shrink,proto3" json:"shrink,omitempty"`
+	// The image's absolute host path, against whose directory relative
+	// backing names recorded in the image are resolved.
+	Path string `protobuf:"bytes,6,opt,name=path,proto3" json:"path,omitempty"`
+	// The image's declared backing chain, nearest first (qcow2 only).
+	Backing       []*Layer `protobuf:"bytes,7,rep,name=backing,proto3" json:"backing,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1610,6 +1615,20 @@ func (x *ResizeRequest) GetShrink() bool {
 		return x.Shrink
 	}
 	return false
+}
+
+func (x *ResizeRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ResizeRequest) GetBacking() []*Layer {
+	if x != nil {
+		return x.Backing
+	}
+	return nil
 }
 
 type ResizeResponse struct {
@@ -1793,13 +1812,15 @@ const file_image_tool_proto_rawDesc = "" +
 	"\x05total\x18\x02 \x01(\x03R\x05total\x12\x1a\n" +
 	"\bfinished\x18\x03 \x01(\bR\bfinished\x12!\n" +
 	"\fvirtual_size\x18\x04 \x01(\x03R\vvirtualSize\x12\x18\n" +
-	"\awritten\x18\x05 \x01(\x03R\awritten\"\x83\x01\n" +
+	"\awritten\x18\x05 \x01(\x03R\awritten\"\xc7\x01\n" +
 	"\rResizeRequest\x12\x12\n" +
 	"\x04file\x18\x01 \x01(\tR\x04file\x12\x16\n" +
 	"\x06format\x18\x02 \x01(\tR\x06format\x12\x12\n" +
 	"\x04size\x18\x03 \x01(\x03R\x04size\x12\x1a\n" +
 	"\brelative\x18\x04 \x01(\bR\brelative\x12\x16\n" +
-	"\x06shrink\x18\x05 \x01(\bR\x06shrink\"N\n" +
+	"\x06shrink\x18\x05 \x01(\bR\x06shrink\x12\x12\n" +
+	"\x04path\x18\x06 \x01(\tR\x04path\x12.\n" +
+	"\abacking\x18\a \x03(\v2\x14.krun.image.v1.LayerR\abacking\"N\n" +
 	"\x0eResizeResponse\x12\x19\n" +
 	"\bold_size\x18\x01 \x01(\x03R\aoldSize\x12!\n" +
 	"\fvirtual_size\x18\x02 \x01(\x03R\vvirtualSize*;\n" +
@@ -1866,29 +1887,30 @@ var file_image_tool_proto_depIdxs = []int32{
 	15, // 5: krun.image.v1.ConvertRequest.input:type_name -> krun.image.v1.Layer
 	15, // 6: krun.image.v1.ConvertRequest.backing:type_name -> krun.image.v1.Layer
 	15, // 7: krun.image.v1.ConvertRequest.data_file:type_name -> krun.image.v1.Layer
-	1,  // 8: krun.image.v1.ImageTool.Open:input_type -> krun.image.v1.OpenRequest
-	3,  // 9: krun.image.v1.ImageTool.Probe:input_type -> krun.image.v1.ProbeRequest
-	5,  // 10: krun.image.v1.ImageTool.Info:input_type -> krun.image.v1.InfoRequest
-	9,  // 11: krun.image.v1.ImageTool.Check:input_type -> krun.image.v1.CheckRequest
-	11, // 12: krun.image.v1.ImageTool.Verify:input_type -> krun.image.v1.VerifyRequest
-	13, // 13: krun.image.v1.ImageTool.Create:input_type -> krun.image.v1.CreateRequest
-	16, // 14: krun.image.v1.ImageTool.Convert:input_type -> krun.image.v1.ConvertRequest
-	17, // 15: krun.image.v1.ImageTool.Import:input_type -> krun.image.v1.ImportRequest
-	19, // 16: krun.image.v1.ImageTool.Resize:input_type -> krun.image.v1.ResizeRequest
-	2,  // 17: krun.image.v1.ImageTool.Open:output_type -> krun.image.v1.OpenResponse
-	4,  // 18: krun.image.v1.ImageTool.Probe:output_type -> krun.image.v1.ProbeResponse
-	8,  // 19: krun.image.v1.ImageTool.Info:output_type -> krun.image.v1.InfoResponse
-	10, // 20: krun.image.v1.ImageTool.Check:output_type -> krun.image.v1.CheckResponse
-	12, // 21: krun.image.v1.ImageTool.Verify:output_type -> krun.image.v1.VerifyResponse
-	14, // 22: krun.image.v1.ImageTool.Create:output_type -> krun.image.v1.CreateResponse
-	18, // 23: krun.image.v1.ImageTool.Convert:output_type -> krun.image.v1.Progress
-	18, // 24: krun.image.v1.ImageTool.Import:output_type -> krun.image.v1.Progress
-	20, // 25: krun.image.v1.ImageTool.Resize:output_type -> krun.image.v1.ResizeResponse
-	17, // [17:26] is the sub-list for method output_type
-	8,  // [8:17] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	15, // 8: krun.image.v1.ResizeRequest.backing:type_name -> krun.image.v1.Layer
+	1,  // 9: krun.image.v1.ImageTool.Open:input_type -> krun.image.v1.OpenRequest
+	3,  // 10: krun.image.v1.ImageTool.Probe:input_type -> krun.image.v1.ProbeRequest
+	5,  // 11: krun.image.v1.ImageTool.Info:input_type -> krun.image.v1.InfoRequest
+	9,  // 12: krun.image.v1.ImageTool.Check:input_type -> krun.image.v1.CheckRequest
+	11, // 13: krun.image.v1.ImageTool.Verify:input_type -> krun.image.v1.VerifyRequest
+	13, // 14: krun.image.v1.ImageTool.Create:input_type -> krun.image.v1.CreateRequest
+	16, // 15: krun.image.v1.ImageTool.Convert:input_type -> krun.image.v1.ConvertRequest
+	17, // 16: krun.image.v1.ImageTool.Import:input_type -> krun.image.v1.ImportRequest
+	19, // 17: krun.image.v1.ImageTool.Resize:input_type -> krun.image.v1.ResizeRequest
+	2,  // 18: krun.image.v1.ImageTool.Open:output_type -> krun.image.v1.OpenResponse
+	4,  // 19: krun.image.v1.ImageTool.Probe:output_type -> krun.image.v1.ProbeResponse
+	8,  // 20: krun.image.v1.ImageTool.Info:output_type -> krun.image.v1.InfoResponse
+	10, // 21: krun.image.v1.ImageTool.Check:output_type -> krun.image.v1.CheckResponse
+	12, // 22: krun.image.v1.ImageTool.Verify:output_type -> krun.image.v1.VerifyResponse
+	14, // 23: krun.image.v1.ImageTool.Create:output_type -> krun.image.v1.CreateResponse
+	18, // 24: krun.image.v1.ImageTool.Convert:output_type -> krun.image.v1.Progress
+	18, // 25: krun.image.v1.ImageTool.Import:output_type -> krun.image.v1.Progress
+	20, // 26: krun.image.v1.ImageTool.Resize:output_type -> krun.image.v1.ResizeResponse
+	18, // [18:27] is the sub-list for method output_type
+	9,  // [9:18] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_image_tool_proto_init() }
