@@ -117,33 +117,44 @@ func (j *ConvertJob) open() (source, error) {
 		}
 		return &rawSource{f: j.Input.File, size: size, seek: true}, nil
 	}
-	o := qcow2.Options{ReadOnly: true, Path: j.Input.Path, Logger: j.Log}
-	for i, b := range j.Backing {
-		bf, err := parseFormat(b.Format)
-		if err != nil {
-			return nil, fmt.Errorf("backing file %d: %w", i, err)
-		}
-		if err := checkAbs(b.Path); err != nil {
-			return nil, fmt.Errorf("backing file %d: %w", i, err)
-		}
-		o.Backing = append(o.Backing, qcow2.Layer{File: b.File, Format: bf, Path: b.Path})
+	o, err := chainOptions("input", j.Input.Path, j.Backing)
+	if err != nil {
+		return nil, err
 	}
+	o.ReadOnly, o.Logger = true, j.Log
 	if d := j.DataFile; d != nil {
 		if err := checkAbs(d.Path); err != nil {
 			return nil, fmt.Errorf("data file: %w", err)
 		}
 		o.DataFile = &qcow2.Layer{File: d.File, Format: disk.Raw, Path: d.Path}
 	}
-	if o.Path != "" {
-		if err := checkAbs(o.Path); err != nil {
-			return nil, fmt.Errorf("input: %w", err)
-		}
-	}
 	im, err := qcow2.Open(j.Input.File, o)
 	if err != nil {
 		return nil, err
 	}
 	return qcow2Source{im}, nil
+}
+
+// chainOptions is disk/qcow2's view of an image at path (absolute, or ""
+// when unknown) with its declared backing chain, nearest first: each
+// layer's format parsed and its path checked to be absolute. what names
+// the image in errors.
+func chainOptions(what, path string, backing []Layer) (qcow2.Options, error) {
+	o := qcow2.Options{Path: path}
+	for i, b := range backing {
+		bf, err := parseFormat(b.Format)
+		if err != nil {
+			return qcow2.Options{}, fmt.Errorf("backing file %d: %w", i, err)
+		}
+		if err := checkAbs(b.Path); err != nil {
+			return qcow2.Options{}, fmt.Errorf("backing file %d: %w", i, err)
+		}
+		o.Backing = append(o.Backing, qcow2.Layer{File: b.File, Format: bf, Path: b.Path})
+	}
+	if err := checkAbs(path); err != nil {
+		return qcow2.Options{}, fmt.Errorf("%s: %w", what, err)
+	}
+	return o, nil
 }
 
 func checkAbs(p string) error {

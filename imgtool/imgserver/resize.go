@@ -14,12 +14,18 @@ import (
 // Resize changes the virtual size of the image in f (handed over
 // read-write, under the host's exclusive lock), as qemu-img resize does. A
 // raw file is extended sparsely or, with req.Shrink, cut; a qcow2 image
-// only grows (qcow2.Resize). Nothing is changed when the request is
-// refused.
-func Resize(f *os.File, req *imagepb.ResizeRequest) (*imagepb.ResizeResponse, error) {
+// only grows (qcow2.Resize), over backing, its declared chain (nearest
+// first, as the host opened it; req.Path is the image's absolute path,
+// against which relative names it records are resolved). Nothing is
+// changed when the request is refused. The caller keeps f and the
+// backing files.
+func Resize(f *os.File, backing []Layer, req *imagepb.ResizeRequest) (*imagepb.ResizeResponse, error) {
 	format, err := parseFormat(req.GetFormat())
 	if err != nil {
 		return nil, err
+	}
+	if format == disk.Raw && len(backing) > 0 {
+		return nil, errors.New("a raw image has no backing file")
 	}
 	length, _, err := sizes(f)
 	if err != nil {
@@ -47,6 +53,10 @@ func Resize(f *os.File, req *imagepb.ResizeRequest) (*imagepb.ResizeResponse, er
 		}
 		return &imagepb.ResizeResponse{OldSize: length, VirtualSize: size}, nil
 	case disk.QCOW2:
+		o, err := chainOptions("image", req.GetPath(), backing)
+		if err != nil {
+			return nil, err
+		}
 		in, err := qcow2.ReadInfo(f)
 		if err != nil {
 			return nil, fmt.Errorf("not a valid qcow2 image: %w", err)
@@ -57,7 +67,7 @@ func Resize(f *os.File, req *imagepb.ResizeRequest) (*imagepb.ResizeResponse, er
 		}
 		// A smaller size is refused there, with --shrink or without;
 		// each of its writes is durable when it returns.
-		if err := qcow2.Resize(f, size, qcow2.Options{}); err != nil {
+		if err := qcow2.Resize(f, size, o); err != nil {
 			return nil, err
 		}
 		return &imagepb.ResizeResponse{OldSize: in.VirtualSize, VirtualSize: size}, nil

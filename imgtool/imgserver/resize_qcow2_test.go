@@ -44,7 +44,7 @@ func TestResizeQcow2(t *testing.T) {
 				t.Fatal(err)
 			}
 			c.req.Format = "qcow2"
-			r, err := Resize(open(t, p, os.O_RDWR), c.req)
+			r, err := Resize(open(t, p, os.O_RDWR), nil, c.req)
 			if c.err != "" {
 				if err == nil || !strings.Contains(err.Error(), c.err) || strings.Contains(err.Error(), "\n") {
 					t.Errorf("error %v, want one line with %q", err, c.err)
@@ -92,7 +92,7 @@ func TestResizeQcow2(t *testing.T) {
 	// Not a qcow2 image: refused before anything is written.
 	p := filepath.Join(dir, "not.qcow2")
 	os.WriteFile(p, make([]byte, 4096), 0o644)
-	if _, err := Resize(open(t, p, os.O_RDWR), &imagepb.ResizeRequest{Format: "qcow2", Size: 8192}); err == nil || !strings.Contains(err.Error(), "not a valid qcow2 image") {
+	if _, err := Resize(open(t, p, os.O_RDWR), nil, &imagepb.ResizeRequest{Format: "qcow2", Size: 8192}); err == nil || !strings.Contains(err.Error(), "not a valid qcow2 image") {
 		t.Errorf("a raw file as qcow2: %v", err)
 	}
 }

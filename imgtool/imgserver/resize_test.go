@@ -60,7 +60,7 @@ func TestResizeRaw(t *testing.T) {
 			if c.req.Format == "" {
 				c.req.Format = "raw"
 			}
-			r, err := Resize(f, c.req)
+			r, err := Resize(f, nil, c.req)
 			if c.err != "" {
 				if err == nil || !strings.Contains(err.Error(), c.err) || strings.Contains(err.Error(), "\n") {
 					t.Errorf("error %v, want one line with %q", err, c.err)

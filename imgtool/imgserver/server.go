@@ -241,13 +241,17 @@ func (s *Server) Create(_ context.Context, req *imagepb.CreateRequest) (resp *im
 }
 
 func (s *Server) Resize(_ context.Context, req *imagepb.ResizeRequest) (resp *imagepb.ResizeResponse, err error) {
-	fs, end, err := s.begin(req.GetFile())
+	names := []string{req.GetFile()}
+	for _, b := range req.GetBacking() {
+		names = append(names, b.GetFile())
+	}
+	fs, end, err := s.begin(names...)
 	if err != nil {
 		return nil, err
 	}
 	defer end()
 	err = s.guard("Resize", func() (err error) {
-		resp, err = Resize(fs[0], req)
+		resp, err = Resize(fs[0], layers(req.GetBacking(), fs[1:]), req)
 		return err
 	})
 	return resp, err
@@ -273,9 +277,7 @@ func (s *Server) Convert(req *imagepb.ConvertRequest, stream imagepb.ImageTool_C
 		if fs[2] != nil {
 			job.DataFile = &Layer{File: fs[2], Format: req.GetDataFile().GetFormat(), Path: req.GetDataFile().GetPath()}
 		}
-		for i, b := range req.GetBacking() {
-			job.Backing = append(job.Backing, Layer{File: fs[3+i], Format: b.GetFormat(), Path: b.GetPath()})
-		}
+		job.Backing = layers(req.GetBacking(), fs[3:])
 		res, err := job.Run(stream.Context(), progressSender(stream))
 		if err != nil {
 			return err
@@ -302,6 +304,16 @@ func (s *Server) Import(req *imagepb.ImportRequest, stream imagepb.ImageTool_Imp
 		}
 		return stream.Send(res)
 	})
+}
+
+// layers pairs a request's declared layers with their files, as begin
+// returned them (in the same order).
+func layers(pb []*imagepb.Layer, files []*os.File) []Layer {
+	var out []Layer
+	for i, l := range pb {
+		out = append(out, Layer{File: files[i], Format: l.GetFormat(), Path: l.GetPath()})
+	}
+	return out
 }
 
 // progressSender sends a progress message at most every 100 ms.
