@@ -152,6 +152,9 @@ type ResizeOptions struct {
 	Relative bool
 	// Shrink allows a smaller size (raw; a qcow2 image only grows).
 	Shrink bool
+	// Backing is a qcow2 image's declared chain, nearest first (as
+	// convert's): an image with a backing file grows only with it.
+	Backing []Backing
 }
 
 // ResizeResult is an image's virtual size before and after a resize.
@@ -161,11 +164,22 @@ type ResizeResult struct {
 
 // Resize changes the virtual size of the image at path in place, as
 // qemu-img resize does. The image is opened read-write under the exclusive
-// lock (as check --repair), so an image anyone uses is refused; the
-// current size is read and the image changed in the plugin.
+// lock (as check --repair), so an image anyone uses is refused; its
+// declared backing files are opened read-only under the read lock, as
+// convert's. The current size is read and the image changed in the
+// plugin.
 func (l *Launcher) Resize(ctx context.Context, path string, o ResizeOptions) (*ResizeResult, error) {
-	if _, err := checkFormat("--format", o.Format); err != nil {
+	format, err := checkFormat("--format", o.Format)
+	if err != nil {
 		return nil, err
+	}
+	if format == disk.Raw && len(o.Backing) > 0 {
+		return nil, errors.New("--backing needs --format qcow2 (a raw image has no backing file)")
+	}
+	for _, b := range o.Backing {
+		if _, err := checkFormat("--backing-format", b.Format); err != nil {
+			return nil, err
+		}
 	}
 	if l.ForceShare {
 		return nil, errors.New("--force-share is for read-only opens; resize writes the image")
@@ -178,21 +192,66 @@ func (l *Launcher) Resize(ctx context.Context, path string, o ResizeOptions) (*R
 			return nil, fmt.Errorf("the new size (%d bytes) is not a multiple of 512", o.Size)
 		}
 	}
-	s, done, err := l.startOnImage(ctx, path, imagelock.ReadWrite)
+	abs, err := absPath(path)
 	if err != nil {
 		return nil, err
 	}
-	defer done()
+	req := &imagepb.ResizeRequest{File: "image", Format: o.Format, Size: o.Size, Relative: o.Relative,
+		Shrink: o.Shrink, Path: abs}
+	f, err := openImage("image", path, imagelock.ReadWrite)
+	if err != nil {
+		return nil, err
+	}
+	files := []file{{"image", f}}
+	defer func() {
+		for _, f := range files {
+			f.f.Close()
+		}
+	}()
+	for i, b := range o.Backing {
+		babs, err := absPath(b.Path)
+		if err != nil {
+			return nil, err
+		}
+		bf, err := openImage("backing file", babs, l.readMode())
+		if err != nil {
+			return nil, err
+		}
+		name := "backing." + strconv.Itoa(i)
+		files = append(files, file{name, bf})
+		req.Backing = append(req.Backing, &imagepb.Layer{File: name, Format: b.Format, Path: babs})
+	}
+	s, err := l.start(ctx, files)
+	if err != nil {
+		return nil, err
+	}
+	defer s.close()
 	var r *imagepb.ResizeResponse
 	err = s.call(ctx, "Resize", func(ctx context.Context) (err error) {
-		r, err = s.rpc.Resize(ctx, &imagepb.ResizeRequest{File: "image", Format: o.Format,
-			Size: o.Size, Relative: o.Relative, Shrink: o.Shrink})
+		r, err = s.rpc.Resize(ctx, req)
 		return err
 	})
 	if err != nil {
-		return nil, err
+		return nil, chainFlags(err)
 	}
 	return &ResizeResult{OldSize: r.GetOldSize(), VirtualSize: r.GetVirtualSize()}, nil
+}
+
+// chainWords rewords disk/qcow2's backing chain errors, which name
+// --disk's options (backing=, data-file=), in img's flags.
+var chainWords = strings.NewReplacer(
+	"(add backing=...)", "(declare it with --backing FILE --backing-format FMT)",
+	"(add data-file=...)", "(declare it with --data-file FILE)",
+	"backing=", "--backing ")
+
+// chainFlags returns err with an operation's message (*OpError) reworded
+// by chainWords.
+func chainFlags(err error) error {
+	var oe *OpError
+	if errors.As(err, &oe) {
+		oe.Msg = chainWords.Replace(oe.Msg)
+	}
+	return err
 }
 
 // CreateOptions describe a new image.
@@ -378,13 +437,7 @@ func (l *Launcher) Convert(ctx context.Context, o ConvertOptions, progress Progr
 		return err
 	})
 	if err != nil {
-		var oe *OpError
-		if errors.As(err, &oe) {
-			// disk/qcow2 words its chain errors in --disk terms.
-			oe.Msg = strings.NewReplacer("(add backing=...)", "(declare it with --backing FILE --backing-format FMT)",
-				"(add data-file=...)", "(declare it with --data-file FILE)", "backing=", "--backing ").Replace(oe.Msg)
-		}
-		return nil, err
+		return nil, chainFlags(err)
 	}
 	return &Result{VirtualSize: last.GetVirtualSize(), Written: last.GetWritten()}, nil
 }
