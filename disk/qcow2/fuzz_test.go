@@ -165,11 +165,21 @@ func fuzzBody(t *testing.T, b []byte) {
 	Check(cf, RepairNone)
 	cf.Close()
 
-	// Growing the image is refused, or leaves it without errors.
+	// Growing the image is refused, or leaves it without errors and
+	// with a new area that reads as zeros.
 	rf := memFile(t, b)
-	if err := Resize(rf, (size+1<<20)&^511, Options{}); err == nil {
+	grown := (size + 1<<20) &^ 511
+	if err := Resize(rf, grown, Options{}); err == nil {
 		if res, err := Check(rf, RepairNone); err != nil || res.Corruptions+res.CheckErrors > 0 {
 			t.Fatalf("resized image: %v, %d corruptions, %d check errors: %v", err, res.Corruptions, res.CheckErrors, res.Messages)
+		}
+		if gi, err := Open(rf, Options{ReadOnly: true}); err == nil {
+			tail := make([]byte, min(grown-size, 256<<10))
+			if _, err := gi.ReadAt(tail, size); err == nil && !bytes.Equal(tail, make([]byte, len(tail))) {
+				t.Fatalf("the area grown from %d to %d does not read as zeros", size, grown)
+			}
+			gi.Close()
+			return
 		}
 	}
 	rf.Close()

@@ -44,6 +44,11 @@ type Options struct {
 	// of it); 0 means 32 MiB.
 	CacheBytes int64
 	Logger     hclog.Logger
+
+	// growTo, when set, is the virtual size the image is opened with in
+	// place of its header's (Resize zeroes the area it is growing into
+	// before the header says so). The L1 table must cover it.
+	growTo int64
 }
 
 // Image is an open qcow2 image. It implements disk.Disk and is safe for
@@ -250,6 +255,9 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	if opts.MaxVirtualSize > 0 && h.size > uint64(opts.MaxVirtualSize) {
 		return nil, fmt.Errorf("image %s: virtual size %d exceeds the limit of %d bytes", name, h.size, opts.MaxVirtualSize)
 	}
+	if opts.growTo != 0 && (opts.growTo < int64(h.size) || divRoundUp(uint64(opts.growTo), h.clusterSize()*h.l2Entries()) > uint64(h.l1Size)) {
+		return nil, fmt.Errorf("image %s: cannot open at virtual size %d (header: %d, L1 entries %d)", name, opts.growTo, h.size, h.l1Size)
+	}
 	if h.incompat&incompatCorrupt != 0 && !opts.ReadOnly {
 		return nil, fmt.Errorf("image %s: %w: the image is marked corrupt; open it read-only or repair it (qemu-img check -r all)", name, ErrCorrupt)
 	}
@@ -273,6 +281,9 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 		l1Dirty:     map[uint64]bool{},
 		rtDirty:     map[uint64]bool{},
 		rtOff:       h.rtOff,
+	}
+	if opts.growTo != 0 {
+		im.size = opts.growTo
 	}
 	for 1<<im.l2Bits < im.l2Entries {
 		im.l2Bits++

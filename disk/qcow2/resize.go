@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+
+	"golang.org/x/sys/unix"
 )
 
 // Header field offsets Resize updates.
@@ -20,23 +22,36 @@ var ErrShrink = errors.New("shrinking a qcow2 image is not supported")
 // read-write, used by no one else: the caller holds the image's write
 // lock) to size bytes, as `qemu-img resize` does. The new area reads as
 // zeros. Only growing is supported, and only for an image without
-// internal snapshots, bitmaps, a backing file (whose data beyond the old
-// size would show through) or an external data file; an image with
+// internal snapshots, bitmaps or an external data file; an image with
 // corruption is refused (leaks are fine).
 //
-// When the new size fits the clusters of the L1 table, only the header
-// changes, in one write. Otherwise a larger L1 table is written after the
-// end of the file, the dirty bit is set, the header is switched to the new
-// table, and the refcounts are rebuilt; a crash at any point leaves the
-// image as it was (with unreferenced bytes after its end) or dirty, of
-// the old or the new size, which the next read-write open (here or in
-// QEMU) repairs. A version 2 image has no dirty bit, and an image on a
-// block device no room after its end, so these can only grow within
-// their L1 table's clusters.
-//
 // opts declares the image's absolute path and its backing chain, as for
-// Open (ReadOnly is ignored). Resize opens only the files in opts, on
-// copies of their descriptors: the caller keeps f and every file in opts.
+// Open (ReadOnly is ignored): an image with a backing file is grown only
+// with its chain declared, since the backing file's data beyond the old
+// size must not show through the new area. Resize opens only the files in
+// opts, on copies of their descriptors: the caller keeps f and every file
+// in opts.
+//
+// Where the new area needs no zeroing and the new size fits the clusters
+// of the L1 table, only the header changes, in one write. Otherwise, in
+// order, each step durable before the next:
+//   - the L1 table grows: in its clusters (the header's entry count), or
+//     as a larger table written after the end of the file, then the dirty
+//     bit, the header switched to it, and the refcounts rebuilt;
+//   - the new area is zeroed, still beyond the image's virtual size: the
+//     backing file's data there is hidden with zero clusters, and the part
+//     of the old last cluster beyond the old size is zeroed (copied up
+//     from the backing file when the image has none of its own);
+//   - the header takes the new size.
+//
+// A crash at any point leaves the image as it was (with unreferenced bytes
+// after its end, or a larger L1 table, or zeroed clusters beyond its
+// size), or dirty, which the next read-write open (here or in QEMU)
+// repairs; always of the old size or of the new one with the new area
+// zeroed. A version 2 image has no dirty bit and no zero clusters, and an
+// image on a block device no room after its end, so these can grow only
+// within their L1 table's clusters, and a version 2 image only where its
+// backing file has no data.
 func Resize(f *os.File, size int64, opts Options) error {
 	return resizeWith(f, size, opts, nil)
 }
@@ -55,6 +70,9 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	}
 	if size <= 0 || size%512 != 0 {
 		return fmt.Errorf("new size %d is not a positive multiple of 512", size)
+	}
+	if opts.DataFile != nil {
+		return fmt.Errorf("%w: resizing an image with an external data file is not supported", ErrUnsupported)
 	}
 	_, fileSize, err := identify(f)
 	if err != nil {
@@ -80,8 +98,6 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 		return fmt.Errorf("%w: the image has persistent bitmaps; resizing one is not supported", ErrUnsupported)
 	case h.incompat&incompatDataFile != 0 || h.hasDataFileName:
 		return fmt.Errorf("%w: the image has an external data file; resizing one is not supported", ErrUnsupported)
-	case h.backingOff != 0:
-		return fmt.Errorf("%w: the image has a backing file, whose data beyond the old size would show through the new area; resizing one is not supported", ErrUnsupported)
 	case uint64(size) == old:
 		return nil
 	}
@@ -97,6 +113,37 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	}
 	if n := res.Corruptions + res.CheckErrors; n > 0 {
 		return fmt.Errorf("%w: %d errors found before resizing; check and repair the image first (img check)", ErrCorrupt, n)
+	}
+
+	// The new area needs zeroing where the backing file has data, and
+	// where the old last cluster runs past the old size (its tail may hold
+	// the backing file's data, copied up with the cluster, or what a
+	// shrink left). The declared chain is checked first, read-only, so a
+	// wrong one changes nothing.
+	zero := false
+	if h.backingOff != 0 || len(opts.Backing) > 0 || old%cs != 0 {
+		bsize, err := backingSize(f, opts)
+		if err != nil {
+			return err
+		}
+		zero = old%cs != 0 || bsize > int64(old)
+		if h.version < 3 && bsize > int64(divRoundUp(old, cs)*cs) {
+			return fmt.Errorf("%w: the backing file has data beyond the old size, which a version 2 image cannot hide without allocating the whole area (it has no zero clusters); convert it to version 3 first (qemu-img amend -o compat=1.1)", ErrUnsupported)
+		}
+	}
+	zeroAndSize := func() error {
+		if err := step("zero"); err != nil {
+			return err
+		}
+		if err := zeroGrown(f, opts, old, size); err != nil {
+			return fmt.Errorf("zero the new area: %w", err)
+		}
+		var b [8]byte
+		be.PutUint64(b[:], uint64(size))
+		if err := step("size"); err != nil {
+			return err
+		}
+		return writeSynced(f, b[:], hdrSizeOff)
 	}
 
 	// The L1 table grows in place when its clusters have room and that
@@ -117,6 +164,19 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 			if err := writeSynced(f, make([]byte, end-uint64(fileSize)), fileSize); err != nil {
 				return fmt.Errorf("extend the L1 table's cluster: %w", err)
 			}
+		}
+		if zero {
+			if l1 != uint64(h.l1Size) {
+				var b [4]byte
+				be.PutUint32(b[:], uint32(l1))
+				if err := step("l1"); err != nil {
+					return err
+				}
+				if err := writeSynced(f, b[:], hdrL1SizeOff); err != nil {
+					return fmt.Errorf("grow the L1 table: %w", err)
+				}
+			}
+			return zeroAndSize()
 		}
 		var b [hdrL1SizeOff + 4 - hdrSizeOff]byte
 		be.PutUint64(b[0:], uint64(size))
@@ -163,8 +223,14 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	if err := writeIncompat(f, h.incompat|incompatDirty); err != nil {
 		return err
 	}
+	// With zeroing to do, the header keeps the old size until the new
+	// area is zeroed.
+	hdrSize := uint64(size)
+	if zero {
+		hdrSize = old
+	}
 	var b [hdrL1OffsetOff + 8 - hdrSizeOff]byte
-	be.PutUint64(b[0:], uint64(size))
+	be.PutUint64(b[0:], hdrSize)
 	be.PutUint32(b[hdrL1SizeOff-4-hdrSizeOff:], h.cryptMethod)
 	be.PutUint32(b[hdrL1SizeOff-hdrSizeOff:], uint32(need))
 	be.PutUint64(b[hdrL1OffsetOff-hdrSizeOff:], newOff)
@@ -186,7 +252,101 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	if !res.Clean() {
 		return fmt.Errorf("%w: %d errors remain after moving the L1 table", ErrCorrupt, res.Corruptions+res.CheckErrors)
 	}
+	if zero {
+		return zeroAndSize()
+	}
 	return nil
+}
+
+// backingSize opens the image in f read-only with the chain opts declares
+// (which Open checks against the names the image records) and returns its
+// backing file's virtual size, 0 without one.
+func backingSize(f *os.File, opts Options) (int64, error) {
+	o, done, err := dupOpen(f, opts)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	o.ReadOnly = true
+	im, err := Open(o.file, o.Options)
+	if err != nil {
+		return 0, err
+	}
+	n := int64(0)
+	if im.backing != nil {
+		n = im.backingSize
+	}
+	return n, im.Close()
+}
+
+// zeroGrown zeroes [old, size) of the image in f, opened read-write at
+// virtual size size (its header still says old), and makes it durable.
+func zeroGrown(f *os.File, opts Options, old uint64, size int64) error {
+	o, done, err := dupOpen(f, opts)
+	if err != nil {
+		return err
+	}
+	defer done()
+	o.ReadOnly = false
+	o.growTo = size
+	im, err := Open(o.file, o.Options)
+	if err != nil {
+		return err
+	}
+	if err := im.WriteZeroes(int64(old), size-int64(old), false); err != nil {
+		im.Close()
+		return err
+	}
+	if err := im.Flush(); err != nil {
+		im.Close()
+		return err
+	}
+	return im.Close()
+}
+
+// dupOpened is Options whose files (and the image's, file) are copies of
+// the caller's descriptors, for an Open that takes ownership of them.
+type dupOpened struct {
+	Options
+	file *os.File
+}
+
+// dupOpen copies the descriptors of f and of every file opts declares.
+// done closes the copies (again, harmlessly, after an Image closed them).
+func dupOpen(f *os.File, opts Options) (*dupOpened, func(), error) {
+	var files []*os.File
+	done := func() {
+		for _, c := range files {
+			c.Close()
+		}
+	}
+	dup := func(src *os.File) (*os.File, error) {
+		if src == nil {
+			return nil, nil
+		}
+		fd, err := unix.FcntlInt(src.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("duplicate %s: %w", src.Name(), err)
+		}
+		c := os.NewFile(uintptr(fd), src.Name())
+		files = append(files, c)
+		return c, nil
+	}
+	o := &dupOpened{Options: opts}
+	var err error
+	if o.file, err = dup(f); err != nil {
+		done()
+		return nil, nil, err
+	}
+	o.Backing = make([]Layer, len(opts.Backing))
+	for i, l := range opts.Backing {
+		o.Backing[i] = l
+		if o.Backing[i].File, err = dup(l.File); err != nil {
+			done()
+			return nil, nil, err
+		}
+	}
+	return o, done, nil
 }
 
 // zeroAt reports whether the n bytes of f at off are all zero (false on a

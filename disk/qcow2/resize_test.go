@@ -289,7 +289,7 @@ func TestResizeRefused(t *testing.T) {
 			p := filepath.Join(dir, "top.qcow2")
 			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", p, "1M")
 			return p
-		}, 2 << 20, ErrUnsupported, "backing file"},
+		}, 2 << 20, ErrBacking, "not declared"},
 		{"external data file", func(t *testing.T) string {
 			dir := t.TempDir()
 			p := filepath.Join(dir, "img.qcow2")
