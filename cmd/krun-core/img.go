@@ -38,7 +38,8 @@ commands:
            [--cluster-size N] [--progress] [-U] IN OUT
   import   [--from-format raw] --format qcow2|raw --max-size SIZE [--compress]
            [--compression zlib|zstd] [--cluster-size N] [--progress] OUT < CONTENT
-  resize   --format raw|qcow2 [--shrink] FILE [+|-]SIZE
+  resize   --format raw|qcow2 [--backing FILE --backing-format FMT]...
+           [--shrink] FILE [+|-]SIZE
   probe    [-U] FILE
 
 options of every command:
@@ -158,19 +159,23 @@ image OUT; the size cap holds while the content streams in.
   --cluster-size N          OUT's cluster size
   -p, --progress            a progress bar on stderr when it is a terminal
 `,
-	"resize": `usage: krun-core img resize --format raw|qcow2 [--shrink] FILE [+|-]SIZE
+	"resize": `usage: krun-core img resize --format raw|qcow2 [--backing FILE --backing-format FMT]... [--shrink] FILE [+|-]SIZE
 
 Changes FILE's virtual size in place, as qemu-img resize does: to SIZE, or
 by +SIZE or -SIZE from the current size. The new size must be a multiple of
 512. FILE is opened read-write under its exclusive lock, so an image in use
 (served, open in QEMU) is refused. A raw file grows sparsely; shrinking it
 cuts off its end and needs --shrink. A qcow2 image only grows, and not one
-with internal snapshots, bitmaps, a backing file or an external data file.
-Partitions and file systems inside the image are not touched: grow them
-from the guest.
+with internal snapshots, bitmaps or an external data file. A qcow2 image
+with a backing file grows only with its chain declared, nearest first, as
+for convert (nothing is opened by the name the image records): the new
+area is zeroed over the backing file's data. Partitions and file systems
+inside the image are not touched: grow them from the guest.
 
-  -f, --format FMT   the image's format, raw or qcow2 (required; never guessed)
-  --shrink           allow a smaller size (raw); the data beyond it is lost
+  -f, --format FMT          the image's format, raw or qcow2 (required; never guessed)
+  -b, --backing FILE        a backing file of FILE (repeatable, nearest first)
+  --backing-format FMT      the format of the --backing before it
+  --shrink                  allow a smaller size (raw); the data beyond it is lost
 `,
 	"probe": `usage: krun-core img probe [-U] FILE
 
@@ -658,11 +663,16 @@ func imgResize(args []string, stdout, stderr io.Writer) int {
 	f := newImgFlags("resize")
 	format := formatFlag(f.fs)
 	shrink := f.fs.Bool("shrink", false, "")
+	var chain backingFlags
+	chain.register(f.fs)
 	return imgRun("resize", sizeLast(args), stdout, stderr, f, []string{"FILE", "SIZE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		if err := requireFormat(*format); err != nil {
 			return 1, err
 		}
-		o := imgtool.ResizeOptions{Format: *format, Shrink: *shrink}
+		if err := chain.check(); err != nil {
+			return 1, err
+		}
+		o := imgtool.ResizeOptions{Format: *format, Shrink: *shrink, Backing: chain.chain}
 		arg := f.positional[1]
 		num, sign := arg, int64(1)
 		switch {

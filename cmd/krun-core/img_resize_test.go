@@ -11,13 +11,20 @@ import (
 
 // TestImgResizeArgs covers what img resize refuses before any plugin is
 // started (the plugin directory here has none), its pages, and that a
-// refused resize changes nothing.
+// refused resize changes nothing. A declared backing chain (-b/--backing
+// with --backing-format, anywhere among the arguments) reaches the
+// launcher, which opens each file: a missing one is named.
 func TestImgResizeArgs(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "disk.raw")
 	if err := os.WriteFile(file, make([]byte, 4096), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	base := filepath.Join(dir, "base.raw")
+	if err := os.WriteFile(base, make([]byte, 8192), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(dir, "missing.raw")
 	t.Setenv("KRUN_PLUGIN_DIR", "")
 	empty := t.TempDir() // no krun-plugin-img here
 	cases := []struct {
@@ -25,9 +32,10 @@ func TestImgResizeArgs(t *testing.T) {
 		code int
 		out  string // substring of stdout+stderr
 	}{
-		{[]string{"resize", "--help"}, 0, "usage: krun-core img resize --format raw|qcow2 [--shrink] FILE [+|-]SIZE"},
+		{[]string{"resize", "--help"}, 0, "usage: krun-core img resize --format raw|qcow2 [--backing FILE --backing-format FMT]... [--shrink] FILE [+|-]SIZE"},
 		{[]string{"help", "resize"}, 0, "--shrink"},
-		{[]string{"--help"}, 0, "  resize   --format raw|qcow2 [--shrink] FILE [+|-]SIZE"},
+		{[]string{"resize", "-h"}, 0, "  -b, --backing FILE        a backing file of FILE (repeatable, nearest first)"},
+		{[]string{"--help"}, 0, "  resize   --format raw|qcow2 [--backing FILE --backing-format FMT]...\n           [--shrink] FILE [+|-]SIZE"},
 		{[]string{"resize", file, "8K"}, 1, "krun-core img resize: --format is required"},
 		{[]string{"resize", "-f", "raw", file}, 1, "want 2 argument(s) (FILE SIZE), got 1"},
 		{[]string{"resize", "-f", "raw", file, "8K", "16K"}, 1, "want 2 argument(s) (FILE SIZE), got 3"},
@@ -46,6 +54,27 @@ func TestImgResizeArgs(t *testing.T) {
 		{[]string{"resize", file, "--shrink", "--plugin-dir", empty, "--format", "raw", "-1K"}, 1, "krun-plugin-img not found"},
 		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "--", "-1K"}, 1, "krun-plugin-img not found"},
 		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, "--", file, "-1K"}, 1, "krun-plugin-img not found"},
+
+		// The backing chain, as convert's.
+		{[]string{"resize", "-f", "raw", "-b", base, "--backing-format", "raw", file, "8K"}, 1,
+			"krun-core img resize: --backing needs --format qcow2 (a raw image has no backing file)"},
+		{[]string{"resize", "-f", "qcow2", "-b", base, file, "8K"}, 1,
+			"krun-core img resize: --backing " + base + " needs --backing-format (formats are never guessed)"},
+		{[]string{"resize", "-f", "qcow2", "--backing-format", "raw", "-b", base, file, "8K"}, 1,
+			"--backing-format raw must follow its --backing"},
+		{[]string{"resize", "-f", "qcow2", "-b", base, "--backing", base, file, "8K"}, 1,
+			"--backing " + base + " needs --backing-format before the next --backing"},
+		{[]string{"resize", "-f", "qcow2", "-b", base, "--backing-format", "raw", "-b", base, "--backing-format", "raw", file, "8K"}, 1,
+			"--backing " + base + " is raw, which has no backing file, but more backing files follow"},
+		{[]string{"resize", "-f", "qcow2", "--backing", base, "--backing-format", "vmdk", file, "8K"}, 1,
+			`krun-core img resize: --backing-format: unknown format "vmdk"`},
+		{[]string{"resize", "-f", "qcow2", "--plugin-dir", empty, "-b", missing, "--backing-format", "raw", file, "+8K"}, 1,
+			"krun-core img resize: backing file: open " + missing + ": no such file or directory"},
+		// After the arguments, before a negative size.
+		{[]string{"resize", "-f", "qcow2", "--plugin-dir", empty, file, "-b", missing, "--backing-format", "raw", "-1K"}, 1,
+			"krun-core img resize: backing file: open " + missing + ": no such file or directory"},
+		{[]string{"resize", "-f", "qcow2", "--plugin-dir", empty, file, "--backing", base, "--backing-format", "raw", "-1K"}, 1,
+			"krun-plugin-img not found"},
 	}
 	for _, c := range cases {
 		var stdout, stderr bytes.Buffer
