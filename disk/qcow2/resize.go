@@ -131,6 +131,13 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 			return fmt.Errorf("%w: the backing file has data beyond the old size, which a version 2 image cannot hide without allocating the whole area (it has no zero clusters); convert it to version 3 first (qemu-img amend -o compat=1.1)", ErrUnsupported)
 		}
 	}
+	// The image's own clusters beyond the old size must not show through
+	// either: QEMU's shrink unmaps them, a hostile image need not.
+	if !zero {
+		if zero, err = mappedBeyond(f, h, old); err != nil {
+			return err
+		}
+	}
 	zeroAndSize := func() error {
 		if err := step("zero"); err != nil {
 			return err
@@ -256,6 +263,43 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 		return zeroAndSize()
 	}
 	return nil
+}
+
+// mappedBeyond reports whether any L2 entry of the image in f (checked,
+// so its tables lie inside the file) describes a guest cluster at or
+// beyond old, which must be cluster-aligned.
+func mappedBeyond(f *os.File, h *header, old uint64) (bool, error) {
+	cs := h.clusterSize()
+	l2e := h.l2Entries()
+	first := old / cs // the first guest cluster beyond the old size
+	if first/l2e >= uint64(h.l1Size) {
+		return false, nil
+	}
+	l1, err := readTableAt(f, h.l1Off, uint64(h.l1Size))
+	if err != nil {
+		return false, fmt.Errorf("read L1 table: %w", err)
+	}
+	words := cs / 8 / l2e // 8-byte words per entry: 1, or 2 with extended L2
+	for i := first / l2e; i < uint64(len(l1)); i++ {
+		off := l1[i] & l1OffsetMask
+		if off == 0 {
+			continue
+		}
+		l2, err := readTableAt(f, off, cs/8)
+		if err != nil {
+			return false, fmt.Errorf("read L2 table %d: %w", i, err)
+		}
+		from := uint64(0)
+		if i == first/l2e {
+			from = first % l2e
+		}
+		for _, w := range l2[from*words:] {
+			if w != 0 {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
 }
 
 // backingSize opens the image in f read-only with the chain opts declares
