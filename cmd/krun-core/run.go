@@ -90,6 +90,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
 		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
+		user      = fs.String("user", "", "run the command as `USER[:GROUP]`, names (from the root's /etc/passwd and /etc/group) or numbers (default root)")
 		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
@@ -143,8 +144,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("--root and --initrd are alternatives")
 	case !execMode && *kernel == "" && *initrd == "" && len(disks) == 0:
 		return fail("nothing to run: give --root DIR -- CMD, or --kernel with --initrd or --disk")
-	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *rootRO || *modules != ""):
-		return fail("--env, --rlimit, --workdir, --hostname, --root-readonly and --kernel-modules need --root DIR -- CMD")
+	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *user != "" || *rootRO || *modules != ""):
+		return fail("--env, --rlimit, --workdir, --hostname, --user, --root-readonly and --kernel-modules need --root DIR -- CMD")
 	}
 	mem, err := parseMemory(*memory)
 	if err != nil {
@@ -218,7 +219,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	var term *terminal
 	if execMode {
 		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: envs,
-			workdir: *workdir, hostname: *hostname, rlimits: rlimits, stdout: stdout, stderr: stderr}); err != nil {
+			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, stdout: stdout, stderr: stderr}); err != nil {
 			return fail("%v", err)
 		}
 		if *modules != "" {

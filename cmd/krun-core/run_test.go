@@ -148,6 +148,9 @@ func TestRunRootErrors(t *testing.T) {
 		{"command not executable", []string{"--kernel", k, "--root", root, "--", "/bin/data"}, 126, "not executable"},
 		{"bad rlimit", []string{"--kernel", k, "--root", root, "--rlimit", "nofile=x", "--", "sh"}, 125, "--rlimit"},
 		{"relative workdir", []string{"--kernel", k, "--root", root, "--workdir", "tmp", "--", "sh"}, 125, "--workdir"},
+		{"bad user", []string{"--kernel", k, "--root", root, "--user", "al ice", "--", "sh"}, 125, "--user"},
+		{"empty group", []string{"--kernel", k, "--root", root, "--user", "alice:", "--", "sh"}, 125, "empty group"},
+		{"user without root", []string{"--kernel", k, "--user", "alice"}, 1, "need --root"},
 		{"missing kernel", []string{"--kernel", k + ".missing", "--root", root, "--", "sh"}, 125, "--kernel"},
 	}
 	for _, tt := range tests {

@@ -21,6 +21,7 @@ type execOptions struct {
 	command           []string
 	env               []string
 	workdir, hostname string
+	user              string // USER[:GROUP]
 	rlimits           []string
 	stdout, stderr    io.Writer
 }
@@ -59,6 +60,11 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 	if o.hostname != "" {
 		if err := c.SetHostname(o.hostname); err != nil {
 			return nil, fmt.Errorf("--hostname: %w", err)
+		}
+	}
+	if o.user != "" {
+		if err := c.SetUserSpec(o.user); err != nil {
+			return nil, fmt.Errorf("--user: %w", err)
 		}
 	}
 	if len(o.rlimits) > 0 {

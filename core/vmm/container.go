@@ -77,10 +77,12 @@ func (c *Context) SetEnv(env []string) { c.execCfg().cfg.Env = append([]string{}
 // suid=on), as --fs does for a share.
 func (c *Context) SetRootOptions(opts map[string]string) { c.execCfg().rootOptions = opts }
 
-// SetUser sets the command's uid, gid and supplementary groups.
+// SetUser sets the command's uid, gid and supplementary groups. It
+// replaces SetUserSpec.
 func (c *Context) SetUser(uid, gid uint32, groups []uint32) {
 	cfg := c.execCfg().cfg
 	cfg.UID, cfg.GID, cfg.AdditionalGIDs = uid, gid, groups
+	cfg.User = ""
 }
 
 // SetLookup chooses whether Start looks the command up in the root before

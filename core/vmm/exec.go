@@ -7,6 +7,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 
@@ -55,6 +56,7 @@ type execConfig struct {
 	container   *container.Setup  // SetContainer: the OCI runtime's guest setup
 	noLookup    bool              // SetLookup(false)
 	rootOptions map[string]string // SetRootOptions
+	envHome     bool              // SetExec's env sets HOME
 }
 
 func (c *Context) execCfg() *execConfig {
@@ -104,7 +106,29 @@ func (c *Context) SetExec(path string, argv, env []string) error {
 	if env != nil {
 		// The defaults stay unless env sets them.
 		e.cfg.Env = mergeEnv(e.cfg.Env, env)
+		for _, kv := range env {
+			if strings.HasPrefix(kv, "HOME=") {
+				e.envHome = true
+			}
+		}
 	}
+	return nil
+}
+
+// SetUserSpec runs the program as spec, USER[:GROUP] with names or decimal
+// ids (as `podman run --user`), which krun-init resolves in the root: a
+// name from its /etc/passwd (uid, primary group, home) and /etc/group
+// (GROUP, and the supplementary groups listing the user); a number even
+// when it is not there (then group 0). Unless SetExec's env sets HOME, the
+// program's HOME is the user's home (/ when the user has none). It
+// replaces SetUser.
+func (c *Context) SetUserSpec(spec string) error {
+	if err := initconfig.ValidUser(spec); err != nil {
+		return fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	cfg := c.execCfg().cfg
+	cfg.User = spec
+	cfg.UID, cfg.GID, cfg.AdditionalGIDs = 0, 0, nil
 	return nil
 }
 
@@ -318,6 +342,10 @@ func (c *Context) prepareExec() error {
 	}
 	if c.initrdPath != "" {
 		return fmt.Errorf("%w: a root directory and an initrd are alternatives", ErrConfig)
+	}
+	if e.cfg.User != "" && !e.envHome {
+		// krun-init sets the user's own.
+		e.cfg.Env = slices.DeleteFunc(e.cfg.Env, func(kv string) bool { return strings.HasPrefix(kv, "HOME=") })
 	}
 	if !e.noLookup {
 		if _, err := LookupInRoot(e.root, e.cfg.Args[0], e.cfg.Env); err != nil {

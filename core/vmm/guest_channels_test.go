@@ -61,6 +61,13 @@ func TestControlNeverBlocksWhenPluginStalls(t *testing.T) {
 // test binary as krun-init.
 func prepTestExec(t *testing.T, log hclog.Logger) *Context {
 	t.Helper()
+	return prepTestExecWith(t, log, nil)
+}
+
+// prepTestExecWith is prepTestExec with setup called on the Context
+// before prepareExec.
+func prepTestExecWith(t *testing.T, log hclog.Logger, setup func(c *Context)) *Context {
+	t.Helper()
 	dir := t.TempDir()
 	root := filepath.Join(dir, "root")
 	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
@@ -88,6 +95,9 @@ func prepTestExec(t *testing.T, log hclog.Logger) *Context {
 	}
 	c.SetInitPath(initBin)
 	c.SetModulesDir(mods)
+	if setup != nil {
+		setup(c)
+	}
 	if err := c.prepareExec(); err != nil {
 		t.Fatal(err)
 	}

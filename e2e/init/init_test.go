@@ -210,3 +210,42 @@ func TestPowerOff(t *testing.T) {
 		t.Errorf("EXIT frame %d, CLOSE_REQ %v, stdout %q", o.exitFrame, o.closeReq, o.stdout)
 	}
 }
+
+// TestUser: run's --user is resolved in the root: a name gives the uid,
+// primary group and home of /etc/passwd, GROUP replaces the primary
+// group, the supplementary groups are those of /etc/group that list the
+// user; a number not in /etc/passwd runs with group 0 and home /; an
+// unknown name fails with one line and status 125 before the command.
+func TestUser(t *testing.T) {
+	root := makeRoot(t, vmtest.Require(t).Busybox)
+	passwd := "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n"
+	group := "root:x:0:\nusers:x:100:alice,bob\nstaff:x:50:carol\nwheel:x:10:alice\n"
+	for name, content := range map[string]string{"etc/passwd": passwd, "etc/group": group} {
+		if err := os.WriteFile(filepath.Join(root, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct {
+		user, want string
+		status     int
+	}{
+		{"alice:staff", "ids=1000:50:50 10 100 home=/home/alice\n", 0}, // the kernel sorts the groups
+		{"4242", "ids=4242:0:0 home=/\n", 0},
+		{"mallory", "", 125},
+	}
+	for _, tt := range tests {
+		t.Run(tt.user, func(t *testing.T) {
+			cfg := initconfig.New("sh", "-c", `echo "ids=$(id -u):$(id -g):$(id -G) home=$HOME"`)
+			cfg.Env = []string{"PATH=" + initconfig.DefaultPath} // krun-core drops its default HOME with --user
+			cfg.User = tt.user
+			o := run(t, guest{cfg: cfg, root: root})
+			o.checkFinished(t, tt.status)
+			if o.stdout != tt.want {
+				t.Errorf("stdout %q, want %q", o.stdout, tt.want)
+			}
+			if tt.status != 0 && (!strings.HasPrefix(o.stderr, "krun-init: --user mallory: ") || !strings.Contains(o.stderr, `no user "mallory"`) || strings.Count(o.stderr, "\n") != 1) {
+				t.Errorf("stderr %q, want one line naming the unknown user", o.stderr)
+			}
+		})
+	}
+}

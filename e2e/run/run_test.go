@@ -121,8 +121,13 @@ KR_WRAP="ptyrun 40 100" kr tty /tmp/typed --root /r -- /bin/sh
 grep -q '^/dev/pts/[0-9]' /tmp/tty.out || e2e_fail "tty: the command has no terminal"
 grep -q '^40 100' /tmp/tty.out || e2e_fail "tty: the terminal is not 40x100"
 
-kr timing /dev/null --root /r --timing -- /bin/true
+# The same boot checks --user, resolved by name in the root's /etc/passwd
+# and /etc/group (HOME from it too).
+printf 'root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n' >/r/etc/passwd
+printf 'root:x:0:\nstaff:x:50:\nwheel:x:10:alice\n' >/r/etc/group
+kr timing /dev/null --root /r --timing --user alice:staff -- /bin/sh -c 'echo "$(id -u) $(id -g) $(id -G) $HOME"'
 [ "$rc" = 0 ] || e2e_fail "timing: exit $rc"
+[ "$(cat /tmp/timing.out)" = "1000 50 50 10 /home/alice" ] || e2e_fail "user: got '$(cat /tmp/timing.out)', want '1000 50 50 10 /home/alice'"
 grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
 
 # Once the VM is set up, krun-core has no_new_privs and, of its
@@ -280,7 +285,7 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), b, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, applet := range []string{"sh", "echo", "cat", "true", "wc", "pwd", "hostname", "mkdir", "kill"} {
+	for _, applet := range []string{"sh", "echo", "cat", "true", "wc", "pwd", "hostname", "mkdir", "kill", "id"} {
 		os.Symlink("/bin/busybox", filepath.Join(root, "bin", applet))
 	}
 	blob := make([]byte, 2<<20)
@@ -288,6 +293,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		blob[i] = byte(i*131 + i>>9)
 	}
 	os.WriteFile(filepath.Join(root, "blob"), blob, 0o644)
+	os.WriteFile(filepath.Join(root, "etc/passwd"), []byte("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n"), 0o644)
+	os.WriteFile(filepath.Join(root, "etc/group"), []byte("root:x:0:\nstaff:x:50:\nwheel:x:10:alice\n"), 0o644)
 	base := []string{"run", "--kernel", a.Kernel.Vmlinuz, "--plugin-dir", dir, "--memory", "256M", "--root", root}
 	for _, tc := range []struct {
 		name   string
@@ -302,6 +309,7 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		{"combo", []string{"--env", "FOO=bar", "--workdir", "/tmp", "--rlimit", "nofile=100:200", "--hostname", "box", "--",
 			"/bin/sh", "-c", "echo \"$FOO\"; pwd; ulimit -n; ulimit -Hn; hostname; wc -l; echo written-in-the-guest >/hello; cat /blob >&2"},
 			"a\nb\n", 0, "bar\n/tmp\n100\n200\nbox\n2\n", string(blob)},
+		{"user", []string{"--user", "alice:staff", "--", "/bin/sh", "-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"`}, "", 0, "1000 50 50 10 /home/alice\n", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cmd := exec.Command(filepath.Join(dir, "krun-core"), append(base, tc.args...)...)

@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -280,6 +281,25 @@ type commandIO interface {
 // or 127 with a message on the STDERR frame.
 func (in *initProc) runCommand() int {
 	cfg := in.cfg
+	if cfg.User != "" {
+		// run's --user, resolved in the root: "/" once init has
+		// entered it, in.rootDir in container mode.
+		dir := "/"
+		if in.rootDir != "" {
+			dir = in.rootDir
+		}
+		id, err := resolveUser(cfg.User, openFile(filepath.Join(dir, "etc/passwd")), openFile(filepath.Join(dir, "etc/group")))
+		if err != nil {
+			in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: --user %s: %v\n", cfg.User, err)))
+			return initconfig.StatusInitFailed
+		}
+		c := *cfg
+		c.UID, c.GID, c.AdditionalGIDs = id.uid, id.gid, id.groups
+		if _, ok := c.Getenv("HOME"); !ok {
+			c.Env = append(slices.Clone(c.Env), "HOME="+id.home)
+		}
+		cfg = &c
+	}
 	spec := launchSpec{Args: cfg.Args, Env: cfg.Env, Rlimits: cfg.Rlimits, UID: cfg.UID, GID: cfg.GID, Groups: cfg.AdditionalGIDs}
 	if in.rootDir != "" {
 		// Container mode: the launcher enters the root, makes the

@@ -1,8 +1,8 @@
 // Package initconfig is the configuration krun-core hands to krun-init, the
 // guest's PID 1, as /krun/config.json inside the initramfs it builds for
 // `krun-core run --root DIR -- CMD`. The core writes it (Marshal), krun-init
-// reads it (Parse); both check it with Validate. The schema is documented
-// in notes/RUN-DESIGN.md and must stay in sync with it.
+// reads it (Parse); both check it with Validate. The schema is Config's
+// JSON; docs/GUEST-INIT.md describes what krun-init does with it.
 package initconfig
 
 import (
@@ -13,6 +13,7 @@ import (
 	"io"
 	"net/netip"
 	"path"
+	"strconv"
 	"strings"
 )
 
@@ -77,6 +78,10 @@ type Config struct {
 	UID            uint32   `json:"uid"`
 	GID            uint32   `json:"gid"`
 	AdditionalGIDs []uint32 `json:"additional_gids"`
+	// User, when set, is run's --user USER[:GROUP] (names or numbers),
+	// which krun-init resolves against the root's /etc/passwd and
+	// /etc/group in place of UID, GID and AdditionalGIDs (see ValidUser).
+	User string `json:"user,omitempty"`
 	// Network is set when the VM has a virtio-net device.
 	Network *Network `json:"network"`
 	Mounts  []Mount  `json:"mounts,omitempty"`
@@ -235,6 +240,11 @@ func (c *Config) Validate() error {
 	if err := ValidHostname(c.Hostname); err != nil {
 		return err
 	}
+	if c.User != "" {
+		if err := ValidUser(c.User); err != nil {
+			return err
+		}
+	}
 	if c.Winsize != nil && !c.TTY {
 		return invalid("winsize without tty")
 	}
@@ -313,6 +323,65 @@ func ValidHostname(h string) error {
 		}
 	}
 	return nil
+}
+
+// ValidUser checks a user spec USER[:GROUP]: each part a name or a
+// decimal id, a name being 1-32 bytes of letters, digits, '_', '-', '.'
+// and '@' (and a final '$'), not starting with '-'; ids below 2^32-1.
+func ValidUser(spec string) error {
+	user, group, hasGroup := strings.Cut(spec, ":")
+	if err := validUserPart("user", user); err != nil {
+		return invalid("user %q: %v", spec, err)
+	}
+	if hasGroup {
+		if err := validUserPart("group", group); err != nil {
+			return invalid("user %q: %v", spec, err)
+		}
+	}
+	return nil
+}
+
+func validUserPart(what, s string) error {
+	if s == "" {
+		return fmt.Errorf("empty %s", what)
+	}
+	if _, numeric, err := ParseID(s); numeric {
+		if err != nil {
+			return fmt.Errorf("%s id %s: %v", what, s, err)
+		}
+		return nil
+	}
+	if len(s) > 32 {
+		return fmt.Errorf("%s name longer than 32 bytes", what)
+	}
+	for i := 0; i < len(s); i++ {
+		ch := s[i]
+		ok := ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' ||
+			ch == '_' || ch == '.' || ch == '@' || (i > 0 && ch == '-') || (i > 0 && i == len(s)-1 && ch == '$')
+		if !ok {
+			return fmt.Errorf("%s name: character %q not allowed", what, ch)
+		}
+	}
+	return nil
+}
+
+// ParseID parses a decimal user or group id. numeric reports whether s is
+// all digits; err is set when it is but does not fit below 2^32-1 (-1 is
+// "no change" to the kernel).
+func ParseID(s string) (id uint32, numeric bool, err error) {
+	if s == "" {
+		return 0, false, nil
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, false, nil
+		}
+	}
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || n == 1<<32-1 {
+		return 0, true, errors.New("out of range")
+	}
+	return uint32(n), true, nil
 }
 
 // Marshal validates c and returns its JSON encoding.

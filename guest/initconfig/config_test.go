@@ -15,6 +15,7 @@ func full() *Config {
 	c.TTY = true
 	c.Winsize = &Winsize{Rows: 40, Cols: 120}
 	c.UID, c.GID, c.AdditionalGIDs = 1000, 1000, []uint32{10, 20}
+	c.User = "alice:staff"
 	c.Network = &Network{DHCP: true, DNS: []string{"10.0.2.3"}}
 	c.Mounts = []Mount{{Type: "virtiofs", Source: "data", Target: "/data", ReadOnly: true}}
 	c.Ports = &Ports{Milestone: 0x402, Exit: 0x501}
@@ -106,6 +107,15 @@ func TestValidateRejects(t *testing.T) {
 		{"stdio", func(c *Config) { c.Stdio = "a/b" }, "stdio"},
 		{"ports zero", func(c *Config) { c.Ports = &Ports{Milestone: 0, Exit: 1} }, "ports"},
 		{"ports same", func(c *Config) { c.Ports = &Ports{Milestone: 5, Exit: 5} }, "ports"},
+		{"user space", func(c *Config) { c.User = "a b" }, "not allowed"},
+		{"user newline", func(c *Config) { c.User = "a\nb" }, "not allowed"},
+		{"user empty name", func(c *Config) { c.User = ":staff" }, "empty user"},
+		{"user empty group", func(c *Config) { c.User = "alice:" }, "empty group"},
+		{"user two colons", func(c *Config) { c.User = "a:b:c" }, "not allowed"},
+		{"user dash", func(c *Config) { c.User = "-alice" }, "not allowed"},
+		{"user long", func(c *Config) { c.User = strings.Repeat("a", 33) }, "longer than 32"},
+		{"user id -1", func(c *Config) { c.User = "4294967295" }, "out of range"},
+		{"group id too big", func(c *Config) { c.User = "1:99999999999" }, "out of range"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -119,6 +129,15 @@ func TestValidateRejects(t *testing.T) {
 				t.Fatal("Marshal accepted an invalid config")
 			}
 		})
+	}
+}
+
+func TestValidUser(t *testing.T) {
+	for _, spec := range []string{"root", "0", "1000:1000", "alice", "alice:staff", "alice:0", "0:wheel",
+		"www-data", "user.name", "_apt", "machine$", "a@b", "4294967294", strings.Repeat("a", 32)} {
+		if err := ValidUser(spec); err != nil {
+			t.Errorf("ValidUser(%q): %v", spec, err)
+		}
 	}
 }
 

@@ -1,0 +1,147 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"os"
+	"reflect"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// fileOf returns an opener for content; "" with missing set is a file that
+// does not exist.
+func fileOf(content string, missing bool) func() (io.ReadCloser, error) {
+	return func() (io.ReadCloser, error) {
+		if missing {
+			return nil, &os.PathError{Op: "open", Path: "x", Err: os.ErrNotExist}
+		}
+		return io.NopCloser(strings.NewReader(content)), nil
+	}
+}
+
+const testPasswd = `root:x:0:0:root:/root:/bin/sh
+# a comment
++nis
+daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
+alice:x:1000:1000:Alice,,,:/home/alice:/bin/bash
+broken:x:notanumber:1:::
+short:x:7
+nohome:x:1002:1002::::
+bob:x:1001:100:Bob:/home/bob:/bin/sh
+alice:x:2000:2000:second alice:/elsewhere:/bin/sh
+`
+
+const testGroup = `root:x:0:
+users:x:100:alice,bob
+wheel:x:10:alice
+staff:x:50:bob,carol
+alice:x:1000:
+dup:x:10:alice
+badgid:x:abc:alice
+docker:x:999:carol,alice
+`
+
+func TestResolveUser(t *testing.T) {
+	tests := []struct {
+		name          string
+		spec          string
+		passwd, group string
+		noPasswd      bool
+		noGroup       bool
+		want          *identity
+		wantErr       string
+	}{
+		{name: "name", spec: "alice", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 1000, gid: 1000, groups: []uint32{100, 10, 999}, home: "/home/alice"}},
+		{name: "numeric in passwd", spec: "1001", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 1001, gid: 100, groups: []uint32{50}, home: "/home/bob"}},
+		{name: "numeric not in passwd", spec: "4242", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 4242, gid: 0, home: "/"}},
+		{name: "numeric without files", spec: "4242:77", noPasswd: true, noGroup: true,
+			want: &identity{uid: 4242, gid: 77, home: "/"}},
+		{name: "root", spec: "root", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 0, gid: 0, home: "/root"}},
+		{name: "name with group name", spec: "alice:staff", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 1000, gid: 50, groups: []uint32{100, 10, 999}, home: "/home/alice"}},
+		{name: "name with group id", spec: "bob:10", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 1001, gid: 10, groups: []uint32{100, 50}, home: "/home/bob"}},
+		{name: "first entry of a duplicated name wins", spec: "alice", passwd: testPasswd, group: "",
+			want: &identity{uid: 1000, gid: 1000, home: "/home/alice"}},
+		{name: "empty home is /", spec: "nohome", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 1002, gid: 1002, home: "/"}},
+		{name: "unknown name", spec: "mallory", passwd: testPasswd, group: testGroup, wantErr: `no user "mallory"`},
+		{name: "name without passwd", spec: "alice", noPasswd: true, wantErr: `no user "alice"`},
+		{name: "malformed line is not a user", spec: "broken", passwd: testPasswd, wantErr: `no user "broken"`},
+		{name: "short line is not a user", spec: "short", passwd: testPasswd, wantErr: `no user "short"`},
+		{name: "NIS line is not a user", spec: "+nis", passwd: testPasswd, wantErr: "not allowed"},
+		{name: "unknown group", spec: "alice:nogroup", passwd: testPasswd, group: testGroup, wantErr: `no group "nogroup"`},
+		{name: "group with bad gid", spec: "alice:badgid", passwd: testPasswd, group: testGroup, wantErr: `no group "badgid"`},
+		{name: "bad spec", spec: "al ice", passwd: testPasswd, wantErr: "not allowed"},
+		{name: "id out of range", spec: "4294967295", passwd: testPasswd, wantErr: "out of range"},
+		{name: "empty group", spec: "alice:", passwd: testPasswd, wantErr: "empty group"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := resolveUser(tt.spec, fileOf(tt.passwd, tt.noPasswd), fileOf(tt.group, tt.noGroup))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || strings.Contains(err.Error(), "\n") {
+					t.Fatalf("resolveUser(%q) = %+v, %v; want one line with %q", tt.spec, got, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("resolveUser(%q): %v", tt.spec, err)
+			}
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Fatalf("resolveUser(%q) = %+v, want %+v", tt.spec, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestResolveUserFileErrors(t *testing.T) {
+	big := strings.Repeat("x:x:1:1:x:/x:/x\n", maxAccountFile/16+1)
+	if _, err := resolveUser("x", fileOf(big, false), fileOf("", false)); err == nil || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("a huge /etc/passwd: %v", err)
+	}
+	failing := func() (io.ReadCloser, error) { return nil, errors.New("permission denied") }
+	if _, err := resolveUser("alice", failing, fileOf("", false)); err == nil || !strings.Contains(err.Error(), "permission denied") {
+		t.Fatalf("an unreadable /etc/passwd: %v", err)
+	}
+	// A FIFO in place of /etc/group must not block: openFile refuses it.
+	dir := t.TempDir()
+	if err := os.WriteFile(dir+"/passwd", []byte(testPasswd), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(dir+"/group", 0o644); err != nil {
+		t.Skipf("no FIFO here: %v", err)
+	}
+	if _, err := resolveUser("alice", openFile(dir+"/passwd"), openFile(dir+"/group")); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Fatalf("a FIFO as /etc/group: %v", err)
+	}
+}
+
+func FuzzResolveUser(f *testing.F) {
+	f.Add("alice:staff", testPasswd, testGroup)
+	f.Add("1001", testPasswd, testGroup)
+	f.Add("x", "x:x:1:2:a:b:c\n", "g:x:3:x,y\n")
+	f.Fuzz(func(t *testing.T, spec, passwd, group string) {
+		id, err := resolveUser(spec, fileOf(passwd, false), fileOf(group, false))
+		if err != nil {
+			if strings.Contains(err.Error(), "\n") {
+				t.Fatalf("multi-line error %q", err)
+			}
+			return
+		}
+		if id.home == "" {
+			t.Fatal("empty home")
+		}
+		for _, g := range id.groups {
+			if g == id.gid {
+				t.Fatalf("primary gid %d repeated in the groups", g)
+			}
+		}
+	})
+}
