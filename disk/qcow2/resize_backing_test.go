@@ -322,37 +322,56 @@ func TestResizeOverBackingCrash(t *testing.T) {
 	}
 }
 
+// qcow2With creates a qcow2 image of size with qemu-img create -o opts.
+func qcow2With(t *testing.T, opts, size string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "img.qcow2")
+	args := []string{"create", "-q", "-f", "qcow2"}
+	if opts != "" {
+		args = append(args, "-o", opts)
+	}
+	sh(t, "qemu-img", append(args, p, size)...)
+	return p
+}
+
+// growsToZeros grows the image at p (no backing file) to size and checks
+// that QEMU finds it clean and QEMU and this package read its old content
+// followed by zeros.
+func growsToZeros(t *testing.T, p string, size int64) {
+	t.Helper()
+	before := qemuRaw(t, p)
+	f := openFile(t, p, false)
+	err := Resize(f, size, Options{Path: p})
+	f.Close()
+	if err != nil {
+		t.Fatalf("Resize: %v", err)
+	}
+	qemuClean(t, p)
+	want := make([]byte, size)
+	copy(want, before)
+	if got := qemuRaw(t, p); !bytes.Equal(got, want) {
+		i := firstDiff(got, want)
+		t.Fatalf("QEMU reads the grown image differently at %d (old size %d): %#x, want %#x", i, len(before), got[i], want[i])
+	}
+	im := openImage(t, p, true)
+	defer im.Close()
+	got := make([]byte, size)
+	if _, err := im.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("this package reads the grown image differently: %v, at %d", err, firstDiff(got, want))
+	}
+}
+
 // TestResizeStaleTail: QEMU shrinks a qcow2 image without zeroing the
 // part of its new last cluster beyond the new end; growing it again must
 // not bring those bytes back.
 func TestResizeStaleTail(t *testing.T) {
 	needQemu(t)
-	const m = 1 << 20
 	for _, opts := range []string{"", "compat=0.10", "cluster_size=16384,extended_l2=on"} {
 		t.Run("opts="+opts, func(t *testing.T) {
-			p := filepath.Join(t.TempDir(), "img.qcow2")
-			args := []string{"create", "-q", "-f", "qcow2"}
-			if opts != "" {
-				args = append(args, "-o", opts)
-			}
-			sh(t, "qemu-img", append(args, p, "2M")...)
+			p := qcow2With(t, opts, "2M")
 			qio(t, p, "write -P 0x77 0 2M")
-			const old = m + 1536
-			sh(t, "qemu-img", "resize", "-q", "-f", "qcow2", "--shrink", p, strconv.Itoa(old))
-			before := qemuRaw(t, p)
-			f := openFile(t, p, false)
-			err := Resize(f, 8*m, Options{Path: p})
-			f.Close()
-			if err != nil {
-				t.Fatalf("Resize: %v", err)
-			}
-			qemuClean(t, p)
-			want := make([]byte, 8*m)
-			copy(want, before)
-			if got := qemuRaw(t, p); !bytes.Equal(got, want) {
-				i := firstDiff(got, want)
-				t.Fatalf("grown image differs at %d (old size %d): %#x, want %#x", i, old, got[i], want[i])
-			}
+			sh(t, "qemu-img", "resize", "-q", "-f", "qcow2", "--shrink", p, strconv.Itoa(1<<20+1536))
+			growsToZeros(t, p, 8<<20)
 		})
 	}
 }
@@ -363,44 +382,22 @@ func TestResizeStaleTail(t *testing.T) {
 // review).
 func TestResizeMappedBeyondSize(t *testing.T) {
 	needQemu(t)
-	const m = 1 << 20
 	for _, opts := range []string{"", "compat=0.10", "cluster_size=16384,extended_l2=on"} {
 		t.Run("opts="+opts, func(t *testing.T) {
-			p := filepath.Join(t.TempDir(), "img.qcow2")
-			args := []string{"create", "-q", "-f", "qcow2"}
-			if opts != "" {
-				args = append(args, "-o", opts)
-			}
-			sh(t, "qemu-img", append(args, p, "2M")...)
+			p := qcow2With(t, opts, "2M")
 			qio(t, p, "write -P 0x5a 0 64k", "write -P 0x77 1M 64k")
 			f := openFile(t, p, false)
 			var b [8]byte
-			be.PutUint64(b[:], m)
+			be.PutUint64(b[:], 1<<20)
 			if _, err := f.WriteAt(b[:], hdrSizeOff); err != nil {
 				t.Fatal(err)
 			}
-			if res, err := Check(f, RepairNone); err != nil || res.Corruptions+res.CheckErrors != 0 {
+			res, err := Check(f, RepairNone)
+			f.Close()
+			if err != nil || res.Corruptions+res.CheckErrors != 0 {
 				t.Fatalf("Check of the patched image: %+v %v", res, err)
 			}
-			before := qemuRaw(t, p)
-			err := Resize(f, 2*m, Options{Path: p})
-			f.Close()
-			if err != nil {
-				t.Fatalf("Resize: %v", err)
-			}
-			qemuClean(t, p)
-			want := make([]byte, 2*m)
-			copy(want, before)
-			if got := qemuRaw(t, p); !bytes.Equal(got, want) {
-				i := firstDiff(got, want)
-				t.Fatalf("grown image differs at %d: %#x, want %#x", i, got[i], want[i])
-			}
-			im := openImage(t, p, true)
-			got := make([]byte, 2*m)
-			if _, err := im.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
-				t.Fatalf("this package reads the grown image differently: %v, at %d", err, firstDiff(got, want))
-			}
-			im.Close()
+			growsToZeros(t, p, 2<<20)
 		})
 	}
 }
