@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -71,7 +73,11 @@ func (c *Context) SetContainer(s *container.Setup) error {
 
 // SetEnv sets the command's environment exactly as given (SetExec's env
 // keeps krun-core's default PATH and HOME unless overridden).
-func (c *Context) SetEnv(env []string) { c.execCfg().cfg.Env = append([]string{}, env...) }
+func (c *Context) SetEnv(env []string) {
+	e := c.execCfg()
+	e.cfg.Env = append([]string{}, env...)
+	e.envHome = slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "HOME=") })
+}
 
 // SetRootOptions passes options to the root's fs-virtio plugin (e.g.
 // suid=on), as --fs does for a share.

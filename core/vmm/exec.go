@@ -106,10 +106,8 @@ func (c *Context) SetExec(path string, argv, env []string) error {
 	if env != nil {
 		// The defaults stay unless env sets them.
 		e.cfg.Env = mergeEnv(e.cfg.Env, env)
-		for _, kv := range env {
-			if strings.HasPrefix(kv, "HOME=") {
-				e.envHome = true
-			}
+		if slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "HOME=") }) {
+			e.envHome = true
 		}
 	}
 	return nil
@@ -342,6 +340,11 @@ func (c *Context) prepareExec() error {
 	}
 	if c.initrdPath != "" {
 		return fmt.Errorf("%w: a root directory and an initrd are alternatives", ErrConfig)
+	}
+	if e.cfg.User != "" && e.container != nil {
+		// krun-init resolves a user spec in the root it has entered; a
+		// container's root it only prepares (the OCI runtime gives ids).
+		return fmt.Errorf("%w: a user spec (SetUserSpec) with a container (SetContainer): give numeric ids with SetUser", ErrConfig)
 	}
 	if e.cfg.User != "" && !e.envHome {
 		// krun-init sets the user's own.

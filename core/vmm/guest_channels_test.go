@@ -68,6 +68,16 @@ func prepTestExec(t *testing.T, log hclog.Logger) *Context {
 // before prepareExec.
 func prepTestExecWith(t *testing.T, log hclog.Logger, setup func(c *Context)) *Context {
 	t.Helper()
+	c, err := prepTestExecErr(t, log, setup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// prepTestExecErr is prepTestExecWith returning prepareExec's error.
+func prepTestExecErr(t *testing.T, log hclog.Logger, setup func(c *Context)) (*Context, error) {
+	t.Helper()
 	dir := t.TempDir()
 	root := filepath.Join(dir, "root")
 	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
@@ -98,10 +108,7 @@ func prepTestExecWith(t *testing.T, log hclog.Logger, setup func(c *Context)) *C
 	if setup != nil {
 		setup(c)
 	}
-	if err := c.prepareExec(); err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return c, c.prepareExec()
 }
 
 // TestControlRacesVMEnd: the guest decides when the VM ends (it powers

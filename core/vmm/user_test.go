@@ -2,7 +2,10 @@ package vmm
 
 import (
 	"errors"
+	"strings"
 	"testing"
+
+	"github.com/krun-core/krun-core/guest/container"
 )
 
 // TestSetUserSpec: --user is passed to krun-init unresolved (it resolves
@@ -43,6 +46,9 @@ func TestSetUserSpec(t *testing.T) {
 			if !tt.numeric && (cfg.UID != 0 || cfg.GID != 0 || cfg.AdditionalGIDs != nil) {
 				t.Errorf("numeric ids %d:%d %v kept beside --user", cfg.UID, cfg.GID, cfg.AdditionalGIDs)
 			}
+			if tt.numeric && (cfg.UID != 7 || cfg.GID != 8 || len(cfg.AdditionalGIDs) != 1) {
+				t.Errorf("SetUser after SetUserSpec: ids %d:%d %v, want 7:8 [9]", cfg.UID, cfg.GID, cfg.AdditionalGIDs)
+			}
 			home, ok := cfg.Getenv("HOME")
 			if tt.wantHome == "" && ok {
 				t.Errorf("HOME=%s left for krun-init to replace", home)
@@ -55,7 +61,30 @@ func TestSetUserSpec(t *testing.T) {
 			}
 		})
 	}
-	c := NewContext(nil)
+	// SetEnv's HOME stays too (from review).
+	c := prepTestExecWith(t, nil, func(c *Context) {
+		if err := c.SetUserSpec("alice"); err != nil {
+			t.Fatal(err)
+		}
+		c.SetEnv([]string{"PATH=/bin", "HOME=/data"})
+	})
+	if h, _ := c.exec.cfg.Getenv("HOME"); h != "/data" {
+		t.Errorf("SetEnv's HOME with a user spec: %q, want /data", h)
+	}
+	// krun-init resolves a spec only in a root it has entered, not in a
+	// container's (from review).
+	_, err := prepTestExecErr(t, nil, func(c *Context) {
+		if err := c.SetContainer(&container.Setup{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.SetUserSpec("alice"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "SetContainer") {
+		t.Errorf("a user spec with a container: %v", err)
+	}
+	c = NewContext(nil)
 	for _, bad := range []string{"", "a b", "alice:", ":x", "4294967295"} {
 		if err := c.SetUserSpec(bad); !errors.Is(err, ErrConfig) {
 			t.Errorf("SetUserSpec(%q): %v, want ErrConfig", bad, err)

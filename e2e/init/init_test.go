@@ -212,14 +212,14 @@ func TestPowerOff(t *testing.T) {
 }
 
 // TestUser: run's --user is resolved in the root: a name gives the uid,
-// primary group and home of /etc/passwd, GROUP replaces the primary
-// group, the supplementary groups are those of /etc/group that list the
-// user; a number not in /etc/passwd runs with group 0 and home /; an
+// primary group and home of /etc/passwd and, without GROUP, the
+// supplementary groups of /etc/group that list the user; GROUP replaces
+// the primary group and sheds the others; a number not in /etc/passwd runs with group 0 and home /; an
 // unknown name fails with one line and status 125 before the command.
 func TestUser(t *testing.T) {
 	root := makeRoot(t, vmtest.Require(t).Busybox)
 	passwd := "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n"
-	group := "root:x:0:\nusers:x:100:alice,bob\nstaff:x:50:carol\nwheel:x:10:alice\n"
+	group := "root:x:0:\nusers:x:100:alice,bob\nstaff:x:50:carol\nwheel:x:10:alice\nalice:x:1000:alice\n"
 	for name, content := range map[string]string{"etc/passwd": passwd, "etc/group": group} {
 		if err := os.WriteFile(filepath.Join(root, name), []byte(content), 0o644); err != nil {
 			t.Fatal(err)
@@ -229,7 +229,8 @@ func TestUser(t *testing.T) {
 		user, want string
 		status     int
 	}{
-		{"alice:staff", "ids=1000:50:50 10 100 home=/home/alice\n", 0}, // the kernel sorts the groups
+		{"alice", "ids=1000:1000:1000 10 100 home=/home/alice\n", 0}, // the kernel sorts the groups
+		{"alice:staff", "ids=1000:50:50 home=/home/alice\n", 0},      // GROUP sheds the others
 		{"4242", "ids=4242:0:0 home=/\n", 0},
 		{"mallory", "", 125},
 	}

@@ -125,9 +125,9 @@ grep -q '^40 100' /tmp/tty.out || e2e_fail "tty: the terminal is not 40x100"
 # and /etc/group (HOME from it too).
 printf 'root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n' >/r/etc/passwd
 printf 'root:x:0:\nstaff:x:50:\nwheel:x:10:alice\n' >/r/etc/group
-kr timing /dev/null --root /r --timing --user alice:staff -- /bin/sh -c 'echo "$(id -u) $(id -g) $(id -G) $HOME"'
+kr timing /dev/null --root /r --timing --user alice -- /bin/sh -c 'echo "$(id -u) $(id -g) $(id -G) $HOME"'
 [ "$rc" = 0 ] || e2e_fail "timing: exit $rc"
-[ "$(cat /tmp/timing.out)" = "1000 50 50 10 /home/alice" ] || e2e_fail "user: got '$(cat /tmp/timing.out)', want '1000 50 50 10 /home/alice'"
+[ "$(cat /tmp/timing.out)" = "1000 1000 1000 10 /home/alice" ] || e2e_fail "user: got '$(cat /tmp/timing.out)', want '1000 1000 1000 10 /home/alice'"
 grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
 
 # Once the VM is set up, krun-core has no_new_privs and, of its
@@ -309,7 +309,7 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		{"combo", []string{"--env", "FOO=bar", "--workdir", "/tmp", "--rlimit", "nofile=100:200", "--hostname", "box", "--",
 			"/bin/sh", "-c", "echo \"$FOO\"; pwd; ulimit -n; ulimit -Hn; hostname; wc -l; echo written-in-the-guest >/hello; cat /blob >&2"},
 			"a\nb\n", 0, "bar\n/tmp\n100\n200\nbox\n2\n", string(blob)},
-		{"user", []string{"--user", "alice:staff", "--", "/bin/sh", "-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"`}, "", 0, "1000 50 50 10 /home/alice\n", ""},
+		{"user", []string{"--user", "alice", "--", "/bin/sh", "-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"`}, "", 0, "1000 1000 1000 10 /home/alice\n", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cmd := exec.Command(filepath.Join(dir, "krun-core"), append(base, tc.args...)...)

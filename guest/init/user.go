@@ -2,25 +2,29 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
-	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
 // maxAccountFile bounds how much of /etc/passwd and /etc/group is read:
 // they belong to the root's owner, and krun-init must not run out of
-// memory on them.
+// memory or time on them.
 const maxAccountFile = 4 << 20
 
 // maxGroups is the kernel's NGROUPS_MAX.
 const maxGroups = 65536
+
+// maxHome bounds a home directory taken from /etc/passwd (PATH_MAX).
+const maxHome = 4096
 
 // identity is a resolved --user.
 type identity struct {
@@ -36,83 +40,90 @@ type passwdEntry struct {
 	home     string
 }
 
-// resolveUser resolves USER[:GROUP] (names or decimal ids) as container
-// engines do: a name must be in passwd and gives its uid, primary gid and
+// resolveUser resolves USER[:GROUP] (names or decimal ids) as runc and
+// podman do: a name must be in passwd and gives its uid, primary gid and
 // home; a number need not be (then gid 0, home /); GROUP, a name in group
-// or a number, replaces the primary gid; the supplementary groups are
-// those of group that list the user's name. A missing file counts as
-// empty. Malformed lines are skipped, as the C library does.
+// or a number, replaces the primary gid, and then there are no
+// supplementary groups; without it they are the groups of group that list
+// the user's name. A missing file counts as empty. Malformed lines are
+// skipped, as the C library does. Both files are read as a stream, once.
 func resolveUser(spec string, passwd, group func() (io.ReadCloser, error)) (*identity, error) {
 	if err := initconfig.ValidUser(spec); err != nil {
 		return nil, err
 	}
 	userPart, groupPart, hasGroup := strings.Cut(spec, ":")
-	users, err := readAccounts(passwd, "/etc/passwd")
+	id := &identity{home: "/"}
+	uid, numericUser, _ := initconfig.ParseID(userPart)
+	var ent *passwdEntry
+	err := scanAccounts(passwd, "/etc/passwd", 7, func(f []string) bool {
+		if len(f) < 6 || f[0] == "" {
+			return true
+		}
+		u, ok1 := parseIDField(f[2])
+		g, ok2 := parseIDField(f[3])
+		if !ok1 || !ok2 {
+			return true
+		}
+		if (numericUser && u == uid) || (!numericUser && f[0] == userPart) {
+			ent = &passwdEntry{name: f[0], uid: u, gid: g, home: f[5]}
+			return false
+		}
+		return true
+	})
 	if err != nil {
 		return nil, err
 	}
-	id := &identity{home: "/"}
-	var ent *passwdEntry
-	if uid, numeric, _ := initconfig.ParseID(userPart); numeric {
-		id.uid = uid
-		ent = findPasswd(users, func(e *passwdEntry) bool { return e.uid == uid })
-	} else {
-		ent = findPasswd(users, func(e *passwdEntry) bool { return e.name == userPart })
-		if ent == nil {
-			return nil, fmt.Errorf("no user %q in the root's /etc/passwd", userPart)
-		}
-		id.uid = ent.uid
-	}
-	if ent != nil {
-		id.gid = ent.gid
-		if ent.home != "" {
+	switch {
+	case ent != nil:
+		id.uid, id.gid = ent.uid, ent.gid
+		if ent.home != "" && len(ent.home) <= maxHome && !strings.ContainsRune(ent.home, 0) {
 			id.home = ent.home
 		}
+	case numericUser:
+		id.uid = uid
+	default:
+		return nil, fmt.Errorf("no user %q in the root's /etc/passwd", userPart)
 	}
-	var groups [][]string
-	if (hasGroup && !isNumeric(groupPart)) || ent != nil {
-		if groups, err = readAccounts(group, "/etc/group"); err != nil {
-			return nil, err
-		}
+	gid, numericGroup, _ := initconfig.ParseID(groupPart)
+	wantName := hasGroup && !numericGroup
+	wantMembers := !hasGroup && ent != nil
+	if hasGroup && numericGroup {
+		id.gid = gid
 	}
-	if hasGroup {
-		if gid, numeric, _ := initconfig.ParseID(groupPart); numeric {
-			id.gid = gid
-		} else {
-			found := false
-			for _, f := range groups {
-				if f[0] == groupPart {
-					if gid, ok := parseIDField(f[2]); ok {
-						id.gid, found = gid, true
-						break
-					}
-				}
-			}
-			if !found {
-				return nil, fmt.Errorf("no group %q in the root's /etc/group", groupPart)
-			}
-		}
+	if !wantName && !wantMembers {
+		return id, nil
 	}
-	if ent != nil {
-		for _, f := range groups {
-			gid, ok := parseIDField(f[2])
-			if !ok || gid == id.gid || slices.Contains(id.groups, gid) {
-				continue
-			}
-			if slices.Contains(strings.Split(f[3], ","), ent.name) {
-				if len(id.groups) == maxGroups {
-					return nil, fmt.Errorf("user %q is in more than %d groups", ent.name, maxGroups)
-				}
-				id.groups = append(id.groups, gid)
-			}
+	found := false
+	seen := map[uint32]bool{}
+	err = scanAccounts(group, "/etc/group", 4, func(f []string) bool {
+		if len(f) < 4 {
+			return true
 		}
+		g, ok := parseIDField(f[2])
+		if !ok {
+			return true
+		}
+		if wantName && f[0] == groupPart {
+			id.gid, found = g, true
+			return false
+		}
+		if wantMembers && !seen[g] && slices.Contains(strings.Split(f[3], ","), ent.name) {
+			seen[g] = true
+			id.groups = append(id.groups, g)
+		}
+		return true
+	})
+	if err != nil {
+		return nil, err
+	}
+	if wantName && !found {
+		return nil, fmt.Errorf("no group %q in the root's /etc/group", groupPart)
+	}
+	id.groups = slices.DeleteFunc(id.groups, func(g uint32) bool { return g == id.gid })
+	if len(id.groups) > maxGroups {
+		return nil, fmt.Errorf("user %q is in more than %d groups", ent.name, maxGroups)
 	}
 	return id, nil
-}
-
-func isNumeric(s string) bool {
-	_, numeric, _ := initconfig.ParseID(s)
-	return numeric
 }
 
 // parseIDField parses an id field of passwd or group.
@@ -121,81 +132,69 @@ func parseIDField(s string) (uint32, bool) {
 	return id, numeric && err == nil
 }
 
-func findPasswd(lines [][]string, match func(*passwdEntry) bool) *passwdEntry {
-	for _, f := range lines {
-		if len(f) < 6 {
-			continue
-		}
-		uid, ok1 := parseIDField(f[2])
-		gid, ok2 := parseIDField(f[3])
-		if !ok1 || !ok2 || f[0] == "" {
-			continue
-		}
-		e := &passwdEntry{name: f[0], uid: uid, gid: gid, home: f[5]}
-		if match(e) {
-			return e
-		}
-	}
-	return nil
-}
-
-// readAccounts reads a colon-separated account file into the fields of
-// its lines that have at least four (comments, blank lines and NIS "+"
-// and "-" lines skipped). A file that does not exist reads as empty; one
-// over maxAccountFile is an error.
-func readAccounts(open func() (io.ReadCloser, error), name string) ([][]string, error) {
+// scanAccounts calls fn with the colon-separated fields (at most n) of
+// each line of an account file until fn returns false; comments, blank
+// lines and NIS "+" and "-" lines are skipped. A file that does not exist
+// reads as empty; one over maxAccountFile is an error.
+func scanAccounts(open func() (io.ReadCloser, error), name string, n int, fn func(f []string) bool) error {
 	r, err := open()
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+		return nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read the root's %s: %w", name, err)
+		return fmt.Errorf("the root's %s: %w", name, err)
 	}
 	defer r.Close()
-	b, err := io.ReadAll(io.LimitReader(r, maxAccountFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("read the root's %s: %w", name, err)
-	}
-	if len(b) > maxAccountFile {
-		return nil, fmt.Errorf("the root's %s is larger than %d bytes", name, maxAccountFile)
-	}
-	var out [][]string
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	sc.Buffer(make([]byte, 0, 4096), maxAccountFile)
+	lr := &io.LimitedReader{R: r, N: maxAccountFile + 1}
+	sc := bufio.NewScanner(lr)
+	sc.Buffer(make([]byte, 0, 4096), maxAccountFile+1)
 	for sc.Scan() {
+		if lr.N == 0 {
+			break
+		}
 		line := sc.Text()
 		if line == "" || line[0] == '#' || line[0] == '+' || line[0] == '-' {
 			continue
 		}
-		f := strings.Split(line, ":")
-		if len(f) < 4 {
-			continue
+		if !fn(strings.SplitN(line, ":", n)) {
+			return nil
 		}
-		out = append(out, f)
 	}
 	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read the root's %s: %w", name, err)
+		return fmt.Errorf("read the root's %s: %w", name, err)
 	}
-	return out, nil
+	if lr.N == 0 {
+		return fmt.Errorf("the root's %s is larger than %d bytes", name, maxAccountFile)
+	}
+	return nil
 }
 
-// openFile opens name for resolveUser, refusing anything but a regular
-// file (a FIFO would block PID 1).
+// openFile opens name for resolveUser without opening anything but a
+// regular file: a FIFO would block PID 1, a device may act on open (a
+// watchdog), and a procfs file (/proc/kmsg) never ends. The path is
+// opened O_PATH, checked, then reopened through /proc/self/fd, and read
+// no further than its size (procfs files say 0).
 func openFile(name string) func() (io.ReadCloser, error) {
 	return func() (io.ReadCloser, error) {
-		f, err := os.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+		fd, err := unix.Open(name, unix.O_PATH|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, &os.PathError{Op: "open", Path: name, Err: err}
+		}
+		defer unix.Close(fd)
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return nil, &os.PathError{Op: "stat", Path: name, Err: err}
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFREG {
+			return nil, errors.New("not a regular file")
+		}
+		f, err := os.OpenFile("/proc/self/fd/"+strconv.Itoa(fd), os.O_RDONLY, 0)
 		if err != nil {
 			return nil, err
 		}
-		st, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		if !st.Mode().IsRegular() {
-			f.Close()
-			return nil, fmt.Errorf("%s is not a regular file", name)
-		}
-		return f, nil
+		return struct {
+			io.Reader
+			io.Closer
+		}{io.LimitReader(f, min(st.Size, maxAccountFile+1)), f}, nil
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // fileOf returns an opener for content; "" with missing set is a file that
@@ -63,10 +64,23 @@ func TestResolveUser(t *testing.T) {
 			want: &identity{uid: 4242, gid: 77, home: "/"}},
 		{name: "root", spec: "root", passwd: testPasswd, group: testGroup,
 			want: &identity{uid: 0, gid: 0, home: "/root"}},
+		// With GROUP there are no supplementary groups, as in runc and
+		// podman: naming a group sheds the others (from review).
 		{name: "name with group name", spec: "alice:staff", passwd: testPasswd, group: testGroup,
-			want: &identity{uid: 1000, gid: 50, groups: []uint32{100, 10, 999}, home: "/home/alice"}},
+			want: &identity{uid: 1000, gid: 50, home: "/home/alice"}},
 		{name: "name with group id", spec: "bob:10", passwd: testPasswd, group: testGroup,
-			want: &identity{uid: 1001, gid: 10, groups: []uint32{100, 50}, home: "/home/bob"}},
+			want: &identity{uid: 1001, gid: 10, home: "/home/bob"}},
+		{name: "number in passwd with group name", spec: "1001:wheel", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 1001, gid: 10, home: "/home/bob"}},
+		{name: "number not in passwd with group name", spec: "4242:staff", passwd: testPasswd, group: testGroup,
+			want: &identity{uid: 4242, gid: 50, home: "/"}},
+		{name: "primary group listed too", spec: "bob", passwd: testPasswd,
+			group: "users:x:100:bob\nother:x:7:bob\nusers2:x:100:bob\n",
+			want:  &identity{uid: 1001, gid: 100, groups: []uint32{7}, home: "/home/bob"}},
+		{name: "home with NUL is /", spec: "eve", passwd: "eve:x:5:5::/a\x00b:/bin/sh\n",
+			want: &identity{uid: 5, gid: 5, home: "/"}},
+		{name: "home too long is /", spec: "eve", passwd: "eve:x:5:5::/" + strings.Repeat("a", maxHome) + ":/bin/sh\n",
+			want: &identity{uid: 5, gid: 5, home: "/"}},
 		{name: "first entry of a duplicated name wins", spec: "alice", passwd: testPasswd, group: "",
 			want: &identity{uid: 1000, gid: 1000, home: "/home/alice"}},
 		{name: "empty home is /", spec: "nohome", passwd: testPasswd, group: testGroup,
@@ -103,23 +117,70 @@ func TestResolveUser(t *testing.T) {
 
 func TestResolveUserFileErrors(t *testing.T) {
 	big := strings.Repeat("x:x:1:1:x:/x:/x\n", maxAccountFile/16+1)
-	if _, err := resolveUser("x", fileOf(big, false), fileOf("", false)); err == nil || !strings.Contains(err.Error(), "larger than") {
+	if _, err := resolveUser("y", fileOf(big, false), fileOf("", false)); err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Fatalf("a huge /etc/passwd: %v", err)
+	}
+	if _, err := resolveUser("x", fileOf("x:x:1:1:x:/x:/x\n", false), fileOf(big, false)); err == nil || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("a huge /etc/group: %v", err)
 	}
 	failing := func() (io.ReadCloser, error) { return nil, errors.New("permission denied") }
 	if _, err := resolveUser("alice", failing, fileOf("", false)); err == nil || !strings.Contains(err.Error(), "permission denied") {
 		t.Fatalf("an unreadable /etc/passwd: %v", err)
 	}
-	// A FIFO in place of /etc/group must not block: openFile refuses it.
+}
+
+// TestOpenAccountFile: openFile opens nothing but a regular file (a FIFO
+// would block PID 1, a device may act on open) and reads a file no
+// further than its size, so a procfs file that never ends (/proc/kmsg)
+// reads as empty (from review).
+func TestOpenAccountFile(t *testing.T) {
 	dir := t.TempDir()
 	if err := os.WriteFile(dir+"/passwd", []byte(testPasswd), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := syscall.Mkfifo(dir+"/group", 0o644); err != nil {
-		t.Skipf("no FIFO here: %v", err)
+	if err := syscall.Mkfifo(dir+"/fifo", 0o644); err != nil {
+		t.Fatal(err)
 	}
-	if _, err := resolveUser("alice", openFile(dir+"/passwd"), openFile(dir+"/group")); err == nil || !strings.Contains(err.Error(), "not a regular file") {
-		t.Fatalf("a FIFO as /etc/group: %v", err)
+	for name, target := range map[string]string{"null": "/dev/null", "status": "/proc/self/status", "loop": dir + "/loop"} {
+		if err := os.Symlink(target, dir+"/"+name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := openFile(dir + "/status")()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := io.ReadAll(r); err != nil || len(b) != 0 {
+		t.Fatalf("a procfs file read %d bytes (%v), want none: its size says 0", len(b), err)
+	}
+	r.Close()
+	tests := []struct {
+		file, user string
+		wantErr    string // "" for success
+	}{
+		{"passwd", "alice", ""},
+		{"fifo", "alice", "not a regular file"},
+		{"null", "alice", "not a regular file"},
+		{"loop", "alice", "too many levels"},
+		{"status", "alice", `no user "alice"`}, // read as empty
+		{"missing", "4242", ""},                // a missing file is empty
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			done := make(chan error, 1)
+			go func() {
+				_, err := resolveUser(tt.user, openFile(dir+"/"+tt.file), openFile(dir+"/group"))
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
+					t.Fatalf("err %v, want %q", err, tt.wantErr)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("resolveUser blocked on the file")
+			}
+		})
 	}
 }
 
@@ -138,10 +199,8 @@ func FuzzResolveUser(f *testing.F) {
 		if id.home == "" {
 			t.Fatal("empty home")
 		}
-		for _, g := range id.groups {
-			if g == id.gid {
-				t.Fatalf("primary gid %d repeated in the groups", g)
-			}
+		if strings.Contains(spec, ":") && len(id.groups) > 0 {
+			t.Fatalf("supplementary groups %v with an explicit group", id.groups)
 		}
 	})
 }

@@ -358,8 +358,11 @@ func validUserPart(what, s string) error {
 		ch := s[i]
 		ok := ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' ||
 			ch == '_' || ch == '.' || ch == '@' || (i > 0 && ch == '-') || (i > 0 && i == len(s)-1 && ch == '$')
+		if !ok && ch >= 0x80 {
+			return fmt.Errorf("%s name: non-ASCII characters not allowed", what)
+		}
 		if !ok {
-			return fmt.Errorf("%s name: character %q not allowed", what, ch)
+			return fmt.Errorf("%s name: character %q not allowed", what, rune(ch))
 		}
 	}
 	return nil

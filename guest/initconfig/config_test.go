@@ -113,6 +113,7 @@ func TestValidateRejects(t *testing.T) {
 		{"user empty group", func(c *Config) { c.User = "alice:" }, "empty group"},
 		{"user two colons", func(c *Config) { c.User = "a:b:c" }, "not allowed"},
 		{"user dash", func(c *Config) { c.User = "-alice" }, "not allowed"},
+		{"user non-ASCII", func(c *Config) { c.User = "jürgen" }, "non-ASCII"},
 		{"user long", func(c *Config) { c.User = strings.Repeat("a", 33) }, "longer than 32"},
 		{"user id -1", func(c *Config) { c.User = "4294967295" }, "out of range"},
 		{"group id too big", func(c *Config) { c.User = "1:99999999999" }, "out of range"},
