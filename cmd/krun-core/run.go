@@ -59,7 +59,8 @@ warn, and error with -- CMD (krun-core shares its stderr with CMD), unless
 
 Device options (repeatable; at most 8 devices):
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
-  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]    (with --root: at /mnt/TAG)
+  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on][,mount=GUESTDIR]
+                                     (with --root: at GUESTDIR, default /mnt/TAG)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
   --plugin KIND[,key=value...]       any installed krun-plugin-KIND
   --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG][,reconnect=SECONDS]
@@ -104,7 +105,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		grants    = devspec.SyscallGrants{}
 	)
 	fs.Var(&disks, "disk", "a disk `SPEC` (above), served by krun-plugin-blk-raw or krun-plugin-blk-qcow2")
-	fs.Var(&shares, "fs", "a shared directory `SPEC` (above), served by krun-plugin-fs-virtio; with --root mounted at /mnt/TAG")
+	fs.Var(&shares, "fs", "a shared directory `SPEC` (above), served by krun-plugin-fs-virtio; with --root mounted at mount=GUESTDIR (default /mnt/TAG)")
 	fs.Var(&nets, "net", "a network `SPEC` (above): passt, served by krun-plugin-net-passt")
 	fs.Var(&plugins, "plugin", "a third-party plugin `SPEC` (above): any installed krun-plugin-KIND, options passed as given")
 	fs.Func("plugin-syscalls", "grant a --plugin device's plugin system calls beyond its launch profile: `KIND=NAME[,NAME...]`, those its declared policy asks for (never exec, mount, ptrace and the others docs/SECURITY.md lists)", grants.Add)
@@ -210,6 +211,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			s, err := devspec.Parse(group.flag, v)
 			if err != nil {
 				return fail("--%s %s: %v", group.flag, v, err)
+			}
+			if f, ok := s.(*devspec.FSSpec); ok && f.Mount != "" && !execMode {
+				return fail("--%s %s: mount= needs a root directory: --root DIR -- CMD (a guest's own init mounts what it likes)", group.flag, v)
 			}
 			if err := c.AddDevice(s); err != nil {
 				return fail("%v", err)

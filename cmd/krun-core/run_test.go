@@ -182,3 +182,20 @@ func TestRunRootErrors(t *testing.T) {
 		t.Errorf("no kernel: exit %d, stderr %q", rc, errb.String())
 	}
 }
+
+// TestShareMountNeedsRoot: --fs mount=GUESTDIR is where run --root mounts
+// a share; run without a root and serve have no krun-init to mount it, so
+// they refuse it with one line before anything starts.
+func TestShareMountNeedsRoot(t *testing.T) {
+	dir := t.TempDir()
+	k := filepath.Join(dir, "bzImage")
+	os.WriteFile(k, []byte("x"), 0o644)
+	var out, errb bytes.Buffer
+	rc := runCommand([]string{"--kernel", k, "--initrd", k, "--fs", "path=" + dir + ",tag=d,mount=/data"}, &out, &errb)
+	if rc != 1 || !strings.Contains(errb.String(), "mount= needs a root directory") || strings.Count(errb.String(), "\n") != 1 {
+		t.Errorf("run without --root: exit %d, stderr %q", rc, errb.String())
+	}
+	if _, err := parseServeArgs([]string{"--socket", filepath.Join(dir, "s"), "--fs", "path=" + dir + ",tag=d,mount=/data"}); err == nil || !strings.Contains(err.Error(), "mount=") {
+		t.Errorf("serve --fs mount=: %v", err)
+	}
+}

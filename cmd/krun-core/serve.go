@@ -138,6 +138,9 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--%s: %w", devs[0].flag, err)
 	}
+	if f, ok := spec.(*devspec.FSSpec); ok && f.Mount != "" {
+		return nil, errors.New("--fs: mount= is where run --root mounts a share in its guest; serve's driver mounts it itself")
+	}
 	o.device, o.spec = devs[0].flag, spec
 	if err := o.grants.Check([]devspec.Spec{spec}); err != nil {
 		return nil, fmt.Errorf("--plugin-syscalls %w", err)

@@ -143,6 +143,14 @@ func TestParseFS(t *testing.T) {
 		{in: "path=/srv,tag=x,xattr=yes", wantErr: "want on or off"},
 		{in: "path=/srv,tag=x,tag=y", wantErr: "given twice"},
 		{in: "path=/srv,tag=x,readonly=1", wantErr: "want on or off"},
+		{in: "path=/srv,tag=x,mount=/data", want: &FSSpec{Path: "/srv", Tag: "x", Mount: "/data"}},
+		{in: "path=/srv,tag=x,mount=/a/../b/", want: &FSSpec{Path: "/srv", Tag: "x", Mount: "/b"}},
+		{in: "path=/srv,tag=x,mount=data", wantErr: "not an absolute path"},
+		{in: "path=/srv,tag=x,mount=/", wantErr: "guest's root"},
+		{in: "path=/srv,tag=x,mount=/a/..", wantErr: "guest's root"},
+		{in: "path=/srv,tag=x,mount=", wantErr: "mount= is empty"},
+		{in: "path=/srv,tag=x,mount=/a\tb", wantErr: "control"},
+		{in: "path=/srv,tag=x,mount=/" + strings.Repeat("a", 4096), wantErr: "longer than 4096"},
 	}
 	for _, tc := range tests {
 		got, err := ParseFS(tc.in)

@@ -1,9 +1,9 @@
 package devspec
 
 import (
-	"slices"
-
 	"fmt"
+	"path"
+	"slices"
 	"sort"
 	"strings"
 
@@ -13,11 +13,16 @@ import (
 // MaxTagLen is the size of the virtio-fs config space tag field.
 const MaxTagLen = 36
 
-// FSSpec is a parsed --fs option string: path=DIR,tag=TAG[,readonly=on].
+// FSSpec is a parsed --fs option string:
+// path=DIR,tag=TAG[,readonly=on][,mount=GUESTDIR].
 type FSSpec struct {
 	Path     string
 	Tag      string
 	ReadOnly bool
+	// Mount is where `run --root` mounts the share in the guest (an
+	// absolute, clean path other than /); "" means /mnt/TAG. Only a root
+	// that krun-init enters honours it.
+	Mount string
 	// PluginOptions are passed to the fs-virtio plugin as they are; it
 	// checks their values (see plugins/fs-virtio): uidmap, gidmap, cache,
 	// xattr, workers, suid.
@@ -55,9 +60,14 @@ func ParseFS(s string) (*FSSpec, error) {
 			if f.ReadOnly, err = parseOnOff(o.key, o.value); err != nil {
 				return nil, err
 			}
+		case "mount":
+			if err := checkMount(o.value); err != nil {
+				return nil, err
+			}
+			f.Mount = path.Clean(o.value)
 		default:
 			if !slices.Contains(devopts.FSOptionKeys, o.key) {
-				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, %s)", printable(o.key), strings.Join(devopts.FSOptionKeys, ", "))
+				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, mount, %s)", printable(o.key), strings.Join(devopts.FSOptionKeys, ", "))
 			}
 			if f.PluginOptions == nil {
 				f.PluginOptions = map[string]string{}
@@ -77,6 +87,28 @@ func ParseFS(s string) (*FSSpec, error) {
 		return nil, err
 	}
 	return f, nil
+}
+
+// checkMount checks a guest mount point: absolute, not the root, printable.
+func checkMount(m string) error {
+	if err := checkPath("mount", m); err != nil {
+		return err
+	}
+	if !path.IsAbs(m) {
+		return fmt.Errorf("mount=%s is not an absolute path in the guest", printable(m))
+	}
+	if path.Clean(m) == "/" {
+		return fmt.Errorf("mount=%s is the guest's root (use run --root for that)", printable(m))
+	}
+	if len(m) > 4096 {
+		return fmt.Errorf("mount= is longer than 4096 bytes")
+	}
+	for _, r := range m {
+		if r < 0x20 || r == 0x7f || r == 0xfffd {
+			return fmt.Errorf("mount=%s contains a control or invalid character", printable(m))
+		}
+	}
+	return nil
 }
 
 func checkTag(t string) error {
@@ -112,6 +144,9 @@ func (f *FSSpec) String() string {
 	fmt.Fprintf(&b, "path=%s,tag=%s", escape(f.Path), escape(f.Tag))
 	if f.ReadOnly {
 		b.WriteString(",readonly=on")
+	}
+	if f.Mount != "" {
+		fmt.Fprintf(&b, ",mount=%s", escape(f.Mount))
 	}
 	keys := make([]string, 0, len(f.PluginOptions))
 	for k := range f.PluginOptions {

@@ -328,6 +328,17 @@ func LookupInRoot(root, name string, env []string) (string, error) {
 	return "", fmt.Errorf("%w: %s in the PATH (%s) of root %s", ErrCommandNotFound, name, pathEnv, root)
 }
 
+// checkNoMounts refuses a share with a guest mount point (FSSpec.Mount)
+// in a VM without a root set: its own init mounts what it likes.
+func (c *Context) checkNoMounts() error {
+	for _, d := range c.devices {
+		if s, ok := d.(*devspec.FSSpec); ok && s.Mount != "" {
+			return fmt.Errorf("%w: share %s: mount= needs a root directory (SetRoot; run --root)", ErrConfig, s.Tag)
+		}
+	}
+	return nil
+}
+
 // prepareExec checks the program, builds the initramfs and adds the root
 // and console devices. It runs in Start, before anything is launched.
 func (c *Context) prepareExec() error {
@@ -399,9 +410,16 @@ func (c *Context) prepareExec() error {
 			}
 		case *devspec.FSSpec:
 			if e.container != nil {
+				if s.Mount != "" {
+					return fmt.Errorf("%w: share %s: mount= with a container (its setup says where shares go)", ErrConfig, s.Tag)
+				}
 				continue // mounted where the container setup says
 			}
-			e.cfg.Mounts = append(e.cfg.Mounts, initconfig.Mount{Type: "virtiofs", Source: s.Tag, Target: "/mnt/" + s.Tag, ReadOnly: s.ReadOnly})
+			target := "/mnt/" + s.Tag
+			if s.Mount != "" {
+				target = s.Mount
+			}
+			e.cfg.Mounts = append(e.cfg.Mounts, initconfig.Mount{Type: "virtiofs", Source: s.Tag, Target: target, ReadOnly: s.ReadOnly})
 		case *devspec.VhostUserSpec: // an external back-end: its driver; a share with a known tag is mounted
 			switch s.Type {
 			case devspec.VirtioBlk:

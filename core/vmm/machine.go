@@ -77,6 +77,8 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		if err := c.prepareExec(); err != nil {
 			return nil, err
 		}
+	} else if err := c.checkNoMounts(); err != nil {
+		return nil, err
 	}
 	if err := c.Validate(); err != nil {
 		return nil, err

@@ -122,12 +122,15 @@ grep -q '^/dev/pts/[0-9]' /tmp/tty.out || e2e_fail "tty: the command has no term
 grep -q '^40 100' /tmp/tty.out || e2e_fail "tty: the terminal is not 40x100"
 
 # The same boot checks --user, resolved by name in the root's /etc/passwd
-# and /etc/group (HOME from it too).
+# and /etc/group (HOME from it too), and a share at a mount point of its
+# own (--fs mount=).
 printf 'root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n' >/r/etc/passwd
 printf 'root:x:0:\nstaff:x:50:\nwheel:x:10:alice\n' >/r/etc/group
-kr timing /dev/null --root /r --timing --user alice -- /bin/sh -c 'echo "$(id -u) $(id -g) $(id -G) $HOME"'
+mkdir -p /s && echo from-the-share >/s/hello && chown -R 65534:65534 /s
+kr timing /dev/null --root /r --timing --user alice --fs path=/s,tag=data,mount=/srv/data -- \
+	/bin/sh -c 'echo "$(id -u) $(id -g) $(id -G) $HOME"; cat /srv/data/hello'
 [ "$rc" = 0 ] || e2e_fail "timing: exit $rc"
-[ "$(cat /tmp/timing.out)" = "1000 1000 1000 10 /home/alice" ] || e2e_fail "user: got '$(cat /tmp/timing.out)', want '1000 1000 1000 10 /home/alice'"
+[ "$(tr '\n' ' ' </tmp/timing.out)" = "1000 1000 1000 10 /home/alice from-the-share " ] || e2e_fail "user and share: got '$(tr '\n' ' ' </tmp/timing.out)'"
 grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
 
 # Once the VM is set up, krun-core has no_new_privs and, of its
@@ -295,6 +298,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 	os.WriteFile(filepath.Join(root, "blob"), blob, 0o644)
 	os.WriteFile(filepath.Join(root, "etc/passwd"), []byte("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n"), 0o644)
 	os.WriteFile(filepath.Join(root, "etc/group"), []byte("root:x:0:\nstaff:x:50:\nwheel:x:10:alice\n"), 0o644)
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "hello"), []byte("from-the-share\n"), 0o644)
 	base := []string{"run", "--kernel", a.Kernel.Vmlinuz, "--plugin-dir", dir, "--memory", "256M", "--root", root}
 	for _, tc := range []struct {
 		name   string
@@ -309,7 +314,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		{"combo", []string{"--env", "FOO=bar", "--workdir", "/tmp", "--rlimit", "nofile=100:200", "--hostname", "box", "--",
 			"/bin/sh", "-c", "echo \"$FOO\"; pwd; ulimit -n; ulimit -Hn; hostname; wc -l; echo written-in-the-guest >/hello; cat /blob >&2"},
 			"a\nb\n", 0, "bar\n/tmp\n100\n200\nbox\n2\n", string(blob)},
-		{"user", []string{"--user", "alice", "--", "/bin/sh", "-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"`}, "", 0, "1000 1000 1000 10 /home/alice\n", ""},
+		{"user and share", []string{"--user", "alice", "--fs", "path=" + share + ",tag=data,mount=/srv/data", "--",
+			"/bin/sh", "-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"; cat /srv/data/hello`}, "", 0, "1000 1000 1000 10 /home/alice\nfrom-the-share\n", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cmd := exec.Command(filepath.Join(dir, "krun-core"), append(base, tc.args...)...)

@@ -1,0 +1,79 @@
+package vmm
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/guest/container"
+)
+
+// TestShareMountPoint: with a root, --fs mount=GUESTDIR is where krun-init
+// mounts the share (default /mnt/TAG); two shares on one mount point, a
+// mount point with a container, or one without a root at all are refused
+// before anything starts.
+func TestShareMountPoint(t *testing.T) {
+	share := func(t *testing.T, spec string) *devspec.FSSpec {
+		t.Helper()
+		s, err := devspec.ParseFS("path=" + t.TempDir() + "," + spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	c := prepTestExecWith(t, nil, func(c *Context) {
+		for _, s := range []*devspec.FSSpec{share(t, "tag=data,mount=/srv/data,readonly=on"), share(t, "tag=plain")} {
+			if err := c.AddDevice(s); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	got := map[string]string{}
+	for _, m := range c.exec.cfg.Mounts {
+		got[m.Source] = m.Target
+		if m.Source == "data" && !m.ReadOnly {
+			t.Error("readonly=on lost")
+		}
+	}
+	if got["data"] != "/srv/data" || got["plain"] != "/mnt/plain" {
+		t.Errorf("mount points %v, want data at /srv/data and plain at /mnt/plain", got)
+	}
+
+	tests := []struct {
+		name  string
+		setup func(t *testing.T, c *Context)
+		want  string
+	}{
+		{"same mount point twice", func(t *testing.T, c *Context) {
+			c.AddDevice(share(t, "tag=a,mount=/data"))
+			c.AddDevice(share(t, "tag=b,mount=/data/"))
+		}, "used twice"},
+		{"with a container", func(t *testing.T, c *Context) {
+			if err := c.SetContainer(&container.Setup{}); err != nil {
+				t.Fatal(err)
+			}
+			c.AddDevice(share(t, "tag=a,mount=/data"))
+		}, "mount= with a container"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := prepTestExecErr(t, nil, func(c *Context) { tt.setup(t, c) })
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("prepareExec: %v, want %q", err, tt.want)
+			}
+		})
+	}
+
+	// Without a root nothing mounts it.
+	c = NewContext(nil)
+	if err := c.AddDevice(share(t, "tag=a,mount=/data")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.checkNoMounts(); !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "needs a root") {
+		t.Fatalf("mount= without a root: %v", err)
+	}
+	if _, err := c.Start(t.Context()); !errors.Is(err, ErrConfig) {
+		t.Fatalf("Start with mount= and no root: %v", err)
+	}
+}
