@@ -150,7 +150,13 @@ func TestParseFS(t *testing.T) {
 		{in: "path=/srv,tag=x,mount=/a/..", wantErr: "guest's root"},
 		{in: "path=/srv,tag=x,mount=", wantErr: "mount= is empty"},
 		{in: "path=/srv,tag=x,mount=/a\tb", wantErr: "control"},
-		{in: "path=/srv,tag=x,mount=/" + strings.Repeat("a", 4096), wantErr: "longer than 4096"},
+		{in: "path=/srv,tag=x,mount=/" + strings.Repeat("a", 4095), wantErr: "longer than 4095"},
+		{in: "path=/srv,tag=x,mount=/proc", wantErr: "guest's own mounts"},
+		{in: "path=/srv,tag=x,mount=/proc/1", wantErr: "guest's own mounts"},
+		{in: "path=/srv,tag=x,mount=/sys/", wantErr: "guest's own mounts"},
+		{in: "path=/srv,tag=x,mount=/dev/shm", wantErr: "guest's own mounts"},
+		{in: "path=/srv,tag=x,mount=/x/../dev", wantErr: "guest's own mounts"},
+		{in: "path=/srv,tag=x,mount=/processes", want: &FSSpec{Path: "/srv", Tag: "x", Mount: "/processes"}},
 	}
 	for _, tc := range tests {
 		got, err := ParseFS(tc.in)

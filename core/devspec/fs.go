@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
 // MaxTagLen is the size of the virtio-fs config space tag field.
@@ -100,8 +101,11 @@ func checkMount(m string) error {
 	if path.Clean(m) == "/" {
 		return fmt.Errorf("mount=%s is the guest's root (use run --root for that)", printable(m))
 	}
-	if len(m) > 4096 {
-		return fmt.Errorf("mount= is longer than 4096 bytes")
+	if initconfig.APIMountPoint(m) {
+		return fmt.Errorf("mount=%s: /proc, /sys and /dev are the guest's own mounts of its kernel's interfaces", printable(m))
+	}
+	if len(m) > 4095 {
+		return fmt.Errorf("mount= is longer than 4095 bytes")
 	}
 	for _, r := range m {
 		if r < 0x20 || r == 0x7f || r == 0xfffd {

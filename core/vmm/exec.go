@@ -328,6 +328,29 @@ func LookupInRoot(root, name string, env []string) (string, error) {
 	return "", fmt.Errorf("%w: %s in the PATH (%s) of root %s", ErrCommandNotFound, name, pathEnv, root)
 }
 
+// mountPointInRoot checks that a read-only root has the directory a share
+// is mounted on (krun-init cannot make it there), unless it lies in one of
+// krun-init's own tmpfs mounts (/tmp, /run). Only metadata of the root is
+// looked at, resolved inside it.
+func mountPointInRoot(root, target string) error {
+	if initconfig.GuestTmpfs(target) {
+		return nil
+	}
+	dirfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open root %s: %w", root, err)
+	}
+	defer unix.Close(dirfd)
+	// As krun-init resolves it: beneath the root, no symbolic links.
+	how := &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS}
+	fd, err := unix.Openat2(dirfd, strings.TrimPrefix(path.Clean(target), "/"), how)
+	if err != nil {
+		return fmt.Errorf("mount point %s is not a directory in the read-only root %s (%v): make it there, or mount the share under /tmp or /run", target, root, err)
+	}
+	unix.Close(fd)
+	return nil
+}
+
 // checkNoMounts refuses a share with a guest mount point (FSSpec.Mount)
 // in a VM without a root set: its own init mounts what it likes.
 func (c *Context) checkNoMounts() error {
@@ -445,8 +468,20 @@ func (c *Context) prepareExec() error {
 		return fmt.Errorf("%w: %d devices besides the root and the console; at most %d", ErrConfig, len(c.devices), MaxDevices-len(devs))
 	}
 	c.devices = append(devs, c.devices...)
+	// A share inside another's mount point goes after it, or the outer
+	// one would hide it (as podman orders volumes).
+	slices.SortStableFunc(e.cfg.Mounts, func(a, b initconfig.Mount) int {
+		return strings.Count(path.Clean(a.Target), "/") - strings.Count(path.Clean(b.Target), "/")
+	})
 	if err := e.cfg.Validate(); err != nil {
 		return err
+	}
+	if e.rootReadOnly {
+		for _, m := range e.cfg.Mounts {
+			if err := mountPointInRoot(e.root, m.Target); err != nil {
+				return fmt.Errorf("%w: share %s: %v", ErrConfig, m.Source, err)
+			}
+		}
 	}
 	modDir := e.modulesDir
 	if modDir == "" {

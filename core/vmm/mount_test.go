@@ -2,6 +2,8 @@ package vmm
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -40,11 +42,38 @@ func TestShareMountPoint(t *testing.T) {
 		t.Errorf("mount points %v, want data at /srv/data and plain at /mnt/plain", got)
 	}
 
+	// A share inside another's mount point is mounted after it, whatever
+	// the order given (from review).
+	c = prepTestExecWith(t, nil, func(c *Context) {
+		for _, spec := range []string{"tag=in,mount=/data/sub", "tag=b", "tag=out,mount=/data", "tag=all,mount=/mnt"} {
+			c.AddDevice(share(t, spec))
+		}
+	})
+	var order []string
+	for _, m := range c.exec.cfg.Mounts {
+		order = append(order, m.Target)
+	}
+	if strings.Join(order, " ") != "/data /mnt /data/sub /mnt/b" {
+		t.Errorf("mount order %v, want outer mount points first", order)
+	}
+
 	tests := []struct {
 		name  string
 		setup func(t *testing.T, c *Context)
 		want  string
 	}{
+		{"a tag that climbs to /proc", func(t *testing.T, c *Context) {
+			c.AddDevice(share(t, "tag=../proc"))
+		}, "krun-init's own"},
+		{"read-only root without the mount point", func(t *testing.T, c *Context) {
+			c.SetRoot(c.exec.root, true)
+			c.AddDevice(share(t, "tag=a,mount=/data"))
+		}, "not a directory in the read-only root"},
+		{"read-only root with the mount point through a symlink", func(t *testing.T, c *Context) {
+			os.Symlink("/bin", filepath.Join(c.exec.root, "link"))
+			c.SetRoot(c.exec.root, true)
+			c.AddDevice(share(t, "tag=a,mount=/link"))
+		}, "not a directory in the read-only root"},
 		{"same mount point twice", func(t *testing.T, c *Context) {
 			c.AddDevice(share(t, "tag=a,mount=/data"))
 			c.AddDevice(share(t, "tag=b,mount=/data/"))
@@ -63,6 +92,18 @@ func TestShareMountPoint(t *testing.T) {
 				t.Fatalf("prepareExec: %v, want %q", err, tt.want)
 			}
 		})
+	}
+
+	// A read-only root takes a share where it has the directory, or in
+	// krun-init's own tmpfs mounts.
+	c = prepTestExecWith(t, nil, func(c *Context) {
+		c.SetRoot(c.exec.root, true)
+		for _, spec := range []string{"tag=a,mount=/bin", "tag=b,mount=/tmp/x/y", "tag=c,mount=/run/z"} {
+			c.AddDevice(share(t, spec))
+		}
+	})
+	if n := len(c.exec.cfg.Mounts); n != 3 {
+		t.Errorf("%d mounts, want 3", n)
 	}
 
 	// Without a root nothing mounts it.

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/guest/container"
+	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
 const newRoot = "/newroot"
@@ -178,7 +179,9 @@ func (in *initProc) setupRoot() error {
 		var err error
 		deadline := time.Now().Add(5 * time.Second)
 		for {
-			err = r.mount(m.Target, "virtiofs", m.Source, flags, "", create)
+			// A read-only root gets no new directory, but krun-init's
+			// own tmpfs mounts (/tmp, /run) take one.
+			err = r.mount(m.Target, "virtiofs", m.Source, flags, "", create || initconfig.GuestTmpfs(m.Target))
 			if err == nil || errors.Is(err, errMountPoint) || time.Now().After(deadline) {
 				break
 			}

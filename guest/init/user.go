@@ -107,7 +107,7 @@ func resolveUser(spec string, passwd, group func() (io.ReadCloser, error)) (*ide
 			id.gid, found = g, true
 			return false
 		}
-		if wantMembers && !seen[g] && slices.Contains(strings.Split(f[3], ","), ent.name) {
+		if wantMembers && !seen[g] && member(f[3], ent.name) {
 			seen[g] = true
 			id.groups = append(id.groups, g)
 		}
@@ -126,6 +126,19 @@ func resolveUser(spec string, passwd, group func() (io.ReadCloser, error)) (*ide
 	return id, nil
 }
 
+// member reports whether the comma-separated list has name, without
+// allocating (a group line may list millions).
+func member(list, name string) bool {
+	for list != "" {
+		var m string
+		m, list, _ = strings.Cut(list, ",")
+		if m == name {
+			return true
+		}
+	}
+	return false
+}
+
 // parseIDField parses an id field of passwd or group.
 func parseIDField(s string) (uint32, bool) {
 	id, numeric, err := initconfig.ParseID(s)
@@ -135,7 +148,8 @@ func parseIDField(s string) (uint32, bool) {
 // scanAccounts calls fn with the colon-separated fields (at most n) of
 // each line of an account file until fn returns false; comments, blank
 // lines and NIS "+" and "-" lines are skipped. A file that does not exist
-// reads as empty; one over maxAccountFile is an error.
+// reads as empty. Reading stops at maxAccountFile: a file whose answer
+// lies beyond it is an error (one answered earlier is not read further).
 func scanAccounts(open func() (io.ReadCloser, error), name string, n int, fn func(f []string) bool) error {
 	r, err := open()
 	if errors.Is(err, os.ErrNotExist) {
@@ -188,7 +202,13 @@ func openFile(name string) func() (io.ReadCloser, error) {
 		if st.Mode&unix.S_IFMT != unix.S_IFREG {
 			return nil, errors.New("not a regular file")
 		}
-		f, err := os.OpenFile("/proc/self/fd/"+strconv.Itoa(fd), os.O_RDONLY, 0)
+		// The reopen goes through /proc, which must be the guest's
+		// procfs (no share may be mounted there: initconfig refuses it).
+		var sfs unix.Statfs_t
+		if err := unix.Statfs("/proc/self/fd", &sfs); err != nil || sfs.Type != unix.PROC_SUPER_MAGIC {
+			return nil, errors.New("no procfs at /proc to open it through")
+		}
+		f, err := os.OpenFile("/proc/self/fd/"+strconv.Itoa(fd), os.O_RDONLY|unix.O_NOCTTY, 0)
 		if err != nil {
 			return nil, err
 		}

@@ -292,6 +292,9 @@ func (c *Config) Validate() error {
 		if t == "/" {
 			return invalid("mounts[%d]: target is the root", i)
 		}
+		if APIMountPoint(t) {
+			return invalid("mounts[%d]: target %s: /proc, /sys and /dev are krun-init's own mounts of the kernel's interfaces", i, t)
+		}
 		if targets[t] {
 			return invalid("mounts[%d]: target %s used twice", i, t)
 		}
@@ -306,6 +309,28 @@ func (c *Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// APIMountPoint reports whether the absolute path target is, or lies
+// under, a file system krun-init mounts for the kernel's interfaces
+// (/proc, /sys, /dev): a share there would replace what PID 1 and the
+// command rely on (/proc/self/exe, /proc/self/fd, device nodes).
+func APIMountPoint(target string) bool {
+	t := path.Clean(target)
+	for _, p := range []string{"/proc", "/sys", "/dev"} {
+		if t == p || strings.HasPrefix(t, p+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// GuestTmpfs reports whether the absolute path target lies under a tmpfs
+// krun-init mounts in the root (/tmp, /run), where it may create a missing
+// mount point even in a read-only root.
+func GuestTmpfs(target string) bool {
+	t := path.Clean(target)
+	return strings.HasPrefix(t, "/tmp/") || strings.HasPrefix(t, "/run/")
 }
 
 // ValidHostname checks a UTS host name: 1-64 bytes of letters, digits, '-'

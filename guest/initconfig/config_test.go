@@ -104,6 +104,10 @@ func TestValidateRejects(t *testing.T) {
 		{"mount twice", func(c *Config) {
 			c.Mounts = []Mount{{Type: "virtiofs", Source: "a", Target: "/a"}, {Type: "virtiofs", Source: "b", Target: "/a/"}}
 		}, "used twice"},
+		{"mount on /proc", func(c *Config) { c.Mounts = []Mount{{Type: "virtiofs", Source: "a", Target: "/proc"}} }, "krun-init's own"},
+		{"mount under /proc", func(c *Config) { c.Mounts = []Mount{{Type: "virtiofs", Source: "a", Target: "/proc/1"}} }, "krun-init's own"},
+		{"mount via ..", func(c *Config) { c.Mounts = []Mount{{Type: "virtiofs", Source: "a", Target: "/mnt/../sys"}} }, "krun-init's own"},
+		{"mount under /dev", func(c *Config) { c.Mounts = []Mount{{Type: "virtiofs", Source: "a", Target: "/dev/pts"}} }, "krun-init's own"},
 		{"stdio", func(c *Config) { c.Stdio = "a/b" }, "stdio"},
 		{"ports zero", func(c *Config) { c.Ports = &Ports{Milestone: 0, Exit: 1} }, "ports"},
 		{"ports same", func(c *Config) { c.Ports = &Ports{Milestone: 5, Exit: 5} }, "ports"},
