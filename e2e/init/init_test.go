@@ -181,12 +181,15 @@ func TestReadOnlyRootAndShare(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := initconfig.New("sh", "-c", `touch /x 2>/dev/null && echo root=rw || echo root=ro; `+
-		`echo tmp > /tmp/t && echo tmp=ok; cat /srv/data/from-host; echo guest > /srv/data/from-guest`)
+		`echo tmp > /tmp/t && echo tmp=ok; cat /srv/data/from-host; echo guest > /srv/data/from-guest; cat /tmp/in/tmpfs/from-host`)
 	cfg.Root.ReadOnly = true
-	cfg.Mounts = []initconfig.Mount{{Type: "virtiofs", Source: "data", Target: "/srv/data"}}
-	o := run(t, guest{cfg: cfg, root: root, shares: map[string]string{"data": data}})
+	// The second share's mount point is made in krun-init's /tmp, a tmpfs
+	// even in a read-only root.
+	cfg.Mounts = []initconfig.Mount{{Type: "virtiofs", Source: "data", Target: "/srv/data"},
+		{Type: "virtiofs", Source: "again", Target: "/tmp/in/tmpfs", ReadOnly: true}}
+	o := run(t, guest{cfg: cfg, root: root, shares: map[string]string{"data": data, "again": data}})
 	o.checkFinished(t, 0)
-	if o.stdout != "root=ro\ntmp=ok\nhost data\n" {
+	if o.stdout != "root=ro\ntmp=ok\nhost data\nhost data\n" {
 		t.Errorf("stdout %q", o.stdout)
 	}
 	if b, err := os.ReadFile(filepath.Join(data, "from-guest")); err != nil || string(b) != "guest\n" {
