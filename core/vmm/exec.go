@@ -56,7 +56,7 @@ type execConfig struct {
 	container   *container.Setup  // SetContainer: the OCI runtime's guest setup
 	noLookup    bool              // SetLookup(false)
 	rootOptions map[string]string // SetRootOptions
-	envHome     bool              // SetExec's env sets HOME
+	envHome     bool              // the env given (SetExec, SetEnv) sets HOME
 }
 
 func (c *Context) execCfg() *execConfig {
@@ -117,9 +117,9 @@ func (c *Context) SetExec(path string, argv, env []string) error {
 // ids (as `podman run --user`), which krun-init resolves in the root: a
 // name from its /etc/passwd (uid, primary group, home) and /etc/group
 // (GROUP, and the supplementary groups listing the user); a number even
-// when it is not there (then group 0). Unless SetExec's env sets HOME, the
-// program's HOME is the user's home (/ when the user has none). It
-// replaces SetUser.
+// when it is not there (then group 0). Unless the environment given
+// (SetExec, SetEnv) sets HOME, the program's HOME is the user's home (/
+// when the user has none). It replaces SetUser.
 func (c *Context) SetUserSpec(spec string) error {
 	if err := initconfig.ValidUser(spec); err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
@@ -478,6 +478,12 @@ func (c *Context) prepareExec() error {
 	}
 	if e.rootReadOnly {
 		for _, m := range e.cfg.Mounts {
+			inShare := slices.ContainsFunc(e.cfg.Mounts, func(o initconfig.Mount) bool {
+				return strings.HasPrefix(path.Clean(m.Target), path.Clean(o.Target)+"/")
+			})
+			if inShare {
+				continue // its mount point is in the other share, not in the root
+			}
 			if err := mountPointInRoot(e.root, m.Target); err != nil {
 				return fmt.Errorf("%w: share %s: %v", ErrConfig, m.Source, err)
 			}

@@ -98,12 +98,13 @@ func TestShareMountPoint(t *testing.T) {
 	// krun-init's own tmpfs mounts.
 	c = prepTestExecWith(t, nil, func(c *Context) {
 		c.SetRoot(c.exec.root, true)
-		for _, spec := range []string{"tag=a,mount=/bin", "tag=b,mount=/tmp/x/y", "tag=c,mount=/run/z"} {
+		// /bin/inner lies in share a, not in the root: not looked for there.
+		for _, spec := range []string{"tag=a,mount=/bin", "tag=b,mount=/tmp/x/y", "tag=c,mount=/run/z", "tag=d,mount=/bin/inner"} {
 			c.AddDevice(share(t, spec))
 		}
 	})
-	if n := len(c.exec.cfg.Mounts); n != 3 {
-		t.Errorf("%d mounts, want 3", n)
+	if n := len(c.exec.cfg.Mounts); n != 4 {
+		t.Errorf("%d mounts, want 4", n)
 	}
 
 	// Without a root nothing mounts it.
