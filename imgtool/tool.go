@@ -208,18 +208,8 @@ func (l *Launcher) Resize(ctx context.Context, path string, o ResizeOptions) (*R
 			f.f.Close()
 		}
 	}()
-	for i, b := range o.Backing {
-		babs, err := absPath(b.Path)
-		if err != nil {
-			return nil, err
-		}
-		bf, err := openImage("backing file", babs, l.readMode())
-		if err != nil {
-			return nil, err
-		}
-		name := "backing." + strconv.Itoa(i)
-		files = append(files, file{name, bf})
-		req.Backing = append(req.Backing, &imagepb.Layer{File: name, Format: b.Format, Path: babs})
+	if req.Backing, err = l.openBacking(&files, o.Backing); err != nil {
+		return nil, err
 	}
 	s, err := l.start(ctx, files)
 	if err != nil {
@@ -235,6 +225,39 @@ func (l *Launcher) Resize(ctx context.Context, path string, o ResizeOptions) (*R
 		return nil, chainFlags(err)
 	}
 	return &ResizeResult{OldSize: r.GetOldSize(), VirtualSize: r.GetVirtualSize()}, nil
+}
+
+// openLayer opens a declared file (an input, a backing file, a data file)
+// at path read-only under the reader lock (l.readMode), adds it to files
+// as name, and returns it as a request's layer, with its absolute path.
+func (l *Launcher) openLayer(files *[]file, what, name, path, format string) (*imagepb.Layer, error) {
+	abs, err := absPath(path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := openImage(what, abs, l.readMode())
+	if err != nil {
+		return nil, err
+	}
+	*files = append(*files, file{name, f})
+	return &imagepb.Layer{File: name, Format: format, Path: abs}, nil
+}
+
+// openBacking opens a declared backing chain, nearest first, as files
+// backing.0, backing.1, ... (openLayer), each format checked first.
+func (l *Launcher) openBacking(files *[]file, chain []Backing) ([]*imagepb.Layer, error) {
+	var out []*imagepb.Layer
+	for i, b := range chain {
+		if _, err := checkFormat("--backing-format", b.Format); err != nil {
+			return nil, err
+		}
+		bl, err := l.openLayer(files, "backing file", "backing."+strconv.Itoa(i), b.Path, b.Format)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, bl)
+	}
+	return out, nil
 }
 
 // chainWords rewords disk/qcow2's backing chain errors, which name
@@ -378,35 +401,16 @@ func (l *Launcher) Convert(ctx context.Context, o ConvertOptions, progress Progr
 			}
 		}
 	}()
-	layer := func(what, name, path, format string) (*imagepb.Layer, error) {
-		abs, err := absPath(path)
-		if err != nil {
-			return nil, err
-		}
-		f, err := openImage(what, abs, l.readMode())
-		if err != nil {
-			return nil, err
-		}
-		files = append(files, file{name, f})
-		return &imagepb.Layer{File: name, Format: format, Path: abs}, nil
-	}
 	req := &imagepb.ConvertRequest{OutputFormat: o.OutputFormat, Compress: o.Compress,
 		ClusterSize: o.ClusterSize, CompressionType: o.CompressionType, Output: "output"}
-	if req.Input, err = layer("input", "input", o.Input, o.Format); err != nil {
+	if req.Input, err = l.openLayer(&files, "input", "input", o.Input, o.Format); err != nil {
 		return nil, err
 	}
-	for i, b := range o.Backing {
-		if _, err := checkFormat("--backing-format", b.Format); err != nil {
-			return nil, err
-		}
-		bl, err := layer("backing file", "backing."+strconv.Itoa(i), b.Path, b.Format)
-		if err != nil {
-			return nil, err
-		}
-		req.Backing = append(req.Backing, bl)
+	if req.Backing, err = l.openBacking(&files, o.Backing); err != nil {
+		return nil, err
 	}
 	if o.DataFile != "" {
-		if req.DataFile, err = layer("data file", "data-file", o.DataFile, string(disk.Raw)); err != nil {
+		if req.DataFile, err = l.openLayer(&files, "data file", "data-file", o.DataFile, string(disk.Raw)); err != nil {
 			return nil, err
 		}
 	}
