@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -76,7 +75,7 @@ func (c *Context) SetContainer(s *container.Setup) error {
 func (c *Context) SetEnv(env []string) {
 	e := c.execCfg()
 	e.cfg.Env = append([]string{}, env...)
-	e.envHome = slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "HOME=") })
+	e.envHome = slices.ContainsFunc(env, isHome)
 }
 
 // SetRootOptions passes options to the root's fs-virtio plugin (e.g.

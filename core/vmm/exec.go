@@ -106,7 +106,7 @@ func (c *Context) SetExec(path string, argv, env []string) error {
 	if env != nil {
 		// The defaults stay unless env sets them.
 		e.cfg.Env = mergeEnv(e.cfg.Env, env)
-		if slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "HOME=") }) {
+		if slices.ContainsFunc(env, isHome) {
 			e.envHome = true
 		}
 	}
@@ -129,6 +129,9 @@ func (c *Context) SetUserSpec(spec string) error {
 	cfg.UID, cfg.GID, cfg.AdditionalGIDs = 0, 0, nil
 	return nil
 }
+
+// isHome reports whether the environment entry kv sets HOME.
+func isHome(kv string) bool { return strings.HasPrefix(kv, "HOME=") }
 
 // mergeEnv appends env to base, dropping base entries env overrides.
 func mergeEnv(base, env []string) []string {
@@ -382,7 +385,7 @@ func (c *Context) prepareExec() error {
 	}
 	if e.cfg.User != "" && !e.envHome {
 		// krun-init sets the user's own.
-		e.cfg.Env = slices.DeleteFunc(e.cfg.Env, func(kv string) bool { return strings.HasPrefix(kv, "HOME=") })
+		e.cfg.Env = slices.DeleteFunc(e.cfg.Env, isHome)
 	}
 	if !e.noLookup {
 		if _, err := LookupInRoot(e.root, e.cfg.Args[0], e.cfg.Env); err != nil {
