@@ -107,12 +107,20 @@ func checkMount(m string) error {
 	if len(m) > 4095 {
 		return fmt.Errorf("mount= is longer than 4095 bytes")
 	}
-	for _, r := range m {
-		if r < 0x20 || r == 0x7f || r == 0xfffd {
-			return fmt.Errorf("mount=%s contains a control or invalid character", printable(m))
-		}
+	if hasControl(m) {
+		return fmt.Errorf("mount=%s contains a control or invalid character", printable(m))
 	}
 	return nil
+}
+
+// hasControl reports whether s has a control character or invalid UTF-8.
+func hasControl(s string) bool {
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f || r == 0xfffd {
+			return true
+		}
+	}
+	return false
 }
 
 func checkTag(t string) error {
@@ -122,10 +130,8 @@ func checkTag(t string) error {
 	case len(t) > MaxTagLen:
 		return fmt.Errorf("tag=%s is longer than %d bytes", printable(t), MaxTagLen)
 	}
-	for _, r := range t {
-		if r < 0x20 || r == 0x7f || r == 0xfffd {
-			return fmt.Errorf("tag=%s contains a control or invalid character", printable(t))
-		}
+	if hasControl(t) {
+		return fmt.Errorf("tag=%s contains a control or invalid character", printable(t))
 	}
 	return nil
 }
