@@ -118,8 +118,9 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	// The new area needs zeroing where the backing file has data, and
 	// where the old last cluster runs past the old size (its tail may hold
 	// the backing file's data, copied up with the cluster, or what a
-	// shrink left). The declared chain is checked first, read-only, so a
-	// wrong one changes nothing.
+	// shrink left). The image and its declared chain are opened first,
+	// read-only, so that one Open refuses changes nothing (also without a
+	// backing file, when the tail will be zeroed through Open).
 	zero := false
 	if h.backingOff != 0 || len(opts.Backing) > 0 || old%cs != 0 {
 		bsize, err := backingSize(f, opts)
