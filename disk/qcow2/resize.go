@@ -115,28 +115,28 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 		return fmt.Errorf("%w: %d errors found before resizing; check and repair the image first (img check)", ErrCorrupt, n)
 	}
 
-	// The new area needs zeroing where the backing file has data, and
-	// where the old last cluster runs past the old size (its tail may hold
-	// the backing file's data, copied up with the cluster, or what a
-	// shrink left). The image and its declared chain are opened first,
-	// read-only, so that one Open refuses changes nothing (also without a
-	// backing file, when the tail will be zeroed through Open).
-	zero := false
-	if h.backingOff != 0 || len(opts.Backing) > 0 || old%cs != 0 {
+	// The new area needs zeroing where the old last cluster runs past the
+	// old size (its tail may hold the backing file's data, copied up with
+	// the cluster, or what a shrink left), where the image maps clusters
+	// beyond its size (QEMU's shrink unmaps them, a hostile image need
+	// not), and where the backing file has data. The image and its
+	// declared chain are opened first, read-only, whenever a backing file
+	// is involved or zeroing will open the image, so that what Open
+	// refuses changes nothing.
+	zero := old%cs != 0
+	if !zero {
+		if zero, err = mappedBeyond(f, h, old); err != nil {
+			return err
+		}
+	}
+	if h.backingOff != 0 || len(opts.Backing) > 0 || zero {
 		bsize, err := backingSize(f, opts)
 		if err != nil {
 			return err
 		}
-		zero = old%cs != 0 || bsize > int64(old)
+		zero = zero || bsize > int64(old)
 		if h.version < 3 && bsize > int64(divRoundUp(old, cs)*cs) {
 			return fmt.Errorf("%w: the backing file has data beyond the old size, which a version 2 image cannot hide without allocating the whole area (it has no zero clusters); convert it to version 3 first (qemu-img amend -o compat=1.1)", ErrUnsupported)
-		}
-	}
-	// The image's own clusters beyond the old size must not show through
-	// either: QEMU's shrink unmaps them, a hostile image need not.
-	if !zero {
-		if zero, err = mappedBeyond(f, h, old); err != nil {
-			return err
 		}
 	}
 	zeroAndSize := func() error {
