@@ -282,13 +282,14 @@ type commandIO interface {
 func (in *initProc) runCommand() int {
 	cfg := in.cfg
 	if cfg.User != "" {
-		// run's --user, resolved in the root: "/" once init has
-		// entered it, in.rootDir in container mode.
-		dir := "/"
-		if in.rootDir != "" {
-			dir = in.rootDir
+		// run's --user, resolved in the root init has entered. A
+		// container's root is only prepared here, and krun-core never
+		// sends a user spec with one (the OCI runtime gives ids).
+		var id *identity
+		err := errors.New("a user spec needs a root krun-init has entered, not a container's")
+		if in.rootDir == "" {
+			id, err = resolveUser(cfg.User, openFile("/etc/passwd"), openFile("/etc/group"))
 		}
-		id, err := resolveUser(cfg.User, openFile(filepath.Join(dir, "etc/passwd")), openFile(filepath.Join(dir, "etc/group")))
 		if err != nil {
 			in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: --user %s: %v\n", cfg.User, err)))
 			return initconfig.StatusInitFailed
