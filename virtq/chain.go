@@ -14,8 +14,8 @@ import (
 // followed by device-writable ones, read and written through two cursors.
 //
 // Pop checks the whole chain once (every index, every buffer against guest
-// memory, the order of readable and writable descriptors, at most the queue
-// size of buffers, one level of indirection) and records only its totals and
+// memory, the order of readable and writable descriptors, at most the
+// queue's chain bound of buffers (Config.MaxChain), one level of indirection) and records only its totals and
 // where its writable part starts; it stores no buffer. The cursors then walk
 // the descriptors lazily, as the device reads and writes, and check each
 // descriptor again when they reach it: the guest may rewrite a chain it has
@@ -33,7 +33,7 @@ type Chain struct {
 	// element.
 	Head uint16
 
-	q *Queue // memory, descriptor table, size (the most buffers a chain has), features
+	q *Queue // memory, descriptor table, the most buffers a chain has, features
 
 	rdLen, wrLen uint64
 	slots        uint16 // entries of the queue's descriptor table it occupies
@@ -112,8 +112,8 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 			return d, nil, ErrIndirectWithNext
 		case d.length == 0 || d.length%descSize != 0:
 			return d, nil, ErrIndirectLen
-		case d.length/descSize > uint32(c.q.cfg.Size):
-			return d, nil, fmt.Errorf("%w: %d entries on a queue of %d", ErrIndirectTooLong, d.length/descSize, c.q.cfg.Size)
+		case d.length/descSize > uint32(c.q.maxChain):
+			return d, nil, fmt.Errorf("%w: %d entries, at most %d on a queue of %d", ErrIndirectTooLong, d.length/descSize, c.q.maxChain, c.q.cfg.Size)
 		}
 		t, err := c.q.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))
 		if err != nil {
@@ -125,7 +125,7 @@ func (c *Chain) step(p *pos) (descriptor, []byte, error) {
 			return d, nil, ErrNestedIndirect
 		}
 	}
-	if p.bufs >= uint(c.q.cfg.Size) {
+	if p.bufs >= c.q.maxChain {
 		return d, nil, ErrChainTooLong
 	}
 	buf, err := c.q.mem.Slice(guestmem.Addr(d.addr), uint64(d.length))

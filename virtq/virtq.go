@@ -63,14 +63,14 @@ var ErrQueueBroken = errors.New("virtqueue broken")
 
 // Errors for malformed chains; each wraps ErrMalformedChain.
 var (
-	ErrChainTooLong     = fmt.Errorf("%w: chain longer than the queue (loop?)", ErrMalformedChain)
+	ErrChainTooLong     = fmt.Errorf("%w: chain longer than the queue allows (loop?)", ErrMalformedChain)
 	ErrDescIndex        = fmt.Errorf("%w: descriptor index out of range", ErrMalformedChain)
 	ErrDescOutOfMemory  = fmt.Errorf("%w: buffer outside guest memory", ErrMalformedChain)
 	ErrNestedIndirect   = fmt.Errorf("%w: nested indirect descriptor", ErrMalformedChain)
 	ErrIndirectNotNeg   = fmt.Errorf("%w: indirect descriptor without VIRTIO_F_INDIRECT_DESC", ErrMalformedChain)
 	ErrIndirectWithNext = fmt.Errorf("%w: indirect descriptor with NEXT set", ErrMalformedChain)
 	ErrIndirectLen      = fmt.Errorf("%w: indirect table length not a non-zero multiple of 16", ErrMalformedChain)
-	ErrIndirectTooLong  = fmt.Errorf("%w: indirect table longer than the queue", ErrMalformedChain)
+	ErrIndirectTooLong  = fmt.Errorf("%w: indirect table longer than the queue allows", ErrMalformedChain)
 	ErrReadAfterWrite   = fmt.Errorf("%w: device-readable descriptor after a device-writable one", ErrMalformedChain)
 )
 
@@ -82,6 +82,16 @@ type Config struct {
 	UsedRing  guestmem.Addr
 	EventIdx  bool // VIRTIO_F_EVENT_IDX negotiated
 	Indirect  bool // VIRTIO_F_INDIRECT_DESC negotiated
+	// MaxChain is the most buffers one chain may have, an indirect
+	// table's entries included: 0 means Size; otherwise Size..MaxSize.
+	// The spec asks drivers for chains no longer than the ring, but a
+	// device whose configuration is read before the driver picks a ring
+	// size gets chains as long as that configuration allows: virtio-blk's
+	// seg_max (Linux builds indirect tables of seg_max+2 entries whatever
+	// the ring) is read by a vhost-user front-end before it sets the ring
+	// size, so it must fit the largest ring the device accepts, and that
+	// is the bound such a device sets here.
+	MaxChain uint16
 }
 
 // Queue is the device side of one split virtqueue.
@@ -101,6 +111,9 @@ type Queue struct {
 	signalledValid bool
 	pushedSince    bool
 
+	// maxChain is the bound on a chain's buffers: cfg.MaxChain or Size.
+	maxChain uint
+
 	barrier uint32
 }
 
@@ -109,7 +122,10 @@ func NewQueue(mem *guestmem.Memory, cfg Config) (*Queue, error) {
 	if cfg.Size == 0 || cfg.Size&(cfg.Size-1) != 0 {
 		return nil, fmt.Errorf("queue size %d is not a power of two", cfg.Size)
 	}
-	q := &Queue{cfg: cfg}
+	if cfg.MaxChain != 0 && (cfg.MaxChain < cfg.Size || cfg.MaxChain > MaxSize) {
+		return nil, fmt.Errorf("chains of at most %d buffers on a queue of %d, want %d..%d", cfg.MaxChain, cfg.Size, cfg.Size, MaxSize)
+	}
+	q := &Queue{cfg: cfg, maxChain: uint(max(cfg.Size, cfg.MaxChain))}
 	if err := q.SetMemory(mem); err != nil {
 		return nil, err
 	}

@@ -25,6 +25,8 @@ func TestNewQueueRejects(t *testing.T) {
 		{"used outside memory", Config{Size: 8, DescTable: tDesc, AvailRing: tAvail, UsedRing: tMemSize - 16}},
 		{"used event word outside", Config{Size: 8, DescTable: tDesc, AvailRing: tAvail, UsedRing: tMemSize - 68, EventIdx: true}},
 		{"addresses wrap", Config{Size: 8, DescTable: 0xfffffffffffffff0, AvailRing: tAvail, UsedRing: tUsed}},
+		{"chain bound below the size", Config{Size: 8, DescTable: tDesc, AvailRing: tAvail, UsedRing: tUsed, MaxChain: 4}},
+		{"chain bound above the largest queue", Config{Size: 8, DescTable: tDesc, AvailRing: tAvail, UsedRing: tUsed, MaxChain: MaxSize + 1}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -260,6 +262,66 @@ func TestChainBounds(t *testing.T) {
 			t.Fatalf("wrote %d, %v", n, err)
 		}
 	})
+}
+
+// TestMaxChain serves chains longer than the ring, up to Config.MaxChain
+// (a device whose seg_max fits its largest ring, on a smaller one), and
+// refuses one buffer more, indirect or direct and indirect together.
+func TestMaxChain(t *testing.T) {
+	const size, maxChain = 8, 32
+	tests := []struct {
+		name     string
+		direct   uint16 // buffers in the ring's table before the indirect one
+		indirect uint16 // entries of the indirect table
+		want     error
+	}{
+		{"indirect table of the bound", 0, maxChain, nil},
+		{"indirect table over the bound", 0, maxChain + 1, ErrIndirectTooLong},
+		{"direct and indirect together at the bound", 3, maxChain - 3, nil},
+		{"direct and indirect together over the bound", 3, maxChain - 2, ErrChainTooLong},
+		{"indirect table of the ring size, no bound set", 0, size, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mem := newTestMemory(t)
+			cfg := Config{Size: size, DescTable: tDesc, AvailRing: tAvail, UsedRing: tUsed, Indirect: true, MaxChain: maxChain}
+			if tt.indirect == size {
+				cfg.MaxChain = 0
+			}
+			q, err := NewQueue(mem, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := &driver{t: t, mem: mem, size: size}
+			for i := range tt.direct {
+				d.setDesc(tDesc, i, tDataStart+uint64(i)*0x10, 0x10, DescFNext, i+1)
+			}
+			d.setDesc(tDesc, tt.direct, tIndirect, uint32(tt.indirect)*16, DescFIndirect, 0)
+			for i := range tt.indirect {
+				d.setDesc(tIndirect, i, tDataStart+0x1000+uint64(i)*0x10, 0x10, DescFNext|DescFWrite, i+1)
+			}
+			d.setDesc(tIndirect, tt.indirect-1, tDataStart+0x1000+uint64(tt.indirect-1)*0x10, 0x10, DescFWrite, 0)
+			d.offer(0)
+			var c Chain
+			ok, err := q.Pop(&c)
+			if !ok || !errors.Is(err, tt.want) {
+				t.Fatalf("Pop = %v, %v; want true, %v", ok, err, tt.want)
+			}
+			if tt.want != nil {
+				return
+			}
+			if c.ReadableLen() != uint64(tt.direct)*0x10 || c.WritableLen() != uint64(tt.indirect)*0x10 {
+				t.Fatalf("lengths %d/%d, want %d/%d", c.ReadableLen(), c.WritableLen(), tt.direct*0x10, tt.indirect*0x10)
+			}
+			if n, err := io.Copy(io.Discard, &c); n != int64(tt.direct)*0x10 || err != nil {
+				t.Fatalf("read %d, %v", n, err)
+			}
+			w := bytes.Repeat([]byte{7}, int(tt.indirect)*0x10)
+			if n, err := c.Write(w); n != len(w) || err != nil {
+				t.Fatalf("wrote %d, %v", n, err)
+			}
+		})
+	}
 }
 
 // TestChainChangedAfterPop rewrites a chain between Pop and the device's

@@ -62,6 +62,14 @@ func newRigWrapped(t testing.TB, size int64, ro bool, queues, workers int, wrap 
 // Serial are filled in).
 func newRigConfig(t testing.TB, size int64, ro bool, cfg blk.Config, wrap func(*raw.Disk) disk.Disk) *rig {
 	t.Helper()
+	return newRigRing(t, size, ro, cfg, wrap, 0)
+}
+
+// newRigRing is newRigConfig with the size of the guest's rings (0: the
+// test guest's default), which may be smaller than the device's largest,
+// as QEMU's vhost-user-blk-pci (128) is.
+func newRigRing(t testing.TB, size int64, ro bool, cfg blk.Config, wrap func(*raw.Disk) disk.Disk, ringSize uint16) *rig {
+	t.Helper()
 	queues := max(cfg.NumQueues, 1)
 	path := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
@@ -115,6 +123,7 @@ func newRigConfig(t testing.TB, size int64, ro bool, cfg blk.Config, wrap func(*
 		NumQueues: queues,
 		Features:  testguest.BlkFeatures,
 		MemSize:   128 << 20,
+		QueueSize: ringSize,
 	})
 	if err != nil {
 		c.Close()

@@ -595,6 +595,10 @@ func (sess *session) queueConfig(r *ring, mem *guestmem.Memory) (virtq.Config, e
 		UsedRing:  used,
 		EventIdx:  sess.features&vhostuser.FeatureRingEventIdx != 0,
 		Indirect:  sess.features&vhostuser.FeatureRingIndirectDesc != 0,
+		// A front-end reads the device's configuration (virtio-blk's
+		// seg_max) before it sets the ring size: chains may be as long as
+		// the device's largest ring, whatever this one's size.
+		MaxChain: uint16(sess.s.info.MaxQueueSize),
 	}, nil
 }
 
