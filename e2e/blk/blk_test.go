@@ -424,3 +424,55 @@ func TestQCOW2(t *testing.T) {
 		})
 	}
 }
+
+// TestLongChains serves a raw and a qcow2 disk to QEMU's vhost-user-blk-pci
+// with its default ring of 128 descriptors. QEMU reads the device's
+// configuration before it sets a ring size, so seg_max is that of the
+// device's largest ring (256, less the header and the status), and Linux
+// builds requests of up to 254 data segments: their indirect tables are
+// longer than the ring of 128. blkverify writes and verifies 1 MiB
+// requests from buffers whose pages it faulted in backwards, so that each
+// page is a segment of its own; every one must be served (no malformed
+// request, no I/O error, every byte right).
+func TestLongChains(t *testing.T) {
+	a := vmtest.Require(t)
+	qemuImg := tool(t, "qemu-img")
+	dir := t.TempDir()
+	const size = 16 << 20
+	raw := newRawImage(t, dir, "long.raw", size, nil)
+	q := filepath.Join(dir, "long.qcow2")
+	run(t, qemuImg, "create", "-q", "-f", "qcow2", q, strconv.Itoa(size))
+	servers := []*server{serve(t, "path="+raw+",format=raw"), serve(t, "path="+q+",format=qcow2")}
+
+	ib := a.NewInitramfs()
+	ib.AddFile("/bin/blkverify", vmtest.BuildStatic(t, "github.com/krun-core/krun-core/internal/vmtest/blkverify"), 0o755)
+	ib.SetInit(fmt.Sprintf(`
+for d in vda vdb; do
+	segs=$(cat /sys/block/$d/queue/max_segments)
+	[ "$segs" -gt 128 ] || e2e_fail "$d takes $segs segments a request: this test needs more than the ring's 128"
+done
+blkverify -size %d -chunk 1048576 -depth 2 -passes 3 -scatter /dev/vda /dev/vdb || e2e_fail "blkverify failed"
+if dmesg | grep -iE 'I/O error|blk_update_request|critical'; then
+	e2e_fail "the kernel logged I/O errors"
+fi
+echo "long chains ok"
+`, size))
+	var sockets []string
+	for _, s := range servers {
+		sockets = append(sockets, s.Socket)
+	}
+	r := bootGuest(t, a, ib, 1, sockets)
+	if !strings.Contains(r.Console, "long chains ok") {
+		t.Fatal("the guest did not finish its check")
+	}
+	for _, s := range servers {
+		s.Stop()
+		if strings.Contains(s.Out.String(), "malformed") {
+			t.Errorf("%s counted a malformed request:\n%s", s.Socket, s.Out)
+		}
+	}
+	out, err := runErr(qemuImg, "check", "-f", "qcow2", q)
+	if err != nil || !strings.Contains(string(out), "No errors were found") {
+		t.Errorf("qemu-img check: %v\n%s", err, out)
+	}
+}

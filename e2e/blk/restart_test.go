@@ -101,7 +101,12 @@ func TestServeRestartUnderIO(t *testing.T) {
 	}
 	// One more pass after the last kill, then stop.
 	n := strings.Count(vm.Console(), "BLKVERIFY /dev/vdb pass")
-	vm.MustExpect(fmt.Sprintf(`BLKVERIFY /dev/vdb pass %d ok`, n+1), 15*time.Minute)
+	// A FAIL line ends the wait: the device that failed has no next pass.
+	m := vm.MustExpect(fmt.Sprintf(`BLKVERIFY /dev/vdb pass %d ok|BLKVERIFY FAIL [^\n]*`, n+1), 15*time.Minute)
+	if strings.HasPrefix(m[0], "BLKVERIFY FAIL") {
+		vm.Kill()
+		t.Fatalf("guest: %s", m[0])
+	}
 	if err := vm.Send("stop\n"); err != nil {
 		t.Fatal(err)
 	}

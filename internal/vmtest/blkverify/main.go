@@ -4,12 +4,19 @@
 // pattern unique to the pass, the device and the sector (see word), then
 // reads every chunk back and checks it. It loops until the stop file exists
 // (checked after each pass), and exits 0 only if every pass verified; any
-// I/O error or wrong byte ends it with status 1 and one line saying where.
+// I/O error or wrong byte ends the device's loop at once with one line
+// saying where (the other devices go on until stopped), and blkverify then
+// exits with status 1.
 //
-//	blkverify [-size BYTES] [-chunk BYTES] [-depth N] [-stop FILE] [-passes N] DEVICE...
+//	blkverify [-size BYTES] [-chunk BYTES] [-depth N] [-stop FILE] [-passes N] [-scatter] DEVICE...
 //
-// Lines: "BLKVERIFY start", "BLKVERIFY DEV pass N ok (T)", "BLKVERIFY done
-// passes=N", "BLKVERIFY FAIL ...".
+// -scatter faults the pages of each request buffer in from the last to the
+// first, so that they are rarely physically contiguous: a request then
+// carries one segment per page (up to the device's seg_max), the longest
+// descriptor chains a Linux driver builds.
+//
+// Lines: "BLKVERIFY start", "BLKVERIFY DEV pass N ok (T)", "BLKVERIFY FAIL
+// DEV: ...", "BLKVERIFY done passes=N".
 package main
 
 import (
@@ -20,6 +27,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,6 +39,7 @@ func main() {
 	depth := flag.Int("depth", 4, "requests in flight per device")
 	stop := flag.String("stop", "", "stop after the pass during which this file appeared")
 	passes := flag.Int("passes", 0, "stop after this many passes (0: only the stop file stops)")
+	scatter := flag.Bool("scatter", false, "fault request buffers in from their last page, so that each page is a segment of its own")
 	flag.Parse()
 	if flag.NArg() == 0 || *chunk <= 0 || *chunk%4096 != 0 || *size < int64(*chunk) || *depth < 1 {
 		fmt.Fprintln(os.Stderr, "usage: blkverify [-size BYTES] [-chunk BYTES] [-depth N] [-stop FILE] [-passes N] DEVICE...")
@@ -39,26 +48,24 @@ func main() {
 	fmt.Println("BLKVERIFY start")
 	var wg sync.WaitGroup
 	results := make([]int, flag.NArg())
-	failed := make(chan string, flag.NArg())
+	var bad atomic.Bool
 	for i, dev := range flag.Args() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			n, err := loop(uint64(i), dev, *size, *chunk, *depth, *stop, *passes)
+			n, err := loop(uint64(i), dev, *size, *chunk, *depth, *stop, *passes, *scatter)
 			results[i] = n
 			if err != nil {
-				failed <- fmt.Sprintf("BLKVERIFY FAIL %s: %v", dev, err)
+				// Now, not when every device is done: a test waiting
+				// for this device's next pass must see why it will
+				// never come.
+				fmt.Printf("BLKVERIFY FAIL %s: %v\n", dev, err)
+				bad.Store(true)
 			}
 		}()
 	}
 	wg.Wait()
-	close(failed)
-	bad := false
-	for l := range failed {
-		fmt.Println(l)
-		bad = true
-	}
-	if bad {
+	if bad.Load() {
 		os.Exit(1)
 	}
 	fmt.Printf("BLKVERIFY done passes=%v\n", results)
@@ -92,7 +99,7 @@ func filler(pass, dev uint64) []byte {
 
 // loop runs passes on one device until stopped; it returns the passes that
 // verified.
-func loop(dev uint64, path string, size int64, chunk, depth int, stop string, maxPasses int) (int, error) {
+func loop(dev uint64, path string, size int64, chunk, depth int, stop string, maxPasses int, scatter bool) (int, error) {
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return 0, fmt.Errorf("open: %w", err)
@@ -105,6 +112,11 @@ func loop(dev uint64, path string, size int64, chunk, depth int, stop string, ma
 		// O_DIRECT wants aligned buffers: a mapping is page aligned.
 		if bufs[i], err = unix.Mmap(-1, 0, chunk, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE); err != nil {
 			return 0, err
+		}
+		if scatter {
+			for off := chunk - 4096; off >= 0; off -= 4096 {
+				bufs[i][off] = 1
+			}
 		}
 		want[i] = make([]byte, chunk)
 	}
