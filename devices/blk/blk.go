@@ -35,7 +35,12 @@ type VectorDisk interface {
 
 // Defaults for Config fields left zero.
 const (
-	DefaultQueueSize      = 256
+	// DefaultQueueSize is QEMU's largest ring (VIRTQUEUE_MAX_SIZE), which
+	// qemu-storage-daemon accepts and users set (queue-size=1024): a
+	// front-end's ring may be any power of two up to it. seg_max follows
+	// it, and the back-end accepts chains as long as it on smaller rings
+	// (virtq.Config.MaxChain).
+	DefaultQueueSize      = 1024
 	DefaultMaxSectors     = 1<<22 - 8 // per discard / write-zeroes range: just under 2 GiB, 4 KiB aligned
 	DefaultMaxSegments    = 32        // ranges per discard / write-zeroes request
 	DefaultDiscardAlign   = 8         // sectors: 4 KiB

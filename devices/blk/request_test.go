@@ -463,7 +463,7 @@ func TestConfigSpace(t *testing.T) {
 			if got := le.Uint64(c[0:]); got != 10<<20/512 {
 				t.Errorf("capacity %d", got)
 			}
-			qs, nq := 256, 1
+			qs, nq := DefaultQueueSize, 1
 			if tc.cfg.QueueSize != 0 {
 				qs, nq = tc.cfg.QueueSize, tc.cfg.NumQueues
 			}
