@@ -426,14 +426,15 @@ func TestQCOW2(t *testing.T) {
 }
 
 // TestLongChains serves a raw and a qcow2 disk to QEMU's vhost-user-blk-pci
-// with its default ring of 128 descriptors. QEMU reads the device's
-// configuration before it sets a ring size, so seg_max is that of the
-// device's largest ring (256, less the header and the status), and Linux
-// builds requests of up to 254 data segments: their indirect tables are
-// longer than the ring of 128. blkverify writes and verifies 1 MiB
-// requests from buffers whose pages it faulted in backwards, so that each
-// page is a segment of its own; every one must be served (no malformed
-// request, no I/O error, every byte right).
+// with its default ring of 128 descriptors, and a third (raw) with
+// queue-size=1024, QEMU's largest ring, which qemu-storage-daemon accepts.
+// QEMU reads the device's configuration before it sets a ring size, so
+// seg_max is that of the device's largest ring (less the header and the
+// status), and Linux builds requests of that many data segments: on the
+// ring of 128 their indirect tables are longer than the ring. blkverify
+// writes and verifies 1 MiB requests from buffers whose pages it faulted
+// in backwards, so that each page is a segment of its own; every one must
+// be served (no malformed request, no I/O error, every byte right).
 func TestLongChains(t *testing.T) {
 	a := vmtest.Require(t)
 	qemuImg := tool(t, "qemu-img")
@@ -442,26 +443,29 @@ func TestLongChains(t *testing.T) {
 	raw := newRawImage(t, dir, "long.raw", size, nil)
 	q := filepath.Join(dir, "long.qcow2")
 	run(t, qemuImg, "create", "-q", "-f", "qcow2", q, strconv.Itoa(size))
-	servers := []*server{serve(t, "path="+raw+",format=raw"), serve(t, "path="+q+",format=qcow2")}
+	big := newRawImage(t, dir, "big-ring.raw", size, nil)
+	servers := []*server{serve(t, "path="+raw+",format=raw"), serve(t, "path="+q+",format=qcow2"), serve(t, "path="+big+",format=raw")}
 
 	ib := a.NewInitramfs()
 	ib.AddFile("/bin/blkverify", vmtest.BuildStatic(t, "github.com/krun-core/krun-core/internal/vmtest/blkverify"), 0o755)
+	ib.AddModules(a.Kernel, "virtio_pci", "virtio_blk")
 	ib.SetInit(fmt.Sprintf(`
-for d in vda vdb; do
+for d in vda vdb vdc; do
+	[ -b /dev/$d ] || e2e_fail "no /dev/$d"
 	segs=$(cat /sys/block/$d/queue/max_segments)
 	[ "$segs" -gt 128 ] || e2e_fail "$d takes $segs segments a request: this test needs more than the ring's 128"
 done
-blkverify -size %d -chunk 1048576 -depth 2 -passes 3 -scatter /dev/vda /dev/vdb || e2e_fail "blkverify failed"
+blkverify -size %d -chunk 1048576 -depth 2 -passes 3 -scatter /dev/vda /dev/vdb /dev/vdc || e2e_fail "blkverify failed"
 if dmesg | grep -iE 'I/O error|blk_update_request|critical'; then
 	e2e_fail "the kernel logged I/O errors"
 fi
 echo "long chains ok"
 `, size))
-	var sockets []string
-	for _, s := range servers {
-		sockets = append(sockets, s.Socket)
-	}
-	r := bootGuest(t, a, ib, 1, sockets)
+	vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib, Timeout: 6 * time.Minute})
+	vm.AddVhostUserBlk(servers[0].Socket)
+	vm.AddVhostUserBlk(servers[1].Socket)
+	vm.AddVhostUserBlk(servers[2].Socket, "queue-size=1024")
+	r := vm.Run()
 	if !strings.Contains(r.Console, "long chains ok") {
 		t.Fatal("the guest did not finish its check")
 	}
