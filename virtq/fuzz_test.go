@@ -38,6 +38,8 @@ func FuzzChainWalk(f *testing.F) {
 	f.Add(seed(4, 2, [4]uint64{tIndirect, 5 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 1, DescFNext, 1}, [4]uint64{tDataStart, 1, DescFNext, 2},
 		[4]uint64{tDataStart, 1, DescFNext, 3}, [4]uint64{tDataStart, 1, DescFNext, 4}, [4]uint64{tDataStart, 1, DescFWrite, 0}))
 	f.Add(seed(16, 3, [4]uint64{tIndirect, 16 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 4096, DescFNext | DescFWrite, 0}))
+	// A table of 32 entries on a ring of 8 that allows chains of 32.
+	f.Add(seed(8, 6, [4]uint64{tIndirect, 32 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 1, DescFNext, 1}))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) < 4 {
@@ -48,10 +50,21 @@ func FuzzChainWalk(f *testing.F) {
 			size = 8
 		}
 		eventIdx, indirect := data[2]&1 != 0, data[2]&2 != 0
+		// Bit 2: chains may be four times the ring (a device's largest
+		// ring on a smaller one, Config.MaxChain).
+		maxChain := size
+		if data[2]&4 != 0 {
+			maxChain = 4 * size
+		}
 		availCount := uint16(data[3])
 		body := data[4:]
 
-		d, q := newPair(t, size, eventIdx, indirect)
+		mem := newTestMemory(t)
+		q, err := NewQueue(mem, Config{Size: size, DescTable: tDesc, AvailRing: tAvail, UsedRing: tUsed, EventIdx: eventIdx, Indirect: indirect, MaxChain: maxChain})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := &driver{t: t, mem: mem, size: size}
 		// Descriptor table and indirect area both get the fuzzed bytes; the
 		// available ring offers heads taken from them too.
 		table := make([]byte, 16*int(size))
@@ -93,13 +106,13 @@ func FuzzChainWalk(f *testing.F) {
 			}
 			rd := c.PeekReadable(nil, c.ReadableLen())
 			wr := c.PeekWritable(nil, c.WritableLen())
-			if len(rd)+len(wr) > int(size) {
-				t.Fatalf("chain with %d segments on a queue of %d", len(rd)+len(wr), size)
+			if len(rd)+len(wr) > int(maxChain) {
+				t.Fatalf("chain with %d segments on a queue of %d allowing %d", len(rd)+len(wr), size, maxChain)
 			}
 			if segLen(rd) != c.ReadableLen() || segLen(wr) != c.WritableLen() {
 				t.Fatalf("segments hold %d/%d bytes, chain %d/%d", segLen(rd), segLen(wr), c.ReadableLen(), c.WritableLen())
 			}
-			if c.ReadableLen()+c.WritableLen() > uint64(size)*0xffffffff {
+			if c.ReadableLen()+c.WritableLen() > uint64(maxChain)*0xffffffff {
 				t.Fatalf("chain of %d bytes", c.ReadableLen()+c.WritableLen())
 			}
 			// The guest rewrites the chain under the device: the cursors
