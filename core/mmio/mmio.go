@@ -215,6 +215,11 @@ type Config struct {
 	// would have told it. The core forgets the queue's part of the
 	// inflight region there.
 	OnQueueLost func(queue int)
+	// OnFail, when set, is called once, on a goroutine of its own, when
+	// the device fails (Fail, or a back-end it gave up on), with why: a
+	// device the guest cannot do without (the root file system of `run
+	// -- CMD`) ends the VM there instead of leaving it to hang.
+	OnFail func(err error)
 }
 
 // Errors.
@@ -916,6 +921,9 @@ func (d *Device) failLocked(err error) {
 	}
 	d.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 	d.log.Error("virtio device failed", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+	if d.cfg.OnFail != nil {
+		go d.cfg.OnFail(d.failed)
+	}
 	if d.anyLiveLocked() {
 		// The live queues stop without the back-end, which may only
 		// have been slow and still serve them: it goes first.

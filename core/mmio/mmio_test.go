@@ -719,6 +719,58 @@ func TestBackendRefusalStillFails(t *testing.T) {
 	}
 }
 
+// TestOnFail: Config.OnFail hears of the device's failure once, whether
+// the core failed it (a plugin that died) or a back-end call did, and not
+// of a driver's mistake, which a reset undoes.
+func TestOnFail(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		act  func(r *rig)
+		want bool
+	}{
+		{"Fail, twice", func(r *rig) {
+			r.d.Fail(errors.New("plugin exited"))
+			r.d.Fail(errors.New("plugin exited again"))
+		}, true},
+		{"a back-end call that fails", func(r *rig) {
+			r.b.fail = fmt.Errorf("SET_VRING_NUM: %w", frontend.ErrNacked)
+			r.setupQueue(0, 128, 0x10000, 0x11000, 0x12000)
+		}, true},
+		{"a queue the driver laid out badly", func(r *rig) {
+			r.setupQueue(0, 0, 0x10000, 0x11000, 0x12000)
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := make(chan error, 4)
+			r := newRig(t, func(c *Config) { c.OnFail = func(err error) { got <- err } })
+			st := r.negotiate(featureVersion1)
+			r.wr(RegStatus, st|StatusDriverOK)
+			tc.act(r)
+			if !tc.want {
+				select {
+				case err := <-got:
+					t.Fatalf("OnFail(%v) for a driver's mistake", err)
+				case <-time.After(100 * time.Millisecond):
+				}
+				return
+			}
+			select {
+			case err := <-got:
+				if !errors.Is(err, ErrFailed) || !errors.Is(err, r.d.Failed()) {
+					t.Fatalf("OnFail(%v), device failed with %v", err, r.d.Failed())
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("OnFail not called")
+			}
+			select {
+			case err := <-got:
+				t.Fatalf("OnFail called again: %v", err)
+			case <-time.After(100 * time.Millisecond):
+			}
+		})
+	}
+}
+
 // TestBadQueueThenResetRecovers: a queue the driver laid out badly (size
 // 0) is the driver's mistake, not a dead plugin: the device needs a reset,
 // and after one a correct set-up works again (a kdump or kexec kernel

@@ -71,6 +71,10 @@ type pluginDevice struct {
 	featureMask               uint64
 	watch                     atomic.Pointer[os.File]
 
+	// essential says what the device is to a guest that cannot do
+	// without it (Context.essential); "" for the others.
+	essential string
+
 	// Restarts (see restart): the Context that launched the plugin, the
 	// restart budget (nil: the device is never restarted), what the first
 	// attach negotiated and sent, the inflight region the plugin's
@@ -248,7 +252,7 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 	if v, ok := s.(*devspec.VhostUserSpec); ok {
 		return c.connectExternal(ctx, i, v)
 	}
-	d := &pluginDevice{index: i, spec: s, c: c, gone: make(chan error, 1)}
+	d := &pluginDevice{index: i, spec: s, c: c, gone: make(chan error, 1), essential: c.essential[s]}
 	defer func() {
 		if err != nil {
 			d.shutdown(c.log)
@@ -471,6 +475,11 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	}
 	cfg.Abandon = d.abandon
 	cfg.StopBudget = stopBudget
+	if what := d.essential; what != "" {
+		cfg.OnFail = func(err error) {
+			m.event(event{err: fmt.Errorf("%s failed; %w: %w", what, ErrEssentialDevice, err)})
+		}
+	}
 	// The back-end's device state (a virtio-fs session, a console's
 	// ports) goes with the guest's reset, as QEMU does it.
 	cfg.ResetBackend = n.ProtocolFeatures&vhostuser.ProtocolResetDevice != 0

@@ -419,9 +419,14 @@ func (c *Context) prepareExec() error {
 		return fmt.Errorf("control channel: %w", err)
 	}
 	e.controlR, e.controlW = pr, pw
-	devs = append(devs, &devspec.ConsoleSpec{Name: e.cfg.Stdio, TTY: e.tty,
+	console := &devspec.ConsoleSpec{Name: e.cfg.Stdio, TTY: e.tty,
 		HoldStdin: e.container != nil && e.container.WaitForStart,
-		Stdin:     e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr})
+		Stdin:     e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr}
+	devs = append(devs, console)
+	// Neither plugin is restarted (see restartable), and without them the
+	// command can neither run nor be heard: their failure ends the run
+	// instead of leaving it to hang.
+	c.essential = map[devspec.Spec]string{root: "the root file system (virtio-fs)", console: "the command's console"}
 	modules := []string{"virtio_mmio", "virtiofs", "virtio_console"}
 	hasNet := false
 	for _, d := range c.devices {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -192,6 +193,7 @@ func (r *ringDriver) wait(n uint16, i int, within time.Duration) {
 
 // restartRig is a blk-raw plugin behind the core's transport, without KVM.
 type restartRig struct {
+	m    *machine
 	d    *pluginDevice
 	drv  *ringDriver
 	img  string
@@ -199,7 +201,7 @@ type restartRig struct {
 	pid  int // the first plugin's
 }
 
-func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy) *restartRig {
+func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy, setup ...func(*Context, devspec.Spec)) *restartRig {
 	t.Helper()
 	dir := t.TempDir()
 	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "krun-plugin-blk-raw"), "../../plugins/blk-raw")
@@ -229,6 +231,9 @@ func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy) *restartRig {
 	if err := c.AddDevice(spec); err != nil {
 		t.Fatal(err)
 	}
+	for _, f := range setup {
+		f(c, spec)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	t.Cleanup(cancel)
 	devs, err := c.launchPlugins(ctx)
@@ -252,7 +257,7 @@ func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy) *restartRig {
 	})
 	drv := &ringDriver{t: t, mem: mem, dev: d.dev}
 	drv.start()
-	return &restartRig{d: d, drv: drv, img: img, logs: &logs, pid: pid}
+	return &restartRig{m: m, d: d, drv: drv, img: img, logs: &logs, pid: pid}
 }
 
 // TestRestartResumesDevice runs the core's device path without KVM: a
@@ -443,5 +448,58 @@ func TestRestartKillsBeforeBackoff(t *testing.T) {
 	r.drv.wait(1, 0, 30*time.Second)
 	if err := r.d.dev.Failed(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestEssentialDeviceFailureEndsRun: a device the guest cannot do without
+// (with -- CMD the root share and the console, whose plugins are not
+// restarted) that fails ends the VM with an error naming it, instead of
+// leaving the command hanging on a dead file system. Here a disk stands
+// in for the root share; another device's failure only fails it.
+func TestEssentialDeviceFailureEndsRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin; skipped with -short")
+	}
+	for _, essential := range []bool{true, false} {
+		t.Run(fmt.Sprintf("essential=%v", essential), func(t *testing.T) {
+			r := newRestartRig(t, pluginhost.RestartPolicy{Max: -1}, func(c *Context, s devspec.Spec) {
+				if essential {
+					c.essential = map[devspec.Spec]string{s: "the test's root"}
+				}
+			})
+			a := bytes.Repeat([]byte{0x5a}, 512)
+			r.drv.post(0, 0, a)
+			r.drv.wait(1, 0, 10*time.Second)
+			select {
+			case ev := <-r.m.events:
+				t.Fatalf("the VM ended while its devices worked: %+v", ev)
+			default:
+			}
+			if err := syscall.Kill(r.pid, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(30 * time.Second)
+			for r.d.dev.Failed() == nil {
+				if time.Now().After(deadline) {
+					t.Fatal("the device did not fail after its plugin died")
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			select {
+			case ev := <-r.m.events:
+				if !essential {
+					t.Fatalf("a device that is not essential ended the VM: %v", ev.err)
+				}
+				if !errors.Is(ev.err, ErrEssentialDevice) || !errors.Is(ev.err, mmio.ErrFailed) ||
+					!strings.HasPrefix(ev.err.Error(), "the test's root failed; the guest cannot go on without it: ") {
+					t.Fatalf("the VM ended with %q", ev.err)
+				}
+				t.Logf("ended with: %v", ev.err)
+			case <-time.After(5 * time.Second):
+				if essential {
+					t.Fatal("the essential device failed and the VM went on")
+				}
+			}
+		})
 	}
 }

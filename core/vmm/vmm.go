@@ -50,6 +50,11 @@ var ErrConfig = errors.New("invalid VM configuration")
 // of life: no console output and no access to any device.
 var ErrBootTimeout = errors.New("boot watchdog")
 
+// ErrEssentialDevice is wrapped by the error that ends a VM because a
+// device it cannot do without failed (the root file system or the
+// console of `run -- CMD`, whose plugins are not restarted).
+var ErrEssentialDevice = errors.New("the guest cannot go on without it")
+
 // Context collects a VM's configuration; Start runs it. A Context runs one
 // VM once.
 type Context struct {
@@ -64,6 +69,9 @@ type Context struct {
 	mmioCmdline            bool
 
 	devices []devspec.Spec
+	// essential names the devices the guest cannot do without (with
+	// -- CMD: the root share and the console): their failure ends the VM.
+	essential map[devspec.Spec]string
 
 	consoleOut io.Writer
 	consoleSet bool

@@ -11,7 +11,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -161,6 +163,37 @@ rc=0
 wait $p || rc=$?
 [ "$rc" = 0 ] && [ "$(cat /tmp/privs.out)" = "$(printf 'started\ngot go')" ] || e2e_fail "privs: exit $rc, out '$(cat /tmp/privs.out)'"
 echo "run privileges ok"
+
+# The root's plugin dies under a running command: krun-core ends the run
+# with 125 and a line naming the root file system, instead of leaving the
+# command hanging on a dead share (its plugin is not restarted).
+mkfifo /tmp/rootdies.in
+krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 --root /r -- \
+	/bin/sh -c 'echo started; read x; echo "got $x"' </tmp/rootdies.in >/tmp/rootdies.out 2>/tmp/rootdies.err &
+p=$!
+exec 3>/tmp/rootdies.in
+i=0
+until grep -qs started /tmp/rootdies.out; do
+	kill -0 $p 2>/dev/null || { sed 's/^/rootdies err| /' /tmp/rootdies.err; inner_rebooted rootdies; e2e_fail "rootdies: krun-core ended early"; }
+	i=$((i+1))
+	[ $i -lt 960 ] || { kill -9 $p; sed 's/^/rootdies err| /' /tmp/rootdies.err; e2e_nested_hang rootdies; }
+	sleep 0.25
+done
+kill -9 $(pidof krun-plugin-fs-virtio) || e2e_fail "rootdies: no krun-plugin-fs-virtio to kill"
+i=0
+while kill -0 $p 2>/dev/null; do
+	i=$((i+1))
+	[ $i -lt 240 ] || { kill -9 $p; sed 's/^/rootdies err| /' /tmp/rootdies.err; e2e_fail "rootdies: krun-core went on for a minute after its root's plugin died"; }
+	sleep 0.25
+done
+exec 3>&-
+rc=0
+wait $p || rc=$?
+sed 's/^/rootdies err| /' /tmp/rootdies.err
+[ "$rc" = 125 ] || e2e_fail "rootdies: exit $rc, want 125"
+grep -q '^krun-core run: the root file system (virtio-fs) failed; the guest cannot go on without it' /tmp/rootdies.err ||
+	e2e_fail "rootdies: stderr does not say that the root file system failed"
+echo "root dies ok"
 echo "outer checks ok"
 `
 
@@ -186,7 +219,7 @@ func TestRun(t *testing.T) {
 		Timeout: 12 * time.Minute,
 		Script:  "KERNEL=" + kernel + "\n" + rootSetup + runScript,
 	})
-	for _, want := range []string{"basic rc=7", "killed rc=137", "run privileges ok", "outer checks ok"} {
+	for _, want := range []string{"basic rc=7", "killed rc=137", "run privileges ok", "root dies ok", "outer checks ok"} {
 		if !strings.Contains(r.Console, want) {
 			t.Errorf("outer console lacks %q", want)
 		}
@@ -342,4 +375,65 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 	if b, _ := os.ReadFile(filepath.Join(root, "hello")); string(b) != "written-in-the-guest\n" {
 		t.Errorf("/hello on the host reads %q", b)
 	}
+	t.Run("root dies", func(t *testing.T) { rootDiesDirect(t, dir, base) })
+}
+
+// rootDiesDirect is runScript's "rootdies" on a host with KVM: the root's
+// plugin is killed under a command that waits on its stdin, and krun-core
+// ends the run with 125 and a line naming the root file system.
+func rootDiesDirect(t *testing.T, dir string, base []string) {
+	cmd := exec.Command(filepath.Join(dir, "krun-core"), append(base, "--", "/bin/sh", "-c", `echo started; read x; echo "got $x"`)...)
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	var stdout, stderr syncbuf.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	timer := time.AfterFunc(vmtest.DefaultDirectTimeout, func() { cmd.Process.Kill() })
+	defer timer.Stop()
+	deadline := time.Now().Add(vmtest.DefaultDirectTimeout)
+	for !strings.Contains(stdout.String(), "started") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the command did not start; stderr:\n%s", vmtest.Tail(stderr.String(), 30))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	killed := false
+	for _, pid := range childProcs(cmd.Process.Pid) {
+		// argv[0], as pidof matches it (the trampoline execs the plugin
+		// through a descriptor, so its comm is not the plugin's name).
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if argv0, _, _ := strings.Cut(string(b), "\x00"); filepath.Base(argv0) == "krun-plugin-fs-virtio" {
+			killed = syscall.Kill(pid, syscall.SIGKILL) == nil
+		}
+	}
+	if !killed {
+		t.Fatal("no krun-plugin-fs-virtio child to kill")
+	}
+	cmd.Wait()
+	if rc := cmd.ProcessState.ExitCode(); rc != 125 {
+		t.Errorf("exit %d, want 125; stderr:\n%s", rc, vmtest.Tail(stderr.String(), 30))
+	}
+	if !strings.HasPrefix(stderr.String(), "krun-core run: the root file system (virtio-fs) failed; the guest cannot go on without it") {
+		t.Errorf("stderr does not say that the root file system failed:\n%s", vmtest.Tail(stderr.String(), 30))
+	}
+}
+
+// childProcs lists the child processes of pid.
+func childProcs(pid int) []int {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	var out []int
+	for _, task := range tasks {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }
