@@ -15,8 +15,9 @@ import (
 //
 // Pop checks the whole chain once (every index, every buffer against guest
 // memory, the order of readable and writable descriptors, at most the
-// queue's chain bound of buffers (Config.MaxChain), one level of indirection) and records only its totals and
-// where its writable part starts; it stores no buffer. The cursors then walk
+// queue's chain bound of buffers (Config.MaxChain), one level of
+// indirection) and records only its totals and where its writable part
+// starts; it stores no buffer. The cursors then walk
 // the descriptors lazily, as the device reads and writes, and check each
 // descriptor again when they reach it: the guest may rewrite a chain it has
 // made available, and what the device uses is always what it checked at
@@ -37,6 +38,7 @@ type Chain struct {
 
 	rdLen, wrLen uint64
 	slots        uint16 // entries of the queue's descriptor table it occupies
+	bufs         uint16 // buffers, an indirect table's entries included
 	rd, wr       cursor
 	read         uint64 // bytes consumed by the read cursor
 	written      uint64 // bytes produced by the write cursor
@@ -183,6 +185,7 @@ func (c *Chain) check(head uint16) error {
 		}
 	}
 	c.rd.left, c.wr.left = c.rdLen, c.wrLen
+	c.bufs = uint16(p.bufs) // at most maxChain, which fits
 	return nil
 }
 
@@ -237,6 +240,11 @@ func (c *Chain) ReadableLen() uint64 { return c.rdLen }
 
 // WritableLen is the total length of the device-writable buffers.
 func (c *Chain) WritableLen() uint64 { return c.wrLen }
+
+// Buffers is how many buffers the last Pop without error found in the
+// chain, an indirect table's entries included (at most the queue's chain
+// bound).
+func (c *Chain) Buffers() int { return int(c.bufs) }
 
 // RemainingRead is how many readable bytes the read cursor has not consumed.
 func (c *Chain) RemainingRead() uint64 { return c.rdLen - c.read }

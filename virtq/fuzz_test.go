@@ -38,7 +38,10 @@ func FuzzChainWalk(f *testing.F) {
 	f.Add(seed(4, 2, [4]uint64{tIndirect, 5 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 1, DescFNext, 1}, [4]uint64{tDataStart, 1, DescFNext, 2},
 		[4]uint64{tDataStart, 1, DescFNext, 3}, [4]uint64{tDataStart, 1, DescFNext, 4}, [4]uint64{tDataStart, 1, DescFWrite, 0}))
 	f.Add(seed(16, 3, [4]uint64{tIndirect, 16 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 4096, DescFNext | DescFWrite, 0}))
-	// A table of 32 entries on a ring of 8 that allows chains of 32.
+	// A ring of 8 that allows chains of 32, with an indirect table of 32
+	// (the body lands in the indirect area too, so the table's first entry
+	// is this indirect descriptor: the seed starts nested, and TestMaxChain
+	// covers the long chain itself).
 	f.Add(seed(8, 6, [4]uint64{tIndirect, 32 * 16, DescFIndirect, 0}, [4]uint64{tDataStart, 1, DescFNext, 1}))
 
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -3,9 +3,10 @@
 //
 // The guest writes the descriptor table and the available ring; everything in
 // them is hostile. Pop checks one descriptor chain with bounded work and no
-// allocation: a chain has at most Size buffers in total, direct and indirect
-// together; an indirect table has at most Size entries (the spec's limit) and
-// tables do not nest; every index and every buffer is checked against guest
+// allocation: a chain has at most the queue's chain bound of buffers in
+// total, direct and indirect together, and an indirect table at most that
+// many entries (the bound is Size, the spec's limit, unless Config.MaxChain
+// raises it to what the device's configuration allows); tables do not nest; every index and every buffer is checked against guest
 // memory, and a device-readable descriptor after a device-writable one is
 // refused. A Chain stores no buffers: its cursors walk the descriptors
 // lazily and check each again when they reach it (see Chain). A malformed
@@ -219,8 +220,9 @@ func (q *Queue) Pending() (uint16, error) {
 // available. On an error wrapping ErrMalformedChain, c.Head is valid and the
 // caller must complete it with Push(c.Head, 0); on one wrapping
 // ErrQueueBroken the queue must be stopped. Pop checks the whole chain (see
-// Chain) but keeps none of its buffers: its work is bounded by the queue
-// size and it allocates nothing, whatever the guest wrote.
+// Chain) but keeps none of its buffers: its work is bounded by the chain
+// bound (Config.MaxChain) and it allocates nothing, whatever the guest
+// wrote.
 func (q *Queue) Pop(c *Chain) (bool, error) {
 	n, err := q.Pending()
 	if err != nil || n == 0 {

@@ -310,6 +310,9 @@ func TestMaxChain(t *testing.T) {
 			if tt.want != nil {
 				return
 			}
+			if c.Buffers() != int(tt.direct+tt.indirect) {
+				t.Fatalf("Buffers() = %d, want %d", c.Buffers(), tt.direct+tt.indirect)
+			}
 			if c.ReadableLen() != uint64(tt.direct)*0x10 || c.WritableLen() != uint64(tt.indirect)*0x10 {
 				t.Fatalf("lengths %d/%d, want %d/%d", c.ReadableLen(), c.WritableLen(), tt.direct*0x10, tt.indirect*0x10)
 			}

@@ -38,9 +38,17 @@ import (
 
 // DeviceInfo describes a device to the framework.
 type DeviceInfo struct {
-	Type             uint32 // virtio device ID: 1 net, 2 block, 26 fs
-	NumQueues        int    // 1..vhostuser.MaxQueues
-	MaxQueueSize     int    // power of two, 1..32768 (0 means 1024)
+	Type         uint32 // virtio device ID: 1 net, 2 block, 26 fs
+	NumQueues    int    // 1..vhostuser.MaxQueues
+	MaxQueueSize int    // power of two, 1..32768 (0 means 1024)
+	// MaxChain is the most buffers a chain may have, an indirect table's
+	// entries included, on a ring smaller than it (a ring of n always
+	// takes chains of n): 0 means MaxQueueSize; at most 32768. A
+	// front-end reads the configuration before it sets ring sizes, so a
+	// device whose configuration bounds its chains (virtio-blk's seg_max:
+	// Linux builds indirect tables of seg_max+2 entries whatever the
+	// ring) sets it to that bound.
+	MaxChain         int
 	Features         uint64 // device-specific virtio feature bits offered
 	ProtocolFeatures uint64 // extra vhost-user protocol features (CONFIG, MQ)
 }

@@ -104,6 +104,7 @@ type engine struct {
 
 	kickBuf         [8]byte
 	loggedMalformed atomic.Bool
+	loggedLong      atomic.Bool
 	held            *Request // got and not yet taken (ring goroutine only)
 
 	mu          sync.Mutex
@@ -257,6 +258,11 @@ func (e *engine) serve() error {
 				req.malformed = true
 				req.Complete(0)
 				continue
+			}
+			if n := req.chain.Buffers(); n > int(q.Size()) && e.loggedLong.CompareAndSwap(false, true) {
+				// Once per ring: what a device's configuration allows
+				// (virtio-blk's seg_max) on a smaller ring.
+				e.log.Debug("chain longer than the ring, as the device allows", "queue", e.index, "buffers", n, "ring", q.Size())
 			}
 			e.dispatch(req)
 		}

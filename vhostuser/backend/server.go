@@ -79,6 +79,12 @@ func NewServer(dev Device, log hclog.Logger) (*Server, error) {
 	if info.MaxQueueSize < 1 || info.MaxQueueSize > virtq.MaxSize || info.MaxQueueSize&(info.MaxQueueSize-1) != 0 {
 		return nil, fmt.Errorf("device: max queue size %d is not a power of two in 1..%d", info.MaxQueueSize, virtq.MaxSize)
 	}
+	if info.MaxChain == 0 {
+		info.MaxChain = info.MaxQueueSize
+	}
+	if info.MaxChain < 1 || info.MaxChain > virtq.MaxSize {
+		return nil, fmt.Errorf("device: chains of at most %d buffers, want 1..%d", info.MaxChain, virtq.MaxSize)
+	}
 	if extra := info.ProtocolFeatures &^ DeviceProtocolFeatures; extra != 0 {
 		return nil, fmt.Errorf("device: protocol features %#x are not implemented by the back-end framework", extra)
 	}

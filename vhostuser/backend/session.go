@@ -597,8 +597,8 @@ func (sess *session) queueConfig(r *ring, mem *guestmem.Memory) (virtq.Config, e
 		Indirect:  sess.features&vhostuser.FeatureRingIndirectDesc != 0,
 		// A front-end reads the device's configuration (virtio-blk's
 		// seg_max) before it sets the ring size: chains may be as long as
-		// the device's largest ring, whatever this one's size.
-		MaxChain: uint16(sess.s.info.MaxQueueSize),
+		// that configuration allows, whatever this ring's size.
+		MaxChain: uint16(max(int(r.num), sess.s.info.MaxChain)),
 	}, nil
 }
 
