@@ -377,6 +377,9 @@ func (m *machine) usedIndex(gpa uint64) (uint16, error) {
 	return binary.LittleEndian.Uint16(b[:]), nil
 }
 
+// guestBlkRing is the largest blk ring krun's guests are offered.
+const guestBlkRing = 256
+
 func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	info := d.info
 	if info.NumQueues < 1 || info.NumQueues > 256 {
@@ -385,6 +388,15 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	qmax := info.MaxQueueSize
 	if qmax < 1 || qmax > 32768 || qmax&(qmax-1) != 0 {
 		return fmt.Errorf("plugin reports maximum queue size %d", qmax)
+	}
+	if info.Type == devspec.VirtioBlk {
+		// The guest's blk rings stop at 256, as QEMU's own virtio-blk
+		// offers, whatever larger ring the plugin takes (1024, for QEMU
+		// users of `serve`): a guest queue as deep as the ring buys
+		// nothing at the depths guests use, and costs a guest kernel
+		// older than 5.17 seg_max+2 preallocated scatterlist entries per
+		// request of that depth.
+		qmax = min(qmax, guestBlkRing)
 	}
 	client := d.client
 	var n frontend.Negotiated

@@ -503,3 +503,20 @@ func TestEssentialDeviceFailureEndsRun(t *testing.T) {
 		})
 	}
 }
+
+// TestGuestBlkRing: the blk plugin takes rings up to 1024 (QEMU's
+// queue-size=1024), but krun's own guests are offered 256, as before and as
+// QEMU's own virtio-blk does (see guestBlkRing).
+func TestGuestBlkRing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a plugin; skipped with -short")
+	}
+	r := newRestartRig(t, pluginhost.RestartPolicy{Max: -1})
+	if got := r.d.info.MaxQueueSize; got != 1024 {
+		t.Fatalf("the blk plugin takes rings of up to %d, want 1024", got)
+	}
+	r.drv.reg(mmio.RegQueueSel, 0)
+	if got := r.drv.rd(mmio.RegQueueNumMax); got != guestBlkRing {
+		t.Fatalf("QueueNumMax %d, want %d", got, guestBlkRing)
+	}
+}

@@ -37,10 +37,14 @@ type VectorDisk interface {
 const (
 	// DefaultQueueSize is QEMU's largest ring (VIRTQUEUE_MAX_SIZE), which
 	// qemu-storage-daemon accepts and users set (queue-size=1024): a
-	// front-end's ring may be any power of two up to it. seg_max follows
-	// it, and the back-end accepts chains as long as it on smaller rings
-	// (virtq.Config.MaxChain).
-	DefaultQueueSize      = 1024
+	// front-end's ring may be any power of two up to it.
+	DefaultQueueSize = 1024
+	// maxSegChain bounds a request's chain (seg_max + the header and the
+	// status) whatever the ring: 256, what seg_max was when rings stopped
+	// at 256. Linux builds indirect tables of seg_max+2 entries on any
+	// ring, and before 5.17 its virtio_blk preallocated that many
+	// scatterlist entries for every request of the queue's depth.
+	maxSegChain           = 256
 	DefaultMaxSectors     = 1<<22 - 8 // per discard / write-zeroes range: just under 2 GiB, 4 KiB aligned
 	DefaultMaxSegments    = 32        // ranges per discard / write-zeroes request
 	DefaultDiscardAlign   = 8         // sectors: 4 KiB
@@ -175,8 +179,9 @@ func New(cfg Config) (*Device, error) {
 	}
 	d.limits = limits{
 		// A request is header + data segments + status; the driver must
-		// leave room for the other two descriptors.
-		segMax:                uint32(d.queueSize - 2),
+		// leave room for the other two descriptors. The back-end takes
+		// chains this long on smaller rings (Info's MaxChain).
+		segMax:                uint32(min(d.queueSize, maxSegChain) - 2),
 		sizeMax:               defaultSizeMax,
 		maxDiscardSectors:     orDefault(cfg.MaxDiscardSectors, DefaultMaxSectors),
 		maxDiscardSeg:         orDefault(cfg.MaxDiscardSegments, DefaultMaxSegments),

@@ -16,6 +16,7 @@ func (d *Device) Info() backend.DeviceInfo {
 		Type:             DeviceID,
 		NumQueues:        d.numQueues,
 		MaxQueueSize:     d.queueSize,
+		MaxChain:         int(d.limits.segMax) + 2,
 		Features:         d.Features(),
 		ProtocolFeatures: vhostuser.ProtocolConfig | vhostuser.ProtocolMQ,
 	}

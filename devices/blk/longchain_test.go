@@ -12,11 +12,11 @@ import (
 )
 
 // TestChainsLongerThanRing drives the device as Linux does behind QEMU's
-// vhost-user-blk-pci: the front-end reads seg_max (the device's largest
-// ring, 1024, less the header and the status) before it sets a ring of
-// 128, and the driver then sends requests of seg_max data segments in
-// indirect tables of seg_max+2 entries. Writes and reads of that shape must be served
-// (status OK, every byte where it belongs), not refused as malformed.
+// vhost-user-blk-pci: the front-end reads seg_max (254: chains of 256 with
+// the header and the status) before it sets a ring of 128, and the driver
+// then sends requests of seg_max data segments in indirect tables of
+// seg_max+2 entries. Writes and reads of that shape must be served (status
+// OK, every byte where it belongs), not refused as malformed.
 func TestChainsLongerThanRing(t *testing.T) {
 	const ring = 128
 	r := newRigRing(t, 4<<20, false, blk.Config{}, nil, ring)

@@ -81,7 +81,8 @@ func (w *worker) handle(rd, wr [][]byte) (uint32, error) {
 }
 
 // handleChain serves one descriptor chain: it collects views of the chain's
-// buffers into the worker's scratch lists (at most the queue size of them)
+// buffers into the worker's scratch lists (at most the chain bound of them,
+// seg_max+2)
 // and hands them to handle. A chain that turns out malformed while it is
 // walked (the guest rewrote it after making it available) is completed with
 // nothing written.

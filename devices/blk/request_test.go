@@ -467,7 +467,7 @@ func TestConfigSpace(t *testing.T) {
 			if tc.cfg.QueueSize != 0 {
 				qs, nq = tc.cfg.QueueSize, tc.cfg.NumQueues
 			}
-			if got := le.Uint32(c[12:]); got != uint32(qs-2) {
+			if got := le.Uint32(c[12:]); got != uint32(min(qs, maxSegChain)-2) {
 				t.Errorf("seg_max %d", got)
 			}
 			if got := le.Uint32(c[20:]); got != 512 {
