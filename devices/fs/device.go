@@ -81,7 +81,17 @@ func New(cfg Config) (*Device, error) {
 	if w < 1 || w > 256 {
 		return nil, fmt.Errorf("virtio-fs: %d workers, want 1..256", w)
 	}
-	srv, err := NewServer(cfg.ServerConfig)
+	// A request's chain holds its pages and up to fuseHeaderDescs headers,
+	// and the back-end takes chains of at most qs buffers: max_write (and
+	// so max_pages in the INIT reply) leaves room for them, for a guest
+	// that sizes its requests by max_pages alone (Linux also clamps
+	// max_pages to its ring).
+	sc := cfg.ServerConfig
+	if sc.MaxWrite == 0 {
+		sc.MaxWrite = DefaultMaxWrite
+	}
+	sc.MaxWrite = min(sc.MaxWrite, uint32(max(qs-fuseHeaderDescs, 1))*4096)
+	srv, err := NewServer(sc)
 	if err != nil {
 		return nil, err
 	}
@@ -104,6 +114,11 @@ func (d *Device) Info() backend.DeviceInfo {
 		ProtocolFeatures: vhostuser.ProtocolConfig | vhostuser.ProtocolMQ,
 	}
 }
+
+// fuseHeaderDescs is how many descriptors of a FUSE request's chain are not
+// data pages (the request and reply headers and their arguments), as
+// Linux's virtio_fs counts them (FUSE_HEADER_OVERHEAD).
+const fuseHeaderDescs = 4
 
 // ConfigSize is the size of the config space.
 func (d *Device) ConfigSize() int { return ConfigSize }

@@ -29,6 +29,7 @@ type rig struct {
 	guest  *testguest.Guest
 	req    *fuseclient.Client // on the first request queue
 	hiprio *fuseclient.Client
+	init   fuse.InitOut // the reply to the rig's INIT
 }
 
 func newRig(t testing.TB, cfg fs.Config, split int) *rig {
@@ -70,7 +71,11 @@ func newRig(t testing.TB, cfg fs.Config, split int) *rig {
 	if cfg.NumRequestQueues > 1 {
 		nq = 1 + cfg.NumRequestQueues
 	}
-	g, err := testguest.Start(c, testguest.Options{NumQueues: nq, QueueSize: 256, MemSize: 64 << 20})
+	ring := uint16(256)
+	if cfg.QueueSize != 0 && cfg.QueueSize < 256 {
+		ring = uint16(cfg.QueueSize)
+	}
+	g, err := testguest.Start(c, testguest.Options{NumQueues: nq, QueueSize: ring, MemSize: 64 << 20})
 	if err != nil {
 		c.Close()
 		cancel()
@@ -92,8 +97,9 @@ func newRig(t testing.TB, cfg fs.Config, split int) *rig {
 	rq, hq := fuseclient.NewRing(g.Mem, g.Rings[1], split), fuseclient.NewRing(g.Mem, g.Rings[0], split)
 	t.Cleanup(func() { rq.Close(); hq.Close() })
 	r.req, r.hiprio = fuseclient.New(rq), fuseclient.New(hq)
-	if _, err := r.req.Init(fuseclient.LinuxInitFlags); err != nil {
-		t.Fatalf("INIT: %v", err)
+	var err2 error
+	if r.init, err2 = r.req.Init(fuseclient.LinuxInitFlags); err2 != nil {
+		t.Fatalf("INIT: %v", err2)
 	}
 	return r
 }
@@ -140,6 +146,31 @@ func TestNewValidation(t *testing.T) {
 			d.Close()
 			t.Errorf("config %d accepted", i)
 		}
+	}
+}
+
+// TestMaxWriteFitsRing: on a device whose rings stop at 64, INIT offers
+// max_pages (and max_write) that leave room for a request's headers in a
+// chain of 64, and a write and a read of that size, one page per
+// descriptor, go through.
+func TestMaxWriteFitsRing(t *testing.T) {
+	const ring = 64
+	r := newRig(t, fs.Config{QueueSize: ring}, 4096)
+	init := r.init
+	if init.MaxPages == 0 || int(init.MaxPages)+4 > ring || init.MaxWrite != uint32(init.MaxPages)*4096 {
+		t.Fatalf("INIT on rings of %d: max_pages %d, max_write %d", ring, init.MaxPages, init.MaxWrite)
+	}
+	en, fh, err := r.req.Create(fuse.RootID, "f", unix.O_RDWR, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("0123456789abcdef"), int(init.MaxWrite)/16)
+	if n, err := r.req.Write(en.NodeID, fh, 0, data); err != nil || n != uint32(len(data)) {
+		t.Fatalf("write of max_write: %d, %v", n, err)
+	}
+	got, err := r.req.Read(en.NodeID, fh, 0, init.MaxWrite)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read of max_write: %d bytes, %v", len(got), err)
 	}
 }
 
