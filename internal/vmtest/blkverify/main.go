@@ -42,7 +42,7 @@ func main() {
 	scatter := flag.Bool("scatter", false, "fault request buffers in from their last page, so that each page is a segment of its own")
 	flag.Parse()
 	if flag.NArg() == 0 || *chunk <= 0 || *chunk%4096 != 0 || *size < int64(*chunk) || *depth < 1 {
-		fmt.Fprintln(os.Stderr, "usage: blkverify [-size BYTES] [-chunk BYTES] [-depth N] [-stop FILE] [-passes N] DEVICE...")
+		fmt.Fprintln(os.Stderr, "usage: blkverify [-size BYTES] [-chunk BYTES] [-depth N] [-stop FILE] [-passes N] [-scatter] DEVICE...")
 		os.Exit(2)
 	}
 	fmt.Println("BLKVERIFY start")
@@ -136,6 +136,11 @@ func loop(dev uint64, path string, size int64, chunk, depth int, stop string, ma
 		if err := run(rng.Perm(n), depth, func(w, c int) error {
 			b := bufs[w]
 			off := uint64(c) * uint64(chunk)
+			// Poisoned first: a read the device dropped must not pass
+			// on what this buffer held before.
+			for i := range b {
+				b[i] = 0xa5
+			}
 			if err := preadAll(fd, b, int64(off)); err != nil {
 				return err
 			}
