@@ -218,7 +218,8 @@ type Config struct {
 	// OnFail, when set, is called once, on a goroutine of its own, when
 	// the device fails (Fail, or a back-end it gave up on), with why: a
 	// device the guest cannot do without (the root file system of `run
-	// -- CMD`) ends the VM there instead of leaving it to hang.
+	// -- CMD`) ends the VM there instead of leaving it to hang. The device
+	// then logs its failure at debug level only: OnFail's owner reports it.
 	OnFail func(err error)
 }
 
@@ -920,9 +921,12 @@ func (d *Device) failLocked(err error) {
 		return
 	}
 	d.failed = fmt.Errorf("%w: %w", ErrFailed, err)
-	d.log.Error("virtio device failed", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
 	if d.cfg.OnFail != nil {
+		// Its caller says so (a run that ends with one line).
+		d.log.Debug("virtio device failed", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
 		go d.cfg.OnFail(d.failed)
+	} else {
+		d.log.Error("virtio device failed", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
 	}
 	if d.anyLiveLocked() {
 		// The live queues stop without the back-end, which may only

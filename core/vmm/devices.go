@@ -389,13 +389,14 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	if qmax < 1 || qmax > 32768 || qmax&(qmax-1) != 0 {
 		return fmt.Errorf("plugin reports maximum queue size %d", qmax)
 	}
-	if info.Type == devspec.VirtioBlk {
-		// The guest's blk rings stop at 256, as QEMU's own virtio-blk
-		// offers, whatever larger ring the plugin takes (1024, for QEMU
-		// users of `serve`): a guest queue as deep as the ring buys
-		// nothing at the depths guests use, and costs a guest kernel
-		// older than 5.17 seg_max+2 preallocated scatterlist entries per
-		// request of that depth.
+	if info.Type == devspec.VirtioBlk && d.external == nil {
+		// The guest's rings on a blk plugin stop at 256, as QEMU's own
+		// virtio-blk offers, whatever larger ring the plugin takes
+		// (1024, for QEMU users of `serve`): a guest queue as deep as
+		// the ring buys nothing at the depths guests use, and costs a
+		// guest kernel older than 5.17 seg_max+2 preallocated
+		// scatterlist entries per request of that depth. An external
+		// back-end's ring is what its queue-size= says.
 		qmax = min(qmax, guestBlkRing)
 	}
 	client := d.client
@@ -489,6 +490,13 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	cfg.StopBudget = stopBudget
 	if what := d.essential; what != "" {
 		cfg.OnFail = func(err error) {
+			if _, done := m.status.exitStatus(); done {
+				// The command has exited and reported its status: the
+				// guest is powering off, and the run ends with the
+				// status, not with the failure.
+				d.log.Debug("device failed after the command exited", "error", err)
+				return
+			}
 			m.event(event{err: fmt.Errorf("%s failed; %w: %w", what, ErrEssentialDevice, err)})
 		}
 	}

@@ -460,13 +460,21 @@ func TestEssentialDeviceFailureEndsRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds a plugin; skipped with -short")
 	}
-	for _, essential := range []bool{true, false} {
-		t.Run(fmt.Sprintf("essential=%v", essential), func(t *testing.T) {
+	for _, tc := range []struct {
+		essential, exited bool
+	}{{true, false}, {false, false}, {true, true}} {
+		essential := tc.essential && !tc.exited
+		t.Run(fmt.Sprintf("essential=%v exited=%v", tc.essential, tc.exited), func(t *testing.T) {
 			r := newRestartRig(t, pluginhost.RestartPolicy{Max: -1}, func(c *Context, s devspec.Spec) {
-				if essential {
+				if tc.essential {
 					c.essential = map[devspec.Spec]string{s: "the test's root"}
 				}
 			})
+			if tc.exited {
+				// The command has reported its status: the guest is on
+				// its way down, and a failure then ends nothing.
+				r.m.status.exit.Store(1)
+			}
 			a := bytes.Repeat([]byte{0x5a}, 512)
 			r.drv.post(0, 0, a)
 			r.drv.wait(1, 0, 10*time.Second)
@@ -488,7 +496,7 @@ func TestEssentialDeviceFailureEndsRun(t *testing.T) {
 			select {
 			case ev := <-r.m.events:
 				if !essential {
-					t.Fatalf("a device that is not essential ended the VM: %v", ev.err)
+					t.Fatalf("the VM ended (essential %v, command exited %v): %v", tc.essential, tc.exited, ev.err)
 				}
 				if !errors.Is(ev.err, ErrEssentialDevice) || !errors.Is(ev.err, mmio.ErrFailed) ||
 					!strings.HasPrefix(ev.err.Error(), "the test's root failed; the guest cannot go on without it: ") {

@@ -25,6 +25,10 @@ func TestChainsLongerThanRing(t *testing.T) {
 	if segs+2 <= ring {
 		t.Fatalf("seg_max %d fits a ring of %d: the test needs a longer chain", segs, ring)
 	}
+	// The back-end takes chains as long as seg_max allows, and no longer.
+	if got := r.dev.Info().MaxChain; got != segs+2 {
+		t.Fatalf("Info().MaxChain %d, want seg_max+2 = %d", got, segs+2)
+	}
 	mem := r.guest.Mem
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

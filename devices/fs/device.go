@@ -39,6 +39,7 @@ type Config struct {
 	// 0 means 1 (Linux uses one).
 	NumRequestQueues int
 	// QueueSize is the largest queue accepted; 0 means DefaultQueueSize.
+	// It also bounds max_write: (QueueSize-4) pages at most.
 	QueueSize int
 	// Workers is how many requests of one request queue are served at the
 	// same time; 0 means DefaultWorkers, 1 serves them in order.

@@ -81,7 +81,9 @@ type ServerConfig struct {
 	// and attributes; 0 means DefaultTimeout, negative means no caching.
 	EntryTimeout, AttrTimeout time.Duration
 	// MaxWrite is the largest WRITE (and READ) the guest is told to send;
-	// 0 means DefaultMaxWrite. Rounded down to 4 KiB, at least 4 KiB.
+	// 0 means DefaultMaxWrite. Rounded down to 4 KiB, at least 4 KiB. A
+	// Device lowers it further so that a request's pages and headers fit
+	// its largest ring ((QueueSize-4) pages).
 	MaxWrite uint32
 	// MaxNodes bounds the inodes the guest can hold at once; 0 means
 	// DefaultMaxNodes. Under RLIMIT_DATA the nodes' memory is bounded

@@ -191,8 +191,9 @@ rc=0
 wait $p || rc=$?
 sed 's/^/rootdies err| /' /tmp/rootdies.err
 [ "$rc" = 125 ] || e2e_fail "rootdies: exit $rc, want 125"
-grep -q '^krun-core run: the root file system (virtio-fs) failed; the guest cannot go on without it' /tmp/rootdies.err ||
-	e2e_fail "rootdies: stderr does not say that the root file system failed"
+head -n 1 /tmp/rootdies.err | grep -q '^krun-core run: the root file system (virtio-fs) failed; the guest cannot go on without it' ||
+	e2e_fail "rootdies: stderr does not start with the line that says the root file system failed"
+[ "$(wc -l </tmp/rootdies.err)" = 1 ] || e2e_fail "rootdies: stderr has more than that one line"
 echo "root dies ok"
 echo "outer checks ok"
 `
@@ -418,8 +419,9 @@ func rootDiesDirect(t *testing.T, dir string, base []string) {
 	if rc := cmd.ProcessState.ExitCode(); rc != 125 {
 		t.Errorf("exit %d, want 125; stderr:\n%s", rc, vmtest.Tail(stderr.String(), 30))
 	}
-	if !strings.HasPrefix(stderr.String(), "krun-core run: the root file system (virtio-fs) failed; the guest cannot go on without it") {
-		t.Errorf("stderr does not say that the root file system failed:\n%s", vmtest.Tail(stderr.String(), 30))
+	if !strings.HasPrefix(stderr.String(), "krun-core run: the root file system (virtio-fs) failed; the guest cannot go on without it") ||
+		strings.Count(stderr.String(), "\n") != 1 {
+		t.Errorf("stderr is not the one line that says the root file system failed:\n%s", vmtest.Tail(stderr.String(), 30))
 	}
 }
 
