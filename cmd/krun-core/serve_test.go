@@ -22,6 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/internal/netnstest"
 	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/sandbox"
@@ -633,7 +634,7 @@ func TestServeNetRestart(t *testing.T) {
 	waitSocket(t, s, sock)
 	plugin := servingPid(t, s)
 	passt := func() int {
-		for _, c := range childPids(s.cmd.Process.Pid) {
+		for _, c := range daemontest.Children(s.cmd.Process.Pid) {
 			if c != plugin {
 				return c
 			}
@@ -695,21 +696,6 @@ func TestServeNetRestart(t *testing.T) {
 	if !strings.Contains(s.log(), `reason="passt exited"`) {
 		t.Error("the restart line does not say passt exited")
 	}
-}
-
-// childPids lists the child processes of pid.
-func childPids(pid int) []int {
-	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	var out []int
-	for _, task := range tasks {
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
-		for _, c := range strings.Fields(string(b)) {
-			if n, err := strconv.Atoi(c); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	return out
 }
 
 // randPerm is a permutation of 0..n-1 that depends on seed.

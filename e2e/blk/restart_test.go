@@ -3,7 +3,6 @@ package blk_test
 import (
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"os/exec"
 	"regexp"
 	"sort"
@@ -13,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
 
@@ -159,7 +159,7 @@ func TestServeRestartUnderIO(t *testing.T) {
 // killPlugin SIGKILLs the server's plugin process.
 func (s *server) killPlugin(t *testing.T) {
 	t.Helper()
-	for _, pid := range children(s.Cmd.Process.Pid) {
+	for _, pid := range daemontest.Children(s.Cmd.Process.Pid) {
 		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
 			return
 		}
@@ -195,19 +195,4 @@ func (s *server) waitConnected(t *testing.T, n int) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// children lists the child processes of pid.
-func children(pid int) []int {
-	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	var out []int
-	for _, task := range tasks {
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
-		for _, c := range strings.Fields(string(b)) {
-			if n, err := strconv.Atoi(c); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	return out
 }

@@ -11,12 +11,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/internal/daemontest"
 	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
@@ -138,18 +138,24 @@ grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
 # Once the VM is set up, krun-core has no_new_privs and, of its
 # capabilities, only CAP_KILL, CAP_SETUID and CAP_SETGID (0xe0), on every
 # thread. The command waits on its stdin while the script looks.
-mkfifo /tmp/privs.in
-krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 --root /r -- \
-	/bin/sh -c 'echo started; read x; echo "got $x"' </tmp/privs.in >/tmp/privs.out 2>/tmp/privs.err &
-p=$!
-exec 3>/tmp/privs.in
-i=0
-until grep -qs started /tmp/privs.out; do
-	kill -0 $p 2>/dev/null || { sed 's/^/privs err| /' /tmp/privs.err; inner_rebooted privs; e2e_fail "privs: krun-core ended early"; }
-	i=$((i+1))
-	[ $i -lt 960 ] || { kill -9 $p; sed 's/^/privs err| /' /tmp/privs.err; e2e_nested_hang privs; }
-	sleep 0.25
-done
+# waiting NAME: runs a command that says "started" and then waits for a
+# line on its stdin (fd 3 of this shell, from /tmp/NAME.in); krun-core's
+# pid in $p, once the command has started.
+waiting() {
+	mkfifo /tmp/$1.in
+	krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 --root /r -- \
+		/bin/sh -c 'echo started; read x; echo "got $x"' </tmp/$1.in >/tmp/$1.out 2>/tmp/$1.err &
+	p=$!
+	exec 3>/tmp/$1.in
+	i=0
+	until grep -qs started /tmp/$1.out; do
+		kill -0 $p 2>/dev/null || { sed "s/^/$1 err| /" /tmp/$1.err; inner_rebooted $1; e2e_fail "$1: krun-core ended early"; }
+		i=$((i+1))
+		[ $i -lt 960 ] || { kill -9 $p; sed "s/^/$1 err| /" /tmp/$1.err; e2e_nested_hang $1; }
+		sleep 0.25
+	done
+}
+waiting privs
 for s in /proc/$p/task/*/status; do
 	grep -E '^(NoNewPrivs|CapEff|CapPrm|CapBnd|CapInh|CapAmb):' $s | tr '\t' ' ' | sed "s|^|privs $(basename $(dirname $s)) |"
 	grep -q '^NoNewPrivs:.1$' $s || e2e_fail "privs: $s has no no_new_privs"
@@ -167,18 +173,7 @@ echo "run privileges ok"
 # The root's plugin dies under a running command: krun-core ends the run
 # with 125 and a line naming the root file system, instead of leaving the
 # command hanging on a dead share (its plugin is not restarted).
-mkfifo /tmp/rootdies.in
-krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 --root /r -- \
-	/bin/sh -c 'echo started; read x; echo "got $x"' </tmp/rootdies.in >/tmp/rootdies.out 2>/tmp/rootdies.err &
-p=$!
-exec 3>/tmp/rootdies.in
-i=0
-until grep -qs started /tmp/rootdies.out; do
-	kill -0 $p 2>/dev/null || { sed 's/^/rootdies err| /' /tmp/rootdies.err; inner_rebooted rootdies; e2e_fail "rootdies: krun-core ended early"; }
-	i=$((i+1))
-	[ $i -lt 960 ] || { kill -9 $p; sed 's/^/rootdies err| /' /tmp/rootdies.err; e2e_nested_hang rootdies; }
-	sleep 0.25
-done
+waiting rootdies
 kill -9 $(pidof krun-plugin-fs-virtio) || e2e_fail "rootdies: no krun-plugin-fs-virtio to kill"
 i=0
 while kill -0 $p 2>/dev/null; do
@@ -404,7 +399,7 @@ func rootDiesDirect(t *testing.T, dir string, base []string) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	killed := false
-	for _, pid := range childProcs(cmd.Process.Pid) {
+	for _, pid := range daemontest.Children(cmd.Process.Pid) {
 		// argv[0], as pidof matches it (the trampoline execs the plugin
 		// through a descriptor, so its comm is not the plugin's name).
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
@@ -423,19 +418,4 @@ func rootDiesDirect(t *testing.T, dir string, base []string) {
 		strings.Count(stderr.String(), "\n") != 1 {
 		t.Errorf("stderr is not the one line that says the root file system failed:\n%s", vmtest.Tail(stderr.String(), 30))
 	}
-}
-
-// childProcs lists the child processes of pid.
-func childProcs(pid int) []int {
-	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	var out []int
-	for _, task := range tasks {
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
-		for _, f := range strings.Fields(string(b)) {
-			if n, err := strconv.Atoi(f); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	return out
 }
