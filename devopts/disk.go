@@ -16,6 +16,12 @@ const (
 
 	OptFormat  = "format"   // "raw" or "qcow2"
 	OptMaxSize = "max-size" // decimal bytes; qcow2 only
+	// OptQueues is the number of request queues offered, 1..MaxDiskQueues
+	// (decimal); unset, the plugin's default (8). A front-end uses as
+	// many as it wants up to that (QEMU's vhost-user-blk-pci wants one per
+	// vCPU unless num-queues= says otherwise).
+	OptQueues     = "queues"
+	MaxDiskQueues = 64
 	// OptBackingFormat(N) is "backing.N.format": "raw" or "qcow2".
 
 	// The absolute host paths of the files, for messages and for checking

@@ -57,8 +57,9 @@ not found), because CMD's own status is passed through. The log level is
 warn, and error with -- CMD (krun-core shares its stderr with CMD), unless
 --log-level is given.
 
-Device options (repeatable; at most 8 devices):
-  --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
+Device options (repeatable; at most 8 devices; a comma inside a value is
+written twice, path=a,,b.img, as in QEMU):
+  --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...][,queues=N]
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on][,mount=GUESTDIR]
                                      (with --root: at GUESTDIR, default /mnt/TAG)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]

@@ -38,11 +38,17 @@ device and exits 0.
 
 DEVICE is exactly one of:
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
-         [,max-size=64G][,data-file=FILE]          vhost-user-blk (krun-plugin-blk-raw/-qcow2)
+         [,max-size=64G][,data-file=FILE][,queues=N]
+                                                    vhost-user-blk (krun-plugin-blk-raw/-qcow2):
+                                                    rings up to 1024, queues= request queues
+                                                    (default 8; QEMU's vhost-user-blk-pci
+                                                    wants one per vCPU unless num-queues=)
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]   vhost-user-fs (krun-plugin-fs-virtio)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
                                                     vhost-user-net via passt (krun-plugin-net-passt)
   --plugin KIND[,key=value...]                      any krun-plugin-KIND, options passed as given
+
+A comma inside a value is written twice (path=a,,b.img), as in QEMU.
 
 A disk image is locked as QEMU locks the images it opens, so krun-core, QEMU,
 qemu-img and qemu-storage-daemon see each other: an image another process

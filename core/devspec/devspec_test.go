@@ -31,6 +31,12 @@ func TestParseDisk(t *testing.T) {
 				MaxSize: 64 << 30, DataFile: "d.raw"},
 			kind: devopts.KindBlkQCOW2,
 		},
+		{in: "path=a.img,format=raw,queues=16", want: &DiskSpec{Path: "a.img", Format: devopts.Raw, Queues: 16}, kind: devopts.KindBlkRaw},
+		{in: "path=a.img,format=qcow2,queues=64", want: &DiskSpec{Path: "a.img", Format: devopts.QCOW2, Queues: 64}, kind: devopts.KindBlkQCOW2},
+		{in: "path=a.img,format=raw,queues=0", wantErr: "queues=\"0\": want a number of request queues in 1..64"},
+		{in: "path=a.img,format=raw,queues=65", wantErr: "in 1..64"},
+		{in: "path=a.img,format=raw,queues=many", wantErr: "in 1..64"},
+		{in: "path=a.img,format=raw,queues=2,queues=4", wantErr: "queues= given twice"},
 		{in: "path=a.img", wantErr: "format= is required"},
 		{in: "format=raw", wantErr: "path= is required"},
 		{in: "path=a.img,format=vmdk", wantErr: `unknown format "vmdk"`},
@@ -446,6 +452,29 @@ func TestDiskOpenRelativePath(t *testing.T) {
 	}
 }
 
+// TestDiskOpenQueues: queues= reaches the plugin as its option; without
+// it the plugin's default applies (no option).
+func TestDiskOpenQueues(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for spec, want := range map[string]string{"path=" + img + ",format=raw,queues=12": "12", "path=" + img + ",format=raw": ""} {
+		d, err := ParseDisk(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o, err := d.Open(OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, ok := o.Options[devopts.OptQueues]; got != want || ok != (want != "") {
+			t.Errorf("%s: queues option %q (set %v), want %q", spec, got, ok, want)
+		}
+		o.Close()
+	}
+}
+
 func TestFSOpen(t *testing.T) {
 	dir := t.TempDir()
 	f, _ := ParseFS("path=" + dir + ",tag=share,readonly=on")
@@ -516,7 +545,7 @@ func TestNetOpenPasst(t *testing.T) {
 
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{
-		"path=a.img,format=raw", "path=a,,b,format=qcow2,backing=b,backing-format=raw,max-size=1G",
+		"path=a.img,format=raw", "path=a,,b,format=qcow2,backing=b,backing-format=raw,max-size=1G", "path=a,format=raw,queues=12",
 		"path=/srv,tag=x", "passt,mac=52:54:00:12:34:56,ports=1:2,3",
 	} {
 		f.Add(s)

@@ -18,7 +18,7 @@ type Backing struct {
 // DiskSpec is a parsed --disk option string:
 //
 //	path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT
-//	[,backing=...]][,max-size=64G][,data-file=FILE]
+//	[,backing=...]][,max-size=64G][,data-file=FILE][,queues=N]
 type DiskSpec struct {
 	Path     string
 	Format   devopts.Format
@@ -30,6 +30,9 @@ type DiskSpec struct {
 	MaxSize int64
 	// DataFile is a qcow2 external data file; "" means none.
 	DataFile string
+	// Queues is how many request queues the device offers,
+	// 1..devopts.MaxDiskQueues; 0 means the plugin's default.
+	Queues int
 }
 
 // ParseDisk parses a --disk option string.
@@ -45,7 +48,7 @@ func ParseDisk(s string) (*DiskSpec, error) {
 			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
 		}
 		switch o.key {
-		case "path", "format", "readonly", "max-size", "data-file":
+		case "path", "format", "readonly", "max-size", "data-file", "queues":
 			if seen[o.key] {
 				return nil, fmt.Errorf("%s= given twice", o.key)
 			}
@@ -97,8 +100,14 @@ func ParseDisk(s string) (*DiskSpec, error) {
 				return nil, err
 			}
 			d.DataFile = o.value
+		case "queues":
+			n, err := strconv.Atoi(o.value)
+			if err != nil || n < 1 || n > devopts.MaxDiskQueues {
+				return nil, fmt.Errorf("queues=%s: want a number of request queues in 1..%d", printable(o.value), devopts.MaxDiskQueues)
+			}
+			d.Queues = n
 		default:
-			return nil, fmt.Errorf("unknown key %s (want path, format, readonly, backing, backing-format, max-size, data-file)", printable(o.key))
+			return nil, fmt.Errorf("unknown key %s (want path, format, readonly, backing, backing-format, max-size, data-file, queues)", printable(o.key))
 		}
 	}
 	if d.Path == "" {
@@ -162,6 +171,9 @@ func (d *DiskSpec) String() string {
 	}
 	if d.DataFile != "" {
 		fmt.Fprintf(&b, ",data-file=%s", escape(d.DataFile))
+	}
+	if d.Queues != 0 {
+		fmt.Fprintf(&b, ",queues=%d", d.Queues)
 	}
 	return b.String()
 }

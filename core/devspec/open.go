@@ -306,6 +306,9 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 	if d.MaxSize != 0 {
 		o.Options[devopts.OptMaxSize] = strconv.FormatInt(d.MaxSize, 10)
 	}
+	if d.Queues != 0 {
+		o.Options[devopts.OptQueues] = strconv.Itoa(d.Queues)
+	}
 	return o, nil
 }
 

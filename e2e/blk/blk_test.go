@@ -427,7 +427,8 @@ func TestQCOW2(t *testing.T) {
 
 // TestLongChains serves a raw and a qcow2 disk to QEMU's vhost-user-blk-pci
 // with its default ring of 128 descriptors, and a third (raw) with
-// queue-size=1024, QEMU's largest ring, which qemu-storage-daemon accepts.
+// queue-size=1024, QEMU's largest ring, which qemu-storage-daemon accepts,
+// and num-queues=12, which its --disk offers with queues=12.
 // QEMU reads the device's configuration before it sets a ring size, so
 // seg_max (254) cannot follow the ring, and Linux builds requests of that
 // many data segments: on the ring of 128 their indirect tables (256
@@ -447,7 +448,7 @@ func TestLongChains(t *testing.T) {
 	servers := []*server{
 		serve(t, "path="+raw+",format=raw", "--log-level", "debug"),
 		serve(t, "path="+q+",format=qcow2", "--log-level", "debug"),
-		serve(t, "path="+big+",format=raw", "--log-level", "debug"),
+		serve(t, "path="+big+",format=raw,queues=12", "--log-level", "debug"),
 	}
 
 	ib := a.NewInitramfs()
@@ -468,7 +469,9 @@ echo "long chains ok"
 	vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib, Timeout: 6 * time.Minute})
 	vm.AddVhostUserBlk(servers[0].Socket)
 	vm.AddVhostUserBlk(servers[1].Socket)
-	vm.AddVhostUserBlk(servers[2].Socket, "queue-size=1024")
+	// More request queues than the plugin's default of 8 (QEMU asks for
+	// one per vCPU unless told): queues= offers them.
+	vm.AddVhostUserBlk(servers[2].Socket, "queue-size=1024", "num-queues=12")
 	r := vm.Run()
 	if !strings.Contains(r.Console, "long chains ok") {
 		t.Fatal("the guest did not finish its check")

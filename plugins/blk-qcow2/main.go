@@ -28,7 +28,7 @@ import (
 
 // Options besides devspec's.
 const (
-	optQueues     = "queues" // request queues offered, 1..64
+	optQueues     = devopts.OptQueues // request queues offered, 1..64
 	defaultQueues = 8
 )
 

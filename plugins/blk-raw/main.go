@@ -27,7 +27,7 @@ const (
 	optPath = devopts.OptPath
 	// optQueues is the number of request queues offered (1..64). A
 	// front-end uses as many as it wants up to that.
-	optQueues = "queues"
+	optQueues = devopts.OptQueues
 	// defaultQueues leaves room for a multi-vCPU guest's queue per CPU.
 	defaultQueues = 8
 )

@@ -10,6 +10,7 @@ import (
 	hclog "github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/devices/blk"
+	"github.com/krun-core/krun-core/devopts"
 )
 
 func image(t *testing.T, ro bool) *os.File {
@@ -92,5 +93,13 @@ func TestPolicy(t *testing.T) {
 	}
 	if len(p.ReadWriteDirFDs)+len(p.ReadOnlyDirFDs) != 0 {
 		t.Fatal("a raw disk plugin needs no directory access")
+	}
+}
+
+// TestQueueLimitsAgree: the host checks queues= against devopts's limit,
+// the device against its own: they are the same number.
+func TestQueueLimitsAgree(t *testing.T) {
+	if devopts.MaxDiskQueues != blk.MaxQueues {
+		t.Fatalf("devopts.MaxDiskQueues %d, blk.MaxQueues %d", devopts.MaxDiskQueues, blk.MaxQueues)
 	}
 }
