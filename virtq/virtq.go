@@ -6,9 +6,9 @@
 // allocation: a chain has at most the queue's chain bound of buffers in
 // total, direct and indirect together, and an indirect table at most that
 // many entries (the bound is Size, the spec's limit, unless Config.MaxChain
-// raises it to what the device's configuration allows); tables do not nest; every index and every buffer is checked against guest
-// memory, and a device-readable descriptor after a device-writable one is
-// refused. A Chain stores no buffers: its cursors walk the descriptors
+// raises it to what the device's configuration allows); tables do not
+// nest; every index and every buffer is checked against guest memory, and a
+// device-readable descriptor after a device-writable one is refused. A Chain stores no buffers: its cursors walk the descriptors
 // lazily and check each again when they reach it (see Chain). A malformed
 // chain fails only that request.
 //
@@ -90,8 +90,8 @@ type Config struct {
 	// size gets chains as long as that configuration allows: virtio-blk's
 	// seg_max (Linux builds indirect tables of seg_max+2 entries whatever
 	// the ring) is read by a vhost-user front-end before it sets the ring
-	// size, so it must fit the largest ring the device accepts, and that
-	// is the bound such a device sets here.
+	// size, so the device's chain bound (seg_max+2, the back-end's
+	// DeviceInfo.MaxChain) is what goes here when it exceeds the ring.
 	MaxChain uint16
 }
 

@@ -316,13 +316,6 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		}
 		return 128 + int(sig)
 	}
-	if err != nil && execMode && errors.Is(err, vmm.ErrEssentialDevice) && res != nil && res.HasExitStatus {
-		// The command had exited and reported its status when the root
-		// share or the console failed (core/vmm drops such a failure; this
-		// covers the rest of the race): its status stands.
-		log.Debug("device failed after the command exited", "error", err)
-		err = nil
-	}
 	if err != nil {
 		if execMode {
 			return execFailure(stderr, err)

@@ -180,6 +180,13 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 		m.log.Warn("console output failed", "error", err)
 	}
 	if ev.err != nil {
+		if errors.Is(ev.err, ErrEssentialDevice) && res.HasExitStatus {
+			// The command reported its status before the failure was
+			// acted on (the OnFail check above it lost the race): the
+			// status stands, for run and krun-oci alike.
+			m.log.Debug("device failed after the command exited", "error", ev.err)
+			return res, nil
+		}
 		return res, ev.err
 	}
 	res.Reason = ev.reason
