@@ -443,7 +443,15 @@ func (s *Server) opLseek(r *request) unix.Errno {
 
 func (s *Server) opSyncfs(r *request) unix.Errno {
 	if !s.readOnly {
-		if err := unix.Syncfs(s.rootFd); err != nil {
+		// syncfs refuses an O_PATH descriptor (EBADF), which the root's
+		// is: it takes a directory opened for reading, as virtiofsd's does.
+		fd, err := s.reopenDir(s.rootFd)
+		if err != nil {
+			return errno(err)
+		}
+		err = unix.Syncfs(fd)
+		unix.Close(fd)
+		if err != nil {
 			if err == unix.EPERM || err == unix.ENOSYS {
 				// Refused by the sandbox: ENOSYS makes the guest stop
 				// sending SYNCFS (fsync of each file still works).
