@@ -363,6 +363,11 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if plan.Process.Terminal && o.consoleSocket == "" {
 		return nil, errors.New("process.terminal needs --console-socket (the terminal's master is handed there)")
 	}
+	if !plan.Process.Terminal && o.consoleSocket != "" {
+		// As runc: a caller that passes a socket waits for a master that
+		// would never come.
+		return nil, errors.New("--console-socket without process.terminal: there is no terminal to hand over")
+	}
 	if plan.Cgroup.Path != "" {
 		if err := cgroupInUse(plan.Cgroup.Path); err != nil {
 			return nil, err
@@ -637,9 +642,12 @@ func start(g *globals, id string) error {
 
 func cmdState(g *globals, args []string, env *Env) error {
 	fs := flag.NewFlagSet("state", flag.ContinueOnError)
-	id, _, err := parseFlags(fs, args, true)
+	id, rest, err := parseFlags(fs, args, true)
 	if err != nil {
 		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("state: unexpected arguments %q", rest)
 	}
 	c, err := g.store.Read(id)
 	if err != nil {
@@ -864,8 +872,12 @@ func cmdList(g *globals, args []string, env *Env) error {
 	fs.StringVar(format, "f", "table", "")
 	quiet := fs.Bool("quiet", false, "")
 	fs.BoolVar(quiet, "q", false, "")
-	if _, _, err := parseFlags(fs, args, false); err != nil {
+	_, rest, err := parseFlags(fs, args, false)
+	if err != nil {
 		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("list: unexpected arguments %q", rest)
 	}
 	ids, err := g.store.List()
 	if err != nil {

@@ -457,6 +457,36 @@ func TestConsoleSocket(t *testing.T) {
 	if _, e, code := r.run(nil, nil, "create", "--bundle", b, "t2"); code != 1 || !strings.Contains(e, "console-socket") {
 		t.Errorf("terminal without --console-socket: exit %d, %q", code, e)
 	}
+	noTTY := bundle(t, []string{"true"}, nil)
+	if _, e, code := r.run(nil, nil, "create", "--bundle", noTTY, "--console-socket", sock, "t3"); code != 1 || strings.Count(e, "\n") != 1 || !strings.Contains(e, "without process.terminal") {
+		t.Errorf("--console-socket without process.terminal: exit %d, %q", code, e)
+	}
+	if _, _, code := r.run(nil, nil, "state", "t3"); code != 1 {
+		t.Error("the refused create left its container")
+	}
+}
+
+// TestExtraArguments: commands that take one container ID (or none)
+// refuse anything after it, as runc does.
+func TestExtraArguments(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"sleep", "100"}, nil)
+	r.mustRun("create", "--bundle", b, "x1")
+	defer r.mustRun("delete", "--force", "x1")
+	for _, args := range [][]string{
+		{"state", "x1", "extra"},
+		{"delete", "x1", "extra"},
+		{"start", "x1", "extra"},
+		{"list", "extra"},
+	} {
+		_, e, code := r.run(nil, nil, args...)
+		if code != 1 || strings.Count(e, "\n") != 1 || !strings.Contains(e, "unexpected arguments") {
+			t.Errorf("%q: exit %d, stderr %q", args, code, e)
+		}
+	}
+	if out := r.mustRun("state", "x1"); !strings.Contains(out, `"created"`) {
+		t.Errorf("after the refused calls, state: %s", out)
+	}
 }
 
 // TestHooks: createRuntime, poststart and poststop run on the host with
