@@ -338,6 +338,23 @@ func TestValidate(t *testing.T) {
 			return c.AddVhostUser("blk", filepath.Join(dir, "absent.sock"), VhostUserOptions{})
 		}, "absent.sock: no such file or directory"},
 		{"socket is a file", func(c *Context) error { return c.AddVhostUser("fs", k, VhostUserOptions{Tag: "t"}) }, "is not a socket"},
+		{"two shares with one tag", func(c *Context) error {
+			c.AddDevice(&devspec.FSSpec{Path: dir, Tag: "same"})
+			return c.AddDevice(&devspec.FSSpec{Path: dir, Tag: "same", Mount: "/elsewhere"})
+		}, `two shares with the tag "same"`},
+		{"a share and an external back-end with one tag", func(c *Context) error {
+			c.AddDevice(&devspec.FSSpec{Path: dir, Tag: "same"})
+			return c.AddVhostUser("fs", k, VhostUserOptions{Tag: "same"})
+		}, `two shares with the tag "same"`},
+		{"a share with the root's tag", func(c *Context) error {
+			if err := c.SetRoot(dir, false); err != nil {
+				return err
+			}
+			if err := c.SetExec("/bin/true", nil, nil); err != nil {
+				return err
+			}
+			return c.AddDevice(&devspec.FSSpec{Path: dir, Tag: RootTag})
+		}, "is the root's"},
 		{"grant without its plugin", func(c *Context) error {
 			g := devspec.SyscallGrants{}
 			c.SetPluginSyscalls(g)

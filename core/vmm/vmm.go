@@ -385,6 +385,41 @@ func (c *Context) Validate() error {
 	return nil
 }
 
+// checkTags refuses two shares with one tag: the guest mounts a share by
+// its tag, and of two devices with the same tag it would mount the first
+// one in both places.
+func (c *Context) checkTags() error {
+	seen := map[string]bool{}
+	if c.exec != nil {
+		seen[RootTag] = true
+	}
+	for _, d := range c.devices {
+		var tag string
+		switch s := d.(type) {
+		case *devspec.FSSpec:
+			tag = s.Tag
+		case *devspec.VhostUserSpec:
+			if s.Type != devspec.VirtioFS {
+				continue
+			}
+			tag = s.Tag
+		default:
+			continue
+		}
+		if tag == "" {
+			continue // an external back-end that names its own
+		}
+		if seen[tag] {
+			if c.exec != nil && tag == RootTag {
+				return fmt.Errorf("%w: share tag %q is the root's", ErrConfig, tag)
+			}
+			return fmt.Errorf("%w: two shares with the tag %q (the guest mounts a share by its tag)", ErrConfig, tag)
+		}
+		seen[tag] = true
+	}
+	return nil
+}
+
 func (c *Context) validate() error {
 	if err := c.syscallGrants.Check(c.devices); err != nil {
 		return fmt.Errorf("%w: --plugin-syscalls %w", ErrConfig, err)
@@ -394,6 +429,9 @@ func (c *Context) validate() error {
 	}
 	if c.exec != nil && c.exec.root == "" {
 		return fmt.Errorf("%w: SetExec needs SetRoot", ErrConfig)
+	}
+	if err := c.checkTags(); err != nil {
+		return err
 	}
 	if runtime.GOARCH != "amd64" {
 		return fmt.Errorf("%w: only x86-64 hosts are supported", ErrConfig)
