@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -59,6 +60,10 @@ func NewLogger(stderr io.Writer) hclog.Logger {
 // its exit report, as docs/PLUGINS.md says, instead of a stream the host
 // does not wait for.
 func ServeService(svc Service, log hclog.Logger) {
+	if msg, ok := startedByHand(svc.Handshake, os.Args[0], os.Getenv); ok {
+		fmt.Fprintln(os.Stderr, msg)
+		os.Exit(1)
+	}
 	stderr := os.Stderr
 	var restore sync.Once
 	restoreStderr := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
@@ -73,6 +78,16 @@ func ServeService(svc Service, log hclog.Logger) {
 		},
 		Logger: log,
 	})
+}
+
+// startedByHand reports, with the one line to print, a plugin binary
+// that its host did not start (no handshake cookie in its environment),
+// where go-plugin would print three lines about loading plugins.
+func startedByHand(h plugin.HandshakeConfig, arg0 string, getenv func(string) string) (string, bool) {
+	if getenv(h.MagicCookieKey) == h.MagicCookieValue {
+		return "", false
+	}
+	return fmt.Sprintf("%s: a krun-core plugin: krun-core starts it (krun-core serve, run, img), it does not run on its own", filepath.Base(arg0)), true
 }
 
 // controllerShutdown is go-plugin's own "stop the plugin" RPC, sent by the

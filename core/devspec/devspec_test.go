@@ -247,6 +247,7 @@ func TestParsePlugin(t *testing.T) {
 		{in: "Null", wantErr: "want 1-64 characters"},
 		{in: "null,fill", wantErr: "is not key=value"},
 		{in: "null,a=1,a=2", wantErr: "given twice"},
+		{in: "img", wantErr: "not a device"},
 	}
 	for _, tc := range tests {
 		got, err := ParsePlugin(tc.in)

@@ -17,6 +17,10 @@ type PluginSpec struct {
 	Options    map[string]string
 }
 
+// ImageToolKind is the kind of krun-plugin-img, which serves `krun-core
+// img` over a protocol of its own: never a device.
+const ImageToolKind = "img"
+
 // ParsePlugin parses a --plugin option string.
 func ParsePlugin(s string) (*PluginSpec, error) {
 	opts, err := splitOptions(s)
@@ -29,6 +33,9 @@ func ParsePlugin(s string) (*PluginSpec, error) {
 	kind := opts[0].key
 	if !validKind(kind) {
 		return nil, fmt.Errorf("plugin kind %s: want 1-64 characters of a-z, 0-9 and '-'", printable(kind))
+	}
+	if kind == ImageToolKind {
+		return nil, fmt.Errorf("plugin kind %s: krun-plugin-img is krun-core img's image tool, not a device", kind)
 	}
 	p := &PluginSpec{PluginKind: kind, Options: map[string]string{}}
 	for _, o := range opts[1:] {
