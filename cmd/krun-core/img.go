@@ -442,9 +442,16 @@ func imgCheck(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			return 1, err
 		}
-		if *output == "json" && res.Supported {
+		switch {
+		case !res.Supported:
+			// As qemu-img: a line on stderr, nothing on stdout (which
+			// --output json keeps for JSON), status 63.
+			var b strings.Builder
+			res.WriteHuman(&b)
+			fmt.Fprintf(stderr, "krun-core img check: %s\n", strings.TrimSpace(b.String()))
+		case *output == "json":
 			err = res.WriteJSON(stdout)
-		} else {
+		default:
 			err = res.WriteHuman(stdout)
 		}
 		return res.ExitCode(), err

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -208,8 +209,13 @@ func TestCheckRepair(t *testing.T) {
 	if string(b1) != string(b2) {
 		t.Error("img check without --repair changed the image")
 	}
-	if r := img(t, "check", "--format", "raw", p3); r.code != 63 {
-		t.Errorf("check of a raw image: exit %d, want 63 as qemu-img", r.code)
+	for _, output := range []string{"human", "json"} {
+		// As qemu-img: one line on stderr, nothing on stdout (where
+		// --output json promises JSON).
+		r := img(t, "check", "--format", "raw", "--output", output, p3)
+		if r.code != 63 || r.stdout != "" || strings.Count(r.stderr, "\n") != 1 || !strings.Contains(r.stderr, "does not support checks") {
+			t.Errorf("check --output %s of a raw image: exit %d, stdout %q, stderr %q; want 63, nothing, one line", output, r.code, r.stdout, r.stderr)
+		}
 	}
 	if r := img(t, "check", "--format", "qcow2", filepath.Join(dir, "missing")); r.code != 1 {
 		t.Errorf("check of a missing file: exit %d, want 1", r.code)
