@@ -61,6 +61,10 @@ type CheckOptions struct {
 	// the process's data limit (RLIMIT_DATA; 1 GiB for a sandboxed plugin),
 	// or 1 GiB where the data limit is unlimited.
 	MemoryLimit int64
+
+	// undo, if set, saves what the repair overwrites (for Resize, which
+	// puts the image back when its repair fails).
+	undo *undoLog
 }
 
 // Check verifies the image's refcounts against the references its tables
@@ -104,6 +108,9 @@ func CheckWith(f *os.File, o CheckOptions) (CheckResult, error) {
 		return CheckResult{}, fmt.Errorf("%w: image is marked corrupt; only a full repair may write to it", ErrCorrupt)
 	}
 	c, err := newChecker(f, h, uint64(memLimit))
+	if c != nil {
+		c.undo = o.undo
+	}
 	if err != nil {
 		return CheckResult{}, err
 	}
@@ -128,6 +135,7 @@ func CheckWith(f *os.File, o CheckOptions) (CheckResult, error) {
 	if c, err = newChecker(f, h, uint64(memLimit)); err != nil {
 		return res, err
 	}
+	c.undo = o.undo
 	res2, err := c.run(RepairNone)
 	if err != nil {
 		return res2, err
@@ -135,7 +143,7 @@ func CheckWith(f *os.File, o CheckOptions) (CheckResult, error) {
 	res2.LeaksFixed, res2.CorruptionsFixed, res2.RefcountsRebuilt = fixedL, fixedC, rebuilt
 	res2.Messages = append(res.Messages, res2.Messages...)
 	if repair == RepairAll && res2.Clean() && h.incompat&(incompatCorrupt|incompatDirty) != 0 {
-		if err := writeIncompat(f, h.incompat&^(incompatCorrupt|incompatDirty)); err != nil {
+		if err := writeIncompatUndo(f, h.incompat&^(incompatCorrupt|incompatDirty), o.undo); err != nil {
 			return res2, err
 		}
 	}
@@ -143,9 +151,14 @@ func CheckWith(f *os.File, o CheckOptions) (CheckResult, error) {
 }
 
 func writeIncompat(f *os.File, v uint64) error {
+	return writeIncompatUndo(f, v, nil)
+}
+
+// writeIncompatUndo is writeIncompat saving what it overwrites in u.
+func writeIncompatUndo(f *os.File, v uint64, u *undoLog) error {
 	var b [8]byte
 	be.PutUint64(b[:], v)
-	if _, err := f.WriteAt(b[:], hdrIncompatOff); err != nil {
+	if err := u.writeAt(f, b[:], hdrIncompatOff); err != nil {
 		return fmt.Errorf("write header: %w", err)
 	}
 	return fdatasync(f)
@@ -176,6 +189,14 @@ type checker struct {
 	// skipRefStructs leaves the refcount table and blocks out of refs
 	// (for a rebuild, which replaces them).
 	skipRefStructs bool
+	// refStructBad is set when the refcount structure itself is corrupt
+	// (a reserved bit in the table, a table or block cluster shared with
+	// other metadata or data): a full repair rebuilds it rather than
+	// adjusting refcounts in it.
+	refStructBad bool
+	// refStructErrs counts the corruptions of the refcount structure
+	// itself, which a rebuild fixes.
+	refStructErrs int
 
 	rbCache map[uint64][]byte
 	rbDirty map[uint64]bool
@@ -195,6 +216,9 @@ type checker struct {
 	// is set (once) when a charge goes past it.
 	mem, memLimit uint64
 	memErr        error
+
+	// undo, if set, saves what each write overwrites.
+	undo *undoLog
 }
 
 // refChunk is the number of clusters one chunk of refs covers (128 KiB).
@@ -437,13 +461,21 @@ func (c *checker) refcount(k uint64) (uint64, error) {
 	return getRC(buf, c.h.refcountBits(), k%E), nil
 }
 
+// refblockOff returns the offset of refcount block b, 0 where the table
+// has no entry for it (b past the table's end, or an empty entry).
 func (c *checker) refblockOff(b uint64) (uint64, error) {
+	if b >= uint64(len(c.rt)) {
+		return 0, nil
+	}
 	e := c.rt[b]
+	if e&rtReservedMask != 0 {
+		return 0, corruptf("refcount table entry %d has reserved bits set", b)
+	}
 	off := e & rtOffsetMask
 	if off == 0 {
 		return 0, nil
 	}
-	if off%c.cs != 0 || e&rtReservedMask != 0 {
+	if off%c.cs != 0 {
 		return 0, corruptf("refcount block %d at %#x is not cluster aligned", b, off)
 	}
 	if off >= c.fileSize {
@@ -720,7 +752,9 @@ func (c *checker) count() error {
 	c.meta = map[uint64]metaKind{}
 	c.inc(0, c.cs)
 	c.mark(0, c.cs, metaHeader)
-	c.mark(h.rtOff, h.refTableBytes(), metaRefTable)
+	if !c.skipRefStructs {
+		c.mark(h.rtOff, h.refTableBytes(), metaRefTable)
+	}
 	if h.nbSnapshots > 0 {
 		c.mark(h.snapOff, c.snapSize, metaSnapTable)
 	}
@@ -756,11 +790,17 @@ func (c *checker) count() error {
 	}
 	if !c.skipRefStructs {
 		for b, e := range c.rt {
+			if e&rtReservedMask != 0 {
+				c.corrupt("refcount table entry %d has reserved bits set", b)
+				c.refStructBad = true
+				c.refStructErrs++
+				continue
+			}
 			off := e & rtOffsetMask
 			if off == 0 {
 				continue
 			}
-			if off%c.cs != 0 || e&rtReservedMask != 0 {
+			if off%c.cs != 0 {
 				c.corrupt("refcount block %d is not cluster aligned; refcount table entry corrupted", b)
 				continue
 			}
@@ -771,8 +811,67 @@ func (c *checker) count() error {
 			c.inc(off, c.cs)
 			c.mark(off, c.cs, metaRefBlock)
 		}
+		c.checkRefStructs()
 	}
+	c.checkOverlaps()
 	return c.memErr
+}
+
+// checkRefStructs reports the clusters of the refcount table and blocks
+// that something else references too (as QEMU does: each must have
+// refcount 1, and a refcount of 2 that matches the references is no
+// less wrong); a full repair rebuilds the refcount structure then.
+func (c *checker) checkRefStructs() {
+	h := c.h
+	if n := h.refTableBytes(); n > 0 {
+		for k := h.rtOff / c.cs; k <= (h.rtOff+n-1)/c.cs && k < c.nb; k++ {
+			if r := c.ref(k); r != 1 {
+				c.corrupt("refcount table cluster %d refcount=%d", k, r)
+				c.refStructBad = true
+				c.refStructErrs++
+			}
+		}
+	}
+	for b, e := range c.rt {
+		off := e & rtOffsetMask
+		if e&rtReservedMask != 0 || off == 0 || off%c.cs != 0 || off >= c.fileSize {
+			continue // reported by count
+		}
+		if r := c.ref(off / c.cs); r != 1 {
+			c.corrupt("refcount block %d refcount=%d", b, r)
+			c.refStructBad = true
+			c.refStructErrs++
+		}
+	}
+}
+
+// singleMeta are the kinds of metadata that must be referenced exactly
+// once: nothing else may take their clusters for data or for an L2
+// table. (Snapshots may share L1 and L2 tables; the refcount structure is
+// checkRefStructs' business.)
+const singleMeta = metaHeader | metaL1 | metaSnapTable
+
+// checkOverlaps reports the clusters that hold two kinds of metadata at
+// once (which the reader refuses), and the header, active L1 and snapshot
+// table clusters that something else references too.
+func (c *checker) checkOverlaps() {
+	var cls []uint64
+	for cl, k := range c.meta {
+		if k&(metaRefTable|metaRefBlock) != 0 && !c.skipRefStructs {
+			continue // its refcount is not 1: checkRefStructs says so
+		}
+		if (k&(k-1) != 0 && k != metaL2|metaSnapL2) || (k&singleMeta != 0 && c.ref(cl) > 1) {
+			cls = append(cls, cl)
+		}
+	}
+	slices.Sort(cls)
+	for _, cl := range cls {
+		if k := c.meta[cl]; k&(k-1) != 0 && k != metaL2|metaSnapL2 {
+			c.corrupt("cluster %d is used as %s at once", cl, k)
+		} else {
+			c.corrupt("cluster %d holds the %s but has %d references", cl, k, c.ref(cl))
+		}
+	}
 }
 
 func (c *checker) countBitmaps() error {
@@ -875,7 +974,10 @@ func (c *checker) run(repair RepairMode) (CheckResult, error) {
 		} else {
 			c.res.Corruptions++
 			c.msg("ERROR cluster %d refcount=%d reference=%d", k, rc, r)
-			if repair == RepairAll {
+			// Metadata that something else references too stays
+			// corrupt (checkOverlaps said so): a refcount of 2 would
+			// only hide it.
+			if repair == RepairAll && (r == 1 || c.meta[k]&singleMeta == 0) {
 				if err := addFix(fix{k, r, false}); err != nil {
 					return c.res, err
 				}
@@ -890,9 +992,12 @@ func (c *checker) run(repair RepairMode) (CheckResult, error) {
 			if r := fx.v; r > maxRC(h.refcountBits()) {
 				return c.res, fmt.Errorf("cluster %d has %d references, more than refcount_bits %d can hold", fx.k, r, h.refcountBits())
 			}
-			if off, err := c.refblockOff(fx.k / h.refblockEntries()); err != nil || off == 0 || fx.k/h.refblockEntries() >= uint64(len(c.rt)) {
+			if off, err := c.refblockOff(fx.k / h.refblockEntries()); err != nil || off == 0 {
 				needRebuild = true
 			}
+		}
+		if c.refStructBad {
+			needRebuild = true
 		}
 	}
 	if needRebuild {
@@ -906,6 +1011,7 @@ func (c *checker) run(repair RepairMode) (CheckResult, error) {
 				c.res.CorruptionsFixed++
 			}
 		}
+		c.res.CorruptionsFixed += c.refStructErrs
 		c.res.RefcountsRebuilt = true
 		return c.res, nil
 	}
@@ -956,7 +1062,7 @@ func (c *checker) flushRefblocks() error {
 		if err := c.guard(off, c.cs, metaRefBlock); err != nil {
 			return err
 		}
-		if _, err := c.f.WriteAt(c.rbCache[off], int64(off)); err != nil {
+		if err := c.undo.writeAt(c.f, c.rbCache[off], int64(off)); err != nil {
 			return fmt.Errorf("write refcount block at %#x: %w", off, err)
 		}
 		delete(c.rbDirty, off)
@@ -1043,7 +1149,7 @@ func (c *checker) checkCopied(fix bool) error {
 			if err := c.guard(off, c.cs, metaL2|metaSnapL2); err != nil {
 				return err
 			}
-			if _, err := c.f.WriteAt(buf, int64(off)); err != nil {
+			if err := c.undo.writeAt(c.f, buf, int64(off)); err != nil {
 				return fmt.Errorf("write L2 table at %#x: %w", off, err)
 			}
 		}
@@ -1059,7 +1165,7 @@ func (c *checker) checkCopied(fix bool) error {
 		if err := c.guard(h.l1Off, uint64(len(b)), metaL1); err != nil {
 			return err
 		}
-		if _, err := c.f.WriteAt(b, int64(h.l1Off)); err != nil {
+		if err := c.undo.writeAt(c.f, b, int64(h.l1Off)); err != nil {
 			return fmt.Errorf("write L1 table: %w", err)
 		}
 	}
@@ -1128,11 +1234,11 @@ func (c *checker) rebuild() error {
 				setRC(buf, bits, k-b*E, v)
 			}
 		}
-		if _, err := c.f.WriteAt(buf, int64(at*cs)); err != nil {
+		if err := c.undo.writeAt(c.f, buf, int64(at*cs)); err != nil {
 			return fmt.Errorf("write refcount block: %w", err)
 		}
 	}
-	if _, err := c.f.WriteAt(rt, int64(end*cs)); err != nil {
+	if err := c.undo.writeAt(c.f, rt, int64(end*cs)); err != nil {
 		return fmt.Errorf("write refcount table: %w", err)
 	}
 	if err := fdatasync(c.f); err != nil {
@@ -1141,7 +1247,7 @@ func (c *checker) rebuild() error {
 	var hdr [12]byte
 	be.PutUint64(hdr[0:], end*cs)
 	be.PutUint32(hdr[8:], uint32(rtc))
-	if _, err := c.f.WriteAt(hdr[:], hdrRefTableOff); err != nil {
+	if err := c.undo.writeAt(c.f, hdr[:], hdrRefTableOff); err != nil {
 		return fmt.Errorf("write header: %w", err)
 	}
 	if err := fdatasync(c.f); err != nil {
@@ -1153,6 +1259,12 @@ func (c *checker) rebuild() error {
 	h.fileSize = int64((end + rtc + nblk) * cs)
 	c.fileSize = uint64(h.fileSize)
 	c.rt, c.rbCache, c.rbDirty = nil, map[uint64][]byte{}, map[uint64]bool{}
+	// The old structure's clusters are free now (or, where they were
+	// shared, only what else took them for): the repairs that follow
+	// are guarded by the new map.
+	c.meta = c2.meta
+	c.mark(end*cs, rtc*cs, metaRefTable)
+	c.mark((end+rtc)*cs, nblk*cs, metaRefBlock)
 	var err error
 	if c.rt, err = readTableAt(c.f, h.rtOff, rtc*cs/8); err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/krun-core/krun-core/disk"
@@ -81,6 +82,11 @@ func TestCheckAgreesWithQemu(t *testing.T) {
 		{"refcount block unaligned", "", func(t *testing.T, p string, l layout) {
 			patch64(t, p, l.rt, uint64(l.rb)+512)
 		}, false},
+		// From review: an entry of reserved bits only (offset 0) was
+		// skipped as empty.
+		{"refcount table entry reserved bits", "", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.rt+8*11, 1)
+		}, true},
 		{"refcount block missing", "", func(t *testing.T, p string, l layout) {
 			patch64(t, p, l.rt, 0)
 		}, true},
@@ -371,5 +377,70 @@ func TestRepairNeverOverwritesOtherMetadata(t *testing.T) {
 	}
 	if after := protected(t, p, l); !bytes.Equal(before, after) {
 		t.Fatalf("repair changed metadata at byte %d", firstDiff(before, after))
+	}
+}
+
+// TestCheckRefcountStructureShared: from review, a refcount table or
+// block that an L2 table shares (refcounts raised to match, so no count
+// differs) passed Check, which the reader then refused as corrupt. Check
+// must report it as qemu-img does, and a full repair must rebuild the
+// refcount structure rather than keep refcounts of 2; and an image with
+// more refcount blocks than its table holds must not panic the repair
+// (it indexed past the table).
+func TestCheckRefcountStructureShared(t *testing.T) {
+	needQemu(t)
+	tests := []struct {
+		name, opts, write string
+		mutate            func(t *testing.T, p string, l layout)
+		want              string // in Check's messages
+	}{
+		{"L2 table is the refcount table", "cluster_size=65536", "write -P 1 0 64k", func(t *testing.T, p string, l layout) {
+			patch64(t, p, l.l1, uint64(l.rt)) // L1 entry 0: the refcount table as an L2 table
+			setRefcountOnDisk(t, p, l, l.rt/l.cs, 2)
+			setRefcountOnDisk(t, p, l, l.rb/l.cs, 2) // the table's entry 0 maps it as data
+		}, "refcount block 0 refcount=2"},
+		{"refcount table too short for its blocks", "cluster_size=512", "write -P 1 0 12M", func(t *testing.T, p string, l layout) {
+			var b [4]byte
+			binary.BigEndian.PutUint32(b[:], 1)
+			patch(t, p, 56, b[:]) // refcount_table_clusters
+		}, "ERROR cluster 16384 refcount=0 reference=1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "img.qcow2")
+			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", tt.opts, p, "64M")
+			qio(t, p, tt.write)
+			f := openFile(t, p, true)
+			info, err := ReadInfo(f)
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			l := layout{cs: info.ClusterSize, l1: info.L1TableOffset, rt: info.RefcountTableOffset}
+			l.rb = int64(read64(t, p, l.rt) & rtOffsetMask)
+			tt.mutate(t, p, l)
+			if q := qemuCheck(t, p); q.Corruptions == 0 && q.CheckErrors == 0 {
+				t.Fatalf("qemu-img check finds the image clean")
+			}
+			f = openFile(t, p, true)
+			res, err := Check(f, RepairNone)
+			f.Close()
+			if err != nil {
+				t.Fatalf("Check: %v", err)
+			}
+			if res.Clean() || !strings.Contains(joinLines(res.Messages), tt.want) {
+				t.Fatalf("Check: %d corruptions, want one reporting %q; first messages: %q", res.Corruptions, tt.want, res.Messages[:min(len(res.Messages), 5)])
+			}
+			f = openFile(t, p, false)
+			ra, err := Check(f, RepairAll)
+			f.Close()
+			if err != nil {
+				t.Fatalf("Check(RepairAll): %v", err)
+			}
+			if !ra.Clean() || !ra.RefcountsRebuilt {
+				t.Fatalf("RepairAll: %+v", ra)
+			}
+			qemuClean(t, p)
+		})
 	}
 }
