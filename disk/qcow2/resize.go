@@ -218,18 +218,29 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	if newOff+uint64(len(table)) > maxHostOffset {
 		return fmt.Errorf("%w: no room for a new L1 table after the end of the file", ErrUnsupported)
 	}
+	// From here on, a step that fails puts the image back as it was:
+	// the log saves what the header switch and the repair overwrite.
+	undo, err := newUndoLog(f)
+	if err != nil {
+		return err
+	}
+	failed := func(err error) error {
+		if rerr := undo.restore(f); rerr != nil {
+			return fmt.Errorf("%w; restoring the image failed too (repair it with img check --repair all): %v", err, rerr)
+		}
+		return err
+	}
 	if err := step("table"); err != nil {
 		return err
 	}
 	if err := writeSynced(f, table, int64(newOff)); err != nil {
-		f.Truncate(fileSize) // what was written is unreferenced
-		return fmt.Errorf("write new L1 table: %w", err)
+		return failed(fmt.Errorf("write new L1 table: %w", err))
 	}
 	if err := step("dirty"); err != nil {
 		return err
 	}
-	if err := writeIncompat(f, h.incompat|incompatDirty); err != nil {
-		return err
+	if err := writeIncompatUndo(f, h.incompat|incompatDirty, undo); err != nil {
+		return failed(err)
 	}
 	// With zeroing to do, the header keeps the old size until the new
 	// area is zeroed.
@@ -245,26 +256,38 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	if err := step("header"); err != nil {
 		return err
 	}
-	if err := writeSynced(f, b[:], hdrSizeOff); err != nil {
-		return err
+	if err := undo.writeAt(f, b[:], hdrSizeOff); err != nil {
+		return failed(err)
+	}
+	if err := fdatasync(f); err != nil {
+		return failed(err)
 	}
 	// The rebuild counts the new table, frees the old one and clears
 	// the dirty bit.
 	if err := step("repair"); err != nil {
 		return err
 	}
-	res, err = Check(f, RepairAll)
+	res, err = CheckWith(f, CheckOptions{Repair: RepairAll, undo: undo})
 	if err != nil {
-		return fmt.Errorf("rebuild refcounts after moving the L1 table: %w", err)
+		return failed(fmt.Errorf("rebuild refcounts after moving the L1 table: %w", err))
 	}
 	if !res.Clean() {
-		return fmt.Errorf("%w: %d errors remain after moving the L1 table", ErrCorrupt, res.Corruptions+res.CheckErrors)
+		return failed(fmt.Errorf("%w: %d errors remain after moving the L1 table", ErrCorrupt, res.Corruptions+res.CheckErrors))
+	}
+	if resizeRepairFault != nil {
+		if err := resizeRepairFault(); err != nil {
+			return failed(err)
+		}
 	}
 	if zero {
 		return zeroAndSize()
 	}
 	return nil
 }
+
+// resizeRepairFault, set by tests, fails a Resize after its refcount
+// repair (as a repair that leaves errors does).
+var resizeRepairFault func() error
 
 // mappedBeyond reports whether any L2 entry of the image in f (checked,
 // so its tables lie inside the file) describes a guest cluster at or

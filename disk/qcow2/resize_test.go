@@ -111,6 +111,9 @@ func TestResizeGrows(t *testing.T) {
 		{"L1 grows in its cluster", "cluster_size=512", 1 << 20, 2 << 20, false, false},
 		{"L1 moves", "cluster_size=512", 1 << 20, 64 << 20, true, false},
 		{"L1 moves, refcounts grow", "cluster_size=512,refcount_bits=64", 1 << 20, 1 << 30, true, false},
+		// From review: the new table lies past what the refcount table
+		// covers; the repair indexed past the table and panicked.
+		{"L1 moves past the refcount table", "cluster_size=512", 1 << 20, 100 << 30, true, false},
 		{"version 2, in place", "cluster_size=512,compat=0.10", 1 << 20, 2 << 20, false, false},
 		{"extended L2, L1 moves", "cluster_size=16384,extended_l2=on", 1 << 20, 64 << 30, true, false},
 		{"unaligned old size", "cluster_size=4096", 1<<20 + 512*3, 8 << 20, false, false},
@@ -435,4 +438,32 @@ func TestResizeCrash(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestResizeFailedRepairRestores: a Resize whose refcount repair fails
+// after the header switched to the new L1 table puts the image back,
+// byte for byte (from review: a failure left it dirty at the new size).
+func TestResizeFailedRepairRestores(t *testing.T) {
+	needQemu(t)
+	p, _ := resizeImage(t, "cluster_size=512", 1<<20)
+	before, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resizeRepairFault = func() error { return errors.New("injected repair failure") }
+	defer func() { resizeRepairFault = nil }()
+	f := openFile(t, p, false)
+	err = Resize(f, 100<<30, Options{})
+	f.Close()
+	if err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("Resize: %v, want the injected failure", err)
+	}
+	after, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(before, after) {
+		t.Fatalf("image changed by a failed resize: %d bytes, was %d; first difference at %d", len(after), len(before), firstDiff(after, before))
+	}
+	qemuClean(t, p)
 }
