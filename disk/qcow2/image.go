@@ -44,6 +44,13 @@ type Options struct {
 	// of it); 0 means 32 MiB.
 	CacheBytes int64
 	Logger     hclog.Logger
+	// CallerReports says that the caller shows the user every error a
+	// read or write returns (as img convert does): corruption found in a
+	// read-only image or a backing file, which only fails the request,
+	// is then logged at debug rather than warn, so that the user reads it
+	// once. Where the error goes to a guest (serve --disk), the warning is
+	// the user's only report of it: leave this unset.
+	CallerReports bool
 
 	// growTo, when set, is the virtual size the image is opened with in
 	// place of its header's (Resize zeroes the area it is growing into
@@ -66,6 +73,8 @@ type Image struct {
 	name     string
 	ro       bool
 	log      hclog.Logger
+	// callerReports is Options.CallerReports.
+	callerReports bool
 
 	cs          uint64
 	cb          uint
@@ -262,25 +271,26 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 		return nil, fmt.Errorf("image %s: %w: the image is marked corrupt; open it read-only or repair it (qemu-img check -r all)", name, ErrCorrupt)
 	}
 	im := &Image{
-		f:           osFile{f},
-		file:        f,
-		h:           h,
-		name:        name,
-		ro:          opts.ReadOnly,
-		log:         log.Named("qcow2"),
-		cs:          h.clusterSize(),
-		cb:          uint(h.clusterBits),
-		l2Entries:   h.l2Entries(),
-		extL2:       h.extendedL2(),
-		size:        int64(h.size),
-		extData:     h.incompat&incompatDataFile != 0,
-		rawData:     h.autoclear&autoclearDataFileRaw != 0,
-		compression: h.compressionType,
-		rcBits:      h.refcountBits(),
-		rbEntries:   h.refblockEntries(),
-		l1Dirty:     map[uint64]bool{},
-		rtDirty:     map[uint64]bool{},
-		rtOff:       h.rtOff,
+		f:             osFile{f},
+		file:          f,
+		h:             h,
+		name:          name,
+		ro:            opts.ReadOnly,
+		log:           log.Named("qcow2"),
+		callerReports: opts.CallerReports,
+		cs:            h.clusterSize(),
+		cb:            uint(h.clusterBits),
+		l2Entries:     h.l2Entries(),
+		extL2:         h.extendedL2(),
+		size:          int64(h.size),
+		extData:       h.incompat&incompatDataFile != 0,
+		rawData:       h.autoclear&autoclearDataFileRaw != 0,
+		compression:   h.compressionType,
+		rcBits:        h.refcountBits(),
+		rbEntries:     h.refblockEntries(),
+		l1Dirty:       map[uint64]bool{},
+		rtDirty:       map[uint64]bool{},
+		rtOff:         h.rtOff,
 	}
 	if opts.growTo != 0 {
 		im.size = opts.growTo
@@ -478,6 +488,7 @@ func (im *Image) openBacking(opts Options, st *chainState) error {
 			MaxVirtualSize: opts.MaxVirtualSize,
 			CacheBytes:     opts.CacheBytes,
 			Logger:         opts.Logger,
+			CallerReports:  opts.CallerReports,
 		}, st)
 		if err != nil {
 			return err
@@ -692,6 +703,16 @@ func (im *Image) Close() error {
 
 var errClosed = errors.New("qcow2: image is closed")
 
+// reportCorrupt logs corruption that only fails the request: at warn,
+// or at debug when the caller reports the error itself.
+func (im *Image) reportCorrupt(msg string, err error) {
+	if im.callerReports {
+		im.log.Debug(msg, "image", im.name, "error", err)
+		return
+	}
+	im.log.Warn(msg, "image", im.name, "error", err)
+}
+
 // markCorrupt reports corruption found at run time: it logs it, sets the
 // image's corrupt bit once if the image is writable, and returns err. A
 // backing layer's corruption (backingError) is logged, never marked here.
@@ -703,11 +724,11 @@ func (im *Image) markCorrupt(err error) error {
 		// A backing layer's corruption is not this image's: the
 		// request fails, the image stays writable (a shared base
 		// image must not take every overlay with it).
-		im.log.Warn("corruption found in a backing file", "image", im.name, "error", err)
+		im.reportCorrupt("corruption found in a backing file", err)
 		return err
 	}
 	if im.ro {
-		im.log.Warn("corruption found", "image", im.name, "error", err)
+		im.reportCorrupt("corruption found", err)
 		return err
 	}
 	if im.corruptMarked.Swap(true) {

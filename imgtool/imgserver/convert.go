@@ -121,7 +121,9 @@ func (j *ConvertJob) open() (source, error) {
 	if err != nil {
 		return nil, err
 	}
-	o.ReadOnly, o.Logger = true, j.Log
+	// Each error fails the conversion and reaches the user: corruption
+	// is not logged as well.
+	o.ReadOnly, o.Logger, o.CallerReports = true, j.Log, true
 	if d := j.DataFile; d != nil {
 		if err := checkAbs(d.Path); err != nil {
 			return nil, fmt.Errorf("data file: %w", err)

@@ -146,7 +146,8 @@ func (s *Server) begin(names ...string) ([]*os.File, func(), error) {
 func (s *Server) guard(name string, op func() error) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			s.log.Error(name+" panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			// The user reads the error; the stack is for a debug log.
+			s.log.Debug(name+" panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
 			err = status.Errorf(codes.Internal, "internal error (panic): %v", r)
 		}
 	}()
