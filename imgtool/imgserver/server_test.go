@@ -1,6 +1,7 @@
 package imgserver
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -146,6 +147,21 @@ func TestGuardTurnsPanicIntoError(t *testing.T) {
 	err := s.guard("Test", func() error { panic("boom") })
 	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "boom") {
 		t.Fatalf("guard: %v", err)
+	}
+	// The user reads the error, one line: the stack is logged at
+	// debug, not at warn or error (from review: ~50 lines on stderr).
+	for _, tt := range []struct {
+		level     hclog.Level
+		wantStack bool
+	}{{hclog.Warn, false}, {hclog.Debug, true}} {
+		var buf bytes.Buffer
+		s := NewServer(hclog.New(&hclog.LoggerOptions{Output: &buf, Level: tt.level}), nil)
+		if err := s.guard("Test", func() error { panic("boom") }); status.Code(err) != codes.Internal {
+			t.Fatalf("guard: %v", err)
+		}
+		if got := strings.Contains(buf.String(), "goroutine"); got != tt.wantStack {
+			t.Fatalf("at %s the stack is logged: %v, want %v:\n%s", tt.level, got, tt.wantStack, buf.String())
+		}
 	}
 	err = s.guard("Test", func() error { return ErrTooLarge })
 	if status.Code(err) != codes.ResourceExhausted {
