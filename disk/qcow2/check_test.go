@@ -418,19 +418,12 @@ func TestCheckRefcountStructureShared(t *testing.T) {
 			p := filepath.Join(t.TempDir(), "img.qcow2")
 			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", tt.opts, p, "64M")
 			qio(t, p, tt.write)
-			f := openFile(t, p, true)
-			info, err := ReadInfo(f)
-			f.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-			l := layout{cs: info.ClusterSize, l1: info.L1TableOffset, rt: info.RefcountTableOffset}
-			l.rb = int64(read64(t, p, l.rt) & rtOffsetMask)
+			l := readLayout(t, p)
 			tt.mutate(t, p, l)
 			if q := qemuCheck(t, p); q.Corruptions == 0 && q.CheckErrors == 0 {
 				t.Fatalf("qemu-img check finds the image clean")
 			}
-			f = openFile(t, p, true)
+			f := openFile(t, p, true)
 			res, err := Check(f, RepairNone)
 			f.Close()
 			if err != nil {

@@ -65,15 +65,8 @@ func baseImage(t testing.TB, dir string, opts string) (string, layout) {
 	}
 	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", o, p, "1G")
 	qio(t, p, "write -P 0x11 0 128k", "write -P 0x22 128k 64k", "write -P 0x33 600M 64k")
-	f := openFile(t, p, true)
-	info, err := ReadInfo(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := layout{cs: info.ClusterSize, l1: info.L1TableOffset, rt: info.RefcountTableOffset}
+	l := readLayout(t, p)
 	l.l2 = int64(read64(t, p, l.l1) & l1OffsetMask)
-	l.rb = int64(read64(t, p, l.rt) & rtOffsetMask)
 	l.data = int64(read64(t, p, l.l2) & l2OffsetMask)
 	return p, l
 }
@@ -523,4 +516,19 @@ func TestHeaderOnReadWriteOpen(t *testing.T) {
 		t.Fatalf("unknown extension lost: %+v", info.Extensions)
 	}
 	qemuClean(t, p)
+}
+
+// readLayout reads where the image at p keeps its L1 table, its refcount
+// table and its first refcount block.
+func readLayout(t testing.TB, p string) layout {
+	t.Helper()
+	f := openFile(t, p, true)
+	info, err := ReadInfo(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := layout{cs: info.ClusterSize, l1: info.L1TableOffset, rt: info.RefcountTableOffset}
+	l.rb = int64(read64(t, p, l.rt) & rtOffsetMask)
+	return l
 }
