@@ -45,8 +45,10 @@ func (u *undoLog) writeAt(f *os.File, p []byte, off int64) error {
 	return nil
 }
 
-// restore puts back what the log saved, newest first, cuts the file to
-// its original size and makes it durable.
+// restore puts back what the log saved, newest first, makes that durable,
+// and only then cuts the file to its original size (a crash in between
+// must not find the new structures cut off while the header still names
+// them), durable too.
 func (u *undoLog) restore(f *os.File) error {
 	var errs []error
 	for i := len(u.saved) - 1; i >= 0; i-- {
@@ -54,6 +56,14 @@ func (u *undoLog) restore(f *os.File) error {
 		if _, err := f.WriteAt(r.old, r.off); err != nil {
 			errs = append(errs, fmt.Errorf("restore the bytes at %d: %w", r.off, err))
 		}
+	}
+	if err := fdatasync(f); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		// The old bytes are not all back: the file keeps what the new
+		// header may still name.
+		return errors.Join(errs...)
 	}
 	if err := f.Truncate(u.size); err != nil {
 		errs = append(errs, fmt.Errorf("truncate to %d bytes: %w", u.size, err))
