@@ -389,10 +389,10 @@ func (c *Context) Validate() error {
 // its tag, and of two devices with the same tag it would mount the first
 // one in both places.
 func (c *Context) checkTags() error {
+	// With SetExec the root share is one of the devices once Start has
+	// added it; a share given the root's tag before is refused with the
+	// mounts (initconfig), also before anything starts.
 	seen := map[string]bool{}
-	if c.exec != nil {
-		seen[RootTag] = true
-	}
 	for _, d := range c.devices {
 		var tag string
 		switch s := d.(type) {
@@ -410,9 +410,6 @@ func (c *Context) checkTags() error {
 			continue // an external back-end that names its own
 		}
 		if seen[tag] {
-			if c.exec != nil && tag == RootTag {
-				return fmt.Errorf("%w: share tag %q is the root's", ErrConfig, tag)
-			}
 			return fmt.Errorf("%w: two shares with the tag %q (the guest mounts a share by its tag)", ErrConfig, tag)
 		}
 		seen[tag] = true
