@@ -108,12 +108,10 @@ func CheckWith(f *os.File, o CheckOptions) (CheckResult, error) {
 		return CheckResult{}, fmt.Errorf("%w: image is marked corrupt; only a full repair may write to it", ErrCorrupt)
 	}
 	c, err := newChecker(f, h, uint64(memLimit))
-	if c != nil {
-		c.undo = o.undo
-	}
 	if err != nil {
 		return CheckResult{}, err
 	}
+	c.undo = o.undo
 	res, err := c.run(repair)
 	if err != nil || repair == RepairNone {
 		return res, err
@@ -132,10 +130,10 @@ func CheckWith(f *os.File, o CheckOptions) (CheckResult, error) {
 	if h, err = readHeader(f, size); err != nil {
 		return res, err
 	}
+	// (A pass without repair writes nothing: no undo log.)
 	if c, err = newChecker(f, h, uint64(memLimit)); err != nil {
 		return res, err
 	}
-	c.undo = o.undo
 	res2, err := c.run(RepairNone)
 	if err != nil {
 		return res2, err
@@ -859,6 +857,10 @@ func (c *checker) checkRefStructs() {
 // checkRefStructs' business.)
 const singleMeta = metaHeader | metaL1 | metaSnapTable
 
+// twoKinds says whether a cluster marked k holds two kinds of metadata
+// at once; an L2 table that snapshots share is one kind.
+func twoKinds(k metaKind) bool { return k&(k-1) != 0 && k != metaL2|metaSnapL2 }
+
 // checkOverlaps reports the clusters that hold two kinds of metadata at
 // once (which the reader refuses), and the header, active L1 and snapshot
 // table clusters that something else references too.
@@ -868,13 +870,13 @@ func (c *checker) checkOverlaps() {
 		if k&(metaRefTable|metaRefBlock) != 0 && !c.skipRefStructs {
 			continue // its refcount is not 1: checkRefStructs says so
 		}
-		if (k&(k-1) != 0 && k != metaL2|metaSnapL2) || (k&singleMeta != 0 && c.ref(cl) > 1) {
+		if twoKinds(k) || (k&singleMeta != 0 && c.ref(cl) > 1) {
 			cls = append(cls, cl)
 		}
 	}
 	slices.Sort(cls)
 	for _, cl := range cls {
-		if k := c.meta[cl]; k&(k-1) != 0 && k != metaL2|metaSnapL2 {
+		if k := c.meta[cl]; twoKinds(k) {
 			c.corrupt("cluster %d is used as %s at once", cl, k)
 		} else {
 			c.corrupt("cluster %d holds the %s but has %d references", cl, k, c.ref(cl))
