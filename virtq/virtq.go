@@ -8,9 +8,10 @@
 // many entries (the bound is Size, the spec's limit, unless Config.MaxChain
 // raises it to what the device's configuration allows); tables do not
 // nest; every index and every buffer is checked against guest memory, and a
-// device-readable descriptor after a device-writable one is refused. A Chain stores no buffers: its cursors walk the descriptors
-// lazily and check each again when they reach it (see Chain). A malformed
-// chain fails only that request.
+// device-readable descriptor after a device-writable one is refused. A
+// Chain stores no buffers: its cursors walk the descriptors lazily and
+// check each again when they reach it (see Chain). A malformed chain fails
+// only that request.
 //
 // A Queue has two sides that may run on two goroutines at once, each on
 // one goroutine at a time: the pop side (Pop, Unpop, Pending, NextAvail,
