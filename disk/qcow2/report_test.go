@@ -18,13 +18,7 @@ func TestCorruptionLogLevel(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "img.qcow2")
 	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "64M")
 	qio(t, p, "write -P 1 0 1M")
-	f := openFile(t, p, true)
-	info, err := ReadInfo(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	patch64(t, p, info.L1TableOffset, flagCopied|0x40000000) // L2 table past the end
+	patch64(t, p, readLayout(t, p).l1, flagCopied|0x40000000) // L2 table past the end
 	for _, tt := range []struct {
 		name          string
 		callerReports bool
