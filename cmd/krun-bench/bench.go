@@ -64,17 +64,24 @@ type blkWorkload struct {
 	Random    bool
 	BlockSize int
 	Depth     int
+	// Probes is how many 4 KiB random reads are kept in flight beside
+	// the workload's own requests, one at a time each: how long a read
+	// waits behind a stream of other requests on the same queue. Their
+	// latency is reported apart (blkResult.Probe*).
+	Probes int
 }
 
 var blkWorkloads = []blkWorkload{
-	{"randread-4k-qd1", false, true, 4 << 10, 1},
-	{"randread-4k-qd32", false, true, 4 << 10, 32},
-	{"randwrite-4k-qd1", true, true, 4 << 10, 1},
-	{"randwrite-4k-qd32", true, true, 4 << 10, 32},
-	{"seqread-1m-qd4", false, false, 1 << 20, 4},
-	{"seqwrite-1m-qd4", true, false, 1 << 20, 4},
+	{"randread-4k-qd1", false, true, 4 << 10, 1, 0},
+	{"randread-4k-qd32", false, true, 4 << 10, 32, 0},
+	{"randwrite-4k-qd1", true, true, 4 << 10, 1, 0},
+	{"randwrite-4k-qd32", true, true, 4 << 10, 32, 0},
+	{"seqread-1m-qd4", false, false, 1 << 20, 4, 0},
+	{"seqwrite-1m-qd4", true, false, 1 << 20, 4, 0},
 	// On an empty qcow2 image every write allocates clusters.
-	{"seqwrite-64k-qd1", true, false, 64 << 10, 1},
+	{"seqwrite-64k-qd1", true, false, 64 << 10, 1, 0},
+	// A read behind 1 MiB writes on one queue.
+	{"seqwrite-1m-qd4+randread-4k-qd1", true, false, 1 << 20, 4, 1},
 }
 
 // blkResult is what one workload measured.
@@ -93,6 +100,12 @@ type blkResult struct {
 	// PerWakeup is how many completions the test guest found per wake-up
 	// (interrupt): how well the back-end batches its notifications.
 	PerWakeup float64 `json:"completions_per_wakeup"`
+	// ProbeReads, ProbeP50us and ProbeP99us are the count and latency of
+	// the workload's probe reads (blkWorkload.Probes), which Requests,
+	// IOPS and the other figures leave out.
+	ProbeReads int     `json:"probe_reads,omitempty"`
+	ProbeP50us float64 `json:"probe_p50_us,omitempty"`
+	ProbeP99us float64 `json:"probe_p99_us,omitempty"`
 }
 
 const benchBlkUsage = `usage: krun-bench blk --socket PATH [options]
@@ -186,9 +199,14 @@ func selectWorkloads(list string) ([]blkWorkload, error) {
 
 func printBlkResults(w io.Writer, results []blkResult) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "workload\tIOPS\tMiB/s\tp50 µs\tp99 µs\t")
+	fmt.Fprintln(tw, "workload\tIOPS\tMiB/s\tp50 µs\tp99 µs\tprobe reads\tprobe p50 µs\tprobe p99 µs\t")
 	for _, r := range results {
-		fmt.Fprintf(tw, "%s\t%.0f\t%.1f\t%.1f\t%.1f\t\n", r.Workload, r.IOPS, r.MiBps, r.P50us, r.P99us)
+		fmt.Fprintf(tw, "%s\t%.0f\t%.1f\t%.1f\t%.1f\t", r.Workload, r.IOPS, r.MiBps, r.P50us, r.P99us)
+		if r.ProbeReads > 0 {
+			fmt.Fprintf(tw, "%d\t%.1f\t%.1f\t\n", r.ProbeReads, r.ProbeP50us, r.ProbeP99us)
+		} else {
+			fmt.Fprint(tw, "-\t-\t-\t\n")
+		}
 	}
 	tw.Flush()
 }
@@ -211,8 +229,8 @@ func runBlkBench(ctx context.Context, cfg blkBenchConfig) ([]blkResult, error) {
 	maxData := 0
 	maxDepth := 0
 	for _, w := range cfg.Workloads {
-		maxData = max(maxData, w.BlockSize*w.Depth)
-		maxDepth = max(maxDepth, w.Depth)
+		maxData = max(maxData, w.BlockSize*(w.Depth+w.Probes))
+		maxDepth = max(maxDepth, w.Depth+w.Probes)
 	}
 	b, err := testguest.DialBlk(cfg.Socket, testguest.Options{
 		// Room for every request's data plus one page of header and
@@ -264,7 +282,11 @@ func runBlkBench(ctx context.Context, cfg blkBenchConfig) ([]blkResult, error) {
 			}
 		}
 		if cfg.Progress != nil {
-			fmt.Fprintf(cfg.Progress, "%-18s %9.0f IOPS %8.1f MiB/s  p50 %7.1f µs  p99 %7.1f µs\n", r.Workload, r.IOPS, r.MiBps, r.P50us, r.P99us)
+			fmt.Fprintf(cfg.Progress, "%-18s %9.0f IOPS %8.1f MiB/s  p50 %7.1f µs  p99 %7.1f µs", r.Workload, r.IOPS, r.MiBps, r.P50us, r.P99us)
+			if r.ProbeReads > 0 {
+				fmt.Fprintf(cfg.Progress, "  probe reads %d p50 %7.1f µs  p99 %7.1f µs", r.ProbeReads, r.ProbeP50us, r.ProbeP99us)
+			}
+			fmt.Fprintln(cfg.Progress)
 		}
 		results = append(results, r)
 	}
@@ -288,7 +310,7 @@ const slotDataOff = 4096
 func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span uint64, d time.Duration) (blkResult, error) {
 	g := b.Guest()
 	ring := g.Rings[0]
-	slots := make([]benchSlot, w.Depth)
+	slots := make([]benchSlot, w.Depth+w.Probes)
 	defer func() {
 		for _, s := range slots {
 			if s.addr != 0 {
@@ -319,23 +341,29 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 	rng := rand.New(rand.NewPCG(0x6b72756e, uint64(w.BlockSize*w.Depth)))
 	next := uint64(0)
 	lat := make([]time.Duration, 0, 1<<16)
+	var probeLat []time.Duration
 
 	post := func(i int) error {
 		s := &slots[i]
-		var blk uint64
-		if w.Random {
-			blk = rng.Uint64N(blocks)
-		} else {
-			blk = next % blocks
+		var off uint64
+		t, size, write := typ, w.BlockSize, w.Write
+		switch {
+		case i >= w.Depth: // a probe read
+			t, size, write = testguest.BlkTIn, probeSize, false
+			off = rng.Uint64N(span/probeSize) * probeSize
+		case w.Random:
+			off = rng.Uint64N(blocks) * uint64(w.BlockSize)
+		default:
+			off = next % blocks * uint64(w.BlockSize)
 			next++
 		}
-		binary.LittleEndian.PutUint32(s.mem[0:], typ)
+		binary.LittleEndian.PutUint32(s.mem[0:], t)
 		binary.LittleEndian.PutUint32(s.mem[4:], 0)
-		binary.LittleEndian.PutUint64(s.mem[8:], blk*uint64(w.BlockSize)/testguest.SectorSize)
+		binary.LittleEndian.PutUint64(s.mem[8:], off/testguest.SectorSize)
 		s.mem[16] = 0xff
 		segs := [3]testguest.Segment{
 			{Addr: s.addr, Len: 16},
-			{Addr: s.addr + slotDataOff, Len: uint32(w.BlockSize), Writable: !w.Write},
+			{Addr: s.addr + slotDataOff, Len: uint32(size), Writable: !write},
 			{Addr: s.addr + 16, Len: 1, Writable: true},
 		}
 		s.start = time.Now()
@@ -375,8 +403,12 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 			if st := s.mem[16]; st != testguest.BlkSOK {
 				return blkResult{}, fmt.Errorf("request at sector %d failed with status %d", binary.LittleEndian.Uint64(s.mem[8:]), st)
 			}
-			lat = append(lat, now.Sub(s.start))
-			end = now
+			if i >= w.Depth {
+				probeLat = append(probeLat, now.Sub(s.start))
+			} else {
+				lat = append(lat, now.Sub(s.start))
+				end = now
+			}
 			inflight--
 			if now.Before(deadline) {
 				if err := post(i); err != nil {
@@ -394,22 +426,32 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 	}
 	elapsed := end.Sub(begin).Seconds()
 	slices.Sort(lat)
-	pct := func(p float64) float64 {
-		if len(lat) == 0 {
-			return 0
-		}
-		i := int(p * float64(len(lat)-1))
-		return float64(lat[i]) / float64(time.Microsecond)
-	}
+	slices.Sort(probeLat)
 	iops := float64(len(lat)) / elapsed
 	return blkResult{
-		Workload:  w.Name,
-		Requests:  len(lat),
-		Seconds:   elapsed,
-		IOPS:      iops,
-		MiBps:     iops * float64(w.BlockSize) / (1 << 20),
-		P50us:     pct(0.50),
-		P99us:     pct(0.99),
-		PerWakeup: float64(len(lat)) / float64(max(wakeups, 1)),
+		Workload:   w.Name,
+		Requests:   len(lat),
+		Seconds:    elapsed,
+		IOPS:       iops,
+		MiBps:      iops * float64(w.BlockSize) / (1 << 20),
+		P50us:      percentile(lat, 0.50),
+		P99us:      percentile(lat, 0.99),
+		PerWakeup:  float64(len(lat)+len(probeLat)) / float64(max(wakeups, 1)),
+		ProbeReads: len(probeLat),
+		ProbeP50us: percentile(probeLat, 0.50),
+		ProbeP99us: percentile(probeLat, 0.99),
 	}, nil
+}
+
+// probeSize is the size of a probe read (blkWorkload.Probes).
+const probeSize = 4096
+
+// percentile returns the p-th quantile (0..1) of sorted latencies in µs; 0
+// when there are none.
+func percentile(sorted []time.Duration, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(p * float64(len(sorted)-1))
+	return float64(sorted[i]) / float64(time.Microsecond)
 }

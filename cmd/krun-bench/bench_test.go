@@ -130,6 +130,10 @@ func TestBenchBlk(t *testing.T) {
 		if r.Workload != blkWorkloads[i].Name || r.Requests == 0 || r.IOPS <= 0 || r.P50us <= 0 || r.P99us < r.P50us {
 			t.Errorf("implausible result %+v", r)
 		}
+		// Probe reads are counted apart, and only where asked for.
+		if probes := blkWorkloads[i].Probes > 0; probes != (r.ProbeReads > 0) || probes && (r.ProbeP50us <= 0 || r.ProbeP99us < r.ProbeP50us) {
+			t.Errorf("%s: probe figures %d reads, p50 %.1f, p99 %.1f", r.Workload, r.ProbeReads, r.ProbeP50us, r.ProbeP99us)
+		}
 	}
 	st := dev.Stats()
 	if st.Reads == 0 || st.Writes == 0 || st.IOErrors+st.OutOfRange != 0 {
