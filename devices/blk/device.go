@@ -45,37 +45,77 @@ func (d *Device) Queue(_ context.Context, idx int) (backend.QueueConfig, error) 
 // queueHandler serves one queue's requests.
 type queueHandler struct {
 	ws []*worker // scratch space per ring goroutine (Request.Worker)
-	// inlineWrites serves short writes on the ring's goroutine: with
+	// inlineWrites serves writes on the ring's goroutine: with
 	// SerialWrites they would only queue for the write lock on a worker.
 	inlineWrites bool
+	// streak counts the writes in a row the ring's goroutine has taken,
+	// up to writeStreak; any other request resets it. Ring goroutine
+	// only: every request passes Inline there, or is handled there.
+	streak int
 }
 
-// inlineWriteMax is the largest write (data bytes) served on the ring's
-// goroutine; a longer one goes to a worker, so reads behind it in the
-// ring are not held up by its copy.
+// inlineWriteMax is the largest write (data bytes) always served on the
+// ring's goroutine. A longer one is served there only in a stream of
+// writes (writeStreak); otherwise it goes to a worker, so that reads
+// behind it in the ring are not held up by its copy.
 const inlineWriteMax = 64 << 10
 
-// Inline (backend.Inliner) picks short writes by the chain's shape alone:
-// a header and at most inlineWriteMax bytes for the device to read, one
-// status byte to write. Reads (16 bytes to read) and flushes (nothing
-// after the header) go to workers. A chain that only looks like a write
-// is served like any other request, on the ring's goroutine.
+// writeStreak is how many writes in a row, with no other request on the
+// queue meanwhile, make the ring's goroutine serve long writes too. A
+// stream of long writes then costs no hand-off to a worker, no wake-up and
+// one interrupt per round instead of one per write (issue #17: 1 MiB
+// writes at depth 4 gain 15 to 20 %); the first read ends the streak, and
+// waits at most for the round of writes taken before it.
+const writeStreak = 64
+
+// Inline (backend.Inliner) picks writes by the chain's shape alone: a
+// header and data for the device to read, one status byte to write. Short
+// ones always, long ones in a stream of writes (writeStreak). Reads (16
+// bytes to read) and flushes (nothing after the header) go to workers. A
+// chain that only looks like a write is served like any other request, on
+// the ring's goroutine.
 func (h *queueHandler) Inline(req *backend.Request) bool {
 	if !h.inlineWrites {
 		return false
 	}
 	c := req.Chain()
-	return shortWrite(c.ReadableLen(), c.WritableLen())
+	return h.inline(c.ReadableLen(), c.WritableLen())
 }
 
-// shortWrite reports whether a chain with rd bytes for the device to read
-// and wr to write has the shape of a write (or discard) of at most
-// inlineWriteMax bytes.
-func shortWrite(rd, wr uint64) bool {
-	return wr == 1 && rd > HeaderSize && rd-HeaderSize <= inlineWriteMax
+// inline is Inline's choice for a chain with rd bytes for the device to
+// read and wr to write, counting the streak of writes.
+func (h *queueHandler) inline(rd, wr uint64) bool {
+	if !isWrite(rd, wr) {
+		h.streak = 0
+		return false
+	}
+	if h.streak < writeStreak {
+		h.streak++
+	}
+	return rd-HeaderSize <= inlineWriteMax || h.streak >= writeStreak
+}
+
+// handledOnRing notes a request handled on the ring's goroutine without
+// Inline having seen it (alone on an idle ring): all but writes end the
+// streak.
+func (h *queueHandler) handledOnRing(rd, wr uint64) {
+	if !isWrite(rd, wr) {
+		h.streak = 0
+	}
+}
+
+// isWrite reports whether a chain with rd bytes for the device to read and
+// wr to write has the shape of a write (or discard): a header and data to
+// read, one status byte to write.
+func isWrite(rd, wr uint64) bool {
+	return wr == 1 && rd > HeaderSize
 }
 
 func (h *queueHandler) Handle(req *backend.Request) {
+	if h.inlineWrites && req.Worker() == 0 {
+		c := req.Chain()
+		h.handledOnRing(c.ReadableLen(), c.WritableLen())
+	}
 	written, bad := h.ws[req.Worker()].handleChain(req.Chain())
 	if bad != nil {
 		req.Malformed(bad)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -627,10 +628,11 @@ func BenchmarkHandle(b *testing.B) {
 	}
 }
 
-// TestShortWrite: the chain shapes served on the ring's goroutine with
-// SerialWrites (queueHandler.Inline): writes and discards of at most
-// inlineWriteMax bytes; never a read, a flush, GET_ID or a long write.
-func TestShortWrite(t *testing.T) {
+// TestInlineShapes: the chain shapes served on the ring's goroutine with
+// SerialWrites (queueHandler.Inline) outside a stream of writes: writes
+// and discards of at most inlineWriteMax bytes; never a read, a flush,
+// GET_ID or a long write.
+func TestInlineShapes(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		rd, wr uint64
@@ -647,10 +649,52 @@ func TestShortWrite(t *testing.T) {
 		{"no status byte", HeaderSize + 4096, 0, false},
 		{"header cut short", HeaderSize - 1, 1, false},
 	} {
-		if got := shortWrite(tc.rd, tc.wr); got != tc.want {
+		h := &queueHandler{inlineWrites: true}
+		if got := h.inline(tc.rd, tc.wr); got != tc.want {
 			t.Errorf("%s (read %d, write %d): %v, want %v", tc.name, tc.rd, tc.wr, got, tc.want)
 		}
 	}
+}
+
+// TestInlineStreak: long writes are served on the ring's goroutine once
+// writeStreak writes came in a row, short or long; any other request,
+// whether Inline sees it or it is handled on the ring's goroutine
+// directly, ends the streak.
+func TestInlineStreak(t *testing.T) {
+	const (
+		long  = HeaderSize + 1<<20
+		short = HeaderSize + 4096
+		read  = 4096 + 1
+	)
+	h := &queueHandler{inlineWrites: true}
+	step := func(what string, rd, wr uint64, want bool) {
+		t.Helper()
+		if got := h.inline(rd, wr); got != want {
+			t.Fatalf("%s (streak %d): inline %v, want %v", what, h.streak, got, want)
+		}
+	}
+	for i := 1; i < writeStreak; i++ {
+		step(fmt.Sprintf("long write %d", i), long, 1, false)
+	}
+	step("long write at the streak", long, 1, true)
+	step("next long write", long, 1, true)
+	step("a read", HeaderSize, read, false)
+	step("long write after the read", long, 1, false)
+	step("short write after the read", short, 1, true)
+	for i := 3; i < writeStreak; i++ {
+		step(fmt.Sprintf("long write %d after the read", i), long, 1, false)
+	}
+	step("long write at the streak again", long, 1, true)
+	step("a flush", HeaderSize, 1, false)
+	step("long write after the flush", long, 1, false)
+	for i := 2; i <= writeStreak; i++ {
+		h.inline(long, 1)
+	}
+	step("long write at the streak, third time", long, 1, true)
+	h.handledOnRing(long, 1) // a write handled alone: the streak goes on
+	step("long write after a write alone", long, 1, true)
+	h.handledOnRing(HeaderSize, read) // a read handled alone ends it
+	step("long write after a read alone", long, 1, false)
 }
 
 // TestIOErrorLogBounded: a guest that keeps writing to a failing disk

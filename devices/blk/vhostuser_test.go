@@ -550,6 +550,9 @@ type overlapDisk struct {
 	*raw.Disk
 	writes, reads       atomic.Int32
 	maxWrites, maxReads atomic.Int32
+	// mixed counts the reads that began while a write was on the disk,
+	// and the writes that began while a read was.
+	mixed atomic.Int32
 }
 
 func (o *overlapDisk) enter(n, peak *atomic.Int32) func() {
@@ -565,11 +568,17 @@ func (o *overlapDisk) enter(n, peak *atomic.Int32) func() {
 }
 
 func (o *overlapDisk) WritevAt(bufs [][]byte, off int64) (int, error) {
+	if o.reads.Load() > 0 {
+		o.mixed.Add(1)
+	}
 	defer o.enter(&o.writes, &o.maxWrites)()
 	return o.Disk.WritevAt(bufs, off)
 }
 
 func (o *overlapDisk) ReadvAt(bufs [][]byte, off int64) (int, error) {
+	if o.writes.Load() > 0 {
+		o.mixed.Add(1)
+	}
 	defer o.enter(&o.reads, &o.maxReads)()
 	return o.Disk.ReadvAt(bufs, off)
 }
@@ -621,5 +630,65 @@ func TestSerialWrites(t *testing.T) {
 				t.Errorf("at most %d read on the disk at once, want overlap", mr)
 			}
 		})
+	}
+}
+
+// TestLongWriteStream: with SerialWrites, a stream of long writes is served
+// on the ring's goroutine (a read posted behind writes then waits for
+// them), and a read ends the stream: the next long writes go to workers
+// again, and a read behind them overlaps them. Every write lands.
+func TestLongWriteStream(t *testing.T) {
+	var od *overlapDisk
+	r := newRigConfig(t, 8<<20, false, blk.Config{QueueWorkers: 8, SerialWrites: true}, func(d *raw.Disk) disk.Disk {
+		od = &overlapDisk{Disk: d}
+		return od
+	})
+	bk := r.blk(t, 0)
+	const size = 128 << 10 // longer than a write served inline anyway
+	n := 0
+	write := func() *testguest.BlkRequest {
+		n++
+		return &testguest.BlkRequest{Type: testguest.BlkTOut, Sector: uint64(n%64) * size / 512, Data: fill(size, byte(n))}
+	}
+	read := func() *testguest.BlkRequest {
+		return &testguest.BlkRequest{Type: testguest.BlkTIn, Sector: 0, Data: make([]byte, 4096)}
+	}
+	do := func(reqs ...*testguest.BlkRequest) {
+		t.Helper()
+		if err := bk.Do(context.Background(), reqs); err != nil {
+			t.Fatal(err)
+		}
+		for i, q := range reqs {
+			if q.Err != nil {
+				t.Fatalf("request %d: %v", i, q.Err)
+			}
+		}
+	}
+	// Each batch of four passes at least three writes through Inline.
+	for range 24 {
+		do(write(), write(), write(), write())
+	}
+	before := od.mixed.Load()
+	do(write(), write(), write(), read())
+	if got := od.mixed.Load() - before; got != 0 {
+		t.Fatalf("in a stream of writes, a read behind three writes overlapped them %d times", got)
+	}
+	before = od.mixed.Load()
+	do(write(), write(), write(), read())
+	if got := od.mixed.Load() - before; got == 0 {
+		t.Fatalf("after a read, a read behind three long writes did not overlap them: the writes were not on workers")
+	}
+	if mw := od.maxWrites.Load(); mw != 1 {
+		t.Fatalf("%d writes on the disk at once, want 1", mw)
+	}
+	// The last 64 writes, read back.
+	for i := n - 63; i <= n; i++ {
+		got := make([]byte, size)
+		if err := bk.Read(context.Background(), uint64(i%64)*size/512, got); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, fill(size, byte(i))) {
+			t.Fatalf("write %d did not land", i)
+		}
 	}
 }
