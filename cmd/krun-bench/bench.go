@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/signal"
+	"runtime"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -45,6 +46,9 @@ func benchCommand(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, benchUsage)
+		return 0
+	case "--version", "-version", "version":
+		fmt.Fprintf(stdout, "krun-bench %s, %s\n", cli.ReadBuild(), runtime.Version())
 		return 0
 	case "blk":
 		return benchBlk(args[1:], stdout, stderr)

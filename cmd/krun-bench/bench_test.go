@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -50,6 +51,16 @@ func TestBenchUsageErrors(t *testing.T) {
 		}
 		if !strings.Contains(errb.String(), tc.msg) {
 			t.Errorf("bench %q: stderr %q lacks %q", tc.args, errb.String(), tc.msg)
+		}
+	}
+}
+
+func TestBenchVersion(t *testing.T) {
+	for _, arg := range []string{"--version", "version"} {
+		var out, errb bytes.Buffer
+		if rc := benchCommand([]string{arg}, &out, &errb); rc != 0 || !strings.HasPrefix(out.String(), "krun-bench ") ||
+			!strings.Contains(out.String(), runtime.Version()) || strings.Count(out.String(), "\n") != 1 || errb.Len() != 0 {
+			t.Errorf("%s: exit %d, stdout %q, stderr %q", arg, rc, out.String(), errb.String())
 		}
 	}
 }

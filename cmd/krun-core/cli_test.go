@@ -22,7 +22,7 @@ import (
 func TestHelpPages(t *testing.T) {
 	singleDash := regexp.MustCompile(`(^|[\s\[(|,])-[a-z][a-z-]+`)
 	for _, args := range [][]string{
-		{"--help"}, {"help"}, {"-h"}, {"help", "run"},
+		{"--help"}, {"help"}, {"-h"}, {"help", "run"}, {"help", "help"},
 		{"run", "--help"}, {"run", "-h"}, {"serve", "--help"},
 		{"img", "--help"}, {"img", "info", "--help"}, {"img", "check", "--help"},
 		{"img", "verify", "--help"}, {"img", "create", "--help"}, {"img", "convert", "--help"},
@@ -33,6 +33,9 @@ func TestHelpPages(t *testing.T) {
 		rc := dispatch(args, &out, &errb)
 		if rc != 0 || errb.Len() != 0 || !strings.HasPrefix(out.String(), "usage: krun-core") {
 			t.Errorf("%q: exit %d, stdout %.60q, stderr %q: want the page on stdout and exit 0", args, rc, out.String(), errb.String())
+		}
+		if args[0] == "help" && (len(args) == 1 || args[1] == "help") && !strings.HasPrefix(out.String(), "usage: krun-core COMMAND") {
+			t.Errorf("%q: page starts %.60q, want krun-core's own", args, out.String())
 		}
 		if m := singleDash.FindString(out.String()); m != "" {
 			t.Errorf("%q: page spells a flag with one dash: %q", args, m)

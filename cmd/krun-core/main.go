@@ -58,6 +58,10 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "-h", "--help", "help":
 		if len(args) > 1 && args[0] == "help" { // krun-core help CMD
+			if args[1] == "help" {
+				usage(stdout)
+				return 0
+			}
 			if _, ok := commands()[args[1]]; ok {
 				return dispatch([]string{args[1], "--help"}, stdout, stderr)
 			}
