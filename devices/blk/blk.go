@@ -192,6 +192,12 @@ func New(cfg Config) (*Device, error) {
 	if d.limits.maxDiscardSeg > maxSegmentsLimit || d.limits.maxWriteZeroesSeg > maxSegmentsLimit {
 		return nil, fmt.Errorf("blk: discard/write-zeroes segment limit above %d", maxSegmentsLimit)
 	}
+	if tail := size % SectorSize; tail != 0 {
+		// QEMU rounds such a disk up and reads the tail as zeros; here
+		// the guest sees whole sectors only (docs/IMAGES.md).
+		d.log.Warn("disk size is not a multiple of 512 bytes: its last partial sector is not served",
+			"size", size, "served", size-tail, "unserved", tail)
+	}
 	return d, nil
 }
 

@@ -727,3 +727,34 @@ func TestIOErrorLogBounded(t *testing.T) {
 		t.Errorf("%d failed writes wrote %d log lines, want 1:\n%s", n, lines, logs)
 	}
 }
+
+// TestPartialSector: a disk whose size is not a multiple of 512 is served
+// in whole sectors, and the device says once, at a warning, what it leaves
+// out; a whole-sector disk logs nothing.
+func TestPartialSector(t *testing.T) {
+	for _, tc := range []struct {
+		size     int
+		capacity uint64
+		warn     string
+	}{
+		{1000, 1, "unserved=488"},
+		{511, 0, "unserved=511"},
+		{4096, 8, ""},
+	} {
+		logs := &syncbuf.Buffer{}
+		d, err := New(Config{Disk: newMemDisk(tc.size), Log: hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info})})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Capacity() != tc.capacity {
+			t.Errorf("%d bytes: capacity %d sectors, want %d", tc.size, d.Capacity(), tc.capacity)
+		}
+		out := logs.String()
+		switch {
+		case tc.warn == "" && out != "":
+			t.Errorf("%d bytes: logged %q", tc.size, out)
+		case tc.warn != "" && (strings.Count(out, "\n") != 1 || !strings.Contains(out, "[WARN]") || !strings.Contains(out, tc.warn)):
+			t.Errorf("%d bytes: logged %q, want one warning with %s", tc.size, out, tc.warn)
+		}
+	}
+}
