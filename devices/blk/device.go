@@ -65,8 +65,7 @@ const inlineWriteMax = 64 << 10
 // stream of long writes then costs no hand-off to a worker, no wake-up and
 // one interrupt per round instead of one per write (issue #17: 1 MiB
 // writes at depth 4 gain 10 to 13 %, docs/BENCHMARKS.md); the first read
-// ends the streak, and waits at most for the round of writes taken before
-// it.
+// ends the streak, and waits at most for the writes queued before it.
 const writeStreak = 64
 
 // Inline (backend.Inliner) picks writes by the chain's shape alone: a
