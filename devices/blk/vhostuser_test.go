@@ -692,3 +692,108 @@ func TestLongWriteStream(t *testing.T) {
 		}
 	}
 }
+
+// pubDisk: writes last 1 ms, reads are immediate; after the read is done it
+// counts the writes that begin while the read's completion is still not
+// visible in the used ring.
+type pubDisk struct {
+	*raw.Disk
+	used          func() uint16
+	elems         []byte // the used ring's elements
+	qsize         uint16
+	base          atomic.Int32 // used idx before the batch, -1: not armed
+	readDone      atomic.Bool
+	hidden        atomic.Int32 // writes begun after the read, before it was published
+	total, atRead atomic.Int32
+}
+
+func (p *pubDisk) WritevAt(bufs [][]byte, off int64) (int, error) {
+	if p.readDone.Load() && !p.published() {
+		p.hidden.Add(1)
+	}
+	p.total.Add(1)
+	time.Sleep(time.Millisecond)
+	return p.Disk.WritevAt(bufs, off)
+}
+
+// published: the read (4097 bytes written) is among the used elements
+// the driver can see.
+func (p *pubDisk) published() bool {
+	for i := uint16(p.base.Load()); i != p.used(); i++ {
+		e := p.elems[8*uint64(i%p.qsize):]
+		if binary.LittleEndian.Uint32(e[4:]) == 4097 {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *pubDisk) ReadvAt(bufs [][]byte, off int64) (int, error) {
+	time.Sleep(20 * time.Millisecond) // a read not in the page cache
+	n, err := p.Disk.ReadvAt(bufs, off)
+	if p.base.Load() >= 0 {
+		p.readDone.Store(true)
+		p.atRead.Store(p.total.Load())
+	}
+	return n, err
+}
+
+// TestReadPublishedInWriteStream: a read behind 62 writes of a stream, with
+// 120 more writes behind it, is served on a worker while the ring's
+// goroutine serves the writes (or waits for the write lock behind the
+// workers'): the driver sees the read as soon as it is done, not when the
+// ring's goroutine next publishes (found in review: 102 writes later).
+func TestReadPublishedInWriteStream(t *testing.T) {
+	var pd *pubDisk
+	r := newRigRing(t, 32<<20, false, blk.Config{QueueWorkers: 8, SerialWrites: true}, func(d *raw.Disk) disk.Disk {
+		pd = &pubDisk{Disk: d}
+		pd.base.Store(-1)
+		return pd
+	}, 1024)
+	ring := r.guest.Rings[0]
+	pd.used = ring.UsedIdx
+	_, _, usedAddr := ring.Addrs()
+	mem, err := r.guest.Mem.Bytes(usedAddr+4, 8*uint64(ring.Size()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pd.elems, pd.qsize = mem, ring.Size()
+	bk := r.blk(t, 0)
+	const size = 128 << 10
+	n := 0
+	write := func() *testguest.BlkRequest {
+		n++
+		return &testguest.BlkRequest{Type: testguest.BlkTOut, Sector: uint64(n%200) * size / 512, Data: fill(size, byte(n))}
+	}
+	do := func(reqs ...*testguest.BlkRequest) {
+		t.Helper()
+		if err := bk.Do(context.Background(), reqs); err != nil {
+			t.Fatal(err)
+		}
+		for i, q := range reqs {
+			if q.Err != nil {
+				t.Fatalf("request %d: %v", i, q.Err)
+			}
+		}
+	}
+	for range 24 {
+		do(write(), write(), write(), write())
+	}
+	var reqs []*testguest.BlkRequest
+	for range 62 {
+		reqs = append(reqs, write())
+	}
+	reqs = append(reqs, &testguest.BlkRequest{Type: testguest.BlkTIn, Sector: 0, Data: make([]byte, 4096)})
+	for range 120 {
+		reqs = append(reqs, write())
+	}
+	pd.total.Store(0)
+	pd.base.Store(int32(ring.UsedIdx()))
+	do(reqs...)
+	t.Logf("writes begun when the read was done: %d of %d; hidden %d", pd.atRead.Load(), pd.total.Load(), pd.hidden.Load())
+	// One write may begin between the read's return from the disk and
+	// its completion's publication, microseconds later.
+	if h := pd.hidden.Load(); h > 1 {
+		t.Errorf("the read was done, but %d writes queued behind it began before the driver could see it", h)
+	}
+}

@@ -115,6 +115,14 @@ type engine struct {
 	unpublished int        // used elements added and not published
 	waiting     bool       // the ring goroutine waits on wake
 	failed      error
+
+	// workerDone: some of the unpublished elements were completed by
+	// workers during the round (set and cleared under mu).
+	workerDone atomic.Bool
+	// serving: the ring goroutine is handling a request itself during a
+	// round, for as long as that takes (a write served inline may wait
+	// for a lock); a worker's completion meanwhile is published at once.
+	serving atomic.Bool
 }
 
 func newEngine(rc ringConfig, qc QueueConfig) (*engine, error) {
@@ -264,7 +272,10 @@ func (e *engine) serve() error {
 				// (virtio-blk's seg_max) on a smaller ring.
 				e.log.Debug("chain longer than the ring, as the device allows", "queue", e.index, "buffers", n, "ring", q.Size())
 			}
-			e.dispatch(req)
+			if err := e.dispatch(req); err != nil {
+				e.endRound()
+				return err
+			}
 		}
 		if e.drainer != nil && !starved {
 			e.drainer.Drained()
@@ -320,27 +331,43 @@ func (e *engine) pop(req *Request) (bool, error) {
 // dispatch hands a taken request to the handler: on this goroutine when
 // there are no workers, when it is alone on an idle ring (no hand-off at
 // queue depth 1), or when the handler's Inline asks for it; otherwise to a
-// worker.
-func (e *engine) dispatch(req *Request) {
+// worker. An error (publishing failed) fails the ring; req was dropped.
+func (e *engine) dispatch(req *Request) error {
 	if e.work == nil {
 		req.worker = 0
 		e.handle(req)
-		return
+		return nil
 	}
-	if e.busy.Load() == 0 {
-		if e.pending() == 0 {
-			req.worker = 0
-			e.handle(req)
-			return
-		}
+	if e.busy.Load() == 0 && e.pending() == 0 {
+		return e.handleHere(req)
 	}
 	if e.inliner != nil && e.inliner.Inline(req) {
-		req.worker = 0
-		e.handle(req)
-		return
+		return e.handleHere(req)
 	}
 	e.busy.Add(1)
 	e.work <- req
+	return nil
+}
+
+// handleHere serves req on the ring goroutine while the ring has workers.
+// What workers completed earlier in the round is published first, and
+// what they complete while req is served is published at once (serving),
+// so a long request served here does not hold their answers back until
+// the round ends.
+func (e *engine) handleHere(req *Request) error {
+	// serving before the look at workerDone: a worker's completion is
+	// then either published by the worker or seen here.
+	e.serving.Store(true)
+	defer e.serving.Store(false)
+	if e.workerDone.Load() {
+		if err := e.publish(); err != nil {
+			e.drop(req)
+			return fmt.Errorf("queue %d: %w", e.index, err)
+		}
+	}
+	req.worker = 0
+	e.handle(req)
+	return nil
 }
 
 func (e *engine) worker(id int) {
@@ -458,8 +485,14 @@ func (e *engine) take(r *Request) error {
 func (e *engine) complete(r *Request, written uint32) {
 	e.mu.Lock()
 	// With inflight tracking, pushLocked links the head into the last
-	// batch and the publication clears it.
-	notify, err := e.pushLocked(r.chain.Head, written, !e.batching)
+	// batch and the publication clears it. A worker's completion is
+	// published at once while the ring goroutine serves a request itself
+	// (see handleHere), else noted for it.
+	publish := !e.batching || r.worker != 0 && e.serving.Load()
+	notify, err := e.pushLocked(r.chain.Head, written, publish)
+	if !publish && r.worker != 0 {
+		e.workerDone.Store(true)
+	}
 	e.release(r)
 	e.mu.Unlock()
 	if err == nil && notify {
@@ -520,6 +553,7 @@ func (e *engine) publishAddedLocked() bool {
 		return false
 	}
 	e.unpublished = 0
+	e.workerDone.Store(false)
 	e.q.PublishUsed()
 	if e.track != nil {
 		if e.hook != nil {

@@ -81,6 +81,46 @@ func TestEngineModes(t *testing.T) {
 	}
 }
 
+// TestWorkerCompletionNotHeldByInline: while the ring's goroutine serves a
+// request itself (Inline) for a long time, a request a worker completes
+// meanwhile reaches the driver at once, not when the round ends.
+func TestWorkerCompletionNotHeldByInline(t *testing.T) {
+	dev := newTestDevice(1)
+	dev.mode, dev.workers, dev.gate = "gate", 4, make(chan struct{})
+	_, g, r := startGuest(t, dev, testguest.Options{QueueSize: 64})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	// Both chains are in the ring before the kick: the long one goes to
+	// a worker (another chain waits), the short one to the ring's
+	// goroutine, which holds it until the gate opens.
+	for _, msg := range []string{"to a worker, at once", "gated"} {
+		in, _ := g.Mem.Alloc(uint64(len(msg)), 8)
+		out, _ := g.Mem.Alloc(uint64(len(msg)), 8)
+		b, _ := g.Mem.Bytes(in, uint64(len(msg)))
+		copy(b, msg)
+		segs := []testguest.Segment{{Addr: in, Len: uint32(len(msg))}, {Addr: out, Len: uint32(len(msg)), Writable: true}}
+		if _, err := r.Post(segs, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.KickAlways(); err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
+	done, err := r.Wait(wctx)
+	wcancel()
+	close(dev.gate)
+	if err != nil {
+		t.Fatalf("the worker's completion did not reach the driver while the ring's goroutine served the other request: %v", err)
+	}
+	if len(done) != 1 || done[0].Token != "to a worker, at once" {
+		t.Fatalf("first completions %+v, want the worker's alone", done)
+	}
+	if done, err = r.Wait(ctx); err != nil || len(done) != 1 || done[0].Token != "gated" {
+		t.Fatalf("then %+v, %v; want the gated request", done, err)
+	}
+}
+
 // TestInliner: requests the handler's Inline picks are served on the ring's
 // goroutine (worker 0) even while workers are busy and chains wait in the
 // ring; the others go to workers.

@@ -45,6 +45,9 @@ type testDevice struct {
 	workerOf sync.Map
 	// producer serves the rings in mode "produce".
 	producer backend.Producer
+	// gate holds, in mode "gate", every request Inline kept on the ring's
+	// goroutine until the test closes it.
+	gate chan struct{}
 
 	mu       sync.Mutex
 	config   [64]byte
@@ -141,6 +144,8 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 		return backend.QueueConfig{Handler: holdHandler{d.held}, Workers: d.workers}, nil
 	case "inline":
 		return backend.QueueConfig{Handler: inlineHandler{&d.workerOf}, Workers: d.workers}, nil
+	case "gate":
+		return backend.QueueConfig{Handler: gateHandler{d.gate}, Workers: d.workers}, nil
 	case "status":
 		return backend.QueueConfig{Handler: statusHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
 	case "async":
@@ -171,6 +176,28 @@ func (h inlineHandler) Handle(req *backend.Request) {
 		return
 	}
 	h.workerOf.Store(string(msg), req.Worker())
+	n, _ := c.Write(msg)
+	req.Complete(uint32(n))
+}
+
+// gateHandler echoes; requests of at most 8 bytes are served on the ring's
+// goroutine (backend.Inliner), each once gate is closed; longer ones on
+// workers, at once.
+type gateHandler struct{ gate chan struct{} }
+
+func (h gateHandler) Inline(req *backend.Request) bool { return req.Chain().ReadableLen() <= 8 }
+
+func (h gateHandler) Handle(req *backend.Request) {
+	c := req.Chain()
+	if c.ReadableLen() <= 8 {
+		<-h.gate
+	}
+	msg := make([]byte, c.ReadableLen())
+	if err := c.ReadFull(msg); err != nil {
+		req.Malformed(err)
+		req.Complete(0)
+		return
+	}
 	n, _ := c.Write(msg)
 	req.Complete(uint32(n))
 }
