@@ -33,7 +33,7 @@ Benchmarks a vhost-user back-end with the Go test guest:
        (block, virtio-fs, start-up), in alternating rounds, one table
 
 See krun-bench blk --help, krun-bench net --help and
-krun-bench all --help.
+krun-bench all --help; krun-bench --version prints its build.
 `
 
 // benchCommand is krun-bench: it benchmarks a vhost-user back-end with the
@@ -178,6 +178,16 @@ func benchBlk(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// nameWidth is the longest workload name's length, for aligned progress
+// lines.
+var nameWidth = func() int {
+	n := 0
+	for _, w := range blkWorkloads {
+		n = max(n, len(w.Name))
+	}
+	return n
+}()
+
 func workloadNames() string {
 	var names []string
 	for _, w := range blkWorkloads {
@@ -282,11 +292,11 @@ func runBlkBench(ctx context.Context, cfg blkBenchConfig) ([]blkResult, error) {
 				return results, fmt.Errorf("%s: back-end CPU time: %w", w.Name, err)
 			}
 			if r.Requests > 0 {
-				r.ServerCPUus = float64(cpu1-cpu0) / float64(time.Microsecond) / float64(r.Requests)
+				r.ServerCPUus = float64(cpu1-cpu0) / float64(time.Microsecond) / float64(r.Requests+r.ProbeReads)
 			}
 		}
 		if cfg.Progress != nil {
-			fmt.Fprintf(cfg.Progress, "%-18s %9.0f IOPS %8.1f MiB/s  p50 %7.1f µs  p99 %7.1f µs", r.Workload, r.IOPS, r.MiBps, r.P50us, r.P99us)
+			fmt.Fprintf(cfg.Progress, "%-*s %9.0f IOPS %8.1f MiB/s  p50 %7.1f µs  p99 %7.1f µs", nameWidth, r.Workload, r.IOPS, r.MiBps, r.P50us, r.P99us)
 			if r.ProbeReads > 0 {
 				fmt.Fprintf(cfg.Progress, "  probe reads %d p50 %7.1f µs  p99 %7.1f µs", r.ProbeReads, r.ProbeP50us, r.ProbeP99us)
 			}
@@ -380,7 +390,7 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 			return blkResult{}, err
 		}
 	}
-	done := make([]testguest.Completion, 0, w.Depth) // reused: no allocation per wait
+	done := make([]testguest.Completion, 0, len(slots)) // reused: no allocation per wait
 	if _, err := ring.Kick(); err != nil {
 		return blkResult{}, err
 	}

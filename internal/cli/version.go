@@ -37,11 +37,12 @@ func ReadBuild() Build {
 }
 
 // String is "VERSION[ commit REV[ (modified)]]", the commit cut to 12
-// digits.
+// digits; without the commit where the version already names it (the
+// pseudo-version Go stamps, v0.0.0-DATE-REV[+dirty]).
 func (b Build) String() string {
 	var s strings.Builder
 	s.WriteString(b.Version)
-	if b.Revision != "" {
+	if rev := b.Revision; rev != "" && !strings.Contains(b.Version, rev[:min(len(rev), 12)]) {
 		fmt.Fprintf(&s, " commit %.12s", b.Revision)
 		if b.Modified {
 			s.WriteString(" (modified)")
