@@ -250,6 +250,8 @@ func (m *monitor) serve(l *net.UnixListener) {
 			var req request
 			files, err := recvMsg(conn, &req)
 			if err != nil {
+				// The caller gets EOF; the log says why.
+				m.log.warn("container control request: %v", err)
 				return
 			}
 			rep := m.handle(&req, files)
