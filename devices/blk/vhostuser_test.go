@@ -633,6 +633,29 @@ func TestSerialWrites(t *testing.T) {
 	}
 }
 
+// doBlk posts reqs at once and fails the test on any error.
+func doBlk(t *testing.T, bk *testguest.Blk, reqs ...*testguest.BlkRequest) {
+	t.Helper()
+	if err := bk.Do(context.Background(), reqs); err != nil {
+		t.Fatal(err)
+	}
+	for i, q := range reqs {
+		if q.Err != nil {
+			t.Fatalf("request %d: %v", i, q.Err)
+		}
+	}
+}
+
+// startStream sends 96 writes in batches of four: each batch passes at
+// least three of them through Inline, so the queue is in a stream of
+// writes (writeStreak) afterwards.
+func startStream(t *testing.T, bk *testguest.Blk, write func() *testguest.BlkRequest) {
+	t.Helper()
+	for range 24 {
+		doBlk(t, bk, write(), write(), write(), write())
+	}
+}
+
 // TestLongWriteStream: with SerialWrites, a stream of long writes is served
 // on the ring's goroutine (a read posted behind writes then waits for
 // them), and a read ends the stream: the next long writes go to workers
@@ -653,21 +676,8 @@ func TestLongWriteStream(t *testing.T) {
 	read := func() *testguest.BlkRequest {
 		return &testguest.BlkRequest{Type: testguest.BlkTIn, Sector: 0, Data: make([]byte, 4096)}
 	}
-	do := func(reqs ...*testguest.BlkRequest) {
-		t.Helper()
-		if err := bk.Do(context.Background(), reqs); err != nil {
-			t.Fatal(err)
-		}
-		for i, q := range reqs {
-			if q.Err != nil {
-				t.Fatalf("request %d: %v", i, q.Err)
-			}
-		}
-	}
-	// Each batch of four passes at least three writes through Inline.
-	for range 24 {
-		do(write(), write(), write(), write())
-	}
+	do := func(reqs ...*testguest.BlkRequest) { t.Helper(); doBlk(t, bk, reqs...) }
+	startStream(t, bk, write)
 	before := od.mixed.Load()
 	do(write(), write(), write(), read())
 	if got := od.mixed.Load() - before; got != 0 {
@@ -765,20 +775,8 @@ func TestReadPublishedInWriteStream(t *testing.T) {
 		n++
 		return &testguest.BlkRequest{Type: testguest.BlkTOut, Sector: uint64(n%200) * size / 512, Data: fill(size, byte(n))}
 	}
-	do := func(reqs ...*testguest.BlkRequest) {
-		t.Helper()
-		if err := bk.Do(context.Background(), reqs); err != nil {
-			t.Fatal(err)
-		}
-		for i, q := range reqs {
-			if q.Err != nil {
-				t.Fatalf("request %d: %v", i, q.Err)
-			}
-		}
-	}
-	for range 24 {
-		do(write(), write(), write(), write())
-	}
+	do := func(reqs ...*testguest.BlkRequest) { t.Helper(); doBlk(t, bk, reqs...) }
+	startStream(t, bk, write)
 	var reqs []*testguest.BlkRequest
 	for range 62 {
 		reqs = append(reqs, write())
