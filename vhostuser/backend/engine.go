@@ -355,8 +355,9 @@ func (e *engine) dispatch(req *Request) error {
 // so a long request served here does not hold their answers back until
 // the round ends.
 func (e *engine) handleHere(req *Request) error {
-	// serving before the look at workerDone: a worker's completion is
-	// then either published by the worker or seen here.
+	// serving before the look at workerDone (complete does the
+	// opposite): a worker's completion is then either published by the
+	// worker or seen here, and publish waits for mu, so for it.
 	e.serving.Store(true)
 	defer e.serving.Store(false)
 	if e.workerDone.Load() {
@@ -485,14 +486,17 @@ func (e *engine) take(r *Request) error {
 func (e *engine) complete(r *Request, written uint32) {
 	e.mu.Lock()
 	// With inflight tracking, pushLocked links the head into the last
-	// batch and the publication clears it. A worker's completion is
-	// published at once while the ring goroutine serves a request itself
-	// (see handleHere), else noted for it.
-	publish := !e.batching || r.worker != 0 && e.serving.Load()
-	notify, err := e.pushLocked(r.chain.Head, written, publish)
-	if !publish && r.worker != 0 {
+	// batch and the publication clears it. A worker's completion in a
+	// round is noted for the ring goroutine, and published at once while
+	// it serves a request itself. workerDone is stored before serving is
+	// loaded, as handleHere stores serving before it loads workerDone:
+	// one of the two sees the other (a publication clears the note).
+	worker := r.worker != 0 && e.batching
+	if worker {
 		e.workerDone.Store(true)
 	}
+	publish := !e.batching || worker && e.serving.Load()
+	notify, err := e.pushLocked(r.chain.Head, written, publish)
 	e.release(r)
 	e.mu.Unlock()
 	if err == nil && notify {
