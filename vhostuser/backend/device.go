@@ -110,9 +110,11 @@ type Handler interface {
 // Inliner may be implemented by a Handler: Inline is called on the ring's
 // goroutine for a request that would go to a worker; true serves it on the
 // ring's goroutine instead, in the ring's order. For requests that would
-// only wait on a worker (a short write the device serializes anyway): no
+// only wait on a worker (a write the device serializes anyway): no
 // hand-off, no wake-up, and their completions are published with the
-// ring's batch. Inline may look at the chain's shape (Chain().ReadableLen,
+// ring's batch. While such a request is served, the ring takes no new
+// chains, but what workers complete meanwhile is published at once.
+// Inline may look at the chain's shape (Chain().ReadableLen,
 // WritableLen) only, never at guest memory.
 type Inliner interface{ Inline(req *Request) bool }
 
