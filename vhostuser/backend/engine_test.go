@@ -93,22 +93,8 @@ func TestWorkerCompletionNotHeldByInline(t *testing.T) {
 	// Both chains are in the ring before the kick: the long one goes to
 	// a worker (another chain waits), the short one to the ring's
 	// goroutine, which holds it until the gate opens.
-	for _, msg := range []string{"to a worker, at once", "gated"} {
-		in, _ := g.Mem.Alloc(uint64(len(msg)), 8)
-		out, _ := g.Mem.Alloc(uint64(len(msg)), 8)
-		b, _ := g.Mem.Bytes(in, uint64(len(msg)))
-		copy(b, msg)
-		segs := []testguest.Segment{{Addr: in, Len: uint32(len(msg))}, {Addr: out, Len: uint32(len(msg)), Writable: true}}
-		if _, err := r.Post(segs, msg); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := r.KickAlways(); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
-	done, err := r.Wait(wctx)
-	wcancel()
+	postThenKick(t, g, r, "to a worker, at once", "gated")
+	done, err := waitWithin(ctx, r, 3*time.Second)
 	close(dev.gate)
 	if err != nil {
 		t.Fatalf("the worker's completion did not reach the driver while the ring's goroutine served the other request: %v", err)

@@ -446,6 +446,39 @@ func tryPostEcho(g *testguest.Guest, r *testguest.Ring, msg string) (uint64, uin
 	return in, out, nil
 }
 
+// postThenKick posts one chain per message (the message to read, as many
+// bytes to write) and then kicks once, so that the ring's goroutine finds
+// them all in one round.
+func postThenKick(t *testing.T, g *testguest.Guest, r *testguest.Ring, msgs ...string) {
+	t.Helper()
+	for _, msg := range msgs {
+		n := uint64(len(msg))
+		in, err := g.Mem.Alloc(n, 8)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := g.Mem.Alloc(n, 8)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := g.Mem.Bytes(in, n)
+		copy(b, msg)
+		if _, err := r.Post([]testguest.Segment{{Addr: in, Len: uint32(n)}, {Addr: out, Len: uint32(n), Writable: true}}, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.KickAlways(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitWithin waits at most d for completions on r.
+func waitWithin(ctx context.Context, r *testguest.Ring, d time.Duration) ([]testguest.Completion, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	return r.Wait(ctx)
+}
+
 func logContains(t *testing.T, h *harness, s string) {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Second)

@@ -87,21 +87,8 @@ func TestWorkerCompletionRacesServing(t *testing.T) {
 	}
 	defer g.Close()
 	r := g.Rings[0]
-	for _, msg := range []string{"W", "G"} {
-		in, _ := g.Mem.Alloc(1, 8)
-		out, _ := g.Mem.Alloc(1, 8)
-		b, _ := g.Mem.Bytes(in, 1)
-		copy(b, msg)
-		if _, err := r.Post([]testguest.Segment{{Addr: in, Len: 1}, {Addr: out, Len: 1, Writable: true}}, msg); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := r.KickAlways(); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
-	done, err := r.Wait(wctx)
-	wcancel()
+	postThenKick(t, g, r, "W", "G")
+	done, err := waitWithin(ctx, r, 3*time.Second)
 	close(d.gate)
 	if err != nil || len(done) != 1 || done[0].Token != "W" {
 		t.Fatalf("worker's completion while the ring goroutine served G: %+v, %v", done, err)
