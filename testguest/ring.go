@@ -73,6 +73,7 @@ type Ring struct {
 	indirect  []uint64 // indirect table per head, 0 if none
 	chainLen  []uint16
 	availIdx  uint16
+	holdAvail bool   // Post leaves the available index to ReleaseAvail
 	lastKick  uint16 // avail idx at the last kick decision
 	lastUsed  uint16
 	availFlag uint16
@@ -262,8 +263,29 @@ func (r *Ring) Post(segs []Segment, token any) (uint16, error) {
 	binary.LittleEndian.PutUint16(r.avail[slot:], head)
 	fence(&r.barrier) // descriptors and ring entry before the index
 	r.availIdx++
-	store16(r.avail, 2, r.availIdx)
+	if !r.holdAvail {
+		store16(r.avail, 2, r.availIdx)
+	}
 	return head, nil
+}
+
+// HoldAvail makes the chains posted from now on wait until ReleaseAvail
+// makes them all available at once, as a driver that fills several slots
+// before it moves the index: a back-end then finds them in one look.
+func (r *Ring) HoldAvail() {
+	r.mu.Lock()
+	r.holdAvail = true
+	r.mu.Unlock()
+}
+
+// ReleaseAvail makes the chains posted since HoldAvail available (without
+// kicking).
+func (r *Ring) ReleaseAvail() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.holdAvail = false
+	fence(&r.barrier) // descriptors and ring entries before the index
+	store16(r.avail, 2, r.availIdx)
 }
 
 // PostIndirect posts a chain whose head descriptor points at an indirect
@@ -287,7 +309,9 @@ func (r *Ring) PostIndirect(table uint64, length uint32, token any) (uint16, err
 	binary.LittleEndian.PutUint16(r.avail[slot:], head)
 	fence(&r.barrier)
 	r.availIdx++
-	store16(r.avail, 2, r.availIdx)
+	if !r.holdAvail {
+		store16(r.avail, 2, r.availIdx)
+	}
 	return head, nil
 }
 

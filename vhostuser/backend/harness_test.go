@@ -447,10 +447,12 @@ func tryPostEcho(g *testguest.Guest, r *testguest.Ring, msg string) (uint64, uin
 }
 
 // postThenKick posts one chain per message (the message to read, as many
-// bytes to write) and then kicks once, so that the ring's goroutine finds
-// them all in one round.
+// bytes to write), makes them available at once and kicks, so that the
+// ring's goroutine finds them all in one round (it may be looking already).
 func postThenKick(t *testing.T, g *testguest.Guest, r *testguest.Ring, msgs ...string) {
 	t.Helper()
+	r.HoldAvail()
+	defer r.ReleaseAvail()
 	for _, msg := range msgs {
 		n := uint64(len(msg))
 		in, err := g.Mem.Alloc(n, 8)
@@ -467,6 +469,7 @@ func postThenKick(t *testing.T, g *testguest.Guest, r *testguest.Ring, msgs ...s
 			t.Fatal(err)
 		}
 	}
+	r.ReleaseAvail()
 	if err := r.KickAlways(); err != nil {
 		t.Fatal(err)
 	}
