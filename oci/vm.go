@@ -161,7 +161,7 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 	if err := c.SetContainer(&setup); err != nil {
 		return nil, err
 	}
-	return &krunVM{c: c, done: make(chan struct{})}, nil
+	return &krunVM{c: c, log: log, done: make(chan struct{})}, nil
 }
 
 // passtNofile is the open-file limit passt is given when it forwards every
@@ -219,6 +219,7 @@ func hasRoutableInterface() bool {
 // krunVM drives a vmm.Context.
 type krunVM struct {
 	c    *vmm.Context
+	log  hclog.Logger
 	done chan struct{} // closed when Start returned
 
 	mu     sync.Mutex
@@ -232,6 +233,7 @@ func (v *krunVM) Boot(ctx context.Context) error {
 	v.cancel = cancel
 	go func() {
 		res, err := v.c.Start(runCtx)
+		logConsoleTail(v.log, res, err)
 		v.mu.Lock()
 		v.res, v.err = res, err
 		v.mu.Unlock()
@@ -249,6 +251,27 @@ func (v *krunVM) Boot(ctx context.Context) error {
 	case <-ctx.Done():
 		v.Stop()
 		return fmt.Errorf("the guest did not get ready: %w", ctx.Err())
+	}
+}
+
+// logConsoleTail logs, as warnings, the last lines of the guest's console
+// when the guest ended on its own without reporting the command's status:
+// with "quiet" they are what the kernel or krun-init said before it ended
+// (a panic), which the log otherwise has only with --debug. A VM that
+// krun-oci stopped (kill of a created container, delete) or that failed
+// otherwise (a device, the boot watchdog: the error says so) logs
+// nothing here.
+func logConsoleTail(log hclog.Logger, res *vmm.Result, err error) {
+	if res == nil || res.HasExitStatus || err != nil {
+		return
+	}
+	if len(res.ConsoleTail) == 0 {
+		log.Warn("the guest ended without reporting the command's exit status; its console was empty", "reason", res.Reason.String())
+		return
+	}
+	log.Warn("the guest ended without reporting the command's exit status; the last lines of its console follow", "reason", res.Reason.String())
+	for _, l := range res.ConsoleTail {
+		log.Warn("guest console| " + l)
 	}
 }
 

@@ -328,7 +328,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	log.Debug("guest ended", "reason", res.Reason.String())
 	if execMode {
 		if !res.HasExitStatus {
-			return fail("the guest ended (%s) without reporting the command's exit status; --log-level debug shows its console", res.Reason)
+			printConsoleTail(stderr, res)
+			return fail("the guest ended (%s) without reporting the command's exit status; --log-level debug shows all of its console", res.Reason)
 		}
 		return res.ExitStatus
 	}
@@ -381,6 +382,21 @@ func execFailure(stderr io.Writer, err error) int {
 		return exitNotExecutable
 	}
 	return exitRunFailed
+}
+
+// printConsoleTail shows the last lines of the guest's console when the
+// guest ended on its own without reporting the command's status: with
+// "quiet" they are what the kernel or krun-init said before it ended (a
+// panic). They are printable already (vmm.Result.ConsoleTail). A run that
+// failed otherwise (a device, the boot watchdog) says so in its one line.
+func printConsoleTail(w io.Writer, res *vmm.Result) {
+	if res == nil || res.HasExitStatus || len(res.ConsoleTail) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "krun-core run: the last lines of the guest's console:\n")
+	for _, l := range res.ConsoleTail {
+		fmt.Fprintf(w, "  guest| %s\n", l)
+	}
 }
 
 func msec(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -528,11 +528,15 @@ func (c *Context) prepareExec() error {
 		// The serial port writes a byte at a time: one log line per
 		// console line.
 		cl := c.log.Named("guest-console")
+		tail := newConsoleTail()
+		c.consoleTail = tail
 		c.consoleOut = &lines.Writer{Max: 4096, Line: func(b []byte) {
 			// The guest's bytes: an escape sequence or a carriage
 			// return must not reach the user's terminal, nor make a
 			// line that passes for another component's.
-			cl.Debug(cli.Printable(string(bytes.TrimRight(b, "\r"))))
+			l := cli.Printable(string(bytes.TrimRight(b, "\r")))
+			cl.Debug(l)
+			tail.add(l)
 		}}
 	}
 	return nil

@@ -2,8 +2,10 @@ package vmm
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -130,4 +132,51 @@ func TestControlRacesVMEnd(t *testing.T) {
 	time.Sleep(time.Millisecond)
 	c.exec.close() // what Start's deferred close does when the guest powers off
 	<-done
+}
+
+
+// TestConsoleTail: in `run --root DIR -- CMD` the core logs the guest's
+// console itself and keeps its last lines, printable and cut at
+// consoleTailWidth, for Result.ConsoleTail (shown when the guest ends
+// without reporting a status). A kernel panic's line that the trace
+// after it pushed out comes first.
+func TestConsoleTail(t *testing.T) {
+	n := func(from, to int) []string {
+		var out []string
+		for i := from; i <= to; i++ {
+			out = append(out, fmt.Sprintf("line %d", i))
+		}
+		return out
+	}
+	const panicLine = "[    3.8] Kernel panic - not syncing: sysrq triggered crash"
+	for _, tc := range []struct {
+		name  string
+		write []string
+		want  []string
+	}{
+		{"quiet", nil, []string{}},
+		{"few", n(1, 3), n(1, 3)},
+		{"many", n(1, ConsoleTailLines+5), n(6, ConsoleTailLines+5)},
+		{"panic in the tail", append([]string{panicLine}, n(1, 5)...), append([]string{panicLine}, n(1, 5)...)},
+		{"panic pushed out", append(append(n(1, 2), panicLine), n(1, ConsoleTailLines)...),
+			append([]string{panicLine, "..."}, n(1, ConsoleTailLines)...)},
+		{"panic just in", append([]string{panicLine}, n(1, ConsoleTailLines-1)...),
+			append([]string{panicLine}, n(1, ConsoleTailLines-1)...)},
+		{"escapes", []string{"\x1b[2Jtext\r"}, []string{`"\x1b[2Jtext"`}},
+		{"long", []string{strings.Repeat("x", 3000)}, []string{strings.Repeat("x", consoleTailWidth) + "..."}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := prepTestExec(t, hclog.NewNullLogger())
+			defer c.exec.close()
+			if c.consoleTail == nil {
+				t.Fatal("exec mode keeps no console tail")
+			}
+			for _, l := range tc.write {
+				c.consoleOut.Write([]byte(l + "\n"))
+			}
+			if got := c.consoleTail.lines(); !slices.Equal(got, tc.want) {
+				t.Errorf("tail %q,\nwant %q", got, tc.want)
+			}
+		})
+	}
 }

@@ -171,6 +171,9 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	res.Timing.InitToExec = since(initAt, execAt)
 	res.Timing.Command = since(execAt, exitAt)
 	res.ExitStatus, res.HasExitStatus = m.status.exitStatus()
+	if c.consoleTail != nil {
+		res.ConsoleTail = c.consoleTail.lines()
+	}
 	for _, d := range m.devices {
 		if err := d.dev.Failed(); err != nil {
 			res.DeviceErrors = append(res.DeviceErrors, err)

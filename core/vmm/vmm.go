@@ -75,7 +75,10 @@ type Context struct {
 
 	consoleOut io.Writer
 	consoleSet bool
-	consoleIn  io.Reader
+	// consoleTail keeps the last lines of a console the core logs itself
+	// (SetExec without SetConsoleOutput): Result.ConsoleTail.
+	consoleTail *consoleTail
+	consoleIn   io.Reader
 
 	pluginDir      string
 	sandboxOff     bool
@@ -343,6 +346,14 @@ type Result struct {
 	// program's, with SetExec); HasExitStatus says whether it did.
 	ExitStatus    int
 	HasExitStatus bool
+	// ConsoleTail is the last lines (at most ConsoleTailLines, each cut
+	// at 512 bytes) of the guest's serial console where the core logs it
+	// itself (SetExec without SetConsoleOutput), made printable: with
+	// "quiet", what the kernel and krun-init say when something went
+	// wrong. After a kernel panic whose trace pushed the panic's own line
+	// out, that line comes first, then "...". A caller shows them when
+	// the guest ended without reporting an exit status.
+	ConsoleTail []string
 }
 
 // Validate checks the configuration without starting anything: the

@@ -113,7 +113,7 @@ mkdir -p /run/ko
 KO="krun-oci --root /run/ko --log /tmp/ko.log --kernel $KERNEL --plugin-dir /bin"
 # A failure shows krun-oci's log (its monitors' warnings and errors) first.
 e2e_fail() {
-	[ ! -s /tmp/ko.log ] || tail -40 /tmp/ko.log | sed 's/^/ko.log| /'
+	[ ! -s /tmp/ko.log ] || tail -60 /tmp/ko.log | sed 's/^/ko.log| /'
 	echo "$KRUN_E2E_MARKER fail ${*:-no reason given}"
 	e2e_poweroff
 }

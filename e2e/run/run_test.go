@@ -102,6 +102,19 @@ kr basic /dev/null --root /r -- /bin/sh -c 'echo out; echo err >&2; exit 7'
 kr killed /dev/null --root /r -- /bin/sh -c 'kill -9 $$'
 [ "$rc" = 137 ] || e2e_fail "killed: exit $rc, want 137"
 
+# A guest that ends without reporting a status (its kernel panics, and
+# panic=-1 reboots it): the error names the reason and the last lines of
+# the console (quiet, so only the kernel's errors) show why. Not through
+# kr: an inner guest's reboot is what this run is about.
+rc=0
+e2e_bounded 240 /tmp/panic.log krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 --root /r -- \
+	/bin/sh -c 'echo 1 >/proc/sys/kernel/sysrq; echo c >/proc/sysrq-trigger' || rc=$?
+sed 's/^/panic| /' /tmp/panic.log | tail -50
+[ "$rc" = 125 ] || e2e_fail "panic: exit $rc, want 125"
+tail -1 /tmp/panic.log | grep -q 'the guest ended (reboot) without reporting' || e2e_fail "panic: the last line does not say the guest rebooted"
+grep -q "the last lines of the guest's console" /tmp/panic.log || e2e_fail "panic: no console lines"
+grep -q '^  guest| .*Kernel panic' /tmp/panic.log || e2e_fail "panic: the console lines lack the kernel's panic"
+
 # One run (every inner boot costs seconds under nested TCG): environment,
 # working directory, limits, host name, piped stdin, files written under /,
 # and 2 MiB of random bytes through stderr.

@@ -58,3 +58,37 @@ func (w *Writer) Pending() int {
 	defer w.mu.Unlock()
 	return len(w.buf)
 }
+
+// Tail keeps the last N lines given to Add. It is safe for concurrent
+// use; the zero value keeps nothing.
+type Tail struct {
+	N int
+
+	mu    sync.Mutex
+	lines []string
+	next  int // where the next line goes once N are kept
+}
+
+// Add keeps line, dropping the oldest once N are kept.
+func (t *Tail) Add(line string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.N <= 0 {
+		return
+	}
+	if len(t.lines) < t.N {
+		t.lines = append(t.lines, line)
+		return
+	}
+	t.lines[t.next] = line
+	t.next = (t.next + 1) % t.N
+}
+
+// Lines returns the lines kept, oldest first.
+func (t *Tail) Lines() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]string, 0, len(t.lines))
+	out = append(out, t.lines[t.next:]...)
+	return append(out, t.lines[:t.next]...)
+}

@@ -23,3 +23,27 @@ func TestWriter(t *testing.T) {
 		t.Errorf("Flush: lines %q, rest %d", got, w.Pending())
 	}
 }
+
+func TestTail(t *testing.T) {
+	for _, tc := range []struct {
+		n    int
+		add  []string
+		want []string
+	}{
+		{3, nil, []string{}},
+		{3, []string{"a", "b"}, []string{"a", "b"}},
+		{3, []string{"a", "b", "c"}, []string{"a", "b", "c"}},
+		{3, []string{"a", "b", "c", "d"}, []string{"b", "c", "d"}},
+		{3, []string{"a", "b", "c", "d", "e", "f", "g"}, []string{"e", "f", "g"}},
+		{1, []string{"a", "b"}, []string{"b"}},
+		{0, []string{"a"}, []string{}},
+	} {
+		tl := &Tail{N: tc.n}
+		for _, l := range tc.add {
+			tl.Add(l)
+		}
+		if got := tl.Lines(); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("N=%d after %q: %q, want %q", tc.n, tc.add, got, tc.want)
+		}
+	}
+}
