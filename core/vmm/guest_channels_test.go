@@ -134,7 +134,6 @@ func TestControlRacesVMEnd(t *testing.T) {
 	<-done
 }
 
-
 // TestConsoleTail: in `run --root DIR -- CMD` the core logs the guest's
 // console itself and keeps its last lines, printable and cut at
 // consoleTailWidth, for Result.ConsoleTail (shown when the guest ends
