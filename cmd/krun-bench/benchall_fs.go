@@ -22,8 +22,11 @@ const fsSeqFile = 64 << 20
 
 // fsSuite compares krun-core serve --fs (the sandboxed plugin) with the C
 // virtiofsd, driving both with the same Go FUSE client over virtqueues:
-// one request in flight, requests and replies scattered over 4 KiB
-// descriptors as a guest's pages are (GETATTR: one descriptor each way).
+// one request in flight, waited for by the requesting goroutine itself
+// (fuseclient.NewSyncRing: a reaper goroutine's hand-off would add more
+// to each round trip than the back-ends differ by), requests and replies
+// scattered over 4 KiB descriptors as a guest's pages are (GETATTR: one
+// descriptor each way).
 func (e *benchEnv) fsSuite(ctx context.Context) ([]*benchFigure, error) {
 	set := newFigureSet("fs", sideVFSD)
 	sides := []string{sideKrun}
@@ -149,7 +152,7 @@ func dialFSGuest(sock string, split int) (*fsGuest, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := &fsGuest{g: g, rq: fuseclient.NewRing(g.Mem, g.Rings[1], split), hq: fuseclient.NewRing(g.Mem, g.Rings[0], split)}
+	f := &fsGuest{g: g, rq: fuseclient.NewSyncRing(g.Mem, g.Rings[1], split), hq: fuseclient.NewSyncRing(g.Mem, g.Rings[0], split)}
 	f.req, f.prio = fuseclient.New(f.rq), fuseclient.New(f.hq)
 	init, err := f.req.Init(fuseclient.LinuxInitFlags)
 	if err != nil {

@@ -34,6 +34,13 @@ type rig struct {
 
 func newRig(t testing.TB, cfg fs.Config, split int) *rig {
 	t.Helper()
+	return newRigWith(t, cfg, split, fuseclient.NewRing)
+}
+
+// newRigWith is newRig with the client's transport made by transport
+// (fuseclient.NewRing or NewSyncRing).
+func newRigWith(t testing.TB, cfg fs.Config, split int, transport func(*testguest.Memory, *testguest.Ring, int) *fuseclient.Ring) *rig {
+	t.Helper()
 	dir := t.TempDir()
 	f, err := os.Open(dir)
 	if err != nil {
@@ -94,7 +101,7 @@ func newRig(t testing.TB, cfg fs.Config, split int) *rig {
 		cancel()
 	})
 	r := &rig{dir: dir, dev: dev, guest: g}
-	rq, hq := fuseclient.NewRing(g.Mem, g.Rings[1], split), fuseclient.NewRing(g.Mem, g.Rings[0], split)
+	rq, hq := transport(g.Mem, g.Rings[1], split), transport(g.Mem, g.Rings[0], split)
 	t.Cleanup(func() { rq.Close(); hq.Close() })
 	r.req, r.hiprio = fuseclient.New(rq), fuseclient.New(hq)
 	var err2 error
@@ -290,17 +297,68 @@ func BenchmarkCreateStatUnlink(b *testing.B) {
 	}
 }
 
-// BenchmarkGetattr is the round trip of the smallest request.
+// BenchmarkGetattr is the round trip of the smallest request, through the
+// client's reaper goroutine (NewRing) and waited for by the caller itself
+// (NewSyncRing, as krun-bench's fs suite does).
 func BenchmarkGetattr(b *testing.B) {
 	for _, workers := range []int{1, 8} {
-		b.Run(fmt.Sprintf("workers%d", workers), func(b *testing.B) {
-			r := newRig(b, fs.Config{Workers: workers}, 0)
-			for i := 0; i < b.N; i++ {
-				if _, err := r.req.Getattr(fuse.RootID); err != nil {
-					b.Fatal(err)
+		for _, tr := range []struct {
+			name string
+			ring func(*testguest.Memory, *testguest.Ring, int) *fuseclient.Ring
+		}{{"reaper", fuseclient.NewRing}, {"sync", fuseclient.NewSyncRing}} {
+			b.Run(fmt.Sprintf("workers%d/%s", workers, tr.name), func(b *testing.B) {
+				r := newRigWith(b, fs.Config{Workers: workers}, 0, tr.ring)
+				for i := 0; i < b.N; i++ {
+					if _, err := r.req.Getattr(fuse.RootID); err != nil {
+						b.Fatal(err)
+					}
 				}
-			}
-		})
+			})
+		}
+	}
+}
+
+// TestSyncRing: the transport that waits in the caller's goroutine
+// (krun-bench's) carries a file's whole life, scattered replies and the
+// hiprio queue's FORGET (no reply) included.
+func TestSyncRing(t *testing.T) {
+	r := newRigWith(t, fs.Config{}, 4096, fuseclient.NewSyncRing)
+	c := r.req
+	en, fh, err := c.Create(fuse.RootID, "f", unix.O_RDWR, 0o644)
+	if err != nil {
+		t.Fatalf("CREATE: %v", err)
+	}
+	data := bytes.Repeat([]byte("0123456789abcdef"), 1024) // 16 KiB: four descriptors each way
+	if n, err := c.Write(en.NodeID, fh, 0, data); err != nil || int(n) != len(data) {
+		t.Fatalf("WRITE: %d bytes, %v", n, err)
+	}
+	got, err := c.Read(en.NodeID, fh, 0, uint32(len(data)))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("READ: %d bytes (equal %v), %v", len(got), bytes.Equal(got, data), err)
+	}
+	if err := c.Release(en.NodeID, fh, false); err != nil {
+		t.Fatalf("RELEASE: %v", err)
+	}
+	a, err := c.Getattr(en.NodeID)
+	if err != nil || a.Size != uint64(len(data)) {
+		t.Fatalf("GETATTR: size %d, %v", a.Size, err)
+	}
+	if _, err := c.Lookup(fuse.RootID, "missing"); err == nil {
+		t.Fatal("LOOKUP of a missing name succeeded")
+	}
+	if err := c.Unlink(fuse.RootID, "f"); err != nil {
+		t.Fatalf("UNLINK: %v", err)
+	}
+	if err := r.hiprio.Forget(en.NodeID, 1); err != nil {
+		t.Fatalf("FORGET: %v", err)
+	}
+	// The FORGET was served: the node is gone.
+	deadline := time.Now().Add(5 * time.Second)
+	for r.dev.Counters()["fs.nodes"] != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("counters %v after FORGET, want the root alone", r.dev.Counters())
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 
