@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/hashicorp/go-hclog"
@@ -240,12 +241,25 @@ func wrap(s string, n int) []string {
 // (an escape sequence) it is quoted, so that it cannot rewrite the user's
 // terminal or start what looks like another component's line. Text that
 // is not valid UTF-8 is quoted too: a lone byte 0x80-0x9f is a C1 control
-// (0x9b CSI, 0x9d OSC) to a terminal in an 8-bit mode.
+// (0x9b CSI, 0x9d OSC) to a terminal in an 8-bit mode. So is text with an
+// invisible format character (bidirectional overrides and isolates,
+// zero-width characters: Unicode's Cf) or a line or paragraph separator,
+// which a terminal that does bidi could use to reorder what it shows.
 func Printable(s string) string {
-	if !utf8.ValidString(s) || strings.ContainsFunc(s, func(r rune) bool { return r != '\t' && (r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0)) }) {
+	if !utf8.ValidString(s) || strings.ContainsFunc(s, unprintable) {
 		return strconv.Quote(s)
 	}
 	return s
+}
+
+func unprintable(r rune) bool {
+	switch {
+	case r == '\t':
+		return false
+	case r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0):
+		return true
+	}
+	return r >= 0xa0 && unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp)
 }
 
 // OneLine folds s (an error message that may span lines) into one line.

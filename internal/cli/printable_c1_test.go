@@ -1,6 +1,9 @@
 package cli
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 // Printable promises that guest console lines (core/vmm's guest-console
 // log) and plugin texts (pluginhost's error lines and re-logged stderr)
@@ -18,6 +21,35 @@ func TestPrintableQuotesRawC1Bytes(t *testing.T) {
 		got := Printable(s)
 		if got == s {
 			t.Errorf("Printable(%q) passed the raw C1 byte through unquoted", s)
+		}
+	}
+}
+
+// TestPrintableQuotesInvisibleFormatting: bidirectional overrides and
+// isolates, zero-width characters and Unicode's line and paragraph
+// separators are quoted (a guest's console line reaches the user's
+// terminal); ordinary non-ASCII text is not (from review).
+func TestPrintableQuotesInvisibleFormatting(t *testing.T) {
+	for _, tc := range []struct {
+		in     string
+		quoted bool
+	}{
+		{"\u202eeldnah", true},     // RIGHT-TO-LEFT OVERRIDE
+		{"a\u2066b\u2069", true},   // isolates
+		{"zero\u200bwidth", true},  // ZERO WIDTH SPACE
+		{"soft\u00adhyphen", true}, // Cf too
+		{"line\u2028sep", true},    // LINE SEPARATOR
+		{"para\u2029sep", true},    // PARAGRAPH SEPARATOR
+		{"bom\ufeff", true},        // ZERO WIDTH NO-BREAK SPACE
+		{"café über 日本 ✓", false},
+		{"tab\tok", false},
+	} {
+		got := Printable(tc.in)
+		if quoted := got != tc.in; quoted != tc.quoted {
+			t.Errorf("Printable(%q) = %q: quoted %v, want %v", tc.in, got, quoted, tc.quoted)
+		}
+		if tc.quoted && strings.ContainsFunc(got, unprintable) {
+			t.Errorf("Printable(%q) = %q still holds the character", tc.in, got)
 		}
 	}
 }
