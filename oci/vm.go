@@ -245,7 +245,7 @@ func (v *krunVM) Boot(ctx context.Context) error {
 	case <-v.done:
 		_, _, err := v.Wait()
 		if err == nil {
-			err = errors.New("the guest ended before the container was ready (its console: --log with --debug)")
+			err = errors.New("the guest ended before the container was ready (--log keeps its console's last lines; --debug all of it)")
 		}
 		return err
 	case <-ctx.Done():

@@ -25,6 +25,9 @@ const panicMarker = "Kernel panic - not syncing"
 // consoleTail keeps what Result.ConsoleTail shows.
 type consoleTail struct {
 	last lines.Tail
+	// flush passes on a last line the guest left without a newline (the
+	// console writer's Flush); called once the VM has stopped.
+	flush func()
 
 	mu        sync.Mutex
 	added     int    // lines added
@@ -55,8 +58,12 @@ func (t *consoleTail) add(l string) {
 }
 
 // lines returns the last lines, after the panic's line and "..." when it
-// is no longer among them.
+// is no longer among them. A line without a newline at the end of the
+// console is passed on first: the VM has stopped.
 func (t *consoleTail) lines() []string {
+	if t.flush != nil {
+		t.flush()
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	got := t.last.Lines()

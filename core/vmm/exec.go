@@ -530,7 +530,7 @@ func (c *Context) prepareExec() error {
 		cl := c.log.Named("guest-console")
 		tail := newConsoleTail()
 		c.consoleTail = tail
-		c.consoleOut = &lines.Writer{Max: 4096, Line: func(b []byte) {
+		w := &lines.Writer{Max: 4096, Line: func(b []byte) {
 			// The guest's bytes: an escape sequence or a carriage
 			// return must not reach the user's terminal, nor make a
 			// line that passes for another component's.
@@ -538,6 +538,8 @@ func (c *Context) prepareExec() error {
 			cl.Debug(l)
 			tail.add(l)
 		}}
+		tail.flush = w.Flush
+		c.consoleOut = w
 	}
 	return nil
 }

@@ -162,6 +162,7 @@ func TestConsoleTail(t *testing.T) {
 		{"panic just in", append([]string{panicLine}, n(1, ConsoleTailLines-1)...),
 			append([]string{panicLine}, n(1, ConsoleTailLines-1)...)},
 		{"escapes", []string{"\x1b[2Jtext\r"}, []string{`"\x1b[2Jtext"`}},
+		{"bidi", []string{"\u202eeldnah"}, []string{`"\u202eeldnah"`}},
 		{"long", []string{strings.Repeat("x", 3000)}, []string{strings.Repeat("x", consoleTailWidth) + "..."}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -177,5 +178,20 @@ func TestConsoleTail(t *testing.T) {
 				t.Errorf("tail %q,\nwant %q", got, tc.want)
 			}
 		})
+	}
+}
+
+// TestConsoleTailKeepsALastLineWithoutNewline: what the guest wrote last,
+// without a newline, before it ended is in the tail too (from review); so
+// is a line cut at consoleTailWidth inside a multi-byte character, at a
+// character's start.
+func TestConsoleTailKeepsALastLineWithoutNewline(t *testing.T) {
+	c := prepTestExec(t, hclog.NewNullLogger())
+	defer c.exec.close()
+	c.consoleOut.Write([]byte(strings.Repeat("x", consoleTailWidth-1) + strings.Repeat("é", 100) + "\n"))
+	c.consoleOut.Write([]byte("boot ok\nkrun-init: cannot mount /proc: no such device"))
+	want := []string{strings.Repeat("x", consoleTailWidth-1) + "...", "boot ok", "krun-init: cannot mount /proc: no such device"}
+	if got := c.consoleTail.lines(); !slices.Equal(got, want) {
+		t.Errorf("tail %q,\nwant %q", got, want)
 	}
 }
