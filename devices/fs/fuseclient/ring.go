@@ -22,10 +22,13 @@ type Ring struct {
 	Timeout time.Duration
 
 	// sync: one request at a time, its caller waits on the ring itself
-	// (NewSyncRing); syncMu holds the ring for it.
+	// (NewSyncRing); syncMu holds the ring for it, and the fields below.
 	sync   bool
 	syncMu sync.Mutex
 	done   []testguest.Completion
+	// abandoned holds the buffers of requests that timed out, by head,
+	// until the device completes them: it may still write the reply.
+	abandoned map[uint16][]uint64
 
 	once   sync.Once
 	stop   context.CancelFunc
@@ -95,7 +98,18 @@ func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer r.mem.Free(in)
+	// A request that timed out keeps its buffers: the device may still
+	// read the request and write the reply. The sync transport frees
+	// them when the device completes it; the reaper's leaks them.
+	bufs := []uint64{in}
+	keep := false
+	defer func() {
+		if !keep {
+			for _, b := range bufs {
+				r.mem.Free(b)
+			}
+		}
+	}()
 	inb, _ := r.mem.Bytes(in, uint64(total))
 	// Scatter as finely as asked, but a chain may not be longer than its
 	// ring (virtio 1.2, 2.7.5.3.1; devices refuse one that is).
@@ -116,7 +130,7 @@ func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		defer r.mem.Free(out)
+		bufs = append(bufs, out)
 		segs = appendSegs(segs, out, replyCap, split, true)
 	}
 	if len(segs) == 0 {
@@ -127,7 +141,11 @@ func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
 		to = 30 * time.Second
 	}
 	if r.sync {
-		return r.syncTrip(segs, out, replyCap, to)
+		b, err := r.syncTrip(segs, bufs, out, replyCap, to)
+		if errors.Is(err, errTimedOut) {
+			keep = true
+		}
+		return b, err
 	}
 	deadline := time.NewTimer(to)
 	defer deadline.Stop()
@@ -155,14 +173,20 @@ func (r *Ring) RoundTrip(req [][]byte, replyCap int) ([]byte, error) {
 	case <-r.reaped:
 		return nil, fmt.Errorf("wait for the reply: %w", r.err)
 	case <-deadline.C:
+		keep = true
 		return nil, fmt.Errorf("no reply within %v", to)
 	}
 	return r.reply(out, replyCap, n)
 }
 
+// errTimedOut: the device did not complete a request in time.
+var errTimedOut = errors.New("no reply in time")
+
 // syncTrip posts segs and waits for their completion in this goroutine
-// (NewSyncRing).
-func (r *Ring) syncTrip(segs []testguest.Segment, out uint64, replyCap int, to time.Duration) ([]byte, error) {
+// (NewSyncRing). bufs are the request's buffers: after a timeout the
+// ring keeps them until the device completes the chain, and frees them
+// then; such a late completion is skipped.
+func (r *Ring) syncTrip(segs []testguest.Segment, bufs []uint64, out uint64, replyCap int, to time.Duration) ([]byte, error) {
 	r.syncMu.Lock()
 	defer r.syncMu.Unlock()
 	head, err := r.ring.Post(segs, nil)
@@ -176,17 +200,33 @@ func (r *Ring) syncTrip(segs []testguest.Segment, out uint64, replyCap int, to t
 	defer cancel()
 	for {
 		r.done, err = r.ring.WaitInto(ctx, r.done)
+		if errors.Is(err, context.DeadlineExceeded) {
+			if r.abandoned == nil {
+				r.abandoned = make(map[uint16][]uint64)
+			}
+			r.abandoned[head] = bufs
+			return nil, fmt.Errorf("%w (%v)", errTimedOut, to)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("wait for the reply: %w", err)
 		}
-		if len(r.done) == 0 {
-			continue
+		var mine *testguest.Completion
+		for i, c := range r.done {
+			if late, ok := r.abandoned[c.Head]; ok && c.Head != head {
+				delete(r.abandoned, c.Head)
+				for _, b := range late {
+					r.mem.Free(b)
+				}
+				continue
+			}
+			if c.Head != head || mine != nil {
+				return nil, fmt.Errorf("device completed descriptor %d, want %d", c.Head, head)
+			}
+			mine = &r.done[i]
 		}
-		c := r.done[0]
-		if len(r.done) > 1 || c.Head != head {
-			return nil, fmt.Errorf("device completed %d chains (first %d), want %d alone", len(r.done), c.Head, head)
+		if mine != nil {
+			return r.reply(out, replyCap, mine.Len)
 		}
-		return r.reply(out, replyCap, c.Len)
 	}
 }
 
