@@ -350,6 +350,12 @@ func TestExec(t *testing.T) {
 	if got := reap(t, readPid(t, pidFile)); got != 9 {
 		t.Errorf("detached exec proxy ended with %d, want 9", got)
 	}
+	// The VM ends before the process reports a status: 137, as for a
+	// process killed with its VM, and a line that says so (from review:
+	// a bare 137 looked like the process's own SIGKILL).
+	if _, e, code := r.run(nil, nil, "exec", "e1", "vm-ends-during-exec"); code != 137 || !strings.Contains(e, "the container's VM ended before the process reported its exit status") {
+		t.Errorf("exec whose VM ends: exit %d, stderr %q", code, e)
+	}
 	if _, e, code := r.run(nil, nil, "exec", "nosuch", "true"); code != 1 || !strings.Contains(e, "does not exist") {
 		t.Errorf("exec in a missing container: exit %d, %q", code, e)
 	}

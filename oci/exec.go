@@ -359,6 +359,9 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 			return int(b[0]), nil
 		}
 		if err != nil {
+			// The status pipe closed without a byte: 137 alone would
+			// read as the process's own SIGKILL.
+			fmt.Fprintln(stdio[2], "krun-oci exec: the container's VM ended before the process reported its exit status")
 			return statusVMEnded, nil
 		}
 	}

@@ -111,9 +111,12 @@ mkbundle() {
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 mkdir -p /run/ko
 KO="krun-oci --root /run/ko --log /tmp/ko.log --kernel $KERNEL --plugin-dir /bin"
-# A failure shows krun-oci's log (its monitors' warnings and errors) first.
+# A failure shows krun-oci's log (its monitors' warnings and errors, the
+# console's last lines of a guest that died) and the first container's
+# stderr (its monitor's too: a Go panic would be there) first.
 e2e_fail() {
 	[ ! -s /tmp/ko.log ] || tail -60 /tmp/ko.log | sed 's/^/ko.log| /'
+	[ ! -s /tmp/c1.err ] || tail -20 /tmp/c1.err | sed 's/^/c1.err| /'
 	echo "$KRUN_E2E_MARKER fail ${*:-no reason given}"
 	e2e_poweroff
 }
