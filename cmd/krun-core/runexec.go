@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -140,7 +141,7 @@ func forwardSignals(ctx context.Context, c *vmm.Context, term *terminal, cancel 
 					cancel()
 					return
 				}
-				if err := c.Signal(unix.Signal(sig)); err != nil {
+				if err := c.Signal(unix.Signal(sig)); err != nil && !errors.Is(err, vmm.ErrGuestEnded) {
 					log.Warn("could not forward a signal to the command", "signal", sig.String(), "error", err)
 				}
 			}

@@ -179,8 +179,8 @@ func (c *Context) controlFiles(rec []byte, files ...*os.File) error {
 	}
 	c.exec.controlMu.Lock()
 	defer c.exec.controlMu.Unlock()
-	if c.exec.controlW == nil {
-		return errors.New("vmm: no program is running")
+	if err := c.exec.usableLocked(); err != nil {
+		return err
 	}
 	return unix.Sendmsg(int(c.exec.controlW.Fd()), rec, unix.UnixRights(fds...), nil, 0)
 }

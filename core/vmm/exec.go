@@ -52,6 +52,9 @@ type execConfig struct {
 
 	controlR, controlW *os.File // the console plugin's control channel (SOCK_SEQPACKET pair)
 	controlMu          sync.Mutex
+	// ended: the guest has ended and the devices are being shut down
+	// (under controlMu); requests for the guest fail from then on.
+	ended bool
 
 	container   *container.Setup  // SetContainer: the OCI runtime's guest setup
 	noLookup    bool              // SetLookup(false)
@@ -241,11 +244,36 @@ func (c *Context) control(rec []byte) error {
 	}
 	c.exec.controlMu.Lock()
 	defer c.exec.controlMu.Unlock()
-	if c.exec.controlW == nil {
-		return errors.New("vmm: no program is running")
+	if err := c.exec.usableLocked(); err != nil {
+		return err
 	}
 	_, err := c.exec.controlW.Write(rec)
 	return err
+}
+
+// ErrGuestEnded: a request for the guest (Exec, Signal, Resize) came
+// after it ended, while its devices were being shut down.
+var ErrGuestEnded = errors.New("vmm: the guest has ended")
+
+// usableLocked says whether the control channel takes requests (under
+// controlMu).
+func (e *execConfig) usableLocked() error {
+	switch {
+	case e.ended:
+		return ErrGuestEnded
+	case e.controlW == nil:
+		return errors.New("vmm: no program is running")
+	}
+	return nil
+}
+
+// guestEnded makes later requests fail (Exec, Signal, Resize): the guest
+// is gone, and the console plugin that would take them is being shut
+// down (an exec it accepted then would end without a status).
+func (e *execConfig) guestEnded() {
+	e.controlMu.Lock()
+	defer e.controlMu.Unlock()
+	e.ended = true
 }
 
 // findInit returns the krun-init binary.

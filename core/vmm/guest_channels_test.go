@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,6 +12,9 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/guest/container"
 )
 
 // TestGuestConsoleLogCannotDriveTheTerminal: in `run --root DIR -- CMD`
@@ -193,5 +197,41 @@ func TestConsoleTailKeepsALastLineWithoutNewline(t *testing.T) {
 	want := []string{strings.Repeat("x", consoleTailWidth-1) + "...", "boot ok", "krun-init: cannot mount /proc: no such device"}
 	if got := c.consoleTail.lines(); !slices.Equal(got, want) {
 		t.Errorf("tail %q,\nwant %q", got, want)
+	}
+}
+
+// TestRequestsFailOnceTheGuestEnded: once the guest has ended (its devices
+// are being shut down, which can take seconds), Exec, Signal and Resize
+// fail with ErrGuestEnded instead of reaching a console plugin that is
+// going away: an exec it accepted then would end without a status, which
+// krun-oci could only report as 137 (from review).
+func TestRequestsFailOnceTheGuestEnded(t *testing.T) {
+	c := prepTestExec(t, hclog.NewNullLogger())
+	defer c.exec.close()
+	files := make([]*os.File, 4)
+	for i := range files {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files[i] = f
+	}
+	p := &container.Process{Args: []string{"/bin/true"}, Cwd: "/"}
+	if _, err := c.Exec(p, files[0], files[1], files[2], files[3]); err != nil {
+		t.Fatalf("Exec while the guest runs: %v", err)
+	}
+	if err := c.Signal(unix.SIGTERM); err != nil {
+		t.Fatalf("Signal while the guest runs: %v", err)
+	}
+	c.exec.guestEnded()
+	if _, err := c.Exec(p, files[0], files[1], files[2], files[3]); !errors.Is(err, ErrGuestEnded) {
+		t.Errorf("Exec after the guest ended: %v, want ErrGuestEnded", err)
+	}
+	if err := c.Signal(unix.SIGTERM); !errors.Is(err, ErrGuestEnded) {
+		t.Errorf("Signal after the guest ended: %v, want ErrGuestEnded", err)
+	}
+	if err := c.Resize(24, 80); !errors.Is(err, ErrGuestEnded) {
+		t.Errorf("Resize after the guest ended: %v, want ErrGuestEnded", err)
 	}
 }
