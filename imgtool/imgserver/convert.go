@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	hclog "github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -239,7 +240,15 @@ func newSink(out *os.File, format string, o OutputOptions, size int64) (sink, er
 			return nil, errors.New("compression and cluster size apply to qcow2 output only")
 		}
 		if size >= 0 {
+			// The file system must take a file of that size (found
+			// now, not after the data was written); the output then
+			// grows with the data and gets its length at finish, so
+			// that a convert killed mid-way leaves a file shorter
+			// than the image, not one that looks complete.
 			if err := out.Truncate(size); err != nil {
+				return nil, fmt.Errorf("output: truncate: %w", err)
+			}
+			if err := out.Truncate(0); err != nil {
 				return nil, fmt.Errorf("output: truncate: %w", err)
 			}
 		}
@@ -285,7 +294,7 @@ func (r *rawSink) write(p []byte, off int64) error {
 		}
 		j = min(j, len(p))
 		if _, err := r.f.WriteAt(p[i:j], off+int64(i)); err != nil {
-			return fmt.Errorf("write output: %w", err)
+			return roleErr("write output", err)
 		}
 		r.n += int64(j - i)
 		i = j
@@ -317,7 +326,7 @@ func (q *qcow2Sink) write(p []byte, off int64) error {
 	cs := q.w.ClusterSize()
 	for i := int64(0); i < int64(len(p)); i += cs {
 		if err := q.w.WriteCluster(uint64((off+i)/cs), p[i:min(i+cs, int64(len(p)))]); err != nil {
-			return fmt.Errorf("write output: %w", err)
+			return roleErr("write output", err)
 		}
 	}
 	return nil
@@ -325,7 +334,7 @@ func (q *qcow2Sink) write(p []byte, off int64) error {
 
 func (q *qcow2Sink) finish(size int64) error {
 	if err := q.w.Finish(size); err != nil {
-		return fmt.Errorf("write output: %w", err)
+		return roleErr("write output", err)
 	}
 	if err := q.f.Sync(); err != nil {
 		return fmt.Errorf("output: sync: %w", err)
@@ -392,11 +401,22 @@ func (j *ImportJob) Run(ctx context.Context, progress ProgressFunc) (*imagepb.Pr
 			break
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read input: %w", err)
+			return nil, roleErr("read input", err)
 		}
 	}
 	if err := dst.finish(total); err != nil {
 		return nil, err
 	}
 	return &imagepb.Progress{Done: total, Finished: true, VirtualSize: dst.virtualSize(total), Written: dst.written()}, nil
+}
+
+// roleErr wraps err with what was done (op), unless err names it already:
+// the plugin's files are named after their role ("output", "input"), so
+// an error of the file itself reads "write output: no space left on
+// device", which a wrapper would repeat.
+func roleErr(op string, err error) error {
+	if strings.Contains(err.Error(), op+": ") {
+		return err
+	}
+	return fmt.Errorf("%s: %w", op, err)
 }
