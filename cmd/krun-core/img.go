@@ -408,7 +408,7 @@ func imgInfo(args []string, stdout, stderr io.Writer) int {
 		}
 		in, err := l.Info(ctx, f.positional[0], *format)
 		if err != nil {
-			return 1, err
+			return 1, namePaths(err, f.positional[0])
 		}
 		if *output == "json" {
 			return 0, in.WriteJSON(stdout)
@@ -440,7 +440,7 @@ func imgCheck(args []string, stdout, stderr io.Writer) int {
 		}
 		res, err := l.Check(ctx, f.positional[0], *format, mode)
 		if err != nil {
-			return 1, err
+			return 1, namePaths(err, f.positional[0])
 		}
 		switch {
 		case !res.Supported:
@@ -515,7 +515,7 @@ func imgCreate(args []string, stdout, stderr io.Writer) int {
 		vs, err := l.Create(ctx, path, imgtool.CreateOptions{Format: *format, Size: size.n, ClusterSize: cluster.n,
 			CompressionType: *compression, Backing: *backing, BackingFormat: *backingFormat})
 		if err != nil {
-			return 1, err
+			return 1, namePaths(err, path)
 		}
 		fmt.Fprintf(stdout, "created %s: %s, virtual size %d\n", path, *format, vs)
 		return 0, nil
@@ -540,14 +540,36 @@ func (b *backingFlags) register(fs *flag.FlagSet) {
 	}
 	fs.Func("backing", "", addBacking)
 	fs.Func("b", "", addBacking)
-	fs.Func("backing-format", "", func(v string) error {
+	setFormat := func(v string) error {
 		n := len(b.chain)
 		if n == 0 || b.chain[n-1].Format != "" {
 			return fmt.Errorf("--backing-format %s must follow its --backing", v)
 		}
 		b.chain[n-1].Format = v
 		return nil
-	})
+	}
+	fs.Func("backing-format", "", setFormat)
+	fs.Func("F", "", setFormat)
+}
+
+// namePaths makes the img plugin's error name the file(s) it is about
+// (IN -> OUT for a conversion) unless it names one of them already: the
+// plugin that reads the image only holds descriptors, so its errors say
+// "invalid qcow2 image: ..." or "write output: ...". krun-core's own
+// errors (usage, a missing backing file) are left as they are; the error
+// stays what it was for errors.Is.
+func namePaths(err error, paths ...string) error {
+	var oe *imgtool.OpError
+	if !errors.As(err, &oe) {
+		return err
+	}
+	msg := err.Error()
+	for _, p := range paths {
+		if strings.Contains(msg, p) {
+			return err
+		}
+	}
+	return fmt.Errorf("%s: %w", strings.Join(paths, " -> "), err)
 }
 
 func (b *backingFlags) check() error {
@@ -605,7 +627,7 @@ func imgConvert(args []string, stdout, stderr io.Writer) int {
 			Compress: *compress, ClusterSize: cluster.n, CompressionType: *compression,
 		}, pf)
 		if err != nil {
-			return 1, err
+			return 1, namePaths(err, f.positional[0], f.positional[1])
 		}
 		return 0, nil
 	})
@@ -640,7 +662,7 @@ func imgImport(args []string, stdout, stderr io.Writer) int {
 			MaxSize: maxSize.n, Compress: *compress, ClusterSize: cluster.n, CompressionType: *compression,
 		}, pf)
 		if err != nil {
-			return 1, err
+			return 1, namePaths(err, f.positional[0])
 		}
 		return 0, nil
 	})
@@ -694,7 +716,7 @@ func imgResize(args []string, stdout, stderr io.Writer) int {
 		}
 		o.Size = sign * n
 		if _, err := l.Resize(ctx, f.positional[0], o); err != nil {
-			return 1, err
+			return 1, namePaths(err, f.positional[0])
 		}
 		fmt.Fprintln(stdout, "Image resized.")
 		return 0, nil
