@@ -207,6 +207,8 @@ func TestChainFlags(t *testing.T) {
 			`backing chain mismatch: image /a names external data file "d", which was not declared (declare it with --data-file FILE)`},
 		{`backing chain mismatch: image /a has no backing file, but backing=/b was declared`,
 			`backing chain mismatch: image /a has no backing file, but --backing /b was declared`},
+		{`backing chain mismatch: image /a has no external data file, but data-file=/d was declared`,
+			`backing chain mismatch: image /a has no external data file, but --data-file /d was declared`},
 		{`shrinking a qcow2 image is not supported`, `shrinking a qcow2 image is not supported`},
 	}
 	for _, c := range cases {

@@ -265,7 +265,8 @@ func (l *Launcher) openBacking(files *[]file, chain []Backing) ([]*imagepb.Layer
 var chainWords = strings.NewReplacer(
 	"(add backing=...)", "(declare it with --backing FILE --backing-format FMT)",
 	"(add data-file=...)", "(declare it with --data-file FILE)",
-	"backing=", "--backing ")
+	"backing=", "--backing ",
+	"data-file=", "--data-file ")
 
 // chainFlags returns err with an operation's message (*OpError) reworded
 // by chainWords.
