@@ -17,6 +17,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
 	"os"
 	"path/filepath"
@@ -235,12 +236,37 @@ func (l *Launcher) openLayer(files *[]file, what, name, path, format string) (*i
 	if err != nil {
 		return nil, err
 	}
+	// A file declared twice (an image as its own backing file) would
+	// otherwise be refused by its own lock, as if another process held it.
+	if other := sameFile(*files, abs); other != "" {
+		return nil, fmt.Errorf("%s %s is the same file as the %s", what, path, other)
+	}
 	f, err := openImage(what, abs, l.readMode())
 	if err != nil {
 		return nil, err
 	}
 	*files = append(*files, file{name, f})
 	return &imagepb.Layer{File: name, Format: format, Path: abs}, nil
+}
+
+// sameFile returns the role of the file in files that path names too
+// ("image", "backing file 0", ...), or "".
+func sameFile(files []file, path string) string {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return "" // opening it says why
+	}
+	for _, f := range files {
+		var fst unix.Stat_t
+		if unix.Fstat(int(f.f.Fd()), &fst) == nil && fst.Dev == st.Dev && fst.Ino == st.Ino {
+			role := f.name
+			if n, ok := strings.CutPrefix(role, "backing."); ok {
+				role = "backing file " + n
+			}
+			return role
+		}
+	}
+	return ""
 }
 
 // openBacking opens a declared backing chain, nearest first, as files
