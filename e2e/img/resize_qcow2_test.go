@@ -57,7 +57,7 @@ func TestResizeQcow2(t *testing.T) {
 	qemuImg(t, "create", "-q", "-f", "qcow2", p, "4M")
 	for _, args := range [][]string{{"-f", "qcow2", p, "-1M"}, {"-f", "qcow2", "--shrink", p, "-1M"}, {"-f", "qcow2", "--shrink", p, "1M"}} {
 		r := img(t, append([]string{"resize"}, args...)...)
-		want := "krun-core img resize: shrinking a qcow2 image is not supported (the image has 4194304 bytes, asked for "
+		want := "krun-core img resize: " + p + ": shrinking a qcow2 image is not supported (the image has 4194304 bytes, asked for "
 		if r.code != 1 || !strings.HasPrefix(r.stderr, want) || strings.Count(r.stderr, "\n") != 1 {
 			t.Errorf("img resize %s: exit %d, stderr %q; want exit 1 and one line %q...", strings.Join(args, " "), r.code, r.stderr, want)
 		}
