@@ -405,7 +405,14 @@ func TestRestartHungPlugin(t *testing.T) {
 	stopProcess(t, r.pid)
 	r.drv.post(0, 16, bytes.Repeat([]byte{0xc3}, 512))
 	r.drv.wait(1, 0, pluginhost.HealthInterval+pluginhost.HealthTimeout+30*time.Second)
+	// The request completes once the device resumes, which comes just
+	// before the restart is logged: wait for the line, not only for it.
+	deadline := time.Now().Add(10 * time.Second)
 	log := r.logs.String()
+	for !strings.Contains(log, "plugin restarted; the device serves again") && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+		log = r.logs.String()
+	}
 	if !strings.Contains(log, "plugin stopped answering (Health)") || !strings.Contains(log, "plugin restarted; the device serves again") {
 		t.Fatalf("no restart for a hung plugin:\n%s", log)
 	}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -152,6 +153,29 @@ func outerKernelCrashed(r *Result, killed bool) bool {
 	return r.Verdict == "" && !killed && strings.Contains(LastLines(r.Console, 40), outerPanicMarker)
 }
 
+// outerOopsRE matches the first line of a report by the outer kernel
+// itself (a line that starts with its timestamp) of a fault it survived:
+// an oops kills the task that faulted (krun-core, the test's VMM, say)
+// and the outer guest goes on, heartbeat and all, to a failing verdict.
+// Seen under TCG's nested SVM: "BUG: TASK stack guard page was hit" in
+// exc_general_protection while kvm_amd ran the nested guest, a fault of
+// the emulation, not of the test.
+var outerOopsRE = regexp.MustCompile(`(?m)^\[ *[0-9]+\.[0-9]+\] (BUG: [^\r\n]*|Oops: [^\r\n]*|general protection fault[^\r\n]*)`)
+
+// outerKernelOopsed says whether r is an outer guest whose kernel reported
+// a fault of its own (outerOopsRE) before a verdict other than ok. It
+// returns that line, trimmed.
+func outerKernelOopsed(r *Result) (string, bool) {
+	if r.Verdict == "ok" {
+		return "", false
+	}
+	m := outerOopsRE.FindStringSubmatch(r.Console)
+	if m == nil {
+		return "", false
+	}
+	return strings.TrimSpace(m[1]), true
+}
+
 // watchWedge kills vm when its console stays silent for wedgeAfter or
 // shows a soft lockup; it reports through wedged and ends when the VM
 // does.
@@ -197,8 +221,9 @@ func watchWedge(vm *VM, wedged *atomic.Bool) {
 // its inner runs (e2e_bounded, or its own check that calls
 // e2e_nested_hang) reports such a hang; NestedKVM then runs the whole
 // outer VM once more (up to opts.Tries runs in all), and says so in the
-// log. An outer kernel that panics before the verdict (outerPanicMarker)
-// is retried the same way. A hang or crash on the last try, and every
+// log. An outer kernel that panics before the verdict (outerPanicMarker),
+// or reports a fault of its own before a failing one (outerOopsRE), is
+// retried the same way. A hang or crash on the last try, and every
 // other failure, fails the test.
 func NestedKVM(t testing.TB, a *Assets, opts NestedOptions) *Result {
 	t.Helper()
@@ -218,12 +243,16 @@ func NestedKVM(t testing.TB, a *Assets, opts NestedOptions) *Result {
 		}
 		hung := strings.Contains(r.Console, NestedHangMarker) || wedged.Load()
 		crashed := outerKernelCrashed(r, vm.wasKilled())
-		if !(hung || crashed) || try >= max(opts.Tries, 2) {
+		oops, oopsed := outerKernelOopsed(r)
+		if !(hung || crashed || oopsed) || try >= max(opts.Tries, 2) {
 			t.Fatalf("vmtest: %v\n%s", err, vm.failureText())
 		}
 		what := "hung"
-		if crashed {
+		switch {
+		case crashed:
 			what = "crashed the outer kernel (" + outerPanicLine(r.Console) + ")"
+		case oopsed:
+			what = "faulted in the outer kernel (" + oops + ")"
 		}
 		t.Logf("vmtest: nested KVM under TCG %s on try %d (%v); running the outer VM once more", what, try, err)
 	}

@@ -48,3 +48,33 @@ func TestOuterKernelCrashed(t *testing.T) {
 		t.Errorf("outerPanicLine = %q, want %q", got, want)
 	}
 }
+
+func TestOuterKernelOopsed(t *testing.T) {
+	oops := "KRUN-E2E-HEARTBEAT\n" +
+		"[   80.120001] BUG: TASK stack guard page was hit at 00000000c3f3ab56 (stack is 000000004beff36b..000000006121da41)\n" +
+		"[   80.120500] stack guard page: 0000 [#1] PREEMPT SMP NOPTI\n" +
+		"KRUN-E2E-HEARTBEAT\n"
+	tests := []struct {
+		name    string
+		console string
+		verdict string
+		want    string
+	}{
+		{"oops, then a failing verdict", oops, "fail krun-core run exited 137", "BUG: TASK stack guard page was hit at 00000000c3f3ab56 (stack is 000000004beff36b..000000006121da41)"},
+		{"oops, no verdict", oops, "", "BUG: TASK stack guard page was hit at 00000000c3f3ab56 (stack is 000000004beff36b..000000006121da41)"},
+		{"general protection fault", "[    3.5] general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP\n", "fail x", "general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP"},
+		{"oops, but the test passed", oops, "ok", ""},
+		{"a failure without an oops", "KRUN-E2E-HEARTBEAT\n[    1.0] virtio_blk virtio0: [vda] 2048 sectors\n", "fail x", ""},
+		// An inner guest's report, forwarded with a prefix, is not the
+		// outer kernel's.
+		{"an inner guest's oops, forwarded", "run| [    2.0] BUG: kernel NULL pointer dereference\n", "fail x", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := outerKernelOopsed(&Result{Console: tc.console, Verdict: tc.verdict})
+			if ok != (tc.want != "") || got != tc.want {
+				t.Errorf("outerKernelOopsed = %q, %v; want %q", got, ok, tc.want)
+			}
+		})
+	}
+}
