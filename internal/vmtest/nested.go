@@ -176,11 +176,15 @@ func outerKernelOopsed(r *Result) (string, bool) {
 	return strings.TrimSpace(m[1]), true
 }
 
-// watchWedge kills vm when its console stays silent for wedgeAfter or
-// shows a soft lockup; it reports through wedged and ends when the VM
-// does.
+// oopsGrace is how long an outer guest whose kernel reported a fault of
+// its own (outerOopsRE) may still run towards its verdict.
+const oopsGrace = 90 * time.Second
+
+// watchWedge kills vm when its console stays silent for wedgeAfter, shows
+// a soft lockup, or gives no verdict within oopsGrace of an outer kernel
+// fault; it reports through wedged and ends when the VM does.
 func watchWedge(vm *VM, wedged *atomic.Bool) {
-	last, lastLen := time.Now(), -1
+	w := wedgeWatch{lastLen: -1}
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
 	for {
@@ -189,25 +193,46 @@ func watchWedge(vm *VM, wedged *atomic.Bool) {
 			return
 		case <-tick.C:
 		}
-		con := vm.Console()
-		if strings.Contains(con, softLockupMarker) {
-			// The outer kernel's watchdog keeps the console busy
-			// while a CPU spins waiting for the one in the nested
-			// guest: wedged all the same.
+		if why := w.check(vm.Console(), time.Now()); why != "" {
 			wedged.Store(true)
-			vm.kill("killed: the outer guest reported a soft lockup (a CPU stuck behind the nested guest)")
-			return
-		}
-		if n := len(con); n != lastLen {
-			last, lastLen = time.Now(), n
-			continue
-		}
-		if time.Since(last) > wedgeAfter {
-			wedged.Store(true)
-			vm.kill(fmt.Sprintf("killed: the outer guest printed nothing (not even its heartbeat) for %v", wedgeAfter))
+			vm.kill("killed: " + why)
 			return
 		}
 	}
+}
+
+// wedgeWatch is watchWedge's state between two looks at the console.
+type wedgeWatch struct {
+	last    time.Time // when the console last grew
+	lastLen int
+	oopsAt  time.Time // when an outer kernel fault was first seen
+}
+
+// check looks at the console at now and says why the outer guest counts
+// as wedged, or "".
+func (w *wedgeWatch) check(con string, now time.Time) string {
+	if strings.Contains(con, softLockupMarker) {
+		// The outer kernel's watchdog keeps the console busy while a
+		// CPU spins waiting for the one in the nested guest: wedged all
+		// the same.
+		return "the outer guest reported a soft lockup (a CPU stuck behind the nested guest)"
+	}
+	if w.oopsAt.IsZero() && outerOopsRE.MatchString(con) {
+		w.oopsAt = now
+	}
+	if !w.oopsAt.IsZero() && now.Sub(w.oopsAt) > oopsGrace {
+		// The faulting task may have died holding locks: the script
+		// then waits for good, heartbeat and all.
+		return fmt.Sprintf("the outer kernel reported a fault of its own and no verdict came within %v", oopsGrace)
+	}
+	if n := len(con); n != w.lastLen {
+		w.last, w.lastLen = now, n
+		return ""
+	}
+	if now.Sub(w.last) > wedgeAfter {
+		return fmt.Sprintf("the outer guest printed nothing (not even its heartbeat) for %v", wedgeAfter)
+	}
+	return ""
 }
 
 // NestedKVM runs a nested-KVM test: an outer TCG guest with /dev/kvm runs

@@ -3,6 +3,7 @@ package vmtest
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 // A console as CI's TestEngines printed it when the outer kernel crashed
@@ -74,6 +75,45 @@ func TestOuterKernelOopsed(t *testing.T) {
 			got, ok := outerKernelOopsed(&Result{Console: tc.console, Verdict: tc.verdict})
 			if ok != (tc.want != "") || got != tc.want {
 				t.Errorf("outerKernelOopsed = %q, %v; want %q", got, ok, tc.want)
+			}
+		})
+	}
+}
+
+func TestWedgeWatch(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	beat := "KRUN-E2E-HEARTBEAT\n"
+	oops := "[   80.1] BUG: TASK stack guard page was hit at 0000\n"
+	type look struct {
+		at   time.Duration
+		con  string
+		want string // substring of the reason; "" for none
+	}
+	tests := []struct {
+		name  string
+		looks []look
+	}{
+		{"heartbeats keep it alive", []look{
+			{0, beat, ""}, {60 * time.Second, beat + beat, ""}, {150 * time.Second, beat + beat + beat, ""}}},
+		{"silence", []look{
+			{0, beat, ""}, {wedgeAfter, beat, ""}, {wedgeAfter + time.Second, beat, "printed nothing"}}},
+		{"soft lockup", []look{
+			{0, beat + "[ 99.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!\n", "soft lockup"}}},
+		{"a fault, heartbeat goes on, no verdict", []look{
+			{0, beat, ""}, {5 * time.Second, beat + oops, ""}, {60 * time.Second, beat + oops + beat, ""},
+			{5*time.Second + oopsGrace, beat + oops + beat + beat, ""},
+			{6*time.Second + oopsGrace, beat + oops + beat + beat + beat, "fault of its own"}}},
+		{"an inner guest's forwarded fault", []look{
+			{0, "run| " + oops, ""}, {2 * oopsGrace, "run| " + oops + beat, ""}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			w := wedgeWatch{lastLen: -1}
+			for i, l := range tc.looks {
+				got := w.check(l.con, t0.Add(l.at))
+				if (got == "") != (l.want == "") || !strings.Contains(got, l.want) {
+					t.Fatalf("look %d: check = %q, want %q", i, got, l.want)
+				}
 			}
 		})
 	}
