@@ -54,8 +54,21 @@ func (m *execManager) frame(fr stdioframe.Frame) {
 			m.procs[id] = p
 		}
 		m.mu.Unlock()
-		if dup || full {
-			m.in.log.Errorf("exec %d refused (duplicate or too many)", id)
+		switch {
+		case dup:
+			// The id is a live program's: an answer would end that
+			// program's session on the host. The host never reuses
+			// an id; only a broken host gets here.
+			m.in.log.Errorf("exec %d refused: the id is in use", id)
+			return
+		case full:
+			// The host counts no more than this, unless it gave up
+			// on a session whose program still runs here: answer, so
+			// that its caller does not wait for good.
+			m.in.log.Errorf("exec %d refused: %d programs exec'd at once already", id, maxExecs)
+			msg := fmt.Sprintf("krun-init: exec refused: %d exec'd programs already run in this container\n", maxExecs)
+			m.in.stdio.writeExec(stdioframe.ExecStderr, id, []byte(msg))
+			m.in.stdio.writeExec(stdioframe.ExecExit, id, []byte{byte(initconfig.StatusInitFailed)})
 			return
 		}
 		req := bytes.Clone(fr.ExecData())
