@@ -62,11 +62,13 @@ type rawSource struct {
 	seek bool
 }
 
+// ReadAt reads within Size(), the file's length when the conversion
+// began. A file that ends before that shrank meanwhile: what it lost is
+// not made up with zeros, which would pass for content.
 func (r *rawSource) ReadAt(p []byte, off int64) (int, error) {
 	n, err := r.f.ReadAt(p, off)
 	if n < len(p) && errors.Is(err, io.EOF) {
-		clear(p[n:])
-		return len(p), nil
+		return n, fmt.Errorf("the file ends at %d, short of the %d bytes it had when the conversion began: it shrank while it was read", off+int64(n), r.size)
 	}
 	return n, err
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -60,5 +61,31 @@ func TestRawSinkRefusesASizeTheFileSystemCannotHold(t *testing.T) {
 	}
 	if st, _ := out.Stat(); st.Size() != 0 {
 		t.Fatalf("the refused output is %d bytes, want 0", st.Size())
+	}
+}
+
+// TestRawSourceThatShrinks: a raw input cut short while it is converted
+// fails the read; the part it lost is not made up with zeros (from
+// review).
+func TestRawSourceThatShrinks(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "in.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.Write(bytes.Repeat([]byte{7}, 8192)); err != nil {
+		t.Fatal(err)
+	}
+	src := &rawSource{f: f, size: 8192}
+	buf := make([]byte, 4096)
+	if _, err := src.ReadAt(buf, 4096); err != nil {
+		t.Fatalf("read within the file: %v", err)
+	}
+	if err := f.Truncate(6000); err != nil {
+		t.Fatal(err)
+	}
+	_, err = src.ReadAt(buf, 4096)
+	if err == nil || !strings.Contains(err.Error(), "shrank while it was read") || !strings.Contains(err.Error(), "ends at 6000") {
+		t.Fatalf("read across the new end: %v, want an error that says the file shrank", err)
 	}
 }
