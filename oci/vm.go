@@ -41,7 +41,7 @@ type VM interface {
 	ExecSignal(id uint32, sig unix.Signal) error
 	ExecResize(id uint32, rows, cols uint16) error
 	// Exited is closed once the command's exit status is known or the
-	// VM has ended.
+	// guest has ended (its devices may still be shutting down).
 	Exited() <-chan struct{}
 	// Wait waits for the VM to end and returns the command's exit
 	// status; ok is false when the guest reported none.
@@ -287,12 +287,15 @@ func (v *krunVM) Exec(p *container.Process, stdin, stdout, stderr, status *os.Fi
 	return v.c.Exec(p, stdin, stdout, stderr, status)
 }
 
-// exited merges the status report and the end of the VM.
+// Exited merges the status report, the end of the guest (a crash: its
+// devices then still shut down, and the container is stopped meanwhile)
+// and the end of the VM.
 func (v *krunVM) Exited() <-chan struct{} {
 	ch := make(chan struct{})
 	go func() {
 		select {
 		case <-v.c.Exited():
+		case <-v.c.Ended():
 		case <-v.done:
 		}
 		close(ch)

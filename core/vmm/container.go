@@ -27,9 +27,9 @@ const MilestoneReady = container.MilestoneReady
 
 // guestNotify turns status-port writes into channels.
 type guestNotify struct {
-	once                              sync.Once
-	ready, execed, exited             chan struct{}
-	readyOnce, execedOnce, exitedOnce sync.Once
+	once                                         sync.Once
+	ready, execed, exited, ended                 chan struct{}
+	readyOnce, execedOnce, exitedOnce, endedOnce sync.Once
 }
 
 func (n *guestNotify) init() {
@@ -37,7 +37,13 @@ func (n *guestNotify) init() {
 		n.ready = make(chan struct{})
 		n.execed = make(chan struct{})
 		n.exited = make(chan struct{})
+		n.ended = make(chan struct{})
 	})
+}
+
+func (n *guestNotify) markEnded() {
+	n.init()
+	n.endedOnce.Do(func() { close(n.ended) })
 }
 
 func (n *guestNotify) markExeced() {
@@ -115,6 +121,23 @@ func (c *Context) CommandStarted() <-chan struct{} {
 func (c *Context) Exited() <-chan struct{} {
 	c.notify.init()
 	return c.notify.exited
+}
+
+// Ended returns a channel closed once the guest has ended (its vCPUs
+// stopped: it powered off, rebooted, crashed, or was stopped), before
+// Start shuts its devices down and returns. From then on Exec, Signal and
+// Resize fail with ErrGuestEnded.
+func (c *Context) Ended() <-chan struct{} {
+	c.notify.init()
+	return c.notify.ended
+}
+
+// guestEnded records that the guest has ended (Ended).
+func (c *Context) guestEnded() {
+	if c.exec != nil {
+		c.exec.guestEnded()
+	}
+	c.notify.markEnded()
 }
 
 // StartCommand releases a command that waits for it (SetContainer with

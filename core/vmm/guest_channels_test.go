@@ -224,7 +224,17 @@ func TestRequestsFailOnceTheGuestEnded(t *testing.T) {
 	if err := c.Signal(unix.SIGTERM); err != nil {
 		t.Fatalf("Signal while the guest runs: %v", err)
 	}
-	c.exec.guestEnded()
+	select {
+	case <-c.Ended():
+		t.Fatal("Ended is closed while the guest runs")
+	default:
+	}
+	c.guestEnded()
+	select {
+	case <-c.Ended():
+	default:
+		t.Error("Ended is not closed once the guest ended")
+	}
 	if _, err := c.Exec(p, files[0], files[1], files[2], files[3]); !errors.Is(err, ErrGuestEnded) {
 		t.Errorf("Exec after the guest ended: %v, want ErrGuestEnded", err)
 	}

@@ -157,9 +157,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	}
 	ev := m.wait(ctx, c.bootTimeout)
 	end := time.Now()
-	if c.exec != nil {
-		c.exec.guestEnded()
-	}
+	c.guestEnded()
 	res.CoreRSS = coreRSS()
 	m.stopVCPUs()
 	cancel()
