@@ -214,6 +214,17 @@ func TestParseNet(t *testing.T) {
 		{in: "passt,mtu=65522", wantErr: `mtu="65522" is not a number from 68 to 65521`},
 		{in: "passt,passt-arg=--no-dhcp-dns,passt-arg=-4", want: &NetSpec{Backend: "passt", PasstArgs: []string{"--no-dhcp-dns", "-4"}}},
 		{in: "passt,passt-arg=--fd", wantErr: "passes passt its socket"},
+		// Every spelling getopt takes for passt's -F/--fd and -s/--socket
+		// (review): each would replace krun-core's socket pair.
+		{in: "passt,passt-arg=-F", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=-F4", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=-qF4", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=--fd=4", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=-s/tmp/x.sock", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=--socket=/tmp/x.sock", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=--socket-path=/tmp/x.sock", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=-t,passt-arg=8080", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-t", "8080"}}},
+		{in: "passt,mac=00:00:00:00:00:00", wantErr: "all-zero"},
 		{in: "passt,passt-arg=", wantErr: "non-empty"},
 	}
 	for _, tc := range tests {

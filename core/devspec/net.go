@@ -91,8 +91,8 @@ func ParseNet(s string) (*NetSpec, error) {
 			if o.value == "" || len(n.PasstArgs) == MaxPasstArgs {
 				return nil, fmt.Errorf("passt-arg=%s: want a non-empty argument, at most %d of them", printable(o.value), MaxPasstArgs)
 			}
-			if o.value == "--fd" || o.value == "-F" || strings.HasPrefix(o.value, "--fd=") {
-				return nil, fmt.Errorf("passt-arg=%s: krun-core passes passt its socket itself", printable(o.value))
+			if takesPasstSocket(o.value) {
+				return nil, fmt.Errorf("passt-arg=%s: krun-core passes passt its socket itself (-F/--fd); -s/--socket would replace it (give other short options one per passt-arg)", printable(o.value))
 			}
 			n.PasstArgs = append(n.PasstArgs, o.value)
 			continue
@@ -126,6 +126,24 @@ func ParseNet(s string) (*NetSpec, error) {
 	return n, nil
 }
 
+// takesPasstSocket says whether a passt argument would set passt's tap
+// connection, which krun-core sets (--fd 3): --fd and --socket in every
+// spelling, and -F or -s alone or in a group of short options ("-qF4").
+// A group is refused whenever it holds either letter, also as part of
+// another option's attached value: passt's options can be given one per
+// argument instead.
+func takesPasstSocket(a string) bool {
+	for _, long := range []string{"--fd", "--socket"} {
+		if a == long || strings.HasPrefix(a, long+"=") || strings.HasPrefix(a, long+"-") {
+			return true
+		}
+	}
+	if strings.HasPrefix(a, "-") && !strings.HasPrefix(a, "--") {
+		return strings.ContainsAny(a[1:], "Fs")
+	}
+	return false
+}
+
 // ParseMAC parses a unicast 48-bit MAC address.
 func ParseMAC(s string) (net.HardwareAddr, error) {
 	mac, err := net.ParseMAC(s)
@@ -134,6 +152,9 @@ func ParseMAC(s string) (net.HardwareAddr, error) {
 	}
 	if mac[0]&1 != 0 {
 		return nil, fmt.Errorf("mac=%s is a multicast address", printable(s))
+	}
+	if [6]byte(mac) == [6]byte{} {
+		return nil, fmt.Errorf("mac=%s is the all-zero address, which Linux refuses for an interface", printable(s))
 	}
 	return mac, nil
 }

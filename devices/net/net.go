@@ -122,6 +122,9 @@ type Device struct {
 	txUndo func()
 
 	stats Stats
+	// closing is set by Close: the reader's error is then ours, not a
+	// lost passt.
+	closing atomic.Bool
 	// configChanged has a value when the link status changed and the
 	// front-end has not been told yet (backend.ConfigChanger).
 	configChanged chan struct{}
@@ -193,7 +196,9 @@ func (d *Device) readPasst() {
 			d.stats.RxOversize.Add(1)
 			continue
 		default:
-			d.setLinkDown(err)
+			if !d.closing.Load() {
+				d.setLinkDown(err)
+			}
 			return
 		}
 		frame := fr.frame()
@@ -311,6 +316,7 @@ func (d *Device) Counters() map[string]uint64 {
 
 // Close ends the passt connection and waits for the reader to stop.
 func (d *Device) Close() error {
+	d.closing.Store(true)
 	err := d.conn.Close()
 	<-d.rxDone
 	return err
@@ -372,8 +378,18 @@ func (h *txHandler) Handle(req *backend.Request) {
 func (h *txHandler) Drained() { h.d.flushTx(h.ctx) }
 
 // setLinkDown records that passt is gone.
+//
+// The connection is then unusable for good (a write may have been cut in
+// the middle of a frame), so the device ends its half of the stream:
+// passt, started with --fd (one-off), sees the end and exits, and the
+// host's restart brings a new passt and plugin. Without that, passt
+// would wait for the rest of a cut frame, alive, and nothing would
+// restart it.
 func (d *Device) setLinkDown(err error) {
 	if d.linkUp.Swap(false) {
+		if cw, ok := d.conn.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
 		d.stats.LinkDown.Add(1)
 		d.log.Warn("passt connection lost, link down", "error", err)
 		select {

@@ -121,7 +121,8 @@ type Inliner interface{ Inline(req *Request) bool }
 // Drainer may be implemented by a Handler: Drained is called on the ring's
 // goroutine each time the ring has no more available chains, after every
 // chain taken so far was given to Handle and before the used elements are
-// published (a device that batches its output flushes it here).
+// published (a device that batches its output flushes it here), also when
+// a broken ring ends the round early.
 type Drainer interface{ Drained() }
 
 // Producer fills a ring's buffers on the device's own schedule.

@@ -242,7 +242,7 @@ func (e *engine) serve() error {
 			ok, err := e.pop(req)
 			if err != nil && !errors.Is(err, virtq.ErrMalformedChain) {
 				e.put(req)
-				e.endRound()
+				e.failRound()
 				return fmt.Errorf("queue %d: %w", e.index, err)
 			}
 			if !ok && err == nil {
@@ -256,7 +256,7 @@ func (e *engine) serve() error {
 				e.stopLeft--
 			}
 			if err := e.take(req); err != nil {
-				e.endRound()
+				e.failRound()
 				return err
 			}
 			if err != nil {
@@ -273,7 +273,7 @@ func (e *engine) serve() error {
 				e.log.Debug("chain longer than the ring, as the device allows", "queue", e.index, "buffers", n, "ring", q.Size())
 			}
 			if err := e.dispatch(req); err != nil {
-				e.endRound()
+				e.failRound()
 				return err
 			}
 		}
@@ -617,6 +617,16 @@ func (e *engine) protected(fn func() bool) (v bool, err error) {
 		}
 	}()
 	return fn(), nil
+}
+
+// failRound ends a round that a broken ring cut short: the handler's
+// batched output goes out first (Drainer), as at every round's end, since
+// the chains it came from are published as completed.
+func (e *engine) failRound() {
+	if e.drainer != nil {
+		e.drainer.Drained()
+	}
+	e.endRound()
 }
 
 // endRound ends a round of the ring goroutine: completions publish on
