@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/signal"
 	"slices"
@@ -117,7 +118,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	// With a command after "--", run's own failures exit 125; that is
 	// known before the flags are parsed, so a bad flag gets it too.
 	failStatus := 1
-	if slices.Contains(args, "--") {
+	if slices.Contains(args, "--") || slices.ContainsFunc(args, isRootFlag) {
 		failStatus = exitRunFailed
 	}
 	if err := fs.Parse(args); err != nil {
@@ -182,28 +183,6 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if err := c.SetVMConfig(*cpus, mem); err != nil {
 		return fail("%v", err)
 	}
-	if *kernel == "" {
-		k, err := vmm.FindKernel()
-		if err != nil {
-			return fail("%v", err)
-		}
-		*kernel = k
-	}
-	for _, f := range []struct{ flag, path string }{{"--kernel", *kernel}, {"--initrd", *initrd}} {
-		if f.path == "" {
-			continue
-		}
-		st, err := os.Stat(f.path)
-		if err != nil {
-			return fail("%s: %v", f.flag, err)
-		}
-		if !st.Mode().IsRegular() {
-			return fail("%s %s: not a regular file", f.flag, f.path)
-		}
-	}
-	if err := c.SetKernel(*kernel, *initrd, *cmdline); err != nil {
-		return fail("%v", err)
-	}
 	for _, group := range []struct {
 		flag   string
 		values []string
@@ -230,8 +209,38 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		if *modules != "" {
 			c.SetModulesDir(*modules)
 		}
+		// The root and the command are checked before the kernel is
+		// looked for: a wrong --root or CMD is reported as such on any
+		// host, with its own status.
+		if _, err := vmm.LookupInRoot(*root, *workdir, command[0], c.ExecEnv()); err != nil {
+			return execFailure(stderr, err)
+		}
 	} else {
 		c.SetConsoleOutput(stdout)
+	}
+	// A kernel the search found was checked there (and is not the
+	// user's --kernel, so an error must not call it that).
+	var given []struct{ flag, path string }
+	if *kernel != "" {
+		given = append(given, struct{ flag, path string }{"--kernel", *kernel})
+	} else {
+		k, err := vmm.FindKernel()
+		if err != nil {
+			return fail("%v", err)
+		}
+		*kernel = k
+	}
+	given = append(given, struct{ flag, path string }{"--initrd", *initrd})
+	for _, f := range given {
+		if f.path == "" {
+			continue
+		}
+		if err := vmm.CheckKernelFile(f.path); err != nil {
+			return fail("%s %s: %v", f.flag, cli.Printable(f.path), err)
+		}
+	}
+	if err := c.SetKernel(*kernel, *initrd, *cmdline); err != nil {
+		return fail("%v", err)
 	}
 	c.SetPluginDir(*pluginDir)
 	c.SetSandboxOff(sandboxOff)
@@ -260,13 +269,6 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	c.SetPluginRestarts(rp)
 	if err := c.SetBootTimeout(time.Duration(bootTO)); err != nil {
 		return fail("--boot-timeout: %v", err)
-	}
-	if execMode {
-		// The root and the command are checked first: a wrong --root is
-		// reported as such on any host.
-		if _, err := vmm.LookupInRoot(*root, command[0], c.ExecEnv()); err != nil {
-			return execFailure(stderr, err)
-		}
 	}
 	// Before anything starts: the files, plugins and back-end sockets
 	// named, then a host whose KVM cannot boot a stock kernel (none, or
@@ -410,8 +412,11 @@ func (d *secondsFlag) Set(s string) error {
 		*d = secondsFlag(time.Duration(n) * time.Second)
 		return nil
 	}
-	if _, err := strconv.ParseInt(s, 10, 64); err == nil {
-		return fmt.Errorf("%q is negative", s) // a bare number below 0
+	if _, err := strconv.ParseInt(s, 10, 64); err == nil || isDigits(strings.TrimPrefix(s, "-")) {
+		if strings.HasPrefix(s, "-") {
+			return fmt.Errorf("%q is negative", s)
+		}
+		return fmt.Errorf("%q is too large (at most %d seconds)", s, uint64(math.MaxUint32))
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
@@ -422,6 +427,18 @@ func (d *secondsFlag) Set(s string) error {
 	}
 	*d = secondsFlag(v)
 	return nil
+}
+
+// isRootFlag says whether a is --root (or -root, or with =VALUE): run
+// then runs a command, and a bad flag exits with its 125 as well.
+func isRootFlag(a string) bool {
+	name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+	return strings.HasPrefix(a, "-") && name == "root"
+}
+
+// isDigits says whether s is a non-empty run of decimal digits.
+func isDigits(s string) bool {
+	return s != "" && strings.Trim(s, "0123456789") == ""
 }
 
 // parseMemory reads --memory: a size with a suffix, or a bare number of

@@ -44,7 +44,7 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--plugin", "Bad_Kind"}, `--plugin Bad_Kind: plugin kind "Bad_Kind"`},
 		{[]string{"--kernel", k, "--plugin-dir", pd, "--plugin", "nothere,x=1"}, "krun-plugin-nothere not found in " + pd},
 		{[]string{"--kernel", k, "--plugin-dir", filepath.Join(dir, "nope"), "--disk", "path=" + img + ",format=raw"}, "--plugin-dir " + filepath.Join(dir, "nope") + ": no such directory"},
-		{[]string{"--kernel", filepath.Join(dir, "nokernel"), "--plugin-dir", pd}, "--kernel: stat " + filepath.Join(dir, "nokernel") + ": no such file or directory"},
+		{[]string{"--kernel", filepath.Join(dir, "nokernel"), "--plugin-dir", pd}, "--kernel " + filepath.Join(dir, "nokernel") + ": no such file or directory"},
 		{nineDisks, "more than 8 devices"},
 		{[]string{}, "nothing to run"},
 		{[]string{"--kernel", k, "--env", "A=b"}, "need --root"},
@@ -152,6 +152,14 @@ func TestRunRootErrors(t *testing.T) {
 		{"empty group", []string{"--kernel", k, "--root", root, "--user", "alice:", "--", "sh"}, 125, "empty group"},
 		{"user without root", []string{"--kernel", k, "--user", "alice"}, 1, "need --root"},
 		{"missing kernel", []string{"--kernel", k + ".missing", "--root", root, "--", "sh"}, 125, "--kernel"},
+		{"kernel is a directory", []string{"--kernel", root, "--root", root, "--", "sh"}, 125, "--kernel " + root + ": not a regular file"},
+		// --root without "--" runs a command all the same: its bad flag
+		// exits 125 too (from review).
+		{"bad flag, command without --", []string{"--kernel", k, "--root", root, "--cpus", "x", "sh"}, 125, "--cpus"},
+		{"unknown flag, command without --", []string{"--bogus", "--root=" + root, "sh"}, 125, "--bogus"},
+		{"escape sequence in the command", []string{"--kernel", k, "--root", root, "--", "/bin/s\x1b[31mh"}, 127, `"/bin/s\x1b[31mh"`},
+		{"boot timeout too large", []string{"--kernel", k, "--root", root, "--boot-timeout", "99999999999", "--", "sh"}, 125, "too large"},
+		{"boot timeout negative", []string{"--kernel", k, "--root", root, "--boot-timeout", "-5", "--", "sh"}, 125, "negative"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -180,6 +188,56 @@ func TestRunRootErrors(t *testing.T) {
 	if rc := runCommand([]string{"--root", root, "--", "sh"}, &out, &errb); rc != 125 || !strings.Contains(errb.String(), "make kernel") ||
 		strings.Count(errb.String(), "\n") != 1 {
 		t.Errorf("no kernel: exit %d, stderr %q", rc, errb.String())
+	}
+	// The root and the command are checked before the kernel is looked
+	// for: without a kernel they are still reported as such, with their
+	// own status (from review).
+	for _, tc := range []struct {
+		args []string
+		rc   int
+		want string
+	}{
+		{[]string{"--root", root + "/nope", "--", "sh"}, 125, "root " + root + "/nope"},
+		{[]string{"--root", root, "--", "nosuch"}, 127, "command not found"},
+		{[]string{"--root", root, "--", "/bin/data"}, 126, "not executable"},
+	} {
+		out.Reset()
+		errb.Reset()
+		if rc := runCommand(tc.args, &out, &errb); rc != tc.rc || !strings.Contains(errb.String(), tc.want) || strings.Contains(errb.String(), "kernel") {
+			t.Errorf("%q without a kernel: exit %d, stderr %q; want %d and %q", tc.args, rc, errb.String(), tc.rc, tc.want)
+		}
+	}
+	// A kernel found by the search is not called --kernel.
+	t.Setenv("KRUN_KERNEL", root)
+	out.Reset()
+	errb.Reset()
+	if rc := runCommand([]string{"--root", root, "--", "sh"}, &out, &errb); rc != 125 || !strings.Contains(errb.String(), "KRUN_KERNEL="+root+": not a regular file") {
+		t.Errorf("KRUN_KERNEL a directory: exit %d, stderr %q", rc, errb.String())
+	}
+}
+
+// TestRunFindsARelativeCommandFromWorkdir: ./server with --workdir /app is
+// looked up in /app, as krun-init will (from review: it was "command not
+// found", 127, on the host).
+func TestRunFindsARelativeCommandFromWorkdir(t *testing.T) {
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "app/bin"), 0o755)
+	os.WriteFile(filepath.Join(root, "app/server"), []byte("#!"), 0o755)
+	os.WriteFile(filepath.Join(root, "app/bin/tool"), []byte("#!"), 0o755)
+	k := filepath.Join(t.TempDir(), "bzImage")
+	os.WriteFile(k, []byte("x"), 0o644)
+	for _, args := range [][]string{
+		{"--workdir", "/app", "--", "./server"},
+		{"--workdir", "/app", "--env", "PATH=bin", "--", "tool"},
+		{"--workdir", "/app/bin", "--", "../server"},
+	} {
+		var out, errb bytes.Buffer
+		rc := runCommand(append([]string{"--kernel", k, "--root", root}, args...), &out, &errb)
+		// Past the lookup the run fails on this kernel or this host's
+		// KVM, with 125; never 127.
+		if rc != 125 || strings.Contains(errb.String(), "command not found") {
+			t.Errorf("%q: exit %d, stderr %q; want the command found", args, rc, errb.String())
+		}
 	}
 }
 

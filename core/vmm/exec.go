@@ -80,10 +80,10 @@ func (c *Context) SetRoot(dir string, readOnly bool) error {
 	}
 	st, err := os.Stat(dir)
 	if err != nil {
-		return fmt.Errorf("%w: root %s: %v", ErrConfig, dir, unwrapPath(err))
+		return fmt.Errorf("%w: root %s: %v", ErrConfig, cli.Printable(dir), unwrapPath(err))
 	}
 	if !st.IsDir() {
-		return fmt.Errorf("%w: root %s is not a directory", ErrConfig, dir)
+		return fmt.Errorf("%w: root %s is not a directory", ErrConfig, cli.Printable(dir))
 	}
 	e := c.execCfg()
 	e.root, e.rootReadOnly = dir, readOnly
@@ -300,14 +300,25 @@ func (e *execConfig) findInit(pluginDir string) (string, error) {
 }
 
 // LookupInRoot resolves the program name inside root the way krun-init
-// will: a name with a slash as it is, otherwise along the PATH of env. The
-// lookup cannot leave root (symbolic links resolve inside it). It returns
-// the path inside root, or an error wrapping ErrCommandNotFound or
+// will: a name with a slash as it is, otherwise along the PATH of env; a
+// relative name or PATH entry (an empty one is ".") from workdir, the
+// program's working directory inside root ("" is /). The lookup cannot
+// leave root (symbolic links resolve inside it). It returns the path
+// inside root, or an error wrapping ErrCommandNotFound or
 // ErrCommandNotExecutable.
-func LookupInRoot(root, name string, env []string) (string, error) {
+func LookupInRoot(root, workdir, name string, env []string) (string, error) {
+	if workdir == "" {
+		workdir = "/"
+	}
+	fromWorkdir := func(p string) string {
+		if path.IsAbs(p) {
+			return p
+		}
+		return path.Join(workdir, p)
+	}
 	dirfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return "", fmt.Errorf("open root %s: %w", root, err)
+		return "", fmt.Errorf("open root %s: %w", cli.Printable(root), err)
 	}
 	defer unix.Close(dirfd)
 	check := func(p string) error {
@@ -327,11 +338,11 @@ func LookupInRoot(root, name string, env []string) (string, error) {
 		return nil
 	}
 	if strings.Contains(name, "/") {
-		switch err := check(name); err {
+		switch err := check(fromWorkdir(name)); err {
 		case nil:
-			return name, nil
+			return fromWorkdir(name), nil
 		default:
-			return "", fmt.Errorf("%w: %s in root %s", err, name, root)
+			return "", fmt.Errorf("%w: %s in root %s", err, cli.Printable(name), cli.Printable(root))
 		}
 	}
 	pathEnv := initconfig.DefaultPath
@@ -345,7 +356,7 @@ func LookupInRoot(root, name string, env []string) (string, error) {
 		if dir == "" {
 			dir = "."
 		}
-		p := path.Join(dir, name)
+		p := path.Join(fromWorkdir(dir), name)
 		switch check(p) {
 		case nil:
 			return p, nil
@@ -354,9 +365,9 @@ func LookupInRoot(root, name string, env []string) (string, error) {
 		}
 	}
 	if notExec {
-		return "", fmt.Errorf("%w: %s in root %s", ErrCommandNotExecutable, name, root)
+		return "", fmt.Errorf("%w: %s in root %s", ErrCommandNotExecutable, cli.Printable(name), cli.Printable(root))
 	}
-	return "", fmt.Errorf("%w: %s in the PATH (%s) of root %s", ErrCommandNotFound, name, pathEnv, root)
+	return "", fmt.Errorf("%w: %s in the PATH (%s) of root %s", ErrCommandNotFound, cli.Printable(name), cli.Printable(pathEnv), cli.Printable(root))
 }
 
 // mountPointInRoot checks that a read-only root has the directory a share
@@ -416,7 +427,7 @@ func (c *Context) prepareExec() error {
 		e.cfg.Env = slices.DeleteFunc(e.cfg.Env, isHome)
 	}
 	if !e.noLookup {
-		if _, err := LookupInRoot(e.root, e.cfg.Args[0], e.cfg.Env); err != nil {
+		if _, err := LookupInRoot(e.root, e.cfg.Workdir, e.cfg.Args[0], e.cfg.Env); err != nil {
 			return err
 		}
 	}

@@ -31,40 +31,51 @@ func fakeRoot(t *testing.T) string {
 func TestLookupInRoot(t *testing.T) {
 	root := fakeRoot(t)
 	tests := []struct {
-		name string
-		env  []string
-		want string
-		err  error
+		name    string
+		env     []string
+		want    string
+		err     error
+		workdir string
 	}{
-		{"prog", nil, "/bin/prog", nil},
-		{"sh", nil, "/bin/sh", nil},
-		{"/bin/sh", nil, "/bin/sh", nil},
-		{"tool", nil, "", ErrCommandNotFound},
-		{"tool", []string{"PATH=/opt"}, "/opt/tool", nil},
-		{"/opt/tool", []string{"PATH=/nowhere"}, "/opt/tool", nil},
-		{"data", nil, "", ErrCommandNotExecutable},
-		{"/bin/data", nil, "", ErrCommandNotExecutable},
-		{"dir", nil, "", ErrCommandNotExecutable},
-		{"missing", nil, "", ErrCommandNotFound},
-		{"/bin/missing", nil, "", ErrCommandNotFound},
+		{"prog", nil, "/bin/prog", nil, ""},
+		{"sh", nil, "/bin/sh", nil, ""},
+		{"/bin/sh", nil, "/bin/sh", nil, ""},
+		{"tool", nil, "", ErrCommandNotFound, ""},
+		{"tool", []string{"PATH=/opt"}, "/opt/tool", nil, ""},
+		{"/opt/tool", []string{"PATH=/nowhere"}, "/opt/tool", nil, ""},
+		{"data", nil, "", ErrCommandNotExecutable, ""},
+		{"/bin/data", nil, "", ErrCommandNotExecutable, ""},
+		{"dir", nil, "", ErrCommandNotExecutable, ""},
+		{"missing", nil, "", ErrCommandNotFound, ""},
+		{"/bin/missing", nil, "", ErrCommandNotFound, ""},
 		// A link that climbs out resolves inside the root, where there is
 		// no /bin/true.
-		{"escape", nil, "", ErrCommandNotFound},
-		{"../../../../bin/true", nil, "", ErrCommandNotFound},
+		{"escape", nil, "", ErrCommandNotFound, ""},
+		{"../../../../bin/true", nil, "", ErrCommandNotFound, ""},
+		// Relative names and PATH entries are taken from the working
+		// directory, as krun-init's lookPath does (from review: ./server
+		// with --workdir /app was "not found").
+		{"./tool", nil, "/opt/tool", nil, "/opt"},
+		{"../opt/tool", nil, "/opt/tool", nil, "/bin"},
+		{"./tool", nil, "", ErrCommandNotFound, ""},
+		{"tool", []string{"PATH=:/bin"}, "/opt/tool", nil, "/opt"},
+		{"tool", []string{"PATH=opt"}, "/opt/tool", nil, "/"},
+		{"prog", []string{"PATH=."}, "/bin/prog", nil, "/bin"},
+		{"/bin/prog", nil, "/bin/prog", nil, "/opt"},
 	}
 	for _, tt := range tests {
-		got, err := LookupInRoot(root, tt.name, tt.env)
+		got, err := LookupInRoot(root, tt.workdir, tt.name, tt.env)
 		if tt.err != nil {
 			if !errors.Is(err, tt.err) {
-				t.Errorf("LookupInRoot(%q, %v) = %q, %v; want %v", tt.name, tt.env, got, err, tt.err)
+				t.Errorf("LookupInRoot(%q, %q, %v) = %q, %v; want %v", tt.workdir, tt.name, tt.env, got, err, tt.err)
 			}
 			continue
 		}
 		if err != nil || got != tt.want {
-			t.Errorf("LookupInRoot(%q, %v) = %q, %v; want %q", tt.name, tt.env, got, err, tt.want)
+			t.Errorf("LookupInRoot(%q, %q, %v) = %q, %v; want %q", tt.workdir, tt.name, tt.env, got, err, tt.want)
 		}
 	}
-	if _, err := LookupInRoot(filepath.Join(root, "nope"), "prog", nil); err == nil {
+	if _, err := LookupInRoot(filepath.Join(root, "nope"), "", "prog", nil); err == nil {
 		t.Error("a missing root accepted")
 	}
 }

@@ -58,9 +58,8 @@ func KernelSearch() []string {
 func FindKernel() (string, error) {
 	var tried []string
 	for i, p := range KernelSearch() {
-		f, err := os.Open(p)
+		err := readableFile(p)
 		if err == nil {
-			f.Close()
 			return p, nil
 		}
 		if i == 0 && os.Getenv(KernelEnv) != "" {
@@ -74,6 +73,31 @@ func FindKernel() (string, error) {
 	}
 	return "", fmt.Errorf("%w: no --kernel, %s unset, looked in %s; give --kernel a bzImage (in a source tree, `make kernel` fetches Debian's)", ErrNoKernel, KernelEnv, strings.Join(tried, ", "))
 }
+
+// errNotRegular: a kernel path names a directory or a device.
+var errNotRegular = errors.New("not a regular file")
+
+// readableFile checks that p opens for reading and is a regular file.
+func readableFile(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() {
+		return errNotRegular
+	}
+	return nil
+}
+
+// CheckKernelFile checks a kernel or initrd path given by the user: it
+// must open for reading and be a regular file. The error does not repeat
+// the path.
+func CheckKernelFile(p string) error { return unwrapPath(readableFile(p)) }
 
 func unwrapPath(err error) error {
 	var pe *fs.PathError

@@ -263,6 +263,27 @@ func unprintable(r rune) bool {
 }
 
 // OneLine folds s (an error message that may span lines) into one line.
+// Control and invisible formatting characters left (an escape sequence in
+// a file name the user gave, say) are written as Go escapes (\x1b), so
+// that the line cannot drive the terminal it is printed on.
 func OneLine(s string) string {
-	return strings.Join(strings.Fields(s), " ")
+	s = strings.Join(strings.Fields(s), " ")
+	if !strings.ContainsFunc(s, unprintable) && utf8.ValidString(s) {
+		return s
+	}
+	var b strings.Builder
+	for len(s) > 0 {
+		r, n := utf8.DecodeRuneInString(s)
+		switch {
+		case r == utf8.RuneError && n == 1:
+			fmt.Fprintf(&b, "\\x%02x", s[0])
+		case unprintable(r):
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteString(s[:n])
+		}
+		s = s[n:]
+	}
+	return b.String()
 }

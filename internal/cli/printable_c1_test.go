@@ -53,3 +53,23 @@ func TestPrintableQuotesInvisibleFormatting(t *testing.T) {
 		}
 	}
 }
+
+// TestOneLineEscapesControls: an error line built from what the user gave
+// (a file name with an escape sequence) cannot drive the terminal; line
+// breaks still fold into spaces (from review).
+func TestOneLineEscapesControls(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"plain message", "plain message"},
+		{"two\nlines\r\n  indented", "two lines indented"},
+		{"command not found: /bin/tr\x1b[31mue", `command not found: /bin/tr\x1b[31mue`},
+		{"bell\a and del\x7f", `bell\a and del\x7f`},
+		{"bad byte \xff here", `bad byte \xff here`},
+		{"bidi \u202e override", `bidi \u202e override`},
+		{"ünïcödé stays", "ünïcödé stays"},
+	}
+	for _, tc := range tests {
+		if got := OneLine(tc.in); got != tc.want {
+			t.Errorf("OneLine(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
