@@ -27,7 +27,7 @@ func TestHelpPages(t *testing.T) {
 		{"img", "--help"}, {"img", "info", "--help"}, {"img", "check", "--help"},
 		{"img", "verify", "--help"}, {"img", "create", "--help"}, {"img", "convert", "--help"},
 		{"img", "import", "--help"}, {"img", "probe", "--help"}, {"sandbox", "--help"}, {"sandbox", "status", "--help"},
-		{"doctor", "--help"},
+		{"doctor", "--help"}, {"help", "img", "create"}, {"help", "sandbox", "status"},
 	} {
 		var out, errb bytes.Buffer
 		rc := dispatch(args, &out, &errb)
@@ -36,6 +36,11 @@ func TestHelpPages(t *testing.T) {
 		}
 		if args[0] == "help" && (len(args) == 1 || args[1] == "help") && !strings.HasPrefix(out.String(), "usage: krun-core COMMAND") {
 			t.Errorf("%q: page starts %.60q, want krun-core's own", args, out.String())
+		}
+		// help CMD SUB is the page of CMD SUB --help (from review: it was
+		// CMD's).
+		if want := "usage: krun-core " + strings.Join(args[1:], " "); args[0] == "help" && len(args) == 3 && !strings.HasPrefix(out.String(), want) {
+			t.Errorf("%q: page starts %.60q, want %q", args, out.String(), want)
 		}
 		if m := singleDash.FindString(out.String()); m != "" {
 			t.Errorf("%q: page spells a flag with one dash: %q", args, m)

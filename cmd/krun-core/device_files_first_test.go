@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/krun-core/krun-core/guest/initramfs/kmod"
 )
 
 func TestRunMissingDeviceFileNamedFirst(t *testing.T) {
@@ -77,5 +79,76 @@ func TestRunMissingRootPluginsNamedFirst(t *testing.T) {
 				t.Errorf("exit %d, stderr %q: want exit 125 and one line naming the %s plugin", rc, errb.String(), tt.want)
 			}
 		})
+	}
+}
+
+// TestRunExecConfigCheckedFirst: mistakes in what --root DIR -- CMD builds
+// the guest's configuration from are one line naming the flag, before the
+// KVM check (they were found only inside Start, after it, and named the
+// configuration's internal fields, "env[2]"; from review).
+func TestRunExecConfigCheckedFirst(t *testing.T) {
+	t.Setenv("KRUN_PLUGIN_DIR", "")
+	dir := t.TempDir()
+	notKernel := filepath.Join(dir, "bzImage")
+	os.WriteFile(notKernel, []byte("x"), 0o644)
+	// A file with a bzImage setup header, as far as the release goes:
+	// "HdrS", boot protocol 2.15, kernel_version 0x200 (the string at
+	// 0x200 past the setup header's start, 0x400).
+	k := filepath.Join(dir, "vmlinuz")
+	hdr := make([]byte, 0x800)
+	copy(hdr[0x202:], "HdrS")
+	hdr[0x206], hdr[0x207] = 0x0f, 0x02
+	hdr[0x20e], hdr[0x20f] = 0x00, 0x02
+	copy(hdr[0x400:], "6.1.0-test (builder) #1 SMP\x00")
+	os.WriteFile(k, hdr, 0o644)
+	if rel, err := kmod.Release(k); err != nil || rel != "6.1.0-test" {
+		t.Fatalf("the test's kernel header: release %q, %v", rel, err)
+	}
+	root := filepath.Join(dir, "root")
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
+	share := filepath.Join(dir, "share")
+	os.Mkdir(share, 0o755)
+	pd := filepath.Join(dir, "plugins")
+	os.Mkdir(pd, 0o755)
+	for _, p := range []string{"krun-plugin-console", "krun-plugin-fs-virtio"} {
+		os.WriteFile(filepath.Join(pd, p), []byte("#!/bin/false\n"), 0o755)
+	}
+	t.Setenv("KRUN_TEST_FROM_HOST", "host value")
+	for _, tt := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"env without a key", []string{"--env", "=x"}, "--env =x: want KEY=VALUE"},
+		{"rlimit twice", []string{"--rlimit", "nofile=1:2", "--rlimit", "NOFILE=3:4"}, "RLIMIT_NOFILE is limited twice"},
+		{"the root's tag", []string{"--fs", "path=" + share + ",tag=krun-root"}, `share tag "krun-root" is the root's own`},
+		{"one mount point twice", []string{"--fs", "path=" + share + ",tag=a,mount=/x", "--fs", "path=" + share + ",tag=b,mount=/x/"}, `shares "a" and "b" are both mounted at /x`},
+		{"a default mount point taken", []string{"--fs", "path=" + share + ",tag=a", "--fs", "path=" + share + ",tag=b,mount=/mnt/a"}, "both mounted at /mnt/a"},
+		{"no module tree", []string{"--kernel-modules", filepath.Join(dir, "nope")}, "no kernel/ directory"},
+		{"not a kernel", []string{"--kernel", notKernel}, "not a bzImage"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var out, errb bytes.Buffer
+			args := append([]string{"--kernel", k, "--plugin-dir", pd, "--root", root}, tt.args...)
+			rc := runCommand(append(args, "--", "sh"), &out, &errb)
+			if rc != 125 || !strings.Contains(errb.String(), tt.want) || strings.Count(errb.String(), "\n") != 1 {
+				t.Errorf("exit %d, stderr %q: want exit 125 and one line with %q", rc, errb.String(), tt.want)
+			}
+		})
+	}
+	// A bare --env KEY takes krun-core's own value, or nothing.
+	for _, tc := range []struct {
+		in   []string
+		want []string
+	}{
+		{[]string{"KRUN_TEST_FROM_HOST"}, []string{"KRUN_TEST_FROM_HOST=host value"}},
+		{[]string{"KRUN_TEST_UNSET_ANYWHERE"}, []string{}},
+		{[]string{"A=1", "B="}, []string{"A=1", "B="}},
+	} {
+		got, err := commandEnv(tc.in)
+		if err != nil || strings.Join(got, "\n") != strings.Join(tc.want, "\n") {
+			t.Errorf("commandEnv(%q) = %q, %v; want %q", tc.in, got, err, tc.want)
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/krun-core/krun-core/core/devspec"
+	"github.com/krun-core/krun-core/core/imagelock"
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/imgtool"
@@ -270,6 +271,10 @@ func (f *imgFlags) parse(args []string, positional ...string) error {
 			if errors.Is(err, flag.ErrHelp) {
 				return err
 			}
+			if err.Error() == "flag provided but not defined: -o" {
+				// qemu-img's -o cluster_size=...,backing_file=...
+				return fmt.Errorf("-o is qemu-img's: krun-core img %s takes each option as a flag of its own (see krun-core img %s --help)", f.name, f.name)
+			}
 			return cli.FlagError("krun-core img "+f.name, err)
 		}
 		rest := f.fs.Args()
@@ -369,6 +374,10 @@ func imgRun(name string, args []string, stdout, stderr io.Writer, f *imgFlags, p
 	if err != nil {
 		if ctx.Err() != nil {
 			return fail(errors.New("interrupted"))
+		}
+		var inUse *imagelock.InUseError
+		if errors.As(err, &inUse) && inUse.Mode == imagelock.ReadOnly && f.fs.Lookup("force-share") != nil && !f.forceShare {
+			err = fmt.Errorf("%w; -U (--force-share) reads it all the same, as with qemu-img, at the risk of reading it mid-write", err)
 		}
 		return fail(err)
 	}
@@ -682,7 +691,9 @@ func imgProbe(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "krun-core img probe: warning: %s looks like %s (%s). This is a guess from bytes the file's author controls: "+
 				"record it now and pass --format %s explicitly from then on; no other command guesses.\n", path, r.Format, r.Detail, r.Format)
 		} else {
-			fmt.Fprintf(stderr, "krun-core img probe: warning: %s looks like %s (%s); krun-core serves raw and qcow2 only.\n", path, r.Format, r.Detail)
+			// The plugin's detail already says that krun-core serves
+			// raw and qcow2 only.
+			fmt.Fprintf(stderr, "krun-core img probe: warning: %s looks like %s (%s).\n", path, r.Format, r.Detail)
 		}
 		return 0, nil
 	})
@@ -710,9 +721,12 @@ func imgResize(args []string, stdout, stderr io.Writer) int {
 		case strings.HasPrefix(arg, "-"):
 			num, o.Relative, sign = arg[1:], true, -1
 		}
-		n, err := devspec.ParseSize(num)
-		if err != nil {
-			return 1, fmt.Errorf("SIZE %q: %w", arg, err)
+		var n int64
+		var err error
+		if !o.Relative || strings.Trim(num, "0") != "" { // +0: no change, as with qemu-img
+			if n, err = devspec.ParseSize(num); err != nil {
+				return 1, fmt.Errorf("SIZE %q: %w", arg, err)
+			}
 		}
 		o.Size = sign * n
 		if _, err := l.Resize(ctx, f.positional[0], o); err != nil {

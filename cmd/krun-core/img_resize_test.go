@@ -42,8 +42,12 @@ func TestImgResizeArgs(t *testing.T) {
 		{[]string{"resize", "-f", "raw", file, "12Q"}, 1, `krun-core img resize: SIZE "12Q"`},
 		{[]string{"resize", "-f", "raw", file, "+12Q"}, 1, `SIZE "+12Q"`},
 		{[]string{"resize", "-f", "raw", file, "-x"}, 1, "unknown flag -x"},
+		{[]string{"create", "-f", "qcow2", "-o", "cluster_size=4096", file + ".new", "1M"}, 1, "-o is qemu-img's: krun-core img create takes each option as a flag of its own (see krun-core img create --help)"},
 		{[]string{"resize", "-f", "raw", file, "0"}, 1, "must be positive"},
-		{[]string{"resize", "-f", "raw", file, "+0"}, 1, "must be positive"},
+		// +0 changes nothing, as with qemu-img (from review): it reaches
+		// the plugin.
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "+0"}, 1, "krun-plugin-img not found"},
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "-0"}, 1, "krun-plugin-img not found"},
 		{[]string{"resize", "-f", "raw", file, "1000"}, 1, "krun-core img resize: the new size (1000 bytes) is not a multiple of 512"},
 		{[]string{"resize", "-f", "vmdk", file, "8K"}, 1, "unknown format"},
 		{[]string{"resize", "-U", "-f", "raw", file, "8K"}, 1, "unknown flag -U"},

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 )
 
@@ -63,7 +64,8 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 				return 0
 			}
 			if _, ok := commands()[args[1]]; ok {
-				return dispatch([]string{args[1], "--help"}, stdout, stderr)
+				// help img create: the page of `img create --help`.
+				return dispatch(append(slices.Clone(args[1:]), "--help"), stdout, stderr)
 			}
 			fmt.Fprintf(stderr, "krun-core help: unknown command %q (see krun-core --help)\n", args[1])
 			return 1

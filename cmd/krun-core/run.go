@@ -42,7 +42,7 @@ const (
 )
 
 const runSynopsis = `usage: krun-core run --root DIR [options] -- CMD [ARGS...]
-       krun-core run [--kernel FILE] (--initrd FILE | --disk SPEC) [options]
+       krun-core run [--kernel FILE] [--initrd FILE] [--disk SPEC]... [options]
 
 Boots a Linux guest on KVM with krun-core's minimal core (vCPUs, guest RAM,
 virtio-mmio). With --root DIR -- CMD it runs CMD in a microVM whose root file
@@ -60,15 +60,20 @@ warn, and error with -- CMD (krun-core shares its stderr with CMD), unless
 
 Device options (repeatable; at most 8 devices; a comma inside a value is
 written twice, path=a,,b.img, as in QEMU):
-  --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...][,queues=N]
-  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on][,mount=GUESTDIR]
-                                     (with --root: at GUESTDIR, default /mnt/TAG)
+  --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
+         [,max-size=64G][,data-file=FILE][,queues=N]
+  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on][,mount=GUESTDIR][,uidmap=...][,gidmap=...]
+         [,cache=SECONDS][,xattr=on|off][,workers=N]
+                                     (with --root: at GUESTDIR, default /mnt/TAG;
+                                     the other keys: docs/VIRTIOFS.md)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
   --plugin KIND[,key=value...]       any installed krun-plugin-KIND
   --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG][,reconnect=SECONDS]
                                      an external back-end (qemu-storage-daemon,
                                      virtiofsd, vhost-device-*, krun-core serve);
-                                     reconnect= connects again when it goes`
+                                     reconnect= connects again every SECONDS when it
+                                     goes away while the guest runs, and replays
+                                     the requests it had in flight (not for fs)`
 
 // runCommand boots a guest. With --root DIR -- CMD it runs CMD in a microVM
 // whose root file system is DIR and exits with CMD's status; otherwise it
@@ -112,7 +117,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&plugins, "plugin", "a third-party plugin `SPEC` (above): any installed krun-plugin-KIND, options passed as given")
 	fs.Func("plugin-syscalls", "grant a --plugin device's plugin system calls beyond its launch profile: `KIND=NAME[,NAME...]`, those its declared policy asks for (never exec, mount, ptrace and the others docs/SECURITY.md lists)", grants.Add)
 	fs.Var(&externals, "vhost-user", "an external vhost-user back-end `SPEC` (above), not sandboxed by krun-core")
-	fs.Var(&envs, "env", "`KEY=VALUE` in the command's environment (repeatable; with --root)")
+	fs.Var(&envs, "env", "`KEY=VALUE` in the command's environment; a bare KEY takes krun-core's own value, if it has one (repeatable; with --root)")
 	fs.Var(&rlimits, "rlimit", "`NAME=SOFT:HARD` resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
 	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this `DURATION` after it starts (90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
 	// With a command after "--", run's own failures exit 125; that is
@@ -202,7 +207,11 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	var term *terminal
 	if execMode {
-		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: envs,
+		env, err := commandEnv(envs)
+		if err != nil {
+			return fail("%v", err)
+		}
+		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
 			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, stdout: stdout, stderr: stderr}); err != nil {
 			return fail("%v", err)
 		}
@@ -427,6 +436,27 @@ func (d *secondsFlag) Set(s string) error {
 	}
 	*d = secondsFlag(v)
 	return nil
+}
+
+// commandEnv checks --env's values: KEY=VALUE, or a bare KEY that takes
+// krun-core's own value (dropped when krun-core has none), as with
+// `podman run --env KEY`.
+func commandEnv(envs []string) ([]string, error) {
+	out := make([]string, 0, len(envs))
+	for _, kv := range envs {
+		k, _, ok := strings.Cut(kv, "=")
+		if k == "" || strings.ContainsRune(kv, 0) {
+			return nil, fmt.Errorf("--env %s: want KEY=VALUE", cli.Printable(kv))
+		}
+		if !ok {
+			if v, set := os.LookupEnv(k); set {
+				out = append(out, k+"="+v)
+			}
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out, nil
 }
 
 // isRootFlag says whether a is --root (or -root, or with =VALUE): run

@@ -7,12 +7,14 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/core/vmm"
+	"github.com/krun-core/krun-core/guest/initconfig"
 )
 
 // execOptions are run's flags for --root DIR -- CMD.
@@ -55,22 +57,22 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 	}
 	if o.workdir != "" {
 		if err := c.SetWorkdir(o.workdir); err != nil {
-			return nil, fmt.Errorf("--workdir: %w", err)
+			return nil, flagError("--workdir", err)
 		}
 	}
 	if o.hostname != "" {
 		if err := c.SetHostname(o.hostname); err != nil {
-			return nil, fmt.Errorf("--hostname: %w", err)
+			return nil, flagError("--hostname", err)
 		}
 	}
 	if o.user != "" {
 		if err := c.SetUserSpec(o.user); err != nil {
-			return nil, fmt.Errorf("--user: %w", err)
+			return nil, flagError("--user", err)
 		}
 	}
 	if len(o.rlimits) > 0 {
 		if err := c.SetRlimits(o.rlimits); err != nil {
-			return nil, fmt.Errorf("--rlimit: %w", err)
+			return nil, flagError("--rlimit", err)
 		}
 	}
 	stdout, err := fileOf(o.stdout)
@@ -90,6 +92,16 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 	}
 	c.SetStdio(os.Stdin, stdout, stderr, term != nil)
 	return term, nil
+}
+
+// flagError names the flag whose value err is about, without the layers'
+// own prefixes ("invalid VM configuration: invalid krun-init config: ").
+func flagError(flag string, err error) error {
+	msg := err.Error()
+	for _, p := range []string{vmm.ErrConfig.Error() + ": ", initconfig.ErrInvalid.Error() + ": "} {
+		msg = strings.TrimPrefix(msg, p)
+	}
+	return fmt.Errorf("%s: %s", flag, msg)
 }
 
 // fileOf returns w as a file the console plugin can inherit. krun-core's

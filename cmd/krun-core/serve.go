@@ -43,7 +43,9 @@ DEVICE is exactly one of:
                                                     rings up to 1024, queues= request queues
                                                     (default 8; QEMU's vhost-user-blk-pci
                                                     wants one per vCPU unless num-queues=)
-  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]   vhost-user-fs (krun-plugin-fs-virtio)
+  --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]   vhost-user-fs (krun-plugin-fs-virtio);
+         [,uidmap=...][,gidmap=...][,cache=SECONDS] the other keys: docs/VIRTIOFS.md
+         [,xattr=on|off][,workers=N]
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
                                                     vhost-user-net via passt (krun-plugin-net-passt)
   --plugin KIND[,key=value...]                      any krun-plugin-KIND, options passed as given

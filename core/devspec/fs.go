@@ -43,7 +43,7 @@ func ParseFS(s string) (*FSSpec, error) {
 			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
 		}
 		if seen[o.key] {
-			return nil, fmt.Errorf("%s= given twice", printable(o.key))
+			return nil, fmt.Errorf("%s given twice", printable(o.key+"="))
 		}
 		seen[o.key] = true
 		switch o.key {

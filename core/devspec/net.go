@@ -98,7 +98,7 @@ func ParseNet(s string) (*NetSpec, error) {
 			continue
 		}
 		if seen[o.key] {
-			return nil, fmt.Errorf("%s= given twice", printable(o.key))
+			return nil, fmt.Errorf("%s given twice", printable(o.key+"="))
 		}
 		seen[o.key] = true
 		switch o.key {

@@ -43,7 +43,7 @@ func ParsePlugin(s string) (*PluginSpec, error) {
 			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
 		}
 		if _, dup := p.Options[o.key]; dup {
-			return nil, fmt.Errorf("%s= given twice", printable(o.key))
+			return nil, fmt.Errorf("%s given twice", printable(o.key+"="))
 		}
 		p.Options[o.key] = o.value
 	}

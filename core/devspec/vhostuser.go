@@ -77,7 +77,7 @@ func ParseVhostUser(s string) (*VhostUserSpec, error) {
 			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
 		}
 		if seen[o.key] {
-			return nil, fmt.Errorf("%s= given twice", printable(o.key))
+			return nil, fmt.Errorf("%s given twice", printable(o.key+"="))
 		}
 		seen[o.key] = true
 		switch o.key {

@@ -54,7 +54,7 @@ func TestParseVhostUser(t *testing.T) {
 		{in: "type=blk,socket=x,tag=t", wantErr: "tag= is for type=fs only"},
 		{in: "type=fs,socket=x,tag=" + strings.Repeat("t", 37), wantErr: "longer than 36 bytes"},
 		{in: "type=fs,socket=x,tag=a\x01b", wantErr: "control or invalid character"},
-		{in: "type=blk,socket=x,type=fs", wantErr: `"type"= given twice`},
+		{in: "type=blk,socket=x,type=fs", wantErr: `"type=" given twice`},
 		{in: "type=blk,socket=x,cache=none", wantErr: `unknown key "cache" (want type, socket, queues, queue-size, tag, reconnect)`},
 		{in: "type=blk,socket=x,readonly", wantErr: `"readonly" is not key=value`},
 		{in: "", wantErr: "empty option string"},

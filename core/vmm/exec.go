@@ -49,6 +49,7 @@ type execConfig struct {
 	tty          bool
 	initPath     string
 	modulesDir   string
+	rootShare    *devspec.FSSpec // the root's share, once prepareExec added it
 
 	controlR, controlW *os.File // the console plugin's control channel (SOCK_SEQPACKET pair)
 	controlMu          sync.Mutex
@@ -103,6 +104,11 @@ func (c *Context) SetExec(path string, argv, env []string) error {
 	e := c.execCfg()
 	if len(argv) == 0 {
 		argv = []string{path}
+	}
+	for _, kv := range env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" || strings.ContainsRune(kv, 0) {
+			return fmt.Errorf("%w: environment entry %s is not KEY=VALUE", ErrConfig, cli.Printable(kv))
+		}
 	}
 	args := append([]string{path}, argv[1:]...)
 	e.cfg.Args = args
@@ -166,11 +172,16 @@ func (c *Context) SetWorkdir(dir string) error {
 // (NAME as nofile, NOFILE or RLIMIT_NOFILE; a limit may be "unlimited").
 func (c *Context) SetRlimits(limits []string) error {
 	var out []initconfig.Rlimit
+	seen := map[string]bool{}
 	for _, l := range limits {
 		r, err := initconfig.ParseRlimit(l)
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrConfig, err)
 		}
+		if seen[r.Type] {
+			return fmt.Errorf("%w: %s: %s is limited twice", ErrConfig, cli.Printable(l), r.Type)
+		}
+		seen[r.Type] = true
 		out = append(out, r)
 	}
 	c.execCfg().cfg.Rlimits = out
@@ -444,6 +455,7 @@ func (c *Context) prepareExec() error {
 	}
 	// Devices: the root share, the console, then the user's.
 	root := &devspec.FSSpec{Path: e.root, Tag: RootTag, ReadOnly: e.rootReadOnly, PluginOptions: e.rootOptions}
+	e.rootShare = root
 	devs := []devspec.Spec{root}
 	// The control channel keeps record boundaries and carries the files
 	// of an exec (SCM_RIGHTS); the core's end never blocks.

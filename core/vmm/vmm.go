@@ -17,6 +17,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
+	"path/filepath"
 	"runtime"
 	"time"
 
@@ -25,6 +27,8 @@ import (
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/guest/initramfs/kmod"
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -392,6 +396,9 @@ func (c *Context) Validate() error {
 				return err
 			}
 		}
+		if err := c.checkInitramfsInputs(); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -404,11 +411,28 @@ func (c *Context) checkTags() error {
 	// added it; a share given the root's tag before is refused with the
 	// mounts (initconfig), also before anything starts.
 	seen := map[string]bool{}
+	targets := map[string]string{} // a share's mount point: its tag
 	for _, d := range c.devices {
 		var tag string
 		switch s := d.(type) {
 		case *devspec.FSSpec:
 			tag = s.Tag
+			if c.exec != nil && s == c.exec.rootShare {
+				break
+			}
+			if c.exec != nil && tag == RootTag {
+				return fmt.Errorf("%w: share tag %q is the root's own", ErrConfig, tag)
+			}
+			if c.exec != nil && c.exec.container == nil {
+				target := "/mnt/" + tag
+				if s.Mount != "" {
+					target = path.Clean(s.Mount)
+				}
+				if other, ok := targets[target]; ok {
+					return fmt.Errorf("%w: shares %q and %q are both mounted at %s", ErrConfig, other, tag, target)
+				}
+				targets[target] = tag
+			}
 		case *devspec.VhostUserSpec:
 			if s.Type != devspec.VirtioFS {
 				continue
@@ -451,6 +475,22 @@ func (c *Context) validate() error {
 		if _, err := os.Stat(c.initrdPath); err != nil {
 			return fmt.Errorf("initrd: %w", err)
 		}
+	}
+	return nil
+}
+
+// checkInitramfsInputs checks what building the initramfs (with SetExec)
+// needs of the kernel: its release, or the module tree given, so that a
+// wrong file is reported before anything starts.
+func (c *Context) checkInitramfsInputs() error {
+	if d := c.exec.modulesDir; d != "" {
+		if st, err := os.Stat(filepath.Join(d, "kernel")); err != nil || !st.IsDir() {
+			return fmt.Errorf("%w: kernel modules %s: no kernel/ directory (want a /lib/modules/RELEASE tree)", ErrConfig, cli.Printable(d))
+		}
+		return nil
+	}
+	if _, err := kmod.Release(c.kernelPath); err != nil {
+		return fmt.Errorf("kernel: %w", err)
 	}
 	return nil
 }

@@ -102,7 +102,11 @@ func TestImageLocking(t *testing.T) {
 	qemuImg(t, "create", "-q", "-f", "qcow2", p, "4M")
 	qemuIO(t, p, "write -P 0x11 0 64k")
 	inUse := func(cmd, what, mode, lock string) string {
-		return "krun-core img " + cmd + ": " + what + " " + p + " is in use by another process (" + lock + "): refusing to open it " + mode
+		msg := "krun-core img " + cmd + ": " + what + " " + p + " is in use by another process (" + lock + "): refusing to open it " + mode
+		if mode == "read-only" { // where -U would do
+			msg += "; -U (--force-share) reads it all the same, as with qemu-img, at the risk of reading it mid-write"
+		}
+		return msg
 	}
 	oneLine := func(args []string, r result, want string) {
 		t.Helper()

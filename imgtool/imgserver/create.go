@@ -3,6 +3,7 @@ package imgserver
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 
 	"github.com/krun-core/krun-core/disk"
@@ -53,6 +54,12 @@ func Create(out, backing *os.File, req *imagepb.CreateRequest) (*imagepb.CreateR
 		if req.GetClusterSize() != 0 || req.GetCompressionType() != "" {
 			return nil, errors.New("cluster size and compression type apply to qcow2 only")
 		}
+		// Whole sectors, as qcow2's and qemu-img's: a disk plugin serves
+		// no partial last sector.
+		if size > math.MaxInt64-511 {
+			return nil, fmt.Errorf("size %d is too large", size)
+		}
+		size = (size + 511) &^ 511
 		if err := out.Truncate(size); err != nil {
 			return nil, fmt.Errorf("truncate: %w", err)
 		}

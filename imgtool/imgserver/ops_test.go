@@ -313,7 +313,10 @@ func TestCreate(t *testing.T) {
 		err      string
 	}{
 		{"plain", &imagepb.CreateRequest{Format: "qcow2", Size: 1<<30 + 1}, "", 1<<30 + 512, ""},
-		{"raw", &imagepb.CreateRequest{Format: "raw", Size: 12345}, "", 12345, ""},
+		// Rounded up to whole sectors, as qemu-img does (from review: a
+		// 12345-byte raw image would lose its last 57 bytes to the guest).
+		{"raw", &imagepb.CreateRequest{Format: "raw", Size: 12345}, "", 12800, ""},
+		{"raw-whole-sectors", &imagepb.CreateRequest{Format: "raw", Size: 1 << 20}, "", 1 << 20, ""},
 		{"backing-size", &imagepb.CreateRequest{Format: "qcow2", BackingName: "base.qcow2", BackingFormat: "qcow2"}, base, 3<<20 + 512, ""},
 		{"raw-backing-size", &imagepb.CreateRequest{Format: "qcow2", BackingName: "base.raw", BackingFormat: "raw", ClusterSize: 4096}, rawBase, 5 << 20, ""},
 		{"wrong-backing-format", &imagepb.CreateRequest{Format: "qcow2", BackingName: "base.raw", BackingFormat: "qcow2"}, rawBase, 0, "not a valid qcow2"},

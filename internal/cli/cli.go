@@ -93,7 +93,7 @@ func (f *Flags) Help(w io.Writer) {
 
 // flagNameRE finds the flag name in the flag package's messages, which
 // spell it with one dash.
-var flagNameRE = regexp.MustCompile(`(not defined: |needs an argument: |for flag )-([^\s:]+)`)
+var flagNameRE = regexp.MustCompile(`(not defined: |needs an argument: |for flag |boolean value "[^"]*" for )-([^\s:]+)`)
 
 // FlagError rewrites a flag package error in this command line's spelling
 // (two dashes) and points at the help page.
@@ -104,8 +104,22 @@ func (f *Flags) FlagError(err error) error { return FlagError(f.name, err) }
 func FlagError(cmd string, err error) error {
 	s := flagNameRE.ReplaceAllStringFunc(err.Error(), func(m string) string {
 		sub := flagNameRE.FindStringSubmatch(m)
+		if strings.HasPrefix(sub[1], "boolean value") {
+			return sub[1] + "flag " + dashed(sub[2])
+		}
 		return sub[1] + dashed(sub[2])
 	})
+	// The flag package's own reasons say little: name what was wanted.
+	s = strings.Replace(s, "invalid boolean value ", "invalid value ", 1)
+	if strings.HasSuffix(s, ": parse error") {
+		what := "a number"
+		if strings.Contains(err.Error(), "invalid boolean value") {
+			what = "true or false"
+		}
+		s = strings.TrimSuffix(s, "parse error") + "want " + what
+	} else if strings.HasSuffix(s, ": value out of range") {
+		s = strings.TrimSuffix(s, "value out of range") + "out of range"
+	}
 	s = strings.Replace(s, "flag provided but not defined: ", "unknown flag ", 1)
 	s = strings.Replace(s, "flag needs an argument: ", "a value is needed for ", 1)
 	return fmt.Errorf("%s (see %s --help)", s, cmd)

@@ -81,3 +81,34 @@ func TestReport(t *testing.T) {
 		}
 	}
 }
+
+// TestFlagErrorWording: the flag package's messages in this command line's
+// spelling, with what was wanted instead of "parse error" (from review:
+// "for -timing: parse error").
+func TestFlagErrorWording(t *testing.T) {
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--timing=maybe"}, `invalid value "maybe" for flag --timing: want true or false (see x --help)`},
+		{[]string{"--cpus", "two"}, `invalid value "two" for flag --cpus: want a number (see x --help)`},
+		{[]string{"--cpus", "99999999999999999999"}, `invalid value "99999999999999999999" for flag --cpus: out of range (see x --help)`},
+		{[]string{"--frob"}, "unknown flag --frob (see x --help)"},
+		{[]string{"--cpus"}, "a value is needed for --cpus (see x --help)"},
+		{[]string{"-v=maybe"}, `invalid value "maybe" for flag -v: want true or false (see x --help)`},
+	}
+	for _, tc := range tests {
+		fs := flag.NewFlagSet("x", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		fs.Bool("timing", false, "")
+		fs.Bool("v", false, "")
+		fs.Uint("cpus", 1, "")
+		err := fs.Parse(tc.args)
+		if err == nil {
+			t.Fatalf("%q parsed", tc.args)
+		}
+		if got := FlagError("x", err).Error(); got != tc.want {
+			t.Errorf("%q: %q, want %q", tc.args, got, tc.want)
+		}
+	}
+}
