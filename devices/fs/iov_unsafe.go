@@ -34,17 +34,23 @@ func (b *iovec) fill(bufs [][]byte) (used, cnt int) {
 	return used, cnt
 }
 
-// do issues one preadv or pwritev of the first cnt iovecs at off.
-func (b *iovec) do(fd, cnt int, off int64, write bool) (int, error) {
+// do issues one preadv or pwritev of the first cnt iovecs at off;
+// nonzero flags (RWF_*) make it preadv2 or pwritev2.
+func (b *iovec) do(fd, cnt int, off int64, write bool, flags int) (int, error) {
 	trap := uintptr(unix.SYS_PREADV)
-	if write {
+	switch {
+	case write && flags != 0:
+		trap = unix.SYS_PWRITEV2
+	case write:
 		trap = unix.SYS_PWRITEV
+	case flags != 0:
+		trap = unix.SYS_PREADV2
 	}
 	for {
 		// The offset goes in two longs; on 64-bit the high one is 0.
 		lo := uintptr(off)
 		hi := uintptr(uint64(off) >> (unsafe.Sizeof(uintptr(0))*8 - 1) >> 1)
-		r, _, errno := unix.Syscall6(trap, uintptr(fd), uintptr(unsafe.Pointer(&b.v[0])), uintptr(cnt), lo, hi, 0)
+		r, _, errno := unix.Syscall6(trap, uintptr(fd), uintptr(unsafe.Pointer(&b.v[0])), uintptr(cnt), lo, hi, uintptr(flags))
 		if errno == unix.EINTR {
 			continue
 		}
@@ -63,6 +69,11 @@ func (b *iovec) do(fd, cnt int, off int64, write bool) (int, error) {
 // stops early at end of file (read) and returns an error only when nothing
 // was transferred.
 func (b *iovec) transfer(fd int, bufs [][]byte, off int64, write bool) (int, error) {
+	return b.transferFlags(fd, bufs, off, write, 0)
+}
+
+// transferFlags is transfer with RWF_* flags for each call.
+func (b *iovec) transferFlags(fd int, bufs [][]byte, off int64, write bool, flags int) (int, error) {
 	total := 0
 	for len(bufs) > 0 {
 		used, cnt := b.fill(bufs)
@@ -73,7 +84,7 @@ func (b *iovec) transfer(fd int, bufs [][]byte, off int64, write bool) (int, err
 		for _, v := range b.v[:cnt] {
 			want += int(v.Len)
 		}
-		n, err := b.do(fd, cnt, off+int64(total), write)
+		n, err := b.do(fd, cnt, off+int64(total), write, flags)
 		if err != nil {
 			if total > 0 {
 				return total, nil

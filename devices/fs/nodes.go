@@ -94,6 +94,16 @@ type handle struct {
 	node *node
 	refs int32 // the table's own reference while open + requests in flight
 	dir  *dirStream
+	// writable: fd was opened for writing. WRITE, FALLOCATE and a
+	// truncate through the handle check it before clearing set-id bits,
+	// which a write-less fd could otherwise still do (fchmod needs only
+	// ownership) ahead of the call that then fails.
+	writable bool
+	// appends: fd has O_APPEND, as the guest opened it. A WRITE from
+	// the guest's page cache (fuse.WriteCache: mmap'd pages written back
+	// through whichever writable handle the kernel picks) must still land
+	// at its offset; see opWrite.
+	appends bool
 
 	// mu serializes directory reads on one handle (the stream position).
 	mu sync.Mutex
@@ -676,14 +686,16 @@ func (t *table) forgetPinned(n *node) {
 	t.maybeFreeLocked(n)
 }
 
-// addHandle registers an open fd for node n (which it pins).
-func (t *table) addHandle(fd int, n *node, dir *dirStream) (uint64, unix.Errno) {
+// addHandle registers an open fd for node n (which it pins); oflags are
+// the flags fd was opened with.
+func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) (uint64, unix.Errno) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if len(t.handles) >= t.maxHandles {
 		return 0, unix.ENFILE
 	}
-	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir}
+	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir,
+		writable: oflags&unix.O_ACCMODE != unix.O_RDONLY, appends: oflags&unix.O_APPEND != 0}
 	t.nextFh++
 	n.pins++
 	t.handles[h.id] = h

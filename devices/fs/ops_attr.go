@@ -291,6 +291,9 @@ func (s *Server) truncate(r *request, n *node, h *handle, size int64, kill bool)
 	}
 	fd := -1
 	if h != nil {
+		if !h.writable {
+			return unix.EINVAL // as ftruncate(2) on such an fd, before any change
+		}
 		fd = h.fd
 	} else {
 		var e unix.Errno

@@ -39,7 +39,7 @@ func (s *Server) opOpendir(r *request) unix.Errno {
 	if err != nil {
 		return errno(err)
 	}
-	fh, e := s.t.addHandle(fd, n, &dirStream{buf: make([]byte, dirBufSize)})
+	fh, e := s.t.addHandle(fd, n, &dirStream{buf: make([]byte, dirBufSize)}, unix.O_RDONLY)
 	if e != 0 {
 		unix.Close(fd)
 		return e

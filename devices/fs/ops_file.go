@@ -67,7 +67,7 @@ func (s *Server) opOpen(r *request) unix.Errno {
 			return e
 		}
 	}
-	fh, e := s.t.addHandle(fd, n, nil)
+	fh, e := s.t.addHandle(fd, n, nil, openFlags(flags))
 	if e != 0 {
 		unix.Close(fd)
 		return e
@@ -208,7 +208,7 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.put(n)
-	fh, e := s.t.addHandle(fd, n, nil)
+	fh, e := s.t.addHandle(fd, n, nil, oflags)
 	if e != 0 {
 		s.t.forget(n.id, 1)
 		return e
@@ -296,6 +296,9 @@ func (s *Server) opWrite(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.putHandle(h)
+	if !h.writable {
+		return unix.EBADF // as write(2) on such an fd, before any change
+	}
 	n := 0
 	if in.Size > 0 {
 		if s.mustKill(in.Flags&fuse.WriteKillSuidgid != 0) {
@@ -303,8 +306,25 @@ func (s *Server) opWrite(r *request) unix.Errno {
 				return e
 			}
 		}
+		// The guest places its O_APPEND writes itself (at its EOF);
+		// the host fd's O_APPEND keeps them appends there too. A page
+		// written back from the guest's cache through such a handle
+		// (an mmap'd file) belongs at its offset, not at the end:
+		// RWF_NOAPPEND (Linux 6.9) overrides O_APPEND for that write.
+		flags := 0
+		if h.appends && in.Flags&fuse.WriteCache != 0 {
+			flags = unix.RWF_NOAPPEND
+		}
 		segs := r.c.PeekReadable(r.sc.segs[:0], uint64(in.Size))
-		n, err = r.sc.iov.transfer(h.fd, segs, int64(in.Offset), true)
+		n, err = r.sc.iov.transferFlags(h.fd, segs, int64(in.Offset), true, flags)
+		if flags != 0 && err == unix.EOPNOTSUPP {
+			// An older host kernel: an error beats data appended
+			// where the guest wrote a page in place.
+			if s.noAppendWarned.CompareAndSwap(false, true) {
+				s.log.Warn("a page written back through an O_APPEND handle cannot be placed at its offset on this host kernel (RWF_NOAPPEND needs Linux 6.9); such writes fail")
+			}
+			err = unix.EIO
+		}
 		clear(segs)
 		r.sc.segs = segs[:0]
 		if err != nil {
@@ -399,6 +419,9 @@ func (s *Server) opFallocate(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.putHandle(h)
+	if !h.writable {
+		return unix.EBADF // as fallocate(2) on such an fd, before any change
+	}
 	// Not every host file system clears set-id bits on fallocate (WRITE
 	// and truncate always do, for a process without CAP_FSETID), so a
 	// nosuid share does it here whatever the process's capabilities.

@@ -121,15 +121,18 @@ type Stats struct {
 // Server is a FUSE file server over one host directory. Handle is safe for
 // concurrent use.
 type Server struct {
-	log      hclog.Logger
-	rootFd   int
-	readOnly bool
-	uids     idMapper
-	gids     idMapper
-	entryTO  timeout
-	attrTO   timeout
-	maxWrite uint32
-	noXattr  bool
+	log hclog.Logger
+	// noAppendWarned: the host kernel's lack of RWF_NOAPPEND was logged
+	// (once: the guest decides how often it happens).
+	noAppendWarned atomic.Bool
+	rootFd         int
+	readOnly       bool
+	uids           idMapper
+	gids           idMapper
+	entryTO        timeout
+	attrTO         timeout
+	maxWrite       uint32
+	noXattr        bool
 
 	canChown   bool
 	euid, egid uint32

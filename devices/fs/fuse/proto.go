@@ -165,6 +165,7 @@ const (
 const (
 	GetattrFh        = 1 << 0 // fuse_getattr_in.getattr_flags: fh is valid
 	FsyncFdatasync   = 1 << 0 // fuse_fsync_in.fsync_flags
+	WriteCache       = 1 << 0 // fuse_write_in.write_flags: delayed write from the page cache (the handle is guessed)
 	WriteKillSuidgid = 1 << 2 // fuse_write_in.write_flags: clear suid/sgid (7.33, HANDLE_KILLPRIV_V2)
 	OpenKillSuidgid  = 1 << 0 // fuse_open_in/fuse_create_in.open_flags: clear suid/sgid on O_TRUNC (7.33)
 )
