@@ -51,6 +51,16 @@ func (im *Image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 	for pos < end {
 		gc := pos >> im.cb
 		base := gc << im.cb
+		if pos != uint64(off) && gc&(1<<im.l2Bits-1) == 0 {
+			// A new L2 table: the ones behind are written back as
+			// the cache's bound says, as between two write requests.
+			// One request may span gigabytes; with small clusters its
+			// tables (and the clusters it frees) would otherwise all
+			// stay in memory until it ends.
+			if err := im.trimCaches(); err != nil {
+				return im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
+			}
+		}
 		if l1i := gc >> im.l2Bits; im.l1[l1i]&l1OffsetMask == 0 && (im.backing == nil || base >= uint64(im.backingSize)) {
 			// Nothing is allocated under this L1 entry and there is no
 			// backing data to hide: it reads as zeroes already.

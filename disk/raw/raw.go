@@ -38,10 +38,12 @@ type Disk struct {
 	readOnly bool
 	closed   atomic.Bool
 
-	// noZeroRange / noPunchHole remember that the file system refused a
-	// fallocate mode, so that later calls go straight to the fallback.
+	// noZeroRange / noPunchHole / noAllocate remember that the file
+	// system refused a fallocate mode, so that later calls go straight
+	// to the fallback.
 	noZeroRange atomic.Bool
 	noPunchHole atomic.Bool
+	noAllocate  atomic.Bool
 }
 
 var _ disk.Disk = (*Disk)(nil)
@@ -300,8 +302,9 @@ func (d *Disk) Discard(off, n int64) error {
 
 // WriteZeroes makes [off, off+n) read as zeroes. With unmap it punches a
 // hole; otherwise (or where holes are unsupported) it uses
-// FALLOC_FL_ZERO_RANGE, which keeps the range allocated; failing both it
-// writes zeroes.
+// FALLOC_FL_ZERO_RANGE, which keeps the range allocated, or, where that is
+// unsupported (tmpfs), punches a hole and allocates it again; failing all
+// that it writes zeroes. Without unmap the range ends up allocated.
 func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 	if err := d.checkWrite(off, n); err != nil {
 		return err
@@ -329,13 +332,23 @@ func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 		}
 		d.noZeroRange.Store(true)
 	}
-	if !unmap && !d.noPunchHole.Load() {
-		// Punching a hole also reads back as zeroes; the caller did
-		// not ask for deallocation but did not forbid it either, and it
-		// beats writing every byte.
+	if !unmap && !d.noPunchHole.Load() && !d.noAllocate.Load() {
+		// A hole reads back as zeroes, and allocating it again keeps
+		// what the caller asked for without unmap: the range stays
+		// provisioned, so later writes cannot fail for want of space
+		// (as QEMU's file-posix does). It beats writing every byte.
 		err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 		if err == nil {
-			return nil
+			err = d.fallocate(unix.FALLOC_FL_KEEP_SIZE, off, n)
+			if err == nil {
+				return nil
+			}
+			if !isUnsupported(err) {
+				return fmt.Errorf("raw: write zeroes (allocate) [%d,+%d): %w", off, n, err)
+			}
+			// The hole reads as zeroes; writing them allocates it.
+			d.noAllocate.Store(true)
+			return d.writeZeroBytes(off, n)
 		}
 		if !isUnsupported(err) {
 			return fmt.Errorf("raw: write zeroes (punch hole) [%d,+%d): %w", off, n, err)
