@@ -164,7 +164,13 @@ func Main(args []string, env *Env) int {
 	fs.StringVar(&g.cgroupRoot, "cgroup-root", "", "cgroup v2 mount (default /sys/fs/cgroup)")
 	fs.IntVar(&g.pluginUID, "plugin-uid", 0, "host uid the device plugins run as (default: the sandbox's, nobody for root; never 0)")
 	fs.IntVar(&g.pluginGID, "plugin-gid", 0, "host gid the device plugins run as (default: the sandbox's, nogroup for root; never 0)")
-	fs.Bool("rootless", false, "accepted for compatibility")
+	fs.Func("rootless", "accepted for compatibility: true, false or auto (runc's)", func(v string) error {
+		switch v {
+		case "true", "false", "auto":
+			return nil
+		}
+		return fmt.Errorf("want true, false or auto")
+	})
 	fs.String("criu", "", "accepted for compatibility")
 	version := fs.Bool("version", false, "print the version")
 	fs.BoolVar(version, "v", false, "print the version")
@@ -176,8 +182,15 @@ func Main(args []string, env *Env) int {
 			return 0
 		}
 		// One line, as every other error (not the flag package's line
-		// and the whole usage).
-		fmt.Fprintf(env.Stderr, "krun-oci: %v\n", cli.FlagError("krun-oci", err))
+		// and the whole usage), also in --log when that was parsed:
+		// an engine reads the error from there.
+		log, lerr := openRuntimeLog(g.logPath, g.logFormat, g.debug, env.Stderr)
+		if lerr != nil {
+			fmt.Fprintf(env.Stderr, "krun-oci: %v\n", cli.FlagError("krun-oci", err))
+			return 1
+		}
+		log.fail(cli.FlagError("krun-oci", err))
+		log.close()
 		return 1
 	}
 	log, err := openRuntimeLog(g.logPath, g.logFormat, g.debug, env.Stderr)
@@ -698,8 +711,8 @@ func ParseSignal(s string) (unix.Signal, error) {
 
 func cmdKill(g *globals, args []string, env *Env) error {
 	fs := flag.NewFlagSet("kill", flag.ContinueOnError)
-	fs.Bool("all", false, "")
-	fs.Bool("a", false, "")
+	all := fs.Bool("all", false, "")
+	fs.BoolVar(all, "a", false, "")
 	sigFlag := fs.String("signal", "", "")
 	id, rest, err := parseFlags(fs, args, true)
 	if err != nil {
@@ -725,7 +738,12 @@ func cmdKill(g *globals, args []string, env *Env) error {
 	defer c.Unlock()
 	st := c.Status()
 	if st != specs.StateCreated && st != specs.StateRunning {
-		return fmt.Errorf("container %s is not running (%s)", id, st)
+		if *all && st == specs.StateStopped {
+			return nil // as runc: engines kill --all a container that has ended
+		}
+		// runc's words, which containerd's shim looks for to tell a
+		// container that has ended from a failed kill.
+		return fmt.Errorf("cannot signal container %s: container not running (%s)", id, st)
 	}
 	if sig == unix.SIGKILL {
 		// The VM goes with its monitor; plugins and passt follow it
@@ -765,6 +783,9 @@ func deleteContainer(g *globals, id string, force bool) error {
 	st := c.Status()
 	switch st {
 	case specs.StateStopped:
+	case specs.StateCreated:
+		// As runc, which engines rely on (containerd deletes a task that
+		// never started without --force): its VM is ended below.
 	default:
 		if !force {
 			return fmt.Errorf("cannot delete container %s that is not stopped: %s", id, st)

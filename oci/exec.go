@@ -90,6 +90,7 @@ func cmdExec(g *globals, args []string, env *Env) error {
 		if proc, err = loadProcess(processPath); err != nil {
 			return err
 		}
+		inheritCapabilities(proc, plan)
 	} else {
 		if len(rest) == 0 {
 			return errors.New("exec: a command is required (or --process FILE)")
@@ -211,6 +212,14 @@ func cmdExec(g *globals, args []string, env *Env) error {
 		}
 	}
 	return nil
+}
+
+// inheritCapabilities gives an exec'd process without capabilities of
+// its own the container's, as runc does (not root's full set).
+func inheritCapabilities(proc *Process, plan *Plan) {
+	if proc.Extras.Capabilities == nil {
+		proc.Extras.Capabilities = plan.Process.Extras.Capabilities
+	}
 }
 
 // loadProcess reads an exec --process file (an OCI process object).

@@ -211,18 +211,34 @@ func (m *monitor) hostSignal(sig syscall.Signal) {
 func (m *monitor) signal(sig unix.Signal) error {
 	m.mu.Lock()
 	phase, vm := m.phase, m.vm
-	if phase == phaseCreated {
+	ends := phase == phaseCreated && !ignoredByDefault(sig)
+	if ends {
 		m.endSignal = sig
 	}
 	m.mu.Unlock()
 	switch phase {
 	case phaseCreated:
-		vm.Stop()
+		// Under runc a created container's process (runc init) lets
+		// a signal whose default action is to be ignored pass, and
+		// the container stays created.
+		if ends {
+			vm.Stop()
+		}
 		return nil
 	case phaseStarted:
 		return vm.Signal(sig)
 	}
-	return fmt.Errorf("container is %s", statusOfPhase(phase))
+	return fmt.Errorf("container not running (%s)", statusOfPhase(phase))
+}
+
+// ignoredByDefault says whether a signal's default action is to be
+// ignored: it does nothing to a process that has not changed it.
+func ignoredByDefault(sig unix.Signal) bool {
+	switch sig {
+	case unix.SIGCHLD, unix.SIGCONT, unix.SIGURG, unix.SIGWINCH:
+		return true
+	}
+	return false
 }
 
 func statusOfPhase(p string) string {

@@ -133,6 +133,9 @@ func Translate(id, bundle string, spec *specs.Spec, opt translateOptions) (*Plan
 	if err != nil {
 		return nil, err
 	}
+	if proc.Extras.Capabilities == nil {
+		proc.Extras.Capabilities = &container.Capabilities{} // none, as runc
+	}
 	p.Process = *proc
 	p.Setup.Process = proc.Extras
 
@@ -260,6 +263,9 @@ func translateProcess(sp *specs.Process) (*Process, error) {
 		p.Rlimits = append(p.Rlimits, initconfig.Rlimit{Type: canon, Soft: r.Soft, Hard: r.Hard})
 	}
 	p.Extras = container.Extras{NoNewPrivileges: sp.NoNewPrivileges, OOMScoreAdj: sp.OOMScoreAdj, Umask: sp.User.Umask}
+	// No capabilities object: none at all for the container's command
+	// (Translate), the container's for an exec'd process (cmdExec), as
+	// with runc. Left nil here, krun-init would keep root's full set.
 	if c := sp.Capabilities; c != nil {
 		p.Extras.Capabilities = &container.Capabilities{Bounding: c.Bounding, Effective: c.Effective,
 			Inheritable: c.Inheritable, Permitted: c.Permitted, Ambient: c.Ambient}

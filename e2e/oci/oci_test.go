@@ -61,6 +61,10 @@ func binFiles(dir string) []vmtest.File {
 	return out
 }
 
+// podmanCaps are the capabilities podman gives a container by default.
+var podmanCaps = []string{"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+	"CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_CHROOT"}
+
 // busyboxSpec is a container of the busybox root file system in rootfs/
 // running args, with the mounts every container runtime sets up.
 func busyboxSpec(args ...string) *specs.Spec {
@@ -72,6 +76,9 @@ func busyboxSpec(args ...string) *specs.Spec {
 			Args: args, Cwd: "/",
 			Env:     []string{"PATH=/bin", "TERM=xterm"},
 			Rlimits: []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Soft: 1024, Hard: 1024}},
+			// podman's default set: a process without capabilities
+			// runs with none, as under runc.
+			Capabilities: &specs.LinuxCapabilities{Bounding: podmanCaps, Effective: podmanCaps, Permitted: podmanCaps},
 		},
 		Mounts: []specs.Mount{
 			{Destination: "/proc", Type: "proc", Source: "proc"},
