@@ -91,19 +91,8 @@ func TestRunExecConfigCheckedFirst(t *testing.T) {
 	dir := t.TempDir()
 	notKernel := filepath.Join(dir, "bzImage")
 	os.WriteFile(notKernel, []byte("x"), 0o644)
-	// A file with a bzImage setup header, as far as the release goes:
-	// "HdrS", boot protocol 2.15, kernel_version 0x200 (the string at
-	// 0x200 past the setup header's start, 0x400).
 	k := filepath.Join(dir, "vmlinuz")
-	hdr := make([]byte, 0x800)
-	copy(hdr[0x202:], "HdrS")
-	hdr[0x206], hdr[0x207] = 0x0f, 0x02
-	hdr[0x20e], hdr[0x20f] = 0x00, 0x02
-	copy(hdr[0x400:], "6.1.0-test (builder) #1 SMP\x00")
-	os.WriteFile(k, hdr, 0o644)
-	if rel, err := kmod.Release(k); err != nil || rel != "6.1.0-test" {
-		t.Fatalf("the test's kernel header: release %q, %v", rel, err)
-	}
+	fakeBzImage(t, k, "6.1.0-test")
 	root := filepath.Join(dir, "root")
 	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
 	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
@@ -150,5 +139,23 @@ func TestRunExecConfigCheckedFirst(t *testing.T) {
 		if err != nil || strings.Join(got, "\n") != strings.Join(tc.want, "\n") {
 			t.Errorf("commandEnv(%q) = %q, %v; want %q", tc.in, got, err, tc.want)
 		}
+	}
+}
+
+// fakeBzImage writes at path a file with a bzImage setup header, as far as
+// kmod.Release reads it: "HdrS", boot protocol 2.15, kernel_version 0x200
+// (the release string at 0x400).
+func fakeBzImage(t *testing.T, path, release string) {
+	t.Helper()
+	hdr := make([]byte, 0x800)
+	copy(hdr[0x202:], "HdrS")
+	hdr[0x206], hdr[0x207] = 0x0f, 0x02
+	hdr[0x20e], hdr[0x20f] = 0x00, 0x02
+	copy(hdr[0x400:], release+" (builder) #1 SMP\x00")
+	if err := os.WriteFile(path, hdr, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if rel, err := kmod.Release(path); err != nil || rel != release {
+		t.Fatalf("the test's kernel header: release %q, %v", rel, err)
 	}
 }

@@ -56,12 +56,7 @@ func TestDoctorKernel(t *testing.T) {
 	dir := t.TempDir()
 	k := filepath.Join(dir, "boot", "vmlinuz-6.1.0-test")
 	os.MkdirAll(filepath.Dir(k), 0o755)
-	hdr := make([]byte, 0x800)
-	copy(hdr[0x202:], "HdrS")
-	hdr[0x206], hdr[0x207] = 0x0f, 0x02
-	hdr[0x20e], hdr[0x20f] = 0x00, 0x02
-	copy(hdr[0x400:], "6.1.0-test (builder) #1 SMP\x00")
-	os.WriteFile(k, hdr, 0o644)
+	fakeBzImage(t, k, "6.1.0-test")
 	t.Setenv("KRUN_KERNEL", k)
 	var out, errb bytes.Buffer
 	doctorCommand(nil, &out, &errb)

@@ -15,7 +15,6 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/guestmem/guestmemtest"
 	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/virtq"
@@ -57,27 +56,8 @@ func TestCutStreamEndsPasstsStream(t *testing.T) {
 // they would go out only with a later ring's, after the device's reset,
 // ahead of the new driver's traffic (from review).
 func TestBrokenTxRingSendsWhatItCompleted(t *testing.T) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.SetNonblock(fds[1], true); err != nil {
-		t.Fatal(err)
-	}
-	passt := os.NewFile(uintptr(fds[1]), "passt")
-	t.Cleanup(func() { passt.Close() })
-	dev, err := New(Config{MAC: stdnet.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, MTU: 1500, Conn: os.NewFile(uintptr(fds[0]), "dev")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	dev.SetFeatures(features)
-	mem := guestmemtest.Memory(t, "net-brokentx", memSize)
-	r := &testRing{t: t, mem: mem, base: txBase, kick: newEventfd(t), call: newEventfd(t), nextBuf: dataBase}
-	q, err := virtq.NewQueue(mem, virtq.Config{Size: qSize, DescTable: r.desc(), AvailRing: r.availA(), UsedRing: r.usedA(), EventIdx: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dev, passt, r, q := bareRing(t, txBase)
+	mem := r.mem
 	// Slot 0: a good frame (header + data); slot 1: a head past the queue.
 	fr := frame(100, 5)
 	h, d := r.alloc(12), r.alloc(uint32(len(fr)))

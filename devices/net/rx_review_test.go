@@ -212,8 +212,18 @@ func TestReviewRxStopMidBurstInterrupts(t *testing.T) {
 // newRig's running queues.
 func bareRxRing(t *testing.T) (*Device, *os.File, *testRing, *virtq.Queue) {
 	t.Helper()
+	return bareRing(t, rxBase)
+}
+
+// bareRing is bareRxRing with the ring at base (rxBase, txBase). passt's
+// end is non-blocking, so that its reads can have a deadline.
+func bareRing(t *testing.T, base guestmem.Addr) (*Device, *os.File, *testRing, *virtq.Queue) {
+	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetNonblock(fds[1], true); err != nil {
 		t.Fatal(err)
 	}
 	passt := os.NewFile(uintptr(fds[1]), "passt")
@@ -224,8 +234,8 @@ func bareRxRing(t *testing.T) (*Device, *os.File, *testRing, *virtq.Queue) {
 	}
 	t.Cleanup(func() { dev.Close() })
 	dev.SetFeatures(features)
-	mem := guestmemtest.Memory(t, "net-review", memSize)
-	r := &testRing{t: t, mem: mem, base: rxBase, kick: newEventfd(t), call: newEventfd(t), nextBuf: dataBase}
+	mem := guestmemtest.Memory(t, "net-bare", memSize)
+	r := &testRing{t: t, mem: mem, base: base, kick: newEventfd(t), call: newEventfd(t), nextBuf: dataBase}
 	q, err := virtq.NewQueue(mem, virtq.Config{Size: qSize, DescTable: r.desc(), AvailRing: r.availA(), UsedRing: r.usedA(), EventIdx: true})
 	if err != nil {
 		t.Fatal(err)
