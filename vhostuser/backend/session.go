@@ -479,6 +479,14 @@ func (sess *session) remMemReg(r vhostuser.MemRegion) error {
 	return fmt.Errorf("%w: guest %#x size %#x user %#x", ErrNoSuchRegion, r.GuestAddr, r.Size, r.UserAddr)
 }
 
+// MaxGuestMemory bounds the guest memory a front-end may have mapped at
+// once (all slots). Mapping a sparse file costs no memory, only address
+// space: without a bound, eight regions of a huge sparse memfd fill the
+// process's 128 TiB, and the Go runtime's next heap growth fails (a crash
+// of the plugin, for every front-end). During a table change the old and
+// the new table are both mapped, so twice this must fit.
+const MaxGuestMemory = 16 << 40
+
 // setSlots installs a new memory table: map it, stop every ring worker,
 // move the started rings to the new memory, restart the workers, then
 // unmap the old memory and close the files of old slots not in the new
@@ -491,9 +499,14 @@ func (sess *session) setSlots(slots []slot) error {
 	if err := vhostuser.CheckMemRegions(regions); err != nil {
 		return err
 	}
+	var total uint64
 	for i, s := range slots {
 		if err := checkFileSize(s); err != nil {
 			return fmt.Errorf("region %d: %w", i, err)
+		}
+		total += s.Size // CheckMemRegions refused overlaps: no overflow below the cap
+		if total > MaxGuestMemory {
+			return fmt.Errorf("the memory table maps more than %d GiB in all", MaxGuestMemory>>30)
 		}
 	}
 	var mem *guestmem.Memory
