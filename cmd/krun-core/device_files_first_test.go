@@ -14,14 +14,14 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/krun-core/krun-core/guest/initramfs/kmod"
+	"github.com/krun-core/krun-core/core/boot/boottest"
 )
 
 func TestRunMissingDeviceFileNamedFirst(t *testing.T) {
 	t.Setenv("KRUN_PLUGIN_DIR", "")
 	dir := t.TempDir()
 	k := filepath.Join(dir, "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	pd := filepath.Join(dir, "plugins")
 	os.Mkdir(pd, 0o755)
 	for _, p := range []string{"krun-plugin-blk-raw", "krun-plugin-blk-qcow2", "krun-plugin-fs-virtio"} {
@@ -55,7 +55,7 @@ func TestRunMissingRootPluginsNamedFirst(t *testing.T) {
 	t.Setenv("KRUN_PLUGIN_DIR", "")
 	dir := t.TempDir()
 	k := filepath.Join(dir, "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	root := filepath.Join(dir, "root")
 	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
 	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
@@ -89,10 +89,12 @@ func TestRunMissingRootPluginsNamedFirst(t *testing.T) {
 func TestRunExecConfigCheckedFirst(t *testing.T) {
 	t.Setenv("KRUN_PLUGIN_DIR", "")
 	dir := t.TempDir()
+	elf := filepath.Join(dir, "vmlinux")
+	os.WriteFile(elf, append(append([]byte("\x7fELF"), make([]byte, 4096)...), "Linux version 6.1.0-test (builder) #1 SMP\x00"...), 0o644)
 	notKernel := filepath.Join(dir, "bzImage")
 	os.WriteFile(notKernel, []byte("x"), 0o644)
 	k := filepath.Join(dir, "vmlinuz")
-	fakeBzImage(t, k, "6.1.0-test")
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	root := filepath.Join(dir, "root")
 	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
 	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
@@ -116,6 +118,11 @@ func TestRunExecConfigCheckedFirst(t *testing.T) {
 		{"a default mount point taken", []string{"--fs", "path=" + share + ",tag=a", "--fs", "path=" + share + ",tag=b,mount=/mnt/a"}, "both mounted at /mnt/a"},
 		{"no module tree", []string{"--kernel-modules", filepath.Join(dir, "nope")}, "no kernel/ directory"},
 		{"not a kernel", []string{"--kernel", notKernel}, "not a bzImage"},
+		// An ELF vmlinux has a release, but the boot code loads only a
+		// bzImage (review of the review).
+		{"an ELF kernel", []string{"--kernel", elf}, "not a bzImage"},
+		// The module tree is looked for as Start looks for it.
+		{"no modules next to the kernel", nil, "no module tree for kernel"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var out, errb bytes.Buffer
@@ -139,23 +146,5 @@ func TestRunExecConfigCheckedFirst(t *testing.T) {
 		if err != nil || strings.Join(got, "\n") != strings.Join(tc.want, "\n") {
 			t.Errorf("commandEnv(%q) = %q, %v; want %q", tc.in, got, err, tc.want)
 		}
-	}
-}
-
-// fakeBzImage writes at path a file with a bzImage setup header, as far as
-// kmod.Release reads it: "HdrS", boot protocol 2.15, kernel_version 0x200
-// (the release string at 0x400).
-func fakeBzImage(t *testing.T, path, release string) {
-	t.Helper()
-	hdr := make([]byte, 0x800)
-	copy(hdr[0x202:], "HdrS")
-	hdr[0x206], hdr[0x207] = 0x0f, 0x02
-	hdr[0x20e], hdr[0x20f] = 0x00, 0x02
-	copy(hdr[0x400:], release+" (builder) #1 SMP\x00")
-	if err := os.WriteFile(path, hdr, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if rel, err := kmod.Release(path); err != nil || rel != release {
-		t.Fatalf("the test's kernel header: release %q, %v", rel, err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/krun-core/krun-core/core/boot/boottest"
 	"github.com/krun-core/krun-core/core/kvm"
 )
 
@@ -56,7 +57,7 @@ func TestDoctorKernel(t *testing.T) {
 	dir := t.TempDir()
 	k := filepath.Join(dir, "boot", "vmlinuz-6.1.0-test")
 	os.MkdirAll(filepath.Dir(k), 0o755)
-	fakeBzImage(t, k, "6.1.0-test")
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	t.Setenv("KRUN_KERNEL", k)
 	var out, errb bytes.Buffer
 	doctorCommand(nil, &out, &errb)

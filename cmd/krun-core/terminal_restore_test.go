@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/core/boot/boottest"
 	"github.com/krun-core/krun-core/core/kvm"
 )
 
@@ -50,7 +51,7 @@ func TestRunExecFailureRestoresTerminal(t *testing.T) {
 	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
 	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
 	k := filepath.Join(t.TempDir(), "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	tests := []struct {
 		name string
 		args []string

@@ -8,6 +8,11 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/core/boot/boottest"
 )
 
 // fakeRoot makes a root with /bin/prog (executable), /bin/data (not), a
@@ -143,7 +148,7 @@ func TestExecSetters(t *testing.T) {
 func TestStartExecErrors(t *testing.T) {
 	root := fakeRoot(t)
 	k := filepath.Join(t.TempDir(), "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	tests := []struct {
 		name  string
 		setup func(c *Context)
@@ -170,5 +175,28 @@ func TestStartExecErrors(t *testing.T) {
 	c.SetInitPath(filepath.Join(root, "no-init"))
 	if _, err := c.Start(context.Background()); err == nil || !strings.Contains(err.Error(), "no-init") {
 		t.Errorf("missing krun-init: %v", err)
+	}
+}
+
+// TestCheckKernelFileFIFO: a kernel path that names a FIFO is refused,
+// not opened: open(2) would wait for a writer, and run would hang (from
+// review).
+func TestCheckKernelFileFIFO(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "fifo")
+	if err := unix.Mkfifo(p, 0o600); err != nil {
+		t.Skipf("mkfifo: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- CheckKernelFile(p) }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Fatalf("CheckKernelFile(fifo) = %v, want not a regular file", err)
+		}
+	case <-time.After(3 * time.Second):
+		if fd, err := unix.Open(p, unix.O_WRONLY|unix.O_NONBLOCK, 0); err == nil {
+			unix.Close(fd)
+		}
+		t.Fatal("CheckKernelFile on a FIFO blocked for 3 s (open(2) waits for a writer)")
 	}
 }

@@ -77,21 +77,22 @@ func FindKernel() (string, error) {
 // errNotRegular: a kernel path names a directory or a device.
 var errNotRegular = errors.New("not a regular file")
 
-// readableFile checks that p opens for reading and is a regular file.
+// readableFile checks that p is a regular file and opens for reading. The
+// type is checked first: opening a FIFO would wait for a writer, and
+// opening a device can do things.
 func readableFile(p string) error {
-	f, err := os.Open(p)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	st, err := f.Stat()
+	st, err := os.Stat(p)
 	if err != nil {
 		return err
 	}
 	if !st.Mode().IsRegular() {
 		return errNotRegular
 	}
-	return nil
+	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+	if err != nil {
+		return err
+	}
+	return f.Close()
 }
 
 // CheckKernelFile checks a kernel or initrd path given by the user: it

@@ -24,6 +24,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/core/boot"
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/devopts"
@@ -396,6 +397,13 @@ func (c *Context) Validate() error {
 				return err
 			}
 		}
+	}
+	// The kernel's own content last: the user's files, plugins and
+	// sockets are named first.
+	if err := checkBzImage(c.kernelPath); err != nil {
+		return err
+	}
+	if c.exec != nil {
 		if err := c.checkInitramfsInputs(); err != nil {
 			return err
 		}
@@ -480,8 +488,9 @@ func (c *Context) validate() error {
 }
 
 // checkInitramfsInputs checks what building the initramfs (with SetExec)
-// needs of the kernel: its release, or the module tree given, so that a
-// wrong file is reported before anything starts.
+// needs of the kernel: the module tree given, or the kernel's release and
+// the module tree found next to it, as prepareExec looks for them, so
+// that a wrong file is reported before anything starts.
 func (c *Context) checkInitramfsInputs() error {
 	if d := c.exec.modulesDir; d != "" {
 		if st, err := os.Stat(filepath.Join(d, "kernel")); err != nil || !st.IsDir() {
@@ -489,8 +498,31 @@ func (c *Context) checkInitramfsInputs() error {
 		}
 		return nil
 	}
-	if _, err := kmod.Release(c.kernelPath); err != nil {
+	rel, err := kmod.Release(c.kernelPath)
+	if err != nil {
 		return fmt.Errorf("kernel: %w", err)
+	}
+	if _, err := kmod.FindModulesDir(c.kernelPath, rel); err != nil {
+		return fmt.Errorf("%w (give --kernel-modules DIR)", err)
+	}
+	return nil
+}
+
+// checkBzImage checks that the kernel is a bzImage, the only format the
+// boot code loads (an ELF vmlinux is refused there, after the KVM check).
+func checkBzImage(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("kernel: %w", err)
+	}
+	defer f.Close()
+	head := make([]byte, 1024)
+	n, err := io.ReadFull(f, head)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("kernel %s: %w", cli.Printable(path), err)
+	}
+	if _, err := boot.ParseSetupHeader(head[:n]); err != nil {
+		return fmt.Errorf("kernel %s: %w (krun-core boots a bzImage: arch/x86/boot/bzImage, /boot/vmlinuz-*)", cli.Printable(path), err)
 	}
 	return nil
 }

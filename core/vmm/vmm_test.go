@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/core/acpi"
+	"github.com/krun-core/krun-core/core/boot/boottest"
 	"github.com/krun-core/krun-core/core/kvm"
 	"github.com/krun-core/krun-core/core/serial"
 	"github.com/krun-core/krun-core/devopts"
@@ -210,9 +210,7 @@ func TestStartWithoutKVM(t *testing.T) {
 		t.Skip("this host's KVM boots stock kernels; the no-KVM path is not reachable")
 	}
 	k := filepath.Join(t.TempDir(), "bzImage")
-	if err := os.WriteFile(k, []byte("not really a kernel"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	c := NewContext(nil)
 	if err := c.SetKernel(k, "", ""); err != nil {
 		t.Fatal(err)
