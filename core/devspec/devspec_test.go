@@ -224,6 +224,16 @@ func TestParseNet(t *testing.T) {
 		{in: "passt,passt-arg=--socket=/tmp/x.sock", wantErr: "passes passt its socket"},
 		{in: "passt,passt-arg=--socket-path=/tmp/x.sock", wantErr: "passes passt its socket"},
 		{in: "passt,passt-arg=-t,passt-arg=8080", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-t", "8080"}}},
+		// getopt_long's abbreviations (review of the review) ...
+		{in: "passt,passt-arg=--sock=/tmp/x.sock", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=--soc=/tmp/x.sock", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=--socke", wantErr: "passes passt its socket"},
+		// ... and a group's value is not options: these are -P, -l, -i.
+		{in: "passt,passt-arg=-P/run/passt.pid", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-P/run/passt.pid"}}},
+		{in: "passt,passt-arg=-l/var/log/passt.log", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-l/var/log/passt.log"}}},
+		{in: "passt,passt-arg=-qiens3", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-qiens3"}}},
+		{in: "passt,passt-arg=-qs", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=--foreground", want: &NetSpec{Backend: "passt", PasstArgs: []string{"--foreground"}}},
 		{in: "passt,mac=00:00:00:00:00:00", wantErr: "all-zero"},
 		{in: "passt,passt-arg=", wantErr: "non-empty"},
 	}

@@ -127,22 +127,36 @@ func ParseNet(s string) (*NetSpec, error) {
 }
 
 // takesPasstSocket says whether a passt argument would set passt's tap
-// connection, which krun-core sets (--fd 3): --fd and --socket in every
-// spelling, and -F or -s alone or in a group of short options ("-qF4").
-// A group is refused whenever it holds either letter, also as part of
-// another option's attached value: passt's options can be given one per
-// argument instead.
+// connection, which krun-core sets (--fd 3): --fd and --socket (or
+// --socket-path) with or without "=VALUE", also abbreviated as
+// getopt_long takes them (--sock=), and -F or -s alone or in a group of
+// short options ("-qF4"), read as getopt reads a group: up to the first
+// option that takes a value, whose value the rest is ("-P/run/s.pid" sets
+// -P only).
 func takesPasstSocket(a string) bool {
-	for _, long := range []string{"--fd", "--socket"} {
-		if a == long || strings.HasPrefix(a, long+"=") || strings.HasPrefix(a, long+"-") {
-			return true
-		}
+	if long, ok := strings.CutPrefix(a, "--"); ok {
+		name, _, _ := strings.Cut(long, "=")
+		return len(name) >= 2 && (strings.HasPrefix("socket-path", name) || strings.HasPrefix("fd", name))
 	}
-	if strings.HasPrefix(a, "-") && !strings.HasPrefix(a, "--") {
-		return strings.ContainsAny(a[1:], "Fs")
+	group, ok := strings.CutPrefix(a, "-")
+	if !ok {
+		return false
+	}
+	for _, c := range group {
+		switch {
+		case c == 'F' || c == 's':
+			return true
+		case strings.ContainsRune(passtValueOptions, c):
+			return false // the rest is its value
+		}
 	}
 	return false
 }
+
+// passtValueOptions are passt's short options that take a value
+// (passt's getopt string, Debian's 0.0~git20230309: "dqfel:hs:F:p:P:m:
+// a:n:M:g:i:o:D:S:461t:u:", and pasta's T: U: I:).
+const passtValueOptions = "lsFpPmanMgioDStuTUI"
 
 // ParseMAC parses a unicast 48-bit MAC address.
 func ParseMAC(s string) (net.HardwareAddr, error) {
