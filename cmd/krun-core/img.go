@@ -723,7 +723,7 @@ func imgResize(args []string, stdout, stderr io.Writer) int {
 		}
 		var n int64
 		var err error
-		if !o.Relative || strings.Trim(num, "0") != "" { // +0: no change, as with qemu-img
+		if !o.Relative || num == "" || strings.Trim(num, "0") != "" { // +0: no change, as with qemu-img
 			if n, err = devspec.ParseSize(num); err != nil {
 				return 1, fmt.Errorf("SIZE %q: %w", arg, err)
 			}

@@ -48,6 +48,8 @@ func TestImgResizeArgs(t *testing.T) {
 		// the plugin.
 		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "+0"}, 1, "krun-plugin-img not found"},
 		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "-0"}, 1, "krun-plugin-img not found"},
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "+"}, 1, `SIZE "+"`},
+		{[]string{"resize", "-f", "raw", "--plugin-dir", empty, file, "--", "-"}, 1, `SIZE "-"`},
 		{[]string{"resize", "-f", "raw", file, "1000"}, 1, "krun-core img resize: the new size (1000 bytes) is not a multiple of 512"},
 		{[]string{"resize", "-f", "vmdk", file, "8K"}, 1, "unknown format"},
 		{[]string{"resize", "-U", "-f", "raw", file, "8K"}, 1, "unknown flag -U"},

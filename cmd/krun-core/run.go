@@ -421,9 +421,13 @@ func (d *secondsFlag) Set(s string) error {
 		*d = secondsFlag(time.Duration(n) * time.Second)
 		return nil
 	}
-	if _, err := strconv.ParseInt(s, 10, 64); err == nil || isDigits(strings.TrimPrefix(s, "-")) {
-		if strings.HasPrefix(s, "-") {
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil || isDigits(strings.TrimLeft(s, "+-")) {
+		switch {
+		case strings.HasPrefix(s, "-"):
 			return fmt.Errorf("%q is negative", s)
+		case err == nil && n <= math.MaxUint32: // "+5"
+			*d = secondsFlag(time.Duration(n) * time.Second)
+			return nil
 		}
 		return fmt.Errorf("%q is too large (at most %d seconds)", s, uint64(math.MaxUint32))
 	}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/core/boot/boottest"
 	"github.com/krun-core/krun-core/core/kvm"
 	"github.com/krun-core/krun-core/core/vmm"
 )
@@ -16,7 +17,7 @@ func TestRunUsageErrors(t *testing.T) {
 	t.Setenv("KRUN_PLUGIN_DIR", "")
 	dir := t.TempDir()
 	k := filepath.Join(dir, "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	pd := filepath.Join(dir, "plugins") // krun-plugin-blk-raw only
 	os.Mkdir(pd, 0o755)
 	os.WriteFile(filepath.Join(pd, "krun-plugin-blk-raw"), []byte("#!/bin/false\n"), 0o755)
@@ -86,7 +87,7 @@ func TestRunWithoutKVM(t *testing.T) {
 		t.Skip("this host's KVM boots stock kernels; the refusal is not reachable")
 	}
 	k := filepath.Join(t.TempDir(), "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	img := filepath.Join(t.TempDir(), "disk.raw")
 	os.WriteFile(img, make([]byte, 1<<20), 0o644)
 	// A disk too: its plugin must not be started (it would fail: it is
@@ -132,7 +133,7 @@ func TestRunRootErrors(t *testing.T) {
 	os.WriteFile(filepath.Join(root, "bin/data"), []byte("x"), 0o644)
 	file := filepath.Join(root, "bin/sh")
 	k := filepath.Join(t.TempDir(), "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	tests := []struct {
 		name string
 		args []string
@@ -225,7 +226,7 @@ func TestRunFindsARelativeCommandFromWorkdir(t *testing.T) {
 	os.WriteFile(filepath.Join(root, "app/server"), []byte("#!"), 0o755)
 	os.WriteFile(filepath.Join(root, "app/bin/tool"), []byte("#!"), 0o755)
 	k := filepath.Join(t.TempDir(), "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	for _, args := range [][]string{
 		{"--workdir", "/app", "--", "./server"},
 		{"--workdir", "/app", "--env", "PATH=bin", "--", "tool"},
@@ -247,7 +248,7 @@ func TestRunFindsARelativeCommandFromWorkdir(t *testing.T) {
 func TestShareMountNeedsRoot(t *testing.T) {
 	dir := t.TempDir()
 	k := filepath.Join(dir, "bzImage")
-	os.WriteFile(k, []byte("x"), 0o644)
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
 	var out, errb bytes.Buffer
 	rc := runCommand([]string{"--kernel", k, "--initrd", k, "--fs", "path=" + dir + ",tag=d,mount=/data"}, &out, &errb)
 	if rc != 1 || !strings.Contains(errb.String(), "mount= needs a root directory") || strings.Count(errb.String(), "\n") != 1 {
@@ -255,5 +256,40 @@ func TestShareMountNeedsRoot(t *testing.T) {
 	}
 	if _, err := parseServeArgs([]string{"--socket", filepath.Join(dir, "s"), "--fs", "path=" + dir + ",tag=d,mount=/data"}); err == nil || !strings.Contains(err.Error(), "mount=") {
 		t.Errorf("serve --fs mount=: %v", err)
+	}
+}
+
+// TestSecondsFlag: --boot-timeout's values: a duration or a number of
+// seconds; a negative or too large one is named as such.
+func TestSecondsFlag(t *testing.T) {
+	tests := []struct {
+		in   string
+		want time.Duration
+		err  string
+	}{
+		{"90", 90 * time.Second, ""},
+		{"+5", 5 * time.Second, ""},
+		{"0", 0, ""},
+		{"2m", 2 * time.Minute, ""},
+		{"1m30s", 90 * time.Second, ""},
+		{"-5", 0, "is negative"},
+		{"-1s", 0, "is negative"},
+		{"-99999999999999999999", 0, "is negative"},
+		{"99999999999", 0, "too large"},
+		{"99999999999999999999", 0, "too large"},
+		{"soon", 0, "is not a duration"},
+	}
+	for _, tc := range tests {
+		var d secondsFlag
+		err := d.Set(tc.in)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("Set(%q) = %v, want an error with %q", tc.in, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || time.Duration(d) != tc.want {
+			t.Errorf("Set(%q) = %v, %v; want %v", tc.in, time.Duration(d), err, tc.want)
+		}
 	}
 }

@@ -109,14 +109,12 @@ func FlagError(cmd string, err error) error {
 		}
 		return sub[1] + dashed(sub[2])
 	})
-	// The flag package's own reasons say little: name what was wanted.
-	s = strings.Replace(s, "invalid boolean value ", "invalid value ", 1)
-	if strings.HasSuffix(s, ": parse error") {
-		what := "a number"
-		if strings.Contains(err.Error(), "invalid boolean value") {
-			what = "true or false"
-		}
-		s = strings.TrimSuffix(s, "parse error") + "want " + what
+	// The flag package's own reasons say little: name what was wanted
+	// where the message tells the flag's type (a boolean's does; a
+	// number's and a duration's read alike, so "parse error" stays).
+	if strings.Contains(s, "invalid boolean value ") && strings.HasSuffix(s, ": parse error") {
+		s = strings.Replace(s, "invalid boolean value ", "invalid value ", 1)
+		s = strings.TrimSuffix(s, "parse error") + "want true or false"
 	} else if strings.HasSuffix(s, ": value out of range") {
 		s = strings.TrimSuffix(s, "value out of range") + "out of range"
 	}

@@ -83,15 +83,17 @@ func TestReport(t *testing.T) {
 }
 
 // TestFlagErrorWording: the flag package's messages in this command line's
-// spelling, with what was wanted instead of "parse error" (from review:
-// "for -timing: parse error").
+// spelling; a boolean's says what was wanted instead of "parse error"
+// (from review: "for -timing: parse error").
 func TestFlagErrorWording(t *testing.T) {
 	tests := []struct {
 		args []string
 		want string
 	}{
 		{[]string{"--timing=maybe"}, `invalid value "maybe" for flag --timing: want true or false (see x --help)`},
-		{[]string{"--cpus", "two"}, `invalid value "two" for flag --cpus: want a number (see x --help)`},
+		{[]string{"--cpus", "two"}, `invalid value "two" for flag --cpus: parse error (see x --help)`},
+		// A duration's message reads like a number's: no claim of a type.
+		{[]string{"--timeout", "5x"}, `invalid value "5x" for flag --timeout: parse error (see x --help)`},
 		{[]string{"--cpus", "99999999999999999999"}, `invalid value "99999999999999999999" for flag --cpus: out of range (see x --help)`},
 		{[]string{"--frob"}, "unknown flag --frob (see x --help)"},
 		{[]string{"--cpus"}, "a value is needed for --cpus (see x --help)"},
@@ -103,6 +105,7 @@ func TestFlagErrorWording(t *testing.T) {
 		fs.Bool("timing", false, "")
 		fs.Bool("v", false, "")
 		fs.Uint("cpus", 1, "")
+		fs.Duration("timeout", 0, "")
 		err := fs.Parse(tc.args)
 		if err == nil {
 			t.Fatalf("%q parsed", tc.args)

@@ -177,7 +177,7 @@ func outerKernelOopsed(r *Result) (string, bool) {
 }
 
 // oopsGrace is how long an outer guest whose kernel reported a fault of
-// its own (outerOopsRE) may still run towards its verdict.
+// its own (outerOopsRE) may print nothing but its heartbeat.
 const oopsGrace = 90 * time.Second
 
 // watchWedge kills vm when its console stays silent for wedgeAfter, shows
@@ -206,6 +206,15 @@ type wedgeWatch struct {
 	last    time.Time // when the console last grew
 	lastLen int
 	oopsAt  time.Time // when an outer kernel fault was first seen
+	// progress: when the console last grew by more than heartbeats
+	progress    time.Time
+	progressLen int
+}
+
+// progressLen is the console's length without its heartbeats and line
+// ends: what grows only when something besides the heartbeat prints.
+func progressLen(con string) int {
+	return len(con) - strings.Count(con, heartbeatMarker)*len(heartbeatMarker) - strings.Count(con, "\n") - strings.Count(con, "\r")
 }
 
 // check looks at the console at now and says why the outer guest counts
@@ -217,13 +226,17 @@ func (w *wedgeWatch) check(con string, now time.Time) string {
 		// the same.
 		return "the outer guest reported a soft lockup (a CPU stuck behind the nested guest)"
 	}
+	if p := progressLen(con); p != w.progressLen || w.progress.IsZero() {
+		w.progress, w.progressLen = now, p
+	}
 	if w.oopsAt.IsZero() && outerOopsRE.MatchString(con) {
 		w.oopsAt = now
 	}
-	if !w.oopsAt.IsZero() && now.Sub(w.oopsAt) > oopsGrace {
+	if !w.oopsAt.IsZero() && now.Sub(w.oopsAt) > oopsGrace && now.Sub(w.progress) > oopsGrace {
 		// The faulting task may have died holding locks: the script
-		// then waits for good, heartbeat and all.
-		return fmt.Sprintf("the outer kernel reported a fault of its own and no verdict came within %v", oopsGrace)
+		// then waits for good, printing nothing but its heartbeat. A
+		// script that goes on printing is left to its verdict.
+		return fmt.Sprintf("the outer kernel reported a fault of its own, and for %v nothing but the heartbeat came", oopsGrace)
 	}
 	if n := len(con); n != w.lastLen {
 		w.last, w.lastLen = now, n

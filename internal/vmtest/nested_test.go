@@ -103,6 +103,14 @@ func TestWedgeWatch(t *testing.T) {
 			{0, beat, ""}, {5 * time.Second, beat + oops, ""}, {60 * time.Second, beat + oops + beat, ""},
 			{5*time.Second + oopsGrace, beat + oops + beat + beat, ""},
 			{6*time.Second + oopsGrace, beat + oops + beat + beat + beat, "fault of its own"}}},
+		// A script that goes on printing after a fault line (an inner
+		// kernel's, printed raw, say) is left to its verdict.
+		{"a fault, then progress", []look{
+			{0, beat, ""}, {5 * time.Second, beat + oops, ""},
+			{60 * time.Second, beat + oops + "step 2 done\n", ""},
+			{6*time.Second + oopsGrace, beat + oops + "step 2 done\n" + beat, ""},
+			{120 * time.Second, beat + oops + "step 2 done\n" + beat + "step 3 done\n", ""},
+			{121*time.Second + oopsGrace, beat + oops + "step 2 done\n" + beat + "step 3 done\n" + beat + beat, "fault of its own"}}},
 		{"an inner guest's forwarded fault", []look{
 			{0, "run| " + oops, ""}, {2 * oopsGrace, "run| " + oops + beat, ""}}},
 	}
