@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -536,22 +537,39 @@ func (im *Image) loadTables() error {
 			mm.add(off/cs, metaRefBlock)
 		}
 	}
-	for _, e := range im.l1 {
-		if off := e & l1OffsetMask; off != 0 && off%cs == 0 {
-			mm.add(off/cs, metaL2)
-		}
-	}
-	if !im.ro {
+	l2, dup := activeL2(im.l1, cs)
+	if dup && !im.ro {
 		if err := sharedL2(im.l1, cs); err != nil {
 			return err
 		}
 	}
+	mm.setL2(l2)
 	if err := im.trackSnapshots(mm); err != nil {
 		return err
 	}
 	mm.build()
 	im.meta = mm
 	return nil
+}
+
+// activeL2 returns the clusters of the L2 tables l1 names, sorted and
+// without duplicates, and whether two entries named the same one.
+func activeL2(l1 []uint64, cs uint64) ([]uint64, bool) {
+	n := 0
+	for _, e := range l1 {
+		if off := e & l1OffsetMask; off != 0 && off%cs == 0 {
+			n++
+		}
+	}
+	l2 := make([]uint64, 0, n)
+	for _, e := range l1 {
+		if off := e & l1OffsetMask; off != 0 && off%cs == 0 {
+			l2 = append(l2, off/cs)
+		}
+	}
+	slices.Sort(l2)
+	l2 = slices.Compact(l2)
+	return l2, len(l2) != n
 }
 
 // sharedL2 refuses an active L1 table in which two entries name the same

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 )
 
@@ -60,6 +61,10 @@ type metaMap struct {
 	ranges map[metaRange]int // distinct ranges and how often each was added
 	segs   []metaRange       // ranges flattened: sorted, disjoint, kinds merged
 	m      map[uint64]metaKind
+	// l2 are the active L2 tables Open found (clusters, sorted, unique):
+	// 8 bytes each where the map takes several times that, for an L1
+	// table of up to 4 Mi entries. Tables added later go to m.
+	l2 []uint64
 	// work counts the operations spent building the map: a range or
 	// cluster added, a range visited by build. Tests bound it.
 	work uint64
@@ -154,7 +159,25 @@ func (mm *metaMap) add(c uint64, k metaKind) {
 	mm.m[c] |= k
 }
 
+// setL2 records the active L2 tables of Open: clusters, sorted and
+// without duplicates.
+func (mm *metaMap) setL2(sorted []uint64) {
+	mm.work += uint64(len(sorted))
+	mm.l2 = sorted
+}
+
+func (mm *metaMap) inL2(c uint64) (int, bool) {
+	i, ok := slices.BinarySearch(mm.l2, c)
+	return i, ok
+}
+
 func (mm *metaMap) clear(c uint64, k metaKind) {
+	if k&metaL2 != 0 {
+		if i, ok := mm.inL2(c); ok {
+			// Rare (a table freed or moved): the copy is cheap enough.
+			mm.l2 = slices.Delete(mm.l2, i, i+1)
+		}
+	}
 	if v := mm.m[c] &^ k; v == 0 {
 		delete(mm.m, c)
 	} else {
@@ -165,6 +188,9 @@ func (mm *metaMap) clear(c uint64, k metaKind) {
 // at returns the metadata kinds stored in cluster c.
 func (mm *metaMap) at(c uint64) metaKind {
 	k := mm.m[c]
+	if _, ok := mm.inL2(c); ok {
+		k |= metaL2
+	}
 	i := sort.Search(len(mm.segs), func(i int) bool { return mm.segs[i].end > c })
 	if i < len(mm.segs) && mm.segs[i].start <= c {
 		k |= mm.segs[i].kind
@@ -184,5 +210,5 @@ func (mm *metaMap) check(c, n uint64, k metaKind) error {
 }
 
 func (mm *metaMap) String() string {
-	return fmt.Sprintf("%d ranges (%d segments), %d clusters", len(mm.ranges), len(mm.segs), len(mm.m))
+	return fmt.Sprintf("%d ranges (%d segments), %d clusters", len(mm.ranges), len(mm.segs), len(mm.m)+len(mm.l2))
 }
