@@ -233,6 +233,7 @@ func TestParseNet(t *testing.T) {
 		{in: "passt,passt-arg=-l/var/log/passt.log", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-l/var/log/passt.log"}}},
 		{in: "passt,passt-arg=-qiens3", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-qiens3"}}},
 		{in: "passt,passt-arg=-qs", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=-qHfs01", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-qHfs01"}}},
 		{in: "passt,passt-arg=--foreground", want: &NetSpec{Backend: "passt", PasstArgs: []string{"--foreground"}}},
 		{in: "passt,mac=00:00:00:00:00:00", wantErr: "all-zero"},
 		{in: "passt,passt-arg=", wantErr: "non-empty"},

@@ -155,8 +155,8 @@ func takesPasstSocket(a string) bool {
 
 // passtValueOptions are passt's short options that take a value
 // (passt's getopt string, Debian's 0.0~git20230309: "dqfel:hs:F:p:P:m:
-// a:n:M:g:i:o:D:S:461t:u:", and pasta's T: U: I:).
-const passtValueOptions = "lsFpPmanMgioDStuTUI"
+// a:n:M:g:i:o:D:S:461t:u:"; pasta's T: U: I:; later passt's H:).
+const passtValueOptions = "lsFpPmanMgioDStuTUIH"
 
 // ParseMAC parses a unicast 48-bit MAC address.
 func ParseMAC(s string) (net.HardwareAddr, error) {

@@ -63,8 +63,12 @@ type metaMap struct {
 	m      map[uint64]metaKind
 	// l2 are the active L2 tables Open found (clusters, sorted, unique):
 	// 8 bytes each where the map takes several times that, for an L1
-	// table of up to 4 Mi entries. Tables added later go to m.
-	l2 []uint64
+	// table of up to 4 Mi entries. Tables added later go to m. l2gone
+	// marks those freed or moved since (a bit per entry): a deletion
+	// from the slice would copy it, on every copy-on-write of a shared
+	// table, under the image's lock.
+	l2     []uint64
+	l2gone []uint64
 	// work counts the operations spent building the map: a range or
 	// cluster added, a range visited by build. Tests bound it.
 	work uint64
@@ -164,18 +168,23 @@ func (mm *metaMap) add(c uint64, k metaKind) {
 func (mm *metaMap) setL2(sorted []uint64) {
 	mm.work += uint64(len(sorted))
 	mm.l2 = sorted
+	mm.l2gone = make([]uint64, (len(sorted)+63)/64)
 }
 
+// inL2 says whether c is one of Open's active L2 tables still in use, and
+// where.
 func (mm *metaMap) inL2(c uint64) (int, bool) {
 	i, ok := slices.BinarySearch(mm.l2, c)
-	return i, ok
+	if !ok || mm.l2gone[i/64]&(1<<(i%64)) != 0 {
+		return i, false
+	}
+	return i, true
 }
 
 func (mm *metaMap) clear(c uint64, k metaKind) {
 	if k&metaL2 != 0 {
 		if i, ok := mm.inL2(c); ok {
-			// Rare (a table freed or moved): the copy is cheap enough.
-			mm.l2 = slices.Delete(mm.l2, i, i+1)
+			mm.l2gone[i/64] |= 1 << (i % 64)
 		}
 	}
 	if v := mm.m[c] &^ k; v == 0 {

@@ -206,15 +206,36 @@ type wedgeWatch struct {
 	last    time.Time // when the console last grew
 	lastLen int
 	oopsAt  time.Time // when an outer kernel fault was first seen
-	// progress: when the console last grew by more than heartbeats
-	progress    time.Time
-	progressLen int
+	// progress: when the test script last printed a line (not a
+	// heartbeat, not a kernel message); scanned: how far the console
+	// has been read for that.
+	progress time.Time
+	scanned  int
 }
 
-// progressLen is the console's length without its heartbeats and line
-// ends: what grows only when something besides the heartbeat prints.
-func progressLen(con string) int {
-	return len(con) - strings.Count(con, heartbeatMarker)*len(heartbeatMarker) - strings.Count(con, "\n") - strings.Count(con, "\r")
+// kernelLineRE matches a line the kernel printed (its timestamp first).
+var kernelLineRE = regexp.MustCompile(`^\[ *[0-9]+\.[0-9]+\]`)
+
+// scriptProgressed reads the whole lines of con past w.scanned and says
+// whether one of them is the script's own: a kernel that keeps reporting
+// stalls after a fault is no progress.
+func (w *wedgeWatch) scriptProgressed(con string) bool {
+	if len(con) < w.scanned {
+		w.scanned = 0 // the console was cut at its cap
+	}
+	rest := con[w.scanned:]
+	end := strings.LastIndexByte(rest, '\n')
+	if end < 0 {
+		return false
+	}
+	w.scanned += end + 1
+	for _, line := range strings.Split(rest[:end], "\n") {
+		line = strings.TrimSpace(line)
+		if line != "" && line != heartbeatMarker && !kernelLineRE.MatchString(line) {
+			return true
+		}
+	}
+	return false
 }
 
 // check looks at the console at now and says why the outer guest counts
@@ -226,17 +247,18 @@ func (w *wedgeWatch) check(con string, now time.Time) string {
 		// the same.
 		return "the outer guest reported a soft lockup (a CPU stuck behind the nested guest)"
 	}
-	if p := progressLen(con); p != w.progressLen || w.progress.IsZero() {
-		w.progress, w.progressLen = now, p
+	if w.scriptProgressed(con) || w.progress.IsZero() {
+		w.progress = now
 	}
 	if w.oopsAt.IsZero() && outerOopsRE.MatchString(con) {
 		w.oopsAt = now
 	}
 	if !w.oopsAt.IsZero() && now.Sub(w.oopsAt) > oopsGrace && now.Sub(w.progress) > oopsGrace {
 		// The faulting task may have died holding locks: the script
-		// then waits for good, printing nothing but its heartbeat. A
-		// script that goes on printing is left to its verdict.
-		return fmt.Sprintf("the outer kernel reported a fault of its own, and for %v nothing but the heartbeat came", oopsGrace)
+		// then waits for good, and only the heartbeat and the kernel
+		// (stall reports) print. A script that goes on printing is
+		// left to its verdict.
+		return fmt.Sprintf("the outer kernel reported a fault of its own, and for %v the test printed nothing", oopsGrace)
 	}
 	if n := len(con); n != w.lastLen {
 		w.last, w.lastLen = now, n

@@ -84,6 +84,7 @@ func TestWedgeWatch(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	beat := "KRUN-E2E-HEARTBEAT\n"
 	oops := "[   80.1] BUG: TASK stack guard page was hit at 0000\n"
+	stall := "[  150.5] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
 	type look struct {
 		at   time.Duration
 		con  string
@@ -103,6 +104,12 @@ func TestWedgeWatch(t *testing.T) {
 			{0, beat, ""}, {5 * time.Second, beat + oops, ""}, {60 * time.Second, beat + oops + beat, ""},
 			{5*time.Second + oopsGrace, beat + oops + beat + beat, ""},
 			{6*time.Second + oopsGrace, beat + oops + beat + beat + beat, "fault of its own"}}},
+		// The kernel's stall reports after the fault are no progress
+		// (review: they came every 63 s and put the kill off for good).
+		{"a fault, then only the kernel", []look{
+			{0, beat, ""}, {5 * time.Second, beat + oops, ""},
+			{60 * time.Second, beat + oops + beat + stall, ""},
+			{6*time.Second + oopsGrace, beat + oops + beat + stall + stall, "fault of its own"}}},
 		// A script that goes on printing after a fault line (an inner
 		// kernel's, printed raw, say) is left to its verdict.
 		{"a fault, then progress", []look{

@@ -504,10 +504,10 @@ func (sess *session) setSlots(slots []slot) error {
 		if err := checkFileSize(s); err != nil {
 			return fmt.Errorf("region %d: %w", i, err)
 		}
-		total += s.Size // CheckMemRegions refused overlaps: no overflow below the cap
-		if total > MaxGuestMemory {
+		if s.Size > MaxGuestMemory-total {
 			return fmt.Errorf("the memory table maps more than %d GiB in all", MaxGuestMemory>>30)
 		}
+		total += s.Size
 	}
 	var mem *guestmem.Memory
 	if len(slots) > 0 {

@@ -125,13 +125,18 @@ func releaseWord(text []byte) (string, error) {
 // kernel file wins over the host's tree of the same release, which may be
 // another build.
 func ModulesDirCandidates(kernelPath, rel string) []string {
-	up := filepath.Join(filepath.Dir(kernelPath), "..")
-	return []string{
-		filepath.Join(up, "lib", "modules", rel),
-		filepath.Join(up, "usr", "lib", "modules", rel),
-		filepath.Join("/lib/modules", rel),
-		filepath.Join("/usr/lib/modules", rel),
+	var out []string
+	next := func(k string) {
+		up := filepath.Join(filepath.Dir(k), "..")
+		out = append(out, filepath.Join(up, "lib", "modules", rel), filepath.Join(up, "usr", "lib", "modules", rel))
 	}
+	next(kernelPath)
+	// A link to the kernel (make kernel's cache/vmlinuz): the tree next
+	// to the file it names.
+	if real, err := filepath.EvalSymlinks(kernelPath); err == nil && real != kernelPath {
+		next(real)
+	}
+	return append(out, filepath.Join("/lib/modules", rel), filepath.Join("/usr/lib/modules", rel))
 }
 
 // FindModulesDir returns the first candidate of ModulesDirCandidates that
