@@ -229,23 +229,18 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	// A kernel the search found was checked there (and is not the
 	// user's --kernel, so an error must not call it that).
-	var given []struct{ flag, path string }
-	if *kernel != "" {
-		given = append(given, struct{ flag, path string }{"--kernel", *kernel})
-	} else {
+	if *kernel == "" {
 		k, err := vmm.FindKernel()
 		if err != nil {
 			return fail("%v", err)
 		}
 		*kernel = k
+	} else if err := vmm.CheckKernelFile(*kernel); err != nil {
+		return fail("--kernel %s: %v", cli.Printable(*kernel), err)
 	}
-	given = append(given, struct{ flag, path string }{"--initrd", *initrd})
-	for _, f := range given {
-		if f.path == "" {
-			continue
-		}
-		if err := vmm.CheckKernelFile(f.path); err != nil {
-			return fail("%s %s: %v", f.flag, cli.Printable(f.path), err)
+	if *initrd != "" {
+		if err := vmm.CheckKernelFile(*initrd); err != nil {
+			return fail("--initrd %s: %v", cli.Printable(*initrd), err)
 		}
 	}
 	if err := c.SetKernel(*kernel, *initrd, *cmdline); err != nil {
@@ -417,15 +412,12 @@ type secondsFlag time.Duration
 
 func (d *secondsFlag) String() string { return time.Duration(*d).String() }
 func (d *secondsFlag) Set(s string) error {
-	if n, err := strconv.ParseUint(s, 10, 32); err == nil {
-		*d = secondsFlag(time.Duration(n) * time.Second)
-		return nil
-	}
+	// A bare number of seconds ("90", "+5"), or one out of range.
 	if n, err := strconv.ParseInt(s, 10, 64); err == nil || isDigits(strings.TrimLeft(s, "+-")) {
 		switch {
 		case strings.HasPrefix(s, "-"):
 			return fmt.Errorf("%q is negative", s)
-		case err == nil && n <= math.MaxUint32: // "+5"
+		case err == nil && n <= math.MaxUint32:
 			*d = secondsFlag(time.Duration(n) * time.Second)
 			return nil
 		}

@@ -425,21 +425,22 @@ func (c *Context) checkTags() error {
 		switch s := d.(type) {
 		case *devspec.FSSpec:
 			tag = s.Tag
-			if c.exec != nil && s == c.exec.rootShare {
-				break
-			}
-			if c.exec != nil && tag == RootTag {
-				return fmt.Errorf("%w: share tag %q is the root's own", ErrConfig, tag)
-			}
-			if c.exec != nil && c.exec.container == nil {
-				target := "/mnt/" + tag
-				if s.Mount != "" {
-					target = path.Clean(s.Mount)
+			// A user's share, with --root: not the root's tag, and a
+			// mount point of its own (a container's setup places them).
+			if c.exec != nil && s != c.exec.rootShare {
+				if tag == RootTag {
+					return fmt.Errorf("%w: share tag %q is the root's own", ErrConfig, tag)
 				}
-				if other, ok := targets[target]; ok {
-					return fmt.Errorf("%w: shares %q and %q are both mounted at %s", ErrConfig, other, tag, target)
+				if c.exec.container == nil {
+					target := "/mnt/" + tag
+					if s.Mount != "" {
+						target = path.Clean(s.Mount)
+					}
+					if other, ok := targets[target]; ok {
+						return fmt.Errorf("%w: shares %q and %q are both mounted at %s", ErrConfig, other, tag, target)
+					}
+					targets[target] = tag
 				}
-				targets[target] = tag
 			}
 		case *devspec.VhostUserSpec:
 			if s.Type != devspec.VirtioFS {

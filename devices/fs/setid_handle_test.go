@@ -14,43 +14,31 @@ import (
 // set-id bits were cleared (fchmod needs only ownership) before the call
 // that then failed (from review). Linux never sends these on a read-only
 // handle; a hostile guest could.
-
-func TestFallocateReadOnlyHandleKeepsMode(t *testing.T) {
-	e := newEnv(t, 0, nil)
-	hostFile(t, e.path("f"), 0o4755)
-	f := e.lookup(fuse.RootID, "f")
-	fh, err := e.c.Open(f.NodeID, unix.O_RDONLY)
-	must(t, "OPEN", err)
-	err = e.c.Fallocate(f.NodeID, fh, 0, 4096, 0)
-	wantErrno(t, "FALLOCATE on a read-only handle", err, syscall.EBADF)
-	if got := hostPerm(t, e.path("f")); got != 0o4755 {
-		t.Errorf("failed FALLOCATE changed the host file's mode from 4755 to %o", got)
+func TestReadOnlyHandleKeepsMode(t *testing.T) {
+	tests := []struct {
+		name string
+		op   func(e *env, node, fh uint64) error
+		want syscall.Errno
+	}{
+		{"FALLOCATE", func(e *env, node, fh uint64) error { return e.c.Fallocate(node, fh, 0, 4096, 0) }, syscall.EBADF},
+		{"WRITE", func(e *env, node, fh uint64) error { _, err := e.c.Write(node, fh, 0, []byte("x")); return err }, syscall.EBADF},
+		{"truncate", func(e *env, node, fh uint64) error {
+			_, err := e.c.Setattr(node, fuse.SetattrIn{Valid: fuse.FattrSize | fuse.FattrFh, Fh: fh, Size: 0})
+			return err
+		}, syscall.EINVAL},
 	}
-}
-
-func TestWriteReadOnlyHandleKeepsMode(t *testing.T) {
-	e := newEnv(t, 0, nil)
-	hostFile(t, e.path("f"), 0o4755)
-	f := e.lookup(fuse.RootID, "f")
-	fh, err := e.c.Open(f.NodeID, unix.O_RDONLY)
-	must(t, "OPEN", err)
-	_, err = e.c.Write(f.NodeID, fh, 0, []byte("x"))
-	wantErrno(t, "WRITE on a read-only handle", err, syscall.EBADF)
-	if got := hostPerm(t, e.path("f")); got != 0o4755 {
-		t.Errorf("failed WRITE changed the host file's mode from 4755 to %o", got)
-	}
-}
-
-func TestTruncateReadOnlyHandleKeepsMode(t *testing.T) {
-	e := newEnv(t, 0, nil)
-	hostFile(t, e.path("f"), 0o4755)
-	f := e.lookup(fuse.RootID, "f")
-	fh, err := e.c.Open(f.NodeID, unix.O_RDONLY)
-	must(t, "OPEN", err)
-	_, err = e.c.Setattr(f.NodeID, fuse.SetattrIn{Valid: fuse.FattrSize | fuse.FattrFh, Fh: fh, Size: 0})
-	wantErrno(t, "truncate through a read-only handle", err, syscall.EINVAL)
-	if got := hostPerm(t, e.path("f")); got != 0o4755 {
-		t.Errorf("failed truncate changed the host file's mode from 4755 to %o", got)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, 0, nil)
+			hostFile(t, e.path("f"), 0o4755)
+			f := e.lookup(fuse.RootID, "f")
+			fh, err := e.c.Open(f.NodeID, unix.O_RDONLY)
+			must(t, "OPEN", err)
+			wantErrno(t, tc.name+" through a read-only handle", tc.op(e, f.NodeID, fh), tc.want)
+			if got := hostPerm(t, e.path("f")); got != 0o4755 {
+				t.Errorf("a failed %s changed the host file's mode from 4755 to %o", tc.name, got)
+			}
+		})
 	}
 }
 

@@ -160,7 +160,10 @@ func outerKernelCrashed(r *Result, killed bool) bool {
 // Seen under TCG's nested SVM: "BUG: TASK stack guard page was hit" in
 // exc_general_protection while kvm_amd ran the nested guest, a fault of
 // the emulation, not of the test.
-var outerOopsRE = regexp.MustCompile(`(?m)^\[ *[0-9]+\.[0-9]+\] (BUG: [^\r\n]*|Oops: [^\r\n]*|general protection fault[^\r\n]*)`)
+var outerOopsRE = regexp.MustCompile(`(?m)^` + kernelStamp + ` (BUG: [^\r\n]*|Oops: [^\r\n]*|general protection fault[^\r\n]*)`)
+
+// kernelStamp is the timestamp the kernel puts before each console line.
+const kernelStamp = `\[ *[0-9]+\.[0-9]+\]`
 
 // outerKernelOopsed says whether r is an outer guest whose kernel reported
 // a fault of its own (outerOopsRE) before a verdict other than ok. It
@@ -214,7 +217,7 @@ type wedgeWatch struct {
 }
 
 // kernelLineRE matches a line the kernel printed (its timestamp first).
-var kernelLineRE = regexp.MustCompile(`^\[ *[0-9]+\.[0-9]+\]`)
+var kernelLineRE = regexp.MustCompile(`^` + kernelStamp)
 
 // scriptProgressed reads the whole lines of con past w.scanned and says
 // whether one of them is the script's own: a kernel that keeps reporting

@@ -1,12 +1,10 @@
 package backend_test
 
 import (
-	"context"
 	"testing"
 
 	"github.com/krun-core/krun-core/guestmem"
 	"github.com/krun-core/krun-core/vhostuser"
-	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
@@ -21,23 +19,7 @@ func TestMemTableSizeIsBounded(t *testing.T) {
 		t.Skipf("no memfd of 64 TiB here: %v", err)
 	}
 	defer f.Close()
-	srv, err := backend.NewServer(newTestDevice(1), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fa, fb, err := vhostuser.SocketPair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go srv.Serve(ctx, fa)
-	c, err := frontend.NewFromFile(fb)
-	fb.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := newHarness(t, newTestDevice(1)).client
 	if err := c.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
 		t.Fatal(err)
 	}
