@@ -18,7 +18,6 @@ import (
 	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/guest/initconfig"
 	"github.com/krun-core/krun-core/guest/initramfs"
-	"github.com/krun-core/krun-core/guest/initramfs/kmod"
 	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/internal/lines"
 )
@@ -548,15 +547,9 @@ func (c *Context) prepareExec() error {
 			}
 		}
 	}
-	modDir := e.modulesDir
-	if modDir == "" {
-		rel, err := kmod.Release(c.kernelPath)
-		if err != nil {
-			return fmt.Errorf("kernel %s: %w", c.kernelPath, err)
-		}
-		if modDir, err = kmod.FindModulesDir(c.kernelPath, rel); err != nil {
-			return err
-		}
+	modDir, err := c.initramfsModules()
+	if err != nil {
+		return err
 	}
 	img, _, err := initramfs.BuildBytes(initramfs.Options{Init: initBin, Config: e.cfg, Modules: modules, ModulesDir: modDir})
 	if err != nil {

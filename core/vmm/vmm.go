@@ -404,7 +404,7 @@ func (c *Context) Validate() error {
 		return err
 	}
 	if c.exec != nil {
-		if err := c.checkInitramfsInputs(); err != nil {
+		if _, err := c.initramfsModules(); err != nil {
 			return err
 		}
 	}
@@ -488,25 +488,26 @@ func (c *Context) validate() error {
 	return nil
 }
 
-// checkInitramfsInputs checks what building the initramfs (with SetExec)
-// needs of the kernel: the module tree given, or the kernel's release and
-// the module tree found next to it, as prepareExec looks for them, so
-// that a wrong file is reported before anything starts.
-func (c *Context) checkInitramfsInputs() error {
+// initramfsModules returns the module tree the initramfs (with SetExec)
+// is built from: the tree given, or the one found next to the kernel for
+// its release. Validate calls it so that a wrong file is reported before
+// anything starts; prepareExec uses its answer.
+func (c *Context) initramfsModules() (string, error) {
 	if d := c.exec.modulesDir; d != "" {
 		if st, err := os.Stat(filepath.Join(d, "kernel")); err != nil || !st.IsDir() {
-			return fmt.Errorf("%w: kernel modules %s: no kernel/ directory (want a /lib/modules/RELEASE tree)", ErrConfig, cli.Printable(d))
+			return "", fmt.Errorf("%w: kernel modules %s: no kernel/ directory (want a /lib/modules/RELEASE tree)", ErrConfig, cli.Printable(d))
 		}
-		return nil
+		return d, nil
 	}
 	rel, err := kmod.Release(c.kernelPath)
 	if err != nil {
-		return fmt.Errorf("kernel: %w", err)
+		return "", fmt.Errorf("kernel: %w", err)
 	}
-	if _, err := kmod.FindModulesDir(c.kernelPath, rel); err != nil {
-		return fmt.Errorf("%w (give --kernel-modules DIR)", err)
+	d, err := kmod.FindModulesDir(c.kernelPath, rel)
+	if err != nil {
+		return "", fmt.Errorf("%w (give --kernel-modules DIR)", err)
 	}
-	return nil
+	return d, nil
 }
 
 // checkBzImage checks that the kernel is a bzImage, the only format the
