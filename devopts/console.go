@@ -17,12 +17,15 @@ const (
 
 // Control records, core to console plugin, on the control pipe
 // (FileControl): ControlLen bytes, little-endian: type u8, a pad byte, then
-// for ControlWinsize rows u16 and cols u16, for ControlSignal the signal
-// number u8.
+// for ControlWinsize rows u16 and cols u16, for ControlSignal and
+// ControlSignalAll the signal number u8.
 const (
 	ControlLen     = 8
 	ControlWinsize = 1
 	ControlSignal  = 2
+	// ControlSignalAll: the signal for every process of the guest but
+	// its init (the command, exec'd programs, what they started).
+	ControlSignalAll = 7
 )
 
 // WinsizeRecord encodes a window-size record for the control pipe.
@@ -39,5 +42,13 @@ func SignalRecord(sig uint8) []byte {
 	b := make([]byte, ControlLen)
 	b[0] = ControlSignal
 	b[2] = sig
+	return b
+}
+
+// SignalAllRecord encodes a record of a signal for every process of the
+// guest but its init.
+func SignalAllRecord(sig uint8) []byte {
+	b := SignalRecord(sig)
+	b[0] = ControlSignalAll
 	return b
 }

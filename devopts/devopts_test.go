@@ -100,4 +100,8 @@ func TestControlRecords(t *testing.T) {
 	if len(s) != ControlLen || s[0] != ControlSignal || s[2] != 15 {
 		t.Fatalf("signal record % x", s)
 	}
+	a := SignalAllRecord(9)
+	if len(a) != ControlLen || a[0] != ControlSignalAll || a[2] != 9 {
+		t.Fatalf("signal-all record % x", a)
+	}
 }

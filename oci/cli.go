@@ -753,7 +753,7 @@ func cmdKill(g *globals, args []string, env *Env) error {
 		}
 		return nil
 	}
-	_, err = callMonitor(c.Dir, &request{Op: opSignal, Signal: int(sig)}, nil, 10*time.Second)
+	_, err = callMonitor(c.Dir, &request{Op: opSignal, Signal: int(sig), All: *all}, nil, 10*time.Second)
 	return err
 }
 

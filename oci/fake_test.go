@@ -36,6 +36,8 @@ type fakeVM struct {
 	ended     chan struct{}
 	endOnce   sync.Once
 	lingering bool
+	// execs are the exec'd processes still running, for SignalAll.
+	execs map[*os.Process]bool
 }
 
 // launcher starts processes from one locked thread that lives as long as
@@ -130,6 +132,21 @@ func (v *fakeVM) Signal(sig unix.Signal) error {
 	return v.cmd.Process.Signal(sig)
 }
 
+// SignalAll signals the command and the exec'd processes still running,
+// as kill(-1) in the guest does (their children aside).
+func (v *fakeVM) SignalAll(sig unix.Signal) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.cmd == nil {
+		return errors.New("not started")
+	}
+	v.cmd.Process.Signal(sig)
+	for p := range v.execs {
+		p.Signal(sig)
+	}
+	return nil
+}
+
 func (v *fakeVM) Resize(rows, cols uint16) error { return nil }
 
 func (v *fakeVM) Exec(p *container.Process, stdin, stdout, stderr, status *os.File) (uint32, error) {
@@ -158,8 +175,17 @@ func (v *fakeVM) Exec(p *container.Process, stdin, stdout, stderr, status *os.Fi
 	files[0].Close()
 	files[1].Close()
 	files[2].Close()
+	v.mu.Lock()
+	if v.execs == nil {
+		v.execs = map[*os.Process]bool{}
+	}
+	v.execs[cmd.Process] = true
+	v.mu.Unlock()
 	go func() {
 		cmd.Wait()
+		v.mu.Lock()
+		delete(v.execs, cmd.Process)
+		v.mu.Unlock()
 		files[3].Write([]byte{byte(exitCode(cmd.ProcessState))})
 		files[3].Close()
 	}()

@@ -202,13 +202,14 @@ func (m *monitor) hostSignal(sig syscall.Signal) {
 		}
 	case unix.SIGPIPE:
 	default:
-		m.signal(unix.Signal(sig))
+		m.signal(unix.Signal(sig), false)
 	}
 }
 
-// signal sends sig to the command; before start there is no command yet,
-// and the container ends as if it had been killed by sig.
-func (m *monitor) signal(sig unix.Signal) error {
+// signal sends sig to the command, or with all to every process of the
+// container; before start there is no command yet, and the container ends
+// as if it had been killed by sig.
+func (m *monitor) signal(sig unix.Signal, all bool) error {
 	m.mu.Lock()
 	phase, vm := m.phase, m.vm
 	ends := phase == phaseCreated && !ignoredByDefault(sig)
@@ -226,6 +227,9 @@ func (m *monitor) signal(sig unix.Signal) error {
 		}
 		return nil
 	case phaseStarted:
+		if all {
+			return vm.SignalAll(sig)
+		}
 		return vm.Signal(sig)
 	}
 	return fmt.Errorf("container not running (%s)", statusOfPhase(phase))
@@ -300,7 +304,7 @@ func (m *monitor) handle(req *request, files []*os.File) *reply {
 		if req.Signal <= 0 || req.Signal > 64 {
 			return fail(fmt.Errorf("invalid signal %d", req.Signal))
 		}
-		if err := m.signal(unix.Signal(req.Signal)); err != nil {
+		if err := m.signal(unix.Signal(req.Signal), req.All); err != nil {
 			return fail(err)
 		}
 		return &reply{}

@@ -26,7 +26,7 @@ const (
 const (
 	opState      = "state"       // -> Status
 	opStart      = "start"       // release the command
-	opSignal     = "signal"      // Signal to the command
+	opSignal     = "signal"      // Signal to the command; with All to every process
 	opResize     = "resize"      // Rows, Cols of the command's terminal
 	opExec       = "exec"        // Exec; files stdin, stdout, stderr, status -> ExecID
 	opExecSignal = "exec-signal" // ExecID, Signal
@@ -36,6 +36,7 @@ const (
 type request struct {
 	Op     string             `json:"op"`
 	Signal int                `json:"signal,omitempty"`
+	All    bool               `json:"all,omitempty"`
 	Rows   uint16             `json:"rows,omitempty"`
 	Cols   uint16             `json:"cols,omitempty"`
 	Exec   *container.Process `json:"exec,omitempty"`

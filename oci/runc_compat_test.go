@@ -10,8 +10,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // runc (libcontainer ErrNotRunning) answers a kill of a stopped container
@@ -132,4 +134,35 @@ func TestGlobalFlagErrorInLog(t *testing.T) {
 	if err != nil || json.Unmarshal(b, &entry) != nil || !strings.Contains(fmt.Sprint(entry["msg"]), "--rootless") {
 		t.Errorf("log file %q (%v): want one JSON object naming --rootless", b, err)
 	}
+}
+
+// TestKillAllReachesExecs: `runc kill --all` signals every process of the
+// container's cgroup, exec'd ones included; without --all only the
+// command gets the signal. krun-oci sent --all's signal to the command
+// alone.
+func TestKillAllReachesExecs(t *testing.T) {
+	r := newRT(t)
+	// A command that ignores TERM, so that the container keeps running.
+	b := bundle(t, []string{"sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"}, nil)
+	r.mustRun("create", "--bundle", b, "ka")
+	r.mustRun("start", "ka")
+	r.waitStatus("ka", specs.StateRunning)
+	pidFile := filepath.Join(t.TempDir(), "exec.pid")
+	r.mustRun("exec", "--detach", "--pid-file", pidFile, "ka", "sleep", "100")
+	proxy := readPid(t, pidFile)
+
+	r.mustRun("kill", "ka", "TERM")
+	time.Sleep(200 * time.Millisecond)
+	var ws unix.WaitStatus
+	if p, err := unix.Wait4(proxy, &ws, unix.WNOHANG, nil); err != nil || p == proxy {
+		t.Fatalf("kill without --all reached the exec'd process (wait4: %d, %v)", p, err)
+	}
+	r.mustRun("kill", "--all", "ka", "TERM")
+	if got := reap(t, proxy); got != 143 {
+		t.Errorf("exec'd process ended with %d after kill --all TERM, want 143", got)
+	}
+	if st := r.state("ka"); st.Status != specs.StateRunning {
+		t.Errorf("after kill --all TERM: %s, want running (the command ignores TERM)", st.Status)
+	}
+	r.mustRun("delete", "--force", "ka")
 }

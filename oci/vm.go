@@ -33,6 +33,9 @@ type VM interface {
 	Start() error
 	// Signal sends sig to the command.
 	Signal(sig unix.Signal) error
+	// SignalAll sends sig to every process of the container: the
+	// command, exec'd processes and what they started.
+	SignalAll(sig unix.Signal) error
 	// Resize sets the command's terminal size.
 	Resize(rows, cols uint16) error
 	// Exec starts p in the running guest; status receives its exit
@@ -277,6 +280,7 @@ func logConsoleTail(log hclog.Logger, res *vmm.Result, err error) {
 
 func (v *krunVM) Start() error                                { return v.c.StartCommand() }
 func (v *krunVM) Signal(sig unix.Signal) error                { return v.c.Signal(sig) }
+func (v *krunVM) SignalAll(sig unix.Signal) error             { return v.c.SignalAll(sig) }
 func (v *krunVM) Resize(rows, cols uint16) error              { return v.c.Resize(rows, cols) }
 func (v *krunVM) ExecSignal(id uint32, sig unix.Signal) error { return v.c.ExecSignal(id, sig) }
 func (v *krunVM) ExecResize(id uint32, rows, cols uint16) error {

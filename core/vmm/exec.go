@@ -243,6 +243,13 @@ func (c *Context) Signal(sig unix.Signal) error {
 	return c.control(devopts.SignalRecord(uint8(sig)))
 }
 
+// SignalAll sends sig to every process of the guest but its init (the
+// program, exec'd programs and whatever they started), as runc's kill
+// --all signals a container's cgroup. It never blocks, as Signal.
+func (c *Context) SignalAll(sig unix.Signal) error {
+	return c.control(devopts.SignalAllRecord(uint8(sig)))
+}
+
 // Resize tells the program's terminal its new size while the VM runs.
 func (c *Context) Resize(rows, cols uint16) error {
 	return c.control(devopts.WinsizeRecord(rows, cols))

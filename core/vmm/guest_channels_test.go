@@ -201,7 +201,7 @@ func TestConsoleTailKeepsALastLineWithoutNewline(t *testing.T) {
 }
 
 // TestRequestsFailOnceTheGuestEnded: once the guest has ended (its devices
-// are being shut down, which can take seconds), Exec, Signal and Resize
+// are being shut down, which can take seconds), Exec, Signal, SignalAll and Resize
 // fail with ErrGuestEnded instead of reaching a console plugin that is
 // going away: an exec it accepted then would end without a status, which
 // krun-oci could only report as 137 (from review).
@@ -224,6 +224,9 @@ func TestRequestsFailOnceTheGuestEnded(t *testing.T) {
 	if err := c.Signal(unix.SIGTERM); err != nil {
 		t.Fatalf("Signal while the guest runs: %v", err)
 	}
+	if err := c.SignalAll(unix.SIGTERM); err != nil {
+		t.Fatalf("SignalAll while the guest runs: %v", err)
+	}
 	select {
 	case <-c.Ended():
 		t.Fatal("Ended is closed while the guest runs")
@@ -240,6 +243,9 @@ func TestRequestsFailOnceTheGuestEnded(t *testing.T) {
 	}
 	if err := c.Signal(unix.SIGTERM); !errors.Is(err, ErrGuestEnded) {
 		t.Errorf("Signal after the guest ended: %v, want ErrGuestEnded", err)
+	}
+	if err := c.SignalAll(unix.SIGTERM); !errors.Is(err, ErrGuestEnded) {
+		t.Errorf("SignalAll after the guest ended: %v, want ErrGuestEnded", err)
 	}
 	if err := c.Resize(24, 80); !errors.Is(err, ErrGuestEnded) {
 		t.Errorf("Resize after the guest ended: %v, want ErrGuestEnded", err)

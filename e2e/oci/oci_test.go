@@ -172,6 +172,14 @@ grep -q exec-err /tmp/e1.err || e2e_fail "exec stderr"
 rc=0
 echo typed | $KO exec c1 sh -c 'read line; echo "got $line"' >/tmp/e2.out 2>&1 || rc=$?
 [ "$rc" = 0 ] && [ "$(cat /tmp/e2.out)" = "got typed" ] || e2e_fail "exec stdin: rc $rc, $(cat /tmp/e2.out)"
+$KO exec --detach --pid-file /tmp/e4.pid c1 sleep 30 || e2e_fail "exec --detach (for kill --all)"
+$KO kill --all c1 USR1 || e2e_fail "kill --all USR1"
+i=0
+while kill -0 $(cat /tmp/e4.pid) 2>/dev/null; do
+	i=$((i+1)); [ $i -lt 60 ] || e2e_fail "kill --all USR1 did not reach the exec'd process"
+	sleep 0.5
+done
+$KO state c1 | grep -q '"status": "running"' || e2e_fail "not running after kill --all USR1 (its command ignores USR1)"
 $KO exec --detach --pid-file /tmp/e3.pid c1 sleep 30 || e2e_fail "exec --detach"
 kill -0 $(cat /tmp/e3.pid) || e2e_fail "detached exec's pid is not a process"
 
@@ -204,11 +212,14 @@ echo "outer checks ok"
 `
 
 // TestLifecycle: a busybox container through create (booted, the command
-// waiting), start, state, exec (status, stdio, detached), kill, delete,
-// and run.
+// waiting), start, state, exec (status, stdio, detached), kill --all (an
+// exec'd process), kill, delete, and run.
 func TestLifecycle(t *testing.T) {
 	a, payload, kernel := nestedSetup(t)
-	c1 := busyboxSpec("sh", "-c", "touch /started; echo err >&2; "+
+	// The command ignores USR1 (and keeps ignoring it across its exec),
+	// so that kill --all USR1 leaves it running and ends the exec'd
+	// sleep only.
+	c1 := busyboxSpec("sh", "-c", "trap '' USR1; touch /started; echo err >&2; "+
 		"echo $(ulimit -n) $(ulimit -Hn); grep -e ' /dev ' -e ' /sys ' /proc/mounts; echo ready $(hostname); exec sleep 600")
 	payload = append(payload, specFile(t, "/b/config.json", c1), specFile(t, "/b2/config.json", busyboxSpec("sh", "-c", "echo run-hi; exit 3")))
 	r := vmtest.NestedKVM(t, a, vmtest.NestedOptions{

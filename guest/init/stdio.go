@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/guest/stdioframe"
+	"golang.org/x/sys/unix"
 )
 
 // sink receives what the host sends for the command.
@@ -42,6 +43,10 @@ type stdio struct {
 	execHandler  func(stdioframe.Frame) // set before the root is set up
 	// A window size that came before the command started.
 	pendingWinsize *[2]uint16
+
+	// killAll sends a signal to every process but init (SIGNAL_ALL);
+	// nil: kill(-1, sig).
+	killAll func(sig int) error
 
 	mu       sync.Mutex
 	writeErr error // the first write failure; later output is dropped
@@ -152,12 +157,16 @@ func (s *stdio) readLoop() {
 				s.pendingWinsize = &[2]uint16{rows, cols}
 				s.mu.Unlock()
 				continue
-			case stdioframe.Signal:
+			case stdioframe.Signal, stdioframe.SignalAll:
 				s.log.Printf("signal %d before the command started: dropped", fr.Signal())
 				continue
 			}
 		}
 		<-s.started
+		if fr.Type == stdioframe.SignalAll {
+			s.signalAll(int(fr.Signal()))
+			continue
+		}
 		k := s.sink
 		if k == nil {
 			continue
@@ -174,6 +183,20 @@ func (s *stdio) readLoop() {
 		case stdioframe.Signal:
 			k.signal(int(fr.Signal()))
 		}
+	}
+}
+
+// signalAll sends sig to every process of the guest but krun-init: the
+// command, exec'd programs and whatever they started (runc's kill --all
+// signals a container's whole cgroup).
+func (s *stdio) signalAll(sig int) {
+	kill := s.killAll
+	if kill == nil {
+		kill = func(sig int) error { return unix.Kill(-1, unix.Signal(sig)) }
+	}
+	// ESRCH: no process but init is left.
+	if err := kill(sig); err != nil && err != unix.ESRCH {
+		s.log.Printf("signal %d to every process: %v", sig, err)
 	}
 }
 

@@ -60,6 +60,7 @@ const (
 	ExecWinsize   Type = 25
 	ExecSignal    Type = 26
 	ExecOutputAck Type = 27
+	SignalAll     Type = 28
 )
 
 // ExecWindow is how many bytes of one exec stream may be in flight
@@ -84,6 +85,7 @@ var typeNames = map[Type]string{
 	ExecStdout: "EXEC_STDOUT", ExecStderr: "EXEC_STDERR", ExecExit: "EXEC_EXIT", ExecStdinAck: "EXEC_STDIN_ACK",
 	Start: "START", Exec: "EXEC", ExecStdin: "EXEC_STDIN", ExecStdinEOF: "EXEC_STDIN_EOF",
 	ExecWinsize: "EXEC_WINSIZE", ExecSignal: "EXEC_SIGNAL", ExecOutputAck: "EXEC_OUTPUT_ACK",
+	SignalAll: "SIGNAL_ALL",
 }
 
 func (t Type) String() string {
@@ -114,7 +116,7 @@ func (t Type) Direction() (Direction, bool) {
 	switch t {
 	case Stdout, Stderr, Exit, CloseReq, ExecStdout, ExecStderr, ExecExit, ExecStdinAck:
 		return GuestToHost, true
-	case Stdin, StdinEOF, Winsize, CloseAck, Signal, Start, Exec, ExecStdin, ExecStdinEOF, ExecWinsize, ExecSignal, ExecOutputAck:
+	case Stdin, StdinEOF, Winsize, CloseAck, Signal, Start, Exec, ExecStdin, ExecStdinEOF, ExecWinsize, ExecSignal, ExecOutputAck, SignalAll:
 		return HostToGuest, true
 	}
 	return 0, false
@@ -124,7 +126,7 @@ func (t Type) Direction() (Direction, bool) {
 // -1 for data frames.
 func payloadLen(t Type) int {
 	switch t {
-	case Exit, Signal:
+	case Exit, Signal, SignalAll:
 		return 1
 	case CloseReq, StdinEOF, CloseAck, Start:
 		return 0
@@ -304,7 +306,7 @@ func (r *Reader) Next() (Frame, error) {
 		}
 		return Frame{}, err
 	}
-	if t == Signal && (p[0] == 0 || p[0] > MaxSignal) {
+	if (t == Signal || t == SignalAll) && (p[0] == 0 || p[0] > MaxSignal) {
 		r.err = &BadPayloadError{Type: t, Len: n, Reason: fmt.Sprintf("signal %d outside 1-%d", p[0], MaxSignal)}
 		return Frame{}, r.err
 	}
@@ -414,6 +416,15 @@ func (w *Writer) WriteSignal(sig uint8) error {
 		return fmt.Errorf("stdio frame: signal %d outside 1-%d", sig, MaxSignal)
 	}
 	return w.WriteFrame(Signal, []byte{sig})
+}
+
+// WriteSignalAll writes a SIGNAL_ALL frame: sig for every process of the
+// guest but krun-init.
+func (w *Writer) WriteSignalAll(sig uint8) error {
+	if sig == 0 || sig > MaxSignal {
+		return fmt.Errorf("stdio frame: signal %d outside 1-%d", sig, MaxSignal)
+	}
+	return w.WriteFrame(SignalAll, []byte{sig})
 }
 
 // WriteWinsize writes a WINSIZE frame.

@@ -34,6 +34,7 @@ func TestRoundTripBothDirections(t *testing.T) {
 	must(hw.WriteFrame(StdinEOF, nil))
 	must(hw.WriteWinsize(24, 80))
 	must(hw.WriteSignal(15))
+	must(hw.WriteSignalAll(9))
 	must(hw.WriteFrame(CloseAck, nil))
 
 	gr := NewReader(&g2h, GuestToHost)
@@ -71,6 +72,9 @@ func TestRoundTripBothDirections(t *testing.T) {
 	if f, err = hr.Next(); err != nil || f.Type != Signal || f.Signal() != 15 {
 		t.Fatalf("signal: %v %v", f, err)
 	}
+	if f, err = hr.Next(); err != nil || f.Type != SignalAll || f.Signal() != 9 {
+		t.Fatalf("signal all: %v %v", f, err)
+	}
 	if f, err = hr.Next(); err != nil || f.Type != CloseAck {
 		t.Fatalf("ack: %v %v", f.Type, err)
 	}
@@ -98,6 +102,10 @@ func TestReaderRejects(t *testing.T) {
 		{"signal zero", HostToGuest, append(hdr(Signal, 1), 0), new(*BadPayloadError)},
 		{"signal 65", HostToGuest, append(hdr(Signal, 1), 65), new(*BadPayloadError)},
 		{"signal long", HostToGuest, append(hdr(Signal, 2), 9, 9), new(*BadPayloadError)},
+		{"signal all zero", HostToGuest, append(hdr(SignalAll, 1), 0), new(*BadPayloadError)},
+		{"signal all 65", HostToGuest, append(hdr(SignalAll, 1), 65), new(*BadPayloadError)},
+		{"signal all empty", HostToGuest, hdr(SignalAll, 0), new(*BadPayloadError)},
+		{"signal all to host", GuestToHost, append(hdr(SignalAll, 1), 9), new(*UnknownTypeError)},
 		{"cut header", GuestToHost, []byte{1, 0, 0}, io.ErrUnexpectedEOF},
 		{"cut payload", GuestToHost, append(hdr(Stdout, 10), 'a'), io.ErrUnexpectedEOF},
 		{"cut empty payload", GuestToHost, hdr(Stdout, 10), io.ErrUnexpectedEOF},
@@ -163,6 +171,9 @@ func TestWriterRejects(t *testing.T) {
 	}
 	if err := w.WriteSignal(0); err == nil {
 		t.Error("signal 0 accepted")
+	}
+	if err := w.WriteSignalAll(65); err == nil {
+		t.Error("signal 65 to all accepted")
 	}
 }
 

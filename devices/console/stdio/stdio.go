@@ -212,6 +212,8 @@ func (b *Bridge) pumpControl() {
 			err = b.w.WriteWinsize(binary.LittleEndian.Uint16(rec[2:]), binary.LittleEndian.Uint16(rec[4:]))
 		case devopts.ControlSignal:
 			err = b.w.WriteSignal(rec[2])
+		case devopts.ControlSignalAll:
+			err = b.w.WriteSignalAll(rec[2])
 		case devopts.ControlStart:
 			err = b.w.WriteFrame(stdioframe.Start, nil)
 			b.startOnce.Do(func() { close(b.started) })

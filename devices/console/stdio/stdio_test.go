@@ -113,7 +113,12 @@ func TestStdinAndControl(t *testing.T) {
 	if f := r.next(t); f.Type != stdioframe.Signal || f.Signal() != 15 {
 		t.Fatalf("frame %v, want SIGNAL 15", f.Type)
 	}
-	ctlW.Write(devopts.SignalRecord(0)) // refused by the encoder: logged, no frame
+	ctlW.Write(devopts.SignalAllRecord(9))
+	if f := r.next(t); f.Type != stdioframe.SignalAll || f.Signal() != 9 {
+		t.Fatalf("frame %v, want SIGNAL_ALL 9", f.Type)
+	}
+	ctlW.Write(devopts.SignalRecord(0))    // refused by the encoder: logged, no frame
+	ctlW.Write(devopts.SignalAllRecord(0)) // the same
 	ctlW.Write([]byte{9, 0, 0, 0, 0, 0, 0, 0})
 	stdinW.Close()
 	if f := r.next(t); f.Type != stdioframe.StdinEOF {
