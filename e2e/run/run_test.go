@@ -320,6 +320,7 @@ func binFiles(dir string) []vmtest.File {
 // cases, run from Go.
 func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 	root := t.TempDir()
+	os.Chmod(root, 0o755) // --user alice searches it, as a root file system's /
 	for _, d := range []string{"bin", "tmp", "etc", "root", "proc", "sys", "dev", "run"} {
 		os.MkdirAll(filepath.Join(root, d), 0o755)
 	}

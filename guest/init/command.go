@@ -90,6 +90,16 @@ func lookPath(file, pathEnv, workdir string, uid, gid uint32, groups []uint32) (
 		if st.IsDir() || !executable(st, uid, gid, groups) {
 			return errNotExecutable
 		}
+		// The kernel also wants every directory on the way searchable
+		// by the user (execvp then goes on to the next PATH entry).
+		for d := filepath.Dir(p); uid != 0; d = filepath.Dir(d) {
+			if st, err := os.Stat(d); err != nil || permBits(st, uid, gid, groups)&0o1 == 0 {
+				return errNotExecutable
+			}
+			if d == "/" || d == "." {
+				break
+			}
+		}
 		return nil
 	}
 	if strings.Contains(file, "/") {
@@ -126,25 +136,31 @@ func executable(st os.FileInfo, uid, gid uint32, groups []uint32) bool {
 	if !mode.IsRegular() {
 		return false
 	}
-	perm := uint32(mode.Perm())
 	if uid == 0 {
-		return perm&0o111 != 0
+		return mode.Perm()&0o111 != 0
 	}
+	return permBits(st, uid, gid, groups)&0o1 != 0
+}
+
+// permBits returns the permission bits (rwx, 0 to 7) of st's class that
+// applies to uid/gid/groups: owner, group or other.
+func permBits(st os.FileInfo, uid, gid uint32, groups []uint32) uint32 {
+	perm := uint32(st.Mode().Perm())
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok {
-		return perm&0o111 != 0
+		return perm & 0o7
 	}
 	if sys.Uid == uid {
-		return perm&0o100 != 0
+		return perm >> 6 & 0o7
 	}
 	inGroup := sys.Gid == gid
 	for _, g := range groups {
 		inGroup = inGroup || sys.Gid == g
 	}
 	if inGroup {
-		return perm&0o010 != 0
+		return perm >> 3 & 0o7
 	}
-	return perm&0o001 != 0
+	return perm & 0o7
 }
 
 // launchSpec is what PID 1 hands the launcher on fd 3.

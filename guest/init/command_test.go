@@ -51,3 +51,50 @@ func TestLookPath(t *testing.T) {
 		}
 	}
 }
+
+// TestLookPathDirectorySearch: a directory on the way that the user cannot
+// search hides what is in it, as from execvp: the next PATH entry is
+// tried, and a path with a slash is not executable (126). krun-init looked
+// as root and chose a file the user's exec then failed on (from review).
+func TestLookPathDirectorySearch(t *testing.T) {
+	dir := t.TempDir()
+	// t.TempDir's directories are the test's own (0700): open them up.
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	private := filepath.Join(dir, "private") // root's, 0700
+	public := filepath.Join(dir, "public")
+	for _, d := range []string{private, public} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "tool"), []byte("#!/bin/sh\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(filepath.Join(d, "tool"), 0o755)
+	}
+	os.Chmod(private, 0o700)
+	both := private + ":" + public
+	const user = 4242 // owns neither
+	tests := []struct {
+		name, file, pathEnv string
+		uid                 uint32
+		want                string
+		err                 error
+	}{
+		{"root searches anything", "tool", both, 0, filepath.Join(private, "tool"), nil},
+		{"user skips the private directory", "tool", both, user, filepath.Join(public, "tool"), nil},
+		{"user names the private file", filepath.Join(private, "tool"), both, user, "", errNotExecutable},
+		{"only in the private directory", "tool", private, user, "", errNotExecutable},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := lookPath(tt.file, tt.pathEnv, "/", tt.uid, tt.uid, nil)
+			if err != tt.err || (tt.want != "" && got != tt.want) {
+				t.Errorf("lookPath(%q, uid %d) = %q, %v; want %q, %v", tt.file, tt.uid, got, err, tt.want, tt.err)
+			}
+		})
+	}
+}
