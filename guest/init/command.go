@@ -25,7 +25,9 @@ import (
 // but a background process it left behind may keep the pipes open: then
 // reading stops after drainIdle without data, or drainMax in all. What the
 // command itself wrote is never cut: it sits in the pipe (at most its
-// capacity) and a read of buffered data does not wait.
+// capacity), a read of buffered data does not wait, and the time the host
+// takes to accept what was read (flow control: a slow reader of krun-core's
+// stdout) does not count against either limit.
 const (
 	drainIdle = 500 * time.Millisecond
 	drainMax  = 5 * time.Second
@@ -34,15 +36,32 @@ const (
 // drainer arms read deadlines on an output once the command has exited.
 type drainer struct {
 	mu    sync.Mutex
+	began time.Time // when the drain began
 	until time.Time // zero while the command runs
 }
 
 // start begins draining f.
 func (d *drainer) start(f *os.File, now time.Time) {
 	d.mu.Lock()
-	d.until = now.Add(drainMax)
+	d.began, d.until = now, now.Add(drainMax)
 	d.mu.Unlock()
 	d.rearm(f)
+}
+
+// extend moves the overall limit by the time spent from t0 (at the
+// earliest, the start of the drain) until now waiting for the host.
+func (d *drainer) extend(t0 time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.until.IsZero() {
+		return
+	}
+	if t0.Before(d.began) {
+		t0 = d.began
+	}
+	if waited := time.Since(t0); waited > 0 {
+		d.until = d.until.Add(waited)
+	}
 }
 
 // rearm gives f another idle period, within the overall limit.
@@ -66,7 +85,9 @@ func pump(r *os.File, d *drainer, out func([]byte)) {
 	for {
 		n, err := r.Read(buf)
 		if n > 0 {
+			t0 := time.Now()
 			out(buf[:n])
+			d.extend(t0)
 			d.rearm(r)
 		}
 		if err != nil {

@@ -3,7 +3,10 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 func TestLookPath(t *testing.T) {
@@ -96,5 +99,48 @@ func TestLookPathDirectorySearch(t *testing.T) {
 				t.Errorf("lookPath(%q, uid %d) = %q, %v; want %q, %v", tt.file, tt.uid, got, err, tt.want, tt.err)
 			}
 		})
+	}
+}
+
+// TestDrainNotCutByASlowHost: once the command has exited, what it wrote
+// into its pipe is delivered in full even when the host takes longer than
+// drainMax to accept it (a slow reader of krun-core's stdout): the time
+// spent waiting for the host does not count against the drain's limit.
+// It did, and the rest of the pipe was dropped (from review, helper-77).
+func TestDrainNotCutByASlowHost(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits out drainMax (5 s); runs without -short")
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	const total = 96 << 10 // more than pump's 32 KiB read, less than a pipe
+	var got atomic.Int64
+	firstOut, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	out := func(b []byte) {
+		once.Do(func() { close(firstOut); <-release }) // the host is slow
+		got.Add(int64(len(b)))
+	}
+	var d drainer
+	done := make(chan struct{})
+	go func() { pump(r, &d, out); close(done) }()
+	if _, err := w.Write(make([]byte, total)); err != nil {
+		t.Fatal(err)
+	}
+	w.Close() // the command has exited
+	<-firstOut
+	d.start(r, time.Now())
+	time.Sleep(drainMax + 200*time.Millisecond)
+	close(release)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("pump did not end")
+	}
+	if n := got.Load(); n != total {
+		t.Errorf("delivered %d of the %d bytes in the pipe", n, total)
 	}
 }
