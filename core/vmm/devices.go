@@ -268,7 +268,7 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 			d.restarts = r
 		}
 	}
-	if err := d.startPlugin(ctx); err != nil {
+	if d.info, err = d.startPlugin(ctx); err != nil {
 		return nil, err
 	}
 	if d.restarts == nil {
@@ -302,12 +302,12 @@ func (d *pluginDevice) launchConfig() *sandbox.LaunchConfig {
 }
 
 // startPlugin launches the plugin of d.opened on a new socket pair,
-// configures and starts it.
-func (d *pluginDevice) startPlugin(ctx context.Context) error {
+// configures and starts it, and returns the device it serves.
+func (d *pluginDevice) startPlugin(ctx context.Context) (*pluginhost.DeviceInfo, error) {
 	c := d.c
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("vhost-user socketpair: %w", err)
+		return nil, fmt.Errorf("vhost-user socketpair: %w", err)
 	}
 	d.sock = os.NewFile(uintptr(fds[0]), "vhost-user")
 	theirs := os.NewFile(uintptr(fds[1]), "vhost-user-plugin")
@@ -326,13 +326,17 @@ func (d *pluginDevice) startPlugin(ctx context.Context) error {
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	d.setPlugin(p)
-	if d.info, _, err = d.plugin.Configure(ctx, d.opened.Options); err != nil {
-		return err
+	info, _, err := d.plugin.Configure(ctx, d.opened.Options)
+	if err != nil {
+		return nil, err
 	}
-	return d.plugin.Start(ctx)
+	if err := d.plugin.Start(ctx); err != nil {
+		return nil, err
+	}
+	return info, nil
 }
 
 // attachDevices connects to every plugin over vhost-user, gives it the
@@ -743,16 +747,21 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 		}
 		d.opened = opened
 	}
+	// d.info stays the device the guest knows until a plugin that
+	// serves the same one is accepted: a refused or failed attempt
+	// must not become the next one's yardstick.
 	old := d.info
-	if err := d.startPlugin(ctx); err != nil {
+	info, err := d.startPlugin(ctx)
+	if err != nil {
 		d.dropPlugin()
 		return err
 	}
-	if d.info.Type != old.Type || d.info.NumQueues != old.NumQueues || d.info.MaxQueueSize != old.MaxQueueSize {
+	if info.Type != old.Type || info.NumQueues != old.NumQueues || info.MaxQueueSize != old.MaxQueueSize {
 		d.dropPlugin()
 		return fmt.Errorf("the new plugin serves device type %d with %d queues of %d, the old one type %d with %d of %d",
-			d.info.Type, d.info.NumQueues, d.info.MaxQueueSize, old.Type, old.NumQueues, old.MaxQueueSize)
+			info.Type, info.NumQueues, info.MaxQueueSize, old.Type, old.NumQueues, old.MaxQueueSize)
 	}
+	d.info = info
 	client, err := frontend.NewFromFile(d.sock)
 	if err != nil {
 		d.dropPlugin()
