@@ -12,8 +12,10 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/go-plugin/runner"
+	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/sandbox"
 )
@@ -84,6 +86,7 @@ func (r *ProcRunner) Start(context.Context) error {
 		return err
 	}
 	r.pid = r.cmd.Process.Pid
+	go r.watchExit()
 	if r.postStart != nil {
 		if err := r.postStart(r.pid); err != nil {
 			_ = r.cmd.Process.Kill()
@@ -108,6 +111,36 @@ func (r *ProcRunner) Wait(context.Context) error {
 		return nil
 	}
 	return r.waitErr
+}
+
+// pipeDrainGrace is how long after the plugin's exit its stdout and stderr
+// are left for go-plugin to read to their end before they are closed.
+const pipeDrainGrace = 2 * time.Second
+
+// watchExit closes the read ends of the plugin's stdout and stderr
+// pipeDrainGrace after its process exits. go-plugin reaps the process
+// (Wait) only once both pipes reach end of file, and a plugin can keep
+// them from ever doing so: it sends their write ends over its vhost-user
+// socket in a message the core never reads, and they stay open there
+// after it is dead. Without this its Kill, and so the Launch or restart
+// that killed it, would wait for good. Everything the process wrote is in
+// the pipes when it exits; the grace is for go-plugin to read it.
+func (r *ProcRunner) watchExit() {
+	var info unix.Siginfo
+	for {
+		// WNOWAIT: the process stays for Wait to reap.
+		err := unix.Waitid(unix.P_PID, r.pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		if err != unix.EINTR {
+			break // exited, or already reaped (ECHILD): Wait ran
+		}
+	}
+	select {
+	case <-r.done:
+		return
+	case <-time.After(pipeDrainGrace):
+	}
+	r.stdout.Close()
+	r.stderr.Close()
 }
 
 // SetPostStart sets a function run right after the process started

@@ -9,6 +9,10 @@
 //	version   offer handshake protocol version 99
 //	policy    declare a sandbox policy with a forbidden extra system call
 //	huge      answer Stats with a 64 MiB counter name
+//	stash     before serving, send its own stdout and stderr (fds 1, 2)
+//	          over the vhost-user socket (fd 3) in a message the host never
+//	          reads: a compromised plugin keeping go-plugin's pipes open
+//	          after its death
 //	stall     answer everything but Shutdown (its own and go-plugin's
 //	          controller Shutdown), which never return: a compromised plugin
 package main
@@ -128,6 +132,12 @@ func main() {
 		os.Exit(3)
 	case "version":
 		hs.ProtocolVersion = 99
+	}
+	if os.Getenv("KRUN_TEST_MODE") == "stash" {
+		if err := unix.Sendmsg(pluginpb.SocketFD, []byte{0}, unix.UnixRights(1, 2), nil, 0); err != nil {
+			fmt.Fprintln(os.Stderr, "testplugin: stash:", err)
+			os.Exit(4)
+		}
 	}
 	log.Info("hello from test plugin", "pid", os.Getpid())
 	grpcServer := plugin.DefaultGRPCServer
