@@ -141,21 +141,9 @@ func (c *Context) SetUserSpec(spec string) error {
 // isHome reports whether the environment entry kv sets HOME.
 func isHome(kv string) bool { return strings.HasPrefix(kv, "HOME=") }
 
-// mergeEnv appends env to base, dropping base entries env overrides.
+// mergeEnv appends env to base, one entry per name: the last one given.
 func mergeEnv(base, env []string) []string {
-	set := map[string]bool{}
-	for _, kv := range env {
-		k, _, _ := strings.Cut(kv, "=")
-		set[k] = true
-	}
-	var out []string
-	for _, kv := range base {
-		k, _, _ := strings.Cut(kv, "=")
-		if !set[k] {
-			out = append(out, kv)
-		}
-	}
-	return append(out, env...)
+	return initconfig.UniqueEnv(append(slices.Clone(base), env...))
 }
 
 // SetWorkdir sets the program's working directory inside the root.

@@ -100,7 +100,9 @@ func TestExecSetters(t *testing.T) {
 	if err := c.SetExec("", nil, nil); !errors.Is(err, ErrConfig) {
 		t.Errorf("empty program: %v", err)
 	}
-	if err := c.SetExec("/bin/sh", []string{"sh", "-c", "echo hi"}, []string{"PATH=/opt", "A=b"}); err != nil {
+	// PATH given twice: the program gets the last one only, the one
+	// krun-init looks the command up with (from review, helper-77).
+	if err := c.SetExec("/bin/sh", []string{"sh", "-c", "echo hi"}, []string{"PATH=/first", "PATH=/opt", "A=b"}); err != nil {
 		t.Fatal(err)
 	}
 	cfg := c.exec.cfg

@@ -240,6 +240,9 @@ func launcherMain() {
 	if err := json.Unmarshal(b, &spec); err != nil || len(spec.Args) == 0 {
 		fail(initconfig.StatusInitFailed, "launcher: bad spec (%d bytes): %v", len(b), err)
 	}
+	// A name given twice (an OCI config's env, an exec's) is the last
+	// value to the program too, as to the PATH lookup below.
+	spec.Env = initconfig.UniqueEnv(spec.Env)
 	if spec.Root != "" {
 		if err := container.EnterRoot(spec.Root, spec.Cwd); err != nil {
 			fail(initconfig.StatusInitFailed, "%v", err)

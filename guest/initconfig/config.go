@@ -172,6 +172,28 @@ func (c *Config) Getenv(key string) (string, bool) {
 	return val, ok
 }
 
+// UniqueEnv returns env with one entry per name, the last one given, where
+// it was given: execve passes every entry and getenv returns the first,
+// while krun-init (Getenv, the PATH lookup) and docker, podman and runc
+// let the last one win.
+func UniqueEnv(env []string) []string {
+	last := make(map[string]int, len(env))
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		last[k] = i
+	}
+	if len(last) == len(env) {
+		return env
+	}
+	out := make([]string, 0, len(last))
+	for i, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); last[k] == i {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
 // ErrInvalid is wrapped by every Validate and Parse error about content.
 var ErrInvalid = errors.New("invalid krun-init config")
 

@@ -245,3 +245,25 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestUniqueEnv: one entry per name, the last value given, where it was
+// given.
+func TestUniqueEnv(t *testing.T) {
+	tests := []struct {
+		name      string
+		env, want []string
+	}{
+		{"none", nil, nil},
+		{"distinct", []string{"A=1", "B=2"}, []string{"A=1", "B=2"}},
+		{"repeated", []string{"PATH=/a", "A=1", "PATH=/b", "A=2"}, []string{"PATH=/b", "A=2"}},
+		{"empty value wins", []string{"A=1", "A="}, []string{"A="}},
+		{"no equals sign", []string{"X", "A=1", "X"}, []string{"A=1", "X"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := UniqueEnv(tt.env); !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("UniqueEnv(%q) = %q, want %q", tt.env, got, tt.want)
+			}
+		})
+	}
+}
