@@ -154,9 +154,14 @@ func (s *stdio) readLoop() {
 			case stdioframe.Winsize:
 				rows, cols := fr.Winsize()
 				s.mu.Lock()
-				s.pendingWinsize = &[2]uint16{rows, cols}
-				s.mu.Unlock()
-				continue
+				select {
+				case <-s.started: // setSink ran meanwhile: deliver it
+					s.mu.Unlock()
+				default:
+					s.pendingWinsize = &[2]uint16{rows, cols}
+					s.mu.Unlock()
+					continue
+				}
 			case stdioframe.Signal, stdioframe.SignalAll:
 				s.log.Printf("signal %d before the command started: dropped", fr.Signal())
 				continue
@@ -203,10 +208,11 @@ func (s *stdio) signalAll(sig int) {
 // setSink starts delivering host frames to k.
 func (s *stdio) setSink(k sink) {
 	s.startOnce.Do(func() {
+		// Under mu, as readLoop's check for a size to keep: a size
+		// either is kept and applied here, or goes to k directly.
 		s.mu.Lock()
-		ws := s.pendingWinsize
-		s.mu.Unlock()
-		if k != nil && ws != nil {
+		defer s.mu.Unlock()
+		if ws := s.pendingWinsize; k != nil && ws != nil {
 			k.winsize(ws[0], ws[1])
 		}
 		s.sink = k

@@ -75,3 +75,56 @@ func TestSignalAll(t *testing.T) {
 		t.Errorf("signals to every process: %v, want [9] (none before the command started)", got)
 	}
 }
+
+// winsizeSink records window sizes and STDIN_EOF.
+type winsizeSink struct {
+	ws  chan [2]uint16
+	eof chan struct{}
+}
+
+func (k *winsizeSink) stdin([]byte) error        { return nil }
+func (k *winsizeSink) stdinEOF()                 { close(k.eof) }
+func (k *winsizeSink) winsize(rows, cols uint16) { k.ws <- [2]uint16{rows, cols} }
+func (k *winsizeSink) signal(int)                {}
+
+// TestWinsizeAroundStart: a window size that arrives as the command starts
+// is applied, whichever side of the start it lands on. readLoop kept it
+// after setSink had taken the kept one and before setSink closed started,
+// and it was lost (about 1 in 10 000 starts; from review, helper-77).
+func TestWinsizeAroundStart(t *testing.T) {
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	const n = 20000
+	lost := 0
+	for i := range n {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := &stdio{log: &logger{out: devNull}, f: r, started: make(chan struct{}), ack: make(chan struct{}), startReq: make(chan struct{})}
+		go s.readLoop() // ends once r is closed below
+		fw := stdioframe.NewWriter(w)
+		fw.WriteWinsize(40, 120)
+		fw.WriteFrame(stdioframe.StdinEOF, nil)
+		k := &winsizeSink{ws: make(chan [2]uint16, 2), eof: make(chan struct{})}
+		for range i % 200 { // vary where the start lands
+		}
+		s.setSink(k)
+		select {
+		case <-k.eof: // every frame before it was handled
+		case <-time.After(5 * time.Second):
+			t.Fatal("no STDIN_EOF")
+		}
+		if len(k.ws) == 0 {
+			lost++
+		}
+		w.Close()
+		r.Close()
+	}
+	if lost > 0 {
+		t.Errorf("the window size was lost in %d of %d starts", lost, n)
+	}
+}
