@@ -973,11 +973,24 @@ func (d *Device) ConfigChanged() {
 		}
 		return
 	}
+	changed := !bytes.Equal(d.config, fresh)
 	copy(d.config, fresh)
 	if d.status&StatusDriverOK == 0 {
+		d.configMovedLocked(changed)
 		return
 	}
 	d.configChangedLocked()
+}
+
+// configMovedLocked moves the config generation on when the config space
+// changed before DRIVER_OK, with no interrupt yet: a driver probing it
+// reads a field wider than 32 bits in two reads between two reads of the
+// generation, and must see that it changed in between (virtio 1.2,
+// 4.2.2.1).
+func (d *Device) configMovedLocked(changed bool) {
+	if changed {
+		d.configGen++
+	}
 }
 
 // configChangedLocked moves the config generation on, sets the config bit
@@ -1113,9 +1126,12 @@ func (d *Device) OverrideConfig(off int, data []byte) {
 	if d.failed != nil || !d.cached || off < 0 || off > len(d.config) || len(data) > len(d.config)-off {
 		return
 	}
+	changed := !bytes.Equal(d.config[off:off+len(data)], data)
 	copy(d.config[off:], data)
 	if d.status&StatusDriverOK != 0 {
 		d.configChangedLocked()
+	} else {
+		d.configMovedLocked(changed)
 	}
 }
 
@@ -1206,6 +1222,8 @@ func (d *Device) Resume(b Backend, usedIndex func(usedGPA uint64) (uint16, error
 		copy(d.config, fresh)
 		if d.status&StatusDriverOK != 0 {
 			d.configChangedLocked()
+		} else {
+			d.configMovedLocked(true)
 		}
 	}
 	var one [8]byte
