@@ -5,9 +5,9 @@ import (
 	"testing"
 )
 
-// TestConfigGenerationBeforeDriverOK (review): the config space copy
-// changes before DRIVER_OK (a change the back-end reports, the core's
-// override while the back-end is replaced) but ConfigGeneration stays. A
+// TestConfigGenerationBeforeDriverOK: when the config space copy changes
+// before DRIVER_OK (a change the back-end reports, the core's override
+// while the back-end is replaced), ConfigGeneration moves; it stayed. A
 // driver reads a 64-bit field (virtio-blk's capacity, during probe, before
 // DRIVER_OK) as two 32-bit reads between two generation reads (Linux's
 // __virtio_cread_many); a change between them must move the generation
