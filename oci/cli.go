@@ -137,6 +137,8 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: krun-oci [global options] COMMAND [options] ID")
 	fmt.Fprintln(w, "An OCI runtime whose containers are krun-core microVMs (docs/OCI.md).")
 	fmt.Fprintln(w, "global options: --root DIR --log FILE --log-format text|json --debug --systemd-cgroup --kernel FILE --plugin-dir DIR")
+	fmt.Fprintln(w, "                --cgroup-root DIR --plugin-uid UID --plugin-gid GID --version (-v)")
+	fmt.Fprintln(w, "                (--rootless true|false|auto and --criu PATH are accepted and ignored, as runc's)")
 	fmt.Fprintln(w, "commands:")
 	var names []string
 	for n := range commands {
@@ -968,6 +970,13 @@ func cmdPs(g *globals, args []string, env *Env) error {
 }
 
 func cmdFeatures(g *globals, args []string, env *Env) error {
+	_, rest, err := parseFlags(flag.NewFlagSet("features", flag.ContinueOnError), args, false)
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("features: unexpected arguments %q", rest)
+	}
 	yes, no := true, false
 	f := features.Features{
 		OCIVersionMin: "1.0.0",

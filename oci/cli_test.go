@@ -565,6 +565,10 @@ func TestListPsFeaturesVersion(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.mustRun("features")), &f); err != nil || f["ociVersionMax"] != specs.Version {
 		t.Errorf("features: %v %v", err, f)
 	}
+	// Its --help is a help, as every command's (it printed the JSON).
+	if out := r.mustRun("features", "--help"); !strings.HasPrefix(out, "usage: krun-oci [global options] features") {
+		t.Errorf("features --help: %q", out)
+	}
 	if v := r.mustRun("--version"); !strings.HasPrefix(v, "krun-oci version ") {
 		t.Errorf("--version: %q", v)
 	}

@@ -140,7 +140,7 @@ first; nothing is opened by the name an image records.
   -f, --format FMT          IN's format (required; never guessed)
   -O OUTFMT                 OUT's format, raw or qcow2 (required)
   -b, --backing FILE        a backing file of IN (repeatable, nearest first)
-  --backing-format FMT      the format of the --backing before it
+  -F, --backing-format FMT  the format of the --backing before it
   --data-file FILE          IN's external data file
   -c, --compress            compress OUT's clusters (-O qcow2)
   --compression zlib|zstd   the compression type (default zlib)
@@ -175,7 +175,7 @@ inside the image are not touched: grow them from the guest.
 
   -f, --format FMT          the image's format, raw or qcow2 (required; never guessed)
   -b, --backing FILE        a backing file of FILE (repeatable, nearest first)
-  --backing-format FMT      the format of the --backing before it
+  -F, --backing-format FMT  the format of the --backing before it
   --shrink                  allow a smaller size (raw); the data beyond it is lost
 `,
 	"probe": `usage: krun-core img probe [-U] FILE

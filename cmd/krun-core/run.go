@@ -58,8 +58,9 @@ not found), because CMD's own status is passed through. The log level is
 warn, and error with -- CMD (krun-core shares its stderr with CMD), unless
 --log-level is given.
 
-Device options (repeatable; at most 8 devices; a comma inside a value is
-written twice, path=a,,b.img, as in QEMU):
+Device options (repeatable; at most 8 devices, with --root 6 besides the
+root and the console; a comma inside a value is written twice,
+path=a,,b.img, as in QEMU):
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
          [,max-size=64G][,data-file=FILE][,queues=N]
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on][,mount=GUESTDIR][,uidmap=...][,gidmap=...]
