@@ -68,7 +68,10 @@ path=a,,b.img, as in QEMU):
                                      (with --root: at GUESTDIR, default /mnt/TAG;
                                      the other keys: docs/VIRTIOFS.md)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
-  --plugin KIND[,key=value...]       any installed krun-plugin-KIND
+  --plugin KIND[,key=value...][,file.NAME=PATH...][,file-rw.NAME=PATH...]
+                                     any installed krun-plugin-KIND; krun-core opens
+                                     each PATH (read-only, or read-write) and hands it
+                                     to the plugin as file NAME
   --vhost-user type=blk|fs|net|TYPE_ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG][,reconnect=SECONDS]
                                      an external back-end (qemu-storage-daemon,
                                      virtiofsd, vhost-device-*, krun-core serve);

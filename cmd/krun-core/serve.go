@@ -48,7 +48,10 @@ DEVICE is exactly one of:
          [,xattr=on|off][,workers=N]
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
                                                     vhost-user-net via passt (krun-plugin-net-passt)
-  --plugin KIND[,key=value...]                      any krun-plugin-KIND, options passed as given
+  --plugin KIND[,key=value...][,file.NAME=PATH...][,file-rw.NAME=PATH...]
+                                                    any krun-plugin-KIND, options passed as given;
+                                                    each PATH opened by krun-core (read-only, or
+                                                    read-write) and handed over as file NAME
 
 A comma inside a value is written twice (path=a,,b.img), as in QEMU.
 

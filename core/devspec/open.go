@@ -191,26 +191,31 @@ func KernelStateFS(fsType int64) (string, bool) {
 	return name, ok
 }
 
-// openFile opens path for a plugin. It never blocks on a FIFO (O_NONBLOCK
+// openFile opens path for a plugin (openAs). It never blocks on a FIFO (O_NONBLOCK
 // while opening, cleared after the type check) and accepts only regular
 // files and block devices (or, with dir, only directories).
 func openFile(what, path string, write, dir bool) (*os.File, error) {
-	flags := unix.O_CLOEXEC | unix.O_NONBLOCK
+	flags := unix.O_RDONLY
 	switch {
 	case dir:
-		flags |= unix.O_RDONLY | unix.O_DIRECTORY
+		flags |= unix.O_DIRECTORY
 	case write:
-		flags |= unix.O_RDWR
-	default:
-		flags |= unix.O_RDONLY
+		flags = unix.O_RDWR
 	}
-	fd, err := unix.Open(path, flags, 0)
+	if dir {
+		return openAs(what, path, flags, "a directory", unix.S_IFDIR)
+	}
+	return openAs(what, path, flags, "a regular file or block device", unix.S_IFREG, unix.S_IFBLK)
+}
+
+// openAs opens path with flags (O_CLOEXEC added), without blocking on a
+// FIFO or taking a terminal, and refuses it unless its type is one of
+// types (want names them) and it is outside the kernel's state.
+func openAs(what, path string, flags int, want string, types ...uint32) (*os.File, error) {
+	fd, err := unix.Open(path, flags|unix.O_CLOEXEC|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
 	if err != nil {
-		if dir && errors.Is(err, unix.ENOTDIR) {
-			return nil, fmt.Errorf("%s %q is not a directory", what, path)
-		}
-		if !dir && errors.Is(err, unix.EISDIR) {
-			return nil, fmt.Errorf("%s %q is not a regular file or block device", what, path)
+		if errors.Is(err, unix.ENOTDIR) && flags&unix.O_DIRECTORY != 0 || errors.Is(err, unix.EISDIR) {
+			return nil, fmt.Errorf("%s %q is not %s", what, path, want)
 		}
 		return nil, fmt.Errorf("%s: %w", what, &os.PathError{Op: "open", Path: path, Err: err})
 	}
@@ -219,15 +224,8 @@ func openFile(what, path string, write, dir bool) (*os.File, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("%s: %w", what, &os.PathError{Op: "stat", Path: path, Err: err})
 	}
-	mode := st.Mode & unix.S_IFMT
-	switch {
-	case dir && mode == unix.S_IFDIR, !dir && (mode == unix.S_IFREG || mode == unix.S_IFBLK):
-	default:
+	if !slices.Contains(types, st.Mode&unix.S_IFMT) {
 		unix.Close(fd)
-		want := "a regular file or block device"
-		if dir {
-			want = "a directory"
-		}
 		return nil, fmt.Errorf("%s %q is not %s", what, path, want)
 	}
 	var sfs unix.Statfs_t

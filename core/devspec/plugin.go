@@ -2,20 +2,50 @@ package devspec
 
 import (
 	"fmt"
+	"os"
+	"slices"
 	"sort"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // PluginSpec is a parsed --plugin option string for a third-party plugin:
 //
-//	KIND[,key=value...]
+//	KIND[,key=value...][,file.NAME=PATH...][,file-rw.NAME=PATH...]
 //
-// The options go to the plugin unchanged (it validates them); no files are
-// opened, so such a plugin gets only its vhost-user socket.
+// The options go to the plugin unchanged (it validates them). The files
+// are the user's to give: krun-core opens each PATH (read-only, or
+// read-write for file-rw; never created) and the plugin receives it as
+// file NAME; it opens nothing itself.
 type PluginSpec struct {
 	PluginKind string
 	Options    map[string]string
+	Files      []PluginFile
 }
+
+// PluginFile is a file the user hands a third-party plugin.
+type PluginFile struct {
+	Name  string // as the plugin sees it (Configure's files)
+	Path  string
+	Write bool // opened O_RDWR (file-rw.NAME), else O_RDONLY
+}
+
+// Prefixes of the --plugin keys that name files.
+const (
+	pluginFileKey   = "file."
+	pluginFileRWKey = "file-rw."
+)
+
+// MaxPluginFiles bounds the files one --plugin names.
+const MaxPluginFiles = 16
+
+// pluginFileTypes are what a plugin may be handed: a regular file, a block
+// or a character device (a hardware random source, a serial line). A
+// directory is not: the plugin's sandbox gives it no access below one.
+var pluginFileTypes = []uint32{unix.S_IFREG, unix.S_IFBLK, unix.S_IFCHR}
+
+const pluginFileWant = "a regular file or device"
 
 // ImageToolKind is the kind of krun-plugin-img, which serves `krun-core
 // img` over a protocol of its own: never a device.
@@ -42,12 +72,57 @@ func ParsePlugin(s string) (*PluginSpec, error) {
 		if !o.hasValue {
 			return nil, fmt.Errorf("%s is not key=value", printable(o.key))
 		}
+		if f, ok, err := pluginFile(o.key, o.value); ok || err != nil {
+			if err != nil {
+				return nil, err
+			}
+			if slices.ContainsFunc(p.Files, func(g PluginFile) bool { return g.Name == f.Name }) {
+				return nil, fmt.Errorf("file %s given twice", f.Name)
+			}
+			if len(p.Files) == MaxPluginFiles {
+				return nil, fmt.Errorf("more than %d files", MaxPluginFiles)
+			}
+			p.Files = append(p.Files, f)
+			continue
+		}
 		if _, dup := p.Options[o.key]; dup {
 			return nil, fmt.Errorf("%s given twice", printable(o.key+"="))
 		}
 		p.Options[o.key] = o.value
 	}
 	return p, nil
+}
+
+// pluginFile parses a file.NAME=PATH or file-rw.NAME=PATH item; ok is
+// false for any other key.
+func pluginFile(key, value string) (f PluginFile, ok bool, err error) {
+	name, found := strings.CutPrefix(key, pluginFileKey)
+	if !found {
+		if name, found = strings.CutPrefix(key, pluginFileRWKey); !found {
+			return f, false, nil
+		}
+		f.Write = true
+	}
+	if !validFileName(name) {
+		return f, true, fmt.Errorf("%s: the file's name after the dot: want 1-64 characters of a-z, 0-9, '-', '_' and '.'", printable(key+"="))
+	}
+	if value == "" {
+		return f, true, fmt.Errorf("%s: no path", printable(key+"="))
+	}
+	f.Name, f.Path = name, value
+	return f, true, nil
+}
+
+func validFileName(n string) bool {
+	if n == "" || len(n) > 64 {
+		return false
+	}
+	for _, c := range []byte(n) {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 func validKind(k string) bool {
@@ -77,14 +152,57 @@ func (p *PluginSpec) String() string {
 	for _, k := range keys {
 		fmt.Fprintf(&b, ",%s=%s", escape(k), escape(p.Options[k]))
 	}
+	for _, f := range p.Files {
+		key := pluginFileKey
+		if f.Write {
+			key = pluginFileRWKey
+		}
+		fmt.Fprintf(&b, ",%s%s=%s", key, f.Name, escape(f.Path))
+	}
 	return b.String()
 }
 
-// Open opens nothing: it returns the options.
-func (p *PluginSpec) Open(OpenOptions) (*Opened, error) {
+// open opens f as Open does.
+func (f PluginFile) open() (*os.File, error) {
+	flags := unix.O_RDONLY
+	if f.Write {
+		flags = unix.O_RDWR
+	}
+	return openAs("file "+f.Name, f.Path, flags, pluginFileWant, pluginFileTypes...)
+}
+
+// Open opens the files the user named (read-only, or read-write for
+// file-rw; a regular file or a device, never created) and returns them
+// with the options.
+func (p *PluginSpec) Open(OpenOptions) (_ *Opened, err error) {
 	opts := make(map[string]string, len(p.Options))
 	for k, v := range p.Options {
 		opts[k] = v
 	}
-	return &Opened{Kind: p.PluginKind, Options: opts}, nil
+	o := &Opened{Kind: p.PluginKind, Options: opts}
+	defer func() {
+		if err != nil {
+			o.Close()
+		}
+	}()
+	for _, f := range p.Files {
+		fh, err := f.open()
+		if err != nil {
+			return nil, err
+		}
+		o.add(f.Name, fh)
+	}
+	return o, nil
+}
+
+// Check opens the files as Open does and closes them.
+func (p *PluginSpec) Check() error {
+	for _, f := range p.Files {
+		fh, err := f.open()
+		if err != nil {
+			return err
+		}
+		fh.Close()
+	}
+	return nil
 }

@@ -2,9 +2,9 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"sync/atomic"
 
 	hclog "github.com/hashicorp/go-hclog"
@@ -23,13 +23,21 @@ const maxRequest = 64 << 10
 // entropy is a virtio-rng device: one request queue of device-writable
 // buffers, no config space, no feature bits (virtio 1.2, section 5.4).
 type entropy struct {
-	zero bool
-	log  hclog.Logger
+	src io.Reader // where the bytes come from
+	log hclog.Logger
 
 	requests, bytes, empty atomic.Uint64
 }
 
-func newEntropy(zero bool, log hclog.Logger) *entropy { return &entropy{zero: zero, log: log} }
+func newEntropy(src io.Reader, log hclog.Logger) *entropy { return &entropy{src: src, log: log} }
+
+// zeros reads as an endless run of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
 
 func (d *entropy) Info() backend.DeviceInfo {
 	return backend.DeviceInfo{Type: DeviceTypeEntropy, NumQueues: 1, MaxQueueSize: 256}
@@ -84,13 +92,17 @@ func (d *entropy) handle(c *virtq.Chain) (uint32, error) {
 	var buf [4096]byte
 	for c.RemainingWrite() > 0 && c.Written() < maxRequest {
 		p := buf[:min(uint64(len(buf)), c.RemainingWrite(), uint64(maxRequest-c.Written()))]
-		if d.zero {
-			clear(p)
-		} else if _, err := rand.Read(p); err != nil {
-			return c.Written(), fmt.Errorf("random source: %w", err)
+		n, err := d.src.Read(p)
+		if n > 0 {
+			if _, err := c.Write(p[:n]); err != nil {
+				return c.Written(), err
+			}
 		}
-		if _, err := c.Write(p); err != nil {
-			return c.Written(), err
+		if err == io.EOF || n == 0 && err == nil {
+			break // a file's end: the guest gets what there was
+		}
+		if err != nil {
+			return c.Written(), fmt.Errorf("entropy source: %w", err)
 		}
 	}
 	written := c.Written()

@@ -1,7 +1,9 @@
 // Command krun-plugin-null is an example third-party krun-core device
 // plugin: a virtio entropy device (virtio device ID 4, "virtio-rng") whose
-// bytes come from the kernel's random source, or are all zero with
-// fill=zero (handy for tests).
+// bytes come from the kernel's random source, are all zero with fill=zero
+// (handy for tests), or come from a file the user hands it with
+// fill=file: --plugin null,fill=file,file.source=/dev/hwrng (krun-core
+// opens the file; the plugin cannot open anything).
 //
 // Build it static and install it next to krun-core (or in $KRUN_PLUGIN_DIR):
 //
@@ -13,6 +15,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"os"
 
@@ -35,22 +38,33 @@ func (nullPlugin) Policy(map[string]int) sandbox.Policy {
 	return sandbox.Policy{Kind: "null", Syscalls: sandbox.ProfileNet}
 }
 
-// Configure takes one option, fill=random|zero, and no files.
+// Configure takes one option, fill=random|zero|file, and with fill=file
+// one file, source, to read the bytes from.
 func (nullPlugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
 	if err := pluginsdk.CheckOptions(opts, "fill"); err != nil {
 		return nil, err
 	}
-	if len(files) != 0 {
-		return nil, fmt.Errorf("the null device takes no files, got %d", len(files))
+	known := []string{}
+	if opts["fill"] == "file" {
+		known = append(known, "source")
+	}
+	if extra := pluginsdk.UnknownFiles(files, known...); len(extra) > 0 {
+		return nil, fmt.Errorf("file %s: the null device takes a file only with fill=file, and only source", extra[0])
 	}
 	fill := opts["fill"]
 	switch fill {
 	case "", "random":
-		return newEntropy(false, log), nil
+		return newEntropy(rand.Reader, log), nil
 	case "zero":
-		return newEntropy(true, log), nil
+		return newEntropy(zeros{}, log), nil
+	case "file":
+		src := files["source"]
+		if src == nil {
+			return nil, fmt.Errorf("fill=file needs the file to read: file.source=PATH")
+		}
+		return newEntropy(src, log), nil
 	}
-	return nil, fmt.Errorf("option fill=%q: want random or zero", fill)
+	return nil, fmt.Errorf("option fill=%q: want random, zero or file", fill)
 }
 
 func main() { pluginsdk.Serve(nullPlugin{}) }

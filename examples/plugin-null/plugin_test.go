@@ -18,6 +18,7 @@ import (
 	hclog "github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/pluginsdk"
 	"github.com/krun-core/krun-core/sandbox"
@@ -75,14 +76,16 @@ func socketPair(t *testing.T) (plugin, guest *os.File) {
 	return os.NewFile(uintptr(fds[0]), "plugin-end"), os.NewFile(uintptr(fds[1]), "guest-end")
 }
 
-// launch starts krun-plugin-null on sock, configured with opts.
-func launch(t *testing.T, sock *os.File, sandboxed bool, opts map[string]string) (*pluginhost.Plugin, *logSink) {
+// launch starts krun-plugin-null on sock, configured with opts and
+// handed files.
+func launch(t *testing.T, sock *os.File, sandboxed bool, opts map[string]string, files ...pluginhost.NamedFile) (*pluginhost.Plugin, *logSink) {
 	t.Helper()
 	logs := &logSink{}
 	cfg := pluginhost.Config{
 		Kind:      "null",
 		PluginDir: pluginDir,
 		Socket:    sock,
+		Files:     files,
 		Logger:    hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug}),
 	}
 	if sandboxed {
@@ -216,6 +219,52 @@ func TestEntropyOverConnectedSocket(t *testing.T) {
 	}
 }
 
+// TestEntropyFromAFile: a file the user names on --plugin
+// (file.source=PATH) is opened by krun-core (devspec) and handed to the
+// sandboxed plugin, which serves its bytes; the plugin itself cannot open
+// anything.
+func TestEntropyFromAFile(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "seed")
+	want := bytes.Repeat([]byte("krun-core entropy from a file "), 100)
+	if err := os.WriteFile(src, want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	spec, err := devspec.ParsePlugin("null,fill=file,file.source=" + src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opened, err := spec.Open(devspec.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer opened.Close()
+	var files []pluginhost.NamedFile
+	for _, f := range opened.Files {
+		files = append(files, pluginhost.NamedFile{Name: f.Name, File: f.File})
+	}
+	pluginEnd, guestEnd := socketPair(t)
+	defer guestEnd.Close()
+	p, _ := launch(t, pluginEnd, true, opened.Options, files...)
+	pluginEnd.Close()
+	c, err := frontend.NewFromFile(guestEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := testguest.Start(c, testguest.Options{QueueSize: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	got := fetch(t, g, 1024)
+	got = append(got, fetch(t, g, 4096)...) // the rest: the file ends first
+	if !bytes.Equal(got, want) {
+		t.Errorf("the device served %d bytes, not the file's %d", len(got), len(want))
+	}
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestEntropyListeningReconnect serves a listening socket, as
 // `krun-core serve` does: a front-end disconnects and connects again.
 func TestEntropyListeningReconnect(t *testing.T) {
@@ -257,7 +306,8 @@ func TestConfigureErrors(t *testing.T) {
 		want string
 	}{
 		{map[string]string{"size": "1"}, `plugin null: Configure: unknown option "size" (want fill)`},
-		{map[string]string{"fill": "ones"}, `plugin null: Configure: option fill="ones": want random or zero`},
+		{map[string]string{"fill": "ones"}, `plugin null: Configure: option fill="ones": want random, zero or file`},
+		{map[string]string{"fill": "file"}, `plugin null: Configure: fill=file needs the file to read: file.source=PATH`},
 	}
 	for _, tc := range tests {
 		pluginEnd, guestEnd := socketPair(t)
@@ -284,7 +334,7 @@ func TestConfigureErrors(t *testing.T) {
 // TestHandle drives the device's request handler directly with hostile
 // chains: no writable buffer, a huge buffer (capped).
 func TestHandleWithoutWritable(t *testing.T) {
-	d := newEntropy(true, hclog.NewNullLogger())
+	d := newEntropy(zeros{}, hclog.NewNullLogger())
 	var c virtq.Chain
 	n, err := d.handle(&c)
 	if n != 0 || !errors.Is(err, errNoWritable) {
