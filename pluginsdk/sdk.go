@@ -216,6 +216,7 @@ func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) 
 		}
 		return fail(codes.Internal, err) // NewServer's errors name the device
 	}
+	bs.RingFailed = s.ringFailed
 	di := dev.Info()
 	cfg := readConfigSpace(dev)
 	s.dev, s.backend = dev, bs
@@ -307,6 +308,18 @@ func (s *server) Start(_ context.Context, req *pluginpb.StartRequest) (*pluginpb
 		close(s.done)
 	}()
 	return &pluginpb.StartResponse{}, nil
+}
+
+// ringFailed reports the plugin failed once one of its rings failed: the
+// ring serves nothing more, and the guest's requests on it would wait for
+// good. The host then restarts the plugin (the requests in flight are
+// replayed) or fails the device.
+func (s *server) ringFailed(queue int, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state == pluginpb.HealthResponse_STATE_SERVING {
+		s.state, s.err = pluginpb.HealthResponse_STATE_FAILED, fmt.Errorf("queue %d failed: %w", queue, err)
+	}
 }
 
 func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.StatsResponse, error) {

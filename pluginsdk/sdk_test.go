@@ -338,3 +338,35 @@ func TestUnknownFiles(t *testing.T) {
 		t.Fatalf("UnknownFiles = %v, want [aaa zzz]", got)
 	}
 }
+
+// TestRingFailureFailsHealth: a ring that fails on its own (a panic in the
+// device's Handle, a broken ring) serves nothing more, so Health says the
+// plugin failed, naming the queue, and the host restarts it or fails the
+// device. It went on saying SERVING, and the guest's requests waited for
+// good (from review, helper-79). Only a serving plugin turns failed.
+func TestRingFailureFailsHealth(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		from pluginpb.HealthResponse_State
+		want pluginpb.HealthResponse_State
+	}{
+		{"serving", pluginpb.HealthResponse_STATE_SERVING, pluginpb.HealthResponse_STATE_FAILED},
+		{"stopped", pluginpb.HealthResponse_STATE_STOPPED, pluginpb.HealthResponse_STATE_STOPPED},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := newTestServer(&fakePlugin{})
+			s.state = tc.from
+			s.ringFailed(1, errors.New("panic in ring processing: boom"))
+			r, err := s.Health(context.Background(), &pluginpb.HealthRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.State != tc.want {
+				t.Errorf("Health %v, want %v", r.State, tc.want)
+			}
+			if tc.want == pluginpb.HealthResponse_STATE_FAILED && r.Error != "queue 1 failed: panic in ring processing: boom" {
+				t.Errorf("Health error %q", r.Error)
+			}
+		})
+	}
+}

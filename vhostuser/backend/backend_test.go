@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -496,7 +497,10 @@ func TestMalformedChain(t *testing.T) {
 func TestRingFailures(t *testing.T) {
 	t.Run("panic in device", func(t *testing.T) {
 		dev := newTestDevice(1)
-		h := newHarness(t, dev)
+		failed := make(chan error, 1)
+		h := newHarness(t, dev, func(s *backend.Server) {
+			s.RingFailed = func(q int, err error) { failed <- fmt.Errorf("queue %d: %w", q, err) }
+		})
 		g, err := testguest.Start(h.client, testguest.Options{})
 		if err != nil {
 			t.Fatal(err)
@@ -509,6 +513,14 @@ func TestRingFailures(t *testing.T) {
 		postEcho(t, g, g.Rings[0], "panic now")
 		waitEventfd(t, errFD)
 		logContains(t, h, "panic in ring processing")
+		select {
+		case err := <-failed:
+			if !strings.Contains(err.Error(), "queue 0: ") {
+				t.Errorf("RingFailed got %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Error("RingFailed was not called for the failed ring")
+		}
 		if st := h.srv.Stats()[0]; st.Failures != 1 || st.Running {
 			t.Fatalf("stats %+v", st)
 		}

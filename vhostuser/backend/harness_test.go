@@ -313,7 +313,11 @@ func newLogger(buf *syncbuf.Buffer) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Name: "backend", Output: buf, Level: hclog.Debug})
 }
 
-func newHarness(t *testing.T, dev *testDevice) *harness { return newHarnessTB(t, dev) }
+// newHarness serves dev over a socket pair; configure, when given, sets
+// the server up before it serves.
+func newHarness(t *testing.T, dev *testDevice, configure ...func(*backend.Server)) *harness {
+	return newHarnessTB(t, dev, configure...)
+}
 
 // startGuest serves dev through a harness and starts a test guest on it
 // with opts; the guest is closed when the test ends. It returns the
@@ -329,12 +333,15 @@ func startGuest(t *testing.T, dev *testDevice, opts testguest.Options) (*harness
 	return h, g, g.Rings[0]
 }
 
-func newHarnessTB(t testing.TB, dev *testDevice) *harness {
+func newHarnessTB(t testing.TB, dev *testDevice, configure ...func(*backend.Server)) *harness {
 	t.Helper()
 	logs := &syncbuf.Buffer{}
 	srv, err := backend.NewServer(dev, newLogger(logs))
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, f := range configure {
+		f(srv)
 	}
 	fa, fb, err := vhostuser.SocketPair()
 	if err != nil {

@@ -38,6 +38,14 @@ type Server struct {
 	// Serve.
 	HandshakeTimeout, MessageTimeout time.Duration
 
+	// RingFailed, when set (before Serve), is called from the ring's
+	// goroutine when a ring fails on its own (a panic in the device's
+	// Handle, a broken ring), not when it is stopped: the ring then
+	// serves nothing until the front-end restarts it, and whoever runs
+	// the server may want to say so (pluginsdk reports the plugin
+	// failed, so that krun-core restarts it).
+	RingFailed func(queue int, err error)
+
 	serving sync.Mutex
 
 	// refused spaces the warnings about refused requests, one limiter per

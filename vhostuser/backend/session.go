@@ -888,6 +888,9 @@ func (sess *session) startWorker(r *ring) {
 		}
 		r.stats.failures.Add(1)
 		r.errFD.signal()
+		if f := sess.s.RingFailed; f != nil {
+			f(r.index, err)
+		}
 	}()
 }
 
