@@ -616,18 +616,33 @@ func waitEventfd(t *testing.T, f *os.File) {
 
 func TestNewServerRejectsBadInfo(t *testing.T) {
 	tests := []backend.DeviceInfo{
-		{NumQueues: 0},
-		{NumQueues: 257},
-		{NumQueues: 1, MaxQueueSize: 100},
-		{NumQueues: 1, MaxQueueSize: 65536},
-		{NumQueues: 1, ProtocolFeatures: vhostuser.ProtocolLogSHMFD},
-		{NumQueues: 1, Features: vhostuser.FeatureRingPacked},
+		{Type: 4, NumQueues: 0},
+		{Type: 4, NumQueues: 257},
+		{Type: 4, NumQueues: 1, MaxQueueSize: 100},
+		{Type: 4, NumQueues: 1, MaxQueueSize: 65536},
+		{Type: 4, NumQueues: 1, ProtocolFeatures: vhostuser.ProtocolLogSHMFD},
+		{Type: 4, NumQueues: 1, Features: vhostuser.FeatureRingPacked},
+		// From review (helper-79): no device, and transport features
+		// the framework does not implement (ACCESS_PLATFORM, bit 40
+		// RING_RESET) offered to the guest as the device's.
+		{Type: 0, NumQueues: 1},
+		{Type: 4, NumQueues: 1, Features: vhostuser.FeatureAccessPlatform},
+		{Type: 4, NumQueues: 1, Features: 1 << 40},
 	}
 	for _, info := range tests {
 		d := newTestDevice(1)
 		d.info = info
 		if _, err := backend.NewServer(d, nil); err == nil {
 			t.Errorf("NewServer accepted %+v", info)
+		}
+	}
+	// What a device may offer: its own bits (0 to 23, 42 and up) and the
+	// framework's.
+	for _, f := range []uint64{1 << 0, 1 << 23, 1 << 42, vhostuser.FeatureRingEventIdx | vhostuser.FeatureVersion1} {
+		d := newTestDevice(1)
+		d.info = backend.DeviceInfo{Type: 4, NumQueues: 1, Features: f}
+		if _, err := backend.NewServer(d, nil); err != nil {
+			t.Errorf("features %#x refused: %v", f, err)
 		}
 	}
 }

@@ -78,6 +78,12 @@ func NewServer(dev Device, log hclog.Logger) (*Server, error) {
 		log = hclog.NewNullLogger()
 	}
 	info := dev.Info()
+	if info.Type == 0 {
+		return nil, errors.New("device: type 0 is no device (virtio device IDs start at 1)")
+	}
+	if extra := info.Features & transportFeatures &^ FrameworkFeatures; extra != 0 {
+		return nil, fmt.Errorf("device: features %#x are transport features (bits 24 to 41) the back-end framework does not implement", extra)
+	}
 	if info.NumQueues < 1 || info.NumQueues > vhostuser.MaxQueues {
 		return nil, fmt.Errorf("device: %d queues, want 1..%d", info.NumQueues, vhostuser.MaxQueues)
 	}
@@ -108,6 +114,11 @@ func NewServer(dev Device, log hclog.Logger) (*Server, error) {
 		stats:    make([]counters, info.NumQueues),
 	}, nil
 }
+
+// transportFeatures are the feature bits reserved for the queue and
+// feature negotiation mechanisms (virtio 1.2, 6: bits 24 to 41), which the
+// framework, not a device, implements.
+const transportFeatures = uint64(1)<<42 - 1<<24
 
 // refusedLimiter is the limiter for warnings about refused requests of
 // code req.
