@@ -198,6 +198,21 @@ func (c LaunchConfig) Ungranted(p Policy) []string {
 	return out
 }
 
+// UnusedGrants returns the extra system calls the launcher grants
+// (ExtraSyscalls: the user's --plugin-syscalls) that p does not declare: a
+// grant the plugin never asked for is most likely a typo or meant for
+// another plugin, and it widens the launch filter for nothing.
+func (c LaunchConfig) UnusedGrants(p Policy) []string {
+	var out []string
+	for _, g := range c.ExtraSyscalls {
+		declared := slices.ContainsFunc(p.ExtraSyscalls, func(s Syscall) bool { return s.Name == g.Name })
+		if !declared && !slices.Contains(out, g.Name) {
+			out = append(out, g.Name)
+		}
+	}
+	return out
+}
+
 func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err error) {
 	log := c.logger()
 	disabled, err := normalizeDisabled(c.Disable)

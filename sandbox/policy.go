@@ -12,12 +12,15 @@ import (
 // Profile names a seccomp system-call set built from shared layers.
 type Profile string
 
-// The built-in profiles. Each is a union of layers (see Rules):
+// The built-in profiles. Each is a union of layers (see Rules); the ipc
+// layer has what vhost-user needs (sendmsg/recvmsg with descriptors,
+// eventfds, mmap of guest memory):
 //
 //	minimal: go-runtime + ipc
-//	net:     go-runtime + ipc + vhost-user
-//	block:   go-runtime + ipc + vhost-user + disk-io
-//	fs:      go-runtime + ipc + vhost-user + disk-io + fs-tree
+//	net:     go-runtime + ipc (the same set as minimal today; the net
+//	         plugin's name for it)
+//	block:   go-runtime + ipc + disk-io
+//	fs:      go-runtime + ipc + disk-io + fs-tree
 const (
 	ProfileMinimal Profile = "minimal"
 	ProfileNet     Profile = "net"

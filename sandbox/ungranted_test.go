@@ -34,3 +34,33 @@ func TestUngranted(t *testing.T) {
 		})
 	}
 }
+
+// TestUnusedGrants: a grant (--plugin-syscalls) the plugin's policy does
+// not declare is named, once (from review, helper-79: it was accepted
+// without a word).
+func TestUnusedGrants(t *testing.T) {
+	grant := func(names ...string) LaunchConfig {
+		c := LaunchConfig{Kind: "hello"}
+		for _, n := range names {
+			c.ExtraSyscalls = append(c.ExtraSyscalls, Syscall{Name: n, Reason: "granted"})
+		}
+		return c
+	}
+	declare := Policy{Kind: "hello", Syscalls: ProfileFS, ExtraSyscalls: []Syscall{{Name: "sysinfo", Reason: "r"}}}
+	tests := []struct {
+		name   string
+		launch LaunchConfig
+		want   []string
+	}{
+		{"no grant", grant(), nil},
+		{"granted and declared", grant("sysinfo"), nil},
+		{"granted, not declared", grant("sysinfo", "timerfd_create", "timerfd_create"), []string{"timerfd_create"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.launch.UnusedGrants(declare); !slices.Equal(got, tt.want) {
+				t.Errorf("UnusedGrants = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}

@@ -67,7 +67,10 @@ type (
 	}
 	// granter tells which extra system calls of a declared policy the
 	// launch filter refuses.
-	granter interface{ Ungranted(sandbox.Policy) []string }
+	granter interface {
+		Ungranted(sandbox.Policy) []string
+		UnusedGrants(sandbox.Policy) []string
+	}
 )
 
 // NamedFile is a resource handed to a plugin: fd 4 + its index, named in the
@@ -236,6 +239,10 @@ func (p *Plugin) checkDescription() error {
 			// Its own Restrict cannot widen the launch filter: say why
 			// those calls will fail, and how the user grants them.
 			p.log.Warn("the plugin declares system calls its launch filter does not grant; they fail with EPERM (krun-core grants them with --plugin-syscalls "+p.kind+"=NAME,...)",
+				"kind", p.kind, "syscalls", strings.Join(names, ","))
+		}
+		if names := g.UnusedGrants(p.policy); len(names) > 0 {
+			p.log.Warn("system calls granted to the plugin (--plugin-syscalls) that its policy does not declare; the grant widens its launch filter for nothing",
 				"kind", p.kind, "syscalls", strings.Join(names, ","))
 		}
 	}

@@ -211,8 +211,21 @@ func TestGrantedExtraSyscall(t *testing.T) {
 		if err := launchAndConfigure(t, cfg); err != nil {
 			t.Fatalf("a granted call failed: %v\n%s", err, logs)
 		}
-		if strings.Contains(logs.String(), "does not grant") {
+		if strings.Contains(logs.String(), "does not grant") || strings.Contains(logs.String(), "does not declare") {
 			t.Errorf("warned about a granted call:\n%s", logs)
+		}
+	})
+	t.Run("granted, not declared", func(t *testing.T) {
+		logs := &syncbuf.Buffer{}
+		cfg := reviewConfig(t, "extra", true, logs, hclog.Warn)
+		lc := cfg.Sandbox.(sandbox.LaunchConfig)
+		lc.ExtraSyscalls = []sandbox.Syscall{{Name: "sysinfo", Reason: "granted by the test"}, {Name: "timerfd_create", Reason: "a typo of the user's"}}
+		cfg.Sandbox = lc
+		if err := launchAndConfigure(t, cfg); err != nil {
+			t.Fatalf("launch: %v\n%s", err, logs)
+		}
+		if l := logs.String(); !strings.Contains(l, "does not declare") || !strings.Contains(l, "syscalls=timerfd_create") {
+			t.Errorf("a grant the plugin does not declare went without a word:\n%s", l)
 		}
 	})
 	t.Run("not granted", func(t *testing.T) {
