@@ -198,6 +198,18 @@ func (c LaunchConfig) Ungranted(p Policy) []string {
 	return out
 }
 
+// execPermitted reports whether a file of mode perm owned by fuid:fgid may
+// be executed by uid:gid without supplementary groups or capabilities.
+func execPermitted(perm os.FileMode, fuid, fgid uint32, uid, gid int) bool {
+	switch {
+	case int(fuid) == uid:
+		return perm&0o100 != 0
+	case int(fgid) == gid:
+		return perm&0o010 != 0
+	}
+	return perm&0o001 != 0
+}
+
 // UnusedGrants returns the extra system calls the launcher grants
 // (ExtraSyscalls: the user's --plugin-syscalls) that p does not declare: a
 // grant the plugin never asked for is most likely a typo or meant for
@@ -347,8 +359,16 @@ func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err erro
 			exe.Close()
 		}
 	}()
-	if fi, err := exe.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+	fi, err := exe.Stat()
+	if err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
 		return nil, fmt.Errorf("sandbox: plugin binary %s is not an executable regular file (%v)", cmd.Path, err)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && privileged && !execPermitted(fi.Mode().Perm(), st.Uid, st.Gid, uid, gid) {
+		// A root launcher runs the plugin as other ids, without
+		// supplementary groups: the file must be executable by them, or
+		// the exec fails in the trampoline with a bare EACCES.
+		return nil, fmt.Errorf("sandbox: plugin binary %s (mode %#o, owner %d:%d) is not executable by %d:%d, the ids the plugin runs as; make it executable by them (mode 0755)",
+			cmd.Path, fi.Mode().Perm(), st.Uid, st.Gid, uid, gid)
 	}
 	if !slices.Contains(disabled, LayerRoot) {
 		// In the empty root an interpreter is nowhere to be found: say so

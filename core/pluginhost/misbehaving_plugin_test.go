@@ -239,3 +239,32 @@ func TestGrantedExtraSyscall(t *testing.T) {
 		}
 	})
 }
+
+// TestPluginNotExecutableByItsIDs: a root krun-core runs plugins as other
+// ids (nobody); a plugin binary only root may execute (mode 0700) is
+// refused before anything starts, with its mode, owner and the plugin's
+// ids named. It failed in the trampoline with a bare "permission denied"
+// (from review, helper-79).
+func TestPluginNotExecutableByItsIDs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: only a root launcher runs plugins as ids other than its own")
+	}
+	logs := &syncbuf.Buffer{}
+	cfg := reviewConfig(t, "", true, logs, hclog.Warn)
+	b, err := os.ReadFile(filepath.Join(cfg.PluginDir, ExecutableName("bad")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.PluginDir = t.TempDir() // a copy: the built plugin is shared
+	if err := os.WriteFile(filepath.Join(cfg.PluginDir, ExecutableName("bad")), b, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Launch(cfg)
+	if err == nil {
+		p.Kill()
+		t.Fatal("a plugin binary of mode 0700 launched as nobody")
+	}
+	if !strings.Contains(err.Error(), "(mode 0700, owner 0:0) is not executable by 65534:65534") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("error %q, want one line naming the mode, the owner and the plugin's ids", err)
+	}
+}
