@@ -268,3 +268,15 @@ func TestPluginNotExecutableByItsIDs(t *testing.T) {
 		t.Errorf("error %q, want one line naming the mode, the owner and the plugin's ids", err)
 	}
 }
+
+// TestPluginWritesToStdout: a plugin that prints to stdout before its
+// handshake line (a print in its main) is told so, with the line, and
+// that stdout is go-plugin's handshake channel; go-plugin's own words,
+// "Unrecognized remote plugin message", did not say what to fix (from
+// review, helper-79).
+func TestPluginWritesToStdout(t *testing.T) {
+	err := launchAndConfigure(t, reviewConfig(t, "stdout-init", false, &syncbuf.Buffer{}, hclog.Warn))
+	if err == nil || !strings.Contains(err.Error(), `the plugin wrote "hello from main" to stdout, which is go-plugin's handshake channel`) {
+		t.Errorf("error %v, want one that names the line and stdout's role", err)
+	}
+}
