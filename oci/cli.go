@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"runtime"
 	"sort"
@@ -443,7 +444,7 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	}()
 	stateMu.Lock()
 	c.Rec = Record{ID: id, Bundle: plan.Bundle, Rootfs: plan.Root, Created: time.Now().UTC(),
-		Annotations: spec.Annotations, Phase: phaseCreating, Cgroup: plan.Cgroup.Path}
+		Owner: ownerName(os.Geteuid()), Annotations: spec.Annotations, Phase: phaseCreating, Cgroup: plan.Cgroup.Path}
 	err = c.Save()
 	if err == nil {
 		err = writePlan(c.Dir, plan)
@@ -936,6 +937,15 @@ func cmdList(g *globals, args []string, env *Env) error {
 		return fmt.Errorf("list: --format %q (table or json)", *format)
 	}
 	return nil
+}
+
+// ownerName is list's OWNER of a container created by uid, as runc shows
+// it: the user's name, or "#UID" when it has none.
+func ownerName(uid int) string {
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		return u.Username
+	}
+	return "#" + strconv.Itoa(uid)
 }
 
 func cmdPs(g *globals, args []string, env *Env) error {

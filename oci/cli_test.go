@@ -557,6 +557,13 @@ func TestListPsFeaturesVersion(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.mustRun("list", "--format", "json")), &list); err != nil || len(list) != 1 || list[0].ID != "l1" {
 		t.Errorf("list: %v %+v", err, list)
 	}
+	// OWNER, as runc shows it: the creator's name (it was empty).
+	if len(list) == 1 && list[0].Owner != ownerName(os.Geteuid()) {
+		t.Errorf("list: owner %q, want %q", list[0].Owner, ownerName(os.Geteuid()))
+	}
+	if ownerName(0) != "root" || ownerName(1<<30) != "#1073741824" {
+		t.Errorf("owner of root %q, of an unknown uid %q", ownerName(0), ownerName(1<<30))
+	}
 	var pids []int
 	if err := json.Unmarshal([]byte(r.mustRun("ps", "--format", "json", "l1")), &pids); err != nil || len(pids) != 1 || pids[0] != readPid(t, pidFile) {
 		t.Errorf("ps: %v %v", err, pids)
