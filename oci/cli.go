@@ -730,9 +730,13 @@ func cmdKill(g *globals, args []string, env *Env) error {
 	case *sigFlag != "":
 		sigName = *sigFlag
 	}
-	sig, err := ParseSignal(sigName)
-	if err != nil {
-		return err
+	// Signal 0, as kill(2)'s and runc's: only the check that the
+	// container is there to signal.
+	var sig unix.Signal
+	if sigName != "0" {
+		if sig, err = ParseSignal(sigName); err != nil {
+			return err
+		}
 	}
 	c, err := g.store.Open(id)
 	if err != nil {
@@ -747,6 +751,9 @@ func cmdKill(g *globals, args []string, env *Env) error {
 		// runc's words, which containerd's shim looks for to tell a
 		// container that has ended from a failed kill.
 		return fmt.Errorf("cannot signal container %s: container not running (%s)", id, st)
+	}
+	if sig == 0 {
+		return nil
 	}
 	if sig == unix.SIGKILL {
 		// The VM goes with its monitor; plugins and passt follow it

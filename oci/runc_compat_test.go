@@ -166,3 +166,31 @@ func TestKillAllReachesExecs(t *testing.T) {
 	}
 	r.mustRun("delete", "--force", "ka")
 }
+
+// TestKillSignalZero: `runc kill ID 0` signals nothing and says whether
+// the container is there to signal: success while it is created or
+// running, runc's "container not running" once it has ended. krun-oci
+// refused 0 as an invalid signal.
+func TestKillSignalZero(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"sleep", "100"}, nil)
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	r.mustRun("create", "--bundle", b, "--pid-file", pidFile, "k0")
+	r.mustRun("kill", "k0", "0")
+	if st := r.state("k0"); st.Status != specs.StateCreated {
+		t.Errorf("after kill 0 of a created container: %s, want created", st.Status)
+	}
+	r.mustRun("start", "k0")
+	r.waitStatus("k0", specs.StateRunning)
+	r.mustRun("kill", "k0", "0")
+	if st := r.state("k0"); st.Status != specs.StateRunning {
+		t.Errorf("after kill 0: %s, want running", st.Status)
+	}
+	r.mustRun("kill", "k0", "KILL")
+	reap(t, readPid(t, pidFile))
+	r.waitStatus("k0", specs.StateStopped)
+	if _, e, code := r.run(nil, nil, "kill", "k0", "0"); code != 1 || !strings.Contains(e, "container not running") {
+		t.Errorf("kill 0 of a stopped container: exit %d, stderr %q", code, e)
+	}
+	r.mustRun("delete", "k0")
+}
