@@ -797,7 +797,8 @@ func (d *Device) resetBackendLocked() {
 	if err == nil || d.recoverLocked(err) {
 		return
 	}
-	d.log.Warn("device reset: the back-end did not reset its device state", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+	// The guest resets at will: spaced out, as its other warnings.
+	d.warnGuest("device reset: the back-end did not reset its device state", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
 }
 
 // BoundedStopper is implemented by a Backend whose ring-stop requests can

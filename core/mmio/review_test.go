@@ -2,7 +2,14 @@ package mmio
 
 import (
 	"encoding/binary"
+	"errors"
+	"strings"
 	"testing"
+	"time"
+
+	hclog "github.com/hashicorp/go-hclog"
+
+	"github.com/krun-core/krun-core/internal/syncbuf"
 )
 
 // TestConfigGenerationBeforeDriverOK: when the config space copy changes
@@ -42,5 +49,33 @@ func TestConfigGenerationBeforeDriverOK(t *testing.T) {
 				t.Fatalf("config changed under the driver without a new generation (%d): it reads the torn value %#x", gen0, v)
 			}
 		})
+	}
+}
+
+// resetRefuser is a back-end that refuses RESET_DEVICE.
+type resetRefuser struct{ *fakeBackend }
+
+func (resetRefuser) ResetDeviceWithin(time.Duration) error { return errors.New("RESET_DEVICE refused") }
+
+// TestRefusedResetWarningsSpacedOut: a guest that resets its device in a
+// loop against a back-end that refuses RESET_DEVICE gets its warning
+// logged spaced out, as its other warnings, not once per reset (from
+// review, helper-75).
+func TestRefusedResetWarningsSpacedOut(t *testing.T) {
+	var logs syncbuf.Buffer
+	var b *fakeBackend
+	r := newRig(t, func(c *Config) {
+		b = c.Backend.(*fakeBackend)
+		c.Backend = resetRefuser{b}
+		c.ResetBackend = true
+		c.Log = hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Warn})
+	})
+	for range 50 {
+		st := r.negotiate(featureVersion1)
+		r.wr(RegStatus, st|StatusDriverOK)
+		r.wr(RegStatus, 0) // reset
+	}
+	if n := strings.Count(logs.String(), "did not reset its device state"); n < 1 || n > 2 {
+		t.Errorf("%d warnings for 50 refused resets, want 1 (spaced out):\n%s", n, logs.String())
 	}
 }
