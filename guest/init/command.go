@@ -26,8 +26,11 @@ import (
 // reading stops after drainIdle without data, or drainMax in all. What the
 // command itself wrote is never cut: it sits in the pipe (at most its
 // capacity), a read of buffered data does not wait, and the time the host
-// takes to accept what was read (flow control: a slow reader of krun-core's
-// stdout) does not count against either limit.
+// takes to accept it (flow control: a slow reader of krun-core's stdout)
+// does not count against either limit. Only those bytes, the ones in the
+// pipe when the command exited, are owed that time: what a leftover
+// process writes after it is drained within drainMax, however slow the
+// host.
 const (
 	drainIdle = 500 * time.Millisecond
 	drainMax  = 5 * time.Second
@@ -38,26 +41,52 @@ type drainer struct {
 	mu    sync.Mutex
 	began time.Time // when the drain began
 	until time.Time // zero while the command runs
+	owed  int       // bytes still to deliver of those in f when it began
 }
 
 // start begins draining f.
 func (d *drainer) start(f *os.File, now time.Time) {
+	owed := buffered(f)
 	d.mu.Lock()
-	d.began, d.until = now, now.Add(drainMax)
+	d.began, d.until, d.owed = now, now.Add(drainMax), owed
 	d.mu.Unlock()
 	d.rearm(f)
 }
 
-// extend moves the overall limit by the time spent from t0 (at the
-// earliest, the start of the drain) until now waiting for the host.
-func (d *drainer) extend(t0 time.Time) {
+// buffered returns how many bytes f (a pipe or a pty master) holds unread.
+func buffered(f *os.File) int {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	rc.Control(func(fd uintptr) {
+		// TIOCINQ is FIONREAD, which pipes answer too.
+		if v, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil && v > 0 {
+			n = v
+		}
+	})
+	return n
+}
+
+// delivered accounts for n bytes handed to the host in a call that began
+// at t0 (read from f at about t0): the time the host took moves the
+// overall limit when the bytes were the command's own, those in f when
+// the drain began (or read before it), and not for a leftover process's
+// later output.
+func (d *drainer) delivered(n int, t0 time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.until.IsZero() {
 		return
 	}
-	if t0.Before(d.began) {
-		t0 = d.began
+	switch {
+	case t0.Before(d.began):
+		t0 = d.began // read before the drain: the command's
+	case d.owed > 0:
+		d.owed = max(d.owed-n, 0)
+	default:
+		return
 	}
 	if waited := time.Since(t0); waited > 0 {
 		d.until = d.until.Add(waited)
@@ -87,7 +116,7 @@ func pump(r *os.File, d *drainer, out func([]byte)) {
 		if n > 0 {
 			t0 := time.Now()
 			out(buf[:n])
-			d.extend(t0)
+			d.delivered(n, t0)
 			d.rearm(r)
 		}
 		if err != nil {

@@ -144,3 +144,44 @@ func TestDrainNotCutByASlowHost(t *testing.T) {
 		t.Errorf("delivered %d of the %d bytes in the pipe", n, total)
 	}
 }
+
+// TestDrainBoundedWithChattyOrphan: what a leftover process writes after
+// the command exited is drained within drainMax however slow the host is:
+// only the bytes in the pipe at the command's exit are owed the host's
+// time. Every write's time was given back, and a process that never
+// stopped writing kept the VM up for good (from review, helper-80).
+func TestDrainBoundedWithChattyOrphan(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits out drainMax (5 s); runs without -short")
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // the orphan: writes for good, its end never closed
+		defer w.Close()
+		buf := make([]byte, 4096)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			w.Write(buf)
+		}
+	}()
+	out := func([]byte) { time.Sleep(20 * time.Millisecond) } // a slow host
+	var d drainer
+	done := make(chan struct{})
+	go func() { pump(r, &d, out); close(done) }()
+	time.Sleep(100 * time.Millisecond)
+	d.start(r, time.Now()) // the command exits; the pipe is full
+	select {
+	case <-done:
+	case <-time.After(drainMax + 3*time.Second):
+		t.Fatalf("the drain did not end %v after the command's exit (drainMax %v)", drainMax+3*time.Second, drainMax)
+	}
+}
