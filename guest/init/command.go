@@ -125,10 +125,33 @@ func pump(r *os.File, d *drainer, out func([]byte)) {
 	}
 }
 
+// execIDs are the credentials the program is executed with, as the
+// kernel's permission checks see them: ids, supplementary groups, and
+// whether its effective capabilities override file permissions
+// (CAP_DAC_OVERRIDE: any x bit, any directory) or directory search
+// (CAP_DAC_READ_SEARCH). Root without capability sets overrides both.
+type execIDs struct {
+	uid, gid           uint32
+	groups             []uint32
+	override, readSrch bool
+}
+
+// idsOf returns the credentials of a program run as uid:gid with groups
+// and, when caps is not nil, its capability sets (an OCI process's);
+// without them root keeps its full set and any other user has none.
+func idsOf(uid, gid uint32, groups []uint32, caps *container.Capabilities) execIDs {
+	ids := execIDs{uid: uid, gid: gid, groups: groups, override: uid == 0, readSrch: uid == 0}
+	if caps != nil {
+		ids.override = slices.Contains(caps.Effective, "CAP_DAC_OVERRIDE")
+		ids.readSrch = ids.override || slices.Contains(caps.Effective, "CAP_DAC_READ_SEARCH")
+	}
+	return ids
+}
+
 // lookPath resolves the command like a shell inside the (already switched)
 // root: a name with a slash is taken relative to workdir, anything else is
 // searched in pathEnv. errNotFound and errNotExecutable give 127 and 126.
-func lookPath(file, pathEnv, workdir string, uid, gid uint32, groups []uint32) (string, error) {
+func lookPath(file, pathEnv, workdir string, ids execIDs) (string, error) {
 	check := func(p string) error {
 		st, err := os.Stat(p)
 		if err != nil {
@@ -137,13 +160,13 @@ func lookPath(file, pathEnv, workdir string, uid, gid uint32, groups []uint32) (
 			}
 			return err
 		}
-		if st.IsDir() || !executable(st, uid, gid, groups) {
+		if st.IsDir() || !executable(st, ids) {
 			return errNotExecutable
 		}
 		// The kernel also wants every directory on the way searchable
 		// by the user (execvp then goes on to the next PATH entry).
-		for d := filepath.Dir(p); uid != 0; d = filepath.Dir(d) {
-			if st, err := os.Stat(d); err != nil || permBits(st, uid, gid, groups)&0o1 == 0 {
+		for d := filepath.Dir(p); !ids.readSrch; d = filepath.Dir(d) {
+			if st, err := os.Stat(d); err != nil || permBits(st, ids)&0o1 == 0 {
 				return errNotExecutable
 			}
 			if d == "/" || d == "." {
@@ -179,32 +202,32 @@ func lookPath(file, pathEnv, workdir string, uid, gid uint32, groups []uint32) (
 	return "", firstErr
 }
 
-// executable reports whether st may be executed by uid/gid/groups (root:
-// by anyone with an execute bit set).
-func executable(st os.FileInfo, uid, gid uint32, groups []uint32) bool {
+// executable reports whether st may be executed with ids (overriding
+// file permissions: when any execute bit is set).
+func executable(st os.FileInfo, ids execIDs) bool {
 	mode := st.Mode()
 	if !mode.IsRegular() {
 		return false
 	}
-	if uid == 0 {
+	if ids.override {
 		return mode.Perm()&0o111 != 0
 	}
-	return permBits(st, uid, gid, groups)&0o1 != 0
+	return permBits(st, ids)&0o1 != 0
 }
 
 // permBits returns the permission bits (rwx, 0 to 7) of st's class that
-// applies to uid/gid/groups: owner, group or other.
-func permBits(st os.FileInfo, uid, gid uint32, groups []uint32) uint32 {
+// applies to ids: owner, group or other.
+func permBits(st os.FileInfo, ids execIDs) uint32 {
 	perm := uint32(st.Mode().Perm())
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok {
 		return perm & 0o7
 	}
-	if sys.Uid == uid {
+	if sys.Uid == ids.uid {
 		return perm >> 6 & 0o7
 	}
-	inGroup := sys.Gid == gid
-	for _, g := range groups {
+	inGroup := sys.Gid == ids.gid
+	for _, g := range ids.groups {
 		inGroup = inGroup || sys.Gid == g
 	}
 	if inGroup {
@@ -284,7 +307,11 @@ func launcherMain() {
 				pathEnv = v
 			}
 		}
-		p, err := lookPath(spec.Args[0], pathEnv, spec.Cwd, spec.UID, spec.GID, spec.Groups)
+		var caps *container.Capabilities
+		if spec.Extras != nil {
+			caps = spec.Extras.Capabilities
+		}
+		p, err := lookPath(spec.Args[0], pathEnv, spec.Cwd, idsOf(spec.UID, spec.GID, spec.Groups, caps))
 		if err != nil {
 			code := initconfig.StatusNotExecutable
 			if err == errNotFound {
@@ -390,7 +417,7 @@ func (in *initProc) runCommand() int {
 			in.stdio.writeStderr([]byte(fmt.Sprintf("krun-init: working directory %s: %s\n", cfg.Workdir, msg)))
 			return initconfig.StatusInitFailed
 		}
-		path, err := lookPath(cfg.Args[0], pathEnv, cfg.Workdir, cfg.UID, cfg.GID, cfg.AdditionalGIDs)
+		path, err := lookPath(cfg.Args[0], pathEnv, cfg.Workdir, idsOf(cfg.UID, cfg.GID, cfg.AdditionalGIDs, nil))
 		if err != nil {
 			code := initconfig.StatusNotExecutable
 			if err == errNotFound {

@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/krun-core/krun-core/guest/container"
 )
 
 func TestLookPath(t *testing.T) {
@@ -48,7 +50,7 @@ func TestLookPath(t *testing.T) {
 		{"./local", 4242, filepath.Join(dir, "local"), errNotExecutable}, // owner-only x bit
 	}
 	for _, tt := range tests {
-		got, err := lookPath(tt.file, path, dir, tt.uid, tt.uid, nil)
+		got, err := lookPath(tt.file, path, dir, idsOf(tt.uid, tt.uid, nil, nil))
 		if err != tt.err || (tt.want != "" && got != tt.want) {
 			t.Errorf("lookPath(%q, uid %d) = %q, %v; want %q, %v", tt.file, tt.uid, got, err, tt.want, tt.err)
 		}
@@ -81,20 +83,30 @@ func TestLookPathDirectorySearch(t *testing.T) {
 	os.Chmod(private, 0o700)
 	both := private + ":" + public
 	const user = 4242 // owns neither
+	// An OCI process of that user whose effective set overrides the
+	// directory check, as the kernel lets it (from review, helper-80).
+	search := &container.Capabilities{Effective: []string{"CAP_DAC_READ_SEARCH"}}
+	override := &container.Capabilities{Effective: []string{"CAP_DAC_OVERRIDE"}}
+	permittedOnly := &container.Capabilities{Permitted: []string{"CAP_DAC_OVERRIDE"}}
 	tests := []struct {
 		name, file, pathEnv string
 		uid                 uint32
+		caps                *container.Capabilities
 		want                string
 		err                 error
 	}{
-		{"root searches anything", "tool", both, 0, filepath.Join(private, "tool"), nil},
-		{"user skips the private directory", "tool", both, user, filepath.Join(public, "tool"), nil},
-		{"user names the private file", filepath.Join(private, "tool"), both, user, "", errNotExecutable},
-		{"only in the private directory", "tool", private, user, "", errNotExecutable},
+		{"root searches anything", "tool", both, 0, nil, filepath.Join(private, "tool"), nil},
+		{"user skips the private directory", "tool", both, user, nil, filepath.Join(public, "tool"), nil},
+		{"user names the private file", filepath.Join(private, "tool"), both, user, nil, "", errNotExecutable},
+		{"only in the private directory", "tool", private, user, nil, "", errNotExecutable},
+		{"user with CAP_DAC_READ_SEARCH", "tool", both, user, search, filepath.Join(private, "tool"), nil},
+		{"user with CAP_DAC_OVERRIDE", filepath.Join(private, "tool"), both, user, override, filepath.Join(private, "tool"), nil},
+		{"user with it permitted, not effective", "tool", both, user, permittedOnly, filepath.Join(public, "tool"), nil},
+		{"root without the capabilities", "tool", both, 0, &container.Capabilities{}, filepath.Join(private, "tool"), nil}, // owner
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := lookPath(tt.file, tt.pathEnv, "/", tt.uid, tt.uid, nil)
+			got, err := lookPath(tt.file, tt.pathEnv, "/", idsOf(tt.uid, tt.uid, nil, tt.caps))
 			if err != tt.err || (tt.want != "" && got != tt.want) {
 				t.Errorf("lookPath(%q, uid %d) = %q, %v; want %q, %v", tt.file, tt.uid, got, err, tt.want, tt.err)
 			}
