@@ -317,7 +317,7 @@ func (p *Process) startError(err error, took, timeout time.Duration) error {
 	if took >= timeout {
 		return fmt.Errorf("plugin %s: %w: %s did not complete the handshake within %v", p.kind, ErrHandshakeTimeout, p.path, timeout)
 	}
-	if line, ok := strings.CutPrefix(msg, unrecognized); ok {
+	if line, ok := strings.CutPrefix(msg, unrecognized); ok && !exited && strings.TrimSpace(line) != "" {
 		// A line of the plugin's own on stdout, go-plugin's handshake
 		// channel (a print in its init or main).
 		return fmt.Errorf("plugin %s: handshake: the plugin wrote %q to stdout, which is go-plugin's handshake channel (log to stderr or through the SDK's logger instead)", p.kind, oneLine(strings.TrimSpace(line)))
