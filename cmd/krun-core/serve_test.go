@@ -338,7 +338,7 @@ func TestServePluginRejectsOptions(t *testing.T) {
 			t.Errorf("error-level log line for an exit the host asked for: %q", l)
 		}
 	}
-	if len(ours) != 1 || ours[0] != `krun-core serve: plugin null: Configure: option fill="ones": want random or zero` {
+	if len(ours) != 1 || ours[0] != `krun-core serve: plugin null: Configure: option fill="ones": want random, zero or file` {
 		t.Errorf("serve's own lines: %q", ours)
 	}
 	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
