@@ -122,6 +122,22 @@ func launch(t *testing.T, sock *os.File, sandboxed bool, opts map[string]string,
 	return p, logs
 }
 
+// guestOn starts a test guest with 16-entry rings on the front-end end
+// of a socket pair; it is closed when the test ends.
+func guestOn(t *testing.T, guestEnd *os.File) *testguest.Guest {
+	t.Helper()
+	c, err := frontend.NewFromFile(guestEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := testguest.Start(c, testguest.Options{QueueSize: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	return g
+}
+
 // fetch posts one device-writable buffer of n bytes prefilled with 0xAA and
 // returns what the device wrote.
 func fetch(t *testing.T, g *testguest.Guest, n uint32) []byte {
@@ -174,15 +190,7 @@ func TestEntropyOverConnectedSocket(t *testing.T) {
 					t.Errorf("plugin not confined after Configure: %v", err)
 				}
 			}
-			c, err := frontend.NewFromFile(guestEnd)
-			if err != nil {
-				t.Fatal(err)
-			}
-			g, err := testguest.Start(c, testguest.Options{QueueSize: 16})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer g.Close()
+			g := guestOn(t, guestEnd)
 			got := fetch(t, g, 4096)
 			if len(got) != 4096 || !bytes.Equal(got, make([]byte, 4096)) {
 				t.Fatalf("fill=zero device wrote %d bytes, not all zero", len(got))
@@ -246,15 +254,7 @@ func TestEntropyFromAFile(t *testing.T) {
 	defer guestEnd.Close()
 	p, _ := launch(t, pluginEnd, true, opened.Options, files...)
 	pluginEnd.Close()
-	c, err := frontend.NewFromFile(guestEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := testguest.Start(c, testguest.Options{QueueSize: 16})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := guestOn(t, guestEnd)
 	got := fetch(t, g, 1024)
 	got = append(got, fetch(t, g, 4096)...) // the rest: the file ends first
 	if !bytes.Equal(got, want) {

@@ -114,12 +114,10 @@ func TestLookPathDirectorySearch(t *testing.T) {
 	}
 }
 
-// TestDrainNotCutByASlowHost: once the command has exited, what it wrote
-// into its pipe is delivered in full even when the host takes longer than
-// drainMax to accept it (a slow reader of krun-core's stdout): the time
-// spent waiting for the host does not count against the drain's limit.
-// It did, and the rest of the pipe was dropped (from review, helper-77).
-func TestDrainNotCutByASlowHost(t *testing.T) {
+// drainPipe returns a pipe for a drain test (skipped with -short: it waits
+// out drainMax); its read end is closed when the test ends.
+func drainPipe(t *testing.T) (r, w *os.File) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("waits out drainMax (5 s); runs without -short")
 	}
@@ -127,7 +125,17 @@ func TestDrainNotCutByASlowHost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
+	t.Cleanup(func() { r.Close() })
+	return r, w
+}
+
+// TestDrainNotCutByASlowHost: once the command has exited, what it wrote
+// into its pipe is delivered in full even when the host takes longer than
+// drainMax to accept it (a slow reader of krun-core's stdout): the time
+// spent waiting for the host does not count against the drain's limit.
+// It did, and the rest of the pipe was dropped (from review, helper-77).
+func TestDrainNotCutByASlowHost(t *testing.T) {
+	r, w := drainPipe(t)
 	const total = 96 << 10 // more than pump's 32 KiB read, less than a pipe
 	var got atomic.Int64
 	firstOut, release := make(chan struct{}), make(chan struct{})
@@ -163,14 +171,7 @@ func TestDrainNotCutByASlowHost(t *testing.T) {
 // time. Every write's time was given back, and a process that never
 // stopped writing kept the VM up for good (from review, helper-80).
 func TestDrainBoundedWithChattyOrphan(t *testing.T) {
-	if testing.Short() {
-		t.Skip("waits out drainMax (5 s); runs without -short")
-	}
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	r, w := drainPipe(t)
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() { // the orphan: writes for good, its end never closed
