@@ -435,6 +435,20 @@ func TestLaunchFilterDecisions(t *testing.T) {
 		{ProfileFS, "mkdirat", nil, allowed},
 		{ProfileNet, "mkdirat", nil, refused},
 	}
+	// The widest profile refuses the calls known from container escapes
+	// and kernel attack surface (a review of the sandbox, 2026-12-06).
+	for _, name := range []string{"bpf", "perf_event_open", "process_vm_readv", "process_vm_writev", "personality",
+		"unshare", "setns", "ptrace", "add_key", "request_key", "kexec_load", "init_module", "finit_module",
+		"open_by_handle_at", "name_to_handle_at", "pidfd_getfd", "mount", "fsopen", "open_tree", "move_mount",
+		"pivot_root", "chroot", "setuid", "setgid", "capset", "iopl", "ioperm", "quotactl", "swapon", "reboot",
+		"kcmp", "lookup_dcookie", "fanotify_init", "vmsplice", "memfd_secret"} {
+		cases = append(cases, struct {
+			profile Profile
+			name    string
+			args    []uint64
+			want    uint32
+		}{ProfileFS, name, nil, refused})
+	}
 	progs := map[Profile][]unix.SockFilter{}
 	for _, c := range cases {
 		prog, ok := progs[c.profile]
