@@ -67,6 +67,16 @@ func attackMain() int {
 		return true
 	}
 	switch mode {
+	case "nrflood":
+		// A refused call with a new number each time (x32 numbers have
+		// no name), to flood the launcher's log and grow its counts.
+		var refused uint64
+		for i := uint64(0); i < arg; i++ {
+			if _, err := sys(uintptr(x32SyscallBit | i)); err == unix.EPERM {
+				refused++
+			}
+		}
+		res.Values["refused"] = refused
 	case "memfd":
 		// A compromised block plugin (after Restrict) fills a memfd of its
 		// own: shmem pages, not counted by RLIMIT_DATA.
@@ -525,5 +535,26 @@ func TestKernelAtLeast(t *testing.T) {
 		if got := kernelAtLeast(tc.release, 5, 14); got != tc.want {
 			t.Errorf("kernelAtLeast(%q, 5, 14) = %v, want %v", tc.release, got, tc.want)
 		}
+	}
+}
+
+// TestUnnamedSyscallFloodLoggedSpacedOut: refused calls of numbers
+// without a name (x32 numbers, here 5000 different ones) share one log
+// count, so they are logged as one call is (the first few, then every
+// 1000th). Counted per number, each was a new log line and a new map
+// entry in krun-core (from review, helper-83).
+func TestUnnamedSyscallFloodLoggedSpacedOut(t *testing.T) {
+	const n = 5000
+	p := startAttack(t, "thirdparty", "nrflood", strconv.Itoa(n), LaunchConfig{}, nil)
+	res, ok := p.result(t)
+	if !ok {
+		t.Fatalf("no result: %s", p.stderr.String())
+	}
+	if res.Values["refused"] != n {
+		t.Fatalf("%d of %d calls refused with EPERM", res.Values["refused"], n)
+	}
+	time.Sleep(500 * time.Millisecond) // the supervisor's last lines
+	if lines := strings.Count(p.stderr.String(), "seccomp refused a system call"); lines < 1 || lines > 20 {
+		t.Errorf("%d log lines for %d refused calls of unnamed numbers", lines, n)
 	}
 }

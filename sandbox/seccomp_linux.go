@@ -167,6 +167,9 @@ const (
 // refusal is the only answer the launcher ever gives: the call fails with
 // EPERM and does not run. Flags stay 0: never
 // SECCOMP_USER_NOTIF_FLAG_CONTINUE.
+// unnamedSyscall is the count key of every refused number without a name.
+const unnamedSyscall = -1
+
 func refusal(id uint64) seccompNotifResp {
 	return seccompNotifResp{id: id, error: -int32(refusedErrno)}
 }
@@ -184,14 +187,18 @@ func supervise(l *os.File, kind string, log Logger) {
 	names := reverseNumbers(syscallNumbers())
 	counts := map[int32]uint64{}
 	handle := func(n *seccompNotif) {
-		counts[n.nr]++
-		c := counts[n.nr]
+		// Numbers without a name (x32, beyond the table, a foreign
+		// arch) share one count: a plugin could otherwise pick a new
+		// one for every call and get a line and a map entry each.
+		name, ok := names[n.nr]
+		key := n.nr
+		if !ok || n.arch != auditArch {
+			name, key = fmt.Sprintf("#%d", n.nr), unnamedSyscall
+		}
+		counts[key]++
+		c := counts[key]
 		if c > logFirst && c%logEvery != 0 {
 			return
-		}
-		name, ok := names[n.nr]
-		if !ok || n.arch != auditArch {
-			name = fmt.Sprintf("#%d", n.nr)
 		}
 		log.Warn("seccomp refused a system call", "plugin", kind, "syscall", name, "nr", n.nr, "pid", n.pid,
 			"args", fmt.Sprintf("%#x", n.args[:]), "count", c)

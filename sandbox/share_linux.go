@@ -134,6 +134,41 @@ func (c LaunchConfig) IDMapShare(dir *os.File) (*os.File, error) {
 	return mnt, nil
 }
 
+// CloneShare returns a detached copy of dir's mount tree rooted at dir
+// (open_tree with OPEN_TREE_CLONE and AT_RECURSIVE; nosuid, nodev, and
+// read-only with readOnly), for a plugin that cannot have an ID-mapped
+// mount of it. A path walk through the copy cannot leave it: ".." at its
+// root stays there. Landlock confines what a plugin opens below a
+// directory, but not stat, readlink, chmod, chown or utimes, which a walk
+// from a plain directory fd through ".." would reach anywhere on the host.
+// It needs CAP_SYS_ADMIN (a root krun-core); the caller falls back to the
+// plain directory without it.
+func CloneShare(dir *os.File, readOnly bool) (*os.File, error) {
+	rc, err := dir.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: mount of %s: %w", dir.Name(), err)
+	}
+	tree, oerr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) {
+		tree, oerr = unix.OpenTree(int(fd), "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH|unix.AT_RECURSIVE)
+	}); err != nil {
+		return nil, fmt.Errorf("sandbox: mount of %s: %w", dir.Name(), err)
+	}
+	if oerr != nil {
+		return nil, fmt.Errorf("sandbox: mount of %s: open_tree: %w", dir.Name(), oerr)
+	}
+	mnt := os.NewFile(uintptr(tree), dir.Name())
+	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}
+	if readOnly {
+		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
+	}
+	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &attr); err != nil {
+		mnt.Close()
+		return nil, fmt.Errorf("sandbox: mount of %s: mount_setattr: %w", dir.Name(), err)
+	}
+	return mnt, nil
+}
+
 // maxID is the largest id a mapping can name: (uid_t)-1 is never an id.
 const maxID = 1<<32 - 2
 

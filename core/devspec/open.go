@@ -348,6 +348,23 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 		o.add(devopts.FileDir, dir)
 		return o, nil
 	}
+	// plain hands over a detached copy of the directory's mounts where
+	// the host can make one (a root krun-core), else the directory:
+	// from a directory fd, ".." reaches the whole host for the calls
+	// Landlock does not confine (stat, chmod, chown, utimes).
+	plain := func() (*Opened, error) {
+		if c, err := sandbox.CloneShare(dir, f.ReadOnly); err == nil {
+			dir.Close()
+			dir = c
+			kept, err := dupFile(c)
+			if err != nil {
+				return nil, fmt.Errorf("shared directory %s: keep its mount: %w", f.Path, err)
+			}
+			o.kept = append(o.kept, kept)
+		}
+		o.add(devopts.FileDir, dir)
+		return o, nil
+	}
 	mnt, err := oo.Sandbox.IDMapShare(dir)
 	switch {
 	case err != nil:
@@ -356,11 +373,9 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 			oo.Log.Warn("no ID-mapped mount of a shared directory on this host: the plugin works in it with its own ids, so the guest can change only what they may and its new files are theirs",
 				"dir", f.Path, "plugin_ids", fmt.Sprintf("%d:%d", uid, gid), "error", err)
 		}
-		o.add(devopts.FileDir, dir)
-		return o, nil
+		return plain()
 	case mnt == nil: // the plugin runs with krun-core's ids
-		o.add(devopts.FileDir, dir)
-		return o, nil
+		return plain()
 	}
 	dir.Close()
 	dir = mnt
