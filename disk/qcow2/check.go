@@ -854,8 +854,10 @@ func (c *checker) checkRefStructs() {
 // singleMeta are the kinds of metadata that must be referenced exactly
 // once: nothing else may take their clusters for data or for an L2
 // table. (Snapshots may share L1 and L2 tables; the refcount structure is
-// checkRefStructs' business.)
-const singleMeta = metaHeader | metaL1 | metaSnapTable
+// checkRefStructs' business.) The bitmap directory and tables are among
+// them: a read-write open writes the directory (the in_use flag), which
+// would change a guest cluster or a snapshot's that shared it.
+const singleMeta = metaHeader | metaL1 | metaSnapTable | metaBitmapDir
 
 // twoKinds says whether a cluster marked k holds two kinds of metadata
 // at once; an L2 table that snapshots share is one kind.
