@@ -57,3 +57,38 @@ func TestBitmapDirSharedWithDataIsCorrupt(t *testing.T) {
 		t.Errorf("a bitmap directory that is also a guest data cluster passed the check")
 	}
 }
+
+// TestZeroFlagWhereNotAllowedIsCorrupt: bit 0 of an L2 entry (the zero
+// flag) in a version 2 image or one with extended L2 entries is a
+// corruption to the check, as to the reader. The check passed it, so img
+// verify did, and the first guest read under serve failed and set the
+// image's corrupt bit (from review, helper-82).
+func TestZeroFlagWhereNotAllowedIsCorrupt(t *testing.T) {
+	needQemu(t)
+	for _, tc := range []struct{ name, opts string }{
+		{"extended L2", "cluster_size=65536,extended_l2=on"},
+		{"version 2", "cluster_size=65536,compat=0.10"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "x.qcow2")
+			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", tc.opts, p, "4M")
+			qio(t, p, "write -P 0x11 0 64k")
+			l := readLayout(t, p)
+			l2 := int64(read64(t, p, l.l1) & l1OffsetMask)
+			entry := int64(8) // guest cluster 1
+			if tc.name == "extended L2" {
+				entry = 16 // 16-byte entries
+			}
+			patch64(t, p, l2+entry, 1)
+			f := openFile(t, p, true)
+			res, err := Check(f, RepairNone)
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Corruptions == 0 {
+				t.Errorf("the check passed an L2 zero flag the reader refuses: %v", res.Messages)
+			}
+		})
+	}
+}

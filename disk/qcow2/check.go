@@ -714,6 +714,11 @@ func (c *checker) walkL2(buf []byte, l1i uint64, active bool, next *uint64) {
 		if e&l2ReservedMask != 0 {
 			c.corrupt("found l2 entry with reserved bits set: %x", e)
 		}
+		if e&flagZero != 0 && (h.version < 3 || h.extendedL2()) {
+			// The reader refuses it (and marks the image corrupt): the
+			// bit is always 0 there (version 2, extended L2 entries).
+			c.corrupt("zero flag in L2 entry %#x not allowed in this image", e)
+		}
 		off := e & l2OffsetMask
 		if h.extendedL2() {
 			alloc, zero := uint32(bm), uint32(bm>>32)
