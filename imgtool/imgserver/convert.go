@@ -380,7 +380,13 @@ func (j *ImportJob) Run(ctx context.Context, progress ProgressFunc) (*imagepb.Pr
 		return nil, fmt.Errorf("size limit %d is too large for qcow2 with this cluster size (at most %d; use a larger --cluster-size)",
 			j.MaxSize, qcow2out.MaxVirtualSize(qs.w.ClusterSize()))
 	}
-	in := io.LimitReader(j.Input, j.MaxSize+1)
+	// The limit is on the image's virtual size, as img verify's: a qcow2
+	// image's rounds the content up to whole sectors.
+	limit := j.MaxSize
+	if _, ok := dst.(*qcow2Sink); ok {
+		limit &^= 511
+	}
+	in := io.LimitReader(j.Input, limit+1)
 	step := dst.chunk()
 	buf := make([]byte, step)
 	var total int64
@@ -389,7 +395,10 @@ func (j *ImportJob) Run(ctx context.Context, progress ProgressFunc) (*imagepb.Pr
 			return nil, err
 		}
 		n, err := io.ReadFull(in, buf)
-		if total+int64(n) > j.MaxSize {
+		if total+int64(n) > limit {
+			if limit != j.MaxSize {
+				return nil, fmt.Errorf("%w: more than %d bytes (a qcow2 image's size is whole 512-byte sectors, and %d rounds down to that)", ErrTooLarge, limit, j.MaxSize)
+			}
 			return nil, fmt.Errorf("%w: more than %d bytes", ErrTooLarge, j.MaxSize)
 		}
 		if n > 0 {
