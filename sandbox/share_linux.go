@@ -102,21 +102,6 @@ func (c LaunchConfig) IDMapShare(dir *os.File) (*os.File, error) {
 		return nil, fmt.Errorf("sandbox: user namespace for an ID-mapped mount: %w", err)
 	}
 	defer ns.Close()
-	rc, err := dir.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: ID-mapped mount of %s: %w", dir.Name(), err)
-	}
-	tree, oerr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) {
-		tree, oerr = unix.OpenTree(int(fd), "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH|unix.AT_RECURSIVE)
-	}); err != nil {
-		return nil, fmt.Errorf("sandbox: ID-mapped mount of %s: %w", dir.Name(), err)
-	}
-	if oerr != nil {
-		return nil, fmt.Errorf("sandbox: ID-mapped mount of %s: open_tree: %w", dir.Name(), oerr)
-	}
-	// Closing the last descriptor of a detached tree unmounts it.
-	mnt := os.NewFile(uintptr(tree), dir.Name())
 	attr := unix.MountAttr{
 		Attr_set:  unix.MOUNT_ATTR_IDMAP | unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV,
 		Userns_fd: uint64(ns.Fd()),
@@ -124,12 +109,34 @@ func (c LaunchConfig) IDMapShare(dir *os.File) (*os.File, error) {
 	if c.ReadOnlyDirs {
 		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY // the kernel refuses every write through it
 	}
-	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &attr); err != nil {
+	return cloneTree(dir, "ID-mapped mount", &attr)
+}
+
+// cloneTree returns a detached copy of dir's mount tree rooted at dir
+// (open_tree with OPEN_TREE_CLONE and AT_RECURSIVE) with attr set on it;
+// what names the mount in errors. Closing the last descriptor of a
+// detached tree unmounts it.
+func cloneTree(dir *os.File, what string, attr *unix.MountAttr) (*os.File, error) {
+	rc, err := dir.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %s of %s: %w", what, dir.Name(), err)
+	}
+	tree, oerr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) {
+		tree, oerr = unix.OpenTree(int(fd), "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH|unix.AT_RECURSIVE)
+	}); err != nil {
+		return nil, fmt.Errorf("sandbox: %s of %s: %w", what, dir.Name(), err)
+	}
+	if oerr != nil {
+		return nil, fmt.Errorf("sandbox: %s of %s: open_tree: %w", what, dir.Name(), oerr)
+	}
+	mnt := os.NewFile(uintptr(tree), dir.Name())
+	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, attr); err != nil {
 		mnt.Close()
-		if errors.Is(err, unix.EINVAL) {
+		if errors.Is(err, unix.EINVAL) && attr.Attr_set&unix.MOUNT_ATTR_IDMAP != 0 {
 			err = fmt.Errorf("%w (a file system here, or below, has no ID-mapped mounts)", err)
 		}
-		return nil, fmt.Errorf("sandbox: ID-mapped mount of %s: mount_setattr: %w", dir.Name(), err)
+		return nil, fmt.Errorf("sandbox: %s of %s: mount_setattr: %w", what, dir.Name(), err)
 	}
 	return mnt, nil
 }
@@ -144,29 +151,11 @@ func (c LaunchConfig) IDMapShare(dir *os.File) (*os.File, error) {
 // It needs CAP_SYS_ADMIN (a root krun-core); the caller falls back to the
 // plain directory without it.
 func CloneShare(dir *os.File, readOnly bool) (*os.File, error) {
-	rc, err := dir.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: mount of %s: %w", dir.Name(), err)
-	}
-	tree, oerr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) {
-		tree, oerr = unix.OpenTree(int(fd), "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH|unix.AT_RECURSIVE)
-	}); err != nil {
-		return nil, fmt.Errorf("sandbox: mount of %s: %w", dir.Name(), err)
-	}
-	if oerr != nil {
-		return nil, fmt.Errorf("sandbox: mount of %s: open_tree: %w", dir.Name(), oerr)
-	}
-	mnt := os.NewFile(uintptr(tree), dir.Name())
 	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}
 	if readOnly {
 		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
 	}
-	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &attr); err != nil {
-		mnt.Close()
-		return nil, fmt.Errorf("sandbox: mount of %s: mount_setattr: %w", dir.Name(), err)
-	}
-	return mnt, nil
+	return cloneTree(dir, "mount", &attr)
 }
 
 // maxID is the largest id a mapping can name: (uid_t)-1 is never an id.

@@ -348,19 +348,28 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 		o.add(devopts.FileDir, dir)
 		return o, nil
 	}
+	// useMount hands over mnt, a detached mount of the directory, instead
+	// of the directory; a copy is kept for a plugin launched again (the
+	// mount lives while a descriptor of it does).
+	useMount := func(mnt *os.File, what string) error {
+		dir.Close()
+		dir = mnt
+		kept, err := dupFile(mnt)
+		if err != nil {
+			return fmt.Errorf("shared directory %s: keep its %s: %w", f.Path, what, err)
+		}
+		o.kept = append(o.kept, kept)
+		return nil
+	}
 	// plain hands over a detached copy of the directory's mounts where
 	// the host can make one (a root krun-core), else the directory:
 	// from a directory fd, ".." reaches the whole host for the calls
 	// Landlock does not confine (stat, chmod, chown, utimes).
 	plain := func() (*Opened, error) {
 		if c, err := sandbox.CloneShare(dir, f.ReadOnly); err == nil {
-			dir.Close()
-			dir = c
-			kept, err := dupFile(c)
-			if err != nil {
-				return nil, fmt.Errorf("shared directory %s: keep its mount: %w", f.Path, err)
+			if err := useMount(c, "mount"); err != nil {
+				return nil, err
 			}
-			o.kept = append(o.kept, kept)
 		}
 		o.add(devopts.FileDir, dir)
 		return o, nil
@@ -377,13 +386,9 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	case mnt == nil: // the plugin runs with krun-core's ids
 		return plain()
 	}
-	dir.Close()
-	dir = mnt
-	kept, err := dupFile(mnt)
-	if err != nil {
-		return nil, fmt.Errorf("shared directory %s: keep its ID-mapped mount: %w", f.Path, err)
+	if err := useMount(mnt, "ID-mapped mount"); err != nil {
+		return nil, err
 	}
-	o.kept = append(o.kept, kept)
 	o.add(devopts.FileDir, mnt)
 	if oo.Sandbox.PluginSeesShareIDs() {
 		// Without a user namespace of its own the plugin sees the mount's
