@@ -8,14 +8,22 @@ import (
 	"github.com/krun-core/krun-core/guest/stdioframe"
 )
 
-// nopSink takes the command's frames and drops them; signals are
-// counted.
-type nopSink struct{ signals chan int }
+// recSink records what the host sends for the command: signals, window
+// sizes and STDIN_EOF (it closes eof); input is dropped.
+type recSink struct {
+	signals chan int
+	ws      chan [2]uint16
+	eof     chan struct{}
+}
 
-func (nopSink) stdin([]byte) error     { return nil }
-func (nopSink) stdinEOF()              {}
-func (nopSink) winsize(uint16, uint16) {}
-func (k nopSink) signal(sig int)       { k.signals <- sig }
+func newRecSink() *recSink {
+	return &recSink{signals: make(chan int, 4), ws: make(chan [2]uint16, 2), eof: make(chan struct{})}
+}
+
+func (k *recSink) stdin([]byte) error        { return nil }
+func (k *recSink) stdinEOF()                 { close(k.eof) }
+func (k *recSink) winsize(rows, cols uint16) { k.ws <- [2]uint16{rows, cols} }
+func (k *recSink) signal(sig int)            { k.signals <- sig }
 
 // TestSignalAll: a SIGNAL_ALL frame goes to every process (kill -1), not
 // to the command alone, and only once the command runs: before, it is
@@ -46,7 +54,7 @@ func TestSignalAll(t *testing.T) {
 		}
 	}
 	must(hw.WriteSignalAll(15)) // before the command: dropped
-	k := nopSink{signals: make(chan int, 4)}
+	k := newRecSink()
 	// The frame above is read before the sink is set: a CLOSE_ACK
 	// behind it says when.
 	must(hw.WriteFrame(stdioframe.CloseAck, nil))
@@ -76,17 +84,6 @@ func TestSignalAll(t *testing.T) {
 	}
 }
 
-// winsizeSink records window sizes and STDIN_EOF.
-type winsizeSink struct {
-	ws  chan [2]uint16
-	eof chan struct{}
-}
-
-func (k *winsizeSink) stdin([]byte) error        { return nil }
-func (k *winsizeSink) stdinEOF()                 { close(k.eof) }
-func (k *winsizeSink) winsize(rows, cols uint16) { k.ws <- [2]uint16{rows, cols} }
-func (k *winsizeSink) signal(int)                {}
-
 // TestWinsizeAroundStart: a window size that arrives as the command starts
 // is applied, whichever side of the start it lands on. readLoop kept it
 // after setSink had taken the kept one and before setSink closed started,
@@ -109,7 +106,7 @@ func TestWinsizeAroundStart(t *testing.T) {
 		fw := stdioframe.NewWriter(w)
 		fw.WriteWinsize(40, 120)
 		fw.WriteFrame(stdioframe.StdinEOF, nil)
-		k := &winsizeSink{ws: make(chan [2]uint16, 2), eof: make(chan struct{})}
+		k := newRecSink()
 		for range i % 200 { // vary where the start lands
 		}
 		s.setSink(k)
