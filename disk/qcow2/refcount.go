@@ -72,13 +72,38 @@ func (im *Image) refblockOffset(b uint64) (uint64, error) {
 	return off, nil
 }
 
-func (im *Image) loadRefblock(off uint64) (*table, error) {
+// loadRefblock returns refcount block b, which lies at off, from the cache
+// or the file.
+//
+// Nothing may use a cluster at or past the end of the image file (a
+// reference there is corruption, refused when followed), and every cluster
+// this Image allocates moves that end before its refcount is raised. So a
+// nonzero refcount read from the file for such a cluster is a leak, left by
+// a crash or put there by whoever made the image: it is dropped here, in
+// memory, and reaches the file with the block's next write-back. Trusting
+// it would let a small image send the allocator as far as the first zero
+// refcount (a full block of 1-bit refcounts covers 32 GiB of 64 KiB
+// clusters) and grow the file to there.
+func (im *Image) loadRefblock(b, off uint64) (*table, error) {
 	if t := im.rbc.get(off); t != nil {
 		return t, nil
 	}
 	buf := make([]byte, im.cs)
 	if _, err := readFullAt(im.f, buf, int64(off)); err != nil {
 		return nil, fmt.Errorf("read refcount block at %#x: %w", off, err)
+	}
+	if first := b * im.rbEntries; !im.extData && first+im.rbEntries > im.fileClusters {
+		var dropped uint64
+		for i := max(im.fileClusters, first) - first; i < im.rbEntries; i++ {
+			if getRC(buf, im.rcBits, i) != 0 {
+				setRC(buf, im.rcBits, i, 0)
+				dropped++
+			}
+		}
+		if dropped > 0 {
+			im.log.Warn("ignoring refcounts of clusters past the end of the image file (leaked)",
+				"refcount_block", b, "clusters", dropped)
+		}
 	}
 	return im.rbc.add(&table{off: off, buf: buf}), nil
 }
@@ -89,7 +114,7 @@ func (im *Image) refcount(c uint64) (uint64, error) {
 	if err != nil || off == 0 {
 		return 0, err
 	}
-	t, err := im.loadRefblock(off)
+	t, err := im.loadRefblock(c/im.rbEntries, off)
 	if err != nil {
 		return 0, err
 	}
@@ -111,7 +136,7 @@ func (im *Image) addRefcount(c uint64, delta int) error {
 	if off == 0 {
 		return corruptf("refcount of host cluster %d would drop below zero", c)
 	}
-	t, err := im.loadRefblock(off)
+	t, err := im.loadRefblock(c/im.rbEntries, off)
 	if err != nil {
 		return err
 	}
@@ -165,7 +190,7 @@ func (im *Image) nextZero(c uint64) (uint64, error) {
 		if err != nil || off == 0 {
 			return c, err
 		}
-		t, err := im.loadRefblock(off)
+		t, err := im.loadRefblock(b, off)
 		if err != nil {
 			return 0, err
 		}
@@ -284,6 +309,10 @@ func (im *Image) allocClusters(n uint64) (uint64, error) {
 func (im *Image) reserveRun(start, n uint64) error {
 	im.reserved = append(im.reserved, [2]uint64{start, n})
 	defer func() { im.reserved = im.reserved[:len(im.reserved)-1] }()
+	// The end moves first: loadRefblock drops refcounts past it.
+	if start+n > im.fileClusters {
+		im.fileClusters = start + n
+	}
 	for b := start / im.rbEntries; b <= (start+n-1)/im.rbEntries; b++ {
 		if err := im.ensureRefblock(b); err != nil {
 			return err
@@ -293,9 +322,6 @@ func (im *Image) reserveRun(start, n uint64) error {
 		if err := im.addRefcount(c, 1); err != nil {
 			return err
 		}
-	}
-	if start+n > im.fileClusters {
-		im.fileClusters = start + n
 	}
 	im.freeHint = start + n
 	return nil
