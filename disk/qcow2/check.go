@@ -41,6 +41,13 @@ type CheckResult struct {
 	FragmentedClusters int64
 	CompressedClusters int64
 
+	// SharedL2Tables counts the L2 tables that more than one entry of
+	// the active L1 table names. With refcounts and copied flags to
+	// match this is no corruption (qemu-img check accepts it), but a
+	// read-write Open refuses such an image (see sharedL2), so an upload
+	// gate must too.
+	SharedL2Tables int
+
 	// Messages describe each finding, one line each (bounded).
 	Messages []string
 }
@@ -771,6 +778,7 @@ func (c *checker) count() error {
 	if err := c.walkL1(h.l1Off, h.l1Size, true, nil); err != nil {
 		return err
 	}
+	c.res.SharedL2Tables = len(c.activeDups)
 	if c.memErr != nil {
 		return c.memErr
 	}

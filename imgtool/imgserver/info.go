@@ -159,8 +159,10 @@ func Check(f *os.File, format string, repair imagepb.Repair) (*imagepb.CheckResp
 // file or block device (whatever its first bytes look like); for qcow2 a
 // header and snapshot table that parse, no encryption, no external data
 // file, neither the corrupt nor the dirty bit, no corruption in the
-// metadata (leaked clusters are allowed: they only waste space) and, for an
-// image without a backing file, an Open of the whole image that succeeds.
+// metadata (leaked clusters are allowed: they only waste space), no L2
+// table named by two active L1 entries (a read-write open refuses it)
+// and, for an image without a backing file, an Open of the whole image
+// that succeeds.
 // Policies on size and backing file are the host's, on the returned info.
 func Verify(f *os.File, format string, log hclog.Logger) (*imagepb.VerifyResponse, error) {
 	fmtName, err := parseFormat(format)
@@ -208,6 +210,9 @@ func Verify(f *os.File, format string, log hclog.Logger) (*imagepb.VerifyRespons
 			}
 		}
 		return bad(info, "%d corruption(s) in the metadata%s", n, first)
+	}
+	if res.SharedL2Tables > 0 {
+		return bad(info, "%d L2 table(s) named by more than one entry of the active L1 table: the disk plugin does not write to such an image (img convert makes a copy without)", res.SharedL2Tables)
 	}
 	if in.BackingFile == "" {
 		d, err := dupFile(f)

@@ -147,6 +147,53 @@ func corruptRefcount(t *testing.T, path string, c int, v uint16) {
 	}
 }
 
+// aliasL1 makes L1 entry 1 of the image at p name L1 entry 0's L2 table,
+// as a hostile uploader would: the table and its data clusters get
+// refcount 2 and lose their copied flags, so the refcounts agree with the
+// references (16-bit refcounts, 64 KiB clusters, one refcount block).
+func aliasL1(t *testing.T, p string) {
+	t.Helper()
+	const copied = 1 << 63
+	f := open(t, p, os.O_RDWR)
+	hdr := make([]byte, 48)
+	if _, err := f.ReadAt(hdr, 0); err != nil {
+		t.Fatal(err)
+	}
+	l1Off := int64(binary.BigEndian.Uint64(hdr[40:]))
+	l1 := make([]byte, 16)
+	if _, err := f.ReadAt(l1, l1Off); err != nil {
+		t.Fatal(err)
+	}
+	e := binary.BigEndian.Uint64(l1) &^ copied
+	l2Off := e & 0x00fffffffffffe00
+	if l2Off == 0 || binary.BigEndian.Uint64(l1[8:]) != 0 {
+		t.Fatalf("L1 entries %#x: want one table named by entry 0 only", l1)
+	}
+	binary.BigEndian.PutUint64(l1, e)
+	binary.BigEndian.PutUint64(l1[8:], e)
+	if _, err := f.WriteAt(l1, l1Off); err != nil {
+		t.Fatal(err)
+	}
+	l2 := make([]byte, 65536)
+	if _, err := f.ReadAt(l2, int64(l2Off)); err != nil {
+		t.Fatal(err)
+	}
+	twice := []int{int(l2Off / 65536)}
+	for i := 0; i < len(l2); i += 8 {
+		if v := binary.BigEndian.Uint64(l2[i:]); v&0x00fffffffffffe00 != 0 {
+			binary.BigEndian.PutUint64(l2[i:], v&^copied)
+			twice = append(twice, int(v&0x00fffffffffffe00/65536))
+		}
+	}
+	if _, err := f.WriteAt(l2, int64(l2Off)); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	for _, c := range twice {
+		corruptRefcount(t, p, c, 2)
+	}
+}
+
 func TestCheckAndVerify(t *testing.T) {
 	dir := t.TempDir()
 	mk := func(name string, o qcow2.CreateOptions, damage func(string)) string {
@@ -177,6 +224,9 @@ func TestCheckAndVerify(t *testing.T) {
 	// The header cluster with refcount 0: corruption.
 	bad := mk("bad.qcow2", qcow2.CreateOptions{Size: 4 << 20}, func(p string) { corruptRefcount(t, p, 0, 0) })
 	backed := mk("backed.qcow2", qcow2.CreateOptions{Size: 4 << 20, BackingFile: "base.raw", BackingFormat: disk.Raw}, nil)
+	// Two L1 entries naming one L2 table, refcounts and copied flags to
+	// match: no corruption, but a read-write open refuses it.
+	aliased := mk("aliased.qcow2", qcow2.CreateOptions{Size: 1 << 30}, func(p string) { aliasL1(t, p) })
 	raw := filepath.Join(dir, "r.raw")
 	if err := os.WriteFile(raw, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
@@ -193,6 +243,7 @@ func TestCheckAndVerify(t *testing.T) {
 		{leak, "qcow2", false, true, true, "", false},
 		{bad, "qcow2", true, false, true, "corruption", false},
 		{backed, "qcow2", false, false, true, "", false},
+		{aliased, "qcow2", false, false, true, "named by more than one entry of the active L1 table", false},
 		{raw, "raw", false, false, false, "", false},
 		{raw, "qcow2", false, false, true, "not a valid qcow2 image", true},
 		{clean, "raw", false, false, false, "", false}, // a qcow2 file is a valid raw image
@@ -220,6 +271,12 @@ func TestCheckAndVerify(t *testing.T) {
 		if c.violation == "" && v.Info == nil {
 			t.Errorf("%s: Verify returned no info", name)
 		}
+	}
+
+	// What verify's refusal of the aliased image stands for.
+	if im, err := qcow2.Open(open(t, aliased, os.O_RDWR), qcow2.Options{Path: aliased}); err == nil {
+		im.Close()
+		t.Error("a read-write open accepted the aliased image; verify need not refuse it")
 	}
 
 	// Repair: leaks only writes the leak fix; the image is clean after.
