@@ -377,12 +377,107 @@ func (im *Image) decompress(ci *cinfo, dst []byte) error {
 
 type zstdDecoder struct{ d *zstd.Decoder }
 
+// decode inflates one cluster from src, which holds a zstd frame (skippable
+// frames before it allowed) and whatever follows it up to the end of the
+// compressed sectors. As in QEMU, the frame that fills the cluster must end
+// there: a frame whose content runs past the cluster is an I/O error, not
+// served cut.
 func (z *zstdDecoder) decode(src, dst []byte) error {
+	n, whole := zstdFrameLen(src)
+	if whole {
+		src = src[:n]
+	}
 	if err := z.d.Reset(bytes.NewReader(src)); err != nil {
 		return err
 	}
-	_, err := io.ReadFull(z.d, dst)
-	return err
+	if _, err := io.ReadFull(z.d, dst); err != nil {
+		return err
+	}
+	if !whole {
+		// The decoder will say what is wrong with the frame, if
+		// anything, when it needs the part that is missing.
+		return nil
+	}
+	var one [1]byte
+	if m, err := z.d.Read(one[:]); m > 0 || !errors.Is(err, io.EOF) {
+		return fmt.Errorf("the zstd frame holds more than one cluster (%v)", err)
+	}
+	return nil
+}
+
+// zstdFrameLen returns the length of the first zstd frame in src, any
+// skippable frames before it included (RFC 8878, 3.1), and whether src
+// holds all of it.
+func zstdFrameLen(src []byte) (int, bool) {
+	p := 0
+	need := func(n int) bool { return n >= 0 && len(src)-p >= n }
+	for {
+		if !need(4) {
+			return 0, false
+		}
+		magic := uint32(src[p]) | uint32(src[p+1])<<8 | uint32(src[p+2])<<16 | uint32(src[p+3])<<24
+		p += 4
+		if magic&^0xf == 0x184D2A50 {
+			if !need(4) {
+				return 0, false
+			}
+			size := int64(uint32(src[p]) | uint32(src[p+1])<<8 | uint32(src[p+2])<<16 | uint32(src[p+3])<<24)
+			p += 4
+			if int64(len(src)-p) < size {
+				return 0, false
+			}
+			p += int(size)
+			continue
+		}
+		if magic != 0xFD2FB528 || !need(1) {
+			return 0, false
+		}
+		fhd := src[p]
+		p++
+		single := fhd&0x20 != 0
+		hdr := [4]int{0, 1, 2, 4}[fhd&3] // dictionary ID
+		if !single {
+			hdr++ // window descriptor
+		}
+		switch fcs := fhd >> 6; {
+		case fcs == 0 && single:
+			hdr++
+		case fcs > 0:
+			hdr += 1 << fcs
+		}
+		if !need(hdr) {
+			return 0, false
+		}
+		p += hdr
+		for {
+			if !need(3) {
+				return 0, false
+			}
+			bh := int(src[p]) | int(src[p+1])<<8 | int(src[p+2])<<16
+			p += 3
+			size := bh >> 3
+			switch bh >> 1 & 3 {
+			case 1: // RLE: one byte repeated size times
+				size = 1
+			case 3:
+				return 0, false
+			}
+			if !need(size) {
+				return 0, false
+			}
+			p += size
+			if bh&1 != 0 {
+				break
+			}
+		}
+		if fhd&4 != 0 {
+			if !need(4) {
+				return 0, false
+			}
+			p += 4
+		}
+		return p, true
+	}
 }
 
 // maxZstdWindow is the largest zstd window a compressed cluster may
