@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -899,6 +900,12 @@ func (c *checker) checkOverlaps() {
 	}
 }
 
+// countBitmaps counts the references of the bitmap directory, the bitmap
+// tables and the clusters they name. Tables may overlap (a hostile image
+// can give all its 65535 bitmaps one table, or tables that start one
+// cluster apart and run to the end of the file): each byte of their union
+// is read once, and what it holds counted as often as tables cover it, so
+// the work is bounded by the file, not by bitmaps times table sizes.
 func (c *checker) countBitmaps() error {
 	bm := c.h.bitmaps
 	c.inc(bm.dirOff, bm.dirSize)
@@ -911,6 +918,12 @@ func (c *checker) countBitmaps() error {
 		c.corrupt("bitmap directory: %v", err)
 		return nil
 	}
+	// Where the tables start (+1) and end (-1).
+	type edge struct {
+		at uint64
+		d  int
+	}
+	var edges []edge
 	for _, be := range ents {
 		if be.tableOff%c.cs != 0 {
 			c.corrupt("bitmap %q: table offset %#x not aligned", be.name, be.tableOff)
@@ -923,19 +936,47 @@ func (c *checker) countBitmaps() error {
 			c.corrupt("bitmap %q: table at %#x of %d bytes exceeds the end of the file", be.name, be.tableOff, size)
 			continue
 		}
-		if err := c.spend(size); err != nil {
+		if size > 0 {
+			edges = append(edges, edge{be.tableOff, 1}, edge{be.tableOff + size, -1})
+		}
+	}
+	slices.SortFunc(edges, func(a, b edge) int { return cmp.Compare(a.at, b.at) })
+	defer func() { c.mult = 1 }()
+	cover := 0
+	var buf []byte
+	for i, e := range edges {
+		cover += e.d
+		if cover == 0 || i+1 == len(edges) || edges[i+1].at == e.at {
+			continue
+		}
+		// [e.at, next) is covered by cover tables. Tables start on
+		// cluster boundaries, so the tables that touch a cluster are
+		// those that cover its first byte: each cluster is counted in
+		// the stretch that holds its first byte.
+		next := edges[i+1].at
+		if err := c.spend(next - e.at); err != nil {
 			return err
 		}
-		c.inc(be.tableOff, size)
-		c.mark(be.tableOff, size, metaBitmapDir)
-		tab, err := readTableAt(c.f, be.tableOff, uint64(be.tableSize))
-		if err != nil {
-			return fmt.Errorf("read bitmap table: %w", err)
+		c.mult = uint64(cover)
+		for cl := divRoundUp(e.at, c.cs); cl*c.cs < next; cl++ {
+			c.inc(cl*c.cs, 1)
+			c.mark(cl*c.cs, 1, metaBitmapDir)
 		}
-		for _, e := range tab {
-			if off := e & l1OffsetMask; off != 0 {
-				c.inc(off, c.cs)
+		for off := e.at; off < next; {
+			n := min(next-off, 1<<20)
+			if uint64(cap(buf)) < n {
+				buf = make([]byte, n)
 			}
+			b := buf[:n]
+			if _, err := readFullAt(c.f, b, int64(off)); err != nil {
+				return fmt.Errorf("read bitmap table at %#x: %w", off, err)
+			}
+			for j := 0; j+8 <= len(b); j += 8 {
+				if o := be.Uint64(b[j:]) & l1OffsetMask; o != 0 {
+					c.inc(o, c.cs)
+				}
+			}
+			off += n
 		}
 	}
 	return nil
