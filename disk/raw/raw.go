@@ -44,6 +44,9 @@ type Disk struct {
 	noZeroRange atomic.Bool
 	noPunchHole atomic.Bool
 	noAllocate  atomic.Bool
+	// blockDev: a block device refuses a range not aligned to its
+	// logical sectors with EINVAL, which says nothing of later ranges.
+	blockDev bool
 }
 
 var _ disk.Disk = (*Disk)(nil)
@@ -91,7 +94,7 @@ func Open(f *os.File, opts Options) (*Disk, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("raw: image has negative size %d", size)
 	}
-	return &Disk{f: f, fd: fd, size: size, readOnly: opts.ReadOnly}, nil
+	return &Disk{f: f, fd: fd, size: size, readOnly: opts.ReadOnly, blockDev: st.Mode&unix.S_IFMT == unix.S_IFBLK}, nil
 }
 
 // Size is the image size in bytes at Open.
@@ -290,8 +293,7 @@ func (d *Disk) Discard(off, n int64) error {
 		return nil
 	}
 	err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
-	if isUnsupported(err) {
-		d.noPunchHole.Store(true)
+	if d.unsupported(err, &d.noPunchHole) {
 		return nil
 	}
 	if err != nil {
@@ -317,20 +319,18 @@ func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 		if err == nil {
 			return nil
 		}
-		if !isUnsupported(err) {
+		if !d.unsupported(err, &d.noPunchHole) {
 			return fmt.Errorf("raw: write zeroes (punch hole) [%d,+%d): %w", off, n, err)
 		}
-		d.noPunchHole.Store(true)
 	}
 	if !d.noZeroRange.Load() {
 		err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 		if err == nil {
 			return nil
 		}
-		if !isUnsupported(err) {
+		if !d.unsupported(err, &d.noZeroRange) {
 			return fmt.Errorf("raw: write zeroes (zero range) [%d,+%d): %w", off, n, err)
 		}
-		d.noZeroRange.Store(true)
 	}
 	if !unmap && !d.noPunchHole.Load() && !d.noAllocate.Load() {
 		// A hole reads back as zeroes, and allocating it again keeps
@@ -343,17 +343,15 @@ func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 			if err == nil {
 				return nil
 			}
-			if !isUnsupported(err) {
+			if !d.unsupported(err, &d.noAllocate) {
 				return fmt.Errorf("raw: write zeroes (allocate) [%d,+%d): %w", off, n, err)
 			}
 			// The hole reads as zeroes; writing them allocates it.
-			d.noAllocate.Store(true)
 			return d.writeZeroBytes(off, n)
 		}
-		if !isUnsupported(err) {
+		if !d.unsupported(err, &d.noPunchHole) {
 			return fmt.Errorf("raw: write zeroes (punch hole) [%d,+%d): %w", off, n, err)
 		}
-		d.noPunchHole.Store(true)
 	}
 	return d.writeZeroBytes(off, n)
 }
@@ -384,6 +382,20 @@ func (d *Disk) fallocate(mode uint32, off, n int64) error {
 
 func isUnsupported(err error) bool {
 	return err == unix.EOPNOTSUPP || err == unix.ENOSYS || err == unix.EINVAL
+}
+
+// unsupported reports whether err says a fallocate mode cannot do this
+// range, so that the caller falls back, and remembers it in off where it
+// says the file cannot do the mode at all: a block device's EINVAL is
+// about this range's alignment only.
+func (d *Disk) unsupported(err error, off *atomic.Bool) bool {
+	if !isUnsupported(err) {
+		return false
+	}
+	if !d.blockDev || err != unix.EINVAL {
+		off.Store(true)
+	}
+	return true
 }
 
 // Close closes the image file. It does not flush.
