@@ -334,6 +334,12 @@ func parseFlags(fs *flag.FlagSet, args []string, needID bool) (string, []string,
 type createOptions struct {
 	bundle, consoleSocket, pidFile string
 	preserveFDs                    int
+
+	// foreground is set by a run that waits: a terminal without a
+	// console socket is then a pty of krun-oci's own, relayed to the
+	// caller's terminal (console is what create made of it).
+	foreground bool
+	console    *hostConsole
 }
 
 func createFlags(name string, o *createOptions) *flag.FlagSet {
@@ -376,7 +382,7 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if err != nil {
 		return nil, err
 	}
-	if plan.Process.Terminal && o.consoleSocket == "" {
+	if plan.Process.Terminal && o.consoleSocket == "" && !o.foreground {
 		return nil, errors.New("process.terminal needs --console-socket (the terminal's master is handed there)")
 	}
 	if !plan.Process.Terminal && o.consoleSocket != "" {
@@ -455,7 +461,12 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	}
 	stdio := [3]*os.File{env.Stdin, env.Stdout, env.Stderr}
 	if plan.Process.Terminal {
-		slave, err := newConsole(o.consoleSocket, plan.Process.Rows, plan.Process.Cols)
+		var slave *os.File
+		if o.consoleSocket != "" {
+			slave, err = newConsole(o.consoleSocket, plan.Process.Rows, plan.Process.Cols)
+		} else {
+			o.console, slave, err = newHostConsole(env, plan.Process.Rows, plan.Process.Cols)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -843,7 +854,16 @@ func cmdRun(g *globals, args []string, env *Env) error {
 		signal.Notify(sigc, forwardedSignals...)
 		defer signal.Stop(sigc)
 	}
+	o.foreground = !*detach
 	monitor, err := create(g, id, &o, env)
+	if o.console != nil {
+		// Relayed from before start, so that nothing the command
+		// writes waits; the caller's terminal is restored at the end.
+		defer o.console.close(g.log)
+		if err == nil {
+			o.console.relay(g.log, env)
+		}
+	}
 	if err != nil {
 		return err
 	}

@@ -2,8 +2,10 @@ package oci
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
+	"os/signal"
 	"strconv"
 	"time"
 
@@ -107,4 +109,120 @@ func newConsole(socketPath string, rows, cols uint16) (*os.File, error) {
 		return nil, err
 	}
 	return slave, nil
+}
+
+// findHostTerminal returns the caller's terminal, for a foreground run or
+// exec with a terminal and no console socket, where runc looks for it:
+// stderr, stdout, stdin (any may be redirected), then the controlling
+// terminal. own says the file was opened here (the caller closes it).
+func findHostTerminal(env *Env) (tty *os.File, own bool, err error) {
+	for _, f := range []*os.File{env.Stderr, env.Stdout, env.Stdin} {
+		if f != nil && isTerminal(f) {
+			return f, false, nil
+		}
+	}
+	f, err := os.OpenFile("/dev/tty", os.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, false, fmt.Errorf("process.terminal without --console-socket needs a terminal to relay: stdin, stdout and stderr are none, and %w", err)
+	}
+	return f, true, nil
+}
+
+// hostConsole is the terminal of a foreground run without a console
+// socket, as runc makes it: a pty of krun-oci's own, whose slave is the
+// container's and whose master is relayed to and from the caller's stdio,
+// the caller's terminal in raw mode meanwhile and its size followed.
+type hostConsole struct {
+	tty     *os.File // the caller's terminal
+	ownTTY  bool
+	master  *os.File
+	restore func()
+	winch   chan os.Signal
+	outDone chan struct{}
+}
+
+// newHostConsole makes the pty (its slave raw, at the caller's terminal's
+// size, or rows x cols from the config where that is unknown) and returns
+// it with the slave for the container.
+func newHostConsole(env *Env, rows, cols uint16) (*hostConsole, *os.File, error) {
+	tty, own, err := findHostTerminal(env)
+	if err != nil {
+		return nil, nil, err
+	}
+	master, slave, err := openPty()
+	if err != nil {
+		if own {
+			tty.Close()
+		}
+		return nil, nil, err
+	}
+	if err := makeRaw(slave); err != nil {
+		master.Close()
+		slave.Close()
+		if own {
+			tty.Close()
+		}
+		return nil, nil, fmt.Errorf("terminal raw mode: %w", err)
+	}
+	if r, c, err := getWinsize(tty); err == nil && r > 0 && c > 0 {
+		rows, cols = r, c
+	}
+	if rows > 0 && cols > 0 {
+		_ = setWinsize(master, rows, cols)
+	}
+	return &hostConsole{tty: tty, ownTTY: own, master: master}, slave, nil
+}
+
+// relay puts the caller's terminal in raw mode (the container's terminal
+// does the line discipline) and copies stdin to the pty and the pty to
+// stdout until close.
+func (h *hostConsole) relay(log *runtimeLog, env *Env) {
+	if restore, err := rawMode(h.tty); err == nil {
+		h.restore = restore
+	} else {
+		log.warn("the terminal's raw mode: %v", err)
+	}
+	h.winch = make(chan os.Signal, 1)
+	signal.Notify(h.winch, unix.SIGWINCH)
+	go func() {
+		for range h.winch {
+			if r, c, err := getWinsize(h.tty); err == nil {
+				_ = setWinsize(h.master, r, c)
+			}
+		}
+	}()
+	if env.Stdin != nil {
+		go io.Copy(h.master, env.Stdin)
+	}
+	h.outDone = make(chan struct{})
+	go func() {
+		defer close(h.outDone)
+		if env.Stdout != nil {
+			io.Copy(env.Stdout, h.master) // to EIO, once every slave is closed
+		}
+	}()
+}
+
+// close waits a little for the container's last output (the pty reads
+// EIO once the container's processes are gone), then restores the
+// caller's terminal.
+func (h *hostConsole) close(log *runtimeLog) {
+	if h.outDone != nil {
+		select {
+		case <-h.outDone:
+		case <-time.After(2 * time.Second):
+			log.warn("the container's terminal is still open 2 s after its end; not waiting for more output")
+		}
+	}
+	if h.winch != nil {
+		signal.Stop(h.winch)
+		close(h.winch)
+	}
+	if h.restore != nil {
+		h.restore()
+	}
+	h.master.Close()
+	if h.ownTTY {
+		h.tty.Close()
+	}
 }

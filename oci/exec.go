@@ -146,6 +146,7 @@ func cmdExec(g *globals, args []string, env *Env) error {
 	}
 	stdio := [3]*os.File{env.Stdin, env.Stdout, env.Stderr}
 	ctty := false
+	var hostTTY *os.File // the caller's terminal, in the foreground
 	if gp.Terminal {
 		switch {
 		case consoleSocket != "":
@@ -156,17 +157,27 @@ func cmdExec(g *globals, args []string, env *Env) error {
 			defer slave.Close()
 			stdio = [3]*os.File{slave, slave, slave}
 			ctty = true
-		case !detach && isTerminal(env.Stdin):
-			restore, err := rawMode(env.Stdin)
+		case !detach:
+			// The guest makes the terminal; the caller's, wherever
+			// runc would find it, goes raw and lends its size.
+			tty, own, err := findHostTerminal(env)
+			if err != nil {
+				return fmt.Errorf("exec: %w", err)
+			}
+			if own {
+				defer tty.Close()
+			}
+			restore, err := rawMode(tty)
 			if err != nil {
 				return err
 			}
 			defer restore()
 			if gp.Rows == 0 {
-				gp.Rows, gp.Cols, _ = getWinsize(env.Stdin)
+				gp.Rows, gp.Cols, _ = getWinsize(tty)
 			}
+			hostTTY = tty
 		default:
-			return errors.New("exec: a terminal needs --console-socket")
+			return errors.New("exec: a detached terminal needs --console-socket")
 		}
 	}
 	if !detach {
@@ -175,7 +186,7 @@ func cmdExec(g *globals, args []string, env *Env) error {
 				return err
 			}
 		}
-		status, err := execProcess(c.Dir, gp, stdio, stdio[0], nil)
+		status, err := execProcess(c.Dir, gp, stdio, hostTTY, nil)
 		if err != nil {
 			return err
 		}
