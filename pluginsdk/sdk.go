@@ -90,6 +90,12 @@ type (
 	// ConfigSizer reports the size of the virtio config space, so Describe
 	// returns exactly that many bytes (otherwise 256 bytes are read).
 	ConfigSizer interface{ ConfigSize() int }
+	// Restarter says whether krun-core may restart the plugin when it
+	// dies. A restart submits the requests that were in flight to the new
+	// plugin again, so a device whose requests must not be carried out
+	// twice (their effects are not idempotent) returns false: the device
+	// then fails instead. A device without this method may be restarted.
+	Restarter interface{ Restartable() bool }
 )
 
 // Serve runs the plugin until the host shuts it down, then exits the
@@ -223,10 +229,17 @@ func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) 
 	s.info = &pluginpb.DeviceInfo{
 		DeviceType: di.Type, Features: bs.Features(), ProtocolFeatures: bs.ProtocolFeatures(),
 		NumQueues: uint32(di.NumQueues), MaxQueueSize: uint32(maxQueueSize(di)), Config: cfg,
+		NoRestart: !restartable(dev),
 	}
 	s.state = pluginpb.HealthResponse_STATE_CONFIGURED
 	s.log.Info("configured", "kind", s.p.Kind(), "device_type", di.Type, "queues", di.NumQueues, "sandbox", sandboxNote)
 	return &pluginpb.ConfigureResponse{Device: s.info, Sandbox: sandboxNote}, nil
+}
+
+// restartable reports what a device says of restarts (Restarter).
+func restartable(dev backend.Device) bool {
+	r, ok := dev.(Restarter)
+	return !ok || r.Restartable()
 }
 
 // configureDevice calls Plugin.Configure, turning a panic into an error:

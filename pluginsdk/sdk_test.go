@@ -370,3 +370,51 @@ func TestRingFailureFailsHealth(t *testing.T) {
 		})
 	}
 }
+
+// noReplayDevice is a fakeDevice whose requests must not be carried out
+// twice.
+type noReplayDevice struct{ fakeDevice }
+
+func (*noReplayDevice) Restartable() bool { return false }
+
+// TestRestarterReported: a device that says it may not be restarted
+// (Restarter) has no_restart in the DeviceInfo krun-core gets, from
+// Configure and Describe; one without the method, or saying true, has not.
+func TestRestarterReported(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		dev  backend.Device
+		want bool
+	}{
+		{"without-the-method", &fakeDevice{}, false},
+		{"not-restartable", &noReplayDevice{}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := &devPlugin{dev: c.dev}
+			s, _ := newTestServer(p)
+			r, err := s.Configure(context.Background(), &pluginpb.ConfigureRequest{SandboxOff: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			d, err := s.Describe(context.Background(), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.GetDevice().GetNoRestart() != c.want || d.GetDevice().GetNoRestart() != c.want {
+				t.Errorf("no_restart %v from Configure, %v from Describe; want %v",
+					r.GetDevice().GetNoRestart(), d.GetDevice().GetNoRestart(), c.want)
+			}
+		})
+	}
+}
+
+// devPlugin configures a given device.
+type devPlugin struct{ dev backend.Device }
+
+func (*devPlugin) Kind() string { return "fake" }
+func (*devPlugin) Policy(map[string]int) sandbox.Policy {
+	return sandbox.Policy{Kind: "fake", Syscalls: sandbox.ProfileMinimal}
+}
+func (p *devPlugin) Configure(context.Context, map[string]string, map[string]*os.File, hclog.Logger) (backend.Device, error) {
+	return p.dev, nil
+}

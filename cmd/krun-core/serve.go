@@ -286,6 +286,10 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(err)
 	}
+	if dev.NoRestart && restarts.Enabled() {
+		log.Info("the plugin's requests must not be carried out twice: it will not be restarted")
+		restarts = pluginhost.NewRestarts(pluginhost.RestartPolicy{Max: -1})
+	}
 	if !restarts.Enabled() {
 		opened.CloseFiles() // the plugin has its own copies
 	}

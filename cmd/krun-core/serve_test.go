@@ -431,6 +431,35 @@ func TestServePluginRestart(t *testing.T) {
 	}
 }
 
+// TestServePluginThatMustNotBeRestarted: a plugin whose device says its
+// requests must not be carried out twice (no_restart) is not restarted by
+// serve when it dies, whatever --plugin-restarts allows: serve exits 1.
+func TestServePluginThatMustNotBeRestarted(t *testing.T) {
+	bin := buildServeBinaries(t)
+	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(bin, "krun-plugin-blk-raw"), "../../core/vmm/testdata/noreplay")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, b)
+	}
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "blk.sock")
+	s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=raw", "--plugin-restarts", "5/60s")
+	waitSocket(t, s, sock)
+	if err := syscall.Kill(servingPid(t, s), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if code := s.waitExit(t); code != 1 {
+		t.Fatalf("exit %d after the plugin died, want 1", code)
+	}
+	if strings.Contains(s.log(), "restarting it") || !strings.Contains(s.log(), "will not be restarted") {
+		t.Errorf("serve's log:\n%s", s.log())
+	}
+}
+
 // TestServeDisk serves raw and qcow2 images through their plugins to the Go
 // test guest, then checks what SIGTERM left in the image with QEMU's tools.
 func TestServeDisk(t *testing.T) {

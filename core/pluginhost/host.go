@@ -311,6 +311,9 @@ type DeviceInfo struct {
 	NumQueues        int
 	MaxQueueSize     int
 	Config           []byte
+	// NoRestart: the plugin's requests must not be carried out twice, so
+	// it is never restarted (a restart submits those in flight again).
+	NoRestart bool
 }
 
 func deviceInfo(d *pluginpb.DeviceInfo) *DeviceInfo {
@@ -320,6 +323,7 @@ func deviceInfo(d *pluginpb.DeviceInfo) *DeviceInfo {
 	return &DeviceInfo{
 		Type: d.GetDeviceType(), Features: d.GetFeatures(), ProtocolFeatures: d.GetProtocolFeatures(),
 		NumQueues: int(d.GetNumQueues()), MaxQueueSize: int(d.GetMaxQueueSize()), Config: d.GetConfig(),
+		NoRestart: d.GetNoRestart(),
 	}
 }
 

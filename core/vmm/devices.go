@@ -271,6 +271,10 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 	if d.info, err = d.startPlugin(ctx); err != nil {
 		return nil, err
 	}
+	if d.restarts != nil && d.info.NoRestart {
+		d.log.Info("the plugin's requests must not be carried out twice: it will not be restarted", "device", i)
+		d.restarts = nil
+	}
 	if d.restarts == nil {
 		// The plugin has its own copies; nobody needs ours. A plugin that
 		// is restarted gets them again.

@@ -203,8 +203,15 @@ type restartRig struct {
 
 func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy, setup ...func(*Context, devspec.Spec)) *restartRig {
 	t.Helper()
+	return newRestartRigOf(t, "../../plugins/blk-raw", policy, setup...)
+}
+
+// newRestartRigOf is newRestartRig with the package pkg built as the
+// blk-raw plugin.
+func newRestartRigOf(t testing.TB, pkg string, policy pluginhost.RestartPolicy, setup ...func(*Context, devspec.Spec)) *restartRig {
+	t.Helper()
 	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "krun-plugin-blk-raw"), "../../plugins/blk-raw")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "krun-plugin-blk-raw"), pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, b)

@@ -108,7 +108,12 @@ type DeviceInfo struct {
 	NumQueues        uint32 `protobuf:"varint,4,opt,name=num_queues,json=numQueues,proto3" json:"num_queues,omitempty"`
 	MaxQueueSize     uint32 `protobuf:"varint,5,opt,name=max_queue_size,json=maxQueueSize,proto3" json:"max_queue_size,omitempty"`
 	// The virtio config space as the device presents it after Configure.
-	Config        []byte `protobuf:"bytes,6,opt,name=config,proto3" json:"config,omitempty"`
+	Config []byte `protobuf:"bytes,6,opt,name=config,proto3" json:"config,omitempty"`
+	// Set by a plugin whose requests must not be carried out twice: krun-core
+	// then never restarts it after a crash (a restart submits the requests
+	// that were in flight again) and fails the device instead. Unset (the
+	// default, and what an older plugin sends), the plugin may be restarted.
+	NoRestart     bool `protobuf:"varint,7,opt,name=no_restart,json=noRestart,proto3" json:"no_restart,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -183,6 +188,13 @@ func (x *DeviceInfo) GetConfig() []byte {
 		return x.Config
 	}
 	return nil
+}
+
+func (x *DeviceInfo) GetNoRestart() bool {
+	if x != nil {
+		return x.NoRestart
+	}
+	return false
 }
 
 type DescribeRequest struct {
@@ -755,7 +767,7 @@ var File_device_plugin_proto protoreflect.FileDescriptor
 
 const file_device_plugin_proto_rawDesc = "" +
 	"\n" +
-	"\x13device_plugin.proto\x12\x0ekrun.plugin.v1\"\xd3\x01\n" +
+	"\x13device_plugin.proto\x12\x0ekrun.plugin.v1\"\xf2\x01\n" +
 	"\n" +
 	"DeviceInfo\x12\x1f\n" +
 	"\vdevice_type\x18\x01 \x01(\rR\n" +
@@ -765,7 +777,9 @@ const file_device_plugin_proto_rawDesc = "" +
 	"\n" +
 	"num_queues\x18\x04 \x01(\rR\tnumQueues\x12$\n" +
 	"\x0emax_queue_size\x18\x05 \x01(\rR\fmaxQueueSize\x12\x16\n" +
-	"\x06config\x18\x06 \x01(\fR\x06config\"\x11\n" +
+	"\x06config\x18\x06 \x01(\fR\x06config\x12\x1d\n" +
+	"\n" +
+	"no_restart\x18\a \x01(\bR\tnoRestart\"\x11\n" +
 	"\x0fDescribeRequest\"\xbc\x01\n" +
 	"\x10DescribeResponse\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x1e\n" +
