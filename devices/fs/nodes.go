@@ -283,6 +283,14 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 		t.mu.Unlock()
 		return 0
 	}
+	// A reopen needs room like a new node: a guest that had its nodes
+	// closed (LOOKUPs without FORGET) then unlinked each (the server
+	// reopens the victim first) made every one an open node without a
+	// name, past the cap (found in review, helper-85).
+	if !t.roomLocked() {
+		t.mu.Unlock()
+		return unix.ENFILE
+	}
 	var buf [maxAliases]alias
 	as := buf[:0]
 	for _, a := range n.aliases {

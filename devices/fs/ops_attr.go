@@ -183,8 +183,23 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 		}
 		gid = int(g)
 	}
-	if in.Valid&fuse.FattrSize != 0 && in.Size > 1<<63-1 {
-		return unix.EINVAL
+	// The size is checked, and the file it truncates opened, before
+	// anything changes too: a directory, a FIFO, a handle opened
+	// read-only or a file the server may not open for writing refuses
+	// the whole request (the mode was set first; found in review,
+	// helper-85).
+	tfd := -1
+	if in.Valid&fuse.FattrSize != 0 {
+		if in.Size > 1<<63-1 {
+			return unix.EINVAL
+		}
+		var e unix.Errno
+		if tfd, e = s.truncFd(r, n, h); e != 0 {
+			return e
+		}
+		if h == nil {
+			defer unix.Close(tfd)
+		}
 	}
 	ts := [2]unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
 	for i, f := range []struct {
@@ -216,9 +231,13 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 		chowned = true
 	}
 	if in.Valid&fuse.FattrSize != 0 {
-		kill := s.mustKill(in.Valid&fuse.FattrKillSuidgid != 0)
-		if e := s.truncate(r, n, h, int64(in.Size), kill); e != 0 {
-			return e
+		if s.mustKill(in.Valid&fuse.FattrKillSuidgid != 0) {
+			if e := killFd(tfd); e != 0 {
+				return e
+			}
+		}
+		if err := unix.Ftruncate(tfd, int64(in.Size)); err != nil {
+			return errno(err)
 		}
 	}
 	if ts[0].Nsec != unix.UTIME_OMIT || ts[1].Nsec != unix.UTIME_OMIT {
@@ -280,34 +299,22 @@ func (s *Server) chmod(r *request, n *node, h *handle, mode uint32) unix.Errno {
 	return e
 }
 
-// truncate sets n's size through the handle or a writable reopen, first
-// clearing the set-id bits when kill is set (see setid.go).
-func (s *Server) truncate(r *request, n *node, h *handle, size int64, kill bool) unix.Errno {
+// truncFd returns the fd a truncation of n goes through: the handle's, or
+// (h nil) a writable reopen the caller closes.
+func (s *Server) truncFd(r *request, n *node, h *handle) (int, unix.Errno) {
 	if n.typ == unix.S_IFDIR {
-		return unix.EISDIR
+		return -1, unix.EISDIR
 	}
 	if n.typ != unix.S_IFREG {
-		return unix.EINVAL
+		return -1, unix.EINVAL
 	}
-	fd := -1
 	if h != nil {
 		if !h.writable {
-			return unix.EINVAL // as ftruncate(2) on such an fd, before any change
+			return -1, unix.EINVAL // as ftruncate(2) on such an fd
 		}
-		fd = h.fd
-	} else {
-		var e unix.Errno
-		if fd, e = s.openNode(r, n, unix.O_WRONLY); e != 0 {
-			return e
-		}
-		defer unix.Close(fd)
+		return h.fd, 0
 	}
-	if kill {
-		if e := killFd(fd); e != 0 {
-			return e
-		}
-	}
-	return errno(unix.Ftruncate(fd, size))
+	return s.openNode(r, n, unix.O_WRONLY)
 }
 
 func (s *Server) opReadlink(r *request) unix.Errno {

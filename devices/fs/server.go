@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devices/fs/fuse"
+	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/devopts"
 )
 
@@ -47,7 +48,12 @@ const (
 	DefaultMaxNodes   = 1 << 20
 	DefaultMaxHandles = 1 << 16
 	maxMaxWrite       = 1 << 24
-	fdReserve         = 64
+	// fdReserve is what the fd budget leaves the rest of the process:
+	// its own descriptors (streams, sockets, logging) and what the
+	// vhost-user back-end holds, which sizes itself from the same
+	// RLIMIT_NOFILE: up to MaxMemSlots memory regions, and a kick, call
+	// and error eventfd per queue.
+	fdReserve = 64 + vhostuser.MaxMemSlots + 3*(1+MaxRequestQueues)
 )
 
 // memBudgetFor is the node table's memory budget (table.maxMem: what its
@@ -215,10 +221,15 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if unix.Prlimit(0, unix.RLIMIT_DATA, nil, &dataLimit) != nil {
 		dataLimit.Cur = unix.RLIM_INFINITY
 	}
-	// File descriptors: a few are the vhost-user socket, eventfds and
-	// logging; of the rest, three quarters hold nodes' O_PATH fds (idle
-	// ones are closed beyond that and reopened by name) and a quarter open
-	// files and directories, which cannot be closed behind the guest's back.
+	// File descriptors: the reserve is the vhost-user socket, memory
+	// regions, eventfds and logging; of the rest, two thirds hold nodes'
+	// O_PATH fds (idle ones are closed beyond that and reopened by name;
+	// those that cannot be may go an eighth over, roomLocked) and what
+	// is left open files and directories, which cannot be closed behind
+	// the guest's back. The parts add up to the budget, no more: they
+	// added up to 35/32 of it, and a guest could run the process out of
+	// descriptors before the server's own limits answered ENFILE (found
+	// in review, helper-85).
 	fdBudget := cfg.MaxOpenFiles
 	if fdBudget <= 0 {
 		fdBudget = 1 << 20
@@ -229,10 +240,10 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		fdBudget -= fdReserve
 	}
 	fdBudget = max(fdBudget, 32)
-	maxOpen := fdBudget * 3 / 4
+	maxOpen := fdBudget * 2 / 3
 	maxHandles := cfg.MaxHandles
 	if maxHandles <= 0 {
-		maxHandles = min(DefaultMaxHandles, fdBudget-maxOpen)
+		maxHandles = min(DefaultMaxHandles, fdBudget-maxOpen-max(maxOpen/8, 1))
 	}
 	log := cfg.Log
 	if log == nil {
