@@ -22,8 +22,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devices/fs/fuse"
-	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/vhostuser"
 )
 
 // Chain is what the server needs from one descriptor chain: a cursor over
