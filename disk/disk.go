@@ -51,3 +51,11 @@ var ErrReadOnly = errors.New("disk is read-only")
 
 // ErrOutOfRange is returned for accesses beyond the virtual size.
 var ErrOutOfRange = errors.New("access beyond end of disk")
+
+// ErrSyncFailed is returned by every Flush after one failed: on Linux a
+// failed writeback is reported by one fdatasync only (the pages it could
+// not write are then clean), so a later one that succeeds would call
+// writes durable that were lost. As QEMU's file-posix does
+// (page_cache_inconsistent), the failure sticks until the image is opened
+// again.
+var ErrSyncFailed = errors.New("an earlier sync of the image failed: what was written since the last successful flush may be lost")

@@ -68,6 +68,7 @@ type Image struct {
 
 	f        ioFile   // the qcow2 file
 	data     ioFile   // where guest data lives: f, or the external data file
+	syncSt   *syncState // the first failed sync of f or data (guarded)
 	file     *os.File // f's file, closed by Close
 	dataFile *os.File // the external data file, if any
 	h        *header
@@ -152,6 +153,68 @@ type ioFile interface {
 	// it returns, and nothing else: earlier writes elsewhere in the
 	// file are as durable as they were.
 	WriteDurable(p []byte, off int64) error
+}
+
+// syncState is an image's first failed sync, shared by its files
+// (guarded).
+type syncState struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (s *syncState) failed() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w (%v); the image takes no more writes until it is opened again", disk.ErrSyncFailed, s.err)
+}
+
+func (s *syncState) fail(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+}
+
+// guarded is an image file that refuses every write and sync once a sync
+// of the image failed (disk.ErrSyncFailed): what it wrote since its last
+// good sync may be lost, and metadata written now (an L1 table over L2
+// tables the kernel dropped) would make that corruption.
+type guarded struct {
+	ioFile
+	st *syncState
+}
+
+func (g guarded) WriteAt(p []byte, off int64) (int, error) {
+	if err := g.st.failed(); err != nil {
+		return 0, err
+	}
+	return g.ioFile.WriteAt(p, off)
+}
+
+func (g guarded) Sync() error {
+	if err := g.st.failed(); err != nil {
+		return err
+	}
+	err := g.ioFile.Sync()
+	if err != nil {
+		g.st.fail(err)
+	}
+	return err
+}
+
+func (g guarded) WriteDurable(p []byte, off int64) error {
+	if err := g.st.failed(); err != nil {
+		return err
+	}
+	err := g.ioFile.WriteDurable(p, off)
+	if err != nil {
+		g.st.fail(err)
+	}
+	return err
 }
 
 type osFile struct{ *os.File }
@@ -271,8 +334,10 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	if h.incompat&incompatCorrupt != 0 && !opts.ReadOnly {
 		return nil, fmt.Errorf("image %s: %w: the image is marked corrupt; open it read-only or repair it (qemu-img check -r all)", name, ErrCorrupt)
 	}
+	sst := &syncState{}
 	im := &Image{
-		f:             osFile{f},
+		f:             guarded{osFile{f}, sst},
+		syncSt:        sst,
 		file:          f,
 		h:             h,
 		name:          name,
@@ -433,7 +498,7 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 		return fmt.Errorf("%w: data file %s is the same file as %s", ErrBacking, opts.DataFile.Path, prev)
 	}
 	st.seen[id] = opts.DataFile.Path
-	im.data = osFile{opts.DataFile.File}
+	im.data = guarded{osFile{opts.DataFile.File}, im.syncSt}
 	im.dataFile = opts.DataFile.File
 	return nil
 }

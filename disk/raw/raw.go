@@ -44,6 +44,8 @@ type Disk struct {
 	noZeroRange atomic.Bool
 	noPunchHole atomic.Bool
 	noAllocate  atomic.Bool
+	// syncErr is the first failed fdatasync (disk.ErrSyncFailed).
+	syncErr atomic.Pointer[error]
 	// blockDev: a block device refuses a range not aligned to its
 	// logical sectors with EINVAL, which says nothing of later ranges.
 	blockDev bool
@@ -265,10 +267,14 @@ func (d *Disk) vectored(bufs [][]byte, off int64, write bool) (int, error) {
 	return done, nil
 }
 
-// Flush makes every completed write durable with fdatasync.
+// Flush makes every completed write durable with fdatasync. Once one
+// failed, every later Flush fails (disk.ErrSyncFailed).
 func (d *Disk) Flush() error {
 	if d.closed.Load() {
 		return ErrClosed
+	}
+	if e := d.syncErr.Load(); e != nil {
+		return fmt.Errorf("raw: %w (%v)", disk.ErrSyncFailed, *e)
 	}
 	for {
 		err := unix.Fdatasync(d.fd)
@@ -276,7 +282,9 @@ func (d *Disk) Flush() error {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("raw: fdatasync: %w", err)
+			err = fmt.Errorf("raw: fdatasync: %w", err)
+			d.syncErr.CompareAndSwap(nil, &err)
+			return err
 		}
 		return nil
 	}
