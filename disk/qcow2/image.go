@@ -66,11 +66,11 @@ type Image struct {
 	// changes metadata holds it exclusively.
 	mu sync.RWMutex
 
-	f        ioFile   // the qcow2 file
-	data     ioFile   // where guest data lives: f, or the external data file
+	f        ioFile     // the qcow2 file
+	data     ioFile     // where guest data lives: f, or the external data file
 	syncSt   *syncState // the first failed sync of f or data (guarded)
-	file     *os.File // f's file, closed by Close
-	dataFile *os.File // the external data file, if any
+	file     *os.File   // f's file, closed by Close
+	dataFile *os.File   // the external data file, if any
 	h        *header
 	name     string
 	ro       bool
