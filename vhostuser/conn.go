@@ -164,6 +164,66 @@ func (c *Conn) Send(req Request, flags uint32, payload []byte, files []*os.File)
 	return nil
 }
 
+// SendNoWait sends one message without files and never waits for room:
+// a peer that does not read gets the message dropped (ErrWouldBlock), not
+// a sender blocked for good. It does not rely on the socket's O_NONBLOCK,
+// which a peer that shares the open file (a socket it handed over with
+// SCM_RIGHTS) can clear: each send says MSG_DONTWAIT itself. A message
+// the socket took in part is finished within partialWait, or the socket
+// is left mid-message and the error says so.
+func (c *Conn) SendNoWait(req Request, flags uint32, payload []byte) error {
+	if len(payload) > MaxPayloadSize {
+		return fmt.Errorf("send %v: %w: %d bytes", req, ErrPayloadTooBig, len(payload))
+	}
+	buf := make([]byte, HeaderSize+len(payload))
+	Header{Request: req, Flags: flags, Size: uint32(len(payload))}.Encode(buf)
+	copy(buf[HeaderSize:], payload)
+	rc, err := c.uc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("send %v: %w", req, err)
+	}
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	deadline := time.Now().Add(partialWait)
+	for n := 0; n < len(buf); {
+		var k int
+		var serr error
+		if err := rc.Write(func(fd uintptr) bool {
+			k, serr = unix.SendmsgN(int(fd), buf[n:], nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+			return true
+		}); err != nil {
+			return fmt.Errorf("send %v: %w", req, err)
+		}
+		switch {
+		case serr == unix.EINTR:
+		case serr == unix.EAGAIN && n == 0:
+			return fmt.Errorf("send %v: %w", req, ErrWouldBlock)
+		case serr == unix.EAGAIN:
+			if time.Now().After(deadline) {
+				return fmt.Errorf("send %v: %w after %d of %d bytes", req, ErrPartialSend, n, len(buf))
+			}
+			time.Sleep(time.Millisecond)
+		case serr != nil:
+			return fmt.Errorf("send %v: %w", req, serr)
+		default:
+			n += k
+		}
+	}
+	return nil
+}
+
+// partialWait bounds how long SendNoWait finishes a message the socket
+// took in part.
+const partialWait = time.Second
+
+// ErrWouldBlock: the peer's socket buffer is full, and nothing was sent
+// (SendNoWait).
+var ErrWouldBlock = errors.New("the peer is not reading: its socket buffer is full")
+
+// ErrPartialSend: SendNoWait sent part of a message and could not finish
+// it; the stream is left mid-message.
+var ErrPartialSend = errors.New("the peer stopped reading in the middle of a message")
+
 // SendMessage sends m (Request, Flags, Payload, Files).
 func (c *Conn) SendMessage(m *Message) error {
 	return c.Send(m.Request, m.Flags, m.Payload, m.Files)

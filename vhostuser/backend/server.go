@@ -59,6 +59,9 @@ type Server struct {
 	// the device and doing it again: a ring's first malformed request, a
 	// ring that failed, a ring stopped with an error.
 	malformedLog, ringFailedLog, ringStopLog ratelog.Limiter
+	// backendReqLog spaces the warnings about config changes a front-end
+	// that does not read its back-end request channel could not take.
+	backendReqLog ratelog.Limiter
 
 	// testHook, set by tests only, runs at points of the inflight
 	// tracking sequence ("added": a used element was added and linked,

@@ -318,11 +318,20 @@ func (sess *session) setBackendReq(conn *vhostuser.Conn) {
 				return
 			case <-changes:
 				// No NEED_REPLY: the front-end answers nothing, and a
-				// front-end that is gone must not block the device.
-				if err := conn.Send(vhostuser.Request(vhostuser.BackendConfigChangeMsg), vhostuser.Version, nil, nil); err != nil {
-					if ctx.Err() != nil {
-						return // closed under it by closeBackendReq
-					}
+				// front-end that is gone, or does not read, must not
+				// block the device nor the session's end: never a
+				// blocking write (a front-end that shares the socket's
+				// open file can clear O_NONBLOCK on it; found in
+				// review, helper-86). A change the full channel cannot
+				// take is dropped; the next one tells the same.
+				err := conn.SendNoWait(vhostuser.Request(vhostuser.BackendConfigChangeMsg), vhostuser.Version, nil)
+				switch {
+				case err == nil:
+				case ctx.Err() != nil:
+					return // closed under it by closeBackendReq
+				case errors.Is(err, vhostuser.ErrWouldBlock):
+					sess.s.backendReqLog.Warn(log, "config change not sent: the front-end does not read its back-end request channel", "error", err)
+				default:
 					log.Warn("config change not sent to the front-end", "error", err)
 					return
 				}
