@@ -662,7 +662,7 @@ func (sess *session) remap(r *ring) {
 	}
 	r.saveQueue()
 	if err := sess.buildQueue(r); err != nil {
-		sess.s.log.Warn("ring not covered by the new memory table; paused", "queue", r.index, "error", err)
+		sess.s.ringStopLog.Warn(sess.s.log, "ring not covered by the new memory table; paused", "queue", r.index, "error", err)
 	}
 }
 
