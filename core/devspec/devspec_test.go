@@ -722,3 +722,45 @@ func TestPluginFiles(t *testing.T) {
 		}
 	}
 }
+
+// TestPluginFileHostMemoryRefused: a character device that gives the
+// host's physical or kernel memory or its I/O ports (/dev/mem, /dev/kmem,
+// /dev/port, whatever its path) is refused as a plugin's file, by Check
+// (which only stats character devices) and by Open: a plugin holding one
+// would be out of its sandbox. Other character devices (/dev/null) pass.
+func TestPluginFileHostMemoryRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make device nodes")
+	}
+	dir := t.TempDir()
+	for _, c := range []struct {
+		name  string
+		minor uint32
+		want  string
+	}{
+		{"mem", 1, "/dev/mem"},
+		{"kmem", 2, "/dev/kmem"},
+		{"port", 4, "/dev/port"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := filepath.Join(dir, c.name)
+			if err := unix.Mknod(p, unix.S_IFCHR|0o600, int(unix.Mkdev(1, c.minor))); err != nil {
+				t.Skipf("mknod: %v", err)
+			}
+			spec, err := ParsePlugin("rng,file.source=" + p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := spec.Check(); err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("Check: %v, want a refusal naming %s", err, c.want)
+			}
+			o, err := spec.Open(OpenOptions{})
+			if err == nil {
+				o.Close()
+			}
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("Open: %v, want a refusal naming %s", err, c.want)
+			}
+		})
+	}
+}

@@ -191,6 +191,25 @@ func KernelStateFS(fsType int64) (string, bool) {
 	return name, ok
 }
 
+// HostMemoryDevice names st when it is a character device through which a
+// process reads or writes the host's physical memory, kernel memory or I/O
+// ports (/dev/mem, /dev/kmem, /dev/port: major 1, minors 1, 2 and 4).
+// Handing one to a plugin would undo its sandbox.
+func HostMemoryDevice(st *unix.Stat_t) (string, bool) {
+	if st.Mode&unix.S_IFMT != unix.S_IFCHR || unix.Major(st.Rdev) != 1 {
+		return "", false
+	}
+	switch unix.Minor(st.Rdev) {
+	case 1:
+		return "/dev/mem", true
+	case 2:
+		return "/dev/kmem", true
+	case 4:
+		return "/dev/port", true
+	}
+	return "", false
+}
+
 // openFile opens path for a plugin (openAs). It never blocks on a FIFO (O_NONBLOCK
 // while opening, cleared after the type check) and accepts only regular
 // files and block devices (or, with dir, only directories).
@@ -212,6 +231,14 @@ func openFile(what, path string, write, dir bool) (*os.File, error) {
 // FIFO or taking a terminal, and refuses it unless its type is one of
 // types (want names them) and it is outside the kernel's state.
 func openAs(what, path string, flags int, want string, types ...uint32) (*os.File, error) {
+	// Looked at before the open too: the node says what it is whether or
+	// not this kernel has the driver behind it.
+	var pre unix.Stat_t
+	if unix.Stat(path, &pre) == nil {
+		if name, bad := HostMemoryDevice(&pre); bad {
+			return nil, fmt.Errorf("%s %q is %s, the host's memory or I/O ports: no plugin is handed that", what, path, name)
+		}
+	}
 	fd, err := unix.Open(path, flags|unix.O_CLOEXEC|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
 	if err != nil {
 		if errors.Is(err, unix.ENOTDIR) && flags&unix.O_DIRECTORY != 0 || errors.Is(err, unix.EISDIR) {
@@ -227,6 +254,10 @@ func openAs(what, path string, flags int, want string, types ...uint32) (*os.Fil
 	if !slices.Contains(types, st.Mode&unix.S_IFMT) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("%s %q is not %s", what, path, want)
+	}
+	if name, bad := HostMemoryDevice(&st); bad {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s %q is %s, the host's memory or I/O ports: no plugin is handed that", what, path, name)
 	}
 	var sfs unix.Statfs_t
 	if err := unix.Fstatfs(fd, &sfs); err == nil {
