@@ -46,6 +46,16 @@ type Server struct {
 	// failed, so that krun-core restarts it).
 	RingFailed func(queue int, err error)
 
+	// StuckWorkerTimeout bounds how long a ring being stopped (the
+	// front-end left, reset the device or stopped the ring) waits for a
+	// request its device never completes before RingFailed is called
+	// with ErrWorkerStuck: the wait goes on, and the session with it,
+	// so a listening back-end takes no next front-end until whoever
+	// runs the server replaces the process (pluginsdk reports the plugin
+	// failed; krun-core restarts it). Zero means
+	// DefaultStuckWorkerTimeout; set it before Serve.
+	StuckWorkerTimeout time.Duration
+
 	serving sync.Mutex
 
 	// refused spaces the warnings about refused requests, one limiter per
@@ -68,6 +78,14 @@ type Server struct {
 	// "published": the used index was published, not yet cleared).
 	testHook func(point string)
 }
+
+// DefaultStuckWorkerTimeout is Server.StuckWorkerTimeout's default: long
+// enough for a slow but healthy flush on loaded storage.
+const DefaultStuckWorkerTimeout = 60 * time.Second
+
+// ErrWorkerStuck is what RingFailed gets for a ring whose worker did not
+// stop within StuckWorkerTimeout.
+var ErrWorkerStuck = errors.New("a request never completes: the queue's worker does not stop")
 
 // Defaults for Server.HandshakeTimeout and Server.MessageTimeout.
 const (

@@ -931,14 +931,28 @@ func (sess *session) stopWorker(r *ring) {
 		return
 	}
 	r.cancel()
-	t := time.NewTimer(5 * time.Second)
-	select {
-	case <-r.done:
-	case <-t.C:
-		sess.s.log.Warn("queue worker is slow to stop", "queue", r.index)
-		<-r.done
+	stuckAfter := sess.s.StuckWorkerTimeout
+	if stuckAfter <= 0 {
+		stuckAfter = DefaultStuckWorkerTimeout
 	}
-	t.Stop()
+	warn, stuck := time.NewTimer(min(5*time.Second, stuckAfter)), time.NewTimer(stuckAfter)
+	defer warn.Stop()
+	defer stuck.Stop()
+	for waiting := true; waiting; {
+		select {
+		case <-r.done:
+			waiting = false
+		case <-warn.C:
+			sess.s.log.Warn("queue worker is slow to stop", "queue", r.index)
+		case <-stuck.C:
+			// Still waiting: a request in a device's Handle cannot be
+			// taken back. Whoever runs the server may replace it.
+			sess.s.log.Error("queue worker has not stopped: a request never completes", "queue", r.index, "waited", stuckAfter)
+			if f := sess.s.RingFailed; f != nil {
+				f(r.index, ErrWorkerStuck)
+			}
+		}
+	}
 	r.cancel, r.done = nil, nil
 }
 
