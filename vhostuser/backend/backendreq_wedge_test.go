@@ -5,17 +5,11 @@ package backend_test
 // against.
 
 import (
-	"context"
 	"os"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/krun-core/krun-core/internal/syncbuf"
-	"github.com/krun-core/krun-core/vhostuser"
-	"github.com/krun-core/krun-core/vhostuser/backend"
-	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
 // TestBackendReqChannelCannotWedge (fixed: config changes are sent with
@@ -39,33 +33,8 @@ func TestBackendReqChannelCannotWedge(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dev := &ccDevice{testDevice: newTestDevice(1), ch: make(chan struct{}, 1)}
-			logs := &syncbuf.Buffer{}
-			srv, err := backend.NewServer(dev, newLogger(logs))
-			if err != nil {
-				t.Fatal(err)
-			}
-			fa, fb, err := vhostuser.SocketPair()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer fa.Close()
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			done := make(chan error, 1)
-			go func() { done <- srv.Serve(ctx, fa) }()
-			c, err := frontend.NewFromFile(fb)
-			fb.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
+			dev, c, done := ccBackend(t)
 			defer c.Close()
-			if err := c.SetProtocolFeatures(vhostuser.ProtocolBackendReq | vhostuser.ProtocolReplyAck); err != nil {
-				t.Fatal(err)
-			}
-			if err := c.SetOwner(); err != nil {
-				t.Fatal(err)
-			}
 			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 			if err != nil {
 				t.Fatal(err)
@@ -84,15 +53,7 @@ func TestBackendReqChannelCannotWedge(t *testing.T) {
 			}
 			// Fill the channel through our copy of the back-end's end,
 			// then clear O_NONBLOCK on the open file the back-end shares.
-			if err := unix.SetNonblock(fds[1], true); err != nil {
-				t.Fatal(err)
-			}
-			buf := make([]byte, 4096)
-			for {
-				if _, err := unix.Write(fds[1], buf); err != nil {
-					break // EAGAIN: full
-				}
-			}
+			fillSocket(t, fds[1])
 			if err := unix.SetNonblock(fds[1], false); err != nil {
 				t.Fatal(err)
 			}

@@ -103,33 +103,8 @@ func (d *ccDevice) ConfigChanges() <-chan struct{} { return d.ch }
 // returned (not even after its context was cancelled) and a listening
 // back-end never accepted another front-end.
 func TestConfigChangeSendDoesNotBlockDisconnect(t *testing.T) {
-	dev := &ccDevice{testDevice: newTestDevice(1), ch: make(chan struct{}, 1)}
-	logs := &syncbuf.Buffer{}
-	srv, err := backend.NewServer(dev, newLogger(logs))
-	if err != nil {
-		t.Fatal(err)
-	}
-	fa, fb, err := vhostuser.SocketPair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fa.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, fa) }()
-	c, err := frontend.NewFromFile(fb)
-	fb.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	dev, c, done := ccBackend(t)
 	defer c.Close()
-	if err := c.SetProtocolFeatures(vhostuser.ProtocolBackendReq | vhostuser.ProtocolReplyAck); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.SetOwner(); err != nil {
-		t.Fatal(err)
-	}
 
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -142,15 +117,7 @@ func TestConfigChangeSendDoesNotBlockDisconnect(t *testing.T) {
 	}
 	// Fill the channel through our copy of the back-end's end: the
 	// back-end's next message on it cannot be queued.
-	if err := unix.SetNonblock(fds[1], true); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 4096)
-	for {
-		if _, err := unix.Write(fds[1], buf); err != nil {
-			break // EAGAIN: full
-		}
-	}
+	fillSocket(t, fds[1])
 	dev.ch <- struct{}{}               // the device's config changes
 	time.Sleep(200 * time.Millisecond) // the back-end is now in Send
 
@@ -235,5 +202,52 @@ func TestMemSlotsWithinOpenFileLimit(t *testing.T) {
 	}
 	if !strings.Contains(h.logs.String(), "all "+strconv.FormatUint(max, 10)+" slots in use") {
 		t.Errorf("refusal not logged:\n%s", h.logs.String())
+	}
+}
+
+// ccBackend serves a device that reports config changes on a socket pair
+// and returns it with a front-end that negotiated BACKEND_REQ and owns the
+// back-end, and the channel Serve's result arrives on.
+func ccBackend(t *testing.T) (*ccDevice, *frontend.Client, <-chan error) {
+	t.Helper()
+	dev := &ccDevice{testDevice: newTestDevice(1), ch: make(chan struct{}, 1)}
+	srv, err := backend.NewServer(dev, newLogger(&syncbuf.Buffer{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa, fb, err := vhostuser.SocketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fa.Close() })
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, fa) }()
+	c, err := frontend.NewFromFile(fb)
+	fb.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetProtocolFeatures(vhostuser.ProtocolBackendReq | vhostuser.ProtocolReplyAck); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetOwner(); err != nil {
+		t.Fatal(err)
+	}
+	return dev, c, done
+}
+
+// fillSocket writes into the socket fd until its peer's buffer is full.
+func fillSocket(t *testing.T, fd int) {
+	t.Helper()
+	if err := unix.SetNonblock(fd, true); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	for {
+		if _, err := unix.Write(fd, buf); err != nil {
+			return // EAGAIN: full
+		}
 	}
 }
