@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"testing"
+
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // chunkReader returns its data in reads of the sizes in cuts (cycled; 0
@@ -40,12 +42,13 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 type frameEvent struct {
 	frame   []byte
 	skipped bool
-	end     string // "", "closed", "mid-header" or "mid-frame"
+	end     string // "", "closed", "mid-header", "mid-frame" or "broken"
 }
 
 // modelFrames is the specification of passt's stream as frameReader must
 // read it: a 4-byte big-endian length, then that many bytes; lengths
-// outside [ethHeaderLen, max] are skipped whole.
+// outside [ethHeaderLen, max] are skipped whole, and one above
+// devopts.PasstMaxFrame ends the stream (out of step).
 func modelFrames(stream []byte, max int) []frameEvent {
 	var out []frameEvent
 	for {
@@ -57,6 +60,9 @@ func modelFrames(stream []byte, max int) []frameEvent {
 		}
 		n := int(binary.BigEndian.Uint32(stream))
 		stream = stream[4:]
+		if n > devopts.PasstMaxFrame {
+			return append(out, frameEvent{end: "broken"})
+		}
 		if n > len(stream) {
 			return append(out, frameEvent{end: "mid-frame"})
 		}
@@ -113,6 +119,8 @@ func FuzzFrameReader(f *testing.F) {
 				fr.consume()
 			case errors.Is(err, errFrameTooLong):
 				got.skipped = true
+			case errors.Is(err, errStreamBroken):
+				got.end = "broken"
 			case errors.Is(err, io.ErrUnexpectedEOF):
 				got.end = "mid-frame"
 			case errors.Is(err, io.EOF) && fr.hdrHave == 0:

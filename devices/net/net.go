@@ -640,6 +640,14 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 // shorter than an Ethernet header).
 var errFrameTooLong = errors.New("frame from passt longer than the MTU")
 
+// errStreamBroken reports a length prefix passt never sends (above
+// devopts.PasstMaxFrame): the stream is out of step, and skipping that
+// many bytes would swallow the frames after it (up to 4 GiB of them) or
+// end inside one and read its bytes as the next length, with the link
+// still up. The reader stops; readPasst takes the link down, and the host
+// restarts passt.
+var errStreamBroken = errors.New("passt's stream is broken")
+
 // frameReader reads passt's length-prefixed frames.
 type frameReader struct {
 	hdr     [4]byte
@@ -667,6 +675,9 @@ func (f *frameReader) read(r io.Reader, max int) error {
 		}
 		if f.hdrHave == 4 {
 			f.length = int(binary.BigEndian.Uint32(f.hdr[:]))
+			if f.length > devopts.PasstMaxFrame {
+				return fmt.Errorf("%w: a frame length of %d bytes, above the %d passt ever sends", errStreamBroken, f.length, devopts.PasstMaxFrame)
+			}
 			f.have = 0
 			f.skip = f.length > max || f.length < ethHeaderLen
 			if f.skip {
