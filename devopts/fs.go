@@ -47,6 +47,11 @@ type FSOptions struct {
 func ParseFSOptions(opts map[string]string) (FSOptions, error) {
 	var o FSOptions
 	var err error
+	for _, k := range []string{OptUIDMap, OptGIDMap} {
+		if v, ok := opts[k]; ok && v == "" {
+			return o, fmt.Errorf("option %s= is empty: want GUEST:HOST:COUNT[/...], or leave it out for the identity", k)
+		}
+	}
 	if o.UIDMap, err = ParseIDMaps(opts[OptUIDMap]); err != nil {
 		return o, fmt.Errorf("option %s: %w", OptUIDMap, err)
 	}
@@ -72,8 +77,8 @@ func ParseFSOptions(opts map[string]string) (FSOptions, error) {
 		return o, err
 	}
 	if v, ok := opts[OptWorkers]; ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > 256 {
+		n, ok := Decimal(v)
+		if !ok || n < 1 || n > 256 {
 			return o, fmt.Errorf("option %s=%q: want 1..256", OptWorkers, v)
 		}
 		o.Workers = n
@@ -87,13 +92,34 @@ func OnOff(opts map[string]string, key string, def bool) (bool, error) {
 	if !ok {
 		return def, nil
 	}
+	b, err := ParseOnOff(key, v)
+	if err != nil {
+		return false, fmt.Errorf("option %w", err)
+	}
+	return b, nil
+}
+
+// ParseOnOff parses a switch's value, one rule for every key, host and
+// plugin alike: on or off (readonly= took yes and true where xattr= and
+// suid= did not; found in review, helper-89).
+func ParseOnOff(key, v string) (bool, error) {
 	switch v {
 	case "on":
 		return true, nil
 	case "off":
 		return false, nil
 	}
-	return false, fmt.Errorf("option %s=%q: want on or off", key, v)
+	return false, fmt.Errorf("%s=%q: want on or off", key, v)
+}
+
+// Decimal parses a non-negative decimal number, digits only: no sign, no
+// 0x, no underscores (strconv.Atoi takes +4, and flag.Int 010 as 8).
+func Decimal(s string) (int, bool) {
+	if s == "" || strings.Trim(s, "0123456789") != "" {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(s, 10, 31)
+	return int(n), err == nil
 }
 
 // IDMap maps a range of guest ids onto host ids, like one line of

@@ -25,6 +25,7 @@ import (
 
 	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/internal/cli"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // Version is krun-oci's version.
@@ -165,8 +166,20 @@ func Main(args []string, env *Env) int {
 	fs.StringVar(&g.kernel, "kernel", "", "guest kernel (default: $KRUN_KERNEL, then as krun-core run finds one)")
 	fs.StringVar(&g.pluginDir, "plugin-dir", "", "directory of krun-plugin-* and krun-init (default: next to krun-oci)")
 	fs.StringVar(&g.cgroupRoot, "cgroup-root", "", "cgroup v2 mount (default /sys/fs/cgroup)")
-	fs.IntVar(&g.pluginUID, "plugin-uid", 0, "host uid the device plugins run as (default: the sandbox's, nobody for root; never 0)")
-	fs.IntVar(&g.pluginGID, "plugin-gid", 0, "host gid the device plugins run as (default: the sandbox's, nogroup for root; never 0)")
+	// Decimal host ids, 1 to 4294967294, as krun-core's own flags
+	// (sandbox.ParseHostID): flag.Int read 010 as uid 8 and took 0x3e8.
+	hostID := func(dst *int) func(string) error {
+		return func(s string) error {
+			id, err := sandbox.ParseHostID(s)
+			if err == nil && s == "" {
+				err = errors.New("an empty id")
+			}
+			*dst = id
+			return err
+		}
+	}
+	fs.Func("plugin-uid", "host uid the device plugins run as (default: the sandbox's, nobody for root; never 0)", hostID(&g.pluginUID))
+	fs.Func("plugin-gid", "host gid the device plugins run as (default: the sandbox's, nogroup for root; never 0)", hostID(&g.pluginGID))
 	fs.Func("rootless", "accepted for compatibility: true, false or auto (runc's)", func(v string) error {
 		switch v {
 		case "true", "false", "auto":
@@ -210,16 +223,6 @@ func Main(args []string, env *Env) int {
 	rest := fs.Args()
 	if len(rest) == 0 {
 		log.fail(errors.New("no command given (see krun-oci --help)"))
-		return 1
-	}
-	zeroGiven := false // 0 is the flags' "not given"; said explicitly it asks for host root
-	fs.Visit(func(f *flag.Flag) {
-		if (f.Name == "plugin-uid" || f.Name == "plugin-gid") && f.Value.String() == "0" {
-			zeroGiven = true
-		}
-	})
-	if g.pluginUID < 0 || g.pluginGID < 0 || zeroGiven {
-		log.fail(errors.New("--plugin-uid and --plugin-gid: plugins never run as host root (ids above 0)"))
 		return 1
 	}
 	if !filepath.IsAbs(g.root) {

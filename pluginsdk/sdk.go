@@ -452,7 +452,7 @@ func IntOption(opts map[string]string, key string, def, min, max int) (int, erro
 		return def, nil
 	}
 	n, err := strconv.Atoi(v)
-	if err != nil || n < min || n > max {
+	if strings.HasPrefix(v, "+") || err != nil || n < min || n > max {
 		return 0, fmt.Errorf("option %s=%q: want %d..%d", key, v, min, max)
 	}
 	return n, nil

@@ -288,6 +288,20 @@ func (f *imgFlags) parse(args []string, positional ...string) error {
 		f.positional = append(f.positional, rest[0])
 		args = rest[1:]
 	}
+	// A string option given an empty value (a shell variable that
+	// expanded to nothing) is refused, not read as "not given" (from
+	// review, helper-89).
+	var empty string
+	f.fs.Visit(func(fl *flag.Flag) {
+		if g, ok := fl.Value.(flag.Getter); ok && empty == "" {
+			if v, ok := g.Get().(string); ok && v == "" {
+				empty = fl.Name
+			}
+		}
+	})
+	if empty != "" {
+		return cli.FlagError("krun-core img "+f.name, fmt.Errorf("invalid value \"\" for flag -%s: an empty value", empty))
+	}
 	required := 0
 	for _, p := range positional {
 		if !strings.HasPrefix(p, "[") {
@@ -475,6 +489,10 @@ func imgVerify(args []string, stdout, stderr io.Writer) int {
 	backingDir := f.fs.String("backing-dir", "", "")
 	var maxSize sizeFlag
 	f.fs.Var(&maxSize, "max-size", "")
+	// The gate's policy: a second value is refused, not taken.
+	cli.Once(f.fs, "f", "format")
+	cli.Once(f.fs, "max-size")
+	cli.Once(f.fs, "backing-dir")
 	return imgRun("verify", args, stdout, stderr, f, []string{"FILE"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		if err := requireFormat(*format); err != nil {
 			return 1, err
@@ -654,6 +672,10 @@ func imgImport(args []string, stdout, stderr io.Writer) int {
 	compression := f.fs.String("compression", "", "")
 	progress := f.fs.Bool("progress", false, "")
 	f.fs.BoolVar(progress, "p", false, "")
+	// The gate's policy: a second value is refused, not taken.
+	cli.Once(f.fs, "from-format")
+	cli.Once(f.fs, "f", "format")
+	cli.Once(f.fs, "max-size")
 	return imgRun("import", args, stdout, stderr, f, []string{"OUT"}, func(ctx context.Context, l *imgtool.Launcher) (int, error) {
 		if err := requireFormat(*format); err != nil {
 			return 1, err

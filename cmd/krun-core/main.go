@@ -73,6 +73,10 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		usage(stdout)
 		return 0
 	case "--version", "-version", "version":
+		if len(args) > 1 {
+			fmt.Fprintf(stderr, "krun-core %s: unexpected argument %q (see krun-core --help)\n", args[0], args[1])
+			return 1
+		}
 		fmt.Fprint(stdout, versionText())
 		return 0
 	}

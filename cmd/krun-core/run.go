@@ -89,7 +89,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel make kernel fetched)")
 		initrd    = fs.String("initrd", "", "initramfs or initrd `FILE` (not with --root)")
 		cmdline   = fs.String("cmdline", "", "kernel command `LINE` (default \""+vmm.DefaultCmdline+"\", with --root \""+vmm.ExecCmdline+"\")")
-		cpus      = fs.Int("cpus", vmm.DefaultCPUs, "`N` vCPUs")
+		cpus      = cli.DecimalInt(fs.FlagSet, "cpus", vmm.DefaultCPUs, 1, 255, "`N` vCPUs (1..255)")
 		memory    = fs.String("memory", strconv.Itoa(vmm.DefaultMemoryMiB)+"M", "guest RAM `SIZE` (512M, 2G; a bare number is MiB)")
 		pluginDir = fs.String("plugin-dir", "", "look for krun-plugin-* (and krun-init) in `DIR` first (then in $KRUN_PLUGIN_DIR, then next to krun-core)")
 		sandboxF  = fs.String("sandbox", "on", "the plugin sandbox `MODE`: on, or off (an explicit opt-out, with a warning)")
@@ -140,7 +140,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	command := fs.Args()
 	execMode := *root != "" || len(command) > 0
-	if execMode {
+	if *root != "" || slices.Contains(args, "--") {
+		// A stray argument without "--" (a kernel parameter meant
+		// for --cmdline) is not a command given: run's own status, 1
+		// (from review, helper-89).
 		failStatus = exitRunFailed
 	}
 	fail := func(format string, a ...any) int {

@@ -28,6 +28,10 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
+		if len(args) > 1 && args[0] == "help" && args[1] != "status" {
+			fmt.Fprintf(stderr, "krun-core sandbox help: unknown command %q (want status; see krun-core sandbox --help)\n", args[1])
+			return 1
+		}
 		fmt.Fprint(stdout, sandboxUsage+"\n")
 		return 0
 	case "status":

@@ -18,6 +18,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // Spec is a parsed, validated device option string.
@@ -100,16 +102,9 @@ func splitOptions(s string) ([]option, error) {
 	return opts, nil
 }
 
-// parseOnOff parses a boolean switch value as QEMU does.
-func parseOnOff(key, v string) (bool, error) {
-	switch v {
-	case "on", "yes", "true":
-		return true, nil
-	case "off", "no", "false":
-		return false, nil
-	}
-	return false, fmt.Errorf("%s=%q: want on or off", key, v)
-}
+// parseOnOff parses a switch's value: on or off (devopts.ParseOnOff, as
+// the plugins read theirs).
+func parseOnOff(key, v string) (bool, error) { return devopts.ParseOnOff(key, v) }
 
 func onOff(b bool) string {
 	if b {

@@ -101,8 +101,8 @@ func ParseDisk(s string) (*DiskSpec, error) {
 			}
 			d.DataFile = o.value
 		case "queues":
-			n, err := strconv.Atoi(o.value)
-			if err != nil || n < 1 || n > devopts.MaxDiskQueues {
+			n, ok := devopts.Decimal(o.value)
+			if !ok || n < 1 || n > devopts.MaxDiskQueues {
 				return nil, fmt.Errorf("queues=%s: want a number of request queues in 1..%d", printable(o.value), devopts.MaxDiskQueues)
 			}
 			d.Queues = n
@@ -182,7 +182,10 @@ func (d *DiskSpec) String() string {
 // 10M, 64G, 2T, 1P (k/m/g/t/p also accepted, as is a trailing "B" or "iB").
 // The result is positive and fits an int64.
 func ParseSize(s string) (int64, error) {
-	num := strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B")
+	num := strings.TrimSuffix(s, "B")
+	if m, ok := strings.CutSuffix(s, "iB"); ok && m != "" && strings.ContainsRune("kKmMgGtTpP", rune(m[len(m)-1])) {
+		num = m // KiB, MiB...: "iB" alone is no unit
+	}
 	shift := uint(0)
 	if num != "" {
 		switch num[len(num)-1] {

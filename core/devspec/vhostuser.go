@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // Virtio device IDs of the named --vhost-user types.
@@ -97,7 +99,7 @@ func ParseVhostUser(s string) (*VhostUserSpec, error) {
 			}
 		case "reconnect":
 			sec, perr := strconv.ParseFloat(o.value, 64)
-			if perr != nil || !(sec >= 0.001 && sec <= MaxReconnect) {
+			if !decimalSeconds(o.value) || perr != nil || !(sec >= 0.001 && sec <= MaxReconnect) {
 				return nil, fmt.Errorf("reconnect=%s: want seconds from 0.001 to %d", printable(o.value), MaxReconnect)
 			}
 			reconnect = time.Duration(sec * float64(time.Second)).Round(time.Millisecond)
@@ -179,10 +181,18 @@ func NewVhostUser(typ, socket string, queues, queueSize int, tag string) (*Vhost
 	return v, nil
 }
 
+// decimalSeconds says whether s is seconds written DIGITS[.DIGITS]:
+// ParseFloat also takes 0x1p0, 1e3 and 1_0.
+func decimalSeconds(s string) bool {
+	i, f, dot := strings.Cut(s, ".")
+	_, iok := devopts.Decimal(i)
+	return iok && (!dot || strings.Trim(f, "0123456789") == "" && f != "")
+}
+
 // parseCount parses a decimal count in [min, max].
 func parseCount(key, s string, min, max int) (int, error) {
-	n, err := strconv.Atoi(s)
-	if err != nil || n < min || n > max {
+	n, ok := devopts.Decimal(s)
+	if !ok || n < min || n > max {
 		return 0, fmt.Errorf("%s=%s: want a number from %d to %d", key, printable(s), min, max)
 	}
 	return n, nil

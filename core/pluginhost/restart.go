@@ -3,10 +3,11 @@ package pluginhost
 import (
 	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/krun-core/krun-core/devopts"
 )
 
 // Defaults of RestartPolicy: at most DefaultRestartMax restarts within
@@ -49,8 +50,8 @@ func ParseRestartPolicy(s string) (RestartPolicy, error) {
 		return RestartPolicy{Max: -1}, nil
 	}
 	n, w, hasW := strings.Cut(s, "/")
-	max, err := strconv.Atoi(n)
-	if err != nil || max < 0 || max > 10000 {
+	max, ok := devopts.Decimal(n)
+	if !ok || max > 10000 {
 		return RestartPolicy{}, fmt.Errorf("restarts %q: want N/DURATION (e.g. 5/60s), N, or off", s)
 	}
 	p := RestartPolicy{Max: max}

@@ -118,6 +118,10 @@ func FlagError(cmd string, err error) error {
 	} else if strings.HasSuffix(s, ": value out of range") {
 		s = strings.TrimSuffix(s, "value out of range") + "out of range"
 	}
+	if name, ok := strings.CutPrefix(err.Error(), "flag provided but not defined: -"); ok && name != "" && name[0] >= '0' && name[0] <= '9' {
+		// -1G: a negative number where flags are read, not a flag.
+		return fmt.Errorf("-%s is read as a flag here: put a negative value last, or after -- (see %s --help)", name, cmd)
+	}
 	s = strings.Replace(s, "flag provided but not defined: ", "unknown flag ", 1)
 	s = strings.Replace(s, "flag needs an argument: ", "a value is needed for ", 1)
 	return fmt.Errorf("%s (see %s --help)", s, cmd)
@@ -298,4 +302,75 @@ func OneLine(s string) string {
 		s = s[n:]
 	}
 	return b.String()
+}
+
+// DecimalInt defines an int flag read in decimal only, within lo..hi: Go's
+// flag.Int reads 010 as 8 and takes 0x, 0b and 1_0, so `--cpus 010` asked
+// for 8 vCPUs.
+func DecimalInt(fs *flag.FlagSet, name string, def, lo, hi int, usage string) *int {
+	v := def
+	fs.Func(name, usage, func(s string) error {
+		n, err := strconv.ParseUint(s, 10, 31)
+		if err != nil || int(n) < lo || int(n) > hi {
+			return fmt.Errorf("want a decimal number from %d to %d%s", lo, hi, unitOf(usage))
+		}
+		v = int(n)
+		return nil
+	})
+	return &v
+}
+
+// Once makes the flags named (one flag and its aliases, such as "f" and
+// "format") refuse a second value: for a policy an upload gate enforces
+// (img verify --max-size), a second value given later (a wrapper's cap,
+// then the caller's arguments) must not loosen the first in silence.
+// Call it after the flags are defined.
+func Once(fs *flag.FlagSet, names ...string) {
+	set := new(bool)
+	for _, n := range names {
+		f := fs.Lookup(n)
+		if f == nil {
+			panic("cli.Once: no flag " + n)
+		}
+		f.Value = &onceValue{Value: f.Value, set: set, names: names}
+	}
+}
+
+type onceValue struct {
+	flag.Value
+	set   *bool
+	names []string
+}
+
+func (o *onceValue) Set(s string) error {
+	if *o.set {
+		return fmt.Errorf("given twice (--%s takes one value)", o.names[len(o.names)-1])
+	}
+	*o.set = true
+	return o.Value.Set(s)
+}
+
+// IsBoolFlag keeps a boolean flag boolean (-x without a value).
+func (o *onceValue) IsBoolFlag() bool {
+	b, ok := o.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
+}
+
+// unitOf returns " " and the word after the back-quoted name in a flag's
+// usage ("`N` vCPUs (1..255)" gives " vCPUs"), or "".
+func unitOf(usage string) string {
+	_, after, ok := strings.Cut(usage, "` ")
+	if !ok {
+		return ""
+	}
+	word, _, _ := strings.Cut(after, " ")
+	return " " + word
+}
+
+// Get is the wrapped value's (flag.Getter), where it has one.
+func (o *onceValue) Get() any {
+	if g, ok := o.Value.(flag.Getter); ok {
+		return g.Get()
+	}
+	return nil
 }
