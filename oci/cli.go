@@ -259,6 +259,10 @@ func Main(args []string, env *Env) int {
 	}
 	if err != nil {
 		log.fail(err)
+		var rf *runtimeFailure
+		if errors.As(err, &rf) {
+			return rf.status
+		}
 		return 1
 	}
 	return 0
@@ -491,10 +495,11 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if plan.Net.Mode == NetNS {
 		netns = plan.Net.Path
 	}
+	newNetNS := plan.Net.Mode == NetNew
 	stateMu.Lock()
 	monitor, err = spawn(spawnOptions{
 		Args:  append(g.args(), monitorCmd, "--id", id),
-		Stdio: stdio, Extra: []*os.File{goR, repW}, NetNS: netns, Ctty: plan.Process.Terminal,
+		Stdio: stdio, Extra: []*os.File{goR, repW}, NetNS: netns, NewNetNS: newNetNS, Ctty: plan.Process.Terminal,
 	})
 	goR.Close()
 	repW.Close()
@@ -510,14 +515,15 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		return nil, err
 	}
 	if h := plan.Hooks; h != nil {
+		// As runc: prestart, then createRuntime, both seeing the
+		// container "creating" (the runtime spec's lifecycle, steps 4
+		// and 5; hooks from several sources may rely on the order; found
+		// in review, helper-90).
 		st := c.ociState(specs.StateCreating)
-		if err := runHooks("createRuntime", h.CreateRuntime, &st.State); err != nil {
+		if err := runHooks("prestart", h.Prestart, &st.State); err != nil {
 			return nil, err
 		}
-		// prestart hooks see the container as created: they run when
-		// the start operation used to call them.
-		pst := c.ociState(specs.StateCreated)
-		if err := runHooks("prestart", h.Prestart, &pst.State); err != nil {
+		if err := runHooks("createRuntime", h.CreateRuntime, &st.State); err != nil {
 			return nil, err
 		}
 	}
@@ -896,9 +902,24 @@ func cmdRun(g *globals, args []string, env *Env) error {
 	return exitStatus(ps.ExitCode())
 }
 
-// forwardedSignals are the signals run (in the foreground) and exec pass
-// on to the container's process, as runc does.
-var forwardedSignals = []os.Signal{unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2}
+// forwardedSignals are the signals run (in the foreground), exec and the
+// container's monitor pass on to the process in the guest, as runc's
+// signal handler does: every signal but KILL and STOP (which cannot be
+// caught), CHLD, URG (the Go runtime's own) and WINCH (a terminal's size,
+// handled apart), real-time ones included. Six were, and the pid an exec's
+// --pid-file names (its proxy) died of SIGALRM while the process went on
+// (found in review, helper-90).
+var forwardedSignals = func() []os.Signal {
+	var out []os.Signal
+	for s := unix.Signal(1); s <= 64; s++ {
+		switch s {
+		case unix.SIGKILL, unix.SIGSTOP, unix.SIGCHLD, unix.SIGURG, unix.SIGWINCH, 32, 33:
+			continue // 32 and 33: the C library's, not in Go's signal table
+		}
+		out = append(out, s)
+	}
+	return out
+}()
 
 // forwardSignals sends each signal from sigc to container id's command
 // through its monitor until done is closed.

@@ -356,7 +356,7 @@ func TestExec(t *testing.T) {
 	if _, e, code := r.run(nil, nil, "exec", "e1", "vm-ends-during-exec"); code != 137 || !strings.Contains(e, "the container's VM ended before the process reported its exit status") {
 		t.Errorf("exec whose VM ends: exit %d, stderr %q", code, e)
 	}
-	if _, e, code := r.run(nil, nil, "exec", "nosuch", "true"); code != 1 || !strings.Contains(e, "does not exist") {
+	if _, e, code := r.run(nil, nil, "exec", "nosuch", "true"); code != 255 || !strings.Contains(e, "does not exist") {
 		t.Errorf("exec in a missing container: exit %d, %q", code, e)
 	}
 	r.mustRun("delete", "--force", "e1")

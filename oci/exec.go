@@ -71,6 +71,48 @@ func cmdExec(g *globals, args []string, env *Env) error {
 	if err != nil {
 		return err
 	}
+	// From here a failure exits 255, as runc's exec ("exec failed"), so
+	// that a caller tells it from the process's own status 1: CRI-O's
+	// streaming exec hands the runtime's status back as the command's
+	// (found in review, helper-90).
+	return execFailed(execCommand(g, env, id, rest, execOptions{consoleSocket: consoleSocket, cwd: cwd, user: user,
+		processPath: processPath, pidFile: pidFile, tty: tty, detach: detach, noNewPrivs: noNewPrivs,
+		envs: envs, gids: gids, caps: caps, preserveFDs: preserveFDs}))
+}
+
+// execOptions are exec's flags.
+type execOptions struct {
+	consoleSocket, cwd, user, processPath, pidFile string
+	tty, detach, noNewPrivs                        bool
+	envs, gids, caps                               listFlag
+	preserveFDs                                    int
+}
+
+// execFailedStatus is exec's status for its own failures, runc's.
+const execFailedStatus = 255
+
+// execFailed marks err, a failure of exec itself, for Main's 255.
+func execFailed(err error) error {
+	var st exitStatus
+	if err == nil || errors.As(err, &st) {
+		return err
+	}
+	return &runtimeFailure{err: err, status: execFailedStatus}
+}
+
+// runtimeFailure is a command's own failure with a status other than 1.
+type runtimeFailure struct {
+	err    error
+	status int
+}
+
+func (r *runtimeFailure) Error() string { return r.err.Error() }
+func (r *runtimeFailure) Unwrap() error { return r.err }
+
+func execCommand(g *globals, env *Env, id string, rest []string, o execOptions) error {
+	consoleSocket, cwd, user, processPath, pidFile := o.consoleSocket, o.cwd, o.user, o.processPath, o.pidFile
+	tty, detach, noNewPrivs := o.tty, o.detach, o.noNewPrivs
+	envs, gids, caps, preserveFDs := o.envs, o.gids, o.caps, o.preserveFDs
 	if preserveFDs > 0 {
 		return errors.New("--preserve-fds: open files cannot be passed into a VM")
 	}
@@ -341,7 +383,19 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 		io.Copy(stdinW, stdio[0])
 		stdinW.Close()
 	}()
-	rep, err := callMonitor(dir, &request{Op: opExec, Exec: gp}, []*os.File{stdinR, stdio[1], stdio[2], statusW}, 30*time.Second)
+	// The program lives as long as this process: the monitor ends it
+	// when the write end, which only this process holds, closes (this
+	// process's pid is the one exec's --pid-file names, which a caller
+	// may kill -9 as it would runc's exec'd process).
+	lifeR, lifeW, err := os.Pipe()
+	if err != nil {
+		statusW.Close()
+		ready(err)
+		return 0, err
+	}
+	defer lifeW.Close()
+	rep, err := callMonitor(dir, &request{Op: opExec, Exec: gp}, []*os.File{stdinR, stdio[1], stdio[2], statusW, lifeR}, 30*time.Second)
+	lifeR.Close()
 	statusW.Close()
 	stdinR.Close()
 	if err != nil {

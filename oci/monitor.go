@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -98,7 +99,7 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	reportPipe := os.NewFile(monitorReportFD, "report")
 	report := reporter(reportPipe)
 	sigc := make(chan os.Signal, 16)
-	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH, unix.SIGPIPE)
+	signal.Notify(sigc, append(slices.Clone(forwardedSignals), unix.SIGWINCH)...)
 
 	dir := filepath.Join(g.root, *id)
 	plan, err := readPlan(dir)
@@ -320,8 +321,8 @@ func (m *monitor) handle(req *request, files []*os.File) *reply {
 		if phase != phaseCreated && phase != phaseStarted {
 			return fail(fmt.Errorf("cannot exec in a container that is %s", statusOfPhase(phase)))
 		}
-		if req.Exec == nil || len(files) != 4 {
-			return fail(errors.New("exec needs a process and four files"))
+		if req.Exec == nil || len(files) < 4 || len(files) > 5 {
+			return fail(errors.New("exec needs a process and four files (and maybe the requester's life pipe)"))
 		}
 		if err := req.Exec.Validate(); err != nil {
 			return fail(err)
@@ -329,6 +330,15 @@ func (m *monitor) handle(req *request, files []*os.File) *reply {
 		id, err := vm.Exec(req.Exec, files[0], files[1], files[2], files[3])
 		if err != nil {
 			return fail(fmt.Errorf("exec: %w", err))
+		}
+		if len(files) == 5 {
+			// The requester's end of a pipe: its hang-up says the
+			// process that asked (exec's proxy, whose pid a caller
+			// may kill -9 as runc's exec'd process) is gone, and the
+			// program goes with it (found in review, helper-90).
+			life := files[4]
+			files[4] = nil // kept past the request
+			go m.endExecWith(id, life)
 		}
 		return &reply{ExecID: id}
 	case opExecSignal:
@@ -354,3 +364,23 @@ func (m *monitor) handle(req *request, files []*os.File) *reply {
 type devNull struct{}
 
 func (devNull) Write(p []byte) (int, error) { return len(p), nil }
+
+// endExecWith kills exec'd program id once the process that asked for it
+// is gone: life is the read end of a pipe only that process holds the
+// write end of, so a read returns when it exits, whatever killed it. A
+// program that ended first makes the signal a no-op (ids are not reused).
+func (m *monitor) endExecWith(id uint32, life *os.File) {
+	defer life.Close()
+	var b [1]byte
+	for {
+		if _, err := life.Read(b[:]); err != nil {
+			break
+		}
+	}
+	m.mu.Lock()
+	vm := m.vm
+	m.mu.Unlock()
+	if vm != nil {
+		vm.ExecSignal(id, unix.SIGKILL)
+	}
+}

@@ -19,7 +19,7 @@ import (
 // way per request, file descriptors (an exec's stdio) with SCM_RIGHTS.
 const (
 	maxMessage  = 256 << 10
-	maxMsgFiles = 4
+	maxMsgFiles = 5
 )
 
 // Requests.

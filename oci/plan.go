@@ -54,8 +54,15 @@ type Share struct {
 
 // Network modes.
 const (
-	// NetNone: no network device (a new, empty network namespace).
+	// NetNone: no network device (a pod's sandbox container).
 	NetNone = "none"
+	// NetNew: the config asks for a new network namespace (no path): the
+	// monitor is born in one of its own, as runc's init is, so the hooks
+	// that set a container's network up in /proc/PID/ns/net (Docker's
+	// libnetwork-setkey, nerdctl's CNI hook) configure that namespace,
+	// never the host's; once they ran, passt serves it as with NetNS, or,
+	// with only its loopback, the guest gets no network device.
+	NetNew = "new"
 	// NetHost: passt in the runtime's own network namespace (the config
 	// has no network namespace: the host's network, outbound only).
 	NetHost = "host"

@@ -25,6 +25,8 @@ type spawnOptions struct {
 	// NetNS is a network namespace the process is born in ("" keeps
 	// ours).
 	NetNS string
+	// NewNetNS: the process is born in a new network namespace.
+	NewNetNS bool
 	// Ctty makes Stdio[0], a terminal, the new session's controlling
 	// terminal.
 	Ctty bool
@@ -48,8 +50,14 @@ func spawn(o spawnOptions) (*os.Process, error) {
 		cmd.SysProcAttr.Setctty = true
 		cmd.SysProcAttr.Ctty = 0
 	}
+	if o.NewNetNS {
+		cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWNET
+	}
 	if o.NetNS == "" {
 		if err := cmd.Start(); err != nil {
+			if o.NewNetNS {
+				return nil, fmt.Errorf("a new network namespace (the config asks for one): %w", err)
+			}
 			return nil, err
 		}
 		return cmd.Process, nil

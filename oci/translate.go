@@ -160,7 +160,7 @@ func Translate(id, bundle string, spec *specs.Spec, opt translateOptions) (*Plan
 	if err := applyAnnotations(p, spec.Annotations); err != nil {
 		return nil, err
 	}
-	if p.Net.Mode == NetNS {
+	if p.Net.Mode == NetNS || p.Net.Mode == NetNew {
 		tcp, udp := "all", "all"
 		for _, a := range []struct {
 			key string
@@ -595,7 +595,7 @@ func translateLinux(p *Plan, id string, l *specs.Linux, opt translateOptions) er
 			return specError("linux.namespaces", "user namespaces are not supported: the VM is the isolation boundary")
 		case specs.NetworkNamespace:
 			if ns.Path == "" {
-				p.Net = NetPlan{Mode: NetNone}
+				p.Net = NetPlan{Mode: NetNew}
 				continue
 			}
 			if err := checkNetNS(ns.Path); err != nil {

@@ -149,7 +149,7 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		// network device.
 		log.Debug("no interface with an address in the network namespace: the guest gets no network")
 	} else if p.Net.Mode != NetNone {
-		if p.Net.Mode == NetNS && slices.Contains(p.Net.PasstArgs, "all") {
+		if (p.Net.Mode == NetNS || p.Net.Mode == NetNew) && slices.Contains(p.Net.PasstArgs, "all") {
 			// passt listens on every port of the namespace: a
 			// socket per port, protocol and address family, far
 			// beyond a default open-file limit of 1024 or 4096.
