@@ -1045,7 +1045,11 @@ func cmdFeatures(g *globals, args []string, env *Env) error {
 		Hooks:         []string{"prestart", "createRuntime", "poststart", "poststop"},
 		MountOptions:  container.KnownOptions(),
 		Linux: &features.Linux{
-			Namespaces:   []string{"network"},
+			// Those a config may ask for: the network namespace is
+			// the monitor's (docs/OCI.md), the others are the VM's
+			// own (a path to join is taken as asking for one, except
+			// mount and time); user namespaces are refused.
+			Namespaces:   []string{"cgroup", "ipc", "mount", "network", "pid", "time", "uts"},
 			Capabilities: container.CapabilityNames(),
 			Cgroup:       &features.Cgroup{V1: &no, V2: &yes, Systemd: &no, SystemdUser: &no},
 			Seccomp:      &features.Seccomp{Enabled: &no},

@@ -213,7 +213,7 @@ func (m *monitor) hostSignal(sig syscall.Signal) {
 func (m *monitor) signal(sig unix.Signal, all bool) error {
 	m.mu.Lock()
 	phase, vm := m.phase, m.vm
-	ends := phase == phaseCreated && !ignoredByDefault(sig)
+	ends := phase == phaseCreated && !ignoredByDefault(sig) && !stopsByDefault(sig)
 	if ends {
 		m.endSignal = sig
 	}
@@ -222,7 +222,10 @@ func (m *monitor) signal(sig unix.Signal, all bool) error {
 	case phaseCreated:
 		// Under runc a created container's process (runc init) lets
 		// a signal whose default action is to be ignored pass, and
-		// the container stays created.
+		// the container stays created; one that stops it leaves it
+		// created too (a stopped runc init; here there is no process
+		// yet to stop, and it ended the container; from review,
+		// helper-90).
 		if ends {
 			vm.Stop()
 		}
@@ -234,6 +237,16 @@ func (m *monitor) signal(sig unix.Signal, all bool) error {
 		return vm.Signal(sig)
 	}
 	return fmt.Errorf("container not running (%s)", statusOfPhase(phase))
+}
+
+// stopsByDefault says whether a signal's default action is to stop the
+// process.
+func stopsByDefault(sig unix.Signal) bool {
+	switch sig {
+	case unix.SIGSTOP, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU:
+		return true
+	}
+	return false
 }
 
 // ignoredByDefault says whether a signal's default action is to be

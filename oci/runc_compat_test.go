@@ -71,6 +71,14 @@ func TestKillCreatedWithIgnoredSignalKeepsIt(t *testing.T) {
 	if st := r.state("kw"); st.Status != specs.StateCreated {
 		t.Errorf("after kill WINCH of a created container: %s, want created (runc init ignores SIGWINCH)", st.Status)
 	}
+	// A signal that stops a process stops runc init, and the container
+	// stays created; it ended krun-oci's (from review, helper-90).
+	for _, sig := range []string{"STOP", "TSTP", "TTIN", "TTOU"} {
+		r.mustRun("kill", "kw", sig)
+		if st := r.state("kw"); st.Status != specs.StateCreated {
+			t.Fatalf("after kill %s of a created container: %s, want created", sig, st.Status)
+		}
+	}
 	r.mustRun("delete", "--force", "kw")
 }
 
