@@ -182,3 +182,48 @@ func FuzzZstdFrameLen(f *testing.F) {
 		}
 	})
 }
+
+// TestZstdFrameCutShort (from review, helper-91; fixed: such a read fails
+// as corrupt): a frame that does not end within the
+// compressed sectors (its last block missing) is not whole, and decode
+// then serves the first cluster without asking whether the frame ends.
+// QEMU's qcow2_zstd_decompress fails such a cluster (zstd_ret > 0: EIO).
+func TestZstdFrameCutShort(t *testing.T) {
+	const cs = 64 << 10
+	magic := binary.LittleEndian.AppendUint32(nil, 0xFD2FB528)
+	noSize := append(append([]byte{}, magic...), 0x00, 10<<3)
+	data := make([]byte, 2*cs)
+	for i := range data {
+		data[i] = 'A' + byte(i*7/13%26)
+	}
+	enc, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := enc.EncodeAll(data, nil)
+	enc.Close()
+	cases := []struct {
+		name  string
+		frame []byte
+	}{
+		{"no-last-block-ff", append(append(append([]byte{}, noSize...), rleBlock(false, cs, 'A')...), bytes.Repeat([]byte{0xff}, 3)...)},
+		{"no-last-block-zeros", append(append([]byte{}, noSize...), rleBlock(false, cs, 'A')...)},
+		{"two-cluster-frame-cut", long[:len(long)*2/3]},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if len(c.frame) > cs {
+				t.Skip("frame too long")
+			}
+			if n, whole := zstdFrameLen(c.frame); whole {
+				t.Logf("whole frame of %d", n)
+			}
+			im := openImage(t, zstdClusterImage(t, cs, c.frame), true)
+			defer im.Close()
+			got := make([]byte, cs)
+			if _, err := im.ReadAt(got, 0); err == nil {
+				t.Fatalf("a zstd frame that does not end in its cluster's sectors was served (first bytes %q)", got[:8])
+			}
+		})
+	}
+}

@@ -120,7 +120,7 @@ func FlagError(cmd string, err error) error {
 	}
 	if name, ok := strings.CutPrefix(err.Error(), "flag provided but not defined: -"); ok && name != "" && name[0] >= '0' && name[0] <= '9' {
 		// -1G: a negative number where flags are read, not a flag.
-		return fmt.Errorf("-%s is read as a flag here: put a negative value last, or after -- (see %s --help)", name, cmd)
+		return fmt.Errorf("-%s is read as a flag here: a negative value goes after -- (see %s --help)", name, cmd)
 	}
 	s = strings.Replace(s, "flag provided but not defined: ", "unknown flag ", 1)
 	s = strings.Replace(s, "flag needs an argument: ", "a value is needed for ", 1)

@@ -85,7 +85,7 @@ const DefaultStuckWorkerTimeout = 60 * time.Second
 
 // ErrWorkerStuck is what RingFailed gets for a ring whose worker did not
 // stop within StuckWorkerTimeout.
-var ErrWorkerStuck = errors.New("a request never completes: the queue's worker does not stop")
+var ErrWorkerStuck = errors.New("the queue's worker does not stop (a request that never completes, or a notification the front-end does not take)")
 
 // Defaults for Server.HandshakeTimeout and Server.MessageTimeout.
 const (

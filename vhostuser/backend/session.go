@@ -947,7 +947,7 @@ func (sess *session) stopWorker(r *ring) {
 		case <-stuck.C:
 			// Still waiting: a request in a device's Handle cannot be
 			// taken back. Whoever runs the server may replace it.
-			sess.s.log.Error("queue worker has not stopped: a request never completes", "queue", r.index, "waited", stuckAfter)
+			sess.s.log.Error("queue worker has not stopped: a request never completes, or the front-end does not take its notifications", "queue", r.index, "waited", stuckAfter)
 			if f := sess.s.RingFailed; f != nil {
 				f(r.index, ErrWorkerStuck)
 			}

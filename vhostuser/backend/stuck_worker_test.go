@@ -40,7 +40,7 @@ func TestStuckWorkerReported(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("RingFailed was not called for a worker stuck in Handle")
 	}
-	logContains(t, h, "a request never completes")
+	logContains(t, h, "queue worker has not stopped")
 	close(dev.gate) // the request ends; so does the session
 	if err := h.serveResult(); err != nil {
 		t.Logf("Serve: %v", err)
