@@ -389,6 +389,13 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if err != nil {
 		return nil, err
 	}
+	if plan.Net.Mode == NetNew && len(sandbox.HeldCapabilities([]sandbox.Capability{unix.CAP_SYS_ADMIN})) == 0 {
+		// A network namespace of the monitor's own needs CAP_SYS_ADMIN
+		// (krun-oci run by a user): the container gets no network, as
+		// such a config did before the monitor was given one.
+		g.log.warn("the config asks for a network namespace of its own, which needs CAP_SYS_ADMIN: the container gets no network")
+		plan.Net = NetPlan{Mode: NetNone}
+	}
 	if plan.Process.Terminal && o.consoleSocket == "" && !o.foreground {
 		return nil, errors.New("process.terminal needs --console-socket (the terminal's master is handed there)")
 	}

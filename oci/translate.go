@@ -182,7 +182,9 @@ func Translate(id, bundle string, spec *specs.Spec, opt translateOptions) (*Plan
 		p.Net = NetPlan{Mode: NetNone}
 	}
 	devs := reservedDevices + len(p.Shares)
-	if p.Net.Mode != NetNone {
+	if p.Net.Mode != NetNone && p.Net.Mode != NetNew {
+		// A new namespace may stay empty (no device): NewVM makes room
+		// for it if it can, as the config used to translate without one.
 		devs++
 	}
 	if devs > vmm.MaxDevices {

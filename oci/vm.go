@@ -143,12 +143,20 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 		}
 	}
 	c.SetRootOptions(map[string]string{"suid": "on"})
-	if p.Net.Mode != NetNone && !hasRoutableInterface() {
+	switch {
+	case p.Net.Mode == NetNone:
+	case !hasRoutableInterface():
 		// A namespace with only its loopback (podman --network none):
 		// passt would have nothing to serve, and the guest gets no
 		// network device.
 		log.Debug("no interface with an address in the network namespace: the guest gets no network")
-	} else if p.Net.Mode != NetNone {
+	case p.Net.Mode == NetNew && reservedDevices+len(p.Shares)+1 > vmm.MaxDevices:
+		// Translate counted no device for a namespace that might stay
+		// empty; the hooks configured it, but the bind mounts took
+		// every device.
+		log.Warn("the network namespace was configured, but the bind mounts take every device of the VM: the guest gets no network",
+			"shares", len(p.Shares), "devices", vmm.MaxDevices)
+	default:
 		if (p.Net.Mode == NetNS || p.Net.Mode == NetNew) && slices.Contains(p.Net.PasstArgs, "all") {
 			// passt listens on every port of the namespace: a
 			// socket per port, protocol and address family, far
