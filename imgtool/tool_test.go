@@ -201,7 +201,7 @@ func TestCheckResultExit(t *testing.T) {
 }
 
 func TestHumanSize(t *testing.T) {
-	for n, want := range map[int64]string{0: "0 B", 1000: "1000 B", 1024: "1 KiB", 208896: "204 KiB", 1 << 30: "1 GiB", 1536 << 20: "1.5 GiB", 3 << 40: "3 TiB"} {
+	for n, want := range map[int64]string{0: "0 B", 1000: "0.977 KiB", 999: "999 B", 1024: "1 KiB", 208896: "204 KiB", 1 << 30: "1 GiB", 1536 << 20: "1.5 GiB", 3 << 40: "3 TiB"} {
 		if got := humanSize(n); got != want {
 			t.Errorf("humanSize(%d) = %q, want %q", n, got, want)
 		}

@@ -348,7 +348,7 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 		cb:            uint(h.clusterBits),
 		l2Entries:     h.l2Entries(),
 		extL2:         h.extendedL2(),
-		size:          int64(h.size),
+		size:          int64(h.size &^ 511), // as QEMU: whole sectors (total_sectors)
 		extData:       h.incompat&incompatDataFile != 0,
 		rawData:       h.autoclear&autoclearDataFileRaw != 0,
 		compression:   h.compressionType,

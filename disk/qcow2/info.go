@@ -47,7 +47,7 @@ func (h *header) info(snaps []snapshot) Info {
 		Version:              int(h.version),
 		ClusterSize:          int64(h.clusterSize()),
 		RefcountBits:         int(h.refcountBits()),
-		VirtualSize:          int64(h.size),
+		VirtualSize:          int64(h.size &^ 511), // whole sectors, as QEMU
 		BackingFile:          sanitize(h.backingName),
 		BackingFormat:        sanitize(h.backingFormat),
 		DataFile:             sanitize(h.dataFileName),
