@@ -92,7 +92,7 @@ func (im *Image) loadRefblock(b, off uint64) (*table, error) {
 	if _, err := readFullAt(im.f, buf, int64(off)); err != nil {
 		return nil, fmt.Errorf("read refcount block at %#x: %w", off, err)
 	}
-	if first := b * im.rbEntries; !im.extData && first+im.rbEntries > im.fileClusters {
+	if first := b * im.rbEntries; first+im.rbEntries > im.fileClusters {
 		var dropped uint64
 		for i := max(im.fileClusters, first) - first; i < im.rbEntries; i++ {
 			if getRC(buf, im.rcBits, i) != 0 {

@@ -1,0 +1,77 @@
+package qcow2
+
+import (
+	"bytes"
+	"encoding/binary"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/krun-core/krun-core/disk"
+)
+
+// TestLeakedRefcountsPastEndExtData (from review, helper-91; fixed: an
+// external data file's clusters are mapped, not refcounted, so refcounts
+// past the qcow2 file's end are leaks there too): the same leak as
+// TestLeakedRefcountsPastEndIgnored, in an image with an external data
+// file. Its L2 tables are still allocated in the qcow2 file through its
+// refcounts, so a first refcount block of all ones sends the first new L2
+// table 32 GiB out.
+func TestLeakedRefcountsPastEndExtData(t *testing.T) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("no qemu-img")
+	}
+	dir := t.TempDir()
+	p := filepath.Join(dir, "leak.qcow2")
+	dp := filepath.Join(dir, "leak.data")
+	out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+		"refcount_bits=1,cluster_size=65536,data_file="+dp, p, "1G").CombinedOutput()
+	if err != nil {
+		t.Fatalf("qemu-img: %v: %s", err, out)
+	}
+	f := openFile(t, p, false)
+	var hb [64]byte
+	if _, err := f.ReadAt(hb[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	var e [8]byte
+	if _, err := f.ReadAt(e[:], int64(binary.BigEndian.Uint64(hb[48:]))); err != nil {
+		t.Fatal(err)
+	}
+	rb := int64(binary.BigEndian.Uint64(e[:]) & rtOffsetMask)
+	if rb == 0 {
+		t.Fatal("no refcount block")
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, 64<<10), rb); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := f.Stat()
+	small := st.Size()
+	f.Close()
+	res, cerr := Check(openFile(t, p, true), RepairNone)
+	t.Logf("check of the prepared image: corruptions %d, check errors %d, leaks %d, %v", res.Corruptions, res.CheckErrors, res.Leaks, cerr)
+
+	im, err := Open(openFile(t, p, false), Options{Path: p,
+		DataFile: &Layer{File: openFile(t, dp, false), Format: disk.Raw, Path: dp}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A write in the second L2 table's range needs a new L2 table.
+	if _, err := im.WriteAt(bytes.Repeat([]byte{0x5a}, 64<<10), 600<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err = os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() > small+64<<20 {
+		t.Fatalf("a %d-byte image (external data file) grew to %d bytes with one 64 KiB write", small, st.Size())
+	}
+}
