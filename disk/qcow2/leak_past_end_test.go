@@ -62,24 +62,8 @@ func TestLeakedRefcountsPastEndIgnored(t *testing.T) {
 				t.Fatalf("check of the prepared image: %+v, %v", res, err)
 			}
 
-			im := openImage(t, p, false)
 			data := bytes.Repeat([]byte{0x5a}, int(tc.cs))
-			if _, err := im.WriteAt(data, 3*tc.cs); err != nil {
-				t.Fatal(err)
-			}
-			if err := im.Flush(); err != nil {
-				t.Fatal(err)
-			}
-			if err := im.Close(); err != nil {
-				t.Fatal(err)
-			}
-			st, err = os.Stat(p)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st.Size() > small+64<<20 {
-				t.Fatalf("a %d-byte image grew to %d bytes with one %d-byte write", small, st.Size(), tc.cs)
-			}
+			writeStaysSmall(t, openImage(t, p, false), p, small, data, 3*tc.cs)
 
 			res, err = Check(openFile(t, p, true), RepairNone)
 			if err != nil || res.Corruptions+res.CheckErrors != 0 {
@@ -92,5 +76,28 @@ func TestLeakedRefcountsPastEndIgnored(t *testing.T) {
 				t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, data))
 			}
 		})
+	}
+}
+
+// writeStaysSmall writes data at off through im, flushes and closes it,
+// and fails unless the image file at p, small bytes before, grew by less
+// than 64 MiB.
+func writeStaysSmall(t *testing.T, im *Image, p string, small int64, data []byte, off int64) {
+	t.Helper()
+	if _, err := im.WriteAt(data, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() > small+64<<20 {
+		t.Fatalf("a %d-byte image grew to %d bytes with one %d-byte write", small, st.Size(), len(data))
 	}
 }
