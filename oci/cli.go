@@ -153,8 +153,9 @@ func usage(w io.Writer) {
 }
 
 // Main runs krun-oci with args (without argv[0]) and returns the exit
-// status: 0, 1 for a failure (one line on stderr, one in --log), or for
-// run and exec the process's own status.
+// status: 0, 1 for a failure (one line on stderr, one in --log; 255 for
+// exec's own, as runc's exec), or for run and exec the process's own
+// status.
 func Main(args []string, env *Env) int {
 	g := &globals{}
 	fs := flag.NewFlagSet("krun-oci", flag.ContinueOnError)

@@ -104,7 +104,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
 		user      = fs.String("user", "", "run the command as `USER[:GROUP]`, names (from the root's /etc/passwd and /etc/group) or numbers (default root)")
 		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
-		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails")
+		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails (at once for a plugin whose device says its requests must not be replayed)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
 		disks     multiFlag
 		shares    multiFlag

@@ -30,7 +30,8 @@ const serveUsage = `usage: krun-core serve --socket PATH DEVICE [options]
 Serves one device plugin as a standard vhost-user back-end on the unix socket
 PATH (created, and removed on exit). Front-ends may disconnect and connect
 again. A disk's, network device's or --plugin's plugin that dies or stops
-answering is started again on the same socket (--plugin-restarts): a
+answering is started again on the same socket (--plugin-restarts; never a
+plugin whose device says its requests must not be replayed): a
 front-end that reconnects (QEMU's chardev option reconnect=1) carries on,
 and a vhost-user-blk front-end's requests in flight are replayed
 (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). SIGTERM or SIGINT flushes the

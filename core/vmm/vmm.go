@@ -269,7 +269,8 @@ func (c *Context) SetKeepPrivileges(keep bool) { c.keepPrivileges = keep }
 
 // SetPluginRestarts sets how often a plugin that dies or stops answering
 // is started again (block and network devices and third-party plugins;
-// virtio-fs and the console are not restarted): the zero policy allows
+// virtio-fs, the console and a plugin whose DeviceInfo says no_restart are
+// not restarted): the zero policy allows
 // pluginhost.DefaultRestartMax restarts within
 // pluginhost.DefaultRestartWindow; a negative Max turns restarts off. A
 // device whose plugin dies once more fails (DEVICE_NEEDS_RESET).

@@ -317,6 +317,7 @@ func DecimalInt(fs *flag.FlagSet, name string, def, lo, hi int, usage string) *i
 		v = int(n)
 		return nil
 	})
+	fs.Lookup(name).DefValue = strconv.Itoa(def) // help shows it, as flag.Int's
 	return &v
 }
 

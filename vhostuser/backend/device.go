@@ -138,8 +138,10 @@ type Producer interface {
 // its own (a network link going down). When the device implements it, the
 // framework offers VHOST_USER_PROTOCOL_F_BACKEND_REQ, and for every value
 // ConfigChanges delivers while a front-end that gave a back-end request
-// channel is connected, sends it VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. The
-// channel should be buffered (one pending change is enough).
+// channel is connected, sends it VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
+// without ever blocking: a front-end that does not read its channel loses
+// the message (a warning says so), and the next change tells the same.
+// The channel should be buffered (one pending change is enough).
 type ConfigChanger interface {
 	ConfigChanges() <-chan struct{}
 }
