@@ -2,7 +2,6 @@ package qcow2
 
 import (
 	"bytes"
-	"encoding/binary"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -30,21 +29,7 @@ func TestLeakedRefcountsPastEndExtData(t *testing.T) {
 		t.Fatalf("qemu-img: %v: %s", err, out)
 	}
 	f := openFile(t, p, false)
-	var hb [64]byte
-	if _, err := f.ReadAt(hb[:], 0); err != nil {
-		t.Fatal(err)
-	}
-	var e [8]byte
-	if _, err := f.ReadAt(e[:], int64(binary.BigEndian.Uint64(hb[48:]))); err != nil {
-		t.Fatal(err)
-	}
-	rb := int64(binary.BigEndian.Uint64(e[:]) & rtOffsetMask)
-	if rb == 0 {
-		t.Fatal("no refcount block")
-	}
-	if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, 64<<10), rb); err != nil {
-		t.Fatal(err)
-	}
+	fillFirstRefblock(t, f, 64<<10)
 	st, _ := f.Stat()
 	small := st.Size()
 	f.Close()

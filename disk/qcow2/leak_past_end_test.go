@@ -33,21 +33,7 @@ func TestLeakedRefcountsPastEndIgnored(t *testing.T) {
 			if err := Create(f, CreateOptions{Size: 1 << 30, ClusterSize: tc.cs, RefcountBits: tc.bits}); err != nil {
 				t.Fatal(err)
 			}
-			var hb [64]byte
-			if _, err := f.ReadAt(hb[:], 0); err != nil {
-				t.Fatal(err)
-			}
-			var e [8]byte
-			if _, err := f.ReadAt(e[:], int64(binary.BigEndian.Uint64(hb[48:]))); err != nil {
-				t.Fatal(err)
-			}
-			rb := int64(binary.BigEndian.Uint64(e[:]) & rtOffsetMask)
-			if rb == 0 {
-				t.Fatal("no first refcount block; the test proves nothing")
-			}
-			if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, int(tc.cs)), rb); err != nil {
-				t.Fatal(err)
-			}
+			fillFirstRefblock(t, f, tc.cs)
 			st, _ := f.Stat()
 			small := st.Size()
 			f.Close()
@@ -99,5 +85,26 @@ func writeStaysSmall(t *testing.T, im *Image, p string, small int64, data []byte
 	}
 	if st.Size() > small+64<<20 {
 		t.Fatalf("a %d-byte image grew to %d bytes with one %d-byte write", small, st.Size(), len(data))
+	}
+}
+
+// fillFirstRefblock sets every refcount of the first refcount block of the
+// image in f (cs-byte clusters) to its maximum of 1 bit or more: all ones.
+func fillFirstRefblock(t *testing.T, f *os.File, cs int64) {
+	t.Helper()
+	var hb [64]byte
+	if _, err := f.ReadAt(hb[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	var e [8]byte
+	if _, err := f.ReadAt(e[:], int64(binary.BigEndian.Uint64(hb[48:]))); err != nil {
+		t.Fatal(err)
+	}
+	rb := int64(binary.BigEndian.Uint64(e[:]) & rtOffsetMask)
+	if rb == 0 {
+		t.Fatal("no first refcount block; the test proves nothing")
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, int(cs)), rb); err != nil {
+		t.Fatal(err)
 	}
 }
