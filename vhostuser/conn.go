@@ -121,15 +121,13 @@ func (c *Conn) UnixConn() *net.UnixConn { return c.uc }
 // Send writes one message: header, payload and files in one sendmsg. The
 // files stay owned by the caller.
 func (c *Conn) Send(req Request, flags uint32, payload []byte, files []*os.File) error {
-	if len(payload) > MaxPayloadSize {
-		return fmt.Errorf("send %v: %w: %d bytes", req, ErrPayloadTooBig, len(payload))
-	}
 	if len(files) > MaxFDs {
 		return fmt.Errorf("send %v: %w: %d", req, ErrTooManyFDs, len(files))
 	}
-	buf := make([]byte, HeaderSize+len(payload))
-	Header{Request: req, Flags: flags, Size: uint32(len(payload))}.Encode(buf)
-	copy(buf[HeaderSize:], payload)
+	buf, err := encodeMessage(req, flags, payload)
+	if err != nil {
+		return err
+	}
 
 	var oob []byte
 	if len(files) > 0 {
@@ -172,12 +170,10 @@ func (c *Conn) Send(req Request, flags uint32, payload []byte, files []*os.File)
 // the socket took in part is finished within partialWait, or the socket
 // is left mid-message and the error says so.
 func (c *Conn) SendNoWait(req Request, flags uint32, payload []byte) error {
-	if len(payload) > MaxPayloadSize {
-		return fmt.Errorf("send %v: %w: %d bytes", req, ErrPayloadTooBig, len(payload))
+	buf, err := encodeMessage(req, flags, payload)
+	if err != nil {
+		return err
 	}
-	buf := make([]byte, HeaderSize+len(payload))
-	Header{Request: req, Flags: flags, Size: uint32(len(payload))}.Encode(buf)
-	copy(buf[HeaderSize:], payload)
 	rc, err := c.uc.SyscallConn()
 	if err != nil {
 		return fmt.Errorf("send %v: %w", req, err)
@@ -223,6 +219,17 @@ var ErrWouldBlock = errors.New("the peer is not reading: its socket buffer is fu
 // ErrPartialSend: SendNoWait sent part of a message and could not finish
 // it; the stream is left mid-message.
 var ErrPartialSend = errors.New("the peer stopped reading in the middle of a message")
+
+// encodeMessage lays out one message: header, then payload.
+func encodeMessage(req Request, flags uint32, payload []byte) ([]byte, error) {
+	if len(payload) > MaxPayloadSize {
+		return nil, fmt.Errorf("send %v: %w: %d bytes", req, ErrPayloadTooBig, len(payload))
+	}
+	buf := make([]byte, HeaderSize+len(payload))
+	Header{Request: req, Flags: flags, Size: uint32(len(payload))}.Encode(buf)
+	copy(buf[HeaderSize:], payload)
+	return buf, nil
+}
 
 // SendMessage sends m (Request, Flags, Payload, Files).
 func (c *Conn) SendMessage(m *Message) error {

@@ -191,6 +191,15 @@ func KernelStateFS(fsType int64) (string, bool) {
 	return name, ok
 }
 
+// refuseHostMemory is the error for st, what (path) is, when it is a host
+// memory device (HostMemoryDevice), else nil.
+func refuseHostMemory(what, path string, st *unix.Stat_t) error {
+	if name, bad := HostMemoryDevice(st); bad {
+		return fmt.Errorf("%s %q is %s, the host's memory or I/O ports: no plugin is handed that", what, path, name)
+	}
+	return nil
+}
+
 // HostMemoryDevice names st when it is a character device through which a
 // process reads or writes the host's physical memory, kernel memory or I/O
 // ports (/dev/mem, /dev/kmem, /dev/port: major 1, minors 1, 2 and 4).
@@ -235,8 +244,8 @@ func openAs(what, path string, flags int, want string, types ...uint32) (*os.Fil
 	// not this kernel has the driver behind it.
 	var pre unix.Stat_t
 	if unix.Stat(path, &pre) == nil {
-		if name, bad := HostMemoryDevice(&pre); bad {
-			return nil, fmt.Errorf("%s %q is %s, the host's memory or I/O ports: no plugin is handed that", what, path, name)
+		if err := refuseHostMemory(what, path, &pre); err != nil {
+			return nil, err
 		}
 	}
 	fd, err := unix.Open(path, flags|unix.O_CLOEXEC|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
@@ -255,9 +264,9 @@ func openAs(what, path string, flags int, want string, types ...uint32) (*os.Fil
 		unix.Close(fd)
 		return nil, fmt.Errorf("%s %q is not %s", what, path, want)
 	}
-	if name, bad := HostMemoryDevice(&st); bad {
+	if err := refuseHostMemory(what, path, &st); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("%s %q is %s, the host's memory or I/O ports: no plugin is handed that", what, path, name)
+		return nil, err
 	}
 	var sfs unix.Statfs_t
 	if err := unix.Fstatfs(fd, &sfs); err == nil {

@@ -202,8 +202,8 @@ func (p *PluginSpec) Check() error {
 	for _, f := range p.Files {
 		var st unix.Stat_t
 		if err := unix.Stat(f.Path, &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFCHR {
-			if name, bad := HostMemoryDevice(&st); bad {
-				return fmt.Errorf("file %s %q is %s, the host's memory or I/O ports: no plugin is handed that", f.Name, f.Path, name)
+			if err := refuseHostMemory("file "+f.Name, f.Path, &st); err != nil {
+				return err
 			}
 			if err := unix.Access(f.Path, accessMode(f.Write)); err != nil {
 				return fmt.Errorf("file %s: %w", f.Name, &os.PathError{Op: "open", Path: f.Path, Err: err})
