@@ -36,7 +36,7 @@ type listFlag []string
 func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
 
-func cmdExec(g *globals, args []string, env *Env) error {
+func cmdExec(g *globals, args []string, env *Env) (err error) {
 	fs := flag.NewFlagSet("exec", flag.ContinueOnError)
 	var (
 		consoleSocket, cwd, user, processPath, pidFile string
@@ -75,44 +75,7 @@ func cmdExec(g *globals, args []string, env *Env) error {
 	// that a caller tells it from the process's own status 1: CRI-O's
 	// streaming exec hands the runtime's status back as the command's
 	// (found in review, helper-90).
-	return execFailed(execCommand(g, env, id, rest, execOptions{consoleSocket: consoleSocket, cwd: cwd, user: user,
-		processPath: processPath, pidFile: pidFile, tty: tty, detach: detach, noNewPrivs: noNewPrivs,
-		envs: envs, gids: gids, caps: caps, preserveFDs: preserveFDs}))
-}
-
-// execOptions are exec's flags.
-type execOptions struct {
-	consoleSocket, cwd, user, processPath, pidFile string
-	tty, detach, noNewPrivs                        bool
-	envs, gids, caps                               listFlag
-	preserveFDs                                    int
-}
-
-// execFailedStatus is exec's status for its own failures, runc's.
-const execFailedStatus = 255
-
-// execFailed marks err, a failure of exec itself, for Main's 255.
-func execFailed(err error) error {
-	var st exitStatus
-	if err == nil || errors.As(err, &st) {
-		return err
-	}
-	return &runtimeFailure{err: err, status: execFailedStatus}
-}
-
-// runtimeFailure is a command's own failure with a status other than 1.
-type runtimeFailure struct {
-	err    error
-	status int
-}
-
-func (r *runtimeFailure) Error() string { return r.err.Error() }
-func (r *runtimeFailure) Unwrap() error { return r.err }
-
-func execCommand(g *globals, env *Env, id string, rest []string, o execOptions) error {
-	consoleSocket, cwd, user, processPath, pidFile := o.consoleSocket, o.cwd, o.user, o.processPath, o.pidFile
-	tty, detach, noNewPrivs := o.tty, o.detach, o.noNewPrivs
-	envs, gids, caps, preserveFDs := o.envs, o.gids, o.caps, o.preserveFDs
+	defer func() { err = execFailed(err) }()
 	if preserveFDs > 0 {
 		return errors.New("--preserve-fds: open files cannot be passed into a VM")
 	}
@@ -457,3 +420,24 @@ func rawMode(f *os.File) (func(), error) {
 	}
 	return func() { unix.IoctlSetTermios(int(f.Fd()), unix.TCSETS, old) }, nil
 }
+
+// execFailedStatus is exec's status for its own failures, runc's.
+const execFailedStatus = 255
+
+// execFailed marks err, a failure of exec itself, for Main's 255.
+func execFailed(err error) error {
+	var st exitStatus
+	if err == nil || errors.As(err, &st) {
+		return err
+	}
+	return &runtimeFailure{err: err, status: execFailedStatus}
+}
+
+// runtimeFailure is a command's own failure with a status other than 1.
+type runtimeFailure struct {
+	err    error
+	status int
+}
+
+func (r *runtimeFailure) Error() string { return r.err.Error() }
+func (r *runtimeFailure) Unwrap() error { return r.err }
