@@ -7,6 +7,8 @@ package disk
 
 import (
 	"errors"
+	"fmt"
+	"sync/atomic"
 
 	"github.com/krun-core/krun-core/devopts"
 )
@@ -59,3 +61,19 @@ var ErrOutOfRange = errors.New("access beyond end of disk")
 // (page_cache_inconsistent), the failure sticks until the image is opened
 // again.
 var ErrSyncFailed = errors.New("an earlier sync of the image failed: what was written since the last successful flush may be lost")
+
+// SyncLatch remembers the first failed sync of an image, so that every
+// later Flush fails (ErrSyncFailed). Reading it is one atomic load: it
+// sits on the write paths.
+type SyncLatch struct{ first atomic.Pointer[error] }
+
+// Fail records err unless a failure was recorded already.
+func (l *SyncLatch) Fail(err error) { l.first.CompareAndSwap(nil, &err) }
+
+// Err is ErrSyncFailed with the first failure, or nil.
+func (l *SyncLatch) Err() error {
+	if e := l.first.Load(); e != nil {
+		return fmt.Errorf("%w (%v)", ErrSyncFailed, *e)
+	}
+	return nil
+}

@@ -66,11 +66,11 @@ type Image struct {
 	// changes metadata holds it exclusively.
 	mu sync.RWMutex
 
-	f        ioFile     // the qcow2 file
-	data     ioFile     // where guest data lives: f, or the external data file
-	syncSt   *syncState // the first failed sync of f or data (guarded)
-	file     *os.File   // f's file, closed by Close
-	dataFile *os.File   // the external data file, if any
+	f        ioFile          // the qcow2 file
+	data     ioFile          // where guest data lives: f, or the external data file
+	synced   *disk.SyncLatch // the first failed sync of f or data (guarded)
+	file     *os.File        // f's file, closed by Close
+	dataFile *os.File        // the external data file, if any
 	h        *header
 	name     string
 	ro       bool
@@ -155,64 +155,48 @@ type ioFile interface {
 	WriteDurable(p []byte, off int64) error
 }
 
-// syncState is an image's first failed sync, shared by its files
-// (guarded).
-type syncState struct {
-	mu  sync.Mutex
-	err error
-}
-
-func (s *syncState) failed() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.err == nil {
-		return nil
-	}
-	return fmt.Errorf("%w (%v); the image takes no more writes until it is opened again", disk.ErrSyncFailed, s.err)
-}
-
-func (s *syncState) fail(err error) {
-	s.mu.Lock()
-	if s.err == nil {
-		s.err = err
-	}
-	s.mu.Unlock()
-}
-
 // guarded is an image file that refuses every write and sync once a sync
 // of the image failed (disk.ErrSyncFailed): what it wrote since its last
 // good sync may be lost, and metadata written now (an L1 table over L2
 // tables the kernel dropped) would make that corruption.
 type guarded struct {
 	ioFile
-	st *syncState
+	synced *disk.SyncLatch
+}
+
+// failed is the latch's error, saying what it means for the image.
+func (g guarded) failed() error {
+	if err := g.synced.Err(); err != nil {
+		return fmt.Errorf("%w; the image takes no more writes until it is opened again", err)
+	}
+	return nil
 }
 
 func (g guarded) WriteAt(p []byte, off int64) (int, error) {
-	if err := g.st.failed(); err != nil {
+	if err := g.failed(); err != nil {
 		return 0, err
 	}
 	return g.ioFile.WriteAt(p, off)
 }
 
 func (g guarded) Sync() error {
-	if err := g.st.failed(); err != nil {
+	if err := g.failed(); err != nil {
 		return err
 	}
 	err := g.ioFile.Sync()
 	if err != nil {
-		g.st.fail(err)
+		g.synced.Fail(err)
 	}
 	return err
 }
 
 func (g guarded) WriteDurable(p []byte, off int64) error {
-	if err := g.st.failed(); err != nil {
+	if err := g.failed(); err != nil {
 		return err
 	}
 	err := g.ioFile.WriteDurable(p, off)
 	if err != nil {
-		g.st.fail(err)
+		g.synced.Fail(err)
 	}
 	return err
 }
@@ -334,10 +318,10 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	if h.incompat&incompatCorrupt != 0 && !opts.ReadOnly {
 		return nil, fmt.Errorf("image %s: %w: the image is marked corrupt; open it read-only or repair it (qemu-img check -r all)", name, ErrCorrupt)
 	}
-	sst := &syncState{}
+	synced := &disk.SyncLatch{}
 	im := &Image{
-		f:             guarded{osFile{f}, sst},
-		syncSt:        sst,
+		f:             guarded{osFile{f}, synced},
+		synced:        synced,
 		file:          f,
 		h:             h,
 		name:          name,
@@ -498,7 +482,7 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 		return fmt.Errorf("%w: data file %s is the same file as %s", ErrBacking, opts.DataFile.Path, prev)
 	}
 	st.seen[id] = opts.DataFile.Path
-	im.data = guarded{osFile{opts.DataFile.File}, im.syncSt}
+	im.data = guarded{osFile{opts.DataFile.File}, im.synced}
 	im.dataFile = opts.DataFile.File
 	return nil
 }

@@ -44,8 +44,8 @@ type Disk struct {
 	noZeroRange atomic.Bool
 	noPunchHole atomic.Bool
 	noAllocate  atomic.Bool
-	// syncErr is the first failed fdatasync (disk.ErrSyncFailed).
-	syncErr atomic.Pointer[error]
+	// synced remembers a failed fdatasync (disk.ErrSyncFailed).
+	synced disk.SyncLatch
 	// blockDev: a block device refuses a range not aligned to its
 	// logical sectors with EINVAL, which says nothing of later ranges.
 	blockDev bool
@@ -273,8 +273,8 @@ func (d *Disk) Flush() error {
 	if d.closed.Load() {
 		return ErrClosed
 	}
-	if e := d.syncErr.Load(); e != nil {
-		return fmt.Errorf("raw: %w (%v)", disk.ErrSyncFailed, *e)
+	if err := d.synced.Err(); err != nil {
+		return fmt.Errorf("raw: %w", err)
 	}
 	for {
 		err := unix.Fdatasync(d.fd)
@@ -283,7 +283,7 @@ func (d *Disk) Flush() error {
 		}
 		if err != nil {
 			err = fmt.Errorf("raw: fdatasync: %w", err)
-			d.syncErr.CompareAndSwap(nil, &err)
+			d.synced.Fail(err)
 			return err
 		}
 		return nil
