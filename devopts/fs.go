@@ -115,10 +115,7 @@ func ParseOnOff(key, v string) (bool, error) {
 // Decimal parses a non-negative decimal number, digits only: no sign, no
 // 0x, no underscores (strconv.Atoi takes +4, and flag.Int 010 as 8).
 func Decimal(s string) (int, bool) {
-	if s == "" || strings.Trim(s, "0123456789") != "" {
-		return 0, false
-	}
-	n, err := strconv.ParseUint(s, 10, 31)
+	n, err := strconv.ParseUint(s, 10, 31) // base 10: no sign, 0x or _
 	return int(n), err == nil
 }
 
