@@ -23,6 +23,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	hclog "github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
@@ -300,7 +301,15 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 	if st.Code() == codes.DeadlineExceeded && ctx.Err() != nil {
 		return fmt.Errorf("plugin %s (pid %d): %s: no answer in time: %w", p.kind, p.Pid(), op, context.DeadlineExceeded)
 	}
-	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(st.Message()))
+	msg := st.Message()
+	if len(msg) > maxStatusMessage {
+		n := maxStatusMessage
+		for n > 0 && !utf8.RuneStart(msg[n]) {
+			n--
+		}
+		msg = msg[:n] + "..."
+	}
+	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(msg))
 }
 
 // DeviceInfo is the virtio device a plugin serves.

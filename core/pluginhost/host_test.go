@@ -39,7 +39,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	for out, pkg := range map[string]string{ExecutableName("test"): "./testdata/testplugin",
-		ExecutableName("null"): "../../examples/plugin-null", sandbox.TrampolineName: "../../cmd/krun-sandbox-exec"} {
+		ExecutableName("hostilegrpc"): "./testdata/hostilegrpc",
+		ExecutableName("null"):        "../../examples/plugin-null", sandbox.TrampolineName: "../../cmd/krun-sandbox-exec"} {
 		build := exec.Command("go", "build", "-o", filepath.Join(dir, out), pkg)
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := build.CombinedOutput(); err != nil {

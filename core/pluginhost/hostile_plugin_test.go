@@ -76,7 +76,7 @@ func TestPluginLogCannotForgeHostLines(t *testing.T) {
 	} {
 		var buf bytes.Buffer
 		host := hclog.New(&hclog.LoggerOptions{Name: "krun-core", Output: &buf, Level: hclog.Info})
-		l := newPluginLog(host.Named("krun-plugin-blk-raw"), "blk-raw")
+		l := newPluginLog(host.Named("krun-plugin-blk-raw"), "blk-raw", nil)
 		l.Write([]byte(in + "\n"))
 		out := strings.TrimRight(buf.String(), "\n")
 		if lines := strings.Split(out, "\n"); len(lines) != 1 || strings.Contains(out, "\r") {

@@ -21,6 +21,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
+
+	"github.com/krun-core/krun-core/internal/ratelog"
 )
 
 // ProcessConfig describes the start of one plugin process, whatever gRPC
@@ -87,8 +89,12 @@ type Process struct {
 	stopping  atomic.Bool // Kill (or a Shutdown) was asked for
 	closeOnce sync.Once
 	// stdoutErr is why go-plugin stopped reading the plugin's stdout
-	// before the handshake line (a line over 64 KiB), if it did.
-	stdoutErr atomic.Pointer[string]
+	// before the handshake line (a line over 64 KiB, a handshake the
+	// runner refused), if it did.
+	stdoutErr atomic.Pointer[error]
+	// stdioLog spaces go-plugin's warnings about the plugin's stdio
+	// stream, which the plugin can cause at will.
+	stdioLog ratelog.Limiter
 }
 
 // clientPlugin is the host half of go-plugin's GRPCPlugin for any service.
@@ -204,8 +210,9 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		p.run = r
 		return r, nil
 	}
+	budget := newLogBudget() // its stderr's and its stdio stream's lines
 	stderrOf := func() io.Writer {
-		return io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind))
+		return io.MultiWriter(p.stderr, newPluginLog(log.Named(ExecutableName(cfg.Kind)), cfg.Kind, budget))
 	}
 	p.client = plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  cfg.Handshake,
@@ -226,7 +233,14 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		// gone once the host is connected (go-plugin's stdio and broker
 		// streams keep the channel busy anyway, but a plugin can end
 		// them).
-		GRPCDialOptions: append([]grpc.DialOption{grpc.WithIdleTimeout(0)}, cfg.DialOptions...),
+		GRPCDialOptions: append([]grpc.DialOption{
+			grpc.WithIdleTimeout(0),
+			// A failed RPC's status message comes in HTTP/2 trailers,
+			// which the reply size limit does not cover (gRPC's default
+			// is 16 MiB of headers).
+			grpc.WithMaxHeaderListSize(maxHeaderListBytes),
+			grpc.WithChainStreamInterceptor(refuseBroker),
+		}, cfg.DialOptions...),
 	})
 
 	start := time.Now()
@@ -241,17 +255,7 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		p.removeSockDir()
 		return nil, err
 	}
-	raw, err := p.client.Client()
-	if err == nil {
-		p.stub, err = raw.Dispense(cfg.Service)
-	}
-	if gc, ok := raw.(*plugin.GRPCClient); ok && err == nil {
-		// go-plugin dials without blocking, and takes a failure to open
-		// its first stream (stdio) as a plugin without one: the
-		// connection may still be on its way, and needs the socket.
-		err = waitReady(gc.Conn, start.Add(hsTimeout))
-	}
-	if err != nil {
+	if err := p.connect(cfg.Service, start, hsTimeout); err != nil {
 		p.Kill()
 		return nil, fmt.Errorf("plugin %s: connect: %w", cfg.Kind, err)
 	}
@@ -263,6 +267,43 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	// review).
 	p.removeSockDir()
 	return p, nil
+}
+
+// connect makes go-plugin's gRPC client and the service's stub, by the
+// deadline. go-plugin's Client opens its stdio stream with a context that
+// ends only with the process, so a plugin that completed the handshake and
+// then allows no HTTP/2 stream (SETTINGS_MAX_CONCURRENT_STREAMS 0) would
+// hold it, and the host's launch, for good: past the deadline the process
+// is killed, which ends that stream (found in review).
+func (p *Process) connect(service string, start time.Time, timeout time.Duration) error {
+	deadline := start.Add(timeout)
+	done := make(chan error, 1)
+	go func() {
+		raw, err := p.client.Client()
+		if err == nil {
+			p.stub, err = raw.Dispense(service)
+		}
+		if gc, ok := raw.(*plugin.GRPCClient); ok && err == nil {
+			// go-plugin dials without blocking, and takes a failure to
+			// open its first stream (stdio) as a plugin without one: the
+			// connection may still be on its way, and needs the socket.
+			err = waitReady(gc.Conn, deadline)
+		}
+		done <- err
+	}()
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+	}
+	// Not p.Kill: go-plugin's Kill takes the lock its Client holds.
+	p.stopping.Store(true)
+	p.run.MarkStopping()
+	_ = p.run.Kill(context.Background())
+	<-done // the stream ends with the process (its pipes within pipeDrainGrace)
+	return fmt.Errorf("%w: no gRPC connection within %v of the start (the plugin accepts no gRPC stream); the host stopped it", ErrHandshakeTimeout, timeout)
 }
 
 // waitReady waits until conn is connected, at most until deadline.
@@ -301,7 +342,11 @@ func (p *Process) startError(err error, took, timeout time.Duration) error {
 	const unrecognized = "Unrecognized remote plugin message: "
 	if why := p.stdoutErr.Load(); why != nil && strings.HasPrefix(msg, unrecognized) {
 		// go-plugin stopped reading stdout, then killed the plugin.
-		return fmt.Errorf("plugin %s: handshake: its stdout could not be read before the handshake line (%s: a line over 64 KiB?); the host stopped it", p.kind, oneLine(*why))
+		var refused *handshakeRefused
+		if errors.As(*why, &refused) {
+			return fmt.Errorf("plugin %s: handshake: %s; the host stopped it", p.kind, refused.why)
+		}
+		return fmt.Errorf("plugin %s: handshake: its stdout could not be read before the handshake line (%s: a line over 64 KiB?); the host stopped it", p.kind, oneLine((*why).Error()))
 	}
 	exited := strings.Contains(msg, "plugin exited before we could connect") ||
 		msg == unrecognized || strings.HasPrefix(msg, unrecognized+"\n")
@@ -456,6 +501,27 @@ func (p *Process) removeSockDir() {
 	}
 }
 
+// maxHeaderListBytes bounds the HTTP/2 headers and trailers of a plugin's
+// reply (a failed RPC's status message travels there).
+const maxHeaderListBytes = 64 << 10
+
+// maxStatusMessage bounds the part of a failed RPC's status message that
+// goes into the error (the log, the user's terminal).
+const maxStatusMessage = 4 << 10
+
+// brokerStream is go-plugin's broker stream, which its client opens to
+// every plugin. krun-core brokers no connections, and a plugin that knocks
+// for new service ids makes go-plugin keep each message for the plugin's
+// life: the stream is refused.
+const brokerStream = "/plugin.GRPCBroker/StartStream"
+
+func refuseBroker(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	if method == brokerStream {
+		return nil, status.Error(codes.Unimplemented, "krun-core uses no go-plugin broker")
+	}
+	return streamer(ctx, desc, cc, method, opts...)
+}
+
 // quietLogger is the logger go-plugin's client gets: the messages it logs
 // about an exit the host asked for (Shutdown, Kill) go to Debug instead of
 // Error and Warn, so that they do not read like failures, and so does its
@@ -477,10 +543,21 @@ var offLogger = hclog.New(&hclog.LoggerOptions{Level: hclog.Off, Output: io.Disc
 // into (named after the executable); "stdio" is its gRPC stdio channel.
 func (q quietLogger) Named(name string) hclog.Logger {
 	if name == "stdio" {
-		return q.Logger.Named(name)
+		// It warns for every message on a channel it does not know,
+		// which a compromised plugin can send in a loop.
+		return spacedLogger{q.Logger.Named(name), &q.p.stdioLog}
 	}
 	return offLogger
 }
+
+// spacedLogger passes its warnings and errors through a ratelog.Limiter.
+type spacedLogger struct {
+	hclog.Logger
+	limit *ratelog.Limiter
+}
+
+func (l spacedLogger) Warn(msg string, args ...interface{})  { l.limit.Warn(l.Logger, msg, args...) }
+func (l spacedLogger) Error(msg string, args ...interface{}) { l.limit.Error(l.Logger, msg, args...) }
 
 func (q quietLogger) Error(msg string, args ...interface{}) {
 	if msg == "plugin process exited" {
@@ -489,9 +566,13 @@ func (q quietLogger) Error(msg string, args ...interface{}) {
 	}
 	if msg == "error encountered while scanning stdout" {
 		// The launch's error says it, once. args is "error", the error.
-		why := msg
+		why := errors.New(msg)
 		if len(args) > 0 {
-			why = fmt.Sprint(args[len(args)-1])
+			if err, ok := args[len(args)-1].(error); ok {
+				why = err
+			} else {
+				why = errors.New(fmt.Sprint(args[len(args)-1]))
+			}
 		}
 		q.p.stdoutErr.Store(&why)
 		q.Logger.Debug(msg, args...)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/internal/lines"
+	"github.com/krun-core/krun-core/internal/ratelog"
 )
 
 // maxLogLine bounds one line of a plugin's stderr; a longer one is logged
@@ -29,16 +30,42 @@ const maxLogLine = 64 << 10
 // A line that is not JSON (a Go panic, a runtime error) is logged at the
 // level its "[LEVEL]" prefix names, at ERROR from a "panic: " or "fatal
 // error: " line on, and otherwise at DEBUG.
+//
+// A plugin may be compromised, and the rate limits of its own log are its
+// own code: the lines it makes the host log are bounded by a budget
+// (logBudget), which a start's or a panic trace's burst passes whole; the
+// next line logged after a refusal says how many were dropped
+// (plugin_lines_dropped).
 type pluginLog struct {
-	log  hclog.Logger
-	kind string
+	log    hclog.Logger
+	kind   string
+	budget *ratelog.Budget
 
 	w       *lines.Writer
 	inPanic bool // under w's lock
 }
 
-func newPluginLog(log hclog.Logger, kind string) *pluginLog {
-	l := &pluginLog{log: log, kind: kind}
+// A plugin's log lines are re-logged in bursts of up to logBurst, then at
+// logPerSecond a second: a plugin logging at INFO, or a panic's trace of
+// every goroutine, stays well inside; a flood does not become the host's.
+const (
+	logBurst     = 1000
+	logPerSecond = 200
+)
+
+// newLogBudget is the budget the re-logged lines of one plugin process
+// share (its stderr and its stdio stream's).
+func newLogBudget() *ratelog.Budget {
+	return &ratelog.Budget{Burst: logBurst, PerSecond: logPerSecond}
+}
+
+// newPluginLog re-logs a plugin's lines into log under the budget (nil: a
+// budget of its own).
+func newPluginLog(log hclog.Logger, kind string, budget *ratelog.Budget) *pluginLog {
+	if budget == nil {
+		budget = newLogBudget()
+	}
+	l := &pluginLog{log: log, kind: kind, budget: budget}
 	l.w = &lines.Writer{Max: maxLogLine, Line: l.line}
 	return l
 }
@@ -53,10 +80,7 @@ func (w *pluginLog) line(b []byte) {
 	}
 	if b[0] == '{' {
 		if level, msg, args, ok := w.parseJSON(b); ok {
-			if cur := w.log.GetLevel(); cur != hclog.NoLevel && level < cur {
-				return
-			}
-			w.log.Log(level, cli.Printable(msg), args...)
+			w.logLine(level, cli.Printable(msg), args)
 			return
 		}
 	}
@@ -75,7 +99,23 @@ func (w *pluginLog) line(b []byte) {
 	if w.inPanic {
 		level = hclog.Error
 	}
-	w.log.Log(level, cli.Printable(raw))
+	w.logLine(level, cli.Printable(raw), nil)
+}
+
+// logLine logs one line of the plugin's at level if the host's level
+// takes it and the budget allows it.
+func (w *pluginLog) logLine(level hclog.Level, msg string, args []any) {
+	if cur := w.log.GetLevel(); cur != hclog.NoLevel && level < cur {
+		return // not logged, so not counted against the budget
+	}
+	ok, dropped := w.budget.Allow()
+	if !ok {
+		return
+	}
+	if dropped > 0 {
+		args = append(args, "plugin_lines_dropped", dropped)
+	}
+	w.log.Log(level, msg, args...)
 }
 
 // parseJSON reads one hclog JSON line: its level, message and the other

@@ -15,7 +15,7 @@ import (
 func TestRelogQuotesRawC1Bytes(t *testing.T) {
 	var out bytes.Buffer
 	log := hclog.New(&hclog.LoggerOptions{Output: &out, Level: hclog.Error})
-	l := newPluginLog(log, "blk-raw")
+	l := newPluginLog(log, "blk-raw", nil)
 	l.Write([]byte("[ERROR] x\x9b2J\x9b1;1H\n"))
 	if !bytes.Contains(out.Bytes(), []byte("[ERROR]")) {
 		t.Fatalf("line not re-logged: %q", out.String())

@@ -22,7 +22,7 @@ func TestPluginLogKeepsTypes(t *testing.T) {
 	line := pluginLine(t, "info", "serving raw image", "image", "/tmp/x.img", "bytes", int64(1<<30),
 		"big", uint64(1<<63+5), "ratio", 0.5, "readonly", false, "note", "two words")
 	var host bytes.Buffer
-	w := newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &host, JSONFormat: true, Level: hclog.Info}).Named("krun-plugin-blk-raw"), "blk-raw")
+	w := newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &host, JSONFormat: true, Level: hclog.Info}).Named("krun-plugin-blk-raw"), "blk-raw", nil)
 	// go-plugin writes the line and its newline separately; split it
 	// further to check reassembly.
 	for _, piece := range []string{line[:7], line[7:]} {
@@ -51,7 +51,7 @@ func TestPluginLogKeepsTypes(t *testing.T) {
 	}
 
 	var text bytes.Buffer
-	w = newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &text, Level: hclog.Info}), "blk-raw")
+	w = newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &text, Level: hclog.Info}), "blk-raw", nil)
 	w.Write([]byte(line))
 	got := text.String()
 	for _, s := range []string{"bytes=1073741824", "image=/tmp/x.img", `note="two words"`, "readonly=false"} {
@@ -66,7 +66,7 @@ func TestPluginLogKeepsTypes(t *testing.T) {
 
 func TestPluginLogLevelsAndPanics(t *testing.T) {
 	var out bytes.Buffer
-	w := newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &out, Level: hclog.Info}), "x")
+	w := newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &out, Level: hclog.Info}), "x", nil)
 	w.Write([]byte(pluginLine(t, "debug", "hidden detail")))
 	w.Write([]byte(pluginLine(t, "warn", "shown warning")))
 	w.Write([]byte("\n\r\n"))
@@ -89,7 +89,7 @@ func TestPluginLogLevelsAndPanics(t *testing.T) {
 
 func TestPluginLogLongLine(t *testing.T) {
 	var out bytes.Buffer
-	w := newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &out, Level: hclog.Trace}), "x")
+	w := newPluginLog(hclog.New(&hclog.LoggerOptions{Output: &out, Level: hclog.Trace}), "x", nil)
 	w.Write(bytes.Repeat([]byte("a"), 3*maxLogLine+10))
 	if n := strings.Count(out.String(), "\n"); n != 3 {
 		t.Errorf("%d lines logged for a line of 3 pieces and a rest, want 3", n)

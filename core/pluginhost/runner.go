@@ -1,6 +1,7 @@
 package pluginhost
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -68,7 +69,74 @@ func NewProcRunner(cmd *exec.Cmd, hint string) (*ProcRunner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
-	return &ProcRunner{cmd: cmd, path: path, stdout: stdout, stderr: stderr, done: make(chan struct{}), hint: hint}, nil
+	return &ProcRunner{cmd: cmd, path: path, stdout: &handshakeGuard{ReadCloser: stdout}, stderr: stderr, done: make(chan struct{}), hint: hint}, nil
+}
+
+// maxHandshakeLine is the longest first line go-plugin reads from a
+// plugin's stdout (its bufio.Scanner's limit).
+const maxHandshakeLine = 64 << 10
+
+// handshakeRefused is why handshakeGuard refused a plugin's handshake line.
+type handshakeRefused struct{ why string }
+
+func (e *handshakeRefused) Error() string { return e.why }
+
+// handshakeGuard hands a plugin's stdout to go-plugin once its first line,
+// the handshake, has been checked for what go-plugin would act on though
+// krun-core never asked for it: a sixth field is a TLS certificate for
+// go-plugin's AutoMTLS, whose loading writes into a TLS configuration
+// krun-core does not have (a nil pointer: the host crashed; found in
+// review). A refused line ends the stream with handshakeRefused, which
+// go-plugin reports as a failed read of stdout before the handshake.
+type handshakeGuard struct {
+	io.ReadCloser
+	checked bool
+	pending []byte // read and checked, not yet passed on
+	err     error
+}
+
+func (g *handshakeGuard) Read(p []byte) (int, error) {
+	if !g.checked {
+		g.checked = true
+		g.pending, g.err = checkHandshake(g.ReadCloser)
+	}
+	if len(g.pending) > 0 {
+		n := copy(p, g.pending)
+		g.pending = g.pending[n:]
+		return n, nil
+	}
+	if g.err != nil {
+		return 0, g.err
+	}
+	return g.ReadCloser.Read(p)
+}
+
+// checkHandshake reads r up to its first line's end (or maxHandshakeLine
+// bytes, or the end of the stream) and checks that line; it returns what
+// it read, to be passed on, or the refusal.
+func checkHandshake(r io.Reader) ([]byte, error) {
+	var buf []byte
+	chunk := make([]byte, 4096)
+	for {
+		if i := bytes.IndexByte(buf, '\n'); i >= 0 {
+			fields := strings.Split(strings.TrimSpace(string(buf[:i])), "|")
+			if len(fields) >= 6 && strings.TrimSpace(fields[5]) != "" {
+				return nil, &handshakeRefused{"the plugin's handshake line offers a TLS certificate (go-plugin's AutoMTLS), which krun-core never asks for"}
+			}
+			return buf, nil
+		}
+		if len(buf) > maxHandshakeLine {
+			return buf, nil // go-plugin refuses the line as too long
+		}
+		n, err := r.Read(chunk)
+		buf = append(buf, chunk[:n]...)
+		if err != nil {
+			if err == io.EOF {
+				err = nil // the next read sees the end again
+			}
+			return buf, err
+		}
+	}
 }
 
 func (r *ProcRunner) Start(context.Context) error {

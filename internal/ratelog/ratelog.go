@@ -5,6 +5,7 @@
 package ratelog
 
 import (
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -66,4 +67,46 @@ func (l *Limiter) logAt(log hclog.Logger, level hclog.Level, msg string, args []
 		args = append(args, "unlogged_before", unlogged)
 	}
 	log.Log(level, msg, args...)
+}
+
+// Budget lets a stream of events through in bursts of up to Burst,
+// refilled at PerSecond a second; the events it refuses are counted and
+// the count is handed to the next one it lets through. It bounds what a
+// process that may be compromised (a plugin's log lines) can make the host
+// write, while a short burst (a plugin's start, a panic's trace) passes
+// whole. Safe for concurrent use.
+type Budget struct {
+	Burst     float64
+	PerSecond float64
+
+	mu      sync.Mutex
+	tokens  float64
+	last    time.Time // when tokens was last refilled (zero: never used)
+	refused uint64    // refused since the last event let through
+}
+
+// Allow reports whether this event may go through now and, if so, how
+// many events were refused since the last one that went through.
+func (b *Budget) Allow() (ok bool, refused uint64) {
+	return b.allowAt(time.Now())
+}
+
+func (b *Budget) allowAt(now time.Time) (bool, uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.last.IsZero() {
+		b.tokens = b.Burst
+		b.last = now
+	} else if d := now.Sub(b.last); d > 0 {
+		b.tokens = min(b.Burst, b.tokens+d.Seconds()*b.PerSecond)
+		b.last = now
+	}
+	if b.tokens < 1 {
+		b.refused++
+		return false, 0
+	}
+	b.tokens--
+	n := b.refused
+	b.refused = 0
+	return true, n
 }

@@ -84,3 +84,29 @@ func TestWarnAndError(t *testing.T) {
 		}
 	}
 }
+
+func TestBudget(t *testing.T) {
+	b := Budget{Burst: 3, PerSecond: 2}
+	t0 := time.Unix(1000, 0)
+	type step struct {
+		at      time.Duration
+		ok      bool
+		refused uint64
+	}
+	for i, s := range []step{
+		{0, true, 0}, {0, true, 0}, {0, true, 0}, // the burst
+		{0, false, 0}, {100 * time.Millisecond, false, 0}, // 0.2 of a token
+		{500 * time.Millisecond, true, 2},  // one token back; two refused before
+		{500 * time.Millisecond, false, 0}, // spent
+		{10 * time.Second, true, 1},        // refilled, to the burst only
+		{10 * time.Second, true, 0},
+		{10 * time.Second, true, 0},
+		{10 * time.Second, false, 0},
+		{9 * time.Second, false, 0}, // time going back refills nothing
+	} {
+		ok, refused := b.allowAt(t0.Add(s.at))
+		if ok != s.ok || refused != s.refused {
+			t.Errorf("step %d at %v: Allow = %v, %d; want %v, %d", i, s.at, ok, refused, s.ok, s.refused)
+		}
+	}
+}

@@ -13,6 +13,13 @@
 //	          over the vhost-user socket (fd 3) in a message the host never
 //	          reads: a compromised plugin keeping go-plugin's pipes open
 //	          after its death
+//	hugeerr   fail Stats with an 8 MiB status message
+//	stdioflood  send the host stdioFloodCount messages on go-plugin's stdio
+//	          stream for a channel that does not exist (Stats reports
+//	          stdio_sent)
+//	brokerflood  send the host, on go-plugin's broker stream, knocks for
+//	          brokerFloodCount distinct service ids, each with a 256 KiB
+//	          address (a compromised plugin; Stats reports broker_sent)
 //	stall     answer everything but Shutdown (its own and go-plugin's
 //	          controller Shutdown), which never return: a compromised plugin
 package main
@@ -22,6 +29,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -29,6 +37,10 @@ import (
 	plugin "github.com/hashicorp/go-plugin"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/krun-core/krun-core/proto/pluginpb"
 )
@@ -71,11 +83,16 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 		panic("testplugin: crashing in Stats as asked")
 	}
 	c := map[string]uint64{}
+	if os.Getenv("KRUN_TEST_MODE") == "hugeerr" {
+		return nil, status.Error(codes.FailedPrecondition, strings.Repeat("e", 8<<20))
+	}
 	if os.Getenv("KRUN_TEST_MODE") == "huge" {
 		c[strings.Repeat("k", 64<<20)] = 1
 		return &pluginpb.StatsResponse{Counters: c}, nil
 	}
 	c["pdeathsig"] = uint64(pdeathsig)
+	c["broker_sent"] = uint64(brokerSent.Load())
+	c["stdio_sent"] = uint64(stdioSent.Load())
 	var st unix.Stat_t
 	if unix.Fstat(pluginpb.SocketFD, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
 		c["fd3_socket"] = 1
@@ -121,6 +138,70 @@ func (devicePlugin) GRPCClient(context.Context, *plugin.GRPCBroker, *grpc.Client
 	return nil, fmt.Errorf("plugin side only")
 }
 
+// brokerFloodCount knocks of brokerFloodAddr bytes each: about 100 MiB.
+const (
+	brokerFloodCount = 400
+	brokerFloodAddr  = 256 << 10
+)
+
+var brokerSent, stdioSent atomic.Int64
+
+const stdioFloodCount = 20000
+
+// stdioFlood takes over go-plugin's stdio stream and sends StdioData
+// (channel=1, data=2) for channel 7, which go-plugin's host side logs as
+// a warning each time ("unknown channel, dropping").
+func stdioFlood(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	if info.FullMethod != "/plugin.GRPCStdio/StreamStdio" {
+		return h(srv, ss)
+	}
+	var b []byte
+	b = protowire.AppendTag(b, 1, protowire.VarintType)
+	b = protowire.AppendVarint(b, 7)
+	b = protowire.AppendTag(b, 2, protowire.BytesType)
+	b = protowire.AppendString(b, "x")
+	for i := 0; i < stdioFloodCount; i++ {
+		m := &emptypb.Empty{}
+		m.ProtoReflect().SetUnknown(b)
+		if err := ss.SendMsg(m); err != nil {
+			return err
+		}
+		stdioSent.Add(1)
+	}
+	<-ss.Context().Done()
+	return nil
+}
+
+// brokerFlood takes over go-plugin's broker stream (the host opens it to
+// every plugin) and sends ConnInfo knocks, encoded by hand (go-plugin's
+// type is internal): service_id=1, address=3, knock=4{knock=1}.
+func brokerFlood(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	if info.FullMethod != "/plugin.GRPCBroker/StartStream" {
+		return h(srv, ss)
+	}
+	addr := strings.Repeat("a", brokerFloodAddr)
+	for i := 1; i <= brokerFloodCount; i++ {
+		var b []byte
+		b = protowire.AppendTag(b, 1, protowire.VarintType)
+		b = protowire.AppendVarint(b, uint64(1000+i))
+		b = protowire.AppendTag(b, 2, protowire.BytesType)
+		b = protowire.AppendString(b, "unix")
+		b = protowire.AppendTag(b, 3, protowire.BytesType)
+		b = protowire.AppendString(b, addr)
+		knock := protowire.AppendVarint(protowire.AppendTag(nil, 1, protowire.VarintType), 1)
+		b = protowire.AppendTag(b, 4, protowire.BytesType)
+		b = protowire.AppendBytes(b, knock)
+		m := &emptypb.Empty{}
+		m.ProtoReflect().SetUnknown(b)
+		if err := ss.SendMsg(m); err != nil {
+			return err
+		}
+		brokerSent.Add(1)
+	}
+	<-ss.Context().Done()
+	return nil
+}
+
 func main() {
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: os.Stderr, JSONFormat: true})
 	hs := pluginpb.Handshake()
@@ -150,6 +231,16 @@ func main() {
 				return h(ctx, req)
 			}
 			return grpc.NewServer(append(opts, grpc.UnaryInterceptor(stall))...)
+		}
+	}
+	if os.Getenv("KRUN_TEST_MODE") == "stdioflood" {
+		grpcServer = func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, grpc.StreamInterceptor(stdioFlood))...)
+		}
+	}
+	if os.Getenv("KRUN_TEST_MODE") == "brokerflood" {
+		grpcServer = func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, grpc.StreamInterceptor(brokerFlood))...)
 		}
 	}
 	plugin.Serve(&plugin.ServeConfig{
