@@ -16,8 +16,11 @@
 // Configure and refreshed (off the vCPU threads) when the plugin reports a
 // change. The calls a vCPU thread does make to the plugin (features, queue
 // set-up and stop, config writes) are bounded by the Backend's deadline
-// (frontend.Client's timeout): a plugin that hangs fails its device after
-// that, the vCPU goes on.
+// (frontend.Client's timeout, which also covers all the requests of one
+// ring's set-up together), and the set-up and stop requests of one guest
+// access by a budget for the access (Config.SetupBudget, StopBudget): a
+// plugin that hangs, or answers each request just in time, fails or loses
+// its device after that, the vCPU goes on.
 //
 // A device whose back-end can be replaced (a plugin the core restarts)
 // has a Recover function: a back-end that is gone (it timed out,
@@ -208,6 +211,15 @@ type Config struct {
 	// the access holds the vCPU for about StopBudget plus Abandon's wait,
 	// however many queues it stops.
 	StopBudget time.Duration
+	// SetupBudget, when positive, bounds how long one guest access (the
+	// DRIVER_OK write, a QUEUE_READY write) spends setting up rings in
+	// the back-end, however many it starts: each ring's set-up gets at
+	// most what is left of it (a Backend that implements BoundedSetup;
+	// each ring's set-up is bounded by the Backend's own deadline
+	// anyway), and once it is spent the back-end is taken for gone
+	// (Recover) or the device fails. Resume's set-up has a budget of its
+	// own of the same length.
+	SetupBudget time.Duration
 	// OnQueueLost, when set, is called (with the device's lock held) when
 	// a live queue is stopped without its back-end's GET_VRING_BASE (the
 	// device is suspended, or the back-end was abandoned): what the lost
@@ -275,6 +287,9 @@ type Device struct {
 	// stopBy: when the current guest access's stop budget ends (zero:
 	// no ring stopped yet in this access).
 	stopBy time.Time
+	// setupBy: when the current guest access's set-up budget ends (zero:
+	// not started).
+	setupBy time.Time
 	// abandoning: Config.Abandon is running (a failure it causes does
 	// not call it again).
 	abandoning bool
@@ -462,7 +477,8 @@ func (d *Device) anyLiveLocked() bool {
 func (d *Device) Write(offset uint64, data []byte) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.stopBy = time.Time{} // each access has its own stop budget
+	d.stopBy = time.Time{}  // each access has its own stop budget
+	d.setupBy = time.Time{} // and set-up budget
 	if offset >= RegConfig {
 		d.writeConfigLocked(offset-RegConfig, data)
 		return
@@ -727,7 +743,11 @@ func (d *Device) startQueueLocked(i int) {
 	if d.suspended {
 		return // Resume sets it up in the new back-end
 	}
-	if err := d.cfg.Backend.SetupQueue(qs, d.cfg.ProtocolNegotiated); err != nil {
+	limit, err := d.setupLimitLocked()
+	if err == nil {
+		err = d.setupRing(d.cfg.Backend, qs, limit)
+	}
+	if err != nil {
 		if d.recoverLocked(err) {
 			return
 		}
@@ -799,6 +819,43 @@ func (d *Device) resetBackendLocked() {
 	}
 	// The guest resets at will: spaced out, as its other warnings.
 	d.warnGuest("device reset: the back-end did not reset its device state", "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
+}
+
+// BoundedSetup is implemented by a Backend whose ring set-up can be given
+// a shorter time limit than its own (*frontend.Client): the device passes
+// what is left of the access's set-up budget.
+type BoundedSetup interface {
+	SetupQueueWithin(q frontend.QueueSetup, protocolNegotiated bool, limit time.Duration) error
+}
+
+var _ BoundedSetup = (*frontend.Client)(nil)
+
+func (d *Device) setupRing(b Backend, qs frontend.QueueSetup, limit time.Duration) error {
+	if bs, ok := b.(BoundedSetup); ok {
+		return bs.SetupQueueWithin(qs, d.cfg.ProtocolNegotiated, limit)
+	}
+	return b.SetupQueue(qs, d.cfg.ProtocolNegotiated)
+}
+
+// setupLimitLocked returns how long the next ring set-up may take within
+// the set-up budget of the current guest access (Config.SetupBudget; 0:
+// no limit of the device's), or an error that says the back-end is gone
+// once it is spent: one that takes that long to start rings is not
+// serving them.
+func (d *Device) setupLimitLocked() (time.Duration, error) {
+	b := d.cfg.SetupBudget
+	if b <= 0 {
+		return 0, nil
+	}
+	now := time.Now()
+	if d.setupBy.IsZero() {
+		d.setupBy = now.Add(b)
+	}
+	left := d.setupBy.Sub(now)
+	if left <= 0 {
+		return 0, fmt.Errorf("%w (the %v this guest access may spend setting up rings is spent)", frontend.ErrTimeout, b)
+	}
+	return left, nil
 }
 
 // BoundedStopper is implemented by a Backend whose ring-stop requests can
@@ -1186,6 +1243,7 @@ func (d *Device) Resume(b Backend, usedIndex func(usedGPA uint64) (uint16, error
 	if !d.suspended {
 		return errors.New("resume of a device that is not suspended")
 	}
+	d.setupBy = time.Time{} // a set-up budget of its own
 	if d.status&StatusFeaturesOK != 0 {
 		if err := b.SetFeatures(d.backendFeatures()); err != nil {
 			return fmt.Errorf("SET_FEATURES: %w", err)
@@ -1203,7 +1261,11 @@ func (d *Device) Resume(b Backend, usedIndex func(usedGPA uint64) (uint16, error
 		if qs.Base, err = usedIndex(q.used); err != nil {
 			return fmt.Errorf("queue %d: used index: %w", i, err)
 		}
-		if err := b.SetupQueue(qs, d.cfg.ProtocolNegotiated); err != nil {
+		limit, err := d.setupLimitLocked()
+		if err == nil {
+			err = d.setupRing(b, qs, limit)
+		}
+		if err != nil {
 			return fmt.Errorf("queue %d set-up: %w", i, err)
 		}
 	}

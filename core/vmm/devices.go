@@ -139,6 +139,13 @@ func (d *pluginDevice) cutOff() {
 // a Linux guest reports an RCU stall.
 const stopBudget = 15 * time.Second
 
+// setupBudget bounds the time one guest access spends setting up rings in
+// a plugin (mmio.Config.SetupBudget), however many it starts: a plugin
+// sets up a ring in microseconds, and one that answers each request just
+// inside its timeout would otherwise hold a vCPU for seven timeouts a ring,
+// up to 256 rings (found in review).
+const setupBudget = frontend.DefaultTimeout
+
 // abandonWait bounds how long abandon waits for a killed plugin to be
 // reaped: a process in uninterruptible sleep (a hung NFS read into guest
 // memory) outlives SIGKILL, and the wait holds a vCPU and the device lock.
@@ -496,6 +503,7 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	}
 	cfg.Abandon = d.abandon
 	cfg.StopBudget = stopBudget
+	cfg.SetupBudget = setupBudget
 	if what := d.essential; what != "" {
 		cfg.OnFail = func(err error) {
 			if _, done := m.status.exitStatus(); done {

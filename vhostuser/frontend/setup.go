@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/krun-core/krun-core/vhostuser"
 )
@@ -159,30 +160,77 @@ func (c *Client) installMemory(cfg SetupConfig, n Negotiated) error {
 // SetupQueue configures and starts one ring: SET_VRING_NUM, SET_VRING_BASE,
 // SET_VRING_ADDR, SET_VRING_CALL, SET_VRING_ERR (if q.Err), SET_VRING_KICK
 // (which starts it) and, when protocolNegotiated (only then is it legal),
-// SET_VRING_ENABLE.
+// SET_VRING_ENABLE. The requests share one deadline, the client's timeout
+// from the first: a back-end that answers each one just in time cannot
+// hold the caller (a vCPU) for several timeouts.
 func (c *Client) SetupQueue(q QueueSetup, protocolNegotiated bool) error {
-	if err := c.SetVringNum(q.Index, uint32(q.Size)); err != nil {
+	return c.SetupQueueWithin(q, protocolNegotiated, 0)
+}
+
+// SetupQueueWithin is SetupQueue within limit, when it is shorter than the
+// client's timeout (0: the timeout). Past the deadline the set-up fails
+// with ErrTimeout and the connection is broken, as for a request that
+// timed out: the ring is half set up.
+func (c *Client) SetupQueueWithin(q QueueSetup, protocolNegotiated bool, limit time.Duration) error {
+	if q.Index > uint32(vhostuser.VringIdxMask) {
+		return fmt.Errorf("set up ring %d: the index does not fit in 8 bits", q.Index)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	budget := c.timeout
+	if limit > 0 && (budget <= 0 || limit < budget) {
+		budget = limit
+	}
+	var deadline time.Time
+	if budget > 0 {
+		deadline = time.Now().Add(budget)
+	}
+	step := func(req vhostuser.Request, payload []byte, f *os.File) error {
+		var files []*os.File
+		if f != nil {
+			files = []*os.File{f}
+		}
+		timeout := time.Duration(0)
+		if !deadline.IsZero() {
+			if timeout = time.Until(deadline); timeout <= 0 {
+				err := fmt.Errorf("%v: %w (setting up ring %d took its %v)", req, ErrTimeout, q.Index, budget)
+				if c.broken == nil {
+					c.broken = err
+					c.conn.Close()
+				}
+				return err
+			}
+		}
+		_, err := c.callWithin(req, payload, files, timeout)
 		return err
 	}
-	if err := c.SetVringBase(q.Index, uint32(q.Base)); err != nil {
+	if err := step(vhostuser.SetVringNum, vhostuser.VringState{Index: q.Index, Num: uint32(q.Size)}.Encode(), nil); err != nil {
 		return err
 	}
-	if err := c.SetVringAddr(vhostuser.VringAddr{Index: q.Index, Desc: q.Desc, Used: q.Used, Avail: q.Avail}); err != nil {
+	if err := step(vhostuser.SetVringBase, vhostuser.VringState{Index: q.Index, Num: uint32(q.Base)}.Encode(), nil); err != nil {
 		return err
 	}
-	if err := c.SetVringCall(q.Index, q.Call); err != nil {
+	addr := vhostuser.VringAddr{Index: q.Index, Desc: q.Desc, Used: q.Used, Avail: q.Avail}
+	if err := step(vhostuser.SetVringAddr, addr.Encode(), nil); err != nil {
+		return err
+	}
+	if err := step(vhostuser.SetVringCall, vhostuser.EncodeVringFD(q.Index, q.Call == nil), q.Call); err != nil {
 		return err
 	}
 	if q.Err != nil {
-		if err := c.SetVringErr(q.Index, q.Err); err != nil {
+		if err := step(vhostuser.SetVringErr, vhostuser.EncodeVringFD(q.Index, false), q.Err); err != nil {
 			return err
 		}
 	}
-	if err := c.SetVringKick(q.Index, q.Kick); err != nil {
+	if err := step(vhostuser.SetVringKick, vhostuser.EncodeVringFD(q.Index, q.Kick == nil), q.Kick); err != nil {
 		return err
 	}
 	if protocolNegotiated {
-		if err := c.SetVringEnable(q.Index, !q.Disabled); err != nil {
+		enable := uint32(1)
+		if q.Disabled {
+			enable = 0
+		}
+		if err := step(vhostuser.SetVringEnable, vhostuser.VringState{Index: q.Index, Num: enable}.Encode(), nil); err != nil {
 			return err
 		}
 	}

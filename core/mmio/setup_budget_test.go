@@ -1,0 +1,133 @@
+package mmio
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/vhostuser"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
+)
+
+// TestQueueSetupBoundedPerAccess: the package doc says the calls a
+// vCPU thread makes to the plugin (features, queue set-up and stop,
+// config writes) are bounded by the Backend's deadline (frontend.Client's
+// timeout), and a plugin that hangs fails its device after that. A queue
+// set-up is one Backend call, SetupQueue, but seven vhost-user requests (VRING_NUM, BASE, ADDR, CALL, KICK,
+// ENABLE...), each with a deadline of its own. A compromised plugin that
+// acks each one just before the timeout holds the vCPU (and the device's
+// lock) for seven timeouts per queue, is never found gone, and can do it
+// again at every set-up: with the default 5 s, 35 s per queue, and the
+// guest's DRIVER_OK write starts every ready queue in one access (up to
+// 256). Stops have a per-access budget (StopBudget); set-up has none.
+//
+// From review, helper-95; fixed: frontend.Client.SetupQueueWithin gives a
+// ring's requests one deadline, and Config.SetupBudget bounds an access.
+func TestQueueSetupBoundedPerAccess(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	const delay = 250 * time.Millisecond // each ack, within the timeout
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	client := frontend.New(a)
+	defer client.Close()
+	client.SetTimeout(timeout)
+	client.SetStopTimeout(timeout)
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			m.CloseFiles()
+			if m.NeedReply() {
+				time.Sleep(delay)
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
+			}
+		}
+	}()
+	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
+		t.Fatal(err)
+	}
+	r := newRig(t, func(c *Config) { c.Backend = client })
+	if st := r.negotiate(featureVersion1); st&StatusFeaturesOK == 0 {
+		t.Fatalf("features not accepted: status %#x", st)
+	}
+	r.setupQueue(0, 256, 0x10000, 0x20000, 0x30000)
+	r.setupQueue(1, 256, 0x40000, 0x50000, 0x60000)
+	start := time.Now()
+	// DRIVER_OK starts every ready queue (two here; up to 256).
+	r.wr(RegStatus, StatusAcknowledge|StatusDriver|StatusFeaturesOK|StatusDriverOK)
+	took := time.Since(start)
+	t.Logf("one DRIVER_OK write held the vCPU %v (client timeout %v); device failed: %v", took.Round(time.Millisecond), timeout, r.d.Failed())
+	if took > 2*timeout+200*time.Millisecond {
+		t.Errorf("one guest access (the DRIVER_OK write, two queues) held the vCPU for %v against a plugin that answers every request within the %v timeout: the set-up has no per-access bound (%.1f timeouts)", took.Round(time.Millisecond), timeout, float64(took)/float64(timeout))
+	}
+}
+
+// TestSetupBudgetBoundsAnAccess: with Config.SetupBudget, one access that
+// starts many rings is bounded as a whole, not per ring: a back-end that
+// answers every request well inside its timeout, but slowly, still cannot
+// hold the vCPU for eight rings' worth of set-up. Past the budget it is
+// taken for gone (frontend.ErrTimeout), so the core replaces it.
+func TestSetupBudgetBoundsAnAccess(t *testing.T) {
+	const (
+		timeout = time.Second
+		delay   = 15 * time.Millisecond // 7 requests a ring: about 105 ms
+		budget  = 200 * time.Millisecond
+		queues  = 8 // about 840 ms without the budget
+	)
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	client := frontend.New(a)
+	defer client.Close()
+	client.SetTimeout(timeout)
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			m.CloseFiles()
+			if m.NeedReply() {
+				time.Sleep(delay)
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
+			}
+		}
+	}()
+	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
+		t.Fatal(err)
+	}
+	var recovered error
+	r := newRig(t, func(c *Config) {
+		c.Backend = client
+		c.NumQueues = queues
+		c.SetupBudget = budget
+		c.Recover = func(err error) bool { recovered = err; return false }
+	})
+	if st := r.negotiate(featureVersion1); st&StatusFeaturesOK == 0 {
+		t.Fatalf("features not accepted: status %#x", st)
+	}
+	for i := 0; i < queues; i++ {
+		base := uint64(0x10000 * (3*i + 1))
+		r.setupQueue(uint32(i), 256, base, base+0x10000, base+0x20000)
+	}
+	start := time.Now()
+	r.wr(RegStatus, StatusAcknowledge|StatusDriver|StatusFeaturesOK|StatusDriverOK)
+	took := time.Since(start)
+	t.Logf("DRIVER_OK with %d rings held the vCPU %v (budget %v); Recover saw: %v", queues, took.Round(time.Millisecond), budget, recovered)
+	if took > budget+300*time.Millisecond {
+		t.Errorf("one access setting up %d rings took %v, past its set-up budget of %v", queues, took.Round(time.Millisecond), budget)
+	}
+	if !errors.Is(recovered, frontend.ErrTimeout) {
+		t.Errorf("the back-end that overran the set-up budget was not taken for gone: Recover saw %v", recovered)
+	}
+	if r.d.Failed() == nil {
+		t.Error("the device did not fail (Recover declined)")
+	}
+}
