@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"flag"
 	"fmt"
@@ -534,11 +535,8 @@ func checkSocketPath(path string) error {
 // finds a socket that still refuses connections.
 // The socket gets mode (whatever the umask) before it listens.
 func bindAndListen(fd int, path string, mode os.FileMode) error {
-	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".krun-serve-%d.sock", os.Getpid()))
-	if len(tmp) > 107 { // no room for the temporary name: bind in place
-		tmp = path
-	}
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: tmp}); err != nil {
+	tmp, err := bindTemporary(fd, path)
+	if err != nil {
 		return fmt.Errorf("--socket %s: bind: %w", path, err)
 	}
 	if err := unix.Fchmodat(unix.AT_FDCWD, tmp, uint32(mode.Perm()), 0); err != nil {
@@ -557,6 +555,29 @@ func bindAndListen(fd int, path string, mode os.FileMode) error {
 		return fmt.Errorf("--socket %s: bind: %w", path, err)
 	}
 	return nil
+}
+
+// bindTemporary binds fd to a fresh temporary name beside path, or to path
+// itself where a temporary name does not fit in a unix socket address. The
+// name is random: one a killed serve left (bound, never renamed) is in the
+// way of no later serve, whatever its pid (every serve that is pid 1 of its
+// container has the same; found in review).
+func bindTemporary(fd int, path string) (string, error) {
+	for range 16 {
+		var r [6]byte
+		if _, err := rand.Read(r[:]); err != nil {
+			return "", err
+		}
+		tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".krun-serve-%x.sock", r))
+		if len(tmp) > 107 { // no room for the temporary name: bind in place
+			return path, unix.Bind(fd, &unix.SockaddrUnix{Name: path})
+		}
+		err := unix.Bind(fd, &unix.SockaddrUnix{Name: tmp})
+		if err != unix.EADDRINUSE {
+			return tmp, err
+		}
+	}
+	return "", unix.EADDRINUSE
 }
 
 func serveOneLine(err error) string {
