@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,6 +18,7 @@ import (
 	hclog "github.com/hashicorp/go-hclog"
 	plugin "github.com/hashicorp/go-plugin"
 	"github.com/hashicorp/go-plugin/runner"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
@@ -82,6 +84,9 @@ type Process struct {
 	stub    any
 	run     *ProcRunner
 	sockDir string
+	// sockLock holds an exclusive flock on sockDir while it exists, which
+	// tells a later launch that the directory is in use (sweepSockDirs).
+	sockLock *os.File
 	// sockGone: sockDir was removed (once connected, or by close).
 	sockGone bool
 	stderr   *TailBuffer
@@ -142,12 +147,16 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 
 	// The private directory: go-plugin puts its own socket directory (and
 	// the plugin its gRPC socket) inside it; removed when the process ends.
+	sweepSockDirs(cfg.SocketBaseDir, log)
 	p.sockDir, err = os.MkdirTemp(cfg.SocketBaseDir, "krun-"+cfg.Kind+"-")
 	if err != nil {
 		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
 	}
-	if err := os.Chmod(p.sockDir, 0o700); err != nil {
-		_ = os.RemoveAll(p.sockDir)
+	if p.sockLock, err = lockSockDir(p.sockDir); err == nil {
+		err = os.Chmod(p.sockDir, 0o700)
+	}
+	if err != nil {
+		p.removeSockDir()
 		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
 	}
 	// go-plugin adds "/plugin-dirNNNNNNNNNN/pluginNNNNNNNNNN" (at most 39
@@ -155,7 +164,7 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	// "/proc/PID/root" (at most 18), and a unix socket path has room for
 	// 107.
 	if len(p.sockDir)+39+18 > 107 {
-		_ = os.RemoveAll(p.sockDir)
+		p.removeSockDir()
 		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
 	}
 
@@ -165,7 +174,7 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	sockGroup := ""
 	if sg, ok := cfg.Sandbox.(socketGrouper); ok && !cfg.SandboxOff {
 		if sockGroup, err = sg.JoinSocketGroup(); err != nil {
-			_ = os.RemoveAll(p.sockDir)
+			p.removeSockDir()
 			return nil, fmt.Errorf("plugin %s: %w", cfg.Kind, err)
 		}
 	}
@@ -304,6 +313,80 @@ func (p *Process) connect(service string, start time.Time, timeout time.Duration
 	_ = p.run.Kill(context.Background())
 	<-done // the stream ends with the process (its pipes within pipeDrainGrace)
 	return fmt.Errorf("%w: no gRPC connection within %v of the start (the plugin accepts no gRPC stream); the host stopped it", ErrHandshakeTimeout, timeout)
+}
+
+// lockSockDir opens the socket directory and takes an exclusive flock on
+// it, held as long as the file stays open (not inherited: close-on-exec).
+func lockSockDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return f, nil
+}
+
+// staleSockDirAge is how old an unlocked socket directory must be before
+// a launch takes it for a killed host's: a directory is locked within
+// microseconds of being made.
+const staleSockDirAge = 30 * time.Second
+
+// sweepSockDirs removes the private socket directories (krun-KIND-NNN)
+// under base (os.TempDir() if "") that a killed host left: StartProcess
+// removes its own once connected, but a host killed (SIGKILL, the OOM
+// killer) during a plugin's start cannot (found in review). A directory is
+// a killed host's when it is this user's, older than staleSockDirAge and
+// no one holds its flock; a live host, in whatever pid namespace, holds
+// the lock on its own.
+func sweepSockDirs(base string, log hclog.Logger) {
+	if base == "" {
+		base = os.TempDir()
+	}
+	ents, err := os.ReadDir(base)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if !e.IsDir() || !isSockDirName(name) {
+			continue
+		}
+		dir := filepath.Join(base, name)
+		var st unix.Stat_t
+		if unix.Lstat(dir, &st) != nil || st.Uid != uint32(os.Geteuid()) ||
+			time.Since(time.Unix(st.Mtim.Unix())) < staleSockDirAge {
+			continue
+		}
+		f, err := lockSockDir(dir)
+		if err != nil {
+			continue // in use, or not ours to open
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			log.Debug("removing a killed host's plugin socket directory", "dir", dir, "error", err)
+		} else {
+			log.Debug("removed a killed host's plugin socket directory", "dir", dir)
+		}
+		f.Close()
+	}
+}
+
+// isSockDirName tells whether name is one os.MkdirTemp makes for
+// StartProcess: "krun-" KIND "-" digits.
+func isSockDirName(name string) bool {
+	rest, ok := strings.CutPrefix(name, "krun-")
+	i := strings.LastIndexByte(rest, '-')
+	if !ok || i < 0 || CheckKind(rest[:i]) != nil || i+1 == len(rest) {
+		return false
+	}
+	for _, c := range rest[i+1:] {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // waitReady waits until conn is connected, at most until deadline.
@@ -497,6 +580,9 @@ func (p *Process) removeSockDir() {
 		p.sockGone = true
 		if err := os.RemoveAll(p.sockDir); err != nil {
 			p.log.Warn("removing plugin socket directory", "dir", p.sockDir, "error", err)
+		}
+		if p.sockLock != nil {
+			p.sockLock.Close() // unlocked once the directory is gone
 		}
 	}
 }
