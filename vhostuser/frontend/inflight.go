@@ -166,9 +166,34 @@ func (in *Inflight) ResetQueue(i int) error {
 	return nil
 }
 
-// zero writes n zero bytes at off in the region, through the file (never
-// a mapping a back-end could truncate under the front-end).
+// zero makes n bytes at off in the region zero, through the file (never a
+// mapping a back-end could truncate under the front-end): the whole pages
+// among them are punched out of the memfd, which frees them instead of
+// writing them (a back-end may ask for a region of hundreds of MiB, which
+// a device reset would otherwise fill with zeros), and the rest is
+// written.
 func (in *Inflight) zero(off, n uint64) error {
+	const page = 4096
+	start := in.MmapOffset + off
+	end := start + n
+	if hs, he := (start+page-1)&^(page-1), end&^(page-1); hs < he {
+		err := unix.Fallocate(int(in.File.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(hs), int64(he-hs))
+		if err == nil {
+			if err := in.writeZeros(start-in.MmapOffset, hs-start); err != nil {
+				return err
+			}
+			return in.writeZeros(he-in.MmapOffset, end-he)
+		}
+		// A file without holes (not a memfd): written below.
+	}
+	return in.writeZeros(off, n)
+}
+
+// writeZeros writes n zero bytes at off in the region.
+func (in *Inflight) writeZeros(off, n uint64) error {
+	if n == 0 {
+		return nil
+	}
 	buf := make([]byte, min(n, 64<<10))
 	for end := off + n; off < end; {
 		k := min(uint64(len(buf)), end-off)
