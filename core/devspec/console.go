@@ -27,7 +27,9 @@ func (s *ConsoleSpec) Kind() string { return devopts.KindConsole }
 // String describes the console for messages.
 func (s *ConsoleSpec) String() string { return fmt.Sprintf("console name=%s", s.Name) }
 
-// Open duplicates the files for the plugin (the caller keeps its own).
+// Open gives the plugin its own copies of the files (the caller keeps its
+// own): a terminal, FIFO or pipe is opened again, so that the plugin's
+// file status flags are its own; anything else is duplicated (handOver).
 func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 	o := &Opened{Kind: devopts.KindConsole, Options: map[string]string{devopts.OptName: s.Name, devopts.OptTTY: onOff(s.TTY)}}
 	if s.HoldStdin {
@@ -40,12 +42,61 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 		if f.file == nil {
 			continue
 		}
-		fd, err := unix.FcntlInt(f.file.Fd(), unix.F_DUPFD_CLOEXEC, 3)
+		c, err := handOver(f.file, f.name)
 		if err != nil {
 			o.CloseFiles()
-			return nil, fmt.Errorf("console %s: dup: %w", f.name, err)
+			return nil, fmt.Errorf("console %s: %w", f.name, err)
 		}
-		o.add(f.name, os.NewFile(uintptr(fd), f.name))
+		o.add(f.name, c)
 	}
 	return o, nil
+}
+
+// handOver returns the plugin's copy of f. A dup shares f's open file
+// description, and with it the file status flags, with krun-core and with
+// the user's shell: a compromised console plugin (it parses every guest
+// byte; its filter allows F_SETFL, which the Go runtime needs) could leave
+// the user's terminal non-blocking after krun-core exits (found in
+// review). So a terminal, FIFO or pipe is opened again through
+// /proc/self/fd, with f's access mode and status flags: the same terminal
+// or pipe, a description of the plugin's own. A regular file keeps one
+// description, whose shared offset is what `cmd >file` relies on, and a
+// socket cannot be opened again: those, and anything the open refuses (a
+// terminal of another user's, a pipe without a reader), are duplicated.
+func handOver(f *os.File, name string) (*os.File, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, fmt.Errorf("stat: %w", err)
+	}
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return nil, fmt.Errorf("flags: %w", err)
+	}
+	reopen := st.Mode&unix.S_IFMT == unix.S_IFIFO
+	if st.Mode&unix.S_IFMT == unix.S_IFCHR {
+		// A terminal only: opening another device again can act on it
+		// (a tape rewinds at close).
+		_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+		reopen = err == nil
+	}
+	if reopen {
+		// Non-blocking, so that a FIFO's open cannot wait for its
+		// other end; the flags are set as f's once it is open.
+		path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+		fd, err := unix.Open(path, fl&unix.O_ACCMODE|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+		if err == nil {
+			var got unix.Stat_t
+			if unix.Fstat(fd, &got) == nil && got.Dev == st.Dev && got.Ino == st.Ino && got.Rdev == st.Rdev {
+				if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_ASYNC); err == nil {
+					return os.NewFile(uintptr(fd), name), nil
+				}
+			}
+			unix.Close(fd)
+		}
+	}
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 3)
+	if err != nil {
+		return nil, fmt.Errorf("dup: %w", err)
+	}
+	return os.NewFile(uintptr(fd), name), nil
 }

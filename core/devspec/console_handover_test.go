@@ -1,0 +1,154 @@
+package devspec
+
+import (
+	"os"
+	"strconv"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestConsoleFilesAreNotTheCallersDescription: ConsoleSpec.Open
+// hands the console plugin F_DUPFD copies of krun-core's stdin, stdout and
+// stderr, which share their open file description, and with it the file
+// status flags, with krun-core and with whatever else holds it: for `run
+// -- CMD` at a terminal (and `krun-oci exec` in the foreground), the
+// user's shell. The plugin's seccomp filter allows fcntl F_SETFL (the Go
+// runtime needs it for its own fds; sandbox
+// TestReview96PluginLeavesTerminalNonblocking), so a compromised console
+// plugin (it parses every guest byte) sets O_NONBLOCK there and the user's
+// terminal stays non-blocking after krun-core has exited and restored its
+// termios: the next program's read of it fails with EAGAIN. Giving the
+// plugin a description of its own (reopening a terminal, FIFO or pipe
+// through /proc/self/fd/N with its access mode; dup only for what cannot
+// be reopened, such as a socket), or restoring the flags at exit, keeps
+// the caller's terminal as it was.
+//
+// From review, helper-96; fixed: handOver opens a terminal, FIFO or pipe
+// again.
+func TestConsoleFilesAreNotTheCallersDescription(t *testing.T) {
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skip(err)
+	}
+	defer m.Close()
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Skip(err)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Skip(err)
+	}
+	// A blocking descriptor, as a shell hands its terminal to krun-core
+	// (os.OpenFile would make it non-blocking for Go's poller).
+	fd, err := unix.Open("/dev/pts/"+strconv.Itoa(n), unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Skip(err)
+	}
+	tty := os.NewFile(uintptr(fd), "tty")
+	defer tty.Close()
+	spec := &ConsoleSpec{Name: "krun.stdio", TTY: true, Stdin: tty, Stdout: tty, Stderr: tty}
+	o, err := spec.Open(OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.CloseFiles()
+	before, _ := unix.FcntlInt(tty.Fd(), unix.F_GETFL, 0)
+	if before&unix.O_NONBLOCK != 0 {
+		t.Fatalf("the test terminal is non-blocking already (%#o)", before)
+	}
+	// What the plugin may do to each file it was handed.
+	for _, f := range o.Files {
+		fl, err := unix.FcntlInt(f.File.Fd(), unix.F_GETFL, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := unix.FcntlInt(f.File.Fd(), unix.F_SETFL, fl|unix.O_NONBLOCK); err != nil {
+			t.Fatal(err)
+		}
+	}
+	after, _ := unix.FcntlInt(tty.Fd(), unix.F_GETFL, 0)
+	if after&unix.O_NONBLOCK != 0 && before&unix.O_NONBLOCK == 0 {
+		_, rerr := unix.Read(int(tty.Fd()), make([]byte, 1))
+		t.Fatalf("the console plugin's copy of the caller's terminal shares its file status flags: O_NONBLOCK set on the plugin's copy "+
+			"is the caller's too (flags %#o -> %#o); the caller's next read of its terminal: %v", before, after, rerr)
+	}
+}
+
+// TestHandOverKinds: a pipe is opened again (flags of its own, the same
+// pipe); a regular file is duplicated, so that the caller's offset, which
+// `cmd >file` relies on, stays shared; a socket, which cannot be opened
+// again, is duplicated.
+func TestHandOverKinds(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	reg, err := os.Create(t.TempDir() + "/out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Close()
+	sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock, peer := os.NewFile(uintptr(sp[0]), "sock"), os.NewFile(uintptr(sp[1]), "peer")
+	defer sock.Close()
+	defer peer.Close()
+	for _, tc := range []struct {
+		name       string
+		f          *os.File
+		sharesDesc bool
+	}{
+		{"pipe write end", w, false},
+		{"pipe read end", r, false},
+		{"regular file", reg, true},
+		{"socket", sock, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := handOver(tc.f, "x")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			var a, b unix.Stat_t
+			if err := unix.Fstat(int(tc.f.Fd()), &a); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Fstat(int(c.Fd()), &b); err != nil {
+				t.Fatal(err)
+			}
+			if a.Dev != b.Dev || a.Ino != b.Ino {
+				t.Fatal("the copy is another file")
+			}
+			before, _ := unix.FcntlInt(tc.f.Fd(), unix.F_GETFL, 0)
+			fl, _ := unix.FcntlInt(c.Fd(), unix.F_GETFL, 0)
+			if fl&unix.O_ACCMODE != before&unix.O_ACCMODE {
+				t.Errorf("access mode %#o, the original's %#o", fl&unix.O_ACCMODE, before&unix.O_ACCMODE)
+			}
+			if _, err := unix.FcntlInt(c.Fd(), unix.F_SETFL, fl^unix.O_NONBLOCK); err != nil {
+				t.Fatal(err)
+			}
+			after, _ := unix.FcntlInt(tc.f.Fd(), unix.F_GETFL, 0)
+			if shared := after != before; shared != tc.sharesDesc {
+				t.Errorf("the copy shares the original's open file description: %v, want %v", shared, tc.sharesDesc)
+			}
+		})
+	}
+	// The pipe's copy is still the pipe: what goes into it comes out.
+	c, err := handOver(w, "stdout")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 2)
+	if _, err := r.Read(got); err != nil || string(got) != "hi" {
+		t.Fatalf("read %q, %v through the pipe's copy", got, err)
+	}
+}
