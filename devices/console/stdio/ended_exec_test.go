@@ -106,14 +106,14 @@ func TestEmptyExecOutputFramesAreBounded(t *testing.T) {
 		t.Fatal("session gone")
 	}
 	s.mu.Lock()
-	queued := len(s.queue)
+	queued := len(s.runs)
 	s.mu.Unlock()
 	var after runtime.MemStats
 	runtime.ReadMemStats(&after)
-	t.Logf("%d empty frames (%d bytes from the guest): %d chunks queued, heap %d -> %d KiB",
+	t.Logf("%d empty frames (%d bytes from the guest): %d runs queued, heap %d -> %d KiB",
 		n, n*(stdioframe.HeaderLen+4), queued, before.HeapAlloc>>10, after.HeapAlloc>>10)
 	if queued > 1024 {
-		t.Fatalf("%d chunks queued for one exec from %d empty frames: the window does not bound them", queued, n)
+		t.Fatalf("%d runs queued for one exec from %d empty frames: the window does not bound them", queued, n)
 	}
 }
 
@@ -209,10 +209,10 @@ func TestSmallExecOutputFramesJoin(t *testing.T) {
 			t.Fatal(err)
 		}
 		s.mu.Lock()
-		most = max(most, len(s.queue))
+		most = max(most, len(s.runs))
 		s.mu.Unlock()
 	}
 	if most > 2 {
-		t.Fatalf("10000 one-byte frames made up to %d queued chunks, want them joined", most)
+		t.Fatalf("10000 one-byte frames made up to %d queued runs, want them joined", most)
 	}
 }

@@ -33,9 +33,16 @@ type execSession struct {
 	stderr *os.File
 	status *os.File
 
-	mu       sync.Mutex
-	cond     *sync.Cond
-	queue    []execChunk
+	mu   sync.Mutex
+	cond *sync.Cond
+	// The guest's output waiting for the writer: the bytes of both
+	// streams in the order they came (out), and the runs of one stream
+	// they form (runs: a length of at most runMax, runStderr for
+	// stderr). Two bytes a run, not a chunk a frame: a guest alternating
+	// one-byte frames of the two streams made each byte of the window a
+	// chunk of its own, 40 bytes of heap a byte (found in review).
+	out      []byte
+	runs     []uint16
 	queued   int
 	exit     int // -1 until EXEC_EXIT
 	credit   int // stdin bytes the guest will take
@@ -44,9 +51,44 @@ type execSession struct {
 	closeOne sync.Once
 }
 
-type execChunk struct {
-	stderr bool
-	data   []byte
+const (
+	runStderr = 1 << 15
+	runMax    = runStderr - 1
+)
+
+// queueOutput appends data of one stream to the output (s.mu held): it
+// extends the last run when it is of the same stream.
+func (s *execSession) queueOutput(data []byte, stderr bool) {
+	var bit uint16
+	if stderr {
+		bit = runStderr
+	}
+	s.out = append(s.out, data...)
+	s.queued += len(data)
+	for len(data) > 0 {
+		if n := len(s.runs); n > 0 && s.runs[n-1]&runStderr == bit && s.runs[n-1]&runMax < runMax {
+			k := min(runMax-int(s.runs[n-1]&runMax), len(data))
+			s.runs[n-1] += uint16(k)
+			data = data[k:]
+			continue
+		}
+		k := min(runMax, len(data))
+		s.runs = append(s.runs, uint16(k)|bit)
+		data = data[k:]
+	}
+}
+
+// nextRun takes the first run off the output (s.mu held, runs not
+// empty). The bytes stay valid after s.mu is released: appends write past
+// them.
+func (s *execSession) nextRun() (data []byte, stderr bool) {
+	r := s.runs[0]
+	n := int(r & runMax)
+	data, s.out, s.runs = s.out[:n:n], s.out[n:], s.runs[1:]
+	if len(s.runs) == 0 {
+		s.out, s.runs = nil, nil
+	}
+	return data, r&runStderr != 0
 }
 
 // startExec registers an exec request from the core and forwards it to
@@ -104,7 +146,7 @@ func (s *execSession) closeFiles() {
 func (s *execSession) abort() {
 	s.mu.Lock()
 	s.finished, s.aborted = true, true
-	s.queue, s.queued = nil, 0
+	s.out, s.runs, s.queued = nil, nil, 0
 	s.cond.Broadcast()
 	s.mu.Unlock()
 	s.b.removeExec(s.id)
@@ -147,15 +189,7 @@ func (b *Bridge) fromGuestExec(f stdioframe.Frame) {
 			s.abort()
 			return
 		}
-		// Small frames of one stream join the last chunk still queued
-		// (the writer takes a chunk off the queue before it writes it),
-		// so the chunks are bounded by the window's bytes.
-		if n := len(s.queue); n > 0 && s.queue[n-1].stderr == stderr {
-			s.queue[n-1].data = append(s.queue[n-1].data, data...)
-		} else {
-			s.queue = append(s.queue, execChunk{stderr: stderr, data: append([]byte(nil), data...)})
-		}
-		s.queued += len(data)
+		s.queueOutput(data, stderr)
 		s.cond.Broadcast()
 		s.mu.Unlock()
 	case stdioframe.ExecExit:
@@ -185,14 +219,14 @@ func (s *execSession) writeOutput() {
 	outOK, errOK := true, true
 	for {
 		s.mu.Lock()
-		for len(s.queue) == 0 && !s.finished {
+		for len(s.runs) == 0 && !s.finished {
 			s.cond.Wait()
 		}
 		if s.aborted {
 			s.mu.Unlock()
 			return
 		}
-		if len(s.queue) == 0 {
+		if len(s.runs) == 0 {
 			exit := s.exit
 			s.mu.Unlock()
 			s.b.removeExec(s.id)
@@ -204,28 +238,27 @@ func (s *execSession) writeOutput() {
 			s.closeFiles()
 			return
 		}
-		c := s.queue[0]
-		s.queue = s.queue[1:]
+		data, stderr := s.nextRun()
 		s.mu.Unlock()
 		w, ok := s.stdout, &outOK
-		if c.stderr {
+		if stderr {
 			w, ok = s.stderr, &errOK
 		}
 		if *ok {
-			if _, err := w.Write(c.data); err != nil {
+			if _, err := w.Write(data); err != nil {
 				*ok = false // the reader went away: drop the rest of this stream
 			}
 		}
 		s.mu.Lock()
 		aborted := s.aborted
 		if !aborted {
-			s.queued -= len(c.data)
+			s.queued -= len(data)
 		}
 		s.mu.Unlock()
 		if aborted {
 			return
 		}
-		if err := s.b.w.WriteExecAck(stdioframe.ExecOutputAck, s.id, uint32(len(c.data))); err != nil {
+		if err := s.b.w.WriteExecAck(stdioframe.ExecOutputAck, s.id, uint32(len(data))); err != nil {
 			s.abort()
 			return
 		}
