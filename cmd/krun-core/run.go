@@ -295,8 +295,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	defer cancel()
 	stoppedBy := func() syscall.Signal { return 0 }
 	if execMode {
-		stopSignals := forwardSignals(ctx, c, term, cancel, log)
+		stopSignals, caught := forwardSignals(ctx, c, term, cancel, log)
 		defer stopSignals()
+		stoppedBy = caught
 		if term != nil {
 			defer term.makeRaw()()
 		}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
@@ -122,10 +123,20 @@ func fileOf(w io.Writer) (*os.File, error) {
 	return pw, nil
 }
 
+// commandSignaller is what forwardSignals needs of the VM (*vmm.Context).
+type commandSignaller interface {
+	Signal(sig unix.Signal) error
+	Resize(rows, cols uint16) error
+}
+
 // forwardSignals passes SIGINT, SIGTERM, SIGHUP and SIGQUIT to the command
 // and window-size changes to its terminal. A third terminating signal
-// stops the VM (cancel). The returned function stops forwarding.
-func forwardSignals(ctx context.Context, c *vmm.Context, term *terminal, cancel func(), log hclog.Logger) func() {
+// stops the VM (cancel), and caught then returns it, so that run exits
+// with the shell's status for it (128+N), not as krun-core's own failure
+// (a command that ignores signals made run exit 125 with "context
+// canceled"; found in review). stop ends the forwarding.
+func forwardSignals(ctx context.Context, c commandSignaller, term *terminal, cancel func(), log hclog.Logger) (stop func(), caught func() syscall.Signal) {
+	var got atomic.Int32
 	ch := make(chan os.Signal, 8)
 	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGWINCH)
 	done := make(chan struct{})
@@ -150,6 +161,7 @@ func forwardSignals(ctx context.Context, c *vmm.Context, term *terminal, cancel 
 				terminating++
 				if terminating >= 3 {
 					log.Warn("third signal: stopping the VM", "signal", sig.String())
+					got.Store(int32(sig))
 					cancel()
 					return
 				}
@@ -159,8 +171,9 @@ func forwardSignals(ctx context.Context, c *vmm.Context, term *terminal, cancel 
 			}
 		}
 	}()
-	return func() {
+	stop = func() {
 		signal.Stop(ch)
 		close(done)
 	}
+	return stop, func() syscall.Signal { return syscall.Signal(got.Load()) }
 }
