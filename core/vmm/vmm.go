@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/core/boot"
 	"github.com/krun-core/krun-core/core/devspec"
@@ -227,12 +228,59 @@ func (c *Context) AddVhostUser(typ, socket string, opts VhostUserOptions) error 
 	return c.AddDevice(v)
 }
 
-// SetConsoleOutput sets where the guest's serial console goes.
+// SetConsoleOutput sets where the guest's serial console goes. A file is
+// written with write(2) on its descriptor (rawFileWriter), so that a pipe
+// whose reader went away (`run | head`) stops the console instead of
+// killing the core.
 func (c *Context) SetConsoleOutput(w io.Writer) {
 	if w == nil {
 		w = io.Discard
 	}
+	if f, ok := w.(*os.File); ok {
+		w = rawFileWriter{f}
+	}
 	c.consoleOut, c.consoleSet = w, true
+}
+
+// rawFileWriter writes to a file through its descriptor, not os.File's
+// Write: Go turns EPIPE from a write to descriptor 1 or 2 through an
+// *os.File into the process's death by SIGPIPE, and the guest decides
+// when its console writes. The write fails with EPIPE instead, which the
+// UART keeps (the console stops, the VM runs on; found in review).
+type rawFileWriter struct{ f *os.File }
+
+func (w rawFileWriter) Write(p []byte) (int, error) {
+	rc, err := w.f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	written := 0
+	var werr error
+	err = rc.Write(func(fd uintptr) bool {
+		for written < len(p) {
+			n, err := unix.Write(int(fd), p[written:])
+			if n > 0 {
+				written += n
+			}
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return false // the poller waits until it can write
+			case err != nil:
+				werr = err
+				return true
+			case n == 0:
+				werr = io.ErrShortWrite
+				return true
+			}
+		}
+		return true
+	})
+	if werr == nil {
+		werr = err
+	}
+	return written, werr
 }
 
 // SetConsoleInput sets what the guest's serial console reads (nil: none).
