@@ -843,17 +843,23 @@ func (d *Device) setupRing(b Backend, qs frontend.QueueSetup, limit time.Duratio
 // once it is spent: one that takes that long to start rings is not
 // serving them.
 func (d *Device) setupLimitLocked() (time.Duration, error) {
-	b := d.cfg.SetupBudget
-	if b <= 0 {
+	if d.cfg.SetupBudget <= 0 {
 		return 0, nil
 	}
+	return budgetLeft(d.cfg.SetupBudget, &d.setupBy, "setting up rings")
+}
+
+// budgetLeft is what is left of budget b of the current guest access for
+// doing what, whose end is *by (set now if zero), or an error that says
+// the back-end is gone once it is spent.
+func budgetLeft(b time.Duration, by *time.Time, what string) (time.Duration, error) {
 	now := time.Now()
-	if d.setupBy.IsZero() {
-		d.setupBy = now.Add(b)
+	if by.IsZero() {
+		*by = now.Add(b)
 	}
-	left := d.setupBy.Sub(now)
+	left := by.Sub(now)
 	if left <= 0 {
-		return 0, fmt.Errorf("%w (the %v this guest access may spend setting up rings is spent)", frontend.ErrTimeout, b)
+		return 0, fmt.Errorf("%w (the %v this guest access may spend %s is spent)", frontend.ErrTimeout, b, what)
 	}
 	return left, nil
 }
@@ -886,19 +892,10 @@ func (d *Device) getVringBase(idx uint32, limit time.Duration) (uint32, error) {
 // within the stop budget of the current guest access (Config.StopBudget;
 // 0: no limit of the device's), or an error once it is spent.
 func (d *Device) stopLimitLocked() (time.Duration, error) {
-	b := d.cfg.StopBudget
-	if b <= 0 || d.closing {
+	if d.cfg.StopBudget <= 0 || d.closing {
 		return 0, nil
 	}
-	now := time.Now()
-	if d.stopBy.IsZero() {
-		d.stopBy = now.Add(b)
-	}
-	left := d.stopBy.Sub(now)
-	if left <= 0 {
-		return 0, fmt.Errorf("%w (the %v this guest access may spend stopping rings is spent)", frontend.ErrTimeout, b)
-	}
-	return left, nil
+	return budgetLeft(d.cfg.StopBudget, &d.stopBy, "stopping rings")
 }
 
 // stopFailedLocked handles a back-end that did not confirm that queue i's

@@ -26,31 +26,7 @@ import (
 func TestQueueSetupBoundedPerAccess(t *testing.T) {
 	const timeout = 300 * time.Millisecond
 	const delay = 250 * time.Millisecond // each ack, within the timeout
-	a, b, err := vhostuser.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	client := frontend.New(a)
-	defer client.Close()
-	client.SetTimeout(timeout)
-	client.SetStopTimeout(timeout)
-	go func() {
-		for {
-			m, err := b.Recv()
-			if err != nil {
-				return
-			}
-			m.CloseFiles()
-			if m.NeedReply() {
-				time.Sleep(delay)
-				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
-			}
-		}
-	}()
-	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
-		t.Fatal(err)
-	}
+	client := slowBackend(t, timeout, delay)
 	r := newRig(t, func(c *Config) { c.Backend = client })
 	if st := r.negotiate(featureVersion1); st&StatusFeaturesOK == 0 {
 		t.Fatalf("features not accepted: status %#x", st)
@@ -79,30 +55,7 @@ func TestSetupBudgetBoundsAnAccess(t *testing.T) {
 		budget  = 200 * time.Millisecond
 		queues  = 8 // about 840 ms without the budget
 	)
-	a, b, err := vhostuser.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	client := frontend.New(a)
-	defer client.Close()
-	client.SetTimeout(timeout)
-	go func() {
-		for {
-			m, err := b.Recv()
-			if err != nil {
-				return
-			}
-			m.CloseFiles()
-			if m.NeedReply() {
-				time.Sleep(delay)
-				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
-			}
-		}
-	}()
-	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
-		t.Fatal(err)
-	}
+	client := slowBackend(t, timeout, delay)
 	var recovered error
 	r := newRig(t, func(c *Config) {
 		c.Backend = client
@@ -130,4 +83,36 @@ func TestSetupBudgetBoundsAnAccess(t *testing.T) {
 	if r.d.Failed() == nil {
 		t.Error("the device did not fail (Recover declined)")
 	}
+}
+
+// slowBackend is a client (timeout for each request and for stops) of a
+// back-end that acknowledges every request (REPLY_ACK) after delay.
+func slowBackend(t *testing.T, timeout, delay time.Duration) *frontend.Client {
+	t.Helper()
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	client := frontend.New(a)
+	t.Cleanup(func() { client.Close() })
+	client.SetTimeout(timeout)
+	client.SetStopTimeout(timeout)
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			m.CloseFiles()
+			if m.NeedReply() {
+				time.Sleep(delay)
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
+			}
+		}
+	}()
+	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
+		t.Fatal(err)
+	}
+	return client
 }
