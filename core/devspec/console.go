@@ -75,9 +75,13 @@ func handOver(f *os.File, name string) (*os.File, error) {
 	reopen := st.Mode&unix.S_IFMT == unix.S_IFIFO
 	if st.Mode&unix.S_IFMT == unix.S_IFCHR {
 		// A terminal only: opening another device again can act on it
-		// (a tape rewinds at close).
+		// (a tape rewinds at close). Not a pty's master: opening it
+		// again (/dev/ptmx, /dev/pts/ptmx) makes a new pty; nor
+		// /dev/tty, which names whatever terminal controls the opener
+		// (found in review).
 		_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-		reopen = err == nil
+		_, master := unix.IoctlGetInt(int(f.Fd()), unix.TIOCGPTN)
+		reopen = err == nil && master != nil && st.Rdev != unix.Mkdev(5, 0)
 	}
 	if reopen {
 		// Non-blocking, so that a FIFO's open cannot wait for its
