@@ -131,7 +131,7 @@ func (s *session) call(ctx context.Context, op string, f func(context.Context) e
 		return e
 	}
 	st := status.Convert(err)
-	return &OpError{Code: st.Code(), Msg: oneLine(st.Message())}
+	return &OpError{Code: st.Code(), Msg: oneLine(pluginhost.StatusMessage(st))}
 }
 
 // OpError is an operation the plugin refused or could not complete.

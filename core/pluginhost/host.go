@@ -301,6 +301,13 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 	if st.Code() == codes.DeadlineExceeded && ctx.Err() != nil {
 		return fmt.Errorf("plugin %s (pid %d): %s: no answer in time: %w", p.kind, p.Pid(), op, context.DeadlineExceeded)
 	}
+	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(StatusMessage(st)))
+}
+
+// StatusMessage is a failed RPC's status message as a plugin sent it, cut
+// to its first 4 KiB (a plugin may send up to the 64 KiB its trailers may
+// hold): what goes into an error, the log, the user's terminal.
+func StatusMessage(st *status.Status) string {
 	msg := st.Message()
 	if len(msg) > maxStatusMessage {
 		n := maxStatusMessage
@@ -309,7 +316,7 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 		}
 		msg = msg[:n] + "..."
 	}
-	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(msg))
+	return msg
 }
 
 // DeviceInfo is the virtio device a plugin serves.

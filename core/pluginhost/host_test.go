@@ -298,7 +298,7 @@ func TestHandshakeTimeout(t *testing.T) {
 	if pids := processesOf(filepath.Join(cfg.PluginDir, ExecutableName("hang"))); len(pids) != 0 {
 		t.Errorf("hung plugin still running: pids %v", pids)
 	}
-	if ents, _ := os.ReadDir(cfg.SocketBaseDir); len(ents) != 0 {
+	if ents := leftSockDirs(cfg.SocketBaseDir); len(ents) != 0 {
 		t.Errorf("private socket dir left behind: %v", ents)
 	}
 }
@@ -378,7 +378,7 @@ func TestLaunchFailures(t *testing.T) {
 			if tc.is != nil && !errors.Is(err, tc.is) {
 				t.Errorf("error %v is not %v", err, tc.is)
 			}
-			if ents, _ := os.ReadDir(cfg.SocketBaseDir); len(ents) != 0 {
+			if ents := leftSockDirs(cfg.SocketBaseDir); len(ents) != 0 {
 				t.Errorf("private socket dir left behind: %v", ents)
 			}
 		})
@@ -573,7 +573,7 @@ func TestLaunchAll(t *testing.T) {
 	if _, err := LaunchAll(cfgs); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("LaunchAll with a missing plugin: %v", err)
 	}
-	if ents, _ := os.ReadDir(cfgs[0].SocketBaseDir); len(ents) != 0 {
+	if ents := leftSockDirs(cfgs[0].SocketBaseDir); len(ents) != 0 {
 		t.Errorf("the good plugin's socket dir is left: %v", ents)
 	}
 }

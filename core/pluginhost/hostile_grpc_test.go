@@ -91,3 +91,30 @@ func TestHandshakeCertDoesNotPanicHost(t *testing.T) {
 	}
 	t.Logf("Launch: %v", r.err)
 }
+
+// TestLaunchBoundedWhenNoStreamsConnOutlivesPlugin (review, helper-98):
+// Process.connect bounds go-plugin's Client() by killing the plugin past
+// the handshake deadline, then waits (<-done) for Client() to return,
+// trusting that "the stream ends with the process". It ends only when the
+// HTTP/2 connection does: the plugin can send its end of the gRPC
+// connection (SCM_RIGHTS) over the vhost-user socket it was handed, in a
+// message the core does not read before the launch is done (the same
+// trick watchExit's comment describes for the stdout/stderr pipes), and
+// the connection then stays open after the plugin is dead. go-plugin's
+// doneCtx, the stdio stream's other way out, is cancelled only after its
+// wait goroutine takes c.l, which Client() holds: Launch waits for good.
+// connect must not wait for Client() past the deadline (return and let the
+// goroutine finish on its own after closing the gRPC connection, or give
+// the dial a keepalive / close the ClientConn itself).
+func TestLaunchBoundedWhenNoStreamsConnOutlivesPlugin(t *testing.T) {
+	r, ok := launchWithin(t, hostileGRPCConfig(t, "nostreams-keep"), 20*time.Second)
+	switch {
+	case !ok:
+		t.Fatal("Launch has not returned 20 s after start (handshake timeout 2 s, RPC timeout 2 s): a plugin that allows no HTTP/2 stream, and keeps its end of the connection alive in a message in flight, hangs the host")
+	case r.panicked != nil:
+		t.Fatalf("Launch panicked: %v", r.panicked)
+	case r.err == nil:
+		t.Fatal("Launch accepted a plugin that allows no gRPC stream")
+	}
+	t.Logf("Launch: %v", r.err)
+}

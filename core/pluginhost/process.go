@@ -4,9 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,7 +18,6 @@ import (
 	hclog "github.com/hashicorp/go-hclog"
 	plugin "github.com/hashicorp/go-plugin"
 	"github.com/hashicorp/go-plugin/runner"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
@@ -100,6 +99,10 @@ type Process struct {
 	// stdioLog spaces go-plugin's warnings about the plugin's stdio
 	// stream, which the plugin can cause at will.
 	stdioLog ratelog.Limiter
+	// conns are the gRPC client's connections to the plugin (dial), so
+	// that a launch past its deadline can close them.
+	connMu sync.Mutex
+	conns  []net.Conn
 }
 
 // clientPlugin is the host half of go-plugin's GRPCPlugin for any service.
@@ -147,16 +150,8 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 
 	// The private directory: go-plugin puts its own socket directory (and
 	// the plugin its gRPC socket) inside it; removed when the process ends.
-	sweepSockDirs(cfg.SocketBaseDir, log)
-	p.sockDir, err = os.MkdirTemp(cfg.SocketBaseDir, "krun-"+cfg.Kind+"-")
+	p.sockDir, p.sockLock, err = newSockDir(cfg.SocketBaseDir, cfg.Kind, log)
 	if err != nil {
-		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
-	}
-	if p.sockLock, err = lockSockDir(p.sockDir); err == nil {
-		err = os.Chmod(p.sockDir, 0o700)
-	}
-	if err != nil {
-		p.removeSockDir()
 		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
 	}
 	// go-plugin adds "/plugin-dirNNNNNNNNNN/pluginNNNNNNNNNN" (at most 39
@@ -249,6 +244,7 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 			// is 16 MiB of headers).
 			grpc.WithMaxHeaderListSize(maxHeaderListBytes),
 			grpc.WithChainStreamInterceptor(refuseBroker),
+			grpc.WithContextDialer(p.dial), // after go-plugin's own: this one is used
 		}, cfg.DialOptions...),
 	})
 
@@ -264,8 +260,16 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		p.removeSockDir()
 		return nil, err
 	}
-	if err := p.connect(cfg.Service, start, hsTimeout); err != nil {
-		p.Kill()
+	if stuck, err := p.connect(cfg.Service, start, hsTimeout); err != nil {
+		if stuck {
+			// go-plugin's Client still holds its lock (which its Kill
+			// takes): the process is dead and the connections closed,
+			// so it returns in the end; it is stopped then.
+			p.removeSockDir()
+			go p.close()
+		} else {
+			p.Kill()
+		}
 		return nil, fmt.Errorf("plugin %s: connect: %w", cfg.Kind, err)
 	}
 	// The directory was needed for the connection only, which is made: a
@@ -282,9 +286,12 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 // deadline. go-plugin's Client opens its stdio stream with a context that
 // ends only with the process, so a plugin that completed the handshake and
 // then allows no HTTP/2 stream (SETTINGS_MAX_CONCURRENT_STREAMS 0) would
-// hold it, and the host's launch, for good: past the deadline the process
-// is killed, which ends that stream (found in review).
-func (p *Process) connect(service string, start time.Time, timeout time.Duration) error {
+// hold it, and the host's launch, for good (found in review): past the
+// deadline the process is killed and the host's connections to it closed
+// (the plugin may have handed its end of one to another process, over its
+// vhost-user socket, so that it outlives it). stuck: Client has still not
+// returned, even so; the caller must not wait for it.
+func (p *Process) connect(service string, start time.Time, timeout time.Duration) (stuck bool, err error) {
 	deadline := start.Add(timeout)
 	done := make(chan error, 1)
 	go func() {
@@ -304,89 +311,49 @@ func (p *Process) connect(service string, start time.Time, timeout time.Duration
 	defer t.Stop()
 	select {
 	case err := <-done:
-		return err
+		return false, err
 	case <-t.C:
 	}
 	// Not p.Kill: go-plugin's Kill takes the lock its Client holds.
 	p.stopping.Store(true)
 	p.run.MarkStopping()
 	_ = p.run.Kill(context.Background())
-	<-done // the stream ends with the process (its pipes within pipeDrainGrace)
-	return fmt.Errorf("%w: no gRPC connection within %v of the start (the plugin accepts no gRPC stream); the host stopped it", ErrHandshakeTimeout, timeout)
+	p.closeConns()
+	err = fmt.Errorf("%w: no gRPC connection within %v of the start (the plugin accepts no gRPC stream); the host stopped it", ErrHandshakeTimeout, timeout)
+	select {
+	case <-done:
+		return false, err
+	case <-time.After(closeGrace):
+		return true, err
+	}
 }
 
-// lockSockDir opens the socket directory and takes an exclusive flock on
-// it, held as long as the file stays open (not inherited: close-on-exec).
-func lockSockDir(dir string) (*os.File, error) {
-	f, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+// dial connects the gRPC client to the plugin's socket (go-plugin's own
+// dialer does the same), keeping the connection for closeConns.
+func (p *Process) dial(ctx context.Context, _ string) (net.Conn, error) {
+	addr := p.run.HostAddr()
+	if addr == "" {
+		return nil, errors.New("the plugin has announced no address")
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", addr)
 	if err != nil {
 		return nil, err
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", dir, err)
-	}
-	return f, nil
+	p.connMu.Lock()
+	p.conns = append(p.conns, c)
+	p.connMu.Unlock()
+	return c, nil
 }
 
-// staleSockDirAge is how old an unlocked socket directory must be before
-// a launch takes it for a killed host's: a directory is locked within
-// microseconds of being made.
-const staleSockDirAge = 30 * time.Second
-
-// sweepSockDirs removes the private socket directories (krun-KIND-NNN)
-// under base (os.TempDir() if "") that a killed host left: StartProcess
-// removes its own once connected, but a host killed (SIGKILL, the OOM
-// killer) during a plugin's start cannot (found in review). A directory is
-// a killed host's when it is this user's, older than staleSockDirAge and
-// no one holds its flock; a live host, in whatever pid namespace, holds
-// the lock on its own.
-func sweepSockDirs(base string, log hclog.Logger) {
-	if base == "" {
-		base = os.TempDir()
+// closeConns closes the gRPC client's connections to the plugin.
+func (p *Process) closeConns() {
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
 	}
-	ents, err := os.ReadDir(base)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		name := e.Name()
-		if !e.IsDir() || !isSockDirName(name) {
-			continue
-		}
-		dir := filepath.Join(base, name)
-		var st unix.Stat_t
-		if unix.Lstat(dir, &st) != nil || st.Uid != uint32(os.Geteuid()) ||
-			time.Since(time.Unix(st.Mtim.Unix())) < staleSockDirAge {
-			continue
-		}
-		f, err := lockSockDir(dir)
-		if err != nil {
-			continue // in use, or not ours to open
-		}
-		if err := os.RemoveAll(dir); err != nil {
-			log.Debug("removing a killed host's plugin socket directory", "dir", dir, "error", err)
-		} else {
-			log.Debug("removed a killed host's plugin socket directory", "dir", dir)
-		}
-		f.Close()
-	}
-}
-
-// isSockDirName tells whether name is one os.MkdirTemp makes for
-// StartProcess: "krun-" KIND "-" digits.
-func isSockDirName(name string) bool {
-	rest, ok := strings.CutPrefix(name, "krun-")
-	i := strings.LastIndexByte(rest, '-')
-	if !ok || i < 0 || CheckKind(rest[:i]) != nil || i+1 == len(rest) {
-		return false
-	}
-	for _, c := range rest[i+1:] {
-		if c < '0' || c > '9' {
-			return false
-		}
-	}
-	return true
+	p.conns = nil
 }
 
 // waitReady waits until conn is connected, at most until deadline.
@@ -636,14 +603,27 @@ func (q quietLogger) Named(name string) hclog.Logger {
 	return offLogger
 }
 
-// spacedLogger passes its warnings and errors through a ratelog.Limiter.
+// spacedLogger passes its warnings and errors through a ratelog.Limiter:
+// the first, then one every ratelog.DefaultEvery with the count of those
+// dropped in between (not logged at all, at no level).
 type spacedLogger struct {
 	hclog.Logger
 	limit *ratelog.Limiter
 }
 
-func (l spacedLogger) Warn(msg string, args ...interface{})  { l.limit.Warn(l.Logger, msg, args...) }
-func (l spacedLogger) Error(msg string, args ...interface{}) { l.limit.Error(l.Logger, msg, args...) }
+func (l spacedLogger) Warn(msg string, args ...interface{})  { l.spaced(hclog.Warn, msg, args) }
+func (l spacedLogger) Error(msg string, args ...interface{}) { l.spaced(hclog.Error, msg, args) }
+
+func (l spacedLogger) spaced(level hclog.Level, msg string, args []interface{}) {
+	ok, unlogged := l.limit.Allow()
+	if !ok {
+		return
+	}
+	if unlogged > 0 {
+		args = append(args, "unlogged_before", unlogged)
+	}
+	l.Logger.Log(level, msg, args...)
+}
 
 func (q quietLogger) Error(msg string, args ...interface{}) {
 	if msg == "plugin process exited" {

@@ -45,6 +45,7 @@ type ProcRunner struct {
 	waitErr  error
 	hint     string      // Diagnose's question when the handshake fails
 	stopping atomic.Bool // the host killed the process on purpose
+	hostAddr atomic.Pointer[string]
 }
 
 var _ runner.Runner = (*ProcRunner)(nil)
@@ -119,9 +120,8 @@ func checkHandshake(r io.Reader) ([]byte, error) {
 	chunk := make([]byte, 4096)
 	for {
 		if i := bytes.IndexByte(buf, '\n'); i >= 0 {
-			fields := strings.Split(strings.TrimSpace(string(buf[:i])), "|")
-			if len(fields) >= 6 && strings.TrimSpace(fields[5]) != "" {
-				return nil, &handshakeRefused{"the plugin's handshake line offers a TLS certificate (go-plugin's AutoMTLS), which krun-core never asks for"}
+			if err := refuseHandshake(buf[:i]); err != nil {
+				return nil, err // nothing of it reaches go-plugin
 			}
 			return buf, nil
 		}
@@ -131,12 +131,30 @@ func checkHandshake(r io.Reader) ([]byte, error) {
 		n, err := r.Read(chunk)
 		buf = append(buf, chunk[:n]...)
 		if err != nil {
-			if err == io.EOF {
-				err = nil // the next read sees the end again
+			if err != io.EOF {
+				return buf, err
 			}
-			return buf, err
+			if bytes.IndexByte(buf, '\n') < 0 {
+				// go-plugin's scanner takes the last piece as a line.
+				if err := refuseHandshake(buf); err != nil {
+					return nil, err
+				}
+				return buf, nil // the next read sees the end again
+			}
 		}
 	}
+}
+
+// refuseHandshake says why line, the plugin's handshake, is refused (nil:
+// it is not).
+func refuseHandshake(line []byte) error {
+	fields := strings.Split(strings.TrimSpace(string(line)), "|")
+	// As go-plugin: a sixth field of 50 bytes or less is extra data of
+	// older servers, which it ignores.
+	if len(fields) >= 6 && len(fields[5]) > 50 {
+		return &handshakeRefused{"the plugin's handshake line offers a TLS certificate (go-plugin's AutoMTLS), which krun-core never asks for"}
+	}
+	return nil
 }
 
 func (r *ProcRunner) Start(context.Context) error {
@@ -270,7 +288,17 @@ func (r *ProcRunner) PluginToHost(network, addr string) (string, string, error) 
 	if err != nil {
 		return "", "", err
 	}
+	r.hostAddr.Store(&p)
 	return network, p, nil
+}
+
+// HostAddr is the path of the plugin's gRPC socket as the host reaches it
+// (PluginToHost's), "" before the handshake.
+func (r *ProcRunner) HostAddr() string {
+	if p := r.hostAddr.Load(); p != nil {
+		return *p
+	}
+	return ""
 }
 
 func (r *ProcRunner) HostToPlugin(network, addr string) (string, string, error) {

@@ -7,6 +7,11 @@
 //	           directory; the host's HTTP/2 connection is answered with
 //	           SETTINGS_MAX_CONCURRENT_STREAMS 0 (SETTINGS and PING are
 //	           answered), so no stream can ever be opened on it
+//	nostreams-keep  nostreams, and the accepted connection's descriptor is
+//	           also sent (SCM_RIGHTS) over fd 3, the plugin's vhost-user
+//	           socket, whose other end the core does not read before the
+//	           launch is done: the connection outlives the process
+//	           (review, helper-98)
 //	cert       a valid handshake line with a sixth field: a server
 //	           certificate (base64 DER of a self-signed one), which
 //	           go-plugin loads only for AutoMTLS
@@ -29,6 +34,7 @@ import (
 
 	plugin "github.com/hashicorp/go-plugin"
 	"golang.org/x/net/http2"
+	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/proto/pluginpb"
 )
@@ -83,6 +89,14 @@ func selfSigned() string {
 
 func serve(c net.Conn) {
 	defer c.Close()
+	if mode() == "nostreams-keep" {
+		if f, err := c.(*net.UnixConn).File(); err == nil {
+			if err := unix.Sendmsg(3, []byte{0}, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
+				fmt.Fprintln(os.Stderr, "hostilegrpc: sendmsg:", err)
+			}
+			f.Close()
+		}
+	}
 	preface := make([]byte, len(http2.ClientPreface))
 	if _, err := io.ReadFull(c, preface); err != nil {
 		return
