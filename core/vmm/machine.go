@@ -446,11 +446,20 @@ func (m *machine) runVCPU(i int) {
 			return
 		}
 		if err := m.handleExit(v, reason); err != nil {
-			m.event(event{err: fmt.Errorf("vCPU %d: %w", i, err)})
+			if !errors.Is(err, errVCPUDone) {
+				m.event(event{err: fmt.Errorf("vCPU %d: %w", i, err)})
+			}
 			return
 		}
 	}
 }
+
+// errVCPUDone is handleExit's word that the guest ended on this vCPU (a
+// triple fault, a shutdown or reset event): its event is sent, and the
+// vCPU runs the guest no more. Entered again after a triple fault, it
+// would fault again at once, each exit a log line, until the machine
+// stopped it (found in review).
+var errVCPUDone = errors.New("the guest ended on this vCPU")
 
 func (m *machine) handleExit(v *kvm.VCPU, reason uint32) error {
 	if (reason == kvm.ExitIO || reason == kvm.ExitMMIO) && !m.alive.Load() {
@@ -478,12 +487,15 @@ func (m *machine) handleExit(v *kvm.VCPU, reason uint32) error {
 		// does a crash before the kernel has an IDT.
 		m.log.Info("guest triple fault: treated as reboot", "vcpu", v.ID())
 		m.event(event{reason: ExitReboot})
+		return errVCPUDone
 	case kvm.ExitSystemEvent:
 		switch t := v.SystemEvent(); t {
 		case kvm.SystemEventShutdown:
 			m.event(event{reason: ExitPowerOff})
+			return errVCPUDone
 		case kvm.SystemEventReset:
 			m.event(event{reason: ExitReboot})
+			return errVCPUDone
 		default:
 			return fmt.Errorf("guest system event %d (crash)", t)
 		}

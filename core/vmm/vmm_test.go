@@ -284,3 +284,19 @@ func TestSetBootTimeout(t *testing.T) {
 		t.Errorf("SetBootTimeout(0) = %v, %v", err, c.bootTimeout)
 	}
 }
+
+// TestTripleFaultEndsTheVCPU: a triple fault is the guest's reboot, sent
+// once, and the vCPU goes back into the guest no more (errVCPUDone, which
+// runVCPU takes as the end of its loop, not as an error): entered again it
+// faulted again at once, a log line an exit, until the machine stopped it
+// (from review, helper-97).
+func TestTripleFaultEndsTheVCPU(t *testing.T) {
+	m := newTestMachine(&bytes.Buffer{})
+	err := m.handleExit(&kvm.VCPU{}, kvm.ExitShutdown)
+	if !errors.Is(err, errVCPUDone) {
+		t.Fatalf("handleExit after a triple fault: %v, want errVCPUDone", err)
+	}
+	if ev, ok := lastEvent(m); !ok || ev.reason != ExitReboot || ev.err != nil {
+		t.Fatalf("event %+v (%v), want a reboot", ev, ok)
+	}
+}
