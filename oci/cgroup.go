@@ -214,7 +214,7 @@ func hasChildCgroups(dir string) bool {
 // whose parent died) and removes the directory. A cgroup with child
 // cgroups is never ended as a whole (cgroup.kill ends the subtree, and
 // krun-oci makes none): only the processes in it are.
-func removeCgroup(dir string) error {
+func removeCgroup(dir string, kill bool) error {
 	if dir == "" {
 		return nil
 	}
@@ -227,7 +227,10 @@ func removeCgroup(dir string) error {
 		if err == nil || errors.Is(err, unix.ENOENT) {
 			return nil
 		}
-		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+		if !errors.Is(err, unix.EBUSY) || !kill || time.Now().After(deadline) {
+			if errors.Is(err, unix.EBUSY) && !kill {
+				return fmt.Errorf("remove cgroup %s: in use again (another container's?), left in place: %w", dir, err)
+			}
 			return fmt.Errorf("remove cgroup %s: %w", dir, err)
 		}
 		// cgroup.kill (Linux 5.14) ends the whole subtree at once;

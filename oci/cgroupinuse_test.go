@@ -127,7 +127,7 @@ func TestRemoveCgroupSparesChildCgroups(t *testing.T) {
 		}
 		unix.Rmdir(dir)
 	})
-	if err := removeCgroup(dir); err == nil {
+	if err := removeCgroup(dir, true); err == nil {
 		t.Errorf("removeCgroup of a cgroup with a child cgroup succeeded")
 	}
 	select {

@@ -435,7 +435,7 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 			monitor.Kill()
 			waitDead(monitor.Pid, 0, 5*time.Second)
 		}
-		removeCgroup(c.Rec.Cgroup)
+		removeCgroup(c.Rec.Cgroup, true)
 		c.Remove()
 	}
 	// A create ended by a signal (a shim's timeout, a closed terminal)
@@ -810,6 +810,17 @@ func cmdDelete(g *globals, args []string, env *Env) error {
 }
 
 func deleteContainer(g *globals, id string, force bool) error {
+	if force {
+		// A create holds the lock until its guest is ready (up to
+		// ReadyTimeout): a forced delete (a shim or podman rm -f giving
+		// up on it) ends its monitor first, the create then undoes
+		// itself, and the delete finds nothing left, as runc's does at
+		// once (found in review). Any other holder of the lock is a
+		// command on a container the delete ends anyway.
+		if r, err := g.store.Read(id); err == nil && r.Rec.Pid != 0 && r.busy() && r.MonitorAlive() {
+			unix.Kill(r.Rec.Pid, unix.SIGKILL)
+		}
+	}
 	c, err := g.store.Open(id)
 	if force && errors.Is(err, ErrNotExist) {
 		return nil // as runc: engines clean up with it after a create that failed half-way
@@ -829,6 +840,15 @@ func deleteContainer(g *globals, id string, force bool) error {
 			return fmt.Errorf("cannot delete container %s that is not stopped: %s", id, st)
 		}
 	}
+	monitorAlive := c.MonitorAlive()
+	if monitorAlive && st == specs.StateStopped {
+		// The command exited (the monitor wrote its status) and the
+		// monitor is ending the VM, within ExitGrace: its pid is the
+		// container's, and whoever reaps it (conmon, the shim, run)
+		// must get the command's status, not the 137 of a kill, as
+		// with runc once state says stopped (found in review).
+		waitDead(c.Rec.Pid, c.Rec.PidStart, ExitGrace+5*time.Second)
+	}
 	if c.MonitorAlive() {
 		unix.Kill(c.Rec.Pid, unix.SIGKILL)
 		if !waitDead(c.Rec.Pid, c.Rec.PidStart, 10*time.Second) {
@@ -840,10 +860,41 @@ func deleteContainer(g *globals, id string, force bool) error {
 		state.Pid = c.Rec.Pid // hooks learn which process the container was
 		runHooksWarn("poststop", plan.Hooks.Poststop, &state.State, func(err error) { g.log.warn("%v", err) })
 	}
-	if err := removeCgroup(c.Rec.Cgroup); err != nil {
+	// What is left in the cgroup (plugins or passt whose monitor died)
+	// is killed, unless the container was stopped and another container
+	// of this store has taken the cgroup over since: a stopped one's
+	// cgroup, left empty, may be given to a new container, which the
+	// kill would end (found in review).
+	kill := monitorAlive || !cgroupTakenOver(g.store, id, c.Rec.Cgroup)
+	if err := removeCgroup(c.Rec.Cgroup, kill); err != nil {
 		g.log.warn("%v", err)
 	}
 	return c.Remove()
+}
+
+// cgroupTakenOver reports whether a container of store other than id,
+// being created or with its monitor alive, names cgroup as its own.
+func cgroupTakenOver(store *Store, id, cgroup string) bool {
+	if cgroup == "" {
+		return false
+	}
+	ids, err := store.List()
+	if err != nil {
+		return true // cannot tell: kill nothing
+	}
+	for _, other := range ids {
+		if other == id {
+			continue
+		}
+		o, err := store.Read(other)
+		if err != nil || filepath.Clean(o.Rec.Cgroup) != filepath.Clean(cgroup) {
+			continue
+		}
+		if o.Rec.Pid == 0 || o.MonitorAlive() {
+			return true
+		}
+	}
+	return false
 }
 
 func cmdRun(g *globals, args []string, env *Env) error {

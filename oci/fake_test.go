@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -40,6 +41,9 @@ type fakeVM struct {
 	execs map[*os.Process]bool
 }
 
+// slowBoot is how long a "slow-boot" guest takes to boot.
+const slowBoot = 30 * time.Second
+
 // launcher starts processes from one locked thread that lives as long as
 // the process, so their parent-death signal fires only when the monitor
 // dies (as a VM dies with it).
@@ -70,6 +74,14 @@ func (v *fakeVM) Boot(ctx context.Context) error {
 	if v.plan.Process.Args[0] == "fail-boot" {
 		return errors.New("the guest could not boot (fake)")
 	}
+	if v.plan.Process.Args[0] == "slow-boot" {
+		// A guest that takes slowBoot to be ready.
+		select {
+		case <-time.After(slowBoot):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	return nil
 }
 
@@ -82,6 +94,9 @@ func (v *fakeVM) Start() error {
 		return errors.New("stopped")
 	}
 	args := v.plan.Process.Args
+	if args[0] == "slow-boot" {
+		args = args[1:]
+	}
 	if args[0] == "linger-after-exit" {
 		v.lingering = true
 		args = args[1:]

@@ -1,0 +1,124 @@
+package oci
+
+// krun-oci's commands run concurrently on one container, as containerd's
+// shim, CRI-O/conmon and podman run them (from review, helper-100; each
+// test here failed on the code it was written against).
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// Under runc a container is stopped once its init process has exited: the
+// pid in state (the one a subreaper such as conmon or containerd's shim
+// collects for the container's exit status) is done, its status fixed.
+// krun-oci reports stopped as soon as the monitor made its "exited" file,
+// while the monitor still tears the VM down (up to ExitGrace for a guest
+// that does not power off); a delete meanwhile (a caller that polled state
+// until stopped, as engines do) SIGKILLs the monitor, and the container's
+// exit status becomes 137 instead of the command's.
+//
+// From review, helper-100; fixed: delete waits up to ExitGrace for a
+// stopped container's monitor to end before it kills it.
+func TestDeleteOfStoppedContainerKeepsExitStatus(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"linger-after-exit", "sh", "-c", "exit 3"}, nil)
+	r.mustRun("create", "--bundle", b, "d1")
+	pid := r.state("d1").Pid
+	r.mustRun("start", "d1")
+	r.waitStatus("d1", specs.StateStopped)
+	r.mustRun("delete", "d1")
+	if got := reap(t, pid); got != 3 {
+		t.Errorf("the monitor (the container's pid %d) exited %d after a delete of the stopped container, want the command's 3", pid, got)
+	}
+}
+
+// runc delete --force during a runc create ends at once: the container's
+// directory is removed (a create still under way fails). krun-oci's create
+// holds the container's lock until the guest is ready (up to ReadyTimeout,
+// 5 minutes), and delete --force (a shim cleaning up after a create whose
+// caller gave up, a podman rm -f) waits for it all that time.
+//
+// From review, helper-100; fixed: delete --force ends the monitor of a
+// create that holds the lock, which then undoes itself.
+func TestForceDeleteDuringCreateIsPrompt(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"slow-boot", "sleep", "100"}, nil)
+	created := make(chan int, 1)
+	go func() {
+		_, _, code := r.run(nil, nil, "create", "--bundle", b, "dc")
+		created <- code
+	}()
+	// Wait until the monitor runs (the guest boots).
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(filepath.Join(r.root, "dc", monitorSock)); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("create did not start the monitor")
+		}
+	}
+	t0 := time.Now()
+	_, e, code := r.run(nil, nil, "delete", "--force", "dc")
+	took := time.Since(t0)
+	if code != 0 {
+		t.Errorf("delete --force during create: exit %d: %s", code, strings.TrimSpace(e))
+	}
+	if took > 5*time.Second {
+		t.Errorf("delete --force during create took %v (the boot takes %v)", took.Round(time.Second), slowBoot)
+	}
+	select {
+	case <-created:
+	case <-time.After(slowBoot + 20*time.Second):
+		t.Error("create did not end")
+	}
+}
+
+// A stopped container's record still names its cgroup until delete. The
+// cgroup is empty then, and create lets a new container have it (as runc
+// does: a container's cgroup is new or empty). Delete of the old container
+// then ends the new one: removeCgroup finds the cgroup busy and writes
+// cgroup.kill, killing the other container's monitor (its VM). runc's
+// delete of a stopped container (private pid namespace) only removes the
+// cgroup, and leaves processes that are not its own.
+//
+// From review, helper-100; fixed: the cgroup of a stopped container is
+// not killed when another container of the store has taken it over.
+func TestDeleteOfStoppedContainerSparesCgroupsNewOwner(t *testing.T) {
+	root := testCgroup2Root(t)
+	cg := "/krun-oci-test-reuse-" + strconv.Itoa(os.Getpid())
+	t.Cleanup(func() {
+		for i := 0; i < 100 && dirExists(filepath.Join(root, cg)); i++ {
+			os.Remove(filepath.Join(root, cg))
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+	r := newRT(t)
+	withCg := func(s *specs.Spec) { s.Linux = &specs.Linux{CgroupsPath: cg} }
+	old := bundle(t, []string{"true"}, withCg)
+	r.mustRun("--cgroup-root", root, "create", "--bundle", old, "old")
+	oldPid := r.state("old").Pid
+	r.mustRun("--cgroup-root", root, "start", "old")
+	r.waitStatus("old", specs.StateStopped)
+	if !waitDead(oldPid, 0, 10*time.Second) {
+		t.Fatal("the old container's monitor did not exit")
+	}
+	nb := bundle(t, []string{"sleep", "100"}, withCg)
+	if _, e, code := r.run(nil, nil, "--cgroup-root", root, "create", "--bundle", nb, "new"); code != 0 {
+		t.Skipf("create in the stopped container's cgroup refused (exit %d: %s): the reuse cannot happen", code, strings.TrimSpace(e))
+	}
+	r.mustRun("--cgroup-root", root, "start", "new")
+	r.waitStatus("new", specs.StateRunning)
+	r.run(nil, nil, "--cgroup-root", root, "delete", "old")
+	time.Sleep(300 * time.Millisecond)
+	if st := r.state("new").Status; st != specs.StateRunning {
+		t.Errorf("delete of the stopped container \"old\" left container \"new\" (now owning the same cgroup %s) %s, want running", cg, st)
+	}
+	r.mustRun("--cgroup-root", root, "delete", "--force", "new")
+}
