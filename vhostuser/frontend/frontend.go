@@ -132,11 +132,15 @@ func (c *Client) call(req vhostuser.Request, payload []byte, files []*os.File) (
 func (c *Client) stopCall(req vhostuser.Request, payload []byte, limit time.Duration) (any, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	timeout := c.stop
+	return c.callWithin(req, payload, nil, within(c.stop, limit))
+}
+
+// within is timeout, or limit where that is shorter (0: no limit).
+func within(timeout, limit time.Duration) time.Duration {
 	if limit > 0 && (timeout <= 0 || limit < timeout) {
-		timeout = limit
+		return limit
 	}
-	return c.callWithin(req, payload, nil, timeout)
+	return timeout
 }
 
 func (c *Client) callLocked(req vhostuser.Request, payload []byte, files []*os.File) (any, error) {

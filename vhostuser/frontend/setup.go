@@ -177,10 +177,7 @@ func (c *Client) SetupQueueWithin(q QueueSetup, protocolNegotiated bool, limit t
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	budget := c.timeout
-	if limit > 0 && (budget <= 0 || limit < budget) {
-		budget = limit
-	}
+	budget := within(c.timeout, limit)
 	var deadline time.Time
 	if budget > 0 {
 		deadline = time.Now().Add(budget)
