@@ -611,18 +611,12 @@ type spacedLogger struct {
 	limit *ratelog.Limiter
 }
 
-func (l spacedLogger) Warn(msg string, args ...interface{})  { l.spaced(hclog.Warn, msg, args) }
-func (l spacedLogger) Error(msg string, args ...interface{}) { l.spaced(hclog.Error, msg, args) }
+func (l spacedLogger) Warn(msg string, args ...interface{}) {
+	l.limit.Log(l.Logger, hclog.Warn, msg, args...)
+}
 
-func (l spacedLogger) spaced(level hclog.Level, msg string, args []interface{}) {
-	ok, unlogged := l.limit.Allow()
-	if !ok {
-		return
-	}
-	if unlogged > 0 {
-		args = append(args, "unlogged_before", unlogged)
-	}
-	l.Logger.Log(level, msg, args...)
+func (l spacedLogger) Error(msg string, args ...interface{}) {
+	l.limit.Log(l.Logger, hclog.Error, msg, args...)
 }
 
 func (q quietLogger) Error(msg string, args ...interface{}) {

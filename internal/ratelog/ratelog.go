@@ -58,15 +58,25 @@ func (l *Limiter) Error(log hclog.Logger, msg string, args ...any) {
 }
 
 func (l *Limiter) logAt(log hclog.Logger, level hclog.Level, msg string, args []any) {
+	if !l.Log(log, level, msg, args...) {
+		log.Debug(msg, args...)
+	}
+}
+
+// Log logs msg at level when Allow lets it through, adding how many
+// events went unlogged before it (when any), and reports whether it did;
+// the others are not logged at any level (a line a process that may be
+// compromised causes at will).
+func (l *Limiter) Log(log hclog.Logger, level hclog.Level, msg string, args ...any) bool {
 	ok, unlogged := l.Allow()
 	if !ok {
-		log.Debug(msg, args...)
-		return
+		return false
 	}
 	if unlogged > 0 {
 		args = append(args, "unlogged_before", unlogged)
 	}
 	log.Log(level, msg, args...)
+	return true
 }
 
 // Budget lets a stream of events through in bursts of up to Burst,
