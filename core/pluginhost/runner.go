@@ -118,30 +118,27 @@ func (g *handshakeGuard) Read(p []byte) (int, error) {
 func checkHandshake(r io.Reader) ([]byte, error) {
 	var buf []byte
 	chunk := make([]byte, 4096)
-	for {
+	for eof := false; ; {
+		line := buf
 		if i := bytes.IndexByte(buf, '\n'); i >= 0 {
-			if err := refuseHandshake(buf[:i]); err != nil {
-				return nil, err // nothing of it reaches go-plugin
-			}
-			return buf, nil
-		}
-		if len(buf) > maxHandshakeLine {
+			line = buf[:i]
+		} else if len(buf) > maxHandshakeLine {
 			return buf, nil // go-plugin refuses the line as too long
-		}
-		n, err := r.Read(chunk)
-		buf = append(buf, chunk[:n]...)
-		if err != nil {
-			if err != io.EOF {
+		} else if !eof {
+			n, err := r.Read(chunk)
+			buf = append(buf, chunk[:n]...)
+			if err != nil && err != io.EOF {
 				return buf, err
 			}
-			if bytes.IndexByte(buf, '\n') < 0 {
-				// go-plugin's scanner takes the last piece as a line.
-				if err := refuseHandshake(buf); err != nil {
-					return nil, err
-				}
-				return buf, nil // the next read sees the end again
-			}
+			eof = err == io.EOF
+			continue
 		}
+		// A whole line, or the last piece of the stream, which go-plugin's
+		// scanner takes as a line too.
+		if err := refuseHandshake(line); err != nil {
+			return nil, err // nothing of it reaches go-plugin
+		}
+		return buf, nil // after the end, the next read sees it again
 	}
 }
 
