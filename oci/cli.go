@@ -821,7 +821,18 @@ func deleteContainer(g *globals, id string, force bool) error {
 			unix.Kill(r.Rec.Pid, unix.SIGKILL)
 		}
 	}
-	c, err := g.store.Open(id)
+	var c *Container
+	var err error
+	if force {
+		var unreadable error
+		c, unreadable, err = g.store.openUnreadable(id)
+		if err == nil && unreadable != nil {
+			defer c.Unlock()
+			return deleteUnreadable(g, c, unreadable)
+		}
+	} else {
+		c, err = g.store.Open(id)
+	}
 	if force && errors.Is(err, ErrNotExist) {
 		return nil // as runc: engines clean up with it after a create that failed half-way
 	}
@@ -869,6 +880,35 @@ func deleteContainer(g *globals, id string, force bool) error {
 	if err := removeCgroup(c.Rec.Cgroup, kill); err != nil {
 		g.log.warn("%v", err)
 	}
+	return c.Remove()
+}
+
+// deleteUnreadable removes the container c, locked, whose state file
+// cannot be read (why): delete --force, as an engine cleaning up after a
+// host crash runs it, must not fail for good on it. The record is gone,
+// so the monitor is found as the process listening on the container's
+// control socket (its peer credentials) and killed, and the cgroup is the
+// one in the plan create wrote. Poststop hooks need the container's
+// state and are not run; a warning says what was removed and why.
+func deleteUnreadable(g *globals, c *Container, why error) error {
+	killed := false
+	if pid := monitorPeer(c.Dir); pid > 0 {
+		start, _, err := procStat(pid)
+		if err == nil {
+			unix.Kill(pid, unix.SIGKILL)
+			if !waitDead(pid, start, 10*time.Second) {
+				return fmt.Errorf("the monitor of %s (pid %d) did not end", c.ID, pid)
+			}
+			killed = true
+		}
+	}
+	if plan, err := readPlan(c.Dir); err == nil && plan.Cgroup.Path != "" {
+		kill := killed || !cgroupTakenOver(g.store, c.ID, plan.Cgroup.Path)
+		if err := removeCgroup(plan.Cgroup.Path, kill); err != nil {
+			g.log.warn("%v", err)
+		}
+	}
+	g.log.warn("%v; removed the container without running its poststop hooks", why)
 	return c.Remove()
 }
 

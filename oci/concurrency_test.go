@@ -5,6 +5,7 @@ package oci
 // test here failed on the code it was written against).
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // Under runc a container is stopped once its init process has exited: the
@@ -121,4 +123,46 @@ func TestDeleteOfStoppedContainerSparesCgroupsNewOwner(t *testing.T) {
 		t.Errorf("delete of the stopped container \"old\" left container \"new\" (now owning the same cgroup %s) %s, want running", cg, st)
 	}
 	r.mustRun("--cgroup-root", root, "delete", "--force", "new")
+}
+
+// A container whose state file cannot be read (empty, as a disk-backed
+// --root can leave it after a host crash; cut short; naming another
+// container) is refused by delete with one line that names --force, and
+// delete --force removes it: its monitor, found through its control
+// socket, killed, its directory gone. Before, not even delete --force
+// could remove it, and an engine's clean-up failed for good (from review,
+// helper-100; fixed: openUnreadable, deleteUnreadable).
+func TestForceDeleteOfUnreadableState(t *testing.T) {
+	for _, tc := range []struct{ name, content string }{
+		{"empty", ""},
+		{"cut short", `{"id":"u1","bundle":`},
+		{"other container", `{"id":"someone-else"}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRT(t)
+			b := bundle(t, []string{"sleep", "100"}, nil)
+			pidFile := filepath.Join(t.TempDir(), "pid")
+			r.mustRun("create", "--bundle", b, "--pid-file", pidFile, "u1")
+			pid := readPid(t, pidFile)
+			if err := os.WriteFile(filepath.Join(r.root, "u1", recordFile), []byte(tc.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, e, code := r.run(nil, nil, "delete", "u1")
+			if code == 0 || !strings.Contains(e, "corrupt") || !strings.Contains(e, "delete --force") || strings.Count(strings.TrimSpace(e), "\n") > 0 {
+				t.Errorf("delete of a container with an unreadable state: exit %d, stderr %q; want one line that names delete --force", code, e)
+			}
+			if err := unix.Kill(pid, 0); err != nil {
+				t.Fatalf("delete without --force ended the monitor: %v", err)
+			}
+			if _, e, code := r.run(nil, nil, "delete", "--force", "u1"); code != 0 {
+				t.Fatalf("delete --force: exit %d, stderr %q", code, e)
+			}
+			if got := reap(t, pid); got != 137 {
+				t.Errorf("monitor ended with %d, want 137 (SIGKILL)", got)
+			}
+			if _, err := os.Lstat(filepath.Join(r.root, "u1")); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the state directory is still there: %v", err)
+			}
+		})
+	}
 }

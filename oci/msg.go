@@ -90,6 +90,34 @@ func listenMonitor(dir string) (*net.UnixListener, func(), error) {
 	return l, cleanup, nil
 }
 
+// monitorPeer returns the pid of the process listening on the control
+// socket in dir (the socket's peer credentials), 0 when none answers.
+func monitorPeer(dir string) int {
+	addr, dirf, err := sockAddr(dir)
+	if err != nil {
+		return 0
+	}
+	if dirf != nil {
+		defer dirf.Close()
+	}
+	conn, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: addr, Net: "unixpacket"})
+	if err != nil {
+		return 0
+	}
+	defer conn.Close()
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	pid := 0
+	raw.Control(func(fd uintptr) {
+		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+			pid = int(cred.Pid)
+		}
+	})
+	return pid
+}
+
 // callMonitor sends one request (with files) to the monitor of the
 // container in dir and returns its reply.
 func callMonitor(dir string, req *request, files []*os.File, timeout time.Duration) (*reply, error) {

@@ -35,6 +35,11 @@ var ErrNotExist = errors.New("container does not exist")
 // ErrExist says a container with that ID exists already.
 var ErrExist = errors.New("container already exists")
 
+// ErrCorrupt says a container's state file cannot be read as its record
+// (a disk-backed --root after a crash can leave it empty): only delete
+// --force removes such a container.
+var ErrCorrupt = errors.New("corrupt")
+
 // Phases recorded in the state file; the status reported is derived from
 // the phase and whether the monitor is alive (Container.Status).
 const (
@@ -144,6 +149,26 @@ func (s *Store) Open(id string) (*Container, error) {
 	return c, nil
 }
 
+// openUnreadable is Open for delete --force: a container whose state
+// file is corrupt is returned locked too, with the reason in unreadable.
+func (s *Store) openUnreadable(id string) (c *Container, unreadable error, err error) {
+	if err := ValidID(id); err != nil {
+		return nil, nil, err
+	}
+	c, err = lockDir(id, filepath.Join(s.Root, id))
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := c.load(); err != nil {
+		if errors.Is(err, ErrCorrupt) {
+			return c, err, nil
+		}
+		c.Unlock()
+		return nil, nil, err
+	}
+	return c, nil, nil
+}
+
 // Read reads a container's record without taking its lock (state and
 // list must answer while a create holds it).
 func (s *Store) Read(id string) (*Container, error) {
@@ -243,10 +268,10 @@ func (c *Container) load() error {
 		return fmt.Errorf("read state: %w", err)
 	}
 	if err := json.Unmarshal(b, &c.Rec); err != nil {
-		return fmt.Errorf("state file of %s is corrupt: %w", c.ID, err)
+		return fmt.Errorf("state file of %s is %w (delete --force removes the container): %w", c.ID, ErrCorrupt, err)
 	}
 	if c.Rec.ID != c.ID {
-		return fmt.Errorf("state file of %s names container %q", c.ID, c.Rec.ID)
+		return fmt.Errorf("state file of %s is %w (delete --force removes the container): it names container %q", c.ID, ErrCorrupt, c.Rec.ID)
 	}
 	return nil
 }
