@@ -766,6 +766,13 @@ func cmdKill(g *globals, args []string, env *Env) error {
 			return err
 		}
 	}
+	// A create in progress holds the lock until its guest is ready, its
+	// hooks run meanwhile: a kill then, from such a hook above all,
+	// would wait for the create that waits for the hook. The container
+	// is not running yet, as runc would say (found in review, helper-100).
+	if r, err := g.store.Read(id); err == nil && r.Rec.Phase == phaseCreating && r.busy() {
+		return fmt.Errorf("cannot signal container %s: container not running (%s)", id, specs.StateCreating)
+	}
 	c, err := g.store.Open(id)
 	if err != nil {
 		return err

@@ -166,3 +166,33 @@ func TestForceDeleteOfUnreadableState(t *testing.T) {
 		})
 	}
 }
+
+// A createRuntime hook that signals its own container (a network hook
+// giving up, say) ran while create held the container's lock, and kill
+// waited for that lock: create waited for its hook, the hook for create,
+// until something killed one of them. kill of a container still being
+// created answers at once that it is not running, as runc's would (from
+// review, helper-100; fixed: cmdKill reads the record first).
+func TestKillFromCreateHookDoesNotDeadlock(t *testing.T) {
+	r := newRT(t)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "kill-status")
+	script := asRuntime + "=1 timeout 10 " + exe + " --root " + r.root + " kill hk KILL 2>" + out + ".err; echo $? > " + out
+	b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", script}}}}
+	})
+	start := time.Now()
+	r.mustRun("create", "--bundle", b, "hk")
+	defer r.mustRun("delete", "--force", "hk")
+	got, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, _ := os.ReadFile(out + ".err")
+	if code := strings.TrimSpace(string(got)); code != "1" || !strings.Contains(string(msg), "container not running (creating)") {
+		t.Errorf("kill from the container's own createRuntime hook: exit %s (124: killed by timeout after 10 s), stderr %q, create took %v; want exit 1 at once, saying the container is not running", code, msg, time.Since(start).Round(time.Millisecond))
+	}
+}
