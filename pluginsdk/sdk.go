@@ -331,7 +331,9 @@ func (s *server) ringFailed(queue int, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.state == pluginpb.HealthResponse_STATE_SERVING {
-		s.state, s.err = pluginpb.HealthResponse_STATE_FAILED, fmt.Errorf("queue %d failed: %w", queue, err)
+		// The ring engine's errors name the queue already.
+		msg := strings.TrimPrefix(err.Error(), fmt.Sprintf("queue %d: ", queue))
+		s.state, s.err = pluginpb.HealthResponse_STATE_FAILED, fmt.Errorf("queue %d failed: %s", queue, msg)
 	}
 }
 

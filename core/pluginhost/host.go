@@ -426,7 +426,8 @@ const (
 	HealthStopped = pluginpb.HealthResponse_STATE_STOPPED
 )
 
-// Health returns the serving state and, for a failed back-end, its error.
+// Health returns the serving state and, for a failed back-end, its error
+// (its first line).
 func (p *Plugin) Health(ctx context.Context) (HealthState, string, error) {
 	var r *pluginpb.HealthResponse
 	err := p.call(ctx, "Health", func(ctx context.Context) (err error) {
@@ -436,7 +437,9 @@ func (p *Plugin) Health(ctx context.Context) (HealthState, string, error) {
 	if err != nil {
 		return 0, "", err
 	}
-	return r.GetState(), r.GetError(), nil
+	// The plugin's text: one line of it (a plugin's panic stack, any
+	// other multi-line error, stays in the plugin's own log).
+	return r.GetState(), oneLine(r.GetError()), nil
 }
 
 // Shutdown asks the plugin to stop serving, flush and exit, waits for the

@@ -104,6 +104,7 @@ type engine struct {
 
 	kickBuf         [8]byte
 	loggedMalformed atomic.Bool
+	loggedOverclaim atomic.Bool // a device's Complete past the writable bytes
 	loggedLong      atomic.Bool
 	held            *Request // got and not yet taken (ring goroutine only)
 

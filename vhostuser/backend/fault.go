@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"strings"
 )
 
 // ErrPanic is wrapped by the error Protect returns for a recovered panic
@@ -25,7 +26,7 @@ func (e *FaultError) Unwrap() error { return e.Err }
 
 // Protect runs fn with faults on bad addresses turned into panics
 // (debug.SetPanicOnFault) and recovers them as a *FaultError; any other
-// panic is recovered as an error wrapping ErrPanic, with its stack. The
+// panic is recovered as a *PanicError (wrapping ErrPanic), with its stack. The
 // setting is per goroutine: every goroutine that touches guest memory needs
 // it. The ring engine runs every ring goroutine, every worker, every
 // request and every completion this way; devices use Protect for goroutines
@@ -41,11 +42,29 @@ func Protect(fn func() error) (err error) {
 	return fn()
 }
 
+// PanicError is a recovered panic that was not a memory fault. Its text
+// is one line, the panic's value, as errors go into Health and krun-core's
+// log lines; Stack says where it happened, for the plugin's own log.
+type PanicError struct {
+	Value any
+	Stack []byte
+}
+
+func (e *PanicError) Error() string {
+	v := fmt.Sprint(e.Value)
+	if i := strings.IndexAny(v, "\r\n"); i >= 0 {
+		v = v[:i] + " ..."
+	}
+	return fmt.Sprintf("%v: %s", ErrPanic, v)
+}
+
+func (e *PanicError) Unwrap() error { return ErrPanic }
+
 // recovered turns a recovered panic value into an error.
 func recovered(p any) error {
 	if f, ok := p.(interface{ Addr() uintptr }); ok {
 		perr, _ := p.(error)
 		return &FaultError{Addr: f.Addr(), Err: perr}
 	}
-	return fmt.Errorf("%w: %v\n%s", ErrPanic, p, debug.Stack())
+	return &PanicError{Value: p, Stack: debug.Stack()}
 }

@@ -38,7 +38,14 @@ func (r *Request) Queue() int { return r.e.index }
 
 // Complete gives the chain back to the driver with written bytes in its
 // device-writable buffers (the used element's length). It may be called
-// from any goroutine, once.
+// from any goroutine, once: the request goes back to the ring's pool, so
+// a second call may hit the next chain the pool handed it to (caught and
+// logged only while the request is free).
+//
+// written past the chain's writable bytes is a device bug: the driver is
+// told the writable length instead (virtio 1.2, 2.7.8.2: a driver that
+// trusts the length would read past its buffers), and the first one on
+// each ring is logged.
 func (r *Request) Complete(written uint32) {
 	if !r.state.CompareAndSwap(reqTaken, reqFree) {
 		r.e.log.Error("device completed a request that is not in flight (completed twice?)", "queue", r.e.index)
@@ -46,6 +53,13 @@ func (r *Request) Complete(written uint32) {
 	}
 	if !r.malformed {
 		r.e.stats.requests.Add(1)
+	}
+	if max := r.chain.WritableLen(); uint64(written) > max {
+		if r.e.loggedOverclaim.CompareAndSwap(false, true) {
+			r.e.log.Error("device completed a request with more bytes written than its writable buffers hold; the driver is told the buffers' length (further ones on this ring are not logged)",
+				"queue", r.e.index, "written", written, "writable", max)
+		}
+		written = uint32(max)
 	}
 	r.e.complete(r, written)
 }

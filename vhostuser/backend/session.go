@@ -893,7 +893,12 @@ func (sess *session) startWorker(r *ring) {
 			// first fault said so.
 			log.Debug("queue failed on a memory fault too", "queue", r.index, "error", err)
 		} else {
-			sess.s.ringFailedLog.Error(log, "queue failed; stopped until the front-end restarts it", "queue", r.index, "error", err)
+			args := []any{"queue", r.index, "error", err}
+			var pe *PanicError
+			if errors.As(err, &pe) {
+				args = append(args, "stack", string(pe.Stack)) // a device bug: where it is
+			}
+			sess.s.ringFailedLog.Error(log, "queue failed; stopped until the front-end restarts it", args...)
 		}
 		r.stats.failures.Add(1)
 		r.errFD.signal()
