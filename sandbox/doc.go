@@ -11,7 +11,6 @@
 //	lc := sandbox.LaunchConfig{Kind: kind, Disable: userDisabled, HostUID: uid, HostGID: gid, Log: log}
 //	if err := lc.Apply(cmd); err != nil { ... }   // last change before cmd.Start (or go-plugin's RunnerFunc)
 //	... start ...
-//	lc.ApplyLimits(pid)                            // optional, right after start (prlimit from outside)
 //	... Describe, Configure ...
 //	if err := lc.Verify(pid); err != nil { ... }   // checks from outside that the plugin is confined
 //

@@ -623,31 +623,6 @@ func markFDsCloseOnExec() error {
 	return nil
 }
 
-// ApplyLimits sets the plugin's resource limits from outside with prlimit,
-// right after the process started. Restrict sets the same limits from
-// inside; this covers a third-party plugin that never calls Restrict.
-// Limits are only ever lowered.
-func (c LaunchConfig) ApplyLimits(pid int) error {
-	l, err := c.limits()
-	if err != nil {
-		return fmt.Errorf("sandbox: limits: %w", err)
-	}
-	for _, s := range []struct {
-		res int
-		v   uint64
-	}{{unix.RLIMIT_CORE, 0}, {unix.RLIMIT_MEMLOCK, 0}, {unix.RLIMIT_NOFILE, l.OpenFiles}, {unix.RLIMIT_DATA, l.DataBytes}} {
-		var old unix.Rlimit
-		if err := unix.Prlimit(pid, s.res, nil, &old); err != nil {
-			return fmt.Errorf("sandbox: rlimits: get limit %d of pid %d: %w", s.res, pid, err)
-		}
-		v := min(s.v, old.Max)
-		if err := unix.Prlimit(pid, s.res, &unix.Rlimit{Cur: v, Max: v}, nil); err != nil {
-			return fmt.Errorf("sandbox: rlimits: set limit %d of pid %d: %w", s.res, pid, err)
-		}
-	}
-	return nil
-}
-
 // Verify checks from outside that a running plugin (pid as seen by the
 // launcher) is confined: every thread has NoNewPrivs 1, Seccomp 2 and no
 // capabilities, its namespaces differ from the launcher's, and its limits

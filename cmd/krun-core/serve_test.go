@@ -1144,3 +1144,33 @@ func buildServeBinariesB(b *testing.B, plugins ...string) string {
 	}
 	return dir
 }
+
+// TestServePluginRestartWithoutNamespaces: a root serve with the
+// namespaces layer off (`--sandbox-disable namespaces`, which README and
+// SECURITY.md offer) launches its plugin and restarts it after the drop of
+// its privileges. The launcher used to set the plugin's limits from
+// outside with prlimit, which on a process of another uid in the same
+// user namespace needs CAP_SYS_RESOURCE: serve does not keep it after
+// set-up, so every restart failed, and a root without it (a container's
+// default set) could not launch the plugin at all (from review,
+// helper-102; fixed: the trampoline alone sets the limits, on itself).
+func TestServePluginRestartWithoutNamespaces(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: a non-root serve's plugins run as its own uid, where prlimit needs no capability")
+	}
+	bin := buildServeBinaries(t)
+	sock := filepath.Join(t.TempDir(), "rng.sock")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null,fill=zero", "--sandbox-disable", "namespaces")
+	waitSocket(t, s, sock)
+	pid := servingPid(t, s)
+	if got := readEntropy(t, sock, 512); !bytes.Equal(got, make([]byte, 512)) {
+		t.Fatalf("got %d bytes, not all zero", len(got))
+	}
+	killPlugin(t, s, pid, 1)
+	if got := readEntropy(t, sock, 512); !bytes.Equal(got, make([]byte, 512)) {
+		t.Fatalf("after the restart: got %d bytes, not all zero", len(got))
+	}
+	if strings.Contains(s.log(), "restart failed") {
+		t.Errorf("a restart failed:\n%s", s.log())
+	}
+}

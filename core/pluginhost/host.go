@@ -53,11 +53,8 @@ type Sandboxer interface {
 	Apply(cmd *exec.Cmd) error
 }
 
-// Optional methods of a Sandboxer; sandbox.LaunchConfig has both.
+// Optional methods of a Sandboxer; sandbox.LaunchConfig has them.
 type (
-	// limitApplier lowers the resource limits of the started process from
-	// outside (prlimit), for plugins that never restrict themselves.
-	limitApplier interface{ ApplyLimits(pid int) error }
 	// verifier checks from outside that the plugin is confined; it is
 	// called after Configure, by which time the plugin ran Restrict.
 	verifier interface{ Verify(pid int) error }

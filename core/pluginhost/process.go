@@ -195,6 +195,13 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 			if err != nil {
 				return nil, fmt.Errorf("%s %w", SandboxErrPrefix, err)
 			}
+		} else {
+			// A session of its own, as the trampoline makes one: a
+			// signal to krun-core's process group (^C, timeout(1),
+			// systemd's control-group kill) is krun-core's to act on,
+			// by shutting the plugin down, not the plugin's to die of
+			// first (found in review, helper-102).
+			cmd.SysProcAttr.Setsid = true
 		}
 		if cmd.SysProcAttr == nil {
 			cmd.SysProcAttr = &syscall.SysProcAttr{}
@@ -208,9 +215,6 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 			return nil, err
 		}
 		r.afterStart = afterStart
-		if la, ok := cfg.Sandbox.(limitApplier); ok && !cfg.SandboxOff {
-			r.SetPostStart(la.ApplyLimits)
-		}
 		p.run = r
 		return r, nil
 	}
