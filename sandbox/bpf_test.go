@@ -133,11 +133,14 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileBlock, "tgkill", []uint64{testSelf + 1, 5, 23}, refused},
 		{ProfileBlock, "tgkill", []uint64{testSelf | 1<<32, 5, 23}, refused},
 		{ProfileBlock, "kill", []uint64{testSelf, 9}, allowed},
-		{ProfileBlock, "kill", []uint64{0, 9}, refused},                          // own process group
-		{ProfileBlock, "kill", []uint64{^uint64(0), 9}, refused},                 // everyone
-		{ProfileBlock, "fcntl", []uint64{3, unix.F_GETFL}, allowed},              // os.NewFile
-		{ProfileBlock, "fcntl", []uint64{3, unix.F_DUPFD_CLOEXEC, 0}, allowed},   // kick fd dup
-		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETLK}, refused},              // locks: fs only
+		{ProfileBlock, "kill", []uint64{0, 9}, refused},                        // own process group
+		{ProfileBlock, "kill", []uint64{^uint64(0), 9}, refused},               // everyone
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_GETFL}, allowed},            // os.NewFile
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_DUPFD_CLOEXEC, 0}, allowed}, // kick fd dup
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETLK}, refused},            // locks: no plugin takes any
+		{ProfileFS, "fcntl", []uint64{3, unix.F_OFD_SETLK}, refused},           // the fs server answers ENOSYS to GETLK/SETLK
+		{ProfileFS, "flock", []uint64{3, unix.LOCK_EX}, refused},
+		{ProfileFS, "copy_file_range", nil, refused},                             // nor to COPY_FILE_RANGE
 		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETOWN}, refused},             // signals to others
 		{ProfileBlock, "ioctl", []uint64{2, unix.TCGETS}, allowed},               // isatty
 		{ProfileBlock, "ioctl", []uint64{3, unix.BLKGETSIZE64}, allowed},         // block-device image
@@ -154,7 +157,6 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileMinimal, "fdatasync", nil, refused},
 		{ProfileFS, "openat", nil, allowed},
 		{ProfileFS, "getdents64", nil, allowed},
-		{ProfileFS, "fcntl", []uint64{3, unix.F_OFD_SETLK}, allowed},
 		{ProfileFS, "fcntl", []uint64{3, unix.F_GETFL}, allowed},
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFIFO | 0o644, 0}, allowed},
 		{ProfileFS, "mknodat", []uint64{4, 0, unix.S_IFREG | 0o644, 0}, allowed},

@@ -237,13 +237,13 @@ func TestRulesHaveReasons(t *testing.T) {
 	}
 	// A declared extra merges into a conditional rule only as unconditional
 	// and is refused by Validate; policyRules itself merges by OR.
-	rs, err := policyRules(Policy{Kind: "t", Syscalls: ProfileFS})
+	rs, err := policyRules(Policy{Kind: "t", Syscalls: ProfileBlock})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, r := range rs {
-		if r.name == "fcntl" && (len(r.alts) != 11 || !strings.Contains(r.args, "F_OFD_SETLK")) {
-			t.Errorf("fs fcntl should merge both layers' commands: %d alternatives, %q", len(r.alts), r.args)
+		if r.name == "ioctl" && (len(r.alts) != 5 || !strings.Contains(r.args, "TCGETS") || !strings.Contains(r.args, "BLKZEROOUT")) {
+			t.Errorf("block ioctl should merge both layers' requests: %d alternatives, %q", len(r.alts), r.args)
 		}
 	}
 }

@@ -209,11 +209,6 @@ func fsTreeLayer() []rule {
 		allow("fsetxattr", "FUSE SETXATTR"),
 		allow("flistxattr", "FUSE LISTXATTR"),
 		allow("fremovexattr", "FUSE REMOVEXATTR"),
-		allow("flock", "FUSE SETLK with flock semantics"),
-		allowIf("fcntl", "cmd in F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW",
-			"FUSE GETLK/SETLK", oneOf(1, unix.F_GETLK, unix.F_SETLK, unix.F_SETLKW,
-				unix.F_OFD_GETLK, unix.F_OFD_SETLK, unix.F_OFD_SETLKW)...),
-		allow("copy_file_range", "FUSE COPY_FILE_RANGE"),
 		allow("syncfs", "FUSE SYNCFS of the shared directory's file system"),
 		allow("dup", "opendir on a dup of a directory fd"),
 	}

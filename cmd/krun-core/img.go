@@ -271,9 +271,16 @@ func (f *imgFlags) parse(args []string, positional ...string) error {
 			if errors.Is(err, flag.ErrHelp) {
 				return err
 			}
-			if err.Error() == "flag provided but not defined: -o" {
+			switch err.Error() {
+			case "flag provided but not defined: -o":
 				// qemu-img's -o cluster_size=...,backing_file=...
 				return fmt.Errorf("-o is qemu-img's: krun-core img %s takes each option as a flag of its own (see krun-core img %s --help)", f.name, f.name)
+			case "flag provided but not defined: -B":
+				// qemu-img convert -B: a backing file for the output
+				return fmt.Errorf("-B is qemu-img's: krun-core img %s writes no backing file into its output; a backing chain is declared with --backing, and an overlay made with img create --backing (see krun-core img %s --help)", f.name, f.name)
+			case "flag provided but not defined: -S":
+				// qemu-img convert -S: the run of zeros left unwritten
+				return fmt.Errorf("-S is qemu-img's: krun-core img %s takes no sparseness setting; all-zero 4 KiB blocks and clusters are always left unwritten (see krun-core img %s --help)", f.name, f.name)
 			}
 			return cli.FlagError("krun-core img "+f.name, err)
 		}

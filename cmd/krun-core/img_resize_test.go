@@ -43,6 +43,9 @@ func TestImgResizeArgs(t *testing.T) {
 		{[]string{"resize", "-f", "raw", file, "+12Q"}, 1, `SIZE "+12Q"`},
 		{[]string{"resize", "-f", "raw", file, "-x"}, 1, "unknown flag -x"},
 		{[]string{"create", "-f", "qcow2", "-o", "cluster_size=4096", file + ".new", "1M"}, 1, "-o is qemu-img's: krun-core img create takes each option as a flag of its own (see krun-core img create --help)"},
+		// -B and -S get a hint too, as IMAGES.md says (from review, helper-102).
+		{[]string{"convert", "-f", "raw", "-O", "qcow2", "-B", "base.qcow2", file, file + ".new"}, 1, "-B is qemu-img's: krun-core img convert writes no backing file into its output"},
+		{[]string{"convert", "-f", "raw", "-O", "raw", "-S", "4k", file, file + ".new"}, 1, "-S is qemu-img's: krun-core img convert takes no sparseness setting"},
 		{[]string{"resize", "-f", "raw", file, "0"}, 1, "must be positive"},
 		// +0 changes nothing, as with qemu-img (from review): it reaches
 		// the plugin.
