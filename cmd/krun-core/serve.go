@@ -7,10 +7,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -36,7 +38,9 @@ plugin whose device says its requests must not be replayed): a
 front-end that reconnects (QEMU's chardev option reconnect=1) carries on,
 and a vhost-user-blk front-end's requests in flight are replayed
 (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). SIGTERM or SIGINT flushes the
-device and exits 0.
+device and exits 0. SIGUSR1 logs the plugin's counters (requests,
+notifications, kicks and failures per queue, and the device's own) in one
+log line, whatever --log-level.
 
 DEVICE is exactly one of:
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
@@ -231,6 +235,11 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 	sigc := make(chan os.Signal, 1)
 	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigc)
+	// SIGUSR1 asks for the counters; caught from the start too, since its
+	// default action would end serve.
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
 	log, err := o.log(stderr)
 	if err != nil {
 		return fail(err)
@@ -328,6 +337,8 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 			why = errors.New("passt exited")
 		case <-health.C:
 			why = s.checkHealth(ctx)
+		case <-usr1:
+			s.logCounters(ctx)
 		}
 		if why == nil {
 			continue
@@ -336,6 +347,52 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 			return fail(err)
 		}
 	}
+}
+
+// maxLoggedCounters bounds the counters one SIGUSR1 logs: the plugin
+// names them.
+const maxLoggedCounters = 512
+
+// logCounters logs the plugin's counters (Stats) in one line, sorted by
+// name. Names are the plugin's text: only those made of letters, digits
+// and "._-" are logged as fields, the others counted.
+func (s *servedPlugin) logCounters(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := s.plugin.Stats(cctx)
+	if err != nil {
+		s.log.Warn("plugin counters", "error", err)
+		return
+	}
+	args := []any{"plugin", s.opened.Kind, "pid", s.plugin.Pid()}
+	dropped := 0
+	for _, k := range slices.Sorted(maps.Keys(c)) {
+		if !counterName(k) || len(args)/2 > maxLoggedCounters {
+			dropped++
+			continue
+		}
+		args = append(args, k, c[k])
+	}
+	if dropped > 0 {
+		args = append(args, "counters_not_logged", dropped)
+	}
+	// Asked for: shown whatever --log-level (at INFO, or at the level
+	// set when that is higher).
+	s.log.Log(max(hclog.Info, s.log.GetLevel()), "plugin counters", args...)
+}
+
+// counterName reports whether k is a counter name fit for a log field.
+func counterName(k string) bool {
+	if k == "" || len(k) > 64 {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // dropServePrivileges ends serve's set-up as core/vmm's Start ends run's

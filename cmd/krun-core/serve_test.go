@@ -1174,3 +1174,25 @@ func TestServePluginRestartWithoutNamespaces(t *testing.T) {
 		t.Errorf("a restart failed:\n%s", s.log())
 	}
 }
+
+// SIGUSR1 makes serve log its plugin's counters in one line (nothing else
+// showed them: Stats had no caller), and serve goes on serving.
+func TestServeSIGUSR1LogsCounters(t *testing.T) {
+	bin := buildServeBinaries(t)
+	sock := filepath.Join(t.TempDir(), "rng.sock")
+	s := startServe(t, bin, "--socket", sock, "--plugin", "null,fill=zero") // the default level, warn: shown all the same
+	waitSocket(t, s, sock)
+	readEntropy(t, sock, 512)
+	if err := s.cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	re := regexp.MustCompile(`plugin counters: plugin=null pid=[0-9]+ .*q0\.requests=[1-9]`)
+	deadline := time.Now().Add(10 * time.Second)
+	for !re.MatchString(s.log()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no counters line after SIGUSR1:\n%s", s.log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	readEntropy(t, sock, 512) // still serving
+}

@@ -33,8 +33,9 @@ type nullPlugin struct{}
 func (nullPlugin) Kind() string { return "null" }
 
 // Policy: the smallest seccomp profile (the Go runtime and vhost-user's
-// needs; reading a file it was handed is in it), and no file system access
-// at all (the device opens nothing).
+// needs; read(2) of a file it was handed is in it, positioned reads such as
+// ReadAt are not: those need ProfileBlock), and no file system access at
+// all (the device opens nothing).
 func (nullPlugin) Policy(map[string]int) sandbox.Policy {
 	return sandbox.Policy{Kind: "null", Syscalls: sandbox.ProfileMinimal}
 }
