@@ -224,7 +224,7 @@ func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) 
 	}
 	bs.RingFailed = s.ringFailed
 	di := dev.Info()
-	cfg := readConfigSpace(dev)
+	cfg := readConfigSpace(dev, s.log)
 	s.dev, s.backend = dev, bs
 	s.info = &pluginpb.DeviceInfo{
 		DeviceType: di.Type, Features: bs.Features(), ProtocolFeatures: bs.ProtocolFeatures(),
@@ -270,9 +270,10 @@ func maxQueueSize(di backend.DeviceInfo) int {
 }
 
 // readConfigSpace reads the device's config space for Describe.
-func readConfigSpace(dev backend.Device) []byte {
+func readConfigSpace(dev backend.Device, log hclog.Logger) []byte {
 	n := maxConfigSpace
-	if cs, ok := dev.(ConfigSizer); ok {
+	cs, sized := dev.(ConfigSizer)
+	if sized {
 		n = min(max(cs.ConfigSize(), 0), maxConfigSpace)
 	}
 	if n == 0 {
@@ -280,6 +281,15 @@ func readConfigSpace(dev backend.Device) []byte {
 	}
 	b := make([]byte, n)
 	if err := dev.ReadConfig(0, b); err != nil {
+		// The core then asks the plugin for each of the guest's config
+		// reads, from a vCPU: it works, slowly. A plugin author wants
+		// to know (found in review, helper-103).
+		why := "the device has no ConfigSize, so the SDK read 256 bytes"
+		if sized {
+			why = "the device refused to read as many bytes as its ConfigSize says"
+		}
+		log.Warn("config space not handed to the core at Configure; the guest's config reads will each be a request to the plugin (implement ConfigSize with the config space's length, 0 for none)",
+			"reason", why, "size", n, "error", err)
 		return nil
 	}
 	return b

@@ -301,12 +301,37 @@ func TestCheckOptionsAndOnOff(t *testing.T) {
 }
 
 func TestReadConfigSpace(t *testing.T) {
-	if got := readConfigSpace(&fakeDevice{cfg: make([]byte, 300)}); len(got) != maxConfigSpace {
+	var buf strings.Builder
+	log := hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Warn})
+	if got := readConfigSpace(&fakeDevice{cfg: make([]byte, 300)}, log); len(got) != maxConfigSpace {
 		t.Errorf("oversized ConfigSize read %d bytes, want the %d cap", len(got), maxConfigSpace)
 	}
-	if got := readConfigSpace(&fakeDevice{}); got != nil {
+	if got := readConfigSpace(&fakeDevice{}, log); got != nil {
 		t.Errorf("empty config space read %v", got)
 	}
+	if buf.Len() != 0 {
+		t.Errorf("warned about a config space read in full: %s", buf.String())
+	}
+	// A device without ConfigSize whose ReadConfig refuses the SDK's
+	// 256 bytes gets a warning saying what to implement (from review,
+	// helper-103: it went silently to per-read requests).
+	if got := readConfigSpace(refusingConfig{}, log); got != nil {
+		t.Errorf("refused config space read %v", got)
+	}
+	if !strings.Contains(buf.String(), "implement ConfigSize") {
+		t.Errorf("no warning for a refused config space read: %q", buf.String())
+	}
+}
+
+// refusingConfig is a device without ConfigSize whose 8-byte config space
+// refuses longer reads.
+type refusingConfig struct{ panicBlk }
+
+func (refusingConfig) ReadConfig(off uint32, p []byte) error {
+	if uint64(off)+uint64(len(p)) > 8 {
+		return errors.New("beyond the config space")
+	}
+	return nil
 }
 
 func TestIntOption(t *testing.T) {

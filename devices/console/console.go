@@ -168,6 +168,10 @@ func (d *Device) DeviceFeatures() uint64 { return 1 << FeatureMultiport }
 // NumQueues is the number of virtqueues.
 func (d *Device) NumQueues() int { return numQueues }
 
+// ConfigSize is the config space's length, for the SDK to hand the core
+// the whole of it at Configure (the guest's reads are then the core's).
+func (d *Device) ConfigSize() int { return configLen }
+
 // ReadConfig reads the config space: cols, rows (0: no size), max_nr_ports
 // (1), emerg_wr.
 func (d *Device) ReadConfig(offset uint32, p []byte) error {
