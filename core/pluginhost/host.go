@@ -287,6 +287,7 @@ type socketGrouper interface {
 func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) error) error {
 	ctx, cancel := context.WithTimeout(ctx, p.rpcTimeout)
 	defer cancel()
+	start := time.Now()
 	err := f(ctx)
 	if err == nil {
 		return nil
@@ -296,7 +297,9 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 	}
 	st := status.Convert(err)
 	if st.Code() == codes.DeadlineExceeded && ctx.Err() != nil {
-		return fmt.Errorf("plugin %s (pid %d): %s: no answer in time: %w", p.kind, p.Pid(), op, context.DeadlineExceeded)
+		// The wait is named: the RPC timeout (pluginhost.DefaultRPCTimeout
+		// unless set), or less where the caller's deadline came first.
+		return fmt.Errorf("plugin %s (pid %d): %s: no answer in %v (the limit): %w", p.kind, p.Pid(), op, time.Since(start).Round(100*time.Millisecond), context.DeadlineExceeded)
 	}
 	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(StatusMessage(st)))
 }

@@ -280,3 +280,15 @@ func TestPluginWritesToStdout(t *testing.T) {
 		t.Errorf("error %v, want one that names the line and stdout's role", err)
 	}
 }
+
+// A Configure that never answers ends with an error that names the wait,
+// so that a plugin author sees which limit ended it (it said "no answer in
+// time"; from review, helper-103).
+func TestConfigureTimeoutNamesTheLimit(t *testing.T) {
+	cfg := reviewConfig(t, "hang-configure", false, &syncbuf.Buffer{}, hclog.Warn)
+	cfg.RPCTimeout = time.Second
+	err := launchAndConfigure(t, cfg)
+	if err == nil || !strings.Contains(err.Error(), "Configure: no answer in 1s (the limit)") || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Configure of a plugin that never answers: %v", err)
+	}
+}
