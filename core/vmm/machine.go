@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -145,7 +146,21 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if c.consoleIn != nil {
-		go m.pumpInput(runCtx, c.consoleIn)
+		pumped := make(chan struct{})
+		go func() {
+			defer close(pumped)
+			m.pumpInput(runCtx, c.consoleIn)
+		}()
+		if _, ok := c.consoleIn.(syscall.Conn); ok {
+			// A descriptor's pump ends with the run (it waits in poll,
+			// never in read): waited for, so that no byte of the
+			// caller's input is read for a machine that is gone, and
+			// the caller may close the file once Start returns.
+			defer func() {
+				cancel()
+				<-pumped
+			}()
+		}
 	}
 	for _, d := range m.devices {
 		d.startMonitor(runCtx)
@@ -618,27 +633,106 @@ func (m *machine) stopVCPUs() {
 	}
 }
 
+// pumpInput feeds the guest's serial console from r until ctx ends. A
+// reader with a descriptor (an *os.File: the terminal, a pipe) is read
+// only when poll says it has data, and the pump ends with ctx at once; any
+// other reader is read as it is, and the pump ends at its next read after
+// ctx ended.
 func (m *machine) pumpInput(ctx context.Context, r io.Reader) {
+	if sc, ok := r.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			var fd int
+			if rc.Control(func(f uintptr) { fd = int(f) }) == nil {
+				m.pumpFD(ctx, fd, r)
+				return
+			}
+		}
+	}
+	m.pumpReader(ctx, r)
+}
+
+// pumpFD is pumpInput for a descriptor: it waits in poll(2) for the input
+// and for an eventfd that ctx's end signals, never in read(2), so nothing
+// the caller types after the run is taken; the descriptor's flags are not
+// changed (it may be the caller's terminal).
+func (m *machine) pumpFD(ctx context.Context, fd int, r io.Reader) {
+	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		m.log.Debug("console input: no eventfd; reading without poll", "error", err)
+		m.pumpReader(ctx, r)
+		return
+	}
+	defer unix.Close(stop)
+	ended := make(chan struct{})
+	defer close(ended)
+	go func() {
+		select {
+		case <-ctx.Done():
+			unix.Write(stop, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+		case <-ended:
+		}
+	}()
+	buf := make([]byte, 256)
+	for {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(stop), Events: unix.POLLIN}}
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if err == unix.EINTR {
+				continue
+			}
+			return
+		}
+		if fds[1].Revents != 0 || ctx.Err() != nil {
+			return
+		}
+		if fds[0].Revents&unix.POLLNVAL != 0 {
+			return
+		}
+		if fds[0].Revents == 0 {
+			continue
+		}
+		n, err := unix.Read(fd, buf)
+		if err == unix.EAGAIN || err == unix.EINTR {
+			continue
+		}
+		if n <= 0 {
+			return // end of input, or an error
+		}
+		if !m.receive(ctx, buf[:n]) {
+			return
+		}
+	}
+}
+
+// pumpReader is pumpInput for a reader without a descriptor.
+func (m *machine) pumpReader(ctx context.Context, r io.Reader) {
 	buf := make([]byte, 256)
 	for {
 		n, err := r.Read(buf)
-		p := buf[:n]
-		for len(p) > 0 {
-			k := m.uart.Receive(p)
-			p = p[k:]
-			if len(p) == 0 {
-				break
-			}
-			select {
-			case <-m.uart.Drained():
-			case <-ctx.Done():
-				return
-			}
+		if n > 0 && !m.receive(ctx, buf[:n]) {
+			return
 		}
 		if err != nil || ctx.Err() != nil {
 			return
 		}
 	}
+}
+
+// receive hands p to the UART, waiting for room while the guest reads;
+// false once ctx ended.
+func (m *machine) receive(ctx context.Context, p []byte) bool {
+	for len(p) > 0 {
+		k := m.uart.Receive(p)
+		p = p[k:]
+		if len(p) == 0 {
+			break
+		}
+		select {
+		case <-m.uart.Drained():
+		case <-ctx.Done():
+			return false
+		}
+	}
+	return true
 }
 
 func (m *machine) close() {
