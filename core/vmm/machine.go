@@ -597,7 +597,7 @@ func (m *machine) pio(port uint16, out bool, data []byte) {
 	}
 }
 
-func (m *machine) stopVCPUs() {
+func (m *machine) stopVCPUs() (stopped bool) {
 	m.stop.Store(true)
 	pid := unix.Getpid()
 	kickAll := func() {
@@ -616,7 +616,7 @@ func (m *machine) stopVCPUs() {
 	for tries := 0; ; tries++ {
 		select {
 		case <-done:
-			return
+			return true
 		case <-time.After(100 * time.Millisecond):
 		}
 		if tries == 10 {
@@ -627,7 +627,7 @@ func (m *machine) stopVCPUs() {
 		}
 		if tries == 50 {
 			m.log.Warn("vCPU threads did not stop; leaving them")
-			return
+			return false
 		}
 		kickAll()
 	}
@@ -736,8 +736,29 @@ func (m *machine) receive(ctx context.Context, p []byte) bool {
 }
 
 func (m *machine) close() {
-	m.stopVCPUs()
+	stopped := m.stopVCPUs()
 	m.shutdownDevices()
+	if !stopped {
+		// A vCPU thread is stuck outside KVM_RUN (a host write that
+		// blocks: a console whose reader stopped reading). Unmapping
+		// its kvm_run page and guest memory under it would crash the
+		// process when it comes back (it reads the exit's data there),
+		// and its fd's number could be another file's by then: they
+		// stay until the last thread is out (found in review,
+		// helper-97).
+		m.log.Warn("vCPU memory and descriptors stay until the stuck vCPU threads return")
+		go func() {
+			m.running.Wait()
+			m.release()
+		}()
+		return
+	}
+	m.release()
+}
+
+// release closes the vCPUs, the VM and guest memory: once no vCPU thread
+// runs.
+func (m *machine) release() {
 	for _, v := range m.vcpus {
 		v.Close()
 	}

@@ -1,6 +1,7 @@
 package vmm
 
 import (
+	"os"
 	"testing"
 	"time"
 
@@ -40,4 +41,35 @@ func TestStopVCPUsRacesRestart(t *testing.T) {
 	}()
 	m.stopVCPUs()
 	<-done
+}
+
+// A vCPU thread stuck outside KVM_RUN (in a console write that blocks)
+// keeps its vCPU, the VM and guest memory: the machine's close used to
+// unmap them after 5 s under the thread, which reads its exit's data in
+// the kvm_run page when it comes back (a crash of the process), and
+// closed descriptors whose numbers other files could take. They are
+// released once the last vCPU thread is out (from review, helper-97).
+func TestCloseKeepsMemoryWhileVCPUStuck(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	m := &machine{log: hclog.NewNullLogger(), events: make(chan event, 1), memFile: w}
+	m.running.Add(1) // a vCPU stuck in a host write
+	m.close()
+	if _, err := w.Stat(); err != nil {
+		t.Fatalf("guest memory was released under a vCPU thread still running: %v", err)
+	}
+	m.running.Done() // the write returns; the thread leaves
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := w.Stat(); err != nil {
+			break // released
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("guest memory not released once the vCPU thread was out")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
