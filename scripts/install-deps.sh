@@ -2,7 +2,7 @@
 # Installs the Debian packages krun-core's tests and tools use, only if
 # something is missing. Go modules come through the module proxy (go build).
 set -euo pipefail
-pkgs=(gcc libc6-dev qemu-system-x86 qemu-utils qemu-system-common passt busybox-static e2fsprogs fio cpio xz-utils zstd debootstrap)
+pkgs=(gcc libc6-dev qemu-system-x86 qemu-utils qemu-system-common passt busybox-static e2fsprogs fio cpio xz-utils zstd debootstrap strace)
 need=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

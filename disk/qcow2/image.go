@@ -133,7 +133,17 @@ type Image struct {
 	freshUnsynced bool
 
 	corruptMarked atomic.Bool
-	hdrMu         sync.Mutex
+	// metaPending: a request that changed metadata failed before all of
+	// it reached the file (a write of an L2 sector returned EIO or
+	// ENOSPC), so the caches hold entries the file does not. Writes
+	// then skip the in-place path, which writes data only, and take the
+	// exclusive one, whose persist writes every dirty table before the
+	// request completes: a retried write into the cluster the failed
+	// request allocated is acknowledged only once the entry that maps
+	// it is on the file (found in review, helper-101: it was
+	// acknowledged in place and lost when the plugin was killed).
+	metaPending atomic.Bool
+	hdrMu       sync.Mutex
 
 	dc      decompressCache
 	zstdMu  sync.Mutex

@@ -183,6 +183,15 @@ func (im *Image) releasePool() error {
 // grown refcount table aside: syncRefcounts). It runs with mu held
 // exclusively, before the request completes.
 func (im *Image) persist() error {
+	if err := im.persistAll(); err != nil {
+		im.metaPending.Store(true)
+		return err
+	}
+	im.metaPending.Store(false) // nothing dirty is left that a request waits for
+	return nil
+}
+
+func (im *Image) persistAll() error {
 	if len(im.rbc.dirtyTables()) > 0 || len(im.rtDirty) > 0 || im.rtMoved {
 		if err := im.syncRefcounts(); err != nil {
 			return err

@@ -34,7 +34,11 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 		im.mu.RUnlock()
 		return 0, errMarkedCorrupt
 	}
-	done, err := im.writeInPlace(p, uint64(off))
+	done := false
+	var err error
+	if !im.metaPending.Load() {
+		done, err = im.writeInPlace(p, uint64(off))
+	}
 	im.mu.RUnlock()
 	if err != nil {
 		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write at %d: %w", im.name, off, err))
@@ -50,19 +54,29 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if im.corruptMarked.Load() {
 		return 0, errMarkedCorrupt
 	}
-	if err := im.reclaimFrees(im.worstAlloc(uint64(off), uint64(len(p)))); err != nil {
-		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: release freed clusters: %w", im.name, err))
-	}
-	if err := im.writeLocked(p, uint64(off)); err != nil {
-		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write at %d: %w", im.name, off, err))
-	}
-	if err := im.trimCaches(); err != nil {
-		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
-	}
-	if err := im.persist(); err != nil {
-		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write metadata: %w", im.name, err))
+	if err := im.writeExclusive(p, off); err != nil {
+		im.metaPending.Store(true) // persist clears it
+		return 0, err
 	}
 	return len(p), nil
+}
+
+// writeExclusive is WriteAt's path with mu held exclusively: allocations,
+// copy-on-write, and the metadata written before the request completes.
+func (im *Image) writeExclusive(p []byte, off int64) error {
+	if err := im.reclaimFrees(im.worstAlloc(uint64(off), uint64(len(p)))); err != nil {
+		return im.markCorrupt(fmt.Errorf("qcow2 %s: release freed clusters: %w", im.name, err))
+	}
+	if err := im.writeLocked(p, uint64(off)); err != nil {
+		return im.markCorrupt(fmt.Errorf("qcow2 %s: write at %d: %w", im.name, off, err))
+	}
+	if err := im.trimCaches(); err != nil {
+		return im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
+	}
+	if err := im.persist(); err != nil {
+		return im.markCorrupt(fmt.Errorf("qcow2 %s: write metadata: %w", im.name, err))
+	}
+	return nil
 }
 
 // checkData refuses a guest data write to host cluster c of the image file

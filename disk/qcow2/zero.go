@@ -37,6 +37,14 @@ func (im *Image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	err := im.zeroOrDiscardLocked(off, n, unmap, discard)
+	if err != nil && err != errClosed && err != errMarkedCorrupt {
+		im.metaPending.Store(true) // its changes may be in the caches only; persist clears it
+	}
+	return err
+}
+
+func (im *Image) zeroOrDiscardLocked(off, n int64, unmap, discard bool) error {
 	if im.closed {
 		return errClosed
 	}
