@@ -70,6 +70,18 @@ type SyncLatch struct{ first atomic.Pointer[error] }
 // Fail records err unless a failure was recorded already.
 func (l *SyncLatch) Fail(err error) { l.first.CompareAndSwap(nil, &err) }
 
+// SyncLatched is a disk whose failed-sync latch can be read and set from
+// outside: the virtio-blk device keeps it across the restarts of its
+// plugin process (a restarted plugin that forgot it would acknowledge a
+// FLUSH after the kernel reported the lost writeback to the dead one).
+type SyncLatched interface {
+	// SyncFailed is ErrSyncFailed with the first failure, or nil.
+	SyncFailed() error
+	// FailSync latches err as a failed sync: every later Flush fails
+	// (and every write of a qcow2 image), as after one that failed here.
+	FailSync(err error)
+}
+
 // Err is ErrSyncFailed with the first failure, or nil.
 func (l *SyncLatch) Err() error {
 	if e := l.first.Load(); e != nil {

@@ -23,6 +23,7 @@ import (
 
 	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/internal/ratelog"
+	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
 // VectorDisk is implemented by disks that can transfer a scattered buffer in
@@ -120,6 +121,48 @@ type Device struct {
 	stats      counters
 
 	ioWarn ratelog.Limiter // failed I/O: logged at most every 10 s
+
+	// state is what outlives this plugin process (backend.StateKeeper):
+	// whether a sync of the disk failed.
+	state atomic.Pointer[backend.DeviceState]
+}
+
+// StateSyncFailed is the device state flag that says a sync of the disk
+// failed, in this plugin process or in one before it that served the same
+// front-end: every FLUSH fails from then on (disk.ErrSyncFailed), also
+// after the plugin is restarted, until the front-end resets the device.
+const StateSyncFailed = 1 << 0
+
+// errEarlierSyncFailed is the latched failure a restarted plugin learns
+// from the device state.
+var errEarlierSyncFailed = errors.New("a sync failed in an earlier plugin process serving this device")
+
+// UseState takes the state the front-end keeps for the device across
+// plugin processes (backend.StateKeeper): a sync failure recorded there
+// latches the disk, and one of this process is recorded there.
+func (d *Device) UseState(s *backend.DeviceState) {
+	d.state.Store(s)
+	d.syncState()
+}
+
+// syncState makes the disk's sync latch and the device state agree (both
+// failed once either did). It runs when the state is handed over, when a
+// ring starts (a device reset zeroed the state; the disk remembers) and
+// after a failed request, before it completes: a plugin killed once the
+// guest saw the failure leaves it recorded.
+func (d *Device) syncState() {
+	s := d.state.Load()
+	sl, ok := d.disk.(disk.SyncLatched)
+	if s == nil || !ok {
+		return
+	}
+	if s.Flags()&StateSyncFailed != 0 && sl.SyncFailed() == nil {
+		sl.FailSync(errEarlierSyncFailed)
+		d.log.Warn("a sync of the disk failed in an earlier plugin process serving this device; every flush fails until the device is reset")
+	}
+	if sl.SyncFailed() != nil {
+		s.Set(StateSyncFailed)
+	}
 }
 
 // New builds a device for cfg.Disk.
@@ -293,6 +336,7 @@ func (h Handler) Handle(readable, writable [][]byte) (uint32, error) {
 func (d *Device) ioError(op string, off int64, n uint64, err error) {
 	d.stats.ioErrors.Add(1)
 	d.ioWarn.Warn(d.log, "disk "+op+" failed", "offset", off, "length", n, "error", err)
+	d.syncState()
 }
 
 // Counters returns the device's counters by name (for a plugin's Stats RPC).

@@ -31,6 +31,7 @@ func (d *Device) Queue(_ context.Context, idx int) (backend.QueueConfig, error) 
 	if idx < 0 || idx >= d.numQueues {
 		return backend.QueueConfig{}, fmt.Errorf("blk: queue %d of %d", idx, d.numQueues)
 	}
+	d.syncState()
 	workers := d.qworkers
 	if workers == 1 {
 		workers = 0 // synchronous, on the ring's goroutine

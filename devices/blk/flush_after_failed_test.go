@@ -1,6 +1,7 @@
 package blk
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"github.com/krun-core/krun-core/disk"
 	"github.com/krun-core/krun-core/disk/qcow2"
 	"github.com/krun-core/krun-core/disk/raw"
+	"github.com/krun-core/krun-core/vhostuser/backend"
 )
 
 // TestFlushAfterFailedFlushFails (from review, helper-87; fixed: the
@@ -125,5 +127,88 @@ func TestFlushAfterFailedFlushFails(t *testing.T) {
 				t.Errorf("write after the failed flush: status %d, want %d", st[0], want)
 			}
 		})
+	}
+}
+
+// A failed sync outlives the plugin process: the device records it in its
+// state (the front-end's inflight region, backend.DeviceState) before the
+// FLUSH completes, and a restarted plugin's device that gets that state
+// fails every FLUSH, where it acknowledged the next one: the kernel had
+// reported the lost writeback to the dead process (from review,
+// helper-101: end to end in cmd/krun-core, TestFailedFlushSurvivesRestart).
+// A device whose state was zeroed (a device reset) records it again when
+// its rings start.
+func TestSyncFailureOutlivesPlugin(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "img.raw")
+	if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	open := func() (disk.Disk, *os.File) {
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := raw.Open(f, raw.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d, f
+	}
+	state := backend.NewDeviceState()
+	dsk, f := open()
+	d := newTestDevice(t, dsk, allFeatures)
+	d.UseState(state)
+	h := d.NewHandler()
+	st := []byte{0xff}
+	if h.Handle([][]byte{header(TypeOut, 8), patternBytes(4096, 7)}, [][]byte{st}); st[0] != StatusOK {
+		t.Fatalf("write: status %d", st[0])
+	}
+	// fdatasync on a pipe fails (EINVAL), as a lost writeback would.
+	fd := int(f.Fd())
+	saved, err := unix.Dup(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pfd [2]int
+	if err := unix.Pipe(pfd[:]); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pfd[0])
+	defer unix.Close(pfd[1])
+	if err := unix.Dup2(pfd[1], fd); err != nil {
+		t.Fatal(err)
+	}
+	h.Handle([][]byte{header(TypeFlush, 0)}, [][]byte{st})
+	unix.Dup2(saved, fd)
+	unix.Close(saved)
+	if st[0] != StatusIOErr {
+		t.Fatalf("flush with failing fdatasync: status %d, want IOERR", st[0])
+	}
+	if state.Flags()&StateSyncFailed == 0 {
+		t.Fatal("the failed sync is not in the device state when its FLUSH completes")
+	}
+	dsk.Close() // the plugin is killed
+
+	// The restarted plugin: the same image, the state the front-end kept.
+	dsk2, _ := open()
+	defer dsk2.Close()
+	d2 := newTestDevice(t, dsk2, allFeatures)
+	d2.UseState(state)
+	h2 := d2.NewHandler()
+	st[0] = 0xff
+	h2.Handle([][]byte{header(TypeFlush, 0)}, [][]byte{st})
+	if st[0] != StatusIOErr {
+		t.Fatalf("FLUSH on the restarted plugin: status %d, want IOERR (a sync failed in the one before)", st[0])
+	}
+
+	// A device reset zeroes the region; the disk remembers, and the
+	// next ring start records it again.
+	zeroed := backend.NewDeviceState()
+	d2.UseState(zeroed)
+	if _, err := d2.Queue(context.Background(), 0); err != nil {
+		t.Fatal(err)
+	}
+	if zeroed.Flags()&StateSyncFailed == 0 {
+		t.Error("a ring start after the state was zeroed did not record the failed sync again")
 	}
 }

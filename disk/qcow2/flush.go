@@ -61,6 +61,13 @@ func fdatasync(f *os.File) error {
 	}
 }
 
+// SyncFailed is the latched sync failure (disk.SyncLatched).
+func (im *Image) SyncFailed() error { return im.synced.Err() }
+
+// FailSync latches err as a failed sync (disk.SyncLatched): every later
+// Flush and write fails.
+func (im *Image) FailSync(err error) { im.synced.Fail(err) }
+
 // Flush returns once every write completed before it is on stable storage,
 // metadata included.
 func (im *Image) Flush() error {

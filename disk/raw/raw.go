@@ -267,6 +267,12 @@ func (d *Disk) vectored(bufs [][]byte, off int64, write bool) (int, error) {
 	return done, nil
 }
 
+// SyncFailed is the latched sync failure (disk.SyncLatched).
+func (d *Disk) SyncFailed() error { return d.synced.Err() }
+
+// FailSync latches err as a failed sync (disk.SyncLatched).
+func (d *Disk) FailSync(err error) { d.synced.Fail(err) }
+
 // Flush makes every completed write durable with fdatasync. Once one
 // failed, every later Flush fails (disk.ErrSyncFailed).
 func (d *Disk) Flush() error {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -44,7 +46,14 @@ import (
 // against the ring size, desc_num against the region), and every access
 // runs with faults caught (a truncated file), like guest memory.
 
+// After the queues' parts the region holds inflightStateBytes of the
+// device's own (DeviceState): flags that must outlive a back-end process,
+// which the front-end keeps with the region and hands the next one. A
+// region without them (a front-end that kept one from a back-end before
+// them) works as before, without device state.
+
 const (
+	inflightStateBytes = 64
 	inflightHeaderSize = 16
 	inflightEntrySize  = 16
 	inflightAlign      = 64
@@ -82,7 +91,7 @@ func newInflightFile(in vhostuser.Inflight) (*os.File, uint64, error) {
 	if err := checkInflight(in); err != nil {
 		return nil, 0, err
 	}
-	size := uint64(in.NumQueues) * InflightQueueBytes(in.QueueSize)
+	size := uint64(in.NumQueues)*InflightQueueBytes(in.QueueSize) + inflightStateBytes
 	fd, err := unix.MemfdCreate("krun-inflight", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, 0, fmt.Errorf("inflight region: memfd_create: %w", err)
@@ -100,6 +109,7 @@ type inflightRegion struct {
 	numQueues int
 	queueSize uint16
 	stride    uint64
+	state     []byte // the device's flags (8 bytes), nil when the region has none
 }
 
 // mapInflight checks the description against the file and maps it.
@@ -115,8 +125,13 @@ func mapInflight(f *os.File, in vhostuser.Inflight) (*inflightRegion, error) {
 	if in.MmapOffset%uint64(os.Getpagesize()) != 0 {
 		return nil, fmt.Errorf("%w: inflight region offset %#x is not page aligned", ErrBadValue, in.MmapOffset)
 	}
-	// Only the part the queues use is mapped; a region that lies beyond
-	// the end of its file is refused (touching it would fault).
+	// Only the part the queues and the device state use is mapped; a
+	// region that lies beyond the end of its file is refused (touching
+	// it would fault).
+	withState := in.MmapSize >= need+inflightStateBytes
+	if withState {
+		need += inflightStateBytes
+	}
 	if err := checkFileSize(slot{MemRegion: vhostuser.MemRegion{Size: need, MmapOffset: in.MmapOffset}, file: f}); err != nil {
 		return nil, fmt.Errorf("inflight region: %w", err)
 	}
@@ -131,7 +146,12 @@ func mapInflight(f *os.File, in vhostuser.Inflight) (*inflightRegion, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inflight region: mmap: %w", err)
 	}
-	return &inflightRegion{mem: mem, numQueues: int(in.NumQueues), queueSize: in.QueueSize, stride: stride}, nil
+	r := &inflightRegion{mem: mem, numQueues: int(in.NumQueues), queueSize: in.QueueSize, stride: stride}
+	if withState {
+		off := uint64(in.NumQueues) * stride // 64-byte aligned
+		r.state = mem[off : off+8 : off+8]
+	}
+	return r, nil
 }
 
 func (r *inflightRegion) close() {
@@ -149,6 +169,82 @@ func (r *inflightRegion) queue(i int) []byte {
 	}
 	off := uint64(i) * r.stride
 	return r.mem[off : off+r.stride : off+r.stride]
+}
+
+// DeviceState is a device's few flags that outlive its back-end process:
+// kept in the inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD),
+// which the front-end holds across back-end crashes and hands to the next
+// back-end. A device that implements StateKeeper gets it when the
+// front-end sets the region up. Flags only ever get set; the front-end
+// clears them all when it resets the device (the region is zeroed), so a
+// device sets its flags again when its rings start (Device.Queue). The
+// front-end can write the region too: a flag read from it is a hint of
+// the front-end's, never trusted for anything but failing safe.
+type DeviceState struct {
+	mu sync.Mutex
+	b  []byte // 8 bytes of the mapped region; nil once it is unmapped
+}
+
+// NewDeviceState returns a state kept in this process's memory only: for a
+// device's tests, and what a device may use where the front-end keeps no
+// inflight region.
+func NewDeviceState() *DeviceState { return &DeviceState{b: make([]byte, 8)} }
+
+// Flags returns the flags set, by this back-end or a previous one.
+func (s *DeviceState) Flags() uint64 {
+	var v uint64
+	s.access(func(p *uint64) { v = atomic.LoadUint64(p) })
+	return v
+}
+
+// Set sets flags. It returns once they are in the region: a back-end
+// killed right after finds them set in the next one.
+func (s *DeviceState) Set(flags uint64) {
+	s.access(func(p *uint64) {
+		for {
+			old := atomic.LoadUint64(p)
+			if old&flags == flags || atomic.CompareAndSwapUint64(p, old, old|flags) {
+				return
+			}
+		}
+	})
+}
+
+// access runs f on the flags word while the region is mapped, with a
+// memory fault (a front-end that truncated the region) caught.
+func (s *DeviceState) access(f func(p *uint64)) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.b == nil {
+		return
+	}
+	_ = Protect(func() error {
+		f(stateWord(s.b))
+		return nil
+	})
+}
+
+// detach ends the state's use of the region (before it is unmapped).
+func (s *DeviceState) detach() {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	s.b = nil
+	s.mu.Unlock()
+}
+
+// StateKeeper is a device with state that must outlive its back-end
+// process (virtio-blk: that a sync of the image failed, so that a
+// restarted plugin does not acknowledge a FLUSH the lost writeback makes
+// a lie). UseState is called when the front-end sets up an inflight
+// region with room for it, before any ring starts; the state is valid
+// until the next call.
+type StateKeeper interface {
+	UseState(s *DeviceState)
 }
 
 // errInflightCorrupt is wrapped by errors about a region whose content

@@ -52,3 +52,7 @@ func (t *tracker) setInflight(head uint16, v uint32) {
 }
 
 func (t *tracker) fence() { atomic.AddUint32(&t.barrier, 1) }
+
+// stateWord is the device state's flags word: 8 bytes at a 64-byte
+// aligned offset of a page-aligned mapping.
+func stateWord(b []byte) *uint64 { return (*uint64)(unsafe.Pointer(unsafe.SliceData(b[:8]))) }

@@ -99,6 +99,7 @@ type session struct {
 
 	// inflight is the region of SET_INFLIGHT_FD (nil: no tracking).
 	inflight *inflightRegion
+	devState *DeviceState // in inflight, for a StateKeeper device
 	// replyFiles go with the reply being built (GET_INFLIGHT_FD); handle
 	// sends and closes them.
 	replyFiles []*os.File
@@ -122,6 +123,8 @@ func (sess *session) close() {
 		r.errFD.swap(nil)
 	}
 	sess.setSlots(nil)
+	sess.devState.detach()
+	sess.devState = nil
 	sess.inflight.close()
 	sess.inflight = nil
 	sess.s.dev.Reset()
@@ -995,8 +998,14 @@ func (sess *session) setInflightFD(m *vhostuser.Message, in vhostuser.Inflight) 
 	if err != nil {
 		return err
 	}
+	sess.devState.detach()
+	sess.devState = nil
 	sess.inflight.close()
 	sess.inflight = reg
+	if sk, ok := sess.s.dev.(StateKeeper); ok && reg.state != nil {
+		sess.devState = &DeviceState{b: reg.state}
+		sk.UseState(sess.devState)
+	}
 	sess.s.log.Debug("in-flight region from the front-end", "queues", in.NumQueues, "queue_size", in.QueueSize)
 	return nil
 }
