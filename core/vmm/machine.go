@@ -146,20 +146,22 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if c.consoleIn != nil {
-		pumped := make(chan struct{})
-		go func() {
-			defer close(pumped)
-			m.pumpInput(runCtx, c.consoleIn)
-		}()
-		if _, ok := c.consoleIn.(syscall.Conn); ok {
+		if fd, ok := inputFD(c.consoleIn); ok {
 			// A descriptor's pump ends with the run (it waits in poll,
 			// never in read): waited for, so that no byte of the
 			// caller's input is read for a machine that is gone, and
 			// the caller may close the file once Start returns.
+			pumped := make(chan struct{})
+			go func() {
+				defer close(pumped)
+				m.pumpFD(runCtx, fd)
+			}()
 			defer func() {
 				cancel()
 				<-pumped
 			}()
+		} else {
+			go m.pumpReader(runCtx, c.consoleIn)
 		}
 	}
 	for _, d := range m.devices {
@@ -633,33 +635,47 @@ func (m *machine) stopVCPUs() (stopped bool) {
 	}
 }
 
-// pumpInput feeds the guest's serial console from r until ctx ends. A
-// reader with a descriptor (an *os.File: the terminal, a pipe) is read
-// only when poll says it has data, and the pump ends with ctx at once; any
-// other reader is read as it is, and the pump ends at its next read after
-// ctx ended.
+// The serial console's input: a reader with a descriptor (an *os.File:
+// the terminal, a pipe) is read only when poll says it has data, and its
+// pump ends with the run at once (pumpFD); any other reader is read as it
+// is, and its pump ends at its next read after the run ended
+// (pumpReader).
+
+// inputFD returns r's descriptor, if it has one (its mode is not changed:
+// os.File.Fd would make it blocking).
+func inputFD(r io.Reader) (int, bool) {
+	sc, ok := r.(syscall.Conn)
+	if !ok {
+		return 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	fd := -1
+	if rc.Control(func(f uintptr) { fd = int(f) }) != nil || fd < 0 {
+		return 0, false
+	}
+	return fd, true
+}
+
+// pumpInput feeds the guest's serial console from r until ctx ends.
 func (m *machine) pumpInput(ctx context.Context, r io.Reader) {
-	if sc, ok := r.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			var fd int
-			if rc.Control(func(f uintptr) { fd = int(f) }) == nil {
-				m.pumpFD(ctx, fd, r)
-				return
-			}
-		}
+	if fd, ok := inputFD(r); ok {
+		m.pumpFD(ctx, fd)
+		return
 	}
 	m.pumpReader(ctx, r)
 }
 
-// pumpFD is pumpInput for a descriptor: it waits in poll(2) for the input
-// and for an eventfd that ctx's end signals, never in read(2), so nothing
-// the caller types after the run is taken; the descriptor's flags are not
-// changed (it may be the caller's terminal).
-func (m *machine) pumpFD(ctx context.Context, fd int, r io.Reader) {
+// pumpFD feeds the console from descriptor fd: it waits in poll(2) for
+// the input and for an eventfd that ctx's end signals, never in read(2),
+// so nothing the caller types after the run is taken; the descriptor's
+// flags are not changed (it may be the caller's terminal).
+func (m *machine) pumpFD(ctx context.Context, fd int) {
 	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
-		m.log.Debug("console input: no eventfd; reading without poll", "error", err)
-		m.pumpReader(ctx, r)
+		m.log.Warn("console input off: no eventfd to end its pump with", "error", err)
 		return
 	}
 	defer unix.Close(stop)
