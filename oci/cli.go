@@ -771,6 +771,17 @@ func cmdKill(g *globals, args []string, env *Env) error {
 	// would wait for the create that waits for the hook. The container
 	// is not running yet, as runc would say (found in review, helper-100).
 	if r, err := g.store.Read(id); err == nil && r.Rec.Phase == phaseCreating && r.busy() {
+		if *all {
+			// As runc's, which signals the container's processes
+			// whatever its state: SIGKILL ends the monitor and with it
+			// the VM (the create then fails and undoes itself); the
+			// guest's processes have not started, so any other signal
+			// has nobody to reach (found in review, helper-105).
+			if sig == unix.SIGKILL && r.Rec.Pid != 0 && r.MonitorAlive() {
+				unix.Kill(r.Rec.Pid, unix.SIGKILL)
+			}
+			return nil
+		}
 		return fmt.Errorf("cannot signal container %s: container not running (%s)", id, specs.StateCreating)
 	}
 	c, err := g.store.Open(id)

@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -317,6 +318,7 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 
 	health := time.NewTicker(pluginhost.HealthInterval)
 	defer health.Stop()
+	var counting atomic.Bool // a SIGUSR1's counters are being fetched
 	for {
 		var why error
 		select {
@@ -338,7 +340,15 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		case <-health.C:
 			why = s.checkHealth(ctx)
 		case <-usr1:
-			s.logCounters(ctx)
+			// Not on this loop: a plugin slow to answer Stats must not
+			// hold SIGTERM or the health checks (found in review,
+			// helper-105). One at a time; a signal meanwhile is dropped.
+			if counting.CompareAndSwap(false, true) {
+				go func(p *pluginhost.Plugin) {
+					defer counting.Store(false)
+					s.logCounters(ctx, p)
+				}(s.plugin)
+			}
 		}
 		if why == nil {
 			continue
@@ -356,15 +366,15 @@ const maxLoggedCounters = 512
 // logCounters logs the plugin's counters (Stats) in one line, sorted by
 // name. Names are the plugin's text: only those made of letters, digits
 // and "._-" are logged as fields, the others counted.
-func (s *servedPlugin) logCounters(ctx context.Context) {
+func (s *servedPlugin) logCounters(ctx context.Context, p *pluginhost.Plugin) {
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	c, err := s.plugin.Stats(cctx)
+	c, err := p.Stats(cctx)
 	if err != nil {
 		s.log.Warn("plugin counters", "error", err)
 		return
 	}
-	args := []any{"plugin", s.opened.Kind, "pid", s.plugin.Pid()}
+	args := []any{"plugin", s.opened.Kind, "pid", p.Pid()}
 	dropped := 0
 	for _, k := range slices.Sorted(maps.Keys(c)) {
 		if !counterName(k) || len(args)/2 > maxLoggedCounters {

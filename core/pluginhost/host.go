@@ -285,6 +285,10 @@ type socketGrouper interface {
 // call runs one RPC with the RPC timeout and turns failures into errors
 // that name the plugin; a plugin that died is reported as an *ExitError.
 func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) error) error {
+	callerFirst := false
+	if d, ok := ctx.Deadline(); ok && time.Until(d) < p.rpcTimeout {
+		callerFirst = true
+	}
 	ctx, cancel := context.WithTimeout(ctx, p.rpcTimeout)
 	defer cancel()
 	start := time.Now()
@@ -297,9 +301,13 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 	}
 	st := status.Convert(err)
 	if st.Code() == codes.DeadlineExceeded && ctx.Err() != nil {
-		// The wait is named: the RPC timeout (pluginhost.DefaultRPCTimeout
-		// unless set), or less where the caller's deadline came first.
-		return fmt.Errorf("plugin %s (pid %d): %s: no answer in %v (the limit): %w", p.kind, p.Pid(), op, time.Since(start).Round(100*time.Millisecond), context.DeadlineExceeded)
+		// The wait is named, and which limit ended it: the RPC timeout
+		// (pluginhost.DefaultRPCTimeout unless set) or the caller's.
+		limit := "the RPC timeout"
+		if callerFirst {
+			limit = "the caller's deadline"
+		}
+		return fmt.Errorf("plugin %s (pid %d): %s: no answer in %v (%s): %w", p.kind, p.Pid(), op, time.Since(start).Round(100*time.Millisecond), limit, context.DeadlineExceeded)
 	}
 	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(StatusMessage(st)))
 }

@@ -288,7 +288,7 @@ func TestConfigureTimeoutNamesTheLimit(t *testing.T) {
 	cfg := reviewConfig(t, "hang-configure", false, &syncbuf.Buffer{}, hclog.Warn)
 	cfg.RPCTimeout = time.Second
 	err := launchAndConfigure(t, cfg)
-	if err == nil || !strings.Contains(err.Error(), "Configure: no answer in 1s (the limit)") || !errors.Is(err, context.DeadlineExceeded) {
+	if err == nil || !strings.Contains(err.Error(), "Configure: no answer in 1s (the RPC timeout)") || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Configure of a plugin that never answers: %v", err)
 	}
 }

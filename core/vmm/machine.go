@@ -678,15 +678,22 @@ func (m *machine) pumpFD(ctx context.Context, fd int) {
 		m.log.Warn("console input off: no eventfd to end its pump with", "error", err)
 		return
 	}
-	defer unix.Close(stop)
-	ended := make(chan struct{})
-	defer close(ended)
+	ended, signalled := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(signalled)
 		select {
 		case <-ctx.Done():
 			unix.Write(stop, []byte{1, 0, 0, 0, 0, 0, 0, 0})
 		case <-ended:
 		}
+	}()
+	// The eventfd is closed only once nothing can write it any more: its
+	// number may be another file's right after (found in review,
+	// helper-105).
+	defer func() {
+		close(ended)
+		<-signalled
+		unix.Close(stop)
 	}()
 	buf := make([]byte, 256)
 	for {

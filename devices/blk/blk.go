@@ -130,7 +130,8 @@ type Device struct {
 // StateSyncFailed is the device state flag that says a sync of the disk
 // failed, in this plugin process or in one before it that served the same
 // front-end: every FLUSH fails from then on (disk.ErrSyncFailed), also
-// after the plugin is restarted, until the front-end resets the device.
+// after the plugin is restarted, for as long as the front-end keeps its
+// inflight region.
 const StateSyncFailed = 1 << 0
 
 // errEarlierSyncFailed is the latched failure a restarted plugin learns
@@ -158,7 +159,7 @@ func (d *Device) syncState() {
 	}
 	if s.Flags()&StateSyncFailed != 0 && sl.SyncFailed() == nil {
 		sl.FailSync(errEarlierSyncFailed)
-		d.log.Warn("a sync of the disk failed in an earlier plugin process serving this device; every flush fails until the device is reset")
+		d.log.Warn("a sync of the disk failed in an earlier plugin process serving this device; every flush fails from now on")
 	}
 	if sl.SyncFailed() != nil {
 		s.Set(StateSyncFailed)

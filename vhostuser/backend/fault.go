@@ -55,6 +55,9 @@ func (e *PanicError) Error() string {
 	if i := strings.IndexAny(v, "\r\n"); i >= 0 {
 		v = v[:i] + " ..."
 	}
+	if len(v) > 256 {
+		v = v[:256] + " ..."
+	}
 	return fmt.Sprintf("%v: %s", ErrPanic, v)
 }
 
