@@ -11,6 +11,7 @@ package serial
 import (
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // COM1 resources.
@@ -75,8 +76,15 @@ const RXCapacity = 64
 // registers while a host goroutine feeds input.
 type UART struct {
 	mu  sync.Mutex
-	out io.Writer
 	irq func(level bool)
+
+	// outMu serializes the transmitted bytes' writes, outside mu: a
+	// write that blocks (a console whose reader stopped reading) holds
+	// only the vCPU that transmits, not every access to the UART, the
+	// input pump, nor OutputError (found in review, helper-105).
+	outMu  sync.Mutex
+	out    io.Writer             // guarded by outMu
+	outErr atomic.Pointer[error] // the first failed write
 
 	ier, lcr, mcr, scr, fcr uint8
 	dll, dlm                uint8
@@ -85,7 +93,6 @@ type UART struct {
 	level                   bool // current interrupt line level
 	rx                      []byte
 	drained                 chan struct{}
-	outErr                  error
 }
 
 // New returns a UART that writes transmitted bytes to out and reports its
@@ -179,27 +186,46 @@ func (u *UART) Read(offset uint8) uint8 {
 
 // Write sets the register at offset (0..7).
 func (u *UART) Write(offset uint8, v uint8) {
+	if u.write(offset, v) {
+		u.transmit(v)
+	}
+}
+
+// transmit writes a transmitted byte to the output; after a failed write
+// the console stops, the guest runs on.
+func (u *UART) transmit(v uint8) {
+	u.outMu.Lock()
+	defer u.outMu.Unlock()
+	if u.outErr.Load() != nil {
+		return
+	}
+	if _, err := u.out.Write([]byte{v}); err != nil {
+		u.outErr.CompareAndSwap(nil, &err)
+	}
+}
+
+// write sets the register under mu and reports whether v is a byte to
+// transmit.
+func (u *UART) write(offset uint8, v uint8) (send bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	switch offset {
 	case regData:
 		if u.lcr&lcrDLAB != 0 {
 			u.dll = v
-			return
+			return false
 		}
 		if u.mcr&mcrLoop != 0 {
 			u.receiveLocked([]byte{v})
-		} else if u.outErr == nil {
-			if _, err := u.out.Write([]byte{v}); err != nil {
-				u.outErr = err // keep running; the console just stops
-			}
+		} else {
+			send = u.outErr.Load() == nil
 		}
 		// The byte leaves at once, so the holding register is empty again.
 		u.thrPending = true
 	case regIER:
 		if u.lcr&lcrDLAB != 0 {
 			u.dlm = v
-			return
+			return false
 		}
 		old := u.ier
 		u.ier = v & ierMask
@@ -222,6 +248,7 @@ func (u *UART) Write(offset uint8, v uint8) {
 		u.scr = v
 	}
 	u.update()
+	return send
 }
 
 // iir computes the pending interrupt of highest priority.
@@ -277,9 +304,10 @@ func (u *UART) Drained() <-chan struct{} { return u.drained }
 
 // OutputError returns the first error writing guest output, if any.
 func (u *UART) OutputError() error {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.outErr
+	if e := u.outErr.Load(); e != nil {
+		return *e
+	}
+	return nil
 }
 
 // SetOutput replaces the writer transmitted bytes go to.
@@ -287,7 +315,7 @@ func (u *UART) SetOutput(out io.Writer) {
 	if out == nil {
 		out = io.Discard
 	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
+	u.outMu.Lock()
+	defer u.outMu.Unlock()
 	u.out = out
 }
