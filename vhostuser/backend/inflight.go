@@ -109,7 +109,7 @@ type inflightRegion struct {
 	numQueues int
 	queueSize uint16
 	stride    uint64
-	state     []byte // the device's flags (8 bytes), nil when the region has none
+	state     []byte // the device's flags and their mark (16 bytes), nil when the region has none
 }
 
 // mapInflight checks the description against the file and maps it.
@@ -149,7 +149,7 @@ func mapInflight(f *os.File, in vhostuser.Inflight) (*inflightRegion, error) {
 	r := &inflightRegion{mem: mem, numQueues: int(in.NumQueues), queueSize: in.QueueSize, stride: stride}
 	if withState {
 		off := uint64(in.NumQueues) * stride // 64-byte aligned
-		r.state = mem[off : off+8 : off+8]
+		r.state = mem[off : off+16 : off+16]
 	}
 	return r, nil
 }
@@ -188,7 +188,27 @@ type DeviceState struct {
 // NewDeviceState returns a state kept in this process's memory only: for a
 // device's tests, and what a device may use where the front-end keeps no
 // inflight region.
-func NewDeviceState() *DeviceState { return &DeviceState{b: make([]byte, 8)} }
+func NewDeviceState() *DeviceState { return newDeviceState(make([]byte, 16)) }
+
+// deviceStateMark, after the flags, says the flags word is this
+// framework's: bytes a region holds there otherwise (a zeroed region,
+// another back-end's layout) are not taken for flags.
+const deviceStateMark = 0x74617473_6e75726b // "krunstat"
+
+// newDeviceState makes the state in b (16 bytes: the flags, the mark),
+// starting it with no flags unless b holds the mark.
+func newDeviceState(b []byte) *DeviceState {
+	s := &DeviceState{b: b}
+	_ = Protect(func() error {
+		flags, mark := stateWords(b)
+		if atomic.LoadUint64(mark) != deviceStateMark {
+			atomic.StoreUint64(flags, 0)
+			atomic.StoreUint64(mark, deviceStateMark)
+		}
+		return nil
+	})
+	return s
+}
 
 // Flags returns the flags set, by this back-end or a previous one.
 func (s *DeviceState) Flags() uint64 {
@@ -222,7 +242,8 @@ func (s *DeviceState) access(f func(p *uint64)) {
 		return
 	}
 	_ = Protect(func() error {
-		f(stateWord(s.b))
+		flags, _ := stateWords(s.b)
+		f(flags)
 		return nil
 	})
 }

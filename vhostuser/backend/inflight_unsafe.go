@@ -53,6 +53,10 @@ func (t *tracker) setInflight(head uint16, v uint32) {
 
 func (t *tracker) fence() { atomic.AddUint32(&t.barrier, 1) }
 
-// stateWord is the device state's flags word: 8 bytes at a 64-byte
-// aligned offset of a page-aligned mapping.
-func stateWord(b []byte) *uint64 { return (*uint64)(unsafe.Pointer(unsafe.SliceData(b[:8]))) }
+// stateWords are the device state's flags and mark words: 16 bytes at a
+// 64-byte aligned offset of a page-aligned mapping (or of a Go
+// allocation of 16 bytes, 8-byte aligned).
+func stateWords(b []byte) (flags, mark *uint64) {
+	b = b[:16]
+	return (*uint64)(unsafe.Pointer(&b[0])), (*uint64)(unsafe.Pointer(&b[8]))
+}

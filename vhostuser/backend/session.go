@@ -1003,7 +1003,7 @@ func (sess *session) setInflightFD(m *vhostuser.Message, in vhostuser.Inflight) 
 	sess.inflight.close()
 	sess.inflight = reg
 	if sk, ok := sess.s.dev.(StateKeeper); ok && reg.state != nil {
-		sess.devState = &DeviceState{b: reg.state}
+		sess.devState = newDeviceState(reg.state)
 		sk.UseState(sess.devState)
 	}
 	sess.s.log.Debug("in-flight region from the front-end", "queues", in.NumQueues, "queue_size", in.QueueSize)
