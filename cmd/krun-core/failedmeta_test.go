@@ -1,19 +1,15 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
 )
 
@@ -36,26 +32,10 @@ import (
 // the data); an attempt where the two writes ran on different threads (no
 // injection, or the data write hit) moves on to the next cluster.
 func TestRetriedWriteAfterFailedL2WriteSurvivesKill(t *testing.T) {
-	for _, tool := range []string{"qemu-img", "strace"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
+	needTools(t, "qemu-img", "strace")
 	bin := buildServeBinaries(t, "blk-qcow2")
-	dir := t.TempDir()
-	img := filepath.Join(dir, "disk.qcow2")
-	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", img, "16M").CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img create: %v\n%s", err, out)
-	}
-	sock := filepath.Join(dir, "blk.sock")
-	s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=qcow2,queues=1", "--plugin-restarts", "5/60s")
-	waitSocket(t, s, sock)
-	pid := servingPid(t, s)
-	b, err := testguest.DialBlk(sock, testguest.Options{Inflight: true, QueueSize: 64})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	si := serveImage(t, bin, "qcow2", ",queues=1")
+	b := si.blk
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// The first write makes the L2 table; the later ones only change
@@ -70,37 +50,10 @@ func TestRetriedWriteAfterFailedL2WriteSurvivesKill(t *testing.T) {
 			t.Fatal("the injection never hit the L2 sector write")
 		}
 		sector = uint64(attempt) * (65536 / 512)
-		trace := filepath.Join(dir, "trace"+strconv.Itoa(attempt))
-		st := exec.Command("strace", "-f", "-p", strconv.Itoa(pid), "-o", trace, "-e", "trace=pwrite64", "-e", "inject=pwrite64:error=EIO:when=2")
-		se, _ := st.StderrPipe()
-		if err := st.Start(); err != nil {
-			t.Fatal(err)
-		}
-		attached, exited := make(chan struct{}), make(chan string, 1)
-		go func() {
-			sc := bufio.NewScanner(se)
-			once := false
-			var all []string
-			for sc.Scan() {
-				all = append(all, sc.Text())
-				if !once && strings.Contains(sc.Text(), "attached") {
-					once = true
-					close(attached)
-				}
-			}
-			exited <- strings.Join(all, "\n")
-		}()
-		select {
-		case <-attached:
-		case out := <-exited:
-			t.Skipf("strace cannot attach to the plugin here: %s", out)
-		case <-time.After(10 * time.Second):
-			t.Fatal("strace did not attach")
-		}
-		time.Sleep(200 * time.Millisecond)
+		trace := filepath.Join(si.dir, "trace"+strconv.Itoa(attempt))
+		detach := injectFaults(t, si.pid, "-o", trace, "-e", "trace=pwrite64", "-e", "inject=pwrite64:error=EIO:when=2")
 		werr := b.Write(ctx, sector, data)
-		st.Process.Signal(syscall.SIGTERM)
-		st.Wait()
+		detach()
 		tr, _ := os.ReadFile(trace)
 		hitL2 := false
 		for _, l := range strings.Split(string(tr), "\n") {
@@ -123,8 +76,8 @@ func TestRetriedWriteAfterFailedL2WriteSurvivesKill(t *testing.T) {
 		t.Fatalf("read back before the kill: %v, equal %v", err, bytes.Equal(got, data))
 	}
 	// The plugin dies; serve restarts it; the guest reconnects.
-	killPlugin(t, s, pid, 1)
-	c, err := frontend.Dial(sock)
+	killPlugin(t, si.serve, si.pid, 1)
+	c, err := frontend.Dial(si.sock)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,16 +2,11 @@ package vmm
 
 import (
 	"context"
-	"io"
-	"os"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
-
-	"github.com/krun-core/krun-core/core/serial"
 )
 
 // TestPumpWithoutEventfdEndsWithTheRun: Start waits for the console input
@@ -25,13 +20,8 @@ import (
 // From review, helper-105; fixed: without an eventfd console input is off,
 // with a warning (the pump returns at once).
 func TestPumpWithoutEventfdEndsWithTheRun(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	defer w.Close()
-	m := &machine{uart: serial.New(io.Discard, nil), log: hclog.NewNullLogger()}
+	r, w := inputPipe(t)
+	m := consoleMachine()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 

@@ -20,13 +20,8 @@ import (
 // it has data, the pump waits on an eventfd the run's end signals, and
 // Start waits for it).
 func TestConsoleInputPumpEndsWithTheRun(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	defer w.Close()
-	m := &machine{uart: serial.New(io.Discard, nil), log: hclog.NewNullLogger()}
+	r, w := inputPipe(t)
+	m := consoleMachine()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan struct{})
@@ -63,4 +58,21 @@ func TestConsoleInputPumpEndsWithTheRun(t *testing.T) {
 	if n, err := r.Read(b); n != 1 || b[0] != 'b' {
 		t.Fatalf("the caller read %q, %v after the run; want the 'b' it wrote", b[:n], err)
 	}
+}
+
+// consoleMachine is a machine with only its serial console, for the
+// console input's pump.
+func consoleMachine() *machine {
+	return &machine{uart: serial.New(io.Discard, nil), log: hclog.NewNullLogger()}
+}
+
+// inputPipe is a pipe closed at the test's end: the caller's input.
+func inputPipe(t *testing.T) (r, w *os.File) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close(); w.Close() })
+	return r, w
 }

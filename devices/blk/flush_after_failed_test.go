@@ -87,26 +87,10 @@ func TestFlushAfterFailedFlushFails(t *testing.T) {
 				t.Fatalf("write: status %d", st[0])
 			}
 
-			fd := int(f.Fd())
-			saved, err := unix.Dup(fd)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer unix.Close(saved)
-			var pfd [2]int
-			if err := unix.Pipe(pfd[:]); err != nil {
-				t.Fatal(err)
-			}
-			defer unix.Close(pfd[0])
-			defer unix.Close(pfd[1])
-			if err := unix.Dup2(pfd[1], fd); err != nil {
-				t.Fatal(err)
-			}
+			restore := failSyncs(t, f)
 			h.Handle([][]byte{header(TypeFlush, 0)}, [][]byte{st})
 			first := st[0]
-			if err := unix.Dup2(saved, fd); err != nil {
-				t.Fatal(err)
-			}
+			restore()
 			if first != StatusIOErr {
 				t.Fatalf("flush with failing fdatasync: status %d, want IOERR", first)
 			}
@@ -163,24 +147,9 @@ func TestSyncFailureOutlivesPlugin(t *testing.T) {
 	if h.Handle([][]byte{header(TypeOut, 8), patternBytes(4096, 7)}, [][]byte{st}); st[0] != StatusOK {
 		t.Fatalf("write: status %d", st[0])
 	}
-	// fdatasync on a pipe fails (EINVAL), as a lost writeback would.
-	fd := int(f.Fd())
-	saved, err := unix.Dup(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var pfd [2]int
-	if err := unix.Pipe(pfd[:]); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(pfd[0])
-	defer unix.Close(pfd[1])
-	if err := unix.Dup2(pfd[1], fd); err != nil {
-		t.Fatal(err)
-	}
+	restore := failSyncs(t, f)
 	h.Handle([][]byte{header(TypeFlush, 0)}, [][]byte{st})
-	unix.Dup2(saved, fd)
-	unix.Close(saved)
+	restore()
 	if st[0] != StatusIOErr {
 		t.Fatalf("flush with failing fdatasync: status %d, want IOERR", st[0])
 	}
@@ -210,5 +179,33 @@ func TestSyncFailureOutlivesPlugin(t *testing.T) {
 	}
 	if zeroed.Flags()&StateSyncFailed == 0 {
 		t.Error("a ring start after the state was zeroed did not record the failed sync again")
+	}
+}
+
+// failSyncs makes the image's fdatasync fail, as a lost writeback makes
+// it (the kernel reports it once): a pipe is dup2-ed over f's descriptor
+// (fdatasync on a pipe fails with EINVAL) until restore puts the image
+// back.
+func failSyncs(t *testing.T, f *os.File) (restore func()) {
+	t.Helper()
+	fd := int(f.Fd())
+	saved, err := unix.Dup(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pfd [2]int
+	if err := unix.Pipe(pfd[:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Dup2(pfd[1], fd); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if err := unix.Dup2(saved, fd); err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(saved)
+		unix.Close(pfd[0])
+		unix.Close(pfd[1])
 	}
 }
