@@ -36,9 +36,11 @@ func TestFailWithLiveQueuesAbandons(t *testing.T) {
 type slowStops struct {
 	*fakeBackend
 	delays []time.Duration
+	sent   int // ring-stop requests made
 }
 
 func (s *slowStops) next() {
+	s.sent++
 	if len(s.delays) > 0 {
 		time.Sleep(s.delays[0])
 		s.delays = s.delays[1:]
@@ -63,6 +65,11 @@ func (s *slowStops) GetVringBase(idx uint32) (uint32, error) {
 // not only between queues, where a queue that started just under it held
 // the vCPU for the budget and two more stop timeouts. Scaled: budget 50 ms,
 // every request answered under a 45 ms "timeout". (From review.)
+//
+// What is checked is which requests were made, not how long they took: the
+// requests take 20, 20 and 44 ms, so the fourth starts past the budget
+// whatever the machine's load, and is never made. (The wall-clock check
+// with 26 ms of slack failed under load; found by helper-104.)
 func TestStopBudgetBoundsAccess(t *testing.T) {
 	const budget, stopTimeout = 50 * time.Millisecond, 45 * time.Millisecond
 	var s *slowStops
@@ -81,8 +88,11 @@ func TestStopBudgetBoundsAccess(t *testing.T) {
 	start := time.Now()
 	r.wr(RegStatus, 0)
 	took := time.Since(start)
-	if limit := budget + stopTimeout + 15*time.Millisecond; took > limit {
-		t.Errorf("reset held the vCPU %v, over budget + one stop timeout (%v)", took, limit)
+	if s.sent > 3 {
+		t.Errorf("the reset made %d ring-stop requests; the fourth starts past the budget (%v) and must not be made", s.sent, budget)
+	}
+	if limit := budget + stopTimeout + time.Second; took > limit {
+		t.Errorf("reset held the vCPU %v, far over budget + one stop timeout", took)
 	}
 }
 
@@ -135,8 +145,8 @@ func TestStopRequestsGetWhatIsLeftOfTheBudget(t *testing.T) {
 	r.wr(RegStatus, st|StatusDriverOK)
 	r.setupQueue(0, 128, 0x10000, 0x11000, 0x12000)
 	r.wr(RegQueueSel, 0)
-	r.wr(RegQueueReady, 0) // a new access
-	if len(b.limits) != 2 || b.limits[0] < budget-10*time.Millisecond {
+	r.wr(RegQueueReady, 0)                                              // a new access
+	if len(b.limits) != 2 || b.limits[0] < budget-50*time.Millisecond { // the last access spent 80 ms or more
 		t.Errorf("the next access's stop requests got %v, want a fresh budget of %v", b.limits, budget)
 	}
 }

@@ -2,6 +2,7 @@ package mmio
 
 import (
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,13 +27,14 @@ import (
 func TestQueueSetupBoundedPerAccess(t *testing.T) {
 	const timeout = 300 * time.Millisecond
 	const delay = 250 * time.Millisecond // each ack, within the timeout
-	client := slowBackend(t, timeout, delay)
+	client, slow := slowBackend(t, timeout, delay)
 	r := newRig(t, func(c *Config) { c.Backend = client })
 	if st := r.negotiate(featureVersion1); st&StatusFeaturesOK == 0 {
 		t.Fatalf("features not accepted: status %#x", st)
 	}
 	r.setupQueue(0, 256, 0x10000, 0x20000, 0x30000)
 	r.setupQueue(1, 256, 0x40000, 0x50000, 0x60000)
+	slow.Store(true) // the ring set-ups only: negotiation must not time out under load
 	start := time.Now()
 	// DRIVER_OK starts every ready queue (two here; up to 256).
 	r.wr(RegStatus, StatusAcknowledge|StatusDriver|StatusFeaturesOK|StatusDriverOK)
@@ -55,7 +57,7 @@ func TestSetupBudgetBoundsAnAccess(t *testing.T) {
 		budget  = 200 * time.Millisecond
 		queues  = 8 // about 840 ms without the budget
 	)
-	client := slowBackend(t, timeout, delay)
+	client, slow := slowBackend(t, timeout, delay)
 	var recovered error
 	r := newRig(t, func(c *Config) {
 		c.Backend = client
@@ -70,6 +72,7 @@ func TestSetupBudgetBoundsAnAccess(t *testing.T) {
 		base := uint64(0x10000 * (3*i + 1))
 		r.setupQueue(uint32(i), 256, base, base+0x10000, base+0x20000)
 	}
+	slow.Store(true)
 	start := time.Now()
 	r.wr(RegStatus, StatusAcknowledge|StatusDriver|StatusFeaturesOK|StatusDriverOK)
 	took := time.Since(start)
@@ -86,16 +89,19 @@ func TestSetupBudgetBoundsAnAccess(t *testing.T) {
 }
 
 // slowBackend is a client (timeout for each request and for stops) of a
-// back-end that acknowledges every request (REPLY_ACK) after delay.
-func slowBackend(t *testing.T, timeout, delay time.Duration) *frontend.Client {
+// back-end that acknowledges every request (REPLY_ACK), after delay once
+// slow is set (before, at once: the negotiation's requests are not what the
+// tests time, and a delay close to the timeout made them fail under load).
+func slowBackend(t *testing.T, timeout, delay time.Duration) (client *frontend.Client, slow *atomic.Bool) {
 	t.Helper()
 	a, b, err := vhostuser.Pair()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	client := frontend.New(a)
+	client = frontend.New(a)
 	t.Cleanup(func() { client.Close() })
+	slow = new(atomic.Bool)
 	client.SetTimeout(timeout)
 	client.SetStopTimeout(timeout)
 	go func() {
@@ -106,7 +112,9 @@ func slowBackend(t *testing.T, timeout, delay time.Duration) *frontend.Client {
 			}
 			m.CloseFiles()
 			if m.NeedReply() {
-				time.Sleep(delay)
+				if slow.Load() {
+					time.Sleep(delay)
+				}
 				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
 			}
 		}
@@ -114,5 +122,5 @@ func slowBackend(t *testing.T, timeout, delay time.Duration) *frontend.Client {
 	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
 		t.Fatal(err)
 	}
-	return client
+	return client, slow
 }
