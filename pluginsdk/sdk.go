@@ -376,7 +376,9 @@ func (s *server) Health(context.Context, *pluginpb.HealthRequest) (*pluginpb.Hea
 	defer s.mu.Unlock()
 	r := &pluginpb.HealthResponse{State: s.state}
 	if s.err != nil {
-		r.Error = s.err.Error()
+		// Any error's text, a file name in it, must marshal as a proto3
+		// string: valid UTF-8.
+		r.Error = strings.ToValidUTF8(s.err.Error(), "?")
 	}
 	return r, nil
 }

@@ -344,10 +344,10 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 			// hold SIGTERM or the health checks (found in review,
 			// helper-105). One at a time; a signal meanwhile is dropped.
 			if counting.CompareAndSwap(false, true) {
-				go func(p *pluginhost.Plugin) {
+				go func(p *pluginhost.Plugin, kind string) {
 					defer counting.Store(false)
-					s.logCounters(ctx, p)
-				}(s.plugin)
+					s.logCounters(ctx, p, kind)
+				}(s.plugin, s.opened.Kind) // read here: a restart replaces them
 			}
 		}
 		if why == nil {
@@ -366,7 +366,7 @@ const maxLoggedCounters = 512
 // logCounters logs the plugin's counters (Stats) in one line, sorted by
 // name. Names are the plugin's text: only those made of letters, digits
 // and "._-" are logged as fields, the others counted.
-func (s *servedPlugin) logCounters(ctx context.Context, p *pluginhost.Plugin) {
+func (s *servedPlugin) logCounters(ctx context.Context, p *pluginhost.Plugin, kind string) {
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	c, err := p.Stats(cctx)
@@ -374,7 +374,7 @@ func (s *servedPlugin) logCounters(ctx context.Context, p *pluginhost.Plugin) {
 		s.log.Warn("plugin counters", "error", err)
 		return
 	}
-	args := []any{"plugin", s.opened.Kind, "pid", p.Pid()}
+	args := []any{"plugin", kind, "pid", p.Pid()}
 	dropped := 0
 	for _, k := range slices.Sorted(maps.Keys(c)) {
 		if !counterName(k) || len(args)/2 > maxLoggedCounters {

@@ -109,3 +109,69 @@ func TestDeviceStateOutlivesBackEnd(t *testing.T) {
 		t.Fatalf("a state whose session ended changed the region: flags %#x", f)
 	}
 }
+
+// The core zeroes the inflight region at every device reset (mmio's
+// OnReset -> frontend.Inflight.Reset), the first of which is the guest
+// driver's probe, while the back-end keeps its DeviceState: the mark goes
+// with the zeroes, and the flags the device sets afterwards (virtio-blk's
+// syncState at ring start or after a failed sync) are written without it.
+// The next back-end (a restarted plugin, same region) takes the unmarked
+// word for "another layout" and clears it: the sticky sync failure is lost,
+// and the restarted plugin acknowledges a FLUSH after a lost writeback.
+//
+// From review, helper-106; fixed: Set writes the mark again when it finds
+// it gone, and Flags reads nothing without it.
+func TestDeviceStateFlagSetAfterResetSurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	first := &stateDevice{}
+	srv, err := backend.NewServer(first, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pathA := filepath.Join(dir, "a.sock")
+	backendtest.Serve(t, srv, pathA)
+	g, err := testguest.Dial(pathA, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	st, _ := first.get()
+	if st == nil {
+		t.Fatal("no device state")
+	}
+	// The guest resets the device (driver probe): the core zeroes the
+	// region, as core/vmm/devices.go's OnReset does. No SET_INFLIGHT_FD
+	// follows: the back-end keeps using the state it has.
+	if err := g.Inflight.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	// A sync fails in this plugin: the device records it.
+	st.Set(1 << 0)
+	if f := st.Flags(); f != 1<<0 {
+		t.Fatalf("flags %#x after Set", f)
+	}
+
+	// The plugin dies; the restarted one gets the same region.
+	second := &stateDevice{}
+	srv2, err := backend.NewServer(second, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pathB := filepath.Join(dir, "b.sock")
+	backendtest.Serve(t, srv2, pathB)
+	c, err := frontend.Dial(pathB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Reconnect(c); err != nil {
+		t.Fatal(err)
+	}
+	st2, _ := second.get()
+	if st2 == nil || st2.Flags() != 1<<0 {
+		var f uint64
+		if st2 != nil {
+			f = st2.Flags()
+		}
+		t.Fatalf("after a device reset, a flag the back-end set is lost at the next back-end: flags %#x, want %#x (the zeroed mark makes newDeviceState clear them)", f, 1<<0)
+	}
+}

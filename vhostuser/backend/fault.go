@@ -58,6 +58,10 @@ func (e *PanicError) Error() string {
 	if len(v) > 256 {
 		v = v[:256] + " ..."
 	}
+	// Valid UTF-8 (the cut may split a character, the value may hold
+	// any bytes): the text goes into a proto3 string (Health), which
+	// does not marshal otherwise (found in review, helper-106).
+	v = strings.ToValidUTF8(v, "?")
 	return fmt.Sprintf("%v: %s", ErrPanic, v)
 }
 

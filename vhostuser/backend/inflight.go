@@ -213,14 +213,26 @@ func newDeviceState(b []byte) *DeviceState {
 // Flags returns the flags set, by this back-end or a previous one.
 func (s *DeviceState) Flags() uint64 {
 	var v uint64
-	s.access(func(p *uint64) { v = atomic.LoadUint64(p) })
+	s.access(func(p, mark *uint64) {
+		if atomic.LoadUint64(mark) == deviceStateMark {
+			v = atomic.LoadUint64(p)
+		}
+	})
 	return v
 }
 
-// Set sets flags. It returns once they are in the region: a back-end
-// killed right after finds them set in the next one.
+// Set sets flags. It returns once they are in the region, behind the
+// mark: a back-end killed right after finds them set in the next one. The
+// mark is written again each time: a front-end zeroes the region at a
+// device reset without handing it over again, and the flags set after
+// that must count all the same (found in review, helper-106).
 func (s *DeviceState) Set(flags uint64) {
-	s.access(func(p *uint64) {
+	s.access(func(p, mark *uint64) {
+		if atomic.LoadUint64(mark) != deviceStateMark {
+			// Zeroed (or another layout's bytes) since: no flags.
+			atomic.StoreUint64(p, 0)
+			atomic.StoreUint64(mark, deviceStateMark)
+		}
 		for {
 			old := atomic.LoadUint64(p)
 			if old&flags == flags || atomic.CompareAndSwapUint64(p, old, old|flags) {
@@ -230,9 +242,9 @@ func (s *DeviceState) Set(flags uint64) {
 	})
 }
 
-// access runs f on the flags word while the region is mapped, with a
-// memory fault (a front-end that truncated the region) caught.
-func (s *DeviceState) access(f func(p *uint64)) {
+// access runs f on the flags and mark words while the region is mapped,
+// with a memory fault (a front-end that truncated the region) caught.
+func (s *DeviceState) access(f func(flags, mark *uint64)) {
 	if s == nil {
 		return
 	}
@@ -242,8 +254,7 @@ func (s *DeviceState) access(f func(p *uint64)) {
 		return
 	}
 	_ = Protect(func() error {
-		flags, _ := stateWords(s.b)
-		f(flags)
+		f(stateWords(s.b))
 		return nil
 	})
 }
