@@ -837,6 +837,12 @@ func deleteContainer(g *globals, id string, force bool) error {
 		// command on a container the delete ends anyway.
 		if r, err := g.store.Read(id); err == nil && r.Rec.Pid != 0 && r.busy() && r.MonitorAlive() {
 			unix.Kill(r.Rec.Pid, unix.SIGKILL)
+			if r.Rec.Phase == phaseCreating && !waitCreateUndone(g.store, id) {
+				// The create waits for something else than its
+				// monitor: its own hook, running this delete. It
+				// undoes itself once that returns.
+				return nil
+			}
 		}
 	}
 	var c *Container
@@ -899,6 +905,29 @@ func deleteContainer(g *globals, id string, force bool) error {
 		g.log.warn("%v", err)
 	}
 	return c.Remove()
+}
+
+// createUndoWait is how long a forced delete waits for a create whose
+// monitor it killed to undo itself.
+const createUndoWait = 5 * time.Second
+
+// waitCreateUndone waits up to createUndoWait for the create of id, whose
+// monitor was killed, to let go of the container's lock (it undoes itself
+// then); false if it still holds it: a createRuntime or prestart hook of
+// the create's own is what runs the delete, and waiting longer would wait
+// for the create that waits for the hook (found in review, helper-100).
+func waitCreateUndone(store *Store, id string) bool {
+	deadline := time.Now().Add(createUndoWait)
+	for {
+		r, err := store.Read(id)
+		if err != nil || !r.busy() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // deleteUnreadable removes the container c, locked, whose state file

@@ -196,3 +196,38 @@ func TestKillFromCreateHookDoesNotDeadlock(t *testing.T) {
 		t.Errorf("kill from the container's own createRuntime hook: exit %s (124: killed by timeout after 10 s), stderr %q, create took %v; want exit 1 at once, saying the container is not running", code, msg, time.Since(start).Round(time.Millisecond))
 	}
 }
+
+// A createRuntime hook that force-deletes its own container (giving up on
+// it) waited for the container's lock, which its create held while it
+// waited for the hook. The delete kills the monitor and, when the create
+// still holds the lock after createUndoWait, returns: the create then
+// fails and undoes itself (from review, helper-100).
+func TestForceDeleteFromCreateHookDoesNotDeadlock(t *testing.T) {
+	r := newRT(t)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "delete-status")
+	script := asRuntime + "=1 timeout 20 " + exe + " --root " + r.root + " delete --force hd 2>" + out + ".err; echo $? > " + out
+	b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", script}}}}
+	})
+	start := time.Now()
+	_, e, code := r.run(nil, nil, "create", "--bundle", b, "hd")
+	took := time.Since(start)
+	got, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, _ := os.ReadFile(out + ".err")
+	if status := strings.TrimSpace(string(got)); status != "0" {
+		t.Errorf("delete --force from the container's own createRuntime hook: exit %s (124: killed by timeout after 20 s), stderr %q, create took %v", status, msg, took.Round(time.Millisecond))
+	}
+	if code == 0 {
+		t.Errorf("create succeeded although its monitor was killed (stderr %q)", e)
+	}
+	if _, _, code := r.run(nil, nil, "state", "hd"); code == 0 {
+		t.Error("the container is still there after its create undid itself")
+	}
+}
