@@ -231,3 +231,49 @@ func TestForceDeleteFromCreateHookDoesNotDeadlock(t *testing.T) {
 		t.Error("the container is still there after its create undid itself")
 	}
 }
+
+// A delete renames the container's directory away before it removes it:
+// state and list find the container or nothing, never a directory half
+// removed, whose missing record read as a create in progress ("creating",
+// pid 0), for good when the removal failed (here: a mount inside it that
+// RemoveAll cannot remove). From review, helper-100.
+func TestRemoveLeavesNoHalfRemovedContainer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: mounts a tmpfs inside the state directory, which the removal cannot remove")
+	}
+	st := &Store{Root: t.TempDir()}
+	c, err := st.Create("rm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Rec = Record{ID: "rm1", Phase: phaseCreated}
+	if err := c.Save(); err != nil {
+		t.Fatal(err)
+	}
+	busy := filepath.Join(c.Dir, "busy")
+	if err := os.Mkdir(busy, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", busy, "tmpfs", 0, "size=64k"); err != nil {
+		t.Skipf("cannot mount a tmpfs here: %v", err)
+	}
+	t.Cleanup(func() {
+		unix.Unmount(busy, unix.MNT_DETACH)
+		unix.Unmount(filepath.Join(st.Root, "rm1"+removedSuffix, "busy"), unix.MNT_DETACH)
+	})
+	if err := c.Remove(); err == nil {
+		t.Fatal("the removal of a directory holding a mount point succeeded")
+	}
+	if r, err := st.Read("rm1"); !errors.Is(err, ErrNotExist) {
+		t.Errorf("state after a removal that failed half-way: %+v, %v; want the container gone", r, err)
+	}
+	ids, err := st.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if strings.HasPrefix(id, "rm1") {
+			t.Errorf("list shows %q after the container was deleted", id)
+		}
+	}
+}

@@ -229,10 +229,11 @@ func lockDir(id, dir string) (*Container, error) {
 		f.Close()
 		return nil, fmt.Errorf("lock state directory: %w", err)
 	}
-	// A delete that held the lock before us has removed the directory:
-	// its inode has no links left.
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Nlink == 0 {
+	// A delete that held the lock before us has removed the directory
+	// (its inode has no links left), or moved it away to remove it.
+	var st, now unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Nlink == 0 ||
+		unix.Lstat(dir, &now) != nil || now.Dev != st.Dev || now.Ino != st.Ino {
 		f.Close()
 		return nil, fmt.Errorf("container %s: %w", id, ErrNotExist)
 	}
@@ -285,9 +286,23 @@ func (c *Container) Save() error {
 	return writeFileAtomic(filepath.Join(c.Dir, recordFile), b, 0o600)
 }
 
-// Remove deletes the state directory; the lock is released.
+// removedSuffix names a state directory on its way out: not a valid ID, so
+// nothing lists or opens it.
+const removedSuffix = "~deleted"
+
+// Remove deletes the state directory; the lock is released. The directory
+// is first renamed out of the way, so that a state or list meanwhile finds
+// the container or nothing, never a directory half removed (its record
+// gone: "creating", pid 0), also when the removal fails or is cut short
+// (found in review, helper-100).
 func (c *Container) Remove() error {
-	err := os.RemoveAll(c.Dir)
+	dir := c.Dir
+	gone := c.Dir + removedSuffix
+	_ = os.RemoveAll(gone) // what a delete that died left
+	if err := os.Rename(c.Dir, gone); err == nil {
+		dir = gone
+	}
+	err := os.RemoveAll(dir)
 	c.Unlock()
 	if err != nil {
 		return fmt.Errorf("remove state: %w", err)
