@@ -516,8 +516,13 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		return nil, fmt.Errorf("start the container's monitor: %w", err)
 	}
 	c.Rec.Pid = monitor.Pid
-	c.Rec.PidStart, _, _ = procStat(monitor.Pid)
-	err = c.Save()
+	// Its start time tells the monitor from a process that reuses its
+	// pid later; without it (no /proc) no state could be told at all.
+	if c.Rec.PidStart, _, err = procStat(monitor.Pid); err != nil {
+		err = fmt.Errorf("read the start time of the container's monitor (pid %d) from /proc: %w", monitor.Pid, err)
+	} else {
+		err = c.Save()
+	}
 	stateMu.Unlock()
 	if err != nil {
 		return nil, err
