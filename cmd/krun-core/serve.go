@@ -631,7 +631,7 @@ func bindAndListen(fd int, path string, mode os.FileMode) error {
 // container has the same; found in review).
 func bindTemporary(fd int, path string) (string, error) {
 	for range 16 {
-		var r [6]byte
+		var r [4]byte // 8 hex digits: as long as a pid and one more, so no more paths bind in place than with the pid
 		if _, err := rand.Read(r[:]); err != nil {
 			return "", err
 		}
