@@ -48,13 +48,7 @@ func (d *stateDevice) get() (*backend.DeviceState, int) {
 // region, and a state whose session ended is inert, not a fault.
 func TestDeviceStateOutlivesBackEnd(t *testing.T) {
 	dir := t.TempDir()
-	first := &stateDevice{}
-	srv, err := backend.NewServer(first, hclog.NewNullLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	pathA := filepath.Join(dir, "a.sock")
-	backendtest.Serve(t, srv, pathA)
+	first, pathA := serveStateDevice(t, dir, "a.sock")
 	g, err := testguest.Dial(pathA, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -70,20 +64,7 @@ func TestDeviceStateOutlivesBackEnd(t *testing.T) {
 	st.Set(1 << 3)
 	st.Set(1 << 3) // idempotent
 
-	second := &stateDevice{}
-	srv2, err := backend.NewServer(second, hclog.NewNullLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	pathB := filepath.Join(dir, "b.sock")
-	backendtest.Serve(t, srv2, pathB)
-	c, err := frontend.Dial(pathB)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Reconnect(c); err != nil { // the same region, another back-end
-		t.Fatal(err)
-	}
+	second := reconnectStateDevice(t, g, dir, "b.sock") // the same region, another back-end
 	st2, _ := second.get()
 	if st2 == nil || st2.Flags() != 1<<3 {
 		t.Fatalf("the next back-end's device state: %v; want the flag the first one set (%#x)", st2, 1<<3)
@@ -123,13 +104,7 @@ func TestDeviceStateOutlivesBackEnd(t *testing.T) {
 // it gone, and Flags reads nothing without it.
 func TestDeviceStateFlagSetAfterResetSurvivesRestart(t *testing.T) {
 	dir := t.TempDir()
-	first := &stateDevice{}
-	srv, err := backend.NewServer(first, hclog.NewNullLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	pathA := filepath.Join(dir, "a.sock")
-	backendtest.Serve(t, srv, pathA)
+	first, pathA := serveStateDevice(t, dir, "a.sock")
 	g, err := testguest.Dial(pathA, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -152,20 +127,7 @@ func TestDeviceStateFlagSetAfterResetSurvivesRestart(t *testing.T) {
 	}
 
 	// The plugin dies; the restarted one gets the same region.
-	second := &stateDevice{}
-	srv2, err := backend.NewServer(second, hclog.NewNullLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	pathB := filepath.Join(dir, "b.sock")
-	backendtest.Serve(t, srv2, pathB)
-	c, err := frontend.Dial(pathB)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Reconnect(c); err != nil {
-		t.Fatal(err)
-	}
+	second := reconnectStateDevice(t, g, dir, "b.sock") // the same region, another back-end
 	st2, _ := second.get()
 	if st2 == nil || st2.Flags() != 1<<0 {
 		var f uint64
@@ -174,4 +136,32 @@ func TestDeviceStateFlagSetAfterResetSurvivesRestart(t *testing.T) {
 		}
 		t.Fatalf("after a device reset, a flag the back-end set is lost at the next back-end: flags %#x, want %#x (the zeroed mark makes newDeviceState clear them)", f, 1<<0)
 	}
+}
+
+// serveStateDevice serves a new stateDevice on dir/name.
+func serveStateDevice(t *testing.T, dir, name string) (*stateDevice, string) {
+	t.Helper()
+	dev := &stateDevice{}
+	srv, err := backend.NewServer(dev, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, name)
+	backendtest.Serve(t, srv, path)
+	return dev, path
+}
+
+// reconnectStateDevice moves g, with its inflight region, to a new
+// back-end serving a stateDevice on dir/name: a restarted plugin.
+func reconnectStateDevice(t *testing.T, g *testguest.Guest, dir, name string) *stateDevice {
+	t.Helper()
+	dev, path := serveStateDevice(t, dir, name)
+	c, err := frontend.Dial(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Reconnect(c); err != nil {
+		t.Fatal(err)
+	}
+	return dev
 }
