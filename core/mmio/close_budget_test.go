@@ -12,43 +12,22 @@ import (
 // the two that stop a ring (SET_VRING_ENABLE 0, GET_VRING_BASE), which it
 // answers after delay: within the stop timeout, so it is never found gone.
 func slowStopBackend(t *testing.T, stopTimeout, delay time.Duration) *frontend.Client {
-	t.Helper()
-	a, b, err := vhostuser.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	client := frontend.New(a)
-	t.Cleanup(func() { client.Close() })
-	client.SetTimeout(time.Second)
-	client.SetStopTimeout(stopTimeout)
-	go func() {
-		for {
-			m, err := b.Recv()
-			if err != nil {
-				return
-			}
-			m.CloseFiles()
-			switch m.Request {
-			case vhostuser.GetVringBase:
-				s, _ := vhostuser.DecodeVringState(m.Payload)
+	return scriptedBackend(t, time.Second, stopTimeout, func(b *vhostuser.Conn, m *vhostuser.Message) {
+		switch m.Request {
+		case vhostuser.GetVringBase:
+			s, _ := vhostuser.DecodeVringState(m.Payload)
+			time.Sleep(delay)
+			b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: s.Index}.Encode(), nil)
+			return
+		case vhostuser.SetVringEnable:
+			if s, _ := vhostuser.DecodeVringState(m.Payload); s.Num == 0 {
 				time.Sleep(delay)
-				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: s.Index}.Encode(), nil)
-				continue
-			case vhostuser.SetVringEnable:
-				if s, _ := vhostuser.DecodeVringState(m.Payload); s.Num == 0 {
-					time.Sleep(delay)
-				}
-			}
-			if m.NeedReply() {
-				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
 			}
 		}
-	}()
-	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
-		t.Fatal(err)
-	}
-	return client
+		if m.NeedReply() {
+			b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
+		}
+	})
 }
 
 // TestCloseBoundedWithSlowStops (from review, helper-99): at the VM's exit

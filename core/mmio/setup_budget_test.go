@@ -93,17 +93,32 @@ func TestSetupBudgetBoundsAnAccess(t *testing.T) {
 // slow is set (before, at once: the negotiation's requests are not what the
 // tests time, and a delay close to the timeout made them fail under load).
 func slowBackend(t *testing.T, timeout, delay time.Duration) (client *frontend.Client, slow *atomic.Bool) {
+	slow = new(atomic.Bool)
+	client = scriptedBackend(t, timeout, timeout, func(b *vhostuser.Conn, m *vhostuser.Message) {
+		if m.NeedReply() {
+			if slow.Load() {
+				time.Sleep(delay)
+			}
+			b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
+		}
+	})
+	return client, slow
+}
+
+// scriptedBackend is a client (timeout for each request, stopTimeout for
+// the ring stops) of a back-end that hands every request it gets to
+// answer, in order, on one goroutine; the client negotiates REPLY_ACK.
+func scriptedBackend(t *testing.T, timeout, stopTimeout time.Duration, answer func(b *vhostuser.Conn, m *vhostuser.Message)) *frontend.Client {
 	t.Helper()
 	a, b, err := vhostuser.Pair()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	client = frontend.New(a)
+	client := frontend.New(a)
 	t.Cleanup(func() { client.Close() })
-	slow = new(atomic.Bool)
 	client.SetTimeout(timeout)
-	client.SetStopTimeout(timeout)
+	client.SetStopTimeout(stopTimeout)
 	go func() {
 		for {
 			m, err := b.Recv()
@@ -111,16 +126,11 @@ func slowBackend(t *testing.T, timeout, delay time.Duration) (client *frontend.C
 				return
 			}
 			m.CloseFiles()
-			if m.NeedReply() {
-				if slow.Load() {
-					time.Sleep(delay)
-				}
-				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)
-			}
+			answer(b, m)
 		}
 	}()
 	if err := client.SetProtocolFeatures(vhostuser.ProtocolReplyAck); err != nil {
 		t.Fatal(err)
 	}
-	return client, slow
+	return client
 }
