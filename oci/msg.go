@@ -90,17 +90,26 @@ func listenMonitor(dir string) (*net.UnixListener, func(), error) {
 	return l, cleanup, nil
 }
 
+// dialMonitor connects to the control socket of the container in dir.
+func dialMonitor(dir string) (*net.UnixConn, error) {
+	addr, dirf, err := sockAddr(dir)
+	if err != nil {
+		return nil, err
+	}
+	if dirf != nil {
+		defer dirf.Close() // the connection made, the path is not needed
+	}
+	conn, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: addr, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("connect to the container's monitor: %w", err)
+	}
+	return conn, nil
+}
+
 // monitorPeer returns the pid of the process listening on the control
 // socket in dir (the socket's peer credentials), 0 when none answers.
 func monitorPeer(dir string) int {
-	addr, dirf, err := sockAddr(dir)
-	if err != nil {
-		return 0
-	}
-	if dirf != nil {
-		defer dirf.Close()
-	}
-	conn, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: addr, Net: "unixpacket"})
+	conn, err := dialMonitor(dir)
 	if err != nil {
 		return 0
 	}
@@ -121,16 +130,9 @@ func monitorPeer(dir string) int {
 // callMonitor sends one request (with files) to the monitor of the
 // container in dir and returns its reply.
 func callMonitor(dir string, req *request, files []*os.File, timeout time.Duration) (*reply, error) {
-	addr, dirf, err := sockAddr(dir)
+	conn, err := dialMonitor(dir)
 	if err != nil {
 		return nil, err
-	}
-	if dirf != nil {
-		defer dirf.Close()
-	}
-	conn, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: addr, Net: "unixpacket"})
-	if err != nil {
-		return nil, fmt.Errorf("connect to the container's monitor: %w", err)
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(timeout))

@@ -134,19 +134,12 @@ func (s *Store) Create(id string) (*Container, error) {
 // Open locks an existing container's state directory and reads its
 // record. Commands on one ID are serialized by this lock.
 func (s *Store) Open(id string) (*Container, error) {
-	if err := ValidID(id); err != nil {
-		return nil, err
-	}
-	dir := filepath.Join(s.Root, id)
-	c, err := lockDir(id, dir)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.load(); err != nil {
+	c, unreadable, err := s.openUnreadable(id)
+	if err == nil && unreadable != nil {
 		c.Unlock()
-		return nil, err
+		return nil, unreadable
 	}
-	return c, nil
+	return c, err
 }
 
 // openUnreadable is Open for delete --force: a container whose state
