@@ -34,9 +34,6 @@ type ProcRunner struct {
 
 	pid  int
 	done chan struct{} // closed once the process is reaped (or never started)
-	// postStart runs right after the process started (sandbox limits); an
-	// error kills the process and fails the launch.
-	postStart func(pid int) error
 	// afterStart runs once cmd.Start has returned, started or not (the
 	// sandbox's supervision of its launcher channel).
 	afterStart func()
@@ -170,13 +167,6 @@ func (r *ProcRunner) Start(context.Context) error {
 	}
 	r.pid = r.cmd.Process.Pid
 	go r.watchExit()
-	if r.postStart != nil {
-		if err := r.postStart(r.pid); err != nil {
-			_ = r.cmd.Process.Kill()
-			_ = r.Wait(context.Background()) // go-plugin will not: Start failed
-			return fmt.Errorf("%s %w", SandboxErrPrefix, err)
-		}
-	}
 	return nil
 }
 
@@ -225,11 +215,6 @@ func (r *ProcRunner) watchExit() {
 	r.stdout.Close()
 	r.stderr.Close()
 }
-
-// SetPostStart sets a function run right after the process started
-// (launcher-side sandbox limits); its error kills the process and fails
-// the launch.
-func (r *ProcRunner) SetPostStart(f func(pid int) error) { r.postStart = f }
 
 // MarkStopping records that the host is about to kill the process.
 func (r *ProcRunner) MarkStopping() { r.stopping.Store(true) }
