@@ -182,7 +182,7 @@ func (r *inflightRegion) queue(i int) []byte {
 // the front-end's, never trusted for anything but failing safe.
 type DeviceState struct {
 	mu sync.Mutex
-	b  []byte // 8 bytes of the mapped region; nil once it is unmapped
+	b  []byte // 16 bytes of the mapped region (stateWords); nil once it is unmapped
 }
 
 // NewDeviceState returns a state kept in this process's memory only: for a
@@ -199,15 +199,17 @@ const deviceStateMark = 0x74617473_6e75726b // "krunstat"
 // starting it with no flags unless b holds the mark.
 func newDeviceState(b []byte) *DeviceState {
 	s := &DeviceState{b: b}
-	_ = Protect(func() error {
-		flags, mark := stateWords(b)
-		if atomic.LoadUint64(mark) != deviceStateMark {
-			atomic.StoreUint64(flags, 0)
-			atomic.StoreUint64(mark, deviceStateMark)
-		}
-		return nil
-	})
+	s.access(claimState)
 	return s
+}
+
+// claimState makes the words this framework's, with no flags, unless they
+// hold the mark already.
+func claimState(flags, mark *uint64) {
+	if atomic.LoadUint64(mark) != deviceStateMark {
+		atomic.StoreUint64(flags, 0)
+		atomic.StoreUint64(mark, deviceStateMark)
+	}
 }
 
 // Flags returns the flags set, by this back-end or a previous one.
@@ -228,11 +230,7 @@ func (s *DeviceState) Flags() uint64 {
 // that must count all the same (found in review, helper-106).
 func (s *DeviceState) Set(flags uint64) {
 	s.access(func(p, mark *uint64) {
-		if atomic.LoadUint64(mark) != deviceStateMark {
-			// Zeroed (or another layout's bytes) since: no flags.
-			atomic.StoreUint64(p, 0)
-			atomic.StoreUint64(mark, deviceStateMark)
-		}
+		claimState(p, mark) // zeroed (or another layout's bytes) since: no flags
 		for {
 			old := atomic.LoadUint64(p)
 			if old&flags == flags || atomic.CompareAndSwapUint64(p, old, old|flags) {
