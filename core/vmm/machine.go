@@ -146,22 +146,20 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if c.consoleIn != nil {
-		if fd, ok := inputFD(c.consoleIn); ok {
+		pumped := make(chan struct{})
+		go func() {
+			defer close(pumped)
+			m.pumpInput(runCtx, c.consoleIn)
+		}()
+		if _, ok := inputFD(c.consoleIn); ok {
 			// A descriptor's pump ends with the run (it waits in poll,
 			// never in read): waited for, so that no byte of the
 			// caller's input is read for a machine that is gone, and
 			// the caller may close the file once Start returns.
-			pumped := make(chan struct{})
-			go func() {
-				defer close(pumped)
-				m.pumpFD(runCtx, fd)
-			}()
 			defer func() {
 				cancel()
 				<-pumped
 			}()
-		} else {
-			go m.pumpReader(runCtx, c.consoleIn)
 		}
 	}
 	for _, d := range m.devices {
