@@ -282,6 +282,10 @@ type socketGrouper interface {
 	JoinSocketGroup() (pluginName string, err error)
 }
 
+// deadlineSkew bounds how much earlier than this side a plugin may see
+// an RPC's deadline end.
+const deadlineSkew = 200 * time.Millisecond
+
 // call runs one RPC with the RPC timeout and turns failures into errors
 // that name the plugin; a plugin that died is reported as an *ExitError.
 func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) error) error {
@@ -300,7 +304,19 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 		return e
 	}
 	st := status.Convert(err)
-	if st.Code() == codes.DeadlineExceeded && ctx.Err() != nil {
+	if c := st.Code(); (c == codes.DeadlineExceeded || c == codes.Canceled) && ctx.Err() == nil {
+		// The plugin's side of the deadline (sent to it as grpc-timeout)
+		// may end the stream, with RST_STREAM CANCEL, a moment before
+		// this side's timer fires: wait that moment out, so that the
+		// error names the limit and not "CANCEL".
+		if d, ok := ctx.Deadline(); ok && time.Until(d) < deadlineSkew {
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Until(d) + deadlineSkew):
+			}
+		}
+	}
+	if c := st.Code(); (c == codes.DeadlineExceeded || c == codes.Canceled) && errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		// The wait is named, and which limit ended it: the RPC timeout
 		// (pluginhost.DefaultRPCTimeout unless set) or the caller's.
 		limit := "the RPC timeout"

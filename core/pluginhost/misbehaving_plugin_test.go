@@ -17,6 +17,8 @@ import (
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/krun-core/krun-core/internal/syncbuf"
 	"github.com/krun-core/krun-core/sandbox"
@@ -290,5 +292,34 @@ func TestConfigureTimeoutNamesTheLimit(t *testing.T) {
 	err := launchAndConfigure(t, cfg)
 	if err == nil || !strings.Contains(err.Error(), "Configure: no answer in 1s (the RPC timeout)") || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Configure of a plugin that never answers: %v", err)
+	}
+}
+
+// An RPC whose stream the plugin's side ended at the deadline (its
+// RST_STREAM CANCEL, which gRPC reports as DeadlineExceeded once the
+// deadline has passed) can come back before this side's context timer has
+// fired: the error still names the limit. CI saw "stream terminated by
+// RST_STREAM with error code: CANCEL" from TestConfigureTimeoutNamesTheLimit
+// under load.
+func TestTimeoutBeforeOwnTimerNamesTheLimit(t *testing.T) {
+	p := &Plugin{Process: &Process{kind: "bad", run: &ProcRunner{done: make(chan struct{})}}, rpcTimeout: 300 * time.Millisecond}
+	for _, code := range []codes.Code{codes.DeadlineExceeded, codes.Canceled} {
+		err := p.call(context.Background(), "Configure", func(ctx context.Context) error {
+			d, _ := ctx.Deadline()
+			time.Sleep(time.Until(d) - 20*time.Millisecond)
+			return status.Error(code, "stream terminated by RST_STREAM with error code: CANCEL")
+		})
+		if err == nil || !strings.Contains(err.Error(), "Configure: no answer in") || !strings.Contains(err.Error(), "(the RPC timeout)") || !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("%v: %v, want the RPC timeout named", code, err)
+		}
+	}
+	// A caller that cancels is not a timeout.
+	ctx, cancel := context.WithCancel(context.Background())
+	err := p.call(ctx, "Configure", func(ctx context.Context) error {
+		cancel()
+		return status.Error(codes.Canceled, "context canceled")
+	})
+	if err == nil || errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("canceled by the caller: %v, want no timeout", err)
 	}
 }
