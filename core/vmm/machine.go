@@ -500,7 +500,16 @@ func (m *machine) handleExit(v *kvm.VCPU, reason uint32) error {
 	case kvm.ExitShutdown:
 		// A triple fault. Linux's last reboot method ends up here; so
 		// does a crash before the kernel has an IDT.
-		m.log.Info("guest triple fault: treated as reboot", "vcpu", v.ID())
+		// Where it happened, for whoever debugs the guest kernel: a
+		// triple fault mid-boot is otherwise a silent end.
+		args := []any{"vcpu", v.ID()}
+		if r, err := v.Regs(); err == nil {
+			args = append(args, "rip", fmt.Sprintf("%#x", r.RIP), "rsp", fmt.Sprintf("%#x", r.RSP))
+		}
+		if s, err := v.Sregs(); err == nil {
+			args = append(args, "cr0", fmt.Sprintf("%#x", s.CR0), "cr2", fmt.Sprintf("%#x", s.CR2), "cr3", fmt.Sprintf("%#x", s.CR3))
+		}
+		m.log.Info("guest triple fault: treated as reboot", args...)
 		m.event(event{reason: ExitReboot})
 		return errVCPUDone
 	case kvm.ExitSystemEvent:

@@ -48,7 +48,7 @@ while kill -0 $p 2>/dev/null; do
 done
 rc=0; wait $p || rc=$?
 sed 's/^/create err| /' /tmp/net1.err
-[ "$rc" = 0 ] || { grep -i 'helper\|krun-init\|virtio_net\|eth0' /tmp/net1.log | tail -n 40 | sed 's/^/create passt| /'; tail -n 30 /tmp/net1.log | sed 's/^/create log| /'; exit 3; }
+[ "$rc" = 0 ] || { grep -i 'helper\|krun-init\|virtio_net\|eth0' /tmp/net1.log | tail -n 40 | sed 's/^/create passt| /'; grep -v 'guest console|' /tmp/net1.log | tail -n 40 | sed 's/^/create log| /'; grep 'guest console|' /tmp/net1.log | tail -n 15 | sed 's/^/create console| /'; exit 3; }
 echo "created in $((i/2))s"
 krun-oci --root /run/ko start net1
 i=0
