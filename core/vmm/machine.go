@@ -62,6 +62,9 @@ type machine struct {
 	status  statusPorts
 	tids    []atomic.Int32
 	running sync.WaitGroup
+	// readInput replaces unix.Read for the console input's pump in
+	// tests (a read that blocks although poll said the input was ready).
+	readInput func(fd int, p []byte) (int, error)
 }
 
 // Start builds the VM and runs it until the guest powers off or reboots
@@ -146,21 +149,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if c.consoleIn != nil {
-		pumped := make(chan struct{})
-		go func() {
-			defer close(pumped)
-			m.pumpInput(runCtx, c.consoleIn)
-		}()
-		if _, ok := inputFD(c.consoleIn); ok {
-			// A descriptor's pump ends with the run (it waits in poll,
-			// never in read): waited for, so that no byte of the
-			// caller's input is read for a machine that is gone, and
-			// the caller may close the file once Start returns.
-			defer func() {
-				cancel()
-				<-pumped
-			}()
-		}
+		defer m.startInputPump(runCtx, cancel, c.consoleIn)()
 	}
 	for _, d := range m.devices {
 		d.startMonitor(runCtx)
@@ -666,6 +655,39 @@ func inputFD(r io.Reader) (int, bool) {
 	return fd, true
 }
 
+// inputPumpGrace bounds how long the run's end waits for a descriptor's
+// input pump: it ends at once unless it is in read(2) on input that
+// another reader of the same file took between its poll and its read.
+const inputPumpGrace = time.Second
+
+// startInputPump starts the console input's pump on r and returns what
+// Start calls at its end: that cancels the run (cancel) and, for a
+// descriptor, waits for the pump to end, so that no byte of the caller's
+// input is read for a machine that is gone and the caller may close the
+// file once Start returns. A pump that blocked in read (see
+// inputPumpGrace) is left behind with a warning: Start must not hang
+// until the user types.
+func (m *machine) startInputPump(ctx context.Context, cancel context.CancelFunc, r io.Reader) (stop func()) {
+	pumped := make(chan struct{})
+	go func() {
+		defer close(pumped)
+		m.pumpInput(ctx, r)
+	}()
+	if _, ok := inputFD(r); !ok {
+		return cancel
+	}
+	return func() {
+		cancel()
+		t := time.NewTimer(inputPumpGrace)
+		defer t.Stop()
+		select {
+		case <-pumped:
+		case <-t.C:
+			m.log.Warn("console input: its pump waits in a read of the caller's input (another reader took what poll saw); the next bytes read there are lost to the caller")
+		}
+	}
+}
+
 // pumpInput feeds the guest's serial console from r until ctx ends.
 func (m *machine) pumpInput(ctx context.Context, r io.Reader) {
 	if fd, ok := inputFD(r); ok {
@@ -720,7 +742,11 @@ func (m *machine) pumpFD(ctx context.Context, fd int) {
 		if fds[0].Revents == 0 {
 			continue
 		}
-		n, err := unix.Read(fd, buf)
+		read := unix.Read
+		if m.readInput != nil {
+			read = m.readInput
+		}
+		n, err := read(fd, buf)
 		if err == unix.EAGAIN || err == unix.EINTR {
 			continue
 		}
