@@ -403,6 +403,13 @@ func (i Inflight) QueueBytes() uint64 {
 	return (16 + 16*uint64(i.QueueSize) + 63) &^ 63
 }
 
+// InflightStateBytes is the part of an inflight region after the queues'
+// parts (QueueBytes each) that this module's back-ends keep for the
+// device's own flags (backend.DeviceState): they describe the device's
+// backing store, not the virtio device, so a front-end keeps them across
+// a device reset, which zeroes the queues' parts.
+const InflightStateBytes = 64
+
 // InflightSize is the encoded size of an Inflight: the spec's four fields
 // (20 bytes) padded to the 8-byte alignment of the C structure, which is
 // what QEMU, libvhost-user and DPDK send and expect.

@@ -46,14 +46,14 @@ import (
 // against the ring size, desc_num against the region), and every access
 // runs with faults caught (a truncated file), like guest memory.
 
-// After the queues' parts the region holds inflightStateBytes of the
+// After the queues' parts the region holds vhostuser.InflightStateBytes of the
 // device's own (DeviceState): flags that must outlive a back-end process,
 // which the front-end keeps with the region and hands the next one. A
 // region without them (a front-end that kept one from a back-end before
 // them) works as before, without device state.
 
 const (
-	inflightStateBytes = 64
+	inflightStateBytes = vhostuser.InflightStateBytes
 	inflightHeaderSize = 16
 	inflightEntrySize  = 16
 	inflightAlign      = 64

@@ -129,13 +129,31 @@ func (in *Inflight) check() error {
 }
 
 // Reset zeroes the region, as after a device reset: nothing is in flight,
-// and the next back-end initializes it afresh.
+// and the next back-end initializes it afresh. In a region of this
+// module's layout (the queues' parts, then vhostuser.InflightStateBytes)
+// the device's own bytes after the queues stay: a failed sync of the
+// disk outlives the guest's reset of the device, and so a plugin killed
+// after that reset, before its rings started again, whose successor would
+// otherwise find no trace of it (left open in an earlier note). Their
+// contents are the back-end's; the front-end only keeps them.
 func (in *Inflight) Reset() error {
 	if in == nil || in.File == nil {
 		return nil
 	}
-	if err := in.zero(0, in.MmapSize); err != nil {
+	queues := uint64(in.NumQueues) * in.Inflight.QueueBytes()
+	if queues == 0 || queues+vhostuser.InflightStateBytes > in.MmapSize {
+		if err := in.zero(0, in.MmapSize); err != nil {
+			return fmt.Errorf("reset inflight region: %w", err)
+		}
+		return nil
+	}
+	if err := in.zero(0, queues); err != nil {
 		return fmt.Errorf("reset inflight region: %w", err)
+	}
+	if rest := queues + vhostuser.InflightStateBytes; rest < in.MmapSize {
+		if err := in.zero(rest, in.MmapSize-rest); err != nil {
+			return fmt.Errorf("reset inflight region: %w", err)
+		}
 	}
 	return nil
 }

@@ -118,3 +118,49 @@ func TestResetFreesTheRegion(t *testing.T) {
 		t.Error("the region is not all zero after a reset")
 	}
 }
+
+// TestResetKeepsTheDeviceState: a device reset zeroes the queues' parts
+// and what lies past the device's own bytes (vhostuser.InflightStateBytes
+// after the queues), which stay: they describe the backing store. A
+// region without room for them after the queues is zeroed whole.
+func TestResetKeepsTheDeviceState(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		queues, size uint16
+		mmapSize     uint64
+		keepFrom     uint64 // keepFrom..keepFrom+64 kept; 0: nothing kept
+	}{
+		{"exact size with state", 2, 128, 2*2112 + 64, 2 * 2112},
+		{"page-rounded with state", 2, 128, 8192, 2 * 2112},
+		{"no room for state", 2, 128, 2*2112 + 32, 0},
+		{"queues only", 2, 128, 2 * 2112, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, err := newRegionFile(tc.mmapSize)
+			if err != nil {
+				t.Fatal(err)
+			}
+			in := &Inflight{Inflight: vhostuser.Inflight{MmapSize: tc.mmapSize, NumQueues: tc.queues, QueueSize: tc.size}, File: f}
+			defer in.Close()
+			if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, int(tc.mmapSize)), 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := in.Reset(); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, tc.mmapSize)
+			if _, err := f.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			for off, b := range got {
+				kept := tc.keepFrom != 0 && uint64(off) >= tc.keepFrom && uint64(off) < tc.keepFrom+vhostuser.InflightStateBytes
+				if kept && b != 0xff {
+					t.Fatalf("byte %d of the device's state zeroed by a reset", off)
+				}
+				if !kept && b != 0 {
+					t.Fatalf("byte %d not zeroed by a reset", off)
+				}
+			}
+		})
+	}
+}
