@@ -540,6 +540,12 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 			return nil, err
 		}
 	}
+	// A kill --all KILL that came before the monitor's pid was saved
+	// found none to kill and left its mark instead (killCreating); one
+	// after found the pid and killed the monitor.
+	if killMarked(c.Dir) {
+		return nil, errors.New("killed (kill --all KILL) while it was being created")
+	}
 	if _, err := goW.Write([]byte{1}); err != nil {
 		return nil, fmt.Errorf("the container's monitor ended early")
 	}
@@ -782,8 +788,8 @@ func cmdKill(g *globals, args []string, env *Env) error {
 			// the VM (the create then fails and undoes itself); the
 			// guest's processes have not started, so any other signal
 			// has nobody to reach (found in review, helper-105).
-			if sig == unix.SIGKILL && r.Rec.Pid != 0 && r.MonitorAlive() {
-				unix.Kill(r.Rec.Pid, unix.SIGKILL)
+			if sig == unix.SIGKILL {
+				killCreating(g.store, r)
 			}
 			return nil
 		}
@@ -816,6 +822,39 @@ func cmdKill(g *globals, args []string, env *Env) error {
 	}
 	_, err = callMonitor(c.Dir, &request{Op: opSignal, Signal: int(sig), All: *all}, nil, 10*time.Second)
 	return err
+}
+
+// killMarkName, in a container's directory, is a kill --all KILL that
+// reached the container while its create had not yet saved its monitor's
+// pid.
+const killMarkName = "killed"
+
+// killCreating is kill --all KILL of a container whose create runs: its
+// monitor dies, and with it the VM (the create then fails and undoes
+// itself). Before create has saved the monitor's pid there is none to
+// kill: the mark is left first, then the state read again, so that
+// either this finds the pid or create, which looks for the mark after
+// saving it, finds the mark.
+func killCreating(st *Store, r *Container) {
+	if r.Rec.Pid == 0 {
+		if err := os.WriteFile(filepath.Join(r.Dir, killMarkName), nil, 0o600); err != nil {
+			return // the directory is gone: so is the create
+		}
+		again, err := st.Read(r.ID)
+		if err != nil {
+			return
+		}
+		r = again
+	}
+	if r.Rec.Pid != 0 && r.MonitorAlive() {
+		unix.Kill(r.Rec.Pid, unix.SIGKILL)
+	}
+}
+
+// killMarked tells whether killCreating left its mark in dir.
+func killMarked(dir string) bool {
+	_, err := os.Lstat(filepath.Join(dir, killMarkName))
+	return err == nil
 }
 
 func cmdDelete(g *globals, args []string, env *Env) error {

@@ -1,7 +1,12 @@
 package oci
 
 import (
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
 // TestKillAllOfCreatingContainer: docs/OCI.md (kill) says that for
@@ -31,5 +36,57 @@ func TestKillAllOfCreatingContainer(t *testing.T) {
 	_, e, code := r.run(nil, nil, "kill", "--all", "hk", "KILL")
 	if code != 0 {
 		t.Errorf("kill --all of a container whose create is running: exit %d, stderr %q; docs/OCI.md: with --all success, as runc", code, e)
+	}
+}
+
+// A kill --all KILL while create had not yet saved its monitor's pid
+// found no process to kill, returned success, and the create went on to
+// make a container the engine had killed (left open in an earlier note).
+// The kill now leaves a mark in the container's directory, which create
+// looks for before it lets the VM boot.
+func TestKillAllBeforeMonitorPidLeavesMark(t *testing.T) {
+	r := newRT(t)
+	st := &Store{Root: r.root}
+	c, err := st.Create("hm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Remove()
+	c.Rec = Record{ID: "hm", Phase: phaseCreating} // no monitor yet
+	if err := c.Save(); err != nil {
+		t.Fatal(err)
+	}
+	_, e, code := r.run(nil, nil, "kill", "--all", "hm", "KILL")
+	if code != 0 {
+		t.Fatalf("kill --all KILL of a container being created: exit %d, stderr %q", code, e)
+	}
+	if !killMarked(c.Dir) {
+		t.Error("kill --all KILL before the monitor's pid was saved left no mark for create")
+	}
+	// Any other signal has nobody to reach and leaves nothing.
+	os.Remove(filepath.Join(c.Dir, killMarkName))
+	if _, e, code := r.run(nil, nil, "kill", "--all", "hm", "TERM"); code != 0 || killMarked(c.Dir) {
+		t.Errorf("kill --all TERM: exit %d (%q), mark left %v", code, e, killMarked(c.Dir))
+	}
+}
+
+// TestCreateEndsOnKillMark: create, finding the mark of a kill that came
+// before its monitor's pid was saved (here left by its createRuntime
+// hook, which runs after that), fails, says why, and undoes itself.
+func TestCreateEndsOnKillMark(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", "touch " + filepath.Join(r.root, "hc", killMarkName)}}}}
+	})
+	_, e, code := r.run(nil, nil, "create", "--bundle", b, "hc")
+	if code == 0 {
+		r.mustRun("delete", "--force", "hc")
+		t.Fatal("create went on after a kill --all KILL marked its container")
+	}
+	if !strings.Contains(e, "killed (kill --all KILL) while it was being created") || strings.Count(strings.TrimSpace(e), "\n") > 0 {
+		t.Errorf("create's error %q, want one line saying it was killed", e)
+	}
+	if _, err := os.Lstat(filepath.Join(r.root, "hc")); !os.IsNotExist(err) {
+		t.Errorf("the killed create left its state: %v", err)
 	}
 }
