@@ -498,7 +498,7 @@ func (m *machine) handleExit(v *kvm.VCPU, reason uint32) error {
 		if s, err := v.Sregs(); err == nil {
 			args = append(args, "cr0", fmt.Sprintf("%#x", s.CR0), "cr2", fmt.Sprintf("%#x", s.CR2), "cr3", fmt.Sprintf("%#x", s.CR3))
 		}
-		m.log.Info("guest triple fault: treated as reboot", args...)
+		m.log.Warn("guest triple fault: treated as reboot", args...)
 		m.event(event{reason: ExitReboot})
 		return errVCPUDone
 	case kvm.ExitSystemEvent:

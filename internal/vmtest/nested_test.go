@@ -80,6 +80,30 @@ func TestOuterKernelOopsed(t *testing.T) {
 	}
 }
 
+// TestInnerTripleFault: an outer guest that failed after an inner guest
+// triple-faulted (krun-core's warning, printed by the script) is retried;
+// one that passed, or failed otherwise, is not.
+func TestInnerTripleFault(t *testing.T) {
+	line := `create log| 2026-12-07T01:08:48.010Z [WARN]  krun-oci: guest triple fault: treated as reboot: vcpu=1 rip=0xffffffff81e7e744 rsp=0xffffc90000013e00 cr0=0x80050033 cr2=0x0 cr3=0x2a10000`
+	tests := []struct {
+		name, console, verdict string
+		want                   bool
+	}{
+		{"fault, then a failing verdict", "KRUN-E2E-HEARTBEAT\n" + line + "\n", "fail network namespace script: exit 3", true},
+		{"fault, no verdict", line + "\n", "", true},
+		{"fault, but the test passed", line + "\n", "ok", false},
+		{"a failure without one", "create err| the guest ended before the container was ready\n", "fail x", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := innerTripleFault(&Result{Console: tc.console, Verdict: tc.verdict})
+			if ok != tc.want || (ok && got != line) {
+				t.Errorf("innerTripleFault = %q, %v; want %v", got, ok, tc.want)
+			}
+		})
+	}
+}
+
 func TestWedgeWatch(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	beat := "KRUN-E2E-HEARTBEAT\n"
