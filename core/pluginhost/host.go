@@ -300,9 +300,6 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 	if err == nil {
 		return nil
 	}
-	if e := p.Exited(op, err); e != nil {
-		return e
-	}
 	st := status.Convert(err)
 	if c := st.Code(); (c == codes.DeadlineExceeded || c == codes.Canceled) && ctx.Err() == nil {
 		// The plugin's side of the deadline (sent to it as grpc-timeout)
@@ -316,7 +313,16 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 			}
 		}
 	}
-	if c := st.Code(); (c == codes.DeadlineExceeded || c == codes.Canceled) && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	timedOut := (st.Code() == codes.DeadlineExceeded || st.Code() == codes.Canceled) && errors.Is(ctx.Err(), context.DeadlineExceeded)
+	if timedOut {
+		// A plugin that died is still named as such (Exited does not
+		// wait for a deadline's error).
+		err = status.Error(codes.DeadlineExceeded, st.Message())
+	}
+	if e := p.Exited(op, err); e != nil {
+		return e
+	}
+	if timedOut {
 		// The wait is named, and which limit ended it: the RPC timeout
 		// (pluginhost.DefaultRPCTimeout unless set) or the caller's.
 		limit := "the RPC timeout"
