@@ -187,7 +187,11 @@ func (c *Context) connectExternal(ctx context.Context, i int, v *devspec.VhostUs
 	d.setClient(client)
 	// The whole negotiation within limit: each request gets what is left.
 	deadline, _ := dctx.Deadline()
-	d.client.SetTimeout(time.Until(deadline))
+	left, err := timeLeft(v, limit, deadline)
+	if err != nil {
+		return nil, err
+	}
+	d.client.SetTimeout(left)
 	n, err := d.client.Negotiate(frontend.SetupConfig{
 		Features:         ^uint64(0), // everything offered; the guest picks later
 		ProtocolFeatures: frontend.SupportedProtocolFeatures,
@@ -240,6 +244,19 @@ func dialExternal(ctx context.Context, v *devspec.VhostUserSpec) (*frontend.Clie
 		return nil, nil, fmt.Errorf("vhost-user back-end %s: %w", v.Socket, err)
 	}
 	return frontend.New(vhostuser.NewUnixConn(uc)), watch, nil
+}
+
+// timeLeft is what is left until deadline for the negotiation's requests,
+// or its timeout error once the deadline has passed: the client takes a
+// timeout of 0 or less for no limit, so a deadline that passed between the
+// dial and the first request (a loaded machine) let a back-end that never
+// answers hold the VM's start, or a reconnection, for ever.
+func timeLeft(v *devspec.VhostUserSpec, limit time.Duration, deadline time.Time) (time.Duration, error) {
+	left := time.Until(deadline)
+	if left <= 0 {
+		return 0, negotiationError(v, limit, os.ErrDeadlineExceeded)
+	}
+	return left, nil
 }
 
 // negotiationError says why the negotiation with an external back-end
@@ -482,7 +499,11 @@ func (d *pluginDevice) reattachExternal(ctx context.Context) (handed bool, err e
 	}()
 	d.setClient(client)
 	deadline, _ := dctx.Deadline()
-	client.SetTimeout(time.Until(deadline))
+	left, err := timeLeft(d.external, limit, deadline)
+	if err != nil {
+		return false, err
+	}
+	client.SetTimeout(left)
 	n, err := client.Reattach(frontend.SetupConfig{
 		Features:         ^uint64(0),
 		ProtocolFeatures: frontend.SupportedProtocolFeatures,
