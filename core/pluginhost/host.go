@@ -290,12 +290,13 @@ const deadlineSkew = 200 * time.Millisecond
 // that name the plugin; a plugin that died is reported as an *ExitError.
 func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) error) error {
 	callerFirst := false
+	wait := p.rpcTimeout // the limit an error names
 	if d, ok := ctx.Deadline(); ok && time.Until(d) < p.rpcTimeout {
 		callerFirst = true
+		wait = time.Until(d)
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.rpcTimeout)
 	defer cancel()
-	start := time.Now()
 	err := f(ctx)
 	if err == nil {
 		return nil
@@ -324,12 +325,15 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 	}
 	if timedOut {
 		// The wait is named, and which limit ended it: the RPC timeout
-		// (pluginhost.DefaultRPCTimeout unless set) or the caller's.
+		// (pluginhost.DefaultRPCTimeout unless set) or the caller's. The
+		// limit, not the time measured: that is later by however late
+		// the timer and this goroutine ran (CI's loaded machine said
+		// "no answer in 1.2s" of a 1 s timeout).
 		limit := "the RPC timeout"
 		if callerFirst {
 			limit = "the caller's deadline"
 		}
-		return fmt.Errorf("plugin %s (pid %d): %s: no answer in %v (%s): %w", p.kind, p.Pid(), op, time.Since(start).Round(100*time.Millisecond), limit, context.DeadlineExceeded)
+		return fmt.Errorf("plugin %s (pid %d): %s: no answer in %v (%s): %w", p.kind, p.Pid(), op, wait.Round(100*time.Millisecond), limit, context.DeadlineExceeded)
 	}
 	return fmt.Errorf("plugin %s: %s: %s", p.kind, op, oneLine(StatusMessage(st)))
 }

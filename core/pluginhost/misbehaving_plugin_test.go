@@ -323,3 +323,25 @@ func TestTimeoutBeforeOwnTimerNamesTheLimit(t *testing.T) {
 		t.Errorf("canceled by the caller: %v, want no timeout", err)
 	}
 }
+
+// The error names the limit, not the time the wait took: a timer and a
+// goroutine that run late on a loaded machine made a 1 s RPC timeout read
+// "no answer in 1.1s" (TestConfigureTimeoutNamesTheLimit failed so under
+// load, 13 times in about 70 runs).
+func TestTimeoutNamesTheLimitNotTheWait(t *testing.T) {
+	p := &Plugin{Process: &Process{kind: "bad", run: &ProcRunner{done: make(chan struct{})}}, rpcTimeout: 200 * time.Millisecond}
+	late := func(ctx context.Context) error {
+		<-ctx.Done()
+		time.Sleep(150 * time.Millisecond) // the answer's goroutine ran late
+		return status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+	}
+	if err := p.call(context.Background(), "Configure", late); err == nil || !strings.Contains(err.Error(), "Configure: no answer in 200ms (the RPC timeout)") {
+		t.Errorf("late return from a 200 ms RPC timeout: %v, want the limit named", err)
+	}
+	// What is left of the caller's 130 ms when the call starts, to 100 ms.
+	ctx, cancel := context.WithTimeout(context.Background(), 130*time.Millisecond)
+	defer cancel()
+	if err := p.call(ctx, "Configure", late); err == nil || !strings.Contains(err.Error(), "Configure: no answer in 100ms (the caller's deadline)") {
+		t.Errorf("late return from a 130 ms caller's deadline: %v, want the limit named", err)
+	}
+}
