@@ -1,6 +1,7 @@
 package mmio
 
 import (
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,16 +12,19 @@ import (
 // slowStopBackend is a back-end that answers every request at once except
 // the two that stop a ring (SET_VRING_ENABLE 0, GET_VRING_BASE), which it
 // answers after delay: within the stop timeout, so it is never found gone.
-func slowStopBackend(t *testing.T, stopTimeout, delay time.Duration) *frontend.Client {
+// stops counts the stop requests it got.
+func slowStopBackend(t *testing.T, stopTimeout, delay time.Duration, stops *atomic.Int32) *frontend.Client {
 	return scriptedBackend(t, time.Second, stopTimeout, func(b *vhostuser.Conn, m *vhostuser.Message) {
 		switch m.Request {
 		case vhostuser.GetVringBase:
 			s, _ := vhostuser.DecodeVringState(m.Payload)
+			stops.Add(1)
 			time.Sleep(delay)
 			b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.VringState{Index: s.Index}.Encode(), nil)
 			return
 		case vhostuser.SetVringEnable:
 			if s, _ := vhostuser.DecodeVringState(m.Payload); s.Num == 0 {
+				stops.Add(1)
 				time.Sleep(delay)
 			}
 		}
@@ -47,7 +51,8 @@ func TestCloseBoundedWithSlowStops(t *testing.T) {
 		budget      = 450 * time.Millisecond // StopBudget: 1.5 stop timeouts, as in the core
 		queues      = 8
 	)
-	client := slowStopBackend(t, stopTimeout, delay)
+	var stops atomic.Int32
+	client := slowStopBackend(t, stopTimeout, delay, &stops)
 	r := newRig(t, func(c *Config) {
 		c.Backend = client
 		c.NumQueues = queues
@@ -71,10 +76,16 @@ func TestCloseBoundedWithSlowStops(t *testing.T) {
 		r.d.Close()
 		done <- time.Since(start)
 	}()
-	limit := budget + stopTimeout + 300*time.Millisecond
+	limit := budget + stopTimeout + time.Second
 	select {
 	case took := <-done:
-		t.Logf("Close with %d live rings took %v (stop timeout %v, budget %v)", queues, took.Round(time.Millisecond), stopTimeout, budget)
+		t.Logf("Close with %d live rings took %v, %d stop requests (stop timeout %v, budget %v)", queues, took.Round(time.Millisecond), stops.Load(), stopTimeout, budget)
+		// Which requests were made, not how long they took (the time
+		// is a hang's bound): each takes delay or more, so no more than
+		// budget/delay+1 start within the budget (16 without it).
+		if n, most := stops.Load(), int32(budget/delay)+1; n > most {
+			t.Errorf("Close with %d live rings made %d stop requests of %v each, past its budget of %v (at most %d)", queues, n, delay, budget, most)
+		}
 		if took > limit {
 			t.Errorf("Close with %d live rings took %v against a back-end answering each stop within its %v timeout: %.0f stop timeouts, unbounded by the number of rings", queues, took.Round(time.Millisecond), stopTimeout, float64(took)/float64(stopTimeout))
 		}
