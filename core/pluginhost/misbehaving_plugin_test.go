@@ -64,7 +64,7 @@ func reviewConfig(t *testing.T, mode string, sandboxed bool, logs *syncbuf.Buffe
 		Env:              []string{"BAD_MODE=" + mode},
 		SocketBaseDir:    shortTempDir(t),
 		Logger:           log,
-		HandshakeTimeout: 2 * time.Second,
+		HandshakeTimeout: DefaultHandshakeTimeout, // 2 s: a launch under load (CI's) overran it
 		RPCTimeout:       5 * time.Second,
 	}
 	if sandboxed {
