@@ -753,6 +753,12 @@ func (m *machine) pumpFD(ctx context.Context, fd int) {
 		if n <= 0 {
 			return // end of input, or an error
 		}
+		if ctx.Err() != nil {
+			// The run ended while the read waited (a pump left behind
+			// after inputPumpGrace): the machine may be released, its
+			// VM closed; the bytes go nowhere.
+			return
+		}
 		if !m.receive(ctx, buf[:n]) {
 			return
 		}
