@@ -286,8 +286,11 @@ func (w rawFileWriter) Write(p []byte) (int, error) {
 // SetConsoleInput sets what the guest's serial console reads (nil: none).
 // A reader with a descriptor (an *os.File such as os.Stdin) is read only
 // while the VM runs, and only what poll says is there: nothing is read
-// from it once Start has returned. Another reader is read as it is; its
-// last Read may end after Start returned.
+// from it once Start has returned, unless another reader of the same
+// file took what poll saw: the read then blocks, Start returns after a
+// second with a warning, and the next bytes that read gets are lost (not
+// given to the guest). Another reader is read as it is; its last Read
+// may end after Start returned.
 func (c *Context) SetConsoleInput(r io.Reader) { c.consoleIn = r }
 
 // SetPluginDir sets the directory searched first for krun-plugin-*.
