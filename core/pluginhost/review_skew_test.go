@@ -1,0 +1,29 @@
+package pluginhost
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// TestReviewQuickErrorUnderShortDeadlineIsNoTimeout: a caller with less
+// than deadlineSkew left calls a plugin that answers at once with an
+// error of its own whose code is DeadlineExceeded (its own storage
+// timed out). call took every such error for this side's timeout, "no
+// answer in 100ms", although the plugin answered in no time and its
+// message is lost.
+func TestReviewQuickErrorUnderShortDeadlineIsNoTimeout(t *testing.T) {
+	p := &Plugin{Process: &Process{kind: "bad", run: &ProcRunner{done: make(chan struct{})}}, rpcTimeout: 5 * time.Second}
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
+	defer cancel()
+	err := p.call(ctx, "Stats", func(ctx context.Context) error {
+		return status.Error(codes.DeadlineExceeded, "backing store: io timeout")
+	})
+	if err == nil || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a plugin's own error returned at once under a 150 ms deadline: %v, want the plugin's error, not a timeout", err)
+	}
+}
