@@ -311,9 +311,12 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 		// limit and not "CANCEL". (Waiting for ctx.Done() up to
 		// deadlineSkew past the deadline lost, under load, to the
 		// context's timer, whose cancel runs on a goroutine of its own.)
+		// The skew is at most half the limit: under a short deadline
+		// (less than deadlineSkew left) an answer that came early is
+		// the plugin's own error, not the deadline's.
 		d, ok := ctx.Deadline()
 		timedOut = errors.Is(ctx.Err(), context.DeadlineExceeded) ||
-			ctx.Err() == nil && ok && time.Until(d) < deadlineSkew
+			ctx.Err() == nil && ok && time.Until(d) < min(deadlineSkew, wait/2)
 	}
 	if timedOut {
 		// A plugin that died is still named as such (Exited does not
