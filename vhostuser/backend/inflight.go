@@ -175,9 +175,10 @@ func (r *inflightRegion) queue(i int) []byte {
 // kept in the inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD),
 // which the front-end holds across back-end crashes and hands to the next
 // back-end. A device that implements StateKeeper gets it when the
-// front-end sets the region up. Flags only ever get set; the front-end
-// clears them all when it resets the device (the region is zeroed), so a
-// device sets its flags again when its rings start (Device.Queue). The
+// front-end sets the region up. Flags only ever get set; krun-core's
+// front-end keeps them at a device reset (it zeroes the queues' parts
+// only), a front-end that zeroes the whole region (QEMU) clears them, so
+// a device sets its flags again when its rings start (Device.Queue). The
 // front-end can write the region too: a flag read from it is a hint of
 // the front-end's, never trusted for anything but failing safe.
 type DeviceState struct {

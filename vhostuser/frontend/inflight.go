@@ -14,7 +14,8 @@ import (
 // gives it to every back-end that serves the device after the one that
 // allocated it, so that a back-end that starts after a crash knows which
 // requests were in flight. The front-end never interprets its content; it
-// only zeroes it when the device is reset (Reset).
+// only zeroes it when the device is reset (Reset: the queues' parts, and
+// all but the device's own bytes after them).
 type Inflight struct {
 	vhostuser.Inflight
 	File *os.File
