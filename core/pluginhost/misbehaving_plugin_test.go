@@ -64,7 +64,7 @@ func reviewConfig(t *testing.T, mode string, sandboxed bool, logs *syncbuf.Buffe
 		Env:              []string{"BAD_MODE=" + mode},
 		SocketBaseDir:    shortTempDir(t),
 		Logger:           log,
-		HandshakeTimeout: DefaultHandshakeTimeout, // 2 s: a launch under load (CI's) overran it
+		HandshakeTimeout: DefaultHandshakeTimeout, // not 2 s, which a launch under load (CI's) overran
 		RPCTimeout:       5 * time.Second,
 	}
 	if sandboxed {

@@ -10,13 +10,14 @@ import (
 	"github.com/krun-core/krun-core/core/serial"
 )
 
-// TestReviewAbandonedPumpFeedsNoReleasedMachine: a pump left in read(2)
+// TestAbandonedPumpFeedsNoReleasedMachine: a pump left in read(2)
 // after the run's end (inputPumpGrace) that then gets the user's bytes
 // hands them to the machine's UART, whose interrupt goes to the VM that
 // Start has closed by then (KVM_IRQ_LINE on m.vm after release: EBADF, a
 // data race on its fd, or another file's number). The run ended: the
-// bytes must not reach the machine.
-func TestReviewAbandonedPumpFeedsNoReleasedMachine(t *testing.T) {
+// bytes must not reach the machine. From review, helper-109; fixed:
+// pumpFD drops what a read returns after the run ended.
+func TestAbandonedPumpFeedsNoReleasedMachine(t *testing.T) {
 	r, w := inputPipe(t)
 	var stopped, lateIRQ atomic.Bool
 	m := consoleMachine()
