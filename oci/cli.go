@@ -835,13 +835,31 @@ const killMarkName = "killed"
 // kill: the mark is left first, then the state read again, so that
 // either this finds the pid or create, which looks for the mark after
 // saving it, finds the mark.
+//
+// The mark goes into the directory Read found, not into one a later
+// create of the same ID made (this kill stalled while that create failed,
+// undid itself and a new one began; found in review, helper-109).
 func killCreating(st *Store, r *Container) {
 	if r.Rec.Pid == 0 {
-		if err := os.WriteFile(filepath.Join(r.Dir, killMarkName), nil, 0o600); err != nil {
+		fd, err := unix.Open(r.Dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
 			return // the directory is gone: so is the create
 		}
-		again, err := st.Read(r.ID)
+		// The same directory, and the same create's record (an inode
+		// number is reused at once on some file systems).
+		var now unix.Stat_t
+		if unix.Fstat(fd, &now) != nil || now.Dev != r.dirDev || now.Ino != r.dirIno || !sameCreate(fd, r) {
+			unix.Close(fd)
+			return // another create's: this one has ended
+		}
+		mark, err := unix.Openat(fd, killMarkName, unix.O_WRONLY|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		unix.Close(fd)
 		if err != nil {
+			return
+		}
+		unix.Close(mark)
+		again, err := st.Read(r.ID)
+		if err != nil || again.dirDev != r.dirDev || again.dirIno != r.dirIno {
 			return
 		}
 		r = again
@@ -849,6 +867,23 @@ func killCreating(st *Store, r *Container) {
 	if r.Rec.Pid != 0 && r.MonitorAlive() {
 		unix.Kill(r.Rec.Pid, unix.SIGKILL)
 	}
+}
+
+// sameCreate tells whether the record in the directory open as dirfd is
+// from the create that made r's (its creation time, to the nanosecond;
+// both without a record yet count as the same).
+func sameCreate(dirfd int, r *Container) bool {
+	fd, err := unix.Openat(dirfd, recordFile, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return errors.Is(err, unix.ENOENT) && r.Rec.Created.IsZero()
+	}
+	f := os.NewFile(uintptr(fd), recordFile)
+	defer f.Close()
+	var rec Record
+	if err := json.NewDecoder(io.LimitReader(f, 1<<20)).Decode(&rec); err != nil {
+		return false
+	}
+	return rec.Created.Equal(r.Rec.Created)
 }
 
 // killMarked tells whether killCreating left its mark in dir.

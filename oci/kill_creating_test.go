@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
@@ -88,5 +89,53 @@ func TestCreateEndsOnKillMark(t *testing.T) {
 	}
 	if _, err := os.Lstat(filepath.Join(r.root, "hc")); !os.IsNotExist(err) {
 		t.Errorf("the killed create left its state: %v", err)
+	}
+}
+
+// A kill that read a creating container, then stalled while that create
+// failed, undid itself and a new create of the same ID began, left its
+// mark in the new container's directory, which then failed for a kill
+// meant for the old one. From review, helper-109; fixed: the mark goes
+// only into the directory the kill read.
+func TestStaleKillMarksNoReusedID(t *testing.T) {
+	st := &Store{Root: t.TempDir()}
+	c, err := st.Create("hr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Rec = Record{ID: "hr", Phase: phaseCreating, Created: time.Now().UTC()}
+	if err := c.Save(); err != nil {
+		t.Fatal(err)
+	}
+	old, err := st.Read("hr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The create undoes itself; another create of "hr" begins.
+	c.Unlock()
+	if err := c.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	c2, err := st.Create("hr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Remove()
+	c2.Rec = Record{ID: "hr", Phase: phaseCreating, Created: time.Now().UTC().Add(time.Microsecond)}
+	if err := c2.Save(); err != nil {
+		t.Fatal(err)
+	}
+	killCreating(st, old)
+	if killMarked(c2.Dir) {
+		t.Error("a kill of the earlier create of this ID marked the new one")
+	}
+	// The kill of the new one still marks it.
+	cur, err := st.Read("hr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	killCreating(st, cur)
+	if !killMarked(c2.Dir) {
+		t.Error("kill --all KILL of a container being created left no mark")
 	}
 }

@@ -97,6 +97,9 @@ type Container struct {
 	Rec Record
 
 	lock *os.File // the directory itself, flocked
+	// dirDev and dirIno are the directory's as Read found it: a later
+	// create of the same ID makes another.
+	dirDev, dirIno uint64
 }
 
 // init makes the state root (mode 0700: it holds control sockets).
@@ -169,10 +172,11 @@ func (s *Store) Read(id string) (*Container, error) {
 		return nil, err
 	}
 	dir := filepath.Join(s.Root, id)
-	if st, err := os.Lstat(dir); err != nil || !st.IsDir() {
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR {
 		return nil, fmt.Errorf("container %s: %w", id, ErrNotExist)
 	}
-	c := &Container{ID: id, Dir: dir}
+	c := &Container{ID: id, Dir: dir, dirDev: st.Dev, dirIno: st.Ino}
 	if err := c.load(); err != nil {
 		return nil, err
 	}
