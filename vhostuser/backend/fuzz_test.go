@@ -3,6 +3,7 @@ package backend_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"os"
 	"strings"
 	"testing"
@@ -57,6 +58,12 @@ func (ff fuzzFiles) resetInflight(t *testing.T) {
 	if err := ff.inflight.Truncate(fuzzInflightSize); err != nil {
 		t.Fatal(err)
 	}
+	if err := ff.mem.Truncate(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := ff.mem.Truncate(1 << 20); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // fuzzWriteInflight is the request number (not a vhost-user one) of an
@@ -64,6 +71,13 @@ func (ff fuzzFiles) resetInflight(t *testing.T) {
 // 64 × flags instead of sending a message: the region's contents, written
 // before or while the back-end uses it.
 const fuzzWriteInflight = 0xff
+
+// fuzzWriteMem is the request number of a record that writes its payload
+// into guest memory (the memfd behind every region) at 64 × flags, then
+// kicks through the eventfd: the driver's descriptors, rings and buffers,
+// written before or while the back-end runs the ring. Guest memory is
+// cleared before each input.
+const fuzzWriteMem = 0xfe
 
 // filesFor picks the descriptors a request wants, so that the fuzzer gets
 // past the descriptor checks; extra adds a stray one.
@@ -134,6 +148,30 @@ func FuzzSession(f *testing.F) {
 		m(vhostuser.SetMemTable, 0, vhostuser.EncodeMemTable([]vhostuser.MemRegion{region})),
 		m(vhostuser.GetConfig, 0, vhostuser.ConfigSpace{Offset: 60, Data: make([]byte, 8)}.Encode()),
 	))
+	// A driver's chain in guest memory: descriptor table at 0, available
+	// ring at 0x1000, used ring at 0x2000, buffers at 0x3000 and 0x3800;
+	// the ring started, then its table rewritten under the back-end.
+	desc := func(addr uint64, n uint32, fl, next uint16) []byte {
+		b := binary.LittleEndian.AppendUint64(nil, addr)
+		b = binary.LittleEndian.AppendUint32(b, n)
+		b = binary.LittleEndian.AppendUint16(b, fl)
+		return binary.LittleEndian.AppendUint16(b, next)
+	}
+	f.Add(seed(
+		m(fuzzWriteMem, 0, append(desc(0x3000, 16, 1, 1), desc(0x3800, 64, 2, 0)...)),
+		m(fuzzWriteMem, 0x1000/64, []byte{0, 0, 1, 0, 0, 0}),
+		m(fuzzWriteMem, 0x3000/64, []byte("0123456789abcdef")),
+		m(vhostuser.SetOwner, 0, nil),
+		m(vhostuser.SetFeatures, 0, vhostuser.EncodeU64(vhostuser.FeatureVersion1)),
+		m(vhostuser.SetMemTable, 0, vhostuser.EncodeMemTable([]vhostuser.MemRegion{region})),
+		m(vhostuser.SetVringNum, 0, vhostuser.VringState{Index: 0, Num: 8}.Encode()),
+		m(vhostuser.SetVringAddr, 0, vhostuser.VringAddr{Desc: 0x7f0000000000, Avail: 0x7f0000001000, Used: 0x7f0000002000}.Encode()),
+		m(vhostuser.SetVringKick, 0, vhostuser.EncodeU64(0)),
+		m(fuzzWriteMem, 0x1000/64, []byte{0, 0, 2, 0, 0, 0, 1, 0}),
+		m(fuzzWriteMem, 0, desc(0x0fff_fff0, 0xffff_ffff, 5, 0)),
+		m(fuzzWriteMem, 0x1000/64, []byte{0, 0, 3, 0, 0, 0, 1, 0, 0, 0}),
+		m(vhostuser.GetVringBase, 0, vhostuser.VringState{}.Encode()),
+	))
 	// A restarted back-end handed an inflight region: a valid description,
 	// and contents that claim requests in flight.
 	infl := vhostuser.Inflight{MmapSize: fuzzInflightSize, NumQueues: 2, QueueSize: 16}.Encode()
@@ -203,6 +241,11 @@ func FuzzSession(f *testing.F) {
 			data = data[n:]
 			if req == fuzzWriteInflight {
 				ff.inflight.WriteAt(payload, int64(flags)*64%fuzzInflightSize)
+				continue
+			}
+			if req == fuzzWriteMem {
+				ff.mem.WriteAt(payload, int64(flags)*64)
+				ff.ev.Write([]byte{1, 0, 0, 0, 0, 0, 0, 0})
 				continue
 			}
 			hdrFlags := vhostuser.Version | (flags&1)*vhostuser.FlagNeedReply
