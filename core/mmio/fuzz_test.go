@@ -6,7 +6,7 @@ import (
 )
 
 // FuzzRegisters drives the transport with arbitrary guest register
-// accesses: each 7-byte record is (write?, offset, width, value). Whatever
+// accesses: each 8-byte record is (write?, offset (2 bytes), width, value (4 bytes)). Whatever
 // the guest does, the device must not panic, must only hand the back-end
 // queues that passed the checks, and must leave no wiring behind after a
 // reset.
