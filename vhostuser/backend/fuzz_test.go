@@ -108,7 +108,9 @@ func (ff fuzzFiles) filesFor(req vhostuser.Request, payload []byte, extra bool) 
 }
 
 // FuzzSession drives a whole back-end session with a fuzzed sequence of
-// requests (each: request byte, flags byte, payload length byte, payload).
+// requests (each: request byte, flags byte, payload length byte, payload;
+// flags bit 0 asks for a reply, bit 1 adds a stray descriptor, bit 2
+// counts the length in 4-byte units, for messages of up to 1020 bytes).
 // The back-end must never panic (not even one recovered by Protect), never
 // hang, and end the session when the connection closes.
 func FuzzSession(f *testing.F) {
@@ -194,6 +196,17 @@ func FuzzSession(f *testing.F) {
 		m(fuzzWriteInflight, 0, bytes.Repeat([]byte{0xff}, 64)),
 		m(vhostuser.GetVringBase, 0, vhostuser.VringState{}.Encode()),
 	))
+	// A full memory table (8 regions: 264 bytes, past a one-byte length).
+	full := make([]vhostuser.MemRegion, vhostuser.MaxFDs)
+	for i := range full {
+		full[i] = vhostuser.MemRegion{GuestAddr: uint64(i) << 20, Size: 1 << 20, UserAddr: 0x7f0000000000 + uint64(i)<<20}
+	}
+	table := vhostuser.EncodeMemTable(full)
+	f.Add(seed(
+		m(vhostuser.SetOwner, 0, nil),
+		append([]byte{byte(vhostuser.SetMemTable), 1 | 4, byte(len(table) / 4)}, table...),
+		m(vhostuser.GetVringBase, 0, vhostuser.VringState{}.Encode()),
+	))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		ff.resetInflight(t)
 		dev := newTestDevice(2)
@@ -234,6 +247,9 @@ func FuzzSession(f *testing.F) {
 		for len(data) >= 3 {
 			req, flags, n := vhostuser.Request(data[0]), uint32(data[1]), int(data[2])
 			data = data[3:]
+			if req != fuzzWriteInflight && req != fuzzWriteMem && flags&4 != 0 {
+				n *= 4 // a long message: a full memory table, a large config read
+			}
 			if n > len(data) {
 				n = len(data)
 			}
