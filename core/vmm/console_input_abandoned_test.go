@@ -1,7 +1,6 @@
 package vmm
 
 import (
-	"context"
 	"io"
 	"sync/atomic"
 	"testing"
@@ -39,16 +38,7 @@ func TestAbandonedPumpFeedsNoReleasedMachine(t *testing.T) {
 		p[0] = 'y'
 		return 1, nil
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	stop := m.startInputPump(ctx, cancel, r)
-	if _, err := w.Write([]byte("x")); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-inRead:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the pump never read the input poll reported")
-	}
+	stop := startPumpUntilRead(t, m, r, w, inRead)
 	stop() // Start returns; release() closes the VM after this
 	stopped.Store(true)
 	close(release)

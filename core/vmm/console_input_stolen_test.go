@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -29,16 +30,7 @@ func TestRunEndNotHeldByStolenInput(t *testing.T) {
 		return 0, nil
 	}
 	defer close(release)
-	ctx, cancel := context.WithCancel(context.Background())
-	stop := m.startInputPump(ctx, cancel, r)
-	if _, err := w.Write([]byte("x")); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-inRead:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the pump never read the input poll reported")
-	}
+	stop := startPumpUntilRead(t, m, r, w, inRead)
 	stopped := make(chan struct{})
 	go func() { stop(); close(stopped) }()
 	select {
@@ -49,4 +41,22 @@ func TestRunEndNotHeldByStolenInput(t *testing.T) {
 	if !strings.Contains(logs.String(), "console input: its pump waits in a read") {
 		t.Errorf("no warning about the pump left in read; log: %q", logs.String())
 	}
+}
+
+// startPumpUntilRead starts m's console input pump on r, writes a byte to
+// w and waits until the pump's read (m.readInput, which closes inRead)
+// has begun; it returns what ends the run (Start's deferred call).
+func startPumpUntilRead(t *testing.T, m *machine, r, w *os.File, inRead <-chan struct{}) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stop = m.startInputPump(ctx, cancel, r)
+	if _, err := w.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-inRead:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the pump never read the input poll reported")
+	}
+	return stop
 }

@@ -104,16 +104,7 @@ func TestDeviceStateOutlivesBackEnd(t *testing.T) {
 // it gone, and Flags reads nothing without it.
 func TestDeviceStateFlagSetAfterResetSurvivesRestart(t *testing.T) {
 	dir := t.TempDir()
-	first, pathA := serveStateDevice(t, dir, "a.sock")
-	g, err := testguest.Dial(pathA, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	st, _ := first.get()
-	if st == nil {
-		t.Fatal("no device state")
-	}
+	g, st := stateGuest(t, dir)
 	// The guest resets the device (driver probe): the front-end zeroes
 	// the whole region, as QEMU does. No SET_INFLIGHT_FD follows: the
 	// back-end keeps using the state it has.
@@ -175,16 +166,7 @@ func reconnectStateDevice(t *testing.T, g *testguest.Guest, dir, name string) *s
 // keeps the device's bytes after the queues' parts).
 func TestDeviceStateOutlivesResetAndRestart(t *testing.T) {
 	dir := t.TempDir()
-	first, pathA := serveStateDevice(t, dir, "a.sock")
-	g, err := testguest.Dial(pathA, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	st, _ := first.get()
-	if st == nil {
-		t.Fatal("no device state")
-	}
+	g, st := stateGuest(t, dir)
 	st.Set(1 << 0) // a sync failed
 	// The guest resets the device; the plugin dies before doing anything
 	// more, and the restarted one gets the same region.
@@ -200,4 +182,21 @@ func TestDeviceStateOutlivesResetAndRestart(t *testing.T) {
 		}
 		t.Fatalf("a flag set before a device reset is lost at the next back-end: flags %#x, want %#x", f, 1<<0)
 	}
+}
+
+// stateGuest serves a stateDevice on dir/a.sock and connects a guest with
+// an inflight region to it; it returns the guest and the device's state.
+func stateGuest(t *testing.T, dir string) (*testguest.Guest, *backend.DeviceState) {
+	t.Helper()
+	first, path := serveStateDevice(t, dir, "a.sock")
+	g, err := testguest.Dial(path, testguest.Options{Inflight: true, QueueSize: 64, MemSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	st, _ := first.get()
+	if st == nil {
+		t.Fatal("no device state")
+	}
+	return g, st
 }
