@@ -3,10 +3,14 @@ package pluginhost
 import (
 	"context"
 	"errors"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
 
@@ -26,5 +30,22 @@ func TestQuickErrorUnderShortDeadlineIsNoTimeout(t *testing.T) {
 	})
 	if err == nil || errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a plugin's own error returned at once under a 150 ms deadline: %v, want the plugin's error, not a timeout", err)
+	}
+}
+
+// A gRPC connection that is not made by the handshake's deadline is a
+// handshake timeout (ErrHandshakeTimeout), whether waitReady's deadline
+// or connect's own timer, set to the same instant, fires first: it was
+// "gRPC connection not made (...): context deadline exceeded" when
+// waitReady's came first (helper-107).
+func TestConnectionNotMadeIsHandshakeTimeout(t *testing.T) {
+	conn, err := grpc.NewClient("unix://"+filepath.Join(t.TempDir(), "nobody-listens"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	err = waitReady(conn, time.Now().Add(200*time.Millisecond))
+	if !errors.Is(err, ErrHandshakeTimeout) || strings.Contains(err.Error(), "\n") {
+		t.Errorf("waitReady on a socket nobody listens on: %v; want a one-line ErrHandshakeTimeout", err)
 	}
 }

@@ -360,7 +360,8 @@ func (p *Process) closeConns() {
 	p.conns = nil
 }
 
-// waitReady waits until conn is connected, at most until deadline.
+// waitReady waits until conn is connected, at most until deadline; past
+// it the error matches ErrHandshakeTimeout.
 func waitReady(conn *grpc.ClientConn, deadline time.Time) error {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
@@ -375,7 +376,10 @@ func waitReady(conn *grpc.ClientConn, deadline time.Time) error {
 			return errors.New("gRPC connection closed")
 		}
 		if !conn.WaitForStateChange(ctx, st) {
-			return fmt.Errorf("gRPC connection not made (%v): %w", st, ctx.Err())
+			// The handshake's deadline, as connect's own timer says it:
+			// whichever of the two fires first, the error matches
+			// ErrHandshakeTimeout.
+			return fmt.Errorf("%w: no gRPC connection by the handshake's deadline (the connection stayed %v)", ErrHandshakeTimeout, st)
 		}
 	}
 }
