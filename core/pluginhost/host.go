@@ -289,12 +289,11 @@ const deadlineSkew = 200 * time.Millisecond
 // call runs one RPC with the RPC timeout and turns failures into errors
 // that name the plugin; a plugin that died is reported as an *ExitError.
 func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) error) error {
-	callerFirst := false
 	wait := p.rpcTimeout // the limit an error names
-	if d, ok := ctx.Deadline(); ok && time.Until(d) < p.rpcTimeout {
-		callerFirst = true
-		wait = time.Until(d)
+	if d, ok := ctx.Deadline(); ok {
+		wait = min(wait, time.Until(d))
 	}
+	callerFirst := wait < p.rpcTimeout
 	ctx, cancel := context.WithTimeout(ctx, p.rpcTimeout)
 	defer cancel()
 	err := f(ctx)

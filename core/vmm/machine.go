@@ -724,6 +724,10 @@ func (m *machine) pumpFD(ctx context.Context, fd int) {
 		<-signalled
 		unix.Close(stop)
 	}()
+	read := unix.Read
+	if m.readInput != nil {
+		read = m.readInput
+	}
 	buf := make([]byte, 256)
 	for {
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(stop), Events: unix.POLLIN}}
@@ -741,10 +745,6 @@ func (m *machine) pumpFD(ctx context.Context, fd int) {
 		}
 		if fds[0].Revents == 0 {
 			continue
-		}
-		read := unix.Read
-		if m.readInput != nil {
-			read = m.readInput
 		}
 		n, err := read(fd, buf)
 		if err == unix.EAGAIN || err == unix.EINTR {

@@ -46,14 +46,13 @@ import (
 // against the ring size, desc_num against the region), and every access
 // runs with faults caught (a truncated file), like guest memory.
 
-// After the queues' parts the region holds vhostuser.InflightStateBytes of the
-// device's own (DeviceState): flags that must outlive a back-end process,
-// which the front-end keeps with the region and hands the next one. A
-// region without them (a front-end that kept one from a back-end before
-// them) works as before, without device state.
+// After the queues' parts the region holds vhostuser.InflightStateBytes
+// of the device's own (DeviceState): flags that must outlive a back-end
+// process, which the front-end keeps with the region and hands the next
+// one. A region without them (a front-end that kept one from a back-end
+// before them) works as before, without device state.
 
 const (
-	inflightStateBytes = vhostuser.InflightStateBytes
 	inflightHeaderSize = 16
 	inflightEntrySize  = 16
 	inflightAlign      = 64
@@ -91,7 +90,7 @@ func newInflightFile(in vhostuser.Inflight) (*os.File, uint64, error) {
 	if err := checkInflight(in); err != nil {
 		return nil, 0, err
 	}
-	size := uint64(in.NumQueues)*InflightQueueBytes(in.QueueSize) + inflightStateBytes
+	size := uint64(in.NumQueues)*InflightQueueBytes(in.QueueSize) + vhostuser.InflightStateBytes
 	fd, err := unix.MemfdCreate("krun-inflight", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, 0, fmt.Errorf("inflight region: memfd_create: %w", err)
@@ -128,9 +127,9 @@ func mapInflight(f *os.File, in vhostuser.Inflight) (*inflightRegion, error) {
 	// Only the part the queues and the device state use is mapped; a
 	// region that lies beyond the end of its file is refused (touching
 	// it would fault).
-	withState := in.MmapSize >= need+inflightStateBytes
+	withState := in.MmapSize >= need+vhostuser.InflightStateBytes
 	if withState {
-		need += inflightStateBytes
+		need += vhostuser.InflightStateBytes
 	}
 	if err := checkFileSize(slot{MemRegion: vhostuser.MemRegion{Size: need, MmapOffset: in.MmapOffset}, file: f}); err != nil {
 		return nil, fmt.Errorf("inflight region: %w", err)

@@ -141,19 +141,16 @@ func (in *Inflight) Reset() error {
 	if in == nil || in.File == nil {
 		return nil
 	}
-	queues := uint64(in.NumQueues) * in.Inflight.QueueBytes()
-	if queues == 0 || queues+vhostuser.InflightStateBytes > in.MmapSize {
-		if err := in.zero(0, in.MmapSize); err != nil {
-			return fmt.Errorf("reset inflight region: %w", err)
-		}
-		return nil
+	// [keep, keepEnd) stays; a region of another layout keeps nothing.
+	keep, keepEnd := in.MmapSize, in.MmapSize
+	if q := uint64(in.NumQueues) * in.Inflight.QueueBytes(); q > 0 && q+vhostuser.InflightStateBytes <= in.MmapSize {
+		keep, keepEnd = q, q+vhostuser.InflightStateBytes
 	}
-	if err := in.zero(0, queues); err != nil {
-		return fmt.Errorf("reset inflight region: %w", err)
-	}
-	if rest := queues + vhostuser.InflightStateBytes; rest < in.MmapSize {
-		if err := in.zero(rest, in.MmapSize-rest); err != nil {
-			return fmt.Errorf("reset inflight region: %w", err)
+	for _, part := range [][2]uint64{{0, keep}, {keepEnd, in.MmapSize}} {
+		if part[1] > part[0] {
+			if err := in.zero(part[0], part[1]-part[0]); err != nil {
+				return fmt.Errorf("reset inflight region: %w", err)
+			}
 		}
 	}
 	return nil
