@@ -24,15 +24,8 @@ import (
 func TestKillAllOfCreatingContainer(t *testing.T) {
 	r := newRT(t)
 	st := &Store{Root: r.root}
-	c, err := st.Create("hk")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := creatingContainer(t, st, "hk", time.Time{})
 	defer c.Remove()
-	c.Rec = Record{ID: "hk", Phase: phaseCreating}
-	if err := c.Save(); err != nil {
-		t.Fatal(err)
-	}
 	// This process holds the lock, as a running create does.
 	_, e, code := r.run(nil, nil, "kill", "--all", "hk", "KILL")
 	if code != 0 {
@@ -48,15 +41,8 @@ func TestKillAllOfCreatingContainer(t *testing.T) {
 func TestKillAllBeforeMonitorPidLeavesMark(t *testing.T) {
 	r := newRT(t)
 	st := &Store{Root: r.root}
-	c, err := st.Create("hm")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := creatingContainer(t, st, "hm", time.Time{}) // no monitor yet
 	defer c.Remove()
-	c.Rec = Record{ID: "hm", Phase: phaseCreating} // no monitor yet
-	if err := c.Save(); err != nil {
-		t.Fatal(err)
-	}
 	_, e, code := r.run(nil, nil, "kill", "--all", "hm", "KILL")
 	if code != 0 {
 		t.Fatalf("kill --all KILL of a container being created: exit %d, stderr %q", code, e)
@@ -99,14 +85,7 @@ func TestCreateEndsOnKillMark(t *testing.T) {
 // only into the directory the kill read.
 func TestStaleKillMarksNoReusedID(t *testing.T) {
 	st := &Store{Root: t.TempDir()}
-	c, err := st.Create("hr")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Rec = Record{ID: "hr", Phase: phaseCreating, Created: time.Now().UTC()}
-	if err := c.Save(); err != nil {
-		t.Fatal(err)
-	}
+	c := creatingContainer(t, st, "hr", time.Now().UTC())
 	old, err := st.Read("hr")
 	if err != nil {
 		t.Fatal(err)
@@ -116,15 +95,8 @@ func TestStaleKillMarksNoReusedID(t *testing.T) {
 	if err := c.Remove(); err != nil {
 		t.Fatal(err)
 	}
-	c2, err := st.Create("hr")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c2 := creatingContainer(t, st, "hr", time.Now().UTC().Add(time.Microsecond))
 	defer c2.Remove()
-	c2.Rec = Record{ID: "hr", Phase: phaseCreating, Created: time.Now().UTC().Add(time.Microsecond)}
-	if err := c2.Save(); err != nil {
-		t.Fatal(err)
-	}
 	killCreating(st, old)
 	if killMarked(c2.Dir) {
 		t.Error("a kill of the earlier create of this ID marked the new one")
@@ -138,4 +110,21 @@ func TestStaleKillMarksNoReusedID(t *testing.T) {
 	if !killMarked(c2.Dir) {
 		t.Error("kill --all KILL of a container being created left no mark")
 	}
+}
+
+// creatingContainer makes id's state in st as a create does before its
+// monitor starts (phase creating, no pid, created at created), and holds
+// its lock, as a running create does; the caller removes it.
+func creatingContainer(t *testing.T, st *Store, id string, created time.Time) *Container {
+	t.Helper()
+	c, err := st.Create(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Rec = Record{ID: id, Phase: phaseCreating, Created: created}
+	if err := c.Save(); err != nil {
+		c.Remove()
+		t.Fatal(err)
+	}
+	return c
 }

@@ -32,23 +32,11 @@ func TestResetQueueZeroesOnlyItsPart(t *testing.T) {
 		{"too small for the layout: all of it", 2, 128, 4096, 1, 0, 4096},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f, err := newRegionFile(tc.mmapSize)
-			if err != nil {
-				t.Fatal(err)
-			}
-			in := &Inflight{Inflight: vhostuser.Inflight{MmapSize: tc.mmapSize, NumQueues: tc.queues, QueueSize: tc.size}, File: f}
-			defer in.Close()
-			full := bytes.Repeat([]byte{0xff}, int(tc.mmapSize))
-			if _, err := f.WriteAt(full, 0); err != nil {
-				t.Fatal(err)
-			}
+			in := onesRegion(t, tc.queues, tc.size, tc.mmapSize)
 			if err := in.ResetQueue(tc.queue); err != nil {
 				t.Fatal(err)
 			}
-			got := make([]byte, tc.mmapSize)
-			if _, err := f.ReadAt(got, 0); err != nil {
-				t.Fatal(err)
-			}
+			got := regionBytes(t, in)
 			for off, b := range got {
 				inPart := uint64(off) >= tc.zeroFrom && uint64(off) < tc.zeroFrom+tc.zero
 				if inPart && b != 0 {
@@ -136,22 +124,11 @@ func TestResetKeepsTheDeviceState(t *testing.T) {
 		{"queues only", 2, 128, 2 * 2112, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f, err := newRegionFile(tc.mmapSize)
-			if err != nil {
-				t.Fatal(err)
-			}
-			in := &Inflight{Inflight: vhostuser.Inflight{MmapSize: tc.mmapSize, NumQueues: tc.queues, QueueSize: tc.size}, File: f}
-			defer in.Close()
-			if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, int(tc.mmapSize)), 0); err != nil {
-				t.Fatal(err)
-			}
+			in := onesRegion(t, tc.queues, tc.size, tc.mmapSize)
 			if err := in.Reset(); err != nil {
 				t.Fatal(err)
 			}
-			got := make([]byte, tc.mmapSize)
-			if _, err := f.ReadAt(got, 0); err != nil {
-				t.Fatal(err)
-			}
+			got := regionBytes(t, in)
 			for off, b := range got {
 				kept := tc.keepFrom != 0 && uint64(off) >= tc.keepFrom && uint64(off) < tc.keepFrom+vhostuser.InflightStateBytes
 				if kept && b != 0xff {
@@ -163,4 +140,30 @@ func TestResetKeepsTheDeviceState(t *testing.T) {
 			}
 		})
 	}
+}
+
+// onesRegion is a region of mmapSize bytes for queues queues of size
+// descriptors, every byte 0xff, closed at the test's end.
+func onesRegion(t *testing.T, queues, size uint16, mmapSize uint64) *Inflight {
+	t.Helper()
+	f, err := newRegionFile(mmapSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &Inflight{Inflight: vhostuser.Inflight{MmapSize: mmapSize, NumQueues: queues, QueueSize: size}, File: f}
+	t.Cleanup(func() { in.Close() })
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, int(mmapSize)), 0); err != nil {
+		t.Fatal(err)
+	}
+	return in
+}
+
+// regionBytes reads the whole region back.
+func regionBytes(t *testing.T, in *Inflight) []byte {
+	t.Helper()
+	got := make([]byte, in.MmapSize)
+	if _, err := in.File.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	return got
 }
