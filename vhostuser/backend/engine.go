@@ -107,6 +107,11 @@ type engine struct {
 	loggedOverclaim atomic.Bool // a device's Complete past the writable bytes
 	loggedLong      atomic.Bool
 	held            *Request // got and not yet taken (ring goroutine only)
+	// taken is a request taken and not yet handed to the handler or a
+	// worker (ring goroutine only): dispatch reads guest memory (the
+	// ring's pending chains, an Inliner's look at the request), and a
+	// fault there must not leave finish waiting for it.
+	taken *Request
 
 	mu          sync.Mutex
 	free        *Request   // free list
@@ -268,6 +273,7 @@ func (e *engine) serve() error {
 				req.Complete(0)
 				continue
 			}
+			e.taken = req
 			if n := req.chain.Buffers(); n > int(q.Size()) && e.loggedLong.CompareAndSwap(false, true) {
 				// Once per ring: what a device's configuration allows
 				// (virtio-blk's seg_max) on a smaller ring.
@@ -335,16 +341,20 @@ func (e *engine) pop(req *Request) (bool, error) {
 // worker. An error (publishing failed) fails the ring; req was dropped.
 func (e *engine) dispatch(req *Request) error {
 	if e.work == nil {
+		e.taken = nil
 		req.worker = 0
 		e.handle(req)
 		return nil
 	}
 	if e.busy.Load() == 0 && e.pending() == 0 {
+		e.taken = nil
 		return e.handleHere(req)
 	}
 	if e.inliner != nil && e.inliner.Inline(req) {
+		e.taken = nil
 		return e.handleHere(req)
 	}
+	e.taken = nil
 	e.busy.Add(1)
 	e.work <- req
 	return nil
@@ -722,6 +732,14 @@ func (e *engine) finish() {
 	if r := e.held; r != nil {
 		// The ring goroutine failed between get and take.
 		e.put(r)
+	}
+	if r := e.taken; r != nil {
+		// It failed between take and the hand-off (a fault on guest
+		// memory in dispatch): nobody else will complete it, and guest
+		// memory is unusable, so it is dropped, as handle drops a
+		// request whose handler faulted.
+		e.taken = nil
+		e.drop(r)
 	}
 	var warn *time.Timer
 	for {
