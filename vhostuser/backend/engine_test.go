@@ -10,6 +10,7 @@ import (
 
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/vhostuser/backend/backendtest"
 )
 
 // TestEngineModes runs batches of echo requests deeper than the ring
@@ -316,3 +317,25 @@ func TestCompleteAfterTruncation(t *testing.T) {
 
 // raceEnabled is set in builds with the race detector (race_test.go).
 var raceEnabled bool
+
+// A fault in dispatch, between take and the hand-off to the handler or a
+// worker (its look at the pending chains, an Inliner's at the request),
+// left that request in flight with no owner: finish waited for it for
+// ever, the queue never reported its failure and Serve never returned
+// (make race, devices/fs TestTruncatedGuestMemory/workers=8, under load).
+// Fixed: finish drops it, as handle drops a request whose handler faulted.
+func TestFaultBeforeHandOffEndsTheRing(t *testing.T) {
+	dev := newTestDevice(1)
+	dev.mode, dev.workers = "inline-panic", 4
+	h, g, r := startGuest(t, dev, testguest.Options{QueueSize: 64})
+	// Two chains at once: with one pending behind the first, dispatch
+	// asks the Inliner.
+	postEcho(t, g, r, "one")
+	postEcho(t, g, r, "two")
+	if err := r.KickAlways(); err != nil {
+		t.Fatal(err)
+	}
+	backendtest.WaitFailed(t, h.srv, 0)
+	g.Close()
+	h.serveResult()
+}

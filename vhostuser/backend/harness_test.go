@@ -146,6 +146,8 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 		return backend.QueueConfig{Handler: inlineHandler{&d.workerOf}, Workers: d.workers}, nil
 	case "gate":
 		return backend.QueueConfig{Handler: gateHandler{d.gate}, Workers: d.workers}, nil
+	case "inline-panic":
+		return backend.QueueConfig{Handler: panicInliner{}, Workers: d.workers}, nil
 	case "status":
 		return backend.QueueConfig{Handler: statusHandler{}, Workers: d.workers, MaxInFlight: d.maxInFlight}, nil
 	case "async":
@@ -193,6 +195,12 @@ func (h gateHandler) Handle(req *backend.Request) {
 	}
 	echoHandler{}.Handle(req)
 }
+
+// panicInliner echoes, but its Inline panics, as a fault on guest memory
+// there (a front-end that truncated it) unwinds the ring goroutine.
+type panicInliner struct{ echoHandler }
+
+func (panicInliner) Inline(*backend.Request) bool { panic("Inline looked at unusable guest memory") }
 
 // holdHandler hands every request to the test.
 type holdHandler struct{ held chan *backend.Request }
