@@ -328,10 +328,12 @@ func TestFaultBeforeHandOffEndsTheRing(t *testing.T) {
 	dev := newTestDevice(1)
 	dev.mode, dev.workers = "inline-panic", 4
 	h, g, r := startGuest(t, dev, testguest.Options{QueueSize: 64})
-	// Two chains at once: with one pending behind the first, dispatch
-	// asks the Inliner.
+	// Two chains made available at once: with one pending behind the
+	// first, dispatch asks the Inliner.
+	r.HoldAvail()
 	postEcho(t, g, r, "one")
 	postEcho(t, g, r, "two")
+	r.ReleaseAvail()
 	if err := r.KickAlways(); err != nil {
 		t.Fatal(err)
 	}
