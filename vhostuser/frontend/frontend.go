@@ -24,13 +24,16 @@ var ErrNacked = errors.New("back-end reported failure")
 // fails with ErrBroken.
 var ErrTimeout = errors.New("back-end did not answer in time")
 
-// ErrBroken is wrapped by the error of a request made after one timed out.
+// ErrBroken is wrapped by the error of a request made after one timed out
+// or one whose reply could not be received.
 var ErrBroken = errors.New("vhost-user connection broken by an earlier timeout")
 
 // ErrDisconnected is wrapped by the error of a request whose message could
 // not be sent or whose reply could not be received: the back-end closed the
 // connection (it died) or the socket failed. Like ErrTimeout and ErrBroken,
-// it says that the back-end is gone rather than that it refused.
+// it says that the back-end is gone rather than that it refused. A reply
+// that could not be received closes the connection, and every later
+// request fails with ErrBroken.
 var ErrDisconnected = errors.New("vhost-user back-end disconnected")
 
 // Gone reports whether err says that the back-end is gone (it timed out,
@@ -186,7 +189,13 @@ func (c *Client) exchangeLocked(req vhostuser.Request, payload []byte, files []*
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return nil, fmt.Errorf("reply to %v: %w", req, err)
 		}
-		return nil, fmt.Errorf("reply to %v: %w: %w", req, ErrDisconnected, err)
+		// Recv leaves the stream in an unknown state (a refused header
+		// leaves its payload unread, which a back-end can make look like
+		// the next reply): the connection ends here.
+		err = fmt.Errorf("reply to %v: %w: %w", req, ErrDisconnected, err)
+		c.broken = err
+		c.conn.Close()
+		return nil, err
 	}
 	defer m.CloseFiles()
 	v, err := vhostuser.ParseReply(req, ack, m)

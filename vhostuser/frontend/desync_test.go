@@ -1,0 +1,67 @@
+package frontend
+
+import (
+	"errors"
+	"testing"
+
+	"github.com/krun-core/krun-core/vhostuser"
+)
+
+// TestReceiveErrorBreaksTheClient: a reply the connection cannot receive
+// (a header it refuses, which leaves the rest of the message in the
+// stream) is the end of the connection, as Conn.Recv says: the client
+// closes it and fails every later request with ErrBroken. It used to go
+// on reading the stream where the refused header left it, so a later
+// request took the refused message's payload, here a well-formed reply
+// the back-end planted there, as its own reply.
+func TestReceiveErrorBreaksTheClient(t *testing.T) {
+	planted := func() []byte {
+		b := make([]byte, vhostuser.HeaderSize)
+		vhostuser.Header{Request: vhostuser.GetFeatures, Flags: vhostuser.Version | vhostuser.FlagReply, Size: 8}.Encode(b)
+		return append(b, vhostuser.EncodeU64(0xbad)...)
+	}
+	tests := []struct {
+		name string
+		hdr  vhostuser.Header
+	}{
+		{"payload too large", vhostuser.Header{Request: vhostuser.GetFeatures, Flags: vhostuser.Version | vhostuser.FlagReply, Size: vhostuser.MaxPayloadSize + 1}},
+		{"wrong version", vhostuser.Header{Request: vhostuser.GetFeatures, Flags: 2 | vhostuser.FlagReply, Size: 20}},
+		{"unknown flags", vhostuser.Header{Request: vhostuser.GetFeatures, Flags: vhostuser.Version | vhostuser.FlagReply | 1<<8, Size: 20}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b, err := vhostuser.Pair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			c := New(a)
+			defer c.Close()
+			go func() {
+				for first := true; ; first = false {
+					m, err := b.Recv()
+					if err != nil {
+						return
+					}
+					m.CloseFiles()
+					if !first {
+						continue // the planted reply answers it
+					}
+					msg := make([]byte, vhostuser.HeaderSize)
+					tt.hdr.Encode(msg)
+					msg = append(msg, planted()...)
+					if _, err := b.UnixConn().Write(msg); err != nil {
+						return
+					}
+				}
+			}()
+			if _, err := c.GetFeatures(); !Gone(err) {
+				t.Fatalf("refused reply header: %v, want the back-end gone", err)
+			}
+			f, err := c.GetFeatures()
+			if !errors.Is(err, ErrBroken) {
+				t.Fatalf("request after a refused reply: %#x, %v; want ErrBroken", f, err)
+			}
+		})
+	}
+}
