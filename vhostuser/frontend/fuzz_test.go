@@ -317,7 +317,19 @@ const (
 // requests the core makes later, checking what each returns. Errors are
 // expected (the back-end is hostile); wrong values are not.
 func driveClient(t testing.TB, ff *fuzzFiles, c *Client, mode byte, strict bool) {
-	checkErr := func(t testing.TB, what string, err error) { checkError(t, strict, what, err) }
+	// Once the client says the back-end is gone, it is gone for every
+	// later request: the client never reads on in a stream it lost.
+	var gone error
+	checkErr := func(t testing.TB, what string, err error) {
+		t.Helper()
+		checkError(t, strict, what, err)
+		if gone != nil && !Gone(err) {
+			t.Fatalf("%s after the back-end was gone (%v): %v", what, gone, err)
+		}
+		if gone == nil && Gone(err) {
+			gone = err
+		}
+	}
 	cfg := SetupConfig{
 		Features:         ^uint64(0),
 		ProtocolFeatures: SupportedProtocolFeatures,
@@ -378,7 +390,11 @@ func driveClient(t testing.TB, ff *fuzzFiles, c *Client, mode byte, strict bool)
 
 	var changes atomic.Int32
 	stop, err := c.BackendRequests(func() { changes.Add(1) })
-	checkErr(t, "BackendRequests", err)
+	if c.ProtocolFeatures()&vhostuser.ProtocolBackendReq != 0 {
+		checkErr(t, "BackendRequests", err)
+	} else if err == nil {
+		t.Fatal("BackendRequests without BACKEND_REQ")
+	}
 	if err == nil {
 		defer stop()
 	}
