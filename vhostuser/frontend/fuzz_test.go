@@ -64,7 +64,7 @@ const (
 	fuzzModeReattach  = 1 << 2
 	fuzzModeErrQueue  = 1 << 3
 
-	fuzzTimeout   = 50 * time.Millisecond
+	fuzzTimeout   = 10 * time.Millisecond
 	fuzzExecLimit = 10 * time.Second
 )
 
@@ -385,7 +385,7 @@ func driveClient(t testing.TB, ff *fuzzFiles, c *Client, mode byte, strict bool)
 	checkErr(t, "SetConfig", c.SetConfig(0, vhostuser.ConfigFlagWritable, []byte{1, 2, 3, 4}))
 	_, err = c.GetVringBase(0)
 	checkErr(t, "GetVringBase", err)
-	checkErr(t, "DisableVringWithin", c.DisableVringWithin(1, fuzzTimeout))
+	checkErr(t, "DisableVringWithin", c.DisableVringWithin(1, 0))
 	checkInflight(t, c, checkErr)
 
 	var changes atomic.Int32
@@ -398,7 +398,7 @@ func driveClient(t testing.TB, ff *fuzzFiles, c *Client, mode byte, strict bool)
 	if err == nil {
 		defer stop()
 	}
-	checkErr(t, "ResetDevice", c.ResetDeviceWithin(fuzzTimeout))
+	checkErr(t, "ResetDevice", c.ResetDeviceWithin(0))
 	_, err = c.GetQueueNum()
 	checkErr(t, "GetQueueNum", err)
 	_, err = c.GetMaxMemSlots()
@@ -501,8 +501,14 @@ func runClientInput(t testing.TB, ff *fuzzFiles, data []byte, gen func(*vhostuse
 		t.Fatal(err)
 	}
 	c := New(a)
-	c.SetTimeout(fuzzTimeout)
-	c.SetStopTimeout(fuzzTimeout)
+	// Short, for a fuzzer that makes the client wait often; a
+	// well-behaved back-end's replies must never be late.
+	timeout := fuzzTimeout
+	if gen != nil {
+		timeout = DefaultTimeout
+	}
+	c.SetTimeout(timeout)
+	c.SetStopTimeout(timeout)
 	var channels []*os.File
 	var wg sync.WaitGroup
 	wg.Add(1)
