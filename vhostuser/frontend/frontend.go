@@ -26,7 +26,7 @@ var ErrTimeout = errors.New("back-end did not answer in time")
 
 // ErrBroken is wrapped by the error of a request made after one timed out
 // or one whose reply could not be received.
-var ErrBroken = errors.New("vhost-user connection broken by an earlier timeout")
+var ErrBroken = errors.New("vhost-user connection broken by an earlier failure")
 
 // ErrDisconnected is wrapped by the error of a request whose message could
 // not be sent or whose reply could not be received: the back-end closed the
