@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/krun-core/krun-core/vhostuser"
 )
@@ -15,10 +16,21 @@ func (c *Client) SetBackendReqFD(f *os.File) error {
 	return err
 }
 
+// ConfigChangeInterval is the least time between two config-change
+// messages of a back-end that BackendRequests hands on: each costs a
+// GET_CONFIG round trip and a config-change interrupt in the guest, and a
+// back-end (a plugin parsing hostile bytes, perhaps compromised) could
+// send them without pause. A real back-end sends one when something
+// changes (a link going down), far less often; a message that comes
+// sooner waits its turn, and the back-end waits with it (its channel
+// fills, or its need_reply waits for the answer).
+const ConfigChangeInterval = 10 * time.Millisecond
+
 // BackendRequests opens the back-end request channel: it makes a socket
 // pair, gives the back-end one end (SET_BACKEND_REQ_FD), and reads the
 // back-end's requests from the other on a goroutine, calling onConfigChange
-// for each VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. Other requests are
+// for each VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, at most one every
+// ConfigChangeInterval. Other requests are
 // answered with a failure when the back-end asks for a reply, and
 // otherwise ignored. The returned function closes the channel and waits for
 // the goroutine; the goroutine also ends when the back-end closes its end.
@@ -41,9 +53,11 @@ func (c *Client) BackendRequests(onConfigChange func()) (stop func(), err error)
 	if err != nil {
 		return nil, fmt.Errorf("back-end request channel: %w", err)
 	}
+	every := c.configEvery
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		var last time.Time
 		for {
 			m, err := conn.Recv()
 			if err != nil {
@@ -52,6 +66,10 @@ func (c *Client) BackendRequests(onConfigChange func()) (stop func(), err error)
 			m.CloseFiles()
 			switch {
 			case vhostuser.BackendRequest(m.Request) == vhostuser.BackendConfigChangeMsg && len(m.Payload) == 0:
+				if wait := every - time.Since(last); !last.IsZero() && wait > 0 {
+					time.Sleep(wait)
+				}
+				last = time.Now()
 				onConfigChange()
 				if m.NeedReply() {
 					conn.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(0), nil)

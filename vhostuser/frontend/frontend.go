@@ -66,11 +66,13 @@ type Client struct {
 	timeout  time.Duration
 	stop     time.Duration // the timeout of the requests that stop a ring
 	broken   error
+
+	configEvery time.Duration // BackendRequests: spacing of config changes
 }
 
 // New wraps a connected Conn; the Client owns it.
 func New(conn *vhostuser.Conn) *Client {
-	return &Client{conn: conn, timeout: DefaultTimeout, stop: DefaultStopTimeout}
+	return &Client{conn: conn, timeout: DefaultTimeout, stop: DefaultStopTimeout, configEvery: ConfigChangeInterval}
 }
 
 // SetTimeout sets how long a request and its reply may take (0: no
