@@ -60,6 +60,7 @@ import (
 	"github.com/krun-core/krun-core/proto/pluginpb"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
+	"github.com/krun-core/krun-core/virtq"
 )
 
 // Version identifies the SDK in Describe replies.
@@ -337,7 +338,24 @@ func (s *server) Start(_ context.Context, req *pluginpb.StartRequest) (*pluginpb
 // ring serves nothing more, and the guest's requests on it would wait for
 // good. The host then restarts the plugin (the requests in flight are
 // replayed) or fails the device.
+//
+// A ring the guest broke is the exception (virtq.ErrQueueBroken: its
+// available ring says what no driver writes, an index moved by more than
+// the queue's size, a head past the table): the plugin is sound, and a new
+// one would read the same ring and fail it again, while the restart ends
+// the connection of a front-end that does not reconnect (QEMU without
+// reconnect=), which then cannot recover the device at all. The ring stays
+// stopped until the front-end starts it again, at the driver's next device
+// reset, as QEMU's own devices stay broken until one (virtio_error); the
+// back-end has signalled the ring's error eventfd, and the other rings go
+// on. Firmware can leave such a ring behind: a driver that set a disk up
+// and handed over to the kernel without resetting it, whose ring memory
+// the kernel reuses before its own driver resets the device.
 func (s *server) ringFailed(queue int, err error) {
+	if errors.Is(err, virtq.ErrQueueBroken) {
+		s.log.Warn("the guest broke a queue; it stays stopped until the driver resets the device", "queue", queue, "error", err)
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.state == pluginpb.HealthResponse_STATE_SERVING {

@@ -2,6 +2,7 @@ package backend_test
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
+	"github.com/krun-core/krun-core/virtq"
 )
 
 func TestEcho(t *testing.T) {
@@ -542,6 +544,59 @@ func TestRingFailures(t *testing.T) {
 		dev.expect(t, event{0, false})
 		logContains(t, h, "device gave up")
 		dev.expectNone(t) // not restarted
+	})
+	t.Run("guest breaks its ring", func(t *testing.T) {
+		// An available index moved by more than the queue's size: the
+		// ring fails with virtq.ErrQueueBroken (pluginsdk then leaves the
+		// plugin serving), the error eventfd says so, and the front-end
+		// starts the ring again on the same connection.
+		dev := newTestDevice(1)
+		failed := make(chan error, 1)
+		h := newHarness(t, dev, func(s *backend.Server) {
+			s.RingFailed = func(q int, err error) { failed <- err }
+		})
+		g, err := testguest.Start(h.client, testguest.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer g.Close()
+		r := g.Rings[0]
+		echoOnce(t, g, r, "before")
+		errFD := newEventfd(t)
+		if err := h.client.SetVringErr(0, errFD); err != nil {
+			t.Fatal(err)
+		}
+		_, avail, _ := r.Addrs()
+		idx, err := g.Mem.Bytes(avail+2, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		saved := binary.LittleEndian.Uint16(idx)
+		binary.LittleEndian.PutUint16(idx, 0x3030) // text where the ring was
+		if err := r.KickAlways(); err != nil {
+			t.Fatal(err)
+		}
+		waitEventfd(t, errFD)
+		select {
+		case err := <-failed:
+			if !errors.Is(err, virtq.ErrQueueBroken) {
+				t.Errorf("RingFailed got %v, want virtq.ErrQueueBroken", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("RingFailed was not called for the broken ring")
+		}
+		if _, err := h.client.GetVringBase(0); err != nil {
+			t.Fatal(err)
+		}
+		binary.LittleEndian.PutUint16(idx, saved)
+		qs := r.Setup()
+		qs.Base = r.UsedIdx()
+		if err := h.client.SetupQueue(qs, true); err != nil {
+			t.Fatal(err)
+		}
+		if _, got := echoOnce(t, g, r, "after"); string(got) != "after" {
+			t.Fatalf("after the ring's restart: got %q", got)
+		}
 	})
 	t.Run("guest memory truncated (SIGBUS)", func(t *testing.T) {
 		dev := newTestDevice(1)
