@@ -75,6 +75,8 @@ func FuzzHandle(f *testing.F) {
 	f.Add(fuzzMsg(fuse.OpSetxattr, 1, 0, 4096, le32(3, 0), []byte("user.x\x00abc")))
 	f.Add(fuzzMsg(fuse.OpGetxattr, 1, 0, 4096, le32(100, 0), []byte("user.x\x00")))
 	f.Add(fuzzMsg(fuse.OpLink, 1, 0, 4096, le64(1), []byte("x\x00")))
+	f.Add(append(fuzzMsg(fuse.OpCreate, 1, 0, 4096, le32(2, 0o644, 0, 0), []byte("f\x00")),
+		fuzzMsg(fuse.OpFallocate, 2, 0, 4096, append(le64(1, 4096, 8192), le32(0, 0)...))...))
 
 	out, err := os.MkdirTemp("", "fuzz-outside")
 	if err != nil {
@@ -114,8 +116,16 @@ func FuzzHandle(f *testing.F) {
 			if len(req) >= 8 {
 				switch fuse.Opcode(binary.LittleEndian.Uint32(req[4:])) {
 				case fuse.OpFallocate:
-					// Could reserve gigabytes of the host's disk.
-					continue
+					// Could reserve gigabytes of the host's disk: only
+					// ranges within the first MiB run (a short request
+					// runs too, to be refused).
+					if len(req) >= fuse.InHeaderSize+24 {
+						off := binary.LittleEndian.Uint64(req[fuse.InHeaderSize+8:])
+						length := binary.LittleEndian.Uint64(req[fuse.InHeaderSize+16:])
+						if off > 1<<20 || length > 1<<20 {
+							continue
+						}
+					}
 				}
 			}
 			local := &fuseclient.Local{Handle: func(m *fuseclient.MemChain) uint32 { return s.Handle(m) }, Split: split}
