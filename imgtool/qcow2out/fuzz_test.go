@@ -10,12 +10,14 @@ import (
 )
 
 // FuzzWriter drives the writer with fuzzed cluster sequences (sizes,
-// gaps, compressible and incompressible content, compression on or off)
-// and requires disk/qcow2 to find a clean image with exactly that content.
+// gaps, compressible, incompressible and all-zero content, a short last
+// cluster, compression on or off) and requires disk/qcow2 to find a clean
+// image with exactly that content.
 func FuzzWriter(f *testing.F) {
 	f.Add(uint8(0), true, []byte{1, 0x11, 0, 0x22, 3, 0x00, 200, 0x33})
 	f.Add(uint8(3), false, []byte{0, 1, 0, 2, 0, 3, 0, 4})
 	f.Add(uint8(1), true, bytes.Repeat([]byte{0, 0xab}, 300))
+	f.Add(uint8(0x82), true, []byte{0, 0x70, 2, 0xff, 0, 0x05, 0x80})
 	f.Fuzz(func(t *testing.T, csel uint8, compress bool, prog []byte) {
 		cs := int64(512) << (csel % 4) // 512 .. 4096: many tables and blocks
 		if len(prog) > 2000 {
@@ -35,12 +37,20 @@ func FuzzWriter(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// An odd-length prog's last byte cuts the last cluster written
+		// short (the image's last cluster, as import writes it) and
+		// makes the virtual size end with it.
+		short := -1
+		if len(prog)%2 == 1 {
+			short = 1 + int(prog[len(prog)-1])*int(cs)/256
+		}
 		model := map[uint64][]byte{}
 		var idx uint64
 		for i := 0; i+1 < len(prog); i += 2 {
 			idx += uint64(prog[i])
 			buf := make([]byte, cs)
 			switch v := prog[i+1]; {
+			case v == 0xff: // all zero: not stored
 			case v < 0x40: // repetitive
 				for j := range buf {
 					buf[j] = v + byte(j%5)
@@ -54,13 +64,21 @@ func FuzzWriter(f *testing.F) {
 			default: // one byte
 				buf[int(v)%len(buf)] = v
 			}
-			if err := w.WriteCluster(idx, buf); err != nil {
+			wr := buf
+			if short >= 0 && i+3 >= len(prog) {
+				wr = buf[:short]
+				clear(buf[short:])
+			}
+			if err := w.WriteCluster(idx, wr); err != nil {
 				t.Fatalf("WriteCluster(%d): %v", idx, err)
 			}
 			model[idx] = buf
 			idx++
 		}
 		size := int64(idx)*cs + 100
+		if short >= 0 && idx > 0 {
+			size = int64(idx-1)*cs + int64(short)
+		}
 		if err := w.Finish(size); err != nil {
 			t.Fatal(err)
 		}
@@ -74,14 +92,15 @@ func FuzzWriter(f *testing.F) {
 		}
 		got := make([]byte, cs)
 		for c := uint64(0); c < idx; c++ {
-			if _, err := im.ReadAt(got, int64(c)*cs); err != nil {
+			n := min(cs, size-int64(c)*cs)
+			if _, err := im.ReadAt(got[:n], int64(c)*cs); err != nil {
 				t.Fatal(err)
 			}
 			want, ok := model[c]
 			if !ok {
 				want = make([]byte, cs)
 			}
-			if !bytes.Equal(got, want) {
+			if !bytes.Equal(got[:n], want[:n]) {
 				t.Fatalf("cluster %d differs", c)
 			}
 		}
