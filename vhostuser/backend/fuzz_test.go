@@ -210,6 +210,18 @@ func FuzzSession(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		ff.resetInflight(t)
 		dev := newTestDevice(2)
+		// How the rings serve follows the input's length, so that the
+		// record format stays as it is: on the ring's goroutine, on
+		// workers (out of order, MaxInFlight reached), with an Inliner,
+		// or completed later from another goroutine.
+		switch len(data) % 4 {
+		case 1:
+			dev.workers, dev.maxInFlight = 2, 2
+		case 2:
+			dev.mode, dev.workers = "inline", 2
+		case 3:
+			dev.mode = "async"
+		}
 		logs := &syncbuf.Buffer{}
 		srv, err := backend.NewServer(dev, newLogger(logs))
 		if err != nil {
