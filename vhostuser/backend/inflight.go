@@ -436,6 +436,23 @@ func (t *tracker) forget() {
 	t.store16(inflightOffVersion, 0)
 }
 
+// idle reports whether the part shows nothing in flight: no head marked
+// and no used element waiting for its publication. A ring that failed
+// with the part idle (the guest broke its available ring, and every
+// request taken was completed) stopped as cleanly as one stopped on
+// purpose.
+func (t *tracker) idle() bool {
+	if len(t.batch) > 0 {
+		return false
+	}
+	for i := uint16(0); i < t.descNum; i++ {
+		if t.inflight(i) {
+			return false
+		}
+	}
+	return true
+}
+
 // entry is the offset of head's entry.
 func (t *tracker) entry(head uint16) uint64 {
 	return inflightHeaderSize + uint64(head)*inflightEntrySize

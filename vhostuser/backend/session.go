@@ -830,10 +830,21 @@ func (sess *session) stopRing(r *ring) {
 	sess.stopWorker(r)
 	r.saveQueue()
 	r.started = false
-	if r.track != nil && !r.failed.Load() && len(r.resubmit) == 0 {
+	if r.track != nil && len(r.resubmit) == 0 {
 		// Every request taken was completed (the ring waits for them):
-		// nothing is in flight.
-		Protect(func() error { r.track.forget(); return nil })
+		// nothing is in flight. A ring that failed forgets only when its
+		// part says so too: one the guest broke completed everything,
+		// and the driver's reset lays the ring out afresh (its used index
+		// from 0), which a kept part would contradict; one that faulted
+		// or whose handler panicked dropped requests a successor
+		// resubmits.
+		failed := r.failed.Load()
+		Protect(func() error {
+			if !failed || r.track.idle() {
+				r.track.forget()
+			}
+			return nil
+		})
 	}
 	r.track, r.resubmit = nil, nil
 	if r.kick != nil {
