@@ -57,6 +57,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/internal/ratelog"
 	"github.com/krun-core/krun-core/proto/pluginpb"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -132,6 +133,10 @@ type server struct {
 	done    chan struct{}      // closed when serving stopped
 
 	stop func() // stops the gRPC server (process exit follows)
+
+	// brokenLog spaces the warnings about queues the guest broke: a
+	// guest breaks one at will, and its driver's reset starts it again.
+	brokenLog ratelog.Limiter
 }
 
 func serve(p Plugin, stderr io.Writer) int {
@@ -353,7 +358,7 @@ func (s *server) Start(_ context.Context, req *pluginpb.StartRequest) (*pluginpb
 // the kernel reuses before its own driver resets the device.
 func (s *server) ringFailed(queue int, err error) {
 	if errors.Is(err, virtq.ErrQueueBroken) {
-		s.log.Warn("the guest broke a queue; it stays stopped until the driver resets the device", "queue", queue, "error", err)
+		s.brokenLog.Warn(s.log, "the guest broke a queue; it stays stopped until the driver resets the device", "queue", queue, "error", err)
 		return
 	}
 	s.mu.Lock()

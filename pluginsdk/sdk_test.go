@@ -455,3 +455,25 @@ func (*devPlugin) Policy(map[string]int) sandbox.Policy {
 func (p *devPlugin) Configure(context.Context, map[string]string, map[string]*os.File, hclog.Logger) (backend.Device, error) {
 	return p.dev, nil
 }
+
+// TestBrokenQueueWarningsSpaced: a guest breaks a ring at will (it writes
+// the available ring, and its driver's reset starts the ring again), and
+// every break logged a WARN line of its own here, past the back-end's own
+// spaced line for it: the guest grew the log without bound. They are
+// spaced as the back-end spaces its own (internal/ratelog).
+func TestBrokenQueueWarningsSpaced(t *testing.T) {
+	var buf strings.Builder
+	s, _ := newTestServer(&fakePlugin{})
+	s.log = hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Debug})
+	s.state = pluginpb.HealthResponse_STATE_SERVING
+	broken := fmt.Errorf("queue 0: %w: available index moved by 12336 on a queue of 128", virtq.ErrQueueBroken)
+	for range 1000 {
+		s.ringFailed(0, broken)
+	}
+	if n := strings.Count(buf.String(), "[WARN]"); n > 2 {
+		t.Fatalf("1000 broken queues made %d WARN lines", n)
+	}
+	if s.state != pluginpb.HealthResponse_STATE_SERVING {
+		t.Fatalf("state %v after broken queues", s.state)
+	}
+}
