@@ -11,7 +11,7 @@ BUILD := build -trimpath -tags '$(GOTAGS)'
 PLUGINS := $(notdir $(wildcard plugins/*))
 BINS := bin/krun-core bin/krun-oci bin/krun-sandbox-exec bin/krun-init $(addprefix bin/krun-plugin-,$(PLUGINS)) bin/krun-bench
 
-.PHONY: all test unit race conformance bench deps kernel vet fmt clean FORCE
+.PHONY: all test unit race conformance bench fuzz deps kernel vet fmt clean FORCE
 
 all: $(BINS)
 
@@ -71,6 +71,11 @@ race:
 # runs a smoke subset of them.
 conformance: all
 	KRUN_OCI_RUNTIME_TOOLS=claimed $(GO) test -count=1 -run 'TestRuntimeTools$$' -timeout 60m ./e2e/oci/
+
+# Every fuzz target in turn, FUZZTIME each (default 30s); FUZZ='Regexp'
+# picks targets by name, FUZZ_PKGS packages, FUZZ_PARALLEL workers (1).
+fuzz:
+	GO="$(GO)" ./scripts/fuzz-all.sh
 
 # Unit tests only (no QEMU guests).
 unit:
