@@ -118,15 +118,22 @@ func (c *Conn) Close() error { return c.uc.Close() }
 // UnixConn returns the underlying socket.
 func (c *Conn) UnixConn() *net.UnixConn { return c.uc }
 
+// ErrNotSent is wrapped by a Send error found before anything was
+// written (too many descriptors, a payload too large, a closed or nil
+// file): the caller's mistake, with the connection as it was, not a peer
+// gone.
+var ErrNotSent = errors.New("message not sent")
+
 // Send writes one message: header, payload and files in one sendmsg. The
-// files stay owned by the caller.
+// files stay owned by the caller. An error wrapping ErrNotSent left the
+// connection untouched.
 func (c *Conn) Send(req Request, flags uint32, payload []byte, files []*os.File) error {
 	if len(files) > MaxFDs {
-		return fmt.Errorf("send %v: %w: %d", req, ErrTooManyFDs, len(files))
+		return fmt.Errorf("send %v: %w: %w: %d", req, ErrNotSent, ErrTooManyFDs, len(files))
 	}
 	buf, err := encodeMessage(req, flags, payload)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w (%w)", err, ErrNotSent)
 	}
 
 	var oob []byte
@@ -134,11 +141,11 @@ func (c *Conn) Send(req Request, flags uint32, payload []byte, files []*os.File)
 		fds := make([]int, 0, len(files))
 		for _, f := range files {
 			if f == nil {
-				return fmt.Errorf("send %v: nil file", req)
+				return fmt.Errorf("send %v: %w: nil file", req, ErrNotSent)
 			}
 			fd, err := rawFD(f)
 			if err != nil {
-				return fmt.Errorf("send %v: %w", req, err)
+				return fmt.Errorf("send %v: %w: %w", req, ErrNotSent, err)
 			}
 			fds = append(fds, fd)
 		}

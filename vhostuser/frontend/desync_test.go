@@ -2,6 +2,7 @@ package frontend
 
 import (
 	"errors"
+	"os"
 	"testing"
 
 	"github.com/krun-core/krun-core/vhostuser"
@@ -61,6 +62,62 @@ func TestReceiveErrorBreaksTheClient(t *testing.T) {
 			f, err := c.GetFeatures()
 			if !errors.Is(err, ErrBroken) {
 				t.Fatalf("request after a refused reply: %#x, %v; want ErrBroken", f, err)
+			}
+		})
+	}
+}
+
+// TestLocalSendErrorIsNotGone: a message the front-end cannot make (a nil,
+// closed or too many files, a payload too large) fails that call with
+// vhostuser.ErrNotSent and leaves the connection usable; it was reported as
+// ErrDisconnected, which callers (Gone) take for a back-end that died and
+// restart, so a bug of the core's own would have looked like a plugin
+// crashing. (From review, helper-110.)
+func TestLocalSendErrorIsNotGone(t *testing.T) {
+	closed, err := os.CreateTemp(t.TempDir(), "closed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed.Close()
+	tooMany := make([]*os.File, vhostuser.MaxFDs+1)
+	for i := range tooMany {
+		tooMany[i] = os.Stdin
+	}
+	tests := []struct {
+		name    string
+		req     vhostuser.Request
+		payload []byte
+		files   []*os.File
+	}{
+		{"nil file", vhostuser.SetVringKick, vhostuser.EncodeVringFD(0, false), []*os.File{nil}},
+		{"closed file", vhostuser.SetVringKick, vhostuser.EncodeVringFD(0, false), []*os.File{closed}},
+		{"too many files", vhostuser.SetVringKick, vhostuser.EncodeVringFD(0, false), tooMany},
+		{"payload too large", vhostuser.SetConfig, make([]byte, vhostuser.MaxPayloadSize+1), nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b, err := vhostuser.Pair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			c := New(a)
+			defer c.Close()
+			_, err = c.call(tt.req, tt.payload, tt.files)
+			if !errors.Is(err, vhostuser.ErrNotSent) || Gone(err) {
+				t.Fatalf("error %v: want ErrNotSent, not gone", err)
+			}
+			// The connection is as it was: the next request is answered.
+			go func() {
+				m, err := b.Recv()
+				if err != nil {
+					return
+				}
+				m.CloseFiles()
+				b.Send(m.Request, vhostuser.Version|vhostuser.FlagReply, vhostuser.EncodeU64(7), nil)
+			}()
+			if v, err := c.GetFeatures(); err != nil || v != 7 {
+				t.Fatalf("GET_FEATURES after the refused send: %#x, %v", v, err)
 			}
 		})
 	}

@@ -178,7 +178,10 @@ func (c *Client) exchangeLocked(req vhostuser.Request, payload []byte, files []*
 		ack = true
 	}
 	if err := c.conn.Send(req, flags, payload, files); err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) {
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, vhostuser.ErrNotSent) {
+			// A message this side could not make (too many or closed
+			// files, too large) is this side's mistake, not the back-end
+			// gone: reporting it as gone would have it restarted.
 			return nil, err
 		}
 		return nil, fmt.Errorf("%v: %w: %w", req, ErrDisconnected, err)
