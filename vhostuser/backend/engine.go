@@ -340,21 +340,20 @@ func (e *engine) pop(req *Request) (bool, error) {
 // queue depth 1), or when the handler's Inline asks for it; otherwise to a
 // worker. An error (publishing failed) fails the ring; req was dropped.
 func (e *engine) dispatch(req *Request) error {
-	if e.work == nil {
-		e.taken = nil
+	// The choice reads guest memory (the pending chains, an Inliner's
+	// look at the request): req stays e.taken until it is made.
+	here := e.work == nil ||
+		(e.busy.Load() == 0 && e.pending() == 0) ||
+		(e.inliner != nil && e.inliner.Inline(req))
+	e.taken = nil
+	switch {
+	case e.work == nil:
 		req.worker = 0
 		e.handle(req)
 		return nil
-	}
-	if e.busy.Load() == 0 && e.pending() == 0 {
-		e.taken = nil
+	case here:
 		return e.handleHere(req)
 	}
-	if e.inliner != nil && e.inliner.Inline(req) {
-		e.taken = nil
-		return e.handleHere(req)
-	}
-	e.taken = nil
 	e.busy.Add(1)
 	e.work <- req
 	return nil
