@@ -2,8 +2,6 @@ package main
 
 import (
 	"encoding/binary"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -20,12 +18,7 @@ import (
 // TestQCOW2 in CI: firmware's ring, its memory reused by the kernel).
 func TestServeRingBrokenByTheGuest(t *testing.T) {
 	bin := soakBin(t, "blk-raw")
-	dir := t.TempDir()
-	img := filepath.Join(dir, "disk.img")
-	if err := os.WriteFile(img, make([]byte, 16<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "blk.sock")
+	img, sock := zeroDisk(t, t.TempDir())
 	s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=raw")
 	waitSocket(t, s, sock)
 	pid := servingPid(t, s)

@@ -212,14 +212,21 @@ func soakCycle(sock string, k int) error {
 	return nil
 }
 
-func TestServeLifecycleFrontendCycles(t *testing.T) {
-	bin := soakBin(t, "blk-raw")
-	dir := t.TempDir()
-	img := filepath.Join(dir, "disk.img")
+// zeroDisk writes a 16 MiB raw image of zeros in dir and returns it with
+// the path of a socket beside it.
+func zeroDisk(t *testing.T, dir string) (img, sock string) {
+	t.Helper()
+	img = filepath.Join(dir, "disk.img")
 	if err := os.WriteFile(img, make([]byte, 16<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(dir, "blk.sock")
+	return img, filepath.Join(dir, "blk.sock")
+}
+
+func TestServeLifecycleFrontendCycles(t *testing.T) {
+	bin := soakBin(t, "blk-raw")
+	dir := t.TempDir()
+	img, sock := zeroDisk(t, dir)
 	s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=raw")
 	waitSocket(t, s, sock)
 	plugin := servingPid(t, s)
@@ -292,11 +299,7 @@ func TestServeLifecyclePluginRestarts(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(tmp) })
 	t.Setenv("TMPDIR", tmp)
-	img := filepath.Join(dir, "disk.img")
-	if err := os.WriteFile(img, make([]byte, 16<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "blk.sock")
+	img, sock := zeroDisk(t, dir)
 	n, _ := strconv.Atoi(os.Getenv("KRUN_SOAK_RESTARTS"))
 	if n == 0 {
 		n = 12
