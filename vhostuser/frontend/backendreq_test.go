@@ -23,13 +23,7 @@ func TestConfigChangesSpaced(t *testing.T) {
 		{"need_reply", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, b, err := vhostuser.Pair()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer a.Close()
-			defer b.Close()
-			c := New(a)
+			c, b := clientPair(t)
 			c.protocol = vhostuser.ProtocolBackendReq
 			const every = 20 * time.Millisecond
 			c.configEvery = every

@@ -31,13 +31,7 @@ func TestReceiveErrorBreaksTheClient(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			a, b, err := vhostuser.Pair()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
-			c := New(a)
-			defer c.Close()
+			c, b := clientPair(t)
 			go func() {
 				for first := true; ; first = false {
 					m, err := b.Recv()
@@ -96,14 +90,8 @@ func TestLocalSendErrorIsNotGone(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			a, b, err := vhostuser.Pair()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
-			c := New(a)
-			defer c.Close()
-			_, err = c.call(tt.req, tt.payload, tt.files)
+			c, b := clientPair(t)
+			_, err := c.call(tt.req, tt.payload, tt.files)
 			if !errors.Is(err, vhostuser.ErrNotSent) || Gone(err) {
 				t.Fatalf("error %v: want ErrNotSent, not gone", err)
 			}
@@ -121,4 +109,20 @@ func TestLocalSendErrorIsNotGone(t *testing.T) {
 			}
 		})
 	}
+}
+
+// clientPair returns a Client on one end of a socket pair and the other
+// end, the back-end's, both closed when the test ends.
+func clientPair(t *testing.T) (*Client, *vhostuser.Conn) {
+	t.Helper()
+	a, b, err := vhostuser.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := New(a)
+	t.Cleanup(func() {
+		c.Close()
+		b.Close()
+	})
+	return c, b
 }
