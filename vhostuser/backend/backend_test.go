@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -500,15 +501,25 @@ func TestRingFailures(t *testing.T) {
 	t.Run("panic in device", func(t *testing.T) {
 		dev := newTestDevice(1)
 		failed := make(chan error, 1)
+		errFD := newEventfd(t)
+		var early atomic.Bool
 		h := newHarness(t, dev, func(s *backend.Server) {
-			s.RingFailed = func(q int, err error) { failed <- fmt.Errorf("queue %d: %w", q, err) }
+			s.RingFailed = func(q int, err error) {
+				// The owner hears before the front-end is woken
+				// (krun-core then asks the plugin's health).
+				var b [8]byte
+				if n, _ := unix.Read(int(errFD.Fd()), b[:]); n == 8 {
+					early.Store(true)
+					unix.Write(int(errFD.Fd()), b[:]) // for waitEventfd
+				}
+				failed <- fmt.Errorf("queue %d: %w", q, err)
+			}
 		})
 		g, err := testguest.Start(h.client, testguest.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer g.Close()
-		errFD := newEventfd(t)
 		if err := h.client.SetVringErr(0, errFD); err != nil {
 			t.Fatal(err)
 		}
@@ -522,6 +533,9 @@ func TestRingFailures(t *testing.T) {
 			}
 		case <-time.After(5 * time.Second):
 			t.Error("RingFailed was not called for the failed ring")
+		}
+		if early.Load() {
+			t.Error("the error eventfd was signalled before RingFailed was called")
 		}
 		if st := h.srv.Stats()[0]; st.Failures != 1 || st.Running {
 			t.Fatalf("stats %+v", st)

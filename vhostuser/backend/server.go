@@ -43,7 +43,9 @@ type Server struct {
 	// Handle, a broken ring), not when it is stopped: the ring then
 	// serves nothing until the front-end restarts it, and whoever runs
 	// the server may want to say so (pluginsdk reports the plugin
-	// failed, so that krun-core restarts it). It is also called, from
+	// failed, so that krun-core restarts it); it is called before the
+	// ring's error eventfd is signalled, so a front-end woken by that
+	// finds the report made. It is also called, from
 	// the session's goroutine and with ErrWorkerStuck, for a ring being
 	// stopped whose worker has not returned within StuckWorkerTimeout.
 	RingFailed func(queue int, err error)

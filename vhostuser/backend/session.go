@@ -915,10 +915,13 @@ func (sess *session) startWorker(r *ring) {
 			sess.s.ringFailedLog.Error(log, "queue failed; stopped until the front-end restarts it", args...)
 		}
 		r.stats.failures.Add(1)
-		r.errFD.signal()
+		// The owner hears first: a front-end woken by the error eventfd
+		// asks the plugin's health (krun-core does, to tell a failed
+		// plugin from a ring the guest broke), and finds it said.
 		if f := sess.s.RingFailed; f != nil {
 			f(r.index, err)
 		}
+		r.errFD.signal()
 	}()
 }
 
