@@ -233,6 +233,14 @@ type Config struct {
 	// -- CMD`) ends the VM there instead of leaving it to hang. The device
 	// then logs its failure at debug level only: OnFail's owner reports it.
 	OnFail func(err error)
+	// OnQueueError, when set, gives each ring an error eventfd (SET_VRING_
+	// ERR) and is called, on a goroutine of the device's, without its
+	// lock, when the back-end signals one while its ring is live: the
+	// back-end stopped serving that ring on its own. Its owner decides
+	// why: a back-end that failed is replaced or fails the device; one
+	// that stays healthy stopped a ring the driver broke, and QueueBroken
+	// makes the device need a reset.
+	OnQueueError func(queue int)
 }
 
 // Errors.
@@ -251,7 +259,13 @@ type queue struct {
 	ready             bool
 	desc, avail, used uint64
 	kick, call        *os.File
-	live              bool // set up in the back-end, fds wired
+	// errFD is the ring's error eventfd (SET_VRING_ERR), nil without
+	// Config.OnQueueError.
+	errFD *os.File
+	live  bool // set up in the back-end, fds wired
+	// errSeen: the back-end signalled errFD while the ring was live, and
+	// this ring has not been stopped since (QueueBroken acts on it).
+	errSeen bool
 }
 
 // Device is one virtio-mmio transport. Its methods are safe for concurrent
@@ -293,6 +307,8 @@ type Device struct {
 	// abandoning: Config.Abandon is running (a failure it causes does
 	// not call it again).
 	abandoning bool
+	// watchers: the goroutines that wait on the error eventfds.
+	watchers sync.WaitGroup
 }
 
 // New creates the device and its kick and call eventfds.
@@ -334,12 +350,45 @@ func New(cfg Config) (*Device, error) {
 		if d.queues[i].kick, err = newEventFD(fmt.Sprintf("kick%d", i)); err == nil {
 			d.queues[i].call, err = newEventFD(fmt.Sprintf("call%d", i))
 		}
+		if err == nil && cfg.OnQueueError != nil {
+			d.queues[i].errFD, err = newEventFD(fmt.Sprintf("err%d", i))
+		}
 		if err != nil {
 			d.Close()
 			return nil, err
 		}
 	}
+	if cfg.OnQueueError != nil {
+		for i := range d.queues {
+			d.watchers.Add(1)
+			go d.watchErrors(i, d.queues[i].errFD)
+		}
+	}
 	return d, nil
+}
+
+// watchErrors waits for the back-end to signal ring i's error eventfd,
+// until Close closes it, and reports a signal that came while the ring was
+// live (Config.OnQueueError).
+func (d *Device) watchErrors(i int, f *os.File) {
+	defer d.watchers.Done()
+	var b [8]byte
+	for {
+		// A non-blocking eventfd: the read waits in Go's poller.
+		if _, err := f.Read(b[:]); err != nil {
+			return // closed (Close), or unreadable: nothing more comes
+		}
+		d.mu.Lock()
+		q := &d.queues[i]
+		report := q.live && d.failed == nil && !d.suspended && d.guestErr == nil && !d.closing
+		if report {
+			q.errSeen = true
+		}
+		d.mu.Unlock()
+		if report {
+			d.cfg.OnQueueError(i)
+		}
+	}
 }
 
 func newEventFD(name string) (*os.File, error) {
@@ -353,19 +402,20 @@ func newEventFD(name string) (*os.File, error) {
 // Close stops live queues and closes the eventfds.
 func (d *Device) Close() error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	d.closing = true
 	d.stopBy = time.Time{}
 	d.stopAllLocked()
 	for i := range d.queues {
 		q := &d.queues[i]
-		for _, f := range []*os.File{q.kick, q.call} {
+		for _, f := range []*os.File{q.kick, q.call, q.errFD} {
 			if f != nil {
 				f.Close()
 			}
 		}
-		q.kick, q.call = nil, nil
+		q.kick, q.call, q.errFD = nil, nil, nil
 	}
+	d.mu.Unlock()
+	d.watchers.Wait() // their reads end with the close
 	return nil
 }
 
@@ -715,7 +765,7 @@ func (d *Device) queueSetup(i int) (frontend.QueueSetup, error) {
 	}
 	return frontend.QueueSetup{
 		Index: uint32(i), Size: q.num, Desc: ua[0], Avail: ua[1], Used: ua[2],
-		Kick: q.kick, Call: q.call,
+		Kick: q.kick, Call: q.call, Err: q.errFD,
 	}, nil
 }
 
@@ -764,7 +814,7 @@ func (d *Device) stopQueueLocked(i int) {
 	if !q.live {
 		return
 	}
-	q.live = false
+	q.live, q.errSeen = false, false
 	d.cfg.Wiring.UnregisterIOEventFD(d.cfg.Base+RegQueueNotify, 4, uint64(i), int(q.kick.Fd()))
 	d.cfg.Wiring.UnregisterIRQFD(int(q.call.Fd()), d.cfg.GSI)
 	if d.failed != nil {
@@ -944,6 +994,7 @@ func (d *Device) resetLocked() {
 		q.ready, q.num, q.desc, q.avail, q.used = false, 0, 0, 0, 0
 		drain(q.kick)
 		drain(q.call)
+		drain(q.errFD)
 	}
 	d.status = 0
 	d.drvFeat, d.devFeatSel, d.drvFeatSel, d.queueSel, d.shmSel = 0, 0, 0, 0, 0
@@ -1075,14 +1126,46 @@ func (d *Device) Failed() error {
 // failed; but the back-end is fine, and the driver's next reset clears
 // it, so a driver that resets and sets the device up again gets it back.
 func (d *Device) guestErrorLocked(err error) {
+	d.needsResetLocked(err, "driver set up a queue the device cannot use; the device needs a reset")
+}
+
+// needsResetLocked makes the device need a reset for the driver's mistake
+// err (guestErrorLocked, QueueBroken), with msg as its warning.
+func (d *Device) needsResetLocked(err error, msg string) {
 	if d.guestErr != nil || d.failed != nil {
 		return
 	}
 	d.guestErr = err
-	d.warnGuest("driver set up a queue the device cannot use; the device needs a reset", "error", err)
+	d.warnGuest(msg, "base", fmt.Sprintf("%#x", d.cfg.Base), "error", err)
 	d.stopAllLocked()
 	d.status |= StatusDeviceNeedsRst
 	d.configChangedLocked()
+}
+
+// QueueBroken makes the device need a reset because its back-end stopped
+// serving queue i on its own (it signalled the ring's error eventfd,
+// Config.OnQueueError) while the back-end itself stays healthy: the driver
+// broke the ring (an available index moved by more than the queue's size,
+// a head past the descriptor table), and the ring serves nothing until
+// the driver resets the device. As for a queue the driver laid out badly,
+// the device gets DEVICE_NEEDS_RESET and a config-change interrupt and its
+// queues stop (virtio 1.2, 2.1.2; QEMU's own devices stop the same way);
+// the driver's next reset clears it. A report about a ring that stopped
+// since the signal (the driver reset it, the back-end was replaced) does
+// nothing. It returns whether the device now needs a reset for it.
+func (d *Device) QueueBroken(i int) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if i < 0 || i >= len(d.queues) {
+		return false
+	}
+	q := &d.queues[i]
+	if !q.errSeen || !q.live || d.failed != nil || d.suspended || d.closing {
+		return false
+	}
+	d.needsResetLocked(fmt.Errorf("queue %d: the back-end stopped serving it (the driver broke the ring)", i),
+		"the back-end stopped a queue the driver broke; the device needs a reset")
+	return d.guestErr != nil
 }
 
 // NeedsReset returns the driver's mistake that made the device need a
@@ -1282,6 +1365,9 @@ func (d *Device) Resume(b Backend, usedIndex func(usedGPA uint64) (uint16, error
 	}
 	d.cfg.Backend = b
 	d.suspended = false
+	for i := range d.queues {
+		d.queues[i].errSeen = false // the old back-end's rings are gone
+	}
 	if fresh != nil && !bytes.Equal(fresh, d.config) {
 		copy(d.config, fresh)
 		if d.status&StatusDriverOK != 0 {

@@ -80,6 +80,7 @@ type pluginDevice struct {
 	// attach negotiated and sent, the inflight region the plugin's
 	// successors get, and usedIndex, which reads a used ring's index in
 	// guest memory. gone carries a back-end failure the transport saw;
+	// queueErr the rings whose error eventfd the plugin signalled;
 	// monitorDone is closed when monitor returns.
 	c           *Context
 	log         hclog.Logger
@@ -89,6 +90,7 @@ type pluginDevice struct {
 	inflight    *frontend.Inflight
 	usedIndex   func(usedGPA uint64) (uint16, error)
 	gone        chan error
+	queueErr    chan int
 	monitorDone chan struct{}
 	// backoff waits out a restart's back-off delay: false when ctx ended
 	// first. Tests replace it to look at the device during the wait.
@@ -259,7 +261,7 @@ func (c *Context) launchPlugin(ctx context.Context, i int, s devspec.Spec) (_ *p
 	if v, ok := s.(*devspec.VhostUserSpec); ok {
 		return c.connectExternal(ctx, i, v)
 	}
-	d := &pluginDevice{index: i, spec: s, c: c, gone: make(chan error, 1), essential: c.essential[s]}
+	d := &pluginDevice{index: i, spec: s, c: c, gone: make(chan error, 1), queueErr: make(chan int, maxQueueErrors), essential: c.essential[s]}
 	defer func() {
 		if err != nil {
 			d.shutdown(c.log)
@@ -536,6 +538,20 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 			}
 		}
 	}
+	// A ring the back-end stopped on its own (it signalled the ring's
+	// error eventfd): a plugin is asked whether it failed (monitor); an
+	// external back-end cannot be, and the ring serves nothing more
+	// either way, so the device needs a reset.
+	if d.external != nil {
+		cfg.OnQueueError = func(q int) { d.dev.QueueBroken(q) }
+	} else {
+		cfg.OnQueueError = func(q int) {
+			select {
+			case d.queueErr <- q:
+			default: // full: maxQueueErrors reports wait already
+			}
+		}
+	}
 	var err error
 	if d.dev, err = mmio.New(cfg); err != nil {
 		return err
@@ -617,6 +633,10 @@ func (d *pluginDevice) monitor(ctx context.Context) {
 			why = fmt.Errorf("plugin stopped serving vhost-user: %w", err)
 		case <-d.opened.HelperExited():
 			why = errors.New("passt exited")
+		case q := <-d.queueErr:
+			if why = d.queueError(ctx, q); why == nil {
+				continue
+			}
 		case <-health.C:
 			if why = d.checkHealth(ctx); why == nil {
 				continue
@@ -649,6 +669,34 @@ func (d *pluginDevice) checkHealth(ctx context.Context) error {
 		}
 		return fmt.Errorf("plugin stopped serving: %s", msg)
 	}
+	return nil
+}
+
+// maxQueueErrors bounds the reports of failed rings waiting for monitor
+// (a device has at most 256 queues).
+const maxQueueErrors = 256
+
+// queueError handles the plugin's signal that it stopped serving ring q on
+// its own. A plugin that reports itself failed (a panic in its device, a
+// fault in guest memory) is replaced like any failed plugin: the error
+// says why. One that serves on stopped a ring the guest broke (virtio
+// 1.2's DEVICE_NEEDS_RESET case: an available index moved by more than the
+// queue's size, a head past the table), which a new plugin would read and
+// fail again: the device needs a reset, which the driver's next reset
+// clears (nil). The plugin reports its failure before it signals
+// (backend.Server.RingFailed), so its health answers truly.
+func (d *pluginDevice) queueError(ctx context.Context, q int) error {
+	if why := d.checkHealth(ctx); why != nil {
+		return why
+	}
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-d.plugin.Done():
+		return nil // its exit is reported next
+	default:
+	}
+	d.dev.QueueBroken(q)
 	return nil
 }
 
