@@ -57,7 +57,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/krun-core/krun-core/devopts"
-	"github.com/krun-core/krun-core/internal/ratelog"
 	"github.com/krun-core/krun-core/proto/pluginpb"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -134,9 +133,6 @@ type server struct {
 
 	stop func() // stops the gRPC server (process exit follows)
 
-	// brokenLog spaces the warnings about queues the guest broke: a
-	// guest breaks one at will, and its driver's reset starts it again.
-	brokenLog ratelog.Limiter
 }
 
 func serve(p Plugin, stderr io.Writer) int {
@@ -352,14 +348,14 @@ func (s *server) Start(_ context.Context, req *pluginpb.StartRequest) (*pluginpb
 // reconnect=), which then cannot recover the device at all. The ring stays
 // stopped until the front-end starts it again, at the driver's next device
 // reset, as QEMU's own devices stay broken until one (virtio_error); the
-// back-end has signalled the ring's error eventfd, and the other rings go
-// on. Firmware can leave such a ring behind: a driver that set a disk up
+// back-end warns (one spaced line) and signals the ring's error eventfd
+// (krun-core's run then gives the device DEVICE_NEEDS_RESET), and the
+// other rings go on. Firmware can leave such a ring behind: a driver that set a disk up
 // and handed over to the kernel without resetting it, whose ring memory
 // the kernel reuses before its own driver resets the device.
 func (s *server) ringFailed(queue int, err error) {
 	if errors.Is(err, virtq.ErrQueueBroken) {
-		s.brokenLog.Warn(s.log, "the guest broke a queue; it stays stopped until the driver resets the device", "queue", queue, "error", err)
-		return
+		return // the back-end's warning says so, once
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -599,6 +599,12 @@ func TestRingFailures(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("RingFailed was not called for the broken ring")
 		}
+		// One WARN line that blames the guest, no ERROR (the back-end
+		// did not fail).
+		logContains(t, h, "the guest broke a queue")
+		if strings.Contains(h.logs.String(), "[ERROR]") {
+			t.Errorf("a ring the guest broke logged as the back-end's error:\n%s", h.logs.String())
+		}
 		if _, err := h.client.GetVringBase(0); err != nil {
 			t.Fatal(err)
 		}

@@ -902,11 +902,16 @@ func (sess *session) startWorker(r *ring) {
 		// whoever sees the count finds the line.
 		r.failed.Store(true)
 		var fe *FaultError
-		if errors.As(err, &fe) && !sess.faultLogged.CompareAndSwap(false, true) {
+		switch {
+		case errors.As(err, &fe) && !sess.faultLogged.CompareAndSwap(false, true):
 			// The front-end's memory is broken for every ring; the
 			// first fault said so.
 			log.Debug("queue failed on a memory fault too", "queue", r.index, "error", err)
-		} else {
+		case errors.Is(err, virtq.ErrQueueBroken):
+			// Not the back-end's failure: the driver's (one line, not
+			// an ERROR; a guest breaks rings at will, so spaced too).
+			sess.s.ringFailedLog.Warn(log, "the guest broke a queue; it stays stopped until the front-end restarts it (the driver's reset)", "queue", r.index, "error", err)
+		default:
 			args := []any{"queue", r.index, "error", err}
 			var pe *PanicError
 			if errors.As(err, &pe) {
