@@ -18,7 +18,8 @@ type Capability int
 var capNames = map[Capability]string{
 	unix.CAP_CHOWN: "CAP_CHOWN", unix.CAP_DAC_OVERRIDE: "CAP_DAC_OVERRIDE", unix.CAP_KILL: "CAP_KILL",
 	unix.CAP_SETGID: "CAP_SETGID", unix.CAP_SETUID: "CAP_SETUID", unix.CAP_SETPCAP: "CAP_SETPCAP",
-	unix.CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+	unix.CAP_SYS_ADMIN:        "CAP_SYS_ADMIN",
+	unix.CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
 }
 
 func (c Capability) String() string {

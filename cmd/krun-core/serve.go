@@ -407,11 +407,11 @@ func counterName(k string) bool {
 
 // dropServePrivileges ends serve's set-up as core/vmm's Start ends run's
 // (sandbox.DropPrivileges): no_new_privs, and only the capabilities its
-// plugin needs from it (sandbox.LaunchConfig.KeepCapabilities), plus
+// plugin and its passt need from it (devspec.KeepCapabilities), plus
 // CAP_DAC_OVERRIDE where removing the socket at exit needs it (a directory
 // root's own permissions do not let it write). A failure is a warning.
 func dropServePrivileges(log hclog.Logger, o *serveOptions) {
-	keep := sandbox.LaunchConfig{Disable: o.sandboxDisable}.KeepCapabilities()
+	keep := devspec.KeepCapabilities(sandbox.LaunchConfig{Disable: o.sandboxDisable}, []devspec.Spec{o.spec})
 	var st unix.Stat_t
 	if unix.Stat(filepath.Dir(o.socket), &st) == nil && !mayWriteDir(&st) {
 		keep = append(keep, unix.CAP_DAC_OVERRIDE)

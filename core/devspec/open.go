@@ -607,3 +607,24 @@ func (f *FSSpec) Check() error {
 	}
 	return dir.Close()
 }
+
+// KeepCapabilities is what a launcher keeps once set up
+// (sandbox.DropPrivileges) for the devices of specs: what the sandbox
+// needs to launch plugins again (lc.KeepCapabilities) and, with a --net
+// device, CAP_NET_BIND_SERVICE. A plugin or passt restart starts a new
+// passt (see Open), which binds the forwarded host ports itself; a root
+// krun-core's passt gets only the capabilities left in krun-core's
+// bounding set, and a host port below net.ipv4.ip_unprivileged_port_start
+// (1024 by default) needs this one. Without it the new passt exits
+// ("Failed to bind any port") and every restart fails alike until the
+// device fails. It is kept for every --net device: passt-arg= and the OCI
+// runtime forward ports too.
+func KeepCapabilities(lc sandbox.LaunchConfig, specs []Spec) []sandbox.Capability {
+	keep := lc.KeepCapabilities()
+	for _, s := range specs {
+		if _, ok := s.(*NetSpec); ok {
+			return append(keep, unix.CAP_NET_BIND_SERVICE)
+		}
+	}
+	return keep
+}

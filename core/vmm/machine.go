@@ -18,6 +18,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/acpi"
 	"github.com/krun-core/krun-core/core/boot"
+	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/core/kvm"
 	"github.com/krun-core/krun-core/core/mmio"
 	"github.com/krun-core/krun-core/core/serial"
@@ -205,11 +206,11 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 // privilege for KVM_RUN, eventfds, guest memory, vhost-user or gRPC (all on
 // descriptors it holds), nor to signal or stop its plugins (it created their
 // user namespaces, which gives it every capability in them); it keeps what
-// passt and launching plugins again need (sandbox.LaunchConfig.KeepCapabilities).
+// passt and launching plugins again need (devspec.KeepCapabilities).
 // A failure (a binary linked with cgo) is a warning: the VM runs as it
 // would have.
 func (c *Context) dropPrivileges() {
-	keep := sandbox.LaunchConfig{Disable: c.sandboxDisable}.KeepCapabilities()
+	keep := devspec.KeepCapabilities(sandbox.LaunchConfig{Disable: c.sandboxDisable}, c.devices)
 	if err := sandbox.DropPrivileges(keep); err != nil {
 		c.log.Warn("the core keeps its privileges after set-up", "error", err)
 		return
