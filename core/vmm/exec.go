@@ -186,8 +186,8 @@ func (c *Context) SetHostname(name string) error {
 
 // SetPortMap forwards host ports to guest ports ("HOST:GUEST", as libkrun's
 // krun_set_port_map) through the passt network: the ports are added to the
-// --net passt device, which is added (with DHCP in the guest) when there is
-// none.
+// first --net passt device, which is added (with DHCP in the guest) when
+// there is none; a host port that device forwards already fails Start.
 func (c *Context) SetPortMap(ports []string) error {
 	if len(ports) == 0 {
 		c.execCfg().portMap = nil
@@ -480,10 +480,18 @@ func (c *Context) prepareExec() error {
 			modules = append(modules, "virtio_blk")
 		case *devspec.NetSpec:
 			modules = append(modules, "virtio_net")
-			hasNet = true
-			if len(e.portMap) > 0 {
-				s.Ports = append(s.Ports, e.portMap...)
+			if !hasNet && len(e.portMap) > 0 {
+				// The first network device's passt forwards the map: two
+				// passts cannot bind one host port, and one passt exits
+				// on a host port given twice.
+				for _, p := range e.portMap {
+					if slices.ContainsFunc(s.Ports, func(q devspec.PortForward) bool { return q.Host == p.Host }) {
+						return fmt.Errorf("%w: port map: host port %d is forwarded by the network device (ports=) too", ErrConfig, p.Host)
+					}
+				}
+				s.Ports = append(slices.Clip(s.Ports), e.portMap...)
 			}
+			hasNet = true
 		case *devspec.FSSpec:
 			if e.container != nil {
 				if s.Mount != "" {
