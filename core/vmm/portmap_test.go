@@ -68,3 +68,33 @@ func TestPortMapGoesToOneNetDevice(t *testing.T) {
 		})
 	}
 }
+
+// TestHostPortOfTwoNetDevices: each --net device has a passt of its own,
+// and two passts cannot bind one host port: the second exited at start
+// and every restart failed alike until the device failed. Validate
+// refuses it before anything starts.
+func TestHostPortOfTwoNetDevices(t *testing.T) {
+	pf := func(h, g uint16) devspec.PortForward { return devspec.PortForward{Host: h, Guest: g} }
+	for _, tt := range []struct {
+		name    string
+		nets    [][]devspec.PortForward
+		wantErr bool
+	}{
+		{name: "one device", nets: [][]devspec.PortForward{{pf(8080, 80), pf(8443, 443)}}},
+		{name: "two devices, other host ports", nets: [][]devspec.PortForward{{pf(8080, 80)}, {pf(8081, 80)}}},
+		{name: "two devices without forwards", nets: [][]devspec.PortForward{nil, nil}},
+		{name: "two devices, one host port", nets: [][]devspec.PortForward{{pf(2222, 22), pf(8080, 80)}, {pf(8080, 81)}}, wantErr: true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := NewContext(nil)
+			c.AddDevice(&devspec.DiskSpec{Path: "d.img", Format: "raw"})
+			for _, ports := range tt.nets {
+				c.AddDevice(&devspec.NetSpec{Backend: "passt", Ports: ports})
+			}
+			err := c.checkHostPorts()
+			if tt.wantErr != (err != nil) || err != nil && !errors.Is(err, ErrConfig) {
+				t.Fatalf("checkHostPorts = %v, want an error: %v", err, tt.wantErr)
+			}
+		})
+	}
+}

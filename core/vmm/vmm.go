@@ -467,6 +467,26 @@ func (c *Context) Validate() error {
 	return nil
 }
 
+// checkHostPorts refuses a host port that two --net devices forward: each
+// has a passt of its own, and the second passt cannot bind the port (it
+// exits, and its restarts fail alike until the device fails).
+func (c *Context) checkHostPorts() error {
+	owner := map[uint16]int{} // host port: the device forwarding it
+	for i, d := range c.devices {
+		n, ok := d.(*devspec.NetSpec)
+		if !ok {
+			continue
+		}
+		for _, p := range n.Ports {
+			if j, ok := owner[p.Host]; ok && j != i {
+				return fmt.Errorf("%w: host port %d is forwarded by two network devices (%d and %d): each has a passt of its own, and only one can bind it", ErrConfig, p.Host, j, i)
+			}
+			owner[p.Host] = i
+		}
+	}
+	return nil
+}
+
 // checkTags refuses two shares with one tag: the guest mounts a share by
 // its tag, and of two devices with the same tag it would mount the first
 // one in both places.
@@ -528,6 +548,9 @@ func (c *Context) validate() error {
 		return fmt.Errorf("%w: SetExec needs SetRoot", ErrConfig)
 	}
 	if err := c.checkTags(); err != nil {
+		return err
+	}
+	if err := c.checkHostPorts(); err != nil {
 		return err
 	}
 	if runtime.GOARCH != "amd64" {
