@@ -113,3 +113,35 @@ func TestSignalDuringCreateLeavesNoState(t *testing.T) {
 		})
 	}
 }
+
+// TestEmptyRootRefused: `krun-oci --root "" ...` (a variable that is not
+// set) took the working directory as the state root, where every
+// subdirectory reads as a container whose create died: `delete NAME`
+// removed ./NAME with everything in it (from review, helper-114).
+func TestEmptyRootRefused(t *testing.T) {
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "data")
+	if err := os.MkdirAll(victim, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(victim, "file"), []byte("precious"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chdir(dir); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Chdir(wd)
+	for _, args := range [][]string{{"--root", "", "delete", "data"}, {"--root", "", "delete", "--force", "data"}, {"--root", "", "list"}} {
+		_, stderr, code := mainWith(t, args...)
+		if code != 1 || !strings.Contains(stderr, "--root is empty") || strings.Count(stderr, "\n") != 1 {
+			t.Errorf("krun-oci %q: exit %d, %q: want exit 1 and one line saying --root is empty", args, code, stderr)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(victim, "file")); err != nil {
+		t.Errorf("krun-oci --root \"\" delete data removed ./data: %v", err)
+	}
+}

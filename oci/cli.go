@@ -226,6 +226,13 @@ func Main(args []string, env *Env) int {
 		log.fail(errors.New("no command given (see krun-oci --help)"))
 		return 1
 	}
+	if g.root == "" {
+		// filepath.Abs("") is the working directory, whose every
+		// subdirectory would then read as a container that died in
+		// create: `--root "$UNSET" delete NAME` removed ./NAME.
+		log.fail(errors.New("--root is empty: want the directory of the containers' state"))
+		return 1
+	}
 	if !filepath.IsAbs(g.root) {
 		if g.root, err = filepath.Abs(g.root); err != nil {
 			log.fail(err)
