@@ -535,6 +535,12 @@ func (l *Launcher) Import(ctx context.Context, o ImportOptions, progress Progres
 	if o.Input == nil {
 		return nil, errors.New("no input")
 	}
+	// A directory (`img import ... OUT < DIR`) cannot be read: refused
+	// here, before OUT is made and the plugin is handed a directory
+	// (which also logged a warning about its ids writing to it).
+	if st, err := o.Input.Stat(); err == nil && st.IsDir() {
+		return nil, errors.New("the input (stdin) is a directory, not the image's content")
+	}
 	out, err := createOutput(o.Output)
 	if err != nil {
 		return nil, err

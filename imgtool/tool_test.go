@@ -412,3 +412,25 @@ func TestResizeRefusals(t *testing.T) {
 		t.Errorf("a refused resize changed the size to %d", fi.Size())
 	}
 }
+
+// TestImportDirectoryInput: `img import ... OUT < DIR` is one line, before
+// OUT is made. It handed the plugin the directory, logged a warning about
+// the plugin's ids not being able to write to "/dev/stdin", then failed
+// with "read input: is a directory" (from review, helper-114).
+func TestImportDirectoryInput(t *testing.T) {
+	dir := t.TempDir()
+	in, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out := filepath.Join(dir, "out.raw")
+	l := &Launcher{PluginPath: filepath.Join(dir, "no-plugin"), SandboxOff: true}
+	_, err = l.Import(context.Background(), ImportOptions{Input: in, InputFormat: "raw", Output: out, OutputFormat: "raw", MaxSize: 1 << 20}, nil)
+	if err == nil || !strings.Contains(err.Error(), "is a directory") {
+		t.Errorf("import from a directory: %v, want it refused as a directory", err)
+	}
+	if _, err := os.Lstat(out); err == nil {
+		t.Errorf("import from a directory left %s behind", out)
+	}
+}
