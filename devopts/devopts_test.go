@@ -75,6 +75,10 @@ func TestIDMaps(t *testing.T) {
 		{"0:1000:1/1:100000:65536", ""},
 		{"0:1000", "is not GUEST:HOST:COUNT"},
 		{"0:x:1", "id map"},
+		// strconv's own words ("strconv.ParseUint: parsing \"-1\":
+		// invalid syntax") reached the user (from review, helper-114).
+		{"0:0:-1", `"-1" is not a decimal number from 0 to 4294967295`},
+		{"0:4294967296:1", `"4294967296" is not a decimal number`},
 		{"0:1000:0", "count is 0"},
 		{"4294967295:0:2", "overflows"},
 		{"0:1000:10/5:2000:1", "overlap on the guest side"},

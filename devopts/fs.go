@@ -166,7 +166,7 @@ func ParseIDMaps(s string) ([]IDMap, error) {
 		for i, x := range f {
 			n, err := strconv.ParseUint(x, 10, 32)
 			if err != nil {
-				return nil, fmt.Errorf("id map %q: %w", part, err)
+				return nil, fmt.Errorf("id map %q: %q is not a decimal number from 0 to 4294967295", part, x)
 			}
 			v[i] = uint32(n)
 		}
