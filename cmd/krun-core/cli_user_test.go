@@ -158,3 +158,15 @@ func TestOCIPluginIDsDecimal(t *testing.T) {
 		}
 	}
 }
+
+// `krun-core version --help` (and -h, and `help version`) prints a page and
+// exits 0, as every command's --help does (README, "Command line"); it
+// was refused as an unexpected argument, exit 1 (from review, helper-114).
+func TestVersionHelp(t *testing.T) {
+	for _, args := range [][]string{{"version", "--help"}, {"--version", "-h"}, {"help", "version"}} {
+		stdout, stderr, rc := reviewDispatch(args...)
+		if rc != 0 || stderr != "" || !strings.HasPrefix(stdout, "usage: krun-core --version") {
+			t.Errorf("%q: exit %d, stdout %q, stderr %q: want the page on stdout and exit 0", args, rc, stdout, stderr)
+		}
+	}
+}

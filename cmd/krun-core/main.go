@@ -63,6 +63,10 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 				usage(stdout)
 				return 0
 			}
+			if args[1] == "version" {
+				versionUsage(stdout)
+				return 0
+			}
 			if _, ok := commands()[args[1]]; ok {
 				// help img create: the page of `img create --help`.
 				return dispatch(append(slices.Clone(args[1:]), "--help"), stdout, stderr)
@@ -73,6 +77,12 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		usage(stdout)
 		return 0
 	case "--version", "-version", "version":
+		if len(args) == 2 && (args[1] == "--help" || args[1] == "-h") {
+			// Every command prints its page with --help and exits 0
+			// (README, "Command line"), version too.
+			versionUsage(stdout)
+			return 0
+		}
 		if len(args) > 1 {
 			fmt.Fprintf(stderr, "krun-core %s: unexpected argument %q (see krun-core --help)\n", args[0], args[1])
 			return 1
@@ -94,4 +104,13 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return cmd.run(args[1:], stdout, stderr)
+}
+
+// versionUsage is the page of `krun-core version --help`.
+func versionUsage(w io.Writer) {
+	fmt.Fprint(w, `usage: krun-core --version (or krun-core version)
+
+Prints krun-core's version (its git revision), the Go release it was built
+with and the plugin protocol version its plugins must speak.
+`)
 }
