@@ -145,3 +145,35 @@ func TestEmptyRootRefused(t *testing.T) {
 		t.Errorf("krun-oci --root \"\" delete data removed ./data: %v", err)
 	}
 }
+
+// TestConfigJSONNotRegular: a config.json that is a FIFO hung `krun-oci
+// create` in open(2) for ever; one that is a directory or a device is
+// refused as well, in one line (from review, helper-114).
+func TestConfigJSONNotRegular(t *testing.T) {
+	for _, kind := range []string{"fifo", "dir", "dev"} {
+		b := t.TempDir()
+		p := filepath.Join(b, "config.json")
+		var err error
+		switch kind {
+		case "fifo":
+			err = syscall.Mkfifo(p, 0o644)
+		case "dir":
+			err = os.Mkdir(p, 0o755)
+		case "dev":
+			err = os.Symlink("/dev/zero", p)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { _, err := LoadSpec(b); done <- err }()
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), "config.json is not a regular file") || strings.Contains(err.Error(), "\n") {
+				t.Errorf("config.json a %s: %v, want one line saying it is not a regular file", kind, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("config.json a %s: LoadSpec still blocked after 5 s", kind)
+		}
+	}
+}

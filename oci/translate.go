@@ -52,11 +52,18 @@ const reservedDevices = 2
 // LoadSpec reads a bundle's config.json. Unknown fields are ignored, as
 // the spec requires.
 func LoadSpec(bundle string) (*specs.Spec, error) {
-	f, err := os.Open(filepath.Join(bundle, "config.json"))
+	// O_NONBLOCK and a regular file only: a FIFO named config.json
+	// blocked create in open(2) for ever.
+	f, err := os.OpenFile(filepath.Join(bundle, "config.json"), os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, fmt.Errorf("bundle %s: config.json: %w", bundle, unwrapPath(err))
 	}
 	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, fmt.Errorf("bundle %s: config.json: %w", bundle, unwrapPath(err))
+	} else if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("bundle %s: config.json is not a regular file", bundle)
+	}
 	b, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("read config.json: %w", err)
