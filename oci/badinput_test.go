@@ -177,3 +177,23 @@ func TestConfigJSONNotRegular(t *testing.T) {
 		}
 	}
 }
+
+// TestProcessFileNotRegular: `krun-oci exec --process P` with P a FIFO
+// blocked in open(2) for ever, as config.json did (from review,
+// helper-114).
+func TestProcessFileNotRegular(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "process.json")
+	if err := syscall.Mkfifo(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := loadProcess(p); done <- err }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Errorf("--process FIFO: %v, want it refused as not a regular file", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("--process FIFO: still blocked after 5 s")
+	}
+}

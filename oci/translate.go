@@ -544,11 +544,18 @@ func readHostFile(p string, max int64) ([]byte, error) {
 }
 
 func readSmallFile(p string, max int64) ([]byte, error) {
-	f, err := os.Open(p)
+	// O_NONBLOCK and a regular file only: a FIFO blocked open(2) for
+	// ever (exec --process FIFO).
+	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, unwrapPath(err)
 	}
 	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, unwrapPath(err)
+	} else if !st.Mode().IsRegular() {
+		return nil, errors.New("not a regular file")
+	}
 	return readAtMost(f, max)
 }
 
