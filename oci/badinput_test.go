@@ -197,3 +197,23 @@ func TestProcessFileNotRegular(t *testing.T) {
 		t.Fatal("--process FIFO: still blocked after 5 s")
 	}
 }
+
+// TestConfigJSONEmptyOrCutShort: an empty config.json said "config.json:
+// EOF", one cut short "config.json: unexpected EOF" (from review,
+// helper-114).
+func TestConfigJSONEmptyOrCutShort(t *testing.T) {
+	for content, want := range map[string]string{
+		"":                   "config.json is empty",
+		" \n":                "config.json is empty",
+		`{"ociVersion":`:     "config.json is cut short",
+		`{"process":{"args"`: "config.json is cut short",
+	} {
+		b := t.TempDir()
+		if err := os.WriteFile(filepath.Join(b, "config.json"), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LoadSpec(b); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config.json %q: %v, want %q", content, err, want)
+		}
+	}
+}

@@ -74,6 +74,14 @@ func LoadSpec(bundle string) (*specs.Spec, error) {
 	var s specs.Spec
 	dec := json.NewDecoder(bytes.NewReader(b))
 	if err := dec.Decode(&s); err != nil {
+		// The decoder's io.EOF and io.ErrUnexpectedEOF read "EOF" and
+		// "unexpected EOF", which say nothing of the file.
+		switch {
+		case errors.Is(err, io.EOF):
+			return nil, errors.New("config.json is empty")
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return nil, errors.New("config.json is cut short: its JSON ends before the object does")
+		}
 		return nil, fmt.Errorf("config.json: %w", err)
 	}
 	return &s, nil
