@@ -217,3 +217,41 @@ func TestConfigJSONEmptyOrCutShort(t *testing.T) {
 		}
 	}
 }
+
+// TestLogFIFOWithoutReader: `krun-oci --log FIFO ...` with nobody reading
+// the FIFO blocked in open(2) for ever; it is one line now. A FIFO that
+// is read still gets the log (from review, helper-114).
+func TestLogFIFOWithoutReader(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "log")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	var stderr string
+	var code int
+	go func() {
+		_, stderr, code = mainWith(t, "--root", filepath.Join(dir, "root"), "--log", fifo, "state", "nosuch")
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("krun-oci --log FIFO without a reader: still blocked after 5 s")
+	}
+	if code != 1 || !strings.Contains(stderr, "no process reads") || strings.Count(stderr, "\n") != 1 {
+		t.Errorf("krun-oci --log FIFO without a reader: exit %d, %q: want one line saying nobody reads it", code, stderr)
+	}
+	// With a reader the log line arrives.
+	r, err := os.OpenFile(fifo, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	_, _, code = mainWith(t, "--root", filepath.Join(dir, "root"), "--log", fifo, "state", "nosuch")
+	buf := make([]byte, 4096)
+	n, _ := r.Read(buf)
+	if code != 1 || !strings.Contains(string(buf[:n]), "does not exist") {
+		t.Errorf("krun-oci --log FIFO with a reader: exit %d, log %q: want the error line in the FIFO", code, buf[:n])
+	}
+}

@@ -2,6 +2,7 @@ package oci
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -37,7 +38,14 @@ func openRuntimeLog(path, format string, debug bool, stderr io.Writer) (*runtime
 		return l, fmt.Errorf("unknown --log-format %q (text or json)", format)
 	}
 	if path != "" {
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+		// O_NONBLOCK: a FIFO that nobody reads blocked open(2) for
+		// ever; now it fails with ENXIO. One with a reader (and a
+		// regular file) opens as before; Go's poller waits on a full
+		// pipe instead of the write failing.
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_CLOEXEC|unix.O_NONBLOCK, 0o600)
+		if st, serr := os.Stat(path); errors.Is(err, unix.ENXIO) && serr == nil && st.Mode()&os.ModeNamedPipe != 0 {
+			return l, fmt.Errorf("--log %s: a FIFO that no process reads", path)
+		}
 		if err != nil {
 			return l, fmt.Errorf("--log %s: %w", path, unwrapPath(err))
 		}
