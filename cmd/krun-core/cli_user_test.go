@@ -170,3 +170,31 @@ func TestVersionHelp(t *testing.T) {
 		}
 	}
 }
+
+// An empty FILE, OUT or SIZE argument (a shell variable that expanded to
+// nothing) is named as empty, as an empty option value is. `img info -f
+// raw ""` said "image: open : no such file or directory" and `img create
+// -f raw "" 1G` "output: create : no such file or directory" (from
+// review, helper-114).
+func TestImgEmptyArgument(t *testing.T) {
+	t.Setenv("KRUN_PLUGIN_DIR", "")
+	dir := t.TempDir()
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"img", "info", "-f", "raw", ""}, "the FILE argument is empty"},
+		{[]string{"img", "create", "-f", "raw", "", "1G"}, "the FILE argument is empty"},
+		{[]string{"img", "create", "-f", "raw", filepath.Join(dir, "x.raw"), ""}, "the SIZE argument is empty"},
+		{[]string{"img", "convert", "-f", "raw", "-O", "raw", filepath.Join(dir, "in.raw"), ""}, "the OUT argument is empty"},
+		{[]string{"img", "resize", "-f", "raw", "--", "", "+1M"}, "the FILE argument is empty"},
+	} {
+		_, stderr, rc := reviewDispatch(tt.args...)
+		if rc != 1 || !strings.Contains(stderr, tt.want) || strings.Count(stderr, "\n") != 1 {
+			t.Errorf("%q: exit %d, %q: want exit 1 and %q", tt.args, rc, strings.TrimSpace(stderr), tt.want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "x.raw")); err == nil {
+		t.Error("img create with an empty SIZE left its output behind")
+	}
+}

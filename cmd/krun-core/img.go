@@ -322,6 +322,14 @@ func (f *imgFlags) parse(args []string, positional ...string) error {
 		}
 		return fmt.Errorf("want %s argument(s) (%s), got %d", want, strings.Join(positional, " "), len(f.positional))
 	}
+	// An empty argument, as an empty option above: `img info -f raw
+	// "$IMG"` with IMG unset said "image: open : no such file or
+	// directory".
+	for i, p := range f.positional {
+		if p == "" {
+			return fmt.Errorf("the %s argument is empty (see krun-core img %s --help)", strings.Trim(positional[i], "[]"), f.name)
+		}
+	}
 	return nil
 }
 
