@@ -24,7 +24,17 @@ const (
 	// VM down too busy to answer (a status that fell back to the record
 	// said running, and a kill of the stopped container succeeded).
 	exitedFile = "exited"
+	// markerFile marks a state directory as krun-oci's. Create puts it
+	// in before the directory takes its ID's name, so a directory without
+	// a record counts as a create that died only when it holds the
+	// marker: a wrong --root (a home directory) never makes a user's
+	// directory look like a container that delete removes.
+	markerFile = ".krun-oci"
 )
+
+// newSuffix names a state directory being made (Create), followed by the
+// creating process's pid: not a valid ID, so nothing lists or opens it.
+const newSuffix = "~new-"
 
 // maxIDLen bounds a container ID (it becomes a directory name).
 const maxIDLen = 255
@@ -120,8 +130,24 @@ func (s *Store) Create(id string) (*Container, error) {
 		return nil, err
 	}
 	dir := filepath.Join(s.Root, id)
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		if errors.Is(err, os.ErrExist) {
+	if _, err := os.Lstat(dir); err == nil {
+		return nil, fmt.Errorf("container with id %s: %w", id, ErrExist)
+	}
+	// Made under another name with its marker, then renamed into place
+	// without replacing anything: the directory never has its ID's name
+	// without the marker.
+	tmp := dir + newSuffix + strconv.Itoa(os.Getpid())
+	_ = os.RemoveAll(tmp) // what a create of this pid that died left
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(tmp, markerFile), nil, 0o600); err != nil {
+		os.RemoveAll(tmp)
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, dir, unix.RENAME_NOREPLACE); err != nil {
+		os.RemoveAll(tmp)
+		if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.ENOTEMPTY) {
 			return nil, fmt.Errorf("container with id %s: %w", id, ErrExist)
 		}
 		return nil, fmt.Errorf("state directory: %w", err)
@@ -258,6 +284,9 @@ func (c *Container) load() error {
 	b, err := os.ReadFile(filepath.Join(c.Dir, recordFile))
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
+			if !c.marked() {
+				return c.notOurs()
+			}
 			// A create that died before writing its record: the
 			// container exists (its ID is taken) and has stopped.
 			c.Rec = Record{ID: c.ID, Phase: phaseCreating}
@@ -266,12 +295,31 @@ func (c *Container) load() error {
 		return fmt.Errorf("read state: %w", err)
 	}
 	if err := json.Unmarshal(b, &c.Rec); err != nil {
+		if !c.marked() {
+			return c.notOurs()
+		}
 		return fmt.Errorf("state file of %s is %w (delete --force removes the container): %w", c.ID, ErrCorrupt, err)
 	}
 	if c.Rec.ID != c.ID {
+		if !c.marked() {
+			return c.notOurs()
+		}
 		return fmt.Errorf("state file of %s is %w (delete --force removes the container): it names container %q", c.ID, ErrCorrupt, c.Rec.ID)
 	}
 	return nil
+}
+
+// marked reports whether the state directory holds krun-oci's marker.
+func (c *Container) marked() bool {
+	var st unix.Stat_t
+	return unix.Lstat(filepath.Join(c.Dir, markerFile), &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG
+}
+
+// notOurs is load's error for a directory under the root that krun-oci
+// did not make (no marker, no readable record of its ID): no container,
+// and nothing that delete removes.
+func (c *Container) notOurs() error {
+	return fmt.Errorf("container %s: %w (%s is not a krun-oci state directory: wrong --root?)", c.ID, ErrNotExist, c.Dir)
 }
 
 // Save writes the record atomically.
