@@ -514,6 +514,12 @@ type ImportOptions struct {
 // ErrTooLarge is wrapped when import input exceeds ImportOptions.MaxSize.
 var ErrTooLarge = errors.New("input exceeds --max-size")
 
+// ErrEmptyInput is import's error for input that ends before its first
+// byte: an image of size 0 is never what an upload meant (a download that
+// failed in a pipe, `curl URL | krun-core img import ...`), and `img
+// create` refuses size 0 too.
+var ErrEmptyInput = errors.New("the input is empty (0 bytes): no image made")
+
 // Import streams the input's bytes into a new image, which is removed when
 // anything fails, the size limit included.
 func (l *Launcher) Import(ctx context.Context, o ImportOptions, progress Progress) (_ *Result, err error) {
@@ -574,6 +580,9 @@ func (l *Launcher) Import(ctx context.Context, o ImportOptions, progress Progres
 	}
 	if err != nil {
 		return nil, err
+	}
+	if last.GetVirtualSize() == 0 {
+		return nil, ErrEmptyInput // the output goes (deferred)
 	}
 	return &Result{VirtualSize: last.GetVirtualSize(), Written: last.GetWritten()}, nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -432,5 +433,34 @@ func TestImportDirectoryInput(t *testing.T) {
 	}
 	if _, err := os.Lstat(out); err == nil {
 		t.Errorf("import from a directory left %s behind", out)
+	}
+}
+
+// TestImportEmptyInput: an import whose input ends at once (a download that
+// failed in a pipe) made an image of size 0 and exited 0; it is refused in
+// one line and leaves no output, for both formats (from review,
+// helper-114).
+func TestImportEmptyInput(t *testing.T) {
+	for _, format := range []string{"raw", "qcow2"} {
+		t.Run(format, func(t *testing.T) {
+			dir := t.TempDir()
+			empty := filepath.Join(dir, "empty")
+			if err := os.WriteFile(empty, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			in, err := os.Open(empty)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer in.Close()
+			out := filepath.Join(dir, "out."+format)
+			_, err = selfPlugin(t).Import(context.Background(), ImportOptions{Input: in, InputFormat: "raw", Output: out, OutputFormat: format, MaxSize: 1 << 20}, nil)
+			if !errors.Is(err, ErrEmptyInput) {
+				t.Errorf("import of empty input: %v, want %v", err, ErrEmptyInput)
+			}
+			if _, err := os.Lstat(out); err == nil {
+				t.Errorf("import of empty input left %s behind", out)
+			}
+		})
 	}
 }
