@@ -188,6 +188,12 @@ func TestImgEmptyArgument(t *testing.T) {
 		{[]string{"img", "create", "-f", "raw", filepath.Join(dir, "x.raw"), ""}, "the SIZE argument is empty"},
 		{[]string{"img", "convert", "-f", "raw", "-O", "raw", filepath.Join(dir, "in.raw"), ""}, "the OUT argument is empty"},
 		{[]string{"img", "resize", "-f", "raw", "--", "", "+1M"}, "the FILE argument is empty"},
+		// The backing chain's flags are repeatable, outside the check of
+		// the others: -b "" named the working directory ("backing file
+		// /cwd is not a regular file").
+		{[]string{"img", "convert", "-f", "raw", "-O", "qcow2", "-b", "", filepath.Join(dir, "in.raw"), filepath.Join(dir, "o")}, `flag -b: an empty value`},
+		{[]string{"img", "convert", "-f", "raw", "-O", "qcow2", "--backing", "b", "--backing-format", "", filepath.Join(dir, "in.raw"), filepath.Join(dir, "o")}, `flag --backing-format: an empty value`},
+		{[]string{"img", "resize", "-f", "qcow2", "--backing", "", "--", filepath.Join(dir, "in.raw"), "+1M"}, `flag --backing: an empty value`},
 	} {
 		_, stderr, rc := reviewDispatch(tt.args...)
 		if rc != 1 || !strings.Contains(stderr, tt.want) || strings.Count(stderr, "\n") != 1 {

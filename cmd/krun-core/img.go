@@ -571,6 +571,9 @@ type backingFlags struct {
 
 func (b *backingFlags) register(fs *flag.FlagSet) {
 	addBacking := func(v string) error {
+		if v == "" {
+			return errors.New("an empty value") // the flag package names the flag
+		}
 		if n := len(b.chain); n > 0 && b.chain[n-1].Format == "" {
 			return fmt.Errorf("--backing %s needs --backing-format before the next --backing", b.chain[n-1].Path)
 		}
@@ -583,6 +586,9 @@ func (b *backingFlags) register(fs *flag.FlagSet) {
 	fs.Func("backing", "", addBacking)
 	fs.Func("b", "", addBacking)
 	setFormat := func(v string) error {
+		if v == "" {
+			return errors.New("an empty value")
+		}
 		n := len(b.chain)
 		if n == 0 || b.chain[n-1].Format != "" {
 			return fmt.Errorf("--backing-format %s must follow its --backing", v)
