@@ -97,6 +97,11 @@ type (
 	// twice (their effects are not idempotent) returns false: the device
 	// then fails instead. A device without this method may be restarted.
 	Restarter interface{ Restartable() bool }
+	// Checker reports, at each Health call while the plugin serves,
+	// whether the device can go on: a non-nil error (a peer it depends on
+	// that stopped answering) marks the plugin failed with it, so that
+	// krun-core restarts it. Check must not block.
+	Checker interface{ Check() error }
 )
 
 // Serve runs the plugin until the host shuts it down, then exits the
@@ -392,7 +397,18 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 
 func (s *server) Health(context.Context, *pluginpb.HealthRequest) (*pluginpb.HealthResponse, error) {
 	s.mu.Lock()
+	dev, serving := s.dev, s.state == pluginpb.HealthResponse_STATE_SERVING
+	s.mu.Unlock()
+	var checkErr error
+	if c, ok := dev.(Checker); ok && serving {
+		checkErr = c.Check()
+	}
+	s.mu.Lock()
 	defer s.mu.Unlock()
+	if checkErr != nil && s.state == pluginpb.HealthResponse_STATE_SERVING {
+		s.state, s.err = pluginpb.HealthResponse_STATE_FAILED, fmt.Errorf("device: %w", checkErr)
+		s.log.Error("the device cannot go on; reporting the plugin failed", "error", checkErr)
+	}
 	r := &pluginpb.HealthResponse{State: s.state}
 	if s.err != nil {
 		// Any error's text, a file name in it, must marshal as a proto3

@@ -478,3 +478,48 @@ func TestBrokenQueueLeftToTheBackend(t *testing.T) {
 		t.Fatalf("state %v after broken queues", s.state)
 	}
 }
+
+// checkDevice is a fakeDevice whose Check says what err holds.
+type checkDevice struct {
+	fakeDevice
+	err    error
+	checks int
+}
+
+func (d *checkDevice) Check() error { d.checks++; return d.err }
+
+// TestCheckerFailsHealth: a device that says it cannot go on (Checker: a
+// peer it depends on stopped answering, as a hung passt) marks the plugin
+// failed at the next Health, with its reason, so that krun-core restarts
+// it; it is asked only while the plugin serves.
+func TestCheckerFailsHealth(t *testing.T) {
+	stalled := errors.New("passt has read nothing for 30s")
+	for _, tc := range []struct {
+		name   string
+		from   pluginpb.HealthResponse_State
+		err    error
+		want   pluginpb.HealthResponse_State
+		asked  bool
+		reason string
+	}{
+		{"serving, fine", pluginpb.HealthResponse_STATE_SERVING, nil, pluginpb.HealthResponse_STATE_SERVING, true, ""},
+		{"serving, cannot go on", pluginpb.HealthResponse_STATE_SERVING, stalled, pluginpb.HealthResponse_STATE_FAILED, true, "device: passt has read nothing for 30s"},
+		{"stopped", pluginpb.HealthResponse_STATE_STOPPED, stalled, pluginpb.HealthResponse_STATE_STOPPED, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := newTestServer(&fakePlugin{})
+			dev := &checkDevice{err: tc.err}
+			s.dev, s.state = dev, tc.from
+			r, err := s.Health(context.Background(), &pluginpb.HealthRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.State != tc.want || r.Error != tc.reason {
+				t.Errorf("Health %v %q, want %v %q", r.State, r.Error, tc.want, tc.reason)
+			}
+			if (dev.checks > 0) != tc.asked {
+				t.Errorf("Check called %d times; want asked: %v", dev.checks, tc.asked)
+			}
+		})
+	}
+}

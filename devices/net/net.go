@@ -83,6 +83,12 @@ const (
 	rxNotifyBatch = 64
 	// poolSize bounds the spare buffers kept per size.
 	poolSize = 1024
+	// txStallLimit is how long a write to passt may wait before Check
+	// calls passt hung: passt reads its socket at all times (it throttles
+	// the guest's TCP with the windows it advertises, not by leaving
+	// frames unread), so a batch it has not taken in this long will not
+	// be taken.
+	txStallLimit = 30 * time.Second
 )
 
 // Config describes one network device.
@@ -120,6 +126,11 @@ type Device struct {
 	txBatchBytes  uint64
 	// txUndo ends the previous tx ring's stop interruption (interruptOn).
 	txUndo func()
+	// txWriteSince is when the write to passt in progress began (Unix
+	// nanoseconds; 0 when none is): Check finds a passt that stopped
+	// reading by it. txStallLimit is how long one may take.
+	txWriteSince atomic.Int64
+	txStallLimit time.Duration
 
 	stats Stats
 	// closing is set by Close: the reader's error is then ours, not a
@@ -166,7 +177,7 @@ func New(cfg Config) (*Device, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	d := &Device{mtu: mtu, conn: conn, log: log}
+	d := &Device{mtu: mtu, conn: conn, log: log, txStallLimit: txStallLimit}
 	copy(d.mac[:], cfg.MAC)
 	d.linkUp.Store(true)
 	maxFrame := d.maxFrame()
@@ -377,6 +388,26 @@ func (h *txHandler) Handle(req *backend.Request) {
 // Drained writes the frames gathered from the ring to passt.
 func (h *txHandler) Drained() { h.d.flushTx(h.ctx) }
 
+// Check says whether the device can go on (pluginsdk.Checker, asked at
+// each Health): not once its link is down (passt's stream ended or was cut;
+// a passt that is alive but cut off never comes back by itself), nor while
+// a write to passt has waited longer than txStallLimit (a passt that is
+// alive but hung, stopped or deadlocked: the guest's transmissions wait
+// behind it for good, and passt never exits, which is what krun-core
+// restarts on otherwise). The plugin then reports itself failed, and
+// krun-core restarts it with a new passt, the hung one killed.
+func (d *Device) Check() error {
+	if since := d.txWriteSince.Load(); since != 0 {
+		if waited := time.Since(time.Unix(0, since)); waited > d.txStallLimit {
+			return fmt.Errorf("passt has not read a frame for %v (hung?)", waited.Round(time.Second))
+		}
+	}
+	if !d.linkUp.Load() && !d.closing.Load() {
+		return errors.New("the connection to passt is lost (link down)")
+	}
+	return nil
+}
+
 // setLinkDown records that passt is gone.
 //
 // The connection is then unusable for good (a write may have been cut in
@@ -468,7 +499,9 @@ func (d *Device) flushTx(ctx context.Context) {
 	if len(d.txBatch) == 0 {
 		return
 	}
+	d.txWriteSince.Store(time.Now().UnixNano())
 	_, err := d.conn.Write(d.txBatch)
+	d.txWriteSince.Store(0)
 	frames, bytes := d.txBatchFrames, d.txBatchBytes
 	d.txBatch, d.txBatchFrames, d.txBatchBytes = d.txBatch[:0], 0, 0
 	if err != nil {
