@@ -15,6 +15,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // Version is the schema version this package writes and accepts.
@@ -203,16 +204,21 @@ func invalid(format string, a ...any) error {
 
 func hasNUL(s string) bool { return strings.IndexByte(s, 0) >= 0 }
 
+// badText reports whether s cannot travel in the config: a NUL, or bytes
+// that are not UTF-8 (a JSON string is UTF-8, and encoding/json turns
+// invalid bytes into U+FFFD, so the guest would get other bytes).
+func badText(s string) bool { return hasNUL(s) || !utf8.ValidString(s) }
+
 func checkTag(what, tag string) error {
-	if tag == "" || len(tag) > maxTagLen || hasNUL(tag) {
-		return invalid("%s tag %q must be 1-%d bytes without NUL", what, tag, maxTagLen)
+	if tag == "" || len(tag) > maxTagLen || badText(tag) {
+		return invalid("%s tag %q must be 1-%d bytes of UTF-8 without NUL", what, tag, maxTagLen)
 	}
 	return nil
 }
 
 func checkAbs(what, p string) error {
-	if !strings.HasPrefix(p, "/") || hasNUL(p) || len(p) > 4095 {
-		return invalid("%s %q must be an absolute path", what, p)
+	if !strings.HasPrefix(p, "/") || badText(p) || len(p) > 4095 {
+		return invalid("%s %q must be an absolute path in UTF-8", what, p)
 	}
 	return nil
 }
@@ -229,14 +235,14 @@ func (c *Config) Validate() error {
 		return invalid("args: a command is required")
 	}
 	for i, a := range c.Args {
-		if hasNUL(a) {
-			return invalid("args[%d] contains NUL", i)
+		if badText(a) {
+			return invalid("args[%d] %q contains NUL or is not UTF-8", i, a)
 		}
 	}
 	for i, kv := range c.Env {
 		k, _, ok := strings.Cut(kv, "=")
-		if !ok || k == "" || hasNUL(kv) {
-			return invalid("env[%d] %q is not KEY=value", i, kv)
+		if !ok || k == "" || badText(kv) {
+			return invalid("env[%d] %q is not KEY=value in UTF-8", i, kv)
 		}
 	}
 	if err := checkAbs("workdir", c.Workdir); err != nil {

@@ -78,6 +78,13 @@ func TestValidateRejects(t *testing.T) {
 		{"no args", func(c *Config) { c.Args = nil }, "command is required"},
 		{"empty arg0", func(c *Config) { c.Args = []string{""} }, "command is required"},
 		{"nul arg", func(c *Config) { c.Args = []string{"a", "b\x00"} }, "args[1]"},
+		// JSON strings are UTF-8: encoding/json would turn these bytes
+		// into U+FFFD, and the command would get other arguments.
+		{"non-UTF-8 arg", func(c *Config) { c.Args = []string{"printf", "\xff"} }, "args[1]"},
+		{"non-UTF-8 env", func(c *Config) { c.Env = []string{"A=\xe9t\xe9"} }, "env[0]"},
+		{"non-UTF-8 workdir", func(c *Config) { c.Workdir = "/caf\xe9" }, "workdir"},
+		{"non-UTF-8 mount", func(c *Config) { c.Mounts = []Mount{{Type: "virtiofs", Source: "a", Target: "/\xff"}} }, "target"},
+		{"non-UTF-8 tag", func(c *Config) { c.Root.Tag = "r\xff" }, "root tag"},
 		{"env no =", func(c *Config) { c.Env = []string{"FOO"} }, "env[0]"},
 		{"env empty key", func(c *Config) { c.Env = []string{"=x"} }, "env[0]"},
 		{"relative workdir", func(c *Config) { c.Workdir = "tmp" }, "workdir"},
