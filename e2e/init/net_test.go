@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -34,7 +35,7 @@ func TestNetwork(t *testing.T) {
 }
 
 func testNetwork(t *testing.T, network *initconfig.Network) {
-	vmtest.Require(t)
+	a := vmtest.Require(t)
 	if _, err := exec.LookPath("passt"); err != nil {
 		t.Skip("passt is not installed (Debian package passt)")
 	}
@@ -67,13 +68,20 @@ ip -4 -o addr show dev eth0 | awk '{print "addr=" $4}'
 gw=$(ip route | awk '/^default/ {print $3}')
 echo "gw=$gw"
 grep -q '^nameserver ' /etc/resolv.conf && echo resolv=ok
+grep -q 192.0.2.99 /etc/resolv.conf || echo replaced=ok
 ip link show lo | grep -q 'state UNKNOWN\|UP' && echo lo=up
 wget -q -O - "http://$gw:`+port+`/page"`)
 	cfg.Network = network
-	o := run(t, guest{cfg: cfg, net: true, files: []*os.File{qemuEnd},
+	// The root's own resolv.conf is replaced (reopened through
+	// /proc/self/fd on virtio-fs: krun-init opens only a regular file).
+	root := makeRoot(t, a.Busybox)
+	if err := os.WriteFile(filepath.Join(root, "etc/resolv.conf"), []byte("nameserver 192.0.2.99\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	o := run(t, guest{cfg: cfg, root: root, net: true, files: []*os.File{qemuEnd},
 		args: []string{"-netdev", "socket,id=n0,fd=3", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:57"}})
 	o.checkFinished(t, 0)
-	for _, want := range []string{"addr=" + netnstest.Addr + "/24\n", "gw=" + netnstest.Gateway + "\n", "resolv=ok\n", "lo=up\n", "hello from the host\n"} {
+	for _, want := range []string{"addr=" + netnstest.Addr + "/24\n", "gw=" + netnstest.Gateway + "\n", "resolv=ok\n", "replaced=ok\n", "lo=up\n", "hello from the host\n"} {
 		if !strings.Contains(o.stdout, want) {
 			t.Errorf("stdout lacks %q: %q", want, o.stdout)
 		}

@@ -127,7 +127,7 @@ func writeResolvConf(log *logger, dns []string) {
 		fmt.Fprintf(&b, "nameserver %s\n", d)
 	}
 	content := []byte(b.String())
-	err := os.WriteFile("/etc/resolv.conf", content, 0o644)
+	err := writeRegularFile("/etc/resolv.conf", content)
 	if err == nil {
 		return
 	}
@@ -149,4 +149,45 @@ func bindResolvConf(content []byte) error {
 		return err
 	}
 	return unix.Mount("/run/krun/resolv.conf", "/etc/resolv.conf", "", unix.MS_BIND, "")
+}
+
+// writeRegularFile writes content to name (a file of the root, following
+// symbolic links as any program would), creating it when missing, without
+// opening anything but a regular file: a FIFO would block PID 1 for good
+// (nothing opens its other end), a device may act on open. As openFile:
+// the path is opened O_PATH, checked, and reopened through /proc/self/fd.
+func writeRegularFile(name string, content []byte) error {
+	fd, err := unix.Open(name, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) {
+		// O_EXCL|O_NOFOLLOW: whatever appeared meanwhile is not opened.
+		f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o644)
+		if err != nil {
+			return err
+		}
+		return writeClose(f, content)
+	}
+	if err != nil {
+		return &os.PathError{Op: "open", Path: name, Err: err}
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return &os.PathError{Op: "stat", Path: name, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fmt.Errorf("%s: not a regular file", name)
+	}
+	f, err := os.OpenFile("/proc/self/fd/"+strconv.Itoa(fd), os.O_WRONLY|os.O_TRUNC|unix.O_NOCTTY, 0)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return writeClose(f, content)
+}
+
+func writeClose(f *os.File, content []byte) error {
+	_, err := f.Write(content)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
