@@ -93,6 +93,19 @@ func TestSignalFrame(t *testing.T) {
 	}
 }
 
+// TestSignalBeforeStart: a SIGNAL sent while the guest still boots (the
+// host writes it as soon as it is connected) reaches the command once it
+// has started; it was dropped, and the command ran to its end.
+func TestSignalBeforeStart(t *testing.T) {
+	o := run(t, guest{cfg: initconfig.New("sleep", "20"),
+		session: func(t *testing.T, h *host) {
+			if err := h.w.WriteSignal(15); err != nil {
+				t.Error(err)
+			}
+		}})
+	o.checkFinished(t, 128+15)
+}
+
 // TestCommandNotFound: 127 with a message on stderr; the command never
 // started, so there is no second milestone.
 func TestCommandNotFound(t *testing.T) {

@@ -43,6 +43,9 @@ type stdio struct {
 	execHandler  func(stdioframe.Frame) // set before the root is set up
 	// A window size that came before the command started.
 	pendingWinsize *[2]uint16
+	// The signals that came before the command started (bit N-1 for
+	// signal N), for runCommand to send once it is exec'd.
+	keptSigs uint64
 
 	// killAll sends a signal to every process but init (SIGNAL_ALL);
 	// nil: kill(-1, sig).
@@ -147,23 +150,30 @@ func (s *stdio) readLoop() {
 		select {
 		case <-s.started:
 		default:
-			// Before the command: a window size is kept for it, a
-			// signal has nobody to go to; input waits (the host holds
-			// a container's input until START).
+			// Before the command: a window size and a signal are
+			// kept for it (krun-core forwards a SIGTERM that comes
+			// while the guest boots: dropping it would let the
+			// command run as if it had never come), a SIGNAL_ALL has
+			// nobody to go to; input waits (the host holds a
+			// container's input until START).
 			switch fr.Type {
-			case stdioframe.Winsize:
-				rows, cols := fr.Winsize()
+			case stdioframe.Winsize, stdioframe.Signal:
 				s.mu.Lock()
 				select {
 				case <-s.started: // setSink ran meanwhile: deliver it
 					s.mu.Unlock()
 				default:
-					s.pendingWinsize = &[2]uint16{rows, cols}
+					if fr.Type == stdioframe.Winsize {
+						rows, cols := fr.Winsize()
+						s.pendingWinsize = &[2]uint16{rows, cols}
+					} else {
+						s.keptSigs |= 1 << (fr.Signal() - 1) // 1-64: the reader checks
+					}
 					s.mu.Unlock()
 					continue
 				}
-			case stdioframe.Signal, stdioframe.SignalAll:
-				s.log.Printf("signal %d before the command started: dropped", fr.Signal())
+			case stdioframe.SignalAll:
+				s.log.Printf("signal %d for every process before the command started: dropped", fr.Signal())
 				continue
 			}
 		}
@@ -218,6 +228,23 @@ func (s *stdio) setSink(k sink) {
 		s.sink = k
 		close(s.started)
 	})
+}
+
+// keptSignals returns, once, the signals that came for the command before
+// it started (setSink), each once, lowest first (as the kernel delivers
+// pending standard signals).
+func (s *stdio) keptSignals() []int {
+	s.mu.Lock()
+	m := s.keptSigs
+	s.keptSigs = 0
+	s.mu.Unlock()
+	var out []int
+	for n := 1; n <= stdioframe.MaxSignal; n++ {
+		if m&(1<<(n-1)) != 0 {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // startRequested is closed when the host sends START.

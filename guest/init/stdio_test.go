@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -27,7 +28,7 @@ func (k *recSink) signal(sig int)            { k.signals <- sig }
 
 // TestSignalAll: a SIGNAL_ALL frame goes to every process (kill -1), not
 // to the command alone, and only once the command runs: before, it is
-// dropped like a SIGNAL.
+// dropped (a SIGNAL is kept for the command: TestSignalBeforeStart).
 func TestSignalAll(t *testing.T) {
 	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 	if err != nil {
@@ -123,5 +124,55 @@ func TestWinsizeAroundStart(t *testing.T) {
 	}
 	if lost > 0 {
 		t.Errorf("the window size was lost in %d of %d starts", lost, n)
+	}
+}
+
+// TestSignalBeforeStart: a SIGNAL that comes before the command has
+// started (krun-core forwards a SIGTERM or ^C while the guest boots) is
+// kept for the command, each signal once, and not handed to the sink
+// (which would signal the launcher, not yet the command). It was dropped,
+// and the command then ran as if krun-core had never been signalled.
+func TestSignalBeforeStart(t *testing.T) {
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &stdio{log: &logger{out: devNull}, f: r, started: make(chan struct{}), ack: make(chan struct{}), startReq: make(chan struct{})}
+	done := make(chan struct{})
+	go func() { s.readLoop(); close(done) }()
+	defer func() { r.Close(); w.Close(); <-done }()
+	hw := stdioframe.NewWriter(w)
+	for _, sig := range []uint8{15, 2, 15, 64} {
+		if err := hw.WriteSignal(sig); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hw.WriteFrame(stdioframe.CloseAck, nil)
+	select {
+	case <-s.ack:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the frames were not read")
+	}
+	k := newRecSink()
+	s.setSink(k)
+	hw.WriteSignal(1) // after the start: to the sink
+	select {
+	case sig := <-k.signals:
+		if sig != 1 {
+			t.Errorf("the sink got signal %d first, want 1 (the kept ones are not its)", sig)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("SIGNAL after the start not delivered")
+	}
+	if got, want := s.keptSignals(), []int{2, 15, 64}; !slices.Equal(got, want) {
+		t.Errorf("kept signals %v, want %v", got, want)
+	}
+	if got := s.keptSignals(); len(got) != 0 {
+		t.Errorf("kept signals a second time: %v", got)
 	}
 }
