@@ -184,6 +184,25 @@ func TestValidateRejects(t *testing.T) {
 	}
 }
 
+// TestProcessValidateRejectsNoID: an exec request's uid or gid
+// 4294967295 is (uid_t)-1, "unchanged" to setresuid and setresgid: the
+// program would run with root's ids instead of failing.
+func TestProcessValidateRejectsNoID(t *testing.T) {
+	for name, p := range map[string]Process{
+		"uid":   {Args: []string{"id"}, Cwd: "/", UID: 1<<32 - 1},
+		"gid":   {Args: []string{"id"}, Cwd: "/", UID: 1000, GID: 1<<32 - 1},
+		"group": {Args: []string{"id"}, Cwd: "/", UID: 1000, AdditionalGIDs: []uint32{1<<32 - 1}},
+	} {
+		if err := p.Validate(); err == nil || !strings.Contains(err.Error(), "4294967295") {
+			t.Errorf("%s: Validate = %v, want a refusal of id 4294967295", name, err)
+		}
+	}
+	good := Process{Args: []string{"id"}, Cwd: "/", UID: 1<<32 - 2, GID: 1<<32 - 2}
+	if err := good.Validate(); err != nil {
+		t.Errorf("uid and gid 4294967294: %v", err)
+	}
+}
+
 func ptr[T any](v T) *T { return &v }
 
 func TestParseOptions(t *testing.T) {

@@ -387,6 +387,9 @@ func (p *Process) Validate() error {
 	if _, err := CleanPath("exec: cwd", p.Cwd); err != nil {
 		return err
 	}
+	if err := initconfig.ValidIDs(p.UID, p.GID, p.AdditionalGIDs); err != nil {
+		return invalid("exec: %v", err)
+	}
 	seen := map[string]bool{}
 	for i, rl := range p.Rlimits {
 		name, err := initconfig.CanonicalRlimit(rl.Type)

@@ -337,6 +337,10 @@ func launcherMain() {
 			fail(initconfig.StatusInitFailed, "%v", err)
 		}
 	}
+	// (uid_t)-1 would leave the ids unchanged (root's): never run so.
+	if err := initconfig.ValidIDs(spec.UID, spec.GID, spec.Groups); err != nil {
+		fail(initconfig.StatusInitFailed, "%v", err)
+	}
 	groups := make([]int, len(spec.Groups))
 	for i, g := range spec.Groups {
 		groups[i] = int(g)

@@ -13,6 +13,7 @@ import (
 	"io"
 	"net/netip"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -223,6 +224,22 @@ func checkAbs(what, p string) error {
 	return nil
 }
 
+// NoID is (uid_t)-1, which setresuid and setresgid take as "leave
+// unchanged", and setgroups refuses: a program given it as its uid would
+// keep root's.
+const NoID = 1<<32 - 1
+
+// ValidIDs refuses NoID as a uid, gid or supplementary group.
+func ValidIDs(uid, gid uint32, groups []uint32) error {
+	if uid == NoID {
+		return fmt.Errorf("uid %d is no user's (it is (uid_t)-1)", uid)
+	}
+	if gid == NoID || slices.Contains(groups, NoID) {
+		return fmt.Errorf("gid %d is no group's (it is (gid_t)-1)", uint32(NoID))
+	}
+	return nil
+}
+
 // Validate checks every field; the error names the first bad one.
 func (c *Config) Validate() error {
 	if c.Version != Version {
@@ -247,6 +264,9 @@ func (c *Config) Validate() error {
 	}
 	if err := checkAbs("workdir", c.Workdir); err != nil {
 		return err
+	}
+	if err := ValidIDs(c.UID, c.GID, c.AdditionalGIDs); err != nil {
+		return invalid("%v", err)
 	}
 	seen := map[string]bool{}
 	for i, rl := range c.Rlimits {

@@ -85,6 +85,11 @@ func TestValidateRejects(t *testing.T) {
 		{"non-UTF-8 workdir", func(c *Config) { c.Workdir = "/caf\xe9" }, "workdir"},
 		{"non-UTF-8 mount", func(c *Config) { c.Mounts = []Mount{{Type: "virtiofs", Source: "a", Target: "/\xff"}} }, "target"},
 		{"non-UTF-8 tag", func(c *Config) { c.Root.Tag = "r\xff" }, "root tag"},
+		// (uid_t)-1 is "unchanged" to setresuid: the command would
+		// keep root's ids.
+		{"uid -1", func(c *Config) { c.UID = 1<<32 - 1 }, "uid 4294967295"},
+		{"gid -1", func(c *Config) { c.GID = 1<<32 - 1 }, "gid 4294967295"},
+		{"group -1", func(c *Config) { c.AdditionalGIDs = []uint32{5, 1<<32 - 1} }, "gid 4294967295"},
 		{"env no =", func(c *Config) { c.Env = []string{"FOO"} }, "env[0]"},
 		{"env empty key", func(c *Config) { c.Env = []string{"=x"} }, "env[0]"},
 		{"relative workdir", func(c *Config) { c.Workdir = "tmp" }, "workdir"},
