@@ -5,6 +5,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -22,6 +23,9 @@ type ptyIO struct {
 	pid    int
 	wg     sync.WaitGroup
 	drain  drainer
+	// ended is set by finish: input is no longer written (the command
+	// has exited; what it left behind may hold the terminal unread).
+	ended atomic.Bool
 }
 
 func newPtyIO(in *initProc, ws *initconfig.Winsize, out func([]byte)) (*ptyIO, error) {
@@ -66,6 +70,9 @@ func (p *ptyIO) started(pid int) {
 
 func (p *ptyIO) stdin(b []byte) error {
 	_, err := p.master.Write(b)
+	if err != nil && p.ended.Load() {
+		return nil // the command has exited: its input goes nowhere
+	}
 	return err
 }
 
@@ -96,6 +103,12 @@ func (p *ptyIO) signal(sig int) { forwardSignal(p.in.log, p.pid, sig) }
 
 // finish drains the master until every slave is closed (EIO).
 func (p *ptyIO) finish() {
+	// A write of input the command never read may be blocked on a full
+	// terminal that a leftover process still holds: it holds the stdio
+	// reader, which must go on to read CLOSE_ACK (a pipe's stdin is
+	// closed instead). The deadline ends it and every later write.
+	p.ended.Store(true)
+	p.master.SetWriteDeadline(time.Now())
 	p.drain.start(p.master, time.Now())
 	p.wg.Wait()
 }
