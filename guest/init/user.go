@@ -56,7 +56,7 @@ func resolveUser(spec string, passwd, group func() (io.ReadCloser, error)) (*ide
 	uid, numericUser, _ := initconfig.ParseID(userPart)
 	var ent *passwdEntry
 	err := scanAccounts(passwd, "/etc/passwd", 7, func(f []string) bool {
-		if len(f) < 6 || f[0] == "" {
+		if len(f) < 7 || f[0] == "" { // musl skips a line without all 7
 			return true
 		}
 		u, ok1 := parseIDField(f[2])

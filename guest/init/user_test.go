@@ -89,6 +89,12 @@ func TestResolveUser(t *testing.T) {
 		{name: "name without passwd", spec: "alice", noPasswd: true, wantErr: `no user "alice"`},
 		{name: "malformed line is not a user", spec: "broken", passwd: testPasswd, wantErr: `no user "broken"`},
 		{name: "short line is not a user", spec: "short", passwd: testPasswd, wantErr: `no user "short"`},
+		// Six fields (no shell): musl skips the line, as RUN.md says.
+		{name: "six fields is not a user", spec: "six", passwd: "six:x:5:5:gecos:/home/six\n", wantErr: `no user "six"`},
+		{name: "six fields is not a uid's entry", spec: "5", passwd: "six:x:5:5:gecos:/home/six\n",
+			want: &identity{uid: 5, gid: 0, home: "/"}},
+		{name: "seven fields, empty shell", spec: "seven", passwd: "seven:x:5:5:gecos:/home/seven:\n",
+			want: &identity{uid: 5, gid: 5, home: "/home/seven"}},
 		{name: "NIS line is not a user", spec: "+nis", passwd: testPasswd, wantErr: "not allowed"},
 		{name: "unknown group", spec: "alice:nogroup", passwd: testPasswd, group: testGroup, wantErr: `no group "nogroup"`},
 		{name: "group with bad gid", spec: "alice:badgid", passwd: testPasswd, group: testGroup, wantErr: `no group "badgid"`},
