@@ -472,10 +472,14 @@ func (in *initProc) runCommand() int {
 // PID 1 (SIGINT on ctrl-alt-del, SIGTERM, SIGHUP, SIGPIPE): Go's default
 // for some of them is to exit, and PID 1 must not. Catching instead of
 // ignoring matters: an ignored signal stays ignored across exec, a caught
-// one does not.
+// one does not. The synchronous ones (SIGSEGV, SIGBUS, SIGFPE, SIGILL,
+// SIGTRAP, and SIGABRT, SIGSTKFLT, SIGSYS) crash a Go program with a
+// stack dump when another process sends them (kill -ABRT 1); caught, only
+// the sent ones are: a fault of init's own still panics.
 func ignoreInitSignals() {
 	ch := make(chan os.Signal, 16)
-	signal.Notify(ch, unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGPIPE, unix.SIGUSR1, unix.SIGUSR2, unix.SIGQUIT)
+	signal.Notify(ch, unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGPIPE, unix.SIGUSR1, unix.SIGUSR2, unix.SIGQUIT,
+		unix.SIGABRT, unix.SIGSEGV, unix.SIGBUS, unix.SIGFPE, unix.SIGILL, unix.SIGTRAP, unix.SIGSTKFLT, unix.SIGSYS)
 	go func() {
 		for range ch {
 		}
