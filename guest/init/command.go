@@ -299,6 +299,9 @@ func launcherMain() {
 		if err := container.EnterRoot(spec.Root, spec.Cwd); err != nil {
 			fail(initconfig.StatusInitFailed, "%v", err)
 		}
+		// A container's process without HOME gets its user's, as
+		// under runc (docker and containerd leave it to the runtime).
+		spec.Env = withHome(spec.Env, spec.UID, openFile("/etc/passwd"))
 	}
 	if spec.Path == "" {
 		pathEnv := initconfig.DefaultPath

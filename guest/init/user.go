@@ -218,3 +218,20 @@ func openFile(name string) func() (io.ReadCloser, error) {
 		}{io.LimitReader(f, min(st.Size, maxAccountFile+1)), f}, nil
 	}
 }
+
+// withHome returns env with HOME set when it has none, as runc does for a
+// container's process: the home of uid in the root's /etc/passwd, or /
+// when it has no entry (or the file cannot be read).
+func withHome(env []string, uid uint32, passwd func() (io.ReadCloser, error)) []string {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "HOME=") {
+			return env
+		}
+	}
+	home := "/"
+	noGroups := func() (io.ReadCloser, error) { return nil, os.ErrNotExist }
+	if id, err := resolveUser(strconv.FormatUint(uint64(uid), 10), passwd, noGroups); err == nil {
+		home = id.home
+	}
+	return append(env, "HOME="+home)
+}

@@ -210,3 +210,32 @@ func FuzzResolveUser(f *testing.F) {
 		}
 	})
 }
+
+// TestWithHome: a container's program without HOME gets its user's home
+// from the root's /etc/passwd, or / without an entry, as runc sets it; a
+// HOME given (even empty) stays.
+func TestWithHome(t *testing.T) {
+	tests := []struct {
+		name   string
+		env    []string
+		uid    uint32
+		passwd string
+		noFile bool
+		want   []string
+	}{
+		{"from passwd", []string{"PATH=/bin"}, 1000, testPasswd, false, []string{"PATH=/bin", "HOME=/home/alice"}},
+		{"root", nil, 0, testPasswd, false, []string{"HOME=/root"}},
+		{"no entry", []string{"A=1"}, 4242, testPasswd, false, []string{"A=1", "HOME=/"}},
+		{"no passwd", nil, 1000, "", true, []string{"HOME=/"}},
+		{"entry without home", nil, 1002, testPasswd, false, []string{"HOME=/"}},
+		{"given", []string{"HOME=/srv"}, 1000, testPasswd, false, []string{"HOME=/srv"}},
+		{"given empty", []string{"HOME="}, 1000, testPasswd, false, []string{"HOME="}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := withHome(tt.env, tt.uid, fileOf(tt.passwd, tt.noFile)); !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("withHome(%q, %d) = %q, want %q", tt.env, tt.uid, got, tt.want)
+			}
+		})
+	}
+}
