@@ -93,6 +93,21 @@ func TestSignalFrame(t *testing.T) {
 	}
 }
 
+// TestDevLinks: /dev/stdout and its kin exist, as on any system with udev
+// and under runc: devtmpfs lacks them, and echo >/dev/stdout made a
+// regular file in /dev, so the output never reached the host.
+func TestDevLinks(t *testing.T) {
+	o := run(t, guest{cfg: initconfig.New("sh", "-c", `echo out >/dev/stdout; echo err >/dev/stderr; read x </dev/stdin; echo "in=$x"; ls /dev/fd/ >/dev/null && echo fd=ok`),
+		session: func(t *testing.T, h *host) {
+			h.w.WriteData(stdioframe.Stdin, []byte("hi\n"))
+			h.w.WriteFrame(stdioframe.StdinEOF, nil)
+		}})
+	o.checkFinished(t, 0)
+	if o.stdout != "out\nin=hi\nfd=ok\n" || o.stderr != "err\n" {
+		t.Errorf("stdout %q, stderr %q", o.stdout, o.stderr)
+	}
+}
+
 // TestSignalBeforeStart: a SIGNAL sent while the guest still boots (the
 // host writes it as soon as it is connected) reaches the command once it
 // has started; it was dropped, and the command ran to its end.

@@ -208,5 +208,20 @@ func (in *initProc) setupRoot() error {
 	if err := unix.Chdir("/"); err != nil {
 		return fmt.Errorf("chdir /: %w", err)
 	}
+	devLinks(in.log)
 	return nil
+}
+
+// devLinks makes the links udev makes and devtmpfs lacks, as runc's
+// default devices have them: /dev/fd, /dev/stdin, /dev/stdout and
+// /dev/stderr (without them, echo >/dev/stdout made a file in /dev and
+// the output never reached the host), and /dev/ptmx's companion is the
+// devpts one already. A name that exists is left alone.
+func devLinks(log *logger) {
+	for _, l := range [][2]string{{"/dev/fd", "/proc/self/fd"}, {"/dev/stdin", "/proc/self/fd/0"},
+		{"/dev/stdout", "/proc/self/fd/1"}, {"/dev/stderr", "/proc/self/fd/2"}} {
+		if err := os.Symlink(l[1], l[0]); err != nil && !errors.Is(err, os.ErrExist) {
+			log.Printf("link %s: %v", l[0], err)
+		}
+	}
 }
