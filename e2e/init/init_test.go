@@ -108,6 +108,20 @@ func TestDevLinks(t *testing.T) {
 	}
 }
 
+// TestStdioOwnedByUser: a command run as another user can open its own
+// standard I/O again (/dev/stdout, /proc/self/fd/N: what images that log
+// to /dev/stdout do), as under runc, which hands the descriptors to the
+// user: pipes and the terminal are made by root with mode 0600 and 0620.
+func TestStdioOwnedByUser(t *testing.T) {
+	cfg := initconfig.New("sh", "-c", `echo out >/dev/stdout && echo err >/dev/stderr && echo ok`)
+	cfg.UID, cfg.GID = 1000, 1000
+	o := run(t, guest{cfg: cfg})
+	o.checkFinished(t, 0)
+	if o.stdout != "out\nok\n" || o.stderr != "err\n" {
+		t.Errorf("stdout %q, stderr %q", o.stdout, o.stderr)
+	}
+}
+
 // TestSignalBeforeStart: a SIGNAL sent while the guest still boots (the
 // host writes it as soon as it is connected) reaches the command once it
 // has started; it was dropped, and the command ran to its end.

@@ -344,6 +344,10 @@ func launcherMain() {
 	if err := initconfig.ValidIDs(spec.UID, spec.GID, spec.Groups); err != nil {
 		fail(initconfig.StatusInitFailed, "%v", err)
 	}
+	// Hand the standard I/O to the user, as runc does
+	// (fixStdioPermissions): pipes are made 0600 and the pty 0620 by
+	// root, and a program opening /dev/stdout again would get EACCES.
+	giveStdio(spec.UID)
 	groups := make([]int, len(spec.Groups))
 	for i, g := range spec.Groups {
 		groups[i] = int(g)
@@ -369,6 +373,26 @@ func launcherMain() {
 		code = initconfig.StatusNotFound
 	}
 	fail(code, "%s: %v", spec.Args[0], err)
+}
+
+// giveStdio makes uid the owner of descriptors 0, 1 and 2 (the group
+// stays), as runc does before it switches to the user: the command can
+// then open them again through /dev/stdout or /proc/self/fd. /dev/null
+// and what uid owns already are left alone, and so is a descriptor the
+// kernel will not change (runc's choice too).
+func giveStdio(uid uint32) {
+	var null unix.Stat_t
+	nullErr := unix.Stat("/dev/null", &null)
+	for fd := 0; fd <= 2; fd++ {
+		var st unix.Stat_t
+		if unix.Fstat(fd, &st) != nil || st.Uid == uid {
+			continue
+		}
+		if nullErr == nil && st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == null.Rdev {
+			continue
+		}
+		_ = unix.Fchown(fd, int(uid), int(st.Gid))
+	}
 }
 
 // commandIO is the command's standard I/O as PID 1 sees it.
