@@ -541,10 +541,22 @@ func (m *machine) attach(d *pluginDevice, regions []frontend.MemRegion) error {
 	// A ring the back-end stopped on its own (it signalled the ring's
 	// error eventfd): a plugin is asked whether it failed (monitor); an
 	// external back-end cannot be, and the ring serves nothing more
-	// either way, so the device needs a reset.
-	if d.external != nil {
+	// either way, so the device needs a reset. With reconnect= only once
+	// the back-end has had time to go away: one that failed on its own
+	// may be replaced (another krun-core serve restarts its plugin, which
+	// ends the connection), and the new one takes the ring over where it
+	// was; a reset needed by then would outlive that (no live ring to
+	// hand over), and a Linux guest never resets for it. A replacement
+	// (Resume) or the driver's reset meanwhile makes the late report
+	// stale: QueueBroken does nothing then.
+	switch {
+	case d.external != nil && d.reconnect == 0:
 		cfg.OnQueueError = func(q int) { d.dev.QueueBroken(q) }
-	} else {
+	case d.external != nil:
+		cfg.OnQueueError = func(q int) {
+			time.AfterFunc(externalQueueErrorGrace, func() { d.dev.QueueBroken(q) })
+		}
+	default:
 		cfg.OnQueueError = func(q int) {
 			select {
 			case d.queueErr <- q:
@@ -671,6 +683,14 @@ func (d *pluginDevice) checkHealth(ctx context.Context) error {
 	}
 	return nil
 }
+
+// externalQueueErrorGrace is how long an external back-end with
+// reconnect= that signalled a ring's error eventfd has to go away (and be
+// replaced) before its device is made to need a reset: krun-core serve
+// notices its plugin's failure at its next health check
+// (pluginhost.HealthInterval), or gives up on one that does not answer
+// (pluginhost.HealthTimeout), and restarts it. A variable for the tests.
+var externalQueueErrorGrace = pluginhost.HealthInterval + pluginhost.HealthTimeout
 
 // maxQueueErrors bounds the reports of failed rings waiting for monitor
 // (a device has at most 256 queues).
