@@ -629,7 +629,7 @@ func (d *pluginDevice) monitor(ctx context.Context) {
 		return
 	}
 	defer close(d.monitorDone)
-	health := time.NewTicker(pluginhost.HealthInterval)
+	health := time.NewTicker(healthInterval)
 	defer health.Stop()
 	for {
 		var why error
@@ -662,6 +662,10 @@ func (d *pluginDevice) monitor(ctx context.Context) {
 		}
 	}
 }
+
+// healthInterval is how often monitor asks a plugin's Health
+// (pluginhost.HealthInterval); a variable for the tests.
+var healthInterval = pluginhost.HealthInterval
 
 // checkHealth asks the plugin for its state: nil while it serves.
 func (d *pluginDevice) checkHealth(ctx context.Context) error {
