@@ -369,22 +369,44 @@ func New(cfg Config) (*Device, error) {
 
 // watchErrors waits for the back-end to signal ring i's error eventfd,
 // until Close closes it, and reports a signal that came while the ring was
-// live (Config.OnQueueError).
+// live (Config.OnQueueError). The eventfd is read under the device's lock,
+// and stopQueueLocked drains it once the back-end has confirmed the stop
+// (a back-end signals before that): a signal about a ring the driver
+// stopped since is never taken for one about the ring it started next.
 func (d *Device) watchErrors(i int, f *os.File) {
 	defer d.watchers.Done()
-	var b [8]byte
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
 	for {
-		// A non-blocking eventfd: the read waits in Go's poller.
-		if _, err := f.Read(b[:]); err != nil {
-			return // closed (Close), or unreadable: nothing more comes
+		report, stop := false, false
+		// A non-blocking eventfd: Read waits in Go's poller while the
+		// function returns false.
+		err := rc.Read(func(fd uintptr) bool {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if d.closing {
+				stop = true
+				return true
+			}
+			var b [8]byte
+			if _, err := unix.Read(int(fd), b[:]); err != nil {
+				if err == unix.EAGAIN || err == unix.EINTR {
+					return false // drained meanwhile: wait for the next
+				}
+				stop = true // unreadable: nothing more comes
+				return true
+			}
+			q := &d.queues[i]
+			if q.live && d.failed == nil && !d.suspended && d.guestErr == nil {
+				q.errSeen, report = true, true
+			}
+			return true
+		})
+		if err != nil || stop {
+			return // closed (Close), or unreadable
 		}
-		d.mu.Lock()
-		q := &d.queues[i]
-		report := q.live && d.failed == nil && !d.suspended && d.guestErr == nil && !d.closing
-		if report {
-			q.errSeen = true
-		}
-		d.mu.Unlock()
 		if report {
 			d.cfg.OnQueueError(i)
 		}
@@ -405,16 +427,25 @@ func (d *Device) Close() error {
 	d.closing = true
 	d.stopBy = time.Time{}
 	d.stopAllLocked()
+	var errFDs []*os.File
 	for i := range d.queues {
 		q := &d.queues[i]
-		for _, f := range []*os.File{q.kick, q.call, q.errFD} {
+		for _, f := range []*os.File{q.kick, q.call} {
 			if f != nil {
 				f.Close()
 			}
 		}
+		if q.errFD != nil {
+			errFDs = append(errFDs, q.errFD)
+		}
 		q.kick, q.call, q.errFD = nil, nil, nil
 	}
 	d.mu.Unlock()
+	// Closed without the lock: a watcher reads under it, and a close
+	// waits for a read under way to return.
+	for _, f := range errFDs {
+		f.Close()
+	}
 	d.watchers.Wait() // their reads end with the close
 	return nil
 }
@@ -815,6 +846,9 @@ func (d *Device) stopQueueLocked(i int) {
 		return
 	}
 	q.live, q.errSeen = false, false
+	// A signal about this ring is in the eventfd by the time the
+	// back-end confirms the stop: gone with it (watchErrors).
+	defer drain(q.errFD)
 	d.cfg.Wiring.UnregisterIOEventFD(d.cfg.Base+RegQueueNotify, 4, uint64(i), int(q.kick.Fd()))
 	d.cfg.Wiring.UnregisterIRQFD(int(q.call.Fd()), d.cfg.GSI)
 	if d.failed != nil {

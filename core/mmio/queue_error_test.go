@@ -146,3 +146,36 @@ func TestQueueBrokenWithoutOwner(t *testing.T) {
 		t.Fatalf("status %#x", st)
 	}
 }
+
+// TestQueueErrorAcrossRestartIsStale (from review): a signal the back-end
+// gave for a ring the driver then stopped and started again is about the
+// old ring, and must not be reported against the new one, whoever runs
+// first. The watcher read the eventfd without the device's lock and only
+// then looked at the ring under it: a signal read while the driver's stop
+// held the lock, with the driver's start in before the watcher got it,
+// made the new ring need a reset (here both in one hold of the lock, which
+// the driver's two accesses give when the watcher loses the lock between
+// them).
+func TestQueueErrorAcrossRestartIsStale(t *testing.T) {
+	r, errs := queueErrorRig(t)
+	r.d.mu.Lock()
+	signal(t, r.b.queues[0].Err)
+	time.Sleep(100 * time.Millisecond) // the watcher wakes meanwhile
+	r.d.stopQueueLocked(0)
+	r.d.startQueueLocked(0)
+	r.d.mu.Unlock()
+	select {
+	case q := <-errs:
+		t.Fatalf("OnQueueError(%d) for a signal from before the ring's restart", q)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if r.d.QueueBroken(0) {
+		t.Fatal("QueueBroken(0) acted on a signal from before the ring's restart")
+	}
+	// A signal for the new ring is reported.
+	signal(t, r.b.queues[0].Err)
+	waitQueueError(t, errs, 0)
+	if !r.d.QueueBroken(0) {
+		t.Fatal("QueueBroken(0) after a signal for the live ring did nothing")
+	}
+}
