@@ -353,11 +353,13 @@ func (s *server) Start(_ context.Context, req *pluginpb.StartRequest) (*pluginpb
 // reconnect=), which then cannot recover the device at all. The ring stays
 // stopped until the front-end starts it again, at the driver's next device
 // reset, as QEMU's own devices stay broken until one (virtio_error); the
-// back-end warns (one spaced line) and signals the ring's error eventfd
-// (krun-core's run then gives the device DEVICE_NEEDS_RESET), and the
-// other rings go on. Firmware can leave such a ring behind: a driver that set a disk up
-// and handed over to the kernel without resetting it, whose ring memory
-// the kernel reuses before its own driver resets the device.
+// back-end warns (one spaced line) and signals the ring's error eventfd,
+// and the plugin's other rings go on serving (krun-core's run then gives
+// the device DEVICE_NEEDS_RESET, which stops them too, as the virtio spec
+// has it; QEMU's vhost-user front-ends only log the signal). Firmware can
+// leave such a ring behind: a driver that set a disk up and handed over to
+// the kernel without resetting it, whose ring memory the kernel reuses
+// before its own driver resets the device.
 func (s *server) ringFailed(queue int, err error) {
 	if errors.Is(err, virtq.ErrQueueBroken) {
 		return // the back-end's warning says so, once

@@ -1197,9 +1197,10 @@ func (d *Device) QueueBroken(i int) bool {
 	if !q.errSeen || !q.live || d.failed != nil || d.suspended || d.closing {
 		return false
 	}
+	acted := d.guestErr == nil
 	d.needsResetLocked(fmt.Errorf("queue %d: the back-end stopped serving it (the driver broke the ring)", i),
 		"the back-end stopped a queue the driver broke; the device needs a reset")
-	return d.guestErr != nil
+	return acted
 }
 
 // NeedsReset returns the driver's mistake that made the device need a
