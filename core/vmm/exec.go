@@ -141,6 +141,8 @@ func (c *Context) SetUserSpec(spec string) error {
 // isHome reports whether the environment entry kv sets HOME.
 func isHome(kv string) bool { return strings.HasPrefix(kv, "HOME=") }
 
+func isTerm(kv string) bool { return strings.HasPrefix(kv, "TERM=") }
+
 // mergeEnv appends env to base, one entry per name: the last one given.
 func mergeEnv(base, env []string) []string {
 	return initconfig.UniqueEnv(append(slices.Clone(base), env...))
@@ -430,6 +432,13 @@ func (c *Context) prepareExec() error {
 	if e.cfg.User != "" && !e.envHome {
 		// krun-init sets the user's own.
 		e.cfg.Env = slices.DeleteFunc(e.cfg.Env, isHome)
+	}
+	if e.tty && e.container == nil && !slices.ContainsFunc(e.cfg.Env, isTerm) {
+		// A terminal without TERM leaves curses programs (vi, top, less)
+		// unable to drive it: xterm, as docker and podman run -t set it
+		// (a type every terminfo has; --env TERM=... names another). An
+		// OCI config's environment is the engine's, which sets it.
+		e.cfg.Env = append(e.cfg.Env, "TERM=xterm")
 	}
 	if !e.noLookup {
 		if _, err := LookupInRoot(e.root, e.cfg.Workdir, e.cfg.Args[0], e.cfg.Env); err != nil {
