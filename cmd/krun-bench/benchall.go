@@ -184,7 +184,9 @@ func benchAll(args []string, stdout, stderr io.Writer) int {
 			return fail("work directory: %v", err)
 		}
 		defer os.RemoveAll(cfg.Dir)
-	} else if st, err := os.Stat(cfg.Dir); err != nil || !st.IsDir() {
+	} else if st, err := os.Stat(cfg.Dir); err != nil {
+		return fail("--dir: %v", err)
+	} else if !st.IsDir() {
 		return fail("--dir %s: not a directory", cfg.Dir)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)

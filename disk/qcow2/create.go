@@ -120,7 +120,7 @@ func buildImage(o CreateOptions) ([]byte, int64, error) {
 	}
 	l1Entries := h.l1Needed()
 	if l1Entries*8 > maxL1Bytes {
-		return nil, 0, fmt.Errorf("virtual size %d needs an L1 table of %d bytes (limit %d); use larger clusters", size, l1Entries*8, maxL1Bytes)
+		return nil, 0, fmt.Errorf("virtual size %d needs an L1 table of %d bytes (limit %d)%s", size, l1Entries*8, maxL1Bytes, largerClusters(h.clusterBits, "use"))
 	}
 	l1c := divRoundUp(l1Entries*8, cs)
 	E := h.refblockEntries()
@@ -218,4 +218,13 @@ func buildImage(o CreateOptions) ([]byte, int64, error) {
 		return nil, 0, fmt.Errorf("internal error: created header does not parse: %w", err)
 	}
 	return buf, int64(total * cs), nil
+}
+
+// largerClusters is the hint for a size whose L1 table is over the limit:
+// larger clusters, when there are any (verb: "use" or "convert to").
+func largerClusters(clusterBits uint32, verb string) string {
+	if clusterBits >= maxClusterBits {
+		return " even with the largest clusters (2 MiB)"
+	}
+	return "; " + verb + " larger clusters"
 }

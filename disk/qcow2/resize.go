@@ -113,7 +113,7 @@ func resizeWith(f *os.File, size int64, opts Options, hook func(step string) err
 	cs := h.clusterSize()
 	need := divRoundUp(uint64(size), cs*h.l2Entries())
 	if need*8 > maxL1Bytes {
-		return fmt.Errorf("new size %d needs an L1 table of %d bytes (limit %d); convert to larger clusters", size, need*8, maxL1Bytes)
+		return fmt.Errorf("new size %d needs an L1 table of %d bytes (limit %d)%s", size, need*8, maxL1Bytes, largerClusters(h.clusterBits, "convert to"))
 	}
 	// Nothing may be built on corruption; leaks are harmless.
 	res, err := Check(f, RepairNone)
