@@ -203,6 +203,16 @@ head -n 1 /tmp/rootdies.err | grep -q '^krun-core run: the root file system (vir
 	e2e_fail "rootdies: stderr does not start with the line that says the root file system failed"
 [ "$(wc -l </tmp/rootdies.err)" = 1 ] || e2e_fail "rootdies: stderr has more than that one line"
 echo "root dies ok"
+
+# The reader of krun-core's stdout goes away (| head -1): the command gets
+# SIGPIPE, as a pipeline's writer does, and the run ends with its status
+# (it went on for ever, its output dropped).
+rc=0
+e2e_bounded 240 /tmp/headone.log sh -c "{ krun-core run --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 --root /r -- /bin/yes; echo \$? >/tmp/headone.rc; } | head -1 >/tmp/headone.out" || rc=$?
+sed 's/^/headone| /' /tmp/headone.log | tail -20
+[ "$(cat /tmp/headone.rc)" = 141 ] || e2e_fail "headone: krun-core exit $(cat /tmp/headone.rc), want 141"
+[ "$(cat /tmp/headone.out)" = y ] || e2e_fail "headone: got '$(head -c 100 /tmp/headone.out)'"
+echo "head -1 ok"
 echo "outer checks ok"
 `
 
@@ -228,7 +238,7 @@ func TestRun(t *testing.T) {
 		Timeout: 12 * time.Minute,
 		Script:  "KERNEL=" + kernel + "\n" + rootSetup + runScript,
 	})
-	for _, want := range []string{"basic rc=7", "killed rc=137", "run privileges ok", "root dies ok", "outer checks ok"} {
+	for _, want := range []string{"basic rc=7", "killed rc=137", "run privileges ok", "root dies ok", "head -1 ok", "outer checks ok"} {
 		if !strings.Contains(r.Console, want) {
 			t.Errorf("outer console lacks %q", want)
 		}

@@ -144,7 +144,12 @@ func (b *Bridge) fromGuest() error {
 
 // write writes guest output to one of the files. After a write error
 // (the reader went away) the stream's further output is dropped, so the
-// guest is never blocked by it.
+// guest is never blocked by it. A broken pipe (`krun-core run -- yes |
+// head -1`) is also told to the command as a pipe tells its writer, with
+// SIGPIPE: dropping alone left a command that writes for ever running,
+// and run with it. The signal goes on a goroutine of its own (once a
+// stream), so that a guest that reads nothing cannot stall its output
+// behind it.
 func (b *Bridge) write(w io.Writer, ok *atomic.Bool, name string, p []byte) {
 	if w == nil || !ok.Load() {
 		return
@@ -152,6 +157,13 @@ func (b *Bridge) write(w io.Writer, ok *atomic.Bool, name string, p []byte) {
 	if _, err := w.Write(p); err != nil {
 		ok.Store(false)
 		b.log.Warn("writing the guest program's output failed; dropping the rest of it", "stream", name, "error", err)
+		if errors.Is(err, unix.EPIPE) {
+			go func() {
+				if err := b.w.WriteSignal(uint8(unix.SIGPIPE)); err != nil {
+					b.log.Debug("SIGPIPE for a broken stream", "stream", name, "error", err)
+				}
+			}()
+		}
 	}
 }
 
