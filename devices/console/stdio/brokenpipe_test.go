@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/stdioframe"
 )
 
@@ -142,5 +145,57 @@ func TestBrokenPipeSignalDoesNotBlock(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the guest's output blocked behind the SIGPIPE for a broken stdout")
+	}
+}
+
+// The same for an exec'd program (krun-oci exec hands the caller's own
+// files to the plugin): a broken pipe on its stdout gets it one
+// EXEC_SIGNAL SIGPIPE, before the acknowledgement of the output that
+// failed; its other stream is unaffected.
+func TestExecBrokenPipeSignalsTheProgram(t *testing.T) {
+	plugin, core := controlPair(t)
+	r := newRig(t, nil, plugin)
+	r.next(t) // STDIN_EOF
+	e := newExecFiles(t)
+	rec, err := devopts.ExecRecord(7, []byte(`{}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendRecord(t, core, rec, e.send)
+	if f := r.next(t); f.Type != stdioframe.Exec {
+		t.Fatalf("frame %v, want EXEC", f.Type)
+	}
+	e.stdoutR.Close() // the reader went away (| head -1)
+	r.guestW.WriteExec(stdioframe.ExecStdout, 7, []byte("y\n"))
+	r.guestW.WriteExec(stdioframe.ExecStdout, 7, []byte("y\n"))
+	r.guestW.WriteExec(stdioframe.ExecStderr, 7, []byte("e\n"))
+	// Runs of one stream may join (one acknowledgement for both "y\n"):
+	// what counts is one SIGPIPE, before any acknowledgement, and all 6
+	// bytes acknowledged.
+	var signals []uint8
+	acked := 0
+	for acked < 6 {
+		f := r.next(t)
+		if f.ExecID() != 7 {
+			t.Fatalf("frame %v for exec %d, want exec 7", f.Type, f.ExecID())
+		}
+		switch f.Type {
+		case stdioframe.ExecSignal:
+			if acked != 0 {
+				t.Errorf("EXEC_SIGNAL after %d bytes acknowledged, want it before", acked)
+			}
+			signals = append(signals, f.ExecByte())
+		case stdioframe.ExecOutputAck:
+			acked += int(f.Ack())
+		default:
+			t.Fatalf("frame %v", f.Type)
+		}
+	}
+	if len(signals) != 1 || signals[0] != uint8(unix.SIGPIPE) {
+		t.Errorf("signals %v, want one SIGPIPE (%d)", signals, unix.SIGPIPE)
+	}
+	r.guestW.WriteExec(stdioframe.ExecExit, 7, []byte{141})
+	if b := readAllTimeout(t, e.stderrR); string(b) != "e\n" {
+		t.Errorf("stderr %q", b)
 	}
 }

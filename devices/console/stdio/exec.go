@@ -247,6 +247,14 @@ func (s *execSession) writeOutput() {
 		if *ok {
 			if _, err := w.Write(data); err != nil {
 				*ok = false // the reader went away: drop the rest of this stream
+				if errors.Is(err, unix.EPIPE) {
+					// And tell the program, as a pipe tells its writer
+					// (`krun-oci exec c yes | head -1` ran for ever).
+					if err := s.b.w.WriteExec(stdioframe.ExecSignal, s.id, []byte{byte(unix.SIGPIPE)}); err != nil {
+						s.abort()
+						return
+					}
+				}
 			}
 		}
 		s.mu.Lock()
