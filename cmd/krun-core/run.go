@@ -84,6 +84,7 @@ path=a,,b.img, as in QEMU):
 // boots --kernel (with --initrd, --disk ...) and exits 0 when the guest
 // powers off or reboots.
 func runCommand(args []string, stdout, stderr io.Writer) int {
+	catchSIGPIPE()
 	fs := cli.NewFlags("krun-core run", runSynopsis)
 	var (
 		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel make kernel fetched)")
@@ -348,6 +349,19 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return res.ExitStatus
 	}
 	return 0
+}
+
+// catchSIGPIPE makes krun-core's writes to a stdout or stderr whose
+// reader went away (`krun-core run -- CMD 2>&1 | head -1`) fail with EPIPE
+// instead of killing it: Go's runtime turns EPIPE on descriptor 1 or 2
+// into death by SIGPIPE unless the program handles the signal, and
+// krun-core's own lines (its error, --timing, the guest console's tail,
+// an error logged while the guest runs) share stderr with the command; it
+// died without its tear-down, with 141 for status and the terminal left
+// raw (found in review). Caught, not ignored: an ignored signal would stay
+// ignored in the plugins and passt that krun-core starts.
+func catchSIGPIPE() {
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 }
 
 // stopOnSignal returns a context cancelled by SIGINT, SIGTERM or SIGHUP,
