@@ -32,9 +32,10 @@ const (
 	markerFile = ".krun-oci"
 )
 
-// newSuffix names a state directory being made (Create), followed by the
-// creating process's pid: not a valid ID, so nothing lists or opens it.
-const newSuffix = "~new-"
+// newPrefix names a state directory being made (Create), followed by the
+// creating process's pid and a random part: not a valid ID ('~'), so
+// nothing lists or opens it.
+const newPrefix = "~new-"
 
 // maxIDLen bounds a container ID (it becomes a directory name).
 const maxIDLen = 255
@@ -136,9 +137,10 @@ func (s *Store) Create(id string) (*Container, error) {
 	// Made under another name with its marker, then renamed into place
 	// without replacing anything: the directory never has its ID's name
 	// without the marker.
-	tmp := dir + newSuffix + strconv.Itoa(os.Getpid())
-	_ = os.RemoveAll(tmp) // what a create of this pid that died left
-	if err := os.Mkdir(tmp, 0o700); err != nil {
+	// The temporary name does not hold the ID: an ID may be as long as
+	// a file name can be (255 bytes), with no room for a suffix.
+	tmp, err := os.MkdirTemp(s.Root, newPrefix+strconv.Itoa(os.Getpid())+"-")
+	if err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	if err := os.WriteFile(filepath.Join(tmp, markerFile), nil, 0o600); err != nil {
