@@ -159,9 +159,20 @@ func bindResolvConf(content []byte) error {
 func writeRegularFile(name string, content []byte) error {
 	fd, err := unix.Open(name, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENOENT) {
-		// O_EXCL|O_NOFOLLOW: whatever appeared meanwhile is not opened.
-		f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o644)
+		// Missing, or a dangling link (resolv.conf -> /run/...), which
+		// is followed and its target made, as before. O_NONBLOCK: a
+		// FIFO that appeared meanwhile fails (ENXIO) instead of
+		// blocking; truncated only once it is found regular.
+		f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|unix.O_NONBLOCK|unix.O_NOCTTY, 0o644)
 		if err != nil {
+			return err
+		}
+		if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+			f.Close()
+			return fmt.Errorf("%s: not a regular file", name)
+		}
+		if err := f.Truncate(0); err != nil {
+			f.Close()
 			return err
 		}
 		return writeClose(f, content)

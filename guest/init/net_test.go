@@ -29,9 +29,16 @@ func TestWriteRegularFile(t *testing.T) {
 	if err := os.Symlink("old", filepath.Join(dir, "to-old")); err != nil {
 		t.Fatal(err)
 	}
+	// A dangling link (/etc/resolv.conf -> /run/resolv.conf, its
+	// directory there) is followed and its target made, as by any
+	// program's open(O_CREAT).
+	if err := os.Symlink("made", filepath.Join(dir, "to-missing")); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name, path, read, wantErr string
 	}{
+		{name: "dangling link", path: "to-missing", read: "made"},
 		{name: "fifo", path: "fifo", wantErr: "not a regular file"},
 		{name: "link to fifo", path: "to-fifo", wantErr: "not a regular file"},
 		{name: "device", path: "/dev/null", wantErr: "not a regular file"},
