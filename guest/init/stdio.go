@@ -153,11 +153,15 @@ func (s *stdio) readLoop() {
 			// Before the command: a window size and a signal are
 			// kept for it (krun-core forwards a SIGTERM that comes
 			// while the guest boots: dropping it would let the
-			// command run as if it had never come), a SIGNAL_ALL has
-			// nobody to go to; input waits (the host holds a
-			// container's input until START).
+			// command run as if it had never come); a SIGNAL_ALL
+			// goes to the processes there are (exec'd ones) and is
+			// kept for the command too (krun-oci sends one only
+			// after START, and the command may not have started
+			// yet: `start` then `kill --all ID KILL` was lost);
+			// input waits (the host holds a container's input until
+			// START).
 			switch fr.Type {
-			case stdioframe.Winsize, stdioframe.Signal:
+			case stdioframe.Winsize, stdioframe.Signal, stdioframe.SignalAll:
 				s.mu.Lock()
 				select {
 				case <-s.started: // setSink ran meanwhile: deliver it
@@ -170,11 +174,11 @@ func (s *stdio) readLoop() {
 						s.keptSigs |= 1 << (fr.Signal() - 1) // 1-64: the reader checks
 					}
 					s.mu.Unlock()
+					if fr.Type == stdioframe.SignalAll {
+						s.signalAll(int(fr.Signal()))
+					}
 					continue
 				}
-			case stdioframe.SignalAll:
-				s.log.Printf("signal %d for every process before the command started: dropped", fr.Signal())
-				continue
 			}
 		}
 		<-s.started

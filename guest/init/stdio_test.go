@@ -27,8 +27,10 @@ func (k *recSink) winsize(rows, cols uint16) { k.ws <- [2]uint16{rows, cols} }
 func (k *recSink) signal(sig int)            { k.signals <- sig }
 
 // TestSignalAll: a SIGNAL_ALL frame goes to every process (kill -1), not
-// to the command alone, and only once the command runs: before, it is
-// dropped (a SIGNAL is kept for the command: TestSignalBeforeStart).
+// to the command alone. One that comes before the command runs (krun-oci
+// sends it only after START: `start` then `kill --all ID KILL`) goes to
+// the processes there are and is kept for the command, as a SIGNAL is
+// (TestSignalBeforeStart); it was dropped, and the command ran on.
 func TestSignalAll(t *testing.T) {
 	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 	if err != nil {
@@ -54,7 +56,7 @@ func TestSignalAll(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	must(hw.WriteSignalAll(15)) // before the command: dropped
+	must(hw.WriteSignalAll(15)) // before the command: kept for it too
 	k := newRecSink()
 	// The frame above is read before the sink is set: a CLOSE_ACK
 	// behind it says when.
@@ -80,8 +82,11 @@ func TestSignalAll(t *testing.T) {
 	for sig := range killed {
 		got = append(got, sig)
 	}
-	if len(got) != 1 || got[0] != 9 {
-		t.Errorf("signals to every process: %v, want [9] (none before the command started)", got)
+	if !slices.Equal(got, []int{15, 9}) {
+		t.Errorf("signals to every process: %v, want [15 9]", got)
+	}
+	if kept := s.keptSignals(); !slices.Equal(kept, []int{15}) {
+		t.Errorf("signals kept for the command: %v, want [15] (the SIGNAL_ALL before it started)", kept)
 	}
 }
 
