@@ -480,10 +480,10 @@ func (in *initProc) runCommand() int {
 	}
 	if len(res.launchMsg) == 0 {
 		in.ports.milestone(initconfig.MilestoneExec)
-		// Signals that came before the start go to the command now
+		// Signals that came before the exec go to the command now
 		// that it runs (not to the launcher, which a SIGQUIT would
-		// make print Go's goroutine dump), as runc forwards what it
-		// caught while starting the container.
+		// make print Go's goroutine dump and the others kill), as
+		// runc forwards what it caught while starting the container.
 		for _, sig := range in.stdio.keptSignals() {
 			cio.signal(sig)
 		}

@@ -43,9 +43,13 @@ type stdio struct {
 	execHandler  func(stdioframe.Frame) // set before the root is set up
 	// A window size that came before the command started.
 	pendingWinsize *[2]uint16
-	// The signals that came before the command started (bit N-1 for
-	// signal N), for runCommand to send once it is exec'd.
+	// The signals that came before the command was exec'd (bit N-1 for
+	// signal N), for runCommand to send once it is (keptSignals, which
+	// sets execd: later ones go to the command at once). Between
+	// setSink and the exec the process is krun-init's launcher, which
+	// a signal would kill (or make print Go's goroutine dump).
 	keptSigs uint64
+	execd    bool
 
 	// killAll sends a signal to every process but init (SIGNAL_ALL);
 	// nil: kill(-1, sig).
@@ -200,7 +204,9 @@ func (s *stdio) readLoop() {
 		case stdioframe.Winsize:
 			k.winsize(fr.Winsize())
 		case stdioframe.Signal:
-			k.signal(int(fr.Signal()))
+			if !s.keepUntilExec(fr.Signal()) {
+				k.signal(int(fr.Signal()))
+			}
 		}
 	}
 }
@@ -234,13 +240,27 @@ func (s *stdio) setSink(k sink) {
 	})
 }
 
-// keptSignals returns, once, the signals that came for the command before
-// it started (setSink), each once, lowest first (as the kernel delivers
-// pending standard signals).
+// keepUntilExec keeps sig for the command when it has not been exec'd yet
+// (the launcher runs) and says whether it did.
+func (s *stdio) keepUntilExec(sig uint8) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.execd {
+		return false
+	}
+	s.keptSigs |= 1 << (sig - 1) // 1-64: the reader checks
+	return true
+}
+
+// keptSignals is called once the command is exec'd: it returns the
+// signals that came for it before, each once, lowest first (as the kernel
+// delivers pending standard signals), and from then on SIGNAL goes to the
+// command at once.
 func (s *stdio) keptSignals() []int {
 	s.mu.Lock()
 	m := s.keptSigs
 	s.keptSigs = 0
+	s.execd = true
 	s.mu.Unlock()
 	var out []int
 	for n := 1; n <= stdioframe.MaxSignal; n++ {
