@@ -174,7 +174,16 @@ func (in *initProc) finish(status int) {
 		}
 	}()
 	if in.stdio != nil {
-		in.stdio.close(uint8(status), 5*time.Second)
+		// No time limit: the host acknowledges once it has written out
+		// every earlier byte, which a slow reader of krun-core's
+		// stdout (a slow link, a paused terminal) takes as long as it
+		// takes; a limit cut the last megabyte or so still in the
+		// console's buffers. A host that stops reading holds the exit
+		// as it would hold any writer; a console plugin that fails
+		// ends the run on the host (an essential device); a host
+		// that breaks the protocol or a port that fails ends the wait
+		// (readLoop).
+		in.stdio.close(uint8(status), 0)
 	}
 	// Data on the shares is on the host before the status is: a host
 	// that stops the VM on the status (QEMU's isa-debug-exit does) loses

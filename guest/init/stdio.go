@@ -35,6 +35,10 @@ type stdio struct {
 
 	ack     chan struct{} // closed on CLOSE_ACK
 	ackOnce sync.Once
+	// readDone is closed when readLoop ends (the port failed, or the
+	// host broke the protocol): no CLOSE_ACK can come after it. nil in
+	// tests that do not need it.
+	readDone chan struct{}
 
 	// Containers: START and the exec frames are handled whether or not
 	// the command runs yet.
@@ -101,7 +105,7 @@ func openStdio(log *logger, name string, timeout time.Duration) (*stdio, error) 
 		return nil, fmt.Errorf("open stdio port %s: %w", dev, err)
 	}
 	s := &stdio{log: log, f: f, w: stdioframe.NewWriter(f), started: make(chan struct{}), ack: make(chan struct{}),
-		startReq: make(chan struct{})}
+		startReq: make(chan struct{}), readDone: make(chan struct{})}
 	safeGo(log, "stdio reader", s.readLoop)
 	return s, nil
 }
@@ -123,6 +127,9 @@ func (r portReader) Read(p []byte) (int, error) {
 // readLoop dispatches frames from the host until the port fails or the
 // host breaks the protocol (then it stops reading, as the design says).
 func (s *stdio) readLoop() {
+	if s.readDone != nil {
+		defer close(s.readDone)
+	}
 	r := stdioframe.NewReader(portReader{s.f}, stdioframe.HostToGuest)
 	for {
 		fr, err := r.Next()
@@ -318,12 +325,15 @@ func (s *stdio) write(t stdioframe.Type, p []byte) {
 func (s *stdio) writeStdout(p []byte) { s.write(stdioframe.Stdout, p) }
 func (s *stdio) writeStderr(p []byte) { s.write(stdioframe.Stderr, p) }
 
-// close sends EXIT and CLOSE_REQ and waits up to timeout for CLOSE_ACK,
-// i.e. until the host has written out everything before it.
+// close sends EXIT and CLOSE_REQ and waits for CLOSE_ACK, i.e. until the
+// host has written out everything before it, up to timeout (0: for as long
+// as the port works). It returns early when the port stops being read
+// (readLoop ended: no CLOSE_ACK can come).
 func (s *stdio) close(status uint8, timeout time.Duration) {
 	s.setSink(nil)
-	// A host that stopped reading must not keep the VM from powering off.
-	s.f.SetWriteDeadline(time.Now().Add(timeout))
+	if timeout > 0 {
+		s.f.SetWriteDeadline(time.Now().Add(timeout))
+	}
 	s.write(stdioframe.Exit, []byte{status})
 	s.write(stdioframe.CloseReq, nil)
 	s.mu.Lock()
@@ -332,9 +342,17 @@ func (s *stdio) close(status uint8, timeout time.Duration) {
 	if failed {
 		return
 	}
+	var expired <-chan time.Time
+	if timeout > 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		expired = t.C
+	}
 	select {
 	case <-s.ack:
-	case <-time.After(timeout):
+	case <-s.readDone: // nil (tests): never
+		s.log.Errorf("stdio port: no longer read; no CLOSE_ACK will come")
+	case <-expired:
 		s.log.Errorf("stdio port: no CLOSE_ACK from the host within %v", timeout)
 	}
 }
