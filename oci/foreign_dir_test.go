@@ -2,7 +2,9 @@ package oci
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -106,5 +108,35 @@ func TestDeadCreateIsStillDeleted(t *testing.T) {
 	}
 	if _, err := os.Lstat(filepath.Join(root, "dead")); !os.IsNotExist(err) {
 		t.Fatalf("the dead create's state directory is still there: %v", err)
+	}
+}
+
+// TestCreateSweepsDeadCreates: a create that died between making its
+// temporary directory and renaming it left ~new-PID-... in the root for
+// good; the next create removes those of processes that are gone, and
+// keeps those of a create under way (from review, helper-118).
+func TestCreateSweepsDeadCreates(t *testing.T) {
+	root := t.TempDir()
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	dead := filepath.Join(root, newPrefix+strconv.Itoa(cmd.Process.Pid)+"-123")
+	alive := filepath.Join(root, newPrefix+strconv.Itoa(os.Getpid())+"-456")
+	for _, d := range []string{dead, alive} {
+		if err := os.MkdirAll(filepath.Join(d, "x"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := (&Store{Root: root}).Create("c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Unlock()
+	if _, err := os.Lstat(dead); !os.IsNotExist(err) {
+		t.Errorf("a dead create's temporary directory is still there: %v", err)
+	}
+	if _, err := os.Lstat(alive); err != nil {
+		t.Errorf("a live create's temporary directory was removed: %v", err)
 	}
 }

@@ -139,27 +139,68 @@ func (s *Store) Create(id string) (*Container, error) {
 	// without the marker.
 	// The temporary name does not hold the ID: an ID may be as long as
 	// a file name can be (255 bytes), with no room for a suffix.
+	s.sweepNew()
 	tmp, err := os.MkdirTemp(s.Root, newPrefix+strconv.Itoa(os.Getpid())+"-")
 	if err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(tmp, markerFile), nil, 0o600); err != nil {
+	fail := func(err error) (*Container, error) {
 		os.RemoveAll(tmp)
-		return nil, fmt.Errorf("state directory: %w", err)
-	}
-	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, dir, unix.RENAME_NOREPLACE); err != nil {
-		os.RemoveAll(tmp)
-		if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.ENOTEMPTY) {
-			return nil, fmt.Errorf("container with id %s: %w", id, ErrExist)
-		}
-		return nil, fmt.Errorf("state directory: %w", err)
-	}
-	c, err := lockDir(id, dir)
-	if err != nil {
-		os.Remove(dir)
 		return nil, err
 	}
-	return c, nil
+	if err := os.WriteFile(filepath.Join(tmp, markerFile), nil, 0o600); err != nil {
+		return fail(fmt.Errorf("state directory: %w", err))
+	}
+	// Locked before it takes its name (the lock goes with the
+	// directory), so no delete can take it between the rename and the
+	// lock.
+	f, err := os.OpenFile(tmp, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return fail(fmt.Errorf("state directory: %w", err))
+	}
+	if err := flockRetry(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return fail(fmt.Errorf("lock state directory: %w", err))
+	}
+	err = unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, dir, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) {
+		// A file system without RENAME_NOREPLACE (NFS, some FUSE): a
+		// plain rename, which replaces no directory that holds
+		// anything, and the check above saw no entry of that name.
+		err = os.Rename(tmp, dir)
+	}
+	if err != nil {
+		f.Close()
+		if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.ENOTEMPTY) {
+			return fail(fmt.Errorf("container with id %s: %w", id, ErrExist))
+		}
+		return fail(fmt.Errorf("state directory: %w", err))
+	}
+	return &Container{ID: id, Dir: dir, lock: f}, nil
+}
+
+// sweepNew removes what creates that died left under their temporary names
+// (newPrefix, the pid, a random suffix): only those of processes that no
+// longer exist, so a create under way keeps its own.
+func (s *Store) sweepNew() {
+	ents, err := os.ReadDir(s.Root)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), newPrefix)
+		if !ok || !e.IsDir() {
+			continue
+		}
+		pidStr, _, ok := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if !ok || err != nil || pid <= 0 {
+			continue
+		}
+		if unix.Kill(pid, 0) == unix.ESRCH {
+			os.RemoveAll(filepath.Join(s.Root, e.Name()))
+		}
+	}
 }
 
 // Open locks an existing container's state directory and reads its
