@@ -89,6 +89,10 @@ const (
 	// frames unread), so a batch it has not taken in this long will not
 	// be taken.
 	txStallLimit = 30 * time.Second
+	// txCheckGap: Check calls further apart than this (krun-core asks
+	// every 2 s) mean the process did not run meanwhile; a stall is
+	// counted again from the later one.
+	txCheckGap = 10 * time.Second
 )
 
 // Config describes one network device.
@@ -126,11 +130,20 @@ type Device struct {
 	txBatchBytes  uint64
 	// txUndo ends the previous tx ring's stop interruption (interruptOn).
 	txUndo func()
-	// txWriteSince is when the write to passt in progress began (Unix
-	// nanoseconds; 0 when none is): Check finds a passt that stopped
-	// reading by it. txStallLimit is how long one may take.
-	txWriteSince atomic.Int64
+	// txWrites counts the starts and ends of writes to passt: odd while
+	// one is in progress, and its value names it. Check finds a passt that
+	// stopped reading by it (stall*, under checkMu): a write seen in
+	// progress by Check calls no further apart than txCheckGap for longer
+	// than txStallLimit. Check's own clock, not the write's start: a
+	// frozen process (a paused container, a suspended host) sees a gap
+	// between its checks and starts counting again.
+	txWrites     atomic.Uint64
 	txStallLimit time.Duration
+	txCheckGap   time.Duration
+	checkMu      sync.Mutex
+	stallWrite   uint64    // the write in progress Check last saw (0: none)
+	stallFrom    time.Time // when Check first saw it, counting again after a gap
+	lastCheck    time.Time
 
 	stats Stats
 	// closing is set by Close: the reader's error is then ours, not a
@@ -177,7 +190,7 @@ func New(cfg Config) (*Device, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	d := &Device{mtu: mtu, conn: conn, log: log, txStallLimit: txStallLimit}
+	d := &Device{mtu: mtu, conn: conn, log: log, txStallLimit: txStallLimit, txCheckGap: txCheckGap}
 	copy(d.mac[:], cfg.MAC)
 	d.linkUp.Store(true)
 	maxFrame := d.maxFrame()
@@ -397,13 +410,32 @@ func (h *txHandler) Drained() { h.d.flushTx(h.ctx) }
 // restarts on otherwise). The plugin then reports itself failed, and
 // krun-core restarts it with a new passt, the hung one killed.
 func (d *Device) Check() error {
-	if since := d.txWriteSince.Load(); since != 0 {
-		if waited := time.Since(time.Unix(0, since)); waited > d.txStallLimit {
-			return fmt.Errorf("passt has not read a frame for %v (hung?)", waited.Round(time.Second))
-		}
+	if err := d.checkStall(); err != nil {
+		return err
 	}
 	if !d.linkUp.Load() && !d.closing.Load() {
 		return errors.New("the connection to passt is lost (link down)")
+	}
+	return nil
+}
+
+// checkStall is Check's part for a write to passt that does not end.
+func (d *Device) checkStall() error {
+	now := time.Now() // monotonic
+	w := d.txWrites.Load()
+	d.checkMu.Lock()
+	defer d.checkMu.Unlock()
+	gap := !d.lastCheck.IsZero() && now.Sub(d.lastCheck) > d.txCheckGap
+	d.lastCheck = now
+	switch {
+	case w%2 == 0:
+		d.stallWrite = 0
+	case w != d.stallWrite || gap:
+		d.stallWrite, d.stallFrom = w, now
+	default:
+		if waited := now.Sub(d.stallFrom); waited > d.txStallLimit {
+			return fmt.Errorf("passt has not read a frame for %v (hung?)", waited.Round(time.Second))
+		}
 	}
 	return nil
 }
@@ -499,9 +531,9 @@ func (d *Device) flushTx(ctx context.Context) {
 	if len(d.txBatch) == 0 {
 		return
 	}
-	d.txWriteSince.Store(time.Now().UnixNano())
+	d.txWrites.Add(1) // odd: in progress
 	_, err := d.conn.Write(d.txBatch)
-	d.txWriteSince.Store(0)
+	d.txWrites.Add(1)
 	frames, bytes := d.txBatchFrames, d.txBatchBytes
 	d.txBatch, d.txBatchFrames, d.txBatchBytes = d.txBatch[:0], 0, 0
 	if err != nil {

@@ -104,3 +104,43 @@ func TestCheckAfterClose(t *testing.T) {
 		t.Fatalf("Check after Close: %v", err)
 	}
 }
+
+// TestCheckNotAfterAGap: checks further apart than txCheckGap mean the
+// process did not run in between (a paused container, a suspended host):
+// a write seen across such a gap is counted again from the later check,
+// so a pause longer than txStallLimit is not taken for a hung passt.
+func TestCheckNotAfterAGap(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	passt := os.NewFile(uintptr(fds[1]), "passt") // not read until the end
+	dev, err := New(Config{MAC: stdnet.HardwareAddr{0x52, 0x54, 0, 1, 2, 3}, Conn: os.NewFile(uintptr(fds[0]), "dev")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	dev.txStallLimit, dev.txCheckGap = 100*time.Millisecond, 50*time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		for i := 0; i < 64 && ctx.Err() == nil; i++ {
+			dev.txBatch = append(dev.txBatch[:0], make([]byte, 64<<10)...)
+			dev.txBatchFrames = 1
+			dev.flushTx(ctx)
+		}
+	}()
+	for dev.txWrites.Load()%2 == 0 || dev.txWrites.Load() < 5 {
+		time.Sleep(10 * time.Millisecond) // until a write blocks
+	}
+	for range 8 {
+		time.Sleep(120 * time.Millisecond) // every check after a gap
+		if err := dev.Check(); err != nil {
+			t.Fatalf("Check after a gap: %v", err)
+		}
+	}
+	passt.Close() // the writes end (EPIPE)
+	<-wrote
+}
