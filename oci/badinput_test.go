@@ -3,6 +3,7 @@ package oci
 // Bad input to krun-oci: one line, and nothing left behind (from review).
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -182,19 +183,39 @@ func TestConfigJSONNotRegular(t *testing.T) {
 // blocked in open(2) for ever, as config.json did (from review,
 // helper-114).
 func TestProcessFileNotRegular(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "process.json")
-	if err := syscall.Mkfifo(p, 0o644); err != nil {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "process.json")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { _, err := loadProcess(p); done <- err }()
-	select {
-	case err := <-done:
-		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
-			t.Errorf("--process FIFO: %v, want it refused as not a regular file", err)
+	// A pipe with a writer, as `--process /dev/stdin` is (runc reads it).
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	go func() {
+		w.Write([]byte(`{"args":["/bin/true"],"cwd":"/"}`))
+		w.Close()
+	}()
+	for _, tc := range []struct {
+		name, path, want string // want: "" for a process read
+	}{
+		{"FIFO nobody writes", fifo, "unexpected end of JSON input"},
+		{"pipe with a writer", fmt.Sprintf("/proc/self/fd/%d", r.Fd()), ""},
+		{"character device", os.DevNull, "character device, not a regular file or a pipe"},
+		{"directory", dir, "not a regular file or a pipe"},
+	} {
+		done := make(chan error, 1)
+		go func() { _, err := loadProcess(tc.path); done <- err }()
+		select {
+		case err := <-done:
+			if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+				t.Errorf("--process %s (%s): %v, want %q", tc.path, tc.name, err, tc.want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("--process %s (%s): still blocked after 5 s", tc.path, tc.name)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("--process FIFO: still blocked after 5 s")
 	}
 }
 

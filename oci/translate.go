@@ -552,8 +552,11 @@ func readHostFile(p string, max int64) ([]byte, error) {
 }
 
 func readSmallFile(p string, max int64) ([]byte, error) {
-	// O_NONBLOCK and a regular file only: a FIFO blocked open(2) for
-	// ever (exec --process FIFO).
+	// O_NONBLOCK: a FIFO that nobody writes blocked open(2) for ever
+	// (exec --process FIFO). A regular file, or a pipe (`--process
+	// /dev/stdin`, which runc reads too): opened so, a pipe without a
+	// writer reads as empty at once, and one with a writer is read
+	// (through Go's poller) to its end.
 	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, unwrapPath(err)
@@ -561,8 +564,8 @@ func readSmallFile(p string, max int64) ([]byte, error) {
 	defer f.Close()
 	if st, err := f.Stat(); err != nil {
 		return nil, unwrapPath(err)
-	} else if !st.Mode().IsRegular() {
-		return nil, errors.New("not a regular file")
+	} else if !st.Mode().IsRegular() && st.Mode()&os.ModeNamedPipe == 0 {
+		return nil, fmt.Errorf("a %s, not a regular file or a pipe", fileKind(st.Mode()))
 	}
 	return readAtMost(f, max)
 }
