@@ -41,33 +41,49 @@ func TestRunOnBrokenStderrHelperProcess(t *testing.T) {
 		fmt.Println("dup3:", err)
 		os.Exit(2)
 	}
-	code := dispatch([]string{"run", "--root", "/nonexistent/krun-core-test-root", "--", "/bin/true"}, os.Stdout, os.Stderr)
+	args := []string{"run", "--root", "/nonexistent/krun-core-test-root", "--", "/bin/true"}
+	if os.Getenv(brokenStderrHelperEnv) == "serve" {
+		args = []string{"serve", "--socket", "/nonexistent/krun-core-test.sock", "--disk", "path=/nonexistent/krun-core-test.img,format=raw"}
+	}
+	code := dispatch(args, os.Stdout, os.Stderr)
 	fmt.Printf("status %d\n", code)
 	os.Exit(0)
 }
 
 func TestRunOnBrokenStderrKeepsItsStatus(t *testing.T) {
-	cmd := exec.Command(os.Args[0], "-test.run=^TestRunOnBrokenStderrHelperProcess$", "-test.count=1")
-	cmd.Env = append(os.Environ(), brokenStderrHelperEnv+"=1")
-	var out strings.Builder
-	cmd.Stdout = &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	var err error
-	select {
-	case err = <-done:
-	case <-time.After(60 * time.Second):
-		cmd.Process.Kill()
-		<-done
-		t.Fatal("helper did not finish within 60 s")
-	}
-	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		t.Fatalf("krun-core run died of %v writing its error line to a stderr whose reader went away (want: its own status, 125)", ws.Signal())
-	}
-	if err != nil || !strings.Contains(out.String(), fmt.Sprintf("status %d", exitRunFailed)) {
-		t.Fatalf("helper: %v; stdout %q, want status %d", err, out.String(), exitRunFailed)
+	for _, tc := range []struct {
+		cmd  string
+		want int
+	}{
+		{"run", exitRunFailed},
+		// serve too: a service whose log pipe broke (a restarted
+		// journald) must not die of its next log line.
+		{"serve", 1},
+	} {
+		t.Run(tc.cmd, func(t *testing.T) {
+			cmd := exec.Command(os.Args[0], "-test.run=^TestRunOnBrokenStderrHelperProcess$", "-test.count=1")
+			cmd.Env = append(os.Environ(), brokenStderrHelperEnv+"="+tc.cmd)
+			var out strings.Builder
+			cmd.Stdout = &out
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			var err error
+			select {
+			case err = <-done:
+			case <-time.After(60 * time.Second):
+				cmd.Process.Kill()
+				<-done
+				t.Fatal("helper did not finish within 60 s")
+			}
+			if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+				t.Fatalf("krun-core %s died of %v writing its error line to a stderr whose reader went away (want: its own status, %d)", tc.cmd, ws.Signal(), tc.want)
+			}
+			if err != nil || !strings.Contains(out.String(), fmt.Sprintf("status %d", tc.want)) {
+				t.Fatalf("helper: %v; stdout %q, want status %d", err, out.String(), tc.want)
+			}
+		})
 	}
 }

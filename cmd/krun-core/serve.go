@@ -215,6 +215,11 @@ func (o *serveOptions) launchConfig(log hclog.Logger) *sandbox.LaunchConfig {
 
 // serveCommand implements `krun-core serve`.
 func serveCommand(args []string, stdout, stderr io.Writer) int {
+	// A log pipe whose reader went away (a restarted journald, a
+	// `serve ... 2>&1 | tee` that ended) must not end the service by
+	// SIGPIPE on its next log line: as run (and systemd's IgnoreSIGPIPE
+	// for services).
+	catchSIGPIPE()
 	fail := func(err error) int {
 		fmt.Fprintf(stderr, "krun-core serve: %s\n", serveOneLine(err))
 		return 1
