@@ -59,6 +59,19 @@ type stdio struct {
 	// nil: kill(-1, sig).
 	killAll func(sig int) error
 
+	// The command's input: readLoop queues STDIN frames here and
+	// stdinLoop writes them to the sink, acknowledging each (STDIN_ACK),
+	// so that readLoop never waits on a command that does not read its
+	// input; the host sends at most StdinWindow bytes unacknowledged.
+	inOnce    sync.Once
+	inMu      sync.Mutex
+	inCond    *sync.Cond
+	inQ       [][]byte
+	inQueued  int
+	inEOF     bool // STDIN_EOF came: after the queue, the sink's EOF
+	inClosed  bool // the port is no longer read: nothing more comes
+	inOverrun bool // logged once
+
 	mu       sync.Mutex
 	writeErr error // the first write failure; later output is dropped
 }
@@ -130,6 +143,8 @@ func (s *stdio) readLoop() {
 	if s.readDone != nil {
 		defer close(s.readDone)
 	}
+	safeGo(s.log, "stdin writer", s.stdinLoop)
+	defer s.closeStdin()
 	r := stdioframe.NewReader(portReader{s.f}, stdioframe.HostToGuest)
 	for {
 		fr, err := r.Next()
@@ -143,6 +158,12 @@ func (s *stdio) readLoop() {
 		}
 		if fr.Type == stdioframe.CloseAck {
 			s.ackOnce.Do(func() { close(s.ack) })
+			continue
+		}
+		if fr.Type == stdioframe.Stdin || fr.Type == stdioframe.StdinEOF {
+			// Queued whether or not the command runs yet (the host
+			// holds a container's input until START).
+			s.queueStdin(fr)
 			continue
 		}
 		if fr.Type == stdioframe.Start {
@@ -202,18 +223,90 @@ func (s *stdio) readLoop() {
 			continue
 		}
 		switch fr.Type {
-		case stdioframe.Stdin:
-			if err := k.stdin(fr.Payload); err != nil {
-				s.log.Printf("stdin: %v", err)
-			}
-		case stdioframe.StdinEOF:
-			k.stdinEOF()
 		case stdioframe.Winsize:
 			k.winsize(fr.Winsize())
 		case stdioframe.Signal:
 			if !s.keepUntilExec(fr.Signal()) {
 				k.signal(int(fr.Signal()))
 			}
+		}
+	}
+}
+
+// in returns the condition stdinLoop waits on.
+func (s *stdio) in() *sync.Cond {
+	s.inOnce.Do(func() { s.inCond = sync.NewCond(&s.inMu) })
+	return s.inCond
+}
+
+// queueStdin queues a STDIN frame's data (a copy: the reader reuses its
+// buffer) or STDIN_EOF for stdinLoop. Data beyond the window (a host that
+// ignores the acknowledgements) or after STDIN_EOF is dropped.
+func (s *stdio) queueStdin(fr stdioframe.Frame) {
+	c := s.in()
+	s.inMu.Lock()
+	defer s.inMu.Unlock()
+	defer c.Broadcast()
+	if fr.Type == stdioframe.StdinEOF {
+		s.inEOF = true
+		return
+	}
+	if s.inEOF || s.inQueued+len(fr.Payload) > stdioframe.StdinWindow {
+		if !s.inOverrun {
+			s.inOverrun = true
+			s.log.Errorf("stdio port: the host sent input past its window or its end; input dropped")
+		}
+		return
+	}
+	if len(fr.Payload) > 0 {
+		s.inQ = append(s.inQ, append([]byte(nil), fr.Payload...))
+		s.inQueued += len(fr.Payload)
+	}
+}
+
+// closeStdin tells stdinLoop that nothing more comes (readLoop ended): it
+// writes out what is queued and ends, without an end of input.
+func (s *stdio) closeStdin() {
+	c := s.in()
+	s.inMu.Lock()
+	s.inClosed = true
+	c.Broadcast()
+	s.inMu.Unlock()
+}
+
+// stdinLoop writes the queued input to the sink once the command has one
+// (setSink), acknowledging each piece once written (or dropped, without a
+// sink), then the end of input.
+func (s *stdio) stdinLoop() {
+	<-s.started
+	c := s.in()
+	for {
+		s.inMu.Lock()
+		for len(s.inQ) == 0 && !s.inEOF && !s.inClosed {
+			c.Wait()
+		}
+		if len(s.inQ) == 0 {
+			eof := s.inEOF
+			s.inMu.Unlock()
+			if k := s.sink; eof && k != nil {
+				k.stdinEOF()
+			}
+			return
+		}
+		p := s.inQ[0]
+		s.inQ[0] = nil
+		s.inQ = s.inQ[1:]
+		s.inMu.Unlock()
+		if k := s.sink; k != nil {
+			if err := k.stdin(p); err != nil {
+				s.log.Printf("stdin: %v", err)
+			}
+		}
+		s.inMu.Lock()
+		s.inQueued -= len(p)
+		s.inMu.Unlock()
+		if err := s.w.WriteStdinAck(uint32(len(p))); err != nil {
+			s.log.Printf("stdin: acknowledge: %v", err)
 		}
 	}
 }

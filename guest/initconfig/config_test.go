@@ -72,7 +72,7 @@ func TestValidateRejects(t *testing.T) {
 		mutate func(c *Config)
 		want   string
 	}{
-		{"version", func(c *Config) { c.Version = 2 }, "version"},
+		{"version", func(c *Config) { c.Version = Version + 1 }, "version"},
 		{"no tag", func(c *Config) { c.Root.Tag = "" }, "root tag"},
 		{"long tag", func(c *Config) { c.Root.Tag = strings.Repeat("a", 37) }, "root tag"},
 		{"no args", func(c *Config) { c.Args = nil }, "command is required"},
@@ -242,7 +242,7 @@ func FuzzParse(f *testing.F) {
 		b, _ := c.Marshal()
 		f.Add(b)
 	}
-	f.Add([]byte(`{"version":1}`))
+	f.Add([]byte(`{"version":2}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := Parse(b)
 		if err != nil {

@@ -5,9 +5,13 @@
 //	frame = type u8 | length u32 little-endian | payload (length <= 64 KiB)
 //
 // guest -> host: 1 STDOUT data, 2 STDERR data, 3 EXIT (u8 status),
-// 4 CLOSE_REQ (empty). host -> guest: 16 STDIN data, 17 STDIN_EOF (empty),
-// 18 WINSIZE (rows u16, cols u16, little-endian), 19 CLOSE_ACK (empty),
-// 20 SIGNAL (u8 signal number, 1-64).
+// 4 CLOSE_REQ (empty), 9 STDIN_ACK (u32 bytes of STDIN consumed). host ->
+// guest: 16 STDIN data, 17 STDIN_EOF (empty), 18 WINSIZE (rows u16, cols
+// u16, little-endian), 19 CLOSE_ACK (empty), 20 SIGNAL (u8 signal number,
+// 1-64). STDIN_ACK is a credit: the host sends at most StdinWindow bytes of
+// STDIN the guest has not acknowledged, so krun-init never blocks reading
+// the port on a command that does not read its input, and a SIGNAL or
+// WINSIZE behind that input still arrives.
 //
 // Containers (krun-oci, exec.go): host -> guest 21 START (empty) releases a
 // command that waits for it; the exec frames carry a process id (u32, not
@@ -47,6 +51,7 @@ const (
 	ExecStderr   Type = 6
 	ExecExit     Type = 7
 	ExecStdinAck Type = 8
+	StdinAck     Type = 9
 
 	Stdin         Type = 16
 	StdinEOF      Type = 17
@@ -67,6 +72,10 @@ const (
 // (sent and not acknowledged) in each direction.
 const ExecWindow = 256 << 10
 
+// StdinWindow is how many bytes of the command's stdin may be in flight
+// (sent by the host and not acknowledged by STDIN_ACK).
+const StdinWindow = 256 << 10
+
 // MaxExecData is the largest data chunk of one exec data frame.
 const MaxExecData = MaxPayload - 4
 
@@ -80,7 +89,7 @@ const (
 const MaxSignal = 64
 
 var typeNames = map[Type]string{
-	Stdout: "STDOUT", Stderr: "STDERR", Exit: "EXIT", CloseReq: "CLOSE_REQ",
+	Stdout: "STDOUT", Stderr: "STDERR", Exit: "EXIT", CloseReq: "CLOSE_REQ", StdinAck: "STDIN_ACK",
 	Stdin: "STDIN", StdinEOF: "STDIN_EOF", Winsize: "WINSIZE", CloseAck: "CLOSE_ACK", Signal: "SIGNAL",
 	ExecStdout: "EXEC_STDOUT", ExecStderr: "EXEC_STDERR", ExecExit: "EXEC_EXIT", ExecStdinAck: "EXEC_STDIN_ACK",
 	Start: "START", Exec: "EXEC", ExecStdin: "EXEC_STDIN", ExecStdinEOF: "EXEC_STDIN_EOF",
@@ -114,7 +123,7 @@ func (d Direction) String() string {
 // type.
 func (t Type) Direction() (Direction, bool) {
 	switch t {
-	case Stdout, Stderr, Exit, CloseReq, ExecStdout, ExecStderr, ExecExit, ExecStdinAck:
+	case Stdout, Stderr, Exit, CloseReq, ExecStdout, ExecStderr, ExecExit, ExecStdinAck, StdinAck:
 		return GuestToHost, true
 	case Stdin, StdinEOF, Winsize, CloseAck, Signal, Start, Exec, ExecStdin, ExecStdinEOF, ExecWinsize, ExecSignal, ExecOutputAck, SignalAll:
 		return HostToGuest, true
@@ -130,7 +139,7 @@ func payloadLen(t Type) int {
 		return 1
 	case CloseReq, StdinEOF, CloseAck, Start:
 		return 0
-	case Winsize, ExecStdinEOF:
+	case Winsize, ExecStdinEOF, StdinAck:
 		return 4
 	case ExecExit, ExecSignal:
 		return 5
@@ -249,7 +258,15 @@ func (f Frame) ExecWinsize() (rows, cols uint16) {
 	return binary.LittleEndian.Uint16(f.Payload[4:]), binary.LittleEndian.Uint16(f.Payload[6:])
 }
 
-// Ack returns an acknowledgement frame's byte count.
+// StdinAcked returns a STDIN_ACK frame's byte count.
+func (f Frame) StdinAcked() uint32 {
+	if len(f.Payload) < 4 {
+		return 0
+	}
+	return binary.LittleEndian.Uint32(f.Payload)
+}
+
+// Ack returns an exec acknowledgement frame's byte count.
 func (f Frame) Ack() uint32 {
 	if len(f.Payload) < 8 {
 		return 0
@@ -305,6 +322,10 @@ func (r *Reader) Next() (Frame, error) {
 			err = io.ErrUnexpectedEOF
 		}
 		return Frame{}, err
+	}
+	if t == StdinAck && binary.LittleEndian.Uint32(p) > StdinWindow {
+		r.err = &BadPayloadError{Type: t, Len: n, Reason: "acknowledges more than the window"}
+		return Frame{}, r.err
 	}
 	if (t == Signal || t == SignalAll) && (p[0] == 0 || p[0] > MaxSignal) {
 		r.err = &BadPayloadError{Type: t, Len: n, Reason: fmt.Sprintf("signal %d outside 1-%d", p[0], MaxSignal)}
@@ -405,6 +426,13 @@ func (w *Writer) WriteExecAck(t Type, id, n uint32) error {
 	var p [4]byte
 	binary.LittleEndian.PutUint32(p[:], n)
 	return w.WriteExec(t, id, p[:])
+}
+
+// WriteStdinAck acknowledges n bytes of STDIN.
+func (w *Writer) WriteStdinAck(n uint32) error {
+	var p [4]byte
+	binary.LittleEndian.PutUint32(p[:], n)
+	return w.WriteFrame(StdinAck, p[:])
 }
 
 // WriteExit writes an EXIT frame.

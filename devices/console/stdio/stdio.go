@@ -64,6 +64,15 @@ type Bridge struct {
 
 	startOnce sync.Once
 	started   chan struct{} // closed on START (HoldStdin)
+
+	// The command's stdin goes within the guest's credit (STDIN_ACK):
+	// at most StdinWindow bytes unacknowledged, so the guest never has to
+	// stop reading the port for input its command does not read (a
+	// SIGNAL behind it would wait). inEnded: the port is gone.
+	inMu     sync.Mutex
+	inCond   *sync.Cond
+	inCredit int
+	inEnded  bool
 }
 
 // New returns a bridge; Run starts it.
@@ -72,7 +81,8 @@ func New(cfg Config) *Bridge {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port), started: make(chan struct{})}
+	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port), started: make(chan struct{}), inCredit: stdioframe.StdinWindow}
+	b.inCond = sync.NewCond(&b.inMu)
 	b.stdoutOK.Store(true)
 	b.stderrOK.Store(true)
 	return b
@@ -96,6 +106,7 @@ func (b *Bridge) Run(ctx context.Context) error {
 	go func() {
 		err := b.fromGuest()
 		b.endAllExecs()
+		b.endStdin()
 		errc <- err
 	}()
 	select {
@@ -127,6 +138,11 @@ func (b *Bridge) fromGuest() error {
 			b.write(b.cfg.Stdout, &b.stdoutOK, "stdout", f.Payload)
 		case stdioframe.Stderr:
 			b.write(b.cfg.Stderr, &b.stderrOK, "stderr", f.Payload)
+		case stdioframe.StdinAck:
+			b.inMu.Lock()
+			b.inCredit = min(b.inCredit+int(f.StdinAcked()), stdioframe.StdinWindow)
+			b.inCond.Broadcast()
+			b.inMu.Unlock()
 		case stdioframe.Exit:
 			b.exit.Store(int32(f.Status()) + 1)
 			b.log.Debug("the guest program exited", "status", f.Status())
@@ -167,7 +183,38 @@ func (b *Bridge) write(w io.Writer, ok *atomic.Bool, name string, p []byte) {
 	}
 }
 
-// pumpStdin turns stdin into STDIN frames, then STDIN_EOF.
+// endStdin ends the stdin pump's wait for credit: the port is gone.
+func (b *Bridge) endStdin() {
+	b.inMu.Lock()
+	b.inEnded = true
+	b.inCond.Broadcast()
+	b.inMu.Unlock()
+}
+
+// sendStdin sends p as STDIN frames within the guest's credit, waiting for
+// acknowledgements as needed; false once the port is gone.
+func (b *Bridge) sendStdin(p []byte) bool {
+	for len(p) > 0 {
+		b.inMu.Lock()
+		for b.inCredit == 0 && !b.inEnded {
+			b.inCond.Wait()
+		}
+		n, ended := min(b.inCredit, len(p)), b.inEnded
+		b.inCredit -= n
+		b.inMu.Unlock()
+		if ended {
+			return false
+		}
+		if err := b.w.WriteData(stdioframe.Stdin, p[:n]); err != nil {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
+}
+
+// pumpStdin turns stdin into STDIN frames, within the guest's credit,
+// then STDIN_EOF.
 func (b *Bridge) pumpStdin() {
 	if b.cfg.HoldStdin {
 		<-b.started
@@ -177,7 +224,7 @@ func (b *Bridge) pumpStdin() {
 		for {
 			n, err := b.cfg.Stdin.Read(buf)
 			if n > 0 {
-				if werr := b.w.WriteData(stdioframe.Stdin, buf[:n]); werr != nil {
+				if !b.sendStdin(buf[:n]) {
 					return
 				}
 			}

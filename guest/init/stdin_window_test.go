@@ -1,0 +1,104 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/guest/stdioframe"
+)
+
+// stuckSink is a command that does not read its input until released;
+// the rest it records as recSink does.
+type stuckSink struct {
+	*recSink
+	release chan struct{}
+	mu      sync.Mutex
+	got     bytes.Buffer
+}
+
+func (k *stuckSink) stdin(p []byte) error {
+	<-k.release
+	k.mu.Lock()
+	k.got.Write(p)
+	k.mu.Unlock()
+	return nil
+}
+
+// TestSignalNotBehindUnreadInput: the command's input and the host's
+// signals share the port. krun-init wrote each STDIN frame to the command
+// before reading the next frame, so a command that does not read its
+// input (`krun-core run -- sleep 1000 < /dev/zero`) kept every SIGNAL
+// behind it: ^C and SIGTERM never arrived, only the third signal stopped
+// the VM (from review, helper-117). Input is now queued, within the
+// window the host keeps to (STDIN_ACK), and the signal arrives at once;
+// the input reaches the command in order once it reads, each piece
+// acknowledged, then the end of input.
+func TestSignalNotBehindUnreadInput(t *testing.T) {
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	h2gR, h2gW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g2hR, g2hW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g2hR.Close()
+	s := &stdio{log: &logger{out: devNull}, f: h2gR, w: stdioframe.NewWriter(g2hW), started: make(chan struct{}),
+		ack: make(chan struct{}), startReq: make(chan struct{}), execd: true}
+	k := &stuckSink{recSink: newRecSink(), release: make(chan struct{})}
+	s.setSink(k)
+	done := make(chan struct{})
+	go func() { s.readLoop(); close(done) }()
+	// Closing the read end ends readLoop (it rides over an end of file:
+	// a port without its host reads so).
+	defer func() { h2gR.Close(); <-done; h2gW.Close(); g2hW.Close() }()
+
+	// The host: the whole window of input, then a SIGTERM, then the end.
+	input := bytes.Repeat([]byte("0123456789abcdef"), stdioframe.StdinWindow/16)
+	hw := stdioframe.NewWriter(h2gW)
+	go func() {
+		hw.WriteData(stdioframe.Stdin, input)
+		hw.WriteSignal(15)
+		hw.WriteFrame(stdioframe.StdinEOF, nil)
+	}()
+	select {
+	case sig := <-k.signals:
+		if sig != 15 {
+			t.Fatalf("signal %d, want 15", sig)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the SIGTERM waited behind input the command does not read")
+	}
+
+	// The command reads: all of it, in order, acknowledged, then EOF.
+	close(k.release)
+	acked := 0
+	r := stdioframe.NewReader(g2hR, stdioframe.GuestToHost)
+	for acked < len(input) {
+		f, err := r.Next()
+		if err != nil {
+			t.Fatalf("reading the acknowledgements: %v (%d of %d acknowledged)", err, acked, len(input))
+		}
+		if f.Type == stdioframe.StdinAck {
+			acked += int(f.StdinAcked())
+		}
+	}
+	select {
+	case <-k.eof:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no end of input after the queued input")
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !bytes.Equal(k.got.Bytes(), input) {
+		t.Fatalf("the command got %d bytes, not the %d sent in order", k.got.Len(), len(input))
+	}
+}
