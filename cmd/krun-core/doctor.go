@@ -77,7 +77,7 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 		return rc
 	}
 	if fs.NArg() > 0 {
-		return fs.Failf(stderr, "unexpected argument %q", fs.Arg(0))
+		return fs.Failf(stderr, "unexpected argument %q (see %s --help)", fs.Arg(0), "krun-core doctor")
 	}
 	if err := cli.CheckOutput(*output); err != nil {
 		return fs.Fail(stderr, err)

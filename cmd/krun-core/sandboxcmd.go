@@ -46,7 +46,7 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 		return rc
 	}
 	if fs.NArg() > 0 {
-		return fs.Failf(stderr, "unexpected argument %q", fs.Arg(0))
+		return fs.Failf(stderr, "unexpected argument %q (see %s --help)", fs.Arg(0), "krun-core sandbox status")
 	}
 	if err := cli.CheckOutput(*output); err != nil {
 		return fs.Fail(stderr, err)

@@ -22,7 +22,7 @@ func TestSandboxStatusCommand(t *testing.T) {
 		{nil, 1, nil, []string{"no command given"}},
 		{[]string{"frob"}, 1, nil, []string{`unknown command "frob"`}},
 		{[]string{"status", "--kind", "gpu"}, 1, nil, []string{`no built-in plugin kind "gpu"`}},
-		{[]string{"status", "extra"}, 1, nil, []string{"unexpected argument"}},
+		{[]string{"status", "extra"}, 1, nil, []string{"unexpected argument", "(see krun-core sandbox status --help)"}},
 		{[]string{"status", "--bogus"}, 1, nil, []string{"unknown flag --bogus"}},
 		{[]string{"status", "--output", "xml"}, 1, nil, []string{`--output="xml"`}},
 		{[]string{"status", "--help"}, 0, []string{"usage: krun-core sandbox status", "--kind KIND", "--output FORMAT"}, nil},
