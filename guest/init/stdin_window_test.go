@@ -15,9 +15,13 @@ import (
 type stuckSink struct {
 	*recSink
 	release chan struct{}
+	relOnce sync.Once
 	mu      sync.Mutex
 	got     bytes.Buffer
 }
+
+// let lets the command read (again: a no-op).
+func (k *stuckSink) let() { k.relOnce.Do(func() { close(k.release) }) }
 
 func (k *stuckSink) stdin(p []byte) error {
 	<-k.release
@@ -58,8 +62,10 @@ func TestSignalNotBehindUnreadInput(t *testing.T) {
 	done := make(chan struct{})
 	go func() { s.readLoop(); close(done) }()
 	// Closing the read end ends readLoop (it rides over an end of file:
-	// a port without its host reads so).
-	defer func() { h2gR.Close(); <-done; h2gW.Close(); g2hW.Close() }()
+	// a port without its host reads so). The sink is released first: a
+	// readLoop that writes input itself (as before STDIN_ACK) is stuck in
+	// it, and the test would hang to go test's timeout instead of failing.
+	defer func() { k.let(); h2gR.Close(); <-done; h2gW.Close(); g2hW.Close() }()
 
 	// The host: the whole window of input, then a SIGTERM, then the end.
 	input := bytes.Repeat([]byte("0123456789abcdef"), stdioframe.StdinWindow/16)
@@ -79,7 +85,7 @@ func TestSignalNotBehindUnreadInput(t *testing.T) {
 	}
 
 	// The command reads: all of it, in order, acknowledged, then EOF.
-	close(k.release)
+	k.let()
 	acked := 0
 	r := stdioframe.NewReader(g2hR, stdioframe.GuestToHost)
 	for acked < len(input) {
