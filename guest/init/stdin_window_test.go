@@ -108,3 +108,35 @@ func TestSignalNotBehindUnreadInput(t *testing.T) {
 		t.Fatalf("the command got %d bytes, not the %d sent in order", k.got.Len(), len(input))
 	}
 }
+
+// TestStdinQueueCoalesces: the host sends what each read of krun-core's
+// stdin returned, so a writer of small pieces (one byte a write, into a
+// pipe) fills the window with frames of a byte each while the command
+// does not read. Each was queued as a slice of its own: some 32 bytes of
+// heap (slice header, smallest allocation) a byte of input, 8 MiB or so
+// for the 256 KiB window, and a write and a STDIN_ACK a byte once the
+// command reads. Small pieces now join the piece queued before them.
+func TestStdinQueueCoalesces(t *testing.T) {
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	s := &stdio{log: &logger{out: devNull}}
+	var want []byte
+	for i := 0; i < stdioframe.StdinWindow; i++ {
+		b := []byte{byte(i)}
+		want = append(want, b...)
+		s.queueStdin(stdioframe.Frame{Type: stdioframe.Stdin, Payload: b})
+	}
+	if s.inOverrun {
+		t.Fatal("a window of one-byte frames overran the window")
+	}
+	if max := 2 * stdioframe.StdinWindow / stdioframe.MaxPayload; len(s.inQ) > max {
+		t.Fatalf("%d pieces queued for %d bytes of input, want at most %d", len(s.inQ), stdioframe.StdinWindow, max)
+	}
+	got := bytes.Join(s.inQ, nil)
+	if !bytes.Equal(got, want) || s.inQueued != len(want) {
+		t.Fatalf("queued %d bytes (count %d), not the %d sent in order", len(got), s.inQueued, len(want))
+	}
+}

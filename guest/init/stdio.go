@@ -258,10 +258,20 @@ func (s *stdio) queueStdin(fr stdioframe.Frame) {
 		}
 		return
 	}
-	if len(fr.Payload) > 0 {
-		s.inQ = append(s.inQ, append([]byte(nil), fr.Payload...))
-		s.inQueued += len(fr.Payload)
+	if len(fr.Payload) == 0 {
+		return
 	}
+	// A small piece joins the one queued before it (stdinLoop takes a
+	// piece off the queue before it writes it, so a queued one is not in
+	// use): the host sends what each read of its stdin returned, and a
+	// window of one-byte frames cost a slice (some 32 bytes of heap), a
+	// write and a STDIN_ACK a byte.
+	if n := len(s.inQ); n > 0 && len(s.inQ[n-1])+len(fr.Payload) <= stdioframe.MaxPayload {
+		s.inQ[n-1] = append(s.inQ[n-1], fr.Payload...)
+	} else {
+		s.inQ = append(s.inQ, append(make([]byte, 0, min(stdioframe.MaxPayload, max(len(fr.Payload), 4<<10))), fr.Payload...))
+	}
+	s.inQueued += len(fr.Payload)
 }
 
 // closeStdin tells stdinLoop that nothing more comes (readLoop ended): it
