@@ -13,6 +13,13 @@ const (
 	// OptHoldStdin ("hold-stdin=on"): stdin is read only after the core
 	// releases a command waiting for START (a container's).
 	OptHoldStdin = "hold-stdin"
+	// OptStdio ("stdio=N") is the version of the stdio frame protocol
+	// (guest/stdioframe.Version) the core's krun-init speaks. The plugin
+	// refuses another, and a plugin older than the option refuses it as
+	// unknown: a console plugin that does not speak the same frames as
+	// krun-init (STDIN_ACK) fails at start instead of stalling input or
+	// discarding output and never acknowledging the guest's CLOSE_REQ.
+	OptStdio = "stdio"
 )
 
 // Control records, core to console plugin, on the control pipe

@@ -3,10 +3,12 @@ package devspec
 import (
 	"fmt"
 	"os"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/guest/stdioframe"
 )
 
 // ConsoleSpec is the stdio console of `krun-core run -- CMD`: a
@@ -31,7 +33,8 @@ func (s *ConsoleSpec) String() string { return fmt.Sprintf("console name=%s", s.
 // own): a terminal, FIFO or pipe is opened again, so that the plugin's
 // file status flags are its own; anything else is duplicated (handOver).
 func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
-	o := &Opened{Kind: devopts.KindConsole, Options: map[string]string{devopts.OptName: s.Name, devopts.OptTTY: onOff(s.TTY)}}
+	o := &Opened{Kind: devopts.KindConsole, Options: map[string]string{devopts.OptName: s.Name, devopts.OptTTY: onOff(s.TTY),
+		devopts.OptStdio: strconv.Itoa(stdioframe.Version)}}
 	if s.HoldStdin {
 		o.Options[devopts.OptHoldStdin] = "on"
 	}

@@ -72,6 +72,10 @@ const (
 // (sent and not acknowledged) in each direction.
 const ExecWindow = 256 << 10
 
+// Version is the protocol's version (initconfig.Version names it for
+// krun-init, devopts.OptStdio for the console plugin): 2 has STDIN_ACK.
+const Version = 2
+
 // StdinWindow is how many bytes of the command's stdin may be in flight
 // (sent by the host and not acknowledged by STDIN_ACK).
 const StdinWindow = 256 << 10

@@ -10,12 +10,14 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 
 	hclog "github.com/hashicorp/go-hclog"
 
 	"github.com/krun-core/krun-core/devices/console"
 	"github.com/krun-core/krun-core/devices/console/stdio"
 	"github.com/krun-core/krun-core/devopts"
+	"github.com/krun-core/krun-core/guest/stdioframe"
 	"github.com/krun-core/krun-core/pluginsdk"
 	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
@@ -35,8 +37,11 @@ func (plugin) Policy(map[string]int) sandbox.Policy {
 }
 
 func (plugin) Configure(_ context.Context, opts map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	if err := pluginsdk.CheckOptions(opts, devopts.OptName, devopts.OptTTY, devopts.OptHoldStdin); err != nil {
+	if err := pluginsdk.CheckOptions(opts, devopts.OptName, devopts.OptTTY, devopts.OptHoldStdin, devopts.OptStdio); err != nil {
 		return nil, err
+	}
+	if v, want := opts[devopts.OptStdio], strconv.Itoa(stdioframe.Version); v != want {
+		return nil, fmt.Errorf("option %s=%q: this console plugin speaks stdio protocol %s (krun-core, krun-init and krun-plugin-console must come from the same build)", devopts.OptStdio, v, want)
 	}
 	hold, err := pluginsdk.OnOff(opts, devopts.OptHoldStdin, false)
 	if err != nil {
