@@ -189,9 +189,9 @@ func (s *stdio) readLoop() {
 			// goes to the processes there are (exec'd ones) and is
 			// kept for the command too (krun-oci sends one only
 			// after START, and the command may not have started
-			// yet: `start` then `kill --all ID KILL` was lost);
-			// input waits (the host holds a container's input until
-			// START).
+			// yet: `start` then `kill --all ID KILL` was lost).
+			// Input was queued above (queueStdin) and goes to the
+			// command once it has a sink.
 			switch fr.Type {
 			case stdioframe.Winsize, stdioframe.Signal, stdioframe.SignalAll:
 				s.mu.Lock()
@@ -315,8 +315,19 @@ func (s *stdio) stdinLoop() {
 		s.inMu.Lock()
 		s.inQueued -= len(p)
 		s.inMu.Unlock()
+		s.mu.Lock()
+		broken := s.writeErr != nil
+		s.mu.Unlock()
+		if broken {
+			continue // the port cannot be written: said once already
+		}
 		if err := s.w.WriteStdinAck(uint32(len(p))); err != nil {
-			s.log.Printf("stdin: acknowledge: %v", err)
+			s.mu.Lock()
+			if s.writeErr == nil {
+				s.writeErr = err
+				s.log.Errorf("stdio port: %v; dropping further output", err)
+			}
+			s.mu.Unlock()
 		}
 	}
 }
