@@ -33,20 +33,7 @@ func TestCheckFindsHungPasst(t *testing.T) {
 		t.Fatalf("Check of an idle device: %v", err)
 	}
 
-	// Batches until one write blocks on the full socket.
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	wrote := make(chan struct{})
-	go func() {
-		defer close(wrote)
-		for i := 0; i < 64 && ctx.Err() == nil; i++ {
-			// As the tx ring's goroutine does, the only one that
-			// writes.
-			dev.txBatch = append(dev.txBatch[:0], make([]byte, 64<<10)...)
-			dev.txBatchFrames = 1
-			dev.flushTx(ctx)
-		}
-	}()
+	wrote := writeBatches(t, dev)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		err := dev.Check()
@@ -121,17 +108,7 @@ func TestCheckNotAfterAGap(t *testing.T) {
 	}
 	defer dev.Close()
 	dev.txStallLimit, dev.txCheckGap = 100*time.Millisecond, 50*time.Millisecond
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	wrote := make(chan struct{})
-	go func() {
-		defer close(wrote)
-		for i := 0; i < 64 && ctx.Err() == nil; i++ {
-			dev.txBatch = append(dev.txBatch[:0], make([]byte, 64<<10)...)
-			dev.txBatchFrames = 1
-			dev.flushTx(ctx)
-		}
-	}()
+	wrote := writeBatches(t, dev)
 	for dev.txWrites.Load()%2 == 0 || dev.txWrites.Load() < 5 {
 		time.Sleep(10 * time.Millisecond) // until a write blocks
 	}
@@ -143,4 +120,23 @@ func TestCheckNotAfterAGap(t *testing.T) {
 	}
 	passt.Close() // the writes end (EPIPE)
 	<-wrote
+}
+
+// writeBatches writes 64 batches of 64 KiB to passt, as the tx ring's
+// goroutine (the only writer) does, until one blocks on a full socket that
+// passt does not read; the channel is closed once all are written.
+func writeBatches(t *testing.T, dev *Device) <-chan struct{} {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		for i := 0; i < 64 && ctx.Err() == nil; i++ {
+			dev.txBatch = append(dev.txBatch[:0], make([]byte, 64<<10)...)
+			dev.txBatchFrames = 1
+			dev.flushTx(ctx)
+		}
+	}()
+	return wrote
 }
