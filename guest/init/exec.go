@@ -38,6 +38,13 @@ type execProc struct {
 	credit   int // output bytes the host will take
 	done     bool
 	cio      commandIO // set once started
+	// Signals that came before the program's exec (bit N-1 for signal
+	// N): until then the process is krun-init's launcher, which SIGQUIT
+	// would make print Go's goroutine dump and others kill. execd: later
+	// ones go to the program at once (the main command's rule, stdio's
+	// keptSignals).
+	kept  uint64
+	execd bool
 }
 
 // frame handles an exec frame from the host; it never blocks the stdio
@@ -106,6 +113,10 @@ func (m *execManager) frame(fr stdioframe.Frame) {
 	case stdioframe.ExecWinsize, stdioframe.ExecSignal:
 		p.mu.Lock()
 		cio := p.cio
+		if fr.Type == stdioframe.ExecSignal && !p.execd {
+			p.kept |= 1 << (fr.ExecByte() - 1) // 1-64: the reader checks
+			cio = nil
+		}
 		p.mu.Unlock()
 		if cio == nil {
 			return
@@ -230,8 +241,29 @@ func (p *execProc) start(req []byte) int {
 	}
 	if len(res.launchMsg) > 0 {
 		p.output(stdioframe.ExecStderr)([]byte("krun-init: " + string(res.launchMsg[1:]) + "\n"))
+	} else {
+		for _, sig := range p.execStarted() {
+			cio.signal(sig)
+		}
 	}
 	ws := <-res.exited
 	cio.finish()
 	return res.status(ws)
+}
+
+// execStarted is called once the program is exec'd: it returns the signals
+// that came for it before, each once, lowest first, and from then on
+// EXEC_SIGNAL goes to the program at once.
+func (p *execProc) execStarted() []int {
+	p.mu.Lock()
+	m := p.kept
+	p.kept, p.execd = 0, true
+	p.mu.Unlock()
+	var out []int
+	for n := 1; n <= stdioframe.MaxSignal; n++ {
+		if m&(1<<(n-1)) != 0 {
+			out = append(out, n)
+		}
+	}
+	return out
 }
