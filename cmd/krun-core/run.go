@@ -104,6 +104,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
 		user      = fs.String("user", "", "run the command as `USER[:GROUP]`, names (from the root's /etc/passwd and /etc/group) or numbers (default root)")
+		tty       = fs.String("tty", "auto", "give the command a terminal in the guest: `auto` (when krun-core's stdin is one), on (stdin must be one), or off (pipes, also on a terminal: stdout and stderr apart, bytes as they are)")
 		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails (at once for a plugin whose device says its requests must not be replayed)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
@@ -160,8 +161,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("--root and --initrd are alternatives")
 	case !execMode && *kernel == "" && *initrd == "" && len(disks) == 0:
 		return fail("nothing to run: give --root DIR -- CMD, or --kernel with --initrd or --disk")
-	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *user != "" || *rootRO || *modules != ""):
-		return fail("--env, --rlimit, --workdir, --hostname, --user, --root-readonly and --kernel-modules need --root DIR -- CMD")
+	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *user != "" || *rootRO || *modules != "" || *tty != "auto"):
+		return fail("--env, --rlimit, --workdir, --hostname, --user, --root-readonly, --kernel-modules and --tty need --root DIR -- CMD")
+	case *tty != "auto" && *tty != "on" && *tty != "off":
+		return fail("--tty %s: want auto, on or off", cli.Printable(*tty))
 	}
 	mem, err := parseMemory(*memory)
 	if err != nil {
@@ -220,7 +223,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			return fail("%v", err)
 		}
 		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
-			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, stdout: stdout, stderr: stderr}); err != nil {
+			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, tty: *tty, stdout: stdout, stderr: stderr}); err != nil {
 			return fail("%v", err)
 		}
 		if *modules != "" {

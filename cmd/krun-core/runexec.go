@@ -27,6 +27,7 @@ type execOptions struct {
 	workdir, hostname string
 	user              string // USER[:GROUP]
 	rlimits           []string
+	tty               string // auto, on or off
 	stdout, stderr    io.Writer
 }
 
@@ -85,7 +86,12 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 		return nil, err
 	}
 	var term *terminal
-	if _, err := unix.IoctlGetTermios(int(os.Stdin.Fd()), unix.TCGETS); err == nil {
+	_, err = unix.IoctlGetTermios(int(os.Stdin.Fd()), unix.TCGETS)
+	isTerm := err == nil
+	if o.tty == "on" && !isTerm {
+		return nil, errors.New("--tty on: krun-core's stdin is not a terminal")
+	}
+	if isTerm && o.tty != "off" {
 		if ws, err := unix.IoctlGetWinsize(int(os.Stdin.Fd()), unix.TIOCGWINSZ); err == nil {
 			c.SetWinsize(ws.Row, ws.Col)
 		}

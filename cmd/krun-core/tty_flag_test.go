@@ -1,0 +1,111 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/core/boot/boottest"
+	"github.com/krun-core/krun-core/core/vmm"
+)
+
+// openPty returns a pseudo-terminal's master and slave.
+func openPty(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no /dev/ptmx: %v", err)
+	}
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		m.Close()
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetUint32(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		m.Close()
+		t.Fatal(err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		m.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(); m.Close() })
+	return m, s
+}
+
+// TestTTYFlag: the command got a terminal whenever krun-core's stdin was
+// one, so `run -- cat f > out` from an interactive shell went through the
+// guest's pty (\n became \r\n, stderr merged into stdout) with no way out
+// (from review, helper-117). --tty off gives it pipes on a terminal too;
+// --tty on insists on a terminal; auto is as before.
+func TestTTYFlag(t *testing.T) {
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
+	_, slave := openPty(t)
+	devNull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	saved := os.Stdin
+	defer func() { os.Stdin = saved }()
+	for _, tc := range []struct {
+		name     string
+		stdin    *os.File
+		mode     string
+		terminal bool
+		err      string
+	}{
+		{"auto on a terminal", slave, "auto", true, ""},
+		{"off on a terminal", slave, "off", false, ""},
+		{"on on a terminal", slave, "on", true, ""},
+		{"auto on /dev/null", devNull, "auto", false, ""},
+		{"on on /dev/null", devNull, "on", false, "--tty on: krun-core's stdin is not a terminal"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			os.Stdin = tc.stdin
+			var out bytes.Buffer
+			term, err := setupExec(vmm.NewContext(nil), execOptions{root: root, command: []string{"/bin/sh"}, tty: tc.mode, stdout: &out, stderr: &out})
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("setupExec: %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (term != nil) != tc.terminal {
+				t.Fatalf("the command gets a terminal: %v, want %v", term != nil, tc.terminal)
+			}
+		})
+	}
+}
+
+// TestTTYFlagRefused: a bad --tty value, and --tty without a command, are
+// one line before anything starts.
+func TestTTYFlagRefused(t *testing.T) {
+	root := t.TempDir()
+	k := filepath.Join(t.TempDir(), "bzImage")
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
+	for _, tc := range []struct {
+		args []string
+		rc   int
+		want string
+	}{
+		{[]string{"--kernel", k, "--root", root, "--tty", "maybe", "--", "sh"}, 125, "--tty maybe: want auto, on or off"},
+		{[]string{"--kernel", k, "--tty", "off"}, 1, "need --root"},
+	} {
+		var out, errb bytes.Buffer
+		if rc := runCommand(tc.args, &out, &errb); rc != tc.rc || !strings.Contains(errb.String(), tc.want) || strings.Count(errb.String(), "\n") != 1 {
+			t.Errorf("%q: exit %d, %q; want %d and one line with %q", tc.args, rc, errb.String(), tc.rc, tc.want)
+		}
+	}
+}
