@@ -69,7 +69,7 @@ func TestCloseWaitsForTheHost(t *testing.T) {
 			go tc.host(t, hostToGuestW, guestToHostR)
 			start := time.Now()
 			closed := make(chan struct{})
-			go func() { s.close(0, 0); close(closed) }()
+			go func() { s.close(0); close(closed) }()
 			select {
 			case <-closed:
 			case <-time.After(30 * time.Second):

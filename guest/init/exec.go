@@ -38,13 +38,10 @@ type execProc struct {
 	credit   int // output bytes the host will take
 	done     bool
 	cio      commandIO // set once started
-	// Signals that came before the program's exec (bit N-1 for signal
-	// N): until then the process is krun-init's launcher, which SIGQUIT
-	// would make print Go's goroutine dump and others kill. execd: later
-	// ones go to the program at once (the main command's rule, stdio's
-	// keptSignals).
-	kept  uint64
-	execd bool
+	// Signals that came before the program's exec: until then the
+	// process is krun-init's launcher, which SIGQUIT would make print
+	// Go's goroutine dump and others kill (the main command's rule).
+	held heldSignals
 }
 
 // frame handles an exec frame from the host; it never blocks the stdio
@@ -113,8 +110,7 @@ func (m *execManager) frame(fr stdioframe.Frame) {
 	case stdioframe.ExecWinsize, stdioframe.ExecSignal:
 		p.mu.Lock()
 		cio := p.cio
-		if fr.Type == stdioframe.ExecSignal && !p.execd {
-			p.kept |= 1 << (fr.ExecByte() - 1) // 1-64: the reader checks
+		if fr.Type == stdioframe.ExecSignal && p.held.hold(fr.ExecByte()) {
 			cio = nil
 		}
 		p.mu.Unlock()
@@ -252,18 +248,10 @@ func (p *execProc) start(req []byte) int {
 }
 
 // execStarted is called once the program is exec'd: it returns the signals
-// that came for it before, each once, lowest first, and from then on
+// that came for it before (heldSignals.release), and from then on
 // EXEC_SIGNAL goes to the program at once.
 func (p *execProc) execStarted() []int {
 	p.mu.Lock()
-	m := p.kept
-	p.kept, p.execd = 0, true
-	p.mu.Unlock()
-	var out []int
-	for n := 1; n <= stdioframe.MaxSignal; n++ {
-		if m&(1<<(n-1)) != 0 {
-			out = append(out, n)
-		}
-	}
-	return out
+	defer p.mu.Unlock()
+	return p.held.release()
 }

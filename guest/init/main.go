@@ -183,7 +183,7 @@ func (in *initProc) finish(status int) {
 		// ends the run on the host (an essential device); a host
 		// that breaks the protocol or a port that fails ends the wait
 		// (readLoop).
-		in.stdio.close(uint8(status), 0)
+		in.stdio.close(uint8(status))
 	}
 	// Data on the shares is on the host before the status is: a host
 	// that stops the VM on the status (QEMU's isa-debug-exit does) loses

@@ -56,7 +56,7 @@ func TestSignalNotBehindUnreadInput(t *testing.T) {
 	}
 	defer g2hR.Close()
 	s := &stdio{log: &logger{out: devNull}, f: h2gR, w: stdioframe.NewWriter(g2hW), started: make(chan struct{}),
-		ack: make(chan struct{}), startReq: make(chan struct{}), execd: true}
+		ack: make(chan struct{}), startReq: make(chan struct{}), held: heldSignals{execd: true}}
 	k := &stuckSink{recSink: newRecSink(), release: make(chan struct{})}
 	s.setSink(k)
 	done := make(chan struct{})

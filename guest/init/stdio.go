@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -47,13 +48,11 @@ type stdio struct {
 	execHandler  func(stdioframe.Frame) // set before the root is set up
 	// A window size that came before the command started.
 	pendingWinsize *[2]uint16
-	// The signals that came before the command was exec'd (bit N-1 for
-	// signal N), for runCommand to send once it is (keptSignals, which
-	// sets execd: later ones go to the command at once). Between
-	// setSink and the exec the process is krun-init's launcher, which
-	// a signal would kill (or make print Go's goroutine dump).
-	keptSigs uint64
-	execd    bool
+	// The signals that came before the command was exec'd, for
+	// runCommand to send once it is (keptSignals). Between setSink and
+	// the exec the process is krun-init's launcher, which a signal would
+	// kill (or make print Go's goroutine dump). Under mu.
+	held heldSignals
 
 	// killAll sends a signal to every process but init (SIGNAL_ALL);
 	// nil: kill(-1, sig).
@@ -203,7 +202,7 @@ func (s *stdio) readLoop() {
 						rows, cols := fr.Winsize()
 						s.pendingWinsize = &[2]uint16{rows, cols}
 					} else {
-						s.keptSigs |= 1 << (fr.Signal() - 1) // 1-64: the reader checks
+						s.held.hold(fr.Signal())
 					}
 					s.mu.Unlock()
 					if fr.Type == stdioframe.SignalAll {
@@ -315,20 +314,8 @@ func (s *stdio) stdinLoop() {
 		s.inMu.Lock()
 		s.inQueued -= len(p)
 		s.inMu.Unlock()
-		s.mu.Lock()
-		broken := s.writeErr != nil
-		s.mu.Unlock()
-		if broken {
-			continue // the port cannot be written: said once already
-		}
-		if err := s.w.WriteStdinAck(uint32(len(p))); err != nil {
-			s.mu.Lock()
-			if s.writeErr == nil {
-				s.writeErr = err
-				s.log.Errorf("stdio port: %v; dropping further output", err)
-			}
-			s.mu.Unlock()
-		}
+		// As any frame: nothing once the port cannot be written.
+		s.write(stdioframe.StdinAck, binary.LittleEndian.AppendUint32(nil, uint32(len(p))))
 	}
 }
 
@@ -366,23 +353,42 @@ func (s *stdio) setSink(k sink) {
 func (s *stdio) keepUntilExec(sig uint8) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.execd {
-		return false
-	}
-	s.keptSigs |= 1 << (sig - 1) // 1-64: the reader checks
-	return true
+	return s.held.hold(sig)
 }
 
 // keptSignals is called once the command is exec'd: it returns the
-// signals that came for it before, each once, lowest first (as the kernel
-// delivers pending standard signals), and from then on SIGNAL goes to the
-// command at once.
+// signals that came for it before (heldSignals.release), and from then on
+// SIGNAL goes to the command at once.
 func (s *stdio) keptSignals() []int {
 	s.mu.Lock()
-	m := s.keptSigs
-	s.keptSigs = 0
-	s.execd = true
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	return s.held.release()
+}
+
+// heldSignals keeps the signals that come for a program before its exec
+// (the main command's, an exec'd program's): until then the process is
+// krun-init's launcher. Its owner's lock guards it.
+type heldSignals struct {
+	mask  uint64 // bit N-1 for signal N
+	execd bool   // released: signals go to the program at once
+}
+
+// hold keeps sig (1-64: the frame reader checks) unless the program was
+// exec'd, and says whether it did.
+func (h *heldSignals) hold(sig uint8) bool {
+	if h.execd {
+		return false
+	}
+	h.mask |= 1 << (sig - 1)
+	return true
+}
+
+// release marks the program exec'd and returns the signals held for it,
+// each once, lowest first (as the kernel delivers pending standard
+// signals).
+func (h *heldSignals) release() []int {
+	m := h.mask
+	h.mask, h.execd = 0, true
 	var out []int
 	for n := 1; n <= stdioframe.MaxSignal; n++ {
 		if m&(1<<(n-1)) != 0 {
@@ -440,14 +446,11 @@ func (s *stdio) writeStdout(p []byte) { s.write(stdioframe.Stdout, p) }
 func (s *stdio) writeStderr(p []byte) { s.write(stdioframe.Stderr, p) }
 
 // close sends EXIT and CLOSE_REQ and waits for CLOSE_ACK, i.e. until the
-// host has written out everything before it, up to timeout (0: for as long
-// as the port works). It returns early when the port stops being read
-// (readLoop ended: no CLOSE_ACK can come).
-func (s *stdio) close(status uint8, timeout time.Duration) {
+// host has written out everything before it, for as long as the port
+// works: it returns early when the port stops being read (readLoop ended:
+// no CLOSE_ACK can come).
+func (s *stdio) close(status uint8) {
 	s.setSink(nil)
-	if timeout > 0 {
-		s.f.SetWriteDeadline(time.Now().Add(timeout))
-	}
 	s.write(stdioframe.Exit, []byte{status})
 	s.write(stdioframe.CloseReq, nil)
 	s.mu.Lock()
@@ -456,18 +459,10 @@ func (s *stdio) close(status uint8, timeout time.Duration) {
 	if failed {
 		return
 	}
-	var expired <-chan time.Time
-	if timeout > 0 {
-		t := time.NewTimer(timeout)
-		defer t.Stop()
-		expired = t.C
-	}
 	select {
 	case <-s.ack:
 	case <-s.readDone: // nil (tests): never
 		s.log.Errorf("stdio port: no longer read; no CLOSE_ACK will come")
-	case <-expired:
-		s.log.Errorf("stdio port: no CLOSE_ACK from the host within %v", timeout)
 	}
 }
 
