@@ -55,6 +55,11 @@ type execConfig struct {
 	// ended: the guest has ended and the devices are being shut down
 	// (under controlMu); requests for the guest fail from then on.
 	ended bool
+	// pending: records asked for before the control channel exists
+	// (a ^C or a window resize while krun-core starts), sent when it
+	// opens; closed: the channel is gone (under controlMu).
+	pending [][]byte
+	closed  bool
 
 	container   *container.Setup  // SetContainer: the OCI runtime's guest setup
 	noLookup    bool              // SetLookup(false)
@@ -249,13 +254,63 @@ func (c *Context) control(rec []byte) error {
 	if c.exec == nil {
 		return errors.New("vmm: no program is running")
 	}
-	c.exec.controlMu.Lock()
-	defer c.exec.controlMu.Unlock()
-	if err := c.exec.usableLocked(); err != nil {
+	e := c.exec
+	e.controlMu.Lock()
+	defer e.controlMu.Unlock()
+	if e.controlW == nil && !e.ended && !e.closed {
+		return e.queueLocked(rec)
+	}
+	if err := e.usableLocked(); err != nil {
 		return err
 	}
-	_, err := c.exec.controlW.Write(rec)
+	_, err := e.controlW.Write(rec)
 	return err
+}
+
+// maxPending bounds the records kept before the control channel opens.
+const maxPending = 16
+
+// queueLocked keeps a record until the control channel opens (under
+// controlMu): a signal or a window size given while krun-core starts
+// reaches krun-init, which holds it until the command runs. A window size
+// replaces the one kept before it.
+func (e *execConfig) queueLocked(rec []byte) error {
+	if rec[0] == devopts.ControlWinsize {
+		e.pending = slices.DeleteFunc(e.pending, func(r []byte) bool { return r[0] == devopts.ControlWinsize })
+	}
+	if len(e.pending) >= maxPending {
+		return errors.New("vmm: too many requests before the program started")
+	}
+	e.pending = append(e.pending, slices.Clone(rec))
+	return nil
+}
+
+// openControl makes the console plugin's control channel: it keeps record
+// boundaries and carries the files of an exec (SCM_RIGHTS); the core's end
+// never blocks. Records asked for before it existed go first.
+func (e *execConfig) openControl() error {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("control channel: %w", err)
+	}
+	pr, pw := os.NewFile(uintptr(fds[0]), "control"), os.NewFile(uintptr(fds[1]), "control-core")
+	if err := unix.SetNonblock(fds[1], true); err != nil {
+		pr.Close()
+		pw.Close()
+		return fmt.Errorf("control channel: %w", err)
+	}
+	e.controlMu.Lock()
+	defer e.controlMu.Unlock()
+	for _, rec := range e.pending {
+		if _, err := pw.Write(rec); err != nil {
+			pr.Close()
+			pw.Close()
+			return fmt.Errorf("control channel: %w", err)
+		}
+	}
+	e.pending = nil
+	e.controlR, e.controlW = pr, pw
+	return nil
 }
 
 // ErrGuestEnded: a request for the guest (Exec, Signal, Resize) came
@@ -460,22 +515,12 @@ func (c *Context) prepareExec() error {
 	root := &devspec.FSSpec{Path: e.root, Tag: RootTag, ReadOnly: e.rootReadOnly, PluginOptions: e.rootOptions}
 	e.rootShare = root
 	devs := []devspec.Spec{root}
-	// The control channel keeps record boundaries and carries the files
-	// of an exec (SCM_RIGHTS); the core's end never blocks.
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("control channel: %w", err)
+	if err := e.openControl(); err != nil {
+		return err
 	}
-	pr, pw := os.NewFile(uintptr(fds[0]), "control"), os.NewFile(uintptr(fds[1]), "control-core")
-	if err := unix.SetNonblock(fds[1], true); err != nil {
-		pr.Close()
-		pw.Close()
-		return fmt.Errorf("control channel: %w", err)
-	}
-	e.controlR, e.controlW = pr, pw
 	console := &devspec.ConsoleSpec{Name: e.cfg.Stdio, TTY: e.tty,
 		HoldStdin: e.container != nil && e.container.WaitForStart,
-		Stdin:     e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: pr}
+		Stdin:     e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: e.controlR}
 	devs = append(devs, console)
 	// Neither plugin is restarted (see restartable), and without them the
 	// command can neither run nor be heard: their failure ends the run
@@ -624,6 +669,8 @@ const ExecCmdline = "console=ttyS0 quiet panic=-1"
 func (e *execConfig) close() {
 	e.controlMu.Lock()
 	defer e.controlMu.Unlock()
+	e.closed = true
+	e.pending = nil
 	if e.controlW != nil {
 		e.controlW.Close()
 		e.controlW = nil

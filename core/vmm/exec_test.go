@@ -141,8 +141,8 @@ func TestExecSetters(t *testing.T) {
 	if err := c.SetHostname("bad name!"); !errors.Is(err, ErrConfig) {
 		t.Errorf("bad hostname: %v", err)
 	}
-	if err := c.Signal(15); err == nil {
-		t.Error("Signal before Start accepted")
+	if err := NewContext(nil).Signal(15); err == nil {
+		t.Error("Signal without a program accepted")
 	}
 }
 

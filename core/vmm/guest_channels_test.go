@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/container"
 )
 
@@ -249,5 +250,60 @@ func TestRequestsFailOnceTheGuestEnded(t *testing.T) {
 	}
 	if err := c.Resize(24, 80); !errors.Is(err, ErrGuestEnded) {
 		t.Errorf("Resize after the guest ended: %v, want ErrGuestEnded", err)
+	}
+}
+
+// TestControlBeforeChannelOpens: a ^C or a window resize that comes while
+// krun-core starts (forwardSignals runs before Start makes the control
+// channel) was dropped with "no program is running"; it is kept and sent
+// first when the channel opens, the last window size only, and a bounded
+// number of records. Once the channel is closed, requests fail again.
+func TestControlBeforeChannelOpens(t *testing.T) {
+	c := prepTestExecWith(t, hclog.NewNullLogger(), func(c *Context) {
+		if err := c.Resize(10, 20); err != nil {
+			t.Errorf("Resize before the channel opens: %v", err)
+		}
+		if err := c.Signal(unix.SIGINT); err != nil {
+			t.Errorf("Signal before the channel opens: %v", err)
+		}
+		if err := c.Resize(30, 40); err != nil {
+			t.Errorf("second Resize before the channel opens: %v", err)
+		}
+		if err := c.SignalAll(unix.SIGTERM); err != nil {
+			t.Errorf("SignalAll before the channel opens: %v", err)
+		}
+	})
+	defer c.exec.close()
+	want := [][]byte{devopts.SignalRecord(uint8(unix.SIGINT)), devopts.WinsizeRecord(30, 40), devopts.SignalAllRecord(uint8(unix.SIGTERM))}
+	buf := make([]byte, 64)
+	fd := int(c.exec.controlR.Fd())
+	for i, w := range want {
+		// Everything was written before Start went on: nothing to wait for.
+		n, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
+		if err != nil {
+			t.Fatalf("record %d: %v", i, err)
+		}
+		if !bytes.Equal(buf[:n], w) {
+			t.Errorf("record %d: %x, want %x", i, buf[:n], w)
+		}
+	}
+	if n, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT); err == nil {
+		t.Errorf("an extra record: %x", buf[:n])
+	}
+
+	// Bounded before the channel opens.
+	d := NewContext(nil)
+	d.execCfg()
+	var err error
+	for i := 0; i < 1000 && err == nil; i++ {
+		err = d.Signal(unix.SIGINT)
+	}
+	if err == nil {
+		t.Error("1000 signals kept before the channel opened")
+	}
+	// Gone after the channel closed.
+	d.exec.close()
+	if err := d.Resize(1, 1); err == nil {
+		t.Error("Resize accepted after the channel closed")
 	}
 }
