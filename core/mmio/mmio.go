@@ -115,11 +115,13 @@ const (
 const (
 	featureVersion1 = 1 << 32
 	// transportRefused are feature bits the core never passes to the
-	// guest: the vhost-user protocol-features bit (not a virtio feature),
-	// an IOMMU, packed rings (the plugins drive split rings), SR-IOV,
-	// notification data and ring reset, none of which this transport
-	// implements.
-	transportRefused = vhostuser.FeatureProtocolFeatures | vhostuser.FeatureAccessPlatform |
+	// guest: the vhost-user protocol-features bit and vhost's log-all bit
+	// (neither is a virtio feature: libvhost-user back-ends offer
+	// VHOST_F_LOG_ALL to every front-end, and a guest that acked it would
+	// turn on dirty-page logging with no log region), an IOMMU, packed
+	// rings (the plugins drive split rings), SR-IOV, notification data
+	// and ring reset, none of which this transport implements.
+	transportRefused = vhostuser.FeatureProtocolFeatures | vhostuser.FeatureLogAll | vhostuser.FeatureAccessPlatform |
 		vhostuser.FeatureRingPacked | 1<<37 | 1<<38 | 1<<40
 )
 

@@ -149,7 +149,9 @@ func newRig(t *testing.T, mod func(*Config)) *rig {
 	w := &fakeWiring{ioevents: map[string]bool{}, irqfds: map[string]bool{}}
 	cfg := Config{
 		DeviceID: 2, Base: testBase, GSI: testGSI, NumQueues: 2, QueueSizeMax: 256,
-		Features:           1<<1 | 1<<9 | vhostuser.FeatureRingEventIdx | vhostuser.FeatureProtocolFeatures | featureVersion1 | vhostuser.FeatureRingPacked,
+		// VHOST_F_LOG_ALL: libvhost-user back-ends (qemu-storage-daemon)
+		// offer it to every front-end.
+		Features:           1<<1 | 1<<9 | vhostuser.FeatureRingEventIdx | vhostuser.FeatureProtocolFeatures | featureVersion1 | vhostuser.FeatureRingPacked | vhostuser.FeatureLogAll,
 		ProtocolNegotiated: true, ConfigSpace: true, ConfigData: append([]byte(nil), b.config...),
 		Backend: b, Wiring: w, Translate: translate,
 	}
@@ -245,7 +247,7 @@ func TestDeviceFeatures(t *testing.T) {
 	got := uint64(hi)<<32 | uint64(lo)
 	want := uint64(1<<1 | 1<<9 | vhostuser.FeatureRingEventIdx | featureVersion1)
 	if got != want {
-		t.Errorf("device features %#x, want %#x (protocol-features and packed bits stripped)", got, want)
+		t.Errorf("device features %#x, want %#x (protocol-features, log-all and packed bits stripped)", got, want)
 	}
 }
 
@@ -263,6 +265,7 @@ func TestFeatureNegotiation(t *testing.T) {
 		{"legacy driver", true, 1 << 9, nil, false, 0},
 		{"not offered", true, featureVersion1 | 1<<5, nil, false, 0},
 		{"vhost-user bit from the guest", true, featureVersion1 | vhostuser.FeatureProtocolFeatures, nil, false, 0},
+		{"vhost log-all bit from the guest", true, featureVersion1 | vhostuser.FeatureLogAll, nil, false, 0},
 		{"plugin refuses", true, featureVersion1, errors.New("nope"), false, 0},
 	}
 	for _, tt := range tests {
