@@ -251,3 +251,40 @@ func TestVMSmoke(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Leaf 4 (deterministic cache parameters): the caches below the last
+// level are private to one core (EAX[25:14] = 0), the last level keeps
+// the sharing KVM reports, and the cores-per-package field (EAX[31:26],
+// six bits) says n-1, at most 63.
+func TestCPUIDLeaf4(t *testing.T) {
+	const l1d, l2, l3 = 0x121, 0x143, 0x163 // type | level<<5 | self-initializing
+	share := func(s uint32) uint32 { return s << 14 }
+	supported := []CPUIDEntry{
+		{Function: 0, EAX: 0xd},
+		{Function: 4, Index: 0, Flags: CPUIDFlagSignificantIndex, EAX: l1d | share(1)},
+		{Function: 4, Index: 1, Flags: CPUIDFlagSignificantIndex, EAX: l2 | share(1)},
+		{Function: 4, Index: 2, Flags: CPUIDFlagSignificantIndex, EAX: l3 | share(0x7f)},
+		{Function: 4, Index: 3, Flags: CPUIDFlagSignificantIndex, EAX: 0},
+	}
+	tests := []struct {
+		n     int
+		cores uint32
+	}{{1, 0}, {4, 3}, {64, 63}, {255, 63}}
+	for _, tt := range tests {
+		got := CPUIDFor(supported, 0, tt.n, false)
+		for _, w := range []struct {
+			idx   uint32
+			low   uint32
+			share uint32
+		}{{0, l1d, 0}, {1, l2, 0}, {2, l3, 0x7f}} {
+			e, _ := find(got, 4, w.idx)
+			if e.EAX&0x3fff != w.low || e.EAX>>14&0xfff != w.share || e.EAX>>26 != tt.cores {
+				t.Errorf("n %d: leaf 4.%d EAX %#x: cache %#x sharing %#x cores-1 %d, want %#x %#x %d",
+					tt.n, w.idx, e.EAX, e.EAX&0x3fff, e.EAX>>14&0xfff, e.EAX>>26, w.low, w.share, tt.cores)
+			}
+		}
+		if e, _ := find(got, 4, 3); e.EAX != 0 {
+			t.Errorf("n %d: the null subleaf became %#x", tt.n, e.EAX)
+		}
+	}
+}

@@ -23,10 +23,13 @@ func CPUIDFor(supported []CPUIDEntry, id, n int, tscDeadline bool) []CPUIDEntry 
 	}
 	coreBits := uint32(bits.Len(uint(n - 1))) // bits needed for core IDs
 	apic := uint32(id)
-	var maxBasic uint32
+	var maxBasic, lastCache uint32
 	for _, e := range supported {
 		if e.Function == 0 {
 			maxBasic = e.EAX
+		}
+		if e.Function == 0x4 && e.EAX&0x1f != 0 {
+			lastCache = max(lastCache, e.EAX>>5&7)
 		}
 	}
 	out := make([]CPUIDEntry, 0, len(supported)+4)
@@ -44,11 +47,17 @@ func CPUIDFor(supported []CPUIDEntry, id, n int, tscDeadline bool) []CPUIDEntry 
 			}
 			e.ECX |= 1 << 31 // running under a hypervisor
 		case 0x4:
-			// Deterministic cache parameters: cores per package in
-			// EAX[31:26]; each cache private to one core except that
-			// the last level is left as KVM reports it.
+			// Deterministic cache parameters: cores per package - 1
+			// in EAX[31:26] (six bits); each cache private to one core
+			// (EAX[25:14], threads sharing it - 1, cleared) except
+			// that the last level is left as KVM reports it, so the
+			// guest sees its cores share one.
 			if e.EAX&0x1f != 0 {
-				e.EAX = e.EAX&0x3fff | uint32(n-1)<<26
+				shared := e.EAX & (0xfff << 14)
+				if e.EAX>>5&7 != lastCache {
+					shared = 0
+				}
+				e.EAX = e.EAX&0x3fff | shared | uint32(min(n-1, 63))<<26
 			}
 		case 0xb, 0x1f:
 			continue // rebuilt below
