@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/krun-core/krun-core/core/kvm"
@@ -356,6 +358,15 @@ func TestLoadErrors(t *testing.T) {
 				t.Fatalf("err = %v, want %v", err, tt.want)
 			}
 		})
+	}
+	// A file too short to hold a setup header (an empty file, a stray
+	// text file) is no bzImage, whatever its reader says at its end.
+	for _, n := range []int{0, 1, 600, 1023} {
+		img := good.build()[:n]
+		_, err := Load(mem, Config{Kernel: bytes.NewReader(img), KernelSize: int64(n), RAM: ram})
+		if !errors.Is(err, ErrNotBzImage) || !strings.Contains(err.Error(), fmt.Sprintf("%d bytes", n)) {
+			t.Errorf("kernel of %d bytes: err = %v, want ErrNotBzImage naming its size", n, err)
+		}
 	}
 	// A kernel file shorter than it claims.
 	img := good.build()

@@ -173,7 +173,12 @@ func Load(mem Memory, cfg Config) (*Loaded, error) {
 	}
 	head := make([]byte, 1024)
 	if n, err := cfg.Kernel.ReadAt(head, 0); n < len(head) {
-		return nil, fmt.Errorf("read kernel header: %w", orEOF(err))
+		if err != nil && !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("read kernel header: %w", err)
+		}
+		// An empty or stray small file: say what it is not, rather
+		// than "EOF".
+		return nil, fmt.Errorf("%w: %d bytes is too short for a setup header", ErrNotBzImage, n)
 	}
 	hdr, err := ParseSetupHeader(head)
 	if err != nil {
