@@ -293,6 +293,9 @@ type Device struct {
 	guestErr error
 	config   []byte // the config space copy
 	cached   bool   // config holds the config space (else reads are forwarded)
+	// configWrites counts the guest's config writes into the copy: a
+	// refresh whose read they overlapped reads again (ConfigChanged).
+	configWrites uint64
 	// suspended: the back-end is gone and a new one is coming (Resume);
 	// no back-end is called meanwhile.
 	suspended bool
@@ -1096,20 +1099,34 @@ func (d *Device) failLocked(err error) {
 // failed.
 func (d *Device) ConfigChanged() {
 	d.mu.Lock()
-	n := len(d.config)
-	refresh := d.failed == nil && !d.suspended && d.cfg.ConfigSpace && d.cached && n > 0
-	b := d.cfg.Backend
-	d.mu.Unlock()
+	defer d.mu.Unlock()
 	var fresh []byte
 	var err error
-	if refresh {
-		fresh, err = b.GetConfig(0, uint32(n))
-		if err == nil && len(fresh) != n {
-			err = fmt.Errorf("%d bytes, asked %d", len(fresh), n)
+	b := d.cfg.Backend
+	stale := false
+	for try := 1; ; try++ {
+		n := len(d.config)
+		refresh := d.failed == nil && !d.suspended && d.cfg.ConfigSpace && d.cached && n > 0
+		b = d.cfg.Backend
+		writes := d.configWrites
+		d.mu.Unlock()
+		fresh, err = nil, nil
+		if refresh {
+			fresh, err = b.GetConfig(0, uint32(n))
+			if err == nil && len(fresh) != n {
+				err = fmt.Errorf("%d bytes, asked %d", len(fresh), n)
+			}
+		}
+		d.mu.Lock()
+		// A guest config write that landed meanwhile may be missing
+		// from fresh, which must not undo it in the copy: read again
+		// (it has reached the back-end by now). A guest that writes
+		// without pause keeps its bytes, not the back-end's change.
+		stale = refresh && err == nil && d.configWrites != writes
+		if !stale || try == configRefreshTries {
+			break
 		}
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	if d.failed != nil || d.suspended || b != d.cfg.Backend {
 		return
 	}
@@ -1119,14 +1136,20 @@ func (d *Device) ConfigChanged() {
 		}
 		return
 	}
-	changed := !bytes.Equal(d.config, fresh)
-	copy(d.config, fresh)
+	changed := stale || !bytes.Equal(d.config, fresh)
+	if !stale {
+		copy(d.config, fresh)
+	}
 	if d.status&StatusDriverOK == 0 {
 		d.configMovedLocked(changed)
 		return
 	}
 	d.configChangedLocked()
 }
+
+// configRefreshTries bounds how often ConfigChanged reads the config space
+// again because guest config writes landed during its read.
+const configRefreshTries = 4
 
 // configMovedLocked moves the config generation on when the config space
 // changed before DRIVER_OK, with no interrupt yet: a driver probing it
@@ -1264,6 +1287,7 @@ func (d *Device) writeConfigLocked(off uint64, data []byte) {
 		d.log.Debug("config write refused", "offset", off, "error", err)
 	case d.cached && off < uint64(len(d.config)):
 		copy(d.config[off:], data)
+		d.configWrites++
 	}
 }
 
