@@ -20,6 +20,34 @@ const (
 	KindConsole  = "console"
 )
 
+// Virtio device IDs of the built-in kinds' devices.
+const (
+	VirtioNet     = 1
+	VirtioBlk     = 2
+	VirtioConsole = 3
+	VirtioFS      = 26
+)
+
+// DeviceType is the virtio device ID a plugin of a built-in kind must
+// serve; ok is false for any other kind (a third-party plugin's device is
+// its own to name). The host holds a built-in plugin to it: one that parses
+// hostile bytes may be compromised, and a blk plugin that served a console
+// or a virtio-fs device instead would reach what the user gave another
+// device (the command's standard input and output, the root file system).
+func DeviceType(kind string) (id uint32, ok bool) {
+	switch kind {
+	case KindBlkRaw, KindBlkQCOW2:
+		return VirtioBlk, true
+	case KindFS:
+		return VirtioFS, true
+	case KindNetPasst:
+		return VirtioNet, true
+	case KindConsole:
+		return VirtioConsole, true
+	}
+	return 0, false
+}
+
 // OptReadOnly ("on" or "off") is the read-only switch of disks and shared
 // directories.
 const OptReadOnly = "readonly"

@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/proto/pluginpb"
 	"github.com/krun-core/krun-core/sandbox"
@@ -421,6 +422,15 @@ func (p *Plugin) Configure(ctx context.Context, options map[string]string) (*Dev
 	}
 	if r.GetDevice() == nil {
 		return nil, "", fmt.Errorf("plugin %s: Configure returned no device", p.kind)
+	}
+	if want, ok := devopts.DeviceType(p.kind); ok && r.GetDevice().GetDeviceType() != want {
+		// A built-in plugin parses hostile bytes and may be compromised:
+		// under another device type the guest would take it for
+		// another device (a console port named as the command's stdio,
+		// a virtio-fs share tagged as the root).
+		p.Kill()
+		return nil, "", fmt.Errorf("plugin %s (pid %d) serves virtio device type %d, a %s plugin serves type %d; killed it",
+			p.kind, p.Pid(), r.GetDevice().GetDeviceType(), p.kind, want)
 	}
 	if v, ok := p.sandbox.(verifier); ok && !p.sandboxOff {
 		if err := v.Verify(p.Pid()); err != nil {

@@ -22,12 +22,16 @@
 //	          address (a compromised plugin; Stats reports broker_sent)
 //	stall     answer everything but Shutdown (its own and go-plugin's
 //	          controller Shutdown), which never return: a compromised plugin
+//
+// KRUN_TEST_KIND, if set, is the kind Describe reports (else "test"), and
+// KRUN_TEST_TYPE the virtio device type Configure reports (else 4).
 package main
 
 import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -68,13 +72,21 @@ func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb
 	if os.Getenv("KRUN_TEST_MODE") == "policy" {
 		pol = `{"kind":"test","syscalls":"minimal","extra_syscalls":[{"name":"ptrace","reason":"to see"}]}`
 	}
-	return &pluginpb.DescribeResponse{Kind: "test", SdkVersion: "testplugin", PolicyJson: []byte(pol)}, nil
+	kind := "test"
+	if k := os.Getenv("KRUN_TEST_KIND"); k != "" {
+		kind = k
+	}
+	return &pluginpb.DescribeResponse{Kind: kind, SdkVersion: "testplugin", PolicyJson: []byte(pol)}, nil
 }
 
 func (s *server) Configure(_ context.Context, r *pluginpb.ConfigureRequest) (*pluginpb.ConfigureResponse, error) {
 	s.files = r.GetFiles()
 	s.log.Info("configured", "options", fmt.Sprint(r.GetOptions()), "sandbox_off", r.GetSandboxOff())
-	return &pluginpb.ConfigureResponse{Device: &pluginpb.DeviceInfo{DeviceType: 4, NumQueues: 1, MaxQueueSize: 256}}, nil
+	typ := uint32(4)
+	if t, err := strconv.ParseUint(os.Getenv("KRUN_TEST_TYPE"), 10, 32); err == nil {
+		typ = uint32(t)
+	}
+	return &pluginpb.ConfigureResponse{Device: &pluginpb.DeviceInfo{DeviceType: typ, NumQueues: 1, MaxQueueSize: 256}}, nil
 }
 
 func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.StatsResponse, error) {
