@@ -257,9 +257,12 @@ func (p *Plugin) checkDescription() error {
 func (p *Plugin) Policy() sandbox.Policy { return p.policy }
 
 // oneLine is the first line of s, a text the plugin controls (an error it
-// returned, a line it printed): a control character left in it (ESC, BEL,
-// NUL...) makes the whole line come back quoted, so that no plugin reaches
-// the user's terminal through krun-core's error line.
+// returned, a line it printed, the kind it reports), cut to its first
+// maxStatusMessage bytes (a plugin's reply may hold a string of up to
+// MaxReplyBytes, which would otherwise become a line of megabytes in the
+// error, the log, the user's terminal): a control character left in it
+// (ESC, BEL, NUL...) makes the whole line come back quoted, so that no
+// plugin reaches the user's terminal through krun-core's error line.
 func oneLine(s string) string {
 	for i := 0; i < len(s); i++ {
 		if s[i] == '\n' || s[i] == '\r' {
@@ -267,7 +270,19 @@ func oneLine(s string) string {
 			break
 		}
 	}
-	return cli.Printable(s)
+	return cli.Printable(cutText(s, maxStatusMessage))
+}
+
+// cutText is s cut to at most n bytes, at a character's start, with
+// "..." after a cut.
+func cutText(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "..."
 }
 
 func logLevel(l hclog.Logger) hclog.Level {
@@ -345,15 +360,7 @@ func (p *Plugin) call(ctx context.Context, op string, f func(context.Context) er
 // to its first 4 KiB (a plugin may send up to the 64 KiB its trailers may
 // hold): what goes into an error, the log, the user's terminal.
 func StatusMessage(st *status.Status) string {
-	msg := st.Message()
-	if len(msg) > maxStatusMessage {
-		n := maxStatusMessage
-		for n > 0 && !utf8.RuneStart(msg[n]) {
-			n--
-		}
-		msg = msg[:n] + "..."
-	}
-	return msg
+	return cutText(st.Message(), maxStatusMessage)
 }
 
 // DeviceInfo is the virtio device a plugin serves.

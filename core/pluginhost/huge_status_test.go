@@ -2,6 +2,7 @@ package pluginhost
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 )
@@ -29,5 +30,47 @@ func TestHugeStatusMessageIsCapped(t *testing.T) {
 	}
 	if n := len(err.Error()); n > MaxReplyBytes {
 		t.Errorf("a plugin's status message of 8 MiB reached the core whole: the error is %d bytes (MaxReplyBytes is %d)", n, MaxReplyBytes)
+	}
+}
+
+// TestHugePluginTextIsCapped: a plugin's replies may hold strings of up to
+// MaxReplyBytes, and the host put the kind Describe reports, Health's
+// error and Shutdown's flush error whole into its errors (onto the user's
+// terminal, into the log every health check): a line of 900 KiB, or 3.6
+// MB once an ESC byte is quoted as \x1b. Only a failed RPC's status
+// message was cut (StatusMessage).
+func TestHugePluginTextIsCapped(t *testing.T) {
+	const most = 4 * (maxStatusMessage + 3) // quoted: \x1b for a byte
+	_, err := Launch(testConfig(t, "hugekind"))
+	if err == nil {
+		t.Fatal("a plugin reporting a 900 KiB kind was launched")
+	}
+	if n := len(err.Error()); n > most+512 {
+		t.Errorf("the error of a plugin reporting a 900 KiB kind is %d bytes", n)
+	}
+
+	p, err := Launch(testConfig(t, "hugetext"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	st, msg, err := p.Health(ctx)
+	if err != nil || st != HealthFailed {
+		t.Fatalf("Health: %v, %v", st, err)
+	}
+	if len(msg) > most {
+		t.Errorf("Health's error is %d bytes", len(msg))
+	}
+	if !strings.HasSuffix(msg, `..."`) {
+		t.Errorf("a cut error does not say so: it ends %q", msg[max(0, len(msg)-16):])
+	}
+	err = p.Shutdown(ctx)
+	if err == nil {
+		t.Fatal("Shutdown's flush error was lost")
+	}
+	if n := len(err.Error()); n > most+512 {
+		t.Errorf("Shutdown's error is %d bytes", n)
 	}
 }

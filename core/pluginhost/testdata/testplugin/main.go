@@ -22,6 +22,9 @@
 //	          address (a compromised plugin; Stats reports broker_sent)
 //	stall     answer everything but Shutdown (its own and go-plugin's
 //	          controller Shutdown), which never return: a compromised plugin
+//	hugekind  report a kind of hugeText bytes in Describe
+//	hugetext  answer Health with a failure of hugeText ESC bytes and
+//	          Shutdown with a flush error of hugeText bytes
 //
 // KRUN_TEST_KIND, if set, is the kind Describe reports (else "test"), and
 // KRUN_TEST_TYPE the virtio device type Configure reports (else 4).
@@ -76,6 +79,9 @@ func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb
 	if k := os.Getenv("KRUN_TEST_KIND"); k != "" {
 		kind = k
 	}
+	if os.Getenv("KRUN_TEST_MODE") == "hugekind" {
+		kind = strings.Repeat("k", hugeText)
+	}
 	return &pluginpb.DescribeResponse{Kind: kind, SdkVersion: "testplugin", PolicyJson: []byte(pol)}, nil
 }
 
@@ -129,12 +135,22 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 }
 
 func (s *server) Health(context.Context, *pluginpb.HealthRequest) (*pluginpb.HealthResponse, error) {
+	if os.Getenv("KRUN_TEST_MODE") == "hugetext" {
+		return &pluginpb.HealthResponse{State: pluginpb.HealthResponse_STATE_FAILED, Error: strings.Repeat("\x1b", hugeText)}, nil
+	}
 	return &pluginpb.HealthResponse{State: pluginpb.HealthResponse_STATE_CONFIGURED}, nil
 }
 
 func (s *server) Shutdown(context.Context, *pluginpb.ShutdownRequest) (*pluginpb.ShutdownResponse, error) {
+	if os.Getenv("KRUN_TEST_MODE") == "hugetext" {
+		return &pluginpb.ShutdownResponse{FlushError: strings.Repeat("e", hugeText)}, nil
+	}
 	return &pluginpb.ShutdownResponse{FlushError: os.Getenv("KRUN_TEST_FLUSH_ERROR")}, nil
 }
+
+// hugeText is the length of the strings of modes hugekind and hugetext:
+// within the host's reply limit (MaxReplyBytes, 1 MiB).
+const hugeText = 900 << 10
 
 type devicePlugin struct {
 	plugin.NetRPCUnsupportedPlugin
