@@ -5,7 +5,9 @@ import (
 
 	hclog "github.com/hashicorp/go-hclog"
 
+	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/internal/lines"
+	"github.com/krun-core/krun-core/internal/ratelog"
 )
 
 // maxHelperLine bounds one line of a helper's output; a longer one is
@@ -21,13 +23,27 @@ var helperChatter = []string{
 	"Failed to open syslog", // likewise
 }
 
+// A helper's lines are logged in bursts of up to helperLogBurst, then at
+// helperLogPerSecond a second, as a plugin's are (core/pluginhost).
+const (
+	helperLogBurst     = 1000
+	helperLogPerSecond = 200
+)
+
 // HelperLog returns a writer for a helper process's (passt's) stdout and
 // stderr that logs each non-empty line into log: a helper never writes to
 // krun-core's own stderr. passt's lines carry no level; its start-up
 // chatter goes to DEBUG and every other line (passt prints warnings and
 // errors only, with --quiet) to WARN.
+//
+// passt parses the guest's packets and may be compromised, so its lines
+// are hostile, as a plugin's are: one with a control character (a
+// carriage return, an escape sequence) is logged quoted, so that it can
+// neither pass for another component's line nor drive the terminal, and
+// the lines logged are bounded by a budget; the next line logged after a
+// refusal says how many were dropped (helper_lines_dropped).
 func HelperLog(log hclog.Logger) *LineLogger {
-	l := &LineLogger{log: log, level: func(line string) hclog.Level {
+	l := &LineLogger{log: log, budget: &ratelog.Budget{Burst: helperLogBurst, PerSecond: helperLogPerSecond}, level: func(line string) hclog.Level {
 		for _, c := range helperChatter {
 			if strings.HasPrefix(line, c) {
 				return hclog.Debug
@@ -41,9 +57,10 @@ func HelperLog(log hclog.Logger) *LineLogger {
 
 // LineLogger logs what is written to it, a line at a time.
 type LineLogger struct {
-	log   hclog.Logger
-	level func(line string) hclog.Level
-	w     *lines.Writer
+	log    hclog.Logger
+	level  func(line string) hclog.Level
+	budget *ratelog.Budget
+	w      *lines.Writer
 }
 
 // Write logs every complete line of p; a partial line waits for the rest.
@@ -54,7 +71,19 @@ func (w *LineLogger) line(b []byte) {
 	if s == "" {
 		return
 	}
-	w.log.Log(w.level(s), s)
+	level := w.level(s)
+	if cur := w.log.GetLevel(); cur != hclog.NoLevel && level < cur {
+		return // not logged, so not counted against the budget
+	}
+	ok, dropped := w.budget.Allow()
+	if !ok {
+		return
+	}
+	var args []any
+	if dropped > 0 {
+		args = append(args, "helper_lines_dropped", dropped)
+	}
+	w.log.Log(level, cli.Printable(s), args...)
 }
 
 // Close logs a last line that had no newline.
