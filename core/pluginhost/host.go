@@ -445,7 +445,8 @@ func (p *Plugin) Configure(ctx context.Context, options map[string]string) (*Dev
 			return nil, "", fmt.Errorf("plugin %s (pid %d) is not confined after Configure, killed it: %w", p.kind, p.Pid(), err)
 		}
 	}
-	return deviceInfo(r.GetDevice()), r.GetSandbox(), nil
+	// The summary is the plugin's text, logged by the caller: one line.
+	return deviceInfo(r.GetDevice()), oneLine(r.GetSandbox()), nil
 }
 
 // Start makes the plugin serve vhost-user on fd 3.

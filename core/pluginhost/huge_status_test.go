@@ -35,7 +35,8 @@ func TestHugeStatusMessageIsCapped(t *testing.T) {
 
 // TestHugePluginTextIsCapped: a plugin's replies may hold strings of up to
 // MaxReplyBytes, and the host put the kind Describe reports, Health's
-// error and Shutdown's flush error whole into its errors (onto the user's
+// error and Shutdown's flush error whole into its errors (and Configure's
+// sandbox summary, lines and all, into serve's "serving" log line) (onto the user's
 // terminal, into the log every health check): a line of 900 KiB, or 3.6
 // MB once an ESC byte is quoted as \x1b. Only a failed RPC's status
 // message was cut (StatusMessage).
@@ -56,6 +57,13 @@ func TestHugePluginTextIsCapped(t *testing.T) {
 	defer p.Kill()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	_, note, err := p.Configure(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if note != "restricted" {
+		t.Errorf("Configure's sandbox summary of 900 KiB over two lines came back as %d bytes (%q...), want its first line", len(note), note[:min(len(note), 32)])
+	}
 	st, msg, err := p.Health(ctx)
 	if err != nil || st != HealthFailed {
 		t.Fatalf("Health: %v, %v", st, err)

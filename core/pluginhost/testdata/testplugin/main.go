@@ -23,8 +23,10 @@
 //	stall     answer everything but Shutdown (its own and go-plugin's
 //	          controller Shutdown), which never return: a compromised plugin
 //	hugekind  report a kind of hugeText bytes in Describe
-//	hugetext  answer Health with a failure of hugeText ESC bytes and
-//	          Shutdown with a flush error of hugeText bytes
+//	hugetext  answer Configure with a sandbox summary of two lines, the
+//	          second of hugeText ESC bytes, Health with a failure of
+//	          hugeText ESC bytes and Shutdown with a flush error of
+//	          hugeText bytes
 //
 // KRUN_TEST_KIND, if set, is the kind Describe reports (else "test"), and
 // KRUN_TEST_TYPE the virtio device type Configure reports (else 4).
@@ -92,7 +94,11 @@ func (s *server) Configure(_ context.Context, r *pluginpb.ConfigureRequest) (*pl
 	if t, err := strconv.ParseUint(os.Getenv("KRUN_TEST_TYPE"), 10, 32); err == nil {
 		typ = uint32(t)
 	}
-	return &pluginpb.ConfigureResponse{Device: &pluginpb.DeviceInfo{DeviceType: typ, NumQueues: 1, MaxQueueSize: 256}}, nil
+	sandbox := ""
+	if os.Getenv("KRUN_TEST_MODE") == "hugetext" {
+		sandbox = "restricted\n" + strings.Repeat("\x1b", hugeText)
+	}
+	return &pluginpb.ConfigureResponse{Device: &pluginpb.DeviceInfo{DeviceType: typ, NumQueues: 1, MaxQueueSize: 256}, Sandbox: sandbox}, nil
 }
 
 func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.StatsResponse, error) {
