@@ -469,3 +469,32 @@ func slowBackend(t *testing.T, slow time.Duration) *vhostuser.Conn {
 	}()
 	return a
 }
+
+// TestSetupNeverTurnsOnLogAll: a back-end built on libvhost-user offers
+// VHOST_F_LOG_ALL to every front-end; the core asks for "everything
+// offered" at start-up, and so switched on dirty-page logging with no log
+// region until the guest's own features replaced it (from review).
+func TestSetupNeverTurnsOnLogAll(t *testing.T) {
+	c, f := newFake(t, func(m *vhostuser.Message) ([]byte, bool) {
+		if m.Request == vhostuser.GetFeatures {
+			return vhostuser.EncodeU64(vhostuser.FeatureVersion1 | vhostuser.FeatureLogAll | 1<<9), true
+		}
+		return standard(m)
+	})
+	n, err := c.Negotiate(SetupConfig{Features: ^uint64(0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Features&vhostuser.FeatureLogAll != 0 {
+		t.Errorf("negotiated features %#x include VHOST_F_LOG_ALL", n.Features)
+	}
+	c.Close()
+	for m := range f.reqs {
+		if m.Request == vhostuser.SetFeatures {
+			if v, err := vhostuser.DecodeU64(m.Payload); err != nil || v&vhostuser.FeatureLogAll != 0 || v&(1<<9) == 0 {
+				t.Errorf("SET_FEATURES %#x (%v)", v, err)
+			}
+		}
+		m.CloseFiles()
+	}
+}

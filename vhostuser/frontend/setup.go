@@ -89,7 +89,10 @@ func (c *Client) Negotiate(cfg SetupConfig) (Negotiated, error) {
 	if missing := cfg.RequiredFeatures &^ offered; missing != 0 {
 		return n, fmt.Errorf("back-end lacks required features %#x (offers %#x)", missing, offered)
 	}
-	n.Features = (cfg.Features | cfg.RequiredFeatures) & offered &^ vhostuser.FeatureProtocolFeatures
+	// VHOST_F_LOG_ALL turns on dirty-page logging, which this front-end
+	// never sets up (no log base): libvhost-user back-ends offer it to
+	// everyone, and "everything offered" must not switch it on.
+	n.Features = (cfg.Features | cfg.RequiredFeatures) & offered &^ (vhostuser.FeatureProtocolFeatures | vhostuser.FeatureLogAll)
 	if offered&vhostuser.FeatureProtocolFeatures != 0 {
 		n.Features |= vhostuser.FeatureProtocolFeatures
 		p, err := c.GetProtocolFeatures()
