@@ -119,10 +119,11 @@ const (
 	// (neither is a virtio feature: libvhost-user back-ends offer
 	// VHOST_F_LOG_ALL to every front-end, and a guest that acked it would
 	// turn on dirty-page logging with no log region), an IOMMU, packed
-	// rings (the plugins drive split rings), SR-IOV, notification data
-	// and ring reset, none of which this transport implements.
+	// rings (the plugins drive split rings), SR-IOV, notification data,
+	// notification config data, ring reset and an admin virtqueue, none
+	// of which this transport implements.
 	transportRefused = vhostuser.FeatureProtocolFeatures | vhostuser.FeatureLogAll | vhostuser.FeatureAccessPlatform |
-		vhostuser.FeatureRingPacked | 1<<37 | 1<<38 | 1<<40
+		vhostuser.FeatureRingPacked | 1<<37 | 1<<38 | 1<<39 | 1<<40 | 1<<41
 )
 
 // Backend is the vhost-user side of the device. *frontend.Client

@@ -151,7 +151,7 @@ func newRig(t *testing.T, mod func(*Config)) *rig {
 		DeviceID: 2, Base: testBase, GSI: testGSI, NumQueues: 2, QueueSizeMax: 256,
 		// VHOST_F_LOG_ALL: libvhost-user back-ends (qemu-storage-daemon)
 		// offer it to every front-end.
-		Features:           1<<1 | 1<<9 | vhostuser.FeatureRingEventIdx | vhostuser.FeatureProtocolFeatures | featureVersion1 | vhostuser.FeatureRingPacked | vhostuser.FeatureLogAll,
+		Features:           1<<1 | 1<<9 | vhostuser.FeatureRingEventIdx | vhostuser.FeatureProtocolFeatures | featureVersion1 | vhostuser.FeatureRingPacked | vhostuser.FeatureLogAll | 1<<39 | 1<<41,
 		ProtocolNegotiated: true, ConfigSpace: true, ConfigData: append([]byte(nil), b.config...),
 		Backend: b, Wiring: w, Translate: translate,
 	}
@@ -247,7 +247,7 @@ func TestDeviceFeatures(t *testing.T) {
 	got := uint64(hi)<<32 | uint64(lo)
 	want := uint64(1<<1 | 1<<9 | vhostuser.FeatureRingEventIdx | featureVersion1)
 	if got != want {
-		t.Errorf("device features %#x, want %#x (protocol-features, log-all and packed bits stripped)", got, want)
+		t.Errorf("device features %#x, want %#x (protocol-features, log-all, packed, notif-config-data and admin-vq bits stripped)", got, want)
 	}
 }
 
