@@ -225,6 +225,12 @@ func TestParseNet(t *testing.T) {
 		{in: "passt,passt-arg=-s/tmp/x.sock", wantErr: "passes passt its socket"},
 		{in: "passt,passt-arg=--socket=/tmp/x.sock", wantErr: "passes passt its socket"},
 		{in: "passt,passt-arg=--socket-path=/tmp/x.sock", wantErr: "passes passt its socket"},
+		{in: "passt,passt-arg=--mtu=9000", wantErr: "give the MTU as mtu=N"},
+		{in: "passt,passt-arg=--mt", wantErr: "give the MTU as mtu=N"},
+		{in: "passt,mtu=1500,passt-arg=-m9000", wantErr: "give the MTU as mtu=N"},
+		{in: "passt,passt-arg=-4m", wantErr: "give the MTU as mtu=N"},
+		{in: "passt,passt-arg=-P/run/m.pid", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-P/run/m.pid"}}},
+		{in: "passt,passt-arg=--map-gw", want: &NetSpec{Backend: "passt", PasstArgs: []string{"--map-gw"}}},
 		{in: "passt,passt-arg=-t,passt-arg=8080", want: &NetSpec{Backend: "passt", PasstArgs: []string{"-t", "8080"}}},
 		// getopt_long's abbreviations (review of the review) ...
 		{in: "passt,passt-arg=--sock=/tmp/x.sock", wantErr: "passes passt its socket"},

@@ -3,6 +3,7 @@ package devspec
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -94,6 +95,12 @@ func ParseNet(s string) (*NetSpec, error) {
 			if takesPasstSocket(o.value) {
 				return nil, fmt.Errorf("passt-arg=%s: krun-core passes passt its socket itself (-F/--fd); -s/--socket would replace it (give other short options one per passt-arg)", printable(o.value))
 			}
+			if setsPasstOption(o.value, []string{"mtu"}, 'm') {
+				// The guest learns the MTU from the device (mtu=);
+				// passt's alone would leave it sending frames passt
+				// drops.
+				return nil, fmt.Errorf("passt-arg=%s: give the MTU as mtu=N, which tells both passt and the guest", printable(o.value))
+			}
 			n.PasstArgs = append(n.PasstArgs, o.value)
 			continue
 		}
@@ -134,9 +141,17 @@ func ParseNet(s string) (*NetSpec, error) {
 // option that takes a value, whose value the rest is ("-P/run/s.pid" sets
 // -P only).
 func takesPasstSocket(a string) bool {
+	return setsPasstOption(a, []string{"socket-path", "fd"}, 'F', 's')
+}
+
+// setsPasstOption says whether the passt argument a sets one of the long
+// options longs (in full or abbreviated to two letters or more, with or
+// without "=VALUE") or one of the short options shorts, alone or in a
+// group read as getopt reads one (see takesPasstSocket).
+func setsPasstOption(a string, longs []string, shorts ...rune) bool {
 	if long, ok := strings.CutPrefix(a, "--"); ok {
 		name, _, _ := strings.Cut(long, "=")
-		return len(name) >= 2 && (strings.HasPrefix("socket-path", name) || strings.HasPrefix("fd", name))
+		return len(name) >= 2 && slices.ContainsFunc(longs, func(l string) bool { return strings.HasPrefix(l, name) })
 	}
 	group, ok := strings.CutPrefix(a, "-")
 	if !ok {
@@ -144,7 +159,7 @@ func takesPasstSocket(a string) bool {
 	}
 	for _, c := range group {
 		switch {
-		case c == 'F' || c == 's':
+		case slices.Contains(shorts, c):
 			return true
 		case strings.ContainsRune(passtValueOptions, c):
 			return false // the rest is its value
