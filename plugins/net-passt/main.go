@@ -40,6 +40,11 @@ func (plugin) Configure(_ context.Context, opts map[string]string, files map[str
 	if err != nil || len(mac) != 6 {
 		return nil, fmt.Errorf("option mac=%q is not a 48-bit MAC address", opts[devopts.OptMAC])
 	}
+	// What the guest's driver would refuse (and Linux for an interface):
+	// the guest would get a random address instead, not the one asked for.
+	if mac[0]&1 != 0 || [6]byte(mac) == [6]byte{} {
+		return nil, fmt.Errorf("option mac=%q is not a unicast address", opts[devopts.OptMAC])
+	}
 	mtu, err := pluginsdk.IntOption(opts, devopts.OptMTU, 0, devopts.MinMTU, devopts.MaxMTU)
 	if err != nil {
 		return nil, err
