@@ -319,13 +319,19 @@ type decompressCache struct {
 }
 
 func (im *Image) readCompressed(q []byte, in uint64, ci *cinfo) error {
+	// The cached cluster is copied out with the lock released: q may be
+	// guest memory, and a fault on it (a front-end that truncated its
+	// memfd; the ring engine recovers it) must not leave the cache locked
+	// for every later compressed read. A cached buffer is never modified,
+	// only replaced.
 	im.dc.mu.Lock()
-	if im.dc.buf != nil && im.dc.key == ci.raw {
-		copy(q, im.dc.buf[in:])
-		im.dc.mu.Unlock()
+	cached := im.dc.buf
+	hit := cached != nil && im.dc.key == ci.raw
+	im.dc.mu.Unlock()
+	if hit {
+		copy(q, cached[in:])
 		return nil
 	}
-	im.dc.mu.Unlock()
 	buf := make([]byte, im.cs)
 	if err := im.decompress(ci, buf); err != nil {
 		return err
