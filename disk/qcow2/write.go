@@ -54,8 +54,12 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if im.corruptMarked.Load() {
 		return 0, errMarkedCorrupt
 	}
+	// Set before anything changes, cleared by the request's persist: a
+	// request that does not get there, whether it fails or ends in a
+	// panic (a fault on p, guest memory a front-end truncated, which the
+	// ring engine recovers), leaves entries in the caches only.
+	im.metaPending.Store(true)
 	if err := im.writeExclusive(p, off); err != nil {
-		im.metaPending.Store(true) // persist clears it
 		return 0, err
 	}
 	return len(p), nil
