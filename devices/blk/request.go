@@ -225,9 +225,12 @@ func (w *worker) discardOrZero(typ uint32, rd [][]byte, rdLen uint64) byte {
 	for _, r := range w.ranges {
 		if r.flags&^FlagUnmap != 0 || (discard && r.flags&FlagUnmap != 0) {
 			// Spec 5.2.6.2: unknown flags, and unmap on a discard,
-			// are VIRTIO_BLK_S_UNSUPP.
+			// are VIRTIO_BLK_S_UNSUPP, whatever else is wrong
+			// with the request's other ranges.
 			return w.fail(errBadFlags, StatusUnsupp)
 		}
+	}
+	for _, r := range w.ranges {
 		if r.sectors > maxSectors {
 			return w.fail(errTooManySectors, StatusIOErr)
 		}

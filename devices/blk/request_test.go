@@ -311,6 +311,8 @@ func TestHostileRequests(t *testing.T) {
 		{"discard past end", false, allFeatures, req{rd: [][]byte{header(TypeDiscard, 0), rangeSeg(capSectors-4, 8, 0)}, wr: [][]byte{{0}}}, StatusIOErr, func(s Stats) uint64 { return s.OutOfRange }},
 		{"write zeroes sector overflow", false, allFeatures, req{rd: [][]byte{header(TypeWriteZeroes, 0), rangeSeg(^uint64(0)-1, 8, 0)}, wr: [][]byte{{0}}}, StatusIOErr, func(s Stats) uint64 { return s.OutOfRange }},
 		{"discard range too long", false, allFeatures, req{rd: [][]byte{header(TypeDiscard, 0), rangeSeg(0, DefaultMaxSectors+1, 0)}, wr: [][]byte{{0}}}, StatusIOErr, func(s Stats) uint64 { return s.TooManySectors }},
+		{"bad flags after a bad range", false, allFeatures, req{rd: [][]byte{header(TypeWriteZeroes, 0), rangeSeg(capSectors, 1, 0), rangeSeg(0, 8, 2)}, wr: [][]byte{{0}}}, StatusUnsupp, func(s Stats) uint64 { return s.BadFlags }},
+		{"discard unmap after a long range", false, allFeatures, req{rd: [][]byte{header(TypeDiscard, 0), rangeSeg(0, DefaultMaxSectors+1, 0), rangeSeg(0, 8, FlagUnmap)}, wr: [][]byte{{0}}}, StatusUnsupp, func(s Stats) uint64 { return s.BadFlags }},
 		{"second range bad, first not applied", false, allFeatures, req{rd: [][]byte{header(TypeWriteZeroes, 0), rangeSeg(0, 8, 0), rangeSeg(capSectors, 1, 0)}, wr: [][]byte{{0}}}, StatusIOErr, func(s Stats) uint64 { return s.OutOfRange }},
 	}
 	for _, tc := range tests {
