@@ -75,6 +75,12 @@ func Open(f *os.File, opts Options) (*Disk, error) {
 	case unix.O_WRONLY:
 		return nil, errors.New("raw: image fd is opened write-only; it must be readable")
 	}
+	if fl&unix.O_APPEND != 0 && !opts.ReadOnly {
+		// Linux puts every pwrite on an O_APPEND fd at the end of the
+		// file, whatever its offset: the guest's writes would grow
+		// the file and never reach their sectors.
+		return nil, errors.New("raw: image fd is opened O_APPEND, which places every write at its end; open it without O_APPEND or configure the disk readonly")
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, fmt.Errorf("raw: stat image: %w", err)

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/disk"
 )
@@ -224,6 +227,37 @@ func TestWriteOnlyFdRefused(t *testing.T) {
 	if _, err := Open(wf, Options{}); err == nil {
 		t.Fatal("Open of an O_WRONLY fd succeeded")
 	}
+}
+
+// TestAppendFdRefused hands Open an fd opened with O_APPEND, as an
+// inherited one may be (a shell's >> redirection). Linux places every
+// pwrite on such an fd at the end of the file whatever its offset, so a
+// guest's writes would land past the disk and read back as the old bytes;
+// a writable disk refuses it, a read-only one does not care.
+func TestAppendFdRefused(t *testing.T) {
+	const size = 4096
+	p, f := newImage(t, size)
+	f.Close()
+	fd, err := unix.Open(p, unix.O_RDWR|unix.O_APPEND|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	af := os.NewFile(uintptr(fd), p)
+	d, err := Open(af, Options{})
+	if err == nil {
+		_, werr := d.WriteAt(pattern(512, 3), 0)
+		st, _ := os.Stat(p)
+		d.Close()
+		t.Fatalf("Open of an O_APPEND fd succeeded; a write at 0 (%v) left the file %d bytes long", werr, st.Size())
+	}
+	if !strings.Contains(err.Error(), "O_APPEND") {
+		t.Errorf("error %q does not name O_APPEND", err)
+	}
+	d, err = Open(af, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("read-only Open of an O_APPEND fd: %v", err)
+	}
+	d.Close()
 }
 
 func TestDiscardAndWriteZeroes(t *testing.T) {
