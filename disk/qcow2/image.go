@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/krun-core/krun-core/disk"
+	"golang.org/x/sys/unix"
 )
 
 // Layer is one image the user declared as part of a backing chain (or as an
@@ -273,6 +274,21 @@ func identify(f *os.File) (fileID, int64, error) {
 	return id, size, nil
 }
 
+// refuseAppend fails for a file whose fd is open with O_APPEND (an
+// inherited fd may be): Linux puts every pwrite on it at the end of the
+// file whatever its offset, so metadata and guest data would land past
+// the end instead of where the tables say.
+func refuseAppend(f *os.File) error {
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return fmt.Errorf("query fd flags: %w", err)
+	}
+	if fl&unix.O_APPEND != 0 {
+		return errors.New("the fd is opened O_APPEND, which places every write at the end of the file; open it without O_APPEND or read-only")
+	}
+	return nil
+}
+
 // Open opens the qcow2 image in f. The image's backing file and data file
 // must be the ones declared in opts. On success the Image owns f and every
 // file in opts.
@@ -300,6 +316,11 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 	id, fileSize, err := identify(f)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: stat: %w", name, err)
+	}
+	if !opts.ReadOnly {
+		if err := refuseAppend(f); err != nil {
+			return nil, fmt.Errorf("image %s: %w", name, err)
+		}
 	}
 	if prev, ok := st.seen[id]; ok && id != (fileID{}) {
 		return nil, fmt.Errorf("%w: backing chain loops: image %s is the same file as %s", ErrBacking, name, prev)
@@ -487,6 +508,11 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 	id, _, err := identify(opts.DataFile.File)
 	if err != nil {
 		return fmt.Errorf("data file %s: stat: %w", opts.DataFile.Path, err)
+	}
+	if !im.ro {
+		if err := refuseAppend(opts.DataFile.File); err != nil {
+			return fmt.Errorf("data file %s: %w", opts.DataFile.Path, err)
+		}
 	}
 	if prev, ok := st.seen[id]; ok && id != (fileID{}) {
 		return fmt.Errorf("%w: data file %s is the same file as %s", ErrBacking, opts.DataFile.Path, prev)
