@@ -102,7 +102,7 @@ func serveFS(t *testing.T, dir, tag string) string {
 }
 
 // host is the test's end of the krun.stdio port: it collects STDOUT,
-// STDERR and EXIT frames and acknowledges CLOSE_REQ.
+// STDERR and EXIT frames and acknowledges them and CLOSE_REQ.
 type host struct {
 	conn net.Conn
 	w    *stdioframe.Writer
@@ -164,8 +164,12 @@ func (h *host) read() {
 		close(h.changed)
 		h.changed = make(chan struct{})
 		h.mu.Unlock()
-		if f.Type == stdioframe.CloseReq {
+		switch f.Type {
+		case stdioframe.CloseReq:
 			h.w.WriteFrame(stdioframe.CloseAck, nil)
+		case stdioframe.Stdout, stdioframe.Stderr:
+			// Written out: krun-init may send more (its credit).
+			h.w.WriteOutputAck(uint32(len(f.Payload)))
 		}
 	}
 }

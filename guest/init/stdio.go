@@ -73,6 +73,16 @@ type stdio struct {
 
 	mu       sync.Mutex
 	writeErr error // the first write failure; later output is dropped
+
+	// The command's output goes within the host's credit: at most
+	// OutputWindow bytes of STDOUT and STDERR the host has not
+	// acknowledged (OUTPUT_ACK), so a slow reader on the host stalls the
+	// command, as a pipe would, and not the port. outEnded: readLoop
+	// ended, no acknowledgement can come. Under mu.
+	outOnce    sync.Once
+	outCond    *sync.Cond
+	outUnacked int
+	outEnded   bool
 }
 
 // findPort returns the /dev node of the virtio-console port called name,
@@ -144,6 +154,7 @@ func (s *stdio) readLoop() {
 	}
 	safeGo(s.log, "stdin writer", s.stdinLoop)
 	defer s.closeStdin()
+	defer s.endOutput()
 	r := stdioframe.NewReader(portReader{s.f}, stdioframe.HostToGuest)
 	for {
 		fr, err := r.Next()
@@ -157,6 +168,13 @@ func (s *stdio) readLoop() {
 		}
 		if fr.Type == stdioframe.CloseAck {
 			s.ackOnce.Do(func() { close(s.ack) })
+			continue
+		}
+		if fr.Type == stdioframe.OutputAck {
+			s.mu.Lock()
+			s.outUnacked = max(s.outUnacked-int(fr.StdinAcked()), 0)
+			s.out().Broadcast()
+			s.mu.Unlock()
 			continue
 		}
 		if fr.Type == stdioframe.Stdin || fr.Type == stdioframe.StdinEOF {
@@ -437,13 +455,49 @@ func (s *stdio) write(t stdioframe.Type, p []byte) {
 		if s.writeErr == nil {
 			s.writeErr = err
 			s.log.Errorf("stdio port: %v; dropping further output", err)
+			s.out().Broadcast()
 		}
 		s.mu.Unlock()
 	}
 }
 
-func (s *stdio) writeStdout(p []byte) { s.write(stdioframe.Stdout, p) }
-func (s *stdio) writeStderr(p []byte) { s.write(stdioframe.Stderr, p) }
+func (s *stdio) writeStdout(p []byte) { s.writeOutput(stdioframe.Stdout, p) }
+func (s *stdio) writeStderr(p []byte) { s.writeOutput(stdioframe.Stderr, p) }
+
+// out returns the condition writeOutput waits on (s.mu).
+func (s *stdio) out() *sync.Cond {
+	s.outOnce.Do(func() { s.outCond = sync.NewCond(&s.mu) })
+	return s.outCond
+}
+
+// writeOutput sends the command's output within the host's credit,
+// waiting for OUTPUT_ACK when it is spent. Once the port is no longer
+// read, or a write failed, output is dropped.
+func (s *stdio) writeOutput(t stdioframe.Type, p []byte) {
+	for len(p) > 0 {
+		s.mu.Lock()
+		for s.outUnacked >= stdioframe.OutputWindow && !s.outEnded && s.writeErr == nil {
+			s.out().Wait()
+		}
+		if s.outEnded || s.writeErr != nil {
+			s.mu.Unlock()
+			return
+		}
+		n := min(len(p), stdioframe.OutputWindow-s.outUnacked)
+		s.outUnacked += n
+		s.mu.Unlock()
+		s.write(t, p[:n])
+		p = p[n:]
+	}
+}
+
+// endOutput ends writeOutput's waits: readLoop ended.
+func (s *stdio) endOutput() {
+	s.mu.Lock()
+	s.outEnded = true
+	s.out().Broadcast()
+	s.mu.Unlock()
+}
 
 // close sends EXIT and CLOSE_REQ and waits for CLOSE_ACK, i.e. until the
 // host has written out everything before it, for as long as the port

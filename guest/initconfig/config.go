@@ -20,10 +20,11 @@ import (
 )
 
 // Version is the schema version this package writes and accepts. It
-// names the stdio protocol too: 2 has STDIN_ACK (guest/stdioframe), so a
-// krun-init and a krun-core of different versions refuse each other at
-// once instead of stalling the command's input.
-const Version = 2
+// names the stdio protocol too: 2 has STDIN_ACK, 3 OUTPUT_ACK
+// (guest/stdioframe), so a krun-init and a krun-core of different versions
+// refuse each other at once instead of stalling the command's input or
+// output.
+const Version = 3
 
 // Path is where the config lives inside the initramfs.
 const Path = "/krun/config.json"

@@ -242,7 +242,7 @@ func FuzzParse(f *testing.F) {
 		b, _ := c.Marshal()
 		f.Add(b)
 	}
-	f.Add([]byte(`{"version":2}`))
+	f.Add([]byte(`{"version":3}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := Parse(b)
 		if err != nil {

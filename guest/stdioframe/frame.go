@@ -8,10 +8,15 @@
 // 4 CLOSE_REQ (empty), 9 STDIN_ACK (u32 bytes of STDIN consumed). host ->
 // guest: 16 STDIN data, 17 STDIN_EOF (empty), 18 WINSIZE (rows u16, cols
 // u16, little-endian), 19 CLOSE_ACK (empty), 20 SIGNAL (u8 signal number,
-// 1-64). STDIN_ACK is a credit: the host sends at most StdinWindow bytes of
-// STDIN the guest has not acknowledged, so krun-init never blocks reading
-// the port on a command that does not read its input, and a SIGNAL or
-// WINSIZE behind that input still arrives.
+// 1-64), 29 OUTPUT_ACK (u32 bytes of STDOUT and STDERR written out).
+// STDIN_ACK is a credit: the host sends at most StdinWindow bytes of STDIN
+// the guest has not acknowledged, so krun-init never blocks reading the
+// port on a command that does not read its input, and a SIGNAL or WINSIZE
+// behind that input still arrives. OUTPUT_ACK is the credit the other way:
+// the guest sends at most OutputWindow bytes of STDOUT and STDERR the host
+// has not written out, so a slow reader of the command's output (a paused
+// terminal) stalls the command, as a pipe would, and never the port: an
+// exec's output, an EXEC_EXIT and a STDIN_ACK still pass.
 //
 // Containers (krun-oci, exec.go): host -> guest 21 START (empty) releases a
 // command that waits for it; the exec frames carry a process id (u32, not
@@ -66,6 +71,7 @@ const (
 	ExecSignal    Type = 26
 	ExecOutputAck Type = 27
 	SignalAll     Type = 28
+	OutputAck     Type = 29
 )
 
 // ExecWindow is how many bytes of one exec stream may be in flight
@@ -73,8 +79,14 @@ const (
 const ExecWindow = 256 << 10
 
 // Version is the protocol's version (initconfig.Version names it for
-// krun-init, devopts.OptStdio for the console plugin): 2 has STDIN_ACK.
-const Version = 2
+// krun-init, devopts.OptStdio for the console plugin): 2 has STDIN_ACK, 3
+// OUTPUT_ACK.
+const Version = 3
+
+// OutputWindow is how many bytes of the command's stdout and stderr
+// together may be in flight (sent by the guest and not acknowledged by
+// OUTPUT_ACK).
+const OutputWindow = 256 << 10
 
 // StdinWindow is how many bytes of the command's stdin may be in flight
 // (sent by the host and not acknowledged by STDIN_ACK).
@@ -98,7 +110,7 @@ var typeNames = map[Type]string{
 	ExecStdout: "EXEC_STDOUT", ExecStderr: "EXEC_STDERR", ExecExit: "EXEC_EXIT", ExecStdinAck: "EXEC_STDIN_ACK",
 	Start: "START", Exec: "EXEC", ExecStdin: "EXEC_STDIN", ExecStdinEOF: "EXEC_STDIN_EOF",
 	ExecWinsize: "EXEC_WINSIZE", ExecSignal: "EXEC_SIGNAL", ExecOutputAck: "EXEC_OUTPUT_ACK",
-	SignalAll: "SIGNAL_ALL",
+	SignalAll: "SIGNAL_ALL", OutputAck: "OUTPUT_ACK",
 }
 
 func (t Type) String() string {
@@ -129,7 +141,7 @@ func (t Type) Direction() (Direction, bool) {
 	switch t {
 	case Stdout, Stderr, Exit, CloseReq, ExecStdout, ExecStderr, ExecExit, ExecStdinAck, StdinAck:
 		return GuestToHost, true
-	case Stdin, StdinEOF, Winsize, CloseAck, Signal, Start, Exec, ExecStdin, ExecStdinEOF, ExecWinsize, ExecSignal, ExecOutputAck, SignalAll:
+	case Stdin, StdinEOF, Winsize, CloseAck, Signal, Start, Exec, ExecStdin, ExecStdinEOF, ExecWinsize, ExecSignal, ExecOutputAck, SignalAll, OutputAck:
 		return HostToGuest, true
 	}
 	return 0, false
@@ -143,7 +155,7 @@ func payloadLen(t Type) int {
 		return 1
 	case CloseReq, StdinEOF, CloseAck, Start:
 		return 0
-	case Winsize, ExecStdinEOF, StdinAck:
+	case Winsize, ExecStdinEOF, StdinAck, OutputAck:
 		return 4
 	case ExecExit, ExecSignal:
 		return 5
@@ -262,7 +274,7 @@ func (f Frame) ExecWinsize() (rows, cols uint16) {
 	return binary.LittleEndian.Uint16(f.Payload[4:]), binary.LittleEndian.Uint16(f.Payload[6:])
 }
 
-// StdinAcked returns a STDIN_ACK frame's byte count.
+// StdinAcked returns a STDIN_ACK or OUTPUT_ACK frame's byte count.
 func (f Frame) StdinAcked() uint32 {
 	if len(f.Payload) < 4 {
 		return 0
@@ -327,7 +339,7 @@ func (r *Reader) Next() (Frame, error) {
 		}
 		return Frame{}, err
 	}
-	if t == StdinAck && binary.LittleEndian.Uint32(p) > StdinWindow {
+	if (t == StdinAck && binary.LittleEndian.Uint32(p) > StdinWindow) || (t == OutputAck && binary.LittleEndian.Uint32(p) > OutputWindow) {
 		r.err = &BadPayloadError{Type: t, Len: n, Reason: "acknowledges more than the window"}
 		return Frame{}, r.err
 	}
@@ -437,6 +449,14 @@ func (w *Writer) WriteStdinAck(n uint32) error {
 	var p [4]byte
 	binary.LittleEndian.PutUint32(p[:], n)
 	return w.WriteFrame(StdinAck, p[:])
+}
+
+// WriteOutputAck writes an OUTPUT_ACK frame: n bytes of STDOUT and STDERR
+// were written out.
+func (w *Writer) WriteOutputAck(n uint32) error {
+	var p [4]byte
+	binary.LittleEndian.PutUint32(p[:], n)
+	return w.WriteFrame(OutputAck, p[:])
 }
 
 // WriteExit writes an EXIT frame.

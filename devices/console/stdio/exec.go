@@ -33,17 +33,9 @@ type execSession struct {
 	stderr *os.File
 	status *os.File
 
-	mu   sync.Mutex
-	cond *sync.Cond
-	// The guest's output waiting for the writer: the bytes of both
-	// streams in the order they came (out), and the runs of one stream
-	// they form (runs: a length of at most runMax, runStderr for
-	// stderr). Two bytes a run, not a chunk a frame: a guest alternating
-	// one-byte frames of the two streams made each byte of the window a
-	// chunk of its own, 40 bytes of heap a byte (found in review).
-	out      []byte
-	runs     []uint16
-	queued   int
+	mu       sync.Mutex
+	cond     *sync.Cond
+	outQueue     // the guest's output waiting for the writer (under mu)
 	exit     int // -1 until EXEC_EXIT
 	credit   int // stdin bytes the guest will take
 	finished bool
@@ -51,14 +43,27 @@ type execSession struct {
 	closeOne sync.Once
 }
 
+// outQueue is guest output waiting for its writer: the bytes of both
+// streams in the order they came (out), and the runs of one stream they
+// form (runs: a length of at most runMax, runStderr for stderr). Two bytes
+// a run, not a chunk a frame: a guest alternating one-byte frames of the
+// two streams made each byte of the window a chunk of its own, 40 bytes of
+// heap a byte (found in review). queued counts the bytes not yet written
+// out (a run taken by the writer stays counted until it is).
+type outQueue struct {
+	out    []byte
+	runs   []uint16
+	queued int
+}
+
 const (
 	runStderr = 1 << 15
 	runMax    = runStderr - 1
 )
 
-// queueOutput appends data of one stream to the output (s.mu held): it
-// extends the last run when it is of the same stream.
-func (s *execSession) queueOutput(data []byte, stderr bool) {
+// queueOutput appends data of one stream to the output: it extends the
+// last run when it is of the same stream.
+func (s *outQueue) queueOutput(data []byte, stderr bool) {
 	var bit uint16
 	if stderr {
 		bit = runStderr
@@ -78,10 +83,9 @@ func (s *execSession) queueOutput(data []byte, stderr bool) {
 	}
 }
 
-// nextRun takes the first run off the output (s.mu held, runs not
-// empty). The bytes stay valid after s.mu is released: appends write past
-// them.
-func (s *execSession) nextRun() (data []byte, stderr bool) {
+// nextRun takes the first run off the output (runs not empty). The bytes
+// stay valid after the lock is released: appends write past them.
+func (s *outQueue) nextRun() (data []byte, stderr bool) {
 	r := s.runs[0]
 	n := int(r & runMax)
 	data, s.out, s.runs = s.out[:n:n], s.out[n:], s.runs[1:]

@@ -4,9 +4,11 @@
 // krun-core handed over (its own stdin, stdout and stderr, and a control
 // pipe for window sizes and signals, in the records devopts defines).
 //
-// Guest to host: STDOUT and STDERR frames are written to the files as they
-// come, byte for byte; CLOSE_REQ is answered with CLOSE_ACK once every
-// earlier frame is written; EXIT is noted. A frame that breaks the protocol
+// Guest to host: STDOUT and STDERR frames are queued and written to the
+// files byte for byte by a writer of their own, which acknowledges them
+// (OUTPUT_ACK), so a slow reader of the command's output stalls the
+// command, not the port; CLOSE_REQ is answered with CLOSE_ACK once every
+// earlier STDOUT and STDERR frame is written; EXIT is noted. A frame that breaks the protocol
 // is logged once and everything after it is discarded (so the guest never
 // blocks on a port nobody drains). Host to guest: stdin becomes STDIN
 // frames and, at its end, STDIN_EOF; control records become WINSIZE and
@@ -73,6 +75,19 @@ type Bridge struct {
 	inCond   *sync.Cond
 	inCredit int
 	inEnded  bool
+
+	// The command's output, written by writeMain within the credit it
+	// gives the guest (OUTPUT_ACK). closeReq: CLOSE_REQ came, and is
+	// answered once what came before it is written; outEnded: the port
+	// is gone, and writeMain ends once the queue is written; overrun:
+	// the guest sent more than the window, and its output is dropped.
+	outMu    sync.Mutex
+	outCond  *sync.Cond
+	mainOut  outQueue
+	closeReq bool
+	outEnded bool
+	overrun  bool
+	outDone  chan struct{} // closed when writeMain returns
 }
 
 // New returns a bridge; Run starts it.
@@ -83,6 +98,8 @@ func New(cfg Config) *Bridge {
 	}
 	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port), started: make(chan struct{}), inCredit: stdioframe.StdinWindow}
 	b.inCond = sync.NewCond(&b.inMu)
+	b.outCond = sync.NewCond(&b.outMu)
+	b.outDone = make(chan struct{})
 	b.stdoutOK.Store(true)
 	b.stderrOK.Store(true)
 	return b
@@ -99,6 +116,7 @@ func (b *Bridge) Exit() (int, bool) {
 // with their files or the port.
 func (b *Bridge) Run(ctx context.Context) error {
 	go b.pumpStdin()
+	go b.writeMain()
 	if b.cfg.Control != nil {
 		go b.pumpControl()
 	}
@@ -107,6 +125,13 @@ func (b *Bridge) Run(ctx context.Context) error {
 		err := b.fromGuest()
 		b.endAllExecs()
 		b.endStdin()
+		// What the command wrote before the port ended is written out
+		// before Run returns.
+		b.outMu.Lock()
+		b.outEnded = true
+		b.outCond.Broadcast()
+		b.outMu.Unlock()
+		<-b.outDone
 		errc <- err
 	}()
 	select {
@@ -134,10 +159,8 @@ func (b *Bridge) fromGuest() error {
 			return fmt.Errorf("read the stdio port: %w", err)
 		}
 		switch f.Type {
-		case stdioframe.Stdout:
-			b.write(b.cfg.Stdout, &b.stdoutOK, "stdout", f.Payload)
-		case stdioframe.Stderr:
-			b.write(b.cfg.Stderr, &b.stderrOK, "stderr", f.Payload)
+		case stdioframe.Stdout, stdioframe.Stderr:
+			b.queueMain(f.Payload, f.Type == stdioframe.Stderr)
 		case stdioframe.StdinAck:
 			b.inMu.Lock()
 			b.inCredit = min(b.inCredit+int(f.StdinAcked()), stdioframe.StdinWindow)
@@ -149,10 +172,77 @@ func (b *Bridge) fromGuest() error {
 		case stdioframe.ExecStdout, stdioframe.ExecStderr, stdioframe.ExecExit, stdioframe.ExecStdinAck:
 			b.fromGuestExec(f)
 		case stdioframe.CloseReq:
-			// Every earlier frame is written (writes are synchronous):
-			// the guest may power off now.
+			// Answered by writeMain once the output before it is written.
+			b.outMu.Lock()
+			b.closeReq = true
+			b.outCond.Broadcast()
+			b.outMu.Unlock()
+		}
+	}
+}
+
+// queueMain queues the command's output for writeMain. The guest sends at
+// most OutputWindow bytes that writeMain has not acknowledged; one that
+// sends more breaks the protocol, and the rest of its output is dropped
+// (the port is still read: an exec, CLOSE_REQ and EXIT go on).
+func (b *Bridge) queueMain(p []byte, stderr bool) {
+	if len(p) == 0 {
+		return
+	}
+	b.outMu.Lock()
+	defer b.outMu.Unlock()
+	if b.overrun {
+		return
+	}
+	if b.mainOut.queued+len(p) > stdioframe.OutputWindow {
+		b.overrun = true
+		b.log.Error("the guest overran the output window of the stdio protocol; dropping the rest of the command's output")
+		return
+	}
+	b.mainOut.queueOutput(p, stderr)
+	b.outCond.Broadcast()
+}
+
+// writeMain writes the command's output to the files, acknowledging each
+// run (OUTPUT_ACK, also for output dropped after a write error, so the
+// guest never waits on a reader that went away), and answers CLOSE_REQ
+// once everything before it is written. It ends when the port is gone and
+// the queue is written.
+func (b *Bridge) writeMain() {
+	defer close(b.outDone)
+	for {
+		b.outMu.Lock()
+		for len(b.mainOut.runs) == 0 && !b.closeReq && !b.outEnded {
+			b.outCond.Wait()
+		}
+		if len(b.mainOut.runs) == 0 {
+			closeReq := b.closeReq
+			b.closeReq = false
+			b.outMu.Unlock()
+			if !closeReq {
+				return // the port is gone and everything is written
+			}
+			// Every earlier frame is written: the guest may power off
+			// now.
 			if err := b.w.WriteFrame(stdioframe.CloseAck, nil); err != nil {
 				b.log.Warn("answer CLOSE_REQ", "error", err)
+			}
+			continue
+		}
+		data, stderr := b.mainOut.nextRun()
+		b.outMu.Unlock()
+		if stderr {
+			b.write(b.cfg.Stderr, &b.stderrOK, "stderr", data)
+		} else {
+			b.write(b.cfg.Stdout, &b.stdoutOK, "stdout", data)
+		}
+		b.outMu.Lock()
+		b.mainOut.queued -= len(data)
+		ended := b.outEnded
+		b.outMu.Unlock()
+		if !ended {
+			if err := b.w.WriteOutputAck(uint32(len(data))); err != nil {
+				b.log.Debug("acknowledge output", "error", err)
 			}
 		}
 	}

@@ -27,14 +27,25 @@ type rig struct {
 	bridge         *Bridge
 	stdout, stderr syncbuf.Buffer
 	done           chan error
+	unacked        int // output sent and not acknowledged (writeOut)
 }
 
 func newRig(t *testing.T, stdin io.Reader, control io.Reader) *rig {
 	t.Helper()
+	return newRigOut(t, stdin, control, nil)
+}
+
+// newRigOut is newRig with the command's stdout going to stdout (nil:
+// the rig's buffer).
+func newRigOut(t *testing.T, stdin io.Reader, control io.Reader, stdout io.Writer) *rig {
+	t.Helper()
 	g2hR, g2hW := io.Pipe()
 	h2gR, h2gW := io.Pipe()
 	r := &rig{guestW: stdioframe.NewWriter(g2hW), guestR: stdioframe.NewReader(h2gR, stdioframe.HostToGuest), toHost: g2hW, done: make(chan error, 1)}
-	r.bridge = New(Config{Port: port{g2hR, h2gW}, Stdin: stdin, Stdout: &r.stdout, Stderr: &r.stderr, Control: control})
+	if stdout == nil {
+		stdout = &r.stdout
+	}
+	r.bridge = New(Config{Port: port{g2hR, h2gW}, Stdin: stdin, Stdout: stdout, Stderr: &r.stderr, Control: control})
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { r.done <- r.bridge.Run(ctx) }()
 	t.Cleanup(func() { cancel(); g2hW.Close(); h2gR.Close() })
@@ -65,19 +76,63 @@ func (r *rig) next(t *testing.T) stdioframe.Frame {
 	return stdioframe.Frame{}
 }
 
+// writeOut sends output as krun-init does: within the host's credit,
+// reading OUTPUT_ACKs (and nothing else) when it runs out.
+func (r *rig) writeOut(t *testing.T, typ stdioframe.Type, p []byte) {
+	t.Helper()
+	for len(p) > 0 {
+		for r.unacked == stdioframe.OutputWindow {
+			f := r.next(t)
+			if f.Type != stdioframe.OutputAck {
+				t.Fatalf("host frame %v while waiting for OUTPUT_ACK", f.Type)
+			}
+			r.unacked -= int(f.StdinAcked())
+		}
+		n := min(len(p), stdioframe.OutputWindow-r.unacked, stdioframe.MaxPayload)
+		werr := make(chan error, 1)
+		go func() { werr <- r.guestW.WriteData(typ, p[:n]) }()
+		select {
+		case err := <-werr:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("the host stopped reading the port")
+		}
+		r.unacked += n
+		p = p[n:]
+	}
+}
+
+// untilCloseAck reads host frames up to CLOSE_ACK, taking OUTPUT_ACKs.
+func (r *rig) untilCloseAck(t *testing.T) {
+	t.Helper()
+	for {
+		switch f := r.next(t); f.Type {
+		case stdioframe.CloseAck:
+			return
+		case stdioframe.OutputAck:
+			r.unacked -= int(f.StdinAcked())
+		default:
+			t.Fatalf("host frame %v while waiting for CLOSE_ACK", f.Type)
+		}
+	}
+}
+
 func TestOutputAndClose(t *testing.T) {
 	r := newRig(t, strings.NewReader(""), nil)
 	if f := r.next(t); f.Type != stdioframe.StdinEOF {
 		t.Fatalf("first host frame %v, want STDIN_EOF for an empty stdin", f.Type)
 	}
-	r.guestW.WriteData(stdioframe.Stdout, []byte("out\n"))
-	r.guestW.WriteData(stdioframe.Stderr, []byte("err\n"))
-	big := bytes.Repeat([]byte("0123456789abcdef"), 20000) // several frames
-	r.guestW.WriteData(stdioframe.Stdout, big)
+	r.writeOut(t, stdioframe.Stdout, []byte("out\n"))
+	r.writeOut(t, stdioframe.Stderr, []byte("err\n"))
+	big := bytes.Repeat([]byte("0123456789abcdef"), 40000) // more than the window
+	r.writeOut(t, stdioframe.Stdout, big)
 	r.guestW.WriteExit(7)
 	r.guestW.WriteFrame(stdioframe.CloseReq, nil)
-	if f := r.next(t); f.Type != stdioframe.CloseAck {
-		t.Fatalf("host answered CLOSE_REQ with %v", f.Type)
+	r.untilCloseAck(t)
+	if r.unacked != 0 {
+		t.Errorf("%d bytes unacknowledged at CLOSE_ACK", r.unacked)
 	}
 	// Everything before CLOSE_REQ is written by the time of the ack.
 	if got := r.stdout.String(); got != "out\n"+string(big) {
@@ -143,6 +198,8 @@ func TestProtocolViolation(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the guest blocked after a protocol violation")
 	}
+	waitFor(t, func() bool { return r.stdout.String() != "" })
+	time.Sleep(50 * time.Millisecond)
 	if got := r.stdout.String(); got != "before " {
 		t.Errorf("stdout %q: nothing after the violation may be written", got)
 	}
@@ -161,10 +218,19 @@ func TestStdoutError(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if b.stdoutOK.Load() {
-		t.Error("stdout still marked ok after a write error")
-	}
+	waitFor(t, func() bool { return !b.stdoutOK.Load() })
 	g2hW.Close()
+}
+
+// waitFor waits up to 5 s for cond (the bridge writes output on a
+// goroutine of its own).
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
+	}
 }
 
 type failWriter struct{}
