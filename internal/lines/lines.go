@@ -24,6 +24,7 @@ func (w *Writer) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.buf = append(w.buf, p...)
+	consumed := false
 	for {
 		i := bytes.IndexByte(w.buf, '\n')
 		if i < 0 {
@@ -31,14 +32,20 @@ func (w *Writer) Write(p []byte) (int, error) {
 		}
 		w.Line(w.buf[:i])
 		w.buf = w.buf[i+1:]
+		consumed = true
 	}
 	for w.Max > 0 && len(w.buf) >= w.Max {
 		w.Line(w.buf[:w.Max])
 		w.buf = w.buf[w.Max:]
+		consumed = true
 	}
-	// Keep the (short) rest at the start of a fresh buffer so the backing
-	// array does not grow with the stream.
-	w.buf = append([]byte(nil), w.buf...)
+	if consumed {
+		// Keep the (short) rest at the start of a fresh buffer so the
+		// backing array does not grow with the stream. Only then: a
+		// line written a byte at a time (a guest's UART) was copied
+		// whole at every byte, quadratic in its length.
+		w.buf = append([]byte(nil), w.buf...)
+	}
 	return len(p), nil
 }
 

@@ -47,3 +47,25 @@ func TestTail(t *testing.T) {
 		}
 	}
 }
+
+// TestWriterByteAtATime: a guest's UART hands the log a line one byte at
+// a time. The partial line was copied whole at every byte (quadratic in
+// the line's length, on the vCPU's thread); now it grows as a slice does.
+func TestWriterByteAtATime(t *testing.T) {
+	var got []string
+	w := &Writer{Max: 4096, Line: func(b []byte) { got = append(got, string(b)) }}
+	one := []byte{'x'}
+	allocs := testing.AllocsPerRun(1, func() {
+		for range 4000 {
+			w.Write(one)
+		}
+	})
+	if allocs > 100 {
+		t.Errorf("%v allocations for a 4000-byte line written a byte at a time", allocs)
+	}
+	w.Write([]byte("\n"))
+	// AllocsPerRun ran the loop twice: 8000 bytes, cut at Max.
+	if len(got) != 2 || len(got[0]) != 4096 || len(got[1]) != 8000-4096 {
+		t.Errorf("%d lines, want two of 4096 and 3904 bytes", len(got))
+	}
+}
