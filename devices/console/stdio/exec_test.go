@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -249,4 +250,37 @@ func TestHoldStdin(t *testing.T) {
 			t.Fatalf("no %v", want)
 		}
 	}
+}
+
+// TestHoldStdinEndsWithThePort: a container whose port ends before START
+// (the guest died while booting) leaves no stdin pump waiting for a START
+// that cannot come: the pump ends, and stdin is never read.
+func TestHoldStdinEndsWithThePort(t *testing.T) {
+	plugin, _ := controlPair(t)
+	g2hR, g2hW := io.Pipe()
+	h2gR, h2gW := io.Pipe()
+	t.Cleanup(func() { h2gR.Close() })
+	go io.Copy(io.Discard, h2gR)
+	stdin := &countingReader{}
+	b := New(Config{Port: port{g2hR, h2gW}, Stdin: stdin, Stdout: io.Discard, Stderr: io.Discard,
+		Control: plugin, HoldStdin: true})
+	done := make(chan struct{})
+	go func() { b.pumpStdin(); close(done) }()
+	go b.Run(t.Context())
+	g2hW.Close() // the port ends
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stdin pump still waits for START after the port ended")
+	}
+	if stdin.reads.Load() != 0 {
+		t.Error("stdin was read without START")
+	}
+}
+
+type countingReader struct{ reads atomic.Int32 }
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	c.reads.Add(1)
+	return 0, io.EOF
 }

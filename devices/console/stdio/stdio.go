@@ -66,6 +66,7 @@ type Bridge struct {
 
 	startOnce sync.Once
 	started   chan struct{} // closed on START (HoldStdin)
+	portGone  chan struct{} // closed when the port ends
 
 	// The command's stdin goes within the guest's credit (STDIN_ACK):
 	// at most StdinWindow bytes unacknowledged, so the guest never has to
@@ -96,7 +97,8 @@ func New(cfg Config) *Bridge {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port), started: make(chan struct{}), inCredit: stdioframe.StdinWindow}
+	b := &Bridge{cfg: cfg, log: log, w: stdioframe.NewWriter(cfg.Port), started: make(chan struct{}), portGone: make(chan struct{}),
+		inCredit: stdioframe.StdinWindow}
 	b.inCond = sync.NewCond(&b.inMu)
 	b.outCond = sync.NewCond(&b.outMu)
 	b.outDone = make(chan struct{})
@@ -123,6 +125,7 @@ func (b *Bridge) Run(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() {
 		err := b.fromGuest()
+		close(b.portGone)
 		b.endAllExecs()
 		b.endStdin()
 		// What the command wrote before the port ended is written out
@@ -307,7 +310,11 @@ func (b *Bridge) sendStdin(p []byte) bool {
 // then STDIN_EOF.
 func (b *Bridge) pumpStdin() {
 	if b.cfg.HoldStdin {
-		<-b.started
+		select {
+		case <-b.started:
+		case <-b.portGone: // no START will come
+			return
+		}
 	}
 	if b.cfg.Stdin != nil {
 		buf := make([]byte, 32<<10)
