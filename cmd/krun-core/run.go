@@ -105,6 +105,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
 		user      = fs.String("user", "", "run the command as `USER[:GROUP]`, names (from the root's /etc/passwd and /etc/group) or numbers (default root)")
 		tty       = fs.String("tty", "auto", "give the command a terminal in the guest: `auto` (when krun-core's stdin is one), on (stdin must be one), or off (pipes, also on a terminal: stdout and stderr apart, bytes as they are)")
+		noStdin   = fs.Bool("no-stdin", false, "do not read krun-core's stdin (as ssh -n): the command's input is empty, and a loop that reads a file can run krun-core; no terminal under --tty auto")
 		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails (at once for a plugin whose device says its requests must not be replayed)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
@@ -165,6 +166,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("--env, --rlimit, --workdir, --hostname, --user, --root-readonly, --kernel-modules and --tty need --root DIR -- CMD")
 	case *tty != "auto" && *tty != "on" && *tty != "off":
 		return fail("--tty %s: want auto, on or off", cli.Printable(*tty))
+	case *noStdin && *tty == "on":
+		// A terminal krun-core does not read would swallow ^C: raw,
+		// without signals, and never read.
+		return fail("--tty on needs krun-core's stdin: drop --no-stdin")
 	}
 	mem, err := parseMemory(*memory)
 	if err != nil {
@@ -223,7 +228,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			return fail("%v", err)
 		}
 		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
-			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, tty: *tty, stdout: stdout, stderr: stderr}); err != nil {
+			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, tty: *tty, noStdin: *noStdin, stdout: stdout, stderr: stderr}); err != nil {
 			return fail("%v", err)
 		}
 		if *modules != "" {
@@ -306,10 +311,12 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			defer term.makeRaw()()
 		}
 	} else {
-		if restore, ok := rawTerminal(os.Stdin, true); ok {
-			defer restore()
+		if !*noStdin {
+			if restore, ok := rawTerminal(os.Stdin, true); ok {
+				defer restore()
+			}
+			c.SetConsoleInput(os.Stdin)
 		}
-		c.SetConsoleInput(os.Stdin)
 		sctx, stop, caught := stopOnSignal(ctx)
 		defer stop()
 		ctx = sctx

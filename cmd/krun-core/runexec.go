@@ -28,6 +28,7 @@ type execOptions struct {
 	user              string // USER[:GROUP]
 	rlimits           []string
 	tty               string // auto, on or off
+	noStdin           bool   // --no-stdin: the command's input is empty
 	stdout, stderr    io.Writer
 }
 
@@ -86,8 +87,15 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 		return nil, err
 	}
 	var term *terminal
-	_, err = unix.IoctlGetTermios(int(os.Stdin.Fd()), unix.TCGETS)
-	isTerm := err == nil
+	stdin := os.Stdin
+	if o.noStdin {
+		stdin = nil
+	}
+	isTerm := false
+	if stdin != nil {
+		_, err = unix.IoctlGetTermios(int(stdin.Fd()), unix.TCGETS)
+		isTerm = err == nil
+	}
 	if o.tty == "on" && !isTerm {
 		return nil, errors.New("--tty on: krun-core's stdin is not a terminal")
 	}
@@ -97,7 +105,7 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 		}
 		term = &terminal{f: os.Stdin}
 	}
-	c.SetStdio(os.Stdin, stdout, stderr, term != nil)
+	c.SetStdio(stdin, stdout, stderr, term != nil)
 	return term, nil
 }
 

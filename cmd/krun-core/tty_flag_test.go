@@ -32,19 +32,23 @@ func TestTTYFlag(t *testing.T) {
 		name     string
 		stdin    *os.File
 		mode     string
+		noStdin  bool
 		terminal bool
 		err      string
 	}{
-		{"auto on a terminal", slave, "auto", true, ""},
-		{"off on a terminal", slave, "off", false, ""},
-		{"on on a terminal", slave, "on", true, ""},
-		{"auto on /dev/null", devNull, "auto", false, ""},
-		{"on on /dev/null", devNull, "on", false, "--tty on: krun-core's stdin is not a terminal"},
+		{"auto on a terminal", slave, "auto", false, true, ""},
+		{"off on a terminal", slave, "off", false, false, ""},
+		{"on on a terminal", slave, "on", false, true, ""},
+		{"auto on /dev/null", devNull, "auto", false, false, ""},
+		{"on on /dev/null", devNull, "on", false, false, "--tty on: krun-core's stdin is not a terminal"},
+		// --no-stdin: krun-core leaves its terminal alone (a loop's
+		// input, a shell's), and the command gets none.
+		{"no-stdin on a terminal", slave, "auto", true, false, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			os.Stdin = tc.stdin
 			var out bytes.Buffer
-			term, err := setupExec(vmm.NewContext(nil), execOptions{root: root, command: []string{"/bin/sh"}, tty: tc.mode, stdout: &out, stderr: &out})
+			term, err := setupExec(vmm.NewContext(nil), execOptions{root: root, command: []string{"/bin/sh"}, tty: tc.mode, noStdin: tc.noStdin, stdout: &out, stderr: &out})
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("setupExec: %v, want %q", err, tc.err)
@@ -74,6 +78,7 @@ func TestTTYFlagRefused(t *testing.T) {
 	}{
 		{[]string{"--kernel", k, "--root", root, "--tty", "maybe", "--", "sh"}, 125, "--tty maybe: want auto, on or off"},
 		{[]string{"--kernel", k, "--tty", "off"}, 1, "need --root"},
+		{[]string{"--kernel", k, "--root", root, "--tty", "on", "--no-stdin", "--", "sh"}, 125, "--tty on needs krun-core's stdin: drop --no-stdin"},
 	} {
 		var out, errb bytes.Buffer
 		if rc := runCommand(tc.args, &out, &errb); rc != tc.rc || !strings.Contains(errb.String(), tc.want) || strings.Count(errb.String(), "\n") != 1 {

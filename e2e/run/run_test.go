@@ -137,15 +137,16 @@ grep -q '^/dev/pts/[0-9]' /tmp/tty.out || e2e_fail "tty: the command has no term
 grep -q '^40 100' /tmp/tty.out || e2e_fail "tty: the terminal is not 40x100"
 
 # The same boot checks --user, resolved by name in the root's /etc/passwd
-# and /etc/group (HOME from it too), and a share at a mount point of its
-# own (--fs mount=).
+# and /etc/group (HOME from it too), a share at a mount point of its own
+# (--fs mount=), and --no-stdin (the command's input is empty, whatever
+# krun-core's stdin holds).
 printf 'root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\n' >/r/etc/passwd
 printf 'root:x:0:\nstaff:x:50:\nwheel:x:10:alice\n' >/r/etc/group
 mkdir -p /s && echo from-the-share >/s/hello && chown -R 65534:65534 /s
-kr timing /dev/null --root /r --timing --user alice --fs path=/s,tag=data,mount=/srv/data -- \
-	/bin/sh -c 'echo "$(id -u) $(id -g) $(id -G) $HOME"; cat /srv/data/hello'
+kr timing /tmp/two-lines --root /r --timing --no-stdin --user alice --fs path=/s,tag=data,mount=/srv/data -- \
+	/bin/sh -c 'echo "$(id -u) $(id -g) $(id -G) $HOME"; cat /srv/data/hello; wc -l'
 [ "$rc" = 0 ] || e2e_fail "timing: exit $rc"
-[ "$(tr '\n' ' ' </tmp/timing.out)" = "1000 1000 1000 10 /home/alice from-the-share " ] || e2e_fail "user and share: got '$(tr '\n' ' ' </tmp/timing.out)'"
+[ "$(tr '\n' ' ' </tmp/timing.out)" = "1000 1000 1000 10 /home/alice from-the-share 0 " ] || e2e_fail "user, share and --no-stdin: got '$(tr '\n' ' ' </tmp/timing.out)'"
 grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
 
 # Once the VM is set up, krun-core has no_new_privs and, of its
@@ -367,8 +368,8 @@ func runDirect(t *testing.T, a *vmtest.Assets, dir string) {
 		{"combo", []string{"--env", "FOO=bar", "--workdir", "/tmp", "--rlimit", "nofile=100:200", "--hostname", "box", "--",
 			"/bin/sh", "-c", "echo \"$FOO\"; pwd; ulimit -n; ulimit -Hn; hostname; wc -l; echo written-in-the-guest >/hello; cat /blob >&2"},
 			"a\nb\n", 0, "bar\n/tmp\n100\n200\nbox\n2\n", string(blob)},
-		{"user and share", []string{"--user", "alice", "--fs", "path=" + share + ",tag=data,mount=/srv/data", "--",
-			"/bin/sh", "-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"; cat /srv/data/hello`}, "", 0, "1000 1000 1000 10 /home/alice\nfrom-the-share\n", ""},
+		{"user, share and no stdin", []string{"--no-stdin", "--user", "alice", "--fs", "path=" + share + ",tag=data,mount=/srv/data", "--",
+			"/bin/sh", "-c", `echo "$(id -u) $(id -g) $(id -G) $HOME"; cat /srv/data/hello; wc -l`}, "a\nb\n", 0, "1000 1000 1000 10 /home/alice\nfrom-the-share\n0\n", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cmd := exec.Command(filepath.Join(dir, "krun-core"), append(base, tc.args...)...)
