@@ -201,6 +201,30 @@ func attackMain() int {
 		_, err = sys(unix.SYS_EXECVEAT, uintptr(nfd), uintptr(unsafe.Pointer(empty)),
 			uintptr(unsafe.Pointer(&argv[0])), uintptr(unsafe.Pointer(&envv[0])), unix.AT_EMPTY_PATH)
 		res.Errnos["execveat_memfd"] = errnoOf(err)
+	case "hugetlb":
+		// A compromised plugin takes huge pages: from the host's
+		// reserved pool (vm.nr_hugepages), which other VMs on the host
+		// may be counting on, and which a memory cgroup does not
+		// charge (hugetlb has a controller of its own), so the
+		// documented remedy for memory in memfds does not bound it.
+		// Before Restrict (the launch filter) when arg is 0, after it
+		// otherwise.
+		if arg != 0 && !restrict("blk") {
+			return 3
+		}
+		const huge = 2 << 20
+		b, err := sys(unix.SYS_MMAP, 0, huge, unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_SHARED|unix.MAP_ANONYMOUS|unix.MAP_HUGETLB, ^uintptr(0), 0)
+		if err == nil {
+			sys(unix.SYS_MUNMAP, b, huge)
+		}
+		res.Errnos["mmap_hugetlb"] = errnoOf(err)
+		fd, err := sys(unix.SYS_MEMFD_CREATE, uintptr(unsafe.Pointer(cstr("huge"))), unix.MFD_CLOEXEC|unix.MFD_HUGETLB)
+		if err == nil {
+			res.Errnos["fallocate_hugetlb"] = errnoOf(unix.Fallocate(int(fd), 0, 0, huge))
+			closeFD(fd)
+		}
+		res.Errnos["memfd_create_hugetlb"] = errnoOf(err)
 	case "misc":
 		// Things that should be refused after Restrict (block).
 		e, _ := decodeLaunchEnv(os.Getenv(envName))
@@ -517,6 +541,31 @@ func TestMiscRefusedAfterRestrict(t *testing.T) {
 	t.Logf("errnos: %v", r.Errnos)
 	if len(bad) > 0 {
 		t.Errorf("allowed after Restrict: %s", strings.Join(bad, ", "))
+	}
+}
+
+// A compromised plugin cannot take huge pages (MAP_HUGETLB mappings,
+// MFD_HUGETLB memfds): they come from the host's reserved pool, which
+// other VMs may rely on, and a memory cgroup (the remedy docs/SECURITY.md
+// gives for memory in memfds) does not charge them. The filter refuses
+// both, before and after Restrict. Before the fix both reached the kernel
+// (ENOMEM on a host without a pool, the pages on one with it).
+func TestHugePagesRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name, arg string
+	}{{"launch filter", "0"}, {"after Restrict", "1"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := startAttack(t, "blk", "hugetlb", tc.arg, LaunchConfig{}, nil)
+			r, ok := p.result(t)
+			if !ok {
+				t.Fatalf("probe died: %s", p.stderr.String())
+			}
+			for _, k := range []string{"mmap_hugetlb", "memfd_create_hugetlb"} {
+				if got := r.Errnos[k]; got != int(unix.EPERM) {
+					t.Errorf("%s: %s gave errno %d (%v), want EPERM from the filter", tc.name, k, got, unix.Errno(got))
+				}
+			}
+		})
 	}
 }
 

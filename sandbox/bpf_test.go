@@ -124,6 +124,9 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileBlock, "mmap", []uint64{0, 4096, unix.PROT_READ | unix.PROT_WRITE, unix.MAP_SHARED, 7, 0}, allowed},
 		{ProfileBlock, "mmap", []uint64{0, 4096, unix.PROT_READ | unix.PROT_EXEC, unix.MAP_SHARED, 7, 0}, refused},
 		{ProfileBlock, "mmap", []uint64{0, 4096, unix.PROT_EXEC | 1<<40, unix.MAP_PRIVATE, 0, 0}, refused},
+		{ProfileBlock, "mmap", []uint64{0, 2 << 20, unix.PROT_READ, unix.MAP_SHARED | unix.MAP_ANONYMOUS | unix.MAP_HUGETLB, 0, 0}, refused},
+		{ProfileBlock, "memfd_create", []uint64{0, unix.MFD_CLOEXEC}, allowed},
+		{ProfileBlock, "memfd_create", []uint64{0, unix.MFD_CLOEXEC | unix.MFD_HUGETLB}, refused}, // the host's huge page pool
 		{ProfileBlock, "clone", []uint64{threadFlags}, allowed},
 		{ProfileBlock, "clone", []uint64{threadFlags | unix.CLONE_SETTLS}, allowed},
 		{ProfileBlock, "clone", []uint64{uint64(unix.SIGCHLD)}, refused},
@@ -255,7 +258,7 @@ func refMatch(r rule, self uint64, args []uint64) bool {
 func TestFilterMatchesRules(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	for _, prof := range Profiles() {
-		p := Policy{Kind: "t", Syscalls: prof, ExtraSyscalls: []Syscall{{Name: "memfd_create", Reason: "test"}}}
+		p := Policy{Kind: "t", Syscalls: prof, ExtraSyscalls: []Syscall{{Name: "sysinfo", Reason: "test"}}}
 		rules, err := policyRules(p)
 		if err != nil {
 			t.Fatal(err)
@@ -489,7 +492,7 @@ func TestNarrowingMatchesRules(t *testing.T) {
 		{ProfileNet, ProfileNet}, {ProfileFS, ProfileFS}, {ProfileBlock, ProfileMinimal},
 	} {
 		outerProg, outer := compileLaunch(t, c.launch)
-		p := Policy{Kind: "t", Syscalls: c.own, ExtraSyscalls: []Syscall{{Name: "memfd_create", Reason: "test"}}}
+		p := Policy{Kind: "t", Syscalls: c.own, ExtraSyscalls: []Syscall{{Name: "sysinfo", Reason: "test"}}}
 		inner, err := policyRules(p)
 		if err != nil {
 			t.Fatal(err)

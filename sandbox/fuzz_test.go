@@ -12,7 +12,7 @@ import (
 func FuzzParsePolicy(f *testing.F) {
 	f.Add([]byte(`{"kind":"blk","syscalls":"block"}`))
 	f.Add([]byte(`{"kind":"fs","syscalls":"fs","read_write_dir_fds":[5]}`))
-	f.Add([]byte(`{"kind":"x","syscalls":"minimal","extra_syscalls":[{"name":"memfd_create","reason":"r"}]}`))
+	f.Add([]byte(`{"kind":"x","syscalls":"minimal","extra_syscalls":[{"name":"sysinfo","reason":"r"}]}`))
 	f.Add([]byte(`{"kind":"x","syscalls":"net","extra_syscalls":[{"name":"execve","reason":"r"}]}`))
 	f.Add([]byte(`{"kind":"x","syscalls":"net","read_only_dir_fds":[-1]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {

@@ -17,7 +17,7 @@ func TestValidate(t *testing.T) {
 	}{
 		{"minimal", func(p *Policy) {}, ""},
 		{"extra with reason", func(p *Policy) {
-			p.ExtraSyscalls = []Syscall{{Name: "memfd_create", Reason: "scratch buffers"}}
+			p.ExtraSyscalls = []Syscall{{Name: "sysinfo", Reason: "free memory"}}
 		}, ""},
 		{"extra already allowed", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "read", Reason: "x"}} }, ""},
 		{"fs dir", func(p *Policy) { p.ReadWriteDirFDs = []int{5} }, ""},
@@ -31,7 +31,7 @@ func TestValidate(t *testing.T) {
 		{"widen clone", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "clone", Reason: "x"}} }, "cannot be widened"},
 		{"widen ioctl", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "ioctl", Reason: "x"}} }, "cannot be widened"},
 		{"unknown extra", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "frobnicate", Reason: "x"}} }, "not known"},
-		{"no reason", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "memfd_create", Reason: " "}} }, "reason"},
+		{"no reason", func(p *Policy) { p.ExtraSyscalls = []Syscall{{Name: "sysinfo", Reason: " "}} }, "reason"},
 		{"stdio as dir", func(p *Policy) { p.ReadOnlyDirFDs = []int{1} }, "out of range"},
 		{"huge fd", func(p *Policy) { p.ReadWriteDirFDs = []int{1 << 30} }, "out of range"},
 		{"too many dirs", func(p *Policy) { p.ReadOnlyDirFDs = make([]int, 17) }, "directory fds"},
@@ -55,7 +55,7 @@ func TestValidate(t *testing.T) {
 
 func TestParsePolicy(t *testing.T) {
 	p := Policy{Kind: "fs", Syscalls: ProfileFS, ReadWriteDirFDs: []int{5},
-		ExtraSyscalls: []Syscall{{Name: "memfd_create", Reason: "r"}}}
+		ExtraSyscalls: []Syscall{{Name: "sysinfo", Reason: "r"}}}
 	b, err := json.Marshal(p)
 	if err != nil {
 		t.Fatal(err)
@@ -133,7 +133,7 @@ func TestParseLayers(t *testing.T) {
 
 func TestLaunchEnvRoundTrip(t *testing.T) {
 	e := launchEnv{Version: launchEnvVersion, Root: "/tmp", Disabled: []Layer{LayerSeccomp}, Limits: Limits{OpenFiles: 64},
-		Kind: "blk-raw", Syscalls: ProfileBlock, Extra: []Syscall{{Name: "memfd_create", Reason: "r"}},
+		Kind: "blk-raw", Syscalls: ProfileBlock, Extra: []Syscall{{Name: "sysinfo", Reason: "r"}},
 		ExecFD: 5, ChanFD: 6, DirFDs: []int{4}, SocketDir: "/tmp/krun-x/plugin-dir1"}
 	kv := e.encode()
 	got, err := decodeLaunchEnv(strings.TrimPrefix(kv, envName+"="))

@@ -79,7 +79,10 @@ const (
 // through hclog to stderr. The seccomp listener is not the plugin's: the
 // launcher holds it (see supervise), so no SECCOMP_IOCTL_NOTIF_* here.
 func goRuntimeLayer() []rule {
-	noExec := all(masked(2, unix.PROT_EXEC, 0))
+	// No executable mappings, and no huge pages: those come from the
+	// host's reserved pool (vm.nr_hugepages), which other VMs may count
+	// on and which a memory cgroup does not charge.
+	noExec := all(masked(2, unix.PROT_EXEC, 0), masked(3, unix.MAP_HUGETLB, 0))
 	return []rule{
 		allow("futex", "goroutine parking, runtime locks"),
 		allow("read", "pipes, eventfds, sockets and handed-in files"),
@@ -89,7 +92,8 @@ func goRuntimeLayer() []rule {
 		allow("nanosleep", "runtime usleep (spinning, sysmon)"),
 		allow("sched_yield", "runtime osyield"),
 		allow("close", "closing fds the plugin owns"),
-		allowIf("mmap", "prot & PROT_EXEC == 0", "Go heap; mapping guest memory fds (never executable)", noExec),
+		allowIf("mmap", "prot & PROT_EXEC == 0 && flags & MAP_HUGETLB == 0",
+			"Go heap; mapping guest memory fds (never executable, never from the host's huge page pool)", noExec),
 		allow("munmap", "Go heap; unmapping guest memory on memory-table change"),
 		allow("madvise", "GC scavenger returns memory to the kernel"),
 		allow("clock_gettime", "time.Now when the vDSO is not used"),
@@ -146,7 +150,10 @@ func ipcLayer() []rule {
 		allow("getsockname", "gRPC peer address bookkeeping"),
 		allow("getpeername", "gRPC peer address bookkeeping"),
 		allow("shutdown", "closing a vhost-user or gRPC connection"),
-		allow("memfd_create", "the vhost-user inflight region (GET_INFLIGHT_FD) that lets a restarted plugin resubmit requests"),
+		allowIf("memfd_create", "flags & MFD_HUGETLB == 0",
+			"the vhost-user inflight region (GET_INFLIGHT_FD) that lets a restarted plugin resubmit requests; "+
+				"never huge pages (the host's reserved pool)",
+			all(masked(1, unix.MFD_HUGETLB, 0))),
 		allow("ftruncate", "sizing the inflight region's memfd"),
 	}
 }
