@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -225,6 +226,44 @@ func attackMain() int {
 			closeFD(fd)
 		}
 		res.Errnos["memfd_create_hugetlb"] = errnoOf(err)
+	case "tty":
+		// fd 5 is a terminal the user's shell reads (the console
+		// plugin holds krun-core's stdin, stdout and stderr). A
+		// compromised console plugin (after Restrict with its policy
+		// when arg is 1) makes it its controlling terminal, types into
+		// it (TIOCSTI: the shell would run what it types), changes its
+		// line discipline and settings, and so on.
+		if arg != 0 && !restrict("net") {
+			return 3
+		}
+		signal.Ignore(syscall.SIGHUP) // TIOCNOTTY of its controlling terminal hangs the session up
+		ioctl := func(req uint, p unsafe.Pointer) error {
+			_, err := sys(unix.SYS_IOCTL, revExtra, uintptr(req), uintptr(p))
+			return err
+		}
+		try := func(name string, f func() error) { res.Errnos[name] = errnoOf(f()) }
+		try("TIOCSCTTY", func() error { return ioctl(unix.TIOCSCTTY, nil) })
+		try("TIOCSTI", func() error {
+			for _, c := range []byte("id\n") {
+				if err := ioctl(unix.TIOCSTI, unsafe.Pointer(&c)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		try("TIOCLINUX", func() error { sub := byte(6); return ioctl(unix.TIOCLINUX, unsafe.Pointer(&sub)) })
+		try("TIOCSETD", func() error { ld := int32(0); return ioctl(unix.TIOCSETD, unsafe.Pointer(&ld)) }) // N_TTY
+		try("TCSETS", func() error {
+			var tio unix.Termios
+			if err := ioctl(unix.TCGETS, unsafe.Pointer(&tio)); err != nil {
+				return err
+			}
+			tio.Lflag ^= unix.ECHO
+			return ioctl(unix.TCSETS, unsafe.Pointer(&tio))
+		})
+		try("TIOCSWINSZ", func() error { ws := unix.Winsize{Row: 1, Col: 1}; return ioctl(unix.TIOCSWINSZ, unsafe.Pointer(&ws)) })
+		try("FIONBIO", func() error { on := int32(1); return ioctl(0x5421, unsafe.Pointer(&on)) }) // not in x/sys
+		try("TIOCNOTTY", func() error { return ioctl(unix.TIOCNOTTY, nil) })
 	case "misc":
 		// Things that should be refused after Restrict (block).
 		e, _ := decodeLaunchEnv(os.Getenv(envName))
@@ -564,6 +603,88 @@ func TestHugePagesRefused(t *testing.T) {
 				if got := r.Errnos[k]; got != int(unix.EPERM) {
 					t.Errorf("%s: %s gave errno %d (%v), want EPERM from the filter", tc.name, k, got, unix.Errno(got))
 				}
+			}
+		})
+	}
+}
+
+// The console plugin holds the user's terminal. A compromised one cannot
+// type into it (TIOCSTI: the user's shell would run what it types; this
+// kernel's dev.tty.legacy_tiocsti may allow it to the terminal's
+// controlling process, and the plugin, a session leader without one, could
+// make it its own with TIOCSCTTY), change its line discipline, settings or
+// window size, or make it non-blocking: the filter allows no ioctl on it
+// but TCGETS, before and after Restrict. Without the seccomp layer the same
+// probe does type into it, so the test can tell (the pty is raw, so the
+// typed bytes are read back at once). The "tiocsti_stderr" probe of
+// TestMiscRefusedAfterRestrict could not: its stderr is a pipe.
+func TestTerminalIoctlsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name, arg string
+		lc        LaunchConfig
+		sound     bool
+	}{
+		{"launch filter", "0", LaunchConfig{}, true},
+		{"after Restrict", "1", LaunchConfig{}, true},
+		{"without seccomp", "1", LaunchConfig{Disable: []Layer{LayerSeccomp}}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ptmx, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+			if err != nil {
+				t.Skipf("no pty: %v", err)
+			}
+			defer ptmx.Close()
+			if err := unix.IoctlSetPointerInt(int(ptmx.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+				t.Fatal(err)
+			}
+			n, err := unix.IoctlGetInt(int(ptmx.Fd()), unix.TIOCGPTN)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pts, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pts.Close()
+			tio, err := unix.IoctlGetTermios(int(pts.Fd()), unix.TCGETS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Raw: what is typed into it can be read at once.
+			tio.Lflag &^= unix.ICANON | unix.ECHO | unix.ISIG | unix.IEXTEN
+			tio.Cc[unix.VMIN], tio.Cc[unix.VTIME] = 0, 0
+			if err := unix.IoctlSetTermios(int(pts.Fd()), unix.TCSETS, tio); err != nil {
+				t.Fatal(err)
+			}
+			before := *tio
+			kind := "console"
+			p := startAttack(t, kind, "tty", tc.arg, tc.lc, pts)
+			r, ok := p.result(t)
+			if !ok {
+				t.Fatalf("probe died: %s", p.stderr.String())
+			}
+			t.Logf("errnos: %v", r.Errnos)
+			if err := unix.SetNonblock(int(pts.Fd()), true); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 64)
+			m, _ := unix.Read(int(pts.Fd()), buf)
+			typed := string(buf[:max(m, 0)])
+			after, _ := unix.IoctlGetTermios(int(pts.Fd()), unix.TCGETS)
+			changed := after == nil || *after != before
+			if !tc.sound {
+				if typed == "" {
+					t.Fatalf("without seccomp the probe typed nothing (%v): it cannot tell whether the filter stops it", r.Errnos)
+				}
+				return
+			}
+			for name, e := range r.Errnos {
+				if e != int(unix.EPERM) {
+					t.Errorf("%s on the user's terminal: errno %d (%v), want EPERM from the filter", name, e, unix.Errno(e))
+				}
+			}
+			if typed != "" || changed {
+				t.Errorf("a compromised console plugin typed %q into the user's terminal; settings changed: %v", typed, changed)
 			}
 		})
 	}
