@@ -264,6 +264,32 @@ func attackMain() int {
 		try("TIOCSWINSZ", func() error { ws := unix.Winsize{Row: 1, Col: 1}; return ioctl(unix.TIOCSWINSZ, unsafe.Pointer(&ws)) })
 		try("FIONBIO", func() error { on := int32(1); return ioctl(0x5421, unsafe.Pointer(&on)) }) // not in x/sys
 		try("TIOCNOTTY", func() error { return ioctl(unix.TIOCNOTTY, nil) })
+	case "setfl":
+		// fd 5 is krun-core's stderr, a file (krun-core ... 2>>log): the
+		// console plugin is handed it as the guest's stderr, and a
+		// regular file keeps its one open file description, shared
+		// with krun-core and the user's shell. A compromised console
+		// plugin (after Restrict) sets O_DIRECT on it, so that their
+		// unaligned writes (krun-core's log, the refusals of this very
+		// plugin among them) fail with EINVAL, and O_ASYNC, which
+		// sends SIGIO (fatal by default) to the description's owner.
+		if !restrict("net") {
+			return 3
+		}
+		fl, err := unix.FcntlInt(revExtra, unix.F_GETFL, 0)
+		if err != nil {
+			res.Err = "F_GETFL: " + err.Error()
+			break
+		}
+		// What the Go runtime does (SetNonblock), and back.
+		_, err = unix.FcntlInt(revExtra, unix.F_SETFL, fl|unix.O_NONBLOCK)
+		res.Errnos["setfl_nonblock"] = errnoOf(err)
+		_, err = unix.FcntlInt(revExtra, unix.F_SETFL, fl)
+		res.Errnos["setfl_back"] = errnoOf(err)
+		_, err = unix.FcntlInt(revExtra, unix.F_SETFL, fl|unix.O_ASYNC)
+		res.Errnos["setfl_async"] = errnoOf(err)
+		_, err = unix.FcntlInt(revExtra, unix.F_SETFL, fl|unix.O_DIRECT) // and left so
+		res.Errnos["setfl_direct"] = errnoOf(err)
 	case "misc":
 		// Things that should be refused after Restrict (block).
 		e, _ := decodeLaunchEnv(os.Getenv(envName))
@@ -687,6 +713,41 @@ func TestTerminalIoctlsRefused(t *testing.T) {
 				t.Errorf("a compromised console plugin typed %q into the user's terminal; settings changed: %v", typed, changed)
 			}
 		})
+	}
+}
+
+// A compromised console plugin cannot set O_DIRECT or O_ASYNC on the
+// files it is handed: krun-core's stdout and stderr, when they are files,
+// are handed over as they are (one open file description, shared with
+// krun-core and the user's shell), and O_DIRECT made krun-core's own log
+// writes to its stderr fail with EINVAL (the log of the plugin's refused
+// calls among them). Before the fix the probe set it and the launcher's
+// next line was lost; O_NONBLOCK, which the Go runtime sets, still works.
+func TestSharedFileFlagsKept(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "krun.log")
+	stderr, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stderr.Close()
+	p := startAttack(t, "console", "setfl", "", LaunchConfig{}, stderr)
+	r, ok := p.result(t)
+	if !ok {
+		t.Fatalf("probe died: %s", p.stderr.String())
+	}
+	t.Logf("errnos: %v", r.Errnos)
+	fl, err := unix.FcntlInt(stderr.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, werr := stderr.Write([]byte("krun-core: a log line\n")) // the launcher's own next line
+	if r.Errnos["setfl_direct"] != int(unix.EPERM) || r.Errnos["setfl_async"] != int(unix.EPERM) ||
+		fl&(unix.O_DIRECT|unix.O_ASYNC) != 0 || werr != nil {
+		t.Errorf("a compromised console plugin set flags on krun-core's stderr (O_DIRECT errno %d, O_ASYNC errno %d): "+
+			"flags now %#x; krun-core's next log line: %v", r.Errnos["setfl_direct"], r.Errnos["setfl_async"], fl, werr)
+	}
+	if r.Errnos["setfl_nonblock"] != 0 || r.Errnos["setfl_back"] != 0 {
+		t.Errorf("F_SETFL O_NONBLOCK (Go's SetNonblock) refused: %v", r.Errnos)
 	}
 }
 

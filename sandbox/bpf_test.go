@@ -143,12 +143,15 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETLK}, refused},            // locks: no plugin takes any
 		{ProfileFS, "fcntl", []uint64{3, unix.F_OFD_SETLK}, refused},           // the fs server answers ENOSYS to GETLK/SETLK
 		{ProfileFS, "flock", []uint64{3, unix.LOCK_EX}, refused},
-		{ProfileFS, "copy_file_range", nil, refused},                             // nor to COPY_FILE_RANGE
-		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETOWN}, refused},             // signals to others
-		{ProfileBlock, "ioctl", []uint64{2, unix.TCGETS}, allowed},               // isatty
-		{ProfileBlock, "ioctl", []uint64{3, unix.BLKGETSIZE64}, allowed},         // block-device image
-		{ProfileBlock, "ioctl", []uint64{0, unix.TIOCSTI}, refused},              // terminal injection
-		{ProfileBlock, "ioctl", []uint64{3, unix.BLKGETSIZE64 | 1<<32}, refused}, // high bits
+		{ProfileFS, "copy_file_range", nil, refused},                                                        // nor to COPY_FILE_RANGE
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETOWN}, refused},                                        // signals to others
+		{ProfileBlock, "fcntl", []uint64{3, unix.F_SETFL, unix.O_RDWR | unix.O_NONBLOCK | 0x8000}, allowed}, // SetNonblock
+		{ProfileNet, "fcntl", []uint64{1, unix.F_SETFL, unix.O_WRONLY | unix.O_DIRECT}, refused},            // a shared stdout
+		{ProfileNet, "fcntl", []uint64{1, unix.F_SETFL, unix.O_WRONLY | unix.O_ASYNC}, refused},             // SIGIO to its owner
+		{ProfileBlock, "ioctl", []uint64{2, unix.TCGETS}, allowed},                                          // isatty
+		{ProfileBlock, "ioctl", []uint64{3, unix.BLKGETSIZE64}, allowed},                                    // block-device image
+		{ProfileBlock, "ioctl", []uint64{0, unix.TIOCSTI}, refused},                                         // terminal injection
+		{ProfileBlock, "ioctl", []uint64{3, unix.BLKGETSIZE64 | 1<<32}, refused},                            // high bits
 		{ProfileBlock, "prlimit64", []uint64{0, unix.RLIMIT_NOFILE, 0, 0x1000}, allowed},
 		{ProfileBlock, "prlimit64", []uint64{0, unix.RLIMIT_NOFILE, 0x1000, 0}, refused},
 		{ProfileBlock, "recvmsg", nil, allowed},

@@ -117,9 +117,13 @@ func goRuntimeLayer() []rule {
 		allow("pipe2", "os.Pipe (go-plugin stdio forwarding)"),
 		allow("getrandom", "crypto/rand (go-plugin AutoMTLS), map seeds"),
 		allow("sched_getaffinity", "runtime CPU count"),
-		allowIf("fcntl", "cmd in F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC",
-			"os.NewFile and SetNonblock on handed-in fds; dup of kick/call fds",
-			oneOf(1, unix.F_GETFD, unix.F_SETFD, unix.F_GETFL, unix.F_SETFL, unix.F_DUPFD_CLOEXEC)...),
+		allowIf("fcntl", "cmd in F_GETFD, F_SETFD, F_GETFL, F_DUPFD_CLOEXEC; or cmd == F_SETFL && flags & (O_DIRECT|O_ASYNC) == 0",
+			"os.NewFile and SetNonblock on handed-in fds; dup of kick/call fds. F_SETFL never sets O_DIRECT or O_ASYNC: "+
+				"a file handed over as it is (krun-core's stdout or stderr) shares its open file description with "+
+				"krun-core and the user's shell, whose unaligned writes O_DIRECT would make fail, and O_ASYNC would "+
+				"send SIGIO to the description's owner",
+			append(oneOf(1, unix.F_GETFD, unix.F_SETFD, unix.F_GETFL, unix.F_DUPFD_CLOEXEC),
+				all(eq(1, unix.F_SETFL), masked(2, unix.O_DIRECT|unix.O_ASYNC, 0)))...),
 		allow("fstat", "os.File.Stat of handed-in fds (image size, file type)"),
 		allow("lseek", "size of a block-device image (SEEK_END)"),
 		allowIf("ioctl", "request == TCGETS", "isatty check of the log output", oneOf(1, unix.TCGETS)...),
