@@ -290,6 +290,24 @@ func attackMain() int {
 		res.Errnos["setfl_async"] = errnoOf(err)
 		_, err = unix.FcntlInt(revExtra, unix.F_SETFL, fl|unix.O_DIRECT) // and left so
 		res.Errnos["setfl_direct"] = errnoOf(err)
+	case "sockshut":
+		// fd 5 is krun-core's stdout, a socket (a systemd service's
+		// journal stream, say): the console plugin is handed it
+		// duplicated, one socket shared with krun-core and every other
+		// process writing to that stream. A compromised console plugin
+		// (after Restrict with its policy when arg is 1) shuts it down
+		// and sets options on it.
+		if arg != 0 {
+			p, _ := DefaultPolicy("console", -1)
+			if err := Restrict(p, hclog.NewNullLogger()); err != nil {
+				res.Err = "restrict: " + err.Error()
+				break
+			}
+		}
+		tv := unix.Timeval{Usec: 1}
+		res.Errnos["setsockopt_sndtimeo"] = errnoOf(unix.SetsockoptTimeval(revExtra, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv))
+		res.Errnos["setsockopt_sndbuf"] = errnoOf(unix.SetsockoptInt(revExtra, unix.SOL_SOCKET, unix.SO_SNDBUF, 1))
+		res.Errnos["shutdown"] = errnoOf(unix.Shutdown(revExtra, unix.SHUT_RDWR))
 	case "misc":
 		// Things that should be refused after Restrict (block).
 		e, _ := decodeLaunchEnv(os.Getenv(envName))
@@ -748,6 +766,45 @@ func TestSharedFileFlagsKept(t *testing.T) {
 	}
 	if r.Errnos["setfl_nonblock"] != 0 || r.Errnos["setfl_back"] != 0 {
 		t.Errorf("F_SETFL O_NONBLOCK (Go's SetNonblock) refused: %v", r.Errnos)
+	}
+}
+
+// A compromised console plugin cannot shut down, or set options on, a
+// socket krun-core hands it as the guest's stdout or stderr (a socket
+// cannot be opened again, so it is the very socket krun-core and, under
+// systemd, the rest of the service write their journal lines to): the
+// console plugin's profile (minimal) has no shutdown and no setsockopt,
+// before or after Restrict. Before the fix it shut the socket down, and
+// krun-core's next log line got EPIPE.
+func TestSharedSocketNotShutDown(t *testing.T) {
+	for _, tc := range []struct{ name, arg string }{{"launch filter", "0"}, {"after Restrict", "1"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			stdout, journal := os.NewFile(uintptr(pair[0]), "stdout"), os.NewFile(uintptr(pair[1]), "journal")
+			defer stdout.Close()
+			defer journal.Close()
+			p := startAttack(t, "console", "sockshut", tc.arg, LaunchConfig{}, stdout)
+			r, ok := p.result(t)
+			if !ok {
+				t.Fatalf("probe died: %s", p.stderr.String())
+			}
+			t.Logf("errnos: %v", r.Errnos)
+			line := []byte("krun-core: a log line\n")
+			_, werr := unix.Write(int(stdout.Fd()), line) // the launcher's own next line
+			buf := make([]byte, 64)
+			n, _ := unix.Read(int(journal.Fd()), buf)
+			for k, e := range r.Errnos {
+				if e != int(unix.EPERM) {
+					t.Errorf("%s on krun-core's stdout socket: errno %d (%v), want EPERM", k, e, unix.Errno(e))
+				}
+			}
+			if werr != nil || string(buf[:max(n, 0)]) != string(line) {
+				t.Errorf("krun-core's next line to its stdout socket: %v; the journal read %q", werr, buf[:max(n, 0)])
+			}
+		})
 	}
 }
 

@@ -160,6 +160,11 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileNet, "fallocate", nil, refused},
 		{ProfileNet, "ioctl", []uint64{3, unix.BLKGETSIZE64}, refused},
 		{ProfileNet, "sendmsg", nil, allowed},
+		{ProfileNet, "shutdown", []uint64{3, unix.SHUT_WR}, allowed},     // half-close to passt
+		{ProfileMinimal, "shutdown", []uint64{1, unix.SHUT_WR}, refused}, // the console's shared stdout
+		{ProfileMinimal, "setsockopt", []uint64{1, unix.SOL_SOCKET, unix.SO_SNDTIMEO}, refused},
+		{ProfileBlock, "shutdown", nil, refused},
+		{ProfileFS, "shutdown", nil, allowed}, // the union
 		{ProfileMinimal, "fdatasync", nil, refused},
 		{ProfileFS, "openat", nil, allowed},
 		{ProfileFS, "getdents64", nil, allowed},

@@ -65,11 +65,13 @@
 // seccomp profiles are unions of layers with a reason per system call
 // (Rules lists them): go-runtime (what any Go program and hclog need), ipc
 // (gRPC and vhost-user on sockets the plugin holds; no socket, connect,
-// bind or listen), disk-io (positioned I/O, fdatasync, fallocate,
+// bind or listen), stream (shutdown and setsockopt, which act on a socket
+// for every process that holds it: net and fs only), disk-io (positioned
+// I/O, fdatasync, fallocate,
 // block-device ioctls) and fs-tree (the *at calls of virtio-fs, confined by
 // Landlock to the shared directory). Arguments are checked where it
-// matters: clone only with the Go runtime's thread flags, mmap and never
-// PROT_EXEC, kill/tgkill only of itself, fcntl and ioctl only with listed
+// matters: clone only with the Go runtime's thread flags, mmap never
+// PROT_EXEC nor huge pages, kill/tgkill only of itself, fcntl and ioctl only with listed
 // commands, prlimit64 only to read. The trampoline's filter adds the launch
 // layer (the start-up calls: exec of the plugin binary's fd, go-plugin's
 // unix listener, Restrict's own calls), which a plugin's policy never has.

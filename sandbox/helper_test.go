@@ -397,8 +397,12 @@ func probeMain() int {
 	}
 	before := threadIDs()
 	// Like go-plugin's gRPC listener: created before Restrict, in the
-	// socket directory (the plugin's private tmpfs).
+	// socket directory (the plugin's private tmpfs), with the
+	// SO_REUSEADDR that Go's net.Listen sets on every stream listener.
 	lfd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err == nil {
+		err = unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+	}
 	if err == nil {
 		err = unix.Bind(lfd, &unix.SockaddrUnix{Name: filepath.Join(os.Getenv(envSocketDir), probeSocket)})
 	}

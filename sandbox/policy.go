@@ -17,10 +17,9 @@ type Profile string
 // eventfds, mmap of guest memory):
 //
 //	minimal: go-runtime + ipc
-//	net:     go-runtime + ipc (the same set as minimal today; the net
-//	         plugin's name for it)
+//	net:     go-runtime + ipc + stream (shutdown, setsockopt)
 //	block:   go-runtime + ipc + disk-io
-//	fs:      go-runtime + ipc + disk-io + fs-tree
+//	fs:      go-runtime + ipc + stream + disk-io + fs-tree (the union)
 const (
 	ProfileMinimal Profile = "minimal"
 	ProfileNet     Profile = "net"
@@ -58,8 +57,8 @@ type Policy struct {
 	ReadOnlyDirFDs []int `json:"read_only_dir_fds,omitempty"`
 }
 
-// DefaultPolicy returns the policy of a built-in plugin kind: "blk", "net"
-// or "fs". For "fs", shared is the fd of the shared directory (as numbered
+// DefaultPolicy returns the policy of a built-in plugin kind: "blk", "net",
+// "console" or "fs". For "fs", shared is the fd of the shared directory (as numbered
 // in the plugin process); it is ignored for the other kinds.
 func DefaultPolicy(kind string, shared int) (Policy, error) {
 	switch kind {
@@ -67,10 +66,12 @@ func DefaultPolicy(kind string, shared int) (Policy, error) {
 		return Policy{Kind: kind, Syscalls: ProfileBlock}, nil
 	case "net":
 		return Policy{Kind: kind, Syscalls: ProfileNet}, nil
+	case "console":
+		return Policy{Kind: kind, Syscalls: ProfileMinimal}, nil
 	case "fs":
 		return Policy{Kind: kind, Syscalls: ProfileFS, ReadWriteDirFDs: []int{shared}}, nil
 	}
-	return Policy{}, fmt.Errorf("no built-in sandbox policy for plugin kind %q (want blk, net or fs)", kind)
+	return Policy{}, fmt.Errorf("no built-in sandbox policy for plugin kind %q (want blk, net, console or fs)", kind)
 }
 
 // ParsePolicy decodes a JSON policy (as sent in Describe) and validates it.
@@ -282,7 +283,7 @@ func DefaultLimits(kind string) Limits {
 
 // KindProfile returns the seccomp profile the trampoline enforces for a
 // plugin kind from its first instruction: the built-in kinds' own profiles
-// (blk-raw, blk-qcow2 and img: block; net-passt and console: net;
+// (blk-raw, blk-qcow2 and img: block; net-passt: net; console: minimal;
 // fs-virtio: fs), and for any other kind ProfileFS, the union of the
 // built-in profiles. A plugin's own Restrict narrows it further to the
 // policy it declares.
@@ -290,8 +291,10 @@ func KindProfile(kind string) Profile {
 	switch kind {
 	case "blk", "blk-raw", "blk-qcow2", "img":
 		return ProfileBlock
-	case "net", "net-passt", "console":
+	case "net", "net-passt":
 		return ProfileNet
+	case "console":
+		return ProfileMinimal
 	}
 	return ProfileFS
 }

@@ -85,7 +85,7 @@ func TestDefaultPolicy(t *testing.T) {
 		kind string
 		prof Profile
 		dirs []int
-	}{{"blk", ProfileBlock, nil}, {"net", ProfileNet, nil}, {"fs", ProfileFS, []int{7}}} {
+	}{{"blk", ProfileBlock, nil}, {"net", ProfileNet, nil}, {"console", ProfileMinimal, nil}, {"fs", ProfileFS, []int{7}}} {
 		p, err := DefaultPolicy(c.kind, 7)
 		if err != nil || p.Syscalls != c.prof || !slices.Equal(p.ReadWriteDirFDs, c.dirs) || p.Validate() != nil {
 			t.Errorf("%s: %+v %v", c.kind, p, err)
@@ -170,7 +170,7 @@ func TestLaunchEnvRoundTrip(t *testing.T) {
 
 func TestKindProfile(t *testing.T) {
 	for kind, want := range map[string]Profile{
-		"blk-raw": ProfileBlock, "blk-qcow2": ProfileBlock, "img": ProfileBlock, "net-passt": ProfileNet, "console": ProfileNet,
+		"blk-raw": ProfileBlock, "blk-qcow2": ProfileBlock, "img": ProfileBlock, "net-passt": ProfileNet, "console": ProfileMinimal,
 		"fs-virtio": ProfileFS, "null": ProfileFS, "": ProfileFS, "blk-custom": ProfileFS,
 	} {
 		if got := KindProfile(kind); got != want {

@@ -69,6 +69,7 @@ const goThreadCloneFlags = unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES |
 const (
 	layerGoRuntime = "go-runtime"
 	layerIPC       = "ipc"
+	layerStream    = "stream"
 	layerDiskIO    = "disk-io"
 	layerFSTree    = "fs-tree"
 	layerExtra     = "declared"
@@ -150,15 +151,28 @@ func ipcLayer() []rule {
 		allow("recvfrom", "gRPC and socket reads"),
 		allow("sendto", "gRPC and socket writes"),
 		allow("getsockopt", "SO_ACCEPTCONN on fd 3; SO_ERROR after accept"),
-		allow("setsockopt", "gRPC socket options on accepted connections"),
 		allow("getsockname", "gRPC peer address bookkeeping"),
 		allow("getpeername", "gRPC peer address bookkeeping"),
-		allow("shutdown", "closing a vhost-user or gRPC connection"),
 		allowIf("memfd_create", "flags & MFD_HUGETLB == 0",
 			"the vhost-user inflight region (GET_INFLIGHT_FD) that lets a restarted plugin resubmit requests; "+
 				"never huge pages (the host's reserved pool)",
 			all(masked(1, unix.MFD_HUGETLB, 0))),
 		allow("ftruncate", "sizing the inflight region's memfd"),
+	}
+}
+
+// streamLayer acts on a socket itself, not on the plugin's descriptor of
+// it: shutting it down, or setting its options, changes it for every
+// process that holds it. The net plugin half-closes its connection to
+// passt. The console plugin goes without: the sockets it is handed
+// (krun-core's stdout and stderr, when they are sockets: a systemd
+// service's journal stream) cannot be opened again, so they are
+// krun-core's very own, shared with krun-core and whatever else writes
+// to that stream.
+func streamLayer() []rule {
+	return []rule{
+		allow("shutdown", "half-closing the connection to passt (net)"),
+		allow("setsockopt", "options of the sockets the plugin was handed"),
 	}
 }
 
@@ -252,6 +266,8 @@ func launchLayer(execFD int) []rule {
 			all(eq(0, unix.AF_UNIX), masked(1, 0xf, unix.SOCK_STREAM))),
 		allow("bind", "names the gRPC listener in the private socket directory (Landlock: nowhere else)"),
 		allow("listen", "the gRPC listener"),
+		allowIf("setsockopt", "level == SOL_SOCKET && optname == SO_REUSEADDR",
+			"Go's net.Listen sets SO_REUSEADDR on the gRPC listener", all(eq(1, unix.SOL_SOCKET), eq(2, unix.SO_REUSEADDR))),
 		allow("fsync", "go-plugin syncs stdout after its handshake line"),
 		allowIf("fchownat", "owner == -1 && flags == 0",
 			"go-plugin gives its socket to the group it shares with a root launcher (PLUGIN_UNIX_SOCKET_GROUP, LaunchConfig.SocketGroup); never changes an owner",
@@ -273,14 +289,16 @@ func launchLayer(execFD int) []rule {
 // profileLayers lists the layers of a built-in profile.
 func profileLayers(p Profile) ([]func() []rule, []string, error) {
 	switch p {
-	case ProfileMinimal, ProfileNet:
+	case ProfileMinimal:
 		return []func() []rule{goRuntimeLayer, ipcLayer}, []string{layerGoRuntime, layerIPC}, nil
+	case ProfileNet:
+		return []func() []rule{goRuntimeLayer, ipcLayer, streamLayer}, []string{layerGoRuntime, layerIPC, layerStream}, nil
 	case ProfileBlock:
 		return []func() []rule{goRuntimeLayer, ipcLayer, diskIOLayer},
 			[]string{layerGoRuntime, layerIPC, layerDiskIO}, nil
 	case ProfileFS:
-		return []func() []rule{goRuntimeLayer, ipcLayer, diskIOLayer, fsTreeLayer},
-			[]string{layerGoRuntime, layerIPC, layerDiskIO, layerFSTree}, nil
+		return []func() []rule{goRuntimeLayer, ipcLayer, streamLayer, diskIOLayer, fsTreeLayer},
+			[]string{layerGoRuntime, layerIPC, layerStream, layerDiskIO, layerFSTree}, nil
 	}
 	return nil, nil, fmt.Errorf("%w: unknown syscall profile %q", ErrPolicy, p)
 }

@@ -28,11 +28,11 @@ type plugin struct{}
 func (plugin) Kind() string { return devopts.KindConsole }
 
 // Policy: the console moves bytes between inherited fds and guest memory,
-// what the network plugin does with passt's socket, so it gets the same
-// system calls.
+// like the network plugin with passt's socket, but without shutdown and
+// setsockopt: a socket it is handed (krun-core's stdout or stderr) is
+// krun-core's own, shared with it (sandbox.DefaultPolicy).
 func (plugin) Policy(map[string]int) sandbox.Policy {
-	p, _ := sandbox.DefaultPolicy("net", -1)
-	p.Kind = "console"
+	p, _ := sandbox.DefaultPolicy("console", -1)
 	return p
 }
 
