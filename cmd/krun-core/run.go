@@ -222,12 +222,13 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	var term *terminal
+	var ttyIn *ttyInput
 	if execMode {
 		env, err := commandEnv(envs)
 		if err != nil {
 			return fail("%v", err)
 		}
-		if term, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
+		if term, ttyIn, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
 			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, tty: *tty, noStdin: *noStdin, stdout: stdout, stderr: stderr}); err != nil {
 			return fail("%v", err)
 		}
@@ -309,6 +310,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		stoppedBy = caught
 		if term != nil {
 			defer term.makeRaw()()
+		}
+		if ttyIn != nil {
+			// After raw mode: what is typed goes as typed.
+			go ttyIn.pump()
 		}
 	} else {
 		if !*noStdin {

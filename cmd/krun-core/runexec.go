@@ -48,43 +48,64 @@ func (t *terminal) makeRaw() func() {
 	return func() {}
 }
 
+// ttyInput is krun-core's stdin when it is a terminal: krun-core reads it
+// itself and hands the console plugin a pipe. The plugin runs in a session
+// of its own, out of the shell's job control: reading the terminal itself,
+// it went on taking keystrokes while `krun-core run ... &` sat in the
+// background and the user typed to the foreground job (a sudo password
+// went to the guest; found in review, helper-124). krun-core is the
+// shell's job: in the background its read stops it (SIGTTIN), as any
+// program's, until `fg`.
+type ttyInput struct {
+	src *os.File // the terminal
+	dst *os.File // the write end of the plugin's stdin pipe
+}
+
+// pump copies the terminal to the plugin's pipe until either fails (a
+// hang-up, the plugin gone), then closes the pipe: the command's input
+// ends.
+func (p *ttyInput) pump() {
+	io.Copy(p.dst, p.src)
+	p.dst.Close()
+}
+
 // setupExec configures c to run o.command in o.root. When stdin is a
 // terminal the command gets a terminal of the same size, and setupExec
 // returns it for the caller to put in raw mode once the VM starts.
-func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
+func setupExec(c *vmm.Context, o execOptions) (*terminal, *ttyInput, error) {
 	if err := c.SetRoot(o.root, o.readOnly); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := c.SetExec(o.command[0], o.command, o.env); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if o.workdir != "" {
 		if err := c.SetWorkdir(o.workdir); err != nil {
-			return nil, flagError("--workdir", err)
+			return nil, nil, flagError("--workdir", err)
 		}
 	}
 	if o.hostname != "" {
 		if err := c.SetHostname(o.hostname); err != nil {
-			return nil, flagError("--hostname", err)
+			return nil, nil, flagError("--hostname", err)
 		}
 	}
 	if o.user != "" {
 		if err := c.SetUserSpec(o.user); err != nil {
-			return nil, flagError("--user", err)
+			return nil, nil, flagError("--user", err)
 		}
 	}
 	if len(o.rlimits) > 0 {
 		if err := c.SetRlimits(o.rlimits); err != nil {
-			return nil, flagError("--rlimit", err)
+			return nil, nil, flagError("--rlimit", err)
 		}
 	}
 	stdout, err := fileOf(o.stdout)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	stderr, err := fileOf(o.stderr)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var term *terminal
 	stdin := os.Stdin
@@ -97,7 +118,7 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 		isTerm = err == nil
 	}
 	if o.tty == "on" && !isTerm {
-		return nil, errors.New("--tty on: krun-core's stdin is not a terminal")
+		return nil, nil, errors.New("--tty on: krun-core's stdin is not a terminal")
 	}
 	if isTerm && o.tty != "off" {
 		if ws, err := unix.IoctlGetWinsize(int(os.Stdin.Fd()), unix.TIOCGWINSZ); err == nil {
@@ -105,8 +126,17 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, error) {
 		}
 		term = &terminal{f: os.Stdin}
 	}
+	var in *ttyInput
+	if isTerm {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, nil, fmt.Errorf("stdin pipe: %w", err)
+		}
+		in = &ttyInput{src: stdin, dst: w}
+		stdin = r
+	}
 	c.SetStdio(stdin, stdout, stderr, term != nil)
-	return term, nil
+	return term, in, nil
 }
 
 // flagError names the flag whose value err is about, without the layers'
