@@ -722,6 +722,21 @@ func (t *table) getHandle(fh uint64) (*handle, unix.Errno) {
 	return h, 0
 }
 
+// anyHandle takes a reference to an open handle of regular file n, or
+// returns nil when the guest holds none. It walks every handle (at most
+// MaxHandles): only a file that can no longer be reopened by name gets here.
+func (t *table) anyHandle(n *node) *handle {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, h := range t.handles {
+		if h.node == n && h.dir == nil && h.fd >= 0 {
+			h.refs++
+			return h
+		}
+	}
+	return nil
+}
+
 // putHandle drops a reference; the last one closes the fd.
 func (t *table) putHandle(h *handle) {
 	t.mu.Lock()

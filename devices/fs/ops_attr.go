@@ -111,12 +111,32 @@ func (s *Server) openNode(r *request, n *node, flags int) (int, unix.Errno) {
 // (metadata calls such as fsetxattr only need some open file) and the
 // share is not read-only: there an open for writing is a change host
 // watchers see (IN_CLOSE_WRITE; found in review).
-func (s *Server) openAny(r *request, n *node) (int, unix.Errno) {
+//
+// A regular file with no name left to reopen it by (unlinked while the
+// guest holds it open) is reached through one of the guest's open handles
+// instead: the f*xattr calls on its fd reach the server by node id, without
+// the handle, and answered ESTALE (found by the differential test against
+// the C virtiofsd). The caller gives the result back with closeAny.
+func (s *Server) openAny(r *request, n *node) (int, *handle, unix.Errno) {
 	fd, e := s.openNode(r, n, unix.O_RDONLY)
 	if e == unix.EACCES && n.typ == unix.S_IFREG && !s.readOnly {
 		fd, e = s.openNode(r, n, unix.O_WRONLY)
 	}
-	return fd, e
+	if e == unix.ESTALE && n.typ == unix.S_IFREG {
+		if h := s.t.anyHandle(n); h != nil {
+			return h.fd, h, 0
+		}
+	}
+	return fd, nil, e
+}
+
+// closeAny gives back what openAny returned.
+func (s *Server) closeAny(fd int, h *handle) {
+	if h != nil {
+		s.t.putHandle(h)
+		return
+	}
+	unix.Close(fd)
 }
 
 // noatime is O_NOATIME on a read-only share, whose files serving reads
@@ -283,14 +303,14 @@ func (s *Server) chmod(r *request, n *node, h *handle, mode uint32) unix.Errno {
 			return errno(err)
 		}
 	}
-	fd, e := s.openAny(r, n)
+	fd, oh, e := s.openAny(r, n)
 	if e != 0 {
 		if err == unix.EPERM && e == unix.EACCES {
 			e = unix.EPERM
 		}
 		return e
 	}
-	defer unix.Close(fd)
+	defer s.closeAny(fd, oh)
 	e = errno(unix.Fchmod(fd, mode))
 	if e == 0 {
 		// fchmodat2 failed where fchmod works: it is unusable here.

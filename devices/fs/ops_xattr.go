@@ -9,7 +9,8 @@ import (
 // Extended attributes: SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR.
 //
 // The f*xattr calls need an open file, so directories and regular files
-// are reopened (openNode); symlinks and special files, which the server
+// are reopened (openNode), or a file without a name reached through an
+// open handle (openAny); symlinks and special files, which the server
 // never opens, have no extended attributes as far as the guest can tell.
 
 func xattrName(b []byte) (string, []byte, unix.Errno) {
@@ -60,11 +61,11 @@ func (s *Server) opSetxattr(r *request) unix.Errno {
 	if n.typ != unix.S_IFREG && n.typ != unix.S_IFDIR {
 		return unix.EPERM
 	}
-	fd, e := s.openAny(r, n)
+	fd, h, e := s.openAny(r, n)
 	if e != 0 {
 		return e
 	}
-	defer unix.Close(fd)
+	defer s.closeAny(fd, h)
 	if err := unix.Fsetxattr(fd, name, rest[:size], int(flags)); err != nil {
 		return errno(err)
 	}
@@ -102,7 +103,7 @@ func (s *Server) opGetxattr(r *request, list bool) unix.Errno {
 			return unix.ENODATA
 		}
 	} else {
-		fd, e := s.openAny(r, n)
+		fd, h, e := s.openAny(r, n)
 		if e != 0 {
 			return e
 		}
@@ -112,7 +113,7 @@ func (s *Server) opGetxattr(r *request, list bool) unix.Errno {
 		} else {
 			k, err = unix.Fgetxattr(fd, name, buf)
 		}
-		unix.Close(fd)
+		s.closeAny(fd, h)
 		if err != nil {
 			return errno(err)
 		}
@@ -147,11 +148,11 @@ func (s *Server) opRemovexattr(r *request) unix.Errno {
 	if n.typ != unix.S_IFREG && n.typ != unix.S_IFDIR {
 		return unix.EPERM
 	}
-	fd, e := s.openAny(r, n)
+	fd, h, e := s.openAny(r, n)
 	if e != 0 {
 		return e
 	}
-	defer unix.Close(fd)
+	defer s.closeAny(fd, h)
 	if err := unix.Fremovexattr(fd, name); err != nil {
 		return errno(err)
 	}
