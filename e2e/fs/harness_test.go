@@ -61,8 +61,8 @@ func serveFS(t testing.TB, spec string, extra ...string) *daemon {
 }
 
 // virtiofsd starts QEMU's C virtiofsd on dir (it needs root for its own
-// sandbox) or skips.
-func virtiofsd(t testing.TB, dir string) *daemon {
+// sandbox) or skips; opts are more -o options.
+func virtiofsd(t testing.TB, dir string, opts ...string) *daemon {
 	t.Helper()
 	if _, err := os.Stat(virtiofsdPath); err != nil {
 		t.Skipf("%s is not installed (Debian package qemu-system-common)", virtiofsdPath)
@@ -71,7 +71,11 @@ func virtiofsd(t testing.TB, dir string) *daemon {
 		t.Skip("the C virtiofsd needs root for its sandbox")
 	}
 	opt := daemontest.Options{Name: "virtiofsd", Socket: filepath.Join(sockDir(t), "vfsd.sock"), Kill: true}
-	return daemontest.Start(t, opt, virtiofsdPath, "--socket-path="+opt.Socket, "-o", "source="+dir, "-o", "cache=auto")
+	args := []string{virtiofsdPath, "--socket-path=" + opt.Socket, "-o", "source=" + dir, "-o", "cache=auto"}
+	for _, o := range opts {
+		args = append(args, "-o", o)
+	}
+	return daemontest.Start(t, opt, args...)
 }
 
 // fuseGuest is the Go test guest on a virtio-fs back-end: a FUSE client on
