@@ -251,11 +251,16 @@ func run(op string, a []string) (string, error) {
 		defer unix.Close(fd)
 		n, err := unix.Pwrite(fd, []byte(a[2]), num(a[1]))
 		return strconv.Itoa(n), err
-	case "readdir-resume": // DIR: list, then lseek to each entry's d_off and list the rest
-		if err := need(a, 1); err != nil {
+	case "readdir-resume": // DIR STRIDE: list, then lseek to every STRIDE-th entry's d_off and list the rest
+		if err := need(a, 2); err != nil {
 			return "", err
 		}
-		return readdirResume(a[0])
+		return readdirResume(a[0], int(num(a[1])))
+	case "mmap-append": // FILE OFF TEXT: a shared writable mapping of an O_APPEND fd
+		if err := need(a, 3); err != nil {
+			return "", err
+		}
+		return mmapAppend(a[0], num(a[1]), a[2])
 	case "copy-range": // SRC DST: copy_file_range of the whole file
 		if err := need(a, 2); err != nil {
 			return "", err
@@ -436,6 +441,30 @@ func mmapWrite(name string, off int64, text string) (string, error) {
 	return "ok", unix.Munmap(m)
 }
 
+func mmapAppend(name string, off int64, text string) (string, error) {
+	fd, err := unix.Open(name, unix.O_RDWR|unix.O_APPEND, 0)
+	if err != nil {
+		return "", err
+	}
+	defer unix.Close(fd)
+	m, err := unix.Mmap(fd, 0, int(off)+len(text), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return "", fmt.Errorf("mmap: %w", err)
+	}
+	copy(m[off:], text)
+	if err := unix.Msync(m, unix.MS_SYNC); err != nil {
+		unix.Munmap(m)
+		return "", fmt.Errorf("msync: %w", err)
+	}
+	if err := unix.Munmap(m); err != nil {
+		return "", err
+	}
+	if _, err := unix.Write(fd, []byte("+end")); err != nil {
+		return "", fmt.Errorf("append: %w", err)
+	}
+	return "ok", unix.Fsync(fd)
+}
+
 func mmapRead(name string, off, n int64) (string, error) {
 	fd, err := unix.Open(name, unix.O_RDONLY, 0)
 	if err != nil {
@@ -495,7 +524,7 @@ func posixLock(name string) (string, error) {
 	return "F_SETLK ok, other process F_GETLK: " + strings.TrimSpace(string(out)), nil
 }
 
-func readdirResume(dir string) (string, error) {
+func readdirResume(dir string, stride int) (string, error) {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 	if err != nil {
 		return "", err
@@ -537,6 +566,9 @@ func readdirResume(dir string) (string, error) {
 	}
 	bad := 0
 	for i, e := range all {
+		if stride > 1 && i%stride != 0 {
+			continue
+		}
 		if _, err := unix.Seek(fd, e.off, 0); err != nil {
 			return "", fmt.Errorf("seek to %d: %w", e.off, err)
 		}
