@@ -345,6 +345,8 @@ r names.dirmv sh -c 'mkdir nd && echo w > nd/f && cat nd/f && mv nd nd2 && cat n
 r names.dirmv.drop sh -c 'echo 3 > /proc/sys/vm/drop_caches; cat nd2/f'
 r names.swap sh -c 'echo s1 > sw1 && echo s2 > sw2 && fsops rename-exchange sw1 sw2 && cat sw1 sw2 && echo s3 >> sw1 && cat sw1'
 r names.overwrite.open sh -c 'echo keep > ow1 && echo new > ow2 && exec 3<ow1 && mv ow2 ow1 && cat <&3 && cat ow1'
+r names.many sh -c 'echo hl > hl0 && for i in 1 2 3 4 5 6; do ln hl0 hl$i; done && echo 3 > /proc/sys/vm/drop_caches && stat -c %h hl6 && for i in 0 1 2 3 4 5; do stat -c %h hl$i >/dev/null; done && rm hl0 hl1 hl2 hl3 hl4 hl5 && cat hl6 && echo more >> hl6 && cat hl6'
+r names.many.dir sh -c 'mkdir hd1 hd2 && echo hd > hd1/f && ln hd1/f hd2/g && echo 3 > /proc/sys/vm/drop_caches && cat hd2/g && mv hd1 hd3 && rm hd3/f && cat hd2/g && rm -r hd2 hd3'
 r unlinked.calls fsops unlinked ul
 r unlinked.procfd sh -c 'exec 3<>uo; echo abc >&3; rm uo; cat /proc/self/fd/3'
 r unlinked.readdir sh -c 'mkdir ud && cd ud && rmdir ../ud; ls -a; touch x'
@@ -402,6 +404,8 @@ printf '0123456789' > ma
 r mmap.append fsops mmap-append ma 2 XY
 r mmap.append.read sh -c 'echo 3 > /proc/sys/vm/drop_caches; cat ma'
 r appenders sh -c 'for p in 1 2 3 4; do (i=0; while [ $i -lt 50 ]; do echo "w$p $i" >> ap; i=$((i+1)); done) & done; wait; wc -l < ap; sort ap | uniq -d | wc -l'
+r off.4g sh -c 'printf abcd | dd of=b4 bs=1 seek=4294967294 status=none && dd if=b4 bs=1 skip=4294967293 count=6 status=none | od -An -c && stat -c %s b4 && rm b4'
+r procfile sh -c 'cp /proc/version pv && cmp pv /proc/version && stat -c "%F %a" pv && rm pv'
 
 # What the deliberate differences above left behind differs too.
 chmod 755 mk4
