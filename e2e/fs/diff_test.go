@@ -418,15 +418,25 @@ cd /
 umount $M
 `
 
-// diffDeliberate are the lines on which krun-core's plugin and the C
-// virtiofsd differ on purpose (docs/VIRTIOFS.md, "Differences from QEMU's
-// virtiofsd"): krun-core's line must be the one given, virtiofsd's is only
-// logged. The reference runs as root with every capability and no ID
-// mapping; krun-core's plugin runs sandboxed, without capabilities.
-var diffDeliberate = map[string]struct{ krun, why string }{
+// deliberate is a line on which krun-core and the C virtiofsd differ on
+// purpose (docs/VIRTIOFS.md, "Differences from QEMU's virtiofsd"): krun
+// is krun-core's line, and virtiofsd's is only logged.
+type deliberate struct{ krun, why string }
+
+// diffAlways are the deliberate differences of every krun-core
+// configuration.
+var diffAlways = map[string]deliberate{
 	// MKNOD of a device is EPERM (only the 0/0 whiteout is made).
 	"mknod.char":  {"rc=1 mknod: cdev: Operation not permitted", "no device nodes in a share"},
 	"mknod.block": {"rc=1 mknod: bdev: Operation not permitted", "no device nodes in a share"},
+	// A second OPEN of an unlinked file (Known limits).
+	"unlinked.procfd": {"rc=1 cat: can't open '/proc/self/fd/3': Stale file handle", "no name to reopen an unlinked file by"},
+}
+
+// diffSandboxed are those of the default share behind the sandbox. The
+// reference runs as root with every capability; krun-core's plugin runs
+// without capabilities, and only its own id is mapped.
+var diffSandboxed = map[string]deliberate{
 	// The host checks the plugin's own credentials, without
 	// CAP_DAC_OVERRIDE: guest root gets the owner's bits only.
 	"chmod.000.read":    {"rc=1 cat: can't open 'own': Permission denied", "no capabilities: mode 000 is not readable"},
@@ -436,16 +446,22 @@ var diffDeliberate = map[string]struct{ krun, why string }{
 	"chmod.4755.stat": {"rc=0 regular file 755 2 1 0 0", "nosuid: set-id bits stripped"},
 	"xattr.cap":       {"rc=1 error: operation not permitted", "nosuid: no file capabilities"},
 	"mkdir.modes":     {"rc=0 mk1 1777|mk2 2755|mk3 755|mk4 0", "nosuid: S_ISUID stripped from a directory"},
-	// Only the plugin's own id is mapped: chown to another id is
-	// EINVAL, and what the guest creates belongs to the plugin (guest
-	// root), whoever the caller is.
+	// chown to another id than the plugin's is EINVAL, and what the
+	// guest creates belongs to the plugin (guest root), whoever the
+	// caller is.
 	"chown.user":        {"rc=1 chown: own: Invalid argument", "chown to an unmapped id"},
 	"chown.user.stat":   {"rc=0 regular file 755 2 1 0 0", "chown to an unmapped id"},
 	"chgrp.user":        {"rc=1 chgrp: own: Invalid argument", "chown to an unmapped id"},
 	"sticky.user.rmown": {"rc=1 rm: can't remove '/mnt/sticky/ufile': Operation not permitted", "user 1000's new file belongs to root"},
 	"user.ro.dir":       {"rc=1 chmod: /mnt/sticky/ud: Operation not permitted", "user 1000's new directory belongs to root"},
-	// A second OPEN of an unlinked file (Known limits).
-	"unlinked.procfd": {"rc=1 cat: can't open '/proc/self/fd/3': Stale file handle", "no name to reopen an unlinked file by"},
+}
+
+// diffRoot are those of a suid=on share with --sandbox off: the plugin is
+// root with every capability, as the reference is.
+var diffRoot = map[string]deliberate{
+	// The C virtiofsd drops CAP_SYS_ADMIN; krun-core without its sandbox
+	// keeps root's capabilities.
+	"xattr.trusted": {"rc=0 ok", "root with CAP_SYS_ADMIN may set trusted.* attributes"},
 }
 
 // diffReferenceWrong reports the lines where the C virtiofsd itself is
@@ -493,8 +509,9 @@ func diffLines(t *testing.T, console string) (map[string]string, []string, bool)
 	return lines, order, end
 }
 
-// TestGuestDiff runs diffScript over krun-core serve --fs and over QEMU's
-// C virtiofsd (the reference) and compares the results line by line.
+// TestGuestDiff runs diffScript over QEMU's C virtiofsd (the reference)
+// and over krun-core serve --fs, sandboxed (the default) and as root
+// without its sandbox, and compares the results line by line.
 func TestGuestDiff(t *testing.T) {
 	a := vmtest.Require(t)
 	if os.Geteuid() != 0 {
@@ -529,9 +546,30 @@ func TestGuestDiff(t *testing.T) {
 		}
 		return lines, order, r.Console
 	}
-	got, order, con := run("krun-core", func(dir string) *daemon { return serveFS(t, "path="+dir+",tag=share") })
 	want, wantOrder, wantCon := run("virtiofsd", func(dir string) *daemon { return virtiofsd(t, dir, "xattr") })
-	t.Logf("both guests ran in %v", time.Since(start).Round(time.Millisecond))
+	for _, cfg := range []struct {
+		name, opts string
+		extra      []string
+		deliberate map[string]deliberate
+	}{
+		{"krun-core", "", nil, diffSandboxed},
+		{"krun-core --sandbox off, suid=on", ",suid=on", []string{"--sandbox", "off"}, diffRoot},
+	} {
+		got, order, con := run(cfg.name, func(dir string) *daemon {
+			return serveFS(t, "path="+dir+",tag=share"+cfg.opts, cfg.extra...)
+		})
+		d := maps.Clone(diffAlways)
+		maps.Copy(d, cfg.deliberate)
+		compareDiff(t, cfg.name, d, got, order, con, want, wantOrder, wantCon)
+	}
+	t.Logf("the guests ran in %v", time.Since(start).Round(time.Millisecond))
+}
+
+// compareDiff compares a krun-core configuration's lines (got) with the C
+// virtiofsd's (want).
+func compareDiff(t *testing.T, name string, expect map[string]deliberate, got map[string]string, order []string, con string,
+	want map[string]string, wantOrder []string, wantCon string) {
+	t.Helper()
 
 	var diffs []string
 	for _, label := range order {
@@ -541,17 +579,17 @@ func TestGuestDiff(t *testing.T) {
 			if g != ref {
 				diffs = append(diffs, fmt.Sprintf("%s: krun-core %s, want %s", label, g, ref))
 			} else if g != w {
-				t.Logf("%s: the C virtiofsd is wrong: %s", label, w)
+				t.Logf("%s: %s: the C virtiofsd is wrong: %s", name, label, w)
 			}
 			continue
 		}
-		if d, deliberate := diffDeliberate[label]; deliberate {
+		if d, ok := expect[label]; ok {
 			if g != d.krun {
 				diffs = append(diffs, fmt.Sprintf("%s (a deliberate difference: %s): krun-core %s, want %s", label, d.why, g, d.krun))
 			} else if g == w {
 				diffs = append(diffs, fmt.Sprintf("%s: listed as a deliberate difference (%s) but both print %s", label, d.why, g))
 			} else {
-				t.Logf("%s differs on purpose (%s): virtiofsd %s", label, d.why, w)
+				t.Logf("%s: %s differs on purpose (%s): virtiofsd %s", name, label, d.why, w)
 			}
 			continue
 		}
@@ -567,13 +605,13 @@ func TestGuestDiff(t *testing.T) {
 			diffs = append(diffs, fmt.Sprintf("%s: only virtiofsd printed it: %s", label, want[label]))
 		}
 	}
-	for _, label := range slices.Sorted(maps.Keys(diffDeliberate)) {
+	for _, label := range slices.Sorted(maps.Keys(expect)) {
 		if _, ok := got[label]; !ok {
 			diffs = append(diffs, fmt.Sprintf("%s: listed as a deliberate difference but not printed", label))
 		}
 	}
 	if len(diffs) > 0 {
-		t.Errorf("%d lines differ between krun-core and the C virtiofsd:\n%s\n---- last lines of the krun-core guest ----\n%s\n---- last lines of the virtiofsd guest ----\n%s",
-			len(diffs), strings.Join(diffs, "\n"), vmtest.LastLines(con, 15), vmtest.LastLines(wantCon, 15))
+		t.Errorf("%d lines differ between %s and the C virtiofsd:\n%s\n---- last lines of the %s guest ----\n%s\n---- last lines of the virtiofsd guest ----\n%s",
+			len(diffs), name, strings.Join(diffs, "\n"), name, vmtest.LastLines(con, 15), vmtest.LastLines(wantCon, 15))
 	}
 }
