@@ -384,7 +384,7 @@ r socket fsops mksock sock
 s socket.stat sock
 r socket.ls sh -c 'ls -l sock | cut -c1-10'
 r etxtbsy sh -c 'mkdir xb && cp /bin/busybox xb/busybox && exec 4>>xb/busybox && xb/busybox true'
-r etxtbsy.write sh -c 'xb/busybox sleep 2 & sleep 1; echo x >> xb/busybox; wait; rm -r xb'
+r etxtbsy.write sh -c 'xb/busybox sleep 30 & p=$!; i=0; while [ "$(readlink /proc/$p/exe)" != /mnt/xb/busybox ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; echo x >> xb/busybox; kill $p; wait; rm -r xb'
 r opened.then.chmod sh -c 'exec 5<>cm && chmod 000 cm && echo ok >&5 && cat <&5; stat -c "%a %s" cm; chmod 644 cm'
 
 # A directory of long names spans many READDIR replies and getdents
