@@ -880,6 +880,7 @@ func (sess *session) startWorker(r *ring) {
 	log := sess.s.log
 	dev := sess.s.dev
 	r.stats.running.Store(true)
+	log.Debug("queue started", "queue", r.index)
 	go func() {
 		defer close(done)
 		err := serveRing(ctx, dev, rc)
