@@ -38,14 +38,18 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 	if s.HoldStdin {
 		o.Options[devopts.OptHoldStdin] = "on"
 	}
+	// The plugin reads stdin and writes stdout and stderr, nothing else
+	// (handOver).
 	for _, f := range []struct {
-		name string
-		file *os.File
-	}{{devopts.FileStdin, s.Stdin}, {devopts.FileStdout, s.Stdout}, {devopts.FileStderr, s.Stderr}, {devopts.FileControl, s.Control}} {
+		name   string
+		file   *os.File
+		access int
+	}{{devopts.FileStdin, s.Stdin, unix.O_RDONLY}, {devopts.FileStdout, s.Stdout, unix.O_WRONLY},
+		{devopts.FileStderr, s.Stderr, unix.O_WRONLY}, {devopts.FileControl, s.Control, unix.O_RDWR}} {
 		if f.file == nil {
 			continue
 		}
-		c, err := handOver(f.file, f.name)
+		c, err := handOver(f.file, f.name, f.access)
 		if err != nil {
 			o.CloseFiles()
 			return nil, fmt.Errorf("console %s: %w", f.name, err)
@@ -66,7 +70,15 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 // description, whose shared offset is what `cmd >file` relies on, and a
 // socket cannot be opened again: those, and anything the open refuses (a
 // terminal of another user's, a pipe without a reader), are duplicated.
-func handOver(f *os.File, name string) (*os.File, error) {
+//
+// access is the direction the plugin uses the file in (O_RDONLY, O_WRONLY
+// or O_RDWR): an O_RDWR file opened again is opened for that direction
+// only. A shell's terminal is one O_RDWR description on descriptors 0, 1
+// and 2, and a plugin handed stdout with read access could read what the
+// user types to the foreground job, out of job control, although krun-core
+// reads its stdin itself (found in review, helper-127). A file not open
+// O_RDWR keeps its mode: the plugin never gets an access f lacks.
+func handOver(f *os.File, name string, access int) (*os.File, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return nil, fmt.Errorf("stat: %w", err)
@@ -90,7 +102,11 @@ func handOver(f *os.File, name string) (*os.File, error) {
 		// Non-blocking, so that a FIFO's open cannot wait for its
 		// other end; the flags are set as f's once it is open.
 		path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
-		fd, err := unix.Open(path, fl&unix.O_ACCMODE|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+		mode := fl & unix.O_ACCMODE
+		if mode == unix.O_RDWR {
+			mode = access & unix.O_ACCMODE
+		}
+		fd, err := unix.Open(path, mode|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 		if err == nil {
 			var got unix.Stat_t
 			if unix.Fstat(fd, &got) == nil && got.Dev == st.Dev && got.Ino == st.Ino && got.Rdev == st.Rdev {

@@ -109,7 +109,7 @@ func TestHandOverKinds(t *testing.T) {
 		{"socket", sock, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := handOver(tc.f, "x")
+			c, err := handOver(tc.f, "x", unix.O_RDWR)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -139,7 +139,7 @@ func TestHandOverKinds(t *testing.T) {
 		})
 	}
 	// The pipe's copy is still the pipe: what goes into it comes out.
-	c, err := handOver(w, "stdout")
+	c, err := handOver(w, "stdout", unix.O_WRONLY)
 	if err != nil {
 		t.Fatal(err)
 	}

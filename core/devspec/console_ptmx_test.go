@@ -38,7 +38,7 @@ func TestHandOverPtyMasterIsTheSameTerminal(t *testing.T) {
 	}
 	defer unix.Close(sfd)
 
-	c, err := handOver(m, "stdout")
+	c, err := handOver(m, "stdout", unix.O_WRONLY)
 	if err != nil {
 		t.Fatal(err)
 	}
