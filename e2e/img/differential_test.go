@@ -535,3 +535,39 @@ func TestDifferentialRawInput(t *testing.T) {
 		})
 	}
 }
+
+// TestDifferentialSizes gives img create and qemu-img create the same size
+// arguments: where both accept one, they make images of the same size.
+func TestDifferentialSizes(t *testing.T) {
+	qemuTool(t, "qemu-img")
+	dir := t.TempDir()
+	t.Chdir(dir)
+	for i, c := range []struct {
+		size string
+		ours bool // img accepts it
+	}{
+		{"1", true}, {"513", true}, {"1k", true}, {"64K", true}, {"1m", true}, {"3M", true},
+		{"1g", true}, {"2T", true}, {"1000001", true},
+		// Deliberate: sizes are whole numbers with a binary suffix;
+		// qemu-img's fractions, hexadecimal, `b` suffix and leading
+		// blanks are refused with one line (docs/IMAGES.md).
+		{"1.5G", false}, {"0x1000", false}, {"512b", false}, {" 1M", false},
+	} {
+		ours, theirs := fmt.Sprintf("ours%d.qcow2", i), fmt.Sprintf("qemu%d.qcow2", i)
+		r := img(t, "create", "--format", "qcow2", ours, c.size)
+		qemuImg(t, "create", "-q", "-f", "qcow2", theirs, c.size)
+		if !c.ours {
+			if r.code != 1 || !strings.Contains(r.stderr, "is not a size") {
+				t.Errorf("img create SIZE %q: exit %d, want 1 (is not a size)\n%s", c.size, r.code, r.stderr)
+			}
+			continue
+		}
+		if r.code != 0 {
+			t.Errorf("img create SIZE %q: exit %d\n%s", c.size, r.code, r.stderr)
+			continue
+		}
+		if a, b := virtualSize(t, ours, "qcow2"), virtualSize(t, theirs, "qcow2"); a != b {
+			t.Errorf("SIZE %q: img makes %d bytes, qemu-img %d", c.size, a, b)
+		}
+	}
+}
