@@ -487,6 +487,12 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 		}
 		return nil
 	}
+	if st.depth > 0 {
+		// Only the top image's data file can be declared (data-file=,
+		// --data-file); hinting at it here sent the user to declare this
+		// one there, which then failed differently.
+		return fmt.Errorf("%w: backing file %s keeps its data in an external data file, which cannot be declared for a backing file (convert the backing file into an image without one)", ErrUnsupported, im.name)
+	}
 	if opts.DataFile == nil || opts.DataFile.File == nil {
 		if im.h.hasDataFileName {
 			return fmt.Errorf("%w: image %s names external data file %q, which was not declared (add data-file=...)", ErrBacking, im.name, sanitize(im.h.dataFileName))
