@@ -178,7 +178,8 @@ func (in *Info) WriteHuman(w io.Writer) error {
 	}
 	if len(in.Snapshots) > 0 {
 		// qemu-img's columns (bdrv_snapshot_dump): the header's widths
-		// differ from the rows' (found in review, helper-92).
+		// differ from the rows' (found in review, helper-92), and a row's
+		// TAG is 16 wide, then a space (helper-125).
 		fmt.Fprintf(&b, "Snapshot list:\n%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
 		for _, s := range in.Snapshots {
 			date := time.Unix(s.DateSec, 0).Format("2006-01-02 15:04:05")
@@ -187,7 +188,7 @@ func (in *Info) WriteHuman(w io.Writer) error {
 			if s.ICount != nil {
 				icount = fmt.Sprint(*s.ICount)
 			}
-			fmt.Fprintf(&b, "%-9s %-17s %7s%20s%13s%11s\n", s.ID, s.Name, humanSize(int64(s.VMStateSize)), date, clock, icount)
+			fmt.Fprintf(&b, "%-9s %-16s %8s%20s%13s%11s\n", s.ID, s.Name, humanSize(int64(s.VMStateSize)), date, clock, icount)
 		}
 	}
 	if fs := in.FormatSpecific; fs != nil {

@@ -195,7 +195,7 @@ func (s diffShape) build(t *testing.T, dir string) corpusImage {
 	if s.snapshot {
 		qemuImg(t, "snapshot", "-c", "one", img.path)
 		fill(t, dir, img.path, cs, vs/2, 1)
-		qemuImg(t, "snapshot", "-c", "two", img.path)
+		qemuImg(t, "snapshot", "-c", "a-tag-longer-than-16", img.path)
 		fill(t, dir, img.path, cs, vs, 2)
 	}
 	if s.bitmap {
