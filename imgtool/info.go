@@ -303,16 +303,26 @@ func (c *CheckResult) ExitCode() int {
 // WriteJSON writes the result as indented JSON.
 func (c *CheckResult) WriteJSON(w io.Writer) error { return writeJSON(w, c) }
 
-// WriteHuman writes the result the way `qemu-img check` does.
+// WriteMessages writes one line per finding (a leaked or miscounted
+// cluster, a bad entry), which qemu-img check writes on stderr in either
+// output format; WriteHuman and WriteJSON write the summary only.
+func (c *CheckResult) WriteMessages(w io.Writer) error {
+	var b strings.Builder
+	for _, m := range c.Messages {
+		fmt.Fprintln(&b, m)
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// WriteHuman writes the summary the way `qemu-img check` writes it on
+// stdout.
 func (c *CheckResult) WriteHuman(w io.Writer) error {
 	var b strings.Builder
 	if !c.Supported {
 		fmt.Fprintf(&b, "This image format does not support checks (%s has no metadata)\n", c.Format)
 		_, err := io.WriteString(w, b.String())
 		return err
-	}
-	for _, m := range c.Messages {
-		fmt.Fprintln(&b, m)
 	}
 	if c.CorruptionsFixed+c.LeaksFixed > 0 || c.RefcountsRebuilt {
 		fmt.Fprintf(&b, "The following inconsistencies were found and repaired:\n\n    %d leaked clusters\n    %d corruptions\n\n", c.LeaksFixed, c.CorruptionsFixed)

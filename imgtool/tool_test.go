@@ -464,3 +464,27 @@ func TestImportEmptyInput(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckMessagesApart (from review, helper-125): qemu-img check writes
+// each finding on stderr and the summary on stdout; img wrote the findings
+// into the summary, so a script reading qemu-img's stdout got extra lines.
+func TestCheckMessagesApart(t *testing.T) {
+	r := CheckResult{Supported: true, Leaks: 1, Messages: []string{"Leaked cluster 7 refcount=1 reference=0"}}
+	var sum, msgs bytes.Buffer
+	if err := r.WriteHuman(&sum); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteMessages(&msgs); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name, out, has, hasNot string
+	}{
+		{"summary", sum.String(), "1 leaked clusters were found", "Leaked cluster 7"},
+		{"messages", msgs.String(), "Leaked cluster 7 refcount=1 reference=0\n", "leaked clusters were found"},
+	} {
+		if !strings.Contains(c.out, c.has) || strings.Contains(c.out, c.hasNot) {
+			t.Errorf("%s: %q, want %q and not %q", c.name, c.out, c.has, c.hasNot)
+		}
+	}
+}

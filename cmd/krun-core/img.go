@@ -488,9 +488,12 @@ func imgCheck(args []string, stdout, stderr io.Writer) int {
 			res.WriteHuman(&b)
 			fmt.Fprintf(stderr, "krun-core img check: %s\n", strings.TrimSpace(b.String()))
 		case *output == "json":
-			err = res.WriteJSON(stdout)
+			err = errors.Join(res.WriteMessages(stderr), res.WriteJSON(stdout))
 		default:
-			err = res.WriteHuman(stdout)
+			// The findings on stderr, the summary on stdout, as qemu-img
+			// (helper-125: img wrote both on stdout, and no findings with
+			// --output json).
+			err = errors.Join(res.WriteMessages(stderr), res.WriteHuman(stdout))
 		}
 		return res.ExitCode(), err
 	})

@@ -679,6 +679,14 @@ func TestDifferentialRepair(t *testing.T) {
 			t.Fatalf("%s (%s): qemu-io abort left it clean", p, o)
 		}
 		compareCheck(t, p)
+		// The human check: the summary on stdout, one line per finding on
+		// stderr, as qemu-img writes them.
+		oh := img(t, "check", "--format", "qcow2", p)
+		qh := run(t, nil, qemuTool(t, "qemu-img"), "check", "-f", "qcow2", p)
+		if oh.stdout != qh.stdout || oh.stderr != qh.stderr {
+			t.Errorf("%s (%s): img check wrote\n%s\non stdout and\n%s\non stderr; qemu-img check\n%s\nand\n%s",
+				p, o, oh.stdout, oh.stderr, qh.stdout, qh.stderr)
+		}
 		ours, theirs := "ours-"+p, "qemu-"+p
 		for _, n := range []string{ours, theirs} {
 			b, err := os.ReadFile(p)
