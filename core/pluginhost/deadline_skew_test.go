@@ -44,8 +44,29 @@ func TestConnectionNotMadeIsHandshakeTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	err = waitReady(conn, time.Now().Add(200*time.Millisecond))
+	err = waitReady(conn, time.Now().Add(200*time.Millisecond), nil)
 	if !errors.Is(err, ErrHandshakeTimeout) || strings.Contains(err.Error(), "\n") {
 		t.Errorf("waitReady on a socket nobody listens on: %v; want a one-line ErrHandshakeTimeout", err)
+	}
+}
+
+// A plugin process that exits after its handshake line, before the gRPC
+// connection to it is made, ends the wait at once: waitReady waited for
+// the whole handshake deadline (a minute in krun-core) for a socket that
+// nothing would ever accept on, holding the restart of a disk plugin
+// killed while it started, and the guest's I/O, that long. From review,
+// helper-126 (TestRestartChaos in core/vmm found it).
+func TestConnectionGivesUpWhenThePluginExits(t *testing.T) {
+	conn, err := grpc.NewClient("unix://"+filepath.Join(t.TempDir(), "nobody-listens"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	exited := make(chan struct{})
+	time.AfterFunc(50*time.Millisecond, func() { close(exited) })
+	start := time.Now()
+	err = waitReady(conn, start.Add(20*time.Second), exited)
+	if took := time.Since(start); took > 5*time.Second || !errors.Is(err, errExitedConnecting) {
+		t.Fatalf("waitReady after the plugin exited: %v after %v; want errExitedConnecting at once", err, took.Round(time.Millisecond))
 	}
 }

@@ -307,7 +307,7 @@ func (p *Process) connect(service string, start time.Time, timeout time.Duration
 			// go-plugin dials without blocking, and takes a failure to
 			// open its first stream (stdio) as a plugin without one: the
 			// connection may still be on its way, and needs the socket.
-			err = waitReady(gc.Conn, deadline)
+			err = waitReady(gc.Conn, deadline, p.run.done)
 		}
 		done <- err
 	}()
@@ -315,6 +315,9 @@ func (p *Process) connect(service string, start time.Time, timeout time.Duration
 	defer t.Stop()
 	select {
 	case err := <-done:
+		if err != nil && errors.Is(err, errExitedConnecting) {
+			return false, p.exitError("handshake")
+		}
 		return false, err
 	case <-t.C:
 	}
@@ -360,11 +363,26 @@ func (p *Process) closeConns() {
 	p.conns = nil
 }
 
+// errExitedConnecting is waitReady's error when the plugin process
+// exited first.
+var errExitedConnecting = errors.New("the plugin exited before its gRPC connection was made")
+
 // waitReady waits until conn is connected, at most until deadline; past
-// it the error matches ErrHandshakeTimeout.
-func waitReady(conn *grpc.ClientConn, deadline time.Time) error {
+// it the error matches ErrHandshakeTimeout. It gives up as soon as exited
+// is closed (the plugin process is gone: nothing will ever accept the
+// connection), with errExitedConnecting: a plugin killed between its
+// handshake line and the connection held a restart, and the device, for
+// the whole deadline (a minute in krun-core; found in review, helper-126).
+func waitReady(conn *grpc.ClientConn, deadline time.Time, exited <-chan struct{}) error {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	for {
 		st := conn.GetState()
 		switch st {
@@ -376,6 +394,11 @@ func waitReady(conn *grpc.ClientConn, deadline time.Time) error {
 			return errors.New("gRPC connection closed")
 		}
 		if !conn.WaitForStateChange(ctx, st) {
+			select {
+			case <-exited:
+				return errExitedConnecting
+			default:
+			}
 			// The handshake's deadline, as connect's own timer says it:
 			// whichever of the two fires first, the error matches
 			// ErrHandshakeTimeout.
