@@ -199,6 +199,9 @@ type restartRig struct {
 	img  string
 	logs *syncbuf.Buffer
 	pid  int // the first plugin's
+	// stop ends the device's monitor, as the end of a run does before
+	// the devices are shut down.
+	stop context.CancelFunc
 }
 
 func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy, setup ...func(*Context, devspec.Spec)) *restartRig {
@@ -211,14 +214,21 @@ func newRestartRig(t testing.TB, policy pluginhost.RestartPolicy, setup ...func(
 func newRestartRigOf(t testing.TB, pkg string, policy pluginhost.RestartPolicy, setup ...func(*Context, devspec.Spec)) *restartRig {
 	t.Helper()
 	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "krun-plugin-blk-raw"), pkg)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, b)
-	}
 	img := filepath.Join(dir, "disk.raw")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	return newRestartRigDisk(t, dir, pkg, "krun-plugin-blk-raw", img, "raw", policy, setup...)
+}
+
+// newRestartRigDisk is newRestartRigOf for the image img of format, with
+// the package pkg built as the plugin bin in dir.
+func newRestartRigDisk(t testing.TB, dir, pkg, bin, img, format string, policy pluginhost.RestartPolicy, setup ...func(*Context, devspec.Spec)) *restartRig {
+	t.Helper()
+	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, bin), pkg)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, b)
 	}
 	var logs syncbuf.Buffer
 	log := hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Debug})
@@ -231,7 +241,7 @@ func newRestartRigOf(t testing.TB, pkg string, policy pluginhost.RestartPolicy, 
 	c.SetPluginDir(dir)
 	c.SetSandboxOff(true) // no trampoline next to a test binary
 	c.SetPluginRestarts(policy)
-	spec, err := devspec.ParseDisk("path=" + img + ",format=raw")
+	spec, err := devspec.ParseDisk("path=" + img + ",format=" + format)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +274,7 @@ func newRestartRigOf(t testing.TB, pkg string, policy pluginhost.RestartPolicy, 
 	})
 	drv := &ringDriver{t: t, mem: mem, dev: d.dev}
 	drv.start()
-	return &restartRig{m: m, d: d, drv: drv, img: img, logs: &logs, pid: pid}
+	return &restartRig{m: m, d: d, drv: drv, img: img, logs: &logs, pid: pid, stop: stop}
 }
 
 // TestRestartResumesDevice runs the core's device path without KVM: a
