@@ -2,7 +2,6 @@ package devspec
 
 import (
 	"os"
-	"strconv"
 	"testing"
 	"time"
 
@@ -21,24 +20,7 @@ import (
 // review, helper-127). The plugin only writes its stdout and stderr and
 // only reads its stdin: a copy opened again is opened for that direction.
 func TestConsolePluginCannotReadTheTerminal(t *testing.T) {
-	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Skip(err)
-	}
-	defer m.Close()
-	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
-		t.Skip(err)
-	}
-	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
-	if err != nil {
-		t.Skip(err)
-	}
-	fd, err := unix.Open("/dev/pts/"+strconv.Itoa(n), unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Skip(err)
-	}
-	tty := os.NewFile(uintptr(fd), "tty")
-	defer tty.Close()
+	m, tty := openTestPTY(t)
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"os"
 	"testing"
 	"time"
 
@@ -14,24 +13,7 @@ import (
 // the port; an acknowledgement lets the rest go. Once the port is no
 // longer read, a waiting writer gives up instead of hanging.
 func TestOutputWithinHostCredit(t *testing.T) {
-	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer devNull.Close()
-	h2gR, h2gW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g2hR, g2hW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g2hR.Close()
-	defer g2hW.Close()
-	defer h2gW.Close()
-	s := &stdio{log: &logger{out: devNull}, f: h2gR, w: stdioframe.NewWriter(g2hW), started: make(chan struct{}),
-		ack: make(chan struct{}), startReq: make(chan struct{}), held: heldSignals{execd: true}}
+	s, h2gR, h2gW, g2hR, _ := newPipeStdio(t)
 	done := make(chan struct{})
 	go func() { s.readLoop(); close(done) }()
 

@@ -41,22 +41,7 @@ func (k *stuckSink) stdin(p []byte) error {
 // the input reaches the command in order once it reads, each piece
 // acknowledged, then the end of input.
 func TestSignalNotBehindUnreadInput(t *testing.T) {
-	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer devNull.Close()
-	h2gR, h2gW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g2hR, g2hW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g2hR.Close()
-	s := &stdio{log: &logger{out: devNull}, f: h2gR, w: stdioframe.NewWriter(g2hW), started: make(chan struct{}),
-		ack: make(chan struct{}), startReq: make(chan struct{}), held: heldSignals{execd: true}}
+	s, h2gR, h2gW, g2hR, g2hW := newPipeStdio(t)
 	k := &stuckSink{recSink: newRecSink(), release: make(chan struct{})}
 	s.setSink(k)
 	done := make(chan struct{})
@@ -139,4 +124,31 @@ func TestStdinQueueCoalesces(t *testing.T) {
 	if !bytes.Equal(got, want) || s.inQueued != len(want) {
 		t.Fatalf("queued %d bytes (count %d), not the %d sent in order", len(got), s.inQueued, len(want))
 	}
+}
+
+// newPipeStdio is krun-init's stdio on two pipes instead of its port: the
+// test writes the host's frames to h2gW and reads the guest's from g2hR;
+// closing h2gR ends readLoop. Everything is closed at the test's end.
+func newPipeStdio(t *testing.T) (s *stdio, h2gR, h2gW, g2hR, g2hW *os.File) {
+	t.Helper()
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2gR, h2gW, err = os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g2hR, g2hW, err = os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, f := range []*os.File{devNull, h2gR, h2gW, g2hR, g2hW} {
+			f.Close()
+		}
+	})
+	s = &stdio{log: &logger{out: devNull}, f: h2gR, w: stdioframe.NewWriter(g2hW), started: make(chan struct{}),
+		ack: make(chan struct{}), startReq: make(chan struct{}), held: heldSignals{execd: true}}
+	return s, h2gR, h2gW, g2hR, g2hW
 }
