@@ -23,7 +23,7 @@ bin/krun-core: FORCE
 
 # The benchmark driver (the Go test guest), apart from the production binary.
 bin/krun-bench: FORCE
-	$(GO) $(BUILD) -o $@ ./cmd/krun-bench
+	$(GO) $(BUILD) -ldflags "-X main.buildVersion=$(VERSION)" -o $@ ./cmd/krun-bench
 
 # The OCI runtime (docs/OCI.md).
 bin/krun-oci: FORCE

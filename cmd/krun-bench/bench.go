@@ -38,6 +38,11 @@ krun-bench all --help; krun-bench --version prints its build.
 
 // benchCommand is krun-bench: it benchmarks a vhost-user back-end with the
 // Go test guest.
+// buildVersion may be set at link time (-ldflags "-X
+// main.buildVersion=..."), as the Makefile does for krun-core: a binary
+// built from a source tree otherwise says "(devel)".
+var buildVersion string
+
 func benchCommand(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprintln(stderr, "krun-bench: no device kind given (see krun-bench --help)")
@@ -48,7 +53,11 @@ func benchCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, benchUsage)
 		return 0
 	case "--version", "-version", "version":
-		fmt.Fprintf(stdout, "krun-bench %s, %s\n", cli.ReadBuild(), runtime.Version())
+		b := cli.ReadBuild()
+		if buildVersion != "" {
+			b.Version = buildVersion
+		}
+		fmt.Fprintf(stdout, "krun-bench %s, %s\n", b, runtime.Version())
 		return 0
 	case "blk":
 		return benchBlk(args[1:], stdout, stderr)

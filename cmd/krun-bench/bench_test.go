@@ -65,6 +65,18 @@ func TestBenchVersion(t *testing.T) {
 	}
 }
 
+// The version the Makefile links in (git describe) is what --version
+// says; it said "(devel)" for every build from the tree.
+func TestBenchVersionLinked(t *testing.T) {
+	saved := buildVersion
+	defer func() { buildVersion = saved }()
+	buildVersion = "e36add8-dirty"
+	var out, errb bytes.Buffer
+	if rc := benchCommand([]string{"--version"}, &out, &errb); rc != 0 || !strings.HasPrefix(out.String(), "krun-bench e36add8-dirty") {
+		t.Errorf("exit %d, stdout %q", rc, out.String())
+	}
+}
+
 // Every page: on stdout, exit 0, its own; bad flags: one line, exit 1.
 func TestBenchPages(t *testing.T) {
 	for _, args := range [][]string{{"--help"}, {"blk", "--help"}, {"net", "--help"}} {
