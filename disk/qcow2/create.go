@@ -31,13 +31,13 @@ func Create(f *os.File, o CreateOptions) error {
 		return err
 	}
 	if err := f.Truncate(0); err != nil {
-		return fmt.Errorf("truncate: %w", err)
+		return err // "truncate PATH: ..." already
 	}
 	if _, err := f.WriteAt(buf, 0); err != nil {
 		return fmt.Errorf("write image: %w", err)
 	}
 	if err := f.Truncate(fileSize); err != nil {
-		return fmt.Errorf("truncate: %w", err)
+		return err
 	}
 	return fdatasync(f)
 }

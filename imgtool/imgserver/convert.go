@@ -248,10 +248,10 @@ func newSink(out *os.File, format string, o OutputOptions, size int64) (sink, er
 			// that a convert killed mid-way leaves a file shorter
 			// than the image, not one that looks complete.
 			if err := out.Truncate(size); err != nil {
-				return nil, fmt.Errorf("output: truncate: %w", err)
+				return nil, fmt.Errorf("output: %w", err)
 			}
 			if err := out.Truncate(0); err != nil {
-				return nil, fmt.Errorf("output: truncate: %w", err)
+				return nil, fmt.Errorf("output: %w", err)
 			}
 		}
 		return &rawSink{f: out}, nil

@@ -61,7 +61,7 @@ func Create(out, backing *os.File, req *imagepb.CreateRequest) (*imagepb.CreateR
 		}
 		size = (size + 511) &^ 511
 		if err := out.Truncate(size); err != nil {
-			return nil, fmt.Errorf("truncate: %w", err)
+			return nil, err // "truncate PATH: ..." already
 		}
 	case disk.QCOW2:
 		o := qcow2.CreateOptions{

@@ -45,7 +45,7 @@ func Resize(f *os.File, backing []Layer, req *imagepb.ResizeRequest) (*imagepb.R
 		}
 		if size != length {
 			if err := f.Truncate(size); err != nil {
-				return nil, fmt.Errorf("truncate: %w", err)
+				return nil, err // "truncate PATH: ..." already
 			}
 		}
 		if err := f.Sync(); err != nil {
