@@ -32,19 +32,10 @@ func (k *recSink) signal(sig int)            { k.signals <- sig }
 // the processes there are and is kept for the command, as a SIGNAL is
 // (TestSignalBeforeStart); it was dropped, and the command ran on.
 func TestSignalAll(t *testing.T) {
-	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer devNull.Close()
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
+	s, r, w, _, _ := newPipeStdio(t)
+	s.held = heldSignals{} // the command has not been exec'd
 	killed := make(chan int, 4)
-	s := &stdio{log: &logger{out: devNull}, f: r, started: make(chan struct{}), ack: make(chan struct{}),
-		startReq: make(chan struct{}), killAll: func(sig int) error { killed <- sig; return nil }}
+	s.killAll = func(sig int) error { killed <- sig; return nil }
 	done := make(chan struct{})
 	go func() { s.readLoop(); close(done) }()
 	defer func() { r.Close(); w.Close(); <-done }()
@@ -139,16 +130,8 @@ func TestWinsizeAroundStart(t *testing.T) {
 // (which would signal the launcher, not yet the command). It was dropped,
 // and the command then ran as if krun-core had never been signalled.
 func TestSignalBeforeStart(t *testing.T) {
-	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer devNull.Close()
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &stdio{log: &logger{out: devNull}, f: r, started: make(chan struct{}), ack: make(chan struct{}), startReq: make(chan struct{})}
+	s, r, w, _, _ := newPipeStdio(t)
+	s.held = heldSignals{} // the command has not been exec'd
 	done := make(chan struct{})
 	go func() { s.readLoop(); close(done) }()
 	defer func() { r.Close(); w.Close(); <-done }()
