@@ -96,20 +96,9 @@ func (d *chaosDriver) post(ring *testguest.Ring) error {
 	}
 	if r.typ != testguest.BlkTFlush {
 		// A range within a slot that no request in flight touches.
-		for try := 0; ; try++ {
-			slot := d.rng.Intn(chaosSlots)
-			off := d.rng.Intn(chaosSlotBlocks)
-			r.blk, r.n = slot*chaosSlotBlocks+off, 1+d.rng.Intn(chaosSlotBlocks-off)
-			free := true
-			for i := r.blk; i < r.blk+r.n; i++ {
-				free = free && !d.busy[i]
-			}
-			if free {
-				break
-			}
-			if try > 100 {
-				return errors.New("no free block range")
-			}
+		var err error
+		if r.blk, r.n, err = blkstamp.FreeRange(d.rng.Intn, d.busy, chaosSlots, chaosSlotBlocks); err != nil {
+			return err
 		}
 	}
 	d.nextID++

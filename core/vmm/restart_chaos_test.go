@@ -136,19 +136,9 @@ func (d *cqDriver) post(s int) error {
 		r.typ = 0
 	}
 	if r.typ != 4 {
-		for try := 0; ; try++ {
-			slot, off := d.rng.Intn(cqSlots), d.rng.Intn(cqSlotBlocks)
-			r.blk, r.n = slot*cqSlotBlocks+off, 1+d.rng.Intn(cqSlotBlocks-off)
-			free := true
-			for i := r.blk; i < r.blk+r.n; i++ {
-				free = free && !d.busy[i]
-			}
-			if free {
-				break
-			}
-			if try > 100 {
-				return errors.New("no free block range")
-			}
+		var err error
+		if r.blk, r.n, err = blkstamp.FreeRange(d.rng.Intn, d.busy, cqSlots, cqSlotBlocks); err != nil {
+			return err
 		}
 	}
 	d.nextID++

@@ -7,6 +7,7 @@ package blkstamp
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -103,4 +104,24 @@ func (im *Image) Close() error {
 		os.Remove(im.remove)
 	}
 	return err
+}
+
+// FreeRange picks, with intn (a *rand.Rand's Intn), a range of blocks
+// within one of slots slots of slotBlocks blocks each that no block of busy
+// is in: its first block and its length. It gives up after 102 tries.
+func FreeRange(intn func(int) int, busy []bool, slots, slotBlocks int) (blk, n int, err error) {
+	for try := 0; ; try++ {
+		slot, off := intn(slots), intn(slotBlocks)
+		blk, n = slot*slotBlocks+off, 1+intn(slotBlocks-off)
+		free := true
+		for i := blk; i < blk+n; i++ {
+			free = free && !busy[i]
+		}
+		if free {
+			return blk, n, nil
+		}
+		if try > 100 {
+			return 0, 0, errors.New("no free block range")
+		}
+	}
 }

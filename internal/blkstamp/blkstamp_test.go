@@ -1,6 +1,7 @@
 package blkstamp
 
 import (
+	"math/rand/v2"
 	"strings"
 	"testing"
 )
@@ -45,5 +46,33 @@ func TestGen(t *testing.T) {
 				t.Fatalf("Gen: %d, %v; want %d", got, err, tc.want)
 			}
 		})
+	}
+}
+
+func TestFreeRange(t *testing.T) {
+	const slots, slotBlocks = 4, 8
+	rng := rand.New(rand.NewPCG(1, 2))
+	busy := make([]bool, slots*slotBlocks)
+	for range 1000 {
+		blk, n, err := FreeRange(rng.IntN, busy, slots, slotBlocks)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n < 1 || blk/slotBlocks != (blk+n-1)/slotBlocks {
+			t.Fatalf("range %d+%d leaves its slot", blk, n)
+		}
+	}
+	for i := range busy {
+		busy[i] = i%slotBlocks != 3 // one free block a slot
+	}
+	blk, n, err := FreeRange(rng.IntN, busy, slots, slotBlocks)
+	if err == nil && (n != 1 || blk%slotBlocks != 3) {
+		t.Fatalf("range %d+%d holds a busy block", blk, n)
+	}
+	for i := range busy {
+		busy[i] = true
+	}
+	if _, _, err := FreeRange(rng.IntN, busy, slots, slotBlocks); err == nil {
+		t.Fatal("a range found on a disk with every block busy")
 	}
 }
