@@ -273,7 +273,11 @@ func runBlkBench(ctx context.Context, cfg blkBenchConfig) ([]blkResult, error) {
 		return nil, errors.New("the back-end reports a zero capacity (or no config space)")
 	}
 	span := cfg.Span
-	if span == 0 || span > capacity {
+	if span > capacity {
+		// Clamping it silently measured a smaller span than asked for.
+		return nil, fmt.Errorf("--size %d bytes is past the end of the disk (%d bytes)", span, capacity)
+	}
+	if span == 0 {
 		span = capacity
 	}
 	ro := cfg.ReadOnly || b.Guest().Features()&testguest.BlkFRO != 0

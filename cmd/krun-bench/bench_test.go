@@ -175,6 +175,16 @@ func TestBenchBlk(t *testing.T) {
 		t.Fatal("bench wrote beyond --size")
 	}
 
+	// A --size past the disk's end is refused, not clamped silently.
+	out.Reset()
+	errb.Reset()
+	if code := benchCommand([]string{"blk", "--socket", sock, "--seconds", "0.1", "--size", "128M", "--workloads", "randread-4k-qd1"}, &out, &errb); code == 0 {
+		t.Fatalf("--size 128M on a 64 MiB disk: exit 0, output %q", out.String())
+	}
+	if msg := errb.String(); !strings.Contains(msg, "past the end of the disk") || strings.Count(msg, "\n") != 1 {
+		t.Fatalf("--size past the end: stderr %q, want one line naming the disk's end", msg)
+	}
+
 	// Read-only: only the read workloads run.
 	out.Reset()
 	if code := benchCommand([]string{"blk", "--socket", sock, "--seconds", "0.1", "--read-only", "--workloads", "randread-4k-qd1,randwrite-4k-qd1"}, &out, &errb); code != 0 {
