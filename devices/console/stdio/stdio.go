@@ -219,16 +219,23 @@ func (b *Bridge) writeMain() {
 			b.outCond.Wait()
 		}
 		if len(b.mainOut.runs) == 0 {
-			closeReq := b.closeReq
+			closeReq, ended := b.closeReq, b.outEnded
 			b.closeReq = false
 			b.outMu.Unlock()
 			if !closeReq {
 				return // the port is gone and everything is written
 			}
+			if ended {
+				// The port ended while its output drained: there is
+				// no one to answer, and nothing went wrong.
+				continue
+			}
 			// Every earlier frame is written: the guest may power off
 			// now.
 			if err := b.w.WriteFrame(stdioframe.CloseAck, nil); err != nil {
-				b.log.Warn("answer CLOSE_REQ", "error", err)
+				// The port failed or ended before the bridge saw
+				// its end: as for OUTPUT_ACK, nothing to report.
+				b.log.Debug("answer CLOSE_REQ", "error", err)
 			}
 			continue
 		}
