@@ -26,7 +26,7 @@ func TestHelpPages(t *testing.T) {
 		{"run", "--help"}, {"run", "-h"}, {"serve", "--help"},
 		{"img", "--help"}, {"img", "info", "--help"}, {"img", "check", "--help"},
 		{"img", "verify", "--help"}, {"img", "create", "--help"}, {"img", "convert", "--help"},
-		{"img", "import", "--help"}, {"img", "probe", "--help"}, {"sandbox", "--help"}, {"sandbox", "status", "--help"},
+		{"img", "import", "--help"}, {"img", "resize", "--help"}, {"img", "probe", "--help"}, {"sandbox", "--help"}, {"sandbox", "status", "--help"},
 		{"doctor", "--help"}, {"help", "img", "create"}, {"help", "sandbox", "status"},
 	} {
 		var out, errb bytes.Buffer
@@ -49,6 +49,12 @@ func TestHelpPages(t *testing.T) {
 		if len(args) > 1 && args[0] != "help" && !strings.HasPrefix(out.String(), want) {
 			t.Errorf("%q: page starts %.60q, want its own page %q", args, out.String(), want)
 		}
+	}
+	// A flag's placeholder names what it takes (it read "--tty AUTO").
+	var runPage bytes.Buffer
+	dispatch([]string{"run", "--help"}, &runPage, &runPage)
+	if !strings.Contains(runPage.String(), "--tty MODE ") {
+		t.Errorf("run --help lacks %q", "--tty MODE")
 	}
 	// Pages listing options generated from the flags show the log flags.
 	for _, args := range [][]string{{"run", "--help"}, {"doctor", "--help"}, {"sandbox", "status", "--help"}} {

@@ -104,7 +104,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
 		user      = fs.String("user", "", "run the command as `USER[:GROUP]`, names (from the root's /etc/passwd and /etc/group) or numbers (default root)")
-		tty       = fs.String("tty", "auto", "give the command a terminal in the guest: `auto` (when krun-core's stdin is one), on (stdin must be one), or off (pipes, also on a terminal: stdout and stderr apart, bytes as they are)")
+		tty       = fs.String("tty", "auto", "give the command a terminal in the guest, by `MODE`: auto (when krun-core's stdin is one), on (stdin must be one), or off (pipes, also on a terminal: stdout and stderr apart, bytes as they are)")
 		noStdin   = fs.Bool("no-stdin", false, "do not read krun-core's stdin (as ssh -n): the command's input is empty, and a loop that reads a file can run krun-core; no terminal under --tty auto")
 		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails (at once for a plugin whose device says its requests must not be replayed)")
