@@ -350,6 +350,11 @@ func TestProbe(t *testing.T) {
 		if r.Format != w || r.Supported != (w == "raw" || w == "qcow2") {
 			t.Errorf("%s: probed %+v, want %s", n, r, w)
 		}
+		// The detail goes inside parentheses in img probe's warning: none
+		// of its own ("... only (convert it ...))." read doubled).
+		if !r.Supported && strings.ContainsAny(r.Detail, "()") {
+			t.Errorf("%s: detail %q has parentheses", n, r.Detail)
+		}
 		if n == "qbad" && !strings.Contains(r.Detail, "does not parse") {
 			t.Errorf("qbad: detail %q does not say the header is broken", r.Detail)
 		}

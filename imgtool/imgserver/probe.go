@@ -88,7 +88,7 @@ func Probe(f *os.File) (*imagepb.ProbeResponse, error) {
 		}
 		if off >= 0 && off+len(s.magic) <= len(b) && bytes.Equal(b[off:off+len(s.magic)], s.magic) {
 			return &imagepb.ProbeResponse{Format: s.format,
-				Detail: fmt.Sprintf("%s signature at offset %d; krun-core serves raw and qcow2 only (convert it with a tool you trust)", s.format, s.off)}, nil
+				Detail: fmt.Sprintf("%s signature at offset %d; krun-core serves raw and qcow2 only: convert it with a tool you trust", s.format, s.off)}, nil
 		}
 	}
 	return &imagepb.ProbeResponse{Format: "raw", Supported: true, Detail: "no known image header"}, nil
