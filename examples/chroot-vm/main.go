@@ -7,7 +7,8 @@
 //	./chroot-vm ROOT_DIR COMMAND [ARGS...]
 //
 // It needs a KVM that boots stock kernels (krun-core doctor), a kernel
-// (--kernel, $KRUN_KERNEL, /boot/vmlinuz-$(uname -r) or `make kernel`), and
+// ($KRUN_KERNEL, /boot/vmlinuz-$(uname -r) or `make kernel`; it takes no
+// --kernel, which vmm's "no kernel" message names for krun-core run), and
 // krun-init, krun-plugin-fs-virtio and krun-plugin-console next to it or in
 // $KRUN_PLUGIN_DIR (make all builds them into bin/). It exits with the
 // program's status.
