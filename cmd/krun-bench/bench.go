@@ -317,6 +317,15 @@ func runBlkBench(ctx context.Context, cfg blkBenchConfig) ([]blkResult, error) {
 		}
 		results = append(results, r)
 	}
+	// Every workload asked for was a write on a read-only device: say so
+	// rather than print an empty table and exit 0.
+	if len(results) == 0 && len(cfg.Workloads) > 0 {
+		why := "the device is read-only (VIRTIO_BLK_F_RO)"
+		if cfg.ReadOnly {
+			why = "--read-only was given"
+		}
+		return nil, fmt.Errorf("nothing to run: every workload asked for writes and %s", why)
+	}
 	return results, nil
 }
 

@@ -193,6 +193,14 @@ func TestBenchBlk(t *testing.T) {
 	if !strings.Contains(out.String(), "randread-4k-qd1") || strings.Contains(out.String(), "randwrite") {
 		t.Fatalf("read-only table:\n%s", out.String())
 	}
+	// Only writes asked for, read-only: one line and exit 1, not an empty
+	// table and exit 0.
+	out.Reset()
+	errb.Reset()
+	if code := benchCommand([]string{"blk", "--socket", sock, "--seconds", "0.1", "--read-only", "--workloads", "randwrite-4k-qd1"}, &out, &errb); code != 1 ||
+		out.Len() != 0 || strings.Count(errb.String(), "\n") != 1 || !strings.Contains(errb.String(), "nothing to run: every workload asked for writes and --read-only was given") {
+		t.Fatalf("writes only, --read-only: exit %d, stdout %q, stderr %q", code, out.String(), errb.String())
+	}
 }
 
 // TestBenchNet runs `krun-bench net` both ways inside a network
