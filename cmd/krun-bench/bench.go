@@ -50,6 +50,10 @@ func benchCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
+		// help CMD is CMD's own page, as with krun-core help CMD.
+		if args[0] == "help" && len(args) > 1 && slices.Contains([]string{"blk", "net", "all"}, args[1]) {
+			return benchCommand([]string{args[1], "--help"}, stdout, stderr)
+		}
 		fmt.Fprint(stdout, benchUsage)
 		return 0
 	case "--version", "-version", "version":

@@ -79,9 +79,12 @@ func TestBenchVersionLinked(t *testing.T) {
 
 // Every page: on stdout, exit 0, its own; bad flags: one line, exit 1.
 func TestBenchPages(t *testing.T) {
-	for _, args := range [][]string{{"--help"}, {"blk", "--help"}, {"net", "--help"}} {
+	for _, args := range [][]string{{"--help"}, {"blk", "--help"}, {"net", "--help"}, {"all", "--help"}, {"help", "blk"}, {"help", "net"}, {"help", "all"}} {
 		var out, errb bytes.Buffer
 		want := "usage: krun-bench " + strings.Join(args[:len(args)-1], " ")
+		if args[0] == "help" {
+			want = "usage: krun-bench " + args[1] // help CMD is CMD's page
+		}
 		if rc := benchCommand(args, &out, &errb); rc != 0 || errb.Len() != 0 || !strings.HasPrefix(out.String(), want) {
 			t.Errorf("%q: exit %d, stdout %.60q, stderr %q: want the page %q on stdout", args, rc, out.String(), errb.String(), want)
 		}
