@@ -206,12 +206,12 @@ func TestChainFlags(t *testing.T) {
 	cases := []struct{ in, want string }{
 		{`backing chain mismatch: image /a names backing file "b", which was not declared (add backing=...)`,
 			`backing chain mismatch: image /a names backing file "b", which was not declared (declare it with --backing FILE --backing-format FMT)`},
-		{`backing chain mismatch: image /a names external data file "d", which was not declared (add data-file=...)`,
-			`backing chain mismatch: image /a names external data file "d", which was not declared (declare it with --data-file FILE)`},
+		{`data file mismatch: image /a names external data file "d", which was not declared (add data-file=...)`,
+			`data file mismatch: image /a names external data file "d", which was not declared (declare it with --data-file FILE)`},
 		{`backing chain mismatch: image /a has no backing file, but backing=/b was declared`,
 			`backing chain mismatch: image /a has no backing file, but --backing /b was declared`},
-		{`backing chain mismatch: image /a has no external data file, but data-file=/d was declared`,
-			`backing chain mismatch: image /a has no external data file, but --data-file /d was declared`},
+		{`data file mismatch: image /a has no external data file, but data-file=/d was declared`,
+			`data file mismatch: image /a has no external data file, but --data-file /d was declared`},
 		{`shrinking a qcow2 image is not supported`, `shrinking a qcow2 image is not supported`},
 	}
 	for _, c := range cases {

@@ -483,7 +483,7 @@ func resolveName(recorded, imagePath string) (string, error) {
 func (im *Image) openDataFile(opts Options, st *chainState) error {
 	if !im.extData {
 		if opts.DataFile != nil {
-			return fmt.Errorf("%w: image %s has no external data file, but data-file=%s was declared", ErrBacking, im.name, opts.DataFile.Path)
+			return fmt.Errorf("%w: image %s has no external data file, but data-file=%s was declared", ErrDataFile, im.name, opts.DataFile.Path)
 		}
 		return nil
 	}
@@ -495,20 +495,20 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 	}
 	if opts.DataFile == nil || opts.DataFile.File == nil {
 		if im.h.hasDataFileName {
-			return fmt.Errorf("%w: image %s names external data file %q, which was not declared (add data-file=...)", ErrBacking, im.name, sanitize(im.h.dataFileName))
+			return fmt.Errorf("%w: image %s names external data file %q, which was not declared (add data-file=...)", ErrDataFile, im.name, sanitize(im.h.dataFileName))
 		}
-		return fmt.Errorf("%w: image %s uses an external data file, which was not declared (add data-file=...)", ErrBacking, im.name)
+		return fmt.Errorf("%w: image %s uses an external data file, which was not declared (add data-file=...)", ErrDataFile, im.name)
 	}
 	if opts.DataFile.Format != "" && opts.DataFile.Format != disk.Raw {
-		return fmt.Errorf("%w: external data file %s must be raw, not %s", ErrBacking, opts.DataFile.Path, opts.DataFile.Format)
+		return fmt.Errorf("%w: external data file %s must be raw, not %s", ErrDataFile, opts.DataFile.Path, opts.DataFile.Format)
 	}
 	if im.h.hasDataFileName {
 		want, err := resolveName(im.h.dataFileName, opts.Path)
 		if err != nil {
-			return fmt.Errorf("%w: image %s: data file: %v", ErrBacking, im.name, err)
+			return fmt.Errorf("%w: image %s: data file: %v", ErrDataFile, im.name, err)
 		}
 		if want != filepath.Clean(opts.DataFile.Path) {
-			return fmt.Errorf("%w: image %s names external data file %q (%s), but %s was declared", ErrBacking, im.name, sanitize(im.h.dataFileName), sanitize(want), opts.DataFile.Path)
+			return fmt.Errorf("%w: image %s names external data file %q (%s), but %s was declared", ErrDataFile, im.name, sanitize(im.h.dataFileName), sanitize(want), opts.DataFile.Path)
 		}
 	}
 	id, _, err := identify(opts.DataFile.File)
@@ -521,7 +521,7 @@ func (im *Image) openDataFile(opts Options, st *chainState) error {
 		}
 	}
 	if prev, ok := st.seen[id]; ok && id != (fileID{}) {
-		return fmt.Errorf("%w: data file %s is the same file as %s", ErrBacking, opts.DataFile.Path, prev)
+		return fmt.Errorf("%w: data file %s is the same file as %s", ErrDataFile, opts.DataFile.Path, prev)
 	}
 	st.seen[id] = opts.DataFile.Path
 	im.data = guarded{osFile{opts.DataFile.File}, im.synced}

@@ -82,10 +82,16 @@ func TestDataFileMismatchErrorIsOneLine(t *testing.T) {
 	}
 	_, err = Open(openFile(t, p, true), Options{Path: p, ReadOnly: true,
 		DataFile: &Layer{File: openFile(t, other, true), Format: disk.Raw, Path: other}})
-	if err == nil || !errors.Is(err, ErrBacking) {
+	if err == nil || !errors.Is(err, ErrBacking) || !errors.Is(err, ErrDataFile) {
 		t.Fatalf("Open: %v", err)
 	}
 	if msg := err.Error(); strings.ContainsAny(msg, "\n\x1b") {
 		t.Errorf("error is not one safe line: %q", msg)
+	}
+	// Worded for what it is, not as a backing chain (found in review,
+	// helper-130: "backing chain mismatch: image ... names external data
+	// file").
+	if msg := err.Error(); !strings.HasPrefix(msg, "data file mismatch: ") {
+		t.Errorf("error %q, want it to start with \"data file mismatch: \"", msg)
 	}
 }

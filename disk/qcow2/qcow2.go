@@ -61,7 +61,16 @@ var (
 	// ErrBacking marks a backing chain or data file that does not match the
 	// one the user declared.
 	ErrBacking = errors.New("backing chain mismatch")
+	// ErrDataFile marks an external data file that does not match the one
+	// the user declared; it is also an ErrBacking (errors.Is), worded for
+	// what it is.
+	ErrDataFile error = dataFileMismatch{}
 )
+
+type dataFileMismatch struct{}
+
+func (dataFileMismatch) Error() string        { return "data file mismatch" }
+func (dataFileMismatch) Is(target error) bool { return target == ErrBacking }
 
 // Format limits. Most are QEMU's implementation limits, so any image QEMU
 // writes opens here and nothing much larger does.
