@@ -549,7 +549,7 @@ func imgCreate(args []string, stdout, stderr io.Writer) int {
 			}
 			n, err := devspec.ParseSize(f.positional[1])
 			if err != nil {
-				return 1, fmt.Errorf("SIZE %q: %w", f.positional[1], err)
+				return 1, fmt.Errorf("SIZE: %w", err) // ParseSize names the value
 			}
 			size.n = n
 		}
@@ -771,7 +771,7 @@ func imgResize(args []string, stdout, stderr io.Writer) int {
 		var err error
 		if !o.Relative || num == "" || strings.Trim(num, "0") != "" { // +0: no change, as with qemu-img
 			if n, err = devspec.ParseSize(num); err != nil {
-				return 1, fmt.Errorf("SIZE %q: %w", arg, err)
+				return 1, fmt.Errorf("SIZE: %w", err) // ParseSize names the value
 			}
 		}
 		o.Size = sign * n

@@ -37,7 +37,10 @@ func TestImgArgs(t *testing.T) {
 		{[]string{"info", "--format", "qcow2", "--plugin-dir", filepath.Join(dir, "nope"), file}, 1, "--plugin-dir " + filepath.Join(dir, "nope") + ": no such directory"},
 		{[]string{"create", "-f", "qcow2", file + ".new", "1G", "2G"}, 1, "want 1 or 2 argument(s) (FILE [SIZE]), got 3"},
 		{[]string{"create", "-f", "qcow2", "--size", "1G", file + ".new", "1G"}, 1, "the size is given twice"},
-		{[]string{"create", "-f", "qcow2", file + ".new", "12Q"}, 1, `SIZE "12Q"`},
+		{[]string{"create", "-f", "qcow2", file + ".new", "12Q"}, 1, `krun-core img create: SIZE: "12Q" is not a size`},
+		// The value once (it read `SIZE "0": "0" must be positive`; found
+		// in review, helper-130).
+		{[]string{"create", "-f", "qcow2", file + ".new", "0"}, 1, `krun-core img create: SIZE: "0" must be positive` + "\n"},
 		{[]string{"info", file, "--format", "qcow2", "--plugin-dir", empty}, 1, "krun-plugin-img not found"},
 		{[]string{"info", "--format", "qcow2", "--plugin-dir", empty, "--", file}, 1, "krun-plugin-img not found"},
 		{[]string{"info", "--format", "qcow2", "--sandbox", "maybe", file}, 1, "--sandbox"},
