@@ -45,7 +45,7 @@ var buildVersion string
 
 func benchCommand(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "krun-bench: no device kind given (see krun-bench --help)")
+		fmt.Fprintln(stderr, "krun-bench: no command given (blk, net or all; see krun-bench --help)")
 		return 1
 	}
 	switch args[0] {
@@ -70,7 +70,7 @@ func benchCommand(args []string, stdout, stderr io.Writer) int {
 	case "all":
 		return benchAll(args[1:], stdout, stderr)
 	}
-	fmt.Fprintf(stderr, "krun-bench: unknown device kind %q (want blk, net or all; see krun-bench --help)\n", args[0])
+	fmt.Fprintf(stderr, "krun-bench: unknown command %q (want blk, net or all; see krun-bench --help)\n", args[0])
 	return 1
 }
 

@@ -26,8 +26,8 @@ func TestBenchUsageErrors(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{nil, 1, "no device kind given"},
-		{[]string{"fs"}, 1, "unknown device kind"},
+		{nil, 1, "no command given"},
+		{[]string{"fs"}, 1, `unknown command "fs"`},
 		{[]string{"net"}, 1, "want exactly one of --socket PATH and --passt"},
 		{[]string{"net", "--passt", "--socket", "/x"}, 1, "want exactly one"},
 		{[]string{"net", "--passt", "--mss", "1460,40"}, 1, "--mss \"40\""},
@@ -98,7 +98,7 @@ func TestBenchPages(t *testing.T) {
 		args []string
 		want string
 	}{
-		{nil, "krun-bench: no device kind given (see krun-bench --help)"},
+		{nil, "krun-bench: no command given (blk, net or all; see krun-bench --help)"},
 		{[]string{"blk", "--bogus"}, "krun-bench blk: unknown flag --bogus (see krun-bench blk --help)"},
 		{[]string{"net", "--bogus"}, "krun-bench net: unknown flag --bogus (see krun-bench net --help)"},
 		{[]string{"blk", "--socket", "/x", "--output", "xml"}, `krun-bench blk: --output="xml": want human or json`},
