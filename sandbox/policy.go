@@ -57,9 +57,14 @@ type Policy struct {
 	ReadOnlyDirFDs []int `json:"read_only_dir_fds,omitempty"`
 }
 
-// DefaultPolicy returns the policy of a built-in plugin kind: "blk", "net",
-// "console" or "fs". For "fs", shared is the fd of the shared directory (as numbered
-// in the plugin process); it is ignored for the other kinds.
+// BuiltinKinds are the plugin kinds DefaultPolicy knows, as `krun-core
+// sandbox status` lists them: the disks, the network, the console, the
+// shared directories and the image tool (krun-core img).
+var BuiltinKinds = []string{"blk", "net", "console", "fs", "img"}
+
+// DefaultPolicy returns the policy of a built-in plugin kind
+// (BuiltinKinds). For "fs", shared is the fd of the shared directory (as
+// numbered in the plugin process); it is ignored for the other kinds.
 func DefaultPolicy(kind string, shared int) (Policy, error) {
 	switch kind {
 	case "blk":
@@ -70,8 +75,10 @@ func DefaultPolicy(kind string, shared int) (Policy, error) {
 		return Policy{Kind: kind, Syscalls: ProfileMinimal}, nil
 	case "fs":
 		return Policy{Kind: kind, Syscalls: ProfileFS, ReadWriteDirFDs: []int{shared}}, nil
+	case "img":
+		return Policy{Kind: kind, Syscalls: ProfileBlock}, nil
 	}
-	return Policy{}, fmt.Errorf("no built-in sandbox policy for plugin kind %q (want blk, net, console or fs)", kind)
+	return Policy{}, fmt.Errorf("no built-in sandbox policy for plugin kind %q (want %s)", kind, strings.Join(BuiltinKinds, ", "))
 }
 
 // ParsePolicy decodes a JSON policy (as sent in Describe) and validates it.

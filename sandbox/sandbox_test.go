@@ -1154,6 +1154,8 @@ func TestStatus(t *testing.T) {
 		{"blk", "pread64", true}, {"blk", "fallocate", true}, {"blk", "openat", false}, {"blk", "socket", false},
 		{"net", "pread64", false}, {"net", "recvmsg", true},
 		{"fs", "openat", true}, {"fs", "execve", false}, {"fs", "mknodat", true},
+		{"console", "recvmsg", true}, {"console", "pread64", false}, {"console", "shutdown", false},
+		{"img", "pread64", true}, {"img", "openat", false},
 	} {
 		if has(c.kind, c.sc) != c.want {
 			t.Errorf("%s allows %s: %v, want %v", c.kind, c.sc, !c.want, c.want)

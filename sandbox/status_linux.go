@@ -111,7 +111,7 @@ func Status() StatusReport {
 		r.Launch = append(r.Launch, Rule{Syscall: lr.name, Args: lr.args, Reason: lr.reason, Layer: layerLaunch})
 	}
 
-	for _, kind := range []string{"blk", "net", "fs"} {
+	for _, kind := range BuiltinKinds {
 		p, _ := DefaultPolicy(kind, 4)
 		rules, _ := Rules(p)
 		lim, _ := DefaultLimits(kind).withDefaults()

@@ -11,7 +11,7 @@ import (
 	"github.com/krun-core/krun-core/sandbox"
 )
 
-const sandboxUsage = `usage: krun-core sandbox status [--output json] [--kind blk|net|fs]
+const sandboxUsage = `usage: krun-core sandbox status [--output json] [--kind blk|net|console|fs|img]
 
 Shows which sandbox layers this host supports and, for each built-in plugin
 kind, what a plugin is allowed: namespaces, root, resource limits, Landlock
@@ -41,7 +41,7 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	fs := cli.NewFlags("krun-core sandbox status", sandboxUsage)
 	output := cli.OutputFlag(fs.FlagSet)
-	kind := fs.String("kind", "", "only this plugin `KIND` (blk, net or fs)")
+	kind := fs.String("kind", "", "only this plugin `KIND` (blk, net, console, fs or img)")
 	if rc, done := fs.ParseArgs(args[1:], stdout, stderr); done {
 		return rc
 	}
@@ -58,7 +58,7 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 	if *kind != "" {
 		i := slices.IndexFunc(r.Kinds, func(k sandbox.KindStatus) bool { return k.Kind == *kind })
 		if i < 0 {
-			return fs.Failf(stderr, "no built-in plugin kind %q (want blk, net or fs)", *kind)
+			return fs.Failf(stderr, "no built-in plugin kind %q (want %s)", *kind, strings.Join(sandbox.BuiltinKinds, ", "))
 		}
 		r.Kinds = r.Kinds[i : i+1]
 	}

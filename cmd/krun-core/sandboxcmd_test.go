@@ -18,10 +18,14 @@ func TestSandboxStatusCommand(t *testing.T) {
 		{[]string{"status"}, 0, []string{"Layers on this host", "landlock", "seccomp", "Plugin kind blk", "Plugin kind net",
 			"Plugin kind fs", "pread64", "only if prot & PROT_EXEC == 0"}, nil},
 		{[]string{"status", "--kind", "net"}, 0, []string{"Plugin kind net", "recvmsg"}, nil},
+		// Every built-in kind, the console and the image tool's plugin
+		// included (found in review, helper-130: they were missing).
+		{[]string{"status", "--kind", "console"}, 0, []string{`Plugin kind console (seccomp profile "minimal")`}, nil},
+		{[]string{"status", "--kind", "img"}, 0, []string{`Plugin kind img (seccomp profile "block")`, "pread64"}, nil},
 		{[]string{"help"}, 0, []string{"usage: krun-core sandbox status"}, nil},
 		{nil, 1, nil, []string{"no command given"}},
 		{[]string{"frob"}, 1, nil, []string{`unknown command "frob"`}},
-		{[]string{"status", "--kind", "gpu"}, 1, nil, []string{`no built-in plugin kind "gpu"`}},
+		{[]string{"status", "--kind", "gpu"}, 1, nil, []string{`no built-in plugin kind "gpu" (want blk, net, console, fs, img)`}},
 		{[]string{"status", "extra"}, 1, nil, []string{"unexpected argument", "(see krun-core sandbox status --help)"}},
 		{[]string{"status", "--bogus"}, 1, nil, []string{"unknown flag --bogus"}},
 		{[]string{"status", "--output", "xml"}, 1, nil, []string{`--output="xml"`}},
@@ -60,7 +64,7 @@ func TestSandboxStatusJSON(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
 		t.Fatal(err)
 	}
-	if len(r.Layers) != len(sandbox.Layers()) || len(r.Kinds) != 3 {
+	if len(r.Layers) != len(sandbox.Layers()) || len(r.Kinds) != len(sandbox.BuiltinKinds) {
 		t.Fatalf("%d layers, %d kinds", len(r.Layers), len(r.Kinds))
 	}
 	for _, k := range r.Kinds {

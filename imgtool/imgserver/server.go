@@ -35,7 +35,8 @@ import (
 // Policy is the image plugin's sandbox: the block profile (the same system
 // calls as krun-plugin-blk-*), no directories.
 func Policy() sandbox.Policy {
-	return sandbox.Policy{Kind: "img", Syscalls: sandbox.ProfileBlock}
+	p, _ := sandbox.DefaultPolicy("img", -1)
+	return p
 }
 
 // Main runs the plugin until the host disconnects, then exits the process.
