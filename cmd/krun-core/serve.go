@@ -358,6 +358,16 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		if why == nil {
 			continue
 		}
+		if restarts.Total() == 0 {
+			// The first passt refused its arguments or its set-up (a
+			// bad passt-arg): each restart's would too, with its usage
+			// text every time (found in review, helper-130: five
+			// restarts, 569 lines). Whichever way its end is noticed
+			// first (its exit, or the plugin's lost link).
+			if err := s.opened.HelperStartFailure(); err != nil {
+				return fail(err)
+			}
+		}
 		if err := s.recover(ctx, restarts, why); err != nil {
 			return fail(err)
 		}

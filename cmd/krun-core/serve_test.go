@@ -1196,3 +1196,36 @@ func TestServeSIGUSR1LogsCounters(t *testing.T) {
 	}
 	readEntropy(t, sock, 512) // still serving
 }
+
+// TestServePasstRefusesItsArguments: a passt-arg that passt itself refuses
+// (one krun-core does not know to refuse) made passt print its usage and
+// exit at once, after serve was up; serve restarted it five times, each
+// printing the usage again (569 lines), before giving up (found in review,
+// helper-130). The first passt failing at its start now ends serve with one
+// line naming it, after passt's own lines, and no restart.
+func TestServePasstRefusesItsArguments(t *testing.T) {
+	if _, err := exec.LookPath("passt"); err != nil {
+		t.Skip("passt is not installed (Debian package passt)")
+	}
+	ns := netnstest.New(t)
+	bin := buildServeBinaries(t, "net-passt")
+	sock := filepath.Join(t.TempDir(), "net.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, filepath.Join(bin, "krun-core"), "serve",
+		"--socket", sock, "--net", "passt,passt-arg=--no-such-passt-option")
+	cmd.Env = append(os.Environ(), "KRUN_PLUGIN_DIR=")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("exit %v, want 1\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	last := lines[len(lines)-1]
+	if !strings.HasPrefix(last, "krun-core serve: passt failed at its start (exit status 1 after ") {
+		t.Fatalf("last line %q, want serve's one line naming passt's failure\n%s", last, out)
+	}
+	if n := strings.Count(string(out), "restarting"); n != 0 {
+		t.Fatalf("passt restarted %d times after refusing its arguments:\n%s", n, out)
+	}
+}

@@ -73,9 +73,18 @@ type Opened struct {
 // helper is a process started for the plugin (passt), reaped by a
 // goroutine of its own.
 type helper struct {
-	cmd  *exec.Cmd
-	done chan struct{} // closed once reaped
+	cmd     *exec.Cmd
+	done    chan struct{} // closed once reaped
+	started time.Time
+	lived   time.Duration // set before done is closed
+	err     error         // cmd.Wait's, set before done is closed
 }
+
+// HelperStartWindow is how soon after its start a helper that exits with a
+// failure is taken to have refused its arguments or its environment
+// (HelperStartFailure): passt's getopt and its set-up fail within
+// milliseconds.
+const HelperStartWindow = 2 * time.Second
 
 // startHelper starts cmd and reaps it in the background; HelperExited
 // reports its exit.
@@ -83,13 +92,14 @@ func (o *Opened) startHelper(cmd *exec.Cmd) error {
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	h := &helper{cmd: cmd, done: make(chan struct{})}
+	h := &helper{cmd: cmd, done: make(chan struct{}), started: time.Now()}
 	if o.exited == nil {
 		o.exited = make(chan struct{})
 	}
 	o.helpers = append(o.helpers, h)
 	go func() {
-		cmd.Wait()
+		h.err = cmd.Wait()
+		h.lived = time.Since(h.started)
 		close(h.done)
 		o.exitedOnce.Do(func() { close(o.exited) })
 	}()
@@ -99,6 +109,28 @@ func (o *Opened) startHelper(cmd *exec.Cmd) error {
 // HelperExited is closed when a helper process (passt) exits, for whatever
 // reason, Close included; nil when the device has none.
 func (o *Opened) HelperExited() <-chan struct{} { return o.exited }
+
+// HelperStartFailure says why a helper failed at its start: it exited with
+// a failure within HelperStartWindow of starting, as passt does when it
+// refuses an argument (a passt-arg it does not know) or cannot set up (a
+// forwarded port it cannot bind). Starting it again with the same
+// arguments fails alike, so the caller does not restart it. nil if every
+// helper that exited lived longer or exited with status 0, or none has
+// exited.
+func (o *Opened) HelperStartFailure() error {
+	for _, h := range o.helpers {
+		select {
+		case <-h.done:
+		default:
+			continue
+		}
+		if h.err != nil && h.lived < HelperStartWindow {
+			return fmt.Errorf("%s failed at its start (%v after %v); its lines above say why",
+				filepath.Base(h.cmd.Path), h.err, h.lived.Round(time.Millisecond))
+		}
+	}
+	return nil
+}
 
 // CloseFiles closes the host's copies of the files; call it once the plugin
 // process has inherited them. Helper processes keep running, and the image

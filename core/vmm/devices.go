@@ -657,6 +657,17 @@ func (d *pluginDevice) monitor(ctx context.Context) {
 		if ctx.Err() != nil || d.exiting.Load() {
 			return
 		}
+		if d.restarts == nil || d.restarts.Total() == 0 {
+			// The first passt refused its arguments or its set-up (a
+			// bad passt-arg): each restart's would too, whichever way
+			// its end is noticed first (its exit, or the plugin's lost
+			// link).
+			if err := d.opened.HelperStartFailure(); err != nil {
+				d.log.Error("passt failed; the network device fails and is not restarted", "device", d.index, "error", err)
+				d.dev.Fail(err)
+				return
+			}
+		}
 		if !d.recover(ctx, why) {
 			return
 		}
