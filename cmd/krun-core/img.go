@@ -771,7 +771,10 @@ func imgResize(args []string, stdout, stderr io.Writer) int {
 		var err error
 		if !o.Relative || num == "" || strings.Trim(num, "0") != "" { // +0: no change, as with qemu-img
 			if n, err = devspec.ParseSize(num); err != nil {
-				return 1, fmt.Errorf("SIZE: %w", err) // ParseSize names the value
+				if arg == num {
+					return 1, fmt.Errorf("SIZE: %w", err) // ParseSize names the value
+				}
+				return 1, fmt.Errorf("SIZE %q: %w", arg, err) // and the sign
 			}
 		}
 		o.Size = sign * n

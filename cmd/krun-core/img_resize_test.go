@@ -39,7 +39,7 @@ func TestImgResizeArgs(t *testing.T) {
 		{[]string{"resize", file, "8K"}, 1, "krun-core img resize: --format is required"},
 		{[]string{"resize", "-f", "raw", file}, 1, "want 2 argument(s) (FILE SIZE), got 1"},
 		{[]string{"resize", "-f", "raw", file, "8K", "16K"}, 1, "want 2 argument(s) (FILE SIZE), got 3"},
-		{[]string{"resize", "-f", "raw", file, "12Q"}, 1, `krun-core img resize: SIZE "12Q"`},
+		{[]string{"resize", "-f", "raw", file, "12Q"}, 1, `krun-core img resize: SIZE: "12Q" is not a size`},
 		{[]string{"resize", "-f", "raw", file, "+12Q"}, 1, `SIZE "+12Q"`},
 		{[]string{"resize", "-f", "raw", file, "-x"}, 1, "unknown flag -x"},
 		{[]string{"create", "-f", "qcow2", "-o", "cluster_size=4096", file + ".new", "1M"}, 1, "-o is qemu-img's: krun-core img create takes each option as a flag of its own (see krun-core img create --help)"},
