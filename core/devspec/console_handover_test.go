@@ -2,10 +2,11 @@ package devspec
 
 import (
 	"os"
-	"strconv"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/ptytest"
 )
 
 // TestConsoleFilesAreNotTheCallersDescription: ConsoleSpec.Open
@@ -27,7 +28,7 @@ import (
 // From review, helper-96; fixed: handOver opens a terminal, FIFO or pipe
 // again.
 func TestConsoleFilesAreNotTheCallersDescription(t *testing.T) {
-	_, tty := openTestPTY(t)
+	_, tty := ptytest.Open(t)
 	spec := &ConsoleSpec{Name: "krun.stdio", TTY: true, Stdin: tty, Stdout: tty, Stderr: tty}
 	o, err := spec.Open(OpenOptions{})
 	if err != nil {
@@ -132,31 +133,4 @@ func TestHandOverKinds(t *testing.T) {
 	if _, err := r.Read(got); err != nil || string(got) != "hi" {
 		t.Fatalf("read %q, %v through the pipe's copy", got, err)
 	}
-}
-
-// openTestPTY opens a pseudo-terminal pair, closed at the test's end. The
-// terminal end is a blocking O_RDWR descriptor, as a shell hands its
-// terminal to krun-core (os.OpenFile would make it non-blocking for Go's
-// poller).
-func openTestPTY(t *testing.T) (master, tty *os.File) {
-	t.Helper()
-	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Skipf("no pseudo-terminals here: %v", err)
-	}
-	t.Cleanup(func() { m.Close() })
-	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
-		t.Skipf("no pseudo-terminals here: unlock: %v", err)
-	}
-	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
-	if err != nil {
-		t.Skipf("no pseudo-terminals here: TIOCGPTN: %v", err)
-	}
-	fd, err := unix.Open("/dev/pts/"+strconv.Itoa(n), unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Skipf("no pseudo-terminals here: %v", err)
-	}
-	tty = os.NewFile(uintptr(fd), "tty")
-	t.Cleanup(func() { tty.Close() })
-	return m, tty
 }
