@@ -23,6 +23,7 @@ import (
 	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/core/vmm"
 	"github.com/krun-core/krun-core/internal/cli"
+	"github.com/krun-core/krun-core/internal/stdiopump"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -222,7 +223,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	var term *terminal
-	var ttyIn *ttyInput
+	var ttyIn *stdiopump.Input
 	if execMode {
 		env, err := commandEnv(envs)
 		if err != nil {
@@ -313,7 +314,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		}
 		if ttyIn != nil {
 			// After raw mode: what is typed goes as typed.
-			go ttyIn.pump()
+			go ttyIn.Run()
 		}
 	} else {
 		if !*noStdin {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/vmm"
 	"github.com/krun-core/krun-core/guest/initconfig"
+	"github.com/krun-core/krun-core/internal/stdiopump"
 )
 
 // execOptions are run's flags for --root DIR -- CMD.
@@ -48,31 +49,20 @@ func (t *terminal) makeRaw() func() {
 	return func() {}
 }
 
-// ttyInput is krun-core's stdin when it is a terminal: krun-core reads it
-// itself and hands the console plugin a pipe. The plugin runs in a session
-// of its own, out of the shell's job control: reading the terminal itself,
-// it went on taking keystrokes while `krun-core run ... &` sat in the
-// background and the user typed to the foreground job (a sudo password
-// went to the guest; found in review, helper-124). krun-core is the
-// shell's job: in the background its read stops it (SIGTTIN), as any
-// program's, until `fg`.
-type ttyInput struct {
-	src *os.File // the terminal
-	dst *os.File // the write end of the plugin's stdin pipe
-}
-
-// pump copies the terminal to the plugin's pipe until either fails (a
-// hang-up, the plugin gone), then closes the pipe: the command's input
-// ends.
-func (p *ttyInput) pump() {
-	io.Copy(p.dst, p.src)
-	p.dst.Close()
-}
-
 // setupExec configures c to run o.command in o.root. When stdin is a
 // terminal the command gets a terminal of the same size, and setupExec
 // returns it for the caller to put in raw mode once the VM starts.
-func setupExec(c *vmm.Context, o execOptions) (*terminal, *ttyInput, error) {
+//
+// A terminal on stdin krun-core reads itself, and the console plugin gets
+// a pipe (the returned stdiopump.Input, which the caller runs once the
+// terminal is in raw mode). The plugin runs in a session of its own, out
+// of the shell's job control: reading the terminal itself, it went on
+// taking keystrokes while `krun-core run ... &` sat in the background and
+// the user typed to the foreground job (a sudo password went to the
+// guest; found in review, helper-124). krun-core is the shell's job: in
+// the background its read stops it (SIGTTIN), as any program's, until
+// `fg`.
+func setupExec(c *vmm.Context, o execOptions) (*terminal, *stdiopump.Input, error) {
 	if err := c.SetRoot(o.root, o.readOnly); err != nil {
 		return nil, nil, err
 	}
@@ -126,14 +116,11 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, *ttyInput, error) {
 		}
 		term = &terminal{f: os.Stdin}
 	}
-	var in *ttyInput
+	var in *stdiopump.Input
 	if isTerm {
-		r, w, err := os.Pipe()
-		if err != nil {
-			return nil, nil, fmt.Errorf("stdin pipe: %w", err)
+		if in, stdin, err = stdiopump.NewInput(stdin); err != nil {
+			return nil, nil, err
 		}
-		in = &ttyInput{src: stdin, dst: w}
-		stdin = r
 	}
 	c.SetStdio(stdin, stdout, stderr, term != nil)
 	return term, in, nil

@@ -2,12 +2,10 @@ package main
 
 import (
 	"bytes"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/krun-core/krun-core/core/boot/boottest"
 	"github.com/krun-core/krun-core/core/vmm"
@@ -91,37 +89,5 @@ func TestTTYFlagRefused(t *testing.T) {
 		if rc := runCommand(tc.args, &out, &errb); rc != tc.rc || !strings.Contains(errb.String(), tc.want) || strings.Count(errb.String(), "\n") != 1 {
 			t.Errorf("%q: exit %d, %q; want %d and one line with %q", tc.args, rc, errb.String(), tc.rc, tc.want)
 		}
-	}
-}
-
-// TestTTYInputPump: what is typed on krun-core's terminal reaches the
-// plugin's pipe as typed, and a hang-up ends the command's input.
-func TestTTYInputPump(t *testing.T) {
-	master, slave := openPTY(t)
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	if restore, ok := rawTerminal(slave, false); ok {
-		defer restore()
-	}
-	done := make(chan struct{})
-	go func() { (&ttyInput{src: slave, dst: w}).pump(); close(done) }()
-	if _, err := master.Write([]byte("typed\x03\x04")); err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, 7)
-	if _, err := io.ReadFull(r, got); err != nil || string(got) != "typed\x03\x04" {
-		t.Fatalf("the pipe got %q, %v", got, err)
-	}
-	master.Close() // hang-up
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the pump goes on after a hang-up")
-	}
-	if n, err := r.Read(got); err != io.EOF {
-		t.Fatalf("the pipe reads %d, %v after the hang-up, want EOF", n, err)
 	}
 }

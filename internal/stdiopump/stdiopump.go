@@ -1,0 +1,179 @@
+// Package stdiopump puts a pipe between a command's standard I/O and the
+// console plugin, where the plugin must not hold the caller's file
+// itself. The plugin parses the guest's bytes and is treated as possibly
+// compromised (docs/SECURITY.md):
+//
+//   - a terminal on stdin: the plugin runs in a session of its own, out of
+//     the shell's job control, and would go on reading what the user types
+//     to the foreground job while its command sat in the background.
+//     krun-core and krun-oci, the shell's job, read it themselves (Input):
+//     in the background their read stops them, as any program's.
+//   - a regular file (anything but a pipe, a socket or a terminal) on
+//     stdout or stderr: the plugin would share its open file description
+//     and could clear O_APPEND on a `>>log`, write over it or truncate it.
+//     The caller copies a pipe into it instead (Outputs).
+//
+// The pumps copy bytes; they never look at them.
+package stdiopump
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// IsTerminal reports whether f is a terminal.
+func IsTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// Input is a pipe fed from a file (a terminal): Pipe is what the plugin
+// gets, Run copies.
+type Input struct {
+	src *os.File // what is read: the terminal
+	dst *os.File // the pipe's write end
+}
+
+// NewInput makes the pipe for src and returns its read end, for the
+// plugin; the caller closes its own copy once the plugin has one.
+func NewInput(src *os.File) (*Input, *os.File, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, nil, fmt.Errorf("stdin pipe: %w", err)
+	}
+	return &Input{src: src, dst: w}, r, nil
+}
+
+// Run copies src to the pipe until either fails (a hang-up, the reader
+// gone), then closes the pipe: the command's input ends.
+func (p *Input) Run() {
+	io.Copy(p.dst, p.src)
+	p.dst.Close()
+}
+
+// Close closes the pipe without copying (the command never started).
+func (p *Input) Close() { p.dst.Close() }
+
+// PassThrough reports whether an output file can be handed to the plugin
+// as it is: a pipe or a socket (what the plugin can do to it is only
+// write in order), or a terminal (opened again for the plugin, write
+// only, devspec's handOver). Anything else, a regular file above all, is
+// copied through a pipe.
+func PassThrough(f *os.File) (bool, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return false, fmt.Errorf("stat %s: %w", f.Name(), err)
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFIFO, unix.S_IFSOCK:
+		return true, nil
+	case unix.S_IFCHR:
+		return IsTerminal(f), nil
+	}
+	return false, nil
+}
+
+// Output copies pipes into a command's stdout and stderr where they are
+// files the plugin must not hold (PassThrough).
+type Output struct {
+	writers []*os.File // the pipes' write ends, until CloseWriters
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	err     error
+}
+
+// Outputs returns what the plugin gets for stdout and stderr: each file
+// itself where PassThrough allows, else the write end of a pipe that o
+// copies into the file (one io.Copy a stream). stdout and stderr that are
+// one file (`>>log 2>&1`) share one pipe, so that what the command wrote
+// to both stays in its order. A nil file stays nil. The caller closes
+// the write ends (CloseWriters) once the plugin has its own copies, and
+// calls Wait before it exits, so that nothing the command wrote is lost.
+func Outputs(stdout, stderr *os.File) (out, errOut *os.File, o *Output, err error) {
+	o = &Output{}
+	out, err = o.add(stdout)
+	if err == nil {
+		if stderr != nil && stdout != nil && sameFile(stdout, stderr) {
+			errOut = out
+		} else {
+			errOut, err = o.add(stderr)
+		}
+	}
+	if err != nil {
+		o.CloseWriters()
+		o.Wait()
+		return nil, nil, nil, err
+	}
+	return out, errOut, o, nil
+}
+
+// add returns what the plugin gets for f.
+func (o *Output) add(f *os.File) (*os.File, error) {
+	if f == nil {
+		return nil, nil
+	}
+	pass, err := PassThrough(f)
+	if err != nil || pass {
+		return f, err
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("output pipe for %s: %w", f.Name(), err)
+	}
+	o.writers = append(o.writers, w)
+	o.wg.Add(1)
+	go func() {
+		defer o.wg.Done()
+		defer r.Close()
+		if _, err := io.Copy(f, r); err != nil {
+			o.mu.Lock()
+			o.err = errors.Join(o.err, fmt.Errorf("copy the command's output to %s: %w", f.Name(), err))
+			o.mu.Unlock()
+			// The rest is dropped, as the plugin dropped a stream
+			// whose file failed: the writer must not block.
+			io.Copy(io.Discard, r)
+		}
+	}()
+	return w, nil
+}
+
+// Pumped reports whether o copies any stream.
+func (o *Output) Pumped() bool { return o != nil && len(o.writers) > 0 }
+
+// CloseWriters closes the caller's write ends of the pipes: each pump
+// ends once the plugin's copies are closed too.
+func (o *Output) CloseWriters() {
+	if o == nil {
+		return
+	}
+	for _, w := range o.writers {
+		w.Close()
+	}
+	o.writers = nil
+}
+
+// Wait waits until every pipe is copied to its end (every write end
+// closed) and returns the first failure to write a file.
+func (o *Output) Wait() error {
+	if o == nil {
+		return nil
+	}
+	o.wg.Wait()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.err
+}
+
+// sameFile reports whether a and b are the same file (device and inode).
+func sameFile(a, b *os.File) bool {
+	var sa, sb unix.Stat_t
+	if unix.Fstat(int(a.Fd()), &sa) != nil || unix.Fstat(int(b.Fd()), &sb) != nil {
+		return false
+	}
+	return sa.Dev == sb.Dev && sa.Ino == sb.Ino
+}

@@ -1,0 +1,257 @@
+package stdiopump
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/ptytest"
+)
+
+// kind is a file's type, as fstat says.
+func kind(t *testing.T, f *os.File) uint32 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Mode & unix.S_IFMT
+}
+
+// within fails the test unless done is closed in time.
+func within(t *testing.T, done <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: still blocked after 10 s", what)
+	}
+}
+
+// TestInputPump: what is typed on the terminal reaches the plugin's pipe
+// as typed, and a hang-up ends the command's input.
+func TestInputPump(t *testing.T) {
+	master, tty := ptytest.Open(t)
+	in, r, err := NewInput(tty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got := kind(t, r); got != unix.S_IFIFO {
+		t.Fatalf("the plugin's stdin is of type %#o, want a pipe", got)
+	}
+	done := make(chan struct{})
+	go func() { in.Run(); close(done) }()
+	if _, err := master.Write([]byte("typed\n")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 6)
+	read := make(chan error, 1)
+	go func() { _, err := io.ReadFull(r, got); read <- err }()
+	select {
+	case err := <-read:
+		if err != nil || string(got) != "typed\n" {
+			t.Fatalf("the pipe got %q, %v", got, err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing typed reached the pipe")
+	}
+	master.Close() // hang-up
+	within(t, done, "the pump after a hang-up")
+	if n, err := r.Read(got); err != io.EOF {
+		t.Fatalf("the pipe reads %d, %v after the hang-up, want EOF", n, err)
+	}
+}
+
+// TestPassThrough: pipes, sockets and terminals go to the plugin as they
+// are; a regular file, or another device, only through a pipe.
+func TestPassThrough(t *testing.T) {
+	_, tty := ptytest.Open(t)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	defer pw.Close()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := os.NewFile(uintptr(fds[0]), "socket")
+	defer sock.Close()
+	unix.Close(fds[1])
+	file, err := os.Create(filepath.Join(t.TempDir(), "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer file.Close()
+	null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	for _, tc := range []struct {
+		name string
+		f    *os.File
+		want bool
+	}{
+		{"pipe", pw, true},
+		{"socket", sock, true},
+		{"terminal", tty, true},
+		{"regular file", file, false},
+		{"/dev/null", null, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := PassThrough(tc.f)
+			if err != nil || got != tc.want {
+				t.Fatalf("PassThrough: %v, %v; want %v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestOutputsToAFile: a `>>log` stdout and stderr reach the plugin as a
+// pipe (it could otherwise clear O_APPEND on the shared description and
+// write over the log, or truncate it); what is written to the pipe is in
+// the file, whole and in its order, once Wait returns, after what was
+// there.
+func TestOutputsToAFile(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name     string
+		sameFile bool // 2>&1
+	}{
+		{"stdout and stderr one file", true},
+		{"stdout and stderr apart", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))
+			if err := os.WriteFile(path, []byte("before\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			stdout, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stdout.Close()
+			stderr := stdout
+			errPath := path
+			if !tc.sameFile {
+				errPath = path + ".err"
+				if stderr, err = os.OpenFile(errPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				defer stderr.Close()
+			}
+			out, errOut, o, err := Outputs(stdout, stderr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if kind(t, out) != unix.S_IFIFO || kind(t, errOut) != unix.S_IFIFO {
+				t.Fatal("the plugin gets the log file itself, not a pipe")
+			}
+			if tc.sameFile != (out == errOut) {
+				t.Fatalf("one pipe for stdout and stderr: %v, want %v", out == errOut, tc.sameFile)
+			}
+			// More than a pipe holds, alternating streams, as the
+			// plugin writes them.
+			var wantOut, wantErr bytes.Buffer
+			written := make(chan struct{})
+			go func() {
+				defer close(written)
+				for i := range 2000 {
+					w, want := out, &wantOut
+					line := fmt.Sprintf("out %d %s\n", i, strings.Repeat("o", 100))
+					if i%3 == 0 {
+						w, line = errOut, fmt.Sprintf("err %d\n", i)
+						if !tc.sameFile {
+							want = &wantErr
+						}
+					}
+					want.WriteString(line)
+					if _, err := w.Write([]byte(line)); err != nil {
+						t.Errorf("write: %v", err)
+						return
+					}
+				}
+			}()
+			within(t, written, "writing through the pump")
+			// The plugin's copies close with it; the caller's last.
+			o.CloseWriters()
+			waited := make(chan struct{})
+			go func() {
+				if err := o.Wait(); err != nil {
+					t.Errorf("Wait: %v", err)
+				}
+				close(waited)
+			}()
+			within(t, waited, "Wait")
+			got, _ := os.ReadFile(path)
+			if want := "before\n" + wantOut.String(); string(got) != want {
+				t.Errorf("the log has %d bytes, want %d: not all the output, or not in order", len(got), len(want))
+			}
+			if !tc.sameFile {
+				if got, _ := os.ReadFile(errPath); string(got) != wantErr.String() {
+					t.Errorf("the error log has %d bytes, want %d", len(got), wantErr.Len())
+				}
+			}
+		})
+	}
+}
+
+// TestOutputsPassThrough: a pipe, a socket or a terminal is handed over
+// as it is, with nothing to wait for.
+func TestOutputsPassThrough(t *testing.T) {
+	_, tty := ptytest.Open(t)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	defer pw.Close()
+	out, errOut, o, err := Outputs(pw, tty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out != pw || errOut != tty || o.Pumped() {
+		t.Fatalf("Outputs(pipe, terminal) = %v, %v, pumped %v; want them as they are", out, errOut, o.Pumped())
+	}
+	o.CloseWriters()
+	if err := o.Wait(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestOutputsFailedFile: a file that fails a write (a full disk) drops
+// the rest of its stream, as the plugin did, without blocking the writer,
+// and Wait says so.
+func TestOutputsFailedFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "log")
+	os.WriteFile(path, nil, 0o644)
+	ro, err := os.Open(path) // read-only: every write fails
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	out, _, o, err := Outputs(ro, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		out.Write(make([]byte, 1<<20)) // more than a pipe holds
+	}()
+	within(t, written, "a write to a pump whose file fails")
+	o.CloseWriters()
+	if err := o.Wait(); err == nil || !strings.Contains(err.Error(), "copy the command's output to") {
+		t.Fatalf("Wait: %v, want the copy's failure", err)
+	}
+}
