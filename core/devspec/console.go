@@ -59,6 +59,13 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 	return o, nil
 }
 
+// HandOver is handOver for a file the core passes to a plugin outside Open:
+// an exec's stdin, stdout, stderr and status (vmm.Context.Exec). The
+// caller closes the copy once it is sent.
+func HandOver(f *os.File, name string, access int) (*os.File, error) {
+	return handOver(f, name, access)
+}
+
 // handOver returns the plugin's copy of f. A dup shares f's open file
 // description, and with it the file status flags, with krun-core and with
 // the user's shell: a compromised console plugin (it parses every guest

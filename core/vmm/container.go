@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/guest/initramfs/cpio"
@@ -175,10 +176,45 @@ func (c *Context) Exec(p *container.Process, stdin, stdout, stderr, status *os.F
 	if err != nil {
 		return 0, err
 	}
-	if err := c.controlFiles(rec, stdin, stdout, stderr, status); err != nil {
+	files, err := execFiles(stdin, stdout, stderr, status)
+	if err != nil {
+		return 0, err
+	}
+	defer closeAll(files)
+	if err := c.controlFiles(rec, files...); err != nil {
 		return 0, err
 	}
 	return id, nil
+}
+
+// execFiles returns the console plugin's copies of an exec's files, as
+// the main console's (devspec.HandOver): a terminal or pipe opened again
+// for the one direction the plugin uses it in. krun-oci exec's stdout and
+// stderr are often the caller's terminal, one O_RDWR description with
+// its stdin; passed as they were, the plugin could read what the user
+// types to the shell's foreground job through them, out of job control
+// (found in review).
+func execFiles(stdin, stdout, stderr, status *os.File) ([]*os.File, error) {
+	var files []*os.File
+	for _, f := range []struct {
+		name   string
+		file   *os.File
+		access int
+	}{{"stdin", stdin, unix.O_RDONLY}, {"stdout", stdout, unix.O_WRONLY}, {"stderr", stderr, unix.O_WRONLY}, {"status", status, unix.O_WRONLY}} {
+		c, err := devspec.HandOver(f.file, f.name, f.access)
+		if err != nil {
+			closeAll(files)
+			return nil, fmt.Errorf("exec %s: %w", f.name, err)
+		}
+		files = append(files, c)
+	}
+	return files, nil
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
 }
 
 // ExecSignal sends sig to exec'd program id.
