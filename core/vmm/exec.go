@@ -20,6 +20,7 @@ import (
 	"github.com/krun-core/krun-core/guest/initramfs"
 	"github.com/krun-core/krun-core/internal/cli"
 	"github.com/krun-core/krun-core/internal/lines"
+	"github.com/krun-core/krun-core/internal/stdiopump"
 )
 
 // Errors of a program that cannot be started; the CLI turns them into the
@@ -49,6 +50,10 @@ type execConfig struct {
 	initPath     string
 	modulesDir   string
 	rootShare    *devspec.FSSpec // the root's share, once prepareExec added it
+	// output copies stdout and stderr where they are files the console
+	// plugin must not hold (a `>>log`: stdiopump.Outputs); close drains
+	// it.
+	output *stdiopump.Output
 
 	controlR, controlW *os.File // the console plugin's control channel (SOCK_SEQPACKET pair)
 	controlMu          sync.Mutex
@@ -518,9 +523,18 @@ func (c *Context) prepareExec() error {
 	if err := e.openControl(); err != nil {
 		return err
 	}
+	// A regular file on stdout or stderr reaches the plugin as a pipe
+	// that krun-core copies into the file: sharing the file's open file
+	// description, a compromised plugin could clear O_APPEND on a `>>log`
+	// and write over it, or truncate it (found in review).
+	stdout, stderr, output, err := stdiopump.Outputs(e.stdout, e.stderr)
+	if err != nil {
+		return err
+	}
+	e.output = output
 	console := &devspec.ConsoleSpec{Name: e.cfg.Stdio, TTY: e.tty,
 		HoldStdin: e.container != nil && e.container.WaitForStart,
-		Stdin:     e.stdin, Stdout: e.stdout, Stderr: e.stderr, Control: e.controlR}
+		Stdin:     e.stdin, Stdout: stdout, Stderr: stderr, Control: e.controlR}
 	devs = append(devs, console)
 	// Neither plugin is restarted (see restartable), and without them the
 	// command can neither run nor be heard: their failure ends the run
@@ -664,11 +678,11 @@ func (c *Context) findKernel() error {
 // port.
 const ExecCmdline = "console=ttyS0 quiet panic=-1"
 
-// closeExec closes the control pipe. The VM's end (which the guest
-// chooses) may come while a request uses it: under controlMu.
-func (e *execConfig) close() {
+// close closes the control pipe, then drains the output pumps and returns
+// their failure to write a file. The VM's end (which the guest chooses)
+// may come while a request uses the pipe: under controlMu.
+func (e *execConfig) close() error {
 	e.controlMu.Lock()
-	defer e.controlMu.Unlock()
 	e.closed = true
 	e.pending = nil
 	if e.controlW != nil {
@@ -679,6 +693,15 @@ func (e *execConfig) close() {
 		e.controlR.Close()
 		e.controlR = nil
 	}
+	e.controlMu.Unlock()
+	// The plugin is gone (Start shut the devices down first): once
+	// krun-core's own write ends are closed, the pumps read what the
+	// plugin wrote last, then the pipes' end. Nothing the command wrote
+	// is lost, and it is all in the files when Start returns.
+	output := e.output
+	e.output = nil
+	output.CloseWriters()
+	return output.Wait()
 }
 
 // ExecEnv returns the program's environment as SetExec left it (the

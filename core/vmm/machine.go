@@ -78,7 +78,11 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	}
 	c.started = true
 	if c.exec != nil {
-		defer c.exec.close()
+		defer func() {
+			if err := c.exec.close(); err != nil {
+				c.log.Warn("the command's output", "error", err)
+			}
+		}()
 		if err := c.prepareExec(); err != nil {
 			return nil, err
 		}

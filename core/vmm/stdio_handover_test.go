@@ -2,14 +2,74 @@ package vmm
 
 import (
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/internal/ptytest"
 )
+
+// consoleOf returns the console device prepareExec added.
+func consoleOf(t *testing.T, c *Context) *devspec.ConsoleSpec {
+	t.Helper()
+	for _, d := range c.devices {
+		if s, ok := d.(*devspec.ConsoleSpec); ok {
+			return s
+		}
+	}
+	t.Fatal("no console device")
+	return nil
+}
+
+func fileType(t *testing.T, f *os.File) uint32 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Mode & unix.S_IFMT
+}
+
+// TestConsoleOutputToAFileIsPumped: with `>>log` the console plugin
+// shared the log's open file description, and a compromised plugin could
+// clear O_APPEND on it and write over the log, or truncate it
+// (docs/SECURITY.md; found in review). It gets a pipe that the core copies
+// into the file, and everything written to the pipe is in the file when
+// the run's end (exec.close, at Start's end) returns.
+func TestConsoleOutputToAFileIsPumped(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "log")
+	os.WriteFile(path, []byte("earlier\n"), 0o644)
+	log, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	c := prepTestExecWith(t, hclog.NewNullLogger(), func(c *Context) { c.SetStdio(nil, log, log, false) })
+	s := consoleOf(t, c)
+	if fileType(t, s.Stdout) != unix.S_IFIFO || s.Stderr != s.Stdout {
+		c.exec.close()
+		t.Fatalf("the console plugin gets %v (type %#o) and %v for a `>>log 2>&1`, want one pipe", s.Stdout.Name(), fileType(t, s.Stdout), s.Stderr.Name())
+	}
+	// What the plugin's copy, opened when it starts, writes.
+	plugin, err := devspec.HandOver(s.Stdout, "stdout", unix.O_WRONLY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "earlier\n" + strings.Repeat("the command's output\n", 10000)
+	plugin.WriteString(strings.TrimPrefix(want, "earlier\n"))
+	plugin.Close()
+	if err := c.exec.close(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(path); string(got) != want {
+		t.Fatalf("the log has %d bytes when the run ends, want %d", len(got), len(want))
+	}
+}
 
 // TestExecFilesHandedOverOneWay: krun-oci exec's stdout and stderr are
 // often the caller's terminal, one O_RDWR description with its stdin;
