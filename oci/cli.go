@@ -11,6 +11,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/krun-core/krun-core/guest/container"
 	"github.com/krun-core/krun-core/internal/cli"
+	"github.com/krun-core/krun-core/internal/stdiopump"
 	"github.com/krun-core/krun-core/sandbox"
 )
 
@@ -355,6 +357,10 @@ type createOptions struct {
 	// caller's terminal (console is what create made of it).
 	foreground bool
 	console    *hostConsole
+	// input is a foreground run's terminal stdin, without
+	// process.terminal: run reads it and the monitor gets a pipe
+	// (create made it; run pumps it).
+	input *stdiopump.Input
 }
 
 func createFlags(name string, o *createOptions) *flag.FlagSet {
@@ -482,6 +488,20 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		return nil, err
 	}
 	stdio := [3]*os.File{env.Stdin, env.Stdout, env.Stderr}
+	if !plan.Process.Terminal && o.foreground && env.Stdin != nil && stdiopump.IsTerminal(env.Stdin) {
+		// The caller's terminal never reaches the monitor's session,
+		// nor the console plugin's: out of the shell's job control,
+		// `krun-oci run ID &` went on reading what the user typed to
+		// the foreground job (found in review; krun-core run's own
+		// was fixed before). run, the shell's job, reads it and hands
+		// on a pipe; in the background its read stops it.
+		var r *os.File
+		if o.input, r, err = stdiopump.NewInput(env.Stdin); err != nil {
+			return nil, err
+		}
+		defer r.Close()
+		stdio[0] = r
+	}
 	if plan.Process.Terminal {
 		var slave *os.File
 		if o.consoleSocket != "" {
@@ -1092,11 +1112,19 @@ func cmdRun(g *globals, args []string, env *Env) error {
 	var sigc chan os.Signal
 	if !*detach {
 		sigc = make(chan os.Signal, 16)
-		signal.Notify(sigc, forwardedSignals...)
+		signal.Notify(sigc, signalsToForward(env.Stdin)...)
 		defer signal.Stop(sigc)
 	}
 	o.foreground = !*detach
 	monitor, err := create(g, id, &o, env)
+	if o.input != nil {
+		if err != nil {
+			o.input.Close()
+		} else {
+			// From before start, as the command would have read it.
+			go o.input.Run()
+		}
+	}
 	if o.console != nil {
 		// Relayed from before start, so that nothing the command
 		// writes waits; the caller's terminal is restored at the end.
@@ -1152,6 +1180,23 @@ var forwardedSignals = func() []os.Signal {
 	}
 	return out
 }()
+
+// signalsToForward are the forwardedSignals a process that reads the
+// caller's terminal (stdin) catches: not SIGTTIN and SIGTTOU. The kernel's
+// job control sends those to a background job that reads the terminal
+// (or sets its mode) and they must stop it, as any program's, until `fg`:
+// caught, they stopped nothing, the read was tried again at once and sent
+// another (a spin, each one forwarded to the guest), and krun-oci run or
+// exec, the shell's job, went on without its input where any other
+// program would have stopped.
+func signalsToForward(stdin *os.File) []os.Signal {
+	if stdin == nil || !stdiopump.IsTerminal(stdin) {
+		return forwardedSignals
+	}
+	return slices.DeleteFunc(slices.Clone(forwardedSignals), func(s os.Signal) bool {
+		return s == unix.SIGTTIN || s == unix.SIGTTOU
+	})
+}
 
 // forwardSignals sends each signal from sigc to container id's command
 // through its monitor until done is closed.

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/stdiopump"
 )
 
 // openPty makes a new pseudo-terminal and returns its master and slave.
@@ -117,7 +119,7 @@ func newConsole(socketPath string, rows, cols uint16) (*os.File, error) {
 // terminal. own says the file was opened here (the caller closes it).
 func findHostTerminal(env *Env) (tty *os.File, own bool, err error) {
 	for _, f := range []*os.File{env.Stderr, env.Stdout, env.Stdin} {
-		if f != nil && isTerminal(f) {
+		if f != nil && stdiopump.IsTerminal(f) {
 			return f, false, nil
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/guest/container"
+	"github.com/krun-core/krun-core/internal/stdiopump"
 )
 
 // Descriptors of the exec proxy besides stdio: the process (JSON) and the
@@ -321,7 +322,7 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 		ready = func(error) {}
 	}
 	sigc := make(chan os.Signal, 16)
-	signal.Notify(sigc, slices.Concat(forwardedSignals, []os.Signal{unix.SIGWINCH})...)
+	signal.Notify(sigc, slices.Concat(signalsToForward(stdio[0]), []os.Signal{unix.SIGWINCH})...)
 	defer signal.Stop(sigc)
 	statusR, statusW, err := os.Pipe()
 	if err != nil {
@@ -335,17 +336,17 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 	// returns to must not go to the guest (found in review). This
 	// process reads the caller's stdin until it ends, right after the
 	// status.
-	stdinR, stdinW, err := os.Pipe()
+	// A terminal so read is this process's: in the background the
+	// read stops it (SIGTTIN, which it then does not catch:
+	// signalsToForward), as any program's.
+	input, stdinR, err := stdiopump.NewInput(stdio[0])
 	if err != nil {
 		statusW.Close()
 		ready(err)
 		return 0, err
 	}
 	defer stdinR.Close()
-	go func() {
-		io.Copy(stdinW, stdio[0])
-		stdinW.Close()
-	}()
+	go input.Run()
 	// The program lives as long as this process: the monitor ends it
 	// when the write end, which only this process holds, closes (this
 	// process's pid is the one exec's --pid-file names, which a caller
@@ -402,11 +403,6 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 			return statusVMEnded, nil
 		}
 	}
-}
-
-func isTerminal(f *os.File) bool {
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
 }
 
 // rawMode puts a terminal in raw mode and returns how to restore it.

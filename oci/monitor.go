@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/stdiopump"
 )
 
 // Hidden sub-commands: the detached processes create and exec start.
@@ -64,6 +66,11 @@ type monitor struct {
 	plan *Plan
 	vm   VM
 	log  *runtimeLog
+	// input is the caller's terminal on stdin, which the monitor
+	// pumps to the console plugin's pipe once the command starts (nil:
+	// the plugin has stdin itself).
+	input      *stdiopump.Input
+	inputStart sync.Once
 
 	// active counts the requests being answered: the monitor waits for
 	// them before it exits (a kill of a created container ends the VM
@@ -128,7 +135,19 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	}
 	goPipe.Close()
 
-	sio := Stdio{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, TTY: plan.Process.Terminal}
+	stdin := os.Stdin
+	if !plan.Process.Terminal && stdiopump.IsTerminal(os.Stdin) {
+		// A detached create at a terminal (a foreground run hands a
+		// pipe of its own): the monitor reads it from the command's
+		// start, and the console plugin gets a pipe, never the
+		// caller's terminal. Both are out of the shell's job control:
+		// give a detached container another stdin (docs/OCI.md).
+		if m.input, stdin, err = stdiopump.NewInput(os.Stdin); err != nil {
+			report(err)
+			return 1
+		}
+	}
+	sio := Stdio{Stdin: stdin, Stdout: os.Stdout, Stderr: os.Stderr, TTY: plan.Process.Terminal}
 	vm, err := env.NewVM(plan, sio, g.runtimeConfig(), g.log.hclog("krun-oci"))
 	if err != nil {
 		report(err)
@@ -312,6 +331,9 @@ func (m *monitor) handle(req *request, files []*os.File) *reply {
 		m.mu.Unlock()
 		if err := vm.Start(); err != nil {
 			return fail(fmt.Errorf("start the command: %w", err))
+		}
+		if m.input != nil {
+			m.inputStart.Do(func() { go m.input.Run() })
 		}
 		return &reply{Status: "running"}
 	case opSignal:

@@ -1,0 +1,143 @@
+package oci
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// runStdio runs the runtime with the given stdin, and stdout and stderr
+// on out, and returns its exit status.
+func (r *rtEnv) runStdio(stdin, out *os.File, args ...string) int {
+	r.t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	cmd := exec.Command(exe, append([]string{"--root", r.root}, args...)...)
+	cmd.Env = append(os.Environ(), asRuntime+"=1")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, out, out
+	timer := time.AfterFunc(60*time.Second, func() { cmd.Process.Kill() })
+	defer timer.Stop()
+	if err := cmd.Run(); err != nil {
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
+			r.t.Fatalf("run %v: %v", args, err)
+		}
+		return ee.ExitCode()
+	}
+	return 0
+}
+
+// TestCallerTerminalNeverReachesThePlugin: the console plugin runs in a
+// session of its own, out of the shell's job control, and read the
+// caller's terminal itself when it was krun-oci's stdin: `krun-oci run ID
+// &` at an interactive shell took what the user typed to the foreground
+// job (found in review; krun-core run's was fixed before). What the
+// console plugin gets (here the fake VM's command) is a pipe: a
+// foreground run reads the terminal itself, a detached create's monitor
+// does, an exec's process did already. A pty of process.terminal is
+// krun-oci's own and not concerned.
+func TestCallerTerminalNeverReachesThePlugin(t *testing.T) {
+	r := newRT(t)
+	show := []string{"sh", "-c", "stat -L -c %F /proc/self/fd/0"}
+	b := bundle(t, show, nil)
+	idle := bundle(t, []string{"sleep", "30"}, nil)
+	for _, tc := range []struct {
+		name string
+		run  func(stdin, out *os.File)
+	}{
+		{"run", func(stdin, out *os.File) {
+			if code := r.runStdio(stdin, out, "run", "--bundle", b, "fg"); code != 0 {
+				t.Fatalf("run: exit %d", code)
+			}
+		}},
+		{"create and start", func(stdin, out *os.File) {
+			if code := r.runStdio(stdin, out, "create", "--bundle", b, "bg"); code != 0 {
+				t.Fatalf("create: exit %d", code)
+			}
+			r.mustRun("start", "bg")
+			r.waitStatus("bg", specs.StateStopped)
+			r.mustRun("delete", "bg")
+		}},
+		{"exec", func(stdin, out *os.File) {
+			r.mustRun("run", "--detach", "--bundle", idle, "ex")
+			if code := r.runStdio(stdin, out, append([]string{"exec", "ex"}, show...)...); code != 0 {
+				t.Fatalf("exec: exit %d", code)
+			}
+			r.mustRun("delete", "--force", "ex")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ct := newCallerTerminal(t, 24, 80)
+			out, err := os.Create(filepath.Join(t.TempDir(), "out"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer out.Close()
+			tc.run(ct.slave, out)
+			if got, _ := os.ReadFile(out.Name()); string(got) != "fifo\n" {
+				t.Errorf("the command's stdin is %q, want a pipe (fifo)", got)
+			}
+		})
+	}
+}
+
+// TestBackgroundReadStops: krun-oci run and exec caught SIGTTIN (every
+// signal is forwarded, as by runc), so a background job's read of the
+// terminal did not stop it: the read was tried again at once, with a
+// SIGTTIN each time. With a terminal on stdin they let the kernel's job
+// control stop them, as any program (`krun-oci exec c cat &` at a shell:
+// "Stopped (tty input)").
+func TestBackgroundReadStops(t *testing.T) {
+	r := newRT(t)
+	r.mustRun("run", "--detach", "--bundle", bundle(t, []string{"sleep", "30"}, nil), "ex")
+	b := bundle(t, []string{"cat"}, nil)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		args string
+	}{
+		{"exec", "exec ex cat"},
+		{"run", "run --bundle " + b + " bgrun"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ct := newCallerTerminal(t, 24, 80)
+			// An interactive shell's job control (sh -m, on its
+			// controlling terminal): the job runs in a process group
+			// of its own, in the background.
+			script := fmt.Sprintf(`%s --root %s %s & pid=$!; sleep 2; awk '{print "state", $3}' /proc/$pid/stat; kill -9 $pid`, exe, r.root, tc.args)
+			cmd := exec.Command("sh", "-mc", script)
+			cmd.Env = append(os.Environ(), asRuntime+"=1")
+			// A file: what the job left running (a container's
+			// monitor) keeps its stdout open.
+			out, err := os.Create(filepath.Join(t.TempDir(), "out"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer out.Close()
+			cmd.Stdin, cmd.Stdout, cmd.Stderr = ct.slave, out, out
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+			timer := time.AfterFunc(60*time.Second, func() { cmd.Process.Kill() })
+			defer timer.Stop()
+			err = cmd.Run()
+			got, _ := os.ReadFile(out.Name())
+			if err != nil {
+				t.Fatalf("sh: %v: %s", err, got)
+			}
+			if !strings.Contains(string(got), "state T") {
+				t.Errorf("krun-oci %s in the background, reading the terminal: %q, want it stopped (state T)", tc.args, got)
+			}
+		})
+	}
+}
