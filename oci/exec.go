@@ -347,6 +347,19 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 	}
 	defer stdinR.Close()
 	go input.Run()
+	// A regular file on stdout or stderr (`>>log`) the plugin gets as a
+	// pipe that this process copies into the file: sharing the file's
+	// description, a compromised plugin could clear O_APPEND and write
+	// over the log, or truncate it (found in review). All of it is in
+	// the file before the status is returned.
+	stdout, stderr, output, err := stdiopump.Outputs(stdio[1], stdio[2])
+	if err != nil {
+		statusW.Close()
+		ready(err)
+		return 0, err
+	}
+	defer output.Wait()
+	defer output.CloseWriters()
 	// The program lives as long as this process: the monitor ends it
 	// when the write end, which only this process holds, closes (this
 	// process's pid is the one exec's --pid-file names, which a caller
@@ -358,10 +371,11 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 		return 0, err
 	}
 	defer lifeW.Close()
-	rep, err := callMonitor(dir, &request{Op: opExec, Exec: gp}, []*os.File{stdinR, stdio[1], stdio[2], statusW, lifeR}, 30*time.Second)
+	rep, err := callMonitor(dir, &request{Op: opExec, Exec: gp}, []*os.File{stdinR, stdout, stderr, statusW, lifeR}, 30*time.Second)
 	lifeR.Close()
 	statusW.Close()
 	stdinR.Close()
+	output.CloseWriters() // the plugin has its own
 	if err != nil {
 		ready(err)
 		return 0, err
@@ -394,9 +408,13 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 	for {
 		n, err := statusR.Read(b[:])
 		if n == 1 {
+			// The plugin wrote the output before the status and
+			// closes its files after it.
+			output.Wait()
 			return int(b[0]), nil
 		}
 		if err != nil {
+			output.Wait()
 			// The status pipe closed without a byte: 137 alone would
 			// read as the process's own SIGKILL.
 			fmt.Fprintln(stdio[2], "krun-oci exec: the container's VM ended before the process reported its exit status")

@@ -1,6 +1,7 @@
 package oci
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -87,6 +88,43 @@ func TestCallerTerminalNeverReachesThePlugin(t *testing.T) {
 				t.Errorf("the command's stdin is %q, want a pipe (fifo)", got)
 			}
 		})
+	}
+}
+
+// TestExecOutputToAFile: an exec's `>>log 2>&1` reached the console
+// plugin as the file itself, one description with the caller's: a
+// compromised plugin could clear O_APPEND and write over the log, or
+// truncate it (found in review). It gets a pipe that exec copies into the
+// file, and all of the output is there, in order, when exec returns.
+func TestExecOutputToAFile(t *testing.T) {
+	r := newRT(t)
+	r.mustRun("run", "--detach", "--bundle", bundle(t, []string{"sleep", "30"}, nil), "ex")
+	defer r.mustRun("delete", "--force", "ex")
+	path := filepath.Join(t.TempDir(), "log")
+	os.WriteFile(path, []byte("earlier\n"), 0o644)
+	log, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	script := `stat -L -c %F /proc/self/fd/1; i=0; while [ $i -lt 3000 ]; do echo "line $i"; [ $((i % 7)) = 0 ] && echo "err $i" >&2; i=$((i+1)); done; echo last`
+	devNull, _ := os.Open(os.DevNull)
+	defer devNull.Close()
+	if code := r.runStdio(devNull, log, "exec", "ex", "sh", "-c", script); code != 0 {
+		t.Fatalf("exec: exit %d", code)
+	}
+	var want bytes.Buffer
+	want.WriteString("earlier\nfifo\n")
+	for i := range 3000 {
+		fmt.Fprintf(&want, "line %d\n", i)
+		if i%7 == 0 {
+			fmt.Fprintf(&want, "err %d\n", i)
+		}
+	}
+	want.WriteString("last\n")
+	if got, _ := os.ReadFile(path); string(got) != want.String() {
+		n := min(len(got), 40)
+		t.Fatalf("the log after exec: %d bytes starting %q, want %d bytes starting %q", len(got), got[:n], want.Len(), want.Bytes()[:40])
 	}
 }
 
