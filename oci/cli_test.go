@@ -59,12 +59,7 @@ func newRT(t *testing.T) *rtEnv {
 // nil (create hands them to the container), else to buffers.
 func (r *rtEnv) run(stdout, stderr *os.File, args ...string) (string, string, int) {
 	r.t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	cmd := exec.Command(exe, append([]string{"--root", r.root}, args...)...)
-	cmd.Env = append(os.Environ(), asRuntime+"=1")
+	cmd := r.command(args...)
 	// Files, not pipes: a container's monitor inherits create's stdout
 	// and stderr and keeps them open, as it must.
 	tmp := r.t.TempDir()
@@ -99,6 +94,18 @@ func (r *rtEnv) run(stdout, stderr *os.File, args ...string) (string, string, in
 	ob, _ := os.ReadFile(of.Name())
 	eb, _ := os.ReadFile(ef.Name())
 	return string(ob), string(eb), code
+}
+
+// command is the runtime's command line with args, acting as krun-oci.
+func (r *rtEnv) command(args ...string) *exec.Cmd {
+	r.t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	cmd := exec.Command(exe, append([]string{"--root", r.root}, args...)...)
+	cmd.Env = append(os.Environ(), asRuntime+"=1")
+	return cmd
 }
 
 func (r *rtEnv) mustRun(args ...string) string {

@@ -18,12 +18,7 @@ import (
 // on out, and returns its exit status.
 func (r *rtEnv) runStdio(stdin, out *os.File, args ...string) int {
 	r.t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	cmd := exec.Command(exe, append([]string{"--root", r.root}, args...)...)
-	cmd.Env = append(os.Environ(), asRuntime+"=1")
+	cmd := r.command(args...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, out, out
 	timer := time.AfterFunc(60*time.Second, func() { cmd.Process.Kill() })
 	defer timer.Stop()

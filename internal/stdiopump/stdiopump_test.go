@@ -25,6 +25,17 @@ func kind(t *testing.T, f *os.File) uint32 {
 	return st.Mode & unix.S_IFMT
 }
 
+// pipe returns a pipe's write end; both ends close at the test's end.
+func pipe(t *testing.T) *os.File {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close(); w.Close() })
+	return w
+}
+
 // within fails the test unless done is closed in time.
 func within(t *testing.T, done <-chan struct{}, what string) {
 	t.Helper()
@@ -74,12 +85,7 @@ func TestInputPump(t *testing.T) {
 // are; a regular file, or another device, only through a pipe.
 func TestPassThrough(t *testing.T) {
 	_, tty := ptytest.Open(t)
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pr.Close()
-	defer pw.Close()
+	pw := pipe(t)
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -210,12 +216,7 @@ func TestOutputsToAFile(t *testing.T) {
 // as it is, with nothing to wait for.
 func TestOutputsPassThrough(t *testing.T) {
 	_, tty := ptytest.Open(t)
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pr.Close()
-	defer pw.Close()
+	pw := pipe(t)
 	out, errOut, o, err := Outputs(pw, tty)
 	if err != nil {
 		t.Fatal(err)
