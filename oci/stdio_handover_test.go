@@ -12,6 +12,8 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/krun-core/krun-core/internal/stdiotest"
 )
 
 // runStdio runs the runtime with the given stdin, and stdout and stderr
@@ -95,13 +97,7 @@ func TestExecOutputToAFile(t *testing.T) {
 	r := newRT(t)
 	r.mustRun("run", "--detach", "--bundle", bundle(t, []string{"sleep", "30"}, nil), "ex")
 	defer r.mustRun("delete", "--force", "ex")
-	path := filepath.Join(t.TempDir(), "log")
-	os.WriteFile(path, []byte("earlier\n"), 0o644)
-	log, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer log.Close()
+	log := stdiotest.AppendLog(t, "earlier\n")
 	script := `stat -L -c %F /proc/self/fd/1; i=0; while [ $i -lt 3000 ]; do echo "line $i"; [ $((i % 7)) = 0 ] && echo "err $i" >&2; i=$((i+1)); done; echo last`
 	devNull, _ := os.Open(os.DevNull)
 	defer devNull.Close()
@@ -117,7 +113,7 @@ func TestExecOutputToAFile(t *testing.T) {
 		}
 	}
 	want.WriteString("last\n")
-	if got, _ := os.ReadFile(path); string(got) != want.String() {
+	if got, _ := os.ReadFile(log.Name()); string(got) != want.String() {
 		n := min(len(got), 40)
 		t.Fatalf("the log after exec: %d bytes starting %q, want %d bytes starting %q", len(got), got[:n], want.Len(), want.Bytes()[:40])
 	}

@@ -6,7 +6,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/internal/ptytest"
+	"github.com/krun-core/krun-core/internal/stdiotest"
 )
 
 // TestConsoleFilesAreNotTheCallersDescription: ConsoleSpec.Open
@@ -28,7 +28,7 @@ import (
 // From review, helper-96; fixed: handOver opens a terminal, FIFO or pipe
 // again.
 func TestConsoleFilesAreNotTheCallersDescription(t *testing.T) {
-	_, tty := ptytest.Open(t)
+	_, tty := stdiotest.OpenPTY(t)
 	spec := &ConsoleSpec{Name: "krun.stdio", TTY: true, Stdin: tty, Stdout: tty, Stderr: tty}
 	o, err := spec.Open(OpenOptions{})
 	if err != nil {

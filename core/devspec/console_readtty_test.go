@@ -8,7 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devopts"
-	"github.com/krun-core/krun-core/internal/ptytest"
+	"github.com/krun-core/krun-core/internal/stdiotest"
 )
 
 // TestConsolePluginCannotReadTheTerminal: krun-core now reads a terminal
@@ -21,7 +21,7 @@ import (
 // review, helper-127). The plugin only writes its stdout and stderr and
 // only reads its stdin: a copy opened again is opened for that direction.
 func TestConsolePluginCannotReadTheTerminal(t *testing.T) {
-	m, tty := ptytest.Open(t)
+	m, tty := stdiotest.OpenPTY(t)
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package vmm
 
 import (
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -11,7 +10,7 @@ import (
 
 	"github.com/krun-core/krun-core/core/devspec"
 	"github.com/krun-core/krun-core/guest/container"
-	"github.com/krun-core/krun-core/internal/ptytest"
+	"github.com/krun-core/krun-core/internal/stdiotest"
 )
 
 // consoleOf returns the console device prepareExec added.
@@ -26,15 +25,6 @@ func consoleOf(t *testing.T, c *Context) *devspec.ConsoleSpec {
 	return nil
 }
 
-func fileType(t *testing.T, f *os.File) uint32 {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Mode & unix.S_IFMT
-}
-
 // TestConsoleOutputToAFileIsPumped: with `>>log` the console plugin
 // shared the log's open file description, and a compromised plugin could
 // clear O_APPEND on it and write over the log, or truncate it
@@ -42,18 +32,12 @@ func fileType(t *testing.T, f *os.File) uint32 {
 // into the file, and everything written to the pipe is in the file when
 // the run's end (exec.close, at Start's end) returns.
 func TestConsoleOutputToAFileIsPumped(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "log")
-	os.WriteFile(path, []byte("earlier\n"), 0o644)
-	log, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer log.Close()
+	log := stdiotest.AppendLog(t, "earlier\n")
 	c := prepTestExecWith(t, hclog.NewNullLogger(), func(c *Context) { c.SetStdio(nil, log, log, false) })
 	s := consoleOf(t, c)
-	if fileType(t, s.Stdout) != unix.S_IFIFO || s.Stderr != s.Stdout {
+	if stdiotest.FileType(t, s.Stdout) != unix.S_IFIFO || s.Stderr != s.Stdout {
 		c.exec.close()
-		t.Fatalf("the console plugin gets %v (type %#o) and %v for a `>>log 2>&1`, want one pipe", s.Stdout.Name(), fileType(t, s.Stdout), s.Stderr.Name())
+		t.Fatalf("the console plugin gets %v (type %#o) and %v for a `>>log 2>&1`, want one pipe", s.Stdout.Name(), stdiotest.FileType(t, s.Stdout), s.Stderr.Name())
 	}
 	// What the plugin's copy, opened when it starts, writes.
 	plugin, err := devspec.HandOver(s.Stdout, "stdout", unix.O_WRONLY)
@@ -66,7 +50,7 @@ func TestConsoleOutputToAFileIsPumped(t *testing.T) {
 	if err := c.exec.close(); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := os.ReadFile(path); string(got) != want {
+	if got, _ := os.ReadFile(log.Name()); string(got) != want {
 		t.Fatalf("the log has %d bytes when the run ends, want %d", len(got), len(want))
 	}
 }
@@ -79,7 +63,7 @@ func TestConsoleOutputToAFileIsPumped(t *testing.T) {
 func TestExecFilesHandedOverOneWay(t *testing.T) {
 	c := prepTestExec(t, hclog.NewNullLogger())
 	defer c.exec.close()
-	_, tty := ptytest.Open(t)
+	_, tty := stdiotest.OpenPTY(t)
 	stdinR, stdinW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)

@@ -12,18 +12,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/krun-core/krun-core/internal/ptytest"
+	"github.com/krun-core/krun-core/internal/stdiotest"
 )
-
-// kind is a file's type, as fstat says.
-func kind(t *testing.T, f *os.File) uint32 {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Mode & unix.S_IFMT
-}
 
 // pipe returns a pipe's write end; both ends close at the test's end.
 func pipe(t *testing.T) *os.File {
@@ -49,13 +39,13 @@ func within(t *testing.T, done <-chan struct{}, what string) {
 // TestInputPump: what is typed on the terminal reaches the plugin's pipe
 // as typed, and a hang-up ends the command's input.
 func TestInputPump(t *testing.T) {
-	master, tty := ptytest.Open(t)
+	master, tty := stdiotest.OpenPTY(t)
 	in, r, err := NewInput(tty)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	if got := kind(t, r); got != unix.S_IFIFO {
+	if got := stdiotest.FileType(t, r); got != unix.S_IFIFO {
 		t.Fatalf("the plugin's stdin is of type %#o, want a pipe", got)
 	}
 	done := make(chan struct{})
@@ -84,7 +74,7 @@ func TestInputPump(t *testing.T) {
 // TestPassThrough: pipes, sockets and terminals go to the plugin as they
 // are; a regular file, or another device, only through a pipe.
 func TestPassThrough(t *testing.T) {
-	_, tty := ptytest.Open(t)
+	_, tty := stdiotest.OpenPTY(t)
 	pw := pipe(t)
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -160,7 +150,7 @@ func TestOutputsToAFile(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if kind(t, out) != unix.S_IFIFO || kind(t, errOut) != unix.S_IFIFO {
+			if stdiotest.FileType(t, out) != unix.S_IFIFO || stdiotest.FileType(t, errOut) != unix.S_IFIFO {
 				t.Fatal("the plugin gets the log file itself, not a pipe")
 			}
 			if tc.sameFile != (out == errOut) {
@@ -215,7 +205,7 @@ func TestOutputsToAFile(t *testing.T) {
 // TestOutputsPassThrough: a pipe, a socket or a terminal is handed over
 // as it is, with nothing to wait for.
 func TestOutputsPassThrough(t *testing.T) {
-	_, tty := ptytest.Open(t)
+	_, tty := stdiotest.OpenPTY(t)
 	pw := pipe(t)
 	out, errOut, o, err := Outputs(pw, tty)
 	if err != nil {
