@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"os/user"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"slices"
 	"sort"
@@ -304,26 +305,49 @@ func commandHelp(w io.Writer, h *helpRequested) {
 	if c, ok := commands[name]; ok {
 		fmt.Fprintln(w, c.summary)
 	}
-	var flags []string
+	// A short form and its long one (the same variable) make one line:
+	// "-b, --bundle DIR  the bundle DIR, holding config.json".
+	type entry struct {
+		names []string
+		f     *flag.Flag
+	}
+	var entries []*entry
+	byTarget := map[uintptr]*entry{}
 	h.fs.VisitAll(func(f *flag.Flag) {
 		dash := "--"
 		if len(f.Name) == 1 {
 			dash = "-"
 		}
-		arg := dash + f.Name
-		if bf, ok := f.Value.(interface{ IsBoolFlag() bool }); !ok || !bf.IsBoolFlag() {
-			arg += " VALUE"
+		v := reflect.ValueOf(f.Value)
+		if v.Kind() == reflect.Pointer {
+			if e := byTarget[v.Pointer()]; e != nil {
+				e.names = append(e.names, dash+f.Name)
+				return
+			}
 		}
-		if f.Usage != "" {
-			arg += "  " + f.Usage
+		e := &entry{names: []string{dash + f.Name}, f: f}
+		if v.Kind() == reflect.Pointer {
+			byTarget[v.Pointer()] = e
 		}
-		flags = append(flags, arg)
+		entries = append(entries, e)
 	})
-	if len(flags) > 0 {
+	if len(entries) > 0 {
 		fmt.Fprintln(w, "options:")
-		for _, f := range flags {
-			fmt.Fprintln(w, "  "+f)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		for _, e := range entries {
+			// Short forms first: -b, --bundle.
+			sort.Slice(e.names, func(i, j int) bool { return len(e.names[i]) < len(e.names[j]) })
+			arg, usage := flag.UnquoteUsage(e.f)
+			if bf, ok := e.f.Value.(interface{ IsBoolFlag() bool }); ok && bf.IsBoolFlag() {
+				arg = ""
+			} else if arg == "int" {
+				arg = "N"
+			} else if arg == "" || arg == "value" || arg == "string" {
+				arg = "VALUE"
+			}
+			fmt.Fprintf(tw, "  %s\t%s\n", strings.TrimSpace(strings.Join(e.names, ", ")+" "+arg), usage)
 		}
+		tw.Flush()
 	}
 	fmt.Fprintln(w, "docs/OCI.md describes each command and flag.")
 }
@@ -365,13 +389,13 @@ type createOptions struct {
 
 func createFlags(name string, o *createOptions) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.StringVar(&o.bundle, "bundle", ".", "")
-	fs.StringVar(&o.bundle, "b", ".", "")
-	fs.StringVar(&o.consoleSocket, "console-socket", "", "")
-	fs.StringVar(&o.pidFile, "pid-file", "", "")
-	fs.IntVar(&o.preserveFDs, "preserve-fds", 0, "")
-	fs.Bool("no-pivot", false, "")
-	fs.Bool("no-new-keyring", false, "")
+	fs.StringVar(&o.bundle, "bundle", ".", "the bundle `DIR`, holding config.json")
+	fs.StringVar(&o.bundle, "b", ".", "the bundle `DIR`, holding config.json")
+	fs.StringVar(&o.consoleSocket, "console-socket", "", "unix `SOCKET` that gets the terminal's pty master (process.terminal)")
+	fs.StringVar(&o.pidFile, "pid-file", "", "`FILE` that gets the container's pid (its monitor's)")
+	fs.IntVar(&o.preserveFDs, "preserve-fds", 0, "only 0: open files cannot be passed into a VM")
+	fs.Bool("no-pivot", false, "accepted and ignored (runc's)")
+	fs.Bool("no-new-keyring", false, "accepted and ignored (runc's)")
 	return fs
 }
 
@@ -780,9 +804,9 @@ func ParseSignal(s string) (unix.Signal, error) {
 
 func cmdKill(g *globals, args []string, env *Env) error {
 	fs := flag.NewFlagSet("kill", flag.ContinueOnError)
-	all := fs.Bool("all", false, "")
-	fs.BoolVar(all, "a", false, "")
-	sigFlag := fs.String("signal", "", "")
+	all := fs.Bool("all", false, "every process of the guest but krun-init")
+	fs.BoolVar(all, "a", false, "every process of the guest but krun-init")
+	sigFlag := fs.String("signal", "", "the `SIGNAL` (the SIGNAL argument's other spelling)")
 	id, rest, err := parseFlags(fs, args, true)
 	if err != nil {
 		return err
@@ -921,8 +945,8 @@ func killMarked(dir string) bool {
 
 func cmdDelete(g *globals, args []string, env *Env) error {
 	fs := flag.NewFlagSet("delete", flag.ContinueOnError)
-	force := fs.Bool("force", false, "")
-	fs.BoolVar(force, "f", false, "")
+	force := fs.Bool("force", false, "end a running container (or one still being created) first")
+	fs.BoolVar(force, "f", false, "end a running container (or one still being created) first")
 	id, rest, err := parseFlags(fs, args, true)
 	if err != nil {
 		return err
@@ -1093,10 +1117,10 @@ func cgroupTakenOver(store *Store, id, cgroup string) bool {
 func cmdRun(g *globals, args []string, env *Env) error {
 	var o createOptions
 	fs := createFlags("run", &o)
-	detach := fs.Bool("detach", false, "")
-	fs.BoolVar(detach, "d", false, "")
-	keep := fs.Bool("keep", false, "")
-	fs.Bool("no-subreaper", false, "")
+	detach := fs.Bool("detach", false, "return once the command started, without waiting for it")
+	fs.BoolVar(detach, "d", false, "return once the command started, without waiting for it")
+	keep := fs.Bool("keep", false, "do not delete the container when it ends")
+	fs.Bool("no-subreaper", false, "accepted and ignored (runc's)")
 	id, rest, err := parseFlags(fs, args, true)
 	if err != nil {
 		return err
@@ -1220,10 +1244,10 @@ func forwardSignals(g *globals, id string, sigc <-chan os.Signal, done <-chan st
 
 func cmdList(g *globals, args []string, env *Env) error {
 	fs := flag.NewFlagSet("list", flag.ContinueOnError)
-	format := fs.String("format", "table", "")
-	fs.StringVar(format, "f", "table", "")
-	quiet := fs.Bool("quiet", false, "")
-	fs.BoolVar(quiet, "q", false, "")
+	format := fs.String("format", "table", "output `FORMAT`: table or json")
+	fs.StringVar(format, "f", "table", "output `FORMAT`: table or json")
+	quiet := fs.Bool("quiet", false, "only the IDs")
+	fs.BoolVar(quiet, "q", false, "only the IDs")
 	_, rest, err := parseFlags(fs, args, false)
 	if err != nil {
 		return err
@@ -1278,8 +1302,8 @@ func ownerName(uid int) string {
 
 func cmdPs(g *globals, args []string, env *Env) error {
 	fs := flag.NewFlagSet("ps", flag.ContinueOnError)
-	format := fs.String("format", "table", "")
-	fs.StringVar(format, "f", "table", "")
+	format := fs.String("format", "table", "output `FORMAT`: table or json")
+	fs.StringVar(format, "f", "table", "output `FORMAT`: table or json")
 	id, _, err := parseFlags(fs, args, true)
 	if err != nil {
 		return err

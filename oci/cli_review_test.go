@@ -50,6 +50,46 @@ func TestCommandHelpIsNotAFailure(t *testing.T) {
 	}
 }
 
+// TestCommandHelpDescribesEachFlag: every command's help page gives each
+// flag a description, its short and long forms on one line (it listed
+// bare names, "-b VALUE" and "--bundle VALUE" apart, and nothing about
+// them; found in review, helper-130).
+func TestCommandHelpDescribesEachFlag(t *testing.T) {
+	root := t.TempDir()
+	for _, c := range []struct {
+		cmd  string
+		want []string
+	}{
+		{"create", []string{"  -b, --bundle DIR ", "  --pid-file FILE ", "  --preserve-fds N "}},
+		{"run", []string{"  -d, --detach ", "  --keep "}},
+		{"exec", []string{"  -e, --env KEY=VALUE ", "  -u, --user UID[:GID] ", "  -t, --tty "}},
+		{"kill", []string{"  -a, --all "}},
+		{"delete", []string{"  -f, --force "}},
+		{"list", []string{"  -f, --format FORMAT ", "  -q, --quiet "}},
+		{"ps", []string{"  -f, --format FORMAT "}},
+	} {
+		out, _, code := mainWith(t, "--root", root, c.cmd, "--help")
+		if code != 0 {
+			t.Fatalf("%s --help: exit %d", c.cmd, code)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s --help lacks %q:\n%s", c.cmd, w, out)
+			}
+		}
+		_, opts, _ := strings.Cut(out, "options:\n")
+		for _, line := range strings.Split(strings.TrimRight(opts, "\n"), "\n") {
+			if strings.HasPrefix(line, "docs/") {
+				break
+			}
+			// "  NAMES  description": two spaces at least between.
+			if f := strings.Fields(line); !strings.HasPrefix(line, "  -") || len(f) < 2 || !strings.Contains(strings.TrimSpace(line), "  ") {
+				t.Errorf("%s --help: flag line without a description: %q", c.cmd, line)
+			}
+		}
+	}
+}
+
 // `krun-oci delete --force ID` of a container that does not exist
 // succeeds, as runc's does (delete.go: "if force { return nil }"):
 // engines clean up with it after a create that failed half-way.
