@@ -87,10 +87,12 @@ func TestCrashLeaksAtWorst(t *testing.T) {
 	for _, tc := range []struct {
 		name, opts string
 		snapshot   bool
+		pieces     uint64 // clusters in a piece of a discard or zero write; 0: the default
 	}{
-		{"cs4k", "cluster_size=4096", false},
-		{"cs512-rc64", "cluster_size=512,refcount_bits=64", false},
-		{"snapshot-extl2", "cluster_size=16384,extended_l2=on", true},
+		{"cs4k", "cluster_size=4096", false, 0},
+		{"cs512-rc64", "cluster_size=512,refcount_bits=64", false, 0},
+		{"snapshot-extl2", "cluster_size=16384,extended_l2=on", true, 0},
+		{"cs512-pieces", "cluster_size=512", false, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if testing.Short() && tc.name != "snapshot-extl2" {
@@ -107,6 +109,9 @@ func TestCrashLeaksAtWorst(t *testing.T) {
 			im, err := Open(openFile(t, p, false), Options{Path: p, CacheBytes: 1})
 			if err != nil {
 				t.Fatal(err)
+			}
+			if tc.pieces != 0 {
+				im.pieceClusters = tc.pieces
 			}
 			base, err := os.ReadFile(p)
 			if err != nil {
@@ -249,10 +254,14 @@ func killState(base []byte, log []logEntry, end, pages int) []byte {
 // before the kill reads back, whatever was under way.
 func TestKillKeepsAcknowledgedWrites(t *testing.T) {
 	needQemu(t)
-	for _, tc := range []struct{ name, opts string }{
-		{"cs64k", "cluster_size=65536"},
-		{"cs4k", "cluster_size=4096"},
-		{"extl2", "cluster_size=32768,extended_l2=on"},
+	for _, tc := range []struct {
+		name, opts string
+		pieces     uint64 // clusters in a piece of a discard or zero write; 0: the default
+	}{
+		{"cs64k", "cluster_size=65536", 0},
+		{"cs4k", "cluster_size=4096", 0},
+		{"extl2", "cluster_size=32768,extended_l2=on", 0},
+		{"cs4k-pieces", "cluster_size=4096", 3},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if testing.Short() && tc.name != "cs4k" {
@@ -270,6 +279,9 @@ func TestKillKeepsAcknowledgedWrites(t *testing.T) {
 			im, err := Open(openFile(t, p, false), Options{Path: p, CacheBytes: 1 << 20})
 			if err != nil {
 				t.Fatal(err)
+			}
+			if tc.pieces != 0 {
+				im.pieceClusters = tc.pieces
 			}
 			rec := &recorder{ioFile: im.f}
 			im.f, im.data = rec, rec

@@ -1,7 +1,9 @@
 package qcow2
 
 import (
+	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"sync/atomic"
@@ -39,7 +41,14 @@ func TestLongDiscardStaysWithinTheCache(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer im.Close()
+	closed := false
+	defer func() {
+		if !closed {
+			im.Close()
+		}
+	}()
+	pieces := 0
+	im.pieceHook = func(uint64) { pieces++ }
 	// The heap other tests left is collected first and not counted.
 	runtime.GC()
 	var m0 runtime.MemStats
@@ -73,5 +82,22 @@ func TestLongDiscardStaysWithinTheCache(t *testing.T) {
 	t.Logf("discard of %d MiB in %v; peak heap growth %d MiB; CacheBytes 1 MiB", rng>>20, time.Since(start), peak.Load()>>20)
 	if p := peak.Load(); p > 16<<20 {
 		t.Fatalf("one discard range held %d MiB of heap (cache bound 1 MiB)", p>>20)
+	}
+	// Served in pieces, the lock released between them (zeroOrDiscard).
+	if want := rng / cs / defaultPieceClusters; pieces < want {
+		t.Fatalf("%d pieces, want %d at least", pieces, want)
+	}
+	got := make([]byte, 1<<20)
+	for _, off := range []int64{0, rng/2 - 4096, rng - 1<<20} {
+		if _, err := im.ReadAt(got, off); err != nil || !bytes.Equal(got, make([]byte, len(got))) {
+			t.Fatalf("read at %d after the discard: %v (zeroes expected)", off, err)
+		}
+	}
+	closed = true
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exec.LookPath("qemu-img"); err == nil {
+		qemuClean(t, p)
 	}
 }

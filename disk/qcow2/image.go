@@ -151,6 +151,17 @@ type Image struct {
 	zstdDec []*zstdDecoder
 
 	closed bool
+
+	// pieceClusters bounds a piece of a DISCARD or WRITE_ZEROES range
+	// (zeroOrDiscard): defaultPieceClusters; tests make it small.
+	pieceClusters uint64
+	// zeroWritten counts the zero bytes such requests wrote as data
+	// (mu held exclusively), for the bound on a piece.
+	zeroWritten uint64
+	// pieceHook, when set (tests), runs between two pieces of a
+	// DISCARD or WRITE_ZEROES range, mu released, with the offset where
+	// the next piece starts.
+	pieceHook func(next uint64)
 }
 
 // ioFile is what the image does with its files. Tests substitute it to
@@ -372,6 +383,7 @@ func open(f *os.File, opts Options, st *chainState) (*Image, error) {
 		l1Dirty:       map[uint64]bool{},
 		rtDirty:       map[uint64]bool{},
 		rtOff:         h.rtOff,
+		pieceClusters: defaultPieceClusters,
 	}
 	if opts.growTo != 0 {
 		im.size = opts.growTo

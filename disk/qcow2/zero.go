@@ -28,6 +28,26 @@ func (im *Image) Discard(off, n int64) error {
 	return im.zeroOrDiscard(off, n, true, true)
 }
 
+// A DISCARD or WRITE_ZEROES range may cover the whole disk (a guest that
+// discards its 1 TiB disk at mkfs time). It is served in pieces of at most
+// pieceClusters clusters (and pieceZeroBytes of zeroes written), each with
+// mu held exclusively and ending with the piece's metadata written
+// (persist), exactly as if the guest had sent each piece as a request of
+// its own; mu is released between pieces, so that the guest's other
+// requests, reads included, wait for one piece at most rather than the
+// whole range (found in review: they stalled for as long as the range
+// took). Every guarantee of a request therefore holds for each piece: the
+// order of metadata writes, metaPending (clear between pieces, set by a
+// piece that fails), the latched sync failure, the corrupt mark. A read of
+// the range meanwhile finds each cluster as it was or as the request
+// leaves it, never anything else. The request succeeds only if every piece
+// does; one that fails mid-way leaves the pieces before it done (they read
+// as zeroes), as a real disk may.
+const (
+	defaultPieceClusters = 8192    // one L2 table of 64 KiB clusters
+	pieceZeroBytes       = 4 << 20 // zeroes written as data (raw data file, version 2)
+)
+
 func (im *Image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 	if im.ro {
 		return disk.ErrReadOnly
@@ -35,38 +55,60 @@ func (im *Image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 	if err := im.checkRange64(off, n); err != nil {
 		return err
 	}
+	pos, end := uint64(off), uint64(off+n)
+	for {
+		next, err := im.zeroOrDiscardPiece(pos, end, unmap, discard)
+		if err != nil || next >= end {
+			return err
+		}
+		pos = next
+		if im.pieceHook != nil {
+			im.pieceHook(pos)
+		}
+	}
+}
+
+// zeroOrDiscardPiece serves one piece of [pos, end) with mu held and
+// returns where the next piece starts (end when the range is done).
+func (im *Image) zeroOrDiscardPiece(pos, end uint64, unmap, discard bool) (uint64, error) {
 	im.mu.Lock()
 	defer im.mu.Unlock()
-	err := im.zeroOrDiscardLocked(off, n, unmap, discard)
+	next, err := im.zeroOrDiscardLocked(pos, end, unmap, discard)
 	if err != nil && err != errClosed && err != errMarkedCorrupt {
 		im.metaPending.Store(true) // its changes may be in the caches only; persist clears it
 	}
-	return err
+	return next, err
 }
 
-func (im *Image) zeroOrDiscardLocked(off, n int64, unmap, discard bool) error {
+// zeroOrDiscardLocked serves [pos, end) up to the bounds of a piece, writes
+// its metadata and returns where it stopped.
+func (im *Image) zeroOrDiscardLocked(pos, end uint64, unmap, discard bool) (uint64, error) {
 	if im.closed {
-		return errClosed
+		return 0, errClosed
 	}
 	if im.corruptMarked.Load() {
-		return errMarkedCorrupt
+		return 0, errMarkedCorrupt
 	}
 	what := "write zeroes"
 	if discard {
 		what = "discard"
 	}
-	pos, end := uint64(off), uint64(off+n)
-	for pos < end {
+	start := pos
+	zeroed0 := im.zeroWritten
+	for work := uint64(0); pos < end; work++ {
+		if work >= im.pieceClusters || im.zeroWritten-zeroed0 >= pieceZeroBytes {
+			break // the rest is the next piece's, after others had mu
+		}
 		gc := pos >> im.cb
 		base := gc << im.cb
-		if pos != uint64(off) && gc&(1<<im.l2Bits-1) == 0 {
+		if pos != start && gc&(1<<im.l2Bits-1) == 0 {
 			// A new L2 table: the ones behind are written back as
 			// the cache's bound says, as between two write requests.
-			// One request may span gigabytes; with small clusters its
-			// tables (and the clusters it frees) would otherwise all
-			// stay in memory until it ends.
+			// A piece may span gigabytes (large clusters); with small
+			// clusters its tables (and the clusters it frees) would
+			// otherwise all stay in memory until it ends.
 			if err := im.trimCaches(); err != nil {
-				return im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
+				return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
 			}
 		}
 		if l1i := gc >> im.l2Bits; im.l1[l1i]&l1OffsetMask == 0 && (im.backing == nil || base >= uint64(im.backingSize)) {
@@ -85,17 +127,24 @@ func (im *Image) zeroOrDiscardLocked(off, n int64, unmap, discard bool) error {
 			err = im.zeroCluster(gc, in, l, full, unmap)
 		}
 		if err != nil {
-			return im.markCorrupt(fmt.Errorf("qcow2 %s: %s at %d: %w", im.name, what, pos, err))
+			return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: %s at %d: %w", im.name, what, pos, err))
 		}
 		pos += l
 	}
 	if err := im.trimCaches(); err != nil {
-		return im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
+		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write back metadata: %w", im.name, err))
 	}
 	if err := im.persist(); err != nil {
-		return im.markCorrupt(fmt.Errorf("qcow2 %s: write metadata: %w", im.name, err))
+		return 0, im.markCorrupt(fmt.Errorf("qcow2 %s: write metadata: %w", im.name, err))
 	}
-	return nil
+	return pos, nil
+}
+
+// writeZeroData writes l zero bytes as data at guest offset pos (where
+// no zero flag can say it), counted against the piece's bound.
+func (im *Image) writeZeroData(l, pos uint64) error {
+	im.zeroWritten += l
+	return im.writeLocked(make([]byte, l), pos)
 }
 
 // readsZero reports whether guest range [base+in, base+in+l) of a cluster
@@ -130,16 +179,16 @@ func (im *Image) zeroCluster(gc, in, l uint64, full, unmap bool) error {
 	}
 	if im.rawData {
 		// The data file must stay a valid raw image: write real zeroes.
-		return im.writeLocked(make([]byte, l), base+in)
+		return im.writeZeroData(l, base+in)
 	}
 	if im.h.version < 3 {
 		if full && unmap && (im.backing == nil || base >= uint64(im.backingSize)) {
 			return im.deallocate(gc)
 		}
-		return im.writeLocked(make([]byte, l), base+in)
+		return im.writeZeroData(l, base+in)
 	}
 	if !full && !im.extL2 {
-		return im.writeLocked(make([]byte, l), base+in)
+		return im.writeZeroData(l, base+in)
 	}
 	sc := uint64(1) << im.scBits
 	// Subclusters entirely inside the range get the zero bit; partly
@@ -150,15 +199,15 @@ func (im *Image) zeroCluster(gc, in, l uint64, full, unmap bool) error {
 		s0, s1 = 0, 32
 	}
 	if s0 >= s1 {
-		return im.writeLocked(make([]byte, l), base+in)
+		return im.writeZeroData(l, base+in)
 	}
 	if head := s0*sc - in; s0*sc > in {
-		if err := im.writeLocked(make([]byte, head), base+in); err != nil {
+		if err := im.writeZeroData(head, base+in); err != nil {
 			return err
 		}
 	}
 	if tail := in + l - s1*sc; in+l > s1*sc && !full {
-		if err := im.writeLocked(make([]byte, tail), base+s1*sc); err != nil {
+		if err := im.writeZeroData(tail, base+s1*sc); err != nil {
 			return err
 		}
 	}
@@ -178,7 +227,7 @@ func (im *Image) zeroCluster(gc, in, l uint64, full, unmap bool) error {
 		// Extended L2, whole subclusters of a cluster.
 		m := subMask(s0, s1-1)
 		if ci.typ == ctCompressed || (ci.typ == ctNormal && !own) {
-			return im.writeLocked(make([]byte, (s1-s0)*sc), base+s0*sc)
+			return im.writeZeroData((s1-s0)*sc, base+s0*sc)
 		}
 		ne := uint64(0)
 		if ci.hasHost {
