@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/krun-core/krun-core/disk"
@@ -389,4 +391,102 @@ func TestZeroDataBoundsAPiece(t *testing.T) {
 	clear(wantData[cs : cs+n])
 	compareImage(t, im, wantData, 4)
 	checkPiecedImage(t, im, p, base, wantData)
+}
+
+// TestPiecesUnderConcurrentIO runs long discards and zero writes in
+// pieces of two clusters while other goroutines rewrite clusters and read
+// the range: every cluster a read finds must hold its data or zeroes,
+// never a mix or anything else, and the image must check clean at the
+// end. Run it with -race.
+func TestPiecesUnderConcurrentIO(t *testing.T) {
+	const cs, size = 4096, 2 << 20
+	for _, backing := range []bool{false, true} {
+		t.Run(fmt.Sprintf("backing=%v", backing), func(t *testing.T) {
+			im, p, base, _ := pieceImage(t, cs, size, backing, 2)
+			pattern := func(c int64) []byte { return bytes.Repeat([]byte{byte(c) | 1}, cs) }
+			for c := int64(0); c < size/cs; c++ {
+				if _, err := im.WriteAt(pattern(c), c*cs); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var wg sync.WaitGroup
+			stop := make(chan struct{})
+			errs := make(chan error, 8)
+			wg.Add(1)
+			go func() { // zeroer
+				defer wg.Done()
+				defer close(stop)
+				for i := 0; i < 12; i++ {
+					var err error
+					switch i % 3 {
+					case 0:
+						err = im.Discard(cs, size-2*cs)
+					case 1:
+						err = im.WriteZeroes(cs, size-2*cs, false)
+					default:
+						err = im.WriteZeroes(0, size, true)
+					}
+					if err != nil {
+						errs <- fmt.Errorf("zeroer op %d: %w", i, err)
+						return
+					}
+				}
+			}()
+			wg.Add(1)
+			go func() { // writer
+				defer wg.Done()
+				r := rand.New(rand.NewSource(1))
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					c := r.Int63n(size / cs)
+					if _, err := im.WriteAt(pattern(c), c*cs); err != nil {
+						errs <- fmt.Errorf("write of cluster %d: %w", c, err)
+						return
+					}
+				}
+			}()
+			for rd := 0; rd < 2; rd++ {
+				wg.Add(1)
+				go func(seed int64) { // reader
+					defer wg.Done()
+					r := rand.New(rand.NewSource(seed))
+					buf := make([]byte, 8*cs)
+					zero := make([]byte, cs)
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						c0 := r.Int63n(size/cs - 8)
+						if _, err := im.ReadAt(buf, c0*cs); err != nil {
+							errs <- fmt.Errorf("read at cluster %d: %w", c0, err)
+							return
+						}
+						for k := int64(0); k < 8; k++ {
+							g := buf[k*cs : (k+1)*cs]
+							if !bytes.Equal(g, zero) && !bytes.Equal(g, pattern(c0+k)) {
+								errs <- fmt.Errorf("cluster %d reads neither its data nor zeroes (byte 0 %#x)", c0+k, g[0])
+								return
+							}
+						}
+					}
+				}(int64(rd) + 2)
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			got := make([]byte, size)
+			if _, err := im.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			checkPiecedImage(t, im, p, base, got)
+		})
+	}
 }
