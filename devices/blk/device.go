@@ -37,6 +37,9 @@ func (d *Device) Queue(_ context.Context, idx int) (backend.QueueConfig, error) 
 		workers = 0 // synchronous, on the ring's goroutine
 	}
 	h := &queueHandler{ws: make([]*worker, workers+1), inlineWrites: d.serialW}
+	if !d.readOnly {
+		h.rangesMax = SegmentSize * uint64(max(d.limits.maxDiscardSeg, d.limits.maxWriteZeroesSeg))
+	}
 	for i := range h.ws {
 		h.ws[i] = d.newWorker()
 	}
@@ -49,6 +52,11 @@ type queueHandler struct {
 	// inlineWrites serves writes on the ring's goroutine: with
 	// SerialWrites they would only queue for the write lock on a worker.
 	inlineWrites bool
+	// rangesMax is the longest payload of a DISCARD or WRITE_ZEROES
+	// request (its ranges), 0 where the device offers neither: a chain
+	// with the shape of a write whose payload may be such ranges goes to
+	// a worker (see Inline).
+	rangesMax uint64
 	// streak counts the writes in a row the ring's goroutine has taken,
 	// up to writeStreak; any other request resets it. Ring goroutine
 	// only: every request passes Inline there, or is handled there.
@@ -75,6 +83,15 @@ const writeStreak = 64
 // bytes to read) and flushes (nothing after the header) go to workers. A
 // chain that only looks like a write is served like any other request, on
 // the ring's goroutine.
+//
+// DISCARD and WRITE_ZEROES have a write's shape too, with a payload of
+// 16-byte ranges that may each cover gigabytes: served on the ring's
+// goroutine, one kept every other request of the queue, reads included,
+// waiting until it ended (the image serves it in pieces and lets other
+// requests in between; found in review). So a payload that cannot be a
+// write (not whole sectors) or may be ranges (whole sectors, but no longer
+// than the most ranges a request may carry: 512 bytes with the default 32)
+// goes to a worker; only 512-byte writes share the second shape.
 func (h *queueHandler) Inline(req *backend.Request) bool {
 	if !h.inlineWrites {
 		return false
@@ -86,7 +103,7 @@ func (h *queueHandler) Inline(req *backend.Request) bool {
 // inline is Inline's choice for a chain with rd bytes for the device to
 // read and wr to write, counting the streak of writes.
 func (h *queueHandler) inline(rd, wr uint64) bool {
-	if !isWrite(rd, wr) {
+	if !h.isWrite(rd, wr) {
 		h.streak = 0
 		return false
 	}
@@ -100,16 +117,17 @@ func (h *queueHandler) inline(rd, wr uint64) bool {
 // Inline having seen it (alone on an idle ring): all but writes end the
 // streak.
 func (h *queueHandler) handledOnRing(rd, wr uint64) {
-	if !isWrite(rd, wr) {
+	if !h.isWrite(rd, wr) {
 		h.streak = 0
 	}
 }
 
 // isWrite reports whether a chain with rd bytes for the device to read and
-// wr to write has the shape of a write (or discard): a header and data to
-// read, one status byte to write.
-func isWrite(rd, wr uint64) bool {
-	return wr == 1 && rd > HeaderSize
+// wr to write has the shape of a write, and not that of a DISCARD or
+// WRITE_ZEROES request: a header and whole sectors to read, more than a
+// request's ranges may take, one status byte to write.
+func (h *queueHandler) isWrite(rd, wr uint64) bool {
+	return wr == 1 && rd > HeaderSize && (rd-HeaderSize)%SectorSize == 0 && rd-HeaderSize > h.rangesMax
 }
 
 func (h *queueHandler) Handle(req *backend.Request) {

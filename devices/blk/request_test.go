@@ -2,6 +2,7 @@ package blk
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -631,30 +632,63 @@ func BenchmarkHandle(b *testing.B) {
 }
 
 // TestInlineShapes: the chain shapes served on the ring's goroutine with
-// SerialWrites (queueHandler.Inline) outside a stream of writes: writes
-// and discards of at most inlineWriteMax bytes; never a read, a flush,
-// GET_ID or a long write.
+// SerialWrites (queueHandler.Inline) outside a stream of writes: writes of
+// at most inlineWriteMax bytes; never a read, a flush, GET_ID, a long
+// write, or what may be a DISCARD or WRITE_ZEROES request, whose ranges
+// may take long to serve (they kept the whole queue waiting, reads
+// included; found in review), nor a 512-byte write, which has the shape
+// of 32 ranges.
 func TestInlineShapes(t *testing.T) {
+	d, err := New(Config{Disk: newMemDisk(1 << 20)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	qc, err := d.Queue(context.Background(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rangesMax := qc.Handler.(*queueHandler).rangesMax
+	if rangesMax != SegmentSize*DefaultMaxSegments {
+		t.Fatalf("rangesMax %d, want %d", rangesMax, SegmentSize*DefaultMaxSegments)
+	}
 	for _, tc := range []struct {
 		name   string
 		rd, wr uint64
 		want   bool
 	}{
 		{"4 KiB write", HeaderSize + 4096, 1, true},
+		{"1 KiB write", HeaderSize + 1024, 1, true},
+		{"512-byte write", HeaderSize + 512, 1, false},
 		{"64 KiB write", HeaderSize + inlineWriteMax, 1, true},
 		{"64 KiB + 512 write", HeaderSize + inlineWriteMax + 512, 1, false},
 		{"1 MiB write", HeaderSize + 1<<20, 1, false},
-		{"discard, one segment", HeaderSize + SegmentSize, 1, true},
+		{"discard, one range", HeaderSize + SegmentSize, 1, false},
+		{"discard, 31 ranges", HeaderSize + 31*SegmentSize, 1, false},
+		{"discard, 32 ranges", HeaderSize + 32*SegmentSize, 1, false},
 		{"flush", HeaderSize, 1, false},
 		{"4 KiB read", HeaderSize, 4096 + 1, false},
 		{"GET_ID", HeaderSize, 20 + 1, false},
 		{"no status byte", HeaderSize + 4096, 0, false},
 		{"header cut short", HeaderSize - 1, 1, false},
 	} {
-		h := &queueHandler{inlineWrites: true}
+		h := &queueHandler{inlineWrites: true, rangesMax: rangesMax}
 		if got := h.inline(tc.rd, tc.wr); got != tc.want {
 			t.Errorf("%s (read %d, write %d): %v, want %v", tc.name, tc.rd, tc.wr, got, tc.want)
 		}
+	}
+	// A read-only device takes no ranges: its 512-byte writes (refused)
+	// keep the write's shape.
+	rod := newMemDisk(1 << 20)
+	rod.ro = true
+	ro, err := New(Config{Disk: rod})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if qc, err = ro.Queue(context.Background(), 0); err != nil {
+		t.Fatal(err)
+	}
+	if m := qc.Handler.(*queueHandler).rangesMax; m != 0 {
+		t.Fatalf("read-only device: rangesMax %d, want 0", m)
 	}
 }
 
