@@ -118,6 +118,16 @@ type Handler interface {
 // WritableLen) only, never at guest memory.
 type Inliner interface{ Inline(req *Request) bool }
 
+// Offloader may be implemented by a Handler: Offload is called on the
+// ring's goroutine for a request that is alone on an idle ring, which
+// would otherwise be served there (no hand-off at queue depth 1); true
+// sends it to a worker instead, so that chains the driver adds meanwhile
+// are taken at once. For requests that may take long (a virtio-blk
+// DISCARD over gigabytes), during which the ring would take no new
+// chains. Like Inline, Offload may look at the chain's shape only, never
+// at guest memory. It has no effect on a queue without workers.
+type Offloader interface{ Offload(req *Request) bool }
+
 // Drainer may be implemented by a Handler: Drained is called on the ring's
 // goroutine each time the ring has no more available chains, after every
 // chain taken so far was given to Handle and before the used elements are

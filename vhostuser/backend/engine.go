@@ -85,6 +85,7 @@ type engine struct {
 	ringConfig
 	handler  Handler
 	inliner  Inliner // handler's, if it implements it
+	offload  Offloader
 	drainer  Drainer
 	producer Producer
 	workers  int
@@ -146,6 +147,7 @@ func newEngine(rc ringConfig, qc QueueConfig) (*engine, error) {
 	}
 	e := &engine{ringConfig: rc, handler: qc.Handler, producer: qc.Producer, workers: qc.Workers, stopLeft: -1}
 	e.inliner, _ = qc.Handler.(Inliner)
+	e.offload, _ = qc.Handler.(Offloader)
 	e.max = int(rc.q.Size())
 	if qc.MaxInFlight > 0 && qc.MaxInFlight < e.max {
 		e.max = qc.MaxInFlight
@@ -337,13 +339,14 @@ func (e *engine) pop(req *Request) (bool, error) {
 
 // dispatch hands a taken request to the handler: on this goroutine when
 // there are no workers, when it is alone on an idle ring (no hand-off at
-// queue depth 1), or when the handler's Inline asks for it; otherwise to a
-// worker. An error (publishing failed) fails the ring; req was dropped.
+// queue depth 1) and the handler's Offload does not refuse it, or when the
+// handler's Inline asks for it; otherwise to a worker. An error
+// (publishing failed) fails the ring; req was dropped.
 func (e *engine) dispatch(req *Request) error {
 	// The choice reads guest memory (the pending chains, an Inliner's
 	// look at the request): req stays e.taken until it is made.
 	here := e.work == nil ||
-		(e.busy.Load() == 0 && e.pending() == 0) ||
+		(e.busy.Load() == 0 && e.pending() == 0 && (e.offload == nil || !e.offload.Offload(req))) ||
 		(e.inliner != nil && e.inliner.Inline(req))
 	e.taken = nil
 	switch {

@@ -162,6 +162,32 @@ func TestInliner(t *testing.T) {
 	}
 }
 
+// TestOffloader: a request alone on an idle ring is served on the ring's
+// goroutine, unless the handler's Offload sends it to a worker (a long
+// request, during which the ring would take no new chains).
+func TestOffloader(t *testing.T) {
+	dev := newTestDevice(1)
+	dev.mode, dev.workers = "offload", 2
+	_, g, r := startGuest(t, dev, testguest.Options{QueueSize: 64})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i, msg := range []string{"s000", "long request 001", "s002", "long request 003"} {
+		postEcho(t, g, r, msg)
+		if done, err := r.Wait(ctx); err != nil || len(done) != 1 {
+			t.Fatalf("%q: %+v, %v", msg, done, err)
+		}
+		w, ok := dev.workerOf.Load(msg)
+		switch {
+		case !ok:
+			t.Fatalf("%q was not served", msg)
+		case i%2 == 0 && w.(int) != 0:
+			t.Fatalf("%q alone on an idle ring (Offload: false) was served by worker %d, not the ring's goroutine", msg, w)
+		case i%2 == 1 && w.(int) == 0:
+			t.Fatalf("%q (Offload: true) was served on the ring's goroutine", msg)
+		}
+	}
+}
+
 // TestStopWaitsForAsync stops a ring whose requests are completed later by
 // the device: the stop (GET_VRING_BASE) returns only once they are, and
 // the base accounts for all of them.

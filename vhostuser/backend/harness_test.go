@@ -144,6 +144,8 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 		return backend.QueueConfig{Handler: holdHandler{d.held}, Workers: d.workers}, nil
 	case "inline":
 		return backend.QueueConfig{Handler: inlineHandler{&d.workerOf}, Workers: d.workers}, nil
+	case "offload":
+		return backend.QueueConfig{Handler: offloadHandler{inlineHandler{&d.workerOf}}, Workers: d.workers}, nil
 	case "gate":
 		return backend.QueueConfig{Handler: gateHandler{d.gate}, Workers: d.workers}, nil
 	case "inline-panic":
@@ -181,6 +183,12 @@ func (h inlineHandler) Handle(req *backend.Request) {
 	n, _ := c.Write(msg)
 	req.Complete(uint32(n))
 }
+
+// offloadHandler is inlineHandler, except that it sends requests of more
+// than 8 bytes to a worker even alone on an idle ring (backend.Offloader).
+type offloadHandler struct{ inlineHandler }
+
+func (h offloadHandler) Offload(req *backend.Request) bool { return req.Chain().ReadableLen() > 8 }
 
 // gateHandler echoes; requests of at most 8 bytes are served on the ring's
 // goroutine (backend.Inliner), each once gate is closed; longer ones on
