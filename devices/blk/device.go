@@ -100,6 +100,22 @@ func (h *queueHandler) Inline(req *backend.Request) bool {
 	return h.inline(c.ReadableLen(), c.WritableLen())
 }
 
+// Offload (backend.Offloader) sends what may be a DISCARD or WRITE_ZEROES
+// request (see Inline) to a worker even alone on an idle ring: served on
+// the ring's goroutine, a long one kept the ring from taking the requests
+// the driver added meanwhile until it ended.
+func (h *queueHandler) Offload(req *backend.Request) bool {
+	c := req.Chain()
+	return h.mayBeRanges(c.ReadableLen(), c.WritableLen())
+}
+
+// mayBeRanges reports whether a chain with rd bytes for the device to read
+// and wr to write may be a DISCARD or WRITE_ZEROES request: a header and
+// at most rangesMax bytes of 16-byte ranges to read, one status byte.
+func (h *queueHandler) mayBeRanges(rd, wr uint64) bool {
+	return wr == 1 && rd > HeaderSize && rd-HeaderSize <= h.rangesMax && (rd-HeaderSize)%SegmentSize == 0
+}
+
 // inline is Inline's choice for a chain with rd bytes for the device to
 // read and wr to write, counting the streak of writes.
 func (h *queueHandler) inline(rd, wr uint64) bool {

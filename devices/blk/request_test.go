@@ -676,6 +676,29 @@ func TestInlineShapes(t *testing.T) {
 			t.Errorf("%s (read %d, write %d): %v, want %v", tc.name, tc.rd, tc.wr, got, tc.want)
 		}
 	}
+	// Alone on an idle ring, what may be ranges goes to a worker too
+	// (Offload), with SerialWrites or without.
+	for _, tc := range []struct {
+		name   string
+		rd, wr uint64
+		want   bool
+	}{
+		{"discard, one range", HeaderSize + SegmentSize, 1, true},
+		{"discard, 32 ranges", HeaderSize + 32*SegmentSize, 1, true},
+		{"discard, 33 ranges (too many)", HeaderSize + 33*SegmentSize, 1, false},
+		{"512-byte write", HeaderSize + 512, 1, true},
+		{"4 KiB write", HeaderSize + 4096, 1, false},
+		{"payload of 17 bytes", HeaderSize + 17, 1, false},
+		{"4 KiB read", HeaderSize, 4096 + 1, false},
+		{"flush", HeaderSize, 1, false},
+	} {
+		for _, serial := range []bool{false, true} {
+			h := &queueHandler{inlineWrites: serial, rangesMax: rangesMax}
+			if got := h.mayBeRanges(tc.rd, tc.wr); got != tc.want {
+				t.Errorf("Offload, %s (read %d, write %d; serial writes %v): %v, want %v", tc.name, tc.rd, tc.wr, serial, got, tc.want)
+			}
+		}
+	}
 	// A read-only device takes no ranges: its 512-byte writes (refused)
 	// keep the write's shape.
 	rod := newMemDisk(1 << 20)

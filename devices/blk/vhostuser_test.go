@@ -795,3 +795,44 @@ func TestReadPublishedInWriteStream(t *testing.T) {
 		t.Errorf("the read was done, but %d writes queued behind it began before the driver could see it", h)
 	}
 }
+
+// waitDisk's Discard waits (5 s at most) for a read to reach the disk:
+// the read must get past the discard in flight.
+type waitDisk struct {
+	*raw.Disk
+	once sync.Once
+	read chan struct{}
+}
+
+func (w *waitDisk) Discard(off, n int64) error {
+	select {
+	case <-w.read:
+		return w.Disk.Discard(off, n)
+	case <-time.After(5 * time.Second):
+		return errors.New("no read got past the discard in 5 s")
+	}
+}
+
+func (w *waitDisk) ReadvAt(bufs [][]byte, off int64) (int, error) {
+	w.once.Do(func() { close(w.read) })
+	return w.Disk.ReadvAt(bufs, off)
+}
+
+// TestReadPassesLongDiscard: a read posted behind a DISCARD that takes its
+// time (a range of gigabytes) completes while the discard is in flight,
+// with SerialWrites (a qcow2 or raw image in a regular file) or without:
+// with it, the discard was served on the ring's goroutine as a write, and
+// the read waited until it ended (found in review).
+func TestReadPassesLongDiscard(t *testing.T) {
+	for _, serial := range []bool{false, true} {
+		t.Run(fmt.Sprintf("serial=%v", serial), func(t *testing.T) {
+			r := newRigConfig(t, 8<<20, false, blk.Config{QueueWorkers: 4, SerialWrites: serial}, func(d *raw.Disk) disk.Disk {
+				return &waitDisk{Disk: d, read: make(chan struct{})}
+			})
+			bk := r.blk(t, 0)
+			discard := &testguest.BlkRequest{Type: testguest.BlkTDiscard, Data: seg(0, 8<<20/512, 0)}
+			read := &testguest.BlkRequest{Type: testguest.BlkTIn, Sector: 8, Data: make([]byte, 4096)}
+			doBlk(t, bk, discard, read)
+		})
+	}
+}
