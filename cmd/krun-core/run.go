@@ -110,6 +110,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		modules   = fs.String("kernel-modules", "", "the kernel's module tree (`DIR`), for --root (default: next to the kernel, then /lib/modules/RELEASE)")
 		restarts  = fs.String("plugin-restarts", pluginhost.RestartPolicy{}.String(), "restart a disk, network or --plugin device's plugin that dies at most `N/DURATION` times (e.g. 5/60s), or off; then the device fails (at once for a plugin whose device says its requests must not be replayed)")
 		bootTO    = secondsFlag(vmm.DefaultBootTimeout)
+		handshake = secondsFlag(vmm.DefaultPluginHandshakeTimeout)
 		disks     multiFlag
 		shares    multiFlag
 		nets      multiFlag
@@ -127,6 +128,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&externals, "vhost-user", "an external vhost-user back-end `SPEC` (above), not sandboxed by krun-core")
 	fs.Var(&envs, "env", "`KEY=VALUE` in the command's environment; a bare KEY takes krun-core's own value, if it has one (repeatable; with --root)")
 	fs.Var(&rlimits, "rlimit", "`NAME=SOFT:HARD` resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
+	fs.Var(&handshake, "handshake-timeout", "how long each plugin may take to start, at launch and at a restart (`DURATION`, 90s, 2m; a bare number is seconds); more for an emulated or heavily loaded host")
 	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this `DURATION` after it starts (90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
 	// With a command after "--", run's own failures exit 125; that is
 	// known before the flags are parsed, so a bad flag gets it too.
@@ -289,6 +291,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("--plugin-restarts: %v", err)
 	}
 	c.SetPluginRestarts(rp)
+	if err := c.SetPluginHandshakeTimeout(time.Duration(handshake)); err != nil {
+		return fail("--handshake-timeout: %v", err)
+	}
 	if err := c.SetBootTimeout(time.Duration(bootTO)); err != nil {
 		return fail("--boot-timeout: %v", err)
 	}

@@ -62,6 +62,8 @@ func TestRunUsageErrors(t *testing.T) {
 		{[]string{"--kernel", k, "--boot-timeout", "soon"}, "not a duration"},
 		{[]string{"--kernel", k, "--boot-timeout", "-5s"}, "negative"},
 		{[]string{"--kernel", k, "--boot-timeout", "-5"}, `"-5" is negative`},
+		{[]string{"--kernel", k, "--handshake-timeout", "0"}, "--handshake-timeout: 0s is not positive"},
+		{[]string{"--kernel", k, "--handshake-timeout", "soon"}, "not a duration"},
 		// Checked before the KVM check, as the other flags are (from
 		// review: a directory or /dev/null got that far).
 		{[]string{"--kernel", dir}, "--kernel " + dir + ": not a regular file"},

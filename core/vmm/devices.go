@@ -27,9 +27,10 @@ import (
 
 // Plugin time limits. Start-up gets more than pluginhost's default: on a
 // loaded machine (or a nested guest) a plugin's handshake can take seconds.
+// SetPluginHandshakeTimeout changes the start-up's.
 const (
-	pluginShutdownTimeout  = 10 * time.Second
-	pluginHandshakeTimeout = 60 * time.Second
+	pluginShutdownTimeout         = 10 * time.Second
+	DefaultPluginHandshakeTimeout = 60 * time.Second
 )
 
 // virtio-net's config space: the status field and its link bit.
@@ -332,7 +333,7 @@ func (d *pluginDevice) startPlugin(ctx context.Context) (*pluginhost.DeviceInfo,
 	}
 	cfg := pluginhost.Config{
 		Kind: d.opened.Kind, PluginDir: c.pluginDir, Socket: theirs, Files: files,
-		Logger: d.log, SandboxOff: c.sandboxOff, HandshakeTimeout: pluginHandshakeTimeout,
+		Logger: d.log, SandboxOff: c.sandboxOff, HandshakeTimeout: c.handshakeTimeout(),
 	}
 	if lc := d.launchConfig(); lc != nil {
 		cfg.Sandbox = *lc

@@ -95,6 +95,7 @@ type Context struct {
 	bootMarker     string
 	bootTimeout    time.Duration
 	restartPolicy  pluginhost.RestartPolicy
+	handshake      time.Duration // a plugin's start-up limit; 0: DefaultPluginHandshakeTimeout
 	started        bool
 	keepPrivileges bool
 
@@ -330,6 +331,25 @@ func (c *Context) SetKeepPrivileges(keep bool) { c.keepPrivileges = keep }
 // pluginhost.DefaultRestartWindow; a negative Max turns restarts off. A
 // device whose plugin dies once more fails (DEVICE_NEEDS_RESET).
 func (c *Context) SetPluginRestarts(p pluginhost.RestartPolicy) { c.restartPolicy = p }
+
+// SetPluginHandshakeTimeout sets how long each plugin may take to start
+// (exec to go-plugin's handshake line), at launch and at every restart
+// (default 60 s): more for an emulated or heavily loaded host.
+func (c *Context) SetPluginHandshakeTimeout(d time.Duration) error {
+	if d <= 0 {
+		return fmt.Errorf("%v is not positive", d)
+	}
+	c.handshake = d
+	return nil
+}
+
+// handshakeTimeout is SetPluginHandshakeTimeout's, or the default.
+func (c *Context) handshakeTimeout() time.Duration {
+	if c.handshake > 0 {
+		return c.handshake
+	}
+	return DefaultPluginHandshakeTimeout
+}
 
 // SetBootMarker makes Start record, in Result.Timing.KernelBoot, when the
 // guest first prints marker on its console (its init announcing itself).

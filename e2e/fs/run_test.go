@@ -59,7 +59,7 @@ chown -R 65534:65534 /tmp/share
 rc=0
 # The outer root is the initramfs (rootfs): the plugin sandbox's root layer
 # moves its empty root over it instead of pivoting.
-e2e_bounded 300 /tmp/inner.log krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
+e2e_bounded 300 /tmp/inner.log krun-core run --handshake-timeout 10m --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
 	--plugin-dir /bin --log-level info --cmdline "console=ttyS0 panic=-1 quiet" --boot-timeout 120 \
 	--fs path=/tmp/share,tag=share || rc=$?
 sed 's/^/inner| /' /tmp/inner.log

@@ -130,7 +130,7 @@ for s in qsd vfsd kblk kfs; do
 done
 sleep 1 # the daemons bind before they listen
 rc=0
-e2e_bounded 300 /tmp/inner.log krun-core run --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
+e2e_bounded 300 /tmp/inner.log krun-core run --handshake-timeout 10m --kernel /nested/vmlinuz --initrd /nested/initramfs.cpio --memory 256M \
 	--plugin-dir /bin --log-level info --cmdline "console=ttyS0 panic=-1 quiet" --boot-timeout 120 \
 	--vhost-user type=blk,socket=/tmp/qsd.sock \
 	--vhost-user type=fs,socket=/tmp/vfsd.sock,tag=vfsd \
