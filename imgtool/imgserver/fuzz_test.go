@@ -1,6 +1,7 @@
 package imgserver
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -13,7 +14,8 @@ import (
 // FuzzImageOps feeds hostile files to everything the plugin runs on an
 // image it is handed: probe, info, check, verify and convert (to qcow2,
 // which reads every allocated cluster, compressed ones included). None
-// may panic or hang; errors are fine.
+// may panic or hang; errors are fine, but a conversion that succeeds
+// writes a clean image that reads as the input does.
 func FuzzImageOps(f *testing.F) {
 	dir := f.TempDir()
 	for i, o := range []qcow2.CreateOptions{
@@ -83,6 +85,39 @@ func FuzzImageOps(f *testing.F) {
 			t.Fatal(err)
 		}
 		job := ConvertJob{Input: Layer{File: d, Format: "qcow2"}, Output: out, OutputFormat: "qcow2"}
-		job.Run(context.Background(), nil)
+		if _, err := job.Run(context.Background(), nil); err != nil {
+			return
+		}
+		// A conversion that succeeds writes a clean image holding what
+		// the input reads as.
+		if res, err := qcow2.Check(out, qcow2.RepairNone); err != nil || !res.Clean() {
+			t.Fatalf("converted image: %v, %+v", err, res)
+		}
+		src, err := qcow2.Open(in, qcow2.Options{ReadOnly: true})
+		if err != nil {
+			t.Fatalf("input converted, but does not open: %v", err)
+		}
+		defer src.Close()
+		dst, err := qcow2.Open(out, qcow2.Options{ReadOnly: true})
+		if err != nil {
+			t.Fatalf("converted image does not open: %v", err)
+		}
+		defer dst.Close()
+		if dst.Size() != src.Size() {
+			t.Fatalf("converted image of %d bytes from %d", dst.Size(), src.Size())
+		}
+		want, got := make([]byte, 1<<20), make([]byte, 1<<20)
+		for off := int64(0); off < src.Size(); off += int64(len(want)) {
+			n := min(int64(len(want)), src.Size()-off)
+			if _, err := src.ReadAt(want[:n], off); err != nil {
+				t.Fatalf("input converted, but reads fail at %d: %v", off, err)
+			}
+			if _, err := dst.ReadAt(got[:n], off); err != nil {
+				t.Fatalf("converted image: read at %d: %v", off, err)
+			}
+			if !bytes.Equal(got[:n], want[:n]) {
+				t.Fatalf("converted image differs from the input in [%d, +%d)", off, n)
+			}
+		}
 	})
 }
