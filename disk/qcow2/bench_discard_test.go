@@ -40,30 +40,26 @@ func BenchmarkDiscard(b *testing.B) {
 				}
 			}
 		}
-		b.Run("long-discard-"+clusterName(cs), func(b *testing.B) {
-			im := open(b)
-			b.SetBytes(span)
-			for i := 0; i < b.N; i++ {
-				b.StopTimer()
-				fill(b, im)
-				b.StartTimer()
-				if err := im.Discard(0, span); err != nil {
-					b.Fatal(err)
+		for _, op := range []struct {
+			name string
+			do   func(im *Image) error
+		}{
+			{"long-discard-", func(im *Image) error { return im.Discard(0, span) }},
+			{"long-zeroes-", func(im *Image) error { return im.WriteZeroes(0, span, false) }},
+		} {
+			b.Run(op.name+clusterName(cs), func(b *testing.B) {
+				im := open(b)
+				b.SetBytes(span)
+				for i := 0; i < b.N; i++ {
+					b.StopTimer()
+					fill(b, im)
+					b.StartTimer()
+					if err := op.do(im); err != nil {
+						b.Fatal(err)
+					}
 				}
-			}
-		})
-		b.Run("long-zeroes-"+clusterName(cs), func(b *testing.B) {
-			im := open(b)
-			b.SetBytes(span)
-			for i := 0; i < b.N; i++ {
-				b.StopTimer()
-				fill(b, im)
-				b.StartTimer()
-				if err := im.WriteZeroes(0, span, false); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
+			})
+		}
 		b.Run("cluster-"+clusterName(cs), func(b *testing.B) {
 			im := open(b)
 			buf := make([]byte, cs)

@@ -254,15 +254,7 @@ func TestPiecedDiscardFailsMidway(t *testing.T) {
 	if im.metaPending.Load() {
 		t.Fatal("metaPending still set after a write's persist")
 	}
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	killed := filepath.Join(t.TempDir(), "killed.qcow2")
-	if err := os.WriteFile(killed, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	after := openImage(t, killed, true)
+	after := openKilledCopy(t, p)
 	kgot := make([]byte, size)
 	if _, err := after.ReadAt(kgot, 0); err != nil {
 		t.Fatal(err)

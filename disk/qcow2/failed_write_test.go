@@ -194,15 +194,7 @@ func TestRetriedWriteAfterFailedL2Write(t *testing.T) {
 	}
 	// The plugin is killed now: what the file holds is what a new one
 	// finds. A copy of it, opened apart.
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	killed := filepath.Join(t.TempDir(), "killed.qcow2")
-	if err := os.WriteFile(killed, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	after := openImage(t, killed, true)
+	after := openKilledCopy(t, p)
 	defer after.Close()
 	got := make([]byte, len(data))
 	if _, err := after.ReadAt(got, cs); err != nil {

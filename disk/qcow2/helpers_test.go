@@ -149,6 +149,22 @@ func openImage(t testing.TB, path string, ro bool, chain ...Layer) *Image {
 	return im
 }
 
+// openKilledCopy opens, read-only, a copy of the file at path as it is
+// now: what a plugin killed at this point leaves for the next one, opened
+// apart from the image still open on path.
+func openKilledCopy(t testing.TB, path string, chain ...Layer) *Image {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed := filepath.Join(t.TempDir(), "killed.qcow2")
+	if err := os.WriteFile(killed, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return openImage(t, killed, true, chain...)
+}
+
 // compareImage reads all of im in assorted request sizes and compares it
 // with want.
 func compareImage(t testing.TB, im disk.Disk, want []byte, seed int64) {
