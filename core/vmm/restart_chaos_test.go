@@ -94,23 +94,7 @@ func (d *cqDriver) reg(off uint64, v uint32) {
 }
 
 func (d *cqDriver) start() error {
-	d.reg(mmio.RegStatus, 0)
-	d.reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver)
-	d.reg(mmio.RegDriverFeatSel, 1)
-	d.reg(mmio.RegDriverFeatures, 1) // VIRTIO_F_VERSION_1
-	d.reg(mmio.RegDriverFeatSel, 0)
-	d.reg(mmio.RegDriverFeatures, 0)
-	d.reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver|mmio.StatusFeaturesOK)
-	d.reg(mmio.RegQueueSel, 0)
-	d.reg(mmio.RegQueueNum, cqSize)
-	d.reg(mmio.RegQueueDescLow, cqDesc)
-	d.reg(mmio.RegQueueDriverLow, cqAvail)
-	d.reg(mmio.RegQueueDeviceLow, cqUsed)
-	d.reg(mmio.RegQueueReady, 1)
-	d.reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver|mmio.StatusFeaturesOK|mmio.StatusDriverOK)
-	var b [4]byte
-	d.dev.Read(mmio.RegStatus, b[:])
-	if st := binary.LittleEndian.Uint32(b[:]); st&mmio.StatusDriverOK == 0 {
+	if st := startQueue0(d.dev, cqSize, cqDesc, cqAvail, cqUsed); st&mmio.StatusDriverOK == 0 {
 		return fmt.Errorf("device status %#x", st)
 	}
 	return nil

@@ -58,22 +58,36 @@ func (r *ringDriver) rd(off uint64) uint32 {
 	return binary.LittleEndian.Uint32(b[:])
 }
 
+// startQueue0 brings dev up as a guest's driver does, with only
+// VIRTIO_F_VERSION_1 and queue 0 of size entries at desc, avail and used,
+// and returns the device status read back (DRIVER_OK set if it took it).
+func startQueue0(dev *mmio.Device, size, desc, avail, used uint32) uint32 {
+	reg := func(off uint64, v uint32) {
+		var b [4]byte
+		binary.LittleEndian.PutUint32(b[:], v)
+		dev.Write(off, b[:])
+	}
+	reg(mmio.RegStatus, 0)
+	reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver)
+	reg(mmio.RegDriverFeatSel, 1)
+	reg(mmio.RegDriverFeatures, 1) // VIRTIO_F_VERSION_1
+	reg(mmio.RegDriverFeatSel, 0)
+	reg(mmio.RegDriverFeatures, 0)
+	reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver|mmio.StatusFeaturesOK)
+	reg(mmio.RegQueueSel, 0)
+	reg(mmio.RegQueueNum, size)
+	reg(mmio.RegQueueDescLow, desc)
+	reg(mmio.RegQueueDriverLow, avail)
+	reg(mmio.RegQueueDeviceLow, used)
+	reg(mmio.RegQueueReady, 1)
+	reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver|mmio.StatusFeaturesOK|mmio.StatusDriverOK)
+	var b [4]byte
+	dev.Read(mmio.RegStatus, b[:])
+	return binary.LittleEndian.Uint32(b[:])
+}
+
 func (r *ringDriver) start() {
-	r.reg(mmio.RegStatus, 0)
-	r.reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver)
-	r.reg(mmio.RegDriverFeatSel, 1)
-	r.reg(mmio.RegDriverFeatures, 1) // VIRTIO_F_VERSION_1
-	r.reg(mmio.RegDriverFeatSel, 0)
-	r.reg(mmio.RegDriverFeatures, 0)
-	r.reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver|mmio.StatusFeaturesOK)
-	r.reg(mmio.RegQueueSel, 0)
-	r.reg(mmio.RegQueueNum, rdQueueSize)
-	r.reg(mmio.RegQueueDescLow, rdDesc)
-	r.reg(mmio.RegQueueDriverLow, rdAvail)
-	r.reg(mmio.RegQueueDeviceLow, rdUsed)
-	r.reg(mmio.RegQueueReady, 1)
-	r.reg(mmio.RegStatus, mmio.StatusAcknowledge|mmio.StatusDriver|mmio.StatusFeaturesOK|mmio.StatusDriverOK)
-	if st := r.rd(mmio.RegStatus); st&mmio.StatusDriverOK == 0 {
+	if st := startQueue0(r.dev, rdQueueSize, rdDesc, rdAvail, rdUsed); st&mmio.StatusDriverOK == 0 {
 		r.t.Fatalf("device status %#x", st)
 	}
 }
