@@ -31,7 +31,7 @@ func (s *ConsoleSpec) String() string { return fmt.Sprintf("console name=%s", s.
 
 // Open gives the plugin its own copies of the files (the caller keeps its
 // own): a terminal, FIFO or pipe is opened again, so that the plugin's
-// file status flags are its own; anything else is duplicated (handOver).
+// file status flags are its own; anything else is duplicated (HandOver).
 func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 	o := &Opened{Kind: devopts.KindConsole, Options: map[string]string{devopts.OptName: s.Name, devopts.OptTTY: onOff(s.TTY),
 		devopts.OptStdio: strconv.Itoa(stdioframe.Version)}}
@@ -39,7 +39,7 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 		o.Options[devopts.OptHoldStdin] = "on"
 	}
 	// The plugin reads stdin and writes stdout and stderr, nothing else
-	// (handOver).
+	// (HandOver).
 	for _, f := range []struct {
 		name   string
 		file   *os.File
@@ -49,7 +49,7 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 		if f.file == nil {
 			continue
 		}
-		c, err := handOver(f.file, f.name, f.access)
+		c, err := HandOver(f.file, f.name, f.access)
 		if err != nil {
 			o.CloseFiles()
 			return nil, fmt.Errorf("console %s: %w", f.name, err)
@@ -59,15 +59,10 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 	return o, nil
 }
 
-// HandOver is handOver for a file the core passes to a plugin outside Open:
-// an exec's stdin, stdout, stderr and status (vmm.Context.Exec). The
-// caller closes the copy once it is sent.
-func HandOver(f *os.File, name string, access int) (*os.File, error) {
-	return handOver(f, name, access)
-}
-
-// handOver returns the plugin's copy of f. A dup shares f's open file
-// description, and with it the file status flags, with krun-core and with
+// HandOver returns the plugin's copy of f, for Open and for the files the
+// core passes to a plugin outside it (an exec's stdin, stdout, stderr and
+// status: vmm.Context.Exec); the caller closes the copy once it is sent.
+// A dup shares f's open file description, and with it the file status flags, with krun-core and with
 // the user's shell: a compromised console plugin (it parses every guest
 // byte; its filter allows F_SETFL, which the Go runtime needs) could leave
 // the user's terminal non-blocking after krun-core exits (found in
@@ -85,7 +80,7 @@ func HandOver(f *os.File, name string, access int) (*os.File, error) {
 // user types to the foreground job, out of job control, although krun-core
 // reads its stdin itself (found in review, helper-127). A file not open
 // O_RDWR keeps its mode: the plugin never gets an access f lacks.
-func handOver(f *os.File, name string, access int) (*os.File, error) {
+func HandOver(f *os.File, name string, access int) (*os.File, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return nil, fmt.Errorf("stat: %w", err)

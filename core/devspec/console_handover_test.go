@@ -25,7 +25,7 @@ import (
 // be reopened, such as a socket), or restoring the flags at exit, keeps
 // the caller's terminal as it was.
 //
-// From review, helper-96; fixed: handOver opens a terminal, FIFO or pipe
+// From review, helper-96; fixed: HandOver opens a terminal, FIFO or pipe
 // again.
 func TestConsoleFilesAreNotTheCallersDescription(t *testing.T) {
 	_, tty := stdiotest.OpenPTY(t)
@@ -91,7 +91,7 @@ func TestHandOverKinds(t *testing.T) {
 		{"socket", sock, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := handOver(tc.f, "x", unix.O_RDWR)
+			c, err := HandOver(tc.f, "x", unix.O_RDWR)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -121,7 +121,7 @@ func TestHandOverKinds(t *testing.T) {
 		})
 	}
 	// The pipe's copy is still the pipe: what goes into it comes out.
-	c, err := handOver(w, "stdout", unix.O_WRONLY)
+	c, err := HandOver(w, "stdout", unix.O_WRONLY)
 	if err != nil {
 		t.Fatal(err)
 	}

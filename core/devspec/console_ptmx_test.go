@@ -9,7 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestHandOverPtyMasterIsTheSameTerminal (review, helper-98): handOver
+// TestHandOverPtyMasterIsTheSameTerminal (review, helper-98): HandOver
 // opens a terminal again through /proc/self/fd/N. For a pty master
 // (/dev/ptmx, or /dev/pts/ptmx), whose TCGETS succeeds like any terminal's,
 // that open is an open of /dev/ptmx: a new, unrelated pty pair, whose
@@ -17,7 +17,7 @@ import (
 // then writes the guest's output into a pty nobody reads, and reads stdin
 // from one nobody writes. A master must be duplicated (or the reopen
 // compared by TIOCGPTN / refused for ptmx's rdev 5:2 and devpts ptmx).
-// Fixed: handOver duplicates a file that answers TIOCGPTN, and /dev/tty.
+// Fixed: HandOver duplicates a file that answers TIOCGPTN, and /dev/tty.
 func TestHandOverPtyMasterIsTheSameTerminal(t *testing.T) {
 	mfd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -38,7 +38,7 @@ func TestHandOverPtyMasterIsTheSameTerminal(t *testing.T) {
 	}
 	defer unix.Close(sfd)
 
-	c, err := handOver(m, "stdout", unix.O_WRONLY)
+	c, err := HandOver(m, "stdout", unix.O_WRONLY)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,7 +16,7 @@ import (
 // compromised plugin, in a session of its own and out of the shell's job
 // control, no longer takes what the user types to the foreground job. But
 // a shell's terminal is one O_RDWR description on descriptors 0, 1 and 2:
-// handOver reopened stdout and stderr with that access mode, and the
+// HandOver reopened stdout and stderr with that access mode, and the
 // plugin could read the terminal through them all the same (found in
 // review, helper-127). The plugin only writes its stdout and stderr and
 // only reads its stdin: a copy opened again is opened for that direction.

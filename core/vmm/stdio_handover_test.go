@@ -59,7 +59,7 @@ func TestConsoleOutputToAFileIsPumped(t *testing.T) {
 // often the caller's terminal, one O_RDWR description with its stdin;
 // passed as they were, the console plugin could read what the user types
 // to the shell's foreground job through them. Exec opens them again write
-// only, as the main console's (devspec's handOver).
+// only, as the main console's (devspec's HandOver).
 func TestExecFilesHandedOverOneWay(t *testing.T) {
 	c := prepTestExec(t, hclog.NewNullLogger())
 	defer c.exec.close()

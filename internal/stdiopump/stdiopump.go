@@ -62,7 +62,7 @@ func (p *Input) Close() { p.dst.Close() }
 // PassThrough reports whether an output file can be handed to the plugin
 // as it is: a pipe or a socket (what the plugin can do to it is only
 // write in order), or a terminal (opened again for the plugin, write
-// only, devspec's handOver). Anything else, a regular file above all, is
+// only, devspec's HandOver). Anything else, a regular file above all, is
 // copied through a pipe.
 func PassThrough(f *os.File) (bool, error) {
 	var st unix.Stat_t
