@@ -106,7 +106,7 @@ func setupNetwork(log *logger, n *initconfig.Network, timeout time.Duration) err
 		return err
 	}
 	if gw.IsValid() {
-		if err := nl.addDefaultRoute(idx, gw); err != nil {
+		if err := nl.addDefaultRoute(idx, addr, gw); err != nil {
 			return err
 		}
 	}

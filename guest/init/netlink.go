@@ -139,11 +139,20 @@ func (c *netlinkConn) addAddr(index int, p netip.Prefix) error {
 	return nil
 }
 
-// addDefaultRoute adds "default via gw dev index".
-func (c *netlinkConn) addDefaultRoute(index int, gw netip.Addr) error {
+// addDefaultRoute adds "default via gw dev index", with "onlink" when gw
+// is outside the interface's prefix: a DHCP server (passt on a host whose
+// address is a /32, as on many cloud machines) or a static configuration
+// can give an address whose subnet does not hold the gateway, and the
+// kernel refuses such a route (ENETUNREACH) unless told the gateway is
+// reachable on the link.
+func (c *netlinkConn) addDefaultRoute(index int, p netip.Prefix, gw netip.Addr) error {
 	g := gw.As4()
 	body := []byte{unix.AF_INET, 0, 0, 0, unix.RT_TABLE_MAIN, unix.RTPROT_BOOT, unix.RT_SCOPE_UNIVERSE, unix.RTN_UNICAST}
-	body = ne.AppendUint32(body, 0)
+	var flags uint32
+	if !p.Masked().Contains(gw) {
+		flags |= unix.RTNH_F_ONLINK
+	}
+	body = ne.AppendUint32(body, flags)
 	body = rtattr(body, unix.RTA_GATEWAY, g[:])
 	body = rtattr(body, unix.RTA_OIF, u32(uint32(index)))
 	if err := c.request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, body); err != nil {
