@@ -204,6 +204,11 @@ func (vm *VM) Cmdline() string {
 	if vm.opts.Quiet {
 		c += " quiet"
 	}
+	if vm.opts.Accel == "tcg" {
+		if t := tscCmdline(); t != "" {
+			c += " " + t
+		}
+	}
 	if vm.opts.Cmdline != "" {
 		c += " " + vm.opts.Cmdline
 	}
