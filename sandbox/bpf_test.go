@@ -116,7 +116,14 @@ func TestFilterDecisions(t *testing.T) {
 		{ProfileBlock, "read", nil, allowed},
 		{ProfileBlock, "pwrite64", []uint64{3, 0, 4096, 1 << 40}, allowed},
 		{ProfileBlock, "fdatasync", nil, allowed},
-		{ProfileBlock, "fallocate", nil, allowed},
+		{ProfileBlock, "fallocate", []uint64{3, unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE, 0, 4096}, allowed}, // DISCARD
+		{ProfileBlock, "fallocate", []uint64{3, unix.FALLOC_FL_ZERO_RANGE, 0, 4096}, allowed},                            // WRITE_ZEROES
+		{ProfileBlock, "fallocate", []uint64{3, 0, 0, 4096}, allowed},                                                    // allocation (RLIMIT_FSIZE bounds it)
+		{ProfileBlock, "fallocate", []uint64{3, unix.FALLOC_FL_KEEP_SIZE, 1 << 40, 1 << 40}, refused},                    // allocates past the end, unbounded
+		{ProfileBlock, "fallocate", []uint64{3, unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE, 1 << 40, 4096}, refused},
+		{ProfileBlock, "fallocate", []uint64{3, unix.FALLOC_FL_INSERT_RANGE, 0, 4096}, refused},
+		{ProfileBlock, "fallocate", []uint64{3, unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE | 1<<32, 0, 4096}, refused}, // high bits
+		{ProfileFS, "fallocate", []uint64{3, unix.FALLOC_FL_KEEP_SIZE, 0, 4096}, allowed},                                        // FUSE FALLOCATE: the guest's mode
 		{ProfileBlock, "openat", nil, refused},
 		{ProfileBlock, "execve", nil, refused},
 		{ProfileBlock, "socket", []uint64{unix.AF_INET, unix.SOCK_STREAM}, refused},

@@ -67,7 +67,7 @@
 // (gRPC and vhost-user on sockets the plugin holds; no socket, connect,
 // bind or listen), stream (shutdown and setsockopt, which act on a socket
 // for every process that holds it: net and fs only), disk-io (positioned
-// I/O, fdatasync, fallocate,
+// I/O, fdatasync, fallocate without KEEP_SIZE but to punch a hole,
 // block-device ioctls) and fs-tree (the *at calls of virtio-fs, confined by
 // Landlock to the shared directory). Arguments are checked where it
 // matters: clone only with the Go runtime's thread flags, mmap never

@@ -29,6 +29,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/disk/raw"
 )
 
 const (
@@ -503,6 +505,20 @@ func probeIO(kind string, lfd int) []ioResult {
 			}
 		}
 		return nil
+	})
+	step("raw_write_zeroes", func() error {
+		// The raw back-end's own discard and write-zeroes: the modes it
+		// passes fallocate are the ones the block profile allows.
+		d, err := raw.Open(os.NewFile(fdDisk, "disk"), raw.Options{})
+		if err != nil {
+			return err
+		}
+		for _, unmap := range []bool{false, true} {
+			if err := d.WriteZeroes(8192, 4096, unmap); err != nil {
+				return err
+			}
+		}
+		return d.Discard(8192, 4096)
 	})
 	step("fstat", func() error {
 		var st unix.Stat_t

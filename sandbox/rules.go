@@ -188,7 +188,11 @@ func diskIOLayer() []rule {
 		allow("pwritev2", "vectored image writes with flags"),
 		allow("fdatasync", "virtio-blk FLUSH"),
 		allow("fsync", "virtio-blk FLUSH (metadata too, qcow2)"),
-		allow("fallocate", "DISCARD (PUNCH_HOLE) and WRITE_ZEROES (ZERO_RANGE)"),
+		allowIf("fallocate", "mode in PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE, 0",
+			"DISCARD (PUNCH_HOLE) and WRITE_ZEROES (ZERO_RANGE; or a hole allocated again, mode 0). "+
+				"Never KEEP_SIZE without PUNCH_HOLE: that allocates past the end of the file without "+
+				"changing its size, which RLIMIT_FSIZE does not bound",
+			oneOf(1, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, unix.FALLOC_FL_ZERO_RANGE, 0)...),
 		allow("ftruncate", "qcow2 image growth and img create/convert output"),
 		allowIf("ioctl", "request in BLKGETSIZE64, BLKSSZGET, BLKDISCARD, BLKZEROOUT",
 			"size, sector size, discard and zeroing of block-device images",
@@ -235,6 +239,7 @@ func fsTreeLayer() []rule {
 		allow("flistxattr", "FUSE LISTXATTR"),
 		allow("fremovexattr", "FUSE REMOVEXATTR"),
 		allow("syncfs", "FUSE SYNCFS of the shared directory's file system"),
+		allow("fallocate", "FUSE FALLOCATE, every mode the guest asks for"),
 		allow("dup", "opendir on a dup of a directory fd"),
 	}
 }

@@ -436,7 +436,7 @@ func errnoNames(es []int) string {
 
 func checkIO(t *testing.T, l probeLine, kind string) {
 	t.Helper()
-	want := []string{"pwrite_pread", "fdatasync", "fallocate_punch_hole", "fstat", "eventfd_epoll",
+	want := []string{"pwrite_pread", "fdatasync", "fallocate_punch_hole", "raw_write_zeroes", "fstat", "eventfd_epoll",
 		"vhost_socket_memfd", "accept_pre_restrict_listener", "runtime"}
 	if kind == "fs" {
 		want = append(want, "fs_create_in_shared_dir", "fs_whiteout", "fs_device_refused", "fs_fchmodat2",
@@ -449,7 +449,7 @@ func checkIO(t *testing.T, l probeLine, kind string) {
 	if kind == "net" {
 		// The net profile has no disk I/O: those steps must be refused.
 		want = slices.DeleteFunc(want, func(w string) bool {
-			if w == "pwrite_pread" || w == "fdatasync" || w == "fallocate_punch_hole" {
+			if w == "pwrite_pread" || w == "fdatasync" || w == "fallocate_punch_hole" || w == "raw_write_zeroes" {
 				if e := got[w]; !strings.Contains(e, "operation not permitted") {
 					t.Errorf("net plugin %s: %q, want EPERM from seccomp", w, e)
 				}

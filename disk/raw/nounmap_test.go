@@ -28,7 +28,7 @@ func TestWriteZeroesWithoutUnmapKeepsAllocation(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, 0, 4096); err == nil {
+	if err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE, 0, 4096); err == nil {
 		t.Skip("/dev/shm takes FALLOC_FL_ZERO_RANGE: the fallback is not reached here")
 	}
 	var before, after unix.Stat_t

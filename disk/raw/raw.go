@@ -327,6 +327,11 @@ func (d *Disk) Discard(off, n int64) error {
 // FALLOC_FL_ZERO_RANGE, which keeps the range allocated, or, where that is
 // unsupported (tmpfs), punches a hole and allocates it again; failing all
 // that it writes zeroes. Without unmap the range ends up allocated.
+//
+// The range lies inside the file, so zeroing and allocating leave the size
+// as it is without FALLOC_FL_KEEP_SIZE; the sandbox's block profile
+// refuses that flag but with PUNCH_HOLE (past the end of the file it would
+// allocate blocks without growing the size, beyond RLIMIT_FSIZE's reach).
 func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 	if err := d.checkWrite(off, n); err != nil {
 		return err
@@ -344,7 +349,7 @@ func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 		}
 	}
 	if !d.noZeroRange.Load() {
-		err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE, off, n)
 		if err == nil {
 			return nil
 		}
@@ -359,7 +364,7 @@ func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 		// (as QEMU's file-posix does). It beats writing every byte.
 		err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 		if err == nil {
-			err = d.fallocate(unix.FALLOC_FL_KEEP_SIZE, off, n)
+			err = d.fallocate(0, off, n)
 			if err == nil {
 				return nil
 			}
