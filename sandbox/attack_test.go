@@ -163,6 +163,43 @@ func attackMain() int {
 		res.Values["size_after"] = uint64(st.Size)
 		attackEmit(res)
 		return 0
+	case "growdisk":
+		// A compromised block plugin grows its image (fd 3) every way
+		// its profile allows, to fill the host's file system: writes far
+		// past the end, ftruncate, fallocate that grows the size, and
+		// fallocate that allocates past the end without growing it
+		// (KEEP_SIZE). arg is its RLIMIT_FSIZE, with the lowest bit set
+		// to skip Restrict: the trampoline's filter alone.
+		if arg&1 == 0 && !restrict("blk") {
+			return 3
+		}
+		limit := int64(arg &^ 1)
+		var lim unix.Rlimit
+		unix.Prlimit(0, unix.RLIMIT_FSIZE, nil, &lim)
+		res.Values["rlimit_fsize"] = lim.Cur
+		buf := make([]byte, 8192)
+		n, err := unix.Pwrite(revDisk, buf, limit-4096) // crosses the limit: a short write
+		res.Values["write_across"] = uint64(max(n, 0))
+		res.Errnos["write_across"] = errnoOf(err)
+		_, err = unix.Pwrite(revDisk, buf, limit)
+		res.Errnos["write_at_limit"] = errnoOf(err)
+		_, err = unix.Pwrite(revDisk, buf, 1<<40)
+		res.Errnos["write_far"] = errnoOf(err)
+		res.Errnos["ftruncate_up"] = errnoOf(unix.Ftruncate(revDisk, 1<<40))
+		res.Errnos["fallocate_grow"] = errnoOf(unix.Fallocate(revDisk, 0, limit, 64<<20))
+		res.Errnos["fallocate_zero_grow"] = errnoOf(unix.Fallocate(revDisk, unix.FALLOC_FL_ZERO_RANGE, limit, 64<<20))
+		res.Errnos["fallocate_keep_size"] = errnoOf(unix.Fallocate(revDisk, unix.FALLOC_FL_KEEP_SIZE, limit, 64<<20))
+		res.Errnos["fallocate_zero_keep_size"] = errnoOf(unix.Fallocate(revDisk,
+			unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, limit, 64<<20))
+		res.Errnos["fallocate_insert"] = errnoOf(unix.Fallocate(revDisk, unix.FALLOC_FL_INSERT_RANGE, 0, 64<<20))
+		// What a disk plugin does inside its image stays allowed.
+		res.Errnos["write_inside"] = errnoOf(func() error { _, err := unix.Pwrite(revDisk, buf[:4096], 0); return err }())
+		res.Errnos["fallocate_punch"] = errnoOf(unix.Fallocate(revDisk, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, 4096))
+		res.Errnos["fallocate_inside"] = errnoOf(unix.Fallocate(revDisk, 0, 0, 4096))
+		var st unix.Stat_t
+		unix.Fstat(revDisk, &st)
+		res.Values["size"] = uint64(st.Size)
+		res.Values["allocated"] = uint64(st.Blocks) * 512
 	case "memexec":
 		// A hostile third-party plugin (no Restrict) executes code it
 		// wrote into a memfd, through the execveat the start-up calls
@@ -517,6 +554,66 @@ func TestThreadCountBounded(t *testing.T) {
 	if threads >= n || r.Values["rlimit_nproc"] > DefaultTasks {
 		t.Errorf("sandboxed block plugin (after Restrict) runs %d threads (RLIMIT_NPROC %d): no bound on tasks",
 			threads, int64(r.Values["rlimit_nproc"]))
+	}
+}
+
+// A compromised block plugin must not fill the host's file system through
+// its image: the launcher sets RLIMIT_FSIZE (Limits.FileBytes, from the
+// image: devspec.Opened.FileBytes), so a write, ftruncate or fallocate
+// past it fails with EFBIG, and the plugin lives on (SIGXFSZ is ignored);
+// the block profile refuses fallocate with KEEP_SIZE but for punching a
+// hole, which would allocate past the end without changing the size
+// (RLIMIT_FSIZE does not see that). Both with the plugin's own Restrict
+// and with the trampoline's filter alone. Before the fix the plugin grew
+// its image to 1 TiB (ftruncate) and allocated 64 MiB past its end.
+func TestBlockPluginCannotGrowImage(t *testing.T) {
+	const limit = 1 << 20
+	for _, c := range []struct {
+		name string
+		arg  uint64
+	}{{"restricted", limit}, {"launch filter", limit | 1}} {
+		t.Run(c.name, func(t *testing.T) {
+			p := startAttack(t, "blk-raw", "growdisk", strconv.FormatUint(c.arg, 10),
+				LaunchConfig{Limits: Limits{FileBytes: limit}}, nil)
+			r, ok := p.result(t)
+			if !ok {
+				err := p.cmd.Wait()
+				t.Fatalf("probe died (%v): killed by SIGXFSZ? stderr:\n%s", err, p.stderr.String())
+			}
+			if r.Err != "" {
+				t.Fatal(r.Err)
+			}
+			if r.Values["rlimit_fsize"] != limit {
+				t.Errorf("RLIMIT_FSIZE %d, want %d", r.Values["rlimit_fsize"], limit)
+			}
+			if r.Values["size"] > limit || r.Values["allocated"] > limit+(1<<20) {
+				t.Errorf("the plugin grew its image to %d bytes, %d allocated, past its limit of %d (errnos %v)",
+					r.Values["size"], r.Values["allocated"], limit, r.Errnos)
+			}
+			if r.Values["write_across"] != 4096 || r.Errnos["write_across"] != 0 {
+				t.Errorf("a write across the limit wrote %d bytes (errno %d), want the 4096 below it",
+					r.Values["write_across"], r.Errnos["write_across"])
+			}
+			efbig := []string{"write_at_limit", "write_far", "ftruncate_up", "fallocate_grow"}
+			if r.Errnos["fallocate_zero_grow"] != int(unix.EOPNOTSUPP) {
+				efbig = append(efbig, "fallocate_zero_grow") // a file system with ZERO_RANGE
+			}
+			for _, k := range efbig {
+				if r.Errnos[k] != int(unix.EFBIG) {
+					t.Errorf("%s: errno %d, want EFBIG (%d)", k, r.Errnos[k], unix.EFBIG)
+				}
+			}
+			for _, k := range []string{"fallocate_keep_size", "fallocate_zero_keep_size", "fallocate_insert"} {
+				if r.Errnos[k] != int(unix.EPERM) {
+					t.Errorf("%s: errno %d, want EPERM (%d) from the filter", k, r.Errnos[k], unix.EPERM)
+				}
+			}
+			for _, k := range []string{"write_inside", "fallocate_punch", "fallocate_inside"} {
+				if e := r.Errnos[k]; e != 0 && e != int(unix.EOPNOTSUPP) {
+					t.Errorf("%s: errno %d: a disk plugin's own use of its image is refused", k, e)
+				}
+			}
+		})
 	}
 }
 

@@ -515,6 +515,9 @@ func (c LaunchConfig) limits() (Limits, error) {
 	if l.DataBytes == 0 {
 		l.DataBytes = d.DataBytes
 	}
+	if l.FileBytes == 0 {
+		l.FileBytes = d.FileBytes
+	}
 	return l.withDefaults()
 }
 
@@ -688,6 +691,11 @@ func (c LaunchConfig) Verify(pid int) error {
 		}
 		if cur[0] > s.max || cur[1] > s.max {
 			return fmt.Errorf("sandbox: verify pid %d: %s is %d/%d, want at most %d", pid, s.name, cur[0], cur[1], s.max)
+		}
+	}
+	if l.FileBytes != 0 {
+		if cur, ok := lim["Max file size"]; !ok || cur[0] > l.FileBytes || cur[1] > l.FileBytes {
+			return fmt.Errorf("sandbox: verify pid %d: Max file size is %d/%d, want at most %d", pid, cur[0], cur[1], l.FileBytes)
 		}
 	}
 	if limitsTasks(disabled) {

@@ -195,7 +195,8 @@ const (
 	// LayerNamespaces: new user, mount, pid, net, ipc, uts and cgroup
 	// namespaces (launcher side, at clone).
 	LayerNamespaces Layer = "namespaces"
-	// LayerRlimits: no core dumps, a small RLIMIT_NOFILE, an RLIMIT_DATA cap.
+	// LayerRlimits: no core dumps, a small RLIMIT_NOFILE, an RLIMIT_DATA cap
+	// and, for a disk plugin, an RLIMIT_FSIZE from its image.
 	LayerRlimits Layer = "rlimits"
 	// LayerRoot: pivot_root into an empty read-only tmpfs (needs namespaces).
 	LayerRoot Layer = "root"
@@ -275,6 +276,14 @@ type Limits struct {
 	// either the count would be every process of the plugin's user on the
 	// host). 0 means DefaultTasks.
 	Tasks uint64 `json:"tasks,omitempty"`
+	// FileBytes is RLIMIT_FSIZE (soft = hard): no regular file the plugin
+	// writes can be made larger than this, by a write, ftruncate or an
+	// fallocate that changes the size (such a call fails with EFBIG; the
+	// trampoline ignores SIGXFSZ, and so does the Go runtime). The
+	// launcher sets it for a disk plugin from its image (see
+	// devspec.Opened.FileBytes), so that a compromised plugin cannot
+	// fill the host's file system. 0 means no limit.
+	FileBytes uint64 `json:"file_bytes,omitempty"`
 }
 
 // DefaultLimits returns the limits a launcher should use for a plugin kind,
@@ -287,6 +296,11 @@ func DefaultLimits(kind string) Limits {
 	}
 	return Limits{}
 }
+
+// FileBytesStatus says how a disk plugin's Limits.FileBytes is chosen, as
+// `krun-core sandbox status` shows it.
+const FileBytesStatus = "RLIMIT_FSIZE per disk: a raw image's size; a qcow2 image's size plus its worst-case growth to max-size= " +
+	"(without max-size=, to the capacity its plugin states, set once it has opened the image)"
 
 // KindProfile returns the seccomp profile the trampoline enforces for a
 // plugin kind from its first instruction: the built-in kinds' own profiles

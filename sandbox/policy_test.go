@@ -132,7 +132,7 @@ func TestParseLayers(t *testing.T) {
 }
 
 func TestLaunchEnvRoundTrip(t *testing.T) {
-	e := launchEnv{Version: launchEnvVersion, Root: "/tmp", Disabled: []Layer{LayerSeccomp}, Limits: Limits{OpenFiles: 64},
+	e := launchEnv{Version: launchEnvVersion, Root: "/tmp", Disabled: []Layer{LayerSeccomp}, Limits: Limits{OpenFiles: 64, FileBytes: 1 << 30},
 		Kind: "blk-raw", Syscalls: ProfileBlock, Extra: []Syscall{{Name: "sysinfo", Reason: "r"}},
 		ExecFD: 5, ChanFD: 6, DirFDs: []int{4}, SocketDir: "/tmp/krun-x/plugin-dir1"}
 	kv := e.encode()
@@ -140,7 +140,7 @@ func TestLaunchEnvRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Root != "/tmp" || !slices.Equal(got.Disabled, e.Disabled) || got.Limits.OpenFiles != 64 ||
+	if got.Root != "/tmp" || !slices.Equal(got.Disabled, e.Disabled) || got.Limits.OpenFiles != 64 || got.Limits.FileBytes != 1<<30 ||
 		got.Limits.DataBytes != DefaultDataBytes || got.Kind != "blk-raw" || got.Syscalls != ProfileBlock ||
 		len(got.Extra) != 1 || got.ExecFD != 5 || got.ChanFD != 6 || !slices.Equal(got.DirFDs, []int{4}) ||
 		got.SocketDir != e.SocketDir {

@@ -190,7 +190,8 @@ func limitsTasks(disabled []Layer) bool {
 
 // applyRlimits lowers soft and hard limits together so they cannot be
 // raised again (that needs CAP_SYS_RESOURCE in the initial namespace);
-// RLIMIT_NPROC too when tasks is set (limitsTasks).
+// RLIMIT_NPROC too when tasks is set (limitsTasks), and RLIMIT_FSIZE when
+// l.FileBytes is.
 func applyRlimits(l Limits, tasks bool) error {
 	type rlimit struct {
 		name string
@@ -205,6 +206,9 @@ func applyRlimits(l Limits, tasks bool) error {
 	}
 	if tasks {
 		set = append(set, rlimit{"RLIMIT_NPROC", unix.RLIMIT_NPROC, l.Tasks})
+	}
+	if l.FileBytes != 0 {
+		set = append(set, rlimit{"RLIMIT_FSIZE", unix.RLIMIT_FSIZE, l.FileBytes})
 	}
 	for _, s := range set {
 		var old unix.Rlimit

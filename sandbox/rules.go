@@ -193,7 +193,7 @@ func diskIOLayer() []rule {
 				"Never KEEP_SIZE without PUNCH_HOLE: that allocates past the end of the file without "+
 				"changing its size, which RLIMIT_FSIZE does not bound",
 			oneOf(1, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, unix.FALLOC_FL_ZERO_RANGE, 0)...),
-		allow("ftruncate", "qcow2 image growth and img create/convert output"),
+		allow("ftruncate", "qcow2 image growth and img create/convert output (a disk plugin's RLIMIT_FSIZE bounds the size)"),
 		allowIf("ioctl", "request in BLKGETSIZE64, BLKSSZGET, BLKDISCARD, BLKZEROOUT",
 			"size, sector size, discard and zeroing of block-device images",
 			oneOf(1, unix.BLKGETSIZE64, unix.BLKSSZGET, unix.BLKDISCARD, blkZeroOut)...),

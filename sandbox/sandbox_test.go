@@ -1199,7 +1199,7 @@ func TestUnrestrictedPluginIsConfined(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lc := LaunchConfig{Limits: Limits{OpenFiles: 100, DataBytes: 512 << 20}, Log: hclog.NewNullLogger()}
+	lc := LaunchConfig{Limits: Limits{OpenFiles: 100, DataBytes: 512 << 20, FileBytes: 64 << 20}, Log: hclog.NewNullLogger()}
 	start := func(apply bool) (*exec.Cmd, func()) {
 		cmd := exec.Command(self)
 		cmd.Env = []string{envHelper + "=idle"}
@@ -1231,13 +1231,18 @@ func TestUnrestrictedPluginIsConfined(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, want := range map[string][2]uint64{"Max core file size": {0, 0}, "Max open files": {100, 100},
-		"Max data size": {512 << 20, 512 << 20}, "Max locked memory": {0, 0}} {
+		"Max data size": {512 << 20, 512 << 20}, "Max locked memory": {0, 0}, "Max file size": {64 << 20, 64 << 20}} {
 		if lim[name] != want {
 			t.Errorf("%s = %v, want %v", name, lim[name], want)
 		}
 	}
 	if err := lc.Verify(cmd.Process.Pid); err != nil {
 		t.Errorf("Verify of a plugin that never called Restrict: %v; the trampoline confines it", err)
+	}
+	tighter := lc
+	tighter.Limits.FileBytes = 1 << 20
+	if err := tighter.Verify(cmd.Process.Pid); err == nil || !strings.Contains(err.Error(), "Max file size") {
+		t.Errorf("Verify of a plugin whose file size limit is above the launcher's: %v, want an error", err)
 	}
 	plain, stopPlain := start(false)
 	defer stopPlain()

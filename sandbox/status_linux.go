@@ -68,7 +68,7 @@ func Status() StatusReport {
 	r.Layers = append(r.Layers, layerStatus(LayerNamespaces, nsErr,
 		"user, mount, pid, net, ipc, uts and cgroup namespaces can be created by this user"))
 	r.Layers = append(r.Layers, LayerStatus{LayerRlimits, true,
-		fmt.Sprintf("RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, RLIMIT_NOFILE %d, RLIMIT_DATA %d MiB by default%s", DefaultOpenFiles, DefaultDataBytes>>20, nprocStatus(DefaultTasks))})
+		fmt.Sprintf("RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, RLIMIT_NOFILE %d, RLIMIT_DATA %d MiB by default%s; a disk plugin's RLIMIT_FSIZE from its image", DefaultOpenFiles, DefaultDataBytes>>20, nprocStatus(DefaultTasks))})
 	r.Layers = append(r.Layers, layerStatus(LayerRoot, nsErr,
 		"pivot_root into an empty read-only tmpfs inside the plugin's mount namespace"))
 	_, nnpErr := unix.PrctlRetInt(unix.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
@@ -127,6 +127,9 @@ func Status() StatusReport {
 		}
 		if nprocPerUserNamespace() {
 			ks.Limits = append(ks.Limits, fmt.Sprintf("RLIMIT_NPROC %d", lim.Tasks))
+		}
+		if kind == "blk" {
+			ks.Limits = append(ks.Limits, FileBytesStatus)
 		}
 		ks.Landlock = landlockRules(p, abi)
 		r.Kinds = append(r.Kinds, ks)

@@ -3,8 +3,10 @@ package sandbox
 import (
 	"fmt"
 	"os"
+	"os/signal"
 	"runtime"
 	"slices"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -66,6 +68,11 @@ func trampoline(raw string, argv []string) int {
 	if err := applyRlimits(e.Limits, limitsTasks(e.Disabled)); err != nil {
 		return fail(LayerRlimits, err)
 	}
+	// A write past RLIMIT_FSIZE raises SIGXFSZ, whose default action ends
+	// the process. An ignored signal stays ignored across exec, so the
+	// plugin's write fails with EFBIG instead, whatever language it is
+	// written in (the Go runtime drops SIGXFSZ on its own too).
+	signal.Ignore(syscall.SIGXFSZ)
 	if !off(LayerRoot) {
 		if err := enterEmptyRoot(e.Root, e.SocketDir); err != nil {
 			return fail(LayerRoot, err)
