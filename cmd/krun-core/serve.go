@@ -493,14 +493,26 @@ func (s *servedPlugin) launch(ctx context.Context) (*pluginhost.DeviceInfo, stri
 	if o.sandboxOff {
 		cfg.SandboxOff = true
 	} else {
-		cfg.Sandbox = *o.launchConfig(s.log)
+		lc := o.launchConfig(s.log)
+		// A disk's plugin cannot grow its files past what the disk
+		// needs (devspec.Opened.FileBytes), from their sizes now: a
+		// restart starts from what the previous plugin left.
+		var err error
+		if lc.Limits.FileBytes, err = s.opened.FileBytes(); err != nil {
+			return nil, "", err
+		}
+		cfg.Sandbox = *lc
 	}
 	p, err := pluginhost.Launch(cfg)
 	if err != nil {
 		return nil, "", err
 	}
 	s.plugin = p
-	return p.Configure(ctx, s.opened.Options)
+	info, msg, err := p.Configure(ctx, s.opened.Options)
+	if err == nil && info != nil && !o.sandboxOff {
+		err = s.opened.LimitFileBytes(p.Pid(), info.Config, s.log)
+	}
+	return info, msg, err
 }
 
 // checkHealth asks the plugin for its state: nil while it serves.

@@ -59,6 +59,9 @@ type Opened struct {
 	// to the open file, so the host keeps them for as long as the device
 	// exists, across CloseFiles and a plugin's death or restart.
 	locked []*os.File
+	// bound is how the RLIMIT_FSIZE of a disk's plugin is worked out
+	// (FileBytes); nil for other devices.
+	bound *fileBound
 	// kept holds a duplicate of each share's ID-mapped mount for as long
 	// as the device exists: a detached mount lives while a descriptor of
 	// it does, and a plugin launched again needs the same mount (making
@@ -150,7 +153,7 @@ func (o *Opened) Close() error {
 	for _, f := range append(o.locked, o.kept...) {
 		_ = f.Close()
 	}
-	o.locked, o.kept = nil, nil
+	o.locked, o.kept, o.bound = nil, nil, nil
 	for _, h := range o.helpers {
 		stopHelper(h)
 	}
@@ -334,6 +337,17 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 	if d.ReadOnly {
 		mode = imagelock.ReadOnly
 	}
+	// See fileBound: a raw image never grows; a qcow2 image grows by
+	// QCOW2Growth of its max-size= at most, or, without one, of the
+	// capacity its plugin reports.
+	o.bound = &fileBound{}
+	if d.Format == devopts.QCOW2 && !d.ReadOnly {
+		if d.MaxSize > 0 {
+			o.bound.growth = QCOW2Growth(uint64(d.MaxSize))
+		} else {
+			o.bound.untilCapacity = true
+		}
+	}
 	seen := map[[2]uint64]string{}
 	// open opens, identifies and locks one file; the same file twice in
 	// one device is named as such rather than as another process's lock.
@@ -357,7 +371,13 @@ func (d *DiskSpec) Open(OpenOptions) (_ *Opened, err error) {
 		}
 		seen[id] = what
 		what = strings.TrimPrefix(what, "disk ")
-		return abs, o.lock(f, what, abs, mode)
+		if err := o.lock(f, what, abs, mode); err != nil {
+			return "", err
+		}
+		if write {
+			o.bound.files = append(o.bound.files, o.locked[len(o.locked)-1])
+		}
+		return abs, nil
 	}
 	if o.Options[devopts.OptPath], err = open(devopts.FileImage, "disk image", d.Path, !d.ReadOnly, mode); err != nil {
 		return nil, err

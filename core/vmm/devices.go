@@ -335,7 +335,14 @@ func (d *pluginDevice) startPlugin(ctx context.Context) (*pluginhost.DeviceInfo,
 		Kind: d.opened.Kind, PluginDir: c.pluginDir, Socket: theirs, Files: files,
 		Logger: d.log, SandboxOff: c.sandboxOff, HandshakeTimeout: c.handshakeTimeout(),
 	}
-	if lc := d.launchConfig(); lc != nil {
+	lc := d.launchConfig()
+	if lc != nil {
+		// A disk's plugin cannot grow its files past what the disk
+		// needs (devspec.Opened.FileBytes), from their sizes now: a
+		// restart starts from what the previous plugin left.
+		if lc.Limits.FileBytes, err = d.opened.FileBytes(); err != nil {
+			return nil, err
+		}
 		cfg.Sandbox = *lc
 	}
 	p, err := pluginhost.Launch(cfg)
@@ -346,6 +353,11 @@ func (d *pluginDevice) startPlugin(ctx context.Context) (*pluginhost.DeviceInfo,
 	info, _, err := d.plugin.Configure(ctx, d.opened.Options)
 	if err != nil {
 		return nil, err
+	}
+	if lc != nil && info != nil {
+		if err := d.opened.LimitFileBytes(p.Pid(), info.Config, d.log); err != nil {
+			return nil, err
+		}
 	}
 	if err := d.plugin.Start(ctx); err != nil {
 		return nil, err

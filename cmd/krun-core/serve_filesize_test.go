@@ -1,0 +1,76 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/krun-core/krun-core/core/devspec"
+)
+
+// TestServeDiskFileSizeLimit: the disk plugin that krun-core serve starts
+// cannot grow its image past what the disk needs (RLIMIT_FSIZE, soft and
+// hard): a raw image's size; a qcow2 image's size plus its worst-case
+// growth to max-size=, from the launch; without max-size=, to the
+// capacity the plugin reports, set once it has opened the image and
+// before it serves. Read from /proc/PID/limits of the running plugin.
+func TestServeDiskFileSizeLimit(t *testing.T) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img not installed (Debian package qemu-utils)")
+	}
+	bin := buildServeBinaries(t, "blk-raw", "blk-qcow2")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "d.raw")
+	if err := os.WriteFile(raw, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(raw, 1<<30); err != nil {
+		t.Fatal(err)
+	}
+	q := filepath.Join(dir, "d.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", q, "2G").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v\n%s", err, out)
+	}
+	st, err := os.Stat(q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qs := uint64(st.Size())
+	for _, c := range []struct {
+		name, disk string
+		want       uint64
+	}{
+		{"raw", "path=" + raw + ",format=raw", 1 << 30},
+		{"qcow2 max-size", "path=" + q + ",format=qcow2,max-size=4G", qs + devspec.QCOW2Growth(4<<30)},
+		{"qcow2 capacity", "path=" + q + ",format=qcow2", qs + devspec.QCOW2Growth(2<<30)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			sock := filepath.Join(dir, strings.ReplaceAll(c.name, " ", "-")+".sock")
+			s := startServe(t, bin, "--socket", sock, "--disk", c.disk)
+			waitSocket(t, s, sock)
+			pid, err := waitPlugin(s, 1, 20*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := strconv.FormatUint(c.want, 10)
+			for _, ln := range strings.Split(string(b), "\n") {
+				if f := strings.Fields(ln); strings.HasPrefix(ln, "Max file size") && len(f) >= 5 {
+					if f[3] != want || f[4] != want {
+						t.Errorf("plugin pid %d: %s, want %s bytes", pid, ln, want)
+					}
+					return
+				}
+			}
+			t.Errorf("no Max file size in /proc/%d/limits:\n%s", pid, b)
+		})
+	}
+}
