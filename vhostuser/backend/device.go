@@ -119,13 +119,16 @@ type Handler interface {
 type Inliner interface{ Inline(req *Request) bool }
 
 // Offloader may be implemented by a Handler: Offload is called on the
-// ring's goroutine for a request that is alone on an idle ring, which
-// would otherwise be served there (no hand-off at queue depth 1); true
-// sends it to a worker instead, so that chains the driver adds meanwhile
-// are taken at once. For requests that may take long (a virtio-blk
-// DISCARD over gigabytes), during which the ring would take no new
-// chains. Like Inline, Offload may look at the chain's shape only, never
-// at guest memory. It has no effect on a queue without workers.
+// ring's goroutine for every request of a queue with workers, and true
+// says the request may take long (a virtio-blk DISCARD over gigabytes).
+// Such a request always goes to a worker, also alone on an idle ring
+// (where it would otherwise be served on the ring's goroutine, which
+// would take no new chains meanwhile), whatever Inline says; and at most
+// all workers but one serve such requests at once, the others waiting
+// their turn in the ring's order, so that one worker is always left for
+// the rest (a guest discarding a large disk sends many at once). Like
+// Inline, Offload may look at the chain's shape only, never at guest
+// memory. It has no effect on a queue without workers.
 type Offloader interface{ Offload(req *Request) bool }
 
 // Drainer may be implemented by a Handler: Drained is called on the ring's

@@ -130,6 +130,14 @@ type engine struct {
 	// round, for as long as that takes (a write served inline may wait
 	// for a lock); a worker's completion meanwhile is published at once.
 	serving atomic.Bool
+
+	// Long requests (the handler's Offload says so) on workers: at most
+	// workers-1 at once (longBusy), so that one worker is always left
+	// for the others; the rest wait in longQ, in the ring's order, for a
+	// worker that ends a long one (startLong, nextLong).
+	longMu   sync.Mutex
+	longBusy int
+	longQ    []*Request
 }
 
 func newEngine(rc ringConfig, qc QueueConfig) (*engine, error) {
@@ -339,16 +347,20 @@ func (e *engine) pop(req *Request) (bool, error) {
 
 // dispatch hands a taken request to the handler: on this goroutine when
 // there are no workers, when it is alone on an idle ring (no hand-off at
-// queue depth 1) and the handler's Offload does not refuse it, or when the
-// handler's Inline asks for it; otherwise to a worker. An error
-// (publishing failed) fails the ring; req was dropped.
+// queue depth 1) and the handler's Offload does not take it for a long
+// one, or when the handler's Inline asks for it and Offload does not;
+// otherwise to a worker (a long request perhaps only once another long one
+// ended: startLong). An error (publishing failed) fails the ring; req was
+// dropped.
 func (e *engine) dispatch(req *Request) error {
 	// The choice reads guest memory (the pending chains, an Inliner's
 	// look at the request): req stays e.taken until it is made.
+	long := e.work != nil && e.offload != nil && e.offload.Offload(req)
 	here := e.work == nil ||
-		(e.busy.Load() == 0 && e.pending() == 0 && (e.offload == nil || !e.offload.Offload(req))) ||
-		(e.inliner != nil && e.inliner.Inline(req))
+		(!long && e.busy.Load() == 0 && e.pending() == 0) ||
+		(e.inliner != nil && e.inliner.Inline(req) && !long)
 	e.taken = nil
+	req.long = long
 	switch {
 	case e.work == nil:
 		req.worker = 0
@@ -358,8 +370,45 @@ func (e *engine) dispatch(req *Request) error {
 		return e.handleHere(req)
 	}
 	e.busy.Add(1)
+	if long && !e.startLong(req) {
+		return nil // a worker that ends a long request takes it
+	}
 	e.work <- req
 	return nil
+}
+
+// startLong counts long request req as on a worker and reports true while
+// fewer than workers-1 are; otherwise it queues req for the first worker
+// that ends a long request (nextLong) and reports false. A guest that
+// discards a large disk sends many long requests at once: with each
+// worker serving one, its reads waited in the workers' queue until a long
+// request ended (found in review, helper-134).
+func (e *engine) startLong(req *Request) bool {
+	e.longMu.Lock()
+	defer e.longMu.Unlock()
+	if e.longBusy < e.workers-1 {
+		e.longBusy++
+		return true
+	}
+	e.longQ = append(e.longQ, req)
+	return false
+}
+
+// nextLong is called by a worker that ended a long request: it returns
+// the next queued long request for the worker to serve, or nil, and then
+// the worker no longer counts as serving a long request. A queued request
+// therefore always has workers-1 workers that will look for it.
+func (e *engine) nextLong() *Request {
+	e.longMu.Lock()
+	defer e.longMu.Unlock()
+	if len(e.longQ) == 0 {
+		e.longBusy--
+		return nil
+	}
+	r := e.longQ[0]
+	e.longQ[0] = nil
+	e.longQ = e.longQ[1:]
+	return r
 }
 
 // handleHere serves req on the ring goroutine while the ring has workers.
@@ -387,9 +436,16 @@ func (e *engine) handleHere(req *Request) error {
 func (e *engine) worker(id int) {
 	defer e.wg.Done()
 	for req := range e.work {
-		req.worker = id
-		e.handle(req)
-		e.busy.Add(-1)
+		long := req.long // req is not ours once completed
+		for req != nil {
+			req.worker = id
+			e.handle(req)
+			e.busy.Add(-1)
+			req = nil
+			if long {
+				req = e.nextLong()
+			}
+		}
 	}
 }
 

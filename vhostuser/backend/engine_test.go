@@ -188,6 +188,61 @@ func TestOffloader(t *testing.T) {
 	}
 }
 
+// TestLongRequestsLeaveAWorker: more long requests (Offload) than the
+// queue has workers, then a short one: the short one gets a worker while
+// the long ones wait for it, at most workers-1 long ones are in Handle at
+// once, and every long one is served (those queued by workers that ended
+// one), also when the ring is stopped at once (the stop waits for them).
+// With every worker on a long request, the short one waited in the
+// workers' queue until one ended (found in review, helper-134).
+func TestLongRequestsLeaveAWorker(t *testing.T) {
+	const workers = 3
+	for _, stop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("stop=%v", stop), func(t *testing.T) {
+			dev := newTestDevice(1)
+			dev.mode, dev.workers, dev.gate = "long", workers, make(chan struct{})
+			_, g, r := startGuest(t, dev, testguest.Options{QueueSize: 64})
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			msgs := []string{}
+			for i := range 2*workers + 1 {
+				msgs = append(msgs, fmt.Sprintf("long request %03d", i))
+			}
+			msgs = append(msgs, "short")
+			for _, msg := range msgs {
+				postEcho(t, g, r, msg)
+			}
+			if stop {
+				base, err := g.StopQueue(0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if used := r.UsedIdx(); uint32(used) != base || base != uint32(len(msgs)) {
+					t.Fatalf("stopped at base %d, used %d, want %d", base, used, len(msgs))
+				}
+			}
+			got := map[string]uint32{}
+			for len(got) < len(msgs) {
+				done, err := r.Wait(ctx)
+				if err != nil {
+					t.Fatalf("%d of %d requests completed: %v", len(got), len(msgs), err)
+				}
+				for _, d := range done {
+					got[d.Token.(string)] = d.Len
+				}
+			}
+			for _, msg := range msgs {
+				if got[msg] != uint32(len(msg)) {
+					t.Errorf("%q: %d bytes written, want %d (a long request that no short one passed writes nothing)", msg, got[msg], len(msg))
+				}
+			}
+			if m := dev.longMost.Load(); m > workers-1 {
+				t.Errorf("%d long requests in Handle at once, want at most %d", m, workers-1)
+			}
+		})
+	}
+}
+
 // TestStopWaitsForAsync stops a ring whose requests are completed later by
 // the device: the stop (GET_VRING_BASE) returns only once they are, and
 // the base accounts for all of them.

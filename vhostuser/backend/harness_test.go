@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -48,6 +49,9 @@ type testDevice struct {
 	// gate holds, in mode "gate", every request Inline kept on the ring's
 	// goroutine until the test closes it.
 	gate chan struct{}
+	// longMost is, in mode "long", how many long requests were in Handle
+	// at once at most.
+	longMost, longNow atomic.Int32
 
 	mu       sync.Mutex
 	config   [64]byte
@@ -148,6 +152,8 @@ func (d *testDevice) Queue(ctx context.Context, idx int) (backend.QueueConfig, e
 		return backend.QueueConfig{Handler: offloadHandler{inlineHandler{&d.workerOf}}, Workers: d.workers}, nil
 	case "gate":
 		return backend.QueueConfig{Handler: gateHandler{d.gate}, Workers: d.workers}, nil
+	case "long":
+		return backend.QueueConfig{Handler: &longHandler{short: d.gate, now: &d.longNow, most: &d.longMost}, Workers: d.workers}, nil
 	case "inline-panic":
 		return backend.QueueConfig{Handler: panicInliner{}, Workers: d.workers}, nil
 	case "status":
@@ -202,6 +208,36 @@ func (h gateHandler) Handle(req *backend.Request) {
 		<-h.gate
 	}
 	echoHandler{}.Handle(req)
+}
+
+// longHandler echoes. Requests of more than 8 bytes are long
+// (backend.Offloader): each waits (5 s at most) until a short request was
+// served, and is completed with nothing written if none was; it records
+// how many long requests were in Handle at once at most (most).
+type longHandler struct {
+	short     chan struct{} // closed by the first short request
+	once      sync.Once
+	now, most *atomic.Int32
+}
+
+func (h *longHandler) Offload(req *backend.Request) bool { return req.Chain().ReadableLen() > 8 }
+
+func (h *longHandler) Handle(req *backend.Request) {
+	if req.Chain().ReadableLen() <= 8 {
+		h.once.Do(func() { close(h.short) })
+		echoHandler{}.Handle(req)
+		return
+	}
+	n := h.now.Add(1)
+	defer h.now.Add(-1)
+	for m := h.most.Load(); n > m && !h.most.CompareAndSwap(m, n); m = h.most.Load() {
+	}
+	select {
+	case <-h.short:
+		echoHandler{}.Handle(req)
+	case <-time.After(5 * time.Second):
+		req.Complete(0)
+	}
 }
 
 // panicInliner echoes, but its Inline panics, as a fault on guest memory

@@ -21,6 +21,9 @@ type Request struct {
 	// back-end took it), not from the available ring
 	resubmitted bool
 	worker      int // the goroutine that runs Handle: 0 the ring's, 1.. a worker's
+	// long: the handler's Offload took it for a long request (see
+	// engine.startLong); set by dispatch for every request it hands on.
+	long bool
 }
 
 // Chain is the request's descriptor chain: its device-readable and
