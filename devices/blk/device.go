@@ -100,10 +100,12 @@ func (h *queueHandler) Inline(req *backend.Request) bool {
 	return h.inline(c.ReadableLen(), c.WritableLen())
 }
 
-// Offload (backend.Offloader) sends what may be a DISCARD or WRITE_ZEROES
-// request (see Inline) to a worker even alone on an idle ring: served on
-// the ring's goroutine, a long one kept the ring from taking the requests
-// the driver added meanwhile until it ended.
+// Offload (backend.Offloader) takes what may be a DISCARD or WRITE_ZEROES
+// request (see Inline) for a long one: it goes to a worker even alone on
+// an idle ring (served on the ring's goroutine, a long one kept the ring
+// from taking the requests the driver added meanwhile until it ended), and
+// such requests never take the queue's last worker (with every worker on
+// one, a read waited until one ended).
 func (h *queueHandler) Offload(req *backend.Request) bool {
 	c := req.Chain()
 	return h.mayBeRanges(c.ReadableLen(), c.WritableLen())

@@ -836,3 +836,28 @@ func TestReadPassesLongDiscard(t *testing.T) {
 		})
 	}
 }
+
+// TestReadPassesLongDiscardsOnEveryWorker: as many long DISCARDs as the
+// queue has workers, then a read: the read still gets a worker and
+// completes while the discards are in flight. A guest discarding a large
+// disk sends many such requests at once (each range at most just under
+// 2 GiB); with every worker taken by one, a read waited in the workers'
+// queue until a discard ended, whatever the image did to let it in
+// (found in review, helper-134).
+func TestReadPassesLongDiscardsOnEveryWorker(t *testing.T) {
+	const workers = 4
+	for _, serial := range []bool{false, true} {
+		t.Run(fmt.Sprintf("serial=%v", serial), func(t *testing.T) {
+			r := newRigConfig(t, 8<<20, false, blk.Config{QueueWorkers: workers, SerialWrites: serial}, func(d *raw.Disk) disk.Disk {
+				return &waitDisk{Disk: d, read: make(chan struct{})}
+			})
+			bk := r.blk(t, 0)
+			var reqs []*testguest.BlkRequest
+			for i := range workers + 2 {
+				reqs = append(reqs, &testguest.BlkRequest{Type: testguest.BlkTDiscard, Data: seg(uint64(i)*8, 8, 0)})
+			}
+			reqs = append(reqs, &testguest.BlkRequest{Type: testguest.BlkTIn, Sector: 8, Data: make([]byte, 4096)})
+			doBlk(t, bk, reqs...)
+		})
+	}
+}
