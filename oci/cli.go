@@ -1172,6 +1172,9 @@ func cmdRun(g *globals, args []string, env *Env) error {
 	go forwardSignals(g, id, sigc, done)
 	// The monitor is our child: its exit status is the command's.
 	ps, err := monitor.Wait()
+	if o.input != nil {
+		o.input.Stop() // what is typed now is the shell's
+	}
 	if !*keep {
 		if derr := deleteContainer(g, id, true); derr != nil {
 			g.log.warn("%v", derr)

@@ -347,6 +347,9 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 	}
 	defer stdinR.Close()
 	go input.Run()
+	// Once the status is in (or the process failed to start), what is
+	// typed is the shell's.
+	defer input.Stop()
 	// A regular file on stdout or stderr (`>>log`) the plugin gets as a
 	// pipe that this process copies into the file: sharing the file's
 	// description, a compromised plugin could clear O_APPEND and write
@@ -408,12 +411,14 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 	for {
 		n, err := statusR.Read(b[:])
 		if n == 1 {
+			input.Stop()
 			// The plugin wrote the output before the status and
 			// closes its files after it.
 			output.Wait()
 			return int(b[0]), nil
 		}
 		if err != nil {
+			input.Stop()
 			output.Wait()
 			// The status pipe closed without a byte: 137 alone would
 			// read as the process's own SIGKILL.

@@ -173,6 +173,10 @@ func runMonitor(g *globals, args []string, env *Env) int {
 		select {
 		case <-exited:
 			done = true
+			if m.input != nil {
+				// What is typed from now on is for the shell.
+				m.input.Stop()
+			}
 		case s := <-sigc:
 			m.hostSignal(s.(syscall.Signal))
 		}

@@ -170,3 +170,42 @@ func TestBackgroundReadStops(t *testing.T) {
 		})
 	}
 }
+
+// TestExecLeavesNoFDsInTheMonitor: each exec hands the monitor its stdio,
+// a status pipe and a life pipe; none of them may stay open in the
+// monitor once the exec is over, with pipes, a `>>log` (pumped by exec)
+// or a terminal on stdin (pumped by exec).
+func TestExecLeavesNoFDsInTheMonitor(t *testing.T) {
+	r := newRT(t)
+	r.mustRun("run", "--detach", "--bundle", bundle(t, []string{"sleep", "60"}, nil), "ex")
+	defer r.mustRun("delete", "--force", "ex")
+	pid := r.state("ex").Pid
+	count := func() int {
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := count()
+	log := stdiotest.AppendLog(t, "")
+	devNull, _ := os.Open(os.DevNull)
+	defer devNull.Close()
+	ct := newCallerTerminal(t, 24, 80)
+	for i := range 20 {
+		stdin := devNull
+		if i%2 == 1 {
+			stdin = ct.slave
+		}
+		if code := r.runStdio(stdin, log, "exec", "ex", "true"); code != 0 {
+			t.Fatalf("exec %d: exit %d", i, code)
+		}
+	}
+	after := count()
+	for deadline := time.Now().Add(5 * time.Second); after > before && time.Now().Before(deadline); after = count() {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if after > before {
+		t.Fatalf("the monitor has %d fds after 20 execs, %d before", after, before)
+	}
+}

@@ -320,6 +320,16 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		if ttyIn != nil {
 			// After raw mode: what is typed goes as typed.
 			go ttyIn.Run()
+			// Once the command has ended, what is typed is for the
+			// shell that comes next, not for a pipe nobody reads.
+			go func() {
+				select {
+				case <-c.Exited():
+				case <-c.Ended():
+				case <-ctx.Done():
+				}
+				ttyIn.Stop()
+			}()
 		}
 	} else {
 		if !*noStdin {
@@ -334,6 +344,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		stoppedBy = caught
 	}
 	res, err := c.Start(ctx)
+	if ttyIn != nil {
+		ttyIn.Stop()
+	}
 	if *timing && res != nil {
 		t := res.Timing
 		if execMode {

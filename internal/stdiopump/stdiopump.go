@@ -33,31 +33,126 @@ func IsTerminal(f *os.File) bool {
 }
 
 // Input is a pipe fed from a file (a terminal): Pipe is what the plugin
-// gets, Run copies.
+// gets, Run copies, Stop ends the copy.
 type Input struct {
-	src *os.File // what is read: the terminal
-	dst *os.File // the pipe's write end
+	src          *os.File // what is read: the terminal
+	dst          *os.File // the pipe's write end
+	stopR, stopW int      // Stop closes stopW, which wakes Run
+	stopOnce     sync.Once
 }
 
 // NewInput makes the pipe for src and returns its read end, for the
 // plugin; the caller closes its own copy once the plugin has one.
 func NewInput(src *os.File) (*Input, *os.File, error) {
-	r, w, err := os.Pipe()
-	if err != nil {
+	var stop [2]int
+	if err := unix.Pipe2(stop[:], unix.O_CLOEXEC); err != nil {
 		return nil, nil, fmt.Errorf("stdin pipe: %w", err)
 	}
-	return &Input{src: src, dst: w}, r, nil
+	r, w, err := os.Pipe()
+	if err != nil {
+		unix.Close(stop[0])
+		unix.Close(stop[1])
+		return nil, nil, fmt.Errorf("stdin pipe: %w", err)
+	}
+	return &Input{src: src, dst: w, stopR: stop[0], stopW: stop[1]}, r, nil
 }
 
-// Run copies src to the pipe until either fails (a hang-up, the reader
-// gone), then closes the pipe: the command's input ends.
+// Run copies src to the pipe until src ends or fails (^D, a hang-up),
+// the pipe's reader is gone (the plugin exited) or Stop is called, then
+// closes the pipe: the command's input ends.
+//
+// It reads src only when poll says there is something to read and
+// neither of the others has happened: a blocked read of a terminal
+// would take the next line the user types, after the command ended, for
+// a pipe nobody reads any more, and the shell that comes next would
+// never see it. In the background the process is stopped (SIGTTIN)
+// before it polls, as a read would stop it.
 func (p *Input) Run() {
-	io.Copy(p.dst, p.src)
-	p.dst.Close()
+	defer p.dst.Close()
+	defer unix.Close(p.stopR)
+	if p.src == nil {
+		return
+	}
+	src := int(p.src.Fd())
+	var dst int
+	if err := withFd(p.dst, func(fd int) { dst = fd }); err != nil {
+		return
+	}
+	tty := IsTerminal(p.src)
+	buf := make([]byte, 32*1024)
+	for {
+		if tty {
+			stopInBackground(src)
+		}
+		fds := []unix.PollFd{
+			{Fd: int32(p.stopR), Events: unix.POLLIN},
+			{Fd: int32(dst)}, // POLLERR: the reader is gone
+			{Fd: int32(src), Events: unix.POLLIN},
+		}
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if err == unix.EINTR {
+				continue
+			}
+			return
+		}
+		if fds[0].Revents != 0 || fds[1].Revents != 0 {
+			return
+		}
+		if fds[2].Revents&unix.POLLNVAL != 0 {
+			return
+		}
+		if fds[2].Revents == 0 {
+			continue
+		}
+		n, err := unix.Read(src, buf)
+		switch {
+		case err == unix.EINTR || err == unix.EAGAIN:
+			continue
+		case err != nil || n <= 0:
+			return // the end (^D), or a hang-up (EIO)
+		}
+		if _, err := p.dst.Write(buf[:n]); err != nil {
+			return
+		}
+	}
+}
+
+// stopInBackground stops the process group (SIGTTIN) when the terminal
+// fd is its controlling terminal and another group is in the foreground,
+// as the kernel does at a read: poll does not, so without it a
+// background job waited unstopped until something was typed. The kernel
+// drops the signal for an orphaned group, and a read then fails (EIO),
+// as it would have.
+func stopInBackground(fd int) {
+	fg, err := unix.IoctlGetInt(fd, unix.TIOCGPGRP)
+	if err == nil && fg != unix.Getpgrp() {
+		unix.Kill(0, unix.SIGTTIN)
+	}
+}
+
+// withFd calls f with the descriptor of file, which stays open meanwhile
+// (Fd would make a pipe of os.Pipe blocking for good).
+func withFd(file *os.File, f func(fd int)) error {
+	rc, err := file.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Control(func(fd uintptr) { f(int(fd)) })
+}
+
+// Stop ends Run without reading src any more: what is typed from then on
+// is for whoever reads the terminal next. Call it once the command has
+// ended. A read under way (input that came before Stop) is copied.
+func (p *Input) Stop() {
+	p.stopOnce.Do(func() { unix.Close(p.stopW) })
 }
 
 // Close closes the pipe without copying (the command never started).
-func (p *Input) Close() { p.dst.Close() }
+func (p *Input) Close() {
+	p.Stop()
+	unix.Close(p.stopR)
+	p.dst.Close()
+}
 
 // PassThrough reports whether an output file can be handed to the plugin
 // as it is: a pipe or a socket (what the plugin can do to it is only

@@ -246,3 +246,129 @@ func TestOutputsFailedFile(t *testing.T) {
 		t.Fatalf("Wait: %v, want the copy's failure", err)
 	}
 }
+
+// readTTY reads what the next reader of the terminal gets, or fails the
+// test when nothing comes.
+func readTTY(t *testing.T, tty *os.File, want string) {
+	t.Helper()
+	got := make(chan string, 1)
+	go func() {
+		b := make([]byte, 64)
+		n, _ := unix.Read(int(tty.Fd()), b)
+		got <- string(b[:max(n, 0)])
+	}()
+	select {
+	case s := <-got:
+		if s != want {
+			t.Fatalf("the terminal's next reader got %q, want %q", s, want)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the terminal's next reader got nothing after 5 s, want %q: the pump ate it", want)
+	}
+}
+
+// TestInputLeavesTheTerminalWhenTheReaderIsGone: once the plugin's end
+// of the pipe is closed (the command ended, the plugin exited), the pump
+// reads nothing more from the terminal: a line typed then is the shell's
+// (it read the line, failed to write it to the pipe and dropped it).
+func TestInputLeavesTheTerminalWhenTheReaderIsGone(t *testing.T) {
+	master, tty := stdiotest.OpenPTY(t)
+	in, r, err := NewInput(tty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { in.Run(); close(done) }()
+	time.Sleep(50 * time.Millisecond) // the pump waits for input
+	r.Close()
+	time.Sleep(50 * time.Millisecond)
+	if _, err := master.Write([]byte("next\n")); err != nil {
+		t.Fatal(err)
+	}
+	readTTY(t, tty, "next\n")
+	within(t, done, "the pump after its reader went away")
+}
+
+// TestInputStop: after Stop (the command ended) the pump reads nothing
+// more from the terminal, although the plugin's end is still open, and
+// the command's input ends.
+func TestInputStop(t *testing.T) {
+	master, tty := stdiotest.OpenPTY(t)
+	in, r, err := NewInput(tty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	done := make(chan struct{})
+	go func() { in.Run(); close(done) }()
+	time.Sleep(50 * time.Millisecond) // the pump waits for input
+	in.Stop()
+	in.Stop() // twice is once
+	within(t, done, "the pump after Stop")
+	if _, err := master.Write([]byte("next\n")); err != nil {
+		t.Fatal(err)
+	}
+	readTTY(t, tty, "next\n")
+	if n, err := r.Read(make([]byte, 8)); err != io.EOF {
+		t.Fatalf("the pipe reads %d, %v after Stop, want EOF", n, err)
+	}
+}
+
+// TestInputEnds: the command's input ends where the caller's does: ^D on
+// a terminal in its normal mode (--tty off), a pipe's writer gone,
+// /dev/null; what came before reaches the pipe.
+func TestInputEnds(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		src  func(t *testing.T) *os.File // after the input was written
+		want string
+	}{
+		{"terminal ^D", func(t *testing.T) *os.File {
+			master, tty := stdiotest.OpenPTY(t)
+			if _, err := master.Write([]byte("line\n\x04")); err != nil {
+				t.Fatal(err)
+			}
+			return tty
+		}, "line\n"},
+		{"pipe", func(t *testing.T) *os.File {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { r.Close() })
+			w.Write([]byte("piped"))
+			w.Close()
+			return r
+		}, "piped"},
+		{"/dev/null", func(t *testing.T) *os.File {
+			f, err := os.Open(os.DevNull)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { f.Close() })
+			return f
+		}, ""},
+		{"none", func(t *testing.T) *os.File { return nil }, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in, r, err := NewInput(tc.src(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			done := make(chan struct{})
+			go func() { in.Run(); close(done) }()
+			defer within(t, done, "the pump at its input's end")
+			got := make(chan string, 1)
+			go func() { b, _ := io.ReadAll(r); got <- string(b) }()
+			select {
+			case s := <-got:
+				if s != tc.want {
+					t.Fatalf("the pipe got %q, want %q then its end", s, tc.want)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the pipe did not end")
+			}
+		})
+	}
+}
