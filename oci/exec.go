@@ -414,17 +414,27 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 			input.Stop()
 			// The plugin wrote the output before the status and
 			// closes its files after it.
-			output.Wait()
+			outputFailed(output, stdio[2])
 			return int(b[0]), nil
 		}
 		if err != nil {
 			input.Stop()
-			output.Wait()
+			outputFailed(output, stdio[2])
 			// The status pipe closed without a byte: 137 alone would
 			// read as the process's own SIGKILL.
 			fmt.Fprintln(stdio[2], "krun-oci exec: the container's VM ended before the process reported its exit status")
 			return statusVMEnded, nil
 		}
+	}
+}
+
+// outputFailed waits for the copies of the command's output into files
+// and says in one line on stderr where one failed (a full disk): the
+// rest of that stream was dropped, and the command's status alone would
+// not tell.
+func outputFailed(o *stdiopump.Output, stderr *os.File) {
+	if err := o.Wait(); err != nil && stderr != nil {
+		fmt.Fprintf(stderr, "krun-oci exec: %s; the rest of it was dropped\n", oneLine(strings.ReplaceAll(err.Error(), "\n", "; ")))
 	}
 }
 

@@ -171,6 +171,41 @@ func TestBackgroundReadStops(t *testing.T) {
 	}
 }
 
+// TestExecOutputFileFails: a file on exec's stdout that fails its writes
+// (a full disk; here one opened read-only) lost the command's output
+// without a word: exec returned the command's status and said nothing.
+// It says so in one line on stderr; the status stays the command's.
+func TestExecOutputFileFails(t *testing.T) {
+	r := newRT(t)
+	r.mustRun("run", "--detach", "--bundle", bundle(t, []string{"sleep", "30"}, nil), "ex")
+	defer r.mustRun("delete", "--force", "ex")
+	path := filepath.Join(t.TempDir(), "out")
+	os.WriteFile(path, nil, 0o644)
+	ro, err := os.Open(path) // every write fails
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	errOut, err := os.Create(filepath.Join(t.TempDir(), "err"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer errOut.Close()
+	devNull, _ := os.Open(os.DevNull)
+	defer devNull.Close()
+	cmd := r.command("exec", "ex", "sh", "-c", "echo lost; exit 3")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devNull, ro, errOut
+	err = cmd.Run()
+	ee, ok := err.(*exec.ExitError)
+	if !ok || ee.ExitCode() != 3 {
+		t.Fatalf("exec: %v, want the command's status 3", err)
+	}
+	got, _ := os.ReadFile(errOut.Name())
+	if lines := strings.Split(strings.TrimSuffix(string(got), "\n"), "\n"); len(lines) != 1 || !strings.HasPrefix(lines[0], "krun-oci exec: ") || !strings.Contains(lines[0], "the command's output") {
+		t.Fatalf("exec's stderr: %q, want one line about the command's output", got)
+	}
+}
+
 // TestExecLeavesNoFDsInTheMonitor: each exec hands the monitor its stdio,
 // a status pipe and a life pipe; none of them may stay open in the
 // monitor once the exec is over, with pipes, a `>>log` (pumped by exec)

@@ -245,6 +245,11 @@ func (v *krunVM) Boot(ctx context.Context) error {
 	go func() {
 		res, err := v.c.Start(runCtx)
 		logConsoleTail(v.log, res, err)
+		if res != nil && res.OutputError != nil {
+			// The runtime's log, as vmm logged it before it
+			// became the result's.
+			v.log.Warn("the command's output", "error", res.OutputError)
+		}
 		v.mu.Lock()
 		v.res, v.err = res, err
 		v.mu.Unlock()

@@ -347,6 +347,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if ttyIn != nil {
 		ttyIn.Stop()
 	}
+	printOutputFailure(stderr, res)
 	if *timing && res != nil {
 		t := res.Timing
 		if execMode {
@@ -459,6 +460,17 @@ func printConsoleTail(w io.Writer, res *vmm.Result) {
 	for _, l := range res.ConsoleTail {
 		fmt.Fprintf(w, "  guest| %s\n", l)
 	}
+}
+
+// printOutputFailure says in one line that the command's output could
+// not all be copied into a file on stdout or stderr (a full disk): the
+// rest of it was dropped, and the command's status alone would not tell.
+func printOutputFailure(w io.Writer, res *vmm.Result) {
+	if res == nil || res.OutputError == nil {
+		return
+	}
+	msg := strings.ReplaceAll(res.OutputError.Error(), "\n", "; ")
+	fmt.Fprintf(w, "krun-core run: %s; the rest of it was dropped\n", cli.OneLine(msg))
 }
 
 func msec(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -72,15 +72,19 @@ type machine struct {
 // (both are a normal end), ctx is cancelled, or the VM fails. On a host
 // whose KVM cannot boot a stock kernel (kvm.CheckHost) the error wraps
 // kvm.ErrNoKVM and nothing is started.
-func (c *Context) Start(ctx context.Context) (*Result, error) {
+func (c *Context) Start(ctx context.Context) (res *Result, err error) {
 	if c.started {
 		return nil, errors.New("vmm: a Context runs one VM")
 	}
 	c.started = true
 	if c.exec != nil {
 		defer func() {
-			if err := c.exec.close(); err != nil {
-				c.log.Warn("the command's output", "error", err)
+			if oerr := c.exec.close(); oerr != nil {
+				if res != nil {
+					res.OutputError = oerr
+				} else {
+					c.log.Warn("the command's output", "error", oerr)
+				}
 			}
 		}()
 		if err := c.prepareExec(); err != nil {
@@ -145,7 +149,7 @@ func (c *Context) Start(ctx context.Context) (*Result, error) {
 	}
 	m.log.Debug("kernel loaded", "entry", fmt.Sprintf("%#x", loaded.Entry), "initrd", fmt.Sprintf("%#x", loaded.InitrdAddr))
 
-	res := &Result{Timing: Timing{PluginStart: l.took, VMSetup: setup}}
+	res = &Result{Timing: Timing{PluginStart: l.took, VMSetup: setup}}
 	ready := time.Now()
 	res.Timing.Ready = ready.Sub(t0)
 	marker := &markerWriter{w: c.consoleOut, marker: []byte(c.bootMarker)}

@@ -435,6 +435,10 @@ type Result struct {
 	// out, that line comes first, then "...". A caller shows them when
 	// the guest ended without reporting an exit status.
 	ConsoleTail []string
+	// OutputError is why the command's output could not all be copied
+	// into a file on stdout or stderr (a full disk; SetExec): the rest
+	// of that stream was dropped. A caller says so.
+	OutputError error
 }
 
 // Validate checks the configuration without starting anything: the
