@@ -39,6 +39,7 @@ type Input struct {
 	dst          *os.File // the pipe's write end
 	stopR, stopW int      // Stop closes stopW, which wakes Run
 	stopOnce     sync.Once
+	endOnce      sync.Once // closes stopR and dst: Run's end or Close
 }
 
 // NewInput makes the pipe for src and returns its read end, for the
@@ -68,8 +69,7 @@ func NewInput(src *os.File) (*Input, *os.File, error) {
 // never see it. In the background the process is stopped (SIGTTIN)
 // before it polls, as a read would stop it.
 func (p *Input) Run() {
-	defer p.dst.Close()
-	defer unix.Close(p.stopR)
+	defer p.end()
 	if p.src == nil {
 		return
 	}
@@ -150,8 +150,15 @@ func (p *Input) Stop() {
 // Close closes the pipe without copying (the command never started).
 func (p *Input) Close() {
 	p.Stop()
-	unix.Close(p.stopR)
-	p.dst.Close()
+	p.end()
+}
+
+// end closes what Run uses, once.
+func (p *Input) end() {
+	p.endOnce.Do(func() {
+		unix.Close(p.stopR)
+		p.dst.Close()
+	})
 }
 
 // PassThrough reports whether an output file can be handed to the plugin

@@ -372,3 +372,27 @@ func TestInputEnds(t *testing.T) {
 		})
 	}
 }
+
+// TestInputClose: Close instead of Run (the command never started) ends
+// the command's input; after Run it closes nothing twice.
+func TestInputClose(t *testing.T) {
+	for _, afterRun := range []bool{false, true} {
+		_, tty := stdiotest.OpenPTY(t)
+		in, r, err := NewInput(tty)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if afterRun {
+			done := make(chan struct{})
+			go func() { in.Run(); close(done) }()
+			in.Stop()
+			within(t, done, "the pump after Stop")
+		}
+		in.Close()
+		in.Close()
+		if n, err := r.Read(make([]byte, 8)); err != io.EOF {
+			t.Fatalf("after Close (after Run: %v) the pipe reads %d, %v, want EOF", afterRun, n, err)
+		}
+		r.Close()
+	}
+}
