@@ -188,9 +188,18 @@ func (d *pluginDevice) abandon(why error) error {
 		d.log.Warn("killing the plugin before the guest reuses its rings", "device", d.index, "pid", p.Pid(), "reason", why)
 	}
 	if !killReaped(p) {
+		d.c.pluginLeft()
 		return fmt.Errorf("plugin (pid %d) still runs %v after SIGKILL", p.Pid(), abandonWait)
 	}
 	return nil
+}
+
+// pluginLeft records that a plugin outlived SIGKILL and was left running
+// (killReaped); c may be nil (a device built by a test).
+func (c *Context) pluginLeft() {
+	if c != nil {
+		c.pluginsLeft.Store(true)
+	}
 }
 
 // killReaped kills p and reports whether its process was reaped within
@@ -899,6 +908,7 @@ func (d *pluginDevice) restart(ctx context.Context) error {
 // VM's exit does not wait for it.
 func (d *pluginDevice) killWait(log hclog.Logger) {
 	if !killReaped(d.plugin) {
+		d.c.pluginLeft()
 		log.Error("plugin still runs after SIGKILL; leaving it", "device", d.index, "pid", d.plugin.Pid(), "waited", abandonWait)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -680,8 +681,12 @@ const ExecCmdline = "console=ttyS0 quiet panic=-1"
 
 // close closes the control pipe, then drains the output pumps and returns
 // their failure to write a file. The VM's end (which the guest chooses)
-// may come while a request uses the pipe: under controlMu.
-func (e *execConfig) close() error {
+// may come while a request uses the pipe: under controlMu. A pump ends
+// when the plugin's end of its pipe is closed; bound, when not 0, is how
+// long close waits for that: a plugin that outlived SIGKILL (in
+// uninterruptible sleep; the VM's end does not wait for it) still holds
+// that end.
+func (e *execConfig) close(bound time.Duration) error {
 	e.controlMu.Lock()
 	e.closed = true
 	e.pending = nil
@@ -701,7 +706,19 @@ func (e *execConfig) close() error {
 	output := e.output
 	e.output = nil
 	output.CloseWriters()
-	return output.Wait()
+	if bound == 0 {
+		return output.Wait()
+	}
+	done := make(chan error, 1)
+	go func() { done <- output.Wait() }()
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		return fmt.Errorf("the console plugin outlived SIGKILL and still holds the command's output pipes; what it had not passed on by %v later was not waited for", bound)
+	}
 }
 
 // ExecEnv returns the program's environment as SetExec left it (the

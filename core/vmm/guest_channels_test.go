@@ -28,7 +28,7 @@ import (
 func TestGuestConsoleLogCannotDriveTheTerminal(t *testing.T) {
 	var logBuf bytes.Buffer
 	c := prepTestExec(t, hclog.New(&hclog.LoggerOptions{Output: &logBuf, Level: hclog.Debug}))
-	defer c.exec.close()
+	defer c.exec.close(0)
 	// What guest root writes to /dev/ttyS0.
 	c.consoleOut.Write([]byte("\x1b]0;pwned\x07\x1b[2J\r[ERROR] krun-core: forged line\n"))
 	out := logBuf.String()
@@ -43,7 +43,7 @@ func TestGuestConsoleLogCannotDriveTheTerminal(t *testing.T) {
 // Signal, Resize and Exec fail, never block the core.
 func TestControlNeverBlocksWhenPluginStalls(t *testing.T) {
 	c := prepTestExec(t, nil)
-	defer c.exec.close()
+	defer c.exec.close(0)
 	done := make(chan error, 1)
 	go func() {
 		var err error
@@ -135,7 +135,7 @@ func TestControlRacesVMEnd(t *testing.T) {
 		}
 	}()
 	time.Sleep(time.Millisecond)
-	c.exec.close() // what Start's deferred close does when the guest powers off
+	c.exec.close(0) // what Start's deferred close does when the guest powers off
 	<-done
 }
 
@@ -172,7 +172,7 @@ func TestConsoleTail(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := prepTestExec(t, hclog.NewNullLogger())
-			defer c.exec.close()
+			defer c.exec.close(0)
 			if c.consoleTail == nil {
 				t.Fatal("exec mode keeps no console tail")
 			}
@@ -192,7 +192,7 @@ func TestConsoleTail(t *testing.T) {
 // character's start.
 func TestConsoleTailKeepsALastLineWithoutNewline(t *testing.T) {
 	c := prepTestExec(t, hclog.NewNullLogger())
-	defer c.exec.close()
+	defer c.exec.close(0)
 	c.consoleOut.Write([]byte(strings.Repeat("x", consoleTailWidth-1) + strings.Repeat("é", 100) + "\n"))
 	c.consoleOut.Write([]byte("boot ok\nkrun-init: cannot mount /proc: no such device"))
 	want := []string{strings.Repeat("x", consoleTailWidth-1) + "...", "boot ok", "krun-init: cannot mount /proc: no such device"}
@@ -208,7 +208,7 @@ func TestConsoleTailKeepsALastLineWithoutNewline(t *testing.T) {
 // krun-oci could only report as 137 (from review).
 func TestRequestsFailOnceTheGuestEnded(t *testing.T) {
 	c := prepTestExec(t, hclog.NewNullLogger())
-	defer c.exec.close()
+	defer c.exec.close(0)
 	files := make([]*os.File, 4)
 	for i := range files {
 		f, err := os.Open(os.DevNull)
@@ -273,7 +273,7 @@ func TestControlBeforeChannelOpens(t *testing.T) {
 			t.Errorf("SignalAll before the channel opens: %v", err)
 		}
 	})
-	defer c.exec.close()
+	defer c.exec.close(0)
 	want := [][]byte{devopts.SignalRecord(uint8(unix.SIGINT)), devopts.WinsizeRecord(30, 40), devopts.SignalAllRecord(uint8(unix.SIGTERM))}
 	buf := make([]byte, 64)
 	fd := int(c.exec.controlR.Fd())
@@ -302,7 +302,7 @@ func TestControlBeforeChannelOpens(t *testing.T) {
 		t.Error("1000 signals kept before the channel opened")
 	}
 	// Gone after the channel closed.
-	d.exec.close()
+	d.exec.close(0)
 	if err := d.Resize(1, 1); err == nil {
 		t.Error("Resize accepted after the channel closed")
 	}

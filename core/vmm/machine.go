@@ -79,7 +79,13 @@ func (c *Context) Start(ctx context.Context) (res *Result, err error) {
 	c.started = true
 	if c.exec != nil {
 		defer func() {
-			if oerr := c.exec.close(); oerr != nil {
+			// A plugin left running after SIGKILL may hold the
+			// output pipes' write ends for good.
+			var bound time.Duration
+			if c.pluginsLeft.Load() {
+				bound = abandonWait
+			}
+			if oerr := c.exec.close(bound); oerr != nil {
 				if res != nil {
 					res.OutputError = oerr
 				} else {

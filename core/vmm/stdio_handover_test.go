@@ -4,6 +4,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -36,7 +37,7 @@ func TestConsoleOutputToAFileIsPumped(t *testing.T) {
 	c := prepTestExecWith(t, hclog.NewNullLogger(), func(c *Context) { c.SetStdio(nil, log, log, false) })
 	s := consoleOf(t, c)
 	if stdiotest.FileType(t, s.Stdout) != unix.S_IFIFO || s.Stderr != s.Stdout {
-		c.exec.close()
+		c.exec.close(0)
 		t.Fatalf("the console plugin gets %v (type %#o) and %v for a `>>log 2>&1`, want one pipe", s.Stdout.Name(), stdiotest.FileType(t, s.Stdout), s.Stderr.Name())
 	}
 	// What the plugin's copy, opened when it starts, writes.
@@ -47,7 +48,7 @@ func TestConsoleOutputToAFileIsPumped(t *testing.T) {
 	want := "earlier\n" + strings.Repeat("the command's output\n", 10000)
 	plugin.WriteString(strings.TrimPrefix(want, "earlier\n"))
 	plugin.Close()
-	if err := c.exec.close(); err != nil {
+	if err := c.exec.close(0); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(log.Name()); string(got) != want {
@@ -62,7 +63,7 @@ func TestConsoleOutputToAFileIsPumped(t *testing.T) {
 // only, as the main console's (devspec's HandOver).
 func TestExecFilesHandedOverOneWay(t *testing.T) {
 	c := prepTestExec(t, hclog.NewNullLogger())
-	defer c.exec.close()
+	defer c.exec.close(0)
 	_, tty := stdiotest.OpenPTY(t)
 	stdinR, stdinW, err := os.Pipe()
 	if err != nil {
@@ -105,5 +106,40 @@ func TestExecFilesHandedOverOneWay(t *testing.T) {
 		if fl&unix.O_ACCMODE != want {
 			t.Errorf("exec file %d has access mode %#o, want %#o", i, fl&unix.O_ACCMODE, want)
 		}
+	}
+}
+
+// TestOutputWaitBoundWhenAPluginWasLeft: the pumps of a `>>log` end when
+// the plugin's end of their pipe is closed. A console plugin that
+// outlived SIGKILL (uninterruptible sleep; the VM's end leaves it) keeps
+// that end open, and the run waited for it for good. With a bound (Start
+// gives abandonWait once a plugin was left) close returns, with an error
+// saying so.
+func TestOutputWaitBoundWhenAPluginWasLeft(t *testing.T) {
+	log := stdiotest.AppendLog(t, "")
+	c := prepTestExecWith(t, hclog.NewNullLogger(), func(c *Context) { c.SetStdio(nil, log, log, false) })
+	s := consoleOf(t, c)
+	plugin, err := devspec.HandOver(s.Stdout, "stdout", unix.O_WRONLY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plugin.Close() // the plugin that is never reaped
+	plugin.WriteString("written before the kill\n")
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if got, _ := os.ReadFile(log.Name()); string(got) == "written before the kill\n" {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the pump copied %q in 10 s", got)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.exec.close(100 * time.Millisecond) }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "outlived SIGKILL") {
+			t.Fatalf("close gave %v, want the left plugin named", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("close still waits for the pipe of a plugin that was left running")
 	}
 }

@@ -32,7 +32,7 @@ func TestTerminalGetsTERM(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer c.exec.close()
+			defer c.exec.close(0)
 			var got []string
 			for _, kv := range c.exec.cfg.Env {
 				if isTerm(kv) {

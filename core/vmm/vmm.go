@@ -20,6 +20,7 @@ import (
 	"path"
 	"path/filepath"
 	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -100,9 +101,12 @@ type Context struct {
 	keepPrivileges bool
 
 	// SetExec mode (exec.go): the program, and the initramfs built for it.
-	exec       *execConfig
-	initrdData io.ReaderAt
-	initrdSize int64
+	exec *execConfig
+	// pluginsLeft: a plugin outlived SIGKILL and was left running
+	// (killReaped); the command's output pumps do not wait for it.
+	pluginsLeft atomic.Bool
+	initrdData  io.ReaderAt
+	initrdSize  int64
 	// notify turns the guest's milestones into channels (container.go).
 	notify guestNotify
 }
