@@ -3,12 +3,15 @@ package imgserver
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/krun-core/krun-core/disk/qcow2"
 	"github.com/krun-core/krun-core/proto/imagepb"
+	"google.golang.org/protobuf/proto"
 )
 
 // FuzzImageOps feeds hostile files to everything the plugin runs on an
@@ -61,15 +64,26 @@ func FuzzImageOps(f *testing.F) {
 		if err := os.WriteFile(p, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		in, err := os.Open(p)
+		// Read-write, as for a check that repairs: a read-only operation
+		// that writes would not go unseen.
+		in, err := os.OpenFile(p, os.O_RDWR, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer in.Close()
-		Probe(in)
+		probe, perr := Probe(in)
 		info, err := Info(in, "qcow2")
-		Check(in, "qcow2", imagepb.Repair_REPAIR_NONE)
-		Verify(in, "qcow2", nil)
+		check, cerr := Check(in, "qcow2", imagepb.Repair_REPAIR_NONE)
+		verify, verr := Verify(in, "qcow2", nil)
+		checkReadOnly(t, p, b)
+		checkProbe(t, b, probe, perr, err)
+		if err == nil {
+			checkInfo(t, b, info)
+		}
+		if cerr == nil && err == nil {
+			checkCheck(t, b, info, check)
+		}
+		checkVerify(t, info, err, check, cerr, verify, verr)
 		if err != nil || info.VirtualSize > 16<<20 {
 			// Convert reads every virtual byte (disk/qcow2 has no block
 			// status); a fuzzed size of terabytes is slow, not wrong.
@@ -120,4 +134,174 @@ func FuzzImageOps(f *testing.F) {
 			}
 		}
 	})
+}
+
+// checkReadOnly: probe, info, check without repair and verify leave the
+// image's bytes as they were.
+func checkReadOnly(t *testing.T, path string, b []byte) {
+	after, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(after, b) {
+		t.Fatalf("probe, info, check or verify wrote to the image (%d bytes, %d before)", len(after), len(b))
+	}
+}
+
+// checkProbe: probe names what the first bytes say, and calls a qcow2
+// header unparsable exactly when Info cannot read it.
+func checkProbe(t *testing.T, b []byte, r *imagepb.ProbeResponse, err, infoErr error) {
+	if err != nil {
+		t.Fatalf("probe of a regular file: %v", err)
+	}
+	if len(b) < 8 || be.Uint32(b) != 0x514649fb {
+		if r.Format == "qcow2" {
+			t.Fatalf("probe says qcow2 without the magic: % x", b[:min(len(b), 8)])
+		}
+		return
+	}
+	switch v := be.Uint32(b[4:]); {
+	case v == 1:
+		if r.Format != "qcow" || r.Supported {
+			t.Fatalf("probe of a qcow version 1 header: %+v", r)
+		}
+	case v != 2 && v != 3:
+		if r.Format != "qcow2" || r.Supported || infoErr == nil {
+			t.Fatalf("qcow2 version %d: probe %+v, info error %v", v, r, infoErr)
+		}
+	default:
+		bad := strings.Contains(r.Detail, "does not parse")
+		if r.Format != "qcow2" || !r.Supported || bad != (infoErr != nil) {
+			t.Fatalf("probe %+v, info error %v", r, infoErr)
+		}
+	}
+}
+
+var be = binary.BigEndian
+
+// checkInfo: what Info read is the header's bytes at their offsets, and
+// the backing file's name lies inside the file.
+func checkInfo(t *testing.T, b []byte, r *imagepb.InfoResponse) {
+	if len(b) < 72 || be.Uint32(b) != 0x514649fb {
+		t.Fatalf("info parsed %d bytes without a qcow2 header", len(b))
+	}
+	v := be.Uint32(b[4:])
+	var incompat, compat, autoclear uint64
+	refcountBits := uint32(16)
+	if v == 3 {
+		if len(b) < 104 {
+			t.Fatalf("info parsed a version 3 header of %d bytes", len(b))
+		}
+		incompat, compat, autoclear = be.Uint64(b[72:]), be.Uint64(b[80:]), be.Uint64(b[88:])
+		refcountBits = 1 << be.Uint32(b[96:])
+	}
+	type fields struct {
+		Version, RefcountBits                       uint32
+		ClusterSize, VirtualSize, FileSize          int64
+		Encrypted, Dirty, Corrupt, ExtendedL2, Lazy bool
+		Incompat, Compat, Autoclear                 uint64
+		Snapshots                                   int
+	}
+	got := fields{r.Version, r.RefcountBits, r.ClusterSize, r.VirtualSize, r.FileSize,
+		r.Encrypted, r.Dirty, r.Corrupt, r.ExtendedL2, r.LazyRefcounts,
+		r.IncompatibleFeatures, r.CompatibleFeatures, r.AutoclearFeatures, len(r.Snapshots)}
+	want := fields{v, refcountBits, 1 << be.Uint32(b[20:]), int64(be.Uint64(b[24:]) &^ 511), int64(len(b)),
+		be.Uint32(b[32:]) != 0, incompat&1 != 0, incompat&2 != 0, incompat&16 != 0, compat&1 != 0,
+		incompat, compat, autoclear, int(be.Uint32(b[60:]))}
+	if got != want {
+		t.Fatalf("info %+v, the header says %+v", got, want)
+	}
+	off, n := be.Uint64(b[8:]), uint64(be.Uint32(b[16:]))
+	if r.BackingFile == "" && off != 0 && n != 0 {
+		t.Fatalf("info names no backing file; the header names %d bytes at %#x", n, off)
+	}
+	if r.BackingFile != "" {
+		if off == 0 || n == 0 || off >= uint64(len(b)) || n > uint64(len(b))-off {
+			t.Fatalf("backing file %q from %d bytes at %#x of a %d-byte file", r.BackingFile, n, off, len(b))
+		}
+		if name := printable(string(b[off : off+n])); r.BackingFile != name {
+			t.Fatalf("backing file %q, the header's bytes say %q", r.BackingFile, name)
+		}
+	}
+}
+
+// printable replaces control characters with '?', as info shows names.
+func printable(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0 {
+			return '?'
+		}
+		return r
+	}, s)
+}
+
+// checkCheck: check's counts agree with the header and, for an image it
+// found no fault in, with the active L1 and L2 tables walked here.
+func checkCheck(t *testing.T, b []byte, info *imagepb.InfoResponse, r *imagepb.CheckResponse) {
+	cs := info.ClusterSize
+	if !r.Supported || r.CorruptionsFixed != 0 || r.LeaksFixed != 0 || r.RefcountsRebuilt {
+		t.Fatalf("check without repair: %+v", r)
+	}
+	if size := be.Uint64(b[24:]); r.TotalClusters != int64(size/uint64(cs))+int64(min(size%uint64(cs), 1)) {
+		t.Fatalf("check counts %d guest clusters of %d bytes in %d", r.TotalClusters, cs, size)
+	}
+	if r.CompressedClusters > r.AllocatedClusters || r.FragmentedClusters > r.AllocatedClusters || r.ImageEndOffset%cs != 0 {
+		t.Fatalf("check: %d allocated clusters, %d compressed, %d fragmented, image end %#x", r.AllocatedClusters, r.CompressedClusters, r.FragmentedClusters, r.ImageEndOffset)
+	}
+	if r.Corruptions != 0 || r.CheckErrors != 0 || info.ExternalData {
+		return
+	}
+	step := int64(8)
+	if info.ExtendedL2 {
+		step = 16
+	}
+	const offMask, compressed = 0x00fffffffffffe00, 1 << 62
+	l1Size, l1Off := int64(be.Uint32(b[36:])), int64(be.Uint64(b[40:]))
+	if l1Off+l1Size*8 > int64(len(b)) {
+		t.Fatalf("check finds no fault in an L1 table of %d entries at %#x of a %d-byte file", l1Size, l1Off, len(b))
+	}
+	var alloc, comp int64
+	seen := map[int64]bool{}
+	for i := range l1Size {
+		l2 := int64(be.Uint64(b[l1Off+i*8:]) & offMask)
+		if l2 == 0 || seen[l2] {
+			continue
+		}
+		seen[l2] = true
+		if l2+cs > int64(len(b)) {
+			t.Fatalf("check finds no fault in an L2 table at %#x of a %d-byte file", l2, len(b))
+		}
+		for j := l2; j < l2+cs; j += step {
+			switch e := be.Uint64(b[j:]); {
+			case e&compressed != 0:
+				alloc++
+				comp++
+			case e&offMask != 0:
+				alloc++
+			}
+		}
+	}
+	if r.AllocatedClusters != alloc || r.CompressedClusters != comp {
+		t.Fatalf("check counts %d allocated clusters, %d compressed; the active tables hold %d and %d", r.AllocatedClusters, r.CompressedClusters, alloc, comp)
+	}
+}
+
+// checkVerify: verify shows what info shows, and passes only an image
+// that info reads and check finds no corruption in.
+func checkVerify(t *testing.T, info *imagepb.InfoResponse, infoErr error, check *imagepb.CheckResponse, checkErr error, r *imagepb.VerifyResponse, err error) {
+	if err != nil {
+		t.Fatalf("verify of a regular file: %v", err)
+	}
+	if r.Info != nil && (infoErr != nil || !proto.Equal(r.Info, info)) {
+		t.Fatalf("verify shows %v; info %v, %v", r.Info, info, infoErr)
+	}
+	if r.Violation != "" {
+		return
+	}
+	if infoErr != nil || checkErr != nil || r.Info == nil {
+		t.Fatalf("verify passed an image info (%v) or check (%v) fails on", infoErr, checkErr)
+	}
+	if check.Corruptions != 0 || check.CheckErrors != 0 || info.Encrypted || info.ExternalData || info.Corrupt || info.Dirty {
+		t.Fatalf("verify passed an image with %d corruptions, %d check errors, info %+v", check.Corruptions, check.CheckErrors, info)
+	}
 }
