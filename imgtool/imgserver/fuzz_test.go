@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -304,4 +307,83 @@ func checkVerify(t *testing.T, info *imagepb.InfoResponse, infoErr error, check 
 	if check.Corruptions != 0 || check.CheckErrors != 0 || info.Encrypted || info.ExternalData || info.Corrupt || info.Dirty {
 		t.Fatalf("verify passed an image with %d corruptions, %d check errors, info %+v", check.Corruptions, check.CheckErrors, info)
 	}
+}
+
+// TestFuzzSeedsAgreeWithQemuImg: on FuzzImageOps's qemu-img seeds, info
+// and check report what qemu-img info and check do. (The fuzz body checks
+// them against the header's bytes and the tables it walks; qemu-img is too
+// slow to run there.)
+func TestFuzzSeedsAgreeWithQemuImg(t *testing.T) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("no qemu-img")
+	}
+	seeds, err := filepath.Glob("testdata/fuzz/FuzzImageOps/*")
+	if err != nil || len(seeds) == 0 {
+		t.Fatalf("no seeds: %v", err)
+	}
+	for _, s := range seeds {
+		t.Run(filepath.Base(s), func(t *testing.T) {
+			b := readFuzzSeed(t, s)
+			p := filepath.Join(t.TempDir(), "img")
+			if err := os.WriteFile(p, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			var qi struct {
+				VirtualSize int64  `json:"virtual-size"`
+				ClusterSize int64  `json:"cluster-size"`
+				BackingFile string `json:"backing-filename"`
+			}
+			out, err := exec.Command("qemu-img", "info", "--output=json", "-U", p).Output()
+			if err != nil || json.Unmarshal(out, &qi) != nil {
+				t.Fatalf("qemu-img info: %v\n%s", err, out)
+			}
+			// qemu-img check exits 2 and 3 for corruptions and leaks.
+			var qc struct {
+				Corruptions int64 `json:"corruptions"`
+				Leaks       int64 `json:"leaks"`
+				Total       int64 `json:"total-clusters"`
+				Allocated   int64 `json:"allocated-clusters"`
+				Compressed  int64 `json:"compressed-clusters"`
+				Fragmented  int64 `json:"fragmented-clusters"`
+				End         int64 `json:"image-end-offset"`
+			}
+			out, _ = exec.Command("qemu-img", "check", "--output=json", "-U", p).Output()
+			if err := json.Unmarshal(out, &qc); err != nil {
+				t.Fatalf("qemu-img check: %v\n%s", err, out)
+			}
+			f := open(t, p, os.O_RDONLY)
+			defer f.Close()
+			info, err := Info(f, "qcow2")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if info.VirtualSize != qi.VirtualSize || info.ClusterSize != qi.ClusterSize || info.BackingFile != qi.BackingFile {
+				t.Errorf("info: size %d, clusters of %d, backing %q; qemu-img: %+v", info.VirtualSize, info.ClusterSize, info.BackingFile, qi)
+			}
+			c, err := Check(f, "qcow2", imagepb.Repair_REPAIR_NONE)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := [7]int64{c.Corruptions, c.Leaks, c.TotalClusters, c.AllocatedClusters, c.CompressedClusters, c.FragmentedClusters, c.ImageEndOffset}
+			want := [7]int64{qc.Corruptions, qc.Leaks, qc.Total, qc.Allocated, qc.Compressed, qc.Fragmented, qc.End}
+			if got != want {
+				t.Errorf("check (corruptions, leaks, total, allocated, compressed, fragmented, end) = %v, qemu-img %v", got, want)
+			}
+		})
+	}
+}
+
+// readFuzzSeed reads a corpus file of one []byte value.
+func readFuzzSeed(t *testing.T, path string) []byte {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, ok := strings.CutPrefix(string(b), "go test fuzz v1\n[]byte(")
+	v, ok2 := strings.CutSuffix(strings.TrimSpace(v), ")")
+	s, err := strconv.Unquote(v)
+	if !ok || !ok2 || err != nil {
+		t.Fatalf("%s: not a corpus file of one []byte (%v)", path, err)
+	}
+	return []byte(s)
 }
