@@ -590,11 +590,18 @@ func FuzzParse(f *testing.F) {
 	for _, s := range []string{
 		"path=a.img,format=raw", "path=a,,b,format=qcow2,backing=b,backing-format=raw,max-size=1G", "path=a,format=raw,queues=12",
 		"path=/srv,tag=x", "passt,mac=52:54:00:12:34:56,ports=1:2,3",
+		// One that each of the other parsers takes, with most of its options.
+		"path=d.img,format=qcow2,readonly=on,data-file=d.raw,queues=2,max-size=512M",
+		"path=/srv,tag=share,readonly=on,mount=/mnt/x",
+		"passt,mac=52:54:00:12:34:56,ports=8080:80,mtu=1500",
+		"rng,fill=file,file.source=/dev/hwrng,file-rw.log=/var/log/rng.log",
+		"type=blk,socket=/tmp/x.sock,queues=2,queue-size=256,reconnect=1.5",
+		"type=fs,socket=/tmp/fs.sock,tag=t",
 	} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		for _, flag := range []string{"disk", "fs", "net", "plugin"} {
+		for _, flag := range []string{"disk", "fs", "net", "plugin", "vhost-user"} {
 			spec, err := Parse(flag, s)
 			if err != nil {
 				if strings.ContainsAny(err.Error(), "\n\r") {
