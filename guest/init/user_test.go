@@ -193,6 +193,9 @@ func TestOpenAccountFile(t *testing.T) {
 func FuzzResolveUser(f *testing.F) {
 	f.Add("alice:staff", testPasswd, testGroup)
 	f.Add("1001", testPasswd, testGroup)
+	f.Add("bob", testPasswd, testGroup)          // supplementary groups from the group file
+	f.Add("1001:100", testPasswd, testGroup)     // numeric user and group
+	f.Add("nohome:wheel", testPasswd, testGroup) // an entry without a home
 	f.Add("x", "x:x:1:2:a:b:c\n", "g:x:3:x,y\n")
 	f.Fuzz(func(t *testing.T, spec, passwd, group string) {
 		id, err := resolveUser(spec, fileOf(passwd, false), fileOf(group, false))
