@@ -17,8 +17,9 @@
 // bounded buffer until Port.Read takes it (the transmitq is not drained
 // while it is full, so a guest writer blocks), and host data waits in a
 // bounded buffer until the guest posts receive buffers (Port.Write blocks
-// while it is full). Malformed chains and control messages are counted and
-// dropped; the device keeps serving.
+// while it is full). Malformed chains (a transmit chain longer than any a
+// driver makes among them) and control messages are counted and dropped;
+// the device keeps serving.
 package console
 
 import (
@@ -72,6 +73,12 @@ const (
 	MaxNameLen = 64
 	// chunkSize is the largest piece of guest data kept in one buffer.
 	chunkSize = 64 << 10
+	// maxTxChain bounds the data of one transmit chain: a page of the
+	// largest size (64 KiB) in each descriptor of the largest ring. A
+	// longer chain is malformed (its descriptors may all point at the
+	// same memory: one chain of 1024 x 4 GiB would keep the device
+	// copying for the port's reader long after the guest stopped).
+	maxTxChain = MaxQueueSize * 64 << 10
 	// txChunks bounds the guest data waiting for Port.Read (in chunks of
 	// up to chunkSize bytes).
 	txChunks = 16
@@ -290,8 +297,9 @@ func (d *Device) Write(p []byte) (int, error) {
 
 // handleTx moves one chain of guest data into the tx buffer; it blocks
 // while the buffer is full (the guest writer waits), until the ring stops.
+// A chain with writable buffers, or longer than maxTxChain, is dropped.
 func (d *Device) handleTx(ctx context.Context, c *virtq.Chain) {
-	if c.WritableLen() != 0 {
+	if c.WritableLen() != 0 || c.ReadableLen() > maxTxChain {
 		d.stats.Malformed.Add(1)
 		return
 	}
