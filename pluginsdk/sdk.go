@@ -14,6 +14,12 @@
 //
 //	func main() { pluginsdk.Serve(entropy{}) }
 //
+// newDevice returns a backend.Device (package vhostuser/backend) whose
+// Queue hands each ring a backend.Handler. examples/plugin-null in the
+// krun-core repository is a complete plugin with its test, and
+// docs/PLUGINS.md the guide: building, installing, the sandbox policy,
+// and what krun-core serve and run do with a plugin.
+//
 // Serve runs go-plugin's gRPC server and implements the DevicePlugin service
 // (proto/device_plugin.proto) around the plugin:
 //
@@ -31,7 +37,8 @@
 //     the device and exits the process.
 //
 // The plugin logs through the hclog.Logger it is given: JSON lines on
-// stderr, which the host's go-plugin client re-logs into krun-core's log.
+// stderr, which krun-core (core/pluginhost) re-logs into its own log under
+// krun-plugin-<Kind>, at most 1000 lines at once and then 200 a second.
 // A plugin must not write to stdout (go-plugin's handshake channel).
 package pluginsdk
 
@@ -72,7 +79,9 @@ type Plugin interface {
 	Kind() string
 	// Policy declares the sandbox the plugin runs under. fds maps the names
 	// of the inherited files to their fd numbers (for directory rules); it
-	// is nil when Describe is asked before Configure.
+	// is nil when Describe is asked before Configure. It runs before the
+	// plugin restricted itself: compute the policy, read nothing. An
+	// empty Policy.Kind (a label for logs) is filled in with Kind.
 	Policy(fds map[string]int) sandbox.Policy
 	// Configure builds the device from the host's options and the files it
 	// opened (by name). It runs inside the sandbox. Unknown options are an
@@ -166,11 +175,22 @@ func serve(p Plugin, stderr io.Writer) int {
 // sandbox) for the host's controller Shutdown.
 const exitWait = 2 * time.Second
 
+// policy is the plugin's Policy with an empty Kind (the label its logs
+// carry; the host refused it as "kind must be 1 to 64 bytes", which a
+// plugin author could not tie to Policy) filled in with the plugin's kind.
+func (s *server) policy(fds map[string]int) sandbox.Policy {
+	pol := s.p.Policy(fds)
+	if pol.Kind == "" {
+		pol.Kind = s.p.Kind()
+	}
+	return pol
+}
+
 func (s *server) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb.DescribeResponse, error) {
 	s.mu.Lock()
 	fds, info := s.fds, s.info
 	s.mu.Unlock()
-	pol, err := json.Marshal(s.p.Policy(fds))
+	pol, err := json.Marshal(s.policy(fds))
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "encode sandbox policy: %v", err)
 	}
@@ -204,7 +224,7 @@ func (s *server) Configure(ctx context.Context, req *pluginpb.ConfigureRequest) 
 	if req.GetSandboxOff() {
 		s.log.Warn("sandbox disabled by the host (--sandbox=off): this plugin parses hostile input unconfined")
 	} else {
-		pol := s.p.Policy(fds)
+		pol := s.policy(fds)
 		if err := sandbox.Restrict(pol, s.log); err != nil {
 			// Restrict may have applied some layers; the process must not
 			// go on. Stop serving so it exits after this reply.

@@ -523,3 +523,40 @@ func TestCheckerFailsHealth(t *testing.T) {
 		})
 	}
 }
+
+// labelPlugin declares a policy with the given Kind label.
+type labelPlugin struct{ label string }
+
+func (labelPlugin) Kind() string { return "fake" }
+func (p labelPlugin) Policy(map[string]int) sandbox.Policy {
+	return sandbox.Policy{Kind: p.label, Syscalls: sandbox.ProfileMinimal}
+}
+func (labelPlugin) Configure(context.Context, map[string]string, map[string]*os.File, hclog.Logger) (backend.Device, error) {
+	return &fakeDevice{}, nil
+}
+
+// TestPolicyKindFilledIn: a policy without a Kind label gets the plugin's
+// kind in Describe, so that the host takes it (it refused it as "kind must
+// be 1 to 64 bytes", which named neither the plugin nor Policy.Kind); one
+// with a label keeps it (the built-in kinds label theirs "blk", "net").
+func TestPolicyKindFilledIn(t *testing.T) {
+	for _, c := range []struct{ label, want string }{
+		{"", "fake"},
+		{"blk", "blk"},
+	} {
+		t.Run("label="+c.label, func(t *testing.T) {
+			s, _ := newTestServer(labelPlugin{label: c.label})
+			d, err := s.Describe(context.Background(), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pol, err := sandbox.ParsePolicy(d.GetPolicyJson())
+			if err != nil {
+				t.Fatalf("the host would refuse the policy: %v", err)
+			}
+			if pol.Kind != c.want {
+				t.Errorf("policy kind %q, want %q", pol.Kind, c.want)
+			}
+		})
+	}
+}
