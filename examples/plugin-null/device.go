@@ -65,7 +65,12 @@ func (d *entropy) Reset() {}
 var errNoWritable = errors.New("entropy request has no device-writable buffer")
 
 // Queue serves the one queue: each request is filled on the ring's
-// goroutine, in order.
+// goroutine, in order. A read that blocks (fill=file from /dev/hwrng on a
+// host short of entropy, a serial line) stalls the ring until it returns:
+// fine for an entropy device, whose driver waits for the bytes anyway; a
+// device whose requests must not wait for each other gives the ring
+// Workers (backend.QueueConfig) or completes requests from a goroutine of
+// its own.
 func (d *entropy) Queue(_ context.Context, idx int) (backend.QueueConfig, error) {
 	if idx != 0 {
 		return backend.QueueConfig{}, fmt.Errorf("entropy device has one queue, not %d", idx+1)

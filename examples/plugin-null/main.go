@@ -5,9 +5,14 @@
 // fill=file: --plugin null,fill=file,file.source=/dev/hwrng (krun-core
 // opens the file; the plugin cannot open anything).
 //
-// Build it static and install it next to krun-core (or in $KRUN_PLUGIN_DIR):
+// Build it static and install it next to krun-core (or in a directory named
+// with --plugin-dir or $KRUN_PLUGIN_DIR):
 //
 //	CGO_ENABLED=0 go build -trimpath -o krun-plugin-null ./examples/plugin-null
+//	bin/krun-core serve --plugin-dir . --socket /tmp/rng.sock --plugin null,fill=zero
+//
+// A plugin of your own lives in a module of its own: docs/PLUGINS.md,
+// "Building, naming, installing, shipping".
 //
 // Everything specific to this plugin is in device.go; the plugin side is one
 // type implementing pluginsdk.Plugin and one call to pluginsdk.Serve.
