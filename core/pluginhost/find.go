@@ -122,7 +122,7 @@ func Find(kind string, dirs []string) (string, error) {
 	if len(dirs) > 0 {
 		where = strings.Join(dirs, ", ")
 	}
-	msg := fmt.Sprintf("%s not found in %s; install it next to krun-core or set %s", name, where, EnvPluginDir)
+	msg := fmt.Sprintf("%s not found in %s; install it next to krun-core, name its directory with --plugin-dir, or set %s", name, where, EnvPluginDir)
 	if len(notes) > 0 {
 		msg += " (" + strings.Join(notes, "; ") + ")"
 	}

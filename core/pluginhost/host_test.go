@@ -313,7 +313,7 @@ func TestLaunchFailures(t *testing.T) {
 		{
 			name:   "missing binary",
 			mutate: func(c *Config) { c.Kind = "nonexistent"; c.PluginDir = t.TempDir() },
-			want:   []string{"krun-plugin-nonexistent not found in", "KRUN_PLUGIN_DIR"},
+			want:   []string{"krun-plugin-nonexistent not found in", "--plugin-dir", "KRUN_PLUGIN_DIR"},
 			is:     ErrNotFound,
 		},
 		{
@@ -671,6 +671,38 @@ func TestTailBufferPanicLine(t *testing.T) {
 		if got := tb.PanicLine(); got != tc.want {
 			t.Errorf("%s: PanicLine = %q, want %q", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestOutOfMemoryHint: a sandboxed plugin that dies of the Go runtime's
+// "out of memory" most likely hit the sandbox's RLIMIT_DATA, and its exit
+// report says so (it said only "fatal error: runtime: out of memory",
+// which reads as the host's memory: found in a third-party author's
+// walk-through, a RAM disk of 2 GiB); an unsandboxed one, or another
+// fatal error, gets no hint.
+func TestOutOfMemoryHint(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		sandboxed bool
+		stderr    string
+		hint      bool
+	}{
+		{"sandboxed out of memory", true, "fatal error: runtime: out of memory\n\nruntime stack:\n", true},
+		{"sandboxed ENOMEM panic", true, "panic: mmap: cannot allocate memory\n", true},
+		{"unsandboxed out of memory", false, "fatal error: runtime: out of memory\n", false},
+		{"sandboxed other panic", true, "panic: boom\n", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := &Process{kind: "ram", stderr: &TailBuffer{}, sandboxed: c.sandboxed}
+			p.stderr.Write([]byte(c.stderr))
+			got := p.detail(nil)
+			if !strings.HasPrefix(got, strings.SplitN(c.stderr, "\n", 2)[0]) {
+				t.Errorf("detail %q lost the plugin's line", got)
+			}
+			if has := strings.Contains(got, "RLIMIT_DATA, 1024 MiB"); has != c.hint {
+				t.Errorf("detail %q: hint %v, want %v", got, has, c.hint)
+			}
+		})
 	}
 }
 

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/krun-core/krun-core/internal/ratelog"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // ProcessConfig describes the start of one plugin process, whatever gRPC
@@ -89,6 +90,9 @@ type Process struct {
 	// sockGone: sockDir was removed (once connected, or by close).
 	sockGone bool
 	stderr   *TailBuffer
+	// sandboxed: launched with a launcher-side sandbox, whose rlimits
+	// cap the plugin's private memory (detail's hint).
+	sandboxed bool
 
 	stopping  atomic.Bool // Kill (or a Shutdown) was asked for
 	closeOnce sync.Once
@@ -146,7 +150,7 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	if hsTimeout <= 0 {
 		hsTimeout = DefaultHandshakeTimeout
 	}
-	p := &Process{kind: cfg.Kind, path: path, log: log, stderr: &TailBuffer{}}
+	p := &Process{kind: cfg.Kind, path: path, log: log, stderr: &TailBuffer{}, sandboxed: !cfg.SandboxOff && cfg.Sandbox != nil}
 
 	// The private directory: go-plugin puts its own socket directory (and
 	// the plugin its gRPC socket) inside it; removed when the process ends.
@@ -454,12 +458,23 @@ func (p *Process) startError(err error, took, timeout time.Duration) error {
 // detail is the plugin's panic line, or else the first line of err.
 func (p *Process) detail(err error) string {
 	if l := p.stderr.PanicLine(); l != "" {
-		return oneLine(l)
+		return oneLine(l) + p.memoryHint(l)
 	}
 	if err != nil {
 		return oneLine(err.Error())
 	}
 	return ""
+}
+
+// memoryHint says, after the Go runtime's out-of-memory line of a
+// sandboxed plugin, that the sandbox's RLIMIT_DATA is the likely limit:
+// the line alone ("fatal error: runtime: out of memory") reads as the
+// host's memory, which a plugin author then looks for in vain.
+func (p *Process) memoryHint(line string) string {
+	if !p.sandboxed || !strings.Contains(line, "out of memory") && !strings.Contains(line, "cannot allocate memory") {
+		return ""
+	}
+	return fmt.Sprintf(" (the sandbox caps a plugin's private memory, RLIMIT_DATA, %d MiB by default: docs/PLUGINS.md, Limits)", sandbox.DefaultDataBytes>>20)
 }
 
 // Stub is the gRPC client (ProcessConfig.NewClient's value).
