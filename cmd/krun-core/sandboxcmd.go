@@ -17,6 +17,10 @@ Shows which sandbox layers this host supports and, for each built-in plugin
 kind, what a plugin is allowed: namespaces, root, resource limits, Landlock
 rules and every allowed system call with its argument limits and reason.
 
+A third-party plugin (--plugin KIND on run or serve) starts under the fs
+profile's filter (--kind fs) and narrows it to the policy it declares;
+krun-core serve --log-level debug logs that policy's profile.
+
 A layer that is not available makes plugins fail to start (fail closed)
 unless the user turns it off with --sandbox-disable on run or serve.`
 
@@ -58,7 +62,10 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 	if *kind != "" {
 		i := slices.IndexFunc(r.Kinds, func(k sandbox.KindStatus) bool { return k.Kind == *kind })
 		if i < 0 {
-			return fs.Failf(stderr, "no built-in plugin kind %q (want %s)", *kind, strings.Join(sandbox.BuiltinKinds, ", "))
+			// A plugin author asks for their own kind: say where its
+			// rules are rather than only that it is not built in.
+			return fs.Failf(stderr, "no built-in plugin kind %q (want %s); a third-party plugin starts under the fs profile's filter (--kind fs), narrowed to the policy it declares",
+				*kind, strings.Join(sandbox.BuiltinKinds, ", "))
 		}
 		r.Kinds = r.Kinds[i : i+1]
 	}
