@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
@@ -130,7 +131,8 @@ const benchBlkUsage = `usage: krun-bench blk --socket PATH [options]
 Drives a vhost-user-blk back-end (krun-core serve, qemu-storage-daemon, ...)
 with the Go test guest: each workload runs for --seconds on request queue 0
 and reports IOPS, throughput and latency percentiles. The write workloads
-overwrite the disk.`
+overwrite the disk. A back-end that completes no request for 30 s ends the
+run with one line (exit 1).`
 
 func benchBlk(args []string, stdout, stderr io.Writer) int {
 	fs := cli.NewFlags("krun-bench blk", benchBlkUsage)
@@ -347,7 +349,43 @@ const slotDataOff = 4096
 // as it completes, and measures every request's latency from post to
 // completion. Data is not copied on the guest side: requests read into and
 // write from fixed guest buffers.
+// blkStallTimeout is how long a workload waits for the next completion
+// before it gives up on the back-end.
+var blkStallTimeout = 30 * time.Second
+
+// errStalled is the cause of a workload that stopped seeing completions.
+var errStalled = errors.New("the back-end stopped answering")
+
+// watchStall cancels ctx with errStalled once progress has not moved for
+// limit. It returns when ctx is done.
+func watchStall(ctx context.Context, cancel context.CancelCauseFunc, progress *atomic.Int64, limit time.Duration) {
+	tick := time.NewTicker(max(limit/8, time.Millisecond))
+	defer tick.Stop()
+	last, since := progress.Load(), time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			if n := progress.Load(); n != last {
+				last, since = n, now
+			} else if now.Sub(since) >= limit {
+				cancel(fmt.Errorf("%w: no request completed for %v (its log says why: a failed ring, a restarted plugin, which drops this connection)", errStalled, limit))
+				return
+			}
+		}
+	}
+}
+
 func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span uint64, d time.Duration) (blkResult, error) {
+	// A back-end that stops completing requests (a ring it failed, a
+	// plugin krun-core restarts) left the bench waiting forever, printing
+	// nothing: give up with one line once nothing completes for
+	// blkStallTimeout.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var progress atomic.Int64
+	go watchStall(ctx, cancel, &progress, blkStallTimeout)
 	g := b.Guest()
 	ring := g.Rings[0]
 	slots := make([]benchSlot, w.Depth+w.Probes)
@@ -429,8 +467,12 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 		var err error
 		done, err = ring.WaitInto(ctx, done)
 		if err != nil {
+			if cause := context.Cause(ctx); errors.Is(cause, errStalled) {
+				return blkResult{}, cause
+			}
 			return blkResult{}, err
 		}
+		progress.Add(1)
 		wakeups++
 		now := time.Now()
 		posted := false
