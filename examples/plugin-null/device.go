@@ -70,7 +70,7 @@ var errNoWritable = errors.New("entropy request has no device-writable buffer")
 // fine for an entropy device, whose driver waits for the bytes anyway; a
 // device whose requests must not wait for each other gives the ring
 // Workers (backend.QueueConfig) or completes requests from a goroutine of
-// its own.
+// its own, touching guest memory there only inside backend.Protect.
 func (d *entropy) Queue(_ context.Context, idx int) (backend.QueueConfig, error) {
 	if idx != 0 {
 		return backend.QueueConfig{}, fmt.Errorf("entropy device has one queue, not %d", idx+1)
