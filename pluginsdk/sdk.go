@@ -103,8 +103,10 @@ type (
 	// Restarter says whether krun-core may restart the plugin when it
 	// dies. A restart submits the requests that were in flight to the new
 	// plugin again, so a device whose requests must not be carried out
-	// twice (their effects are not idempotent) returns false: the device
-	// then fails instead. A device without this method may be restarted.
+	// twice (their effects are not idempotent), or whose state lives only
+	// in the process (a RAM disk, which would come back empty), returns
+	// false: the device then fails instead. A device without this method
+	// may be restarted.
 	Restarter interface{ Restartable() bool }
 	// Checker reports, at each Health call while the plugin serves,
 	// whether the device can go on: a non-nil error (a peer it depends on
