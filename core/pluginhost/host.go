@@ -226,6 +226,13 @@ func (p *Plugin) checkDescription() error {
 	if err != nil {
 		return err
 	}
+	if d.Kind != p.kind && CheckKind(d.Kind) != nil {
+		// Renaming the executable cannot help: the plugin's Kind is
+		// wrong (a plugin author's "RamBlk"), and the executable name
+		// the message below would ask for no kind can reach.
+		return fmt.Errorf("plugin %s: %s reports kind %q, which is no plugin kind (1-64 characters of a-z, 0-9 and '-'): its Kind must be %q, refused",
+			p.kind, p.path, oneLine(d.Kind), p.kind)
+	}
 	if d.Kind != p.kind {
 		return fmt.Errorf("plugin %s: %s reports kind %q; a plugin's executable must be named %s, refused",
 			p.kind, p.path, oneLine(d.Kind), ExecutableName(oneLine(d.Kind)))

@@ -749,6 +749,31 @@ func TestCheckSearchPath(t *testing.T) {
 	}
 }
 
+// TestInvalidReportedKind: a plugin whose Kind is no valid kind (upper
+// case, a dot) is refused with a line saying its Kind is wrong; the
+// mismatch message asked to rename the executable to a name that no
+// --plugin can reach (found in a third-party author's walk-through,
+// helper-138).
+func TestInvalidReportedKind(t *testing.T) {
+	for _, bad := range []string{"RamBlk", "ram.blk"} {
+		t.Run(bad, func(t *testing.T) {
+			cfg := testConfig(t, "ok")
+			cfg.Path = filepath.Join(testPluginDir, ExecutableName("test"))
+			cfg.Env = append(cfg.Env, "KRUN_TEST_KIND="+bad)
+			p, err := Launch(cfg)
+			if err == nil {
+				p.Kill()
+				t.Fatalf("a plugin reporting kind %q launched", bad)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, fmt.Sprintf("reports kind %q, which is no plugin kind", bad)) ||
+				!strings.Contains(msg, `its Kind must be "test"`) || strings.Contains(msg, "must be named") {
+				t.Errorf("error %q: want one line saying the plugin's Kind is wrong", msg)
+			}
+		})
+	}
+}
+
 // An executable whose name does not match the kind the plugin reports is
 // refused and ended.
 func TestKindMismatchRefused(t *testing.T) {
