@@ -58,7 +58,7 @@ type Device interface {
 	Info() DeviceInfo
 	// ReadConfig fills p from the virtio config space at offset. The
 	// front-end picks the length (GET_CONFIG): QEMU's vhost-user-blk
-	// reads its whole virtio_blk_config, 60 bytes, whatever fields the
+	// reads its virtio_blk_config, 60 bytes or more, whatever fields the
 	// device defines, so answer bytes past them with zeros rather than an
 	// error, which fails the front-end's device.
 	ReadConfig(offset uint32, p []byte) error
