@@ -32,7 +32,7 @@ func (panicBlk) Handle(*backend.Request) { panic("plugin bug: index out of range
 
 // TestHandlePanicHealthErrorIsOneLine: docs/PLUGINS.md promises that
 // a failing plugin is reported as one line, and krun-core logs the Health
-// error as the reason of "plugin died; restarting it" (WARN, every
+// error as the reason of "plugin lost; restarting it" (WARN, every
 // restart) and, in run, as the device's failure. A panic in a plugin's
 // Handle makes that error the whole goroutine dump (backend.recovered puts
 // debug.Stack() in the error's text), about 3 KB over 30 lines in

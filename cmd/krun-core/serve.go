@@ -546,7 +546,7 @@ func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restart
 			}
 			return fmt.Errorf("%w; not restarted again (%v)", why, err)
 		}
-		s.log.Warn("plugin died; restarting it", "reason", why, "restart", restarts.Total(), "delay", delay)
+		s.log.Warn("plugin lost; restarting it", "reason", why, "restart", restarts.Total(), "delay", delay)
 		s.plugin.Kill()
 		time.Sleep(delay)
 		start := time.Now()

@@ -426,7 +426,7 @@ func TestServePluginRestart(t *testing.T) {
 	if !strings.Contains(s.log(), "not restarted again (plugin restart limit reached: 2 restarts within 1m0s)") {
 		t.Errorf("no line saying why serve gave up")
 	}
-	if n := strings.Count(s.log(), "plugin died; restarting it"); n != 2 {
+	if n := strings.Count(s.log(), "plugin lost; restarting it"); n != 2 {
 		t.Errorf("%d restart lines, want one per restart", n)
 	}
 }

@@ -768,17 +768,17 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 		// The old plugin could not be killed (Suspend failed the
 		// device), or the device failed on its own meanwhile: no new
 		// plugin would be let in.
-		d.log.Error("plugin died and the device failed; it is not restarted", "device", d.index, "reason", why, "error", err)
+		d.log.Error("plugin lost and the device failed; it is not restarted", "device", d.index, "reason", why, "error", err)
 		return false
 	}
 	for {
 		delay, err := d.restarts.Next(time.Now())
 		if err != nil {
-			d.log.Error("plugin died and will not be restarted again; the device fails", "device", d.index, "reason", why, "limit", err)
+			d.log.Error("plugin lost and will not be restarted again; the device fails", "device", d.index, "reason", why, "limit", err)
 			d.dev.Fail(fmt.Errorf("%w (%v)", why, err))
 			return false
 		}
-		d.log.Warn("plugin died; restarting it", "device", d.index, "reason", why,
+		d.log.Warn("plugin lost; restarting it", "device", d.index, "reason", why,
 			"restart", d.restarts.Total(), "delay", delay)
 		// The old plugin goes now, not after the delay: one that only
 		// stopped answering (a call or Health timed out) still maps guest

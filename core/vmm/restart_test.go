@@ -372,7 +372,7 @@ func TestRestartResumesDevice(t *testing.T) {
 	if st := drv.rd(mmio.RegStatus); st&mmio.StatusDeviceNeedsRst == 0 {
 		t.Errorf("status %#x lacks DEVICE_NEEDS_RESET", st)
 	}
-	if n := strings.Count(logs.String(), "plugin died; restarting it"); n != 3 {
+	if n := strings.Count(logs.String(), "plugin lost; restarting it"); n != 3 {
 		t.Errorf("%d restart lines, want 3", n)
 	}
 	if !strings.Contains(logs.String(), "will not be restarted again") {
