@@ -918,7 +918,7 @@ func (sess *session) startWorker(r *ring) {
 			if errors.As(err, &pe) {
 				args = append(args, "stack", string(pe.Stack)) // a device bug: where it is
 			}
-			sess.s.ringFailedLog.Error(log, "queue failed; stopped until the front-end restarts it", args...)
+			sess.s.ringFailedLog.Error(log, "queue failed; it serves nothing more until the front-end resets it or the plugin is replaced (krun-core restarts a plugin whose ring failed)", args...)
 		}
 		r.stats.failures.Add(1)
 		// The owner hears first: a front-end woken by the error eventfd
