@@ -303,7 +303,12 @@ func readConfigSpace(dev backend.Device, log hclog.Logger) []byte {
 	n := maxConfigSpace
 	cs, sized := dev.(ConfigSizer)
 	if sized {
-		n = min(max(cs.ConfigSize(), 0), maxConfigSpace)
+		size := cs.ConfigSize()
+		if size > maxConfigSpace {
+			log.Warn("ConfigSize is larger than a vhost-user config space can be; the guest sees only its first bytes",
+				"config_size", size, "max", maxConfigSpace)
+		}
+		n = min(max(size, 0), maxConfigSpace)
 	}
 	if n == 0 {
 		return nil

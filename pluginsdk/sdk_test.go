@@ -308,6 +308,11 @@ func TestReadConfigSpace(t *testing.T) {
 	if got := readConfigSpace(&fakeDevice{cfg: make([]byte, 300)}, log); len(got) != maxConfigSpace {
 		t.Errorf("oversized ConfigSize read %d bytes, want the %d cap", len(got), maxConfigSpace)
 	}
+	// Cut without a word before (helper-138's walk-through).
+	if !strings.Contains(buf.String(), "ConfigSize is larger than a vhost-user config space can be") || !strings.Contains(buf.String(), "config_size=300") {
+		t.Errorf("no warning for a ConfigSize over %d: %q", maxConfigSpace, buf.String())
+	}
+	buf.Reset()
 	if got := readConfigSpace(&fakeDevice{}, log); got != nil {
 		t.Errorf("empty config space read %v", got)
 	}
