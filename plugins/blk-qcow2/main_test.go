@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -132,7 +133,37 @@ func TestConfigure(t *testing.T) {
 				if got := uint32(cfg[44]) | uint32(cfg[45])<<8; got != tc.align {
 					t.Fatalf("discard_sector_alignment %d, want %d", got, tc.align)
 				}
+				// A range is at most maxRangeClusters clusters: 4 KiB
+				// clusters (align 8) 256 MiB, 64 KiB ones the default.
+				want := uint32(maxRangeClusters) * tc.align
+				if tc.align*blk.SectorSize >= 32<<10 {
+					want = blk.DefaultMaxSectors
+				}
+				for _, off := range []int{36, 48} { // max_discard_sectors, max_write_zeroes_sectors
+					if got := binary.LittleEndian.Uint32(cfg[off:]); got != want {
+						t.Errorf("config field at %d: %d sectors a range, want %d", off, got, want)
+					}
+				}
 			}
 		})
+	}
+}
+
+func TestRangeSectors(t *testing.T) {
+	for _, c := range []struct {
+		cluster int64
+		want    uint32
+	}{
+		{512, 1 << 16},
+		{4096, 1 << 19},
+		{16 << 10, 1 << 21},
+		{32 << 10, blk.DefaultMaxSectors}, // 2 GiB would pass the default by 8 sectors
+		{64 << 10, blk.DefaultMaxSectors},
+		{2 << 20, blk.DefaultMaxSectors},
+		{0, blk.DefaultMaxSectors},
+	} {
+		if got := rangeSectors(c.cluster); got != c.want {
+			t.Errorf("rangeSectors(%d) = %d, want %d", c.cluster, got, c.want)
+		}
 	}
 }
