@@ -47,6 +47,17 @@ type QCOW2Data struct {
 	ExtendedL2      *bool  `json:"extended-l2,omitempty"`
 	DataFile        string `json:"data-file,omitempty"`
 	DataFileRaw     *bool  `json:"data-file-raw,omitempty"`
+	// Bitmaps are the persistent bitmaps, as qemu-img lists them (only
+	// where the image has some).
+	Bitmaps []Bitmap `json:"bitmaps,omitempty"`
+}
+
+// Bitmap is one persistent bitmap, in qemu-img's keys: Flags holds
+// "in-use" and "auto", in that order, and is [] (not absent) without.
+type Bitmap struct {
+	Flags       []string `json:"flags"`
+	Name        string   `json:"name"`
+	Granularity uint64   `json:"granularity"`
 }
 
 // Snapshot is one internal snapshot, in qemu-img's keys.
@@ -111,6 +122,16 @@ func newInfo(path string, r *imagepb.InfoResponse) *Info {
 	if r.GetExternalData() {
 		d.DataFile = r.GetDataFile()
 		d.DataFileRaw = boolp(r.GetDataFileRaw())
+	}
+	for _, bm := range r.GetBitmapList() {
+		b := Bitmap{Flags: []string{}, Name: bm.GetName(), Granularity: bm.GetGranularity()}
+		if bm.GetInUse() {
+			b.Flags = append(b.Flags, "in-use")
+		}
+		if bm.GetAuto() {
+			b.Flags = append(b.Flags, "auto")
+		}
+		d.Bitmaps = append(d.Bitmaps, b)
 	}
 	in.FormatSpecific = &FormatSpecific{Type: "qcow2", Data: d}
 	for _, s := range r.GetSnapshots() {
@@ -198,6 +219,17 @@ func (in *Info) WriteHuman(w io.Writer) error {
 		fmt.Fprintf(&b, "    compression type: %s\n", d.CompressionType)
 		if d.LazyRefcounts != nil {
 			fmt.Fprintf(&b, "    lazy refcounts: %v\n", *d.LazyRefcounts)
+		}
+		if len(d.Bitmaps) > 0 {
+			// Where qemu-img prints them, in its layout.
+			fmt.Fprintf(&b, "    bitmaps:\n")
+			for i, bm := range d.Bitmaps {
+				fmt.Fprintf(&b, "        [%d]:\n            flags:\n", i)
+				for j, f := range bm.Flags {
+					fmt.Fprintf(&b, "                [%d]: %s\n", j, f)
+				}
+				fmt.Fprintf(&b, "            name: %s\n            granularity: %d\n", bm.Name, bm.Granularity)
+			}
 		}
 		fmt.Fprintf(&b, "    refcount bits: %d\n", d.RefcountBits)
 		if d.DataFile != "" {

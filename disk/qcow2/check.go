@@ -1343,8 +1343,11 @@ type bitmapEntry struct {
 	tableOff  uint64
 	tableSize uint32
 	flags     uint32
-	name      string
-	pos       int // offset of the entry inside the directory
+	// granularityBits: the bitmap's granularity is 1<<granularityBits
+	// bytes.
+	granularityBits uint8
+	name            string
+	pos             int // offset of the entry inside the directory
 }
 
 func parseBitmapDir(dir []byte, n uint32) ([]bitmapEntry, error) {
@@ -1360,6 +1363,8 @@ func parseBitmapDir(dir []byte, n uint32) ([]bitmapEntry, error) {
 			tableSize: be.Uint32(d[8:]),
 			flags:     be.Uint32(d[12:]),
 			pos:       pos,
+			// d[16] is the type (1: dirty tracking).
+			granularityBits: d[17],
 		}
 		nameLen := int(be.Uint16(d[18:]))
 		extra := int(be.Uint32(d[20:]))

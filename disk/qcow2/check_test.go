@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -325,6 +326,7 @@ func TestInfo(t *testing.T) {
 		"-o", "cluster_size=32768,refcount_bits=32,compression_type=zstd,extended_l2=on,lazy_refcounts=on", p, "3G")
 	sh(t, "qemu-img", "snapshot", "-c", "first", p)
 	sh(t, "qemu-img", "bitmap", "--add", p, "dirty0")
+	sh(t, "qemu-img", "bitmap", "--add", "-g", "131072", "--disable", p, "off")
 	f := openFile(t, p, true)
 	in, err := ReadInfo(f)
 	f.Close()
@@ -333,9 +335,14 @@ func TestInfo(t *testing.T) {
 	}
 	if in.Version != 3 || in.ClusterSize != 32768 || in.RefcountBits != 32 || in.VirtualSize != 3<<30 ||
 		in.BackingFile != "base.raw" || in.BackingFormat != "raw" || in.CompressionType != "zstd" ||
-		!in.ExtendedL2 || !in.LazyRefcounts || in.Dirty || in.Corrupt || in.Bitmaps != 1 ||
+		!in.ExtendedL2 || !in.LazyRefcounts || in.Dirty || in.Corrupt || in.Bitmaps != 2 ||
 		len(in.Snapshots) != 1 || in.Snapshots[0].Name != "first" || in.Snapshots[0].DiskSize != 3<<30 {
 		t.Fatalf("ReadInfo = %+v", in)
+	}
+	// The bitmap directory, as qemu-img info lists it (its default
+	// granularity is the cluster size).
+	if want := []BitmapInfo{{Name: "dirty0", Granularity: 32768, Auto: true}, {Name: "off", Granularity: 131072}}; !reflect.DeepEqual(in.BitmapList, want) {
+		t.Fatalf("BitmapList %+v, want %+v", in.BitmapList, want)
 	}
 	var names []uint32
 	for _, e := range in.Extensions {
@@ -350,7 +357,7 @@ func TestInfo(t *testing.T) {
 	}
 	// Opening read-write marks the bitmap in use and keeps the image clean.
 	im := openImage(t, p, false, layerOf(t, base, disk.Raw))
-	if got := im.Info(); got.Bitmaps != 1 || got.BackingFile != "base.raw" {
+	if got := im.Info(); got.Bitmaps != 2 || got.BackingFile != "base.raw" {
 		t.Fatalf("Info = %+v", got)
 	}
 	im.Close()
@@ -358,6 +365,15 @@ func TestInfo(t *testing.T) {
 	out := sh(t, "qemu-img", "info", p)
 	if !bytes.Contains([]byte(out), []byte("in-use")) {
 		t.Fatalf("bitmap not marked in use:\n%s", out)
+	}
+	f = openFile(t, p, false)
+	in, err = ReadInfo(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(in.BitmapList) != 2 || !in.BitmapList[0].InUse || !in.BitmapList[1].InUse || !in.BitmapList[0].Auto {
+		t.Fatalf("after a read-write open, BitmapList %+v, want both in use", in.BitmapList)
 	}
 }
 

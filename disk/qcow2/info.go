@@ -3,6 +3,8 @@ package qcow2
 import (
 	"errors"
 	"fmt"
+	"io"
+	"math"
 	"os"
 )
 
@@ -26,6 +28,10 @@ type Info struct {
 	// Bitmaps is the number of persistent bitmaps (0 if none or if the
 	// bitmaps extension is marked inconsistent).
 	Bitmaps int
+	// BitmapList is what the bitmap directory says of each (ReadInfo
+	// only; nil when the directory cannot be read or parsed: check
+	// reports that).
+	BitmapList []BitmapInfo
 
 	IncompatibleFeatures uint64
 	CompatibleFeatures   uint64
@@ -114,7 +120,42 @@ func ReadInfo(f *os.File) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	return h.info(snaps), nil
+	in := h.info(snaps)
+	in.BitmapList = readBitmapList(f, h)
+	return in, nil
+}
+
+// BitmapInfo is one persistent bitmap, as qemu-img info lists it.
+type BitmapInfo struct {
+	Name        string
+	Granularity uint64 // bytes
+	InUse       bool   // flag bit 0: its content is not to be trusted
+	Auto        bool   // flag bit 1: tracks the guest's writes when enabled
+}
+
+// readBitmapList reads the bitmap directory the header's extension names;
+// nil when there is none or it cannot be read or parsed.
+func readBitmapList(f io.ReaderAt, h *header) []BitmapInfo {
+	bm := h.bitmaps
+	if bm == nil || bm.dirSize == 0 || bm.dirSize > maxBitmapDirBytes || bm.dirOff > math.MaxInt64-bm.dirSize {
+		return nil
+	}
+	dir := make([]byte, bm.dirSize)
+	if _, err := readFullAt(f, dir, int64(bm.dirOff)); err != nil {
+		return nil
+	}
+	ents, err := parseBitmapDir(dir, bm.nbBitmaps)
+	if err != nil {
+		return nil
+	}
+	out := make([]BitmapInfo, 0, len(ents))
+	for _, e := range ents {
+		if e.granularityBits >= 64 {
+			return nil
+		}
+		out = append(out, BitmapInfo{Name: e.name, Granularity: 1 << e.granularityBits, InUse: e.flags&1 != 0, Auto: e.flags&2 != 0})
+	}
+	return out
 }
 
 // prepareWritable runs once when an image is opened read-write: it clears

@@ -94,6 +94,9 @@ func infoResponse(in qcow2.Info) *imagepb.InfoResponse {
 	for _, fn := range in.FeatureNames {
 		r.FeatureNames = append(r.FeatureNames, &imagepb.FeatureName{Type: uint32(fn.Type), Bit: uint32(fn.Bit), Name: fn.Name})
 	}
+	for _, b := range in.BitmapList {
+		r.BitmapList = append(r.BitmapList, &imagepb.Bitmap{Name: b.Name, Granularity: b.Granularity, InUse: b.InUse, Auto: b.Auto})
+	}
 	for _, s := range in.Snapshots {
 		ps := &imagepb.Snapshot{
 			Id: s.ID, Name: s.Name, VmClockNsec: uint64(s.VMClock.Nanoseconds()),

@@ -534,8 +534,11 @@ type InfoResponse struct {
 	AutoclearFeatures    uint64         `protobuf:"varint,22,opt,name=autoclear_features,json=autoclearFeatures,proto3" json:"autoclear_features,omitempty"`
 	FeatureNames         []*FeatureName `protobuf:"bytes,23,rep,name=feature_names,json=featureNames,proto3" json:"feature_names,omitempty"`
 	Snapshots            []*Snapshot    `protobuf:"bytes,24,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// The persistent bitmaps, as their directory lists them (empty when the
+	// directory cannot be read; bitmaps still counts them).
+	BitmapList    []*Bitmap `protobuf:"bytes,25,rep,name=bitmap_list,json=bitmapList,proto3" json:"bitmap_list,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *InfoResponse) Reset() {
@@ -736,6 +739,82 @@ func (x *InfoResponse) GetSnapshots() []*Snapshot {
 	return nil
 }
 
+func (x *InfoResponse) GetBitmapList() []*Bitmap {
+	if x != nil {
+		return x.BitmapList
+	}
+	return nil
+}
+
+// Bitmap is one persistent dirty bitmap of a qcow2 image.
+type Bitmap struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Granularity   uint64                 `protobuf:"varint,2,opt,name=granularity,proto3" json:"granularity,omitempty"`
+	InUse         bool                   `protobuf:"varint,3,opt,name=in_use,json=inUse,proto3" json:"in_use,omitempty"`
+	Auto          bool                   `protobuf:"varint,4,opt,name=auto,proto3" json:"auto,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Bitmap) Reset() {
+	*x = Bitmap{}
+	mi := &file_image_tool_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Bitmap) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Bitmap) ProtoMessage() {}
+
+func (x *Bitmap) ProtoReflect() protoreflect.Message {
+	mi := &file_image_tool_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Bitmap.ProtoReflect.Descriptor instead.
+func (*Bitmap) Descriptor() ([]byte, []int) {
+	return file_image_tool_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Bitmap) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Bitmap) GetGranularity() uint64 {
+	if x != nil {
+		return x.Granularity
+	}
+	return 0
+}
+
+func (x *Bitmap) GetInUse() bool {
+	if x != nil {
+		return x.InUse
+	}
+	return false
+}
+
+func (x *Bitmap) GetAuto() bool {
+	if x != nil {
+		return x.Auto
+	}
+	return false
+}
+
 type CheckRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	File          string                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`
@@ -747,7 +826,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_image_tool_proto_msgTypes[8]
+	mi := &file_image_tool_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -759,7 +838,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[8]
+	mi := &file_image_tool_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -772,7 +851,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{8}
+	return file_image_tool_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CheckRequest) GetFile() string {
@@ -818,7 +897,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_image_tool_proto_msgTypes[9]
+	mi := &file_image_tool_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -830,7 +909,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[9]
+	mi := &file_image_tool_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -843,7 +922,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{9}
+	return file_image_tool_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CheckResponse) GetSupported() bool {
@@ -947,7 +1026,7 @@ type VerifyRequest struct {
 
 func (x *VerifyRequest) Reset() {
 	*x = VerifyRequest{}
-	mi := &file_image_tool_proto_msgTypes[10]
+	mi := &file_image_tool_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -959,7 +1038,7 @@ func (x *VerifyRequest) String() string {
 func (*VerifyRequest) ProtoMessage() {}
 
 func (x *VerifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[10]
+	mi := &file_image_tool_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -972,7 +1051,7 @@ func (x *VerifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyRequest.ProtoReflect.Descriptor instead.
 func (*VerifyRequest) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{10}
+	return file_image_tool_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *VerifyRequest) GetFile() string {
@@ -1003,7 +1082,7 @@ type VerifyResponse struct {
 
 func (x *VerifyResponse) Reset() {
 	*x = VerifyResponse{}
-	mi := &file_image_tool_proto_msgTypes[11]
+	mi := &file_image_tool_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1015,7 +1094,7 @@ func (x *VerifyResponse) String() string {
 func (*VerifyResponse) ProtoMessage() {}
 
 func (x *VerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[11]
+	mi := &file_image_tool_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1028,7 +1107,7 @@ func (x *VerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyResponse.ProtoReflect.Descriptor instead.
 func (*VerifyResponse) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{11}
+	return file_image_tool_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *VerifyResponse) GetViolation() string {
@@ -1064,7 +1143,7 @@ type CreateRequest struct {
 
 func (x *CreateRequest) Reset() {
 	*x = CreateRequest{}
-	mi := &file_image_tool_proto_msgTypes[12]
+	mi := &file_image_tool_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1076,7 +1155,7 @@ func (x *CreateRequest) String() string {
 func (*CreateRequest) ProtoMessage() {}
 
 func (x *CreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[12]
+	mi := &file_image_tool_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1089,7 +1168,7 @@ func (x *CreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRequest.ProtoReflect.Descriptor instead.
 func (*CreateRequest) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{12}
+	return file_image_tool_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreateRequest) GetOutput() string {
@@ -1157,7 +1236,7 @@ type CreateResponse struct {
 
 func (x *CreateResponse) Reset() {
 	*x = CreateResponse{}
-	mi := &file_image_tool_proto_msgTypes[13]
+	mi := &file_image_tool_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1169,7 +1248,7 @@ func (x *CreateResponse) String() string {
 func (*CreateResponse) ProtoMessage() {}
 
 func (x *CreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[13]
+	mi := &file_image_tool_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1182,7 +1261,7 @@ func (x *CreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateResponse.ProtoReflect.Descriptor instead.
 func (*CreateResponse) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{13}
+	return file_image_tool_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CreateResponse) GetVirtualSize() int64 {
@@ -1205,7 +1284,7 @@ type Layer struct {
 
 func (x *Layer) Reset() {
 	*x = Layer{}
-	mi := &file_image_tool_proto_msgTypes[14]
+	mi := &file_image_tool_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1217,7 +1296,7 @@ func (x *Layer) String() string {
 func (*Layer) ProtoMessage() {}
 
 func (x *Layer) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[14]
+	mi := &file_image_tool_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1230,7 +1309,7 @@ func (x *Layer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Layer.ProtoReflect.Descriptor instead.
 func (*Layer) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{14}
+	return file_image_tool_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Layer) GetFile() string {
@@ -1272,7 +1351,7 @@ type ConvertRequest struct {
 
 func (x *ConvertRequest) Reset() {
 	*x = ConvertRequest{}
-	mi := &file_image_tool_proto_msgTypes[15]
+	mi := &file_image_tool_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1284,7 +1363,7 @@ func (x *ConvertRequest) String() string {
 func (*ConvertRequest) ProtoMessage() {}
 
 func (x *ConvertRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[15]
+	mi := &file_image_tool_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1297,7 +1376,7 @@ func (x *ConvertRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConvertRequest.ProtoReflect.Descriptor instead.
 func (*ConvertRequest) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{15}
+	return file_image_tool_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ConvertRequest) GetInput() *Layer {
@@ -1372,7 +1451,7 @@ type ImportRequest struct {
 
 func (x *ImportRequest) Reset() {
 	*x = ImportRequest{}
-	mi := &file_image_tool_proto_msgTypes[16]
+	mi := &file_image_tool_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1384,7 +1463,7 @@ func (x *ImportRequest) String() string {
 func (*ImportRequest) ProtoMessage() {}
 
 func (x *ImportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[16]
+	mi := &file_image_tool_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1397,7 +1476,7 @@ func (x *ImportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportRequest.ProtoReflect.Descriptor instead.
 func (*ImportRequest) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{16}
+	return file_image_tool_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ImportRequest) GetInput() string {
@@ -1470,7 +1549,7 @@ type Progress struct {
 
 func (x *Progress) Reset() {
 	*x = Progress{}
-	mi := &file_image_tool_proto_msgTypes[17]
+	mi := &file_image_tool_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1482,7 +1561,7 @@ func (x *Progress) String() string {
 func (*Progress) ProtoMessage() {}
 
 func (x *Progress) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[17]
+	mi := &file_image_tool_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1495,7 +1574,7 @@ func (x *Progress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Progress.ProtoReflect.Descriptor instead.
 func (*Progress) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{17}
+	return file_image_tool_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Progress) GetDone() int64 {
@@ -1554,7 +1633,7 @@ type ResizeRequest struct {
 
 func (x *ResizeRequest) Reset() {
 	*x = ResizeRequest{}
-	mi := &file_image_tool_proto_msgTypes[18]
+	mi := &file_image_tool_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +1645,7 @@ func (x *ResizeRequest) String() string {
 func (*ResizeRequest) ProtoMessage() {}
 
 func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[18]
+	mi := &file_image_tool_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +1658,7 @@ func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeRequest) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{18}
+	return file_image_tool_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ResizeRequest) GetFile() string {
@@ -1641,7 +1720,7 @@ type ResizeResponse struct {
 
 func (x *ResizeResponse) Reset() {
 	*x = ResizeResponse{}
-	mi := &file_image_tool_proto_msgTypes[19]
+	mi := &file_image_tool_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1653,7 +1732,7 @@ func (x *ResizeResponse) String() string {
 func (*ResizeResponse) ProtoMessage() {}
 
 func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_image_tool_proto_msgTypes[19]
+	mi := &file_image_tool_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1666,7 +1745,7 @@ func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
 func (*ResizeResponse) Descriptor() ([]byte, []int) {
-	return file_image_tool_proto_rawDescGZIP(), []int{19}
+	return file_image_tool_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ResizeResponse) GetOldSize() int64 {
@@ -1719,7 +1798,7 @@ const file_image_tool_proto_rawDesc = "" +
 	"\vFeatureName\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\rR\x04type\x12\x10\n" +
 	"\x03bit\x18\x02 \x01(\rR\x03bit\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"\x81\a\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\xb9\a\n" +
 	"\fInfoResponse\x12\x16\n" +
 	"\x06format\x18\x01 \x01(\tR\x06format\x12!\n" +
 	"\fvirtual_size\x18\x02 \x01(\x03R\vvirtualSize\x12\x1f\n" +
@@ -1747,7 +1826,14 @@ const file_image_tool_proto_rawDesc = "" +
 	"\x13compatible_features\x18\x15 \x01(\x04R\x12compatibleFeatures\x12-\n" +
 	"\x12autoclear_features\x18\x16 \x01(\x04R\x11autoclearFeatures\x12?\n" +
 	"\rfeature_names\x18\x17 \x03(\v2\x1a.krun.image.v1.FeatureNameR\ffeatureNames\x125\n" +
-	"\tsnapshots\x18\x18 \x03(\v2\x17.krun.image.v1.SnapshotR\tsnapshots\"i\n" +
+	"\tsnapshots\x18\x18 \x03(\v2\x17.krun.image.v1.SnapshotR\tsnapshots\x126\n" +
+	"\vbitmap_list\x18\x19 \x03(\v2\x15.krun.image.v1.BitmapR\n" +
+	"bitmapList\"i\n" +
+	"\x06Bitmap\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\vgranularity\x18\x02 \x01(\x04R\vgranularity\x12\x15\n" +
+	"\x06in_use\x18\x03 \x01(\bR\x05inUse\x12\x12\n" +
+	"\x04auto\x18\x04 \x01(\bR\x04auto\"i\n" +
 	"\fCheckRequest\x12\x12\n" +
 	"\x04file\x18\x01 \x01(\tR\x04file\x12\x16\n" +
 	"\x06format\x18\x02 \x01(\tR\x06format\x12-\n" +
@@ -1853,7 +1939,7 @@ func file_image_tool_proto_rawDescGZIP() []byte {
 }
 
 var file_image_tool_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_image_tool_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_image_tool_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_image_tool_proto_goTypes = []any{
 	(Repair)(0),            // 0: krun.image.v1.Repair
 	(*OpenRequest)(nil),    // 1: krun.image.v1.OpenRequest
@@ -1864,53 +1950,55 @@ var file_image_tool_proto_goTypes = []any{
 	(*Snapshot)(nil),       // 6: krun.image.v1.Snapshot
 	(*FeatureName)(nil),    // 7: krun.image.v1.FeatureName
 	(*InfoResponse)(nil),   // 8: krun.image.v1.InfoResponse
-	(*CheckRequest)(nil),   // 9: krun.image.v1.CheckRequest
-	(*CheckResponse)(nil),  // 10: krun.image.v1.CheckResponse
-	(*VerifyRequest)(nil),  // 11: krun.image.v1.VerifyRequest
-	(*VerifyResponse)(nil), // 12: krun.image.v1.VerifyResponse
-	(*CreateRequest)(nil),  // 13: krun.image.v1.CreateRequest
-	(*CreateResponse)(nil), // 14: krun.image.v1.CreateResponse
-	(*Layer)(nil),          // 15: krun.image.v1.Layer
-	(*ConvertRequest)(nil), // 16: krun.image.v1.ConvertRequest
-	(*ImportRequest)(nil),  // 17: krun.image.v1.ImportRequest
-	(*Progress)(nil),       // 18: krun.image.v1.Progress
-	(*ResizeRequest)(nil),  // 19: krun.image.v1.ResizeRequest
-	(*ResizeResponse)(nil), // 20: krun.image.v1.ResizeResponse
-	nil,                    // 21: krun.image.v1.OpenRequest.FilesEntry
+	(*Bitmap)(nil),         // 9: krun.image.v1.Bitmap
+	(*CheckRequest)(nil),   // 10: krun.image.v1.CheckRequest
+	(*CheckResponse)(nil),  // 11: krun.image.v1.CheckResponse
+	(*VerifyRequest)(nil),  // 12: krun.image.v1.VerifyRequest
+	(*VerifyResponse)(nil), // 13: krun.image.v1.VerifyResponse
+	(*CreateRequest)(nil),  // 14: krun.image.v1.CreateRequest
+	(*CreateResponse)(nil), // 15: krun.image.v1.CreateResponse
+	(*Layer)(nil),          // 16: krun.image.v1.Layer
+	(*ConvertRequest)(nil), // 17: krun.image.v1.ConvertRequest
+	(*ImportRequest)(nil),  // 18: krun.image.v1.ImportRequest
+	(*Progress)(nil),       // 19: krun.image.v1.Progress
+	(*ResizeRequest)(nil),  // 20: krun.image.v1.ResizeRequest
+	(*ResizeResponse)(nil), // 21: krun.image.v1.ResizeResponse
+	nil,                    // 22: krun.image.v1.OpenRequest.FilesEntry
 }
 var file_image_tool_proto_depIdxs = []int32{
-	21, // 0: krun.image.v1.OpenRequest.files:type_name -> krun.image.v1.OpenRequest.FilesEntry
+	22, // 0: krun.image.v1.OpenRequest.files:type_name -> krun.image.v1.OpenRequest.FilesEntry
 	7,  // 1: krun.image.v1.InfoResponse.feature_names:type_name -> krun.image.v1.FeatureName
 	6,  // 2: krun.image.v1.InfoResponse.snapshots:type_name -> krun.image.v1.Snapshot
-	0,  // 3: krun.image.v1.CheckRequest.repair:type_name -> krun.image.v1.Repair
-	8,  // 4: krun.image.v1.VerifyResponse.info:type_name -> krun.image.v1.InfoResponse
-	15, // 5: krun.image.v1.ConvertRequest.input:type_name -> krun.image.v1.Layer
-	15, // 6: krun.image.v1.ConvertRequest.backing:type_name -> krun.image.v1.Layer
-	15, // 7: krun.image.v1.ConvertRequest.data_file:type_name -> krun.image.v1.Layer
-	15, // 8: krun.image.v1.ResizeRequest.backing:type_name -> krun.image.v1.Layer
-	1,  // 9: krun.image.v1.ImageTool.Open:input_type -> krun.image.v1.OpenRequest
-	3,  // 10: krun.image.v1.ImageTool.Probe:input_type -> krun.image.v1.ProbeRequest
-	5,  // 11: krun.image.v1.ImageTool.Info:input_type -> krun.image.v1.InfoRequest
-	9,  // 12: krun.image.v1.ImageTool.Check:input_type -> krun.image.v1.CheckRequest
-	11, // 13: krun.image.v1.ImageTool.Verify:input_type -> krun.image.v1.VerifyRequest
-	13, // 14: krun.image.v1.ImageTool.Create:input_type -> krun.image.v1.CreateRequest
-	16, // 15: krun.image.v1.ImageTool.Convert:input_type -> krun.image.v1.ConvertRequest
-	17, // 16: krun.image.v1.ImageTool.Import:input_type -> krun.image.v1.ImportRequest
-	19, // 17: krun.image.v1.ImageTool.Resize:input_type -> krun.image.v1.ResizeRequest
-	2,  // 18: krun.image.v1.ImageTool.Open:output_type -> krun.image.v1.OpenResponse
-	4,  // 19: krun.image.v1.ImageTool.Probe:output_type -> krun.image.v1.ProbeResponse
-	8,  // 20: krun.image.v1.ImageTool.Info:output_type -> krun.image.v1.InfoResponse
-	10, // 21: krun.image.v1.ImageTool.Check:output_type -> krun.image.v1.CheckResponse
-	12, // 22: krun.image.v1.ImageTool.Verify:output_type -> krun.image.v1.VerifyResponse
-	14, // 23: krun.image.v1.ImageTool.Create:output_type -> krun.image.v1.CreateResponse
-	18, // 24: krun.image.v1.ImageTool.Convert:output_type -> krun.image.v1.Progress
-	18, // 25: krun.image.v1.ImageTool.Import:output_type -> krun.image.v1.Progress
-	20, // 26: krun.image.v1.ImageTool.Resize:output_type -> krun.image.v1.ResizeResponse
-	18, // [18:27] is the sub-list for method output_type
-	9,  // [9:18] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	9,  // 3: krun.image.v1.InfoResponse.bitmap_list:type_name -> krun.image.v1.Bitmap
+	0,  // 4: krun.image.v1.CheckRequest.repair:type_name -> krun.image.v1.Repair
+	8,  // 5: krun.image.v1.VerifyResponse.info:type_name -> krun.image.v1.InfoResponse
+	16, // 6: krun.image.v1.ConvertRequest.input:type_name -> krun.image.v1.Layer
+	16, // 7: krun.image.v1.ConvertRequest.backing:type_name -> krun.image.v1.Layer
+	16, // 8: krun.image.v1.ConvertRequest.data_file:type_name -> krun.image.v1.Layer
+	16, // 9: krun.image.v1.ResizeRequest.backing:type_name -> krun.image.v1.Layer
+	1,  // 10: krun.image.v1.ImageTool.Open:input_type -> krun.image.v1.OpenRequest
+	3,  // 11: krun.image.v1.ImageTool.Probe:input_type -> krun.image.v1.ProbeRequest
+	5,  // 12: krun.image.v1.ImageTool.Info:input_type -> krun.image.v1.InfoRequest
+	10, // 13: krun.image.v1.ImageTool.Check:input_type -> krun.image.v1.CheckRequest
+	12, // 14: krun.image.v1.ImageTool.Verify:input_type -> krun.image.v1.VerifyRequest
+	14, // 15: krun.image.v1.ImageTool.Create:input_type -> krun.image.v1.CreateRequest
+	17, // 16: krun.image.v1.ImageTool.Convert:input_type -> krun.image.v1.ConvertRequest
+	18, // 17: krun.image.v1.ImageTool.Import:input_type -> krun.image.v1.ImportRequest
+	20, // 18: krun.image.v1.ImageTool.Resize:input_type -> krun.image.v1.ResizeRequest
+	2,  // 19: krun.image.v1.ImageTool.Open:output_type -> krun.image.v1.OpenResponse
+	4,  // 20: krun.image.v1.ImageTool.Probe:output_type -> krun.image.v1.ProbeResponse
+	8,  // 21: krun.image.v1.ImageTool.Info:output_type -> krun.image.v1.InfoResponse
+	11, // 22: krun.image.v1.ImageTool.Check:output_type -> krun.image.v1.CheckResponse
+	13, // 23: krun.image.v1.ImageTool.Verify:output_type -> krun.image.v1.VerifyResponse
+	15, // 24: krun.image.v1.ImageTool.Create:output_type -> krun.image.v1.CreateResponse
+	19, // 25: krun.image.v1.ImageTool.Convert:output_type -> krun.image.v1.Progress
+	19, // 26: krun.image.v1.ImageTool.Import:output_type -> krun.image.v1.Progress
+	21, // 27: krun.image.v1.ImageTool.Resize:output_type -> krun.image.v1.ResizeResponse
+	19, // [19:28] is the sub-list for method output_type
+	10, // [10:19] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_image_tool_proto_init() }
@@ -1924,7 +2012,7 @@ func file_image_tool_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_image_tool_proto_rawDesc), len(file_image_tool_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   21,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
