@@ -909,9 +909,9 @@ func (c *checker) checkOverlaps() {
 func (c *checker) countBitmaps() error {
 	bm := c.h.bitmaps
 	c.inc(bm.dirOff, bm.dirSize)
-	dir := make([]byte, bm.dirSize)
-	if _, err := readFullAt(c.f, dir, int64(bm.dirOff)); err != nil {
-		return fmt.Errorf("read bitmap directory: %w", err)
+	dir, err := bm.readDir(c.f)
+	if err != nil {
+		return err
 	}
 	ents, err := parseBitmapDir(dir, bm.nbBitmaps)
 	if err != nil {

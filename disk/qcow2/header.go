@@ -52,6 +52,16 @@ type bitmapsExt struct {
 	extOff int64
 }
 
+// readDir reads the bitmap directory (its size was bounded when the
+// header was parsed).
+func (b *bitmapsExt) readDir(f io.ReaderAt) ([]byte, error) {
+	dir := make([]byte, b.dirSize)
+	if _, err := readFullAt(f, dir, int64(b.dirOff)); err != nil {
+		return nil, fmt.Errorf("read bitmap directory: %w", err)
+	}
+	return dir, nil
+}
+
 type cryptoExt struct {
 	off uint64
 	len uint64

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"os"
 )
 
@@ -137,11 +136,11 @@ type BitmapInfo struct {
 // nil when there is none or it cannot be read or parsed.
 func readBitmapList(f io.ReaderAt, h *header) []BitmapInfo {
 	bm := h.bitmaps
-	if bm == nil || bm.dirSize == 0 || bm.dirSize > maxBitmapDirBytes || bm.dirOff > math.MaxInt64-bm.dirSize {
+	if bm == nil {
 		return nil
 	}
-	dir := make([]byte, bm.dirSize)
-	if _, err := readFullAt(f, dir, int64(bm.dirOff)); err != nil {
+	dir, err := bm.readDir(f)
+	if err != nil {
 		return nil
 	}
 	ents, err := parseBitmapDir(dir, bm.nbBitmaps)
@@ -194,9 +193,9 @@ func (im *Image) prepareWritable() error {
 // longer tracks the guest's writes.
 func (im *Image) markBitmapsInUse() error {
 	bm := im.h.bitmaps
-	dir := make([]byte, bm.dirSize)
-	if _, err := readFullAt(im.f, dir, int64(bm.dirOff)); err != nil {
-		return fmt.Errorf("read bitmap directory: %w", err)
+	dir, err := bm.readDir(im.f)
+	if err != nil {
+		return err
 	}
 	ents, err := parseBitmapDir(dir, bm.nbBitmaps)
 	if err != nil {
