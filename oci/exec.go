@@ -434,7 +434,7 @@ func execProcess(dir string, gp *container.Process, stdio [3]*os.File, tty *os.F
 // not tell.
 func outputFailed(o *stdiopump.Output, stderr *os.File) {
 	if err := o.Wait(); err != nil && stderr != nil {
-		fmt.Fprintf(stderr, "krun-oci exec: %s; the rest of it was dropped\n", oneLine(strings.ReplaceAll(err.Error(), "\n", "; ")))
+		fmt.Fprintf(stderr, "krun-oci exec: %s\n", stdiopump.Dropped(err))
 	}
 }
 

@@ -469,8 +469,7 @@ func printOutputFailure(w io.Writer, res *vmm.Result) {
 	if res == nil || res.OutputError == nil {
 		return
 	}
-	msg := strings.ReplaceAll(res.OutputError.Error(), "\n", "; ")
-	fmt.Fprintf(w, "krun-core run: %s; the rest of it was dropped\n", cli.OneLine(msg))
+	fmt.Fprintf(w, "krun-core run: %s\n", stdiopump.Dropped(res.OutputError))
 }
 
 func msec(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

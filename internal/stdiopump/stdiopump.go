@@ -21,9 +21,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/cli"
 )
 
 // IsTerminal reports whether f is a terminal.
@@ -269,6 +272,13 @@ func (o *Output) Wait() error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.err
+}
+
+// Dropped words a failure of Wait for the user, in one line: which copy
+// failed (a full disk), and that the rest of that stream was dropped,
+// which the command's exit status alone would not tell.
+func Dropped(err error) string {
+	return cli.OneLine(strings.ReplaceAll(err.Error(), "\n", "; ")) + "; the rest of it was dropped"
 }
 
 // sameFile reports whether a and b are the same file (device and inode).
