@@ -62,11 +62,11 @@ func (s *ConsoleSpec) Open(OpenOptions) (*Opened, error) {
 // HandOver returns the plugin's copy of f, for Open and for the files the
 // core passes to a plugin outside it (an exec's stdin, stdout, stderr and
 // status: vmm.Context.Exec); the caller closes the copy once it is sent.
-// A dup shares f's open file description, and with it the file status flags, with krun-core and with
-// the user's shell: a compromised console plugin (it parses every guest
-// byte; its filter allows F_SETFL, which the Go runtime needs) could leave
-// the user's terminal non-blocking after krun-core exits (found in
-// review). So a terminal, FIFO or pipe is opened again through
+// A dup shares f's open file description, and with it the file status
+// flags, with krun-core and with the user's shell: a compromised console
+// plugin (it parses every guest byte; its filter allows F_SETFL, which
+// the Go runtime needs) could leave the user's terminal non-blocking
+// after krun-core exits (found in review). So a terminal, FIFO or pipe is opened again through
 // /proc/self/fd, with f's access mode and status flags: the same terminal
 // or pipe, a description of the plugin's own. A regular file keeps one
 // description, whose shared offset is what `cmd >file` relies on, and a

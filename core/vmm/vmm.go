@@ -99,14 +99,14 @@ type Context struct {
 	handshake      time.Duration // a plugin's start-up limit; 0: DefaultPluginHandshakeTimeout
 	started        bool
 	keepPrivileges bool
-
-	// SetExec mode (exec.go): the program, and the initramfs built for it.
-	exec *execConfig
 	// pluginsLeft: a plugin outlived SIGKILL and was left running
 	// (killReaped); the command's output pumps do not wait for it.
 	pluginsLeft atomic.Bool
-	initrdData  io.ReaderAt
-	initrdSize  int64
+
+	// SetExec mode (exec.go): the program, and the initramfs built for it.
+	exec       *execConfig
+	initrdData io.ReaderAt
+	initrdSize int64
 	// notify turns the guest's milestones into channels (container.go).
 	notify guestNotify
 }
