@@ -57,15 +57,7 @@ func TestDiskFileBytes(t *testing.T) {
 		{"path=" + q + ",format=qcow2,readonly=on", MinFileBytes},
 	} {
 		t.Run(c.spec[strings.LastIndex(c.spec[:strings.Index(c.spec, ",")], "/")+1:], func(t *testing.T) {
-			d, err := ParseDisk(c.spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			o, err := d.Open(OpenOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer o.Close()
+			o := openDisk(t, c.spec)
 			got, err := o.FileBytes()
 			if err != nil || got != c.want {
 				t.Errorf("%s: FileBytes %d (%v), want %d", c.spec, got, err, c.want)
@@ -91,15 +83,7 @@ func TestDiskFileBytes(t *testing.T) {
 func TestDiskFileBytesRestart(t *testing.T) {
 	dir := t.TempDir()
 	q := sparseFile(t, dir, "d.qcow2", 1<<20)
-	d, err := ParseDisk("path=" + q + ",format=qcow2,max-size=1G")
-	if err != nil {
-		t.Fatal(err)
-	}
-	o, err := d.Open(OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer o.Close()
+	o := openDisk(t, "path="+q+",format=qcow2,max-size=1G")
 	first, _ := o.FileBytes()
 	if err := os.Truncate(q, int64(first)); err != nil { // a plugin grew it to its limit
 		t.Fatal(err)
@@ -169,15 +153,7 @@ func TestLimitFileBytes(t *testing.T) {
 		{"raw", "format=raw", config(8 << 21), 0, "unlimited"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			d, err := ParseDisk("path=" + q + "," + c.spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			o, err := d.Open(OpenOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer o.Close()
+			o := openDisk(t, "path="+q+","+c.spec)
 			// A child that stands for the plugin, with a lower limit
 			// of its own for "never raised" (sh's ulimit counts blocks
 			// of 512 or 1024 bytes: the limit is read back).
@@ -210,4 +186,19 @@ func TestLimitFileBytes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// openDisk parses and opens disk spec, closed when t ends.
+func openDisk(t *testing.T, spec string) *Opened {
+	t.Helper()
+	d, err := ParseDisk(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := d.Open(OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { o.Close() })
+	return o
 }
