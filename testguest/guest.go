@@ -3,7 +3,9 @@ package testguest
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"time"
 
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
@@ -46,6 +48,11 @@ type Options struct {
 	// truncate, as a hostile front-end's (frontend.GetInflightFD's own
 	// is sealed).
 	UnsealedInflight bool
+	// EndWaitsOnHangup makes a ring's Wait fail with ErrBackendGone once
+	// the back-end has closed its vhost-user socket, instead of waiting
+	// for a call that can no longer come. Off by default: a test that
+	// kills a back-end and Reconnects keeps its waiters across the gap.
+	EndWaitsOnHangup bool
 }
 
 func (o *Options) defaults() {
@@ -75,6 +82,9 @@ type Guest struct {
 	setup     frontend.SetupConfig // what Start installed
 	disabled  map[int]bool
 	protocolN bool
+	// stopWatch ends the hang-up watcher (Options.EndWaitsOnHangup);
+	// nil when none runs.
+	stopWatch func()
 }
 
 // Dial connects to the back-end at path and starts the guest (Start).
@@ -167,7 +177,74 @@ func Start(c *frontend.Client, opt Options) (*Guest, error) {
 	}
 	g.setup, g.disabled = cfg, disabled
 	g.protocolN = n.Features&vhostuser.FeatureProtocolFeatures != 0
+	if opt.EndWaitsOnHangup {
+		g.watchHangup(c)
+	}
 	return g, nil
+}
+
+// hangupEvery is how often the watcher looks at the socket.
+const hangupEvery = 100 * time.Millisecond
+
+// watchHangup starts a goroutine that looks at c's socket every
+// hangupEvery and, once the back-end has closed its end, marks every
+// ring gone and wakes its waiters.
+func (g *Guest) watchHangup(c *frontend.Client) {
+	for _, r := range g.Rings {
+		r.gone.Store(false)
+	}
+	done := make(chan struct{})
+	exited := make(chan struct{})
+	g.stopWatch = func() {
+		close(done)
+		<-exited
+	}
+	uc := c.Conn().UnixConn()
+	rings := g.Rings
+	go func() {
+		defer close(exited)
+		t := time.NewTicker(hangupEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			if socketHungUp(uc) {
+				for _, r := range rings {
+					r.markGone()
+				}
+				return
+			}
+		}
+	}()
+}
+
+// unwatch stops the hang-up watcher, if one runs.
+func (g *Guest) unwatch() {
+	if g.stopWatch != nil {
+		g.stopWatch()
+		g.stopWatch = nil
+	}
+}
+
+// socketHungUp says whether the peer of uc has closed its end, without
+// reading from it (the replies stay for the Client).
+func socketHungUp(uc *net.UnixConn) bool {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	hung := false
+	if err := rc.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		n, err := unix.Poll(p, 0)
+		hung = err == nil && n > 0 && p[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+	}); err != nil {
+		return true // closed on our side
+	}
+	return hung
 }
 
 // Reconnect carries the guest over to a new back-end behind c after the
@@ -178,6 +255,8 @@ func Start(c *frontend.Client, opt Options) (*Guest, error) {
 // Requests posted before keep their tokens: their completions come from
 // the new back-end.
 func (g *Guest) Reconnect(c *frontend.Client) error {
+	watched := g.stopWatch != nil
+	g.unwatch()
 	g.Client.Close()
 	g.Client = c
 	cfg := g.setup
@@ -197,6 +276,9 @@ func (g *Guest) Reconnect(c *frontend.Client) error {
 		if err := c.SetupQueue(qs, g.protocolN); err != nil {
 			return fmt.Errorf("ring %d: %w", i, err)
 		}
+	}
+	if watched {
+		g.watchHangup(c)
 	}
 	return nil
 }
@@ -223,6 +305,7 @@ func (g *Guest) closeLocal() {
 
 // Close disconnects from the back-end and releases memory and eventfds.
 func (g *Guest) Close() error {
+	g.unwatch()
 	err := g.Client.Close()
 	g.closeLocal()
 	return err

@@ -80,6 +80,26 @@ type Ring struct {
 	barrier   atomic.Uint32
 
 	kicks atomic.Uint64
+
+	// gone is set by the Guest's hang-up watcher
+	// (Options.EndWaitsOnHangup) once the back-end closed its socket.
+	gone atomic.Bool
+}
+
+// ErrBackendGone is what a ring's Wait returns once the back-end has
+// closed its vhost-user socket (Options.EndWaitsOnHangup): no call can
+// come any more.
+var ErrBackendGone = errors.New("the vhost-user back-end closed its socket")
+
+// markGone records that the back-end is gone and wakes a waiter (the
+// back-end's copy of the call eventfd went with it).
+func (r *Ring) markGone() {
+	r.gone.Store(true)
+	if r.call != nil {
+		var one [8]byte
+		one[0] = 1
+		r.call.Write(one[:]) // a full counter already wakes the waiter
+	}
 }
 
 // NewRing allocates ring idx in mem and creates its eventfds.
@@ -438,6 +458,9 @@ var longAgo = time.Unix(1, 0)
 func (r *Ring) waitCall(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if r.gone.Load() {
+		return fmt.Errorf("ring %d: %w", r.index, ErrBackendGone)
 	}
 	if r.call == nil {
 		t := time.NewTimer(100 * time.Microsecond)

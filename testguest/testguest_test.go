@@ -5,11 +5,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"testing"
 	"time"
 
 	"github.com/krun-core/krun-core/guestmem"
+	"github.com/krun-core/krun-core/vhostuser/frontend"
 	"github.com/krun-core/krun-core/virtq"
+	"golang.org/x/sys/unix"
 )
 
 func newMem(t *testing.T, base, size uint64) *Memory {
@@ -311,5 +315,114 @@ func TestWaitPollingAndCancel(t *testing.T) {
 		}
 		cancel()
 		r.Close()
+	}
+}
+
+func TestWaitEndsOnHangup(t *testing.T) {
+	for _, poll := range []bool{false, true} {
+		m := newMem(t, 0, 1<<20)
+		r, err := NewRing(m, 0, RingOptions{Size: 4, PollCall: poll})
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		backend := os.NewFile(uintptr(fds[1]), "back-end")
+		c, err := frontend.NewFromFile(os.NewFile(uintptr(fds[0]), "front-end"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := &Guest{Client: c, Mem: m, Rings: []*Ring{r}}
+		g.watchHangup(c)
+
+		// Alive: the wait runs to its context's end across several looks.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*hangupEvery)
+		if _, err := r.Wait(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("poll %v: wait on a live back-end: %v", poll, err)
+		}
+		cancel()
+		// Gone while waiting: the wait ends within a look or two.
+		time.AfterFunc(20*time.Millisecond, func() { backend.Close() })
+		ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+		start := time.Now()
+		_, err = r.Wait(ctx)
+		cancel()
+		if !errors.Is(err, ErrBackendGone) {
+			t.Fatalf("poll %v: wait after a hang-up: %v", poll, err)
+		}
+		if d := time.Since(start); d > 5*hangupEvery {
+			t.Errorf("poll %v: the hang-up was noticed after %v", poll, d)
+		}
+		// A later wait fails at once, and Close stops the (ended) watcher.
+		if _, err := r.Wait(context.Background()); !errors.Is(err, ErrBackendGone) {
+			t.Fatalf("poll %v: second wait: %v", poll, err)
+		}
+		g.unwatch()
+		c.Close()
+		r.Close()
+	}
+}
+
+func TestWatcherStopsWithoutHangup(t *testing.T) {
+	m := newMem(t, 0, 1<<20)
+	r, err := NewRing(m, 0, RingOptions{Size: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := os.NewFile(uintptr(fds[1]), "back-end")
+	defer backend.Close()
+	c, err := frontend.NewFromFile(os.NewFile(uintptr(fds[0]), "front-end"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &Guest{Client: c, Mem: m, Rings: []*Ring{r}}
+	g.watchHangup(c)
+	// Our own close (Close, Reconnect) is no hang-up of the back-end:
+	// the watcher is stopped first and the ring stays usable.
+	g.unwatch()
+	c.Close()
+	time.Sleep(2 * hangupEvery)
+	if r.gone.Load() {
+		t.Fatal("ring marked gone after the guest closed its own side")
+	}
+}
+
+func TestSocketHungUp(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := os.NewFile(uintptr(fds[1]), "peer")
+	f := os.NewFile(uintptr(fds[0]), "ours")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	uc := c.(*net.UnixConn)
+	if socketHungUp(uc) {
+		t.Fatal("hung up while the peer is open")
+	}
+	if _, err := peer.Write([]byte("reply")); err != nil {
+		t.Fatal(err)
+	}
+	if socketHungUp(uc) {
+		t.Fatal("hung up with a reply waiting and the peer open")
+	}
+	peer.Close()
+	if !socketHungUp(uc) {
+		t.Fatal("not hung up after the peer closed")
+	}
+	uc.Close()
+	if !socketHungUp(uc) {
+		t.Fatal("not hung up after our side closed")
 	}
 }

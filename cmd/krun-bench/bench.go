@@ -269,6 +269,10 @@ func runBlkBench(ctx context.Context, cfg blkBenchConfig) ([]blkResult, error) {
 		// Direct descriptors: an indirect table per request would add
 		// guest-side allocation to every measurement.
 		NoIndirect: true,
+		// A back-end that exits (a crash, a failed ring that restarts
+		// the plugin and drops this connection) ends the run at once;
+		// the stall watchdog is for one that lives on and stops.
+		EndWaitsOnHangup: true,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", cfg.Socket, err)
@@ -469,6 +473,9 @@ func runBlkWorkload(ctx context.Context, b *testguest.Blk, w blkWorkload, span u
 		if err != nil {
 			if cause := context.Cause(ctx); errors.Is(cause, errStalled) {
 				return blkResult{}, cause
+			}
+			if errors.Is(err, testguest.ErrBackendGone) {
+				return blkResult{}, fmt.Errorf("%w, with %d requests in flight (its log says why)", testguest.ErrBackendGone, inflight)
 			}
 			return blkResult{}, err
 		}

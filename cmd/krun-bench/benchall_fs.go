@@ -143,7 +143,7 @@ func dialFSGuest(sock string, split int) (*fsGuest, error) {
 	var g *testguest.Guest
 	var err error
 	for try := 0; ; try++ { // a daemon may create its socket before it listens
-		g, err = testguest.Dial(sock, testguest.Options{NumQueues: 2, QueueSize: 128, MemSize: 64 << 20})
+		g, err = testguest.Dial(sock, testguest.Options{NumQueues: 2, QueueSize: 128, MemSize: 64 << 20, EndWaitsOnHangup: true})
 		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || try >= 100 {
 			break
 		}

@@ -21,6 +21,8 @@ import (
 type silentBlk struct {
 	mu    sync.Mutex
 	taken []*backend.Request
+	// onTake, if set, runs (once) when the first request is taken.
+	onTake func()
 }
 
 func (*silentBlk) Info() backend.DeviceInfo {
@@ -44,7 +46,23 @@ func (d *silentBlk) Queue(context.Context, int) (backend.QueueConfig, error) {
 func (d *silentBlk) Handle(req *backend.Request) {
 	d.mu.Lock()
 	d.taken = append(d.taken, req)
+	f := d.onTake
+	d.onTake = nil
 	d.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
+// completeTaken completes what the device took, so that a stopping
+// server's wait for requests in flight ends.
+func (d *silentBlk) completeTaken() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, r := range d.taken {
+		r.Complete(0)
+	}
+	d.taken = nil
 }
 
 // TestBenchBlkStalledBackend: a back-end that stops completing requests
@@ -63,13 +81,7 @@ func TestBenchBlkStalledBackend(t *testing.T) {
 	backendtest.Serve(t, srv, sock)
 	// Before the server's stop (cleanups run last first), which waits
 	// for the requests in flight.
-	t.Cleanup(func() {
-		dev.mu.Lock()
-		defer dev.mu.Unlock()
-		for _, r := range dev.taken {
-			r.Complete(0)
-		}
-	})
+	t.Cleanup(dev.completeTaken)
 
 	var out, errb bytes.Buffer
 	done := make(chan int, 1)
@@ -84,5 +96,54 @@ func TestBenchBlkStalledBackend(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("krun-bench blk still waiting on a back-end that completes nothing after 20s")
+	}
+}
+
+// TestBenchBlkBackendHangsUp: a back-end that closes its vhost-user socket
+// with requests in flight (a crashed plugin, a failed ring that restarts
+// it) ends the bench at once with one line, not after the stall
+// watchdog's 30 s: the rings' waits notice the hang-up
+// (testguest.Options.EndWaitsOnHangup).
+func TestBenchBlkBackendHangsUp(t *testing.T) {
+	if blkStallTimeout < 30*time.Second {
+		t.Fatalf("stall timeout %v: this test needs the default, to tell the two apart", blkStallTimeout)
+	}
+	dev := &silentBlk{}
+	srv, err := backend.NewServer(dev, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "blk.sock")
+	ln := backendtest.Listen(t, sock)
+	ctx, cancel := context.WithCancel(context.Background())
+	dev.onTake = cancel // the server closes the connection on its stop
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		dev.completeTaken()
+		select {
+		case <-served:
+		case <-time.After(10 * time.Second):
+			t.Error("the back-end's Serve did not return")
+		}
+	})
+
+	var out, errb bytes.Buffer
+	done := make(chan int, 1)
+	go func() {
+		done <- benchCommand([]string{"blk", "--socket", sock, "--seconds", "1", "--workloads", "randread-4k-qd1"}, &out, &errb)
+	}()
+	select {
+	case code := <-done:
+		msg := errb.String()
+		if code != 1 || !strings.Contains(msg, "the vhost-user back-end closed its socket, with 1 requests in flight") {
+			t.Fatalf("exit %d, stderr %q; want 1 and the hang-up named", code, msg)
+		}
+		if n := strings.Count(strings.TrimSpace(msg), "\n"); n != 0 {
+			t.Errorf("stderr has %d lines, want one: %q", n+1, msg)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("krun-bench blk still waiting 10s after its back-end closed the connection")
 	}
 }
