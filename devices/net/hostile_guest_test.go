@@ -260,3 +260,48 @@ func TestNoRxBuffersDoesNotStallTx(t *testing.T) {
 		rg.tx.waitUsed(1)
 	}
 }
+
+// TestRxSameHeadOfferedTwice (held; left untested by helper-137): a guest
+// that offers one receive chain twice before the device used it gets both
+// frames written into the same buffer, one used element each: the device
+// keeps no per-head state that a second offer could corrupt (the guest
+// only garbles its own buffer), and both rings go on serving.
+func TestRxSameHeadOfferedTwice(t *testing.T) {
+	rg := newRig(t, 1500, features)
+	r := rg.rx
+	a := r.alloc(2048)
+	r.setDesc(0, a, 2048, virtq.DescFWrite, 0)
+	r.offer(0)
+	r.offer(0)
+	first, second := frame(100, 1), frame(60, 2)
+	rg.writePasst(t, first)
+	rg.writePasst(t, second)
+	r.waitUsed(2)
+	for i := uint16(0); i < 2; i++ {
+		id, l := r.usedElem(i)
+		want := []int{len(first), len(second)}[i] + 12
+		if id != 0 || int(l) != want {
+			t.Errorf("used element %d: id %d length %d, want 0 and %d", i, id, l, want)
+		}
+	}
+	got := make([]byte, 12+len(second))
+	r.mem.Read(a, got)
+	if !bytes.Equal(got[12:], second) {
+		t.Error("the buffer does not hold the second frame")
+	}
+	// Both rings still serve.
+	fresh := rg.postRx(1, 1, 2048)
+	third := frame(80, 3)
+	rg.writePasst(t, third)
+	r.waitUsed(3)
+	got = make([]byte, 12+len(third))
+	r.mem.Read(fresh[0], got)
+	if !bytes.Equal(got[12:], third) {
+		t.Error("a frame after the twice-offered chain did not arrive intact")
+	}
+	out := frame(70, 4)
+	rg.send(0, 12, out)
+	if b := rg.readPasst(t); !bytes.Equal(b, out) {
+		t.Error("transmit after the twice-offered chain failed")
+	}
+}
