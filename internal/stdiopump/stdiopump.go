@@ -187,14 +187,16 @@ func PassThrough(f *os.File) (bool, error) {
 // files the plugin must not hold (PassThrough).
 type Output struct {
 	writers []*os.File // the pipes' write ends, until CloseWriters
+	nulls   []*os.File // /dev/null opened for the plugin, until CloseWriters
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	err     error
 }
 
 // Outputs returns what the plugin gets for stdout and stderr: each file
-// itself where PassThrough allows, else the write end of a pipe that o
-// copies into the file (one io.Copy a stream). stdout and stderr that are
+// itself where PassThrough allows, a /dev/null of its own for /dev/null,
+// else the write end of a pipe that o copies into the file (one io.Copy
+// a stream). stdout and stderr that are
 // one file (`>>log 2>&1`) share one pipe, so that what the command wrote
 // to both stays in its order. A nil file stays nil. The caller closes
 // the write ends (CloseWriters) once the plugin has its own copies, and
@@ -225,6 +227,16 @@ func (o *Output) add(f *os.File) (*os.File, error) {
 	pass, err := PassThrough(f)
 	if err != nil || pass {
 		return f, err
+	}
+	if isDevNull(f) {
+		// Nothing to copy: the plugin gets a /dev/null of its own (no
+		// file status flags shared with the caller's).
+		null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open %s for the plugin: %w", os.DevNull, err)
+		}
+		o.nulls = append(o.nulls, null)
+		return null, nil
 	}
 	r, w, err := os.Pipe()
 	if err != nil {
@@ -260,6 +272,10 @@ func (o *Output) CloseWriters() {
 		w.Close()
 	}
 	o.writers = nil
+	for _, n := range o.nulls {
+		n.Close()
+	}
+	o.nulls = nil
 }
 
 // Wait waits until every pipe is copied to its end (every write end
@@ -279,6 +295,16 @@ func (o *Output) Wait() error {
 // which the command's exit status alone would not tell.
 func Dropped(err error) string {
 	return cli.OneLine(strings.ReplaceAll(err.Error(), "\n", "; ")) + "; the rest of it was dropped"
+}
+
+// isDevNull reports whether f is the null device (character device 1:3,
+// whatever its name).
+func isDevNull(f *os.File) bool {
+	var st unix.Stat_t
+	if unix.Fstat(int(f.Fd()), &st) != nil {
+		return false
+	}
+	return st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == unix.Mkdev(1, 3)
 }
 
 // sameFile reports whether a and b are the same file (device and inode).

@@ -72,7 +72,8 @@ func TestInputPump(t *testing.T) {
 }
 
 // TestPassThrough: pipes, sockets and terminals go to the plugin as they
-// are; a regular file, or another device, only through a pipe.
+// are; a regular file, or another device, only through a pipe (or, for
+// /dev/null, as a /dev/null of its own: TestOutputsDevNull).
 func TestPassThrough(t *testing.T) {
 	_, tty := stdiotest.OpenPTY(t)
 	pw := pipe(t)
@@ -218,6 +219,59 @@ func TestOutputsPassThrough(t *testing.T) {
 	if err := o.Wait(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestOutputsDevNull: /dev/null is not pumped (every byte of a chatty
+// command would cross a pipe to be thrown away): the plugin gets a
+// /dev/null of its own, so no file status flags are shared with the
+// caller's, and it is closed with the pipes' write ends.
+func TestOutputsDevNull(t *testing.T) {
+	null, err := os.OpenFile(os.DevNull, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	file, err := os.Create(filepath.Join(t.TempDir(), "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer file.Close()
+	out, errOut, o, err := Outputs(null, file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out == null || !isDevNull(out) {
+		t.Fatalf("stdout /dev/null became %v; want a /dev/null of its own", out.Name())
+	}
+	fl, err := unix.FcntlInt(out.Fd(), unix.F_GETFL, 0)
+	if err != nil || fl&unix.O_APPEND != 0 {
+		t.Fatalf("the plugin's /dev/null has flags %#x (%v); want its own, without the caller's O_APPEND", fl, err)
+	}
+	if _, err := out.Write([]byte("thrown away")); err != nil {
+		t.Fatal(err)
+	}
+	if errOut == file {
+		t.Fatal("the regular file was handed over, not pumped")
+	}
+	if !o.Pumped() {
+		t.Fatal("the regular file is not pumped")
+	}
+	o.CloseWriters()
+	if _, err := out.Write([]byte("x")); err == nil {
+		t.Fatal("the plugin's /dev/null is still open after CloseWriters")
+	}
+	if err := o.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	// Alone, nothing is pumped.
+	out, _, o, err = Outputs(null, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.Pumped() || !isDevNull(out) {
+		t.Fatalf("Outputs(/dev/null) pumped %v", o.Pumped())
+	}
+	o.CloseWriters()
 }
 
 // TestOutputsFailedFile: a file that fails a write (a full disk) drops
