@@ -1,7 +1,9 @@
 package devspec
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 
@@ -100,6 +102,16 @@ func HandOver(f *os.File, name string, access int) (*os.File, error) {
 		_, master := unix.IoctlGetInt(int(f.Fd()), unix.TIOCGPTN)
 		reopen = err == nil && master != nil && st.Rdev != unix.Mkdev(5, 0)
 	}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && fl&unix.O_ACCMODE == unix.O_RDWR && access&unix.O_ACCMODE != unix.O_RDWR {
+		// A regular file the shell opened `<>` and the plugin only
+		// reads (stdin) or writes: a duplicate would give it both
+		// (left open by helper-128). A description of its own with
+		// the narrower access, at f's offset; that offset is then no
+		// longer shared, which only such a file gives up.
+		if c, err := reopenRegular(f, &st, fl, access&unix.O_ACCMODE, name); err == nil {
+			return c, nil
+		}
+	}
 	if reopen {
 		// Non-blocking, so that a FIFO's open cannot wait for its
 		// other end; the flags are set as f's once it is open.
@@ -122,6 +134,35 @@ func HandOver(f *os.File, name string, access int) (*os.File, error) {
 	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 3)
 	if err != nil {
 		return nil, fmt.Errorf("dup: %w", err)
+	}
+	return os.NewFile(uintptr(fd), name), nil
+}
+
+// reopenRegular opens the regular file f again through /proc/self/fd with
+// the access mode mode and f's status flags, at f's offset, checking that
+// it is the same file.
+func reopenRegular(f *os.File, st *unix.Stat_t, fl, mode int, name string) (*os.File, error) {
+	off, err := unix.Seek(int(f.Fd()), 0, io.SeekCurrent)
+	if err != nil {
+		return nil, err
+	}
+	path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	fd, err := unix.Open(path, mode|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	var got unix.Stat_t
+	if err := unix.Fstat(fd, &got); err != nil || got.Dev != st.Dev || got.Ino != st.Ino {
+		unix.Close(fd)
+		return nil, errors.New("not the same file")
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_ASYNC); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if _, err := unix.Seek(fd, off, io.SeekStart); err != nil {
+		unix.Close(fd)
+		return nil, err
 	}
 	return os.NewFile(uintptr(fd), name), nil
 }

@@ -1,6 +1,7 @@
 package devspec
 
 import (
+	"io"
 	"os"
 	"testing"
 
@@ -132,5 +133,62 @@ func TestHandOverKinds(t *testing.T) {
 	got := make([]byte, 2)
 	if _, err := r.Read(got); err != nil || string(got) != "hi" {
 		t.Fatalf("read %q, %v through the pipe's copy", got, err)
+	}
+}
+
+// TestHandOverReadWriteFileNarrowed: a regular file the shell opened `<>`
+// (O_RDWR) and handed over as stdin (read only) reaches the plugin read
+// only, at the caller's offset, with a description of its own: a
+// duplicate let a compromised console plugin write into the user's file
+// (left open by helper-128). A read-only file stays a duplicate (its
+// offset shared, as `cmd <file` relies on).
+func TestHandOverReadWriteFileNarrowed(t *testing.T) {
+	path := t.TempDir() + "/in"
+	if err := os.WriteFile(path, []byte("line one\nline two\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rw, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rw.Close()
+	if _, err := rw.Seek(9, io.SeekStart); err != nil {
+		t.Fatal(err)
+	}
+	c, err := HandOver(rw, "stdin", unix.O_RDONLY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fl, _ := unix.FcntlInt(c.Fd(), unix.F_GETFL, 0)
+	if fl&unix.O_ACCMODE != unix.O_RDONLY {
+		t.Fatalf("the plugin's stdin has access mode %#o, want read only", fl&unix.O_ACCMODE)
+	}
+	if _, err := c.Write([]byte("x")); err == nil {
+		t.Fatal("the plugin could write into the user's file")
+	}
+	got := make([]byte, 9)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "line two\n" {
+		t.Fatalf("read %q, %v; want the rest from the caller's offset", got, err)
+	}
+	if off, _ := rw.Seek(0, io.SeekCurrent); off != 9 {
+		t.Errorf("the caller's offset moved to %d", off)
+	}
+
+	ro, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	d, err := HandOver(ro, "stdin", unix.O_RDONLY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if _, err := d.Read(make([]byte, 5)); err != nil {
+		t.Fatal(err)
+	}
+	if off, _ := ro.Seek(0, io.SeekCurrent); off != 5 {
+		t.Errorf("a read-only stdin's offset is not shared: %d after the plugin read 5", off)
 	}
 }
