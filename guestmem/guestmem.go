@@ -100,6 +100,13 @@ func Map(regions []Region) (*Memory, error) {
 			m.Close()
 			return nil, fmt.Errorf("map guest memory region %d (guest %#x, size %#x): %w", i, r.GuestAddr, r.Size, err)
 		}
+		// Guest memory stays out of a core dump of this process: the
+		// kernel pipes a dump to a core_pattern handler
+		// (systemd-coredump, apport) whatever RLIMIT_CORE says, leaving
+		// the choice to it, and the guest's memory is not the
+		// back-end's to hand on. Best effort: a kernel that refuses the
+		// advice maps the memory all the same.
+		_ = unix.Madvise(b, unix.MADV_DONTDUMP)
 		m.regions = append(m.regions, mapped{Region: r, mapping: b, data: b[skew : skew+r.Size : skew+r.Size]})
 	}
 	sort.Slice(m.regions, func(i, j int) bool { return m.regions[i].GuestAddr < m.regions[j].GuestAddr })
