@@ -39,10 +39,13 @@ func IsTerminal(f *os.File) bool {
 // gets, Run copies, Stop ends the copy.
 type Input struct {
 	src          *os.File // what is read: the terminal
+	own          *os.File // src opened again, non-blocking (ownReader); nil if not
 	dst          *os.File // the pipe's write end
 	stopR, stopW int      // Stop closes stopW, which wakes Run
 	stopOnce     sync.Once
-	endOnce      sync.Once // closes stopR and dst: Run's end or Close
+	endOnce      sync.Once // closes stopR, dst and own: Run's end or Close
+
+	afterPoll func() // tests: runs between poll and read
 }
 
 // NewInput makes the pipe for src and returns its read end, for the
@@ -58,7 +61,39 @@ func NewInput(src *os.File) (*Input, *os.File, error) {
 		unix.Close(stop[1])
 		return nil, nil, fmt.Errorf("stdin pipe: %w", err)
 	}
-	return &Input{src: src, dst: w, stopR: stop[0], stopW: stop[1]}, r, nil
+	return &Input{src: src, own: ownReader(src), dst: w, stopR: stop[0], stopW: stop[1]}, r, nil
+}
+
+// ownReader opens the terminal src again, read only and non-blocking: a
+// description of the pump's own, so that the caller's (the shell's, with
+// its flags) stays as it was. Another reader of the same terminal (`run
+// ... | less` reads it too) can take what poll announced before the
+// pump's read; a blocking read would then wait for the next line and
+// take it after the command ended, where a non-blocking one returns
+// EAGAIN and the pump polls again. nil where src is no terminal, or one
+// that cannot be opened again (another user's), a pty's master (opening
+// it again makes a new pty) or /dev/tty: Run then reads src itself.
+func ownReader(src *os.File) *os.File {
+	if src == nil || !IsTerminal(src) {
+		return nil
+	}
+	var st unix.Stat_t
+	if unix.Fstat(int(src.Fd()), &st) != nil || st.Rdev == unix.Mkdev(5, 0) {
+		return nil
+	}
+	if _, err := unix.IoctlGetInt(int(src.Fd()), unix.TIOCGPTN); err == nil {
+		return nil // a pty's master
+	}
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", src.Fd()), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	var got unix.Stat_t
+	if unix.Fstat(fd, &got) != nil || got.Rdev != st.Rdev || got.Ino != st.Ino || got.Dev != st.Dev {
+		unix.Close(fd)
+		return nil
+	}
+	return os.NewFile(uintptr(fd), src.Name())
 }
 
 // Run copies src to the pipe until src ends or fails (^D, a hang-up),
@@ -77,6 +112,9 @@ func (p *Input) Run() {
 		return
 	}
 	src := int(p.src.Fd())
+	if p.own != nil {
+		src = int(p.own.Fd())
+	}
 	var dst int
 	if err := withFd(p.dst, func(fd int) { dst = fd }); err != nil {
 		return
@@ -106,6 +144,9 @@ func (p *Input) Run() {
 		}
 		if fds[2].Revents == 0 {
 			continue
+		}
+		if p.afterPoll != nil {
+			p.afterPoll()
 		}
 		n, err := unix.Read(src, buf)
 		switch {
@@ -161,6 +202,9 @@ func (p *Input) end() {
 	p.endOnce.Do(func() {
 		unix.Close(p.stopR)
 		p.dst.Close()
+		if p.own != nil {
+			p.own.Close()
+		}
 	})
 }
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -341,6 +342,58 @@ func TestInputLeavesTheTerminalWhenTheReaderIsGone(t *testing.T) {
 	}
 	readTTY(t, tty, "next\n")
 	within(t, done, "the pump after its reader went away")
+}
+
+// TestInputAnotherReaderTookIt: another reader of the terminal (`run ...
+// | less` reads it too) takes the line poll announced before the pump
+// reads: the pump does not block in its read (which would then take the
+// next line typed, after the command ended), and Stop ends it. The
+// caller's description keeps its flags (blocking).
+func TestInputAnotherReaderTookIt(t *testing.T) {
+	master, tty := stdiotest.OpenPTY(t)
+	other, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", tty.Fd()), os.O_RDONLY|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	in, r, err := NewInput(tty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if in.own == nil {
+		t.Fatal("the pump reads the caller's description of the terminal")
+	}
+	took := make(chan string, 1)
+	in.afterPoll = func() {
+		b := make([]byte, 64)
+		n, _ := other.Read(b)
+		took <- string(b[:max(n, 0)])
+		in.afterPoll = nil
+	}
+	done := make(chan struct{})
+	go func() { in.Run(); close(done) }()
+	if _, err := master.Write([]byte("for less\n")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case got := <-took:
+		if got != "for less\n" {
+			t.Fatalf("the other reader got %q", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the pump never polled the typed line")
+	}
+	time.Sleep(50 * time.Millisecond) // the pump is back in poll, not in read
+	in.Stop()
+	within(t, done, "the pump after another reader took its line, and Stop")
+	if _, err := master.Write([]byte("next\n")); err != nil {
+		t.Fatal(err)
+	}
+	readTTY(t, tty, "next\n")
+	if fl, err := unix.FcntlInt(tty.Fd(), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK != 0 {
+		t.Fatalf("the caller's terminal has flags %#x (%v); want them as they were", fl, err)
+	}
 }
 
 // TestInputStop: after Stop (the command ended) the pump reads nothing
