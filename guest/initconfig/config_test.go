@@ -200,6 +200,17 @@ func TestParseRlimit(t *testing.T) {
 		{"nofile=unlimited:2", Rlimit{}, "above hard"},
 		{"nofile=-5:2", Rlimit{}, "soft limit"},
 		{"nofile=", Rlimit{}, "soft limit"},
+		// libkrun's krun_set_rlimits names a resource by its number
+		// (its chroot_vm example: "6=4096:8192", RLIMIT_NPROC).
+		{"6=4096:8192", Rlimit{"RLIMIT_NPROC", 4096, 8192}, ""},
+		{"7=1024:4096", Rlimit{"RLIMIT_NOFILE", 1024, 4096}, ""},
+		{"0=10", Rlimit{"RLIMIT_CPU", 10, 10}, ""},
+		{"007=1:2", Rlimit{"RLIMIT_NOFILE", 1, 2}, ""},
+		{"15=unlimited", Rlimit{"RLIMIT_RTTIME", RlimInfinity, RlimInfinity}, ""},
+		{"16=1:2", Rlimit{}, "unknown resource number 16"},
+		{"99999999999999999999=1:2", Rlimit{}, "unknown resource number"},
+		{"-1=1:2", Rlimit{}, "unknown resource limit"},
+		{"6=3:2", Rlimit{}, "above hard"},
 	}
 	for _, tt := range tests {
 		got, err := ParseRlimit(tt.in)

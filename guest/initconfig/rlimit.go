@@ -71,6 +71,23 @@ func RlimitNumber(canonical string) (int, bool) {
 	return n, ok
 }
 
+// isDecimal says whether s is a non-empty run of decimal digits.
+func isDecimal(s string) bool { return s != "" && strings.Trim(s, "0123456789") == "" }
+
+// rlimitByNumber turns a resource number, "7" (as libkrun's
+// krun_set_rlimits has them), into its canonical name, "RLIMIT_NOFILE".
+func rlimitByNumber(s string) (string, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		for name, v := range rlimitNumbers {
+			if v == n {
+				return name, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("unknown resource number %s (0 to %d, or a name: %s)",
+		s, len(rlimitNumbers)-1, strings.ToLower(strings.Join(trimPrefixes(RlimitNames()), ", ")))
+}
+
 // parseLimitValue parses a decimal limit or "unlimited" (also "infinity",
 // "-1").
 func parseLimitValue(s string) (uint64, error) {
@@ -87,13 +104,20 @@ func parseLimitValue(s string) (uint64, error) {
 
 // ParseRlimit parses the argument of --rlimit: NAME=SOFT:HARD, or NAME=N
 // for soft = hard = N. NAME is case-insensitive with an optional RLIMIT_
-// prefix; a value may be "unlimited".
+// prefix, or Linux's resource number as libkrun's krun_set_rlimits takes
+// it ("6=4096:8192" is nproc); a value may be "unlimited".
 func ParseRlimit(s string) (Rlimit, error) {
 	name, vals, ok := strings.Cut(s, "=")
 	if !ok {
 		return Rlimit{}, fmt.Errorf("rlimit %q: want NAME=SOFT:HARD", s)
 	}
-	canon, err := CanonicalRlimit(name)
+	var canon string
+	var err error
+	if isDecimal(name) {
+		canon, err = rlimitByNumber(name)
+	} else {
+		canon, err = CanonicalRlimit(name)
+	}
 	if err != nil {
 		return Rlimit{}, fmt.Errorf("rlimit %q: %w", s, err)
 	}
