@@ -197,14 +197,23 @@ func (c *Context) SetHostname(name string) error {
 	return nil
 }
 
-// SetPortMap forwards host ports to guest ports ("HOST:GUEST", as libkrun's
-// krun_set_port_map) through the passt network: the ports are added to the
-// first --net passt device, which is added (with DHCP in the guest) when
-// there is none; a host port that device forwards already fails Start.
+// SetPortMap forwards host ports to guest ports ("HOST:GUEST", or "N" for
+// N:N; TCP, as libkrun's krun_set_port_map) through the passt
+// network: the ports are added to the first --net passt device, which is
+// added (with DHCP in the guest) when there is none; a host port that
+// device forwards already fails Start. No map forwards no port (libkrun's
+// TSI network, given none, exposes every port the guest listens on).
 func (c *Context) SetPortMap(ports []string) error {
 	if len(ports) == 0 {
 		c.execCfg().portMap = nil
 		return nil
+	}
+	for _, p := range ports {
+		// One forward each: a comma would go on into --net's other
+		// keys ("8080:80,mtu=1500" set the MTU).
+		if p == "" || strings.Trim(p, "0123456789:") != "" {
+			return fmt.Errorf("%w: port map: %s is not HOST:GUEST with ports 1-65535", ErrConfig, cli.Printable(p))
+		}
 	}
 	n, err := devspec.ParseNet("passt,ports=" + strings.Join(ports, ","))
 	if err != nil {

@@ -133,10 +133,19 @@ func TestExecSetters(t *testing.T) {
 	if err := c.SetPortMap([]string{"8080"}); err != nil {
 		t.Errorf("port map N means N:N: %v", err)
 	}
-	for _, bad := range [][]string{{"x:1"}, {"0:80"}, {"1:70000"}} {
+	// One forward an entry: a comma went on into --net's other keys
+	// ("8080:80,mtu=1500" set the network's MTU).
+	for _, bad := range [][]string{{"x:1"}, {"0:80"}, {"1:70000"}, {""}, {"8080:80,mtu=1500"}, {"8080:80", "81,passt-arg=-q"}, {"8080:80,,"}, {"8080:80", "8080:81"}} {
 		if err := c.SetPortMap(bad); !errors.Is(err, ErrConfig) {
 			t.Errorf("port map %q: %v", bad, err)
 		}
+	}
+	// libkrun's krun_set_rlimits names a resource by its number.
+	if err := c.SetRlimits([]string{"6=4096:8192", "nproc=1:2"}); !errors.Is(err, ErrConfig) {
+		t.Errorf("nproc by number and by name: %v", err)
+	}
+	if err := c.SetRlimits([]string{"6=4096:8192"}); err != nil || len(cfg.Rlimits) != 1 || cfg.Rlimits[0].Type != "RLIMIT_NPROC" {
+		t.Errorf("rlimit by number: %v, %v", cfg.Rlimits, err)
 	}
 	if err := c.SetHostname("bad name!"); !errors.Is(err, ErrConfig) {
 		t.Errorf("bad hostname: %v", err)
