@@ -118,6 +118,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		externals multiFlag
 		envs      multiFlag
 		rlimits   multiFlag
+		ports     multiFlag
 		grants    = devspec.SyscallGrants{}
 	)
 	fs.Var(&disks, "disk", "a disk `SPEC` (above), served by krun-plugin-blk-raw or krun-plugin-blk-qcow2")
@@ -127,7 +128,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	fs.Func("plugin-syscalls", "grant a --plugin device's plugin system calls beyond its launch profile: `KIND=NAME[,NAME...]`, those its declared policy asks for (never exec, mount, ptrace and the others docs/SECURITY.md lists)", grants.Add)
 	fs.Var(&externals, "vhost-user", "an external vhost-user back-end `SPEC` (above), not sandboxed by krun-core")
 	fs.Var(&envs, "env", "`KEY=VALUE` in the command's environment; a bare KEY takes krun-core's own value, if it has one (repeatable; with --root)")
-	fs.Var(&rlimits, "rlimit", "`NAME=SOFT:HARD` resource limit of the command, e.g. nofile=1024:4096 (repeatable; with --root)")
+	fs.Var(&rlimits, "rlimit", "`NAME=SOFT:HARD` resource limit of the command, e.g. nofile=1024:4096, or by number as libkrun takes them, 7=1024:4096 (repeatable; with --root)")
+	fs.Var(&ports, "port", "forward TCP port `HOST:GUEST` (or N for N:N) of the host to the guest, as krunvm's --port and libkrun's krun_set_port_map; adds a --net passt when none is given, else the first one forwards it (repeatable; with --root)")
 	fs.Var(&handshake, "handshake-timeout", "how long each plugin may take to start, at launch and at a restart (`DURATION`, 90s, 2m; a bare number is seconds); more for an emulated or heavily loaded host")
 	fs.Var(&bootTO, "boot-timeout", "end a guest that shows no sign of life (no console output, no device access) for this `DURATION` after it starts (90s, 2m; a bare number is seconds; 0 turns the watchdog off)")
 	// With a command after "--", run's own failures exit 125; that is
@@ -165,8 +167,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("--root and --initrd are alternatives")
 	case !execMode && *kernel == "" && *initrd == "" && len(disks) == 0:
 		return fail("nothing to run: give --root DIR -- CMD, or --kernel with --initrd or --disk")
-	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || *workdir != "" || *hostname != "" || *user != "" || *rootRO || *modules != "" || *tty != "auto"):
-		return fail("--env, --rlimit, --workdir, --hostname, --user, --root-readonly, --kernel-modules and --tty need --root DIR -- CMD")
+	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || len(ports) > 0 || *workdir != "" || *hostname != "" || *user != "" || *rootRO || *modules != "" || *tty != "auto"):
+		return fail("--env, --rlimit, --port, --workdir, --hostname, --user, --root-readonly, --kernel-modules and --tty need --root DIR -- CMD")
 	case *tty != "auto" && *tty != "on" && *tty != "off":
 		return fail("--tty %s: want auto, on or off", cli.Printable(*tty))
 	case *noStdin && *tty == "on":
@@ -232,7 +234,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			return fail("%v", err)
 		}
 		if term, ttyIn, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
-			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, tty: *tty, noStdin: *noStdin, stdout: stdout, stderr: stderr}); err != nil {
+			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, ports: ports, tty: *tty, noStdin: *noStdin, stdout: stdout, stderr: stderr}); err != nil {
 			return fail("%v", err)
 		}
 		if *modules != "" {

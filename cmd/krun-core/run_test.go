@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -154,6 +155,11 @@ func TestRunRootErrors(t *testing.T) {
 		{"bad user", []string{"--kernel", k, "--root", root, "--user", "al ice", "--", "sh"}, 125, "--user"},
 		{"empty group", []string{"--kernel", k, "--root", root, "--user", "alice:", "--", "sh"}, 125, "empty group"},
 		{"user without root", []string{"--kernel", k, "--user", "alice"}, 1, "need --root"},
+		{"port without root", []string{"--kernel", k, "--port", "8080:80"}, 1, "need --root"},
+		{"bad port", []string{"--kernel", k, "--root", root, "--port", "80:x", "--", "sh"}, 125, "--port: port map: 80:x is not HOST:GUEST"},
+		{"port with more keys", []string{"--kernel", k, "--root", root, "--port", "8080:80,mtu=1500", "--", "sh"}, 125, "--port: port map: 8080:80,mtu=1500 is not HOST:GUEST"},
+		{"port twice", []string{"--kernel", k, "--root", root, "--port", "8080:80", "--port", "8080:81", "--", "sh"}, 125, "host port 8080 forwarded twice"},
+		{"rlimit number unknown", []string{"--kernel", k, "--root", root, "--rlimit", "16=1:2", "--", "sh"}, 125, "--rlimit"},
 		{"missing kernel", []string{"--kernel", k + ".missing", "--root", root, "--", "sh"}, 125, "--kernel"},
 		{"kernel is a directory", []string{"--kernel", root, "--root", root, "--", "sh"}, 125, "--kernel " + root + ": not a regular file"},
 		// --root without "--" runs a command all the same: its bad flag
@@ -292,6 +298,40 @@ func TestSecondsFlag(t *testing.T) {
 		}
 		if err != nil || time.Duration(d) != tc.want {
 			t.Errorf("Set(%q) = %v, %v; want %v", tc.in, time.Duration(d), err, tc.want)
+		}
+	}
+}
+
+// TestRunPortAddsANetwork: --port HOST:GUEST (krunvm's --port, libkrun's
+// krun_set_port_map) gives the guest a passt network when no --net does,
+// so its plugin must be there before anything starts; with a --net the
+// port goes to that one. libkrun's numbered --rlimit passes too.
+func TestRunPortAddsANetwork(t *testing.T) {
+	t.Setenv("KRUN_PLUGIN_DIR", "")
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	os.WriteFile(filepath.Join(root, "bin/sh"), []byte("#!"), 0o755)
+	k := filepath.Join(t.TempDir(), "bzImage")
+	boottest.WriteFakeBzImage(t, k, "6.1.0-test")
+	pd := t.TempDir() // the root's and the console's plugins, no network's
+	for _, p := range []string{"krun-plugin-fs-virtio", "krun-plugin-console"} {
+		os.WriteFile(filepath.Join(pd, p), []byte("#!/bin/false\n"), 0o755)
+	}
+	base := []string{"--kernel", k, "--plugin-dir", pd, "--root", root, "--rlimit", "6=4096:8192"}
+	for _, tt := range []struct {
+		args  []string
+		passt bool // the run wants krun-plugin-net-passt
+	}{
+		{nil, false},
+		{[]string{"--port", "8080:80"}, true},
+		{[]string{"--port", "8080"}, true},
+		{[]string{"--net", "passt", "--port", "8080:80"}, true}, // the --net's own plugin
+	} {
+		var out, errb bytes.Buffer
+		rc := runCommand(append(append(slices.Clone(base), tt.args...), "--", "sh"), &out, &errb)
+		wantPasst := "krun-plugin-net-passt not found"
+		if rc != 125 || strings.Contains(errb.String(), wantPasst) != tt.passt || strings.Count(errb.String(), "\n") != 1 {
+			t.Errorf("%q: exit %d, stderr %q; want 125 and one line, naming the missing passt plugin: %v", tt.args, rc, errb.String(), tt.passt)
 		}
 	}
 }

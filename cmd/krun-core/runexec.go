@@ -28,8 +28,9 @@ type execOptions struct {
 	workdir, hostname string
 	user              string // USER[:GROUP]
 	rlimits           []string
-	tty               string // auto, on or off
-	noStdin           bool   // --no-stdin: the command's input is empty
+	ports             []string // --port HOST:GUEST
+	tty               string   // auto, on or off
+	noStdin           bool     // --no-stdin: the command's input is empty
 	stdout, stderr    io.Writer
 }
 
@@ -87,6 +88,11 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, *stdiopump.Input, erro
 	if len(o.rlimits) > 0 {
 		if err := c.SetRlimits(o.rlimits); err != nil {
 			return nil, nil, flagError("--rlimit", err)
+		}
+	}
+	if len(o.ports) > 0 {
+		if err := c.SetPortMap(o.ports); err != nil {
+			return nil, nil, flagError("--port", err)
 		}
 	}
 	stdout, err := fileOf(o.stdout)

@@ -20,6 +20,7 @@ import (
 	"path"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -475,8 +476,13 @@ func (c *Context) Validate() error {
 		}
 	}
 	if c.exec != nil {
-		// The root share and the console, which Start adds.
-		for _, kind := range []string{devopts.KindFS, devopts.KindConsole} {
+		// The root share and the console, which Start adds, and the
+		// network a port map adds when no device is one.
+		kinds := []string{devopts.KindFS, devopts.KindConsole}
+		if len(c.exec.portMap) > 0 && !slices.ContainsFunc(c.devices, func(s devspec.Spec) bool { _, ok := s.(*devspec.NetSpec); return ok }) {
+			kinds = append(kinds, devopts.KindNetPasst)
+		}
+		for _, kind := range kinds {
 			if _, err := pluginhost.Find(kind, dirs); err != nil {
 				return err
 			}
