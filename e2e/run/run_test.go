@@ -254,9 +254,10 @@ func TestRun(t *testing.T) {
 	t.Logf("nested: outer QEMU ran %v", r.Total.Round(time.Millisecond))
 }
 
-// TestRunNet: --net passt,ports=H:G forwards a host port to a server the
-// command runs; the host fetches a page from it, then stops krun-core with
-// SIGTERM, which reaches the command (exit 143).
+// TestRunNet: --port H:G (krunvm's --port) forwards a host port to a
+// server the command runs, through the passt network it adds (the one
+// --net passt,ports=H:G gives); the host fetches a page from it, then
+// stops krun-core with SIGTERM, which reaches the command (exit 143).
 func TestRunNet(t *testing.T) {
 	a := vmtest.Require(t)
 	dir := bins.Dir(t)
@@ -288,7 +289,7 @@ mount -t proc proc /newroot/proc
 mount --rbind /sys /newroot/sys
 mount --rbind /dev /newroot/dev
 unshare -m sh -c 'cd /newroot && mount --move /newroot / && exec chroot . krun-core run --handshake-timeout 10m --kernel %[1]s --plugin-dir /bin \
-	--memory 256M --boot-timeout 120 --net passt,ports=%[2]d:8080 --root /r -- /bin/sh -c \
+	--memory 256M --boot-timeout 120 --port %[2]d:8080 --root /r -- /bin/sh -c \
 	"mkdir -p /www; echo hello-from-the-guest >/www/page; httpd -f -p 8080 -h /www"' </dev/null >/tmp/net.out 2>/tmp/net.err &
 pid=$!
 i=0
