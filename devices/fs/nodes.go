@@ -131,6 +131,9 @@ type table struct {
 	mem, maxMem int64
 	maxOpen     int // O_PATH fds held at once (beyond it, idle ones are closed)
 	maxHandles  int
+	// reserved counts handle slots promised to requests in flight
+	// (reserveHandle) that have not added their handle yet.
+	reserved int
 }
 
 func newTable(rootFd int, st *unix.Stat_t, maxNodes, maxOpen, maxHandles int) *table {
@@ -200,17 +203,14 @@ func (t *table) newNodeFitsLocked() bool {
 func (t *table) aliasFitsLocked() bool { return t.mem+aliasCharge <= t.maxMem }
 
 // roomForNew reports ENFILE when a request that makes name in parent on
-// the host (MKNOD, MKDIR, SYMLINK, CREATE; with a handle for CREATE)
-// could not be given its node now: checked before the file is made, so
-// that a refusal leaves nothing on the host. A name the table knows needs
-// no new node (CREATE of an existing file). A concurrent request may
-// still take the room first; the file is then made and refused, as before.
-func (t *table) roomForNew(parent *node, name string, handle bool) unix.Errno {
+// the host (MKNOD, MKDIR, SYMLINK, CREATE) could not be given its node
+// now: checked before the file is made, so that a refusal leaves nothing
+// on the host. A name the table knows needs no new node (CREATE of an
+// existing file). A concurrent request may still take the room first; the
+// file is then made and refused, as before.
+func (t *table) roomForNew(parent *node, name string) unix.Errno {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if handle && len(t.handles) >= t.maxHandles {
-		return unix.ENFILE
-	}
 	if t.names[dirent{parent.id, name}] != nil {
 		return 0
 	}
@@ -694,20 +694,42 @@ func (t *table) forgetPinned(n *node) {
 	t.maybeFreeLocked(n)
 }
 
-// addHandle registers an open fd for node n (which it pins); oflags are
-// the flags fd was opened with.
-func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) (uint64, unix.Errno) {
+// reserveHandle promises the request one handle slot, or answers ENFILE
+// at MaxHandles. OPEN, CREATE and OPENDIR reserve before they touch the
+// host: an OPEN with O_TRUNC truncated the file and then found no room
+// for its handle, so the guest's open failed and its file was emptied all
+// the same (found in review). The slot is taken by addHandle or given
+// back with cancelHandle.
+func (t *table) reserveHandle() unix.Errno {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if len(t.handles) >= t.maxHandles {
-		return 0, unix.ENFILE
+	if len(t.handles)+t.reserved >= t.maxHandles {
+		return unix.ENFILE
 	}
+	t.reserved++
+	return 0
+}
+
+// cancelHandle gives back a slot reserveHandle promised and that will not
+// be used.
+func (t *table) cancelHandle() {
+	t.mu.Lock()
+	t.reserved--
+	t.mu.Unlock()
+}
+
+// addHandle registers an open fd for node n (which it pins) in the slot
+// reserveHandle promised; oflags are the flags fd was opened with.
+func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.reserved--
 	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir,
 		writable: oflags&unix.O_ACCMODE != unix.O_RDONLY, appends: oflags&unix.O_APPEND != 0}
 	t.nextFh++
 	n.pins++
 	t.handles[h.id] = h
-	return h.id, 0
+	return h.id
 }
 
 // getHandle takes a reference to handle fh for one request.

@@ -35,15 +35,15 @@ func (s *Server) opOpendir(r *request) unix.Errno {
 	if !n.isDir() {
 		return unix.ENOTDIR
 	}
-	fd, err := s.reopenDir(n.fd)
-	if err != nil {
-		return errno(err)
-	}
-	fh, e := s.t.addHandle(fd, n, &dirStream{buf: make([]byte, dirBufSize)}, unix.O_RDONLY)
-	if e != 0 {
-		unix.Close(fd)
+	if e := s.t.reserveHandle(); e != 0 {
 		return e
 	}
+	fd, err := s.reopenDir(n.fd)
+	if err != nil {
+		s.t.cancelHandle()
+		return errno(err)
+	}
+	fh := s.t.addHandle(fd, n, &dirStream{buf: make([]byte, dirBufSize)}, unix.O_RDONLY)
 	if e := r.replyOpen(fh); e != 0 {
 		s.t.releaseHandle(fh)
 		return e

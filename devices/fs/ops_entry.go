@@ -210,7 +210,7 @@ func (s *Server) opMknod(r *request) unix.Errno {
 	}
 	defer s.t.put(parent)
 	perm := s.guestMode(mode&unix.S_IFMT, mode)
-	if e := s.t.roomForNew(parent, name, false); e != 0 {
+	if e := s.t.roomForNew(parent, name); e != 0 {
 		return e
 	}
 	if err := unix.Mknodat(parent.fd, name, mode&unix.S_IFMT|perm, int(decodeDev(rdev))); err != nil {
@@ -237,7 +237,7 @@ func (s *Server) opMkdir(r *request) unix.Errno {
 	}
 	defer s.t.put(parent)
 	perm := s.guestMode(unix.S_IFDIR, mode)
-	if e := s.t.roomForNew(parent, name, false); e != 0 {
+	if e := s.t.roomForNew(parent, name); e != 0 {
 		return e
 	}
 	if err := unix.Mkdirat(parent.fd, name, perm); err != nil {
@@ -266,7 +266,7 @@ func (s *Server) opSymlink(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.put(parent)
-	if e := s.t.roomForNew(parent, name, false); e != 0 {
+	if e := s.t.roomForNew(parent, name); e != 0 {
 		return e
 	}
 	// The target is stored verbatim: it is only text on the host, which

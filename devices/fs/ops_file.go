@@ -54,8 +54,14 @@ func (s *Server) opOpen(r *request) unix.Errno {
 		// the host must never open them.
 		return unix.ENXIO
 	}
+	// The handle's slot is taken before the file is opened: a refusal
+	// (ENFILE) must come before O_TRUNC empties it.
+	if e := s.t.reserveHandle(); e != 0 {
+		return e
+	}
 	fd, e := s.openNode(r, n, openFlags(flags))
 	if e != 0 {
+		s.t.cancelHandle()
 		return e
 	}
 	if int(flags)&unix.O_TRUNC != 0 {
@@ -64,14 +70,11 @@ func (s *Server) opOpen(r *request) unix.Errno {
 		reopen := func() (int, unix.Errno) { return s.openNode(r, n, unix.O_WRONLY) }
 		if e := s.truncateOpen(fd, flags, openFl, reopen); e != 0 {
 			unix.Close(fd)
+			s.t.cancelHandle()
 			return e
 		}
 	}
-	fh, e := s.t.addHandle(fd, n, nil, openFlags(flags))
-	if e != 0 {
-		unix.Close(fd)
-		return e
-	}
+	fh := s.t.addHandle(fd, n, nil, openFlags(flags))
 	if e := r.replyOpen(fh); e != 0 {
 		s.t.releaseHandle(fh)
 		return e
@@ -129,8 +132,19 @@ func (s *Server) opCreate(r *request) unix.Errno {
 
 	// Create exclusively first so that we know whether this request made
 	// the file (and may give it to the caller); without O_EXCL from the
-	// guest, fall back to opening the existing file.
-	if e := s.t.roomForNew(parent, name, true); e != 0 {
+	// guest, fall back to opening the existing file. The handle's slot and
+	// room for the node come first: a refusal leaves no file behind, and
+	// an existing one untruncated.
+	if e := s.t.reserveHandle(); e != 0 {
+		return e
+	}
+	added := false
+	defer func() {
+		if !added {
+			s.t.cancelHandle()
+		}
+	}()
+	if e := s.t.roomForNew(parent, name); e != 0 {
 		return e
 	}
 	oflags := openFlags(flags) | unix.O_NONBLOCK | unix.O_NOCTTY
@@ -208,12 +222,8 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.put(n)
-	fh, e := s.t.addHandle(fd, n, nil, oflags)
-	if e != 0 {
-		s.t.forget(n.id, 1)
-		return e
-	}
-	ok = true
+	fh := s.t.addHandle(fd, n, nil, oflags)
+	added, ok = true, true
 	var b [fuse.EntryOutSize + fuse.OpenOutSize]byte
 	en := s.entry(n, &pst)
 	en.Encode(b[:])
