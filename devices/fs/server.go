@@ -425,7 +425,39 @@ func (s *Server) Handle(c Chain) uint32 {
 		s.stats.Malformed.Add(1)
 		return 0
 	}
+	if c.RemainingWrite() < fuse.OutHeaderSize+fixedReply(h.Opcode) {
+		// Room for an error but not for the reply: refused before it
+		// acts. The server made the file, truncated, wrote or changed
+		// the mode and then answered ENOBUFS for the reply that did not
+		// fit (found in review, helper-141).
+		s.stats.Malformed.Add(1)
+		return r.finish(unix.ENOBUFS)
+	}
 	return r.finish(s.dispatch(r))
+}
+
+// fixedReply is the size of op's reply payload where that is a fixed
+// struct, and 0 for the requests whose reply is empty or of a size the
+// request chooses (READ, READDIR, READLINK, the xattr calls, INIT, which
+// fit what the reply area holds or answer an error without acting).
+func fixedReply(op fuse.Opcode) uint64 {
+	switch op {
+	case fuse.OpLookup, fuse.OpMknod, fuse.OpMkdir, fuse.OpSymlink, fuse.OpLink:
+		return fuse.EntryOutSize
+	case fuse.OpCreate:
+		return fuse.EntryOutSize + fuse.OpenOutSize
+	case fuse.OpOpen, fuse.OpOpendir:
+		return fuse.OpenOutSize
+	case fuse.OpGetattr, fuse.OpSetattr:
+		return fuse.AttrOutSize
+	case fuse.OpWrite:
+		return fuse.WriteOutSize
+	case fuse.OpLseek:
+		return fuse.LseekOutSize
+	case fuse.OpStatfs:
+		return fuse.StatfsOutSize
+	}
+	return 0
 }
 
 // argLen validates the header's length against the chain and returns the
@@ -647,12 +679,20 @@ func (s *Server) opInit(r *request) unix.Errno {
 		out.Encode(b[:])
 		return r.reply(b[:8])
 	}
+	minor := min(in.Minor, fuse.KernelMinorVersion)
+	size := fuse.InitOutSize
+	if minor < 23 {
+		size = fuse.InitOutCompat22
+	}
+	if r.room() < uint64(size) {
+		// Refused before the session it would end is dropped.
+		return unix.ENOBUFS
+	}
 	s.initMu.Lock()
 	defer s.initMu.Unlock()
 	// A new session starts from nothing (INIT after DESTROY, or a hostile
 	// second INIT).
 	s.t.reset()
-	minor := min(in.Minor, fuse.KernelMinorVersion)
 	out.MaxReadahead = in.MaxReadahead
 	out.Flags = in.Flags & supportedInit
 	out.MaxBackground = 64
@@ -663,10 +703,6 @@ func (s *Server) opInit(r *request) unix.Errno {
 	out.Encode(b[:])
 	s.minor.Store(minor)
 	s.inited.Store(true)
-	size := fuse.InitOutSize
-	if minor < 23 {
-		size = fuse.InitOutCompat22
-	}
 	return r.reply(b[:size])
 }
 
