@@ -8,6 +8,10 @@ import (
 
 // Extended attributes: SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR.
 //
+// Values are passed verbatim but for POSIX ACLs, whose named user and
+// group ids go through the uidmap and gidmap as owners do (mapACL): an
+// id outside the maps cannot be set (EINVAL) and reads as 65534.
+//
 // The f*xattr calls need an open file, so directories and regular files
 // are reopened (openNode), or a file without a name reached through an
 // open handle (openAny); symlinks and special files, which the server
@@ -53,6 +57,11 @@ func (s *Server) opSetxattr(r *request) unix.Errno {
 		// File capabilities, like set-id bits, need suid=on.
 		return unix.EPERM
 	}
+	value := rest[:size]
+	if s.mapsIDs() && isACLXattr(name) && size > 0 && !mapACL(s.uids, s.gids, value, true) {
+		// value is the request's own copy (scratch space).
+		return unix.EINVAL
+	}
 	n, e := s.t.get(r.h.NodeID)
 	if e != 0 {
 		return e
@@ -66,7 +75,7 @@ func (s *Server) opSetxattr(r *request) unix.Errno {
 		return e
 	}
 	defer s.closeAny(fd, h)
-	if err := unix.Fsetxattr(fd, name, rest[:size], int(flags)); err != nil {
+	if err := unix.Fsetxattr(fd, name, value, int(flags)); err != nil {
 		return errno(err)
 	}
 	return r.reply()
@@ -117,6 +126,9 @@ func (s *Server) opGetxattr(r *request, list bool) unix.Errno {
 		if err != nil {
 			return errno(err)
 		}
+	}
+	if !list && size > 0 && k > 0 && s.mapsIDs() && isACLXattr(name) && !mapACL(s.uids, s.gids, buf[:k], false) {
+		return unix.EIO // the host's own ACL does not parse
 	}
 	if size == 0 {
 		var b [fuse.GetxattrOutSize]byte
