@@ -110,10 +110,18 @@ type handle struct {
 }
 
 // table holds the node and handle maps. One mutex guards all of it; the
-// critical sections are map operations, never system calls that can block
-// (close of an O_PATH fd and of a handle's fd excepted).
+// critical sections are map operations, never system calls that can block.
+// The closes decided under it (an evicted or forgotten node's O_PATH fd, a
+// released handle's fd) wait in closing until the unlock (unlock): the
+// last close of an unlinked file frees its blocks, a close on NFS or a
+// FUSE host file system flushes, and every other request would wait
+// behind it.
 type table struct {
 	mu      sync.Mutex
+	closing []int // fds to close once mu is released (closeLater)
+	// closeFd closes the fds closeLater queued: unix.Close; tests make
+	// one slow.
+	closeFd func(fd int) error
 	root    *node
 	nodes   map[uint64]*node
 	byKey   map[devIno]*node
@@ -136,9 +144,23 @@ type table struct {
 	reserved int
 }
 
+// closeLater closes fd once the table's lock is released (unlock). Called
+// with t.mu held; fd must no longer be reachable from the table.
+func (t *table) closeLater(fd int) { t.closing = append(t.closing, fd) }
+
+// unlock releases t.mu, then closes what closeLater queued meanwhile.
+func (t *table) unlock() {
+	fds := t.closing
+	t.closing = nil
+	t.mu.Unlock()
+	for _, fd := range fds {
+		t.closeFd(fd)
+	}
+}
+
 func newTable(rootFd int, st *unix.Stat_t, maxNodes, maxOpen, maxHandles int) *table {
 	root := &node{id: fuse.RootID, fd: rootFd, key: devIno{st.Dev, st.Ino}, typ: st.Mode & unix.S_IFMT, pins: 1}
-	t := &table{root: root, nextID: fuse.RootID + 1, nextFh: 1, maxNodes: maxNodes, maxOpen: maxOpen, maxHandles: maxHandles, maxMem: math.MaxInt64}
+	t := &table{root: root, nextID: fuse.RootID + 1, nextFh: 1, maxNodes: maxNodes, maxOpen: maxOpen, maxHandles: maxHandles, maxMem: math.MaxInt64, closeFd: unix.Close}
 	t.lru.next, t.lru.prev = &t.lru, &t.lru
 	t.clearLocked()
 	return t
@@ -183,7 +205,7 @@ func (t *table) evictLocked() {
 		} else if n.busy == 0 {
 			t.lruRemoveLocked(n)
 			n.born, n.bornOK = stableBirth(n.fd)
-			unix.Close(n.fd)
+			t.closeLater(n.fd)
 			n.fd = -1
 			t.open--
 			t.evicted++
@@ -210,7 +232,7 @@ func (t *table) aliasFitsLocked() bool { return t.mem+aliasCharge <= t.maxMem }
 // file is then made and refused, as before.
 func (t *table) roomForNew(parent *node, name string) unix.Errno {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	if t.names[dirent{parent.id, name}] != nil {
 		return 0
 	}
@@ -244,16 +266,16 @@ func (t *table) get(id uint64) (*node, unix.Errno) {
 	t.mu.Lock()
 	n := t.nodes[id]
 	if n == nil {
-		t.mu.Unlock()
+		t.unlock()
 		return nil, unix.ESTALE
 	}
 	n.pins++
-	t.mu.Unlock()
+	t.unlock()
 	if e := t.acquire(n); e != 0 {
 		t.mu.Lock()
 		n.pins--
 		t.maybeFreeLocked(n)
-		t.mu.Unlock()
+		t.unlock()
 		return nil, e
 	}
 	return n, 0
@@ -280,7 +302,7 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 	if n.fd >= 0 {
 		n.busy++
 		t.lruRemoveLocked(n)
-		t.mu.Unlock()
+		t.unlock()
 		return 0
 	}
 	// A reopen needs room like a new node: a guest that had its nodes
@@ -288,7 +310,7 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 	// reopens the victim first) made every one an open node without a
 	// name, past the cap (found in review, helper-85).
 	if !t.roomLocked() {
-		t.mu.Unlock()
+		t.unlock()
 		return unix.ENFILE
 	}
 	var buf [maxAliases]alias
@@ -298,7 +320,7 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 		as = append(as, a)
 	}
 	born, bornOK := n.born, n.bornOK // evictLocked sets them under t.mu
-	t.mu.Unlock()
+	t.unlock()
 	defer t.putAliases(as)
 	last := unix.ESTALE
 	for _, a := range as {
@@ -334,13 +356,13 @@ func (t *table) acquireBudget(n *node, budget *int) unix.Errno {
 		}
 		t.mu.Lock()
 		if n.fd >= 0 {
-			unix.Close(fd) // reopened meanwhile by another request
+			t.closeLater(fd) // reopened meanwhile by another request
 		} else {
 			t.setFdLocked(n, fd)
 		}
 		n.busy++
 		t.lruRemoveLocked(n)
-		t.mu.Unlock()
+		t.unlock()
 		return 0
 	}
 	return last
@@ -395,7 +417,7 @@ func (t *table) release(n *node) {
 		t.lruIdleLocked(n)
 		t.evictLocked()
 	}
-	t.mu.Unlock()
+	t.unlock()
 }
 
 // put ends a request's use of a node taken with get.
@@ -411,13 +433,13 @@ func (t *table) put(n *node) {
 	}
 	t.maybeFreeLocked(n)
 	t.evictLocked()
-	t.mu.Unlock()
+	t.unlock()
 }
 
 // count returns how many nodes and handles are live (tests, stats).
 func (t *table) count() (nodes, handles int) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	return len(t.nodes), len(t.handles)
 }
 
@@ -440,7 +462,7 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 	key := devIno{st.Dev, st.Ino}
 	typ := st.Mode & unix.S_IFMT
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	if n := t.byKey[key]; n != nil && n.fd < 0 && (len(n.aliases) == 0 || n.typ != typ || !n.sameBirth(fd)) {
 		// A closed node holds nothing that keeps its inode alive: with
 		// no name left, another file type or another birth time, the
@@ -451,7 +473,7 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 	}
 	n := t.byKey[key]
 	if (n == nil || n.fd < 0) && !t.roomLocked() {
-		unix.Close(fd)
+		t.closeLater(fd)
 		return nil, unix.ENFILE
 	}
 	switch {
@@ -460,7 +482,7 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 			t.setFdLocked(n, fd)
 			t.lruIdleLocked(n)
 		} else {
-			unix.Close(fd)
+			t.closeLater(fd)
 		}
 		n.lookups++
 		if len(n.aliases) > 0 || t.aliasFitsLocked() {
@@ -470,7 +492,7 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 			t.setAliasLocked(n, parent, name)
 		}
 	case !t.newNodeFitsLocked():
-		unix.Close(fd)
+		t.closeLater(fd)
 		return nil, unix.ENFILE
 	default:
 		n = &node{id: t.nextID, fd: -1, key: key, typ: typ, lookups: 1}
@@ -494,7 +516,7 @@ func (t *table) insertNode(parent *node, name string, fd int, st *unix.Stat_t, h
 // root are ignored (FORGET has no reply to carry an error).
 func (t *table) forget(id, nlookup uint64) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	n := t.nodes[id]
 	if n == nil || n == t.root {
 		return
@@ -537,7 +559,7 @@ func (t *table) maybeFreeLocked(n *node) {
 		n.aliases = nil
 		t.lruRemoveLocked(n)
 		if n.fd >= 0 {
-			unix.Close(n.fd)
+			t.closeLater(n.fd)
 			n.fd = -1
 			t.open--
 		}
@@ -590,7 +612,7 @@ func (t *table) removeAliasLocked(n *node, k dirent) {
 // UNLINK, RMDIR, or a failed reopen through that name).
 func (t *table) dropName(parent uint64, name string) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	k := dirent{parent, name}
 	if n := t.names[k]; n != nil {
 		t.removeAliasLocked(n, k)
@@ -601,7 +623,7 @@ func (t *table) dropName(parent uint64, name string) {
 // oldParent to newName in newParent.
 func (t *table) renamed(oldParent *node, oldName string, newParent *node, newName string, exchange bool) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	ok, nk := dirent{oldParent.id, oldName}, dirent{newParent.id, newName}
 	src, dst := t.names[ok], t.names[nk]
 	if src != nil {
@@ -622,7 +644,7 @@ func (t *table) renamed(oldParent *node, oldName string, newParent *node, newNam
 // caller releases them with putAliases.
 func (t *table) aliases(n *node, dst []alias) []alias {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	for _, a := range n.aliases {
 		a.parent.pins++
 		dst = append(dst, a)
@@ -632,7 +654,7 @@ func (t *table) aliases(n *node, dst []alias) []alias {
 
 func (t *table) putAliases(as []alias) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	for _, a := range as {
 		a.parent.pins--
 		t.maybeFreeLocked(a.parent)
@@ -643,7 +665,7 @@ func (t *table) putAliases(as []alias) {
 // inode ino on parent's device, with one more guest reference and a pin.
 func (t *table) known(parent *node, name string, ino uint64) *node {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	n := t.names[dirent{parent.id, name}]
 	if n == nil || n.key.ino != ino || n.key.dev != parent.key.dev {
 		return nil
@@ -658,7 +680,7 @@ func (t *table) unpinRef(n *node) {
 	t.mu.Lock()
 	n.pins--
 	t.maybeFreeLocked(n)
-	t.mu.Unlock()
+	t.unlock()
 }
 
 // getName takes the node known as name in parent, if any, like get: kept
@@ -668,16 +690,16 @@ func (t *table) getName(parent uint64, name string) *node {
 	t.mu.Lock()
 	n := t.names[dirent{parent, name}]
 	if n == nil {
-		t.mu.Unlock()
+		t.unlock()
 		return nil
 	}
 	n.pins++
-	t.mu.Unlock()
+	t.unlock()
 	if t.acquire(n) != 0 {
 		t.mu.Lock()
 		n.pins--
 		t.maybeFreeLocked(n)
-		t.mu.Unlock()
+		t.unlock()
 		return nil
 	}
 	return n
@@ -686,7 +708,7 @@ func (t *table) getName(parent uint64, name string) *node {
 // forgetPinned undoes known.
 func (t *table) forgetPinned(n *node) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	if n.lookups > 0 {
 		n.lookups--
 	}
@@ -702,7 +724,7 @@ func (t *table) forgetPinned(n *node) {
 // back with cancelHandle.
 func (t *table) reserveHandle() unix.Errno {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	if len(t.handles)+t.reserved >= t.maxHandles {
 		return unix.ENFILE
 	}
@@ -715,14 +737,14 @@ func (t *table) reserveHandle() unix.Errno {
 func (t *table) cancelHandle() {
 	t.mu.Lock()
 	t.reserved--
-	t.mu.Unlock()
+	t.unlock()
 }
 
 // addHandle registers an open fd for node n (which it pins) in the slot
 // reserveHandle promised; oflags are the flags fd was opened with.
 func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) uint64 {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	t.reserved--
 	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir,
 		writable: oflags&unix.O_ACCMODE != unix.O_RDONLY, appends: oflags&unix.O_APPEND != 0}
@@ -735,7 +757,7 @@ func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) uint64 {
 // getHandle takes a reference to handle fh for one request.
 func (t *table) getHandle(fh uint64) (*handle, unix.Errno) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	h := t.handles[fh]
 	if h == nil {
 		return nil, unix.EBADF
@@ -749,7 +771,7 @@ func (t *table) getHandle(fh uint64) (*handle, unix.Errno) {
 // MaxHandles): only a file that can no longer be reopened by name gets here.
 func (t *table) anyHandle(n *node) *handle {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	for _, h := range t.handles {
 		if h.node == n && h.dir == nil && h.fd >= 0 {
 			h.refs++
@@ -762,7 +784,7 @@ func (t *table) anyHandle(n *node) *handle {
 // putHandle drops a reference; the last one closes the fd.
 func (t *table) putHandle(h *handle) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	t.putHandleLocked(h)
 }
 
@@ -771,7 +793,7 @@ func (t *table) putHandleLocked(h *handle) {
 	if h.refs > 0 {
 		return
 	}
-	unix.Close(h.fd)
+	t.closeLater(h.fd)
 	h.fd = -1
 	h.node.pins--
 	t.maybeFreeLocked(h.node)
@@ -780,7 +802,7 @@ func (t *table) putHandleLocked(h *handle) {
 // releaseHandle removes handle fh (RELEASE, RELEASEDIR).
 func (t *table) releaseHandle(fh uint64) unix.Errno {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	h := t.handles[fh]
 	if h == nil {
 		return unix.EBADF
@@ -795,7 +817,7 @@ func (t *table) releaseHandle(fh uint64) unix.Errno {
 // flight are closed when that request lets go of them.
 func (t *table) reset() {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	// Work in id order: the same session always tears down the same way.
 	handles := slices.SortedFunc(maps.Values(t.handles), func(a, b *handle) int { return cmp.Compare(a.id, b.id) })
 	nodes := slices.SortedFunc(maps.Values(t.nodes), func(a, b *node) int { return cmp.Compare(a.id, b.id) })
@@ -831,6 +853,6 @@ func (t *table) reset() {
 // stats reports open O_PATH fds and how many were closed for lack of fds.
 func (t *table) fdStats() (open int, evicted uint64) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	return t.open, t.evicted
 }
