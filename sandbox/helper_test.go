@@ -72,6 +72,8 @@ func TestMain(m *testing.M) {
 		os.Exit(launchMain())
 	case "attack": // attack_test.go
 		os.Exit(attackMain())
+	case "rootless": // host_test.go
+		os.Exit(rootlessMain())
 	case "filtercost": // filtercost_test.go
 		os.Exit(filterCostMain())
 	case "execed":

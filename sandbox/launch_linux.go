@@ -92,6 +92,9 @@ func (c LaunchConfig) PluginIDs() (uid, gid int, err error) {
 		if gid == 0 {
 			gid = DefaultPluginGID
 		}
+		if err := checkRootUserNS(uid, gid); err != nil {
+			return 0, 0, err
+		}
 		return uid, gid, nil
 	}
 	if uid == 0 {
@@ -227,6 +230,9 @@ func (c LaunchConfig) UnusedGrants(p Policy) []string {
 
 func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err error) {
 	log := c.logger()
+	if err := CheckProc(); err != nil {
+		return nil, err
+	}
 	disabled, err := normalizeDisabled(c.Disable)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
@@ -369,6 +375,9 @@ func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err erro
 		// the exec fails in the trampoline with a bare EACCES.
 		return nil, fmt.Errorf("sandbox: plugin binary %s (mode %#o, owner %d:%d) is not executable by %d:%d, the ids the plugin runs as; make it executable by them (mode 0755)",
 			cmd.Path, fi.Mode().Perm(), st.Uid, st.Gid, uid, gid)
+	}
+	if noexecMount(exe) {
+		return nil, fmt.Errorf("sandbox: plugin binary %s is on a file system mounted noexec, where it cannot be executed; install the plugins on one that allows it (or name such a directory with --plugin-dir)", cmd.Path)
 	}
 	if !slices.Contains(disabled, LayerRoot) {
 		// In the empty root an interpreter is nowhere to be found: say so

@@ -93,7 +93,7 @@ func Status() StatusReport {
 	uid, gid, idErr := LaunchConfig{}.PluginIDs()
 	switch {
 	case idErr != nil:
-		r.PluginIDs = idErr.Error()
+		r.PluginIDs = "ids NOT USABLE here: " + idErr.Error()
 	case os.Geteuid() == 0:
 		r.PluginIDs = fmt.Sprintf("uid %d, gid %d: a root launcher's default (nobody:nogroup); --plugin-uid and --plugin-gid choose others, never 0", uid, gid)
 	default:
@@ -143,7 +143,7 @@ func shareStatus() string {
 	uid, gid, needed, err := LaunchConfig{}.ShareSwaps()
 	switch {
 	case err != nil:
-		return err.Error()
+		return "in no way yet: the plugins' ids are not usable here (above)"
 	case !needed:
 		return "as handed over: plugins run with this user's ids"
 	}
@@ -226,6 +226,15 @@ func probeNamespaces() error {
 	}
 	if errors.Is(err, syscall.ENOTDIR) {
 		return nil
+	}
+	if perr := CheckProc(); perr != nil {
+		return perr
+	}
+	var e syscall.Errno
+	if errors.As(err, &e) {
+		if h := namespaceHint(e); h != "" {
+			return fmt.Errorf("cannot create the plugin namespaces: %w: %s", err, h)
+		}
 	}
 	return fmt.Errorf("cannot create the plugin namespaces: %w", err)
 }

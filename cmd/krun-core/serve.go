@@ -193,7 +193,8 @@ func parseServeArgs(args []string) (*serveOptions, error) {
 	if o.pluginGID, err = sandbox.ParseHostID(*pluginGID); err != nil {
 		return nil, fmt.Errorf("--plugin-gid: %w", err)
 	}
-	if _, _, err := (sandbox.LaunchConfig{HostUID: o.pluginUID, HostGID: o.pluginGID}).PluginIDs(); err != nil {
+	if _, _, err := (sandbox.LaunchConfig{HostUID: o.pluginUID, HostGID: o.pluginGID}).PluginIDs(); err != nil && !o.sandboxOff {
+		// Without the sandbox the plugins run as krun-core itself.
 		return nil, err
 	}
 	if o.handshakeTimeout <= 0 {

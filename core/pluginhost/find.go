@@ -121,6 +121,10 @@ func Find(kind string, dirs []string) (string, error) {
 	where := "nowhere (no directories)"
 	if len(dirs) > 0 {
 		where = strings.Join(dirs, ", ")
+	} else if _, err := os.Executable(); err != nil {
+		// Without /proc krun-core does not know its own directory (and
+		// cannot start a plugin at all: sandbox.CheckProc).
+		where = fmt.Sprintf("nowhere (krun-core's own directory is unknown: %v; is /proc mounted?)", err)
 	}
 	msg := fmt.Sprintf("%s not found in %s; install it next to krun-core, name its directory with --plugin-dir, or set %s", name, where, EnvPluginDir)
 	if len(notes) > 0 {

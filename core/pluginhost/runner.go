@@ -159,6 +159,7 @@ func (r *ProcRunner) Start(context.Context) error {
 		r.afterStart()
 	}
 	if err != nil {
+		err = sandbox.ExplainStartError(r.cmd, err)
 		r.waitOnce.Do(func() {
 			r.waitErr = err
 			close(r.done)
