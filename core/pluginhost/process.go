@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,6 +19,7 @@ import (
 	hclog "github.com/hashicorp/go-hclog"
 	plugin "github.com/hashicorp/go-plugin"
 	"github.com/hashicorp/go-plugin/runner"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
@@ -154,17 +156,27 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 
 	// The private directory: go-plugin puts its own socket directory (and
 	// the plugin its gRPC socket) inside it; removed when the process ends.
-	p.sockDir, p.sockLock, err = newSockDir(cfg.SocketBaseDir, cfg.Kind, log)
+	base, where := cfg.SocketBaseDir, ""
+	if base == "" {
+		base, where = os.TempDir(), "$TMPDIR "
+	}
+	p.sockDir, p.sockLock, err = newSockDir(base, cfg.Kind, log)
 	if err != nil {
+		if where != "" {
+			return nil, fmt.Errorf("plugin %s: private socket directory in $TMPDIR (%s): %w; set TMPDIR to an existing directory this user may write", cfg.Kind, base, err)
+		}
 		return nil, fmt.Errorf("plugin %s: private socket directory: %w", cfg.Kind, err)
 	}
 	// go-plugin adds "/plugin-dirNNNNNNNNNN/pluginNNNNNNNNNN" (at most 39
 	// bytes), the host reaches a sandboxed plugin's socket through
 	// "/proc/PID/root" (at most 18), and a unix socket path has room for
-	// 107.
+	// 107. The directory's name has a fixed width (newSockDir), so the
+	// same base fits every time or never.
 	if len(p.sockDir)+39+18 > 107 {
 		p.removeSockDir()
-		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path (use a shorter TMPDIR)", cfg.Kind, p.sockDir)
+		room := 107 - 39 - 18 - (len(p.sockDir) - len(filepath.Clean(base)))
+		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path: %s%s has %d bytes, at most %d fit for this plugin; use a shorter one%s",
+			cfg.Kind, p.sockDir, where, filepath.Clean(base), len(filepath.Clean(base)), max(room, 0), map[bool]string{true: " (TMPDIR=/tmp)"}[where != ""])
 	}
 
 	// A root launcher shares a group with its plugin for the plugin's
@@ -458,7 +470,7 @@ func (p *Process) startError(err error, took, timeout time.Duration) error {
 // detail is the plugin's panic line, or else the first line of err.
 func (p *Process) detail(err error) string {
 	if l := p.stderr.PanicLine(); l != "" {
-		return oneLine(l) + p.memoryHint(l)
+		return oneLine(l) + p.memoryHint(l) + threadHint(l)
 	}
 	if err != nil {
 		return oneLine(err.Error())
@@ -475,6 +487,23 @@ func (p *Process) memoryHint(line string) string {
 		return ""
 	}
 	return fmt.Sprintf(" (the sandbox caps a plugin's private memory, RLIMIT_DATA, %d MiB by default: docs/PLUGINS.md, Limits)", sandbox.DefaultDataBytes>>20)
+}
+
+// threadHint says, after the Go runtime's line for a thread it could not
+// create ("fatal error: newosproc"), which limit that is: the line alone,
+// followed by the runtime's stack dump, names none (found in review,
+// helper-143: a deployment's low ulimit -u or pids.max).
+func threadHint(line string) string {
+	if !strings.Contains(line, "newosproc") && !strings.Contains(line, "failed to create new OS thread") {
+		return ""
+	}
+	lim := ""
+	var rl unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NPROC, &rl) == nil && rl.Cur != unix.RLIM_INFINITY {
+		lim = fmt.Sprintf(", %d here", rl.Cur)
+	}
+	return " (the plugin could not start a thread: the limit on its user's processes and threads, RLIMIT_NPROC (ulimit -u" + lim +
+		"), or the control group's pids.max is reached; raise it)"
 }
 
 // Stub is the gRPC client (ProcessConfig.NewClient's value).

@@ -1,7 +1,10 @@
 package pluginhost
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -40,7 +43,7 @@ func newSockDir(base, kind string, log hclog.Logger) (string, *os.File, error) {
 		sweepSockDirs(p, log)
 		parent, prefix = p, kind+"-"
 	}
-	dir, err := os.MkdirTemp(parent, prefix)
+	dir, err := mkdirSockDir(parent, prefix)
 	if err != nil {
 		return "", nil, err
 	}
@@ -53,6 +56,26 @@ func newSockDir(base, kind string, log hclog.Logger) (string, *os.File, error) {
 		log.Debug("plugin socket directory not locked", "dir", dir, "error", err)
 	}
 	return dir, lock, nil
+}
+
+// sockDirDigits is the width of a socket directory's random suffix: a
+// fixed width, so that whether its path fits a unix socket address
+// (StartProcess) depends on $TMPDIR, not on the draw (os.MkdirTemp's
+// suffix has 1 to 10 digits: a $TMPDIR near the limit failed about every
+// other start; found in review, helper-143).
+const sockDirDigits = 10
+
+// mkdirSockDir makes parent/prefix followed by sockDirDigits random digits,
+// mode 0700.
+func mkdirSockDir(parent, prefix string) (string, error) {
+	var err error
+	for range 100 {
+		dir := filepath.Join(parent, fmt.Sprintf("%s%0*d", prefix, sockDirDigits, rand.Uint32()))
+		if err = os.Mkdir(dir, 0o700); !errors.Is(err, fs.ErrExist) {
+			return dir, err
+		}
+	}
+	return "", err
 }
 
 // sockParent returns base/krun.UID, made if missing, when it is a
@@ -120,8 +143,9 @@ func sweepSockDirs(parent string, log hclog.Logger) {
 	}
 }
 
-// isSockDirName tells whether name is one os.MkdirTemp makes for
-// newSockDir in krun.UID: KIND "-" digits.
+// isSockDirName tells whether name is one newSockDir makes in krun.UID:
+// KIND "-" digits (of any width: older versions made them with
+// os.MkdirTemp).
 func isSockDirName(name string) bool {
 	i := strings.LastIndexByte(name, '-')
 	if i < 0 || CheckKind(name[:i]) != nil || i+1 == len(name) {
