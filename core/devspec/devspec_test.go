@@ -777,3 +777,45 @@ func TestPluginFileHostMemoryRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestDiskOpenReadableOnly: an image this user may read but not write
+// (a deployment's shared golden image) is refused for writing with a line
+// that names readonly=on, and served with it (found in review,
+// helper-143). Root writes any file: it needs another user.
+func TestDiskOpenReadableOnly(t *testing.T) {
+	if os.Geteuid() == 0 {
+		t.Skip("root may write a file of mode 0444")
+	}
+	img := filepath.Join(t.TempDir(), "golden.img")
+	if err := os.WriteFile(img, make([]byte, 4096), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	d, err := ParseDisk("path=" + img + ",format=raw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, err := d.Open(OpenOptions{}); err == nil {
+		o.Close()
+		t.Fatal("opened a mode 0444 image for writing")
+	} else if !strings.Contains(err.Error(), "permission denied (this user may read it: readonly=on serves it read-only)") {
+		t.Errorf("error %q, want one naming readonly=on", err)
+	}
+	d, err = ParseDisk("path=" + img + ",format=raw,readonly=on")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := d.Open(OpenOptions{})
+	if err != nil {
+		t.Fatalf("readonly=on: %v", err)
+	}
+	o.Close()
+	if err := os.Chmod(img, 0o200); err != nil {
+		t.Fatal(err)
+	}
+	d, _ = ParseDisk("path=" + img + ",format=raw")
+	if o, err := d.Open(OpenOptions{}); err == nil {
+		o.Close()
+	} else if strings.Contains(err.Error(), "readonly=on") {
+		t.Errorf("error %q names readonly=on for a file this user may not read either", err)
+	}
+}

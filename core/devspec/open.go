@@ -268,7 +268,14 @@ func openFile(what, path string, write, dir bool) (*os.File, error) {
 	if dir {
 		return openAs(what, path, flags, "a directory", unix.S_IFDIR)
 	}
-	return openAs(what, path, flags, "a regular file or block device", unix.S_IFREG, unix.S_IFBLK)
+	f, err := openAs(what, path, flags, "a regular file or block device", unix.S_IFREG, unix.S_IFBLK)
+	if write && (errors.Is(err, unix.EACCES) || errors.Is(err, unix.EROFS)) &&
+		unix.Faccessat(unix.AT_FDCWD, path, unix.R_OK, unix.AT_EACCESS) == nil {
+		// A deployment's image that this user may read but not write
+		// (found in review, helper-143).
+		return nil, fmt.Errorf("%w (this user may read it: readonly=on serves it read-only)", err)
+	}
+	return f, err
 }
 
 // openAs opens path with flags (O_CLOEXEC added), without blocking on a
