@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -226,5 +227,39 @@ func TestRootlessLauncher(t *testing.T) {
 	}
 	if l.Noexec != "noexec=true exec=false" {
 		t.Errorf("noexecMount: %q, want noexec=true exec=false", l.Noexec)
+	}
+}
+
+// TestRootDirSymlink: a root directory reached through a symbolic link
+// into a directory above it ($TMPDIR=/tmp/x/link pointing at /tmp) failed
+// every launch with "sandbox: root: make the new root read-only: invalid
+// argument": the trampoline remounted by a path its first mount had
+// covered (found in review, helper-143).
+func TestRootDirSymlink(t *testing.T) {
+	requireSandboxHost(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} { // reachable by a root launcher's plugin ids
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = []string{envHelper + "=execed"}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := (LaunchConfig{RootDir: link, Log: hclog.NewNullLogger()}).Apply(cmd); err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.Output()
+	if err != nil || !strings.Contains(string(out), "execed") {
+		t.Errorf("exit %v, stdout %q, stderr %q; want the plugin run", err, out, stderr.String())
 	}
 }

@@ -278,6 +278,14 @@ func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err erro
 		if !fi.IsDir() {
 			return nil, fmt.Errorf("sandbox: root directory %s is not a directory", root)
 		}
+		// The trampoline mounts the empty root over this path and then
+		// remounts it by the same path, which a symbolic link on the way
+		// ($TMPDIR a link to /tmp) no longer leads to once the first mount
+		// covers the link's target: "make the new root read-only:
+		// invalid argument" (found in review, helper-143).
+		if root, err = filepath.EvalSymlinks(root); err != nil {
+			return nil, fmt.Errorf("sandbox: root directory: %w", err)
+		}
 	}
 	if cmd.SysProcAttr == nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
