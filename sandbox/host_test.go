@@ -263,3 +263,53 @@ func TestRootDirSymlink(t *testing.T) {
 		t.Errorf("exit %v, stdout %q, stderr %q; want the plugin run", err, out, stderr.String())
 	}
 }
+
+// TestTrampolineNotExecutableByPlugin: the trampoline starts as the
+// plugin's ids, so a root launcher whose trampoline (krun-core itself, or
+// krun-sandbox-exec) those ids may not execute failed every launch with a
+// bare "fork/exec /proc/self/exe: permission denied" (a root-only
+// krun-core of mode 0700; found in review, helper-143). Apply says so.
+func TestTrampolineNotExecutableByPlugin(t *testing.T) {
+	requireSandboxHost(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the plugin must run as other ids than the trampoline's owner")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		mode os.FileMode
+		want string // "" for a launch that runs the plugin
+	}{
+		{0o700, "(mode 0700, owner 0:0) is not executable by 65534:65534"},
+		{0o750, "(mode 0750, owner 0:0) is not executable by 65534:65534"},
+		{0o755, ""},
+	} {
+		t.Run(c.mode.String(), func(t *testing.T) {
+			tramp := filepath.Join(t.TempDir(), TrampolineName)
+			if err := os.WriteFile(tramp, b, c.mode); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(self)
+			cmd.Env = []string{envHelper + "=execed"}
+			err := (LaunchConfig{Trampoline: tramp, RootDir: "/tmp", Log: hclog.NewNullLogger()}).Apply(cmd)
+			if c.want != "" {
+				if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "mode 0755") {
+					t.Errorf("Apply = %v, want an error saying %q and what to do", err, c.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if out, err := cmd.Output(); err != nil || !strings.Contains(string(out), "execed") {
+				t.Errorf("exit %v, stdout %q; want the plugin run", err, out)
+			}
+		})
+	}
+}

@@ -201,6 +201,29 @@ func (c LaunchConfig) Ungranted(p Policy) []string {
 	return out
 }
 
+// execBlocked says why a plugin launched by this launcher could not
+// execute the file f (an O_PATH fd is enough), or "" when it can: f is
+// on a noexec mount, or its mode does not let the plugin's ids (a root
+// launcher's; no supplementary groups) or this user (an unprivileged
+// launcher's plugins run as it) execute it.
+func execBlocked(f *os.File, privileged bool, uid, gid int) string {
+	fi, err := f.Stat()
+	if err != nil {
+		return err.Error()
+	}
+	if noexecMount(f) {
+		return "is on a file system mounted noexec"
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case privileged && ok && !execPermitted(fi.Mode().Perm(), st.Uid, st.Gid, uid, gid):
+		return fmt.Sprintf("(mode %#o, owner %d:%d) is not executable by %d:%d, the ids the plugin runs as", fi.Mode().Perm(), st.Uid, st.Gid, uid, gid)
+	case !privileged && unix.Faccessat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.X_OK, unix.AT_EACCESS) != nil:
+		return fmt.Sprintf("(mode %#o) is not executable by this user, as whom the plugin runs", fi.Mode().Perm())
+	}
+	return ""
+}
+
 // execPermitted reports whether a file of mode perm owned by fuid:fgid may
 // be executed by uid:gid without supplementary groups or capabilities.
 func execPermitted(perm os.FileMode, fuid, fgid uint32, uid, gid int) bool {
@@ -403,6 +426,30 @@ func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err erro
 			trampFile.Close()
 		}
 	}()
+	// The trampoline starts as the plugin's ids: a root krun-core of mode
+	// 0700 or 0750 (or a krun-sandbox-exec so installed) failed every
+	// launch with a bare "fork/exec /proc/self/exe: permission denied"
+	// (found in review, helper-143).
+	if trampFile != nil && c.Trampoline == "" {
+		if why := execBlocked(trampFile, privileged, uid, gid); why != "" {
+			log.Debug("krun-sandbox-exec next to krun-core is not usable: the plugins start through krun-core itself", "path", trampFile.Name(), "why", why)
+			trampFile.Close()
+			trampFile = nil
+		}
+	}
+	if trampFile != nil {
+		if why := execBlocked(trampFile, privileged, uid, gid); why != "" {
+			return nil, fmt.Errorf("sandbox: trampoline %s %s; make it executable by them (mode 0755)", trampFile.Name(), why)
+		}
+	} else if self, serr := os.OpenFile("/proc/self/exe", unix.O_PATH|unix.O_CLOEXEC, 0); serr == nil {
+		why := execBlocked(self, privileged, uid, gid)
+		self.Close()
+		if why != "" {
+			name, _ := os.Executable()
+			return nil, fmt.Errorf("sandbox: krun-core's own binary %s %s, and plugins start through it (the sandbox's trampoline); make it executable by them (mode 0755), or install %s, executable by them, next to it",
+				name, why, TrampolineName)
+		}
+	}
 	var dirFDs []int
 	for i, f := range cmd.ExtraFiles {
 		if f == nil {
