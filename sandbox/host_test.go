@@ -313,3 +313,23 @@ func TestTrampolineNotExecutableByPlugin(t *testing.T) {
 		})
 	}
 }
+
+// TestLimitsCut: the limits a launcher's lower hard limits cut, which
+// Apply warns of (the trampoline gives the plugin the lower one).
+func TestLimitsCut(t *testing.T) {
+	l := Limits{OpenFiles: FSOpenFiles, DataBytes: DefaultDataBytes, FileBytes: 1 << 20}
+	hard := map[int]uint64{unix.RLIMIT_NOFILE: 64, unix.RLIMIT_DATA: unix.RLIM_INFINITY, unix.RLIMIT_FSIZE: 1 << 20}
+	got := limitsCut(l, func(res int) uint64 { return hard[res] })
+	want := []string{fmt.Sprintf("RLIMIT_NOFILE 64 (not %d)", FSOpenFiles)}
+	if strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Errorf("limitsCut = %q, want %q", got, want)
+	}
+	hard[unix.RLIMIT_DATA] = 100 << 20
+	hard[unix.RLIMIT_FSIZE] = 4096
+	if got := limitsCut(l, func(res int) uint64 { return hard[res] }); len(got) != 3 {
+		t.Errorf("limitsCut = %q, want NOFILE, DATA and FSIZE", got)
+	}
+	if got := limitsCut(Limits{}, func(int) uint64 { return 0 }); len(got) != 0 {
+		t.Errorf("limitsCut of unset limits = %q", got)
+	}
+}

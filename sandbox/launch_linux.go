@@ -201,6 +201,35 @@ func (c LaunchConfig) Ungranted(p Policy) []string {
 	return out
 }
 
+// hardLimit is this process's hard limit of resource res.
+func hardLimit(res int) uint64 {
+	var rl unix.Rlimit
+	if unix.Getrlimit(res, &rl) != nil {
+		return unix.RLIM_INFINITY
+	}
+	return rl.Max
+}
+
+// limitsCut lists the limits of l that a hard limit of the launcher's
+// (hard) lowers, as "RLIMIT_NOFILE 64 (not 16384)".
+func limitsCut(l Limits, hard func(res int) uint64) []string {
+	var out []string
+	for _, r := range []struct {
+		name string
+		res  int
+		want uint64
+	}{
+		{"RLIMIT_NOFILE", unix.RLIMIT_NOFILE, l.OpenFiles},
+		{"RLIMIT_DATA", unix.RLIMIT_DATA, l.DataBytes},
+		{"RLIMIT_FSIZE", unix.RLIMIT_FSIZE, l.FileBytes},
+	} {
+		if h := hard(r.res); r.want != 0 && h < r.want {
+			out = append(out, fmt.Sprintf("%s %d (not %d)", r.name, h, r.want))
+		}
+	}
+	return out
+}
+
 // execBlocked says why a plugin launched by this launcher could not
 // execute the file f (an O_PATH fd is enough), or "" when it can: f is
 // on a noexec mount, or its mode does not let the plugin's ids (a root
@@ -263,6 +292,14 @@ func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err erro
 	limits, err := c.limits()
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: limits: %w", err)
+	}
+	if cut := limitsCut(limits, hardLimit); len(cut) > 0 {
+		// The trampoline never raises a limit: a plugin under a
+		// deployment's lower hard limit gets that one, and a virtio-fs
+		// plugin with 64 open files fails the guest's lookups with
+		// EMFILE (found in review, helper-143).
+		log.Warn("krun-core's own hard limits are below what the plugin is to have; it gets krun-core's: raise them (ulimit -Hn, prlimit, LimitNOFILE=) where the plugin needs more",
+			"plugin", c.Kind, "limits", strings.Join(cut, ", "))
 	}
 	profile := c.Syscalls
 	if profile == "" {
