@@ -739,10 +739,19 @@ func start(g *globals, id string) error {
 	if err := c.Save(); err != nil {
 		return err
 	}
-	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
-		st := c.ociState(specs.StateRunning)
-		runHooksWarn("poststart", plan.Hooks.Poststart, &st.State, func(err error) { g.log.warn("%v", err) })
+	plan, err := readPlan(c.Dir)
+	if err != nil || plan.Hooks == nil || len(plan.Hooks.Poststart) == 0 {
+		return nil
 	}
+	// The poststart hooks run with the container's lock released, as
+	// runc's (whose lock is its own process's): the container runs,
+	// and a kill or delete --force of it, from another caller or from
+	// the hook itself, must not wait for them (a hook killing its own
+	// container deadlocked with this start until the hook's timeout,
+	// for ever without one; found in review, helper-140).
+	st := c.ociState(specs.StateRunning)
+	c.Unlock()
+	runHooksWarn("poststart", plan.Hooks.Poststart, &st.State, func(err error) { g.log.warn("%v", err) })
 	return nil
 }
 

@@ -1,0 +1,81 @@
+package oci
+
+// krun-oci as podman, containerd's runc shim and CRI-O call it (from
+// review, helper-140; each test here failed before the fix its commit
+// names).
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// runtimeHook is a hook that runs krun-oci (the test binary acting as it)
+// with the state root of r and args.
+func (r *rtEnv) runtimeHook(t *testing.T, timeout int, args ...string) specs.Hook {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return specs.Hook{Path: exe, Args: append([]string{"krun-oci", "--root", r.root}, args...),
+		Env: []string{asRuntime + "=1"}, Timeout: &timeout}
+}
+
+// TestPoststartHookKillsItsContainer: start runs the poststart hooks after
+// the command started. It held the container's lock through them, so a
+// kill (or delete --force) of the container waited for the hooks: one from
+// a hook deadlocked with the start until the hook's timeout (for ever
+// without one) and the container went on running; any other caller's
+// waited for a slow hook. runc's lock is its own process's: the kill ends
+// the container at once.
+func TestPoststartHookKillsItsContainer(t *testing.T) {
+	r := newRT(t)
+	log := filepath.Join(t.TempDir(), "log")
+	b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{Poststart: []specs.Hook{r.runtimeHook(t, 10, "kill", "pk", "KILL")}}
+	})
+	r.mustRun("create", "--bundle", b, "pk")
+	begin := time.Now()
+	if _, e, code := r.run(nil, nil, "--log", log, "start", "pk"); code != 0 {
+		t.Fatalf("start: exit %d: %s", code, e)
+	}
+	if d := time.Since(begin); d > 5*time.Second {
+		t.Errorf("start took %v: the poststart hook's kill of its own container waited for the start", d.Round(time.Second))
+	}
+	if lb, _ := os.ReadFile(log); len(lb) > 0 {
+		t.Errorf("the poststart hook failed: %s", lb)
+	}
+	r.waitStatus("pk", specs.StateStopped)
+	r.mustRun("delete", "pk")
+}
+
+// TestKillDuringSlowPoststartHook: a kill from another caller (kubelet
+// stopping the container) while a poststart hook still runs is answered
+// at once, not when the hook is done.
+func TestKillDuringSlowPoststartHook(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{Poststart: []specs.Hook{{Path: "/bin/sleep", Args: []string{"sleep", "5"}}}}
+	})
+	r.mustRun("create", "--bundle", b, "ps")
+	started := make(chan int, 1)
+	go func() {
+		_, _, code := r.run(nil, nil, "start", "ps")
+		started <- code
+	}()
+	r.waitStatus("ps", specs.StateRunning)
+	begin := time.Now()
+	r.mustRun("kill", "ps", "KILL")
+	if d := time.Since(begin); d > 3*time.Second {
+		t.Errorf("kill during a poststart hook took %v: it waited for the hook", d.Round(time.Second))
+	}
+	if code := <-started; code != 0 {
+		t.Errorf("start: exit %d", code)
+	}
+	r.waitStatus("ps", specs.StateStopped)
+	r.mustRun("delete", "ps")
+}
