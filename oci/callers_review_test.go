@@ -7,10 +7,13 @@ package oci
 import (
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // runtimeHook is a hook that runs krun-oci (the test binary acting as it)
@@ -78,4 +81,30 @@ func TestKillDuringSlowPoststartHook(t *testing.T) {
 	}
 	r.waitStatus("ps", specs.StateStopped)
 	r.mustRun("delete", "ps")
+}
+
+// TestSecondCreateSaysTheIDIsTaken: a second create with the ID of a
+// container that exists fails with runc's "already exists" (what a caller
+// looks for). Where cgroupsPath is made from the ID, as podman's
+// (machine.slice:libpod:ID) and CRI-O's are, it said the cgroup "already
+// holds processes" instead: the cgroup was checked before the ID.
+func TestSecondCreateSaysTheIDIsTaken(t *testing.T) {
+	root := testCgroup2Root(t)
+	parent := "krun-oci-test-" + strconv.Itoa(os.Getpid())
+	t.Cleanup(func() { unix.Rmdir(filepath.Join(root, parent)) })
+	r := newRT(t)
+	b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+		s.Linux = &specs.Linux{CgroupsPath: "/" + parent + "/dup"}
+	})
+	if _, e, code := r.run(nil, nil, "--cgroup-root", root, "create", "--bundle", b, "dup"); code != 0 {
+		t.Skipf("create in a cgroup of %s: exit %d: %s", root, code, e)
+	}
+	defer r.run(nil, nil, "--cgroup-root", root, "delete", "--force", "dup")
+	_, e, code := r.run(nil, nil, "--cgroup-root", root, "create", "--bundle", b, "dup")
+	if code != 1 || !strings.Contains(e, "already exists") {
+		t.Errorf("second create of dup: exit %d, %q; want 1 and that the container already exists", code, e)
+	}
+	if st := r.state("dup"); st.Status != specs.StateCreated {
+		t.Errorf("the first container is %s after the second create, want created", st.Status)
+	}
 }

@@ -427,6 +427,14 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	if err != nil {
 		return nil, err
 	}
+	// A taken ID is said first, as runc says it: the checks below would
+	// otherwise find the other container's things in the way (its
+	// cgroup, where cgroupsPath is made from the ID as podman's and
+	// CRI-O's are, read "already holds processes"; found in review,
+	// helper-140). Store.Create checks again, atomically.
+	if err := g.store.checkFree(id); err != nil {
+		return nil, err
+	}
 	if plan.Net.Mode == NetNew && len(sandbox.HeldCapabilities([]sandbox.Capability{unix.CAP_SYS_ADMIN})) == 0 {
 		// A network namespace of the monitor's own needs CAP_SYS_ADMIN
 		// (krun-oci run by a user): the container gets no network, as

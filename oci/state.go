@@ -130,10 +130,10 @@ func (s *Store) Create(id string) (*Container, error) {
 	if err := s.init(); err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(s.Root, id)
-	if _, err := os.Lstat(dir); err == nil {
-		return nil, fmt.Errorf("container with id %s: %w", id, ErrExist)
+	if err := s.checkFree(id); err != nil {
+		return nil, err
 	}
+	dir := filepath.Join(s.Root, id)
 	// Made under another name with its marker, then renamed into place
 	// without replacing anything: the directory never has its ID's name
 	// without the marker.
@@ -177,6 +177,14 @@ func (s *Store) Create(id string) (*Container, error) {
 		return fail(fmt.Errorf("state directory: %w", err))
 	}
 	return &Container{ID: id, Dir: dir, lock: f}, nil
+}
+
+// checkFree fails with ErrExist when id's name is taken under the root.
+func (s *Store) checkFree(id string) error {
+	if _, err := os.Lstat(filepath.Join(s.Root, id)); err == nil {
+		return fmt.Errorf("container with id %s: %w", id, ErrExist)
+	}
+	return nil
 }
 
 // sweepNew removes what creates that died left under their temporary names
