@@ -5,6 +5,7 @@ package oci
 // names).
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -107,4 +108,42 @@ func TestSecondCreateSaysTheIDIsTaken(t *testing.T) {
 	if st := r.state("dup"); st.Status != specs.StateCreated {
 		t.Errorf("the first container is %s after the second create, want created", st.Status)
 	}
+}
+
+// TestExecConsoleSocketWithoutTerminal: exec --console-socket for a process
+// without a terminal is refused, as create refuses it and runc's exec does
+// ("cannot use console socket if runc will not detach or allocate tty"):
+// the caller waits on its socket for a pty master. It was ignored, the
+// process run, and nothing ever sent to the socket.
+func TestExecConsoleSocketWithoutTerminal(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"sleep", "100"}, nil)
+	r.mustRun("create", "--bundle", b, "xs")
+	r.mustRun("start", "xs")
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "console.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ran := filepath.Join(dir, "ran")
+	proc := filepath.Join(dir, "process.json")
+	if err := os.WriteFile(proc, []byte(`{"args":["touch","`+ran+`"],"cwd":"/","env":["PATH=`+os.Getenv("PATH")+`"]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"exec", "--console-socket", sock, "xs", "touch", ran},
+		{"exec", "--detach", "--console-socket", sock, "--process", proc, "xs"},
+	} {
+		_, e, code := r.run(nil, nil, args...)
+		if code == 0 || !strings.Contains(e, "--console-socket") {
+			t.Errorf("krun-oci %s: exit %d, %q; want it refused, naming --console-socket", strings.Join(args, " "), code, e)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if _, err := os.Stat(ran); err == nil {
+		t.Errorf("a refused exec ran its process")
+	}
+	r.mustRun("delete", "--force", "xs")
 }

@@ -150,6 +150,11 @@ func cmdExec(g *globals, args []string, env *Env) (err error) {
 	if err := gp.Validate(); err != nil {
 		return fmt.Errorf("exec: %w", err)
 	}
+	if !gp.Terminal && consoleSocket != "" {
+		// As create, and runc's exec: a caller that passes a socket
+		// waits on it for a master that would never come.
+		return errors.New("exec: --console-socket without a terminal (--tty, or process.terminal in --process): there is no terminal to hand over")
+	}
 	stdio := [3]*os.File{env.Stdin, env.Stdout, env.Stderr}
 	ctty := false
 	var hostTTY *os.File // the caller's terminal, in the foreground
