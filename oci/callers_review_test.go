@@ -147,3 +147,42 @@ func TestExecConsoleSocketWithoutTerminal(t *testing.T) {
 	}
 	r.mustRun("delete", "--force", "xs")
 }
+
+// TestHookLeavesAProcessHoldingItsOutput: a hook that starts a process in
+// the background without redirecting its output (a shell script's
+// `daemon &`) ends, or is killed at its timeout, while that process holds
+// the hook's stdout. create waited for the process too: past the hook's
+// exit, and past its timeout ("timeouts honoured", docs/OCI.md).
+func TestHookLeavesAProcessHoldingItsOutput(t *testing.T) {
+	r := newRT(t)
+	for _, c := range []struct {
+		name, script string
+		timeout      int
+		ok           bool
+	}{
+		{"exits", "sleep 20 & exit 0", 0, true},
+		{"times-out", "sleep 20 & sleep 20", 1, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+				h := specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", c.script}}
+				if c.timeout > 0 {
+					h.Timeout = &c.timeout
+				}
+				s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{h}}
+			})
+			begin := time.Now()
+			_, e, code := r.run(nil, nil, "create", "--bundle", b, "hd-"+c.name)
+			if d := time.Since(begin); d > 10*time.Second {
+				t.Errorf("create took %v: it waited for what the hook left running", d.Round(time.Second))
+			}
+			if c.ok && code != 0 {
+				t.Errorf("create: exit %d: %s", code, e)
+			}
+			if !c.ok && (code == 0 || !strings.Contains(e, "timed out")) {
+				t.Errorf("create: exit %d, %q; want the hook's timeout", code, e)
+			}
+			r.run(nil, nil, "delete", "--force", "hd-"+c.name)
+		})
+	}
+}

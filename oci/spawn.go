@@ -135,6 +135,10 @@ func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, warn func(er
 	}
 }
 
+// hookIODelay is how long a hook's output is read after the hook ended
+// (or was killed at its timeout) while other processes hold it open.
+const hookIODelay = 2 * time.Second
+
 func runHook(h specs.Hook, state []byte) error {
 	ctx := context.Background()
 	if h.Timeout != nil {
@@ -153,9 +157,19 @@ func runHook(h specs.Hook, state []byte) error {
 		cmd.Env = []string{}
 	}
 	cmd.Stdin = bytes.NewReader(state)
+	// The hook's output is read through a pipe, which a process the hook
+	// left behind (`daemon &` in a shell script) may hold open: Wait then
+	// waited for that process to end too, past the hook's own exit and
+	// past its timeout (a hook of timeout 2 that had started a `sleep
+	// 100` held create for 100 s; found in review, helper-140). The
+	// pipes are closed hookIODelay after the hook ends or is killed.
+	cmd.WaitDelay = hookIODelay
 	out, err := cmd.CombinedOutput()
 	if ctx.Err() != nil {
 		return fmt.Errorf("timed out after %ds", *h.Timeout)
+	}
+	if errors.Is(err, exec.ErrWaitDelay) {
+		err = nil // the hook succeeded; what it left holds its output
 	}
 	if err != nil {
 		var ee *exec.ExitError
