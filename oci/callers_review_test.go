@@ -186,3 +186,30 @@ func TestHookLeavesAProcessHoldingItsOutput(t *testing.T) {
 		})
 	}
 }
+
+// TestHookWithoutEnvGetsTheRuntimes: a hook whose config has no env runs
+// with the runtime's environment, as runc's (configs.Command's Env left
+// nil for exec.Cmd): hooks that find their tools through PATH or read
+// the caller's variables (XDG_RUNTIME_DIR for a rootless engine) ran with
+// an empty environment. A hook with env gets exactly that.
+func TestHookWithoutEnvGetsTheRuntimes(t *testing.T) {
+	r := newRT(t)
+	out := t.TempDir()
+	hook := func(name string, env []string) specs.Hook {
+		return specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", "echo \"[$" + asRuntime + "][$OWN]\" > " + filepath.Join(out, name)}, Env: env}
+	}
+	b := bundle(t, []string{"true"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{
+			CreateRuntime: []specs.Hook{hook("createRuntime", nil), hook("own", []string{"OWN=x"})},
+			Poststop:      []specs.Hook{hook("poststop", nil)},
+		}
+	})
+	r.mustRun("create", "--bundle", b, "he")
+	r.mustRun("delete", "he")
+	for name, want := range map[string]string{"createRuntime": "[1][]", "poststop": "[1][]", "own": "[][x]"} {
+		got, err := os.ReadFile(filepath.Join(out, name))
+		if err != nil || strings.TrimSpace(string(got)) != want {
+			t.Errorf("the %s hook saw %q (%v), want %s", name, got, err, want)
+		}
+	}
+}

@@ -152,10 +152,12 @@ func runHook(h specs.Hook, state []byte) error {
 	}
 	cmd := exec.CommandContext(ctx, h.Path)
 	cmd.Args = args
+	// A hook without env gets the runtime's environment, as runc's
+	// and crun's (exec.Cmd's nil Env): it ran with none, so a hook that
+	// finds its tools through PATH (a Go or Python one; a shell has a
+	// default PATH of its own) or reads XDG_RUNTIME_DIR worked under runc
+	// and failed here (found in review, helper-140).
 	cmd.Env = h.Env
-	if cmd.Env == nil {
-		cmd.Env = []string{}
-	}
 	cmd.Stdin = bytes.NewReader(state)
 	// The hook's output is read through a pipe, which a process the hook
 	// left behind (`daemon &` in a shell script) may hold open: Wait then
