@@ -213,3 +213,30 @@ func TestHookWithoutEnvGetsTheRuntimes(t *testing.T) {
 		}
 	}
 }
+
+// TestCreateHooksRunInTheBundle: create's hooks (prestart, createRuntime)
+// run in the bundle directory, as runc's, whose create changes into the
+// bundle before anything else (setupSpec): a hook naming files relative
+// to it found them under runc only.
+func TestCreateHooksRunInTheBundle(t *testing.T) {
+	r := newRT(t)
+	out := t.TempDir()
+	hook := func(name string) specs.Hook {
+		return specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", "pwd -P > " + filepath.Join(out, name)}}
+	}
+	b := bundle(t, []string{"true"}, func(s *specs.Spec) {
+		s.Hooks = &specs.Hooks{Prestart: []specs.Hook{hook("prestart")}, CreateRuntime: []specs.Hook{hook("createRuntime")}}
+	})
+	want, err := filepath.EvalSymlinks(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mustRun("create", "--bundle", b, "hb")
+	r.mustRun("delete", "hb")
+	for _, name := range []string{"prestart", "createRuntime"} {
+		got, err := os.ReadFile(filepath.Join(out, name))
+		if err != nil || strings.TrimSpace(string(got)) != want {
+			t.Errorf("the %s hook ran in %q (%v), want the bundle %s", name, got, err, want)
+		}
+	}
+}

@@ -592,10 +592,10 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		// and 5; hooks from several sources may rely on the order; found
 		// in review, helper-90).
 		st := c.ociState(specs.StateCreating)
-		if err := runHooks("prestart", h.Prestart, &st.State); err != nil {
+		if err := runHooks("prestart", h.Prestart, &st.State, plan.Bundle); err != nil {
 			return nil, err
 		}
-		if err := runHooks("createRuntime", h.CreateRuntime, &st.State); err != nil {
+		if err := runHooks("createRuntime", h.CreateRuntime, &st.State, plan.Bundle); err != nil {
 			return nil, err
 		}
 	}

@@ -100,8 +100,10 @@ func spawn(o spawnOptions) (*os.Process, error) {
 }
 
 // runHooks runs hooks in order with the container's state on their
-// stdin; the first failure is returned.
-func runHooks(kind string, hooks []specs.Hook, st *specs.State) error {
+// stdin, in the directory dir; the first failure is returned. create runs
+// its hooks in the bundle, as runc's, which works there (its create
+// changes into the bundle first; start and delete do not).
+func runHooks(kind string, hooks []specs.Hook, st *specs.State, dir string) error {
 	if len(hooks) == 0 {
 		return nil
 	}
@@ -110,7 +112,7 @@ func runHooks(kind string, hooks []specs.Hook, st *specs.State) error {
 		return err
 	}
 	for _, h := range hooks {
-		if err := runHook(h, b); err != nil {
+		if err := runHook(h, b, dir); err != nil {
 			return fmt.Errorf("%s hook %s: %w", kind, h.Path, err)
 		}
 	}
@@ -129,7 +131,7 @@ func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, warn func(er
 		return
 	}
 	for _, h := range hooks {
-		if err := runHook(h, b); err != nil {
+		if err := runHook(h, b, ""); err != nil {
 			warn(fmt.Errorf("%s hook %s: %w", kind, h.Path, err))
 		}
 	}
@@ -139,7 +141,8 @@ func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, warn func(er
 // (or was killed at its timeout) while other processes hold it open.
 const hookIODelay = 2 * time.Second
 
-func runHook(h specs.Hook, state []byte) error {
+// runHook runs one hook in dir ("": the runtime's working directory).
+func runHook(h specs.Hook, state []byte, dir string) error {
 	ctx := context.Background()
 	if h.Timeout != nil {
 		var cancel context.CancelFunc
@@ -152,6 +155,7 @@ func runHook(h specs.Hook, state []byte) error {
 	}
 	cmd := exec.CommandContext(ctx, h.Path)
 	cmd.Args = args
+	cmd.Dir = dir
 	// A hook without env gets the runtime's environment, as runc's
 	// and crun's (exec.Cmd's nil Env): it ran with none, so a hook that
 	// finds its tools through PATH (a Go or Python one; a shell has a
