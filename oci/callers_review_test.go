@@ -5,6 +5,7 @@ package oci
 // names).
 
 import (
+	"encoding/json"
 	"net"
 	"os"
 	"path/filepath"
@@ -238,5 +239,46 @@ func TestCreateHooksRunInTheBundle(t *testing.T) {
 		if err != nil || strings.TrimSpace(string(got)) != want {
 			t.Errorf("the %s hook ran in %q (%v), want the bundle %s", name, got, err, want)
 		}
+	}
+}
+
+// TestFailedCreateRunsPoststopHooks: a create that fails once the
+// container exists (a createRuntime hook that fails, a guest that does
+// not boot) runs the poststop hooks, as runc's destroy does and as the
+// runtime-spec's lifecycle continues after a failed hook: they release
+// what the hooks before set up (a CNI hook's address). They did not run,
+// and no later delete could run them: the failed create leaves no state.
+func TestFailedCreateRunsPoststopHooks(t *testing.T) {
+	r := newRT(t)
+	for _, c := range []struct {
+		name  string
+		args  []string
+		hooks func(*specs.Hooks)
+	}{
+		{"createRuntime-fails", []string{"sleep", "100"}, func(h *specs.Hooks) { h.CreateRuntime = []specs.Hook{{Path: "/bin/false"}} }},
+		{"boot-fails", []string{"fail-boot"}, func(*specs.Hooks) {}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			out := filepath.Join(t.TempDir(), "poststop")
+			b := bundle(t, c.args, func(s *specs.Spec) {
+				s.Hooks = &specs.Hooks{Poststop: []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", "cat > " + out}}}}
+				c.hooks(s.Hooks)
+			})
+			id := "pf-" + c.name
+			if _, _, code := r.run(nil, nil, "create", "--bundle", b, id); code == 0 {
+				t.Fatal("create succeeded")
+			}
+			var st specs.State
+			sb, err := os.ReadFile(out)
+			if err == nil {
+				err = json.Unmarshal(sb, &st)
+			}
+			if err != nil || st.ID != id || st.Status != specs.StateStopped {
+				t.Errorf("poststop hook after the failed create: %q (%v); want it run with the container stopped", sb, err)
+			}
+			if _, _, code := r.run(nil, nil, "state", id); code == 0 {
+				t.Errorf("the failed create left its container behind")
+			}
+		})
 	}
 }

@@ -480,6 +480,20 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 			monitor.Kill()
 			waitDead(monitor.Pid, 0, 5*time.Second)
 		}
+		// The container existed: its poststop hooks run, as runc's
+		// destroy runs them for a create that failed, and as the
+		// runtime-spec's lifecycle goes on after a failed prestart or
+		// createRuntime hook. They undo what the earlier hooks set up
+		// (a CNI hook's address, released at poststop), which no
+		// delete would release once the state is gone (found in
+		// review, helper-140).
+		if h := plan.Hooks; h != nil && len(h.Poststop) > 0 {
+			st := specs.State{Version: specs.Version, ID: id, Status: specs.StateStopped, Bundle: plan.Bundle, Annotations: spec.Annotations}
+			if monitor != nil {
+				st.Pid = monitor.Pid
+			}
+			runHooksWarn("poststop", h.Poststop, &st, func(err error) { g.log.warn("%v", err) })
+		}
 		removeCgroup(c.Rec.Cgroup, true)
 		c.Remove()
 	}
