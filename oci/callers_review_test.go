@@ -282,3 +282,15 @@ func TestFailedCreateRunsPoststopHooks(t *testing.T) {
 		})
 	}
 }
+
+// TestHostnameWithUnderscore: config.json's hostname may hold an
+// underscore, as Docker and podman pass it (compose's `hostname: my_db`)
+// and runc sets it; create refused it ("character '_' not allowed").
+func TestHostnameWithUnderscore(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"true"}, func(s *specs.Spec) { s.Hostname = "my_db" })
+	if _, e, code := r.run(nil, nil, "create", "--bundle", b, "hn"); code != 0 {
+		t.Fatalf("create with hostname my_db: exit %d: %s", code, e)
+	}
+	r.mustRun("delete", "hn")
+}

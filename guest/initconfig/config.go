@@ -385,8 +385,10 @@ func GuestTmpfs(target string) bool {
 	return strings.HasPrefix(t, "/tmp/") || strings.HasPrefix(t, "/run/")
 }
 
-// ValidHostname checks a UTS host name: 1-64 bytes of letters, digits, '-'
-// and '.', not starting with '-' or '.'.
+// ValidHostname checks a UTS host name: 1-64 bytes of letters, digits, '-',
+// '.' and '_', not starting with '-', '.' or '_'. The underscore is not
+// a DNS name's, but Docker and podman set such host names (compose's
+// `hostname: my_db`) and runc takes them.
 func ValidHostname(h string) error {
 	if h == "" || len(h) > 64 {
 		return invalid("hostname %q must be 1-64 bytes", h)
@@ -394,7 +396,7 @@ func ValidHostname(h string) error {
 	for i := 0; i < len(h); i++ {
 		ch := h[i]
 		ok := ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' ||
-			(i > 0 && (ch == '-' || ch == '.'))
+			(i > 0 && (ch == '-' || ch == '.' || ch == '_'))
 		if !ok {
 			return invalid("hostname %q: character %q not allowed", h, ch)
 		}

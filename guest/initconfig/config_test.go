@@ -103,6 +103,7 @@ func TestValidateRejects(t *testing.T) {
 		{"hostname", func(c *Config) { c.Hostname = "a b" }, "hostname"},
 		{"hostname empty", func(c *Config) { c.Hostname = "" }, "hostname"},
 		{"hostname dash", func(c *Config) { c.Hostname = "-a" }, "hostname"},
+		{"hostname underscore first", func(c *Config) { c.Hostname = "_a" }, "hostname"},
 		{"winsize no tty", func(c *Config) { c.Winsize = &Winsize{1, 1} }, "winsize"},
 		{"dhcp+static", func(c *Config) { c.Network = &Network{DHCP: true, Address: "10.0.0.2/24"} }, "dhcp with"},
 		{"static bad", func(c *Config) { c.Network = &Network{Address: "10.0.0.2"} }, "CIDR"},
