@@ -294,3 +294,16 @@ func TestHostnameWithUnderscore(t *testing.T) {
 	}
 	r.mustRun("delete", "hn")
 }
+
+// TestPsOfContainerBeingCreated: ps of a container whose create has not
+// started its monitor yet lists no process; it listed pid 0, which a
+// caller that signals what ps lists (kill(0, sig)) sends to its own
+// process group.
+func TestPsOfContainerBeingCreated(t *testing.T) {
+	r := newRT(t)
+	c := creatingContainer(t, &Store{Root: r.root}, "pc", time.Time{})
+	defer c.Remove()
+	if out := strings.TrimSpace(r.mustRun("ps", "--format", "json", "pc")); out != "[]" {
+		t.Errorf("ps --format json of a container being created, without a monitor yet: %s, want []", out)
+	}
+}

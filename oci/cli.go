@@ -1347,7 +1347,10 @@ func cmdPs(g *globals, args []string, env *Env) error {
 		return err
 	}
 	pids := []int{}
-	if st := c.Status(); st != specs.StateStopped {
+	// A create that has not started its monitor yet has no process:
+	// pid 0 is none (it was listed, and a caller's kill of it signals
+	// its own process group).
+	if st := c.Status(); st != specs.StateStopped && c.Rec.Pid > 0 {
 		pids = append(pids, c.Rec.Pid)
 	}
 	switch *format {
