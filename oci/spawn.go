@@ -101,8 +101,8 @@ func spawn(o spawnOptions) (*os.Process, error) {
 
 // runHooks runs hooks in order with the container's state on their
 // stdin, in the directory dir; the first failure is returned. create runs
-// its hooks in the bundle, as runc's, which works there (its create
-// changes into the bundle first; start and delete do not).
+// its hooks in the bundle, as runc does (its create changes into the
+// bundle first; its start and delete do not).
 func runHooks(kind string, hooks []specs.Hook, st *specs.State, dir string) error {
 	if len(hooks) == 0 {
 		return nil
@@ -157,7 +157,7 @@ func runHook(h specs.Hook, state []byte, dir string) error {
 	cmd.Args = args
 	cmd.Dir = dir
 	// A hook without env gets the runtime's environment, as runc's
-	// and crun's (exec.Cmd's nil Env): it ran with none, so a hook that
+	// (exec.Cmd's nil Env): it ran with none, so a hook that
 	// finds its tools through PATH (a Go or Python one; a shell has a
 	// default PATH of its own) or reads XDG_RUNTIME_DIR worked under runc
 	// and failed here (found in review, helper-140).
