@@ -6,6 +6,7 @@ package oci
 
 import (
 	"encoding/json"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -306,4 +307,50 @@ func TestPsOfContainerBeingCreated(t *testing.T) {
 	if out := strings.TrimSpace(r.mustRun("ps", "--format", "json", "pc")); out != "[]" {
 		t.Errorf("ps --format json of a container being created, without a monitor yet: %s, want []", out)
 	}
+}
+
+// TestMonitorDropsTheCallersDescriptors: a descriptor create (or exec
+// --detach) inherited from its caller without close-on-exec went on to
+// the container's monitor (or the exec's proxy), which held it as long as
+// the container ran: a caller waiting for the end of a pipe it had left
+// open in create never saw it. runc's container process closes what it
+// inherits beyond stdio (and --preserve-fds).
+func TestMonitorDropsTheCallersDescriptors(t *testing.T) {
+	r := newRT(t)
+	b := bundle(t, []string{"sleep", "100"}, nil)
+	devNull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	// runs krun-oci with a pipe's write end as its fd 5 and says whether
+	// the read end sees its end once krun-oci has returned.
+	ended := func(args ...string) bool {
+		t.Helper()
+		pr, pw, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pr.Close()
+		cmd := r.command(args...)
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = devNull, devNull, devNull
+		cmd.ExtraFiles = []*os.File{devNull, devNull, pw}
+		err = cmd.Run()
+		pw.Close()
+		if err != nil {
+			t.Fatalf("krun-oci %v: %v", args, err)
+		}
+		pr.SetReadDeadline(time.Now().Add(2 * time.Second))
+		var buf [1]byte
+		_, err = pr.Read(buf[:])
+		return err == io.EOF
+	}
+	if !ended("create", "--bundle", b, "fd") {
+		t.Errorf("after create, a pipe the caller left open in it is still held (by the container's monitor)")
+	}
+	r.mustRun("start", "fd")
+	if !ended("exec", "--detach", "fd", "sleep", "100") {
+		t.Errorf("after exec --detach, a pipe the caller left open in it is still held (by the exec's proxy)")
+	}
+	r.mustRun("delete", "--force", "fd")
 }

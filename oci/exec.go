@@ -290,6 +290,7 @@ func runProxy(g *globals, args []string, env *Env) int {
 	if err := fs.Parse(args); err != nil || *id == "" {
 		return 1
 	}
+	closeInherited(proxyReportFD + 1)
 	reportPipe := os.NewFile(proxyReportFD, "report")
 	report := reporter(reportPipe)
 	procFile := os.NewFile(proxyProcessFD, "process")

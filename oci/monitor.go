@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -102,6 +103,7 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	// end.
 	unix.CloseOnExec(monitorGoFD)
 	unix.CloseOnExec(monitorReportFD)
+	closeInherited(monitorReportFD + 1)
 	goPipe := os.NewFile(monitorGoFD, "go")
 	reportPipe := os.NewFile(monitorReportFD, "report")
 	report := reporter(reportPipe)
@@ -212,6 +214,29 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	}
 	g.log.warn("container %s: %v", *id, err)
 	return 125
+}
+
+// closeInherited closes the descriptors from first on that this process
+// inherited: those without close-on-exec, which every descriptor Go
+// opens has. They are the caller's of create (or exec), passed on by
+// spawn with the ones meant for the helper: the monitor held them as long
+// as the container ran (a pipe whose reader waited for its end never saw
+// it), where runc's container process closes them (found in review,
+// helper-140).
+func closeInherited(first int) {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < first {
+			continue
+		}
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			unix.Close(fd)
+		}
+	}
 }
 
 // hostSignal handles a signal sent to the monitor itself: a terminal
