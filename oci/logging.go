@@ -6,12 +6,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/krun-core/krun-core/internal/cli"
 )
 
 // runtimeLog is where the runtime reports: one line on stderr for a
@@ -124,6 +125,7 @@ func (w *lockedWriter) Write(p []byte) (int, error) {
 	return w.l.file.Write(p)
 }
 
-func oneLine(s string) string {
-	return strings.Join(strings.Fields(s), " ")
-}
+// oneLine folds a message into one line with its control characters
+// written as escapes (cli.OneLine): an error can quote the bundle's
+// config (a process argument, a path) and reaches the caller's terminal.
+func oneLine(s string) string { return cli.OneLine(s) }
