@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/krun-core/krun-core/core/imagelock"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
@@ -400,7 +402,12 @@ func TestServeLifecycleKilledDuringStartLeavesNoTempDir(t *testing.T) {
 			case <-time.After(40 * time.Second):
 				t.Fatal("serve did not exit")
 			}
-			time.Sleep(500 * time.Millisecond) // the plugin's Pdeathsig
+			// A killed serve's plugin dies of its parent-death
+			// signal, which a loaded machine delivers late: until
+			// then it holds the image's lock (the next serve is
+			// refused, as in CI run 30) and may still make its
+			// socket in $TMPDIR.
+			waitImageUnlocked(t, img, 20*time.Second)
 			left := func() []string { return leftInTmp(tmp) }
 			if names := left(); len(names) > 0 {
 				if sig != syscall.SIGKILL {
@@ -426,6 +433,33 @@ func TestServeLifecycleKilledDuringStartLeavesNoTempDir(t *testing.T) {
 				t.Errorf("second serve: exit %d after SIGTERM", code)
 			}
 		})
+	}
+}
+
+// waitImageUnlocked waits until no open file holds a lock on img that a
+// read-write open would meet, i.e. every process that had the image open
+// (a plugin that outlived its killed serve) has closed it or exited, and
+// fails the test if that takes more than within.
+func waitImageUnlocked(t *testing.T, img string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		f, err := os.OpenFile(img, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = imagelock.Lock(f, "image", img, imagelock.ReadWrite)
+		f.Close() // releases what Lock took
+		var inUse *imagelock.InUseError
+		switch {
+		case err == nil:
+			return
+		case !errors.As(err, &inUse):
+			t.Fatal(err)
+		case time.Now().After(deadline):
+			t.Fatalf("%v, %v after serve exited", err, within)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
