@@ -369,8 +369,19 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 				return fail(err)
 			}
 		}
-		if err := s.recover(ctx, restarts, why); err != nil {
+		sig, err := s.recover(ctx, restarts, why, sigc)
+		if err != nil {
 			return fail(err)
+		}
+		if sig != nil {
+			// Asked to end during the restart's back-off: no plugin
+			// runs, so there is none to flush through; what the
+			// dead one wrote is made durable here.
+			log.Info("shutting down", "signal", sig.String(), "plugin", "not running (restart back-off)")
+			if err := s.opened.SyncFiles(); err != nil {
+				return fail(err)
+			}
+			return 0
 		}
 	}
 }
@@ -537,24 +548,35 @@ func (s *servedPlugin) checkHealth(ctx context.Context) error {
 
 // recover restarts the plugin after why on the same listening socket,
 // with the same files and options (a network device gets a new passt),
-// retrying within the budget; the error says why serve must end.
-func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restarts, why error) error {
+// retrying within the budget; the error says why serve must end. A
+// signal from sigc during a back-off ends the wait (up to
+// DefaultRestartMaxBackoff) at once: recover returns it, the old plugin
+// killed and no new one started.
+func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restarts, why error, sigc <-chan os.Signal) (os.Signal, error) {
 	for {
 		delay, err := restarts.Next(time.Now())
 		if err != nil {
 			if !restarts.Enabled() {
-				return why
+				return nil, why
 			}
-			return fmt.Errorf("%w; not restarted again (%v)", why, err)
+			return nil, fmt.Errorf("%w; not restarted again (%v)", why, err)
 		}
 		s.log.Warn("plugin lost; restarting it", "reason", why, "restart", restarts.Total(), "delay", delay)
 		s.plugin.Kill()
-		time.Sleep(delay)
+		if delay > 0 {
+			t := time.NewTimer(delay)
+			select {
+			case sig := <-sigc:
+				t.Stop()
+				return sig, nil
+			case <-t.C:
+			}
+		}
 		start := time.Now()
 		if err = s.relaunch(ctx); err == nil {
 			s.log.Warn("plugin restarted; serving again", "plugin", s.opened.Kind, "pid", s.plugin.Pid(),
 				"took", time.Since(start).Round(time.Millisecond))
-			return nil
+			return nil, nil
 		}
 		s.plugin.Kill()
 		why = fmt.Errorf("restart failed: %w", err)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/krun-core/krun-core/core/imagelock"
+	"github.com/krun-core/krun-core/core/pluginhost"
 	"github.com/krun-core/krun-core/testguest"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/vhostuser/frontend"
@@ -466,7 +467,11 @@ func waitImageUnlocked(t *testing.T, img string, within time.Duration) {
 // TestServeLifecycleSIGTERMWhileBusy sends SIGTERM to serve in states a front-end
 // or the restart logic can hold it in: serve must exit 0 promptly (the
 // usage: "SIGTERM or SIGINT flushes the device and exits 0") and remove
-// its socket.
+// its socket. Six kills in a row (each within 60s/10 of the last) make the
+// last restart's back-off DefaultRestartMaxBackoff, 4 s, longer than the
+// case's limit: serve slept it out, and started a plugin, before it even
+// looked at the signal (a 1 s back-off passed the limit unloaded, but a
+// plugin's start on a loaded machine could push it over).
 func TestServeLifecycleSIGTERMWhileBusy(t *testing.T) {
 	bin := soakBin(t, "blk-raw")
 	for _, tc := range []struct {
@@ -477,7 +482,7 @@ func TestServeLifecycleSIGTERMWhileBusy(t *testing.T) {
 	}{
 		{"connected-no-owner", 0, 0, 5 * time.Second},
 		{"rings-running", len(soakSteps), 0, 5 * time.Second},
-		{"during-restart-backoff", -1, 4, 3 * time.Second},
+		{"during-restart-backoff", -1, 6, 3 * time.Second},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -486,7 +491,7 @@ func TestServeLifecycleSIGTERMWhileBusy(t *testing.T) {
 				t.Fatal(err)
 			}
 			sock := filepath.Join(dir, "blk.sock")
-			s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=raw", "--plugin-restarts", "100/60s")
+			s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=raw", "--plugin-restarts", "10/60s")
 			waitSocket(t, s, sock)
 			pid := servingPid(t, s)
 			if tc.steps >= 0 {
@@ -515,6 +520,9 @@ func TestServeLifecycleSIGTERMWhileBusy(t *testing.T) {
 					}
 					time.Sleep(5 * time.Millisecond)
 				}
+				if want := fmt.Sprintf("restart=%d delay=%v", i, pluginhost.DefaultRestartMaxBackoff); !strings.Contains(s.log(), want) {
+					t.Fatalf("the last restart's back-off is not the longest (no %q in the log)", want)
+				}
 			}
 			start := time.Now()
 			s.cmd.Process.Signal(syscall.SIGTERM)
@@ -526,6 +534,9 @@ func TestServeLifecycleSIGTERMWhileBusy(t *testing.T) {
 			}
 			if took > tc.limit {
 				t.Errorf("SIGTERM took %v to end serve, want under %v", took.Round(time.Millisecond), tc.limit)
+			}
+			if tc.kills > 0 && !strings.Contains(s.log(), "shutting down: signal=terminated plugin=\"not running (restart back-off)\"") {
+				t.Errorf("no line saying serve ended during the restart's back-off")
 			}
 			if _, err := os.Lstat(sock); err == nil {
 				t.Errorf("socket left after SIGTERM")

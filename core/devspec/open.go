@@ -146,6 +146,19 @@ func (o *Opened) CloseFiles() {
 	}
 }
 
+// SyncFiles makes what was written to the device's image files durable
+// (an fsync of each image, data file and backing file it locked), as a
+// flush through its plugin does: for a host that ends the device while no
+// plugin runs (krun-core serve, signalled during a restart's back-off).
+func (o *Opened) SyncFiles() error {
+	for _, f := range o.locked {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("sync %s: %w", f.Name(), err)
+		}
+	}
+	return nil
+}
+
 // Close closes the files, releases the image locks and stops helper
 // processes (SIGTERM, then SIGKILL after a second).
 func (o *Opened) Close() error {
