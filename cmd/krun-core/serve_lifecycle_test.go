@@ -267,7 +267,15 @@ func TestServeLifecycleFrontendCycles(t *testing.T) {
 			t.Logf("round %d: krun-core %v plugin %v", i+1, usageOf(t, core), usageOf(t, plugin))
 		}
 	}
-	time.Sleep(2 * time.Second)
+	// The last front-end's session ends on the plugin's goroutines
+	// after its close: its fds are waited for (a leak keeps them for
+	// good), not given a fixed time a loaded machine may overrun.
+	settled := time.Now().Add(20 * time.Second)
+	for time.Sleep(2 * time.Second); time.Now().Before(settled); time.Sleep(100 * time.Millisecond) {
+		if usageOf(t, core).fds <= c0.fds && usageOf(t, plugin).fds <= p0.fds {
+			break
+		}
+	}
 	c1, p1 := usageOf(t, core), usageOf(t, plugin)
 	t.Logf("%d cycles in %v", rounds*(len(soakSteps)+1), time.Since(start))
 	t.Logf("krun-core: before %v after %v", c0, c1)
@@ -323,7 +331,14 @@ func TestServeLifecyclePluginRestarts(t *testing.T) {
 			t.Fatalf("after restart %d: %v", i, err)
 		}
 	}
-	time.Sleep(3 * time.Second)
+	// As in TestServeLifecycleFrontendCycles: the fds of the last
+	// restart's plugin and session are waited for, not given a fixed time.
+	settled := time.Now().Add(20 * time.Second)
+	for time.Sleep(3 * time.Second); time.Now().Before(settled); time.Sleep(100 * time.Millisecond) {
+		if usageOf(t, core).fds <= c0.fds {
+			break
+		}
+	}
 	c1 := usageOf(t, core)
 	t.Logf("krun-core after 3 restarts %v, after %d: %v", c0, n, c1)
 	for k, v := range fdTargets(core) {
