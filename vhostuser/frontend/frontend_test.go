@@ -371,12 +371,17 @@ func TestTimeout(t *testing.T) {
 	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("GetConfig took %v", d)
 	}
+	// "At once": the later request does not wait for the silent
+	// back-end at all, which a timeout of its own now far beyond the
+	// bound shows; a bound of 50 ms on the call itself was a loaded
+	// machine's scheduling as much as the client's.
+	c.SetTimeout(time.Minute)
 	start = time.Now()
 	if _, err := c.GetFeatures(); !errors.Is(err, ErrBroken) {
 		t.Fatalf("request after a timeout: %v", err)
 	}
-	if d := time.Since(start); d > 50*time.Millisecond {
-		t.Fatalf("request after a timeout took %v", d)
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("request after a timeout took %v: it waited for the back-end", d)
 	}
 }
 
