@@ -343,7 +343,8 @@ func TestWaitEndsOnHangup(t *testing.T) {
 			t.Fatalf("poll %v: wait on a live back-end: %v", poll, err)
 		}
 		cancel()
-		// Gone while waiting: the wait ends within a look or two.
+		// Gone while waiting: the wait ends after a look or two, long
+		// before its context (10 s).
 		time.AfterFunc(20*time.Millisecond, func() { backend.Close() })
 		ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
 		start := time.Now()
@@ -352,7 +353,7 @@ func TestWaitEndsOnHangup(t *testing.T) {
 		if !errors.Is(err, ErrBackendGone) {
 			t.Fatalf("poll %v: wait after a hang-up: %v", poll, err)
 		}
-		if d := time.Since(start); d > 5*hangupEvery {
+		if d := time.Since(start); d > 2*time.Second { // a look every hangupEvery; the slack is for a loaded machine
 			t.Errorf("poll %v: the hang-up was noticed after %v", poll, d)
 		}
 		// A later wait fails at once, and Close stops the (ended) watcher.
