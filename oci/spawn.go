@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -170,8 +171,20 @@ func runHook(h specs.Hook, state []byte, dir string) error {
 	// 100` held create for 100 s; found in review, helper-140). The
 	// pipes are closed hookIODelay after the hook ends or is killed.
 	cmd.WaitDelay = hookIODelay
+	// Timed out is the hook's own process killed at its timeout, not the
+	// context's end: a hook that exited at once and left its output held
+	// is read for hookIODelay more, past a shorter timeout, and was
+	// reported as timed out (found in review).
+	var killed atomic.Bool
+	cmd.Cancel = func() error {
+		err := cmd.Process.Kill()
+		if err == nil {
+			killed.Store(true)
+		}
+		return err
+	}
 	out, err := cmd.CombinedOutput()
-	if ctx.Err() != nil {
+	if killed.Load() {
 		return fmt.Errorf("timed out after %ds", *h.Timeout)
 	}
 	if errors.Is(err, exec.ErrWaitDelay) {
