@@ -492,7 +492,9 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 			if monitor != nil {
 				st.Pid = monitor.Pid
 			}
-			runHooksWarn("poststop", h.Poststop, &st, func(err error) { g.log.warn("%v", err) })
+			// In the bundle, as create's other hooks (and runc's
+			// destroy in its create, which changed into the bundle).
+			runHooksWarn("poststop", h.Poststop, &st, plan.Bundle, func(err error) { g.log.warn("%v", err) })
 		}
 		removeCgroup(c.Rec.Cgroup, true)
 		c.Remove()
@@ -773,7 +775,7 @@ func start(g *globals, id string) error {
 	// for ever without one; found in review, helper-140).
 	st := c.ociState(specs.StateRunning)
 	c.Unlock()
-	runHooksWarn("poststart", plan.Hooks.Poststart, &st.State, func(err error) { g.log.warn("%v", err) })
+	runHooksWarn("poststart", plan.Hooks.Poststart, &st.State, "", func(err error) { g.log.warn("%v", err) })
 	return nil
 }
 
@@ -1054,7 +1056,7 @@ func deleteContainer(g *globals, id string, force bool) error {
 	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
 		state := c.ociState(specs.StateStopped)
 		state.Pid = c.Rec.Pid // hooks learn which process the container was
-		runHooksWarn("poststop", plan.Hooks.Poststop, &state.State, func(err error) { g.log.warn("%v", err) })
+		runHooksWarn("poststop", plan.Hooks.Poststop, &state.State, "", func(err error) { g.log.warn("%v", err) })
 	}
 	// What is left in the cgroup (plugins or passt whose monitor died)
 	// is killed, unless the container was stopped and another container

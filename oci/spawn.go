@@ -120,9 +120,10 @@ func runHooks(kind string, hooks []specs.Hook, st *specs.State, dir string) erro
 	return nil
 }
 
-// runHooksWarn runs every hook in order, as poststart and poststop hooks
-// are run: a failed one is passed to warn and the rest still run.
-func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, warn func(error)) {
+// runHooksWarn runs every hook in order, in the directory dir ("": the
+// runtime's), as poststart and poststop hooks are run: a failed one is
+// passed to warn and the rest still run.
+func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, dir string, warn func(error)) {
 	if len(hooks) == 0 {
 		return
 	}
@@ -132,7 +133,7 @@ func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, warn func(er
 		return
 	}
 	for _, h := range hooks {
-		if err := runHook(h, b, ""); err != nil {
+		if err := runHook(h, b, dir); err != nil {
 			warn(fmt.Errorf("%s hook %s: %w", kind, h.Path, err))
 		}
 	}
