@@ -1,7 +1,6 @@
 package devspec
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -11,6 +10,7 @@ import (
 
 	"github.com/krun-core/krun-core/devopts"
 	"github.com/krun-core/krun-core/guest/stdioframe"
+	"github.com/krun-core/krun-core/internal/stdiopump"
 )
 
 // ConsoleSpec is the stdio console of `krun-core run -- CMD`: a
@@ -91,42 +91,29 @@ func HandOver(f *os.File, name string, access int) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flags: %w", err)
 	}
-	reopen := st.Mode&unix.S_IFMT == unix.S_IFIFO
-	if st.Mode&unix.S_IFMT == unix.S_IFCHR {
-		// A terminal only: opening another device again can act on it
-		// (a tape rewinds at close). Not a pty's master: opening it
-		// again (/dev/ptmx, /dev/pts/ptmx) makes a new pty; nor
-		// /dev/tty, which names whatever terminal controls the opener
-		// (found in review).
-		_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-		_, master := unix.IoctlGetInt(int(f.Fd()), unix.TIOCGPTN)
-		reopen = err == nil && master != nil && st.Rdev != unix.Mkdev(5, 0)
-	}
+	// A FIFO, or a terminal (stdiopump.ReopenableTerminal: not a pty's
+	// master, not /dev/tty; another device is never opened again).
+	reopen := st.Mode&unix.S_IFMT == unix.S_IFIFO || (st.Mode&unix.S_IFMT == unix.S_IFCHR && stdiopump.ReopenableTerminal(f))
 	if st.Mode&unix.S_IFMT == unix.S_IFREG && fl&unix.O_ACCMODE == unix.O_RDWR && access&unix.O_ACCMODE != unix.O_RDWR {
 		// A regular file the shell opened `<>` and the plugin only
 		// reads (stdin) or writes: a duplicate would give it both
 		// (left open by helper-128). A description of its own with
 		// the narrower access, at f's offset; that offset is then no
 		// longer shared, which only such a file gives up.
-		if c, err := reopenRegular(f, &st, fl, access&unix.O_ACCMODE, name); err == nil {
+		if c, err := reopenRegular(f, fl, access&unix.O_ACCMODE, name); err == nil {
 			return c, nil
 		}
 	}
 	if reopen {
 		// Non-blocking, so that a FIFO's open cannot wait for its
 		// other end; the flags are set as f's once it is open.
-		path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
 		mode := fl & unix.O_ACCMODE
 		if mode == unix.O_RDWR {
 			mode = access & unix.O_ACCMODE
 		}
-		fd, err := unix.Open(path, mode|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
-		if err == nil {
-			var got unix.Stat_t
-			if unix.Fstat(fd, &got) == nil && got.Dev == st.Dev && got.Ino == st.Ino && got.Rdev == st.Rdev {
-				if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_ASYNC); err == nil {
-					return os.NewFile(uintptr(fd), name), nil
-				}
+		if fd, err := stdiopump.Reopen(f, mode|unix.O_NONBLOCK); err == nil {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_ASYNC); err == nil {
+				return os.NewFile(uintptr(fd), name), nil
 			}
 			unix.Close(fd)
 		}
@@ -138,23 +125,16 @@ func HandOver(f *os.File, name string, access int) (*os.File, error) {
 	return os.NewFile(uintptr(fd), name), nil
 }
 
-// reopenRegular opens the regular file f again through /proc/self/fd with
-// the access mode mode and f's status flags, at f's offset, checking that
-// it is the same file.
-func reopenRegular(f *os.File, st *unix.Stat_t, fl, mode int, name string) (*os.File, error) {
+// reopenRegular opens the regular file f again (stdiopump.Reopen) with
+// the access mode mode and f's status flags, at f's offset.
+func reopenRegular(f *os.File, fl, mode int, name string) (*os.File, error) {
 	off, err := unix.Seek(int(f.Fd()), 0, io.SeekCurrent)
 	if err != nil {
 		return nil, err
 	}
-	path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
-	fd, err := unix.Open(path, mode|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	fd, err := stdiopump.Reopen(f, mode)
 	if err != nil {
 		return nil, err
-	}
-	var got unix.Stat_t
-	if err := unix.Fstat(fd, &got); err != nil || got.Dev != st.Dev || got.Ino != st.Ino {
-		unix.Close(fd)
-		return nil, errors.New("not the same file")
 	}
 	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_ASYNC); err != nil {
 		unix.Close(fd)

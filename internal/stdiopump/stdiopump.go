@@ -74,23 +74,11 @@ func NewInput(src *os.File) (*Input, *os.File, error) {
 // that cannot be opened again (another user's), a pty's master (opening
 // it again makes a new pty) or /dev/tty: Run then reads src itself.
 func ownReader(src *os.File) *os.File {
-	if src == nil || !IsTerminal(src) {
+	if src == nil || !ReopenableTerminal(src) {
 		return nil
 	}
-	var st unix.Stat_t
-	if unix.Fstat(int(src.Fd()), &st) != nil || st.Rdev == unix.Mkdev(5, 0) {
-		return nil
-	}
-	if _, err := unix.IoctlGetInt(int(src.Fd()), unix.TIOCGPTN); err == nil {
-		return nil // a pty's master
-	}
-	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", src.Fd()), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	fd, err := Reopen(src, unix.O_RDONLY|unix.O_NONBLOCK)
 	if err != nil {
-		return nil
-	}
-	var got unix.Stat_t
-	if unix.Fstat(fd, &got) != nil || got.Rdev != st.Rdev || got.Ino != st.Ino || got.Dev != st.Dev {
-		unix.Close(fd)
 		return nil
 	}
 	return os.NewFile(uintptr(fd), src.Name())
