@@ -10,7 +10,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -19,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/internal/stdiopump"
+	"github.com/krun-core/krun-core/sandbox"
 )
 
 // Hidden sub-commands: the detached processes create and exec start.
@@ -224,18 +224,9 @@ func runMonitor(g *globals, args []string, env *Env) int {
 // it), where runc's container process closes them (found in review,
 // helper-140).
 func closeInherited(first int) {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil || fd < first {
-			continue
-		}
-		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
-			unix.Close(fd)
-		}
+	fds, _ := sandbox.InheritedFDs(first)
+	for _, fd := range fds {
+		unix.Close(fd)
 	}
 }
 
