@@ -467,24 +467,25 @@ func (c LaunchConfig) prepare(cmd *exec.Cmd) (watch func(started bool), err erro
 	// 0700 or 0750 (or a krun-sandbox-exec so installed) failed every
 	// launch with a bare "fork/exec /proc/self/exe: permission denied"
 	// (found in review, helper-143).
-	if trampFile != nil && c.Trampoline == "" {
+	if trampFile != nil {
 		if why := execBlocked(trampFile, privileged, uid, gid); why != "" {
+			if c.Trampoline != "" {
+				return nil, fmt.Errorf("sandbox: trampoline %s %s; make it executable by them (mode 0755)", trampFile.Name(), why)
+			}
 			log.Debug("krun-sandbox-exec next to krun-core is not usable: the plugins start through krun-core itself", "path", trampFile.Name(), "why", why)
 			trampFile.Close()
 			trampFile = nil
 		}
 	}
-	if trampFile != nil {
-		if why := execBlocked(trampFile, privileged, uid, gid); why != "" {
-			return nil, fmt.Errorf("sandbox: trampoline %s %s; make it executable by them (mode 0755)", trampFile.Name(), why)
-		}
-	} else if self, serr := os.OpenFile("/proc/self/exe", unix.O_PATH|unix.O_CLOEXEC, 0); serr == nil {
-		why := execBlocked(self, privileged, uid, gid)
-		self.Close()
-		if why != "" {
-			name, _ := os.Executable()
-			return nil, fmt.Errorf("sandbox: krun-core's own binary %s %s, and plugins start through it (the sandbox's trampoline); make it executable by them (mode 0755), or install %s, executable by them, next to it",
-				name, why, TrampolineName)
+	if trampFile == nil {
+		if self, serr := os.OpenFile("/proc/self/exe", unix.O_PATH|unix.O_CLOEXEC, 0); serr == nil {
+			why := execBlocked(self, privileged, uid, gid)
+			self.Close()
+			if why != "" {
+				name, _ := os.Executable()
+				return nil, fmt.Errorf("sandbox: krun-core's own binary %s %s, and plugins start through it (the sandbox's trampoline); make it executable by them (mode 0755), or install %s, executable by them, next to it",
+					name, why, TrampolineName)
+			}
 		}
 	}
 	var dirFDs []int
