@@ -172,11 +172,17 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	// "/proc/PID/root" (at most 18), and a unix socket path has room for
 	// 107. The directory's name has a fixed width (newSockDir), so the
 	// same base fits every time or never.
-	if len(p.sockDir)+39+18 > 107 {
+	const sockDirRoom = 107 - 39 - 18
+	if len(p.sockDir) > sockDirRoom {
 		p.removeSockDir()
-		room := 107 - 39 - 18 - (len(p.sockDir) - len(filepath.Clean(base)))
+		clean := filepath.Clean(base)
+		room := sockDirRoom - (len(p.sockDir) - len(clean))
+		hint := ""
+		if where != "" {
+			hint = " (TMPDIR=/tmp)"
+		}
 		return nil, fmt.Errorf("plugin %s: socket directory %s is too long for a unix socket path: %s%s has %d bytes, at most %d fit for this plugin; use a shorter one%s",
-			cfg.Kind, p.sockDir, where, filepath.Clean(base), len(filepath.Clean(base)), max(room, 0), map[bool]string{true: " (TMPDIR=/tmp)"}[where != ""])
+			cfg.Kind, p.sockDir, where, clean, len(clean), max(room, 0), hint)
 	}
 
 	// A root launcher shares a group with its plugin for the plugin's
