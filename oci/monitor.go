@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -18,7 +19,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/internal/stdiopump"
-	"github.com/krun-core/krun-core/sandbox"
 )
 
 // Hidden sub-commands: the detached processes create and exec start.
@@ -224,9 +224,18 @@ func runMonitor(g *globals, args []string, env *Env) int {
 // it), where runc's container process closes them (found in review,
 // helper-140).
 func closeInherited(first int) {
-	fds, _ := sandbox.InheritedFDs(first)
-	for _, fd := range fds {
-		unix.Close(fd)
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < first {
+			continue
+		}
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			unix.Close(fd)
+		}
 	}
 }
 

@@ -706,30 +706,13 @@ func (c LaunchConfig) logger() Logger {
 // Go opens everything close-on-exec, but fds inherited by the launcher from
 // its own parent are not, and os/exec would pass them to the plugin.
 func markFDsCloseOnExec() error {
-	fds, err := InheritedFDs(3)
+	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		return err
 	}
-	for _, fd := range fds {
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
-			return fmt.Errorf("set close-on-exec on fd %d: %w", fd, err)
-		}
-	}
-	return nil
-}
-
-// InheritedFDs lists this process's descriptors from first on that lack
-// close-on-exec: every descriptor Go opens has it, so these came from the
-// process's parent (or were handed on on purpose).
-func InheritedFDs(first int) ([]int, error) {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return nil, err
-	}
-	var fds []int
 	for _, e := range ents {
 		fd, err := strconv.Atoi(e.Name())
-		if err != nil || fd < first {
+		if err != nil || fd <= 2 {
 			continue
 		}
 		flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
@@ -737,10 +720,12 @@ func InheritedFDs(first int) ([]int, error) {
 			continue // the directory fd of ReadDir, closed by now
 		}
 		if flags&unix.FD_CLOEXEC == 0 {
-			fds = append(fds, fd)
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, flags|unix.FD_CLOEXEC); err != nil {
+				return fmt.Errorf("set close-on-exec on fd %d: %w", fd, err)
+			}
 		}
 	}
-	return fds, nil
+	return nil
 }
 
 // Verify checks from outside that a running plugin (pid as seen by the
