@@ -86,6 +86,9 @@ path=a,,b.img, as in QEMU):
 // powers off or reboots.
 func runCommand(args []string, stdout, stderr io.Writer) int {
 	catchSIGPIPE()
+	pipes := &outputPipes{}
+	defer pipes.close()
+	stdout, stderr = pipes.lock(stdout), pipes.lock(stderr)
 	fs := cli.NewFlags("krun-core run", runSynopsis)
 	var (
 		kernel    = fs.String("kernel", "", "the Linux bzImage `FILE` to boot (default: $KRUN_KERNEL, /boot/vmlinuz-$(uname -r), then the kernel make kernel fetched)")
@@ -234,7 +237,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			return fail("%v", err)
 		}
 		if term, ttyIn, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
-			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, ports: ports, tty: *tty, noStdin: *noStdin, stdout: stdout, stderr: stderr}); err != nil {
+			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, ports: ports, tty: *tty, noStdin: *noStdin, stdout: stdout, stderr: stderr, pipes: pipes}); err != nil {
 			return fail("%v", err)
 		}
 		if *modules != "" {

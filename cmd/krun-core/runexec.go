@@ -32,6 +32,7 @@ type execOptions struct {
 	tty               string   // auto, on or off
 	noStdin           bool     // --no-stdin: the command's input is empty
 	stdout, stderr    io.Writer
+	pipes             *outputPipes // where stdout and stderr are not files; closed by the caller
 }
 
 // terminal is krun-core's stdin when it is a terminal: the command gets one
@@ -95,11 +96,11 @@ func setupExec(c *vmm.Context, o execOptions) (*terminal, *stdiopump.Input, erro
 			return nil, nil, flagError("--port", err)
 		}
 	}
-	stdout, err := fileOf(o.stdout)
+	stdout, err := o.pipes.fileOf(o.stdout)
 	if err != nil {
 		return nil, nil, err
 	}
-	stderr, err := fileOf(o.stderr)
+	stderr, err := o.pipes.fileOf(o.stderr)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -140,24 +141,6 @@ func flagError(flag string, err error) error {
 		msg = strings.TrimPrefix(msg, p)
 	}
 	return fmt.Errorf("%s: %s", flag, msg)
-}
-
-// fileOf returns w as a file the console plugin can inherit. krun-core's
-// own stdout and stderr are files; anything else (a test's buffer) gets a
-// pipe copied into it.
-func fileOf(w io.Writer) (*os.File, error) {
-	if f, ok := w.(*os.File); ok {
-		return f, nil
-	}
-	r, pw, err := os.Pipe()
-	if err != nil {
-		return nil, err
-	}
-	go func() {
-		io.Copy(w, r)
-		r.Close()
-	}()
-	return pw, nil
 }
 
 // commandSignaller is what forwardSignals needs of the VM (*vmm.Context).

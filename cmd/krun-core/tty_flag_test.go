@@ -48,7 +48,9 @@ func TestTTYFlag(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			os.Stdin = tc.stdin
 			var out bytes.Buffer
-			term, in, err := setupExec(vmm.NewContext(nil), execOptions{root: root, command: []string{"/bin/sh"}, tty: tc.mode, noStdin: tc.noStdin, stdout: &out, stderr: &out})
+			pipes := &outputPipes{}
+			defer pipes.close()
+			term, in, err := setupExec(vmm.NewContext(nil), execOptions{root: root, command: []string{"/bin/sh"}, tty: tc.mode, noStdin: tc.noStdin, stdout: &out, stderr: &out, pipes: pipes})
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("setupExec: %v, want %q", err, tc.err)
