@@ -266,7 +266,11 @@ func (s *Server) opRead(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.putHandle(h)
-	size := min(uint64(in.Size), r.room())
+	// Clamped to the reply area and to maxRead: no guest that keeps to
+	// INIT's max_pages asks for more, and the reply area alone (up to
+	// 4 GiB of guest buffers) let one READ read that much (found in
+	// review, helper-141).
+	size := min(uint64(in.Size), s.maxRead, r.room())
 	if !r.begin() {
 		return unix.ENOBUFS
 	}
@@ -292,7 +296,9 @@ func (s *Server) opWrite(r *request) unix.Errno {
 	if err != nil {
 		return unix.EINVAL
 	}
-	if uint64(in.Size) > r.data {
+	if uint64(in.Size) > r.data || in.Size > s.maxWrite {
+		// More than INIT's max_write: no guest that kept to it sends
+		// that (the message's length alone bounded it, at 4 GiB).
 		return unix.EINVAL
 	}
 	if e := checkOffset(in.Offset, uint64(in.Size)); e != 0 {

@@ -48,6 +48,11 @@ const (
 	DefaultMaxNodes   = 1 << 20
 	DefaultMaxHandles = 1 << 16
 	maxMaxWrite       = 1 << 24
+	// maxGuestPage is the largest page a Linux guest uses (arm64 and
+	// ppc64 with 64 KiB pages). Linux sizes a READ by max_pages pages of
+	// its own size, so max_pages * maxGuestPage bounds what a guest may
+	// ask for in one READ (Server.maxRead).
+	maxGuestPage = 64 << 10
 	// fdReserve is what the fd budget leaves the rest of the process:
 	// its own descriptors (streams, sockets, logging) and what the
 	// vhost-user back-end holds, which sizes itself from the same
@@ -138,7 +143,11 @@ type Server struct {
 	entryTO        timeout
 	attrTO         timeout
 	maxWrite       uint32
-	noXattr        bool
+	// maxRead is the largest READ served: max_pages (maxWrite / 4 KiB,
+	// what INIT tells the guest) pages of maxGuestPage; a larger one is
+	// served that much, as one larger than its reply area is.
+	maxRead uint64
+	noXattr bool
 
 	canChown   bool
 	euid, egid uint32
@@ -258,6 +267,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		entryTO:    mkTimeout(cfg.EntryTimeout),
 		attrTO:     mkTimeout(cfg.AttrTimeout),
 		maxWrite:   maxWrite,
+		maxRead:    uint64(maxWrite/4096) * maxGuestPage,
 		noXattr:    cfg.NoXattr,
 		euid:       uint32(unix.Geteuid()),
 		egid:       uint32(unix.Getegid()),
