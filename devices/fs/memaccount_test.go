@@ -14,7 +14,8 @@ import (
 
 // recomputeMemLocked recomputes what t.mem should be from every node the
 // table can still reach (maps, handles, aliases' parents, plus extra nodes
-// a caller knows are held), and checks structural invariants.
+// a caller knows are held) and every open handle, and checks structural
+// invariants.
 func recomputeMemLocked(tb testing.TB, t *table, extra []*node) int64 {
 	tb.Helper()
 	seen := map[*node]bool{}
@@ -42,6 +43,12 @@ func recomputeMemLocked(tb testing.TB, t *table, extra []*node) int64 {
 		add(n)
 	}
 	var mem int64
+	for _, h := range t.handles {
+		mem += handleCost(h.dir != nil)
+	}
+	if t.reserved != 0 {
+		tb.Fatalf("%d handle slots reserved with no request in flight", t.reserved)
+	}
 	for len(work) > 0 {
 		n := work[len(work)-1]
 		work = work[:len(work)-1]
@@ -77,9 +84,10 @@ func checkMem(tb testing.TB, t *table, step string, extra ...*node) {
 }
 
 // TestMemChargeMatchesTableRandomOps drives random LOOKUP/LINK/RENAME/
-// UNLINK/FORGET/CREATE/INIT sequences (and host-side renames/links the
-// guest does not see) and checks table.mem against a recomputation after
-// every step, with a small budget so that the budget paths run too.
+// UNLINK/FORGET/CREATE/OPENDIR/RELEASEDIR/INIT sequences (and host-side
+// renames/links the guest does not see) and checks table.mem against a
+// recomputation after every step, with a small budget so that the budget
+// paths run too.
 func TestMemChargeMatchesTableRandomOps(t *testing.T) {
 	for seed := int64(1); seed <= 20; seed++ {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
@@ -98,6 +106,8 @@ func TestMemChargeMatchesTableRandomOps(t *testing.T) {
 			// ids the guest holds, with their lookup counts
 			held := map[uint64]uint64{}
 			dirID := map[string]uint64{"": fuse.RootID}
+			type dirHandle struct{ node, fh uint64 }
+			var dirHandles []dirHandle
 			rel := func(d, n string) string {
 				if d == "" {
 					return n
@@ -116,7 +126,7 @@ func TestMemChargeMatchesTableRandomOps(t *testing.T) {
 				d, did := pickDir()
 				n := names[rng.Intn(len(names))]
 				var what string
-				switch op := rng.Intn(12); op {
+				switch op := rng.Intn(13); op {
 				case 0, 1: // LOOKUP a dir or a file
 					if rng.Intn(2) == 0 && d != "a/c" {
 						for _, sub := range dirs[1:] {
@@ -196,6 +206,7 @@ func TestMemChargeMatchesTableRandomOps(t *testing.T) {
 						must(t, "INIT", err)
 						held = map[uint64]uint64{}
 						dirID = map[string]uint64{"": fuse.RootID}
+						dirHandles = nil
 						what = "INIT"
 					} else {
 						e.c.Mkdir(did, n, 0o755)
@@ -216,6 +227,7 @@ func TestMemChargeMatchesTableRandomOps(t *testing.T) {
 					must(t, "INIT", err)
 					held = map[uint64]uint64{}
 					dirID = map[string]uint64{"": fuse.RootID}
+					dirHandles = nil
 					checkMem(t, e.s.t, "INIT with a request in flight", p)
 					var st unix.Stat_t
 					if m, errno := e.s.lookupName(p, n, &st); errno == 0 {
@@ -223,6 +235,19 @@ func TestMemChargeMatchesTableRandomOps(t *testing.T) {
 					}
 					e.s.t.put(p)
 					what = "in-flight LOOKUP across INIT"
+				case 12: // OPENDIR (a listing read partly) or RELEASEDIR
+					if len(dirHandles) > 0 && rng.Intn(2) == 0 {
+						k := rng.Intn(len(dirHandles))
+						e.c.Release(dirHandles[k].node, dirHandles[k].fh, true)
+						dirHandles = append(dirHandles[:k], dirHandles[k+1:]...)
+						what = "RELEASEDIR"
+						break
+					}
+					if dh, err := e.c.Opendir(did); err == nil {
+						e.c.Readdir(did, dh, 0, 128)
+						dirHandles = append(dirHandles, dirHandle{did, dh})
+					}
+					what = "OPENDIR " + d
 				}
 				checkMem(t, e.s.t, fmt.Sprintf("step %d: %s", step, what))
 			}

@@ -38,6 +38,25 @@ const (
 	aliasCharge = 160 + 255
 )
 
+// What an open handle is charged against the same budget (handleCost):
+// a file handle its struct and map entry, a directory handle the
+// getdents64 buffer it keeps (dirBufSize) on top. Directory buffers were
+// not counted: a guest that opened directories and read each partly
+// pinned 16 KiB of heap per handle beyond the budget, up to MaxHandles
+// (found in review, helper-141). TestHandleCharges measures both.
+const (
+	handleCharge    = 192
+	dirHandleCharge = handleCharge + dirBufSize + 64
+)
+
+// handleCost is what a handle is charged: dir says it is a directory's.
+func handleCost(dir bool) int64 {
+	if dir {
+		return dirHandleCharge
+	}
+	return handleCharge
+}
+
 // node is one inode the guest knows (or that something still pins).
 //
 // The guest's references are counted in lookups (LOOKUP, CREATE, MKNOD,
@@ -104,6 +123,9 @@ type handle struct {
 	// through whichever writable handle the kernel picks) must still land
 	// at its offset; see opWrite.
 	appends bool
+	// charge is what the handle is charged against the memory budget
+	// (handleCost) until its last reference goes.
+	charge int64
 
 	// mu serializes directory reads on one handle (the stream position).
 	mu sync.Mutex
@@ -134,8 +156,9 @@ type table struct {
 	open     int  // nodes with an fd (root excluded)
 	evicted  uint64
 	maxNodes int // nodes in the table
-	// mem is what the nodes and their names are charged (nodeCharge,
-	// aliasCharge); maxMem bounds it (memBudgetFor).
+	// mem is what the nodes, their names and the handles are charged
+	// (nodeCharge, aliasCharge, handleCost); maxMem bounds it
+	// (memBudgetFor).
 	mem, maxMem int64
 	maxOpen     int // O_PATH fds held at once (beyond it, idle ones are closed)
 	maxHandles  int
@@ -716,37 +739,42 @@ func (t *table) forgetPinned(n *node) {
 	t.maybeFreeLocked(n)
 }
 
-// reserveHandle promises the request one handle slot, or answers ENFILE
-// at MaxHandles. OPEN, CREATE and OPENDIR reserve before they touch the
-// host: an OPEN with O_TRUNC truncated the file and then found no room
-// for its handle, so the guest's open failed and its file was emptied all
-// the same (found in review). The slot is taken by addHandle or given
-// back with cancelHandle.
-func (t *table) reserveHandle() unix.Errno {
+// reserveHandle promises the request one handle slot, a directory's
+// (dir) or a file's, and its charge against the memory budget, or
+// answers ENFILE at MaxHandles or with the budget spent. OPEN, CREATE and
+// OPENDIR reserve before they touch the host: an OPEN with O_TRUNC
+// truncated the file and then found no room for its handle, so the
+// guest's open failed and its file was emptied all the same (found in
+// review). The slot is taken by addHandle or given back with
+// cancelHandle.
+func (t *table) reserveHandle(dir bool) unix.Errno {
 	t.mu.Lock()
 	defer t.unlock()
-	if len(t.handles)+t.reserved >= t.maxHandles {
+	if len(t.handles)+t.reserved >= t.maxHandles || t.mem+handleCost(dir) > t.maxMem {
 		return unix.ENFILE
 	}
 	t.reserved++
+	t.mem += handleCost(dir)
 	return 0
 }
 
-// cancelHandle gives back a slot reserveHandle promised and that will not
-// be used.
-func (t *table) cancelHandle() {
+// cancelHandle gives back a slot reserveHandle(dir) promised and that
+// will not be used.
+func (t *table) cancelHandle(dir bool) {
 	t.mu.Lock()
 	t.reserved--
+	t.mem -= handleCost(dir)
 	t.unlock()
 }
 
 // addHandle registers an open fd for node n (which it pins) in the slot
-// reserveHandle promised; oflags are the flags fd was opened with.
+// reserveHandle promised (a directory's when dir is not nil); oflags are
+// the flags fd was opened with.
 func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) uint64 {
 	t.mu.Lock()
 	defer t.unlock()
 	t.reserved--
-	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir,
+	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir, charge: handleCost(dir != nil),
 		writable: oflags&unix.O_ACCMODE != unix.O_RDONLY, appends: oflags&unix.O_APPEND != 0}
 	t.nextFh++
 	n.pins++
@@ -795,6 +823,7 @@ func (t *table) putHandleLocked(h *handle) {
 	}
 	t.closeLater(h.fd)
 	h.fd = -1
+	t.mem -= h.charge
 	h.node.pins--
 	t.maybeFreeLocked(h.node)
 }

@@ -35,12 +35,12 @@ func (s *Server) opOpendir(r *request) unix.Errno {
 	if !n.isDir() {
 		return unix.ENOTDIR
 	}
-	if e := s.t.reserveHandle(); e != 0 {
+	if e := s.t.reserveHandle(true); e != 0 {
 		return e
 	}
 	fd, err := s.reopenDir(n.fd)
 	if err != nil {
-		s.t.cancelHandle()
+		s.t.cancelHandle(true)
 		return errno(err)
 	}
 	fh := s.t.addHandle(fd, n, &dirStream{buf: make([]byte, dirBufSize)}, unix.O_RDONLY)

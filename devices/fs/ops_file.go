@@ -56,12 +56,12 @@ func (s *Server) opOpen(r *request) unix.Errno {
 	}
 	// The handle's slot is taken before the file is opened: a refusal
 	// (ENFILE) must come before O_TRUNC empties it.
-	if e := s.t.reserveHandle(); e != 0 {
+	if e := s.t.reserveHandle(false); e != 0 {
 		return e
 	}
 	fd, e := s.openNode(r, n, openFlags(flags))
 	if e != 0 {
-		s.t.cancelHandle()
+		s.t.cancelHandle(false)
 		return e
 	}
 	if int(flags)&unix.O_TRUNC != 0 {
@@ -70,7 +70,7 @@ func (s *Server) opOpen(r *request) unix.Errno {
 		reopen := func() (int, unix.Errno) { return s.openNode(r, n, unix.O_WRONLY) }
 		if e := s.truncateOpen(fd, flags, openFl, reopen); e != 0 {
 			unix.Close(fd)
-			s.t.cancelHandle()
+			s.t.cancelHandle(false)
 			return e
 		}
 	}
@@ -135,13 +135,13 @@ func (s *Server) opCreate(r *request) unix.Errno {
 	// guest, fall back to opening the existing file. The handle's slot and
 	// room for the node come first: a refusal leaves no file behind, and
 	// an existing one untruncated.
-	if e := s.t.reserveHandle(); e != 0 {
+	if e := s.t.reserveHandle(false); e != 0 {
 		return e
 	}
 	added := false
 	defer func() {
 		if !added {
-			s.t.cancelHandle()
+			s.t.cancelHandle(false)
 		}
 	}()
 	if e := s.t.roomForNew(parent, name); e != 0 {

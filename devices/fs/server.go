@@ -62,11 +62,11 @@ const (
 )
 
 // memBudgetFor is the node table's memory budget (table.maxMem: what its
-// nodes and names are charged, nodeCharge and aliasCharge) under a data
-// limit (RLIMIT_DATA, which the sandbox sets; RLIM_INFINITY for none):
-// half of seven eighths of the limit, since with GOGC=100 the heap grows
-// to twice the live data before a collection, and an eighth is left for
-// buffers. A guest that LOOKUPs without FORGET then gets ENFILE; with 2^20
+// nodes, names and open handles are charged, nodeCharge, aliasCharge and
+// handleCost) under a data limit (RLIMIT_DATA, which the sandbox sets;
+// RLIM_INFINITY for none): half of seven eighths of the limit, since with
+// GOGC=100 the heap grows to twice the live data before a collection, and
+// an eighth is left for per-request buffers. A guest that LOOKUPs without FORGET then gets ENFILE; with 2^20
 // nodes under the sandbox's 1 GiB it made the Go runtime run out of
 // memory, and the share died with the plugin (found in review). Under
 // 1 GiB that is about 700 000 nodes of one name each, 245 000 of four
