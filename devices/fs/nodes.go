@@ -708,24 +708,33 @@ func (t *table) unpinRef(n *node) {
 
 // getName takes the node known as name in parent, if any, like get: kept
 // open while a request unlinks or renames over the name, so that it stays
-// reachable through its fd once the name is gone.
-func (t *table) getName(parent uint64, name string) *node {
+// reachable through its fd once the name is gone. A node that cannot be
+// reopened for want of a descriptor (ENFILE at the fd budget's cap,
+// EMFILE) is that error, and the caller must not remove the name: the
+// node, closed and without it, could never be reopened, and every later
+// request by its id, for a file the guest may still have open, would be
+// ESTALE (found in review, helper-141). Any other failure (the name leads
+// to another file by now) is no node and no error.
+func (t *table) getName(parent uint64, name string) (*node, unix.Errno) {
 	t.mu.Lock()
 	n := t.names[dirent{parent, name}]
 	if n == nil {
 		t.unlock()
-		return nil
+		return nil, 0
 	}
 	n.pins++
 	t.unlock()
-	if t.acquire(n) != 0 {
+	if e := t.acquire(n); e != 0 {
 		t.mu.Lock()
 		n.pins--
 		t.maybeFreeLocked(n)
 		t.unlock()
-		return nil
+		if e == unix.ENFILE || e == unix.EMFILE {
+			return nil, e
+		}
+		return nil, 0
 	}
-	return n
+	return n, 0
 }
 
 // forgetPinned undoes known.

@@ -290,9 +290,11 @@ func (s *Server) opRemove(r *request, flags int) unix.Errno {
 		return e
 	}
 	defer s.t.put(parent)
-	if victim := s.t.getName(parent.id, name); victim != nil {
-		defer s.t.put(victim)
+	victim, e := s.t.getName(parent.id, name)
+	if e != 0 {
+		return e
 	}
+	defer s.t.put(victim)
 	if err := unix.Unlinkat(parent.fd, name, flags); err != nil {
 		return errno(err)
 	}
@@ -339,7 +341,13 @@ func (s *Server) opRename(r *request, v2 bool) unix.Errno {
 		return e
 	}
 	defer s.t.put(newParent)
-	if victim := s.t.getName(newParent.id, newName); victim != nil {
+	if flags&unix.RENAME_EXCHANGE == 0 {
+		// The node over which the rename goes must stay reachable; an
+		// exchange gives it the old name instead.
+		victim, e := s.t.getName(newParent.id, newName)
+		if e != 0 {
+			return e
+		}
 		defer s.t.put(victim)
 	}
 	if err := unix.Renameat2(oldParent.fd, oldName, newParent.fd, newName, uint(flags)); err != nil {
