@@ -238,11 +238,11 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 		}
 	}
 
-	if in.Valid&fuse.FattrMode != 0 {
-		if e := s.chmod(r, n, h, s.guestMode(n.typ, in.Mode)); e != 0 {
-			return e
-		}
-	}
+	// The mode goes after the owner and the size: a chown clears the
+	// set-id bits, and so does a truncate by a process without
+	// CAP_FSETID, so a mode asked for in the same request (with suid=on)
+	// lost them when it went first. One setattr of mode and owner gives
+	// the file the mode asked for on Linux (found in review, helper-141).
 	chowned := false
 	if in.Valid&(fuse.FattrUID|fuse.FattrGID) != 0 {
 		if err := unix.Fchownat(n.fd, "", uid, gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
@@ -260,6 +260,11 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 			return errno(err)
 		}
 	}
+	if in.Valid&fuse.FattrMode != 0 {
+		if e := s.chmod(r, n, h, s.guestMode(n.typ, in.Mode)); e != 0 {
+			return e
+		}
+	}
 	if ts[0].Nsec != unix.UTIME_OMIT || ts[1].Nsec != unix.UTIME_OMIT {
 		if err := unix.UtimesNanoAt(n.fd, "", ts[:], unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return errno(err)
@@ -269,9 +274,10 @@ func (s *Server) opSetattr(r *request) unix.Errno {
 	if err := statFd(n.fd, &st); err != nil {
 		return errno(err)
 	}
-	if k := killBits(st.Mode); chowned && k != 0 {
+	if k := killBits(st.Mode); chowned && in.Valid&fuse.FattrMode == 0 && k != 0 {
 		// A chown clears the set-id bits (the host kernel does so itself
-		// on local file systems; this covers the others).
+		// on local file systems; this covers the others), unless the
+		// request set the mode itself.
 		if e := s.chmod(r, n, h, st.Mode&07777&^k); e != 0 {
 			return e
 		}

@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"fmt"
 	"os"
 	"syscall"
 	"testing"
@@ -36,4 +37,46 @@ func TestSetattrRefusedChangesNothing(t *testing.T) {
 			t.Errorf("request refused with EINVAL, but the host file was truncated to %d bytes", st.Size())
 		}
 	})
+}
+
+// TestSetattrModeAfterOwner: a SETATTR that sets the mode and the owner
+// (or the size) in one request applied the mode first, then the chown
+// (or a truncate by a process without CAP_FSETID) cleared the set-id
+// bits it had just set, and the server cleared them again after the
+// chown: with suid=on the file did not get the mode asked for, which one
+// setattr of mode and owner gives on Linux (found in review, helper-141).
+// The mode now goes last; a chown alone still clears the bits, and a
+// nosuid share still strips them.
+func TestSetattrModeAfterOwner(t *testing.T) {
+	uid, gid := uint32(os.Geteuid()), uint32(os.Getegid()) // a chown anyone may do
+	for _, tc := range []struct {
+		name           string
+		host           uint32
+		in             fuse.SetattrIn
+		noFsetid       bool // run without CAP_FSETID, as the sandboxed plugin
+		nosuid, suidOn uint32
+	}{
+		{"mode 04755 and owner", 0o755, fuse.SetattrIn{Valid: fuse.FattrMode | fuse.FattrUID | fuse.FattrGID, Mode: 0o4755, UID: uid, GID: gid}, false, 0o755, 0o4755},
+		{"mode 06755 and group", 0o755, fuse.SetattrIn{Valid: fuse.FattrMode | fuse.FattrGID, Mode: 0o6755, GID: gid}, false, 0o755, 0o6755},
+		{"mode 04755 and size, no CAP_FSETID", 0o755, fuse.SetattrIn{Valid: fuse.FattrMode | fuse.FattrSize, Mode: 0o4755, Size: 3}, true, 0o755, 0o4755},
+		{"owner alone of a 06755 file", 0o6755, fuse.SetattrIn{Valid: fuse.FattrUID | fuse.FattrGID, UID: uid, GID: gid}, false, 0o755, 0o755},
+	} {
+		for _, suidOn := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s suid=%v", tc.name, suidOn), func(t *testing.T) {
+				if tc.noFsetid {
+					dropFsetid(t)
+				}
+				e := newEnv(t, 0, func(c *ServerConfig) { c.AllowSetID = suidOn })
+				hostFile(t, e.path("f"), tc.host)
+				p, reply := setattrF("f", tc.in)(t, e)
+				want := tc.nosuid
+				if suidOn {
+					want = tc.suidOn
+				}
+				if got := hostPerm(t, e.path(p)); got != want || reply&07777 != want {
+					t.Errorf("host file has mode %04o, reply %04o, want %04o", got, reply&07777, want)
+				}
+			})
+		}
+	}
 }
