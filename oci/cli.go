@@ -1053,11 +1053,12 @@ func deleteContainer(g *globals, id string, force bool) error {
 			return fmt.Errorf("the monitor of %s (pid %d) did not end", id, c.Rec.Pid)
 		}
 	}
+	var poststop []specs.Hook
 	if plan, err := readPlan(c.Dir); err == nil && plan.Hooks != nil {
-		state := c.ociState(specs.StateStopped)
-		state.Pid = c.Rec.Pid // hooks learn which process the container was
-		runHooksWarn("poststop", plan.Hooks.Poststop, &state.State, "", func(err error) { g.log.warn("%v", err) })
+		poststop = plan.Hooks.Poststop
 	}
+	state := c.ociState(specs.StateStopped)
+	state.Pid = c.Rec.Pid // hooks learn which process the container was
 	// What is left in the cgroup (plugins or passt whose monitor died)
 	// is killed, unless the container was stopped and another container
 	// of this store has taken the cgroup over since: a stopped one's
@@ -1067,7 +1068,19 @@ func deleteContainer(g *globals, id string, force bool) error {
 	if err := removeCgroup(c.Rec.Cgroup, kill); err != nil {
 		g.log.warn("%v", err)
 	}
-	return c.Remove()
+	// The poststop hooks run once the container is gone and its lock
+	// released, as runc's destroy runs them after removing the cgroup
+	// and the state: a slow or hanging hook held the lock, and a kill,
+	// a second delete (the hook's own included, which deadlocked until
+	// the hook's timeout) or a create of the same ID waited for it
+	// (found in review, helper-140/145). A delete meanwhile finds no
+	// container, so the hooks run once.
+	rmErr := c.Remove()
+	if rmErr != nil && c.holdsPlan() {
+		return rmErr // still there: a later delete runs the hooks
+	}
+	runHooksWarn("poststop", poststop, &state.State, "", func(err error) { g.log.warn("%v", err) })
+	return rmErr
 }
 
 // createUndoWait is how long a forced delete waits for a create whose

@@ -406,6 +406,13 @@ func (c *Container) Remove() error {
 	return nil
 }
 
+// holdsPlan reports whether the container's directory, under its ID's
+// name, still holds the plan (a removal that failed before it).
+func (c *Container) holdsPlan() bool {
+	_, err := os.Lstat(filepath.Join(c.Dir, planFile))
+	return err == nil
+}
+
 func writeFileAtomic(path string, b []byte, mode os.FileMode) error {
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, mode); err != nil {
