@@ -455,8 +455,16 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 			return nil, err
 		}
 	}
+	// A create ended by a signal (a shim's timeout, a closed terminal)
+	// undoes itself: its state would otherwise stay, "creating", and
+	// list would show a container nobody made. Caught from before the
+	// state directory takes its name, so that none arriving meanwhile
+	// leaves it behind.
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
 	c, err := g.store.Create(id)
 	if err != nil {
+		signal.Stop(sigc)
 		return nil, err
 	}
 	// Missing mount points are made here, with the runtime's rights: the
@@ -469,24 +477,32 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		// stateMu is held while create makes what undo removes (the
 		// record and plan, the monitor's start), and by undo: a signal
 		// never undoes half of a step, nor races a step still to come.
-		stateMu  sync.Mutex
-		ok       = false
-		undoOnce sync.Once
+		stateMu sync.Mutex
+		ok      = false
+		// finished, under stateMu, says create has succeeded or undone
+		// itself: a signal after it changes nothing.
+		finished = false
 	)
-	// undo removes what create made: the monitor, the cgroup, the state.
-	// Called with stateMu held.
+	// undo removes what create made: the monitor, the cgroup, the state,
+	// then runs the poststop hooks. Called with stateMu held.
 	undo := func() {
 		if monitor != nil {
 			monitor.Kill()
 			waitDead(monitor.Pid, 0, 5*time.Second)
 		}
+		removeCgroup(c.Rec.Cgroup, true)
+		c.Remove()
 		// The container existed: its poststop hooks run, as runc's
 		// destroy runs them for a create that failed, and as the
 		// runtime-spec's lifecycle goes on after a failed prestart or
 		// createRuntime hook. They undo what the earlier hooks set up
 		// (a CNI hook's address, released at poststop), which no
 		// delete would release once the state is gone (found in
-		// review, helper-140).
+		// review, helper-140). They run once the cgroup and the state
+		// are gone and the lock released, as runc's destroy runs them
+		// and as delete does: a delete or kill of the ID, a hook's own
+		// included, does not wait for them (found in review,
+		// helper-140/145).
 		if h := plan.Hooks; h != nil && len(h.Poststop) > 0 {
 			st := specs.State{Version: specs.Version, ID: id, Status: specs.StateStopped, Bundle: plan.Bundle, Annotations: spec.Annotations}
 			if monitor != nil {
@@ -496,33 +512,37 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 			// destroy in its create, which changed into the bundle).
 			runHooksWarn("poststop", h.Poststop, &st, plan.Bundle, func(err error) { g.log.warn("%v", err) })
 		}
-		removeCgroup(c.Rec.Cgroup, true)
-		c.Remove()
 	}
-	// A create ended by a signal (a shim's timeout, a closed terminal)
-	// undoes itself too: its state would otherwise stay, "creating", and
-	// list would show a container nobody made.
-	sigc, created := make(chan os.Signal, 1), make(chan struct{})
-	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
+	created := make(chan struct{})
 	go func() {
 		select {
 		case s := <-sigc:
 			stateMu.Lock() // kept: create makes nothing more
-			undoOnce.Do(undo)
+			if finished {
+				stateMu.Unlock()
+				return
+			}
+			undo()
 			os.Exit(128 + int(s.(unix.Signal)))
 		case <-created:
 		}
 	}()
 	defer func() {
+		// The signals stay caught until a failed create has undone
+		// itself: one meanwhile (a caller giving up on the poststop
+		// hooks with SIGTERM) ended it half-way, its cgroup and state
+		// left behind.
+		stateMu.Lock()
+		if !ok {
+			undo()
+		}
+		finished = true
+		stateMu.Unlock()
 		signal.Stop(sigc)
 		close(created)
 		if ok {
 			c.Unlock()
-			return
 		}
-		stateMu.Lock()
-		undoOnce.Do(undo)
-		stateMu.Unlock()
 	}()
 	stateMu.Lock()
 	c.Rec = Record{ID: id, Bundle: plan.Bundle, Rootfs: plan.Root, Created: time.Now().UTC(),

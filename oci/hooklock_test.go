@@ -1,14 +1,15 @@
 package oci
 
-// The poststop hooks of a delete run once the container is gone and its
-// lock released, as runc's destroy runs them (from review,
-// helper-140/145).
+// The poststop hooks of a delete and of a create that fails or is ended
+// by a signal run once the container is gone and its lock released, as
+// runc's destroy runs them (from review, helper-140/145).
 
 import (
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -81,5 +82,96 @@ func TestDeleteRunsPoststopHooksUnlocked(t *testing.T) {
 	}
 	if _, _, code := r.run(nil, nil, "state", "dp"); code == 0 {
 		t.Error("the container is still there after delete")
+	}
+}
+
+// TestFailedCreateRunsPoststopHooksUnlocked: a create that fails, or is
+// ended by SIGTERM or SIGINT (a shim's timeout, ^C), ran its poststop
+// hooks holding the container's lock, its state and cgroup still there;
+// a SIGTERM while a failed create ran them ended it at once (its signals
+// no longer caught), its state left behind. It now removes the cgroup and
+// the state first, then runs the hooks unlocked, and a signal meanwhile
+// does not cut that short.
+func TestFailedCreateRunsPoststopHooksUnlocked(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// failing: a createRuntime hook that fails (else one that is
+		// ended by sig while it runs).
+		failing bool
+		sig     syscall.Signal
+		// sigInPoststop: the signal comes while the poststop hooks run.
+		sigInPoststop bool
+	}{
+		{"createRuntime-fails", true, 0, false},
+		{"SIGTERM", false, syscall.SIGTERM, false},
+		{"SIGINT", false, syscall.SIGINT, false},
+		{"SIGTERM-during-poststop", true, syscall.SIGTERM, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRT(t)
+			dir := t.TempDir()
+			probe, count := filepath.Join(dir, "probe"), filepath.Join(dir, "count")
+			started, poststop := filepath.Join(dir, "started"), filepath.Join(dir, "poststop")
+			id := "fc"
+			b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
+				cr := specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", "touch '" + started + "'; sleep 3"}}
+				if tc.failing {
+					cr = specs.Hook{Path: "/bin/false"}
+				}
+				s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{cr}, Poststop: []specs.Hook{
+					{Path: "/bin/sh", Args: []string{"sh", "-c", "touch '" + poststop + "'; sleep 1"}},
+					r.probeHook(t, probe, 5, "delete "+id, "delete --force "+id),
+					countHook(count),
+				}}
+			})
+			cmd := r.command("create", "--bundle", b, id)
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			if tc.sig != 0 {
+				mark := started
+				if tc.sigInPoststop {
+					mark = poststop
+				}
+				for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+					if _, err := os.Stat(mark); err == nil {
+						break
+					}
+					if time.Now().After(deadline) {
+						cmd.Process.Kill()
+						t.Fatalf("%s did not appear", filepath.Base(mark))
+					}
+				}
+				cmd.Process.Signal(tc.sig)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case <-done:
+			case <-time.After(30 * time.Second):
+				cmd.Process.Kill()
+				t.Fatal("create did not end")
+			}
+			code := cmd.ProcessState.ExitCode()
+			if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+				code = 128 + int(ws.Signal())
+			}
+			want := 1
+			if tc.sig != 0 && !tc.sigInPoststop {
+				want = 128 + int(tc.sig)
+			}
+			if code != want {
+				t.Errorf("create exited %d, want %d", code, want)
+			}
+			if got := strings.Join(readLines(t, probe), " "); got != "1 0" {
+				t.Errorf("delete and delete --force from the poststop hook exited %q, want \"1 0\" (the container gone, the lock free)", got)
+			}
+			if got := readLines(t, count); len(got) != 1 {
+				t.Errorf("the poststop hooks ran to their end %d times, want once", len(got))
+			}
+			if ids, _ := (&Store{Root: r.root}).List(); len(ids) != 0 {
+				t.Errorf("the create left containers %q behind", ids)
+			}
+		})
 	}
 }
