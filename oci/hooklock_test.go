@@ -2,10 +2,12 @@ package oci
 
 // The poststop hooks of a delete and of a create that fails or is ended
 // by a signal run once the container is gone and its lock released, as
-// runc's destroy runs them (from review, helper-140/145).
+// runc's destroy runs them; run's poststart hooks run unlocked, as
+// start's (from review, helper-140/145).
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -174,4 +176,111 @@ func TestFailedCreateRunsPoststopHooksUnlocked(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRunPoststartHooksUnlocked: run (create and start in one, detached
+// or in the foreground) runs the poststart hooks once the command has
+// started, with the container's lock released, as start does: a kill
+// from the hook is answered at once.
+func TestRunPoststartHooksUnlocked(t *testing.T) {
+	for _, detach := range []bool{true, false} {
+		name := map[bool]string{true: "detach", false: "foreground"}[detach]
+		t.Run(name, func(t *testing.T) {
+			r := newRT(t)
+			dir := t.TempDir()
+			probe, state := filepath.Join(dir, "probe"), filepath.Join(dir, "state")
+			id := "rp-" + name
+			b := bundle(t, []string{"sleep", "2"}, func(s *specs.Spec) {
+				s.Hooks = &specs.Hooks{Poststart: []specs.Hook{
+					{Path: "/bin/sh", Args: []string{"sh", "-c", "cat > '" + state + "'"}},
+					r.probeHook(t, probe, 5, "kill "+id+" 0"),
+				}}
+			})
+			args := []string{"run", "--bundle", b, id}
+			if detach {
+				args = []string{"run", "--detach", "--bundle", b, id}
+			}
+			if _, e, code := r.run(nil, nil, args...); code != 0 {
+				t.Fatalf("run: exit %d: %s", code, e)
+			}
+			if sb, err := os.ReadFile(state); err != nil || !strings.Contains(string(sb), `"running"`) {
+				t.Errorf("the poststart hook saw %q (%v), want the container running", sb, err)
+			}
+			if got := strings.Join(readLines(t, probe), " "); got != "0" {
+				t.Errorf("kill %s 0 from the poststart hook exited %q, want \"0\" (the lock free)", id, got)
+			}
+			if detach {
+				r.waitStatus(id, specs.StateStopped)
+				r.mustRun("delete", id)
+			}
+		})
+	}
+}
+
+// TestRelativeConsoleSocket: a relative --console-socket is the caller's,
+// found from its working directory, not from the bundle's (krun-oci never
+// changes directory; runc's create changes into the bundle first, where
+// a relative socket path would be looked for).
+func TestRelativeConsoleSocket(t *testing.T) {
+	for _, cmdName := range []string{"create", "run"} {
+		t.Run(cmdName, func(t *testing.T) {
+			r := newRT(t)
+			b := bundle(t, []string{"true"}, func(s *specs.Spec) { s.Process.Terminal = true })
+			cwd := t.TempDir()
+			masterc := listenConsole(t, filepath.Join(cwd, "console.sock"))
+			args := []string{"create", "--bundle", b, "--console-socket", "console.sock", "rc"}
+			if cmdName == "run" {
+				args = []string{"run", "--detach", "--bundle", b, "--console-socket", "console.sock", "rc"}
+			}
+			cmd := r.command(args...)
+			cmd.Dir = cwd
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%s from the socket's directory: %v: %s", cmdName, err, out)
+			}
+			select {
+			case m := <-masterc:
+				if m == nil {
+					t.Fatal("no terminal master on the console socket")
+				}
+				// Open until the end: its hang-up ends the container.
+				defer m.Close()
+			case <-time.After(10 * time.Second):
+				t.Fatal("no terminal master on the console socket")
+			}
+			if cmdName == "create" {
+				r.mustRun("start", "rc")
+			}
+			r.waitStatus("rc", specs.StateStopped)
+			r.mustRun("delete", "rc")
+		})
+	}
+}
+
+// listenConsole listens on the unix socket path and returns the first
+// file received there (nil on failure).
+func listenConsole(t *testing.T, path string) <-chan *os.File {
+	t.Helper()
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	masterc := make(chan *os.File, 1)
+	go func() {
+		conn, err := l.AcceptUnix()
+		if err != nil {
+			masterc <- nil
+			return
+		}
+		defer conn.Close()
+		buf, oob := make([]byte, 256), make([]byte, 256)
+		_, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+		files, _ := parseRights(oob[:oobn])
+		if err != nil || len(files) != 1 {
+			masterc <- nil
+			return
+		}
+		masterc <- files[0]
+	}()
+	return masterc
 }
