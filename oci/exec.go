@@ -254,11 +254,7 @@ func loadProcess(path string) (*Process, error) {
 	if err := json.Unmarshal(b, &sp); err != nil {
 		return nil, fmt.Errorf("--process %s: %w", path, err)
 	}
-	p, err := translateProcess(&sp)
-	if err != nil {
-		return nil, fmt.Errorf("--process %s: %w", path, err)
-	}
-	return p, nil
+	return translateProcess(&sp, "--process "+path)
 }
 
 // mergeEnv appends env to base, replacing base's entries of the same

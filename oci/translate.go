@@ -107,9 +107,12 @@ type translateOptions struct {
 	OwnCgroup string
 }
 
+// configJSON is where specError's fields are.
+const configJSON = "config.json"
+
 // specError is a config.json field the runtime refuses.
 func specError(field, format string, a ...any) error {
-	return fmt.Errorf("config.json: %s: %s", field, fmt.Sprintf(format, a...))
+	return fmt.Errorf("%s: %s: %s", configJSON, field, fmt.Sprintf(format, a...))
 }
 
 // Translate checks spec and turns it into a plan. Everything a VM cannot
@@ -144,7 +147,7 @@ func Translate(id, bundle string, spec *specs.Spec, opt translateOptions) (*Plan
 	if spec.Process == nil {
 		return nil, specError("process", "required to create a container")
 	}
-	proc, err := translateProcess(spec.Process)
+	proc, err := translateProcess(spec.Process, configJSON)
 	if err != nil {
 		return nil, err
 	}
@@ -234,20 +237,30 @@ func checkVersion(v string) error {
 }
 
 // translateProcess checks process and turns it into what the guest runs.
-func translateProcess(sp *specs.Process) (*Process, error) {
+func translateProcess(sp *specs.Process, in string) (*Process, error) {
+	// Its fields are named where they are: config.json's under
+	// "process.", an exec --process file's at its top (named
+	// "config.json: process.user.username", a refused field of an exec's
+	// process file sent the caller to the bundle's config).
+	refuse := func(field, format string, a ...any) error {
+		if in == configJSON {
+			return specError(field, format, a...)
+		}
+		return fmt.Errorf("%s: %s: %s", in, strings.TrimPrefix(field, "process."), fmt.Sprintf(format, a...))
+	}
 	if len(sp.Args) == 0 || sp.Args[0] == "" {
-		return nil, specError("process.args", "required")
+		return nil, refuse("process.args", "required")
 	}
 	cwd := sp.Cwd
 	if cwd == "" {
 		cwd = "/"
 	}
 	if !path.IsAbs(cwd) {
-		return nil, specError("process.cwd", "%q is not an absolute path", cwd)
+		return nil, refuse("process.cwd", "%q is not an absolute path", cwd)
 	}
 	for i, kv := range sp.Env {
 		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
-			return nil, specError("process.env", "entry %d %q is not KEY=value", i, kv)
+			return nil, refuse("process.env", "entry %d %q is not KEY=value", i, kv)
 		}
 	}
 	p := &Process{
@@ -259,7 +272,7 @@ func translateProcess(sp *specs.Process) (*Process, error) {
 		p.Env = []string{}
 	}
 	if sp.User.Username != "" {
-		return nil, specError("process.user.username", "only numeric uid and gid are supported on Linux")
+		return nil, refuse("process.user.username", "only numeric uid and gid are supported on Linux")
 	}
 	if sp.Terminal && sp.ConsoleSize != nil {
 		p.Rows, p.Cols = clampBox(sp.ConsoleSize.Height), clampBox(sp.ConsoleSize.Width)
@@ -268,14 +281,14 @@ func translateProcess(sp *specs.Process) (*Process, error) {
 	for _, r := range sp.Rlimits {
 		canon, err := initconfig.CanonicalRlimit(r.Type)
 		if err != nil || canon != r.Type {
-			return nil, specError("process.rlimits", "unknown type %q", r.Type)
+			return nil, refuse("process.rlimits", "unknown type %q", r.Type)
 		}
 		if seen[canon] {
-			return nil, specError("process.rlimits", "%s given twice", canon)
+			return nil, refuse("process.rlimits", "%s given twice", canon)
 		}
 		seen[canon] = true
 		if r.Soft > r.Hard {
-			return nil, specError("process.rlimits", "%s: soft limit %d above hard limit %d", canon, r.Soft, r.Hard)
+			return nil, refuse("process.rlimits", "%s: soft limit %d above hard limit %d", canon, r.Soft, r.Hard)
 		}
 		p.Rlimits = append(p.Rlimits, initconfig.Rlimit{Type: canon, Soft: r.Soft, Hard: r.Hard})
 	}
@@ -288,15 +301,18 @@ func translateProcess(sp *specs.Process) (*Process, error) {
 			Inheritable: c.Inheritable, Permitted: c.Permitted, Ambient: c.Ambient}
 	}
 	if err := p.Extras.Validate(); err != nil {
-		return nil, fmt.Errorf("config.json: process: %w", err)
+		if in == configJSON {
+			return nil, fmt.Errorf("config.json: process: %w", err)
+		}
+		return nil, fmt.Errorf("%s: %w", in, err)
 	}
 	switch {
 	case sp.Scheduler != nil:
-		return nil, specError("process.scheduler", "not supported")
+		return nil, refuse("process.scheduler", "not supported")
 	case sp.IOPriority != nil:
-		return nil, specError("process.ioPriority", "not supported")
+		return nil, refuse("process.ioPriority", "not supported")
 	case sp.ExecCPUAffinity != nil:
-		return nil, specError("process.execCPUAffinity", "not supported")
+		return nil, refuse("process.execCPUAffinity", "not supported")
 	}
 	return p, nil
 }

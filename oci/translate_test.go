@@ -109,6 +109,10 @@ func TestTranslateRefuses(t *testing.T) {
 		{"version 2", "ociVersion", func(s *specs.Spec) { s.Version = "2.0.0" }},
 		{"no process", "process", func(s *specs.Spec) { s.Process = nil }},
 		{"relative cwd", "process.cwd", func(s *specs.Spec) { s.Process.Cwd = "tmp" }},
+		// A name (the runtime-spec's field is Windows's; runc ignores
+		// it and runs as uid 0) is refused, never taken for root.
+		{"user name", "config.json: process.user.username", func(s *specs.Spec) { s.Process.User = specs.User{Username: "nobody"} }},
+		{"user name with ids", "config.json: process.user.username", func(s *specs.Spec) { s.Process.User = specs.User{UID: 65534, GID: 65534, Username: "nobody"} }},
 		{"unknown rlimit", "RLIMIT_TEST", func(s *specs.Spec) { s.Process.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_TEST"}} }},
 		{"lowercase rlimit", "rlimit_nofile", func(s *specs.Spec) { s.Process.Rlimits = []specs.POSIXRlimit{{Type: "rlimit_nofile"}} }},
 		{"unknown capability", "CAP_TEST", func(s *specs.Spec) {
@@ -267,6 +271,30 @@ func TestPortAnnotations(t *testing.T) {
 			}
 		case strings.Join(p.Net.PasstArgs, " ") != tc.want:
 			t.Errorf("%q/%q: passt %q, want %q", tc.tcp, tc.udp, p.Net.PasstArgs, tc.want)
+		}
+	}
+}
+
+// TestProcessFileNamesItsFields: a field that exec --process refuses is
+// named as it is in that file, which is the process object itself: it was
+// named "config.json: process.user.username", as though the bundle's
+// config were at fault.
+func TestProcessFileNamesItsFields(t *testing.T) {
+	for _, tc := range []struct{ json, want string }{
+		{`{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0,"username":"nobody"}}`, "user.username"},
+		{`{"args":["id"],"cwd":"tmp"}`, "cwd"},
+		{`{"args":["id"],"cwd":"/","rlimits":[{"type":"RLIMIT_TEST"}]}`, "rlimits"},
+		{`{"args":["id"],"cwd":"/","scheduler":{"policy":"SCHED_OTHER"}}`, "scheduler"},
+		{`{"args":[],"cwd":"/"}`, "args"},
+	} {
+		path := filepath.Join(t.TempDir(), "process.json")
+		if err := os.WriteFile(path, []byte(tc.json), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, err := loadProcess(path)
+		want := "--process " + path + ": " + tc.want + ": "
+		if err == nil || !strings.HasPrefix(err.Error(), want) || strings.Contains(err.Error(), "config.json") || strings.Contains(err.Error(), "\n") {
+			t.Errorf("--process %s: %v; want one line starting %q", tc.json, err, want)
 		}
 	}
 }
