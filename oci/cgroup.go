@@ -156,6 +156,20 @@ func joinCgroup(c CgroupPlan, root string) error {
 	return nil
 }
 
+// systemdCgroupHint adds to err, a cgroup that could not be made or
+// joined for want of rights, why, with --systemd-cgroup: krun-oci lays the
+// slice and scope out itself, where runc asks systemd (the user's own
+// instance, for a rootless caller) over D-Bus. Rootless podman's default
+// on a systemd host (cgroupsPath user.slice:libpod:ID) failed with a bare
+// "permission denied" (from review, helper-140/145).
+func systemdCgroupHint(err error, systemd bool) error {
+	if !systemd || !errors.Is(err, os.ErrPermission) && !errors.Is(err, unix.EROFS) {
+		return err
+	}
+	return fmt.Errorf("%w (--systemd-cgroup: krun-oci makes the slice and scope itself and does not ask systemd over D-Bus; "+
+		"a caller without rights on the cgroup tree, as rootless podman, needs cgroup_manager = \"cgroupfs\" or --cgroups=disabled)", err)
+}
+
 // enableControllers enables cpu, memory and pids for dir's children, each
 // as far as dir offers it (failures are not errors: a controller that
 // cannot be enabled only means its files are missing below).

@@ -119,7 +119,7 @@ func runMonitor(g *globals, args []string, env *Env) int {
 	m := &monitor{dir: dir, plan: plan, log: g.log, phase: phaseCreating}
 	if plan.Cgroup.Path != "" {
 		if err := joinCgroup(plan.Cgroup, g.cgroupRoot); err != nil {
-			report(err)
+			report(systemdCgroupHint(err, g.systemdCgroup))
 			return 1
 		}
 	}
