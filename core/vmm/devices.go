@@ -404,12 +404,19 @@ func (m *machine) wiring() mmio.Wiring {
 	return m.vm
 }
 
-// usedIndex reads the index of the used ring at gpa from guest memory.
+// usedIndex reads the index of the used ring at gpa from guest memory,
+// with one 16-bit load where the ring is aligned: a back-end judged lost
+// may still be storing it (an external one whose connection dropped), and
+// a byte-wise Read racing its store of 0x4d00 over 0x4cff returns 0x4dff.
+// A misaligned ring (no back-end takes one) is read byte by byte.
 func (m *machine) usedIndex(gpa uint64) (uint16, error) {
-	var b [2]byte
 	if gpa > ^uint64(0)-2 {
 		return 0, fmt.Errorf("used ring at %#x", gpa)
 	}
+	if gpa%2 == 0 {
+		return m.mem.Load16(guestmem.Addr(gpa + 2))
+	}
+	var b [2]byte
 	if err := m.mem.Read(guestmem.Addr(gpa+2), b[:]); err != nil {
 		return 0, err
 	}
