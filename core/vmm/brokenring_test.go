@@ -2,7 +2,6 @@ package vmm
 
 import (
 	"bytes"
-	"encoding/binary"
 	"strings"
 	"testing"
 	"time"
@@ -30,9 +29,7 @@ func TestGuestBrokenRingNeedsReset(t *testing.T) {
 	drv.wait(1, 0, 10*time.Second)
 
 	gen := drv.rd(mmio.RegConfigGeneration)
-	var idx [2]byte
-	binary.LittleEndian.PutUint16(idx[:], drv.avail+3*rdQueueSize)
-	drv.put(rdAvail+2, idx[:])
+	drv.setIdx(rdAvail+2, drv.avail+3*rdQueueSize)
 	drv.reg(mmio.RegQueueNotify, 0)
 
 	deadline := time.Now().Add(20 * time.Second)

@@ -184,7 +184,7 @@ func (c *replayChild) kill(t *testing.T) {
 // usedRing returns the used index and the ids of the used elements
 // below it.
 func usedRing(r *ringDriver) (uint16, []uint32) {
-	idx := binary.LittleEndian.Uint16(r.get(rdUsed+2, 2))
+	idx := r.idx(rdUsed + 2)
 	ids := make([]uint32, idx)
 	for i := range ids {
 		ids[i] = binary.LittleEndian.Uint32(r.get(rdUsed+4+8*uint64(i%rdQueueSize), 4))

@@ -3,7 +3,6 @@ package vmm
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -146,9 +145,7 @@ func TestExternalGuestBrokenRingNeedsReset(t *testing.T) {
 			drv.post(0, 0, a)
 			drv.wait(1, 0, 10*time.Second)
 
-			var idx [2]byte
-			binary.LittleEndian.PutUint16(idx[:], drv.avail+3*rdQueueSize)
-			drv.put(rdAvail+2, idx[:])
+			drv.setIdx(rdAvail+2, drv.avail+3*rdQueueSize)
 			broken := time.Now()
 			drv.reg(mmio.RegQueueNotify, 0)
 			for drv.rd(mmio.RegStatus)&mmio.StatusDeviceNeedsRst == 0 {

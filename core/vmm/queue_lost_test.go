@@ -69,17 +69,17 @@ func TestQueueRemadeWhileSuspended(t *testing.T) {
 	if err := d.dev.Failed(); err != nil {
 		t.Fatalf("device failed after the guest re-made its queue during a restart: %v", err)
 	}
-	if u := binary.LittleEndian.Uint16(drv.get(rdUsed+2, 2)); u != 0 {
+	if u := drv.idx(rdUsed + 2); u != 0 {
 		t.Errorf("the new, empty ring has used index %d: the new plugin completed head(s) the guest never offered on it (used[0].id=%d)",
 			u, binary.LittleEndian.Uint32(drv.get(rdUsed+4, 4)))
 	}
 	// The guest's first request on its new ring.
 	drv.post(0, 16, bytes.Repeat([]byte{0x33}, 512))
 	deadline = time.Now().Add(5 * time.Second)
-	for binary.LittleEndian.Uint16(drv.get(rdUsed+2, 2)) == 0 && time.Now().Before(deadline) {
+	for drv.idx(rdUsed+2) == 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	u := binary.LittleEndian.Uint16(drv.get(rdUsed+2, 2))
+	u := drv.idx(rdUsed + 2)
 	id := binary.LittleEndian.Uint32(drv.get(rdUsed+4, 4))
 	if u == 0 {
 		t.Fatal("the guest's first request on its new ring never completed (the plugin's next available index skipped it)")

@@ -290,9 +290,9 @@ func (d *cqDriver) run(stop <-chan struct{}, stall time.Duration) error {
 			}
 		}
 		if posted > 0 {
-			var e [2]byte
-			binary.LittleEndian.PutUint16(e[:], d.avail)
-			if err := d.mem.Write(guestmem.Addr(cqAvail+2), e[:]); err != nil {
+			// One 16-bit store, as a driver makes: Write copies byte
+			// by byte, and a back-end could read half of it.
+			if err := d.mem.Store16(guestmem.Addr(cqAvail+2), d.avail); err != nil {
 				return err
 			}
 			d.reg(mmio.RegQueueNotify, 0)
@@ -300,11 +300,12 @@ func (d *cqDriver) run(stop <-chan struct{}, stall time.Duration) error {
 		if stopping && inflight == 0 {
 			return nil
 		}
-		var b [2]byte
-		if err := d.mem.Read(guestmem.Addr(cqUsed+2), b[:]); err != nil {
+		// One 16-bit load: Read copies byte by byte and, racing the
+		// back-end's store of 0x4d00 over 0x4cff, can return 0x4dff.
+		usedIdx, err := d.mem.Load16(guestmem.Addr(cqUsed + 2))
+		if err != nil {
 			return err
 		}
-		usedIdx := binary.LittleEndian.Uint16(b[:])
 		if usedIdx == d.used {
 			if err := d.dev.Failed(); err != nil {
 				return fmt.Errorf("the device failed: %v; %s", err, d.outstanding())
