@@ -65,16 +65,16 @@ func (r *testRing) desc() guestmem.Addr   { return r.base }
 func (r *testRing) availA() guestmem.Addr { return r.base + 16*qSize }
 func (r *testRing) usedA() guestmem.Addr  { return r.base + 0x1000 }
 
+// w16 and r16 write and read a ring index with one 16-bit access
+// (guestmem Store16, Load16): the device reads and writes them while the
+// test runs, and a byte-wise copy can be seen half-way (helper-146).
 func (r *testRing) w16(a guestmem.Addr, v uint16) {
-	var b [2]byte
-	binary.LittleEndian.PutUint16(b[:], v)
-	r.mem.Write(a, b[:])
+	r.mem.Store16(a, v)
 }
 
 func (r *testRing) r16(a guestmem.Addr) uint16 {
-	var b [2]byte
-	r.mem.Read(a, b[:])
-	return binary.LittleEndian.Uint16(b[:])
+	v, _ := r.mem.Load16(a)
+	return v
 }
 
 func (r *testRing) setDesc(i uint16, addr guestmem.Addr, n uint32, flags, next uint16) {
