@@ -306,8 +306,11 @@ type socketGrouper interface {
 }
 
 // deadlineSkew bounds how much earlier than this side a plugin may see
-// an RPC's deadline end.
-const deadlineSkew = 200 * time.Millisecond
+// an RPC's deadline end. It was 200 ms until CI's race-detector run on a
+// loaded machine got a plugin's RST_STREAM CANCEL more than 200 ms before
+// this side's 1 s deadline (TestConfigureTimeoutNamesTheLimit, stop 46's
+// CI run 37; the cause on the plugin's side was not pinned down).
+const deadlineSkew = 500 * time.Millisecond
 
 // call runs one RPC with the RPC timeout and turns failures into errors
 // that name the plugin; a plugin that died is reported as an *ExitError.

@@ -313,9 +313,20 @@ func TestTimeoutBeforeOwnTimerNamesTheLimit(t *testing.T) {
 			t.Errorf("%v: %v, want the RPC timeout named", code, err)
 		}
 	}
+	// A CANCEL well before this side's deadline, as CI's race run got
+	// one more than 200 ms early of a 1 s limit.
+	p.rpcTimeout = time.Second
+	err := p.call(context.Background(), "Configure", func(ctx context.Context) error {
+		d, _ := ctx.Deadline()
+		time.Sleep(time.Until(d) - 400*time.Millisecond)
+		return status.Error(codes.Canceled, "stream terminated by RST_STREAM with error code: CANCEL")
+	})
+	if err == nil || !strings.Contains(err.Error(), "Configure: no answer in 1s (the RPC timeout)") || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("CANCEL 400 ms before a 1 s deadline: %v, want the RPC timeout named", err)
+	}
 	// A caller that cancels is not a timeout.
 	ctx, cancel := context.WithCancel(context.Background())
-	err := p.call(ctx, "Configure", func(ctx context.Context) error {
+	err = p.call(ctx, "Configure", func(ctx context.Context) error {
 		cancel()
 		return status.Error(codes.Canceled, "context canceled")
 	})
