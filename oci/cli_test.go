@@ -3,7 +3,6 @@ package oci
 import (
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -428,28 +427,7 @@ func TestConsoleSocket(t *testing.T) {
 	r := newRT(t)
 	b := bundle(t, []string{"sh", "-c", "tty; sleep 0.3"}, func(s *specs.Spec) { s.Process.Terminal = true })
 	sock := filepath.Join(t.TempDir(), "console.sock")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	masterc := make(chan *os.File, 1)
-	go func() {
-		conn, err := l.AcceptUnix()
-		if err != nil {
-			masterc <- nil
-			return
-		}
-		defer conn.Close()
-		buf, oob := make([]byte, 256), make([]byte, 256)
-		_, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
-		files, _ := parseRights(oob[:oobn])
-		if err != nil || len(files) != 1 {
-			masterc <- nil
-			return
-		}
-		masterc <- files[0]
-	}()
+	masterc := listenConsole(t, sock)
 	if _, e, code := r.run(nil, nil, "create", "--bundle", b, "--console-socket", sock, "t1"); code != 0 {
 		t.Fatalf("create: exit %d: %s", code, e)
 	}
