@@ -123,9 +123,6 @@ type handle struct {
 	// through whichever writable handle the kernel picks) must still land
 	// at its offset; see opWrite.
 	appends bool
-	// charge is what the handle is charged against the memory budget
-	// (handleCost) until its last reference goes.
-	charge int64
 
 	// mu serializes directory reads on one handle (the stream position).
 	mu sync.Mutex
@@ -783,7 +780,7 @@ func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) uint64 {
 	t.mu.Lock()
 	defer t.unlock()
 	t.reserved--
-	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir, charge: handleCost(dir != nil),
+	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir,
 		writable: oflags&unix.O_ACCMODE != unix.O_RDONLY, appends: oflags&unix.O_APPEND != 0}
 	t.nextFh++
 	n.pins++
@@ -832,7 +829,7 @@ func (t *table) putHandleLocked(h *handle) {
 	}
 	t.closeLater(h.fd)
 	h.fd = -1
-	t.mem -= h.charge
+	t.mem -= handleCost(h.dir != nil) // charged at reserveHandle
 	h.node.pins--
 	t.maybeFreeLocked(h.node)
 }
