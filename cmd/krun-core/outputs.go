@@ -35,10 +35,11 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// lock returns w as run writes it: a file as it is, anything else behind
-// the pipes' mutex.
+// lock returns w as run writes it: a file, or a writer lock returned
+// already, as it is; anything else behind the pipes' mutex.
 func (p *outputPipes) lock(w io.Writer) io.Writer {
-	if _, ok := w.(*os.File); ok {
+	switch w.(type) {
+	case *os.File, lockedWriter:
 		return w
 	}
 	return lockedWriter{mu: &p.mu, w: w}
@@ -50,9 +51,7 @@ func (p *outputPipes) fileOf(w io.Writer) (*os.File, error) {
 	if f, ok := w.(*os.File); ok {
 		return f, nil
 	}
-	if _, ok := w.(lockedWriter); !ok {
-		w = p.lock(w)
-	}
+	w = p.lock(w)
 	r, pw, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -62,16 +61,9 @@ func (p *outputPipes) fileOf(w io.Writer) (*os.File, error) {
 	go func() {
 		defer p.copies.Done()
 		defer r.Close()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := r.Read(buf)
-			if n > 0 {
-				w.Write(buf[:n])
-			}
-			if err != nil {
-				return
-			}
-		}
+		// w is a lockedWriter: no ReadFrom of the writer's own runs
+		// outside the lock.
+		io.Copy(w, r)
 	}()
 	return pw, nil
 }
