@@ -2,7 +2,6 @@ package vmm
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -405,22 +404,16 @@ func (m *machine) wiring() mmio.Wiring {
 }
 
 // usedIndex reads the index of the used ring at gpa from guest memory,
-// with one 16-bit load where the ring is aligned: a back-end judged lost
-// may still be storing it (an external one whose connection dropped), and
-// a byte-wise Read racing its store of 0x4d00 over 0x4cff returns 0x4dff.
-// A misaligned ring (no back-end takes one) is read byte by byte.
+// with one 16-bit load: a back-end judged lost may still be storing it
+// (an external one whose connection dropped), and a byte-wise Read racing
+// its store of 0x4d00 over 0x4cff returns 0x4dff. Every ring it is asked
+// about is live, so its address passed the transport's alignment check
+// (mmio ringLayout: 2 for the available ring, 4 for the used ring).
 func (m *machine) usedIndex(gpa uint64) (uint16, error) {
 	if gpa > ^uint64(0)-2 {
 		return 0, fmt.Errorf("used ring at %#x", gpa)
 	}
-	if gpa%2 == 0 {
-		return m.mem.Load16(guestmem.Addr(gpa + 2))
-	}
-	var b [2]byte
-	if err := m.mem.Read(guestmem.Addr(gpa+2), b[:]); err != nil {
-		return 0, err
-	}
-	return binary.LittleEndian.Uint16(b[:]), nil
+	return m.mem.Load16(guestmem.Addr(gpa + 2))
 }
 
 // guestBlkRing is the largest blk ring krun's guests are offered.
