@@ -190,12 +190,19 @@ func JoinGroup(gid int) error {
 	return nil
 }
 
-// JoinSocketGroup joins SocketGroup's host gid when there is one and
-// returns the name go-plugin is to give the plugin's socket ("" for none).
+// JoinSocketGroup returns the name go-plugin is to give the plugin's
+// socket ("" for none) and joins SocketGroup's host gid if this launcher
+// needs the group now to reach the socket: without CAP_DAC_OVERRIDE, as
+// after DropPrivileges (which keeps CAP_SETGID for the join). A launcher
+// that holds it reaches the socket without the group, and so does not
+// join before its first launches: a join changes every thread's groups
+// (syscall.AllThreadsSyscall stops the world and signals each thread),
+// about 0.5 ms of serve's start-up on the development machine
+// (docs/BENCHMARKS.md).
 func (c LaunchConfig) JoinSocketGroup() (string, error) {
 	name, gid := c.SocketGroup()
-	if gid < 0 {
-		return "", nil
+	if gid < 0 || len(HeldCapabilities([]Capability{unix.CAP_DAC_OVERRIDE})) > 0 {
+		return name, nil
 	}
 	return name, JoinGroup(gid)
 }
