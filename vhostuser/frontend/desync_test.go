@@ -61,6 +61,76 @@ func TestReceiveErrorBreaksTheClient(t *testing.T) {
 	}
 }
 
+// TestStrayReplyBreaksTheClient: a message that is not the reply to the
+// request (no reply flag, or another request's code) may be one the
+// back-end sent beside its replies, with the real reply still to come; the
+// client used to fail only that request and leave the connection open, so
+// the next request took the waiting reply, here one the back-end planted,
+// for its own. It now ends the connection as after a reply it could not
+// receive. A reply of the wrong size keeps it: that message was this
+// request's reply, read to its end.
+func TestStrayReplyBreaksTheClient(t *testing.T) {
+	reply := func(req vhostuser.Request, flags uint32, v uint64) []byte {
+		b := make([]byte, vhostuser.HeaderSize)
+		vhostuser.Header{Request: req, Flags: flags, Size: 8}.Encode(b)
+		return append(b, vhostuser.EncodeU64(v)...)
+	}
+	tests := []struct {
+		name  string
+		first []byte // sent in answer to the first GET_FEATURES, before the planted reply
+		gone  bool
+	}{
+		{"another request's reply", reply(vhostuser.GetQueueNum, vhostuser.Version|vhostuser.FlagReply, 1), true},
+		{"no reply flag", reply(vhostuser.GetFeatures, vhostuser.Version, 1), true},
+		{"wrong payload size", append(func() []byte {
+			b := make([]byte, vhostuser.HeaderSize)
+			vhostuser.Header{Request: vhostuser.GetFeatures, Flags: vhostuser.Version | vhostuser.FlagReply, Size: 4}.Encode(b)
+			return b
+		}(), 0, 0, 0, 0), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, b := clientPair(t)
+			go func() {
+				for first := true; ; first = false {
+					m, err := b.Recv()
+					if err != nil {
+						return
+					}
+					m.CloseFiles()
+					if !first && tt.gone {
+						continue // the planted reply answers it
+					}
+					msg := reply(vhostuser.GetFeatures, vhostuser.Version|vhostuser.FlagReply, 7)
+					if first {
+						msg = tt.first
+						if tt.gone {
+							msg = append(msg, reply(vhostuser.GetFeatures, vhostuser.Version|vhostuser.FlagReply, 0xbad)...)
+						}
+					}
+					if _, err := b.UnixConn().Write(msg); err != nil {
+						return
+					}
+				}
+			}()
+			_, err := c.GetFeatures()
+			if err == nil || Gone(err) != tt.gone {
+				t.Fatalf("first GET_FEATURES: %v, want an error, gone %v", err, tt.gone)
+			}
+			f, err := c.GetFeatures()
+			if tt.gone {
+				if !errors.Is(err, ErrBroken) {
+					t.Fatalf("request after a stray reply: %#x, %v; want ErrBroken", f, err)
+				}
+				return
+			}
+			if err != nil || f != 7 {
+				t.Fatalf("request after a short reply: %#x, %v; want 7 (the connection in step)", f, err)
+			}
+		})
+	}
+}
+
 // TestLocalSendErrorIsNotGone: a message the front-end cannot make (a nil,
 // closed or too many files, a payload too large) fails that call with
 // vhostuser.ErrNotSent and leaves the connection usable; it was reported as

@@ -204,6 +204,19 @@ func (c *Client) exchangeLocked(req vhostuser.Request, payload []byte, files []*
 	}
 	defer m.CloseFiles()
 	v, err := vhostuser.ParseReply(req, ack, m)
+	if errors.Is(err, vhostuser.ErrBadHeader) {
+		// Not a reply to this request (no reply flag, another request's
+		// code): a message the back-end sent beside its replies, so its
+		// reply to this request may still be in the stream, where the
+		// next request would take it for its own. The connection ends
+		// here, as after a reply that could not be received. (A reply
+		// with the wrong payload or descriptors was this request's,
+		// fully read: the stream is in step and stays open.)
+		err = fmt.Errorf("%w: %w", ErrDisconnected, err)
+		c.broken = err
+		c.conn.Close()
+		return nil, err
+	}
 	if err != nil {
 		return nil, err
 	}
