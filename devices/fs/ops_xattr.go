@@ -1,6 +1,9 @@
 package fs
 
 import (
+	"bytes"
+	"strings"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/devices/fs/fuse"
@@ -53,8 +56,9 @@ func (s *Server) opSetxattr(r *request) unix.Errno {
 	if s.readOnly {
 		return unix.EROFS
 	}
-	if !s.maySetXattr(name) {
-		// File capabilities, like set-id bits, need suid=on.
+	if !s.maySetXattr(name) || trustedXattr(name) {
+		// File capabilities, like set-id bits, need suid=on; trusted.*
+		// is never the guest's.
 		return unix.EPERM
 	}
 	value := rest[:size]
@@ -106,8 +110,13 @@ func (s *Server) opGetxattr(r *request, list bool) unix.Errno {
 	}
 	defer s.t.put(n)
 	buf := r.sc.big[:min(uint64(size), uint64(len(r.sc.big)))]
+	if list {
+		// The whole list, whatever size the guest asked for: the names
+		// it must not see come out before its size is known.
+		buf = r.sc.big[:]
+	}
 	var k int
-	if n.typ != unix.S_IFREG && n.typ != unix.S_IFDIR {
+	if n.typ != unix.S_IFREG && n.typ != unix.S_IFDIR || !list && trustedXattr(name) {
 		if !list {
 			return unix.ENODATA
 		}
@@ -119,6 +128,9 @@ func (s *Server) opGetxattr(r *request, list bool) unix.Errno {
 		var err error
 		if list {
 			k, err = unix.Flistxattr(fd, buf)
+			if err == nil {
+				k = dropTrustedNames(buf[:k])
+			}
 		} else {
 			k, err = unix.Fgetxattr(fd, name, buf)
 		}
@@ -126,6 +138,9 @@ func (s *Server) opGetxattr(r *request, list bool) unix.Errno {
 		if err != nil {
 			return errno(err)
 		}
+	}
+	if list && size > 0 && uint64(k) > uint64(size) {
+		return unix.ERANGE
 	}
 	if !list && size > 0 && k > 0 && s.mapsIDs() && isACLXattr(name) && !mapACL(s.uids, s.gids, buf[:k], false) {
 		return unix.EIO // the host's own ACL does not parse
@@ -152,6 +167,9 @@ func (s *Server) opRemovexattr(r *request) unix.Errno {
 	if s.readOnly {
 		return unix.EROFS
 	}
+	if trustedXattr(name) {
+		return unix.EPERM
+	}
 	n, e := s.t.get(r.h.NodeID)
 	if e != 0 {
 		return e
@@ -169,4 +187,36 @@ func (s *Server) opRemovexattr(r *request) unix.Errno {
 		return errno(err)
 	}
 	return r.reply()
+}
+
+// trustedXattr reports whether name is in the trusted.* namespace: root's
+// private metadata on the host (overlayfs keeps the structure of its
+// layers there, trusted.overlay.*). The guest never gets it: setting or
+// removing one is EPERM, reading one ENODATA, and a list leaves them out,
+// which is what the kernel answers a process without CAP_SYS_ADMIN: the
+// sandboxed plugin gets that from the host anyway, and the C virtiofsd
+// (which drops CAP_SYS_ADMIN) answers the same. It matters where the
+// plugin holds the capability: `--sandbox off` as root, where a guest
+// could otherwise write overlay metadata into a directory the host also
+// uses as a layer.
+func trustedXattr(name string) bool { return strings.HasPrefix(name, trustedPrefix) }
+
+const trustedPrefix = "trusted."
+
+// dropTrustedNames removes the trusted.* names from list (NUL-terminated
+// names, as listxattr returns them) in place and returns its new length.
+func dropTrustedNames(list []byte) int {
+	w := 0
+	for r := 0; r < len(list); {
+		end := bytes.IndexByte(list[r:], 0)
+		if end < 0 {
+			end = len(list) - r - 1 // a last name without its NUL: kept as it is
+		}
+		name := list[r : r+end+1]
+		if !bytes.HasPrefix(name, []byte(trustedPrefix)) {
+			w += copy(list[w:], name)
+		}
+		r += end + 1
+	}
+	return w
 }

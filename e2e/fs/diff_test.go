@@ -457,12 +457,11 @@ var diffSandboxed = map[string]deliberate{
 }
 
 // diffRoot are those of a suid=on share with --sandbox off: the plugin is
-// root with every capability, as the reference is.
-var diffRoot = map[string]deliberate{
-	// The C virtiofsd drops CAP_SYS_ADMIN; krun-core without its sandbox
-	// keeps root's capabilities.
-	"xattr.trusted": {"rc=0 ok", "root with CAP_SYS_ADMIN may set trusted.* attributes"},
-}
+// root with every capability, as the reference is. None now: trusted.*
+// attributes ("xattr.trusted"), which root with CAP_SYS_ADMIN could set
+// here while the C virtiofsd drops that capability, are never the
+// guest's (devices/fs trustedXattr), as from virtiofsd.
+var diffRoot = map[string]deliberate{}
 
 // diffReferenceWrong reports the lines where the C virtiofsd itself is
 // wrong, with krun-core's expected line.
