@@ -369,15 +369,15 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 				return fail(err)
 			}
 		}
-		sig, err := s.recover(ctx, restarts, why, sigc)
+		sig, state, err := s.recover(ctx, restarts, why, sigc)
 		if err != nil {
 			return fail(err)
 		}
 		if sig != nil {
-			// Asked to end during the restart's back-off: no plugin
-			// runs, so there is none to flush through; what the
-			// dead one wrote is made durable here.
-			log.Info("shutting down", "signal", sig.String(), "plugin", "not running (restart back-off)")
+			// Asked to end during the restart's back-off or the
+			// restart: no plugin runs, so there is none to flush
+			// through; what the dead one wrote is made durable here.
+			log.Info("shutting down", "signal", sig.String(), "plugin", state)
 			if err := s.opened.SyncFiles(); err != nil {
 				return fail(err)
 			}
@@ -515,7 +515,7 @@ func (s *servedPlugin) launch(ctx context.Context) (*pluginhost.DeviceInfo, stri
 		}
 		cfg.Sandbox = *lc
 	}
-	p, err := pluginhost.Launch(cfg)
+	p, err := pluginhost.LaunchContext(ctx, cfg)
 	if err != nil {
 		return nil, "", err
 	}
@@ -550,16 +550,18 @@ func (s *servedPlugin) checkHealth(ctx context.Context) error {
 // with the same files and options (a network device gets a new passt),
 // retrying within the budget; the error says why serve must end. A
 // signal from sigc during a back-off ends the wait (up to
-// DefaultRestartMaxBackoff) at once: recover returns it, the old plugin
-// killed and no new one started.
-func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restarts, why error, sigc <-chan os.Signal) (os.Signal, error) {
+// DefaultRestartMaxBackoff) at once, and one during a restart ends the
+// restart (up to the handshake's timeout for a plugin that hangs): recover
+// returns it, the old plugin killed and no new one running, with the
+// plugin's state for the log.
+func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restarts, why error, sigc <-chan os.Signal) (os.Signal, string, error) {
 	for {
 		delay, err := restarts.Next(time.Now())
 		if err != nil {
 			if !restarts.Enabled() {
-				return nil, why
+				return nil, "", why
 			}
-			return nil, fmt.Errorf("%w; not restarted again (%v)", why, err)
+			return nil, "", fmt.Errorf("%w; not restarted again (%v)", why, err)
 		}
 		s.log.Warn("plugin lost; restarting it", "reason", why, "restart", restarts.Total(), "delay", delay)
 		s.plugin.Kill()
@@ -568,18 +570,56 @@ func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restart
 			select {
 			case sig := <-sigc:
 				t.Stop()
-				return sig, nil
+				return sig, "not running (restart back-off)", nil
 			case <-t.C:
 			}
 		}
 		start := time.Now()
-		if err = s.relaunch(ctx); err == nil {
+		sig, err := s.relaunchUnlessSignalled(ctx, sigc)
+		if sig != nil {
+			// As after a back-off: the plugin, the old one or a new
+			// one that had just started, is killed, and the caller
+			// makes what it wrote durable.
+			s.plugin.Kill()
+			return sig, "not running (restart abandoned)", nil
+		}
+		if err == nil {
 			s.log.Warn("plugin restarted; serving again", "plugin", s.opened.Kind, "pid", s.plugin.Pid(),
 				"took", time.Since(start).Round(time.Millisecond))
-			return nil, nil
+			return nil, "", nil
 		}
 		s.plugin.Kill()
 		why = fmt.Errorf("restart failed: %w", err)
+	}
+}
+
+// relaunchUnlessSignalled is relaunch, ended by a signal from sigc that
+// comes meanwhile (a plugin that hangs in its start would otherwise hold
+// it up to the handshake's timeout): it returns the signal then, with
+// whatever the start left (s.plugin may be a new plugin that started).
+func (s *servedPlugin) relaunchUnlessSignalled(ctx context.Context, sigc <-chan os.Signal) (os.Signal, error) {
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	got := make(chan os.Signal, 1)
+	over := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		select {
+		case sig := <-sigc:
+			got <- sig
+			cancel()
+		case <-over:
+		}
+	}()
+	err := s.relaunch(rctx)
+	close(over)
+	<-watched
+	select {
+	case sig := <-got:
+		return sig, err
+	default:
+		return nil, err
 	}
 }
 

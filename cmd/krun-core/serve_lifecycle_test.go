@@ -8,10 +8,12 @@ package main
 // of `make all` (bin/).
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -558,4 +560,88 @@ func TestServeLifecycleSIGTERMWhileBusy(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestServeSIGTERMDuringHungRestart: a SIGTERM that comes while serve
+// restarts a plugin that hangs before its handshake ends serve at once
+// (exit 0, the socket removed, the hung plugin killed), not after the
+// handshake's timeout: serve waited for go-plugin's start, which nothing
+// could end, for up to --handshake-timeout.
+func TestServeSIGTERMDuringHungRestart(t *testing.T) {
+	bin := buildServeBinaries(t)
+	plug := filepath.Join(bin, "krun-plugin-blk-raw")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", plug, "./testdata/hangonrestart")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, b)
+	}
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "blk.sock")
+	s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=raw",
+		"--plugin-restarts", "10/60s", "--handshake-timeout", "60s")
+	waitSocket(t, s, sock)
+	if err := syscall.Kill(servingPid(t, s), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// The restart's plugin runs, and hangs.
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(s.log(), "plugin lost; restarting it") || len(processesNamed(plug)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no restart with its plugin running within 20 s:\n%s", s.log())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if strings.Contains(s.log(), "plugin restarted") {
+		t.Fatalf("the restarted plugin answered its handshake:\n%s", s.log())
+	}
+	start := time.Now()
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	code := s.waitExit(t)
+	took := time.Since(start)
+	if code != 0 {
+		t.Errorf("exit %d after SIGTERM, want 0:\n%s", code, s.log())
+	}
+	if took > 10*time.Second {
+		t.Errorf("SIGTERM took %v to end serve (the handshake's timeout is 60 s)", took.Round(time.Millisecond))
+	}
+	if !strings.Contains(s.log(), `shutting down: signal=terminated plugin="not running (restart abandoned)"`) {
+		t.Errorf("no line saying serve ended during the restart:\n%s", s.log())
+	}
+	if _, err := os.Lstat(sock); err == nil {
+		t.Errorf("socket left after SIGTERM")
+	}
+	deadline = time.Now().Add(5 * time.Second)
+	for len(processesNamed(plug)) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the hung plugin still runs: pids %v", processesNamed(plug))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// processesNamed lists the pids of running processes whose executable is
+// exe.
+func processesNamed(exe string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if target, err := os.Readlink("/proc/" + e.Name() + "/exe"); err == nil && target == exe {
+			if st, err := os.ReadFile("/proc/" + e.Name() + "/stat"); err == nil {
+				if i := bytes.LastIndexByte(st, ')'); i >= 0 && i+2 < len(st) && st[i+2] == 'Z' {
+					continue
+				}
+			}
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }

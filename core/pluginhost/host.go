@@ -166,7 +166,15 @@ func (e *ExitError) Unwrap() error { return e.Status }
 // connects the gRPC client. The caller keeps ownership of cfg.Socket and
 // cfg.Files (the plugin has its own copies once Launch returns) and must
 // end the plugin with Shutdown or Kill.
-func Launch(cfg Config) (_ *Plugin, err error) {
+func Launch(cfg Config) (*Plugin, error) {
+	return LaunchContext(context.Background(), cfg)
+}
+
+// LaunchContext is Launch that ctx can end while the plugin starts and
+// describes itself: the process is killed then, and the error wraps ctx's
+// (StartProcessContext). Once it returned, ctx no longer matters to the
+// plugin.
+func LaunchContext(ctx context.Context, cfg Config) (_ *Plugin, err error) {
 	if err := CheckKind(cfg.Kind); err != nil {
 		return nil, err
 	}
@@ -185,7 +193,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 		names[i] = f.Name
 		files = append(files, f.File)
 	}
-	proc, err := StartProcess(ProcessConfig{
+	proc, err := StartProcessContext(ctx, ProcessConfig{
 		Kind: cfg.Kind, Path: cfg.Path, PluginDir: cfg.PluginDir, Files: files,
 		Sandbox: cfg.Sandbox, SandboxOff: cfg.SandboxOff, Logger: cfg.Logger,
 		HandshakeTimeout: cfg.HandshakeTimeout, SocketBaseDir: cfg.SocketBaseDir, Env: cfg.Env,
@@ -205,7 +213,7 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 	if p.rpcTimeout <= 0 {
 		p.rpcTimeout = DefaultRPCTimeout
 	}
-	if err := p.checkDescription(); err != nil {
+	if err := p.checkDescription(ctx); err != nil {
 		p.Kill()
 		return nil, err
 	}
@@ -221,8 +229,8 @@ func Launch(cfg Config) (_ *Plugin, err error) {
 // sandbox.ParsePolicy rejects (an unknown profile, a forbidden extra system
 // call, one without a reason): its own Restrict would fail on it later,
 // after it had been handed its files. The policy is kept (Policy).
-func (p *Plugin) checkDescription() error {
-	d, err := p.Describe(context.Background())
+func (p *Plugin) checkDescription(ctx context.Context) error {
+	d, err := p.Describe(ctx)
 	if err != nil {
 		return err
 	}

@@ -278,6 +278,70 @@ func alive(pid int) bool {
 	return i >= 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X'
 }
 
+// A launch whose context ends while the plugin hangs before its handshake
+// ends then, with the context's error, the process killed: serve's
+// restart of a hung plugin held a SIGTERM up to the handshake's timeout.
+// Once LaunchContext returned, the context no longer matters.
+func TestLaunchContextEndsAHungStart(t *testing.T) {
+	cfg := testConfig(t, "hang")
+	cfg.Kind = "hang"
+	cfg.PluginDir = pluginCopy(t, "hang")
+	cfg.HandshakeTimeout = time.Minute
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(300*time.Millisecond, cancel)
+	start := time.Now()
+	p, err := LaunchContext(ctx, cfg)
+	if err == nil {
+		p.Kill()
+		t.Fatal("LaunchContext of a plugin that never answers the handshake succeeded")
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("the cancelled launch took %v (the handshake's timeout is a minute)", took)
+	}
+	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "start abandoned") {
+		t.Errorf("error %q, want the start abandoned for context.Canceled", err)
+	}
+	waitNoProcesses(t, filepath.Join(cfg.PluginDir, ExecutableName("hang")))
+	if ents := leftSockDirs(cfg.SocketBaseDir); len(ents) != 0 {
+		t.Errorf("private socket dir left behind: %v", ents)
+	}
+
+	// A launch that completed is not ended by its context's end.
+	ok := testConfig(t, "ok")
+	ctx, cancel = context.WithCancel(context.Background())
+	p, err = LaunchContext(ctx, ok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	cancel()
+	time.Sleep(200 * time.Millisecond)
+	select {
+	case <-p.Done():
+		t.Fatalf("the plugin ended with its launch's context: %v", p.Err())
+	default:
+	}
+	if _, _, err := p.Configure(context.Background(), nil); err != nil {
+		t.Fatalf("Configure after the launch's context ended: %v", err)
+	}
+}
+
+// waitNoProcesses waits up to 5 s for no process to run exe.
+func waitNoProcesses(t *testing.T, exe string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		pids := processesOf(exe)
+		if len(pids) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still running: pids %v", exe, pids)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func TestHandshakeTimeout(t *testing.T) {
 	cfg := testConfig(t, "hang")
 	cfg.Kind = "hang"

@@ -91,7 +91,10 @@ type Process struct {
 	sockLock *os.File
 	// sockGone: sockDir was removed (once connected, or by close).
 	sockGone bool
-	stderr   *TailBuffer
+	// unwatch stops the start's context from killing the process once
+	// the start is over (nil before the process was started).
+	unwatch func() bool
+	stderr  *TailBuffer
 	// sandboxed: launched with a launcher-side sandbox, whose rlimits
 	// cap the plugin's private memory (detail's hint).
 	sandboxed bool
@@ -128,7 +131,15 @@ func (c clientPlugin) GRPCClient(_ context.Context, _ *plugin.GRPCBroker, conn *
 // StartProcess starts the plugin process with cfg.Files as fd 3, 4, ...,
 // completes the go-plugin handshake and connects the gRPC client (Stub).
 // The caller must end the process with Kill.
-func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
+func StartProcess(cfg ProcessConfig) (*Process, error) {
+	return StartProcessContext(context.Background(), cfg)
+}
+
+// StartProcessContext is StartProcess that ctx can end while the process
+// starts (up to the handshake's timeout for a plugin that hangs): the
+// process is killed then, and the error wraps ctx's. Once it returned,
+// ctx no longer matters to the process.
+func StartProcessContext(ctx context.Context, cfg ProcessConfig) (_ *Process, err error) {
 	if err := CheckKind(cfg.Kind); err != nil {
 		return nil, err
 	}
@@ -236,7 +247,17 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 			}
 			return nil, err
 		}
-		r.afterStart = afterStart
+		r.afterStart = func() {
+			if afterStart != nil {
+				afterStart()
+			}
+			// Started or not: a kill of a process that never started
+			// does nothing. Stopped once the start is over.
+			p.unwatch = context.AfterFunc(ctx, func() {
+				r.MarkStopping()
+				_ = r.Kill(context.Background())
+			})
+		}
 		p.run = r
 		return r, nil
 	}
@@ -275,10 +296,18 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 	})
 
 	start := time.Now()
+	defer func() {
+		if p.unwatch != nil {
+			p.unwatch()
+		}
+	}()
 	if _, err := p.client.Start(); err != nil {
 		// Why first, while the plugin has not been killed: a kill would
 		// read as the plugin's own exit.
 		err = p.startError(err, time.Since(start), hsTimeout)
+		if ctx.Err() != nil {
+			err = fmt.Errorf("plugin %s: start abandoned: %w", cfg.Kind, context.Cause(ctx))
+		}
 		// The host ends it: go-plugin's "failed to exit gracefully" would
 		// be a second, misleading line beside the error.
 		p.stopping.Store(true)
@@ -286,7 +315,7 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 		p.removeSockDir()
 		return nil, err
 	}
-	if stuck, err := p.connect(cfg.Service, start, hsTimeout); err != nil {
+	if stuck, err := p.connect(ctx, cfg.Service, start, hsTimeout); err != nil {
 		if stuck {
 			// go-plugin's Client still holds its lock (which its Kill
 			// takes): the process is dead and the connections closed,
@@ -317,7 +346,7 @@ func StartProcess(cfg ProcessConfig) (_ *Process, err error) {
 // (the plugin may have handed its end of one to another process, over its
 // vhost-user socket, so that it outlives it). stuck: Client has still not
 // returned, even so; the caller must not wait for it.
-func (p *Process) connect(service string, start time.Time, timeout time.Duration) (stuck bool, err error) {
+func (p *Process) connect(ctx context.Context, service string, start time.Time, timeout time.Duration) (stuck bool, err error) {
 	deadline := start.Add(timeout)
 	done := make(chan error, 1)
 	go func() {
@@ -337,6 +366,9 @@ func (p *Process) connect(service string, start time.Time, timeout time.Duration
 	defer t.Stop()
 	select {
 	case err := <-done:
+		if err != nil && ctx.Err() != nil {
+			return false, fmt.Errorf("start abandoned: %w", context.Cause(ctx))
+		}
 		if err != nil && errors.Is(err, errExitedConnecting) {
 			return false, p.exitError("handshake")
 		}

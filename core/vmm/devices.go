@@ -353,7 +353,7 @@ func (d *pluginDevice) startPlugin(ctx context.Context) (*pluginhost.DeviceInfo,
 		}
 		cfg.Sandbox = *lc
 	}
-	p, err := pluginhost.Launch(cfg)
+	p, err := pluginhost.LaunchContext(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
