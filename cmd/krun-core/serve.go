@@ -237,8 +237,9 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		return fail(err)
 	}
 	// Catch SIGTERM/SIGINT from the start: one that arrives while the
-	// plugin starts is handled once serving begins (flush, remove the
-	// socket, exit 0) instead of killing krun-core half-way.
+	// plugin starts ends the start (the plugin killed, exit 0), and one
+	// later is handled by the serving loop (flush, remove the socket,
+	// exit 0), instead of killing krun-core half-way.
 	sigc := make(chan os.Signal, 1)
 	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigc)
@@ -297,9 +298,20 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 		restarts = pluginhost.NewRestarts(pluginhost.RestartPolicy{Max: -1})
 	}
 	ctx := context.Background()
-	dev, note, err := s.launch(ctx)
+	var dev *pluginhost.DeviceInfo
+	var note string
+	sig, err := untilSignalled(ctx, sigc, func(ctx context.Context) (err error) {
+		dev, note, err = s.launch(ctx)
+		return err
+	})
 	if s.plugin != nil {
 		defer func() { s.plugin.Kill() }()
+	}
+	if sig != nil {
+		// Nothing was served: the plugin, wherever its start was, is
+		// killed (the deferred Kill), and serve ends as asked.
+		log.Info("shutting down", "signal", sig.String(), "plugin", "not running (start abandoned)")
+		return 0
 	}
 	if err != nil {
 		return fail(err)
@@ -575,7 +587,7 @@ func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restart
 			}
 		}
 		start := time.Now()
-		sig, err := s.relaunchUnlessSignalled(ctx, sigc)
+		sig, err := untilSignalled(ctx, sigc, s.relaunch)
 		if sig != nil {
 			// As after a back-off: the plugin, the old one or a new
 			// one that had just started, is killed, and the caller
@@ -593,12 +605,12 @@ func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restart
 	}
 }
 
-// relaunchUnlessSignalled is relaunch, ended by a signal from sigc that
-// comes meanwhile (a plugin that hangs in its start would otherwise hold
-// it up to the handshake's timeout): it returns the signal then, with
-// whatever the start left (s.plugin may be a new plugin that started).
-func (s *servedPlugin) relaunchUnlessSignalled(ctx context.Context, sigc <-chan os.Signal) (os.Signal, error) {
-	rctx, cancel := context.WithCancel(ctx)
+// untilSignalled runs f, whose context a signal from sigc that comes
+// meanwhile cancels (a plugin that hangs in its start would otherwise hold
+// serve up to the handshake's timeout): it returns that signal, if one
+// came, and f's error.
+func untilSignalled(ctx context.Context, sigc <-chan os.Signal, f func(context.Context) error) (os.Signal, error) {
+	fctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	got := make(chan os.Signal, 1)
 	over := make(chan struct{})
@@ -612,7 +624,7 @@ func (s *servedPlugin) relaunchUnlessSignalled(ctx context.Context, sigc <-chan 
 		case <-over:
 		}
 	}()
-	err := s.relaunch(rctx)
+	err := f(fctx)
 	close(over)
 	<-watched
 	select {

@@ -568,13 +568,7 @@ func TestServeLifecycleSIGTERMWhileBusy(t *testing.T) {
 // handshake's timeout: serve waited for go-plugin's start, which nothing
 // could end, for up to --handshake-timeout.
 func TestServeSIGTERMDuringHungRestart(t *testing.T) {
-	bin := buildServeBinaries(t)
-	plug := filepath.Join(bin, "krun-plugin-blk-raw")
-	cmd := exec.Command("go", "build", "-trimpath", "-o", plug, "./testdata/hangonrestart")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, b)
-	}
+	bin, plug := buildHangOnRestart(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
@@ -615,7 +609,67 @@ func TestServeSIGTERMDuringHungRestart(t *testing.T) {
 	if _, err := os.Lstat(sock); err == nil {
 		t.Errorf("socket left after SIGTERM")
 	}
-	deadline = time.Now().Add(5 * time.Second)
+	waitPluginGone(t, plug)
+}
+
+// TestServeSIGTERMDuringHungStart: the same for serve's first start of its
+// plugin: serve ends at once (exit 0, the plugin killed), where it waited
+// for the handshake's timeout before it looked at the signal.
+func TestServeSIGTERMDuringHungStart(t *testing.T) {
+	bin, plug := buildHangOnRestart(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	marked := make([]byte, 1<<20)
+	marked[0] = 'H' // as if started before: this start hangs
+	if err := os.WriteFile(img, marked, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "blk.sock")
+	s := startServe(t, bin, "--socket", sock, "--disk", "path="+img+",format=raw", "--handshake-timeout", "60s")
+	deadline := time.Now().Add(20 * time.Second)
+	for len(processesNamed(plug)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the plugin never ran:\n%s", s.log())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	start := time.Now()
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	code := s.waitExit(t)
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("SIGTERM took %v to end serve (the handshake's timeout is 60 s)", took.Round(time.Millisecond))
+	}
+	if code != 0 {
+		t.Errorf("exit %d after SIGTERM, want 0:\n%s", code, s.log())
+	}
+	if !strings.Contains(s.log(), `shutting down: signal=terminated plugin="not running (start abandoned)"`) {
+		t.Errorf("no line saying serve ended during the plugin's start:\n%s", s.log())
+	}
+	if _, err := os.Lstat(sock); err == nil {
+		t.Errorf("socket made although nothing was served")
+	}
+	waitPluginGone(t, plug)
+}
+
+// buildHangOnRestart builds serve's binaries with testdata/hangonrestart
+// as krun-plugin-blk-raw, and returns their directory and the plugin's path.
+func buildHangOnRestart(t *testing.T) (bin, plug string) {
+	t.Helper()
+	bin = buildServeBinaries(t)
+	plug = filepath.Join(bin, "krun-plugin-blk-raw")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", plug, "./testdata/hangonrestart")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, b)
+	}
+	return bin, plug
+}
+
+// waitPluginGone waits up to 5 s for no process to run plug.
+func waitPluginGone(t *testing.T, plug string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
 	for len(processesNamed(plug)) != 0 {
 		if time.Now().After(deadline) {
 			t.Fatalf("the hung plugin still runs: pids %v", processesNamed(plug))
