@@ -7,27 +7,13 @@ package main
 
 import (
 	"context"
-	"errors"
 	"os"
 
-	hclog "github.com/hashicorp/go-hclog"
-
 	"github.com/krun-core/krun-core/devices/blk"
-	"github.com/krun-core/krun-core/devopts"
-	"github.com/krun-core/krun-core/disk/raw"
+	"github.com/krun-core/krun-core/internal/testplugin"
 	"github.com/krun-core/krun-core/pluginsdk"
-	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser/backend"
 )
-
-type plugin struct{}
-
-func (plugin) Kind() string { return devopts.KindBlkRaw }
-
-func (plugin) Policy(map[string]int) sandbox.Policy {
-	p, _ := sandbox.DefaultPolicy("blk", -1)
-	return p
-}
 
 // panicOnce is the blk device whose queues' handlers panic once.
 type panicOnce struct {
@@ -62,20 +48,8 @@ func (h panicking) Handle(req *backend.Request) {
 	h.Handler.Handle(req)
 }
 
-func (plugin) Configure(_ context.Context, _ map[string]string, files map[string]*os.File, log hclog.Logger) (backend.Device, error) {
-	img := files[devopts.FileImage]
-	if img == nil {
-		return nil, errors.New("no image")
-	}
-	d, err := raw.Open(img, raw.Options{})
-	if err != nil {
-		return nil, err
-	}
-	dev, err := blk.New(blk.Config{Disk: d, NumQueues: 1, Log: log, OwnsDisk: true})
-	if err != nil {
-		return nil, err
-	}
-	return panicOnce{Device: dev, img: img}, nil
+func main() {
+	pluginsdk.Serve(testplugin.RawDisk{Wrap: func(d *blk.Device, img *os.File) backend.Device {
+		return panicOnce{Device: d, img: img}
+	}})
 }
-
-func main() { pluginsdk.Serve(plugin{}) }
