@@ -3,6 +3,7 @@ package frontend
 import (
 	"errors"
 	"os"
+	"slices"
 	"testing"
 
 	"github.com/krun-core/krun-core/vhostuser"
@@ -32,24 +33,14 @@ func TestReceiveErrorBreaksTheClient(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c, b := clientPair(t)
-			go func() {
-				for first := true; ; first = false {
-					m, err := b.Recv()
-					if err != nil {
-						return
-					}
-					m.CloseFiles()
-					if !first {
-						continue // the planted reply answers it
-					}
-					msg := make([]byte, vhostuser.HeaderSize)
-					tt.hdr.Encode(msg)
-					msg = append(msg, planted()...)
-					if _, err := b.UnixConn().Write(msg); err != nil {
-						return
-					}
+			go answerRaw(b, func(first bool) []byte {
+				if !first {
+					return nil // the planted reply answers it
 				}
-			}()
+				msg := make([]byte, vhostuser.HeaderSize)
+				tt.hdr.Encode(msg)
+				return append(msg, planted()...)
+			})
 			if _, err := c.GetFeatures(); !Gone(err) {
 				t.Fatalf("refused reply header: %v, want the back-end gone", err)
 			}
@@ -91,28 +82,17 @@ func TestStrayReplyBreaksTheClient(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c, b := clientPair(t)
-			go func() {
-				for first := true; ; first = false {
-					m, err := b.Recv()
-					if err != nil {
-						return
-					}
-					m.CloseFiles()
-					if !first && tt.gone {
-						continue // the planted reply answers it
-					}
-					msg := reply(vhostuser.GetFeatures, vhostuser.Version|vhostuser.FlagReply, 7)
-					if first {
-						msg = tt.first
-						if tt.gone {
-							msg = append(msg, reply(vhostuser.GetFeatures, vhostuser.Version|vhostuser.FlagReply, 0xbad)...)
-						}
-					}
-					if _, err := b.UnixConn().Write(msg); err != nil {
-						return
-					}
+			go answerRaw(b, func(first bool) []byte {
+				switch {
+				case first && tt.gone:
+					return append(slices.Clone(tt.first), reply(vhostuser.GetFeatures, vhostuser.Version|vhostuser.FlagReply, 0xbad)...)
+				case first:
+					return tt.first
+				case tt.gone:
+					return nil // the planted reply answers it
 				}
-			}()
+				return reply(vhostuser.GetFeatures, vhostuser.Version|vhostuser.FlagReply, 7)
+			})
 			_, err := c.GetFeatures()
 			if err == nil || Gone(err) != tt.gone {
 				t.Fatalf("first GET_FEATURES: %v, want an error, gone %v", err, tt.gone)
@@ -178,6 +158,23 @@ func TestLocalSendErrorIsNotGone(t *testing.T) {
 				t.Fatalf("GET_FEATURES after the refused send: %#x, %v", v, err)
 			}
 		})
+	}
+}
+
+// answerRaw is a back-end on b that writes answer(first) as raw bytes in
+// answer to each request (nothing for nil), until the connection ends.
+func answerRaw(b *vhostuser.Conn, answer func(first bool) []byte) {
+	for first := true; ; first = false {
+		m, err := b.Recv()
+		if err != nil {
+			return
+		}
+		m.CloseFiles()
+		if msg := answer(first); msg != nil {
+			if _, err := b.UnixConn().Write(msg); err != nil {
+				return
+			}
+		}
 	}
 }
 
