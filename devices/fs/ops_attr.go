@@ -392,7 +392,10 @@ func (s *Server) opAccess(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.put(n)
-	if mask&unix.W_OK != 0 && s.readOnly {
+	if mask&unix.W_OK != 0 && s.readOnly && (n.typ == unix.S_IFREG || n.typ == unix.S_IFDIR || n.typ == unix.S_IFLNK) {
+		// As a read-only mount answers (the kernel's sb_permission): a
+		// FIFO, a socket or a device node stays writable, since
+		// writing to one changes nothing in the file system.
 		return unix.EROFS
 	}
 	// The host checks with the process's credentials; the guest kernel

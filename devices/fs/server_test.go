@@ -498,6 +498,13 @@ func TestReadOnly(t *testing.T) {
 		t.Fatalf("host dir has %d entries", len(ents))
 	}
 	must(t, "ACCESS R_OK", c.Access(d.NodeID, unix.R_OK))
+	// A FIFO of a read-only share stays writable, as on a read-only
+	// mount: writing one changes nothing in the file system (it was
+	// EROFS, like a regular file).
+	must(t, "mkfifo", unix.Mkfifo(dir+"/p", 0o666))
+	p := e.lookup(fuse.RootID, "p")
+	must(t, "ACCESS W_OK of a FIFO", c.Access(p.NodeID, unix.W_OK))
+	wantErrno(t, "ACCESS W_OK of a file", c.Access(f.NodeID, unix.W_OK), syscall.EROFS)
 }
 
 func TestXattr(t *testing.T) {
