@@ -482,6 +482,9 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		// finished, under stateMu, says create has succeeded or undone
 		// itself: a signal after it changes nothing.
 		finished = false
+		// hooks ends a prestart or createRuntime hook that runs when a
+		// signal ends create.
+		hooks hookKiller
 	)
 	// undo removes what create made: the monitor, the cgroup, the state,
 	// then runs the poststop hooks. Called with stateMu held.
@@ -517,6 +520,9 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 	go func() {
 		select {
 		case s := <-sigc:
+			// The hook that runs ends with create, before the undo
+			// (its poststop hooks undo what it set up).
+			hooks.stop()
 			stateMu.Lock() // kept: create makes nothing more
 			if finished {
 				stateMu.Unlock()
@@ -628,10 +634,10 @@ func create(g *globals, id string, o *createOptions, env *Env) (*os.Process, err
 		// and 5; hooks from several sources may rely on the order; found
 		// in review, helper-90).
 		st := c.ociState(specs.StateCreating)
-		if err := runHooks("prestart", h.Prestart, &st.State, plan.Bundle); err != nil {
+		if err := runHooks("prestart", h.Prestart, &st.State, plan.Bundle, &hooks); err != nil {
 			return nil, err
 		}
-		if err := runHooks("createRuntime", h.CreateRuntime, &st.State, plan.Bundle); err != nil {
+		if err := runHooks("createRuntime", h.CreateRuntime, &st.State, plan.Bundle, &hooks); err != nil {
 			return nil, err
 		}
 	}

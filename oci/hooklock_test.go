@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -114,9 +115,10 @@ func TestFailedCreateRunsPoststopHooksUnlocked(t *testing.T) {
 			dir := t.TempDir()
 			probe, count := filepath.Join(dir, "probe"), filepath.Join(dir, "count")
 			started, poststop := filepath.Join(dir, "started"), filepath.Join(dir, "poststop")
+			hookPid := filepath.Join(dir, "hookpid")
 			id := "fc"
 			b := bundle(t, []string{"sleep", "100"}, func(s *specs.Spec) {
-				cr := specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", "touch '" + started + "'; sleep 3"}}
+				cr := specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", "echo $$ > '" + hookPid + "'; touch '" + started + "'; exec sleep 30"}}
 				if tc.failing {
 					cr = specs.Hook{Path: "/bin/false"}
 				}
@@ -173,6 +175,19 @@ func TestFailedCreateRunsPoststopHooksUnlocked(t *testing.T) {
 			}
 			if ids, _ := (&Store{Root: r.root}).List(); len(ids) != 0 {
 				t.Errorf("the create left containers %q behind", ids)
+			}
+			if tc.sig != 0 && !tc.sigInPoststop {
+				// The createRuntime hook create ran ended with it: it
+				// was left running (here for its 30 s).
+				b, err := os.ReadFile(hookPid)
+				pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+				if err != nil || pid <= 0 {
+					t.Fatalf("the hook's pid: %q, %v", b, err)
+				}
+				if !waitDead(pid, 0, 5*time.Second) {
+					syscall.Kill(pid, syscall.SIGKILL)
+					t.Fatalf("the createRuntime hook (pid %d) still runs after create ended", pid)
+				}
 			}
 		})
 	}

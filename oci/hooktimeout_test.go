@@ -29,7 +29,7 @@ func TestHookTimeoutIsTheHooksOwn(t *testing.T) {
 			timeout := c.timeout
 			h := specs.Hook{Path: "/bin/sh", Args: []string{"sh", "-c", c.script}, Timeout: &timeout}
 			begin := time.Now()
-			err := runHook(h, []byte("{}"), "")
+			err := runHook(h, []byte("{}"), "", nil)
 			if d := time.Since(begin); d > hookIODelay+2*time.Second {
 				t.Errorf("the hook took %v", d.Round(time.Millisecond))
 			}

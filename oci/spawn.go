@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -104,7 +105,8 @@ func spawn(o spawnOptions) (*os.Process, error) {
 // stdin, in the directory dir; the first failure is returned. create runs
 // its hooks in the bundle, as runc does (its create changes into the
 // bundle first; its start and delete do not).
-func runHooks(kind string, hooks []specs.Hook, st *specs.State, dir string) error {
+// A signal that ends create ends the hook that runs (k: nil for none).
+func runHooks(kind string, hooks []specs.Hook, st *specs.State, dir string, k *hookKiller) error {
 	if len(hooks) == 0 {
 		return nil
 	}
@@ -113,7 +115,7 @@ func runHooks(kind string, hooks []specs.Hook, st *specs.State, dir string) erro
 		return err
 	}
 	for _, h := range hooks {
-		if err := runHook(h, b, dir); err != nil {
+		if err := runHook(h, b, dir, k); err != nil {
 			return fmt.Errorf("%s hook %s: %w", kind, h.Path, err)
 		}
 	}
@@ -133,7 +135,7 @@ func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, dir string, 
 		return
 	}
 	for _, h := range hooks {
-		if err := runHook(h, b, dir); err != nil {
+		if err := runHook(h, b, dir, nil); err != nil {
 			warn(fmt.Errorf("%s hook %s: %w", kind, h.Path, err))
 		}
 	}
@@ -143,8 +145,49 @@ func runHooksWarn(kind string, hooks []specs.Hook, st *specs.State, dir string, 
 // (or was killed at its timeout) while other processes hold it open.
 const hookIODelay = 2 * time.Second
 
-// runHook runs one hook in dir ("": the runtime's working directory).
-func runHook(h specs.Hook, state []byte, dir string) error {
+// hookKiller ends the hook create runs when a signal ends create: the
+// runtime exits then, and the hook (a prestart hook setting up a network,
+// say) was left running, unwaited for. Its zero value is ready.
+type hookKiller struct {
+	mu      sync.Mutex
+	running *os.Process
+	stopped bool
+}
+
+// started records p as the hook that runs, or kills it if the killer was
+// stopped already; it reports whether p may run.
+func (k *hookKiller) started(p *os.Process) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.stopped {
+		p.Kill()
+		return false
+	}
+	k.running = p
+	return true
+}
+
+// ended records that the hook that ran ended.
+func (k *hookKiller) ended() {
+	k.mu.Lock()
+	k.running = nil
+	k.mu.Unlock()
+}
+
+// stop kills the hook that runs, if one does, and every hook started
+// later, at its start.
+func (k *hookKiller) stop() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.stopped = true
+	if k.running != nil {
+		k.running.Kill()
+	}
+}
+
+// runHook runs one hook in dir ("": the runtime's working directory); k
+// (nil: none) may end it.
+func runHook(h specs.Hook, state []byte, dir string, k *hookKiller) error {
 	ctx := context.Background()
 	if h.Timeout != nil {
 		var cancel context.CancelFunc
@@ -184,7 +227,20 @@ func runHook(h specs.Hook, state []byte, dir string) error {
 		}
 		return err
 	}
-	out, err := cmd.CombinedOutput()
+	var outBuf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &outBuf, &outBuf
+	err := cmd.Start()
+	if err == nil {
+		if k != nil && !k.started(cmd.Process) {
+			cmd.Wait()
+			return errors.New("ended by a signal to the runtime")
+		}
+		err = cmd.Wait()
+		if k != nil {
+			k.ended()
+		}
+	}
+	out := outBuf.Bytes()
 	if killed.Load() {
 		return fmt.Errorf("timed out after %ds", *h.Timeout)
 	}
