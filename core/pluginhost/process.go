@@ -91,10 +91,7 @@ type Process struct {
 	sockLock *os.File
 	// sockGone: sockDir was removed (once connected, or by close).
 	sockGone bool
-	// unwatch stops the start's context from killing the process once
-	// the start is over (nil before the process was started).
-	unwatch func() bool
-	stderr  *TailBuffer
+	stderr   *TailBuffer
 	// sandboxed: launched with a launcher-side sandbox, whose rlimits
 	// cap the plugin's private memory (detail's hint).
 	sandboxed bool
@@ -208,6 +205,10 @@ func StartProcessContext(ctx context.Context, cfg ProcessConfig) (_ *Process, er
 	}
 
 	extra := append([]*os.File(nil), cfg.Files...)
+	// unwatch stops the start's context from killing the process once
+	// the start is over (nil until the process was started: set by the
+	// runner, which go-plugin's Start calls on this goroutine).
+	var unwatch func() bool
 	runnerFunc := func(_ hclog.Logger, spec *exec.Cmd, _ string) (runner.Runner, error) {
 		cmd := exec.Command(path)
 		// spec.Env holds go-plugin's variables only (SkipHostEnv), the
@@ -253,7 +254,7 @@ func StartProcessContext(ctx context.Context, cfg ProcessConfig) (_ *Process, er
 			}
 			// Started or not: a kill of a process that never started
 			// does nothing. Stopped once the start is over.
-			p.unwatch = context.AfterFunc(ctx, func() {
+			unwatch = context.AfterFunc(ctx, func() {
 				r.MarkStopping()
 				_ = r.Kill(context.Background())
 			})
@@ -297,8 +298,8 @@ func StartProcessContext(ctx context.Context, cfg ProcessConfig) (_ *Process, er
 
 	start := time.Now()
 	defer func() {
-		if p.unwatch != nil {
-			p.unwatch()
+		if unwatch != nil {
+			unwatch()
 		}
 	}()
 	if _, err := p.client.Start(); err != nil {
