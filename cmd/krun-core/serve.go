@@ -612,14 +612,13 @@ func (s *servedPlugin) recover(ctx context.Context, restarts *pluginhost.Restart
 func untilSignalled(ctx context.Context, sigc <-chan os.Signal, f func(context.Context) error) (os.Signal, error) {
 	fctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	got := make(chan os.Signal, 1)
+	var sig os.Signal // the watcher's, read once it has ended
 	over := make(chan struct{})
 	watched := make(chan struct{})
 	go func() {
 		defer close(watched)
 		select {
-		case sig := <-sigc:
-			got <- sig
+		case sig = <-sigc:
 			cancel()
 		case <-over:
 		}
@@ -627,12 +626,7 @@ func untilSignalled(ctx context.Context, sigc <-chan os.Signal, f func(context.C
 	err := f(fctx)
 	close(over)
 	<-watched
-	select {
-	case sig := <-got:
-		return sig, err
-	default:
-		return nil, err
-	}
+	return sig, err
 }
 
 func (s *servedPlugin) relaunch(ctx context.Context) error {
