@@ -5,10 +5,14 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/krun-core/krun-core/internal/vmtest"
 )
@@ -521,7 +525,7 @@ func TestGuestDiff(t *testing.T) {
 	}
 	start := time.Now()
 	fsops := vmtest.BuildStatic(t, "github.com/krun-core/krun-core/internal/vmtest/fsops")
-	run := func(name string, serve func(dir string) *daemon) (map[string]string, []string, string) {
+	run := func(name string, serve func(dir string) *daemon, after func(d *daemon)) (map[string]string, []string, string) {
 		dir := filepath.Join(t.TempDir(), "share")
 		must(t, "mkdir", os.Mkdir(dir, 0o755))
 		d := serve(dir)
@@ -532,6 +536,9 @@ func TestGuestDiff(t *testing.T) {
 		vm := vmtest.NewVM(t, vmtest.Options{Kernel: a.Kernel, Initramfs: ib, Timeout: 50 * time.Second, MemoryMiB: 256, Quiet: true, NoConsoleLog: true})
 		vm.AddVhostUserFS(d.Socket, "share")
 		r := vm.Run()
+		if after != nil {
+			after(d)
+		}
 		d.Stop()
 		lines, order, end := diffLines(t, r.Console)
 		if !end {
@@ -545,23 +552,67 @@ func TestGuestDiff(t *testing.T) {
 		}
 		return lines, order, r.Console
 	}
-	want, wantOrder, wantCon := run("virtiofsd", func(dir string) *daemon { return virtiofsd(t, dir, "xattr") })
+	want, wantOrder, wantCon := run("virtiofsd", func(dir string) *daemon { return virtiofsd(t, dir, "xattr") }, nil)
 	for _, cfg := range []struct {
 		name, opts string
 		extra      []string
 		deliberate map[string]deliberate
+		nofile     int // krun-core's RLIMIT_NOFILE, and so its plugin's; 0: as is
 	}{
-		{"krun-core", "", nil, diffSandboxed},
-		{"krun-core --sandbox off, suid=on", ",suid=on", []string{"--sandbox", "off"}, diffRoot},
+		{"krun-core", "", nil, diffSandboxed, 0},
+		{"krun-core --sandbox off, suid=on", ",suid=on", []string{"--sandbox", "off"}, diffRoot, 0},
+		// The plugin's fd budget is its RLIMIT_NOFILE less a reserve
+		// (devices/fs fdReserve, about 600); a sandboxed plugin gets
+		// krun-core's hard limit where that is lower than the
+		// sandbox's. With 900 it keeps about 200 nodes' O_PATH fds
+		// open, fewer than the script's 330 or so files and
+		// directories, which the guest keeps cached: idle nodes are
+		// closed and reopened by name all through the script, and the
+		// results must not change. Its handles (about 75, a quarter of
+		// the budget, never closed behind the guest's back) are still
+		// more than the script holds at once (find keeps one open
+		// directory per level of "deep", about 60).
+		{"krun-core, 900 fds", "", nil, diffSandboxed, 900},
 	} {
+		var after func(d *daemon)
+		if cfg.nofile > 0 {
+			after = func(d *daemon) { requireFdCloses(t, d) }
+		}
 		got, order, con := run(cfg.name, func(dir string) *daemon {
+			if cfg.nofile > 0 {
+				return serveFSLimited(t, cfg.nofile, "path="+dir+",tag=share"+cfg.opts, cfg.extra...)
+			}
 			return serveFS(t, "path="+dir+",tag=share"+cfg.opts, cfg.extra...)
-		})
+		}, after)
 		d := maps.Clone(diffAlways)
 		maps.Copy(d, cfg.deliberate)
 		compareDiff(t, cfg.name, d, got, order, con, want, wantOrder, wantCon)
 	}
 	t.Logf("the guests ran in %v", time.Since(start).Round(time.Millisecond))
+}
+
+// requireFdCloses asks serve for its plugin's counters (SIGUSR1) and fails
+// the test unless the plugin closed idle nodes' fds (fs.fd_closes): a run
+// meant to reopen nodes by name that never did tests nothing of it.
+func requireFdCloses(t *testing.T, d *daemon) {
+	t.Helper()
+	must(t, "SIGUSR1", d.Cmd.Process.Signal(unix.SIGUSR1))
+	re := regexp.MustCompile(`fs\.fd_closes=([0-9]+)`)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if m := re.FindStringSubmatch(d.Out.String()); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			if n == 0 {
+				t.Errorf("the plugin closed no node fds: the run did not test reopening by name\n%s", vmtest.LastLines(d.Out.String(), 5))
+			}
+			t.Logf("the plugin closed %d idle nodes' fds", n)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no plugin counters 10 s after SIGUSR1\n%s", vmtest.LastLines(d.Out.String(), 10))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // compareDiff compares a krun-core configuration's lines (got) with the C

@@ -1,7 +1,9 @@
 package fs_test
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -57,6 +59,20 @@ func serveFS(t testing.TB, spec string, extra ...string) *daemon {
 	// earlier would kill it.
 	opt := daemontest.Options{Name: "krun-core serve --fs " + spec, Socket: filepath.Join(sockDir(t), "fs.sock"), Ready: "krun-core: serving"}
 	args := append([]string{filepath.Join(binDir(t), "krun-core"), "serve", "--log-level", "info", "--socket", opt.Socket, "--fs", spec}, extra...)
+	return daemontest.Start(t, opt, args...)
+}
+
+// serveFSLimited is serveFS with krun-core's RLIMIT_NOFILE (soft and hard)
+// set to nofile.
+func serveFSLimited(t testing.TB, nofile int, spec string, extra ...string) *daemon {
+	t.Helper()
+	opt := daemontest.Options{Name: "krun-core serve --fs " + spec, Socket: filepath.Join(sockDir(t), "fs.sock"), Ready: "krun-core: serving"}
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Skip("prlimit is not installed (Debian package util-linux)")
+	}
+	args := append([]string{prlimit, fmt.Sprintf("--nofile=%d:%d", nofile, nofile), "--", filepath.Join(binDir(t), "krun-core"),
+		"serve", "--log-level", "info", "--socket", opt.Socket, "--fs", spec}, extra...)
 	return daemontest.Start(t, opt, args...)
 }
 
