@@ -113,6 +113,8 @@ func TestRunExecConfigCheckedFirst(t *testing.T) {
 	}{
 		{"env without a key", []string{"--env", "=x"}, "--env =x: want KEY=VALUE"},
 		{"rlimit twice", []string{"--rlimit", "nofile=1:2", "--rlimit", "NOFILE=3:4"}, "RLIMIT_NOFILE is limited twice"},
+		{"root open files too few", []string{"--root-open-files", "100"}, "--root-open-files \"100\": want a number of files from 1024 to 1048576"},
+		{"root open files not a number", []string{"--root-open-files", "lots"}, "--root-open-files \"lots\": want a number of files"},
 		{"the root's tag", []string{"--fs", "path=" + share + ",tag=krun-root"}, `share tag "krun-root" is the root's own`},
 		{"one mount point twice", []string{"--fs", "path=" + share + ",tag=a,mount=/x", "--fs", "path=" + share + ",tag=b,mount=/x/"}, `shares "a" and "b" are both mounted at /x`},
 		{"a default mount point taken", []string{"--fs", "path=" + share + ",tag=a", "--fs", "path=" + share + ",tag=b,mount=/mnt/a"}, "both mounted at /mnt/a"},

@@ -65,7 +65,7 @@ path=a,,b.img, as in QEMU):
   --disk path=FILE,format=raw|qcow2[,readonly=on][,backing=FILE,backing-format=FMT...]
          [,max-size=64G][,data-file=FILE][,queues=N]
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on][,mount=GUESTDIR][,uidmap=...][,gidmap=...]
-         [,cache=SECONDS][,xattr=on|off][,workers=N]
+         [,cache=SECONDS][,xattr=on|off][,workers=N][,open-files=N]
                                      (with --root: at GUESTDIR, default /mnt/TAG;
                                      the other keys: docs/VIRTIOFS.md)
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
@@ -105,6 +105,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		pluginGID = fs.String("plugin-gid", "", "host `GID` plugins run as (root only; default 65534, never 0)")
 		root      = fs.String("root", "", "the host `DIR` to use as the guest's root file system; the command after -- runs in it")
 		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
+		rootFiles = fs.String("root-open-files", "", "the open-files limit (`N`, 1024 to 1048576; default 16384) of --root's plugin, as --fs's open-files=: about a quarter of it is what the guest can hold open on the root at once")
 		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
 		user      = fs.String("user", "", "run the command as `USER[:GROUP]`, names (from the root's /etc/passwd and /etc/group) or numbers (default root)")
@@ -170,8 +171,8 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return fail("--root and --initrd are alternatives")
 	case !execMode && *kernel == "" && *initrd == "" && len(disks) == 0:
 		return fail("nothing to run: give --root DIR -- CMD, or --kernel with --initrd or --disk")
-	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || len(ports) > 0 || *workdir != "" || *hostname != "" || *user != "" || *rootRO || *modules != "" || *tty != "auto"):
-		return fail("--env, --rlimit, --port, --workdir, --hostname, --user, --root-readonly, --kernel-modules and --tty need --root DIR -- CMD")
+	case !execMode && (len(envs) > 0 || len(rlimits) > 0 || len(ports) > 0 || *workdir != "" || *hostname != "" || *user != "" || *rootRO || *rootFiles != "" || *modules != "" || *tty != "auto"):
+		return fail("--env, --rlimit, --port, --workdir, --hostname, --user, --root-readonly, --root-open-files, --kernel-modules and --tty need --root DIR -- CMD")
 	case *tty != "auto" && *tty != "on" && *tty != "off":
 		return fail("--tty %s: want auto, on or off", cli.Printable(*tty))
 	case *noStdin && *tty == "on":
@@ -209,6 +210,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 
 	c := vmm.NewContext(log)
+	openFilesGiven := *rootFiles != ""
 	if err := c.SetVMConfig(*cpus, mem); err != nil {
 		return fail("%v", err)
 	}
@@ -224,6 +226,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 			if f, ok := s.(*devspec.FSSpec); ok && f.Mount != "" && !execMode {
 				return fail("--%s %s: mount= needs a root directory: --root DIR -- CMD (a guest's own init mounts what it likes)", group.flag, v)
 			}
+			if f, ok := s.(*devspec.FSSpec); ok && f.OpenFiles != 0 {
+				openFilesGiven = true
+			}
 			if err := c.AddDevice(s); err != nil {
 				return fail("%v", err)
 			}
@@ -236,7 +241,13 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			return fail("%v", err)
 		}
-		if term, ttyIn, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, command: command, env: env,
+		var openFiles uint64
+		if *rootFiles != "" {
+			if openFiles, err = devspec.ParseOpenFiles(*rootFiles); err != nil {
+				return fail("--root-open-files %s", strings.TrimPrefix(err.Error(), "open-files="))
+			}
+		}
+		if term, ttyIn, err = setupExec(c, execOptions{root: *root, readOnly: *rootRO, openFiles: openFiles, command: command, env: env,
 			workdir: *workdir, hostname: *hostname, user: *user, rlimits: rlimits, ports: ports, tty: *tty, noStdin: *noStdin, stdout: stdout, stderr: stderr, pipes: pipes}); err != nil {
 			return fail("%v", err)
 		}
@@ -290,6 +301,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	c.SetPluginSyscalls(grants)
 	if sandboxOff {
 		fmt.Fprintln(stderr, "krun-core run: warning: --sandbox=off: plugins parse guest- and image-controlled bytes unconfined")
+		if openFilesGiven {
+			fmt.Fprintln(stderr, "krun-core run: warning: open-files is the sandbox's limit: with --sandbox=off a share's plugin has krun-core's own")
+		}
 	}
 	c.SetBootMarker(*marker)
 	rp, err := pluginhost.ParseRestartPolicy(*restarts)

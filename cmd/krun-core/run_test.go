@@ -156,6 +156,7 @@ func TestRunRootErrors(t *testing.T) {
 		{"empty group", []string{"--kernel", k, "--root", root, "--user", "alice:", "--", "sh"}, 125, "empty group"},
 		{"user without root", []string{"--kernel", k, "--user", "alice"}, 1, "need --root"},
 		{"port without root", []string{"--kernel", k, "--port", "8080:80"}, 1, "need --root"},
+		{"root open files without root", []string{"--kernel", k, "--root-open-files", "4096"}, 1, "need --root"},
 		{"bad port", []string{"--kernel", k, "--root", root, "--port", "80:x", "--", "sh"}, 125, "--port: port map: 80:x is not HOST:GUEST"},
 		{"port with more keys", []string{"--kernel", k, "--root", root, "--port", "8080:80,mtu=1500", "--", "sh"}, 125, "--port: port map: 8080:80,mtu=1500 is not HOST:GUEST"},
 		{"port twice", []string{"--kernel", k, "--root", root, "--port", "8080:80", "--port", "8080:81", "--", "sh"}, 125, "host port 8080 forwarded twice"},

@@ -23,6 +23,7 @@ import (
 type execOptions struct {
 	root              string
 	readOnly          bool
+	openFiles         uint64 // --root-open-files; 0: the default
 	command           []string
 	env               []string
 	workdir, hostname string
@@ -67,6 +68,9 @@ func (t *terminal) makeRaw() func() {
 func setupExec(c *vmm.Context, o execOptions) (*terminal, *stdiopump.Input, error) {
 	if err := c.SetRoot(o.root, o.readOnly); err != nil {
 		return nil, nil, err
+	}
+	if err := c.SetRootOpenFiles(o.openFiles); err != nil {
+		return nil, nil, flagError("--root-open-files", err)
 	}
 	if err := c.SetExec(o.command[0], o.command, o.env); err != nil {
 		return nil, nil, err

@@ -52,7 +52,7 @@ DEVICE is exactly one of:
                                                     wants one per vCPU unless num-queues=)
   --fs   path=DIR,tag=TAG[,readonly=on][,suid=on]   vhost-user-fs (krun-plugin-fs-virtio);
          [,uidmap=...][,gidmap=...][,cache=SECONDS] the other keys: docs/VIRTIOFS.md
-         [,xattr=on|off][,workers=N]
+         [,xattr=on|off][,workers=N][,open-files=N]
   --net  passt[,mac=52:54:00:12:34:56][,ports=8080:80,...][,mtu=N][,passt-arg=A...]
                                                     vhost-user-net via passt (krun-plugin-net-passt)
   --plugin KIND[,key=value...][,file.NAME=PATH...][,file-rw.NAME=PATH...]
@@ -290,6 +290,9 @@ func serveCommand(args []string, stdout, stderr io.Writer) int {
 
 	if o.sandboxOff {
 		fmt.Fprintln(stderr, "krun-core serve: warning: --sandbox=off: the plugin parses guest- and image-controlled bytes unconfined, with krun-core's privileges")
+		if f, ok := o.spec.(*devspec.FSSpec); ok && f.OpenFiles != 0 {
+			fmt.Fprintln(stderr, "krun-core serve: warning: open-files= is the sandbox's limit: with --sandbox=off the plugin has krun-core's own")
+		}
 	}
 	s := &servedPlugin{o: o, path: path, sock: sock, log: log, opened: opened}
 	defer func() { s.opened.Close() }()
@@ -520,9 +523,10 @@ func (s *servedPlugin) launch(ctx context.Context) (*pluginhost.DeviceInfo, stri
 		lc := o.launchConfig(s.log)
 		// A disk's plugin cannot grow its files past what the disk
 		// needs (devspec.Opened.FileBytes), from their sizes now: a
-		// restart starts from what the previous plugin left.
+		// restart starts from what the previous plugin left; a share's
+		// may have open-files=.
 		var err error
-		if lc.Limits.FileBytes, err = s.opened.FileBytes(); err != nil {
+		if lc.Limits, err = s.opened.Limits(lc.Limits); err != nil {
 			return nil, "", err
 		}
 		cfg.Sandbox = *lc

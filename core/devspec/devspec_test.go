@@ -165,6 +165,15 @@ func TestParseFS(t *testing.T) {
 		{in: "path=/srv,tag=x,mount=/dev/shm", wantErr: "guest's own mounts"},
 		{in: "path=/srv,tag=x,mount=/x/../dev", wantErr: "guest's own mounts"},
 		{in: "path=/srv,tag=x,mount=/processes", want: &FSSpec{Path: "/srv", Tag: "x", Mount: "/processes"}},
+		{in: "path=/srv,tag=x,open-files=100000", want: &FSSpec{Path: "/srv", Tag: "x", OpenFiles: 100000}},
+		{in: "path=/srv,tag=x,open-files=1024", want: &FSSpec{Path: "/srv", Tag: "x", OpenFiles: 1024}},
+		{in: "path=/srv,tag=x,open-files=1048576", want: &FSSpec{Path: "/srv", Tag: "x", OpenFiles: 1 << 20}},
+		{in: "path=/srv,tag=x,open-files=1023", wantErr: "want a number of files from 1024 to 1048576"},
+		{in: "path=/srv,tag=x,open-files=1048577", wantErr: "want a number of files from 1024 to 1048576"},
+		{in: "path=/srv,tag=x,open-files=0", wantErr: "want a number of files"},
+		{in: "path=/srv,tag=x,open-files=-5", wantErr: "want a number of files"},
+		{in: "path=/srv,tag=x,open-files=4k", wantErr: "want a number of files"},
+		{in: "path=/srv,tag=x,open-files=2000,open-files=3000", wantErr: "given twice"},
 	}
 	for _, tc := range tests {
 		got, err := ParseFS(tc.in)

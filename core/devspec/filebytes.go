@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/krun-core/krun-core/sandbox"
 	"github.com/krun-core/krun-core/vhostuser"
 	"github.com/krun-core/krun-core/virtq"
 )
@@ -78,6 +79,22 @@ type fileBound struct {
 	// untilCapacity: a qcow2 image without max-size=; the bound waits for
 	// the plugin's capacity (FileBytesFor).
 	untilCapacity bool
+}
+
+// Limits returns l, a plugin's sandbox limits, with the device's own set:
+// the RLIMIT_FSIZE of its writable files (FileBytes) and its RLIMIT_NOFILE
+// where it names one (OpenFiles). Launchers call it before every launch,
+// a restart's too.
+func (o *Opened) Limits(l sandbox.Limits) (sandbox.Limits, error) {
+	fb, err := o.FileBytes()
+	if err != nil {
+		return l, err
+	}
+	l.FileBytes = fb
+	if o.OpenFiles != 0 {
+		l.OpenFiles = o.OpenFiles
+	}
+	return l, nil
 }
 
 // FileBytes is the RLIMIT_FSIZE to launch the device's plugin with

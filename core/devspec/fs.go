@@ -5,6 +5,7 @@ import (
 	"path"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/krun-core/krun-core/devopts"
@@ -15,11 +16,18 @@ import (
 const MaxTagLen = 36
 
 // FSSpec is a parsed --fs option string:
-// path=DIR,tag=TAG[,readonly=on][,mount=GUESTDIR].
+// path=DIR,tag=TAG[,readonly=on][,mount=GUESTDIR][,open-files=N].
 type FSSpec struct {
 	Path     string
 	Tag      string
 	ReadOnly bool
+	// OpenFiles is the RLIMIT_NOFILE the sandbox gives the share's
+	// plugin (open-files=); 0 means the kind's default,
+	// sandbox.FSOpenFiles. The plugin keeps about a quarter of it for the
+	// guest's open files and directories (devices/fs), so this bounds
+	// how many the guest can hold open on the share at once. Without the
+	// sandbox the plugin has krun-core's own limit.
+	OpenFiles uint64
 	// Mount is where `run --root` mounts the share in the guest (an
 	// absolute, clean path other than /); "" means /mnt/TAG. Only a root
 	// that krun-init enters honours it.
@@ -66,9 +74,13 @@ func ParseFS(s string) (*FSSpec, error) {
 				return nil, err
 			}
 			f.Mount = path.Clean(o.value)
+		case OptOpenFiles:
+			if f.OpenFiles, err = ParseOpenFiles(o.value); err != nil {
+				return nil, err
+			}
 		default:
 			if !slices.Contains(devopts.FSOptionKeys, o.key) {
-				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, mount, %s)", printable(o.key), strings.Join(devopts.FSOptionKeys, ", "))
+				return nil, fmt.Errorf("unknown key %s (want path, tag, readonly, mount, open-files, %s)", printable(o.key), strings.Join(devopts.FSOptionKeys, ", "))
 			}
 			if f.PluginOptions == nil {
 				f.PluginOptions = map[string]string{}
@@ -88,6 +100,27 @@ func ParseFS(s string) (*FSSpec, error) {
 		return nil, err
 	}
 	return f, nil
+}
+
+// OptOpenFiles is the --fs key of FSSpec.OpenFiles.
+const OptOpenFiles = "open-files"
+
+// The range of open-files=: below MinFSOpenFiles the reserve the virtio-fs
+// server keeps for the rest of the plugin (vhost-user memory regions,
+// eventfds: about 600) would leave the guest a handful of files; above
+// MaxFSOpenFiles is more than Linux's default fs.nr_open.
+const (
+	MinFSOpenFiles = 1024
+	MaxFSOpenFiles = 1 << 20
+)
+
+// ParseOpenFiles parses an open-files= value.
+func ParseOpenFiles(v string) (uint64, error) {
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err != nil || n < MinFSOpenFiles || n > MaxFSOpenFiles {
+		return 0, fmt.Errorf("open-files=%s: want a number of files from %d to %d", printable(v), MinFSOpenFiles, MaxFSOpenFiles)
+	}
+	return n, nil
 }
 
 // checkMount checks a guest mount point: absolute, not the root, printable.
@@ -157,6 +190,9 @@ func (f *FSSpec) String() string {
 	}
 	if f.Mount != "" {
 		fmt.Fprintf(&b, ",mount=%s", escape(f.Mount))
+	}
+	if f.OpenFiles != 0 {
+		fmt.Fprintf(&b, ",%s=%d", OptOpenFiles, f.OpenFiles)
 	}
 	keys := make([]string, 0, len(f.PluginOptions))
 	for k := range f.PluginOptions {

@@ -54,6 +54,9 @@ type Opened struct {
 	Kind    string
 	Options map[string]string
 	Files   []NamedFile
+	// OpenFiles is the RLIMIT_NOFILE the sandbox is to give the plugin
+	// (FSSpec.OpenFiles); 0 means its kind's default.
+	OpenFiles uint64
 
 	// locked holds a duplicate of every locked image fd: the locks belong
 	// to the open file, so the host keeps them for as long as the device
@@ -449,7 +452,7 @@ func (f *FSSpec) Open(oo OpenOptions) (_ *Opened, err error) {
 	for k, v := range f.PluginOptions {
 		opts[k] = v
 	}
-	o := &Opened{Kind: devopts.KindFS, Options: opts}
+	o := &Opened{Kind: devopts.KindFS, Options: opts, OpenFiles: f.OpenFiles}
 	defer func() {
 		if err != nil {
 			dir.Close()

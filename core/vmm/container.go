@@ -89,6 +89,18 @@ func (c *Context) SetEnv(env []string) {
 // suid=on), as --fs does for a share.
 func (c *Context) SetRootOptions(opts map[string]string) { c.execCfg().rootOptions = opts }
 
+// SetRootOpenFiles sets the RLIMIT_NOFILE the sandbox gives the root's
+// fs-virtio plugin, as --fs's open-files= does for a share (0: the
+// default, sandbox.FSOpenFiles). The plugin keeps about a quarter of it
+// for the files and directories the guest holds open on the root.
+func (c *Context) SetRootOpenFiles(n uint64) error {
+	if n != 0 && (n < devspec.MinFSOpenFiles || n > devspec.MaxFSOpenFiles) {
+		return fmt.Errorf("%w: root open files %d: want %d to %d", ErrConfig, n, devspec.MinFSOpenFiles, devspec.MaxFSOpenFiles)
+	}
+	c.execCfg().openFiles = n
+	return nil
+}
+
 // SetUser sets the command's uid, gid and supplementary groups. It
 // replaces SetUserSpec.
 func (c *Context) SetUser(uid, gid uint32, groups []uint32) {

@@ -347,8 +347,9 @@ func (d *pluginDevice) startPlugin(ctx context.Context) (*pluginhost.DeviceInfo,
 	if lc != nil {
 		// A disk's plugin cannot grow its files past what the disk
 		// needs (devspec.Opened.FileBytes), from their sizes now: a
-		// restart starts from what the previous plugin left.
-		if lc.Limits.FileBytes, err = d.opened.FileBytes(); err != nil {
+		// restart starts from what the previous plugin left; a share's
+		// may have open-files=.
+		if lc.Limits, err = d.opened.Limits(lc.Limits); err != nil {
 			return nil, err
 		}
 		cfg.Sandbox = *lc

@@ -70,6 +70,7 @@ type execConfig struct {
 	container   *container.Setup  // SetContainer: the OCI runtime's guest setup
 	noLookup    bool              // SetLookup(false)
 	rootOptions map[string]string // SetRootOptions
+	openFiles   uint64            // SetRootOpenFiles
 	envHome     bool              // the env given (SetExec, SetEnv) sets HOME
 }
 
@@ -527,7 +528,7 @@ func (c *Context) prepareExec() error {
 		return fmt.Errorf("%s: %w", InitBinary, err)
 	}
 	// Devices: the root share, the console, then the user's.
-	root := &devspec.FSSpec{Path: e.root, Tag: RootTag, ReadOnly: e.rootReadOnly, PluginOptions: e.rootOptions}
+	root := &devspec.FSSpec{Path: e.root, Tag: RootTag, ReadOnly: e.rootReadOnly, PluginOptions: e.rootOptions, OpenFiles: e.openFiles}
 	e.rootShare = root
 	devs := []devspec.Spec{root}
 	if err := e.openControl(); err != nil {

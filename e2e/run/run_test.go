@@ -158,9 +158,12 @@ grep 'krun-core timing:' /tmp/timing.err | sed 's/^/TIMING /'
 # line on its stdin (fd 3 of this shell, from /tmp/NAME.in); krun-core's
 # pid in $p, once the command has started.
 waiting() {
-	mkfifo /tmp/$1.in
-	krun-core run --handshake-timeout 10m --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 --root /r -- \
-		/bin/sh -c 'echo started; read x; echo "got $x"' </tmp/$1.in >/tmp/$1.out 2>/tmp/$1.err &
+	w=$1
+	shift
+	mkfifo /tmp/$w.in
+	krun-core run --handshake-timeout 10m --kernel $KERNEL --plugin-dir /bin --memory 256M --boot-timeout 120 "$@" --root /r -- \
+		/bin/sh -c 'echo started; read x; echo "got $x"' </tmp/$w.in >/tmp/$w.out 2>/tmp/$w.err &
+	set -- $w
 	p=$!
 	exec 3>/tmp/$1.in
 	i=0
@@ -171,7 +174,11 @@ waiting() {
 		sleep 0.25
 	done
 }
-waiting privs
+# --root-open-files is the root's plugin's RLIMIT_NOFILE (below this
+# guest's own hard limit, 4096, which would cap it).
+waiting privs --root-open-files 2048
+grep -E '^Max open files +2048 +2048 ' /proc/$(pidof krun-plugin-fs-virtio)/limits ||
+	e2e_fail "privs: the root's plugin has $(grep '^Max open files' /proc/$(pidof krun-plugin-fs-virtio)/limits), want 2048 (--root-open-files)"
 for s in /proc/$p/task/*/status; do
 	grep -E '^(NoNewPrivs|CapEff|CapPrm|CapBnd|CapInh|CapAmb):' $s | tr '\t' ' ' | sed "s|^|privs $(basename $(dirname $s)) |"
 	grep -q '^NoNewPrivs:.1$' $s || e2e_fail "privs: $s has no no_new_privs"
