@@ -413,12 +413,32 @@ func (c *Container) holdsPlan() bool {
 	return err == nil
 }
 
+// writeFileAtomic writes path through a new temporary file in its
+// directory, renamed over it: a reader never sees a partial file. The
+// temporary file is made with O_EXCL under a name of its own: one of a
+// fixed name (path+".tmp"), opened with O_TRUNC, followed a symbolic link
+// planted there, and a pid file's directory that someone else can write
+// made the runtime overwrite any host file with the pid (found in review;
+// runc's is O_EXCL too).
 func writeFileAtomic(path string, b []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, mode); err != nil {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	tmp := f.Name()
+	// CreateTemp makes it 0600: the mode asked for (the umask is not
+	// read: changing it to read it races the process's other threads).
+	err = f.Chmod(mode)
+	if err == nil {
+		_, err = f.Write(b)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
 		os.Remove(tmp)
 		return err
 	}

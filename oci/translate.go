@@ -538,24 +538,39 @@ func resolveOutsideRoot(src, rootReal string) (string, error) {
 // readHostFile reads a host file that a bind mount copies into the guest,
 // of at most max bytes: it must be a regular file, and not one of the
 // kernel's own state (procfs, sysfs and the like, whose files can leak the
-// host's secrets or never end). It is opened without blocking and without
-// following a final symbolic link, and checked on the open file.
+// host's secrets or never end). p is the path Translate resolved, which
+// holds no symbolic link: none is followed now (a component replaced by a
+// link since, in a directory someone else writes, would lead anywhere),
+// and the file is first opened O_PATH and checked, and only a regular file
+// is opened for reading: the open of a FIFO releases its writer, and a
+// device's runs its driver (/dev/watchdog arms the host's watchdog) before
+// any check could refuse it (found in review).
 func readHostFile(p string, max int64) ([]byte, error) {
-	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	how := &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS}
+	var pfd int
+	var err error
+	for {
+		pfd, err = unix.Openat2(unix.AT_FDCWD, p, how)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if errors.Is(err, unix.ELOOP) {
+		return nil, errors.New("a symbolic link is in the path now (it changed after it was resolved)")
+	}
 	if err != nil {
 		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), p)
-	defer f.Close()
+	defer unix.Close(pfd)
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
+	if err := unix.Fstat(pfd, &st); err != nil {
 		return nil, err
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil, errors.New("not a regular file")
 	}
 	var sfs unix.Statfs_t
-	if err := unix.Fstatfs(fd, &sfs); err != nil {
+	if err := unix.Fstatfs(pfd, &sfs); err != nil {
 		return nil, err
 	}
 	if name, bad := pseudoFS(int64(sfs.Type)); bad {
@@ -564,6 +579,14 @@ func readHostFile(p string, max int64) ([]byte, error) {
 	if p == "/dev" || strings.HasPrefix(p, "/dev/") {
 		return nil, errors.New("host devices cannot reach a VM")
 	}
+	// The regular file checked, opened for reading through its O_PATH
+	// descriptor: the same inode, whatever the path names by now.
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pfd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), p)
+	defer f.Close()
 	return readAtMost(f, max)
 }
 
