@@ -401,7 +401,13 @@ func LookupInRoot(root, workdir, name string, env []string) (string, error) {
 	defer unix.Close(dirfd)
 	check := func(p string) error {
 		how := &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS}
-		fd, err := unix.Openat2(dirfd, p, how)
+		// EAGAIN (a rename or mount elsewhere raced a ".." of the
+		// walk) is tried again a bounded number of times, and then
+		// not "not found" but an error of its own.
+		fd, err := container.Openat2(dirfd, p, how)
+		if errors.Is(err, unix.EAGAIN) {
+			return err
+		}
 		if err != nil {
 			return ErrCommandNotFound
 		}
@@ -419,8 +425,10 @@ func LookupInRoot(root, workdir, name string, env []string) (string, error) {
 		switch err := check(fromWorkdir(name)); err {
 		case nil:
 			return fromWorkdir(name), nil
-		default:
+		case ErrCommandNotFound, ErrCommandNotExecutable:
 			return "", fmt.Errorf("%w: %s in root %s", err, cli.Printable(name), cli.Printable(root))
+		default:
+			return "", fmt.Errorf("%s in root %s: %w", cli.Printable(name), cli.Printable(root), err)
 		}
 	}
 	pathEnv := initconfig.DefaultPath
@@ -435,11 +443,14 @@ func LookupInRoot(root, workdir, name string, env []string) (string, error) {
 			dir = "."
 		}
 		p := path.Join(fromWorkdir(dir), name)
-		switch check(p) {
+		switch err := check(p); err {
 		case nil:
 			return p, nil
 		case ErrCommandNotExecutable:
 			notExec = true
+		case ErrCommandNotFound:
+		default:
+			return "", fmt.Errorf("%s in root %s: %w", cli.Printable(name), cli.Printable(root), err)
 		}
 	}
 	if notExec {

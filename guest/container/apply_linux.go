@@ -33,9 +33,44 @@ type rootDir struct {
 	path string // the root's path as krun-init sees it
 	work string
 	logf func(string, ...any)
+	// openat2 is unix.Openat2 (nil); tests replace it.
+	openat2 func(dirfd int, path string, how *unix.OpenHow) (int, error)
 }
 
 func procFD(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
+
+// maxResolveRetries bounds the retries of EAGAIN. RESOLVE_IN_ROOT answers
+// EAGAIN when a rename or a mount anywhere on the machine raced a ".." of
+// the walk; the image chooses the walk (a chain of symbolic links of
+// thousands of ".." each), and a rename storm elsewhere (another
+// container's file system plugin) then failed nearly every try: retried
+// without bound, the walk spun on a CPU for as long as the storm lasted
+// (found in review, helper-149). An ordinary walk meets EAGAIN rarely,
+// and once.
+const maxResolveRetries = 128
+
+// Openat2 is unix.Openat2 retried on EINTR, and on EAGAIN up to
+// maxResolveRetries times, after which the error says why and wraps
+// EAGAIN.
+func Openat2(dirfd int, p string, how *unix.OpenHow) (int, error) {
+	return openat2Retry(unix.Openat2, dirfd, p, how)
+}
+
+func openat2Retry(openat2 func(int, string, *unix.OpenHow) (int, error), dirfd int, p string, how *unix.OpenHow) (int, error) {
+	for again := 0; ; {
+		fd, err := openat2(dirfd, p, how)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN && again < maxResolveRetries:
+			again++
+			continue
+		case err == unix.EAGAIN:
+			return -1, fmt.Errorf("the walk to %q was interrupted by renames or mounts elsewhere %d times in a row: %w", p, again+1, err)
+		}
+		return fd, err
+	}
+}
 
 func (r *rootDir) open(p string, flags int) (int, error) {
 	how := &unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS}
@@ -43,12 +78,11 @@ func (r *rootDir) open(p string, flags int) (int, error) {
 	if rel == "" {
 		rel = "."
 	}
-	for {
-		fd, err := unix.Openat2(r.fd, rel, how)
-		if err != unix.EINTR && err != unix.EAGAIN {
-			return fd, err
-		}
+	openat2 := r.openat2
+	if openat2 == nil {
+		openat2 = unix.Openat2
 	}
+	return openat2Retry(openat2, r.fd, rel, how)
 }
 
 // mountPoint opens p inside the root as an O_PATH descriptor, making it

@@ -2,10 +2,12 @@ package container
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -216,5 +218,42 @@ func TestParseOptions(t *testing.T) {
 	}
 	if unix.MS_NOSUID != msNosuid || unix.MS_REC != msRec || unix.MS_SLAVE != msSlave || unix.MS_STRICTATIME != msStrictatime {
 		t.Error("flag constants differ from the kernel's")
+	}
+}
+
+// TestRootOpenBoundsEAGAIN: a walk that RESOLVE_IN_ROOT keeps answering
+// EAGAIN (a rename storm elsewhere racing an image's long ".." chain)
+// fails after maxResolveRetries retries with EAGAIN, instead of spinning
+// for as long as the storm lasts; a walk that meets EAGAIN a few times
+// succeeds, and EINTR is retried.
+func TestRootOpenBoundsEAGAIN(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		answers  []error // then nil: success
+		wantErr  error
+		wantCall int
+	}{
+		{"storm", slices.Repeat([]error{unix.EAGAIN}, 1000), unix.EAGAIN, maxResolveRetries + 1},
+		{"a few", []error{unix.EAGAIN, unix.EINTR, unix.EAGAIN}, nil, 4},
+		{"signals", slices.Repeat([]error{unix.EINTR}, 500), nil, 501},
+		{"missing", []error{unix.ENOENT}, unix.ENOENT, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			calls := 0
+			r := &rootDir{fd: -1, openat2: func(int, string, *unix.OpenHow) (int, error) {
+				calls++
+				if calls <= len(tc.answers) {
+					return -1, tc.answers[calls-1]
+				}
+				return 42, nil
+			}}
+			fd, err := r.open("/a/vol", unix.O_PATH)
+			if !errors.Is(err, tc.wantErr) || (tc.wantErr == nil && err != nil) || calls != tc.wantCall {
+				t.Fatalf("open: fd %d, %v after %d calls; want %v after %d", fd, err, calls, tc.wantErr, tc.wantCall)
+			}
+			if tc.wantErr == nil && fd != 42 {
+				t.Fatalf("open: fd %d, want 42", fd)
+			}
+		})
 	}
 }
