@@ -19,12 +19,15 @@ type Plan struct {
 	ID     string `json:"id"`
 	Bundle string `json:"bundle"`
 	// Root is the host directory served as the guest's root (virtio-fs).
-	Root         string  `json:"root"`
-	RootReadOnly bool    `json:"root_readonly"`
-	CPUs         int     `json:"cpus"`
-	MemoryMiB    uint64  `json:"memory_mib"`
-	Hostname     string  `json:"hostname,omitempty"`
-	Process      Process `json:"process"`
+	Root         string `json:"root"`
+	RootReadOnly bool   `json:"root_readonly"`
+	CPUs         int    `json:"cpus"`
+	MemoryMiB    uint64 `json:"memory_mib"`
+	// OpenFiles is the RLIMIT_NOFILE of the root's and the shares'
+	// plugins (krun.open_files; 0: krun-core's default).
+	OpenFiles uint64  `json:"open_files,omitempty"`
+	Hostname  string  `json:"hostname,omitempty"`
+	Process   Process `json:"process"`
 	// Shares are the host directories bind-mounted into the container,
 	// each a virtio-fs device of its own.
 	Shares []Share `json:"shares,omitempty"`

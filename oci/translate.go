@@ -31,6 +31,12 @@ const (
 	AnnotationRAMMiB = "krun.ram_mib"
 )
 
+// AnnotationOpenFiles sets the open-files limit of the plugins that serve
+// the container's root and its bind-mounted directories (krun-core's
+// --fs open-files=): about a quarter of it is what the container can hold
+// open on each at once.
+const AnnotationOpenFiles = "krun.open_files"
+
 // Annotations that choose the ports of a network namespace passt forwards
 // to the guest (passt's -t and -u: "all", the default, "none", or ports
 // and ranges such as "80,443,8000-8100").
@@ -818,7 +824,7 @@ func checkPortSpec(v string) error {
 	return nil
 }
 
-// applyAnnotations applies krun.cpus and krun.ram_mib.
+// applyAnnotations applies krun.cpus, krun.ram_mib and krun.open_files.
 func applyAnnotations(p *Plan, a map[string]string) error {
 	if v, ok := a[AnnotationCPUs]; ok {
 		n, err := strconv.Atoi(v)
@@ -833,6 +839,13 @@ func applyAnnotations(p *Plan, a map[string]string) error {
 			return specError("annotations."+AnnotationRAMMiB, "%q is not a memory size in MiB (%d-%d)", v, MinMemoryMiB, vmm.MaxMemoryMiB)
 		}
 		p.MemoryMiB = n
+	}
+	if v, ok := a[AnnotationOpenFiles]; ok {
+		n, err := devspec.ParseOpenFiles(v)
+		if err != nil {
+			return specError("annotations."+AnnotationOpenFiles, "%q is not an open-files limit (%d-%d)", v, devspec.MinFSOpenFiles, devspec.MaxFSOpenFiles)
+		}
+		p.OpenFiles = n
 	}
 	return nil
 }

@@ -141,6 +141,7 @@ func TestTranslateRefuses(t *testing.T) {
 			s.Linux = &specs.Linux{Resources: &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptrOf(int64(10 << 20))}}}
 		}},
 		{"bad cpus annotation", "krun.cpus", func(s *specs.Spec) { s.Annotations = map[string]string{"krun.cpus": "zero"} }},
+		{"bad open files annotation", "krun.open_files", func(s *specs.Spec) { s.Annotations = map[string]string{"krun.open_files": "100"} }},
 		{"createContainer hook", "createContainer", func(s *specs.Spec) {
 			s.Hooks = &specs.Hooks{CreateContainer: []specs.Hook{{Path: "/bin/true"}}}
 		}},
@@ -168,17 +169,17 @@ func TestTranslateRefuses(t *testing.T) {
 func TestAnnotationsOverride(t *testing.T) {
 	s, b := baseSpec(t)
 	s.Linux = &specs.Linux{Resources: &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptrOf(int64(1 << 30))}, CPU: &specs.LinuxCPU{Cpus: "0-3"}}}
-	s.Annotations = map[string]string{AnnotationCPUs: "3", AnnotationRAMMiB: "768"}
+	s.Annotations = map[string]string{AnnotationCPUs: "3", AnnotationRAMMiB: "768", AnnotationOpenFiles: "65536"}
 	p, err := Translate("x", b, s, translateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.CPUs != 3 || p.MemoryMiB != 768 {
-		t.Errorf("cpus %d memory %d, want the annotations' 3 and 768", p.CPUs, p.MemoryMiB)
+	if p.CPUs != 3 || p.MemoryMiB != 768 || p.OpenFiles != 65536 {
+		t.Errorf("cpus %d memory %d open files %d, want the annotations' 3, 768 and 65536", p.CPUs, p.MemoryMiB, p.OpenFiles)
 	}
 	s.Annotations = nil
-	if p, _ = Translate("x", b, s, translateOptions{}); p.CPUs != 4 || p.MemoryMiB != 1024 {
-		t.Errorf("cpus %d memory %d, want the cpuset's 4 and the limit's 1024", p.CPUs, p.MemoryMiB)
+	if p, _ = Translate("x", b, s, translateOptions{}); p.CPUs != 4 || p.MemoryMiB != 1024 || p.OpenFiles != 0 {
+		t.Errorf("cpus %d memory %d open files %d, want the cpuset's 4, the limit's 1024 and the default", p.CPUs, p.MemoryMiB, p.OpenFiles)
 	}
 }
 

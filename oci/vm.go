@@ -137,12 +137,15 @@ func NewVM(p *Plan, sio Stdio, cfg RuntimeConfig, log hclog.Logger) (VM, error) 
 	for _, s := range p.Shares {
 		// Container file systems keep their set-id bits, as they do
 		// under runc: the guest is the container.
-		fs := &devspec.FSSpec{Path: s.Path, Tag: s.Tag, ReadOnly: s.ReadOnly, PluginOptions: map[string]string{"suid": "on"}}
+		fs := &devspec.FSSpec{Path: s.Path, Tag: s.Tag, ReadOnly: s.ReadOnly, PluginOptions: map[string]string{"suid": "on"}, OpenFiles: p.OpenFiles}
 		if err := c.AddDevice(fs); err != nil {
 			return nil, err
 		}
 	}
 	c.SetRootOptions(map[string]string{"suid": "on"})
+	if err := c.SetRootOpenFiles(p.OpenFiles); err != nil {
+		return nil, err
+	}
 	switch {
 	case p.Net.Mode == NetNone:
 	case !hasRoutableInterface():
