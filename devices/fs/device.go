@@ -171,16 +171,17 @@ func (d *Device) Counters() map[string]uint64 {
 	nodes, handles := d.srv.counts()
 	fds, evicted := d.srv.t.fdStats()
 	return map[string]uint64{
-		"fs.requests":    s.Requests.Load(),
-		"fs.errors":      s.Errors.Load(),
-		"fs.malformed":   s.Malformed.Load(),
-		"fs.unsupported": s.Unsupported.Load(),
-		"fs.read_bytes":  s.ReadBytes.Load(),
-		"fs.write_bytes": s.WriteBytes.Load(),
-		"fs.nodes":       uint64(nodes),
-		"fs.handles":     uint64(handles),
-		"fs.node_fds":    uint64(fds),
-		"fs.fd_closes":   evicted,
+		"fs.requests":        s.Requests.Load(),
+		"fs.errors":          s.Errors.Load(),
+		"fs.malformed":       s.Malformed.Load(),
+		"fs.unsupported":     s.Unsupported.Load(),
+		"fs.read_bytes":      s.ReadBytes.Load(),
+		"fs.write_bytes":     s.WriteBytes.Load(),
+		"fs.nodes":           uint64(nodes),
+		"fs.handles":         uint64(handles),
+		"fs.node_fds":        uint64(fds),
+		"fs.fd_closes":       evicted,
+		"fs.handle_refusals": s.HandleRefusals.Load(),
 	}
 }
 

@@ -457,6 +457,14 @@ func (t *table) put(n *node) {
 }
 
 // count returns how many nodes and handles are live (tests, stats).
+// handleUse reports the handles open, and whether they (with those
+// promised to requests in flight) are at MaxHandles.
+func (t *table) handleUse() (open int, atLimit bool) {
+	t.mu.Lock()
+	defer t.unlock()
+	return len(t.handles), len(t.handles)+t.reserved >= t.maxHandles
+}
+
 func (t *table) count() (nodes, handles int) {
 	t.mu.Lock()
 	defer t.unlock()

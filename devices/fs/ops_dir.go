@@ -35,7 +35,7 @@ func (s *Server) opOpendir(r *request) unix.Errno {
 	if !n.isDir() {
 		return unix.ENOTDIR
 	}
-	if e := s.t.reserveHandle(true); e != 0 {
+	if e := s.reserveHandle(true); e != 0 {
 		return e
 	}
 	fd, err := s.reopenDir(n.fd)

@@ -56,7 +56,7 @@ func (s *Server) opOpen(r *request) unix.Errno {
 	}
 	// The handle's slot is taken before the file is opened: a refusal
 	// (ENFILE) must come before O_TRUNC empties it.
-	if e := s.t.reserveHandle(false); e != 0 {
+	if e := s.reserveHandle(false); e != 0 {
 		return e
 	}
 	fd, e := s.openNode(r, n, openFlags(flags))
@@ -135,7 +135,7 @@ func (s *Server) opCreate(r *request) unix.Errno {
 	// guest, fall back to opening the existing file. The handle's slot and
 	// room for the node come first: a refusal leaves no file behind, and
 	// an existing one untruncated.
-	if e := s.t.reserveHandle(false); e != 0 {
+	if e := s.reserveHandle(false); e != 0 {
 		return e
 	}
 	added := false

@@ -127,6 +127,9 @@ type Stats struct {
 	Unsupported atomic.Uint64 // ENOSYS replies
 	ReadBytes   atomic.Uint64
 	WriteBytes  atomic.Uint64
+	// HandleRefusals counts OPEN, CREATE and OPENDIR refused with ENFILE
+	// for want of a handle (MaxHandles, or the memory budget).
+	HandleRefusals atomic.Uint64
 }
 
 // Server is a FUSE file server over one host directory. Handle is safe for
@@ -171,6 +174,9 @@ type Server struct {
 	scratches chan *scratch
 	closed    atomic.Bool
 	stats     Stats
+	// handleWarned is when the last "as many open files as it may"
+	// warning was logged (unix nanoseconds; reserveHandle).
+	handleWarned atomic.Int64
 }
 
 type timeout struct {
@@ -324,6 +330,34 @@ func (s *Server) Close() error {
 
 // counts reports live nodes and handles (tests).
 func (s *Server) counts() (nodes, handles int) { return s.t.count() }
+
+// handleWarnEvery is how often at most reserveHandle warns.
+const handleWarnEvery = time.Minute
+
+// reserveHandle is the table's reserveHandle, counted and said in the log
+// (at most once a minute) when it refuses: the guest's open then fails
+// with ENFILE, "Too many open files in system", which names no cause on
+// the host side.
+func (s *Server) reserveHandle(dir bool) unix.Errno {
+	e := s.t.reserveHandle(dir)
+	if e != unix.ENFILE {
+		return e
+	}
+	s.stats.HandleRefusals.Add(1)
+	now, last := time.Now().UnixNano(), s.handleWarned.Load()
+	if last != 0 && now-last < int64(handleWarnEvery) || !s.handleWarned.CompareAndSwap(last, now) {
+		return e
+	}
+	open, atLimit := s.t.handleUse()
+	if atLimit {
+		s.log.Warn("the guest holds as many files and directories open on this share as it may; more opens fail with ENFILE: raise the share's open-files= (run --root-open-files for the root, krun-oci's annotation krun.open_files)",
+			"open", open, "limit", s.t.maxHandles)
+	} else {
+		s.log.Warn("the plugin's memory budget for the guest's inodes and open files is spent; more opens fail with ENFILE until the guest forgets inodes",
+			"open", open)
+	}
+	return e
+}
 
 // maxIdleScratch bounds the idle scratch spaces kept (about 135 KiB each).
 const maxIdleScratch = 16
