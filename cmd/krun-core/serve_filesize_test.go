@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -68,20 +67,10 @@ func TestServeDiskFileSizeLimit(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
-			if err != nil {
-				t.Fatal(err)
-			}
 			want := strconv.FormatUint(c.want, 10)
-			for _, ln := range strings.Split(string(b), "\n") {
-				if f := strings.Fields(ln); strings.HasPrefix(ln, "Max file size") && len(f) >= 5 {
-					if f[3] != want || f[4] != want {
-						t.Errorf("plugin pid %d: %s, want %s bytes", pid, ln, want)
-					}
-					return
-				}
+			if soft, hard := procLimit(t, pid, "Max file size"); soft != want || hard != want {
+				t.Errorf("plugin pid %d: Max file size %s %s, want %s bytes", pid, soft, hard, want)
 			}
-			t.Errorf("no Max file size in /proc/%d/limits:\n%s", pid, b)
 		})
 	}
 }
