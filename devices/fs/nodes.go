@@ -118,6 +118,14 @@ type handle struct {
 	// which a write-less fd could otherwise still do (fchmod needs only
 	// ownership) ahead of the call that then fails.
 	writable bool
+	// readable: the guest opened it for reading. READ checks it: fd may
+	// be a duplicate of another handle's read-write fd (dupHandleFd).
+	readable bool
+	// oflags are the guest's open flags (openFlags); fdStatus are the
+	// O_APPEND, O_SYNC and O_DSYNC the fd itself has: those of oflags,
+	// or, for a duplicate of another handle's fd (dupHandleFd), that
+	// handle's, with which opWrite makes each write as oflags say.
+	oflags, fdStatus int
 	// appends: fd has O_APPEND, as the guest opened it. A WRITE from
 	// the guest's page cache (fuse.WriteCache: mmap'd pages written back
 	// through whichever writable handle the kernel picks) must still land
@@ -783,13 +791,14 @@ func (t *table) cancelHandle(dir bool) {
 
 // addHandle registers an open fd for node n (which it pins) in the slot
 // reserveHandle promised (a directory's when dir is not nil); oflags are
-// the flags fd was opened with.
-func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags int) uint64 {
+// the guest's open flags, fdStatus fd's own status flags (handle.fdStatus).
+func (t *table) addHandle(fd int, n *node, dir *dirStream, oflags, fdStatus int) uint64 {
 	t.mu.Lock()
 	defer t.unlock()
 	t.reserved--
-	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir,
-		writable: oflags&unix.O_ACCMODE != unix.O_RDONLY, appends: oflags&unix.O_APPEND != 0}
+	h := &handle{id: t.nextFh, fd: fd, node: n, refs: 1, dir: dir, oflags: oflags, fdStatus: fdStatus,
+		writable: oflags&unix.O_ACCMODE != unix.O_RDONLY, readable: oflags&unix.O_ACCMODE != unix.O_WRONLY,
+		appends: oflags&unix.O_APPEND != 0}
 	t.nextFh++
 	n.pins++
 	t.handles[h.id] = h
@@ -821,6 +830,52 @@ func (t *table) anyHandle(n *node) *handle {
 		}
 	}
 	return nil
+}
+
+// statusFlags are the open flags that change how writes land; they are
+// the open file description's, so a duplicated fd shares them.
+const statusFlags = unix.O_APPEND | unix.O_SYNC | unix.O_DSYNC
+
+// dupHandleFd returns a duplicate of the fd of one of the guest's open
+// handles of regular file n that serves an open with flags (openFlags),
+// and that fd's status flags (handle.fdStatus): a read-write handle or one
+// of the same access mode. For an open that writes, not one whose fd has
+// O_APPEND where flags have none (every write would need RWF_NOAPPEND,
+// Linux 6.9), unless only a truncation is to be made through it
+// (truncate); an O_APPEND, O_SYNC or O_DSYNC the fd lacks is given to
+// each write instead (opWrite). ESTALE when there is none. It opens a
+// file that has no name left to reopen it by (unlinked while the guest
+// holds it open), as a guest's open of /proc/self/fd/N asks: the new
+// handle's access is what the guest asked for, whatever the duplicate's
+// (handle.writable, handle.readable).
+func (t *table) dupHandleFd(n *node, flags int, truncate bool) (int, int, unix.Errno) {
+	acc := flags & unix.O_ACCMODE
+	t.mu.Lock()
+	var h *handle
+	for _, c := range t.handles {
+		if c.node != n || c.dir != nil || c.fd < 0 {
+			continue
+		}
+		if cacc := c.oflags & unix.O_ACCMODE; cacc != unix.O_RDWR && cacc != acc {
+			continue
+		}
+		if acc != unix.O_RDONLY && !truncate && c.fdStatus&unix.O_APPEND != 0 && flags&unix.O_APPEND == 0 {
+			continue
+		}
+		h = c
+		h.refs++
+		break
+	}
+	t.mu.Unlock()
+	if h == nil {
+		return -1, 0, unix.ESTALE
+	}
+	defer t.putHandle(h)
+	fd, err := unix.FcntlInt(uintptr(h.fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return -1, 0, errno(err)
+	}
+	return fd, h.fdStatus, 0
 }
 
 // putHandle drops a reference; the last one closes the fd.

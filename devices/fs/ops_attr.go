@@ -340,7 +340,7 @@ func (s *Server) truncFd(r *request, n *node, h *handle) (int, unix.Errno) {
 		}
 		return h.fd, 0
 	}
-	return s.openNode(r, n, unix.O_WRONLY)
+	return s.openForTruncate(r, n)
 }
 
 func (s *Server) opReadlink(r *request) unix.Errno {

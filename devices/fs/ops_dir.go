@@ -43,7 +43,7 @@ func (s *Server) opOpendir(r *request) unix.Errno {
 		s.t.cancelHandle(true)
 		return errno(err)
 	}
-	fh := s.t.addHandle(fd, n, &dirStream{buf: make([]byte, dirBufSize)}, unix.O_RDONLY)
+	fh := s.t.addHandle(fd, n, &dirStream{buf: make([]byte, dirBufSize)}, unix.O_RDONLY, 0)
 	if e := r.replyOpen(fh); e != 0 {
 		s.t.releaseHandle(fh)
 		return e

@@ -59,7 +59,7 @@ func (s *Server) opOpen(r *request) unix.Errno {
 	if e := s.reserveHandle(false); e != 0 {
 		return e
 	}
-	fd, e := s.openNode(r, n, openFlags(flags))
+	fd, fdStatus, e := s.openFile(r, n, openFlags(flags))
 	if e != 0 {
 		s.t.cancelHandle(false)
 		return e
@@ -67,19 +67,44 @@ func (s *Server) opOpen(r *request) unix.Errno {
 	if int(flags)&unix.O_TRUNC != 0 {
 		// Truncate only now that the fd is known to be this node.
 		openFl, _ := fuse.U32(r.in, 4)
-		reopen := func() (int, unix.Errno) { return s.openNode(r, n, unix.O_WRONLY) }
+		reopen := func() (int, unix.Errno) { return s.openForTruncate(r, n) }
 		if e := s.truncateOpen(fd, flags, openFl, reopen); e != 0 {
 			unix.Close(fd)
 			s.t.cancelHandle(false)
 			return e
 		}
 	}
-	fh := s.t.addHandle(fd, n, nil, openFlags(flags))
+	fh := s.t.addHandle(fd, n, nil, openFlags(flags), fdStatus)
 	if e := r.replyOpen(fh); e != 0 {
 		s.t.releaseHandle(fh)
 		return e
 	}
 	return 0
+}
+
+// openFile opens regular file n for an OPEN: by one of its names
+// (openNode), or, with none left (unlinked while the guest holds it
+// open), as a duplicate of one of the guest's open handles of it that
+// serves flags (dupHandleFd). A guest reopens such a file through
+// /proc/self/fd/N; that was ESTALE (the differential test against the C
+// virtiofsd, which reopens through its own /proc/self/fd).
+// It returns the fd's own status flags as well (handle.fdStatus).
+func (s *Server) openFile(r *request, n *node, flags int) (int, int, unix.Errno) {
+	fd, e := s.openNode(r, n, flags)
+	if e == unix.ESTALE {
+		return s.t.dupHandleFd(n, flags, false)
+	}
+	return fd, flags & statusFlags, e
+}
+
+// openForTruncate opens regular file n write-only for a truncation only,
+// as openFile does.
+func (s *Server) openForTruncate(r *request, n *node) (int, unix.Errno) {
+	fd, e := s.openNode(r, n, unix.O_WRONLY)
+	if e == unix.ESTALE {
+		fd, _, e = s.t.dupHandleFd(n, unix.O_WRONLY, true)
+	}
+	return fd, e
 }
 
 // truncateOpen applies O_TRUNC to the freshly opened fd, clearing the
@@ -222,7 +247,7 @@ func (s *Server) opCreate(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.put(n)
-	fh := s.t.addHandle(fd, n, nil, oflags)
+	fh := s.t.addHandle(fd, n, nil, oflags, oflags&statusFlags)
 	added, ok = true, true
 	var b [fuse.EntryOutSize + fuse.OpenOutSize]byte
 	en := s.entry(n, &pst)
@@ -266,6 +291,9 @@ func (s *Server) opRead(r *request) unix.Errno {
 		return e
 	}
 	defer s.t.putHandle(h)
+	if !h.readable {
+		return unix.EBADF // as the guest opened it, whatever fd allows
+	}
 	// Clamped to the reply area and to maxRead: no guest that keeps to
 	// INIT's max_pages asks for more, and the reply area alone (up to
 	// 4 GiB of guest buffers) let one READ read that much (found in
@@ -327,13 +355,26 @@ func (s *Server) opWrite(r *request) unix.Errno {
 		// written back from the guest's cache through such a handle
 		// (an mmap'd file) belongs at its offset, not at the end:
 		// RWF_NOAPPEND (Linux 6.9) overrides O_APPEND for that write.
+		// A duplicated fd (dupHandleFd) may lack the O_APPEND, O_SYNC
+		// or O_DSYNC the guest opened with: each write gets them.
 		flags := 0
-		if h.appends && in.Flags&fuse.WriteCache != 0 {
-			flags = unix.RWF_NOAPPEND
+		switch {
+		case in.Flags&fuse.WriteCache != 0:
+			if h.fdStatus&unix.O_APPEND != 0 {
+				flags = unix.RWF_NOAPPEND
+			}
+		case h.appends && h.fdStatus&unix.O_APPEND == 0:
+			flags = unix.RWF_APPEND
+		}
+		switch {
+		case h.oflags&unix.O_SYNC == unix.O_SYNC && h.fdStatus&unix.O_SYNC != unix.O_SYNC:
+			flags |= unix.RWF_SYNC
+		case h.oflags&unix.O_DSYNC != 0 && h.fdStatus&unix.O_DSYNC == 0:
+			flags |= unix.RWF_DSYNC
 		}
 		segs := r.c.PeekReadable(r.sc.segs[:0], uint64(in.Size))
 		n, err = r.sc.iov.transferFlags(h.fd, segs, int64(in.Offset), true, flags)
-		if flags != 0 && err == unix.EOPNOTSUPP {
+		if flags&unix.RWF_NOAPPEND != 0 && err == unix.EOPNOTSUPP {
 			// An older host kernel: an error beats data appended
 			// where the guest wrote a page in place.
 			if s.noAppendWarned.CompareAndSwap(false, true) {

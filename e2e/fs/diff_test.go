@@ -353,6 +353,7 @@ r names.many sh -c 'echo hl > hl0 && for i in 1 2 3 4 5 6; do ln hl0 hl$i; done 
 r names.many.dir sh -c 'mkdir hd1 hd2 && echo hd > hd1/f && ln hd1/f hd2/g && echo 3 > /proc/sys/vm/drop_caches && cat hd2/g && mv hd1 hd3 && rm hd3/f && cat hd2/g && rm -r hd2 hd3'
 r unlinked.calls fsops unlinked ul
 r unlinked.procfd sh -c 'exec 3<>uo; echo abc >&3; rm uo; cat /proc/self/fd/3'
+r unlinked.procfd.write sh -c 'exec 3<>uw; echo abc >&3; rm uw; echo def >> /proc/self/fd/3; cat /proc/self/fd/3; : > /proc/self/fd/3; stat -L -c %s /proc/self/fd/3; exec 4>/proc/self/fd/3; echo gh >&4; cat <&3'
 r unlinked.readdir sh -c 'mkdir ud && cd ud && rmdir ../ud; ls -a; touch x'
 
 # More of what real workloads meet.
@@ -433,8 +434,6 @@ var diffAlways = map[string]deliberate{
 	// MKNOD of a device is EPERM (only the 0/0 whiteout is made).
 	"mknod.char":  {"rc=1 mknod: cdev: Operation not permitted", "no device nodes in a share"},
 	"mknod.block": {"rc=1 mknod: bdev: Operation not permitted", "no device nodes in a share"},
-	// A second OPEN of an unlinked file (Known limits).
-	"unlinked.procfd": {"rc=1 cat: can't open '/proc/self/fd/3': Stale file handle", "no name to reopen an unlinked file by"},
 }
 
 // diffSandboxed are those of the default share behind the sandbox. The
