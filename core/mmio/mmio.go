@@ -396,8 +396,10 @@ func (d *Device) watchErrors(i int, f *os.File) {
 				stop = true
 				return true
 			}
-			var b [8]byte
-			if _, err := unix.Read(int(fd), b[:]); err != nil {
+			// Never a blocking read: the plugin shares the eventfd's
+			// open file description, and may have cleared O_NONBLOCK
+			// and read its own signal back (readEventFD).
+			if _, err := readEventFD(int(fd)); err != nil {
 				if err == unix.EAGAIN || err == unix.EINTR {
 					return false // drained meanwhile: wait for the next
 				}
@@ -651,9 +653,7 @@ func (d *Device) notifyLocked(v uint32) {
 	if !q.ready || q.kick == nil {
 		return
 	}
-	var one [8]byte
-	binary.LittleEndian.PutUint64(one[:], 1)
-	if _, err := q.kick.Write(one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+	if err := signalEventFD(q.kick); err != nil {
 		d.warnGuest("kick by hand failed", "queue", idx, "error", err)
 	}
 }
@@ -1053,8 +1053,78 @@ func drain(f *os.File) {
 	if f == nil {
 		return
 	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	rc.Control(func(fd uintptr) { readEventFD(int(fd)) }) // EAGAIN when empty
+}
+
+// The kick, call and error eventfds are handed to the plugin with
+// SCM_RIGHTS, so the plugin shares their open file descriptions: it can
+// clear O_NONBLOCK on them (its seccomp profile allows F_SETFL without
+// O_DIRECT and O_ASYNC), read their counters, or write them up to their
+// maximum. The core reads and writes them on vCPU threads with the
+// device's lock held, so it must never rely on their O_NONBLOCK flag, nor
+// wait in Go's poller for a counter the plugin keeps full (found in
+// review: a plugin that did either hung the vCPU, the device's lock and
+// the VM's exit for good).
+
+// readEventFD reads an eventfd's counter without ever blocking, whatever
+// its file status flags say: preadv2 with RWF_NOWAIT (recent kernels
+// honour it for an eventfd; Linux 6.18 does), and on a kernel that refuses that, a
+// read only when poll finds the counter set, with O_NONBLOCK set again
+// first (a plugin that clears it again and reads its counter in that
+// moment can still make that read wait there).
+func readEventFD(fd int) (uint64, error) {
 	var b [8]byte
-	unix.Read(int(f.Fd()), b[:]) // non-blocking; EAGAIN when empty
+	n, err := unix.Preadv2(fd, [][]byte{b[:]}, -1, unix.RWF_NOWAIT)
+	if err == unix.EOPNOTSUPP || err == unix.EINVAL || err == unix.ENOSYS {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		if k, perr := unix.Poll(p, 0); perr != nil || k == 0 || p[0].Revents&unix.POLLIN == 0 {
+			return 0, unix.EAGAIN
+		}
+		unix.SetNonblock(fd, true)
+		n, err = unix.Read(fd, b[:])
+	}
+	if err != nil {
+		return 0, err
+	}
+	if n != len(b) {
+		return 0, unix.EIO
+	}
+	return binary.LittleEndian.Uint64(b[:]), nil
+}
+
+// signalEventFD adds 1 to an eventfd's counter unless it is set already
+// (a signal is pending: another adds nothing the reader would see), and
+// never waits for room in it: a raw write (not os.File.Write, which waits
+// in Go's poller while a plugin keeps the counter full), after poll found
+// room and with O_NONBLOCK set again. A plugin that, between those and
+// the write, both clears O_NONBLOCK and fills the counter can still make
+// the write wait in the kernel until the counter is read (the write has
+// no per-call non-blocking flag for an eventfd); nothing else can.
+func signalEventFD(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var werr error
+	if err := rc.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLOUT}}
+		if k, perr := unix.Poll(p, 0); perr != nil || k == 0 || p[0].Revents&unix.POLLIN != 0 || p[0].Revents&unix.POLLOUT == 0 {
+			return // set already, or no room: nothing to add
+		}
+		unix.SetNonblock(int(fd), true)
+		var one [8]byte
+		binary.LittleEndian.PutUint64(one[:], 1)
+		if _, werr = unix.Write(int(fd), one[:]); werr == unix.EAGAIN {
+			werr = nil
+		}
+	}); err != nil {
+		return err
+	}
+	return werr
 }
 
 // Fail marks the device broken (its plugin died or misbehaved): status
@@ -1224,6 +1294,11 @@ func (d *Device) QueueBroken(i int) bool {
 		return false
 	}
 	acted := d.guestErr == nil
+	// Not a guest access: the ring stops below get a stop budget of
+	// their own, not what is left of the last access that stopped a
+	// ring, long spent by now, which abandoned (killed) a healthy
+	// back-end instead of asking it (found in review).
+	d.stopBy = time.Time{}
 	d.needsResetLocked(fmt.Errorf("queue %d: the back-end stopped serving it (the driver broke the ring)", i),
 		"the back-end stopped a queue the driver broke; the device needs a reset")
 	return acted
@@ -1395,35 +1470,9 @@ func (d *Device) Resume(b Backend, usedIndex func(usedGPA uint64) (uint16, error
 			return fmt.Errorf("SET_FEATURES: %w", err)
 		}
 	}
-	for i := range d.queues {
-		q := &d.queues[i]
-		if !q.live {
-			continue
-		}
-		qs, err := d.queueSetup(i)
-		if err != nil {
-			return err
-		}
-		if qs.Base, err = usedIndex(q.used); err != nil {
-			return fmt.Errorf("queue %d: used index: %w", i, err)
-		}
-		limit, err := d.setupLimitLocked()
-		if err == nil {
-			err = d.setupRing(b, qs, limit)
-		}
-		if err != nil {
-			return fmt.Errorf("queue %d set-up: %w", i, err)
-		}
-	}
-	var fresh []byte
-	if d.cfg.ConfigSpace && d.cached && len(d.config) > 0 {
-		var err error
-		if fresh, err = b.GetConfig(0, uint32(len(d.config))); err != nil {
-			return fmt.Errorf("read the config space: %w", err)
-		}
-		if len(fresh) != len(d.config) {
-			return fmt.Errorf("read the config space: %d bytes, asked %d", len(fresh), len(d.config))
-		}
+	fresh, err := d.resumeRingsLocked(b, usedIndex)
+	if err != nil {
+		return err
 	}
 	d.cfg.Backend = b
 	d.suspended = false
@@ -1438,15 +1487,60 @@ func (d *Device) Resume(b Backend, usedIndex func(usedGPA uint64) (uint16, error
 			d.configMovedLocked(true)
 		}
 	}
-	var one [8]byte
-	binary.LittleEndian.PutUint64(one[:], 1)
 	for i := range d.queues {
 		if q := &d.queues[i]; q.live {
-			if _, err := q.call.Write(one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+			if err := signalEventFD(q.call); err != nil {
 				d.log.Debug("interrupt after resume", "queue", i, "error", err)
 			}
 		}
 	}
 	d.log.Debug("virtio device resumed with a new back-end", "base", fmt.Sprintf("%#x", d.cfg.Base))
 	return nil
+}
+
+// resumeRingsLocked sets up every live queue in b (Resume) and reads b's
+// config space. When it fails after it began handing rings to b, b is
+// abandoned (Config.Abandon) before it returns: the device stays
+// suspended, so a queue the driver stops next is stopped without asking
+// any back-end and its ring's memory reused at once, and b may be serving
+// rings it was given (found in review: only the caller's clean-up after
+// Resume returned, with the vCPUs running, ended it). A back-end that
+// cannot be abandoned fails the device.
+func (d *Device) resumeRingsLocked(b Backend, usedIndex func(usedGPA uint64) (uint16, error)) (fresh []byte, err error) {
+	handed := false
+	defer func() {
+		if err != nil && handed {
+			d.abandonLocked(fmt.Errorf("resume failed after rings were handed to the new back-end: %w", err))
+		}
+	}()
+	for i := range d.queues {
+		q := &d.queues[i]
+		if !q.live {
+			continue
+		}
+		qs, err := d.queueSetup(i)
+		if err != nil {
+			return nil, err
+		}
+		if qs.Base, err = usedIndex(q.used); err != nil {
+			return nil, fmt.Errorf("queue %d: used index: %w", i, err)
+		}
+		limit, err := d.setupLimitLocked()
+		if err == nil {
+			handed = true
+			err = d.setupRing(b, qs, limit)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("queue %d set-up: %w", i, err)
+		}
+	}
+	if d.cfg.ConfigSpace && d.cached && len(d.config) > 0 {
+		if fresh, err = b.GetConfig(0, uint32(len(d.config))); err != nil {
+			return nil, fmt.Errorf("read the config space: %w", err)
+		}
+		if len(fresh) != len(d.config) {
+			return nil, fmt.Errorf("read the config space: %d bytes, asked %d", len(fresh), len(d.config))
+		}
+	}
+	return fresh, nil
 }
