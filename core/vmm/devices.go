@@ -802,6 +802,14 @@ func (d *pluginDevice) recover(ctx context.Context, why error) bool {
 			return false
 		}
 		why = fmt.Errorf("restart failed: %w", why)
+		if err := d.dev.Failed(); err != nil {
+			// A Resume that failed and could not abandon the new
+			// plugin failed the device: no later plugin would be let
+			// in, and each would only be launched and killed (from
+			// review, helper-148).
+			d.log.Error("plugin restart failed and the device failed; it is not restarted again", "device", d.index, "reason", why, "error", err)
+			return false
+		}
 	}
 }
 

@@ -2,6 +2,8 @@ package vmm
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -77,5 +79,37 @@ func TestRestartRefusesOtherDeviceEveryTime(t *testing.T) {
 			t.Fatalf("neither failed nor restarted within a minute:\n%s", r.logs.String())
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestRestartStopsOnceTheDeviceFailed: a restart attempt after which the
+// device has failed (a Resume that failed and could not abandon the new
+// plugin fails it) is the last: the device lets no plugin in any more,
+// and the loop went on launching and killing one per attempt until the
+// restart budget ran out (from review, helper-148).
+func TestRestartStopsOnceTheDeviceFailed(t *testing.T) {
+	r := newRestartRig(t, pluginhost.RestartPolicy{Max: 5, Window: time.Hour})
+	d := r.d
+	attempts := 0
+	d.backoff = func(ctx context.Context, delay time.Duration) bool {
+		attempts++
+		if attempts == 1 {
+			d.dev.Fail(errors.New("the test fails the device, as a Resume that could not abandon its back-end does"))
+		}
+		return sleepCtx(ctx, delay)
+	}
+	if err := syscall.Kill(r.pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(r.logs.String(), "not restarted again") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no end of the restarts within a minute (%d attempts):\n%s", attempts, r.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // an attempt more would be under way
+	if attempts != 1 {
+		t.Errorf("%d restart attempts, want 1: the device had failed after the first", attempts)
 	}
 }
