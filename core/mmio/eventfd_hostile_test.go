@@ -179,3 +179,30 @@ func TestManualNotifyWithSaturatedKick(t *testing.T) {
 		})
 	}
 }
+
+// TestSignalNeverHoldsTheCaller: a signal's write that the other holder
+// of the eventfd holds in the kernel (O_NONBLOCK cleared and the counter
+// filled between signalEventFD's poll and its write: a window of
+// microseconds no test can hit on purpose, so the write is made to block
+// here) returns to the caller after signalWait, and closing the eventfd
+// does not wait for the held write.
+func TestSignalNeverHoldsTheCaller(t *testing.T) {
+	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(efd), "eventfd")
+	release := make(chan struct{})
+	held := func(fd int) error { <-release; return writeOne(fd) }
+	start := time.Now()
+	if err := signalWith(f, held, 50*time.Millisecond); err != errSignalHeld {
+		t.Fatalf("signalWith = %v, want errSignalHeld", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("the caller waited %v for a held write", d)
+	}
+	if !within(t, 2*time.Second, func() { f.Close() }, func() { close(release) }) {
+		t.Fatal("closing the eventfd waited for the held write")
+	}
+	close(release)
+}

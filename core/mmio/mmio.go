@@ -1103,28 +1103,63 @@ func readEventFD(fd int) (uint64, error) {
 // room and with O_NONBLOCK set again. A plugin that, between those and
 // the write, both clears O_NONBLOCK and fills the counter can still make
 // the write wait in the kernel until the counter is read (the write has
-// no per-call non-blocking flag for an eventfd); nothing else can.
-func signalEventFD(f *os.File) error {
+// no per-call non-blocking flag for an eventfd): the write is made on a
+// duplicate of the fd by a goroutine of its own, and the caller (a vCPU,
+// holding the device's lock) waits for it signalWait at most. A write
+// held there ends when the counter is read (a reset drains it); it holds
+// only its duplicate, so closing f does not wait for it.
+func signalEventFD(f *os.File) error { return signalWith(f, writeOne, signalWait) }
+
+// signalWait is how long signalEventFD waits for its write: microseconds
+// unless the other holder of the eventfd holds it.
+const signalWait = 100 * time.Millisecond
+
+// errSignalHeld: signalEventFD's write did not return within signalWait.
+var errSignalHeld = errors.New("the eventfd's counter is kept full and its O_NONBLOCK cleared by its other holder: the signal is left to a write of its own")
+
+func signalWith(f *os.File, write func(fd int) error, wait time.Duration) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return err
 	}
-	var werr error
+	dup := -1
+	var derr error
 	if err := rc.Control(func(fd uintptr) {
 		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLOUT}}
 		if k, perr := unix.Poll(p, 0); perr != nil || k == 0 || p[0].Revents&unix.POLLIN != 0 || p[0].Revents&unix.POLLOUT == 0 {
 			return // set already, or no room: nothing to add
 		}
-		unix.SetNonblock(int(fd), true)
-		var one [8]byte
-		binary.LittleEndian.PutUint64(one[:], 1)
-		if _, werr = unix.Write(int(fd), one[:]); werr == unix.EAGAIN {
-			werr = nil
-		}
+		dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
 	}); err != nil {
 		return err
 	}
-	return werr
+	if derr != nil || dup < 0 {
+		return derr
+	}
+	done := make(chan error, 1)
+	go func() {
+		defer unix.Close(dup)
+		unix.SetNonblock(dup, true) // the open file description's flag, shared
+		done <- write(dup)
+	}()
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		return errSignalHeld
+	}
+}
+
+// writeOne adds 1 to eventfd fd's counter; EAGAIN (full) is no error.
+func writeOne(fd int) error {
+	var one [8]byte
+	binary.LittleEndian.PutUint64(one[:], 1)
+	if _, err := unix.Write(fd, one[:]); err != nil && err != unix.EAGAIN {
+		return err
+	}
+	return nil
 }
 
 // Fail marks the device broken (its plugin died or misbehaved): status
