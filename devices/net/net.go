@@ -56,7 +56,12 @@ const (
 	vlanLen      = 4
 	// DefaultMTU is passt's default: the largest 802.3 MTU, rounded.
 	DefaultMTU = 65520
-	// maxRxBuffers bounds how many rx buffers one merged frame may use.
+	// maxRxBuffers bounds how many rx buffers (descriptors, an indirect
+	// table's entries included) the device walks for one frame, beyond
+	// the last chain it takes: a merged frame uses at most that many, and
+	// a ring of long chains with no room in them costs at most that many
+	// steps per frame passt sends (not 256 chains of 1024 descriptors,
+	// walked again for every frame).
 	maxRxBuffers = 256
 	configLen    = 12
 	// rxQueueFrames and rxQueueBytes bound what is held between passt and
@@ -161,6 +166,10 @@ type Stats struct {
 	TxFrames, TxBytes, TxOversize, TxMalformed, TxErrors atomic.Uint64
 	RxFrames, RxBytes, RxOversize, RxMalformed, RxNoRoom atomic.Uint64
 	RxQueueFull, LinkDown                                atomic.Uint64
+	// RxWalked counts the rx buffers (descriptors) the device walked to
+	// place frames, those of chains it gave back included: far more than
+	// the frames need means a guest posting long chains (maxRxBuffers).
+	RxWalked atomic.Uint64
 }
 
 // New makes a device over cfg.Conn. The device owns the connection.
@@ -333,7 +342,7 @@ func (d *Device) Counters() map[string]uint64 {
 		"tx_errors": s.TxErrors.Load(),
 		"rx_frames": s.RxFrames.Load(), "rx_bytes": s.RxBytes.Load(),
 		"rx_dropped_oversize": s.RxOversize.Load(), "rx_malformed": s.RxMalformed.Load(),
-		"rx_dropped_no_room": s.RxNoRoom.Load(), "rx_dropped_queue_full": s.RxQueueFull.Load(),
+		"rx_dropped_no_room": s.RxNoRoom.Load(), "rx_buffers_walked": s.RxWalked.Load(), "rx_dropped_queue_full": s.RxQueueFull.Load(),
 		"link_down": s.LinkDown.Load(),
 	}
 }
@@ -622,13 +631,15 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 	hdrLen := d.hdrLen()
 	total := uint64(hdrLen + len(frame))
 	mrg := d.mergeable()
-	taken, slots := 0, 0
+	taken, slots, bufs := 0, 0, 0
 	var room uint64
 	for room < total {
-		if taken == len(d.rxReqs) || (!mrg && taken == 1) {
+		if taken == len(d.rxReqs) || bufs >= maxRxBuffers || (!mrg && taken == 1) {
 			// The frame needs more buffers than it may use (without
-			// mergeable buffers: one). Give them back to the ring
-			// untouched, for the next frame, and drop this one.
+			// mergeable buffers: one chain; with them, maxRxBuffers
+			// descriptors, however they are chained). Give them back
+			// to the ring untouched, for the next frame, and drop
+			// this one.
 			if err := b.Untake(d.rxReqs[:taken]); err != nil {
 				return false, err
 			}
@@ -670,6 +681,8 @@ func (d *Device) deliver(b *backend.Buffers, frame []byte) (bool, error) {
 		d.rxReqs[taken] = req
 		taken++
 		slots += req.Chain().Slots()
+		bufs += req.Chain().Buffers()
+		d.stats.RxWalked.Add(uint64(req.Chain().Buffers()))
 		room += req.Chain().WritableLen()
 	}
 	// Header: all offload fields zero; num_buffers with mergeable buffers.
