@@ -77,6 +77,19 @@ func FuzzHandle(f *testing.F) {
 	f.Add(fuzzMsg(fuse.OpLink, 1, 0, 4096, le64(1), []byte("x\x00")))
 	f.Add(append(fuzzMsg(fuse.OpCreate, 1, 0, 4096, le32(2, 0o644, 0, 0), []byte("f\x00")),
 		fuzzMsg(fuse.OpFallocate, 2, 0, 4096, append(le64(1, 4096, 8192), le32(0, 0)...))...))
+	// A file unlinked while open, opened again through its handle's fd
+	// (dupHandleFd): append, read, truncate without a handle.
+	trunc := make([]byte, fuse.SetattrInSize)
+	(&fuse.SetattrIn{Valid: fuse.FattrSize, Size: 1}).Encode(trunc)
+	var unl []byte
+	unl = append(unl, fuzzMsg(fuse.OpCreate, 1, 0, 4096, le32(2, 0o644, 0, 0), []byte("u\x00"))...)
+	unl = append(unl, fuzzMsg(fuse.OpUnlink, 1, 0, 4096, []byte("u\x00"))...)
+	unl = append(unl, fuzzMsg(fuse.OpOpen, 2, 0, 4096, le32(1|0o2000, 0))...)
+	unl = append(unl, fuzzMsg(fuse.OpWrite, 2, 0, 4096, rw(2, 0, 3), []byte("abc"))...)
+	unl = append(unl, fuzzMsg(fuse.OpOpen, 2, 0, 4096, le32(0, 0))...)
+	unl = append(unl, fuzzMsg(fuse.OpRead, 2, 0, 4096, rw(3, 0, 100))...)
+	unl = append(unl, fuzzMsg(fuse.OpSetattr, 2, 0, 4096, trunc)...)
+	f.Add(unl)
 
 	out, err := os.MkdirTemp("", "fuzz-outside")
 	if err != nil {
