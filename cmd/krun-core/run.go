@@ -105,7 +105,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		pluginGID = fs.String("plugin-gid", "", "host `GID` plugins run as (root only; default 65534, never 0)")
 		root      = fs.String("root", "", "the host `DIR` to use as the guest's root file system; the command after -- runs in it")
 		rootRO    = fs.Bool("root-readonly", false, "serve --root read-only")
-		rootFiles = fs.String("root-open-files", "", "the open-files limit (`N`, 1024 to 1048576; default 16384) of --root's plugin, as --fs's open-files=: about a quarter of it is what the guest can hold open on the root at once")
+		rootFiles = fs.String("root-open-files", "", "the open-files limit (`N`, 1024 to 1048576; default 16384) of --root's plugin, as --fs's open-files=: about a quarter of it less 600 (at most 65536) is what the guest can hold open on the root at once")
 		workdir   = fs.String("workdir", "", "working directory (`DIR`) of the command inside the root (default /)")
 		hostname  = fs.String("hostname", "", "the guest's host `NAME` (default krun)")
 		user      = fs.String("user", "", "run the command as `USER[:GROUP]`, names (from the root's /etc/passwd and /etc/group) or numbers (default root)")

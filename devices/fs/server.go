@@ -349,7 +349,12 @@ func (s *Server) reserveHandle(dir bool) unix.Errno {
 		return e
 	}
 	open, atLimit := s.t.handleUse()
-	if atLimit {
+	if atLimit && s.t.maxHandles >= DefaultMaxHandles {
+		// The plugin's own cap, reached from open-files= of about
+		// 266000 up: raising open-files= adds nothing here.
+		s.log.Warn("the guest holds as many files and directories open on this share as the plugin allows at most; more opens fail with ENFILE (a larger open-files= does not raise this)",
+			"open", open, "limit", s.t.maxHandles)
+	} else if atLimit {
 		s.log.Warn("the guest holds as many files and directories open on this share as it may; more opens fail with ENFILE: raise the share's open-files= (run --root-open-files for the root, krun-oci's annotation krun.open_files)",
 			"open", open, "limit", s.t.maxHandles)
 	} else {
