@@ -529,14 +529,22 @@ func (r *rootDir) readOnly(p string) error {
 	if err != nil {
 		return err
 	}
-	var sfs unix.Statfs_t
-	flags := uintptr(unix.MS_RDONLY)
-	if fd2, err := r.open(p, unix.O_PATH); err == nil {
-		if unix.Fstatfs(fd2, &sfs) == nil {
-			flags |= uintptr(sfs.Flags) & (unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
-		}
-		unix.Close(fd2)
+	// The mount's nosuid, nodev and noexec are read back and kept: a
+	// bind remount sets exactly the flags it is given, so one made
+	// without them clears them. A walk or statfs that fails stops here
+	// (an EAGAIN storm beyond Openat2's retries made the path suid, dev
+	// and exec; found in review).
+	fd2, err := r.open(p, unix.O_PATH)
+	if err != nil {
+		return err
 	}
+	var sfs unix.Statfs_t
+	err = unix.Fstatfs(fd2, &sfs)
+	unix.Close(fd2)
+	if err != nil {
+		return err
+	}
+	flags := uintptr(unix.MS_RDONLY) | uintptr(sfs.Flags)&(unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC)
 	return remountAt(r, p, flags)
 }
 
