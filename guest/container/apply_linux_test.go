@@ -145,6 +145,18 @@ func mountInfo() (map[string]string, error) {
 // process with a mount namespace of its own, and checks the result from
 // inside it.
 func TestApply(t *testing.T) {
+	out, err := inMountNamespace(t, inMountNS)
+	if err != nil || !strings.Contains(string(out), "OK") {
+		t.Fatalf("apply in a mount namespace: %v\n%s", err, out)
+	}
+}
+
+// inMountNamespace runs the test binary again in a mount namespace of its
+// own, with env set to a new temporary directory (the child's half of the
+// test runs from TestMain or init on that variable), and returns its
+// output. It skips the test when not root.
+func inMountNamespace(t *testing.T, env string) ([]byte, error) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (mounts in a mount namespace of the test's own)")
 	}
@@ -153,12 +165,9 @@ func TestApply(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(exe)
-	cmd.Env = append(os.Environ(), inMountNS+"="+t.TempDir())
+	cmd.Env = append(os.Environ(), env+"="+t.TempDir())
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-	out, err := cmd.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "OK") {
-		t.Fatalf("apply in a mount namespace: %v\n%s", err, out)
-	}
+	return cmd.CombinedOutput()
 }
 
 func TestValidateRejects(t *testing.T) {

@@ -3,10 +3,8 @@ package container
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -72,17 +70,7 @@ func readOnlyEAGAINChild(dir string) (string, error) {
 // read-only but suid, dev and exec (fail-open), where the error should
 // have stopped the setup.
 func TestReadOnlyKeepsNosuidOnEAGAIN(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (mounts in a mount namespace of the test's own)")
-	}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(exe)
-	cmd.Env = append(os.Environ(), readOnlyEAGAINNS+"="+t.TempDir())
-	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-	out, err := cmd.CombinedOutput()
+	out, err := inMountNamespace(t, readOnlyEAGAINNS)
 	if err != nil {
 		t.Fatalf("child: %v\n%s", err, out)
 	}
