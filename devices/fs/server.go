@@ -175,8 +175,11 @@ type Server struct {
 	closed    atomic.Bool
 	stats     Stats
 	// handleWarned is when the last "as many open files as it may"
-	// warning was logged (unix nanoseconds; reserveHandle).
+	// warning was logged (reserveHandle): nanoseconds since epoch, on the
+	// monotonic clock (a wall clock stepped back would silence it), plus
+	// one so that 0 means never.
 	handleWarned atomic.Int64
+	epoch        time.Time
 }
 
 type timeout struct {
@@ -265,6 +268,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		log = hclog.NewNullLogger()
 	}
 	s := &Server{
+		epoch:      time.Now(),
 		log:        log,
 		rootFd:     fd,
 		readOnly:   cfg.ReadOnly,
@@ -344,7 +348,7 @@ func (s *Server) reserveHandle(dir bool) unix.Errno {
 		return e
 	}
 	s.stats.HandleRefusals.Add(1)
-	now, last := time.Now().UnixNano(), s.handleWarned.Load()
+	now, last := int64(time.Since(s.epoch))+1, s.handleWarned.Load()
 	if last != 0 && now-last < int64(handleWarnEvery) || !s.handleWarned.CompareAndSwap(last, now) {
 		return e
 	}
