@@ -19,17 +19,19 @@ type Profile string
 //	minimal: go-runtime + ipc
 //	net:     go-runtime + ipc + stream (shutdown, setsockopt)
 //	block:   go-runtime + ipc + disk-io
+//	io:      go-runtime + ipc + stream + disk-io (minimal, net and block)
 //	fs:      go-runtime + ipc + stream + disk-io + fs-tree (the union)
 const (
 	ProfileMinimal Profile = "minimal"
 	ProfileNet     Profile = "net"
 	ProfileBlock   Profile = "block"
+	ProfileIO      Profile = "io"
 	ProfileFS      Profile = "fs"
 )
 
 // Profiles lists the built-in profiles.
 func Profiles() []Profile {
-	return []Profile{ProfileMinimal, ProfileNet, ProfileBlock, ProfileFS}
+	return []Profile{ProfileMinimal, ProfileNet, ProfileBlock, ProfileIO, ProfileFS}
 }
 
 // Syscall grants one extra system call to a third-party plugin's policy.
@@ -305,9 +307,17 @@ const FileBytesStatus = "RLIMIT_FSIZE per disk: a raw image's size; a qcow2 imag
 // KindProfile returns the seccomp profile the trampoline enforces for a
 // plugin kind from its first instruction: the built-in kinds' own profiles
 // (blk-raw, blk-qcow2 and img: block; net-passt: net; console: minimal;
-// fs-virtio: fs), and for any other kind ProfileFS, the union of the
-// built-in profiles. A plugin's own Restrict narrows it further to the
-// policy it declares.
+// fs-virtio: fs), and for any other kind ProfileIO, the union of the
+// built-in profiles but fs-tree. A third-party plugin is never handed a
+// directory, so fs-tree's calls beneath one are of no use to it, and
+// those that act on an fd's inode (fchmod, fchown, fsetxattr,
+// fremovexattr, utimensat, fchmodat2 with AT_EMPTY_PATH) would let it
+// change the mode (set-uid, world-writable), group, times and extended
+// attributes of a file its user handed it read-only (file.NAME=PATH)
+// whenever it runs with the file owner's ids: always under a krun-core
+// that is not root (found in review, helper-152). The user grants any of
+// them with --plugin-syscalls. A plugin's own Restrict narrows it further
+// to the policy it declares.
 func KindProfile(kind string) Profile {
 	switch kind {
 	case "blk", "blk-raw", "blk-qcow2", "img":
@@ -316,8 +326,10 @@ func KindProfile(kind string) Profile {
 		return ProfileNet
 	case "console":
 		return ProfileMinimal
+	case "fs", "fs-virtio":
+		return ProfileFS
 	}
-	return ProfileFS
+	return ProfileIO
 }
 
 // Defaults for Limits.

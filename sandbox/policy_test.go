@@ -171,7 +171,7 @@ func TestLaunchEnvRoundTrip(t *testing.T) {
 func TestKindProfile(t *testing.T) {
 	for kind, want := range map[string]Profile{
 		"blk-raw": ProfileBlock, "blk-qcow2": ProfileBlock, "img": ProfileBlock, "net-passt": ProfileNet, "console": ProfileMinimal,
-		"fs-virtio": ProfileFS, "null": ProfileFS, "": ProfileFS, "blk-custom": ProfileFS,
+		"fs-virtio": ProfileFS, "fs": ProfileFS, "null": ProfileIO, "": ProfileIO, "blk-custom": ProfileIO,
 	} {
 		if got := KindProfile(kind); got != want {
 			t.Errorf("KindProfile(%q) = %s, want %s", kind, got, want)

@@ -301,6 +301,9 @@ func profileLayers(p Profile) ([]func() []rule, []string, error) {
 	case ProfileBlock:
 		return []func() []rule{goRuntimeLayer, ipcLayer, diskIOLayer},
 			[]string{layerGoRuntime, layerIPC, layerDiskIO}, nil
+	case ProfileIO:
+		return []func() []rule{goRuntimeLayer, ipcLayer, streamLayer, diskIOLayer},
+			[]string{layerGoRuntime, layerIPC, layerStream, layerDiskIO}, nil
 	case ProfileFS:
 		return []func() []rule{goRuntimeLayer, ipcLayer, streamLayer, diskIOLayer, fsTreeLayer},
 			[]string{layerGoRuntime, layerIPC, layerStream, layerDiskIO, layerFSTree}, nil

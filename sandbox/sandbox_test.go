@@ -1275,6 +1275,12 @@ func TestHostilePluginFindsNoListener(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := probeConfig{kind: "blk", helper: "hostile", lc: LaunchConfig{Disable: c.disable}}
+			if c.proc {
+				// The fs profile (getdents64), so that it can list
+				// /proc/self/fd: a third-party kind's own (io) has no
+				// directory calls.
+				cfg.lc.Syscalls = ProfileFS
+			}
 			p := startProbe(t, cfg)
 			l := p.next("hostile")
 			var rep hostileLine

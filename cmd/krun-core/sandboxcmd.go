@@ -17,9 +17,11 @@ Shows which sandbox layers this host supports and, for each built-in plugin
 kind, what a plugin is allowed: namespaces, root, resource limits, Landlock
 rules and every allowed system call with its argument limits and reason.
 
-A third-party plugin (--plugin KIND on run or serve) starts under the fs
-profile's filter (--kind fs) and narrows it to the policy it declares;
-krun-core serve --log-level debug logs that policy's profile.
+A third-party plugin (--plugin KIND on run or serve) starts under the io
+profile's filter, the block and net profiles together (the calls --kind
+blk and --kind net list; not fs's file-tree calls), with the calls the
+user grants with --plugin-syscalls, and narrows it to the policy it
+declares; krun-core serve --log-level debug logs that policy's profile.
 
 A layer that is not available makes plugins fail to start (fail closed)
 unless the user turns it off with --sandbox-disable on run or serve.`
@@ -64,7 +66,7 @@ func sandboxCommand(args []string, stdout, stderr io.Writer) int {
 		if i < 0 {
 			// A plugin author asks for their own kind: say where its
 			// rules are rather than only that it is not built in.
-			return fs.Failf(stderr, "no built-in plugin kind %q (want %s); a third-party plugin starts under the fs profile's filter (--kind fs), narrowed to the policy it declares",
+			return fs.Failf(stderr, "no built-in plugin kind %q (want %s); a third-party plugin starts under the io profile's filter (the calls of --kind blk and --kind net together), narrowed to the policy it declares",
 				*kind, strings.Join(sandbox.BuiltinKinds, ", "))
 		}
 		r.Kinds = r.Kinds[i : i+1]

@@ -25,7 +25,7 @@ func TestSandboxStatusCommand(t *testing.T) {
 		{[]string{"help"}, 0, []string{"usage: krun-core sandbox status"}, nil},
 		{nil, 1, nil, []string{"no command given"}},
 		{[]string{"frob"}, 1, nil, []string{`unknown command "frob"`}},
-		{[]string{"status", "--kind", "gpu"}, 1, nil, []string{`no built-in plugin kind "gpu" (want blk, net, console, fs, img); a third-party plugin starts under the fs profile's filter (--kind fs)`}},
+		{[]string{"status", "--kind", "gpu"}, 1, nil, []string{`no built-in plugin kind "gpu" (want blk, net, console, fs, img); a third-party plugin starts under the io profile's filter (the calls of --kind blk and --kind net together)`}},
 		{[]string{"status", "extra"}, 1, nil, []string{"unexpected argument", "(see krun-core sandbox status --help)"}},
 		{[]string{"status", "--bogus"}, 1, nil, []string{"unknown flag --bogus"}},
 		{[]string{"status", "--output", "xml"}, 1, nil, []string{`--output="xml"`}},
