@@ -144,12 +144,17 @@ func goRuntimeLayer() []rule {
 // and any other socket the plugin was handed. No socket can be created,
 // bound or connected.
 func ipcLayer() []rule {
+	// Never out-of-band data: no plugin needs it (vhost-user, gRPC and
+	// passt are plain streams), and the AF_UNIX MSG_OOB code is kernel
+	// attack surface with a record of its own (CVE-2025-38236).
+	noOOB := func(arg int) []argCond { return all(masked(arg, unix.MSG_OOB, 0)) }
+	const oob = "flags & MSG_OOB == 0"
 	return []rule{
-		allow("recvmsg", "vhost-user messages with SCM_RIGHTS fds (memory, kick, call)"),
-		allow("sendmsg", "vhost-user replies; gRPC"),
+		allowIf("recvmsg", oob, "vhost-user messages with SCM_RIGHTS fds (memory, kick, call); never MSG_OOB", noOOB(2)),
+		allowIf("sendmsg", oob, "vhost-user replies; gRPC; never MSG_OOB", noOOB(2)),
 		allow("accept4", "gRPC connection from the host; vhost-user front-end on a listening socket"),
-		allow("recvfrom", "gRPC and socket reads"),
-		allow("sendto", "gRPC and socket writes"),
+		allowIf("recvfrom", oob, "gRPC and socket reads; never MSG_OOB", noOOB(3)),
+		allowIf("sendto", oob, "gRPC and socket writes; never MSG_OOB", noOOB(3)),
 		allow("getsockopt", "SO_ACCEPTCONN on fd 3; SO_ERROR after accept"),
 		allow("getsockname", "gRPC peer address bookkeeping"),
 		allow("getpeername", "gRPC peer address bookkeeping"),
