@@ -95,7 +95,10 @@ type Plugin interface {
 type (
 	// Counter reports device counters for the Stats RPC.
 	Counter interface{ Counters() map[string]uint64 }
-	// Flusher makes written data durable; Shutdown calls it.
+	// Flusher makes written data durable; Shutdown calls it once the
+	// rings stopped, or, when a Handle has not returned 8 s after the
+	// stop began, while that Handle still runs (a device whose Handle
+	// may hang on its storage makes Flush safe against it).
 	Flusher interface{ Flush() error }
 	// ConfigSizer reports the size of the virtio config space, so Describe
 	// returns exactly that many bytes (otherwise 256 bytes are read).
@@ -127,8 +130,11 @@ const (
 	maxOptions = 256
 	// maxConfigSpace is VHOST_USER_MAX_CONFIG_SIZE.
 	maxConfigSpace = 256
-	// shutdownWait bounds how long Shutdown waits for the back-end to stop.
-	shutdownWait = 10 * time.Second
+	// shutdownWait bounds how long Shutdown waits for the back-end to
+	// stop: under the 10 s krun-core run gives the whole Shutdown RPC
+	// (core/vmm pluginShutdownTimeout), so that Flush runs and its
+	// result reaches the host before it gives up and kills the plugin.
+	shutdownWait = 8 * time.Second
 )
 
 // server implements the DevicePlugin service around a Plugin.
@@ -388,6 +394,10 @@ func (s *server) Start(_ context.Context, req *pluginpb.StartRequest) (*pluginpb
 // the kernel without resetting it, whose ring memory the kernel reuses
 // before its own driver resets the device.
 func (s *server) ringFailed(queue int, err error) {
+	if err == nil {
+		// Runs on the ring's goroutine: a panic here ends the plugin.
+		err = errors.New("stopped on its own")
+	}
 	if errors.Is(err, virtq.ErrQueueBroken) {
 		return // the back-end's warning says so, once
 	}
@@ -406,8 +416,14 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 	s.mu.Unlock()
 	c := map[string]uint64{}
 	if ctr, ok := dev.(Counter); ok {
-		for k, v := range ctr.Counters() {
-			c[k] = v
+		dc, err := s.counters(ctr)
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		for k, v := range dc {
+			// A proto3 map key must be valid UTF-8, or the whole reply
+			// fails to marshal and the back-end's counters go with it.
+			c[strings.ToValidUTF8(k, "?")] = v
 		}
 	}
 	if bs != nil {
@@ -424,13 +440,39 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 	return &pluginpb.StatsResponse{Counters: c}, nil
 }
 
+// counters calls the device's Counters with a panic turned into an
+// error: gRPC does not recover a handler's panic, and a Stats (a
+// diagnostic: krun-core serve's SIGUSR1) must not end the device.
+func (s *server) counters(ctr Counter) (c map[string]uint64, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("Counters panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			c, err = nil, fmt.Errorf("device counters: internal error (panic): %v", r)
+		}
+	}()
+	return ctr.Counters(), nil
+}
+
+// check calls the device's Check with a panic turned into its error: the
+// plugin is then reported failed with one line, as for a panic in Handle,
+// instead of exiting in the middle of a Health call.
+func (s *server) check(c Checker) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("Check panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			err = fmt.Errorf("internal error (panic in Check): %v", r)
+		}
+	}()
+	return c.Check()
+}
+
 func (s *server) Health(context.Context, *pluginpb.HealthRequest) (*pluginpb.HealthResponse, error) {
 	s.mu.Lock()
 	dev, serving := s.dev, s.state == pluginpb.HealthResponse_STATE_SERVING
 	s.mu.Unlock()
 	var checkErr error
 	if c, ok := dev.(Checker); ok && serving {
-		checkErr = c.Check()
+		checkErr = s.check(c)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -452,12 +494,14 @@ func (s *server) Shutdown(context.Context, *pluginpb.ShutdownRequest) (*pluginpb
 	cancel, done, dev := s.cancel, s.done, s.dev
 	s.mu.Unlock()
 	defer s.stop()
+	stopped := true
 	if cancel != nil {
 		cancel()
 		select {
 		case <-done:
 		case <-time.After(shutdownWait):
-			s.log.Warn("vhost-user back-end did not stop in time; flushing anyway", "waited", shutdownWait)
+			stopped = false
+			s.log.Warn("vhost-user back-end did not stop in time (a Handle that does not return); flushing anyway, not closing the device under it", "waited", shutdownWait)
 		}
 	}
 	var errs []error
@@ -466,7 +510,9 @@ func (s *server) Shutdown(context.Context, *pluginpb.ShutdownRequest) (*pluginpb
 			errs = append(errs, fmt.Errorf("flush: %w", err))
 		}
 	}
-	if c, ok := dev.(io.Closer); ok {
+	// Close frees what Handle uses; with a ring still running it is left
+	// to the process's exit, which follows.
+	if c, ok := dev.(io.Closer); ok && stopped {
 		if err := c.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close: %w", err))
 		}
@@ -478,7 +524,10 @@ func (s *server) Shutdown(context.Context, *pluginpb.ShutdownRequest) (*pluginpb
 	s.mu.Unlock()
 	r := &pluginpb.ShutdownResponse{}
 	if err := errors.Join(errs...); err != nil {
-		r.FlushError = strings.ReplaceAll(err.Error(), "\n", "; ")
+		// Valid UTF-8, as Health's error: a flush error may name a
+		// host path, and a proto3 string that is not UTF-8 fails the
+		// whole reply ("error while marshaling"), the flush error lost.
+		r.FlushError = strings.ToValidUTF8(strings.ReplaceAll(err.Error(), "\n", "; "), "?")
 		s.log.Error("shutdown", "error", r.FlushError)
 	} else {
 		s.log.Info("shut down")
