@@ -158,7 +158,8 @@ type Producer interface {
 // channel is connected, sends it VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
 // without ever blocking: a front-end that does not read its channel loses
 // the message (a warning says so), and the next change tells the same.
-// The channel should be buffered (one pending change is enough).
+// The channel should be buffered (one pending change is enough). Closing
+// it ends the reports: a closed channel is no change.
 type ConfigChanger interface {
 	ConfigChanges() <-chan struct{}
 }

@@ -205,6 +205,12 @@ func (e *engine) run(ctx context.Context, cancel context.CancelFunc) error {
 		e.batching = true // a producer publishes with Buffers.Publish
 		b := &Buffers{e: e}
 		err = Protect(func() error { return e.producer.Produce(e.ctx, b) })
+		if err == nil && e.ctx.Err() == nil {
+			// Returned while the ring runs: the ring takes no more
+			// buffers, which is a failure, and one with a name (the
+			// session would otherwise report it with a nil error).
+			err = fmt.Errorf("queue %d: %w", e.index, ErrProducerReturned)
+		}
 	} else {
 		err = Protect(e.serve)
 	}
@@ -216,6 +222,10 @@ func (e *engine) run(ctx context.Context, cancel context.CancelFunc) error {
 	defer e.mu.Unlock()
 	return e.failed
 }
+
+// ErrProducerReturned fails a ring whose Producer returned nil while the
+// ring was running: Produce returns nil only once its ctx is done.
+var ErrProducerReturned = errors.New("the device's Producer returned before the ring stopped (Produce returns nil only once its context is done)")
 
 // fail records the first error that fails the ring and stops it (the
 // device's context for the ring ends too).

@@ -319,7 +319,16 @@ func (sess *session) setBackendReq(conn *vhostuser.Conn) {
 			select {
 			case <-ctx.Done():
 				return
-			case <-changes:
+			case _, ok := <-changes:
+				if !ok {
+					// Closed (a device's watcher that ended with
+					// defer close): no more changes will come. A
+					// closed channel yields at once, forever; sent on,
+					// it would be a change message in a loop that
+					// never waits. A nil channel never fires.
+					changes = nil
+					continue
+				}
 				// No NEED_REPLY: the front-end answers nothing, and a
 				// front-end that is gone, or does not read, must not
 				// block the device nor the session's end: never a
