@@ -433,6 +433,16 @@ func (p *Plugin) Describe(ctx context.Context) (*Description, error) {
 // (Config.Files as fd 4, 5, ...). It returns the configured device and the
 // plugin-side sandbox summary.
 func (p *Plugin) Configure(ctx context.Context, options map[string]string) (*DeviceInfo, string, error) {
+	// Options travel as proto3 strings, which gRPC refuses to marshal
+	// unless they are UTF-8: a path of other bytes (path=, a plugin's
+	// option as the user gave it) would fail as "grpc: error while
+	// marshaling", naming neither the option nor why.
+	for k, v := range options {
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return nil, "", fmt.Errorf("plugin %s: option %s: not valid UTF-8 (options reach a plugin as UTF-8 text; rename the file, or give it through a path that is)",
+				p.kind, cli.Printable(k+"="+v))
+		}
+	}
 	files := make(map[string]uint32, len(p.fileNames))
 	for i, n := range p.fileNames {
 		files[n] = uint32(pluginpb.FirstResourceFD + i)
