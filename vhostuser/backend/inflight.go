@@ -277,6 +277,11 @@ type StateKeeper interface {
 	UseState(s *DeviceState)
 }
 
+// maxInflightCounter bounds the counters a region may hold: a back-end
+// numbers the requests it takes from 0, or from one past the largest it
+// recovered, and never gets near it.
+const maxInflightCounter = 1 << 63
+
 // errInflightCorrupt is wrapped by errors about a region whose content
 // contradicts itself or the ring.
 var errInflightCorrupt = errors.New("inflight region inconsistent")
@@ -374,7 +379,15 @@ func (t *tracker) recover(used uint16) ([]uint16, error) {
 			t.setInflight(i, 0)
 			continue
 		}
-		fl = append(fl, flight{i, t.loadCounter(i)})
+		c := t.loadCounter(i)
+		if c >= maxInflightCounter {
+			// No back-end takes 2^63 requests: forged. Taken as it is,
+			// the next counter (c+1) would wrap to 0, and this back-end's
+			// requests would be resubmitted before it after another
+			// crash (found in review, helper-153).
+			return nil, fmt.Errorf("%w: descriptor %d has counter %#x", errInflightCorrupt, i, c)
+		}
+		fl = append(fl, flight{i, c})
 	}
 	slices.SortStableFunc(fl, func(a, b flight) int {
 		switch {

@@ -840,16 +840,19 @@ func (sess *session) stopRing(r *ring) {
 	r.saveQueue()
 	r.started = false
 	if r.track != nil && len(r.resubmit) == 0 {
-		// Every request taken was completed (the ring waits for them):
-		// nothing is in flight. A ring that failed forgets only when its
-		// part says so too: one the guest broke completed everything,
-		// and the driver's reset lays the ring out afresh (its used index
-		// from 0), which a kept part would contradict; one that faulted
-		// or whose handler panicked dropped requests a successor
-		// resubmits.
-		failed := r.failed.Load()
+		// A ring stopped cleanly completed every request it took (it
+		// waits for them): nothing is in flight. The part is forgotten
+		// only when it says so too, whatever r.failed says: one the
+		// guest broke completed everything, and the driver's reset lays
+		// the ring out afresh (its used index from 0), which a kept part
+		// would contradict; one that faulted or whose handler panicked
+		// dropped requests a successor resubmits, also when it failed
+		// while this stop waited for it (its worker then sees its
+		// context cancelled and records no failure; found in review,
+		// helper-153: the dropped request was lost and a completed one
+		// served again).
 		Protect(func() error {
-			if !failed || r.track.idle() {
+			if r.track.idle() {
 				r.track.forget()
 			}
 			return nil
@@ -1056,6 +1059,21 @@ func (sess *session) attachInflight(r *ring) error {
 	t, heads, err := newTracker(b, sess.inflight.queueSize, r.num, used)
 	if err != nil {
 		return fmt.Errorf("ring %d: %w", r.index, err)
+	}
+	// Every head a back-end left in flight was taken from the available
+	// ring: there are at most as many as the driver made available
+	// beyond the used index. More are forged (a compromised back-end
+	// wrote the region): resubmitting them would serve chains the driver
+	// never handed over, complete them to it, and start past its
+	// available index (found in review, helper-153). A driver that moved
+	// its available index by more than the ring breaks the ring anyway
+	// (Pending's error), as it would without the region.
+	r.q.SetNextAvail(used)
+	if len(heads) > 0 {
+		if p, err := r.q.Pending(); err == nil && int(p) < len(heads) {
+			return fmt.Errorf("ring %d: %w: %d requests in flight, the driver made %d available beyond the used index %d",
+				r.index, errInflightCorrupt, len(heads), p, used)
+		}
 	}
 	r.q.SetNextAvail(used + uint16(len(heads)))
 	r.q.SetNextUsed(used)
