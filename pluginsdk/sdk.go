@@ -281,12 +281,7 @@ func restartable(dev backend.Device) bool {
 // Configure parses host-chosen images, and a one-line error serves the user
 // better than a stack trace.
 func (s *server) configureDevice(ctx context.Context, opts map[string]string, files map[string]*os.File) (dev backend.Device, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.log.Error("Configure panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
-			dev, err = nil, fmt.Errorf("internal error (panic): %v", r)
-		}
-	}()
+	defer s.recoverPanic("Configure", "", &err)
 	if opts == nil {
 		opts = map[string]string{}
 	}
@@ -440,16 +435,23 @@ func (s *server) Stats(context.Context, *pluginpb.StatsRequest) (*pluginpb.Stats
 	return &pluginpb.StatsResponse{Counters: c}, nil
 }
 
+// recoverPanic, deferred in a call of the author's code (what), turns a
+// panic into *err, one line ("internal error (panic): VALUE" after
+// prefix), and logs its stack in the plugin's log: a one-line error
+// serves the user better than a stack trace, and gRPC does not recover a
+// handler's panic (the plugin process would exit).
+func (s *server) recoverPanic(what, prefix string, err *error) {
+	if r := recover(); r != nil {
+		s.log.Error(what+" panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+		*err = fmt.Errorf("%sinternal error (panic): %v", prefix, r)
+	}
+}
+
 // counters calls the device's Counters with a panic turned into an
-// error: gRPC does not recover a handler's panic, and a Stats (a
-// diagnostic: krun-core serve's SIGUSR1) must not end the device.
+// error: a Stats (a diagnostic: krun-core serve's SIGUSR1) must not end
+// the device.
 func (s *server) counters(ctr Counter) (c map[string]uint64, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.log.Error("Counters panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
-			c, err = nil, fmt.Errorf("device counters: internal error (panic): %v", r)
-		}
-	}()
+	defer s.recoverPanic("Counters", "device counters: ", &err)
 	return ctr.Counters(), nil
 }
 
@@ -457,12 +459,7 @@ func (s *server) counters(ctr Counter) (c map[string]uint64, err error) {
 // plugin is then reported failed with one line, as for a panic in Handle,
 // instead of exiting in the middle of a Health call.
 func (s *server) check(c Checker) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.log.Error("Check panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
-			err = fmt.Errorf("internal error (panic in Check): %v", r)
-		}
-	}()
+	defer s.recoverPanic("Check", "Check: ", &err)
 	return c.Check()
 }
 
