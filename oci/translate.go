@@ -553,14 +553,7 @@ func resolveOutsideRoot(src, rootReal string) (string, error) {
 // any check could refuse it (found in review).
 func readHostFile(p string, max int64) ([]byte, error) {
 	how := &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS}
-	var pfd int
-	var err error
-	for {
-		pfd, err = unix.Openat2(unix.AT_FDCWD, p, how)
-		if err != unix.EINTR {
-			break
-		}
-	}
+	pfd, err := container.Openat2(unix.AT_FDCWD, p, how)
 	if errors.Is(err, unix.ELOOP) {
 		return nil, errors.New("a symbolic link is in the path now (it changed after it was resolved)")
 	}
