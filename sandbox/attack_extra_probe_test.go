@@ -1,27 +1,14 @@
 package sandbox
 
 // Extra attack probes: a sandboxed plugin (this test binary, helper mode
-// "attack" with a mode starting "x-") tries what a hostile plugin would.
-// The probe runs from this file's init, in the plugin process (after the
-// trampoline's exec), so that no existing test file needs a new case.
+// "attack" with a mode starting "x-", which attackMain hands over) tries
+// what a hostile plugin would.
 
 import (
-	"os"
-	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
-
-func init() {
-	if len(os.Args) > 0 && os.Args[0] == TrampolineName {
-		return // the trampoline itself: not the plugin
-	}
-	if os.Getenv(envHelper) != "attack" || !strings.HasPrefix(os.Getenv(envAttackMode), "x-") {
-		return
-	}
-	os.Exit(extraAttackMain(os.Getenv(envAttackMode), os.Getenv(envAttackArg)))
-}
 
 func extraAttackMain(mode, arg string) int {
 	res := attackResult{Mode: mode, Errnos: map[string]int{}, Values: map[string]uint64{}, Details: map[string]string{}}

@@ -407,6 +407,9 @@ func attackMain() int {
 			return err
 		})
 	default:
+		if strings.HasPrefix(mode, "x-") {
+			return extraAttackMain(mode, os.Getenv(envAttackArg)) // attack_extra_probe_test.go
+		}
 		res.Err = "unknown attack mode " + mode
 	}
 	attackEmit(res)
